@@ -1,0 +1,77 @@
+"""
+### pgdr_backup: logical backups of every database in the DR plan
+
+For each database in the plan (`include/pgdr.yaml`, or `$PGDR_PLAN`), one mapped task group:
+
+1. **back_up**: `pg_dump` in directory format from an exported snapshot, exact row counts
+   taken in the same snapshot, every file compressed with zstd, checksummed (SHA-256) and
+   uploaded to the plan's storage target, and the manifest written **last**. A backup without
+   a manifest does not exist. Emits a `pgdr_backups` asset event, which triggers
+   `pgdr_verify_restore` for that backup.
+2. **prune_expired**: applies the retention policy (keep the newest N, keep D days, always keep
+   the newest verified backup) and removes partial uploads left by killed runs.
+
+Backfills and manual runs with a past logical date skip: a backup can only capture the present.
+
+**When it fails**: the Slack alert (or the task log) names the database and the error.
+- *cannot connect / refused*: the source server is down or unreachable; the task retries with
+  backoff. Check the server, then clear the failed task.
+- *refused the credentials*: fix the Airflow connection named in the alert; clear the task.
+- *S3 endpoint could not be reached*: storage is down; nothing half-written is visible
+  (no manifest). Clear the task when storage is back.
+- *connection ... is not defined*: create the Airflow connection the plan names.
+
+A failed backup never deletes an older one: the last good backup stays restorable.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, task, task_group
+
+from pgdr.assets import BACKUP_ASSET
+from pgdr.plan import load_plan
+from pgdr.tasks import default_args
+
+PLAN = load_plan()
+
+
+@dag(
+    dag_id="pgdr_backup",
+    schedule=PLAN.backup_schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["pgdr", "backup", "disaster-recovery"],
+    default_args=default_args(PLAN, execution_timeout=timedelta(hours=4)),
+    doc_md=__doc__,
+)
+def pgdr_backup():
+    @task(outlets=[BACKUP_ASSET], map_index_template="{{ pgdr_database }}")
+    def back_up(database: str) -> dict:
+        """Dump, compress, checksum and upload one database; write its manifest last."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_backup
+
+        return run_backup(database, get_current_context())
+
+    @task(map_index_template="{{ pgdr_database }}")
+    def prune_expired(database: str, backup: dict) -> dict:
+        """Delete backups the retention policy no longer keeps, and stale partial uploads."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_retention
+
+        return run_retention(database, get_current_context())
+
+    @task_group
+    def protect(database: str):
+        prune_expired(database, back_up(database))
+
+    protect.expand(database=PLAN.database_names)
+
+
+pgdr_backup()

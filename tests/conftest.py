@@ -1,0 +1,166 @@
+"""Shared, expensive fixtures: one embedded PostgreSQL, one S3 server, one Airflow home per session.
+
+Airflow reads its configuration when first imported, so the private Airflow home is set up
+here, before any test module imports Airflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pgdr.local import local_airflow_env
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="pgdr-tests-"))
+_SESSION_DIR.chmod(0o755)  # the embedded server runs as an unprivileged user when tests run as root
+os.environ.update(local_airflow_env(_SESSION_DIR / "airflow"))
+os.environ["PGDR_WORK_DIR"] = str(_SESSION_DIR / "work")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+from support import FaultProxy, SlackReceiver, aws_connection, write_plan  # noqa: E402
+
+BUCKET = "pgdr-test-backups"
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    yield _SESSION_DIR
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def airflow_db(session_dir):
+    """Airflow's metadata database (SQLite), migrated once."""
+    from pgdr.local import migrate_metadata_db
+
+    migrate_metadata_db(dict(os.environ))
+
+
+@pytest.fixture(scope="session")
+def pg_server(session_dir):
+    """One embedded PostgreSQL 18 server with the sample database ``shop``."""
+    from pgdr.embedded import EmbeddedServer, create_sample_database
+
+    server = EmbeddedServer(session_dir / "postgres").start()
+    create_sample_database(server, "shop")
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1, spoken to over real HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    from pgdr.embedded import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    server.port = port
+    server.client = client
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def slack():
+    receiver = SlackReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def env(monkeypatch, pg_server, s3_server, slack, airflow_db, tmp_path):
+    """Connections for the shared servers, a fresh Slack inbox and a per-test storage prefix."""
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_SHOP", pg_server.connection_uri("shop"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", aws_connection(s3_server.port))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_SLACK", slack.connection())
+    slack.clear()
+    return {"tmp": tmp_path, "prefix": f"t-{tmp_path.name}"}
+
+
+@pytest.fixture
+def plan(env, monkeypatch):
+    """Return a function that writes a test plan, makes it the plan in force, and returns it."""
+
+    def make(databases=None, storage=None, **sections):
+        from pgdr.plan import load_plan
+
+        databases = databases or [{"name": "shop", "conn_id": "pgdr_shop"}]
+        storage = storage or {"local": {"type": "local", "path": str(env["tmp"] / "backups")}}
+        path = write_plan(env["tmp"] / "pgdr.yaml", databases, storage, **sections)
+        monkeypatch.setenv("PGDR_PLAN", str(path))
+        return load_plan(path)
+
+    return make
+
+
+@pytest.fixture
+def s3_storage(env):
+    """A plan storage section for the moto S3 server, under a prefix private to the test."""
+    return {"s3": {"type": "s3", "bucket": BUCKET, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3"}}
+
+
+@pytest.fixture
+def fault_proxy(s3_server, monkeypatch):
+    """A TCP path to the S3 server that a test can cut; the AWS connection goes through it."""
+    proxy = FaultProxy(s3_server.port)
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", aws_connection(proxy.port))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def run_dag():
+    """Run a pgdr DAG with dag.test(); return the DagRun with a ``states`` map of task states."""
+    from pgdr.local import load_dag
+
+    def run(dag_id: str, **kwargs):
+        dag_run = load_dag(dag_id).test(**kwargs)
+        from airflow.models.taskinstance import TaskInstance
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            tis = session.query(TaskInstance).filter_by(dag_id=dag_id, run_id=dag_run.run_id).all()
+            dag_run.states = {
+                (ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state) for ti in tis
+            }
+            dag_run.tries = {ti.task_id: ti.try_number for ti in tis}
+        return dag_run
+
+    return run
+
+
+def source_row_counts(server, dbname: str) -> dict[str, int]:
+    """Count every user table of ``dbname`` directly (the test's own ground truth)."""
+    import psycopg
+
+    with psycopg.connect(**server.dsn(dbname)) as conn:
+        tables = conn.execute(
+            "SELECT schemaname, tablename FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchall()
+        counts = {}
+        for schema, table in tables:
+            counts[f"{schema}.{table}"] = conn.execute(f'SELECT count(*) FROM ONLY "{schema}"."{table}"').fetchone()[0]
+        parents = conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'p'"
+        ).fetchall()
+        for schema, table in parents:
+            counts[f"{schema}.{table}"] = conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()[0]
+        return counts
+
+
+def pretty(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

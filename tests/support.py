@@ -1,0 +1,183 @@
+"""Real local stand-ins that the tests read: a Slack webhook receiver and a faulty network path.
+
+Nothing here mocks pgdr's collaborators: Slack messages arrive over HTTP as the provider's
+notifier sends them, and the fault proxy cuts a real TCP path to a real S3 endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+
+
+class SlackReceiver:
+    """An HTTP server on 127.0.0.1 that records every JSON body posted to it."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                try:
+                    receiver.messages.append({"path": self.path, **json.loads(body)})
+                except ValueError:
+                    receiver.messages.append({"path": self.path, "raw": body.decode(errors="replace")})
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/services/T000/B000/pgdr-test"
+
+    def connection(self) -> str:
+        """Return the AIRFLOW_CONN_ JSON of a slackwebhook connection posting here."""
+        return json.dumps({"conn_type": "slackwebhook", "password": self.url})
+
+    def texts(self) -> list[str]:
+        return [m.get("text", "") for m in self.messages]
+
+    def clear(self) -> None:
+        self.messages.clear()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class FaultProxy:
+    """A TCP proxy to ``upstream`` that can be told to fail, as a network or server outage would.
+
+    ``cut_after(n)``: forward ``n`` more client bytes, then drop every connection and refuse
+    new ones (an endpoint that goes away mid-upload). ``heal()`` restores the path.
+    """
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self._budget: int | None = None
+        self._down = False
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_after(self, n_bytes: int) -> None:
+        with self._lock:
+            self._budget = n_bytes
+
+    def heal(self) -> None:
+        with self._lock:
+            self._budget, self._down = None, False
+
+    @property
+    def is_down(self) -> bool:
+        return self._down
+
+    def _go_down(self) -> None:
+        self._down = True
+        for conn in list(self._conns):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self._down:
+                # An abortive close (RST): the client sees "connection reset/refused".
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if counted:
+                    with self._lock:
+                        if self._budget is not None:
+                            self._budget -= len(data)
+                            if self._budget < 0:
+                                self._go_down()
+                                return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self._go_down()
+
+
+def aws_connection(port: int) -> str:
+    """Return the AIRFLOW_CONN_ JSON of an AWS connection to an S3 endpoint on 127.0.0.1:port."""
+    return json.dumps(
+        {
+            "conn_type": "aws",
+            "login": "testing-key",
+            "password": "testing-secret",
+            "extra": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
+        }
+    )
+
+
+def write_plan(path: Path, databases: list[dict], storage: dict, **sections) -> Path:
+    """Write a DR plan for a test: ``databases`` entries, ``storage`` targets, other sections."""
+    plan = {
+        "version": 1,
+        "backup": {"schedule": "@daily", "retries": 1, "retry_delay": "1s", **sections.pop("backup", {})},
+        "storage": storage,
+        "defaults": {"notify": {"slack_conn_id": "pgdr_slack"}, **sections.pop("defaults", {})},
+        "databases": databases,
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return path
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
+    """Wait until ``predicate()`` is truthy; return its value or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")

@@ -1,0 +1,122 @@
+"""The DR plan: valid plans load with the right values; every mistake gets a message that points at it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from pgdr.errors import PlanError
+from pgdr.plan import DEFAULT_PLAN_PATH, load_plan, parse_plan
+
+GOOD = """\
+version: 1
+backup:
+  schedule: "0 * * * *"
+  retries: 2
+storage:
+  local: {type: local, path: ./backups}
+  s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}
+defaults:
+  rpo: 1h
+  rto: 30m
+  retention: {keep_last: 5}
+  notify: {slack_conn_id: pgdr_slack}
+databases:
+  - name: shop
+    conn_id: pgdr_shop
+  - name: billing
+    conn_id: pgdr_billing
+    dbname: billing_prod
+    storage: s3
+    rpo: 15m
+    retention: {keep_days: 30}
+    notify: {email_to: [dba@example.com]}
+"""
+
+
+def _error(text: str) -> str:
+    with pytest.raises(PlanError) as info:
+        parse_plan(text, Path("/etc/pgdr/plan.yaml"))
+    return str(info.value)
+
+
+def test_good_plan_resolves_defaults_and_overrides():
+    plan = parse_plan(GOOD, Path("/etc/pgdr/plan.yaml"))
+    assert plan.backup_schedule == "0 * * * *" and plan.retries == 2
+    shop, billing = plan.databases
+    assert shop.dbname == "shop" and shop.storage.kind == "local"
+    assert shop.storage.path == Path("/etc/pgdr/backups")  # relative to the plan file
+    assert shop.rpo == timedelta(hours=1) and shop.rto == timedelta(minutes=30)
+    assert shop.retention.keep_last == 5 and shop.retention.keep_days == 14
+    assert billing.dbname == "billing_prod" and billing.rpo == timedelta(minutes=15)
+    assert billing.storage.describe() == "s3://my-bucket/pgdr"
+    # Overrides merge field by field into the defaults.
+    assert billing.retention.keep_last == 5 and billing.retention.keep_days == 30
+    assert billing.notify.slack_conn_id == "pgdr_slack" and billing.notify.email_to == ("dba@example.com",)
+    assert billing.verify_conn_id == "pgdr_billing"
+    assert plan.database("billing") is billing
+    assert plan.notifications_for("unknown").slack_conn_id == "pgdr_slack"
+
+
+def test_shipped_plan_is_valid():
+    plan = load_plan(DEFAULT_PLAN_PATH)
+    assert plan.database_names == ["shop"]
+    assert plan.databases[0].storage.kind == "local"
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        # a typo in a key, with a suggestion and the line
+        (GOOD.replace("rpo: 15m", "rop: 15m"),
+         "/etc/pgdr/plan.yaml, line 20: databases[1] (billing).rop: unknown key. Did you mean 'rpo'?"),
+        (GOOD.replace("keep_last: 5", "keep_last: five"),
+         "line 11: defaults.retention.keep_last: expected a whole number of at least 1, got 'five'"),
+        (GOOD.replace("rto: 30m", "rto: half an hour"),
+         "line 10: defaults.rto: expected a duration such as 90s, 30m, 1h, 2d or 1w"),
+        (GOOD.replace("storage: s3\n", "storage: s4\n"),
+         "line 19: databases[1] (billing).storage: no storage target named 's4'; defined: local, s3"),
+        (GOOD.replace("    conn_id: pgdr_billing\n", ""),
+         "line 16: databases[1] (billing).conn_id: missing; every database needs a name and a conn_id"),
+        (GOOD.replace("name: billing", "name: shop"),
+         "databases[1] (shop).name: the same name is given to two databases"),
+        (GOOD.replace("name: billing", "name: Billing-DB"),
+         "databases[1] (Billing-DB).name: expected a lower-case name of letters, digits and _"),
+        (GOOD.replace("type: s3, bucket: my-bucket, ", "type: s3, "),
+         "storage.s3.bucket: missing; a s3 storage target needs bucket and aws_conn_id"),
+        (GOOD.replace("{type: local, path: ./backups}", "{type: ftp, path: ./backups}"),
+         "storage.local.type: expected 'local' or 's3', got 'ftp'"),
+        (GOOD.replace("version: 1", "version: 2"), "line 1: version: this pgdr understands plan version 1 only"),
+        (GOOD.replace("retries: 2", "retries: [2]"), "line 4: backup.retries: expected a single value, got a list"),
+        ("databases: []\n", "databases: expected a non-empty list of databases"),
+        ("storage: {}\n", "databases: missing; list the databases to protect"),
+        ("databases:\n  - name: shop\n    conn_id: [oops\n", "not valid YAML: expected ',' or ']'"),
+        ("", "the plan is empty"),
+    ],
+)
+def test_bad_plans_name_file_line_key_and_expectation(bad, expected):
+    message = _error(bad)
+    assert expected in message
+    assert message.startswith("/etc/pgdr/plan.yaml")
+
+
+def test_missing_plan_file_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGDR_PLAN", str(tmp_path / "nope.yaml"))
+    with pytest.raises(PlanError, match="does not exist. Create it .* or point \\$PGDR_PLAN at it"):
+        load_plan()
+
+
+def test_unknown_database_lists_the_known_ones():
+    plan = parse_plan(GOOD, Path("/p.yaml"))
+    with pytest.raises(PlanError, match="Database 'orders' is not in the DR plan /p.yaml. The plan protects: shop, billing."):
+        plan.database("orders")
+
+
+def test_plan_is_reloaded_when_the_file_changes(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text(GOOD)
+    assert load_plan(path).database_names == ["shop", "billing"]
+    path.write_text(GOOD.replace("name: billing", "name: ledger") + "\n")
+    assert load_plan(path).database_names == ["shop", "ledger"]

@@ -1,0 +1,132 @@
+"""Pure logic: key layout, retention decisions, alert wording, the backfill rule, local storage."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from pgdr.alerts import TaskFailure, failure_message, first_line, scrub_secrets
+from pgdr.catalog import BackupEntry, BackupManifest, PartialBackup
+from pgdr.layout import BackupLayout, backup_id_time, is_backup_id, new_backup_id
+from pgdr.plan import RetentionPolicy
+from pgdr.retention import decide_retention
+from pgdr.storage import LocalFolderStore
+from pgdr.tasks import backfill_skip_reason
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+
+
+# -- layout ---------------------------------------------------------------------------------------
+
+
+def test_layout_keys_are_versioned_and_parse_back():
+    layout = BackupLayout(prefix="team/pgdr/")
+    backup_id = new_backup_id(datetime(2026, 11, 22, 9, 30, 5, tzinfo=timezone.utc))
+    assert backup_id.startswith("20261122T093005Z-") and is_backup_id(backup_id)
+    assert backup_id_time(backup_id) == datetime(2026, 11, 22, 9, 30, 5, tzinfo=timezone.utc)
+    assert layout.manifest_key("shop", backup_id) == f"team/pgdr/v1/shop/{backup_id}/manifest.json"
+    assert layout.data_key("shop", backup_id, "toc.dat") == f"team/pgdr/v1/shop/{backup_id}/data/toc.dat.zst"
+    assert layout.parse(layout.data_key("shop", backup_id, "3001.dat")) == ("shop", backup_id, "data/3001.dat.zst")
+    assert layout.parse("team/pgdr/v1/reports/drill.html") is None
+    assert BackupLayout().manifest_key("shop", backup_id) == f"v1/shop/{backup_id}/manifest.json"
+    assert new_backup_id(NOW) != new_backup_id(NOW)
+    with pytest.raises(ValueError, match="not a pgdr backup id"):
+        backup_id_time("latest")
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+
+def _entry(days_old: float, status: str = "unverified", tag: str = "000000") -> BackupEntry:
+    point = NOW - timedelta(days=days_old)
+    backup_id = f"{point:%Y%m%dT%H%M%SZ}-{tag}"
+    manifest = BackupManifest(
+        backup_id=backup_id, database="shop", dbname="shop", recovery_point=point, started_at=point,
+        finished_at=point, server_version="18.6", client_version="pg_dump 18.6", format="directory",
+        compression="zstd", compression_level=3, dump_jobs=2, files=(), row_counts={}, large_objects=0,
+        storage="x",
+    )
+    return BackupEntry(manifest, status)
+
+
+def test_retention_keeps_newest_n_and_young_ones():
+    backups = [_entry(d) for d in (0.1, 1, 2, 3, 10, 20)]
+    decision = decide_retention(backups, [], RetentionPolicy(keep_last=2, keep_days=5), NOW)
+    kept = {b.backup_id for b in backups[:4]}
+    assert set(decision.keep) == kept
+    assert set(decision.delete) == {backups[4].backup_id, backups[5].backup_id}
+    assert "10 days old" in decision.delete[backups[4].backup_id]
+
+
+def test_retention_never_deletes_the_newest_verified_backup():
+    backups = [_entry(0.1, "failed"), _entry(40, "verified"), _entry(50, "verified"), _entry(60)]
+    decision = decide_retention(backups, [], RetentionPolicy(keep_last=1, keep_days=1), NOW)
+    assert decision.keep[backups[1].backup_id] == "the newest verified backup"
+    assert set(decision.delete) == {backups[2].backup_id, backups[3].backup_id}
+
+
+def test_retention_removes_only_stale_partial_uploads():
+    old = PartialBackup("20261120T000000Z-aaaaaa", ("k",), NOW - timedelta(days=2))
+    fresh = PartialBackup("20261122T113000Z-bbbbbb", ("k",), NOW - timedelta(minutes=30))
+    decision = decide_retention([], [old, fresh], RetentionPolicy(partial_grace=timedelta(hours=6)), NOW)
+    assert list(decision.delete_partial) == [old.backup_id]
+
+
+def test_retention_of_empty_catalog_is_a_no_op():
+    decision = decide_retention([], [], RetentionPolicy(), NOW)
+    assert not decision.keep and not decision.delete and not decision.delete_partial
+
+
+# -- backfill rule ----------------------------------------------------------------------------------
+
+
+def test_backfill_and_past_manual_runs_skip_but_late_scheduled_runs_back_up():
+    reason = backfill_skip_reason("backfill", NOW - timedelta(days=3), NOW)
+    assert "backfill run for 2026-11-19 12:00 UTC" in reason and "does not label a fresh dump" in reason
+    assert "past logical date" in backfill_skip_reason("manual", NOW - timedelta(days=1), NOW)
+    assert backfill_skip_reason("manual", NOW - timedelta(seconds=5), NOW) is None
+    assert backfill_skip_reason("manual", None, NOW) is None
+    # A scheduled run that starts two days late still backs up: a late backup beats none.
+    assert backfill_skip_reason("scheduled", NOW - timedelta(days=2), NOW) is None
+
+
+# -- alerts -----------------------------------------------------------------------------------------
+
+
+def test_failure_message_names_everything_an_on_call_engineer_needs():
+    failure = TaskFailure(
+        dag_id="pgdr_backup", task_id="protect.back_up", run_id="scheduled__2026-11-22T09:00:00+00:00",
+        database="shop", backup_id=None, error="Cannot connect to database 'shop' at db1:5432",
+        try_number=4, max_tries=4, log_url="http://airflow:8080/dags/pgdr_backup/runs/x/tasks/protect.back_up",
+    )
+    text = failure_message(failure)
+    assert text.splitlines()[0] == ":red_circle: [pgdr] pgdr_backup for database *shop* failed in phase `protect.back_up`"
+    assert "Error: Cannot connect to database 'shop' at db1:5432" in text
+    assert "Attempt 4 of 4: no more retries; act now." in text
+    assert "Log: http://airflow:8080/dags/pgdr_backup/runs/x/tasks/protect.back_up" in text
+
+
+def test_secrets_are_scrubbed_from_error_lines():
+    assert scrub_secrets("postgresql://app:s3cr3t@db:5432/shop") == "postgresql://app:********@db:5432/shop"
+    assert "hunter2" not in scrub_secrets("connect failed password=hunter2 host=db")
+    assert first_line(RuntimeError("\n\nfirst\nsecond")) == "first"
+    assert first_line(None).startswith("no error was recorded")
+    assert len(first_line("x" * 1000)) == 300
+
+
+# -- local storage ------------------------------------------------------------------------------------
+
+
+def test_local_store_writes_atomically_lists_and_deletes(tmp_path):
+    store = LocalFolderStore(tmp_path / "store")
+    store.put_bytes("v1/shop/a/manifest.json", b"{}")
+    (tmp_path / "store/v1/shop/a/.x.partial").write_bytes(b"in flight")
+    assert [o.key for o in store.list("v1/shop/")] == ["v1/shop/a/manifest.json"]
+    assert store.exists("v1/shop/a/manifest.json") and store.get_bytes("v1/shop/a/manifest.json") == b"{}"
+    store.delete(["v1/shop/a/manifest.json", "v1/shop/a/missing"])
+    assert not store.exists("v1/shop/a/manifest.json")
+    with pytest.raises(ValueError, match="escapes the storage folder"):
+        store.put_bytes("../outside", b"x")
+    with pytest.raises(FileNotFoundError):
+        store.get_bytes("v1/none")
