@@ -63,3 +63,26 @@ def failure_message(failure: TaskFailure) -> str:
     lines.append(f"Run: {failure.run_id}")
     lines.append(f"Log: {failure.log_url}")
     return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    """Return ``1h 02m``, ``4m 05s`` or ``12.3s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def rto_breach_message(dag_id: str, database: str, backup_id: str, achieved_s: float, target_s: float, run_url: str) -> str:
+    """Return the Slack text of a restore that took longer than the plan's RTO."""
+    return "\n".join([
+        f":warning: [pgdr] RTO breached for database *{database}*: a restore took {format_duration(achieved_s)}, "
+        f"the plan promises {format_duration(target_s)}",
+        f"Measured by {dag_id} restoring backup `{backup_id}` (download, restore, checks and validation).",
+        "The backup itself is good. Act: restore faster (more dump_jobs, a bigger verification server) "
+        "or agree a realistic RTO and change it in the plan.",
+        f"Run: {run_url}",
+    ])

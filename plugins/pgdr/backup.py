@@ -37,6 +37,7 @@ from pgdr.postgres import (
     dump_command,
     exported_snapshot,
     passfile_env,
+    sequence_values,
     tool_error,
     tool_version,
 )
@@ -157,6 +158,7 @@ def take_backup(
         try:
             # Count rows in the exported snapshot while pg_dump reads the same snapshot.
             row_counts, large_objects = count_rows(snap.conn)
+            sequences = sequence_values(snap.conn)
             timings["count_rows"] = time.monotonic() - t0
         finally:
             _, stderr = dump.communicate()
@@ -191,6 +193,7 @@ def take_backup(
         files=tuple(files),
         row_counts=row_counts,
         large_objects=large_objects,
+        sequences=sequences,
         storage=store.describe(layout.backup_prefix(db.name, backup_id)),
         airflow={k: v for k, v in airflow_info.items() if v is not None},
     )

@@ -56,6 +56,7 @@ class BackupManifest:
     large_objects: int
     storage: str
     airflow: dict[str, Any] = field(default_factory=dict)
+    sequences: dict[str, int | None] = field(default_factory=dict)  # last values, read with the counts
     manifest_format: int = MANIFEST_FORMAT
 
     @property

@@ -2,8 +2,9 @@
 
 Starts (or reuses) an embedded PostgreSQL 18 server under ``.pgdr/postgres`` with the sample
 database ``shop``, points a private Airflow (``.pgdr/airflow``, SQLite) at this checkout, and
-runs the DAGs with ``dag.test()``: a full backup to the local folder ``.pgdr/backups``. It then
-prints where everything is. Run it again at any time: it reuses the server and the Airflow home.
+runs the DAGs with ``dag.test()``: a full backup to the local folder ``.pgdr/backups``, then a
+verify-restore of that backup (restore, integrity checks, Great Expectations). It then prints
+where everything is. Run it again at any time: it reuses the server and the Airflow home.
 """
 
 from __future__ import annotations
@@ -93,6 +94,39 @@ def report_backups() -> None:
         print(f"    manifest       : {store.describe(layout.manifest_key(db.name, manifest.backup_id))}")
 
 
+def verify_newest_backups() -> None:
+    """Run pgdr_verify_restore on the newest backup of every database and print the outcome."""
+    from pgdr.alerts import format_duration
+    from pgdr.catalog import BackupCatalog
+    from pgdr.connections import open_store
+    from pgdr.plan import load_plan
+    from pgdr.tasks import VERIFY_PHASES
+
+    plan = load_plan()
+    for db in plan.databases:
+        store, layout = open_store(db.storage, plan)
+        catalog = BackupCatalog(store, layout, db.name)
+        newest = catalog.latest()
+        run("pgdr_verify_restore", run_conf={"database": db.name, "backup_id": newest.backup_id})
+        entry = catalog.get(newest.backup_id)
+        record = entry.verification or {}
+        _say(f"Verification of '{db.name}' backup {entry.backup_id}: {entry.status.upper()}")
+        if record.get("restore_seconds") is not None:
+            verdict = "within" if record["rto_met"] else "BREACHES"
+            print(f"    restore time   : {format_duration(record['restore_seconds'])} ({verdict} the RTO of {format_duration(record['rto_target_seconds'])})")
+        for phase in VERIFY_PHASES:
+            facts = record.get("phases", {}).get(phase)
+            if facts:
+                    print(f"      {phase:<16}: {format_duration(facts['seconds'])}")
+        integrity = record.get("integrity", {})
+        if integrity:
+            print(f"    integrity      : {integrity['tables_checked']} tables, {integrity['rows_checked']} rows match the manifest; pg_amcheck clean")
+        validation = record.get("validation", {})
+        if validation:
+            print(f"    validation     : {validation['expectations'] - validation['failed']} of {validation['expectations']} expectations passed ({', '.join(validation['user_suites'])} + baseline)")
+            print(f"    report         : {validation['report']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", type=Path, help="a DR plan other than include/pgdr.yaml")
@@ -103,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run("pgdr_backup")
         report_backups()
+        verify_newest_backups()
     finally:
         if not args.keep_running:
             server.stop()

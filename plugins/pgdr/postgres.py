@@ -240,6 +240,15 @@ def count_rows(conn) -> tuple[dict[str, int], int]:
     return counts, large_objects
 
 
+def sequence_values(conn) -> dict[str, int | None]:
+    """Return every user sequence's last value (``None`` if never used)."""
+    rows = conn.execute(
+        "SELECT schemaname, sequencename, last_value FROM pg_sequences "
+        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+    ).fetchall()
+    return {table_key(schema, name): value for schema, name, value in rows}
+
+
 @dataclass
 class ExportedSnapshot:
     """An open repeatable-read transaction whose snapshot other sessions can import."""

@@ -177,3 +177,255 @@ def run_retention(database: str, context) -> dict[str, Any]:
         "deleted": sorted(decision.delete),
         "deleted_partial": sorted(decision.delete_partial),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# pgdr_verify_restore
+# ------------------------------------------------------------------------------------------------
+
+VERIFY_PHASES = ("check_checksums", "restore_backup", "check_integrity", "validate_data")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def resolve_verification_targets(context) -> list[dict[str, str]]:
+    """Body of ``find_backups``: which backups this run verifies.
+
+    In order: the ``backup_id``/``database`` params of a manual run; the backups named by the
+    asset events that triggered the run; for a scheduled or backfill run, the backups whose
+    recovery point lies in the run's data interval (a scheduled run only takes those not yet
+    verified, as a safety net for missed events).
+    """
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from pgdr.catalog import BackupCatalog
+    from pgdr.connections import open_store
+    from pgdr.plan import load_plan
+
+    with fail_fast():
+        plan = load_plan()
+        params = context.get("params") or {}
+        database, backup_id = params.get("database"), params.get("backup_id")
+        if backup_id or database:
+            if not database:
+                if len(plan.databases) != 1:
+                    from pgdr.errors import PlanError
+
+                    raise PlanError(
+                        f"Give the 'database' param with backup_id {backup_id!r}: the plan protects "
+                        f"{', '.join(plan.database_names)}."
+                    )
+                database = plan.databases[0].name
+            db = plan.database(database)
+            store, layout = open_store(db.storage, plan)
+            catalog = BackupCatalog(store, layout, db.name)
+            entry = catalog.get(backup_id) if backup_id else catalog.latest()
+            return [{"database": db.name, "backup_id": entry.backup_id}]
+
+        events = context.get("triggering_asset_events") or {}
+        targets = []
+        for asset_events in events.values():
+            for event in asset_events:
+                extra = event.extra or {}
+                if extra.get("database") and extra.get("backup_id"):
+                    targets.append({"database": extra["database"], "backup_id": extra["backup_id"]})
+        if targets:
+            return [dict(t) for t in {(t["database"], t["backup_id"]): t for t in targets}.values()]
+
+        start, end = context.get("data_interval_start"), context.get("data_interval_end")
+        if start is None or end is None:
+            raise AirflowSkipException("This run names no backup (no params, no asset event, no data interval).")
+        run_type = str(getattr(context["dag_run"].run_type, "value", context["dag_run"].run_type))
+        for db in plan.databases:
+            store, layout = open_store(db.storage, plan)
+            for entry in BackupCatalog(store, layout, db.name).backups():
+                if start <= entry.recovery_point < end and (run_type == "backfill" or entry.status == "unverified"):
+                    targets.append({"database": db.name, "backup_id": entry.backup_id})
+    if not targets:
+        raise AirflowSkipException(
+            f"No backup to verify was taken between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC; nothing to do."
+        )
+    return targets
+
+
+def _verify_context(target: dict[str, str], context):
+    """Load the plan objects one verification phase needs, and label the task for alerts."""
+    from pgdr.catalog import BackupCatalog
+    from pgdr.connections import open_store
+    from pgdr.plan import load_plan
+
+    context[CONTEXT_DATABASE] = target["database"]
+    context[CONTEXT_BACKUP_ID] = target["backup_id"]
+    plan = load_plan()
+    db = plan.database(target["database"])
+    store, layout = open_store(db.storage, plan)
+    entry = BackupCatalog(store, layout, db.name).get(target["backup_id"])
+    return plan, db, store, layout, entry
+
+
+def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
+    """Body of ``check_checksums``: every stored file against the manifest's SHA-256."""
+    from pgdr.restore import verify_checksums
+
+    started = _now()
+    with fail_fast():
+        _plan, db, store, _layout, entry = _verify_context(target, context)
+        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs))
+    log.info(
+        "All %d files of backup %s (%.1f MB) match their SHA-256 in the manifest (%.1fs).",
+        len(entry.manifest.files), entry.backup_id, entry.manifest.stored_size / 1e6, result["seconds"],
+    )
+    return {"started_at": started, "finished_at": _now(), **result}
+
+
+def _scratch_for(target: dict[str, str], context, db, plan):
+    from pgdr.connections import database_endpoint
+    from pgdr.scratch import ScratchDatabase, scratch_name
+
+    server = database_endpoint(db, plan, conn_id=db.verify_conn_id)
+    run_key = f"{context['ti'].run_id}/{target['database']}/{target['backup_id']}"
+    return ScratchDatabase(server, scratch_name("verify", target["database"], run_key))
+
+
+def run_create_scratch(target: dict[str, str], context) -> str:
+    """Body of the ``create_scratch`` setup task: drop leftovers of killed runs, create ours."""
+    from pgdr.scratch import drop_leftovers, scratch_comment
+
+    with fail_fast():
+        plan, db, _store, _layout, _entry = _verify_context(target, context)
+        scratch = _scratch_for(target, context, db, plan)
+        run_id = context["ti"].run_id
+        drop_leftovers(scratch.server, "verify", db.name, run_id)
+        scratch.create(scratch_comment(f"verify {db.name} backup {target['backup_id']}", run_id))
+    return scratch.name
+
+
+def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
+    """Body of ``restore_backup``: download (verifying again), decompress, ``pg_restore -j``."""
+    from pgdr.restore import download_backup, restore_dump
+
+    started = _now()
+    with fail_fast():
+        plan, db, store, _layout, entry = _verify_context(target, context)
+        scratch = _scratch_for(target, context, db, plan)
+        with task_workdir(context, f"restore-{db.name}") as workdir:
+            download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs))
+            restore_s = restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
+    log.info(
+        "Backup %s restored into %s: download and decompress %.1fs, pg_restore -j%d %.1fs.",
+        entry.backup_id, scratch_name, download["seconds"], db.dump_jobs, restore_s,
+    )
+    return {"started_at": started, "finished_at": _now(), "download_seconds": download["seconds"], "restore_seconds": restore_s}
+
+
+def run_check_integrity(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
+    """Body of ``check_integrity``: exact row counts, pg_amcheck, sequences."""
+    from pgdr.integrity import check_integrity
+
+    started = _now()
+    with fail_fast():
+        plan, db, _store, _layout, entry = _verify_context(target, context)
+        scratch = _scratch_for(target, context, db, plan)
+        with task_workdir(context, f"amcheck-{db.name}") as workdir:
+            report = check_integrity(scratch.endpoint, entry.manifest, workdir, jobs=db.dump_jobs)
+    return {"started_at": started, "finished_at": _now(), **report.to_dict()}
+
+
+def run_validate_data(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
+    """Body of ``validate_data``: GX baseline and user suites; results stored next to the backup."""
+    from pgdr.validation import failure_error, render_html, validate_restored
+
+    started = _now()
+    with fail_fast():
+        plan, db, store, layout, entry = _verify_context(target, context)
+        scratch = _scratch_for(target, context, db, plan)
+        report = validate_restored(scratch.endpoint, entry.manifest)
+        results_key = layout.validation_key(db.name, entry.backup_id, "results.json")
+        html_key = layout.validation_key(db.name, entry.backup_id, "report.html")
+        store.put_bytes(results_key, report.to_json())
+        store.put_bytes(html_key, render_html(report, entry.manifest, {"Airflow run": context["ti"].run_id}))
+        log.info("Validation report: %s", store.describe(html_key))
+        if not report.ok:
+            raise failure_error(report, entry.manifest, store.describe(html_key))
+    return {
+        "started_at": started, "finished_at": _now(), "seconds": report.seconds,
+        "summary": report.summary(), "results_key": results_key, "report_key": html_key,
+        "report": store.describe(html_key),
+    }
+
+
+def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool:
+    """Body of the ``drop_scratch`` teardown task."""
+    with fail_fast():
+        plan, db, _store, _layout, _entry = _verify_context(target, context)
+        return _scratch_for(target, context, db, plan).drop()
+
+
+def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
+    """Body of ``record_verification``: write verified or failed next to the backup.
+
+    Runs whatever happened upstream (trigger rule ``all_done``); if any phase did not succeed it
+    records ``failed`` and then fails itself, so the run stays failed.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pgdr.catalog import BackupCatalog
+    from pgdr.notify import send_slack
+
+    ti = context["ti"]
+    group = ti.task_id.rpartition(".")[0]
+    phases = {
+        phase: ti.xcom_pull(task_ids=f"{group}.{phase}" if group else phase, map_indexes=ti.map_index)
+        for phase in VERIFY_PHASES
+    }
+    with fail_fast():
+        plan, db, store, layout, entry = _verify_context(target, context)
+    failed_phase = next((p for p in VERIFY_PHASES if not phases[p]), None)
+    record: dict[str, Any] = {
+        "status": "failed" if failed_phase else "verified",
+        "database": db.name,
+        "backup_id": entry.backup_id,
+        "recovery_point": entry.manifest.recovery_point.isoformat(),
+        "verified_at": _now(),
+        "airflow": {"dag_id": ti.dag_id, "run_id": ti.run_id, "log_url": ti.log_url},
+        "phases": {},
+        "rto_target_seconds": db.rto.total_seconds(),
+    }
+    for phase, value in phases.items():
+        if value:
+            started, finished = datetime.fromisoformat(value["started_at"]), datetime.fromisoformat(value["finished_at"])
+            record["phases"][phase] = {
+                "started_at": value["started_at"], "finished_at": value["finished_at"],
+                "seconds": (finished - started).total_seconds(),
+                **{k: v for k, v in value.items() if k in ("download_seconds", "restore_seconds")},
+            }
+    if phases["check_integrity"]:
+        record["integrity"] = {k: phases["check_integrity"][k] for k in ("tables_checked", "rows_checked", "sequences_checked", "amcheck_ok", "large_objects")}
+    if phases["validate_data"]:
+        record["validation"] = {**phases["validate_data"]["summary"], "report": phases["validate_data"]["report"]}
+    if failed_phase:
+        record["failed_phase"] = failed_phase
+    else:
+        first = datetime.fromisoformat(phases["check_checksums"]["started_at"])
+        last = datetime.fromisoformat(phases["validate_data"]["finished_at"])
+        achieved = (last - first).total_seconds()
+        record["restore_seconds"] = achieved
+        record["rto_met"] = achieved <= db.rto.total_seconds()
+    key = BackupCatalog(store, layout, db.name).record_verification(entry.backup_id, record)
+    log.info("Verification record written: %s (%s).", store.describe(key), record["status"])
+    if failed_phase:
+        raise AirflowFailException(
+            f"Backup {entry.backup_id} of database {db.name!r} is marked FAILED: phase {failed_phase} did not "
+            "succeed (its own alert and log say why). The backup is kept; do not rely on it for a restore."
+        )
+    if not record["rto_met"]:
+        from pgdr.alerts import rto_breach_message
+
+        log.warning("RTO breached: restore took %.1fs, the plan's RTO is %.0fs.", record["restore_seconds"], db.rto.total_seconds())
+        send_slack(
+            rto_breach_message(ti.dag_id, db.name, entry.backup_id, record["restore_seconds"], db.rto.total_seconds(), ti.log_url),
+            db.name, context,
+        )
+    return record

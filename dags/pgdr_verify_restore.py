@@ -1,0 +1,171 @@
+"""
+### pgdr_verify_restore: every backup restored into a scratch database and proven good
+
+A backup nobody has restored is a hope, not a backup. For every backup that `pgdr_backup`
+completes (its `pgdr_backups` asset event), this DAG verifies exactly that backup:
+
+1. **check_checksums**: every stored file against the manifest's SHA-256. A changed, truncated
+   or missing file fails here, at once (no retry), before any database is created.
+2. **create_scratch** (setup): a scratch database unique to the run on the plan's verification
+   server; leftovers of killed runs (pgdr's naming scheme and marker only) are dropped first.
+3. **restore_backup**: download, verify again, decompress, `pg_restore -j`, no owners or ACLs.
+4. **check_integrity**: exact row counts against the manifest, `pg_amcheck` over tables and
+   indexes, sequences restored and ahead of their columns.
+5. **validate_data**: Great Expectations: a baseline suite per table (row count, primary keys
+   unique and not null, no foreign-key orphans) and the suites in `include/gx/<database>/`.
+   Results (JSON) and an HTML report are stored next to the backup.
+6. **drop_scratch** (teardown): runs after any failure, without hiding it.
+7. **record_verification**: writes `verification.json` next to the backup, `verified` or
+   `failed`, with phase durations and the achieved restore time against the plan's RTO.
+   Retention always keeps the newest verified backup.
+
+Trigger it by hand with `database` and `backup_id` to verify one backup; a daily run verifies
+any backup that missed its event, and a backfill verifies the backups taken in its intervals.
+
+**When it fails**: the alert names the phase.
+- *check_checksums*: the stored backup changed since it was written. It is marked failed and
+  kept for investigation; restore the previous verified backup if you need one.
+- *restore_backup / check_integrity*: the dump does not restore to what was backed up. Same.
+- *validate_data*: an expectation failed; the message lists each with table, column and
+  observed value, and the HTML report is next to the backup. Fix the data or the suite.
+- *cannot connect*: the verification server is down; the task retries.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import (
+    AssetOrTimeSchedule,
+    CronDataIntervalTimetable,
+    Param,
+    dag,
+    setup,
+    task,
+    task_group,
+    teardown,
+)
+
+from pgdr.assets import BACKUP_ASSET
+from pgdr.plan import load_plan
+from pgdr.tasks import default_args
+
+PLAN = load_plan()
+
+
+@dag(
+    dag_id="pgdr_verify_restore",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronDataIntervalTimetable("0 5 * * *", timezone="UTC"), assets=[BACKUP_ASSET]
+    ),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,  # leftover scratch databases are then never another live run's
+    tags=["pgdr", "verify", "disaster-recovery"],
+    default_args=default_args(PLAN, execution_timeout=timedelta(hours=4)),
+    params={
+        "database": Param(
+            None, type=["null", "string"], enum=[None, *PLAN.database_names], title="Database",
+            description="Verify a backup of this database (default: the only one in the plan).",
+        ),
+        "backup_id": Param(
+            None, type=["null", "string"], title="Backup id",
+            description="The backup to verify, e.g. 20261122T093000Z-3fa2c1. Empty: the newest backup.",
+        ),
+    },
+    doc_md=__doc__,
+)
+def pgdr_verify_restore():
+    @task(retries=0)
+    def find_backups() -> list[dict]:
+        """Decide which backups this run verifies (params, asset events, or data interval)."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import resolve_verification_targets
+
+        return resolve_verification_targets(get_current_context())
+
+    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
+    def check_checksums(target: dict) -> dict:
+        """Stream every stored file and compare its SHA-256 with the manifest."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_check_checksums
+
+        return run_check_checksums(target, get_current_context())
+
+    @setup
+    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
+    def create_scratch(target: dict) -> str:
+        """Create the run's scratch database, after dropping leftovers of killed runs."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_create_scratch
+
+        return run_create_scratch(target, get_current_context())
+
+    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
+    def restore_backup(target: dict, scratch: str) -> dict:
+        """Download, verify, decompress and pg_restore -j into the scratch database."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_restore_backup
+
+        return run_restore_backup(target, scratch, get_current_context())
+
+    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
+    def check_integrity(target: dict, scratch: str) -> dict:
+        """Exact row counts, pg_amcheck and sequences of the restored database."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_check_integrity
+
+        return run_check_integrity(target, scratch, get_current_context())
+
+    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
+    def validate_data(target: dict, scratch: str) -> dict:
+        """Great Expectations: the baseline suite and the user suites."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_validate_data
+
+        return run_validate_data(target, scratch, get_current_context())
+
+    @teardown
+    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
+    def drop_scratch(target: dict, scratch: str) -> bool:
+        """Drop the scratch database, whatever happened."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_drop_scratch
+
+        return run_drop_scratch(target, scratch, get_current_context())
+
+    # all_done so that a failed verification is recorded too; it then fails itself, so a failed
+    # verification never turns the run green. Its own failure is not alerted: the phase's was.
+    @task(trigger_rule="all_done", on_failure_callback=None, map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
+    def record_verification(target: dict) -> dict:
+        """Write verified or failed, with timings and the RTO comparison, next to the backup."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_record_verification
+
+        return run_record_verification(target, get_current_context())
+
+    @task_group
+    def verify(target: dict):
+        checksums = check_checksums(target)
+        scratch = create_scratch(target)
+        checksums >> scratch
+        restored = restore_backup(target, scratch)
+        checked = check_integrity(target, scratch)
+        validated = validate_data(target, scratch)
+        dropped = drop_scratch(target, scratch)
+        recorded = record_verification(target)
+        restored >> checked >> validated >> dropped >> recorded
+
+    verify.expand(target=find_backups())
+
+
+pgdr_verify_restore()

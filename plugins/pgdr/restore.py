@@ -1,0 +1,151 @@
+"""Reading a backup back: checksum verification, download, and ``pg_restore``.
+
+A backup is only restored after every stored file has been proven to be the file that was
+written: its SHA-256 must equal the manifest's. :func:`verify_checksums` streams every object
+and hashes it without keeping it (so a corrupt backup is refused before any database is
+touched); :func:`download_backup` hashes again as it decompresses to disk, so the bytes that are
+restored are the bytes that were checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgdr.catalog import BackupFile, BackupManifest
+from pgdr.errors import ChecksumMismatch, PermanentFailure
+from pgdr.postgres import PgEndpoint, connection_args, pg_tool, run_tool
+from pgdr.storage import CHUNK, BackupStore
+
+log = logging.getLogger(__name__)
+
+
+class RestoreFailed(PermanentFailure):
+    """``pg_restore`` could not restore the backup into the target database."""
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """What is wrong with one stored file of a backup."""
+
+    name: str
+    key: str
+    problem: str
+
+
+def _check_one(store: BackupStore, entry: BackupFile, sink=None) -> FileProblem | None:
+    """Stream one stored file through SHA-256 (and ``sink``); describe any problem."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with store.open_read(entry.key) as stream:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if sink is not None:
+                    sink(chunk)
+    except FileNotFoundError:
+        return FileProblem(entry.name, entry.key, "missing: the object does not exist")
+    if size != entry.stored_size:
+        kind = "truncated" if size < entry.stored_size else "longer than written"
+        return FileProblem(entry.name, entry.key, f"{kind}: {size} bytes stored, the manifest says {entry.stored_size}")
+    if digest.hexdigest() != entry.sha256:
+        return FileProblem(
+            entry.name, entry.key,
+            f"content changed: SHA-256 {digest.hexdigest()[:16]}..., the manifest says {entry.sha256[:16]}...",
+        )
+    return None
+
+
+def _refuse(manifest: BackupManifest, store: BackupStore, problems: list[FileProblem]) -> ChecksumMismatch:
+    listed = "; ".join(f"{p.name} ({store.describe(p.key)}): {p.problem}" for p in problems[:5])
+    more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+    return ChecksumMismatch(
+        f"Backup {manifest.backup_id} of database {manifest.database!r} is corrupt and was refused: "
+        f"{len(problems)} of {len(manifest.files)} files fail verification: {listed}{more}. "
+        "Retrying cannot fix this. Restore another backup (the previous verified one), and find "
+        "out what changed the storage."
+    )
+
+
+def verify_checksums(manifest: BackupManifest, store: BackupStore, workers: int = 4) -> dict[str, float]:
+    """Stream every file of ``manifest`` and compare its SHA-256; refuse the backup on any problem.
+
+    :raises ChecksumMismatch: naming the backup and every bad file.
+    :return: ``{"seconds": ..., "bytes": ...}``.
+    """
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgdr-sha") as pool:
+        problems = [p for p in pool.map(lambda f: _check_one(store, f), manifest.files) if p]
+    if problems:
+        raise _refuse(manifest, store, problems)
+    return {"seconds": time.monotonic() - started, "bytes": manifest.stored_size}
+
+
+def download_backup(manifest: BackupManifest, store: BackupStore, dest: Path, workers: int = 4) -> dict[str, float]:
+    """Download, verify and decompress every file of ``manifest`` into ``dest`` (a dump directory).
+
+    :raises ChecksumMismatch: if any file fails verification; ``dest`` is then incomplete.
+    """
+    import zstandard
+
+    dest.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    def one(entry: BackupFile) -> FileProblem | None:
+        target = dest / entry.name
+        with open(target, "wb") as out:
+            writer = zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
+            try:
+                problem = _check_one(store, entry, sink=writer.write)
+                writer.flush()
+            except zstandard.ZstdError as err:
+                problem = FileProblem(entry.name, entry.key, f"not valid zstd data ({err})")
+        if problem is None and target.stat().st_size != entry.size:
+            problem = FileProblem(entry.name, entry.key, f"decompressed to {target.stat().st_size} bytes, expected {entry.size}")
+        return problem
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgdr-download") as pool:
+        problems = [p for p in pool.map(one, manifest.files) if p]
+    if problems:
+        raise _refuse(manifest, store, problems)
+    return {"seconds": time.monotonic() - started, "bytes": manifest.stored_size}
+
+
+def restore_command(
+    target: PgEndpoint, dump_dir: Path, jobs: int, tables: list[str] | None = None
+) -> list[str]:
+    """Return the ``pg_restore`` command that restores ``dump_dir`` into ``target.dbname``.
+
+    Owners and privileges are not restored (``--no-owner --no-acl``): the scratch or target
+    server need not have the source's roles. ``tables`` (``schema.table``) restricts the restore.
+    """
+    args = [
+        pg_tool("pg_restore"),
+        *connection_args(target),
+        f"--jobs={max(1, jobs)}",
+        "--no-owner",
+        "--no-acl",
+        "--exit-on-error",
+        "--no-password",
+    ]
+    for table in tables or []:
+        schema, _, name = table.rpartition(".")
+        if schema:
+            args += ["--schema", schema]
+        args += ["--table", name]
+    return [*args, str(dump_dir)]
+
+
+def restore_dump(target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path, tables: list[str] | None = None) -> float:
+    """Run ``pg_restore`` into ``target``; return the seconds it took."""
+    started = time.monotonic()
+    run_tool(
+        target, workdir, restore_command(target, dump_dir, jobs, tables),
+        f"pg_restore into database {target.dbname!r}", RestoreFailed,
+    )
+    return time.monotonic() - started

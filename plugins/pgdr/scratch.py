@@ -1,0 +1,93 @@
+"""Scratch databases: short-lived databases that a backup is restored into to prove it good.
+
+Each verification run restores into a database of its own, named ``pgdr_verify_<db>_<tag>``
+where the tag is derived from the run, so a retry reuses the same name. Every scratch database
+carries a comment that marks it as pgdr's. A worker killed mid-restore leaves its scratch
+database behind; the next run drops leftovers that match both the naming scheme *and* the
+marker, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from pgdr.postgres import PgEndpoint, connect, identifier
+
+log = logging.getLogger(__name__)
+
+MARKER = "pgdr scratch database"
+
+
+def scratch_name(kind: str, database: str, run_key: str) -> str:
+    """Return the scratch database name of ``database`` for one run (at most 63 bytes)."""
+    tag = hashlib.sha256(run_key.encode()).hexdigest()[:8]
+    return f"pgdr_{kind}_{database[:40]}_{tag}"
+
+
+@dataclass(frozen=True)
+class ScratchDatabase:
+    """A scratch database on a server, identified by name."""
+
+    server: PgEndpoint  # any database on the server, used for CREATE/DROP DATABASE
+    name: str
+
+    @property
+    def endpoint(self) -> PgEndpoint:
+        """Return the endpoint of the scratch database itself."""
+        return self.server.with_dbname(self.name)
+
+    def create(self, purpose: str) -> None:
+        """Create the database empty (dropping a previous try's copy) and mark it as pgdr's."""
+        with connect(self.server.with_dbname("postgres")) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {identifier(self.name)} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {identifier(self.name)} TEMPLATE template0")
+            comment = f"{MARKER}: {purpose}".replace("'", "''")
+            conn.execute(f"COMMENT ON DATABASE {identifier(self.name)} IS '{comment}'")
+        log.info("Created scratch database %s on %s:%s.", self.name, self.server.host, self.server.port)
+
+    def drop(self) -> bool:
+        """Drop the database if it exists; say whether it did."""
+        with connect(self.server.with_dbname("postgres")) as conn:
+            existed = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone()
+            conn.execute(f"DROP DATABASE IF EXISTS {identifier(self.name)} WITH (FORCE)")
+        if existed:
+            log.info("Dropped scratch database %s.", self.name)
+        return bool(existed)
+
+    def exists(self) -> bool:
+        with connect(self.server.with_dbname("postgres")) as conn:
+            return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone() is not None
+
+
+def scratch_comment(purpose: str, run_id: str) -> str:
+    """Return the marker comment of a scratch database created by ``run_id``."""
+    return f"{purpose} [run {run_id}]"
+
+
+def drop_leftovers(server: PgEndpoint, kind: str, database: str, current_run_id: str) -> list[str]:
+    """Drop scratch databases of ``kind`` for ``database`` left by runs other than the current one.
+
+    Only databases that match pgdr's naming scheme *and* carry pgdr's marker comment are
+    candidates; those created by ``current_run_id`` (its other mapped tasks) are kept.
+    :return: the names dropped.
+    """
+    with connect(server.with_dbname("postgres")) as conn:
+        rows = conn.execute(
+            """
+            SELECT d.datname, s.description FROM pg_database d
+            JOIN pg_shdescription s ON s.objoid = d.oid AND s.classoid = 'pg_database'::regclass
+            WHERE d.datname LIKE %s AND s.description LIKE %s
+            """,
+            (f"pgdr\\_{kind}\\_{database[:40].replace('_', chr(92) + '_')}\\_%", f"{MARKER}%"),
+        ).fetchall()
+        dropped = []
+        for name, description in rows:
+            if f"[run {current_run_id}]" in description:
+                continue
+            conn.execute(f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)")
+            dropped.append(name)
+    for name in dropped:
+        log.warning("Dropped scratch database %s left behind by an earlier run that did not finish.", name)
+    return dropped
