@@ -12,7 +12,7 @@ import pytest
 from pgdr.local import DAGS_FOLDER
 
 DAG_FILES = sorted(DAGS_FOLDER.glob("*.py"))
-EXPECTED_DAGS = {"pgdr_backup"}
+EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore"}
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +42,12 @@ def test_dag_configuration(dagbag, dag_id):
     assert dag.catchup is False
     for task in dag.tasks:
         assert task.owner == "pgdr", task.task_id
-        assert task.retries >= 1, task.task_id
+        if task.task_id not in ("find_backups",):  # deciding what to verify is deterministic
+            assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff, task.task_id
         assert task.execution_timeout is not None, task.task_id
-        assert task.on_failure_callback, task.task_id
+        if not task.task_id.endswith("record_verification"):  # the failing phase alerts instead
+            assert task.on_failure_callback, task.task_id
 
 
 def test_backup_dag_structure(dagbag):
@@ -55,6 +57,22 @@ def test_backup_dag_structure(dagbag):
     assert set(dag.task_dict) == {"protect.back_up", "protect.prune_expired"}
     assert dag.task_dict["protect.back_up"].downstream_task_ids == {"protect.prune_expired"}
     assert BACKUP_ASSET in dag.task_dict["protect.back_up"].outlets
+
+
+def test_verify_restore_dag_structure(dagbag):
+    from pgdr.assets import BACKUP_ASSET
+
+    dag = dagbag.dags["pgdr_verify_restore"]
+    assert BACKUP_ASSET.name in str(dag.timetable.asset_condition)  # triggered by every backup event
+    t = dag.task_dict
+    assert t["verify.check_checksums"].downstream_task_ids == {"verify.create_scratch"}
+    assert t["verify.create_scratch"].is_setup and t["verify.drop_scratch"].is_teardown
+    assert {"verify.restore_backup", "verify.check_integrity", "verify.validate_data"} <= t["verify.create_scratch"].downstream_task_ids
+    assert t["verify.restore_backup"].downstream_task_ids == {"verify.check_integrity"}
+    assert t["verify.validate_data"].downstream_task_ids == {"verify.drop_scratch"}
+    assert t["verify.record_verification"].trigger_rule == "all_done"
+    assert dag.max_active_runs == 1
+    assert set(dag.params) == {"database", "backup_id"}
 
 
 def test_dag_files_do_no_network_io_at_parse_time(tmp_path, monkeypatch):

@@ -247,11 +247,13 @@ def load_user_suites(database: str, manifest: BackupManifest) -> list[Expectatio
 # -- running GX ---------------------------------------------------------------------------------------
 
 
-def _build_expectation(spec: ExpectationSpec):
+def _build_expectation(spec: ExpectationSpec, tag: int):
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
     try:
-        return ExpectationConfiguration(type=spec.type, kwargs=spec.kwargs, description=spec.description or None).to_domain_obj()
+        return ExpectationConfiguration(
+            type=spec.type, kwargs=spec.kwargs, description=spec.description or None, meta={"pgdr_spec": tag}
+        ).to_domain_obj()
     except Exception as err:  # noqa: BLE001 - GX raises many kinds; the user needs the file and type
         raise SuiteError(f"{spec.source}: expectation {spec.type!r} on {spec.table} is not valid: {err}") from None
 
@@ -272,10 +274,14 @@ def _observed(result: dict[str, Any]) -> Any:
     if "error" in result:
         return f"error: {result['error']}"
     if "observed_value" in result:
-        return result["observed_value"]
+        value = result["observed_value"]
+        return f"{value} unexpected rows" if isinstance(value, int) and result.get("details", {}).get("unexpected_rows") is not None else value
     if "unexpected_count" in result:
-        sample = result.get("partial_unexpected_list") or []
-        return {"unexpected_count": result["unexpected_count"], "sample": sample[:5]}
+        count = result["unexpected_count"]
+        if not count:
+            return "0 unexpected values"
+        sample = ", ".join(json.dumps(v, default=str) for v in (result.get("partial_unexpected_list") or [])[:5])
+        return f"{count} unexpected values ({result.get('unexpected_percent', 0):.2f}%), e.g. {sample}"
     return result
 
 
@@ -302,14 +308,13 @@ def run_validation(target: PgEndpoint, specs: list[ExpectationSpec]) -> Validati
             schema, _, name = table.rpartition(".")
             asset = source.add_table_asset(name=f"t{index}_{table}", table_name=name, schema_name=schema or "public")
             suite = gx.ExpectationSuite(name=f"pgdr_{index}_{table}")
-            spec_by_id = {}
-            for spec in table_specs:
-                spec_by_id[suite.add_expectation(_build_expectation(spec)).id] = spec
+            for tag, spec in enumerate(table_specs):
+                suite.add_expectation(_build_expectation(spec, tag))
             result = asset.add_batch_definition_whole_table("all").get_batch().validate(suite)
-            # GX orders results its own way (table-level first): match them by expectation id.
+            # GX orders results its own way (table-level first): match them by the tag in meta.
             for outcome in result.results:
                 config = outcome.expectation_config
-                spec = spec_by_id[config.id]
+                spec = table_specs[config.meta["pgdr_spec"]]
                 error = _exception_message(outcome.exception_info)
                 if error:
                     outcome.result = {"error": error}
