@@ -12,7 +12,7 @@ import pytest
 from pgdr.local import DAGS_FOLDER
 
 DAG_FILES = sorted(DAGS_FOLDER.glob("*.py"))
-EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore"}
+EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore"}
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +42,12 @@ def test_dag_configuration(dagbag, dag_id):
     assert dag.catchup is False
     for task in dag.tasks:
         assert task.owner == "pgdr", task.task_id
-        if task.task_id not in ("find_backups",):  # deciding what to verify is deterministic
+        # Deciding what to do, and renaming live databases, are not retried blindly.
+        if task.task_id not in ("find_backups", "plan_restore", "swap_into_place"):
             assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff, task.task_id
         assert task.execution_timeout is not None, task.task_id
-        if not task.task_id.endswith("record_verification"):  # the failing phase alerts instead
+        if not task.task_id.endswith(("record_verification", "write_report")):  # the failing phase alerts instead
             assert task.on_failure_callback, task.task_id
 
 
@@ -73,6 +74,22 @@ def test_verify_restore_dag_structure(dagbag):
     assert t["verify.record_verification"].trigger_rule == "all_done"
     assert dag.max_active_runs == 1
     assert set(dag.params) == {"database", "backup_id"}
+
+
+def test_restore_dag_form_and_structure(dagbag):
+    dag = dagbag.dags["pgdr_restore"]
+    assert dag.schedule is None and dag.max_active_runs == 1
+    assert set(dag.params) == {"database", "backup", "mode", "confirm", "target_name", "tables", "target_conn_id", "dry_run"}
+    for name in dag.params:
+        param = dag.params.get_param(name)
+        assert param.schema.get("title") and param.description, name
+    assert dag.params.get_param("mode").schema["enum"] == ["new-database", "replace"]
+    assert dag.params["backup"] == "latest-verified" and dag.params["mode"] == "new-database"
+    order = ["plan_restore", "check_checksums", "restore_backup", "check_integrity", "validate_data", "swap_into_place", "write_report"]
+    for upstream, downstream in zip(order, order[1:]):
+        assert downstream in dag.task_dict[upstream].downstream_task_ids, (upstream, downstream)
+    assert dag.task_dict["swap_into_place"].retries == 0
+    assert dag.task_dict["write_report"].trigger_rule == "all_done"
 
 
 def test_dag_files_do_no_network_io_at_parse_time(tmp_path, monkeypatch):

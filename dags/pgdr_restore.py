@@ -1,0 +1,161 @@
+"""
+### pgdr_restore: bring a database back during an incident, without destroying what is there
+
+Trigger this DAG from the Airflow UI (**Trigger** button, then fill the form) or the API.
+The form asks for the database, the backup (`latest-verified`, `latest`, a backup id, or a time
+meaning "the newest backup at or before it"), the mode and, for `replace`, a confirmation.
+
+1. **plan_restore** checks the whole request and prints the restore plan (backup, recovery
+   point, size, target, expected duration, what happens to the live database). Bad input fails
+   here, before anything is touched. With **dry_run** the DAG stops after this.
+2. **check_checksums**: a corrupt backup is refused before any database is created.
+3. **restore_backup** into a new database (`<db>_restored_<UTC time>` by default). In `replace`
+   mode it is `<db>_restoring_<UTC time>` until the swap.
+4. **check_integrity** and **validate_data**: the same checks as `pgdr_verify_restore`.
+5. **swap_into_place** (`replace` only, after all checks passed): sessions on the live database
+   are ended, it is renamed `<db>_pre_restore_<UTC time>` (kept, never dropped, connections
+   disabled) and the restored copy takes its name. A failed swap is rolled back. Never retried.
+6. **write_report**: a markdown and JSON report next to the backup, and a Slack summary.
+
+**When it fails**: the live database is unchanged unless `swap_into_place` succeeded.
+- *plan_restore*: the message says what to fix in the form; trigger again.
+- *check_checksums*: choose another backup (an older verified one).
+- *restore_backup / check_integrity / validate_data*: the report names the phase; the live
+  database was not changed. A copy that failed validation is kept for inspection.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+from pgdr.plan import load_plan
+from pgdr.tasks import default_args
+
+PLAN = load_plan()
+SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d in PLAN.databases})
+
+
+@dag(
+    dag_id="pgdr_restore",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,  # one restore at a time: two restores of one database must never race
+    tags=["pgdr", "restore", "incident", "disaster-recovery"],
+    default_args=default_args(PLAN, execution_timeout=timedelta(hours=6)),
+    params={
+        "database": Param(
+            PLAN.database_names[0], type="string", enum=PLAN.database_names, title="Database",
+            description="The database to restore, as the DR plan names it.",
+        ),
+        "backup": Param(
+            "latest-verified", type="string", title="Backup",
+            description="latest-verified (the newest backup proven to restore), latest, a backup id "
+            "(20261122T093000Z-3fa2c1), or a UTC time (2026-11-22T09:30:00Z): the newest backup at or before it.",
+        ),
+        "mode": Param(
+            "new-database", type="string", enum=["new-database", "replace"], title="Mode",
+            description="new-database: restore next to the live database under a new name (safe). "
+            "replace: after all checks pass, the restored copy takes the live name; the live database is kept renamed.",
+        ),
+        "confirm": Param(
+            "", type="string", title="Confirm (replace only)",
+            description="For replace mode, type the database name to confirm. Otherwise leave empty.",
+        ),
+        "target_name": Param(
+            None, type=["null", "string"], title="Target database name (new-database only)",
+            description="Default: <database>_restored_<UTC time>.",
+        ),
+        "tables": Param(
+            [], type="array", items={"type": "string"}, title="Tables (optional)",
+            description="Restore only these tables (schema.table, one per line) into a new database.",
+        ),
+        "target_conn_id": Param(
+            None, type=["null", "string"], enum=[None, *SERVERS], title="Target server (optional)",
+            description="Another server of the plan to restore onto (new-database mode). Default: the database's own server.",
+        ),
+        "dry_run": Param(False, type="boolean", title="Dry run", description="Show the restore plan and stop."),
+    },
+    doc_md=__doc__,
+)
+def pgdr_restore():
+    @task(retries=0)
+    def plan_restore() -> dict:
+        """Validate the form, choose the backup and print the restore plan."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.restore_tasks import build_restore_plan
+
+        context = get_current_context()
+        return build_restore_plan(dict(context["params"]), context)
+
+    @task
+    def check_checksums(plan: dict) -> dict:
+        """Refuse a corrupt backup before creating anything."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.restore_tasks import run_check_checksums
+
+        return run_check_checksums(plan, get_current_context())
+
+    @task
+    def restore_backup(plan: dict) -> dict:
+        """Restore into the new target database."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.restore_tasks import run_restore
+
+        return run_restore(plan, get_current_context())
+
+    @task
+    def check_integrity(plan: dict) -> dict:
+        """Exact row counts, pg_amcheck and sequences of the restored database."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.restore_tasks import run_check_integrity
+
+        return run_check_integrity(plan, get_current_context())
+
+    @task
+    def validate_data(plan: dict) -> dict:
+        """Great Expectations on the restored database."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.restore_tasks import run_validate
+
+        return run_validate(plan, get_current_context())
+
+    # Renaming the live database is not blindly repeatable: no retries; a failure is rolled back.
+    @task(retries=0)
+    def swap_into_place(plan: dict) -> dict:
+        """Replace mode: the restored copy takes the live name; the live database is kept renamed."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.restore_tasks import run_swap
+
+        return run_swap(plan, get_current_context())
+
+    # all_done: a failed restore gets its report too; the task then fails, keeping the run red.
+    @task(trigger_rule="all_done", on_failure_callback=None)
+    def write_report() -> dict:
+        """Markdown and JSON report next to the backup, and a Slack summary."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.restore_tasks import run_report
+
+        context = get_current_context()
+        return run_report(context["ti"].xcom_pull(task_ids="plan_restore"), context)
+
+    plan = plan_restore()
+    checked = check_checksums(plan)
+    restored = restore_backup(plan)
+    integrity = check_integrity(plan)
+    validated = validate_data(plan)
+    swapped = swap_into_place(plan)
+    checked >> restored >> integrity >> validated >> swapped >> write_report()
+
+
+pgdr_restore()

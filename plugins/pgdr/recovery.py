@@ -1,0 +1,281 @@
+"""Incident restore: choosing the backup, restoring next to the live database, and the swap.
+
+The rule of an incident restore is that it never destroys the data that is there now, even
+when that data is damaged: it may be the only copy of what happened since the backup.
+
+* A restore always goes into a **new database**. In ``new-database`` mode that is the result
+  (``<db>_restored_<UTC timestamp>``), next to the live one.
+* In ``replace`` mode the restored copy is only swapped in after it passed the integrity checks
+  and validation: sessions on the live database are ended, the live database is renamed to
+  ``<db>_pre_restore_<UTC timestamp>`` (kept, never dropped, connections disabled), and the
+  restored copy takes the live name. If the second rename fails, the first is undone.
+* A **table-level** restore brings back chosen tables (and their partitions) into a new
+  database, with the full schema around them but without foreign keys (the other tables are
+  empty); rows are then copied back by hand where they are needed.
+
+Backups are chosen by a *selector*: ``latest-verified`` (default), ``latest``, a backup id, or a
+timestamp meaning "the newest backup whose recovery point is at or before this time".
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pgdr.catalog import BackupCatalog, BackupEntry
+from pgdr.errors import BackupNotFound, PermanentFailure, PgdrError
+from pgdr.layout import is_backup_id
+from pgdr.postgres import PgEndpoint, connect, identifier, passfile_env, pg_tool, run_tool
+from pgdr.restore import RestoreFailed, restore_command
+
+log = logging.getLogger(__name__)
+
+MODES = ("new-database", "replace")
+SELECTORS = ("latest-verified", "latest")
+_DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+TARGET_MARKER = "pgdr restore target"
+
+
+class InvalidRestoreRequest(PermanentFailure):
+    """The restore form was filled in a way that cannot be carried out; nothing was touched."""
+
+
+class SwapFailed(PgdrError):
+    """Swapping the restored database into place failed (and was rolled back)."""
+
+
+def parse_timestamp(text: str) -> datetime | None:
+    """Parse an ISO 8601 timestamp (UTC if no offset); ``None`` if ``text`` is not one."""
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def select_backup(catalog: BackupCatalog, selector: str) -> BackupEntry:
+    """Return the backup a selector names; explain what exists when none matches."""
+    selector = (selector or "latest-verified").strip()
+    if selector == "latest-verified":
+        return catalog.latest(verified_only=True)
+    if selector == "latest":
+        return catalog.latest()
+    if is_backup_id(selector):
+        return catalog.get(selector)
+    moment = parse_timestamp(selector)
+    if moment is None:
+        raise InvalidRestoreRequest(
+            f"'backup' must be latest-verified, latest, a backup id such as 20261122T093000Z-3fa2c1, or a "
+            f"timestamp such as 2026-11-22T09:30:00Z; got {selector!r}."
+        )
+    backups = catalog.backups()
+    if not backups:
+        catalog.latest()  # raises BackupNotFound with the standard explanation
+    eligible = [e for e in backups if e.recovery_point <= moment]
+    if not eligible:
+        raise BackupNotFound(
+            f"No backup of database {catalog.database!r} has a recovery point at or before "
+            f"{moment.isoformat()}: the oldest is {backups[0].backup_id} from "
+            f"{backups[0].recovery_point.isoformat()}. Choose a later time, or that backup."
+        )
+    return eligible[-1]
+
+
+def default_target_name(database: str, now: datetime, suffix: str = "restored") -> str:
+    """Return ``<db>_<suffix>_<YYYYmmddHHMMSS>`` (at most 63 bytes)."""
+    stamp = now.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S")
+    return f"{database[: 63 - len(suffix) - len(stamp) - 2]}_{suffix}_{stamp}"
+
+
+def check_target_name(name: str) -> str:
+    """Refuse names that are not plain lower-case identifiers."""
+    if not _DB_NAME.match(name):
+        raise InvalidRestoreRequest(
+            f"target_name {name!r} is not a plain database name: use lower-case letters, digits and _ "
+            "(at most 63), starting with a letter."
+        )
+    return name
+
+
+def database_exists(server: PgEndpoint, name: str) -> bool:
+    """Say whether database ``name`` exists on ``server``."""
+    with connect(server.with_dbname("postgres")) as conn:
+        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+def database_facts(server: PgEndpoint, name: str) -> dict:
+    """Return what a report says about a database: exists, size, connections allowed."""
+    with connect(server.with_dbname("postgres")) as conn:
+        row = conn.execute(
+            "SELECT pg_database_size(oid), datallowconn FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+    if row is None:
+        return {"name": name, "exists": False}
+    return {"name": name, "exists": True, "size_bytes": row[0], "allows_connections": row[1]}
+
+
+def expected_duration(catalog: BackupCatalog) -> float | None:
+    """Return the median achieved restore time of this database's verifications (seconds)."""
+    times = [
+        e.verification["restore_seconds"]
+        for e in catalog.backups()
+        if e.verification and e.verification.get("restore_seconds") is not None
+    ]
+    return statistics.median(times) if times else None
+
+
+# -- restoring ------------------------------------------------------------------------------------
+
+
+def create_target(server: PgEndpoint, name: str, run_id: str) -> None:
+    """Create the empty restore target, marked as pgdr's; a previous try's copy is replaced."""
+    with connect(server.with_dbname("postgres")) as conn:
+        row = conn.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if row is not None:
+            if not (row[0] or "").startswith(f"{TARGET_MARKER} [run {run_id}]"):
+                raise InvalidRestoreRequest(
+                    f"Database {name!r} already exists on {server.host}:{server.port} and was not created by this "
+                    "run; pgdr will not overwrite it. Choose another target_name."
+                )
+            conn.execute(f"DROP DATABASE {identifier(name)} WITH (FORCE)")  # our own partial copy
+        conn.execute(f"CREATE DATABASE {identifier(name)} TEMPLATE template0")
+        conn.execute(f"COMMENT ON DATABASE {identifier(name)} IS '{TARGET_MARKER} [run {run_id}]'")
+
+
+def drop_own_target(server: PgEndpoint, name: str, run_id: str) -> bool:
+    """Drop a restore target only if this run created it; say whether it did."""
+    with connect(server.with_dbname("postgres")) as conn:
+        row = conn.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if row is None or not (row[0] or "").startswith(f"{TARGET_MARKER} [run {run_id}]"):
+            return False
+        conn.execute(f"DROP DATABASE {identifier(name)} WITH (FORCE)")
+    return True
+
+
+_TOC_LINE = re.compile(
+    r"^(?P<id>\d+); \d+ \d+ (?P<desc>TABLE DATA|FK CONSTRAINT|BLOBS|BLOB|BLOB METADATA|LARGE OBJECT|[A-Z][A-Z ]*?) (?P<schema>\S+) (?P<tag>\S+)"
+)
+_SKIP_IN_TABLE_RESTORE = {"FK CONSTRAINT", "BLOBS", "BLOB", "BLOB METADATA", "LARGE OBJECT"}
+
+
+def table_restore_list(toc: str, tables: set[str]) -> str:
+    """Filter ``pg_restore -l`` output for a table-level restore of ``tables`` (``schema.table``).
+
+    Keeps every schema object, the data of ``tables`` only, and no foreign keys or large objects.
+    """
+    kept = []
+    for line in toc.splitlines():
+        match = _TOC_LINE.match(line)
+        if not match:
+            kept.append(line)
+            continue
+        desc = match.group("desc")
+        if desc in _SKIP_IN_TABLE_RESTORE:
+            continue
+        if desc == "TABLE DATA" and f"{match.group('schema')}.{match.group('tag')}" not in tables:
+            continue
+        kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def expand_partitions(target: PgEndpoint, tables: list[str]) -> set[str]:
+    """Return ``tables`` plus every partition below them, from the restored catalog."""
+    expanded = set(tables)
+    with connect(target) as conn:
+        for table in tables:
+            rows = conn.execute(
+                "SELECT n.nspname || '.' || c.relname FROM pg_partition_tree(%s::regclass) t "
+                "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace",
+                (".".join(identifier(p) for p in table.split(".", 1)),),
+            ).fetchall()
+            expanded.update(r[0] for r in rows)
+    return expanded
+
+
+def restore_tables(target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: int, workdir: Path) -> set[str]:
+    """Restore the schema of the whole backup and the data of ``tables`` only; return the tables filled."""
+    base = restore_command(target, dump_dir, jobs)
+    run_tool(target, workdir, [*base[:-1], "--section=pre-data", base[-1]], f"pg_restore (schema) into {target.dbname!r}", RestoreFailed)
+    filled = expand_partitions(target, tables)
+    with passfile_env(target, workdir) as env:
+        toc = subprocess.run([pg_tool("pg_restore"), "-l", str(dump_dir)], env=env, capture_output=True, text=True, check=True).stdout
+    listing = workdir / "table-restore.list"
+    listing.write_text(table_restore_list(toc, filled))
+    run_tool(
+        target, workdir, [*base[:-1], "--section=data", "--section=post-data", f"--use-list={listing}", base[-1]],
+        f"pg_restore (tables {', '.join(sorted(tables))}) into {target.dbname!r}", RestoreFailed,
+    )
+    return filled
+
+
+# -- the swap -------------------------------------------------------------------------------------
+
+
+def _terminate(conn, name: str) -> int:
+    rows = conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,),
+    ).fetchall()
+    return len(rows)
+
+
+def swap_into_place(server: PgEndpoint, live: str, restored: str, keep_as: str, attempts: int = 5) -> dict:
+    """Make ``restored`` the live database; the old one is kept as ``keep_as`` with connections off.
+
+    :raises SwapFailed: after rolling back to the original names, if the swap cannot complete.
+    """
+    steps: list[str] = []
+    with connect(server.with_dbname("postgres"), application_name="pgdr-swap") as conn:
+        for name in (live, restored):
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                raise SwapFailed(f"Database {name!r} does not exist on {server.host}:{server.port}; nothing was changed.")
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (keep_as,)).fetchone():
+            raise SwapFailed(f"Database {keep_as!r} exists already; nothing was changed. Run the restore again.")
+        conn.execute(f"ALTER DATABASE {identifier(live)} WITH ALLOW_CONNECTIONS false")
+        steps.append(f"connections to {live} disabled")
+        renamed = False
+        try:
+            for attempt in range(1, attempts + 1):
+                ended = _terminate(conn, live)
+                steps.append(f"ended {ended} sessions on {live}")
+                try:
+                    conn.execute(f"ALTER DATABASE {identifier(live)} RENAME TO {identifier(keep_as)}")
+                    renamed = True
+                    break
+                except Exception as err:  # noqa: BLE001 - a session slipped in: end it and try again
+                    if attempt == attempts:
+                        raise SwapFailed(f"Could not rename {live!r}: {err}") from None
+                    time.sleep(0.5 * attempt)
+            steps.append(f"{live} renamed to {keep_as}")
+            # Checks may leave pooled sessions on the restored copy; it is ours to disconnect.
+            _terminate(conn, restored)
+            conn.execute(f"ALTER DATABASE {identifier(restored)} RENAME TO {identifier(live)}")
+            steps.append(f"{restored} renamed to {live}")
+        except Exception as err:
+            # Roll back: the live name must hold the original database again.
+            if renamed:
+                conn.execute(f"ALTER DATABASE {identifier(keep_as)} RENAME TO {identifier(live)}")
+                steps.append(f"rolled back: {keep_as} renamed back to {live}")
+            conn.execute(f"ALTER DATABASE {identifier(live)} WITH ALLOW_CONNECTIONS true")
+            steps.append(f"connections to {live} enabled again")
+            raise SwapFailed(
+                f"Swapping {restored!r} into place as {live!r} failed and was rolled back ({err}). The live "
+                f"database is unchanged; the restored copy is still available as {restored!r}."
+            ) from None
+        conn.execute(f"COMMENT ON DATABASE {identifier(live)} IS NULL")
+        conn.execute(
+            f"COMMENT ON DATABASE {identifier(keep_as)} IS 'kept by pgdr: the live database before a restore; "
+            "connections are disabled (ALTER DATABASE ... WITH ALLOW_CONNECTIONS true to look inside)'"
+        )
+    return {"steps": steps}
+
