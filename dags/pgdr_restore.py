@@ -61,8 +61,9 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
             description="new-database: restore next to the live database under a new name (safe). "
             "replace: after all checks pass, the restored copy takes the live name; the live database is kept renamed.",
         ),
+        # Optional fields are nullable: the UI marks a plain "string" or "array" as required.
         "confirm": Param(
-            "", type="string", title="Confirm (replace only)",
+            None, type=["null", "string"], title="Confirm (replace only)",
             description="For replace mode, type the database name to confirm. Otherwise leave empty.",
         ),
         "target_name": Param(
@@ -70,7 +71,7 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
             description="Default: <database>_restored_<UTC time>.",
         ),
         "tables": Param(
-            [], type="array", items={"type": "string"}, title="Tables (optional)",
+            None, type=["null", "array"], items={"type": "string"}, title="Tables (optional)",
             description="Restore only these tables (schema.table, one per line) into a new database.",
         ),
         "target_conn_id": Param(

@@ -164,3 +164,36 @@ def source_row_counts(server, dbname: str) -> dict[str, int]:
 
 def pretty(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+# -- end to end: a real airflow standalone ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def e2e_plan(session_dir):
+    """The DR plan the standalone Airflow runs with: the sample database, a local store."""
+    path = write_plan(
+        session_dir / "e2e-plan.yaml",
+        [{"name": "shop", "conn_id": "pgdr_shop"}],
+        {"local": {"type": "local", "path": str(session_dir / "e2e-backups")}},
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def standalone(session_dir, pg_server, slack, e2e_plan):
+    """A real `airflow standalone` on this checkout's DAGs (started once, about 30 s)."""
+    from standalone import Standalone
+
+    server = Standalone(
+        session_dir / "standalone",
+        {
+            "PGDR_PLAN": str(e2e_plan),
+            "PGDR_WORK_DIR": str(session_dir / "e2e-work"),
+            "AIRFLOW_CONN_PGDR_SHOP": pg_server.connection_uri("shop"),
+            "AIRFLOW_CONN_PGDR_SLACK": slack.connection(),
+        },
+    )
+    server.start()
+    yield server
+    server.stop()
