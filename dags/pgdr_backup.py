@@ -13,7 +13,11 @@ For each database in the plan (`include/pgdr.yaml`, or `$PGDR_PLAN`), one mapped
 
 Backfills and manual runs with a past logical date skip: a backup can only capture the present.
 
-**When it fails**: the Slack alert (or the task log) names the database and the error.
+**SLA**: the run must finish within the tightest RPO of the plan, counted from when it was
+queued: Slack warns at 80 %, and at 100 % Slack and the plan's e-mail recipients are told.
+
+**When it fails**: one Slack message per failed run (or a log line if Slack is not set up)
+names each failed database, phase and error; a recovery message follows the next good run.
 - *cannot connect / refused*: the source server is down or unreachable; the task retries with
   backoff. Check the server, then clear the failed task.
 - *refused the credentials*: fix the Airflow connection named in the alert; clear the task.
@@ -32,10 +36,14 @@ import pendulum
 from airflow.sdk import dag, task, task_group
 
 from pgdr.assets import BACKUP_ASSET
+from pgdr.deadlines import deadline_alerts, scope_of
+from pgdr.notify import run_callbacks
 from pgdr.plan import load_plan
 from pgdr.tasks import default_args
 
 PLAN = load_plan()
+# A backup run slower than the tightest RPO breaks that RPO by itself.
+WINDOW = min(db.rpo for db in PLAN.databases)
 
 
 @dag(
@@ -46,6 +54,8 @@ PLAN = load_plan()
     max_active_runs=1,
     tags=["pgdr", "backup", "disaster-recovery"],
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=4)),
+    deadline=deadline_alerts(PLAN, "pgdr_backup", WINDOW, "RPO", scope_of(PLAN.database_names)),
+    **run_callbacks(),
     doc_md=__doc__,
 )
 def pgdr_backup():

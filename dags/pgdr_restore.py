@@ -31,10 +31,13 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
+from pgdr.deadlines import deadline_alerts, scope_of
+from pgdr.notify import run_callbacks
 from pgdr.plan import load_plan
 from pgdr.tasks import default_args
 
 PLAN = load_plan()
+WINDOW = min(db.rto for db in PLAN.databases)  # a restore slower than the RTO breaks the RTO
 SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d in PLAN.databases})
 
 
@@ -46,6 +49,8 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
     max_active_runs=1,  # one restore at a time: two restores of one database must never race
     tags=["pgdr", "restore", "incident", "disaster-recovery"],
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=6)),
+    deadline=deadline_alerts(PLAN, "pgdr_restore", WINDOW, "RTO", scope_of(PLAN.database_names)),
+    **run_callbacks(),
     params={
         "database": Param(
             PLAN.database_names[0], type="string", enum=PLAN.database_names, title="Database",

@@ -48,10 +48,13 @@ from airflow.sdk import (
 )
 
 from pgdr.assets import BACKUP_ASSET
+from pgdr.deadlines import deadline_alerts, scope_of
+from pgdr.notify import run_callbacks
 from pgdr.plan import load_plan
 from pgdr.tasks import default_args
 
 PLAN = load_plan()
+WINDOW = min(db.rto for db in PLAN.databases)  # a restore slower than the RTO breaks the RTO
 
 
 @dag(
@@ -64,6 +67,8 @@ PLAN = load_plan()
     max_active_runs=1,  # leftover scratch databases are then never another live run's
     tags=["pgdr", "verify", "disaster-recovery"],
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=4)),
+    deadline=deadline_alerts(PLAN, "pgdr_verify_restore", WINDOW, "RTO", scope_of(PLAN.database_names)),
+    **run_callbacks(),
     params={
         "database": Param(
             None, type=["null", "string"], enum=[None, *PLAN.database_names], title="Database",

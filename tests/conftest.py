@@ -24,7 +24,7 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-from support import FaultProxy, SlackReceiver, aws_connection, write_plan  # noqa: E402
+from support import FaultProxy, MailInbox, SlackReceiver, aws_connection, write_plan  # noqa: E402
 
 BUCKET = "pgdr-test-backups"
 
@@ -170,18 +170,39 @@ def pretty(obj) -> str:
 
 
 @pytest.fixture(scope="session")
+def mail():
+    inbox = MailInbox()
+    yield inbox
+    inbox.close()
+
+
+E2E_RTO_SECONDS = 4  # tight on purpose: a verification takes longer, so its deadline is missed
+
+
+@pytest.fixture(scope="session")
 def e2e_plan(session_dir):
-    """The DR plan the standalone Airflow runs with: the sample database, a local store."""
+    """The DR plan the standalone Airflow runs with.
+
+    ``shop`` is the sample database; ``flaky`` points at a database that does not exist until a
+    test creates it (a backup that fails, then recovers). The RTO is tight so that a
+    verification run misses its deadline.
+    """
     path = write_plan(
         session_dir / "e2e-plan.yaml",
-        [{"name": "shop", "conn_id": "pgdr_shop"}],
+        [{"name": "shop", "conn_id": "pgdr_shop"}, {"name": "flaky", "conn_id": "pgdr_shop", "dbname": "flaky"}],
         {"local": {"type": "local", "path": str(session_dir / "e2e-backups")}},
+        backup={"retries": 0},
+        defaults={
+            "rto": f"{E2E_RTO_SECONDS}s",
+            "rpo": "1h",
+            "notify": {"slack_conn_id": "pgdr_slack", "smtp_conn_id": "pgdr_smtp", "email_to": ["oncall@example.com"]},
+        },
     )
     return path
 
 
 @pytest.fixture(scope="session")
-def standalone(session_dir, pg_server, slack, e2e_plan):
+def standalone(session_dir, pg_server, slack, mail, e2e_plan):
     """A real `airflow standalone` on this checkout's DAGs (started once, about 30 s)."""
     from standalone import Standalone
 
@@ -192,6 +213,7 @@ def standalone(session_dir, pg_server, slack, e2e_plan):
             "PGDR_WORK_DIR": str(session_dir / "e2e-work"),
             "AIRFLOW_CONN_PGDR_SHOP": pg_server.connection_uri("shop"),
             "AIRFLOW_CONN_PGDR_SLACK": slack.connection(),
+            "AIRFLOW_CONN_PGDR_SMTP": mail.connection(),
         },
     )
     server.start()

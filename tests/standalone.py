@@ -33,7 +33,7 @@ class Standalone:
         home.mkdir(parents=True, exist_ok=True)
         venv_bin = str(Path(sys.executable).parent)
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+            **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR_"))},
             "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),

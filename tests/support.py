@@ -181,3 +181,42 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+class MailInbox:
+    """An SMTP server (aiosmtpd) on 127.0.0.1 that keeps every message it receives."""
+
+    def __init__(self):
+        from email import message_from_bytes, policy
+
+        from aiosmtpd.controller import Controller
+
+        from pgdr.embedded import free_port
+
+        inbox = self
+        self.messages: list = []
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's naming
+                message = message_from_bytes(envelope.content, policy=policy.default)
+                inbox.messages.append(message)
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def connection(self) -> str:
+        """Return the AIRFLOW_CONN_ JSON of an SMTP connection to this server (no TLS)."""
+        return json.dumps({
+            "conn_type": "smtp", "host": "127.0.0.1", "port": self.port,
+            "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "pgdr@example.com"},
+        })
+
+    @staticmethod
+    def body(message) -> str:
+        part = message.get_body(preferencelist=("html", "plain"))
+        return part.get_content() if part is not None else ""
+
+    def close(self) -> None:
+        self.controller.stop()

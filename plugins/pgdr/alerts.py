@@ -24,13 +24,13 @@ def scrub_secrets(text: str) -> str:
 
 
 def first_line(error: BaseException | str | None) -> str:
-    """Return the first non-empty line of an error, scrubbed, at most 300 characters."""
+    """Return the first non-empty line of an error, scrubbed, at most 500 characters."""
     if error is None:
         return "no error was recorded (the task may have been killed, or timed out)"
     text = str(error).strip() or type(error).__name__
     line = next((part.strip() for part in text.splitlines() if part.strip()), text)
     line = scrub_secrets(line)
-    return line if len(line) <= 300 else line[:297] + "..."
+    return line if len(line) <= 500 else line[:497] + "..."
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class TaskFailure:
 
 
 def failure_message(failure: TaskFailure) -> str:
-    """Return the Slack text of a task failure."""
+    """Return the text of one task failure (logged by the task; Slack gets the run's message)."""
     subject = f"{failure.dag_id}"
     if failure.database:
         subject += f" for database *{failure.database}*"
@@ -86,3 +86,82 @@ def rto_breach_message(dag_id: str, database: str, backup_id: str, achieved_s: f
         "or agree a realistic RTO and change it in the plan.",
         f"Run: {run_url}",
     ])
+
+
+def short_duration(td) -> str:
+    """Return a plan-style duration: ``30m``, ``1h``, ``1h 30m``, ``45s``, ``2d``."""
+    seconds = int(td.total_seconds()) if hasattr(td, "total_seconds") else int(td)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{v}{u}" for v, u in ((days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")) if v]
+    return " ".join(parts) or "0s"
+
+
+def run_url(base_url: str, dag_id: str, run_id: str) -> str:
+    """Return the link to a DAG run in the Airflow UI."""
+    from urllib.parse import quote
+
+    return f"{base_url.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
+
+
+def run_failure_message(
+    dag_id: str, run_id: str, failures: list[TaskFailure], url: str, journal_error: str | None = None
+) -> str:
+    """Return the one Slack message of a failed run, naming every failed phase and its error."""
+    databases = sorted({f.database for f in failures if f.database})
+    scope = f" for database{'s' if len(databases) > 1 else ''} *{', '.join(databases)}*" if databases else ""
+    lines = [f":red_circle: [pgdr] {dag_id}{scope} failed"]
+    for failure in failures[:5]:
+        where = f"phase `{failure.task_id}`" + (f" ({failure.database})" if failure.database and len(databases) > 1 else "")
+        backup = f", backup `{failure.backup_id}`" if failure.backup_id else ""
+        lines.append(f"- {where}{backup}: {failure.error}")
+        lines.append(f"  Attempt {failure.try_number} of {failure.max_tries}: no more retries; act now. Log: {failure.log_url}")
+    if len(failures) > 5:
+        lines.append(f"- and {len(failures) - 5} more failed tasks")
+    if not failures:
+        detail = f" (the alert journal could not be read: {first_line(journal_error)})" if journal_error else ""
+        lines.append(f"No task recorded its error{detail}; open the run to see which task failed and why.")
+    lines.append(f"Run: {run_id} {url}")
+    return "\n".join(lines)
+
+
+def recovery_message(dag_id: str, run_id: str, failing_since: str | None, failed_run: str | None, url: str) -> str:
+    """Return the Slack message sent when a DAG that was failing succeeds again."""
+    since = f" (failing since {failing_since}, run {failed_run})" if failing_since else ""
+    return "\n".join([
+        f":large_green_circle: [pgdr] {dag_id} recovered: run {run_id} succeeded{since}.",
+        f"Run: {url}",
+    ])
+
+
+def deadline_message(kind: str, dag_id: str, scope: str, target: str, run_id: str, queued_at: str, deadline_time: str, url: str) -> str:
+    """Return the Slack text of a deadline warning (``warning``) or miss (``missed``)."""
+    if kind == "warning":
+        head = f":hourglass_flowing_sand: [pgdr] SLA at risk: {dag_id} {scope} has used 80% of its {target} and is still running"
+        act = "Check the run: is it slow, stuck or waiting for a worker?"
+    else:
+        head = f":rotating_light: [pgdr] SLA missed: {dag_id} {scope} did not finish within its {target}"
+        act = "The promise in the DR plan is broken for this run: find out why, and tell whoever relies on it."
+    return "\n".join([head, f"Run {run_id}, queued at {queued_at}, deadline {deadline_time}.", act, f"Run: {url}"])
+
+
+def sla_miss_email(dag_id: str, scope: str, target: str, run_id: str, queued_at: str, deadline_time: str, url: str) -> tuple[str, str]:
+    """Return the subject and HTML body of an SLA-miss e-mail."""
+    import html
+
+    subject = f"[pgdr] SLA missed: {dag_id} {scope} ({target})".replace("  ", " ")
+    rows = "".join(
+        f"<tr><th align='left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+        for k, v in (("DAG", dag_id), ("Scope", scope), ("Target", target), ("Run", run_id),
+                     ("Queued at", queued_at), ("Deadline", deadline_time))
+    )
+    body = (
+        f"<p>The run below of <b>{html.escape(dag_id)}</b> did not finish within its {html.escape(target)}, "
+        "as the DR plan promises.</p>"
+        f"<table>{rows}</table>"
+        f"<p><a href='{html.escape(url)}'>Open the run in Airflow</a></p>"
+        "<p>The run goes on; this message is about time. Find out why it is slow, and tell whoever relies on the target.</p>"
+        "<p>-- pgdr</p>"
+    )
+    return subject, body

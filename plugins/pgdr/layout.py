@@ -8,6 +8,7 @@ Layout version 1, under the target's prefix::
     v1/<database>/<backup_id>/validation/...           Great Expectations results and report
     v1/<database>/<backup_id>/restores/<run>.{json,md} incident restore reports
     v1/reports/...                                     drill reports
+    v1/_alerts/...                                     alert journal: failures per run, alerting state
     v1/_probe/...                                      health-check probe objects
 
 A backup id is the UTC time of its recovery point plus a short random tag
@@ -84,6 +85,10 @@ class BackupLayout:
     def report_key(self, *parts: str) -> str:
         """Return the key of a drill or health report."""
         return self._key("reports", *parts)
+
+    def alert_key(self, *parts: str) -> str:
+        """Return the key of an alert-journal object (failures of a run, alerting state)."""
+        return self._key("_alerts", *parts)
 
     def probe_key(self, name: str) -> str:
         """Return the key of a storage health-probe object."""

@@ -33,6 +33,8 @@ def local_airflow_env(airflow_home: Path) -> dict[str, str]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
         "XDG_RUNTIME_DIR": str(runtime),
+        # dag.test() cannot run DAGs with Deadline Alerts (see pgdr.deadlines).
+        "PGDR_DEADLINES": "off",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS_FOLDER), os.environ.get("PYTHONPATH")])),
     }
 

@@ -73,6 +73,7 @@ class Notifications:
     slack_conn_id: str | None = None
     smtp_conn_id: str | None = None
     email_to: tuple[str, ...] = ()
+    email_from: str = "pgdr@localhost"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class DRPlan:
     databases: tuple[ProtectedDatabase, ...]
     storages: dict[str, StorageTarget] = field(default_factory=dict)
     notify: Notifications = field(default_factory=Notifications)  # the plan-wide default
+    default_storage: StorageTarget | None = None  # where plan-wide state (alerts, reports) lives
 
     @property
     def database_names(self) -> list[str]:
@@ -226,7 +228,7 @@ _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
 _POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs"}
 _DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server"}
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
-_NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to"}
+_NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
 _STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id"}
 
 
@@ -250,6 +252,8 @@ def _parse_notify(c: _Checker, node: yaml.Node, key: str, base: Notifications) -
             values[conn_key] = c.string(fields[conn_key][1], f"{key}.{conn_key}", _CONN_ID, "an Airflow connection id")
     if "email_to" in fields:
         values["email_to"] = c.string_list(fields["email_to"][1], f"{key}.email_to")
+    if "email_from" in fields:
+        values["email_from"] = c.string(fields["email_from"][1], f"{key}.email_from")
     return Notifications(**{**base.__dict__, **values})
 
 
@@ -410,6 +414,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         databases=tuple(databases),
         storages=storages,
         notify=defaults.notify,
+        default_storage=storages.get(defaults.storage) if defaults.storage else None,
     )
 
 

@@ -342,7 +342,7 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
     store.put_bytes(json_key, json.dumps(report, indent=2, default=str).encode())
     store.put_bytes(md_key, render_report_markdown(report).encode())
     log.info("Restore report: %s", store.describe(md_key))
-    if status != "dry-run":
+    if status == "restored":  # a failed restore is alerted once, by the run's failure callback
         send_slack(restore_summary(report, store.describe(md_key)), db.name, context)
     if status == "failed":
         raise AirflowFailException(
