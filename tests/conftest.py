@@ -24,7 +24,29 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+# Airflow's metrics go to a StatsD listener the tests read (it must exist before Airflow loads).
+import socket as _socket  # noqa: E402
+
+STATSD = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+STATSD.bind(("127.0.0.1", 0))
+STATSD.settimeout(0.2)
+os.environ["AIRFLOW__METRICS__STATSD_ON"] = "True"
+os.environ["AIRFLOW__METRICS__STATSD_HOST"] = "127.0.0.1"
+os.environ["AIRFLOW__METRICS__STATSD_PORT"] = str(STATSD.getsockname()[1])
+os.environ["AIRFLOW__METRICS__STATSD_PREFIX"] = "airflow"
+
 from support import FaultProxy, MailInbox, SlackReceiver, aws_connection, write_plan  # noqa: E402
+
+
+def statsd_packets() -> list[str]:
+    """Drain and return the StatsD lines received so far."""
+    lines = []
+    while True:
+        try:
+            data = STATSD.recv(65536)
+        except (TimeoutError, _socket.timeout):
+            return lines
+        lines += data.decode(errors="replace").splitlines()
 
 BUCKET = "pgdr-test-backups"
 
@@ -176,6 +198,27 @@ def mail():
     inbox.close()
 
 
+# The standalone Airflow keeps running (and triggering asset-scheduled runs) after its tests:
+# it gets a Slack receiver and an inbox of its own, so it never posts into another test's.
+@pytest.fixture(scope="session")
+def e2e_slack():
+    receiver = SlackReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def e2e_mail():
+    inbox = MailInbox()
+    yield inbox
+    inbox.close()
+
+
+def pytest_collection_modifyitems(items):
+    """Run the end-to-end tests last: they share one long-lived airflow standalone."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+
+
 E2E_RTO_SECONDS = 4  # tight on purpose: a verification takes longer, so its deadline is missed
 
 
@@ -202,7 +245,7 @@ def e2e_plan(session_dir):
 
 
 @pytest.fixture(scope="session")
-def standalone(session_dir, pg_server, slack, mail, e2e_plan):
+def standalone(session_dir, pg_server, e2e_slack, e2e_mail, e2e_plan):
     """A real `airflow standalone` on this checkout's DAGs (started once, about 30 s)."""
     from standalone import Standalone
 
@@ -212,8 +255,8 @@ def standalone(session_dir, pg_server, slack, mail, e2e_plan):
             "PGDR_PLAN": str(e2e_plan),
             "PGDR_WORK_DIR": str(session_dir / "e2e-work"),
             "AIRFLOW_CONN_PGDR_SHOP": pg_server.connection_uri("shop"),
-            "AIRFLOW_CONN_PGDR_SLACK": slack.connection(),
-            "AIRFLOW_CONN_PGDR_SMTP": mail.connection(),
+            "AIRFLOW_CONN_PGDR_SLACK": e2e_slack.connection(),
+            "AIRFLOW_CONN_PGDR_SMTP": e2e_mail.connection(),
         },
     )
     server.start()

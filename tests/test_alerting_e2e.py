@@ -19,7 +19,7 @@ def _for_run(texts: list[str], run_id: str) -> list[str]:
     return [t for t in texts if run_id in t]
 
 
-def test_slow_run_misses_its_deadline_one_email_and_one_slack_message(standalone, mail, slack, e2e_plan, pg_server):
+def test_slow_run_misses_its_deadline_one_email_and_one_slack_message(standalone, e2e_mail, e2e_slack, e2e_plan, pg_server):
     from pgdr.backup import take_backup
     from pgdr.connections import open_store
     from pgdr.plan import load_plan
@@ -37,19 +37,19 @@ def test_slow_run_misses_its_deadline_one_email_and_one_slack_message(standalone
     assert run["state"] == "success", run["task_states"]
 
     subject = f"[pgdr] SLA missed: pgdr_verify_restore shop, flaky (RTO {E2E_RTO_SECONDS}s)"
-    emails = wait_for(lambda: [m for m in mail.messages if run_id in mail.body(m)], timeout=60)
+    emails = wait_for(lambda: [m for m in e2e_mail.messages if run_id in e2e_mail.body(m)], timeout=60)
     assert len(emails) == 1
     email = emails[0]
     assert email["Subject"] == subject
     assert email["To"] == "oncall@example.com"
-    body = mail.body(email)
+    body = e2e_mail.body(email)
     assert "Queued at" in body and "Deadline" in body
     assert f"{standalone.base_url}/dags/pgdr_verify_restore/runs/" in body
 
-    missed = wait_for(lambda: [t for t in _for_run(slack.texts(), run_id) if "SLA missed" in t], timeout=60)
+    missed = wait_for(lambda: [t for t in _for_run(e2e_slack.texts(), run_id) if "SLA missed" in t], timeout=60)
     assert len(missed) == 1
     assert missed[0].startswith(":rotating_light: [pgdr] SLA missed: pgdr_verify_restore shop, flaky did not finish within its RTO")
-    warnings = [t for t in _for_run(slack.texts(), run_id) if "SLA at risk" in t]
+    warnings = [t for t in _for_run(e2e_slack.texts(), run_id) if "SLA at risk" in t]
     assert len(warnings) == 1
 
     EXAMPLES.mkdir(parents=True, exist_ok=True)
@@ -57,14 +57,14 @@ def test_slow_run_misses_its_deadline_one_email_and_one_slack_message(standalone
     (EXAMPLES / "slack-deadline-missed.txt").write_text(missed[0] + "\n")
 
 
-def test_failed_run_alerts_once_and_the_next_good_run_recovers(standalone, slack, pg_server):
+def test_failed_run_alerts_once_and_the_next_good_run_recovers(standalone, e2e_slack, pg_server):
     with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS flaky")
 
     failed_id = standalone.trigger("pgdr_backup")
     failed = standalone.wait_for_run("pgdr_backup", failed_id)
     assert failed["state"] == "failed", failed["task_states"]
-    failures = wait_for(lambda: [t for t in _for_run(slack.texts(), failed_id) if "[pgdr] pgdr_backup" in t], timeout=60)
+    failures = wait_for(lambda: [t for t in _for_run(e2e_slack.texts(), failed_id) if "[pgdr] pgdr_backup" in t], timeout=60)
     assert len(failures) == 1
     text = failures[0]
     assert text.startswith(":red_circle: [pgdr] pgdr_backup for database *flaky* failed")
@@ -77,7 +77,7 @@ def test_failed_run_alerts_once_and_the_next_good_run_recovers(standalone, slack
         good_id = standalone.trigger("pgdr_backup")
         good = standalone.wait_for_run("pgdr_backup", good_id)
         assert good["state"] == "success", good["task_states"]
-        recovered = wait_for(lambda: [t for t in _for_run(slack.texts(), good_id) if "recovered" in t], timeout=60)
+        recovered = wait_for(lambda: [t for t in _for_run(e2e_slack.texts(), good_id) if "recovered" in t], timeout=60)
         assert len(recovered) == 1
         assert recovered[0].startswith(f":large_green_circle: [pgdr] pgdr_backup recovered: run {good_id} succeeded")
         # It names the run that started the failing streak (unpausing may also have started a
@@ -85,9 +85,9 @@ def test_failed_run_alerts_once_and_the_next_good_run_recovers(standalone, slack
         import re
 
         streak_start = re.search(r"failing since \S+, run (\S+)\)", recovered[0]).group(1)
-        assert len([t for t in slack.texts() if streak_start in t and ":red_circle:" in t]) == 1
+        assert len([t for t in e2e_slack.texts() if streak_start in t and ":red_circle:" in t]) == 1
         # One failure message for the failed run, nothing more about it.
-        assert len([t for t in slack.texts() if failed_id in t and "failed" in t and "recovered" not in t]) == 1
+        assert len([t for t in e2e_slack.texts() if failed_id in t and "failed" in t and "recovered" not in t]) == 1
         EXAMPLES.mkdir(parents=True, exist_ok=True)
         (EXAMPLES / "slack-failure.txt").write_text(text + "\n")
         (EXAMPLES / "slack-recovery.txt").write_text(recovered[0] + "\n")
@@ -96,6 +96,6 @@ def test_failed_run_alerts_once_and_the_next_good_run_recovers(standalone, slack
             conn.execute("DROP DATABASE IF EXISTS flaky WITH (FORCE)")
 
 
-def test_no_secret_reaches_any_alert(standalone, slack, mail, pg_server):
-    everything = json.dumps(slack.messages) + "".join(mail.body(m) for m in mail.messages)
+def test_no_secret_reaches_any_alert(standalone, e2e_slack, e2e_mail, pg_server):
+    everything = json.dumps(e2e_slack.messages) + "".join(e2e_mail.body(m) for m in e2e_mail.messages)
     assert pg_server.password not in everything

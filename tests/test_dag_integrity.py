@@ -12,7 +12,7 @@ import pytest
 from pgdr.local import DAGS_FOLDER
 
 DAG_FILES = sorted(DAGS_FOLDER.glob("*.py"))
-EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore"}
+EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore", "pgdr_drill", "pgdr_health"}
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,11 @@ def test_dag_configuration(dagbag, dag_id):
     for task in dag.tasks:
         assert task.owner == "pgdr", task.task_id
         # Deciding what to do, and renaming live databases, are not retried blindly.
-        if task.task_id not in ("find_backups", "plan_restore", "swap_into_place"):
+        if task.task_id not in ("find_backups", "plan_restore", "swap_into_place", "select_databases"):
             assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff, task.task_id
         assert task.execution_timeout is not None, task.task_id
-        if not task.task_id.endswith(("record_verification", "write_report")):  # the failing phase alerts instead
+        if not task.task_id.endswith(("record_verification", "write_report", "measure", "publish_report")):
             assert task.on_failure_callback, task.task_id
 
 
@@ -90,6 +90,47 @@ def test_restore_dag_form_and_structure(dagbag):
         assert downstream in dag.task_dict[upstream].downstream_task_ids, (upstream, downstream)
     assert dag.task_dict["swap_into_place"].retries == 0
     assert dag.task_dict["write_report"].trigger_rule == "all_done"
+
+
+def test_every_dag_alerts_once_per_run(dagbag):
+    from pgdr.notify import on_run_failure, on_run_success
+
+    for dag_id in EXPECTED_DAGS:
+        dag = dagbag.dags[dag_id]
+        assert dag.on_failure_callback in (on_run_failure, [on_run_failure]), dag_id
+        assert dag.on_success_callback in (on_run_success, [on_run_success]), dag_id
+
+
+def test_deadlines_come_from_the_plan_when_enabled(monkeypatch):
+    """Under a real scheduler every DAG but the health check carries Deadline Alerts from the plan."""
+    from datetime import timedelta
+
+    from pgdr.deadlines import deadline_alerts
+    from pgdr.plan import load_plan
+
+    plan = load_plan()
+    monkeypatch.setenv("PGDR_DEADLINES", "on")
+    alerts = deadline_alerts(plan, "pgdr_verify_restore", timedelta(minutes=30), "RTO", "shop")
+    assert [a.interval for a in alerts] == [timedelta(minutes=24), timedelta(minutes=30), timedelta(minutes=30)]
+    assert [a.callback.path for a in alerts] == [
+        "pgdr.notify.deadline_warning", "pgdr.notify.deadline_missed_slack", "pgdr.notify.deadline_missed_email",
+    ]
+    assert alerts[2].callback.kwargs["email_to"] == ["oncall@example.com"]
+    assert alerts[0].callback.kwargs["target"] == "RTO 30m"
+    monkeypatch.setenv("PGDR_DEADLINES", "off")
+    assert deadline_alerts(plan, "pgdr_verify_restore", timedelta(minutes=30), "RTO", "shop") == []
+
+
+def test_drill_and_health_structure(dagbag):
+    drill = dagbag.dags["pgdr_drill"]
+    assert drill.schedule == "0 3 1 * *"
+    assert drill.task_dict["rehearse.create_scratch"].is_setup and drill.task_dict["rehearse.drop_scratch"].is_teardown
+    assert drill.task_dict["rehearse.measure"].trigger_rule == "all_done"
+    assert drill.task_dict["publish_report"].trigger_rule == "all_done"
+    assert set(drill.params) == {"databases", "scenario"}
+    health = dagbag.dags["pgdr_health"]
+    assert health.schedule == "*/5 * * * *"
+    assert set(health.task_dict) == {"check_database", "check_workers", "alert_on_changes"}
 
 
 def test_dag_files_do_no_network_io_at_parse_time(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def seeded_backup(e2e_plan, pg_server):
     return take_backup(db, endpoint, store, layout, work).manifest.backup_id
 
 
-def test_restore_triggered_through_the_rest_api(standalone, seeded_backup, pg_server, slack):
+def test_restore_triggered_through_the_rest_api(standalone, seeded_backup, pg_server, e2e_slack):
     run_id = standalone.trigger(
         "pgdr_restore",
         {"database": "shop", "backup": "latest", "mode": "new-database", "target_name": "shop_e2e_restored"},
@@ -45,7 +45,7 @@ def test_restore_triggered_through_the_rest_api(standalone, seeded_backup, pg_se
     assert run["task_states"]["swap_into_place"] == "skipped"
     try:
         assert source_row_counts(pg_server, "shop_e2e_restored") == source_row_counts(pg_server, "shop")
-        assert any("Restore of *shop* restored" in text for text in slack.texts())
+        assert any("Restore of *shop* restored" in text for text in e2e_slack.texts())
     finally:
         with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
             conn.execute("DROP DATABASE IF EXISTS shop_e2e_restored WITH (FORCE)")

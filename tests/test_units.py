@@ -130,3 +130,51 @@ def test_local_store_writes_atomically_lists_and_deletes(tmp_path):
         store.put_bytes("../outside", b"x")
     with pytest.raises(FileNotFoundError):
         store.get_bytes("v1/none")
+
+
+# -- RPO from the catalog ---------------------------------------------------------------------------
+
+
+def test_rpo_worst_gap_and_newest_verified_age():
+    from pgdr.drill import rpo_metrics
+
+    backups = [
+        _entry(40, "verified", "aaaaaa"),  # before the window: its gap into the window counts
+        _entry(29, "verified", "bbbbbb"),
+        _entry(28.5, "unverified", "cccccc"),
+        _entry(20, "failed", "dddddd"),  # a failed verification is not a successful backup
+        _entry(10, "verified", "eeeeee"),
+        _entry(0.5, "unverified", "ffffff"),
+    ]
+    rpo = rpo_metrics(backups, NOW)
+    assert rpo["worst_gap_s"] == timedelta(days=18.5).total_seconds()  # 28.5 days to 10 days ago
+    assert rpo["worst_gap_between"] == [backups[2].backup_id, backups[4].backup_id]
+    assert rpo["newest_verified_age_s"] == timedelta(days=10).total_seconds()
+    assert rpo["newest_verified"] == backups[4].backup_id
+    assert rpo["newest_backup_age_s"] == timedelta(days=0.5).total_seconds()
+    assert rpo["backups_in_window"] == 4
+
+
+def test_rpo_of_an_empty_catalog():
+    from pgdr.drill import rpo_metrics
+
+    rpo = rpo_metrics([], NOW)
+    assert rpo["newest_verified_age_s"] is None and rpo["worst_gap_s"] is None
+
+
+def test_drill_verdict_turns_breaches_into_action_items():
+    from pgdr.drill import evaluate
+
+    phases = [
+        {"name": "checksum", "started_at": "2026-11-22T10:00:00+00:00", "finished_at": "2026-11-22T10:00:01+00:00", "seconds": 1},
+        {"name": "validation", "started_at": "2026-11-22T10:00:30+00:00", "finished_at": "2026-11-22T10:01:00+00:00", "seconds": 30},
+    ]
+    rpo = {"newest_verified_age_s": 7200.0, "worst_gap_s": 90000.0, "worst_gap_between": ["a", "b"]}
+    result = evaluate("shop", 30.0, 3600.0, phases, rpo, {"rejected": False}, None, None, "x")
+    assert result["status"] == "fail"
+    assert result["checks"]["rto"]["achieved_s"] == 60.0 and result["checks"]["rto"]["met"] is False
+    items = "\n".join(result["action_items"])
+    assert "restore took 1m 00s, over the RTO of 30.0s" in items
+    assert "the newest verified backup was 2h 00m old, over the RPO of 1h 00m" in items
+    assert "passed between backups a and b" in items
+    assert "the negative control was NOT rejected" in items

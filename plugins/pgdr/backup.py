@@ -57,6 +57,7 @@ class BackupResult:
     location: str
     reused: bool
     timings: dict[str, float]
+    phases: dict[str, tuple[str, str]] = None  # phase -> (started_at, finished_at), ISO UTC
 
 
 def compress_file(source: Path, target: Path, level: int = ZSTD_LEVEL) -> tuple[int, str]:
@@ -138,14 +139,16 @@ def take_backup(
         if done is not None:
             log.info("Run %s already completed backup %s of %s; not taking another.", run_id, done.backup_id, db.name)
             key = layout.manifest_key(db.name, done.backup_id)
-            return BackupResult(done.manifest, key, store.describe(layout.backup_prefix(db.name, done.backup_id)), True, {})
+            return BackupResult(done.manifest, key, store.describe(layout.backup_prefix(db.name, done.backup_id)), True, {}, {})
 
     timings: dict[str, float] = {}
     started_at = datetime.now(timezone.utc)
     dump_dir = workdir / "dump"
     client_version = tool_version("pg_dump")
 
+    phases: dict[str, tuple[str, str]] = {}
     t0 = time.monotonic()
+    dump_started = _utc_now()
     with exported_snapshot(endpoint) as snap, passfile_env(endpoint, workdir) as env:
         log.info(
             "Snapshot %s exported from %s at %s (the recovery point); dumping with %d jobs.",
@@ -166,9 +169,11 @@ def take_backup(
             raise tool_error(endpoint, f"pg_dump of database {db.name!r}", stderr, DumpFailed)
         recovery_point, server_version = snap.recovery_point, snap.server_version
     timings["dump"] = time.monotonic() - t0
+    phases["dump"] = (dump_started, _utc_now())
     log.info("pg_dump finished in %.1fs; %d tables counted.", timings["dump"], len(row_counts))
 
     backup_id = new_backup_id(recovery_point)
+    upload_started = _utc_now()
     t1 = time.monotonic()
     try:
         files, uploaded = upload_dump(dump_dir, store, layout, db.name, backup_id, workers=max(2, db.dump_jobs))
@@ -204,7 +209,12 @@ def take_backup(
         _remove_partial(store, uploaded, backup_id)
         raise
     timings["manifest"] = time.monotonic() - t2
-    return BackupResult(manifest, manifest_key, manifest.storage, False, timings)
+    phases["upload"] = (upload_started, _utc_now())
+    return BackupResult(manifest, manifest_key, manifest.storage, False, timings, phases)
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat()
 
 
 def _remove_partial(store: BackupStore, keys: list[str], backup_id: str) -> None:

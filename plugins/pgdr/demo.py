@@ -3,8 +3,8 @@
 Starts (or reuses) an embedded PostgreSQL 18 server under ``.pgdr/postgres`` with the sample
 database ``shop``, points a private Airflow (``.pgdr/airflow``, SQLite) at this checkout, and
 runs the DAGs with ``dag.test()``: a full backup to the local folder ``.pgdr/backups``, then a
-verify-restore of that backup (restore, integrity checks, Great Expectations). It then prints
-where everything is. Run it again at any time: it reuses the server and the Airflow home.
+verify-restore of that backup (restore, integrity checks, Great Expectations), and a DR drill
+that measures RTO and RPO against the plan. It then prints where everything is. Run it again at any time: it reuses the server and the Airflow home.
 """
 
 from __future__ import annotations
@@ -127,6 +127,25 @@ def verify_newest_backups() -> None:
             print(f"    report         : {validation['report']}")
 
 
+def run_drill() -> None:
+    """Run the DR drill and print the report's path and headline numbers."""
+    from pgdr.local import load_dag  # noqa: F401 - imported for its side effect on sys.path
+
+    dag_run = run("pgdr_drill")
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        value = session.query(XComModel.value).filter_by(
+            dag_id="pgdr_drill", run_id=dag_run.run_id, task_id="publish_report", key="return_value"
+        ).scalar()
+    result = json.loads(value) if isinstance(value, str) else value
+    _say(f"DR drill {result['drill_id']}: {result['status'].upper()}")
+    for line in result["headline"]:
+        print(f"    {line}")
+    print(f"    report         : {result['report']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", type=Path, help="a DR plan other than include/pgdr.yaml")
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         run("pgdr_backup")
         report_backups()
         verify_newest_backups()
+        run_drill()
     finally:
         if not args.keep_running:
             server.stop()

@@ -77,6 +77,23 @@ class Notifications:
 
 
 @dataclass(frozen=True)
+class DrillPolicy:
+    """When the DR drill runs and how long it may take as a whole."""
+
+    schedule: str = "0 3 1 * *"  # the first of each month, 03:00 UTC
+    max_duration: timedelta = timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    """How often health is checked, and its thresholds."""
+
+    schedule: str = "*/5 * * * *"
+    verify_window: timedelta = timedelta(days=1)  # the newest verified backup may be this old
+    min_free_gb: float = 1.0  # free space where pgdr keeps work files
+
+
+@dataclass(frozen=True)
 class ProtectedDatabase:
     """One database of the plan, with every target and policy resolved."""
 
@@ -107,6 +124,8 @@ class DRPlan:
     storages: dict[str, StorageTarget] = field(default_factory=dict)
     notify: Notifications = field(default_factory=Notifications)  # the plan-wide default
     default_storage: StorageTarget | None = None  # where plan-wide state (alerts, reports) lives
+    drill: DrillPolicy = field(default_factory=DrillPolicy)
+    health: HealthPolicy = field(default_factory=HealthPolicy)
 
     @property
     def database_names(self) -> list[str]:
@@ -223,7 +242,9 @@ def _closest(word: str, choices: set[str]) -> str | None:
     return matches[0] if matches else None
 
 
-_TOP_KEYS = {"version", "backup", "defaults", "storage", "databases"}
+_TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health"}
+_DRILL_KEYS = {"schedule", "max_duration"}
+_HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
 _POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs"}
 _DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server"}
@@ -350,6 +371,27 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         if "retry_delay" in backup:
             retry_delay = c.duration(backup["retry_delay"][1], "backup.retry_delay")
 
+    drill = DrillPolicy()
+    if "drill" in top:
+        fields = c.mapping(top["drill"][1], "drill", _DRILL_KEYS)
+        drill = DrillPolicy(
+            schedule=c.string(fields["schedule"][1], "drill.schedule", what="a cron expression or preset") if "schedule" in fields else drill.schedule,
+            max_duration=c.duration(fields["max_duration"][1], "drill.max_duration") if "max_duration" in fields else drill.max_duration,
+        )
+    health = HealthPolicy()
+    if "health" in top:
+        fields = c.mapping(top["health"][1], "health", _HEALTH_KEYS)
+        min_free = health.min_free_gb
+        if "min_free_gb" in fields:
+            min_free = c.scalar(fields["min_free_gb"][1], "health.min_free_gb")
+            if isinstance(min_free, bool) or not isinstance(min_free, (int, float)) or min_free < 0:
+                raise c.fail(fields["min_free_gb"][1], "health.min_free_gb", f"expected a number of gigabytes, got {min_free!r}")
+        health = HealthPolicy(
+            schedule=c.string(fields["schedule"][1], "health.schedule", what="a cron expression or preset") if "schedule" in fields else health.schedule,
+            verify_window=c.duration(fields["verify_window"][1], "health.verify_window") if "verify_window" in fields else health.verify_window,
+            min_free_gb=float(min_free),
+        )
+
     storages: dict[str, StorageTarget] = {}
     if "storage" in top:
         storage_node = top["storage"][1]
@@ -415,6 +457,8 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         storages=storages,
         notify=defaults.notify,
         default_storage=storages.get(defaults.storage) if defaults.storage else None,
+        drill=drill,
+        health=health,
     )
 
 

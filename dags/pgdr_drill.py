@@ -1,0 +1,166 @@
+"""
+### pgdr_drill: the monthly DR drill, measured against the plan
+
+An end-to-end recovery rehearsal of every database in the plan (or those named in the form),
+on the schedule of the plan's `drill` section (default: the first of each month, 03:00 UTC):
+
+1. **rehearse_backup**: a fresh backup through the same code as `pgdr_backup` (scenario
+   `full-restore`), or the newest verified backup (scenario `latest-verified`).
+2. **create_scratch** (setup) / **drop_scratch** (teardown): an isolated scratch database.
+3. **restore_timed**: checksum, download and `pg_restore`, each timed.
+4. **check_timed**: integrity checks and Great Expectations, each timed.
+5. **negative_control**: a private copy of one backup file is corrupted; verification must
+   reject it. A drill whose negative control passes undetected fails.
+6. **measure**: RTO achieved (from fetching the backup to a validated database) against the
+   plan's RTO; RPO achieved from the catalog (age of the newest verified backup, worst gap
+   between backups over 30 days) against the plan's RPO.
+7. **publish_report**: markdown, a self-contained HTML page with a trend chart, and JSON under
+   the storage target's `v1/reports/drills/`; a Slack summary; the HTML by e-mail.
+
+A missed target is reported with an action item, not a crash. **When it fails**: a phase
+failed or the negative control was not rejected; the report's action items say what to do.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, setup, task, task_group, teardown
+
+from pgdr.deadlines import deadline_alerts, scope_of
+from pgdr.notify import run_callbacks
+from pgdr.plan import load_plan
+from pgdr.tasks import default_args
+
+PLAN = load_plan()
+
+
+@dag(
+    dag_id="pgdr_drill",
+    schedule=PLAN.drill.schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["pgdr", "drill", "disaster-recovery"],
+    default_args=default_args(PLAN, execution_timeout=timedelta(hours=4)),
+    deadline=deadline_alerts(PLAN, "pgdr_drill", PLAN.drill.max_duration, "drill limit", scope_of(PLAN.database_names)),
+    **run_callbacks(),
+    params={
+        "databases": Param(
+            None, type=["null", "array"], items={"type": "string", "enum": PLAN.database_names},
+            title="Databases", description="Rehearse only these databases (default: all in the plan).",
+        ),
+        "scenario": Param(
+            "full-restore", type="string", enum=["full-restore", "latest-verified"], title="Scenario",
+            description="full-restore: take a fresh backup, then restore it. latest-verified: restore the newest "
+            "verified backup, as an incident restore would.",
+        ),
+    },
+    doc_md=__doc__,
+)
+def pgdr_drill():
+    @task(retries=0)
+    def select_databases() -> list[str]:
+        """The databases to rehearse."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.drill_tasks import select_databases as select
+
+        return select(get_current_context()["params"])
+
+    @task(map_index_template="{{ pgdr_database }}")
+    def rehearse_backup(database: str) -> dict:
+        """A fresh backup (or the newest verified one), timed."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.drill_tasks import run_rehearse_backup
+
+        return run_rehearse_backup(database, get_current_context())
+
+    @setup
+    @task(map_index_template="{{ pgdr_database }}")
+    def create_scratch(database: str) -> str:
+        """An isolated scratch database for the rehearsal."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.drill_tasks import run_create_scratch
+
+        return run_create_scratch(database, get_current_context())
+
+    @task(map_index_template="{{ pgdr_database }}")
+    def restore_timed(database: str, backup: dict, scratch: str) -> dict:
+        """Checksum, download and restore, each timed."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.drill_tasks import run_restore_timed
+
+        return run_restore_timed(database, backup, get_current_context())
+
+    @task(map_index_template="{{ pgdr_database }}")
+    def check_timed(database: str, backup: dict, scratch: str) -> dict:
+        """Integrity checks and validation, each timed."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.drill_tasks import run_check_timed
+
+        return run_check_timed(database, backup, get_current_context())
+
+    @task(map_index_template="{{ pgdr_database }}")
+    def negative_control(database: str, backup: dict) -> dict:
+        """Corrupt a private copy of one file: verification must reject it."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.drill_tasks import run_negative_control
+
+        return run_negative_control(database, backup, get_current_context())
+
+    @teardown
+    @task(map_index_template="{{ pgdr_database }}")
+    def drop_scratch(database: str, scratch: str) -> bool:
+        """Drop the scratch database, whatever happened."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.drill_tasks import run_drop_scratch
+
+        return run_drop_scratch(database, get_current_context())
+
+    @task(trigger_rule="all_done", on_failure_callback=None, map_index_template="{{ pgdr_database }}")
+    def measure(database: str) -> dict:
+        """RTO and RPO achieved against the plan, whatever happened."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.drill_tasks import run_measure
+
+        context = get_current_context()
+        context["pgdr_database"] = database
+        return run_measure(database, context, context["dag_run"].start_date.isoformat())
+
+    @task(trigger_rule="all_done", on_failure_callback=None)
+    def publish_report() -> dict:
+        """The report (markdown, HTML, JSON), Slack and e-mail; fails if a drill failed."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.drill_tasks import run_publish_report
+
+        context = get_current_context()
+        results = context["ti"].xcom_pull(task_ids="rehearse.measure") or []  # every map index
+        results = [results] if isinstance(results, dict) else list(results)  # one index comes back bare
+        return run_publish_report([r for r in results if r], context)
+
+    @task_group
+    def rehearse(database: str):
+        backup = rehearse_backup(database)
+        scratch = create_scratch(database)
+        backup >> scratch
+        restored = restore_timed(database, backup, scratch)
+        checked = check_timed(database, backup, scratch)
+        control = negative_control(database, backup)
+        dropped = drop_scratch(database, scratch)
+        restored >> checked >> dropped
+        [dropped, control] >> measure(database)
+
+    rehearse.expand(database=select_databases()) >> publish_report()
+
+
+pgdr_drill()

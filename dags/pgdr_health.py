@@ -1,0 +1,77 @@
+"""
+### pgdr_health: is the DR plan holding right now? (every few minutes)
+
+For each database in the plan: the source answers; the storage target accepts and returns a
+probe object; the newest backup is younger than the RPO; the newest verified backup is younger
+than the plan's `health.verify_window`. And once: enough free space where pgdr keeps its work
+files. Each run sends gauges through Airflow's metrics layer (`pgdr.backup_age_seconds.<db>`,
+`pgdr.verified_backup_age_seconds.<db>`, `pgdr.last_restore_seconds.<db>`,
+`pgdr.last_rto_seconds.<db>`, `pgdr.last_rpo_seconds.<db>`, `pgdr.free_space_gb.workers`).
+
+Alerts go out on a **change of state** only: a Slack message when a check starts failing and a
+recovery message when it passes again. A failing check does not fail the run (the run did its
+job: it checked); the message says what is wrong.
+
+**When it fails** (a check, not the run): *source*: the database is unreachable, see the error. *storage*: the
+bucket or folder cannot be written; backups will fail too. *backup_age*: backups are not running
+(look at pgdr_backup). *verified_age*: verifications are failing or not running (look at
+pgdr_verify_restore). *free_space*: free disk space on the workers.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, task
+
+from pgdr.notify import run_callbacks
+from pgdr.plan import load_plan
+from pgdr.tasks import default_args
+
+PLAN = load_plan()
+
+
+@dag(
+    dag_id="pgdr_health",
+    schedule=PLAN.health.schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["pgdr", "health", "disaster-recovery"],
+    default_args={**default_args(PLAN, execution_timeout=timedelta(minutes=4)), "retries": 1},
+    **run_callbacks(),
+    doc_md=__doc__,
+)
+def pgdr_health():
+    @task(map_index_template="{{ pgdr_database }}")
+    def check_database(database: str) -> list[dict]:
+        """Source reachable, storage writable, backup and verified-backup ages."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_health_database
+
+        return run_health_database(database, get_current_context())
+
+    @task
+    def check_workers() -> list[dict]:
+        """Free space where pgdr keeps its work files."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_health_workers
+
+        return run_health_workers(get_current_context())
+
+    @task
+    def alert_on_changes(per_database: list[list[dict]], workers: list[dict]) -> dict:
+        """One Slack message for the checks that changed state since the last run."""
+        from airflow.sdk import get_current_context
+
+        from pgdr.tasks import run_health_alerts
+
+        return run_health_alerts([*per_database, workers], get_current_context())
+
+    alert_on_changes(check_database.expand(database=PLAN.database_names), check_workers())
+
+
+pgdr_health()

@@ -1,0 +1,284 @@
+"""The DR drill: measured RTO and RPO against the plan, and a report people want to read.
+
+**RTO achieved** is the wall time from the moment the drill starts fetching a backup to the
+moment the restored database has passed its integrity checks and validation: the time an
+incident restore would take.
+
+**RPO achieved** is read from the catalog. Two numbers: the age of the newest *verified*
+backup when the drill starts (the data an incident would lose right now, counting only
+backups proven to restore), and the worst gap between consecutive successful backups over the
+last 30 days (the data the worst moment of the month would have lost).
+
+A **negative control** proves the checks can fail: the drill corrupts a private copy of one
+backup file and verification must reject it. A drill whose negative control passes undetected
+fails, because a check that cannot fail proves nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from pgdr.alerts import format_duration
+from pgdr.catalog import BackupEntry
+
+RPO_WINDOW = timedelta(days=30)
+PHASE_ORDER = ("dump", "upload", "checksum", "download", "restore", "checks", "validation")
+
+
+def rpo_metrics(backups: list[BackupEntry], now: datetime, window: timedelta = RPO_WINDOW) -> dict[str, Any]:
+    """Compute the achieved RPO numbers from the catalog at time ``now``.
+
+    :param backups: complete backups of one database, any order. Failed verifications do not
+        count as successful backups.
+    """
+    good = sorted((b for b in backups if b.status != "failed"), key=lambda b: b.recovery_point)
+    verified = [b for b in good if b.status == "verified"]
+    result: dict[str, Any] = {
+        "newest_backup_age_s": (now - good[-1].recovery_point).total_seconds() if good else None,
+        "newest_verified_age_s": (now - verified[-1].recovery_point).total_seconds() if verified else None,
+        "newest_verified": verified[-1].backup_id if verified else None,
+        "worst_gap_s": None,
+        "worst_gap_between": None,
+        "backups_in_window": 0,
+    }
+    in_window = [b for b in good if b.recovery_point >= now - window]
+    result["backups_in_window"] = len(in_window)
+    # The gap that crosses into the window counts too: it is data the month could have lost.
+    earlier = [b for b in good if b.recovery_point < now - window]
+    series = ([earlier[-1]] if earlier else []) + in_window
+    for older, newer in zip(series, series[1:]):
+        gap = (newer.recovery_point - older.recovery_point).total_seconds()
+        if result["worst_gap_s"] is None or gap > result["worst_gap_s"]:
+            result["worst_gap_s"] = gap
+            result["worst_gap_between"] = [older.backup_id, newer.backup_id]
+    return result
+
+
+def phase(name: str, started_at: str, finished_at: str, **extra) -> dict[str, Any]:
+    """Return one timed phase of a drill."""
+    seconds = (datetime.fromisoformat(finished_at) - datetime.fromisoformat(started_at)).total_seconds()
+    return {"name": name, "started_at": started_at, "finished_at": finished_at, "seconds": round(seconds, 3), **extra}
+
+
+def evaluate(database: str, rto_target_s: float, rpo_target_s: float, phases: list[dict], rpo: dict,
+             negative_control: dict | None, failed_phase: str | None, validation: dict | None,
+             backup_id: str | None) -> dict[str, Any]:
+    """Return the per-database drill result with pass/fail against every target and action items."""
+    by_name = {p["name"]: p for p in phases}
+    rto_s = None
+    if failed_phase is None and "checksum" in by_name and "validation" in by_name:
+        rto_s = (datetime.fromisoformat(by_name["validation"]["finished_at"])
+                 - datetime.fromisoformat(by_name["checksum"]["started_at"])).total_seconds()
+    checks = {
+        "rto": {"target_s": rto_target_s, "achieved_s": rto_s, "met": rto_s is not None and rto_s <= rto_target_s},
+        "rpo_newest_verified": {"target_s": rpo_target_s, "achieved_s": rpo["newest_verified_age_s"],
+                                "met": rpo["newest_verified_age_s"] is not None and rpo["newest_verified_age_s"] <= rpo_target_s},
+        "rpo_worst_gap": {"target_s": rpo_target_s, "achieved_s": rpo["worst_gap_s"],
+                          "met": rpo["worst_gap_s"] is None or rpo["worst_gap_s"] <= rpo_target_s},
+    }
+    control_ok = bool(negative_control and negative_control.get("rejected"))
+    actions = action_items(database, checks, rpo, negative_control, failed_phase, validation)
+    return {
+        "database": database,
+        "backup_id": backup_id,
+        "status": "pass" if failed_phase is None and control_ok and all(c["met"] for c in checks.values()) else "fail",
+        "failed_phase": failed_phase,
+        "phases": sorted(phases, key=lambda p: p["started_at"]),
+        "checks": checks,
+        "rpo": rpo,
+        "negative_control": negative_control,
+        "validation": validation,
+        "action_items": actions,
+    }
+
+
+def action_items(database, checks, rpo, negative_control, failed_phase, validation) -> list[str]:
+    """Turn every failure or breach into something a person can do."""
+    items = []
+    if failed_phase:
+        items.append(f"{database}: the drill failed in phase {failed_phase}. Open its log, fix the cause, and run the drill again.")
+    rto = checks["rto"]
+    if rto["achieved_s"] is not None and not rto["met"]:
+        items.append(
+            f"{database}: restore took {format_duration(rto['achieved_s'])}, over the RTO of {format_duration(rto['target_s'])}. "
+            "Restore faster (more dump_jobs, a bigger restore server, fewer indexes to rebuild) or agree a realistic RTO."
+        )
+    newest = checks["rpo_newest_verified"]
+    if newest["achieved_s"] is None:
+        items.append(f"{database}: no verified backup exists. Make sure pgdr_verify_restore runs on every backup.")
+    elif not newest["met"]:
+        items.append(
+            f"{database}: the newest verified backup was {format_duration(newest['achieved_s'])} old, over the RPO of "
+            f"{format_duration(newest['target_s'])}. Check that backups and their verification run on schedule."
+        )
+    gap = checks["rpo_worst_gap"]
+    if not gap["met"]:
+        older, newer = rpo["worst_gap_between"]
+        items.append(
+            f"{database}: {format_duration(gap['achieved_s'])} passed between backups {older} and {newer}, over the RPO of "
+            f"{format_duration(gap['target_s'])}. Find out why backups stopped then (failed runs, paused DAG, outage)."
+        )
+    if not (negative_control and negative_control.get("rejected")):
+        items.append(
+            f"{database}: the negative control was NOT rejected: a corrupted backup file passed verification. "
+            "Treat every verification as unproven until this is fixed."
+        )
+    if validation and validation.get("failed"):
+        items.append(f"{database}: {validation['failed']} expectations failed on the restored data; see the validation report.")
+    return items
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+
+def _fmt(seconds) -> str:
+    return format_duration(seconds) if seconds is not None else "n/a"
+
+
+def headline(report: dict[str, Any]) -> list[str]:
+    """Return one line per database with the numbers that matter."""
+    lines = []
+    for r in report["databases"]:
+        c = r["checks"]
+        lines.append(
+            f"{r['database']}: {r['status'].upper()} | RTO {_fmt(c['rto']['achieved_s'])} / {_fmt(c['rto']['target_s'])} | "
+            f"RPO (newest verified) {_fmt(c['rpo_newest_verified']['achieved_s'])} / {_fmt(c['rpo_newest_verified']['target_s'])} | "
+            f"worst gap {_fmt(c['rpo_worst_gap']['achieved_s'])} | negative control "
+            f"{'rejected' if (r['negative_control'] or {}).get('rejected') else 'NOT rejected'}"
+        )
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """Return the drill report as markdown."""
+    lines = [f"# DR drill {report['drill_id']}: {report['status'].upper()}", "",
+             f"Started {report['started_at']}, scenario `{report['scenario']}`, run `{report['run_id']}`.", "",
+             "## Targets", "", "| database | result | RTO achieved / target | RPO newest verified / target | worst gap (30 days) | negative control |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["databases"]:
+        c = r["checks"]
+        lines.append(
+            f"| {r['database']} | {r['status']} | {_fmt(c['rto']['achieved_s'])} / {_fmt(c['rto']['target_s'])} | "
+            f"{_fmt(c['rpo_newest_verified']['achieved_s'])} / {_fmt(c['rpo_newest_verified']['target_s'])} | "
+            f"{_fmt(c['rpo_worst_gap']['achieved_s'])} | {'rejected' if (r['negative_control'] or {}).get('rejected') else 'NOT rejected'} |"
+        )
+    lines += ["", "## Timeline", ""]
+    for r in report["databases"]:
+        lines.append(f"### {r['database']} (backup `{r['backup_id']}`)")
+        lines += [f"- {p['started_at']} {p['name']}: {p['seconds']:.1f}s" for p in r["phases"]]
+        if r["validation"]:
+            v = r["validation"]
+            lines.append(f"- validation: {v['expectations'] - v['failed']} of {v['expectations']} expectations passed")
+        lines.append("")
+    lines += ["## Action items", ""]
+    items = [i for r in report["databases"] for i in r["action_items"]]
+    lines += [f"- [ ] {i}" for i in items] or ["None: every target was met."]
+    return "\n".join(lines) + "\n"
+
+
+def trend_chart(history: list[dict[str, Any]]) -> bytes:
+    """Return a PNG of achieved RTO and RPO over past drills against their targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    databases = sorted({r["database"] for d in history for r in d["databases"]})
+    for ax, (key, title) in zip(axes, (("rto", "RTO achieved (minutes)"), ("rpo_newest_verified", "RPO, newest verified (minutes)"))):
+        for db in databases:
+            xs, ys, target = [], [], None
+            for drill in history:
+                for r in drill["databases"]:
+                    if r["database"] == db and r["checks"][key]["achieved_s"] is not None:
+                        xs.append(datetime.fromisoformat(drill["started_at"]))
+                        ys.append(r["checks"][key]["achieved_s"] / 60)
+                        target = r["checks"][key]["target_s"] / 60
+            if xs:
+                line = ax.plot(xs, ys, marker="o", label=db)[0]
+                ax.axhline(target, color=line.get_color(), linestyle="--", linewidth=1, label=f"{db} target")
+        ax.set_ylim(bottom=0)
+        dates = [datetime.fromisoformat(d["started_at"]) for d in history]
+        if dates:  # a sensible window even with a single drill
+            ax.set_xlim(min(dates) - timedelta(days=20), max(dates) + timedelta(days=20))
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7)
+        fig.autofmt_xdate()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def render_html(report: dict[str, Any], chart_png: bytes) -> str:
+    """Return a self-contained HTML page of the drill report (the chart is embedded)."""
+    e = html.escape
+    ok = report["status"] == "pass"
+    rows = []
+    for r in report["databases"]:
+        c = r["checks"]
+
+        def cell(check):
+            met = check["met"]
+            return f"<td class='{'ok' if met else 'bad'}'>{_fmt(check['achieved_s'])} <small>/ {_fmt(check['target_s'])}</small></td>"
+
+        control = (r["negative_control"] or {}).get("rejected")
+        rows.append(
+            f"<tr><th>{e(r['database'])}</th><td class='{'ok' if r['status'] == 'pass' else 'bad'}'>{r['status'].upper()}</td>"
+            f"{cell(c['rto'])}{cell(c['rpo_newest_verified'])}{cell(c['rpo_worst_gap'])}"
+            f"<td class='{'ok' if control else 'bad'}'>{'rejected' if control else 'NOT rejected'}</td></tr>"
+        )
+    timeline = []
+    for r in report["databases"]:
+        total = sum(p["seconds"] for p in r["phases"]) or 1
+        bars = "".join(
+            f"<div class='bar p-{e(p['name'])}' style='flex:{max(p['seconds'] / total, 0.02):.3f}' "
+            f"title='{e(p['name'])} {p['seconds']:.1f}s from {e(p['started_at'])}'>{e(p['name'])}<br>{p['seconds']:.1f}s</div>"
+            for p in r["phases"]
+        )
+        steps = "".join(f"<li><code>{e(p['started_at'][11:19])}</code> {e(p['name'])}: {p['seconds']:.1f}s</li>" for p in r["phases"])
+        v = r["validation"] or {}
+        validation = f"<p>Validation: {v.get('expectations', 0) - v.get('failed', 0)} of {v.get('expectations', 0)} expectations passed.</p>" if v else ""
+        timeline.append(f"<h3>{e(r['database'])} <small>backup {e(r['backup_id'] or 'none')}</small></h3>"
+                        f"<div class='timeline'>{bars}</div><ul class='steps'>{steps}</ul>{validation}")
+    items = [i for r in report["databases"] for i in r["action_items"]]
+    actions = "".join(f"<li>{e(i)}</li>" for i in items) or "<li>None: every target was met.</li>"
+    chart = base64.b64encode(chart_png).decode()
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>pgdr DR drill {e(report['drill_id'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #1d2330; }}
+h1 {{ font-size: 1.5rem; margin-bottom: .2rem; }} .sub {{ color: #5a6478; margin-top: 0; }}
+.verdict {{ display: inline-block; padding: .5rem 1rem; border-radius: 6px; font-weight: 600; }}
+.ok {{ background: #e3f6e8; color: #13612e; }} .bad {{ background: #fde7e7; color: #8a1111; }}
+table {{ border-collapse: collapse; margin: 1rem 0; width: 100%; }} th, td {{ padding: .45rem .7rem; border-bottom: 1px solid #e3e6ec; text-align: left; }}
+thead th {{ font-size: .85rem; color: #5a6478; }} small {{ color: #5a6478; }}
+.timeline {{ display: flex; gap: 2px; margin: .5rem 0; font-size: .75rem; }}
+.bar {{ background: #dbe6ff; padding: .3rem; border-radius: 3px; overflow: hidden; white-space: nowrap; }}
+.p-restore {{ background: #c8dafc; }} .p-validation {{ background: #e6dcfb; }} .p-checks {{ background: #d7f0e0; }}
+.steps {{ font-size: .85rem; color: #3a4356; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>DR drill {e(report['drill_id'])}</h1>
+<p class="sub">Started {e(report['started_at'])} · scenario {e(report['scenario'])} · run {e(report['run_id'])}</p>
+<p class="verdict {'ok' if ok else 'bad'}">{'All targets met' if ok else 'Targets missed or checks failed: see the action items'}</p>
+<h2>Targets against achieved</h2>
+<table><thead><tr><th>Database</th><th>Result</th><th>RTO achieved / target</th><th>RPO: newest verified / target</th><th>Worst gap, 30 days / RPO</th><th>Negative control</th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table>
+<h2>Action items</h2><ul>{actions}</ul>
+<h2>Trend</h2><img alt="RTO and RPO over past drills against their targets" src="data:image/png;base64,{chart}">
+<h2>Timeline</h2>{''.join(timeline)}
+<p><small>Generated by pgdr. The JSON document next to this page has every number.</small></p>
+</body></html>
+"""
+
+
+def report_json(report: dict[str, Any]) -> bytes:
+    """Return the drill report as JSON (every number, for other tools)."""
+    return json.dumps(report, indent=2, default=str).encode()

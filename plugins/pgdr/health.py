@@ -1,0 +1,186 @@
+"""Health: is the DR plan's promise holding right now? Checked every few minutes.
+
+For each database: is the source reachable; is the storage target reachable and writable (a
+small probe object is written and removed); is the newest backup younger than the RPO; is the
+newest *verified* backup younger than the plan's verification window; and is there enough free
+space where pgdr keeps its work files.
+
+Alerts go out on a **change of state** only: one message when a check starts failing, one
+recovery message when it passes again, never one every five minutes. The last state of every
+check is kept in the alert journal (in the storage target), so it survives worker restarts.
+Each run also emits gauges through Airflow's metrics layer (StatsD or OpenTelemetry, as Airflow
+is configured), named ``pgdr.<metric>.<database>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pgdr.alerts import first_line, format_duration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckResult:
+    """One health check of one database: ok or not, and a sentence that says why."""
+
+    check: str
+    database: str
+    ok: bool
+    detail: str
+    value: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"health-{self.check}-{self.database}"
+
+
+def check_source(db, plan) -> CheckResult:
+    """The source database answers a query."""
+    from pgdr.connections import database_endpoint
+    from pgdr.postgres import connect
+
+    try:
+        endpoint = database_endpoint(db, plan)
+        with connect(endpoint) as conn:
+            conn.execute("SELECT 1")
+        return CheckResult("source", db.name, True, f"{endpoint.describe()} answers")
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        return CheckResult("source", db.name, False, first_line(err))
+
+
+def check_storage(db, plan) -> CheckResult:
+    """The storage target accepts, returns and deletes a small probe object."""
+    from pgdr.connections import open_store
+
+    try:
+        store, layout = open_store(db.storage, plan)
+        key = layout.probe_key(f"{db.name}-{uuid.uuid4().hex}")
+        payload = b"pgdr health probe"
+        store.put_bytes(key, payload)
+        try:
+            if store.get_bytes(key) != payload:
+                return CheckResult("storage", db.name, False, f"{store.describe(key)} returned different bytes")
+        finally:
+            store.delete([key])
+        return CheckResult("storage", db.name, True, f"{store.describe()} is writable")
+    except Exception as err:  # noqa: BLE001
+        return CheckResult("storage", db.name, False, first_line(err))
+
+
+def check_backup_ages(db, plan, now: datetime) -> list[CheckResult]:
+    """The newest backup is within the RPO; the newest verified one within the verification window."""
+    from pgdr.catalog import BackupCatalog
+    from pgdr.connections import open_store
+
+    try:
+        store, layout = open_store(db.storage, plan)
+        backups = BackupCatalog(store, layout, db.name).backups()
+    except Exception as err:  # noqa: BLE001
+        reason = f"the catalog cannot be read: {first_line(err)}"
+        return [CheckResult("backup_age", db.name, False, reason), CheckResult("verified_age", db.name, False, reason)]
+    good = [b for b in backups if b.status != "failed"]
+    verified = [b for b in backups if b.status == "verified"]
+    results = []
+    if good:
+        age = (now - good[-1].recovery_point).total_seconds()
+        ok = age <= db.rpo.total_seconds()
+        results.append(CheckResult(
+            "backup_age", db.name, ok,
+            f"the newest backup ({good[-1].backup_id}) is {format_duration(age)} old; the RPO is {format_duration(db.rpo.total_seconds())}",
+            age,
+        ))
+    else:
+        results.append(CheckResult("backup_age", db.name, False, "there is no backup at all; run pgdr_backup"))
+    window = plan.health.verify_window.total_seconds()
+    if verified:
+        age = (now - verified[-1].recovery_point).total_seconds()
+        results.append(CheckResult(
+            "verified_age", db.name, age <= window,
+            f"the newest verified backup ({verified[-1].backup_id}) is {format_duration(age)} old; the window is {format_duration(window)}",
+            age,
+        ))
+    else:
+        results.append(CheckResult("verified_age", db.name, False, "no backup has been verified; check pgdr_verify_restore"))
+    return results
+
+
+def check_free_space(path: Path, min_free_gb: float) -> CheckResult:
+    """Enough free space where pgdr keeps its work files (dumps are staged there)."""
+    path.mkdir(parents=True, exist_ok=True)
+    free_gb = shutil.disk_usage(path).free / 1e9
+    return CheckResult(
+        "free_space", "workers", free_gb >= min_free_gb,
+        f"{free_gb:.1f} GB free in {path}; at least {min_free_gb:g} GB are needed", free_gb,
+    )
+
+
+def emit_metrics(results: list[CheckResult], extra: dict[str, float] | None = None) -> None:
+    """Send gauges through Airflow's metrics layer (a no-op where metrics are off)."""
+    from airflow.sdk.observability import stats
+
+    names = {"backup_age": "backup_age_seconds", "verified_age": "verified_backup_age_seconds", "free_space": "free_space_gb"}
+    for result in results:
+        if result.check in names and result.value is not None:
+            stats.gauge(f"pgdr.{names[result.check]}.{result.database}", result.value)
+    for name, value in (extra or {}).items():
+        if value is not None:
+            stats.gauge(f"pgdr.{name}", value)
+
+
+def transitions(results: list[CheckResult], journal) -> tuple[list[CheckResult], list[CheckResult]]:
+    """Compare with the stored states; return (newly failing, newly recovered) and store the new states."""
+    failing, recovered = [], []
+    now = datetime.now(timezone.utc).isoformat()
+    for result in results:
+        previous = journal.get_state(result.key) or {}
+        was_ok = previous.get("ok", True)  # a check never seen before counts as ok: its failure is news
+        if was_ok and not result.ok:
+            failing.append(result)
+        elif not was_ok and result.ok:
+            recovered.append(result)
+        if previous.get("ok") is not result.ok or not previous:
+            journal.set_state(result.key, {**asdict(result), "since": now})
+    return failing, recovered
+
+
+def transition_message(failing: list[CheckResult], recovered: list[CheckResult]) -> str:
+    """Return one Slack message for all changes of this run."""
+    lines = []
+    if failing:
+        lines.append(":red_circle: [pgdr] health check failing:")
+        lines += [f"- {r.database}: {r.check}: {r.detail}" for r in failing]
+    if recovered:
+        lines.append(":large_green_circle: [pgdr] health check recovered:")
+        lines += [f"- {r.database}: {r.check}: {r.detail}" for r in recovered]
+    return "\n".join(lines)
+
+
+def last_measurements(db, plan) -> dict[str, float | None]:
+    """Return the last restore duration (verification) and the last drill's RTO and RPO of ``db``."""
+    import json
+
+    from pgdr.catalog import BackupCatalog
+    from pgdr.connections import open_store
+
+    values: dict[str, float | None] = {}
+    store, layout = open_store(db.storage, plan)
+    verified = [b for b in BackupCatalog(store, layout, db.name).backups() if b.verification]
+    if verified and verified[-1].verification.get("restore_seconds") is not None:
+        values[f"last_restore_seconds.{db.name}"] = verified[-1].verification["restore_seconds"]
+    target = plan.default_storage or db.storage
+    store, layout = open_store(target, plan)
+    drills = sorted(o.key for o in store.list(layout.report_key("drills") + "/") if o.key.endswith("/drill.json"))
+    if drills:
+        report = json.loads(store.get_bytes(drills[-1]))
+        for result in report.get("databases", []):
+            if result["database"] == db.name:
+                values[f"last_rto_seconds.{db.name}"] = result["checks"]["rto"]["achieved_s"]
+                values[f"last_rpo_seconds.{db.name}"] = result["checks"]["rpo_newest_verified"]["achieved_s"]
+    return values
