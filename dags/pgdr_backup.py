@@ -1,7 +1,8 @@
 """
 ### pgdr_backup: logical backups of every database in the DR plan
 
-For each database in the plan (`include/pgdr.yaml`, or `$PGDR_PLAN`), one mapped task group:
+For each database in the plan (`include/pgdr.yaml`, or `$PGDR_PLAN`), one mapped task group
+(`protect_<server>`: one per source server, whose dumps share the pool `pgdr_<server>`):
 
 1. **back_up**: `pg_dump` in directory format from an exported snapshot, exact row counts
    taken in the same snapshot, every file compressed with zstd, checksummed (SHA-256) and
@@ -39,6 +40,7 @@ from pgdr.assets import BACKUP_ASSET
 from pgdr.deadlines import deadline_alerts, scope_of
 from pgdr.notify import run_callbacks
 from pgdr.plan import load_plan
+from pgdr.pools import databases_by_server, pool_name
 from pgdr.tasks import default_args
 
 PLAN = load_plan()
@@ -77,11 +79,14 @@ def pgdr_backup():
 
         return run_retention(database, get_current_context())
 
-    @task_group
-    def protect(database: str):
-        prune_expired(database, back_up(database))
+    # One mapped group per source server: its dumps run in that server's pool, so a fleet never
+    # runs more than backup.max_dumps_per_server dumps against one server at once.
+    for server, databases in databases_by_server(PLAN).items():
 
-    protect.expand(database=PLAN.database_names)
+        @task_group(group_id=f"protect_{server}")
+        def protect(database: str, pool: str = pool_name(server)):
+            prune_expired(database, back_up.override(pool=pool)(database))
 
+        protect.expand(database=databases)
 
 pgdr_backup()

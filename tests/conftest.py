@@ -222,19 +222,40 @@ def pytest_collection_modifyitems(items):
 E2E_RTO_SECONDS = 4  # tight on purpose: a verification takes longer, so its deadline is missed
 
 
+FLEET = [f"fleet_{i:02d}" for i in range(20)]
+
+
 @pytest.fixture(scope="session")
-def e2e_plan(session_dir):
+def fleet_databases(pg_server):
+    """Twenty small databases on the embedded server: a fleet for the pool test."""
+    import psycopg
+
+    with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
+        for name in FLEET:
+            conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            conn.execute(f"CREATE DATABASE {name}")
+    for index, name in enumerate(FLEET):
+        with psycopg.connect(**pg_server.dsn(name), autocommit=True) as conn:
+            conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL)")
+            conn.execute("INSERT INTO accounts SELECT g, g * 1.5 FROM generate_series(1, %s) g", (100 + index,))
+    return FLEET
+
+
+@pytest.fixture(scope="session")
+def e2e_plan(session_dir, fleet_databases):
     """The DR plan the standalone Airflow runs with.
 
     ``shop`` is the sample database; ``flaky`` points at a database that does not exist until a
-    test creates it (a backup that fails, then recovers). The RTO is tight so that a
-    verification run misses its deadline.
+    test creates it (a backup that fails, then recovers); twenty ``fleet_*`` databases live on a
+    second "server" whose pool allows two dumps at once. The RTO is tight so that a verification
+    run misses its deadline. Backups have no schedule: only the tests trigger them.
     """
+    fleet = [{"name": n, "conn_id": "pgdr_fleet", "dbname": n, "server": "fleet"} for n in fleet_databases]
     path = write_plan(
         session_dir / "e2e-plan.yaml",
-        [{"name": "shop", "conn_id": "pgdr_shop"}, {"name": "flaky", "conn_id": "pgdr_shop", "dbname": "flaky"}],
+        [{"name": "shop", "conn_id": "pgdr_shop"}, {"name": "flaky", "conn_id": "pgdr_shop", "dbname": "flaky"}, *fleet],
         {"local": {"type": "local", "path": str(session_dir / "e2e-backups")}},
-        backup={"retries": 0},
+        backup={"retries": 0, "schedule": None, "max_dumps_per_server": 2},
         defaults={
             "rto": f"{E2E_RTO_SECONDS}s",
             "rpo": "1h",
@@ -255,10 +276,16 @@ def standalone(session_dir, pg_server, e2e_slack, e2e_mail, e2e_plan):
             "PGDR_PLAN": str(e2e_plan),
             "PGDR_WORK_DIR": str(session_dir / "e2e-work"),
             "AIRFLOW_CONN_PGDR_SHOP": pg_server.connection_uri("shop"),
+            "AIRFLOW_CONN_PGDR_FLEET": pg_server.connection_uri("postgres"),
             "AIRFLOW_CONN_PGDR_SLACK": e2e_slack.connection(),
             "AIRFLOW_CONN_PGDR_SMTP": e2e_mail.connection(),
         },
     )
     server.start()
+    from pgdr.plan import load_plan
+    from pgdr.pools import required_pools
+
+    for name, pool in required_pools(load_plan(e2e_plan)).items():  # as airflow-init does in compose
+        server.api("POST", "/api/v2/pools", {"name": name, **pool})
     yield server
     server.stop()

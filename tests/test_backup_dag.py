@@ -46,7 +46,7 @@ def _check_manifest(manifest: dict, read_object, pg_server, run_id: str) -> None
 def test_backup_to_local_folder(plan, run_dag, pg_server, env):
     p = plan()
     dag_run = run_dag("pgdr_backup")
-    assert dag_run.states == {"protect.back_up[0]": "success", "protect.prune_expired[0]": "success"}
+    assert dag_run.states == {"protect_pgdr_shop.back_up[0]": "success", "protect_pgdr_shop.prune_expired[0]": "success"}
 
     root = p.databases[0].storage.path
     manifests = list(root.glob("v1/shop/*/manifest.json"))
@@ -61,7 +61,7 @@ def test_backup_to_local_folder(plan, run_dag, pg_server, env):
 def test_backup_to_s3_emits_asset_event(plan, run_dag, pg_server, s3_server, s3_storage, env):
     plan(storage=s3_storage)
     dag_run = run_dag("pgdr_backup")
-    assert dag_run.states["protect.back_up[0]"] == "success"
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "success"
 
     listing = s3_server.client.list_objects_v2(Bucket=BUCKET, Prefix=f"{env['prefix']}/v1/shop/")
     keys = [o["Key"] for o in listing.get("Contents", [])]
@@ -90,7 +90,7 @@ def test_backup_to_s3_emits_asset_event(plan, run_dag, pg_server, s3_server, s3_
 def test_backfill_run_skips_instead_of_labelling_a_fresh_dump_with_an_old_date(plan, run_dag):
     p = plan()
     dag_run = run_dag("pgdr_backup", logical_date=datetime.now(timezone.utc) - timedelta(days=3))
-    assert dag_run.states["protect.back_up[0]"] == "skipped"
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "skipped"
     assert not list(p.databases[0].storage.path.glob("v1/shop/*/manifest.json"))
 
 
@@ -137,7 +137,7 @@ def test_retention_keeps_newest_and_newest_verified_and_removes_stale_partials(p
     store.put_bytes(layout.data_key("shop", in_flight, "toc.dat"), b"in flight")
 
     dag_run = run_dag("pgdr_backup")
-    assert dag_run.states["protect.prune_expired[0]"] == "success"
+    assert dag_run.states["protect_pgdr_shop.prune_expired[0]"] == "success"
     remaining = sorted(e.backup_id for e in catalog.backups())
     newest = catalog.latest().backup_id
     # Kept: the newest backup (keep_last 1) and the newest *verified* one, however old.
@@ -156,9 +156,9 @@ def test_s3_unreachable_mid_upload_fails_after_retries_with_no_visible_backup(
     fault_proxy.cut_after(200_000)  # the endpoint vanishes part way through the data files
     dag_run = run_dag("pgdr_backup")
     assert fault_proxy.is_down
-    assert dag_run.states["protect.back_up[0]"] == "failed"
-    assert dag_run.tries["protect.back_up"] == 2  # the first try and its one retry
-    assert dag_run.states["protect.prune_expired[0]"] == "upstream_failed"
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_shop.back_up"] == 2  # the first try and its one retry
+    assert dag_run.states["protect_pgdr_shop.prune_expired[0]"] == "upstream_failed"
     listing = s3_server.client.list_objects_v2(Bucket=BUCKET, Prefix=f"{env['prefix']}/")
     keys = [o["Key"] for o in listing.get("Contents", [])]
     assert not [k for k in keys if k.endswith("manifest.json")], keys
@@ -188,8 +188,8 @@ def test_source_database_unreachable(plan, run_dag, monkeypatch, slack):
     )
     p = plan()
     dag_run = run_dag("pgdr_backup")
-    assert dag_run.states["protect.back_up[0]"] == "failed"
-    assert dag_run.tries["protect.back_up"] == 2  # transient: retried
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_shop.back_up"] == 2  # transient: retried
     text = slack.texts()[-1]
     assert "Cannot connect to database 'shop' at 127.0.0.1:" in text
     assert "Check that the server is up" in text
@@ -204,8 +204,8 @@ def test_wrong_password_fails_at_once_and_never_shows_the_password(plan, run_dag
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_SHOP", json.dumps(conn))
     plan()
     dag_run = run_dag("pgdr_backup")
-    assert dag_run.states["protect.back_up[0]"] == "failed"
-    assert dag_run.tries["protect.back_up"] == 1  # permanent: no retry
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_shop.back_up"] == 1  # permanent: no retry
     text = slack.texts()[-1]
     assert "refused the credentials" in text and "pgdr_shop" in text
     captured = capfd.readouterr()
@@ -216,8 +216,8 @@ def test_wrong_password_fails_at_once_and_never_shows_the_password(plan, run_dag
 def test_plan_naming_an_unknown_connection(plan, run_dag, slack):
     plan(databases=[{"name": "shop", "conn_id": "pgdr_nowhere"}])
     dag_run = run_dag("pgdr_backup")
-    assert dag_run.states["protect.back_up[0]"] == "failed"
-    assert dag_run.tries["protect.back_up"] == 1
+    assert dag_run.states["protect_pgdr_nowhere.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_nowhere.back_up"] == 1
     text = slack.texts()[-1]
     assert "The Airflow connection 'pgdr_nowhere'" in text and "is not defined" in text
     assert "AIRFLOW_CONN_PGDR_NOWHERE" in text

@@ -55,9 +55,10 @@ def test_backup_dag_structure(dagbag):
     from pgdr.assets import BACKUP_ASSET
 
     dag = dagbag.dags["pgdr_backup"]
-    assert set(dag.task_dict) == {"protect.back_up", "protect.prune_expired"}
-    assert dag.task_dict["protect.back_up"].downstream_task_ids == {"protect.prune_expired"}
-    assert BACKUP_ASSET in dag.task_dict["protect.back_up"].outlets
+    assert set(dag.task_dict) == {"protect_pgdr_shop.back_up", "protect_pgdr_shop.prune_expired"}
+    assert dag.task_dict["protect_pgdr_shop.back_up"].pool == "pgdr_pgdr_shop"  # the source server's pool
+    assert dag.task_dict["protect_pgdr_shop.back_up"].downstream_task_ids == {"protect_pgdr_shop.prune_expired"}
+    assert BACKUP_ASSET in dag.task_dict["protect_pgdr_shop.back_up"].outlets
 
 
 def test_verify_restore_dag_structure(dagbag):
@@ -131,6 +132,24 @@ def test_drill_and_health_structure(dagbag):
     health = dagbag.dags["pgdr_health"]
     assert health.schedule == "*/5 * * * *"
     assert set(health.task_dict) == {"check_database", "check_workers", "alert_on_changes"}
+
+
+def test_one_pool_per_source_server(tmp_path, monkeypatch):
+    """Fifty databases on two servers: two mapped groups, two pools sized from the plan."""
+    from pgdr.local import load_dag
+    from pgdr.plan import load_plan
+    from pgdr.pools import required_pools
+
+    dbs = "".join(f"  - {{name: a{i}, conn_id: srv_a}}\n" for i in range(30))
+    dbs += "".join(f"  - {{name: b{i}, conn_id: srv_b_db{i}, server: srv_b}}\n" for i in range(20))
+    plan = tmp_path / "fleet.yaml"
+    plan.write_text(f"backup: {{max_dumps_per_server: 3}}\nstorage: {{l: {{type: local, path: {tmp_path}}}}}\ndatabases:\n{dbs}")
+    monkeypatch.setenv("PGDR_PLAN", str(plan))
+    dag = load_dag("pgdr_backup")
+    assert dag.task_dict["protect_srv_a.back_up"].pool == "pgdr_srv_a"
+    assert dag.task_dict["protect_srv_b.back_up"].pool == "pgdr_srv_b"
+    pools = required_pools(load_plan())
+    assert {name: p["slots"] for name, p in pools.items()} == {"pgdr_srv_a": 3, "pgdr_srv_b": 3}
 
 
 def test_dag_files_do_no_network_io_at_parse_time(tmp_path, monkeypatch):

@@ -96,15 +96,15 @@ def test_backfill_and_past_manual_runs_skip_but_late_scheduled_runs_back_up():
 
 def test_failure_message_names_everything_an_on_call_engineer_needs():
     failure = TaskFailure(
-        dag_id="pgdr_backup", task_id="protect.back_up", run_id="scheduled__2026-11-22T09:00:00+00:00",
+        dag_id="pgdr_backup", task_id="protect_pgdr_shop.back_up", run_id="scheduled__2026-11-22T09:00:00+00:00",
         database="shop", backup_id=None, error="Cannot connect to database 'shop' at db1:5432",
-        try_number=4, max_tries=4, log_url="http://airflow:8080/dags/pgdr_backup/runs/x/tasks/protect.back_up",
+        try_number=4, max_tries=4, log_url="http://airflow:8080/dags/pgdr_backup/runs/x/tasks/protect_pgdr_shop.back_up",
     )
     text = failure_message(failure)
-    assert text.splitlines()[0] == ":red_circle: [pgdr] pgdr_backup for database *shop* failed in phase `protect.back_up`"
+    assert text.splitlines()[0] == ":red_circle: [pgdr] pgdr_backup for database *shop* failed in phase `protect_pgdr_shop.back_up`"
     assert "Error: Cannot connect to database 'shop' at db1:5432" in text
     assert "Attempt 4 of 4: no more retries; act now." in text
-    assert "Log: http://airflow:8080/dags/pgdr_backup/runs/x/tasks/protect.back_up" in text
+    assert "Log: http://airflow:8080/dags/pgdr_backup/runs/x/tasks/protect_pgdr_shop.back_up" in text
 
 
 def test_secrets_are_scrubbed_from_error_lines():

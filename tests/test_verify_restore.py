@@ -58,7 +58,7 @@ def test_backup_then_verify_on_s3(plan, run_dag, s3_server, s3_storage, pg_serve
     from pgdr.connections import open_store
 
     p = plan(storage=s3_storage)
-    assert run_dag("pgdr_backup").states["protect.back_up[0]"] == "success"
+    assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
     store, layout = open_store(p.databases[0].storage)
     catalog = BackupCatalog(store, layout, "shop")
     backup_id = catalog.latest().backup_id

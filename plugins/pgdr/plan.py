@@ -116,7 +116,7 @@ class DRPlan:
     """The whole plan, validated."""
 
     path: Path
-    backup_schedule: str
+    backup_schedule: str | None  # None: backups are triggered from outside (no schedule)
     max_dumps_per_server: int
     retries: int
     retry_delay: timedelta
@@ -363,7 +363,10 @@ def parse_plan(text: str, path: Path) -> DRPlan:
     if "backup" in top:
         backup = c.mapping(top["backup"][1], "backup", _BACKUP_KEYS)
         if "schedule" in backup:
-            schedule = c.string(backup["schedule"][1], "backup.schedule", what="a cron expression or preset such as @hourly")
+            node = backup["schedule"][1]
+            schedule = None if c.scalar(node, "backup.schedule") is None else c.string(
+                node, "backup.schedule", what="a cron expression or preset such as @hourly (or null: triggered from outside)"
+            )
         if "max_dumps_per_server" in backup:
             max_dumps = c.integer(backup["max_dumps_per_server"][1], "backup.max_dumps_per_server", minimum=1)
         if "retries" in backup:
