@@ -35,7 +35,6 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, task, task_group
-
 from pgdr.assets import BACKUP_ASSET
 from pgdr.deadlines import deadline_alerts, scope_of
 from pgdr.notify import run_callbacks
@@ -65,7 +64,6 @@ def pgdr_backup():
     def back_up(database: str) -> dict:
         """Dump, compress, checksum and upload one database; write its manifest last."""
         from airflow.sdk import get_current_context
-
         from pgdr.tasks import run_backup
 
         return run_backup(database, get_current_context())
@@ -74,7 +72,6 @@ def pgdr_backup():
     def prune_expired(database: str, backup: dict) -> dict:
         """Delete backups the retention policy no longer keeps, and stale partial uploads."""
         from airflow.sdk import get_current_context
-
         from pgdr.tasks import run_retention
 
         return run_retention(database, get_current_context())

@@ -27,7 +27,6 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, setup, task, task_group, teardown
-
 from pgdr.deadlines import deadline_alerts, scope_of
 from pgdr.notify import run_callbacks
 from pgdr.plan import load_plan
@@ -64,7 +63,6 @@ def pgdr_drill():
     def select_databases() -> list[str]:
         """The databases to rehearse."""
         from airflow.sdk import get_current_context
-
         from pgdr.drill_tasks import select_databases as select
 
         return select(get_current_context()["params"])
@@ -73,7 +71,6 @@ def pgdr_drill():
     def rehearse_backup(database: str) -> dict:
         """A fresh backup (or the newest verified one), timed."""
         from airflow.sdk import get_current_context
-
         from pgdr.drill_tasks import run_rehearse_backup
 
         return run_rehearse_backup(database, get_current_context())
@@ -83,7 +80,6 @@ def pgdr_drill():
     def create_scratch(database: str) -> str:
         """An isolated scratch database for the rehearsal."""
         from airflow.sdk import get_current_context
-
         from pgdr.drill_tasks import run_create_scratch
 
         return run_create_scratch(database, get_current_context())
@@ -92,7 +88,6 @@ def pgdr_drill():
     def restore_timed(database: str, backup: dict, scratch: str) -> dict:
         """Checksum, download and restore, each timed."""
         from airflow.sdk import get_current_context
-
         from pgdr.drill_tasks import run_restore_timed
 
         return run_restore_timed(database, backup, get_current_context())
@@ -101,7 +96,6 @@ def pgdr_drill():
     def check_timed(database: str, backup: dict, scratch: str) -> dict:
         """Integrity checks and validation, each timed."""
         from airflow.sdk import get_current_context
-
         from pgdr.drill_tasks import run_check_timed
 
         return run_check_timed(database, backup, get_current_context())
@@ -110,7 +104,6 @@ def pgdr_drill():
     def negative_control(database: str, backup: dict) -> dict:
         """Corrupt a private copy of one file: verification must reject it."""
         from airflow.sdk import get_current_context
-
         from pgdr.drill_tasks import run_negative_control
 
         return run_negative_control(database, backup, get_current_context())
@@ -120,7 +113,6 @@ def pgdr_drill():
     def drop_scratch(database: str, scratch: str) -> bool:
         """Drop the scratch database, whatever happened."""
         from airflow.sdk import get_current_context
-
         from pgdr.drill_tasks import run_drop_scratch
 
         return run_drop_scratch(database, get_current_context())
@@ -129,7 +121,6 @@ def pgdr_drill():
     def measure(database: str) -> dict:
         """RTO and RPO achieved against the plan, whatever happened."""
         from airflow.sdk import get_current_context
-
         from pgdr.drill_tasks import run_measure
 
         context = get_current_context()
@@ -140,7 +131,6 @@ def pgdr_drill():
     def publish_report() -> dict:
         """The report (markdown, HTML, JSON), Slack and e-mail; fails if a drill failed."""
         from airflow.sdk import get_current_context
-
         from pgdr.drill_tasks import run_publish_report
 
         context = get_current_context()

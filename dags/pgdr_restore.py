@@ -30,7 +30,6 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
-
 from pgdr.deadlines import deadline_alerts, scope_of
 from pgdr.notify import run_callbacks
 from pgdr.plan import load_plan
@@ -92,7 +91,6 @@ def pgdr_restore():
     def plan_restore() -> dict:
         """Validate the form, choose the backup and print the restore plan."""
         from airflow.sdk import get_current_context
-
         from pgdr.restore_tasks import build_restore_plan
 
         context = get_current_context()
@@ -102,7 +100,6 @@ def pgdr_restore():
     def check_checksums(plan: dict) -> dict:
         """Refuse a corrupt backup before creating anything."""
         from airflow.sdk import get_current_context
-
         from pgdr.restore_tasks import run_check_checksums
 
         return run_check_checksums(plan, get_current_context())
@@ -111,7 +108,6 @@ def pgdr_restore():
     def restore_backup(plan: dict) -> dict:
         """Restore into the new target database."""
         from airflow.sdk import get_current_context
-
         from pgdr.restore_tasks import run_restore
 
         return run_restore(plan, get_current_context())
@@ -120,7 +116,6 @@ def pgdr_restore():
     def check_integrity(plan: dict) -> dict:
         """Exact row counts, pg_amcheck and sequences of the restored database."""
         from airflow.sdk import get_current_context
-
         from pgdr.restore_tasks import run_check_integrity
 
         return run_check_integrity(plan, get_current_context())
@@ -129,7 +124,6 @@ def pgdr_restore():
     def validate_data(plan: dict) -> dict:
         """Great Expectations on the restored database."""
         from airflow.sdk import get_current_context
-
         from pgdr.restore_tasks import run_validate
 
         return run_validate(plan, get_current_context())
@@ -139,7 +133,6 @@ def pgdr_restore():
     def swap_into_place(plan: dict) -> dict:
         """Replace mode: the restored copy takes the live name; the live database is kept renamed."""
         from airflow.sdk import get_current_context
-
         from pgdr.restore_tasks import run_swap
 
         return run_swap(plan, get_current_context())
@@ -149,7 +142,6 @@ def pgdr_restore():
     def write_report() -> dict:
         """Markdown and JSON report next to the backup, and a Slack summary."""
         from airflow.sdk import get_current_context
-
         from pgdr.restore_tasks import run_report
 
         context = get_current_context()

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from pgdr.local import local_airflow_env
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="pgdr-tests-"))
@@ -44,7 +43,7 @@ def statsd_packets() -> list[str]:
     while True:
         try:
             data = STATSD.recv(65536)
-        except (TimeoutError, _socket.timeout):
+        except TimeoutError:
             return lines
         lines += data.decode(errors="replace").splitlines()
 
@@ -80,7 +79,6 @@ def pg_server(session_dir):
 def s3_server():
     """A moto S3 server on 127.0.0.1, spoken to over real HTTP."""
     from moto.server import ThreadedMotoServer
-
     from pgdr.embedded import free_port
 
     port = free_port()
@@ -163,6 +161,19 @@ def run_dag():
         return dag_run
 
     return run
+
+
+def backup_into_local_store(root, pg_server, database: str = "shop") -> str:
+    """Take a real backup of ``database`` into a local store at ``root``; return its id."""
+    from pgdr.backup import take_backup
+    from pgdr.layout import BackupLayout
+    from pgdr.plan import parse_plan
+    from pgdr.postgres import PgEndpoint
+    from pgdr.storage import LocalFolderStore
+
+    plan = parse_plan(f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: {database}, conn_id: x}}]\n", root / "p.yaml")
+    endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", database, pg_server.password)
+    return take_backup(plan.databases[0], endpoint, LocalFolderStore(root), BackupLayout(), root / "work").manifest.backup_id
 
 
 def source_row_counts(server, dbname: str) -> dict[str, int]:

@@ -56,7 +56,7 @@ class Standalone:
         self.log_path = home / "standalone.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 240) -> "Standalone":
+    def start(self, timeout: float = 240) -> Standalone:
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "airflow"), "standalone"],

@@ -190,7 +190,6 @@ class MailInbox:
         from email import message_from_bytes, policy
 
         from aiosmtpd.controller import Controller
-
         from pgdr.embedded import free_port
 
         inbox = self

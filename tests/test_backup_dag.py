@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import zstandard
@@ -89,7 +89,7 @@ def test_backup_to_s3_emits_asset_event(plan, run_dag, pg_server, s3_server, s3_
 
 def test_backfill_run_skips_instead_of_labelling_a_fresh_dump_with_an_old_date(plan, run_dag):
     p = plan()
-    dag_run = run_dag("pgdr_backup", logical_date=datetime.now(timezone.utc) - timedelta(days=3))
+    dag_run = run_dag("pgdr_backup", logical_date=datetime.now(UTC) - timedelta(days=3))
     assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "skipped"
     assert not list(p.databases[0].storage.path.glob("v1/shop/*/manifest.json"))
 
@@ -127,13 +127,13 @@ def test_retention_keeps_newest_and_newest_verified_and_removes_stale_partials(p
         for f in real.manifest.files:
             store.put_bytes(layout.data_key("shop", old_id, f.name), store.get_bytes(f.key))
         data = json.loads(real.manifest.to_json())
-        data.update(backup_id=old_id, recovery_point=datetime.strptime(old_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc).isoformat())
+        data.update(backup_id=old_id, recovery_point=datetime.strptime(old_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).isoformat())
         store.put_bytes(layout.manifest_key("shop", old_id), json.dumps(data).encode())
     catalog.record_verification(old_ids[0], {"status": "verified"})
     catalog.record_verification(real.backup_id, {"status": "failed"})
     # A partial upload from a killed run long ago, and one that may still be in flight.
     store.put_bytes(layout.data_key("shop", "20250301T000000Z-cccccc", "toc.dat"), b"partial")
-    in_flight = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-dddddd"
+    in_flight = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-dddddd"
     store.put_bytes(layout.data_key("shop", in_flight, "toc.dat"), b"in flight")
 
     dag_run = run_dag("pgdr_backup")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from pgdr.local import DAGS_FOLDER
 
 DAG_FILES = sorted(DAGS_FOLDER.glob("*.py"))
@@ -87,7 +86,7 @@ def test_restore_dag_form_and_structure(dagbag):
     assert dag.params.get_param("mode").schema["enum"] == ["new-database", "replace"]
     assert dag.params["backup"] == "latest-verified" and dag.params["mode"] == "new-database"
     order = ["plan_restore", "check_checksums", "restore_backup", "check_integrity", "validate_data", "swap_into_place", "write_report"]
-    for upstream, downstream in zip(order, order[1:]):
+    for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.task_dict[upstream].downstream_task_ids, (upstream, downstream)
     assert dag.task_dict["swap_into_place"].retries == 0
     assert dag.task_dict["write_report"].trigger_rule == "all_done"

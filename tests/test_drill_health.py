@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -133,7 +133,7 @@ def _stale_backup(p, days: float):
     real = take_backup(db, database_endpoint(db), store, layout, db.storage.path.parent / "work").manifest
     catalog = BackupCatalog(store, layout, "shop")
     catalog.delete_backup(real.backup_id)
-    when = datetime.now(timezone.utc) - timedelta(days=days)
+    when = datetime.now(UTC) - timedelta(days=days)
     old_id = f"{when:%Y%m%dT%H%M%SZ}-abcdef"
     data = json.loads(real.to_json())
     data.update(backup_id=old_id, recovery_point=when.isoformat())

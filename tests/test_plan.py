@@ -6,7 +6,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from pgdr.errors import PlanError
 from pgdr.plan import DEFAULT_PLAN_PATH, load_plan, parse_plan
 

@@ -7,7 +7,7 @@ import shutil
 
 import psycopg
 import pytest
-from conftest import source_row_counts
+from conftest import backup_into_local_store, source_row_counts
 
 pytestmark = pytest.mark.integration
 
@@ -26,21 +26,16 @@ def _sql(pg_server, sql: str, db: str = "postgres"):
 @pytest.fixture(scope="module")
 def shop_backup(tmp_path_factory, pg_server, airflow_db):
     """A real backup of 'shop', verified, in a store each test copies."""
-    from pgdr.backup import take_backup
     from pgdr.catalog import BackupCatalog
     from pgdr.layout import BackupLayout
-    from pgdr.plan import parse_plan
-    from pgdr.postgres import PgEndpoint
     from pgdr.storage import LocalFolderStore
 
     root = tmp_path_factory.mktemp("restore-store")
-    plan = parse_plan(f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: shop, conn_id: x}}]\n", root / "p.yaml")
-    endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "shop", pg_server.password)
-    result = take_backup(plan.databases[0], endpoint, LocalFolderStore(root), BackupLayout(), root / "work")
+    backup_id = backup_into_local_store(root, pg_server)
     BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(
-        result.manifest.backup_id, {"status": "verified", "restore_seconds": 4.2}
+        backup_id, {"status": "verified", "restore_seconds": 4.2}
     )
-    return root, result.manifest.backup_id
+    return root, backup_id
 
 
 @pytest.fixture

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from pgdr.alerts import TaskFailure, failure_message, first_line, scrub_secrets
 from pgdr.catalog import BackupEntry, BackupManifest, PartialBackup
 from pgdr.layout import BackupLayout, backup_id_time, is_backup_id, new_backup_id
@@ -14,7 +13,7 @@ from pgdr.retention import decide_retention
 from pgdr.storage import LocalFolderStore
 from pgdr.tasks import backfill_skip_reason
 
-NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
 # -- layout ---------------------------------------------------------------------------------------
@@ -22,9 +21,9 @@ NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 
 def test_layout_keys_are_versioned_and_parse_back():
     layout = BackupLayout(prefix="team/pgdr/")
-    backup_id = new_backup_id(datetime(2026, 11, 22, 9, 30, 5, tzinfo=timezone.utc))
+    backup_id = new_backup_id(datetime(2026, 11, 22, 9, 30, 5, tzinfo=UTC))
     assert backup_id.startswith("20261122T093005Z-") and is_backup_id(backup_id)
-    assert backup_id_time(backup_id) == datetime(2026, 11, 22, 9, 30, 5, tzinfo=timezone.utc)
+    assert backup_id_time(backup_id) == datetime(2026, 11, 22, 9, 30, 5, tzinfo=UTC)
     assert layout.manifest_key("shop", backup_id) == f"team/pgdr/v1/shop/{backup_id}/manifest.json"
     assert layout.data_key("shop", backup_id, "toc.dat") == f"team/pgdr/v1/shop/{backup_id}/data/toc.dat.zst"
     assert layout.parse(layout.data_key("shop", backup_id, "3001.dat")) == ("shop", backup_id, "data/3001.dat.zst")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from conftest import source_row_counts
+from conftest import backup_into_local_store, source_row_counts
 
 pytestmark = pytest.mark.integration
 
@@ -23,17 +23,8 @@ def _scratch_databases(pg_server) -> list[str]:
 @pytest.fixture(scope="module")
 def base_backup(tmp_path_factory, pg_server, airflow_db):
     """One real backup of the sample database, copied into each test's store as needed."""
-    from pgdr.backup import take_backup
-    from pgdr.layout import BackupLayout
-    from pgdr.plan import parse_plan
-    from pgdr.postgres import PgEndpoint
-    from pgdr.storage import LocalFolderStore
-
     root = tmp_path_factory.mktemp("base-store")
-    plan = parse_plan(f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: shop, conn_id: x}}]\n", root / "p.yaml")
-    endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "shop", pg_server.password)
-    result = take_backup(plan.databases[0], endpoint, LocalFolderStore(root), BackupLayout(), root / "work")
-    return root, result.manifest.backup_id
+    return root, backup_into_local_store(root, pg_server)
 
 
 @pytest.fixture
@@ -176,8 +167,8 @@ def test_manifest_that_lies_about_row_counts_is_caught(local_backup, run_dag, sl
 
 
 def test_leftover_scratch_database_of_a_killed_run_is_dropped_and_nothing_else(local_backup, run_dag, pg_server):
-    from pgdr.scratch import ScratchDatabase, scratch_comment, scratch_name
     from pgdr.postgres import PgEndpoint
+    from pgdr.scratch import ScratchDatabase, scratch_comment, scratch_name
 
     server = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "postgres", pg_server.password)
     leftover = ScratchDatabase(server, scratch_name("verify", "shop", "killed-run"))
@@ -207,6 +198,6 @@ def test_unknown_backup_id_fails_clearly_before_touching_anything(local_backup, 
 
 
 def test_interval_without_backups_skips_cleanly(local_backup, run_dag):
-    dag_run = run_dag("pgdr_verify_restore", logical_date=datetime.now(timezone.utc) - timedelta(days=30))
+    dag_run = run_dag("pgdr_verify_restore", logical_date=datetime.now(UTC) - timedelta(days=30))
     assert dag_run.states["find_backups"] == "skipped"
     assert str(dag_run.state) == "success"

@@ -37,7 +37,7 @@ class AlertJournal:
         self.local_root = local_root
 
     @classmethod
-    def for_plan(cls) -> "AlertJournal":
+    def for_plan(cls) -> AlertJournal:
         """Return the journal of the plan in force (its default storage target)."""
         from pgdr.backup import work_dir_root
         from pgdr.connections import open_store

@@ -24,7 +24,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pgdr.catalog import BackupCatalog, BackupFile, BackupManifest
@@ -142,7 +142,7 @@ def take_backup(
             return BackupResult(done.manifest, key, store.describe(layout.backup_prefix(db.name, done.backup_id)), True, {}, {})
 
     timings: dict[str, float] = {}
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     dump_dir = workdir / "dump"
     client_version = tool_version("pg_dump")
 
@@ -188,7 +188,7 @@ def take_backup(
         dbname=endpoint.dbname,
         recovery_point=recovery_point,
         started_at=started_at,
-        finished_at=datetime.now(timezone.utc),
+        finished_at=datetime.now(UTC),
         server_version=server_version,
         client_version=client_version,
         format="directory",
@@ -214,7 +214,7 @@ def take_backup(
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def _remove_partial(store: BackupStore, keys: list[str], backup_id: str) -> None:

@@ -79,7 +79,7 @@ class BackupManifest:
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, where: str) -> "BackupManifest":
+    def from_json(cls, raw: bytes, where: str) -> BackupManifest:
         """Parse a manifest; a damaged one raises :class:`PermanentFailure` naming ``where``."""
         try:
             data = json.loads(raw)

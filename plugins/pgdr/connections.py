@@ -65,9 +65,8 @@ def open_store(target: StorageTarget, plan: DRPlan | None = None) -> tuple[Backu
     if target.kind == "local":
         return LocalFolderStore(target.path), BackupLayout()
     get_connection(target.aws_conn_id, f"S3 storage target {target.name!r}", plan)
-    from botocore.config import Config
-
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from botocore.config import Config
 
     # Short connect timeouts and a bounded number of attempts: an unreachable endpoint should
     # fail the try within a minute and leave the waiting to Airflow's retries with backoff.

@@ -51,7 +51,7 @@ def rpo_metrics(backups: list[BackupEntry], now: datetime, window: timedelta = R
     # The gap that crosses into the window counts too: it is data the month could have lost.
     earlier = [b for b in good if b.recovery_point < now - window]
     series = ([earlier[-1]] if earlier else []) + in_window
-    for older, newer in zip(series, series[1:]):
+    for older, newer in zip(series, series[1:], strict=False):
         gap = (newer.recovery_point - older.recovery_point).total_seconds()
         if result["worst_gap_s"] is None or gap > result["worst_gap_s"]:
             result["worst_gap_s"] = gap
@@ -190,7 +190,8 @@ def trend_chart(history: list[dict[str, Any]]) -> bytes:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
     databases = sorted({r["database"] for d in history for r in d["databases"]})
-    for ax, (key, title) in zip(axes, (("rto", "RTO achieved (minutes)"), ("rpo_newest_verified", "RPO, newest verified (minutes)"))):
+    panels = (("rto", "RTO achieved (minutes)"), ("rpo_newest_verified", "RPO, newest verified (minutes)"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for db in databases:
             xs, ys, target = [], [], None
             for drill in history:

@@ -8,21 +8,17 @@ report, sends it, and then fails the run if any database failed its drill.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pgdr.drill import phase
 from pgdr.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
-from pgdr.tasks import _airflow_info, fail_fast, task_workdir
+from pgdr.tasks import _airflow_info, _now, fail_fast, task_workdir
 
 log = logging.getLogger(__name__)
 
 SCENARIOS = ("full-restore", "latest-verified")
 PHASE_TASKS = ("rehearse_backup", "restore_timed", "check_timed", "negative_control")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
 
 
 def select_databases(params: dict[str, Any]) -> list[str]:
@@ -213,7 +209,7 @@ def run_publish_report(results: list[dict[str, Any]], context) -> dict[str, Any]
     ti, dag_run = context["ti"], context["dag_run"]
     plan = load_plan()
     store, layout = open_store(plan.default_storage or plan.databases[0].storage, plan)
-    started_at = (dag_run.start_date or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    started_at = (dag_run.start_date or datetime.now(UTC)).astimezone(UTC)
     drill_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + re.sub(r"[^A-Za-z0-9]+", "", ti.run_id)[-6:]
     report = {
         "drill_id": drill_id,

@@ -161,7 +161,7 @@ class EmbeddedServer:
         self._password_file.write_text(self.password + "\n")
         self._password_file.chmod(0o600)
 
-    def start(self) -> "EmbeddedServer":
+    def start(self) -> EmbeddedServer:
         """Initialise if needed, then start the server and wait until it accepts connections."""
         self.initialise()
         if self.is_running():

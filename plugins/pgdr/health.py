@@ -18,7 +18,7 @@ import logging
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pgdr.alerts import first_line, format_duration
@@ -137,7 +137,7 @@ def emit_metrics(results: list[CheckResult], extra: dict[str, float] | None = No
 def transitions(results: list[CheckResult], journal) -> tuple[list[CheckResult], list[CheckResult]]:
     """Compare with the stored states; return (newly failing, newly recovered) and store the new states."""
     failing, recovered = [], []
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
     for result in results:
         previous = journal.get_state(result.key) or {}
         was_ok = previous.get("ok", True)  # a check never seen before counts as ok: its failure is news

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 LAYOUT_VERSION = "v1"
 _BACKUP_ID = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
@@ -28,7 +28,7 @@ _BACKUP_ID = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
 
 def new_backup_id(recovery_point: datetime) -> str:
     """Return a fresh backup id for a backup whose recovery point is ``recovery_point``."""
-    stamp = recovery_point.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = recovery_point.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
@@ -42,7 +42,7 @@ def backup_id_time(backup_id: str) -> datetime:
     match = _BACKUP_ID.match(backup_id)
     if not match:
         raise ValueError(f"{backup_id!r} is not a pgdr backup id (expected e.g. 20261122T093000Z-3fa2c1)")
-    return datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

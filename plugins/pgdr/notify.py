@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pgdr.alerts import TaskFailure, failure_message, first_line
 
@@ -106,7 +106,7 @@ def on_run_failure(context) -> None:
         send_slack(text, databases.pop() if len(databases) == 1 else None, context)
         previous = journal.get_state(f"dag-{dag_id}") or {}
         if previous.get("state") != "failing":
-            journal.set_state(f"dag-{dag_id}", {"state": "failing", "since": datetime.now(timezone.utc).isoformat(), "run_id": run_id})
+            journal.set_state(f"dag-{dag_id}", {"state": "failing", "since": datetime.now(UTC).isoformat(), "run_id": run_id})
     except Exception:  # noqa: BLE001 - never raise from a callback
         log.exception("pgdr could not send the run failure alert.")
 
@@ -123,7 +123,7 @@ def on_run_success(context) -> None:
         if previous.get("state") == "failing":
             text = recovery_message(dag_id, run_id, previous.get("since"), previous.get("run_id"), run_url(_base_url(), dag_id, run_id))
             send_slack(text, None, context)
-            journal.set_state(f"dag-{dag_id}", {"state": "ok", "since": datetime.now(timezone.utc).isoformat(), "run_id": run_id})
+            journal.set_state(f"dag-{dag_id}", {"state": "ok", "since": datetime.now(UTC).isoformat(), "run_id": run_id})
     except Exception:  # noqa: BLE001 - never raise from a callback
         log.exception("pgdr could not send the recovery message.")
 

@@ -16,11 +16,11 @@ import re
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 from pgdr.errors import AuthenticationFailed, DatabaseUnreachable, DumpFailed, PermanentFailure, PgdrError
 
@@ -43,7 +43,7 @@ class PgEndpoint:
     sslmode: str | None = None
     conn_id: str = ""
 
-    def with_dbname(self, dbname: str) -> "PgEndpoint":
+    def with_dbname(self, dbname: str) -> PgEndpoint:
         """Return the same server and credentials for another database."""
         return PgEndpoint(self.host, self.port, self.user, dbname, self.password, self.sslmode, self.conn_id)
 

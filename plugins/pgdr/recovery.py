@@ -24,8 +24,7 @@ import re
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pgdr.catalog import BackupCatalog, BackupEntry
@@ -56,7 +55,7 @@ def parse_timestamp(text: str) -> datetime | None:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def select_backup(catalog: BackupCatalog, selector: str) -> BackupEntry:
@@ -89,7 +88,7 @@ def select_backup(catalog: BackupCatalog, selector: str) -> BackupEntry:
 
 def default_target_name(database: str, now: datetime, suffix: str = "restored") -> str:
     """Return ``<db>_<suffix>_<YYYYmmddHHMMSS>`` (at most 63 bytes)."""
-    stamp = now.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S")
+    stamp = now.astimezone(UTC).strftime("%Y%m%d%H%M%S")
     return f"{database[: 63 - len(suffix) - len(stamp) - 2]}_{suffix}_{stamp}"
 
 

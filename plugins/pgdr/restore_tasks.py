@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pgdr.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
-from pgdr.tasks import fail_fast, task_workdir
+from pgdr.tasks import _now, fail_fast, task_workdir
 
 log = logging.getLogger(__name__)
 
 PHASES = ("check_checksums", "restore_backup", "check_integrity", "validate_data", "swap_into_place")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
 
 
 def _label(plan: dict, context) -> None:
@@ -89,7 +85,7 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
             )
 
         server = database_endpoint(db, plan, conn_id=target_conn_id)
-        started = context["dag_run"].run_after or datetime.now(timezone.utc)
+        started = context["dag_run"].run_after or datetime.now(UTC)
         live_exists = database_exists(server, db.dbname)
         if mode == "new-database":
             target = check_target_name(params.get("target_name") or default_target_name(db.dbname, started))
@@ -206,13 +202,13 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
         try:
             with task_workdir(context, f"incident-{db.name}") as workdir:
                 download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs))
-                t0 = datetime.now(timezone.utc)
+                t0 = datetime.now(UTC)
                 if plan["tables"]:
                     filled = sorted(restore_tables(target, workdir / "dump", plan["tables"], db.dump_jobs, workdir))
                 else:
                     restore_dump(target, workdir / "dump", db.dump_jobs, workdir)
                     filled = None
-                restore_s = (datetime.now(timezone.utc) - t0).total_seconds()
+                restore_s = (datetime.now(UTC) - t0).total_seconds()
         except BaseException:
             # A half-restored database is garbage; only a database this run created is dropped.
             drop_own_target(server, plan["target"], run_id)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Protocol
 
 from pgdr.errors import PermanentFailure, StorageUnavailable
 
@@ -138,7 +139,7 @@ class LocalFolderStore:
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     stat = full.stat()
-                    yield StoredObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, timezone.utc))
+                    yield StoredObject(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pgdr.errors import PermanentFailure
 from pgdr.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE, on_task_failure
@@ -80,7 +81,7 @@ def backfill_skip_reason(run_type: str, logical_date: datetime | None, queued_at
             "backfill pgdr_verify_restore instead to verify the backups taken in that period."
         )
     if run_type == "manual" and logical_date is not None:
-        reference = queued_at or datetime.now(timezone.utc)
+        reference = queued_at or datetime.now(UTC)
         if reference - logical_date > timedelta(hours=1):
             return (
                 f"This manual run has the past logical date {logical_date:%Y-%m-%d %H:%M} UTC. A backup can "
@@ -161,7 +162,7 @@ def run_retention(database: str, context) -> dict[str, Any]:
         store, layout = open_store(db.storage, plan)
         catalog = BackupCatalog(store, layout, database)
         complete, partials = catalog.scan()
-        decision = decide_retention(complete, partials, db.retention, datetime.now(timezone.utc))
+        decision = decide_retention(complete, partials, db.retention, datetime.now(UTC))
         keys_by_id = {p.backup_id: list(p.keys) for p in partials}
         for backup_id, why in decision.delete.items():
             log.info("Deleting backup %s of %s: %s.", backup_id, database, why)
@@ -187,7 +188,7 @@ VERIFY_PHASES = ("check_checksums", "restore_backup", "check_integrity", "valida
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def resolve_verification_targets(context) -> list[dict[str, str]]:
@@ -447,7 +448,7 @@ def run_health_database(database: str, context) -> list[dict[str, Any]]:
     with fail_fast():
         plan = load_plan()
         db = plan.database(database)
-    results = [check_source(db, plan), check_storage(db, plan), *check_backup_ages(db, plan, datetime.now(timezone.utc))]
+    results = [check_source(db, plan), check_storage(db, plan), *check_backup_ages(db, plan, datetime.now(UTC))]
     try:
         extra = last_measurements(db, plan)
     except Exception as err:  # noqa: BLE001 - metrics must not hide the checks

@@ -170,8 +170,8 @@ def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = Non
             # alias: the parent's key columns get unique aliases instead, which keeps every
             # unqualified column name unambiguous (it can only be the batch's).
             refs = [f"pgdr_ref_{i}" for i in range(len(cols))]
-            parent = ", ".join(f"{_ident(fc)} AS {ref}" for fc, ref in zip(fcols, refs))
-            join = " AND ".join(f"parent.{ref} = {_ident(cc)}" for cc, ref in zip(cols, refs))
+            parent = ", ".join(f"{_ident(fc)} AS {ref}" for fc, ref in zip(fcols, refs, strict=True))
+            join = " AND ".join(f"parent.{ref} = {_ident(cc)}" for cc, ref in zip(cols, refs, strict=True))
             not_null = " AND ".join(f"{_ident(cc)} IS NOT NULL" for cc in cols)
             query = (
                 f"SELECT * FROM {{batch}} LEFT JOIN (SELECT {parent} FROM {_ident(fschema)}.{_ident(ftable)}) parent "
