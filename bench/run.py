@@ -163,22 +163,25 @@ class Bench:
 
     # -- the other measurements ----------------------------------------------------------------------
     def peak_rss_mb(self, db: str) -> float:
-        """Run a pgdr backup and restore in a child process; return its peak RSS."""
+        """Run a pgdr backup and restore in a child process; return its peak RSS in MB."""
         code = (
             "import sys; sys.path.insert(0, sys.argv[1]); import run as b; from pathlib import Path\n"
             "bench = b.Bench.__new__(b.Bench); bench.__dict__.update(b.attach(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))\n"
             "_, m = bench.pgdr_backup(sys.argv[6]); bench.pgdr_restore(sys.argv[6], m, 'rss_restore')\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
+            "print(hwm)\n"
         )
-        proc = subprocess.Popen(
+        proc = subprocess.run(
             [sys.executable, "-c", code, str(Path(__file__).parent), str(self.work), str(self.server.port),
              str(self.s3_port), self.server.password, db],
-            env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=os.environ, capture_output=True, text=True,
         )
-        # wait4 gives this child's own peak (with the pg_dump/pg_restore it ran), not the max of all children.
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(proc.stderr.read().decode()[-3000:])
-        return usage.ru_maxrss / 1024  # kB on Linux
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        # The worker process's own peak (VmHWM, kB). Not ru_maxrss: Linux carries the high-water mark
+        # across fork and exec, so a child of this (large, moto-hosting) process would report ours.
+        # pg_dump and pg_restore are separate programs with their own, small, footprints.
+        return int(proc.stdout.strip().splitlines()[-1]) / 1024
 
     def validation_100_tables(self) -> float:
         from pgdr.backup import take_backup
