@@ -129,8 +129,6 @@ def verify_newest_backups() -> None:
 
 def run_drill() -> None:
     """Run the DR drill and print the report's path and headline numbers."""
-    from pgdr.local import load_dag  # noqa: F401 - imported for its side effect on sys.path
-
     dag_run = run("pgdr_drill")
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session

@@ -13,7 +13,7 @@ from typing import Any
 
 from pgdr.drill import phase
 from pgdr.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
-from pgdr.tasks import _airflow_info, _now, fail_fast, task_workdir
+from pgdr.tasks import _airflow_info, _now, create_run_scratch, fail_fast, run_scratch, task_workdir
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +71,14 @@ def run_rehearse_backup(database: str, context) -> dict[str, Any]:
 
 
 def _scratch(database: str, context, db, plan):
-    from pgdr.connections import database_endpoint
-    from pgdr.scratch import ScratchDatabase, scratch_name
-
-    server = database_endpoint(db, plan, conn_id=db.verify_conn_id)
-    return ScratchDatabase(server, scratch_name("drill", database, f"{context['ti'].run_id}/{database}"))
+    return run_scratch("drill", db, plan, context, database)
 
 
 def run_create_scratch(database: str, context) -> str:
     """Body of the drill's ``create_scratch`` setup task."""
-    from pgdr.scratch import drop_leftovers, scratch_comment
-
     with fail_fast():
         plan, db, *_ = _objects(database, context)
-        scratch = _scratch(database, context, db, plan)
-        drop_leftovers(scratch.server, "drill", database, context["ti"].run_id)
-        scratch.create(scratch_comment(f"drill {database}", context["ti"].run_id))
-    return scratch.name
+        return create_run_scratch(_scratch(database, context, db, plan), "drill", database, f"drill {database}", context)
 
 
 def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:

@@ -107,7 +107,6 @@ def check_sequences(conn, manifest: BackupManifest, report: IntegrityReport) -> 
         try:
             column_max = conn.execute(query).fetchone()[0]
         except Exception:  # noqa: BLE001 - a non-numeric owner column: nothing to compare
-            conn.rollback() if not conn.autocommit else None
             continue
         last = restored.get(f"{seq_schema}.{seq}")
         report.sequences_checked += 1

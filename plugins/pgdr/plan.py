@@ -205,15 +205,10 @@ class _Checker:
 
     def duration(self, node: yaml.Node, key: str) -> timedelta:
         value = self.scalar(node, key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return timedelta(seconds=value)
-        match = _DURATION.match(str(value)) if isinstance(value, str) else None
-        if not match or float(match.group(1)) <= 0:
-            raise self.fail(
-                node, key,
-                f"expected a duration such as 90s, 30m, 1h, 2d or 1w (or a number of seconds), got {value!r}",
-            )
-        return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2)])
+        parsed = _duration(value)
+        if parsed is None:
+            raise self.fail(node, key, f"{_DURATION_EXPECTED}, got {value!r}")
+        return parsed
 
     def string_list(self, node: yaml.Node, key: str) -> tuple[str, ...]:
         if isinstance(node, yaml.ScalarNode):
@@ -221,6 +216,19 @@ class _Checker:
         if not isinstance(node, yaml.SequenceNode):
             raise self.fail(node, key, f"expected a list of strings, got {_kind(node)}")
         return tuple(self.string(item, f"{key}[{i}]") for i, item in enumerate(node.value))
+
+
+_DURATION_EXPECTED = "expected a duration such as 90s, 30m, 1h, 2d or 1w (or a number of seconds)"
+
+
+def _duration(value: Any) -> timedelta | None:
+    """Return the positive duration ``value`` stands for (``30m``, ``1h``, or seconds), else ``None``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return timedelta(seconds=value) if value > 0 else None
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if not match or float(match.group(1)) <= 0:
+        return None
+    return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2)])
 
 
 def _kind(node: yaml.Node) -> str:
@@ -499,6 +507,12 @@ def load_plan(path: Path | str | None = None) -> DRPlan:
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse a duration such as ``30m`` or ``1h``, as the plan writes them."""
-    return _Checker(Path("<duration>")).duration(yaml.compose(yaml.safe_dump(text)), "duration")
+    """Parse a duration such as ``30m`` or ``1h``, as the plan writes them.
+
+    :raises PlanError: if ``text`` is not a duration.
+    """
+    parsed = _duration(text.strip())
+    if parsed is None:
+        raise PlanError(f"{_DURATION_EXPECTED}, got {text!r}")
+    return parsed
 

@@ -203,15 +203,18 @@ def expand_partitions(target: PgEndpoint, tables: list[str]) -> set[str]:
 
 def restore_tables(target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: int, workdir: Path) -> set[str]:
     """Restore the schema of the whole backup and the data of ``tables`` only; return the tables filled."""
-    base = restore_command(target, dump_dir, jobs)
-    run_tool(target, workdir, [*base[:-1], "--section=pre-data", base[-1]], f"pg_restore (schema) into {target.dbname!r}", RestoreFailed)
+    run_tool(
+        target, workdir, restore_command(target, dump_dir, jobs, extra=["--section=pre-data"]),
+        f"pg_restore (schema) into {target.dbname!r}", RestoreFailed,
+    )
     filled = expand_partitions(target, tables)
     with passfile_env(target, workdir) as env:
         toc = subprocess.run([pg_tool("pg_restore"), "-l", str(dump_dir)], env=env, capture_output=True, text=True, check=True).stdout
     listing = workdir / "table-restore.list"
     listing.write_text(table_restore_list(toc, filled))
     run_tool(
-        target, workdir, [*base[:-1], "--section=data", "--section=post-data", f"--use-list={listing}", base[-1]],
+        target, workdir,
+        restore_command(target, dump_dir, jobs, extra=["--section=data", "--section=post-data", f"--use-list={listing}"]),
         f"pg_restore (tables {', '.join(sorted(tables))}) into {target.dbname!r}", RestoreFailed,
     )
     return filled

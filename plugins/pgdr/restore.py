@@ -117,12 +117,13 @@ def download_backup(manifest: BackupManifest, store: BackupStore, dest: Path, wo
 
 
 def restore_command(
-    target: PgEndpoint, dump_dir: Path, jobs: int, tables: list[str] | None = None
+    target: PgEndpoint, dump_dir: Path, jobs: int, tables: list[str] | None = None, extra: list[str] | None = None
 ) -> list[str]:
     """Return the ``pg_restore`` command that restores ``dump_dir`` into ``target.dbname``.
 
     Owners and privileges are not restored (``--no-owner --no-acl``): the scratch or target
-    server need not have the source's roles. ``tables`` (``schema.table``) restricts the restore.
+    server need not have the source's roles. ``tables`` (``schema.table``) restricts the restore;
+    ``extra`` adds options such as ``--section``.
     """
     args = [
         pg_tool("pg_restore"),
@@ -138,7 +139,7 @@ def restore_command(
         if schema:
             args += ["--schema", schema]
         args += ["--table", name]
-    return [*args, str(dump_dir)]
+    return [*args, *(extra or []), str(dump_dir)]
 
 
 def restore_dump(target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path, tables: list[str] | None = None) -> float:

@@ -203,8 +203,8 @@ class S3Store:
         self._call(f"Writing {self.describe(key)}", self.client.put_object, Bucket=self.bucket, Key=key, Body=data)
 
     def get_bytes(self, key: str) -> bytes:
-        with self.open_read(key) as stream:
-            return self._call(f"Reading {self.describe(key)}", stream.read)
+        with self.open_read(key) as stream:  # a _GuardedStream: its reads translate errors already
+            return stream.read()
 
     def open_read(self, key: str) -> BinaryIO:
         response = self._call(f"Reading {self.describe(key)}", self.client.get_object, Bucket=self.bucket, Key=key)

@@ -281,26 +281,39 @@ def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
     return {"started_at": started, "finished_at": _now(), **result}
 
 
-def _scratch_for(target: dict[str, str], context, db, plan):
+def run_scratch(kind: str, db, plan, context, key: str):
+    """Return this run's scratch database of ``kind`` for ``db`` (the same name on every retry).
+
+    :param key: what, within the run, the scratch database is for (a database, a backup).
+    """
     from pgdr.connections import database_endpoint
     from pgdr.scratch import ScratchDatabase, scratch_name
 
     server = database_endpoint(db, plan, conn_id=db.verify_conn_id)
-    run_key = f"{context['ti'].run_id}/{target['database']}/{target['backup_id']}"
-    return ScratchDatabase(server, scratch_name("verify", target["database"], run_key))
+    return ScratchDatabase(server, scratch_name(kind, db.name, f"{context['ti'].run_id}/{key}"))
+
+
+def create_run_scratch(scratch, kind: str, database: str, purpose: str, context) -> str:
+    """Drop scratch databases of ``kind`` left by killed runs, then create this run's; return its name."""
+    from pgdr.scratch import drop_leftovers, scratch_comment
+
+    run_id = context["ti"].run_id
+    drop_leftovers(scratch.server, kind, database, run_id)
+    scratch.create(scratch_comment(purpose, run_id))
+    return scratch.name
+
+
+def _scratch_for(target: dict[str, str], context, db, plan):
+    return run_scratch("verify", db, plan, context, f"{target['database']}/{target['backup_id']}")
 
 
 def run_create_scratch(target: dict[str, str], context) -> str:
     """Body of the ``create_scratch`` setup task: drop leftovers of killed runs, create ours."""
-    from pgdr.scratch import drop_leftovers, scratch_comment
-
     with fail_fast():
         plan, db, _store, _layout, _entry = _verify_context(target, context)
-        scratch = _scratch_for(target, context, db, plan)
-        run_id = context["ti"].run_id
-        drop_leftovers(scratch.server, "verify", db.name, run_id)
-        scratch.create(scratch_comment(f"verify {db.name} backup {target['backup_id']}", run_id))
-    return scratch.name
+        return create_run_scratch(
+            _scratch_for(target, context, db, plan), "verify", db.name, f"verify {db.name} backup {target['backup_id']}", context
+        )
 
 
 def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
