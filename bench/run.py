@@ -8,7 +8,8 @@ local S3 endpoint (moto's server over HTTP), alternating round by round; medians
 
 1. raw backup: ``pg_dump -Fd -j<J> -Z gzip:1`` (this build of pg_dump has no zstd or lz4) and a
    parallel boto3 upload of the files;
-2. pgdr backup: :func:`pgdr.backup.take_backup` (what the ``back_up`` task runs);
+2. pgdr backup: :func:`pgdr.backup.take_backup` (what the ``back_up`` task runs), with the plan's
+   default compression, the same ``gzip:1``;
 3. raw restore: parallel boto3 download and ``pg_restore -j<J>`` into a new database;
 4. pgdr restore: :func:`verify_checksums`, :func:`download_backup` and :func:`restore_dump` (what
    ``check_checksums`` and ``restore_backup`` of pgdr_verify_restore run);
@@ -83,14 +84,25 @@ class Bench:
         sh([self.bin("pgbench"), "-i", "-q", "-s", str(scale), name], self.env, capture_output=True)
         return int(self.psql(f"SELECT pg_database_size('{name}')")) / 1e6
 
+    def settle(self) -> None:
+        """Start every contender from the same state: no dirty buffers, no pending writeback.
+
+        Without this the first contender of a round pays for the previous restore's 2 GB of
+        writes still being flushed (a checkpoint, the kernel's writeback).
+        """
+        self.psql("CHECKPOINT")
+        os.sync()
+
     def fresh_db(self, name: str) -> None:
         self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         self.psql(f"CREATE DATABASE {name}")
+        self.settle()
 
     # -- contenders --------------------------------------------------------------------------------
     def raw_backup(self, db: str, prefix: str) -> float:
         out = self.work / "raw-dump"
         shutil.rmtree(out, ignore_errors=True)
+        self.settle()
         t = time.perf_counter()
         sh([self.bin("pg_dump"), "-d", db, "-Fd", f"-j{JOBS}", "-Z", "gzip:1", "-f", str(out)], self.env)
         with ThreadPoolExecutor(JOBS) as pool:
@@ -109,6 +121,21 @@ class Bench:
         sh([self.bin("pg_restore"), "-d", target, f"-j{JOBS}", "--no-owner", "--no-acl", str(out)], self.env)
         return time.perf_counter() - t
 
+    def restore_sections(self, target: str) -> dict[str, float]:
+        """Time the raw restore's sections apart (the archive the last raw_restore downloaded).
+
+        Where a restore's time goes tells what parallel jobs can win: ``data`` is one COPY per
+        table, ``post_data`` one index or constraint build per job.
+        """
+        out = self.work / "raw-restore"
+        self.fresh_db(target)
+        times = {}
+        for section in ("pre-data", "data", "post-data"):
+            t = time.perf_counter()
+            sh([self.bin("pg_restore"), "-d", target, f"-j{JOBS}", "--no-owner", "--no-acl", f"--section={section}", str(out)], self.env)
+            times[section.replace("-", "_")] = round(time.perf_counter() - t, 2)
+        return times
+
     def pgdr_parts(self, db: str):
         from pgdr.layout import BackupLayout
         from pgdr.plan import parse_plan
@@ -126,6 +153,7 @@ class Bench:
 
         pdb, endpoint, store, layout = self.pgdr_parts(db)
         work = Path(tempfile.mkdtemp(dir=self.work))
+        self.settle()
         t = time.perf_counter()
         result = take_backup(pdb, endpoint, store, layout, work)
         elapsed = time.perf_counter() - t
@@ -148,6 +176,7 @@ class Bench:
 
     def seed_backup(self, db: str, key: str) -> float:
         path = self.work / "seed.sql.gz"
+        self.settle()
         t = time.perf_counter()
         sh(f"{self.bin('pg_dump')} -d {db} | gzip > {path}", self.env)
         self.s3.upload_file(str(path), BUCKET, key)
@@ -252,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about 200 MB instead of about 2 GB")
     parser.add_argument("--scale", type=int, help="pgbench scale (overrides --quick)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
     args = parser.parse_args(argv)
     scale = args.scale or (14 if args.quick else 135)
@@ -280,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             results["seed_restore"].append(bench.seed_restore(f"seed/{r}.sql.gz", "seed_restored"))
             print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in results.items()), flush=True)
         med = {k: statistics.median(v) for k, v in results.items()}
+        sections = bench.restore_sections("sections_restored")
+        print(f"  raw restore by section: {sections}", flush=True)
         print("Peak RSS of a pgdr worker at two sizes...", flush=True)
         rss = [round(bench.peak_rss_mb("bench_small"), 1), round(bench.peak_rss_mb("bench"), 1)]
         print("Validation of 100 tables...", flush=True)
@@ -302,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         "pgbench_scale": scale,
         "rounds": args.rounds,
         "medians_s": {k: round(v, 2) for k, v in med.items()},
+        "raw_restore_sections_s": sections,
         "runs_s": {k: [round(x, 2) for x in v] for k, v in results.items()},
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -5,10 +5,10 @@ For each database in the plan (`include/pgdr.yaml`, or `$PGDR_PLAN`), one mapped
 (`protect_<server>`: one per source server, whose dumps share the pool `pgdr_<server>`):
 
 1. **back_up**: `pg_dump` in directory format from an exported snapshot, exact row counts
-   taken in the same snapshot, every file compressed with zstd, checksummed (SHA-256) and
-   uploaded to the plan's storage target, and the manifest written **last**. A backup without
-   a manifest does not exist. Emits a `pgdr_backups` asset event, which triggers
-   `pgdr_verify_restore` for that backup.
+   taken in the same snapshot, every file compressed by pg_dump itself (the plan's
+   `compression`, gzip:1 by default), checksummed (SHA-256) and uploaded to the plan's storage
+   target, and the manifest written **last**. A backup without a manifest does not exist.
+   Emits a `pgdr_backups` asset event, which triggers `pgdr_verify_restore` for that backup.
 2. **prune_expired**: applies the retention policy (keep the newest N, keep D days, always keep
    the newest verified backup) and removes partial uploads left by killed runs.
 

@@ -8,7 +8,7 @@ completes (its `pgdr_backups` asset event), this DAG verifies exactly that backu
    or missing file fails here, at once (no retry), before any database is created.
 2. **create_scratch** (setup): a scratch database unique to the run on the plan's verification
    server; leftovers of killed runs (pgdr's naming scheme and marker only) are dropped first.
-3. **restore_backup**: download, verify again, decompress, `pg_restore -j`, no owners or ACLs.
+3. **restore_backup**: download, verify again, `pg_restore -j`, no owners or ACLs.
 4. **check_integrity**: exact row counts against the manifest, `pg_amcheck` over tables and
    indexes, sequences restored and ahead of their columns.
 5. **validate_data**: Great Expectations: a baseline suite per table (row count, primary keys
@@ -108,7 +108,7 @@ def pgdr_verify_restore():
 
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def restore_backup(target: dict, scratch: str) -> dict:
-        """Download, verify, decompress and pg_restore -j into the scratch database."""
+        """Download, verify and pg_restore -j into the scratch database."""
         from airflow.sdk import get_current_context
         from pgdr.tasks import run_restore_backup
 

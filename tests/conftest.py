@@ -163,7 +163,7 @@ def run_dag():
     return run
 
 
-def backup_into_local_store(root, pg_server, database: str = "shop") -> str:
+def backup_into_local_store(root, pg_server, database: str = "shop", compression: str = "gzip:1") -> str:
     """Take a real backup of ``database`` into a local store at ``root``; return its id."""
     from pgdr.backup import take_backup
     from pgdr.layout import BackupLayout
@@ -171,7 +171,10 @@ def backup_into_local_store(root, pg_server, database: str = "shop") -> str:
     from pgdr.postgres import PgEndpoint
     from pgdr.storage import LocalFolderStore
 
-    plan = parse_plan(f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: {database}, conn_id: x}}]\n", root / "p.yaml")
+    plan = parse_plan(
+        f"storage: {{l: {{type: local, path: {root}}}}}\n"
+        f"databases: [{{name: {database}, conn_id: x, compression: '{compression}'}}]\n", root / "p.yaml",
+    )
     endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", database, pg_server.password)
     return take_backup(plan.databases[0], endpoint, LocalFolderStore(root), BackupLayout(), root / "work").manifest.backup_id
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import zstandard
 from conftest import BUCKET, source_row_counts
 
 pytestmark = pytest.mark.integration
@@ -15,7 +15,8 @@ pytestmark = pytest.mark.integration
 MANIFEST_KEYS = {
     "backup_id", "database", "dbname", "recovery_point", "started_at", "finished_at", "server_version",
     "client_version", "format", "compression", "compression_level", "dump_jobs", "files", "row_counts",
-    "large_objects", "storage", "airflow", "manifest_format", "size", "stored_size",
+    "large_objects", "storage", "airflow", "manifest_format", "size", "stored_size", "compressed_by",
+    "database_bytes",
 }
 
 
@@ -23,7 +24,9 @@ def _check_manifest(manifest: dict, read_object, pg_server, run_id: str) -> None
     """Assert everything a restore will rely on: fields, checksums, sizes and exact row counts."""
     assert MANIFEST_KEYS <= manifest.keys()
     assert manifest["database"] == "shop" and manifest["format"] == "directory"
-    assert manifest["compression"] == "zstd"
+    # pg_dump compressed the files itself (the plan's default), and they are stored as it wrote them.
+    assert manifest["compression"] == "gzip:1" and manifest["compressed_by"] == "pg_dump"
+    assert manifest["database_bytes"] > manifest["stored_size"] > 0
     assert manifest["server_version"].startswith("18") and "18." in manifest["client_version"]
     assert manifest["airflow"]["run_id"] == run_id and manifest["airflow"]["dag_id"] == "pgdr_backup"
     started = datetime.fromisoformat(manifest["started_at"])
@@ -34,8 +37,10 @@ def _check_manifest(manifest: dict, read_object, pg_server, run_id: str) -> None
     for entry in manifest["files"]:
         stored = read_object(entry["key"])
         assert hashlib.sha256(stored).hexdigest() == entry["sha256"], entry["name"]
-        assert len(stored) == entry["stored_size"]
-        assert len(zstandard.ZstdDecompressor().decompressobj().decompress(stored)) == entry["size"]
+        assert len(stored) == entry["stored_size"] == entry["size"]
+        if entry["name"][0].isdigit() and entry["name"].endswith(".dat.gz"):  # table data, as pg_restore reads it
+            assert gzip.decompress(stored).rstrip(b"\n").endswith(b"\\.")  # the COPY data's end marker
+    assert sum(f["name"].endswith(".dat.gz") for f in manifest["files"]) > 5
     assert manifest["row_counts"] == source_row_counts(pg_server, "shop")
     assert manifest["row_counts"]["sales.orders"] == 30000
     assert manifest["large_objects"] == 1
@@ -221,3 +226,17 @@ def test_plan_naming_an_unknown_connection(plan, run_dag, slack):
     text = slack.texts()[-1]
     assert "The Airflow connection 'pgdr_nowhere'" in text and "is not defined" in text
     assert "AIRFLOW_CONN_PGDR_NOWHERE" in text
+
+
+def test_compression_this_pg_dump_lacks_fails_at_once_and_says_what_to_set(plan, run_dag, slack):
+    """The embedded client has gzip only: asking for zstd must fail before any upload, without a retry
+    and without waiting for the row counts, and the alert must say which setting fixes it."""
+    p = plan(databases=[{"name": "shop", "conn_id": "pgdr_shop", "compression": "zstd:3"}])
+    dag_run = run_dag("pgdr_backup")
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_shop.back_up"] == 1  # permanent: no retry
+    text = slack.texts()[-1]
+    assert "pg_dump of database 'shop' failed" in text and "cannot read or write zstd compression" in text
+    assert "compression: gzip:1" in text and "PGDR_PG_BIN" in text
+    root = p.databases[0].storage.path
+    assert not root.exists() or not list(root.rglob("*.dat*"))

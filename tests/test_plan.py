@@ -59,6 +59,17 @@ def test_good_plan_resolves_defaults_and_overrides():
     assert plan.notifications_for("unknown").slack_conn_id == "pgdr_slack"
 
 
+@pytest.mark.parametrize(
+    "given, spec",
+    [(None, "gzip:1"), ("gzip", "gzip"), ("GZIP:9", "gzip:9"), ("zstd:3", "zstd:3"), ("lz4", "lz4"),
+     ("none", "none"), ("0", "none"), ("false", "none")],
+)
+def test_compression_is_pg_dumps_spec_with_gzip_1_by_default(given, spec):
+    text = GOOD if given is None else GOOD.replace("rpo: 15m", f"compression: {given}")
+    shop, billing = parse_plan(text, Path("/etc/pgdr/plan.yaml")).databases
+    assert shop.compression == "gzip:1" and billing.compression == spec
+
+
 def test_shipped_plan_is_valid():
     plan = load_plan(DEFAULT_PLAN_PATH)
     assert plan.database_names == ["shop"]
@@ -93,6 +104,10 @@ def test_shipped_plan_is_valid():
         ("storage: {}\n", "databases: missing; list the databases to protect"),
         ("databases:\n  - name: shop\n    conn_id: [oops\n", "not valid YAML: expected ',' or ']'"),
         ("", "the plan is empty"),
+        (GOOD.replace("rpo: 15m", "compression: brotli"),
+         "line 20: databases[1] (billing).compression: expected pg_dump's compression: gzip, lz4 or zstd"),
+        (GOOD.replace("rto: 30m", "compression: gzip:10"), "line 10: defaults.compression: expected pg_dump's"),
+        (GOOD.replace("rto: 30m", "compression: 6"), "defaults.compression: expected pg_dump's compression"),
     ],
 )
 def test_bad_plans_name_file_line_key_and_expectation(bad, expected):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -25,8 +27,8 @@ def test_layout_keys_are_versioned_and_parse_back():
     assert backup_id.startswith("20261122T093005Z-") and is_backup_id(backup_id)
     assert backup_id_time(backup_id) == datetime(2026, 11, 22, 9, 30, 5, tzinfo=UTC)
     assert layout.manifest_key("shop", backup_id) == f"team/pgdr/v1/shop/{backup_id}/manifest.json"
-    assert layout.data_key("shop", backup_id, "toc.dat") == f"team/pgdr/v1/shop/{backup_id}/data/toc.dat.zst"
-    assert layout.parse(layout.data_key("shop", backup_id, "3001.dat")) == ("shop", backup_id, "data/3001.dat.zst")
+    assert layout.data_key("shop", backup_id, "toc.dat") == f"team/pgdr/v1/shop/{backup_id}/data/toc.dat"
+    assert layout.parse(layout.data_key("shop", backup_id, "3001.dat.gz")) == ("shop", backup_id, "data/3001.dat.gz")
     assert layout.parse("team/pgdr/v1/reports/drill.html") is None
     assert BackupLayout().manifest_key("shop", backup_id) == f"v1/shop/{backup_id}/manifest.json"
     assert new_backup_id(NOW) != new_backup_id(NOW)
@@ -47,6 +49,25 @@ def _entry(days_old: float, status: str = "unverified", tag: str = "000000") -> 
         storage="x",
     )
     return BackupEntry(manifest, status)
+
+
+def test_manifests_say_who_compressed_and_old_ones_read_as_pgdr_0_1():
+    """A manifest of pgdr 0.1 (no ``compressed_by``) must parse as files zstd-packed by pgdr, so that
+    restores decompress them; a current one names pg_dump's compression and the database size."""
+    from pgdr.catalog import BackupFile
+
+    legacy = _entry(1).manifest
+    raw = json.loads(legacy.to_json())
+    raw.pop("compressed_by"), raw.pop("database_bytes")
+    old = BackupManifest.from_json(json.dumps(raw).encode(), "old/manifest.json")
+    assert old.compressed_by == "pgdr" and "by pgdr 0.1" in old.size_summary()
+
+    files = (BackupFile("toc.dat", "k1", 2_000_000, 2_000_000, "a"), BackupFile("3001.dat.gz", "k2", 1_200_000, 1_200_000, "b"))
+    current = replace(legacy, compression="gzip:1", compression_level=None, compressed_by="pg_dump",
+                      database_bytes=52_000_000, files=files)
+    again = BackupManifest.from_json(current.to_json(), "new/manifest.json")
+    assert again == current
+    assert again.size_summary() == "3.2 MB stored (gzip:1), from a 52.0 MB database"
 
 
 def test_retention_keeps_newest_n_and_young_ones():

@@ -201,3 +201,33 @@ def test_interval_without_backups_skips_cleanly(local_backup, run_dag):
     dag_run = run_dag("pgdr_verify_restore", logical_date=datetime.now(UTC) - timedelta(days=30))
     assert dag_run.states["find_backups"] == "skipped"
     assert str(dag_run.state) == "success"
+
+
+def test_backup_of_pgdr_0_1_zstd_by_pgdr_still_verifies(plan, run_dag, pg_server, tmp_path, slack):
+    """Backups written before pg_dump did the compressing (pgdr 0.1: ``-Z0`` files that pgdr packed
+    with zstd, manifests without ``compressed_by``) must stay restorable: nothing already taken is lost."""
+    import hashlib
+
+    import zstandard
+
+    p = plan()
+    root = p.databases[0].storage.path
+    backup_id = backup_into_local_store(root, pg_server, compression="none")
+    folder = root / "v1/shop" / backup_id
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert not any(f["name"].endswith((".gz", ".zst")) for f in manifest["files"])  # none: plain files
+    for entry in manifest["files"]:  # rewrite it the way pgdr 0.1 stored it
+        packed = zstandard.ZstdCompressor(level=3, write_checksum=True).compress((root / entry["key"]).read_bytes())
+        (root / entry["key"]).write_bytes(packed)
+        entry.update(stored_size=len(packed), sha256=hashlib.sha256(packed).hexdigest())
+    for key in ("compressed_by", "database_bytes", "size", "stored_size"):
+        manifest.pop(key)
+    manifest.update(compression="zstd", compression_level=3)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    dag_run = _verify(run_dag, backup_id)
+    assert all(dag_run.states[f"verify.{phase}[0]"] == "success" for phase in PHASES), dag_run.states
+    record = _record(root, backup_id)
+    assert record["status"] == "verified"
+    assert record["integrity"]["rows_checked"] == sum(source_row_counts(pg_server, "shop").values())
+    assert slack.messages == []

@@ -7,4 +7,4 @@ The package is split by concern: :mod:`pgdr.plan` (the DR plan), :mod:`pgdr.layo
 DAG files in ``dags/`` call.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -30,8 +30,8 @@ class BackupFile:
 
     name: str
     key: str
-    size: int  # bytes as pg_dump wrote them
-    stored_size: int  # bytes as stored (compressed)
+    size: int  # bytes of the file pg_restore reads (equal to stored_size unless compressed_by "pgdr")
+    stored_size: int  # bytes as stored
     sha256: str  # of the stored bytes
 
 
@@ -48,8 +48,8 @@ class BackupManifest:
     server_version: str
     client_version: str
     format: str  # "directory" (pg_dump -Fd): restorable in parallel
-    compression: str  # "zstd": each file compressed by pgdr
-    compression_level: int
+    compression: str  # pg_dump's --compress spec ("gzip:1", "none"); "zstd" for compressed_by "pgdr"
+    compression_level: int | None
     dump_jobs: int
     files: tuple[BackupFile, ...]
     row_counts: dict[str, int]  # exact, counted in the dump's own snapshot
@@ -58,16 +58,30 @@ class BackupManifest:
     airflow: dict[str, Any] = field(default_factory=dict)
     sequences: dict[str, int | None] = field(default_factory=dict)  # last values, read with the counts
     manifest_format: int = MANIFEST_FORMAT
+    # Who compressed the files: "pg_dump" (stored as pg_dump wrote them, pg_restore reads them
+    # directly) or "pgdr" (backups of pgdr before 0.2: pg_dump -Z0, then zstd per file by pgdr;
+    # still restorable). Manifests that do not say are of the older kind.
+    compressed_by: str = "pgdr"
+    database_bytes: int | None = None  # pg_database_size() at the recovery point
 
     @property
     def size(self) -> int:
-        """Return the dump's size as pg_dump wrote it, in bytes."""
+        """Return the size of the dump pg_restore reads, in bytes."""
         return sum(f.size for f in self.files)
 
     @property
     def stored_size(self) -> int:
         """Return the bytes stored for this backup (compressed)."""
         return sum(f.stored_size for f in self.files)
+
+    def size_summary(self) -> str:
+        """Return the backup's size as an on-call engineer reads it, e.g. ``4.2 MB stored (gzip:1), ...``."""
+        if self.compressed_by == "pgdr":
+            return f"{self.size / 1e6:.1f} MB dumped, {self.stored_size / 1e6:.1f} MB stored (zstd, by pgdr 0.1)"
+        text = f"{self.stored_size / 1e6:.1f} MB stored ({self.compression})"
+        if self.database_bytes:
+            text += f", from a {self.database_bytes / 1e6:.1f} MB database"
+        return text
 
     def to_json(self) -> bytes:
         """Serialise the manifest as indented JSON."""

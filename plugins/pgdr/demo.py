@@ -89,7 +89,7 @@ def report_backups() -> None:
         _say(f"Newest backup of '{db.name}': {manifest.backup_id} ({entry.status})")
         print(f"    recovery point : {manifest.recovery_point.isoformat()}")
         print(f"    tables / rows  : {len(manifest.row_counts)} / {sum(manifest.row_counts.values())}")
-        print(f"    size           : {manifest.size / 1e6:.1f} MB dumped, {manifest.stored_size / 1e6:.1f} MB stored (zstd)")
+        print(f"    size           : {manifest.size_summary()}")
         print(f"    location       : {store.describe(layout.backup_prefix(db.name, manifest.backup_id))}")
         print(f"    manifest       : {store.describe(layout.manifest_key(db.name, manifest.backup_id))}")
 

@@ -209,7 +209,10 @@ def trend_chart(history: list[dict[str, Any]]) -> bytes:
             ax.set_xlim(min(dates) - timedelta(days=20), max(dates) + timedelta(days=20))
         ax.set_title(title, fontsize=10)
         ax.tick_params(labelsize=8)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # e.g. no verified backup yet, so no RPO to plot: say so instead of an empty frame
+            ax.text(0.5, 0.5, "no measurement yet", transform=ax.transAxes, ha="center", va="center", color="grey")
         fig.autofmt_xdate()
     fig.tight_layout()
     buffer = io.BytesIO()

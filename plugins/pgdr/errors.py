@@ -47,3 +47,7 @@ class BackupNotFound(PermanentFailure):
 
 class ChecksumMismatch(PermanentFailure):
     """A stored backup file does not match the checksum in its manifest."""
+
+
+class CompressionUnsupported(PermanentFailure):
+    """The PostgreSQL client tools on this worker were built without the compression asked for."""

@@ -63,8 +63,12 @@ class BackupLayout:
         return self._key(database, backup_id) + "/"
 
     def data_key(self, database: str, backup_id: str, file_name: str) -> str:
-        """Return the key of one compressed dump file."""
-        return self._key(database, backup_id, "data", f"{file_name}.zst")
+        """Return the key of one dump file, stored under the name pg_dump gave it (``3001.dat.gz``).
+
+        Readers take data keys from the manifest, never from here: pgdr 0.1 stored its own zstd
+        files as ``<name>.zst``, and those backups stay readable.
+        """
+        return self._key(database, backup_id, "data", file_name)
 
     def manifest_key(self, database: str, backup_id: str) -> str:
         """Return the key of a backup's manifest."""

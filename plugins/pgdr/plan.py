@@ -32,6 +32,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$")
 _DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _CONN_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+DEFAULT_COMPRESSION = "gzip:1"  # readable by every build of pg_restore; see compression_spec
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class ProtectedDatabase:
     verify_conn_id: str
     server: str  # the pool key: databases on one server share its dump budget
     line: int = 0
+    compression: str = DEFAULT_COMPRESSION  # pg_dump's --compress, normalised: "gzip:1", "zstd:3", "none"
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,36 @@ class _Checker:
         return tuple(self.string(item, f"{key}[{i}]") for i, item in enumerate(node.value))
 
 
+_COMPRESSION_LEVELS = {"gzip": (1, 9), "lz4": (1, 12), "zstd": (1, 22)}
+_COMPRESSION_EXPECTED = (
+    "expected pg_dump's compression: gzip, lz4 or zstd with an optional level "
+    "(gzip:1 to gzip:9, lz4:1 to lz4:12, zstd:1 to zstd:22), or none"
+)
+
+
+def compression_spec(value: Any) -> str | None:
+    """Return ``value`` as a normalised ``pg_dump --compress`` spec (``gzip:1``, ``none``), else ``None``.
+
+    pg_dump compresses each file of a directory-format dump itself, in its parallel workers, and
+    ``pg_restore`` reads the files as they are; pgdr stores them unchanged. ``gzip`` works with
+    every build of the client tools; ``lz4`` and ``zstd`` need a client built with them, on every
+    worker that backs up or restores (an error says so at the first backup otherwise).
+    """
+    if value is False or value == 0 or (isinstance(value, str) and value.strip().lower() in ("none", "0")):
+        return "none"
+    if not isinstance(value, str):
+        return None
+    method, _, level = value.strip().lower().partition(":")
+    if method not in _COMPRESSION_LEVELS:
+        return None
+    if not level:
+        return method
+    low, high = _COMPRESSION_LEVELS[method]
+    if not level.isdigit() or not low <= int(level) <= high:
+        return None
+    return f"{method}:{int(level)}"
+
+
 _DURATION_EXPECTED = "expected a duration such as 90s, 30m, 1h, 2d or 1w (or a number of seconds)"
 
 
@@ -254,7 +286,7 @@ _TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "
 _DRILL_KEYS = {"schedule", "max_duration"}
 _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
-_POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs"}
+_POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs", "compression"}
 _DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server"}
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
 _NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
@@ -323,6 +355,7 @@ class _Policy:
     storage: str | None = None
     notify: Notifications = field(default_factory=Notifications)
     dump_jobs: int = 2
+    compression: str = DEFAULT_COMPRESSION
 
 
 def _parse_policy(
@@ -339,6 +372,13 @@ def _parse_policy(
         policy.notify = _parse_notify(c, fields["notify"][1], f"{key}.notify", base.notify)
     if "dump_jobs" in fields:
         policy.dump_jobs = c.integer(fields["dump_jobs"][1], f"{key}.dump_jobs", minimum=1)
+    if "compression" in fields:
+        node = fields["compression"][1]
+        value = c.scalar(node, f"{key}.compression")
+        spec = compression_spec(value)
+        if spec is None:
+            raise c.fail(node, f"{key}.compression", f"{_COMPRESSION_EXPECTED}, got {value!r}")
+        policy.compression = spec
     if "storage" in fields:
         name = c.string(fields["storage"][1], f"{key}.storage")
         if name not in storages:
@@ -449,6 +489,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 storage=storages[policy.storage],
                 notify=policy.notify,
                 dump_jobs=policy.dump_jobs,
+                compression=policy.compression,
                 verify_conn_id=(
                     c.string(fields["verify_conn_id"][1], f"{key}.verify_conn_id", _CONN_ID, "an Airflow connection id")
                     if "verify_conn_id" in fields

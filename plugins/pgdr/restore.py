@@ -3,8 +3,10 @@
 A backup is only restored after every stored file has been proven to be the file that was
 written: its SHA-256 must equal the manifest's. :func:`verify_checksums` streams every object
 and hashes it without keeping it (so a corrupt backup is refused before any database is
-touched); :func:`download_backup` hashes again as it decompresses to disk, so the bytes that are
-restored are the bytes that were checked.
+touched); :func:`download_backup` hashes again as it writes each file to disk, so the bytes that
+are restored are the bytes that were checked. The files are stored as pg_dump compressed them, and
+``pg_restore`` reads them as they are (backups taken by pgdr 0.1, which compressed the files
+itself with zstd, are decompressed on download).
 """
 
 from __future__ import annotations
@@ -87,33 +89,42 @@ def verify_checksums(manifest: BackupManifest, store: BackupStore, workers: int 
 
 
 def download_backup(manifest: BackupManifest, store: BackupStore, dest: Path, workers: int = 4) -> dict[str, float]:
-    """Download, verify and decompress every file of ``manifest`` into ``dest`` (a dump directory).
+    """Download and verify every file of ``manifest`` into ``dest``, a dump directory for pg_restore.
 
     :raises ChecksumMismatch: if any file fails verification; ``dest`` is then incomplete.
     """
-    import zstandard
-
     dest.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    unpack = _zstd_unpacker if manifest.compressed_by == "pgdr" else None
 
     def one(entry: BackupFile) -> FileProblem | None:
         target = dest / entry.name
         with open(target, "wb") as out:
-            writer = zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
-            try:
-                problem = _check_one(store, entry, sink=writer.write)
-                writer.flush()
-            except zstandard.ZstdError as err:
-                problem = FileProblem(entry.name, entry.key, f"not valid zstd data ({err})")
-        if problem is None and target.stat().st_size != entry.size:
-            problem = FileProblem(entry.name, entry.key, f"decompressed to {target.stat().st_size} bytes, expected {entry.size}")
-        return problem
+            if unpack is None:
+                return _check_one(store, entry, sink=out.write)
+            return unpack(store, entry, out)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgdr-download") as pool:
         problems = [p for p in pool.map(one, manifest.files) if p]
     if problems:
         raise _refuse(manifest, store, problems)
     return {"seconds": time.monotonic() - started, "bytes": manifest.stored_size}
+
+
+def _zstd_unpacker(store: BackupStore, entry: BackupFile, out) -> FileProblem | None:
+    """Verify and decompress one file of a pgdr 0.1 backup (pg_dump -Z0, then zstd by pgdr)."""
+    import zstandard
+
+    writer = zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
+    try:
+        problem = _check_one(store, entry, sink=writer.write)
+        writer.flush()
+    except zstandard.ZstdError as err:
+        return FileProblem(entry.name, entry.key, f"not valid zstd data ({err})")
+    written = out.tell()
+    if problem is None and written != entry.size:
+        problem = FileProblem(entry.name, entry.key, f"decompressed to {written} bytes, expected {entry.size}")
+    return problem
 
 
 def restore_command(

@@ -139,11 +139,10 @@ def run_backup(database: str, context) -> dict[str, Any]:
     }
     context["outlet_events"][BACKUP_ASSET].extra = summary
     log.info(
-        "%s backup %s of database %s: recovery point %s, %d tables, %d rows, %.1f MB dumped, "
-        "%.1f MB stored. Manifest: %s",
+        "%s backup %s of database %s: recovery point %s, %d tables, %d rows, %s. Manifest: %s",
         "Reused" if result.reused else "Completed", manifest.backup_id, database,
         manifest.recovery_point.isoformat(), summary["tables"], summary["rows"],
-        manifest.size / 1e6, manifest.stored_size / 1e6, store.describe(result.manifest_key),
+        manifest.size_summary(), store.describe(result.manifest_key),
     )
     return summary
 
@@ -317,7 +316,7 @@ def run_create_scratch(target: dict[str, str], context) -> str:
 
 
 def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
-    """Body of ``restore_backup``: download (verifying again), decompress, ``pg_restore -j``."""
+    """Body of ``restore_backup``: download (verifying again), ``pg_restore -j``."""
     from pgdr.restore import download_backup, restore_dump
 
     started = _now()
@@ -328,7 +327,7 @@ def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> di
             download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs))
             restore_s = restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
     log.info(
-        "Backup %s restored into %s: download and decompress %.1fs, pg_restore -j%d %.1fs.",
+        "Backup %s restored into %s: download and verify %.1fs, pg_restore -j%d %.1fs.",
         entry.backup_id, scratch_name, download["seconds"], db.dump_jobs, restore_s,
     )
     return {"started_at": started, "finished_at": _now(), "download_seconds": download["seconds"], "restore_seconds": restore_s}
