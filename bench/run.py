@@ -78,10 +78,10 @@ class Bench:
         return subprocess.run([self.bin("psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql], env=self.env,
                               check=True, capture_output=True, text=True).stdout.strip()
 
-    def create_pgbench(self, name: str, scale: int) -> float:
+    def create_pgbench(self, name: str, scale: int, partitions: int = 0) -> float:
         self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         self.psql(f"CREATE DATABASE {name}")
-        sh([self.bin("pgbench"), "-i", "-q", "-s", str(scale), name], self.env, capture_output=True)
+        sh([self.bin("pgbench"), "-i", "-q", "-s", str(scale), f"--partitions={partitions}", name], self.env, capture_output=True)
         return int(self.psql(f"SELECT pg_database_size('{name}')")) / 1e6
 
     def settle(self) -> None:
@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="about 200 MB instead of about 2 GB")
     parser.add_argument("--scale", type=int, help="pgbench scale (overrides --quick)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--partitions", type=int, default=0,
+                        help="split pgbench_accounts into this many partitions (pgbench -i --partitions): "
+                             "tables that parallel jobs can dump and restore side by side")
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
     args = parser.parse_args(argv)
     scale = args.scale or (14 if args.quick else 135)
@@ -295,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(work, scale, args.rounds)
     try:
         print(f"Creating pgbench data at scale {scale}...", flush=True)
-        db_size = bench.create_pgbench("bench", scale)
-        small_size = bench.create_pgbench("bench_small", max(1, scale // 4))
+        db_size = bench.create_pgbench("bench", scale, args.partitions)
+        small_size = bench.create_pgbench("bench_small", max(1, scale // 4), args.partitions)
         print(f"  bench: {db_size:.0f} MB, bench_small: {small_size:.0f} MB", flush=True)
         results: dict[str, list[float]] = {k: [] for k in ("raw_backup", "pgdr_backup", "raw_restore", "pgdr_restore", "seed_backup", "seed_restore")}
         for r in range(args.rounds):
@@ -331,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         "dag_parse_cold_s": parse_cold,
         "db_size_mb": round(db_size),
         "pgbench_scale": scale,
+        "pgbench_partitions": args.partitions,
         "rounds": args.rounds,
         "medians_s": {k: round(v, 2) for k, v in med.items()},
         "raw_restore_sections_s": sections,
@@ -345,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         "seed_speedup": report["seed_speedup"] >= 3, "peak_rss_mb": max(rss) < 300,
         "validation_100_tables_s": validation < 60, "dag_parse_s": max(parse.values()) < 0.3,
     }
-    print(f"\npgdr benchmark: {db_size:.0f} MB of pgbench data, medians of {args.rounds} rounds\n")
+    shape = f", pgbench_accounts in {args.partitions} partitions" if args.partitions else ""
+    print(f"\npgdr benchmark: {db_size:.0f} MB of pgbench data{shape}, medians of {args.rounds} rounds\n")
     print(f"{'measure':<26}{'value':>14}  target")
     rows = [("backup_ratio", report["backup_ratio"], "<= 1.10"), ("restore_ratio", report["restore_ratio"], "<= 1.10"),
             ("seed_speedup", report["seed_speedup"], ">= 3"), ("peak_rss_mb", rss, "< 300, flat"),
