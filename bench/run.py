@@ -1,10 +1,13 @@
 """pgdr's backup and restore against the raw PostgreSQL tools and against the seeds' method.
 
-    make bench                 # about 2 GB of pgbench data (scale 135), 3 rounds
-    make bench ARGS=--quick    # about 200 MB (scale 14): the CI smoke run
+    make bench                        # about 2 GB of pgbench data (scale 135), 5 rounds
+    make bench ARGS=--quick           # about 200 MB (scale 14), 5 rounds: the CI smoke run
+    make bench ARGS="--partitions 8"  # pgbench_accounts in 8 partitions
 
 All contenders run on the same machine, against the same embedded PostgreSQL 18 and the same
-local S3 endpoint (moto's server over HTTP), alternating round by round; medians are reported.
+local S3 endpoint (moto's server over HTTP), alternating round by round, each after a CHECKPOINT
+and a sync; medians are reported. The raw restore is also timed section by section (pre-data,
+data, post-data), which shows what parallel jobs can win on the data at hand.
 
 1. raw backup: ``pg_dump -Fd -j<J> -Z gzip:1`` (this build of pg_dump has no zstd or lz4) and a
    parallel boto3 upload of the files;
