@@ -121,8 +121,12 @@ class Bench:
         keys = [o["Key"] for o in self.s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")["Contents"]]
         with ThreadPoolExecutor(JOBS) as pool:
             list(pool.map(lambda k: self.s3.download_file(BUCKET, k, str(out / k.rsplit("/", 1)[1])), keys))
-        sh([self.bin("pg_restore"), "-d", target, f"-j{JOBS}", "--no-owner", "--no-acl", str(out)], self.env)
+        self.pg_restore(out, target)
         return time.perf_counter() - t
+
+    def pg_restore(self, dump_dir: Path, target: str, *options: str) -> None:
+        """The raw tools' restore: ``pg_restore -j`` of a directory archive into ``target``."""
+        sh([self.bin("pg_restore"), "-d", target, f"-j{JOBS}", "--no-owner", "--no-acl", *options, str(dump_dir)], self.env)
 
     def restore_sections(self, target: str) -> dict[str, float]:
         """Time the raw restore's sections apart (the archive the last raw_restore downloaded).
@@ -135,7 +139,7 @@ class Bench:
         times = {}
         for section in ("pre-data", "data", "post-data"):
             t = time.perf_counter()
-            sh([self.bin("pg_restore"), "-d", target, f"-j{JOBS}", "--no-owner", "--no-acl", f"--section={section}", str(out)], self.env)
+            self.pg_restore(out, target, f"--section={section}")
             times[section.replace("-", "_")] = round(time.perf_counter() - t, 2)
         return times
 

@@ -17,7 +17,6 @@ the manifest was written), that backup is returned instead of taking a second on
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -41,7 +40,7 @@ from pgdr.postgres import (
     tool_error,
     tool_version,
 )
-from pgdr.storage import CHUNK, BackupStore
+from pgdr.storage import BackupStore, sha256_stream
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,8 @@ def upload_dump(
 
     def one(path: Path) -> BackupFile:
         key = layout.data_key(database, backup_id, path.name)
-        size, sha256 = file_sha256(path)  # pg_dump just wrote it: read from the page cache, ~1.6 GB/s
+        with open(path, "rb") as source:  # pg_dump just wrote it: read from the page cache, ~1.6 GB/s
+            size, sha256 = sha256_stream(source)
         store.put_file(key, path)
         uploaded.append(key)
         path.unlink()  # free the work directory as the upload goes
@@ -92,17 +92,6 @@ def upload_dump(
         first_error.uploaded_keys = uploaded  # type: ignore[attr-defined]
         raise first_error
     return sorted(results, key=lambda f: f.name), uploaded
-
-
-def file_sha256(path: Path) -> tuple[int, str]:
-    """Return the size and SHA-256 of a local file."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as source:
-        while chunk := source.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def take_backup(
@@ -150,7 +139,12 @@ def take_backup(
         # build lacks) must not wait for an hour of counting, nor a dump for a failed count.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgdr-count") as counting:
             census = counting.submit(_census, snap.conn)
-            census.add_done_callback(lambda done: done.exception() is not None and dump.poll() is None and dump.terminate())
+
+            def stop_dump(done) -> None:  # a dump whose counts failed cannot be checked: stop it
+                if done.exception() is not None and dump.poll() is None:
+                    dump.terminate()
+
+            census.add_done_callback(stop_dump)
             _, stderr = dump.communicate()
             cancelled = dump.returncode != 0 and not census.done()
             if cancelled:

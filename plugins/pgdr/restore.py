@@ -11,7 +11,6 @@ itself with zstd, are decompressed on download).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from pathlib import Path
 from pgdr.catalog import BackupFile, BackupManifest
 from pgdr.errors import ChecksumMismatch, PermanentFailure
 from pgdr.postgres import PgEndpoint, connection_args, pg_tool, run_tool
-from pgdr.storage import CHUNK, BackupStore
+from pgdr.storage import BackupStore, sha256_stream
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +40,18 @@ class FileProblem:
 
 def _check_one(store: BackupStore, entry: BackupFile, sink=None) -> FileProblem | None:
     """Stream one stored file through SHA-256 (and ``sink``); describe any problem."""
-    digest = hashlib.sha256()
-    size = 0
     try:
         with store.open_read(entry.key) as stream:
-            while chunk := stream.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                if sink is not None:
-                    sink(chunk)
+            size, sha256 = sha256_stream(stream, sink)
     except FileNotFoundError:
         return FileProblem(entry.name, entry.key, "missing: the object does not exist")
     if size != entry.stored_size:
         kind = "truncated" if size < entry.stored_size else "longer than written"
         return FileProblem(entry.name, entry.key, f"{kind}: {size} bytes stored, the manifest says {entry.stored_size}")
-    if digest.hexdigest() != entry.sha256:
+    if sha256 != entry.sha256:
         return FileProblem(
             entry.name, entry.key,
-            f"content changed: SHA-256 {digest.hexdigest()[:16]}..., the manifest says {entry.sha256[:16]}...",
+            f"content changed: SHA-256 {sha256[:16]}..., the manifest says {entry.sha256[:16]}...",
         )
     return None
 

@@ -15,6 +15,7 @@ Errors that retrying may fix (a refused connection, a timeout, a 5xx) are raised
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -27,6 +28,19 @@ from typing import BinaryIO, Protocol
 from pgdr.errors import PermanentFailure, StorageUnavailable
 
 CHUNK = 1 << 20
+
+
+def sha256_stream(stream: BinaryIO, sink=None) -> tuple[int, str]:
+    """Read ``stream`` to its end in :data:`CHUNK` pieces, passing each to ``sink`` if given;
+    return the number of bytes read and their SHA-256."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+        if sink is not None:
+            sink(chunk)
+    return size, digest.hexdigest()
 
 
 @dataclass(frozen=True)
