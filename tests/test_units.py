@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from pgdr.alerts import TaskFailure, failure_message, first_line, scrub_secrets
+from pgdr.alerts import ERROR_LIMIT, TaskFailure, failure_message, first_line, scrub_secrets, shorten
 from pgdr.catalog import BackupEntry, BackupManifest, PartialBackup
 from pgdr.layout import BackupLayout, backup_id_time, is_backup_id, new_backup_id
 from pgdr.plan import RetentionPolicy
@@ -132,7 +132,44 @@ def test_secrets_are_scrubbed_from_error_lines():
     assert "hunter2" not in scrub_secrets("connect failed password=hunter2 host=db")
     assert first_line(RuntimeError("\n\nfirst\nsecond")) == "first"
     assert first_line(None).startswith("no error was recorded")
-    assert len(first_line("x" * 1000)) == 500
+    assert len(first_line("x" * 1000)) == ERROR_LIMIT
+
+
+def test_a_long_error_keeps_its_start_and_its_advice():
+    """A long path or server message in the middle must not push 'what to do' out of the alert."""
+    line = "pg_dump of database 'shop' failed: " + " ".join(["/very/long/path/segment"] * 60) + " Fix: set X."
+    short = shorten(line)
+    assert len(short) <= ERROR_LIMIT
+    assert short.startswith("pg_dump of database 'shop' failed:") and short.endswith("Fix: set X.")
+    assert "[...]" in short
+    assert shorten("short and sweet") == "short and sweet"
+    assert len(shorten("y" * 5000)) <= ERROR_LIMIT  # no spaces to cut at: still bounded
+
+
+@pytest.mark.parametrize("tool", ["pg_dump", "pg_restore"])
+def test_compression_advice_survives_a_long_client_path(tmp_path, monkeypatch, tool):
+    """CI found this: a deep install path cut the advice off the alert. It must fit whatever the path."""
+    from pgdr.errors import CompressionUnsupported, DumpFailed
+    from pgdr.postgres import PG_BIN_ENV_VAR, PgEndpoint, tool_error
+
+    bin_dir = tmp_path.joinpath(*["a-rather-deep-folder-name"] * 12, "bin")
+    bin_dir.mkdir(parents=True)
+    (bin_dir / tool).write_text("#!/bin/sh\n")
+    (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv(PG_BIN_ENV_VAR, str(bin_dir))
+    endpoint = PgEndpoint("db1", 5432, "app", "shop", "s3cr3t")
+    stderr = f"{tool}: error: this build does not support compression with zstd\n"
+    error = tool_error(endpoint, f"{tool} of database 'shop'", stderr, DumpFailed)
+    assert isinstance(error, CompressionUnsupported)
+    text = first_line(error)
+    assert len(text) <= ERROR_LIMIT and "has no zstd compression" in text and "PGDR_PG_BIN" in text
+    assert "Retrying cannot fix this." in text and "s3cr3t" not in text
+    assert f"(.../a-rather-deep-folder-name/bin/{tool})" in text
+    assert f"Client used: {bin_dir / tool}" in str(error)  # the task log has the whole path
+    if tool == "pg_dump":
+        assert "compression: gzip:1" in text
+    else:  # the plan cannot help an existing zstd backup: the message must not send anyone there
+        assert "compression: gzip:1" not in text and "changes new backups only" in text
 
 
 # -- local storage ------------------------------------------------------------------------------------

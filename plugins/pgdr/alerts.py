@@ -23,14 +23,32 @@ def scrub_secrets(text: str) -> str:
     return _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}********", text)
 
 
+ERROR_LIMIT = 600
+_CUT = " [...] "
+
+
+def shorten(line: str, limit: int = ERROR_LIMIT) -> str:
+    """Return ``line`` cut to at most ``limit`` characters by dropping its middle, at word breaks.
+
+    pgdr's errors say what failed first and what to do last, and a long path or server message
+    in between must not push the advice out of the alert; so the start and the end both stay.
+    """
+    if len(line) <= limit:
+        return line
+    room = limit - len(_CUT)
+    head, tail = line[: room // 2], line[len(line) - (room - room // 2):]
+    head = head.rsplit(" ", 1)[0] if " " in head[len(head) // 2:] else head
+    tail = tail.split(" ", 1)[1] if " " in tail[: len(tail) // 2] else tail
+    return head + _CUT + tail
+
+
 def first_line(error: BaseException | str | None) -> str:
-    """Return the first non-empty line of an error, scrubbed, at most 500 characters."""
+    """Return the first non-empty line of an error, scrubbed, at most ``ERROR_LIMIT`` characters."""
     if error is None:
         return "no error was recorded (the task may have been killed, or timed out)"
     text = str(error).strip() or type(error).__name__
     line = next((part.strip() for part in text.splitlines() if part.strip()), text)
-    line = scrub_secrets(line)
-    return line if len(line) <= 500 else line[:497] + "..."
+    return shorten(scrub_secrets(line))
 
 
 @dataclass(frozen=True)

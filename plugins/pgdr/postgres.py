@@ -198,13 +198,26 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
     unsupported = _UNSUPPORTED_COMPRESSION.search(detail)
     if unsupported:
         method = unsupported.group(1).lower()
+        tool = "pg_restore" if detail.startswith("pg_restore") else "pg_dump"
+        client = (
+            f"install a PostgreSQL 18 client built with {method} (PGDG and Debian packages are) on "
+            f"every worker and point ${PG_BIN_ENV_VAR} at its bin folder"
+        )
+        if tool == "pg_restore":
+            fix = (
+                f"Fix: {client}; this backup was taken with {method} and only such a client can restore it "
+                f"(the plan's 'compression' setting changes new backups only)."
+            )
+        else:
+            fix = (
+                f"Fix: set 'compression: gzip:1' for this database in the DR plan (every client has gzip), "
+                f"or {client}. Backups already taken with {method} need such a client to restore."
+            )
+        used = Path(pg_tool(tool))
+        short = used if len(used.parts) <= 4 else Path("...", *used.parts[-3:])
         return CompressionUnsupported(
-            f"{what} failed: this build of the PostgreSQL client tools ({detail.split(':')[0]}, in "
-            f"{Path(pg_tool('pg_dump')).parent}) cannot read or write {method} compression. Either set "
-            f"'compression: gzip:1' for this database in the DR plan (every build has gzip; backups "
-            f"already taken with {method} keep needing a {method}-capable pg_restore), or install a "
-            f"PostgreSQL 18 client built with {method} (the PGDG and Debian packages are) on every "
-            f"worker and point ${PG_BIN_ENV_VAR} at it. Retrying cannot fix this."
+            f"{what} failed: this PostgreSQL client ({short}) has no {method} compression. {fix} "
+            f"Retrying cannot fix this.\nClient used: {used}"
         )
     if "connection refused" in lower or "could not connect" in lower or "timeout" in lower:
         return DatabaseUnreachable(f"{what} failed: cannot reach {endpoint.describe()} ({detail}). The task will retry.")
