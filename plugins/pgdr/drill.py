@@ -144,14 +144,20 @@ def headline(report: dict[str, Any]) -> list[str]:
     """Return one line per database with the numbers that matter."""
     lines = []
     for r in report["databases"]:
-        c = r["checks"]
+        rto, rpo, gap, control = _measures(r)
         lines.append(
-            f"{r['database']}: {r['status'].upper()} | RTO {_fmt(c['rto']['achieved_s'])} / {_fmt(c['rto']['target_s'])} | "
-            f"RPO (newest verified) {_fmt(c['rpo_newest_verified']['achieved_s'])} / {_fmt(c['rpo_newest_verified']['target_s'])} | "
-            f"worst gap {_fmt(c['rpo_worst_gap']['achieved_s'])} | negative control "
-            f"{'rejected' if (r['negative_control'] or {}).get('rejected') else 'NOT rejected'}"
+            f"{r['database']}: {r['status'].upper()} | RTO {rto} | RPO (newest verified) {rpo} | "
+            f"worst gap {gap} | negative control {control}"
         )
     return lines
+
+
+def _measures(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    """Return one database's RTO and RPO as ``achieved / target``, its worst gap and its control verdict."""
+    c = r["checks"]
+    rto, rpo = (f"{_fmt(c[k]['achieved_s'])} / {_fmt(c[k]['target_s'])}" for k in ("rto", "rpo_newest_verified"))
+    control = "rejected" if (r["negative_control"] or {}).get("rejected") else "NOT rejected"
+    return rto, rpo, _fmt(c["rpo_worst_gap"]["achieved_s"]), control
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -161,12 +167,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              "## Targets", "", "| database | result | RTO achieved / target | RPO newest verified / target | worst gap (30 days) | negative control |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in report["databases"]:
-        c = r["checks"]
-        lines.append(
-            f"| {r['database']} | {r['status']} | {_fmt(c['rto']['achieved_s'])} / {_fmt(c['rto']['target_s'])} | "
-            f"{_fmt(c['rpo_newest_verified']['achieved_s'])} / {_fmt(c['rpo_newest_verified']['target_s'])} | "
-            f"{_fmt(c['rpo_worst_gap']['achieved_s'])} | {'rejected' if (r['negative_control'] or {}).get('rejected') else 'NOT rejected'} |"
-        )
+        lines.append("| " + " | ".join((r["database"], r["status"], *_measures(r))) + " |")
     lines += ["", "## Timeline", ""]
     for r in report["databases"]:
         lines.append(f"### {r['database']} (backup `{r['backup_id']}`)")
