@@ -76,6 +76,16 @@ def pg_server(session_dir):
 
 
 @pytest.fixture(scope="session")
+def pg_server_b(session_dir):
+    """A second, empty embedded PostgreSQL 18 server: "another server of the plan", without the first one's roles."""
+    from pgdr.embedded import EmbeddedServer
+
+    server = EmbeddedServer(session_dir / "postgres-b").start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1, spoken to over real HTTP."""
     from moto.server import ThreadedMotoServer
@@ -182,6 +192,15 @@ def backup_into_local_store(root, pg_server, database: str = "shop", compression
 def source_row_counts(server, dbname: str) -> dict[str, int]:
     """Count every user table of ``dbname`` directly (the test's own ground truth)."""
     import psycopg
+    from psycopg import sql
+
+    def key(schema: str, table: str) -> str:  # written out here, not taken from pgdr: ground truth
+        def part(name: str) -> str:
+            import re
+
+            plain = re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in ("order", "select", "user", "group", "from", "where")
+            return name if plain else '"' + name.replace('"', '""') + '"'
+        return f"{part(schema)}.{part(table)}"
 
     with psycopg.connect(**server.dsn(dbname)) as conn:
         tables = conn.execute(
@@ -189,12 +208,13 @@ def source_row_counts(server, dbname: str) -> dict[str, int]:
         ).fetchall()
         counts = {}
         for schema, table in tables:
-            counts[f"{schema}.{table}"] = conn.execute(f'SELECT count(*) FROM ONLY "{schema}"."{table}"').fetchone()[0]
+            query = sql.SQL("SELECT count(*) FROM ONLY {}").format(sql.Identifier(schema, table))
+            counts[key(schema, table)] = conn.execute(query).fetchone()[0]
         parents = conn.execute(
             "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'p'"
         ).fetchall()
         for schema, table in parents:
-            counts[f"{schema}.{table}"] = conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()[0]
+            counts[key(schema, table)] = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()[0]
         return counts
 
 

@@ -219,3 +219,84 @@ class MailInbox:
 
     def close(self) -> None:
         self.controller.stop()
+
+
+# -- content fingerprints: what "restored exactly" means ---------------------------------------------
+
+_FINGERPRINT_RELATIONS = """
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND NOT EXISTS (
+      SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+"""
+
+
+def fingerprint(dsn: dict, relations: set[tuple[str, str]] | None = None) -> dict:
+    """Return an order-independent fingerprint of a database's content, computed in SQL.
+
+    Per table (and materialized view): the row count and an MD5 of the sorted MD5s of its rows'
+    text. Also the large objects (OID and content) and every sequence's last value. Keys are
+    ``(schema, name)`` tuples straight from the catalog, so no quoting rule is involved.
+    """
+    import psycopg
+    from psycopg import sql
+
+    result: dict = {"tables": {}}
+    with psycopg.connect(**dsn) as conn:
+        for schema, name in conn.execute(_FINGERPRINT_RELATIONS).fetchall():
+            if relations is not None and (schema, name) not in relations:
+                continue
+            query = sql.SQL(
+                "SELECT count(*), coalesce(md5(string_agg(h, '' ORDER BY h)), '') "
+                "FROM (SELECT md5(t::text) AS h FROM ONLY {} t) rows"
+            ).format(sql.Identifier(schema, name))
+            result["tables"][(schema, name)] = tuple(conn.execute(query).fetchone())
+        if relations is None:
+            result["large_objects"] = conn.execute(
+                "SELECT count(*), coalesce(md5(string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid)), '') "
+                "FROM pg_largeobject_metadata"
+            ).fetchone()
+            result["sequences"] = dict(
+                ((s, n), v) for s, n, v in conn.execute("SELECT schemaname, sequencename, last_value FROM pg_sequences")
+            )
+    return result
+
+
+def load_sql(server, dbname: str, path: Path) -> None:
+    """Create ``dbname`` (any name) on ``server`` afresh and run the SQL file ``path`` in it with psql."""
+    import os
+    import subprocess
+
+    import psycopg
+    from pgdr.embedded import pg_bin_dir
+    from pgdr.identifiers import conninfo
+    from psycopg import sql
+
+    with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    result = subprocess.run(
+        [str(pg_bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path),
+         "--dbname", conninfo("127.0.0.1", server.port, server.superuser, dbname)],
+        env={**os.environ, "PGPASSWORD": server.password}, capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"loading {path} into {dbname!r} failed:\n{result.stderr}")
+
+
+def copy_backup_as(store, layout, manifest, backup_id: str, recovery_point, copy_data: bool = True) -> None:
+    """Store a copy of the backup ``manifest`` as an older backup ``backup_id`` taken at ``recovery_point``.
+
+    The copy's data keys are its own (a manifest that points into another backup is refused);
+    with ``copy_data`` false only the manifest is written, for tests that never read the files.
+    """
+    import json
+
+    data = json.loads(manifest.to_json())
+    data.update(backup_id=backup_id, recovery_point=recovery_point.isoformat())
+    for entry in data["files"]:
+        key = layout.data_key(manifest.database, backup_id, entry["name"])
+        if copy_data:
+            store.put_bytes(key, store.get_bytes(entry["key"]))
+        entry["key"] = key
+    store.put_bytes(layout.manifest_key(manifest.database, backup_id), json.dumps(data).encode())

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import BUCKET, source_row_counts
+from support import copy_backup_as
 
 pytestmark = pytest.mark.integration
 
@@ -129,11 +130,7 @@ def test_retention_keeps_newest_and_newest_verified_and_removes_stale_partials(p
     real = catalog.latest()
     old_ids = ["20250101T000000Z-aaaaaa", "20250201T000000Z-bbbbbb"]
     for old_id in old_ids:
-        for f in real.manifest.files:
-            store.put_bytes(layout.data_key("shop", old_id, f.name), store.get_bytes(f.key))
-        data = json.loads(real.manifest.to_json())
-        data.update(backup_id=old_id, recovery_point=datetime.strptime(old_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).isoformat())
-        store.put_bytes(layout.manifest_key("shop", old_id), json.dumps(data).encode())
+        copy_backup_as(store, layout, real.manifest, old_id, datetime.strptime(old_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC))
     catalog.record_verification(old_ids[0], {"status": "verified"})
     catalog.record_verification(real.backup_id, {"status": "failed"})
     # A partial upload from a killed run long ago, and one that may still be in flight.

@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import statsd_packets
+from support import copy_backup_as
 
 pytestmark = pytest.mark.integration
 
@@ -132,12 +133,10 @@ def _stale_backup(p, days: float):
     store, layout = open_store(db.storage)
     real = take_backup(db, database_endpoint(db), store, layout, db.storage.path.parent / "work").manifest
     catalog = BackupCatalog(store, layout, "shop")
-    catalog.delete_backup(real.backup_id)
     when = datetime.now(UTC) - timedelta(days=days)
     old_id = f"{when:%Y%m%dT%H%M%SZ}-abcdef"
-    data = json.loads(real.to_json())
-    data.update(backup_id=old_id, recovery_point=when.isoformat())
-    store.put_bytes(layout.manifest_key("shop", old_id), json.dumps(data).encode())
+    copy_backup_as(store, layout, real, old_id, when)
+    catalog.delete_backup(real.backup_id)
     catalog.record_verification(old_id, {"status": "verified", "restore_seconds": 3.5})
     return catalog
 

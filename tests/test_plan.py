@@ -108,6 +108,13 @@ def test_shipped_plan_is_valid():
          "line 20: databases[1] (billing).compression: expected pg_dump's compression: gzip, lz4 or zstd"),
         (GOOD.replace("rto: 30m", "compression: gzip:10"), "line 10: defaults.compression: expected pg_dump's"),
         (GOOD.replace("rto: 30m", "compression: 6"), "defaults.compression: expected pg_dump's compression"),
+        # names that would collide in storage keys
+        (GOOD.replace("name: billing", "name: reports"),
+         "databases[1] (reports).name: 'reports' is where pgdr keeps its own drill and health reports"),
+        (GOOD.replace("s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}",
+                      "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n"
+                      "  s3b: {type: s3, bucket: my-bucket, prefix: pgdr/v1/shop, aws_conn_id: pgdr_s3}"),
+         "storage.s3b: lies inside storage target 's3' (s3://my-bucket/pgdr)"),
     ],
 )
 def test_bad_plans_name_file_line_key_and_expectation(bad, expected):
@@ -134,3 +141,13 @@ def test_plan_is_reloaded_when_the_file_changes(tmp_path):
     assert load_plan(path).database_names == ["shop", "billing"]
     path.write_text(GOOD.replace("name: billing", "name: ledger") + "\n")
     assert load_plan(path).database_names == ["shop", "ledger"]
+
+
+def test_storage_targets_may_share_a_location_or_sit_side_by_side():
+    text = GOOD.replace(
+        "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}",
+        "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n"
+        "  same: {type: s3, bucket: my-bucket, prefix: pgdr, aws_conn_id: pgdr_s3}\n"
+        "  beside: {type: s3, bucket: my-bucket, prefix: pgdr2, aws_conn_id: pgdr_s3}",
+    )
+    assert set(parse_plan(text, Path("/etc/pgdr/plan.yaml")).storages) == {"local", "s3", "same", "beside"}

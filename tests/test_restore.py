@@ -8,6 +8,8 @@ import shutil
 import psycopg
 import pytest
 from conftest import backup_into_local_store, source_row_counts
+from pgdr.layout import backup_id_time
+from support import copy_backup_as
 
 pytestmark = pytest.mark.integration
 
@@ -132,10 +134,8 @@ def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_pl
     p, root, backup_id = restore_plan
     store, layout = open_store(p.databases[0].storage)
     real = BackupCatalog(store, layout, "shop").get(backup_id).manifest
-    for old_id, when in (("20260101T000000Z-aaaaaa", "2026-01-01T00:00:00+00:00"), ("20260301T000000Z-bbbbbb", "2026-03-01T00:00:00+00:00")):
-        data = json.loads(real.to_json())
-        data.update(backup_id=old_id, recovery_point=when)
-        store.put_bytes(layout.manifest_key("shop", old_id), json.dumps(data).encode())
+    for old_id in ("20260101T000000Z-aaaaaa", "20260301T000000Z-bbbbbb"):
+        copy_backup_as(store, layout, real, old_id, backup_id_time(old_id), copy_data=False)
 
     dag_run = _restore(run_dag, backup="2026-02-15T12:00:00Z", dry_run=True)
     assert dag_run.states["check_checksums"] == "skipped" and dag_run.states["write_report"] == "success"
@@ -159,14 +159,31 @@ def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_pl
         ({"backup": "yesterday"}, "'backup' must be latest-verified, latest, a backup id"),
         ({"mode": "replace"}, "To confirm, type the database name 'shop' in the 'confirm' field."),
         ({"mode": "replace", "confirm": "shopp"}, "(you typed 'shopp')"),
-        ({"target_name": "shop"}, "The target database 'shop' already exists"),
-        ({"tables": ["sales.nope"]}, "Tables not in backup"),
+        ({"target_name": "shop"}, "target_name 'shop' is the live database's own name"),
+        ({"target_name": "audit_copy"}, "The target database 'audit_copy' already exists"),
+        ({"tables": ["sales.nope"]}, "Not a table of backup"),
         ({"mode": "replace", "confirm": "shop", "tables": ["sales.orders"]}, "A table-level restore goes into a new database"),
+        ({"backup": "../../x"}, "'backup' must be latest-verified, latest, a backup id"),
+        ({"backup": "20261122T093000Z-3fa2c1\x00"}, "got '20261122T093000Z-3fa2c1\\\\x00'"),
+        ({"backup": "2999-01-01T00:00:00Z"}, "'backup' 2999-01-01T00:00:00+00:00 is in the future"),
+        ({"tables": ["sales.customer_revenue"]}, "Views, materialized views and sequences are not tables"),
+        ({"tables": ["SALES.ORDERS2"]}, "Not a table of backup"),
+        ({"tables": ['"Sales".Orders']}, "for \"Sales\".orders did you mean sales.orders?"),
+        ({"tables": ['sales."orders']}, "has a double quote that is never closed"),
+        ({"tables": ["orders"]}, "tables entry 'orders' names no schema"),
+        ({"target_name": "x" * 64}, "is 64 bytes long; PostgreSQL names hold at most 63 bytes"),
+        ({"target_name": "ü" * 32}, "is 64 bytes long"),
+        ({"target_name": "pg_copy"}, "starts with pg_, which PostgreSQL reserves"),
+        ({"mode": "replace", "confirm": "shop "}, "(you typed 'shop ', with spaces around the name: type it exactly)"),
     ],
     ids=["missing-backup-id", "before-oldest", "bad-selector", "replace-unconfirmed", "replace-wrong-confirmation",
-         "existing-target", "unknown-table", "replace-tables"],
+         "target-is-live", "existing-target", "unknown-table", "replace-tables", "backup-path", "backup-nul",
+         "future-time", "view", "missing-table", "quoted-case", "unclosed-quote", "no-schema", "target-too-long",
+         "target-too-long-unicode", "target-pg-prefix", "confirm-trailing-space"],
 )
 def test_bad_input_fails_first_with_nothing_touched(restore_plan, run_dag, pg_server, slack, conf, message):
+    if conf.get("target_name") == "audit_copy":
+        _sql(pg_server, "CREATE DATABASE audit_copy")  # dropped by restore_plan: it was not there before
     before_dbs, before_rows = _databases(pg_server), source_row_counts(pg_server, "shop")
     dag_run = _restore(run_dag, **conf)
     assert dag_run.states["plan_restore"] == "failed"

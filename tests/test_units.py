@@ -56,13 +56,14 @@ def test_manifests_say_who_compressed_and_old_ones_read_as_pgdr_0_1():
     restores decompress them; a current one names pg_dump's compression and the database size."""
     from pgdr.catalog import BackupFile
 
-    legacy = _entry(1).manifest
+    legacy = replace(_entry(1).manifest, files=(BackupFile("toc.dat", "k0", 10, 8, "0" * 64),))
     raw = json.loads(legacy.to_json())
     raw.pop("compressed_by"), raw.pop("database_bytes")
     old = BackupManifest.from_json(json.dumps(raw).encode(), "old/manifest.json")
     assert old.compressed_by == "pgdr" and "by pgdr 0.1" in old.size_summary()
 
-    files = (BackupFile("toc.dat", "k1", 2_000_000, 2_000_000, "a"), BackupFile("3001.dat.gz", "k2", 1_200_000, 1_200_000, "b"))
+    files = (BackupFile("toc.dat", "k1", 2_000_000, 2_000_000, "a" * 64),
+             BackupFile("3001.dat.gz", "k2", 1_200_000, 1_200_000, "b" * 64))
     current = replace(legacy, compression="gzip:1", compression_level=None, compressed_by="pg_dump",
                       database_bytes=52_000_000, files=files)
     again = BackupManifest.from_json(current.to_json(), "new/manifest.json")
@@ -235,3 +236,121 @@ def test_drill_verdict_turns_breaches_into_action_items():
     assert "the newest verified backup was 2h 00m old, over the RPO of 1h 00m" in items
     assert "passed between backups a and b" in items
     assert "the negative control was NOT rejected" in items
+
+
+# -- identifiers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, schema, name",
+    [
+        ("sales.orders", "sales", "orders"),
+        ("Sales.Orders", "sales", "orders"),  # unquoted names fold to lower case, as in SQL
+        ('"Sales Dept"."Customer Accounts"', "Sales Dept", "Customer Accounts"),
+        ('public."order"', "public", "order"),
+        ('"a.b".c', "a.b", "c"),
+        ('a."b.c"', "a", "b.c"),
+        ('"quote""s"."ta""ble"', 'quote"s', 'ta"ble'),
+        ('"-dash"."-table"', "-dash", "-table"),
+        ('ünï."tëst 🎉"', "ünï", "tëst 🎉"),
+        (' "%pct {x}:y" . "100% {done}:now" ', "%pct {x}:y", "100% {done}:now"),
+    ],
+)
+def test_table_names_are_read_as_sql_writes_them_and_written_back_the_same(text, schema, name):
+    from pgdr.identifiers import QualifiedName, parse_qualified_name
+
+    parsed = parse_qualified_name(text)
+    assert parsed == QualifiedName(schema, name)
+    assert parse_qualified_name(str(parsed)) == parsed  # the key round-trips
+
+
+def test_keys_are_quoted_exactly_where_postgresql_quotes():
+    from pgdr.identifiers import legacy_table_key, table_key
+
+    assert table_key("sales", "orders") == "sales.orders"
+    assert table_key("public", "order") == 'public."order"'
+    assert table_key("a.b", "c") == '"a.b".c' != table_key("a", "b.c") == 'a."b.c"'
+    assert table_key("Sales Dept", 'Say "hi"') == '"Sales Dept"."Say ""hi"""'
+    # manifests of pgdr 0.1/0.2 keyed tables as schema.table, unquoted
+    assert legacy_table_key("sales.orders") == "sales.orders"
+    assert legacy_table_key("Sales Dept.Customer Accounts") == '"Sales Dept"."Customer Accounts"'
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("orders", "names no schema"),
+        ("a.b.c", "has 3 parts"),
+        ('sales."orders', "never closed"),
+        ('sales.""', "empty quoted name"),
+        ("sales.", "ends with a dot"),
+        ("sales.ord ers", "has ' ' after ord"),
+        ("sales.ord\x00ers", "NUL"),
+        ("sales." + "x" * 64, "longer than PostgreSQL's 63 bytes"),
+        ("-dash.t", "where a name should start"),
+    ],
+)
+def test_unreadable_table_names_say_how_to_write_them(text, problem):
+    from pgdr.identifiers import InvalidIdentifier, parse_qualified_name
+
+    with pytest.raises(InvalidIdentifier, match="double-quoting a part") as info:
+        parse_qualified_name(text)
+    assert problem in str(info.value)
+
+
+def test_client_tools_get_databases_as_quoted_connection_strings():
+    from pgdr.identifiers import conninfo, unicode_identifier
+
+    assert conninfo("h", 5432, "u", "we*ird.na\"me=x -y 'q' \\") == (
+        "host='h' port='5432' user='u' dbname='we*ird.na\"me=x -y \\'q\\' \\\\'"
+    )
+    assert unicode_identifier("a%b:{c} 🎉") == 'U&"a\\0025b\\003a\\007bc\\007d\\0020\\+01f389"'
+
+
+# -- user suites ---------------------------------------------------------------------------------------
+
+
+def _suite_manifest():
+    return replace(_entry(1).manifest, row_counts={'"Sales Dept"."Customer Accounts"': 3, "sales.orders": 2})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- a\n- b\n", "expected a mapping with 'table' and 'expectations'"),
+        ("table: sales.nope\nexpectations: [{type: expect_table_row_count_to_equal}]\n", "got 'sales.nope'"),
+        ('table: "Sales Dept.Customer Accounts"\nexpectations: [{type: x}]\n', "has ' ' after"),
+        ("table: sales.orders\nexpectations: [{type: expect_x, kwargs: [1, 2]}]\n", "kwargs must be a mapping"),
+        ("table: sales.orders\nexpectations: [{kwargs: {}}]\n", "expectations[0] needs a 'type'"),
+        ("table: sales.orders\nexpectations: []\n", "'expectations' must be a non-empty list"),
+        ("table: [sales.orders\n", "is not valid YAML"),
+    ],
+)
+def test_bad_suite_files_name_the_file_and_what_to_fix(tmp_path, monkeypatch, text, message):
+    from pgdr.validation import SuiteError, load_user_suites
+
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "bad.yaml").write_text(text)
+    monkeypatch.setenv("PGDR_GX_SUITES", str(tmp_path))
+    with pytest.raises(SuiteError) as info:
+        load_user_suites("shop", _suite_manifest())
+    assert message in str(info.value) and "bad.yaml" in str(info.value)
+
+
+def test_suites_name_quoted_tables_as_sql_does(tmp_path, monkeypatch):
+    from pgdr.validation import load_user_suites
+
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "accounts.yaml").write_text(
+        "table: '\"Sales Dept\".\"Customer Accounts\"'\nexpectations: [{type: expect_table_row_count_to_equal, kwargs: {value: 3}}]\n"
+    )
+    monkeypatch.setenv("PGDR_GX_SUITES", str(tmp_path))
+    (spec,) = load_user_suites("shop", _suite_manifest())
+    assert spec.table == '"Sales Dept"."Customer Accounts"'
+
+
+def test_unknown_expectation_type_names_the_suite_and_the_type():
+    from pgdr.validation import ExpectationSpec, SuiteError, _build_expectation
+
+    with pytest.raises(SuiteError, match="include/gx/shop/x.yaml: expectation 'expect_nothing_ever' on sales.orders is not valid"):
+        _build_expectation(ExpectationSpec("sales.orders", "expect_nothing_ever", {}, "include/gx/shop/x.yaml"), 0)

@@ -231,3 +231,43 @@ def test_backup_of_pgdr_0_1_zstd_by_pgdr_still_verifies(plan, run_dag, pg_server
     assert record["status"] == "verified"
     assert record["integrity"]["rows_checked"] == sum(source_row_counts(pg_server, "shop").values())
     assert slack.messages == []
+
+
+def test_backup_id_that_is_a_path_is_refused(local_backup, run_dag, pg_server, slack):
+    _p, _root, backup_id = local_backup
+    dag_run = _verify(run_dag, f"../billing/{backup_id}")
+    assert dag_run.states["find_backups"] == "failed" and dag_run.tries["find_backups"] == 1
+    assert f"'../billing/{backup_id}' is not a pgdr backup id" in slack.texts()[-1]
+    assert _scratch_databases(pg_server) == []
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["files"][0].update(key="v1/billing/20200101T000000Z-abcdef/data/toc.dat"),
+         "files[0].key is 'v1/billing/20200101T000000Z-abcdef/data/toc.dat', outside this backup's own data folder"),
+        (lambda m: m["files"][0].update(name="../../dags/x.py"), "files[0].name is '../../dags/x.py', not the name of a file pg_dump writes"),
+        (lambda m: m["files"][0].update(name="/opt/airflow/dags/x.py"), "files[0].name is '/opt/airflow/dags/x.py'"),
+        (lambda m: m["files"][0].update(size=-1), "files[0].size is -1, not a whole number from 0"),
+        (lambda m: m["files"][0].update(stored_size=10**19), "files[0].stored_size is 10000000000000000000"),
+        (lambda m: m["row_counts"].update({"sales.orders": "30000"}), "row_counts['sales.orders'] is '30000', not a whole number"),
+        (lambda m: m["row_counts"].update({"sales.orders": 1.5}), "row_counts['sales.orders'] is 1.5"),
+        (lambda m: m.pop("recovery_point"), "recovery_point is missing"),
+        (lambda m: m.update(backup_id="20200101T000000Z-abcdef"), "backup_id is '20200101T000000Z-abcdef', but the manifest is stored as backup"),
+        (lambda m: m.update(files="toc.dat"), "files must be a non-empty list"),
+    ],
+    ids=["key-outside-prefix", "name-with-dots", "absolute-name", "negative-size", "absurd-size", "count-not-int",
+         "count-float", "missing-field", "other-backup-id", "files-not-a-list"],
+)
+def test_manifest_edited_in_the_bucket_is_refused_before_anything_is_read(local_backup, run_dag, pg_server, slack, edit, message):
+    _p, root, backup_id = local_backup
+    path = root / "v1" / "shop" / backup_id / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    dag_run = _verify(run_dag, backup_id)
+    assert dag_run.states["find_backups"] == "failed" and dag_run.tries["find_backups"] == 1
+    (alert,) = slack.texts()
+    assert message in alert and "is damaged or not a pgdr manifest" in alert, alert
+    assert _scratch_databases(pg_server) == []
+    assert not (root / "v1" / "shop" / backup_id / "verification.json").exists()

@@ -13,15 +13,28 @@ verified backup, whatever its age.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import MISSING, asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure
-from pgdr.layout import BackupLayout, backup_id_time
+from pgdr.identifiers import legacy_table_key, printable
+from pgdr.layout import BackupLayout, backup_id_time, is_backup_id
 from pgdr.storage import BackupStore
 
-MANIFEST_FORMAT = 1
+# 2: row-count and sequence keys are written as SQL writes names (pgdr.identifiers); format 1
+# (pgdr 0.1 and 0.2) joined schema and name with a dot, unquoted, and is read as such.
+MANIFEST_FORMAT = 2
+MAX_FILE_BYTES = 1 << 50  # 1 PiB: a larger size in a manifest is a damaged or forged record
+# The files pg_dump -Fd writes (toc.dat, <dump id>.dat, blobs_<id>.toc, blob_<oid>.dat), with
+# pg_dump's own compression suffix; pgdr 0.1 stored them with a .zst key suffix of its own.
+_DUMP_FILE = re.compile(r"^(toc\.dat|\d{1,10}\.dat|blobs(_\d{1,10})?\.toc|blob_\d{1,10}\.dat)(\.gz|\.lz4|\.zst)?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestInvalid(PermanentFailure):
+    """A manifest is damaged, or forged by someone who can write to the bucket: it is not used."""
 
 
 @dataclass(frozen=True)
@@ -94,20 +107,135 @@ class BackupManifest:
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> BackupManifest:
-        """Parse a manifest; a damaged one raises :class:`PermanentFailure` naming ``where``."""
+        """Parse and check a manifest; anything damaged or out of shape raises :class:`ManifestInvalid`.
+
+        A manifest comes from a bucket, so it is untrusted input: every field is checked for type
+        and range before any of it is used, and the error names ``where`` and the field.
+        """
         try:
             data = json.loads(raw)
-            data.pop("size", None)
-            data.pop("stored_size", None)
-            for key in ("recovery_point", "started_at", "finished_at"):
-                data[key] = datetime.fromisoformat(data[key])
-            data["files"] = tuple(BackupFile(**f) for f in data["files"])
-            return cls(**data)
-        except (ValueError, KeyError, TypeError) as err:
-            raise PermanentFailure(
-                f"The manifest {where} is damaged or not a pgdr manifest ({type(err).__name__}: {err}). "
-                "Treat this backup as unusable; choose another backup."
-            ) from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise _invalid(where, "the file", f"is not JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise _invalid(where, "the file", "is not a JSON object")
+        data.pop("size", None)
+        data.pop("stored_size", None)
+        missing = [name for name, f in cls.__dataclass_fields__.items()
+                   if name not in data and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise _invalid(where, ", ".join(missing), "is missing")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise _invalid(where, ", ".join(unknown), "is not a field of a pgdr manifest")
+        for key in ("recovery_point", "started_at", "finished_at"):
+            data[key] = _time(data[key], where, key)
+        if not isinstance(data["backup_id"], str) or not is_backup_id(data["backup_id"]):
+            raise _invalid(where, "backup_id", f"is {printable(repr(data['backup_id']))[:80]}, not a pgdr backup id")
+        for key in ("database", "dbname", "server_version", "client_version", "format", "compression", "storage"):
+            if not isinstance(data[key], str) or "\x00" in data[key]:
+                raise _invalid(where, key, "must be text")
+        if data["format"] != "directory":
+            raise _invalid(where, "format", f"is {printable(data['format'])!r}; pgdr writes directory-format dumps only")
+        data.setdefault("compressed_by", "pgdr")
+        if data["compressed_by"] not in ("pg_dump", "pgdr"):
+            raise _invalid(where, "compressed_by", "must be pg_dump or pgdr")
+        _count(data["dump_jobs"], where, "dump_jobs", 1, 1024)
+        _count(data["large_objects"], where, "large_objects")
+        if data.get("compression_level") is not None:
+            _count(data["compression_level"], where, "compression_level", 0, 22)
+        if data.get("database_bytes") is not None:
+            _count(data["database_bytes"], where, "database_bytes", 0, MAX_FILE_BYTES)
+        data["manifest_format"] = data.get("manifest_format", 1)
+        if data["manifest_format"] not in (1, MANIFEST_FORMAT):
+            raise _invalid(where, "manifest_format", f"is {data['manifest_format']!r}; this pgdr reads 1 and {MANIFEST_FORMAT}")
+        data["row_counts"] = _name_map(data["row_counts"], where, "row_counts", data["manifest_format"], nullable=False)
+        data["sequences"] = _name_map(data.get("sequences") or {}, where, "sequences", data["manifest_format"], nullable=True)
+        data["manifest_format"] = MANIFEST_FORMAT  # keys are in today's syntax from here on
+        if not isinstance(data.get("airflow", {}), dict):
+            raise _invalid(where, "airflow", "must be a mapping")
+        data["files"] = _files(data["files"], where)
+        return cls(**data)
+
+
+def _invalid(where: str, field: str, problem: str) -> ManifestInvalid:
+    return ManifestInvalid(
+        f"The manifest {where} is damaged or not a pgdr manifest: {field} {problem}. pgdr does not use this "
+        "backup (nothing was read or written for it). Choose another backup, and find out who or what "
+        "changed the storage."
+    )
+
+
+def _time(value: Any, where: str, field: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise _invalid(where, field, f"is {printable(repr(value))[:60]}, not an ISO 8601 time with a UTC offset")
+    return moment
+
+
+def _count(value: Any, where: str, field: str, low: int = 0, high: int = 1 << 62) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _invalid(where, field, f"is {printable(repr(value))[:60]}, not a whole number from {low} to {high}")
+    return value
+
+
+def _name_map(value: Any, where: str, field: str, manifest_format: int, nullable: bool) -> dict[str, int | None]:
+    if not isinstance(value, dict):
+        raise _invalid(where, field, "must be a mapping of schema.table names to numbers")
+    result: dict[str, int | None] = {}
+    for key, number in value.items():
+        if not isinstance(key, str) or "\x00" in key:
+            raise _invalid(where, f"{field} key {printable(repr(key))[:60]}", "is not a name")
+        if not (nullable and number is None):
+            _count(number, where, f"{field}[{printable(key)!r}]", -(1 << 63) if nullable else 0, (1 << 63) - 1)
+        result[legacy_table_key(key) if manifest_format == 1 else key] = number
+    return result
+
+
+def _files(value: Any, where: str) -> tuple[BackupFile, ...]:
+    if not isinstance(value, list) or not value:
+        raise _invalid(where, "files", "must be a non-empty list")
+    files, names = [], set()
+    for index, item in enumerate(value):
+        field = f"files[{index}]"
+        if not isinstance(item, dict) or set(item) != set(BackupFile.__dataclass_fields__):
+            raise _invalid(where, field, f"must have exactly the fields {', '.join(BackupFile.__dataclass_fields__)}")
+        name, key = item["name"], item["key"]
+        if not isinstance(name, str) or not _DUMP_FILE.match(name):
+            raise _invalid(where, f"{field}.name", f"is {printable(repr(name))[:80]}, not the name of a file pg_dump writes")
+        if name in names:
+            raise _invalid(where, f"{field}.name", f"{name!r} is listed twice")
+        names.add(name)
+        if not isinstance(key, str) or not key:
+            raise _invalid(where, f"{field}.key", "must be a storage key")
+        _count(item["size"], where, f"{field}.size", 0, MAX_FILE_BYTES)
+        _count(item["stored_size"], where, f"{field}.stored_size", 0, MAX_FILE_BYTES)
+        if not isinstance(item["sha256"], str) or not _SHA256.match(item["sha256"]):
+            raise _invalid(where, f"{field}.sha256", "is not a SHA-256 in hex")
+        files.append(BackupFile(**item))
+    return tuple(files)
+
+
+def check_manifest_location(manifest: BackupManifest, layout: BackupLayout, database: str, backup_id: str, where: str) -> None:
+    """Refuse a manifest that is not about the backup it is stored as, or names a key outside it.
+
+    Every data key must be the key pgdr itself gives that file (pgdr 0.1's ``.zst`` form
+    included): a manifest that points elsewhere in the bucket is never followed.
+    """
+    if manifest.backup_id != backup_id:
+        raise _invalid(where, "backup_id", f"is {manifest.backup_id!r}, but the manifest is stored as backup {backup_id!r}")
+    if manifest.database != database:
+        raise _invalid(where, "database", f"is {printable(manifest.database)!r}, but the manifest is stored under {database!r}")
+    for index, entry in enumerate(manifest.files):
+        own = layout.data_key(database, backup_id, entry.name)
+        allowed = (own, own + ".zst") if manifest.compressed_by == "pgdr" else (own,)
+        if entry.key not in allowed:
+            raise _invalid(
+                where, f"files[{index}].key",
+                f"is {printable(entry.key)[:120]!r}, outside this backup's own data folder (expected {own!r})",
+            )
 
 
 @dataclass(frozen=True)
@@ -155,7 +283,9 @@ class BackupCatalog:
 
     def _entry(self, backup_id: str, keys: list[str] | None = None) -> BackupEntry:
         manifest_key = self.layout.manifest_key(self.database, backup_id)
-        manifest = BackupManifest.from_json(self.store.get_bytes(manifest_key), self.store.describe(manifest_key))
+        where = self.store.describe(manifest_key)
+        manifest = BackupManifest.from_json(self.store.get_bytes(manifest_key), where)
+        check_manifest_location(manifest, self.layout, self.database, backup_id, where)
         verification_key = self.layout.verification_key(self.database, backup_id)
         verification = None
         if (keys is not None and verification_key in keys) or (keys is None and self.store.exists(verification_key)):
@@ -181,6 +311,11 @@ class BackupCatalog:
 
     def get(self, backup_id: str) -> BackupEntry:
         """Return one complete backup, or raise :class:`BackupNotFound` saying what exists."""
+        if not isinstance(backup_id, str) or not is_backup_id(backup_id):
+            raise BackupNotFound(
+                f"{printable(repr(backup_id))[:80]} is not a pgdr backup id (they look like 20261122T093000Z-3fa2c1). "
+                f"Pick one from the list of backups of database {self.database!r}."
+            )
         if not self.store.exists(self.layout.manifest_key(self.database, backup_id)):
             newest = [e.backup_id for e in self.backups()[-5:]]
             listing = ", ".join(reversed(newest)) if newest else "none"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pgdr.catalog import BackupManifest
 from pgdr.errors import PermanentFailure
-from pgdr.postgres import PgEndpoint, connect, connection_args, count_rows, passfile_env, pg_tool, sequence_values
+from pgdr.identifiers import printable, quote_ident, table_key
+from pgdr.postgres import PgEndpoint, connect, count_rows, endpoint_conninfo, passfile_env, pg_tool, sequence_values
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class IntegrityReport:
     def problems(self) -> list[str]:
         """Return each problem as one line a person can act on."""
         lines = [
-            f"table {table}: the backup counted {c['expected']} rows, the restored table has {c['restored']}"
+            f"table {printable(table)}: the backup counted {c['expected']} rows, the restored table has {c['restored']}"
             for table, c in sorted(self.row_count_mismatches.items())
         ]
         if not self.amcheck_ok:
@@ -99,7 +100,7 @@ def check_sequences(conn, manifest: BackupManifest, report: IntegrityReport) -> 
     restored = sequence_values(conn)
     for name in manifest.sequences:
         if name not in restored:
-            report.sequence_problems.append(f"sequence {name} is in the backup but was not restored")
+            report.sequence_problems.append(f"sequence {printable(name)} is in the backup but was not restored")
     for seq_schema, seq, schema, table, column in conn.execute(_OWNED_SEQUENCES_SQL).fetchall():
         query = sql.SQL("SELECT max({col})::numeric FROM {tbl}").format(
             col=sql.Identifier(column), tbl=sql.Identifier(schema, table)
@@ -108,11 +109,12 @@ def check_sequences(conn, manifest: BackupManifest, report: IntegrityReport) -> 
             column_max = conn.execute(query).fetchone()[0]
         except Exception:  # noqa: BLE001 - a non-numeric owner column: nothing to compare
             continue
-        last = restored.get(f"{seq_schema}.{seq}")
+        sequence = table_key(seq_schema, seq)
+        last = restored.get(sequence)
         report.sequences_checked += 1
         if column_max is not None and (last is None or last < column_max):
             report.sequence_problems.append(
-                f"sequence {seq_schema}.{seq} is at {last}, behind max({schema}.{table}.{column}) = {column_max}: "
+                f"sequence {printable(sequence)} is at {last}, behind max({printable(table_key(schema, table))}.{printable(quote_ident(column))}) = {column_max}: "
                 "the next insert would reuse a restored key"
             )
 
@@ -120,8 +122,9 @@ def check_sequences(conn, manifest: BackupManifest, report: IntegrityReport) -> 
 def run_amcheck(target: PgEndpoint, workdir: Path, report: IntegrityReport, jobs: int = 2) -> None:
     """Run ``pg_amcheck`` over every table and B-tree index of ``target`` (installs ``amcheck``)."""
     args = [
-        pg_tool("pg_amcheck"), *connection_args(target), "--install-missing", "--heapallindexed",
-        f"--jobs={max(1, jobs)}", "--no-password",
+        pg_tool("pg_amcheck"), "--install-missing", "--heapallindexed", f"--jobs={max(1, jobs)}", "--no-password",
+        # The database as a connection string, after "--": pg_amcheck's -d reads a pattern.
+        "--", endpoint_conninfo(target),
     ]
     with passfile_env(target, workdir) as env:
         result = subprocess.run(args, env=env, capture_output=True, text=True)

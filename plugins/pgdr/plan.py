@@ -32,6 +32,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$")
 _DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _CONN_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Names that the storage layout (pgdr.layout) uses for its own objects beside the databases' folders.
+RESERVED_NAMES = {"reports": "drill and health reports"}
 DEFAULT_COMPRESSION = "gzip:1"  # readable by every build of pg_restore; see compression_spec
 
 
@@ -450,6 +452,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
             raise c.fail(storage_node, "storage", f"expected a mapping of target names to targets, got {_kind(storage_node)}")
         for name_node, target_node in storage_node.value:
             storages[name_node.value] = _parse_storage(c, name_node.value, target_node, path.parent)
+        _check_storage_overlap(c, storage_node, storages)
 
     defaults = _Policy(storage=next(iter(storages), None))
     if "defaults" in top:
@@ -474,6 +477,12 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         name = c.string(fields["name"][1], f"{key}.name", _IDENTIFIER, "a lower-case name of letters, digits and _ (at most 63)")
         if name in (db.name for db in databases):
             raise c.fail(fields["name"][1], f"{key}.name", "the same name is given to two databases")
+        if name in RESERVED_NAMES:
+            raise c.fail(
+                fields["name"][1], f"{key}.name",
+                f"{name!r} is where pgdr keeps its own {RESERVED_NAMES[name]} in the storage target, so its backups "
+                "would mix with them; give the database another name (its dbname on the server can stay)",
+            )
         conn_id = c.string(fields["conn_id"][1], f"{key}.conn_id", _CONN_ID, "an Airflow connection id")
         policy = _parse_policy(c, fields, key, defaults, storages)
         if policy.storage is None:
@@ -512,6 +521,23 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         drill=drill,
         health=health,
     )
+
+
+def _check_storage_overlap(c: _Checker, storage_node: yaml.Node | None, storages: dict[str, StorageTarget]) -> None:
+    """Refuse two storage targets where one lies inside the other's backups (their keys would collide)."""
+    def location(t: StorageTarget) -> str:
+        return f"s3://{t.bucket}/{t.prefix}".rstrip("/") + "/" if t.kind == "s3" else str(t.path).rstrip("/") + "/"
+
+    targets = sorted(storages.values(), key=lambda t: t.name)
+    for outer in targets:
+        for inner in targets:
+            if outer is not inner and location(inner).startswith(location(outer)) and location(inner) != location(outer):
+                raise c.fail(
+                    storage_node, f"storage.{inner.name}",
+                    f"lies inside storage target {outer.name!r} ({outer.describe()}): pgdr would read its objects as "
+                    f"{outer.name!r}'s and retention could delete them. Give each target a location of its own "
+                    "(two targets may share one location)",
+                )
 
 
 _cache: dict[Path, tuple[float, DRPlan]] = {}

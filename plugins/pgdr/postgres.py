@@ -30,6 +30,9 @@ from pgdr.errors import (
     PermanentFailure,
     PgdrError,
 )
+from pgdr.identifiers import conninfo, sql_identifier, table_key
+
+__all__ = ["identifier", "table_key"]  # re-exported: the one identifier rule lives in pgdr.identifiers
 
 PG_BIN_ENV_VAR = "PGDR_PG_BIN"
 COUNT_BATCH = 200  # tables counted per query: one round trip for a typical database
@@ -169,9 +172,18 @@ def passfile_env(endpoint: PgEndpoint, workdir: Path) -> Iterator[dict[str, str]
             passfile.unlink(missing_ok=True)
 
 
+def endpoint_conninfo(endpoint: PgEndpoint, dbname: str | None = None) -> str:
+    """Return the libpq connection string of ``endpoint`` (never a password: that is in the passfile)."""
+    return conninfo(endpoint.host, endpoint.port, endpoint.user, dbname or endpoint.dbname)
+
+
 def connection_args(endpoint: PgEndpoint, dbname: str | None = None) -> list[str]:
-    """Return the ``-h -p -U -d`` arguments of a client tool (never a password)."""
-    return ["-h", endpoint.host, "-p", str(endpoint.port), "-U", endpoint.user, "-d", dbname or endpoint.dbname]
+    """Return the ``--dbname=<connection string>`` argument of ``pg_dump``/``pg_restore``.
+
+    One quoted connection string, so that no database, host or user name is ever read as an
+    option (a name that starts with ``-``) or as a connection string of its own (one with ``=``).
+    """
+    return [f"--dbname={endpoint_conninfo(endpoint, dbname)}"]
 
 
 def run_tool(
@@ -239,11 +251,6 @@ WHERE c.relkind IN ('r', 'p')
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
 ORDER BY n.nspname, c.relname
 """
-
-
-def table_key(schema: str, table: str) -> str:
-    """Return the key of a table in row-count maps: ``schema.table``."""
-    return f"{schema}.{table}"
 
 
 _LEAF_PARTITIONS_SQL = """
@@ -348,9 +355,4 @@ def dump_command(endpoint: PgEndpoint, out_dir: Path, jobs: int, snapshot_id: st
     ]
 
 
-def identifier(name: str) -> str:
-    """Quote ``name`` as an SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-SAFE_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+identifier = sql_identifier

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pgdr.catalog import BackupCatalog, BackupEntry
 from pgdr.errors import BackupNotFound, PermanentFailure, PgdrError
+from pgdr.identifiers import MAX_IDENTIFIER_BYTES, QualifiedName, printable
 from pgdr.layout import is_backup_id
 from pgdr.postgres import PgEndpoint, connect, identifier, passfile_env, pg_tool, run_tool
 from pgdr.restore import RestoreFailed, restore_command
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("new-database", "replace")
 SELECTORS = ("latest-verified", "latest")
-_DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 TARGET_MARKER = "pgdr restore target"
 
 
@@ -71,7 +71,13 @@ def select_backup(catalog: BackupCatalog, selector: str) -> BackupEntry:
     if moment is None:
         raise InvalidRestoreRequest(
             f"'backup' must be latest-verified, latest, a backup id such as 20261122T093000Z-3fa2c1, or a "
-            f"timestamp such as 2026-11-22T09:30:00Z; got {selector!r}."
+            f"timestamp such as 2026-11-22T09:30:00Z; got {printable(selector)!r}. Nothing was touched."
+        )
+    now = datetime.now(UTC)
+    if moment > now:
+        raise InvalidRestoreRequest(
+            f"'backup' {moment.isoformat()} is in the future (it is now {now.replace(microsecond=0).isoformat()}). "
+            "Give the moment the data was last good, in UTC, or 'latest'. Nothing was touched."
         )
     backups = catalog.backups()
     if not backups:
@@ -87,17 +93,36 @@ def select_backup(catalog: BackupCatalog, selector: str) -> BackupEntry:
 
 
 def default_target_name(database: str, now: datetime, suffix: str = "restored") -> str:
-    """Return ``<db>_<suffix>_<YYYYmmddHHMMSS>`` (at most 63 bytes)."""
+    """Return ``<db>_<suffix>_<YYYYmmddHHMMSS>``, the database name cut to fit PostgreSQL's 63 bytes."""
     stamp = now.astimezone(UTC).strftime("%Y%m%d%H%M%S")
-    return f"{database[: 63 - len(suffix) - len(stamp) - 2]}_{suffix}_{stamp}"
+    tail = f"_{suffix}_{stamp}"
+    head = database.encode()[: MAX_IDENTIFIER_BYTES - len(tail)].decode(errors="ignore")  # never half a character
+    return head + tail
 
 
-def check_target_name(name: str) -> str:
-    """Refuse names that are not plain lower-case identifiers."""
-    if not _DB_NAME.match(name):
+def check_target_name(name: str, live: str) -> str:
+    """Refuse a target database name PostgreSQL would truncate or reserve, or that is the live database.
+
+    Any other name is allowed, upper case, spaces and unicode included: pgdr always quotes it.
+    """
+    problem = None
+    if not name.strip():
+        problem = "is empty"
+    elif "\x00" in name or printable(name) != name:
+        problem = "contains control characters"
+    elif len(name.encode()) > MAX_IDENTIFIER_BYTES:
+        problem = (
+            f"is {len(name.encode())} bytes long; PostgreSQL names hold at most {MAX_IDENTIFIER_BYTES} bytes "
+            "and would silently cut it"
+        )
+    elif name.lower().startswith("pg_"):
+        problem = "starts with pg_, which PostgreSQL reserves for its own objects"
+    elif name == live:
+        problem = "is the live database's own name; a restore never writes into the live database (use mode replace)"
+    if problem:
         raise InvalidRestoreRequest(
-            f"target_name {name!r} is not a plain database name: use lower-case letters, digits and _ "
-            "(at most 63), starting with a letter."
+            f"target_name {printable(name)!r} {problem}. Choose another name, or leave target_name empty for "
+            f"{default_target_name(live, datetime.now(UTC))!r}-style default. Nothing was touched."
         )
     return name
 
@@ -134,6 +159,8 @@ def expected_duration(catalog: BackupCatalog) -> float | None:
 
 def create_target(server: PgEndpoint, name: str, run_id: str) -> None:
     """Create the empty restore target, marked as pgdr's; a previous try's copy is replaced."""
+    from psycopg import sql
+
     with connect(server.with_dbname("postgres")) as conn:
         row = conn.execute(
             "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
@@ -146,7 +173,9 @@ def create_target(server: PgEndpoint, name: str, run_id: str) -> None:
                 )
             conn.execute(f"DROP DATABASE {identifier(name)} WITH (FORCE)")  # our own partial copy
         conn.execute(f"CREATE DATABASE {identifier(name)} TEMPLATE template0")
-        conn.execute(f"COMMENT ON DATABASE {identifier(name)} IS '{TARGET_MARKER} [run {run_id}]'")
+        conn.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(f"{TARGET_MARKER} [run {run_id}]"))
+        )
 
 
 def drop_own_target(server: PgEndpoint, name: str, run_id: str) -> bool:
@@ -161,63 +190,78 @@ def drop_own_target(server: PgEndpoint, name: str, run_id: str) -> bool:
     return True
 
 
-_TOC_LINE = re.compile(
-    r"^(?P<id>\d+); \d+ \d+ (?P<desc>TABLE DATA|FK CONSTRAINT|BLOBS|BLOB|BLOB METADATA|LARGE OBJECT|[A-Z][A-Z ]*?) (?P<schema>\S+) (?P<tag>\S+)"
-)
+# pg_restore -l prints "<dump id>; <catalog oid> <oid> <description> <schema> <name> <owner>". The
+# description is one of a fixed set of words; names come after it and may hold spaces, so a line
+# is never split on spaces to find a name: the entries of one table are found by pg_restore itself.
+_TOC_ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ (?P<desc>TABLE DATA|FK CONSTRAINT|BLOBS|BLOB METADATA|BLOB|LARGE OBJECT)\b")
 _SKIP_IN_TABLE_RESTORE = {"FK CONSTRAINT", "BLOBS", "BLOB", "BLOB METADATA", "LARGE OBJECT"}
 
 
-def table_restore_list(toc: str, tables: set[str]) -> str:
-    """Filter ``pg_restore -l`` output for a table-level restore of ``tables`` (``schema.table``).
+def table_restore_list(toc: str, data_ids: set[str]) -> str:
+    """Filter ``pg_restore -l`` output for a table-level restore.
 
-    Keeps every schema object, the data of ``tables`` only, and no foreign keys or large objects.
+    Keeps every schema object and the data entries whose dump ids are in ``data_ids``; drops
+    other tables' data, foreign keys and large objects.
     """
     kept = []
     for line in toc.splitlines():
-        match = _TOC_LINE.match(line)
-        if not match:
-            kept.append(line)
-            continue
-        desc = match.group("desc")
-        if desc in _SKIP_IN_TABLE_RESTORE:
-            continue
-        if desc == "TABLE DATA" and f"{match.group('schema')}.{match.group('tag')}" not in tables:
+        match = _TOC_ENTRY.match(line)
+        if match and (match.group("desc") in _SKIP_IN_TABLE_RESTORE or match.group("id") not in data_ids):
             continue
         kept.append(line)
     return "\n".join(kept) + "\n"
 
 
-def expand_partitions(target: PgEndpoint, tables: list[str]) -> set[str]:
+def table_data_ids(dump_dir: Path, table: QualifiedName, env: dict[str, str]) -> set[str]:
+    """Return the dump ids of the ``TABLE DATA`` entries of exactly ``table``, as pg_restore selects them.
+
+    ``pg_restore -n SCHEMA -t TABLE -l`` matches both names exactly (no patterns, no case
+    folding); they are given as ``--schema=...`` so a name that starts with ``-`` is a value.
+    """
+    listing = subprocess.run(
+        [pg_tool("pg_restore"), "--list", f"--schema={table.schema}", f"--table={table.name}", str(dump_dir)],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    return {m.group("id") for line in listing.splitlines() if (m := _TOC_ENTRY.match(line)) and m.group("desc") == "TABLE DATA"}
+
+
+def expand_partitions(target: PgEndpoint, tables: list[QualifiedName]) -> set[QualifiedName]:
     """Return ``tables`` plus every partition below them, from the restored catalog."""
     expanded = set(tables)
     with connect(target) as conn:
         for table in tables:
             rows = conn.execute(
-                "SELECT n.nspname || '.' || c.relname FROM pg_partition_tree(%s::regclass) t "
+                "SELECT n.nspname, c.relname FROM pg_partition_tree(%s::regclass) t "
                 "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace",
-                (".".join(identifier(p) for p in table.split(".", 1)),),
+                (table.quoted(),),
             ).fetchall()
-            expanded.update(r[0] for r in rows)
+            expanded.update(QualifiedName(schema, name) for schema, name in rows)
     return expanded
 
 
 def restore_tables(target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: int, workdir: Path) -> set[str]:
-    """Restore the schema of the whole backup and the data of ``tables`` only; return the tables filled."""
+    """Restore the schema of the whole backup and the data of ``tables`` only; return the tables filled.
+
+    :param tables: table keys (see :mod:`pgdr.identifiers`), such as ``"Sales Dept"."Customer Accounts"``.
+    """
+    from pgdr.identifiers import parse_qualified_name
+
     run_tool(
         target, workdir, restore_command(target, dump_dir, jobs, extra=["--section=pre-data"]),
-        f"pg_restore (schema) into {target.dbname!r}", RestoreFailed,
+        f"pg_restore (schema) into {printable(target.dbname)!r}", RestoreFailed,
     )
-    filled = expand_partitions(target, tables)
+    filled = expand_partitions(target, [parse_qualified_name(t) for t in tables])
     with passfile_env(target, workdir) as env:
-        toc = subprocess.run([pg_tool("pg_restore"), "-l", str(dump_dir)], env=env, capture_output=True, text=True, check=True).stdout
+        toc = subprocess.run([pg_tool("pg_restore"), "--list", str(dump_dir)], env=env, capture_output=True, text=True, check=True).stdout
+        data_ids = set().union(*(table_data_ids(dump_dir, table, env) for table in filled))
     listing = workdir / "table-restore.list"
-    listing.write_text(table_restore_list(toc, filled))
+    listing.write_text(table_restore_list(toc, data_ids))
     run_tool(
         target, workdir,
         restore_command(target, dump_dir, jobs, extra=["--section=data", "--section=post-data", f"--use-list={listing}"]),
-        f"pg_restore (tables {', '.join(sorted(tables))}) into {target.dbname!r}", RestoreFailed,
+        f"pg_restore (tables {printable(', '.join(sorted(tables)))}) into {printable(target.dbname)!r}", RestoreFailed,
     )
-    return filled
+    return {str(table) for table in filled}
 
 
 # -- the swap -------------------------------------------------------------------------------------

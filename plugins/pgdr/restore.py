@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pgdr.catalog import BackupFile, BackupManifest
 from pgdr.errors import ChecksumMismatch, PermanentFailure
+from pgdr.identifiers import printable
 from pgdr.postgres import PgEndpoint, connection_args, pg_tool, run_tool
 from pgdr.storage import BackupStore, sha256_stream
 
@@ -120,14 +121,12 @@ def _zstd_unpacker(store: BackupStore, entry: BackupFile, out) -> FileProblem | 
     return problem
 
 
-def restore_command(
-    target: PgEndpoint, dump_dir: Path, jobs: int, tables: list[str] | None = None, extra: list[str] | None = None
-) -> list[str]:
+def restore_command(target: PgEndpoint, dump_dir: Path, jobs: int, extra: list[str] | None = None) -> list[str]:
     """Return the ``pg_restore`` command that restores ``dump_dir`` into ``target.dbname``.
 
     Owners and privileges are not restored (``--no-owner --no-acl``): the scratch or target
-    server need not have the source's roles. ``tables`` (``schema.table``) restricts the restore;
-    ``extra`` adds options such as ``--section``.
+    server need not have the source's roles. ``extra`` adds options such as ``--section``; a
+    table-level restore selects its tables with a list (:func:`pgdr.recovery.restore_tables`).
     """
     args = [
         pg_tool("pg_restore"),
@@ -138,19 +137,14 @@ def restore_command(
         "--exit-on-error",
         "--no-password",
     ]
-    for table in tables or []:
-        schema, _, name = table.rpartition(".")
-        if schema:
-            args += ["--schema", schema]
-        args += ["--table", name]
     return [*args, *(extra or []), str(dump_dir)]
 
 
-def restore_dump(target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path, tables: list[str] | None = None) -> float:
+def restore_dump(target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path) -> float:
     """Run ``pg_restore`` into ``target``; return the seconds it took."""
     started = time.monotonic()
     run_tool(
-        target, workdir, restore_command(target, dump_dir, jobs, tables),
-        f"pg_restore into database {target.dbname!r}", RestoreFailed,
+        target, workdir, restore_command(target, dump_dir, jobs),
+        f"pg_restore into database {printable(target.dbname)!r}", RestoreFailed,
     )
     return time.monotonic() - started

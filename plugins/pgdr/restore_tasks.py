@@ -12,6 +12,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from pgdr.identifiers import printable
 from pgdr.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.tasks import _now, fail_fast, task_workdir
 
@@ -47,7 +48,7 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         mode = params.get("mode") or "new-database"
         if mode not in MODES:
             raise InvalidRestoreRequest(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
-        tables = [t.strip() for t in (params.get("tables") or []) if t and t.strip()]
+        tables = parse_tables(params.get("tables"))
         known_conns = sorted({d.conn_id for d in plan.databases} | {d.verify_conn_id for d in plan.databases})
         target_conn_id = params.get("target_conn_id") or db.conn_id
         if target_conn_id not in known_conns:
@@ -55,12 +56,17 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
                 f"target_conn_id {target_conn_id!r} is not a server of the DR plan; choose one of {', '.join(known_conns)}."
             )
         if mode == "replace":
-            if params.get("confirm") != db.dbname:
+            confirm = params.get("confirm")
+            if confirm != db.dbname:
+                typed = ""
+                if confirm and confirm.strip() == db.dbname:
+                    typed = f" (you typed {confirm!r}, with spaces around the name: type it exactly)."
+                elif confirm:
+                    typed = f" (you typed {printable(str(confirm))!r})."
                 raise InvalidRestoreRequest(
-                    f"Replace mode renames the live database {db.dbname!r} and puts the restored copy in its place. "
-                    f"To confirm, type the database name {db.dbname!r} in the 'confirm' field"
-                    + (f" (you typed {params.get('confirm')!r})." if params.get("confirm") else ".")
-                    + " Nothing was touched."
+                    f"Replace mode renames the live database {printable(db.dbname)!r} and puts the restored copy in its place. "
+                    f"To confirm, type the database name {printable(db.dbname)!r} in the 'confirm' field"
+                    + (typed or ".") + " Nothing was touched."
                 )
             if target_conn_id != db.conn_id:
                 raise InvalidRestoreRequest(
@@ -77,18 +83,13 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         catalog = BackupCatalog(store, layout, db.name)
         entry = select_backup(catalog, params.get("backup") or "latest-verified")
         context[CONTEXT_BACKUP_ID] = entry.backup_id
-        unknown = [t for t in tables if t not in entry.manifest.row_counts]
-        if unknown:
-            raise InvalidRestoreRequest(
-                f"Tables not in backup {entry.backup_id}: {', '.join(unknown)}. Name tables as schema.table; the "
-                f"backup has {', '.join(sorted(entry.manifest.row_counts))}."
-            )
+        check_tables_in_backup(tables, entry)
 
         server = database_endpoint(db, plan, conn_id=target_conn_id)
         started = context["dag_run"].run_after or datetime.now(UTC)
         live_exists = database_exists(server, db.dbname)
         if mode == "new-database":
-            target = check_target_name(params.get("target_name") or default_target_name(db.dbname, started))
+            target = check_target_name(params.get("target_name") or default_target_name(db.dbname, started), db.dbname)
             if database_exists(server, target):
                 raise InvalidRestoreRequest(
                     f"The target database {target!r} already exists on {server.host}:{server.port}. pgdr never "
@@ -137,6 +138,55 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
     }
     log.info("Restore plan:\n%s", render_plan(restore_plan))
     return restore_plan
+
+
+def parse_tables(value: Any) -> list[str]:
+    """Read the form's ``tables`` list: each entry ``schema.table`` as SQL writes it; return their keys."""
+    from pgdr.identifiers import InvalidIdentifier, parse_qualified_name
+    from pgdr.recovery import InvalidRestoreRequest
+
+    if value in (None, "", []):
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise InvalidRestoreRequest(f"'tables' must be a list of schema.table names; got {printable(repr(value))}.")
+    keys = []
+    for item in value:
+        if isinstance(item, str) and not item.strip():
+            continue
+        try:
+            keys.append(str(parse_qualified_name(item, "tables entry")))
+        except InvalidIdentifier as err:
+            raise InvalidRestoreRequest(f"{err} Nothing was touched.") from None
+    return list(dict.fromkeys(keys))
+
+
+def check_tables_in_backup(tables: list[str], entry) -> None:
+    """Refuse ``tables`` entries that are not tables of the backup, suggesting the near ones."""
+    from pgdr.identifiers import legacy_table_key, parse_qualified_name
+    from pgdr.recovery import InvalidRestoreRequest
+
+    known = entry.manifest.row_counts
+    unknown = [t for t in tables if t not in known]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        wanted = parse_qualified_name(key)
+        near = [k for k in known if parse_qualified_name(k).name.lower() == wanted.name.lower()
+                or legacy_table_key(k) == key]
+        if near:
+            hints.append(f"for {printable(key)} did you mean {', '.join(printable(n) for n in sorted(near))}?")
+    listing = ", ".join(printable(k) for k in sorted(known)[:30]) + (" ..." if len(known) > 30 else "")
+    raise InvalidRestoreRequest(
+        f"Not a table of backup {entry.backup_id}: {', '.join(printable(t) for t in unknown)}. "
+        + (" ".join(hints) + " " if hints else "")
+        + "Name tables as schema.table, double-quoting names with upper case, spaces or dots "
+        '(e.g. "Sales Dept"."Customer Accounts"). Views, materialized views and sequences are not '
+        "tables: they come back with the schema of every table-level restore. "
+        f"The backup's tables: {listing}. Nothing was touched."
+    )
 
 
 def render_plan(plan: dict[str, Any]) -> str:

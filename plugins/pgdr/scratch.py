@@ -40,11 +40,14 @@ class ScratchDatabase:
 
     def create(self, purpose: str) -> None:
         """Create the database empty (dropping a previous try's copy) and mark it as pgdr's."""
+        from psycopg import sql
+
         with connect(self.server.with_dbname("postgres")) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {identifier(self.name)} WITH (FORCE)")
             conn.execute(f"CREATE DATABASE {identifier(self.name)} TEMPLATE template0")
-            comment = f"{MARKER}: {purpose}".replace("'", "''")
-            conn.execute(f"COMMENT ON DATABASE {identifier(self.name)} IS '{comment}'")
+            conn.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(self.name), sql.Literal(f"{MARKER}: {purpose}"))
+            )
         log.info("Created scratch database %s on %s:%s.", self.name, self.server.host, self.server.port)
 
     def drop(self) -> bool:

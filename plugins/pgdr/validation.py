@@ -36,8 +36,17 @@ import yaml
 
 from pgdr.catalog import BackupManifest
 from pgdr.errors import PermanentFailure
+from pgdr.identifiers import (
+    InvalidIdentifier,
+    QualifiedName,
+    parse_qualified_name,
+    printable,
+    quote_ident,
+    table_key,
+    unicode_identifier,
+)
 from pgdr.plan import PROJECT_ROOT, parse_duration
-from pgdr.postgres import PgEndpoint, connect, table_key
+from pgdr.postgres import PgEndpoint, connect
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +90,7 @@ class ExpectationOutcome:
     def line(self) -> str:
         column = f", column {self.column}" if self.column else ""
         what = self.description or self.type
-        return f"{what} on table {self.table}{column} (observed: {_short(self.observed)}; from {self.source})"
+        return printable(f"{what} on table {self.table}{column} (observed: {_short(self.observed)}; from {self.source})")
 
 
 @dataclass
@@ -139,8 +148,20 @@ ORDER BY 1, 2, 4
 """
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+# The same checks in SQL, for a column whose name GX cannot parse (GX builds a condition string
+# col("name") and breaks on a double quote in the name).
+_COLUMN_SQL = {
+    "expect_column_values_to_not_be_null": "SELECT * FROM {{batch}} WHERE {col} IS NULL",
+    "expect_column_values_to_be_unique": "SELECT {col} FROM {{batch}} WHERE {col} IS NOT NULL GROUP BY {col} HAVING count(*) > 1",
+}
+
+
+def _column_spec(table: str, kind: str, column: str, description: str) -> ExpectationSpec:
+    """Return a baseline expectation on one column, as GX's own type where GX can name the column."""
+    if '"' not in column:
+        return ExpectationSpec(table, kind, {"column": column}, "baseline", description)
+    query = _COLUMN_SQL[kind].format(col=unicode_identifier(column))
+    return ExpectationSpec(table, "unexpected_rows_expectation", {"unexpected_rows_query": query}, "baseline", description)
 
 
 def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = None) -> list[ExpectationSpec]:
@@ -157,29 +178,31 @@ def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = Non
             continue
         if kind == "p":
             for col in cols:
-                specs.append(ExpectationSpec(key, "expect_column_values_to_not_be_null", {"column": col}, "baseline",
-                                             f"primary key column {col} is not null"))
+                specs.append(_column_spec(key, "expect_column_values_to_not_be_null", col,
+                                          f"primary key column {quote_ident(col)} is not null"))
             if len(cols) == 1:
-                specs.append(ExpectationSpec(key, "expect_column_values_to_be_unique", {"column": cols[0]}, "baseline",
-                                             f"primary key {name} is unique"))
+                specs.append(_column_spec(key, "expect_column_values_to_be_unique", cols[0],
+                                          f"primary key {quote_ident(name)} is unique"))
             else:
                 specs.append(ExpectationSpec(key, "expect_compound_columns_to_be_unique", {"column_list": list(cols)},
-                                             "baseline", f"primary key {name} ({', '.join(cols)}) is unique"))
+                                             "baseline", f"primary key {quote_ident(name)} ({', '.join(map(quote_ident, cols))}) is unique"))
         else:
             # GX substitutes {batch} with "(SELECT ...) AS subselect", so the batch cannot be given an
             # alias: the parent's key columns get unique aliases instead, which keeps every
             # unqualified column name unambiguous (it can only be the batch's).
             refs = [f"pgdr_ref_{i}" for i in range(len(cols))]
-            parent = ", ".join(f"{_ident(fc)} AS {ref}" for fc, ref in zip(fcols, refs, strict=True))
-            join = " AND ".join(f"parent.{ref} = {_ident(cc)}" for cc, ref in zip(cols, refs, strict=True))
-            not_null = " AND ".join(f"{_ident(cc)} IS NOT NULL" for cc in cols)
+            # Names in U&"" escapes: GX and SQLAlchemy read %, : and braces in this text as placeholders.
+            parent = ", ".join(f"{unicode_identifier(fc)} AS {ref}" for fc, ref in zip(fcols, refs, strict=True))
+            join = " AND ".join(f"parent.{ref} = {unicode_identifier(cc)}" for cc, ref in zip(cols, refs, strict=True))
+            not_null = " AND ".join(f"{unicode_identifier(cc)} IS NOT NULL" for cc in cols)
             query = (
-                f"SELECT * FROM {{batch}} LEFT JOIN (SELECT {parent} FROM {_ident(fschema)}.{_ident(ftable)}) parent "
-                f"ON {join} WHERE parent.{refs[0]} IS NULL AND {not_null}"
+                f"SELECT * FROM {{batch}} LEFT JOIN (SELECT {parent} FROM {QualifiedName(fschema, ftable).unicode_quoted()}) "
+                f"parent ON {join} WHERE parent.{refs[0]} IS NULL AND {not_null}"
             )
             specs.append(ExpectationSpec(
                 key, "unexpected_rows_expectation", {"unexpected_rows_query": query}, "baseline",
-                f"no orphans: every {key}({', '.join(cols)}) exists in {fschema}.{ftable} (foreign key {name})",
+                f"no orphans: every {key}({', '.join(map(quote_ident, cols))}) exists in {table_key(fschema, ftable)} "
+                f"(foreign key {quote_ident(name)})",
             ))
     return specs
 
@@ -227,19 +250,27 @@ def load_user_suites(database: str, manifest: BackupManifest) -> list[Expectatio
             raise SuiteError(f"GX suite {where} is not valid {path.suffix[1:].upper()}: {err}") from None
         if not isinstance(data, dict):
             raise SuiteError(f"GX suite {where}: expected a mapping with 'table' and 'expectations'")
-        table = data.get("table") or (data.get("meta") or {}).get("table")
+        meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+        named = data.get("table") or meta.get("table")
+        try:
+            table = str(parse_qualified_name(named, f"GX suite {where}: 'table'")) if named else None
+        except InvalidIdentifier as err:
+            raise SuiteError(str(err)) from None
         if not table or table not in manifest.row_counts:
-            known = ", ".join(sorted(manifest.row_counts))
+            known = ", ".join(printable(k) for k in sorted(manifest.row_counts))
             raise SuiteError(
-                f"GX suite {where}: 'table' (or meta.table) must name a table of the backup as schema.table; "
-                f"got {table!r}. Tables in the backup: {known}"
+                f"GX suite {where}: 'table' (or meta.table) must name a table of the backup as schema.table, "
+                f'written as SQL writes it ("Sales Dept"."Customer Accounts" for names with upper case or spaces); '
+                f"got {printable(repr(named))}. Tables in the backup: {known}"
             )
         expectations = data.get("expectations")
         if not isinstance(expectations, list) or not expectations:
             raise SuiteError(f"GX suite {where}: 'expectations' must be a non-empty list")
         for index, item in enumerate(expectations):
-            if not isinstance(item, dict) or "type" not in item:
+            if not isinstance(item, dict) or not isinstance(item.get("type"), str):
                 raise SuiteError(f"GX suite {where}: expectations[{index}] needs a 'type' (e.g. expect_column_values_to_be_in_set)")
+            if item.get("kwargs") is not None and not isinstance(item["kwargs"], dict):
+                raise SuiteError(f"GX suite {where}: expectations[{index}].kwargs must be a mapping of argument names to values")
             kwargs = _substitute(item.get("kwargs") or {}, manifest.recovery_point, f"{where} expectations[{index}]")
             specs.append(ExpectationSpec(table, item["type"], kwargs, where, item.get("description") or (item.get("meta") or {}).get("description", "")))
     return specs
@@ -256,7 +287,10 @@ def _build_expectation(spec: ExpectationSpec, tag: int):
             type=spec.type, kwargs=spec.kwargs, description=spec.description or None, meta={"pgdr_spec": tag}
         ).to_domain_obj()
     except Exception as err:  # noqa: BLE001 - GX raises many kinds; the user needs the file and type
-        raise SuiteError(f"{spec.source}: expectation {spec.type!r} on {spec.table} is not valid: {err}") from None
+        raise SuiteError(
+            f"{spec.source}: expectation {printable(spec.type)!r} on {printable(spec.table)} is not valid: {printable(str(err))}. "
+            "See https://greatexpectations.io/expectations for the types and their arguments."
+        ) from None
 
 
 def _exception_message(info: Any) -> str | None:
@@ -301,17 +335,27 @@ def run_validation(target: PgEndpoint, specs: list[ExpectationSpec]) -> Validati
     try:
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-        source = context.data_sources.add_postgres(name="restored", connection_string=f"${{{_GX_CONN_ENV_VAR}}}")
         by_table: dict[str, list[ExpectationSpec]] = {}
         for spec in specs:
             by_table.setdefault(spec.table, []).append(spec)
         for index, (table, table_specs) in enumerate(sorted(by_table.items())):
-            schema, _, name = table.rpartition(".")
-            asset = source.add_table_asset(name=f"t{index}_{table}", table_name=name, schema_name=schema or "public")
-            suite = gx.ExpectationSuite(name=f"pgdr_{index}_{table}")
+            # A query asset with the name quoted by pgdr: GX's table assets fold names to lower case,
+            # and GX re-reads query text as a template, so the name is written in U&"" escapes.
+            relation = parse_qualified_name(table).unicode_quoted()
+            # A data source per table: GX matches column names without regard to case across the
+            # assets of one source ("id" of one table resolved to "Id" of another).
+            source = context.data_sources.add_postgres(name=f"restored_{index}", connection_string=f"${{{_GX_CONN_ENV_VAR}}}")
+            asset = source.add_query_asset(name=f"t{index}", query=f"SELECT * FROM {relation}")
+            suite = gx.ExpectationSuite(name=f"pgdr_{index}")
             for tag, spec in enumerate(table_specs):
                 suite.add_expectation(_build_expectation(spec, tag))
-            result = asset.add_batch_definition_whole_table("all").get_batch().validate(suite)
+            try:
+                result = asset.add_batch_definition_whole_table("all").get_batch().validate(suite)
+            finally:  # release GX's pooled sessions: the restored database may be renamed next
+                try:
+                    source.get_execution_engine().engine.dispose()
+                except Exception:  # noqa: BLE001 - best effort; the swap also ends stray sessions
+                    log.debug("could not dispose of the GX engine", exc_info=True)
             # GX orders results its own way (table-level first): match them by the tag in meta.
             for outcome in result.results:
                 config = outcome.expectation_config
@@ -324,10 +368,6 @@ def run_validation(target: PgEndpoint, specs: list[ExpectationSpec]) -> Validati
                     success=bool(outcome.success), observed=_observed(outcome.result or {}),
                     source=spec.source, description=spec.description, kwargs=_jsonable(spec.kwargs),
                 ))
-        try:  # release GX's pooled sessions: the restored database may be renamed next
-            source.get_execution_engine().engine.dispose()
-        except Exception:  # noqa: BLE001 - best effort; the swap also ends stray sessions
-            log.debug("could not dispose of the GX engine", exc_info=True)
     finally:
         os.environ.pop(_GX_CONN_ENV_VAR, None)
     report.seconds = time.monotonic() - started
