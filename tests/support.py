@@ -65,12 +65,14 @@ class FaultProxy:
     """A TCP proxy to ``upstream`` that can be told to fail, as a network or server outage would.
 
     ``cut_after(n)``: forward ``n`` more client bytes, then drop every connection and refuse
-    new ones (an endpoint that goes away mid-upload). ``heal()`` restores the path.
+    new ones (an endpoint that goes away mid-upload); ``cut_after_download(n)`` does the same
+    after ``n`` more bytes from the server (mid-download). ``heal()`` restores the path.
     """
 
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self._budget: int | None = None
+        self._download_budget: int | None = None
         self._down = False
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
@@ -85,9 +87,13 @@ class FaultProxy:
         with self._lock:
             self._budget = n_bytes
 
+    def cut_after_download(self, n_bytes: int) -> None:
+        with self._lock:
+            self._download_budget = n_bytes
+
     def heal(self) -> None:
         with self._lock:
-            self._budget, self._down = None, False
+            self._budget, self._download_budget, self._down = None, None, False
 
     @property
     def is_down(self) -> bool:
@@ -124,13 +130,13 @@ class FaultProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                if counted:
-                    with self._lock:
-                        if self._budget is not None:
-                            self._budget -= len(data)
-                            if self._budget < 0:
-                                self._go_down()
-                                return
+                with self._lock:
+                    budget = "_budget" if counted else "_download_budget"
+                    if getattr(self, budget) is not None:
+                        setattr(self, budget, getattr(self, budget) - len(data))
+                        if getattr(self, budget) < 0:
+                            self._go_down()
+                            return
                 dst.sendall(data)
         except OSError:
             pass

@@ -13,7 +13,7 @@ from typing import Any
 
 from pgdr.drill import phase
 from pgdr.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
-from pgdr.tasks import _airflow_info, _now, create_run_scratch, fail_fast, run_scratch, task_workdir
+from pgdr.tasks import _airflow_info, _now, create_run_scratch, fail_fast, refill_on_retry, run_scratch, task_workdir
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
         context[CONTEXT_BACKUP_ID] = backup["backup_id"]
         manifest = catalog.get(backup["backup_id"]).manifest
         scratch = _scratch(database, context, db, plan)
+        refill_on_retry(scratch, context, f"drill {database}")
         workers = max(2, db.dump_jobs)
         started = _now()
         verify_checksums(manifest, store, workers)

@@ -51,3 +51,16 @@ class ChecksumMismatch(PermanentFailure):
 
 class CompressionUnsupported(PermanentFailure):
     """The PostgreSQL client tools on this worker were built without the compression asked for."""
+
+
+class WorkSpaceFull(PgdrError):
+    """The worker's work directory ran out of space; retrying may pass once space is freed."""
+
+
+def work_space_full(what: str, where: str, detail: str = "") -> WorkSpaceFull:
+    """Return the error of a task whose work directory ``where`` is full, saying what to do."""
+    return WorkSpaceFull(
+        f"{what} failed: No space left on device in {where}{f' ({detail})' if detail else ''}. The worker needs "
+        "room there for the whole backup (about the backup's stored size). Free space on that disk, or point "
+        "$PGDR_WORK_DIR at a larger one on every worker; the task will retry. Nothing was stored or restored."
+    )

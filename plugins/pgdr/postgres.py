@@ -29,6 +29,7 @@ from pgdr.errors import (
     DumpFailed,
     PermanentFailure,
     PgdrError,
+    work_space_full,
 )
 from pgdr.identifiers import conninfo, sql_identifier, table_key
 
@@ -36,6 +37,11 @@ __all__ = ["identifier", "table_key"]  # re-exported: the one identifier rule li
 
 PG_BIN_ENV_VAR = "PGDR_PG_BIN"
 COUNT_BATCH = 200  # tables counted per query: one round trip for a typical database
+# What libpq and the server say when a session ends because the server went away: retryable.
+_CONNECTION_LOST = (
+    "server closed the connection unexpectedly", "terminating connection due to", "the database system is shutting down",
+    "the database system is starting up", "the database system is in recovery mode", "connection to server was lost",
+)
 _UNSUPPORTED_COMPRESSION = re.compile(r"does not support compression with (\w+)", re.IGNORECASE)
 
 
@@ -230,6 +236,15 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
         return CompressionUnsupported(
             f"{what} failed: this PostgreSQL client ({short}) has no {method} compression. {fix} "
             f"Retrying cannot fix this.\nClient used: {used}"
+        )
+    if "no space left on device" in lower:
+        from pgdr.backup import work_dir_root
+
+        return work_space_full(what, f"the work directory under {work_dir_root()}", detail)
+    if any(sign in lower for sign in _CONNECTION_LOST):
+        return DatabaseUnreachable(
+            f"{what} failed: the connection to {endpoint.describe()} was lost mid-way ({detail}). The server may have "
+            "restarted or be unreachable; the task will retry from the start."
         )
     if "connection refused" in lower or "could not connect" in lower or "timeout" in lower:
         return DatabaseUnreachable(f"{what} failed: cannot reach {endpoint.describe()} ({detail}). The task will retry.")

@@ -162,6 +162,7 @@ def create_target(server: PgEndpoint, name: str, run_id: str) -> None:
     from psycopg import sql
 
     with connect(server.with_dbname("postgres")) as conn:
+        conn.execute("SET synchronous_commit = on")  # the marker must survive a crash (see ScratchDatabase.create)
         row = conn.execute(
             "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
         ).fetchone()
@@ -275,13 +276,41 @@ def _terminate(conn, name: str) -> int:
     return len(rows)
 
 
-def swap_into_place(server: PgEndpoint, live: str, restored: str, keep_as: str, attempts: int = 5) -> dict:
+def database_oid(server: PgEndpoint, name: str) -> int | None:
+    """Return the OID of database ``name`` on ``server`` (``None`` if there is none): its identity across renames."""
+    with connect(server.with_dbname("postgres")) as conn:
+        row = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def swap_into_place(
+    server: PgEndpoint, live: str, restored: str, keep_as: str, attempts: int = 5, expected_live_oid: int | None = None
+) -> dict:
     """Make ``restored`` the live database; the old one is kept as ``keep_as`` with connections off.
 
+    Two restores of one database never swap at once (an advisory lock on the server, per live
+    name), and a restore whose live database was replaced since it was planned (by another
+    restore, whose result would otherwise be renamed away unseen) stops without changing anything.
+
+    :param expected_live_oid: the live database's OID when the restore was planned.
     :raises SwapFailed: after rolling back to the original names, if the swap cannot complete.
     """
     steps: list[str] = []
     with connect(server.with_dbname("postgres"), application_name="pgdr-swap") as conn:
+        locked = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"pgdr swap {live}",)).fetchone()[0]
+        if not locked:
+            raise SwapFailed(
+                f"Another restore of {printable(live)!r} is swapping databases on {server.host}:{server.port} right now; "
+                f"nothing was changed. The restored copy is still available as {printable(restored)!r}. When the other "
+                "restore has finished, look at the live database before you restore again."
+            )
+        current_oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (live,)).fetchone()
+        if expected_live_oid is not None and current_oid is not None and int(current_oid[0]) != expected_live_oid:
+            raise SwapFailed(
+                f"The live database {printable(live)!r} was replaced since this restore was planned (by another restore, "
+                f"or dropped and created again); nothing was changed. The restored copy is still available as "
+                f"{printable(restored)!r}. Look at the live database now, and trigger the restore again if it is still needed."
+            )
         for name in (live, restored):
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
                 raise SwapFailed(f"Database {name!r} does not exist on {server.host}:{server.port}; nothing was changed.")

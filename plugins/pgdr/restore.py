@@ -11,6 +11,7 @@ itself with zstd, are decompressed on download).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgdr.catalog import BackupFile, BackupManifest
-from pgdr.errors import ChecksumMismatch, PermanentFailure
+from pgdr.errors import ChecksumMismatch, PermanentFailure, work_space_full
 from pgdr.identifiers import printable
 from pgdr.postgres import PgEndpoint, connection_args, pg_tool, run_tool
 from pgdr.storage import BackupStore, sha256_stream
@@ -92,11 +93,16 @@ def download_backup(manifest: BackupManifest, store: BackupStore, dest: Path, wo
     unpack = _zstd_unpacker if manifest.compressed_by == "pgdr" else None
 
     def one(entry: BackupFile) -> FileProblem | None:
-        target = dest / entry.name
-        with open(target, "wb") as out:
-            if unpack is None:
-                return _check_one(store, entry, sink=out.write)
-            return unpack(store, entry, out)
+        target = dest / entry.name  # a plain file name: the catalog refuses any other
+        try:
+            with open(target, "wb") as out:
+                if unpack is None:
+                    return _check_one(store, entry, sink=out.write)
+                return unpack(store, entry, out)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise work_space_full(f"Downloading backup {manifest.backup_id}", str(dest), f"{manifest.stored_size / 1e6:.1f} MB to download") from None
+            raise
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgdr-download") as pool:
         problems = [p for p in pool.map(one, manifest.files) if p]

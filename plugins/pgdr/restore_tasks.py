@@ -36,6 +36,7 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         InvalidRestoreRequest,
         check_target_name,
         database_exists,
+        database_oid,
         default_target_name,
         expected_duration,
         select_backup,
@@ -87,7 +88,8 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
 
         server = database_endpoint(db, plan, conn_id=target_conn_id)
         started = context["dag_run"].run_after or datetime.now(UTC)
-        live_exists = database_exists(server, db.dbname)
+        live_oid = database_oid(server, db.dbname)
+        live_exists = live_oid is not None
         if mode == "new-database":
             target = check_target_name(params.get("target_name") or default_target_name(db.dbname, started), db.dbname)
             if database_exists(server, target):
@@ -130,6 +132,7 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         "target": target,
         "keep_live_as": keep_as,
         "live_exists": live_exists,
+        "live_oid": live_oid,
         "tables": tables,
         "dry_run": bool(params.get("dry_run")),
         "expected_seconds": expected,
@@ -321,7 +324,9 @@ def run_swap(plan: dict[str, Any], context) -> dict[str, Any]:
     with fail_fast():
         _db, _store, _layout, _entry, server = _objects(plan)
         if plan["live_exists"]:
-            result = swap_into_place(server, plan["dbname"], plan["target"], plan["keep_live_as"])
+            result = swap_into_place(
+                server, plan["dbname"], plan["target"], plan["keep_live_as"], expected_live_oid=plan.get("live_oid")
+            )
         else:
             with connect(server.with_dbname("postgres")) as conn:
                 conn.execute(f"ALTER DATABASE {identifier(plan['target'])} RENAME TO {identifier(plan['dbname'])}")

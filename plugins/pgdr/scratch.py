@@ -43,6 +43,9 @@ class ScratchDatabase:
         from psycopg import sql
 
         with connect(self.server.with_dbname("postgres")) as conn:
+            # The marker must survive a crash of the server right after: a commit that is only
+            # asynchronous (synchronous_commit = off on the server) can be lost with it.
+            conn.execute("SET synchronous_commit = on")
             conn.execute(f"DROP DATABASE IF EXISTS {identifier(self.name)} WITH (FORCE)")
             conn.execute(f"CREATE DATABASE {identifier(self.name)} TEMPLATE template0")
             conn.execute(

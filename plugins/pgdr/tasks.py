@@ -8,8 +8,11 @@ failure retrying cannot fix pages at once instead of retrying.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pgdr.errors import PermanentFailure
+from pgdr.errors import BackupNotFound, PermanentFailure
 from pgdr.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE, on_task_failure
 from pgdr.plan import DRPlan
 
@@ -51,19 +54,65 @@ def fail_fast() -> Iterator[None]:
         raise AirflowFailException(str(err)) from err
 
 
+OWNER_FILE = ".pgdr-owner"
+
+
 @contextmanager
 def task_workdir(context, label: str) -> Iterator[Path]:
-    """Yield a private work directory for one task try; it is removed whatever happens."""
+    """Yield a private work directory for one task try; it is removed whatever happens.
+
+    A try killed with SIGKILL (an out-of-memory kill, a worker that died) cannot clean up: its
+    directory, with the dump or download and the passfile, stays. Each directory therefore names
+    its owner (host, process id and the process's start time), and every new one removes the
+    directories of owners on this host that no longer run, and only those.
+    """
     from pgdr.backup import work_dir_root
 
     ti = context["ti"]
     root = work_dir_root()
     root.mkdir(parents=True, exist_ok=True)
+    remove_dead_workdirs(root)
     path = Path(tempfile.mkdtemp(prefix=f"pgdr-{label}-{ti.map_index}-", dir=root))
     try:
+        (path / OWNER_FILE).write_text(json.dumps(_process_identity(os.getpid())))
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_identity(pid: int) -> dict[str, Any] | None:
+    """Return this host's name, ``pid`` and the process's start time (``None`` if it does not run)."""
+    try:
+        # Field 22 of /proc/<pid>/stat is the start time: a reused pid has another one.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        started = stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        started = None
+    return {"host": socket.gethostname(), "pid": pid, "started": started}
+
+
+def remove_dead_workdirs(root: Path) -> list[Path]:
+    """Remove work directories under ``root`` whose owning process on this host no longer runs."""
+    removed = []
+    for owner_file in root.glob(f"pgdr-*/{OWNER_FILE}"):
+        try:
+            owner = json.loads(owner_file.read_text())
+        except (OSError, ValueError):
+            continue  # being written right now, or not ours to judge
+        if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+            continue
+        if _process_identity(int(owner.get("pid", 0))) == owner:
+            continue
+        shutil.rmtree(owner_file.parent, ignore_errors=True)
+        removed.append(owner_file.parent)
+        log.warning("Removed %s, the work directory of a task that was killed (pid %s).", owner_file.parent, owner.get("pid"))
+    return removed
 
 
 def backfill_skip_reason(run_type: str, logical_date: datetime | None, queued_at: datetime | None) -> str | None:
@@ -261,7 +310,14 @@ def _verify_context(target: dict[str, str], context):
     plan = load_plan()
     db = plan.database(target["database"])
     store, layout = open_store(db.storage, plan)
-    entry = BackupCatalog(store, layout, db.name).get(target["backup_id"])
+    try:
+        entry = BackupCatalog(store, layout, db.name).get(target["backup_id"])
+    except BackupNotFound:  # find_backups found it: it was deleted since
+        raise BackupNotFound(
+            f"Backup {target['backup_id']} of database {target['database']!r} was deleted while it was being "
+            "verified (retention in pgdr_backup's prune_expired, or someone with access to the storage). Nothing "
+            "is recorded for it. If the deletion was not expected, find out what deletes backups."
+        ) from None
     return plan, db, store, layout, entry
 
 
@@ -302,6 +358,15 @@ def create_run_scratch(scratch, kind: str, database: str, purpose: str, context)
     return scratch.name
 
 
+def refill_on_retry(scratch, context, purpose: str) -> None:
+    """Empty this run's scratch database again before a retried restore: a failed try left half a restore in it."""
+    from pgdr.scratch import scratch_comment
+
+    if context["ti"].try_number > 1:
+        log.info("Try %d: re-creating %s empty before restoring again.", context["ti"].try_number, scratch.name)
+        scratch.create(scratch_comment(purpose, context["ti"].run_id))
+
+
 def _scratch_for(target: dict[str, str], context, db, plan):
     return run_scratch("verify", db, plan, context, f"{target['database']}/{target['backup_id']}")
 
@@ -323,6 +388,7 @@ def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> di
     with fail_fast():
         plan, db, store, _layout, entry = _verify_context(target, context)
         scratch = _scratch_for(target, context, db, plan)
+        refill_on_retry(scratch, context, f"verify {db.name} backup {target['backup_id']}")
         with task_workdir(context, f"restore-{db.name}") as workdir:
             download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs))
             restore_s = restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
@@ -371,9 +437,27 @@ def run_validate_data(target: dict[str, str], scratch_name: str, context) -> dic
 
 def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool:
     """Body of the ``drop_scratch`` teardown task."""
-    with fail_fast():
-        plan, db, _store, _layout, _entry = _verify_context(target, context)
-        return _scratch_for(target, context, db, plan).drop()
+    from pgdr.plan import load_plan
+
+    context[CONTEXT_DATABASE] = target["database"]
+    context[CONTEXT_BACKUP_ID] = target["backup_id"]
+    with fail_fast():  # needs no backup: the scratch database goes even when the backup went first
+        plan = load_plan()
+        return _scratch_for(target, context, plan.database(target["database"]), plan).drop()
+
+
+def _forget_vanished_backup(target: dict[str, str]) -> None:
+    """Remove what a verification wrote next to a backup that was deleted meanwhile (best effort)."""
+    from pgdr.catalog import BackupCatalog
+    from pgdr.connections import open_store
+    from pgdr.plan import load_plan
+
+    try:
+        plan = load_plan()
+        store, layout = open_store(plan.database(target["database"]).storage, plan)
+        BackupCatalog(store, layout, target["database"]).delete_backup(target["backup_id"])
+    except Exception as err:  # noqa: BLE001 - retention removes what has no manifest anyway
+        log.warning("Could not remove the leftovers of deleted backup %s: %s", target["backup_id"], err)
 
 
 def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
@@ -394,7 +478,11 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
         for phase in VERIFY_PHASES
     }
     with fail_fast():
-        plan, db, store, layout, entry = _verify_context(target, context)
+        try:
+            plan, db, store, layout, entry = _verify_context(target, context)
+        except BackupNotFound:
+            _forget_vanished_backup(target)  # what this run wrote next to it (validation results)
+            raise
     failed_phase = next((p for p in VERIFY_PHASES if not phases[p]), None)
     record: dict[str, Any] = {
         "status": "failed" if failed_phase else "verified",
