@@ -76,11 +76,12 @@ def pg_server(session_dir):
 
 
 @pytest.fixture(scope="session")
-def pg_server_b(session_dir):
+def pg_server_b(session_dir, pg_server):
     """A second, empty embedded PostgreSQL 18 server: "another server of the plan", without the first one's roles."""
     from pgdr.embedded import EmbeddedServer
 
-    server = EmbeddedServer(session_dir / "postgres-b").start()
+    # The restore role has the same login and password on every server pgdr restores to.
+    server = EmbeddedServer(session_dir / "postgres-b", restore_password=pg_server.restore_password).start()
     yield server
     server.destroy()
 
@@ -115,6 +116,7 @@ def slack():
 def env(monkeypatch, pg_server, s3_server, slack, airflow_db, tmp_path):
     """Connections for the shared servers, a fresh Slack inbox and a per-test storage prefix."""
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_SHOP", pg_server.connection_uri("shop"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_RESTORE", pg_server.restore_connection_uri())
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", aws_connection(s3_server.port))
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_SLACK", slack.connection())
     slack.clear()
@@ -310,6 +312,7 @@ def standalone(session_dir, pg_server, e2e_slack, e2e_mail, e2e_plan):
             "PGDR_PLAN": str(e2e_plan),
             "PGDR_WORK_DIR": str(session_dir / "e2e-work"),
             "AIRFLOW_CONN_PGDR_SHOP": pg_server.connection_uri("shop"),
+            "AIRFLOW_CONN_PGDR_RESTORE": pg_server.restore_connection_uri(),
             "AIRFLOW_CONN_PGDR_FLEET": pg_server.connection_uri("postgres"),
             "AIRFLOW_CONN_PGDR_SLACK": e2e_slack.connection(),
             "AIRFLOW_CONN_PGDR_SMTP": e2e_mail.connection(),

@@ -170,10 +170,11 @@ def write_plan(path: Path, databases: list[dict], storage: dict, **sections) -> 
         "version": 1,
         "backup": {"schedule": "@daily", "retries": 1, "retry_delay": "1s", **sections.pop("backup", {})},
         "storage": storage,
-        "defaults": {"notify": {"slack_conn_id": "pgdr_slack"}, **sections.pop("defaults", {})},
+        "defaults": {"notify": {"slack_conn_id": "pgdr_slack"}, "restore_conn_id": "pgdr_restore", **sections.pop("defaults", {})},
         "databases": databases,
         **sections,
     }
+    plan["defaults"] = {k: v for k, v in plan["defaults"].items() if v is not None}  # None: leave the key out
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     return path
 

@@ -64,6 +64,7 @@ def test_every_connection_is_one_the_plan_uses_and_the_reverse(tmp_path):
     plan_path = _airflow_env()["PGDR_PLAN"].replace("/opt/airflow/", "")
     plan = load_plan(ROOT / plan_path)
     used = {d.conn_id for d in plan.databases} | {d.verify_conn_id for d in plan.databases}
+    used |= {d.restore_conn_id for d in plan.databases if d.restore_conn_id}
     used |= {s.aws_conn_id for s in plan.storages.values() if s.aws_conn_id}
     used |= {c for c in (plan.notify.slack_conn_id, plan.notify.smtp_conn_id) if c}
     assert defined == used

@@ -79,11 +79,11 @@ def _crash(server) -> None:
 
 
 @pytest.fixture(scope="module")
-def victim(session_dir):
+def victim(session_dir, pg_server):
     """A server of its own, which these tests crash; restarted after each test."""
     from pgdr.embedded import EmbeddedServer, create_sample_database
 
-    server = EmbeddedServer(session_dir / "postgres-victim").start()
+    server = EmbeddedServer(session_dir / "postgres-victim", restore_password=pg_server.restore_password).start()
     create_sample_database(server, "shop", scale=3)
     yield server
     server.destroy()

@@ -7,7 +7,7 @@ tasks, never at parse time.
 
 from __future__ import annotations
 
-from pgdr.errors import ConnectionNotDefined
+from pgdr.errors import ConnectionNotDefined, PlanError
 from pgdr.layout import BackupLayout
 from pgdr.plan import DRPlan, ProtectedDatabase, StorageTarget
 from pgdr.postgres import PgEndpoint
@@ -78,3 +78,34 @@ def open_store(target: StorageTarget, plan: DRPlan | None = None) -> tuple[Backu
     )
     client = S3Hook(aws_conn_id=target.aws_conn_id, config=config).get_conn()
     return S3Store(client, target.bucket), BackupLayout(prefix=target.prefix)
+
+
+def restore_endpoint(db: ProtectedDatabase, plan: DRPlan | None, server: PgEndpoint) -> PgEndpoint:
+    """Return how pgdr restores into, and reads, restored copies on ``server``: as the restore role.
+
+    A restored dump is code written by whoever owned a schema in the source: CHECK constraints,
+    defaults and index expressions call its functions while the data loads and while checks read
+    it. So ``pg_restore`` and every check of a restored copy log in as the role of the plan's
+    ``restore_conn_id``, which has no superuser and owns the copy. Only server-level steps (create,
+    drop or rename a database, end sessions) use the server's own connection: they run no restored
+    code. The role must exist, with that login and password, on every server pgdr restores to.
+    """
+    if db.restore_as_superuser:
+        return server
+    if not db.restore_conn_id:
+        where = f" {plan.path}" if plan else ""
+        raise PlanError(
+            f"Database {db.name!r} has no restore_conn_id in the DR plan{where}. pgdr restores only as a role "
+            "without superuser, because a restored dump runs code written by whoever owned a schema. Create the "
+            "role on every server pgdr restores to (CREATE ROLE pgdr_restore LOGIN CREATEDB PASSWORD '...'), an "
+            "Airflow connection with its login and password, and set 'restore_conn_id: <that connection>' under "
+            "defaults (README, Security model). 'restore_as_superuser: true' is the explicit, unsafe alternative."
+        )
+    conn = get_connection(db.restore_conn_id, f"restore role of database {db.name!r}", plan)
+    if not conn.login:
+        raise PlanError(f"The Airflow connection {db.restore_conn_id!r} (restore role) has no login: set the role's name.")
+    return PgEndpoint(
+        host=server.host, port=server.port, user=conn.login, password=conn.password or None, dbname=server.dbname,
+        sslmode=server.sslmode, conn_id=db.restore_conn_id,
+    )
+

@@ -49,6 +49,7 @@ def prepare(plan_path: Path | None = None):
         _say("Creating the sample database 'shop' (schemas, FKs, enum, partitions, a large object, ~100k rows)")
         create_sample_database(server, "shop")
     os.environ["AIRFLOW_CONN_PGDR_SHOP"] = server.connection_uri("shop")
+    os.environ["AIRFLOW_CONN_PGDR_RESTORE"] = server.restore_connection_uri()
     _say("Preparing Airflow's metadata database (SQLite, .pgdr/airflow)")
     migrate_metadata_db(env)
     return server

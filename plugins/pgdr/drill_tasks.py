@@ -118,7 +118,7 @@ def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
         scratch = _scratch(database, context, db, plan)
         started = _now()
         with task_workdir(context, f"drill-checks-{database}") as workdir:
-            check_integrity(scratch.endpoint, manifest, workdir, db.dump_jobs)
+            check_integrity(scratch.endpoint, manifest, workdir, db.dump_jobs, admin=scratch.server)
         checks = phase("checks", started, _now())
         started = _now()
         report = validate_restored(scratch.endpoint, manifest)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pgdr.errors import PgdrError
 
+RESTORE_ROLE = "pgdr_restore"
 UNPRIVILEGED_UID = 65534  # "nobody" on Debian and most distributions
 UNPRIVILEGED_GID = 65534
 
@@ -66,6 +67,9 @@ class EmbeddedServer:
     port: int = 0
     superuser: str = "postgres"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
+    # The role pgdr restores as (LOGIN CREATEDB, no superuser): see pgdr.connections.restore_endpoint.
+    restore_user: str = RESTORE_ROLE
+    restore_password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -73,6 +77,7 @@ class EmbeddedServer:
         self.log_file = self.root / "server.log"
         self.socket_dir = self.root / "socket"
         self._password_file = self.root / "superuser.password"
+        self._restore_password_file = self.root / "restore.password"
         if not self.port:
             self.port = free_port()
 
@@ -128,6 +133,8 @@ class EmbeddedServer:
         if (self.data_dir / "PG_VERSION").exists():
             if self._password_file.exists():
                 self.password = self._password_file.read_text().strip()
+            if self._restore_password_file.exists():
+                self.restore_password = self._restore_password_file.read_text().strip()
             return
         self._check_binaries_reachable()
         if self.data_dir.exists():
@@ -198,7 +205,24 @@ class EmbeddedServer:
             raise EmbeddedServerError(
                 f"PostgreSQL did not start on port {self.port}: {result.stderr.strip()}\n{log_tail}"
             )
+        self._ensure_restore_role()
         return self
+
+    def _ensure_restore_role(self) -> None:
+        """Create (or update) the role pgdr restores as: it may log in and create databases, nothing more."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(**self.dsn("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.restore_user,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN CREATEDB NOSUPERUSER PASSWORD {}").format(
+                    sql.Identifier(self.restore_user), sql.Literal(self.restore_password)
+                )
+            )
+        self._restore_password_file.write_text(self.restore_password + "\n")
+        self._restore_password_file.chmod(0o600)
 
     def is_running(self) -> bool:
         """Say whether a postmaster is running on this data directory."""
@@ -238,6 +262,13 @@ class EmbeddedServer:
                 "schema": database,
             }
         )
+
+    def restore_connection_uri(self) -> str:
+        """Return the ``AIRFLOW_CONN_*`` JSON of the restore role's connection (host and port are not used)."""
+        import json
+
+        return json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": self.port,
+                           "login": self.restore_user, "password": self.restore_password})
 
     def dsn(self, database: str = "postgres") -> dict:
         """Return psycopg connection keywords for ``database``."""

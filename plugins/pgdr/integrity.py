@@ -21,7 +21,16 @@ from pathlib import Path
 from pgdr.catalog import BackupManifest
 from pgdr.errors import PermanentFailure
 from pgdr.identifiers import printable, quote_ident, table_key
-from pgdr.postgres import PgEndpoint, connect, count_rows, endpoint_conninfo, passfile_env, pg_tool, sequence_values
+from pgdr.postgres import (
+    PgEndpoint,
+    connect,
+    count_rows,
+    endpoint_conninfo,
+    passfile_env,
+    pg_tool,
+    prepare_amcheck,
+    sequence_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +143,16 @@ def run_amcheck(target: PgEndpoint, workdir: Path, report: IntegrityReport, jobs
 
 
 def check_integrity(
-    target: PgEndpoint, manifest: BackupManifest, workdir: Path, jobs: int = 2, tables: set[str] | None = None
+    target: PgEndpoint, manifest: BackupManifest, workdir: Path, jobs: int = 2, tables: set[str] | None = None,
+    admin: PgEndpoint | None = None,
 ) -> IntegrityReport:
     """Run all integrity checks of a restored database against its backup's manifest.
 
+    Every check connects as ``target``'s role (the restore role): reading restored tables can call
+    functions of the restored schema.
+
     :param tables: for a table-level restore, the tables whose rows were restored.
+    :param admin: the server's own connection, which installs ``amcheck`` for the restore role.
 
     :raises IntegrityCheckFailed: listing every problem, after all checks have run.
     """
@@ -151,6 +165,8 @@ def check_integrity(
         check_sequences(conn, manifest, report)
         report.seconds["sequences"] = time.monotonic() - t1
     t2 = time.monotonic()
+    if admin is not None and admin.user != target.user:
+        prepare_amcheck(admin, target)
     run_amcheck(target, workdir, report, jobs)
     report.seconds["amcheck"] = time.monotonic() - t2
     if not report.ok:

@@ -113,6 +113,10 @@ class ProtectedDatabase:
     server: str  # the pool key: databases on one server share its dump budget
     line: int = 0
     compression: str = DEFAULT_COMPRESSION  # pg_dump's --compress, normalised: "gzip:1", "zstd:3", "none"
+    # The Airflow connection whose login restores and reads restored copies: a role without
+    # superuser (see pgdr.connections.restore_endpoint). None: not configured (restores refuse).
+    restore_conn_id: str | None = None
+    restore_as_superuser: bool = False  # explicit, documented opt-out, warned about in every report
 
 
 @dataclass(frozen=True)
@@ -288,7 +292,7 @@ _TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "
 _DRILL_KEYS = {"schedule", "max_duration"}
 _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
-_POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs", "compression"}
+_POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs", "compression", "restore_conn_id", "restore_as_superuser"}
 _DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server"}
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
 _NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
@@ -358,6 +362,8 @@ class _Policy:
     notify: Notifications = field(default_factory=Notifications)
     dump_jobs: int = 2
     compression: str = DEFAULT_COMPRESSION
+    restore_conn_id: str | None = None
+    restore_as_superuser: bool = False
 
 
 def _parse_policy(
@@ -381,6 +387,13 @@ def _parse_policy(
         if spec is None:
             raise c.fail(node, f"{key}.compression", f"{_COMPRESSION_EXPECTED}, got {value!r}")
         policy.compression = spec
+    if "restore_conn_id" in fields:
+        policy.restore_conn_id = c.string(fields["restore_conn_id"][1], f"{key}.restore_conn_id", _CONN_ID, "an Airflow connection id")
+    if "restore_as_superuser" in fields:
+        value = c.scalar(fields["restore_as_superuser"][1], f"{key}.restore_as_superuser")
+        if not isinstance(value, bool):
+            raise c.fail(fields["restore_as_superuser"][1], f"{key}.restore_as_superuser", f"expected true or false, got {value!r}")
+        policy.restore_as_superuser = value
     if "storage" in fields:
         name = c.string(fields["storage"][1], f"{key}.storage")
         if name not in storages:
@@ -499,6 +512,8 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 notify=policy.notify,
                 dump_jobs=policy.dump_jobs,
                 compression=policy.compression,
+                restore_conn_id=policy.restore_conn_id,
+                restore_as_superuser=policy.restore_as_superuser,
                 verify_conn_id=(
                     c.string(fields["verify_conn_id"][1], f"{key}.verify_conn_id", _CONN_ID, "an Airflow connection id")
                     if "verify_conn_id" in fields

@@ -371,3 +371,40 @@ def dump_command(endpoint: PgEndpoint, out_dir: Path, jobs: int, snapshot_id: st
 
 
 identifier = sql_identifier
+
+
+class RestoreRoleIsSuperuser(PermanentFailure):
+    """The role that restores is a superuser, and the plan does not allow that."""
+
+
+def check_restore_role(restorer: PgEndpoint, allowed: bool) -> None:
+    """Refuse to restore as a superuser unless the plan says ``restore_as_superuser: true``."""
+    with connect(restorer.with_dbname("postgres"), application_name="pgdr-role-check") as conn:
+        superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+    if superuser and not allowed:
+        raise RestoreRoleIsSuperuser(
+            f"The restore role {restorer.user!r} (Airflow connection {restorer.conn_id!r}) is a superuser on "
+            f"{restorer.host}:{restorer.port}. A restored dump runs code written by whoever owned a schema, so pgdr "
+            "restores only as a role without superuser: ALTER ROLE ... NOSUPERUSER, or point restore_conn_id at "
+            "another role (README, Security model). Nothing was restored."
+        )
+
+
+def prepare_amcheck(admin: PgEndpoint, restored: PgEndpoint) -> None:
+    """Install ``amcheck`` in a restored copy as ``admin`` and let the restore role run its checks.
+
+    ``amcheck`` is not a trusted extension, so the restore role cannot install it. The admin's
+    session sets a search path of ``pg_catalog`` only, so no restored object is looked up by it.
+    """
+    from psycopg import sql
+
+    with connect(admin.with_dbname(restored.dbname), application_name="pgdr-amcheck-setup") as conn:
+        conn.execute("SET search_path = pg_catalog, pg_temp")
+        conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck SCHEMA pg_catalog")
+        functions = conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid "
+            "WHERE d.classid = 'pg_proc'::regclass AND d.deptype = 'e' "
+            "AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'amcheck')"
+        ).fetchall()
+        for (function,) in functions:
+            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(function), sql.Identifier(restored.user)))

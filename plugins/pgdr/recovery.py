@@ -157,9 +157,11 @@ def expected_duration(catalog: BackupCatalog) -> float | None:
 # -- restoring ------------------------------------------------------------------------------------
 
 
-def create_target(server: PgEndpoint, name: str, run_id: str) -> None:
-    """Create the empty restore target, marked as pgdr's; a previous try's copy is replaced."""
+def create_target(server: PgEndpoint, name: str, run_id: str, owner: PgEndpoint | None = None) -> None:
+    """Create the empty restore target, owned by ``owner``'s role and marked as pgdr's; a previous try's copy is replaced."""
     from psycopg import sql
+
+    from pgdr.scratch import create_database_sql
 
     with connect(server.with_dbname("postgres")) as conn:
         conn.execute("SET synchronous_commit = on")  # the marker must survive a crash (see ScratchDatabase.create)
@@ -173,7 +175,7 @@ def create_target(server: PgEndpoint, name: str, run_id: str) -> None:
                     "run; pgdr will not overwrite it. Choose another target_name."
                 )
             conn.execute(f"DROP DATABASE {identifier(name)} WITH (FORCE)")  # our own partial copy
-        conn.execute(f"CREATE DATABASE {identifier(name)} TEMPLATE template0")
+        conn.execute(create_database_sql(name, owner, server))
         conn.execute(
             sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(f"{TARGET_MARKER} [run {run_id}]"))
         )

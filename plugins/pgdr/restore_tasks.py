@@ -29,8 +29,9 @@ def _label(plan: dict, context) -> None:
 def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``plan_restore``: validate the form, choose the backup, print what will happen."""
     from pgdr.catalog import BackupCatalog
-    from pgdr.connections import database_endpoint, open_store
+    from pgdr.connections import database_endpoint, open_store, restore_endpoint
     from pgdr.plan import load_plan
+    from pgdr.postgres import check_restore_role
     from pgdr.recovery import (
         MODES,
         InvalidRestoreRequest,
@@ -87,6 +88,7 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         check_tables_in_backup(tables, entry)
 
         server = database_endpoint(db, plan, conn_id=target_conn_id)
+        check_restore_role(restore_endpoint(db, plan, server), db.restore_as_superuser)
         started = context["dag_run"].run_after or datetime.now(UTC)
         live_oid = database_oid(server, db.dbname)
         live_exists = live_oid is not None
@@ -225,6 +227,13 @@ def _objects(plan: dict[str, Any]):
     return db, store, layout, entry, server
 
 
+def _restored(db, server, plan: dict[str, Any]):
+    """Return the restored copy as the restore role sees it (see pgdr.connections.restore_endpoint)."""
+    from pgdr.connections import restore_endpoint
+
+    return restore_endpoint(db, None, server).with_dbname(plan["target"])
+
+
 def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``check_checksums``: refuse a corrupt backup before creating anything."""
     from airflow.sdk.exceptions import AirflowSkipException
@@ -243,6 +252,7 @@ def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
 
 def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``restore_backup``: into the new target database; a failed try drops only its own target."""
+    from pgdr.postgres import check_restore_role
     from pgdr.recovery import create_target, drop_own_target, restore_tables
     from pgdr.restore import download_backup, restore_dump
 
@@ -251,8 +261,9 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
     run_id = context["ti"].run_id
     with fail_fast():
         db, store, _layout, entry, server = _objects(plan)
-        target = server.with_dbname(plan["target"])
-        create_target(server, plan["target"], run_id)
+        target = _restored(db, server, plan)
+        check_restore_role(target, db.restore_as_superuser)
+        create_target(server, plan["target"], run_id, owner=target)
         try:
             with task_workdir(context, f"incident-{db.name}") as workdir:
                 download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs))
@@ -288,7 +299,9 @@ def run_check_integrity(plan: dict[str, Any], context) -> dict[str, Any]:
     with fail_fast():
         db, _store, _layout, entry, server = _objects(plan)
         with task_workdir(context, f"incident-check-{db.name}") as workdir:
-            report = check_integrity(server.with_dbname(plan["target"]), entry.manifest, workdir, db.dump_jobs, _filled(context, plan))
+            report = check_integrity(
+                _restored(db, server, plan), entry.manifest, workdir, db.dump_jobs, _filled(context, plan), admin=server
+            )
     return {"started_at": started, "finished_at": _now(), **report.to_dict()}
 
 
@@ -301,7 +314,7 @@ def run_validate(plan: dict[str, Any], context) -> dict[str, Any]:
     run_id = context["ti"].run_id
     with fail_fast():
         db, store, layout, entry, server = _objects(plan)
-        report = validate_restored(server.with_dbname(plan["target"]), entry.manifest, _filled(context, plan))
+        report = validate_restored(_restored(db, server, plan), entry.manifest, _filled(context, plan))
         stamp = _run_stamp(run_id)
         html_key = layout.restore_report_key(db.name, entry.backup_id, f"{stamp}-validation.html")
         store.put_bytes(html_key, render_html(report, entry.manifest, {"Restored into": plan["target"], "Airflow run": run_id}))

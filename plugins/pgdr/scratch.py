@@ -32,11 +32,12 @@ class ScratchDatabase:
 
     server: PgEndpoint  # any database on the server, used for CREATE/DROP DATABASE
     name: str
+    restorer: PgEndpoint | None = None  # the restore role, which owns the database (None: the server's user)
 
     @property
     def endpoint(self) -> PgEndpoint:
-        """Return the endpoint of the scratch database itself."""
-        return self.server.with_dbname(self.name)
+        """Return the endpoint of the scratch database itself, as the role that restores into it."""
+        return (self.restorer or self.server).with_dbname(self.name)
 
     def create(self, purpose: str) -> None:
         """Create the database empty (dropping a previous try's copy) and mark it as pgdr's."""
@@ -47,7 +48,7 @@ class ScratchDatabase:
             # asynchronous (synchronous_commit = off on the server) can be lost with it.
             conn.execute("SET synchronous_commit = on")
             conn.execute(f"DROP DATABASE IF EXISTS {identifier(self.name)} WITH (FORCE)")
-            conn.execute(f"CREATE DATABASE {identifier(self.name)} TEMPLATE template0")
+            conn.execute(create_database_sql(self.name, self.restorer, self.server))
             conn.execute(
                 sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(self.name), sql.Literal(f"{MARKER}: {purpose}"))
             )
@@ -65,6 +66,16 @@ class ScratchDatabase:
     def exists(self) -> bool:
         with connect(self.server.with_dbname("postgres")) as conn:
             return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone() is not None
+
+
+def create_database_sql(name: str, owner: PgEndpoint | None, admin: PgEndpoint):
+    """Return ``CREATE DATABASE`` for an empty database owned by ``owner``'s role (the restore role)."""
+    from psycopg import sql
+
+    query = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+    if owner is not None and owner.user != admin.user:
+        query = sql.SQL("{} OWNER {}").format(query, sql.Identifier(owner.user))
+    return query
 
 
 def scratch_comment(purpose: str, run_id: str) -> str:

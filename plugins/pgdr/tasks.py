@@ -341,18 +341,22 @@ def run_scratch(kind: str, db, plan, context, key: str):
 
     :param key: what, within the run, the scratch database is for (a database, a backup).
     """
-    from pgdr.connections import database_endpoint
+    from pgdr.connections import database_endpoint, restore_endpoint
     from pgdr.scratch import ScratchDatabase, scratch_name
 
     server = database_endpoint(db, plan, conn_id=db.verify_conn_id)
-    return ScratchDatabase(server, scratch_name(kind, db.name, f"{context['ti'].run_id}/{key}"))
+    restorer = restore_endpoint(db, plan, server)
+    return ScratchDatabase(server, scratch_name(kind, db.name, f"{context['ti'].run_id}/{key}"), restorer)
 
 
 def create_run_scratch(scratch, kind: str, database: str, purpose: str, context) -> str:
     """Drop scratch databases of ``kind`` left by killed runs, then create this run's; return its name."""
+    from pgdr.plan import load_plan
+    from pgdr.postgres import check_restore_role
     from pgdr.scratch import drop_leftovers, scratch_comment
 
     run_id = context["ti"].run_id
+    check_restore_role(scratch.endpoint, load_plan().database(database).restore_as_superuser)
     drop_leftovers(scratch.server, kind, database, run_id)
     scratch.create(scratch_comment(purpose, run_id))
     return scratch.name
@@ -408,7 +412,7 @@ def run_check_integrity(target: dict[str, str], scratch_name: str, context) -> d
         plan, db, _store, _layout, entry = _verify_context(target, context)
         scratch = _scratch_for(target, context, db, plan)
         with task_workdir(context, f"amcheck-{db.name}") as workdir:
-            report = check_integrity(scratch.endpoint, entry.manifest, workdir, jobs=db.dump_jobs)
+            report = check_integrity(scratch.endpoint, entry.manifest, workdir, jobs=db.dump_jobs, admin=scratch.server)
     return {"started_at": started, "finished_at": _now(), **report.to_dict()}
 
 

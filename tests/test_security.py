@@ -1,0 +1,103 @@
+"""Security: what a hostile schema, a bucket writer or a concurrent run can do to pgdr, and what they cannot."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg import sql
+
+pytestmark = pytest.mark.integration
+
+ESCALATION = """
+CREATE SCHEMA appschema AUTHORIZATION pgdr_app;
+SET ROLE pgdr_app;
+-- Runs as whoever evaluates the CHECK: during a restore, the role pg_restore logged in as.
+CREATE FUNCTION appschema.chk(x int) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        EXECUTE 'ALTER ROLE pgdr_app SUPERUSER';
+    END IF;
+    RETURN true;
+END $$;
+CREATE TABLE appschema.t (x int CHECK (appschema.chk(x)));
+INSERT INTO appschema.t SELECT generate_series(1, 10);
+RESET ROLE;
+"""
+
+
+def _sql(server, statement, db="postgres"):
+    with psycopg.connect(**server.dsn(db), autocommit=True) as conn:
+        cur = conn.execute(statement)
+        return cur.fetchall() if cur.description else None
+
+
+@pytest.fixture
+def escalating_database(pg_server):
+    """A database in which an application role owns a schema whose CHECK makes it superuser if it can."""
+    _sql(pg_server, "DROP DATABASE IF EXISTS escalate WITH (FORCE)")
+    _sql(pg_server, "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgdr_app') "
+                    "THEN CREATE ROLE pgdr_app NOSUPERUSER; END IF; END $$")
+    _sql(pg_server, "ALTER ROLE pgdr_app NOSUPERUSER")
+    _sql(pg_server, "CREATE DATABASE escalate")
+    with psycopg.connect(**pg_server.dsn("escalate"), autocommit=True) as conn:
+        conn.execute(ESCALATION)
+    yield "escalate"
+    before = {r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database WHERE datname LIKE 'escalate%'")}
+    for name in before:
+        _sql(pg_server, sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)).as_string())
+    _sql(pg_server, "ALTER ROLE pgdr_app NOSUPERUSER")
+
+
+def _superuser(server) -> bool:
+    return _sql(server, "SELECT rolsuper FROM pg_roles WHERE rolname = 'pgdr_app'")[0][0]
+
+
+def test_restores_never_run_restored_code_as_superuser(plan, run_dag, pg_server, escalating_database, monkeypatch):
+    """The reproduction of the review: a CHECK that makes its role superuser when evaluated by one.
+    Backup, verify-restore and an incident restore all load that table; the role stays as it was."""
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_ESCALATE", pg_server.connection_uri("escalate"))
+    p = plan(databases=[{"name": "escalate", "conn_id": "pgdr_escalate"}])
+    assert run_dag("pgdr_backup").states["protect_pgdr_escalate.back_up[0]"] == "success"
+    from pgdr.catalog import BackupCatalog
+    from pgdr.connections import open_store
+
+    store, layout = open_store(p.databases[0].storage)
+    backup_id = BackupCatalog(store, layout, "escalate").latest().backup_id
+
+    verify = run_dag("pgdr_verify_restore", run_conf={"database": "escalate", "backup_id": backup_id})
+    assert verify.states["verify.record_verification[0]"] == "success", verify.states
+    assert not _superuser(pg_server)
+    restore = run_dag("pgdr_restore", run_conf={"database": "escalate", "target_name": "escalate_copy"})
+    assert restore.states["write_report"] == "success", restore.states
+    assert not _superuser(pg_server)
+    # The copy is owned by the restore role, which is no superuser.
+    owner = _sql(pg_server, "SELECT pg_get_userbyid(datdba), r.rolsuper FROM pg_database d "
+                            "JOIN pg_roles r ON r.oid = d.datdba WHERE datname = 'escalate_copy'")
+    assert owner == [("pgdr_restore", False)]
+    assert _sql(pg_server, "SELECT count(*) FROM appschema.t", "escalate_copy") == [(10,)]
+
+
+def test_a_superuser_restore_role_is_refused_unless_the_plan_says_so(plan, run_dag, pg_server, escalating_database, monkeypatch, slack):
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_ESCALATE", pg_server.connection_uri("escalate"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_SUPER", pg_server.connection_uri("postgres"))
+    plan(databases=[{"name": "escalate", "conn_id": "pgdr_escalate", "restore_conn_id": "pgdr_super"}])
+    run_dag("pgdr_backup")
+    slack.clear()
+    dag_run = run_dag("pgdr_restore", run_conf={"database": "escalate", "backup": "latest", "target_name": "escalate_copy"})
+    assert dag_run.states["plan_restore"] == "failed" and dag_run.tries["plan_restore"] == 1
+    assert "is a superuser" in slack.texts()[0] and "Nothing was restored" in slack.texts()[0]
+    slack.clear()
+    verify = run_dag("pgdr_verify_restore", run_conf={"database": "escalate"})
+    assert verify.states["verify.create_scratch[0]"] == "failed" and "is a superuser" in slack.texts()[0]
+    assert not _superuser(pg_server)
+    assert _sql(pg_server, "SELECT 1 FROM pg_database WHERE datname = 'escalate_copy'") == []
+
+
+def test_a_plan_without_a_restore_role_says_how_to_add_one(plan, run_dag, pg_server, slack):
+    p = plan(databases=[{"name": "shop", "conn_id": "pgdr_shop"}], defaults={"restore_conn_id": None})
+    assert p.databases[0].restore_conn_id is None
+    run_dag("pgdr_backup")
+    slack.clear()
+    dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest"})
+    assert dag_run.states["plan_restore"] == "failed"
+    assert "has no restore_conn_id" in slack.texts()[0] and "CREATE ROLE pgdr_restore" in slack.texts()[0]
