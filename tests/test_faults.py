@@ -180,12 +180,23 @@ def test_worker_killed_mid_restore_then_the_next_run_cleans_up(plan, run_dag, pg
     assert leftovers, "the killed run left no scratch database: the kill came too late to test anything"
     assert any(".pgpass" in name for name in _leftover_work()), _leftover_work()
     assert not (root / "v1/shop" / backup_id / "verification.json").exists()  # nothing was recorded
+    _fail_orphaned_runs("pgdr_verify_restore")  # what the scheduler's heartbeat check does to a dead worker's run
 
     dag_run = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": backup_id})
     assert dag_run.states["verify.record_verification[0]"] == "success", dag_run.states
     assert _scratch_databases(pg_server) == []
     assert _leftover_work() == []
     assert json.loads((root / "v1/shop" / backup_id / "verification.json").read_text())["status"] == "verified"
+
+
+def _fail_orphaned_runs(dag_id: str) -> None:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+
+    with create_session() as session:
+        for dag_run in session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.state == DagRunState.RUNNING):
+            dag_run.state = DagRunState.FAILED
 
 
 def test_missing_manifest_means_no_backup(plan, run_dag, pg_server, slack):

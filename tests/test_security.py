@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import psycopg
 import pytest
 from psycopg import sql
@@ -101,3 +103,88 @@ def test_a_plan_without_a_restore_role_says_how_to_add_one(plan, run_dag, pg_ser
     dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest"})
     assert dag_run.states["plan_restore"] == "failed"
     assert "has no restore_conn_id" in slack.texts()[0] and "CREATE ROLE pgdr_restore" in slack.texts()[0]
+
+
+def test_one_damaged_record_does_not_block_an_incident_restore(plan, run_dag, pg_server, slack):
+    """A damaged manifest of an old backup and a damaged verification record of another: every
+    selector still works, the restore takes the newest verified backup, and health names both."""
+    from conftest import backup_into_local_store
+    from pgdr.catalog import BackupCatalog
+    from pgdr.connections import open_store
+
+    p = plan()
+    root = p.databases[0].storage.path
+    old, unreadable, newest = (backup_into_local_store(root, pg_server) for _ in range(3))
+    store, layout = open_store(p.databases[0].storage)
+    catalog = BackupCatalog(store, layout, "shop")
+    for backup_id in (old, unreadable, newest):
+        catalog.record_verification(backup_id, {"status": "verified"})
+    (root / "v1/shop" / old / "manifest.json").write_text("{not json")
+    (root / "v1/shop" / unreadable / "verification.json").write_text('{"status": "verif')
+
+    assert [e.backup_id for e in catalog.backups()] == [unreadable, newest]
+    assert catalog.latest(verified_only=True).backup_id == newest
+    assert {d.backup_id for d in catalog.damaged} == {old, unreadable}
+
+    dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "target_name": "shop_after_damage"})
+    try:
+        assert dag_run.states["write_report"] == "success", dag_run.states
+        (report,) = (root / "v1/shop" / newest / "restores").glob("*.json")
+        assert json.loads(report.read_text())["plan"]["backup_id"] == newest
+    finally:
+        _sql(pg_server, "DROP DATABASE IF EXISTS shop_after_damage WITH (FORCE)")
+    slack.clear()
+    run_dag("pgdr_health")
+    (alert,) = [t for t in slack.texts() if "catalog" in t]
+    assert f"{old}: The manifest" in alert and f"{unreadable}: its verification record" in alert
+
+
+def test_leftovers_are_dropped_only_for_this_database_and_only_when_their_run_is_over(pg_server):
+    """Two runs at once (backfills have no shared limit) and databases named shop and shop_eu:
+    a run drops only exact-name leftovers of runs that no longer run."""
+    from pgdr.postgres import PgEndpoint
+    from pgdr.scratch import ScratchDatabase, drop_leftovers, scratch_comment, scratch_name
+
+    server = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "postgres", pg_server.password)
+    made = {}
+    for key, database, run_id in (("running", "shop", "backfill__A"), ("finished", "shop", "backfill__B"),
+                                  ("unknown", "shop", "scheduled__gone"), ("eu", "shop_eu", "backfill__C")):
+        scratch = ScratchDatabase(server, scratch_name("verify", database, f"{run_id}/x"))
+        scratch.create(scratch_comment(f"verify {database}", run_id))
+        made[key] = scratch
+    states = {"backfill__A": "running", "backfill__B": "failed"}
+
+    def state(run_id):
+        if run_id not in states:
+            raise KeyError(run_id)  # Airflow no longer knows the run
+        return states[run_id]
+
+    try:
+        dropped = drop_leftovers(server, "verify", "shop", "backfill__D", state)
+        assert sorted(dropped) == sorted([made["finished"].name, made["unknown"].name])
+        assert made["running"].exists() and made["eu"].exists()
+    finally:
+        for scratch in made.values():
+            scratch.drop()
+
+
+def test_a_finished_new_database_restore_is_never_taken_back_by_its_run(plan, run_dag, pg_server):
+    """Clearing restore_backup of a finished new-database run must not drop the copy the
+    application went back to: the run's marker is gone once the restore succeeded."""
+    from conftest import backup_into_local_store
+    from pgdr.postgres import PgEndpoint
+    from pgdr.recovery import InvalidRestoreRequest, create_target, drop_own_target
+
+    p = plan()
+    backup_into_local_store(p.databases[0].storage.path, pg_server)
+    dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest", "target_name": "shop_in_use"})
+    try:
+        assert dag_run.states["write_report"] == "success", dag_run.states
+        assert _sql(pg_server, "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = 'shop_in_use'") == [(None,)]
+        server = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "postgres", pg_server.password)
+        assert drop_own_target(server, "shop_in_use", dag_run.run_id) is False
+        with pytest.raises(InvalidRestoreRequest, match="already exists .* and was not created by this run"):
+            create_target(server, "shop_in_use", dag_run.run_id)
+        assert _sql(pg_server, "SELECT count(*) FROM sales.orders", "shop_in_use") == [(30000,)]
+    finally:
+        _sql(pg_server, "DROP DATABASE IF EXISTS shop_in_use WITH (FORCE)")

@@ -354,3 +354,97 @@ def test_unknown_expectation_type_names_the_suite_and_the_type():
 
     with pytest.raises(SuiteError, match="include/gx/shop/x.yaml: expectation 'expect_nothing_ever' on sales.orders is not valid"):
         _build_expectation(ExpectationSpec("sales.orders", "expect_nothing_ever", {}, "include/gx/shop/x.yaml"), 0)
+
+
+def test_a_pgdr_0_1_file_that_decompresses_past_its_size_is_cut_at_the_size(tmp_path):
+    """6 KB stored that would decompress to 200 MB: refused once the output passes the manifest's
+    size, with no more than that written to disk."""
+    import hashlib
+
+    import zstandard
+    from pgdr.catalog import BackupFile
+    from pgdr.errors import ChecksumMismatch
+    from pgdr.layout import BackupLayout
+    from pgdr.restore import download_backup
+    from pgdr.storage import LocalFolderStore
+
+    store, layout = LocalFolderStore(tmp_path / "store"), BackupLayout()
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * 200_000_000)
+    manifest = replace(_entry(1).manifest, compressed_by="pgdr")
+    key = layout.data_key("shop", manifest.backup_id, "toc.dat.zst")
+    store.put_bytes(key, bomb)
+    manifest = replace(manifest, files=(BackupFile("toc.dat", key, 1000, len(bomb), hashlib.sha256(bomb).hexdigest()),))
+    with pytest.raises(ChecksumMismatch, match="decompresses to more than the 1000 bytes the manifest says"):
+        download_backup(manifest, store, tmp_path / "dump")
+    assert (tmp_path / "dump" / "toc.dat").stat().st_size <= 1000
+
+
+def test_bounded_map_keeps_few_calls_waiting_and_keeps_order():
+    import threading
+
+    from pgdr.restore import bounded_map
+
+    waiting, most = 0, 0
+    lock = threading.Lock()
+
+    def slow(item):
+        nonlocal waiting, most
+        with lock:
+            waiting += 1
+            most = max(most, waiting)
+        import time
+
+        time.sleep(0.001)
+        with lock:
+            waiting -= 1
+        return item * 2
+
+    assert bounded_map(slow, range(2000), 4, "t") == [i * 2 for i in range(2000)]
+    assert most <= 4
+
+
+def test_passwords_with_line_breaks_are_refused_clearly(tmp_path):
+    from pgdr.errors import PermanentFailure
+    from pgdr.postgres import PgEndpoint, passfile_env
+
+    endpoint = PgEndpoint("h", 5432, "u", "d", "two\nlines", conn_id="pgdr_shop")
+    with pytest.raises(PermanentFailure, match="'pgdr_shop' contains a line break"):
+        with passfile_env(endpoint, tmp_path):
+            pass
+
+
+def test_client_tools_see_none_of_the_workers_secrets(tmp_path, monkeypatch):
+    from pgdr.postgres import PgEndpoint, passfile_env
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", "secret-conn")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-key")
+    monkeypatch.setenv("PGPASSWORD", "secret-pg")
+    with passfile_env(PgEndpoint("h", 5432, "u", "d", "pw"), tmp_path) as env:
+        assert "secret" not in json.dumps(env)
+        assert env["PGPASSFILE"].startswith(str(tmp_path)) and "PATH" in env
+
+
+def test_negative_control_skips_empty_files():
+    from pgdr.catalog import BackupFile
+    from pgdr.drill import control_file
+
+    files = (BackupFile("3001.dat", "k1", 0, 0, "0" * 64), BackupFile("toc.dat", "k2", 9, 9, "1" * 64),
+             BackupFile("3002.dat", "k3", 5, 5, "2" * 64))
+    assert control_file(files).name == "3002.dat"
+
+
+def test_a_retry_finds_only_its_own_dags_backup(tmp_path):
+    """pgdr_drill and pgdr_backup share scheduled run ids at 03:00 on the 1st."""
+    from pgdr.catalog import BackupCatalog, BackupFile
+    from pgdr.layout import BackupLayout
+    from pgdr.storage import LocalFolderStore
+
+    store, layout = LocalFolderStore(tmp_path), BackupLayout()
+    manifest = _entry(1).manifest
+    key = layout.data_key("shop", manifest.backup_id, "toc.dat")
+    manifest = replace(manifest, files=(BackupFile("toc.dat", key, 1, 1, "0" * 64),),
+                       airflow={"dag_id": "pgdr_drill", "run_id": "scheduled__2026-12-01T03:00:00+00:00"})
+    catalog = BackupCatalog(store, layout, "shop")
+    catalog.write_manifest(manifest)
+    assert catalog.find_by_run("pgdr_backup", "scheduled__2026-12-01T03:00:00+00:00") is None
+    assert catalog.find_by_run("pgdr_drill", "scheduled__2026-12-01T03:00:00+00:00").backup_id == manifest.backup_id

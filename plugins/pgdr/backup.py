@@ -111,7 +111,7 @@ def take_backup(
     catalog = BackupCatalog(store, layout, db.name)
     run_id = airflow_info.get("run_id")
     if run_id:
-        done = catalog.find_by_run(run_id)
+        done = catalog.find_by_run(airflow_info.get("dag_id"), run_id)
         if done is not None:
             log.info("Run %s already completed backup %s of %s; not taking another.", run_id, done.backup_id, db.name)
             key = layout.manifest_key(db.name, done.backup_id)

@@ -13,6 +13,7 @@ verified backup, whatever its age.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import MISSING, asdict, dataclass, field
 from datetime import datetime
@@ -22,6 +23,8 @@ from pgdr.errors import BackupNotFound, PermanentFailure
 from pgdr.identifiers import legacy_table_key, printable
 from pgdr.layout import BackupLayout, backup_id_time, is_backup_id
 from pgdr.storage import BackupStore
+
+log = logging.getLogger(__name__)
 
 # 2: row-count and sequence keys are written as SQL writes names (pgdr.identifiers); format 1
 # (pgdr 0.1 and 0.2) joined schema and name with a dot, unquoted, and is read as such.
@@ -256,6 +259,25 @@ class BackupEntry:
 
 
 @dataclass(frozen=True)
+class DamagedBackup:
+    """A backup whose manifest or verification record cannot be used, and why."""
+
+    backup_id: str
+    problem: str
+
+
+def _verification(raw: bytes) -> dict[str, Any] | None:
+    """Parse a verification record; ``None`` if it is damaged (it then counts for nothing)."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("status") not in ("verified", "failed"):
+        return None
+    return record
+
+
+@dataclass(frozen=True)
 class PartialBackup:
     """Objects under a backup id that has no manifest: an upload that never finished."""
 
@@ -271,6 +293,7 @@ class BackupCatalog:
         self.store = store
         self.layout = layout
         self.database = database
+        self.damaged: list[DamagedBackup] = []  # what the last scan had to leave out, and why
 
     def _scan(self) -> dict[str, list[str]]:
         """Group every stored key of this database by backup id."""
@@ -289,17 +312,32 @@ class BackupCatalog:
         verification_key = self.layout.verification_key(self.database, backup_id)
         verification = None
         if (keys is not None and verification_key in keys) or (keys is None and self.store.exists(verification_key)):
-            verification = json.loads(self.store.get_bytes(verification_key))
+            verification = _verification(self.store.get_bytes(verification_key))
+            if verification is None:
+                self.damaged.append(DamagedBackup(
+                    backup_id, f"its verification record {self.store.describe(verification_key)} is damaged; "
+                    "the backup counts as unverified until pgdr_verify_restore verifies it again",
+                ))
         status = verification["status"] if verification else "unverified"
         return BackupEntry(manifest, status, verification)
 
     def scan(self) -> tuple[list[BackupEntry], list[PartialBackup]]:
-        """Return complete backups (oldest first) and partial uploads, in one listing."""
+        """Return complete backups (oldest first) and partial uploads, in one listing.
+
+        One damaged record must not hide every other backup during an incident: a backup whose
+        manifest cannot be used is left out (and listed in :attr:`damaged`, which the health DAG
+        alerts on); one whose verification record cannot be read counts as unverified.
+        """
         complete: list[BackupEntry] = []
         partial: list[PartialBackup] = []
+        self.damaged = []
         for backup_id, keys in sorted(self._scan().items()):
             if self.layout.manifest_key(self.database, backup_id) in keys:
-                complete.append(self._entry(backup_id, keys))
+                try:
+                    complete.append(self._entry(backup_id, keys))
+                except PermanentFailure as err:
+                    self.damaged.append(DamagedBackup(backup_id, str(err)))
+                    log.warning("Skipping backup %s of %s: %s", backup_id, self.database, err)
             else:
                 partial.append(PartialBackup(backup_id, tuple(keys), backup_id_time(backup_id)))
         complete.sort(key=lambda e: (e.recovery_point, e.backup_id))
@@ -339,10 +377,15 @@ class BackupCatalog:
             )
         return entries[-1]
 
-    def find_by_run(self, run_id: str) -> BackupEntry | None:
-        """Return the backup an Airflow run already completed, so a retry does not back up twice."""
+    def find_by_run(self, dag_id: str | None, run_id: str) -> BackupEntry | None:
+        """Return the backup a run of ``dag_id`` already completed, so a retry does not back up twice.
+
+        Keyed on the DAG too: at 03:00 on the 1st, ``pgdr_drill`` and an hourly ``pgdr_backup``
+        have the same scheduled run id, and one must never take the other's backup for its own.
+        """
         for entry in reversed(self.backups()):
-            if entry.manifest.airflow.get("run_id") == run_id:
+            made_by = entry.manifest.airflow
+            if made_by.get("run_id") == run_id and made_by.get("dag_id") == dag_id:
                 return entry
         return None
 

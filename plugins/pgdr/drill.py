@@ -59,6 +59,17 @@ def rpo_metrics(backups: list[BackupEntry], now: datetime, window: timedelta = R
     return result
 
 
+def control_file(files):
+    """Return the file the negative control corrupts: the smallest that has a byte to flip.
+
+    An empty table's file may be empty (``compression: none``): flipping a bit needs one.
+    """
+    candidates = [f for f in files if f.stored_size > 0]
+    if not candidates:
+        raise ValueError("the backup has no file with content to corrupt; the negative control cannot run")
+    return min(candidates, key=lambda f: f.stored_size)
+
+
 def phase(name: str, started_at: str, finished_at: str, **extra) -> dict[str, Any]:
     """Return one timed phase of a drill."""
     seconds = (datetime.fromisoformat(finished_at) - datetime.fromisoformat(started_at)).total_seconds()

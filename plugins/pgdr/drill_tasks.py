@@ -136,6 +136,7 @@ def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]
     """Body of ``negative_control``: corrupt a private copy of one file; verification must reject it."""
     from dataclasses import replace
 
+    from pgdr.drill import control_file
     from pgdr.errors import ChecksumMismatch
     from pgdr.restore import verify_checksums
     from pgdr.storage import LocalFolderStore
@@ -143,7 +144,7 @@ def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]
     with fail_fast():
         _plan, _db, store, _layout, catalog = _objects(database, context)
         manifest = catalog.get(backup["backup_id"]).manifest
-        victim = min(manifest.files, key=lambda f: f.stored_size)
+        victim = control_file(manifest.files)
         with task_workdir(context, f"drill-control-{database}") as workdir:
             private = LocalFolderStore(workdir / "private-copy")
             data = bytearray(store.get_bytes(victim.key))

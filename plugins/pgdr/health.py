@@ -81,13 +81,22 @@ def check_backup_ages(db, plan, now: datetime) -> list[CheckResult]:
 
     try:
         store, layout = open_store(db.storage, plan)
-        backups = BackupCatalog(store, layout, db.name).backups()
+        catalog = BackupCatalog(store, layout, db.name)
+        backups = catalog.backups()
     except Exception as err:  # noqa: BLE001
         reason = f"the catalog cannot be read: {first_line(err)}"
         return [CheckResult("backup_age", db.name, False, reason), CheckResult("verified_age", db.name, False, reason)]
+    damaged = catalog.damaged
+    results = [CheckResult(
+        "catalog", db.name, not damaged,
+        f"{len(damaged)} damaged records, left out of every selector: "
+        + "; ".join(f"{d.backup_id}: {first_line(d.problem)[:200]}" for d in damaged[:5])
+        + ". Restore or delete them, and find out what changed the storage"
+        if damaged else f"all {len(backups)} backups are readable",
+        float(len(damaged)),
+    )]
     good = [b for b in backups if b.status != "failed"]
     verified = [b for b in backups if b.status == "verified"]
-    results = []
     if good:
         age = (now - good[-1].recovery_point).total_seconds()
         ok = age <= db.rpo.total_seconds()
@@ -125,7 +134,8 @@ def emit_metrics(results: list[CheckResult], extra: dict[str, float] | None = No
     """Send gauges through Airflow's metrics layer (a no-op where metrics are off)."""
     from airflow.sdk.observability import stats
 
-    names = {"backup_age": "backup_age_seconds", "verified_age": "verified_backup_age_seconds", "free_space": "free_space_gb"}
+    names = {"backup_age": "backup_age_seconds", "verified_age": "verified_backup_age_seconds", "free_space": "free_space_gb",
+             "catalog": "damaged_backups"}
     for result in results:
         if result.check in names and result.value is not None:
             stats.gauge(f"pgdr.{names[result.check]}.{result.database}", result.value)

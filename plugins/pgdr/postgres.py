@@ -37,6 +37,8 @@ __all__ = ["identifier", "table_key"]  # re-exported: the one identifier rule li
 
 PG_BIN_ENV_VAR = "PGDR_PG_BIN"
 COUNT_BATCH = 200  # tables counted per query: one round trip for a typical database
+# What a client tool inherits from the worker's environment; nothing else (PG* are set by pgdr).
+_CHILD_ENV = {"PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "SYSTEMROOT", "LD_LIBRARY_PATH"}
 # What libpq and the server say when a session ends because the server went away: retryable.
 _CONNECTION_LOST = (
     "server closed the connection unexpectedly", "terminating connection due to", "the database system is shutting down",
@@ -153,11 +155,17 @@ def connect(endpoint: PgEndpoint, autocommit: bool = True, application_name: str
 @contextmanager
 def passfile_env(endpoint: PgEndpoint, workdir: Path) -> Iterator[dict[str, str]]:
     """Yield an environment for the client tools whose password comes from a private passfile."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    # A minimal environment: the tools never see the worker's AIRFLOW_CONN_* or cloud secrets.
+    env = {k: v for k, v in os.environ.items() if k in _CHILD_ENV or k.startswith("LC_")}
     env.update(PGCONNECT_TIMEOUT="10", PGAPPNAME="pgdr", TZ="UTC")
     if endpoint.sslmode:
         env["PGSSLMODE"] = endpoint.sslmode
     passfile = None
+    if endpoint.password and ("\n" in endpoint.password or "\r" in endpoint.password):
+        raise PermanentFailure(
+            f"The password of Airflow connection {endpoint.conn_id!r} contains a line break, which a PostgreSQL "
+            "password file cannot hold. Change the role's password to one without line breaks."
+        )
     if endpoint.password:
         workdir.mkdir(parents=True, exist_ok=True)
         passfile = workdir / f".pgpass-{os.getpid()}-{threading.get_ident()}"

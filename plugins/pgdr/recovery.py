@@ -181,6 +181,22 @@ def create_target(server: PgEndpoint, name: str, run_id: str, owner: PgEndpoint 
         )
 
 
+def release_target(server: PgEndpoint, name: str, run_id: str) -> bool:
+    """Clear this run's marker from a restore target that is now in use; say whether it had one.
+
+    Without the marker, no later try of the run (someone clearing ``restore_backup`` a day later)
+    can take the database for its own half-finished copy and drop it.
+    """
+    with connect(server.with_dbname("postgres")) as conn:
+        row = conn.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if row is None or not (row[0] or "").startswith(f"{TARGET_MARKER} [run {run_id}]"):
+            return False
+        conn.execute(f"COMMENT ON DATABASE {identifier(name)} IS NULL")
+    return True
+
+
 def drop_own_target(server: PgEndpoint, name: str, run_id: str) -> bool:
     """Drop a restore target only if this run created it; say whether it did."""
     with connect(server.with_dbname("postgres")) as conn:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,25 @@ def _check_one(store: BackupStore, entry: BackupFile, sink=None) -> FileProblem 
     return None
 
 
+def bounded_map(fn, items, workers: int, name: str) -> list:
+    """Return ``[fn(item) for item in items]``, ``workers`` at a time, with few calls queued at once.
+
+    ``ThreadPoolExecutor.map`` submits every item before the first result: a manifest that lists a
+    million files (from the bucket, so from anyone who can write there) would make a million
+    futures. Here at most ``2 * workers`` wait; the first error is raised once the running calls end.
+    """
+    results: list = []
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name) as pool:
+        for item in items:
+            if len(pending) >= 2 * max(1, workers):
+                results.append(pending.popleft().result())
+            pending.append(pool.submit(fn, item))
+        while pending:
+            results.append(pending.popleft().result())
+    return results
+
+
 def _refuse(manifest: BackupManifest, store: BackupStore, problems: list[FileProblem]) -> ChecksumMismatch:
     listed = "; ".join(f"{p.name} ({store.describe(p.key)}): {p.problem}" for p in problems[:5])
     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -76,8 +96,7 @@ def verify_checksums(manifest: BackupManifest, store: BackupStore, workers: int 
     :return: ``{"seconds": ..., "bytes": ...}``.
     """
     started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgdr-sha") as pool:
-        problems = [p for p in pool.map(lambda f: _check_one(store, f), manifest.files) if p]
+    problems = [p for p in bounded_map(lambda f: _check_one(store, f), manifest.files, workers, "pgdr-sha") if p]
     if problems:
         raise _refuse(manifest, store, problems)
     return {"seconds": time.monotonic() - started, "bytes": manifest.stored_size}
@@ -104,26 +123,48 @@ def download_backup(manifest: BackupManifest, store: BackupStore, dest: Path, wo
                 raise work_space_full(f"Downloading backup {manifest.backup_id}", str(dest), f"{manifest.stored_size / 1e6:.1f} MB to download") from None
             raise
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgdr-download") as pool:
-        problems = [p for p in pool.map(one, manifest.files) if p]
+    problems = [p for p in bounded_map(one, manifest.files, workers, "pgdr-download") if p]
     if problems:
         raise _refuse(manifest, store, problems)
     return {"seconds": time.monotonic() - started, "bytes": manifest.stored_size}
 
 
+class _TooLarge(Exception):
+    """Decompressed output passed the size its manifest promised."""
+
+
+class _BoundedWriter:
+    """A file writer that refuses to grow past ``limit`` bytes (a zip bomb stops at the limit)."""
+
+    def __init__(self, out, limit: int):
+        self.out, self.limit, self.written = out, limit, 0
+
+    def write(self, data) -> int:
+        self.written += len(data)
+        if self.written > self.limit:
+            raise _TooLarge
+        return self.out.write(data)
+
+
 def _zstd_unpacker(store: BackupStore, entry: BackupFile, out) -> FileProblem | None:
-    """Verify and decompress one file of a pgdr 0.1 backup (pg_dump -Z0, then zstd by pgdr)."""
+    """Verify and decompress one file of a pgdr 0.1 backup (pg_dump -Z0, then zstd by pgdr).
+
+    The output is counted as it is written and cut at the manifest's size: a small stored file
+    that would decompress to far more is refused at that size, not after filling the disk.
+    """
     import zstandard
 
-    writer = zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
+    bounded = _BoundedWriter(out, entry.size)
+    writer = zstandard.ZstdDecompressor().stream_writer(bounded, closefd=False, write_return_read=True)
     try:
         problem = _check_one(store, entry, sink=writer.write)
         writer.flush()
     except zstandard.ZstdError as err:
         return FileProblem(entry.name, entry.key, f"not valid zstd data ({err})")
-    written = out.tell()
-    if problem is None and written != entry.size:
-        problem = FileProblem(entry.name, entry.key, f"decompressed to {written} bytes, expected {entry.size}")
+    except _TooLarge:
+        return FileProblem(entry.name, entry.key, f"decompresses to more than the {entry.size} bytes the manifest says")
+    if problem is None and bounded.written != entry.size:
+        problem = FileProblem(entry.name, entry.key, f"decompressed to {bounded.written} bytes, expected {entry.size}")
     return problem
 
 

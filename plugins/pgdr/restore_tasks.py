@@ -361,7 +361,7 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException
 
     from pgdr.notify import send_slack
-    from pgdr.recovery import database_facts
+    from pgdr.recovery import database_facts, release_target
 
     ti, dag_run = context["ti"], context["dag_run"]
     if not plan:
@@ -380,6 +380,8 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
     if status == "restored":
         last = phases["swap_into_place"] or phases["validate_data"]
         achieved = (datetime.fromisoformat(last["finished_at"]) - datetime.fromisoformat(phases["check_checksums"]["started_at"])).total_seconds()
+    if status == "restored" and plan["mode"] == "new-database":
+        release_target(server, plan["target"], ti.run_id)  # the copy is the user's now
     final_state = {"live": database_facts(server, plan["dbname"]), "restored": database_facts(server, plan["target"])}
     if plan["keep_live_as"]:
         final_state["previous_live"] = database_facts(server, plan["keep_live_as"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgdr.postgres import PgEndpoint, connect, identifier
@@ -83,28 +85,55 @@ def scratch_comment(purpose: str, run_id: str) -> str:
     return f"{purpose} [run {run_id}]"
 
 
-def drop_leftovers(server: PgEndpoint, kind: str, database: str, current_run_id: str) -> list[str]:
-    """Drop scratch databases of ``kind`` for ``database`` left by runs other than the current one.
+def drop_leftovers(
+    server: PgEndpoint, kind: str, database: str, current_run_id: str, run_state: Callable[[str], str | None] | None = None
+) -> list[str]:
+    """Drop scratch databases of ``kind`` for ``database`` left by runs that no longer run.
 
-    Only databases that match pgdr's naming scheme *and* carry pgdr's marker comment are
-    candidates; those created by ``current_run_id`` (its other mapped tasks) are kept.
+    Candidates carry pgdr's marker comment *and* a name of exactly this database's scheme
+    (``pgdr_verify_shop_<8 hex>``, never ``pgdr_verify_shop_eu_...``). A candidate is kept when
+    it belongs to ``current_run_id`` (its other mapped tasks) or to a run that ``run_state`` says
+    is still queued or running: two backfill runs at once never drop each other's databases. A run
+    Airflow no longer knows, or cannot say, is taken as finished.
+
+    :param run_state: returns the Airflow state of a run of the same DAG (``None`` if unknown).
     :return: the names dropped.
     """
+    pattern = re.compile(rf"^pgdr_{re.escape(kind)}_{re.escape(database[:40])}_[0-9a-f]{{8}}$")
     with connect(server.with_dbname("postgres")) as conn:
         rows = conn.execute(
             """
             SELECT d.datname, s.description FROM pg_database d
             JOIN pg_shdescription s ON s.objoid = d.oid AND s.classoid = 'pg_database'::regclass
-            WHERE d.datname LIKE %s AND s.description LIKE %s
+            WHERE s.description LIKE %s
             """,
-            (f"pgdr\\_{kind}\\_{database[:40].replace('_', chr(92) + '_')}\\_%", f"{MARKER}%"),
+            (f"{MARKER}%",),
         ).fetchall()
         dropped = []
         for name, description in rows:
-            if f"[run {current_run_id}]" in description:
+            owner = _RUN_IN_MARKER.search(description)
+            if not pattern.match(name) or owner is None or owner.group(1) == current_run_id:
+                continue
+            state = _state_of(run_state, owner.group(1))
+            if state in ("queued", "running"):
+                log.info("Keeping scratch database %s: its run %s is still %s.", name, owner.group(1), state)
                 continue
             conn.execute(f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)")
             dropped.append(name)
     for name in dropped:
         log.warning("Dropped scratch database %s left behind by an earlier run that did not finish.", name)
     return dropped
+
+
+_RUN_IN_MARKER = re.compile(r"\[run (.+)\]$")
+
+
+def _state_of(run_state: Callable[[str], str | None] | None, run_id: str) -> str | None:
+    if run_state is None:
+        return None
+    try:
+        state = run_state(run_id)
+    except Exception as err:  # noqa: BLE001 - a run Airflow cannot find is not running
+        log.debug("No state for run %s: %s", run_id, err)
+        return None
+    return str(getattr(state, "value", state)) if state is not None else None

@@ -355,9 +355,10 @@ def create_run_scratch(scratch, kind: str, database: str, purpose: str, context)
     from pgdr.postgres import check_restore_role
     from pgdr.scratch import drop_leftovers, scratch_comment
 
-    run_id = context["ti"].run_id
+    ti = context["ti"]
+    run_id = ti.run_id
     check_restore_role(scratch.endpoint, load_plan().database(database).restore_as_superuser)
-    drop_leftovers(scratch.server, kind, database, run_id)
+    drop_leftovers(scratch.server, kind, database, run_id, lambda other: ti.get_dagrun_state(dag_id=ti.dag_id, run_id=other))
     scratch.create(scratch_comment(purpose, run_id))
     return scratch.name
 
