@@ -139,3 +139,35 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     reports = [json.loads(store.get_bytes(o.key)) for o in store.list(layout.backup_prefix("hostile", entry.backup_id))
                if "/restores/" in o.key and o.key.endswith(".json")]
     assert sorted(r["status"] for r in reports) == ["restored"] * 4
+
+
+def test_a_backup_written_by_pgdr_0_2_still_verifies_and_restores(plan, run_dag, pg_server, slack):
+    """``tests/fixtures/pgdr-0.2-backup`` was written by pgdr 0.2 (commit 2d84e0d): manifest format 1,
+    whose row counts join schema and table with a bare dot (``Sales Dept.Customer Accounts``)."""
+    import shutil
+
+    fixture = Path(__file__).parent / "fixtures" / "pgdr-0.2-backup"
+    (backup_id,) = [p.name for p in (fixture / "v1" / "legacy").iterdir()]
+    assert json.loads((fixture / "v1/legacy" / backup_id / "manifest.json").read_text()).get("manifest_format") == 1
+    p = plan(databases=[{"name": "legacy", "conn_id": "pgdr_shop", "dbname": "legacy_live"}])
+    root = p.databases[0].storage.path
+    shutil.copytree(fixture / "v1", root / "v1")
+
+    verify = run_dag("pgdr_verify_restore", run_conf={"database": "legacy", "backup_id": backup_id})
+    _ok(verify)
+    record = json.loads((root / "v1/legacy" / backup_id / "verification.json").read_text())
+    assert record["status"] == "verified" and record["integrity"]["rows_checked"] == 290
+
+    try:
+        _ok(run_dag("pgdr_restore", run_conf={"database": "legacy", "target_name": "legacy_copy"}))
+        _ok(run_dag("pgdr_restore", run_conf={"database": "legacy", "target_name": "legacy_accounts",
+                                              "tables": ['"Sales Dept"."Customer Accounts"']}))
+        with psycopg.connect(**pg_server.dsn("legacy_copy")) as conn:
+            assert conn.execute('SELECT count(*) FROM "Sales Dept"."Customer Accounts"').fetchone() == (40,)
+            assert conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone() == (1,)
+        with psycopg.connect(**pg_server.dsn("legacy_accounts")) as conn:
+            assert conn.execute('SELECT count(*) FROM "Sales Dept"."Customer Accounts"').fetchone() == (40,)
+            assert conn.execute("SELECT count(*) FROM public.items").fetchone() == (0,)
+    finally:
+        for name in ("legacy_copy", "legacy_accounts"):
+            _drop(pg_server, name)
