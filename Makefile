@@ -18,7 +18,7 @@ $(STAMP): requirements.txt
 	@touch $@
 
 demo: $(STAMP)
-	$(RUN) -m pgdr.demo
+	$(RUN) -m pgdr.local.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -11,7 +11,7 @@ data, post-data), which shows what parallel jobs can win on the data at hand.
 
 1. raw backup: ``pg_dump -Fd -j<J> -Z gzip:1`` (this build of pg_dump has no zstd or lz4) and a
    parallel boto3 upload of the files;
-2. pgdr backup: :func:`pgdr.backup.take_backup` (what the ``back_up`` task runs), with the plan's
+2. pgdr backup: :func:`pgdr.logical.backup.take_backup` (what the ``back_up`` task runs), with the plan's
    default compression, the same ``gzip:1``;
 3. raw restore: parallel boto3 download and ``pg_restore -j<J>`` into a new database;
 4. pgdr restore: :func:`verify_checksums`, :func:`download_backup` and :func:`restore_dump` (what
@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from pgdr.embedded import EmbeddedServer, free_port, pg_bin_dir  # noqa: E402
+from pgdr.local.embedded import EmbeddedServer, free_port, pg_bin_dir  # noqa: E402
 
 BUCKET = "pgdr-bench"
 JOBS = 2
@@ -144,10 +144,10 @@ class Bench:
         return times
 
     def pgdr_parts(self, db: str):
-        from pgdr.layout import BackupLayout
         from pgdr.plan import parse_plan
-        from pgdr.postgres import PgEndpoint
-        from pgdr.storage import S3Store
+        from pgdr.postgres.client import PgEndpoint
+        from pgdr.storage.backends import S3Store
+        from pgdr.storage.layout import BackupLayout
 
         plan = parse_plan(
             f"storage: {{s3: {{type: s3, bucket: {BUCKET}, aws_conn_id: x}}}}\n"
@@ -156,7 +156,7 @@ class Bench:
         return plan.databases[0], endpoint, S3Store(self.s3, BUCKET), BackupLayout(prefix="pgdr")
 
     def pgdr_backup(self, db: str):
-        from pgdr.backup import take_backup
+        from pgdr.logical.backup import take_backup
 
         pdb, endpoint, store, layout = self.pgdr_parts(db)
         work = Path(tempfile.mkdtemp(dir=self.work))
@@ -168,7 +168,7 @@ class Bench:
         return elapsed, result.manifest
 
     def pgdr_restore(self, db: str, manifest, target: str) -> float:
-        from pgdr.restore import download_backup, restore_dump, verify_checksums
+        from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
 
         _pdb, endpoint, store, _layout = self.pgdr_parts(db)
         self.fresh_db(target)
@@ -220,9 +220,9 @@ class Bench:
         return int(proc.stdout.strip().splitlines()[-1]) / 1024
 
     def validation_100_tables(self) -> float:
-        from pgdr.backup import take_backup
-        from pgdr.integrity import check_integrity
-        from pgdr.validation import validate_restored
+        from pgdr.checks.integrity import check_integrity
+        from pgdr.checks.validation import validate_restored
+        from pgdr.logical.backup import take_backup
 
         self.fresh_db("hundred")
         ddl = ["CREATE TABLE t000 (id int PRIMARY KEY, name text NOT NULL)",

@@ -35,12 +35,12 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, task, task_group
-from pgdr.assets import BACKUP_ASSET
-from pgdr.deadlines import deadline_alerts, scope_of
-from pgdr.notify import run_callbacks
+from pgdr.airflow_glue.assets import BACKUP_ASSET
+from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.airflow_glue.pools import databases_by_server, pool_name
 from pgdr.plan import load_plan
-from pgdr.pools import databases_by_server, pool_name
-from pgdr.tasks import default_args
+from pgdr.tasks.common import default_args
 
 PLAN = load_plan()
 # A backup run slower than the tightest RPO breaks that RPO by itself.
@@ -64,7 +64,7 @@ def pgdr_backup():
     def back_up(database: str) -> dict:
         """Dump, compress, checksum and upload one database; write its manifest last."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_backup
+        from pgdr.tasks.backup import run_backup
 
         return run_backup(database, get_current_context())
 
@@ -72,7 +72,7 @@ def pgdr_backup():
     def prune_expired(database: str, backup: dict) -> dict:
         """Delete backups the retention policy no longer keeps, and stale partial uploads."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_retention
+        from pgdr.tasks.backup import run_retention
 
         return run_retention(database, get_current_context())
 

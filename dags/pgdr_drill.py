@@ -27,10 +27,10 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, setup, task, task_group, teardown
-from pgdr.deadlines import deadline_alerts, scope_of
-from pgdr.notify import run_callbacks
+from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks import default_args
+from pgdr.tasks.common import default_args
 
 PLAN = load_plan()
 
@@ -63,7 +63,7 @@ def pgdr_drill():
     def select_databases() -> list[str]:
         """The databases to rehearse."""
         from airflow.sdk import get_current_context
-        from pgdr.drill_tasks import select_databases as select
+        from pgdr.tasks.drill import select_databases as select
 
         return select(get_current_context()["params"])
 
@@ -71,7 +71,7 @@ def pgdr_drill():
     def rehearse_backup(database: str) -> dict:
         """A fresh backup (or the newest verified one), timed."""
         from airflow.sdk import get_current_context
-        from pgdr.drill_tasks import run_rehearse_backup
+        from pgdr.tasks.drill import run_rehearse_backup
 
         return run_rehearse_backup(database, get_current_context())
 
@@ -80,7 +80,7 @@ def pgdr_drill():
     def create_scratch(database: str) -> str:
         """An isolated scratch database for the rehearsal."""
         from airflow.sdk import get_current_context
-        from pgdr.drill_tasks import run_create_scratch
+        from pgdr.tasks.drill import run_create_scratch
 
         return run_create_scratch(database, get_current_context())
 
@@ -88,7 +88,7 @@ def pgdr_drill():
     def restore_timed(database: str, backup: dict, scratch: str) -> dict:
         """Checksum, download and restore, each timed."""
         from airflow.sdk import get_current_context
-        from pgdr.drill_tasks import run_restore_timed
+        from pgdr.tasks.drill import run_restore_timed
 
         return run_restore_timed(database, backup, get_current_context())
 
@@ -96,7 +96,7 @@ def pgdr_drill():
     def check_timed(database: str, backup: dict, scratch: str) -> dict:
         """Integrity checks and validation, each timed."""
         from airflow.sdk import get_current_context
-        from pgdr.drill_tasks import run_check_timed
+        from pgdr.tasks.drill import run_check_timed
 
         return run_check_timed(database, backup, get_current_context())
 
@@ -104,7 +104,7 @@ def pgdr_drill():
     def negative_control(database: str, backup: dict) -> dict:
         """Corrupt a private copy of one file: verification must reject it."""
         from airflow.sdk import get_current_context
-        from pgdr.drill_tasks import run_negative_control
+        from pgdr.tasks.drill import run_negative_control
 
         return run_negative_control(database, backup, get_current_context())
 
@@ -113,7 +113,7 @@ def pgdr_drill():
     def drop_scratch(database: str, scratch: str) -> bool:
         """Drop the scratch database, whatever happened."""
         from airflow.sdk import get_current_context
-        from pgdr.drill_tasks import run_drop_scratch
+        from pgdr.tasks.drill import run_drop_scratch
 
         return run_drop_scratch(database, get_current_context())
 
@@ -121,7 +121,7 @@ def pgdr_drill():
     def measure(database: str) -> dict:
         """RTO and RPO achieved against the plan, whatever happened."""
         from airflow.sdk import get_current_context
-        from pgdr.drill_tasks import run_measure
+        from pgdr.tasks.drill import run_measure
 
         context = get_current_context()
         context["pgdr_database"] = database
@@ -131,7 +131,7 @@ def pgdr_drill():
     def publish_report() -> dict:
         """The report (markdown, HTML, JSON), Slack and e-mail; fails if a drill failed."""
         from airflow.sdk import get_current_context
-        from pgdr.drill_tasks import run_publish_report
+        from pgdr.tasks.drill import run_publish_report
 
         context = get_current_context()
         results = context["ti"].xcom_pull(task_ids="rehearse.measure") or []  # every map index

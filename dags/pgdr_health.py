@@ -24,9 +24,9 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, task
-from pgdr.notify import run_callbacks
+from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks import default_args
+from pgdr.tasks.common import default_args
 
 PLAN = load_plan()
 
@@ -47,7 +47,7 @@ def pgdr_health():
     def check_database(database: str) -> list[dict]:
         """Source reachable, storage writable, backup and verified-backup ages."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_health_database
+        from pgdr.tasks.health import run_health_database
 
         return run_health_database(database, get_current_context())
 
@@ -55,7 +55,7 @@ def pgdr_health():
     def check_workers() -> list[dict]:
         """Free space where pgdr keeps its work files."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_health_workers
+        from pgdr.tasks.health import run_health_workers
 
         return run_health_workers(get_current_context())
 
@@ -63,7 +63,7 @@ def pgdr_health():
     def alert_on_changes(per_database: list[list[dict]], workers: list[dict]) -> dict:
         """One Slack message for the checks that changed state since the last run."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_health_alerts
+        from pgdr.tasks.health import run_health_alerts
 
         return run_health_alerts([*per_database, workers], get_current_context())
 

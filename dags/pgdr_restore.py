@@ -30,10 +30,10 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
-from pgdr.deadlines import deadline_alerts, scope_of
-from pgdr.notify import run_callbacks
+from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks import default_args
+from pgdr.tasks.common import default_args
 
 PLAN = load_plan()
 WINDOW = min(db.rto for db in PLAN.databases)  # a restore slower than the RTO breaks the RTO
@@ -91,7 +91,7 @@ def pgdr_restore():
     def plan_restore() -> dict:
         """Validate the form, choose the backup and print the restore plan."""
         from airflow.sdk import get_current_context
-        from pgdr.restore_tasks import build_restore_plan
+        from pgdr.tasks.restore import build_restore_plan
 
         context = get_current_context()
         return build_restore_plan(dict(context["params"]), context)
@@ -100,7 +100,7 @@ def pgdr_restore():
     def check_checksums(plan: dict) -> dict:
         """Refuse a corrupt backup before creating anything."""
         from airflow.sdk import get_current_context
-        from pgdr.restore_tasks import run_check_checksums
+        from pgdr.tasks.restore import run_check_checksums
 
         return run_check_checksums(plan, get_current_context())
 
@@ -108,7 +108,7 @@ def pgdr_restore():
     def restore_backup(plan: dict) -> dict:
         """Restore into the new target database."""
         from airflow.sdk import get_current_context
-        from pgdr.restore_tasks import run_restore
+        from pgdr.tasks.restore import run_restore
 
         return run_restore(plan, get_current_context())
 
@@ -116,7 +116,7 @@ def pgdr_restore():
     def check_integrity(plan: dict) -> dict:
         """Exact row counts, pg_amcheck and sequences of the restored database."""
         from airflow.sdk import get_current_context
-        from pgdr.restore_tasks import run_check_integrity
+        from pgdr.tasks.restore import run_check_integrity
 
         return run_check_integrity(plan, get_current_context())
 
@@ -124,7 +124,7 @@ def pgdr_restore():
     def validate_data(plan: dict) -> dict:
         """Great Expectations on the restored database."""
         from airflow.sdk import get_current_context
-        from pgdr.restore_tasks import run_validate
+        from pgdr.tasks.restore import run_validate
 
         return run_validate(plan, get_current_context())
 
@@ -133,7 +133,7 @@ def pgdr_restore():
     def swap_into_place(plan: dict) -> dict:
         """Replace mode: the restored copy takes the live name; the live database is kept renamed."""
         from airflow.sdk import get_current_context
-        from pgdr.restore_tasks import run_swap
+        from pgdr.tasks.restore import run_swap
 
         return run_swap(plan, get_current_context())
 
@@ -142,7 +142,7 @@ def pgdr_restore():
     def write_report() -> dict:
         """Markdown and JSON report next to the backup, and a Slack summary."""
         from airflow.sdk import get_current_context
-        from pgdr.restore_tasks import run_report
+        from pgdr.tasks.restore import run_report
 
         context = get_current_context()
         return run_report(context["ti"].xcom_pull(task_ids="plan_restore"), context)

@@ -46,11 +46,11 @@ from airflow.sdk import (
     task_group,
     teardown,
 )
-from pgdr.assets import BACKUP_ASSET
-from pgdr.deadlines import deadline_alerts, scope_of
-from pgdr.notify import run_callbacks
+from pgdr.airflow_glue.assets import BACKUP_ASSET
+from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks import default_args
+from pgdr.tasks.common import default_args
 
 PLAN = load_plan()
 WINDOW = min(db.rto for db in PLAN.databases)  # a restore slower than the RTO breaks the RTO
@@ -85,7 +85,7 @@ def pgdr_verify_restore():
     def find_backups() -> list[dict]:
         """Decide which backups this run verifies (params, asset events, or data interval)."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import resolve_verification_targets
+        from pgdr.tasks.verify import resolve_verification_targets
 
         return resolve_verification_targets(get_current_context())
 
@@ -93,7 +93,7 @@ def pgdr_verify_restore():
     def check_checksums(target: dict) -> dict:
         """Stream every stored file and compare its SHA-256 with the manifest."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_check_checksums
+        from pgdr.tasks.verify import run_check_checksums
 
         return run_check_checksums(target, get_current_context())
 
@@ -102,7 +102,7 @@ def pgdr_verify_restore():
     def create_scratch(target: dict) -> str:
         """Create the run's scratch database, after dropping leftovers of killed runs."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_create_scratch
+        from pgdr.tasks.verify import run_create_scratch
 
         return run_create_scratch(target, get_current_context())
 
@@ -110,7 +110,7 @@ def pgdr_verify_restore():
     def restore_backup(target: dict, scratch: str) -> dict:
         """Download, verify and pg_restore -j into the scratch database."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_restore_backup
+        from pgdr.tasks.verify import run_restore_backup
 
         return run_restore_backup(target, scratch, get_current_context())
 
@@ -118,7 +118,7 @@ def pgdr_verify_restore():
     def check_integrity(target: dict, scratch: str) -> dict:
         """Exact row counts, pg_amcheck and sequences of the restored database."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_check_integrity
+        from pgdr.tasks.verify import run_check_integrity
 
         return run_check_integrity(target, scratch, get_current_context())
 
@@ -126,7 +126,7 @@ def pgdr_verify_restore():
     def validate_data(target: dict, scratch: str) -> dict:
         """Great Expectations: the baseline suite and the user suites."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_validate_data
+        from pgdr.tasks.verify import run_validate_data
 
         return run_validate_data(target, scratch, get_current_context())
 
@@ -135,7 +135,7 @@ def pgdr_verify_restore():
     def drop_scratch(target: dict, scratch: str) -> bool:
         """Drop the scratch database, whatever happened."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_drop_scratch
+        from pgdr.tasks.verify import run_drop_scratch
 
         return run_drop_scratch(target, scratch, get_current_context())
 
@@ -145,7 +145,7 @@ def pgdr_verify_restore():
     def record_verification(target: dict) -> dict:
         """Write verified or failed, with timings and the RTO comparison, next to the backup."""
         from airflow.sdk import get_current_context
-        from pgdr.tasks import run_record_verification
+        from pgdr.tasks.verify import run_record_verification
 
         return run_record_verification(target, get_current_context())
 

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from pgdr.local import local_airflow_env
+from pgdr.local.runner import local_airflow_env
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="pgdr-tests-"))
 _SESSION_DIR.chmod(0o755)  # the embedded server runs as an unprivileged user when tests run as root
@@ -59,7 +59,7 @@ def session_dir() -> Path:
 @pytest.fixture(scope="session")
 def airflow_db(session_dir):
     """Airflow's metadata database (SQLite), migrated once."""
-    from pgdr.local import migrate_metadata_db
+    from pgdr.local.runner import migrate_metadata_db
 
     migrate_metadata_db(dict(os.environ))
 
@@ -67,7 +67,7 @@ def airflow_db(session_dir):
 @pytest.fixture(scope="session")
 def pg_server(session_dir):
     """One embedded PostgreSQL 18 server with the sample database ``shop``."""
-    from pgdr.embedded import EmbeddedServer, create_sample_database
+    from pgdr.local.embedded import EmbeddedServer, create_sample_database
 
     server = EmbeddedServer(session_dir / "postgres").start()
     create_sample_database(server, "shop")
@@ -78,7 +78,7 @@ def pg_server(session_dir):
 @pytest.fixture(scope="session")
 def pg_server_b(session_dir, pg_server):
     """A second, empty embedded PostgreSQL 18 server: "another server of the plan", without the first one's roles."""
-    from pgdr.embedded import EmbeddedServer
+    from pgdr.local.embedded import EmbeddedServer
 
     # The restore role has the same login and password on every server pgdr restores to.
     server = EmbeddedServer(session_dir / "postgres-b", restore_password=pg_server.restore_password).start()
@@ -90,7 +90,7 @@ def pg_server_b(session_dir, pg_server):
 def s3_server():
     """A moto S3 server on 127.0.0.1, spoken to over real HTTP."""
     from moto.server import ThreadedMotoServer
-    from pgdr.embedded import free_port
+    from pgdr.local.embedded import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -157,7 +157,7 @@ def fault_proxy(s3_server, monkeypatch):
 @pytest.fixture
 def run_dag():
     """Run a pgdr DAG with dag.test(); return the DagRun with a ``states`` map of task states."""
-    from pgdr.local import load_dag
+    from pgdr.local.runner import load_dag
 
     def run(dag_id: str, **kwargs):
         dag_run = load_dag(dag_id).test(**kwargs)
@@ -177,11 +177,11 @@ def run_dag():
 
 def backup_into_local_store(root, pg_server, database: str = "shop", compression: str = "gzip:1") -> str:
     """Take a real backup of ``database`` into a local store at ``root``; return its id."""
-    from pgdr.backup import take_backup
-    from pgdr.layout import BackupLayout
+    from pgdr.logical.backup import take_backup
     from pgdr.plan import parse_plan
-    from pgdr.postgres import PgEndpoint
-    from pgdr.storage import LocalFolderStore
+    from pgdr.postgres.client import PgEndpoint
+    from pgdr.storage.backends import LocalFolderStore
+    from pgdr.storage.layout import BackupLayout
 
     plan = parse_plan(
         f"storage: {{l: {{type: local, path: {root}}}}}\n"
@@ -319,8 +319,8 @@ def standalone(session_dir, pg_server, e2e_slack, e2e_mail, e2e_plan):
         },
     )
     server.start()
+    from pgdr.airflow_glue.pools import required_pools
     from pgdr.plan import load_plan
-    from pgdr.pools import required_pools
 
     for name, pool in required_pools(load_plan(e2e_plan)).items():  # as airflow-init does in compose
         server.api("POST", "/api/v2/pools", {"name": name, **pool})

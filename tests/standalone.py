@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pgdr.embedded import free_port
-from pgdr.local import DAGS_FOLDER, PLUGINS_FOLDER
+from pgdr.local.embedded import free_port
+from pgdr.local.runner import DAGS_FOLDER, PLUGINS_FOLDER
 
 PGDR_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore"}
 

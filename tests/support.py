@@ -197,7 +197,7 @@ class MailInbox:
         from email import message_from_bytes, policy
 
         from aiosmtpd.controller import Controller
-        from pgdr.embedded import free_port
+        from pgdr.local.embedded import free_port
 
         inbox = self
         self.messages: list = []
@@ -275,8 +275,8 @@ def load_sql(server, dbname: str, path: Path) -> None:
     import subprocess
 
     import psycopg
-    from pgdr.embedded import pg_bin_dir
     from pgdr.identifiers import conninfo
+    from pgdr.local.embedded import pg_bin_dir
     from psycopg import sql
 
     with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:

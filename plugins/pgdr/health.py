@@ -1,7 +1,8 @@
 """Health: is the DR plan's promise holding right now? Checked every few minutes.
 
-For each database: is the source reachable; is the storage target reachable and writable (a
-small probe object is written and removed); is the newest backup younger than the RPO; is the
+For each database: is the source reachable; do restore tests run on a cluster of their own
+(``verify_conn_id``); is the storage target reachable and writable (a small probe object is
+written and removed); is the newest backup younger than the RPO; is the
 newest *verified* backup younger than the plan's verification window; and is there enough free
 space where pgdr keeps its work files.
 
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pgdr.alerts import first_line, format_duration
+from pgdr.messages import first_line, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ class CheckResult:
 
 def check_source(db, plan) -> CheckResult:
     """The source database answers a query."""
-    from pgdr.connections import database_endpoint
-    from pgdr.postgres import connect
+    from pgdr.airflow_glue.connections import database_endpoint
+    from pgdr.postgres.client import connect
 
     try:
         endpoint = database_endpoint(db, plan)
@@ -55,9 +56,28 @@ def check_source(db, plan) -> CheckResult:
         return CheckResult("source", db.name, False, first_line(err))
 
 
+def check_verification_server(db, plan) -> CheckResult:
+    """Restore tests run on a cluster of their own, not on the production one (``verify_conn_id``)."""
+    from pgdr.airflow_glue.connections import database_endpoint
+
+    try:
+        source = database_endpoint(db, plan)
+        verify = database_endpoint(db, plan, conn_id=db.verify_conn_id)
+    except Exception as err:  # noqa: BLE001
+        return CheckResult("verify_server", db.name, False, first_line(err))
+    if (source.host, source.port) == (verify.host, verify.port):
+        return CheckResult(
+            "verify_server", db.name, False,
+            f"verify-restores and drills restore on the production cluster {source.host}:{source.port} "
+            f"(verify_conn_id {db.verify_conn_id!r}): they compete with it for disk and CPU and run restored code "
+            "there. Set verify_conn_id to a connection of another cluster (README, Security model)",
+        )
+    return CheckResult("verify_server", db.name, True, f"restore tests run on {verify.host}:{verify.port}, apart from production")
+
+
 def check_storage(db, plan) -> CheckResult:
     """The storage target accepts, returns and deletes a small probe object."""
-    from pgdr.connections import open_store
+    from pgdr.airflow_glue.connections import open_store
 
     try:
         store, layout = open_store(db.storage, plan)
@@ -76,8 +96,8 @@ def check_storage(db, plan) -> CheckResult:
 
 def check_backup_ages(db, plan, now: datetime) -> list[CheckResult]:
     """The newest backup is within the RPO; the newest verified one within the verification window."""
-    from pgdr.catalog import BackupCatalog
-    from pgdr.connections import open_store
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.storage.catalog import BackupCatalog
 
     try:
         store, layout = open_store(db.storage, plan)
@@ -176,8 +196,8 @@ def last_measurements(db, plan) -> dict[str, float | None]:
     """Return the last restore duration (verification) and the last drill's RTO and RPO of ``db``."""
     import json
 
-    from pgdr.catalog import BackupCatalog
-    from pgdr.connections import open_store
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.storage.catalog import BackupCatalog
 
     values: dict[str, float | None] = {}
     store, layout = open_store(db.storage, plan)

@@ -32,7 +32,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$")
 _DURATION_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _CONN_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
-# Names that the storage layout (pgdr.layout) uses for its own objects beside the databases' folders.
+# Names that the storage layout (pgdr.storage.layout) uses for its own objects beside the databases' folders.
 RESERVED_NAMES = {"reports": "drill and health reports"}
 DEFAULT_COMPRESSION = "gzip:1"  # readable by every build of pg_restore; see compression_spec
 
@@ -114,7 +114,7 @@ class ProtectedDatabase:
     line: int = 0
     compression: str = DEFAULT_COMPRESSION  # pg_dump's --compress, normalised: "gzip:1", "zstd:3", "none"
     # The Airflow connection whose login restores and reads restored copies: a role without
-    # superuser (see pgdr.connections.restore_endpoint). None: not configured (restores refuse).
+    # superuser (see pgdr.airflow_glue.connections.restore_endpoint). None: not configured (restores refuse).
     restore_conn_id: str | None = None
     restore_as_superuser: bool = False  # explicit, documented opt-out, warned about in every report
 

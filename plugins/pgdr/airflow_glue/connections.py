@@ -1,0 +1,111 @@
+"""From Airflow connections to the things pgdr talks to: database endpoints and storage targets.
+
+Credentials live only in Airflow connections (an ``AIRFLOW_CONN_<ID>`` variable, the metadata
+database or a secrets backend). These functions are the single place that reads them, inside
+tasks, never at parse time.
+"""
+
+from __future__ import annotations
+
+from pgdr.errors import ConnectionNotDefined, PlanError
+from pgdr.plan import DRPlan, ProtectedDatabase, StorageTarget
+from pgdr.postgres.client import PgEndpoint
+from pgdr.storage.backends import BackupStore, LocalFolderStore, S3Store
+from pgdr.storage.layout import BackupLayout
+
+
+def get_connection(conn_id: str, purpose: str, plan: DRPlan | None = None):
+    """Return the Airflow connection ``conn_id``, or explain how to define it."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        where = f" named in the DR plan {plan.path}" if plan else ""
+        raise ConnectionNotDefined(
+            f"The Airflow connection {conn_id!r}{where} ({purpose}) is not defined. Create it in "
+            f"the Airflow UI (Admin > Connections), or set AIRFLOW_CONN_{conn_id.upper()} on the "
+            "workers, or fix the connection id in the plan."
+        ) from None
+
+
+def connection_exists(conn_id: str | None) -> bool:
+    """Say whether the Airflow connection ``conn_id`` is defined (``None`` is not)."""
+    if not conn_id:
+        return False
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return False
+    return True
+
+
+def database_endpoint(db: ProtectedDatabase, plan: DRPlan | None = None, conn_id: str | None = None) -> PgEndpoint:
+    """Return the endpoint of ``db`` from its Airflow connection (or ``conn_id`` on another server)."""
+    conn_id = conn_id or db.conn_id
+    conn = get_connection(conn_id, f"PostgreSQL server of database {db.name!r}", plan)
+    extra = conn.extra_dejson or {}
+    return PgEndpoint(
+        host=conn.host or "localhost",
+        port=int(conn.port or 5432),
+        user=conn.login or "postgres",
+        password=conn.password or None,
+        dbname=db.dbname,
+        sslmode=extra.get("sslmode"),
+        conn_id=conn_id,
+    )
+
+
+def open_store(target: StorageTarget, plan: DRPlan | None = None) -> tuple[BackupStore, BackupLayout]:
+    """Return the store and key layout of a storage target."""
+    if target.kind == "local":
+        return LocalFolderStore(target.path), BackupLayout()
+    get_connection(target.aws_conn_id, f"S3 storage target {target.name!r}", plan)
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from botocore.config import Config
+
+    # Short connect timeouts and a bounded number of attempts: an unreachable endpoint should
+    # fail the try within a minute and leave the waiting to Airflow's retries with backoff.
+    config = Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=16,
+    )
+    client = S3Hook(aws_conn_id=target.aws_conn_id, config=config).get_conn()
+    return S3Store(client, target.bucket), BackupLayout(prefix=target.prefix)
+
+
+def restore_endpoint(db: ProtectedDatabase, plan: DRPlan | None, server: PgEndpoint) -> PgEndpoint:
+    """Return how pgdr restores into, and reads, restored copies on ``server``: as the restore role.
+
+    A restored dump is code written by whoever owned a schema in the source: CHECK constraints,
+    defaults and index expressions call its functions while the data loads and while checks read
+    it. So ``pg_restore`` and every check of a restored copy log in as the role of the plan's
+    ``restore_conn_id``, which has no superuser and owns the copy. Only server-level steps (create,
+    drop or rename a database, end sessions) use the server's own connection: they run no restored
+    code. The role must exist, with that login and password, on every server pgdr restores to.
+    """
+    if db.restore_as_superuser:
+        return server
+    if not db.restore_conn_id:
+        where = f" {plan.path}" if plan else ""
+        raise PlanError(
+            f"Database {db.name!r} has no restore_conn_id in the DR plan{where}. pgdr restores only as a role "
+            "without superuser, because a restored dump runs code written by whoever owned a schema. Create the "
+            "role on every server pgdr restores to (CREATE ROLE pgdr_restore LOGIN CREATEDB PASSWORD '...'), an "
+            "Airflow connection with its login and password, and set 'restore_conn_id: <that connection>' under "
+            "defaults (README, Security model). 'restore_as_superuser: true' is the explicit, unsafe alternative."
+        )
+    conn = get_connection(db.restore_conn_id, f"restore role of database {db.name!r}", plan)
+    if not conn.login:
+        raise PlanError(f"The Airflow connection {db.restore_conn_id!r} (restore role) has no login: set the role's name.")
+    return PgEndpoint(
+        host=server.host, port=server.port, user=conn.login, password=conn.password or None, dbname=server.dbname,
+        sslmode=server.sslmode, conn_id=db.restore_conn_id,
+    )
+

@@ -1,0 +1,1 @@
+"""Proving a restored database good: exact integrity checks and Great Expectations validation."""

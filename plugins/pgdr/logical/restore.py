@@ -1,0 +1,197 @@
+"""Reading a backup back: checksum verification, download, and ``pg_restore``.
+
+A backup is only restored after every stored file has been proven to be the file that was
+written: its SHA-256 must equal the manifest's. :func:`verify_checksums` streams every object
+and hashes it without keeping it (so a corrupt backup is refused before any database is
+touched); :func:`download_backup` hashes again as it writes each file to disk, so the bytes that
+are restored are the bytes that were checked. The files are stored as pg_dump compressed them, and
+``pg_restore`` reads them as they are (backups taken by pgdr 0.1, which compressed the files
+itself with zstd, are decompressed on download).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgdr.errors import ChecksumMismatch, PermanentFailure, work_space_full
+from pgdr.identifiers import printable
+from pgdr.postgres.client import PgEndpoint, connection_args, pg_tool, run_tool
+from pgdr.storage.backends import BackupStore, sha256_stream
+from pgdr.storage.catalog import BackupFile, BackupManifest
+
+log = logging.getLogger(__name__)
+
+
+class RestoreFailed(PermanentFailure):
+    """``pg_restore`` could not restore the backup into the target database."""
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """What is wrong with one stored file of a backup."""
+
+    name: str
+    key: str
+    problem: str
+
+
+def _check_one(store: BackupStore, entry: BackupFile, sink=None) -> FileProblem | None:
+    """Stream one stored file through SHA-256 (and ``sink``); describe any problem."""
+    try:
+        with store.open_read(entry.key) as stream:
+            size, sha256 = sha256_stream(stream, sink)
+    except FileNotFoundError:
+        return FileProblem(entry.name, entry.key, "missing: the object does not exist")
+    if size != entry.stored_size:
+        kind = "truncated" if size < entry.stored_size else "longer than written"
+        return FileProblem(entry.name, entry.key, f"{kind}: {size} bytes stored, the manifest says {entry.stored_size}")
+    if sha256 != entry.sha256:
+        return FileProblem(
+            entry.name, entry.key,
+            f"content changed: SHA-256 {sha256[:16]}..., the manifest says {entry.sha256[:16]}...",
+        )
+    return None
+
+
+def bounded_map(fn, items, workers: int, name: str) -> list:
+    """Return ``[fn(item) for item in items]``, ``workers`` at a time, with few calls queued at once.
+
+    ``ThreadPoolExecutor.map`` submits every item before the first result: a manifest that lists a
+    million files (from the bucket, so from anyone who can write there) would make a million
+    futures. Here at most ``2 * workers`` wait; the first error is raised once the running calls end.
+    """
+    results: list = []
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name) as pool:
+        for item in items:
+            if len(pending) >= 2 * max(1, workers):
+                results.append(pending.popleft().result())
+            pending.append(pool.submit(fn, item))
+        while pending:
+            results.append(pending.popleft().result())
+    return results
+
+
+def _refuse(manifest: BackupManifest, store: BackupStore, problems: list[FileProblem]) -> ChecksumMismatch:
+    listed = "; ".join(f"{p.name} ({store.describe(p.key)}): {p.problem}" for p in problems[:5])
+    more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+    return ChecksumMismatch(
+        f"Backup {manifest.backup_id} of database {manifest.database!r} is corrupt and was refused: "
+        f"{len(problems)} of {len(manifest.files)} files fail verification: {listed}{more}. "
+        "Retrying cannot fix this. Restore another backup (the previous verified one), and find "
+        "out what changed the storage."
+    )
+
+
+def verify_checksums(manifest: BackupManifest, store: BackupStore, workers: int = 4) -> dict[str, float]:
+    """Stream every file of ``manifest`` and compare its SHA-256; refuse the backup on any problem.
+
+    :raises ChecksumMismatch: naming the backup and every bad file.
+    :return: ``{"seconds": ..., "bytes": ...}``.
+    """
+    started = time.monotonic()
+    problems = [p for p in bounded_map(lambda f: _check_one(store, f), manifest.files, workers, "pgdr-sha") if p]
+    if problems:
+        raise _refuse(manifest, store, problems)
+    return {"seconds": time.monotonic() - started, "bytes": manifest.stored_size}
+
+
+def download_backup(manifest: BackupManifest, store: BackupStore, dest: Path, workers: int = 4) -> dict[str, float]:
+    """Download and verify every file of ``manifest`` into ``dest``, a dump directory for pg_restore.
+
+    :raises ChecksumMismatch: if any file fails verification; ``dest`` is then incomplete.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    unpack = _zstd_unpacker if manifest.compressed_by == "pgdr" else None
+
+    def one(entry: BackupFile) -> FileProblem | None:
+        target = dest / entry.name  # a plain file name: the catalog refuses any other
+        try:
+            with open(target, "wb") as out:
+                if unpack is None:
+                    return _check_one(store, entry, sink=out.write)
+                return unpack(store, entry, out)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise work_space_full(f"Downloading backup {manifest.backup_id}", str(dest), f"{manifest.stored_size / 1e6:.1f} MB to download") from None
+            raise
+
+    problems = [p for p in bounded_map(one, manifest.files, workers, "pgdr-download") if p]
+    if problems:
+        raise _refuse(manifest, store, problems)
+    return {"seconds": time.monotonic() - started, "bytes": manifest.stored_size}
+
+
+class _TooLarge(Exception):
+    """Decompressed output passed the size its manifest promised."""
+
+
+class _BoundedWriter:
+    """A file writer that refuses to grow past ``limit`` bytes (a zip bomb stops at the limit)."""
+
+    def __init__(self, out, limit: int):
+        self.out, self.limit, self.written = out, limit, 0
+
+    def write(self, data) -> int:
+        self.written += len(data)
+        if self.written > self.limit:
+            raise _TooLarge
+        return self.out.write(data)
+
+
+def _zstd_unpacker(store: BackupStore, entry: BackupFile, out) -> FileProblem | None:
+    """Verify and decompress one file of a pgdr 0.1 backup (pg_dump -Z0, then zstd by pgdr).
+
+    The output is counted as it is written and cut at the manifest's size: a small stored file
+    that would decompress to far more is refused at that size, not after filling the disk.
+    """
+    import zstandard
+
+    bounded = _BoundedWriter(out, entry.size)
+    writer = zstandard.ZstdDecompressor().stream_writer(bounded, closefd=False, write_return_read=True)
+    try:
+        problem = _check_one(store, entry, sink=writer.write)
+        writer.flush()
+    except zstandard.ZstdError as err:
+        return FileProblem(entry.name, entry.key, f"not valid zstd data ({err})")
+    except _TooLarge:
+        return FileProblem(entry.name, entry.key, f"decompresses to more than the {entry.size} bytes the manifest says")
+    if problem is None and bounded.written != entry.size:
+        problem = FileProblem(entry.name, entry.key, f"decompressed to {bounded.written} bytes, expected {entry.size}")
+    return problem
+
+
+def restore_command(target: PgEndpoint, dump_dir: Path, jobs: int, extra: list[str] | None = None) -> list[str]:
+    """Return the ``pg_restore`` command that restores ``dump_dir`` into ``target.dbname``.
+
+    Owners and privileges are not restored (``--no-owner --no-acl``): the scratch or target
+    server need not have the source's roles. ``extra`` adds options such as ``--section``; a
+    table-level restore selects its tables with a list (:func:`pgdr.incident.restore_tables`).
+    """
+    args = [
+        pg_tool("pg_restore"),
+        *connection_args(target),
+        f"--jobs={max(1, jobs)}",
+        "--no-owner",
+        "--no-acl",
+        "--exit-on-error",
+        "--no-password",
+    ]
+    return [*args, *(extra or []), str(dump_dir)]
+
+
+def restore_dump(target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path) -> float:
+    """Run ``pg_restore`` into ``target``; return the seconds it took."""
+    started = time.monotonic()
+    run_tool(
+        target, workdir, restore_command(target, dump_dir, jobs),
+        f"pg_restore into database {printable(target.dbname)!r}", RestoreFailed,
+    )
+    return time.monotonic() - started

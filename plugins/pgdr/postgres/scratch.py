@@ -1,0 +1,139 @@
+"""Scratch databases: short-lived databases that a backup is restored into to prove it good.
+
+Each verification run restores into a database of its own, named ``pgdr_verify_<db>_<tag>``
+where the tag is derived from the run, so a retry reuses the same name. Every scratch database
+carries a comment that marks it as pgdr's. A worker killed mid-restore leaves its scratch
+database behind; the next run drops leftovers that match both the naming scheme *and* the
+marker, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pgdr.postgres.client import PgEndpoint, connect, identifier
+
+log = logging.getLogger(__name__)
+
+MARKER = "pgdr scratch database"
+
+
+def scratch_name(kind: str, database: str, run_key: str) -> str:
+    """Return the scratch database name of ``database`` for one run (at most 63 bytes)."""
+    tag = hashlib.sha256(run_key.encode()).hexdigest()[:8]
+    return f"pgdr_{kind}_{database[:40]}_{tag}"
+
+
+@dataclass(frozen=True)
+class ScratchDatabase:
+    """A scratch database on a server, identified by name."""
+
+    server: PgEndpoint  # any database on the server, used for CREATE/DROP DATABASE
+    name: str
+    restorer: PgEndpoint | None = None  # the restore role, which owns the database (None: the server's user)
+
+    @property
+    def endpoint(self) -> PgEndpoint:
+        """Return the endpoint of the scratch database itself, as the role that restores into it."""
+        return (self.restorer or self.server).with_dbname(self.name)
+
+    def create(self, purpose: str) -> None:
+        """Create the database empty (dropping a previous try's copy) and mark it as pgdr's."""
+        from psycopg import sql
+
+        with connect(self.server.with_dbname("postgres")) as conn:
+            # The marker must survive a crash of the server right after: a commit that is only
+            # asynchronous (synchronous_commit = off on the server) can be lost with it.
+            conn.execute("SET synchronous_commit = on")
+            conn.execute(f"DROP DATABASE IF EXISTS {identifier(self.name)} WITH (FORCE)")
+            conn.execute(create_database_sql(self.name, self.restorer, self.server))
+            conn.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(self.name), sql.Literal(f"{MARKER}: {purpose}"))
+            )
+        log.info("Created scratch database %s on %s:%s.", self.name, self.server.host, self.server.port)
+
+    def drop(self) -> bool:
+        """Drop the database if it exists; say whether it did."""
+        with connect(self.server.with_dbname("postgres")) as conn:
+            existed = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone()
+            conn.execute(f"DROP DATABASE IF EXISTS {identifier(self.name)} WITH (FORCE)")
+        if existed:
+            log.info("Dropped scratch database %s.", self.name)
+        return bool(existed)
+
+    def exists(self) -> bool:
+        with connect(self.server.with_dbname("postgres")) as conn:
+            return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone() is not None
+
+
+def create_database_sql(name: str, owner: PgEndpoint | None, admin: PgEndpoint):
+    """Return ``CREATE DATABASE`` for an empty database owned by ``owner``'s role (the restore role)."""
+    from psycopg import sql
+
+    query = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+    if owner is not None and owner.user != admin.user:
+        query = sql.SQL("{} OWNER {}").format(query, sql.Identifier(owner.user))
+    return query
+
+
+def scratch_comment(purpose: str, run_id: str) -> str:
+    """Return the marker comment of a scratch database created by ``run_id``."""
+    return f"{purpose} [run {run_id}]"
+
+
+def drop_leftovers(
+    server: PgEndpoint, kind: str, database: str, current_run_id: str, run_state: Callable[[str], str | None] | None = None
+) -> list[str]:
+    """Drop scratch databases of ``kind`` for ``database`` left by runs that no longer run.
+
+    Candidates carry pgdr's marker comment *and* a name of exactly this database's scheme
+    (``pgdr_verify_shop_<8 hex>``, never ``pgdr_verify_shop_eu_...``). A candidate is kept when
+    it belongs to ``current_run_id`` (its other mapped tasks) or to a run that ``run_state`` says
+    is still queued or running: two backfill runs at once never drop each other's databases. A run
+    Airflow no longer knows, or cannot say, is taken as finished.
+
+    :param run_state: returns the Airflow state of a run of the same DAG (``None`` if unknown).
+    :return: the names dropped.
+    """
+    pattern = re.compile(rf"^pgdr_{re.escape(kind)}_{re.escape(database[:40])}_[0-9a-f]{{8}}$")
+    with connect(server.with_dbname("postgres")) as conn:
+        rows = conn.execute(
+            """
+            SELECT d.datname, s.description FROM pg_database d
+            JOIN pg_shdescription s ON s.objoid = d.oid AND s.classoid = 'pg_database'::regclass
+            WHERE s.description LIKE %s
+            """,
+            (f"{MARKER}%",),
+        ).fetchall()
+        dropped = []
+        for name, description in rows:
+            owner = _RUN_IN_MARKER.search(description)
+            if not pattern.match(name) or owner is None or owner.group(1) == current_run_id:
+                continue
+            state = _state_of(run_state, owner.group(1))
+            if state in ("queued", "running"):
+                log.info("Keeping scratch database %s: its run %s is still %s.", name, owner.group(1), state)
+                continue
+            conn.execute(f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)")
+            dropped.append(name)
+    for name in dropped:
+        log.warning("Dropped scratch database %s left behind by an earlier run that did not finish.", name)
+    return dropped
+
+
+_RUN_IN_MARKER = re.compile(r"\[run (.+)\]$")
+
+
+def _state_of(run_state: Callable[[str], str | None] | None, run_id: str) -> str | None:
+    if run_state is None:
+        return None
+    try:
+        state = run_state(run_id)
+    except Exception as err:  # noqa: BLE001 - a run Airflow cannot find is not running
+        log.debug("No state for run %s: %s", run_id, err)
+        return None
+    return str(getattr(state, "value", state)) if state is not None else None

@@ -1,0 +1,167 @@
+"""What every pgdr task shares: default arguments, failing fast, work directories, scratch databases.
+
+DAG files stay short by calling these. Each function reads the plan and connections at run
+time (never at parse time), keeps its work files in a private directory that is always
+removed, and turns :class:`~pgdr.errors.PermanentFailure` into ``AirflowFailException`` so that a
+failure retrying cannot fix pages at once instead of retrying.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pgdr.airflow_glue.notify import on_task_failure
+from pgdr.errors import PermanentFailure
+from pgdr.plan import DRPlan
+
+log = logging.getLogger(__name__)
+
+OWNER = "pgdr"
+MAX_RETRY_DELAY = timedelta(minutes=30)
+
+
+def default_args(plan: DRPlan, execution_timeout: timedelta) -> dict[str, Any]:
+    """Return the ``default_args`` every pgdr DAG uses: retries with backoff, alerts, timeout."""
+    return {
+        "owner": OWNER,
+        "retries": plan.retries,
+        "retry_delay": plan.retry_delay,
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": MAX_RETRY_DELAY,
+        "execution_timeout": execution_timeout,
+        "on_failure_callback": on_task_failure,
+    }
+
+
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """Re-raise a :class:`PermanentFailure` as ``AirflowFailException`` (no retry)."""
+    try:
+        yield
+    except PermanentFailure as err:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(str(err)) from err
+
+
+OWNER_FILE = ".pgdr-owner"
+
+
+@contextmanager
+def task_workdir(context, label: str) -> Iterator[Path]:
+    """Yield a private work directory for one task try; it is removed whatever happens.
+
+    A try killed with SIGKILL (an out-of-memory kill, a worker that died) cannot clean up: its
+    directory, with the dump or download and the passfile, stays. Each directory therefore names
+    its owner (host, process id and the process's start time), and every new one removes the
+    directories of owners on this host that no longer run, and only those.
+    """
+    from pgdr.workdir import work_dir_root
+
+    ti = context["ti"]
+    root = work_dir_root()
+    root.mkdir(parents=True, exist_ok=True)
+    remove_dead_workdirs(root)
+    path = Path(tempfile.mkdtemp(prefix=f"pgdr-{label}-{ti.map_index}-", dir=root))
+    try:
+        (path / OWNER_FILE).write_text(json.dumps(_process_identity(os.getpid())))
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_identity(pid: int) -> dict[str, Any] | None:
+    """Return this host's name, ``pid`` and the process's start time (``None`` if it does not run)."""
+    try:
+        # Field 22 of /proc/<pid>/stat is the start time: a reused pid has another one.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        started = stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        started = None
+    return {"host": socket.gethostname(), "pid": pid, "started": started}
+
+
+def remove_dead_workdirs(root: Path) -> list[Path]:
+    """Remove work directories under ``root`` whose owning process on this host no longer runs."""
+    removed = []
+    for owner_file in root.glob(f"pgdr-*/{OWNER_FILE}"):
+        try:
+            owner = json.loads(owner_file.read_text())
+        except (OSError, ValueError):
+            continue  # being written right now, or not ours to judge
+        if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+            continue
+        if _process_identity(int(owner.get("pid", 0))) == owner:
+            continue
+        shutil.rmtree(owner_file.parent, ignore_errors=True)
+        removed.append(owner_file.parent)
+        log.warning("Removed %s, the work directory of a task that was killed (pid %s).", owner_file.parent, owner.get("pid"))
+    return removed
+
+
+def _airflow_info(context) -> dict[str, Any]:
+    ti = context["ti"]
+    logical_date = context.get("logical_date")
+    return {
+        "dag_id": ti.dag_id,
+        "run_id": ti.run_id,
+        "task_id": ti.task_id,
+        "try_number": ti.try_number,
+        "logical_date": logical_date.isoformat() if logical_date else None,
+    }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def run_scratch(kind: str, db, plan, context, key: str):
+    """Return this run's scratch database of ``kind`` for ``db`` (the same name on every retry).
+
+    :param key: what, within the run, the scratch database is for (a database, a backup).
+    """
+    from pgdr.airflow_glue.connections import database_endpoint, restore_endpoint
+    from pgdr.postgres.scratch import ScratchDatabase, scratch_name
+
+    server = database_endpoint(db, plan, conn_id=db.verify_conn_id)
+    restorer = restore_endpoint(db, plan, server)
+    return ScratchDatabase(server, scratch_name(kind, db.name, f"{context['ti'].run_id}/{key}"), restorer)
+
+
+def create_run_scratch(scratch, kind: str, database: str, purpose: str, context) -> str:
+    """Drop scratch databases of ``kind`` left by killed runs, then create this run's; return its name."""
+    from pgdr.plan import load_plan
+    from pgdr.postgres.client import check_restore_role
+    from pgdr.postgres.scratch import drop_leftovers, scratch_comment
+
+    ti = context["ti"]
+    run_id = ti.run_id
+    check_restore_role(scratch.endpoint, load_plan().database(database).restore_as_superuser)
+    drop_leftovers(scratch.server, kind, database, run_id, lambda other: ti.get_dagrun_state(dag_id=ti.dag_id, run_id=other))
+    scratch.create(scratch_comment(purpose, run_id))
+    return scratch.name
+
+
+def refill_on_retry(scratch, context, purpose: str) -> None:
+    """Empty this run's scratch database again before a retried restore: a failed try left half a restore in it."""
+    from pgdr.postgres.scratch import scratch_comment
+
+    if context["ti"].try_number > 1:
+        log.info("Try %d: re-creating %s empty before restoring again.", context["ti"].try_number, scratch.name)
+        scratch.create(scratch_comment(purpose, context["ti"].run_id))

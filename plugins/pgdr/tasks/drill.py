@@ -1,0 +1,259 @@
+"""What the tasks of ``pgdr_drill`` do; the measuring and reporting live in :mod:`pgdr.drill`.
+
+Every phase task returns its timed phases (plain values in XCom); ``measure`` gathers them per
+database whatever happened (trigger rule ``all_done``), and ``publish_report`` writes the
+report, sends it, and then fails the run if any database failed its drill.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
+from pgdr.drill import phase
+from pgdr.tasks.common import (
+    _airflow_info,
+    _now,
+    create_run_scratch,
+    fail_fast,
+    refill_on_retry,
+    run_scratch,
+    task_workdir,
+)
+
+log = logging.getLogger(__name__)
+
+SCENARIOS = ("full-restore", "latest-verified")
+PHASE_TASKS = ("rehearse_backup", "restore_timed", "check_timed", "negative_control")
+
+
+def select_databases(params: dict[str, Any]) -> list[str]:
+    """Body of ``select_databases``: the plan's databases, or the subset named in the form."""
+    from pgdr.incident import InvalidRestoreRequest
+    from pgdr.plan import load_plan
+
+    with fail_fast():
+        plan = load_plan()
+        chosen = [d for d in (params.get("databases") or []) if d] or plan.database_names
+        unknown = [d for d in chosen if d not in plan.database_names]
+        if unknown:
+            raise InvalidRestoreRequest(
+                f"Databases not in the DR plan: {', '.join(unknown)}. The plan protects {', '.join(plan.database_names)}."
+            )
+        if (params.get("scenario") or "full-restore") not in SCENARIOS:
+            raise InvalidRestoreRequest(f"scenario must be one of {', '.join(SCENARIOS)}; got {params.get('scenario')!r}.")
+    return chosen
+
+
+def _objects(database: str, context):
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.plan import load_plan
+    from pgdr.storage.catalog import BackupCatalog
+
+    context[CONTEXT_DATABASE] = database
+    plan = load_plan()
+    db = plan.database(database)
+    store, layout = open_store(db.storage, plan)
+    return plan, db, store, layout, BackupCatalog(store, layout, db.name)
+
+
+def run_rehearse_backup(database: str, context) -> dict[str, Any]:
+    """Body of ``rehearse_backup``: a fresh backup through pgdr_backup's code (or the newest verified one)."""
+    from pgdr.airflow_glue.connections import database_endpoint
+    from pgdr.logical.backup import take_backup
+
+    scenario = (context.get("params") or {}).get("scenario") or "full-restore"
+    with fail_fast():
+        plan, db, store, layout, catalog = _objects(database, context)
+        if scenario == "latest-verified":
+            entry = catalog.latest(verified_only=True)
+            context[CONTEXT_BACKUP_ID] = entry.backup_id
+            return {"backup_id": entry.backup_id, "phases": []}
+        with task_workdir(context, f"drill-backup-{database}") as workdir:
+            result = take_backup(db, database_endpoint(db, plan), store, layout, workdir, _airflow_info(context))
+    context[CONTEXT_BACKUP_ID] = result.manifest.backup_id
+    phases = [phase(name, *result.phases[name]) for name in ("dump", "upload") if name in (result.phases or {})]
+    return {"backup_id": result.manifest.backup_id, "phases": phases}
+
+
+def _scratch(database: str, context, db, plan):
+    return run_scratch("drill", db, plan, context, database)
+
+
+def run_create_scratch(database: str, context) -> str:
+    """Body of the drill's ``create_scratch`` setup task."""
+    with fail_fast():
+        plan, db, *_ = _objects(database, context)
+        return create_run_scratch(_scratch(database, context, db, plan), "drill", database, f"drill {database}", context)
+
+
+def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
+    """Body of ``restore_timed``: checksum, download and restore, each timed."""
+    from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
+
+    phases = []
+    with fail_fast():
+        plan, db, store, _layout, catalog = _objects(database, context)
+        context[CONTEXT_BACKUP_ID] = backup["backup_id"]
+        manifest = catalog.get(backup["backup_id"]).manifest
+        scratch = _scratch(database, context, db, plan)
+        refill_on_retry(scratch, context, f"drill {database}")
+        workers = max(2, db.dump_jobs)
+        started = _now()
+        verify_checksums(manifest, store, workers)
+        phases.append(phase("checksum", started, _now()))
+        with task_workdir(context, f"drill-restore-{database}") as workdir:
+            started = _now()
+            download_backup(manifest, store, workdir / "dump", workers)
+            phases.append(phase("download", started, _now()))
+            started = _now()
+            restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
+            phases.append(phase("restore", started, _now()))
+    return {"phases": phases}
+
+
+def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
+    """Body of ``check_timed``: integrity checks and validation of the scratch restore, each timed."""
+    from pgdr.checks.integrity import check_integrity
+    from pgdr.checks.validation import validate_restored
+
+    with fail_fast():
+        plan, db, _store, _layout, catalog = _objects(database, context)
+        context[CONTEXT_BACKUP_ID] = backup["backup_id"]
+        manifest = catalog.get(backup["backup_id"]).manifest
+        scratch = _scratch(database, context, db, plan)
+        started = _now()
+        with task_workdir(context, f"drill-checks-{database}") as workdir:
+            check_integrity(scratch.endpoint, manifest, workdir, db.dump_jobs, admin=scratch.server)
+        checks = phase("checks", started, _now())
+        started = _now()
+        report = validate_restored(scratch.endpoint, manifest)
+        validation = phase("validation", started, _now())
+    summary = report.summary()
+    if not report.ok:
+        from pgdr.checks.validation import failure_error
+
+        with fail_fast():
+            raise failure_error(report, manifest, "the drill report")
+    return {"phases": [checks, validation], "validation": summary}
+
+
+def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]:
+    """Body of ``negative_control``: corrupt a private copy of one file; verification must reject it."""
+    from dataclasses import replace
+
+    from pgdr.drill import control_file
+    from pgdr.errors import ChecksumMismatch
+    from pgdr.logical.restore import verify_checksums
+    from pgdr.storage.backends import LocalFolderStore
+
+    with fail_fast():
+        _plan, _db, store, _layout, catalog = _objects(database, context)
+        manifest = catalog.get(backup["backup_id"]).manifest
+        victim = control_file(manifest.files)
+        with task_workdir(context, f"drill-control-{database}") as workdir:
+            private = LocalFolderStore(workdir / "private-copy")
+            data = bytearray(store.get_bytes(victim.key))
+            data[len(data) // 2] ^= 0x01  # one flipped bit
+            private.put_bytes(victim.key, bytes(data))
+            try:
+                verify_checksums(replace(manifest, files=(victim,)), private, workers=1)
+            except ChecksumMismatch as err:
+                log.info("Negative control: the corrupted copy of %s was rejected, as it must be: %s", victim.name, err)
+                return {"rejected": True, "file": victim.name, "message": str(err)[:300]}
+    log.error("Negative control FAILED: a corrupted copy of %s passed checksum verification.", victim.name)
+    return {"rejected": False, "file": victim.name, "message": "a corrupted copy passed verification"}
+
+
+def run_drop_scratch(database: str, context) -> bool:
+    """Body of the drill's ``drop_scratch`` teardown task."""
+    with fail_fast():
+        plan, db, *_ = _objects(database, context)
+        return _scratch(database, context, db, plan).drop()
+
+
+def run_measure(database: str, context, started_at: str) -> dict[str, Any]:
+    """Body of ``measure`` (all_done): RTO from the phases, RPO from the catalog, verdicts."""
+    from pgdr.drill import evaluate, rpo_metrics
+
+    ti = context["ti"]
+    group = ti.task_id.rpartition(".")[0]
+    values = {
+        name: ti.xcom_pull(task_ids=f"{group}.{name}" if group else name, map_indexes=ti.map_index)
+        for name in PHASE_TASKS
+    }
+    plan, db, _store, _layout, catalog = _objects(database, context)
+    failed_phase = next((n for n in PHASE_TASKS if not values[n]), None)
+    phases = [p for n in PHASE_TASKS if values[n] for p in values[n].get("phases", [])]
+    backups = catalog.backups()
+    rpo = rpo_metrics([b for b in backups if b.recovery_point <= datetime.fromisoformat(started_at)], datetime.fromisoformat(started_at))
+    return evaluate(
+        database, db.rto.total_seconds(), db.rpo.total_seconds(), phases, rpo, values["negative_control"],
+        failed_phase, (values["check_timed"] or {}).get("validation"), (values["rehearse_backup"] or {}).get("backup_id"),
+    )
+
+
+def run_publish_report(results: list[dict[str, Any]], context) -> dict[str, Any]:
+    """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail."""
+    import json
+    import re
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pgdr.airflow_glue.connections import connection_exists, open_store
+    from pgdr.airflow_glue.notify import send_slack
+    from pgdr.drill import headline, render_html, render_markdown, report_json, trend_chart
+    from pgdr.plan import load_plan
+
+    ti, dag_run = context["ti"], context["dag_run"]
+    plan = load_plan()
+    store, layout = open_store(plan.default_storage or plan.databases[0].storage, plan)
+    started_at = (dag_run.start_date or datetime.now(UTC)).astimezone(UTC)
+    drill_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + re.sub(r"[^A-Za-z0-9]+", "", ti.run_id)[-6:]
+    report = {
+        "drill_id": drill_id,
+        "run_id": ti.run_id,
+        "scenario": (context.get("params") or {}).get("scenario") or "full-restore",
+        "started_at": started_at.isoformat(),
+        "finished_at": _now(),
+        "status": "pass" if results and all(r["status"] == "pass" for r in results) else "fail",
+        "databases": results,
+    }
+    history = []
+    for obj in store.list(layout.report_key("drills") + "/"):
+        if obj.key.endswith("/drill.json"):
+            try:
+                history.append(json.loads(store.get_bytes(obj.key)))
+            except ValueError:
+                log.warning("Skipping an unreadable past drill report %s", obj.key)
+    history = sorted([h for h in history if h.get("drill_id") != drill_id] + [report], key=lambda h: h["started_at"])
+    chart = trend_chart(history)
+    keys = {name: layout.report_key("drills", drill_id, name) for name in ("drill.json", "drill.md", "drill.html", "trend.png")}
+    store.put_bytes(keys["drill.json"], report_json(report))
+    store.put_bytes(keys["drill.md"], render_markdown(report).encode())
+    page = render_html(report, chart)
+    store.put_bytes(keys["drill.html"], page.encode())
+    store.put_bytes(keys["trend.png"], chart)
+    location = store.describe(keys["drill.html"])
+    log.info("Drill report: %s\n%s", location, "\n".join(headline(report)))
+
+    icon = ":white_check_mark:" if report["status"] == "pass" else ":warning:"
+    text = "\n".join([f"{icon} [pgdr] DR drill {drill_id}: {report['status'].upper()}", *headline(report), f"Report: {location}"])
+    send_slack(text, None, context)
+    notify = plan.notify
+    if notify.smtp_conn_id and notify.email_to and connection_exists(notify.smtp_conn_id):
+        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+        SmtpNotifier(
+            from_email=notify.email_from, to=list(notify.email_to), smtp_conn_id=notify.smtp_conn_id,
+            subject=f"[pgdr] DR drill {drill_id}: {report['status'].upper()}", html_content=page,
+        ).notify(context)
+    broken = [r["database"] for r in results if r["failed_phase"] or not (r["negative_control"] or {}).get("rejected")]
+    if broken:
+        raise AirflowFailException(
+            f"The DR drill failed for {', '.join(broken)} (a phase failed, or the negative control was not rejected). "
+            f"The report lists the action items: {location}"
+        )
+    return {"status": report["status"], "report": location, "drill_id": drill_id, "headline": headline(report)}

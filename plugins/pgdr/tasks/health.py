@@ -1,0 +1,73 @@
+"""What the tasks of ``pgdr_health`` do: check every database and the workers, alert on changes of state."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from pgdr.airflow_glue.notify import CONTEXT_DATABASE
+from pgdr.tasks.common import fail_fast
+
+log = logging.getLogger(__name__)
+
+
+def run_health_database(database: str, context) -> list[dict[str, Any]]:
+    """Body of ``check_database``: source, storage, backup ages; emits metrics. Never fails on a bad check."""
+    from dataclasses import asdict
+
+    from pgdr.health import (
+        check_backup_ages,
+        check_source,
+        check_storage,
+        check_verification_server,
+        emit_metrics,
+        last_measurements,
+    )
+    from pgdr.plan import load_plan
+
+    context[CONTEXT_DATABASE] = database
+    with fail_fast():
+        plan = load_plan()
+        db = plan.database(database)
+    results = [check_source(db, plan), check_verification_server(db, plan), check_storage(db, plan),
+               *check_backup_ages(db, plan, datetime.now(UTC))]
+    try:
+        extra = last_measurements(db, plan)
+    except Exception as err:  # noqa: BLE001 - metrics must not hide the checks
+        log.warning("Could not read the last restore and drill numbers of %s: %s", database, err)
+        extra = {}
+    emit_metrics(results, extra)
+    for r in results:
+        log.log(logging.INFO if r.ok else logging.WARNING, "%s %s: %s: %s", "OK  " if r.ok else "FAIL", database, r.check, r.detail)
+    return [asdict(r) for r in results]
+
+
+def run_health_workers(context) -> list[dict[str, Any]]:
+    """Body of ``check_workers``: free space where pgdr keeps its work files."""
+    from dataclasses import asdict
+
+    from pgdr.health import check_free_space, emit_metrics
+    from pgdr.plan import load_plan
+    from pgdr.workdir import work_dir_root
+
+    result = check_free_space(work_dir_root(), load_plan().health.min_free_gb)
+    emit_metrics([result])
+    log.log(logging.INFO if result.ok else logging.WARNING, "%s", result.detail)
+    return [asdict(result)]
+
+
+def run_health_alerts(results: list[list[dict[str, Any]]], context) -> dict[str, Any]:
+    """Body of ``alert_on_changes``: one Slack message for the checks that changed state, if any."""
+    from pgdr.airflow_glue.alert_journal import AlertJournal
+    from pgdr.airflow_glue.notify import send_slack
+    from pgdr.health import CheckResult, transition_message, transitions
+
+    flat = [CheckResult(**r) for group in results for r in (group or [])]
+    failing, recovered = transitions(flat, AlertJournal.for_plan())
+    if failing or recovered:
+        send_slack(transition_message(failing, recovered), None, context)
+    still = [r for r in flat if not r.ok]
+    log.info("%d checks, %d failing (%d new), %d recovered.", len(flat), len(still), len(failing), len(recovered))
+    return {"checks": len(flat), "failing": [f"{r.database}:{r.check}" for r in still],
+            "newly_failing": len(failing), "recovered": len(recovered)}

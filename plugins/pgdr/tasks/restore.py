@@ -1,0 +1,471 @@
+"""What the tasks of ``pgdr_restore`` do (the incident restore DAG); see :mod:`pgdr.incident`.
+
+The first task resolves and validates the whole request and prints the restore plan; every
+later task works from that plan (an XCom of plain values), so a retry does exactly the same
+thing. Bad input fails in the first task, before anything is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
+from pgdr.identifiers import printable
+from pgdr.tasks.common import _now, fail_fast, task_workdir
+
+log = logging.getLogger(__name__)
+
+PHASES = ("check_checksums", "restore_backup", "check_integrity", "validate_data", "swap_into_place")
+
+
+def _label(plan: dict, context) -> None:
+    context[CONTEXT_DATABASE] = plan["database"]
+    context[CONTEXT_BACKUP_ID] = plan["backup_id"]
+
+
+def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``plan_restore``: validate the form, choose the backup, print what will happen."""
+    from pgdr.airflow_glue.connections import database_endpoint, open_store, restore_endpoint
+    from pgdr.incident import (
+        MODES,
+        InvalidRestoreRequest,
+        check_target_name,
+        database_exists,
+        database_oid,
+        default_target_name,
+        expected_duration,
+        select_backup,
+    )
+    from pgdr.plan import load_plan
+    from pgdr.postgres.client import check_restore_role
+    from pgdr.storage.catalog import BackupCatalog
+
+    with fail_fast():
+        plan = load_plan()
+        db = plan.database(params.get("database") or "")
+        context[CONTEXT_DATABASE] = db.name
+        mode = params.get("mode") or "new-database"
+        if mode not in MODES:
+            raise InvalidRestoreRequest(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+        tables = parse_tables(params.get("tables"))
+        known_conns = sorted({d.conn_id for d in plan.databases} | {d.verify_conn_id for d in plan.databases})
+        target_conn_id = params.get("target_conn_id") or db.conn_id
+        if target_conn_id not in known_conns:
+            raise InvalidRestoreRequest(
+                f"target_conn_id {target_conn_id!r} is not a server of the DR plan; choose one of {', '.join(known_conns)}."
+            )
+        if mode == "replace":
+            confirm = params.get("confirm")
+            if confirm != db.dbname:
+                typed = ""
+                if confirm and confirm.strip() == db.dbname:
+                    typed = f" (you typed {confirm!r}, with spaces around the name: type it exactly)."
+                elif confirm:
+                    typed = f" (you typed {printable(str(confirm))!r})."
+                raise InvalidRestoreRequest(
+                    f"Replace mode renames the live database {printable(db.dbname)!r} and puts the restored copy in its place. "
+                    f"To confirm, type the database name {printable(db.dbname)!r} in the 'confirm' field"
+                    + (typed or ".") + " Nothing was touched."
+                )
+            if target_conn_id != db.conn_id:
+                raise InvalidRestoreRequest(
+                    "Replace mode works on the live server only; leave target_conn_id empty, or use new-database mode "
+                    "to restore onto another server."
+                )
+            if tables:
+                raise InvalidRestoreRequest(
+                    "A table-level restore goes into a new database next to the live one (mode new-database); "
+                    "copy the rows you need from there. pgdr never overwrites live tables."
+                )
+
+        store, layout = open_store(db.storage, plan)
+        catalog = BackupCatalog(store, layout, db.name)
+        entry = select_backup(catalog, params.get("backup") or "latest-verified")
+        context[CONTEXT_BACKUP_ID] = entry.backup_id
+        check_tables_in_backup(tables, entry)
+
+        server = database_endpoint(db, plan, conn_id=target_conn_id)
+        check_restore_role(restore_endpoint(db, plan, server), db.restore_as_superuser)
+        started = context["dag_run"].run_after or datetime.now(UTC)
+        live_oid = database_oid(server, db.dbname)
+        live_exists = live_oid is not None
+        if mode == "new-database":
+            target = check_target_name(params.get("target_name") or default_target_name(db.dbname, started), db.dbname)
+            if database_exists(server, target):
+                raise InvalidRestoreRequest(
+                    f"The target database {target!r} already exists on {server.host}:{server.port}. pgdr never "
+                    "overwrites a database: choose another target_name, or drop that one yourself if it is garbage."
+                )
+            fate = (
+                f"The live database {db.dbname!r} is not touched; the backup is restored as {target!r} next to it."
+            )
+            keep_as = None
+        else:
+            target = default_target_name(db.dbname, started, "restoring")
+            keep_as = default_target_name(db.dbname, started, "pre_restore")
+            for name in (target, keep_as):
+                if database_exists(server, name):
+                    raise InvalidRestoreRequest(f"Database {name!r} already exists; wait a second and trigger again.")
+            fate = (
+                f"The backup is restored as {target!r} and checked. Only if it passes: sessions on {db.dbname!r} are "
+                f"ended, {db.dbname!r} is renamed to {keep_as!r} (kept, never dropped, connections disabled) and the "
+                f"restored copy takes the name {db.dbname!r}."
+                if live_exists
+                else f"The live database {db.dbname!r} does not exist; the checked restored copy will take its name."
+            )
+        expected = expected_duration(catalog)
+
+    restore_plan = {
+        "database": db.name,
+        "dbname": db.dbname,
+        "backup_id": entry.backup_id,
+        "recovery_point": entry.manifest.recovery_point.isoformat(),
+        "backup_status": entry.status,
+        "backup_size_bytes": entry.manifest.size,
+        "stored_size_bytes": entry.manifest.stored_size,
+        "size": entry.manifest.size_summary(),
+        "selector": params.get("backup") or "latest-verified",
+        "mode": mode,
+        "target_conn_id": target_conn_id,
+        "target_server": f"{server.host}:{server.port}",
+        "target": target,
+        "keep_live_as": keep_as,
+        "live_exists": live_exists,
+        "live_oid": live_oid,
+        "tables": tables,
+        "dry_run": bool(params.get("dry_run")),
+        "expected_seconds": expected,
+        "rto_target_seconds": db.rto.total_seconds(),
+        "what_happens": fate,
+    }
+    log.info("Restore plan:\n%s", render_plan(restore_plan))
+    return restore_plan
+
+
+def parse_tables(value: Any) -> list[str]:
+    """Read the form's ``tables`` list: each entry ``schema.table`` as SQL writes it; return their keys."""
+    from pgdr.identifiers import InvalidIdentifier, parse_qualified_name
+    from pgdr.incident import InvalidRestoreRequest
+
+    if value in (None, "", []):
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise InvalidRestoreRequest(f"'tables' must be a list of schema.table names; got {printable(repr(value))}.")
+    keys = []
+    for item in value:
+        if isinstance(item, str) and not item.strip():
+            continue
+        try:
+            keys.append(str(parse_qualified_name(item, "tables entry")))
+        except InvalidIdentifier as err:
+            raise InvalidRestoreRequest(f"{err} Nothing was touched.") from None
+    return list(dict.fromkeys(keys))
+
+
+def check_tables_in_backup(tables: list[str], entry) -> None:
+    """Refuse ``tables`` entries that are not tables of the backup, suggesting the near ones."""
+    from pgdr.identifiers import legacy_table_key, parse_qualified_name
+    from pgdr.incident import InvalidRestoreRequest
+
+    known = entry.manifest.row_counts
+    unknown = [t for t in tables if t not in known]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        wanted = parse_qualified_name(key)
+        near = [k for k in known if parse_qualified_name(k).name.lower() == wanted.name.lower()
+                or legacy_table_key(k) == key]
+        if near:
+            hints.append(f"for {printable(key)} did you mean {', '.join(printable(n) for n in sorted(near))}?")
+    listing = ", ".join(printable(k) for k in sorted(known)[:30]) + (" ..." if len(known) > 30 else "")
+    raise InvalidRestoreRequest(
+        f"Not a table of backup {entry.backup_id}: {', '.join(printable(t) for t in unknown)}. "
+        + (" ".join(hints) + " " if hints else "")
+        + "Name tables as schema.table, double-quoting names with upper case, spaces or dots "
+        '(e.g. "Sales Dept"."Customer Accounts"). Views, materialized views and sequences are not '
+        "tables: they come back with the schema of every table-level restore. "
+        f"The backup's tables: {listing}. Nothing was touched."
+    )
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """Return the restore plan as the lines an on-call engineer reads in the log."""
+    from pgdr.messages import format_duration
+
+    expected = format_duration(plan["expected_seconds"]) if plan.get("expected_seconds") else "unknown (no verification yet)"
+    lines = [
+        f"  database        : {plan['database']} (on the server: {plan['dbname']})",
+        f"  backup          : {plan['backup_id']} ({plan['backup_status']}), chosen by {plan['selector']!r}",
+        f"  recovery point  : {plan['recovery_point']} (data after this moment is not in the backup)",
+        f"  size            : {plan['size']}",
+        f"  mode            : {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
+        f"  target          : {plan['target']} on {plan['target_server']} ({plan['target_conn_id']})",
+        f"  expected time   : {expected}; the RTO is {format_duration(plan['rto_target_seconds'])}",
+        f"  what happens    : {plan['what_happens']}",
+    ]
+    if plan["dry_run"]:
+        lines.append("  DRY RUN         : nothing will be done; trigger again without dry_run to restore.")
+    return "\n".join(lines)
+
+
+def _objects(plan: dict[str, Any]):
+    from pgdr.airflow_glue.connections import database_endpoint, open_store
+    from pgdr.plan import load_plan
+    from pgdr.storage.catalog import BackupCatalog
+
+    dr_plan = load_plan()
+    db = dr_plan.database(plan["database"])
+    store, layout = open_store(db.storage, dr_plan)
+    entry = BackupCatalog(store, layout, db.name).get(plan["backup_id"])
+    server = database_endpoint(db, dr_plan, conn_id=plan["target_conn_id"])
+    return db, store, layout, entry, server
+
+
+def _restored(db, server, plan: dict[str, Any]):
+    """Return the restored copy as the restore role sees it (see pgdr.airflow_glue.connections.restore_endpoint)."""
+    from pgdr.airflow_glue.connections import restore_endpoint
+
+    return restore_endpoint(db, None, server).with_dbname(plan["target"])
+
+
+def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``check_checksums``: refuse a corrupt backup before creating anything."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from pgdr.logical.restore import verify_checksums
+
+    _label(plan, context)
+    if plan["dry_run"]:
+        raise AirflowSkipException("Dry run: the restore plan is in the log of plan_restore; nothing was done.")
+    started = _now()
+    with fail_fast():
+        db, store, _layout, entry, _server = _objects(plan)
+        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs))
+    return {"started_at": started, "finished_at": _now(), **result}
+
+
+def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``restore_backup``: into the new target database; a failed try drops only its own target."""
+    from pgdr.incident import create_target, drop_own_target, restore_tables
+    from pgdr.logical.restore import download_backup, restore_dump
+    from pgdr.postgres.client import check_restore_role
+
+    _label(plan, context)
+    started = _now()
+    run_id = context["ti"].run_id
+    with fail_fast():
+        db, store, _layout, entry, server = _objects(plan)
+        target = _restored(db, server, plan)
+        check_restore_role(target, db.restore_as_superuser)
+        create_target(server, plan["target"], run_id, owner=target)
+        try:
+            with task_workdir(context, f"incident-{db.name}") as workdir:
+                download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs))
+                t0 = datetime.now(UTC)
+                if plan["tables"]:
+                    filled = sorted(restore_tables(target, workdir / "dump", plan["tables"], db.dump_jobs, workdir))
+                else:
+                    restore_dump(target, workdir / "dump", db.dump_jobs, workdir)
+                    filled = None
+                restore_s = (datetime.now(UTC) - t0).total_seconds()
+        except BaseException:
+            # A half-restored database is garbage; only a database this run created is dropped.
+            drop_own_target(server, plan["target"], run_id)
+            raise
+    log.info("Backup %s restored into %s in %.1fs (download %.1fs).", entry.backup_id, plan["target"], restore_s, download["seconds"])
+    return {"started_at": started, "finished_at": _now(), "download_seconds": download["seconds"],
+            "restore_seconds": restore_s, "tables_filled": filled}
+
+
+def _filled(context, plan) -> set[str] | None:
+    if not plan["tables"]:
+        return None
+    restored = context["ti"].xcom_pull(task_ids="restore_backup")
+    return set(restored["tables_filled"])
+
+
+def run_check_integrity(plan: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``check_integrity`` on the restored target."""
+    from pgdr.checks.integrity import check_integrity
+
+    _label(plan, context)
+    started = _now()
+    with fail_fast():
+        db, _store, _layout, entry, server = _objects(plan)
+        with task_workdir(context, f"incident-check-{db.name}") as workdir:
+            report = check_integrity(
+                _restored(db, server, plan), entry.manifest, workdir, db.dump_jobs, _filled(context, plan), admin=server
+            )
+    return {"started_at": started, "finished_at": _now(), **report.to_dict()}
+
+
+def run_validate(plan: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``validate_data``: GX on the restored target; results stored next to the backup."""
+    from pgdr.checks.validation import failure_error, render_html, validate_restored
+
+    _label(plan, context)
+    started = _now()
+    run_id = context["ti"].run_id
+    with fail_fast():
+        db, store, layout, entry, server = _objects(plan)
+        report = validate_restored(_restored(db, server, plan), entry.manifest, _filled(context, plan))
+        stamp = _run_stamp(run_id)
+        html_key = layout.restore_report_key(db.name, entry.backup_id, f"{stamp}-validation.html")
+        store.put_bytes(html_key, render_html(report, entry.manifest, {"Restored into": plan["target"], "Airflow run": run_id}))
+        if not report.ok:
+            raise failure_error(report, entry.manifest, store.describe(html_key))
+    return {"started_at": started, "finished_at": _now(), "summary": report.summary(), "report": store.describe(html_key)}
+
+
+def run_swap(plan: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``swap_into_place`` (replace mode only; never retried blindly)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from pgdr.incident import swap_into_place
+    from pgdr.postgres.client import connect, identifier
+
+    _label(plan, context)
+    if plan["mode"] != "replace":
+        raise AirflowSkipException("new-database mode: the restored database stays next to the live one.")
+    started = _now()
+    with fail_fast():
+        _db, _store, _layout, _entry, server = _objects(plan)
+        if plan["live_exists"]:
+            result = swap_into_place(
+                server, plan["dbname"], plan["target"], plan["keep_live_as"], expected_live_oid=plan.get("live_oid")
+            )
+        else:
+            with connect(server.with_dbname("postgres")) as conn:
+                conn.execute(f"ALTER DATABASE {identifier(plan['target'])} RENAME TO {identifier(plan['dbname'])}")
+                conn.execute(f"COMMENT ON DATABASE {identifier(plan['dbname'])} IS NULL")
+            result = {"steps": [f"{plan['target']} renamed to {plan['dbname']} (there was no live database)"]}
+    for step in result["steps"]:
+        log.info("swap: %s", step)
+    return {"started_at": started, "finished_at": _now(), **result}
+
+
+def _run_stamp(run_id: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
+
+
+def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
+    """Body of ``write_report``: markdown and JSON next to the backup, a Slack summary; fails if the restore did."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pgdr.airflow_glue.notify import send_slack
+    from pgdr.incident import database_facts, release_target
+
+    ti, dag_run = context["ti"], context["dag_run"]
+    if not plan:
+        raise AirflowFailException("The restore was not planned (plan_restore failed; its alert and log say why). Nothing was touched.")
+    _label(plan, context)
+    phases = {p: ti.xcom_pull(task_ids=p) for p in PHASES}
+    needed = [p for p in PHASES if p != "swap_into_place" or plan["mode"] == "replace"]
+    failed_phase = next((p for p in needed if not phases[p]), None)
+    status = "dry-run" if plan["dry_run"] else ("failed" if failed_phase else "restored")
+    db, store, layout, entry, server = _objects(plan)
+    durations = {}
+    for phase, value in phases.items():
+        if value:
+            durations[phase] = (datetime.fromisoformat(value["finished_at"]) - datetime.fromisoformat(value["started_at"])).total_seconds()
+    achieved = None
+    if status == "restored":
+        last = phases["swap_into_place"] or phases["validate_data"]
+        achieved = (datetime.fromisoformat(last["finished_at"]) - datetime.fromisoformat(phases["check_checksums"]["started_at"])).total_seconds()
+    if status == "restored" and plan["mode"] == "new-database":
+        release_target(server, plan["target"], ti.run_id)  # the copy is the user's now
+    final_state = {"live": database_facts(server, plan["dbname"]), "restored": database_facts(server, plan["target"])}
+    if plan["keep_live_as"]:
+        final_state["previous_live"] = database_facts(server, plan["keep_live_as"])
+    report = {
+        "status": status,
+        "failed_phase": failed_phase if status == "failed" else None,
+        "triggered_by": getattr(dag_run, "triggering_user_name", None) or "unknown",
+        "run_id": ti.run_id,
+        "log_url": ti.log_url,
+        "plan": plan,
+        "phase_seconds": durations,
+        "achieved_rto_seconds": achieved,
+        "rto_target_seconds": plan["rto_target_seconds"],
+        "rto_met": None if achieved is None else achieved <= plan["rto_target_seconds"],
+        "validation": (phases["validate_data"] or {}).get("summary"),
+        "validation_report": (phases["validate_data"] or {}).get("report"),
+        "integrity": {k: (phases["check_integrity"] or {}).get(k) for k in ("tables_checked", "rows_checked", "amcheck_ok")},
+        "swap_steps": (phases["swap_into_place"] or {}).get("steps", []),
+        "final_state": final_state,
+        "written_at": _now(),
+    }
+    stamp = _run_stamp(ti.run_id)
+    json_key = layout.restore_report_key(db.name, entry.backup_id, f"{stamp}.json")
+    md_key = layout.restore_report_key(db.name, entry.backup_id, f"{stamp}.md")
+    store.put_bytes(json_key, json.dumps(report, indent=2, default=str).encode())
+    store.put_bytes(md_key, render_report_markdown(report).encode())
+    log.info("Restore report: %s", store.describe(md_key))
+    if status == "restored":  # a failed restore is alerted once, by the run's failure callback
+        send_slack(restore_summary(report, store.describe(md_key)), db.name, context)
+    if status == "failed":
+        raise AirflowFailException(
+            f"The restore of {plan['database']} from backup {plan['backup_id']} failed in phase {failed_phase}; "
+            f"the live database {plan['dbname']!r} was not changed. Report: {store.describe(md_key)}"
+        )
+    return {"status": status, "report": store.describe(md_key), "achieved_rto_seconds": achieved}
+
+
+def _fmt(seconds) -> str:
+    from pgdr.messages import format_duration
+
+    return format_duration(seconds) if seconds is not None else "n/a"
+
+
+def render_report_markdown(report: dict[str, Any]) -> str:
+    """Return the restore report as markdown."""
+    plan = report["plan"]
+    lines = [
+        f"# Restore of `{plan['database']}`: {report['status'].upper()}",
+        "",
+        f"- Triggered by: {report['triggered_by']} (run `{report['run_id']}`)",
+        f"- Backup: `{plan['backup_id']}` ({plan['backup_status']}), recovery point {plan['recovery_point']}",
+        f"- Mode: {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
+        f"- Target: `{plan['target']}` on {plan['target_server']}",
+        f"- Achieved RTO: {_fmt(report['achieved_rto_seconds'])} against a target of {_fmt(report['rto_target_seconds'])}"
+        + ("" if report["rto_met"] is None else (" (met)" if report["rto_met"] else " (**BREACHED**)")),
+    ]
+    if report["failed_phase"]:
+        lines.append(f"- **Failed in phase `{report['failed_phase']}`**; the live database was not changed.")
+    lines += ["", "## Plan", "", plan["what_happens"], "", "## Phases", "", "| phase | seconds |", "| --- | --- |"]
+    lines += [f"| {phase} | {seconds:.1f} |" for phase, seconds in report["phase_seconds"].items()]
+    if report["validation"]:
+        v = report["validation"]
+        lines += ["", "## Validation", "", f"{v['expectations'] - v['failed']} of {v['expectations']} expectations passed on {v['tables']} tables."]
+        lines += [f"- FAILED: {line}" for line in v.get("failures", [])]
+        lines.append(f"Report: {report['validation_report']}")
+    if report["swap_steps"]:
+        lines += ["", "## Swap", ""] + [f"1. {step}" for step in report["swap_steps"]]
+    lines += ["", "## Final state", ""]
+    for role, facts in report["final_state"].items():
+        state = f"{facts['size_bytes'] / 1e6:.1f} MB" + ("" if facts.get("allows_connections", True) else ", connections disabled") if facts["exists"] else "does not exist"
+        lines.append(f"- {role}: `{facts['name']}`: {state}")
+    return "\n".join(lines) + "\n"
+
+
+def restore_summary(report: dict[str, Any], location: str) -> str:
+    """Return the Slack text that sums up a restore."""
+    plan = report["plan"]
+    icon = ":white_check_mark:" if report["status"] == "restored" else ":red_circle:"
+    head = f"{icon} [pgdr] Restore of *{plan['database']}* {report['status']}: backup `{plan['backup_id']}` "
+    head += f"(recovery point {plan['recovery_point']}) into `{plan['target']}` ({plan['mode']})"
+    lines = [head, f"Triggered by {report['triggered_by']}. Achieved RTO {_fmt(report['achieved_rto_seconds'])}, target {_fmt(report['rto_target_seconds'])}."]
+    if plan["mode"] == "replace" and report["status"] == "restored":
+        lines.append(f"`{plan['dbname']}` now holds the restored data; the previous database is kept as `{plan['keep_live_as']}`.")
+    if report["failed_phase"]:
+        lines.append(f"Failed in phase {report['failed_phase']}; the live database was not changed.")
+    lines.append(f"Report: {location}")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""Security: what a hostile schema, a bucket writer or a concurrent run can do to pgdr, and what they cannot."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+from psycopg import sql
+
+pytestmark = pytest.mark.integration
+
+ESCALATION = """
+CREATE SCHEMA appschema AUTHORIZATION pgdr_app;
+SET ROLE pgdr_app;
+-- Runs as whoever evaluates the CHECK: during a restore, the role pg_restore logged in as.
+CREATE FUNCTION appschema.chk(x int) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        EXECUTE 'ALTER ROLE pgdr_app SUPERUSER';
+    END IF;
+    RETURN true;
+END $$;
+CREATE TABLE appschema.t (x int CHECK (appschema.chk(x)));
+INSERT INTO appschema.t SELECT generate_series(1, 10);
+RESET ROLE;
+"""
+
+
+def _sql(server, statement, db="postgres"):
+    with psycopg.connect(**server.dsn(db), autocommit=True) as conn:
+        cur = conn.execute(statement)
+        return cur.fetchall() if cur.description else None
+
+
+@pytest.fixture
+def escalating_database(pg_server):
+    """A database in which an application role owns a schema whose CHECK makes it superuser if it can."""
+    _sql(pg_server, "DROP DATABASE IF EXISTS escalate WITH (FORCE)")
+    _sql(pg_server, "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgdr_app') "
+                    "THEN CREATE ROLE pgdr_app NOSUPERUSER; END IF; END $$")
+    _sql(pg_server, "ALTER ROLE pgdr_app NOSUPERUSER")
+    _sql(pg_server, "CREATE DATABASE escalate")
+    with psycopg.connect(**pg_server.dsn("escalate"), autocommit=True) as conn:
+        conn.execute(ESCALATION)
+    yield "escalate"
+    before = {r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database WHERE datname LIKE 'escalate%'")}
+    for name in before:
+        _sql(pg_server, sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)).as_string())
+    _sql(pg_server, "ALTER ROLE pgdr_app NOSUPERUSER")
+
+
+def _superuser(server) -> bool:
+    return _sql(server, "SELECT rolsuper FROM pg_roles WHERE rolname = 'pgdr_app'")[0][0]
+
+
+def test_restores_never_run_restored_code_as_superuser(plan, run_dag, pg_server, escalating_database, monkeypatch):
+    """The reproduction of the review: a CHECK that makes its role superuser when evaluated by one.
+    Backup, verify-restore and an incident restore all load that table; the role stays as it was."""
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_ESCALATE", pg_server.connection_uri("escalate"))
+    p = plan(databases=[{"name": "escalate", "conn_id": "pgdr_escalate"}])
+    assert run_dag("pgdr_backup").states["protect_pgdr_escalate.back_up[0]"] == "success"
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.storage.catalog import BackupCatalog
+
+    store, layout = open_store(p.databases[0].storage)
+    backup_id = BackupCatalog(store, layout, "escalate").latest().backup_id
+
+    verify = run_dag("pgdr_verify_restore", run_conf={"database": "escalate", "backup_id": backup_id})
+    assert verify.states["verify.record_verification[0]"] == "success", verify.states
+    assert not _superuser(pg_server)
+    restore = run_dag("pgdr_restore", run_conf={"database": "escalate", "target_name": "escalate_copy"})
+    assert restore.states["write_report"] == "success", restore.states
+    assert not _superuser(pg_server)
+    # The copy is owned by the restore role, which is no superuser.
+    owner = _sql(pg_server, "SELECT pg_get_userbyid(datdba), r.rolsuper FROM pg_database d "
+                            "JOIN pg_roles r ON r.oid = d.datdba WHERE datname = 'escalate_copy'")
+    assert owner == [("pgdr_restore", False)]
+    assert _sql(pg_server, "SELECT count(*) FROM appschema.t", "escalate_copy") == [(10,)]
+
+
+def test_a_superuser_restore_role_is_refused_unless_the_plan_says_so(plan, run_dag, pg_server, escalating_database, monkeypatch, slack):
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_ESCALATE", pg_server.connection_uri("escalate"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_SUPER", pg_server.connection_uri("postgres"))
+    plan(databases=[{"name": "escalate", "conn_id": "pgdr_escalate", "restore_conn_id": "pgdr_super"}])
+    run_dag("pgdr_backup")
+    slack.clear()
+    dag_run = run_dag("pgdr_restore", run_conf={"database": "escalate", "backup": "latest", "target_name": "escalate_copy"})
+    assert dag_run.states["plan_restore"] == "failed" and dag_run.tries["plan_restore"] == 1
+    assert "is a superuser" in slack.texts()[0] and "Nothing was restored" in slack.texts()[0]
+    slack.clear()
+    verify = run_dag("pgdr_verify_restore", run_conf={"database": "escalate"})
+    assert verify.states["verify.create_scratch[0]"] == "failed" and "is a superuser" in slack.texts()[0]
+    assert not _superuser(pg_server)
+    assert _sql(pg_server, "SELECT 1 FROM pg_database WHERE datname = 'escalate_copy'") == []
+
+
+def test_a_plan_without_a_restore_role_says_how_to_add_one(plan, run_dag, pg_server, slack):
+    p = plan(databases=[{"name": "shop", "conn_id": "pgdr_shop"}], defaults={"restore_conn_id": None})
+    assert p.databases[0].restore_conn_id is None
+    run_dag("pgdr_backup")
+    slack.clear()
+    dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest"})
+    assert dag_run.states["plan_restore"] == "failed"
+    assert "has no restore_conn_id" in slack.texts()[0] and "CREATE ROLE pgdr_restore" in slack.texts()[0]
+
+
+def test_one_damaged_record_does_not_block_an_incident_restore(plan, run_dag, pg_server, slack):
+    """A damaged manifest of an old backup and a damaged verification record of another: every
+    selector still works, the restore takes the newest verified backup, and health names both."""
+    from conftest import backup_into_local_store
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.storage.catalog import BackupCatalog
+
+    p = plan()
+    root = p.databases[0].storage.path
+    old, unreadable, newest = (backup_into_local_store(root, pg_server) for _ in range(3))
+    store, layout = open_store(p.databases[0].storage)
+    catalog = BackupCatalog(store, layout, "shop")
+    for backup_id in (old, unreadable, newest):
+        catalog.record_verification(backup_id, {"status": "verified"})
+    (root / "v1/shop" / old / "manifest.json").write_text("{not json")
+    (root / "v1/shop" / unreadable / "verification.json").write_text('{"status": "verif')
+
+    assert [e.backup_id for e in catalog.backups()] == [unreadable, newest]
+    assert catalog.latest(verified_only=True).backup_id == newest
+    assert {d.backup_id for d in catalog.damaged} == {old, unreadable}
+
+    dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "target_name": "shop_after_damage"})
+    try:
+        assert dag_run.states["write_report"] == "success", dag_run.states
+        (report,) = (root / "v1/shop" / newest / "restores").glob("*.json")
+        assert json.loads(report.read_text())["plan"]["backup_id"] == newest
+    finally:
+        _sql(pg_server, "DROP DATABASE IF EXISTS shop_after_damage WITH (FORCE)")
+    slack.clear()
+    run_dag("pgdr_health")
+    (alert,) = [t for t in slack.texts() if "catalog" in t]
+    assert f"{old}: The manifest" in alert and f"{unreadable}: its verification record" in alert
+
+
+def test_leftovers_are_dropped_only_for_this_database_and_only_when_their_run_is_over(pg_server):
+    """Two runs at once (backfills have no shared limit) and databases named shop and shop_eu:
+    a run drops only exact-name leftovers of runs that no longer run."""
+    from pgdr.postgres.client import PgEndpoint
+    from pgdr.postgres.scratch import ScratchDatabase, drop_leftovers, scratch_comment, scratch_name
+
+    server = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "postgres", pg_server.password)
+    made = {}
+    for key, database, run_id in (("running", "shop", "backfill__A"), ("finished", "shop", "backfill__B"),
+                                  ("unknown", "shop", "scheduled__gone"), ("eu", "shop_eu", "backfill__C")):
+        scratch = ScratchDatabase(server, scratch_name("verify", database, f"{run_id}/x"))
+        scratch.create(scratch_comment(f"verify {database}", run_id))
+        made[key] = scratch
+    states = {"backfill__A": "running", "backfill__B": "failed"}
+
+    def state(run_id):
+        if run_id not in states:
+            raise KeyError(run_id)  # Airflow no longer knows the run
+        return states[run_id]
+
+    try:
+        dropped = drop_leftovers(server, "verify", "shop", "backfill__D", state)
+        assert sorted(dropped) == sorted([made["finished"].name, made["unknown"].name])
+        assert made["running"].exists() and made["eu"].exists()
+    finally:
+        for scratch in made.values():
+            scratch.drop()
+
+
+def test_a_finished_new_database_restore_is_never_taken_back_by_its_run(plan, run_dag, pg_server):
+    """Clearing restore_backup of a finished new-database run must not drop the copy the
+    application went back to: the run's marker is gone once the restore succeeded."""
+    from conftest import backup_into_local_store
+    from pgdr.incident import InvalidRestoreRequest, create_target, drop_own_target
+    from pgdr.postgres.client import PgEndpoint
+
+    p = plan()
+    backup_into_local_store(p.databases[0].storage.path, pg_server)
+    dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest", "target_name": "shop_in_use"})
+    try:
+        assert dag_run.states["write_report"] == "success", dag_run.states
+        assert _sql(pg_server, "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = 'shop_in_use'") == [(None,)]
+        server = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "postgres", pg_server.password)
+        assert drop_own_target(server, "shop_in_use", dag_run.run_id) is False
+        with pytest.raises(InvalidRestoreRequest, match="already exists .* and was not created by this run"):
+            create_target(server, "shop_in_use", dag_run.run_id)
+        assert _sql(pg_server, "SELECT count(*) FROM sales.orders", "shop_in_use") == [(30000,)]
+    finally:
+        _sql(pg_server, "DROP DATABASE IF EXISTS shop_in_use WITH (FORCE)")
+
+
+def test_health_warns_while_restore_tests_share_the_production_cluster(plan, run_dag, pg_server_b, monkeypatch, slack):
+    from pgdr.airflow_glue.alert_journal import AlertJournal
+
+    plan()  # verify_conn_id defaults to the database's own connection: the production cluster
+    run_dag("pgdr_health")
+    state = AlertJournal.for_plan().get_state("health-verify_server-shop")
+    assert state["ok"] is False and "restore on the production cluster" in state["detail"]
+    assert any("shop: verify_server:" in t and "Set verify_conn_id" in t for t in slack.texts()), slack.texts()
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_OTHER", pg_server_b.connection_uri("postgres"))
+    plan(databases=[{"name": "shop", "conn_id": "pgdr_shop", "verify_conn_id": "pgdr_other"}])
+    slack.clear()
+    run_dag("pgdr_health")
+    state = AlertJournal.for_plan().get_state("health-verify_server-shop")
+    assert state["ok"] is True and "apart from production" in state["detail"]

@@ -1,0 +1,266 @@
+"""pgdr_backup end to end with dag.test(): real PostgreSQL, real S3 over HTTP, real pg_dump."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from conftest import BUCKET, source_row_counts
+from support import copy_backup_as
+
+pytestmark = pytest.mark.integration
+
+MANIFEST_KEYS = {
+    "backup_id", "database", "dbname", "recovery_point", "started_at", "finished_at", "server_version",
+    "client_version", "format", "compression", "compression_level", "dump_jobs", "files", "row_counts",
+    "large_objects", "storage", "airflow", "manifest_format", "size", "stored_size", "compressed_by",
+    "database_bytes",
+}
+
+
+def _check_manifest(manifest: dict, read_object, pg_server, run_id: str) -> None:
+    """Assert everything a restore will rely on: fields, checksums, sizes and exact row counts."""
+    assert MANIFEST_KEYS <= manifest.keys()
+    assert manifest["database"] == "shop" and manifest["format"] == "directory"
+    # pg_dump compressed the files itself (the plan's default), and they are stored as it wrote them.
+    assert manifest["compression"] == "gzip:1" and manifest["compressed_by"] == "pg_dump"
+    assert manifest["database_bytes"] > manifest["stored_size"] > 0
+    assert manifest["server_version"].startswith("18") and "18." in manifest["client_version"]
+    assert manifest["airflow"]["run_id"] == run_id and manifest["airflow"]["dag_id"] == "pgdr_backup"
+    started = datetime.fromisoformat(manifest["started_at"])
+    point = datetime.fromisoformat(manifest["recovery_point"])
+    assert started <= point <= datetime.fromisoformat(manifest["finished_at"])
+    names = {f["name"] for f in manifest["files"]}
+    assert "toc.dat" in names and len(names) > 5
+    for entry in manifest["files"]:
+        stored = read_object(entry["key"])
+        assert hashlib.sha256(stored).hexdigest() == entry["sha256"], entry["name"]
+        assert len(stored) == entry["stored_size"] == entry["size"]
+        if entry["name"][0].isdigit() and entry["name"].endswith(".dat.gz"):  # table data, as pg_restore reads it
+            assert gzip.decompress(stored).rstrip(b"\n").endswith(b"\\.")  # the COPY data's end marker
+    assert sum(f["name"].endswith(".dat.gz") for f in manifest["files"]) > 5
+    assert manifest["row_counts"] == source_row_counts(pg_server, "shop")
+    assert manifest["row_counts"]["sales.orders"] == 30000
+    assert manifest["large_objects"] == 1
+    # The password never reaches the manifest.
+    assert pg_server.password not in json.dumps(manifest)
+
+
+def test_backup_to_local_folder(plan, run_dag, pg_server, env):
+    p = plan()
+    dag_run = run_dag("pgdr_backup")
+    assert dag_run.states == {"protect_pgdr_shop.back_up[0]": "success", "protect_pgdr_shop.prune_expired[0]": "success"}
+
+    root = p.databases[0].storage.path
+    manifests = list(root.glob("v1/shop/*/manifest.json"))
+    assert len(manifests) == 1
+    manifest = json.loads(manifests[0].read_text())
+    _check_manifest(manifest, lambda key: (root / key).read_bytes(), pg_server, dag_run.run_id)
+    # Nothing but the backup itself is left behind: no partial files, no work files.
+    leftovers = [p for p in root.rglob("*") if p.name.endswith(".partial")]
+    assert leftovers == []
+
+
+def test_backup_to_s3_emits_asset_event(plan, run_dag, pg_server, s3_server, s3_storage, env):
+    plan(storage=s3_storage)
+    dag_run = run_dag("pgdr_backup")
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "success"
+
+    listing = s3_server.client.list_objects_v2(Bucket=BUCKET, Prefix=f"{env['prefix']}/v1/shop/")
+    keys = [o["Key"] for o in listing.get("Contents", [])]
+    manifest_keys = [k for k in keys if k.endswith("/manifest.json")]
+    assert len(manifest_keys) == 1
+    manifest = json.loads(s3_server.client.get_object(Bucket=BUCKET, Key=manifest_keys[0])["Body"].read())
+    _check_manifest(
+        manifest,
+        lambda key: s3_server.client.get_object(Bucket=BUCKET, Key=key)["Body"].read(),
+        pg_server,
+        dag_run.run_id,
+    )
+    assert manifest["storage"].startswith(f"s3://{BUCKET}/{env['prefix']}/v1/shop/")
+
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        events = [e.extra for e in session.query(AssetEvent).all() if e.source_run_id == dag_run.run_id]
+    assert len(events) == 1
+    assert events[0]["backup_id"] == manifest["backup_id"]
+    assert events[0]["location"] == manifest["storage"]
+    assert events[0]["database"] == "shop"
+
+
+def test_backfill_run_skips_instead_of_labelling_a_fresh_dump_with_an_old_date(plan, run_dag):
+    p = plan()
+    dag_run = run_dag("pgdr_backup", logical_date=datetime.now(UTC) - timedelta(days=3))
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "skipped"
+    assert not list(p.databases[0].storage.path.glob("v1/shop/*/manifest.json"))
+
+
+def test_retry_of_a_completed_run_reuses_its_backup(plan, pg_server, env):
+    """A task retried after its manifest was written must not take a second backup."""
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.backup import take_backup
+    from pgdr.postgres.client import PgEndpoint
+
+    p = plan()
+    db = p.databases[0]
+    store, layout = open_store(db.storage)
+    endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "shop", pg_server.password)
+    first = take_backup(db, endpoint, store, layout, env["tmp"] / "w1", {"run_id": "scheduled__x"})
+    again = take_backup(db, endpoint, store, layout, env["tmp"] / "w2", {"run_id": "scheduled__x"})
+    assert again.reused and again.manifest.backup_id == first.manifest.backup_id
+    assert len(list(db.storage.path.glob("v1/shop/*/manifest.json"))) == 1
+
+
+def test_retention_keeps_newest_and_newest_verified_and_removes_stale_partials(plan, run_dag, env):
+    """Retention on a real store: old backups go, the newest verified stays, partial uploads go."""
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.storage.catalog import BackupCatalog
+
+    p = plan(defaults={"notify": {"slack_conn_id": "pgdr_slack"}, "retention": {"keep_last": 1, "keep_days": 0}})
+    db = p.databases[0]
+    store, layout = open_store(db.storage)
+    catalog = BackupCatalog(store, layout, "shop")
+    # Two old backups taken by earlier runs (copies of a real one, with older ids).
+    run_dag("pgdr_backup")
+    real = catalog.latest()
+    old_ids = ["20250101T000000Z-aaaaaa", "20250201T000000Z-bbbbbb"]
+    for old_id in old_ids:
+        copy_backup_as(store, layout, real.manifest, old_id, datetime.strptime(old_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC))
+    catalog.record_verification(old_ids[0], {"status": "verified"})
+    catalog.record_verification(real.backup_id, {"status": "failed"})
+    # A partial upload from a killed run long ago, and one that may still be in flight.
+    store.put_bytes(layout.data_key("shop", "20250301T000000Z-cccccc", "toc.dat"), b"partial")
+    in_flight = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-dddddd"
+    store.put_bytes(layout.data_key("shop", in_flight, "toc.dat"), b"in flight")
+
+    dag_run = run_dag("pgdr_backup")
+    assert dag_run.states["protect_pgdr_shop.prune_expired[0]"] == "success"
+    remaining = sorted(e.backup_id for e in catalog.backups())
+    newest = catalog.latest().backup_id
+    # Kept: the newest backup (keep_last 1) and the newest *verified* one, however old.
+    assert remaining == sorted([old_ids[0], newest])
+    assert not list(db.storage.path.glob("v1/shop/20250301T000000Z-cccccc/**/*"))
+    assert (db.storage.path / layout.data_key("shop", in_flight, "toc.dat")).exists()
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+def test_s3_unreachable_mid_upload_fails_after_retries_with_no_visible_backup(
+    plan, run_dag, s3_server, s3_storage, fault_proxy, slack, env
+):
+    plan(storage=s3_storage)
+    fault_proxy.cut_after(200_000)  # the endpoint vanishes part way through the data files
+    dag_run = run_dag("pgdr_backup")
+    assert fault_proxy.is_down
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_shop.back_up"] == 2  # the first try and its one retry
+    assert dag_run.states["protect_pgdr_shop.prune_expired[0]"] == "upstream_failed"
+    listing = s3_server.client.list_objects_v2(Bucket=BUCKET, Prefix=f"{env['prefix']}/")
+    keys = [o["Key"] for o in listing.get("Contents", [])]
+    assert not [k for k in keys if k.endswith("manifest.json")], keys
+
+    fault_proxy.heal()
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.plan import load_plan
+    from pgdr.storage.catalog import BackupCatalog
+
+    store, layout = open_store(load_plan().databases[0].storage)
+    assert BackupCatalog(store, layout, "shop").backups() == []
+    # One alert, after the last try, naming the database and the storage problem.
+    assert len(slack.messages) == 1
+    text = slack.texts()[0]
+    assert "pgdr_backup" in text and "shop" in text and "back_up" in text
+    assert "S3 endpoint could not be reached" in text
+    assert "no more retries" in text
+
+
+def test_source_database_unreachable(plan, run_dag, monkeypatch, slack):
+    from pgdr.local.embedded import free_port
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PGDR_SHOP",
+        json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": free_port(), "login": "postgres",
+                    "password": "irrelevant-secret", "schema": "shop"}),
+    )
+    p = plan()
+    dag_run = run_dag("pgdr_backup")
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_shop.back_up"] == 2  # transient: retried
+    text = slack.texts()[-1]
+    assert "Cannot connect to database 'shop' at 127.0.0.1:" in text
+    assert "Check that the server is up" in text
+    assert "irrelevant-secret" not in text
+    assert not p.databases[0].storage.path.exists() or not list(p.databases[0].storage.path.rglob("manifest.json"))
+
+
+def test_wrong_password_fails_at_once_and_never_shows_the_password(plan, run_dag, pg_server, monkeypatch, slack, capfd, caplog):
+    wrong = "Wr0ng-Pa55word-do-not-log"
+    conn = json.loads(pg_server.connection_uri("shop"))
+    conn["password"] = wrong
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_SHOP", json.dumps(conn))
+    plan()
+    dag_run = run_dag("pgdr_backup")
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_shop.back_up"] == 1  # permanent: no retry
+    text = slack.texts()[-1]
+    assert "refused the credentials" in text and "pgdr_shop" in text
+    captured = capfd.readouterr()
+    for output in (text, captured.out, captured.err, caplog.text):
+        assert wrong not in output
+
+
+def test_plan_naming_an_unknown_connection(plan, run_dag, slack):
+    plan(databases=[{"name": "shop", "conn_id": "pgdr_nowhere"}])
+    dag_run = run_dag("pgdr_backup")
+    assert dag_run.states["protect_pgdr_nowhere.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_nowhere.back_up"] == 1
+    text = slack.texts()[-1]
+    assert "The Airflow connection 'pgdr_nowhere'" in text and "is not defined" in text
+    assert "AIRFLOW_CONN_PGDR_NOWHERE" in text
+
+
+def test_compression_this_pg_dump_lacks_fails_at_once_and_says_what_to_set(plan, run_dag, slack):
+    """The embedded client has gzip only: asking for zstd must fail before any upload, without a retry
+    and without waiting for the row counts, and the alert must say which setting fixes it."""
+    p = plan(databases=[{"name": "shop", "conn_id": "pgdr_shop", "compression": "zstd:3"}])
+    dag_run = run_dag("pgdr_backup")
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "failed"
+    assert dag_run.tries["protect_pgdr_shop.back_up"] == 1  # permanent: no retry
+    text = slack.texts()[-1]
+    assert "pg_dump of database 'shop' failed" in text and "has no zstd compression" in text
+    assert "compression: gzip:1" in text and "PGDR_PG_BIN" in text
+    root = p.databases[0].storage.path
+    assert not root.exists() or not list(root.rglob("*.dat*"))
+
+
+def test_row_counts_of_nested_partitions_are_summed_and_exact(pg_server):
+    """Partitioned tables are counted from their leaves (one scan of the data, not two); the numbers
+    must equal what a query on each table returns, at every level and for a table with no partitions."""
+    import psycopg
+    from pgdr.postgres.client import count_rows
+
+    with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS counts WITH (FORCE)")
+        admin.execute("CREATE DATABASE counts")
+    with psycopg.connect(**pg_server.dsn("counts"), autocommit=True) as conn:
+        conn.execute("""
+            CREATE TABLE m (id int, region text) PARTITION BY LIST (region);
+            CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu') PARTITION BY RANGE (id);
+            CREATE TABLE m_eu_low PARTITION OF m_eu FOR VALUES FROM (0) TO (500);
+            CREATE TABLE m_eu_high PARTITION OF m_eu FOR VALUES FROM (500) TO (1000);
+            CREATE TABLE m_other PARTITION OF m DEFAULT;
+            CREATE TABLE nothing_yet (id int) PARTITION BY RANGE (id);
+            INSERT INTO m SELECT g, CASE WHEN g % 3 = 0 THEN 'us' ELSE 'eu' END FROM generate_series(0, 999) g;
+        """)
+        counts, _ = count_rows(conn)
+        direct = {key: conn.execute(f"SELECT count(*) FROM {key.split('.')[1]}").fetchone()[0] for key in counts}
+        own = conn.execute("SELECT count(*) FROM ONLY m_other").fetchone()[0]
+    assert counts == direct
+    assert counts["public.m"] == 1000 and counts["public.m_other"] == own == 334 and counts["public.nothing_yet"] == 0
+    assert counts["public.m_eu"] == counts["public.m_eu_low"] + counts["public.m_eu_high"] == 666
