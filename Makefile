@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 RUN    := PYTHONPATH=plugins $(BIN)/python
 
-.PHONY: demo test test-fast bench lint lock clean
+.PHONY: demo test test-fast bench lint lock clean restore
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): requirements.txt
 
 demo: $(STAMP)
 	$(RUN) -m pgdr.local.demo
+
+# Break-glass restore without a running Airflow, e.g. make restore ARGS="--database shop --mode replace --confirm shop"
+restore: $(STAMP)
+	$(RUN) -m pgdr restore $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -26,6 +26,7 @@ import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure, PgdrError
 from pgdr.identifiers import MAX_IDENTIFIER_BYTES, QualifiedName, printable
@@ -372,3 +373,22 @@ def swap_into_place(
         )
     return {"steps": steps}
 
+
+def render_plan(plan: dict[str, Any]) -> str:
+    """Return the restore plan as the lines an on-call engineer reads in the log."""
+    from pgdr.messages import format_duration
+
+    expected = format_duration(plan["expected_seconds"]) if plan.get("expected_seconds") else "unknown (no verification yet)"
+    lines = [
+        f"  database        : {plan['database']} (on the server: {plan['dbname']})",
+        f"  backup          : {plan['backup_id']} ({plan['backup_status']}), chosen by {plan['selector']!r}",
+        f"  recovery point  : {plan['recovery_point']} (data after this moment is not in the backup)",
+        f"  size            : {plan['size']}",
+        f"  mode            : {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
+        f"  target          : {plan['target']} on {plan['target_server']} ({plan['target_conn_id']})",
+        f"  expected time   : {expected}; the RTO is {format_duration(plan['rto_target_seconds'])}",
+        f"  what happens    : {plan['what_happens']}",
+    ]
+    if plan["dry_run"]:
+        lines.append("  DRY RUN         : nothing will be done; trigger again without dry_run to restore.")
+    return "\n".join(lines)

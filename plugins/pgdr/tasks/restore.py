@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -141,6 +142,8 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         "rto_target_seconds": db.rto.total_seconds(),
         "what_happens": fate,
     }
+    from pgdr.incident import render_plan
+
     log.info("Restore plan:\n%s", render_plan(restore_plan))
     return restore_plan
 
@@ -192,26 +195,6 @@ def check_tables_in_backup(tables: list[str], entry) -> None:
         "tables: they come back with the schema of every table-level restore. "
         f"The backup's tables: {listing}. Nothing was touched."
     )
-
-
-def render_plan(plan: dict[str, Any]) -> str:
-    """Return the restore plan as the lines an on-call engineer reads in the log."""
-    from pgdr.messages import format_duration
-
-    expected = format_duration(plan["expected_seconds"]) if plan.get("expected_seconds") else "unknown (no verification yet)"
-    lines = [
-        f"  database        : {plan['database']} (on the server: {plan['dbname']})",
-        f"  backup          : {plan['backup_id']} ({plan['backup_status']}), chosen by {plan['selector']!r}",
-        f"  recovery point  : {plan['recovery_point']} (data after this moment is not in the backup)",
-        f"  size            : {plan['size']}",
-        f"  mode            : {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
-        f"  target          : {plan['target']} on {plan['target_server']} ({plan['target_conn_id']})",
-        f"  expected time   : {expected}; the RTO is {format_duration(plan['rto_target_seconds'])}",
-        f"  what happens    : {plan['what_happens']}",
-    ]
-    if plan["dry_run"]:
-        lines.append("  DRY RUN         : nothing will be done; trigger again without dry_run to restore.")
-    return "\n".join(lines)
 
 
 def _objects(plan: dict[str, Any]):
@@ -389,6 +372,7 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
         "status": status,
         "failed_phase": failed_phase if status == "failed" else None,
         "triggered_by": getattr(dag_run, "triggering_user_name", None) or "unknown",
+        "via": os.environ.get("PGDR_RESTORE_VIA") or "Airflow (the trigger form or the API)",
         "run_id": ti.run_id,
         "log_url": ti.log_url,
         "plan": plan,
@@ -416,7 +400,7 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
             f"The restore of {plan['database']} from backup {plan['backup_id']} failed in phase {failed_phase}; "
             f"the live database {plan['dbname']!r} was not changed. Report: {store.describe(md_key)}"
         )
-    return {"status": status, "report": store.describe(md_key), "achieved_rto_seconds": achieved}
+    return {"status": status, "report": store.describe(md_key), "achieved_rto_seconds": achieved, "final_state": final_state}
 
 
 def _fmt(seconds) -> str:
@@ -431,7 +415,7 @@ def render_report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Restore of `{plan['database']}`: {report['status'].upper()}",
         "",
-        f"- Triggered by: {report['triggered_by']} (run `{report['run_id']}`)",
+        f"- Triggered by: {report['triggered_by']} (run `{report['run_id']}`), through {report.get('via', 'Airflow')}",
         f"- Backup: `{plan['backup_id']}` ({plan['backup_status']}), recovery point {plan['recovery_point']}",
         f"- Mode: {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
         f"- Target: `{plan['target']}` on {plan['target_server']}",

@@ -1,0 +1,134 @@
+"""Break-glass: ``python -m pgdr`` restores with no Airflow services at all (no scheduler, no API
+server, a fresh empty AIRFLOW_HOME), running the same pgdr_restore DAG in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import backup_into_local_store, source_row_counts
+from support import write_plan
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def breakglass(tmp_path, pg_server):
+    """A plan with a verified backup of shop, a connections file, and a runner with no Airflow around it."""
+    root = tmp_path / "backups"
+    backup_id = backup_into_local_store(root, pg_server)
+    from pgdr.storage.backends import LocalFolderStore
+    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.storage.layout import BackupLayout
+
+    BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(backup_id, {"status": "verified"})
+    connections = tmp_path / "connections.json"
+    connections.write_text(json.dumps({
+        "pgdr_shop": json.loads(pg_server.connection_uri("shop")),
+        "pgdr_live": json.loads(pg_server.connection_uri("shop_cli_live")),
+        "pgdr_restore": json.loads(pg_server.restore_connection_uri()),
+    }))
+    plan = write_plan(tmp_path / "plan.yaml",
+                      [{"name": "shop", "conn_id": "pgdr_shop"},
+                       {"name": "live", "conn_id": "pgdr_live", "dbname": "shop_cli_live"}],
+                      {"local": {"type": "local", "path": str(root)}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR"))}  # no Airflow, no plan
+    env["PYTHONPATH"] = str(ROOT / "plugins")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", "pgdr", "--plan", str(plan), "--connections", str(connections), *args],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )
+        result.output = result.stdout + result.stderr
+        return result
+
+    return run, root, backup_id
+
+
+def _sql(server, statement, db="postgres"):
+    with psycopg.connect(**server.dsn(db), autocommit=True) as conn:
+        cur = conn.execute(statement)
+        return cur.fetchall() if cur.description else None
+
+
+def test_list_reads_the_store_without_airflow(breakglass):
+    run, _root, backup_id = breakglass
+    result = run("list", "--database", "shop")
+    assert result.returncode == 0, result.output
+    assert backup_id in result.stdout and "verified" in result.stdout and "MB stored (gzip:1)" in result.stdout
+
+
+def test_restore_new_database_and_replace_without_airflow_services(breakglass, pg_server):
+    run, root, backup_id = breakglass
+    try:
+        result = run("restore", "--database", "shop", "--target-name", "shop_cli_copy")
+        assert result.returncode == 0, result.output[-4000:]
+        assert "ok restore_backup success in" in result.stdout and "pgdr_restore success" in result.stdout
+        assert "Restore plan:" in result.stdout and backup_id in result.stdout
+        assert source_row_counts(pg_server, "shop_cli_copy") == source_row_counts(pg_server, "shop")
+        (report,) = [json.loads(p.read_text()) for p in (root / "v1/shop" / backup_id / "restores").glob("*.json")]
+        assert report["status"] == "restored" and report["via"].startswith("the command line (python -m pgdr restore)")
+
+        # replace, on a live database of its own; shop's backup serves it (same schema and rows)
+        _sql(pg_server, "CREATE DATABASE shop_cli_live TEMPLATE shop")
+        (root / "v1/live").mkdir(parents=True)
+        _copy_as(root, "shop", "live", backup_id)
+        _sql(pg_server, "INSERT INTO audit.events (actor, action) VALUES ('after-backup', 'marker')", "shop_cli_live")
+        result = run("restore", "--database", "live", "--backup", "latest", "--mode", "replace", "--confirm", "shop_cli_live")
+        assert result.returncode == 0, result.output[-4000:]
+        assert "ok swap_into_place success" in result.stdout
+        kept = [r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database WHERE datname LIKE 'shop_cli_live_pre_restore_%'")]
+        assert len(kept) == 1
+        assert _sql(pg_server, "SELECT count(*) FROM audit.events WHERE actor = 'after-backup'", "shop_cli_live") == [(0,)]
+        _sql(pg_server, f'ALTER DATABASE "{kept[0]}" WITH ALLOW_CONNECTIONS true')
+        assert _sql(pg_server, "SELECT count(*) FROM audit.events WHERE actor = 'after-backup'", kept[0]) == [(1,)]
+    finally:
+        for (name,) in _sql(pg_server, "SELECT datname FROM pg_database WHERE datname LIKE 'shop\\_cli\\_%'"):
+            _sql(pg_server, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+            _sql(pg_server, f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _copy_as(root: Path, database: str, other: str, backup_id: str) -> None:
+    """File shop's backup as a backup of ``other`` too (its manifest names its own keys)."""
+    import shutil
+
+    source, target = root / "v1" / database / backup_id, root / "v1" / other / backup_id
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["database"] = other
+    for entry in manifest["files"]:
+        entry["key"] = entry["key"].replace(f"v1/{database}/", f"v1/{other}/", 1)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    (target / "verification.json").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "args, message, status",
+    [
+        (["--mode", "replace", "--confirm", "shopp"], "(you typed 'shopp')", 1),
+        (["--tables", "sales.nope"], "Not a table of backup", 1),
+        (["--backup", "2999-01-01T00:00:00Z"], "is in the future", 1),
+    ],
+    ids=["wrong-confirmation", "unknown-table", "future-time"],
+)
+def test_a_wrong_field_gets_the_forms_own_error(breakglass, pg_server, args, message, status):
+    run, _root, _backup_id = breakglass
+    before = {r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database")}
+    result = run("restore", "--database", "shop", *args)
+    assert result.returncode == status, result.output[-3000:]
+    assert message in result.output
+    assert {r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database")} == before
+
+
+def test_a_database_not_in_the_plan_is_refused_as_the_form_refuses_it(breakglass):
+    run, _root, _backup_id = breakglass
+    result = run("restore", "--database", "nope")
+    assert result.returncode == 2 and "is not one of" in result.output, result.output[-3000:]
