@@ -183,3 +183,9 @@ def sla_miss_email(dag_id: str, scope: str, target: str, run_id: str, queued_at:
         "<p>-- pgdr</p>"
     )
     return subject, body
+
+
+SUPERUSER_RESTORE_WARNING = (
+    "WARNING: restore_as_superuser is set for this database: the restore ran as a superuser, so code in the "
+    "restored schema ran with superuser rights. Remove the setting unless you trust every owner of its schemas."
+)

@@ -205,3 +205,38 @@ def test_health_warns_while_restore_tests_share_the_production_cluster(plan, run
     run_dag("pgdr_health")
     state = AlertJournal.for_plan().get_state("health-verify_server-shop")
     assert state["ok"] is True and "apart from production" in state["detail"]
+
+
+def test_an_untrusted_extension_fails_clearly_and_restore_as_superuser_is_warned_about(plan, run_dag, pg_server, monkeypatch, slack):
+    """A backup that needs an extension only a superuser may create (amcheck) fails its restore as the
+    restore role saying so; with restore_as_superuser it verifies, and every report carries the warning."""
+    _sql(pg_server, "DROP DATABASE IF EXISTS needs_super WITH (FORCE)")
+    _sql(pg_server, "CREATE DATABASE needs_super")
+    _sql(pg_server, "CREATE EXTENSION amcheck; CREATE TABLE t AS SELECT generate_series(1, 5) AS x", "needs_super")
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_NEEDS", pg_server.connection_uri("needs_super"))
+    try:
+        p = plan(databases=[{"name": "needs", "conn_id": "pgdr_needs", "dbname": "needs_super"}])
+        run_dag("pgdr_backup")
+        slack.clear()
+        first = run_dag("pgdr_verify_restore", run_conf={"database": "needs"})
+        assert first.states["verify.restore_backup[0]"] == "failed" and first.tries["verify.restore_backup"] == 1
+        alert = next(t for t in slack.texts() if "restore_backup" in t)
+        assert "needs the extension 'amcheck', which only a superuser may create" in alert
+        assert "restore_as_superuser: true" in alert
+
+        p = plan(databases=[{"name": "needs", "conn_id": "pgdr_needs", "dbname": "needs_super", "restore_as_superuser": True}])
+        second = run_dag("pgdr_verify_restore", run_conf={"database": "needs"})
+        assert second.states["verify.record_verification[0]"] == "success", second.states
+        root = p.databases[0].storage.path
+        (record,) = [json.loads(f.read_text()) for f in root.glob("v1/needs/*/verification.json")]
+        assert record["status"] == "verified" and record["restored_as_superuser"] is True
+        assert "ran as a superuser" in record["warning"]
+        (page,) = root.glob("v1/needs/*/validation/report.html")
+        assert "restore_as_superuser is set" in page.read_text()
+        restore = run_dag("pgdr_restore", run_conf={"database": "needs", "target_name": "needs_copy"})
+        assert restore.states["write_report"] == "success", restore.states
+        (markdown,) = root.glob("v1/needs/*/restores/*.md")
+        assert "**WARNING: restore_as_superuser is set" in markdown.read_text()
+    finally:
+        for name in ("needs_super", "needs_copy"):
+            _sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

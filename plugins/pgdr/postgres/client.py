@@ -44,6 +44,7 @@ _CONNECTION_LOST = (
     "server closed the connection unexpectedly", "terminating connection due to", "the database system is shutting down",
     "the database system is starting up", "the database system is in recovery mode", "connection to server was lost",
 )
+_SUPERUSER_EXTENSION = re.compile(r'permission denied to create extension "([^"]+)"', re.IGNORECASE)
 _UNSUPPORTED_COMPRESSION = re.compile(r"does not support compression with (\w+)", re.IGNORECASE)
 
 
@@ -220,6 +221,16 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
         return AuthenticationFailed(
             f"{what} failed: the server refused the credentials for {endpoint.describe()} ({detail}). "
             "Fix the login or password in that Airflow connection."
+        )
+    needs_superuser = _SUPERUSER_EXTENSION.search(detail)
+    if needs_superuser:
+        name = needs_superuser.group(1)
+        return PermanentFailure(
+            f"{what} failed: the backup needs the extension {name!r}, which only a superuser may create, and pgdr "
+            f"restores as the role {endpoint.user!r}, which is not one ({detail}). Such a backup restores only with "
+            "'restore_as_superuser: true' for this database in the DR plan; set it only if you trust every owner of "
+            "its schemas, because restored code then runs as a superuser ("
+            "README, Security model). Retrying cannot fix this."
         )
     unsupported = _UNSUPPORTED_COMPRESSION.search(detail)
     if unsupported:

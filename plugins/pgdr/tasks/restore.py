@@ -15,6 +15,7 @@ from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.identifiers import printable
+from pgdr.messages import SUPERUSER_RESTORE_WARNING
 from pgdr.tasks.common import _now, fail_fast, task_workdir
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         "dry_run": bool(params.get("dry_run")),
         "expected_seconds": expected,
         "rto_target_seconds": db.rto.total_seconds(),
-        "what_happens": fate,
+        "what_happens": fate + (f" {SUPERUSER_RESTORE_WARNING}" if db.restore_as_superuser else ""),
+        "restore_as_superuser": db.restore_as_superuser,
     }
     from pgdr.incident import render_plan
 
@@ -418,6 +420,7 @@ def render_report_markdown(report: dict[str, Any]) -> str:
         f"- Triggered by: {report['triggered_by']} (run `{report['run_id']}`), through {report.get('via', 'Airflow')}",
         f"- Backup: `{plan['backup_id']}` ({plan['backup_status']}), recovery point {plan['recovery_point']}",
         f"- Mode: {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
+        *([f"- **{SUPERUSER_RESTORE_WARNING}**"] if plan.get("restore_as_superuser") else []),
         f"- Target: `{plan['target']}` on {plan['target_server']}",
         f"- Achieved RTO: {_fmt(report['achieved_rto_seconds'])} against a target of {_fmt(report['rto_target_seconds'])}"
         + ("" if report["rto_met"] is None else (" (met)" if report["rto_met"] else " (**BREACHED**)")),

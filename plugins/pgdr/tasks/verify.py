@@ -8,6 +8,7 @@ from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.errors import BackupNotFound
+from pgdr.messages import SUPERUSER_RESTORE_WARNING
 from pgdr.storage.catalog import VERIFICATION_PHASES as VERIFY_PHASES
 from pgdr.tasks.common import _now, create_run_scratch, fail_fast, refill_on_retry, run_scratch, task_workdir
 
@@ -168,7 +169,10 @@ def run_validate_data(target: dict[str, str], scratch_name: str, context) -> dic
         results_key = layout.validation_key(db.name, entry.backup_id, "results.json")
         html_key = layout.validation_key(db.name, entry.backup_id, "report.html")
         store.put_bytes(results_key, report.to_json())
-        store.put_bytes(html_key, render_html(report, entry.manifest, {"Airflow run": context["ti"].run_id}))
+        extra = {"Airflow run": context["ti"].run_id}
+        if db.restore_as_superuser:
+            extra["Warning"] = SUPERUSER_RESTORE_WARNING
+        store.put_bytes(html_key, render_html(report, entry.manifest, extra))
         log.info("Validation report: %s", store.describe(html_key))
         if not report.ok:
             raise failure_error(report, entry.manifest, store.describe(html_key))
@@ -237,6 +241,7 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
         "airflow": {"dag_id": ti.dag_id, "run_id": ti.run_id, "log_url": ti.log_url},
         "phases": {},
         "rto_target_seconds": db.rto.total_seconds(),
+        **({"restored_as_superuser": True, "warning": SUPERUSER_RESTORE_WARNING} if db.restore_as_superuser else {}),
     }
     for phase, value in phases.items():
         if value:
