@@ -42,14 +42,15 @@ def breakglass(tmp_path, pg_server):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR"))}  # no Airflow, no plan
     env["PYTHONPATH"] = str(ROOT / "plugins")
 
+    def command(*args: str) -> list[str]:
+        return [sys.executable, "-m", "pgdr", "--plan", str(plan), "--connections", str(connections), *args]
+
     def run(*args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [sys.executable, "-m", "pgdr", "--plan", str(plan), "--connections", str(connections), *args],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        )
+        result = subprocess.run(command(*args), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         result.output = result.stdout + result.stderr
         return result
 
+    run.command, run.env = command, env
     return run, root, backup_id
 
 
@@ -132,3 +133,37 @@ def test_a_database_not_in_the_plan_is_refused_as_the_form_refuses_it(breakglass
     run, _root, _backup_id = breakglass
     result = run("restore", "--database", "nope")
     assert result.returncode == 2 and "is not one of" in result.output, result.output[-3000:]
+
+
+def test_ctrl_c_during_the_restore_leaves_the_live_database_and_no_half_copy(breakglass, pg_server):
+    """SIGINT (Ctrl-C) while pg_restore runs: the command stops, the live database is untouched, and
+    the half-restored copy is dropped (it was this run's own target)."""
+    import signal
+    import threading
+    import time
+
+    run, _root, _backup_id = breakglass
+    before = {r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database")}
+    rows = source_row_counts(pg_server, "shop")
+    process = subprocess.Popen(run.command("restore", "--database", "shop", "--target-name", "shop_cli_half"),
+                               env=run.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    interrupted = threading.Event()
+
+    def interrupt_when_restoring():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if _sql(pg_server, "SELECT 1 FROM pg_stat_activity WHERE datname = 'shop_cli_half' AND application_name = 'pgdr'"):
+                process.send_signal(signal.SIGINT)
+                interrupted.set()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=interrupt_when_restoring, daemon=True)
+    watcher.start()
+    output, _ = process.communicate(timeout=300)
+    watcher.join(5)
+    assert interrupted.is_set(), output[-3000:]
+    assert process.returncode == 130 and "stopped by Ctrl-C" in output, output[-3000:]
+    time.sleep(1)
+    assert {r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database")} == before, output[-3000:]
+    assert source_row_counts(pg_server, "shop") == rows

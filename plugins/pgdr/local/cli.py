@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -105,6 +106,17 @@ class _Progress(threading.Thread):
                     _print(f"(progress: {err!r})")
 
 
+STOP_REQUESTED_ENV_VAR = "PGDR_STOP_REQUESTED"  # read by pgdr.tasks.common.fail_fast in this process
+
+
+def _stop(signum, frame) -> None:
+    """Ctrl-C: interrupt the running task (it drops its own half-restored copy) and stop every later one."""
+    if not os.environ.get(STOP_REQUESTED_ENV_VAR):
+        _print("\npgdr: stopping (Ctrl-C). The running task cleans up after itself; no later task will run.")
+    os.environ[STOP_REQUESTED_ENV_VAR] = "1"
+    raise KeyboardInterrupt
+
+
 def restore(args: argparse.Namespace) -> int:
     """Run ``pgdr_restore`` in this process with the command's fields as the form's; return the exit status."""
     from pgdr.local.runner import load_dag
@@ -117,6 +129,7 @@ def restore(args: argparse.Namespace) -> int:
     dag = load_dag("pgdr_restore")
     progress = _Progress("pgdr_restore")
     progress.start()
+    signal.signal(signal.SIGINT, _stop)
     started = time.monotonic()
     try:
         dag_run = dag.test(run_conf=conf)
@@ -160,6 +173,9 @@ def _summarise(dag_run, seconds: float) -> int:
             _print(f"  {role:<13}: {facts['name']} ({where}{closed})")
         _print(f"\nReport: {report['report']}")
     _print(f"\npgdr_restore {state} in {seconds:.1f}s.")
+    if os.environ.get(STOP_REQUESTED_ENV_VAR):
+        _print("pgdr: stopped by Ctrl-C before the restore finished.")
+        return 130
     if state != "success":
         _print("The live database was not changed unless the report says it was; the task errors are above.")
     return 0 if state == "success" else 1

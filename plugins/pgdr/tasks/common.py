@@ -27,6 +27,7 @@ from pgdr.plan import DRPlan
 log = logging.getLogger(__name__)
 
 OWNER = "pgdr"
+STOP_REQUESTED_ENV_VAR = "PGDR_STOP_REQUESTED"
 MAX_RETRY_DELAY = timedelta(minutes=30)
 
 
@@ -45,7 +46,18 @@ def default_args(plan: DRPlan, execution_timeout: timedelta) -> dict[str, Any]:
 
 @contextmanager
 def fail_fast() -> Iterator[None]:
-    """Re-raise a :class:`PermanentFailure` as ``AirflowFailException`` (no retry)."""
+    """Re-raise a :class:`PermanentFailure` as ``AirflowFailException`` (no retry).
+
+    A run that its operator stopped (Ctrl-C on ``python -m pgdr restore``, which sets
+    ``$PGDR_STOP_REQUESTED``) does no more work: every later task and retry fails at once.
+    """
+    if os.environ.get(STOP_REQUESTED_ENV_VAR):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            "Stopped by the operator (Ctrl-C on the command line): nothing more is done. The live database was not "
+            "changed unless the report says so; a half-restored copy of this run was dropped."
+        )
     try:
         yield
     except PermanentFailure as err:
