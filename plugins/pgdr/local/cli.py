@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-VIA_ENV_VAR = "PGDR_RESTORE_VIA"
+from pgdr.runtime import STOP_REQUESTED_ENV_VAR, VIA_ENV_VAR
 
 
 def _print(text: str = "") -> None:
@@ -104,9 +104,6 @@ class _Progress(threading.Thread):
             except Exception as err:  # noqa: BLE001 - progress is a courtesy; the run's outcome is read after
                 if os.environ.get("PGDR_DEBUG"):
                     _print(f"(progress: {err!r})")
-
-
-STOP_REQUESTED_ENV_VAR = "PGDR_STOP_REQUESTED"  # read by pgdr.tasks.common.fail_fast in this process
 
 
 def _stop(signum, frame) -> None:

@@ -23,11 +23,11 @@ from typing import Any
 from pgdr.airflow_glue.notify import on_task_failure
 from pgdr.errors import PermanentFailure
 from pgdr.plan import DRPlan
+from pgdr.runtime import STOP_REQUESTED_ENV_VAR
 
 log = logging.getLogger(__name__)
 
 OWNER = "pgdr"
-STOP_REQUESTED_ENV_VAR = "PGDR_STOP_REQUESTED"
 MAX_RETRY_DELAY = timedelta(minutes=30)
 
 

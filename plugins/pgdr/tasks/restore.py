@@ -16,6 +16,7 @@ from typing import Any
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.identifiers import printable
 from pgdr.messages import SUPERUSER_RESTORE_WARNING
+from pgdr.runtime import VIA_ENV_VAR
 from pgdr.tasks.common import _now, fail_fast, task_workdir
 
 log = logging.getLogger(__name__)
@@ -374,7 +375,7 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
         "status": status,
         "failed_phase": failed_phase if status == "failed" else None,
         "triggered_by": getattr(dag_run, "triggering_user_name", None) or "unknown",
-        "via": os.environ.get("PGDR_RESTORE_VIA") or "Airflow (the trigger form or the API)",
+        "via": os.environ.get(VIA_ENV_VAR) or "Airflow (the trigger form or the API)",
         "run_id": ti.run_id,
         "log_url": ti.log_url,
         "plan": plan,
