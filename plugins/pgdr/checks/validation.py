@@ -12,10 +12,12 @@ Two kinds of suites run against the scratch database:
   which makes freshness checks possible ("the newest order is at most 60 days older than the
   backup").
 
-GX runs in an ephemeral context with one SQL data source; the connection string reaches GX
-through an environment variable it substitutes, so no password is stored in GX's configuration.
-Each table is validated as one batch, so GX bundles the aggregate metrics of all of its
-expectations into few queries.
+GX runs in an ephemeral context; the connection string reaches GX through an environment
+variable it substitutes, so no password is stored in GX's configuration. Each table is one query
+asset, named in ``U&""`` escapes so that any PostgreSQL name survives GX (see
+:mod:`pgdr.identifiers`), with a data source of its own (GX matches column names across the
+assets of one source without regard to case). Each table is validated as one batch, so GX bundles
+the aggregate metrics of all of its expectations into few queries.
 """
 
 from __future__ import annotations
