@@ -2,9 +2,11 @@
 
 Each verification run restores into a database of its own, named ``pgdr_verify_<db>_<tag>``
 where the tag is derived from the run, so a retry reuses the same name. Every scratch database
-carries a comment that marks it as pgdr's. A worker killed mid-restore leaves its scratch
-database behind; the next run drops leftovers that match both the naming scheme *and* the
-marker, and nothing else.
+carries a comment that marks it as pgdr's and names its run, and is owned by the restore role
+(the role pg_restore logs in as; never a superuser). A worker killed mid-restore leaves its
+scratch database behind; a later run drops leftovers that match this database's naming scheme
+exactly *and* carry the marker *and* whose run Airflow reports as no longer running, and nothing
+else: two runs at once (backfills) never drop each other's.
 """
 
 from __future__ import annotations
