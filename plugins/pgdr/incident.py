@@ -130,8 +130,7 @@ def check_target_name(name: str, live: str) -> str:
 
 def database_exists(server: PgEndpoint, name: str) -> bool:
     """Say whether database ``name`` exists on ``server``."""
-    with connect(server.with_dbname("postgres")) as conn:
-        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+    return database_oid(server, name) is not None
 
 
 def database_facts(server: PgEndpoint, name: str) -> dict:

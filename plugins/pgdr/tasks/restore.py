@@ -40,6 +40,7 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         database_oid,
         default_target_name,
         expected_duration,
+        render_plan,
         select_backup,
     )
     from pgdr.plan import load_plan
@@ -145,8 +146,6 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         "what_happens": fate + (f" {SUPERUSER_RESTORE_WARNING}" if db.restore_as_superuser else ""),
         "restore_as_superuser": db.restore_as_superuser,
     }
-    from pgdr.incident import render_plan
-
     log.info("Restore plan:\n%s", render_plan(restore_plan))
     return restore_plan
 
