@@ -6,8 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 RUN    := PYTHONPATH=plugins $(BIN)/python
+# The WAL archiver (barman-cloud) runs as the database server's OS user, so it gets a venv of its own
+# made from a Python every user can run (Debian's /usr/bin/python3 where there is one).
+ARCHIVER        := .pgdr/archiver
+ARCHIVER_STAMP  := $(ARCHIVER)/.installed-$(shell cat requirements-archiver.txt | cksum | cut -d' ' -f1)
+ARCHIVER_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11 /usr/bin/python3 /usr/local/bin/python3) $(PYTHON))
 
-.PHONY: demo test test-fast bench lint lock clean restore
+.PHONY: demo test test-fast bench lint lock clean restore archiver
 
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,20 +22,30 @@ $(STAMP): requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-demo: $(STAMP)
+$(ARCHIVER_STAMP): requirements-archiver.txt
+	@rm -rf $(ARCHIVER) && mkdir -p .pgdr && chmod o+rx .pgdr
+	$(ARCHIVER_PYTHON) -m venv $(ARCHIVER)
+	$(ARCHIVER)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-archiver.txt
+	@chmod -R o+rX $(ARCHIVER)
+	@touch $@
+
+# barman-cloud-wal-archive / -wal-restore for point-in-time recovery (see README, "Point-in-time recovery").
+archiver: $(ARCHIVER_STAMP)
+
+demo: $(STAMP) $(ARCHIVER_STAMP)
 	$(RUN) -m pgdr.local.demo
 
 # Break-glass restore without a running Airflow, e.g. make restore ARGS="--database shop --mode replace --confirm shop"
 restore: $(STAMP)
 	$(RUN) -m pgdr restore $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(ARCHIVER_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(ARCHIVER_STAMP)
 	$(BIN)/python bench/run.py $(ARGS)
 
 lint: $(STAMP)

@@ -326,3 +326,36 @@ def standalone(session_dir, pg_server, e2e_slack, e2e_mail, e2e_plan):
         server.api("POST", "/api/v2/pools", {"name": name, **pool})
     yield server
     server.stop()
+
+
+# -- point-in-time recovery: a server whose archive_command is the real archiver ------------------
+
+PITR_PREFIX = "pitr-tests"
+PITR_SERVER = "main"
+
+
+@pytest.fixture(scope="session")
+def pitr_server(session_dir, s3_server):
+    """An embedded PostgreSQL 18 server archiving its WAL to the S3 server with barman-cloud.
+
+    Its ``archive` attribute is the :class:`~pgdr.physical.archive.WalArchive` it writes to.
+    """
+    from pgdr.errors import PgdrError
+    from pgdr.local.embedded import EmbeddedServer, create_sample_database
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
+    from pgdr.storage.layout import PhysicalLayout
+
+    try:
+        bin_dir = archiver_bin_dir()
+    except PgdrError as err:
+        pytest.skip(str(err))
+    access = ArchiveAccess(f"http://127.0.0.1:{s3_server.port}", "us-east-1", "testing-key", "testing-secret")
+    archive = WalArchive(BUCKET, PhysicalLayout(PITR_PREFIX), PITR_SERVER, access)
+    server = EmbeddedServer(
+        session_dir / "postgres-pitr", settings=archive.server_settings(archive_timeout_s=10, bin_dir=bin_dir),
+        environment=access.environment(),
+    ).start()
+    create_sample_database(server, "shop")
+    server.archive = archive
+    yield server
+    server.destroy()

@@ -120,6 +120,36 @@ class ProtectedDatabase:
 
 
 @dataclass(frozen=True)
+class PitrPolicy:
+    """Point-in-time recovery of one server: WAL archive plus base backups, and what was promised.
+
+    The server's ``archive_command`` ships every WAL segment to the S3 target ``storage`` (with
+    barman-cloud); pgdr takes a full base backup on ``full_schedule`` and, between two fulls,
+    incremental ones on ``incremental_schedule``. Everything needed to recover to any moment of
+    the last ``keep_window`` is kept; nothing older is, except the newest verified chain.
+    """
+
+    storage: StorageTarget
+    keep_window: timedelta = timedelta(days=7)
+    full_schedule: str = "@daily"
+    incremental_schedule: str | None = "@hourly"
+    rpo: timedelta = timedelta(minutes=5)  # the archive may lag the server by at most this
+    archive_timeout: timedelta = timedelta(seconds=60)  # the server's setting: an idle server's RPO
+
+
+@dataclass(frozen=True)
+class ProtectedServer:
+    """A PostgreSQL server (cluster) under point-in-time recovery: every database on it is covered."""
+
+    name: str  # a database's ``server`` (its conn_id unless given): in storage keys and the archive
+    conn_id: str  # the connection base backups use: a role with REPLICATION
+    pitr: PitrPolicy
+    databases: tuple[str, ...]  # the plan's databases on this server
+    notify: Notifications = field(default_factory=Notifications)
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class DRPlan:
     """The whole plan, validated."""
 
@@ -134,6 +164,7 @@ class DRPlan:
     default_storage: StorageTarget | None = None  # where plan-wide state (alerts, reports) lives
     drill: DrillPolicy = field(default_factory=DrillPolicy)
     health: HealthPolicy = field(default_factory=HealthPolicy)
+    servers: tuple[ProtectedServer, ...] = ()  # the servers under point-in-time recovery
 
     @property
     def database_names(self) -> list[str]:
@@ -146,6 +177,28 @@ class DRPlan:
             if db.name == name:
                 return db.notify
         return self.notify
+
+    @property
+    def server_names(self) -> list[str]:
+        """Return the names of the servers under point-in-time recovery, in plan order."""
+        return [server.name for server in self.servers]
+
+    def server(self, name: str) -> ProtectedServer:
+        """Return the PITR server called ``name`` or raise :class:`PlanError` listing the known ones."""
+        for server in self.servers:
+            if server.name == name:
+                return server
+        raise PlanError(
+            f"Server {name!r} has no point-in-time recovery in the DR plan {self.path}. "
+            f"Servers with PITR: {', '.join(self.server_names) or 'none (add a servers: section)'}."
+        )
+
+    def pitr_server_of(self, database: str) -> ProtectedServer | None:
+        """Return the PITR server that holds ``database``, or ``None`` when it has logical backups only."""
+        for server in self.servers:
+            if database in server.databases:
+                return server
+        return None
 
     def database(self, name: str) -> ProtectedDatabase:
         """Return the database called ``name`` or raise :class:`PlanError` listing the known ones."""
@@ -288,7 +341,9 @@ def _closest(word: str, choices: set[str]) -> str | None:
     return matches[0] if matches else None
 
 
-_TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health"}
+_TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health", "servers"}
+_SERVER_KEYS = {"conn_id", "pitr"}
+_PITR_KEYS = {"storage", "keep_window", "full_schedule", "incremental_schedule", "rpo", "archive_timeout"}
 _DRILL_KEYS = {"schedule", "max_duration"}
 _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
@@ -523,6 +578,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 line=node.start_mark.line + 1,
             )
         )
+    servers = _parse_servers(c, top["servers"][1], storages, databases) if "servers" in top else ()
     return DRPlan(
         path=path,
         backup_schedule=schedule,
@@ -535,7 +591,73 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         default_storage=storages.get(defaults.storage) if defaults.storage else None,
         drill=drill,
         health=health,
+        servers=servers,
     )
+
+
+def _parse_servers(
+    c: _Checker, node: yaml.Node, storages: dict[str, StorageTarget], databases: list[ProtectedDatabase]
+) -> tuple[ProtectedServer, ...]:
+    """Validate the ``servers:`` section: point-in-time recovery per server (cluster)."""
+    if not isinstance(node, yaml.MappingNode):
+        raise c.fail(node, "servers", f"expected a mapping of server names to their settings, got {_kind(node)}")
+    known = sorted({db.server for db in databases})
+    servers = []
+    for name_node, server_node in node.value:
+        name = name_node.value
+        key = f"servers.{name}"
+        on_server = tuple(db.name for db in databases if db.server == name)
+        if not on_server:
+            raise c.fail(
+                name_node, key,
+                f"no database of the plan is on a server called {name!r}. A server is named by its databases' "
+                f"'server:' (their conn_id unless given): {', '.join(known)}",
+            )
+        if not _CONN_ID.match(name):
+            raise c.fail(name_node, key, "a server name used for PITR may hold only letters, digits, '.', '_' and '-'")
+        fields = c.mapping(server_node, key, _SERVER_KEYS)
+        first = next(db for db in databases if db.server == name)
+        conn_id = (
+            c.string(fields["conn_id"][1], f"{key}.conn_id", _CONN_ID, "an Airflow connection id")
+            if "conn_id" in fields else first.conn_id
+        )
+        if "pitr" not in fields:
+            raise c.fail(server_node, f"{key}.pitr", "missing; say where the WAL archive and base backups go (pitr: {storage: ...})")
+        servers.append(ProtectedServer(
+            name=name, conn_id=conn_id, pitr=_parse_pitr(c, fields["pitr"][1], f"{key}.pitr", storages),
+            databases=on_server, notify=first.notify, line=name_node.start_mark.line + 1,
+        ))
+    return tuple(servers)
+
+
+def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, StorageTarget]) -> PitrPolicy:
+    fields = c.mapping(node, key, _PITR_KEYS)
+    if "storage" not in fields:
+        raise c.fail(node, f"{key}.storage", "missing; name the S3 storage target of the WAL archive and base backups")
+    storage_name = c.string(fields["storage"][1], f"{key}.storage")
+    if storage_name not in storages:
+        defined = ", ".join(sorted(storages)) or "none"
+        raise c.fail(fields["storage"][1], f"{key}.storage", f"no storage target named {storage_name!r}; defined: {defined}")
+    storage = storages[storage_name]
+    if storage.kind != "s3":
+        raise c.fail(
+            fields["storage"][1], f"{key}.storage",
+            f"storage target {storage_name!r} is a local folder, but the WAL archiver (barman-cloud, run by the server's "
+            "archive_command) writes only to S3-compatible storage. Name an s3 target (AWS, MinIO, or any endpoint set "
+            "in the AWS connection's endpoint_url); `make demo` starts a local S3 endpoint for this",
+        )
+    values: dict[str, Any] = {"storage": storage}
+    for duration_key in ("keep_window", "rpo", "archive_timeout"):
+        if duration_key in fields:
+            values[duration_key] = c.duration(fields[duration_key][1], f"{key}.{duration_key}")
+    if "full_schedule" in fields:
+        values["full_schedule"] = c.string(fields["full_schedule"][1], f"{key}.full_schedule", what="a cron expression or preset")
+    if "incremental_schedule" in fields:
+        inc = fields["incremental_schedule"][1]
+        values["incremental_schedule"] = None if c.scalar(inc, f"{key}.incremental_schedule") is None else c.string(
+            inc, f"{key}.incremental_schedule", what="a cron expression or preset (or null: full base backups only)"
+        )
+    return PitrPolicy(**values)
 
 
 def _check_storage_overlap(c: _Checker, storage_node: yaml.Node | None, storages: dict[str, StorageTarget]) -> None:

@@ -70,6 +70,10 @@ class EmbeddedServer:
     # The role pgdr restores as (LOGIN CREATEDB, no superuser): see pgdr.airflow_glue.connections.restore_endpoint.
     restore_user: str = RESTORE_ROLE
     restore_password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
+    # postgresql.conf settings of pgdr's own (WAL archiving for point-in-time recovery), written to
+    # pgdr.conf and included; and variables the postmaster (so its archive_command) runs with.
+    settings: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
@@ -122,7 +126,7 @@ class EmbeddedServer:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
-        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "TZ": "UTC"}
+        env = {**os.environ, **self.environment, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "TZ": "UTC"}
         env.pop("PGPASSWORD", None)
         return subprocess.run(args, capture_output=True, text=True, env=env, **self._run_as, **kwargs)
 
@@ -175,6 +179,7 @@ class EmbeddedServer:
             self.stop()
         self.log_file.touch()
         self._own(self.log_file)
+        self._write_settings()
         options = " ".join(
             [
                 f"-p {self.port}",
@@ -207,6 +212,21 @@ class EmbeddedServer:
             )
         self._ensure_restore_role()
         return self
+
+    def _write_settings(self) -> None:
+        """Write ``settings`` to ``pgdr.conf`` in the data directory, included by ``postgresql.conf``."""
+        def literal(value: str) -> str:
+            return "'" + value.replace("'", "''") + "'"
+
+        lines = ["# Written by pgdr (pgdr.local.embedded): WAL archiving for point-in-time recovery."]
+        lines += [f"{name} = {literal(value)}" for name, value in self.settings.items()]
+        conf = self.data_dir / "pgdr.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        self._own(conf)
+        main = self.data_dir / "postgresql.conf"
+        if "include_if_exists = 'pgdr.conf'" not in main.read_text():
+            with main.open("a") as out:
+                out.write("\ninclude_if_exists = 'pgdr.conf'\n")
 
     def _ensure_restore_role(self) -> None:
         """Create (or update) the role pgdr restores as: it may log in and create databases, nothing more."""

@@ -11,6 +11,15 @@ Layout version 1, under the target's prefix::
     v1/_alerts/...                                     alert journal: failures per run, alerting state
     v1/_probe/...                                      health-check probe objects
 
+Point-in-time recovery has a layout version of its own, ``pitr-v1/``, beside ``v1/``::
+
+    pitr-v1/base/<server>/<backup_id>/base.tar.gz        pg_basebackup's tar (and <oid>.tar.gz per tablespace)
+    pitr-v1/base/<server>/<backup_id>/backup_manifest    PostgreSQL's own manifest (SHA-256 of every file)
+    pitr-v1/base/<server>/<backup_id>/backup.json        written last: the base backup exists from then on
+    pitr-v1/base/<server>/<backup_id>/verification.json  pg_verifybackup on the stored bytes, recoveries
+    pitr-v1/wal/<server>/wals/...                        the WAL archive: barman-cloud's layout, written
+                                                         only by the server's archive_command
+
 A backup id is the UTC time of its recovery point plus a short random tag
 (``20261122T093000Z-3fa2c1``): ids sort in time order and never collide.
 """
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 LAYOUT_VERSION = "v1"
+PITR_LAYOUT_VERSION = "pitr-v1"
 _BACKUP_ID = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
 
 
@@ -107,3 +117,41 @@ class BackupLayout:
         if len(parts) < 3 or not is_backup_id(parts[1]):
             return None
         return parts[0], parts[1], parts[2]
+
+
+@dataclass(frozen=True)
+class PhysicalLayout:
+    """Build storage keys of base backups and the WAL archive of one S3 target (``prefix`` may be empty)."""
+
+    prefix: str = ""
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in (self.prefix, PITR_LAYOUT_VERSION, *parts) if p)
+
+    def server_prefix(self, server: str) -> str:
+        """Return the key prefix (ending in ``/``) under which all base backups of ``server`` live."""
+        return self._key("base", server) + "/"
+
+    def base_backup_prefix(self, server: str, backup_id: str) -> str:
+        """Return the key prefix (ending in ``/``) of one base backup."""
+        return self._key("base", server, backup_id) + "/"
+
+    def file_key(self, server: str, backup_id: str, file_name: str) -> str:
+        """Return the key of one file of a base backup (``base.tar.gz``, ``backup_manifest``)."""
+        return self._key("base", server, backup_id, file_name)
+
+    def record_key(self, server: str, backup_id: str) -> str:
+        """Return the key of a base backup's record, written last."""
+        return self._key("base", server, backup_id, "backup.json")
+
+    def verification_key(self, server: str, backup_id: str) -> str:
+        """Return the key of a base backup's verification record."""
+        return self._key("base", server, backup_id, "verification.json")
+
+    def wal_archive_prefix(self) -> str:
+        """Return the key prefix barman-cloud is given as its destination (it adds ``<server>/wals/``)."""
+        return self._key("wal")
+
+    def wal_segments_prefix(self, server: str) -> str:
+        """Return the key prefix (ending in ``/``) of ``server``'s archived WAL, as barman-cloud lays it out."""
+        return self._key("wal", server, "wals") + "/"

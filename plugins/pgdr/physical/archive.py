@@ -1,0 +1,252 @@
+"""The WAL archive: what the server's ``archive_command`` shipped, read back by pgdr.
+
+Continuous archiving is done by the database server itself: after each WAL segment fills (or
+after ``archive_timeout`` on an idle server) PostgreSQL runs ``archive_command`` for it, and only
+when that command succeeds may the segment be recycled. pgdr configures that command to be
+barman-cloud's ``barman-cloud-wal-archive`` (the archiver CloudNativePG uses), writing to the
+plan's S3 target under ``pitr-v1/wal/<server>/wals/``, and a recovering cluster fetches segments
+back with ``barman-cloud-wal-restore`` as its ``restore_command``. pgdr never writes into that
+layout itself; it lists it (which segments exist, where a gap is, what the newest recoverable
+moment is) and removes segments no retained base backup needs.
+
+A WAL segment name is ``TTTTTTTTXXXXXXXXYYYYYYYY``: the timeline, then the segment number split
+in two halves (the "log" and the segment within it). Segment numbers are consecutive on one
+timeline; a missing one is a gap that recovery cannot cross.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pgdr.errors import PermanentFailure, PgdrError
+from pgdr.storage.backends import BackupStore
+from pgdr.storage.layout import PhysicalLayout
+
+ARCHIVER_BIN_ENV_VAR = "PGDR_ARCHIVER_BIN"
+_PROJECT_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_ARCHIVER_BIN = _PROJECT_ROOT / ".pgdr" / "archiver" / "bin"
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+_SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
+_DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress, "": lambda data: data}
+
+
+class ArchiverMissing(PermanentFailure):
+    """barman-cloud is not installed where the server (or a scratch cluster) can run it."""
+
+
+class WalGap(PermanentFailure):
+    """A WAL segment is missing from the archive: recovery cannot go past it."""
+
+
+class ArchiverFailing(PgdrError):
+    """The server's archive_command fails: WAL piles up on the server and the archive falls behind."""
+
+
+def archiver_bin_dir() -> Path:
+    """Return the directory of ``barman-cloud-wal-archive`` and ``-wal-restore`` (``$PGDR_ARCHIVER_BIN``)."""
+    path = Path(os.environ.get(ARCHIVER_BIN_ENV_VAR) or DEFAULT_ARCHIVER_BIN)
+    tool = path / "barman-cloud-wal-restore"
+    if not (tool.is_file() and os.access(tool, os.X_OK)):
+        raise ArchiverMissing(
+            f"barman-cloud (the WAL archiver) is not installed in {path}. Run `make archiver` (a venv with "
+            "barman[cloud]==3.19.1 that every user can run), or install it and set $PGDR_ARCHIVER_BIN to its bin "
+            "directory. A recovering cluster runs barman-cloud-wal-restore as its restore_command."
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class ArchiveAccess:
+    """How a process reaches the S3 target: endpoint and region, and credentials for its environment only."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    def environment(self) -> dict[str, str]:
+        """Return the variables the archiver reads its credentials from (never a command line or a file)."""
+        env = {}
+        if self.access_key:
+            env["AWS_ACCESS_KEY_ID"] = self.access_key
+        if self.secret_key:
+            env["AWS_SECRET_ACCESS_KEY"] = self.secret_key
+        if self.session_token:
+            env["AWS_SESSION_TOKEN"] = self.session_token
+        if self.region:
+            env["AWS_DEFAULT_REGION"] = self.region
+        return env
+
+
+@dataclass(frozen=True)
+class WalSegment:
+    """One archived WAL segment (or a timeline history file) as listed in the archive."""
+
+    name: str  # e.g. 000000010000000000000003
+    key: str
+    size: int
+    stored_at: datetime
+
+    @property
+    def timeline(self) -> int:
+        return int(self.name[:8], 16)
+
+    def number(self, segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+        """Return the segment's number on its timeline (consecutive segments differ by one)."""
+        return segment_number(self.name, segment_size)
+
+
+def segment_number(name: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
+    """Return the segment number of the WAL file ``name``."""
+    match = _SEGMENT.match(name)
+    if not match:
+        raise ValueError(f"{name!r} is not a WAL segment name")
+    return int(match.group(2), 16) * (0x100000000 // segment_size) + int(match.group(3), 16)
+
+
+def segment_name(timeline: int, number: int, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:
+    """Return the WAL file name of segment ``number`` on ``timeline``."""
+    per_log = 0x100000000 // segment_size
+    return f"{timeline:08X}{number // per_log:08X}{number % per_log:08X}"
+
+
+def lsn_to_int(lsn: str) -> int:
+    """Return the LSN ``'0/3000028'`` as a byte position."""
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def segment_of_lsn(timeline: int, lsn: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:
+    """Return the name of the WAL segment holding ``lsn`` on ``timeline``."""
+    return segment_name(timeline, lsn_to_int(lsn) // segment_size, segment_size)
+
+
+@dataclass(frozen=True)
+class WalArchive:
+    """The WAL archive of one server in an S3 target, in barman-cloud's layout.
+
+    :param bucket: the S3 bucket.
+    :param layout: where pgdr's PITR objects live in it.
+    :param server: the server's name in the plan (barman-cloud's ``SERVER_NAME``).
+    :param access: endpoint, region and credentials for processes that run barman-cloud.
+    """
+
+    bucket: str
+    layout: PhysicalLayout
+    server: str
+    access: ArchiveAccess = field(default_factory=ArchiveAccess)
+
+    @property
+    def url(self) -> str:
+        """Return the destination barman-cloud is given (``s3://bucket/prefix/pitr-v1/wal``)."""
+        return f"s3://{self.bucket}/{self.layout.wal_archive_prefix()}"
+
+    def describe(self) -> str:
+        return f"{self.url}/{self.server}"
+
+    def _endpoint_args(self) -> str:
+        return f" --endpoint-url {shlex.quote(self.access.endpoint_url)}" if self.access.endpoint_url else ""
+
+    def archive_command(self, bin_dir: Path | None = None) -> str:
+        """Return the server's ``archive_command``: gzip each segment into the archive."""
+        tool = (bin_dir or DEFAULT_ARCHIVER_BIN) / "barman-cloud-wal-archive"
+        return (
+            f"{shlex.quote(str(tool))}{self._endpoint_args()} --gzip "
+            f"{shlex.quote(self.url)} {shlex.quote(self.server)} %p"
+        )
+
+    def restore_command(self, bin_dir: Path | None = None) -> str:
+        """Return a recovering cluster's ``restore_command``."""
+        tool = (bin_dir or archiver_bin_dir()) / "barman-cloud-wal-restore"
+        return f"{shlex.quote(str(tool))}{self._endpoint_args()} {shlex.quote(self.url)} {shlex.quote(self.server)} %f %p"
+
+    def server_settings(self, archive_timeout_s: int = 60, bin_dir: Path | None = None) -> dict[str, str]:
+        """Return the ``postgresql.conf`` settings of a server whose WAL this archive holds."""
+        return {
+            "wal_level": "replica",
+            "archive_mode": "on",
+            "archive_command": self.archive_command(bin_dir),
+            "archive_timeout": f"{int(archive_timeout_s)}s",
+            "summarize_wal": "on",  # incremental base backups (PostgreSQL 17+)
+        }
+
+    # -- reading the archive ---------------------------------------------------------------------
+    def segments(self, store: BackupStore) -> list[WalSegment]:
+        """Return every archived WAL segment, oldest first (history and backup-label files left out)."""
+        found = []
+        for obj in store.list(self.layout.wal_segments_prefix(self.server)):
+            base = obj.key.rsplit("/", 1)[-1]
+            stem, dot, suffix = base.partition(".")
+            if _SEGMENT.match(stem) and (not dot or "." + suffix in _DECOMPRESS):
+                found.append(WalSegment(stem, obj.key, obj.size, obj.modified))
+        return sorted(found, key=lambda s: s.name)
+
+    def check_continuous(self, segments: list[WalSegment], start: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> WalSegment:
+        """Return the newest segment reachable from ``start`` without a gap, on ``start``'s timeline.
+
+        :raises WalGap: when ``start`` itself is missing, or a segment is missing before the newest one.
+        """
+        timeline = int(start[:8], 16)
+        on_timeline = {s.number(segment_size): s for s in segments if s.timeline == timeline}
+        first = segment_number(start, segment_size)
+        if first not in on_timeline:
+            raise WalGap(
+                f"WAL segment {start} is missing from the archive {self.describe()}: no recovery from the base backups "
+                "that need it is possible. Check the server's archive_command (pg_stat_archiver) and take a new full "
+                "base backup."
+            )
+        newest = max(on_timeline)
+        number = first
+        while number < newest:
+            if number + 1 not in on_timeline:
+                missing = segment_name(timeline, number + 1, segment_size)
+                reachable = on_timeline[number]
+                raise WalGap(
+                    f"WAL segment {missing} is missing from the archive {self.describe()} (segments up to "
+                    f"{reachable.name} are there, and {newest - number - 1} later ones after the gap). Recovery from "
+                    f"this base backup can reach only moments before that segment; the recovery window from "
+                    f"{reachable.stored_at:%Y-%m-%d %H:%M:%S} UTC onwards is lost until a new full base backup is "
+                    "taken. Take one now (trigger pgdr_basebackup with kind=full)."
+                )
+            number += 1
+        return on_timeline[newest]
+
+    def fetch_segment(self, store: BackupStore, segment: WalSegment, dest: Path) -> Path:
+        """Download and decompress one archived segment to ``dest`` (for ``pg_waldump``)."""
+        with store.open_read(segment.key) as stream:
+            raw = stream.read()
+        suffix = "." + segment.key.rsplit("/", 1)[-1].partition(".")[2] if "." in segment.key.rsplit("/", 1)[-1] else ""
+        dest.mkdir(parents=True, exist_ok=True)
+        path = dest / segment.name
+        path.write_bytes(_DECOMPRESS[suffix](raw))
+        return path
+
+
+_COMMIT = re.compile(r"desc: (?:COMMIT|ABORT)(?:_PREPARED)? (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (?:UTC|[+-]\d\d)")
+
+
+def last_commit_time(waldump: str, segment_file: Path) -> datetime | None:
+    """Return the time of the last transaction end recorded in one WAL segment, or ``None``.
+
+    That is the newest moment a recovery from the archive can reach exactly: a recovery target
+    must lie before it, since recovery stops at the first commit after its target.
+    """
+    result = subprocess.run(
+        [waldump, "--rmgr=Transaction", str(segment_file)], capture_output=True, text=True, env={"TZ": "UTC", "PATH": os.defpath}
+    )
+    times = _COMMIT.findall(result.stdout)
+    if not times:
+        return None
+    stamp = times[-1]
+    fmt = "%Y-%m-%d %H:%M:%S.%f" if "." in stamp else "%Y-%m-%d %H:%M:%S"
+    return datetime.strptime(stamp, fmt).replace(tzinfo=UTC)

@@ -1,0 +1,234 @@
+"""Taking a base backup from the worker: pg_basebackup, checksum, upload, record last.
+
+pgdr runs ``pg_basebackup`` over the replication protocol (nothing runs on the database host):
+tar format, gzip level 1 (the only compression every build has; a pgbench database shrinks
+about 17x), ``--manifest-checksums=SHA256``, a fast checkpoint, and ``-X none``: the WAL the
+backup needs is in the archive, shipped by the server's ``archive_command``. An *incremental*
+base backup (PostgreSQL 17+, ``summarize_wal = on``) is taken with ``--incremental`` against its
+parent's ``backup_manifest`` and holds only the blocks changed since.
+
+``-X none`` makes ``pg_basebackup`` wait until the backup's last WAL segment is archived, and it
+has no timeout: with a failing archiver it would wait forever. pgdr therefore watches
+``pg_stat_archiver`` while the backup runs and stops it, with an error that names the failing
+segment, as soon as archiving fails.
+
+Each file is hashed (SHA-256) and uploaded; the record (``backup.json``) is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pgdr.errors import DumpFailed, PermanentFailure
+from pgdr.physical.archive import ArchiverFailing, segment_of_lsn
+from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry, BaseBackupFile, BaseBackupRecord
+from pgdr.postgres.client import PgEndpoint, connect, endpoint_conninfo, passfile_env, pg_tool, tool_error
+from pgdr.storage.backends import BackupStore, sha256_stream
+from pgdr.storage.layout import PhysicalLayout, new_backup_id
+
+log = logging.getLogger(__name__)
+COMPRESSION = "gzip:1"
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What a base backup needs to know of the server, read before it starts."""
+
+    system_identifier: str
+    pg_version: int
+    timeline: int
+    wal_segment_size: int
+    archive_mode: str
+    summarize_wal: str
+    archived_count: int
+    failed_count: int
+    last_failed_wal: str | None
+
+
+def server_facts(endpoint: PgEndpoint) -> ServerFacts:
+    """Read the server's identity and archiving state."""
+    with connect(endpoint) as conn:
+        row = conn.execute(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()),"
+            " current_setting('server_version_num')::int,"
+            " (SELECT timeline_id FROM pg_control_checkpoint()),"
+            " (SELECT setting::int * 1 FROM pg_settings WHERE name = 'wal_segment_size'),"
+            " current_setting('archive_mode'), current_setting('summarize_wal', true),"
+            " a.archived_count, a.failed_count, a.last_failed_wal"
+            " FROM pg_stat_archiver a"
+        ).fetchone()
+    return ServerFacts(*row)
+
+
+def check_archiving(facts: ServerFacts, endpoint: PgEndpoint, archive_url: str) -> None:
+    """Refuse a base backup the archive cannot complete: archiving off."""
+    if facts.archive_mode not in ("on", "always"):
+        raise PermanentFailure(
+            f"The server of {endpoint.describe()} does not archive WAL (archive_mode = {facts.archive_mode}), so a base "
+            f"backup of it could never be recovered. Set the archive_command lines in its postgresql.conf (README, "
+            f"Point-in-time recovery; archive: {archive_url}) and restart it."
+        )
+
+
+def _watch_archiver(endpoint: PgEndpoint, facts: ServerFacts, process: subprocess.Popen, stop: threading.Event, found: list) -> None:
+    """Stop ``process`` when the server's archiver starts failing: ``pg_basebackup -X none`` would wait forever."""
+    while not stop.wait(2.0):
+        try:
+            with connect(endpoint, application_name="pgdr-archiver-watch") as conn:
+                row = conn.execute(
+                    "SELECT failed_count, last_failed_wal, last_failed_time, last_archived_time FROM pg_stat_archiver"
+                ).fetchone()
+        except Exception:  # noqa: BLE001 - the backup's own connection reports an unreachable server
+            continue
+        failed, wal, failed_at, archived_at = row
+        if failed > facts.failed_count and (archived_at is None or failed_at > archived_at):
+            found.append((wal, failed - facts.failed_count))
+            if process.poll() is None:
+                process.terminate()
+            return
+
+
+def take_base_backup(
+    server: str,
+    endpoint: PgEndpoint,
+    store: BackupStore,
+    layout: PhysicalLayout,
+    workdir: Path,
+    archive_url: str,
+    parent: BaseBackupEntry | None = None,
+    airflow_info: dict | None = None,
+) -> BaseBackupRecord:
+    """Take a full base backup of ``server`` (or an incremental one on ``parent``) into ``store``.
+
+    :param workdir: a private, empty directory; the caller removes it.
+    :param archive_url: where the server archives its WAL (for messages).
+    :raises ArchiverFailing: when the server's archive_command fails while the backup waits for it.
+    """
+    facts = server_facts(endpoint)
+    check_archiving(facts, endpoint, archive_url)
+    args = [
+        pg_tool("pg_basebackup"), f"--dbname={endpoint_conninfo(endpoint)}", "-D", str(workdir / "backup"),
+        "-Ft", "-X", "none", "-c", "fast", "--manifest-checksums=SHA256", f"--compress={COMPRESSION}",
+        "--no-password", "--label=pgdr",
+    ]
+    if parent is not None:
+        if facts.pg_version < 170000:
+            raise PermanentFailure(
+                f"Incremental base backups need PostgreSQL 17 or newer; the server of {endpoint.describe()} runs "
+                f"{facts.pg_version // 10000}. Set incremental_schedule: null for it in the DR plan."
+            )
+        if facts.summarize_wal != "on":
+            raise PermanentFailure(
+                f"The server of {endpoint.describe()} has summarize_wal = {facts.summarize_wal or 'off'}, which incremental "
+                "base backups need. Add 'summarize_wal = on' to its postgresql.conf and reload it (no restart needed); "
+                "the next full base backup starts the first chain."
+            )
+        if parent.record.system_identifier != facts.system_identifier:
+            raise PermanentFailure(
+                f"The parent base backup {parent.backup_id} is of another cluster (system identifier "
+                f"{parent.record.system_identifier}, the server now has {facts.system_identifier}): the server was "
+                "re-created. Take a full base backup."
+            )
+        manifest = workdir / "parent_backup_manifest"
+        _download_checked(store, parent.record.file("backup_manifest"), manifest)
+        args.append(f"--incremental={manifest}")
+
+    started_at = datetime.now(UTC)
+    t0 = time.monotonic()
+    found: list = []
+    stop = threading.Event()
+    with passfile_env(endpoint, workdir) as env:
+        process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        watcher = threading.Thread(target=_watch_archiver, args=(endpoint, facts, process, stop, found), daemon=True)
+        watcher.start()
+        try:
+            _, stderr = process.communicate()
+        finally:
+            stop.set()
+            watcher.join()
+    if found:
+        wal, failures = found[0]
+        raise ArchiverFailing(
+            f"The base backup of server {server!r} was stopped: the server's archive_command is failing ({failures} "
+            f"failed attempts since the backup started; last failed WAL segment {wal}), and pg_basebackup waits until "
+            f"the backup's WAL is archived. WAL is piling up on the server. Check its log for 'archive command failed' "
+            f"and that it can write to {archive_url} (credentials, endpoint, barman-cloud installed for the server's OS "
+            "user); the task will retry."
+        )
+    if process.returncode != 0:
+        error = tool_error(endpoint, f"pg_basebackup of server {server!r}", stderr, DumpFailed)
+        if "summar" in stderr.lower() and parent is not None:
+            raise PermanentFailure(
+                f"{error} The server has no WAL summaries reaching back to the parent base backup {parent.backup_id} "
+                "(summarize_wal was off, or the summaries were removed after wal_summary_keep_time). Take a full base "
+                "backup (trigger pgdr_basebackup with kind=full)."
+            ) from None
+        raise error
+    backup_seconds = time.monotonic() - t0
+    finished_at = datetime.now(UTC)
+
+    out = workdir / "backup"
+    if any(p.name != "base.tar.gz" and p.name != "backup_manifest" for p in out.iterdir()):
+        names = ", ".join(sorted(p.name for p in out.iterdir()))
+        raise PermanentFailure(
+            f"Server {server!r} has tablespaces outside its data directory ({names}); pgdr's point-in-time recovery "
+            "restores the data directory only. Move them into pg_default, or use logical backups for this server."
+        )
+    wal_ranges = json.loads((out / "backup_manifest").read_text())["WAL-Ranges"]
+    timeline = wal_ranges[-1]["Timeline"]
+    start_lsn, end_lsn = wal_ranges[0]["Start-LSN"].upper(), wal_ranges[-1]["End-LSN"].upper()
+    backup_id = new_backup_id(finished_at)
+
+    t1 = time.monotonic()
+    uploaded: list[str] = []
+    files = []
+    try:
+        for path in (out / "base.tar.gz", out / "backup_manifest"):  # the manifest after the data
+            key = layout.file_key(server, backup_id, path.name)
+            with open(path, "rb") as source:
+                size, sha256 = sha256_stream(source)
+            store.put_file(key, path)
+            uploaded.append(key)
+            files.append(BaseBackupFile(name=path.name, key=key, size=size, sha256=sha256))
+        record = BaseBackupRecord(
+            backup_id=backup_id, server=server, kind="incremental" if parent else "full",
+            parent=parent.backup_id if parent else None, system_identifier=facts.system_identifier,
+            pg_version=facts.pg_version, timeline=timeline, start_lsn=start_lsn, end_lsn=end_lsn,
+            start_wal=segment_of_lsn(wal_ranges[0]["Timeline"], start_lsn, facts.wal_segment_size),
+            started_at=started_at, finished_at=finished_at, wal_segment_size=facts.wal_segment_size,
+            files=tuple(files), airflow={k: v for k, v in (airflow_info or {}).items() if v is not None} or None,
+        )
+        BaseBackupCatalog(store, layout, server).write_record(record)
+    except Exception:
+        try:
+            store.delete(uploaded)
+        except Exception as err:  # noqa: BLE001 - the first failure matters; retention removes the rest
+            log.warning("Could not remove the %d objects of the failed base backup %s: %s", len(uploaded), backup_id, err)
+        raise
+    log.info(
+        "%s base backup %s of server %r: %.1f MB in %.1fs (pg_basebackup) + %.1fs (upload); WAL from %s.",
+        record.kind.capitalize(), backup_id, server, record.size / 1e6, backup_seconds, time.monotonic() - t1, record.start_wal,
+    )
+    return record
+
+
+def _download_checked(store: BackupStore, entry: BaseBackupFile, dest: Path) -> None:
+    """Download one stored file of a base backup and check its size and SHA-256."""
+    from pgdr.errors import ChecksumMismatch
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with store.open_read(entry.key) as stream, open(dest, "wb") as out:
+        size, sha256 = sha256_stream(stream, out.write)
+    if size != entry.size or sha256 != entry.sha256:
+        raise ChecksumMismatch(
+            f"{store.describe(entry.key)} does not match its base backup record (size {size}, expected {entry.size}; "
+            f"SHA-256 {sha256[:12]}…, expected {entry.sha256[:12]}…): the stored file changed since it was written. "
+            "This base backup (and every incremental one built on it) cannot be trusted; take a new full base backup."
+        )

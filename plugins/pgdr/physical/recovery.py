@@ -1,0 +1,162 @@
+"""Recovering a server to a moment: choose the chain, check the WAL, build and start a scratch cluster.
+
+The *recoverable window* of a server runs from the end of its oldest complete base backup to
+the last transaction recorded in its newest archived WAL segment (read with ``pg_waldump``). A
+target inside it is recovered from the newest base backup that ended at or before the target,
+replaying archived WAL up to the target; every segment from the backup's start to the newest
+one must be in the archive (a gap is reported with the window it costs before anything starts).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pgdr.errors import BackupNotFound, PermanentFailure
+from pgdr.physical.archive import WalArchive, WalSegment, archiver_bin_dir, last_commit_time
+from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry
+from pgdr.physical.cluster import (
+    RecoveryResult,
+    ScratchCluster,
+    combine_chain,
+    download_chain,
+    extract_base_backup,
+    verify_backup,
+)
+from pgdr.postgres.client import pg_tool
+from pgdr.storage.backends import BackupStore
+
+log = logging.getLogger(__name__)
+
+
+class TargetOutsideWindow(PermanentFailure):
+    """The moment asked for cannot be recovered: before the oldest base backup or after the newest WAL."""
+
+
+@dataclass(frozen=True)
+class RecoverableWindow:
+    """The moments a server can be recovered to, and what the archive holds."""
+
+    oldest: datetime  # the end of the oldest complete base backup
+    newest: datetime  # the last transaction in the newest archived WAL segment
+    newest_segment: WalSegment
+    backups: tuple[BaseBackupEntry, ...]
+
+    def describe(self) -> str:
+        return f"{self.oldest:%Y-%m-%d %H:%M:%S} to {self.newest:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def recoverable_window(catalog: BaseBackupCatalog, archive: WalArchive, store: BackupStore, workdir: Path) -> RecoverableWindow:
+    """Return the server's recoverable window; :class:`BackupNotFound` when it has no base backup yet."""
+    backups = [e for e in catalog.backups() if e.status != "failed"]
+    if not backups:
+        raise BackupNotFound(
+            f"Server {catalog.server!r} has no complete base backup in "
+            f"{store.describe(catalog.layout.server_prefix(catalog.server))}: nothing can be recovered to a moment yet. "
+            "Trigger pgdr_basebackup (kind=full)."
+        )
+    segments = archive.segments(store)
+    newest_backup = backups[-1].record
+    on_timeline = [s for s in segments if s.timeline >= newest_backup.timeline]
+    if not on_timeline:
+        raise BackupNotFound(
+            f"The WAL archive {archive.describe()} holds no segment for server {catalog.server!r}: the server's "
+            "archive_command is not shipping WAL. Check pg_stat_archiver on the server."
+        )
+    newest = None
+    waldump = pg_tool("pg_waldump")
+    for segment in reversed(on_timeline[-3:]):  # an idle switch leaves a segment without commits
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            newest = last_commit_time(waldump, archive.fetch_segment(store, segment, Path(tmp)))
+        if newest is not None:
+            break
+    newest = max(newest or newest_backup.finished_at, newest_backup.finished_at)
+    return RecoverableWindow(backups[0].record.finished_at, newest, on_timeline[-1], tuple(backups))
+
+
+def choose_backup(window: RecoverableWindow, target: datetime | None) -> BaseBackupEntry:
+    """Return the base backup to recover ``target`` from (the newest that ended at or before it)."""
+    if target is None:
+        return window.backups[-1]
+    if target < window.oldest or target >= window.newest:
+        raise TargetOutsideWindow(
+            f"{target:%Y-%m-%d %H:%M:%S} UTC cannot be recovered: the recoverable window is {window.describe()} (the "
+            "end of the oldest base backup to the last transaction in the newest archived WAL). Choose a moment inside "
+            "it; for the newest state, wait for the archive to catch up (archive_timeout) or give 'latest'."
+        )
+    return [e for e in window.backups if e.record.finished_at <= target][-1]
+
+
+@dataclass
+class PreparedChain:
+    """A chain downloaded, verified and combined into a data directory, with what it took."""
+
+    chain: list[BaseBackupEntry]
+    data_dir: Path
+    timings: dict[str, float]
+    verified: list[str]
+
+
+def prepare_data_directory(
+    catalog: BaseBackupCatalog, entry: BaseBackupEntry, store: BackupStore, workdir: Path, data_dir: Path,
+    archive: WalArchive, segments: list[WalSegment] | None = None,
+) -> PreparedChain:
+    """Check the WAL, then download, verify (``pg_verifybackup``) and combine ``entry``'s chain into ``data_dir``."""
+    chain = catalog.chain(entry)
+    timings: dict[str, float] = {}
+    archive.check_continuous(segments if segments is not None else archive.segments(store), chain[0].record.start_wal,
+                             entry.record.wal_segment_size)
+    t0 = time.monotonic()
+    folders = download_chain(chain, store, workdir / "download")
+    timings["download"] = time.monotonic() - t0
+    t1 = time.monotonic()
+    for member, folder in zip(chain, folders, strict=True):
+        verify_backup(folder, f"base backup {member.backup_id} ({store.describe(catalog.layout.base_backup_prefix(catalog.server, member.backup_id))})")
+    timings["verify_stored"] = time.monotonic() - t1
+    t2 = time.monotonic()
+    extracted = []
+    for folder in folders:
+        extracted.append(extract_base_backup(folder, workdir / "extract" / folder.name))
+        for tar in folder.iterdir():
+            tar.unlink()  # free the space as extraction goes
+    timings["extract"] = time.monotonic() - t2
+    t3 = time.monotonic()
+    combine_chain(extracted, data_dir)
+    timings["combine"] = time.monotonic() - t3
+    t4 = time.monotonic()
+    verify_backup(data_dir, f"the data directory combined from {', '.join(e.backup_id for e in chain)}")
+    timings["verify_combined"] = time.monotonic() - t4
+    return PreparedChain(chain, data_dir, timings, [e.backup_id for e in chain])
+
+
+def recover_cluster(
+    cluster: ScratchCluster, archive: WalArchive, target: datetime | None, timeout_s: float = 6 * 3600
+) -> RecoveryResult:
+    """Configure the prepared ``cluster`` to recover to ``target`` (``None``: the end of the archive), start it, wait."""
+    cluster.environment = {**cluster.environment, **archive.access.environment()}
+    cluster.configure(archive.restore_command(archiver_bin_dir()), target)
+    result = cluster.start(target, timeout_s)
+    log.info(
+        "Recovered to %s (target %s); %s bytes of WAL replayed in %.1fs.",
+        result.achieved_point, target.isoformat() if target else "latest", result.wal_bytes_replayed, result.replay_seconds,
+    )
+    return result
+
+
+def parse_target(text: str | None) -> datetime | None:
+    """Parse a recovery target as the restore form takes it: ``latest``/empty, or a UTC time to the second."""
+    if text is None or not str(text).strip() or str(text).strip().lower() == "latest":
+        return None
+    raw = str(text).strip().replace("T", " ").removesuffix("Z").removesuffix(" UTC").removesuffix("+00:00").strip()
+    for fmt in ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
+        try:
+            return datetime.strptime(raw, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+    raise PermanentFailure(
+        f"{str(text)[:60]!r} is not a recovery target: give a UTC time such as 2026-11-26 09:41:00 (or 'latest')."
+    )
