@@ -11,7 +11,7 @@ import pytest
 from pgdr.local.runner import DAGS_FOLDER
 
 DAG_FILES = sorted(DAGS_FOLDER.glob("*.py"))
-EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore", "pgdr_drill", "pgdr_health"}
+EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore", "pgdr_drill", "pgdr_health", "pgdr_basebackup", "pgdr_verify_pitr"}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_dag_configuration(dagbag, dag_id):
     for task in dag.tasks:
         assert task.owner == "pgdr", task.task_id
         # Deciding what to do, and renaming live databases, are not retried blindly.
-        if task.task_id not in ("find_backups", "plan_restore", "swap_into_place", "select_databases"):
+        if task.task_id not in ("find_backups", "plan_restore", "swap_into_place", "select_databases", "find_due", "find_servers"):
             assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff, task.task_id
         assert task.execution_timeout is not None, task.task_id

@@ -8,7 +8,7 @@ tasks, never at parse time.
 from __future__ import annotations
 
 from pgdr.errors import ConnectionNotDefined, PlanError
-from pgdr.plan import DRPlan, ProtectedDatabase, StorageTarget
+from pgdr.plan import DRPlan, ProtectedDatabase, ProtectedServer, StorageTarget
 from pgdr.postgres.client import PgEndpoint
 from pgdr.storage.backends import BackupStore, LocalFolderStore, S3Store
 from pgdr.storage.layout import BackupLayout
@@ -109,3 +109,37 @@ def restore_endpoint(db: ProtectedDatabase, plan: DRPlan | None, server: PgEndpo
         sslmode=server.sslmode, conn_id=db.restore_conn_id,
     )
 
+
+
+def server_endpoint(server: ProtectedServer, plan: DRPlan | None = None) -> PgEndpoint:
+    """Return the endpoint of a PITR server's own connection (base backups, heartbeats, archiver state)."""
+    conn = get_connection(server.conn_id, f"PostgreSQL server {server.name!r} (point-in-time recovery)", plan)
+    extra = conn.extra_dejson or {}
+    return PgEndpoint(
+        host=conn.host or "localhost", port=int(conn.port or 5432), user=conn.login or "postgres",
+        password=conn.password or None, dbname="postgres", sslmode=extra.get("sslmode"), conn_id=server.conn_id,
+    )
+
+
+def open_archive(server: ProtectedServer, plan: DRPlan | None = None):
+    """Return ``(store, layout, archive)`` of a PITR server: its S3 target and WAL archive, with the
+    endpoint and credentials of the target's AWS connection (for barman-cloud's environment)."""
+    from pgdr.physical.archive import ArchiveAccess, WalArchive
+    from pgdr.storage.layout import PhysicalLayout
+
+    target = server.pitr.storage
+    store, _ = open_store(target, plan)
+    conn = get_connection(target.aws_conn_id, f"S3 storage target {target.name!r}", plan)
+    extra = conn.extra_dejson or {}
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    frozen = S3Hook(aws_conn_id=target.aws_conn_id).get_credentials()  # resolved: connection, role or environment
+    access = ArchiveAccess(
+        endpoint_url=extra.get("endpoint_url") or (extra.get("service_config", {}).get("s3", {}) or {}).get("endpoint_url"),
+        region=extra.get("region_name") or store.client.meta.region_name,
+        access_key=frozen.access_key if frozen else None,
+        secret_key=frozen.secret_key if frozen else None,
+        session_token=frozen.token if frozen else None,
+    )
+    layout = PhysicalLayout(prefix=target.prefix)
+    return store, layout, WalArchive(target.bucket, layout, server.name, access)

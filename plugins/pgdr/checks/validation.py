@@ -329,10 +329,12 @@ def run_validation(target: PgEndpoint, specs: list[ExpectationSpec]) -> Validati
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    os.environ[_GX_CONN_ENV_VAR] = (
-        f"postgresql+psycopg2://{quote(target.user, safe='')}:{quote(target.password or '', safe='')}"
-        f"@{target.host}:{target.port}/{quote(target.dbname, safe='')}"
-    )
+    credentials = f"{quote(target.user, safe='')}:{quote(target.password or '', safe='')}"
+    if target.host.startswith("/"):  # a Unix socket directory (a scratch cluster's private socket)
+        location = f"@/{quote(target.dbname, safe='')}?host={quote(target.host, safe='')}&port={target.port}"
+    else:
+        location = f"@{target.host}:{target.port}/{quote(target.dbname, safe='')}"
+    os.environ[_GX_CONN_ENV_VAR] = f"postgresql+psycopg2://{credentials}{location}"
     report = ValidationReport()
     try:
         context = gx.get_context(mode="ephemeral")

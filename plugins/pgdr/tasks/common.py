@@ -177,3 +177,21 @@ def refill_on_retry(scratch, context, purpose: str) -> None:
     if context["ti"].try_number > 1:
         log.info("Try %d: re-creating %s empty before restoring again.", context["ti"].try_number, scratch.name)
         scratch.create(scratch_comment(purpose, context["ti"].run_id))
+
+
+CONTEXT_SERVER = "pgdr_server"  # the PITR server a mapped task is about (map_index_template)
+
+
+def pitr_server_context(server_name: str, context):
+    """Return ``(plan, server, store, archive, catalog)`` of a PITR server, and name it in the task's context."""
+    from pgdr.airflow_glue.connections import open_archive
+    from pgdr.airflow_glue.notify import CONTEXT_DATABASE
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.plan import load_plan
+
+    context[CONTEXT_SERVER] = server_name
+    context[CONTEXT_DATABASE] = f"server {server_name}"
+    plan = load_plan()
+    server = plan.server(server_name)
+    store, layout, archive = open_archive(server, plan)
+    return plan, server, store, archive, BaseBackupCatalog(store, layout, server.name)

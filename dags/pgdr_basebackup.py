@@ -1,0 +1,105 @@
+"""
+### pgdr_basebackup: base backups of every server under point-in-time recovery
+
+For each server of the plan's `servers:` section (its WAL is archived continuously by the
+server's own `archive_command`, barman-cloud, into the server's S3 target):
+
+1. **find_due**: which servers need a base backup now. A **full** one when the newest full base
+   backup is older than the last tick of the server's `full_schedule`; otherwise an
+   **incremental** one (only the blocks changed since the newest base backup; PostgreSQL 17+,
+   `summarize_wal = on`) when the newest is older than the last tick of `incremental_schedule`.
+   Triggered by hand, `kind` forces full or incremental, and `server` picks one server.
+2. **take_base_backup**: `pg_basebackup` from the worker over the replication protocol (tar,
+   gzip:1, SHA-256 backup manifest, fast checkpoint, WAL from the archive), every file
+   checksummed and uploaded, the record `backup.json` written **last**. Emits a
+   `pgdr_base_backups` asset event, which triggers `pgdr_verify_pitr`.
+3. **check_stored**: `pg_verifybackup` on the bytes as stored, downloaded again.
+4. **prune_expired**: retention by recovery window (`keep_window`): every base backup and WAL
+   segment needed to recover to any moment of the window is kept, and the newest verified chain.
+
+**SLA**: the run must finish within the tightest PITR RPO of the plan.
+
+**When it fails**:
+- *archive_command is failing*: the server cannot ship WAL; the base backup was stopped rather
+  than wait forever. WAL piles up on the server's disk: fix the archiver first (its log says
+  `archive command failed`), then clear the task.
+- *summarize_wal*: an incremental base backup needs `summarize_wal = on` on the server; trigger
+  with `kind=full` meanwhile.
+- *pg_verifybackup rejected*: the stored copy is damaged; take a new full base backup.
+- *cannot connect / refused the credentials*: the server's Airflow connection (it needs the
+  REPLICATION attribute); the task retries.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import MultipleCronTriggerTimetable, Param, dag, task
+from pgdr.airflow_glue.assets import BASE_BACKUP_ASSET
+from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.plan import load_plan
+from pgdr.tasks.common import default_args
+
+PLAN = load_plan()
+CRONS = sorted({c for s in PLAN.servers for c in (s.pitr.full_schedule, s.pitr.incremental_schedule) if c})
+WINDOW = min((s.pitr.rpo for s in PLAN.servers), default=timedelta(hours=1))
+
+
+@dag(
+    dag_id="pgdr_basebackup",
+    schedule=MultipleCronTriggerTimetable(*CRONS, timezone="UTC") if CRONS else None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["pgdr", "backup", "pitr", "disaster-recovery"],
+    default_args=default_args(PLAN, execution_timeout=timedelta(hours=6)),
+    deadline=deadline_alerts(PLAN, "pgdr_basebackup", WINDOW, "RPO", scope_of(PLAN.server_names)) if PLAN.servers else None,
+    **run_callbacks(),
+    params={
+        "server": Param(None, type=["null", "string"], enum=[None, *PLAN.server_names], title="Server",
+                        description="Take a base backup of this server only (default: every server that is due)."),
+        "kind": Param("auto", type="string", enum=["auto", "full", "incremental"], title="Kind",
+                      description="auto: what the server's schedules say is due; full or incremental: take that now."),
+    },
+    doc_md=__doc__,
+)
+def pgdr_basebackup():
+    @task(retries=0)
+    def find_due() -> list[dict]:
+        """Decide which servers get a full or an incremental base backup in this run."""
+        from airflow.sdk import get_current_context
+        from pgdr.tasks.basebackup import run_find_base_backups
+
+        return run_find_base_backups(get_current_context())
+
+    @task(outlets=[BASE_BACKUP_ASSET], map_index_template="{{ pgdr_server }}")
+    def take_base_backup(job: dict) -> dict:
+        """pg_basebackup, checksum and upload one server's base backup; write its record last."""
+        from airflow.sdk import get_current_context
+        from pgdr.tasks.basebackup import run_base_backup
+
+        return run_base_backup(job, get_current_context())
+
+    @task(map_index_template="{{ pgdr_server }}")
+    def check_stored(backup: dict) -> dict:
+        """pg_verifybackup on the stored bytes of the new base backup."""
+        from airflow.sdk import get_current_context
+        from pgdr.tasks.basebackup import run_check_stored
+
+        return run_check_stored(backup, get_current_context())
+
+    @task(map_index_template="{{ pgdr_server }}")
+    def prune_expired(backup: dict, checked: dict) -> dict:
+        """Delete base backups and WAL outside the recovery window (never the newest verified chain)."""
+        from airflow.sdk import get_current_context
+        from pgdr.tasks.basebackup import run_pitr_retention
+
+        return run_pitr_retention(backup["server"], get_current_context())
+
+    backups = take_base_backup.expand(job=find_due())
+    prune_expired.expand(backup=backups, checked=check_stored.expand(backup=backups))
+
+
+pgdr_basebackup()

@@ -1,0 +1,77 @@
+"""Retention by recovery window: keep what recovering to any moment of the last ``keep_window`` needs.
+
+To recover to the moment ``now - keep_window`` pgdr needs the newest base backup that ended at
+or before it (the *anchor*), the chain that backup builds on, and every WAL segment from the
+anchor's start on. Every newer base backup is kept too (each is a faster starting point), with
+its chain. So is the newest verified chain, however old: a chain proven restorable is never
+deleted for one that is not. Everything older goes, and with it the WAL no kept base backup
+needs. Uploads without a record (killed runs) go after a grace period.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pgdr.physical.archive import WalSegment, segment_number
+from pgdr.physical.catalog import BaseBackupEntry
+from pgdr.storage.layout import backup_id_time
+
+
+@dataclass
+class PitrRetentionDecision:
+    """Which base backups and WAL segments to keep or delete, each with its reason."""
+
+    keep: dict[str, str] = field(default_factory=dict)
+    delete: dict[str, str] = field(default_factory=dict)
+    delete_partial: list[str] = field(default_factory=list)
+    delete_wal_before: str | None = None  # segments older than this one are needed by no kept base backup
+    oldest_recoverable: datetime | None = None
+
+
+def _chain_ids(entry: BaseBackupEntry, by_id: dict[str, BaseBackupEntry]) -> list[str]:
+    ids = [entry.backup_id]
+    while by_id[ids[-1]].record.parent is not None and by_id[ids[-1]].record.parent in by_id:
+        ids.append(by_id[ids[-1]].record.parent)
+    return ids
+
+
+def decide_pitr_retention(
+    entries: list[BaseBackupEntry], partial: list[str], keep_window: timedelta, now: datetime,
+    partial_grace: timedelta = timedelta(hours=6),
+) -> PitrRetentionDecision:
+    """Decide what the recovery window ``keep_window`` keeps of ``entries`` (complete base backups)."""
+    decision = PitrRetentionDecision()
+    by_id = {e.backup_id: e for e in entries}
+    ordered = sorted(entries, key=lambda e: e.record.finished_at)
+    cutoff = now - keep_window
+    anchors = [e for e in ordered if e.record.finished_at <= cutoff]
+    first_kept = ordered.index(anchors[-1]) if anchors else 0
+    for entry in ordered[first_kept:]:
+        why = "starts the recovery window" if anchors and entry is anchors[-1] else "inside the recovery window"
+        for member in _chain_ids(entry, by_id):
+            decision.keep.setdefault(member, why if member == entry.backup_id else f"in the chain of {entry.backup_id}")
+    verified = [e for e in ordered if e.status == "verified"]
+    if verified:
+        for member in _chain_ids(verified[-1], by_id):
+            decision.keep.setdefault(member, "the newest verified chain")
+    for entry in ordered:
+        if entry.backup_id not in decision.keep:
+            decision.delete[entry.backup_id] = f"ended {entry.record.finished_at:%Y-%m-%d %H:%M} UTC, before the {keep_window} recovery window"
+    kept = [by_id[i] for i in decision.keep]
+    if kept:
+        oldest = min(kept, key=lambda e: segment_number(e.record.start_wal, e.record.wal_segment_size))
+        decision.delete_wal_before = oldest.record.start_wal
+        decision.oldest_recoverable = min(e.record.finished_at for e in kept)
+    for backup_id in partial:
+        if now - backup_id_time(backup_id) > partial_grace:
+            decision.delete_partial.append(backup_id)
+    return decision
+
+
+def expired_segments(segments: list[WalSegment], delete_before: str | None, segment_size: int) -> list[WalSegment]:
+    """Return the archived segments older than ``delete_before`` (none when nothing is kept)."""
+    if delete_before is None:
+        return []
+    limit = segment_number(delete_before, segment_size)
+    return [s for s in segments if s.number(segment_size) < limit]

@@ -1,0 +1,246 @@
+"""What the tasks of ``pgdr_verify_pitr`` do: recover a server's newest chain to a moment on the worker, prove it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID
+from pgdr.errors import PermanentFailure
+from pgdr.tasks.common import CONTEXT_SERVER, fail_fast, pitr_server_context, task_workdir
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def run_find_servers(context) -> list[str]:
+    """Body of ``find_servers``: the servers this run verifies (the param, the asset events, or all)."""
+    from pgdr.plan import load_plan
+
+    with fail_fast():
+        plan = load_plan()
+        if context["params"].get("server"):
+            return [plan.server(context["params"]["server"]).name]
+        named = []
+        for events in (context.get("triggering_asset_events") or {}).values():
+            for event in events:
+                name = (event.extra or {}).get("server")
+                if name in plan.server_names and name not in named:
+                    named.append(name)
+        return named or plan.server_names
+
+
+def run_plan_recovery(server_name: str, context) -> dict[str, Any]:
+    """Body of ``plan_recovery``: write heartbeats, have their WAL archived, choose the target and the chain.
+
+    The target lies between two heartbeats written a second apart, after the newest base backup:
+    the recovery replays the whole chain and all WAL up to it, and must hold the first heartbeat
+    and not the second.
+    """
+    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat
+    from pgdr.physical.recovery import choose_backup, recoverable_window
+
+    with fail_fast():
+        plan, server, store, archive, catalog = pitr_server_context(server_name, context)
+        endpoint = server_endpoint(server, plan)
+        source = f"pgdr_verify_pitr {context['ti'].run_id}"
+        before = write_heartbeat(endpoint, source + " (before target)")
+        time.sleep(1.0)
+        after = write_heartbeat(endpoint, source + " (after target)")
+        switch_and_wait_archived(endpoint, server.pitr.archive_timeout.total_seconds() + 120)
+        target = before + (after - before) / 2
+        with task_workdir(context, f"pitr-plan-{server.name}") as workdir:
+            window = recoverable_window(catalog, archive, store, workdir)
+        entry = choose_backup(window, target)
+        context[CONTEXT_BACKUP_ID] = entry.backup_id
+        chain = catalog.chain(entry, list(window.backups))
+    return {
+        "server": server.name, "backup_id": entry.backup_id, "chain": [e.backup_id for e in chain],
+        "target": target.isoformat(), "heartbeat_before": before.isoformat(), "heartbeat_after": after.isoformat(),
+        "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
+        "pg_version": entry.record.pg_version, "login": endpoint.user,
+    }
+
+
+def _cluster_for(recovery: dict[str, Any], context):
+    """Return this run's scratch cluster of ``recovery["server"]`` (the same directory on every retry)."""
+    import json
+
+    from pgdr.physical.cluster import MARKER, ScratchCluster, cluster_dir_name
+    from pgdr.workdir import work_dir_root
+
+    ti = context["ti"]
+    root = work_dir_root() / cluster_dir_name(ti.dag_id, ti.run_id, recovery["server"])
+    marker = {}
+    if (root / MARKER).exists():
+        marker = json.loads((root / MARKER).read_text())
+    return ScratchCluster(
+        root, recovery.get("pg_version") or marker.get("pg_version") or 180000, login=recovery.get("login", "postgres"),
+        port=recovery.get("port") or marker.get("port") or 0,
+    )
+
+
+def run_recover_cluster(recovery: dict[str, Any], context) -> dict[str, Any]:
+    """Body of the ``recover_cluster`` setup task: build the chain into a scratch cluster and recover it."""
+    from pgdr.physical.cluster import remove_leftover_clusters
+    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
+    from pgdr.workdir import work_dir_root
+
+    ti = context["ti"]
+    started = _now()
+    with fail_fast():
+        _, server, store, archive, catalog = pitr_server_context(recovery["server"], context)
+        context[CONTEXT_BACKUP_ID] = recovery["backup_id"]
+        cluster = _cluster_for(recovery, context)
+        root = work_dir_root()
+        root.mkdir(parents=True, exist_ok=True)
+
+        def finished(dag_id: str, run_id: str) -> bool:
+            return str(ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)) in ("success", "failed", "DagRunState.SUCCESS", "DagRunState.FAILED")
+
+        remove_leftover_clusters(root, finished, keep=cluster.root)
+        cluster.destroy()  # a previous try's cluster of this run: start again from the stored bytes
+        cluster.write_marker(ti.dag_id, ti.run_id, f"recovery of server {server.name} to {recovery['target']}")
+        try:
+            with task_workdir(context, f"pitr-{server.name}") as workdir:
+                workdir.chmod(0o755)
+                prepared = prepare_data_directory(catalog, catalog.get(recovery["backup_id"]), store, workdir, cluster.data_dir, archive)
+                result = recover_cluster(cluster, archive, datetime.fromisoformat(recovery["target"]))
+        except Exception:
+            cluster.destroy()
+            raise
+    return {
+        **recovery, "host": socket.gethostname(), "port": cluster.port, "root": str(cluster.root),
+        "started_at": started, "finished_at": _now(), "timings": {k: round(v, 2) for k, v in prepared.timings.items()},
+        "recovery": result.to_dict(),
+    }
+
+
+def _same_host(cluster_info: dict[str, Any]) -> None:
+    if cluster_info["host"] != socket.gethostname():
+        raise PermanentFailure(
+            f"The scratch cluster runs on worker {cluster_info['host']}, but this task runs on {socket.gethostname()}. "
+            "The tasks of one pgdr_verify_pitr run must run on one worker: route them to one queue or host."
+        )
+
+
+def run_check_target(cluster_info: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``check_recovery_target``: every heartbeat at or before the target is there, none after."""
+    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.physical.heartbeat import heartbeats
+
+    with fail_fast():
+        plan, server, *_ = pitr_server_context(cluster_info["server"], context)
+        _same_host(cluster_info)
+        target = datetime.fromisoformat(cluster_info["target"])
+        live = heartbeats(server_endpoint(server, plan))
+        recovered = heartbeats(_cluster_for(cluster_info, context).endpoint())
+        expected = [at for at in live if at <= target]
+        missing = [at for at in expected if at not in recovered]
+        extra = [at for at in recovered if at > target]
+        if missing or extra or not expected:
+            raise PermanentFailure(
+                f"The recovery of server {server.name!r} to {target:%Y-%m-%d %H:%M:%S.%f} UTC missed its target: "
+                f"{len(missing)} heartbeats committed before it are absent (first: {missing[:1]}), {len(extra)} written "
+                f"after it are present (first: {extra[:1]}). WAL replay is not exact for this chain; do not rely on it "
+                "for point-in-time recovery until this is understood."
+            )
+    log.info("Recovery target hit exactly: %d heartbeats up to the target are present, none after it.", len(expected))
+    return {"heartbeats_before_target": len(expected), "newest_recovered_heartbeat": expected[-1].isoformat()}
+
+
+def run_check_databases(cluster_info: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``check_databases``: pg_amcheck, sequences and GX suites of every plan database on the server."""
+    from types import SimpleNamespace
+
+    from pgdr.checks.integrity import IntegrityReport, check_sequences, run_amcheck
+    from pgdr.checks.validation import validate_restored
+    from pgdr.postgres.client import connect, count_rows
+
+    results = {}
+    with fail_fast():
+        plan, server, *_ = pitr_server_context(cluster_info["server"], context)
+        _same_host(cluster_info)
+        cluster = _cluster_for(cluster_info, context)
+        problems = []
+        for name in server.databases:
+            db = plan.database(name)
+            endpoint = cluster.endpoint(db.dbname)
+            report = IntegrityReport()
+            with connect(endpoint, application_name="pgdr-integrity") as conn:
+                counts, large_objects = count_rows(conn)
+                # The recovered state is its own reference: the heartbeat proved the moment, these prove the pages.
+                reference = SimpleNamespace(
+                    backup_id=cluster_info["backup_id"], database=name, row_counts=counts, large_objects=large_objects,
+                    sequences={}, recovery_point=datetime.fromisoformat(cluster_info["target"]),
+                )
+                check_sequences(conn, reference, report)
+            with task_workdir(context, f"pitr-amcheck-{name}") as workdir:
+                run_amcheck(endpoint, workdir, report, jobs=db.dump_jobs)
+            validation = validate_restored(endpoint, reference)
+            problems += [f"database {name}: {p}" for p in report.problems()]
+            problems += [f"database {name}: failed expectation: {o.line()}" for o in validation.failed]
+            results[name] = {"tables": len(counts), "rows": sum(counts.values()), "integrity": report.to_dict(),
+                             "validation": validation.summary()}
+        if problems:
+            raise PermanentFailure(
+                f"The databases of server {server.name!r} recovered to {cluster_info['target']} failed their checks: "
+                + "; ".join(problems[:10]) + ". The chain recovers, but not to good data: investigate before relying on it."
+            )
+    return results
+
+
+def run_stop_cluster(server_name: str, context) -> bool:
+    """Body of the ``stop_cluster`` teardown: stop and remove this run's scratch cluster, wherever it got."""
+    context[CONTEXT_SERVER] = server_name
+    with fail_fast():
+        cluster = _cluster_for({"server": server_name}, context)
+        existed = cluster.root.exists()
+        cluster.destroy()
+    return existed
+
+
+def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
+    """Body of ``record_verification``: verified or failed, with the achieved recovery point, next to the base backup."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    ti = context["ti"]
+    context[CONTEXT_SERVER] = server_name
+
+    def pulled(task_id: str):
+        return ti.xcom_pull(task_ids=f"verify.{task_id}", map_indexes=ti.map_index)
+
+    recovery = pulled("plan_recovery")
+    if not recovery:
+        raise AirflowFailException(
+            f"Nothing to record for server {server_name!r}: plan_recovery failed before a base backup was chosen (its "
+            "error is above)."
+        )
+    cluster_info, target_check, databases = pulled("recover_cluster"), pulled("check_recovery_target"), pulled("check_databases")
+    ok = bool(cluster_info and target_check and databases is not None)
+    with fail_fast():
+        _, server, store, _, catalog = pitr_server_context(recovery["server"], context)
+        context[CONTEXT_BACKUP_ID] = recovery["backup_id"]
+        record = {
+            "status": "verified" if ok else "failed", "kind": "point-in-time recovery", "verified_at": _now(),
+            "server": server.name, "backup_id": recovery["backup_id"], "chain": recovery["chain"],
+            "target": recovery["target"], "window": recovery["window"],
+            "recovery": (cluster_info or {}).get("recovery"), "timings": (cluster_info or {}).get("timings"),
+            "target_check": target_check, "databases": databases,
+            "airflow": {"dag_id": ti.dag_id, "run_id": ti.run_id},
+        }
+        key = catalog.record_verification(recovery["backup_id"], record)
+    log.info("Recorded %s for base backup %s: %s", record["status"], recovery["backup_id"], store.describe(key))
+    if not ok:
+        raise AirflowFailException(
+            f"Point-in-time recovery of server {server.name!r} from base backup {recovery['backup_id']} was not verified "
+            "(the failed task above says why). Recorded as failed next to the base backup."
+        )
+    return record
