@@ -44,6 +44,9 @@ def switch_and_wait_archived(endpoint: PgEndpoint, timeout_s: float) -> str:
     """
     with connect(endpoint.with_dbname(HEARTBEAT_DATABASE), application_name="pgdr-switch-wal") as conn:
         failed_before = conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()[0]
+        # A WAL record first: switching an empty segment does nothing, and would not wake an archiver
+        # that is backing off after failures.
+        conn.execute("SELECT pg_logical_emit_message(false, 'pgdr', 'switch')")
         wal = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
         deadline = time.monotonic() + timeout_s
         while True:

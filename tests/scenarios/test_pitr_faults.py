@@ -1,0 +1,201 @@
+"""The PITR fault matrix, with real parts: an archiver whose S3 goes away, a WAL segment missing from the
+middle of the archive, a damaged base backup, a moment outside the window, a worker without matching binaries."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+
+import psycopg
+import pytest
+from conftest import BUCKET
+from support import FaultProxy
+
+pytestmark = pytest.mark.integration
+SERVER = "flaky"
+PREFIX = "pitr-faults"
+
+
+@pytest.fixture(scope="module")
+def flaky(session_dir, s3_server):
+    """A server archiving through a proxy the tests can cut (S3 down for the archiver only), with one full base backup."""
+    from pgdr.errors import PgdrError
+    from pgdr.local.embedded import EmbeddedServer
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
+    from pgdr.physical.basebackup import take_base_backup
+    from pgdr.postgres.client import PgEndpoint
+    from pgdr.storage.backends import S3Store
+    from pgdr.storage.layout import PhysicalLayout
+
+    try:
+        bin_dir = archiver_bin_dir()
+    except PgdrError as err:
+        pytest.skip(str(err))
+    proxy = FaultProxy(s3_server.port)
+    access = ArchiveAccess(f"http://127.0.0.1:{proxy.port}", "us-east-1", "testing-key", "testing-secret")
+    archive = WalArchive(BUCKET, PhysicalLayout(PREFIX), SERVER, access)
+    server = EmbeddedServer(session_dir / "postgres-flaky", settings=archive.server_settings(5, bin_dir),
+                            environment=access.environment()).start()
+    with psycopg.connect(**server.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE marks (id serial PRIMARY KEY, label text)")
+    store = S3Store(s3_server.client, BUCKET)
+    endpoint = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
+    work = session_dir / "flaky-work"
+    full = take_base_backup(SERVER, endpoint, store, archive.layout, work / "full", archive.url)
+    yield {"server": server, "proxy": proxy, "archive": archive, "store": store, "endpoint": endpoint, "full": full, "work": work}
+    server.destroy()
+    proxy.close()
+
+
+def catalog(flaky):
+    from pgdr.physical.catalog import BaseBackupCatalog
+
+    return BaseBackupCatalog(flaky["store"], flaky["archive"].layout, SERVER)
+
+
+def write_and_switch(server, n: int) -> list[str]:
+    """Write a row and close the WAL segment ``n`` times; return the closed segments' names."""
+    names = []
+    with psycopg.connect(**server.dsn(), autocommit=True) as conn:
+        for i in range(n):
+            conn.execute("INSERT INTO marks (label) VALUES (%s)", (f"row {i}",))
+            names.append(conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0])
+    return names
+
+
+@pytest.mark.timeout(240)
+def test_a_failing_archiver_stops_the_base_backup_and_the_archive_catches_up_without_a_gap(flaky, tmp_path):
+    from pgdr.physical.archive import ArchiverFailing
+    from pgdr.physical.basebackup import take_base_backup
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+
+    server, proxy, archive, store = flaky["server"], flaky["proxy"], flaky["archive"], flaky["store"]
+    proxy.cut_after(0)  # S3 goes away for the archiver
+    try:
+        pending = write_and_switch(server, 2)
+        started = time.monotonic()
+        with pytest.raises(ArchiverFailing) as failure:
+            take_base_backup(SERVER, flaky["endpoint"], store, archive.layout, tmp_path / "b", archive.url)
+        assert time.monotonic() - started < 120  # stopped, not waiting forever for the archive
+        message = str(failure.value)
+        assert "archive_command is failing" in message and "last failed WAL segment 0000" in message
+        assert catalog(flaky).partial() == []  # nothing was uploaded: the upload comes after pg_basebackup
+        assert [e.backup_id for e in catalog(flaky).backups()] == [flaky["full"].backup_id]
+        with psycopg.connect(**server.dsn()) as conn:
+            failed, last_failed = conn.execute("SELECT failed_count, last_failed_wal FROM pg_stat_archiver").fetchone()
+        assert failed > 0 and last_failed >= pending[0]
+    finally:
+        proxy.heal()
+    newest = switch_and_wait_archived(flaky["endpoint"], 120)
+    segments = archive.segments(store)
+    reached = archive.check_continuous(segments, flaky["full"].start_wal)  # no gap from the base backup on
+    assert reached.name >= newest and {p for p in pending} <= {s.name for s in segments}
+
+
+def test_a_missing_wal_segment_is_named_with_the_window_it_costs(flaky, tmp_path):
+    from pgdr.physical.archive import WalGap
+    from pgdr.physical.cluster import ScratchCluster
+    from pgdr.physical.recovery import prepare_data_directory
+    from pgdr.workdir import work_dir_root
+
+    archive, store = flaky["archive"], flaky["store"]
+    write_and_switch(flaky["server"], 3)
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+
+    switch_and_wait_archived(flaky["endpoint"], 60)
+    segments = archive.segments(store)
+    victim = segments[-3]
+    saved = store.get_bytes(victim.key)
+    store.delete([victim.key])
+    cluster = ScratchCluster(work_dir_root() / f"gap-{tmp_path.name}", flaky["full"].pg_version)
+    try:
+        with pytest.raises(WalGap) as gap:
+            prepare_data_directory(catalog(flaky), catalog(flaky).get(flaky["full"].backup_id), store, tmp_path, cluster.data_dir, archive)
+        message = str(gap.value)
+        assert f"WAL segment {victim.name} is missing" in message
+        assert "recovery window" in message and "full base backup" in message
+        assert not cluster.data_dir.exists()  # refused before anything was downloaded or started
+    finally:
+        store.put_bytes(victim.key, saved)
+        cluster.destroy()
+
+
+def _rewrite_stored_tar(store, record, layout, change):
+    """Replace a stored base.tar.gz by one whose PG_VERSION file has other bytes; fix the record's SHA-256."""
+    import hashlib
+
+    from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupFile
+
+    entry = record.file("base.tar.gz")
+    original = store.get_bytes(entry.key)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(original), mode="r:gz") as src, tarfile.open(fileobj=out, mode="w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name == "PG_VERSION":
+                data = change(data)
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    damaged = out.getvalue()
+    store.put_bytes(entry.key, damaged)
+    files = tuple(
+        BaseBackupFile(f.name, f.key, len(damaged), hashlib.sha256(damaged).hexdigest()) if f.name == "base.tar.gz" else f
+        for f in record.files
+    )
+    from dataclasses import replace
+
+    BaseBackupCatalog(store, layout, record.server).write_record(replace(record, files=files))
+    return original
+
+
+def test_a_damaged_base_backup_is_rejected_before_a_cluster_starts(flaky, tmp_path):
+    from pgdr.errors import ChecksumMismatch
+    from pgdr.physical.cluster import ScratchCluster
+    from pgdr.physical.recovery import prepare_data_directory
+    from pgdr.workdir import work_dir_root
+
+    archive, store, full = flaky["archive"], flaky["store"], flaky["full"]
+    key = full.file("base.tar.gz").key
+    cluster = ScratchCluster(work_dir_root() / f"damaged-{tmp_path.name}", full.pg_version)
+    original = store.get_bytes(key)
+    try:
+        # 1. bytes changed in the bucket after upload: the record's SHA-256 no longer matches
+        store.put_bytes(key, original[:-10] + bytes(10))
+        with pytest.raises(ChecksumMismatch, match="does not match its base backup record"):
+            prepare_data_directory(catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "a", cluster.data_dir, archive)
+        # 2. a file damaged before upload (the record agrees with the stored bytes): pg_verifybackup refuses it
+        store.put_bytes(key, original)
+        _rewrite_stored_tar(store, full, archive.layout, lambda data: b"17\n")
+        with pytest.raises(ChecksumMismatch) as rejected:
+            prepare_data_directory(catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "b", cluster.data_dir, archive)
+        assert "pg_verifybackup rejected base backup" in str(rejected.value) and "PG_VERSION" in str(rejected.value)
+        assert not cluster.data_dir.exists() and not cluster.log_file.exists()
+    finally:
+        store.put_bytes(key, original)
+        from pgdr.physical.catalog import BaseBackupCatalog
+
+        BaseBackupCatalog(store, archive.layout, SERVER).write_record(full)
+        cluster.destroy()
+
+
+def test_a_moment_outside_the_window_names_the_recoverable_range(flaky, tmp_path):
+    from datetime import timedelta
+
+    from pgdr.physical.recovery import TargetOutsideWindow, choose_backup, recoverable_window
+
+    window = recoverable_window(catalog(flaky), flaky["archive"], flaky["store"], tmp_path)
+    for moment in (window.oldest - timedelta(hours=1), window.newest + timedelta(minutes=5)):
+        with pytest.raises(TargetOutsideWindow) as outside:
+            choose_backup(window, moment)
+        assert f"the recoverable window is {window.describe()}" in str(outside.value)
+    assert choose_backup(window, window.oldest).backup_id == flaky["full"].backup_id
+
+
+def test_a_worker_without_the_backups_major_version_says_what_to_install():
+    from pgdr.physical.cluster import BinariesMissing, server_bin_dir
+
+    with pytest.raises(BinariesMissing) as missing:
+        server_bin_dir(170004)
+    assert "PostgreSQL 17" in str(missing.value) and "$PGDR_PG_BIN" in str(missing.value) and "version 18" in str(missing.value)
+    assert server_bin_dir(180006).joinpath("pg_ctl").exists()
