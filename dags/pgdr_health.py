@@ -4,9 +4,14 @@
 For each database in the plan: the source answers; the storage target accepts and returns a
 probe object; the newest backup is younger than the RPO; the newest verified backup is younger
 than the plan's `health.verify_window`. And once: enough free space where pgdr keeps its work
-files. Each run sends gauges through Airflow's metrics layer (`pgdr.backup_age_seconds.<db>`,
+files. For each server under point-in-time recovery: a heartbeat row is written (the PITR
+verification and the drill prove their recovery point with these), `pg_stat_archiver` must not
+show a failing archiver, and the WAL archive must lag the server by no more than its RPO. Each
+run sends gauges through Airflow's metrics layer (`pgdr.backup_age_seconds.<db>`,
 `pgdr.verified_backup_age_seconds.<db>`, `pgdr.last_restore_seconds.<db>`,
-`pgdr.last_rto_seconds.<db>`, `pgdr.last_rpo_seconds.<db>`, `pgdr.free_space_gb.workers`).
+`pgdr.last_rto_seconds.<db>`, `pgdr.last_rpo_seconds.<db>`, `pgdr.free_space_gb.workers`,
+`pgdr.wal_archive_lag_seconds.<server>`, `pgdr.wal_archive_lag_bytes.<server>`,
+`pgdr.archiver_failures.<server>`).
 
 Alerts go out on a **change of state** only: a Slack message when a check starts failing and a
 recovery message when it passes again. A failing check does not fail the run (the run did its
@@ -15,7 +20,9 @@ job: it checked); the message says what is wrong.
 **When it fails** (a check, not the run): *source*: the database is unreachable, see the error. *storage*: the
 bucket or folder cannot be written; backups will fail too. *backup_age*: backups are not running
 (look at pgdr_backup). *verified_age*: verifications are failing or not running (look at
-pgdr_verify_restore). *free_space*: free disk space on the workers.
+pgdr_verify_restore). *free_space*: free disk space on the workers. *archiver*: the server's archive_command fails, WAL
+piles up on its disk; fix it before the disk fills. *wal_lag*: the archive is behind by more than
+the RPO: the archiver is failing, slow, or `archive_timeout` is longer than the RPO.
 """
 
 from __future__ import annotations
@@ -51,6 +58,14 @@ def pgdr_health():
 
         return run_health_database(database, get_current_context())
 
+    @task(map_index_template="{{ pgdr_server }}")
+    def check_server(server: str) -> list[dict]:
+        """PITR servers: a heartbeat, the archiver not failing, the WAL archive's lag within the RPO."""
+        from airflow.sdk import get_current_context
+        from pgdr.tasks.health import run_health_server
+
+        return run_health_server(server, get_current_context())
+
     @task
     def check_workers() -> list[dict]:
         """Free space where pgdr keeps its work files."""
@@ -60,14 +75,16 @@ def pgdr_health():
         return run_health_workers(get_current_context())
 
     @task
-    def alert_on_changes(per_database: list[list[dict]], workers: list[dict]) -> dict:
+    def alert_on_changes(per_database: list[list[dict]], per_server: list[list[dict]], workers: list[dict]) -> dict:
         """One Slack message for the checks that changed state since the last run."""
         from airflow.sdk import get_current_context
         from pgdr.tasks.health import run_health_alerts
 
-        return run_health_alerts([*per_database, workers], get_current_context())
+        return run_health_alerts([*per_database, *per_server, workers], get_current_context())
 
-    alert_on_changes(check_database.expand(database=PLAN.database_names), check_workers())
+    alert_on_changes(
+        check_database.expand(database=PLAN.database_names), check_server.expand(server=PLAN.server_names), check_workers(),
+    )
 
 
 pgdr_health()

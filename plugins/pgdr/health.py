@@ -4,7 +4,9 @@ For each database: is the source reachable; do restore tests run on a cluster of
 (``verify_conn_id``); is the storage target reachable and writable (a small probe object is
 written and removed); is the newest backup younger than the RPO; is the
 newest *verified* backup younger than the plan's verification window; and is there enough free
-space where pgdr keeps its work files.
+space where pgdr keeps its work files. For each server under point-in-time recovery: a heartbeat
+row is written, the archiver must not be failing, and the WAL archive must lag the server by no
+more than the server's RPO.
 
 Alerts go out on a **change of state** only: one message when a check starts failing, one
 recovery message when it passes again, never one every five minutes. The last state of every
@@ -140,6 +142,68 @@ def check_backup_ages(db, plan, now: datetime) -> list[CheckResult]:
     return results
 
 
+def check_pitr_server(server, plan, now: datetime, source: str = "pgdr_health") -> tuple[list[CheckResult], dict[str, float]]:
+    """Point-in-time recovery of one server: a heartbeat written, the archiver working, the archive's lag within the RPO.
+
+    The *WAL archive lag* is how much acknowledged work exists only on the server: the bytes
+    written since the end of the newest archived segment, and (when there are any) the seconds
+    since that segment was archived. It is the data a server loss would cost now: the RPO achieved.
+    """
+    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.physical.archive import archived_segment, lsn_to_int, segment_number
+    from pgdr.physical.heartbeat import write_heartbeat
+    from pgdr.postgres.client import connect
+
+    name, rpo = server.name, server.pitr.rpo
+    try:
+        endpoint = server_endpoint(server, plan)
+        write_heartbeat(endpoint, source)
+        with connect(endpoint, application_name="pgdr-health") as conn:
+            row = conn.execute(
+                "SELECT a.archived_count, a.last_archived_wal, a.last_archived_time, a.failed_count, a.last_failed_wal,"
+                " a.last_failed_time, pg_current_wal_lsn()::text, current_setting('archive_mode'),"
+                " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), clock_timestamp()"
+                " FROM pg_stat_archiver a"
+            ).fetchone()
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        return [CheckResult("archiver", name, False, f"cannot read the archiver state of server {name!r}: {first_line(err)}")], {}
+    archived, last_wal, last_time, failed, failed_wal, failed_time, current_lsn, mode, segment_size, server_now = row
+    results = []
+    if mode not in ("on", "always"):
+        results.append(CheckResult("archiver", name, False, f"server {name!r} does not archive WAL (archive_mode = {mode}): "
+                                   "point-in-time recovery is impossible. Set the archive_command lines (README) and restart it"))
+    elif failed_time is not None and (last_time is None or failed_time > last_time):
+        results.append(CheckResult(
+            "archiver", name, False,
+            f"the archive_command of server {name!r} is failing: {failed} failed attempts so far, last on WAL segment "
+            f"{failed_wal} at {failed_time:%Y-%m-%d %H:%M:%S} UTC. WAL piles up on the server and nothing after "
+            f"{last_wal or 'the first segment'} can be recovered. Check the server log ('archive command failed') and the "
+            "storage target", float(failed),
+        ))
+    else:
+        results.append(CheckResult("archiver", name, True, f"server {name!r} archives WAL ({archived} segments, newest {last_wal})", 0.0))
+    segment = archived_segment(last_wal)
+    if segment:
+        archived_end = (segment_number(segment, segment_size) + 1) * segment_size
+        lag_bytes = max(0, lsn_to_int(current_lsn) - archived_end)
+    else:
+        lag_bytes = lsn_to_int(current_lsn)
+    lag_s = (server_now - last_time).total_seconds() if lag_bytes and last_time else 0.0
+    if last_time is None:
+        lag_s = float("inf")
+    ok = lag_s <= rpo.total_seconds()
+    results.append(CheckResult(
+        "wal_lag", name, ok,
+        (f"the WAL archive of server {name!r} is {format_duration(lag_s)} ({lag_bytes / 1e6:.1f} MB) behind the server, "
+         f"within its RPO of {format_duration(rpo.total_seconds())}") if ok else
+        (f"the WAL archive of server {name!r} is {'never written' if last_time is None else format_duration(lag_s)} "
+         f"({lag_bytes / 1e6:.1f} MB) behind the server: more than its RPO of {format_duration(rpo.total_seconds())}. A loss of "
+         "the server now would lose that much. Check the archiver (pg_stat_archiver) and archive_timeout"),
+        lag_s if lag_s != float("inf") else None,
+    ))
+    return results, {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
+
+
 def check_free_space(path: Path, min_free_gb: float) -> CheckResult:
     """Enough free space where pgdr keeps its work files (dumps are staged there)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -155,7 +219,7 @@ def emit_metrics(results: list[CheckResult], extra: dict[str, float] | None = No
     from airflow.sdk.observability import stats
 
     names = {"backup_age": "backup_age_seconds", "verified_age": "verified_backup_age_seconds", "free_space": "free_space_gb",
-             "catalog": "damaged_backups"}
+             "catalog": "damaged_backups", "wal_lag": "wal_archive_lag_seconds", "archiver": "archiver_failures"}
     for result in results:
         if result.check in names and result.value is not None:
             stats.gauge(f"pgdr.{names[result.check]}.{result.database}", result.value)

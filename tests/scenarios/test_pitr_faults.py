@@ -199,3 +199,32 @@ def test_a_worker_without_the_backups_major_version_says_what_to_install():
         server_bin_dir(170004)
     assert "PostgreSQL 17" in str(missing.value) and "$PGDR_PG_BIN" in str(missing.value) and "version 18" in str(missing.value)
     assert server_bin_dir(180006).joinpath("pg_ctl").exists()
+
+
+def test_health_alerts_once_when_the_archiver_fails_and_once_when_it_recovers(flaky, plan, env, run_dag, slack, monkeypatch, s3_storage):
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+
+    server = flaky["server"]
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_FLAKY", server.connection_uri("postgres"))
+    storage = {**s3_storage, "pitr": {"type": "s3", "bucket": BUCKET, "prefix": PREFIX, "aws_conn_id": "pgdr_s3"}}
+    plan(databases=[{"name": "shop", "conn_id": "pgdr_shop", "storage": "s3"},
+                    {"name": "flakydb", "conn_id": "pgdr_flaky", "dbname": "postgres", "server": SERVER, "storage": "s3"}],
+         storage=storage, servers={SERVER: {"pitr": {"storage": "pitr", "rpo": "5m"}}})
+    flaky["proxy"].cut_after(0)
+    try:
+        write_and_switch(server, 1)
+        time.sleep(4)  # the archiver tries, and fails
+        failing = run_dag("pgdr_health")
+        second = run_dag("pgdr_health")
+    finally:
+        flaky["proxy"].heal()
+    assert failing.states["check_server[0]"] == "success", failing.states
+    alerts = [m["text"] for m in slack.messages if "archive_command" in m.get("text", "")]
+    assert len(alerts) == 1, slack.messages  # the second run finds the same state: no second message
+    assert f"archive_command of server '{SERVER}' is failing" in alerts[0] and "WAL segment 0000" in alerts[0]
+    switch_and_wait_archived(flaky["endpoint"], 120)
+    slack.clear()
+    recovered = run_dag("pgdr_health")
+    assert recovered.get_state() == "success" and second.get_state() == "success"
+    assert any("archiver" in m.get("text", "") and SERVER in m.get("text", "") for m in slack.messages), slack.messages
+    assert not any("is failing" in m.get("text", "") for m in slack.messages)

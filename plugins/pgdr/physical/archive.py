@@ -114,6 +114,17 @@ def segment_number(name: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
     return int(match.group(2), 16) * (0x100000000 // segment_size) + int(match.group(3), 16)
 
 
+def archived_segment(name: str | None) -> str | None:
+    """Return the WAL segment that ``pg_stat_archiver.last_archived_wal`` vouches for, or ``None``.
+
+    That column also names backup history files (``<segment>.<offset>.backup``), which are archived
+    after their segment, and timeline history files (``00000002.history``), which name none.
+    """
+    if not name or not _SEGMENT.match(name[:24]):
+        return None
+    return name[:24]
+
+
 def segment_name(timeline: int, number: int, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:
     """Return the WAL file name of segment ``number`` on ``timeline``."""
     per_log = 0x100000000 // segment_size

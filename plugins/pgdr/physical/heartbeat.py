@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from pgdr.physical.archive import ArchiverFailing
+from pgdr.physical.archive import ArchiverFailing, archived_segment
 from pgdr.postgres.client import PgEndpoint, connect
 
 HEARTBEAT_DATABASE = "postgres"
@@ -53,7 +53,7 @@ def switch_and_wait_archived(endpoint: PgEndpoint, timeout_s: float) -> str:
             archived, failed, failed_wal = conn.execute(
                 "SELECT last_archived_wal, failed_count, last_failed_wal FROM pg_stat_archiver"
             ).fetchone()
-            if archived is not None and archived >= wal:
+            if archived_segment(archived) is not None and archived_segment(archived) >= wal:
                 return wal
             if failed > failed_before and time.monotonic() > deadline - timeout_s + 5:
                 raise ArchiverFailing(

@@ -43,6 +43,26 @@ def run_health_database(database: str, context) -> list[dict[str, Any]]:
     return [asdict(r) for r in results]
 
 
+def run_health_server(server_name: str, context) -> list[dict[str, Any]]:
+    """Body of ``check_server``: heartbeat, archiver and WAL archive lag of one PITR server; emits metrics."""
+    from dataclasses import asdict
+
+    from pgdr.health import check_pitr_server, emit_metrics
+    from pgdr.plan import load_plan
+    from pgdr.tasks.common import CONTEXT_SERVER
+
+    context[CONTEXT_SERVER] = server_name
+    context[CONTEXT_DATABASE] = f"server {server_name}"
+    with fail_fast():
+        plan = load_plan()
+        server = plan.server(server_name)
+    results, extra = check_pitr_server(server, plan, datetime.now(UTC), f"pgdr_health {context['ti'].run_id}")
+    emit_metrics(results, extra)
+    for r in results:
+        log.log(logging.INFO if r.ok else logging.WARNING, "%s server %s: %s: %s", "OK  " if r.ok else "FAIL", server_name, r.check, r.detail)
+    return [asdict(r) for r in results]
+
+
 def run_health_workers(context) -> list[dict[str, Any]]:
     """Body of ``check_workers``: free space where pgdr keeps its work files."""
     from dataclasses import asdict
