@@ -8,6 +8,12 @@ meaning "the newest backup at or before it"), the mode and, for `replace`, a con
 1. **plan_restore** checks the whole request and prints the restore plan (backup, recovery
    point, size, target, expected duration, what happens to the live database). Bad input fails
    here, before anything is touched. With **dry_run** the DAG stops after this.
+   When the database's server has a WAL archive (`servers:` in the plan) and `backup` is a
+   UTC time, the restore is **point in time**: the plan names the base backup, the WAL to
+   replay, the recoverable window and the expected time; a moment outside the window fails here.
+   **recover_to_moment** then recovers the server in a scratch cluster on the worker (the live
+   server is not touched), dumps the database as it was at that moment (stored as a regular
+   backup), and the phases below restore and check it like any other.
 2. **check_checksums**: a corrupt backup is refused before any database is created.
 3. **restore_backup** into a new database (`<db>_restored_<UTC time>` by default). In `replace`
    mode it is `<db>_restoring_<UTC time>` until the swap.
@@ -58,7 +64,8 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
         "backup": Param(
             "latest-verified", type="string", title="Backup",
             description="latest-verified (the newest backup proven to restore), latest, a backup id "
-            "(20261122T093000Z-3fa2c1), or a UTC time (2026-11-22T09:30:00Z): the newest backup at or before it.",
+            "(20261122T093000Z-3fa2c1), or a UTC time (2026-11-22 09:41:00): on a server with a WAL archive, "
+            "the database exactly as it was at that second; otherwise the newest backup at or before it.",
         ),
         "mode": Param(
             "new-database", type="string", enum=["new-database", "replace"], title="Mode",
@@ -95,6 +102,14 @@ def pgdr_restore():
 
         context = get_current_context()
         return build_restore_plan(dict(context["params"]), context)
+
+    @task
+    def recover_to_moment(plan: dict) -> dict:
+        """Point in time: recover the server in a scratch cluster and dump the database as it was then."""
+        from airflow.sdk import get_current_context
+        from pgdr.tasks.restore import run_recover_to_moment
+
+        return run_recover_to_moment(plan, get_current_context())
 
     @task
     def check_checksums(plan: dict) -> dict:
@@ -145,9 +160,10 @@ def pgdr_restore():
         from pgdr.tasks.restore import run_report
 
         context = get_current_context()
-        return run_report(context["ti"].xcom_pull(task_ids="plan_restore"), context)
+        ti = context["ti"]
+        return run_report(ti.xcom_pull(task_ids="recover_to_moment") or ti.xcom_pull(task_ids="plan_restore"), context)
 
-    plan = plan_restore()
+    plan = recover_to_moment(plan_restore())
     checked = check_checksums(plan)
     restored = restore_backup(plan)
     integrity = check_integrity(plan)

@@ -388,6 +388,16 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"  expected time   : {expected}; the RTO is {format_duration(plan['rto_target_seconds'])}",
         f"  what happens    : {plan['what_happens']}",
     ]
+    pitr = plan.get("pitr")
+    if pitr:
+        lines[1:3] = [
+            f"  recovery        : point in time {pitr['target']} UTC: server {pitr['server']!r} is recovered in a scratch "
+            "cluster on the worker (the live server is not touched), then this database is copied out of it",
+            f"  base backup     : {pitr['base_backup']} (ended {pitr['base_backup_ended']}), chain {' -> '.join(pitr['chain'])}",
+            f"  WAL to replay   : up to {pitr['wal_segments']} segments ({pitr['wal_bytes'] / 1e6:.0f} MB) from the archive",
+            f"  recoverable     : {pitr['window']['oldest']} to {pitr['window']['newest']} UTC",
+            f"  recovery time   : {pitr['expected_recovery']} (median of past PITR verifications)",
+        ]
     if plan["dry_run"]:
         lines.append("  DRY RUN         : nothing will be done; trigger again without dry_run to restore.")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 def pitr_plan(plan, env, pitr_server, monkeypatch):
     """A plan with the PITR server: its database 'shop', WAL archive and base backups on S3."""
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_PITR", pitr_server.connection_uri("shop"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_RESTORE", pitr_server.restore_connection_uri())
     storage = {"s3": {"type": "s3", "bucket": BUCKET, "prefix": PITR_PREFIX, "aws_conn_id": "pgdr_s3"}}
     return plan(
         databases=[{"name": "shop", "conn_id": "pgdr_pitr", "server": PITR_SERVER}],
@@ -55,3 +56,76 @@ def test_base_backups_then_a_verified_point_in_time_recovery(pitr_plan, run_dag,
     assert record["databases"]["shop"]["integrity"]["amcheck_ok"] is True
     assert record["databases"]["shop"]["validation"]["failed"] == 0
     assert slack.messages == []
+
+
+def _sql(server, query: str, dbname: str = "shop"):
+    import psycopg
+
+    with psycopg.connect(**server.dsn(dbname), autocommit=True) as conn:
+        cur = conn.execute(query)
+        return cur.fetchall() if cur.description else None
+
+
+def _second_boundary() -> None:
+    import time
+
+    time.sleep(1.25 - (time.time() % 1))  # just past the next full second
+
+
+def _xcom(dag_run, task_id: str):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        value = session.query(XComModel.value).filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value").scalar()
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag, pitr_server, s3_server):
+    from datetime import UTC, datetime, timedelta
+
+    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+
+    _sql(pitr_server, 'CREATE SCHEMA IF NOT EXISTS "Billing Ü"')
+    _sql(pitr_server, 'DROP TABLE IF EXISTS "Billing Ü"."Invoice Lines"')
+    _sql(pitr_server, 'CREATE TABLE "Billing Ü"."Invoice Lines" (id int PRIMARY KEY, label text NOT NULL)')
+    assert run_dag("pgdr_basebackup", run_conf={"kind": "full"}).get_state() == "success"
+    _sql(pitr_server, """INSERT INTO "Billing Ü"."Invoice Lines" SELECT g, 'good ' || g FROM generate_series(1, 50) g""")
+    _second_boundary()
+    moment = datetime.now(UTC).replace(microsecond=0)  # what the engineer types: the second before the incident
+    _second_boundary()
+    _sql(pitr_server, """DELETE FROM "Billing Ü"."Invoice Lines" WHERE id <= 40""")  # the bad DELETE
+    _sql(pitr_server, """INSERT INTO "Billing Ü"."Invoice Lines" VALUES (99, 'after the moment')""")
+    switch_and_wait_archived(server_endpoint(pitr_plan.servers[0], pitr_plan), 60)
+    stamp = moment.strftime("%Y-%m-%d %H:%M:%S")
+
+    dry = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": stamp, "dry_run": True})
+    assert dry.get_state() == "success", dry.states
+    planned = _xcom(dry, "plan_restore")
+    assert planned["pitr"]["target"] == moment.isoformat() and planned["pitr"]["wal_segments"] >= 1
+    assert planned["backup_id"] is None and dry.states["check_checksums"] == "skipped"
+
+    whole = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": stamp, "target_name": "shop_as_of"})
+    assert whole.get_state() == "success", whole.states
+    rows = _sql(pitr_server, 'SELECT id FROM "Billing Ü"."Invoice Lines" ORDER BY id', "shop_as_of")
+    assert [r[0] for r in rows] == list(range(1, 51))  # the deleted rows are back, the later insert is not
+    assert _sql(pitr_server, "SELECT count(*) FROM sales.customers", "shop_as_of") == _sql(pitr_server, "SELECT count(*) FROM sales.customers")
+    done = _xcom(whole, "recover_to_moment")
+    assert done["pitr"]["recovery"]["achieved_recovery_point"] <= moment.isoformat()
+    assert datetime.fromisoformat(done["recovery_point"]) > moment - timedelta(seconds=2)
+
+    one = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": stamp, "target_name": "shop_lines",
+                                            "tables": ['"Billing Ü"."Invoice Lines"']})
+    assert one.get_state() == "success", one.states
+    assert _sql(pitr_server, 'SELECT count(*) FROM "Billing Ü"."Invoice Lines"', "shop_lines") == [(50,)]
+    assert _sql(pitr_server, "SELECT count(*) FROM sales.customers", "shop_lines") == [(0,)]
+    for name in ("shop_as_of", "shop_lines"):
+        _sql(pitr_server, f"DROP DATABASE {name} WITH (FORCE)", "postgres")
+
+
+def test_a_moment_outside_the_window_fails_in_plan_restore_with_the_range(pitr_plan, run_dag, slack):
+    failed = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "2020-01-01 00:00:00"})
+    assert failed.states["plan_restore"] == "failed" and failed.states["recover_to_moment"] == "upstream_failed"
+    (alert,) = [m["text"] for m in slack.messages if "plan_restore" in m.get("text", "")]
+    assert "2020-01-01 00:00:00 UTC cannot be recovered: the recoverable window is" in alert

@@ -100,11 +100,14 @@ def take_backup(
     layout: BackupLayout,
     workdir: Path,
     airflow_info: dict | None = None,
+    recovery_point: datetime | None = None,
 ) -> BackupResult:
     """Back up ``db`` into ``store``; see the module docstring for the steps.
 
     :param workdir: a private, empty directory for the dump; the caller removes it.
     :param airflow_info: ``dag_id``, ``run_id``, ``try_number`` and ``logical_date`` of the run.
+    :param recovery_point: for a dump of a cluster recovered to a moment (point-in-time restore),
+        that moment; by default the time of the dump's snapshot.
     """
     airflow_info = airflow_info or {}
     catalog = BackupCatalog(store, layout, db.name)
@@ -157,7 +160,7 @@ def take_backup(
         if dump.returncode != 0:
             raise tool_error(endpoint, f"pg_dump of database {db.name!r}", stderr, DumpFailed)
         timings["count_rows"] = counted_s
-        recovery_point, server_version = snap.recovery_point, snap.server_version
+        recovery_point, server_version = recovery_point or snap.recovery_point, snap.server_version
     timings["dump"] = time.monotonic() - t0
     phases["dump"] = (dump_started, _utc_now())
     log.info("pg_dump finished in %.1fs; %d tables counted.", timings["dump"], len(row_counts))

@@ -17,7 +17,7 @@ from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.identifiers import printable
 from pgdr.messages import SUPERUSER_RESTORE_WARNING
 from pgdr.runtime import VIA_ENV_VAR
-from pgdr.tasks.common import _now, fail_fast, task_workdir
+from pgdr.tasks.common import _airflow_info, _now, fail_fast, task_workdir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         database_oid,
         default_target_name,
         expected_duration,
+        parse_timestamp,
         render_plan,
         select_backup,
     )
@@ -87,9 +88,18 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
 
         store, layout = open_store(db.storage, plan)
         catalog = BackupCatalog(store, layout, db.name)
-        entry = select_backup(catalog, params.get("backup") or "latest-verified")
-        context[CONTEXT_BACKUP_ID] = entry.backup_id
-        check_tables_in_backup(tables, entry)
+        selector = params.get("backup") or "latest-verified"
+        pitr_server = plan.pitr_server_of(db.name)
+        moment = parse_timestamp(selector) if pitr_server is not None else None
+        if moment is not None:
+            # The server has a WAL archive: recover it to that very moment instead of taking an older dump.
+            pitr = plan_point_in_time(pitr_server, plan, moment, context)
+            entry = None
+        else:
+            pitr = None
+            entry = select_backup(catalog, selector)
+            context[CONTEXT_BACKUP_ID] = entry.backup_id
+            check_tables_in_backup(tables, entry)
 
         server = database_endpoint(db, plan, conn_id=target_conn_id)
         check_restore_role(restore_endpoint(db, plan, server), db.restore_as_superuser)
@@ -121,17 +131,20 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
                 else f"The live database {db.dbname!r} does not exist; the checked restored copy will take its name."
             )
         expected = expected_duration(catalog)
+        if pitr is not None:
+            expected = (pitr["expected_recovery_seconds"] or 0) + (expected or 0) or None
 
     restore_plan = {
         "database": db.name,
         "dbname": db.dbname,
-        "backup_id": entry.backup_id,
-        "recovery_point": entry.manifest.recovery_point.isoformat(),
-        "backup_status": entry.status,
-        "backup_size_bytes": entry.manifest.size,
-        "stored_size_bytes": entry.manifest.stored_size,
-        "size": entry.manifest.size_summary(),
-        "selector": params.get("backup") or "latest-verified",
+        "backup_id": entry.backup_id if entry else None,  # PITR: the dump of the recovered moment, made by recover_to_moment
+        "recovery_point": entry.manifest.recovery_point.isoformat() if entry else pitr["target"],
+        "backup_status": entry.status if entry else f"point-in-time recovery from base backup {pitr['base_backup']}",
+        "backup_size_bytes": entry.manifest.size if entry else pitr["base_backup_bytes"],
+        "stored_size_bytes": entry.manifest.stored_size if entry else pitr["base_backup_bytes"],
+        "size": entry.manifest.size_summary() if entry else pitr["size"],
+        "pitr": pitr,
+        "selector": selector,
         "mode": mode,
         "target_conn_id": target_conn_id,
         "target_server": f"{server.host}:{server.port}",
@@ -148,6 +161,112 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
     }
     log.info("Restore plan:\n%s", render_plan(restore_plan))
     return restore_plan
+
+
+def plan_point_in_time(server, plan, moment: datetime, context) -> dict[str, Any]:
+    """The PITR part of ``plan_restore``: the window, the chain, the WAL to replay, the expected time.
+
+    :raises TargetOutsideWindow: naming the recoverable window, when ``moment`` lies outside it.
+    """
+    import statistics
+
+    from pgdr.airflow_glue.connections import open_archive
+    from pgdr.messages import format_duration
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.physical.recovery import choose_backup, recoverable_window
+
+    store, layout, archive = open_archive(server, plan)
+    catalog = BaseBackupCatalog(store, layout, server.name)
+    with task_workdir(context, f"pitr-plan-{server.name}") as workdir:
+        window = recoverable_window(catalog, archive, store, workdir)
+    entry = choose_backup(window, moment)
+    chain = catalog.chain(entry, list(window.backups))
+    size = entry.record.wal_segment_size
+    start = entry.record.start_wal
+    needed = []
+    for segment in (s for s in archive.segments(store) if s.name >= start):
+        needed.append(segment)  # up to the first segment archived after the moment: it holds the moment
+        if segment.stored_at > moment:
+            break
+    past = [e.verification for e in window.backups if e.verification and e.verification.get("recovery")]
+    seconds = [sum((v.get("timings") or {}).values()) + (v["recovery"].get("replay_seconds") or 0) for v in past]
+    expected = statistics.median(seconds) if seconds else None
+    return {
+        "server": server.name, "target": moment.isoformat(), "base_backup": entry.backup_id,
+        "chain": [e.backup_id for e in chain], "base_backup_bytes": sum(e.record.size for e in chain),
+        "base_backup_ended": entry.record.finished_at.isoformat(),
+        "wal_segments": len(needed), "wal_bytes": len(needed) * size,
+        "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
+        "size": f"base backup chain {', '.join(e.backup_id for e in chain)} ({sum(e.record.size for e in chain) / 1e6:.1f} MB "
+                f"stored), then up to {len(needed)} WAL segments ({len(needed) * size / 1e6:.0f} MB) replayed to the moment",
+        "expected_recovery_seconds": expected,
+        "expected_recovery": format_duration(expected) if expected else "unknown (no PITR verification yet)",
+    }
+
+
+def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``recover_to_moment``: for a point-in-time restore, recover the server in a scratch cluster
+    to the moment, and store a dump of the database as it was then (a regular backup, which the later
+    phases restore and check exactly like any other). Without PITR the plan passes through unchanged."""
+    if not plan.get("pitr") or plan["dry_run"]:
+        return plan
+    from pgdr.airflow_glue.connections import open_archive, open_store, server_endpoint
+    from pgdr.logical.backup import take_backup
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.physical.cluster import ScratchCluster, cluster_dir_name, remove_leftover_clusters
+    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
+    from pgdr.plan import load_plan
+    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.workdir import work_dir_root
+
+    ti = context["ti"]
+    context[CONTEXT_DATABASE] = plan["database"]
+    pitr = plan["pitr"]
+    started = _now()
+    with fail_fast():
+        dr_plan = load_plan()
+        db = dr_plan.database(plan["database"])
+        server = dr_plan.server(pitr["server"])
+        store, layout, archive = open_archive(server, dr_plan)
+        catalog = BaseBackupCatalog(store, layout, server.name)
+        login = server_endpoint(server, dr_plan).user
+        root = work_dir_root()
+        root.mkdir(parents=True, exist_ok=True)
+        remove_leftover_clusters(
+            root, lambda dag_id, run_id: str(ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)).lower().endswith(("success", "failed")),
+        )
+        entry = catalog.get(pitr["base_backup"])
+        cluster = ScratchCluster(root / cluster_dir_name(ti.dag_id, ti.run_id, plan["database"]), entry.record.pg_version, login=login)
+        cluster.destroy()  # a previous try's: start again from the stored bytes
+        cluster.write_marker(ti.dag_id, ti.run_id, f"point-in-time restore of {db.name} to {pitr['target']}")
+        try:
+            with task_workdir(context, f"pitr-restore-{db.name}") as workdir:
+                workdir.chmod(0o755)
+                prepared = prepare_data_directory(catalog, entry, store, workdir, cluster.data_dir, archive)
+                result = recover_cluster(cluster, archive, datetime.fromisoformat(pitr["target"]))
+                db_store, db_layout = open_store(db.storage, dr_plan)
+                achieved = result.achieved_point or datetime.fromisoformat(pitr["target"])
+                info = {**_airflow_info(context), "pitr_server": server.name, "pitr_target": pitr["target"],
+                        "base_backup": entry.backup_id}
+                (workdir / "logical").mkdir()
+                dumped = take_backup(db, cluster.endpoint(db.dbname), db_store, db_layout,
+                                     workdir / "logical", info, recovery_point=achieved)
+        finally:
+            cluster.destroy()
+        manifest = dumped.manifest
+        context[CONTEXT_BACKUP_ID] = manifest.backup_id
+        check_tables_in_backup(plan["tables"], BackupCatalog(db_store, db_layout, db.name).get(manifest.backup_id))
+    log.info(
+        "Server %s recovered to %s (achieved %s: the last transaction replayed); database %s dumped from it as backup %s.",
+        server.name, pitr["target"], achieved.isoformat(), db.name, manifest.backup_id,
+    )
+    return {
+        **plan, "backup_id": manifest.backup_id, "recovery_point": achieved.isoformat(),
+        "backup_status": f"dumped from the recovered moment (base backup {entry.backup_id})",
+        "size": manifest.size_summary(), "backup_size_bytes": manifest.size, "stored_size_bytes": manifest.stored_size,
+        "pitr": {**pitr, "recovery": result.to_dict(), "timings": {k: round(v, 2) for k, v in prepared.timings.items()},
+                 "started_at": started, "finished_at": _now()},
+    }
 
 
 def parse_tables(value: Any) -> list[str]:
@@ -351,6 +470,13 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
     ti, dag_run = context["ti"], context["dag_run"]
     if not plan:
         raise AirflowFailException("The restore was not planned (plan_restore failed; its alert and log say why). Nothing was touched.")
+    if plan.get("pitr") and not plan.get("backup_id"):
+        if plan["dry_run"]:
+            return {"status": "dry-run", "plan": plan}
+        raise AirflowFailException(
+            f"The point-in-time recovery of {plan['database']} to {plan['pitr']['target']} UTC failed in recover_to_moment "
+            f"(its alert and log say why); the live database {plan['dbname']!r} was not changed."
+        )
     _label(plan, context)
     phases = {p: ti.xcom_pull(task_ids=p) for p in PHASES}
     needed = [p for p in PHASES if p != "swap_into_place" or plan["mode"] == "replace"]
@@ -364,7 +490,8 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
     achieved = None
     if status == "restored":
         last = phases["swap_into_place"] or phases["validate_data"]
-        achieved = (datetime.fromisoformat(last["finished_at"]) - datetime.fromisoformat(phases["check_checksums"]["started_at"])).total_seconds()
+        began = (plan.get("pitr") or {}).get("started_at") or phases["check_checksums"]["started_at"]
+        achieved = (datetime.fromisoformat(last["finished_at"]) - datetime.fromisoformat(began)).total_seconds()
     if status == "restored" and plan["mode"] == "new-database":
         release_target(server, plan["target"], ti.run_id)  # the copy is the user's now
     final_state = {"live": database_facts(server, plan["dbname"]), "restored": database_facts(server, plan["target"])}
