@@ -4,7 +4,11 @@ Starts (or reuses) an embedded PostgreSQL 18 server under ``.pgdr/postgres`` wit
 database ``shop``, points a private Airflow (``.pgdr/airflow``, SQLite) at this checkout, and
 runs the DAGs with ``dag.test()``: a full backup to the local folder ``.pgdr/backups``, then a
 verify-restore of that backup (restore, integrity checks, Great Expectations), and a DR drill
-that measures RTO and RPO against the plan. It then prints where everything is. Run it again at any time: it reuses the server and the Airflow home.
+that measures RTO and RPO against the plan. Then point-in-time recovery: the server archives its
+WAL with barman-cloud to a local S3 endpoint (moto's server, started here), a base backup is
+taken and verified by recovering it in a scratch cluster, a few rows are written and "lost" with
+a DELETE, and ``pgdr_restore`` brings the database back as of the second before the DELETE. It
+then prints where everything is. Run it again at any time: it reuses the server and the Airflow home.
 """
 
 from __future__ import annotations
@@ -25,23 +29,72 @@ def _say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
+DEMO_KEYS = {"AWS_ACCESS_KEY_ID": "pgdr-demo", "AWS_SECRET_ACCESS_KEY": "pgdr-demo-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_local_s3(plan) -> dict:
+    """Start moto's S3 server for the plan's PITR targets (barman-cloud writes only to S3); return what the server needs.
+
+    :return: ``settings`` and ``environment`` for the embedded server (its archive_command), or
+        empty ones when the plan has no PITR server or the archiver is not installed.
+    """
+    from pgdr.errors import PgdrError
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
+    from pgdr.storage.layout import PhysicalLayout
+
+    if not plan.servers:
+        return {"settings": {}, "environment": {}}
+    try:
+        bin_dir = archiver_bin_dir()
+    except PgdrError as err:
+        _say(f"Point-in-time recovery is skipped: {err}")
+        return {"settings": {}, "environment": {}}
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from pgdr.local.embedded import free_port
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    port = free_port()
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = plan.servers[0]
+    target = server.pitr.storage
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=DEMO_KEYS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=DEMO_KEYS["AWS_SECRET_ACCESS_KEY"])
+    client.create_bucket(Bucket=target.bucket)
+    os.environ[f"AIRFLOW_CONN_{target.aws_conn_id.upper()}"] = json.dumps({
+        "conn_type": "aws", "login": DEMO_KEYS["AWS_ACCESS_KEY_ID"], "password": DEMO_KEYS["AWS_SECRET_ACCESS_KEY"],
+        "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    })
+    access = ArchiveAccess(endpoint, "us-east-1", DEMO_KEYS["AWS_ACCESS_KEY_ID"], DEMO_KEYS["AWS_SECRET_ACCESS_KEY"])
+    archive = WalArchive(target.bucket, PhysicalLayout(target.prefix), server.name, access)
+    _say(f"Local S3 endpoint (moto) on {endpoint}: the WAL archive is {archive.describe()}")
+    timeout = int(server.pitr.archive_timeout.total_seconds())
+    return {"settings": archive.server_settings(timeout, bin_dir), "environment": access.environment()}
+
+
 def prepare(plan_path: Path | None = None):
     """Start the embedded server with the sample database and configure Airflow; return the server."""
     from pgdr.local.embedded import EmbeddedServer, create_sample_database
     from pgdr.local.runner import local_airflow_env, migrate_metadata_db
+    from pgdr.plan import load_plan
 
     env = local_airflow_env(STATE_DIR / "airflow")
     os.environ.update(env)
     if plan_path:
         os.environ["PGDR_PLAN"] = str(plan_path)
+    archiving = start_local_s3(load_plan())
     port_file = STATE_DIR / "postgres.port"
     port = int(port_file.read_text()) if port_file.exists() else 0
-    server = EmbeddedServer(STATE_DIR / "postgres", port=port)
+    server = EmbeddedServer(STATE_DIR / "postgres", port=port, **archiving)
     _say(f"Starting the embedded PostgreSQL 18 server ({server.data_dir})")
     try:
         server.start()
     except Exception:  # noqa: BLE001 - the remembered port may be taken now: take a fresh one
-        server = EmbeddedServer(STATE_DIR / "postgres")
+        server = EmbeddedServer(STATE_DIR / "postgres", **archiving)
         server.start()
     port_file.write_text(str(server.port))
     print(f"    listening on 127.0.0.1:{server.port}")
@@ -144,6 +197,54 @@ def run_drill() -> None:
     print(f"    report         : {result['report']}")
 
 
+def show_point_in_time_recovery(server) -> None:
+    """Base backup, PITR verification, then a "lost" DELETE undone by restoring as of the second before it."""
+    import psycopg
+
+    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+    from pgdr.plan import load_plan
+
+    plan = load_plan()
+    if not plan.servers or not server.settings:
+        return
+    pitr_server = plan.servers[0]
+    database = plan.database(pitr_server.databases[0])
+    run("pgdr_basebackup", run_conf={"server": pitr_server.name, "kind": "full"})
+    run("pgdr_verify_pitr", run_conf={"server": pitr_server.name})
+    _say(f"Point-in-time recovery: writing 5 rows into {database.dbname}.public.pitr_demo, then losing them with a DELETE")
+    with psycopg.connect(**server.dsn(database.dbname), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS public.pitr_demo (id serial PRIMARY KEY, note text, at timestamptz DEFAULT clock_timestamp())")
+        conn.execute("INSERT INTO public.pitr_demo (note) SELECT 'written by make demo #' || g FROM generate_series(1, 5) g")
+        time.sleep(1.3 - time.time() % 1)
+        moment = conn.execute("SELECT date_trunc('second', clock_timestamp() AT TIME ZONE 'UTC')").fetchone()[0]
+        time.sleep(1.3 - time.time() % 1)
+        deleted = conn.execute("DELETE FROM public.pitr_demo").rowcount
+        remaining = conn.execute("SELECT count(*) FROM public.pitr_demo").fetchone()[0]
+    stamp = moment.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"    the last good second: {stamp} UTC; then DELETE removed {deleted} rows ({remaining} left in the live table)")
+    switch_and_wait_archived(server_endpoint(pitr_server, plan), pitr_server.pitr.archive_timeout.total_seconds() + 60)
+    target = f"{database.dbname}_as_of_{moment:%H%M%S}"
+    dag_run = run("pgdr_restore", run_conf={"database": database.name, "backup": stamp, "target_name": target})
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        value = session.query(XComModel.value).filter_by(
+            dag_id="pgdr_restore", run_id=dag_run.run_id, task_id="recover_to_moment", key="return_value"
+        ).scalar()
+    done = json.loads(value) if isinstance(value, str) else value
+    recovery = done["pitr"]["recovery"]
+    with psycopg.connect(**server.dsn(target)) as conn:
+        back = conn.execute("SELECT count(*) FROM public.pitr_demo").fetchone()[0]
+    _say(f"Restored '{database.name}' as of {stamp} UTC into {target!r}")
+    print(f"    achieved recovery point : {recovery['achieved_recovery_point']} (the last transaction replayed)")
+    print(f"    base backup             : {done['pitr']['base_backup']}, {recovery['wal_bytes_replayed'] / 1e6:.1f} MB of WAL replayed in {recovery['replay_seconds']}s")
+    print(f"    rows of pitr_demo       : {back} in the restored copy, {remaining} in the live database")
+    with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{target}" WITH (FORCE)')  # the demo leaves nothing behind but backups
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", type=Path, help="a DR plan other than include/pgdr.yaml")
@@ -156,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         report_backups()
         verify_newest_backups()
         run_drill()
+        show_point_in_time_recovery(server)
     finally:
         if not args.keep_running:
             server.stop()
