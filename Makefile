@@ -32,20 +32,27 @@ $(ARCHIVER_STAMP): requirements-archiver.txt
 # barman-cloud-wal-archive / -wal-restore for point-in-time recovery (see README, "Point-in-time recovery").
 archiver: $(ARCHIVER_STAMP)
 
-demo: $(STAMP) $(ARCHIVER_STAMP)
+# Without a world-readable Python the archiver cannot be built: the demo and the tests then skip
+# point-in-time recovery, saying why, instead of failing.
+ARCHIVER_SOFT = @$(MAKE) --no-print-directory archiver || echo "warning: the WAL archiver (barman-cloud) could not be installed: point-in-time recovery is skipped. Install Debian's python3, python3-venv and libpq-dev, then run make archiver." >&2
+
+demo: $(STAMP)
+	$(ARCHIVER_SOFT)
 	$(RUN) -m pgdr.local.demo
 
 # Break-glass restore without a running Airflow, e.g. make restore ARGS="--database shop --mode replace --confirm shop"
 restore: $(STAMP)
 	$(RUN) -m pgdr restore $(ARGS)
 
-test: $(STAMP) $(ARCHIVER_STAMP)
+test: $(STAMP)
+	$(ARCHIVER_SOFT)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
-bench: $(STAMP) $(ARCHIVER_STAMP)
+bench: $(STAMP)
+	$(ARCHIVER_SOFT)
 	$(BIN)/python bench/run.py $(ARGS)
 
 lint: $(STAMP)

@@ -342,11 +342,12 @@ def pitr_server(session_dir, s3_server):
     """
     from pgdr.errors import PgdrError
     from pgdr.local.embedded import EmbeddedServer, create_sample_database
-    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
     from pgdr.storage.layout import PhysicalLayout
 
     try:
         bin_dir = archiver_bin_dir()
+        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
     except PgdrError as err:
         pytest.skip(str(err))
     access = ArchiveAccess(f"http://127.0.0.1:{s3_server.port}", "us-east-1", "testing-key", "testing-secret")

@@ -4,6 +4,7 @@ middle of the archive, a damaged base backup, a moment outside the window, a wor
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import time
 
@@ -22,7 +23,7 @@ def flaky(session_dir, s3_server):
     """A server archiving through a proxy the tests can cut (S3 down for the archiver only), with one full base backup."""
     from pgdr.errors import PgdrError
     from pgdr.local.embedded import EmbeddedServer
-    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
     from pgdr.physical.basebackup import take_base_backup
     from pgdr.postgres.client import PgEndpoint
     from pgdr.storage.backends import S3Store
@@ -30,6 +31,7 @@ def flaky(session_dir, s3_server):
 
     try:
         bin_dir = archiver_bin_dir()
+        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
     except PgdrError as err:
         pytest.skip(str(err))
     proxy = FaultProxy(s3_server.port)

@@ -39,22 +39,23 @@ def start_local_s3(plan) -> dict:
         empty ones when the plan has no PITR server or the archiver is not installed.
     """
     from pgdr.errors import PgdrError
-    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
     from pgdr.storage.layout import PhysicalLayout
 
     if not plan.servers:
         return {"settings": {}, "environment": {}}
     try:
         bin_dir = archiver_bin_dir()
+        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
     except PgdrError as err:
         _say(f"Point-in-time recovery is skipped: {err}")
         return {"settings": {}, "environment": {}}
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
     from pgdr.local.embedded import free_port
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()

@@ -64,6 +64,31 @@ def archiver_bin_dir() -> Path:
     return path
 
 
+def check_archiver_runs_as_server_user(bin_dir: Path, uid: int | None) -> None:
+    """Fail, saying why, when the database server's OS user (``uid``) cannot run barman-cloud.
+
+    ``archive_command`` runs as that user; if it cannot even start the archiver, nothing fails
+    loudly: the server log repeats "archive command failed" and WAL piles up.
+    """
+    if uid is None:
+        return
+    try:
+        probe = subprocess.run(
+            [str(bin_dir / "barman-cloud-wal-archive"), "--version"], capture_output=True, text=True,
+            user=uid, group=uid, extra_groups=[], env={"PATH": os.defpath, "HOME": "/tmp"},
+        )
+        problem = (probe.stderr or probe.stdout).strip()[:300] if probe.returncode != 0 else None
+    except OSError as err:
+        problem = str(err)
+    if problem:
+        raise ArchiverMissing(
+            f"The database server's OS user (uid {uid}) cannot run {bin_dir / 'barman-cloud-wal-archive'}: "
+            f"{problem}. The archiver's venv and every directory above it must be "
+            "readable by that user: build it from a world-readable Python (make archiver uses /usr/bin/python3) in a "
+            "directory outside /root."
+        )
+
+
 @dataclass(frozen=True)
 class ArchiveAccess:
     """How a process reaches the S3 target: endpoint and region, and credentials for its environment only."""
