@@ -85,7 +85,7 @@ def test_restore_dag_form_and_structure(dagbag):
         assert param.schema.get("title") and param.description, name
     assert dag.params.get_param("mode").schema["enum"] == ["new-database", "replace"]
     assert dag.params["backup"] == "latest-verified" and dag.params["mode"] == "new-database"
-    order = ["plan_restore", "check_checksums", "restore_backup", "check_integrity", "validate_data", "swap_into_place", "write_report"]
+    order = ["plan_restore", "recover_to_moment", "check_checksums", "restore_backup", "check_integrity", "validate_data", "swap_into_place", "write_report"]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.task_dict[upstream].downstream_task_ids, (upstream, downstream)
     assert dag.task_dict["swap_into_place"].retries == 0
@@ -130,7 +130,7 @@ def test_drill_and_health_structure(dagbag):
     assert set(drill.params) == {"databases", "scenario"}
     health = dagbag.dags["pgdr_health"]
     assert health.schedule == "*/5 * * * *"
-    assert set(health.task_dict) == {"check_database", "check_workers", "alert_on_changes"}
+    assert set(health.task_dict) == {"check_database", "check_server", "check_workers", "alert_on_changes"}
 
 
 def test_one_pool_per_source_server(tmp_path, monkeypatch):
@@ -203,3 +203,17 @@ def test_deadline_callbacks_stored_by_pgdr_0_2_still_import():
     legacy = importlib.import_module("pgdr.notify")
     for name in ("deadline_warning", "deadline_missed_slack", "deadline_missed_email"):
         assert getattr(legacy, name) is getattr(notify, name)
+
+
+def test_pitr_dags_structure(dagbag):
+    from pgdr.airflow_glue.assets import BASE_BACKUP_ASSET
+
+    backup = dagbag.dags["pgdr_basebackup"]
+    assert set(backup.params) == {"server", "kind"}
+    assert backup.params.get_param("kind").schema["enum"] == ["auto", "full", "incremental"]
+    assert BASE_BACKUP_ASSET in backup.task_dict["take_base_backup"].outlets
+    assert backup.task_dict["take_base_backup"].downstream_task_ids == {"check_stored", "prune_expired"}
+    verify = dagbag.dags["pgdr_verify_pitr"]
+    assert verify.task_dict["verify.recover_cluster"].is_setup and verify.task_dict["verify.stop_cluster"].is_teardown
+    assert verify.task_dict["verify.record_verification"].trigger_rule == "all_done"
+    assert "verify.check_databases" in verify.task_dict["verify.check_recovery_target"].downstream_task_ids
