@@ -54,6 +54,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(ARCHIVER_SOFT)
 	$(BIN)/python bench/run.py $(ARGS)
+	$(BIN)/python bench/pitr.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check dags plugins tests

@@ -14,6 +14,9 @@ on the schedule of the plan's `drill` section (default: the first of each month,
 6. **measure**: RTO achieved (from fetching the backup to a validated database) against the
    plan's RTO; RPO achieved from the catalog (age of the newest verified backup, worst gap
    between backups over 30 days) against the plan's RPO.
+   For each server under point-in-time recovery, **rehearse_pitr** recovers it to the end of its
+   WAL archive in a scratch cluster and reports the **RPO achieved**: the drill's start minus the
+   newest heartbeat in the recovered cluster, against the server's `rpo`.
 7. **publish_report**: markdown, a self-contained HTML page with a trend chart, and JSON under
    the storage target's `v1/reports/drills/`; a Slack summary; the HTML by e-mail.
 
@@ -127,6 +130,15 @@ def pgdr_drill():
         context["pgdr_database"] = database
         return run_measure(database, context, context["dag_run"].start_date.isoformat())
 
+    @task(map_index_template="{{ pgdr_server }}")
+    def rehearse_pitr(server: str) -> dict:
+        """Point-in-time recovery to the end of the archive: the RPO achieved, from the newest heartbeat recovered."""
+        from airflow.sdk import get_current_context
+        from pgdr.tasks.drill import run_rehearse_pitr
+
+        context = get_current_context()
+        return run_rehearse_pitr(server, context, context["dag_run"].start_date.isoformat())
+
     @task(trigger_rule="all_done", on_failure_callback=None)
     def publish_report() -> dict:
         """The report (markdown, HTML, JSON), Slack and e-mail; fails if a drill failed."""
@@ -136,7 +148,9 @@ def pgdr_drill():
         context = get_current_context()
         results = context["ti"].xcom_pull(task_ids="rehearse.measure") or []  # every map index
         results = [results] if isinstance(results, dict) else list(results)  # one index comes back bare
-        return run_publish_report([r for r in results if r], context)
+        pitr = context["ti"].xcom_pull(task_ids="rehearse_pitr") or []
+        pitr = [pitr] if isinstance(pitr, dict) else list(pitr)
+        return run_publish_report([r for r in results if r], context, [p for p in pitr if p])
 
     @task_group
     def rehearse(database: str):
@@ -150,7 +164,9 @@ def pgdr_drill():
         restored >> checked >> dropped
         [dropped, control] >> measure(database)
 
-    rehearse.expand(database=select_databases()) >> publish_report()
+    report = publish_report()
+    rehearse.expand(database=select_databases()) >> report
+    rehearse_pitr.expand(server=PLAN.server_names) >> report
 
 
 pgdr_drill()

@@ -160,6 +160,12 @@ def headline(report: dict[str, Any]) -> list[str]:
             f"{r['database']}: {r['status'].upper()} | RTO {rto} | RPO (newest verified) {rpo} | "
             f"worst gap {gap} | negative control {control}"
         )
+    for p in report.get("pitr") or []:
+        rpo = p["rpo"]
+        lines.append(
+            f"server {p['server']} (PITR): {'PASS' if rpo['met'] else 'FAIL'} | RPO achieved {_fmt(rpo['achieved_s'])} / "
+            f"{_fmt(rpo['target_s'])} (drill start minus the newest heartbeat recovered) | recovered in {_fmt(p['recovery_seconds'])}"
+        )
     return lines
 
 
@@ -171,6 +177,17 @@ def _measures(r: dict[str, Any]) -> tuple[str, str, str, str]:
     return rto, rpo, _fmt(c["rpo_worst_gap"]["achieved_s"]), control
 
 
+def report_action_items(report: dict[str, Any]) -> list[str]:
+    """Return every action item of a drill: the databases' and the point-in-time recoveries'."""
+    items = [i for r in report["databases"] for i in r["action_items"]]
+    items += [
+        f"server {p['server']}: the point-in-time recovery lost {_fmt(p['rpo']['achieved_s'])} of data, over the RPO of "
+        f"{_fmt(p['rpo']['target_s'])}: check the archiver (pg_stat_archiver) and archive_timeout, and that pgdr_health runs "
+        "(it writes the heartbeats)" for p in report.get("pitr") or [] if not p["rpo"]["met"]
+    ]
+    return items
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """Return the drill report as markdown."""
     lines = [f"# DR drill {report['drill_id']}: {report['status'].upper()}", "",
@@ -179,6 +196,15 @@ def render_markdown(report: dict[str, Any]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for r in report["databases"]:
         lines.append("| " + " | ".join((r["database"], r["status"], *_measures(r))) + " |")
+    if report.get("pitr"):
+        lines += ["", "## Point-in-time recovery", "", "| server | RPO achieved / target | newest heartbeat recovered | recovery time | WAL replayed |",
+                  "| --- | --- | --- | --- | --- |"]
+        for p in report["pitr"]:
+            wal = (p.get("recovery") or {}).get("wal_bytes_replayed")
+            lines.append(f"| {p['server']} | {_fmt(p['rpo']['achieved_s'])} / {_fmt(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
+                         f"{_fmt(p['recovery_seconds'])} | {wal / 1e6:.1f} MB |" if wal is not None else
+                         f"| {p['server']} | {_fmt(p['rpo']['achieved_s'])} / {_fmt(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
+                         f"{_fmt(p['recovery_seconds'])} | n/a |")
     lines += ["", "## Timeline", ""]
     for r in report["databases"]:
         lines.append(f"### {r['database']} (backup `{r['backup_id']}`)")
@@ -188,7 +214,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"- validation: {v['expectations'] - v['failed']} of {v['expectations']} expectations passed")
         lines.append("")
     lines += ["## Action items", ""]
-    items = [i for r in report["databases"] for i in r["action_items"]]
+    items = report_action_items(report)
     lines += [f"- [ ] {i}" for i in items] or ["None: every target was met."]
     return "\n".join(lines) + "\n"
 
@@ -200,10 +226,13 @@ def trend_chart(history: list[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    pitr_points = [(datetime.fromisoformat(d["started_at"]), p) for d in history for p in d.get("pitr") or []]
+    fig, axes = plt.subplots(1, 3 if pitr_points else 2, figsize=(15 if pitr_points else 10, 3.4), dpi=100)
     databases = sorted({r["database"] for d in history for r in d["databases"]})
     panels = (("rto", "RTO achieved (minutes)"), ("rpo_newest_verified", "RPO, newest verified (minutes)"))
-    for ax, (key, title) in zip(axes, panels, strict=True):
+    if pitr_points:
+        _pitr_panel(axes[2], pitr_points)
+    for ax, (key, title) in zip(axes, panels, strict=False):
         for db in databases:
             xs, ys, target = [], [], None
             for drill in history:
@@ -231,6 +260,24 @@ def trend_chart(history: list[dict[str, Any]]) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _pitr_panel(ax, points) -> None:
+    """Plot each server's achieved PITR RPO against its target, in seconds or minutes as the numbers need."""
+    values = [p["rpo"]["achieved_s"] for _, p in points if p["rpo"]["achieved_s"] is not None] + [p["rpo"]["target_s"] for _, p in points]
+    scale, unit = (60, "minutes") if max(values, default=0) >= 600 else (1, "seconds")
+    for server in sorted({p["server"] for _, p in points}):
+        mine = [(when, p) for when, p in points if p["server"] == server and p["rpo"]["achieved_s"] is not None]
+        if mine:
+            line = ax.plot([w for w, _ in mine], [p["rpo"]["achieved_s"] / scale for _, p in mine], marker="o", label=server)[0]
+            ax.axhline(mine[-1][1]["rpo"]["target_s"] / scale, color=line.get_color(), linestyle="--", linewidth=1, label=f"{server} target")
+    dates = [w for w, _ in points]
+    ax.set_xlim(min(dates) - timedelta(days=20), max(dates) + timedelta(days=20))
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"PITR RPO achieved ({unit})", fontsize=10)
+    ax.tick_params(labelsize=8)
+    if ax.lines:
+        ax.legend(fontsize=7)
 
 
 def render_html(report: dict[str, Any], chart_png: bytes) -> str:
@@ -264,8 +311,19 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
         validation = f"<p>Validation: {v.get('expectations', 0) - v.get('failed', 0)} of {v.get('expectations', 0)} expectations passed.</p>" if v else ""
         timeline.append(f"<h3>{e(r['database'])} <small>backup {e(r['backup_id'] or 'none')}</small></h3>"
                         f"<div class='timeline'>{bars}</div><ul class='steps'>{steps}</ul>{validation}")
-    items = [i for r in report["databases"] for i in r["action_items"]]
+    items = report_action_items(report)
     actions = "".join(f"<li>{e(i)}</li>" for i in items) or "<li>None: every target was met.</li>"
+    pitr_rows = "".join(
+        f"<tr><th>{e(p['server'])}</th><td class='{'ok' if p['rpo']['met'] else 'bad'}'>{_fmt(p['rpo']['achieved_s'])} "
+        f"<small>/ {_fmt(p['rpo']['target_s'])}</small></td><td>{e(p['newest_heartbeat'] or 'none')}</td>"
+        f"<td>{_fmt(p['recovery_seconds'])}</td></tr>"
+        for p in report.get("pitr") or []
+    )
+    pitr_table = (
+        "<h2>Point-in-time recovery</h2><p>Each server recovered to the end of its WAL archive in a scratch cluster; the RPO "
+        "achieved is the drill's start minus the newest heartbeat recovered.</p><table><thead><tr><th>Server</th>"
+        f"<th>RPO achieved / target</th><th>Newest heartbeat recovered</th><th>Recovery time</th></tr></thead><tbody>{pitr_rows}</tbody></table>"
+    ) if pitr_rows else ""
     chart = base64.b64encode(chart_png).decode()
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>pgdr DR drill {e(report['drill_id'])}</title>
@@ -287,6 +345,7 @@ thead th {{ font-size: .85rem; color: #5a6478; }} small {{ color: #5a6478; }}
 <h2>Targets against achieved</h2>
 <table><thead><tr><th>Database</th><th>Result</th><th>RTO achieved / target</th><th>RPO: newest verified / target</th><th>Worst gap, 30 days / RPO</th><th>Negative control</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
+{pitr_table}
 <h2>Action items</h2><ul>{actions}</ul>
 <h2>Trend</h2><img alt="RTO and RPO over past drills against their targets" src="data:image/png;base64,{chart}">
 <h2>Timeline</h2>{''.join(timeline)}

@@ -129,3 +129,29 @@ def test_a_moment_outside_the_window_fails_in_plan_restore_with_the_range(pitr_p
     assert failed.states["plan_restore"] == "failed" and failed.states["recover_to_moment"] == "upstream_failed"
     (alert,) = [m["text"] for m in slack.messages if "plan_restore" in m.get("text", "")]
     assert "2020-01-01 00:00:00 UTC cannot be recovered: the recoverable window is" in alert
+
+
+def test_the_drill_measures_the_pitr_rpo_achieved(pitr_plan, run_dag, pitr_server, s3_server, env):
+    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat
+
+    endpoint = server_endpoint(pitr_plan.servers[0], pitr_plan)
+    if not catalog_of(s3_server).backups():
+        assert run_dag("pgdr_basebackup", run_conf={"kind": "full"}).get_state() == "success"
+    write_heartbeat(endpoint, "test: archived before the drill")
+    switch_and_wait_archived(endpoint, 60)
+    drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"]})
+    assert drill.states["rehearse_pitr[0]"] == "success", drill.states
+    from pgdr.storage.backends import S3Store
+
+    store = S3Store(s3_server.client, BUCKET)
+    keys = [o.key for o in store.list(f"{PITR_PREFIX}/v1/reports/drills/")]
+    (json_key,) = [k for k in keys if k.endswith("drill.json") and json.loads(store.get_bytes(k))["run_id"] == drill.run_id]
+    report = json.loads(store.get_bytes(json_key))
+    (pitr,) = report["pitr"]
+    assert pitr["server"] == PITR_SERVER and pitr["rpo"]["target_s"] == 300
+    assert 0 <= pitr["rpo"]["achieved_s"] < 120 and pitr["rpo"]["met"] is True
+    assert pitr["newest_heartbeat"] <= report["started_at"]
+    markdown = store.get_bytes(json_key.replace("drill.json", "drill.md")).decode()
+    assert "## Point-in-time recovery" in markdown and f"| {PITR_SERVER} |" in markdown
+    assert "<h2>Point-in-time recovery</h2>" in store.get_bytes(json_key.replace("drill.json", "drill.html")).decode()

@@ -8,6 +8,7 @@ report, sends it, and then fails the run if any database failed its drill.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -195,7 +196,57 @@ def run_measure(database: str, context, started_at: str) -> dict[str, Any]:
     )
 
 
-def run_publish_report(results: list[dict[str, Any]], context) -> dict[str, Any]:
+def run_rehearse_pitr(server_name: str, context, started_at: str) -> dict[str, Any]:
+    """Body of ``rehearse_pitr``: recover the server's newest chain to the end of its archive ("latest") in a
+    scratch cluster and measure the RPO achieved: the drill's start minus the newest heartbeat recovered."""
+    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.physical.cluster import ScratchCluster, cluster_dir_name, remove_leftover_clusters
+    from pgdr.physical.heartbeat import heartbeats, write_heartbeat
+    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
+    from pgdr.tasks.common import pitr_server_context
+    from pgdr.workdir import work_dir_root
+
+    ti = context["ti"]
+    began = time.monotonic()
+    with fail_fast():
+        plan, server, store, archive, catalog = pitr_server_context(server_name, context)
+        endpoint = server_endpoint(server, plan)
+        start = datetime.fromisoformat(started_at)
+        write_heartbeat(endpoint, f"pgdr_drill {ti.run_id} (drill start)")
+        entries = [e for e in catalog.backups() if e.status != "failed"]
+        if not entries:
+            from pgdr.errors import BackupNotFound
+
+            raise BackupNotFound(f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: trigger pgdr_basebackup.")
+        root = work_dir_root()
+        root.mkdir(parents=True, exist_ok=True)
+        remove_leftover_clusters(
+            root, lambda dag_id, run_id: str(ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)).lower().endswith(("success", "failed")),
+        )
+        cluster = ScratchCluster(root / cluster_dir_name(ti.dag_id, ti.run_id, server.name), entries[-1].record.pg_version, login=endpoint.user)
+        cluster.destroy()
+        cluster.write_marker(ti.dag_id, ti.run_id, f"drill: recovery of server {server.name} to the end of its archive")
+        try:
+            with task_workdir(context, f"drill-pitr-{server.name}") as workdir:
+                workdir.chmod(0o755)
+                prepared = prepare_data_directory(catalog, entries[-1], store, workdir, cluster.data_dir, archive)
+                result = recover_cluster(cluster, archive, None)
+            recovered = [at for at in heartbeats(cluster.endpoint()) if at <= start]
+        finally:
+            cluster.destroy()
+    newest = recovered[-1] if recovered else None
+    rpo_s = (start - newest).total_seconds() if newest else None
+    target = server.pitr.rpo.total_seconds()
+    log.info("PITR rehearsal of %s: newest heartbeat recovered %s, achieved RPO %s s (target %s s).", server.name, newest, rpo_s, target)
+    return {
+        "server": server.name, "base_backup": entries[-1].backup_id, "newest_heartbeat": newest.isoformat() if newest else None,
+        "rpo": {"target_s": target, "achieved_s": rpo_s, "met": rpo_s is not None and rpo_s <= target},
+        "recovery_seconds": round(time.monotonic() - began, 2), "timings": {k: round(v, 2) for k, v in prepared.timings.items()},
+        "recovery": result.to_dict(),
+    }
+
+
+def run_publish_report(results: list[dict[str, Any]], context, pitr: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail."""
     import json
     import re
@@ -218,8 +269,9 @@ def run_publish_report(results: list[dict[str, Any]], context) -> dict[str, Any]
         "scenario": (context.get("params") or {}).get("scenario") or "full-restore",
         "started_at": started_at.isoformat(),
         "finished_at": _now(),
-        "status": "pass" if results and all(r["status"] == "pass" for r in results) else "fail",
+        "status": "pass" if results and all(r["status"] == "pass" for r in results) and all(p["rpo"]["met"] for p in pitr or []) else "fail",
         "databases": results,
+        "pitr": pitr or [],
     }
     history = []
     for obj in store.list(layout.report_key("drills") + "/"):

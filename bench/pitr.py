@@ -1,0 +1,264 @@
+"""Point-in-time recovery benchmarks: base backups, incrementals, PITR restore, and the RPO achieved under load.
+
+    make bench                 # after bench/run.py: about 2 GB of pgbench data (scale 135)
+    make bench ARGS=--quick    # about 200 MB (scale 14): the CI smoke run
+
+An embedded PostgreSQL 18 archives its WAL with barman-cloud (``archive_command``) to moto's S3
+server over HTTP, with ``archive_timeout = 60s``, as ``make demo`` configures it. Each contender
+starts after the archive has caught up, a CHECKPOINT and a sync; medians are reported, and the
+results are merged into the same JSON file as bench/run.py's.
+
+1. full base backup: raw ``pg_basebackup -Ft -X none -c fast -Z gzip:1 --manifest-checksums=SHA256``
+   to local disk plus a parallel boto3 upload, against :func:`pgdr.physical.basebackup.take_base_backup`
+   (``basebackup_ratio``, goal <= 1.10);
+2. incremental base backup after 1 % of pgbench_accounts' rows changed, against a full one
+   (``incremental_speedup``, goal >= 10);
+3. PITR restore to a ready, promoted scratch cluster (download, pg_verifybackup, extract, combine,
+   recover to the end of the archive) against the seeds' restore, ``gunzip | psql`` of a plain dump
+   into a new database (``pitr_restore_speedup_vs_seed``, goal >= 3);
+4. under a steady pgbench write load (2 clients at full speed, the server's own limit): every
+   5 s, the data a server loss would cost at that moment: now minus the last commit in the newest
+   archived WAL segment (``rpo_achieved_s``, goal <= 60), and the time since the archiver last
+   shipped a segment (``wal_archive_lag_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+
+from pgdr.local.embedded import EmbeddedServer, free_port, pg_bin_dir  # noqa: E402
+
+BUCKET = "pgdr-bench-pitr"
+SERVER = "bench"
+KEYS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="about 200 MB instead of about 2 GB")
+    parser.add_argument("--scale", type=int, help="pgbench scale (overrides --quick)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--load-seconds", type=int, help="length of the write load for the RPO (default 150, 40 with --quick)")
+    parser.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
+    parser.add_argument("--partitions", type=int, default=0, help=argparse.SUPPRESS)  # bench/run.py's; not used here
+    args = parser.parse_args(argv)
+    scale = args.scale or (14 if args.quick else 135)
+    load_s = args.load_seconds or (40 if args.quick else 150)
+    output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
+
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from pgdr.errors import PgdrError
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
+    from pgdr.physical.basebackup import take_base_backup
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.physical.cluster import ScratchCluster
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
+    from pgdr.postgres.client import PgEndpoint
+    from pgdr.storage.backends import S3Store
+    from pgdr.storage.layout import PhysicalLayout
+
+    try:
+        bin_dir = archiver_bin_dir()
+        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
+    except PgdrError as err:
+        print(f"PITR benchmarks skipped: {err}")
+        return
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    work = ROOT / ".pgdr" / "bench-pitr"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    work.chmod(0o755)
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    endpoint_url = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1", aws_access_key_id="bench", aws_secret_access_key="bench")
+    s3.create_bucket(Bucket=BUCKET)
+    store = S3Store(s3, BUCKET)
+    layout = PhysicalLayout("pitr")
+    access = ArchiveAccess(endpoint_url, "us-east-1", "bench", "bench")
+    archive = WalArchive(BUCKET, layout, SERVER, access)
+    server = EmbeddedServer(work / "postgres", settings=archive.server_settings(60, bin_dir), environment=access.environment()).start()
+    env = {**os.environ, "PGPASSWORD": server.password, "PGHOST": "127.0.0.1", "PGPORT": str(server.port), "PGUSER": "postgres"}
+    pg = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
+    catalog = BaseBackupCatalog(store, layout, SERVER)
+
+    def psql(sql: str, db: str = "postgres") -> str:
+        return subprocess.run([str(pg_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql], env=env,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    def settle() -> float:
+        """Archive everything written so far, then checkpoint and sync; return the seconds the archive needed."""
+        t = time.perf_counter()
+        switch_and_wait_archived(pg, 3600)
+        psql("CHECKPOINT")
+        os.sync()
+        return time.perf_counter() - t
+
+    def raw_basebackup(i: int) -> float:
+        out = work / "raw-bb"
+        shutil.rmtree(out, ignore_errors=True)
+        settle()
+        t = time.perf_counter()
+        subprocess.run([str(pg_bin_dir() / "pg_basebackup"), "-D", str(out), "-Ft", "-X", "none", "-c", "fast", "-Z", "gzip:1",
+                        "--manifest-checksums=SHA256"], env=env, check=True, capture_output=True)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: s3.upload_file(str(p), BUCKET, f"raw/{i}/{p.name}"), sorted(out.iterdir())))
+        return time.perf_counter() - t
+
+    def pgdr_basebackup(parent=None) -> tuple[float, object]:
+        folder = work / "pgdr-bb"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        settle()
+        t = time.perf_counter()
+        record = take_base_backup(SERVER, pg, store, layout, folder, archive.url, parent)
+        return time.perf_counter() - t, record
+
+    try:
+        print(f"Creating pgbench data at scale {scale}...", flush=True)
+        psql("CREATE DATABASE bench")
+        subprocess.run([str(pg_bin_dir() / "pgbench"), "-i", "-q", "-s", str(scale), "bench"], env=env, check=True, capture_output=True)
+        db_size = int(psql("SELECT pg_database_size('bench')")) / 1e6
+        catch_up = settle()
+        print(f"  {db_size:.0f} MB; the archive caught up with the load's WAL in {catch_up:.1f}s", flush=True)
+
+        runs: dict[str, list[float]] = {"raw_basebackup": [], "pgdr_full": [], "pgdr_incremental": [], "pitr_restore": [], "seed_restore": []}
+        records = []
+        for r in range(args.rounds):
+            runs["raw_basebackup"].append(raw_basebackup(r))
+            elapsed, record = pgdr_basebackup()
+            runs["pgdr_full"].append(elapsed)
+            records.append(record)
+            psql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 100 = 0", "bench")  # 1 % of the rows
+            elapsed, _ = pgdr_basebackup(catalog.get(record.backup_id))
+            runs["pgdr_incremental"].append(elapsed)
+            print(f"  round {r + 1}: raw {runs['raw_basebackup'][-1]:.1f}s, pgdr full {runs['pgdr_full'][-1]:.1f}s, "
+                  f"incremental {runs['pgdr_incremental'][-1]:.1f}s", flush=True)
+
+        print("PITR restore against the seeds' gunzip | psql...", flush=True)
+        seed = work / "seed.sql.gz"
+        subprocess.run(f"{pg_bin_dir() / 'pg_dump'} -d bench | gzip > {seed}", shell=True, env=env, check=True)
+        s3.upload_file(str(seed), BUCKET, "seed/bench.sql.gz")
+        seed.unlink()
+        newest = catalog.backups()[-1]
+        for r in range(args.rounds):
+            settle()
+            cluster = ScratchCluster(work / f"cluster-{r}", newest.record.pg_version)
+            t = time.perf_counter()
+            with tempfile.TemporaryDirectory(dir=work) as tmp:
+                Path(tmp).chmod(0o755)
+                prepare_data_directory(catalog, newest, store, Path(tmp), cluster.data_dir, archive)
+                recover_cluster(cluster, archive, None)
+            runs["pitr_restore"].append(time.perf_counter() - t)
+            cluster.destroy()
+            psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)")
+            psql("CREATE DATABASE seed_restored")
+            settle()
+            t = time.perf_counter()
+            s3.download_file(BUCKET, "seed/bench.sql.gz", str(seed))
+            subprocess.run(f"gunzip -c {seed} | {pg_bin_dir() / 'psql'} -X -q -v ON_ERROR_STOP=1 -d seed_restored > /dev/null",
+                           shell=True, env=env, check=True)
+            runs["seed_restore"].append(time.perf_counter() - t)
+            seed.unlink()
+            print(f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s, seed restore {runs['seed_restore'][-1]:.1f}s", flush=True)
+        psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)")
+
+        print(f"RPO under a steady write load for {load_s}s...", flush=True)
+        rpo, lag, load_tps = measure_rpo(server, env, archive, store, load_s)
+    finally:
+        server.destroy()
+        moto.stop()
+
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    results = {
+        "basebackup_ratio": round(med["pgdr_full"] / med["raw_basebackup"], 3),
+        "incremental_speedup": round(med["pgdr_full"] / med["pgdr_incremental"], 2),
+        "pitr_restore_speedup_vs_seed": round(med["seed_restore"] / med["pitr_restore"], 2),
+        "rpo_achieved_s": round(statistics.median(rpo), 1),
+        "wal_archive_lag_s": round(statistics.median(lag), 1),
+        "pitr": {
+            "db_size_mb": round(db_size), "pgbench_scale": scale, "rounds": args.rounds, "archive_timeout_s": 60,
+            "medians_s": {k: round(v, 2) for k, v in med.items()},
+            "runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+            "full_base_backup_stored_mb": round(records[-1].size / 1e6, 1),
+            "rpo_samples_s": [round(x, 1) for x in rpo], "rpo_max_s": round(max(rpo), 1),
+            "wal_archive_lag_samples_s": [round(x, 1) for x in lag], "load_tps": round(load_tps),
+            "archive_catch_up_after_load_s": round(catch_up, 1),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    }
+    report = json.loads(output.read_text()) if output.exists() else {}
+    report.update(results)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\npgdr PITR benchmark: {db_size:.0f} MB of pgbench data, medians of {args.rounds} rounds\n")
+    rows = [("basebackup_ratio", "<= 1.10", results["basebackup_ratio"] <= 1.10),
+            ("incremental_speedup", ">= 10", results["incremental_speedup"] >= 10),
+            ("pitr_restore_speedup_vs_seed", ">= 3", results["pitr_restore_speedup_vs_seed"] >= 3),
+            ("rpo_achieved_s", "<= 60", results["rpo_achieved_s"] <= 60),
+            ("wal_archive_lag_s", "(reported)", True)]
+    for name, target, ok in rows:
+        print(f"{name:<30}{results[name]:>10}  {target}  {'ok' if ok else 'MISSED'}")
+    for k, v in med.items():
+        print(f"  {k:<28}{v:>10.2f}s")
+    print(f"\nMerged into {output}")
+
+
+def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float], list[float], float]:
+    """Run pgbench for ``seconds`` and sample, every 5 s, what a server loss at that moment would cost.
+
+    The data safe at moment X is what the archive holds at X: up to the last commit in the newest
+    archived segment (read with pg_waldump). RPO(X) = X minus that commit's time.
+    """
+    import psycopg
+    from pgdr.physical.archive import archived_segment, last_commit_time
+
+    waldump = str(pg_bin_dir() / "pg_waldump")
+    load = subprocess.Popen([str(pg_bin_dir() / "pgbench"), "-c", "2", "-j", "2", "-T", str(seconds), "-n", "-P", "0", "bench"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rpo, lag = [], []
+    stop = threading.Event()
+    time.sleep(min(20, seconds / 3))  # let the load settle
+    with psycopg.connect(**server.dsn(), autocommit=True) as conn:
+        while load.poll() is None and not stop.is_set():
+            now = datetime.now(UTC)
+            last_wal, last_time = conn.execute("SELECT last_archived_wal, last_archived_time FROM pg_stat_archiver").fetchone()
+            segment = archived_segment(last_wal)
+            if segment and last_time:
+                objects = [s for s in archive.segments(store) if s.name == segment]
+                if objects:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        committed = last_commit_time(waldump, archive.fetch_segment(store, objects[0], Path(tmp)))
+                    if committed:
+                        rpo.append((now - committed).total_seconds())
+                        lag.append((now - last_time).total_seconds())
+            time.sleep(5)
+    out, _ = load.communicate()
+    tps = next((float(line.split("=")[1].split()[0]) for line in out.splitlines() if line.startswith("tps")), 0.0)
+    if not rpo:
+        raise RuntimeError(f"no RPO sample was taken during the load:\n{out[-2000:]}")
+    return rpo, lag, tps
+
+
+if __name__ == "__main__":
+    main()
