@@ -155,3 +155,39 @@ def test_the_drill_measures_the_pitr_rpo_achieved(pitr_plan, run_dag, pitr_serve
     markdown = store.get_bytes(json_key.replace("drill.json", "drill.md")).decode()
     assert "## Point-in-time recovery" in markdown and f"| {PITR_SERVER} |" in markdown
     assert "<h2>Point-in-time recovery</h2>" in store.get_bytes(json_key.replace("drill.json", "drill.html")).decode()
+
+
+def test_a_damaged_base_backup_fails_verification_with_one_alert(pitr_plan, run_dag, s3_server, slack):
+    import dataclasses
+    import hashlib
+
+    from pgdr.physical.catalog import BaseBackupFile
+    from pgdr.storage.backends import S3Store
+
+    catalog = catalog_of(s3_server)
+    assert run_dag("pgdr_basebackup", run_conf={"kind": "full"}).get_state() == "success"
+    newest = catalog.backups()[-1]
+    store = S3Store(s3_server.client, BUCKET)
+    item = newest.record.file("backup_manifest")
+    original = store.get_bytes(item.key)
+    # Damaged before upload, record consistent with the stored bytes: only pg_verifybackup can tell.
+    damaged = original.replace(b'"Size": ', b'"Size": 1', 1)
+    store.put_bytes(item.key, damaged)
+    files = tuple(BaseBackupFile(f.name, f.key, len(damaged), hashlib.sha256(damaged).hexdigest()) if f is item else f
+                  for f in newest.record.files)
+    catalog.write_record(dataclasses.replace(newest.record, files=files))
+    slack.clear()
+    try:
+        failed = run_dag("pgdr_verify_pitr", run_conf={"server": PITR_SERVER})
+    finally:
+        store.put_bytes(item.key, original)
+        catalog.write_record(newest.record)
+    from pgdr.workdir import work_dir_root
+
+    # A setup that failed removed its own cluster (Airflow runs no teardown for a failed setup): nothing is left.
+    assert failed.states["verify.recover_cluster[0]"] == "failed" and not list(work_dir_root().glob("pgdr-cluster-*"))
+    assert failed.states["verify.record_verification[0]"] == "failed"
+    alerts = [m["text"] for m in slack.messages]
+    assert len(alerts) == 1, alerts
+    assert "pg_verifybackup rejected base backup" in alerts[0] and "recover_cluster" in alerts[0]
+    assert catalog.get(newest.backup_id).status == "failed"
