@@ -39,6 +39,7 @@ from pgdr.storage.backends import BackupStore
 
 log = logging.getLogger(__name__)
 MARKER = "pgdr-cluster.json"
+READER_ROLE = "pgdr_scratch_reader"  # reads a recovered cluster for checks: never a superuser
 UNPRIVILEGED_UID = 65534
 
 
@@ -212,9 +213,27 @@ class ScratchCluster:
                 "port": self.port, "pg_version": self.pg_version, "created": datetime.now(UTC).isoformat()}
         (self.root / MARKER).write_text(json.dumps(info))
 
-    def endpoint(self, dbname: str = "postgres") -> PgEndpoint:
-        """Return how pgdr reaches the cluster: its private socket, no password."""
-        return PgEndpoint(host=str(self.socket_dir), port=self.port, user=self.login, dbname=dbname, conn_id="")
+    def endpoint(self, dbname: str = "postgres", user: str | None = None) -> PgEndpoint:
+        """Return how pgdr reaches the cluster: its private socket, no password (as ``user``, default the source's login)."""
+        return PgEndpoint(host=str(self.socket_dir), port=self.port, user=user or self.login, dbname=dbname, conn_id="")
+
+    def reader(self, dbname: str) -> PgEndpoint:
+        """Return the endpoint of a role that may read everything and nothing more, created on first use.
+
+        Checks of a recovered cluster read tables whose index expressions, views and functions were
+        written by whoever owned a schema: like a restored dump, they run as a role without superuser.
+        """
+        from psycopg import sql
+
+        from pgdr.postgres.client import connect
+
+        with connect(self.endpoint("postgres"), application_name="pgdr-scratch-setup") as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER_ROLE,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS").format(
+                sql.Identifier(READER_ROLE)))
+            conn.execute(sql.SQL("GRANT pg_read_all_data, pg_read_all_stats TO {}").format(sql.Identifier(READER_ROLE)))
+        return self.endpoint(dbname, READER_ROLE)
 
     # -- configuration ---------------------------------------------------------------------------
     def configure(self, restore_command: str, target_time: datetime | None) -> None:

@@ -162,7 +162,7 @@ def run_check_databases(cluster_info: dict[str, Any], context) -> dict[str, Any]
 
     from pgdr.checks.integrity import IntegrityReport, check_sequences, run_amcheck
     from pgdr.checks.validation import validate_restored
-    from pgdr.postgres.client import connect, count_rows
+    from pgdr.postgres.client import connect, count_rows, prepare_amcheck
 
     results = {}
     with fail_fast():
@@ -172,7 +172,8 @@ def run_check_databases(cluster_info: dict[str, Any], context) -> dict[str, Any]
         problems = []
         for name in server.databases:
             db = plan.database(name)
-            endpoint = cluster.endpoint(db.dbname)
+            endpoint = cluster.reader(db.dbname)  # never a superuser: the checks read code-bearing objects
+            prepare_amcheck(cluster.endpoint(db.dbname), endpoint)
             report = IntegrityReport()
             with connect(endpoint, application_name="pgdr-integrity") as conn:
                 counts, large_objects = count_rows(conn)
@@ -187,7 +188,10 @@ def run_check_databases(cluster_info: dict[str, Any], context) -> dict[str, Any]
             validation = validate_restored(endpoint, reference)
             problems += [f"database {name}: {p}" for p in report.problems()]
             problems += [f"database {name}: failed expectation: {o.line()}" for o in validation.failed]
-            results[name] = {"tables": len(counts), "rows": sum(counts.values()), "integrity": report.to_dict(),
+            with connect(endpoint, application_name="pgdr-role-check") as conn:
+                superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+            results[name] = {"checked_as": endpoint.user, "checked_as_superuser": superuser,
+                             "tables": len(counts), "rows": sum(counts.values()), "integrity": report.to_dict(),
                              "validation": validation.summary()}
         if problems:
             raise PermanentFailure(
