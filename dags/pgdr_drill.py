@@ -166,7 +166,8 @@ def pgdr_drill():
 
     report = publish_report()
     rehearse.expand(database=select_databases()) >> report
-    rehearse_pitr.expand(server=PLAN.server_names) >> report
+    if PLAN.servers:
+        rehearse_pitr.expand(server=PLAN.server_names) >> report
 
 
 pgdr_drill()

@@ -82,9 +82,9 @@ def pgdr_health():
 
         return run_health_alerts([*per_database, *per_server, workers], get_current_context())
 
-    alert_on_changes(
-        check_database.expand(database=PLAN.database_names), check_server.expand(server=PLAN.server_names), check_workers(),
-    )
+    # Only with PITR servers: a mapped task over no servers is skipped, and would skip the alerts.
+    per_server = check_server.expand(server=PLAN.server_names) if PLAN.servers else []
+    alert_on_changes(check_database.expand(database=PLAN.database_names), per_server, check_workers())
 
 
 pgdr_health()

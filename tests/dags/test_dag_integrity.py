@@ -130,7 +130,7 @@ def test_drill_and_health_structure(dagbag):
     assert set(drill.params) == {"databases", "scenario"}
     health = dagbag.dags["pgdr_health"]
     assert health.schedule == "*/5 * * * *"
-    assert set(health.task_dict) == {"check_database", "check_server", "check_workers", "alert_on_changes"}
+    assert set(health.task_dict) == {"check_database", "check_server", "check_workers", "alert_on_changes"}  # the shipped plan has a PITR server
 
 
 def test_one_pool_per_source_server(tmp_path, monkeypatch):
