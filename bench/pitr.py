@@ -100,10 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     server = EmbeddedServer(work / "postgres", settings=archive.server_settings(60, bin_dir), environment=access.environment()).start()
     env = {**os.environ, "PGPASSWORD": server.password, "PGHOST": "127.0.0.1", "PGPORT": str(server.port), "PGUSER": "postgres"}
     pg = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
+    # The seeds restore onto a server of their own: a 2 GB COPY into the archiving server would put 2 GB of
+    # WAL into the archive, which every later PITR restore would then replay.
+    seed_server = EmbeddedServer(work / "postgres-seed").start()
+    seed_env = {**env, "PGPASSWORD": seed_server.password, "PGPORT": str(seed_server.port)}
     catalog = BaseBackupCatalog(store, layout, SERVER)
 
-    def psql(sql: str, db: str = "postgres") -> str:
-        return subprocess.run([str(pg_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql], env=env,
+    def psql(sql: str, db: str = "postgres", on=None) -> str:
+        return subprocess.run([str(pg_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql], env=on or env,
                               check=True, capture_output=True, text=True).stdout.strip()
 
     def settle() -> float:
@@ -149,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
             elapsed, record = pgdr_basebackup()
             runs["pgdr_full"].append(elapsed)
             records.append(record)
-            psql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 100 = 0", "bench")  # 1 % of the rows
+            # 1 % of the rows, the newest ones (as an application's recent data changes): 1 % of the pages.
+            # Scattered over the table (WHERE aid % 100 = 0) the same 1 % touches every other page: see the README.
+            psql(f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > {scale * 100000 * 99 // 100}", "bench")
             elapsed, _ = pgdr_basebackup(catalog.get(record.backup_id))
             runs["pgdr_incremental"].append(elapsed)
             print(f"  round {r + 1}: raw {runs['raw_basebackup'][-1]:.1f}s, pgdr full {runs['pgdr_full'][-1]:.1f}s, "
@@ -160,33 +166,50 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(f"{pg_bin_dir() / 'pg_dump'} -d bench | gzip > {seed}", shell=True, env=env, check=True)
         s3.upload_file(str(seed), BUCKET, "seed/bench.sql.gz")
         seed.unlink()
-        newest = catalog.backups()[-1]
+        newest = [e for e in catalog.backups() if e.record.kind == "full"][-1]  # the newest full one, and
+        psql("UPDATE pgbench_branches SET bbalance = bbalance + 1", "bench")  # a little WAL to replay after it
+        phases: list[dict] = []
         for r in range(args.rounds):
             settle()
             cluster = ScratchCluster(work / f"cluster-{r}", newest.record.pg_version)
             t = time.perf_counter()
             with tempfile.TemporaryDirectory(dir=work) as tmp:
                 Path(tmp).chmod(0o755)
-                prepare_data_directory(catalog, newest, store, Path(tmp), cluster.data_dir, archive)
-                recover_cluster(cluster, archive, None)
+                prepared = prepare_data_directory(catalog, newest, store, Path(tmp), cluster.data_dir, archive)
+                recovery = recover_cluster(cluster, archive, None)
             runs["pitr_restore"].append(time.perf_counter() - t)
+            phases.append({**{k: round(v, 2) for k, v in prepared.timings.items()}, "recover": round(recovery.replay_seconds, 2)})
             cluster.destroy()
-            psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)")
-            psql("CREATE DATABASE seed_restored")
-            settle()
+            psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
+        chain_tip = catalog.backups()[-1]  # an incremental one: the chain full -> incremental, combined
+        settle()
+        cluster = ScratchCluster(work / "cluster-chain", chain_tip.record.pg_version)
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            Path(tmp).chmod(0o755)
+            prepared = prepare_data_directory(catalog, chain_tip, store, Path(tmp), cluster.data_dir, archive)
+            recovery = recover_cluster(cluster, archive, None)
+        chain_restore = {"seconds": round(time.perf_counter() - t, 2), "chain": [e.backup_id for e in catalog.chain(chain_tip)],
+                         **{k: round(v, 2) for k, v in prepared.timings.items()}, "recover": round(recovery.replay_seconds, 2)}
+        cluster.destroy()
+        print(f"  an incremental chain: {chain_restore}", flush=True)
+            psql("CREATE DATABASE seed_restored", on=seed_env)
+            psql("CHECKPOINT", on=seed_env)
+            os.sync()
             t = time.perf_counter()
             s3.download_file(BUCKET, "seed/bench.sql.gz", str(seed))
             subprocess.run(f"gunzip -c {seed} | {pg_bin_dir() / 'psql'} -X -q -v ON_ERROR_STOP=1 -d seed_restored > /dev/null",
-                           shell=True, env=env, check=True)
+                           shell=True, env=seed_env, check=True)
             runs["seed_restore"].append(time.perf_counter() - t)
             seed.unlink()
-            print(f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s, seed restore {runs['seed_restore'][-1]:.1f}s", flush=True)
-        psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)")
+            print(f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s {phases[-1]}, seed restore {runs['seed_restore'][-1]:.1f}s", flush=True)
+        psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
 
         print(f"RPO under a steady write load for {load_s}s...", flush=True)
         rpo, lag, load_tps = measure_rpo(server, env, archive, store, load_s)
     finally:
         server.destroy()
+        seed_server.destroy()
         moto.stop()
 
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -201,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
             "medians_s": {k: round(v, 2) for k, v in med.items()},
             "runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()},
             "full_base_backup_stored_mb": round(records[-1].size / 1e6, 1),
+            "pitr_restore_phases_s": phases,
+            "pitr_restore_incremental_chain": chain_restore,
+            "incremental_workload": "UPDATE of the newest 1 % of pgbench_accounts' rows (1 % of its pages)",
             "rpo_samples_s": [round(x, 1) for x in rpo], "rpo_max_s": round(max(rpo), 1),
             "wal_archive_lag_samples_s": [round(x, 1) for x in lag], "load_tps": round(load_tps),
             "archive_catch_up_after_load_s": round(catch_up, 1),
