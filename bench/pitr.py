@@ -181,6 +181,17 @@ def main(argv: list[str] | None = None) -> None:
             phases.append({**{k: round(v, 2) for k, v in prepared.timings.items()}, "recover": round(recovery.replay_seconds, 2)})
             cluster.destroy()
             psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
+            psql("CREATE DATABASE seed_restored", on=seed_env)
+            psql("CHECKPOINT", on=seed_env)
+            os.sync()
+            t = time.perf_counter()
+            s3.download_file(BUCKET, "seed/bench.sql.gz", str(seed))
+            subprocess.run(f"gunzip -c {seed} | {pg_bin_dir() / 'psql'} -X -q -v ON_ERROR_STOP=1 -d seed_restored > /dev/null",
+                           shell=True, env=seed_env, check=True)
+            runs["seed_restore"].append(time.perf_counter() - t)
+            seed.unlink()
+            print(f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s {phases[-1]}, seed restore {runs['seed_restore'][-1]:.1f}s", flush=True)
+        psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
         chain_tip = catalog.backups()[-1]  # an incremental one: the chain full -> incremental, combined
         settle()
         cluster = ScratchCluster(work / "cluster-chain", chain_tip.record.pg_version)
@@ -193,17 +204,6 @@ def main(argv: list[str] | None = None) -> None:
                          **{k: round(v, 2) for k, v in prepared.timings.items()}, "recover": round(recovery.replay_seconds, 2)}
         cluster.destroy()
         print(f"  an incremental chain: {chain_restore}", flush=True)
-            psql("CREATE DATABASE seed_restored", on=seed_env)
-            psql("CHECKPOINT", on=seed_env)
-            os.sync()
-            t = time.perf_counter()
-            s3.download_file(BUCKET, "seed/bench.sql.gz", str(seed))
-            subprocess.run(f"gunzip -c {seed} | {pg_bin_dir() / 'psql'} -X -q -v ON_ERROR_STOP=1 -d seed_restored > /dev/null",
-                           shell=True, env=seed_env, check=True)
-            runs["seed_restore"].append(time.perf_counter() - t)
-            seed.unlink()
-            print(f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s {phases[-1]}, seed restore {runs['seed_restore'][-1]:.1f}s", flush=True)
-        psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
 
         print(f"RPO under a steady write load for {load_s}s...", flush=True)
         rpo, lag, load_tps = measure_rpo(server, env, archive, store, load_s)
