@@ -260,7 +260,7 @@ def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float],
     from pgdr.physical.archive import archived_segment, last_commit_time
 
     waldump = str(pg_bin_dir() / "pg_waldump")
-    load = subprocess.Popen([str(pg_bin_dir() / "pgbench"), "-c", "2", "-j", "2", "-T", str(seconds), "-n", "-P", "0", "bench"],
+    load = subprocess.Popen([str(pg_bin_dir() / "pgbench"), "-c", "2", "-j", "2", "-T", str(seconds), "-n", "bench"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rpo, lag = [], []
     stop = threading.Event()

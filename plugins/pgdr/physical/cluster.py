@@ -134,8 +134,9 @@ def extract_base_backup(folder: Path, dest: Path) -> Path:
 
 def combine_chain(members: list[Path], out: Path) -> Path:
     """Return a full data directory from extracted chain members: the full one itself, or ``pg_combinebackup``'s output."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     if len(members) == 1:
-        members[0].rename(out)
+        shutil.move(members[0], out)  # a rename when both are on one filesystem
         return out
     result = subprocess.run([pg_tool("pg_combinebackup"), "-o", str(out), *map(str, members)], capture_output=True, text=True)
     if result.returncode != 0:
