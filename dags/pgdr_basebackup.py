@@ -59,6 +59,7 @@ WINDOW = min((s.pitr.rpo for s in PLAN.servers), default=timedelta(hours=1))
     **run_callbacks(),
     params={
         "server": Param(None, type=["null", "string"], enum=[None, *PLAN.server_names], title="Server",
+                        values_display={"null": "(every server that is due)"},
                         description="Take a base backup of this server only (default: every server that is due)."),
         "kind": Param("auto", type="string", enum=["auto", "full", "incremental"], title="Kind",
                       description="auto: what the server's schedules say is due; full or incremental: take that now."),

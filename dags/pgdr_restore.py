@@ -87,6 +87,7 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
         ),
         "target_conn_id": Param(
             None, type=["null", "string"], enum=[None, *SERVERS], title="Target server (optional)",
+            values_display={"null": "(the database's own server)"},
             description="Another server of the plan to restore onto (new-database mode). Default: the database's own server.",
         ),
         "dry_run": Param(False, type="boolean", title="Dry run", description="Show the restore plan and stop."),

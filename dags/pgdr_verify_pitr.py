@@ -54,6 +54,7 @@ PLAN = load_plan()
     **run_callbacks(),
     params={
         "server": Param(None, type=["null", "string"], enum=[None, *PLAN.server_names], title="Server",
+                        values_display={"null": "(the servers of the triggering events, or all)"},
                         description="Verify this server only (default: the servers of the triggering events, or all)."),
     },
     doc_md=__doc__,

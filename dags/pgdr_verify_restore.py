@@ -71,6 +71,7 @@ WINDOW = min(db.rto for db in PLAN.databases)  # a restore slower than the RTO b
     params={
         "database": Param(
             None, type=["null", "string"], enum=[None, *PLAN.database_names], title="Database",
+            values_display={"null": "(the only database in the plan)"},
             description="Verify a backup of this database (default: the only one in the plan).",
         ),
         "backup_id": Param(

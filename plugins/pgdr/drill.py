@@ -229,22 +229,25 @@ def trend_chart(history: list[dict[str, Any]]) -> bytes:
     pitr_points = [(datetime.fromisoformat(d["started_at"]), p) for d in history for p in d.get("pitr") or []]
     fig, axes = plt.subplots(1, 3 if pitr_points else 2, figsize=(15 if pitr_points else 10, 3.4), dpi=100)
     databases = sorted({r["database"] for d in history for r in d["databases"]})
-    panels = (("rto", "RTO achieved (minutes)"), ("rpo_newest_verified", "RPO, newest verified (minutes)"))
+    panels = (("rto", "RTO achieved"), ("rpo_newest_verified", "RPO, newest verified"))
     if pitr_points:
         _pitr_panel(axes[2], pitr_points)
     for ax, (key, title) in zip(axes, panels, strict=False):
+        series = []
         for db in databases:
             xs, ys, target = [], [], None
             for drill in history:
                 for r in drill["databases"]:
                     if r["database"] == db and r["checks"][key]["achieved_s"] is not None:
                         xs.append(datetime.fromisoformat(drill["started_at"]))
-                        ys.append(r["checks"][key]["achieved_s"] / 60)
-                        target = r["checks"][key]["target_s"] / 60
+                        ys.append(r["checks"][key]["achieved_s"])
+                        target = r["checks"][key]["target_s"]
             if xs:
-                line = ax.plot(xs, ys, marker="o", label=db)[0]
-                ax.axhline(target, color=line.get_color(), linestyle="--", linewidth=1, label=f"{db} target")
-        ax.set_ylim(bottom=0)
+                series.append((db, xs, ys, target))
+        _duration_axis(ax, [v for _, _, ys, t in series for v in (*ys, t)])
+        for db, xs, ys, target in series:
+            line = ax.plot(xs, ys, marker="o", label=db)[0]
+            ax.axhline(target, color=line.get_color(), linestyle="--", linewidth=1, label=f"{db} target")
         dates = [datetime.fromisoformat(d["started_at"]) for d in history]
         if dates:  # a sensible window even with a single drill
             ax.set_xlim(min(dates) - timedelta(days=20), max(dates) + timedelta(days=20))
@@ -262,19 +265,43 @@ def trend_chart(history: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
+def _duration_axis(ax, seconds: list[float]) -> None:
+    """Label a y axis of durations (in seconds) so that a 7-second value and a 30-minute target both read well.
+
+    Values within a factor of 30 of each other share a linear axis; further apart, the axis is
+    logarithmic. Either way the ticks read as durations (7s, 2m 30s, 1h 00m), never as bare numbers.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    values = [v for v in seconds if v is not None and v > 0]
+    if values and max(values) / min(values) > 30:
+        ax.set_yscale("log")
+        low, high = min(values) / 2, max(values) * 2
+        ax.set_ylim(low, high)
+        marks = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400, 604800)
+        ax.yaxis.set_major_locator(FixedLocator([m for m in marks if low <= m <= high]))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        top = max(values, default=60) * 1.15
+        ax.set_ylim(0, top)
+        steps = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+        step = next((st for st in steps if top / st <= 7), 86400 * 7)
+        ax.yaxis.set_major_locator(FixedLocator([step * i for i in range(int(top // step) + 1)]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: _fmt(value) if value > 0 else "0"))
+
+
 def _pitr_panel(ax, points) -> None:
-    """Plot each server's achieved PITR RPO against its target, in seconds or minutes as the numbers need."""
+    """Plot each server's achieved PITR RPO against its target, on a duration axis."""
     values = [p["rpo"]["achieved_s"] for _, p in points if p["rpo"]["achieved_s"] is not None] + [p["rpo"]["target_s"] for _, p in points]
-    scale, unit = (60, "minutes") if max(values, default=0) >= 600 else (1, "seconds")
+    _duration_axis(ax, values)
     for server in sorted({p["server"] for _, p in points}):
         mine = [(when, p) for when, p in points if p["server"] == server and p["rpo"]["achieved_s"] is not None]
         if mine:
-            line = ax.plot([w for w, _ in mine], [p["rpo"]["achieved_s"] / scale for _, p in mine], marker="o", label=server)[0]
-            ax.axhline(mine[-1][1]["rpo"]["target_s"] / scale, color=line.get_color(), linestyle="--", linewidth=1, label=f"{server} target")
+            line = ax.plot([w for w, _ in mine], [p["rpo"]["achieved_s"] for _, p in mine], marker="o", label=server)[0]
+            ax.axhline(mine[-1][1]["rpo"]["target_s"], color=line.get_color(), linestyle="--", linewidth=1, label=f"{server} target")
     dates = [w for w, _ in points]
     ax.set_xlim(min(dates) - timedelta(days=20), max(dates) + timedelta(days=20))
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"PITR RPO achieved ({unit})", fontsize=10)
+    ax.set_title("PITR RPO achieved", fontsize=10)
     ax.tick_params(labelsize=8)
     if ax.lines:
         ax.legend(fontsize=7)

@@ -217,3 +217,14 @@ def test_pitr_dags_structure(dagbag):
     assert verify.task_dict["verify.recover_cluster"].is_setup and verify.task_dict["verify.stop_cluster"].is_teardown
     assert verify.task_dict["verify.record_verification"].trigger_rule == "all_done"
     assert "verify.check_databases" in verify.task_dict["verify.check_recovery_target"].downstream_task_ids
+
+
+def test_an_empty_choice_in_a_form_is_labelled_not_shown_as_null(dagbag):
+    """The trigger form shows an enum's values as text: None would read 'null' without a label."""
+    for dag_id in EXPECTED_DAGS:
+        dag = dagbag.dags[dag_id]
+        for name in dag.params:
+            schema = dag.params.get_param(name).schema
+            if None in (schema.get("enum") or []):
+                label = (schema.get("values_display") or {}).get("null")
+                assert label and "null" not in label, (dag_id, name)

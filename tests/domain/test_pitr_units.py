@@ -159,3 +159,22 @@ def test_leftover_scratch_clusters_are_removed_only_when_their_run_is_over(tmp_p
     removed = remove_leftover_clusters(tmp_path, lambda dag_id, run_id: run_id == "killed-run", keep=mine)
     assert removed == [finished] and not finished.exists()
     assert running.exists() and elsewhere.exists() and mine.exists() and unmarked.exists()
+
+
+def test_trend_axes_read_as_durations_whatever_the_spread():
+    """A 7-second RTO and a 30-minute target are both readable (not seconds plotted on a minutes axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pgdr.drill import _duration_axis
+
+    fig, (wide, narrow) = plt.subplots(1, 2)
+    _duration_axis(wide, [7.2, 9.1, 1800])
+    _duration_axis(narrow, [340, 900, 3600])
+    fig.canvas.draw()
+    assert wide.get_yscale() == "log" and narrow.get_yscale() == "linear"
+    wide_labels = [t.get_text() for t in wide.get_yticklabels() if t.get_text()]
+    assert "10.0s" in wide_labels and "30m 00s" in wide_labels
+    assert "1h 00m" in [t.get_text() for t in narrow.get_yticklabels()]
+    plt.close(fig)

@@ -73,4 +73,5 @@ def test_trigger_form_screenshot(standalone):
     for label in ("Database", "Backup", "Mode", "Confirm (replace only)", "Tables (optional)", "Dry run"):
         assert label in text
     assert "latest-verified (the newest backup proven to restore)" in text
+    assert "(the database's own server)" in text  # the empty choice has a label: never the word null
     assert target.stat().st_size > 20_000
