@@ -8,7 +8,10 @@ STAMP  := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f
 RUN    := PYTHONPATH=plugins $(BIN)/python
 # The WAL archiver (barman-cloud) runs as the database server's OS user, so it gets a venv of its own
 # made from a Python every user can run (Debian's /usr/bin/python3 where there is one).
-ARCHIVER        := .pgdr/archiver
+# ...in the checkout, unless the server's user (uid 65534 under root) cannot enter it (a checkout under /root):
+# then in $(PGDR_SHARED_DIR), where pgdr.physical.archive.archiver_bin_dir looks next.
+PGDR_SHARED_DIR ?= /var/lib/pgdr
+ARCHIVER        := $(shell if [ "$$(id -u)" = 0 ] && ! setpriv --reuid=65534 --regid=65534 --clear-groups test -x "$(CURDIR)" 2>/dev/null; then echo $(PGDR_SHARED_DIR)/archiver; else echo .pgdr/archiver; fi)
 ARCHIVER_STAMP  := $(ARCHIVER)/.installed-$(shell cat requirements-archiver.txt | cksum | cut -d' ' -f1)
 ARCHIVER_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11 /usr/bin/python3 /usr/local/bin/python3) $(PYTHON))
 
@@ -23,7 +26,7 @@ $(STAMP): requirements.txt
 	@touch $@
 
 $(ARCHIVER_STAMP): requirements-archiver.txt
-	@rm -rf $(ARCHIVER) && mkdir -p .pgdr && chmod o+rx .pgdr
+	@rm -rf $(ARCHIVER) && mkdir -p $(dir $(ARCHIVER)) && chmod o+rx $(dir $(ARCHIVER))
 	$(ARCHIVER_PYTHON) -m venv $(ARCHIVER)
 	$(ARCHIVER)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-archiver.txt
 	@chmod -R o+rX $(ARCHIVER)

