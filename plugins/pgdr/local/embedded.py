@@ -71,8 +71,11 @@ def reachable_by_server_user(path: Path) -> bool:
 
 
 def _runs_as_server_user(binary: Path) -> bool:
-    probe = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                           user=UNPRIVILEGED_UID, group=UNPRIVILEGED_GID, extra_groups=[])
+    try:
+        probe = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                               user=UNPRIVILEGED_UID, group=UNPRIVILEGED_GID, extra_groups=[])
+    except OSError:  # the user cannot even reach the file
+        return False
     return probe.returncode == 0
 
 
