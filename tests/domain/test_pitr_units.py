@@ -178,3 +178,21 @@ def test_trend_axes_read_as_durations_whatever_the_spread():
     assert "10.0s" in wide_labels and "30m 00s" in wide_labels
     assert "1h 00m" in [t.get_text() for t in narrow.get_yticklabels()]
     plt.close(fig)
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="only root runs the server as another user")
+def test_a_private_checkout_keeps_the_servers_files_where_its_user_can_reach_them(tmp_path, monkeypatch):
+    from pgdr.local.embedded import reachable_by_server_user, state_dir_for
+
+    private = tmp_path / "home"
+    (private / "checkout" / ".pgdr").mkdir(parents=True)
+    private.chmod(0o700)  # like /root
+    monkeypatch.setenv("PGDR_SHARED_DIR", str(tmp_path / "shared"))
+    tmp_path.chmod(0o755)
+    moved = state_dir_for(private / "checkout" / ".pgdr" / "postgres")
+    assert moved.parent.parent == tmp_path / "shared" and moved.name == "postgres"
+    assert reachable_by_server_user(moved.parent) and not reachable_by_server_user(private / "checkout")
+    here = tmp_path / "open" / ".pgdr"
+    here.mkdir(parents=True)
+    (tmp_path / "open").chmod(0o755)
+    assert state_dir_for(here / "postgres") == here / "postgres"
