@@ -181,18 +181,26 @@ def test_trend_axes_read_as_durations_whatever_the_spread():
 
 
 @pytest.mark.skipif(__import__("os").geteuid() != 0, reason="only root runs the server as another user")
-def test_a_private_checkout_keeps_the_servers_files_where_its_user_can_reach_them(tmp_path, monkeypatch):
+def test_a_private_checkout_keeps_the_servers_files_where_its_user_can_reach_them(monkeypatch):
+    import shutil
+    import tempfile
+
     from pgdr.local.embedded import reachable_by_server_user, state_dir_for
 
-    private = tmp_path / "home"
-    (private / "checkout" / ".pgdr").mkdir(parents=True)
-    private.chmod(0o700)  # like /root
-    monkeypatch.setenv("PGDR_SHARED_DIR", str(tmp_path / "shared"))
-    tmp_path.chmod(0o755)
-    moved = state_dir_for(private / "checkout" / ".pgdr" / "postgres")
-    assert moved.parent.parent == tmp_path / "shared" and moved.name == "postgres"
-    assert reachable_by_server_user(moved.parent) and not reachable_by_server_user(private / "checkout")
-    here = tmp_path / "open" / ".pgdr"
-    here.mkdir(parents=True)
-    (tmp_path / "open").chmod(0o755)
-    assert state_dir_for(here / "postgres") == here / "postgres"
+    base = Path(tempfile.mkdtemp(prefix="pgdr-reach-"))  # /tmp itself is open to every user
+    try:
+        base.chmod(0o755)
+        private = base / "home"
+        (private / "checkout" / ".pgdr").mkdir(parents=True)
+        private.chmod(0o700)  # like /root
+        monkeypatch.setenv("PGDR_SHARED_DIR", str(base / "shared"))
+        moved = state_dir_for(private / "checkout" / ".pgdr" / "postgres")
+        assert moved.parent.parent == base / "shared" and moved.name == "postgres"
+        assert reachable_by_server_user(moved.parent) and not reachable_by_server_user(private / "checkout")
+        here = base / "open" / ".pgdr"
+        here.mkdir(parents=True)
+        (base / "open").chmod(0o755)
+        here.chmod(0o755)
+        assert state_dir_for(here / "postgres") == here / "postgres"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
