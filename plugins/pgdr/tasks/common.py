@@ -195,3 +195,38 @@ def pitr_server_context(server_name: str, context):
     server = plan.server(server_name)
     store, layout, archive = open_archive(server, plan)
     return plan, server, store, archive, BaseBackupCatalog(store, layout, server.name)
+
+
+def recover_scratch_cluster(context, key: str, purpose: str, catalog, entry, store, archive, target, login: str):
+    """Recover ``entry``'s chain in this run's scratch cluster for ``key``; return ``(cluster, prepared, result)``.
+
+    Clusters of finished runs on this worker are removed first (by marker, only when Airflow says their run is
+    over), and so is a previous try's cluster of this run: a retry starts again from the stored bytes. A cluster
+    whose recovery fails is removed before the error goes up; one that recovered is the caller's to destroy.
+
+    :param target: the recovery target time, or ``None`` for the end of the archive.
+    """
+    from pgdr.physical.cluster import ScratchCluster, cluster_dir_name, remove_leftover_clusters
+    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
+    from pgdr.workdir import work_dir_root
+
+    ti = context["ti"]
+    root = work_dir_root()
+    root.mkdir(parents=True, exist_ok=True)
+    cluster = ScratchCluster(root / cluster_dir_name(ti.dag_id, ti.run_id, key), entry.record.pg_version, login=login)
+
+    def run_over(dag_id: str, run_id: str) -> bool:
+        return str(ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)).lower().endswith(("success", "failed"))
+
+    remove_leftover_clusters(root, run_over, keep=cluster.root)
+    cluster.destroy()
+    cluster.write_marker(ti.dag_id, ti.run_id, purpose)
+    try:
+        with task_workdir(context, f"pitr-{key}") as workdir:
+            workdir.chmod(0o755)  # the cluster's user reads the extracted files through it
+            prepared = prepare_data_directory(catalog, entry, store, workdir, cluster.data_dir, archive)
+            result = recover_cluster(cluster, archive, target)
+    except BaseException:
+        cluster.destroy()
+        raise
+    return cluster, prepared, result

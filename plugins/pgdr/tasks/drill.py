@@ -200,11 +200,8 @@ def run_rehearse_pitr(server_name: str, context, started_at: str) -> dict[str, A
     """Body of ``rehearse_pitr``: recover the server's newest chain to the end of its archive ("latest") in a
     scratch cluster and measure the RPO achieved: the drill's start minus the newest heartbeat recovered."""
     from pgdr.airflow_glue.connections import server_endpoint
-    from pgdr.physical.cluster import ScratchCluster, cluster_dir_name, remove_leftover_clusters
     from pgdr.physical.heartbeat import heartbeats, write_heartbeat
-    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
-    from pgdr.tasks.common import pitr_server_context
-    from pgdr.workdir import work_dir_root
+    from pgdr.tasks.common import pitr_server_context, recover_scratch_cluster
 
     ti = context["ti"]
     began = time.monotonic()
@@ -218,19 +215,11 @@ def run_rehearse_pitr(server_name: str, context, started_at: str) -> dict[str, A
             from pgdr.errors import BackupNotFound
 
             raise BackupNotFound(f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: trigger pgdr_basebackup.")
-        root = work_dir_root()
-        root.mkdir(parents=True, exist_ok=True)
-        remove_leftover_clusters(
-            root, lambda dag_id, run_id: str(ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)).lower().endswith(("success", "failed")),
+        cluster, prepared, result = recover_scratch_cluster(
+            context, server.name, f"drill: recovery of server {server.name} to the end of its archive", catalog, entries[-1],
+            store, archive, None, endpoint.user,
         )
-        cluster = ScratchCluster(root / cluster_dir_name(ti.dag_id, ti.run_id, server.name), entries[-1].record.pg_version, login=endpoint.user)
-        cluster.destroy()
-        cluster.write_marker(ti.dag_id, ti.run_id, f"drill: recovery of server {server.name} to the end of its archive")
         try:
-            with task_workdir(context, f"drill-pitr-{server.name}") as workdir:
-                workdir.chmod(0o755)
-                prepared = prepare_data_directory(catalog, entries[-1], store, workdir, cluster.data_dir, archive)
-                result = recover_cluster(cluster, archive, None)
             recovered = [at for at in heartbeats(cluster.endpoint()) if at <= start]
         finally:
             cluster.destroy()

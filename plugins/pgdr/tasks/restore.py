@@ -213,13 +213,10 @@ def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
     from pgdr.airflow_glue.connections import open_archive, open_store, server_endpoint
     from pgdr.logical.backup import take_backup
     from pgdr.physical.catalog import BaseBackupCatalog
-    from pgdr.physical.cluster import ScratchCluster, cluster_dir_name, remove_leftover_clusters
-    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
     from pgdr.plan import load_plan
     from pgdr.storage.catalog import BackupCatalog
-    from pgdr.workdir import work_dir_root
+    from pgdr.tasks.common import recover_scratch_cluster
 
-    ti = context["ti"]
     context[CONTEXT_DATABASE] = plan["database"]
     pitr = plan["pitr"]
     started = _now()
@@ -230,27 +227,18 @@ def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
         store, layout, archive = open_archive(server, dr_plan)
         catalog = BaseBackupCatalog(store, layout, server.name)
         login = server_endpoint(server, dr_plan).user
-        root = work_dir_root()
-        root.mkdir(parents=True, exist_ok=True)
-        remove_leftover_clusters(
-            root, lambda dag_id, run_id: str(ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)).lower().endswith(("success", "failed")),
-        )
         entry = catalog.get(pitr["base_backup"])
-        cluster = ScratchCluster(root / cluster_dir_name(ti.dag_id, ti.run_id, plan["database"]), entry.record.pg_version, login=login)
-        cluster.destroy()  # a previous try's: start again from the stored bytes
-        cluster.write_marker(ti.dag_id, ti.run_id, f"point-in-time restore of {db.name} to {pitr['target']}")
+        cluster, prepared, result = recover_scratch_cluster(
+            context, plan["database"], f"point-in-time restore of {db.name} to {pitr['target']}", catalog, entry, store,
+            archive, datetime.fromisoformat(pitr["target"]), login,
+        )
         try:
-            with task_workdir(context, f"pitr-restore-{db.name}") as workdir:
-                workdir.chmod(0o755)
-                prepared = prepare_data_directory(catalog, entry, store, workdir, cluster.data_dir, archive)
-                result = recover_cluster(cluster, archive, datetime.fromisoformat(pitr["target"]))
+            with task_workdir(context, f"pitr-dump-{db.name}") as workdir:
                 db_store, db_layout = open_store(db.storage, dr_plan)
                 achieved = result.achieved_point or datetime.fromisoformat(pitr["target"])
                 info = {**_airflow_info(context), "pitr_server": server.name, "pitr_target": pitr["target"],
                         "base_backup": entry.backup_id}
-                (workdir / "logical").mkdir()
-                dumped = take_backup(db, cluster.endpoint(db.dbname), db_store, db_layout,
-                                     workdir / "logical", info, recovery_point=achieved)
+                dumped = take_backup(db, cluster.endpoint(db.dbname), db_store, db_layout, workdir, info, recovery_point=achieved)
         finally:
             cluster.destroy()
         manifest = dumped.manifest

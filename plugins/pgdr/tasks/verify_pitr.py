@@ -89,33 +89,16 @@ def _cluster_for(recovery: dict[str, Any], context):
 
 def run_recover_cluster(recovery: dict[str, Any], context) -> dict[str, Any]:
     """Body of the ``recover_cluster`` setup task: build the chain into a scratch cluster and recover it."""
-    from pgdr.physical.cluster import remove_leftover_clusters
-    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
-    from pgdr.workdir import work_dir_root
+    from pgdr.tasks.common import recover_scratch_cluster
 
-    ti = context["ti"]
     started = _now()
     with fail_fast():
         _, server, store, archive, catalog = pitr_server_context(recovery["server"], context)
         context[CONTEXT_BACKUP_ID] = recovery["backup_id"]
-        cluster = _cluster_for(recovery, context)
-        root = work_dir_root()
-        root.mkdir(parents=True, exist_ok=True)
-
-        def finished(dag_id: str, run_id: str) -> bool:
-            return str(ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)) in ("success", "failed", "DagRunState.SUCCESS", "DagRunState.FAILED")
-
-        remove_leftover_clusters(root, finished, keep=cluster.root)
-        cluster.destroy()  # a previous try's cluster of this run: start again from the stored bytes
-        cluster.write_marker(ti.dag_id, ti.run_id, f"recovery of server {server.name} to {recovery['target']}")
-        try:
-            with task_workdir(context, f"pitr-{server.name}") as workdir:
-                workdir.chmod(0o755)
-                prepared = prepare_data_directory(catalog, catalog.get(recovery["backup_id"]), store, workdir, cluster.data_dir, archive)
-                result = recover_cluster(cluster, archive, datetime.fromisoformat(recovery["target"]))
-        except Exception:
-            cluster.destroy()
-            raise
+        cluster, prepared, result = recover_scratch_cluster(
+            context, server.name, f"recovery of server {server.name} to {recovery['target']}", catalog,
+            catalog.get(recovery["backup_id"]), store, archive, datetime.fromisoformat(recovery["target"]), recovery["login"],
+        )
     return {
         **recovery, "host": socket.gethostname(), "port": cluster.port, "root": str(cluster.root),
         "started_at": started, "finished_at": _now(), "timings": {k: round(v, 2) for k, v in prepared.timings.items()},
