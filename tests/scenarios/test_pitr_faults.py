@@ -214,8 +214,18 @@ def test_health_alerts_once_when_the_archiver_fails_and_once_when_it_recovers(fl
          storage=storage, servers={SERVER: {"pitr": {"storage": "pitr", "rpo": "5m"}}})
     flaky["proxy"].cut_after(0)
     try:
+        with psycopg.connect(**server.dsn()) as conn:
+            failed_before = conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()[0]
         write_and_switch(server, 1)
-        time.sleep(4)  # the archiver tries, and fails
+        # barman-cloud retries inside one attempt (boto3's backoff): wait for the server to record the failure.
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with psycopg.connect(**server.dsn()) as conn:
+                if conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()[0] > failed_before:
+                    break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the archiver never failed while S3 was cut")
         failing = run_dag("pgdr_health")
         second = run_dag("pgdr_health")
     finally:
