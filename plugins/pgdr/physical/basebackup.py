@@ -137,7 +137,7 @@ def take_base_backup(
                 "re-created. Take a full base backup."
             )
         manifest = workdir / "parent_backup_manifest"
-        _download_checked(store, parent.record.file("backup_manifest"), manifest)
+        download_checked(store, parent.record.file("backup_manifest"), manifest)
         args.append(f"--incremental={manifest}")
 
     started_at = datetime.now(UTC)
@@ -219,7 +219,7 @@ def take_base_backup(
     return record
 
 
-def _download_checked(store: BackupStore, entry: BaseBackupFile, dest: Path) -> None:
+def download_checked(store: BackupStore, entry: BaseBackupFile, dest: Path) -> None:
     """Download one stored file of a base backup and check its size and SHA-256."""
     from pgdr.errors import ChecksumMismatch
 

@@ -103,13 +103,13 @@ def _chown_tree(path: Path) -> None:
 
 def download_chain(chain: list[BaseBackupEntry], store: BackupStore, dest: Path) -> list[Path]:
     """Download every file of every base backup of ``chain`` into ``dest/<backup_id>``, checked by SHA-256."""
-    from pgdr.physical.basebackup import _download_checked
+    from pgdr.physical.basebackup import download_checked
 
     dirs = []
     for entry in chain:
         folder = dest / entry.backup_id
         for item in entry.record.files:
-            _download_checked(store, item, folder / item.name)
+            download_checked(store, item, folder / item.name)
         dirs.append(folder)
     return dirs
 

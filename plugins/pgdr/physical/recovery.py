@@ -15,7 +15,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from pgdr.errors import BackupNotFound, PermanentFailure
@@ -163,18 +163,3 @@ def recover_cluster(
         result.achieved_point, target.isoformat() if target else "latest", result.wal_bytes_replayed, result.replay_seconds,
     )
     return result
-
-
-def parse_target(text: str | None) -> datetime | None:
-    """Parse a recovery target as the restore form takes it: ``latest``/empty, or a UTC time to the second."""
-    if text is None or not str(text).strip() or str(text).strip().lower() == "latest":
-        return None
-    raw = str(text).strip().replace("T", " ").removesuffix("Z").removesuffix(" UTC").removesuffix("+00:00").strip()
-    for fmt in ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
-        try:
-            return datetime.strptime(raw, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    raise PermanentFailure(
-        f"{str(text)[:60]!r} is not a recovery target: give a UTC time such as 2026-11-26 09:41:00 (or 'latest')."
-    )
