@@ -19,8 +19,10 @@ completes (its `pgdr_backups` asset event), this DAG verifies exactly that backu
    `failed`, with phase durations and the achieved restore time against the plan's RTO.
    Retention always keeps the newest verified backup.
 
-Trigger it by hand with `database` and `backup_id` to verify one backup; a daily run verifies
-any backup that missed its event, and a backfill verifies the backups taken in its intervals.
+Trigger it by hand with `database` and `backup_id` to verify one backup. An asset-triggered run
+also verifies the day's backups newer than the last verified one whose events Airflow 3.3 did not
+deliver (a fleet backed up in a burst loses some: apache/airflow#56050); a daily run verifies
+any backup that still missed its event, and a backfill verifies the backups taken in its intervals.
 
 **When it fails**: the alert names the phase.
 - *check_checksums*: the stored backup changed since it was written. It is marked failed and
@@ -63,7 +65,9 @@ WINDOW = min(db.rto for db in PLAN.databases)  # a restore slower than the RTO b
     ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,  # leftover scratch databases are then never another live run's
+    # One run at a time: an asset-triggered run can then take the backups whose events Airflow 3.3
+    # dropped (apache/airflow#56050) without another run verifying them too.
+    max_active_runs=1,
     tags=["pgdr", "verify", "disaster-recovery"],
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=4)),
     deadline=deadline_alerts(PLAN, "pgdr_verify_restore", WINDOW, "RTO", scope_of(PLAN.database_names)),

@@ -271,3 +271,45 @@ def test_manifest_edited_in_the_bucket_is_refused_before_anything_is_read(local_
     assert message in alert and "is damaged or not a pgdr manifest" in alert, alert
     assert _scratch_databases(pg_server) == []
     assert not (root / "v1" / "shop" / backup_id / "verification.json").exists()
+
+
+def test_an_asset_triggered_run_also_takes_backups_whose_events_airflow_dropped(local_backup):
+    """Airflow 3.3 can drop asset events of a burst (apache/airflow#56050): the run catches them up."""
+    from types import SimpleNamespace
+
+    from pgdr.storage.backends import LocalFolderStore
+    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.storage.layout import BackupLayout
+    from pgdr.tasks.verify import resolve_verification_targets
+    from support import copy_backup_as
+
+    plan, root, real_id = local_backup
+    store, layout = LocalFolderStore(root), BackupLayout()
+    catalog = BackupCatalog(store, layout, "shop")
+    real = catalog.get(real_id)
+    now = datetime.now(UTC)
+    ids = {name: f"{(now - age):%Y%m%dT%H%M%S}Z-{name}" for name, age in
+           [("aaaaa1", timedelta(days=3)), ("bbbbb2", timedelta(hours=3)), ("ccccc3", timedelta(hours=2)),
+            ("ddddd4", timedelta(minutes=5)), ("eeeee5", timedelta(minutes=4))]}
+    for backup_id in ids.values():
+        copy_backup_as(store, layout, real.manifest, backup_id,
+                       datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC), copy_data=False)
+    catalog.record_verification(ids["ccccc3"], {"status": "verified"})
+    shutil.rmtree(root / "v1" / "shop" / real_id)  # only the copies: their ages decide
+
+    event = SimpleNamespace(extra={"database": "shop", "backup_id": ids["eeeee5"]})
+    context = {"params": {}, "triggering_asset_events": {"pgdr_backups": [event]}}
+    targets = resolve_verification_targets(context)
+    # The event's backup, and the one taken after the newest verified one whose event never came;
+    # not the one older than the verified one, nor one older than a day.
+    assert sorted(t["backup_id"] for t in targets) == sorted([ids["ddddd4"], ids["eeeee5"]])
+    # The next run, from the caught-up backup's own (late) event, does not verify it again.
+    from pgdr.storage.catalog import BackupCatalog as Catalog
+
+    Catalog(store, layout, "shop").record_verification(ids["ddddd4"], {"status": "verified", "airflow": {"run_id": "r1"}})
+    Catalog(store, layout, "shop").record_verification(ids["eeeee5"], {"status": "verified", "airflow": {"run_id": "r1"}})
+    late = SimpleNamespace(extra={"database": "shop", "backup_id": ids["ddddd4"]})
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    with pytest.raises(AirflowSkipException, match="verified already"):
+        resolve_verification_targets({"params": {}, "triggering_asset_events": {"pgdr_backups": [late]}})
