@@ -251,8 +251,8 @@ def e2e_mail():
 
 
 def pytest_collection_modifyitems(items):
-    """Run the end-to-end tests last: they share one long-lived airflow standalone."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
+    """Run the end-to-end tests last: each kind shares one long-lived Airflow (Celery, then standalone)."""
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is not None, item.get_closest_marker("celery") is not None))
 
 
 E2E_RTO_SECONDS = 4  # tight on purpose: a verification takes longer, so its deadline is missed

@@ -7,7 +7,6 @@ embedded PostgreSQL, the Slack receiver, the SMTP server). Ready in about 30 s.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,13 +16,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from airflow_client import AirflowClient
 from pgdr.local.embedded import free_port
 from pgdr.local.runner import DAGS_FOLDER, PLUGINS_FOLDER
 
 PGDR_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore"}
 
 
-class Standalone:
+class Standalone(AirflowClient):
     """One ``airflow standalone`` process group and a tiny REST client for it."""
 
     def __init__(self, home: Path, extra_env: dict[str, str]):
@@ -88,32 +88,3 @@ class Standalone:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
-
-    def api(self, method: str, path: str, body: dict | None = None, timeout: float = 30):
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-        return json.loads(raw) if raw else None
-
-    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
-        """Unpause ``dag_id``, trigger it with ``conf`` and return the run id."""
-        self.api("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-        run = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
-        return run["dag_run_id"]
-
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 300) -> dict:
-        """Poll until the run ends; return it (with ``task_states``)."""
-        from urllib.parse import quote
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}")
-            if run["state"] in ("success", "failed"):
-                tis = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances?limit=100")
-                run["task_states"] = {t["task_id"]: t["state"] for t in tis["task_instances"]}
-                return run
-            time.sleep(2)
-        raise TimeoutError(f"{dag_id} run {run_id} did not finish in {timeout}s:\n{self.log_tail()}")

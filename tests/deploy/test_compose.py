@@ -107,3 +107,43 @@ def test_shipped_plans_are_valid(plan_file):
     from pgdr.plan import load_plan
 
     assert load_plan(ROOT / "include" / plan_file).database_names == ["shop"]
+
+
+# -- the Celery harness of the tests (tests/celery_cluster.py) runs what this file describes -------
+
+
+def test_the_celery_harness_and_compose_configure_airflow_alike(tmp_path):
+    """Same settings but for addresses, same commands, same plan shape: fail when they drift apart."""
+    from types import SimpleNamespace
+
+    import celery_cluster as harness
+
+    compose_env = {k: v for k, v in _airflow_env().items() if k.startswith("AIRFLOW__")}
+    cluster = harness.CeleryCluster(tmp_path, SimpleNamespace(port=5432, airflow_password="x"), {}, tmp_path / "plan.yaml")
+    local = cluster.settings
+    for key, value in compose_env.items():
+        assert key in local, f"compose sets {key}; the Celery harness does not"
+        if key not in harness.LOCAL_ADDRESSES:
+            assert local[key] == str(value), f"{key}: compose {value!r}, harness {local[key]!r}"
+    assert harness.LOCAL_ADDRESSES <= set(compose_env), harness.LOCAL_ADDRESSES - set(compose_env)
+    extra = set(local) - set(compose_env)
+    assert extra == set(harness.ADDED_HERE), f"say in ADDED_HERE why the harness sets {extra ^ set(harness.ADDED_HERE)}"
+    # Executor, broker and result backend of the same kinds.
+    assert local["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND", "AIRFLOW__CELERY__BROKER_URL"):
+        assert local[key].split(":", 1)[0] == str(compose_env[key]).split(":", 1)[0], key
+
+    # The same components, started with the same commands.
+    commands = harness.compose_commands()
+    assert sorted(c for name, c in commands.items() if name != "airflow-worker") == sorted(harness.COMPONENTS.values())
+    assert commands["airflow-worker"] == harness.WORKER_COMMAND
+    assert COMPOSE["services"]["airflow-worker"]["deploy"]["replicas"] == len(cluster.workers)
+    assert "pgdr.airflow_glue.pools" in " ".join(COMPOSE["services"]["airflow-init"]["command"])
+
+    # The plan: the compose plan's sections and settings, only storage and databases replaced.
+    compose_plan = yaml.safe_load((ROOT / "include" / "pgdr.compose.yaml").read_text())
+    adapted = harness.compose_shaped_plan({"s3": {"type": "s3", "bucket": "b", "aws_conn_id": "pgdr_s3"}}, [{"name": "x", "conn_id": "c"}])
+    assert set(adapted) == set(compose_plan)
+    assert {k: v for k, v in adapted["defaults"].items() if k != "storage"} == \
+        {k: v for k, v in compose_plan["defaults"].items() if k != "storage"}
+    assert adapted["backup"] == compose_plan["backup"]

@@ -1,0 +1,146 @@
+"""The Celery deployment of the tests in this folder: started once for the folder, stopped after it.
+
+Fifty small databases on two source servers (the session's two embedded PostgreSQL servers), a
+larger one (``ledger``) whose restore lasts long enough to kill a worker during it, and the
+sample database ``shop`` with a deliberately tight RTO for the deadline alerts.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import psycopg
+import pytest
+import yaml
+from conftest import BUCKET
+from support import MailInbox, SlackReceiver, aws_connection
+
+FLEET_A = [f"celery_a_{i:02d}" for i in range(25)]
+FLEET_B = [f"celery_b_{i:02d}" for i in range(25)]
+# Two databases of the fleet have names that need quoting, in the plan and on the server.
+ODD_DBNAMES = {"celery_a_07": "Kunden Ä-07", "celery_b_13": 'Orders "B" 13'}
+RTO_SECONDS = 4  # shop's RTO: a verification takes longer, so its run misses the deadline
+
+
+def fleet_rows(name: str) -> int:
+    return 50 + int(name[-2:])
+
+
+def _dbname(name: str) -> str:
+    return ODD_DBNAMES.get(name, name)
+
+
+def _create_fleet(server, names: list[str]) -> None:
+    from psycopg import sql
+
+    with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(_dbname(name))))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(_dbname(name))))
+    for name in names:
+        with psycopg.connect(**server.dsn(_dbname(name)), autocommit=True) as conn:
+            conn.execute('CREATE TABLE "Konten" (id int PRIMARY KEY, "Saldo €" numeric NOT NULL)')
+            conn.execute('INSERT INTO "Konten" SELECT g, g * 1.5 FROM generate_series(1, %s) g', (fleet_rows(name),))
+
+
+@pytest.fixture(scope="package")
+def redis_binary():
+    from celery_cluster import redis_server
+
+    binary = redis_server()
+    if not binary:
+        pytest.skip("redis-server is not installed: the Celery tests need Debian's redis-server "
+                    "(apt-get install redis-server; .ci/run installs it)")
+    return binary
+
+
+@pytest.fixture(scope="package")
+def celery_databases(pg_server, pg_server_b):
+    """The fleet, and ``ledger``: 3,000,000 rows, a restore of several seconds."""
+    _create_fleet(pg_server, FLEET_A)
+    _create_fleet(pg_server_b, FLEET_B)
+    with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS ledger WITH (FORCE)")
+        conn.execute("CREATE DATABASE ledger")
+    with psycopg.connect(**pg_server.dsn("ledger"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE entries (id bigint PRIMARY KEY, account int NOT NULL, amount numeric NOT NULL, memo text)")
+        conn.execute("INSERT INTO entries SELECT g, g % 1000, g * 0.01, md5(g::text) FROM generate_series(1, 3000000) g")
+        conn.execute("CREATE INDEX ON entries (account)")
+    return FLEET_A + FLEET_B
+
+
+@pytest.fixture(scope="package")
+def celery_slack():
+    receiver = SlackReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="package")
+def celery_mail():
+    inbox = MailInbox()
+    yield inbox
+    inbox.close()
+
+
+@pytest.fixture(scope="package")
+def celery_plan(session_dir, celery_databases):
+    """``include/pgdr.compose.yaml``, with the moto S3 server for MinIO and this machine's databases."""
+    from celery_cluster import compose_shaped_plan
+
+    def fleet(name: str, conn_id: str) -> dict:
+        entry = {"name": name, "conn_id": conn_id, "server": conn_id.removeprefix("pgdr_")}
+        if name in ODD_DBNAMES:
+            entry["dbname"] = ODD_DBNAMES[name]
+        return entry
+
+    databases = [
+        {"name": "shop", "conn_id": "pgdr_shop", "rto": f"{RTO_SECONDS}s"},
+        {"name": "ledger", "conn_id": "pgdr_shop", "dbname": "ledger"},
+        *[fleet(n, "pgdr_fleet_a") for n in FLEET_A],
+        *[fleet(n, "pgdr_fleet_b") for n in FLEET_B],
+    ]
+    storage = {"minio": {"type": "s3", "bucket": BUCKET, "prefix": f"celery-{secrets.token_hex(3)}", "aws_conn_id": "pgdr_s3"}}
+    # Timings only: the tests trigger backups themselves, and a retry comes after seconds.
+    plan = compose_shaped_plan(storage, databases, backup={"schedule": None, "retry_delay": "5s"})
+    path = session_dir / "celery-plan.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True))
+    return path
+
+
+@pytest.fixture(scope="package")
+def metadata_server(session_dir):
+    """Airflow's metadata database: ``airflow`` on an embedded PostgreSQL 18 server of its own."""
+    from pgdr.local.embedded import EmbeddedServer
+    from psycopg import sql
+
+    server = EmbeddedServer(session_dir / "postgres-airflow").start()
+    server.airflow_password = secrets.token_urlsafe(18)
+    with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE airflow LOGIN PASSWORD {}").format(sql.Literal(server.airflow_password)))
+        conn.execute("CREATE DATABASE airflow OWNER airflow")
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="package")
+def celery_cluster(redis_binary, session_dir, metadata_server, celery_plan, pg_server, pg_server_b, s3_server,
+                   celery_slack, celery_mail):
+    """Redis, api-server, scheduler, dag-processor, triggerer and two Celery workers (about 30 s to start)."""
+    from celery_cluster import CeleryCluster, component_processes_left
+
+    root = session_dir / "celery"
+    connections = {
+        "AIRFLOW_CONN_PGDR_SHOP": pg_server.connection_uri("shop"),
+        "AIRFLOW_CONN_PGDR_FLEET_A": pg_server.connection_uri("postgres"),
+        "AIRFLOW_CONN_PGDR_FLEET_B": pg_server_b.connection_uri("postgres"),
+        "AIRFLOW_CONN_PGDR_RESTORE": pg_server.restore_connection_uri(),
+        "AIRFLOW_CONN_PGDR_S3": aws_connection(s3_server.port),
+        "AIRFLOW_CONN_PGDR_SLACK": celery_slack.connection(),
+        "AIRFLOW_CONN_PGDR_SMTP": celery_mail.connection(),
+    }
+    cluster = CeleryCluster(root, metadata_server, connections, celery_plan).start()
+    yield cluster
+    cluster.stop()
+    left = component_processes_left(root, cluster.sessions())
+    assert not left, f"processes of the Celery deployment still running after it stopped: {left}"
