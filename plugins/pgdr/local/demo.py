@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pgdr.plan import PROJECT_ROOT
 
-STATE_DIR = PROJECT_ROOT / ".pgdr"
+# The demo's (and make ui's) server, Airflow homes and port file; tests point it elsewhere.
+STATE_DIR = Path(os.environ.get("PGDR_STATE_DIR") or PROJECT_ROOT / ".pgdr")
 
 
 def _say(text: str) -> None:
