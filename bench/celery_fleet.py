@@ -1,0 +1,192 @@
+"""Scheduling overhead of pgdr on CeleryExecutor: a fleet backed up and every backup verified.
+
+    make bench                 # after run.py and pitr.py: 50 databases on 2 servers, 3 rounds
+    make bench ARGS=--quick    # 6 databases, 1 round: the CI smoke run
+
+The deployment is the tests' (tests/celery_cluster.py): Redis, a PostgreSQL metadata database,
+api-server, scheduler, dag-processor, triggerer and two Celery workers, configured from
+docker-compose.yaml, with the plan include/pgdr.compose.yaml adapted to local servers and moto's S3.
+A round is one ``pgdr_backup`` run and the ``pgdr_verify_restore`` runs its asset events start,
+until every backup of the round is verified.
+
+    overhead = elapsed / (sum of task durations / worker slots) - 1
+
+``elapsed`` runs from the backup run's start to the end of the last verification run; the worker
+slots are workers x ``AIRFLOW__CELERY__WORKER_CONCURRENCY``. It is what the scheduler, the broker and
+task start-up add to the work itself (goal: under 10 %). Results are merged into
+bench/results/latest.json (quick.json with --quick) as ``celery_fleet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "tests")]
+
+BUCKET = "pgdr-bench-celery"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="6 databases, one round")
+    parser.add_argument("--databases", type=int, help="fleet size (default 50, 6 with --quick)")
+    parser.add_argument("--rounds", type=int, help="default 3, 1 with --quick")
+    parser.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
+    parser.add_argument("--scale", type=int, help=argparse.SUPPRESS)  # the other benchmarks'
+    parser.add_argument("--partitions", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--load-seconds", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    size = args.databases or (6 if args.quick else 50)
+    rounds = args.rounds or (1 if args.quick else 3)
+    output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
+
+    from celery_cluster import redis_server
+
+    if not redis_server():
+        print("celery_fleet: skipped, redis-server is not installed (apt-get install redis-server)")
+        return
+    work = Path(tempfile.mkdtemp(prefix="pgdr-bench-celery-"))
+    work.chmod(0o755)
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        results = run(work, size, rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = json.loads(output.read_text()) if output.exists() else {}
+    report["celery_fleet"] = results
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\npgdr on CeleryExecutor: {size} databases on 2 servers, {results['worker_slots']} worker slots, "
+          f"median of {rounds} round(s)")
+    print(f"{'overhead':<30}{results['overhead']:>10.1%}  < 10 %  {'ok' if results['overhead'] < 0.10 else 'MISSED'}")
+    for key in ("elapsed_s", "task_seconds", "backup_run_s", "tasks"):
+        print(f"  {key:<28}{results[key]:>10}")
+    print(f"\nMerged into {output}")
+
+
+def run(work: Path, size: int, rounds: int) -> dict:
+    import psycopg
+    from celery_cluster import CeleryCluster, compose_shaped_plan
+    from moto.server import ThreadedMotoServer
+    from pgdr.local.embedded import EmbeddedServer, free_port
+    from psycopg import sql
+    from support import MailInbox, SlackReceiver, aws_connection
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request otherwise
+    servers = [EmbeddedServer(work / "source-a").start()]
+    servers.append(EmbeddedServer(work / "source-b", restore_password=servers[0].restore_password).start())
+    meta = EmbeddedServer(work / "metadata").start()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=(moto_port := free_port()), verbose=False)
+    moto.start()
+    slack, mail = SlackReceiver(), MailInbox()
+    cluster = None
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        meta.airflow_password = secrets.token_urlsafe(18)
+        with psycopg.connect(**meta.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE airflow LOGIN PASSWORD {}").format(sql.Literal(meta.airflow_password)))
+            conn.execute("CREATE DATABASE airflow OWNER airflow")
+        databases = []
+        for index in range(size):
+            server_index = index % 2
+            name = f"fleet_{index:03d}"
+            with psycopg.connect(**servers[server_index].dsn("postgres"), autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            with psycopg.connect(**servers[server_index].dsn(name), autocommit=True) as conn:
+                conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance numeric NOT NULL)")
+                conn.execute("INSERT INTO accounts SELECT g, g * 1.5 FROM generate_series(1, 100 + %s) g", (index,))
+            server = "ab"[server_index]
+            databases.append({"name": name, "conn_id": f"pgdr_fleet_{server}", "server": f"fleet_{server}"})
+        plan = compose_shaped_plan({"minio": {"type": "s3", "bucket": BUCKET, "prefix": "bench", "aws_conn_id": "pgdr_s3"}},
+                                   databases, backup={"schedule": None, "retry_delay": "5s"})
+        import yaml
+
+        plan_path = work / "plan.yaml"
+        plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
+        connections = {
+            "AIRFLOW_CONN_PGDR_FLEET_A": servers[0].connection_uri("postgres"),
+            "AIRFLOW_CONN_PGDR_FLEET_B": servers[1].connection_uri("postgres"),
+            "AIRFLOW_CONN_PGDR_RESTORE": servers[0].restore_connection_uri(),
+            "AIRFLOW_CONN_PGDR_S3": aws_connection(moto_port).replace("testing-key", "bench").replace("testing-secret", "bench"),
+            "AIRFLOW_CONN_PGDR_SLACK": slack.connection(),
+            "AIRFLOW_CONN_PGDR_SMTP": mail.connection(),
+        }
+        cluster = CeleryCluster(work / "airflow", meta, connections, plan_path).start()
+        slots = len(cluster.workers) * int(cluster.settings.get("AIRFLOW__CELERY__WORKER_CONCURRENCY", "16"))
+        measured = [one_round(cluster, size) for _ in range(rounds)]
+    finally:
+        if cluster:
+            cluster.stop()
+        moto.stop()
+        slack.close()
+        mail.close()
+        for server in [*servers, meta]:
+            server.destroy()
+    overheads = [m["elapsed_s"] / (m["task_seconds"] / slots) - 1 for m in measured]
+    median = sorted(range(len(measured)), key=lambda i: overheads[i])[len(measured) // 2]
+    return {
+        "overhead": round(overheads[median], 4),
+        "overheads": [round(o, 4) for o in overheads],
+        "databases": size, "servers": 2, "workers": 2, "worker_slots": slots,
+        **measured[median],
+        "definition": "elapsed / (sum of task durations / worker slots) - 1, from the backup run's start to the "
+                      "last verification's end",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def one_round(cluster, size: int) -> dict:
+    """One backup run of the fleet and the verification runs it starts; return their timings."""
+    cluster.api("PATCH", "/api/v2/dags/pgdr_verify_restore", {"is_paused": False})
+    before = {r["dag_run_id"] for r in verify_runs(cluster)}
+    run_id = cluster.trigger("pgdr_backup")
+    backup = cluster.wait_for_run("pgdr_backup", run_id, timeout=1800)
+    if backup["state"] != "success":
+        raise RuntimeError(f"the fleet backup failed: {backup['task_states']}")
+    deadline = time.monotonic() + 3600
+    while True:
+        runs = [r for r in verify_runs(cluster) if r["dag_run_id"] not in before]
+        verified = sum(1 for r in runs if r["state"] in ("success", "failed")
+                       for t in cluster.task_instances("pgdr_verify_restore", r["dag_run_id"], task_id="verify.record_verification")
+                       if t["state"] == "success")
+        if verified >= size and all(r["state"] in ("success", "failed") for r in runs):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{verified} of {size} backups verified after an hour")
+        time.sleep(5)
+    tis = cluster.task_instances("pgdr_backup", run_id)
+    for r in runs:
+        tis += cluster.task_instances("pgdr_verify_restore", r["dag_run_id"])
+    start = datetime.fromisoformat(backup["start_date"])
+    end = max(datetime.fromisoformat(r["end_date"]) for r in runs)
+    return {
+        "elapsed_s": round((end - start).total_seconds(), 1),
+        "task_seconds": round(sum(t["duration"] or 0 for t in tis), 1),
+        "backup_run_s": round((datetime.fromisoformat(backup["end_date"]) - start).total_seconds(), 1),
+        "verify_runs": len(runs),
+        "tasks": len(tis),
+        "median_task_s": round(statistics.median(t["duration"] for t in tis if t["duration"]), 2),
+    }
+
+
+def verify_runs(cluster) -> list[dict]:
+    return cluster.api("GET", "/api/v2/dags/pgdr_verify_restore/dagRuns?limit=100&order_by=-run_after")["dag_runs"]
+
+
+if __name__ == "__main__":
+    main()
