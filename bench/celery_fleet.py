@@ -76,14 +76,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(work: Path, size: int, rounds: int) -> dict:
+    import logging
+
     import psycopg
     from celery_cluster import CeleryCluster, compose_shaped_plan
     from moto.server import ThreadedMotoServer
     from pgdr.local.embedded import EmbeddedServer, free_port
     from psycopg import sql
     from support import MailInbox, SlackReceiver, aws_connection
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request otherwise
     servers = [EmbeddedServer(work / "source-a").start()]

@@ -307,3 +307,73 @@ def copy_backup_as(store, layout, manifest, backup_id: str, recovery_point, copy
             store.put_bytes(key, store.get_bytes(entry["key"]))
         entry["key"] = key
     store.put_bytes(layout.manifest_key(manifest.database, backup_id), json.dumps(data).encode())
+
+
+class SseRequiredGateway:
+    """The S3 server behind a bucket policy that denies every write without server-side encryption.
+
+    moto stores bucket policies but ignores their conditions (moto/s3/models.py, put_bucket_policy:
+    "Conditions are not taken into account"), so the policy AWS users write,
+
+        {"Effect": "Deny", "Action": "s3:PutObject",
+         "Condition": {"StringNotEquals": {"s3:x-amz-server-side-encryption": "<sse>"}}}
+
+    is enforced here instead: an HTTP gateway in front of the real moto server answers a PutObject,
+    CreateMultipartUpload or CopyObject that lacks the header (or names another kind) with S3's
+    403 AccessDenied, and forwards everything else unchanged. ``denied`` lists what it refused.
+    """
+
+    def __init__(self, upstream_port: int, sse: str):
+        import http.client
+
+        gateway = self
+        self.sse, self.denied, self.writes = sse, [], 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path, _, query = self.path.partition("?")
+                is_write = (self.command == "PUT" and path.count("/") >= 2 and "partNumber=" not in query
+                            and not query.startswith(("policy", "encryption", "tagging", "acl")))
+                is_write |= self.command == "POST" and query.startswith("uploads")
+                if is_write:
+                    gateway.writes += 1
+                    if self.headers.get("x-amz-server-side-encryption") != gateway.sse:
+                        gateway.denied.append(f"{self.command} {self.path}")
+                        error = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                        self.send_response(403)
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length", str(len(error)))
+                        self.end_headers()
+                        self.wfile.write(error)
+                        return
+                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815 - http.server's naming
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -61,6 +61,10 @@ class StorageTarget:
     bucket: str | None = None
     prefix: str = ""
     aws_conn_id: str | None = None
+    # S3 server-side encryption asked for on every write: "AES256" (SSE-S3) or "aws:kms" (SSE-KMS,
+    # with kms_key_id, or the account's default KMS key when that is None). None: the bucket's default.
+    sse: str | None = None
+    kms_key_id: str | None = None
 
     def describe(self) -> str:
         """Return the target as a person would write it (``s3://bucket/prefix`` or a path)."""
@@ -117,6 +121,9 @@ class ProtectedDatabase:
     # superuser (see pgdr.airflow_glue.connections.restore_endpoint). None: not configured (restores refuse).
     restore_conn_id: str | None = None
     restore_as_superuser: bool = False  # explicit, documented opt-out, warned about in every report
+    # Client-side encryption (pgdr.storage.encryption): the Airflow connection holding the master
+    # keys. None: backups are stored as pg_dump wrote them (still under the target's SSE, if any).
+    encryption_key_conn_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -347,11 +354,14 @@ _PITR_KEYS = {"storage", "keep_window", "full_schedule", "incremental_schedule",
 _DRILL_KEYS = {"schedule", "max_duration"}
 _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
-_POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs", "compression", "restore_conn_id", "restore_as_superuser"}
+_POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs", "compression", "restore_conn_id", "restore_as_superuser",
+                "encryption"}
 _DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server"}
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
 _NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
-_STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id"}
+_STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id", "sse", "kms_key_id"}
+_ENCRYPTION_KEYS = {"key_conn_id"}
+SSE_KINDS = ("AES256", "aws:kms")
 
 
 def _parse_retention(c: _Checker, node: yaml.Node, key: str, base: RetentionPolicy) -> RetentionPolicy:
@@ -391,20 +401,30 @@ def _parse_storage(c: _Checker, name: str, node: yaml.Node, plan_dir: Path) -> S
     for needed in required:
         if needed not in fields:
             raise c.fail(node, f"{key}.{needed}", f"missing; a {kind} storage target needs {' and '.join(required)}")
-    unexpected = {"local": {"bucket", "aws_conn_id", "prefix"}, "s3": {"path"}}[kind] & fields.keys()
+    unexpected = {"local": {"bucket", "aws_conn_id", "prefix", "sse", "kms_key_id"}, "s3": {"path"}}[kind] & fields.keys()
     if unexpected:
         extra = sorted(unexpected)[0]
-        raise c.fail(fields[extra][0], f"{key}.{extra}", f"not used by a {kind} storage target; remove it")
+        hint = (" (a folder has no server-side encryption: encrypt the backups themselves with "
+                "'encryption: {key_conn_id: ...}' under defaults)") if extra in ("sse", "kms_key_id") else ""
+        raise c.fail(fields[extra][0], f"{key}.{extra}", f"not used by a {kind} storage target; remove it{hint}")
     if kind == "local":
         raw = Path(os.path.expandvars(c.string(fields["path"][1], f"{key}.path")))
         return StorageTarget(name=name, kind="local", path=(plan_dir / raw).resolve())
     prefix = c.string(fields["prefix"][1], f"{key}.prefix").strip("/") if "prefix" in fields else ""
+    sse = c.string(fields["sse"][1], f"{key}.sse") if "sse" in fields else None
+    if sse is not None and sse not in SSE_KINDS:
+        raise c.fail(fields["sse"][1], f"{key}.sse", f"expected AES256 (SSE-S3) or aws:kms (SSE-KMS), got {sse!r}")
+    kms_key_id = c.string(fields["kms_key_id"][1], f"{key}.kms_key_id") if "kms_key_id" in fields else None
+    if kms_key_id is not None and sse != "aws:kms":
+        raise c.fail(fields["kms_key_id"][1], f"{key}.kms_key_id", "only used with 'sse: aws:kms'; add it, or remove kms_key_id")
     return StorageTarget(
         name=name,
         kind="s3",
         bucket=c.string(fields["bucket"][1], f"{key}.bucket"),
         prefix=prefix,
         aws_conn_id=c.string(fields["aws_conn_id"][1], f"{key}.aws_conn_id", _CONN_ID, "an Airflow connection id"),
+        sse=sse,
+        kms_key_id=kms_key_id,
     )
 
 
@@ -419,6 +439,7 @@ class _Policy:
     compression: str = DEFAULT_COMPRESSION
     restore_conn_id: str | None = None
     restore_as_superuser: bool = False
+    encryption_key_conn_id: str | None = None
 
 
 def _parse_policy(
@@ -449,6 +470,17 @@ def _parse_policy(
         if not isinstance(value, bool):
             raise c.fail(fields["restore_as_superuser"][1], f"{key}.restore_as_superuser", f"expected true or false, got {value!r}")
         policy.restore_as_superuser = value
+    if "encryption" in fields:
+        node = fields["encryption"][1]
+        if isinstance(node, yaml.ScalarNode) and node.value in ("none", "off", "false"):
+            policy.encryption_key_conn_id = None  # a database that opts out of the defaults' encryption
+        else:
+            enc = c.mapping(node, f"{key}.encryption", _ENCRYPTION_KEYS)
+            if "key_conn_id" not in enc:
+                raise c.fail(node, f"{key}.encryption.key_conn_id", "missing; name the Airflow connection that holds the master key")
+            policy.encryption_key_conn_id = c.string(
+                enc["key_conn_id"][1], f"{key}.encryption.key_conn_id", _CONN_ID, "an Airflow connection id"
+            )
     if "storage" in fields:
         name = c.string(fields["storage"][1], f"{key}.storage")
         if name not in storages:
@@ -569,6 +601,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 compression=policy.compression,
                 restore_conn_id=policy.restore_conn_id,
                 restore_as_superuser=policy.restore_as_superuser,
+                encryption_key_conn_id=policy.encryption_key_conn_id,
                 verify_conn_id=(
                     c.string(fields["verify_conn_id"][1], f"{key}.verify_conn_id", _CONN_ID, "an Airflow connection id")
                     if "verify_conn_id" in fields

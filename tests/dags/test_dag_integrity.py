@@ -11,7 +11,7 @@ import pytest
 from pgdr.local.runner import DAGS_FOLDER
 
 DAG_FILES = sorted(DAGS_FOLDER.glob("*.py"))
-EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore", "pgdr_drill", "pgdr_health", "pgdr_basebackup", "pgdr_verify_pitr"}
+EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore", "pgdr_drill", "pgdr_health", "pgdr_basebackup", "pgdr_verify_pitr", "pgdr_rotate_keys"}
 
 
 @pytest.fixture(scope="module")

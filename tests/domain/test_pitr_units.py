@@ -201,3 +201,16 @@ def test_a_private_checkout_keeps_the_servers_files_where_its_user_can_reach_the
         assert state_dir_for(here / "postgres") == here / "postgres"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_archive_command_asks_for_the_targets_server_side_encryption():
+    from pgdr.physical.archive import ArchiveAccess, WalArchive
+    from pgdr.storage.layout import PhysicalLayout
+
+    access = ArchiveAccess(endpoint_url="http://127.0.0.1:9000")
+    plain = WalArchive("b", PhysicalLayout(prefix="p"), "main", access).archive_command(Path("/bin"))
+    assert "--encryption" not in plain
+    kms = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, "aws:kms", "arn:aws:kms:eu-west-1:1:key/a b")
+    assert " --encryption aws:kms --sse-kms-key-id 'arn:aws:kms:eu-west-1:1:key/a b' --gzip " in kms.archive_command(Path("/bin"))
+    sse_s3 = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, "AES256")
+    assert " --encryption AES256 --gzip " in sse_s3.archive_command(Path("/bin"))

@@ -151,3 +151,40 @@ def test_storage_targets_may_share_a_location_or_sit_side_by_side():
         "  beside: {type: s3, bucket: my-bucket, prefix: pgdr2, aws_conn_id: pgdr_s3}",
     )
     assert set(parse_plan(text, Path("/etc/pgdr/plan.yaml")).storages) == {"local", "s3", "same", "beside"}
+
+
+def test_encryption_and_server_side_encryption_are_read_per_target_and_database():
+    text = """\
+storage:
+  kms: {type: s3, bucket: b, aws_conn_id: pgdr_s3, sse: "aws:kms", kms_key_id: "arn:aws:kms:eu-west-1:1:key/abc"}
+  s3: {type: s3, bucket: c, aws_conn_id: pgdr_s3, sse: AES256}
+defaults:
+  encryption: {key_conn_id: pgdr_backup_key}
+databases:
+  - {name: shop, conn_id: pgdr_shop}
+  - {name: billing, conn_id: pgdr_shop, storage: s3, encryption: {key_conn_id: billing_key}}
+  - {name: scratchpad, conn_id: pgdr_shop, encryption: none}
+"""
+    plan = parse_plan(text, Path("/p.yaml"))
+    shop, billing, scratchpad = plan.databases
+    assert (shop.storage.sse, shop.storage.kms_key_id) == ("aws:kms", "arn:aws:kms:eu-west-1:1:key/abc")
+    assert (billing.storage.sse, billing.storage.kms_key_id) == ("AES256", None)
+    assert shop.encryption_key_conn_id == "pgdr_backup_key"
+    assert billing.encryption_key_conn_id == "billing_key"
+    assert scratchpad.encryption_key_conn_id is None
+
+
+@pytest.mark.parametrize(
+    "storage, database, expected",
+    [
+        ("{type: s3, bucket: b, aws_conn_id: a, sse: aes}", "", "storage.t.sse: expected AES256 (SSE-S3) or aws:kms"),
+        ("{type: s3, bucket: b, aws_conn_id: a, sse: AES256, kms_key_id: k}", "", "only used with 'sse: aws:kms'"),
+        ("{type: local, path: /x, sse: AES256}", "", "a folder has no server-side encryption"),
+        ("{type: local, path: /x}", ", encryption: {key: c2VjcmV0}", "encryption.key: unknown key"),
+        ("{type: local, path: /x}", ", encryption: {}", "encryption.key_conn_id: missing"),
+        ("{type: local, path: /x}", ", encryption: {key_conn_id: 'a b'}", "an Airflow connection id"),
+    ],
+)
+def test_encryption_mistakes_point_at_the_key(storage, database, expected):
+    text = f"storage:\n  t: {storage}\ndatabases:\n  - {{name: shop, conn_id: c{database}}}\n"
+    assert expected in _error(text)

@@ -77,7 +77,7 @@ def open_store(target: StorageTarget, plan: DRPlan | None = None) -> tuple[Backu
         max_pool_connections=16,
     )
     client = S3Hook(aws_conn_id=target.aws_conn_id, config=config).get_conn()
-    return S3Store(client, target.bucket), BackupLayout(prefix=target.prefix)
+    return S3Store(client, target.bucket, target.sse, target.kms_key_id), BackupLayout(prefix=target.prefix)
 
 
 def restore_endpoint(db: ProtectedDatabase, plan: DRPlan | None, server: PgEndpoint) -> PgEndpoint:
@@ -142,4 +142,57 @@ def open_archive(server: ProtectedServer, plan: DRPlan | None = None):
         session_token=frozen.token if frozen else None,
     )
     layout = PhysicalLayout(prefix=target.prefix)
-    return store, layout, WalArchive(target.bucket, layout, server.name, access)
+    return store, layout, WalArchive(target.bucket, layout, server.name, access, target.sse, target.kms_key_id)
+
+
+def master_keys(conn_id: str, purpose: str, plan: DRPlan | None = None):
+    """Return the master keys (:class:`pgdr.storage.encryption.MasterKeys`) held by ``conn_id``.
+
+    The connection's login is the current key id, its password the key (base64), and its extra
+    ``{"previous_keys": {"<old id>": "<base64>"}}`` the keys older backups still need. Each key
+    is registered with Airflow's secrets masker before anything else happens with it.
+    """
+    from airflow.sdk.log import mask_secret
+
+    from pgdr.storage.encryption import master_keys_from
+
+    conn = get_connection(conn_id, purpose, plan)
+    extra = conn.extra_dejson or {}
+    for value in [conn.password, *((extra.get("previous_keys") or {}).values() if isinstance(extra.get("previous_keys"), dict) else [])]:
+        if isinstance(value, str) and value:
+            mask_secret(value)
+    return master_keys_from(conn.login, conn.password, extra, f"Airflow connection {conn_id!r}")
+
+
+def backup_data_key(db: ProtectedDatabase, manifest, plan: DRPlan | None = None) -> bytes | None:
+    """Return the data key of an encrypted backup (its manifest's HMAC checked), or ``None`` for a
+    backup stored unencrypted.
+
+    The master keys come from the plan's ``encryption.key_conn_id`` of the database, or, when the
+    plan no longer encrypts it, from the connection the manifest names.
+
+    :raises KeyUnavailable: naming the key id the backup needs and where to put it.
+    """
+    from pgdr.errors import ConnectionNotDefined
+    from pgdr.storage.encryption import KeyUnavailable, unlock_backup
+
+    record = manifest.encryption
+    if record is None:
+        return None
+    conn_id = db.encryption_key_conn_id or record.key_conn_id
+    try:
+        keys = master_keys(conn_id, f"master keys of database {db.name!r}", plan)
+    except ConnectionNotDefined as err:
+        raise KeyUnavailable(
+            f"Backup {manifest.backup_id} of database {db.name!r} is encrypted with master key id {record.key_id!r}, "
+            f"and the connection that should hold it is not defined: {err} Nothing was restored or created."
+        ) from None
+    return unlock_backup(manifest, keys)
+
+
+def encryption_keys(db: ProtectedDatabase, plan: DRPlan | None = None):
+    """Return the master keys new backups of ``db`` are encrypted under, or ``None`` when the plan
+    does not encrypt them."""
+    if not db.encryption_key_conn_id:
+        return None
+    return master_keys(db.encryption_key_conn_id, f"master keys encrypting the backups of database {db.name!r}", plan)

@@ -207,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--tables", action="append", help='a table to restore, as SQL writes it ("Sales Dept".orders); repeat for more')
     run.add_argument("--target-conn-id", help="restore onto another server of the plan (new-database mode)")
     run.add_argument("--dry-run", action="store_true", help="print the restore plan and stop")
+    keygen = commands.add_parser("keygen", help="print a new master key for client-side encryption, as an Airflow connection")
+    keygen.add_argument("--key-id", help="the new key's id (default: key-<UTC date and time>)")
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        return print_new_key(args.key_id)
 
     if args.plan:
         os.environ["PGDR_PLAN"] = str(args.plan.resolve())
@@ -227,6 +231,24 @@ def main(argv: list[str] | None = None) -> int:
         return restore(args)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def print_new_key(key_id: str | None) -> int:
+    """Print a fresh master key as the Airflow connection that holds it (to stdout only, once)."""
+    import json
+    from datetime import UTC, datetime
+
+    from pgdr.storage.encryption import KEY_ID, new_master_key
+
+    key_id = key_id or f"key-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    if not KEY_ID.match(key_id):
+        _print(f"pgdr: {key_id!r} is not a key id: letters, digits and _.:- only, at most 128.")
+        return 2
+    connection = {"conn_type": "generic", "login": key_id, "password": new_master_key(), "extra": {"previous_keys": {}}}
+    _print(f"# A new master key {key_id!r}. Keep a copy in your key escrow: backups encrypted under it cannot be")
+    _print("# restored without it. Rotating: move the connection's current login/password into previous_keys first.")
+    _print(json.dumps(connection))
+    return 0
 
 
 def _who() -> str:

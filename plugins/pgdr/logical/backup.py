@@ -6,7 +6,9 @@ The steps, for one database:
 2. run ``pg_dump --snapshot`` into a private work directory while counting every table's rows
    exactly in the same snapshot; pg_dump compresses each file itself, in its parallel workers
    (the plan's ``compression``, ``gzip:1`` by default);
-3. hash each dump file (SHA-256) as it is read for upload, several files at a time;
+3. hash each dump file (SHA-256) as it is read for upload, several files at a time; with
+   client-side encryption (the plan's ``encryption``), each file is first encrypted with the
+   backup's own data key (:mod:`pgdr.storage.encryption`) and the hash is of the stored bytes;
 4. write the manifest. Until this last write the backup does not exist for any reader; if any
    earlier step fails, the objects already uploaded are removed (or, if storage is down, left
    for retention to remove as a partial upload).
@@ -18,6 +20,7 @@ the manifest was written), that backup is returned instead of taking a second on
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,21 +65,37 @@ def upload_dump(
     database: str,
     backup_id: str,
     workers: int,
+    data_key: bytes | None = None,
 ) -> tuple[list[BackupFile], list[str]]:
-    """Hash and upload every file of a dump directory as it is, ``workers`` at a time.
+    """Hash and upload every file of a dump directory, ``workers`` at a time: as it is, or
+    encrypted with ``data_key`` (each file sealed into a sibling folder, uploaded, then removed).
 
     :return: the files as stored, and every key written (for clean-up on failure).
     """
+    from pgdr.storage.encryption import encrypt_file, file_context
+
     uploaded: list[str] = []
+    sealed_dir = dump_dir.parent / "sealed"
+    if data_key is not None:
+        sealed_dir.mkdir(exist_ok=True)
 
     def one(path: Path) -> BackupFile:
         key = layout.data_key(database, backup_id, path.name)
-        with open(path, "rb") as source:  # pg_dump just wrote it: read from the page cache, ~1.6 GB/s
-            size, sha256 = sha256_stream(source)
-        store.put_file(key, path)
+        if data_key is None:
+            with open(path, "rb") as source:  # pg_dump just wrote it: read from the page cache, ~1.6 GB/s
+                size, sha256 = sha256_stream(source)
+            stored_size, upload = size, path
+        else:
+            upload = sealed_dir / path.name
+            stored_size, sha256, size = encrypt_file(path, upload, data_key, file_context(database, backup_id, path.name))
+        try:
+            store.put_file(key, upload)
+        finally:
+            if upload is not path:
+                upload.unlink(missing_ok=True)
         uploaded.append(key)
         path.unlink()  # free the work directory as the upload goes
-        return BackupFile(name=path.name, key=key, size=size, stored_size=size, sha256=sha256)
+        return BackupFile(name=path.name, key=key, size=size, stored_size=stored_size, sha256=sha256)
 
     files = sorted((p for p in dump_dir.iterdir() if p.is_file()), key=lambda p: p.stat().st_size, reverse=True)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pgdr-upload") as pool:
@@ -101,6 +120,7 @@ def take_backup(
     workdir: Path,
     airflow_info: dict | None = None,
     recovery_point: datetime | None = None,
+    keys=None,
 ) -> BackupResult:
     """Back up ``db`` into ``store``; see the module docstring for the steps.
 
@@ -108,7 +128,11 @@ def take_backup(
     :param airflow_info: ``dag_id``, ``run_id``, ``try_number`` and ``logical_date`` of the run.
     :param recovery_point: for a dump of a cluster recovered to a moment (point-in-time restore),
         that moment; by default the time of the dump's snapshot.
+    :param keys: the master keys (:class:`pgdr.storage.encryption.MasterKeys`) of a database the
+        plan encrypts; its current key wraps this backup's fresh data key.
     """
+    if db.encryption_key_conn_id and keys is None:
+        raise ValueError(f"database {db.name!r} is encrypted in the plan, but no master keys were given")
     airflow_info = airflow_info or {}
     catalog = BackupCatalog(store, layout, db.name)
     run_id = airflow_info.get("run_id")
@@ -166,10 +190,11 @@ def take_backup(
     log.info("pg_dump finished in %.1fs; %d tables counted.", timings["dump"], len(row_counts))
 
     backup_id = new_backup_id(recovery_point)
+    data_key = os.urandom(32) if keys is not None else None  # fresh for every backup, never stored in the clear
     upload_started = _utc_now()
     t1 = time.monotonic()
     try:
-        files, uploaded = upload_dump(dump_dir, store, layout, db.name, backup_id, workers=max(2, db.dump_jobs))
+        files, uploaded = upload_dump(dump_dir, store, layout, db.name, backup_id, workers=max(2, db.dump_jobs), data_key=data_key)
     except Exception as err:
         _remove_partial(store, getattr(err, "uploaded_keys", []), backup_id)
         raise
@@ -197,6 +222,9 @@ def take_backup(
         storage=store.describe(layout.backup_prefix(db.name, backup_id)),
         airflow={k: v for k, v in airflow_info.items() if v is not None},
     )
+    if data_key is not None:
+        manifest = seal_manifest(manifest, keys, data_key, db.encryption_key_conn_id)
+        log.info("Backup %s is encrypted (AES-256-GCM) with a fresh data key wrapped by master key %r.", backup_id, keys.current)
     t2 = time.monotonic()
     try:
         manifest_key = catalog.write_manifest(manifest)
@@ -206,6 +234,18 @@ def take_backup(
     timings["manifest"] = time.monotonic() - t2
     phases["upload"] = (upload_started, _utc_now())
     return BackupResult(manifest, manifest_key, manifest.storage, False, timings, phases)
+
+
+def seal_manifest(manifest: BackupManifest, keys, data_key: bytes, key_conn_id: str) -> BackupManifest:
+    """Return ``manifest`` with its encryption record: the data key wrapped by the current master key,
+    and the HMAC that lets a restore prove nobody without the key changed the manifest."""
+    from dataclasses import replace
+
+    from pgdr.storage.encryption import manifest_mac, wrap
+
+    record = wrap(keys, data_key, key_conn_id, manifest.database, manifest.backup_id)
+    unsigned = replace(manifest, encryption=record)
+    return replace(unsigned, encryption=replace(record, manifest_mac=manifest_mac(data_key, unsigned.to_dict())))
 
 
 def _census(conn) -> tuple[dict[str, int], int, dict[str, int | None], int, float]:

@@ -183,12 +183,16 @@ class WalArchive:
     :param layout: where pgdr's PITR objects live in it.
     :param server: the server's name in the plan (barman-cloud's ``SERVER_NAME``).
     :param access: endpoint, region and credentials for processes that run barman-cloud.
+    :param sse: the storage target's server-side encryption, which barman-cloud asks for on each segment.
+    :param kms_key_id: its KMS key, with ``sse="aws:kms"``.
     """
 
     bucket: str
     layout: PhysicalLayout
     server: str
     access: ArchiveAccess = field(default_factory=ArchiveAccess)
+    sse: str | None = None
+    kms_key_id: str | None = None
 
     @property
     def url(self) -> str:
@@ -201,11 +205,17 @@ class WalArchive:
     def _endpoint_args(self) -> str:
         return f" --endpoint-url {shlex.quote(self.access.endpoint_url)}" if self.access.endpoint_url else ""
 
+    def _encryption_args(self) -> str:
+        if not self.sse:
+            return ""
+        kms = f" --sse-kms-key-id {shlex.quote(self.kms_key_id)}" if self.sse == "aws:kms" and self.kms_key_id else ""
+        return f" --encryption {shlex.quote(self.sse)}{kms}"
+
     def archive_command(self, bin_dir: Path | None = None) -> str:
         """Return the server's ``archive_command``: gzip each segment into the archive."""
         tool = (bin_dir or archiver_bin_dir()) / "barman-cloud-wal-archive"
         return (
-            f"{shlex.quote(str(tool))}{self._endpoint_args()} --gzip "
+            f"{shlex.quote(str(tool))}{self._endpoint_args()}{self._encryption_args()} --gzip "
             f"{shlex.quote(self.url)} {shlex.quote(self.server)} %p"
         )
 

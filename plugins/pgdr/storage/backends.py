@@ -174,11 +174,31 @@ class S3Store:
 
     :param client: a boto3 S3 client (pgdr builds it from an Airflow AWS connection).
     :param bucket: the bucket name.
+    :param sse: server-side encryption asked for on every write (``AES256`` or ``aws:kms``), so a
+        bucket policy that refuses unencrypted writes refuses none of pgdr's; ``None``: the bucket's default.
+    :param kms_key_id: the KMS key of ``aws:kms`` (``None``: the account's default key for S3).
     """
 
-    def __init__(self, client, bucket: str):
+    def __init__(self, client, bucket: str, sse: str | None = None, kms_key_id: str | None = None):
         self.client = client
         self.bucket = bucket
+        self.sse = sse
+        self.kms_key_id = kms_key_id
+
+    @property
+    def write_args(self) -> dict[str, str]:
+        """Return the encryption arguments of every PUT (and of a multipart upload's creation, which
+        its parts inherit)."""
+        args = {"ServerSideEncryption": self.sse} if self.sse else {}
+        if self.sse == "aws:kms" and self.kms_key_id:
+            args["SSEKMSKeyId"] = self.kms_key_id
+        return args
+
+    def encryption_of(self, key: str) -> tuple[str | None, str | None]:
+        """Return how S3 says the object at ``key`` is encrypted (``AES256``, ``aws:kms`` or ``None``)
+        and, for ``aws:kms``, under which KMS key."""
+        head = self._call(f"Checking {self.describe(key)}", self.client.head_object, Bucket=self.bucket, Key=key)
+        return head.get("ServerSideEncryption"), head.get("SSEKMSKeyId")
 
     def describe(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{key}"
@@ -211,10 +231,12 @@ class S3Store:
             ) from None
 
     def put_file(self, key: str, local_path: Path) -> None:
-        self._call(f"Uploading {self.describe(key)}", self.client.upload_file, str(local_path), self.bucket, key)
+        self._call(f"Uploading {self.describe(key)}", self.client.upload_file, str(local_path), self.bucket, key,
+                   ExtraArgs=self.write_args or None)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._call(f"Writing {self.describe(key)}", self.client.put_object, Bucket=self.bucket, Key=key, Body=data)
+        self._call(f"Writing {self.describe(key)}", self.client.put_object, Bucket=self.bucket, Key=key, Body=data,
+                   **self.write_args)
 
     def get_bytes(self, key: str) -> bytes:
         with self.open_read(key) as stream:  # a _GuardedStream: its reads translate errors already

@@ -22,6 +22,7 @@ from typing import Any
 from pgdr.errors import BackupNotFound, PermanentFailure
 from pgdr.identifiers import legacy_table_key, printable
 from pgdr.storage.backends import BackupStore
+from pgdr.storage.encryption import EncryptionRecord, sealed_size
 from pgdr.storage.layout import BackupLayout, backup_id_time, is_backup_id
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class BackupManifest:
     # still restorable). Manifests that do not say are of the older kind.
     compressed_by: str = "pgdr"
     database_bytes: int | None = None  # pg_database_size() at the recovery point
+    # Client-side encryption (pgdr.storage.encryption): None for a backup stored as pg_dump wrote it.
+    encryption: EncryptionRecord | None = None
 
     @property
     def size(self) -> int:
@@ -96,19 +99,26 @@ class BackupManifest:
         """Return the backup's size as an on-call engineer reads it, e.g. ``4.2 MB stored (gzip:1), ...``."""
         if self.compressed_by == "pgdr":
             return f"{self.size / 1e6:.1f} MB dumped, {self.stored_size / 1e6:.1f} MB stored (zstd, by pgdr 0.1)"
-        text = f"{self.stored_size / 1e6:.1f} MB stored ({self.compression})"
+        text = f"{self.stored_size / 1e6:.1f} MB stored ({self.compression}"
+        text += f", encrypted with master key {self.encryption.key_id})" if self.encryption else ")"
         if self.database_bytes:
             text += f", from a {self.database_bytes / 1e6:.1f} MB database"
         return text
 
-    def to_json(self) -> bytes:
-        """Serialise the manifest as indented JSON."""
+    def to_dict(self) -> dict[str, Any]:
+        """Return the manifest as the JSON object it is stored as."""
         data = asdict(self)
         for key in ("recovery_point", "started_at", "finished_at"):
             data[key] = getattr(self, key).isoformat()
         data["size"] = self.size
         data["stored_size"] = self.stored_size
-        return json.dumps(data, indent=2, sort_keys=True).encode()
+        if data["encryption"] is None:
+            del data["encryption"]  # an unencrypted manifest reads as it did before pgdr 0.4
+        return data
+
+    def to_json(self) -> bytes:
+        """Serialise the manifest as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> BackupManifest:
@@ -159,6 +169,13 @@ class BackupManifest:
         if not isinstance(data.get("airflow", {}), dict):
             raise _invalid(where, "airflow", "must be a mapping")
         data["files"] = _files(data["files"], where)
+        if data.get("encryption") is not None:
+            data["encryption"] = EncryptionRecord.from_dict(data["encryption"], lambda f, p: _invalid(where, f, p))
+            if data["compressed_by"] != "pg_dump":
+                raise _invalid(where, "encryption", "is only written by pgdr versions whose files pg_dump compressed")
+            for index, entry in enumerate(data["files"]):
+                if entry.stored_size != sealed_size(entry.size):
+                    raise _invalid(where, f"files[{index}].stored_size", f"is {entry.stored_size}, but {entry.size} bytes encrypt to {sealed_size(entry.size)}")
         return cls(**data)
 
 

@@ -41,7 +41,7 @@ def run_backup(database: str, context) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowSkipException
 
     from pgdr.airflow_glue.assets import BACKUP_ASSET
-    from pgdr.airflow_glue.connections import database_endpoint, open_store
+    from pgdr.airflow_glue.connections import database_endpoint, encryption_keys, open_store
     from pgdr.logical.backup import take_backup
     from pgdr.plan import load_plan
 
@@ -55,8 +55,9 @@ def run_backup(database: str, context) -> dict[str, Any]:
         db = plan.database(database)
         endpoint = database_endpoint(db, plan)
         store, layout = open_store(db.storage, plan)
+        keys = encryption_keys(db, plan)  # before the dump: a missing key fails in a second, not after an hour
         with task_workdir(context, f"backup-{database}") as workdir:
-            result = take_backup(db, endpoint, store, layout, workdir, _airflow_info(context))
+            result = take_backup(db, endpoint, store, layout, workdir, _airflow_info(context), keys=keys)
     manifest = result.manifest
     context[CONTEXT_BACKUP_ID] = manifest.backup_id
     summary = {

@@ -62,7 +62,7 @@ def _objects(database: str, context):
 
 def run_rehearse_backup(database: str, context) -> dict[str, Any]:
     """Body of ``rehearse_backup``: a fresh backup through pgdr_backup's code (or the newest verified one)."""
-    from pgdr.airflow_glue.connections import database_endpoint
+    from pgdr.airflow_glue.connections import database_endpoint, encryption_keys
     from pgdr.logical.backup import take_backup
 
     scenario = (context.get("params") or {}).get("scenario") or "full-restore"
@@ -73,7 +73,8 @@ def run_rehearse_backup(database: str, context) -> dict[str, Any]:
             context[CONTEXT_BACKUP_ID] = entry.backup_id
             return {"backup_id": entry.backup_id, "phases": []}
         with task_workdir(context, f"drill-backup-{database}") as workdir:
-            result = take_backup(db, database_endpoint(db, plan), store, layout, workdir, _airflow_info(context))
+            result = take_backup(db, database_endpoint(db, plan), store, layout, workdir, _airflow_info(context),
+                                 keys=encryption_keys(db, plan))
     context[CONTEXT_BACKUP_ID] = result.manifest.backup_id
     phases = [phase(name, *result.phases[name]) for name in ("dump", "upload") if name in (result.phases or {})]
     return {"backup_id": result.manifest.backup_id, "phases": phases}
@@ -92,6 +93,7 @@ def run_create_scratch(database: str, context) -> str:
 
 def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
     """Body of ``restore_timed``: checksum, download and restore, each timed."""
+    from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
 
     phases = []
@@ -103,11 +105,12 @@ def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
         refill_on_retry(scratch, context, f"drill {database}")
         workers = max(2, db.dump_jobs)
         started = _now()
-        verify_checksums(manifest, store, workers)
+        data_key = backup_data_key(db, manifest, plan)
+        verify_checksums(manifest, store, workers, data_key=data_key)
         phases.append(phase("checksum", started, _now()))
         with task_workdir(context, f"drill-restore-{database}") as workdir:
             started = _now()
-            download_backup(manifest, store, workdir / "dump", workers)
+            download_backup(manifest, store, workdir / "dump", workers, data_key=data_key)
             phases.append(phase("download", started, _now()))
             started = _now()
             restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
@@ -142,30 +145,46 @@ def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
 
 
 def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]:
-    """Body of ``negative_control``: corrupt a private copy of one file; verification must reject it."""
+    """Body of ``negative_control``: corrupt a private copy of one file; verification must reject it.
+
+    For an encrypted backup a second control forges the checksum too (as someone who can write to
+    the bucket, but holds no key, could): AES-GCM authentication alone must then reject the copy.
+    """
+    import hashlib
     from dataclasses import replace
 
+    from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.drill import control_file
     from pgdr.errors import ChecksumMismatch
     from pgdr.logical.restore import verify_checksums
     from pgdr.storage.backends import LocalFolderStore
 
     with fail_fast():
-        _plan, _db, store, _layout, catalog = _objects(database, context)
+        plan, db, store, _layout, catalog = _objects(database, context)
         manifest = catalog.get(backup["backup_id"]).manifest
+        data_key = backup_data_key(db, manifest, plan)
         victim = control_file(manifest.files)
         with task_workdir(context, f"drill-control-{database}") as workdir:
             private = LocalFolderStore(workdir / "private-copy")
             data = bytearray(store.get_bytes(victim.key))
             data[len(data) // 2] ^= 0x01  # one flipped bit
             private.put_bytes(victim.key, bytes(data))
-            try:
-                verify_checksums(replace(manifest, files=(victim,)), private, workers=1)
-            except ChecksumMismatch as err:
-                log.info("Negative control: the corrupted copy of %s was rejected, as it must be: %s", victim.name, err)
-                return {"rejected": True, "file": victim.name, "message": str(err)[:300]}
-    log.error("Negative control FAILED: a corrupted copy of %s passed checksum verification.", victim.name)
-    return {"rejected": False, "file": victim.name, "message": "a corrupted copy passed verification"}
+            controls = [("a flipped bit", victim)]
+            if data_key is not None:
+                controls.append(("a flipped bit with its checksum forged", replace(victim, sha256=hashlib.sha256(data).hexdigest())))
+            messages = []
+            for what, entry in controls:
+                try:
+                    verify_checksums(replace(manifest, files=(entry,)), private, workers=1, data_key=data_key)
+                except ChecksumMismatch as err:
+                    log.info("Negative control (%s): the corrupted copy of %s was rejected, as it must be: %s", what, victim.name, err)
+                    found = "; ".join(p.problem for p in getattr(err, "problems", [])) or str(err)
+                    messages.append(f"{what}: rejected, {found[:300]}")
+                    continue
+                log.error("Negative control FAILED: a corrupted copy of %s (%s) passed verification.", victim.name, what)
+                return {"rejected": False, "file": victim.name, "message": f"a corrupted copy ({what}) passed verification",
+                        "encrypted": data_key is not None}
+    return {"rejected": True, "file": victim.name, "message": " | ".join(messages), "encrypted": data_key is not None}
 
 
 def run_drop_scratch(database: str, context) -> bool:

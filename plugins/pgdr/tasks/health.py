@@ -18,6 +18,7 @@ def run_health_database(database: str, context) -> list[dict[str, Any]]:
 
     from pgdr.health import (
         check_backup_ages,
+        check_encryption,
         check_source,
         check_storage,
         check_verification_server,
@@ -32,6 +33,9 @@ def run_health_database(database: str, context) -> list[dict[str, Any]]:
         db = plan.database(database)
     results = [check_source(db, plan), check_verification_server(db, plan), check_storage(db, plan),
                *check_backup_ages(db, plan, datetime.now(UTC))]
+    encryption = check_encryption(db, plan, datetime.now(UTC))
+    if encryption is not None:
+        results.append(encryption)
     try:
         extra = last_measurements(db, plan)
     except Exception as err:  # noqa: BLE001 - metrics must not hide the checks

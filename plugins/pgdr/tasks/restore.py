@@ -210,7 +210,7 @@ def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
     phases restore and check exactly like any other). Without PITR the plan passes through unchanged."""
     if not plan.get("pitr") or plan["dry_run"]:
         return plan
-    from pgdr.airflow_glue.connections import open_archive, open_store, server_endpoint
+    from pgdr.airflow_glue.connections import encryption_keys, open_archive, open_store, server_endpoint
     from pgdr.logical.backup import take_backup
     from pgdr.physical.catalog import BaseBackupCatalog
     from pgdr.plan import load_plan
@@ -238,7 +238,8 @@ def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
                 achieved = result.achieved_point or datetime.fromisoformat(pitr["target"])
                 info = {**_airflow_info(context), "pitr_server": server.name, "pitr_target": pitr["target"],
                         "base_backup": entry.backup_id}
-                dumped = take_backup(db, cluster.endpoint(db.dbname), db_store, db_layout, workdir, info, recovery_point=achieved)
+                dumped = take_backup(db, cluster.endpoint(db.dbname), db_store, db_layout, workdir, info, recovery_point=achieved,
+                                     keys=encryption_keys(db, dr_plan))
         finally:
             cluster.destroy()
         manifest = dumped.manifest
@@ -330,6 +331,7 @@ def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``check_checksums``: refuse a corrupt backup before creating anything."""
     from airflow.sdk.exceptions import AirflowSkipException
 
+    from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.logical.restore import verify_checksums
 
     _label(plan, context)
@@ -338,12 +340,13 @@ def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
     started = _now()
     with fail_fast():
         db, store, _layout, entry, _server = _objects(plan)
-        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs))
+        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs), data_key=backup_data_key(db, entry.manifest))
     return {"started_at": started, "finished_at": _now(), **result}
 
 
 def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``restore_backup``: into the new target database; a failed try drops only its own target."""
+    from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.incident import create_target, drop_own_target, restore_tables
     from pgdr.logical.restore import download_backup, restore_dump
     from pgdr.postgres.client import check_restore_role
@@ -355,10 +358,11 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
         db, store, _layout, entry, server = _objects(plan)
         target = _restored(db, server, plan)
         check_restore_role(target, db.restore_as_superuser)
+        data_key = backup_data_key(db, entry.manifest)  # a missing key fails here, before the target is created
         create_target(server, plan["target"], run_id, owner=target)
         try:
             with task_workdir(context, f"incident-{db.name}") as workdir:
-                download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs))
+                download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs), data_key=data_key)
                 t0 = datetime.now(UTC)
                 if plan["tables"]:
                     filled = sorted(restore_tables(target, workdir / "dump", plan["tables"], db.dump_jobs, workdir))

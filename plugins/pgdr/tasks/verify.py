@@ -163,12 +163,13 @@ def _verify_context(target: dict[str, str], context):
 
 def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
     """Body of ``check_checksums``: every stored file against the manifest's SHA-256."""
+    from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.logical.restore import verify_checksums
 
     started = _now()
     with fail_fast():
-        _plan, db, store, _layout, entry = _verify_context(target, context)
-        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs))
+        plan, db, store, _layout, entry = _verify_context(target, context)
+        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs), data_key=backup_data_key(db, entry.manifest, plan))
     log.info(
         "All %d files of backup %s (%.1f MB) match their SHA-256 in the manifest (%.1fs).",
         len(entry.manifest.files), entry.backup_id, entry.manifest.stored_size / 1e6, result["seconds"],
@@ -191,6 +192,7 @@ def run_create_scratch(target: dict[str, str], context) -> str:
 
 def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
     """Body of ``restore_backup``: download (verifying again), ``pg_restore -j``."""
+    from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.logical.restore import download_backup, restore_dump
 
     started = _now()
@@ -199,7 +201,8 @@ def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> di
         scratch = _scratch_for(target, context, db, plan)
         refill_on_retry(scratch, context, f"verify {db.name} backup {target['backup_id']}")
         with task_workdir(context, f"restore-{db.name}") as workdir:
-            download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs))
+            download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs),
+                                       data_key=backup_data_key(db, entry.manifest, plan))
             restore_s = restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
     log.info(
         "Backup %s restored into %s: download and verify %.1fs, pg_restore -j%d %.1fs.",

@@ -1,0 +1,83 @@
+"""Rotating the master key of client-side encryption: re-wrap data keys, never re-upload data.
+
+Each encrypted backup's data key is stored wrapped by one master key (its manifest's ``key_id``).
+When the connection's current master key changes, new backups use the new key at once; the old
+backups still name the old key. :func:`rewrap_backups` opens each old backup's data key with the
+old master key (checking the manifest's HMAC, so a manifest changed by someone without the key
+is never re-signed), wraps it under the current one and rewrites only the manifest. The data
+files, their checksums and the HMAC stay as they are. Once no retained backup names an old key
+id, that key may leave the connection; :func:`keys_no_longer_needed` says which.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+from pgdr.errors import PermanentFailure
+from pgdr.messages import first_line
+from pgdr.storage.catalog import BackupCatalog
+from pgdr.storage.encryption import MasterKeys, rewrap, unlock_backup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RotationResult:
+    """What rotating one database's backups did."""
+
+    database: str
+    key_conn_id: str
+    current_key: str
+    rewrapped: list[str] = field(default_factory=list)  # backup ids now wrapped by the current key
+    already_current: list[str] = field(default_factory=list)
+    unencrypted: list[str] = field(default_factory=list)  # taken before the plan encrypted this database
+    problems: dict[str, str] = field(default_factory=dict)  # backup id -> why it was left as it is
+    keys_in_use: dict[str, list[str]] = field(default_factory=dict)  # key id -> backup ids wrapped by it
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def rewrap_backups(catalog: BackupCatalog, keys: MasterKeys, key_conn_id: str) -> RotationResult:
+    """Re-wrap, under ``keys.current``, the data key of every backup in ``catalog`` wrapped by an older key."""
+    result = RotationResult(catalog.database, key_conn_id, keys.current)
+    for entry in catalog.backups():
+        manifest, backup_id = entry.manifest, entry.backup_id
+        record = manifest.encryption
+        if record is None:
+            result.unencrypted.append(backup_id)
+            continue
+        if record.key_id == keys.current:
+            result.already_current.append(backup_id)
+            result.keys_in_use.setdefault(record.key_id, []).append(backup_id)
+            continue
+        try:
+            data_key = unlock_backup(manifest, keys)  # the old key, and the manifest's HMAC
+            rotated = replace(manifest, encryption=rewrap(keys, record, manifest.database, backup_id))
+            catalog.write_manifest(rotated)
+            if unlock_backup(catalog.get(backup_id).manifest, keys) != data_key:  # read back what was written
+                raise PermanentFailure(f"the rewritten manifest of {backup_id} does not open to the same data key")
+        except PermanentFailure as err:
+            result.problems[backup_id] = first_line(err)
+            result.keys_in_use.setdefault(record.key_id, []).append(backup_id)
+            log.error("Backup %s of %s keeps master key %r: %s", backup_id, catalog.database, record.key_id, err)
+            continue
+        result.rewrapped.append(backup_id)
+        result.keys_in_use.setdefault(keys.current, []).append(backup_id)
+        log.info("Backup %s of %s: data key re-wrapped from master key %r to %r.", backup_id, catalog.database, record.key_id, keys.current)
+    for damaged in catalog.damaged:
+        result.problems[damaged.backup_id] = first_line(damaged.problem)
+    return result
+
+
+def keys_no_longer_needed(keys: MasterKeys, results: list[RotationResult]) -> list[str]:
+    """Return the key ids of ``keys`` that no backup in ``results`` is wrapped by (never the current one).
+
+    A backup that could not be read (a damaged manifest) may still need any key: while there is
+    one, no key is reported as unneeded.
+    """
+    if any(r.problems for r in results):
+        return []
+    in_use = {key_id for r in results for key_id in r.keys_in_use}
+    return sorted(k for k in keys.keys if k != keys.current and k not in in_use)
