@@ -17,6 +17,8 @@ data, post-data), which shows what parallel jobs can win on the data at hand.
 4. pgdr restore: :func:`verify_checksums`, :func:`download_backup` and :func:`restore_dump` (what
    ``check_checksums`` and ``restore_backup`` of pgdr_verify_restore run);
 5. the seeds' method: ``pg_dump | gzip`` to one file and upload; download and ``gunzip | psql``;
+   and pgdr's backup and restore again with client-side encryption (AES-256-GCM, a master key as
+   a connection would hold it), against pgdr's unencrypted ones (``encrypted_*_ratio``);
 6. peak RSS of a pgdr worker process (backup then restore) at two database sizes;
 7. integrity checks and GX validation of a restored database with 100 tables;
 8. the parse time of each DAG file (with Airflow already imported, as the DAG processor has it).
@@ -53,6 +55,9 @@ class Bench:
     def __init__(self, work: Path, scale: int, rounds: int):
         self.work, self.scale, self.rounds = work, scale, rounds
         self.server = EmbeddedServer(work / "postgres").start()
+        from pgdr.storage.encryption import master_keys_from, new_master_key
+
+        self.keys = master_keys_from("bench-key", new_master_key(), {}, "bench")
         self.env = {**os.environ, "PGPASSWORD": self.server.password, "PGHOST": "127.0.0.1",
                     "PGPORT": str(self.server.port), "PGUSER": "postgres"}
         import logging
@@ -143,39 +148,42 @@ class Bench:
             times[section.replace("-", "_")] = round(time.perf_counter() - t, 2)
         return times
 
-    def pgdr_parts(self, db: str):
+    def pgdr_parts(self, db: str, encrypted: bool = False):
         from pgdr.plan import parse_plan
         from pgdr.postgres.client import PgEndpoint
         from pgdr.storage.backends import S3Store
         from pgdr.storage.layout import BackupLayout
 
+        encryption = ", encryption: {key_conn_id: bench_key}" if encrypted else ""
         plan = parse_plan(
             f"storage: {{s3: {{type: s3, bucket: {BUCKET}, aws_conn_id: x}}}}\n"
-            f"defaults: {{dump_jobs: {JOBS}}}\ndatabases: [{{name: {db}, conn_id: x}}]\n", Path("bench.yaml"))
+            f"defaults: {{dump_jobs: {JOBS}{encryption}}}\ndatabases: [{{name: {db}, conn_id: x}}]\n", Path("bench.yaml"))
         endpoint = PgEndpoint("127.0.0.1", self.server.port, "postgres", db, self.server.password)
         return plan.databases[0], endpoint, S3Store(self.s3, BUCKET), BackupLayout(prefix="pgdr")
 
-    def pgdr_backup(self, db: str):
+    def pgdr_backup(self, db: str, encrypted: bool = False):
         from pgdr.logical.backup import take_backup
 
-        pdb, endpoint, store, layout = self.pgdr_parts(db)
+        pdb, endpoint, store, layout = self.pgdr_parts(db, encrypted)
         work = Path(tempfile.mkdtemp(dir=self.work))
         self.settle()
         t = time.perf_counter()
-        result = take_backup(pdb, endpoint, store, layout, work)
+        result = take_backup(pdb, endpoint, store, layout, work, keys=self.keys if encrypted else None)
         elapsed = time.perf_counter() - t
         shutil.rmtree(work, ignore_errors=True)
         return elapsed, result.manifest
 
     def pgdr_restore(self, db: str, manifest, target: str) -> float:
         from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
+        from pgdr.storage.encryption import unlock_backup
 
         _pdb, endpoint, store, _layout = self.pgdr_parts(db)
         self.fresh_db(target)
         work = Path(tempfile.mkdtemp(dir=self.work))
         t = time.perf_counter()
-        verify_checksums(manifest, store, workers=JOBS)
-        download_backup(manifest, store, work / "dump", workers=JOBS)
+        data_key = unlock_backup(manifest, self.keys) if manifest.encryption else None  # as backup_data_key does
+        verify_checksums(manifest, store, workers=JOBS, data_key=data_key)
+        download_backup(manifest, store, work / "dump", workers=JOBS, data_key=data_key)
         restore_dump(endpoint.with_dbname(target), work / "dump", JOBS, work)
         elapsed = time.perf_counter() - t
         shutil.rmtree(work, ignore_errors=True)
@@ -308,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         db_size = bench.create_pgbench("bench", scale, args.partitions)
         small_size = bench.create_pgbench("bench_small", max(1, scale // 4), args.partitions)
         print(f"  bench: {db_size:.0f} MB, bench_small: {small_size:.0f} MB", flush=True)
-        results: dict[str, list[float]] = {k: [] for k in ("raw_backup", "pgdr_backup", "raw_restore", "pgdr_restore", "seed_backup", "seed_restore")}
+        results: dict[str, list[float]] = {k: [] for k in ("raw_backup", "pgdr_backup", "raw_restore", "pgdr_restore", "seed_backup",
+                                                          "seed_restore", "encrypted_backup", "encrypted_restore")}
         for r in range(args.rounds):
             results["raw_backup"].append(bench.raw_backup("bench", f"raw/{r}"))
             elapsed, manifest = bench.pgdr_backup("bench")
@@ -317,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
             results["raw_restore"].append(bench.raw_restore(f"raw/{r}", "raw_restored"))
             results["pgdr_restore"].append(bench.pgdr_restore("bench", manifest, "pgdr_restored"))
             results["seed_restore"].append(bench.seed_restore(f"seed/{r}.sql.gz", "seed_restored"))
+            elapsed, sealed = bench.pgdr_backup("bench", encrypted=True)
+            results["encrypted_backup"].append(elapsed)
+            results["encrypted_restore"].append(bench.pgdr_restore("bench", sealed, "encrypted_restored"))
             print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in results.items()), flush=True)
         med = {k: statistics.median(v) for k, v in results.items()}
         sections = bench.restore_sections("sections_restored")
@@ -334,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         "backup_ratio": round(med["pgdr_backup"] / med["raw_backup"], 3),
         "restore_ratio": round(med["pgdr_restore"] / med["raw_restore"], 3),
         "seed_speedup": round((med["seed_backup"] + med["seed_restore"]) / (med["pgdr_backup"] + med["pgdr_restore"]), 2),
+        "encrypted_backup_ratio": round(med["encrypted_backup"] / med["pgdr_backup"], 3),
+        "encrypted_restore_ratio": round(med["encrypted_restore"] / med["pgdr_restore"], 3),
         "peak_rss_mb": rss,
         "peak_rss_db_sizes_mb": [round(small_size), round(db_size)],
         "validation_100_tables_s": round(validation, 2),
@@ -350,11 +364,14 @@ def main(argv: list[str] | None = None) -> None:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    earlier = json.loads(output.read_text()) if output.exists() else {}  # bench/pitr.py and celery_fleet.py add theirs
+    output.write_text(json.dumps({**earlier, **report}, indent=2) + "\n")
     targets = {
         "backup_ratio": report["backup_ratio"] <= 1.10, "restore_ratio": report["restore_ratio"] <= 1.10,
         "seed_speedup": report["seed_speedup"] >= 3, "peak_rss_mb": max(rss) < 300,
         "validation_100_tables_s": validation < 60, "dag_parse_s": max(parse.values()) < 0.3,
+        "encrypted_backup_ratio": report["encrypted_backup_ratio"] <= 1.10,
+        "encrypted_restore_ratio": report["encrypted_restore_ratio"] <= 1.10,
     }
     shape = f", pgbench_accounts in {args.partitions} partitions" if args.partitions else ""
     print(f"\npgdr benchmark: {db_size:.0f} MB of pgbench data{shape}, medians of {args.rounds} rounds\n")
@@ -362,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [("backup_ratio", report["backup_ratio"], "<= 1.10"), ("restore_ratio", report["restore_ratio"], "<= 1.10"),
             ("seed_speedup", report["seed_speedup"], ">= 3"), ("peak_rss_mb", rss, "< 300, flat"),
             ("validation_100_tables_s", report["validation_100_tables_s"], "< 60"),
-            ("dag_parse_s", max(parse.values()), "< 0.3 (max)")]
+            ("dag_parse_s", max(parse.values()), "< 0.3 (max)"),
+            ("encrypted_backup_ratio", report["encrypted_backup_ratio"], "<= 1.10"),
+            ("encrypted_restore_ratio", report["encrypted_restore_ratio"], "<= 1.10")]
     for name, value, target in rows:
         print(f"{name:<26}{str(value):>14}  {target}  {'ok' if targets[name] else 'MISSED'}")
     print(f"  (dag_parse_s cold, in an interpreter that has parsed no DAG yet: max {max(parse_cold.values()):.3f}s)")

@@ -228,3 +228,35 @@ def test_wal_segments_are_archived_under_the_targets_sse_through_the_policy(plan
         assert gateway.denied == []
     finally:
         gateway.close()
+
+
+def test_an_unencrypted_backup_newer_than_the_encrypted_ones_is_refused(plan, run_dag, monkeypatch, slack):
+    """Backups from before the plan encrypted a database still verify; an unencrypted one that appears
+    after encryption began (someone with write access but no key) is refused at the checksum gate."""
+    from datetime import timedelta
+
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.storage.layout import new_backup_id
+    from support import copy_backup_as
+
+    p = plan()
+    assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
+    store, layout = open_store(p.databases[0].storage)
+    catalog = BackupCatalog(store, layout, "shop")
+    before = catalog.latest()
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k1"))
+    plan(defaults=ENCRYPTED)
+    assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
+    sealed = catalog.latest()
+    assert sealed.manifest.encryption is not None
+
+    old = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": before.backup_id})
+    assert old.states["verify.record_verification[0]"] == "success", old.states
+
+    later = sealed.recovery_point + timedelta(minutes=5)
+    planted = new_backup_id(later)
+    copy_backup_as(store, layout, before.manifest, planted, later)
+    run = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": planted})
+    assert run.states["verify.check_checksums[0]"] == "failed" and run.states["verify.create_scratch[0]"] == "upstream_failed"
+    assert any("is not encrypted, but the plan encrypts this database" in t for t in slack.texts()), slack.texts()

@@ -164,20 +164,31 @@ def master_keys(conn_id: str, purpose: str, plan: DRPlan | None = None):
     return master_keys_from(conn.login, conn.password, extra, f"Airflow connection {conn_id!r}")
 
 
-def backup_data_key(db: ProtectedDatabase, manifest, plan: DRPlan | None = None) -> bytes | None:
+def backup_data_key(db: ProtectedDatabase, manifest, plan: DRPlan | None = None, catalog=None) -> bytes | None:
     """Return the data key of an encrypted backup (its manifest's HMAC checked), or ``None`` for a
     backup stored unencrypted.
 
     The master keys come from the plan's ``encryption.key_conn_id`` of the database, or, when the
-    plan no longer encrypts it, from the connection the manifest names.
+    plan no longer encrypts it, from the connection the manifest names. With ``catalog``, an
+    unencrypted backup of a database the plan encrypts is refused when it is newer than the
+    database's first encrypted backup: pgdr wrote none such, so someone without the key did.
 
     :raises KeyUnavailable: naming the key id the backup needs and where to put it.
+    :raises TamperDetected: for such an unencrypted newcomer.
     """
     from pgdr.errors import ConnectionNotDefined
-    from pgdr.storage.encryption import KeyUnavailable, unlock_backup
+    from pgdr.storage.encryption import KeyUnavailable, TamperDetected, unlock_backup
 
     record = manifest.encryption
     if record is None:
+        if db.encryption_key_conn_id and catalog is not None:
+            encrypted = [e for e in catalog.backups() if e.manifest.encryption is not None]
+            if encrypted and manifest.recovery_point > encrypted[0].recovery_point:
+                raise TamperDetected(
+                    f"Backup {manifest.backup_id} of database {db.name!r} is not encrypted, but the plan encrypts this "
+                    f"database and its backups have been encrypted since {encrypted[0].backup_id}: pgdr did not write "
+                    "this one. It was not used. Find out who wrote it to the storage; restore an encrypted backup."
+                )
         return None
     conn_id = db.encryption_key_conn_id or record.key_conn_id
     try:

@@ -105,7 +105,7 @@ def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
         refill_on_retry(scratch, context, f"drill {database}")
         workers = max(2, db.dump_jobs)
         started = _now()
-        data_key = backup_data_key(db, manifest, plan)
+        data_key = backup_data_key(db, manifest, plan, catalog)
         verify_checksums(manifest, store, workers, data_key=data_key)
         phases.append(phase("checksum", started, _now()))
         with task_workdir(context, f"drill-restore-{database}") as workdir:

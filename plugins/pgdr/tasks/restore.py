@@ -333,14 +333,16 @@ def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
 
     from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.logical.restore import verify_checksums
+    from pgdr.storage.catalog import BackupCatalog
 
     _label(plan, context)
     if plan["dry_run"]:
         raise AirflowSkipException("Dry run: the restore plan is in the log of plan_restore; nothing was done.")
     started = _now()
     with fail_fast():
-        db, store, _layout, entry, _server = _objects(plan)
-        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs), data_key=backup_data_key(db, entry.manifest))
+        db, store, layout, entry, _server = _objects(plan)
+        data_key = backup_data_key(db, entry.manifest, catalog=BackupCatalog(store, layout, db.name))
+        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs), data_key=data_key)
     return {"started_at": started, "finished_at": _now(), **result}
 
 

@@ -165,11 +165,13 @@ def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
     """Body of ``check_checksums``: every stored file against the manifest's SHA-256."""
     from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.logical.restore import verify_checksums
+    from pgdr.storage.catalog import BackupCatalog
 
     started = _now()
     with fail_fast():
-        plan, db, store, _layout, entry = _verify_context(target, context)
-        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs), data_key=backup_data_key(db, entry.manifest, plan))
+        plan, db, store, layout, entry = _verify_context(target, context)
+        data_key = backup_data_key(db, entry.manifest, plan, BackupCatalog(store, layout, db.name))
+        result = verify_checksums(entry.manifest, store, workers=max(2, db.dump_jobs), data_key=data_key)
     log.info(
         "All %d files of backup %s (%.1f MB) match their SHA-256 in the manifest (%.1fs).",
         len(entry.manifest.files), entry.backup_id, entry.manifest.stored_size / 1e6, result["seconds"],
