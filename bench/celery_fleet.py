@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -79,7 +78,7 @@ def run(work: Path, size: int, rounds: int) -> dict:
     import logging
 
     import psycopg
-    from celery_cluster import CeleryCluster, compose_shaped_plan
+    from celery_cluster import CeleryCluster, compose_shaped_plan, start_metadata_server
     from moto.server import ThreadedMotoServer
     from pgdr.local.embedded import EmbeddedServer, free_port
     from psycopg import sql
@@ -88,7 +87,7 @@ def run(work: Path, size: int, rounds: int) -> dict:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request otherwise
     servers = [EmbeddedServer(work / "source-a").start()]
     servers.append(EmbeddedServer(work / "source-b", restore_password=servers[0].restore_password).start())
-    meta = EmbeddedServer(work / "metadata").start()
+    meta = start_metadata_server(work / "metadata")
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=(moto_port := free_port()), verbose=False)
     moto.start()
     slack, mail = SlackReceiver(), MailInbox()
@@ -97,10 +96,6 @@ def run(work: Path, size: int, rounds: int) -> dict:
         import boto3
 
         boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        meta.airflow_password = secrets.token_urlsafe(18)
-        with psycopg.connect(**meta.dsn("postgres"), autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE ROLE airflow LOGIN PASSWORD {}").format(sql.Literal(meta.airflow_password)))
-            conn.execute("CREATE DATABASE airflow OWNER airflow")
         databases = []
         for index in range(size):
             server_index = index % 2

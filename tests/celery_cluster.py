@@ -120,6 +120,21 @@ def compose_shaped_plan(storage: dict, databases: list[dict], **overrides) -> di
     return plan
 
 
+def start_metadata_server(path: Path):
+    """Start Airflow's metadata database: an embedded PostgreSQL 18 server at ``path`` with a database
+    ``airflow`` owned by a role ``airflow`` whose password (random) is the server's ``airflow_password``."""
+    import psycopg
+    from pgdr.local.embedded import EmbeddedServer
+    from psycopg import sql
+
+    server = EmbeddedServer(path).start()
+    server.airflow_password = secrets.token_urlsafe(18)
+    with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE airflow LOGIN PASSWORD {}").format(sql.Literal(server.airflow_password)))
+        conn.execute("CREATE DATABASE airflow OWNER airflow")
+    return server
+
+
 def redis_server() -> str | None:
     return shutil.which("redis-server") or (os.path.exists("/usr/bin/redis-server") and "/usr/bin/redis-server") or None
 

@@ -111,14 +111,9 @@ def celery_plan(session_dir, celery_databases):
 @pytest.fixture(scope="package")
 def metadata_server(session_dir):
     """Airflow's metadata database: ``airflow`` on an embedded PostgreSQL 18 server of its own."""
-    from pgdr.local.embedded import EmbeddedServer
-    from psycopg import sql
+    from celery_cluster import start_metadata_server
 
-    server = EmbeddedServer(session_dir / "postgres-airflow").start()
-    server.airflow_password = secrets.token_urlsafe(18)
-    with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE airflow LOGIN PASSWORD {}").format(sql.Literal(server.airflow_password)))
-        conn.execute("CREATE DATABASE airflow OWNER airflow")
+    server = start_metadata_server(session_dir / "postgres-airflow")
     yield server
     server.destroy()
 

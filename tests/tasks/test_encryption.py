@@ -260,3 +260,20 @@ def test_an_unencrypted_backup_newer_than_the_encrypted_ones_is_refused(plan, ru
     run = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": planted})
     assert run.states["verify.check_checksums[0]"] == "failed" and run.states["verify.create_scratch[0]"] == "upstream_failed"
     assert any("is not encrypted, but the plan encrypts this database" in t for t in slack.texts()), slack.texts()
+
+
+def test_a_drill_without_the_key_fails_before_its_scratch_database(plan, run_dag, monkeypatch, pg_server):
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k1"))
+    p = plan(defaults=ENCRYPTED)
+    assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.storage.catalog import BackupCatalog
+
+    store, layout = open_store(p.databases[0].storage)
+    catalog = BackupCatalog(store, layout, "shop")
+    catalog.record_verification(catalog.latest().backup_id, {"status": "verified"})
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k2"))
+    drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"], "scenario": "latest-verified"})
+    assert drill.states["rehearse.rehearse_backup[0]"] == "failed", drill.states
+    assert drill.states["rehearse.create_scratch[0]"] == "upstream_failed"
+    assert _databases(pg_server, "pgdr\\_drill\\_%") == []

@@ -62,7 +62,7 @@ def _objects(database: str, context):
 
 def run_rehearse_backup(database: str, context) -> dict[str, Any]:
     """Body of ``rehearse_backup``: a fresh backup through pgdr_backup's code (or the newest verified one)."""
-    from pgdr.airflow_glue.connections import database_endpoint, encryption_keys
+    from pgdr.airflow_glue.connections import backup_data_key, database_endpoint, encryption_keys
     from pgdr.logical.backup import take_backup
 
     scenario = (context.get("params") or {}).get("scenario") or "full-restore"
@@ -71,6 +71,7 @@ def run_rehearse_backup(database: str, context) -> dict[str, Any]:
         if scenario == "latest-verified":
             entry = catalog.latest(verified_only=True)
             context[CONTEXT_BACKUP_ID] = entry.backup_id
+            backup_data_key(db, entry.manifest, plan, catalog)  # a missing key fails here, before the scratch database
             return {"backup_id": entry.backup_id, "phases": []}
         with task_workdir(context, f"drill-backup-{database}") as workdir:
             result = take_backup(db, database_endpoint(db, plan), store, layout, workdir, _airflow_info(context),

@@ -57,8 +57,9 @@ def resolve_verification_targets(context) -> list[dict[str, str]]:
                 if extra.get("database") and extra.get("backup_id"):
                     targets.append({"database": extra["database"], "backup_id": extra["backup_id"]})
         if targets:
-            targets = _not_yet_verified(plan, targets)
-            targets += _events_airflow_dropped(plan, targets)
+            catalogs = _catalogs(plan)  # one listing per database serves both steps
+            targets = _not_yet_verified(plan, targets, catalogs)
+            targets += _events_airflow_dropped(plan, targets, catalogs)
             if not targets:
                 raise AirflowSkipException("Every backup this run's events name was verified already by an earlier run.")
             return [dict(t) for t in {(t["database"], t["backup_id"]): t for t in targets}.values()]
@@ -82,19 +83,26 @@ def resolve_verification_targets(context) -> list[dict[str, str]]:
 CATCH_UP_WINDOW = timedelta(hours=24)
 
 
-def _not_yet_verified(plan, targets: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Leave out the event-named backups an earlier run already verified (it caught their dropped events up)."""
+def _catalogs(plan) -> dict[str, list]:
+    """Return every complete backup of each database of the plan (one listing per database)."""
     from pgdr.airflow_glue.connections import open_store
     from pgdr.storage.catalog import BackupCatalog
 
+    catalogs = {}
+    for db in plan.databases:
+        store, layout = open_store(db.storage, plan)
+        catalogs[db.name] = BackupCatalog(store, layout, db.name).backups()
+    return catalogs
+
+
+def _not_yet_verified(plan, targets: list[dict[str, str]], catalogs: dict[str, list]) -> list[dict[str, str]]:
+    """Leave out the event-named backups an earlier run already verified (it caught their dropped events up)."""
     kept = []
     for target in targets:
         db = plan.database(target["database"])
-        store, layout = open_store(db.storage, plan)
-        try:
-            entry = BackupCatalog(store, layout, db.name).get(target["backup_id"])
-        except BackupNotFound:
-            kept.append(target)  # the verification says what became of it
+        entry = next((e for e in catalogs[db.name] if e.backup_id == target["backup_id"]), None)
+        if entry is None:
+            kept.append(target)  # deleted or damaged since: its verification says what became of it
             continue
         if entry.status == "unverified":
             kept.append(target)
@@ -105,7 +113,7 @@ def _not_yet_verified(plan, targets: list[dict[str, str]]) -> list[dict[str, str
     return kept
 
 
-def _events_airflow_dropped(plan, named: list[dict[str, str]]) -> list[dict[str, str]]:
+def _events_airflow_dropped(plan, named: list[dict[str, str]], catalogs: dict[str, list]) -> list[dict[str, str]]:
     """Return the backups an asset-triggered run must verify although no event of its names them.
 
     Airflow 3.3 drops asset events that arrive between the moment a run is queued for earlier
@@ -115,15 +123,11 @@ def _events_airflow_dropped(plan, named: list[dict[str, str]]) -> list[dict[str,
     that are newer than the database's newest verified (or failed) one. Runs of this DAG never
     overlap (``max_active_runs=1``), so no other run is verifying those.
     """
-    from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
-
     named_keys = {(t["database"], t["backup_id"]) for t in named}
     since = datetime.now(UTC) - CATCH_UP_WINDOW
     found = []
     for db in plan.databases:
-        store, layout = open_store(db.storage, plan)
-        entries = BackupCatalog(store, layout, db.name).backups()
+        entries = catalogs[db.name]
         looked_at = [e.recovery_point for e in entries if e.status != "unverified"]
         newest_looked_at = max(looked_at) if looked_at else None
         for entry in entries:
