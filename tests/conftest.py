@@ -6,6 +6,7 @@ here, before any test module imports Airflow.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -259,6 +260,8 @@ E2E_RTO_SECONDS = 4  # tight on purpose: a verification takes longer, so its dea
 
 
 FLEET = [f"fleet_{i:02d}" for i in range(20)]
+# The master key the fleet's backups are encrypted under in the standalone Airflow (client-side encryption).
+E2E_MASTER_KEY = base64.b64encode(os.urandom(32)).decode()
 
 
 @pytest.fixture(scope="session")
@@ -286,7 +289,8 @@ def e2e_plan(session_dir, fleet_databases):
     second "server" whose pool allows two dumps at once. The RTO is tight so that a verification
     run misses its deadline. Backups have no schedule: only the tests trigger them.
     """
-    fleet = [{"name": n, "conn_id": "pgdr_fleet", "dbname": n, "server": "fleet"} for n in fleet_databases]
+    fleet = [{"name": n, "conn_id": "pgdr_fleet", "dbname": n, "server": "fleet", "encryption": {"key_conn_id": "pgdr_e2e_key"}}
+             for n in fleet_databases]
     path = write_plan(
         session_dir / "e2e-plan.yaml",
         [{"name": "shop", "conn_id": "pgdr_shop"}, {"name": "flaky", "conn_id": "pgdr_shop", "dbname": "flaky"}, *fleet],
@@ -316,6 +320,7 @@ def standalone(session_dir, pg_server, e2e_slack, e2e_mail, e2e_plan):
             "AIRFLOW_CONN_PGDR_FLEET": pg_server.connection_uri("postgres"),
             "AIRFLOW_CONN_PGDR_SLACK": e2e_slack.connection(),
             "AIRFLOW_CONN_PGDR_SMTP": e2e_mail.connection(),
+            "AIRFLOW_CONN_PGDR_E2E_KEY": json.dumps({"conn_type": "generic", "login": "e2e-key-1", "password": E2E_MASTER_KEY}),
         },
     )
     server.start()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import datetime
 from urllib.parse import quote
 
 import psycopg
 import pytest
-from conftest import FLEET
+from conftest import E2E_MASTER_KEY, FLEET
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +44,12 @@ def test_fleet_backup_one_run_one_backup_each_and_the_pool_limit_held(standalone
         mine = [e for e in BackupCatalog(store, layout, name).backups() if e.manifest.airflow.get("run_id") == run_id]
         assert len(mine) == 1, name
         assert mine[0].manifest.row_counts == {"public.accounts": 100 + FLEET.index(name)}
+        assert mine[0].manifest.encryption.key_id == "e2e-key-1", name  # encrypted client-side
+    # The workers read the master key from their connection; no task log holds it, in any form.
+    logs = [p for p in (standalone.home / "logs").rglob("*") if p.is_file()]
+    texts = [p.read_bytes() for p in logs]
+    assert any(b"is encrypted (AES-256-GCM)" in t for t in texts), "no backup task log found"
+    assert not [p for p, t in zip(logs, texts, strict=True) if E2E_MASTER_KEY.encode() in t or base64.b64decode(E2E_MASTER_KEY) in t]
 
     tis = standalone.api(
         "GET", f"/api/v2/dags/pgdr_backup/dagRuns/{quote(run_id, safe='')}/taskInstances?task_id=protect_fleet.back_up&limit=100"

@@ -343,14 +343,22 @@ def test_retention_deleting_a_backup_while_it_is_verified(plan, run_dag, pg_serv
     assert _leftover_work() == []
 
 
-def test_the_password_is_in_no_argv_log_report_store_or_xcom(plan, run_dag, pg_server, capfd, caplog, slack):
-    """A backup, a verify-restore and an incident restore while every client tool's command line is
-    watched: the connection's password is in none of them, nor in anything else pgdr wrote."""
+def test_the_password_is_in_no_argv_log_report_store_or_xcom(plan, run_dag, pg_server, capfd, caplog, slack, monkeypatch):
+    """A backup, a verify-restore and an incident restore, encrypted client-side, while every client
+    tool's command line is watched: neither the connection's password nor the master key (as base64
+    or as bytes) is in any of them, nor in anything else pgdr wrote, logged or passed on."""
+    import base64
+
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
+    from pgdr.storage.encryption import new_master_key
 
     secret = pg_server.password.encode()
-    p = plan()
+    master_key = new_master_key()
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", json.dumps({"conn_type": "generic", "login": "k1", "password": master_key}))
+    secrets_text = [pg_server.password, master_key]
+    secrets_bytes = [secret, master_key.encode(), base64.b64decode(master_key)]
+    p = plan(defaults={"encryption": {"key_conn_id": "pgdr_key"}})
     argv: list[bytes] = []
     stop = threading.Event()
 
@@ -384,13 +392,14 @@ def test_the_password_is_in_no_argv_log_report_store_or_xcom(plan, run_dag, pg_s
     assert all(str(r.state) == "success" for r in runs), [r.states for r in runs]
     assert {tool for tool in (b"pg_dump", b"pg_restore", b"pg_amcheck") if any(tool in c for c in argv)} == {
         b"pg_dump", b"pg_restore", b"pg_amcheck"}, "the watcher saw no client tool run"
-    assert not [c for c in argv if secret in c]
+    assert not [c for c in argv if any(s in c for s in secrets_bytes)]
     stored = [f for f in p.databases[0].storage.path.rglob("*") if f.is_file()]
-    assert stored and not [f for f in stored if secret in f.read_bytes()]
+    assert stored and not [f for f in stored if any(s in f.read_bytes() for s in secrets_bytes)]
+    assert BackupCatalog(store, layout, "shop").get(backup_id).manifest.encryption.key_id == "k1"
     captured = capfd.readouterr()
     for text in (captured.out, captured.err, caplog.text, *slack.texts()):
-        assert pg_server.password not in text
+        assert not [s for s in secrets_text if s in text]
     with create_session() as session:
         values = [row.value for row in session.query(XComModel).filter(XComModel.run_id.in_([r.run_id for r in runs]))]
-    assert values and not [v for v in values if pg_server.password in json.dumps(v, default=str)]
+    assert values and not [v for v in values if any(s in json.dumps(v, default=str) for s in secrets_text)]
     assert _leftover_work() == []
