@@ -163,6 +163,7 @@ def test_an_encrypted_backup_verifies_and_downloads_to_the_plaintext(encrypted_b
     manifest = _stored(store, layout)
     record = json.loads(store.get_bytes(layout.manifest_key("shop", BACKUP_ID)))["encryption"]
     assert record["key_id"] == "k1" and record["key_conn_id"] == "pgdr_key" and K1 not in json.dumps(record)
+    assert "encrypted with master key k1" in manifest.size_summary()  # what `pgdr list` and the restore plan show
     for entry in manifest.files:  # nothing of the plaintext is stored
         stored = store.get_bytes(entry.key)
         assert contents[entry.name][:64] not in stored or not contents[entry.name]

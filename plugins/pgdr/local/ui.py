@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         print("    stopped.", flush=True)
 
     signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    # Ctrl-C must stop everything even when this was started with SIGINT ignored (a background job of
+    # a script inherits SIG_IGN, and Python then raises no KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _wait_until_ready(base_url, process, log)
         _say(f"pgdr in the Airflow UI: {base_url}\n    login: {ADMIN} / {password}\n"
