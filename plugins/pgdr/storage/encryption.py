@@ -212,15 +212,24 @@ def rewrap(keys: MasterKeys, record: EncryptionRecord, database: str, backup_id:
 
 
 _UNMACED = ("key_id", "wrapped_key", "wrap_nonce", "manifest_mac")
+# What the HMAC of scheme v1 covers: every field a manifest had when the scheme was made, named here
+# once and for all, so that a later pgdr that adds a field still authenticates the manifests written
+# before it (a field added later is not covered by v1; a v2 scheme would cover it).
+MAC_FIELDS_V1 = (
+    "airflow", "backup_id", "client_version", "compressed_by", "compression", "compression_level", "database",
+    "database_bytes", "dbname", "dump_jobs", "encryption", "files", "finished_at", "format", "large_objects",
+    "manifest_format", "recovery_point", "row_counts", "sequences", "server_version", "size", "started_at",
+    "storage", "stored_size",
+)
 
 
 def manifest_mac(data_key: bytes, manifest_json: dict[str, Any]) -> str:
-    """Return the HMAC-SHA256 of a manifest (as a JSON-ready dict), leaving out the key wrapping."""
+    """Return the HMAC-SHA256 of a manifest (as a JSON-ready dict): :data:`MAC_FIELDS_V1`, without the key wrapping."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-    body = dict(manifest_json)
-    body["encryption"] = {k: v for k, v in (body.get("encryption") or {}).items() if k not in _UNMACED}
+    body = {name: manifest_json[name] for name in MAC_FIELDS_V1}
+    body["encryption"] = {k: v for k, v in (body["encryption"] or {}).items() if k not in _UNMACED}
     mac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"pgdr manifest mac v1").derive(data_key)
     return hmac.new(mac_key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
 
