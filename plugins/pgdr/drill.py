@@ -162,6 +162,9 @@ def headline(report: dict[str, Any]) -> list[str]:
         )
     for p in report.get("pitr") or []:
         rpo = p["rpo"]
+        if p.get("error"):
+            lines.append(f"server {p['server']} (PITR): FAIL | the rehearsal did not finish: {p['error']}")
+            continue
         lines.append(
             f"server {p['server']} (PITR): {'PASS' if rpo['met'] else 'FAIL'} | RPO achieved {_fmt(rpo['achieved_s'])} / "
             f"{_fmt(rpo['target_s'])} (drill start minus the newest heartbeat recovered) | recovered in {_fmt(p['recovery_seconds'])}"
@@ -177,10 +180,23 @@ def _measures(r: dict[str, Any]) -> tuple[str, str, str, str]:
     return rto, rpo, _fmt(c["rpo_worst_gap"]["achieved_s"]), control
 
 
+def pitr_rehearsal_failed(server: str, rpo_target_s: float, error: str) -> dict[str, Any]:
+    """Return the drill's record of a server whose point-in-time recovery rehearsal did not finish.
+
+    It has the fields of a finished rehearsal (nothing achieved, the RPO not met) and the ``error``,
+    so that the report fails and says why, instead of leaving the server out and passing.
+    """
+    return {"server": server, "base_backup": None, "newest_heartbeat": None,
+            "rpo": {"target_s": rpo_target_s, "achieved_s": None, "met": False},
+            "recovery_seconds": None, "timings": {}, "recovery": None, "error": error}
+
+
 def report_action_items(report: dict[str, Any]) -> list[str]:
     """Return every action item of a drill: the databases' and the point-in-time recoveries'."""
     items = [i for r in report["databases"] for i in r["action_items"]]
     items += [
+        f"server {p['server']}: the point-in-time recovery rehearsal did not finish: {p['error']}"
+        if p.get("error") else
         f"server {p['server']}: the point-in-time recovery lost {_fmt(p['rpo']['achieved_s'])} of data, over the RPO of "
         f"{_fmt(p['rpo']['target_s'])}: check the archiver (pg_stat_archiver) and archive_timeout, and that pgdr_health runs "
         "(it writes the heartbeats)" for p in report.get("pitr") or [] if not p["rpo"]["met"]
@@ -200,6 +216,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Point-in-time recovery", "", "| server | RPO achieved / target | newest heartbeat recovered | recovery time | WAL replayed |",
                   "| --- | --- | --- | --- | --- |"]
         for p in report["pitr"]:
+            if p.get("error"):
+                lines.append(f"| {p['server']} | FAIL: the rehearsal did not finish: {p['error']} | none | n/a | n/a |")
+                continue
             wal = (p.get("recovery") or {}).get("wal_bytes_replayed")
             lines.append(f"| {p['server']} | {_fmt(p['rpo']['achieved_s'])} / {_fmt(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
                          f"{_fmt(p['recovery_seconds'])} | {wal / 1e6:.1f} MB |" if wal is not None else
@@ -342,7 +361,7 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
     actions = "".join(f"<li>{e(i)}</li>" for i in items) or "<li>None: every target was met.</li>"
     pitr_rows = "".join(
         f"<tr><th>{e(p['server'])}</th><td class='{'ok' if p['rpo']['met'] else 'bad'}'>{_fmt(p['rpo']['achieved_s'])} "
-        f"<small>/ {_fmt(p['rpo']['target_s'])}</small></td><td>{e(p['newest_heartbeat'] or 'none')}</td>"
+        f"<small>/ {_fmt(p['rpo']['target_s'])}</small></td><td>{e(p.get('error') or p['newest_heartbeat'] or 'none')}</td>"
         f"<td>{_fmt(p['recovery_seconds'])}</td></tr>"
         for p in report.get("pitr") or []
     )

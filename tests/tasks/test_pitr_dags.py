@@ -193,3 +193,37 @@ def test_a_damaged_base_backup_fails_verification_with_one_alert(pitr_plan, run_
     assert len(alerts) == 1, alerts
     assert "pg_verifybackup rejected base backup" in alerts[0] and "recover_cluster" in alerts[0]
     assert catalog.get(newest.backup_id).status == "failed"
+
+
+def test_a_pitr_rehearsal_that_cannot_run_fails_the_drill_and_says_why(pitr_plan, run_dag, env, plan, monkeypatch):
+    """A server with no base backup yet: its rehearsal fails, and the drill must say FAIL naming it and why,
+    not leave the server out of the report and pass (as it once did)."""
+    import pgdr.plan as plan_module
+
+    # The same PITR server, but base backups under a prefix of this test's own: none there.
+    fresh = plan(
+        databases=[{"name": "shop", "conn_id": "pgdr_pitr", "server": PITR_SERVER}],
+        storage={"s3": {"type": "s3", "bucket": BUCKET, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3"}},
+        servers={PITR_SERVER: {"pitr": {"storage": "s3", "keep_window": "7d", "full_schedule": "@daily",
+                                         "incremental_schedule": "@hourly", "archive_timeout": "10s"}}},
+    )
+    assert plan_module.load_plan().servers[0].pitr.storage.prefix == env["prefix"] == fresh.servers[0].pitr.storage.prefix
+    assert run_dag("pgdr_backup").get_state() == "success"
+    drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"]})
+    assert drill.states["rehearse_pitr[0]"] == "failed", drill.states
+    assert drill.states["publish_report"] == "failed" and drill.get_state() == "failed", drill.states
+    from pgdr.airflow_glue.connections import open_store
+
+    store, layout = open_store(fresh.default_storage or fresh.databases[0].storage, fresh)
+    keys = [o.key for o in store.list(layout.report_key("drills") + "/") if o.key.endswith("drill.json")]
+    (report,) = [r for r in (json.loads(store.get_bytes(k)) for k in keys) if r["run_id"] == drill.run_id]
+    assert report["status"] == "fail"
+    (pitr,) = report["pitr"]
+    assert pitr["server"] == PITR_SERVER and pitr["rpo"]["met"] is False
+    assert "has no base backup to rehearse a point-in-time recovery from" in pitr["error"]
+    assert [r["database"] for r in report["databases"]] == ["shop"]  # the logical rehearsal is reported beside it
+    from pgdr.drill import headline, render_html, render_markdown, report_action_items
+
+    assert any(line.startswith(f"server {PITR_SERVER} (PITR): FAIL | the rehearsal did not finish: ") for line in headline(report))
+    assert any("trigger pgdr_basebackup" in item for item in report_action_items(report))
+    assert "the rehearsal did not finish" in render_markdown(report) and "has no base backup" in render_html(report, b"")

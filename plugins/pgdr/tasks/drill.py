@@ -255,6 +255,24 @@ def run_rehearse_pitr(server_name: str, context, started_at: str) -> dict[str, A
     }
 
 
+def _unfinished_rehearsals(plan, pitr: list[dict[str, Any]], dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    """Return a failed record for each PITR server of the plan whose rehearsal returned nothing, with its error."""
+    from pgdr.airflow_glue.alert_journal import AlertJournal
+    from pgdr.drill import pitr_rehearsal_failed
+
+    missing = [server for server in plan.servers if server.name not in {p["server"] for p in pitr}]
+    if not missing:
+        return []
+    failures, _storage_error = AlertJournal.for_plan().failures(dag_id, run_id)
+    errors = {f.database: f.error for f in failures if f.task_id == "rehearse_pitr"}
+    return [
+        pitr_rehearsal_failed(server.name, server.pitr.rpo.total_seconds(),
+                              errors.get(f"server {server.name}") or errors.get(server.name)
+                              or "the rehearse_pitr task failed; its alert and log say why")
+        for server in missing
+    ]
+
+
 def run_publish_report(results: list[dict[str, Any]], context, pitr: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail."""
     import json
@@ -270,6 +288,7 @@ def run_publish_report(results: list[dict[str, Any]], context, pitr: list[dict[s
     ti, dag_run = context["ti"], context["dag_run"]
     plan = load_plan()
     store, layout = open_store(plan.default_storage or plan.databases[0].storage, plan)
+    pitr = list(pitr or []) + _unfinished_rehearsals(plan, pitr or [], ti.dag_id, ti.run_id)
     started_at = (dag_run.start_date or datetime.now(UTC)).astimezone(UTC)
     drill_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + re.sub(r"[^A-Za-z0-9]+", "", ti.run_id)[-6:]
     report = {
@@ -280,7 +299,7 @@ def run_publish_report(results: list[dict[str, Any]], context, pitr: list[dict[s
         "finished_at": _now(),
         "status": "pass" if results and all(r["status"] == "pass" for r in results) and all(p["rpo"]["met"] for p in pitr or []) else "fail",
         "databases": results,
-        "pitr": pitr or [],
+        "pitr": pitr,
     }
     history = []
     for obj in store.list(layout.report_key("drills") + "/"):
@@ -312,9 +331,10 @@ def run_publish_report(results: list[dict[str, Any]], context, pitr: list[dict[s
             subject=f"[pgdr] DR drill {drill_id}: {report['status'].upper()}", html_content=page,
         ).notify(context)
     broken = [r["database"] for r in results if r["failed_phase"] or not (r["negative_control"] or {}).get("rejected")]
+    broken += [f"server {p['server']}" for p in pitr if p.get("error")]
     if broken:
         raise AirflowFailException(
-            f"The DR drill failed for {', '.join(broken)} (a phase failed, or the negative control was not rejected). "
-            f"The report lists the action items: {location}"
+            f"The DR drill failed for {', '.join(broken)} (a phase or a point-in-time recovery rehearsal failed, or the "
+            f"negative control was not rejected). The report lists the action items: {location}"
         )
     return {"status": report["status"], "report": location, "drill_id": drill_id, "headline": headline(report)}
