@@ -41,7 +41,7 @@ ARCHIVER_SOFT = @$(MAKE) --no-print-directory archiver || echo "warning: the WAL
 
 demo: $(STAMP)
 	$(ARCHIVER_SOFT)
-	$(RUN) -m pgdr.local.demo
+	$(RUN) -m pgdr.local.demo $(ARGS)
 
 # pgdr in the Airflow UI on one machine (airflow standalone, the embedded server and plan); Ctrl-C stops it.
 ui: $(STAMP)

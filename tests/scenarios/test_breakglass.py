@@ -45,12 +45,15 @@ def breakglass(tmp_path, pg_server):
     def command(*args: str) -> list[str]:
         return [sys.executable, "-m", "pgdr", "--plan", str(plan), "--connections", str(connections), *args]
 
+    def command_after(subcommand: str, *args: str) -> list[str]:  # the options after the subcommand, as most type them
+        return [sys.executable, "-m", "pgdr", subcommand, "--plan", str(plan), "--connections", str(connections), *args]
+
     def run(*args: str) -> subprocess.CompletedProcess:
         result = subprocess.run(command(*args), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         result.output = result.stdout + result.stderr
         return result
 
-    run.command, run.env = command, env
+    run.command, run.command_after, run.env = command, command_after, env
     return run, root, backup_id
 
 
@@ -65,6 +68,9 @@ def test_list_reads_the_store_without_airflow(breakglass):
     result = run("list", "--database", "shop")
     assert result.returncode == 0, result.output
     assert backup_id in result.stdout and "verified" in result.stdout and "MB stored (gzip:1)" in result.stdout
+    # --plan and --connections after the subcommand work the same
+    after = subprocess.run(run.command_after("list", "--database", "shop"), env=run.env, capture_output=True, text=True, timeout=120)
+    assert after.returncode == 0 and after.stdout == result.stdout, after.stdout + after.stderr
 
 
 def test_restore_new_database_and_replace_without_airflow_services(breakglass, pg_server):
@@ -167,3 +173,60 @@ def test_ctrl_c_during_the_restore_leaves_the_live_database_and_no_half_copy(bre
     time.sleep(1)
     assert {r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database")} == before, output[-3000:]
     assert source_row_counts(pg_server, "shop") == rows
+
+
+RUNS, BOUND_S = 30, 240  # a run takes 15-40 s here in pairs; the hang it guards against never ended
+
+
+def test_the_command_never_hangs_thirty_runs_in_parallel_pairs(breakglass, pg_server):
+    """The progress thread once deadlocked with dag.test() importing Airflow's models (import lock against
+    SQLAlchemy's mapper lock): a race, lost on a loaded machine. Thirty runs, two at a time (one with a
+    wrong field, one that plans or really restores), each must end, with the right outcome, within a
+    generous bound; a run that does not has its threads' stacks dumped into its log (SIGUSR1)."""
+    import re
+    import signal
+    import time
+
+    run, _root, _backup_id = breakglass
+    problems, took = [], []
+
+    def start(args):  # the wrong-field runs give --plan and --connections after the subcommand
+        command = run.command_after(*args) if "2999-01-01T00:00:00Z" in args else run.command(*args)
+        return subprocess.Popen(command, env=run.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    try:
+        for pair in range(RUNS // 2):
+            real = pair % 5 == 4  # every fifth pair restores for real; the others stop after the plan (dry run)
+            target = f"shop_cli_stress_{pair}"
+            runs = {
+                "wrong field": (["restore", "--database", "shop", "--backup", "2999-01-01T00:00:00Z"], 1, "is in the future"),
+                "restore" if real else "dry run": (
+                    ["restore", "--database", "shop", "--target-name", target, *([] if real else ["--dry-run"])],
+                    0, "pgdr_restore success"),
+            }
+            started = time.monotonic()
+            processes = {name: start(args) for name, (args, _status, _text) in runs.items()}
+            for name, process in processes.items():
+                _args, status, text = runs[name]
+                try:
+                    output, _ = process.communicate(timeout=max(1, BOUND_S - (time.monotonic() - started)))
+                except subprocess.TimeoutExpired:
+                    process.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack into the log
+                    time.sleep(2)
+                    process.kill()
+                    output, _ = process.communicate()
+                    log = re.search(r"log records go to (\S+)", output)
+                    stacks = Path(log.group(1)).read_text(errors="replace")[-6000:] if log else "(no log path printed)"
+                    problems.append(f"pair {pair}, {name}: still running after {BOUND_S}s\n{output[-1500:]}\n{stacks}")
+                    continue
+                took.append(time.monotonic() - started)
+                if process.returncode != status or text not in output:
+                    problems.append(f"pair {pair}, {name}: exit {process.returncode}, wanted {status} and {text!r}\n{output[-2000:]}")
+            if real and not problems:
+                assert _sql(pg_server, f"SELECT 1 FROM pg_database WHERE datname = '{target}'") == [(1,)]
+            assert not problems, "\n\n".join(problems)
+    finally:
+        for (name,) in _sql(pg_server, "SELECT datname FROM pg_database WHERE datname LIKE 'shop\\_cli\\_stress\\_%'"):
+            _sql(pg_server, f'DROP DATABASE "{name}" WITH (FORCE)')
+    assert len(took) == RUNS
+    print(f"{RUNS} runs in pairs: median {sorted(took)[RUNS // 2]:.1f}s, longest {max(took):.1f}s")

@@ -10,6 +10,10 @@ touches the production Airflow's metadata database, scheduler or API server.
 ``list`` reads the storage target directly: every backup of a database, its status, recovery
 point and size, to choose one without the UI.
 
+The terminal shows one line a task as it starts and ends, the restore plan and the final state;
+every log record goes to a file whose path is printed first (``--verbose`` streams them too), and
+a failed task's error and last log lines are printed with that path.
+
 Exit status: 0 when the restore succeeded (or the dry run planned), 1 when it failed, 2 for bad
 arguments. Ctrl-C during the restore drops the half-restored copy (never the live database).
 """
@@ -17,21 +21,22 @@ arguments. Ctrl-C during the restore drops the half-restored copy (never the liv
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from pgdr.local.console import Console, default_log_path, plain
 from pgdr.runtime import STOP_REQUESTED_ENV_VAR, VIA_ENV_VAR
 
-
-def _print(text: str = "") -> None:
-    print(text, flush=True)
+_print = plain
 
 
 def load_connections(path: Path) -> dict[str, str]:
@@ -72,36 +77,49 @@ def list_backups(database: str) -> int:
 
 
 class _Progress(threading.Thread):
-    """Print each task of the run as it starts and ends, with its duration, from the metadata database."""
+    """Print each task of the run as it starts and ends, with its duration, from the metadata database.
 
-    def __init__(self, dag_id: str):
-        super().__init__(daemon=True)
-        self.dag_id, self.stop, self.seen = dag_id, threading.Event(), {}
+    It reads the task states with plain SQL on a connection of its own and never imports Airflow nor
+    touches its ORM: ``dag.test()`` imports Airflow's models in the main thread while this thread
+    runs, and an ORM query here would configure SQLAlchemy's mappers, which imports more models,
+    while the main thread holds their module locks (a deadlock that hung the command forever).
+    """
+
+    QUERY = ("SELECT task_id, map_index, state, (julianday(end_date) - julianday(start_date)) * 86400 "
+             "FROM task_instance WHERE dag_id = ? ORDER BY start_date IS NULL, start_date, end_date IS NULL, end_date")
+
+    def __init__(self, metadata_db: Path, dag_id: str):
+        super().__init__(name="pgdr-progress", daemon=True)
+        self.metadata_db, self.dag_id, self.stop, self.seen = metadata_db, dag_id, threading.Event(), {}
 
     def poll(self) -> None:
-        from airflow.models.taskinstance import TaskInstance
-        from airflow.utils.session import create_session
-
-        with create_session() as session:
-            rows = session.query(TaskInstance.task_id, TaskInstance.state, TaskInstance.start_date, TaskInstance.end_date).filter(
-                TaskInstance.dag_id == self.dag_id).all()
-        rows.sort(key=lambda row: (row[2] is None, row[2] or 0, row[3] is None, row[3] or 0))
-        for task_id, state, start, end in rows:
-            state = str(getattr(state, "value", state) or "")
-            if self.seen.get(task_id) == state:
+        if not self.metadata_db.exists():
+            return
+        connection = sqlite3.connect(f"{self.metadata_db.as_uri()}?mode=ro", uri=True, timeout=2)
+        try:
+            rows = connection.execute(self.QUERY, (self.dag_id,)).fetchall()
+        finally:
+            connection.close()
+        for task_id, map_index, state, seconds in rows:
+            name = task_id if map_index is None or map_index < 0 else f"{task_id}[{map_index}]"
+            state = state or ""
+            if self.seen.get(name) == state:
                 continue
-            self.seen[task_id] = state
+            self.seen[name] = state
+            took = f" in {seconds:.1f}s" if seconds is not None else ""
             if state == "running":
-                _print(f"  ... {task_id} started")
+                _print(f"  ... {name} started")
+            elif state == "up_for_retry":
+                _print(f"  !! {name} failed{took}; it will be retried")
             elif state in ("success", "failed", "skipped", "upstream_failed"):
-                took = f" in {(end - start).total_seconds():.1f}s" if start and end else ""
-                _print(f"  {'ok ' if state == 'success' else '-- ' if state == 'skipped' else 'XX '}{task_id} {state}{took}")
+                mark = "ok " if state == "success" else "-- " if state == "skipped" else "XX "
+                _print(f"  {mark}{name} {state}{took}")
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
             try:
                 self.poll()
-            except Exception as err:  # noqa: BLE001 - progress is a courtesy; the run's outcome is read after
+            except sqlite3.Error as err:  # the database is busy or not created yet: the next poll reads it
                 if os.environ.get("PGDR_DEBUG"):
                     _print(f"(progress: {err!r})")
 
@@ -114,20 +132,21 @@ def _stop(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def restore(args: argparse.Namespace) -> int:
+def restore(args: argparse.Namespace, home: Path, log_path: Path) -> int:
     """Run ``pgdr_restore`` in this process with the command's fields as the form's; return the exit status."""
-    from pgdr.local.runner import load_dag
-
     given = {"database": args.database, "backup": args.backup, "mode": args.mode, "confirm": args.confirm,
              "target_name": args.target_name, "tables": args.tables, "target_conn_id": args.target_conn_id,
              "dry_run": args.dry_run}
     conf = {key: value for key, value in given.items() if value is not None}  # the form's defaults for the rest
-    _print(f"pgdr: restoring {args.database!r} from {args.backup!r} ({args.mode}) with the pgdr_restore DAG, in this process")
+    _print("pgdr: loading the pgdr_restore DAG")
+    from pgdr.local.runner import explain_failure, load_dag
+
     dag = load_dag("pgdr_restore")
-    progress = _Progress("pgdr_restore")
-    progress.start()
+    progress = _Progress(home / "airflow.db", "pgdr_restore")
     signal.signal(signal.SIGINT, _stop)
-    started = time.monotonic()
+    _print("pgdr: starting the pgdr_restore DAG")
+    started, since = time.monotonic(), log_path.stat().st_size
+    progress.start()
     try:
         dag_run = dag.test(run_conf=conf)
     except KeyboardInterrupt:
@@ -141,9 +160,12 @@ def restore(args: argparse.Namespace) -> int:
         return 2
     finally:
         progress.stop.set()
-    progress.join(2)
+    progress.join(5)
     progress.poll()
-    return _summarise(dag_run, time.monotonic() - started)
+    status = _summarise(dag_run, time.monotonic() - started)
+    if status == 1:
+        explain_failure("pgdr_restore", dag_run.run_id, log_path, since)
+    return status
 
 
 def _summarise(dag_run, seconds: float) -> int:
@@ -174,31 +196,55 @@ def _summarise(dag_run, seconds: float) -> int:
         _print("pgdr: stopped by Ctrl-C before the restore finished.")
         return 130
     if state != "success":
-        _print("The live database was not changed unless the report says it was; the task errors are above.")
+        _print("The live database was not changed unless the report says it was; what failed is below.")
     return 0 if state == "success" else 1
 
 
 def _private_airflow() -> Path:
-    """Point Airflow at a fresh, throw-away home with its own SQLite metadata database; migrate it."""
-    from pgdr.local.runner import local_airflow_env, migrate_metadata_db
+    """Point Airflow at a fresh, throw-away home with its own SQLite metadata database, and create its tables.
+
+    This imports Airflow and all its models in the main thread, before any other thread starts.
+    """
+    from pgdr.local.runner import local_airflow_env
 
     home = Path(tempfile.mkdtemp(prefix="pgdr-breakglass-"))
     env = local_airflow_env(home)
-    env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = os.environ.get("PGDR_LOG_LEVEL", "WARNING")
-    os.environ.update(env)
-    _print(f"pgdr: private Airflow metadata database in {home} (the production Airflow is not used)")
-    migrate_metadata_db(env)
+    # INFO: the task logs go to the log file, and a failed task's lines are found there by dag.test()'s markers.
+    env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = os.environ.get("PGDR_LOG_LEVEL", "INFO")
+    os.environ.update(env)  # before Airflow is imported: it reads its configuration once
+    _print(f"pgdr: importing Airflow and preparing a private metadata database in {home} "
+           "(the production Airflow is not used; about 10 seconds)")
+    from airflow.utils.db import initdb  # a fresh database: the tables from the models, stamped at the head revision
+
+    initdb()
     return home
+
+
+def _common_options(parser: argparse.ArgumentParser, on_subcommand: bool) -> None:
+    """``--plan``, ``--connections`` and friends, accepted before or after the subcommand.
+
+    On a subcommand their default is SUPPRESS, so that an option given before the subcommand is not
+    overwritten by the subcommand's default.
+    """
+    default = argparse.SUPPRESS if on_subcommand else None
+    parser.add_argument("--plan", type=Path, default=default, help="the DR plan (default: $PGDR_PLAN or include/pgdr.yaml)")
+    parser.add_argument("--connections", type=Path, default=default,
+                        help="a JSON file of {conn_id: connection}, as AIRFLOW_CONN_* values")
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS if on_subcommand else False,
+                        help="stream every log record to the terminal too (they always go to the log file)")
+    parser.add_argument("--log-file", type=Path, default=default,
+                        help="where the log records go (default: pgdr-restore-<time>-<pid>.log in the temporary directory)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pgdr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", type=Path, help="the DR plan (default: $PGDR_PLAN or include/pgdr.yaml)")
-    parser.add_argument("--connections", type=Path, help="a JSON file of {conn_id: connection}, as AIRFLOW_CONN_* values")
+    _common_options(parser, on_subcommand=False)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="list the backups of a database, from the storage target")
+    _common_options(listing, on_subcommand=True)
     listing.add_argument("--database", required=True)
     run = commands.add_parser("restore", help="restore a database with the pgdr_restore DAG, without a running Airflow")
+    _common_options(run, on_subcommand=True)
     run.add_argument("--database", required=True, help="a database of the DR plan")
     run.add_argument("--backup", default="latest-verified", help="latest-verified (default), latest, a backup id, or a UTC time")
     run.add_argument("--mode", default="new-database", help="new-database (default) or replace")
@@ -210,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     keygen = commands.add_parser("keygen", help="print a new master key for client-side encryption, as an Airflow connection")
     keygen.add_argument("--key-id", help="the new key's id (default: key-<UTC date and time>)")
     args = parser.parse_args(argv)
+    # `kill -USR1 <pid>` writes every thread's stack to the log: what a command that seems stuck is waiting for.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.command == "keygen":
         return print_new_key(args.key_id)
 
@@ -225,12 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         except PgdrError as err:
             _print(f"pgdr: {err}")
             return 1
-    home = _private_airflow()
-    os.environ[VIA_ENV_VAR] = f"the command line (python -m pgdr restore) as {_who()}"
-    try:
-        return restore(args)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    log_path = (args.log_file or default_log_path(Path(tempfile.gettempdir()), "pgdr-restore")).resolve()
+    _print(f"pgdr: restoring {args.database!r} from {args.backup!r} ({args.mode}) with the pgdr_restore DAG, in this process")
+    _print(f"pgdr: the log records go to {log_path}" + ("" if args.verbose else " (--verbose streams them)"))
+    with Console(log_path, verbose=args.verbose):
+        home = _private_airflow()
+        os.environ[VIA_ENV_VAR] = f"the command line (python -m pgdr restore) as {_who()}"
+        try:
+            return restore(args, home, log_path)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+            _print(f"pgdr: the whole log is {log_path}")
 
 
 def print_new_key(key_id: str | None) -> int:

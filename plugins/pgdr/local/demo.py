@@ -20,14 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from pgdr.local.console import Console, default_log_path, detail, say
 from pgdr.plan import PROJECT_ROOT
 
 # The demo's (and make ui's) server, Airflow homes and port file; tests point it elsewhere.
 STATE_DIR = Path(os.environ.get("PGDR_STATE_DIR") or PROJECT_ROOT / ".pgdr")
-
-
-def _say(text: str) -> None:
-    print(f"\n==> {text}", flush=True)
 
 
 DEMO_KEYS = {"AWS_ACCESS_KEY_ID": "pgdr-demo", "AWS_SECRET_ACCESS_KEY": "pgdr-demo-secret", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -49,7 +46,7 @@ def start_local_s3(plan) -> dict:
         bin_dir = archiver_bin_dir()
         check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
     except PgdrError as err:
-        _say(f"Point-in-time recovery is skipped: {err}")
+        say(f"Point-in-time recovery is skipped: {err}")
         return {"settings": {}, "environment": {}}
     import logging
 
@@ -73,7 +70,7 @@ def start_local_s3(plan) -> dict:
     })
     access = ArchiveAccess(endpoint, "us-east-1", DEMO_KEYS["AWS_ACCESS_KEY_ID"], DEMO_KEYS["AWS_SECRET_ACCESS_KEY"])
     archive = WalArchive(target.bucket, PhysicalLayout(target.prefix), server.name, access)
-    _say(f"Local S3 endpoint (moto) on {endpoint}: the WAL archive is {archive.describe()}")
+    say(f"Local S3 endpoint (moto) on {endpoint}: the WAL archive is {archive.describe()}")
     timeout = int(server.pitr.archive_timeout.total_seconds())
     return {"settings": archive.server_settings(timeout, bin_dir), "environment": access.environment()}
 
@@ -94,20 +91,20 @@ def prepare(plan_path: Path | None = None):
     # Under a private checkout (/root, mode 0700) the server's data directory goes where its user can reach it.
     server_dir = state_dir_for(STATE_DIR / "postgres")
     server = EmbeddedServer(server_dir, port=port, **archiving)
-    _say(f"Starting the embedded PostgreSQL 18 server ({server.data_dir})")
+    say(f"Starting the embedded PostgreSQL 18 server ({server.data_dir})")
     try:
         server.start()
     except Exception:  # noqa: BLE001 - the remembered port may be taken now: take a fresh one
         server = EmbeddedServer(server_dir, **archiving)
         server.start()
     port_file.write_text(str(server.port))
-    print(f"    listening on 127.0.0.1:{server.port}")
+    detail(f"listening on 127.0.0.1:{server.port}")
     if not _database_exists(server, "shop"):
-        _say("Creating the sample database 'shop' (schemas, FKs, enum, partitions, a large object, ~100k rows)")
+        say("Creating the sample database 'shop' (schemas, FKs, enum, partitions, a large object, ~100k rows)")
         create_sample_database(server, "shop")
     os.environ["AIRFLOW_CONN_PGDR_SHOP"] = server.connection_uri("shop")
     os.environ["AIRFLOW_CONN_PGDR_RESTORE"] = server.restore_connection_uri()
-    _say("Preparing Airflow's metadata database (SQLite, .pgdr/airflow)")
+    say("Preparing Airflow's metadata database (SQLite, .pgdr/airflow)")
     migrate_metadata_db(env)
     return server
 
@@ -120,17 +117,17 @@ def _database_exists(server, name: str) -> bool:
 
 
 def run(dag_id: str, **kwargs):
-    """Run one pgdr DAG with ``dag.test()`` and fail loudly if the run does not succeed."""
-    from pgdr.local.runner import load_dag
+    """Run one pgdr DAG with ``dag.test()``; stop the demo, naming the failed task and the log, if it fails."""
+    from pgdr.local.runner import run_dag
 
-    _say(f"Running {dag_id}")
-    started = time.monotonic()
-    dag_run = load_dag(dag_id).test(**kwargs)
-    state = str(getattr(dag_run.state, "value", dag_run.state))
-    print(f"    {dag_id}: {state} in {time.monotonic() - started:.1f}s")
+    dag_run, state = run_dag(dag_id, LOG_PATH, **kwargs)
     if state != "success":
-        sys.exit(f"{dag_id} did not succeed (state {state}); its task logs are above.")
+        raise DemoFailed(f"{dag_id} did not succeed (state {state}).")
     return dag_run
+
+
+class DemoFailed(Exception):
+    """A DAG of the demo did not succeed; what failed has been said."""
 
 
 def report_backups() -> None:
@@ -144,12 +141,12 @@ def report_backups() -> None:
         store, layout = open_store(db.storage, plan)
         entry = BackupCatalog(store, layout, db.name).latest()
         manifest = entry.manifest
-        _say(f"Newest backup of '{db.name}': {manifest.backup_id} ({entry.status})")
-        print(f"    recovery point : {manifest.recovery_point.isoformat()}")
-        print(f"    tables / rows  : {len(manifest.row_counts)} / {sum(manifest.row_counts.values())}")
-        print(f"    size           : {manifest.size_summary()}")
-        print(f"    location       : {store.describe(layout.backup_prefix(db.name, manifest.backup_id))}")
-        print(f"    manifest       : {store.describe(layout.manifest_key(db.name, manifest.backup_id))}")
+        say(f"Newest backup of '{db.name}': {manifest.backup_id} ({entry.status})")
+        detail(f"recovery point : {manifest.recovery_point.isoformat()}")
+        detail(f"tables / rows  : {len(manifest.row_counts)} / {sum(manifest.row_counts.values())}")
+        detail(f"size           : {manifest.size_summary()}")
+        detail(f"location       : {store.describe(layout.backup_prefix(db.name, manifest.backup_id))}")
+        detail(f"manifest       : {store.describe(layout.manifest_key(db.name, manifest.backup_id))}")
 
 
 def verify_newest_backups() -> None:
@@ -167,21 +164,21 @@ def verify_newest_backups() -> None:
         run("pgdr_verify_restore", run_conf={"database": db.name, "backup_id": newest.backup_id})
         entry = catalog.get(newest.backup_id)
         record = entry.verification or {}
-        _say(f"Verification of '{db.name}' backup {entry.backup_id}: {entry.status.upper()}")
+        say(f"Verification of '{db.name}' backup {entry.backup_id}: {entry.status.upper()}")
         if record.get("restore_seconds") is not None:
             verdict = "within" if record["rto_met"] else "BREACHES"
-            print(f"    restore time   : {format_duration(record['restore_seconds'])} ({verdict} the RTO of {format_duration(record['rto_target_seconds'])})")
+            detail(f"restore time   : {format_duration(record['restore_seconds'])} ({verdict} the RTO of {format_duration(record['rto_target_seconds'])})")
         for phase in VERIFICATION_PHASES:
             facts = record.get("phases", {}).get(phase)
             if facts:
-                    print(f"      {phase:<16}: {format_duration(facts['seconds'])}")
+                    detail(f"  {phase:<16}: {format_duration(facts['seconds'])}")
         integrity = record.get("integrity", {})
         if integrity:
-            print(f"    integrity      : {integrity['tables_checked']} tables, {integrity['rows_checked']} rows match the manifest; pg_amcheck clean")
+            detail(f"integrity      : {integrity['tables_checked']} tables, {integrity['rows_checked']} rows match the manifest; pg_amcheck clean")
         validation = record.get("validation", {})
         if validation:
-            print(f"    validation     : {validation['expectations'] - validation['failed']} of {validation['expectations']} expectations passed ({', '.join(validation['user_suites'])} + baseline)")
-            print(f"    report         : {validation['report']}")
+            detail(f"validation     : {validation['expectations'] - validation['failed']} of {validation['expectations']} expectations passed ({', '.join(validation['user_suites'])} + baseline)")
+            detail(f"report         : {validation['report']}")
 
 
 def run_drill() -> None:
@@ -195,14 +192,26 @@ def run_drill() -> None:
             dag_id="pgdr_drill", run_id=dag_run.run_id, task_id="publish_report", key="return_value"
         ).scalar()
     result = json.loads(value) if isinstance(value, str) else value
-    _say(f"DR drill {result['drill_id']}: {result['status'].upper()}")
+    say(f"DR drill {result['drill_id']}: {result['status'].upper()}")
     for line in result["headline"]:
-        print(f"    {line}")
-    print(f"    report         : {result['report']}")
+        detail(f"{line}")
+    detail(f"report         : {result['report']}")
+
+
+def take_and_verify_base_backup(server) -> None:
+    """A full base backup of the plan's PITR server, proven by recovering it in a scratch cluster."""
+    from pgdr.plan import load_plan
+
+    plan = load_plan()
+    if not plan.servers or not server.settings:
+        return
+    pitr_server = plan.servers[0]
+    run("pgdr_basebackup", run_conf={"server": pitr_server.name, "kind": "full"})
+    run("pgdr_verify_pitr", run_conf={"server": pitr_server.name})
 
 
 def show_point_in_time_recovery(server) -> None:
-    """Base backup, PITR verification, then a "lost" DELETE undone by restoring as of the second before it."""
+    """A "lost" DELETE undone by restoring the database as of the second before it."""
     import psycopg
 
     from pgdr.airflow_glue.connections import server_endpoint
@@ -214,9 +223,7 @@ def show_point_in_time_recovery(server) -> None:
         return
     pitr_server = plan.servers[0]
     database = plan.database(pitr_server.databases[0])
-    run("pgdr_basebackup", run_conf={"server": pitr_server.name, "kind": "full"})
-    run("pgdr_verify_pitr", run_conf={"server": pitr_server.name})
-    _say(f"Point-in-time recovery: writing 5 rows into {database.dbname}.public.pitr_demo, then losing them with a DELETE")
+    say(f"Point-in-time recovery: writing 5 rows into {database.dbname}.public.pitr_demo, then losing them with a DELETE")
     with psycopg.connect(**server.dsn(database.dbname), autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS public.pitr_demo (id serial PRIMARY KEY, note text, at timestamptz DEFAULT clock_timestamp())")
         conn.execute("INSERT INTO public.pitr_demo (note) SELECT 'written by make demo #' || g FROM generate_series(1, 5) g")
@@ -226,7 +233,7 @@ def show_point_in_time_recovery(server) -> None:
         deleted = conn.execute("DELETE FROM public.pitr_demo").rowcount
         remaining = conn.execute("SELECT count(*) FROM public.pitr_demo").fetchone()[0]
     stamp = moment.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"    the last good second: {stamp} UTC; then DELETE removed {deleted} rows ({remaining} left in the live table)")
+    detail(f"the last good second: {stamp} UTC; then DELETE removed {deleted} rows ({remaining} left in the live table)")
     switch_and_wait_archived(server_endpoint(pitr_server, plan), pitr_server.pitr.archive_timeout.total_seconds() + 60)
     target = f"{database.dbname}_as_of_{moment:%H%M%S}"
     dag_run = run("pgdr_restore", run_conf={"database": database.name, "backup": stamp, "target_name": target})
@@ -241,32 +248,49 @@ def show_point_in_time_recovery(server) -> None:
     recovery = done["pitr"]["recovery"]
     with psycopg.connect(**server.dsn(target)) as conn:
         back = conn.execute("SELECT count(*) FROM public.pitr_demo").fetchone()[0]
-    _say(f"Restored '{database.name}' as of {stamp} UTC into {target!r}")
-    print(f"    achieved recovery point : {recovery['achieved_recovery_point']} (the last transaction replayed)")
-    print(f"    base backup             : {done['pitr']['base_backup']}, {recovery['wal_bytes_replayed'] / 1e6:.1f} MB of WAL replayed in {recovery['replay_seconds']}s")
-    print(f"    rows of pitr_demo       : {back} in the restored copy, {remaining} in the live database")
+    say(f"Restored '{database.name}' as of {stamp} UTC into {target!r}")
+    detail(f"achieved recovery point : {recovery['achieved_recovery_point']} (the last transaction replayed)")
+    detail(f"base backup             : {done['pitr']['base_backup']}, {recovery['wal_bytes_replayed'] / 1e6:.1f} MB of WAL replayed in {recovery['replay_seconds']}s")
+    detail(f"rows of pitr_demo       : {back} in the restored copy, {remaining} in the live database")
     with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{target}" WITH (FORCE)')  # the demo leaves nothing behind but backups
 
 
-def main(argv: list[str] | None = None) -> None:
+LOG_PATH: Path | None = None  # where this run's log records go (set by main)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", type=Path, help="a DR plan other than include/pgdr.yaml")
     parser.add_argument("--keep-running", action="store_true", help="leave the embedded server running")
+    parser.add_argument("--verbose", action="store_true", help="stream every log record to the terminal too")
+    parser.add_argument("--log-file", type=Path, help="where the log records go (default: .pgdr/logs/demo-<time>.log)")
     args = parser.parse_args(argv)
 
-    server = prepare(args.plan)
-    try:
-        run("pgdr_backup")
-        report_backups()
-        verify_newest_backups()
-        run_drill()
-        show_point_in_time_recovery(server)
-    finally:
-        if not args.keep_running:
-            server.stop()
-    _say("Done. Backups are in " + json.dumps(str(STATE_DIR / "backups")))
+    global LOG_PATH
+    LOG_PATH = (args.log_file or default_log_path(STATE_DIR / "logs", "demo")).resolve()
+    with Console(LOG_PATH, verbose=args.verbose):
+        say(f"pgdr demo: the log records of every task go to {LOG_PATH}"
+            + ("" if args.verbose else " (make demo ARGS=--verbose streams them)"))
+        started = time.monotonic()
+        server = None
+        try:
+            server = prepare(args.plan)
+            run("pgdr_backup")
+            report_backups()
+            verify_newest_backups()
+            take_and_verify_base_backup(server)
+            run_drill()
+            show_point_in_time_recovery(server)
+        except DemoFailed as failed:
+            say(f"The demo stopped: {failed} What failed and its log lines are above; the whole log is {LOG_PATH}")
+            return 1
+        finally:
+            if server is not None and not args.keep_running:
+                server.stop()
+        say(f"Done in {time.monotonic() - started:.0f}s. Backups are in " + json.dumps(str(STATE_DIR / "backups")))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,7 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pgdr.local.demo import STATE_DIR, _say, prepare
+from pgdr.local.console import Console, default_log_path, detail, say
+from pgdr.local.demo import STATE_DIR, prepare
 
 UI_HOME = STATE_DIR / "ui"
 ADMIN = "admin"
@@ -50,7 +51,7 @@ def _port(wanted: int) -> int:
     from pgdr.local.embedded import free_port
 
     port = free_port()
-    print(f"    port {wanted} is taken; using {port}")
+    detail(f"port {wanted} is taken; using {port}")
     return port
 
 
@@ -141,19 +142,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8080, help="the UI's port (default 8080, or a free one if taken)")
     parser.add_argument("--plan", type=Path, help="a DR plan other than include/pgdr.yaml")
+    parser.add_argument("--verbose", action="store_true", help="stream this command's log records to the terminal too")
     parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)  # tests: written once the UI answers
     args = parser.parse_args(argv)
+    log_path = default_log_path(STATE_DIR / "logs", "ui").resolve()
+    with Console(log_path, verbose=args.verbose):
+        say(f"pgdr ui: this command's log records go to {log_path}; Airflow's to {UI_HOME / 'standalone.log'}")
+        serve(args)
 
+
+def serve(args: argparse.Namespace) -> None:
+    """Start the server and airflow standalone, say where the UI is, and wait for Ctrl-C."""
     server = prepare(args.plan)
     UI_HOME.mkdir(parents=True, exist_ok=True)
     password = _password(UI_HOME)
     port = _port(args.port)
     env = airflow_environment(UI_HOME, port)
-    _say("Preparing the UI's Airflow (SQLite, .pgdr/ui) and the plan's pools")
+    say("Preparing the UI's Airflow (SQLite, .pgdr/ui) and the plan's pools")
     _import_pools(env)
     log = UI_HOME / "standalone.log"
     base_url = env["AIRFLOW__API__BASE_URL"]
-    _say(f"Starting airflow standalone (its output goes to {log})")
+    say(f"Starting airflow standalone (its output goes to {log})")
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("airflow")), "standalone"], env=env, cwd=UI_HOME,
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -166,14 +175,14 @@ def main(argv: list[str] | None = None) -> None:
         if stopping:
             return
         stopping = True
-        _say("Stopping Airflow and the embedded PostgreSQL server")
+        say("Stopping Airflow and the embedded PostgreSQL server")
         _stop_session(process.pid)  # standalone and every component it started
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
         server.stop()
-        print("    stopped.", flush=True)
+        detail("stopped.")
 
     signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
     # Ctrl-C must stop everything even when this was started with SIGINT ignored (a background job of
@@ -181,14 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _wait_until_ready(base_url, process, log)
-        _say(f"pgdr in the Airflow UI: {base_url}\n    login: {ADMIN} / {password}\n"
-             f"    Try the incident restore form: {base_url}/dags/pgdr_restore/trigger\n"
-             "    Ctrl-C stops Airflow and the database server.")
+        say(f"pgdr in the Airflow UI: {base_url}")
+        detail(f"login: {ADMIN} / {password}")
+        detail(f"Try the incident restore form: {base_url}/dags/pgdr_restore/trigger")
+        detail("Ctrl-C stops Airflow and the database server.")
         if args.ready_file:
             args.ready_file.write_text(json.dumps({"url": base_url, "user": ADMIN, "password": password}))
         while process.poll() is None:
             time.sleep(1)
-        print(f"airflow standalone stopped by itself; the end of {log}:\n{log.read_text(errors='replace')[-2000:]}")
+        say(f"airflow standalone stopped by itself; the end of {log}:")
+        for line in log.read_text(errors="replace")[-2000:].splitlines():
+            detail(f"  | {line}")
     except KeyboardInterrupt:
         pass
     finally:
