@@ -230,3 +230,29 @@ def test_the_command_never_hangs_thirty_runs_in_parallel_pairs(breakglass, pg_se
             _sql(pg_server, f'DROP DATABASE "{name}" WITH (FORCE)')
     assert len(took) == RUNS
     print(f"{RUNS} runs in pairs: median {sorted(took)[RUNS // 2]:.1f}s, longest {max(took):.1f}s")
+
+
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_run_goes_on(breakglass):
+    """`kill -USR1 <pid>` on a command that seems stuck shows what each thread waits for, in its log file."""
+    import re
+    import signal
+    import time
+
+    run, _root, _backup_id = breakglass
+    process = subprocess.Popen(run.command("restore", "--database", "shop", "--dry-run"), env=run.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = process.stdout.readline() + process.stdout.readline()
+    log = Path(re.search(r"log records go to (\S+)", first).group(1))
+    seen = ""
+    while "starting the pgdr_restore DAG" not in seen:
+        line = process.stdout.readline()
+        assert line, seen
+        seen += line
+    time.sleep(1)  # dag.test() is importing and syncing: the progress thread runs beside it
+    process.send_signal(signal.SIGUSR1)
+    rest, _ = process.communicate(timeout=300)
+    assert process.returncode == 0 and "pgdr_restore success" in rest, first + seen + rest
+    text = log.read_text()
+    assert re.search(r"^Thread 0x[0-9a-f]+ \(most recent call first\):", text, re.M), text[-3000:]
+    assert re.search(r"^Current thread 0x[0-9a-f]+ \(most recent call first\):", text, re.M), text[-3000:]
+    assert "in run" in text and "cli.py" in text  # the progress thread's and the main thread's frames

@@ -256,8 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     keygen = commands.add_parser("keygen", help="print a new master key for client-side encryption, as an Airflow connection")
     keygen.add_argument("--key-id", help="the new key's id (default: key-<UTC date and time>)")
     args = parser.parse_args(argv)
-    # `kill -USR1 <pid>` writes every thread's stack to the log: what a command that seems stuck is waiting for.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.command == "keygen":
         return print_new_key(args.key_id)
 
@@ -277,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     _print(f"pgdr: restoring {args.database!r} from {args.backup!r} ({args.mode}) with the pgdr_restore DAG, in this process")
     _print(f"pgdr: the log records go to {log_path}" + ("" if args.verbose else " (--verbose streams them)"))
     with Console(log_path, verbose=args.verbose):
+        # `kill -USR1 <pid>` writes every thread's stack to the log (fd 2 now): what a command that seems stuck waits for.
+        faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
         home = _private_airflow()
         os.environ[VIA_ENV_VAR] = f"the command line (python -m pgdr restore) as {_who()}"
         try:
