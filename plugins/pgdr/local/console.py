@@ -111,15 +111,6 @@ class Console:
         """A line as it is (the break-glass command's own wording)."""
         self._write(text)
 
-    def size(self) -> int:
-        """Bytes in the log file now: :func:`task_excerpt` reads from here on."""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
 
 _active: Console | None = None
 
@@ -157,7 +148,8 @@ def task_excerpt(log_path: Path, since: int, task_id: str, map_index: int = -1, 
     if begin < 0:
         return "", []
     end = text.find(end_mark, begin)
-    span = text[begin:end if end >= 0 else len(text)].splitlines()[1:]
+    end = text.rfind("\n", begin, end) if end >= 0 else len(text)  # the end marker's line is not the task's
+    span = text[begin:end].splitlines()[1:]
     error = ""
     found = [number for number, line in enumerate(span) if _EXCEPTION_LINE.match(line)]
     if found:
