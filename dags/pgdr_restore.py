@@ -17,7 +17,13 @@ meaning "the newest backup at or before it"), the mode and, for `replace`, a con
 2. **check_checksums**: a corrupt backup is refused before any database is created.
 3. **restore_backup** into a new database (`<db>_restored_<UTC time>` by default). In `replace`
    mode it is `<db>_restoring_<UTC time>` until the swap.
-4. **check_integrity** and **validate_data**: the same checks as `pgdr_verify_restore`.
+   Roles the backup names that the server lacks stop the restore in plan_restore, unless
+   **restore_roles** is on (they are then created NOLOGIN, without passwords).
+4. **check_integrity** and **validate_data**: the same checks as `pgdr_verify_restore`, as the
+   non-superuser restore role.
+4b. **apply_privileges**: owners, grants, default privileges, the database's settings, grants,
+   comment and connection limit, event triggers and publications, as in the backup, applied by the
+   server's connection (no restored code runs). Subscriptions are never restored.
 5. **swap_into_place** (`replace` only, after all checks passed): sessions on the live database
    are ended, it is renamed `<db>_pre_restore_<UTC time>` (kept, never dropped, connections
    disabled) and the restored copy takes its name. A failed swap is rolled back. Never retried.
@@ -90,6 +96,11 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
             values_display={"null": "(the database's own server)"},
             description="Another server of the plan to restore onto (new-database mode). Default: the database's own server.",
         ),
+        "restore_roles": Param(
+            False, type="boolean", title="Create missing roles",
+            description="Create the roles the backup names (owners, grantees) that the target server lacks: NOLOGIN, "
+            "without passwords. Off: a restore that needs them stops in plan_restore and lists them.",
+        ),
         "dry_run": Param(False, type="boolean", title="Dry run", description="Show the restore plan and stop."),
     },
     doc_md=__doc__,
@@ -144,6 +155,14 @@ def pgdr_restore():
 
         return run_validate(plan, get_current_context())
 
+    @task
+    def apply_privileges(plan: dict) -> dict:
+        """Owners, grants, default privileges and the database's settings, as the server's connection."""
+        from airflow.sdk import get_current_context
+        from pgdr.tasks.restore import run_apply_privileges
+
+        return run_apply_privileges(plan, get_current_context())
+
     # Renaming the live database is not blindly repeatable: no retries; a failure is rolled back.
     @task(retries=0)
     def swap_into_place(plan: dict) -> dict:
@@ -169,8 +188,9 @@ def pgdr_restore():
     restored = restore_backup(plan)
     integrity = check_integrity(plan)
     validated = validate_data(plan)
+    privileges = apply_privileges(plan)
     swapped = swap_into_place(plan)
-    checked >> restored >> integrity >> validated >> swapped >> write_report()
+    checked >> restored >> integrity >> validated >> privileges >> swapped >> write_report()
 
 
 pgdr_restore()

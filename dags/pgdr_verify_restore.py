@@ -8,14 +8,19 @@ completes (its `pgdr_backups` asset event), this DAG verifies exactly that backu
    or missing file fails here, at once (no retry), before any database is created.
 2. **create_scratch** (setup): a scratch database unique to the run on the plan's verification
    server; leftovers of killed runs (pgdr's naming scheme and marker only) are dropped first.
-3. **restore_backup**: download, verify again, `pg_restore -j`, no owners or ACLs.
+3. **restore_backup**: download, verify again, `pg_restore -j` as the non-superuser restore role,
+   into a scratch database with the backup's encoding and locale; roles the backup names that the
+   verification server lacks are created NOLOGIN (and dropped again in drop_scratch if unused).
 4. **check_integrity**: exact row counts against the manifest, `pg_amcheck` over tables and
    indexes, sequences restored and ahead of their columns.
 5. **validate_data**: Great Expectations: a baseline suite per table (row count, primary keys
    unique and not null, no foreign-key orphans) and the suites in `include/gx/<database>/`.
    Results (JSON) and an HTML report are stored next to the backup.
-6. **drop_scratch** (teardown): runs after any failure, without hiding it.
-7. **record_verification**: writes `verification.json` next to the backup, `verified` or
+6. **apply_privileges**: the backup's owners, grants, default privileges, database settings, event
+   triggers and publications, as the server's connection: exactly what an incident restore does.
+   A backup whose privileges cannot be given back fails here, on the day it is taken.
+7. **drop_scratch** (teardown): runs after any failure, without hiding it.
+8. **record_verification**: writes `verification.json` next to the backup, `verified` or
    `failed`, with phase durations and the achieved restore time against the plan's RTO.
    Retention always keeps the newest verified backup.
 
@@ -135,6 +140,14 @@ def pgdr_verify_restore():
 
         return run_validate_data(target, scratch, get_current_context())
 
+    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
+    def apply_privileges(target: dict, scratch: str) -> dict:
+        """Owners, grants, default privileges and database settings, as an incident restore applies them."""
+        from airflow.sdk import get_current_context
+        from pgdr.tasks.verify import run_apply_privileges
+
+        return run_apply_privileges(target, scratch, get_current_context())
+
     @teardown
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def drop_scratch(target: dict, scratch: str) -> bool:
@@ -162,9 +175,10 @@ def pgdr_verify_restore():
         restored = restore_backup(target, scratch)
         checked = check_integrity(target, scratch)
         validated = validate_data(target, scratch)
+        privileges = apply_privileges(target, scratch)
         dropped = drop_scratch(target, scratch)
         recorded = record_verification(target)
-        restored >> checked >> validated >> dropped >> recorded
+        restored >> checked >> validated >> privileges >> dropped >> recorded
 
     verify.expand(target=find_backups())
 

@@ -157,11 +157,16 @@ def expected_duration(catalog: BackupCatalog) -> float | None:
 # -- restoring ------------------------------------------------------------------------------------
 
 
-def create_target(server: PgEndpoint, name: str, run_id: str, owner: PgEndpoint | None = None) -> None:
-    """Create the empty restore target, owned by ``owner``'s role and marked as pgdr's; a previous try's copy is replaced."""
+def create_target(
+    server: PgEndpoint, name: str, run_id: str, owner: PgEndpoint | None = None, options: dict[str, str] | None = None
+) -> None:
+    """Create the empty restore target, owned by ``owner``'s role and marked as pgdr's; a previous try's copy is replaced.
+
+    :param options: the backup's encoding and locale (``BackupNeeds.database_options``).
+    """
     from psycopg import sql
 
-    from pgdr.postgres.scratch import create_database_sql
+    from pgdr.postgres.scratch import create_database
 
     with connect(server.with_dbname("postgres")) as conn:
         conn.execute("SET synchronous_commit = on")  # the marker must survive a crash (see ScratchDatabase.create)
@@ -173,7 +178,7 @@ def create_target(server: PgEndpoint, name: str, run_id: str, owner: PgEndpoint 
                     "run; pgdr will not overwrite it. Choose another target_name."
                 )
             conn.execute(f"DROP DATABASE {identifier(name)} WITH (FORCE)")  # our own partial copy
-        conn.execute(create_database_sql(name, owner, server))
+        create_database(conn, name, owner, server, options)
         conn.execute(
             sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(f"{TARGET_MARKER} [run {run_id}]"))
         )
@@ -201,6 +206,13 @@ def drop_own_target(server: PgEndpoint, name: str, run_id: str) -> bool:
     return True
 
 
+def clear_marker(conn, name: str) -> None:
+    """Remove pgdr's restore-target marker from database ``name``, leaving any other comment as it is."""
+    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    if row is not None and (row[0] or "").startswith(TARGET_MARKER):
+        conn.execute(f"COMMENT ON DATABASE {identifier(name)} IS NULL")
+
+
 def _made_by_run(conn, name: str, run_id: str) -> bool | None:
     """Say whether database ``name`` carries ``run_id``'s restore-target marker (``None``: no such database)."""
     row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)).fetchone()
@@ -213,19 +225,21 @@ def _made_by_run(conn, name: str, run_id: str) -> bool | None:
 # description is one of a fixed set of words; names come after it and may hold spaces, so a line
 # is never split on spaces to find a name: the entries of one table are found by pg_restore itself.
 _TOC_ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ (?P<desc>TABLE DATA|FK CONSTRAINT|BLOBS|BLOB METADATA|BLOB|LARGE OBJECT)\b")
-_SKIP_IN_TABLE_RESTORE = {"FK CONSTRAINT", "BLOBS", "BLOB", "BLOB METADATA", "LARGE OBJECT"}
+_SKIP_IN_TABLE_RESTORE = {"FK CONSTRAINT"}
 
 
 def table_restore_list(toc: str, data_ids: set[str]) -> str:
     """Filter ``pg_restore -l`` output for a table-level restore.
 
-    Keeps every schema object and the data entries whose dump ids are in ``data_ids``; drops
-    other tables' data, foreign keys and large objects.
+    Keeps every schema object, every large object (a table's rows may point at any of them; they
+    cost no table's rows) and the data entries whose dump ids are in ``data_ids``; drops other
+    tables' data and foreign keys.
     """
     kept = []
     for line in toc.splitlines():
         match = _TOC_ENTRY.match(line)
-        if match and (match.group("desc") in _SKIP_IN_TABLE_RESTORE or match.group("id") not in data_ids):
+        if match and (match.group("desc") in _SKIP_IN_TABLE_RESTORE
+                      or (match.group("desc") == "TABLE DATA" and match.group("id") not in data_ids)):
             continue
         kept.append(line)
     return "\n".join(kept) + "\n"
@@ -264,6 +278,7 @@ def restore_tables(target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: 
     :param tables: table keys (see :mod:`pgdr.identifiers`), such as ``"Sales Dept"."Customer Accounts"``.
     """
     from pgdr.identifiers import parse_qualified_name
+    from pgdr.logical.privileges import NEVER_RESTORED, SUPERUSER_ONLY, read_toc
 
     run_tool(
         target, workdir, restore_command(target, dump_dir, jobs, extra=["--section=pre-data"]),
@@ -274,7 +289,8 @@ def restore_tables(target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: 
         toc = subprocess.run([pg_tool("pg_restore"), "--list", str(dump_dir)], env=env, capture_output=True, text=True, check=True).stdout
         data_ids = set().union(*(table_data_ids(dump_dir, table, env) for table in filled))
     listing = workdir / "table-restore.list"
-    listing.write_text(table_restore_list(toc, data_ids))
+    superuser_only = set(read_toc(dump_dir).entries(*SUPERUSER_ONLY, *NEVER_RESTORED))  # created after the checks
+    listing.write_text("".join(f"{line}\n" for line in table_restore_list(toc, data_ids).splitlines() if line not in superuser_only))
     run_tool(
         target, workdir,
         restore_command(target, dump_dir, jobs, extra=["--section=data", "--section=post-data", f"--use-list={listing}"]),
@@ -365,7 +381,7 @@ def swap_into_place(
                 f"Swapping {restored!r} into place as {live!r} failed and was rolled back ({err}). The live "
                 f"database is unchanged; the restored copy is still available as {restored!r}."
             ) from None
-        conn.execute(f"COMMENT ON DATABASE {identifier(live)} IS NULL")
+        clear_marker(conn, live)  # the restored database's own comment (from the backup) stays
         conn.execute(
             f"COMMENT ON DATABASE {identifier(keep_as)} IS 'kept by pgdr: the live database before a restore; "
             "connections are disabled (ALTER DATABASE ... WITH ALLOW_CONNECTIONS true to look inside)'"
@@ -398,6 +414,28 @@ def render_plan(plan: dict[str, Any]) -> str:
             f"  recoverable     : {pitr['window']['oldest']} to {pitr['window']['newest']} UTC",
             f"  recovery time   : {pitr['expected_recovery']} (median of past PITR verifications)",
         ]
+    needs = plan.get("needs")
+    if plan.get("needs_unread"):
+        lines.append(f"  owners, grants  : not checked yet, the table of contents could not be read ({plan['needs_unread'][:300]}); "
+                     "check_checksums decides, restore_backup checks the roles again")
+    elif plan.get("pitr"):
+        lines.append("  owners, grants  : given back after the checks; the roles they name are checked once the moment is dumped")
+    if needs:
+        options = needs["database_options"]
+        lines.append(
+            "  database        : created with the source's "
+            + (", ".join(f"{k.lower()} {v}" for k, v in options.items()) if options else "settings (the backup does not say: server defaults)")
+        )
+        lines.append(
+            f"  owners, grants  : given back after the checks, as the server's connection ({len(needs['roles'])} roles named: "
+            f"{', '.join(needs['roles']) or 'none'})"
+        )
+        if plan.get("roles_to_create"):
+            lines.append(f"  roles created   : {', '.join(plan['roles_to_create'])} (missing on the target; NOLOGIN, no password)")
+        if needs["superuser_objects"]:
+            lines.append(f"  superuser-only  : {', '.join(needs['superuser_objects'])} (created after the checks)")
+        if needs["skipped_objects"]:
+            lines.append(f"  NOT restored    : {', '.join(needs['skipped_objects'])} (subscriptions would start replicating)")
     if plan["dry_run"]:
         lines.append("  DRY RUN         : nothing will be done; trigger again without dry_run to restore.")
     return "\n".join(lines)

@@ -118,7 +118,8 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     assert fingerprint(pg_server.dsn("Hostile Copy ✓")) == hostile
 
     # new-database onto another server of the plan, where the owning and granted roles do not exist
-    _ok(run_dag("pgdr_restore", run_conf={"database": "hostile", "target_conn_id": "pgdr_other", "target_name": "hostile elsewhere"}))
+    _ok(run_dag("pgdr_restore", run_conf={"database": "hostile", "target_conn_id": "pgdr_other", "target_name": "hostile elsewhere",
+                                          "restore_roles": True}))
     assert fingerprint(pg_server_b.dsn("hostile elsewhere")) == hostile
 
     # table-level: two quoted tables, one of the dotted pair, and a partitioned table with its partitions

@@ -238,8 +238,8 @@ def _zstd_unpacker(store: BackupStore, entry: BackupFile, out) -> FileProblem | 
 def restore_command(target: PgEndpoint, dump_dir: Path, jobs: int, extra: list[str] | None = None) -> list[str]:
     """Return the ``pg_restore`` command that restores ``dump_dir`` into ``target.dbname``.
 
-    Owners and privileges are not restored (``--no-owner --no-acl``): the scratch or target
-    server need not have the source's roles. ``extra`` adds options such as ``--section``; a
+    Owners and privileges are not restored here (``--no-owner --no-acl``): the data is restored
+    and checked as the restore role, and :mod:`pgdr.logical.privileges` gives them back after the checks. ``extra`` adds options such as ``--section``; a
     table-level restore selects its tables with a list (:func:`pgdr.incident.restore_tables`).
     """
     args = [
@@ -255,10 +255,36 @@ def restore_command(target: PgEndpoint, dump_dir: Path, jobs: int, extra: list[s
 
 
 def restore_dump(target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path) -> float:
-    """Run ``pg_restore`` into ``target``; return the seconds it took."""
+    """Run ``pg_restore`` into ``target``; return the seconds it took.
+
+    Objects only a superuser can create (event triggers, publications) and subscriptions are left
+    out: :func:`pgdr.logical.privileges.apply_privileges` creates the former after the checks.
+    """
+    from pgdr.logical.privileges import data_restore_list, read_toc
+
     started = time.monotonic()
+    listing = workdir / "restore.list"
+    listing.write_text(data_restore_list(read_toc(dump_dir)))
     run_tool(
-        target, workdir, restore_command(target, dump_dir, jobs),
+        target, workdir, restore_command(target, dump_dir, jobs, extra=[f"--use-list={listing}"]),
         f"pg_restore into database {printable(target.dbname)!r}", RestoreFailed,
     )
     return time.monotonic() - started
+
+
+def fetch_toc(manifest: BackupManifest, store: BackupStore, dest: Path, data_key: bytes | None = None) -> Path:
+    """Download and verify only the backup's table of contents (``toc.dat``) into ``dest``; return ``dest``.
+
+    Enough for ``pg_restore --list`` and for every statement that is not data: the owners, grants
+    and settings a restore gives back, and what the restore needs of its target.
+    """
+    import dataclasses
+
+    entry = next((f for f in manifest.files if f.name == "toc.dat"), None)
+    if entry is None:
+        raise RestoreFailed(
+            f"Backup {manifest.backup_id} of database {manifest.database!r} has no toc.dat in its manifest: it is not a "
+            "directory-format dump pgdr can restore. Restore another backup."
+        )
+    download_backup(dataclasses.replace(manifest, files=(entry,)), store, dest, workers=1, data_key=data_key)
+    return dest

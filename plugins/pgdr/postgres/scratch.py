@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pgdr.errors import PermanentFailure
 from pgdr.postgres.client import PgEndpoint, connect, identifier
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,11 @@ class ScratchDatabase:
         """Return the endpoint of the scratch database itself, as the role that restores into it."""
         return (self.restorer or self.server).with_dbname(self.name)
 
-    def create(self, purpose: str) -> None:
-        """Create the database empty (dropping a previous try's copy) and mark it as pgdr's."""
+    def create(self, purpose: str, options: dict[str, str] | None = None) -> None:
+        """Create the database empty (dropping a previous try's copy) and mark it as pgdr's.
+
+        :param options: the backup's encoding and locale (``BackupNeeds.database_options``).
+        """
         from psycopg import sql
 
         with connect(self.server.with_dbname("postgres")) as conn:
@@ -52,7 +56,7 @@ class ScratchDatabase:
             # asynchronous (synchronous_commit = off on the server) can be lost with it.
             conn.execute("SET synchronous_commit = on")
             conn.execute(f"DROP DATABASE IF EXISTS {identifier(self.name)} WITH (FORCE)")
-            conn.execute(create_database_sql(self.name, self.restorer, self.server))
+            create_database(conn, self.name, self.restorer, self.server, options)
             conn.execute(
                 sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(self.name), sql.Literal(f"{MARKER}: {purpose}"))
             )
@@ -72,14 +76,37 @@ class ScratchDatabase:
             return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone() is not None
 
 
-def create_database_sql(name: str, owner: PgEndpoint | None, admin: PgEndpoint):
-    """Return ``CREATE DATABASE`` for an empty database owned by ``owner``'s role (the restore role)."""
+def create_database_sql(name: str, owner: PgEndpoint | None, admin: PgEndpoint, options: dict[str, str] | None = None):
+    """Return ``CREATE DATABASE`` for an empty database owned by ``owner``'s role (the restore role).
+
+    :param options: the source database's encoding and locale (``BackupNeeds.database_options``);
+        without them the server's defaults.
+    """
     from psycopg import sql
+
+    from pgdr.logical.privileges import create_options_sql
 
     query = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
     if owner is not None and owner.user != admin.user:
         query = sql.SQL("{} OWNER {}").format(query, sql.Identifier(owner.user))
+    if options:
+        query = sql.SQL("{} {}").format(query, create_options_sql(options))
     return query
+
+
+def create_database(conn, name: str, owner: PgEndpoint | None, admin: PgEndpoint, options: dict[str, str] | None = None) -> None:
+    """Create an empty database as the source had it (encoding, locale); explain a locale the server lacks."""
+    import psycopg
+
+    try:
+        conn.execute(create_database_sql(name, owner, admin, options))
+    except (psycopg.errors.InvalidParameterValue, psycopg.errors.FeatureNotSupported, psycopg.errors.ObjectNotInPrerequisiteState) as err:
+        wanted = ", ".join(f"{k} {v}" for k, v in (options or {}).items())
+        raise PermanentFailure(
+            f"Cannot create database {name!r} on {admin.host}:{admin.port} with the backup's encoding and locale ({wanted}): "
+            f"{str(err).splitlines()[0]}. Install that locale on the server (or restore onto a server that has it); "
+            "a database with another collation would sort and compare text differently from the source."
+        ) from None
 
 
 def scratch_comment(purpose: str, run_id: str) -> str:

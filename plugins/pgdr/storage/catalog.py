@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # 2: row-count and sequence keys are written as SQL writes names (pgdr.identifiers); format 1
 # (pgdr 0.1 and 0.2) joined schema and name with a dot, unquoted, and is read as such.
 # The timed phases of a verify-restore, as its verification record lists them.
-VERIFICATION_PHASES = ("check_checksums", "restore_backup", "check_integrity", "validate_data")
+VERIFICATION_PHASES = ("check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges")
 MANIFEST_FORMAT = 2
 MAX_FILE_BYTES = 1 << 50  # 1 PiB: a larger size in a manifest is a damaged or forged record
 # The files pg_dump -Fd writes (toc.dat, <dump id>.dat, blobs_<id>.toc, blob_<oid>.dat), with

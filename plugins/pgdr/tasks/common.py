@@ -170,15 +170,6 @@ def create_run_scratch(scratch, kind: str, database: str, purpose: str, context)
     return scratch.name
 
 
-def refill_on_retry(scratch, context, purpose: str) -> None:
-    """Empty this run's scratch database again before a retried restore: a failed try left half a restore in it."""
-    from pgdr.postgres.scratch import scratch_comment
-
-    if context["ti"].try_number > 1:
-        log.info("Try %d: re-creating %s empty before restoring again.", context["ti"].try_number, scratch.name)
-        scratch.create(scratch_comment(purpose, context["ti"].run_id))
-
-
 CONTEXT_SERVER = "pgdr_server"  # the PITR server a mapped task is about (map_index_template)
 
 

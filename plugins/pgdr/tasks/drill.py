@@ -19,7 +19,6 @@ from pgdr.tasks.common import (
     _now,
     create_run_scratch,
     fail_fast,
-    refill_on_retry,
     run_scratch,
     task_workdir,
 )
@@ -95,7 +94,9 @@ def run_create_scratch(database: str, context) -> str:
 def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
     """Body of ``restore_timed``: checksum, download and restore, each timed."""
     from pgdr.airflow_glue.connections import backup_data_key
+    from pgdr.logical.privileges import backup_needs, create_roles, missing_roles, read_toc
     from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
+    from pgdr.postgres.scratch import scratch_comment
 
     phases = []
     with fail_fast():
@@ -103,7 +104,6 @@ def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
         context[CONTEXT_BACKUP_ID] = backup["backup_id"]
         manifest = catalog.get(backup["backup_id"]).manifest
         scratch = _scratch(database, context, db, plan)
-        refill_on_retry(scratch, context, f"drill {database}")
         workers = max(2, db.dump_jobs)
         started = _now()
         data_key = backup_data_key(db, manifest, plan, catalog)
@@ -114,18 +114,25 @@ def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
             download_backup(manifest, store, workdir / "dump", workers, data_key=data_key)
             phases.append(phase("download", started, _now()))
             started = _now()
+            # As an incident restore: the source's encoding and locale, the roles it names (created if missing).
+            needs = backup_needs(read_toc(workdir / "dump"), workdir)
+            created = create_roles(scratch.server, missing_roles(needs, scratch.server), f"drill of {database} ({context['ti'].run_id})")
+            scratch.create(scratch_comment(f"drill {database}", context["ti"].run_id), needs.database_options)
             restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
             phases.append(phase("restore", started, _now()))
-    return {"phases": phases}
+    return {"phases": phases, "roles_created": created}
 
 
 def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
     """Body of ``check_timed``: integrity checks and validation of the scratch restore, each timed."""
+    from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.checks.integrity import check_integrity
     from pgdr.checks.validation import validate_restored
+    from pgdr.logical.privileges import apply_privileges, read_toc
+    from pgdr.logical.restore import fetch_toc
 
     with fail_fast():
-        plan, db, _store, _layout, catalog = _objects(database, context)
+        plan, db, store, _layout, catalog = _objects(database, context)
         context[CONTEXT_BACKUP_ID] = backup["backup_id"]
         manifest = catalog.get(backup["backup_id"]).manifest
         scratch = _scratch(database, context, db, plan)
@@ -142,7 +149,13 @@ def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
 
         with fail_fast():
             raise failure_error(report, manifest, "the drill report")
-    return {"phases": [checks, validation], "validation": summary}
+    with fail_fast():
+        started = _now()
+        with task_workdir(context, f"drill-privileges-{database}") as workdir:
+            fetch_toc(manifest, store, workdir / "dump", backup_data_key(db, manifest, plan))
+            applied = apply_privileges(scratch.server.with_dbname(scratch.name), read_toc(workdir / "dump"), workdir)
+        privileges = phase("privileges", started, _now())
+    return {"phases": [checks, validation, privileges], "validation": summary, "privileges": applied.to_dict()}
 
 
 def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]:
@@ -189,10 +202,19 @@ def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]
 
 
 def run_drop_scratch(database: str, context) -> bool:
-    """Body of the drill's ``drop_scratch`` teardown task."""
+    """Body of the drill's ``drop_scratch`` teardown task: the scratch database, then the roles made for it that nothing uses."""
+    from pgdr.logical.privileges import drop_created_roles
+
+    ti = context["ti"]
+    group = ti.task_id.rpartition(".")[0]
+    restored = ti.xcom_pull(task_ids=f"{group}.restore_timed" if group else "restore_timed", map_indexes=ti.map_index) or {}
     with fail_fast():
         plan, db, *_ = _objects(database, context)
-        return _scratch(database, context, db, plan).drop()
+        scratch = _scratch(database, context, db, plan)
+        dropped = scratch.drop()
+        if restored.get("roles_created"):
+            drop_created_roles(scratch.server, restored["roles_created"])
+        return dropped
 
 
 def run_measure(database: str, context, started_at: str) -> dict[str, Any]:

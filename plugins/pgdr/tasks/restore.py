@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
+from pgdr.errors import PgdrError
 from pgdr.identifiers import printable
 from pgdr.messages import SUPERUSER_RESTORE_WARNING
 from pgdr.runtime import VIA_ENV_VAR
@@ -21,7 +22,7 @@ from pgdr.tasks.common import _airflow_info, _now, fail_fast, task_workdir
 
 log = logging.getLogger(__name__)
 
-PHASES = ("check_checksums", "restore_backup", "check_integrity", "validate_data", "swap_into_place")
+PHASES = ("check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges", "swap_into_place")
 
 
 def _label(plan: dict, context) -> None:
@@ -44,6 +45,7 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         render_plan,
         select_backup,
     )
+    from pgdr.logical.privileges import missing_roles
     from pgdr.plan import load_plan
     from pgdr.postgres.client import check_restore_role
     from pgdr.storage.catalog import BackupCatalog
@@ -130,6 +132,21 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
                 if live_exists
                 else f"The live database {db.dbname!r} does not exist; the checked restored copy will take its name."
             )
+        needs, unread = None, None
+        if entry is not None:
+            try:
+                needs = backup_needs_of(db, entry.manifest, store, context)
+            except PgdrError as err:  # a damaged backup is check_checksums' to refuse, with every bad file named
+                unread = str(err)
+        missing = missing_roles(needs, server) if needs else []
+        restore_roles = bool(params.get("restore_roles"))
+        if missing and not restore_roles:
+            raise InvalidRestoreRequest(
+                f"Backup {entry.backup_id} names {len(missing)} role(s) that server {server.host}:{server.port} does not have "
+                f"(owners or grantees of its objects): {', '.join(printable(r) for r in missing)}. Create them there first "
+                "(from your roles' source of truth, or pg_dumpall --globals-only of the source server), or trigger again with "
+                "restore_roles on: pgdr then creates them NOLOGIN, without passwords. Nothing was touched."
+            )
         expected = expected_duration(catalog)
         if pitr is not None:
             expected = (pitr["expected_recovery_seconds"] or 0) + (expected or 0) or None
@@ -158,9 +175,24 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         "rto_target_seconds": db.rto.total_seconds(),
         "what_happens": fate + (f" {SUPERUSER_RESTORE_WARNING}" if db.restore_as_superuser else ""),
         "restore_as_superuser": db.restore_as_superuser,
+        "restore_roles": restore_roles,
+        "roles_to_create": missing,
+        "needs": needs.to_dict() if needs else None,  # PITR: known once the moment is dumped
+        "needs_unread": unread,
     }
     log.info("Restore plan:\n%s", render_plan(restore_plan))
     return restore_plan
+
+
+def backup_needs_of(db, manifest, store, context):
+    """Read what a backup needs of its target (roles, encoding and locale) from its table of contents alone."""
+    from pgdr.airflow_glue.connections import backup_data_key
+    from pgdr.logical.privileges import backup_needs, read_toc
+    from pgdr.logical.restore import fetch_toc
+
+    with task_workdir(context, f"toc-{db.name}") as workdir:
+        fetch_toc(manifest, store, workdir / "dump", backup_data_key(db, manifest))
+        return backup_needs(read_toc(workdir / "dump"), workdir)
 
 
 def plan_point_in_time(server, plan, moment: datetime, context) -> dict[str, Any]:
@@ -347,9 +379,14 @@ def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
 
 
 def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
-    """Body of ``restore_backup``: into the new target database; a failed try drops only its own target."""
+    """Body of ``restore_backup``: into the new target database; a failed try drops only its own target.
+
+    The target is created with the source's encoding and locale; roles the backup names that the
+    server lacks are created first (NOLOGIN, no password) when the plan allows it, or the restore stops.
+    """
     from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.incident import create_target, drop_own_target, restore_tables
+    from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, missing_roles, read_toc
     from pgdr.logical.restore import download_backup, restore_dump
     from pgdr.postgres.client import check_restore_role
 
@@ -361,10 +398,19 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
         target = _restored(db, server, plan)
         check_restore_role(target, db.restore_as_superuser)
         data_key = backup_data_key(db, entry.manifest)  # a missing key fails here, before the target is created
-        create_target(server, plan["target"], run_id, owner=target)
-        try:
-            with task_workdir(context, f"incident-{db.name}") as workdir:
-                download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs), data_key=data_key)
+        with task_workdir(context, f"incident-{db.name}") as workdir:
+            download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs), data_key=data_key)
+            needs = backup_needs(read_toc(workdir / "dump"), workdir)
+            missing = missing_roles(needs, server)
+            if missing and not plan.get("restore_roles"):
+                raise MissingRoles(
+                    f"Backup {entry.backup_id} names role(s) that server {plan['target_server']} does not have: "
+                    f"{', '.join(printable(r) for r in missing)}. Create them, or trigger again with restore_roles on. "
+                    "Nothing was created; the live database was not touched."
+                )
+            created = create_roles(server, missing, f"restore {run_id} of {db.name}")
+            create_target(server, plan["target"], run_id, owner=target, options=needs.database_options)
+            try:
                 t0 = datetime.now(UTC)
                 if plan["tables"]:
                     filled = sorted(restore_tables(target, workdir / "dump", plan["tables"], db.dump_jobs, workdir))
@@ -372,13 +418,34 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
                     restore_dump(target, workdir / "dump", db.dump_jobs, workdir)
                     filled = None
                 restore_s = (datetime.now(UTC) - t0).total_seconds()
-        except BaseException:
-            # A half-restored database is garbage; only a database this run created is dropped.
-            drop_own_target(server, plan["target"], run_id)
-            raise
+            except BaseException:
+                # A half-restored database is garbage; only a database this run created is dropped.
+                drop_own_target(server, plan["target"], run_id)
+                raise
     log.info("Backup %s restored into %s in %.1fs (download %.1fs).", entry.backup_id, plan["target"], restore_s, download["seconds"])
     return {"started_at": started, "finished_at": _now(), "download_seconds": download["seconds"],
-            "restore_seconds": restore_s, "tables_filled": filled}
+            "restore_seconds": restore_s, "tables_filled": filled, "roles_created": created,
+            "database_options": needs.database_options}
+
+
+def run_apply_privileges(plan: dict[str, Any], context) -> dict[str, Any]:
+    """Body of ``apply_privileges``: owners, grants, default privileges and the database's settings, after the checks."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from pgdr.airflow_glue.connections import backup_data_key
+    from pgdr.logical.privileges import apply_privileges, read_toc
+    from pgdr.logical.restore import fetch_toc
+
+    _label(plan, context)
+    if plan["dry_run"]:
+        raise AirflowSkipException("Dry run: nothing was restored.")
+    started = _now()
+    with fail_fast():
+        db, store, _layout, entry, server = _objects(plan)
+        with task_workdir(context, f"incident-privileges-{db.name}") as workdir:
+            fetch_toc(entry.manifest, store, workdir / "dump", backup_data_key(db, entry.manifest))
+            report = apply_privileges(server.with_dbname(plan["target"]), read_toc(workdir / "dump"), workdir)
+    return {"started_at": started, "finished_at": _now(), **report.to_dict()}
 
 
 def _filled(context, plan) -> set[str] | None:
@@ -425,7 +492,7 @@ def run_swap(plan: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``swap_into_place`` (replace mode only; never retried blindly)."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from pgdr.incident import swap_into_place
+    from pgdr.incident import clear_marker, swap_into_place
     from pgdr.postgres.client import connect, identifier
 
     _label(plan, context)
@@ -441,7 +508,7 @@ def run_swap(plan: dict[str, Any], context) -> dict[str, Any]:
         else:
             with connect(server.with_dbname("postgres")) as conn:
                 conn.execute(f"ALTER DATABASE {identifier(plan['target'])} RENAME TO {identifier(plan['dbname'])}")
-                conn.execute(f"COMMENT ON DATABASE {identifier(plan['dbname'])} IS NULL")
+                clear_marker(conn, plan["dbname"])
             result = {"steps": [f"{plan['target']} renamed to {plan['dbname']} (there was no live database)"]}
     for step in result["steps"]:
         log.info("swap: %s", step)
@@ -483,7 +550,7 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
             durations[phase] = (datetime.fromisoformat(value["finished_at"]) - datetime.fromisoformat(value["started_at"])).total_seconds()
     achieved = None
     if status == "restored":
-        last = phases["swap_into_place"] or phases["validate_data"]
+        last = phases["swap_into_place"] or phases["apply_privileges"]
         began = (plan.get("pitr") or {}).get("started_at") or phases["check_checksums"]["started_at"]
         achieved = (datetime.fromisoformat(last["finished_at"]) - datetime.fromisoformat(began)).total_seconds()
     if status == "restored" and plan["mode"] == "new-database":
@@ -506,6 +573,8 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
         "validation": (phases["validate_data"] or {}).get("summary"),
         "validation_report": (phases["validate_data"] or {}).get("report"),
         "integrity": {k: (phases["check_integrity"] or {}).get(k) for k in ("tables_checked", "rows_checked", "amcheck_ok")},
+        "privileges": phases["apply_privileges"],
+        "roles_created": (phases["restore_backup"] or {}).get("roles_created", []),
         "swap_steps": (phases["swap_into_place"] or {}).get("steps", []),
         "final_state": final_state,
         "written_at": _now(),
@@ -555,6 +624,7 @@ def render_report_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Validation", "", f"{v['expectations'] - v['failed']} of {v['expectations']} expectations passed on {v['tables']} tables."]
         lines += [f"- FAILED: {line}" for line in v.get("failures", [])]
         lines.append(f"Report: {report['validation_report']}")
+    lines += ["", "## Owners, grants and settings", ""] + privileges_lines(report)
     if report["swap_steps"]:
         lines += ["", "## Swap", ""] + [f"1. {step}" for step in report["swap_steps"]]
     lines += ["", "## Final state", ""]
@@ -562,6 +632,28 @@ def render_report_markdown(report: dict[str, Any]) -> str:
         state = f"{facts['size_bytes'] / 1e6:.1f} MB" + ("" if facts.get("allows_connections", True) else ", connections disabled") if facts["exists"] else "does not exist"
         lines.append(f"- {role}: `{facts['name']}`: {state}")
     return "\n".join(lines) + "\n"
+
+
+def privileges_lines(report: dict[str, Any]) -> list[str]:
+    """Return what the restore gave back besides the rows, for the report."""
+    done = report.get("privileges")
+    lines = []
+    if report.get("roles_created"):
+        lines.append(f"- Roles created on the target (NOLOGIN, no password: give LOGIN and a password yourself where the "
+                     f"application logs in): {', '.join(report['roles_created'])}")
+    if not done:
+        return lines + ["- Not applied (the restore stopped before this phase): the copy is owned by the restore role, without grants."]
+    lines += [
+        f"- Applied as the server's connection, after the checks: {done['owners']} owners, {done['grants']} grants, "
+        f"{done['default_privileges']} default privileges, {done['database_properties']} database properties "
+        "(settings, grants, comment, connection limit)",
+    ]
+    if done["superuser_objects"]:
+        lines.append(f"- Created (only a superuser can): {', '.join(done['superuser_objects'])}")
+    if done["skipped_objects"]:
+        lines.append(f"- **Not restored** (on a copy they would start replicating; create them by hand if this copy is the "
+                     f"new primary): {', '.join(done['skipped_objects'])}")
+    return lines
 
 
 def restore_summary(report: dict[str, Any], location: str) -> str:

@@ -10,7 +10,7 @@ from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.errors import BackupNotFound
 from pgdr.messages import SUPERUSER_RESTORE_WARNING
 from pgdr.storage.catalog import VERIFICATION_PHASES as VERIFY_PHASES
-from pgdr.tasks.common import _now, create_run_scratch, fail_fast, refill_on_retry, run_scratch, task_workdir
+from pgdr.tasks.common import _now, create_run_scratch, fail_fast, run_scratch, task_workdir
 
 log = logging.getLogger(__name__)
 
@@ -197,24 +197,36 @@ def run_create_scratch(target: dict[str, str], context) -> str:
 
 
 def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
-    """Body of ``restore_backup``: download (verifying again), ``pg_restore -j``."""
+    """Body of ``restore_backup``: download (verifying again), ``pg_restore -j``.
+
+    The scratch database is made again with the backup's encoding and locale, and the roles the
+    backup names that the verification server lacks are created (NOLOGIN; dropped again with the
+    scratch database when nothing else uses them), so a backup whose owners and grants cannot be
+    given back fails today, not during an incident.
+    """
     from pgdr.airflow_glue.connections import backup_data_key
+    from pgdr.logical.privileges import backup_needs, create_roles, missing_roles, read_toc
     from pgdr.logical.restore import download_backup, restore_dump
+    from pgdr.postgres.scratch import scratch_comment
 
     started = _now()
     with fail_fast():
         plan, db, store, _layout, entry = _verify_context(target, context)
         scratch = _scratch_for(target, context, db, plan)
-        refill_on_retry(scratch, context, f"verify {db.name} backup {target['backup_id']}")
+        purpose = f"verify {db.name} backup {target['backup_id']}"
         with task_workdir(context, f"restore-{db.name}") as workdir:
             download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs),
                                        data_key=backup_data_key(db, entry.manifest, plan))
+            needs = backup_needs(read_toc(workdir / "dump"), workdir)
+            created = create_roles(scratch.server, missing_roles(needs, scratch.server), f"{purpose} ({context['ti'].run_id})")
+            scratch.create(scratch_comment(purpose, context["ti"].run_id), needs.database_options)
             restore_s = restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
     log.info(
         "Backup %s restored into %s: download and verify %.1fs, pg_restore -j%d %.1fs.",
         entry.backup_id, scratch_name, download["seconds"], db.dump_jobs, restore_s,
     )
-    return {"started_at": started, "finished_at": _now(), "download_seconds": download["seconds"], "restore_seconds": restore_s}
+    return {"started_at": started, "finished_at": _now(), "download_seconds": download["seconds"], "restore_seconds": restore_s,
+            "roles_created": created}
 
 
 def run_check_integrity(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
@@ -256,15 +268,40 @@ def run_validate_data(target: dict[str, str], scratch_name: str, context) -> dic
     }
 
 
+def run_apply_privileges(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
+    """Body of ``apply_privileges``: the backup's owners, grants and settings on the scratch copy, as a restore would."""
+    from pgdr.airflow_glue.connections import backup_data_key
+    from pgdr.logical.privileges import apply_privileges, read_toc
+    from pgdr.logical.restore import fetch_toc
+
+    started = _now()
+    with fail_fast():
+        plan, db, store, _layout, entry = _verify_context(target, context)
+        scratch = _scratch_for(target, context, db, plan)
+        with task_workdir(context, f"privileges-{db.name}") as workdir:
+            fetch_toc(entry.manifest, store, workdir / "dump", backup_data_key(db, entry.manifest, plan))
+            report = apply_privileges(scratch.server.with_dbname(scratch.name), read_toc(workdir / "dump"), workdir)
+    return {"started_at": started, "finished_at": _now(), **report.to_dict()}
+
+
 def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool:
-    """Body of the ``drop_scratch`` teardown task."""
+    """Body of the ``drop_scratch`` teardown task: the scratch database, then the roles created for it that nothing uses."""
+    from pgdr.logical.privileges import drop_created_roles
     from pgdr.plan import load_plan
 
     context[CONTEXT_DATABASE] = target["database"]
     context[CONTEXT_BACKUP_ID] = target["backup_id"]
+    ti = context["ti"]
+    group = ti.task_id.rpartition(".")[0]
+    restored = ti.xcom_pull(task_ids=f"{group}.restore_backup" if group else "restore_backup", map_indexes=ti.map_index) or {}
     with fail_fast():  # needs no backup: the scratch database goes even when the backup went first
         plan = load_plan()
-        return _scratch_for(target, context, plan.database(target["database"]), plan).drop()
+        scratch = _scratch_for(target, context, plan.database(target["database"]), plan)
+        dropped = scratch.drop()
+        if restored.get("roles_created"):
+            gone = drop_created_roles(scratch.server, restored["roles_created"])
+            log.info("Roles created for this verification and dropped again: %s.", ", ".join(gone) or "none (still used)")
+        return dropped
 
 
 def _forget_vanished_backup(target: dict[str, str]) -> None:
@@ -322,17 +359,20 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
             record["phases"][phase] = {
                 "started_at": value["started_at"], "finished_at": value["finished_at"],
                 "seconds": (finished - started).total_seconds(),
-                **{k: v for k, v in value.items() if k in ("download_seconds", "restore_seconds")},
+                **{k: v for k, v in value.items() if k in ("download_seconds", "restore_seconds", "roles_created")},
             }
     if phases["check_integrity"]:
         record["integrity"] = {k: phases["check_integrity"][k] for k in ("tables_checked", "rows_checked", "sequences_checked", "amcheck_ok", "large_objects")}
+    if phases["apply_privileges"]:
+        record["privileges"] = {k: phases["apply_privileges"][k] for k in (
+            "owners", "grants", "default_privileges", "database_properties", "superuser_objects", "skipped_objects", "seconds")}
     if phases["validate_data"]:
         record["validation"] = {**phases["validate_data"]["summary"], "report": phases["validate_data"]["report"]}
     if failed_phase:
         record["failed_phase"] = failed_phase
     else:
         first = datetime.fromisoformat(phases["check_checksums"]["started_at"])
-        last = datetime.fromisoformat(phases["validate_data"]["finished_at"])
+        last = datetime.fromisoformat(phases["apply_privileges"]["finished_at"])
         achieved = (last - first).total_seconds()
         record["restore_seconds"] = achieved
         record["rto_met"] = achieved <= db.rto.total_seconds()

@@ -1,0 +1,498 @@
+"""Owners, grants and the database's own settings: what a restore gives back once the data is proven good.
+
+A dump holds more than rows: who owns each object, the ``GRANT``s on it, ``ALTER DEFAULT
+PRIVILEGES``, the database's settings (``ALTER DATABASE … SET``, ``ALTER ROLE … IN DATABASE …
+SET``), its own grants, comment and connection limit, its encoding and locale, and objects only a
+superuser may create (event triggers, ``FOR ALL TABLES`` publications). An application needs all
+of it: with the rows alone its first query gets ``permission denied``.
+
+pgdr restores in two steps, so that no restored code ever runs with more rights than the restore role:
+
+1. the data and schema, as the non-superuser restore role (``--no-owner --no-acl``), without the
+   superuser-only objects (:func:`data_restore_list`); every check runs on that copy;
+2. after the checks, :func:`apply_privileges`, as the server's own connection: the owners, the
+   grants and default privileges, the database's properties, then the superuser-only objects.
+   These are statements that run no restored code (``ALTER … OWNER TO``, ``GRANT``, ``REVOKE``,
+   ``ALTER DEFAULT PRIVILEGES``, ``ALTER DATABASE``); each is checked to be one of them before it
+   runs, and event triggers are created last, so none fires while pgdr works.
+
+Everything comes from the dump's table of contents (``toc.dat``), through ``pg_restore`` itself:
+the owner statements are exactly the lines ``pg_restore`` adds to its script when it is not told
+``--no-owner`` (found by comparing the two scripts line by line, so no text inside a function body
+can pass for one). Subscriptions are never restored: on a copy they would start replicating.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pgdr.errors import PermanentFailure
+from pgdr.identifiers import printable
+from pgdr.postgres.client import PgEndpoint, connect, connection_args, passfile_env, pg_tool, run_tool
+
+log = logging.getLogger(__name__)
+
+# Objects a non-superuser cannot create (CREATE EVENT TRIGGER; CREATE PUBLICATION ... FOR ALL TABLES or
+# TABLES IN SCHEMA; CREATE SUBSCRIPTION). A publication's tables go with it.
+SUPERUSER_ONLY = ("EVENT TRIGGER", "PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA")
+NEVER_RESTORED = ("SUBSCRIPTION", "SUBSCRIPTION TABLE")
+PRIVILEGE_ENTRIES = ("ACL", "DEFAULT ACL")
+
+# "<dump id>; <catalog oid> <oid> <desc> ...": the desc words are PostgreSQL's fixed set; longest first,
+# so "PUBLICATION TABLES IN SCHEMA" is not read as "PUBLICATION".
+_DESCS = sorted({*SUPERUSER_ONLY, *NEVER_RESTORED, *PRIVILEGE_ENTRIES}, key=len, reverse=True)
+_ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ (?P<desc>" + "|".join(re.escape(d) for d in _DESCS) + r") ")
+_ANY_ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ ")
+_DATA_ENTRY = re.compile(r"^\d+; \d+ \d+ (TABLE DATA|BLOBS|MATERIALIZED VIEW DATA|STATISTICS DATA|SEQUENCE SET) ")
+_DBNAME = re.compile(r"^;\s+dbname: (?P<name>.*)$")
+
+
+class PrivilegesFailed(PermanentFailure):
+    """The owners, grants or database properties of a backup could not be applied to the restored copy."""
+
+
+class MissingRoles(PermanentFailure):
+    """The backup names roles (owners, grantees) that the target server does not have."""
+
+
+@dataclass(frozen=True)
+class DumpToc:
+    """The table of contents of a directory-format dump, as ``pg_restore --list`` gives it."""
+
+    dump_dir: Path
+    lines: tuple[str, ...]  # every entry line
+    database_lines: tuple[str, ...]  # the entries only --create restores: the database itself, its grants, comment, settings
+    source_dbname: str
+
+    def entries(self, *descs: str) -> list[str]:
+        """Return the entry lines whose type is one of ``descs``."""
+        return [line for line in self.lines if (m := _ENTRY.match(line)) and m.group("desc") in descs]
+
+    def described(self, *descs: str) -> list[str]:
+        """Return ``"<type> <name>"`` for the entries of ``descs``, for reports."""
+        return [printable(_ANY_ENTRY.sub("", line, count=1)) for line in self.entries(*descs)]
+
+
+def read_toc(dump_dir: Path, env: dict[str, str] | None = None) -> DumpToc:
+    """List ``dump_dir``'s table of contents (``toc.dat`` is the only file read)."""
+    plain = _run([pg_tool("pg_restore"), "--list", str(dump_dir)], env)
+    created = _run([pg_tool("pg_restore"), "--list", "--create", str(dump_dir)], env)
+    lines = [line for line in plain.splitlines() if _ANY_ENTRY.match(line)]
+    known = set(lines)
+    database_lines = [line for line in created.splitlines() if _ANY_ENTRY.match(line) and line not in known]
+    name = next((m.group("name") for line in plain.splitlines() if (m := _DBNAME.match(line))), "")
+    return DumpToc(dump_dir, tuple(lines), tuple(database_lines), name)
+
+
+def _run(args: list[str], env: dict[str, str] | None, what: str = "pg_restore") -> str:
+    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PrivilegesFailed(f"{what} could not read the backup's table of contents: {result.stderr.strip()[-500:]}")
+    return result.stdout
+
+
+def data_restore_list(toc: DumpToc) -> str:
+    """Return the ``--use-list`` for the restore as the restore role: everything but superuser-only objects."""
+    left_out = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED))
+    return "\n".join(line for line in toc.lines if line not in left_out) + "\n"
+
+
+def _script(toc: DumpToc, lines: list[str], workdir: Path, name: str, *options: str, env=None) -> str:
+    """Return ``pg_restore``'s SQL script for the entries ``lines`` of the dump."""
+    listing = workdir / f"{name}.list"
+    listing.write_text("\n".join(lines) + "\n")
+    return _run([pg_tool("pg_restore"), "--file=-", f"--use-list={listing}", *options, str(toc.dump_dir)], env)
+
+
+def owner_statements(toc: DumpToc, workdir: Path, env=None) -> list[str]:
+    """Return the ``ALTER … OWNER TO`` statements of every object restored as the restore role.
+
+    They are the lines ``pg_restore`` adds when it restores owners: its script with owners and
+    without are compared line by line, so only lines it wrote itself are taken, never text inside
+    a function body or a view.
+    """
+    # Every object but the data (large objects' metadata is in the data section: kept, the rows are not).
+    objects = [line for line in data_restore_list(toc).splitlines() if line and not _DATA_ENTRY.match(line)]
+    with_owners = _script(toc, objects, workdir, "owners", "--no-acl", env=env).splitlines()
+    without = _script(toc, objects, workdir, "owners", "--no-acl", "--no-owner", env=env).splitlines()
+    a = [line for line in with_owners if line.strip()]
+    b = [line for line in without if line.strip()]
+    found, i, j = [], 0, 0
+    while i < len(a):
+        if j < len(b) and a[i] == b[j]:
+            i, j = i + 1, j + 1
+        elif a[i].startswith("ALTER "):  # a line only the script with owners has: its owner statement
+            chunk = []
+            while i < len(a):  # one line, unless a name holds a line break
+                chunk.append(a[i])
+                i += 1
+                if chunk[-1].endswith(";"):
+                    break
+            found.append("\n".join(chunk))
+        else:  # the same line with another owner in it (the entry's header comment), or a \restrict key
+            i, j = i + 1, j + 1
+    return found
+
+
+# -- SQL tokens ---------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(
+    r"""
+      (?P<space>\s+)
+    | (?P<comment>--[^\n]*|/\*.*?\*/)
+    | (?P<ident>"(?:[^"]|"")*")
+    | (?P<string>[Ee]?'(?:[^']|'')*')
+    | (?P<dollar>\$(?P<tag>[A-Za-z_][A-Za-z_0-9]*)?\$)
+    | (?P<word>[A-Za-z_\u0080-\uffff][A-Za-z_0-9$\u0080-\uffff]*)
+    | (?P<number>\d+(?:\.\d+)?)
+    | (?P<meta>\\[^\n]*)
+    | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str
+    text: str
+
+    @property
+    def value(self) -> str:
+        """The name an identifier token stands for (quotes removed, bare words folded to lower case)."""
+        if self.kind == "ident":
+            return self.text[1:-1].replace('""', '"')
+        return self.text.lower() if self.kind == "word" else self.text
+
+    def is_word(self, *words: str) -> bool:
+        return self.kind == "word" and self.text.upper() in words
+
+
+def tokens(text: str) -> Iterator[Token]:
+    """Split SQL text into tokens; string literals, quoted names and dollar-quoted bodies stay whole."""
+    pos = 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        kind = match.lastgroup if match.lastgroup != "tag" else "dollar"
+        if kind == "dollar":  # a dollar-quoted string: up to the same tag
+            end = text.find(match.group(0), match.end())
+            end = len(text) if end < 0 else end + len(match.group(0))
+            yield Token("string", text[pos:end])
+            pos = end
+            continue
+        yield Token(kind, match.group(0))
+        pos = match.end()
+
+
+def statements(script: str) -> list[list[Token]]:
+    """Split a ``pg_restore`` script into statements (tokens without spaces and comments); psql's
+    backslash commands are dropped (a ``\\connect`` or ``\\restrict`` line is not SQL)."""
+    result, current = [], []
+    for token in tokens(script):
+        if token.kind in ("space", "comment", "meta"):
+            continue
+        if token.kind == "punct" and token.text == ";":
+            if current:
+                result.append(current)
+            current = []
+            continue
+        current.append(token)
+    if current:
+        result.append(current)
+    return result
+
+
+def render(statement: list[Token]) -> str:
+    return " ".join(t.text for t in statement) + ";"
+
+
+def _role_list(toks: list[Token]) -> list[str]:
+    """Read ``role [, role ...]`` from the start of ``toks`` (``PUBLIC`` is not a role)."""
+    roles = []
+    for token in toks:
+        if token.kind == "ident" or (token.kind == "word" and not token.is_word("PUBLIC", "CURRENT_USER", "SESSION_USER", "CURRENT_ROLE")):
+            if token.kind == "word" and token.is_word("WITH", "GRANTED", "CASCADE", "RESTRICT", "USING"):
+                break
+            roles.append(token.value)
+        elif token.kind == "punct" and token.text == ",":
+            continue
+        elif token.is_word("PUBLIC", "CURRENT_USER", "SESSION_USER", "CURRENT_ROLE"):
+            continue
+        else:
+            break
+    return roles
+
+
+def _top_level_index(statement: list[Token], word: str, start: int = 0) -> int | None:
+    depth = 0
+    for k in range(start, len(statement)):
+        token = statement[k]
+        if token.kind == "punct" and token.text == "(":
+            depth += 1
+        elif token.kind == "punct" and token.text == ")":
+            depth -= 1
+        elif depth == 0 and token.is_word(word):
+            return k
+    return None
+
+
+def roles_in(statement: list[Token]) -> set[str]:
+    """Return the roles one owner, grant, default-privilege, policy or role-setting statement names."""
+    if not statement:
+        return set()
+    roles: set[str] = set()
+    first = statement[0]
+    if first.is_word("GRANT", "REVOKE") or (first.is_word("ALTER") and len(statement) > 2 and statement[1].is_word("DEFAULT")):
+        if len(statement) > 4 and statement[1].is_word("DEFAULT") and statement[3].is_word("FOR"):
+            roles.update(_role_list(statement[5:6]))  # FOR ROLE x
+        for word in ("TO", "FROM"):
+            k = _top_level_index(statement, word)
+            if k is not None:
+                roles.update(_role_list(statement[k + 1:]))
+        k = _top_level_index(statement, "GRANTED")
+        if k is not None:
+            roles.update(_role_list(statement[k + 2:]))
+    elif first.is_word("ALTER") and len(statement) > 3 and statement[-3].is_word("OWNER") and statement[-2].is_word("TO"):
+        roles.update(_role_list(statement[-1:]))
+    elif first.is_word("ALTER") and len(statement) > 2 and statement[1].is_word("ROLE"):
+        roles.update(_role_list(statement[2:3]))
+    elif first.is_word("CREATE") and len(statement) > 1 and statement[1].is_word("POLICY"):
+        k = _top_level_index(statement, "TO")
+        if k is not None:
+            roles.update(_role_list(statement[k + 1:]))
+    return roles
+
+
+# -- what a restore needs of the target server -------------------------------------------------------
+
+DATABASE_OPTIONS = ("ENCODING", "LOCALE_PROVIDER", "LOCALE", "LC_COLLATE", "LC_CTYPE", "ICU_LOCALE", "ICU_RULES", "BUILTIN_LOCALE")
+
+
+@dataclass
+class BackupNeeds:
+    """What the backup needs from the server it is restored to."""
+
+    roles: set[str] = field(default_factory=set)
+    database_options: dict[str, str] = field(default_factory=dict)  # CREATE DATABASE option -> value, as the source had them
+    superuser_objects: list[str] = field(default_factory=list)
+    skipped_objects: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"roles": sorted(self.roles), "database_options": self.database_options,
+                "superuser_objects": self.superuser_objects, "skipped_objects": self.skipped_objects}
+
+
+def backup_needs(toc: DumpToc, workdir: Path, env=None) -> BackupNeeds:
+    """Read what a backup needs of its target: roles, the database's encoding and locale, superuser objects."""
+    needs = BackupNeeds(superuser_objects=toc.described(*SUPERUSER_ONLY), skipped_objects=toc.described(*NEVER_RESTORED))
+    for statement in owner_statements(toc, workdir, env):
+        needs.roles |= roles_in(statements(statement)[0])
+    acl = toc.entries(*PRIVILEGE_ENTRIES) + [line for line in toc.lines if " POLICY " in line] + list(toc.database_lines)
+    if acl:
+        for statement in statements(_script(toc, acl, workdir, "needs", "--create", env=env)):
+            needs.roles |= roles_in(statement)
+            if statement[0].is_word("CREATE") and len(statement) > 1 and statement[1].is_word("DATABASE"):
+                needs.database_options = _create_options(statement)
+    needs.roles = {r for r in needs.roles if not r.startswith("pg_")}  # predefined roles exist on every server
+    return needs
+
+
+def _create_options(statement: list[Token]) -> dict[str, str]:
+    """Read ``NAME = value`` options of ``CREATE DATABASE`` (the ones that shape the data; never TEMPLATE or OWNER)."""
+    options = {}
+    for k in range(len(statement) - 2):
+        name, eq, value = statement[k], statement[k + 1], statement[k + 2]
+        if name.kind == "word" and name.text.upper() in DATABASE_OPTIONS and eq.text == "=":
+            options[name.text.upper()] = value.text[1:-1].replace("''", "'") if value.kind == "string" else value.text
+    return options
+
+
+def create_options_sql(options: dict[str, str]):
+    """Return the ``CREATE DATABASE`` options clause for ``options`` (:attr:`BackupNeeds.database_options`)."""
+    from psycopg import sql
+
+    parts = []
+    for name in DATABASE_OPTIONS:
+        if name in options:
+            value = options[name]
+            if name == "LOCALE_PROVIDER":
+                if value.lower() not in ("libc", "icu", "builtin"):
+                    raise PrivilegesFailed(f"The backup's database has an unknown locale provider {printable(value)!r}.")
+                parts.append(sql.SQL("LOCALE_PROVIDER {}").format(sql.SQL(value.lower())))
+            else:
+                parts.append(sql.SQL(name + " {}").format(sql.Literal(value)))
+    return sql.SQL(" ").join(parts)
+
+
+def server_roles(server: PgEndpoint) -> set[str]:
+    with connect(server.with_dbname("postgres")) as conn:
+        return {row[0] for row in conn.execute("SELECT rolname FROM pg_roles").fetchall()}
+
+
+def missing_roles(needs: BackupNeeds, server: PgEndpoint) -> list[str]:
+    """Return the roles the backup names that ``server`` lacks, sorted."""
+    return sorted(needs.roles - server_roles(server))
+
+
+ROLE_MARKER = "pgdr: created for a restore"
+
+
+def create_roles(server: PgEndpoint, roles: list[str], why: str) -> list[str]:
+    """Create ``roles`` on ``server`` as ``NOLOGIN`` roles without passwords, marked as pgdr's; return those created.
+
+    An existing role is never changed. Giving a created role ``LOGIN`` and a password is for a person to do.
+    """
+    from psycopg import sql
+
+    created = []
+    with connect(server.with_dbname("postgres")) as conn:
+        for role in roles:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                continue
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(role), sql.Literal(f"{ROLE_MARKER}: {why}")))
+            created.append(role)
+    if created:
+        log.warning("Created %d role(s) the backup needs, NOLOGIN and without password: %s.", len(created), ", ".join(created))
+    return created
+
+
+def drop_created_roles(server: PgEndpoint, roles: list[str]) -> list[str]:
+    """Drop roles pgdr created for a restore that nothing on the server uses any more; return those dropped."""
+    from psycopg import sql
+
+    dropped = []
+    with connect(server.with_dbname("postgres")) as conn:
+        for role in roles:
+            row = conn.execute(
+                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s", (role,)
+            ).fetchone()
+            if row is None or not (row[0] or "").startswith(ROLE_MARKER):
+                continue
+            try:
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+                dropped.append(role)
+            except Exception as err:  # noqa: BLE001 - still used by another database: kept, said
+                log.info("Keeping role %s: %s", role, str(err).splitlines()[0])
+    return dropped
+
+
+# -- the privileges phase ----------------------------------------------------------------------------
+
+
+@dataclass
+class PrivilegesReport:
+    """What the privileges phase applied to a restored copy."""
+
+    owners: int = 0
+    grants: int = 0
+    default_privileges: int = 0
+    database_properties: int = 0
+    superuser_objects: list[str] = field(default_factory=list)
+    skipped_objects: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+_SAFE_STARTS = (("GRANT",), ("REVOKE",), ("ALTER", "DEFAULT"), ("ALTER", "DATABASE"), ("ALTER", "ROLE"), ("COMMENT", "ON", "DATABASE"),
+                ("SECURITY", "LABEL"))
+_PREAMBLE = (("SET",), ("SELECT",), ("CREATE", "DATABASE"))
+
+
+def _starts(statement: list[Token], words: tuple[str, ...]) -> bool:
+    return len(statement) >= len(words) and all(t.is_word(w) for t, w in zip(statement[: len(words)], words, strict=True))
+
+
+def _database_statement(statement: list[Token], source: str, target: str) -> list[Token]:
+    """Point a database-level statement at ``target``: every ``DATABASE <source name>`` names ``target`` instead."""
+    from psycopg import sql
+
+    out = list(statement)
+    for k in range(len(out) - 1):
+        if out[k].is_word("DATABASE") and out[k + 1].kind in ("ident", "word") and out[k + 1].value == source:
+            out[k + 1] = Token("ident", sql.Identifier(target).as_string(None))
+    return out
+
+
+def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, target_is_new: bool = True) -> PrivilegesReport:
+    """Give the restored copy ``admin.dbname`` its owners, grants, default privileges and database properties.
+
+    Runs as ``admin`` (the server's own connection), after every check passed and before the copy
+    is put in place. Owners, grants and properties are applied in one transaction (all or none);
+    the superuser-only objects (event triggers, publications) are created after it, event triggers last.
+
+    :raises PrivilegesFailed: naming the statement that failed; the copy keeps the owners it had.
+    """
+    import time
+
+    started = time.monotonic()
+    report = PrivilegesReport(skipped_objects=toc.described(*NEVER_RESTORED))
+    with passfile_env(admin, workdir) as env:
+        owners = owner_statements(toc, workdir, env)
+        grant_lines = toc.entries(*PRIVILEGE_ENTRIES)
+        granted = statements(_script(toc, grant_lines, workdir, "grants", env=env)) if grant_lines else []
+        database = statements(_script(toc, list(toc.database_lines), workdir, "database", "--create", env=env)) if toc.database_lines else []
+    work: list[tuple[str, str]] = []  # (kind, SQL)
+    for text in owners:
+        parsed = statements(text)
+        if len(parsed) != 1 or not (_starts(parsed[0], ("ALTER",)) and parsed[0][-3].is_word("OWNER")):
+            raise PrivilegesFailed(f"An owner statement of the backup is not one: {printable(text)[:200]!r}.")
+        work.append(("owner", text))
+    for statement in granted:
+        if _starts(statement, ("SET",)) or _starts(statement, ("SELECT",)):
+            continue
+        if not any(_starts(statement, s) for s in _SAFE_STARTS[:3]):
+            raise PrivilegesFailed(f"A privilege entry of the backup holds another statement: {printable(render(statement))[:200]!r}.")
+        work.append(("default" if _starts(statement, ("ALTER", "DEFAULT")) else "grant", render(statement)))
+    for statement in database:
+        if any(_starts(statement, p) for p in _PREAMBLE):
+            continue
+        if not any(_starts(statement, s) for s in _SAFE_STARTS):
+            raise PrivilegesFailed(f"A database entry of the backup holds another statement: {printable(render(statement))[:200]!r}.")
+        work.append(("database", render(_database_statement(statement, toc.source_dbname, admin.dbname))))
+
+    with connect(admin, autocommit=False, application_name="pgdr-privileges") as conn:
+        conn.execute("SET search_path = ''")
+        for kind, text in work:
+            try:
+                conn.execute(text)
+            except Exception as err:
+                raise PrivilegesFailed(
+                    f"Applying the backup's owners and grants to {printable(admin.dbname)!r} failed at {printable(text)[:300]!r}: "
+                    f"{str(err).splitlines()[0]}. Nothing of this phase was applied (one transaction); the restored copy is "
+                    "intact and still owned by the restore role."
+                ) from None
+            report.owners += kind == "owner"
+            report.grants += kind == "grant"
+            report.default_privileges += kind == "default"
+            report.database_properties += kind == "database"
+        conn.commit()
+
+    superuser = toc.entries(*SUPERUSER_ONLY)
+    if superuser:
+        # Event triggers last, and none fires while pgdr restores them (the setting exists from PostgreSQL 17).
+        ordered = [line for line in superuser if " EVENT TRIGGER " not in line] + [line for line in superuser if " EVENT TRIGGER " in line]
+        listing = workdir / "superuser.list"
+        listing.write_text("\n".join(ordered) + "\n")
+        run_tool(
+            admin, workdir,
+            [pg_tool("pg_restore"), *connection_args(admin), "--exit-on-error", "--no-password", "--single-transaction",
+             f"--use-list={listing}", str(toc.dump_dir)],
+            f"pg_restore of the superuser-only objects into {printable(admin.dbname)!r}", PrivilegesFailed,
+        )
+        report.superuser_objects = toc.described(*SUPERUSER_ONLY)
+    report.seconds = time.monotonic() - started
+    log.info(
+        "Privileges applied to %s: %d owners, %d grants, %d default privileges, %d database properties, %d superuser-only "
+        "objects%s (%.2fs).", admin.dbname, report.owners, report.grants, report.default_privileges, report.database_properties,
+        len(report.superuser_objects),
+        f"; NOT restored: {', '.join(report.skipped_objects)}" if report.skipped_objects else "", report.seconds,
+    )
+    return report
