@@ -124,6 +124,9 @@ class ProtectedDatabase:
     # Client-side encryption (pgdr.storage.encryption): the Airflow connection holding the master
     # keys. None: backups are stored as pg_dump wrote them (still under the target's SSE, if any).
     encryption_key_conn_id: str | None = None
+    # The logins the application uses: after a restore's privileges phase, each must be able to do on
+    # the restored copy exactly what it can do on the live database (pgdr.logical.privileges.compare_app_roles).
+    app_roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -356,7 +359,7 @@ _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
 _POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs", "compression", "restore_conn_id", "restore_as_superuser",
                 "encryption"}
-_DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server"}
+_DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server", "app_roles"}
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
 _NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
 _STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id", "sse", "kms_key_id"}
@@ -608,6 +611,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                     else conn_id
                 ),
                 server=c.string(fields["server"][1], f"{key}.server") if "server" in fields else conn_id,
+                app_roles=c.string_list(fields["app_roles"][1], f"{key}.app_roles") if "app_roles" in fields else (),
                 line=node.start_mark.line + 1,
             )
         )

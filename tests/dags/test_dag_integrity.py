@@ -70,7 +70,8 @@ def test_verify_restore_dag_structure(dagbag):
     assert t["verify.create_scratch"].is_setup and t["verify.drop_scratch"].is_teardown
     assert {"verify.restore_backup", "verify.check_integrity", "verify.validate_data"} <= t["verify.create_scratch"].downstream_task_ids
     assert t["verify.restore_backup"].downstream_task_ids == {"verify.check_integrity"}
-    assert t["verify.validate_data"].downstream_task_ids == {"verify.drop_scratch"}
+    assert t["verify.validate_data"].downstream_task_ids == {"verify.apply_privileges"}
+    assert t["verify.apply_privileges"].downstream_task_ids == {"verify.drop_scratch"}
     assert t["verify.record_verification"].trigger_rule == "all_done"
     assert dag.max_active_runs == 1
     assert set(dag.params) == {"database", "backup_id"}
@@ -79,13 +80,14 @@ def test_verify_restore_dag_structure(dagbag):
 def test_restore_dag_form_and_structure(dagbag):
     dag = dagbag.dags["pgdr_restore"]
     assert dag.schedule is None and dag.max_active_runs == 1
-    assert set(dag.params) == {"database", "backup", "mode", "confirm", "target_name", "tables", "target_conn_id", "dry_run"}
+    assert set(dag.params) == {"database", "backup", "mode", "confirm", "target_name", "tables", "target_conn_id", "restore_roles", "dry_run"}
     for name in dag.params:
         param = dag.params.get_param(name)
         assert param.schema.get("title") and param.description, name
     assert dag.params.get_param("mode").schema["enum"] == ["new-database", "replace"]
     assert dag.params["backup"] == "latest-verified" and dag.params["mode"] == "new-database"
-    order = ["plan_restore", "recover_to_moment", "check_checksums", "restore_backup", "check_integrity", "validate_data", "swap_into_place", "write_report"]
+    order = ["plan_restore", "recover_to_moment", "check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges",
+             "swap_into_place", "write_report"]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.task_dict[upstream].downstream_task_ids, (upstream, downstream)
     assert dag.task_dict["swap_into_place"].retries == 0

@@ -131,7 +131,7 @@ def _application_works(server, dbname: str) -> None:
             conn.execute("DELETE FROM invoices")  # and no more than it had
 
 
-def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_database, run_dag, pg_server, pg_server_b):
+def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_database, run_dag, pg_server, pg_server_b, plan, slack):
     from pgdr.airflow_glue.connections import open_store
     from pgdr.storage.catalog import BackupCatalog
 
@@ -166,6 +166,24 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
     assert _sql(pg_server_b, "SELECT rolcanlogin, rolpassword IS NULL FROM pg_authid WHERE rolname = 'app_login'") == [(False, True)]
     _same_as_source(pg_server_b, "Äpp elsewhere", app_database)
 
+    # From here the plan names the application's logins: each must see the restored copy as it sees the live database.
+    plan(databases=[{"name": "app", "conn_id": "pgdr_app", "dbname": APP_DB, "verify_conn_id": "pgdr_other",
+                     "app_roles": ["app_login", "reporting"]}])
+    slack.clear()
+    # A grant changed on the live database since the backup: the restore stops before the swap and names it.
+    _sql(pg_server, 'REVOKE INSERT ON "App Data"."Customers" FROM app_login', APP_DB)
+    try:
+        stopped = run_dag("pgdr_restore", run_conf={"database": "app", "target_name": "Äpp differs"})
+    finally:
+        _sql(pg_server, 'GRANT INSERT ON "App Data"."Customers" TO app_login', APP_DB)
+    assert stopped.states["apply_privileges"] == "failed" and stopped.states["swap_into_place"] != "success"
+    (differs,) = [r for r in (json.loads(store.get_bytes(o.key)) for o in store.list(layout.backup_prefix("app", entry.backup_id))
+                              if "/restores/" in o.key and o.key.endswith(".json")) if r["plan"]["target"] == "Äpp differs"]
+    assert differs["status"] == "failed" and differs["failed_phase"] == "apply_privileges"
+    alerts = json.dumps(slack.messages, ensure_ascii=False)
+    assert 'app_login now can and could not: INSERT on table \\"App Data\\".\\"Customers\\"' in alerts, alerts
+    _drop_database(pg_server, "Äpp differs")
+
     # new-database next to the live one, then replace: identical, and the application's login works.
     _ok(run_dag("pgdr_restore", run_conf={"database": "app", "target_name": "Äpp copy"}))
     _same_as_source(pg_server, "Äpp copy", app_database)
@@ -179,7 +197,45 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
     assert len(restored) == 3
     for report in restored:
         assert report["privileges"]["owners"] == 11
+        if report["plan"]["target_conn_id"] == "pgdr_app":
+            assert {role: found["lost"] + found["gained"] for role, found in report["privileges"]["app_roles"].items()} == {
+                "app_login": [], "reporting": []}
         assert any("SUBSCRIPTION" in o for o in report["privileges"]["skipped_objects"])
     md = [store.get_bytes(o.key).decode() for o in store.list(layout.backup_prefix("app", entry.backup_id))
           if "/restores/" in o.key and o.key.endswith(".md")]
     assert any("**Not restored**" in text and "App Sub" in text for text in md)
+
+
+def test_text_inside_a_function_body_never_passes_for_an_owner_statement(pg_server, tmp_path):
+    """A schema owner can write anything in a function body; only lines pg_restore itself adds are run as the server."""
+    from pgdr.identifiers import conninfo
+    from pgdr.local.embedded import pg_bin_dir
+    from pgdr.logical.privileges import backup_needs, owner_statements, read_toc
+
+    name = "pgdr spoof test"
+    if name in _databases(pg_server):
+        _drop_database(pg_server, name)
+    _sql(pg_server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        _sql(pg_server, """
+            CREATE SCHEMA victim;
+            CREATE FUNCTION public.sneaky() RETURNS void LANGUAGE sql AS $$
+            ALTER SCHEMA victim OWNER TO pg_write_server_files;
+            $$;
+            CREATE VIEW public."ALTER SCHEMA victim OWNER TO x;" AS SELECT 'GRANT pg_execute_server_program TO mallory;' AS c;
+        """, name)
+        subprocess.run(
+            [str(pg_bin_dir() / "pg_dump"), "-Fd", "-f", str(tmp_path / "dump"),
+             "--dbname", conninfo("127.0.0.1", pg_server.port, pg_server.superuser, name)],
+            env={**os.environ, "PGPASSWORD": pg_server.password}, check=True, capture_output=True,
+        )
+    finally:
+        _drop_database(pg_server, name)
+    toc = read_toc(tmp_path / "dump")
+    found = owner_statements(toc, tmp_path)
+    assert sorted(found) == sorted([
+        "ALTER SCHEMA victim OWNER TO postgres;",
+        "ALTER FUNCTION public.sneaky() OWNER TO postgres;",
+        'ALTER VIEW public."ALTER SCHEMA victim OWNER TO x;" OWNER TO postgres;',
+    ])
+    assert backup_needs(toc, tmp_path).roles == {"postgres"}

@@ -67,7 +67,7 @@ def test_backup_then_verify_on_s3(plan, run_dag, s3_server, s3_storage, pg_serve
     assert record["validation"]["failed"] == 0 and record["validation"]["expectations"] > 40
     assert "include/gx/shop/orders.yaml" in record["validation"]["user_suites"]
     assert record["rto_met"] is True and 0 < record["restore_seconds"] < record["rto_target_seconds"]
-    assert set(record["phases"]) == {"check_checksums", "restore_backup", "check_integrity", "validate_data"}
+    assert set(record["phases"]) == {"check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges"}
     # The GX results and the HTML report are stored next to the backup.
     results = json.loads(store.get_bytes(layout.validation_key("shop", backup_id, "results.json")))
     assert results["summary"]["failed"] == 0

@@ -179,6 +179,10 @@ def verify_newest_backups() -> None:
         if validation:
             detail(f"validation     : {validation['expectations'] - validation['failed']} of {validation['expectations']} expectations passed ({', '.join(validation['user_suites'])} + baseline)")
             detail(f"report         : {validation['report']}")
+        privileges = record.get("privileges")
+        if privileges:
+            detail(f"privileges     : {privileges['owners']} owners, {privileges['grants']} grants, {privileges['default_privileges']} "
+                   f"default privileges, {privileges['database_properties']} database properties given back after the checks")
 
 
 def run_drill() -> None:

@@ -496,3 +496,91 @@ def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, target_is_n
         f"; NOT restored: {', '.join(report.skipped_objects)}" if report.skipped_objects else "", report.seconds,
     )
     return report
+
+
+# -- the application's view ----------------------------------------------------------------------------
+
+# What a role may do on every object of the connected database. With %(check)s false it lists every
+# (object, privilege) pair there is, so objects that exist in only one of two databases are told apart.
+_APP_VIEW = """
+SELECT 'table', format('%%I.%%I', n.nspname, c.relname), p.priv
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER']) AS p(priv)
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%%'
+  AND (NOT %(check)s OR has_table_privilege(%(role)s::name, c.oid, p.priv))
+UNION ALL
+SELECT 'column', format('%%I.%%I.%%I', n.nspname, c.relname, a.attname), p.priv
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'REFERENCES']) AS p(priv)
+WHERE a.attacl IS NOT NULL AND NOT a.attisdropped
+  AND (NOT %(check)s OR has_column_privilege(%(role)s::name, c.oid, a.attnum, p.priv))
+UNION ALL
+SELECT 'sequence', format('%%I.%%I', n.nspname, c.relname), p.priv
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN unnest(ARRAY['USAGE', 'SELECT', 'UPDATE']) AS p(priv)
+WHERE c.relkind = 'S' AND (NOT %(check)s OR has_sequence_privilege(%(role)s::name, c.oid, p.priv))
+UNION ALL
+SELECT 'schema', format('%%I', n.nspname), p.priv
+FROM pg_namespace n CROSS JOIN unnest(ARRAY['USAGE', 'CREATE']) AS p(priv)
+WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%%'
+  AND (NOT %(check)s OR has_schema_privilege(%(role)s::name, n.oid, p.priv))
+UNION ALL
+SELECT 'function', f.oid::regprocedure::text, 'EXECUTE'
+FROM pg_proc f JOIN pg_namespace n ON n.oid = f.pronamespace
+WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%%'
+  AND (NOT %(check)s OR has_function_privilege(%(role)s::name, f.oid, 'EXECUTE'))
+UNION ALL
+SELECT 'database', '', p.priv FROM unnest(ARRAY['CONNECT', 'TEMPORARY', 'CREATE']) AS p(priv)
+WHERE NOT %(check)s OR has_database_privilege(%(role)s::name, current_database(), p.priv)
+"""
+
+
+def _app_view(endpoint: PgEndpoint, role: str | None) -> set[tuple[str, str, str]]:
+    with connect(endpoint, application_name="pgdr-app-roles") as conn:
+        conn.execute("SET search_path = ''")  # function signatures schema-qualified alike in both databases
+        return {tuple(row) for row in conn.execute(_APP_VIEW, {"role": role or "", "check": role is not None}).fetchall()}
+
+
+def compare_app_roles(live: PgEndpoint, restored: PgEndpoint, roles: tuple[str, ...]) -> dict[str, dict]:
+    """For each of the application's logins, what it may do on the restored copy against the live database.
+
+    Only objects present in both are compared (tables created since the backup are not a difference).
+
+    :return: per role ``{"checked": n, "lost": [...], "gained": [...]}``, each entry ``"SELECT on table s.t"``.
+    """
+    both = {(k, o) for k, o, _ in _app_view(live, None)} & {(k, o) for k, o, _ in _app_view(restored, None)}
+    missing_on = [where for where, endpoint in (("live", live), ("restored", restored))
+                  if set(roles) - server_roles(endpoint)]
+    if missing_on:
+        raise PrivilegesFailed(
+            f"The plan's app_roles {', '.join(roles)} must exist on the {' and '.join(missing_on)} server to be checked; "
+            "create the application's logins there (or remove them from app_roles)."
+        )
+    result = {}
+    for role in roles:
+        before = {p for p in _app_view(live, role) if p[:2] in both}
+        after = {p for p in _app_view(restored, role) if p[:2] in both}
+
+        def said(items):  # whole objects before their columns, which follow from them
+            order = ("database", "schema", "table", "sequence", "function", "column")
+            return [f"{priv} on {kind} {name}".rstrip() for kind, name, priv in sorted(items, key=lambda i: (order.index(i[0]), i[1], i[2]))]
+
+        result[role] = {"checked": len(before | after), "lost": said(before - after), "gained": said(after - before)}
+    return result
+
+
+def app_roles_problem(compared: dict[str, dict]) -> str | None:
+    """Return the message for the differences :func:`compare_app_roles` found, or ``None`` when there are none."""
+    parts = []
+    for role, found in compared.items():
+        if found["lost"]:
+            parts.append(f"{role} could and now cannot: {'; '.join(found['lost'][:10])}")
+        if found["gained"]:
+            parts.append(f"{role} now can and could not: {'; '.join(found['gained'][:10])}")
+    if not parts:
+        return None
+    return (
+        "The application's logins would not see the restored copy as they see the live database: " + " | ".join(parts)
+        + ". Grants changed since the backup are the usual cause: re-apply them to the restored copy (it is kept), "
+        "or restore a newer backup. The live database was not changed."
+    )

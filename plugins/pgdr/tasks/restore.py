@@ -445,7 +445,30 @@ def run_apply_privileges(plan: dict[str, Any], context) -> dict[str, Any]:
         with task_workdir(context, f"incident-privileges-{db.name}") as workdir:
             fetch_toc(entry.manifest, store, workdir / "dump", backup_data_key(db, entry.manifest))
             report = apply_privileges(server.with_dbname(plan["target"]), read_toc(workdir / "dump"), workdir)
-    return {"started_at": started, "finished_at": _now(), **report.to_dict()}
+        app_roles = check_app_roles(db, plan)
+    return {"started_at": started, "finished_at": _now(), **report.to_dict(), "app_roles": app_roles}
+
+
+def check_app_roles(db, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The plan's ``app_roles``: each may do on the restored copy what it may do on the live database, or the restore stops."""
+    from pgdr.airflow_glue.connections import database_endpoint
+    from pgdr.incident import database_exists
+    from pgdr.logical.privileges import PrivilegesFailed, app_roles_problem, compare_app_roles
+
+    if not db.app_roles:
+        return None
+    live = database_endpoint(db)  # the live database, on its own server, before any swap
+    if not database_exists(live, db.dbname):
+        log.warning("app_roles not compared: the live database %s does not exist.", db.dbname)
+        return {"skipped": f"the live database {db.dbname!r} does not exist"}
+    restored = database_endpoint(db, conn_id=plan["target_conn_id"]).with_dbname(plan["target"])
+    compared = compare_app_roles(live, restored, db.app_roles)
+    problem = app_roles_problem(compared)
+    if problem:
+        raise PrivilegesFailed(problem)
+    for role, found in compared.items():
+        log.info("Application login %s: the same %d privileges on the restored copy as on the live database.", role, found["checked"])
+    return compared
 
 
 def _filled(context, plan) -> set[str] | None:
@@ -648,6 +671,9 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
         f"{done['default_privileges']} default privileges, {done['database_properties']} database properties "
         "(settings, grants, comment, connection limit)",
     ]
+    for role, found in (done.get("app_roles") or {}).items():
+        if isinstance(found, dict):
+            lines.append(f"- Application login `{role}`: the same {found['checked']} privileges as on the live database")
     if done["superuser_objects"]:
         lines.append(f"- Created (only a superuser can): {', '.join(done['superuser_objects'])}")
     if done["skipped_objects"]:

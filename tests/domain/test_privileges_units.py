@@ -1,0 +1,78 @@
+"""Reading owners, grants and settings out of pg_restore's scripts: the tokens, the roles, the database's name."""
+
+from __future__ import annotations
+
+import pytest
+from pgdr.logical.privileges import (
+    PrivilegesFailed,
+    _create_options,
+    _database_statement,
+    create_options_sql,
+    render,
+    roles_in,
+    statements,
+)
+
+
+def _roles(text: str) -> set[str]:
+    (statement,) = statements(text)
+    return roles_in(statement)
+
+
+@pytest.mark.parametrize(
+    ("text", "roles"),
+    [
+        ('GRANT SELECT,INSERT ON TABLE "App Data"."Customers" TO app_login;', {"app_login"}),
+        ('GRANT SELECT(id) ON TABLE "App Data"."Customers" TO "Report ""Team""", other WITH GRANT OPTION;',
+         {'Report "Team"', "other"}),
+        ("REVOKE ALL ON FUNCTION billing.total_for(bigint) FROM PUBLIC;", set()),
+        ('GRANT USAGE ON SCHEMA s TO app GRANTED BY "Data Owner";', {"app", "Data Owner"}),
+        ('ALTER DEFAULT PRIVILEGES FOR ROLE "Data Owner" IN SCHEMA "App Data" GRANT SELECT ON TABLES TO app_login;',
+         {"Data Owner", "app_login"}),
+        ("ALTER DEFAULT PRIVILEGES FOR ROLE owner REVOKE ALL ON FUNCTIONS FROM PUBLIC;", {"owner"}),
+        ('ALTER TABLE "a ""TO"" b".t OWNER TO "Ünï Owner";', {"Ünï Owner"}),
+        ("ALTER ROLE app_login IN DATABASE \"Äpp DB\" SET work_mem TO '8MB';", {"app_login"}),
+        ("CREATE POLICY p ON billing.invoices TO app_login, \"Other One\" USING ((tenant = 'TO mallory'::text));",
+         {"app_login", "Other One"}),
+        ("CREATE POLICY p ON t USING ((x IN ( SELECT 1 TO_2)));", set()),
+        ("COMMENT ON TABLE t IS 'GRANT x TO mallory';", set()),
+    ],
+)
+def test_the_roles_a_statement_names(text, roles):
+    assert _roles(text) == roles
+
+
+def test_statements_split_on_top_level_semicolons_only():
+    script = (
+        "\\restrict abc\nSET search_path = '';\n"
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $body$ SELECT 1; SELECT 2 $body$;\n"
+        "-- a comment; with a semicolon\n"
+        'GRANT SELECT ON TABLE "semi;colon" TO "x;y";\n'
+        "COMMENT ON TABLE t IS 'it''s; fine';\n\\unrestrict abc\n"
+    )
+    parsed = statements(script)
+    assert [render(s)[:12] for s in parsed] == ["SET search_p", "CREATE FUNCT", "GRANT SELECT", "COMMENT ON T"]
+    assert roles_in(parsed[2]) == {"x;y"}
+
+
+def test_database_statements_are_pointed_at_the_restored_copy_only():
+    (statement,) = statements("ALTER ROLE \"DATABASE\" IN DATABASE \"Äpp DB\" SET x TO 'Äpp DB';")
+    assert render(_database_statement(statement, "Äpp DB", 'Äpp DB_restoring_"1"')) == (
+        'ALTER ROLE "DATABASE" IN DATABASE "Äpp DB_restoring_""1""" SET x TO \'Äpp DB\';'
+    )
+    (other,) = statements("ALTER DATABASE other SET x TO 1;")
+    assert render(_database_statement(other, "Äpp DB", "copy")) == "ALTER DATABASE other SET x TO 1;"
+
+
+def test_the_source_encoding_and_locale_are_read_and_written_back_as_literals():
+    (statement,) = statements(
+        "CREATE DATABASE \"Äpp DB\" WITH TEMPLATE = template0 ENCODING = 'UTF8' LOCALE_PROVIDER = icu "
+        "LOCALE = 'en_US.UTF-8' ICU_LOCALE = 'de-u-co-phonebk' ICU_RULES = '&a < ''b''';"
+    )
+    options = _create_options(statement)
+    assert options == {"ENCODING": "UTF8", "LOCALE_PROVIDER": "icu", "LOCALE": "en_US.UTF-8",
+                       "ICU_LOCALE": "de-u-co-phonebk", "ICU_RULES": "&a < 'b'"}
+    text = create_options_sql(options).as_string(None)
+    assert "LOCALE_PROVIDER icu" in text and "ICU_RULES '&a < ''b'''" in text
+    with pytest.raises(PrivilegesFailed, match="unknown locale provider"):
+        create_options_sql({"LOCALE_PROVIDER": "libc; DROP DATABASE x"})
