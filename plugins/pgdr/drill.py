@@ -27,7 +27,7 @@ from pgdr.messages import format_duration
 from pgdr.storage.catalog import BackupEntry
 
 RPO_WINDOW = timedelta(days=30)
-PHASE_ORDER = ("dump", "upload", "checksum", "download", "restore", "checks", "validation")
+PHASE_ORDER = ("dump", "upload", "checksum", "download", "restore", "checks", "validation", "privileges")
 
 
 def rpo_metrics(backups: list[BackupEntry], now: datetime, window: timedelta = RPO_WINDOW) -> dict[str, Any]:
@@ -83,7 +83,8 @@ def evaluate(database: str, rto_target_s: float, rpo_target_s: float, phases: li
     by_name = {p["name"]: p for p in phases}
     rto_s = None
     if failed_phase is None and "checksum" in by_name and "validation" in by_name:
-        rto_s = (datetime.fromisoformat(by_name["validation"]["finished_at"])
+        last = by_name.get("privileges") or by_name["validation"]  # drills before privileges were given back end at validation
+        rto_s = (datetime.fromisoformat(last["finished_at"])
                  - datetime.fromisoformat(by_name["checksum"]["started_at"])).total_seconds()
     checks = {
         "rto": {"target_s": rto_target_s, "achieved_s": rto_s, "met": rto_s is not None and rto_s <= rto_target_s},

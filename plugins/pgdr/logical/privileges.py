@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pgdr.errors import PermanentFailure
 from pgdr.identifiers import printable
-from pgdr.postgres.client import PgEndpoint, connect, connection_args, passfile_env, pg_tool, run_tool
+from pgdr.postgres.client import PgEndpoint, connect, connection_args, pg_tool, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +421,34 @@ def _database_statement(statement: list[Token], source: str, target: str) -> lis
     return out
 
 
+BATCH = 500  # statements per round trip
+
+
+def _execute_all(admin: PgEndpoint, work: list[str]) -> None:
+    """Run every statement in one transaction, ``BATCH`` per round trip; name the one that fails."""
+    import psycopg
+
+    with connect(admin, autocommit=False, application_name="pgdr-privileges") as conn:
+        conn.execute("SET search_path = ''")
+        try:
+            for start in range(0, len(work), BATCH):
+                conn.execute("\n".join(work[start:start + BATCH]))  # each checked to be one statement above
+        except psycopg.Error:
+            conn.rollback()  # find the statement, one at a time, then roll back again
+            conn.execute("SET search_path = ''")
+            for text in work:
+                try:
+                    conn.execute(text)
+                except psycopg.Error as err:
+                    raise PrivilegesFailed(
+                        f"Applying the backup's owners and grants to {printable(admin.dbname)!r} failed at "
+                        f"{printable(text)[:300]!r}: {str(err).splitlines()[0]}. Nothing of this phase was applied (one "
+                        "transaction); the restored copy is intact and still owned by the restore role."
+                    ) from None
+            raise
+        conn.commit()
+
+
 def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, target_is_new: bool = True) -> PrivilegesReport:
     """Give the restored copy ``admin.dbname`` its owners, grants, default privileges and database properties.
 
@@ -434,11 +462,16 @@ def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, target_is_n
 
     started = time.monotonic()
     report = PrivilegesReport(skipped_objects=toc.described(*NEVER_RESTORED))
-    with passfile_env(admin, workdir) as env:
-        owners = owner_statements(toc, workdir, env)
-        grant_lines = toc.entries(*PRIVILEGE_ENTRIES)
-        granted = statements(_script(toc, grant_lines, workdir, "grants", env=env)) if grant_lines else []
-        database = statements(_script(toc, list(toc.database_lines), workdir, "database", "--create", env=env)) if toc.database_lines else []
+    from concurrent.futures import ThreadPoolExecutor
+
+    grant_lines, database_lines = toc.entries(*PRIVILEGE_ENTRIES), list(toc.database_lines)
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="pgdr-toc") as pool:  # three pg_restore runs at once
+        owners_f = pool.submit(owner_statements, toc, workdir)
+        granted_f = pool.submit(_script, toc, grant_lines, workdir, "grants") if grant_lines else None
+        database_f = pool.submit(_script, toc, database_lines, workdir, "database", "--create") if database_lines else None
+        owners = owners_f.result()
+        granted = statements(granted_f.result()) if granted_f else []
+        database = statements(database_f.result()) if database_f else []
     work: list[tuple[str, str]] = []  # (kind, SQL)
     for text in owners:
         parsed = statements(text)
@@ -458,22 +491,12 @@ def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, target_is_n
             raise PrivilegesFailed(f"A database entry of the backup holds another statement: {printable(render(statement))[:200]!r}.")
         work.append(("database", render(_database_statement(statement, toc.source_dbname, admin.dbname))))
 
-    with connect(admin, autocommit=False, application_name="pgdr-privileges") as conn:
-        conn.execute("SET search_path = ''")
-        for kind, text in work:
-            try:
-                conn.execute(text)
-            except Exception as err:
-                raise PrivilegesFailed(
-                    f"Applying the backup's owners and grants to {printable(admin.dbname)!r} failed at {printable(text)[:300]!r}: "
-                    f"{str(err).splitlines()[0]}. Nothing of this phase was applied (one transaction); the restored copy is "
-                    "intact and still owned by the restore role."
-                ) from None
-            report.owners += kind == "owner"
-            report.grants += kind == "grant"
-            report.default_privileges += kind == "default"
-            report.database_properties += kind == "database"
-        conn.commit()
+    _execute_all(admin, [text for _, text in work])
+    for kind, _ in work:
+        report.owners += kind == "owner"
+        report.grants += kind == "grant"
+        report.default_privileges += kind == "default"
+        report.database_properties += kind == "database"
 
     superuser = toc.entries(*SUPERUSER_ONLY)
     if superuser:

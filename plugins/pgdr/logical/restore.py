@@ -288,3 +288,16 @@ def fetch_toc(manifest: BackupManifest, store: BackupStore, dest: Path, data_key
         )
     download_backup(dataclasses.replace(manifest, files=(entry,)), store, dest, workers=1, data_key=data_key)
     return dest
+
+
+def give_back_privileges(manifest: BackupManifest, store: BackupStore, admin: PgEndpoint, workdir: Path,
+                         data_key: bytes | None = None):
+    """The privileges phase of a restore from ``store``: fetch the backup's table of contents and apply
+    its owners, grants and settings to the restored copy ``admin.dbname`` as ``admin`` (the server's connection).
+
+    :return: the :class:`pgdr.logical.privileges.PrivilegesReport`.
+    """
+    from pgdr.logical.privileges import apply_privileges, read_toc
+
+    fetch_toc(manifest, store, workdir / "toc", data_key)
+    return apply_privileges(admin, read_toc(workdir / "toc"), workdir)

@@ -170,6 +170,25 @@ def create_run_scratch(scratch, kind: str, database: str, purpose: str, context)
     return scratch.name
 
 
+def restore_into_scratch(scratch, dump_dir: Path, jobs: int, workdir: Path, purpose: str, context) -> tuple[float, list[str]]:
+    """Restore a downloaded dump into this run's scratch database as an incident restore would; return
+    ``(seconds, roles created)``.
+
+    The scratch database is made again (empty, a failed try's half restore gone) with the backup's
+    encoding and locale; the roles the backup names that the server lacks are created first (NOLOGIN,
+    marked as pgdr's: the teardown drops them again when nothing uses them).
+    """
+    from pgdr.logical.privileges import backup_needs, create_roles, missing_roles, read_toc
+    from pgdr.logical.restore import restore_dump
+    from pgdr.postgres.scratch import scratch_comment
+
+    run_id = context["ti"].run_id
+    needs = backup_needs(read_toc(dump_dir), workdir)
+    created = create_roles(scratch.server, missing_roles(needs, scratch.server), f"{purpose} ({run_id})")
+    scratch.create(scratch_comment(purpose, run_id), needs.database_options)
+    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir), created
+
+
 CONTEXT_SERVER = "pgdr_server"  # the PITR server a mapped task is about (map_index_template)
 
 

@@ -19,6 +19,7 @@ from pgdr.tasks.common import (
     _now,
     create_run_scratch,
     fail_fast,
+    restore_into_scratch,
     run_scratch,
     task_workdir,
 )
@@ -94,9 +95,7 @@ def run_create_scratch(database: str, context) -> str:
 def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
     """Body of ``restore_timed``: checksum, download and restore, each timed."""
     from pgdr.airflow_glue.connections import backup_data_key
-    from pgdr.logical.privileges import backup_needs, create_roles, missing_roles, read_toc
-    from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
-    from pgdr.postgres.scratch import scratch_comment
+    from pgdr.logical.restore import download_backup, verify_checksums
 
     phases = []
     with fail_fast():
@@ -114,11 +113,7 @@ def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
             download_backup(manifest, store, workdir / "dump", workers, data_key=data_key)
             phases.append(phase("download", started, _now()))
             started = _now()
-            # As an incident restore: the source's encoding and locale, the roles it names (created if missing).
-            needs = backup_needs(read_toc(workdir / "dump"), workdir)
-            created = create_roles(scratch.server, missing_roles(needs, scratch.server), f"drill of {database} ({context['ti'].run_id})")
-            scratch.create(scratch_comment(f"drill {database}", context["ti"].run_id), needs.database_options)
-            restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
+            _, created = restore_into_scratch(scratch, workdir / "dump", db.dump_jobs, workdir, f"drill {database}", context)
             phases.append(phase("restore", started, _now()))
     return {"phases": phases, "roles_created": created}
 
@@ -128,8 +123,7 @@ def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
     from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.checks.integrity import check_integrity
     from pgdr.checks.validation import validate_restored
-    from pgdr.logical.privileges import apply_privileges, read_toc
-    from pgdr.logical.restore import fetch_toc
+    from pgdr.logical.restore import give_back_privileges
 
     with fail_fast():
         plan, db, store, _layout, catalog = _objects(database, context)
@@ -152,8 +146,8 @@ def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
     with fail_fast():
         started = _now()
         with task_workdir(context, f"drill-privileges-{database}") as workdir:
-            fetch_toc(manifest, store, workdir / "dump", backup_data_key(db, manifest, plan))
-            applied = apply_privileges(scratch.server.with_dbname(scratch.name), read_toc(workdir / "dump"), workdir)
+            applied = give_back_privileges(manifest, store, scratch.server.with_dbname(scratch.name), workdir,
+                                           backup_data_key(db, manifest, plan))
         privileges = phase("privileges", started, _now())
     return {"phases": [checks, validation, privileges], "validation": summary, "privileges": applied.to_dict()}
 

@@ -433,8 +433,7 @@ def run_apply_privileges(plan: dict[str, Any], context) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowSkipException
 
     from pgdr.airflow_glue.connections import backup_data_key
-    from pgdr.logical.privileges import apply_privileges, read_toc
-    from pgdr.logical.restore import fetch_toc
+    from pgdr.logical.restore import give_back_privileges
 
     _label(plan, context)
     if plan["dry_run"]:
@@ -443,8 +442,8 @@ def run_apply_privileges(plan: dict[str, Any], context) -> dict[str, Any]:
     with fail_fast():
         db, store, _layout, entry, server = _objects(plan)
         with task_workdir(context, f"incident-privileges-{db.name}") as workdir:
-            fetch_toc(entry.manifest, store, workdir / "dump", backup_data_key(db, entry.manifest))
-            report = apply_privileges(server.with_dbname(plan["target"]), read_toc(workdir / "dump"), workdir)
+            report = give_back_privileges(entry.manifest, store, server.with_dbname(plan["target"]), workdir,
+                                          backup_data_key(db, entry.manifest))
         app_roles = check_app_roles(db, plan)
     return {"started_at": started, "finished_at": _now(), **report.to_dict(), "app_roles": app_roles}
 

@@ -10,7 +10,7 @@ from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.errors import BackupNotFound
 from pgdr.messages import SUPERUSER_RESTORE_WARNING
 from pgdr.storage.catalog import VERIFICATION_PHASES as VERIFY_PHASES
-from pgdr.tasks.common import _now, create_run_scratch, fail_fast, run_scratch, task_workdir
+from pgdr.tasks.common import _now, create_run_scratch, fail_fast, restore_into_scratch, run_scratch, task_workdir
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,7 @@ def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> di
     given back fails today, not during an incident.
     """
     from pgdr.airflow_glue.connections import backup_data_key
-    from pgdr.logical.privileges import backup_needs, create_roles, missing_roles, read_toc
-    from pgdr.logical.restore import download_backup, restore_dump
-    from pgdr.postgres.scratch import scratch_comment
+    from pgdr.logical.restore import download_backup
 
     started = _now()
     with fail_fast():
@@ -217,10 +215,7 @@ def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> di
         with task_workdir(context, f"restore-{db.name}") as workdir:
             download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs),
                                        data_key=backup_data_key(db, entry.manifest, plan))
-            needs = backup_needs(read_toc(workdir / "dump"), workdir)
-            created = create_roles(scratch.server, missing_roles(needs, scratch.server), f"{purpose} ({context['ti'].run_id})")
-            scratch.create(scratch_comment(purpose, context["ti"].run_id), needs.database_options)
-            restore_s = restore_dump(scratch.endpoint, workdir / "dump", db.dump_jobs, workdir)
+            restore_s, created = restore_into_scratch(scratch, workdir / "dump", db.dump_jobs, workdir, purpose, context)
     log.info(
         "Backup %s restored into %s: download and verify %.1fs, pg_restore -j%d %.1fs.",
         entry.backup_id, scratch_name, download["seconds"], db.dump_jobs, restore_s,
@@ -271,16 +266,15 @@ def run_validate_data(target: dict[str, str], scratch_name: str, context) -> dic
 def run_apply_privileges(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
     """Body of ``apply_privileges``: the backup's owners, grants and settings on the scratch copy, as a restore would."""
     from pgdr.airflow_glue.connections import backup_data_key
-    from pgdr.logical.privileges import apply_privileges, read_toc
-    from pgdr.logical.restore import fetch_toc
+    from pgdr.logical.restore import give_back_privileges
 
     started = _now()
     with fail_fast():
         plan, db, store, _layout, entry = _verify_context(target, context)
         scratch = _scratch_for(target, context, db, plan)
         with task_workdir(context, f"privileges-{db.name}") as workdir:
-            fetch_toc(entry.manifest, store, workdir / "dump", backup_data_key(db, entry.manifest, plan))
-            report = apply_privileges(scratch.server.with_dbname(scratch.name), read_toc(workdir / "dump"), workdir)
+            report = give_back_privileges(entry.manifest, store, scratch.server.with_dbname(scratch.name), workdir,
+                                          backup_data_key(db, entry.manifest, plan))
     return {"started_at": started, "finished_at": _now(), **report.to_dict()}
 
 
