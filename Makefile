@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(ARCHIVER_SOFT)
 	$(BIN)/python bench/run.py $(ARGS)
 	$(BIN)/python bench/pitr.py $(ARGS)
+	$(BIN)/python bench/privileges.py $(if $(findstring --quick,$(ARGS)),--quick)
 	$(BIN)/python bench/celery_fleet.py $(ARGS)
 
 lint: $(STAMP)

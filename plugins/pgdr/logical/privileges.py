@@ -449,13 +449,15 @@ def _execute_all(admin: PgEndpoint, work: list[str]) -> None:
         conn.commit()
 
 
-def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, target_is_new: bool = True) -> PrivilegesReport:
+def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, database_comment: bool = True) -> PrivilegesReport:
     """Give the restored copy ``admin.dbname`` its owners, grants, default privileges and database properties.
 
     Runs as ``admin`` (the server's own connection), after every check passed and before the copy
     is put in place. Owners, grants and properties are applied in one transaction (all or none);
     the superuser-only objects (event triggers, publications) are created after it, event triggers last.
 
+    :param database_comment: give the database its comment back; ``False`` for a scratch database,
+        whose comment is pgdr's marker (a killed run's leftover is found by it).
     :raises PrivilegesFailed: naming the statement that failed; the copy keeps the owners it had.
     """
     import time
@@ -489,6 +491,8 @@ def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, target_is_n
             continue
         if not any(_starts(statement, s) for s in _SAFE_STARTS):
             raise PrivilegesFailed(f"A database entry of the backup holds another statement: {printable(render(statement))[:200]!r}.")
+        if not database_comment and _starts(statement, ("COMMENT", "ON", "DATABASE")):
+            continue
         work.append(("database", render(_database_statement(statement, toc.source_dbname, admin.dbname))))
 
     _execute_all(admin, [text for _, text in work])
