@@ -76,3 +76,21 @@ def test_the_source_encoding_and_locale_are_read_and_written_back_as_literals():
     assert "LOCALE_PROVIDER icu" in text and "ICU_RULES '&a < ''b'''" in text
     with pytest.raises(PrivilegesFailed, match="unknown locale provider"):
         create_options_sql({"LOCALE_PROVIDER": "libc; DROP DATABASE x"})
+
+
+def test_a_database_statement_about_another_database_is_refused(tmp_path, monkeypatch):
+    """However the backup was made, the privileges phase never changes a database but the restored copy."""
+    from pgdr.logical import privileges
+    from pgdr.logical.privileges import DumpToc, apply_privileges
+    from pgdr.postgres.client import PgEndpoint
+
+    scripts = {
+        "database": "CREATE DATABASE \"Äpp DB\" WITH TEMPLATE = template0 ENCODING = 'UTF8';\n"
+                    "ALTER DATABASE \"Äpp DB\" SET work_mem TO '8MB';\nALTER DATABASE live_one OWNER TO mallory;\n",
+    }
+    monkeypatch.setattr(privileges, "owner_statements", lambda toc, workdir, env=None: [])
+    monkeypatch.setattr(privileges, "_script", lambda toc, lines, workdir, name, *options, env=None: scripts[name])
+    monkeypatch.setattr(privileges, "_execute_all", lambda admin, work: pytest.fail(f"ran {work}"))
+    toc = DumpToc(tmp_path, (), ("1; 1262 1 DATABASE - x y",), "Äpp DB")
+    with pytest.raises(PrivilegesFailed, match="about another database"):
+        apply_privileges(PgEndpoint("127.0.0.1", 1, "postgres", "Äpp DB_restoring_1"), toc, tmp_path)

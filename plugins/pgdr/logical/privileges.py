@@ -486,6 +486,8 @@ def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, database_co
         if not any(_starts(statement, s) for s in _SAFE_STARTS[:3]):
             raise PrivilegesFailed(f"A privilege entry of the backup holds another statement: {printable(render(statement))[:200]!r}.")
         work.append(("default" if _starts(statement, ("ALTER", "DEFAULT")) else "grant", render(statement)))
+    # The source's name, exactly as CREATE DATABASE gives it (the listing's header prints it with line breaks replaced).
+    source = next((st[2].value for st in database if _starts(st, ("CREATE", "DATABASE")) and len(st) > 2), toc.source_dbname)
     for statement in database:
         if any(_starts(statement, p) for p in _PREAMBLE):
             continue
@@ -493,7 +495,15 @@ def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, database_co
             raise PrivilegesFailed(f"A database entry of the backup holds another statement: {printable(render(statement))[:200]!r}.")
         if not database_comment and _starts(statement, ("COMMENT", "ON", "DATABASE")):
             continue
-        work.append(("database", render(_database_statement(statement, toc.source_dbname, admin.dbname))))
+        pointed = _database_statement(statement, source, admin.dbname)
+        named = {pointed[k + 1].value for k in range(len(pointed) - 1)
+                 if pointed[k].is_word("DATABASE") and pointed[k + 1].kind in ("ident", "word")}
+        if named != {admin.dbname}:  # never a statement about another database (the live one above all)
+            raise PrivilegesFailed(
+                f"A database entry of the backup is about another database than its own ({printable(render(statement))[:200]!r}); "
+                "nothing of this phase was applied."
+            )
+        work.append(("database", render(pointed)))
 
     _execute_all(admin, [text for _, text in work])
     for kind, _ in work:
