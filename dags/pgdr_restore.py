@@ -18,7 +18,8 @@ meaning "the newest backup at or before it"), the mode and, for `replace`, a con
 3. **restore_backup** into a new database (`<db>_restored_<UTC time>` by default). In `replace`
    mode it is `<db>_restoring_<UTC time>` until the swap.
    Roles the backup names that the server lacks stop the restore in plan_restore, unless
-   **restore_roles** is on (they are then created NOLOGIN, without passwords).
+   **restore_roles** is on: they are then created as they were on the source server (from the
+   backup's copy of its roles), without passwords unless **restore_role_passwords** is on.
 4. **check_integrity** and **validate_data**: the same checks as `pgdr_verify_restore`, as the
    non-superuser restore role.
 4b. **apply_privileges**: owners, grants, default privileges, the database's settings, grants,
@@ -98,8 +99,14 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
         ),
         "restore_roles": Param(
             False, type="boolean", title="Create missing roles",
-            description="Create the roles the backup names (owners, grantees) that the target server lacks: NOLOGIN, "
-            "without passwords. Off: a restore that needs them stops in plan_restore and lists them.",
+            description="Create the roles the backup names (owners, grantees) that the target server lacks, as they were "
+            "on the source server (from the backup's copy of its roles; never SUPERUSER). Off: a restore that needs them "
+            "stops in plan_restore and lists them.",
+        ),
+        "restore_role_passwords": Param(
+            False, type="boolean", title="With their passwords (restore_roles only)",
+            description="Give the roles created by restore_roles their password hashes from the backup, so the "
+            "application's logins work with their old passwords. Off: set the passwords yourself.",
         ),
         "dry_run": Param(False, type="boolean", title="Dry run", description="Show the restore plan and stop."),
     },

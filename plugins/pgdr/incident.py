@@ -431,7 +431,9 @@ def render_plan(plan: dict[str, Any]) -> str:
             f"{', '.join(needs['roles']) or 'none'})"
         )
         if plan.get("roles_to_create"):
-            lines.append(f"  roles created   : {', '.join(plan['roles_to_create'])} (missing on the target; NOLOGIN, no password)")
+            passwords = "with" if plan.get("restore_role_passwords") else "without"
+            lines.append(f"  roles created   : {', '.join(plan['roles_to_create'])} (missing on the target; as on the source "
+                         f"server, {passwords} passwords)")
         if needs["superuser_objects"]:
             lines.append(f"  superuser-only  : {', '.join(needs['superuser_objects'])} (created after the checks)")
         if needs["skipped_objects"]:

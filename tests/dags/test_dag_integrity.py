@@ -80,7 +80,8 @@ def test_verify_restore_dag_structure(dagbag):
 def test_restore_dag_form_and_structure(dagbag):
     dag = dagbag.dags["pgdr_restore"]
     assert dag.schedule is None and dag.max_active_runs == 1
-    assert set(dag.params) == {"database", "backup", "mode", "confirm", "target_name", "tables", "target_conn_id", "restore_roles", "dry_run"}
+    assert set(dag.params) == {"database", "backup", "mode", "confirm", "target_name", "tables", "target_conn_id", "restore_roles",
+                                "restore_role_passwords", "dry_run"}
     for name in dag.params:
         param = dag.params.get_param(name)
         assert param.schema.get("title") and param.description, name

@@ -94,3 +94,24 @@ def test_a_database_statement_about_another_database_is_refused(tmp_path, monkey
     toc = DumpToc(tmp_path, (), ("1; 1262 1 DATABASE - x y",), "Äpp DB")
     with pytest.raises(PrivilegesFailed, match="about another database"):
         apply_privileges(PgEndpoint("127.0.0.1", 1, "postgres", "Äpp DB_restoring_1"), toc, tmp_path)
+
+
+def test_roles_are_read_from_pg_dumpall_and_never_given_superuser_or_a_password_unasked():
+    from pgdr.logical.privileges import _attribute_sql, role_definitions
+
+    globals_sql = (
+        "\\restrict x\nSET default_transaction_read_only = off;\n"
+        'CREATE ROLE "App Login";\n'
+        "ALTER ROLE \"App Login\" WITH SUPERUSER INHERIT CREATEROLE CREATEDB LOGIN REPLICATION BYPASSRLS "
+        "CONNECTION LIMIT 5 PASSWORD 'SCRAM-SHA-256$4096:abc' VALID UNTIL '2030-01-01 00:00:00+00';\n"
+        "ALTER ROLE \"App Login\" SET search_path TO 'app', 'public';\n"
+        'GRANT reporting TO "App Login" WITH INHERIT TRUE GRANTED BY postgres;\n'
+        "GRANT USAGE ON SCHEMA x TO y;\n"
+    )
+    found = role_definitions(globals_sql)
+    clause, withheld = _attribute_sql(found.attributes["App Login"], with_passwords=False)
+    assert clause == "INHERIT CREATEDB LOGIN CONNECTION LIMIT 5 VALID UNTIL '2030-01-01 00:00:00+00'"
+    assert withheld == ["SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS"]
+    assert "PASSWORD 'SCRAM-SHA-256$4096:abc'" in _attribute_sql(found.attributes["App Login"], with_passwords=True)[0]
+    assert [(g, m, " ".join(t.text for t in o)) for g, m, o in found.memberships] == [("reporting", "App Login", "WITH INHERIT TRUE")]
+    assert [(r, " ".join(t.text for t in st)) for r, st in found.settings] == [("App Login", "SET search_path TO 'app' , 'public'")]

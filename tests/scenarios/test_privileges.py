@@ -139,6 +139,7 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
     store, layout = open_store(app_plan.databases[0].storage)
     catalog = BackupCatalog(store, layout, "app")
     entry = catalog.latest()
+    assert "globals.sql" in {f.name for f in entry.manifest.files}  # the source server's roles, kept with the backup
 
     # Verification on a server without the roles: created for it, and dropped again with the scratch database.
     roles_b = _roles(pg_server_b)
@@ -159,12 +160,16 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
     assert refused.states["plan_restore"] == "failed" and refused.states.get("restore_backup") != "success"
     assert _databases(pg_server_b) == databases_b and _roles(pg_server_b) == roles_b
 
-    # With restore_roles: the roles are created (NOLOGIN, no password), then everything compares equal.
+    # With restore_roles and their passwords: the roles are created as on the source server (attributes, memberships,
+    # password hashes from the backup's pg_dumpall --globals-only), then everything compares equal, and the
+    # application's login works on the other server with its own password.
     _ok(run_dag("pgdr_restore", run_conf={"database": "app", "target_conn_id": "pgdr_other", "target_name": "Äpp elsewhere",
-                                          "restore_roles": True}))
+                                          "restore_roles": True, "restore_role_passwords": True}))
     assert _roles(pg_server_b) == roles_b | set(ROLES)
-    assert _sql(pg_server_b, "SELECT rolcanlogin, rolpassword IS NULL FROM pg_authid WHERE rolname = 'app_login'") == [(False, True)]
+    attributes = "SELECT rolname, rolcanlogin, rolinherit, rolsuper, pg_has_role(rolname, 'reporting', 'MEMBER') FROM pg_roles WHERE rolname = ANY(%s) ORDER BY 1"
+    assert _sql(pg_server_b, attributes, params=(list(ROLES),)) == _sql(pg_server, attributes, params=(list(ROLES),))
     _same_as_source(pg_server_b, "Äpp elsewhere", app_database)
+    _application_works(pg_server_b, "Äpp elsewhere")
 
     # From here the plan names the application's logins: each must see the restored copy as it sees the live database.
     plan(databases=[{"name": "app", "conn_id": "pgdr_app", "dbname": APP_DB, "verify_conn_id": "pgdr_other",

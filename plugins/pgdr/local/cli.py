@@ -136,7 +136,7 @@ def restore(args: argparse.Namespace, home: Path, log_path: Path) -> int:
     """Run ``pgdr_restore`` in this process with the command's fields as the form's; return the exit status."""
     given = {"database": args.database, "backup": args.backup, "mode": args.mode, "confirm": args.confirm,
              "target_name": args.target_name, "tables": args.tables, "target_conn_id": args.target_conn_id,
-             "dry_run": args.dry_run, "restore_roles": args.restore_roles}
+             "dry_run": args.dry_run, "restore_roles": args.restore_roles, "restore_role_passwords": args.with_passwords}
     conf = {key: value for key, value in given.items() if value is not None}  # the form's defaults for the rest
     _print("pgdr: loading the pgdr_restore DAG")
     from pgdr.local.runner import explain_failure, load_dag
@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--target-conn-id", help="restore onto another server of the plan (new-database mode)")
     run.add_argument("--dry-run", action="store_true", help="print the restore plan and stop")
     run.add_argument("--restore-roles", action="store_true",
-                     help="create the roles the backup names that the server lacks (NOLOGIN, no password)")
+                     help="create the roles the backup names that the server lacks, as on the source server")
+    run.add_argument("--with-passwords", action="store_true",
+                     help="with --restore-roles: give the created roles their password hashes from the backup")
     keygen = commands.add_parser("keygen", help="print a new master key for client-side encryption, as an Airflow connection")
     keygen.add_argument("--key-id", help="the new key's id (default: key-<UTC date and time>)")
     args = parser.parse_args(argv)

@@ -112,6 +112,39 @@ def upload_dump(
     return sorted(results, key=lambda f: f.name), uploaded
 
 
+GLOBALS_FILE = "globals.sql"  # the source server's roles, beside pg_dump's files (which pg_restore ignores)
+
+
+def dump_globals(endpoint: PgEndpoint, out: Path, workdir: Path) -> bool:
+    """Write ``pg_dumpall --globals-only`` of ``endpoint``'s server to ``out`` (roles, their attributes,
+    memberships and settings, tablespaces); say whether it did.
+
+    A dump names roles but does not create them: with this file a restore onto a server that lacks
+    them can create them as they were (:func:`pgdr.logical.privileges.role_definitions`). It holds
+    password hashes when the connection may read them (a superuser); otherwise it is taken again with
+    ``--no-role-passwords``. A server that refuses both (a managed service) gets a backup without it,
+    and a warning: restores then create missing roles bare.
+    """
+    from pgdr.postgres.client import endpoint_conninfo, pg_tool
+
+    for extra in ([], ["--no-role-passwords"]):
+        with passfile_env(endpoint, workdir) as env:
+            result = subprocess.run(
+                [pg_tool("pg_dumpall"), "--globals-only", "--no-password", f"--file={out}", *extra,
+                 f"--dbname={endpoint_conninfo(endpoint, 'postgres')}"],
+                env=env, capture_output=True, text=True,
+            )
+        if result.returncode == 0:
+            if extra:
+                log.info("Roles stored without password hashes (the connection may not read them).")
+            return True
+        out.unlink(missing_ok=True)
+        error = endpoint.scrub(result.stderr.strip())[-300:]
+    log.warning("pg_dumpall --globals-only failed (%s); this backup holds no role definitions: a restore onto a server "
+                "without the roles creates them bare (NOLOGIN).", error)
+    return False
+
+
 def take_backup(
     db: ProtectedDatabase,
     endpoint: PgEndpoint,
@@ -188,6 +221,7 @@ def take_backup(
     timings["dump"] = time.monotonic() - t0
     phases["dump"] = (dump_started, _utc_now())
     log.info("pg_dump finished in %.1fs; %d tables counted.", timings["dump"], len(row_counts))
+    dump_globals(endpoint, dump_dir / GLOBALS_FILE, workdir)  # stored, hashed and encrypted like every file of the dump
 
     backup_id = new_backup_id(recovery_point)
     data_key = os.urandom(32) if keys is not None else None  # fresh for every backup, never stored in the clear

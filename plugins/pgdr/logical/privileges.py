@@ -342,14 +342,65 @@ def missing_roles(needs: BackupNeeds, server: PgEndpoint) -> list[str]:
 ROLE_MARKER = "pgdr: created for a restore"
 
 
-def create_roles(server: PgEndpoint, roles: list[str], why: str) -> list[str]:
-    """Create ``roles`` on ``server`` as ``NOLOGIN`` roles without passwords, marked as pgdr's; return those created.
+# Role attributes a restore never gives on its own: they make a role more than an owner or a login.
+_WITHHELD = {"SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS"}
 
-    An existing role is never changed. Giving a created role ``LOGIN`` and a password is for a person to do.
+
+@dataclass
+class RoleDefinitions:
+    """What ``pg_dumpall --globals-only`` of the source server says about some roles (see :func:`role_definitions`)."""
+
+    attributes: dict[str, list[Token]] = field(default_factory=dict)  # role -> the tokens after ALTER ROLE r WITH
+    memberships: list[tuple[str, str, list[Token]]] = field(default_factory=list)  # (role, member, options)
+    settings: list[tuple[str, list[Token]]] = field(default_factory=list)  # (role, tokens of ALTER ROLE r SET ...)
+
+
+def role_definitions(globals_sql: str) -> RoleDefinitions:
+    """Read roles, their attributes, memberships and settings from ``pg_dumpall --globals-only`` output."""
+    found = RoleDefinitions()
+    for st in statements(globals_sql):
+        if _starts(st, ("ALTER", "ROLE")) and len(st) > 3 and st[3].is_word("WITH"):
+            found.attributes[st[2].value] = st[4:]
+        elif _starts(st, ("ALTER", "ROLE")) and len(st) > 3 and st[3].is_word("SET"):
+            found.settings.append((st[2].value, st[3:]))
+        elif _starts(st, ("GRANT",)) and len(st) > 3 and st[2].is_word("TO") and _top_level_index(st, "ON") is None:
+            end = next((k for k in range(4, len(st)) if st[k].is_word("GRANTED")), len(st))
+            found.memberships.append((st[1].value, st[3].value, st[4:end]))
+    return found
+
+
+def _attribute_sql(tokens: list[Token], with_passwords: bool) -> tuple[str, list[str]]:
+    """Return the attributes clause to apply, and the withheld attributes' names."""
+    kept, withheld, k = [], [], 0
+    while k < len(tokens):
+        token = tokens[k]
+        if token.is_word("PASSWORD"):
+            if with_passwords and k + 1 < len(tokens) and tokens[k + 1].kind == "string":
+                kept += [token.text, tokens[k + 1].text]
+            k += 2
+            continue
+        if token.kind == "word" and token.text.upper() in _WITHHELD:
+            withheld.append(token.text.upper())
+        elif token.kind in ("word", "string", "number"):
+            kept.append(token.text)
+        k += 1
+    return " ".join(kept), withheld
+
+
+def create_roles(server: PgEndpoint, roles: list[str], why: str, globals_sql: str | None = None,
+                 with_passwords: bool = False) -> list[str]:
+    """Create ``roles`` on ``server``, marked as pgdr's; return those created. An existing role is never changed.
+
+    With the source server's ``pg_dumpall --globals-only`` (stored in every backup), each is created
+    as it was there: ``LOGIN``, ``INHERIT``, ``CREATEDB``, connection limit, its settings, and its
+    memberships in roles that exist; password hashes only ``with_passwords``. ``SUPERUSER``,
+    ``CREATEROLE``, ``REPLICATION`` and ``BYPASSRLS`` are never given (a person decides that); without the file
+    (older backups) roles are created ``NOLOGIN``.
     """
     from psycopg import sql
 
-    created = []
+    definitions = role_definitions(globals_sql) if globals_sql else RoleDefinitions()
+    created, withheld = [], {}
     with connect(server.with_dbname("postgres")) as conn:
         for role in roles:
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
@@ -357,8 +408,28 @@ def create_roles(server: PgEndpoint, roles: list[str], why: str) -> list[str]:
             conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
             conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(role), sql.Literal(f"{ROLE_MARKER}: {why}")))
             created.append(role)
+        existing = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles").fetchall()}
+        for role in created:
+            if role in definitions.attributes:
+                clause, held = _attribute_sql(definitions.attributes[role], with_passwords)
+                if clause:
+                    conn.execute(sql.SQL("ALTER ROLE {} WITH ").format(sql.Identifier(role)) + sql.SQL(clause))
+                if held:
+                    withheld[role] = held
+        for role, tokens in definitions.settings:
+            if role in created:
+                conn.execute(sql.SQL("ALTER ROLE {} ").format(sql.Identifier(role)) + sql.SQL(" ".join(t.text for t in tokens)))
+        for granted, member, options in definitions.memberships:  # only the new roles' own memberships
+            if member in created and granted in existing:
+                conn.execute(sql.SQL("GRANT {} TO {} ").format(sql.Identifier(granted), sql.Identifier(member))
+                             + sql.SQL(" ".join(t.text for t in options)))
     if created:
-        log.warning("Created %d role(s) the backup needs, NOLOGIN and without password: %s.", len(created), ", ".join(created))
+        log.warning(
+            "Created %d role(s) the backup needs: %s (%s). %s", len(created), ", ".join(created),
+            "as on the source server, " + ("with" if with_passwords else "without") + " passwords" if globals_sql
+            else "NOLOGIN: this backup holds no role definitions",
+            "; ".join(f"{r}: {', '.join(a)} not given" for r, a in withheld.items()),
+        )
     return created
 
 
@@ -621,3 +692,11 @@ def app_roles_problem(compared: dict[str, dict]) -> str | None:
         + ". Grants changed since the backup are the usual cause: re-apply them to the restored copy (it is kept), "
         "or restore a newer backup. The live database was not changed."
     )
+
+
+def globals_of(dump_dir: Path) -> str | None:
+    """Return the source server's ``pg_dumpall --globals-only`` stored with the backup in ``dump_dir`` (``None``: older backups)."""
+    from pgdr.logical.backup import GLOBALS_FILE
+
+    path = dump_dir / GLOBALS_FILE
+    return path.read_text(errors="replace") if path.is_file() else None

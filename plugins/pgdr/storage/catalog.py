@@ -35,7 +35,8 @@ MANIFEST_FORMAT = 2
 MAX_FILE_BYTES = 1 << 50  # 1 PiB: a larger size in a manifest is a damaged or forged record
 # The files pg_dump -Fd writes (toc.dat, <dump id>.dat, blobs_<id>.toc, blob_<oid>.dat), with
 # pg_dump's own compression suffix; pgdr 0.1 stored them with a .zst key suffix of its own.
-_DUMP_FILE = re.compile(r"^(toc\.dat|\d{1,10}\.dat|blobs(_\d{1,10})?\.toc|blob_\d{1,10}\.dat)(\.gz|\.lz4|\.zst)?$")
+# The files pg_dump writes, and the source server's roles (pg_dumpall --globals-only) that pgdr stores beside them.
+_DUMP_FILE = re.compile(r"^((toc\.dat|\d{1,10}\.dat|blobs(_\d{1,10})?\.toc|blob_\d{1,10}\.dat)(\.gz|\.lz4|\.zst)?|globals\.sql)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -178,13 +178,13 @@ def restore_into_scratch(scratch, dump_dir: Path, jobs: int, workdir: Path, purp
     encoding and locale; the roles the backup names that the server lacks are created first (NOLOGIN,
     marked as pgdr's: the teardown drops them again when nothing uses them).
     """
-    from pgdr.logical.privileges import backup_needs, create_roles, missing_roles, read_toc
+    from pgdr.logical.privileges import backup_needs, create_roles, globals_of, missing_roles, read_toc
     from pgdr.logical.restore import restore_dump
     from pgdr.postgres.scratch import scratch_comment
 
     run_id = context["ti"].run_id
     needs = backup_needs(read_toc(dump_dir), workdir)
-    created = create_roles(scratch.server, missing_roles(needs, scratch.server), f"{purpose} ({run_id})")
+    created = create_roles(scratch.server, missing_roles(needs, scratch.server), f"{purpose} ({run_id})", globals_of(dump_dir))
     scratch.create(scratch_comment(purpose, run_id), needs.database_options)
     return restore_dump(scratch.endpoint, dump_dir, jobs, workdir), created
 

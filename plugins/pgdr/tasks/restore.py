@@ -145,7 +145,8 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
                 f"Backup {entry.backup_id} names {len(missing)} role(s) that server {server.host}:{server.port} does not have "
                 f"(owners or grantees of its objects): {', '.join(printable(r) for r in missing)}. Create them there first "
                 "(from your roles' source of truth, or pg_dumpall --globals-only of the source server), or trigger again with "
-                "restore_roles on: pgdr then creates them NOLOGIN, without passwords. Nothing was touched."
+                "restore_roles on: pgdr then creates them as they were on the source server (from the backup's copy of its "
+                "roles; without passwords unless restore_role_passwords is on). Nothing was touched."
             )
         expected = expected_duration(catalog)
         if pitr is not None:
@@ -176,6 +177,7 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         "what_happens": fate + (f" {SUPERUSER_RESTORE_WARNING}" if db.restore_as_superuser else ""),
         "restore_as_superuser": db.restore_as_superuser,
         "restore_roles": restore_roles,
+        "restore_role_passwords": restore_roles and bool(params.get("restore_role_passwords")),
         "roles_to_create": missing,
         "needs": needs.to_dict() if needs else None,  # PITR: known once the moment is dumped
         "needs_unread": unread,
@@ -386,7 +388,7 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
     """
     from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.incident import create_target, drop_own_target, restore_tables
-    from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, missing_roles, read_toc
+    from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, globals_of, missing_roles, read_toc
     from pgdr.logical.restore import download_backup, restore_dump
     from pgdr.postgres.client import check_restore_role
 
@@ -408,7 +410,8 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
                     f"{', '.join(printable(r) for r in missing)}. Create them, or trigger again with restore_roles on. "
                     "Nothing was created; the live database was not touched."
                 )
-            created = create_roles(server, missing, f"restore {run_id} of {db.name}")
+            created = create_roles(server, missing, f"restore {run_id} of {db.name}", globals_of(workdir / "dump"),
+                                   with_passwords=bool(plan.get("restore_role_passwords")))
             create_target(server, plan["target"], run_id, owner=target, options=needs.database_options)
             try:
                 t0 = datetime.now(UTC)
@@ -661,8 +664,10 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
     done = report.get("privileges")
     lines = []
     if report.get("roles_created"):
-        lines.append(f"- Roles created on the target (NOLOGIN, no password: give LOGIN and a password yourself where the "
-                     f"application logs in): {', '.join(report['roles_created'])}")
+        passwords = "with their passwords" if report["plan"].get("restore_role_passwords") else (
+            "without passwords: set the application's login password yourself")
+        lines.append(f"- Roles created on the target as the backup's copy of the source server's roles says ({passwords}; "
+                     f"SUPERUSER, CREATEROLE, REPLICATION and BYPASSRLS never given): {', '.join(report['roles_created'])}")
     if not done:
         return lines + ["- Not applied (the restore stopped before this phase): the copy is owned by the restore role, without grants."]
     lines += [
