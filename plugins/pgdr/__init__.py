@@ -19,4 +19,4 @@ The package is laid out so that ``ls`` says where each concern lives:
 The physical side (base backups, WAL, PITR) gets its own package beside :mod:`pgdr.logical`.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"

@@ -127,6 +127,8 @@ class ProtectedDatabase:
     # The logins the application uses: after a restore's privileges phase, each must be able to do on
     # the restored copy exactly what it can do on the live database (pgdr.logical.privileges.compare_app_roles).
     app_roles: tuple[str, ...] = ()
+    # Objects a restored copy goes without (pgdr.logical.privileges.SKIPPABLE): "publications", "event_triggers".
+    skip_objects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,22 @@ class _Checker:
         return tuple(self.string(item, f"{key}[{i}]") for i, item in enumerate(node.value))
 
 
+# What a restored copy may go without (pgdr.logical.privileges.SKIPPABLE says which entries each is).
+SKIPPABLE_OBJECTS = ("event_triggers", "publications", "subscriptions")
+
+
+def _skip_objects(c, fields, key: str) -> tuple[str, ...]:
+    """Read a database's ``skip_objects``: kinds of objects its restored copies go without."""
+    if "skip_objects" not in fields:
+        return ()
+    node = fields["skip_objects"][1]
+    kinds = c.string_list(node, f"{key}.skip_objects")
+    for kind in kinds:
+        if kind not in SKIPPABLE_OBJECTS:
+            raise c.fail(node, f"{key}.skip_objects", f"{kind!r} is not a kind pgdr can skip; choose from {', '.join(SKIPPABLE_OBJECTS)}")
+    return kinds
+
+
 _COMPRESSION_LEVELS = {"gzip": (1, 9), "lz4": (1, 12), "zstd": (1, 22)}
 _COMPRESSION_EXPECTED = (
     "expected pg_dump's compression: gzip, lz4 or zstd with an optional level "
@@ -359,7 +377,7 @@ _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
 _POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs", "compression", "restore_conn_id", "restore_as_superuser",
                 "encryption"}
-_DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server", "app_roles"}
+_DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server", "app_roles", "skip_objects"}
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
 _NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
 _STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id", "sse", "kms_key_id"}
@@ -612,6 +630,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 ),
                 server=c.string(fields["server"][1], f"{key}.server") if "server" in fields else conn_id,
                 app_roles=c.string_list(fields["app_roles"][1], f"{key}.app_roles") if "app_roles" in fields else (),
+                skip_objects=_skip_objects(c, fields, key),
                 line=node.start_mark.line + 1,
             )
         )

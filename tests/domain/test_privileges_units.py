@@ -115,3 +115,16 @@ def test_roles_are_read_from_pg_dumpall_and_never_given_superuser_or_a_password_
     assert "PASSWORD 'SCRAM-SHA-256$4096:abc'" in _attribute_sql(found.attributes["App Login"], with_passwords=True)[0]
     assert [(g, m, " ".join(t.text for t in o)) for g, m, o in found.memberships] == [("reporting", "App Login", "WITH INHERIT TRUE")]
     assert [(r, " ".join(t.text for t in st)) for r, st in found.settings] == [("App Login", "SET search_path TO 'app' , 'public'")]
+
+
+def test_the_plan_and_the_restore_agree_on_what_can_be_skipped(tmp_path):
+    from pgdr.errors import PlanError
+    from pgdr.logical.privileges import SKIPPABLE
+    from pgdr.plan import SKIPPABLE_OBJECTS, parse_plan
+
+    assert set(SKIPPABLE) == set(SKIPPABLE_OBJECTS)
+    text = "storage: {l: {type: local, path: /tmp}}\ndatabases: [{name: a, conn_id: x, skip_objects: [%s], app_roles: [app]}]\n"
+    plan = parse_plan(text % "publications, event_triggers", tmp_path / "p.yaml")
+    assert plan.databases[0].skip_objects == ("publications", "event_triggers") and plan.databases[0].app_roles == ("app",)
+    with pytest.raises(PlanError, match="'tables' is not a kind pgdr can skip"):
+        parse_plan(text % "tables", tmp_path / "p.yaml")

@@ -210,6 +210,16 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
           if "/restores/" in o.key and o.key.endswith(".md")]
     assert any("**Not restored**" in text and "App Sub" in text for text in md)
 
+    # skip_objects: a copy without the event trigger and the publications, and the report says so.
+    plan(databases=[{"name": "app", "conn_id": "pgdr_app", "dbname": APP_DB, "skip_objects": ["event_triggers", "publications"]}])
+    _ok(run_dag("pgdr_restore", run_conf={"database": "app", "target_name": "Äpp lean"}))
+    assert _sql(pg_server, "SELECT (SELECT count(*) FROM pg_event_trigger) + (SELECT count(*) FROM pg_publication)", "Äpp lean") == [(0,)]
+    (lean,) = [json.loads(store.get_bytes(o.key)) for o in store.list(layout.backup_prefix("app", entry.backup_id))
+               if "/restores/" in o.key and o.key.endswith(".json") and b"\u00c4pp lean" in store.get_bytes(o.key)]
+    skipped = " ".join(lean["privileges"]["skipped_objects"])
+    assert "EVENT TRIGGER" in skipped and "PUBLICATION" in skipped and "SUBSCRIPTION" in skipped
+    assert lean["privileges"]["superuser_objects"] == []
+
 
 def test_text_inside_a_function_body_never_passes_for_an_owner_statement(pg_server, tmp_path):
     """A schema owner can write anything in a function body; only lines pg_restore itself adds are run as the server."""

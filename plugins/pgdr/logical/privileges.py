@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 SUPERUSER_ONLY = ("EVENT TRIGGER", "PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA")
 NEVER_RESTORED = ("SUBSCRIPTION", "SUBSCRIPTION TABLE")
 PRIVILEGE_ENTRIES = ("ACL", "DEFAULT ACL")
+# What the plan's skip_objects may leave out of a restored copy (subscriptions are never restored anyway).
+SKIPPABLE = {"publications": ("PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA"),
+             "event_triggers": ("EVENT TRIGGER",), "subscriptions": ()}
 
 # "<dump id>; <catalog oid> <oid> <desc> ...": the desc words are PostgreSQL's fixed set; longest first,
 # so "PUBLICATION TABLES IN SCHEMA" is not read as "PUBLICATION".
@@ -520,13 +523,16 @@ def _execute_all(admin: PgEndpoint, work: list[str]) -> None:
         conn.commit()
 
 
-def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, database_comment: bool = True) -> PrivilegesReport:
+def apply_privileges(
+    admin: PgEndpoint, toc: DumpToc, workdir: Path, database_comment: bool = True, skip: tuple[str, ...] = ()
+) -> PrivilegesReport:
     """Give the restored copy ``admin.dbname`` its owners, grants, default privileges and database properties.
 
     Runs as ``admin`` (the server's own connection), after every check passed and before the copy
     is put in place. Owners, grants and properties are applied in one transaction (all or none);
     the superuser-only objects (event triggers, publications) are created after it, event triggers last.
 
+    :param skip: kinds of :data:`SKIPPABLE` objects not to create (the plan's ``skip_objects``); reported.
     :param database_comment: give the database its comment back; ``False`` for a scratch database,
         whose comment is pgdr's marker (a killed run's leftover is found by it).
     :raises PrivilegesFailed: naming the statement that failed; the copy keeps the owners it had.
@@ -583,9 +589,11 @@ def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, database_co
         report.default_privileges += kind == "default"
         report.database_properties += kind == "database"
 
-    superuser = toc.entries(*SUPERUSER_ONLY)
+    skipped = [d for kind in skip for d in SKIPPABLE[kind]]
+    report.skipped_objects += toc.described(*skipped)
+    superuser = toc.entries(*(d for d in SUPERUSER_ONLY if d not in skipped))
     if superuser:
-        # Event triggers last, and none fires while pgdr restores them (the setting exists from PostgreSQL 17).
+        # Event triggers last: none exists while the owners and grants above are applied, so none fired for them.
         ordered = [line for line in superuser if " EVENT TRIGGER " not in line] + [line for line in superuser if " EVENT TRIGGER " in line]
         listing = workdir / "superuser.list"
         listing.write_text("\n".join(ordered) + "\n")
@@ -595,7 +603,7 @@ def apply_privileges(admin: PgEndpoint, toc: DumpToc, workdir: Path, database_co
              f"--use-list={listing}", str(toc.dump_dir)],
             f"pg_restore of the superuser-only objects into {printable(admin.dbname)!r}", PrivilegesFailed,
         )
-        report.superuser_objects = toc.described(*SUPERUSER_ONLY)
+        report.superuser_objects = toc.described(*(d for d in SUPERUSER_ONLY if d not in skipped))
     report.seconds = time.monotonic() - started
     log.info(
         "Privileges applied to %s: %d owners, %d grants, %d default privileges, %d database properties, %d superuser-only "

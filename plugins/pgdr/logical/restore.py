@@ -291,14 +291,15 @@ def fetch_toc(manifest: BackupManifest, store: BackupStore, dest: Path, data_key
 
 
 def give_back_privileges(manifest: BackupManifest, store: BackupStore, admin: PgEndpoint, workdir: Path,
-                         data_key: bytes | None = None, scratch: bool = False):
+                         data_key: bytes | None = None, scratch: bool = False, skip: tuple[str, ...] = ()):
     """The privileges phase of a restore from ``store``: fetch the backup's table of contents and apply
     its owners, grants and settings to the restored copy ``admin.dbname`` as ``admin`` (the server's connection).
 
     :param scratch: a scratch database keeps pgdr's marker as its comment.
+    :param skip: the plan's ``skip_objects`` of the database.
     :return: the :class:`pgdr.logical.privileges.PrivilegesReport`.
     """
     from pgdr.logical.privileges import apply_privileges, read_toc
 
     fetch_toc(manifest, store, workdir / "toc", data_key)
-    return apply_privileges(admin, read_toc(workdir / "toc"), workdir, database_comment=not scratch)
+    return apply_privileges(admin, read_toc(workdir / "toc"), workdir, database_comment=not scratch, skip=skip)

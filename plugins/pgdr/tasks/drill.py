@@ -147,7 +147,8 @@ def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
         started = _now()
         with task_workdir(context, f"drill-privileges-{database}") as workdir:
             applied = give_back_privileges(manifest, store, scratch.server.with_dbname(scratch.name), workdir,
-                                           backup_data_key(db, manifest, plan), scratch=True)
+                                           backup_data_key(db, manifest, plan), scratch=True,
+                                           skip=db.skip_objects)
         privileges = phase("privileges", started, _now())
     return {"phases": [checks, validation, privileges], "validation": summary, "privileges": applied.to_dict()}
 

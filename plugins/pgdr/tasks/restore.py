@@ -446,7 +446,7 @@ def run_apply_privileges(plan: dict[str, Any], context) -> dict[str, Any]:
         db, store, _layout, entry, server = _objects(plan)
         with task_workdir(context, f"incident-privileges-{db.name}") as workdir:
             report = give_back_privileges(entry.manifest, store, server.with_dbname(plan["target"]), workdir,
-                                          backup_data_key(db, entry.manifest))
+                                          backup_data_key(db, entry.manifest), skip=db.skip_objects)
         app_roles = check_app_roles(db, plan)
     return {"started_at": started, "finished_at": _now(), **report.to_dict(), "app_roles": app_roles}
 

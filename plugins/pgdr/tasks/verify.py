@@ -274,7 +274,8 @@ def run_apply_privileges(target: dict[str, str], scratch_name: str, context) -> 
         scratch = _scratch_for(target, context, db, plan)
         with task_workdir(context, f"privileges-{db.name}") as workdir:
             report = give_back_privileges(entry.manifest, store, scratch.server.with_dbname(scratch.name), workdir,
-                                          backup_data_key(db, entry.manifest, plan), scratch=True)
+                                          backup_data_key(db, entry.manifest, plan), scratch=True,
+                                          skip=db.skip_objects)
     return {"started_at": started, "finished_at": _now(), **report.to_dict()}
 
 
