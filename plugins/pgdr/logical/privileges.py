@@ -436,18 +436,21 @@ def create_roles(server: PgEndpoint, roles: list[str], why: str, globals_sql: st
     return created
 
 
-def drop_created_roles(server: PgEndpoint, roles: list[str]) -> list[str]:
-    """Drop roles pgdr created for a restore that nothing on the server uses any more; return those dropped."""
+def drop_created_roles(server: PgEndpoint, why: str) -> list[str]:
+    """Drop the roles :func:`create_roles` made on ``server`` for ``why`` that nothing uses any more; return those dropped.
+
+    Found by their marker, not by a list handed over: a restore that failed after creating them
+    returned nothing, and its roles still go. A role still owning or granted something in another
+    database is kept (``DROP ROLE`` refuses), and said.
+    """
     from psycopg import sql
 
     dropped = []
     with connect(server.with_dbname("postgres")) as conn:
-        for role in roles:
-            row = conn.execute(
-                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s", (role,)
-            ).fetchone()
-            if row is None or not (row[0] or "").startswith(ROLE_MARKER):
-                continue
+        rows = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE shobj_description(oid, 'pg_authid') = %s ORDER BY rolname", (f"{ROLE_MARKER}: {why}",)
+        ).fetchall()
+        for (role,) in rows:
             try:
                 conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
                 dropped.append(role)

@@ -170,6 +170,22 @@ def create_run_scratch(scratch, kind: str, database: str, purpose: str, context)
     return scratch.name
 
 
+def scratch_roles_marker(purpose: str, context) -> str:
+    """Return what marks the roles a run created for its scratch restore of ``purpose`` (its teardown drops them)."""
+    return f"{purpose} ({context['ti'].run_id})"
+
+
+def drop_scratch_and_roles(scratch, purpose: str, context) -> bool:
+    """Drop this run's scratch database, then the roles it created for it that nothing else uses; say whether it existed."""
+    from pgdr.logical.privileges import drop_created_roles
+
+    dropped = scratch.drop()
+    gone = drop_created_roles(scratch.server, scratch_roles_marker(purpose, context))
+    if gone:
+        log.info("Roles created for %s and dropped again: %s.", purpose, ", ".join(gone))
+    return dropped
+
+
 def restore_into_scratch(scratch, dump_dir: Path, jobs: int, workdir: Path, purpose: str, context) -> tuple[float, list[str]]:
     """Restore a downloaded dump into this run's scratch database as an incident restore would; return
     ``(seconds, roles created)``.
@@ -182,10 +198,10 @@ def restore_into_scratch(scratch, dump_dir: Path, jobs: int, workdir: Path, purp
     from pgdr.logical.restore import restore_dump
     from pgdr.postgres.scratch import scratch_comment
 
-    run_id = context["ti"].run_id
     needs = backup_needs(read_toc(dump_dir), workdir)
-    created = create_roles(scratch.server, missing_roles(needs, scratch.server), f"{purpose} ({run_id})", globals_of(dump_dir))
-    scratch.create(scratch_comment(purpose, run_id), needs.database_options)
+    created = create_roles(scratch.server, missing_roles(needs, scratch.server), scratch_roles_marker(purpose, context),
+                           globals_of(dump_dir))
+    scratch.create(scratch_comment(purpose, context["ti"].run_id), needs.database_options)
     return restore_dump(scratch.endpoint, dump_dir, jobs, workdir), created
 
 

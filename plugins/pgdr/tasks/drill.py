@@ -18,6 +18,7 @@ from pgdr.tasks.common import (
     _airflow_info,
     _now,
     create_run_scratch,
+    drop_scratch_and_roles,
     fail_fast,
     restore_into_scratch,
     run_scratch,
@@ -198,18 +199,9 @@ def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]
 
 def run_drop_scratch(database: str, context) -> bool:
     """Body of the drill's ``drop_scratch`` teardown task: the scratch database, then the roles made for it that nothing uses."""
-    from pgdr.logical.privileges import drop_created_roles
-
-    ti = context["ti"]
-    group = ti.task_id.rpartition(".")[0]
-    restored = ti.xcom_pull(task_ids=f"{group}.restore_timed" if group else "restore_timed", map_indexes=ti.map_index) or {}
     with fail_fast():
         plan, db, *_ = _objects(database, context)
-        scratch = _scratch(database, context, db, plan)
-        dropped = scratch.drop()
-        if restored.get("roles_created"):
-            drop_created_roles(scratch.server, restored["roles_created"])
-        return dropped
+        return drop_scratch_and_roles(_scratch(database, context, db, plan), f"drill {database}", context)
 
 
 def run_measure(database: str, context, started_at: str) -> dict[str, Any]:

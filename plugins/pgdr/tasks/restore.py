@@ -384,7 +384,8 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``restore_backup``: into the new target database; a failed try drops only its own target.
 
     The target is created with the source's encoding and locale; roles the backup names that the
-    server lacks are created first (NOLOGIN, no password) when the plan allows it, or the restore stops.
+    server lacks are created first (as on the source server, from the backup's ``globals.sql``) when
+    the form allows it (``restore_roles``), or the restore stops.
     """
     from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.incident import create_target, drop_own_target, restore_tables
@@ -669,7 +670,8 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"- Roles created on the target as the backup's copy of the source server's roles says ({passwords}; "
                      f"SUPERUSER, CREATEROLE, REPLICATION and BYPASSRLS never given): {', '.join(report['roles_created'])}")
     if not done:
-        return lines + ["- Not applied (the restore stopped before this phase): the copy is owned by the restore role, without grants."]
+        return lines + ["- Not completed (this phase failed or did not run; its alert says why): unless the phase's log says "
+                        "they were applied, the copy is owned by the restore role, without the backup's grants."]
     lines += [
         f"- Applied as the server's connection, after the checks: {done['owners']} owners, {done['grants']} grants, "
         f"{done['default_privileges']} default privileges, {done['database_properties']} database properties "

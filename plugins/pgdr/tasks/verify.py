@@ -10,7 +10,15 @@ from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.errors import BackupNotFound
 from pgdr.messages import SUPERUSER_RESTORE_WARNING
 from pgdr.storage.catalog import VERIFICATION_PHASES as VERIFY_PHASES
-from pgdr.tasks.common import _now, create_run_scratch, fail_fast, restore_into_scratch, run_scratch, task_workdir
+from pgdr.tasks.common import (
+    _now,
+    create_run_scratch,
+    drop_scratch_and_roles,
+    fail_fast,
+    restore_into_scratch,
+    run_scratch,
+    task_workdir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +191,10 @@ def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
     return {"started_at": started, "finished_at": _now(), **result}
 
 
+def _purpose(target: dict[str, str]) -> str:
+    return f"verify {target['database']} backup {target['backup_id']}"
+
+
 def _scratch_for(target: dict[str, str], context, db, plan):
     return run_scratch("verify", db, plan, context, f"{target['database']}/{target['backup_id']}")
 
@@ -200,8 +212,8 @@ def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> di
     """Body of ``restore_backup``: download (verifying again), ``pg_restore -j``.
 
     The scratch database is made again with the backup's encoding and locale, and the roles the
-    backup names that the verification server lacks are created (NOLOGIN; dropped again with the
-    scratch database when nothing else uses them), so a backup whose owners and grants cannot be
+    backup names that the verification server lacks are created as on the source server, without
+    passwords (dropped again with the scratch database when nothing else uses them), so a backup whose owners and grants cannot be
     given back fails today, not during an incident.
     """
     from pgdr.airflow_glue.connections import backup_data_key
@@ -211,7 +223,7 @@ def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> di
     with fail_fast():
         plan, db, store, _layout, entry = _verify_context(target, context)
         scratch = _scratch_for(target, context, db, plan)
-        purpose = f"verify {db.name} backup {target['backup_id']}"
+        purpose = _purpose(target)
         with task_workdir(context, f"restore-{db.name}") as workdir:
             download = download_backup(entry.manifest, store, workdir / "dump", workers=max(2, db.dump_jobs),
                                        data_key=backup_data_key(db, entry.manifest, plan))
@@ -281,22 +293,14 @@ def run_apply_privileges(target: dict[str, str], scratch_name: str, context) -> 
 
 def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool:
     """Body of the ``drop_scratch`` teardown task: the scratch database, then the roles created for it that nothing uses."""
-    from pgdr.logical.privileges import drop_created_roles
     from pgdr.plan import load_plan
 
     context[CONTEXT_DATABASE] = target["database"]
     context[CONTEXT_BACKUP_ID] = target["backup_id"]
-    ti = context["ti"]
-    group = ti.task_id.rpartition(".")[0]
-    restored = ti.xcom_pull(task_ids=f"{group}.restore_backup" if group else "restore_backup", map_indexes=ti.map_index) or {}
     with fail_fast():  # needs no backup: the scratch database goes even when the backup went first
         plan = load_plan()
         scratch = _scratch_for(target, context, plan.database(target["database"]), plan)
-        dropped = scratch.drop()
-        if restored.get("roles_created"):
-            gone = drop_created_roles(scratch.server, restored["roles_created"])
-            log.info("Roles created for this verification and dropped again: %s.", ", ".join(gone) or "none (still used)")
-        return dropped
+        return drop_scratch_and_roles(scratch, _purpose(target), context)
 
 
 def _forget_vanished_backup(target: dict[str, str]) -> None:
