@@ -181,8 +181,10 @@ def verify_newest_backups() -> None:
             detail(f"report         : {validation['report']}")
         privileges = record.get("privileges")
         if privileges:
-            detail(f"privileges     : {privileges['owners']} owners, {privileges['grants']} grants, {privileges['default_privileges']} "
-                   f"default privileges, {privileges['database_properties']} database properties given back after the checks")
+            given = ", ".join(f"{privileges[key]} {label}" for key, label in (
+                ("owners", "owners"), ("grants", "grants"), ("default_privileges", "default privileges"),
+                ("database_properties", "database settings and grants")))
+            detail(f"privileges     : given back after the checks: {given}")
 
 
 def run_drill() -> None:
