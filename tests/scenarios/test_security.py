@@ -72,10 +72,13 @@ def test_restores_never_run_restored_code_as_superuser(plan, run_dag, pg_server,
     restore = run_dag("pgdr_restore", run_conf={"database": "escalate", "target_name": "escalate_copy"})
     assert restore.states["write_report"] == "success", restore.states
     assert not _superuser(pg_server)
-    # The copy is owned by the restore role, which is no superuser.
-    owner = _sql(pg_server, "SELECT pg_get_userbyid(datdba), r.rolsuper FROM pg_database d "
-                            "JOIN pg_roles r ON r.oid = d.datdba WHERE datname = 'escalate_copy'")
-    assert owner == [("pgdr_restore", False)]
+    # The restore role (no superuser) loaded it; the owners came back afterwards, as the server's connection, with
+    # statements that evaluate no CHECK: the copy is owned as the source is, and the application role is still no superuser.
+    owners = ("SELECT pg_get_userbyid(d.datdba), (SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'appschema'), "
+              "(SELECT relowner::regrole::text FROM pg_class WHERE oid = 'appschema.t'::regclass) FROM pg_database d WHERE datname = current_database()")
+    assert _sql(pg_server, owners, "escalate_copy") == _sql(pg_server, owners, "escalate")
+    assert _sql(pg_server, "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'appschema.t'::regclass", "escalate_copy") == [("pgdr_app",)]
+    assert not _superuser(pg_server)
     assert _sql(pg_server, "SELECT count(*) FROM appschema.t", "escalate_copy") == [(10,)]
 
 
