@@ -80,7 +80,8 @@ def run(work: Path, size: int, rounds: int) -> dict:
     import psycopg
     from celery_cluster import CeleryCluster, compose_shaped_plan, start_metadata_server
     from moto.server import ThreadedMotoServer
-    from pgdr.local.embedded import EmbeddedServer, free_port
+    from pgdr.local.embedded import EmbeddedServer
+    from pgdr.postgres.binaries import free_port
     from psycopg import sql
     from support import MailInbox, SlackReceiver, aws_connection
 

@@ -41,7 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from pgdr.local.embedded import EmbeddedServer, free_port, pg_bin_dir  # noqa: E402
+from pgdr.local.embedded import EmbeddedServer  # noqa: E402
+from pgdr.postgres.binaries import bundled_bin_dir, free_port  # noqa: E402
 
 BUCKET = "pgdr-bench-pitr"
 SERVER = "bench"
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     catalog = BaseBackupCatalog(store, layout, SERVER)
 
     def psql(sql: str, db: str = "postgres", on=None) -> str:
-        return subprocess.run([str(pg_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql], env=on or env,
+        return subprocess.run([str(bundled_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql], env=on or env,
                               check=True, capture_output=True, text=True).stdout.strip()
 
     def settle() -> float:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out, ignore_errors=True)
         settle()
         t = time.perf_counter()
-        subprocess.run([str(pg_bin_dir() / "pg_basebackup"), "-D", str(out), "-Ft", "-X", "none", "-c", "fast", "-Z", "gzip:1",
+        subprocess.run([str(bundled_bin_dir() / "pg_basebackup"), "-D", str(out), "-Ft", "-X", "none", "-c", "fast", "-Z", "gzip:1",
                         "--manifest-checksums=SHA256"], env=env, check=True, capture_output=True)
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda p: s3.upload_file(str(p), BUCKET, f"raw/{i}/{p.name}"), sorted(out.iterdir())))
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(f"Creating pgbench data at scale {scale}...", flush=True)
         psql("CREATE DATABASE bench")
-        subprocess.run([str(pg_bin_dir() / "pgbench"), "-i", "-q", "-s", str(scale), "bench"], env=env, check=True, capture_output=True)
+        subprocess.run([str(bundled_bin_dir() / "pgbench"), "-i", "-q", "-s", str(scale), "bench"], env=env, check=True, capture_output=True)
         db_size = int(psql("SELECT pg_database_size('bench')")) / 1e6
         catch_up = settle()
         print(f"  {db_size:.0f} MB; the archive caught up with the load's WAL in {catch_up:.1f}s", flush=True)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print("PITR restore against the seeds' gunzip | psql...", flush=True)
         seed = work / "seed.sql.gz"
-        subprocess.run(f"{pg_bin_dir() / 'pg_dump'} -d bench | gzip > {seed}", shell=True, env=env, check=True)
+        subprocess.run(f"{bundled_bin_dir() / 'pg_dump'} -d bench | gzip > {seed}", shell=True, env=env, check=True)
         s3.upload_file(str(seed), BUCKET, "seed/bench.sql.gz")
         seed.unlink()
         newest = [e for e in catalog.backups() if e.record.kind == "full"][-1]  # the newest full one, and
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             os.sync()
             t = time.perf_counter()
             s3.download_file(BUCKET, "seed/bench.sql.gz", str(seed))
-            subprocess.run(f"gunzip -c {seed} | {pg_bin_dir() / 'psql'} -X -q -v ON_ERROR_STOP=1 -d seed_restored > /dev/null",
+            subprocess.run(f"gunzip -c {seed} | {bundled_bin_dir() / 'psql'} -X -q -v ON_ERROR_STOP=1 -d seed_restored > /dev/null",
                            shell=True, env=seed_env, check=True)
             runs["seed_restore"].append(time.perf_counter() - t)
             seed.unlink()
@@ -259,8 +260,8 @@ def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float],
     import psycopg
     from pgdr.physical.archive import archived_segment, last_commit_time
 
-    waldump = str(pg_bin_dir() / "pg_waldump")
-    load = subprocess.Popen([str(pg_bin_dir() / "pgbench"), "-c", "2", "-j", "2", "-T", str(seconds), "-n", "bench"],
+    waldump = str(bundled_bin_dir() / "pg_waldump")
+    load = subprocess.Popen([str(bundled_bin_dir() / "pgbench"), "-c", "2", "-j", "2", "-T", str(seconds), "-n", "bench"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rpo, lag = [], []
     stop = threading.Event()

@@ -41,7 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from pgdr.local.embedded import EmbeddedServer, free_port, pg_bin_dir  # noqa: E402
+from pgdr.local.embedded import EmbeddedServer  # noqa: E402
+from pgdr.postgres.binaries import bundled_bin_dir, free_port  # noqa: E402
 
 BUCKET = "pgdr-bench"
 JOBS = 2
@@ -80,7 +81,7 @@ class Bench:
         self.s3.create_bucket(Bucket=BUCKET)
 
     def bin(self, name: str) -> str:
-        return str(pg_bin_dir() / name)
+        return str(bundled_bin_dir() / name)
 
     def psql(self, sql: str, db: str = "postgres") -> str:
         return subprocess.run([self.bin("psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql], env=self.env,

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import yaml
 from airflow_client import AirflowClient
-from pgdr.local.embedded import free_port
 from pgdr.local.runner import DAGS_FOLDER, PLUGINS_FOLDER
+from pgdr.postgres.binaries import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yaml"

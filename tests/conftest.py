@@ -91,7 +91,7 @@ def pg_server_b(session_dir, pg_server):
 def s3_server():
     """A moto S3 server on 127.0.0.1, spoken to over real HTTP."""
     from moto.server import ThreadedMotoServer
-    from pgdr.local.embedded import free_port
+    from pgdr.postgres.binaries import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

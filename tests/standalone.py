@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 
 from airflow_client import AirflowClient
-from pgdr.local.embedded import free_port
 from pgdr.local.runner import DAGS_FOLDER, PLUGINS_FOLDER
+from pgdr.postgres.binaries import free_port
 
 PGDR_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore"}
 

@@ -197,7 +197,7 @@ class MailInbox:
         from email import message_from_bytes, policy
 
         from aiosmtpd.controller import Controller
-        from pgdr.local.embedded import free_port
+        from pgdr.postgres.binaries import free_port
 
         inbox = self
         self.messages: list = []
@@ -276,14 +276,14 @@ def load_sql(server, dbname: str, path: Path) -> None:
 
     import psycopg
     from pgdr.identifiers import conninfo
-    from pgdr.local.embedded import pg_bin_dir
+    from pgdr.postgres.binaries import bundled_bin_dir
     from psycopg import sql
 
     with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
     result = subprocess.run(
-        [str(pg_bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path),
+        [str(bundled_bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path),
          "--dbname", conninfo("127.0.0.1", server.port, server.superuser, dbname)],
         env={**os.environ, "PGPASSWORD": server.password}, capture_output=True, text=True,
     )

@@ -23,8 +23,8 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from pgdr.logical.catalog import BackupEntry
 from pgdr.messages import format_duration
-from pgdr.storage.catalog import BackupEntry
 
 RPO_WINDOW = timedelta(days=30)
 PHASE_ORDER = ("dump", "upload", "checksum", "download", "restore", "checks", "validation", "privileges")

@@ -108,7 +108,7 @@ def check_encryption(db, plan, now: datetime) -> CheckResult | None:
     successive runs every object is checked.
     """
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     target = db.storage
     if not (target.kind == "s3" and target.sse) and not db.encryption_key_conn_id:
@@ -155,7 +155,7 @@ def check_encryption(db, plan, now: datetime) -> CheckResult | None:
 def check_backup_ages(db, plan, now: datetime) -> list[CheckResult]:
     """The newest backup is within the RPO; the newest verified one within the verification window."""
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     try:
         store, layout = open_store(db.storage, plan)
@@ -317,7 +317,7 @@ def last_measurements(db, plan) -> dict[str, float | None]:
     import json
 
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     values: dict[str, float | None] = {}
     store, layout = open_store(db.storage, plan)

@@ -30,9 +30,9 @@ from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure, PgdrError
 from pgdr.identifiers import MAX_IDENTIFIER_BYTES, QualifiedName, printable
+from pgdr.logical.catalog import BackupCatalog, BackupEntry
 from pgdr.logical.restore import RestoreFailed, restore_command
 from pgdr.postgres.client import PgEndpoint, connect, identifier, passfile_env, pg_tool, run_tool
-from pgdr.storage.catalog import BackupCatalog, BackupEntry
 from pgdr.storage.layout import is_backup_id
 
 log = logging.getLogger(__name__)

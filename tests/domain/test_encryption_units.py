@@ -14,9 +14,10 @@ from datetime import UTC, datetime
 import pytest
 from pgdr.errors import ChecksumMismatch
 from pgdr.logical.backup import seal_manifest, upload_dump
+from pgdr.logical.catalog import BackupCatalog, BackupManifest, ManifestInvalid
 from pgdr.logical.restore import download_backup, verify_checksums
+from pgdr.logical.rotation import keys_no_longer_needed, rewrap_backups
 from pgdr.storage.backends import LocalFolderStore
-from pgdr.storage.catalog import BackupCatalog, BackupManifest, ManifestInvalid
 from pgdr.storage.encryption import (
     CHUNK_SIZE,
     HEADER_SIZE,
@@ -32,7 +33,6 @@ from pgdr.storage.encryption import (
     unlock_backup,
 )
 from pgdr.storage.layout import BackupLayout
-from pgdr.storage.rotation import keys_no_longer_needed, rewrap_backups
 
 NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 BACKUP_ID = "20261126T090000Z-a1b2c3"

@@ -115,8 +115,8 @@ def test_a_recovery_target_is_read_as_the_form_writes_it():
 
 
 def test_a_damaged_base_backup_record_is_refused():
+    from pgdr.logical.catalog import ManifestInvalid
     from pgdr.physical.catalog import BaseBackupRecord
-    from pgdr.storage.catalog import ManifestInvalid
     from pgdr.storage.layout import PhysicalLayout
 
     good = _entry("20261125T000000Z-eeeeee", datetime(2026, 11, 25, tzinfo=UTC)).record
@@ -182,7 +182,7 @@ def test_a_private_checkout_keeps_the_servers_files_where_its_user_can_reach_the
     import shutil
     import tempfile
 
-    from pgdr.local.embedded import reachable_by_server_user, state_dir_for
+    from pgdr.postgres.binaries import reachable_by_server_user, state_dir_for
 
     base = Path(tempfile.mkdtemp(prefix="pgdr-reach-"))  # /tmp itself is open to every user
     try:

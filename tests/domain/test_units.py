@@ -7,12 +7,12 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pgdr.logical.catalog import BackupEntry, BackupManifest, PartialBackup
+from pgdr.logical.retention import decide_retention
 from pgdr.messages import ERROR_LIMIT, TaskFailure, failure_message, first_line, scrub_secrets, shorten
 from pgdr.plan import RetentionPolicy
 from pgdr.storage.backends import LocalFolderStore
-from pgdr.storage.catalog import BackupEntry, BackupManifest, PartialBackup
 from pgdr.storage.layout import BackupLayout, backup_id_time, is_backup_id, new_backup_id
-from pgdr.storage.retention import decide_retention
 from pgdr.tasks.backup import backfill_skip_reason
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -54,7 +54,7 @@ def _entry(days_old: float, status: str = "unverified", tag: str = "000000") -> 
 def test_manifests_say_who_compressed_and_old_ones_read_as_pgdr_0_1():
     """A manifest of pgdr 0.1 (no ``compressed_by``) must parse as files zstd-packed by pgdr, so that
     restores decompress them; a current one names pg_dump's compression and the database size."""
-    from pgdr.storage.catalog import BackupFile
+    from pgdr.logical.catalog import BackupFile
 
     legacy = replace(_entry(1).manifest, files=(BackupFile("toc.dat", "k0", 10, 8, "0" * 64),))
     raw = json.loads(legacy.to_json())
@@ -363,9 +363,9 @@ def test_a_pgdr_0_1_file_that_decompresses_past_its_size_is_cut_at_the_size(tmp_
 
     import zstandard
     from pgdr.errors import ChecksumMismatch
+    from pgdr.logical.catalog import BackupFile
     from pgdr.logical.restore import download_backup
     from pgdr.storage.backends import LocalFolderStore
-    from pgdr.storage.catalog import BackupFile
     from pgdr.storage.layout import BackupLayout
 
     store, layout = LocalFolderStore(tmp_path / "store"), BackupLayout()
@@ -426,7 +426,7 @@ def test_client_tools_see_none_of_the_workers_secrets(tmp_path, monkeypatch):
 
 def test_negative_control_skips_empty_files():
     from pgdr.drill import control_file
-    from pgdr.storage.catalog import BackupFile
+    from pgdr.logical.catalog import BackupFile
 
     files = (BackupFile("3001.dat", "k1", 0, 0, "0" * 64), BackupFile("toc.dat", "k2", 9, 9, "1" * 64),
              BackupFile("3002.dat", "k3", 5, 5, "2" * 64))
@@ -435,8 +435,8 @@ def test_negative_control_skips_empty_files():
 
 def test_a_retry_finds_only_its_own_dags_backup(tmp_path):
     """pgdr_drill and pgdr_backup share scheduled run ids at 03:00 on the 1st."""
+    from pgdr.logical.catalog import BackupCatalog, BackupFile
     from pgdr.storage.backends import LocalFolderStore
-    from pgdr.storage.catalog import BackupCatalog, BackupFile
     from pgdr.storage.layout import BackupLayout
 
     store, layout = LocalFolderStore(tmp_path), BackupLayout()

@@ -25,8 +25,8 @@ def _max_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
 
 def test_fleet_backup_one_run_one_backup_each_and_the_pool_limit_held(standalone, e2e_plan, pg_server):
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
         conn.execute("CREATE DATABASE flaky TEMPLATE shop")  # the whole plan backs up cleanly

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_make_ui_serves_the_pgdr_dags_with_a_login_and_ctrl_c_stops_everything(tmp_path):
     from celery_cluster import component_processes_left
-    from pgdr.local.embedded import free_port
+    from pgdr.postgres.binaries import free_port
 
     state = tmp_path / "state"
     state.mkdir()

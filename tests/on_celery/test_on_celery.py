@@ -26,8 +26,8 @@ FLEET = FLEET_A + FLEET_B
 def catalogs(celery_plan, s3_server, monkeypatch):
     """Return a function giving the backup catalog of a database in the deployment's store."""
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", aws_connection(s3_server.port))
     plan = load_plan(celery_plan)

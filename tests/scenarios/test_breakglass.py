@@ -24,8 +24,8 @@ def breakglass(tmp_path, pg_server):
     """A plan with a verified backup of shop, a connections file, and a runner with no Airflow around it."""
     root = tmp_path / "backups"
     backup_id = backup_into_local_store(root, pg_server)
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.storage.backends import LocalFolderStore
-    from pgdr.storage.catalog import BackupCatalog
     from pgdr.storage.layout import BackupLayout
 
     BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(backup_id, {"status": "verified"})

@@ -73,9 +73,9 @@ class WhenSeen(threading.Thread):
 
 def _crash(server) -> None:
     """Stop ``server`` as a crash would: no checkpoint, every session cut."""
-    from pgdr.local.embedded import pg_bin_dir
+    from pgdr.postgres.binaries import bundled_bin_dir
 
-    server._run([str(pg_bin_dir() / "pg_ctl"), "-D", str(server.data_dir), "-m", "immediate", "-w", "stop"])
+    server._run([str(bundled_bin_dir() / "pg_ctl"), "-D", str(server.data_dir), "-m", "immediate", "-w", "stop"])
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_no_space_left_where_pgdr_downloads(plan, run_dag, pg_server, tiny_disk,
 
 def test_s3_unreachable_mid_download_during_a_restore(plan, run_dag, pg_server, s3_storage, fault_proxy, slack):
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     p = plan(storage=s3_storage)
     assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
@@ -323,7 +323,7 @@ def test_retention_deleting_a_backup_while_it_is_verified(plan, run_dag, pg_serv
     """Retention (or anyone) deletes the backup while verify-restore reads it: nothing is marked,
     the run fails saying what happened, and nothing of the run is left in the store or the server."""
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     p = plan()
     root = p.databases[0].storage.path
@@ -378,7 +378,7 @@ def test_the_password_is_in_no_argv_log_report_store_or_xcom(plan, run_dag, pg_s
     try:
         runs = [run_dag("pgdr_backup")]
         from pgdr.airflow_glue.connections import open_store
-        from pgdr.storage.catalog import BackupCatalog
+        from pgdr.logical.catalog import BackupCatalog
 
         store, layout = open_store(p.databases[0].storage)
         backup_id = BackupCatalog(store, layout, "shop").latest().backup_id

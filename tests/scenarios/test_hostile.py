@@ -90,7 +90,7 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     hostile_plan, hostile, run_dag, pg_server, pg_server_b, slack
 ):
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     _ok(run_dag("pgdr_backup"))
     store, layout = open_store(hostile_plan.databases[0].storage)

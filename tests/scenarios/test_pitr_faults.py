@@ -195,12 +195,12 @@ def test_a_moment_outside_the_window_names_the_recoverable_range(flaky, tmp_path
 
 
 def test_a_worker_without_the_backups_major_version_says_what_to_install():
-    from pgdr.physical.cluster import BinariesMissing, server_bin_dir
+    from pgdr.postgres.binaries import BinariesMissing, server_bin_dir_for
 
     with pytest.raises(BinariesMissing) as missing:
-        server_bin_dir(170004)
+        server_bin_dir_for(170004)
     assert "PostgreSQL 17" in str(missing.value) and "$PGDR_PG_BIN" in str(missing.value) and "version 18" in str(missing.value)
-    assert server_bin_dir(180006).joinpath("pg_ctl").exists()
+    assert server_bin_dir_for(180006).joinpath("pg_ctl").exists()
 
 
 def test_health_alerts_once_when_the_archiver_fails_and_once_when_it_recovers(flaky, plan, env, run_dag, slack, monkeypatch, s3_storage):

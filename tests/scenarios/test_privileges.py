@@ -63,7 +63,7 @@ def snapshot(server, dbname: str) -> dict:
 @pytest.fixture(scope="module")
 def app_database(pg_server, pg_server_b):
     """The application database on the shared server (its roles there only); everything made from it is dropped after."""
-    from pgdr.local.embedded import pg_bin_dir
+    from pgdr.postgres.binaries import bundled_bin_dir
 
     before = (_databases(pg_server), _databases(pg_server_b))
     roles_b = _roles(pg_server_b)
@@ -80,7 +80,7 @@ def app_database(pg_server, pg_server_b):
     from pgdr.identifiers import conninfo
 
     result = subprocess.run(
-        [str(pg_bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"db={APP_DB}", "-f", str(SQL_DIR / "privileges.sql"),
+        [str(bundled_bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"db={APP_DB}", "-f", str(SQL_DIR / "privileges.sql"),
          "--dbname", conninfo("127.0.0.1", pg_server.port, pg_server.superuser, APP_DB)],
         env={**os.environ, "PGPASSWORD": pg_server.password}, capture_output=True, text=True,
     )
@@ -133,7 +133,7 @@ def _application_works(server, dbname: str) -> None:
 
 def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_database, run_dag, pg_server, pg_server_b, plan, slack):
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     _ok(run_dag("pgdr_backup"))
     store, layout = open_store(app_plan.databases[0].storage)
@@ -224,8 +224,8 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
 def test_text_inside_a_function_body_never_passes_for_an_owner_statement(pg_server, tmp_path):
     """A schema owner can write anything in a function body; only lines pg_restore itself adds are run as the server."""
     from pgdr.identifiers import conninfo
-    from pgdr.local.embedded import pg_bin_dir
     from pgdr.logical.privileges import backup_needs, owner_statements, read_toc
+    from pgdr.postgres.binaries import bundled_bin_dir
 
     name = "pgdr spoof test"
     if name in _databases(pg_server):
@@ -240,7 +240,7 @@ def test_text_inside_a_function_body_never_passes_for_an_owner_statement(pg_serv
             CREATE VIEW public."ALTER SCHEMA victim OWNER TO x;" AS SELECT 'GRANT pg_execute_server_program TO mallory;' AS c;
         """, name)
         subprocess.run(
-            [str(pg_bin_dir() / "pg_dump"), "-Fd", "-f", str(tmp_path / "dump"),
+            [str(bundled_bin_dir() / "pg_dump"), "-Fd", "-f", str(tmp_path / "dump"),
              "--dbname", conninfo("127.0.0.1", pg_server.port, pg_server.superuser, name)],
             env={**os.environ, "PGPASSWORD": pg_server.password}, check=True, capture_output=True,
         )

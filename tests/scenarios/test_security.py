@@ -61,7 +61,7 @@ def test_restores_never_run_restored_code_as_superuser(plan, run_dag, pg_server,
     p = plan(databases=[{"name": "escalate", "conn_id": "pgdr_escalate"}])
     assert run_dag("pgdr_backup").states["protect_pgdr_escalate.back_up[0]"] == "success"
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     store, layout = open_store(p.databases[0].storage)
     backup_id = BackupCatalog(store, layout, "escalate").latest().backup_id
@@ -113,7 +113,7 @@ def test_one_damaged_record_does_not_block_an_incident_restore(plan, run_dag, pg
     selector still works, the restore takes the newest verified backup, and health names both."""
     from conftest import backup_into_local_store
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     p = plan()
     root = p.databases[0].storage.path

@@ -119,7 +119,7 @@ def test_retry_of_a_completed_run_reuses_its_backup(plan, pg_server, env):
 def test_retention_keeps_newest_and_newest_verified_and_removes_stale_partials(plan, run_dag, env):
     """Retention on a real store: old backups go, the newest verified stays, partial uploads go."""
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     p = plan(defaults={"notify": {"slack_conn_id": "pgdr_slack"}, "retention": {"keep_last": 1, "keep_days": 0}})
     db = p.databases[0]
@@ -167,8 +167,8 @@ def test_s3_unreachable_mid_upload_fails_after_retries_with_no_visible_backup(
 
     fault_proxy.heal()
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     store, layout = open_store(load_plan().databases[0].storage)
     assert BackupCatalog(store, layout, "shop").backups() == []
@@ -181,7 +181,7 @@ def test_s3_unreachable_mid_upload_fails_after_retries_with_no_visible_backup(
 
 
 def test_source_database_unreachable(plan, run_dag, monkeypatch, slack):
-    from pgdr.local.embedded import free_port
+    from pgdr.postgres.binaries import free_port
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_PGDR_SHOP",

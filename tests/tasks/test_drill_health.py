@@ -42,7 +42,7 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
     # An older verified backup of each, so the RPO numbers have history to read.
     run_dag("pgdr_backup")
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     store, layout = open_store(p.databases[0].storage)
     for name in ("shop", "shop_eu"):
@@ -127,7 +127,7 @@ def _stale_backup(p, days: float):
     """A verified backup of 'shop' whose recovery point lies ``days`` in the past."""
     from pgdr.airflow_glue.connections import database_endpoint, open_store
     from pgdr.logical.backup import take_backup
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     db = p.databases[0]
     store, layout = open_store(db.storage)

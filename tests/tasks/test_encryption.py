@@ -51,8 +51,8 @@ def test_encrypted_backup_on_sse_kms_storage_verifies_and_drills(plan, run_dag, 
 
         from pgdr.airflow_glue.connections import open_store
         from pgdr.errors import PermanentFailure
+        from pgdr.logical.catalog import BackupCatalog
         from pgdr.storage.backends import S3Store
-        from pgdr.storage.catalog import BackupCatalog
 
         store, layout = open_store(p.databases[0].storage)
         with pytest.raises(PermanentFailure, match="access denied"):  # the policy holds: a write without SSE is refused
@@ -108,7 +108,7 @@ def test_a_missing_or_wrong_key_fails_first_naming_the_key_and_creates_nothing(p
     p = plan(defaults=ENCRYPTED)
     assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     store, layout = open_store(p.databases[0].storage)
     backup_id = BackupCatalog(store, layout, "shop").latest().backup_id
@@ -142,7 +142,7 @@ def test_rotating_the_key_twice_keeps_the_oldest_backup_restorable(plan, run_dag
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k1"))
     p = plan(defaults=ENCRYPTED)
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     store, layout = open_store(p.databases[0].storage)
     catalog = BackupCatalog(store, layout, "shop")
@@ -236,7 +236,7 @@ def test_an_unencrypted_backup_newer_than_the_encrypted_ones_is_refused(plan, ru
     from datetime import timedelta
 
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.storage.layout import new_backup_id
     from support import copy_backup_as
 
@@ -267,7 +267,7 @@ def test_a_drill_without_the_key_fails_before_its_scratch_database(plan, run_dag
     p = plan(defaults=ENCRYPTED)
     assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     store, layout = open_store(p.databases[0].storage)
     catalog = BackupCatalog(store, layout, "shop")

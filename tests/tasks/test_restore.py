@@ -28,8 +28,8 @@ def _sql(pg_server, sql: str, db: str = "postgres"):
 @pytest.fixture(scope="module")
 def shop_backup(tmp_path_factory, pg_server, airflow_db):
     """A real backup of 'shop', verified, in a store each test copies."""
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.storage.backends import LocalFolderStore
-    from pgdr.storage.catalog import BackupCatalog
     from pgdr.storage.layout import BackupLayout
 
     root = tmp_path_factory.mktemp("restore-store")
@@ -129,7 +129,7 @@ def test_table_level_restore_brings_back_one_table_and_its_partitions(restore_pl
 
 def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_plan, run_dag):
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     p, root, backup_id = restore_plan
     store, layout = open_store(p.databases[0].storage)

@@ -46,7 +46,7 @@ def _record(root, backup_id: str) -> dict:
 
 def test_backup_then_verify_on_s3(plan, run_dag, s3_server, s3_storage, pg_server, env, slack):
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     p = plan(storage=s3_storage)
     assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
@@ -277,8 +277,8 @@ def test_an_asset_triggered_run_also_takes_backups_whose_events_airflow_dropped(
     """Airflow 3.3 can drop asset events of a burst (apache/airflow#56050): the run catches them up."""
     from types import SimpleNamespace
 
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.storage.backends import LocalFolderStore
-    from pgdr.storage.catalog import BackupCatalog
     from pgdr.storage.layout import BackupLayout
     from pgdr.tasks.verify import resolve_verification_targets
     from support import copy_backup_as
@@ -304,7 +304,7 @@ def test_an_asset_triggered_run_also_takes_backups_whose_events_airflow_dropped(
     # not the one older than the verified one, nor one older than a day.
     assert sorted(t["backup_id"] for t in targets) == sorted([ids["ddddd4"], ids["eeeee5"]])
     # The next run, from the caught-up backup's own (late) event, does not verify it again.
-    from pgdr.storage.catalog import BackupCatalog as Catalog
+    from pgdr.logical.catalog import BackupCatalog as Catalog
 
     Catalog(store, layout, "shop").record_verification(ids["ddddd4"], {"status": "verified", "airflow": {"run_id": "r1"}})
     Catalog(store, layout, "shop").record_verification(ids["eeeee5"], {"status": "verified", "airflow": {"run_id": "r1"}})

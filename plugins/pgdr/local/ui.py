@@ -48,7 +48,7 @@ def _port(wanted: int) -> int:
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", wanted)) != 0:
             return wanted
-    from pgdr.local.embedded import free_port
+    from pgdr.postgres.binaries import free_port
 
     port = free_port()
     detail(f"port {wanted} is taken; using {port}")
@@ -57,8 +57,8 @@ def _port(wanted: int) -> int:
 
 def airflow_environment(home: Path, port: int) -> dict[str, str]:
     """Return the environment of the UI's ``airflow standalone`` (the demo's connections included)."""
-    from pgdr.local.embedded import free_port
     from pgdr.local.runner import local_airflow_env
+    from pgdr.postgres.binaries import free_port
 
     env = {**os.environ, **local_airflow_env(home)}
     env.update({

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pgdr.errors import DumpFailed
+from pgdr.logical.catalog import BackupCatalog, BackupFile, BackupManifest
 from pgdr.plan import ProtectedDatabase
 from pgdr.postgres.client import (
     PgEndpoint,
@@ -41,7 +42,6 @@ from pgdr.postgres.client import (
     tool_version,
 )
 from pgdr.storage.backends import BackupStore, sha256_stream
-from pgdr.storage.catalog import BackupCatalog, BackupFile, BackupManifest
 from pgdr.storage.layout import BackupLayout, new_backup_id
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from pgdr.errors import ChecksumMismatch, PermanentFailure, work_space_full
 from pgdr.identifiers import printable
+from pgdr.logical.catalog import BackupFile, BackupManifest
 from pgdr.postgres.client import PgEndpoint, connection_args, pg_tool, run_tool
 from pgdr.storage.backends import BackupStore, sha256_stream
-from pgdr.storage.catalog import BackupFile, BackupManifest
 
 log = logging.getLogger(__name__)
 

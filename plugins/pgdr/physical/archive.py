@@ -57,7 +57,7 @@ def archiver_bin_dir() -> Path:
     ``$PGDR_ARCHIVER_BIN``, else ``.pgdr/archiver/bin`` in the checkout, else (a checkout the server's
     user cannot enter, where ``make archiver`` builds it) ``archiver/bin`` in ``$PGDR_SHARED_DIR``.
     """
-    from pgdr.local.embedded import shared_dir
+    from pgdr.postgres.binaries import shared_dir
 
     path = Path(os.environ.get(ARCHIVER_BIN_ENV_VAR) or DEFAULT_ARCHIVER_BIN)
     if not os.environ.get(ARCHIVER_BIN_ENV_VAR) and not (path / "barman-cloud-wal-restore").exists():

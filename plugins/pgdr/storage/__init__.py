@@ -1,2 +1,3 @@
-"""Where bytes live: storage backends (local folder, S3), the one key layout, the catalog of backups
-(manifests and verification records) and retention."""
+"""Where bytes live: the storage backends (local folder, S3), the one key layout every record uses,
+and the encryption primitives. What the bytes mean lives with their kind: the logical backups'
+catalog, retention and key rotation in :mod:`pgdr.logical`, the base backups' in :mod:`pgdr.physical`."""

@@ -85,9 +85,9 @@ def run_backup(database: str, context) -> dict[str, Any]:
 def run_retention(database: str, context) -> dict[str, Any]:
     """Body of the ``prune_expired`` task: apply the plan's retention policy to one database."""
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
+    from pgdr.logical.retention import decide_retention
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
-    from pgdr.storage.retention import decide_retention
 
     context[CONTEXT_DATABASE] = database
     with fail_fast():

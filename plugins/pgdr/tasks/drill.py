@@ -51,8 +51,8 @@ def select_databases(params: dict[str, Any]) -> list[str]:
 
 def _objects(database: str, context):
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     context[CONTEXT_DATABASE] = database
     plan = load_plan()

@@ -45,10 +45,10 @@ def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
         render_plan,
         select_backup,
     )
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.logical.privileges import missing_roles
     from pgdr.plan import load_plan
     from pgdr.postgres.client import check_restore_role
-    from pgdr.storage.catalog import BackupCatalog
 
     with fail_fast():
         plan = load_plan()
@@ -246,9 +246,9 @@ def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
         return plan
     from pgdr.airflow_glue.connections import encryption_keys, open_archive, open_store, server_endpoint
     from pgdr.logical.backup import take_backup
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.physical.catalog import BaseBackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
     from pgdr.tasks.common import recover_scratch_cluster
 
     context[CONTEXT_DATABASE] = plan["database"]
@@ -343,8 +343,8 @@ def check_tables_in_backup(tables: list[str], entry) -> None:
 
 def _objects(plan: dict[str, Any]):
     from pgdr.airflow_glue.connections import database_endpoint, open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     dr_plan = load_plan()
     db = dr_plan.database(plan["database"])
@@ -366,8 +366,8 @@ def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowSkipException
 
     from pgdr.airflow_glue.connections import backup_data_key
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.logical.restore import verify_checksums
-    from pgdr.storage.catalog import BackupCatalog
 
     _label(plan, context)
     if plan["dry_run"]:

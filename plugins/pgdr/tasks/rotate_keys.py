@@ -14,9 +14,9 @@ log = logging.getLogger(__name__)
 def run_rewrap(database: str, context) -> dict[str, Any]:
     """Body of ``rewrap``: every backup of ``database`` wrapped by an older master key gets the current one."""
     from pgdr.airflow_glue.connections import encryption_keys, open_store
+    from pgdr.logical.catalog import BackupCatalog
+    from pgdr.logical.rotation import rewrap_backups
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
-    from pgdr.storage.rotation import rewrap_backups
 
     context[CONTEXT_DATABASE] = database
     with fail_fast():
@@ -39,8 +39,8 @@ def run_rotation_report(results: list[dict[str, Any]], context) -> dict[str, Any
     """
     from pgdr.airflow_glue.connections import master_keys
     from pgdr.errors import PermanentFailure
+    from pgdr.logical.rotation import RotationResult, keys_no_longer_needed
     from pgdr.plan import load_plan
-    from pgdr.storage.rotation import RotationResult, keys_no_longer_needed
 
     with fail_fast():
         plan = load_plan()

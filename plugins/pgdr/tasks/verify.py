@@ -8,8 +8,8 @@ from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.errors import BackupNotFound
+from pgdr.logical.catalog import VERIFICATION_PHASES as VERIFY_PHASES
 from pgdr.messages import SUPERUSER_RESTORE_WARNING
-from pgdr.storage.catalog import VERIFICATION_PHASES as VERIFY_PHASES
 from pgdr.tasks.common import (
     _now,
     create_run_scratch,
@@ -34,8 +34,8 @@ def resolve_verification_targets(context) -> list[dict[str, str]]:
     from airflow.sdk.exceptions import AirflowSkipException
 
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     with fail_fast():
         plan = load_plan()
@@ -94,7 +94,7 @@ CATCH_UP_WINDOW = timedelta(hours=24)
 def _catalogs(plan) -> dict[str, list]:
     """Return every complete backup of each database of the plan (one listing per database)."""
     from pgdr.airflow_glue.connections import open_store
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     catalogs = {}
     for db in plan.databases:
@@ -154,8 +154,8 @@ def _events_airflow_dropped(plan, named: list[dict[str, str]], catalogs: dict[st
 def _verify_context(target: dict[str, str], context):
     """Load the plan objects one verification phase needs, and label the task for alerts."""
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     context[CONTEXT_DATABASE] = target["database"]
     context[CONTEXT_BACKUP_ID] = target["backup_id"]
@@ -176,8 +176,8 @@ def _verify_context(target: dict[str, str], context):
 def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
     """Body of ``check_checksums``: every stored file against the manifest's SHA-256."""
     from pgdr.airflow_glue.connections import backup_data_key
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.logical.restore import verify_checksums
-    from pgdr.storage.catalog import BackupCatalog
 
     started = _now()
     with fail_fast():
@@ -306,8 +306,8 @@ def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool
 def _forget_vanished_backup(target: dict[str, str]) -> None:
     """Remove what a verification wrote next to a backup that was deleted meanwhile (best effort)."""
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
-    from pgdr.storage.catalog import BackupCatalog
 
     try:
         plan = load_plan()
@@ -326,7 +326,7 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException
 
     from pgdr.airflow_glue.notify import send_slack
-    from pgdr.storage.catalog import BackupCatalog
+    from pgdr.logical.catalog import BackupCatalog
 
     ti = context["ti"]
     group = ti.task_id.rpartition(".")[0]

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from pgdr.logical.catalog import BackupEntry, PartialBackup
 from pgdr.plan import RetentionPolicy
-from pgdr.storage.catalog import BackupEntry, PartialBackup
 
 
 @dataclass

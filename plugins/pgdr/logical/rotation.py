@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from pgdr.errors import PermanentFailure
+from pgdr.logical.catalog import BackupCatalog
 from pgdr.messages import first_line
-from pgdr.storage.catalog import BackupCatalog
 from pgdr.storage.encryption import MasterKeys, rewrap, unlock_backup
 
 log = logging.getLogger(__name__)
