@@ -24,7 +24,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pgdr.logical.catalog import BackupEntry
-from pgdr.messages import format_duration
+from pgdr.messages import duration_or_na, format_duration
+from pgdr.records import achieved_rto, seconds_between
 
 RPO_WINDOW = timedelta(days=30)
 PHASE_ORDER = ("dump", "upload", "checksum", "download", "restore", "checks", "validation", "privileges")
@@ -72,7 +73,7 @@ def control_file(files):
 
 def phase(name: str, started_at: str, finished_at: str, **extra) -> dict[str, Any]:
     """Return one timed phase of a drill."""
-    seconds = (datetime.fromisoformat(finished_at) - datetime.fromisoformat(started_at)).total_seconds()
+    seconds = seconds_between(started_at, finished_at)
     return {"name": name, "started_at": started_at, "finished_at": finished_at, "seconds": round(seconds, 3), **extra}
 
 
@@ -84,8 +85,7 @@ def evaluate(database: str, rto_target_s: float, rpo_target_s: float, phases: li
     rto_s = None
     if failed_phase is None and "checksum" in by_name and "validation" in by_name:
         last = by_name.get("privileges") or by_name["validation"]  # drills before privileges were given back end at validation
-        rto_s = (datetime.fromisoformat(last["finished_at"])
-                 - datetime.fromisoformat(by_name["checksum"]["started_at"])).total_seconds()
+        rto_s = achieved_rto([by_name["checksum"], last])
     checks = {
         "rto": {"target_s": rto_target_s, "achieved_s": rto_s, "met": rto_s is not None and rto_s <= rto_target_s},
         "rpo_newest_verified": {"target_s": rpo_target_s, "achieved_s": rpo["newest_verified_age_s"],
@@ -148,10 +148,6 @@ def action_items(database, checks, rpo, negative_control, failed_phase, validati
 # -- the report -------------------------------------------------------------------------------------
 
 
-def _fmt(seconds) -> str:
-    return format_duration(seconds) if seconds is not None else "n/a"
-
-
 def headline(report: dict[str, Any]) -> list[str]:
     """Return one line per database with the numbers that matter."""
     lines = []
@@ -167,8 +163,8 @@ def headline(report: dict[str, Any]) -> list[str]:
             lines.append(f"server {p['server']} (PITR): FAIL | the rehearsal did not finish: {p['error']}")
             continue
         lines.append(
-            f"server {p['server']} (PITR): {'PASS' if rpo['met'] else 'FAIL'} | RPO achieved {_fmt(rpo['achieved_s'])} / "
-            f"{_fmt(rpo['target_s'])} (drill start minus the newest heartbeat recovered) | recovered in {_fmt(p['recovery_seconds'])}"
+            f"server {p['server']} (PITR): {'PASS' if rpo['met'] else 'FAIL'} | RPO achieved {duration_or_na(rpo['achieved_s'])} / "
+            f"{duration_or_na(rpo['target_s'])} (drill start minus the newest heartbeat recovered) | recovered in {duration_or_na(p['recovery_seconds'])}"
         )
     return lines
 
@@ -176,9 +172,9 @@ def headline(report: dict[str, Any]) -> list[str]:
 def _measures(r: dict[str, Any]) -> tuple[str, str, str, str]:
     """Return one database's RTO and RPO as ``achieved / target``, its worst gap and its control verdict."""
     c = r["checks"]
-    rto, rpo = (f"{_fmt(c[k]['achieved_s'])} / {_fmt(c[k]['target_s'])}" for k in ("rto", "rpo_newest_verified"))
+    rto, rpo = (f"{duration_or_na(c[k]['achieved_s'])} / {duration_or_na(c[k]['target_s'])}" for k in ("rto", "rpo_newest_verified"))
     control = "rejected" if (r["negative_control"] or {}).get("rejected") else "NOT rejected"
-    return rto, rpo, _fmt(c["rpo_worst_gap"]["achieved_s"]), control
+    return rto, rpo, duration_or_na(c["rpo_worst_gap"]["achieved_s"]), control
 
 
 def pitr_rehearsal_failed(server: str, rpo_target_s: float, error: str) -> dict[str, Any]:
@@ -198,8 +194,8 @@ def report_action_items(report: dict[str, Any]) -> list[str]:
     items += [
         f"server {p['server']}: the point-in-time recovery rehearsal did not finish: {p['error']}"
         if p.get("error") else
-        f"server {p['server']}: the point-in-time recovery lost {_fmt(p['rpo']['achieved_s'])} of data, over the RPO of "
-        f"{_fmt(p['rpo']['target_s'])}: check the archiver (pg_stat_archiver) and archive_timeout, and that pgdr_health runs "
+        f"server {p['server']}: the point-in-time recovery lost {duration_or_na(p['rpo']['achieved_s'])} of data, over the RPO of "
+        f"{duration_or_na(p['rpo']['target_s'])}: check the archiver (pg_stat_archiver) and archive_timeout, and that pgdr_health runs "
         "(it writes the heartbeats)" for p in report.get("pitr") or [] if not p["rpo"]["met"]
     ]
     return items
@@ -221,10 +217,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {p['server']} | FAIL: the rehearsal did not finish: {p['error']} | none | n/a | n/a |")
                 continue
             wal = (p.get("recovery") or {}).get("wal_bytes_replayed")
-            lines.append(f"| {p['server']} | {_fmt(p['rpo']['achieved_s'])} / {_fmt(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
-                         f"{_fmt(p['recovery_seconds'])} | {wal / 1e6:.1f} MB |" if wal is not None else
-                         f"| {p['server']} | {_fmt(p['rpo']['achieved_s'])} / {_fmt(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
-                         f"{_fmt(p['recovery_seconds'])} | n/a |")
+            lines.append(f"| {p['server']} | {duration_or_na(p['rpo']['achieved_s'])} / {duration_or_na(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
+                         f"{duration_or_na(p['recovery_seconds'])} | {wal / 1e6:.1f} MB |" if wal is not None else
+                         f"| {p['server']} | {duration_or_na(p['rpo']['achieved_s'])} / {duration_or_na(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
+                         f"{duration_or_na(p['recovery_seconds'])} | n/a |")
     lines += ["", "## Timeline", ""]
     for r in report["databases"]:
         lines.append(f"### {r['database']} (backup `{r['backup_id']}`)")
@@ -307,7 +303,7 @@ def _duration_axis(ax, seconds: list[float]) -> None:
         steps = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
         step = next((st for st in steps if top / st <= 7), 86400 * 7)
         ax.yaxis.set_major_locator(FixedLocator([step * i for i in range(int(top // step) + 1)]))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: _fmt(value) if value > 0 else "0"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: duration_or_na(value) if value > 0 else "0"))
 
 
 def _pitr_panel(ax, points) -> None:
@@ -337,7 +333,7 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
 
         def cell(check):
             met = check["met"]
-            return f"<td class='{'ok' if met else 'bad'}'>{_fmt(check['achieved_s'])} <small>/ {_fmt(check['target_s'])}</small></td>"
+            return f"<td class='{'ok' if met else 'bad'}'>{duration_or_na(check['achieved_s'])} <small>/ {duration_or_na(check['target_s'])}</small></td>"
 
         control = (r["negative_control"] or {}).get("rejected")
         rows.append(
@@ -361,9 +357,9 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
     items = report_action_items(report)
     actions = "".join(f"<li>{e(i)}</li>" for i in items) or "<li>None: every target was met.</li>"
     pitr_rows = "".join(
-        f"<tr><th>{e(p['server'])}</th><td class='{'ok' if p['rpo']['met'] else 'bad'}'>{_fmt(p['rpo']['achieved_s'])} "
-        f"<small>/ {_fmt(p['rpo']['target_s'])}</small></td><td>{e(p.get('error') or p['newest_heartbeat'] or 'none')}</td>"
-        f"<td>{_fmt(p['recovery_seconds'])}</td></tr>"
+        f"<tr><th>{e(p['server'])}</th><td class='{'ok' if p['rpo']['met'] else 'bad'}'>{duration_or_na(p['rpo']['achieved_s'])} "
+        f"<small>/ {duration_or_na(p['rpo']['target_s'])}</small></td><td>{e(p.get('error') or p['newest_heartbeat'] or 'none')}</td>"
+        f"<td>{duration_or_na(p['recovery_seconds'])}</td></tr>"
         for p in report.get("pitr") or []
     )
     pitr_table = (
@@ -404,3 +400,118 @@ thead th {{ font-size: .85rem; color: #5a6478; }} small {{ color: #5a6478; }}
 def report_json(report: dict[str, Any]) -> bytes:
     """Return the drill report as JSON (every number, for other tools)."""
     return json.dumps(report, indent=2, default=str).encode()
+
+
+# -- the phases ---------------------------------------------------------------------------------------
+
+
+def negative_control(manifest, store, data_key: bytes | None, workdir) -> dict[str, Any]:
+    """Corrupt a private copy of one backup file; verification must reject it.
+
+    For an encrypted backup a second control forges the checksum too (as someone who can write to
+    the bucket, but holds no key, could): AES-GCM authentication alone must then reject the copy.
+    """
+    import hashlib
+    import logging
+    from dataclasses import replace
+
+    from pgdr.errors import ChecksumMismatch
+    from pgdr.logical.restore import verify_checksums
+    from pgdr.storage.backends import LocalFolderStore
+
+    log = logging.getLogger(__name__)
+    victim = control_file(manifest.files)
+    private = LocalFolderStore(workdir / "private-copy")
+    data = bytearray(store.get_bytes(victim.key))
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    private.put_bytes(victim.key, bytes(data))
+    controls = [("a flipped bit", victim)]
+    if data_key is not None:
+        controls.append(("a flipped bit with its checksum forged", replace(victim, sha256=hashlib.sha256(data).hexdigest())))
+    messages = []
+    for what, entry in controls:
+        try:
+            verify_checksums(replace(manifest, files=(entry,)), private, workers=1, data_key=data_key)
+        except ChecksumMismatch as err:
+            log.info("Negative control (%s): the corrupted copy of %s was rejected, as it must be: %s", what, victim.name, err)
+            found = "; ".join(p.problem for p in getattr(err, "problems", [])) or str(err)
+            messages.append(f"{what}: rejected, {found[:300]}")
+            continue
+        log.error("Negative control FAILED: a corrupted copy of %s (%s) passed verification.", victim.name, what)
+        return {"rejected": False, "file": victim.name, "message": f"a corrupted copy ({what}) passed verification",
+                "encrypted": data_key is not None}
+    return {"rejected": True, "file": victim.name, "message": " | ".join(messages), "encrypted": data_key is not None}
+
+
+def pitr_rehearsal(server, base_backup: str, start: datetime, recovered: list[datetime], recovery_seconds: float,
+                   timings: dict[str, float], recovery: dict[str, Any]) -> dict[str, Any]:
+    """Return the drill's record of a point-in-time recovery rehearsal of ``server`` to the end of its archive.
+
+    The RPO achieved is the drill's ``start`` minus the newest heartbeat the recovery brought back.
+    """
+    newest = max((at for at in recovered if at <= start), default=None)
+    rpo_s = (start - newest).total_seconds() if newest else None
+    target = server.pitr.rpo.total_seconds()
+    return {
+        "server": server.name, "base_backup": base_backup, "newest_heartbeat": newest.isoformat() if newest else None,
+        "rpo": {"target_s": target, "achieved_s": rpo_s, "met": rpo_s is not None and rpo_s <= target},
+        "recovery_seconds": round(recovery_seconds, 2), "timings": {k: round(v, 2) for k, v in timings.items()},
+        "recovery": recovery,
+    }
+
+
+def unfinished_rehearsals(servers, pitr: list[dict[str, Any]], errors: dict[str, str]) -> list[dict[str, Any]]:
+    """Return a failed record for each of ``servers`` whose rehearsal returned nothing, with its error.
+
+    :param errors: the failed ``rehearse_pitr`` tasks' errors, by ``server <name>`` (or the name).
+    """
+    done = {p["server"] for p in pitr}
+    return [
+        pitr_rehearsal_failed(server.name, server.pitr.rpo.total_seconds(),
+                              errors.get(f"server {server.name}") or errors.get(server.name)
+                              or "the rehearse_pitr task failed; its alert and log say why")
+        for server in servers if server.name not in done
+    ]
+
+
+def drill_report(drill_id: str, run_id: str, scenario: str, started_at: datetime, finished_at: str,
+                 results: list[dict[str, Any]], pitr: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the drill's report: it passes when every database and every PITR rehearsal met its targets."""
+    passed = bool(results) and all(r["status"] == "pass" for r in results) and all(p["rpo"]["met"] for p in pitr)
+    return {"drill_id": drill_id, "run_id": run_id, "scenario": scenario, "started_at": started_at.isoformat(),
+            "finished_at": finished_at, "status": "pass" if passed else "fail", "databases": results, "pitr": pitr}
+
+
+def drill_id_of(started_at: datetime, run_id: str) -> str:
+    """Return a drill's id: its start, then the end of its run id (two drills of one second differ)."""
+    import re
+
+    return started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + re.sub(r"[^A-Za-z0-9]+", "", run_id)[-6:]
+
+
+def store_report(report: dict[str, Any], store, layout) -> tuple[str, str]:
+    """Store the report as JSON, markdown and HTML with the trend chart of every past drill; return (location, HTML)."""
+    import logging
+
+    history = []
+    for obj in store.list(layout.report_key("drills") + "/"):
+        if obj.key.endswith("/drill.json"):
+            try:
+                history.append(json.loads(store.get_bytes(obj.key)))
+            except ValueError:
+                logging.getLogger(__name__).warning("Skipping an unreadable past drill report %s", obj.key)
+    history = sorted([h for h in history if h.get("drill_id") != report["drill_id"]] + [report], key=lambda h: h["started_at"])
+    chart = trend_chart(history)
+    keys = {name: layout.report_key("drills", report["drill_id"], name) for name in ("drill.json", "drill.md", "drill.html", "trend.png")}
+    page = render_html(report, chart)
+    store.put_bytes(keys["drill.json"], report_json(report))
+    store.put_bytes(keys["drill.md"], render_markdown(report).encode())
+    store.put_bytes(keys["drill.html"], page.encode())
+    store.put_bytes(keys["trend.png"], chart)
+    return store.describe(keys["drill.html"]), page
+
+
+def broken_parts(report: dict[str, Any]) -> list[str]:
+    """Return what failed its drill outright (a phase, the negative control, a PITR rehearsal that did not finish)."""
+    broken = [r["database"] for r in report["databases"] if r["failed_phase"] or not (r["negative_control"] or {}).get("rejected")]
+    return broken + [f"server {p['server']}" for p in report["pitr"] if p.get("error")]

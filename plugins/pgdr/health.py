@@ -11,7 +11,7 @@ more than the server's RPO.
 Alerts go out on a **change of state** only: one message when a check starts failing, one
 recovery message when it passes again, never one every five minutes. The last state of every
 check is kept in the alert journal (in the storage target), so it survives worker restarts.
-Each run also emits gauges through Airflow's metrics layer (StatsD or OpenTelemetry, as Airflow
+Each run also emits gauges (:mod:`pgdr.airflow_glue.metrics`) through Airflow's metrics layer (StatsD or OpenTelemetry, as Airflow
 is configured), named ``pgdr.<metric>.<database>``.
 """
 
@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pgdr.messages import first_line, format_duration
+from pgdr.resources import Resources
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,12 @@ class CheckResult:
         return f"health-{self.check}-{self.database}"
 
 
-def check_source(db, plan) -> CheckResult:
+def check_source(db, res: Resources) -> CheckResult:
     """The source database answers a query."""
-    from pgdr.airflow_glue.connections import database_endpoint
     from pgdr.postgres.client import connect
 
     try:
-        endpoint = database_endpoint(db, plan)
+        endpoint = res.database(db)
         with connect(endpoint) as conn:
             conn.execute("SELECT 1")
         return CheckResult("source", db.name, True, f"{endpoint.describe()} answers")
@@ -58,13 +58,12 @@ def check_source(db, plan) -> CheckResult:
         return CheckResult("source", db.name, False, first_line(err))
 
 
-def check_verification_server(db, plan) -> CheckResult:
+def check_verification_server(db, res: Resources) -> CheckResult:
     """Restore tests run on a cluster of their own, not on the production one (``verify_conn_id``)."""
-    from pgdr.airflow_glue.connections import database_endpoint
 
     try:
-        source = database_endpoint(db, plan)
-        verify = database_endpoint(db, plan, conn_id=db.verify_conn_id)
+        source = res.database(db)
+        verify = res.database(db, conn_id=db.verify_conn_id)
     except Exception as err:  # noqa: BLE001
         return CheckResult("verify_server", db.name, False, first_line(err))
     if (source.host, source.port) == (verify.host, verify.port):
@@ -77,12 +76,11 @@ def check_verification_server(db, plan) -> CheckResult:
     return CheckResult("verify_server", db.name, True, f"restore tests run on {verify.host}:{verify.port}, apart from production")
 
 
-def check_storage(db, plan) -> CheckResult:
+def check_storage(db, res: Resources) -> CheckResult:
     """The storage target accepts, returns and deletes a small probe object."""
-    from pgdr.airflow_glue.connections import open_store
 
     try:
-        store, layout = open_store(db.storage, plan)
+        store, layout = res.store(db.storage)
         key = layout.probe_key(f"{db.name}-{uuid.uuid4().hex}")
         payload = b"pgdr health probe"
         store.put_bytes(key, payload)
@@ -99,7 +97,7 @@ def check_storage(db, plan) -> CheckResult:
 SSE_SAMPLE = 100  # objects whose encryption one run asks S3 about (a HEAD each): the newest, then a rotating slice
 
 
-def check_encryption(db, plan, now: datetime) -> CheckResult | None:
+def check_encryption(db, res: Resources, now: datetime) -> CheckResult | None:
     """Every object under the database's prefix is stored with the target's server-side encryption,
     and the newest backup is encrypted client-side when the plan says so. ``None``: nothing to check.
 
@@ -107,7 +105,6 @@ def check_encryption(db, plan, now: datetime) -> CheckResult | None:
     :data:`SSE_SAMPLE` newest objects and a slice of the others that moves on every run: over
     successive runs every object is checked.
     """
-    from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.catalog import BackupCatalog
 
     target = db.storage
@@ -116,7 +113,7 @@ def check_encryption(db, plan, now: datetime) -> CheckResult | None:
     findings: list[str] = []
     checked = 0
     try:
-        store, layout = open_store(target, plan)
+        store, layout = res.store(target)
         if target.kind == "s3" and target.sse:
             objects = sorted(store.list(layout.database_prefix(db.name)), key=lambda o: o.key)
             newest = sorted(objects, key=lambda o: o.modified, reverse=True)[:SSE_SAMPLE]
@@ -152,13 +149,12 @@ def check_encryption(db, plan, now: datetime) -> CheckResult | None:
     return CheckResult("encryption", db.name, True, "; ".join(what), 0.0)
 
 
-def check_backup_ages(db, plan, now: datetime) -> list[CheckResult]:
+def check_backup_ages(db, res: Resources, now: datetime) -> list[CheckResult]:
     """The newest backup is within the RPO; the newest verified one within the verification window."""
-    from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.catalog import BackupCatalog
 
     try:
-        store, layout = open_store(db.storage, plan)
+        store, layout = res.store(db.storage)
         catalog = BackupCatalog(store, layout, db.name)
         backups = catalog.backups()
     except Exception as err:  # noqa: BLE001
@@ -185,7 +181,7 @@ def check_backup_ages(db, plan, now: datetime) -> list[CheckResult]:
         ))
     else:
         results.append(CheckResult("backup_age", db.name, False, "there is no backup at all; run pgdr_backup"))
-    window = plan.health.verify_window.total_seconds()
+    window = res.plan.health.verify_window.total_seconds()
     if verified:
         age = (now - verified[-1].recovery_point).total_seconds()
         results.append(CheckResult(
@@ -198,37 +194,36 @@ def check_backup_ages(db, plan, now: datetime) -> list[CheckResult]:
     return results
 
 
-def check_pitr_server(server, plan, now: datetime, source: str = "pgdr_health") -> tuple[list[CheckResult], dict[str, float]]:
+def check_pitr_server(server, res: Resources, now: datetime, source: str = "pgdr_health") -> tuple[list[CheckResult], dict[str, float]]:
     """Point-in-time recovery of one server: a heartbeat written, the archiver working, the archive's lag within the RPO.
 
     The *WAL archive lag* is how much acknowledged work exists only on the server: the bytes
     written since the end of the newest archived segment, and (when there are any) the seconds
     since that segment was archived. It is the data a server loss would cost now: the RPO achieved.
     """
-    from pgdr.airflow_glue.connections import server_endpoint
-    from pgdr.physical.archive import archived_segment, lsn_to_int, segment_number
+    from pgdr.physical.archive import archived_segment, archiver_state, lsn_to_int, segment_number
     from pgdr.physical.heartbeat import write_heartbeat
     from pgdr.postgres.client import connect
 
     name, rpo = server.name, server.pitr.rpo
     try:
-        endpoint = server_endpoint(server, plan)
+        endpoint = res.server(server)
         write_heartbeat(endpoint, source)
         with connect(endpoint, application_name="pgdr-health") as conn:
-            row = conn.execute(
-                "SELECT a.archived_count, a.last_archived_wal, a.last_archived_time, a.failed_count, a.last_failed_wal,"
-                " a.last_failed_time, pg_current_wal_lsn()::text, current_setting('archive_mode'),"
+            state = archiver_state(conn)
+            current_lsn, mode, segment_size, server_now = conn.execute(
+                "SELECT pg_current_wal_lsn()::text, current_setting('archive_mode'),"
                 " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), clock_timestamp()"
-                " FROM pg_stat_archiver a"
             ).fetchone()
     except Exception as err:  # noqa: BLE001 - the failure is the result
         return [CheckResult("archiver", name, False, f"cannot read the archiver state of server {name!r}: {first_line(err)}")], {}
-    archived, last_wal, last_time, failed, failed_wal, failed_time, current_lsn, mode, segment_size, server_now = row
+    archived, last_wal, last_time = state.archived_count, state.last_archived_wal, state.last_archived_time
+    failed, failed_wal, failed_time = state.failed_count, state.last_failed_wal, state.last_failed_time
     results = []
     if mode not in ("on", "always"):
         results.append(CheckResult("archiver", name, False, f"server {name!r} does not archive WAL (archive_mode = {mode}): "
                                    "point-in-time recovery is impossible. Set the archive_command lines (README) and restart it"))
-    elif failed_time is not None and (last_time is None or failed_time > last_time):
+    elif state.failing:
         results.append(CheckResult(
             "archiver", name, False,
             f"the archive_command of server {name!r} is failing: {failed} failed attempts so far, last on WAL segment "
@@ -270,20 +265,6 @@ def check_free_space(path: Path, min_free_gb: float) -> CheckResult:
     )
 
 
-def emit_metrics(results: list[CheckResult], extra: dict[str, float] | None = None) -> None:
-    """Send gauges through Airflow's metrics layer (a no-op where metrics are off)."""
-    from airflow.sdk.observability import stats
-
-    names = {"backup_age": "backup_age_seconds", "verified_age": "verified_backup_age_seconds", "free_space": "free_space_gb",
-             "catalog": "damaged_backups", "wal_lag": "wal_archive_lag_seconds", "archiver": "archiver_failures"}
-    for result in results:
-        if result.check in names and result.value is not None:
-            stats.gauge(f"pgdr.{names[result.check]}.{result.database}", result.value)
-    for name, value in (extra or {}).items():
-        if value is not None:
-            stats.gauge(f"pgdr.{name}", value)
-
-
 def transitions(results: list[CheckResult], journal) -> tuple[list[CheckResult], list[CheckResult]]:
     """Compare with the stored states; return (newly failing, newly recovered) and store the new states."""
     failing, recovered = [], []
@@ -312,20 +293,19 @@ def transition_message(failing: list[CheckResult], recovered: list[CheckResult])
     return "\n".join(lines)
 
 
-def last_measurements(db, plan) -> dict[str, float | None]:
+def last_measurements(db, res: Resources) -> dict[str, float | None]:
     """Return the last restore duration (verification) and the last drill's RTO and RPO of ``db``."""
     import json
 
-    from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.catalog import BackupCatalog
 
     values: dict[str, float | None] = {}
-    store, layout = open_store(db.storage, plan)
+    store, layout = res.store(db.storage)
     verified = [b for b in BackupCatalog(store, layout, db.name).backups() if b.verification]
-    if verified and verified[-1].verification.get("restore_seconds") is not None:
-        values[f"last_restore_seconds.{db.name}"] = verified[-1].verification["restore_seconds"]
-    target = plan.default_storage or db.storage
-    store, layout = open_store(target, plan)
+    if verified and verified[-1].verification.restore_seconds is not None:
+        values[f"last_restore_seconds.{db.name}"] = verified[-1].verification.restore_seconds
+    target = res.plan.default_storage or db.storage
+    store, layout = res.store(target)
     drills = sorted(o.key for o in store.list(layout.report_key("drills") + "/") if o.key.endswith("/drill.json"))
     if drills:
         report = json.loads(store.get_bytes(drills[-1]))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import re
-import statistics
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -29,10 +28,20 @@ from pathlib import Path
 from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure, PgdrError
-from pgdr.identifiers import MAX_IDENTIFIER_BYTES, QualifiedName, printable
+from pgdr.identifiers import (
+    MAX_IDENTIFIER_BYTES,
+    InvalidIdentifier,
+    QualifiedName,
+    legacy_table_key,
+    parse_qualified_name,
+    printable,
+)
 from pgdr.logical.catalog import BackupCatalog, BackupEntry
 from pgdr.logical.restore import RestoreFailed, restore_command
+from pgdr.messages import SUPERUSER_RESTORE_WARNING, duration_or_na
 from pgdr.postgres.client import PgEndpoint, connect, identifier, passfile_env, pg_tool, run_tool
+from pgdr.postgres.marker import mark, marked_by, marker, unmark
+from pgdr.records import achieved_rto, expected_restore_seconds, phase_seconds
 from pgdr.storage.layout import is_backup_id
 
 log = logging.getLogger(__name__)
@@ -146,12 +155,7 @@ def database_facts(server: PgEndpoint, name: str) -> dict:
 
 def expected_duration(catalog: BackupCatalog) -> float | None:
     """Return the median achieved restore time of this database's verifications (seconds)."""
-    times = [
-        e.verification["restore_seconds"]
-        for e in catalog.backups()
-        if e.verification and e.verification.get("restore_seconds") is not None
-    ]
-    return statistics.median(times) if times else None
+    return expected_restore_seconds(e.verification for e in catalog.backups())
 
 
 # -- restoring ------------------------------------------------------------------------------------
@@ -164,13 +168,10 @@ def create_target(
 
     :param options: the backup's encoding and locale (``BackupNeeds.database_options``).
     """
-    from psycopg import sql
-
     from pgdr.postgres.scratch import create_database
 
     with connect(server.with_dbname("postgres")) as conn:
-        conn.execute("SET synchronous_commit = on")  # the marker must survive a crash (see ScratchDatabase.create)
-        ours = _made_by_run(conn, name, run_id)
+        ours = marked_by(conn, name, TARGET_MARKER, run_id)
         if ours is not None:
             if not ours:
                 raise InvalidRestoreRequest(
@@ -179,9 +180,7 @@ def create_target(
                 )
             conn.execute(f"DROP DATABASE {identifier(name)} WITH (FORCE)")  # our own partial copy
         create_database(conn, name, owner, server, options)
-        conn.execute(
-            sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(f"{TARGET_MARKER} [run {run_id}]"))
-        )
+        mark(conn, name, marker(TARGET_MARKER, run_id))
 
 
 def release_target(server: PgEndpoint, name: str, run_id: str) -> bool:
@@ -191,34 +190,16 @@ def release_target(server: PgEndpoint, name: str, run_id: str) -> bool:
     can take the database for its own half-finished copy and drop it.
     """
     with connect(server.with_dbname("postgres")) as conn:
-        if not _made_by_run(conn, name, run_id):
-            return False
-        conn.execute(f"COMMENT ON DATABASE {identifier(name)} IS NULL")
-    return True
+        return bool(marked_by(conn, name, TARGET_MARKER, run_id)) and unmark(conn, name, TARGET_MARKER)
 
 
 def drop_own_target(server: PgEndpoint, name: str, run_id: str) -> bool:
     """Drop a restore target only if this run created it; say whether it did."""
     with connect(server.with_dbname("postgres")) as conn:
-        if not _made_by_run(conn, name, run_id):
+        if not marked_by(conn, name, TARGET_MARKER, run_id):
             return False
         conn.execute(f"DROP DATABASE {identifier(name)} WITH (FORCE)")
     return True
-
-
-def clear_marker(conn, name: str) -> None:
-    """Remove pgdr's restore-target marker from database ``name``, leaving any other comment as it is."""
-    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)).fetchone()
-    if row is not None and (row[0] or "").startswith(TARGET_MARKER):
-        conn.execute(f"COMMENT ON DATABASE {identifier(name)} IS NULL")
-
-
-def _made_by_run(conn, name: str, run_id: str) -> bool | None:
-    """Say whether database ``name`` carries ``run_id``'s restore-target marker (``None``: no such database)."""
-    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)).fetchone()
-    if row is None:
-        return None
-    return (row[0] or "").startswith(f"{TARGET_MARKER} [run {run_id}]")
 
 
 # pg_restore -l prints "<dump id>; <catalog oid> <oid> <description> <schema> <name> <owner>". The
@@ -381,7 +362,7 @@ def swap_into_place(
                 f"Swapping {restored!r} into place as {live!r} failed and was rolled back ({err}). The live "
                 f"database is unchanged; the restored copy is still available as {restored!r}."
             ) from None
-        clear_marker(conn, live)  # the restored database's own comment (from the backup) stays
+        unmark(conn, live, TARGET_MARKER)  # the restored database's own comment (from the backup) stays
         conn.execute(
             f"COMMENT ON DATABASE {identifier(keep_as)} IS 'kept by pgdr: the live database before a restore; "
             "connections are disabled (ALTER DATABASE ... WITH ALLOW_CONNECTIONS true to look inside)'"
@@ -441,3 +422,467 @@ def render_plan(plan: dict[str, Any]) -> str:
     if plan["dry_run"]:
         lines.append("  DRY RUN         : nothing will be done; trigger again without dry_run to restore.")
     return "\n".join(lines)
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+
+def parse_tables(value: Any) -> list[str]:
+    """Read the form's ``tables`` list: each entry ``schema.table`` as SQL writes it; return their keys."""
+    if value in (None, "", []):
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise InvalidRestoreRequest(f"'tables' must be a list of schema.table names; got {printable(repr(value))}.")
+    keys = []
+    for item in value:
+        if isinstance(item, str) and not item.strip():
+            continue
+        try:
+            keys.append(str(parse_qualified_name(item, "tables entry")))
+        except InvalidIdentifier as err:
+            raise InvalidRestoreRequest(f"{err} Nothing was touched.") from None
+    return list(dict.fromkeys(keys))
+
+
+def check_tables_in_backup(tables: list[str], entry) -> None:
+    """Refuse ``tables`` entries that are not tables of the backup, suggesting the near ones."""
+    known = entry.manifest.row_counts
+    unknown = [t for t in tables if t not in known]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        wanted = parse_qualified_name(key)
+        near = [k for k in known if parse_qualified_name(k).name.lower() == wanted.name.lower()
+                or legacy_table_key(k) == key]
+        if near:
+            hints.append(f"for {printable(key)} did you mean {', '.join(printable(n) for n in sorted(near))}?")
+    listing = ", ".join(printable(k) for k in sorted(known)[:30]) + (" ..." if len(known) > 30 else "")
+    raise InvalidRestoreRequest(
+        f"Not a table of backup {entry.backup_id}: {', '.join(printable(t) for t in unknown)}. "
+        + (" ".join(hints) + " " if hints else "")
+        + "Name tables as schema.table, double-quoting names with upper case, spaces or dots "
+        '(e.g. "Sales Dept"."Customer Accounts"). Views, materialized views and sequences are not '
+        "tables: they come back with the schema of every table-level restore. "
+        f"The backup's tables: {listing}. Nothing was touched."
+    )
+
+
+def read_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
+    """Check the restore form of database ``db`` against the plan; return it with defaults filled in.
+
+    :raises InvalidRestoreRequest: saying what to fix in the form. Nothing is touched.
+    """
+    mode = params.get("mode") or "new-database"
+    if mode not in MODES:
+        raise InvalidRestoreRequest(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    tables = parse_tables(params.get("tables"))
+    known_conns = sorted({d.conn_id for d in plan.databases} | {d.verify_conn_id for d in plan.databases})
+    target_conn_id = params.get("target_conn_id") or db.conn_id
+    if target_conn_id not in known_conns:
+        raise InvalidRestoreRequest(
+            f"target_conn_id {target_conn_id!r} is not a server of the DR plan; choose one of {', '.join(known_conns)}."
+        )
+    if mode == "replace":
+        check_replace_request(db, params.get("confirm"), target_conn_id, tables)
+    restore_roles = bool(params.get("restore_roles"))
+    return {
+        "mode": mode, "tables": tables, "target_conn_id": target_conn_id,
+        "selector": params.get("backup") or "latest-verified", "target_name": params.get("target_name"),
+        "restore_roles": restore_roles, "restore_role_passwords": restore_roles and bool(params.get("restore_role_passwords")),
+        "dry_run": bool(params.get("dry_run")),
+    }
+
+
+def check_replace_request(db, confirm: Any, target_conn_id: str, tables: list[str]) -> None:
+    """Replace mode needs the live name typed exactly, the live server, and the whole database."""
+    if confirm != db.dbname:
+        typed = ""
+        if confirm and str(confirm).strip() == db.dbname:
+            typed = f" (you typed {confirm!r}, with spaces around the name: type it exactly)."
+        elif confirm:
+            typed = f" (you typed {printable(str(confirm))!r})."
+        raise InvalidRestoreRequest(
+            f"Replace mode renames the live database {printable(db.dbname)!r} and puts the restored copy in its place. "
+            f"To confirm, type the database name {printable(db.dbname)!r} in the 'confirm' field"
+            + (typed or ".") + " Nothing was touched."
+        )
+    if target_conn_id != db.conn_id:
+        raise InvalidRestoreRequest(
+            "Replace mode works on the live server only; leave target_conn_id empty, or use new-database mode "
+            "to restore onto another server."
+        )
+    if tables:
+        raise InvalidRestoreRequest(
+            "A table-level restore goes into a new database next to the live one (mode new-database); "
+            "copy the rows you need from there. pgdr never overwrites live tables."
+        )
+
+
+def choose_target(server: PgEndpoint, dbname: str, mode: str, target_name: str | None, started: datetime,
+                  live_exists: bool) -> tuple[str, str | None, str]:
+    """Return ``(target, keep live as, what happens)``: the restore's new database and the live one's fate."""
+    if mode == "new-database":
+        target = check_target_name(target_name or default_target_name(dbname, started), dbname)
+        if database_exists(server, target):
+            raise InvalidRestoreRequest(
+                f"The target database {target!r} already exists on {server.host}:{server.port}. pgdr never "
+                "overwrites a database: choose another target_name, or drop that one yourself if it is garbage."
+            )
+        return target, None, f"The live database {dbname!r} is not touched; the backup is restored as {target!r} next to it."
+    target = default_target_name(dbname, started, "restoring")
+    keep_as = default_target_name(dbname, started, "pre_restore")
+    for name in (target, keep_as):
+        if database_exists(server, name):
+            raise InvalidRestoreRequest(f"Database {name!r} already exists; wait a second and trigger again.")
+    fate = (
+        f"The backup is restored as {target!r} and checked. Only if it passes: sessions on {dbname!r} are "
+        f"ended, {dbname!r} is renamed to {keep_as!r} (kept, never dropped, connections disabled) and the "
+        f"restored copy takes the name {dbname!r}."
+        if live_exists
+        else f"The live database {dbname!r} does not exist; the checked restored copy will take its name."
+    )
+    return target, keep_as, fate
+
+
+def backup_needs_of(db, manifest, store, data_key: bytes | None, workdir: Path):
+    """Read what a backup needs of its target (roles, encoding and locale) from its table of contents alone."""
+    from pgdr.logical.privileges import backup_needs, read_toc
+    from pgdr.logical.restore import fetch_toc
+
+    fetch_toc(manifest, store, workdir / "dump", data_key)
+    return backup_needs(read_toc(workdir / "dump"), workdir)
+
+
+def check_roles(needs, server: PgEndpoint, backup_id: str, restore_roles: bool) -> list[str]:
+    """Return the roles ``needs`` names that ``server`` lacks; refuse them unless the form allows creating them."""
+    from pgdr.logical.privileges import missing_roles
+
+    missing = missing_roles(needs, server) if needs else []
+    if missing and not restore_roles:
+        raise InvalidRestoreRequest(
+            f"Backup {backup_id} names {len(missing)} role(s) that server {server.host}:{server.port} does not have "
+            f"(owners or grantees of its objects): {', '.join(printable(r) for r in missing)}. Create them there first "
+            "(from your roles' source of truth, or pg_dumpall --globals-only of the source server), or trigger again with "
+            "restore_roles on: pgdr then creates them as they were on the source server (from the backup's copy of its "
+            "roles; without passwords unless restore_role_passwords is on). Nothing was touched."
+        )
+    return missing
+
+
+def plan_restore(params: dict[str, Any], res, started: datetime, workdir: Path, label=lambda **_: None) -> dict[str, Any]:
+    """Check the whole restore request, choose the backup (or the moment) and the target; return the restore plan.
+
+    Nothing is touched: bad input fails here, saying what to fix. Every later phase works from the
+    returned plan (plain values), so a retry does exactly the same thing.
+
+    :param res: the deployment (:class:`pgdr.resources.Resources`).
+    :param workdir: a private directory for the backup's table of contents and the PITR window.
+    :param label: called with ``database=`` and ``backup_id=`` as soon as they are known (for alerts).
+    """
+    from pgdr.physical.recovery import plan_point_in_time
+    from pgdr.postgres.client import check_restore_role
+
+    db = res.plan.database(params.get("database") or "")
+    label(database=db.name)
+    request = read_request(params, res.plan, db)
+    store, layout = res.store(db.storage)
+    catalog = BackupCatalog(store, layout, db.name)
+    pitr_server = res.plan.pitr_server_of(db.name)
+    moment = parse_timestamp(request["selector"]) if pitr_server is not None else None
+    entry, pitr = None, None
+    if moment is not None:  # the server has a WAL archive: recover it to that very moment instead of taking an older dump
+        pitr = plan_point_in_time(pitr_server, res, moment, workdir / "pitr")
+    else:
+        entry = select_backup(catalog, request["selector"])
+        label(database=db.name, backup_id=entry.backup_id)
+        check_tables_in_backup(request["tables"], entry)
+    server = res.database(db, conn_id=request["target_conn_id"])
+    check_restore_role(res.restorer(db, server), db.restore_as_superuser)
+    live_oid = database_oid(server, db.dbname)
+    target, keep_as, fate = choose_target(server, db.dbname, request["mode"], request["target_name"], started,
+                                          live_oid is not None)
+    needs, unread = None, None
+    if entry is not None:
+        try:
+            needs = backup_needs_of(db, entry.manifest, store, res.data_key(db, entry.manifest), workdir / "toc")
+        except PgdrError as err:  # a damaged backup is check_checksums' to refuse, with every bad file named
+            unread = str(err)
+    missing = check_roles(needs, server, entry.backup_id if entry else "", request["restore_roles"])
+    expected = expected_duration(catalog)
+    if pitr is not None:
+        expected = (pitr["expected_recovery_seconds"] or 0) + (expected or 0) or None
+    return {
+        "database": db.name,
+        "dbname": db.dbname,
+        "backup_id": entry.backup_id if entry else None,  # PITR: the dump of the recovered moment, made by recover_to_moment
+        "recovery_point": entry.manifest.recovery_point.isoformat() if entry else pitr["target"],
+        "backup_status": entry.status if entry else f"point-in-time recovery from base backup {pitr['base_backup']}",
+        "backup_size_bytes": entry.manifest.size if entry else pitr["base_backup_bytes"],
+        "stored_size_bytes": entry.manifest.stored_size if entry else pitr["base_backup_bytes"],
+        "size": entry.manifest.size_summary() if entry else pitr["size"],
+        "pitr": pitr,
+        "selector": request["selector"],
+        "mode": request["mode"],
+        "target_conn_id": request["target_conn_id"],
+        "target_server": f"{server.host}:{server.port}",
+        "target": target,
+        "keep_live_as": keep_as,
+        "live_exists": live_oid is not None,
+        "live_oid": live_oid,
+        "tables": request["tables"],
+        "dry_run": request["dry_run"],
+        "expected_seconds": expected,
+        "rto_target_seconds": db.rto.total_seconds(),
+        "what_happens": fate + (f" {SUPERUSER_RESTORE_WARNING}" if db.restore_as_superuser else ""),
+        "restore_as_superuser": db.restore_as_superuser,
+        "restore_roles": request["restore_roles"],
+        "restore_role_passwords": request["restore_role_passwords"],
+        "roles_to_create": missing,
+        "needs": needs.to_dict() if needs else None,  # PITR: known once the moment is dumped
+        "needs_unread": unread,
+    }
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """Return the restore report as markdown."""
+    plan = report["plan"]
+    lines = [
+        f"# Restore of `{plan['database']}`: {report['status'].upper()}",
+        "",
+        f"- Triggered by: {report['triggered_by']} (run `{report['run_id']}`), through {report.get('via', 'Airflow')}",
+        f"- Backup: `{plan['backup_id']}` ({plan['backup_status']}), recovery point {plan['recovery_point']}",
+        f"- Mode: {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
+        *([f"- **{SUPERUSER_RESTORE_WARNING}**"] if plan.get("restore_as_superuser") else []),
+        f"- Target: `{plan['target']}` on {plan['target_server']}",
+        f"- Achieved RTO: {duration_or_na(report['achieved_rto_seconds'])} against a target of {duration_or_na(report['rto_target_seconds'])}"
+        + ("" if report["rto_met"] is None else (" (met)" if report["rto_met"] else " (**BREACHED**)")),
+    ]
+    if report["failed_phase"]:
+        lines.append(f"- **Failed in phase `{report['failed_phase']}`**; the live database was not changed.")
+    lines += ["", "## Plan", "", plan["what_happens"], "", "## Phases", "", "| phase | seconds |", "| --- | --- |"]
+    lines += [f"| {phase} | {seconds:.1f} |" for phase, seconds in report["phase_seconds"].items()]
+    if report["validation"]:
+        v = report["validation"]
+        lines += ["", "## Validation", "", f"{v['expectations'] - v['failed']} of {v['expectations']} expectations passed on {v['tables']} tables."]
+        lines += [f"- FAILED: {line}" for line in v.get("failures", [])]
+        lines.append(f"Report: {report['validation_report']}")
+    lines += ["", "## Owners, grants and settings", ""] + privileges_lines(report)
+    if report["swap_steps"]:
+        lines += ["", "## Swap", ""] + [f"1. {step}" for step in report["swap_steps"]]
+    lines += ["", "## Final state", ""]
+    for role, facts in report["final_state"].items():
+        state = f"{facts['size_bytes'] / 1e6:.1f} MB" + ("" if facts.get("allows_connections", True) else ", connections disabled") if facts["exists"] else "does not exist"
+        lines.append(f"- {role}: `{facts['name']}`: {state}")
+    return "\n".join(lines) + "\n"
+
+
+def privileges_lines(report: dict[str, Any]) -> list[str]:
+    """Return what the restore gave back besides the rows, for the report."""
+    done = report.get("privileges")
+    lines = []
+    if report.get("roles_created"):
+        passwords = "with their passwords" if report["plan"].get("restore_role_passwords") else (
+            "without passwords: set the application's login password yourself")
+        lines.append(f"- Roles created on the target as the backup's copy of the source server's roles says ({passwords}; "
+                     f"SUPERUSER, CREATEROLE, REPLICATION and BYPASSRLS never given): {', '.join(report['roles_created'])}")
+    if not done:
+        return lines + ["- Not completed (this phase failed or did not run; its alert says why): unless the phase's log says "
+                        "they were applied, the copy is owned by the restore role, without the backup's grants."]
+    lines += [
+        f"- Applied as the server's connection, after the checks: {done['owners']} owners, {done['grants']} grants, "
+        f"{done['default_privileges']} default privileges, {done['database_properties']} database properties "
+        "(settings, grants, comment, connection limit)",
+    ]
+    for role, found in (done.get("app_roles") or {}).items():
+        if isinstance(found, dict):
+            lines.append(f"- Application login `{role}`: the same {found['checked']} privileges as on the live database")
+    if done["superuser_objects"]:
+        lines.append(f"- Created (only a superuser can): {', '.join(done['superuser_objects'])}")
+    if done["skipped_objects"]:
+        lines.append(f"- **Not restored** (on a copy they would start replicating; create them by hand if this copy is the "
+                     f"new primary): {', '.join(done['skipped_objects'])}")
+    return lines
+
+
+def check_app_roles(db, live: PgEndpoint, restored: PgEndpoint) -> dict[str, Any] | None:
+    """The plan's ``app_roles``: each may do on the restored copy what it may do on the live database, or the restore stops.
+
+    :param live: the live database, on its own server, before any swap.
+    """
+    from pgdr.logical.privileges import PrivilegesFailed, app_roles_problem, compare_app_roles
+
+    if not db.app_roles:
+        return None
+    if not database_exists(live, db.dbname):
+        log.warning("app_roles not compared: the live database %s does not exist.", db.dbname)
+        return {"skipped": f"the live database {db.dbname!r} does not exist"}
+    compared = compare_app_roles(live, restored, db.app_roles)
+    problem = app_roles_problem(compared)
+    if problem:
+        raise PrivilegesFailed(problem)
+    for role, found in compared.items():
+        log.info("Application login %s: the same %d privileges on the restored copy as on the live database.", role, found["checked"])
+    return compared
+
+
+# -- the phases -----------------------------------------------------------------------------------
+
+PHASES = ("check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges", "swap_into_place")
+
+
+class RestoreObjects:
+    """What every phase of one restore plan works on: the database, its backup, the target server."""
+
+    def __init__(self, plan: dict[str, Any], res):
+        self.plan, self.res = plan, res
+        self.db = res.plan.database(plan["database"])
+        self.store, self.layout = res.store(self.db.storage)
+        self.catalog = BackupCatalog(self.store, self.layout, self.db.name)
+        self.entry = self.catalog.get(plan["backup_id"])
+        self.server = res.database(self.db, conn_id=plan["target_conn_id"])
+
+    @property
+    def restored(self) -> PgEndpoint:
+        """The restored copy as the restore role sees it (never a superuser)."""
+        return self.res.restorer(self.db, self.server).with_dbname(self.plan["target"])
+
+    def data_key(self, refuse_unencrypted: bool = False) -> bytes | None:
+        return self.res.data_key(self.db, self.entry.manifest, self.catalog if refuse_unencrypted else None)
+
+    def report_key(self, run_id: str, suffix: str) -> str:
+        return self.layout.restore_report_key(self.db.name, self.entry.backup_id, f"{run_stamp(run_id)}{suffix}")
+
+
+def run_stamp(run_id: str) -> str:
+    """Return ``run_id`` as a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
+
+
+def restore_into_target(objs: RestoreObjects, run_id: str, workdir: Path) -> dict[str, Any]:
+    """Download, check the roles, create the target and ``pg_restore`` into it; a failure drops only this run's target.
+
+    The target is created with the source's encoding and locale; roles the backup names that the
+    server lacks are created first (as on the source server, from the backup's ``globals.sql``) when
+    the form allows it (``restore_roles``), or the restore stops.
+    """
+    from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, globals_of, missing_roles, read_toc
+    from pgdr.logical.restore import download_backup, restore_dump
+    from pgdr.postgres.client import check_restore_role
+
+    plan, db, entry, server, target = objs.plan, objs.db, objs.entry, objs.server, objs.restored
+    check_restore_role(target, db.restore_as_superuser)
+    data_key = objs.data_key()  # a missing key fails here, before the target is created
+    dump = workdir / "dump"
+    download = download_backup(entry.manifest, objs.store, dump, workers=max(2, db.dump_jobs), data_key=data_key)
+    needs = backup_needs(read_toc(dump), workdir)
+    missing = missing_roles(needs, server)
+    if missing and not plan.get("restore_roles"):
+        raise MissingRoles(
+            f"Backup {entry.backup_id} names role(s) that server {plan['target_server']} does not have: "
+            f"{', '.join(printable(r) for r in missing)}. Create them, or trigger again with restore_roles on. "
+            "Nothing was created; the live database was not touched."
+        )
+    created = create_roles(server, missing, f"restore {run_id} of {db.name}", globals_of(dump),
+                           with_passwords=bool(plan.get("restore_role_passwords")))
+    create_target(server, plan["target"], run_id, owner=target, options=needs.database_options)
+    try:
+        t0 = time.monotonic()
+        filled = None
+        if plan["tables"]:
+            filled = sorted(restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir))
+        else:
+            restore_dump(target, dump, db.dump_jobs, workdir)
+        restore_s = time.monotonic() - t0
+    except BaseException:
+        drop_own_target(server, plan["target"], run_id)  # a half-restored database is garbage
+        raise
+    log.info("Backup %s restored into %s in %.1fs (download %.1fs).", entry.backup_id, plan["target"], restore_s,
+             download["seconds"])
+    return {"download_seconds": download["seconds"], "restore_seconds": restore_s, "tables_filled": filled,
+            "roles_created": created, "database_options": needs.database_options}
+
+
+def swap_or_rename(server: PgEndpoint, plan: dict[str, Any]) -> dict[str, Any]:
+    """Replace mode's last step: the checked copy takes the live name (the live database is kept renamed)."""
+    if plan["live_exists"]:
+        result = swap_into_place(server, plan["dbname"], plan["target"], plan["keep_live_as"],
+                                 expected_live_oid=plan.get("live_oid"))
+    else:
+        with connect(server.with_dbname("postgres")) as conn:
+            conn.execute(f"ALTER DATABASE {identifier(plan['target'])} RENAME TO {identifier(plan['dbname'])}")
+            unmark(conn, plan["dbname"], TARGET_MARKER)
+        result = {"steps": [f"{plan['target']} renamed to {plan['dbname']} (there was no live database)"]}
+    for step in result["steps"]:
+        log.info("swap: %s", step)
+    return result
+
+
+def plan_of_moment(plan: dict[str, Any], manifest, base_backup: str, recovery: dict, timings: dict,
+                   started: str, finished: str) -> dict[str, Any]:
+    """Return the restore plan of a point-in-time restore once its moment is dumped: restored like any backup."""
+    return {
+        **plan, "backup_id": manifest.backup_id, "recovery_point": manifest.recovery_point.isoformat(),
+        "backup_status": f"dumped from the recovered moment (base backup {base_backup})",
+        "size": manifest.size_summary(), "backup_size_bytes": manifest.size, "stored_size_bytes": manifest.stored_size,
+        "pitr": {**plan["pitr"], "recovery": recovery, "timings": {k: round(v, 2) for k, v in timings.items()},
+                 "started_at": started, "finished_at": finished},
+    }
+
+
+def restore_outcome(plan: dict[str, Any], phases: dict[str, dict | None]) -> tuple[str, str | None, float | None]:
+    """Return ``(status, failed phase, achieved RTO)`` of a restore from what its phases returned.
+
+    The achieved RTO runs from the first phase's start (a point-in-time restore's: its recovery's)
+    to the end of the last phase the mode needs.
+    """
+    needed = [p for p in PHASES if p != "swap_into_place" or plan["mode"] == "replace"]
+    failed_phase = next((p for p in needed if not phases.get(p)), None)
+    status = "dry-run" if plan["dry_run"] else ("failed" if failed_phase else "restored")
+    achieved = None
+    if status == "restored":
+        achieved = achieved_rto([phases[p] for p in needed], began_at=(plan.get("pitr") or {}).get("started_at"))
+    return status, failed_phase if status == "failed" else None, achieved
+
+
+def restore_report(plan: dict[str, Any], phases: dict[str, dict | None], run: dict[str, Any],
+                   final_state: dict[str, Any]) -> dict[str, Any]:
+    """Return the restore's report (stored as JSON, rendered by :func:`render_report`).
+
+    :param run: ``triggered_by``, ``via``, ``run_id``, ``log_url``, ``written_at``.
+    """
+    status, failed_phase, achieved = restore_outcome(plan, phases)
+    return {
+        "status": status,
+        "failed_phase": failed_phase,
+        "triggered_by": run["triggered_by"],
+        "via": run["via"],
+        "run_id": run["run_id"],
+        "log_url": run["log_url"],
+        "plan": plan,
+        "phase_seconds": phase_seconds(phases),
+        "achieved_rto_seconds": achieved,
+        "rto_target_seconds": plan["rto_target_seconds"],
+        "rto_met": None if achieved is None else achieved <= plan["rto_target_seconds"],
+        "validation": (phases["validate_data"] or {}).get("summary"),
+        "validation_report": (phases["validate_data"] or {}).get("report"),
+        "integrity": {k: (phases["check_integrity"] or {}).get(k) for k in ("tables_checked", "rows_checked", "amcheck_ok")},
+        "privileges": phases["apply_privileges"],
+        "roles_created": (phases["restore_backup"] or {}).get("roles_created", []),
+        "swap_steps": (phases["swap_into_place"] or {}).get("steps", []),
+        "final_state": final_state,
+        "written_at": run["written_at"],
+    }
+
+
+def final_state(server: PgEndpoint, plan: dict[str, Any]) -> dict[str, Any]:
+    """Return what the live database, the restored copy and the kept previous live database are now."""
+    state = {"live": database_facts(server, plan["dbname"]), "restored": database_facts(server, plan["target"])}
+    if plan["keep_live_as"]:
+        state["previous_live"] = database_facts(server, plan["keep_live_as"])
+    return state

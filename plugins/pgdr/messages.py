@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _SECRET_PATTERNS = [
     re.compile(r"(://[^:/@\s]+:)[^@\s]+(@)"),  # scheme://user:password@host
@@ -189,3 +190,49 @@ SUPERUSER_RESTORE_WARNING = (
     "WARNING: restore_as_superuser is set for this database: the restore ran as a superuser, so code in the "
     "restored schema ran with superuser rights. Remove the setting unless you trust every owner of its schemas."
 )
+
+
+def duration_or_na(seconds: float | None) -> str:
+    """Return ``seconds`` as a duration, ``n/a`` when unknown."""
+    return format_duration(seconds) if seconds is not None else "n/a"
+
+
+def restore_summary(report: dict[str, Any], location: str) -> str:
+    """Return the Slack text that sums up a restore."""
+    plan = report["plan"]
+    icon = ":white_check_mark:" if report["status"] == "restored" else ":red_circle:"
+    head = f"{icon} [pgdr] Restore of *{plan['database']}* {report['status']}: backup `{plan['backup_id']}` "
+    head += f"(recovery point {plan['recovery_point']}) into `{plan['target']}` ({plan['mode']})"
+    lines = [head, f"Triggered by {report['triggered_by']}. Achieved RTO {duration_or_na(report['achieved_rto_seconds'])}, target {duration_or_na(report['rto_target_seconds'])}."]
+    if plan["mode"] == "replace" and report["status"] == "restored":
+        lines.append(f"`{plan['dbname']}` now holds the restored data; the previous database is kept as `{plan['keep_live_as']}`.")
+    if report["failed_phase"]:
+        lines.append(f"Failed in phase {report['failed_phase']}; the live database was not changed.")
+    lines.append(f"Report: {location}")
+    return "\n".join(lines)
+
+
+def restore_not_planned(plan: dict[str, Any] | None) -> str | None:
+    """Return why a restore has nothing to report on (its planning or its point-in-time recovery failed), or ``None``."""
+    if not plan:
+        return "The restore was not planned (plan_restore failed; its alert and log say why). Nothing was touched."
+    if plan.get("pitr") and not plan.get("backup_id") and not plan["dry_run"]:
+        return (
+            f"The point-in-time recovery of {plan['database']} to {plan['pitr']['target']} UTC failed in recover_to_moment "
+            f"(its alert and log say why); the live database {plan['dbname']!r} was not changed."
+        )
+    return None
+
+
+def drill_summary(report: dict[str, Any], headline: list[str], location: str) -> str:
+    """Return the Slack text of a drill: its verdict, one line per database and server, the report's place."""
+    icon = ":white_check_mark:" if report["status"] == "pass" else ":warning:"
+    return "\n".join([f"{icon} [pgdr] DR drill {report['drill_id']}: {report['status'].upper()}", *headline, f"Report: {location}"])
+
+
+def verification_failed(backup_id: str, database: str, phase: str) -> str:
+    """Return why a verify-restore marked a backup failed."""
+    return (
+        f"Backup {backup_id} of database {database!r} is marked FAILED: phase {phase} did not "
+        "succeed (its own alert and log say why). The backup is kept; do not rely on it for a restore."
+    )

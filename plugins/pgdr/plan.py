@@ -147,6 +147,7 @@ class PitrPolicy:
     incremental_schedule: str | None = "@hourly"
     rpo: timedelta = timedelta(minutes=5)  # the archive may lag the server by at most this
     archive_timeout: timedelta = timedelta(seconds=60)  # the server's setting: an idle server's RPO
+    partial_grace: timedelta = timedelta(hours=6)  # an unfinished base backup older than this is a killed run's
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ def _closest(word: str, choices: set[str]) -> str | None:
 
 _TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health", "servers"}
 _SERVER_KEYS = {"conn_id", "pitr"}
-_PITR_KEYS = {"storage", "keep_window", "full_schedule", "incremental_schedule", "rpo", "archive_timeout"}
+_PITR_KEYS = {"storage", "keep_window", "full_schedule", "incremental_schedule", "rpo", "archive_timeout", "partial_grace"}
 _DRILL_KEYS = {"schedule", "max_duration"}
 _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
@@ -703,7 +704,7 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
             "in the AWS connection's endpoint_url); `make demo` starts a local S3 endpoint for this",
         )
     values: dict[str, Any] = {"storage": storage}
-    for duration_key in ("keep_window", "rpo", "archive_timeout"):
+    for duration_key in ("keep_window", "rpo", "archive_timeout", "partial_grace"):
         if duration_key in fields:
             values[duration_key] = c.duration(fields[duration_key][1], f"{key}.{duration_key}")
     if "full_schedule" in fields:

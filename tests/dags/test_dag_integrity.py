@@ -96,12 +96,15 @@ def test_restore_dag_form_and_structure(dagbag):
 
 
 def test_every_dag_alerts_once_per_run(dagbag):
-    from pgdr.airflow_glue.notify import on_run_failure, on_run_success
+    from pgdr.airflow_glue.notify import RunFailureNotifier, RunRecoveryNotifier, TaskFailureJournal
 
     for dag_id in EXPECTED_DAGS:
         dag = dagbag.dags[dag_id]
-        assert dag.on_failure_callback in (on_run_failure, [on_run_failure]), dag_id
-        assert dag.on_success_callback in (on_run_success, [on_run_success]), dag_id
+        failure, success = (c[0] if isinstance(c, list) else c for c in (dag.on_failure_callback, dag.on_success_callback))
+        assert isinstance(failure, RunFailureNotifier) and isinstance(success, RunRecoveryNotifier), dag_id
+        for task in dag.tasks:
+            callbacks = task.on_failure_callback if isinstance(task.on_failure_callback, list) else [task.on_failure_callback]
+            assert callbacks in ([None], []) or any(isinstance(c, TaskFailureJournal) for c in callbacks), (dag_id, task.task_id)
 
 
 def test_deadlines_come_from_the_plan_when_enabled(monkeypatch):

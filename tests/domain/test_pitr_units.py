@@ -94,7 +94,7 @@ def test_retention_keeps_what_the_window_needs_and_the_newest_verified_chain():
 
 
 def test_what_a_scheduled_run_takes():
-    from pgdr.tasks.basebackup import due_kind
+    from pgdr.physical.basebackup import due_kind
 
     now = datetime(2026, 11, 26, 12, 30, tzinfo=UTC)
     assert due_kind([], "@daily", "@hourly", now) == "full"
@@ -148,13 +148,15 @@ def test_leftover_scratch_clusters_are_removed_only_when_their_run_is_over(tmp_p
         return folder
 
     finished = leftover("a", "killed-run")
+    gone = leftover("f", "deleted-run")  # Airflow no longer knows the run: the same policy as scratch databases
     running = leftover("b", "live-run")
     elsewhere = leftover("c", "killed-run", host="another-worker")
     mine = leftover("d", "killed-run")
     unmarked = tmp_path / "pgdr-cluster-e"
     unmarked.mkdir()
-    removed = remove_leftover_clusters(tmp_path, lambda dag_id, run_id: run_id == "killed-run", keep=mine)
-    assert removed == [finished] and not finished.exists()
+    states = {"killed-run": "failed", "live-run": "running"}
+    removed = remove_leftover_clusters(tmp_path, lambda dag_id, run_id: states[run_id], keep=mine)
+    assert sorted(removed) == sorted([finished, gone]) and not finished.exists() and not gone.exists()
     assert running.exists() and elsewhere.exists() and mine.exists() and unmarked.exists()
 
 

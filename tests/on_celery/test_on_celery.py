@@ -88,8 +88,8 @@ def test_fleet_of_fifty_backed_up_and_verified_once_each_on_both_workers(celery_
     _wait_until_verify_runs_end(celery_cluster, timeout=300)
     for name, entry in entries.items():
         assert entry.status == "verified", (name, entry.verification)
-        assert entry.verification["integrity"]["rows_checked"] == fleet_rows(name), name
-        assert entry.verification["integrity"]["amcheck_ok"] is True, name
+        assert entry.verification.integrity["rows_checked"] == fleet_rows(name), name
+        assert entry.verification.integrity["amcheck_ok"] is True, name
     verify_tis = [t for r in _verify_runs(celery_cluster) if r["run_type"] == "asset_triggered"
                   for t in celery_cluster.task_instances("pgdr_verify_restore", r["dag_run_id"], task_id="verify.record_verification")]
     recorded = [t["rendered_map_index"].split()[0] for t in verify_tis if t["state"] == "success"]
@@ -189,8 +189,8 @@ def test_worker_killed_during_pg_restore_the_retry_verifies_on_the_other_worker(
         last = by_try[max(by_try)]
         assert last["hostname"] == survivor and last["state"] == "success"
         entry = catalogs("ledger").get(backup_id)
-        assert entry.status == "verified" and entry.verification["airflow"]["run_id"] == run_id
-        assert entry.verification["integrity"]["rows_checked"] == 3000000
+        assert entry.status == "verified" and entry.verification.airflow["run_id"] == run_id
+        assert entry.verification.integrity["rows_checked"] == 3000000
         # The killed attempt's scratch database was the run's: the retry re-created it empty, the teardown dropped it.
         assert _scratch_databases(pg_server, "ledger") == []
     finally:

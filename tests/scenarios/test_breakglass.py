@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import backup_into_local_store, source_row_counts
+from pgdr.records import VerificationRecord
 from support import write_plan
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ def breakglass(tmp_path, pg_server):
     from pgdr.storage.backends import LocalFolderStore
     from pgdr.storage.layout import BackupLayout
 
-    BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(backup_id, {"status": "verified"})
+    BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(VerificationRecord.from_dict({"backup_id": backup_id, "status": "verified"}))
     connections = tmp_path / "connections.json"
     connections.write_text(json.dumps({
         "pgdr_shop": json.loads(pg_server.connection_uri("shop")),

@@ -23,6 +23,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import backup_into_local_store, source_row_counts
+from pgdr.records import VerificationRecord
 
 pytestmark = pytest.mark.integration
 
@@ -258,7 +259,7 @@ def test_s3_unreachable_mid_download_during_a_restore(plan, run_dag, pg_server, 
     assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
     store, layout = open_store(p.databases[0].storage)
     entry = BackupCatalog(store, layout, "shop").latest()
-    BackupCatalog(store, layout, "shop").record_verification(entry.backup_id, {"status": "verified"})
+    BackupCatalog(store, layout, "shop").record_verification(VerificationRecord.from_dict({"backup_id": entry.backup_id, "status": "verified"}))
     before = _databases(pg_server)
     slack.clear()
     # check_checksums reads every stored byte once; the endpoint vanishes half way through the

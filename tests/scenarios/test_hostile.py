@@ -106,9 +106,9 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     verify = run_dag("pgdr_verify_restore", run_conf={"database": "hostile", "backup_id": entry.backup_id})
     _ok(verify)
     record = catalog.get(entry.backup_id).verification
-    assert record["status"] == "verified", record
-    assert record["validation"]["failed"] == 0 and len(record["validation"]["user_suites"]) == 2
-    assert record["integrity"]["large_objects"] == 2 and record["integrity"]["amcheck_ok"]
+    assert record.status == "verified", record
+    assert record.validation["failed"] == 0 and len(record.validation["user_suites"]) == 2
+    assert record.integrity["large_objects"] == 2 and record.integrity["amcheck_ok"]
     page = store.get_bytes(layout.validation_key("hostile", entry.backup_id, "report.html")).decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)</script>" not in page
     assert slack.messages == []

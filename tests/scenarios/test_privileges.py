@@ -145,13 +145,13 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
     roles_b = _roles(pg_server_b)
     _ok(run_dag("pgdr_verify_restore", run_conf={"database": "app", "backup_id": entry.backup_id}))
     record = catalog.get(entry.backup_id).verification
-    assert record["status"] == "verified", record
-    privileges = record["privileges"]
+    assert record.status == "verified", record
+    privileges = record.privileges
     assert privileges["owners"] == 11 and privileges["grants"] >= 12 and privileges["default_privileges"] == 2
     assert privileges["database_properties"] == 8  # the scratch database keeps pgdr's marker as its comment
     assert any("EVENT TRIGGER" in o for o in privileges["superuser_objects"])
     assert any("SUBSCRIPTION" in o for o in privileges["skipped_objects"])
-    assert sorted(record["phases"]["restore_backup"]["roles_created"]) == sorted(ROLES)
+    assert sorted(record.phases["restore_backup"]["roles_created"]) == sorted(ROLES)
     assert _roles(pg_server_b) == roles_b
 
     # Onto the server without the roles, restore_roles off: refused in plan_restore, naming them; nothing created.

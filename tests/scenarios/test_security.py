@@ -6,6 +6,7 @@ import json
 
 import psycopg
 import pytest
+from pgdr.records import VerificationRecord
 from psycopg import sql
 
 pytestmark = pytest.mark.integration
@@ -121,7 +122,7 @@ def test_one_damaged_record_does_not_block_an_incident_restore(plan, run_dag, pg
     store, layout = open_store(p.databases[0].storage)
     catalog = BackupCatalog(store, layout, "shop")
     for backup_id in (old, unreadable, newest):
-        catalog.record_verification(backup_id, {"status": "verified"})
+        catalog.record_verification(VerificationRecord.from_dict({"backup_id": backup_id, "status": "verified"}))
     (root / "v1/shop" / old / "manifest.json").write_text("{not json")
     (root / "v1/shop" / unreadable / "verification.json").write_text('{"status": "verif')
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import BUCKET, source_row_counts
+from pgdr.records import VerificationRecord
 from support import copy_backup_as
 
 pytestmark = pytest.mark.integration
@@ -131,8 +132,8 @@ def test_retention_keeps_newest_and_newest_verified_and_removes_stale_partials(p
     old_ids = ["20250101T000000Z-aaaaaa", "20250201T000000Z-bbbbbb"]
     for old_id in old_ids:
         copy_backup_as(store, layout, real.manifest, old_id, datetime.strptime(old_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC))
-    catalog.record_verification(old_ids[0], {"status": "verified"})
-    catalog.record_verification(real.backup_id, {"status": "failed"})
+    catalog.record_verification(VerificationRecord.from_dict({"backup_id": old_ids[0], "status": "verified"}))
+    catalog.record_verification(VerificationRecord.from_dict({"backup_id": real.backup_id, "status": "failed"}))
     # A partial upload from a killed run long ago, and one that may still be in flight.
     store.put_bytes(layout.data_key("shop", "20250301T000000Z-cccccc", "toc.dat"), b"partial")
     in_flight = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-dddddd"

@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import statsd_packets
+from pgdr.records import VerificationRecord
 from support import copy_backup_as
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,7 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
     store, layout = open_store(p.databases[0].storage)
     for name in ("shop", "shop_eu"):
         catalog = BackupCatalog(store, layout, name)
-        catalog.record_verification(catalog.latest().backup_id, {"status": "verified"})
+        catalog.record_verification(VerificationRecord.from_dict({"backup_id": catalog.latest().backup_id, "status": "verified"}))
 
     dag_run = run_dag("pgdr_drill")
     assert str(dag_run.state) == "success", dag_run.states  # a breach is reported, not a crash
@@ -137,7 +138,7 @@ def _stale_backup(p, days: float):
     old_id = f"{when:%Y%m%dT%H%M%SZ}-abcdef"
     copy_backup_as(store, layout, real, old_id, when)
     catalog.delete_backup(real.backup_id)
-    catalog.record_verification(old_id, {"status": "verified", "restore_seconds": 3.5})
+    catalog.record_verification(VerificationRecord.from_dict({"backup_id": old_id, "status": "verified", "restore_seconds": 3.5}))
     return catalog
 
 
@@ -174,7 +175,7 @@ def test_health_alerts_on_change_of_state_only(plan, run_dag, slack, worker_metr
     db = p.databases[0]
     store, layout = open_store(db.storage)
     fresh = take_backup(db, database_endpoint(db), store, layout, db.storage.path.parent / "work2").manifest
-    catalog.record_verification(fresh.backup_id, {"status": "verified", "restore_seconds": 2.5})
+    catalog.record_verification(VerificationRecord.from_dict({"backup_id": fresh.backup_id, "status": "verified", "restore_seconds": 2.5}))
     statsd_packets()
     run_dag("pgdr_health")
     (recovery,) = slack.texts()

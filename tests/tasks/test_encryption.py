@@ -10,6 +10,7 @@ import json
 import psycopg
 import pytest
 from conftest import BUCKET, source_row_counts
+from pgdr.records import VerificationRecord
 from pgdr.storage.encryption import new_master_key
 from support import SseRequiredGateway, aws_connection
 
@@ -71,8 +72,8 @@ def test_encrypted_backup_on_sse_kms_storage_verifies_and_drills(plan, run_dag, 
         verified = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": entry.backup_id})
         assert verified.states["verify.record_verification[0]"] == "success", verified.states
         record = catalog.get(entry.backup_id).verification
-        assert record["status"] == "verified"
-        assert record["integrity"]["rows_checked"] == sum(source_row_counts(pg_server, "shop").values())
+        assert record.status == "verified"
+        assert record.integrity["rows_checked"] == sum(source_row_counts(pg_server, "shop").values())
 
         drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"], "scenario": "latest-verified"})
         assert str(drill.state) == "success", drill.states
@@ -271,7 +272,7 @@ def test_a_drill_without_the_key_fails_before_its_scratch_database(plan, run_dag
 
     store, layout = open_store(p.databases[0].storage)
     catalog = BackupCatalog(store, layout, "shop")
-    catalog.record_verification(catalog.latest().backup_id, {"status": "verified"})
+    catalog.record_verification(VerificationRecord.from_dict({"backup_id": catalog.latest().backup_id, "status": "verified"}))
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k2"))
     drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"], "scenario": "latest-verified"})
     assert drill.states["rehearse.rehearse_backup[0]"] == "failed", drill.states

@@ -48,15 +48,15 @@ def test_base_backups_then_a_verified_point_in_time_recovery(pitr_plan, run_dag,
     entry = catalog.get(new[1].backup_id)
     assert entry.status == "verified", json.dumps(entry.verification, indent=2, default=str)
     record = entry.verification
-    assert record["chain"] == [new[0].backup_id, new[1].backup_id]
-    recovery = record["recovery"]
-    assert recovery["achieved_recovery_point"] <= record["target"] < recovery["stopped_before_commit_at"]
+    assert record.chain == [new[0].backup_id, new[1].backup_id]
+    recovery = record.recovery
+    assert recovery["achieved_recovery_point"] <= record.target < recovery["stopped_before_commit_at"]
     assert recovery["wal_bytes_replayed"] > 0 and recovery["replay_seconds"] > 0
-    assert record["target_check"]["heartbeats_before_target"] >= 1
-    assert record["databases"]["shop"]["integrity"]["amcheck_ok"] is True
-    assert record["databases"]["shop"]["checked_as"] == "pgdr_scratch_reader"
-    assert record["databases"]["shop"]["checked_as_superuser"] is False
-    assert record["databases"]["shop"]["validation"]["failed"] == 0
+    assert record.target_check["heartbeats_before_target"] >= 1
+    assert record.databases["shop"]["integrity"]["amcheck_ok"] is True
+    assert record.databases["shop"]["checked_as"] == "pgdr_scratch_reader"
+    assert record.databases["shop"]["checked_as_superuser"] is False
+    assert record.databases["shop"]["validation"]["failed"] == 0
     assert slack.messages == []
 
 

@@ -8,6 +8,7 @@ import shutil
 import psycopg
 import pytest
 from conftest import backup_into_local_store, source_row_counts
+from pgdr.records import VerificationRecord
 from pgdr.storage.layout import backup_id_time
 from support import copy_backup_as
 
@@ -34,9 +35,7 @@ def shop_backup(tmp_path_factory, pg_server, airflow_db):
 
     root = tmp_path_factory.mktemp("restore-store")
     backup_id = backup_into_local_store(root, pg_server)
-    BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(
-        backup_id, {"status": "verified", "restore_seconds": 4.2}
-    )
+    BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(VerificationRecord.from_dict({"backup_id": backup_id, "status": "verified", "restore_seconds": 4.2}))
     return root, backup_id
 
 

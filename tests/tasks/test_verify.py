@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from conftest import backup_into_local_store, source_row_counts
+from pgdr.records import VerificationRecord
 
 pytestmark = pytest.mark.integration
 
@@ -62,12 +63,12 @@ def test_backup_then_verify_on_s3(plan, run_dag, s3_server, s3_storage, pg_serve
     entry = catalog.get(backup_id)
     assert entry.status == "verified"
     record = entry.verification
-    assert record["integrity"]["rows_checked"] == sum(source_row_counts(pg_server, "shop").values())
-    assert record["integrity"]["amcheck_ok"] is True
-    assert record["validation"]["failed"] == 0 and record["validation"]["expectations"] > 40
-    assert "include/gx/shop/orders.yaml" in record["validation"]["user_suites"]
-    assert record["rto_met"] is True and 0 < record["restore_seconds"] < record["rto_target_seconds"]
-    assert set(record["phases"]) == {"check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges"}
+    assert record.integrity["rows_checked"] == sum(source_row_counts(pg_server, "shop").values())
+    assert record.integrity["amcheck_ok"] is True
+    assert record.validation["failed"] == 0 and record.validation["expectations"] > 40
+    assert "include/gx/shop/orders.yaml" in record.validation["user_suites"]
+    assert record.rto_met is True and 0 < record.restore_seconds < record.rto_target_seconds
+    assert set(record.phases) == {"check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges"}
     # The GX results and the HTML report are stored next to the backup.
     results = json.loads(store.get_bytes(layout.validation_key("shop", backup_id, "results.json")))
     assert results["summary"]["failed"] == 0
@@ -294,7 +295,7 @@ def test_an_asset_triggered_run_also_takes_backups_whose_events_airflow_dropped(
     for backup_id in ids.values():
         copy_backup_as(store, layout, real.manifest, backup_id,
                        datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC), copy_data=False)
-    catalog.record_verification(ids["ccccc3"], {"status": "verified"})
+    catalog.record_verification(VerificationRecord.from_dict({"backup_id": ids["ccccc3"], "status": "verified"}))
     shutil.rmtree(root / "v1" / "shop" / real_id)  # only the copies: their ages decide
 
     event = SimpleNamespace(extra={"database": "shop", "backup_id": ids["eeeee5"]})
@@ -306,8 +307,8 @@ def test_an_asset_triggered_run_also_takes_backups_whose_events_airflow_dropped(
     # The next run, from the caught-up backup's own (late) event, does not verify it again.
     from pgdr.logical.catalog import BackupCatalog as Catalog
 
-    Catalog(store, layout, "shop").record_verification(ids["ddddd4"], {"status": "verified", "airflow": {"run_id": "r1"}})
-    Catalog(store, layout, "shop").record_verification(ids["eeeee5"], {"status": "verified", "airflow": {"run_id": "r1"}})
+    Catalog(store, layout, "shop").record_verification(VerificationRecord.from_dict({"backup_id": ids["ddddd4"], "status": "verified", "airflow": {"run_id": "r1"}}))
+    Catalog(store, layout, "shop").record_verification(VerificationRecord.from_dict({"backup_id": ids["eeeee5"], "status": "verified", "airflow": {"run_id": "r1"}}))
     late = SimpleNamespace(extra={"database": "shop", "backup_id": ids["ddddd4"]})
     from airflow.sdk.exceptions import AirflowSkipException
 

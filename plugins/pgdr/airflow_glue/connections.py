@@ -207,3 +207,38 @@ def encryption_keys(db: ProtectedDatabase, plan: DRPlan | None = None):
     if not db.encryption_key_conn_id:
         return None
     return master_keys(db.encryption_key_conn_id, f"master keys encrypting the backups of database {db.name!r}", plan)
+
+
+class AirflowResources:
+    """:class:`pgdr.resources.Resources` from Airflow connections: what a task hands the domain."""
+
+    def __init__(self, plan: DRPlan):
+        self.plan = plan
+
+    def database(self, db: ProtectedDatabase, conn_id: str | None = None) -> PgEndpoint:
+        return database_endpoint(db, self.plan, conn_id=conn_id)
+
+    def restorer(self, db: ProtectedDatabase, server: PgEndpoint) -> PgEndpoint:
+        return restore_endpoint(db, self.plan, server)
+
+    def server(self, server: ProtectedServer) -> PgEndpoint:
+        return server_endpoint(server, self.plan)
+
+    def store(self, target: StorageTarget) -> tuple[BackupStore, BackupLayout]:
+        return open_store(target, self.plan)
+
+    def archive(self, server: ProtectedServer):
+        return open_archive(server, self.plan)
+
+    def data_key(self, db: ProtectedDatabase, manifest, catalog=None) -> bytes | None:
+        return backup_data_key(db, manifest, self.plan, catalog)
+
+    def encryption_keys(self, db: ProtectedDatabase):
+        return encryption_keys(db, self.plan)
+
+
+def resources(plan: DRPlan | None = None) -> AirflowResources:
+    """Return the resources of ``plan`` (the deployment's plan by default) through Airflow connections."""
+    from pgdr.plan import load_plan
+
+    return AirflowResources(plan or load_plan())

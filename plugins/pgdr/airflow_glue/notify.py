@@ -1,10 +1,12 @@
 """Airflow callbacks that deliver pgdr's alerts (thin: the words come from :mod:`pgdr.messages`).
 
-* ``on_task_failure`` (every task, once it has no retries left) records the failure with its
+The run and task callbacks are notifiers (``BaseNotifier`` subclasses, Airflow's convention):
+
+* ``TaskFailureJournal`` (every task, once it has no retries left) records the failure with its
   error in the :mod:`alert journal <pgdr.airflow_glue.alert_journal>` and logs it.
-* ``on_run_failure`` (every DAG, once per failed run) sends **one** Slack message naming every
+* ``RunFailureNotifier`` (every DAG, once per failed run) sends **one** Slack message naming every
   failed phase, so fifty failing mapped tasks do not page fifty times.
-* ``on_run_success`` sends a recovery message when a DAG that was failing succeeds again.
+* ``RunRecoveryNotifier`` sends a recovery message when a DAG that was failing succeeds again.
 * ``deadline_warning`` / ``deadline_missed`` are the Deadline Alert callbacks (run by the
   triggerer): Slack, and an SLA-miss e-mail through the smtp provider.
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
+
+from airflow.sdk.bases.notifier import BaseNotifier
 
 from pgdr.messages import TaskFailure, failure_message, first_line
 
@@ -128,9 +132,41 @@ def on_run_success(context) -> None:
         log.exception("pgdr could not send the recovery message.")
 
 
+class _Notifier(BaseNotifier):
+    """A pgdr notifier: nothing templated (the words come from pgdr.messages), so nothing is rendered.
+
+    Rendering would need the DAG's template environment, which the serialized DAG a run-level
+    callback gets (``dag.test()``, the DAG processor) does not have.
+    """
+
+    def render_template_fields(self, context, jinja_env=None) -> None:
+        return None
+
+
+class TaskFailureJournal(_Notifier):
+    """``on_failure_callback`` of every pgdr task: journal the failure for the run's one alert."""
+
+    def notify(self, context) -> None:
+        on_task_failure(context)
+
+
+class RunFailureNotifier(_Notifier):
+    """DAG ``on_failure_callback``: one Slack message per failed run, then mark the DAG failing."""
+
+    def notify(self, context) -> None:
+        on_run_failure(context)
+
+
+class RunRecoveryNotifier(_Notifier):
+    """DAG ``on_success_callback``: a recovery message if the DAG was failing."""
+
+    def notify(self, context) -> None:
+        on_run_success(context)
+
+
 def run_callbacks() -> dict:
-    """Return the DAG-level callbacks every pgdr DAG uses (splat into ``@dag``)."""
-    return {"on_failure_callback": on_run_failure, "on_success_callback": on_run_success}
+    """Return the DAG-level callbacks every pgdr DAG uses (splat into ``@dag``): notifiers, as Airflow's convention is."""
+    return {"on_failure_callback": RunFailureNotifier(), "on_success_callback": RunRecoveryNotifier()}
 
 
 # -- Deadline Alert callbacks (run by the triggerer; context: dag_run dict and deadline) -------------

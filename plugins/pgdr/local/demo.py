@@ -155,6 +155,7 @@ def verify_newest_backups() -> None:
     from pgdr.logical.catalog import VERIFICATION_PHASES, BackupCatalog
     from pgdr.messages import format_duration
     from pgdr.plan import load_plan
+    from pgdr.records import VerificationRecord
 
     plan = load_plan()
     for db in plan.databases:
@@ -163,23 +164,23 @@ def verify_newest_backups() -> None:
         newest = catalog.latest()
         run("pgdr_verify_restore", run_conf={"database": db.name, "backup_id": newest.backup_id})
         entry = catalog.get(newest.backup_id)
-        record = entry.verification or {}
+        record = entry.verification or VerificationRecord(entry.status, entry.backup_id)
         say(f"Verification of '{db.name}' backup {entry.backup_id}: {entry.status.upper()}")
-        if record.get("restore_seconds") is not None:
-            verdict = "within" if record["rto_met"] else "BREACHES"
-            detail(f"restore time   : {format_duration(record['restore_seconds'])} ({verdict} the RTO of {format_duration(record['rto_target_seconds'])})")
+        if record.restore_seconds is not None:
+            verdict = "within" if record.rto_met else "BREACHES"
+            detail(f"restore time   : {format_duration(record.restore_seconds)} ({verdict} the RTO of {format_duration(record.rto_target_seconds)})")
         for phase in VERIFICATION_PHASES:
-            facts = record.get("phases", {}).get(phase)
+            facts = record.phases.get(phase)
             if facts:
                     detail(f"  {phase:<16}: {format_duration(facts['seconds'])}")
-        integrity = record.get("integrity", {})
+        integrity = record.integrity or {}
         if integrity:
             detail(f"integrity      : {integrity['tables_checked']} tables, {integrity['rows_checked']} rows match the manifest; pg_amcheck clean")
-        validation = record.get("validation", {})
+        validation = record.validation or {}
         if validation:
             detail(f"validation     : {validation['expectations'] - validation['failed']} of {validation['expectations']} expectations passed ({', '.join(validation['user_suites'])} + baseline)")
             detail(f"report         : {validation['report']}")
-        privileges = record.get("privileges")
+        privileges = record.privileges
         if privileges:
             given = ", ".join(f"{privileges[key]} {label}" for key, label in (
                 ("owners", "owners"), ("grants", "grants"), ("default_privileges", "default privileges"),

@@ -21,6 +21,7 @@ from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure
 from pgdr.identifiers import legacy_table_key, printable
+from pgdr.records import STATUSES, VerificationRecord
 from pgdr.storage.backends import BackupStore
 from pgdr.storage.encryption import EncryptionRecord, sealed_size
 from pgdr.storage.layout import BackupLayout, backup_id_time, is_backup_id
@@ -267,7 +268,7 @@ class BackupEntry:
 
     manifest: BackupManifest
     status: str  # "unverified", "verified" or "failed"
-    verification: dict[str, Any] | None = None
+    verification: VerificationRecord | None = None
 
     @property
     def backup_id(self) -> str:
@@ -284,17 +285,6 @@ class DamagedBackup:
 
     backup_id: str
     problem: str
-
-
-def _verification(raw: bytes) -> dict[str, Any] | None:
-    """Parse a verification record; ``None`` if it is damaged (it then counts for nothing)."""
-    try:
-        record = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("status") not in ("verified", "failed"):
-        return None
-    return record
 
 
 @dataclass(frozen=True)
@@ -332,13 +322,13 @@ class BackupCatalog:
         verification_key = self.layout.verification_key(self.database, backup_id)
         verification = None
         if (keys is not None and verification_key in keys) or (keys is None and self.store.exists(verification_key)):
-            verification = _verification(self.store.get_bytes(verification_key))
+            verification = VerificationRecord.from_json(self.store.get_bytes(verification_key))
             if verification is None:
                 self.damaged.append(DamagedBackup(
                     backup_id, f"its verification record {self.store.describe(verification_key)} is damaged; "
                     "the backup counts as unverified until pgdr_verify_restore verifies it again",
                 ))
-        status = verification["status"] if verification else "unverified"
+        status = verification.status if verification else "unverified"
         return BackupEntry(manifest, status, verification)
 
     def scan(self) -> tuple[list[BackupEntry], list[PartialBackup]]:
@@ -415,12 +405,12 @@ class BackupCatalog:
         self.store.put_bytes(key, manifest.to_json())
         return key
 
-    def record_verification(self, backup_id: str, record: dict[str, Any]) -> str:
-        """Store the verification record (``status`` is ``verified`` or ``failed``) of a backup."""
-        if record.get("status") not in ("verified", "failed"):
-            raise ValueError(f"verification status must be 'verified' or 'failed', got {record.get('status')!r}")
-        key = self.layout.verification_key(self.database, backup_id)
-        self.store.put_bytes(key, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+    def record_verification(self, record: VerificationRecord) -> str:
+        """Store the verification record of one of this database's backups; return its key."""
+        if record.status not in STATUSES or record.database not in (None, self.database):
+            raise ValueError(f"not a verification record of a backup of {self.database!r}: {record.status!r}, {record.database!r}")
+        key = self.layout.verification_key(self.database, record.backup_id)
+        self.store.put_bytes(key, record.to_json())
         return key
 
     def delete_backup(self, backup_id: str, keys: list[str] | None = None) -> int:

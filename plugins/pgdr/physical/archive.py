@@ -72,6 +72,37 @@ def archiver_bin_dir() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class ArchiverState:
+    """The server's archiver as ``pg_stat_archiver`` shows it: the one place pgdr reads it."""
+
+    archived_count: int
+    last_archived_wal: str | None
+    last_archived_time: datetime | None
+    failed_count: int
+    last_failed_wal: str | None
+    last_failed_time: datetime | None
+
+    @property
+    def failing(self) -> bool:
+        """The last attempt failed: no segment was archived since the last failure."""
+        return self.last_failed_time is not None and (
+            self.last_archived_time is None or self.last_failed_time > self.last_archived_time
+        )
+
+    def new_failures(self, before: ArchiverState) -> int:
+        """Return how many attempts failed since ``before``, while the archiver is still failing (else 0)."""
+        return self.failed_count - before.failed_count if self.failing else 0
+
+
+def archiver_state(conn) -> ArchiverState:
+    """Read ``pg_stat_archiver`` over ``conn`` (a psycopg connection to the server)."""
+    return ArchiverState(*conn.execute(
+        "SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time"
+        " FROM pg_stat_archiver"
+    ).fetchone())
+
+
 def check_archiver_runs_as_server_user(bin_dir: Path, uid: int | None) -> None:
     """Fail, saying why, when the database server's OS user (``uid``) cannot run barman-cloud.
 

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pgdr.errors import DumpFailed, PermanentFailure
-from pgdr.physical.archive import ArchiverFailing, segment_of_lsn
+from pgdr.physical.archive import ArchiverFailing, ArchiverState, archiver_state, segment_of_lsn
 from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry, BaseBackupFile, BaseBackupRecord
 from pgdr.postgres.client import PgEndpoint, connect, endpoint_conninfo, passfile_env, pg_tool, tool_error
 from pgdr.storage.backends import BackupStore, sha256_stream
@@ -47,9 +47,7 @@ class ServerFacts:
     wal_segment_size: int
     archive_mode: str
     summarize_wal: str
-    archived_count: int
-    failed_count: int
-    last_failed_wal: str | None
+    archiver: ArchiverState  # when the backup started
 
 
 def server_facts(endpoint: PgEndpoint) -> ServerFacts:
@@ -60,11 +58,9 @@ def server_facts(endpoint: PgEndpoint) -> ServerFacts:
             " current_setting('server_version_num')::int,"
             " (SELECT timeline_id FROM pg_control_checkpoint()),"
             " (SELECT setting::int * 1 FROM pg_settings WHERE name = 'wal_segment_size'),"
-            " current_setting('archive_mode'), current_setting('summarize_wal', true),"
-            " a.archived_count, a.failed_count, a.last_failed_wal"
-            " FROM pg_stat_archiver a"
+            " current_setting('archive_mode'), current_setting('summarize_wal', true)"
         ).fetchone()
-    return ServerFacts(*row)
+        return ServerFacts(*row, archiver_state(conn))
 
 
 def check_archiving(facts: ServerFacts, endpoint: PgEndpoint, archive_url: str) -> None:
@@ -82,14 +78,11 @@ def _watch_archiver(endpoint: PgEndpoint, facts: ServerFacts, process: subproces
     while not stop.wait(2.0):
         try:
             with connect(endpoint, application_name="pgdr-archiver-watch") as conn:
-                row = conn.execute(
-                    "SELECT failed_count, last_failed_wal, last_failed_time, last_archived_time FROM pg_stat_archiver"
-                ).fetchone()
+                state = archiver_state(conn)
         except Exception:  # noqa: BLE001 - the backup's own connection reports an unreachable server
             continue
-        failed, wal, failed_at, archived_at = row
-        if failed > facts.failed_count and (archived_at is None or failed_at > archived_at):
-            found.append((wal, failed - facts.failed_count))
+        if state.new_failures(facts.archiver) > 0:
+            found.append((state.last_failed_wal, state.new_failures(facts.archiver)))
             if process.poll() is None:
                 process.terminate()
             return
@@ -232,3 +225,34 @@ def download_checked(store: BackupStore, entry: BaseBackupFile, dest: Path) -> N
             f"SHA-256 {sha256[:12]}…, expected {entry.sha256[:12]}…): the stored file changed since it was written. "
             "This base backup (and every incremental one built on it) cannot be trusted; take a new full base backup."
         )
+
+
+def due_kind(entries, full_schedule: str, incremental_schedule: str | None, now: datetime) -> str | None:
+    """Say which base backup a scheduled run takes for a server: ``full``, ``incremental`` or ``None``.
+
+    A full one is due when the newest full base backup ended before the last tick of
+    ``full_schedule``; else an incremental one when the newest base backup of any kind ended
+    before the last tick of ``incremental_schedule``.
+    """
+    from croniter import croniter
+
+    fulls = [e for e in entries if e.record.kind == "full"]
+    if not fulls or fulls[-1].record.finished_at < croniter(full_schedule, now).get_prev(datetime):
+        return "full"
+    if incremental_schedule and entries[-1].record.finished_at < croniter(incremental_schedule, now).get_prev(datetime):
+        return "incremental"
+    return None
+
+
+def parent_for(kind: str, entries, server: str):
+    """Return the base backup an incremental one builds on (the newest not failed); ``None`` for a full one.
+
+    Without any, the incremental one becomes a full one (said in the log).
+    """
+    if kind != "incremental":
+        return None
+    usable = [e for e in entries if e.status != "failed"]
+    if not usable:
+        log.warning("Server %s has no base backup to build an incremental one on: taking a full one.", server)
+        return None
+    return usable[-1]

@@ -25,6 +25,7 @@ from typing import Any
 from pgdr.errors import BackupNotFound
 from pgdr.identifiers import printable
 from pgdr.logical.catalog import ManifestInvalid
+from pgdr.records import STATUSES, VerificationRecord
 from pgdr.storage.backends import BackupStore
 from pgdr.storage.layout import PhysicalLayout, is_backup_id
 
@@ -156,7 +157,7 @@ class BaseBackupEntry:
 
     record: BaseBackupRecord
     status: str  # "unverified", "verified" or "failed"
-    verification: dict[str, Any] | None = None
+    verification: VerificationRecord | None = None
 
     @property
     def backup_id(self) -> str:
@@ -189,11 +190,10 @@ class BaseBackupCatalog:
         verification = None
         if "verification.json" in names:
             try:
-                verification = json.loads(self.store.get_bytes(self.layout.verification_key(self.server, backup_id)))
-            except (ValueError, FileNotFoundError):
+                verification = VerificationRecord.from_json(self.store.get_bytes(self.layout.verification_key(self.server, backup_id)))
+            except FileNotFoundError:  # deleted since the listing
                 verification = None
-        status = verification.get("status") if isinstance(verification, dict) else None
-        return BaseBackupEntry(record, status if status in ("verified", "failed") else "unverified", verification)
+        return BaseBackupEntry(record, verification.status if verification else "unverified", verification)
 
     def backups(self) -> list[BaseBackupEntry]:
         """Return every complete base backup (one with a record), oldest first; damaged records are skipped."""
@@ -246,9 +246,12 @@ class BaseBackupCatalog:
         self.store.put_bytes(key, record.to_json())
         return key
 
-    def record_verification(self, backup_id: str, record: dict[str, Any]) -> str:
-        key = self.layout.verification_key(self.server, backup_id)
-        self.store.put_bytes(key, json.dumps(record, indent=2, default=str).encode())
+    def record_verification(self, record: VerificationRecord) -> str:
+        """Store the verification record of one of this server's base backups; return its key."""
+        if record.status not in STATUSES or record.server not in (None, self.server):
+            raise ValueError(f"not a verification record of a base backup of {self.server!r}: {record.status!r}, {record.server!r}")
+        key = self.layout.verification_key(self.server, record.backup_id)
+        self.store.put_bytes(key, record.to_json())
         return key
 
     def delete_backup(self, backup_id: str) -> int:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pgdr.errors import ChecksumMismatch, PermanentFailure
 from pgdr.physical.archive import lsn_to_int
@@ -37,6 +38,7 @@ from pgdr.physical.catalog import BaseBackupEntry
 from pgdr.postgres.binaries import UNPRIVILEGED_UID, free_port, pg_tool, server_bin_dir_for
 from pgdr.postgres.client import PgEndpoint
 from pgdr.storage.backends import BackupStore
+from pgdr.workdir import run_is_over, state_of_run
 
 log = logging.getLogger(__name__)
 MARKER = "pgdr-cluster.json"
@@ -377,10 +379,11 @@ def _parse_recovery_log(text: str, target_time: datetime | None, seconds: float)
     )
 
 
-def remove_leftover_clusters(root: Path, run_finished: Callable[[str, str], bool], keep: Path | None = None) -> list[Path]:
-    """Stop and remove scratch clusters on this host whose run is finished; return their directories.
+def remove_leftover_clusters(root: Path, run_state: Callable[[str, str], Any], keep: Path | None = None) -> list[Path]:
+    """Stop and remove scratch clusters on this host whose run is over (:func:`pgdr.workdir.run_is_over`); return
+    their directories.
 
-    :param run_finished: says whether the Airflow run ``(dag_id, run_id)`` is over (success or failed).
+    :param run_state: returns the Airflow state of the run ``(dag_id, run_id)`` (it may raise: no such run).
     :param keep: this run's own cluster directory, never removed here.
     """
     removed = []
@@ -394,11 +397,7 @@ def remove_leftover_clusters(root: Path, run_finished: Callable[[str, str], bool
             continue
         if not isinstance(info, dict) or info.get("host") != socket.gethostname():
             continue
-        try:
-            finished = run_finished(str(info.get("dag_id")), str(info.get("run_id")))
-        except Exception:  # noqa: BLE001 - an unknown run is not ours to judge
-            continue
-        if not finished:
+        if not run_is_over(state_of_run(run_state, str(info.get("dag_id")), str(info.get("run_id")))):
             continue
         ScratchCluster(folder, int(info.get("pg_version") or 180000), port=int(info.get("port") or 1)).destroy()
         removed.append(folder)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from pgdr.physical.archive import ArchiverFailing, archived_segment
+from pgdr.physical.archive import ArchiverFailing, archived_segment, archiver_state
 from pgdr.postgres.client import PgEndpoint, connect
 
 HEARTBEAT_DATABASE = "postgres"
@@ -43,19 +43,18 @@ def switch_and_wait_archived(endpoint: PgEndpoint, timeout_s: float) -> str:
     :raises ArchiverFailing: when archiving fails meanwhile, or does not finish in ``timeout_s``.
     """
     with connect(endpoint.with_dbname(HEARTBEAT_DATABASE), application_name="pgdr-switch-wal") as conn:
-        failed_before = conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()[0]
+        before = archiver_state(conn)
         # A WAL record first: switching an empty segment does nothing, and would not wake an archiver
         # that is backing off after failures.
         conn.execute("SELECT pg_logical_emit_message(false, 'pgdr', 'switch')")
         wal = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
         started = time.monotonic()
         while True:
-            archived, failed, failed_wal = conn.execute(
-                "SELECT last_archived_wal, failed_count, last_failed_wal FROM pg_stat_archiver"
-            ).fetchone()
+            state = archiver_state(conn)
+            archived, failed_wal = state.last_archived_wal, state.last_failed_wal
             if archived_segment(archived) is not None and archived_segment(archived) >= wal:
                 return wal
-            if failed > failed_before and time.monotonic() - started > 5:  # not one attempt that a retry fixes
+            if state.failed_count > before.failed_count and time.monotonic() - started > 5:  # not one attempt a retry fixes
                 raise ArchiverFailing(
                     f"The server's archive_command is failing (last failed WAL segment {failed_wal}): WAL piles up on the "
                     "server and nothing after the newest archived segment can be recovered. Check the server's log for "

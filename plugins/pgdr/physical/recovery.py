@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure
+from pgdr.messages import format_duration
 from pgdr.physical.archive import WalArchive, WalSegment, archiver_bin_dir, last_commit_time
 from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry
 from pgdr.physical.cluster import (
@@ -30,6 +32,7 @@ from pgdr.physical.cluster import (
     verify_backup,
 )
 from pgdr.postgres.client import pg_tool
+from pgdr.records import expected_recovery_seconds
 from pgdr.storage.backends import BackupStore
 
 log = logging.getLogger(__name__)
@@ -163,3 +166,36 @@ def recover_cluster(
         result.achieved_point, target.isoformat() if target else "latest", result.wal_bytes_replayed, result.replay_seconds,
     )
     return result
+
+
+def plan_point_in_time(server, res, moment: datetime, workdir: Path) -> dict[str, Any]:
+    """Plan a recovery of ``server`` to ``moment``: the window, the chain, the WAL to replay, the expected time.
+
+    :param res: the deployment (:class:`pgdr.resources.Resources`).
+    :raises TargetOutsideWindow: naming the recoverable window, when ``moment`` lies outside it.
+    """
+    store, layout, archive = res.archive(server)
+    catalog = BaseBackupCatalog(store, layout, server.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    window = recoverable_window(catalog, archive, store, workdir)
+    entry = choose_backup(window, moment)
+    chain = catalog.chain(entry, list(window.backups))
+    size = entry.record.wal_segment_size
+    start = entry.record.start_wal
+    needed = []
+    for segment in (s for s in archive.segments(store) if s.name >= start):
+        needed.append(segment)  # up to the first segment archived after the moment: it holds the moment
+        if segment.stored_at > moment:
+            break
+    expected = expected_recovery_seconds(e.verification for e in window.backups)
+    return {
+        "server": server.name, "target": moment.isoformat(), "base_backup": entry.backup_id,
+        "chain": [e.backup_id for e in chain], "base_backup_bytes": sum(e.record.size for e in chain),
+        "base_backup_ended": entry.record.finished_at.isoformat(),
+        "wal_segments": len(needed), "wal_bytes": len(needed) * size,
+        "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
+        "size": f"base backup chain {', '.join(e.backup_id for e in chain)} ({sum(e.record.size for e in chain) / 1e6:.1f} MB "
+                f"stored), then up to {len(needed)} WAL segments ({len(needed) * size / 1e6:.0f} MB) replayed to the moment",
+        "expected_recovery_seconds": expected,
+        "expected_recovery": format_duration(expected) if expected else "unknown (no PITR verification yet)",
+    }

@@ -10,12 +10,15 @@ needs. Uploads without a record (killed runs) go after a grace period.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pgdr.physical.archive import WalSegment, segment_number
 from pgdr.physical.catalog import BaseBackupEntry
 from pgdr.storage.layout import backup_id_time
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,3 +78,31 @@ def expired_segments(segments: list[WalSegment], delete_before: str | None, segm
         return []
     limit = segment_number(delete_before, segment_size)
     return [s for s in segments if s.number(segment_size) < limit]
+
+
+def apply_pitr_retention(catalog, archive, store, policy, now: datetime) -> dict:
+    """Apply the recovery-window retention of one server (:func:`decide_pitr_retention`); return what it did.
+
+    :param policy: the server's :class:`~pgdr.plan.PitrPolicy` (``keep_window``, ``partial_grace``).
+    """
+    server = catalog.server
+    entries = catalog.backups()
+    decision = decide_pitr_retention(entries, catalog.partial(), policy.keep_window, now, policy.partial_grace)
+    for backup_id, why in decision.delete.items():
+        log.info("Deleting base backup %s of %s: %s.", backup_id, server, why)
+        catalog.delete_backup(backup_id)
+    for backup_id in decision.delete_partial:
+        log.info("Deleting the unfinished base backup %s of %s (no record, older than the grace period).", backup_id, server)
+        catalog.delete_backup(backup_id)
+    segment_size = entries[0].record.wal_segment_size if entries else 16 * 1024 * 1024
+    expired = expired_segments(archive.segments(store), decision.delete_wal_before, segment_size)
+    if expired:
+        log.info("Deleting %d WAL segments older than %s (needed by no kept base backup).", len(expired), decision.delete_wal_before)
+        store.delete([s.key for s in expired])
+    for backup_id, why in decision.keep.items():
+        log.info("Keeping base backup %s of %s: %s.", backup_id, server, why)
+    return {
+        "server": server, "kept": sorted(decision.keep), "deleted": sorted(decision.delete),
+        "deleted_partial": decision.delete_partial, "wal_segments_deleted": len(expired),
+        "oldest_recoverable": decision.oldest_recoverable.isoformat() if decision.oldest_recoverable else None,
+    }

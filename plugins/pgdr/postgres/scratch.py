@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from pgdr.errors import PermanentFailure
 from pgdr.postgres.client import PgEndpoint, connect, identifier
+from pgdr.postgres.marker import mark, marker, run_of
+from pgdr.workdir import run_is_over, state_of_run
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +51,10 @@ class ScratchDatabase:
 
         :param options: the backup's encoding and locale (``BackupNeeds.database_options``).
         """
-        from psycopg import sql
-
         with connect(self.server.with_dbname("postgres")) as conn:
-            # The marker must survive a crash of the server right after: a commit that is only
-            # asynchronous (synchronous_commit = off on the server) can be lost with it.
-            conn.execute("SET synchronous_commit = on")
             conn.execute(f"DROP DATABASE IF EXISTS {identifier(self.name)} WITH (FORCE)")
             create_database(conn, self.name, self.restorer, self.server, options)
-            conn.execute(
-                sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(self.name), sql.Literal(f"{MARKER}: {purpose}"))
-            )
+            mark(conn, self.name, f"{MARKER}: {purpose}")
         log.info("Created scratch database %s on %s:%s.", self.name, self.server.host, self.server.port)
 
     def drop(self) -> bool:
@@ -110,8 +105,8 @@ def create_database(conn, name: str, owner: PgEndpoint | None, admin: PgEndpoint
 
 
 def scratch_comment(purpose: str, run_id: str) -> str:
-    """Return the marker comment of a scratch database created by ``run_id``."""
-    return f"{purpose} [run {run_id}]"
+    """Return what marks a scratch database as ``run_id``'s (:mod:`pgdr.postgres.marker`)."""
+    return marker(purpose, run_id)
 
 
 def drop_leftovers(
@@ -121,11 +116,11 @@ def drop_leftovers(
 
     Candidates carry pgdr's marker comment *and* a name of exactly this database's scheme
     (``pgdr_verify_shop_<8 hex>``, never ``pgdr_verify_shop_eu_...``). A candidate is kept when
-    it belongs to ``current_run_id`` (its other mapped tasks) or to a run that ``run_state`` says
-    is still queued or running: two backfill runs at once never drop each other's databases. A run
-    Airflow no longer knows, or cannot say, is taken as finished.
+    it belongs to ``current_run_id`` (its other mapped tasks) or to a run that is not over
+    (:func:`pgdr.workdir.run_is_over`, the one leftover policy): two backfill runs at once never
+    drop each other's databases.
 
-    :param run_state: returns the Airflow state of a run of the same DAG (``None`` if unknown).
+    :param run_state: returns the Airflow state of a run of the same DAG (it may raise: see ``run_is_over``).
     :return: the names dropped.
     """
     pattern = re.compile(rf"^pgdr_{re.escape(kind)}_{re.escape(database[:40])}_[0-9a-f]{{8}}$")
@@ -140,29 +135,15 @@ def drop_leftovers(
         ).fetchall()
         dropped = []
         for name, description in rows:
-            owner = _RUN_IN_MARKER.search(description)
-            if not pattern.match(name) or owner is None or owner.group(1) == current_run_id:
+            owner = run_of(description)
+            if not pattern.match(name) or owner is None or owner == current_run_id:
                 continue
-            state = _state_of(run_state, owner.group(1))
-            if state in ("queued", "running"):
-                log.info("Keeping scratch database %s: its run %s is still %s.", name, owner.group(1), state)
+            state = state_of_run(run_state, owner)
+            if not run_is_over(state):
+                log.info("Keeping scratch database %s: its run %s is still %s.", name, owner, state)
                 continue
             conn.execute(f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)")
             dropped.append(name)
     for name in dropped:
         log.warning("Dropped scratch database %s left behind by an earlier run that did not finish.", name)
     return dropped
-
-
-_RUN_IN_MARKER = re.compile(r"\[run (.+)\]$")
-
-
-def _state_of(run_state: Callable[[str], str | None] | None, run_id: str) -> str | None:
-    if run_state is None:
-        return None
-    try:
-        state = run_state(run_id)
-    except Exception as err:  # noqa: BLE001 - a run Airflow cannot find is not running
-        log.debug("No state for run %s: %s", run_id, err)
-        return None
-    return str(getattr(state, "value", state)) if state is not None else None

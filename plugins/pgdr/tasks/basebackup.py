@@ -7,34 +7,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID
-from pgdr.tasks.common import _airflow_info, fail_fast, pitr_server_context, task_workdir
+from pgdr.tasks.common import _airflow_info, _now, fail_fast, pitr_server_context, task_workdir
 
 log = logging.getLogger(__name__)
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-def due_kind(entries, full_schedule: str, incremental_schedule: str | None, now: datetime) -> str | None:
-    """Say which base backup a scheduled run takes for a server: ``full``, ``incremental`` or ``None``.
-
-    A full one is due when the newest full base backup ended before the last tick of
-    ``full_schedule``; else an incremental one when the newest base backup of any kind ended
-    before the last tick of ``incremental_schedule``.
-    """
-    from croniter import croniter
-
-    fulls = [e for e in entries if e.record.kind == "full"]
-    if not fulls or fulls[-1].record.finished_at < croniter(full_schedule, now).get_prev(datetime):
-        return "full"
-    if incremental_schedule and entries[-1].record.finished_at < croniter(incremental_schedule, now).get_prev(datetime):
-        return "incremental"
-    return None
-
-
 def run_find_base_backups(context) -> list[dict[str, str]]:
     """Body of ``find_due``: which servers get which base backup in this run."""
+    from pgdr.physical.basebackup import due_kind
     from pgdr.plan import load_plan
 
     params = context["params"]
@@ -62,17 +42,11 @@ def run_base_backup(job: dict[str, str], context) -> dict[str, Any]:
     """Body of ``take_base_backup``: a full or incremental base backup of one server; emits the asset event."""
     from pgdr.airflow_glue.assets import BASE_BACKUP_ASSET
     from pgdr.airflow_glue.connections import server_endpoint
-    from pgdr.physical.basebackup import take_base_backup
+    from pgdr.physical.basebackup import parent_for, take_base_backup
 
     with fail_fast():
         plan, server, store, archive, catalog = pitr_server_context(job["server"], context)
-        parent = None
-        if job["kind"] == "incremental":
-            entries = [e for e in catalog.backups() if e.status != "failed"]
-            if not entries:
-                log.warning("Server %s has no base backup to build an incremental one on: taking a full one.", server.name)
-            else:
-                parent = entries[-1]
+        parent = parent_for(job["kind"], catalog.backups(), server.name)
         with task_workdir(context, f"basebackup-{server.name}") as workdir:
             record = take_base_backup(
                 server.name, server_endpoint(server, plan), store, archive.layout, workdir, archive.url, parent,
@@ -107,29 +81,8 @@ def run_check_stored(backup: dict[str, Any], context) -> dict[str, Any]:
 
 def run_pitr_retention(server_name: str, context) -> dict[str, Any]:
     """Body of ``prune_expired``: the recovery-window retention of one server's base backups and WAL."""
-    from pgdr.physical.retention import decide_pitr_retention, expired_segments
+    from pgdr.physical.retention import apply_pitr_retention
 
     with fail_fast():
         _, server, store, archive, catalog = pitr_server_context(server_name, context)
-        entries = catalog.backups()
-        decision = decide_pitr_retention(entries, catalog.partial(), server.pitr.keep_window, datetime.now(UTC))
-        for backup_id, why in decision.delete.items():
-            log.info("Deleting base backup %s of %s: %s.", backup_id, server.name, why)
-            catalog.delete_backup(backup_id)
-        for backup_id in decision.delete_partial:
-            log.info("Deleting the unfinished base backup %s of %s (no record, older than the grace period).", backup_id, server.name)
-            catalog.delete_backup(backup_id)
-        segment_size = entries[0].record.wal_segment_size if entries else 16 * 1024 * 1024
-        expired = expired_segments(archive.segments(store), decision.delete_wal_before, segment_size)
-        if expired:
-            log.info("Deleting %d WAL segments older than %s (needed by no kept base backup).", len(expired), decision.delete_wal_before)
-            store.delete([s.key for s in expired])
-    for backup_id, why in decision.keep.items():
-        log.info("Keeping base backup %s of %s: %s.", backup_id, server.name, why)
-    return {
-        "server": server.name, "kept": sorted(decision.keep), "deleted": sorted(decision.delete),
-        "deleted_partial": decision.delete_partial, "wal_segments_deleted": len(expired),
-        "oldest_recoverable": decision.oldest_recoverable.isoformat() if decision.oldest_recoverable else None,
-    }
-
-
+        return apply_pitr_retention(catalog, archive, store, server.pitr, datetime.now(UTC))

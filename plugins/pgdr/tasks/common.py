@@ -8,11 +8,9 @@ failure retrying cannot fix pages at once instead of retrying.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pgdr.airflow_glue.notify import on_task_failure
+from pgdr.airflow_glue.notify import TaskFailureJournal
 from pgdr.errors import PermanentFailure
 from pgdr.plan import DRPlan
 from pgdr.runtime import STOP_REQUESTED_ENV_VAR
@@ -40,7 +38,7 @@ def default_args(plan: DRPlan, execution_timeout: timedelta) -> dict[str, Any]:
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": MAX_RETRY_DELAY,
         "execution_timeout": execution_timeout,
-        "on_failure_callback": on_task_failure,
+        "on_failure_callback": TaskFailureJournal(),
     }
 
 
@@ -66,65 +64,24 @@ def fail_fast() -> Iterator[None]:
         raise AirflowFailException(str(err)) from err
 
 
-OWNER_FILE = ".pgdr-owner"
-
-
 @contextmanager
 def task_workdir(context, label: str) -> Iterator[Path]:
     """Yield a private work directory for one task try; it is removed whatever happens.
 
-    A try killed with SIGKILL (an out-of-memory kill, a worker that died) cannot clean up: its
-    directory, with the dump or download and the passfile, stays. Each directory therefore names
-    its owner (host, process id and the process's start time), and every new one removes the
-    directories of owners on this host that no longer run, and only those.
+    It names its owner, and every new one removes the directories of killed tries on this host
+    (:mod:`pgdr.workdir`, "Leftovers").
     """
-    from pgdr.workdir import work_dir_root
+    from pgdr.workdir import claim, remove_dead_workdirs, work_dir_root
 
-    ti = context["ti"]
     root = work_dir_root()
     root.mkdir(parents=True, exist_ok=True)
     remove_dead_workdirs(root)
-    path = Path(tempfile.mkdtemp(prefix=f"pgdr-{label}-{ti.map_index}-", dir=root))
+    path = Path(tempfile.mkdtemp(prefix=f"pgdr-{label}-{context['ti'].map_index}-", dir=root))
     try:
-        (path / OWNER_FILE).write_text(json.dumps(_process_identity(os.getpid())))
+        claim(path)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_identity(pid: int) -> dict[str, Any] | None:
-    """Return this host's name, ``pid`` and the process's start time (``None`` if it does not run)."""
-    try:
-        # Field 22 of /proc/<pid>/stat is the start time: a reused pid has another one.
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        started = stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        started = None
-    return {"host": socket.gethostname(), "pid": pid, "started": started}
-
-
-def remove_dead_workdirs(root: Path) -> list[Path]:
-    """Remove work directories under ``root`` whose owning process on this host no longer runs."""
-    removed = []
-    for owner_file in root.glob(f"pgdr-*/{OWNER_FILE}"):
-        try:
-            owner = json.loads(owner_file.read_text())
-        except (OSError, ValueError):
-            continue  # being written right now, or not ours to judge
-        if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
-            continue
-        if _process_identity(int(owner.get("pid", 0))) == owner:
-            continue
-        shutil.rmtree(owner_file.parent, ignore_errors=True)
-        removed.append(owner_file.parent)
-        log.warning("Removed %s, the work directory of a task that was killed (pid %s).", owner_file.parent, owner.get("pid"))
-    return removed
 
 
 def _airflow_info(context) -> dict[str, Any]:
@@ -141,6 +98,14 @@ def _airflow_info(context) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+@contextmanager
+def timed() -> Iterator[dict[str, Any]]:
+    """Yield a phase's result, to fill in: ``started_at`` now, ``finished_at`` when the block ends without error."""
+    out: dict[str, Any] = {"started_at": _now()}
+    yield out
+    out["finished_at"] = _now()
 
 
 def run_scratch(kind: str, db, plan, context, key: str):
@@ -241,10 +206,7 @@ def recover_scratch_cluster(context, key: str, purpose: str, catalog, entry, sto
     root.mkdir(parents=True, exist_ok=True)
     cluster = ScratchCluster(root / cluster_dir_name(ti.dag_id, ti.run_id, key), entry.record.pg_version, login=login)
 
-    def run_over(dag_id: str, run_id: str) -> bool:
-        return str(ti.get_dagrun_state(dag_id=dag_id, run_id=run_id)).lower().endswith(("success", "failed"))
-
-    remove_leftover_clusters(root, run_over, keep=cluster.root)
+    remove_leftover_clusters(root, lambda dag_id, run_id: ti.get_dagrun_state(dag_id=dag_id, run_id=run_id), keep=cluster.root)
     cluster.destroy()
     cluster.write_marker(ti.dag_id, ti.run_id, purpose)
     try:

@@ -12,8 +12,17 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from pgdr.airflow_glue.connections import (
+    backup_data_key,
+    connection_exists,
+    database_endpoint,
+    encryption_keys,
+    open_store,
+    server_endpoint,
+)
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
 from pgdr.drill import phase
+from pgdr.plan import load_plan
 from pgdr.tasks.common import (
     _airflow_info,
     _now,
@@ -34,7 +43,6 @@ PHASE_TASKS = ("rehearse_backup", "restore_timed", "check_timed", "negative_cont
 def select_databases(params: dict[str, Any]) -> list[str]:
     """Body of ``select_databases``: the plan's databases, or the subset named in the form."""
     from pgdr.incident import InvalidRestoreRequest
-    from pgdr.plan import load_plan
 
     with fail_fast():
         plan = load_plan()
@@ -50,9 +58,7 @@ def select_databases(params: dict[str, Any]) -> list[str]:
 
 
 def _objects(database: str, context):
-    from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.catalog import BackupCatalog
-    from pgdr.plan import load_plan
 
     context[CONTEXT_DATABASE] = database
     plan = load_plan()
@@ -63,7 +69,6 @@ def _objects(database: str, context):
 
 def run_rehearse_backup(database: str, context) -> dict[str, Any]:
     """Body of ``rehearse_backup``: a fresh backup through pgdr_backup's code (or the newest verified one)."""
-    from pgdr.airflow_glue.connections import backup_data_key, database_endpoint, encryption_keys
     from pgdr.logical.backup import take_backup
 
     scenario = (context.get("params") or {}).get("scenario") or "full-restore"
@@ -95,7 +100,6 @@ def run_create_scratch(database: str, context) -> str:
 
 def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
     """Body of ``restore_timed``: checksum, download and restore, each timed."""
-    from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.logical.restore import download_backup, verify_checksums
 
     phases = []
@@ -121,7 +125,6 @@ def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
 
 def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
     """Body of ``check_timed``: integrity checks and validation of the scratch restore, each timed."""
-    from pgdr.airflow_glue.connections import backup_data_key
     from pgdr.checks.integrity import check_integrity
     from pgdr.checks.validation import validate_restored
     from pgdr.logical.restore import give_back_privileges
@@ -155,46 +158,14 @@ def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
 
 
 def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]:
-    """Body of ``negative_control``: corrupt a private copy of one file; verification must reject it.
-
-    For an encrypted backup a second control forges the checksum too (as someone who can write to
-    the bucket, but holds no key, could): AES-GCM authentication alone must then reject the copy.
-    """
-    import hashlib
-    from dataclasses import replace
-
-    from pgdr.airflow_glue.connections import backup_data_key
-    from pgdr.drill import control_file
-    from pgdr.errors import ChecksumMismatch
-    from pgdr.logical.restore import verify_checksums
-    from pgdr.storage.backends import LocalFolderStore
+    """Body of ``negative_control``: a corrupted private copy of one file must be rejected (:func:`pgdr.drill.negative_control`)."""
+    from pgdr.drill import negative_control
 
     with fail_fast():
         plan, db, store, _layout, catalog = _objects(database, context)
         manifest = catalog.get(backup["backup_id"]).manifest
-        data_key = backup_data_key(db, manifest, plan)
-        victim = control_file(manifest.files)
         with task_workdir(context, f"drill-control-{database}") as workdir:
-            private = LocalFolderStore(workdir / "private-copy")
-            data = bytearray(store.get_bytes(victim.key))
-            data[len(data) // 2] ^= 0x01  # one flipped bit
-            private.put_bytes(victim.key, bytes(data))
-            controls = [("a flipped bit", victim)]
-            if data_key is not None:
-                controls.append(("a flipped bit with its checksum forged", replace(victim, sha256=hashlib.sha256(data).hexdigest())))
-            messages = []
-            for what, entry in controls:
-                try:
-                    verify_checksums(replace(manifest, files=(entry,)), private, workers=1, data_key=data_key)
-                except ChecksumMismatch as err:
-                    log.info("Negative control (%s): the corrupted copy of %s was rejected, as it must be: %s", what, victim.name, err)
-                    found = "; ".join(p.problem for p in getattr(err, "problems", [])) or str(err)
-                    messages.append(f"{what}: rejected, {found[:300]}")
-                    continue
-                log.error("Negative control FAILED: a corrupted copy of %s (%s) passed verification.", victim.name, what)
-                return {"rejected": False, "file": victim.name, "message": f"a corrupted copy ({what}) passed verification",
-                        "encrypted": data_key is not None}
-    return {"rejected": True, "file": victim.name, "message": " | ".join(messages), "encrypted": data_key is not None}
+            return negative_control(manifest, store, backup_data_key(db, manifest, plan), workdir)
 
 
 def run_drop_scratch(database: str, context) -> bool:
@@ -228,122 +199,67 @@ def run_measure(database: str, context, started_at: str) -> dict[str, Any]:
 def run_rehearse_pitr(server_name: str, context, started_at: str) -> dict[str, Any]:
     """Body of ``rehearse_pitr``: recover the server's newest chain to the end of its archive ("latest") in a
     scratch cluster and measure the RPO achieved: the drill's start minus the newest heartbeat recovered."""
-    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.drill import pitr_rehearsal
+    from pgdr.errors import BackupNotFound
     from pgdr.physical.heartbeat import heartbeats, write_heartbeat
     from pgdr.tasks.common import pitr_server_context, recover_scratch_cluster
 
-    ti = context["ti"]
     began = time.monotonic()
     with fail_fast():
         plan, server, store, archive, catalog = pitr_server_context(server_name, context)
         endpoint = server_endpoint(server, plan)
-        start = datetime.fromisoformat(started_at)
-        write_heartbeat(endpoint, f"pgdr_drill {ti.run_id} (drill start)")
+        write_heartbeat(endpoint, f"pgdr_drill {context['ti'].run_id} (drill start)")
         entries = [e for e in catalog.backups() if e.status != "failed"]
         if not entries:
-            from pgdr.errors import BackupNotFound
-
-            raise BackupNotFound(f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: trigger pgdr_basebackup.")
+            raise BackupNotFound(f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: "
+                                 "trigger pgdr_basebackup.")
         cluster, prepared, result = recover_scratch_cluster(
             context, server.name, f"drill: recovery of server {server.name} to the end of its archive", catalog, entries[-1],
             store, archive, None, endpoint.user,
         )
         try:
-            recovered = [at for at in heartbeats(cluster.endpoint()) if at <= start]
+            recovered = heartbeats(cluster.endpoint())
         finally:
             cluster.destroy()
-    newest = recovered[-1] if recovered else None
-    rpo_s = (start - newest).total_seconds() if newest else None
-    target = server.pitr.rpo.total_seconds()
-    log.info("PITR rehearsal of %s: newest heartbeat recovered %s, achieved RPO %s s (target %s s).", server.name, newest, rpo_s, target)
-    return {
-        "server": server.name, "base_backup": entries[-1].backup_id, "newest_heartbeat": newest.isoformat() if newest else None,
-        "rpo": {"target_s": target, "achieved_s": rpo_s, "met": rpo_s is not None and rpo_s <= target},
-        "recovery_seconds": round(time.monotonic() - began, 2), "timings": {k: round(v, 2) for k, v in prepared.timings.items()},
-        "recovery": result.to_dict(),
-    }
-
-
-def _unfinished_rehearsals(plan, pitr: list[dict[str, Any]], dag_id: str, run_id: str) -> list[dict[str, Any]]:
-    """Return a failed record for each PITR server of the plan whose rehearsal returned nothing, with its error."""
-    from pgdr.airflow_glue.alert_journal import AlertJournal
-    from pgdr.drill import pitr_rehearsal_failed
-
-    missing = [server for server in plan.servers if server.name not in {p["server"] for p in pitr}]
-    if not missing:
-        return []
-    failures, _storage_error = AlertJournal.for_plan().failures(dag_id, run_id)
-    errors = {f.database: f.error for f in failures if f.task_id == "rehearse_pitr"}
-    return [
-        pitr_rehearsal_failed(server.name, server.pitr.rpo.total_seconds(),
-                              errors.get(f"server {server.name}") or errors.get(server.name)
-                              or "the rehearse_pitr task failed; its alert and log say why")
-        for server in missing
-    ]
+    rehearsal = pitr_rehearsal(server, entries[-1].backup_id, datetime.fromisoformat(started_at), recovered,
+                               time.monotonic() - began, prepared.timings, result.to_dict())
+    log.info("PITR rehearsal of %s: newest heartbeat recovered %s, achieved RPO %s s (target %s s).", server.name,
+             rehearsal["newest_heartbeat"], rehearsal["rpo"]["achieved_s"], rehearsal["rpo"]["target_s"])
+    return rehearsal
 
 
 def run_publish_report(results: list[dict[str, Any]], context, pitr: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail."""
-    import json
-    import re
-
+    """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail; fails a failed drill."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from pgdr.airflow_glue.connections import connection_exists, open_store
+    from pgdr.airflow_glue.alert_journal import AlertJournal
     from pgdr.airflow_glue.notify import send_slack
-    from pgdr.drill import headline, render_html, render_markdown, report_json, trend_chart
-    from pgdr.plan import load_plan
+    from pgdr.drill import broken_parts, drill_id_of, drill_report, headline, store_report, unfinished_rehearsals
+    from pgdr.messages import drill_summary
 
     ti, dag_run = context["ti"], context["dag_run"]
     plan = load_plan()
     store, layout = open_store(plan.default_storage or plan.databases[0].storage, plan)
-    pitr = list(pitr or []) + _unfinished_rehearsals(plan, pitr or [], ti.dag_id, ti.run_id)
+    failures, _ = AlertJournal.for_plan().failures(ti.dag_id, ti.run_id) if len(pitr or []) < len(plan.servers) else ([], None)
+    errors = {f.database: f.error for f in failures if f.task_id == "rehearse_pitr"}
     started_at = (dag_run.start_date or datetime.now(UTC)).astimezone(UTC)
-    drill_id = started_at.strftime("%Y%m%dT%H%M%SZ") + "-" + re.sub(r"[^A-Za-z0-9]+", "", ti.run_id)[-6:]
-    report = {
-        "drill_id": drill_id,
-        "run_id": ti.run_id,
-        "scenario": (context.get("params") or {}).get("scenario") or "full-restore",
-        "started_at": started_at.isoformat(),
-        "finished_at": _now(),
-        "status": "pass" if results and all(r["status"] == "pass" for r in results) and all(p["rpo"]["met"] for p in pitr or []) else "fail",
-        "databases": results,
-        "pitr": pitr,
-    }
-    history = []
-    for obj in store.list(layout.report_key("drills") + "/"):
-        if obj.key.endswith("/drill.json"):
-            try:
-                history.append(json.loads(store.get_bytes(obj.key)))
-            except ValueError:
-                log.warning("Skipping an unreadable past drill report %s", obj.key)
-    history = sorted([h for h in history if h.get("drill_id") != drill_id] + [report], key=lambda h: h["started_at"])
-    chart = trend_chart(history)
-    keys = {name: layout.report_key("drills", drill_id, name) for name in ("drill.json", "drill.md", "drill.html", "trend.png")}
-    store.put_bytes(keys["drill.json"], report_json(report))
-    store.put_bytes(keys["drill.md"], render_markdown(report).encode())
-    page = render_html(report, chart)
-    store.put_bytes(keys["drill.html"], page.encode())
-    store.put_bytes(keys["trend.png"], chart)
-    location = store.describe(keys["drill.html"])
+    report = drill_report(drill_id_of(started_at, ti.run_id), ti.run_id, (context.get("params") or {}).get("scenario") or "full-restore",
+                          started_at, _now(), results, list(pitr or []) + unfinished_rehearsals(plan.servers, pitr or [], errors))
+    location, page = store_report(report, store, layout)
     log.info("Drill report: %s\n%s", location, "\n".join(headline(report)))
-
-    icon = ":white_check_mark:" if report["status"] == "pass" else ":warning:"
-    text = "\n".join([f"{icon} [pgdr] DR drill {drill_id}: {report['status'].upper()}", *headline(report), f"Report: {location}"])
-    send_slack(text, None, context)
+    send_slack(drill_summary(report, headline(report), location), None, context)
     notify = plan.notify
     if notify.smtp_conn_id and notify.email_to and connection_exists(notify.smtp_conn_id):
         from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
         SmtpNotifier(
             from_email=notify.email_from, to=list(notify.email_to), smtp_conn_id=notify.smtp_conn_id,
-            subject=f"[pgdr] DR drill {drill_id}: {report['status'].upper()}", html_content=page,
+            subject=f"[pgdr] DR drill {report['drill_id']}: {report['status'].upper()}", html_content=page,
         ).notify(context)
-    broken = [r["database"] for r in results if r["failed_phase"] or not (r["negative_control"] or {}).get("rejected")]
-    broken += [f"server {p['server']}" for p in pitr if p.get("error")]
+    broken = broken_parts(report)
     if broken:
         raise AirflowFailException(
             f"The DR drill failed for {', '.join(broken)} (a phase or a point-in-time recovery rehearsal failed, or the "
             f"negative control was not rejected). The report lists the action items: {location}"
         )
-    return {"status": report["status"], "report": location, "drill_id": drill_id, "headline": headline(report)}
+    return {"status": report["status"], "report": location, "drill_id": report["drill_id"], "headline": headline(report)}

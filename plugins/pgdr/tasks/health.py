@@ -6,6 +6,8 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from pgdr.airflow_glue.connections import resources
+from pgdr.airflow_glue.metrics import emit_metrics
 from pgdr.airflow_glue.notify import CONTEXT_DATABASE
 from pgdr.tasks.common import fail_fast
 
@@ -22,22 +24,20 @@ def run_health_database(database: str, context) -> list[dict[str, Any]]:
         check_source,
         check_storage,
         check_verification_server,
-        emit_metrics,
         last_measurements,
     )
-    from pgdr.plan import load_plan
 
     context[CONTEXT_DATABASE] = database
     with fail_fast():
-        plan = load_plan()
-        db = plan.database(database)
-    results = [check_source(db, plan), check_verification_server(db, plan), check_storage(db, plan),
-               *check_backup_ages(db, plan, datetime.now(UTC))]
-    encryption = check_encryption(db, plan, datetime.now(UTC))
+        res = resources()
+        db = res.plan.database(database)
+    results = [check_source(db, res), check_verification_server(db, res), check_storage(db, res),
+               *check_backup_ages(db, res, datetime.now(UTC))]
+    encryption = check_encryption(db, res, datetime.now(UTC))
     if encryption is not None:
         results.append(encryption)
     try:
-        extra = last_measurements(db, plan)
+        extra = last_measurements(db, res)
     except Exception as err:  # noqa: BLE001 - metrics must not hide the checks
         log.warning("Could not read the last restore and drill numbers of %s: %s", database, err)
         extra = {}
@@ -51,16 +51,15 @@ def run_health_server(server_name: str, context) -> list[dict[str, Any]]:
     """Body of ``check_server``: heartbeat, archiver and WAL archive lag of one PITR server; emits metrics."""
     from dataclasses import asdict
 
-    from pgdr.health import check_pitr_server, emit_metrics
-    from pgdr.plan import load_plan
+    from pgdr.health import check_pitr_server
     from pgdr.tasks.common import CONTEXT_SERVER
 
     context[CONTEXT_SERVER] = server_name
     context[CONTEXT_DATABASE] = f"server {server_name}"
     with fail_fast():
-        plan = load_plan()
-        server = plan.server(server_name)
-    results, extra = check_pitr_server(server, plan, datetime.now(UTC), f"pgdr_health {context['ti'].run_id}")
+        res = resources()
+        server = res.plan.server(server_name)
+    results, extra = check_pitr_server(server, res, datetime.now(UTC), f"pgdr_health {context['ti'].run_id}")
     emit_metrics(results, extra)
     for r in results:
         log.log(logging.INFO if r.ok else logging.WARNING, "%s server %s: %s: %s", "OK  " if r.ok else "FAIL", server_name, r.check, r.detail)
@@ -71,7 +70,7 @@ def run_health_workers(context) -> list[dict[str, Any]]:
     """Body of ``check_workers``: free space where pgdr keeps its work files."""
     from dataclasses import asdict
 
-    from pgdr.health import check_free_space, emit_metrics
+    from pgdr.health import check_free_space
     from pgdr.plan import load_plan
     from pgdr.workdir import work_dir_root
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID
 from pgdr.errors import PermanentFailure
+from pgdr.records import PITR_KIND, VerificationRecord
 from pgdr.tasks.common import CONTEXT_SERVER, fail_fast, pitr_server_context, task_workdir
 
 log = logging.getLogger(__name__)
@@ -215,19 +216,19 @@ def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
     with fail_fast():
         _, server, store, _, catalog = pitr_server_context(recovery["server"], context)
         context[CONTEXT_BACKUP_ID] = recovery["backup_id"]
-        record = {
-            "status": "verified" if ok else "failed", "kind": "point-in-time recovery", "verified_at": _now(),
-            "server": server.name, "backup_id": recovery["backup_id"], "chain": recovery["chain"],
-            "target": recovery["target"], "window": recovery["window"],
-            "recovery": (cluster_info or {}).get("recovery"), "timings": (cluster_info or {}).get("timings"),
-            "target_check": target_check, "databases": databases,
-            "airflow": {"dag_id": ti.dag_id, "run_id": ti.run_id},
-        }
-        key = catalog.record_verification(recovery["backup_id"], record)
-    log.info("Recorded %s for base backup %s: %s", record["status"], recovery["backup_id"], store.describe(key))
+        record = VerificationRecord(
+            status="verified" if ok else "failed", kind=PITR_KIND, verified_at=_now(),
+            server=server.name, backup_id=recovery["backup_id"], chain=recovery["chain"],
+            target=recovery["target"], window=recovery["window"],
+            recovery=(cluster_info or {}).get("recovery"), timings=(cluster_info or {}).get("timings"),
+            target_check=target_check, databases=databases,
+            airflow={"dag_id": ti.dag_id, "run_id": ti.run_id},
+        )
+        key = catalog.record_verification(record)
+    log.info("Recorded %s for base backup %s: %s", record.status, recovery["backup_id"], store.describe(key))
     if not ok:
         raise AirflowFailException(
             f"Point-in-time recovery of server {server.name!r} from base backup {recovery['backup_id']} was not verified "
             "(the failed task above says why). Recorded as failed next to the base backup."
         )
-    return record
+    return record.to_dict()

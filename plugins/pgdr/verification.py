@@ -1,0 +1,169 @@
+"""Verify-restore: which backups a run proves restorable, and what each phase works on.
+
+A run of ``pgdr_verify_restore`` verifies, in this order of precedence: the backup its form names
+(``database``, ``backup_id``; the newest of the database without an id); the backups named by the
+asset events that triggered it; for a scheduled or backfill run, the backups whose recovery point
+lies in its data interval (a scheduled run only takes those not yet verified, as a safety net for
+missed events). The phases themselves (checksums, restore into a scratch database, integrity,
+validation, owners and grants) and the record they leave (:class:`pgdr.records.VerificationRecord`)
+are shared with the incident restore and the drill.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pgdr.errors import BackupNotFound, PlanError
+from pgdr.logical.catalog import BackupCatalog, BackupEntry
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_WINDOW = timedelta(hours=24)
+
+
+class NothingToVerify(Exception):
+    """This run has no backup to verify; the message says why (the task is skipped, not failed)."""
+
+
+def named_target(res, database: str | None, backup_id: str | None) -> dict[str, str]:
+    """Return the backup a manual run's form names (``backup_id``, or the newest backup of ``database``)."""
+    plan = res.plan
+    if not database:
+        if len(plan.databases) != 1:
+            raise PlanError(
+                f"Give the 'database' param with backup_id {backup_id!r}: the plan protects {', '.join(plan.database_names)}."
+            )
+        database = plan.databases[0].name
+    db = plan.database(database)
+    store, layout = res.store(db.storage)
+    catalog = BackupCatalog(store, layout, db.name)
+    entry = catalog.get(backup_id) if backup_id else catalog.latest()
+    return {"database": db.name, "backup_id": entry.backup_id}
+
+
+def catalogs(res) -> dict[str, list[BackupEntry]]:
+    """Return every complete backup of each database of the plan (one listing per database)."""
+    found = {}
+    for db in res.plan.databases:
+        store, layout = res.store(db.storage)
+        found[db.name] = BackupCatalog(store, layout, db.name).backups()
+    return found
+
+
+def event_targets(res, named: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Return the backups an asset-triggered run verifies: those its events name and no earlier run verified,
+    and those whose events Airflow dropped (:func:`events_airflow_dropped`), each once."""
+    for target in named:
+        res.plan.database(target["database"])  # an event of a database the plan no longer protects fails the run here
+    listed = catalogs(res)  # one listing per database serves both steps
+    targets = not_yet_verified(named, listed)
+    targets += events_airflow_dropped(res.plan, targets, listed)
+    if not targets:
+        raise NothingToVerify("Every backup this run's events name was verified already by an earlier run.")
+    return [dict(t) for t in {(t["database"], t["backup_id"]): t for t in targets}.values()]
+
+
+def interval_targets(res, start: datetime, end: datetime, backfill: bool) -> list[dict[str, str]]:
+    """Return the backups whose recovery point lies in ``[start, end)``: all for a backfill, else the unverified ones."""
+    targets = []
+    for db in res.plan.databases:
+        store, layout = res.store(db.storage)
+        for entry in BackupCatalog(store, layout, db.name).backups():
+            if start <= entry.recovery_point < end and (backfill or entry.status == "unverified"):
+                targets.append({"database": db.name, "backup_id": entry.backup_id})
+    if not targets:
+        raise NothingToVerify(
+            f"No backup to verify was taken between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC; nothing to do."
+        )
+    return targets
+
+
+def not_yet_verified(targets: list[dict[str, str]], listed: dict[str, list[BackupEntry]]) -> list[dict[str, str]]:
+    """Leave out the event-named backups an earlier run already verified (it caught their dropped events up)."""
+    kept = []
+    for target in targets:
+        entry = next((e for e in listed.get(target["database"], []) if e.backup_id == target["backup_id"]), None)
+        if entry is None or entry.status == "unverified":
+            kept.append(target)  # one deleted or damaged since is kept: its verification says what became of it
+            continue
+        run = entry.verification.run_id if entry.verification else None
+        log.info("Backup %s of %s was %s by %s already; not verifying it again.",
+                 target["backup_id"], target["database"], entry.status, run or "an earlier run")
+    return kept
+
+
+def events_airflow_dropped(plan, named: list[dict[str, str]], listed: dict[str, list[BackupEntry]],
+                           now: datetime | None = None) -> list[dict[str, str]]:
+    """Return the backups an asset-triggered run must verify although no event of its names them.
+
+    Airflow 3.3 drops asset events that arrive between the moment a run is queued for earlier
+    events and the moment it is created (apache/airflow#56050, fixed in 3.4): with a fleet backed
+    up in a burst, the last backups of the burst would then wait for the daily safety-net run. So
+    every asset-triggered run also takes, per database, the unverified backups of the last 24 hours
+    that are newer than the database's newest verified (or failed) one. Runs of this DAG never
+    overlap (``max_active_runs=1``), so no other run is verifying those.
+    """
+    named_keys = {(t["database"], t["backup_id"]) for t in named}
+    since = (now or datetime.now(UTC)) - CATCH_UP_WINDOW
+    found = []
+    for db in plan.databases:
+        entries = listed[db.name]
+        looked_at = [e.recovery_point for e in entries if e.status != "unverified"]
+        newest_looked_at = max(looked_at) if looked_at else None
+        for entry in entries:
+            if (entry.status == "unverified" and entry.recovery_point >= since
+                    and (newest_looked_at is None or entry.recovery_point > newest_looked_at)
+                    and (db.name, entry.backup_id) not in named_keys):
+                found.append({"database": db.name, "backup_id": entry.backup_id})
+    if found:
+        log.warning(
+            "Also verifying %d backup(s) whose asset events Airflow did not deliver to this run "
+            "(apache/airflow#56050): %s", len(found), ", ".join(f"{t['database']} {t['backup_id']}" for t in found),
+        )
+    return found
+
+
+class VerifyObjects:
+    """What one phase of one verification works on: the database, its store and the backup."""
+
+    def __init__(self, target: dict[str, str], res):
+        self.res, self.target = res, target
+        self.db = res.plan.database(target["database"])
+        self.store, self.layout = res.store(self.db.storage)
+        self.catalog = BackupCatalog(self.store, self.layout, self.db.name)
+        try:
+            self.entry = self.catalog.get(target["backup_id"])
+        except BackupNotFound:  # found by find_backups: it was deleted since
+            raise BackupNotFound(
+                f"Backup {target['backup_id']} of database {target['database']!r} was deleted while it was being "
+                "verified (retention in pgdr_backup's prune_expired, or someone with access to the storage). Nothing "
+                "is recorded for it. If the deletion was not expected, find out what deletes backups."
+            ) from None
+
+    @property
+    def purpose(self) -> str:
+        return f"verify {self.target['database']} backup {self.target['backup_id']}"
+
+    def data_key(self, refuse_unencrypted: bool = False) -> bytes | None:
+        return self.res.data_key(self.db, self.entry.manifest, self.catalog if refuse_unencrypted else None)
+
+
+def forget_vanished_backup(res, target: dict[str, str]) -> None:
+    """Remove what a verification wrote next to a backup that was deleted meanwhile (best effort)."""
+    try:
+        store, layout = res.store(res.plan.database(target["database"]).storage)
+        BackupCatalog(store, layout, target["database"]).delete_backup(target["backup_id"])
+    except Exception as err:  # noqa: BLE001 - retention removes what has no manifest anyway
+        log.warning("Could not remove the leftovers of deleted backup %s: %s", target["backup_id"], err)
+
+
+def validation_extra(db, run_id: str) -> dict[str, Any]:
+    """Return what a verification's validation report says beside the results: the run, and a superuser warning."""
+    from pgdr.messages import SUPERUSER_RESTORE_WARNING
+
+    extra = {"Airflow run": run_id}
+    if db.restore_as_superuser:
+        extra["Warning"] = SUPERUSER_RESTORE_WARNING
+    return extra
