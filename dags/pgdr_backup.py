@@ -36,15 +36,15 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, task, task_group
 from pgdr.airflow_glue.assets import BACKUP_ASSET
-from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.deadlines import dag_deadline
+from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.airflow_glue.pools import databases_by_server, pool_name
 from pgdr.plan import load_plan
-from pgdr.tasks.common import default_args
+from pgdr.tasks import call
 
 PLAN = load_plan()
 # A backup run slower than the tightest RPO breaks that RPO by itself.
-WINDOW = min(db.rpo for db in PLAN.databases)
 
 
 @dag(
@@ -55,7 +55,7 @@ WINDOW = min(db.rpo for db in PLAN.databases)
     max_active_runs=1,
     tags=["pgdr", "backup", "disaster-recovery"],
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=4)),
-    deadline=deadline_alerts(PLAN, "pgdr_backup", WINDOW, "RPO", scope_of(PLAN.database_names)),
+    deadline=dag_deadline(PLAN, "pgdr_backup"),
     **run_callbacks(),
     doc_md=__doc__,
 )
@@ -63,18 +63,12 @@ def pgdr_backup():
     @task(outlets=[BACKUP_ASSET], map_index_template="{{ pgdr_database }}")
     def back_up(database: str) -> dict:
         """Dump, compress, checksum and upload one database; write its manifest last."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.backup import run_backup
-
-        return run_backup(database, get_current_context())
+        return call("backup.run_backup", database)
 
     @task(map_index_template="{{ pgdr_database }}")
     def prune_expired(database: str, backup: dict) -> dict:
         """Delete backups the retention policy no longer keeps, and stale partial uploads."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.backup import run_retention
-
-        return run_retention(database, get_current_context())
+        return call("backup.run_retention", database)
 
     # One mapped group per source server: its dumps run in that server's pool, so a fleet never
     # runs more than backup.max_dumps_per_server dumps against one server at once.

@@ -37,14 +37,14 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import MultipleCronTriggerTimetable, Param, dag, task
 from pgdr.airflow_glue.assets import BASE_BACKUP_ASSET
-from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.deadlines import dag_deadline
+from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks.common import default_args
+from pgdr.tasks import call
 
 PLAN = load_plan()
 CRONS = sorted({c for s in PLAN.servers for c in (s.pitr.full_schedule, s.pitr.incremental_schedule) if c})
-WINDOW = min((s.pitr.rpo for s in PLAN.servers), default=timedelta(hours=1))
 
 
 @dag(
@@ -55,7 +55,7 @@ WINDOW = min((s.pitr.rpo for s in PLAN.servers), default=timedelta(hours=1))
     max_active_runs=1,
     tags=["pgdr", "backup", "pitr", "disaster-recovery"],
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=6)),
-    deadline=deadline_alerts(PLAN, "pgdr_basebackup", WINDOW, "RPO", scope_of(PLAN.server_names)) if PLAN.servers else None,
+    deadline=dag_deadline(PLAN, "pgdr_basebackup"),
     **run_callbacks(),
     params={
         "server": Param(None, type=["null", "string"], enum=[None, *PLAN.server_names], title="Server",
@@ -70,34 +70,22 @@ def pgdr_basebackup():
     @task(retries=0)
     def find_due() -> list[dict]:
         """Decide which servers get a full or an incremental base backup in this run."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.basebackup import run_find_base_backups
-
-        return run_find_base_backups(get_current_context())
+        return call("basebackup.run_find_base_backups")
 
     @task(outlets=[BASE_BACKUP_ASSET], map_index_template="{{ pgdr_server }}")
     def take_base_backup(job: dict) -> dict:
         """pg_basebackup, checksum and upload one server's base backup; write its record last."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.basebackup import run_base_backup
-
-        return run_base_backup(job, get_current_context())
+        return call("basebackup.run_base_backup", job)
 
     @task(map_index_template="{{ pgdr_server }}")
     def check_stored(backup: dict) -> dict:
         """pg_verifybackup on the stored bytes of the new base backup."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.basebackup import run_check_stored
-
-        return run_check_stored(backup, get_current_context())
+        return call("basebackup.run_check_stored", backup)
 
     @task(map_index_template="{{ pgdr_server }}")
     def prune_expired(backup: dict, checked: dict) -> dict:
         """Delete base backups and WAL outside the recovery window (never the newest verified chain)."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.basebackup import run_pitr_retention
-
-        return run_pitr_retention(backup["server"], get_current_context())
+        return call("basebackup.run_pitr_retention", backup["server"])
 
     backups = take_base_backup.expand(job=find_due())
     prune_expired.expand(backup=backups, checked=check_stored.expand(backup=backups))

@@ -30,10 +30,11 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, setup, task, task_group, teardown
-from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.deadlines import dag_deadline
+from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks.common import default_args
+from pgdr.tasks import call
 
 PLAN = load_plan()
 
@@ -46,7 +47,7 @@ PLAN = load_plan()
     max_active_runs=1,
     tags=["pgdr", "drill", "disaster-recovery"],
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=4)),
-    deadline=deadline_alerts(PLAN, "pgdr_drill", PLAN.drill.max_duration, "drill limit", scope_of(PLAN.database_names)),
+    deadline=dag_deadline(PLAN, "pgdr_drill"),
     **run_callbacks(),
     params={
         "databases": Param(
@@ -65,92 +66,54 @@ def pgdr_drill():
     @task(retries=0)
     def select_databases() -> list[str]:
         """The databases to rehearse."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import select_databases as select
-
-        return select(get_current_context()["params"])
+        return call("drill.select_databases")
 
     @task(map_index_template="{{ pgdr_database }}")
     def rehearse_backup(database: str) -> dict:
         """A fresh backup (or the newest verified one), timed."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import run_rehearse_backup
-
-        return run_rehearse_backup(database, get_current_context())
+        return call("drill.run_rehearse_backup", database)
 
     @setup
     @task(map_index_template="{{ pgdr_database }}")
     def create_scratch(database: str) -> str:
         """An isolated scratch database for the rehearsal."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import run_create_scratch
-
-        return run_create_scratch(database, get_current_context())
+        return call("drill.run_create_scratch", database)
 
     @task(map_index_template="{{ pgdr_database }}")
     def restore_timed(database: str, backup: dict, scratch: str) -> dict:
         """Checksum, download and restore, each timed."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import run_restore_timed
-
-        return run_restore_timed(database, backup, get_current_context())
+        return call("drill.run_restore_timed", database, backup)
 
     @task(map_index_template="{{ pgdr_database }}")
     def check_timed(database: str, backup: dict, scratch: str) -> dict:
         """Integrity checks and validation, each timed."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import run_check_timed
-
-        return run_check_timed(database, backup, get_current_context())
+        return call("drill.run_check_timed", database, backup)
 
     @task(map_index_template="{{ pgdr_database }}")
     def negative_control(database: str, backup: dict) -> dict:
         """Corrupt a private copy of one file: verification must reject it."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import run_negative_control
-
-        return run_negative_control(database, backup, get_current_context())
+        return call("drill.run_negative_control", database, backup)
 
     @teardown
     @task(map_index_template="{{ pgdr_database }}")
     def drop_scratch(database: str, scratch: str) -> bool:
         """Drop the scratch database, whatever happened."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import run_drop_scratch
-
-        return run_drop_scratch(database, get_current_context())
+        return call("drill.run_drop_scratch", database)
 
     @task(trigger_rule="all_done", on_failure_callback=None, map_index_template="{{ pgdr_database }}")
     def measure(database: str) -> dict:
         """RTO and RPO achieved against the plan, whatever happened."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import run_measure
-
-        context = get_current_context()
-        context["pgdr_database"] = database
-        return run_measure(database, context, context["dag_run"].start_date.isoformat())
+        return call("drill.run_measure", database)
 
     @task(map_index_template="{{ pgdr_server }}")
     def rehearse_pitr(server: str) -> dict:
         """Point-in-time recovery to the end of the archive: the RPO achieved, from the newest heartbeat recovered."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import run_rehearse_pitr
-
-        context = get_current_context()
-        return run_rehearse_pitr(server, context, context["dag_run"].start_date.isoformat())
+        return call("drill.run_rehearse_pitr", server)
 
     @task(trigger_rule="all_done", on_failure_callback=None)
     def publish_report() -> dict:
         """The report (markdown, HTML, JSON), Slack and e-mail; fails if a drill failed."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.drill import run_publish_report
-
-        context = get_current_context()
-        results = context["ti"].xcom_pull(task_ids="rehearse.measure") or []  # every map index
-        results = [results] if isinstance(results, dict) else list(results)  # one index comes back bare
-        pitr = context["ti"].xcom_pull(task_ids="rehearse_pitr") or []
-        pitr = [pitr] if isinstance(pitr, dict) else list(pitr)
-        return run_publish_report([r for r in results if r], context, [p for p in pitr if p])
+        return call("drill.run_publish_report")
 
     @task_group
     def rehearse(database: str):

@@ -31,9 +31,10 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, task
+from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks.common import default_args
+from pgdr.tasks import call
 
 PLAN = load_plan()
 
@@ -53,34 +54,22 @@ def pgdr_health():
     @task(map_index_template="{{ pgdr_database }}")
     def check_database(database: str) -> list[dict]:
         """Source reachable, storage writable, backup and verified-backup ages."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.health import run_health_database
-
-        return run_health_database(database, get_current_context())
+        return call("health.run_health_database", database)
 
     @task(map_index_template="{{ pgdr_server }}")
     def check_server(server: str) -> list[dict]:
         """PITR servers: a heartbeat, the archiver not failing, the WAL archive's lag within the RPO."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.health import run_health_server
-
-        return run_health_server(server, get_current_context())
+        return call("health.run_health_server", server)
 
     @task
     def check_workers() -> list[dict]:
         """Free space where pgdr keeps its work files."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.health import run_health_workers
-
-        return run_health_workers(get_current_context())
+        return call("health.run_health_workers")
 
     @task
     def alert_on_changes(per_database: list[list[dict]], per_server: list[list[dict]], workers: list[dict]) -> dict:
         """One Slack message for the checks that changed state since the last run."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.health import run_health_alerts
-
-        return run_health_alerts([*per_database, *per_server, workers], get_current_context())
+        return call("health.run_health_alerts", [*per_database, *per_server, workers])
 
     # Only with PITR servers: a mapped task over no servers is skipped, and would skip the alerts.
     per_server = check_server.expand(server=PLAN.server_names) if PLAN.servers else []

@@ -43,13 +43,13 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
-from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.deadlines import dag_deadline
+from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks.common import default_args
+from pgdr.tasks import call
 
 PLAN = load_plan()
-WINDOW = min(db.rto for db in PLAN.databases)  # a restore slower than the RTO breaks the RTO
 SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d in PLAN.databases})
 
 
@@ -61,7 +61,7 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
     max_active_runs=1,  # one restore at a time: two restores of one database must never race
     tags=["pgdr", "restore", "incident", "disaster-recovery"],
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=6)),
-    deadline=deadline_alerts(PLAN, "pgdr_restore", WINDOW, "RTO", scope_of(PLAN.database_names)),
+    deadline=dag_deadline(PLAN, "pgdr_restore"),
     **run_callbacks(),
     params={
         "database": Param(
@@ -116,79 +116,49 @@ def pgdr_restore():
     @task(retries=0)
     def plan_restore() -> dict:
         """Validate the form, choose the backup and print the restore plan."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.restore import build_restore_plan
-
-        context = get_current_context()
-        return build_restore_plan(dict(context["params"]), context)
+        return call("restore.build_restore_plan")
 
     @task
     def recover_to_moment(plan: dict) -> dict:
         """Point in time: recover the server in a scratch cluster and dump the database as it was then."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.restore import run_recover_to_moment
-
-        return run_recover_to_moment(plan, get_current_context())
+        return call("restore.run_recover_to_moment", plan)
 
     @task
     def check_checksums(plan: dict) -> dict:
         """Refuse a corrupt backup before creating anything."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.restore import run_check_checksums
-
-        return run_check_checksums(plan, get_current_context())
+        return call("restore.run_check_checksums", plan)
 
     @task
     def restore_backup(plan: dict) -> dict:
         """Restore into the new target database."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.restore import run_restore
-
-        return run_restore(plan, get_current_context())
+        return call("restore.run_restore", plan)
 
     @task
     def check_integrity(plan: dict) -> dict:
         """Exact row counts, pg_amcheck and sequences of the restored database."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.restore import run_check_integrity
-
-        return run_check_integrity(plan, get_current_context())
+        return call("restore.run_check_integrity", plan)
 
     @task
     def validate_data(plan: dict) -> dict:
         """Great Expectations on the restored database."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.restore import run_validate
-
-        return run_validate(plan, get_current_context())
+        return call("restore.run_validate", plan)
 
     @task
     def apply_privileges(plan: dict) -> dict:
         """Owners, grants, default privileges and the database's settings, as the server's connection."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.restore import run_apply_privileges
-
-        return run_apply_privileges(plan, get_current_context())
+        return call("restore.run_apply_privileges", plan)
 
     # Renaming the live database is not blindly repeatable: no retries; a failure is rolled back.
     @task(retries=0)
     def swap_into_place(plan: dict) -> dict:
         """Replace mode: the restored copy takes the live name; the live database is kept renamed."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.restore import run_swap
-
-        return run_swap(plan, get_current_context())
+        return call("restore.run_swap", plan)
 
     # all_done: a failed restore gets its report too; the task then fails, keeping the run red.
     @task(trigger_rule="all_done", on_failure_callback=None)
     def write_report() -> dict:
         """Markdown and JSON report next to the backup, and a Slack summary."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.restore import run_report
-
-        context = get_current_context()
-        ti = context["ti"]
-        return run_report(ti.xcom_pull(task_ids="recover_to_moment") or ti.xcom_pull(task_ids="plan_restore"), context)
+        return call("restore.run_report")
 
     plan = recover_to_moment(plan_restore())
     checked = check_checksums(plan)

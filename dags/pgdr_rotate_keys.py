@@ -25,9 +25,10 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import dag, task
+from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks.common import default_args
+from pgdr.tasks import call
 
 PLAN = load_plan()
 ENCRYPTED = [db.name for db in PLAN.databases if db.encryption_key_conn_id]
@@ -48,18 +49,12 @@ def pgdr_rotate_keys():
     @task(map_index_template="{{ pgdr_database }}")
     def rewrap(database: str) -> dict:
         """Re-wrap the data key of each backup wrapped by an older master key, under the current one."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.rotate_keys import run_rewrap
-
-        return run_rewrap(database, get_current_context())
+        return call("rotate_keys.run_rewrap", database)
 
     @task
     def report(results: list[dict]) -> dict:
         """Per key connection: the old key ids no retained backup needs any more."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.rotate_keys import run_rotation_report
-
-        return run_rotation_report(list(results), get_current_context())
+        return call("rotate_keys.run_rotation_report", list(results))
 
     report(rewrap.expand(database=ENCRYPTED))
 

@@ -34,9 +34,10 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable, Param, dag, setup, task, task_group, teardown
 from pgdr.airflow_glue.assets import BASE_BACKUP_ASSET
+from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks.common import default_args
+from pgdr.tasks import call
 
 PLAN = load_plan()
 
@@ -63,61 +64,40 @@ def pgdr_verify_pitr():
     @task(retries=0)
     def find_servers() -> list[str]:
         """Decide which servers this run verifies."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify_pitr import run_find_servers
-
-        return run_find_servers(get_current_context())
+        return call("verify_pitr.run_find_servers")
 
     @task(map_index_template="{{ pgdr_server }}")
     def plan_recovery(server: str) -> dict:
         """Write heartbeats, archive their WAL, choose the target and the chain."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify_pitr import run_plan_recovery
-
-        return run_plan_recovery(server, get_current_context())
+        return call("verify_pitr.run_plan_recovery", server)
 
     @setup
     @task(map_index_template="{{ pgdr_server }}")
     def recover_cluster(recovery: dict) -> dict:
         """Check WAL, download, pg_verifybackup, combine, and recover a scratch cluster to the target."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify_pitr import run_recover_cluster
-
-        return run_recover_cluster(recovery, get_current_context())
+        return call("verify_pitr.run_recover_cluster", recovery)
 
     @task(map_index_template="{{ pgdr_server }}")
     def check_recovery_target(cluster: dict) -> dict:
         """Every heartbeat up to the target is recovered, none after it."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify_pitr import run_check_target
-
-        return run_check_target(cluster, get_current_context())
+        return call("verify_pitr.run_check_target", cluster)
 
     @task(map_index_template="{{ pgdr_server }}")
     def check_databases(cluster: dict) -> dict:
         """pg_amcheck, sequences and GX suites of each plan database on the recovered server."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify_pitr import run_check_databases
-
-        return run_check_databases(cluster, get_current_context())
+        return call("verify_pitr.run_check_databases", cluster)
 
     @teardown
     @task(map_index_template="{{ pgdr_server }}")
     def stop_cluster(server: str) -> bool:
         """Stop and remove the scratch cluster, whatever happened."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify_pitr import run_stop_cluster
-
-        return run_stop_cluster(server, get_current_context())
+        return call("verify_pitr.run_stop_cluster", server)
 
     # all_done so that a failed verification is recorded too; it then fails itself.
     @task(trigger_rule="all_done", on_failure_callback=None, map_index_template="{{ pgdr_server }}")
     def record_verification(server: str) -> dict:
         """Write verified or failed, with the achieved recovery point, next to the base backup."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify_pitr import run_record_pitr_verification
-
-        return run_record_pitr_verification(server, get_current_context())
+        return call("verify_pitr.run_record_pitr_verification", server)
 
     @task_group
     def verify(server: str):

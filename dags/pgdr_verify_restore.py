@@ -54,13 +54,13 @@ from airflow.sdk import (
     teardown,
 )
 from pgdr.airflow_glue.assets import BACKUP_ASSET
-from pgdr.airflow_glue.deadlines import deadline_alerts, scope_of
+from pgdr.airflow_glue.deadlines import dag_deadline
+from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
-from pgdr.tasks.common import default_args
+from pgdr.tasks import call
 
 PLAN = load_plan()
-WINDOW = min(db.rto for db in PLAN.databases)  # a restore slower than the RTO breaks the RTO
 
 
 @dag(
@@ -75,7 +75,7 @@ WINDOW = min(db.rto for db in PLAN.databases)  # a restore slower than the RTO b
     max_active_runs=1,
     tags=["pgdr", "verify", "disaster-recovery"],
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=4)),
-    deadline=deadline_alerts(PLAN, "pgdr_verify_restore", WINDOW, "RTO", scope_of(PLAN.database_names)),
+    deadline=dag_deadline(PLAN, "pgdr_verify_restore"),
     **run_callbacks(),
     params={
         "database": Param(
@@ -94,78 +94,51 @@ def pgdr_verify_restore():
     @task(retries=0)
     def find_backups() -> list[dict]:
         """Decide which backups this run verifies (params, asset events, or data interval)."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify import resolve_verification_targets
-
-        return resolve_verification_targets(get_current_context())
+        return call("verify.resolve_verification_targets")
 
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def check_checksums(target: dict) -> dict:
         """Stream every stored file and compare its SHA-256 with the manifest."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify import run_check_checksums
-
-        return run_check_checksums(target, get_current_context())
+        return call("verify.run_check_checksums", target)
 
     @setup
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def create_scratch(target: dict) -> str:
         """Create the run's scratch database, after dropping leftovers of killed runs."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify import run_create_scratch
-
-        return run_create_scratch(target, get_current_context())
+        return call("verify.run_create_scratch", target)
 
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def restore_backup(target: dict, scratch: str) -> dict:
         """Download, verify and pg_restore -j into the scratch database."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify import run_restore_backup
-
-        return run_restore_backup(target, scratch, get_current_context())
+        return call("verify.run_restore_backup", target, scratch)
 
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def check_integrity(target: dict, scratch: str) -> dict:
         """Exact row counts, pg_amcheck and sequences of the restored database."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify import run_check_integrity
-
-        return run_check_integrity(target, scratch, get_current_context())
+        return call("verify.run_check_integrity", target, scratch)
 
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def validate_data(target: dict, scratch: str) -> dict:
         """Great Expectations: the baseline suite and the user suites."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify import run_validate_data
-
-        return run_validate_data(target, scratch, get_current_context())
+        return call("verify.run_validate_data", target, scratch)
 
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def apply_privileges(target: dict, scratch: str) -> dict:
         """Owners, grants, default privileges and database settings, as an incident restore applies them."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify import run_apply_privileges
-
-        return run_apply_privileges(target, scratch, get_current_context())
+        return call("verify.run_apply_privileges", target, scratch)
 
     @teardown
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def drop_scratch(target: dict, scratch: str) -> bool:
         """Drop the scratch database, whatever happened."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify import run_drop_scratch
-
-        return run_drop_scratch(target, scratch, get_current_context())
+        return call("verify.run_drop_scratch", target, scratch)
 
     # all_done so that a failed verification is recorded too; it then fails itself, so a failed
     # verification never turns the run green. Its own failure is not alerted: the phase's was.
     @task(trigger_rule="all_done", on_failure_callback=None, map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def record_verification(target: dict) -> dict:
         """Write verified or failed, with timings and the RTO comparison, next to the backup."""
-        from airflow.sdk import get_current_context
-        from pgdr.tasks.verify import run_record_verification
-
-        return run_record_verification(target, get_current_context())
+        return call("verify.run_record_verification", target)
 
     @task_group
     def verify(target: dict):

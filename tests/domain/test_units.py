@@ -7,13 +7,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pgdr.logical.backup import backfill_skip_reason
 from pgdr.logical.catalog import BackupEntry, BackupManifest, PartialBackup
 from pgdr.logical.retention import decide_retention
 from pgdr.messages import ERROR_LIMIT, TaskFailure, failure_message, first_line, scrub_secrets, shorten
 from pgdr.plan import RetentionPolicy
 from pgdr.storage.backends import LocalFolderStore
 from pgdr.storage.layout import BackupLayout, backup_id_time, is_backup_id, new_backup_id
-from pgdr.tasks.backup import backfill_skip_reason
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

@@ -68,3 +68,25 @@ def deadline_alerts(plan: DRPlan, dag_id: str, window: timedelta, target_name: s
             }),
         ))
     return alerts
+
+
+def dag_deadline(plan: DRPlan, dag_id: str) -> list | None:
+    """Return the Deadline Alerts of one pgdr DAG, the window taken from the promise the DAG keeps.
+
+    * ``pgdr_backup``: the smallest RPO of the plan's databases; ``pgdr_basebackup``: of its servers
+      (``None`` without servers);
+    * ``pgdr_restore`` and ``pgdr_verify_restore``: the smallest RTO (a slower restore breaks it);
+    * ``pgdr_drill``: the drill's ``max_duration``.
+    """
+    databases = scope_of(plan.database_names)
+    if dag_id == "pgdr_backup":
+        return deadline_alerts(plan, dag_id, min(db.rpo for db in plan.databases), "RPO", databases)
+    if dag_id == "pgdr_basebackup":
+        if not plan.servers:
+            return None
+        return deadline_alerts(plan, dag_id, min(s.pitr.rpo for s in plan.servers), "RPO", scope_of(plan.server_names))
+    if dag_id in ("pgdr_restore", "pgdr_verify_restore"):
+        return deadline_alerts(plan, dag_id, min(db.rto for db in plan.databases), "RTO", databases)
+    if dag_id == "pgdr_drill":
+        return deadline_alerts(plan, dag_id, plan.drill.max_duration, "drill limit", databases)
+    raise ValueError(f"{dag_id} keeps no promise with a deadline")

@@ -25,7 +25,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pgdr.errors import DumpFailed
@@ -309,3 +309,44 @@ def _remove_partial(store: BackupStore, keys: list[str], backup_id: str) -> None
             "manifest, so no reader sees them; retention deletes them after the partial grace period.",
             backup_id, len(keys), err,
         )
+
+
+def backfill_skip_reason(run_type: str, logical_date: datetime | None, queued_at: datetime | None) -> str | None:
+    """Say why a backup run must not back up, or ``None`` if it should.
+
+    A backup records the database as it is *now*. A backfill run, or a manual run given a logical
+    date in the past, would label today's data with an old date, so it is skipped. A scheduled run
+    that starts late (after scheduler downtime) still backs up: a late backup beats none.
+    """
+    run_type = str(getattr(run_type, "value", run_type))
+    if run_type == "backfill":
+        return (
+            f"This is a backfill run for {logical_date:%Y-%m-%d %H:%M} UTC. A backup can only capture the "
+            "database as it is now, so pgdr does not label a fresh dump with a past date. Nothing was done; "
+            "backfill pgdr_verify_restore instead to verify the backups taken in that period."
+        )
+    if run_type == "manual" and logical_date is not None:
+        reference = queued_at or datetime.now(UTC)
+        if reference - logical_date > timedelta(hours=1):
+            return (
+                f"This manual run has the past logical date {logical_date:%Y-%m-%d %H:%M} UTC. A backup can "
+                "only capture the database as it is now; trigger the DAG without a logical date to back up now."
+            )
+    return None
+
+
+def backup_summary(db, result: BackupResult, store: BackupStore) -> dict:
+    """Return what a backup's asset event and XCom say of it (plain values)."""
+    manifest = result.manifest
+    return {
+        "database": db.name,
+        "backup_id": manifest.backup_id,
+        "location": result.location,
+        "manifest_key": result.manifest_key,
+        "storage": db.storage.name,
+        "recovery_point": manifest.recovery_point.isoformat(),
+        "stored_bytes": manifest.stored_size,
+        "dump_bytes": manifest.size,
+        "tables": len(manifest.row_counts),
+        "rows": sum(manifest.row_counts.values()),
+    }

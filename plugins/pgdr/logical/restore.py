@@ -303,3 +303,30 @@ def give_back_privileges(manifest: BackupManifest, store: BackupStore, admin: Pg
 
     fetch_toc(manifest, store, workdir / "toc", data_key)
     return apply_privileges(admin, read_toc(workdir / "toc"), workdir, database_comment=not scratch, skip=skip)
+
+
+def restore_into_scratch(scratch, dump_dir: Path, jobs: int, workdir: Path, comment: str, roles_marker: str) -> tuple[float, list[str]]:
+    """Restore a downloaded dump into a scratch database as an incident restore would; return ``(seconds, roles created)``.
+
+    The scratch database is made again (empty, a failed try's half restore gone) with the backup's
+    encoding and locale, marked with ``comment``; the roles the backup names that the server lacks
+    are created first (NOLOGIN, marked with ``roles_marker``: :func:`drop_scratch` drops them again
+    when nothing uses them).
+    """
+    from pgdr.logical.privileges import backup_needs, create_roles, globals_of, missing_roles, read_toc
+
+    needs = backup_needs(read_toc(dump_dir), workdir)
+    created = create_roles(scratch.server, missing_roles(needs, scratch.server), roles_marker, globals_of(dump_dir))
+    scratch.create(comment, needs.database_options)
+    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir), created
+
+
+def drop_scratch(scratch, roles_marker: str) -> bool:
+    """Drop a scratch database, then the roles created for it that nothing else uses; say whether it existed."""
+    from pgdr.logical.privileges import drop_created_roles
+
+    dropped = scratch.drop()
+    gone = drop_created_roles(scratch.server, roles_marker)
+    if gone:
+        log.info("Roles created for %s and dropped again: %s.", roles_marker, ", ".join(gone))
+    return dropped

@@ -12,11 +12,14 @@ can be shown before anything is deleted.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pgdr.logical.catalog import BackupEntry, PartialBackup
 from pgdr.plan import RetentionPolicy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,3 +64,21 @@ def decide_retention(
                 f"partial upload with no manifest, started {partial.started:%Y-%m-%d %H:%M} UTC"
             )
     return decision
+
+
+def apply_retention(catalog, policy: RetentionPolicy, now: datetime) -> dict:
+    """Apply ``policy`` to one database's backups (:func:`decide_retention`); return what was kept and deleted."""
+    database = catalog.database
+    complete, partials = catalog.scan()
+    decision = decide_retention(complete, partials, policy, now)
+    keys_by_id = {p.backup_id: list(p.keys) for p in partials}
+    for backup_id, why in decision.delete.items():
+        log.info("Deleting backup %s of %s: %s.", backup_id, database, why)
+        catalog.delete_backup(backup_id)
+    for backup_id, why in decision.delete_partial.items():
+        log.info("Deleting %s of %s: %s.", backup_id, database, why)
+        catalog.delete_backup(backup_id, keys_by_id[backup_id])
+    for backup_id, why in decision.keep.items():
+        log.info("Keeping backup %s of %s: %s.", backup_id, database, why)
+    return {"database": database, "kept": sorted(decision.keep), "deleted": sorted(decision.delete),
+            "deleted_partial": sorted(decision.delete_partial)}

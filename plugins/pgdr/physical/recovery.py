@@ -199,3 +199,36 @@ def plan_point_in_time(server, res, moment: datetime, workdir: Path) -> dict[str
         "expected_recovery_seconds": expected,
         "expected_recovery": format_duration(expected) if expected else "unknown (no PITR verification yet)",
     }
+
+
+def recover_in_scratch(run: tuple[str, str, str], purpose: str, catalog, entry, store, archive, target, login: str,
+                       workdir: Path, run_state):
+    """Recover ``entry``'s chain in the scratch cluster of ``run`` (dag id, run id, key); return ``(cluster, prepared, result)``.
+
+    Clusters of other runs on this worker are removed first when their run is over (by marker,
+    :func:`pgdr.workdir.run_is_over`), and so is a previous try's cluster of this run: a retry starts
+    again from the stored bytes. A cluster whose recovery fails is removed before the error goes up;
+    one that recovered is the caller's to destroy.
+
+    :param target: the recovery target time, or ``None`` for the end of the archive.
+    :param workdir: a private directory for the downloaded chain (removed by the caller).
+    :param run_state: returns the Airflow state of a run ``(dag_id, run_id)``.
+    """
+    from pgdr.physical.cluster import ScratchCluster, cluster_dir_name, remove_leftover_clusters
+    from pgdr.workdir import work_dir_root
+
+    dag_id, run_id, key = run
+    root = work_dir_root()
+    root.mkdir(parents=True, exist_ok=True)
+    cluster = ScratchCluster(root / cluster_dir_name(dag_id, run_id, key), entry.record.pg_version, login=login)
+    remove_leftover_clusters(root, run_state, keep=cluster.root)
+    cluster.destroy()
+    cluster.write_marker(dag_id, run_id, purpose)
+    try:
+        workdir.chmod(0o755)  # the cluster's user reads the extracted files through it
+        prepared = prepare_data_directory(catalog, entry, store, workdir, cluster.data_dir, archive)
+        result = recover_cluster(cluster, archive, target)
+    except BaseException:
+        cluster.destroy()
+        raise
+    return cluster, prepared, result

@@ -1,9 +1,9 @@
-"""What every pgdr task shares: default arguments, failing fast, work directories, scratch databases.
+"""What every pgdr task body shares: failing fast, timing a phase, work directories, this run's scratch.
 
-DAG files stay short by calling these. Each function reads the plan and connections at run
-time (never at parse time), keeps its work files in a private directory that is always
-removed, and turns :class:`~pgdr.errors.PermanentFailure` into ``AirflowFailException`` so that a
-failure retrying cannot fix pages at once instead of retrying.
+Each body reads the plan and connections at run time (never at parse time), keeps its work files
+in a private directory that is always removed, and turns :class:`~pgdr.errors.PermanentFailure`
+into ``AirflowFailException`` so that a failure retrying cannot fix pages at once instead of
+retrying. The DAGs' default arguments are :mod:`pgdr.airflow_glue.defaults`.
 """
 
 from __future__ import annotations
@@ -14,33 +14,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pgdr.airflow_glue.notify import TaskFailureJournal
 from pgdr.errors import PermanentFailure
-from pgdr.plan import DRPlan
 from pgdr.runtime import STOP_REQUESTED_ENV_VAR
 
 log = logging.getLogger(__name__)
-
-OWNER = "pgdr"
-MAX_RETRY_DELAY = timedelta(minutes=30)
-
-
-def default_args(plan: DRPlan, execution_timeout: timedelta) -> dict[str, Any]:
-    """Return the ``default_args`` every pgdr DAG uses: retries with backoff, alerts, timeout."""
-    return {
-        "owner": OWNER,
-        "retries": plan.retries,
-        "retry_delay": plan.retry_delay,
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": MAX_RETRY_DELAY,
-        "execution_timeout": execution_timeout,
-        "on_failure_callback": TaskFailureJournal(),
-    }
-
 
 @contextmanager
 def fail_fast() -> Iterator[None]:
@@ -141,33 +122,19 @@ def scratch_roles_marker(purpose: str, context) -> str:
 
 
 def drop_scratch_and_roles(scratch, purpose: str, context) -> bool:
-    """Drop this run's scratch database, then the roles it created for it that nothing else uses; say whether it existed."""
-    from pgdr.logical.privileges import drop_created_roles
+    """Drop this run's scratch database and the roles created for it that nothing else uses (:func:`pgdr.logical.restore.drop_scratch`)."""
+    from pgdr.logical.restore import drop_scratch
 
-    dropped = scratch.drop()
-    gone = drop_created_roles(scratch.server, scratch_roles_marker(purpose, context))
-    if gone:
-        log.info("Roles created for %s and dropped again: %s.", purpose, ", ".join(gone))
-    return dropped
+    return drop_scratch(scratch, scratch_roles_marker(purpose, context))
 
 
 def restore_into_scratch(scratch, dump_dir: Path, jobs: int, workdir: Path, purpose: str, context) -> tuple[float, list[str]]:
-    """Restore a downloaded dump into this run's scratch database as an incident restore would; return
-    ``(seconds, roles created)``.
-
-    The scratch database is made again (empty, a failed try's half restore gone) with the backup's
-    encoding and locale; the roles the backup names that the server lacks are created first (NOLOGIN,
-    marked as pgdr's: the teardown drops them again when nothing uses them).
-    """
-    from pgdr.logical.privileges import backup_needs, create_roles, globals_of, missing_roles, read_toc
-    from pgdr.logical.restore import restore_dump
+    """Restore a downloaded dump into this run's scratch database (:func:`pgdr.logical.restore.restore_into_scratch`)."""
+    from pgdr.logical.restore import restore_into_scratch as restore
     from pgdr.postgres.scratch import scratch_comment
 
-    needs = backup_needs(read_toc(dump_dir), workdir)
-    created = create_roles(scratch.server, missing_roles(needs, scratch.server), scratch_roles_marker(purpose, context),
-                           globals_of(dump_dir))
-    scratch.create(scratch_comment(purpose, context["ti"].run_id), needs.database_options)
-    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir), created
+    return restore(scratch, dump_dir, jobs, workdir, scratch_comment(purpose, context["ti"].run_id),
+                   scratch_roles_marker(purpose, context))
 
 
 CONTEXT_SERVER = "pgdr_server"  # the PITR server a mapped task is about (map_index_template)
@@ -189,32 +156,12 @@ def pitr_server_context(server_name: str, context):
 
 
 def recover_scratch_cluster(context, key: str, purpose: str, catalog, entry, store, archive, target, login: str):
-    """Recover ``entry``'s chain in this run's scratch cluster for ``key``; return ``(cluster, prepared, result)``.
-
-    Clusters of finished runs on this worker are removed first (by marker, only when Airflow says their run is
-    over), and so is a previous try's cluster of this run: a retry starts again from the stored bytes. A cluster
-    whose recovery fails is removed before the error goes up; one that recovered is the caller's to destroy.
-
-    :param target: the recovery target time, or ``None`` for the end of the archive.
-    """
-    from pgdr.physical.cluster import ScratchCluster, cluster_dir_name, remove_leftover_clusters
-    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
-    from pgdr.workdir import work_dir_root
+    """Recover ``entry``'s chain in this run's scratch cluster for ``key`` (:func:`pgdr.physical.recovery.recover_in_scratch`)."""
+    from pgdr.physical.recovery import recover_in_scratch
 
     ti = context["ti"]
-    root = work_dir_root()
-    root.mkdir(parents=True, exist_ok=True)
-    cluster = ScratchCluster(root / cluster_dir_name(ti.dag_id, ti.run_id, key), entry.record.pg_version, login=login)
-
-    remove_leftover_clusters(root, lambda dag_id, run_id: ti.get_dagrun_state(dag_id=dag_id, run_id=run_id), keep=cluster.root)
-    cluster.destroy()
-    cluster.write_marker(ti.dag_id, ti.run_id, purpose)
-    try:
-        with task_workdir(context, f"pitr-{key}") as workdir:
-            workdir.chmod(0o755)  # the cluster's user reads the extracted files through it
-            prepared = prepare_data_directory(catalog, entry, store, workdir, cluster.data_dir, archive)
-            result = recover_cluster(cluster, archive, target)
-    except BaseException:
-        cluster.destroy()
-        raise
-    return cluster, prepared, result
+    with task_workdir(context, f"pitr-{key}") as workdir:
+        return recover_in_scratch(
+            (ti.dag_id, ti.run_id, key), purpose, catalog, entry, store, archive, target, login, workdir,
+            lambda dag_id, run_id: ti.get_dagrun_state(dag_id=dag_id, run_id=run_id),
+        )

@@ -40,10 +40,11 @@ SCENARIOS = ("full-restore", "latest-verified")
 PHASE_TASKS = ("rehearse_backup", "restore_timed", "check_timed", "negative_control")
 
 
-def select_databases(params: dict[str, Any]) -> list[str]:
+def select_databases(context) -> list[str]:
     """Body of ``select_databases``: the plan's databases, or the subset named in the form."""
     from pgdr.incident import InvalidRestoreRequest
 
+    params = context["params"]
     with fail_fast():
         plan = load_plan()
         chosen = [d for d in (params.get("databases") or []) if d] or plan.database_names
@@ -175,11 +176,11 @@ def run_drop_scratch(database: str, context) -> bool:
         return drop_scratch_and_roles(_scratch(database, context, db, plan), f"drill {database}", context)
 
 
-def run_measure(database: str, context, started_at: str) -> dict[str, Any]:
+def run_measure(database: str, context) -> dict[str, Any]:
     """Body of ``measure`` (all_done): RTO from the phases, RPO from the catalog, verdicts."""
     from pgdr.drill import evaluate, rpo_metrics
 
-    ti = context["ti"]
+    ti, started_at = context["ti"], context["dag_run"].start_date.isoformat()
     group = ti.task_id.rpartition(".")[0]
     values = {
         name: ti.xcom_pull(task_ids=f"{group}.{name}" if group else name, map_indexes=ti.map_index)
@@ -196,7 +197,7 @@ def run_measure(database: str, context, started_at: str) -> dict[str, Any]:
     )
 
 
-def run_rehearse_pitr(server_name: str, context, started_at: str) -> dict[str, Any]:
+def run_rehearse_pitr(server_name: str, context) -> dict[str, Any]:
     """Body of ``rehearse_pitr``: recover the server's newest chain to the end of its archive ("latest") in a
     scratch cluster and measure the RPO achieved: the drill's start minus the newest heartbeat recovered."""
     from pgdr.drill import pitr_rehearsal
@@ -204,7 +205,7 @@ def run_rehearse_pitr(server_name: str, context, started_at: str) -> dict[str, A
     from pgdr.physical.heartbeat import heartbeats, write_heartbeat
     from pgdr.tasks.common import pitr_server_context, recover_scratch_cluster
 
-    began = time.monotonic()
+    began, started_at = time.monotonic(), context["dag_run"].start_date.isoformat()
     with fail_fast():
         plan, server, store, archive, catalog = pitr_server_context(server_name, context)
         endpoint = server_endpoint(server, plan)
@@ -228,7 +229,13 @@ def run_rehearse_pitr(server_name: str, context, started_at: str) -> dict[str, A
     return rehearsal
 
 
-def run_publish_report(results: list[dict[str, Any]], context, pitr: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _pulled_list(ti, task_id: str) -> list[dict[str, Any]]:
+    """Return every map index's XCom of ``task_id`` (one index comes back bare), the empty ones left out."""
+    values = ti.xcom_pull(task_ids=task_id) or []
+    return [v for v in ([values] if isinstance(values, dict) else list(values)) if v]
+
+
+def run_publish_report(context) -> dict[str, Any]:
     """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail; fails a failed drill."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -238,13 +245,14 @@ def run_publish_report(results: list[dict[str, Any]], context, pitr: list[dict[s
     from pgdr.messages import drill_summary
 
     ti, dag_run = context["ti"], context["dag_run"]
+    results, pitr = _pulled_list(ti, "rehearse.measure"), _pulled_list(ti, "rehearse_pitr")
     plan = load_plan()
     store, layout = open_store(plan.default_storage or plan.databases[0].storage, plan)
-    failures, _ = AlertJournal.for_plan().failures(ti.dag_id, ti.run_id) if len(pitr or []) < len(plan.servers) else ([], None)
+    failures, _ = AlertJournal.for_plan().failures(ti.dag_id, ti.run_id) if len(pitr) < len(plan.servers) else ([], None)
     errors = {f.database: f.error for f in failures if f.task_id == "rehearse_pitr"}
     started_at = (dag_run.start_date or datetime.now(UTC)).astimezone(UTC)
     report = drill_report(drill_id_of(started_at, ti.run_id), ti.run_id, (context.get("params") or {}).get("scenario") or "full-restore",
-                          started_at, _now(), results, list(pitr or []) + unfinished_rehearsals(plan.servers, pitr or [], errors))
+                          started_at, _now(), results, pitr + unfinished_rehearsals(plan.servers, pitr, errors))
     location, page = store_report(report, store, layout)
     log.info("Drill report: %s\n%s", location, "\n".join(headline(report)))
     send_slack(drill_summary(report, headline(report), location), None, context)

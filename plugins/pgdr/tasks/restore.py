@@ -43,13 +43,13 @@ def _skip_dry_run(plan: dict[str, Any], why: str) -> None:
         raise AirflowSkipException(why)
 
 
-def build_restore_plan(params: dict[str, Any], context) -> dict[str, Any]:
+def build_restore_plan(context) -> dict[str, Any]:
     """Body of ``plan_restore``: validate the form, choose the backup, print what will happen."""
     from pgdr.incident import plan_restore, render_plan
 
     with fail_fast(), task_workdir(context, "restore-plan") as workdir:
         started = context["dag_run"].run_after or datetime.now(UTC)
-        restore_plan = plan_restore(params, resources(), started, workdir, lambda **kw: _label(context, **kw))
+        restore_plan = plan_restore(dict(context["params"]), resources(), started, workdir, lambda **kw: _label(context, **kw))
     log.info("Restore plan:\n%s", render_plan(restore_plan))
     return restore_plan
 
@@ -184,7 +184,7 @@ def run_swap(plan: dict[str, Any], context) -> dict[str, Any]:
     return out
 
 
-def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
+def run_report(context) -> dict[str, Any]:
     """Body of ``write_report``: markdown and JSON next to the backup, a Slack summary; fails if the restore did."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -193,6 +193,7 @@ def run_report(plan: dict[str, Any] | None, context) -> dict[str, Any]:
     from pgdr.messages import restore_not_planned, restore_summary
 
     ti, dag_run = context["ti"], context["dag_run"]
+    plan = ti.xcom_pull(task_ids="recover_to_moment") or ti.xcom_pull(task_ids="plan_restore")
     refusal = restore_not_planned(plan)
     if refusal:
         raise AirflowFailException(refusal)

@@ -5,19 +5,15 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID
 from pgdr.errors import PermanentFailure
 from pgdr.records import PITR_KIND, VerificationRecord
-from pgdr.tasks.common import CONTEXT_SERVER, fail_fast, pitr_server_context, task_workdir
+from pgdr.tasks.common import CONTEXT_SERVER, _now, fail_fast, pitr_server_context, task_workdir
 
 log = logging.getLogger(__name__)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 def run_find_servers(context) -> list[str]:
@@ -119,70 +115,27 @@ def run_check_target(cluster_info: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``check_recovery_target``: every heartbeat at or before the target is there, none after."""
     from pgdr.airflow_glue.connections import server_endpoint
     from pgdr.physical.heartbeat import heartbeats
+    from pgdr.physical.proof import check_target_hit
 
     with fail_fast():
         plan, server, *_ = pitr_server_context(cluster_info["server"], context)
         _same_host(cluster_info)
-        target = datetime.fromisoformat(cluster_info["target"])
-        live = heartbeats(server_endpoint(server, plan))
-        recovered = heartbeats(_cluster_for(cluster_info, context).endpoint())
-        expected = [at for at in live if at <= target]
-        missing = [at for at in expected if at not in recovered]
-        extra = [at for at in recovered if at > target]
-        if missing or extra or not expected:
-            raise PermanentFailure(
-                f"The recovery of server {server.name!r} to {target:%Y-%m-%d %H:%M:%S.%f} UTC missed its target: "
-                f"{len(missing)} heartbeats committed before it are absent (first: {missing[:1]}), {len(extra)} written "
-                f"after it are present (first: {extra[:1]}). WAL replay is not exact for this chain; do not rely on it "
-                "for point-in-time recovery until this is understood."
-            )
-    log.info("Recovery target hit exactly: %d heartbeats up to the target are present, none after it.", len(expected))
-    return {"heartbeats_before_target": len(expected), "newest_recovered_heartbeat": expected[-1].isoformat()}
+        hit = check_target_hit(server.name, datetime.fromisoformat(cluster_info["target"]),
+                               heartbeats(server_endpoint(server, plan)), heartbeats(_cluster_for(cluster_info, context).endpoint()))
+    log.info("Recovery target hit exactly: %d heartbeats up to the target are present, none after it.",
+             hit["heartbeats_before_target"])
+    return hit
 
 
 def run_check_databases(cluster_info: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``check_databases``: pg_amcheck, sequences and GX suites of every plan database on the server."""
-    from types import SimpleNamespace
+    from pgdr.physical.proof import check_recovered_databases
 
-    from pgdr.checks.integrity import IntegrityReport, check_sequences, run_amcheck
-    from pgdr.checks.validation import validate_restored
-    from pgdr.postgres.client import connect, count_rows, prepare_amcheck
-
-    results = {}
     with fail_fast():
         plan, server, *_ = pitr_server_context(cluster_info["server"], context)
         _same_host(cluster_info)
-        cluster = _cluster_for(cluster_info, context)
-        problems = []
-        for name in server.databases:
-            db = plan.database(name)
-            endpoint = cluster.reader(db.dbname)  # never a superuser: the checks read code-bearing objects
-            prepare_amcheck(cluster.endpoint(db.dbname), endpoint)
-            report = IntegrityReport()
-            with connect(endpoint, application_name="pgdr-integrity") as conn:
-                counts, large_objects = count_rows(conn)
-                # The recovered state is its own reference: the heartbeat proved the moment, these prove the pages.
-                reference = SimpleNamespace(
-                    backup_id=cluster_info["backup_id"], database=name, row_counts=counts, large_objects=large_objects,
-                    sequences={}, recovery_point=datetime.fromisoformat(cluster_info["target"]),
-                )
-                check_sequences(conn, reference, report)
-            with task_workdir(context, f"pitr-amcheck-{name}") as workdir:
-                run_amcheck(endpoint, workdir, report, jobs=db.dump_jobs)
-            validation = validate_restored(endpoint, reference)
-            problems += [f"database {name}: {p}" for p in report.problems()]
-            problems += [f"database {name}: failed expectation: {o.line()}" for o in validation.failed]
-            with connect(endpoint, application_name="pgdr-role-check") as conn:
-                superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
-            results[name] = {"checked_as": endpoint.user, "checked_as_superuser": superuser,
-                             "tables": len(counts), "rows": sum(counts.values()), "integrity": report.to_dict(),
-                             "validation": validation.summary()}
-        if problems:
-            raise PermanentFailure(
-                f"The databases of server {server.name!r} recovered to {cluster_info['target']} failed their checks: "
-                + "; ".join(problems[:10]) + ". The chain recovers, but not to good data: investigate before relying on it."
-            )
-    return results
+        return check_recovered_databases(plan, server, _cluster_for(cluster_info, context), cluster_info["backup_id"],
+                                         cluster_info["target"], lambda label: task_workdir(context, label))
 
 
 def run_stop_cluster(server_name: str, context) -> bool:
