@@ -66,8 +66,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/privileges.py $(if $(findstring --quick,$(ARGS)),--quick)
 	$(BIN)/python bench/celery_fleet.py $(ARGS)
 
+# ruff check (line length, blind excepts and the rest, as pyproject.toml says) and ruff format, checked.
 lint: $(STAMP)
-	$(BIN)/ruff check dags plugins tests
+	$(BIN)/ruff check dags plugins tests bench
+	$(BIN)/ruff format --check dags plugins tests bench
 
 lock: $(STAMP)
 	$(BIN)/uv pip compile --universal -p 3.11 --no-header requirements.in -o requirements.txt

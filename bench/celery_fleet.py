@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="pgdr-bench-celery-"))
     work.chmod(0o755)
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    )
     try:
         results = run(work, size, rounds)
     finally:
@@ -66,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     report["celery_fleet"] = results
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\npgdr on CeleryExecutor: {size} databases on 2 servers, {results['worker_slots']} worker slots, "
-          f"median of {rounds} round(s)")
+    print(
+        f"\npgdr on CeleryExecutor: {size} databases on 2 servers, {results['worker_slots']} worker slots, "
+        f"median of {rounds} round(s)"
+    )
     print(f"{'overhead':<30}{results['overhead']:>10.1%}  < 10 %  {'ok' if results['overhead'] < 0.10 else 'MISSED'}")
     for key in ("elapsed_s", "task_seconds", "backup_run_s", "tasks"):
         print(f"  {key:<28}{results[key]:>10}")
@@ -96,7 +100,9 @@ def run(work: Path, size: int, rounds: int) -> dict:
     try:
         import boto3
 
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1").create_bucket(
+            Bucket=BUCKET
+        )
         databases = []
         for index in range(size):
             server_index = index % 2
@@ -108,8 +114,11 @@ def run(work: Path, size: int, rounds: int) -> dict:
                 conn.execute("INSERT INTO accounts SELECT g, g * 1.5 FROM generate_series(1, 100 + %s) g", (index,))
             server = "ab"[server_index]
             databases.append({"name": name, "conn_id": f"pgdr_fleet_{server}", "server": f"fleet_{server}"})
-        plan = compose_shaped_plan({"minio": {"type": "s3", "bucket": BUCKET, "prefix": "bench", "aws_conn_id": "pgdr_s3"}},
-                                   databases, backup={"schedule": None, "retry_delay": "5s"})
+        plan = compose_shaped_plan(
+            {"minio": {"type": "s3", "bucket": BUCKET, "prefix": "bench", "aws_conn_id": "pgdr_s3"}},
+            databases,
+            backup={"schedule": None, "retry_delay": "5s"},
+        )
         import yaml
 
         plan_path = work / "plan.yaml"
@@ -118,7 +127,9 @@ def run(work: Path, size: int, rounds: int) -> dict:
             "AIRFLOW_CONN_PGDR_FLEET_A": servers[0].connection_uri("postgres"),
             "AIRFLOW_CONN_PGDR_FLEET_B": servers[1].connection_uri("postgres"),
             "AIRFLOW_CONN_PGDR_RESTORE": servers[0].restore_connection_uri(),
-            "AIRFLOW_CONN_PGDR_S3": aws_connection(moto_port).replace("testing-key", "bench").replace("testing-secret", "bench"),
+            "AIRFLOW_CONN_PGDR_S3": aws_connection(moto_port)
+            .replace("testing-key", "bench")
+            .replace("testing-secret", "bench"),
             "AIRFLOW_CONN_PGDR_SLACK": slack.connection(),
             "AIRFLOW_CONN_PGDR_SMTP": mail.connection(),
         }
@@ -138,10 +149,13 @@ def run(work: Path, size: int, rounds: int) -> dict:
     return {
         "overhead": round(overheads[median], 4),
         "overheads": [round(o, 4) for o in overheads],
-        "databases": size, "servers": 2, "workers": 2, "worker_slots": slots,
+        "databases": size,
+        "servers": 2,
+        "workers": 2,
+        "worker_slots": slots,
         **measured[median],
         "definition": "elapsed / (sum of task durations / worker slots) - 1, from the backup run's start to the "
-                      "last verification's end",
+        "last verification's end",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -157,9 +171,15 @@ def one_round(cluster, size: int) -> dict:
     deadline = time.monotonic() + 3600
     while True:
         runs = [r for r in verify_runs(cluster) if r["dag_run_id"] not in before]
-        verified = sum(1 for r in runs if r["state"] in ("success", "failed")
-                       for t in cluster.task_instances("pgdr_verify_restore", r["dag_run_id"], task_id="verify.record_verification")
-                       if t["state"] == "success")
+        verified = sum(
+            1
+            for r in runs
+            if r["state"] in ("success", "failed")
+            for t in cluster.task_instances(
+                "pgdr_verify_restore", r["dag_run_id"], task_id="verify.record_verification"
+            )
+            if t["state"] == "success"
+        )
         if verified >= size and all(r["state"] in ("success", "failed") for r in runs):
             break
         if time.monotonic() > deadline:

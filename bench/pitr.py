@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="about 200 MB instead of about 2 GB")
     parser.add_argument("--scale", type=int, help="pgbench scale (overrides --quick)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--load-seconds", type=int, help="length of the write load for the RPO (default 150, 40 with --quick)")
+    parser.add_argument(
+        "--load-seconds", type=int, help="length of the write load for the RPO (default 150, 40 with --quick)"
+    )
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
     parser.add_argument("--partitions", type=int, default=0, help=argparse.SUPPRESS)  # bench/run.py's; not used here
     args = parser.parse_args(argv)
@@ -92,14 +94,28 @@ def main(argv: list[str] | None = None) -> None:
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     endpoint_url = f"http://127.0.0.1:{port}"
-    s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1", aws_access_key_id="bench", aws_secret_access_key="bench")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
     s3.create_bucket(Bucket=BUCKET)
     store = S3Store(s3, BUCKET)
     layout = PhysicalLayout("pitr")
     access = ArchiveAccess(endpoint_url, "us-east-1", "bench", "bench")
     archive = WalArchive(BUCKET, layout, SERVER, access)
-    server = EmbeddedServer(work / "postgres", settings=archive.server_settings(60, bin_dir), environment=access.environment()).start()
-    env = {**os.environ, "PGPASSWORD": server.password, "PGHOST": "127.0.0.1", "PGPORT": str(server.port), "PGUSER": "postgres"}
+    server = EmbeddedServer(
+        work / "postgres", settings=archive.server_settings(60, bin_dir), environment=access.environment()
+    ).start()
+    env = {
+        **os.environ,
+        "PGPASSWORD": server.password,
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(server.port),
+        "PGUSER": "postgres",
+    }
     pg = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
     # The seeds restore onto a server of their own: a 2 GB COPY into the archiving server would put 2 GB of
     # WAL into the archive, which every later PITR restore would then replay.
@@ -108,8 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     catalog = BaseBackupCatalog(store, layout, SERVER)
 
     def psql(sql: str, db: str = "postgres", on=None) -> str:
-        return subprocess.run([str(bundled_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql], env=on or env,
-                              check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            [str(bundled_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql],
+            env=on or env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     def settle() -> float:
         """Archive everything written so far, then checkpoint and sync; return the seconds the archive needed."""
@@ -124,8 +145,24 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out, ignore_errors=True)
         settle()
         t = time.perf_counter()
-        subprocess.run([str(bundled_bin_dir() / "pg_basebackup"), "-D", str(out), "-Ft", "-X", "none", "-c", "fast", "-Z", "gzip:1",
-                        "--manifest-checksums=SHA256"], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [
+                str(bundled_bin_dir() / "pg_basebackup"),
+                "-D",
+                str(out),
+                "-Ft",
+                "-X",
+                "none",
+                "-c",
+                "fast",
+                "-Z",
+                "gzip:1",
+                "--manifest-checksums=SHA256",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda p: s3.upload_file(str(p), BUCKET, f"raw/{i}/{p.name}"), sorted(out.iterdir())))
         return time.perf_counter() - t
@@ -142,12 +179,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(f"Creating pgbench data at scale {scale}...", flush=True)
         psql("CREATE DATABASE bench")
-        subprocess.run([str(bundled_bin_dir() / "pgbench"), "-i", "-q", "-s", str(scale), "bench"], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [str(bundled_bin_dir() / "pgbench"), "-i", "-q", "-s", str(scale), "bench"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         db_size = int(psql("SELECT pg_database_size('bench')")) / 1e6
         catch_up = settle()
         print(f"  {db_size:.0f} MB; the archive caught up with the load's WAL in {catch_up:.1f}s", flush=True)
 
-        runs: dict[str, list[float]] = {"raw_basebackup": [], "pgdr_full": [], "pgdr_incremental": [], "pitr_restore": [], "seed_restore": []}
+        runs: dict[str, list[float]] = {
+            "raw_basebackup": [],
+            "pgdr_full": [],
+            "pgdr_incremental": [],
+            "pitr_restore": [],
+            "seed_restore": [],
+        }
         records = []
         for r in range(args.rounds):
             runs["raw_basebackup"].append(raw_basebackup(r))
@@ -156,11 +204,16 @@ def main(argv: list[str] | None = None) -> None:
             records.append(record)
             # 1 % of the rows, the newest ones (as an application's recent data changes): 1 % of the pages.
             # Scattered over the table (WHERE aid % 100 = 0) the same 1 % touches every other page: see the README.
-            psql(f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > {scale * 100000 * 99 // 100}", "bench")
+            psql(
+                f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > {scale * 100000 * 99 // 100}", "bench"
+            )
             elapsed, _ = pgdr_basebackup(catalog.get(record.backup_id))
             runs["pgdr_incremental"].append(elapsed)
-            print(f"  round {r + 1}: raw {runs['raw_basebackup'][-1]:.1f}s, pgdr full {runs['pgdr_full'][-1]:.1f}s, "
-                  f"incremental {runs['pgdr_incremental'][-1]:.1f}s", flush=True)
+            print(
+                f"  round {r + 1}: raw {runs['raw_basebackup'][-1]:.1f}s, pgdr full {runs['pgdr_full'][-1]:.1f}s, "
+                f"incremental {runs['pgdr_incremental'][-1]:.1f}s",
+                flush=True,
+            )
 
         print("PITR restore against the seeds' gunzip | psql...", flush=True)
         seed = work / "seed.sql.gz"
@@ -179,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
                 prepared = prepare_data_directory(catalog, newest, store, Path(tmp), cluster.data_dir, archive)
                 recovery = recover_cluster(cluster, archive, None)
             runs["pitr_restore"].append(time.perf_counter() - t)
-            phases.append({**{k: round(v, 2) for k, v in prepared.timings.items()}, "recover": round(recovery.replay_seconds, 2)})
+            phases.append(
+                {**{k: round(v, 2) for k, v in prepared.timings.items()}, "recover": round(recovery.replay_seconds, 2)}
+            )
             cluster.destroy()
             psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
             psql("CREATE DATABASE seed_restored", on=seed_env)
@@ -187,11 +242,20 @@ def main(argv: list[str] | None = None) -> None:
             os.sync()
             t = time.perf_counter()
             s3.download_file(BUCKET, "seed/bench.sql.gz", str(seed))
-            subprocess.run(f"gunzip -c {seed} | {bundled_bin_dir() / 'psql'} -X -q -v ON_ERROR_STOP=1 -d seed_restored > /dev/null",
-                           shell=True, env=seed_env, check=True)
+            subprocess.run(
+                f"gunzip -c {seed} | {bundled_bin_dir() / 'psql'} -X -q -v ON_ERROR_STOP=1 -d seed_restored > "
+                "/dev/null",
+                shell=True,
+                env=seed_env,
+                check=True,
+            )
             runs["seed_restore"].append(time.perf_counter() - t)
             seed.unlink()
-            print(f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s {phases[-1]}, seed restore {runs['seed_restore'][-1]:.1f}s", flush=True)
+            print(
+                f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s {phases[-1]}, seed restore "
+                f"{runs['seed_restore'][-1]:.1f}s",
+                flush=True,
+            )
         psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
         chain_tip = catalog.backups()[-1]  # an incremental one: the chain full -> incremental, combined
         settle()
@@ -201,8 +265,12 @@ def main(argv: list[str] | None = None) -> None:
             Path(tmp).chmod(0o755)
             prepared = prepare_data_directory(catalog, chain_tip, store, Path(tmp), cluster.data_dir, archive)
             recovery = recover_cluster(cluster, archive, None)
-        chain_restore = {"seconds": round(time.perf_counter() - t, 2), "chain": [e.backup_id for e in catalog.chain(chain_tip)],
-                         **{k: round(v, 2) for k, v in prepared.timings.items()}, "recover": round(recovery.replay_seconds, 2)}
+        chain_restore = {
+            "seconds": round(time.perf_counter() - t, 2),
+            "chain": [e.backup_id for e in catalog.chain(chain_tip)],
+            **{k: round(v, 2) for k, v in prepared.timings.items()},
+            "recover": round(recovery.replay_seconds, 2),
+        }
         cluster.destroy()
         print(f"  an incremental chain: {chain_restore}", flush=True)
 
@@ -221,15 +289,20 @@ def main(argv: list[str] | None = None) -> None:
         "rpo_achieved_s": round(statistics.median(rpo), 1),
         "wal_archive_lag_s": round(statistics.median(lag), 1),
         "pitr": {
-            "db_size_mb": round(db_size), "pgbench_scale": scale, "rounds": args.rounds, "archive_timeout_s": 60,
+            "db_size_mb": round(db_size),
+            "pgbench_scale": scale,
+            "rounds": args.rounds,
+            "archive_timeout_s": 60,
             "medians_s": {k: round(v, 2) for k, v in med.items()},
             "runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()},
             "full_base_backup_stored_mb": round(records[-1].size / 1e6, 1),
             "pitr_restore_phases_s": phases,
             "pitr_restore_incremental_chain": chain_restore,
             "incremental_workload": "UPDATE of the newest 1 % of pgbench_accounts' rows (1 % of its pages)",
-            "rpo_samples_s": [round(x, 1) for x in rpo], "rpo_max_s": round(max(rpo), 1),
-            "wal_archive_lag_samples_s": [round(x, 1) for x in lag], "load_tps": round(load_tps),
+            "rpo_samples_s": [round(x, 1) for x in rpo],
+            "rpo_max_s": round(max(rpo), 1),
+            "wal_archive_lag_samples_s": [round(x, 1) for x in lag],
+            "load_tps": round(load_tps),
             "archive_catch_up_after_load_s": round(catch_up, 1),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
@@ -239,11 +312,13 @@ def main(argv: list[str] | None = None) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\npgdr PITR benchmark: {db_size:.0f} MB of pgbench data, medians of {args.rounds} rounds\n")
-    rows = [("basebackup_ratio", "<= 1.10", results["basebackup_ratio"] <= 1.10),
-            ("incremental_speedup", ">= 10", results["incremental_speedup"] >= 10),
-            ("pitr_restore_speedup_vs_seed", ">= 3", results["pitr_restore_speedup_vs_seed"] >= 3),
-            ("rpo_achieved_s", "<= 60", results["rpo_achieved_s"] <= 60),
-            ("wal_archive_lag_s", "(reported)", True)]
+    rows = [
+        ("basebackup_ratio", "<= 1.10", results["basebackup_ratio"] <= 1.10),
+        ("incremental_speedup", ">= 10", results["incremental_speedup"] >= 10),
+        ("pitr_restore_speedup_vs_seed", ">= 3", results["pitr_restore_speedup_vs_seed"] >= 3),
+        ("rpo_achieved_s", "<= 60", results["rpo_achieved_s"] <= 60),
+        ("wal_archive_lag_s", "(reported)", True),
+    ]
     for name, target, ok in rows:
         print(f"{name:<30}{results[name]:>10}  {target}  {'ok' if ok else 'MISSED'}")
     for k, v in med.items():
@@ -261,15 +336,22 @@ def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float],
     from pgdr.physical.archive import archived_segment, last_commit_time
 
     waldump = str(bundled_bin_dir() / "pg_waldump")
-    load = subprocess.Popen([str(bundled_bin_dir() / "pgbench"), "-c", "2", "-j", "2", "-T", str(seconds), "-n", "bench"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    load = subprocess.Popen(
+        [str(bundled_bin_dir() / "pgbench"), "-c", "2", "-j", "2", "-T", str(seconds), "-n", "bench"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     rpo, lag = [], []
     stop = threading.Event()
     time.sleep(min(20, seconds / 3))  # let the load settle
     with psycopg.connect(**server.dsn(), autocommit=True) as conn:
         while load.poll() is None and not stop.is_set():
             now = datetime.now(UTC)
-            last_wal, last_time = conn.execute("SELECT last_archived_wal, last_archived_time FROM pg_stat_archiver").fetchone()
+            last_wal, last_time = conn.execute(
+                "SELECT last_archived_wal, last_archived_time FROM pg_stat_archiver"
+            ).fetchone()
             segment = archived_segment(last_wal)
             if segment and last_time:
                 objects = [s for s in archive.segments(store) if s.name == segment]

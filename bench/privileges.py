@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> None:
             scratch = Path(tempfile.mkdtemp(dir=work))
             t = time.perf_counter()
             fetch_toc(manifest, store, scratch / "dump")
-            applied = apply_privileges(PgEndpoint("127.0.0.1", bench.server.port, "postgres", target, bench.server.password),
-                                       read_toc(scratch / "dump"), scratch)
+            applied = apply_privileges(
+                PgEndpoint("127.0.0.1", bench.server.port, "postgres", target, bench.server.password),
+                read_toc(scratch / "dump"),
+                scratch,
+            )
             phases.append(time.perf_counter() - t)
             shutil.rmtree(scratch, ignore_errors=True)
             bench.psql(f"DROP DATABASE {target} WITH (FORCE)")
@@ -99,10 +102,19 @@ def main(argv: list[str] | None = None) -> None:
         results = {
             "privileges_share": round(phase_s / restore_s, 4),
             "privileges": {
-                "db_size_mb": round(db_size), "pgbench_scale": scale, "rounds": args.rounds, "extra_tables": EXTRA_TABLES,
-                "restore_s": round(restore_s, 2), "phase_s": round(phase_s, 3), "share": round(phase_s / restore_s, 4),
+                "db_size_mb": round(db_size),
+                "pgbench_scale": scale,
+                "rounds": args.rounds,
+                "extra_tables": EXTRA_TABLES,
+                "restore_s": round(restore_s, 2),
+                "phase_s": round(phase_s, 3),
+                "share": round(phase_s / restore_s, 4),
                 "goal": "share < 0.02",
-                "applied": {k: v for k, v in applied.to_dict().items() if k in ("owners", "grants", "default_privileges", "database_properties")},
+                "applied": {
+                    k: v
+                    for k, v in applied.to_dict().items()
+                    if k in ("owners", "grants", "default_privileges", "database_properties")
+                },
                 "runs_s": {"restore": [round(x, 2) for x in restores], "phase": [round(x, 3) for x in phases]},
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
@@ -115,8 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     share = results["privileges_share"]
-    print(f"\nprivileges phase: {phase_s:.3f}s of a {restore_s:.1f}s restore ({db_size:.0f} MB): {share:.2%}  "
-          f"(goal < 2 %: {'ok' if share < 0.02 else 'MISSED'})")
+    print(
+        f"\nprivileges phase: {phase_s:.3f}s of a {restore_s:.1f}s restore ({db_size:.0f} MB): {share:.2%}  "
+        f"(goal < 2 %: {'ok' if share < 0.02 else 'MISSED'})"
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,13 @@ class Bench:
         from pgdr.storage.encryption import master_keys_from, new_master_key
 
         self.keys = master_keys_from("bench-key", new_master_key(), {}, "bench")
-        self.env = {**os.environ, "PGPASSWORD": self.server.password, "PGHOST": "127.0.0.1",
-                    "PGPORT": str(self.server.port), "PGUSER": "postgres"}
+        self.env = {
+            **os.environ,
+            "PGPASSWORD": self.server.password,
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(self.server.port),
+            "PGUSER": "postgres",
+        }
         import logging
 
         from moto.server import ThreadedMotoServer
@@ -74,8 +79,11 @@ class Bench:
         from botocore.config import Config
 
         self.s3 = boto3.client(
-            "s3", endpoint_url=f"http://127.0.0.1:{self.s3_port}", region_name="us-east-1",
-            aws_access_key_id="bench", aws_secret_access_key="bench",
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{self.s3_port}",
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
             config=Config(max_pool_connections=16, retries={"max_attempts": 3, "mode": "standard"}),
         )
         self.s3.create_bucket(Bucket=BUCKET)
@@ -84,13 +92,22 @@ class Bench:
         return str(bundled_bin_dir() / name)
 
     def psql(self, sql: str, db: str = "postgres") -> str:
-        return subprocess.run([self.bin("psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql], env=self.env,
-                              check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            [self.bin("psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     def create_pgbench(self, name: str, scale: int, partitions: int = 0) -> float:
         self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         self.psql(f"CREATE DATABASE {name}")
-        sh([self.bin("pgbench"), "-i", "-q", "-s", str(scale), f"--partitions={partitions}", name], self.env, capture_output=True)
+        sh(
+            [self.bin("pgbench"), "-i", "-q", "-s", str(scale), f"--partitions={partitions}", name],
+            self.env,
+            capture_output=True,
+        )
         return int(self.psql(f"SELECT pg_database_size('{name}')")) / 1e6
 
     def settle(self) -> None:
@@ -132,7 +149,10 @@ class Bench:
 
     def pg_restore(self, dump_dir: Path, target: str, *options: str) -> None:
         """The raw tools' restore: ``pg_restore -j`` of a directory archive into ``target``."""
-        sh([self.bin("pg_restore"), "-d", target, f"-j{JOBS}", "--no-owner", "--no-acl", *options, str(dump_dir)], self.env)
+        sh(
+            [self.bin("pg_restore"), "-d", target, f"-j{JOBS}", "--no-owner", "--no-acl", *options, str(dump_dir)],
+            self.env,
+        )
 
     def restore_sections(self, target: str) -> dict[str, float]:
         """Time the raw restore's sections apart (the archive the last raw_restore downloaded).
@@ -158,7 +178,9 @@ class Bench:
         encryption = ", encryption: {key_conn_id: bench_key}" if encrypted else ""
         plan = parse_plan(
             f"storage: {{s3: {{type: s3, bucket: {BUCKET}, aws_conn_id: x}}}}\n"
-            f"defaults: {{dump_jobs: {JOBS}{encryption}}}\ndatabases: [{{name: {db}, conn_id: x}}]\n", Path("bench.yaml"))
+            f"defaults: {{dump_jobs: {JOBS}{encryption}}}\ndatabases: [{{name: {db}, conn_id: x}}]\n",
+            Path("bench.yaml"),
+        )
         endpoint = PgEndpoint("127.0.0.1", self.server.port, "postgres", db, self.server.password)
         return plan.databases[0], endpoint, S3Store(self.s3, BUCKET), BackupLayout(prefix="pgdr")
 
@@ -211,15 +233,27 @@ class Bench:
         """Run a pgdr backup and restore in a child process; return its peak RSS in MB."""
         code = (
             "import sys; sys.path.insert(0, sys.argv[1]); import run as b; from pathlib import Path\n"
-            "bench = b.Bench.__new__(b.Bench); bench.__dict__.update(b.attach(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))\n"
+            "bench = b.Bench.__new__(b.Bench); bench.__dict__.update(b.attach(Path(sys.argv[2]), int(sys.argv[3]), "
+            "int(sys.argv[4]), sys.argv[5]))\n"
             "_, m = bench.pgdr_backup(sys.argv[6]); bench.pgdr_restore(sys.argv[6], m, 'rss_restore')\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
             "print(hwm)\n"
         )
         proc = subprocess.run(
-            [sys.executable, "-c", code, str(Path(__file__).parent), str(self.work), str(self.server.port),
-             str(self.s3_port), self.server.password, db],
-            env=os.environ, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(Path(__file__).parent),
+                str(self.work),
+                str(self.server.port),
+                str(self.s3_port),
+                self.server.password,
+                db,
+            ],
+            env=os.environ,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-3000:])
@@ -234,8 +268,10 @@ class Bench:
         from pgdr.logical.backup import take_backup
 
         self.fresh_db("hundred")
-        ddl = ["CREATE TABLE t000 (id int PRIMARY KEY, name text NOT NULL)",
-               "INSERT INTO t000 SELECT g, 'row ' || g FROM generate_series(1, 1000) g"]
+        ddl = [
+            "CREATE TABLE t000 (id int PRIMARY KEY, name text NOT NULL)",
+            "INSERT INTO t000 SELECT g, 'row ' || g FROM generate_series(1, 1000) g",
+        ]
         for i in range(1, 100):
             ddl.append(f"CREATE TABLE t{i:03d} (id int PRIMARY KEY, parent int REFERENCES t000, v numeric)")
             ddl.append(f"INSERT INTO t{i:03d} SELECT g, 1 + g % 1000, g * 0.5 FROM generate_series(1, 1000) g")
@@ -271,8 +307,13 @@ def attach(work: Path, pg_port: int, s3_port: int, password: str) -> dict:
 
     server = EmbeddedServer(work / "postgres", port=pg_port)
     server.password = password
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", region_name="us-east-1",
-                      aws_access_key_id="bench", aws_secret_access_key="bench")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{s3_port}",
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
     env = {**os.environ, "PGPASSWORD": password, "PGHOST": "127.0.0.1", "PGPORT": str(pg_port), "PGUSER": "postgres"}
     return {"work": work, "server": server, "s3": s3, "env": env, "s3_port": s3_port}
 
@@ -290,12 +331,24 @@ def dag_parse_times(warm: bool) -> dict[str, float]:
             "import airflow.providers.standard.decorators.python, airflow.sdk.definitions.timetables.trigger\n"
             "import airflow.sdk.definitions.timetables.interval, airflow.sdk.definitions.decorators.setup_teardown\n"
         )
-    code = preload + "import sys, time, runpy\nt = time.perf_counter(); runpy.run_path(sys.argv[1]); print(time.perf_counter() - t)\n"
+    code = (
+        preload
+        + "import sys, time, runpy\nt = time.perf_counter(); runpy.run_path(sys.argv[1]); print(time.perf_counter() "
+        "- t)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins"), "PGDR_PLAN": str(ROOT / "include" / "pgdr.yaml")}
     times = {}
     for path in sorted((ROOT / "dags").glob("*.py")):
-        runs = [float(subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True,
-                                     capture_output=True, text=True).stdout.strip().splitlines()[-1]) for _ in range(3)]
+        runs = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", code, str(path)], env=env, check=True, capture_output=True, text=True
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            for _ in range(3)
+        ]
         times[path.name] = round(statistics.median(runs), 3)
     return times
 
@@ -312,15 +365,24 @@ def round_steps(bench: Bench, results: dict[str, list[float]], r: int) -> list:
         def step():
             elapsed, made[kind] = bench.pgdr_backup("bench", encrypted=kind == "encrypted")
             results[f"{kind}_backup"].append(elapsed)
+
         return step
 
     def pgdr_restore(kind: str):
         return lambda: results[f"{kind}_restore"].append(bench.pgdr_restore("bench", made[kind], f"{kind}_restored"))
 
-    backups = [lambda: results["raw_backup"].append(bench.raw_backup("bench", f"raw/{r}")), pgdr_backup("pgdr"),
-               pgdr_backup("encrypted"), lambda: results["seed_backup"].append(bench.seed_backup("bench", f"seed/{r}.sql.gz"))]
-    restores = [lambda: results["raw_restore"].append(bench.raw_restore(f"raw/{r}", "raw_restored")), pgdr_restore("pgdr"),
-                pgdr_restore("encrypted"), lambda: results["seed_restore"].append(bench.seed_restore(f"seed/{r}.sql.gz", "seed_restored"))]
+    backups = [
+        lambda: results["raw_backup"].append(bench.raw_backup("bench", f"raw/{r}")),
+        pgdr_backup("pgdr"),
+        pgdr_backup("encrypted"),
+        lambda: results["seed_backup"].append(bench.seed_backup("bench", f"seed/{r}.sql.gz")),
+    ]
+    restores = [
+        lambda: results["raw_restore"].append(bench.raw_restore(f"raw/{r}", "raw_restored")),
+        pgdr_restore("pgdr"),
+        pgdr_restore("encrypted"),
+        lambda: results["seed_restore"].append(bench.seed_restore(f"seed/{r}.sql.gz", "seed_restored")),
+    ]
     if r % 2:
         backups.reverse()
         restores.reverse()
@@ -332,9 +394,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="about 200 MB instead of about 2 GB")
     parser.add_argument("--scale", type=int, help="pgbench scale (overrides --quick)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--partitions", type=int, default=0,
-                        help="split pgbench_accounts into this many partitions (pgbench -i --partitions): "
-                             "tables that parallel jobs can dump and restore side by side")
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        help="split pgbench_accounts into this many partitions (pgbench -i --partitions): "
+        "tables that parallel jobs can dump and restore side by side",
+    )
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
     args = parser.parse_args(argv)
     scale = args.scale or (14 if args.quick else 135)
@@ -351,8 +417,19 @@ def main(argv: list[str] | None = None) -> None:
         db_size = bench.create_pgbench("bench", scale, args.partitions)
         small_size = bench.create_pgbench("bench_small", max(1, scale // 4), args.partitions)
         print(f"  bench: {db_size:.0f} MB, bench_small: {small_size:.0f} MB", flush=True)
-        results: dict[str, list[float]] = {k: [] for k in ("raw_backup", "pgdr_backup", "raw_restore", "pgdr_restore", "seed_backup",
-                                                          "seed_restore", "encrypted_backup", "encrypted_restore")}
+        results: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "raw_backup",
+                "pgdr_backup",
+                "raw_restore",
+                "pgdr_restore",
+                "seed_backup",
+                "seed_restore",
+                "encrypted_backup",
+                "encrypted_restore",
+            )
+        }
         for r in range(args.rounds):
             for step in round_steps(bench, results, r):
                 step()
@@ -373,7 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "backup_ratio": round(med["pgdr_backup"] / med["raw_backup"], 3),
         "restore_ratio": round(med["pgdr_restore"] / med["raw_restore"], 3),
-        "seed_speedup": round((med["seed_backup"] + med["seed_restore"]) / (med["pgdr_backup"] + med["pgdr_restore"]), 2),
+        "seed_speedup": round(
+            (med["seed_backup"] + med["seed_restore"]) / (med["pgdr_backup"] + med["pgdr_restore"]), 2
+        ),
         "encrypted_backup_ratio": round(med["encrypted_backup"] / med["pgdr_backup"], 3),
         "encrypted_restore_ratio": round(med["encrypted_restore"] / med["pgdr_restore"], 3),
         "peak_rss_mb": rss,
@@ -395,21 +474,28 @@ def main(argv: list[str] | None = None) -> None:
     earlier = json.loads(output.read_text()) if output.exists() else {}  # bench/pitr.py and celery_fleet.py add theirs
     output.write_text(json.dumps({**earlier, **report}, indent=2) + "\n")
     targets = {
-        "backup_ratio": report["backup_ratio"] <= 1.10, "restore_ratio": report["restore_ratio"] <= 1.10,
-        "seed_speedup": report["seed_speedup"] >= 3, "peak_rss_mb": max(rss) < 300,
-        "validation_100_tables_s": validation < 60, "dag_parse_s": max(parse.values()) < 0.3,
+        "backup_ratio": report["backup_ratio"] <= 1.10,
+        "restore_ratio": report["restore_ratio"] <= 1.10,
+        "seed_speedup": report["seed_speedup"] >= 3,
+        "peak_rss_mb": max(rss) < 300,
+        "validation_100_tables_s": validation < 60,
+        "dag_parse_s": max(parse.values()) < 0.3,
         "encrypted_backup_ratio": report["encrypted_backup_ratio"] <= 1.10,
         "encrypted_restore_ratio": report["encrypted_restore_ratio"] <= 1.10,
     }
     shape = f", pgbench_accounts in {args.partitions} partitions" if args.partitions else ""
     print(f"\npgdr benchmark: {db_size:.0f} MB of pgbench data{shape}, medians of {args.rounds} rounds\n")
     print(f"{'measure':<26}{'value':>14}  target")
-    rows = [("backup_ratio", report["backup_ratio"], "<= 1.10"), ("restore_ratio", report["restore_ratio"], "<= 1.10"),
-            ("seed_speedup", report["seed_speedup"], ">= 3"), ("peak_rss_mb", rss, "< 300, flat"),
-            ("validation_100_tables_s", report["validation_100_tables_s"], "< 60"),
-            ("dag_parse_s", max(parse.values()), "< 0.3 (max)"),
-            ("encrypted_backup_ratio", report["encrypted_backup_ratio"], "<= 1.10"),
-            ("encrypted_restore_ratio", report["encrypted_restore_ratio"], "<= 1.10")]
+    rows = [
+        ("backup_ratio", report["backup_ratio"], "<= 1.10"),
+        ("restore_ratio", report["restore_ratio"], "<= 1.10"),
+        ("seed_speedup", report["seed_speedup"], ">= 3"),
+        ("peak_rss_mb", rss, "< 300, flat"),
+        ("validation_100_tables_s", report["validation_100_tables_s"], "< 60"),
+        ("dag_parse_s", max(parse.values()), "< 0.3 (max)"),
+        ("encrypted_backup_ratio", report["encrypted_backup_ratio"], "<= 1.10"),
+        ("encrypted_restore_ratio", report["encrypted_restore_ratio"], "<= 1.10"),
+    ]
     for name, value, target in rows:
         print(f"{name:<26}{str(value):>14}  {target}  {'ok' if targets[name] else 'MISSED'}")
     print(f"  (dag_parse_s cold, in an interpreter that has parsed no DAG yet: max {max(parse_cold.values()):.3f}s)")

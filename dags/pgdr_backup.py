@@ -80,4 +80,5 @@ def pgdr_backup():
 
         protect.expand(database=databases)
 
+
 pgdr_backup()

@@ -58,11 +58,21 @@ CRONS = sorted({c for s in PLAN.servers for c in (s.pitr.full_schedule, s.pitr.i
     deadline=dag_deadline(PLAN, "pgdr_basebackup"),
     **run_callbacks(),
     params={
-        "server": Param(None, type=["null", "string"], enum=[None, *PLAN.server_names], title="Server",
-                        values_display={"null": "(every server that is due)"},
-                        description="Take a base backup of this server only (default: every server that is due)."),
-        "kind": Param("auto", type="string", enum=["auto", "full", "incremental"], title="Kind",
-                      description="auto: what the server's schedules say is due; full or incremental: take that now."),
+        "server": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, *PLAN.server_names],
+            title="Server",
+            values_display={"null": "(every server that is due)"},
+            description="Take a base backup of this server only (default: every server that is due).",
+        ),
+        "kind": Param(
+            "auto",
+            type="string",
+            enum=["auto", "full", "incremental"],
+            title="Kind",
+            description="auto: what the server's schedules say is due; full or incremental: take that now.",
+        ),
     },
     doc_md=__doc__,
 )

@@ -51,11 +51,17 @@ PLAN = load_plan()
     **run_callbacks(),
     params={
         "databases": Param(
-            None, type=["null", "array"], items={"type": "string", "enum": PLAN.database_names},
-            title="Databases", description="Rehearse only these databases (default: all in the plan).",
+            None,
+            type=["null", "array"],
+            items={"type": "string", "enum": PLAN.database_names},
+            title="Databases",
+            description="Rehearse only these databases (default: all in the plan).",
         ),
         "scenario": Param(
-            "full-restore", type="string", enum=["full-restore", "latest-verified"], title="Scenario",
+            "full-restore",
+            type="string",
+            enum=["full-restore", "latest-verified"],
+            title="Scenario",
             description="full-restore: take a fresh backup, then restore it. latest-verified: restore the newest "
             "verified backup, as an incident restore would.",
         ),

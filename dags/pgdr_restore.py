@@ -65,46 +65,71 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
     **run_callbacks(),
     params={
         "database": Param(
-            PLAN.database_names[0], type="string", enum=PLAN.database_names, title="Database",
+            PLAN.database_names[0],
+            type="string",
+            enum=PLAN.database_names,
+            title="Database",
             description="The database to restore, as the DR plan names it.",
         ),
         "backup": Param(
-            "latest-verified", type="string", title="Backup",
+            "latest-verified",
+            type="string",
+            title="Backup",
             description="latest-verified (the newest backup proven to restore), latest, a backup id "
             "(20261122T093000Z-3fa2c1), or a UTC time (2026-11-22 09:41:00): on a server with a WAL archive, "
             "the database exactly as it was at that second; otherwise the newest backup at or before it.",
         ),
         "mode": Param(
-            "new-database", type="string", enum=["new-database", "replace"], title="Mode",
+            "new-database",
+            type="string",
+            enum=["new-database", "replace"],
+            title="Mode",
             description="new-database: restore next to the live database under a new name (safe). "
             "replace: after all checks pass, the restored copy takes the live name; the live database is kept renamed.",
         ),
         # Optional fields are nullable: the UI marks a plain "string" or "array" as required.
         "confirm": Param(
-            None, type=["null", "string"], title="Confirm (replace only)",
+            None,
+            type=["null", "string"],
+            title="Confirm (replace only)",
             description="For replace mode, type the database name to confirm. Otherwise leave empty.",
         ),
         "target_name": Param(
-            None, type=["null", "string"], title="Target database name (new-database only)",
+            None,
+            type=["null", "string"],
+            title="Target database name (new-database only)",
             description="Default: <database>_restored_<UTC time>.",
         ),
         "tables": Param(
-            None, type=["null", "array"], items={"type": "string"}, title="Tables (optional)",
+            None,
+            type=["null", "array"],
+            items={"type": "string"},
+            title="Tables (optional)",
             description="Restore only these tables (schema.table, one per line) into a new database.",
         ),
         "target_conn_id": Param(
-            None, type=["null", "string"], enum=[None, *SERVERS], title="Target server (optional)",
+            None,
+            type=["null", "string"],
+            enum=[None, *SERVERS],
+            title="Target server (optional)",
             values_display={"null": "(the database's own server)"},
-            description="Another server of the plan to restore onto (new-database mode). Default: the database's own server.",
+            description="Another server of the plan to restore onto (new-database mode). Default: the database's own "
+            "server.",
         ),
         "restore_roles": Param(
-            False, type="boolean", title="Create missing roles",
-            description="Create the roles the backup names (owners, grantees) that the target server lacks, as they were "
-            "on the source server (from the backup's copy of its roles; never SUPERUSER). Off: a restore that needs them "
+            False,
+            type="boolean",
+            title="Create missing roles",
+            description="Create the roles the backup names (owners, grantees) that the target server lacks, as they "
+            "were "
+            "on the source server (from the backup's copy of its roles; never SUPERUSER). Off: a restore that needs "
+            "them "
             "stops in plan_restore and lists them.",
         ),
         "restore_role_passwords": Param(
-            False, type="boolean", title="With their passwords (restore_roles only)",
+            False,
+            type="boolean",
+            title="With their passwords (restore_roles only)",
             description="Give the roles created by restore_roles their password hashes from the backup, so the "
             "application's logins work with their old passwords. Off: set the passwords yourself.",
         ),

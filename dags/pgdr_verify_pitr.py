@@ -46,7 +46,9 @@ PLAN = load_plan()
     dag_id="pgdr_verify_pitr",
     schedule=AssetOrTimeSchedule(
         timetable=CronDataIntervalTimetable("30 5 * * *", timezone="UTC"), assets=[BASE_BACKUP_ASSET]
-    ) if PLAN.servers else None,
+    )
+    if PLAN.servers
+    else None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # a leftover scratch cluster is then never another live run's
@@ -54,9 +56,14 @@ PLAN = load_plan()
     default_args=default_args(PLAN, execution_timeout=timedelta(hours=6)),
     **run_callbacks(),
     params={
-        "server": Param(None, type=["null", "string"], enum=[None, *PLAN.server_names], title="Server",
-                        values_display={"null": "(the servers of the triggering events, or all)"},
-                        description="Verify this server only (default: the servers of the triggering events, or all)."),
+        "server": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, *PLAN.server_names],
+            title="Server",
+            values_display={"null": "(the servers of the triggering events, or all)"},
+            description="Verify this server only (default: the servers of the triggering events, or all).",
+        ),
     },
     doc_md=__doc__,
 )

@@ -79,12 +79,17 @@ PLAN = load_plan()
     **run_callbacks(),
     params={
         "database": Param(
-            None, type=["null", "string"], enum=[None, *PLAN.database_names], title="Database",
+            None,
+            type=["null", "string"],
+            enum=[None, *PLAN.database_names],
+            title="Database",
             values_display={"null": "(the only database in the plan)"},
             description="Verify a backup of this database (default: the only one in the plan).",
         ),
         "backup_id": Param(
-            None, type=["null", "string"], title="Backup id",
+            None,
+            type=["null", "string"],
+            title="Backup id",
             description="The backup to verify, e.g. 20261122T093000Z-3fa2c1. Empty: the newest backup.",
         ),
     },
@@ -135,7 +140,9 @@ def pgdr_verify_restore():
 
     # all_done so that a failed verification is recorded too; it then fails itself, so a failed
     # verification never turns the run green. Its own failure is not alerted: the phase's was.
-    @task(trigger_rule="all_done", on_failure_callback=None, map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
+    @task(
+        trigger_rule="all_done", on_failure_callback=None, map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}"
+    )
     def record_verification(target: dict) -> dict:
         """Write verified or failed, with timings and the RTO comparison, next to the backup."""
         return call("verify.run_record_verification", target)

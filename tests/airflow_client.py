@@ -31,8 +31,10 @@ class AirflowClient:
     def login(self, username: str, password: str) -> None:
         """Get a JWT from the simple auth manager (the way the UI logs in)."""
         request = urllib.request.Request(
-            self.base_url + "/auth/token", data=json.dumps({"username": username, "password": password}).encode(),
-            method="POST", headers={"Content-Type": "application/json"},
+            self.base_url + "/auth/token",
+            data=json.dumps({"username": username, "password": password}).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             self.token = json.loads(response.read())["access_token"]

@@ -101,8 +101,11 @@ def compose_environment() -> dict[str, str]:
 def compose_commands() -> dict[str, list[str]]:
     """Return the command of each Airflow service of docker-compose.yaml."""
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
-    return {name: str(service["command"]).split() for name, service in compose["services"].items()
-            if name.startswith("airflow-") and isinstance(service.get("command"), str)}
+    return {
+        name: str(service["command"]).split()
+        for name, service in compose["services"].items()
+        if name.startswith("airflow-") and isinstance(service.get("command"), str)
+    }
 
 
 def compose_shaped_plan(storage: dict, databases: list[dict], **overrides) -> dict:
@@ -220,8 +223,12 @@ class CeleryCluster(AirflowClient):
     def _airflow(self, component: str, args: list[str], wait: bool = False) -> subprocess.Popen:
         log = open(self.root / f"{component}.log", "ab")
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "airflow"), *args], env=self.environment(component),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root / component,
+            [str(Path(sys.executable).parent / "airflow"), *args],
+            env=self.environment(component),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root / component,
         )
         self._sessions = [*self._sessions, process.pid]
         if wait:
@@ -235,8 +242,20 @@ class CeleryCluster(AirflowClient):
         (self.root / "redis").mkdir(exist_ok=True)
         log = open(self.root / "redis.log", "ab")
         self.redis = subprocess.Popen(
-            [redis_server(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(self.root / "redis"),
-             "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                redis_server(),
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.root / "redis"),
+                "--daemonize",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self._wait(lambda: b"Ready to accept connections" in (self.root / "redis.log").read_bytes(), 30, "redis")
 
@@ -252,8 +271,11 @@ class CeleryCluster(AirflowClient):
         self.passwords_file.write_text(json.dumps({ADMIN: self.admin_password}))
         self._airflow("airflow-init", ["db", "migrate"], wait=True)
         pools = self.root / "pools.json"
-        subprocess.run([sys.executable, "-m", "pgdr.airflow_glue.pools", "--output", str(pools)], check=True,
-                       env=self.environment("airflow-init"))
+        subprocess.run(
+            [sys.executable, "-m", "pgdr.airflow_glue.pools", "--output", str(pools)],
+            check=True,
+            env=self.environment("airflow-init"),
+        )
         self._airflow("airflow-init", ["pools", "import", str(pools)], wait=True)
         for component, args in COMPONENTS.items():
             self._airflow(component, args)
@@ -278,7 +300,10 @@ class CeleryCluster(AirflowClient):
         except (urllib.error.URLError, ConnectionError, KeyError, TimeoutError):
             return False
         parts = ("scheduler", "triggerer", "dag_processor")
-        return all(health.get(p, {}).get("status") == "healthy" for p in parts) and {"pgdr_backup", "pgdr_verify_restore"} <= dags
+        return (
+            all(health.get(p, {}).get("status") == "healthy" for p in parts)
+            and {"pgdr_backup", "pgdr_verify_restore"} <= dags
+        )
 
     def _check_alive(self) -> None:
         for component, process in self.processes.items():
@@ -383,7 +408,7 @@ def _process_table() -> dict[int, tuple[int, int, str]]:
         if proc.name.isdigit():
             try:
                 stat = (proc / "stat").read_text()
-                comm = stat[stat.index("(") + 1:stat.rindex(")")]
+                comm = stat[stat.index("(") + 1 : stat.rindex(")")]
                 fields = stat.rsplit(")", 1)[1].split()
                 if fields[0] in ("Z", "X"):  # dead, waiting to be reaped: nothing runs there any more
                     continue

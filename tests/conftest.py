@@ -48,6 +48,7 @@ def statsd_packets() -> list[str]:
             return lines
         lines += data.decode(errors="replace").splitlines()
 
+
 BUCKET = "pgdr-test-backups"
 
 
@@ -186,10 +187,13 @@ def backup_into_local_store(root, pg_server, database: str = "shop", compression
 
     plan = parse_plan(
         f"storage: {{l: {{type: local, path: {root}}}}}\n"
-        f"databases: [{{name: {database}, conn_id: x, compression: '{compression}'}}]\n", root / "p.yaml",
+        f"databases: [{{name: {database}, conn_id: x, compression: '{compression}'}}]\n",
+        root / "p.yaml",
     )
     endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", database, pg_server.password)
-    return take_backup(plan.databases[0], endpoint, LocalFolderStore(root), BackupLayout(), root / "work").manifest.backup_id
+    return take_backup(
+        plan.databases[0], endpoint, LocalFolderStore(root), BackupLayout(), root / "work"
+    ).manifest.backup_id
 
 
 def source_row_counts(server, dbname: str) -> dict[str, int]:
@@ -201,8 +205,16 @@ def source_row_counts(server, dbname: str) -> dict[str, int]:
         def part(name: str) -> str:
             import re
 
-            plain = re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in ("order", "select", "user", "group", "from", "where")
+            plain = re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in (
+                "order",
+                "select",
+                "user",
+                "group",
+                "from",
+                "where",
+            )
             return name if plain else '"' + name.replace('"', '""') + '"'
+
         return f"{part(schema)}.{part(table)}"
 
     with psycopg.connect(**server.dsn(dbname)) as conn:
@@ -214,10 +226,13 @@ def source_row_counts(server, dbname: str) -> dict[str, int]:
             query = sql.SQL("SELECT count(*) FROM ONLY {}").format(sql.Identifier(schema, table))
             counts[key(schema, table)] = conn.execute(query).fetchone()[0]
         parents = conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'p'"
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE "
+            "c.relkind = 'p'"
         ).fetchall()
         for schema, table in parents:
-            counts[key(schema, table)] = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))).fetchone()[0]
+            counts[key(schema, table)] = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
+            ).fetchone()[0]
         return counts
 
 
@@ -253,7 +268,9 @@ def e2e_mail():
 
 def pytest_collection_modifyitems(items):
     """Run the end-to-end tests last: each kind shares one long-lived Airflow (Celery, then standalone)."""
-    items.sort(key=lambda item: (item.get_closest_marker("e2e") is not None, item.get_closest_marker("celery") is not None))
+    items.sort(
+        key=lambda item: (item.get_closest_marker("e2e") is not None, item.get_closest_marker("celery") is not None)
+    )
 
 
 E2E_RTO_SECONDS = 4  # tight on purpose: a verification takes longer, so its deadline is missed
@@ -289,11 +306,23 @@ def e2e_plan(session_dir, fleet_databases):
     second "server" whose pool allows two dumps at once. The RTO is tight so that a verification
     run misses its deadline. Backups have no schedule: only the tests trigger them.
     """
-    fleet = [{"name": n, "conn_id": "pgdr_fleet", "dbname": n, "server": "fleet", "encryption": {"key_conn_id": "pgdr_e2e_key"}}
-             for n in fleet_databases]
+    fleet = [
+        {
+            "name": n,
+            "conn_id": "pgdr_fleet",
+            "dbname": n,
+            "server": "fleet",
+            "encryption": {"key_conn_id": "pgdr_e2e_key"},
+        }
+        for n in fleet_databases
+    ]
     path = write_plan(
         session_dir / "e2e-plan.yaml",
-        [{"name": "shop", "conn_id": "pgdr_shop"}, {"name": "flaky", "conn_id": "pgdr_shop", "dbname": "flaky"}, *fleet],
+        [
+            {"name": "shop", "conn_id": "pgdr_shop"},
+            {"name": "flaky", "conn_id": "pgdr_shop", "dbname": "flaky"},
+            *fleet,
+        ],
         {"local": {"type": "local", "path": str(session_dir / "e2e-backups")}},
         backup={"retries": 0, "schedule": None, "max_dumps_per_server": 2},
         defaults={
@@ -320,7 +349,9 @@ def standalone(session_dir, pg_server, e2e_slack, e2e_mail, e2e_plan):
             "AIRFLOW_CONN_PGDR_FLEET": pg_server.connection_uri("postgres"),
             "AIRFLOW_CONN_PGDR_SLACK": e2e_slack.connection(),
             "AIRFLOW_CONN_PGDR_SMTP": e2e_mail.connection(),
-            "AIRFLOW_CONN_PGDR_E2E_KEY": json.dumps({"conn_type": "generic", "login": "e2e-key-1", "password": E2E_MASTER_KEY}),
+            "AIRFLOW_CONN_PGDR_E2E_KEY": json.dumps(
+                {"conn_type": "generic", "login": "e2e-key-1", "password": E2E_MASTER_KEY}
+            ),
         },
     )
     server.start()
@@ -358,7 +389,8 @@ def pitr_server(session_dir, s3_server):
     access = ArchiveAccess(f"http://127.0.0.1:{s3_server.port}", "us-east-1", "testing-key", "testing-secret")
     archive = WalArchive(BUCKET, PhysicalLayout(PITR_PREFIX), PITR_SERVER, access)
     server = EmbeddedServer(
-        session_dir / "postgres-pitr", settings=archive.server_settings(archive_timeout_s=10, bin_dir=bin_dir),
+        session_dir / "postgres-pitr",
+        settings=archive.server_settings(archive_timeout_s=10, bin_dir=bin_dir),
         environment=access.environment(),
     ).start()
     create_sample_database(server, "shop")

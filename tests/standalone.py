@@ -60,7 +60,11 @@ class Standalone(AirflowClient):
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "airflow"), "standalone"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.home,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -170,7 +170,11 @@ def write_plan(path: Path, databases: list[dict], storage: dict, **sections) -> 
         "version": 1,
         "backup": {"schedule": "@daily", "retries": 1, "retry_delay": "1s", **sections.pop("backup", {})},
         "storage": storage,
-        "defaults": {"notify": {"slack_conn_id": "pgdr_slack"}, "restore_conn_id": "pgdr_restore", **sections.pop("defaults", {})},
+        "defaults": {
+            "notify": {"slack_conn_id": "pgdr_slack"},
+            "restore_conn_id": "pgdr_restore",
+            **sections.pop("defaults", {}),
+        },
         "databases": databases,
         **sections,
     }
@@ -214,10 +218,14 @@ class MailInbox:
 
     def connection(self) -> str:
         """Return the AIRFLOW_CONN_ JSON of an SMTP connection to this server (no TLS)."""
-        return json.dumps({
-            "conn_type": "smtp", "host": "127.0.0.1", "port": self.port,
-            "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "pgdr@example.com"},
-        })
+        return json.dumps(
+            {
+                "conn_type": "smtp",
+                "host": "127.0.0.1",
+                "port": self.port,
+                "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "pgdr@example.com"},
+            }
+        )
 
     @staticmethod
     def body(message) -> str:
@@ -260,7 +268,8 @@ def fingerprint(dsn: dict, relations: set[tuple[str, str]] | None = None) -> dic
             result["tables"][(schema, name)] = tuple(conn.execute(query).fetchone())
         if relations is None:
             result["large_objects"] = conn.execute(
-                "SELECT count(*), coalesce(md5(string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid)), '') "
+                "SELECT count(*), coalesce(md5(string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid)), "
+                "'') "
                 "FROM pg_largeobject_metadata"
             ).fetchone()
             result["sequences"] = dict(
@@ -283,9 +292,20 @@ def load_sql(server, dbname: str, path: Path) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
     result = subprocess.run(
-        [str(bundled_bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(path),
-         "--dbname", conninfo("127.0.0.1", server.port, server.superuser, dbname)],
-        env={**os.environ, "PGPASSWORD": server.password}, capture_output=True, text=True,
+        [
+            str(bundled_bin_dir() / "psql"),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            str(path),
+            "--dbname",
+            conninfo("127.0.0.1", server.port, server.superuser, dbname),
+        ],
+        env={**os.environ, "PGPASSWORD": server.password},
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise RuntimeError(f"loading {path} into {dbname!r} failed:\n{result.stderr}")
@@ -336,14 +356,21 @@ class SseRequiredGateway:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 path, _, query = self.path.partition("?")
-                is_write = (self.command == "PUT" and path.count("/") >= 2 and "partNumber=" not in query
-                            and not query.startswith(("policy", "encryption", "tagging", "acl")))
+                is_write = (
+                    self.command == "PUT"
+                    and path.count("/") >= 2
+                    and "partNumber=" not in query
+                    and not query.startswith(("policy", "encryption", "tagging", "acl"))
+                )
                 is_write |= self.command == "POST" and query.startswith("uploads")
                 if is_write:
                     gateway.writes += 1
                     if self.headers.get("x-amz-server-side-encryption") != gateway.sse:
                         gateway.denied.append(f"{self.command} {self.path}")
-                        error = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                        error = (
+                            b"<?xml version='1.0' encoding='UTF-8'?>"
+                            b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                        )
                         self.send_response(403)
                         self.send_header("Content-Type", "application/xml")
                         self.send_header("Content-Length", str(len(error)))

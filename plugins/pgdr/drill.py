@@ -77,21 +77,37 @@ def phase(name: str, started_at: str, finished_at: str, **extra) -> dict[str, An
     return {"name": name, "started_at": started_at, "finished_at": finished_at, "seconds": round(seconds, 3), **extra}
 
 
-def evaluate(database: str, rto_target_s: float, rpo_target_s: float, phases: list[dict], rpo: dict,
-             negative_control: dict | None, failed_phase: str | None, validation: dict | None,
-             backup_id: str | None) -> dict[str, Any]:
+def evaluate(
+    database: str,
+    rto_target_s: float,
+    rpo_target_s: float,
+    phases: list[dict],
+    rpo: dict,
+    negative_control: dict | None,
+    failed_phase: str | None,
+    validation: dict | None,
+    backup_id: str | None,
+) -> dict[str, Any]:
     """Return the per-database drill result with pass/fail against every target and action items."""
     by_name = {p["name"]: p for p in phases}
     rto_s = None
     if failed_phase is None and "checksum" in by_name and "validation" in by_name:
-        last = by_name.get("privileges") or by_name["validation"]  # drills before privileges were given back end at validation
+        last = (
+            by_name.get("privileges") or by_name["validation"]
+        )  # drills before privileges were given back end at validation
         rto_s = achieved_rto([by_name["checksum"], last])
     checks = {
         "rto": {"target_s": rto_target_s, "achieved_s": rto_s, "met": rto_s is not None and rto_s <= rto_target_s},
-        "rpo_newest_verified": {"target_s": rpo_target_s, "achieved_s": rpo["newest_verified_age_s"],
-                                "met": rpo["newest_verified_age_s"] is not None and rpo["newest_verified_age_s"] <= rpo_target_s},
-        "rpo_worst_gap": {"target_s": rpo_target_s, "achieved_s": rpo["worst_gap_s"],
-                          "met": rpo["worst_gap_s"] is None or rpo["worst_gap_s"] <= rpo_target_s},
+        "rpo_newest_verified": {
+            "target_s": rpo_target_s,
+            "achieved_s": rpo["newest_verified_age_s"],
+            "met": rpo["newest_verified_age_s"] is not None and rpo["newest_verified_age_s"] <= rpo_target_s,
+        },
+        "rpo_worst_gap": {
+            "target_s": rpo_target_s,
+            "achieved_s": rpo["worst_gap_s"],
+            "met": rpo["worst_gap_s"] is None or rpo["worst_gap_s"] <= rpo_target_s,
+        },
     }
     control_ok = bool(negative_control and negative_control.get("rejected"))
     actions = action_items(database, checks, rpo, negative_control, failed_phase, validation)
@@ -113,12 +129,17 @@ def action_items(database, checks, rpo, negative_control, failed_phase, validati
     """Turn every failure or breach into something a person can do."""
     items = []
     if failed_phase:
-        items.append(f"{database}: the drill failed in phase {failed_phase}. Open its log, fix the cause, and run the drill again.")
+        items.append(
+            f"{database}: the drill failed in phase {failed_phase}. Open its log, fix the cause, and run the drill "
+            "again."
+        )
     rto = checks["rto"]
     if rto["achieved_s"] is not None and not rto["met"]:
         items.append(
-            f"{database}: restore took {format_duration(rto['achieved_s'])}, over the RTO of {format_duration(rto['target_s'])}. "
-            "Restore faster (more dump_jobs, a bigger restore server, fewer indexes to rebuild) or agree a realistic RTO."
+            f"{database}: restore took {format_duration(rto['achieved_s'])}, over the RTO of "
+            f"{format_duration(rto['target_s'])}. "
+            "Restore faster (more dump_jobs, a bigger restore server, fewer indexes to rebuild) or agree a realistic "
+            "RTO."
         )
     newest = checks["rpo_newest_verified"]
     if newest["achieved_s"] is None:
@@ -132,7 +153,8 @@ def action_items(database, checks, rpo, negative_control, failed_phase, validati
     if not gap["met"]:
         older, newer = rpo["worst_gap_between"]
         items.append(
-            f"{database}: {format_duration(gap['achieved_s'])} passed between backups {older} and {newer}, over the RPO of "
+            f"{database}: {format_duration(gap['achieved_s'])} passed between backups {older} and {newer}, over the "
+            "RPO of "
             f"{format_duration(gap['target_s'])}. Find out why backups stopped then (failed runs, paused DAG, outage)."
         )
     if not (negative_control and negative_control.get("rejected")):
@@ -141,7 +163,9 @@ def action_items(database, checks, rpo, negative_control, failed_phase, validati
             "Treat every verification as unproven until this is fixed."
         )
     if validation and validation.get("failed"):
-        items.append(f"{database}: {validation['failed']} expectations failed on the restored data; see the validation report.")
+        items.append(
+            f"{database}: {validation['failed']} expectations failed on the restored data; see the validation report."
+        )
     return items
 
 
@@ -163,8 +187,10 @@ def headline(report: dict[str, Any]) -> list[str]:
             lines.append(f"server {p['server']} (PITR): FAIL | the rehearsal did not finish: {p['error']}")
             continue
         lines.append(
-            f"server {p['server']} (PITR): {'PASS' if rpo['met'] else 'FAIL'} | RPO achieved {duration_or_na(rpo['achieved_s'])} / "
-            f"{duration_or_na(rpo['target_s'])} (drill start minus the newest heartbeat recovered) | recovered in {duration_or_na(p['recovery_seconds'])}"
+            f"server {p['server']} (PITR): {'PASS' if rpo['met'] else 'FAIL'} | RPO achieved "
+            f"{duration_or_na(rpo['achieved_s'])} / "
+            f"{duration_or_na(rpo['target_s'])} (drill start minus the newest heartbeat recovered) | recovered in "
+            f"{duration_or_na(p['recovery_seconds'])}"
         )
     return lines
 
@@ -172,7 +198,10 @@ def headline(report: dict[str, Any]) -> list[str]:
 def _measures(r: dict[str, Any]) -> tuple[str, str, str, str]:
     """Return one database's RTO and RPO as ``achieved / target``, its worst gap and its control verdict."""
     c = r["checks"]
-    rto, rpo = (f"{duration_or_na(c[k]['achieved_s'])} / {duration_or_na(c[k]['target_s'])}" for k in ("rto", "rpo_newest_verified"))
+    rto, rpo = (
+        f"{duration_or_na(c[k]['achieved_s'])} / {duration_or_na(c[k]['target_s'])}"
+        for k in ("rto", "rpo_newest_verified")
+    )
     control = "rejected" if (r["negative_control"] or {}).get("rejected") else "NOT rejected"
     return rto, rpo, duration_or_na(c["rpo_worst_gap"]["achieved_s"]), control
 
@@ -183,9 +212,16 @@ def pitr_rehearsal_failed(server: str, rpo_target_s: float, error: str) -> dict[
     It has the fields of a finished rehearsal (nothing achieved, the RPO not met) and the ``error``,
     so that the report fails and says why, instead of leaving the server out and passing.
     """
-    return {"server": server, "base_backup": None, "newest_heartbeat": None,
-            "rpo": {"target_s": rpo_target_s, "achieved_s": None, "met": False},
-            "recovery_seconds": None, "timings": {}, "recovery": None, "error": error}
+    return {
+        "server": server,
+        "base_backup": None,
+        "newest_heartbeat": None,
+        "rpo": {"target_s": rpo_target_s, "achieved_s": None, "met": False},
+        "recovery_seconds": None,
+        "timings": {},
+        "recovery": None,
+        "error": error,
+    }
 
 
 def report_action_items(report: dict[str, Any]) -> list[str]:
@@ -193,34 +229,55 @@ def report_action_items(report: dict[str, Any]) -> list[str]:
     items = [i for r in report["databases"] for i in r["action_items"]]
     items += [
         f"server {p['server']}: the point-in-time recovery rehearsal did not finish: {p['error']}"
-        if p.get("error") else
-        f"server {p['server']}: the point-in-time recovery lost {duration_or_na(p['rpo']['achieved_s'])} of data, over the RPO of "
-        f"{duration_or_na(p['rpo']['target_s'])}: check the archiver (pg_stat_archiver) and archive_timeout, and that pgdr_health runs "
-        "(it writes the heartbeats)" for p in report.get("pitr") or [] if not p["rpo"]["met"]
+        if p.get("error")
+        else f"server {p['server']}: the point-in-time recovery lost {duration_or_na(p['rpo']['achieved_s'])} of "
+        "data, over the RPO of "
+        f"{duration_or_na(p['rpo']['target_s'])}: check the archiver (pg_stat_archiver) and archive_timeout, and "
+        "that pgdr_health runs "
+        "(it writes the heartbeats)"
+        for p in report.get("pitr") or []
+        if not p["rpo"]["met"]
     ]
     return items
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """Return the drill report as markdown."""
-    lines = [f"# DR drill {report['drill_id']}: {report['status'].upper()}", "",
-             f"Started {report['started_at']}, scenario `{report['scenario']}`, run `{report['run_id']}`.", "",
-             "## Targets", "", "| database | result | RTO achieved / target | RPO newest verified / target | worst gap (30 days) | negative control |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# DR drill {report['drill_id']}: {report['status'].upper()}",
+        "",
+        f"Started {report['started_at']}, scenario `{report['scenario']}`, run `{report['run_id']}`.",
+        "",
+        "## Targets",
+        "",
+        "| database | result | RTO achieved / target | RPO newest verified / target | worst gap (30 days) | negative "
+        "control |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in report["databases"]:
         lines.append("| " + " | ".join((r["database"], r["status"], *_measures(r))) + " |")
     if report.get("pitr"):
-        lines += ["", "## Point-in-time recovery", "", "| server | RPO achieved / target | newest heartbeat recovered | recovery time | WAL replayed |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Point-in-time recovery",
+            "",
+            "| server | RPO achieved / target | newest heartbeat recovered | recovery time | WAL replayed |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for p in report["pitr"]:
             if p.get("error"):
                 lines.append(f"| {p['server']} | FAIL: the rehearsal did not finish: {p['error']} | none | n/a | n/a |")
                 continue
             wal = (p.get("recovery") or {}).get("wal_bytes_replayed")
-            lines.append(f"| {p['server']} | {duration_or_na(p['rpo']['achieved_s'])} / {duration_or_na(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
-                         f"{duration_or_na(p['recovery_seconds'])} | {wal / 1e6:.1f} MB |" if wal is not None else
-                         f"| {p['server']} | {duration_or_na(p['rpo']['achieved_s'])} / {duration_or_na(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
-                         f"{duration_or_na(p['recovery_seconds'])} | n/a |")
+            lines.append(
+                f"| {p['server']} | {duration_or_na(p['rpo']['achieved_s'])} / "
+                f"{duration_or_na(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
+                f"{duration_or_na(p['recovery_seconds'])} | {wal / 1e6:.1f} MB |"
+                if wal is not None
+                else f"| {p['server']} | {duration_or_na(p['rpo']['achieved_s'])} / "
+                f"{duration_or_na(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
+                f"{duration_or_na(p['recovery_seconds'])} | n/a |"
+            )
     lines += ["", "## Timeline", ""]
     for r in report["databases"]:
         lines.append(f"### {r['database']} (backup `{r['backup_id']}`)")
@@ -308,13 +365,21 @@ def _duration_axis(ax, seconds: list[float]) -> None:
 
 def _pitr_panel(ax, points) -> None:
     """Plot each server's achieved PITR RPO against its target, on a duration axis."""
-    values = [p["rpo"]["achieved_s"] for _, p in points if p["rpo"]["achieved_s"] is not None] + [p["rpo"]["target_s"] for _, p in points]
+    values = [p["rpo"]["achieved_s"] for _, p in points if p["rpo"]["achieved_s"] is not None] + [
+        p["rpo"]["target_s"] for _, p in points
+    ]
     _duration_axis(ax, values)
     for server in sorted({p["server"] for _, p in points}):
         mine = [(when, p) for when, p in points if p["server"] == server and p["rpo"]["achieved_s"] is not None]
         if mine:
             line = ax.plot([w for w, _ in mine], [p["rpo"]["achieved_s"] for _, p in mine], marker="o", label=server)[0]
-            ax.axhline(mine[-1][1]["rpo"]["target_s"], color=line.get_color(), linestyle="--", linewidth=1, label=f"{server} target")
+            ax.axhline(
+                mine[-1][1]["rpo"]["target_s"],
+                color=line.get_color(),
+                linestyle="--",
+                linewidth=1,
+                label=f"{server} target",
+            )
     dates = [w for w, _ in points]
     ax.set_xlim(min(dates) - timedelta(days=20), max(dates) + timedelta(days=20))
     ax.set_title("PITR RPO achieved", fontsize=10)
@@ -333,11 +398,15 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
 
         def cell(check):
             met = check["met"]
-            return f"<td class='{'ok' if met else 'bad'}'>{duration_or_na(check['achieved_s'])} <small>/ {duration_or_na(check['target_s'])}</small></td>"
+            return (
+                f"<td class='{'ok' if met else 'bad'}'>{duration_or_na(check['achieved_s'])} "
+                f"<small>/ {duration_or_na(check['target_s'])}</small></td>"
+            )
 
         control = (r["negative_control"] or {}).get("rejected")
         rows.append(
-            f"<tr><th>{e(r['database'])}</th><td class='{'ok' if r['status'] == 'pass' else 'bad'}'>{r['status'].upper()}</td>"
+            f"<tr><th>{e(r['database'])}</th><td "
+            f"class='{'ok' if r['status'] == 'pass' else 'bad'}'>{r['status'].upper()}</td>"
             f"{cell(c['rto'])}{cell(c['rpo_newest_verified'])}{cell(c['rpo_worst_gap'])}"
             f"<td class='{'ok' if control else 'bad'}'>{'rejected' if control else 'NOT rejected'}</td></tr>"
         )
@@ -346,52 +415,74 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
         total = sum(p["seconds"] for p in r["phases"]) or 1
         bars = "".join(
             f"<div class='bar p-{e(p['name'])}' style='flex:{max(p['seconds'] / total, 0.02):.3f}' "
-            f"title='{e(p['name'])} {p['seconds']:.1f}s from {e(p['started_at'])}'>{e(p['name'])}<br>{p['seconds']:.1f}s</div>"
+            f"title='{e(p['name'])} {p['seconds']:.1f}s from "
+            f"{e(p['started_at'])}'>{e(p['name'])}<br>{p['seconds']:.1f}s</div>"
             for p in r["phases"]
         )
-        steps = "".join(f"<li><code>{e(p['started_at'][11:19])}</code> {e(p['name'])}: {p['seconds']:.1f}s</li>" for p in r["phases"])
+        steps = "".join(
+            f"<li><code>{e(p['started_at'][11:19])}</code> {e(p['name'])}: {p['seconds']:.1f}s</li>"
+            for p in r["phases"]
+        )
         v = r["validation"] or {}
-        validation = f"<p>Validation: {v.get('expectations', 0) - v.get('failed', 0)} of {v.get('expectations', 0)} expectations passed.</p>" if v else ""
-        timeline.append(f"<h3>{e(r['database'])} <small>backup {e(r['backup_id'] or 'none')}</small></h3>"
-                        f"<div class='timeline'>{bars}</div><ul class='steps'>{steps}</ul>{validation}")
+        validation = (
+            f"<p>Validation: {v.get('expectations', 0) - v.get('failed', 0)} of {v.get('expectations', 0)} "
+            "expectations passed.</p>"
+            if v
+            else ""
+        )
+        timeline.append(
+            f"<h3>{e(r['database'])} <small>backup {e(r['backup_id'] or 'none')}</small></h3>"
+            f"<div class='timeline'>{bars}</div><ul class='steps'>{steps}</ul>{validation}"
+        )
     items = report_action_items(report)
     actions = "".join(f"<li>{e(i)}</li>" for i in items) or "<li>None: every target was met.</li>"
     pitr_rows = "".join(
-        f"<tr><th>{e(p['server'])}</th><td class='{'ok' if p['rpo']['met'] else 'bad'}'>{duration_or_na(p['rpo']['achieved_s'])} "
-        f"<small>/ {duration_or_na(p['rpo']['target_s'])}</small></td><td>{e(p.get('error') or p['newest_heartbeat'] or 'none')}</td>"
+        f"<tr><th>{e(p['server'])}</th><td "
+        f"class='{'ok' if p['rpo']['met'] else 'bad'}'>{duration_or_na(p['rpo']['achieved_s'])} "
+        f"<small>/ {duration_or_na(p['rpo']['target_s'])}</small></td>"
+        f"<td>{e(p.get('error') or p['newest_heartbeat'] or 'none')}</td>"
         f"<td>{duration_or_na(p['recovery_seconds'])}</td></tr>"
         for p in report.get("pitr") or []
     )
     pitr_table = (
-        "<h2>Point-in-time recovery</h2><p>Each server recovered to the end of its WAL archive in a scratch cluster; the RPO "
-        "achieved is the drill's start minus the newest heartbeat recovered.</p><table><thead><tr><th>Server</th>"
-        f"<th>RPO achieved / target</th><th>Newest heartbeat recovered</th><th>Recovery time</th></tr></thead><tbody>{pitr_rows}</tbody></table>"
-    ) if pitr_rows else ""
+        (
+            "<h2>Point-in-time recovery</h2><p>Each server recovered to the end of its WAL archive in a scratch "
+            "cluster; the RPO "
+            "achieved is the drill's start minus the newest heartbeat recovered.</p><table><thead><tr><th>Server</th>"
+            "<th>RPO achieved / target</th><th>Newest heartbeat recovered</th><th>Recovery "
+            f"time</th></tr></thead><tbody>{pitr_rows}</tbody></table>"
+        )
+        if pitr_rows
+        else ""
+    )
     chart = base64.b64encode(chart_png).decode()
+    verdict = "All targets met" if ok else "Targets missed or checks failed: see the action items"
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>pgdr DR drill {e(report['drill_id'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>pgdr DR drill {e(report["drill_id"])}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #1d2330; }}
 h1 {{ font-size: 1.5rem; margin-bottom: .2rem; }} .sub {{ color: #5a6478; margin-top: 0; }}
 .verdict {{ display: inline-block; padding: .5rem 1rem; border-radius: 6px; font-weight: 600; }}
 .ok {{ background: #e3f6e8; color: #13612e; }} .bad {{ background: #fde7e7; color: #8a1111; }}
-table {{ border-collapse: collapse; margin: 1rem 0; width: 100%; }} th, td {{ padding: .45rem .7rem; border-bottom: 1px solid #e3e6ec; text-align: left; }}
+table {{ border-collapse: collapse; margin: 1rem 0; width: 100%; }}
+th, td {{ padding: .45rem .7rem; border-bottom: 1px solid #e3e6ec; text-align: left; }}
 thead th {{ font-size: .85rem; color: #5a6478; }} small {{ color: #5a6478; }}
 .timeline {{ display: flex; gap: 2px; margin: .5rem 0; font-size: .75rem; }}
 .bar {{ background: #dbe6ff; padding: .3rem; border-radius: 3px; overflow: hidden; white-space: nowrap; }}
 .p-restore {{ background: #c8dafc; }} .p-validation {{ background: #e6dcfb; }} .p-checks {{ background: #d7f0e0; }}
 .steps {{ font-size: .85rem; color: #3a4356; }} img {{ max-width: 100%; }}
 </style></head><body>
-<h1>DR drill {e(report['drill_id'])}</h1>
-<p class="sub">Started {e(report['started_at'])} · scenario {e(report['scenario'])} · run {e(report['run_id'])}</p>
-<p class="verdict {'ok' if ok else 'bad'}">{'All targets met' if ok else 'Targets missed or checks failed: see the action items'}</p>
+<h1>DR drill {e(report["drill_id"])}</h1>
+<p class="sub">Started {e(report["started_at"])} · scenario {e(report["scenario"])} · run {e(report["run_id"])}</p>
+<p class="verdict {"ok" if ok else "bad"}">{verdict}</p>
 <h2>Targets against achieved</h2>
-<table><thead><tr><th>Database</th><th>Result</th><th>RTO achieved / target</th><th>RPO: newest verified / target</th><th>Worst gap, 30 days / RPO</th><th>Negative control</th></tr></thead>
-<tbody>{''.join(rows)}</tbody></table>
+<table><thead><tr><th>Database</th><th>Result</th><th>RTO achieved / target</th><th>RPO: newest verified / target</th>
+<th>Worst gap, 30 days / RPO</th><th>Negative control</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table>
 {pitr_table}
 <h2>Action items</h2><ul>{actions}</ul>
 <h2>Trend</h2><img alt="RTO and RPO over past drills against their targets" src="data:image/png;base64,{chart}">
-<h2>Timeline</h2>{''.join(timeline)}
+<h2>Timeline</h2>{"".join(timeline)}
 <p><small>Generated by pgdr. The JSON document next to this page has every number.</small></p>
 </body></html>
 """
@@ -427,24 +518,42 @@ def negative_control(manifest, store, data_key: bytes | None, workdir) -> dict[s
     private.put_bytes(victim.key, bytes(data))
     controls = [("a flipped bit", victim)]
     if data_key is not None:
-        controls.append(("a flipped bit with its checksum forged", replace(victim, sha256=hashlib.sha256(data).hexdigest())))
+        controls.append(
+            ("a flipped bit with its checksum forged", replace(victim, sha256=hashlib.sha256(data).hexdigest()))
+        )
     messages = []
     for what, entry in controls:
         try:
             verify_checksums(replace(manifest, files=(entry,)), private, workers=1, data_key=data_key)
         except ChecksumMismatch as err:
-            log.info("Negative control (%s): the corrupted copy of %s was rejected, as it must be: %s", what, victim.name, err)
+            log.info(
+                "Negative control (%s): the corrupted copy of %s was rejected, as it must be: %s",
+                what,
+                victim.name,
+                err,
+            )
             found = "; ".join(p.problem for p in getattr(err, "problems", [])) or str(err)
             messages.append(f"{what}: rejected, {found[:300]}")
             continue
         log.error("Negative control FAILED: a corrupted copy of %s (%s) passed verification.", victim.name, what)
-        return {"rejected": False, "file": victim.name, "message": f"a corrupted copy ({what}) passed verification",
-                "encrypted": data_key is not None}
+        return {
+            "rejected": False,
+            "file": victim.name,
+            "message": f"a corrupted copy ({what}) passed verification",
+            "encrypted": data_key is not None,
+        }
     return {"rejected": True, "file": victim.name, "message": " | ".join(messages), "encrypted": data_key is not None}
 
 
-def pitr_rehearsal(server, base_backup: str, start: datetime, recovered: list[datetime], recovery_seconds: float,
-                   timings: dict[str, float], recovery: dict[str, Any]) -> dict[str, Any]:
+def pitr_rehearsal(
+    server,
+    base_backup: str,
+    start: datetime,
+    recovered: list[datetime],
+    recovery_seconds: float,
+    timings: dict[str, float],
+    recovery: dict[str, Any],
+) -> dict[str, Any]:
     """Return the drill's record of a point-in-time recovery rehearsal of ``server`` to the end of its archive.
 
     The RPO achieved is the drill's ``start`` minus the newest heartbeat the recovery brought back.
@@ -453,9 +562,12 @@ def pitr_rehearsal(server, base_backup: str, start: datetime, recovered: list[da
     rpo_s = (start - newest).total_seconds() if newest else None
     target = server.pitr.rpo.total_seconds()
     return {
-        "server": server.name, "base_backup": base_backup, "newest_heartbeat": newest.isoformat() if newest else None,
+        "server": server.name,
+        "base_backup": base_backup,
+        "newest_heartbeat": newest.isoformat() if newest else None,
         "rpo": {"target_s": target, "achieved_s": rpo_s, "met": rpo_s is not None and rpo_s <= target},
-        "recovery_seconds": round(recovery_seconds, 2), "timings": {k: round(v, 2) for k, v in timings.items()},
+        "recovery_seconds": round(recovery_seconds, 2),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
         "recovery": recovery,
     }
 
@@ -467,19 +579,39 @@ def unfinished_rehearsals(servers, pitr: list[dict[str, Any]], errors: dict[str,
     """
     done = {p["server"] for p in pitr}
     return [
-        pitr_rehearsal_failed(server.name, server.pitr.rpo.total_seconds(),
-                              errors.get(f"server {server.name}") or errors.get(server.name)
-                              or "the rehearse_pitr task failed; its alert and log say why")
-        for server in servers if server.name not in done
+        pitr_rehearsal_failed(
+            server.name,
+            server.pitr.rpo.total_seconds(),
+            errors.get(f"server {server.name}")
+            or errors.get(server.name)
+            or "the rehearse_pitr task failed; its alert and log say why",
+        )
+        for server in servers
+        if server.name not in done
     ]
 
 
-def drill_report(drill_id: str, run_id: str, scenario: str, started_at: datetime, finished_at: str,
-                 results: list[dict[str, Any]], pitr: list[dict[str, Any]]) -> dict[str, Any]:
+def drill_report(
+    drill_id: str,
+    run_id: str,
+    scenario: str,
+    started_at: datetime,
+    finished_at: str,
+    results: list[dict[str, Any]],
+    pitr: list[dict[str, Any]],
+) -> dict[str, Any]:
     """Return the drill's report: it passes when every database and every PITR rehearsal met its targets."""
     passed = bool(results) and all(r["status"] == "pass" for r in results) and all(p["rpo"]["met"] for p in pitr)
-    return {"drill_id": drill_id, "run_id": run_id, "scenario": scenario, "started_at": started_at.isoformat(),
-            "finished_at": finished_at, "status": "pass" if passed else "fail", "databases": results, "pitr": pitr}
+    return {
+        "drill_id": drill_id,
+        "run_id": run_id,
+        "scenario": scenario,
+        "started_at": started_at.isoformat(),
+        "finished_at": finished_at,
+        "status": "pass" if passed else "fail",
+        "databases": results,
+        "pitr": pitr,
+    }
 
 
 def drill_id_of(started_at: datetime, run_id: str) -> str:
@@ -500,9 +632,14 @@ def store_report(report: dict[str, Any], store, layout) -> tuple[str, str]:
                 history.append(json.loads(store.get_bytes(obj.key)))
             except ValueError:
                 logging.getLogger(__name__).warning("Skipping an unreadable past drill report %s", obj.key)
-    history = sorted([h for h in history if h.get("drill_id") != report["drill_id"]] + [report], key=lambda h: h["started_at"])
+    history = sorted(
+        [h for h in history if h.get("drill_id") != report["drill_id"]] + [report], key=lambda h: h["started_at"]
+    )
     chart = trend_chart(history)
-    keys = {name: layout.report_key("drills", report["drill_id"], name) for name in ("drill.json", "drill.md", "drill.html", "trend.png")}
+    keys = {
+        name: layout.report_key("drills", report["drill_id"], name)
+        for name in ("drill.json", "drill.md", "drill.html", "trend.png")
+    }
     page = render_html(report, chart)
     store.put_bytes(keys["drill.json"], report_json(report))
     store.put_bytes(keys["drill.md"], render_markdown(report).encode())
@@ -513,5 +650,9 @@ def store_report(report: dict[str, Any], store, layout) -> tuple[str, str]:
 
 def broken_parts(report: dict[str, Any]) -> list[str]:
     """Return what failed its drill outright (a phase, the negative control, a PITR rehearsal that did not finish)."""
-    broken = [r["database"] for r in report["databases"] if r["failed_phase"] or not (r["negative_control"] or {}).get("rejected")]
+    broken = [
+        r["database"]
+        for r in report["databases"]
+        if r["failed_phase"] or not (r["negative_control"] or {}).get("rejected")
+    ]
     return broken + [f"server {p['server']}" for p in report["pitr"] if p.get("error")]

@@ -11,7 +11,8 @@ more than the server's RPO.
 Alerts go out on a **change of state** only: one message when a check starts failing, one
 recovery message when it passes again, never one every five minutes. The last state of every
 check is kept in the alert journal (in the storage target), so it survives worker restarts.
-Each run also emits gauges (:mod:`pgdr.airflow_glue.metrics`) through Airflow's metrics layer (StatsD or OpenTelemetry, as Airflow
+Each run also emits gauges (:mod:`pgdr.airflow_glue.metrics`) through Airflow's metrics layer (StatsD or
+OpenTelemetry, as Airflow
 is configured), named ``pgdr.<metric>.<database>``.
 """
 
@@ -68,12 +69,16 @@ def check_verification_server(db, res: Resources) -> CheckResult:
         return CheckResult("verify_server", db.name, False, first_line(err))
     if (source.host, source.port) == (verify.host, verify.port):
         return CheckResult(
-            "verify_server", db.name, False,
+            "verify_server",
+            db.name,
+            False,
             f"verify-restores and drills restore on the production cluster {source.host}:{source.port} "
             f"(verify_conn_id {db.verify_conn_id!r}): they compete with it for disk and CPU and run restored code "
             "there. Set verify_conn_id to a connection of another cluster (README, Security model)",
         )
-    return CheckResult("verify_server", db.name, True, f"restore tests run on {verify.host}:{verify.port}, apart from production")
+    return CheckResult(
+        "verify_server", db.name, True, f"restore tests run on {verify.host}:{verify.port}, apart from production"
+    )
 
 
 def check_storage(db, res: Resources) -> CheckResult:
@@ -118,27 +123,37 @@ def check_encryption(db, res: Resources, now: datetime) -> CheckResult | None:
             objects = sorted(store.list(layout.database_prefix(db.name)), key=lambda o: o.key)
             newest = sorted(objects, key=lambda o: o.modified, reverse=True)[:SSE_SAMPLE]
             start = (int(now.timestamp()) // 60 * SSE_SAMPLE) % max(1, len(objects))
-            sample = {o.key: o for o in [*newest, *objects[start:start + SSE_SAMPLE]]}
+            sample = {o.key: o for o in [*newest, *objects[start : start + SSE_SAMPLE]]}
             for key in sorted(sample):
                 found, kms_key = store.encryption_of(key)
                 checked += 1
                 # S3 answers with the key's ARN; the plan may name the key by id, alias or ARN
-                kms_ok = (target.sse != "aws:kms" or not target.kms_key_id or target.kms_key_id.startswith("alias/")
-                          or target.kms_key_id in (kms_key or ""))
+                kms_ok = (
+                    target.sse != "aws:kms"
+                    or not target.kms_key_id
+                    or target.kms_key_id.startswith("alias/")
+                    or target.kms_key_id in (kms_key or "")
+                )
                 if found != target.sse or not kms_ok:
-                    findings.append(f"{store.describe(key)} is stored with {found or 'no server-side encryption'}"
-                                    + ("" if kms_ok else " under another KMS key"))
+                    findings.append(
+                        f"{store.describe(key)} is stored with {found or 'no server-side encryption'}"
+                        + ("" if kms_ok else " under another KMS key")
+                    )
         if db.encryption_key_conn_id:
             backups = BackupCatalog(store, layout, db.name).backups()
             if backups and backups[-1].manifest.encryption is None:
-                findings.append(f"the newest backup {backups[-1].backup_id} is not encrypted client-side, though the plan "
-                                f"encrypts {db.name} (encryption.key_conn_id {db.encryption_key_conn_id!r})")
+                findings.append(
+                    f"the newest backup {backups[-1].backup_id} is not encrypted client-side, though the plan "
+                    f"encrypts {db.name} (encryption.key_conn_id {db.encryption_key_conn_id!r})"
+                )
     except Exception as err:  # noqa: BLE001 - the failure is the result
         return CheckResult("encryption", db.name, False, f"encryption could not be checked: {first_line(err)}")
     if findings:
         more = f" and {len(findings) - 3} more" if len(findings) > 3 else ""
         return CheckResult(
-            "encryption", db.name, False,
+            "encryption",
+            db.name,
+            False,
             f"{len(findings)} finding(s): {'; '.join(findings[:3])}{more}. Someone or something wrote to the backups' "
             "prefix without the plan's encryption: find out what, and re-upload or delete those objects",
             float(len(findings)),
@@ -161,41 +176,61 @@ def check_backup_ages(db, res: Resources, now: datetime) -> list[CheckResult]:
         reason = f"the catalog cannot be read: {first_line(err)}"
         return [CheckResult("backup_age", db.name, False, reason), CheckResult("verified_age", db.name, False, reason)]
     damaged = catalog.damaged
-    results = [CheckResult(
-        "catalog", db.name, not damaged,
-        f"{len(damaged)} damaged records, left out of every selector: "
-        + "; ".join(f"{d.backup_id}: {first_line(d.problem)[:200]}" for d in damaged[:5])
-        + ". Restore or delete them, and find out what changed the storage"
-        if damaged else f"all {len(backups)} backups are readable",
-        float(len(damaged)),
-    )]
+    results = [
+        CheckResult(
+            "catalog",
+            db.name,
+            not damaged,
+            f"{len(damaged)} damaged records, left out of every selector: "
+            + "; ".join(f"{d.backup_id}: {first_line(d.problem)[:200]}" for d in damaged[:5])
+            + ". Restore or delete them, and find out what changed the storage"
+            if damaged
+            else f"all {len(backups)} backups are readable",
+            float(len(damaged)),
+        )
+    ]
     good = [b for b in backups if b.status != "failed"]
     verified = [b for b in backups if b.status == "verified"]
     if good:
         age = (now - good[-1].recovery_point).total_seconds()
         ok = age <= db.rpo.total_seconds()
-        results.append(CheckResult(
-            "backup_age", db.name, ok,
-            f"the newest backup ({good[-1].backup_id}) is {format_duration(age)} old; the RPO is {format_duration(db.rpo.total_seconds())}",
-            age,
-        ))
+        results.append(
+            CheckResult(
+                "backup_age",
+                db.name,
+                ok,
+                f"the newest backup ({good[-1].backup_id}) is {format_duration(age)} old; the RPO is "
+                f"{format_duration(db.rpo.total_seconds())}",
+                age,
+            )
+        )
     else:
         results.append(CheckResult("backup_age", db.name, False, "there is no backup at all; run pgdr_backup"))
     window = res.plan.health.verify_window.total_seconds()
     if verified:
         age = (now - verified[-1].recovery_point).total_seconds()
-        results.append(CheckResult(
-            "verified_age", db.name, age <= window,
-            f"the newest verified backup ({verified[-1].backup_id}) is {format_duration(age)} old; the window is {format_duration(window)}",
-            age,
-        ))
+        results.append(
+            CheckResult(
+                "verified_age",
+                db.name,
+                age <= window,
+                f"the newest verified backup ({verified[-1].backup_id}) is {format_duration(age)} old; the window is "
+                f"{format_duration(window)}",
+                age,
+            )
+        )
     else:
-        results.append(CheckResult("verified_age", db.name, False, "no backup has been verified; check pgdr_verify_restore"))
+        results.append(
+            CheckResult("verified_age", db.name, False, "no backup has been verified; check pgdr_verify_restore")
+        )
     return results
 
 
-def check_pitr_server(server, res: Resources, now: datetime, source: str = "pgdr_health") -> tuple[list[CheckResult], dict[str, float]]:
-    """Point-in-time recovery of one server: a heartbeat written, the archiver working, the archive's lag within the RPO.
+def check_pitr_server(
+    server, res: Resources, now: datetime, source: str = "pgdr_health"
+) -> tuple[list[CheckResult], dict[str, float]]:
+    """Point-in-time recovery of one server: a heartbeat written, the archiver working, the archive's lag within the
+    RPO.
 
     The *WAL archive lag* is how much acknowledged work exists only on the server: the bytes
     written since the end of the newest archived segment, and (when there are any) the seconds
@@ -216,23 +251,45 @@ def check_pitr_server(server, res: Resources, now: datetime, source: str = "pgdr
                 " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), clock_timestamp()"
             ).fetchone()
     except Exception as err:  # noqa: BLE001 - the failure is the result
-        return [CheckResult("archiver", name, False, f"cannot read the archiver state of server {name!r}: {first_line(err)}")], {}
+        return [
+            CheckResult(
+                "archiver", name, False, f"cannot read the archiver state of server {name!r}: {first_line(err)}"
+            )
+        ], {}
     archived, last_wal, last_time = state.archived_count, state.last_archived_wal, state.last_archived_time
     failed, failed_wal, failed_time = state.failed_count, state.last_failed_wal, state.last_failed_time
     results = []
     if mode not in ("on", "always"):
-        results.append(CheckResult("archiver", name, False, f"server {name!r} does not archive WAL (archive_mode = {mode}): "
-                                   "point-in-time recovery is impossible. Set the archive_command lines (README) and restart it"))
+        results.append(
+            CheckResult(
+                "archiver",
+                name,
+                False,
+                f"server {name!r} does not archive WAL (archive_mode = {mode}): "
+                "point-in-time recovery is impossible. Set the archive_command lines (README) and restart it",
+            )
+        )
     elif state.failing:
-        results.append(CheckResult(
-            "archiver", name, False,
-            f"the archive_command of server {name!r} is failing: {failed} failed attempts so far, last on WAL segment "
-            f"{failed_wal} at {failed_time:%Y-%m-%d %H:%M:%S} UTC. WAL piles up on the server and nothing after "
-            f"{last_wal or 'the first segment'} can be recovered. Check the server log ('archive command failed') and the "
-            "storage target", float(failed),
-        ))
+        results.append(
+            CheckResult(
+                "archiver",
+                name,
+                False,
+                f"the archive_command of server {name!r} is failing: {failed} failed attempts so far, last on WAL "
+                "segment "
+                f"{failed_wal} at {failed_time:%Y-%m-%d %H:%M:%S} UTC. WAL piles up on the server and nothing after "
+                f"{last_wal or 'the first segment'} can be recovered. Check the server log ('archive command "
+                "failed') and the "
+                "storage target",
+                float(failed),
+            )
+        )
     else:
-        results.append(CheckResult("archiver", name, True, f"server {name!r} archives WAL ({archived} segments, newest {last_wal})", 0.0))
+        results.append(
+            CheckResult(
+                "archiver", name, True, f"server {name!r} archives WAL ({archived} segments, newest {last_wal})", 0.0
+            )
+        )
     segment = archived_segment(last_wal)
     if segment:
         archived_end = (segment_number(segment, segment_size) + 1) * segment_size
@@ -243,15 +300,27 @@ def check_pitr_server(server, res: Resources, now: datetime, source: str = "pgdr
     if last_time is None:
         lag_s = float("inf")
     ok = lag_s <= rpo.total_seconds()
-    results.append(CheckResult(
-        "wal_lag", name, ok,
-        (f"the WAL archive of server {name!r} is {format_duration(lag_s)} ({lag_bytes / 1e6:.1f} MB) behind the server, "
-         f"within its RPO of {format_duration(rpo.total_seconds())}") if ok else
-        (f"the WAL archive of server {name!r} is {'never written' if last_time is None else format_duration(lag_s)} "
-         f"({lag_bytes / 1e6:.1f} MB) behind the server: more than its RPO of {format_duration(rpo.total_seconds())}. A loss of "
-         "the server now would lose that much. Check the archiver (pg_stat_archiver) and archive_timeout"),
-        lag_s if lag_s != float("inf") else None,
-    ))
+    results.append(
+        CheckResult(
+            "wal_lag",
+            name,
+            ok,
+            (
+                f"the WAL archive of server {name!r} is {format_duration(lag_s)} ({lag_bytes / 1e6:.1f} MB) behind "
+                "the server, "
+                f"within its RPO of {format_duration(rpo.total_seconds())}"
+            )
+            if ok
+            else (
+                f"the WAL archive of server {name!r} is "
+                f"{'never written' if last_time is None else format_duration(lag_s)} "
+                f"({lag_bytes / 1e6:.1f} MB) behind the server: more than its RPO of "
+                f"{format_duration(rpo.total_seconds())}. A loss of "
+                "the server now would lose that much. Check the archiver (pg_stat_archiver) and archive_timeout"
+            ),
+            lag_s if lag_s != float("inf") else None,
+        )
+    )
     return results, {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
 
 
@@ -260,8 +329,11 @@ def check_free_space(path: Path, min_free_gb: float) -> CheckResult:
     path.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(path).free / 1e9
     return CheckResult(
-        "free_space", "workers", free_gb >= min_free_gb,
-        f"{free_gb:.1f} GB free in {path}; at least {min_free_gb:g} GB are needed", free_gb,
+        "free_space",
+        "workers",
+        free_gb >= min_free_gb,
+        f"{free_gb:.1f} GB free in {path}; at least {min_free_gb:g} GB are needed",
+        free_gb,
     )
 
 

@@ -26,7 +26,8 @@ from pgdr.errors import PermanentFailure
 MAX_IDENTIFIER_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer names
 
 # pg_get_keywords() of PostgreSQL 18 with catcode <> 'U': the words quote_ident() quotes.
-_KEYWORDS = frozenset("""
+_KEYWORDS = frozenset(
+    """
 all analyse analyze and any array as asc asymmetric authorization between bigint binary bit boolean
 both case cast char character check coalesce collate collation column concurrently constraint create
 cross current_catalog current_date current_role current_schema current_time current_timestamp
@@ -41,7 +42,8 @@ similar smallint some substring symmetric system_user table tablesample then tim
 trailing treat trim true union unique user using values varchar variadic verbose when where window
 with xmlattributes xmlconcat xmlelement xmlexists xmlforest xmlnamespaces xmlparse xmlpi xmlroot
 xmlserialize xmltable
-""".split())
+""".split()
+)
 _PLAIN = re.compile(r"^[a-z_][a-z0-9_]*$")
 # PostgreSQL's scanner: an unquoted identifier starts with a letter, _ or any non-ASCII character.
 _UNQUOTED = re.compile(r"[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*")
@@ -76,6 +78,7 @@ def unicode_identifier(name: str) -> str:
     read ``%``, ``:`` and braces in query text as placeholders, even inside quotes): PostgreSQL
     reads ``U&"a\\0025b"`` as the name ``a%b``.
     """
+
     def escape(char: str) -> str:
         if char.isascii() and (char.isalnum() or char == "_"):
             return char
@@ -211,6 +214,7 @@ def conninfo(host: str, port: int, user: str, dbname: str, **extra: str) -> str:
     that contains ``=`` would be read as a connection string, and ``pg_amcheck -d`` reads a
     pattern, where ``*`` and ``.`` mean something.
     """
+
     def value(text) -> str:
         return "'" + str(text).replace("\\", "\\\\").replace("'", "\\'") + "'"
 

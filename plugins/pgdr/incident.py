@@ -164,7 +164,8 @@ def expected_duration(catalog: BackupCatalog) -> float | None:
 def create_target(
     server: PgEndpoint, name: str, run_id: str, owner: PgEndpoint | None = None, options: dict[str, str] | None = None
 ) -> None:
-    """Create the empty restore target, owned by ``owner``'s role and marked as pgdr's; a previous try's copy is replaced.
+    """Create the empty restore target, owned by ``owner``'s role and marked as pgdr's; a previous try's copy is
+    replaced.
 
     :param options: the backup's encoding and locale (``BackupNeeds.database_options``).
     """
@@ -205,7 +206,9 @@ def drop_own_target(server: PgEndpoint, name: str, run_id: str) -> bool:
 # pg_restore -l prints "<dump id>; <catalog oid> <oid> <description> <schema> <name> <owner>". The
 # description is one of a fixed set of words; names come after it and may hold spaces, so a line
 # is never split on spaces to find a name: the entries of one table are found by pg_restore itself.
-_TOC_ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ (?P<desc>TABLE DATA|FK CONSTRAINT|BLOBS|BLOB METADATA|BLOB|LARGE OBJECT)\b")
+_TOC_ENTRY = re.compile(
+    r"^(?P<id>\d+); \d+ \d+ (?P<desc>TABLE DATA|FK CONSTRAINT|BLOBS|BLOB METADATA|BLOB|LARGE OBJECT)\b"
+)
 _SKIP_IN_TABLE_RESTORE = {"FK CONSTRAINT"}
 
 
@@ -219,8 +222,10 @@ def table_restore_list(toc: str, data_ids: set[str]) -> str:
     kept = []
     for line in toc.splitlines():
         match = _TOC_ENTRY.match(line)
-        if match and (match.group("desc") in _SKIP_IN_TABLE_RESTORE
-                      or (match.group("desc") == "TABLE DATA" and match.group("id") not in data_ids)):
+        if match and (
+            match.group("desc") in _SKIP_IN_TABLE_RESTORE
+            or (match.group("desc") == "TABLE DATA" and match.group("id") not in data_ids)
+        ):
             continue
         kept.append(line)
     return "\n".join(kept) + "\n"
@@ -234,9 +239,16 @@ def table_data_ids(dump_dir: Path, table: QualifiedName, env: dict[str, str]) ->
     """
     listing = subprocess.run(
         [pg_tool("pg_restore"), "--list", f"--schema={table.schema}", f"--table={table.name}", str(dump_dir)],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    return {m.group("id") for line in listing.splitlines() if (m := _TOC_ENTRY.match(line)) and m.group("desc") == "TABLE DATA"}
+    return {
+        m.group("id")
+        for line in listing.splitlines()
+        if (m := _TOC_ENTRY.match(line)) and m.group("desc") == "TABLE DATA"
+    }
 
 
 def expand_partitions(target: PgEndpoint, tables: list[QualifiedName]) -> set[QualifiedName]:
@@ -262,20 +274,31 @@ def restore_tables(target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: 
     from pgdr.logical.privileges import NEVER_RESTORED, SUPERUSER_ONLY, read_toc
 
     run_tool(
-        target, workdir, restore_command(target, dump_dir, jobs, extra=["--section=pre-data"]),
-        f"pg_restore (schema) into {printable(target.dbname)!r}", RestoreFailed,
+        target,
+        workdir,
+        restore_command(target, dump_dir, jobs, extra=["--section=pre-data"]),
+        f"pg_restore (schema) into {printable(target.dbname)!r}",
+        RestoreFailed,
     )
     filled = expand_partitions(target, [parse_qualified_name(t) for t in tables])
     with passfile_env(target, workdir) as env:
-        toc = subprocess.run([pg_tool("pg_restore"), "--list", str(dump_dir)], env=env, capture_output=True, text=True, check=True).stdout
+        toc = subprocess.run(
+            [pg_tool("pg_restore"), "--list", str(dump_dir)], env=env, capture_output=True, text=True, check=True
+        ).stdout
         data_ids = set().union(*(table_data_ids(dump_dir, table, env) for table in filled))
     listing = workdir / "table-restore.list"
     superuser_only = set(read_toc(dump_dir).entries(*SUPERUSER_ONLY, *NEVER_RESTORED))  # created after the checks
-    listing.write_text("".join(f"{line}\n" for line in table_restore_list(toc, data_ids).splitlines() if line not in superuser_only))
+    listing.write_text(
+        "".join(f"{line}\n" for line in table_restore_list(toc, data_ids).splitlines() if line not in superuser_only)
+    )
     run_tool(
-        target, workdir,
-        restore_command(target, dump_dir, jobs, extra=["--section=data", "--section=post-data", f"--use-list={listing}"]),
-        f"pg_restore (tables {printable(', '.join(sorted(tables)))}) into {printable(target.dbname)!r}", RestoreFailed,
+        target,
+        workdir,
+        restore_command(
+            target, dump_dir, jobs, extra=["--section=data", "--section=post-data", f"--use-list={listing}"]
+        ),
+        f"pg_restore (tables {printable(', '.join(sorted(tables)))}) into {printable(target.dbname)!r}",
+        RestoreFailed,
     )
     return {str(table) for table in filled}
 
@@ -312,23 +335,30 @@ def swap_into_place(
     """
     steps: list[str] = []
     with connect(server.with_dbname("postgres"), application_name="pgdr-swap") as conn:
-        locked = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"pgdr swap {live}",)).fetchone()[0]
+        locked = conn.execute(
+            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"pgdr swap {live}",)
+        ).fetchone()[0]
         if not locked:
             raise SwapFailed(
-                f"Another restore of {printable(live)!r} is swapping databases on {server.host}:{server.port} right now; "
+                f"Another restore of {printable(live)!r} is swapping databases on {server.host}:{server.port} right "
+                "now; "
                 f"nothing was changed. The restored copy is still available as {printable(restored)!r}. When the other "
                 "restore has finished, look at the live database before you restore again."
             )
         current_oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (live,)).fetchone()
         if expected_live_oid is not None and current_oid is not None and int(current_oid[0]) != expected_live_oid:
             raise SwapFailed(
-                f"The live database {printable(live)!r} was replaced since this restore was planned (by another restore, "
+                f"The live database {printable(live)!r} was replaced since this restore was planned (by another "
+                "restore, "
                 f"or dropped and created again); nothing was changed. The restored copy is still available as "
-                f"{printable(restored)!r}. Look at the live database now, and trigger the restore again if it is still needed."
+                f"{printable(restored)!r}. Look at the live database now, and trigger the restore again if it is "
+                "still needed."
             )
         for name in (live, restored):
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-                raise SwapFailed(f"Database {name!r} does not exist on {server.host}:{server.port}; nothing was changed.")
+                raise SwapFailed(
+                    f"Database {name!r} does not exist on {server.host}:{server.port}; nothing was changed."
+                )
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (keep_as,)).fetchone():
             raise SwapFailed(f"Database {keep_as!r} exists already; nothing was changed. Run the restore again.")
         conn.execute(f"ALTER DATABASE {identifier(live)} WITH ALLOW_CONNECTIONS false")
@@ -351,7 +381,7 @@ def swap_into_place(
             _terminate(conn, restored)
             conn.execute(f"ALTER DATABASE {identifier(restored)} RENAME TO {identifier(live)}")
             steps.append(f"{restored} renamed to {live}")
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - whatever failed, the live name is given back first
             # Roll back: the live name must hold the original database again.
             if renamed:
                 conn.execute(f"ALTER DATABASE {identifier(keep_as)} RENAME TO {identifier(live)}")
@@ -374,7 +404,9 @@ def render_plan(plan: dict[str, Any]) -> str:
     """Return the restore plan as the lines an on-call engineer reads in the log."""
     from pgdr.messages import format_duration
 
-    expected = format_duration(plan["expected_seconds"]) if plan.get("expected_seconds") else "unknown (no verification yet)"
+    expected = (
+        format_duration(plan["expected_seconds"]) if plan.get("expected_seconds") else "unknown (no verification yet)"
+    )
     lines = [
         f"  database        : {plan['database']} (on the server: {plan['dbname']})",
         f"  backup          : {plan['backup_id']} ({plan['backup_status']}), chosen by {plan['selector']!r}",
@@ -388,37 +420,54 @@ def render_plan(plan: dict[str, Any]) -> str:
     pitr = plan.get("pitr")
     if pitr:
         lines[1:3] = [
-            f"  recovery        : point in time {pitr['target']} UTC: server {pitr['server']!r} is recovered in a scratch "
+            f"  recovery        : point in time {pitr['target']} UTC: server {pitr['server']!r} is recovered in a "
+            "scratch "
             "cluster on the worker (the live server is not touched), then this database is copied out of it",
-            f"  base backup     : {pitr['base_backup']} (ended {pitr['base_backup_ended']}), chain {' -> '.join(pitr['chain'])}",
-            f"  WAL to replay   : up to {pitr['wal_segments']} segments ({pitr['wal_bytes'] / 1e6:.0f} MB) from the archive",
+            f"  base backup     : {pitr['base_backup']} (ended {pitr['base_backup_ended']}), chain "
+            f"{' -> '.join(pitr['chain'])}",
+            f"  WAL to replay   : up to {pitr['wal_segments']} segments ({pitr['wal_bytes'] / 1e6:.0f} MB) from the "
+            "archive",
             f"  recoverable     : {pitr['window']['oldest']} to {pitr['window']['newest']} UTC",
             f"  recovery time   : {pitr['expected_recovery']} (median of past PITR verifications)",
         ]
     needs = plan.get("needs")
     if plan.get("needs_unread"):
-        lines.append(f"  owners, grants  : not checked yet, the table of contents could not be read ({plan['needs_unread'][:300]}); "
-                     "check_checksums decides, restore_backup checks the roles again")
+        lines.append(
+            "  owners, grants  : not checked yet, the table of contents could not be read "
+            f"({plan['needs_unread'][:300]}); "
+            "check_checksums decides, restore_backup checks the roles again"
+        )
     elif plan.get("pitr"):
-        lines.append("  owners, grants  : given back after the checks; the roles they name are checked once the moment is dumped")
+        lines.append(
+            "  owners, grants  : given back after the checks; the roles they name are checked once the moment is dumped"
+        )
     if needs:
         options = needs["database_options"]
         lines.append(
             "  database        : created with the source's "
-            + (", ".join(f"{k.lower()} {v}" for k, v in options.items()) if options else "settings (the backup does not say: server defaults)")
+            + (
+                ", ".join(f"{k.lower()} {v}" for k, v in options.items())
+                if options
+                else "settings (the backup does not say: server defaults)"
+            )
         )
         lines.append(
-            f"  owners, grants  : given back after the checks, as the server's connection ({len(needs['roles'])} roles named: "
+            f"  owners, grants  : given back after the checks, as the server's connection ({len(needs['roles'])} "
+            "roles named: "
             f"{', '.join(needs['roles']) or 'none'})"
         )
         if plan.get("roles_to_create"):
             passwords = "with" if plan.get("restore_role_passwords") else "without"
-            lines.append(f"  roles created   : {', '.join(plan['roles_to_create'])} (missing on the target; as on the source "
-                         f"server, {passwords} passwords)")
+            lines.append(
+                f"  roles created   : {', '.join(plan['roles_to_create'])} (missing on the target; as on the source "
+                f"server, {passwords} passwords)"
+            )
         if needs["superuser_objects"]:
             lines.append(f"  superuser-only  : {', '.join(needs['superuser_objects'])} (created after the checks)")
         if needs["skipped_objects"]:
-            lines.append(f"  NOT restored    : {', '.join(needs['skipped_objects'])} (subscriptions would start replicating)")
+            lines.append(
+                f"  NOT restored    : {', '.join(needs['skipped_objects'])} (subscriptions would start replicating)"
+            )
     if plan["dry_run"]:
         lines.append("  DRY RUN         : nothing will be done; trigger again without dry_run to restore.")
     return "\n".join(lines)
@@ -455,8 +504,11 @@ def check_tables_in_backup(tables: list[str], entry) -> None:
     hints = []
     for key in unknown:
         wanted = parse_qualified_name(key)
-        near = [k for k in known if parse_qualified_name(k).name.lower() == wanted.name.lower()
-                or legacy_table_key(k) == key]
+        near = [
+            k
+            for k in known
+            if parse_qualified_name(k).name.lower() == wanted.name.lower() or legacy_table_key(k) == key
+        ]
         if near:
             hints.append(f"for {printable(key)} did you mean {', '.join(printable(n) for n in sorted(near))}?")
     listing = ", ".join(printable(k) for k in sorted(known)[:30]) + (" ..." if len(known) > 30 else "")
@@ -489,9 +541,13 @@ def read_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
         check_replace_request(db, params.get("confirm"), target_conn_id, tables)
     restore_roles = bool(params.get("restore_roles"))
     return {
-        "mode": mode, "tables": tables, "target_conn_id": target_conn_id,
-        "selector": params.get("backup") or "latest-verified", "target_name": params.get("target_name"),
-        "restore_roles": restore_roles, "restore_role_passwords": restore_roles and bool(params.get("restore_role_passwords")),
+        "mode": mode,
+        "tables": tables,
+        "target_conn_id": target_conn_id,
+        "selector": params.get("backup") or "latest-verified",
+        "target_name": params.get("target_name"),
+        "restore_roles": restore_roles,
+        "restore_role_passwords": restore_roles and bool(params.get("restore_role_passwords")),
         "dry_run": bool(params.get("dry_run")),
     }
 
@@ -507,7 +563,8 @@ def check_replace_request(db, confirm: Any, target_conn_id: str, tables: list[st
         raise InvalidRestoreRequest(
             f"Replace mode renames the live database {printable(db.dbname)!r} and puts the restored copy in its place. "
             f"To confirm, type the database name {printable(db.dbname)!r} in the 'confirm' field"
-            + (typed or ".") + " Nothing was touched."
+            + (typed or ".")
+            + " Nothing was touched."
         )
     if target_conn_id != db.conn_id:
         raise InvalidRestoreRequest(
@@ -521,8 +578,9 @@ def check_replace_request(db, confirm: Any, target_conn_id: str, tables: list[st
         )
 
 
-def choose_target(server: PgEndpoint, dbname: str, mode: str, target_name: str | None, started: datetime,
-                  live_exists: bool) -> tuple[str, str | None, str]:
+def choose_target(
+    server: PgEndpoint, dbname: str, mode: str, target_name: str | None, started: datetime, live_exists: bool
+) -> tuple[str, str | None, str]:
     """Return ``(target, keep live as, what happens)``: the restore's new database and the live one's fate."""
     if mode == "new-database":
         target = check_target_name(target_name or default_target_name(dbname, started), dbname)
@@ -531,7 +589,11 @@ def choose_target(server: PgEndpoint, dbname: str, mode: str, target_name: str |
                 f"The target database {target!r} already exists on {server.host}:{server.port}. pgdr never "
                 "overwrites a database: choose another target_name, or drop that one yourself if it is garbage."
             )
-        return target, None, f"The live database {dbname!r} is not touched; the backup is restored as {target!r} next to it."
+        return (
+            target,
+            None,
+            f"The live database {dbname!r} is not touched; the backup is restored as {target!r} next to it.",
+        )
     target = default_target_name(dbname, started, "restoring")
     keep_as = default_target_name(dbname, started, "pre_restore")
     for name in (target, keep_as):
@@ -565,14 +627,17 @@ def check_roles(needs, server: PgEndpoint, backup_id: str, restore_roles: bool) 
         raise InvalidRestoreRequest(
             f"Backup {backup_id} names {len(missing)} role(s) that server {server.host}:{server.port} does not have "
             f"(owners or grantees of its objects): {', '.join(printable(r) for r in missing)}. Create them there first "
-            "(from your roles' source of truth, or pg_dumpall --globals-only of the source server), or trigger again with "
+            "(from your roles' source of truth, or pg_dumpall --globals-only of the source server), or trigger again "
+            "with "
             "restore_roles on: pgdr then creates them as they were on the source server (from the backup's copy of its "
             "roles; without passwords unless restore_role_passwords is on). Nothing was touched."
         )
     return missing
 
 
-def plan_restore(params: dict[str, Any], res, started: datetime, workdir: Path, label=lambda **_: None) -> dict[str, Any]:
+def plan_restore(
+    params: dict[str, Any], res, started: datetime, workdir: Path, label=lambda **_: None
+) -> dict[str, Any]:
     """Check the whole restore request, choose the backup (or the moment) and the target; return the restore plan.
 
     Nothing is touched: bad input fails here, saying what to fix. Every later phase works from the
@@ -593,7 +658,9 @@ def plan_restore(params: dict[str, Any], res, started: datetime, workdir: Path, 
     pitr_server = res.plan.pitr_server_of(db.name)
     moment = parse_timestamp(request["selector"]) if pitr_server is not None else None
     entry, pitr = None, None
-    if moment is not None:  # the server has a WAL archive: recover it to that very moment instead of taking an older dump
+    if (
+        moment is not None
+    ):  # the server has a WAL archive: recover it to that very moment instead of taking an older dump
         pitr = plan_point_in_time(pitr_server, res, moment, workdir / "pitr")
     else:
         entry = select_backup(catalog, request["selector"])
@@ -602,8 +669,9 @@ def plan_restore(params: dict[str, Any], res, started: datetime, workdir: Path, 
     server = res.database(db, conn_id=request["target_conn_id"])
     check_restore_role(res.restorer(db, server), db.restore_as_superuser)
     live_oid = database_oid(server, db.dbname)
-    target, keep_as, fate = choose_target(server, db.dbname, request["mode"], request["target_name"], started,
-                                          live_oid is not None)
+    target, keep_as, fate = choose_target(
+        server, db.dbname, request["mode"], request["target_name"], started, live_oid is not None
+    )
     needs, unread = None, None
     if entry is not None:
         try:
@@ -617,7 +685,9 @@ def plan_restore(params: dict[str, Any], res, started: datetime, workdir: Path, 
     return {
         "database": db.name,
         "dbname": db.dbname,
-        "backup_id": entry.backup_id if entry else None,  # PITR: the dump of the recovered moment, made by recover_to_moment
+        "backup_id": entry.backup_id
+        if entry
+        else None,  # PITR: the dump of the recovered moment, made by recover_to_moment
         "recovery_point": entry.manifest.recovery_point.isoformat() if entry else pitr["target"],
         "backup_status": entry.status if entry else f"point-in-time recovery from base backup {pitr['base_backup']}",
         "backup_size_bytes": entry.manifest.size if entry else pitr["base_backup_bytes"],
@@ -660,7 +730,8 @@ def render_report(report: dict[str, Any]) -> str:
         f"- Mode: {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
         *([f"- **{SUPERUSER_RESTORE_WARNING}**"] if plan.get("restore_as_superuser") else []),
         f"- Target: `{plan['target']}` on {plan['target_server']}",
-        f"- Achieved RTO: {duration_or_na(report['achieved_rto_seconds'])} against a target of {duration_or_na(report['rto_target_seconds'])}"
+        f"- Achieved RTO: {duration_or_na(report['achieved_rto_seconds'])} against a target of "
+        f"{duration_or_na(report['rto_target_seconds'])}"
         + ("" if report["rto_met"] is None else (" (met)" if report["rto_met"] else " (**BREACHED**)")),
     ]
     if report["failed_phase"]:
@@ -669,7 +740,12 @@ def render_report(report: dict[str, Any]) -> str:
     lines += [f"| {phase} | {seconds:.1f} |" for phase, seconds in report["phase_seconds"].items()]
     if report["validation"]:
         v = report["validation"]
-        lines += ["", "## Validation", "", f"{v['expectations'] - v['failed']} of {v['expectations']} expectations passed on {v['tables']} tables."]
+        lines += [
+            "",
+            "## Validation",
+            "",
+            f"{v['expectations'] - v['failed']} of {v['expectations']} expectations passed on {v['tables']} tables.",
+        ]
         lines += [f"- FAILED: {line}" for line in v.get("failures", [])]
         lines.append(f"Report: {report['validation_report']}")
     lines += ["", "## Owners, grants and settings", ""] + privileges_lines(report)
@@ -677,7 +753,12 @@ def render_report(report: dict[str, Any]) -> str:
         lines += ["", "## Swap", ""] + [f"1. {step}" for step in report["swap_steps"]]
     lines += ["", "## Final state", ""]
     for role, facts in report["final_state"].items():
-        state = f"{facts['size_bytes'] / 1e6:.1f} MB" + ("" if facts.get("allows_connections", True) else ", connections disabled") if facts["exists"] else "does not exist"
+        state = (
+            f"{facts['size_bytes'] / 1e6:.1f} MB"
+            + ("" if facts.get("allows_connections", True) else ", connections disabled")
+            if facts["exists"]
+            else "does not exist"
+        )
         lines.append(f"- {role}: `{facts['name']}`: {state}")
     return "\n".join(lines) + "\n"
 
@@ -687,13 +768,20 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
     done = report.get("privileges")
     lines = []
     if report.get("roles_created"):
-        passwords = "with their passwords" if report["plan"].get("restore_role_passwords") else (
-            "without passwords: set the application's login password yourself")
-        lines.append(f"- Roles created on the target as the backup's copy of the source server's roles says ({passwords}; "
-                     f"SUPERUSER, CREATEROLE, REPLICATION and BYPASSRLS never given): {', '.join(report['roles_created'])}")
+        passwords = (
+            "with their passwords"
+            if report["plan"].get("restore_role_passwords")
+            else ("without passwords: set the application's login password yourself")
+        )
+        lines.append(
+            f"- Roles created on the target as the backup's copy of the source server's roles says ({passwords}; "
+            f"SUPERUSER, CREATEROLE, REPLICATION and BYPASSRLS never given): {', '.join(report['roles_created'])}"
+        )
     if not done:
-        return lines + ["- Not completed (this phase failed or did not run; its alert says why): unless the phase's log says "
-                        "they were applied, the copy is owned by the restore role, without the backup's grants."]
+        return lines + [
+            "- Not completed (this phase failed or did not run; its alert says why): unless the phase's log says "
+            "they were applied, the copy is owned by the restore role, without the backup's grants."
+        ]
     lines += [
         f"- Applied as the server's connection, after the checks: {done['owners']} owners, {done['grants']} grants, "
         f"{done['default_privileges']} default privileges, {done['database_properties']} database properties "
@@ -701,17 +789,22 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
     ]
     for role, found in (done.get("app_roles") or {}).items():
         if isinstance(found, dict):
-            lines.append(f"- Application login `{role}`: the same {found['checked']} privileges as on the live database")
+            lines.append(
+                f"- Application login `{role}`: the same {found['checked']} privileges as on the live database"
+            )
     if done["superuser_objects"]:
         lines.append(f"- Created (only a superuser can): {', '.join(done['superuser_objects'])}")
     if done["skipped_objects"]:
-        lines.append(f"- **Not restored** (on a copy they would start replicating; create them by hand if this copy is the "
-                     f"new primary): {', '.join(done['skipped_objects'])}")
+        lines.append(
+            f"- **Not restored** (on a copy they would start replicating; create them by hand if this copy is the "
+            f"new primary): {', '.join(done['skipped_objects'])}"
+        )
     return lines
 
 
 def check_app_roles(db, live: PgEndpoint, restored: PgEndpoint) -> dict[str, Any] | None:
-    """The plan's ``app_roles``: each may do on the restored copy what it may do on the live database, or the restore stops.
+    """The plan's ``app_roles``: each may do on the restored copy what it may do on the live database, or the restore
+    stops.
 
     :param live: the live database, on its own server, before any swap.
     """
@@ -727,13 +820,24 @@ def check_app_roles(db, live: PgEndpoint, restored: PgEndpoint) -> dict[str, Any
     if problem:
         raise PrivilegesFailed(problem)
     for role, found in compared.items():
-        log.info("Application login %s: the same %d privileges on the restored copy as on the live database.", role, found["checked"])
+        log.info(
+            "Application login %s: the same %d privileges on the restored copy as on the live database.",
+            role,
+            found["checked"],
+        )
     return compared
 
 
 # -- the phases -----------------------------------------------------------------------------------
 
-PHASES = ("check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges", "swap_into_place")
+PHASES = (
+    "check_checksums",
+    "restore_backup",
+    "check_integrity",
+    "validate_data",
+    "apply_privileges",
+    "swap_into_place",
+)
 
 
 class RestoreObjects:
@@ -788,8 +892,13 @@ def restore_into_target(objs: RestoreObjects, run_id: str, workdir: Path) -> dic
             f"{', '.join(printable(r) for r in missing)}. Create them, or trigger again with restore_roles on. "
             "Nothing was created; the live database was not touched."
         )
-    created = create_roles(server, missing, f"restore {run_id} of {db.name}", globals_of(dump),
-                           with_passwords=bool(plan.get("restore_role_passwords")))
+    created = create_roles(
+        server,
+        missing,
+        f"restore {run_id} of {db.name}",
+        globals_of(dump),
+        with_passwords=bool(plan.get("restore_role_passwords")),
+    )
     create_target(server, plan["target"], run_id, owner=target, options=needs.database_options)
     try:
         t0 = time.monotonic()
@@ -802,17 +911,28 @@ def restore_into_target(objs: RestoreObjects, run_id: str, workdir: Path) -> dic
     except BaseException:
         drop_own_target(server, plan["target"], run_id)  # a half-restored database is garbage
         raise
-    log.info("Backup %s restored into %s in %.1fs (download %.1fs).", entry.backup_id, plan["target"], restore_s,
-             download["seconds"])
-    return {"download_seconds": download["seconds"], "restore_seconds": restore_s, "tables_filled": filled,
-            "roles_created": created, "database_options": needs.database_options}
+    log.info(
+        "Backup %s restored into %s in %.1fs (download %.1fs).",
+        entry.backup_id,
+        plan["target"],
+        restore_s,
+        download["seconds"],
+    )
+    return {
+        "download_seconds": download["seconds"],
+        "restore_seconds": restore_s,
+        "tables_filled": filled,
+        "roles_created": created,
+        "database_options": needs.database_options,
+    }
 
 
 def swap_or_rename(server: PgEndpoint, plan: dict[str, Any]) -> dict[str, Any]:
     """Replace mode's last step: the checked copy takes the live name (the live database is kept renamed)."""
     if plan["live_exists"]:
-        result = swap_into_place(server, plan["dbname"], plan["target"], plan["keep_live_as"],
-                                 expected_live_oid=plan.get("live_oid"))
+        result = swap_into_place(
+            server, plan["dbname"], plan["target"], plan["keep_live_as"], expected_live_oid=plan.get("live_oid")
+        )
     else:
         with connect(server.with_dbname("postgres")) as conn:
             conn.execute(f"ALTER DATABASE {identifier(plan['target'])} RENAME TO {identifier(plan['dbname'])}")
@@ -823,15 +943,25 @@ def swap_or_rename(server: PgEndpoint, plan: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def plan_of_moment(plan: dict[str, Any], manifest, base_backup: str, recovery: dict, timings: dict,
-                   started: str, finished: str) -> dict[str, Any]:
+def plan_of_moment(
+    plan: dict[str, Any], manifest, base_backup: str, recovery: dict, timings: dict, started: str, finished: str
+) -> dict[str, Any]:
     """Return the restore plan of a point-in-time restore once its moment is dumped: restored like any backup."""
     return {
-        **plan, "backup_id": manifest.backup_id, "recovery_point": manifest.recovery_point.isoformat(),
+        **plan,
+        "backup_id": manifest.backup_id,
+        "recovery_point": manifest.recovery_point.isoformat(),
         "backup_status": f"dumped from the recovered moment (base backup {base_backup})",
-        "size": manifest.size_summary(), "backup_size_bytes": manifest.size, "stored_size_bytes": manifest.stored_size,
-        "pitr": {**plan["pitr"], "recovery": recovery, "timings": {k: round(v, 2) for k, v in timings.items()},
-                 "started_at": started, "finished_at": finished},
+        "size": manifest.size_summary(),
+        "backup_size_bytes": manifest.size,
+        "stored_size_bytes": manifest.stored_size,
+        "pitr": {
+            **plan["pitr"],
+            "recovery": recovery,
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "started_at": started,
+            "finished_at": finished,
+        },
     }
 
 
@@ -850,8 +980,9 @@ def restore_outcome(plan: dict[str, Any], phases: dict[str, dict | None]) -> tup
     return status, failed_phase if status == "failed" else None, achieved
 
 
-def restore_report(plan: dict[str, Any], phases: dict[str, dict | None], run: dict[str, Any],
-                   final_state: dict[str, Any]) -> dict[str, Any]:
+def restore_report(
+    plan: dict[str, Any], phases: dict[str, dict | None], run: dict[str, Any], final_state: dict[str, Any]
+) -> dict[str, Any]:
     """Return the restore's report (stored as JSON, rendered by :func:`render_report`).
 
     :param run: ``triggered_by``, ``via``, ``run_id``, ``log_url``, ``written_at``.
@@ -871,7 +1002,9 @@ def restore_report(plan: dict[str, Any], phases: dict[str, dict | None], run: di
         "rto_met": None if achieved is None else achieved <= plan["rto_target_seconds"],
         "validation": (phases["validate_data"] or {}).get("summary"),
         "validation_report": (phases["validate_data"] or {}).get("report"),
-        "integrity": {k: (phases["check_integrity"] or {}).get(k) for k in ("tables_checked", "rows_checked", "amcheck_ok")},
+        "integrity": {
+            k: (phases["check_integrity"] or {}).get(k) for k in ("tables_checked", "rows_checked", "amcheck_ok")
+        },
         "privileges": phases["apply_privileges"],
         "roles_created": (phases["restore_backup"] or {}).get("roles_created", []),
         "swap_steps": (phases["swap_into_place"] or {}).get("steps", []),

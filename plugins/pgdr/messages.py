@@ -37,8 +37,8 @@ def shorten(line: str, limit: int = ERROR_LIMIT) -> str:
     if len(line) <= limit:
         return line
     room = limit - len(_CUT)
-    head, tail = line[: room // 2], line[len(line) - (room - room // 2):]
-    head = head.rsplit(" ", 1)[0] if " " in head[len(head) // 2:] else head
+    head, tail = line[: room // 2], line[len(line) - (room - room // 2) :]
+    head = head.rsplit(" ", 1)[0] if " " in head[len(head) // 2 :] else head
     tail = tail.split(" ", 1)[1] if " " in tail[: len(tail) // 2] else tail
     return head + _CUT + tail
 
@@ -95,16 +95,20 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m"
 
 
-def rto_breach_message(dag_id: str, database: str, backup_id: str, achieved_s: float, target_s: float, run_url: str) -> str:
+def rto_breach_message(
+    dag_id: str, database: str, backup_id: str, achieved_s: float, target_s: float, run_url: str
+) -> str:
     """Return the Slack text of a restore that took longer than the plan's RTO."""
-    return "\n".join([
-        f":warning: [pgdr] RTO breached for database *{database}*: a restore took {format_duration(achieved_s)}, "
-        f"the plan promises {format_duration(target_s)}",
-        f"Measured by {dag_id} restoring backup `{backup_id}` (download, restore, checks and validation).",
-        "The backup itself is good. Act: restore faster (more dump_jobs, a bigger verification server) "
-        "or agree a realistic RTO and change it in the plan.",
-        f"Run: {run_url}",
-    ])
+    return "\n".join(
+        [
+            f":warning: [pgdr] RTO breached for database *{database}*: a restore took {format_duration(achieved_s)}, "
+            f"the plan promises {format_duration(target_s)}",
+            f"Measured by {dag_id} restoring backup `{backup_id}` (download, restore, checks and validation).",
+            "The backup itself is good. Act: restore faster (more dump_jobs, a bigger verification server) "
+            "or agree a realistic RTO and change it in the plan.",
+            f"Run: {run_url}",
+        ]
+    )
 
 
 def short_duration(td) -> str:
@@ -132,10 +136,14 @@ def run_failure_message(
     scope = f" for database{'s' if len(databases) > 1 else ''} *{', '.join(databases)}*" if databases else ""
     lines = [f":red_circle: [pgdr] {dag_id}{scope} failed"]
     for failure in failures[:5]:
-        where = f"phase `{failure.task_id}`" + (f" ({failure.database})" if failure.database and len(databases) > 1 else "")
+        where = f"phase `{failure.task_id}`" + (
+            f" ({failure.database})" if failure.database and len(databases) > 1 else ""
+        )
         backup = f", backup `{failure.backup_id}`" if failure.backup_id else ""
         lines.append(f"- {where}{backup}: {failure.error}")
-        lines.append(f"  Attempt {failure.try_number} of {failure.max_tries}: no more retries; act now. Log: {failure.log_url}")
+        lines.append(
+            f"  Attempt {failure.try_number} of {failure.max_tries}: no more retries; act now. Log: {failure.log_url}"
+        )
     if len(failures) > 5:
         lines.append(f"- and {len(failures) - 5} more failed tasks")
     if not failures:
@@ -148,16 +156,23 @@ def run_failure_message(
 def recovery_message(dag_id: str, run_id: str, failing_since: str | None, failed_run: str | None, url: str) -> str:
     """Return the Slack message sent when a DAG that was failing succeeds again."""
     since = f" (failing since {failing_since}, run {failed_run})" if failing_since else ""
-    return "\n".join([
-        f":large_green_circle: [pgdr] {dag_id} recovered: run {run_id} succeeded{since}.",
-        f"Run: {url}",
-    ])
+    return "\n".join(
+        [
+            f":large_green_circle: [pgdr] {dag_id} recovered: run {run_id} succeeded{since}.",
+            f"Run: {url}",
+        ]
+    )
 
 
-def deadline_message(kind: str, dag_id: str, scope: str, target: str, run_id: str, queued_at: str, deadline_time: str, url: str) -> str:
+def deadline_message(
+    kind: str, dag_id: str, scope: str, target: str, run_id: str, queued_at: str, deadline_time: str, url: str
+) -> str:
     """Return the Slack text of a deadline warning (``warning``) or miss (``missed``)."""
     if kind == "warning":
-        head = f":hourglass_flowing_sand: [pgdr] SLA at risk: {dag_id} {scope} has used 80% of its {target} and is still running"
+        head = (
+            f":hourglass_flowing_sand: [pgdr] SLA at risk: {dag_id} {scope} has used 80% of its {target} "
+            "and is still running"
+        )
         act = "Check the run: is it slow, stuck or waiting for a worker?"
     else:
         head = f":rotating_light: [pgdr] SLA missed: {dag_id} {scope} did not finish within its {target}"
@@ -165,22 +180,31 @@ def deadline_message(kind: str, dag_id: str, scope: str, target: str, run_id: st
     return "\n".join([head, f"Run {run_id}, queued at {queued_at}, deadline {deadline_time}.", act, f"Run: {url}"])
 
 
-def sla_miss_email(dag_id: str, scope: str, target: str, run_id: str, queued_at: str, deadline_time: str, url: str) -> tuple[str, str]:
+def sla_miss_email(
+    dag_id: str, scope: str, target: str, run_id: str, queued_at: str, deadline_time: str, url: str
+) -> tuple[str, str]:
     """Return the subject and HTML body of an SLA-miss e-mail."""
     import html
 
     subject = f"[pgdr] SLA missed: {dag_id} {scope} ({target})".replace("  ", " ")
     rows = "".join(
         f"<tr><th align='left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-        for k, v in (("DAG", dag_id), ("Scope", scope), ("Target", target), ("Run", run_id),
-                     ("Queued at", queued_at), ("Deadline", deadline_time))
+        for k, v in (
+            ("DAG", dag_id),
+            ("Scope", scope),
+            ("Target", target),
+            ("Run", run_id),
+            ("Queued at", queued_at),
+            ("Deadline", deadline_time),
+        )
     )
     body = (
         f"<p>The run below of <b>{html.escape(dag_id)}</b> did not finish within its {html.escape(target)}, "
         "as the DR plan promises.</p>"
         f"<table>{rows}</table>"
         f"<p><a href='{html.escape(url)}'>Open the run in Airflow</a></p>"
-        "<p>The run goes on; this message is about time. Find out why it is slow, and tell whoever relies on the target.</p>"
+        "<p>The run goes on; this message is about time. Find out why it is slow, and tell whoever relies on the "
+        "target.</p>"
         "<p>-- pgdr</p>"
     )
     return subject, body
@@ -203,9 +227,16 @@ def restore_summary(report: dict[str, Any], location: str) -> str:
     icon = ":white_check_mark:" if report["status"] == "restored" else ":red_circle:"
     head = f"{icon} [pgdr] Restore of *{plan['database']}* {report['status']}: backup `{plan['backup_id']}` "
     head += f"(recovery point {plan['recovery_point']}) into `{plan['target']}` ({plan['mode']})"
-    lines = [head, f"Triggered by {report['triggered_by']}. Achieved RTO {duration_or_na(report['achieved_rto_seconds'])}, target {duration_or_na(report['rto_target_seconds'])}."]
+    lines = [
+        head,
+        f"Triggered by {report['triggered_by']}. Achieved RTO {duration_or_na(report['achieved_rto_seconds'])}, "
+        f"target {duration_or_na(report['rto_target_seconds'])}.",
+    ]
     if plan["mode"] == "replace" and report["status"] == "restored":
-        lines.append(f"`{plan['dbname']}` now holds the restored data; the previous database is kept as `{plan['keep_live_as']}`.")
+        lines.append(
+            f"`{plan['dbname']}` now holds the restored data; the previous database is kept as "
+            f"`{plan['keep_live_as']}`."
+        )
     if report["failed_phase"]:
         lines.append(f"Failed in phase {report['failed_phase']}; the live database was not changed.")
     lines.append(f"Report: {location}")
@@ -213,12 +244,14 @@ def restore_summary(report: dict[str, Any], location: str) -> str:
 
 
 def restore_not_planned(plan: dict[str, Any] | None) -> str | None:
-    """Return why a restore has nothing to report on (its planning or its point-in-time recovery failed), or ``None``."""
+    """Return why a restore has nothing to report on (its planning or its point-in-time recovery
+    failed), or ``None``."""
     if not plan:
         return "The restore was not planned (plan_restore failed; its alert and log say why). Nothing was touched."
     if plan.get("pitr") and not plan.get("backup_id") and not plan["dry_run"]:
         return (
-            f"The point-in-time recovery of {plan['database']} to {plan['pitr']['target']} UTC failed in recover_to_moment "
+            f"The point-in-time recovery of {plan['database']} to {plan['pitr']['target']} UTC failed in "
+            "recover_to_moment "
             f"(its alert and log say why); the live database {plan['dbname']!r} was not changed."
         )
     return None
@@ -227,7 +260,9 @@ def restore_not_planned(plan: dict[str, Any] | None) -> str | None:
 def drill_summary(report: dict[str, Any], headline: list[str], location: str) -> str:
     """Return the Slack text of a drill: its verdict, one line per database and server, the report's place."""
     icon = ":white_check_mark:" if report["status"] == "pass" else ":warning:"
-    return "\n".join([f"{icon} [pgdr] DR drill {report['drill_id']}: {report['status'].upper()}", *headline, f"Report: {location}"])
+    return "\n".join(
+        [f"{icon} [pgdr] DR drill {report['drill_id']}: {report['status'].upper()}", *headline, f"Report: {location}"]
+    )
 
 
 def verification_failed(backup_id: str, database: str, phase: str) -> str:

@@ -250,7 +250,8 @@ class _Checker:
                 close = _closest(name, allowed)
                 hint = f" Did you mean {close!r}?" if close else ""
                 raise self.fail(
-                    key_node, f"{key}.{name}" if key else name,
+                    key_node,
+                    f"{key}.{name}" if key else name,
                     f"unknown key.{hint} Allowed here: {', '.join(sorted(allowed))}.",
                 )
             if name in result:
@@ -304,7 +305,11 @@ def _skip_objects(c, fields, key: str) -> tuple[str, ...]:
     kinds = c.string_list(node, f"{key}.skip_objects")
     for kind in kinds:
         if kind not in SKIPPABLE_OBJECTS:
-            raise c.fail(node, f"{key}.skip_objects", f"{kind!r} is not a kind pgdr can skip; choose from {', '.join(SKIPPABLE_OBJECTS)}")
+            raise c.fail(
+                node,
+                f"{key}.skip_objects",
+                f"{kind!r} is not a kind pgdr can skip; choose from {', '.join(SKIPPABLE_OBJECTS)}",
+            )
     return kinds
 
 
@@ -372,12 +377,30 @@ def _closest(word: str, choices: set[str]) -> str | None:
 
 _TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health", "servers"}
 _SERVER_KEYS = {"conn_id", "pitr"}
-_PITR_KEYS = {"storage", "keep_window", "full_schedule", "incremental_schedule", "rpo", "archive_timeout", "partial_grace"}
+_PITR_KEYS = {
+    "storage",
+    "keep_window",
+    "full_schedule",
+    "incremental_schedule",
+    "rpo",
+    "archive_timeout",
+    "partial_grace",
+}
 _DRILL_KEYS = {"schedule", "max_duration"}
 _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
-_POLICY_KEYS = {"rpo", "rto", "retention", "storage", "notify", "dump_jobs", "compression", "restore_conn_id", "restore_as_superuser",
-                "encryption"}
+_POLICY_KEYS = {
+    "rpo",
+    "rto",
+    "retention",
+    "storage",
+    "notify",
+    "dump_jobs",
+    "compression",
+    "restore_conn_id",
+    "restore_as_superuser",
+    "encryption",
+}
 _DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server", "app_roles", "skip_objects"}
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
 _NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
@@ -423,11 +446,19 @@ def _parse_storage(c: _Checker, name: str, node: yaml.Node, plan_dir: Path) -> S
     for needed in required:
         if needed not in fields:
             raise c.fail(node, f"{key}.{needed}", f"missing; a {kind} storage target needs {' and '.join(required)}")
-    unexpected = {"local": {"bucket", "aws_conn_id", "prefix", "sse", "kms_key_id"}, "s3": {"path"}}[kind] & fields.keys()
+    unexpected = {"local": {"bucket", "aws_conn_id", "prefix", "sse", "kms_key_id"}, "s3": {"path"}}[
+        kind
+    ] & fields.keys()
     if unexpected:
         extra = sorted(unexpected)[0]
-        hint = (" (a folder has no server-side encryption: encrypt the backups themselves with "
-                "'encryption: {key_conn_id: ...}' under defaults)") if extra in ("sse", "kms_key_id") else ""
+        hint = (
+            (
+                " (a folder has no server-side encryption: encrypt the backups themselves with "
+                "'encryption: {key_conn_id: ...}' under defaults)"
+            )
+            if extra in ("sse", "kms_key_id")
+            else ""
+        )
         raise c.fail(fields[extra][0], f"{key}.{extra}", f"not used by a {kind} storage target; remove it{hint}")
     if kind == "local":
         raw = Path(os.path.expandvars(c.string(fields["path"][1], f"{key}.path")))
@@ -438,7 +469,9 @@ def _parse_storage(c: _Checker, name: str, node: yaml.Node, plan_dir: Path) -> S
         raise c.fail(fields["sse"][1], f"{key}.sse", f"expected AES256 (SSE-S3) or aws:kms (SSE-KMS), got {sse!r}")
     kms_key_id = c.string(fields["kms_key_id"][1], f"{key}.kms_key_id") if "kms_key_id" in fields else None
     if kms_key_id is not None and sse != "aws:kms":
-        raise c.fail(fields["kms_key_id"][1], f"{key}.kms_key_id", "only used with 'sse: aws:kms'; add it, or remove kms_key_id")
+        raise c.fail(
+            fields["kms_key_id"][1], f"{key}.kms_key_id", "only used with 'sse: aws:kms'; add it, or remove kms_key_id"
+        )
     return StorageTarget(
         name=name,
         kind="s3",
@@ -464,9 +497,7 @@ class _Policy:
     encryption_key_conn_id: str | None = None
 
 
-def _parse_policy(
-    c: _Checker, fields: dict, key: str, base: _Policy, storages: dict[str, StorageTarget]
-) -> _Policy:
+def _parse_policy(c: _Checker, fields: dict, key: str, base: _Policy, storages: dict[str, StorageTarget]) -> _Policy:
     policy = _Policy(**base.__dict__)
     if "rpo" in fields:
         policy.rpo = c.duration(fields["rpo"][1], f"{key}.rpo")
@@ -486,11 +517,17 @@ def _parse_policy(
             raise c.fail(node, f"{key}.compression", f"{_COMPRESSION_EXPECTED}, got {value!r}")
         policy.compression = spec
     if "restore_conn_id" in fields:
-        policy.restore_conn_id = c.string(fields["restore_conn_id"][1], f"{key}.restore_conn_id", _CONN_ID, "an Airflow connection id")
+        policy.restore_conn_id = c.string(
+            fields["restore_conn_id"][1], f"{key}.restore_conn_id", _CONN_ID, "an Airflow connection id"
+        )
     if "restore_as_superuser" in fields:
         value = c.scalar(fields["restore_as_superuser"][1], f"{key}.restore_as_superuser")
         if not isinstance(value, bool):
-            raise c.fail(fields["restore_as_superuser"][1], f"{key}.restore_as_superuser", f"expected true or false, got {value!r}")
+            raise c.fail(
+                fields["restore_as_superuser"][1],
+                f"{key}.restore_as_superuser",
+                f"expected true or false, got {value!r}",
+            )
         policy.restore_as_superuser = value
     if "encryption" in fields:
         node = fields["encryption"][1]
@@ -499,7 +536,11 @@ def _parse_policy(
         else:
             enc = c.mapping(node, f"{key}.encryption", _ENCRYPTION_KEYS)
             if "key_conn_id" not in enc:
-                raise c.fail(node, f"{key}.encryption.key_conn_id", "missing; name the Airflow connection that holds the master key")
+                raise c.fail(
+                    node,
+                    f"{key}.encryption.key_conn_id",
+                    "missing; name the Airflow connection that holds the master key",
+                )
             policy.encryption_key_conn_id = c.string(
                 enc["key_conn_id"][1], f"{key}.encryption.key_conn_id", _CONN_ID, "an Airflow connection id"
             )
@@ -536,8 +577,14 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         backup = c.mapping(top["backup"][1], "backup", _BACKUP_KEYS)
         if "schedule" in backup:
             node = backup["schedule"][1]
-            schedule = None if c.scalar(node, "backup.schedule") is None else c.string(
-                node, "backup.schedule", what="a cron expression or preset such as @hourly (or null: triggered from outside)"
+            schedule = (
+                None
+                if c.scalar(node, "backup.schedule") is None
+                else c.string(
+                    node,
+                    "backup.schedule",
+                    what="a cron expression or preset such as @hourly (or null: triggered from outside)",
+                )
             )
         if "max_dumps_per_server" in backup:
             max_dumps = c.integer(backup["max_dumps_per_server"][1], "backup.max_dumps_per_server", minimum=1)
@@ -550,8 +597,12 @@ def parse_plan(text: str, path: Path) -> DRPlan:
     if "drill" in top:
         fields = c.mapping(top["drill"][1], "drill", _DRILL_KEYS)
         drill = DrillPolicy(
-            schedule=c.string(fields["schedule"][1], "drill.schedule", what="a cron expression or preset") if "schedule" in fields else drill.schedule,
-            max_duration=c.duration(fields["max_duration"][1], "drill.max_duration") if "max_duration" in fields else drill.max_duration,
+            schedule=c.string(fields["schedule"][1], "drill.schedule", what="a cron expression or preset")
+            if "schedule" in fields
+            else drill.schedule,
+            max_duration=c.duration(fields["max_duration"][1], "drill.max_duration")
+            if "max_duration" in fields
+            else drill.max_duration,
         )
     health = HealthPolicy()
     if "health" in top:
@@ -560,10 +611,16 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         if "min_free_gb" in fields:
             min_free = c.scalar(fields["min_free_gb"][1], "health.min_free_gb")
             if isinstance(min_free, bool) or not isinstance(min_free, (int, float)) or min_free < 0:
-                raise c.fail(fields["min_free_gb"][1], "health.min_free_gb", f"expected a number of gigabytes, got {min_free!r}")
+                raise c.fail(
+                    fields["min_free_gb"][1], "health.min_free_gb", f"expected a number of gigabytes, got {min_free!r}"
+                )
         health = HealthPolicy(
-            schedule=c.string(fields["schedule"][1], "health.schedule", what="a cron expression or preset") if "schedule" in fields else health.schedule,
-            verify_window=c.duration(fields["verify_window"][1], "health.verify_window") if "verify_window" in fields else health.verify_window,
+            schedule=c.string(fields["schedule"][1], "health.schedule", what="a cron expression or preset")
+            if "schedule" in fields
+            else health.schedule,
+            verify_window=c.duration(fields["verify_window"][1], "health.verify_window")
+            if "verify_window" in fields
+            else health.verify_window,
             min_free_gb=float(min_free),
         )
 
@@ -571,14 +628,18 @@ def parse_plan(text: str, path: Path) -> DRPlan:
     if "storage" in top:
         storage_node = top["storage"][1]
         if not isinstance(storage_node, yaml.MappingNode):
-            raise c.fail(storage_node, "storage", f"expected a mapping of target names to targets, got {_kind(storage_node)}")
+            raise c.fail(
+                storage_node, "storage", f"expected a mapping of target names to targets, got {_kind(storage_node)}"
+            )
         for name_node, target_node in storage_node.value:
             storages[name_node.value] = _parse_storage(c, name_node.value, target_node, path.parent)
         _check_storage_overlap(c, storage_node, storages)
 
     defaults = _Policy(storage=next(iter(storages), None))
     if "defaults" in top:
-        defaults = _parse_policy(c, c.mapping(top["defaults"][1], "defaults", _POLICY_KEYS), "defaults", defaults, storages)
+        defaults = _parse_policy(
+            c, c.mapping(top["defaults"][1], "defaults", _POLICY_KEYS), "defaults", defaults, storages
+        )
 
     if "databases" not in top:
         raise c.fail(root, "databases", "missing; list the databases to protect, each with a name and a conn_id")
@@ -596,12 +657,15 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         for needed in ("name", "conn_id"):
             if needed not in fields:
                 raise c.fail(node, f"{key}.{needed}", "missing; every database needs a name and a conn_id")
-        name = c.string(fields["name"][1], f"{key}.name", _IDENTIFIER, "a lower-case name of letters, digits and _ (at most 63)")
+        name = c.string(
+            fields["name"][1], f"{key}.name", _IDENTIFIER, "a lower-case name of letters, digits and _ (at most 63)"
+        )
         if name in (db.name for db in databases):
             raise c.fail(fields["name"][1], f"{key}.name", "the same name is given to two databases")
         if name in RESERVED_NAMES:
             raise c.fail(
-                fields["name"][1], f"{key}.name",
+                fields["name"][1],
+                f"{key}.name",
                 f"{name!r} is where pgdr keeps its own {RESERVED_NAMES[name]} in the storage target, so its backups "
                 "would mix with them; give the database another name (its dbname on the server can stay)",
             )
@@ -666,7 +730,8 @@ def _parse_servers(
         on_server = tuple(db.name for db in databases if db.server == name)
         if not on_server:
             raise c.fail(
-                name_node, key,
+                name_node,
+                key,
                 f"no database of the plan is on a server called {name!r}. A server is named by its databases' "
                 f"'server:' (their conn_id unless given): {', '.join(known)}",
             )
@@ -676,14 +741,25 @@ def _parse_servers(
         first = next(db for db in databases if db.server == name)
         conn_id = (
             c.string(fields["conn_id"][1], f"{key}.conn_id", _CONN_ID, "an Airflow connection id")
-            if "conn_id" in fields else first.conn_id
+            if "conn_id" in fields
+            else first.conn_id
         )
         if "pitr" not in fields:
-            raise c.fail(server_node, f"{key}.pitr", "missing; say where the WAL archive and base backups go (pitr: {storage: ...})")
-        servers.append(ProtectedServer(
-            name=name, conn_id=conn_id, pitr=_parse_pitr(c, fields["pitr"][1], f"{key}.pitr", storages),
-            databases=on_server, notify=first.notify, line=name_node.start_mark.line + 1,
-        ))
+            raise c.fail(
+                server_node,
+                f"{key}.pitr",
+                "missing; say where the WAL archive and base backups go (pitr: {storage: ...})",
+            )
+        servers.append(
+            ProtectedServer(
+                name=name,
+                conn_id=conn_id,
+                pitr=_parse_pitr(c, fields["pitr"][1], f"{key}.pitr", storages),
+                databases=on_server,
+                notify=first.notify,
+                line=name_node.start_mark.line + 1,
+            )
+        )
     return tuple(servers)
 
 
@@ -694,12 +770,16 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
     storage_name = c.string(fields["storage"][1], f"{key}.storage")
     if storage_name not in storages:
         defined = ", ".join(sorted(storages)) or "none"
-        raise c.fail(fields["storage"][1], f"{key}.storage", f"no storage target named {storage_name!r}; defined: {defined}")
+        raise c.fail(
+            fields["storage"][1], f"{key}.storage", f"no storage target named {storage_name!r}; defined: {defined}"
+        )
     storage = storages[storage_name]
     if storage.kind != "s3":
         raise c.fail(
-            fields["storage"][1], f"{key}.storage",
-            f"storage target {storage_name!r} is a local folder, but the WAL archiver (barman-cloud, run by the server's "
+            fields["storage"][1],
+            f"{key}.storage",
+            f"storage target {storage_name!r} is a local folder, but the WAL archiver (barman-cloud, run by the "
+            "server's "
             "archive_command) writes only to S3-compatible storage. Name an s3 target (AWS, MinIO, or any endpoint set "
             "in the AWS connection's endpoint_url); `make demo` starts a local S3 endpoint for this",
         )
@@ -708,26 +788,38 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
         if duration_key in fields:
             values[duration_key] = c.duration(fields[duration_key][1], f"{key}.{duration_key}")
     if "full_schedule" in fields:
-        values["full_schedule"] = c.string(fields["full_schedule"][1], f"{key}.full_schedule", what="a cron expression or preset")
+        values["full_schedule"] = c.string(
+            fields["full_schedule"][1], f"{key}.full_schedule", what="a cron expression or preset"
+        )
     if "incremental_schedule" in fields:
         inc = fields["incremental_schedule"][1]
-        values["incremental_schedule"] = None if c.scalar(inc, f"{key}.incremental_schedule") is None else c.string(
-            inc, f"{key}.incremental_schedule", what="a cron expression or preset (or null: full base backups only)"
+        values["incremental_schedule"] = (
+            None
+            if c.scalar(inc, f"{key}.incremental_schedule") is None
+            else c.string(
+                inc, f"{key}.incremental_schedule", what="a cron expression or preset (or null: full base backups only)"
+            )
         )
     return PitrPolicy(**values)
 
 
 def _check_storage_overlap(c: _Checker, storage_node: yaml.Node | None, storages: dict[str, StorageTarget]) -> None:
     """Refuse two storage targets where one lies inside the other's backups (their keys would collide)."""
+
     def location(t: StorageTarget) -> str:
         return f"s3://{t.bucket}/{t.prefix}".rstrip("/") + "/" if t.kind == "s3" else str(t.path).rstrip("/") + "/"
 
     targets = sorted(storages.values(), key=lambda t: t.name)
     for outer in targets:
         for inner in targets:
-            if outer is not inner and location(inner).startswith(location(outer)) and location(inner) != location(outer):
+            if (
+                outer is not inner
+                and location(inner).startswith(location(outer))
+                and location(inner) != location(outer)
+            ):
                 raise c.fail(
-                    storage_node, f"storage.{inner.name}",
+                    storage_node,
+                    f"storage.{inner.name}",
                     f"lies inside storage target {outer.name!r} ({outer.describe()}): pgdr would read its objects as "
                     f"{outer.name!r}'s and retention could delete them. Give each target a location of its own "
                     "(two targets may share one location)",
@@ -757,8 +849,7 @@ def load_plan(path: Path | str | None = None) -> DRPlan:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PlanError(
-            f"The DR plan {path} does not exist. Create it (see include/pgdr.yaml) or point "
-            f"${PLAN_ENV_VAR} at it."
+            f"The DR plan {path} does not exist. Create it (see include/pgdr.yaml) or point ${PLAN_ENV_VAR} at it."
         ) from None
     except OSError as err:
         raise PlanError(f"The DR plan {path} cannot be read: {err.strerror}") from None
@@ -776,4 +867,3 @@ def parse_duration(text: str) -> timedelta:
     if parsed is None:
         raise PlanError(f"{_DURATION_EXPECTED}, got {text!r}")
     return parsed
-

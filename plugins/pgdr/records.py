@@ -29,8 +29,15 @@ PITR_KIND = "point-in-time recovery"
 # Per phase of a verify-restore, what the record keeps beside the phase's start, end and seconds.
 _PHASE_DETAILS = ("download_seconds", "restore_seconds", "roles_created")
 _INTEGRITY = ("tables_checked", "rows_checked", "sequences_checked", "amcheck_ok", "large_objects")
-_PRIVILEGES = ("owners", "grants", "default_privileges", "database_properties", "superuser_objects",
-               "skipped_objects", "seconds")
+_PRIVILEGES = (
+    "owners",
+    "grants",
+    "default_privileges",
+    "database_properties",
+    "superuser_objects",
+    "skipped_objects",
+    "seconds",
+)
 # A base backup's record always lists these, also when the recovery failed before they were known.
 _PITR_FIELDS = ("kind", "server", "chain", "target", "window", "recovery", "timings", "target_check", "databases")
 
@@ -116,7 +123,11 @@ class VerificationRecord:
     @classmethod
     def from_dict(cls, data: Any) -> VerificationRecord | None:
         """Return the record ``data`` holds; ``None`` if it is not a verification record (damaged, or not ours)."""
-        if not isinstance(data, dict) or data.get("status") not in STATUSES or not isinstance(data.get("backup_id"), str):
+        if (
+            not isinstance(data, dict)
+            or data.get("status") not in STATUSES
+            or not isinstance(data.get("backup_id"), str)
+        ):
             return None
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in known}
@@ -172,12 +183,18 @@ def verify_restore_record(
     """
     failed_phase = next((p for p in order if not phases.get(p)), None)
     timed = {
-        name: {"started_at": value["started_at"], "finished_at": value["finished_at"],
-               "seconds": seconds_between(value["started_at"], value["finished_at"]),
-               **{k: v for k, v in value.items() if k in _PHASE_DETAILS}}
-        for name, value in phases.items() if value
+        name: {
+            "started_at": value["started_at"],
+            "finished_at": value["finished_at"],
+            "seconds": seconds_between(value["started_at"], value["finished_at"]),
+            **{k: v for k, v in value.items() if k in _PHASE_DETAILS},
+        }
+        for name, value in phases.items()
+        if value
     }
-    integrity, privileges, validation = (phases.get(p) for p in ("check_integrity", "apply_privileges", "validate_data"))
+    integrity, privileges, validation = (
+        phases.get(p) for p in ("check_integrity", "apply_privileges", "validate_data")
+    )
     achieved = None if failed_phase else achieved_rto([phases[p] for p in order])
     return VerificationRecord(
         status="failed" if failed_phase else "verified",

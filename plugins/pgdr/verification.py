@@ -33,7 +33,8 @@ def named_target(res, database: str | None, backup_id: str | None) -> dict[str, 
     if not database:
         if len(plan.databases) != 1:
             raise PlanError(
-                f"Give the 'database' param with backup_id {backup_id!r}: the plan protects {', '.join(plan.database_names)}."
+                f"Give the 'database' param with backup_id {backup_id!r}: the plan protects "
+                f"{', '.join(plan.database_names)}."
             )
         database = plan.databases[0].name
     db = plan.database(database)
@@ -66,7 +67,8 @@ def event_targets(res, named: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def interval_targets(res, start: datetime, end: datetime, backfill: bool) -> list[dict[str, str]]:
-    """Return the backups whose recovery point lies in ``[start, end)``: all for a backfill, else the unverified ones."""
+    """Return the backups whose recovery point lies in ``[start, end)``: all for a backfill, else
+    the unverified ones."""
     targets = []
     for db in res.plan.databases:
         store, layout = res.store(db.storage)
@@ -89,13 +91,19 @@ def not_yet_verified(targets: list[dict[str, str]], listed: dict[str, list[Backu
             kept.append(target)  # one deleted or damaged since is kept: its verification says what became of it
             continue
         run = entry.verification.run_id if entry.verification else None
-        log.info("Backup %s of %s was %s by %s already; not verifying it again.",
-                 target["backup_id"], target["database"], entry.status, run or "an earlier run")
+        log.info(
+            "Backup %s of %s was %s by %s already; not verifying it again.",
+            target["backup_id"],
+            target["database"],
+            entry.status,
+            run or "an earlier run",
+        )
     return kept
 
 
-def events_airflow_dropped(plan, named: list[dict[str, str]], listed: dict[str, list[BackupEntry]],
-                           now: datetime | None = None) -> list[dict[str, str]]:
+def events_airflow_dropped(
+    plan, named: list[dict[str, str]], listed: dict[str, list[BackupEntry]], now: datetime | None = None
+) -> list[dict[str, str]]:
     """Return the backups an asset-triggered run must verify although no event of its names them.
 
     Airflow 3.3 drops asset events that arrive between the moment a run is queued for earlier
@@ -113,14 +121,19 @@ def events_airflow_dropped(plan, named: list[dict[str, str]], listed: dict[str, 
         looked_at = [e.recovery_point for e in entries if e.status != "unverified"]
         newest_looked_at = max(looked_at) if looked_at else None
         for entry in entries:
-            if (entry.status == "unverified" and entry.recovery_point >= since
-                    and (newest_looked_at is None or entry.recovery_point > newest_looked_at)
-                    and (db.name, entry.backup_id) not in named_keys):
+            if (
+                entry.status == "unverified"
+                and entry.recovery_point >= since
+                and (newest_looked_at is None or entry.recovery_point > newest_looked_at)
+                and (db.name, entry.backup_id) not in named_keys
+            ):
                 found.append({"database": db.name, "backup_id": entry.backup_id})
     if found:
         log.warning(
             "Also verifying %d backup(s) whose asset events Airflow did not deliver to this run "
-            "(apache/airflow#56050): %s", len(found), ", ".join(f"{t['database']} {t['backup_id']}" for t in found),
+            "(apache/airflow#56050): %s",
+            len(found),
+            ", ".join(f"{t['database']} {t['backup_id']}" for t in found),
         )
     return found
 

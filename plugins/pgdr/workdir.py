@@ -93,5 +93,7 @@ def remove_dead_workdirs(root: Path) -> list[Path]:
             continue
         shutil.rmtree(owner_file.parent, ignore_errors=True)
         removed.append(owner_file.parent)
-        log.warning("Removed %s, the work directory of a task that was killed (pid %s).", owner_file.parent, owner.get("pid"))
+        log.warning(
+            "Removed %s, the work directory of a task that was killed (pid %s).", owner_file.parent, owner.get("pid")
+        )
     return removed

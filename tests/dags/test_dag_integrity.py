@@ -11,7 +11,16 @@ import pytest
 from pgdr.local.runner import DAGS_FOLDER
 
 DAG_FILES = sorted(DAGS_FOLDER.glob("*.py"))
-EXPECTED_DAGS = {"pgdr_backup", "pgdr_verify_restore", "pgdr_restore", "pgdr_drill", "pgdr_health", "pgdr_basebackup", "pgdr_verify_pitr", "pgdr_rotate_keys"}
+EXPECTED_DAGS = {
+    "pgdr_backup",
+    "pgdr_verify_restore",
+    "pgdr_restore",
+    "pgdr_drill",
+    "pgdr_health",
+    "pgdr_basebackup",
+    "pgdr_verify_pitr",
+    "pgdr_rotate_keys",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +51,14 @@ def test_dag_configuration(dagbag, dag_id):
     for task in dag.tasks:
         assert task.owner == "pgdr", task.task_id
         # Deciding what to do, and renaming live databases, are not retried blindly.
-        if task.task_id not in ("find_backups", "plan_restore", "swap_into_place", "select_databases", "find_due", "find_servers"):
+        if task.task_id not in (
+            "find_backups",
+            "plan_restore",
+            "swap_into_place",
+            "select_databases",
+            "find_due",
+            "find_servers",
+        ):
             assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff, task.task_id
         assert task.execution_timeout is not None, task.task_id
@@ -68,7 +84,9 @@ def test_verify_restore_dag_structure(dagbag):
     t = dag.task_dict
     assert t["verify.check_checksums"].downstream_task_ids == {"verify.create_scratch"}
     assert t["verify.create_scratch"].is_setup and t["verify.drop_scratch"].is_teardown
-    assert {"verify.restore_backup", "verify.check_integrity", "verify.validate_data"} <= t["verify.create_scratch"].downstream_task_ids
+    assert {"verify.restore_backup", "verify.check_integrity", "verify.validate_data"} <= t[
+        "verify.create_scratch"
+    ].downstream_task_ids
     assert t["verify.restore_backup"].downstream_task_ids == {"verify.check_integrity"}
     assert t["verify.validate_data"].downstream_task_ids == {"verify.apply_privileges"}
     assert t["verify.apply_privileges"].downstream_task_ids == {"verify.drop_scratch"}
@@ -80,15 +98,34 @@ def test_verify_restore_dag_structure(dagbag):
 def test_restore_dag_form_and_structure(dagbag):
     dag = dagbag.dags["pgdr_restore"]
     assert dag.schedule is None and dag.max_active_runs == 1
-    assert set(dag.params) == {"database", "backup", "mode", "confirm", "target_name", "tables", "target_conn_id", "restore_roles",
-                                "restore_role_passwords", "dry_run"}
+    assert set(dag.params) == {
+        "database",
+        "backup",
+        "mode",
+        "confirm",
+        "target_name",
+        "tables",
+        "target_conn_id",
+        "restore_roles",
+        "restore_role_passwords",
+        "dry_run",
+    }
     for name in dag.params:
         param = dag.params.get_param(name)
         assert param.schema.get("title") and param.description, name
     assert dag.params.get_param("mode").schema["enum"] == ["new-database", "replace"]
     assert dag.params["backup"] == "latest-verified" and dag.params["mode"] == "new-database"
-    order = ["plan_restore", "recover_to_moment", "check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges",
-             "swap_into_place", "write_report"]
+    order = [
+        "plan_restore",
+        "recover_to_moment",
+        "check_checksums",
+        "restore_backup",
+        "check_integrity",
+        "validate_data",
+        "apply_privileges",
+        "swap_into_place",
+        "write_report",
+    ]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.task_dict[upstream].downstream_task_ids, (upstream, downstream)
     assert dag.task_dict["swap_into_place"].retries == 0
@@ -100,11 +137,18 @@ def test_every_dag_alerts_once_per_run(dagbag):
 
     for dag_id in EXPECTED_DAGS:
         dag = dagbag.dags[dag_id]
-        failure, success = (c[0] if isinstance(c, list) else c for c in (dag.on_failure_callback, dag.on_success_callback))
+        failure, success = (
+            c[0] if isinstance(c, list) else c for c in (dag.on_failure_callback, dag.on_success_callback)
+        )
         assert isinstance(failure, RunFailureNotifier) and isinstance(success, RunRecoveryNotifier), dag_id
         for task in dag.tasks:
-            callbacks = task.on_failure_callback if isinstance(task.on_failure_callback, list) else [task.on_failure_callback]
-            assert callbacks in ([None], []) or any(isinstance(c, TaskFailureJournal) for c in callbacks), (dag_id, task.task_id)
+            callbacks = (
+                task.on_failure_callback if isinstance(task.on_failure_callback, list) else [task.on_failure_callback]
+            )
+            assert callbacks in ([None], []) or any(isinstance(c, TaskFailureJournal) for c in callbacks), (
+                dag_id,
+                task.task_id,
+            )
 
 
 def test_deadlines_come_from_the_plan_when_enabled(monkeypatch):
@@ -119,7 +163,9 @@ def test_deadlines_come_from_the_plan_when_enabled(monkeypatch):
     alerts = deadline_alerts(plan, "pgdr_verify_restore", timedelta(minutes=30), "RTO", "shop")
     assert [a.interval for a in alerts] == [timedelta(minutes=24), timedelta(minutes=30), timedelta(minutes=30)]
     assert [a.callback.path for a in alerts] == [
-        "pgdr.airflow_glue.notify.deadline_warning", "pgdr.airflow_glue.notify.deadline_missed_slack", "pgdr.airflow_glue.notify.deadline_missed_email",
+        "pgdr.airflow_glue.notify.deadline_warning",
+        "pgdr.airflow_glue.notify.deadline_missed_slack",
+        "pgdr.airflow_glue.notify.deadline_missed_email",
     ]
     assert alerts[2].callback.kwargs["email_to"] == ["oncall@example.com"]
     assert alerts[0].callback.kwargs["target"] == "RTO 30m"
@@ -136,7 +182,12 @@ def test_drill_and_health_structure(dagbag):
     assert set(drill.params) == {"databases", "scenario"}
     health = dagbag.dags["pgdr_health"]
     assert health.schedule == "*/5 * * * *"
-    assert set(health.task_dict) == {"check_database", "check_server", "check_workers", "alert_on_changes"}  # the shipped plan has a PITR server
+    assert set(health.task_dict) == {
+        "check_database",
+        "check_server",
+        "check_workers",
+        "alert_on_changes",
+    }  # the shipped plan has a PITR server
 
 
 def test_one_pool_per_source_server(tmp_path, monkeypatch):
@@ -148,7 +199,9 @@ def test_one_pool_per_source_server(tmp_path, monkeypatch):
     dbs = "".join(f"  - {{name: a{i}, conn_id: srv_a}}\n" for i in range(30))
     dbs += "".join(f"  - {{name: b{i}, conn_id: srv_b_db{i}, server: srv_b}}\n" for i in range(20))
     plan = tmp_path / "fleet.yaml"
-    plan.write_text(f"backup: {{max_dumps_per_server: 3}}\nstorage: {{l: {{type: local, path: {tmp_path}}}}}\ndatabases:\n{dbs}")
+    plan.write_text(
+        f"backup: {{max_dumps_per_server: 3}}\nstorage: {{l: {{type: local, path: {tmp_path}}}}}\ndatabases:\n{dbs}"
+    )
     monkeypatch.setenv("PGDR_PLAN", str(plan))
     dag = load_dag("pgdr_backup")
     assert dag.task_dict["protect_srv_a.back_up"].pool == "pgdr_srv_a"

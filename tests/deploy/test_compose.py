@@ -37,8 +37,21 @@ def test_matches_the_compose_specification():
 
 def test_production_shaped_services():
     services = COMPOSE["services"]
-    for name in ("postgres", "redis", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                 "airflow-triggerer", "airflow-worker", "source-postgres", "minio", "minio-init", "mailpit", "flower"):
+    for name in (
+        "postgres",
+        "redis",
+        "airflow-init",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-worker",
+        "source-postgres",
+        "minio",
+        "minio-init",
+        "mailpit",
+        "flower",
+    ):
         assert name in services, name
     assert _airflow_env()["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert _airflow_env()["AIRFLOW__CORE__LOAD_EXAMPLES"] == "false"
@@ -83,7 +96,11 @@ def test_images_are_pinned_and_secrets_come_from_env():
     assert "requirements.txt" in dockerfile
     text = (ROOT / "docker-compose.yaml").read_text()
     referenced = set(re.findall(r"(?<!\$)\$\{([A-Z_]+)(?::-[^}]*)?\}", text))  # $${X} is the container's
-    example = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines() if "=" in line and not line.startswith("#")}
+    example = {
+        line.split("=", 1)[0]
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    }
     assert referenced <= example, f"not in .env.example: {referenced - example}"
     # No literal password anywhere: every password field is a ${VARIABLE}.
     for match in re.finditer(r'(PASSWORD|"password")\W*[:=]\s*"?([^",}\n]*)', text):
@@ -97,7 +114,9 @@ def test_services_wait_for_healthy_dependencies():
         for dependency, rule in (service.get("depends_on") or {}).items():
             assert dependency in services, f"{name} depends on unknown {dependency}"
             if rule["condition"] == "service_healthy":
-                assert "healthcheck" in services[dependency], f"{name} waits for {dependency}, which has no health check"
+                assert "healthcheck" in services[dependency], (
+                    f"{name} waits for {dependency}, which has no health check"
+                )
             else:
                 assert rule["condition"] == "service_completed_successfully"
 
@@ -119,7 +138,9 @@ def test_the_celery_harness_and_compose_configure_airflow_alike(tmp_path):
     import celery_cluster as harness
 
     compose_env = {k: v for k, v in _airflow_env().items() if k.startswith("AIRFLOW__")}
-    cluster = harness.CeleryCluster(tmp_path, SimpleNamespace(port=5432, airflow_password="x"), {}, tmp_path / "plan.yaml")
+    cluster = harness.CeleryCluster(
+        tmp_path, SimpleNamespace(port=5432, airflow_password="x"), {}, tmp_path / "plan.yaml"
+    )
     local = cluster.settings
     for key, value in compose_env.items():
         assert key in local, f"compose sets {key}; the Celery harness does not"
@@ -130,7 +151,11 @@ def test_the_celery_harness_and_compose_configure_airflow_alike(tmp_path):
     assert extra == set(harness.ADDED_HERE), f"say in ADDED_HERE why the harness sets {extra ^ set(harness.ADDED_HERE)}"
     # Executor, broker and result backend of the same kinds.
     assert local["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
-    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND", "AIRFLOW__CELERY__BROKER_URL"):
+    for key in (
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+        "AIRFLOW__CELERY__RESULT_BACKEND",
+        "AIRFLOW__CELERY__BROKER_URL",
+    ):
         assert local[key].split(":", 1)[0] == str(compose_env[key]).split(":", 1)[0], key
 
     # The same components, started with the same commands.
@@ -142,8 +167,11 @@ def test_the_celery_harness_and_compose_configure_airflow_alike(tmp_path):
 
     # The plan: the compose plan's sections and settings, only storage and databases replaced.
     compose_plan = yaml.safe_load((ROOT / "include" / "pgdr.compose.yaml").read_text())
-    adapted = harness.compose_shaped_plan({"s3": {"type": "s3", "bucket": "b", "aws_conn_id": "pgdr_s3"}}, [{"name": "x", "conn_id": "c"}])
+    adapted = harness.compose_shaped_plan(
+        {"s3": {"type": "s3", "bucket": "b", "aws_conn_id": "pgdr_s3"}}, [{"name": "x", "conn_id": "c"}]
+    )
     assert set(adapted) == set(compose_plan)
-    assert {k: v for k, v in adapted["defaults"].items() if k != "storage"} == \
-        {k: v for k, v in compose_plan["defaults"].items() if k != "storage"}
+    assert {k: v for k, v in adapted["defaults"].items() if k != "storage"} == {
+        k: v for k, v in compose_plan["defaults"].items() if k != "storage"
+    }
     assert adapted["backup"] == compose_plan["backup"]

@@ -30,12 +30,23 @@ print("after the console")
 @pytest.mark.parametrize("mode", ["quiet", "verbose"])
 def test_records_go_to_the_log_and_the_phase_lines_to_the_terminal(tmp_path, mode):
     log = tmp_path / "logs" / "run.log"
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(log), mode], capture_output=True, text=True, timeout=60,
-                            env={"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(log), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr
     text = log.read_text()
-    for record in ("a structured record", "Returned value was", "from a child", "child stderr",
-                   "==> Running pgdr_backup", "    pgdr_backup: success in 1.0s"):
+    for record in (
+        "a structured record",
+        "Returned value was",
+        "from a child",
+        "child stderr",
+        "==> Running pgdr_backup",
+        "    pgdr_backup: success in 1.0s",
+    ):
         assert record in text, text
     assert "after the console" not in text and (log.stat().st_mode & 0o777) == 0o600
     terminal = result.stdout + result.stderr
@@ -70,8 +81,11 @@ def test_a_failed_tasks_error_and_last_lines_are_found_between_dag_tests_markers
     since = len("old run [DAG TEST] starting task_id=plan_restore map_index=-1 [x]\nOLD ERROR\n")
     error, lines = task_excerpt(log, since, "plan_restore", -1, lines=3)
     assert error == "'backup' is in the future.\nGive the moment the data was last good."
-    assert lines == ["airflow.sdk.exceptions.AirflowFailException: 'backup' is in the future.",
-                     "Give the moment the data was last good.", "2026-12-02T10:00:02Z [info] ::endgroup:: [task]"]
+    assert lines == [
+        "airflow.sdk.exceptions.AirflowFailException: 'backup' is in the future.",
+        "Give the moment the data was last good.",
+        "2026-12-02T10:00:02Z [info] ::endgroup:: [task]",
+    ]
     assert task_excerpt(log, since, "write_report") == ("", [])
     assert task_excerpt(log, since, "never_ran") == ("", [])
     assert task_excerpt(tmp_path / "missing.log", 0, "plan_restore") == ("", [])

@@ -41,7 +41,9 @@ K1, K2, K3 = new_master_key(), new_master_key(), new_master_key()
 
 def keys(current: str = "k1", **previous: str):
     secrets = {"k1": K1, "k2": K2, "k3": K3}
-    return master_keys_from(current, secrets[current], {"previous_keys": {k: secrets[k] for k in previous}}, "Airflow connection 'pgdr_key'")
+    return master_keys_from(
+        current, secrets[current], {"previous_keys": {k: secrets[k] for k in previous}}, "Airflow connection 'pgdr_key'"
+    )
 
 
 def _roundtrip(data: bytes, tmp_path, piece: int = 777_777) -> bytes:
@@ -54,7 +56,7 @@ def _roundtrip(data: bytes, tmp_path, piece: int = 777_777) -> bytes:
     out = bytearray()
     opener = ChunkDecryptor(key, ctx, "x", out.extend)
     for i in range(0, len(sealed), piece):
-        opener.write(sealed[i:i + piece])
+        opener.write(sealed[i : i + piece])
     opener.finish()
     return bytes(out)
 
@@ -86,10 +88,12 @@ def test_every_change_to_the_stored_bytes_fails_authentication(tmp_path):
     flipped[HEADER_SIZE + full + 5] ^= 1
     cases = {
         "a flipped bit": bytes(flipped),
-        "a chunk dropped": sealed[:HEADER_SIZE] + sealed[HEADER_SIZE + full:],
-        "two chunks swapped": sealed[:HEADER_SIZE] + sealed[HEADER_SIZE + full:HEADER_SIZE + 2 * full]
-        + sealed[HEADER_SIZE:HEADER_SIZE + full] + sealed[HEADER_SIZE + 2 * full:],
-        "cut after a whole chunk": sealed[:HEADER_SIZE + full],
+        "a chunk dropped": sealed[:HEADER_SIZE] + sealed[HEADER_SIZE + full :],
+        "two chunks swapped": sealed[:HEADER_SIZE]
+        + sealed[HEADER_SIZE + full : HEADER_SIZE + 2 * full]
+        + sealed[HEADER_SIZE : HEADER_SIZE + full]
+        + sealed[HEADER_SIZE + 2 * full :],
+        "cut after a whole chunk": sealed[: HEADER_SIZE + full],
         "cut inside a chunk": sealed[:-7],
         "bytes appended": sealed + b"\0" * 20,
         "only the header": sealed[:HEADER_SIZE],
@@ -130,10 +134,23 @@ def test_master_keys_come_from_a_connection_and_errors_never_show_a_key():
 
 def _manifest(files=()) -> BackupManifest:
     return BackupManifest(
-        backup_id=BACKUP_ID, database="shop", dbname="shop", recovery_point=NOW, started_at=NOW, finished_at=NOW,
-        server_version="18.1", client_version="pg_dump 18.1", format="directory", compression="gzip:1",
-        compression_level=None, dump_jobs=2, files=tuple(files), row_counts={"sales.orders": 3}, large_objects=0,
-        storage="x", compressed_by="pg_dump",
+        backup_id=BACKUP_ID,
+        database="shop",
+        dbname="shop",
+        recovery_point=NOW,
+        started_at=NOW,
+        finished_at=NOW,
+        server_version="18.1",
+        client_version="pg_dump 18.1",
+        format="directory",
+        compression="gzip:1",
+        compression_level=None,
+        dump_jobs=2,
+        files=tuple(files),
+        row_counts={"sales.orders": 3},
+        large_objects=0,
+        storage="x",
+        compressed_by="pg_dump",
     )
 
 
@@ -179,10 +196,15 @@ def test_an_encrypted_backup_verifies_and_downloads_to_the_plaintext(encrypted_b
 def test_a_missing_or_wrong_master_key_names_the_key_id(encrypted_backup):
     store, layout, _ = encrypted_backup
     manifest = _stored(store, layout)
-    with pytest.raises(KeyUnavailable, match=r"master key id 'k1', which the Airflow connection 'pgdr_key' does not hold \(it holds: k2\)"):
+    with pytest.raises(
+        KeyUnavailable,
+        match=r"master key id 'k1', which the Airflow connection 'pgdr_key' does not hold \(it holds: k2\)",
+    ):
         unlock_backup(manifest, keys("k2"))
     impostor = master_keys_from("k1", K2, {}, "Airflow connection 'pgdr_key'")
-    with pytest.raises(KeyUnavailable, match="key the Airflow connection 'pgdr_key' holds under that id does not open it"):
+    with pytest.raises(
+        KeyUnavailable, match="key the Airflow connection 'pgdr_key' holds under that id does not open it"
+    ):
         unlock_backup(manifest, impostor)
 
 
@@ -191,8 +213,10 @@ def test_a_manifest_changed_without_the_key_fails_authentication(encrypted_backu
     checksum to match bytes they changed: the HMAC refuses the manifest before anything is read."""
     store, layout, _ = encrypted_backup
     manifest = _stored(store, layout)
-    for forged in (replace(manifest, row_counts={"sales.orders": 4}),
-                   replace(manifest, files=(replace(manifest.files[0], sha256="0" * 64), *manifest.files[1:]))):
+    for forged in (
+        replace(manifest, row_counts={"sales.orders": 4}),
+        replace(manifest, files=(replace(manifest.files[0], sha256="0" * 64), *manifest.files[1:])),
+    ):
         with pytest.raises(TamperDetected, match="manifest of backup .* fails authentication"):
             unlock_backup(forged, keys("k1"))
 
@@ -209,7 +233,9 @@ def test_changed_stored_bytes_are_refused_by_checksum_or_authentication(encrypte
         verify_checksums(manifest, store, data_key=data_key)
     # With the checksum forged to match (the manifest's HMAC is what stops this; here it is bypassed):
     forged = replace(manifest, files=(replace(victim, sha256=hashlib.sha256(data).hexdigest()),))
-    with pytest.raises(ChecksumMismatch, match="changed after encryption: its checksum matches, but it fails AES-GCM authentication"):
+    with pytest.raises(
+        ChecksumMismatch, match="changed after encryption: its checksum matches, but it fails AES-GCM authentication"
+    ):
         verify_checksums(forged, store, data_key=data_key)
 
 
@@ -283,7 +309,9 @@ def test_keygen_prints_a_connection_with_a_fresh_key(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     connection = json.loads(lines[-1])
     assert connection["login"] == "key-2026-11" and len(base64.b64decode(connection["password"])) == 32
-    assert master_keys_from(connection["login"], connection["password"], connection["extra"], "x").current == "key-2026-11"
+    assert (
+        master_keys_from(connection["login"], connection["password"], connection["extra"], "x").current == "key-2026-11"
+    )
     assert main(["keygen", "--key-id", "no spaces"]) == 2
 
 

@@ -21,7 +21,8 @@ UPWARDS = ("airflow", "pgdr.airflow_glue", "pgdr.local")
 # The domain modules that may import upwards, and why.
 EXCEPTIONS = {
     "__main__.py": "python -m pgdr is the command line's entry point (pgdr.local.cli)",
-    "notify.py": "deadline alerts stored with runs of pgdr 0.2 name pgdr.notify.*; it re-exports them from airflow_glue",
+    "notify.py": "deadline alerts stored with runs of pgdr 0.2 name pgdr.notify.*; it re-exports them from "
+    "airflow_glue",
 }
 
 
@@ -68,7 +69,9 @@ def test_every_exception_still_exists_and_still_needs_to_be_one():
     for name, why in EXCEPTIONS.items():
         path = PACKAGE / name
         assert path.exists(), f"{name} is gone: remove it from EXCEPTIONS ({why})"
-        assert any(_upwards(m) for _, m in _imports(path, module_level_only=False)), f"{name} no longer needs to be an exception"
+        assert any(_upwards(m) for _, m in _imports(path, module_level_only=False)), (
+            f"{name} no longer needs to be an exception"
+        )
 
 
 def test_only_dag_files_and_the_tasks_themselves_import_tasks():

@@ -33,16 +33,36 @@ def test_a_server_with_pitr_covers_every_database_on_it():
     assert plan.pitr_server_of("billing") is server and plan.pitr_server_of("other") is None
 
 
-@pytest.mark.parametrize("servers, expected", [
-    ("servers:\n  main_conn:\n    pitr: {storage: local}\n",
-     "line 11: servers.main_conn.pitr.storage: storage target 'local' is a local folder, but the WAL archiver"),
-    ("servers:\n  nowhere:\n    pitr: {storage: s3}\n",
-     "servers.nowhere: no database of the plan is on a server called 'nowhere'. A server is named by its databases' 'server:'"),
-    ("servers:\n  main_conn:\n    conn_id: main_conn\n", "servers.main_conn.pitr: missing; say where the WAL archive"),
-    ("servers:\n  main_conn:\n    pitr: {storage: s3, keep_windw: 7d}\n", "servers.main_conn.pitr.keep_windw: unknown key. Did you mean 'keep_window'?"),
-    ("servers:\n  main_conn:\n    pitr: {storage: s4}\n", "servers.main_conn.pitr.storage: no storage target named 's4'; defined: local, s3"),
-    ("servers:\n  main_conn:\n    pitr: {storage: s3, rpo: soon}\n", "servers.main_conn.pitr.rpo: expected a duration"),
-])
+@pytest.mark.parametrize(
+    "servers, expected",
+    [
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: local}\n",
+            "line 11: servers.main_conn.pitr.storage: storage target 'local' is a local folder, but the WAL archiver",
+        ),
+        (
+            "servers:\n  nowhere:\n    pitr: {storage: s3}\n",
+            "servers.nowhere: no database of the plan is on a server called 'nowhere'. A server is named by its "
+            "databases' 'server:'",
+        ),
+        (
+            "servers:\n  main_conn:\n    conn_id: main_conn\n",
+            "servers.main_conn.pitr: missing; say where the WAL archive",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3, keep_windw: 7d}\n",
+            "servers.main_conn.pitr.keep_windw: unknown key. Did you mean 'keep_window'?",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s4}\n",
+            "servers.main_conn.pitr.storage: no storage target named 's4'; defined: local, s3",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3, rpo: soon}\n",
+            "servers.main_conn.pitr.rpo: expected a duration",
+        ),
+    ],
+)
 def test_bad_servers_sections_name_the_key_and_what_to_do(servers, expected):
     with pytest.raises(PlanError) as err:
         _plan(servers)
@@ -59,14 +79,32 @@ def test_wal_segment_arithmetic():
     assert archived_segment("00000002.history") is None and archived_segment(None) is None
 
 
-def _entry(backup_id: str, finished: datetime, kind: str = "full", parent: str | None = None, status: str = "unverified", start: int = 1):
+def _entry(
+    backup_id: str,
+    finished: datetime,
+    kind: str = "full",
+    parent: str | None = None,
+    status: str = "unverified",
+    start: int = 1,
+):
     from pgdr.physical.archive import segment_name
     from pgdr.physical.catalog import BaseBackupEntry, BaseBackupFile, BaseBackupRecord
 
     record = BaseBackupRecord(
-        backup_id=backup_id, server="main", kind=kind, parent=parent, system_identifier="1", pg_version=180006, timeline=1,
-        start_lsn="0/1000028", end_lsn="0/1000100", start_wal=segment_name(1, start), started_at=finished - timedelta(minutes=1),
-        finished_at=finished, wal_segment_size=16 * 1024 * 1024, files=(BaseBackupFile("base.tar.gz", "k", 1, "0" * 64),),
+        backup_id=backup_id,
+        server="main",
+        kind=kind,
+        parent=parent,
+        system_identifier="1",
+        pg_version=180006,
+        timeline=1,
+        start_lsn="0/1000028",
+        end_lsn="0/1000100",
+        start_wal=segment_name(1, start),
+        started_at=finished - timedelta(minutes=1),
+        finished_at=finished,
+        wal_segment_size=16 * 1024 * 1024,
+        files=(BaseBackupFile("base.tar.gz", "k", 1, "0" * 64),),
     )
     return BaseBackupEntry(record, status)
 
@@ -79,12 +117,25 @@ def test_retention_keeps_what_the_window_needs_and_the_newest_verified_chain():
     entries = [
         _entry("20261110T000000Z-aaaaaa", now - 16 * day, status="verified", start=1),
         _entry("20261115T000000Z-bbbbbb", now - 11 * day, start=10),
-        _entry("20261118T000000Z-cccccc", now - 8 * day, start=20),                  # the anchor: ended before the window
-        _entry("20261119T000000Z-dddddd", now - 7 * day + timedelta(hours=1), "incremental", "20261118T000000Z-cccccc", start=25),
+        _entry("20261118T000000Z-cccccc", now - 8 * day, start=20),  # the anchor: ended before the window
+        _entry(
+            "20261119T000000Z-dddddd",
+            now - 7 * day + timedelta(hours=1),
+            "incremental",
+            "20261118T000000Z-cccccc",
+            start=25,
+        ),
         _entry("20261125T000000Z-eeeeee", now - day, start=40),
     ]
-    decision = decide_pitr_retention(entries, ["20261120T000000Z-ffffff", "20261126T110000Z-999999"], timedelta(days=7), now)
-    assert set(decision.keep) == {"20261110T000000Z-aaaaaa", "20261118T000000Z-cccccc", "20261119T000000Z-dddddd", "20261125T000000Z-eeeeee"}
+    decision = decide_pitr_retention(
+        entries, ["20261120T000000Z-ffffff", "20261126T110000Z-999999"], timedelta(days=7), now
+    )
+    assert set(decision.keep) == {
+        "20261110T000000Z-aaaaaa",
+        "20261118T000000Z-cccccc",
+        "20261119T000000Z-dddddd",
+        "20261125T000000Z-eeeeee",
+    }
     assert decision.keep["20261110T000000Z-aaaaaa"] == "the newest verified chain"
     assert set(decision.delete) == {"20261115T000000Z-bbbbbb"}
     assert decision.delete_partial == ["20261120T000000Z-ffffff"]  # the fresh one may still be uploading
@@ -101,7 +152,14 @@ def test_what_a_scheduled_run_takes():
     fresh_full = [_entry("20261126T000500Z-aaaaaa", datetime(2026, 11, 26, 0, 5, tzinfo=UTC))]
     assert due_kind(fresh_full, "@daily", "@hourly", now) == "incremental"
     assert due_kind(fresh_full, "@daily", None, now) is None
-    recent = fresh_full + [_entry("20261126T120100Z-bbbbbb", datetime(2026, 11, 26, 12, 1, tzinfo=UTC), "incremental", "20261126T000500Z-aaaaaa")]
+    recent = fresh_full + [
+        _entry(
+            "20261126T120100Z-bbbbbb",
+            datetime(2026, 11, 26, 12, 1, tzinfo=UTC),
+            "incremental",
+            "20261126T000500Z-aaaaaa",
+        )
+    ]
     assert due_kind(recent, "@daily", "@hourly", now) is None
     assert due_kind(fresh_full, "0 12 * * *", "@hourly", now) == "full"
 
@@ -124,13 +182,23 @@ def test_a_damaged_base_backup_record_is_refused():
     import dataclasses
     import json
 
-    files = (dataclasses.replace(good.files[0], key=layout.file_key("main", good.backup_id, "base.tar.gz")),
-             dataclasses.replace(good.files[0], name="backup_manifest", key=layout.file_key("main", good.backup_id, "backup_manifest")))
+    files = (
+        dataclasses.replace(good.files[0], key=layout.file_key("main", good.backup_id, "base.tar.gz")),
+        dataclasses.replace(
+            good.files[0], name="backup_manifest", key=layout.file_key("main", good.backup_id, "backup_manifest")
+        ),
+    )
     raw = json.loads(dataclasses.replace(good, files=files).to_json())
-    assert BaseBackupRecord.from_json(json.dumps(raw).encode(), "w", layout, "main", good.backup_id).backup_id == good.backup_id
-    for field, value, words in [("files", [{**raw["files"][0], "key": "../../etc/passwd"}, raw["files"][1]], "outside this base backup"),
-                                ("start_lsn", "0/1; DROP", "must be an LSN"), ("parent", "x", "must be a backup id"),
-                                ("server", "other", "do not match where the record is stored")]:
+    assert (
+        BaseBackupRecord.from_json(json.dumps(raw).encode(), "w", layout, "main", good.backup_id).backup_id
+        == good.backup_id
+    )
+    for field, value, words in [
+        ("files", [{**raw["files"][0], "key": "../../etc/passwd"}, raw["files"][1]], "outside this base backup"),
+        ("start_lsn", "0/1; DROP", "must be an LSN"),
+        ("parent", "x", "must be a backup id"),
+        ("server", "other", "do not match where the record is stored"),
+    ]:
         with pytest.raises(ManifestInvalid, match=words):
             BaseBackupRecord.from_json(json.dumps({**raw, field: value}).encode(), "w", layout, "main", good.backup_id)
 
@@ -144,7 +212,9 @@ def test_leftover_scratch_clusters_are_removed_only_when_their_run_is_over(tmp_p
     def leftover(name: str, run_id: str, host: str = socket.gethostname()) -> Path:
         folder = tmp_path / f"pgdr-cluster-{name}"
         (folder / "data").mkdir(parents=True)
-        (folder / MARKER).write_text(json.dumps({"dag_id": "pgdr_verify_pitr", "run_id": run_id, "host": host, "port": 1, "pg_version": 180006}))
+        (folder / MARKER).write_text(
+            json.dumps({"dag_id": "pgdr_verify_pitr", "run_id": run_id, "host": host, "port": 1, "pg_version": 180006})
+        )
         return folder
 
     finished = leftover("a", "killed-run")
@@ -213,6 +283,8 @@ def test_the_archive_command_asks_for_the_targets_server_side_encryption():
     plain = WalArchive("b", PhysicalLayout(prefix="p"), "main", access).archive_command(Path("/bin"))
     assert "--encryption" not in plain
     kms = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, "aws:kms", "arn:aws:kms:eu-west-1:1:key/a b")
-    assert " --encryption aws:kms --sse-kms-key-id 'arn:aws:kms:eu-west-1:1:key/a b' --gzip " in kms.archive_command(Path("/bin"))
+    assert " --encryption aws:kms --sse-kms-key-id 'arn:aws:kms:eu-west-1:1:key/a b' --gzip " in kms.archive_command(
+        Path("/bin")
+    )
     sse_s3 = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, "AES256")
     assert " --encryption AES256 --gzip " in sse_s3.archive_command(Path("/bin"))

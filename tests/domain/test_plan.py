@@ -61,8 +61,16 @@ def test_good_plan_resolves_defaults_and_overrides():
 
 @pytest.mark.parametrize(
     "given, spec",
-    [(None, "gzip:1"), ("gzip", "gzip"), ("GZIP:9", "gzip:9"), ("zstd:3", "zstd:3"), ("lz4", "lz4"),
-     ("none", "none"), ("0", "none"), ("false", "none")],
+    [
+        (None, "gzip:1"),
+        ("gzip", "gzip"),
+        ("GZIP:9", "gzip:9"),
+        ("zstd:3", "zstd:3"),
+        ("lz4", "lz4"),
+        ("none", "none"),
+        ("0", "none"),
+        ("false", "none"),
+    ],
 )
 def test_compression_is_pg_dumps_spec_with_gzip_1_by_default(given, spec):
     text = GOOD if given is None else GOOD.replace("rpo: 15m", f"compression: {given}")
@@ -80,41 +88,67 @@ def test_shipped_plan_is_valid():
     "bad, expected",
     [
         # a typo in a key, with a suggestion and the line
-        (GOOD.replace("rpo: 15m", "rop: 15m"),
-         "/etc/pgdr/plan.yaml, line 20: databases[1] (billing).rop: unknown key. Did you mean 'rpo'?"),
-        (GOOD.replace("keep_last: 5", "keep_last: five"),
-         "line 11: defaults.retention.keep_last: expected a whole number of at least 1, got 'five'"),
-        (GOOD.replace("rto: 30m", "rto: half an hour"),
-         "line 10: defaults.rto: expected a duration such as 90s, 30m, 1h, 2d or 1w"),
-        (GOOD.replace("storage: s3\n", "storage: s4\n"),
-         "line 19: databases[1] (billing).storage: no storage target named 's4'; defined: local, s3"),
-        (GOOD.replace("    conn_id: pgdr_billing\n", ""),
-         "line 16: databases[1] (billing).conn_id: missing; every database needs a name and a conn_id"),
-        (GOOD.replace("name: billing", "name: shop"),
-         "databases[1] (shop).name: the same name is given to two databases"),
-        (GOOD.replace("name: billing", "name: Billing-DB"),
-         "databases[1] (Billing-DB).name: expected a lower-case name of letters, digits and _"),
-        (GOOD.replace("type: s3, bucket: my-bucket, ", "type: s3, "),
-         "storage.s3.bucket: missing; a s3 storage target needs bucket and aws_conn_id"),
-        (GOOD.replace("{type: local, path: ./backups}", "{type: ftp, path: ./backups}"),
-         "storage.local.type: expected 'local' or 's3', got 'ftp'"),
+        (
+            GOOD.replace("rpo: 15m", "rop: 15m"),
+            "/etc/pgdr/plan.yaml, line 20: databases[1] (billing).rop: unknown key. Did you mean 'rpo'?",
+        ),
+        (
+            GOOD.replace("keep_last: 5", "keep_last: five"),
+            "line 11: defaults.retention.keep_last: expected a whole number of at least 1, got 'five'",
+        ),
+        (
+            GOOD.replace("rto: 30m", "rto: half an hour"),
+            "line 10: defaults.rto: expected a duration such as 90s, 30m, 1h, 2d or 1w",
+        ),
+        (
+            GOOD.replace("storage: s3\n", "storage: s4\n"),
+            "line 19: databases[1] (billing).storage: no storage target named 's4'; defined: local, s3",
+        ),
+        (
+            GOOD.replace("    conn_id: pgdr_billing\n", ""),
+            "line 16: databases[1] (billing).conn_id: missing; every database needs a name and a conn_id",
+        ),
+        (
+            GOOD.replace("name: billing", "name: shop"),
+            "databases[1] (shop).name: the same name is given to two databases",
+        ),
+        (
+            GOOD.replace("name: billing", "name: Billing-DB"),
+            "databases[1] (Billing-DB).name: expected a lower-case name of letters, digits and _",
+        ),
+        (
+            GOOD.replace("type: s3, bucket: my-bucket, ", "type: s3, "),
+            "storage.s3.bucket: missing; a s3 storage target needs bucket and aws_conn_id",
+        ),
+        (
+            GOOD.replace("{type: local, path: ./backups}", "{type: ftp, path: ./backups}"),
+            "storage.local.type: expected 'local' or 's3', got 'ftp'",
+        ),
         (GOOD.replace("version: 1", "version: 2"), "line 1: version: this pgdr understands plan version 1 only"),
         (GOOD.replace("retries: 2", "retries: [2]"), "line 4: backup.retries: expected a single value, got a list"),
         ("databases: []\n", "databases: expected a non-empty list of databases"),
         ("storage: {}\n", "databases: missing; list the databases to protect"),
         ("databases:\n  - name: shop\n    conn_id: [oops\n", "not valid YAML: expected ',' or ']'"),
         ("", "the plan is empty"),
-        (GOOD.replace("rpo: 15m", "compression: brotli"),
-         "line 20: databases[1] (billing).compression: expected pg_dump's compression: gzip, lz4 or zstd"),
+        (
+            GOOD.replace("rpo: 15m", "compression: brotli"),
+            "line 20: databases[1] (billing).compression: expected pg_dump's compression: gzip, lz4 or zstd",
+        ),
         (GOOD.replace("rto: 30m", "compression: gzip:10"), "line 10: defaults.compression: expected pg_dump's"),
         (GOOD.replace("rto: 30m", "compression: 6"), "defaults.compression: expected pg_dump's compression"),
         # names that would collide in storage keys
-        (GOOD.replace("name: billing", "name: reports"),
-         "databases[1] (reports).name: 'reports' is where pgdr keeps its own drill and health reports"),
-        (GOOD.replace("s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}",
-                      "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n"
-                      "  s3b: {type: s3, bucket: my-bucket, prefix: pgdr/v1/shop, aws_conn_id: pgdr_s3}"),
-         "storage.s3b: lies inside storage target 's3' (s3://my-bucket/pgdr)"),
+        (
+            GOOD.replace("name: billing", "name: reports"),
+            "databases[1] (reports).name: 'reports' is where pgdr keeps its own drill and health reports",
+        ),
+        (
+            GOOD.replace(
+                "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}",
+                "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n"
+                "  s3b: {type: s3, bucket: my-bucket, prefix: pgdr/v1/shop, aws_conn_id: pgdr_s3}",
+            ),
+            "storage.s3b: lies inside storage target 's3' (s3://my-bucket/pgdr)",
+        ),
     ],
 )
 def test_bad_plans_name_file_line_key_and_expectation(bad, expected):
@@ -131,7 +165,9 @@ def test_missing_plan_file_says_how_to_fix(tmp_path, monkeypatch):
 
 def test_unknown_database_lists_the_known_ones():
     plan = parse_plan(GOOD, Path("/p.yaml"))
-    with pytest.raises(PlanError, match="Database 'orders' is not in the DR plan /p.yaml. The plan protects: shop, billing."):
+    with pytest.raises(
+        PlanError, match="Database 'orders' is not in the DR plan /p.yaml. The plan protects: shop, billing."
+    ):
         plan.database("orders")
 
 

@@ -23,17 +23,23 @@ def _roles(text: str) -> set[str]:
     ("text", "roles"),
     [
         ('GRANT SELECT,INSERT ON TABLE "App Data"."Customers" TO app_login;', {"app_login"}),
-        ('GRANT SELECT(id) ON TABLE "App Data"."Customers" TO "Report ""Team""", other WITH GRANT OPTION;',
-         {'Report "Team"', "other"}),
+        (
+            'GRANT SELECT(id) ON TABLE "App Data"."Customers" TO "Report ""Team""", other WITH GRANT OPTION;',
+            {'Report "Team"', "other"},
+        ),
         ("REVOKE ALL ON FUNCTION billing.total_for(bigint) FROM PUBLIC;", set()),
         ('GRANT USAGE ON SCHEMA s TO app GRANTED BY "Data Owner";', {"app", "Data Owner"}),
-        ('ALTER DEFAULT PRIVILEGES FOR ROLE "Data Owner" IN SCHEMA "App Data" GRANT SELECT ON TABLES TO app_login;',
-         {"Data Owner", "app_login"}),
+        (
+            'ALTER DEFAULT PRIVILEGES FOR ROLE "Data Owner" IN SCHEMA "App Data" GRANT SELECT ON TABLES TO app_login;',
+            {"Data Owner", "app_login"},
+        ),
         ("ALTER DEFAULT PRIVILEGES FOR ROLE owner REVOKE ALL ON FUNCTIONS FROM PUBLIC;", {"owner"}),
         ('ALTER TABLE "a ""TO"" b".t OWNER TO "Ünï Owner";', {"Ünï Owner"}),
         ("ALTER ROLE app_login IN DATABASE \"Äpp DB\" SET work_mem TO '8MB';", {"app_login"}),
-        ("CREATE POLICY p ON billing.invoices TO app_login, \"Other One\" USING ((tenant = 'TO mallory'::text));",
-         {"app_login", "Other One"}),
+        (
+            "CREATE POLICY p ON billing.invoices TO app_login, \"Other One\" USING ((tenant = 'TO mallory'::text));",
+            {"app_login", "Other One"},
+        ),
         ("CREATE POLICY p ON t USING ((x IN ( SELECT 1 TO_2)));", set()),
         ("COMMENT ON TABLE t IS 'GRANT x TO mallory';", set()),
     ],
@@ -56,7 +62,7 @@ def test_statements_split_on_top_level_semicolons_only():
 
 
 def test_database_statements_are_pointed_at_the_restored_copy_only():
-    (statement,) = statements("ALTER ROLE \"DATABASE\" IN DATABASE \"Äpp DB\" SET x TO 'Äpp DB';")
+    (statement,) = statements('ALTER ROLE "DATABASE" IN DATABASE "Äpp DB" SET x TO \'Äpp DB\';')
     assert render(_database_statement(statement, "Äpp DB", 'Äpp DB_restoring_"1"')) == (
         'ALTER ROLE "DATABASE" IN DATABASE "Äpp DB_restoring_""1""" SET x TO \'Äpp DB\';'
     )
@@ -70,8 +76,13 @@ def test_the_source_encoding_and_locale_are_read_and_written_back_as_literals():
         "LOCALE = 'en_US.UTF-8' ICU_LOCALE = 'de-u-co-phonebk' ICU_RULES = '&a < ''b''';"
     )
     options = _create_options(statement)
-    assert options == {"ENCODING": "UTF8", "LOCALE_PROVIDER": "icu", "LOCALE": "en_US.UTF-8",
-                       "ICU_LOCALE": "de-u-co-phonebk", "ICU_RULES": "&a < 'b'"}
+    assert options == {
+        "ENCODING": "UTF8",
+        "LOCALE_PROVIDER": "icu",
+        "LOCALE": "en_US.UTF-8",
+        "ICU_LOCALE": "de-u-co-phonebk",
+        "ICU_RULES": "&a < 'b'",
+    }
     text = create_options_sql(options).as_string(None)
     assert "LOCALE_PROVIDER icu" in text and "ICU_RULES '&a < ''b'''" in text
     with pytest.raises(PrivilegesFailed, match="unknown locale provider"):
@@ -86,7 +97,7 @@ def test_a_database_statement_about_another_database_is_refused(tmp_path, monkey
 
     scripts = {
         "database": "CREATE DATABASE \"Äpp DB\" WITH TEMPLATE = template0 ENCODING = 'UTF8';\n"
-                    "ALTER DATABASE \"Äpp DB\" SET work_mem TO '8MB';\nALTER DATABASE live_one OWNER TO mallory;\n",
+        "ALTER DATABASE \"Äpp DB\" SET work_mem TO '8MB';\nALTER DATABASE live_one OWNER TO mallory;\n",
     }
     monkeypatch.setattr(privileges, "owner_statements", lambda toc, workdir, env=None: [])
     monkeypatch.setattr(privileges, "_script", lambda toc, lines, workdir, name, *options, env=None: scripts[name])
@@ -102,7 +113,7 @@ def test_roles_are_read_from_pg_dumpall_and_never_given_superuser_or_a_password_
     globals_sql = (
         "\\restrict x\nSET default_transaction_read_only = off;\n"
         'CREATE ROLE "App Login";\n'
-        "ALTER ROLE \"App Login\" WITH SUPERUSER INHERIT CREATEROLE CREATEDB LOGIN REPLICATION BYPASSRLS "
+        'ALTER ROLE "App Login" WITH SUPERUSER INHERIT CREATEROLE CREATEDB LOGIN REPLICATION BYPASSRLS '
         "CONNECTION LIMIT 5 PASSWORD 'SCRAM-SHA-256$4096:abc' VALID UNTIL '2030-01-01 00:00:00+00';\n"
         "ALTER ROLE \"App Login\" SET search_path TO 'app', 'public';\n"
         'GRANT reporting TO "App Login" WITH INHERIT TRUE GRANTED BY postgres;\n'
@@ -113,8 +124,12 @@ def test_roles_are_read_from_pg_dumpall_and_never_given_superuser_or_a_password_
     assert clause == "INHERIT CREATEDB LOGIN CONNECTION LIMIT 5 VALID UNTIL '2030-01-01 00:00:00+00'"
     assert withheld == ["SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS"]
     assert "PASSWORD 'SCRAM-SHA-256$4096:abc'" in _attribute_sql(found.attributes["App Login"], with_passwords=True)[0]
-    assert [(g, m, " ".join(t.text for t in o)) for g, m, o in found.memberships] == [("reporting", "App Login", "WITH INHERIT TRUE")]
-    assert [(r, " ".join(t.text for t in st)) for r, st in found.settings] == [("App Login", "SET search_path TO 'app' , 'public'")]
+    assert [(g, m, " ".join(t.text for t in o)) for g, m, o in found.memberships] == [
+        ("reporting", "App Login", "WITH INHERIT TRUE")
+    ]
+    assert [(r, " ".join(t.text for t in st)) for r, st in found.settings] == [
+        ("App Login", "SET search_path TO 'app' , 'public'")
+    ]
 
 
 def test_the_plan_and_the_restore_agree_on_what_can_be_skipped(tmp_path):
@@ -123,8 +138,13 @@ def test_the_plan_and_the_restore_agree_on_what_can_be_skipped(tmp_path):
     from pgdr.plan import SKIPPABLE_OBJECTS, parse_plan
 
     assert set(SKIPPABLE) == set(SKIPPABLE_OBJECTS)
-    text = "storage: {l: {type: local, path: /tmp}}\ndatabases: [{name: a, conn_id: x, skip_objects: [%s], app_roles: [app]}]\n"
+    text = (
+        "storage: {l: {type: local, path: /tmp}}\n"
+        "databases: [{name: a, conn_id: x, skip_objects: [%s], app_roles: [app]}]\n"
+    )
     plan = parse_plan(text % "publications, event_triggers", tmp_path / "p.yaml")
-    assert plan.databases[0].skip_objects == ("publications", "event_triggers") and plan.databases[0].app_roles == ("app",)
+    assert plan.databases[0].skip_objects == ("publications", "event_triggers") and plan.databases[0].app_roles == (
+        "app",
+    )
     with pytest.raises(PlanError, match="'tables' is not a kind pgdr can skip"):
         parse_plan(text % "tables", tmp_path / "p.yaml")

@@ -43,9 +43,21 @@ def _entry(days_old: float, status: str = "unverified", tag: str = "000000") -> 
     point = NOW - timedelta(days=days_old)
     backup_id = f"{point:%Y%m%dT%H%M%SZ}-{tag}"
     manifest = BackupManifest(
-        backup_id=backup_id, database="shop", dbname="shop", recovery_point=point, started_at=point,
-        finished_at=point, server_version="18.6", client_version="pg_dump 18.6", format="directory",
-        compression="zstd", compression_level=3, dump_jobs=2, files=(), row_counts={}, large_objects=0,
+        backup_id=backup_id,
+        database="shop",
+        dbname="shop",
+        recovery_point=point,
+        started_at=point,
+        finished_at=point,
+        server_version="18.6",
+        client_version="pg_dump 18.6",
+        format="directory",
+        compression="zstd",
+        compression_level=3,
+        dump_jobs=2,
+        files=(),
+        row_counts={},
+        large_objects=0,
         storage="x",
     )
     return BackupEntry(manifest, status)
@@ -62,10 +74,18 @@ def test_manifests_say_who_compressed_and_old_ones_read_as_pgdr_0_1():
     old = BackupManifest.from_json(json.dumps(raw).encode(), "old/manifest.json")
     assert old.compressed_by == "pgdr" and "by pgdr 0.1" in old.size_summary()
 
-    files = (BackupFile("toc.dat", "k1", 2_000_000, 2_000_000, "a" * 64),
-             BackupFile("3001.dat.gz", "k2", 1_200_000, 1_200_000, "b" * 64))
-    current = replace(legacy, compression="gzip:1", compression_level=None, compressed_by="pg_dump",
-                      database_bytes=52_000_000, files=files)
+    files = (
+        BackupFile("toc.dat", "k1", 2_000_000, 2_000_000, "a" * 64),
+        BackupFile("3001.dat.gz", "k2", 1_200_000, 1_200_000, "b" * 64),
+    )
+    current = replace(
+        legacy,
+        compression="gzip:1",
+        compression_level=None,
+        compressed_by="pg_dump",
+        database_bytes=52_000_000,
+        files=files,
+    )
     again = BackupManifest.from_json(current.to_json(), "new/manifest.json")
     assert again == current
     assert again.size_summary() == "3.2 MB stored (gzip:1), from a 52.0 MB database"
@@ -117,12 +137,21 @@ def test_backfill_and_past_manual_runs_skip_but_late_scheduled_runs_back_up():
 
 def test_failure_message_names_everything_an_on_call_engineer_needs():
     failure = TaskFailure(
-        dag_id="pgdr_backup", task_id="protect_pgdr_shop.back_up", run_id="scheduled__2026-11-22T09:00:00+00:00",
-        database="shop", backup_id=None, error="Cannot connect to database 'shop' at db1:5432",
-        try_number=4, max_tries=4, log_url="http://airflow:8080/dags/pgdr_backup/runs/x/tasks/protect_pgdr_shop.back_up",
+        dag_id="pgdr_backup",
+        task_id="protect_pgdr_shop.back_up",
+        run_id="scheduled__2026-11-22T09:00:00+00:00",
+        database="shop",
+        backup_id=None,
+        error="Cannot connect to database 'shop' at db1:5432",
+        try_number=4,
+        max_tries=4,
+        log_url="http://airflow:8080/dags/pgdr_backup/runs/x/tasks/protect_pgdr_shop.back_up",
     )
     text = failure_message(failure)
-    assert text.splitlines()[0] == ":red_circle: [pgdr] pgdr_backup for database *shop* failed in phase `protect_pgdr_shop.back_up`"
+    assert (
+        text.splitlines()[0]
+        == ":red_circle: [pgdr] pgdr_backup for database *shop* failed in phase `protect_pgdr_shop.back_up`"
+    )
     assert "Error: Cannot connect to database 'shop' at db1:5432" in text
     assert "Attempt 4 of 4: no more retries; act now." in text
     assert "Log: http://airflow:8080/dags/pgdr_backup/runs/x/tasks/protect_pgdr_shop.back_up" in text
@@ -224,8 +253,18 @@ def test_drill_verdict_turns_breaches_into_action_items():
     from pgdr.drill import evaluate
 
     phases = [
-        {"name": "checksum", "started_at": "2026-11-22T10:00:00+00:00", "finished_at": "2026-11-22T10:00:01+00:00", "seconds": 1},
-        {"name": "validation", "started_at": "2026-11-22T10:00:30+00:00", "finished_at": "2026-11-22T10:01:00+00:00", "seconds": 30},
+        {
+            "name": "checksum",
+            "started_at": "2026-11-22T10:00:00+00:00",
+            "finished_at": "2026-11-22T10:00:01+00:00",
+            "seconds": 1,
+        },
+        {
+            "name": "validation",
+            "started_at": "2026-11-22T10:00:30+00:00",
+            "finished_at": "2026-11-22T10:01:00+00:00",
+            "seconds": 30,
+        },
     ]
     rpo = {"newest_verified_age_s": 7200.0, "worst_gap_s": 90000.0, "worst_gap_between": ["a", "b"]}
     result = evaluate("shop", 30.0, 3600.0, phases, rpo, {"rejected": False}, None, None, "x")
@@ -342,7 +381,8 @@ def test_suites_name_quoted_tables_as_sql_does(tmp_path, monkeypatch):
 
     (tmp_path / "shop").mkdir()
     (tmp_path / "shop" / "accounts.yaml").write_text(
-        "table: '\"Sales Dept\".\"Customer Accounts\"'\nexpectations: [{type: expect_table_row_count_to_equal, kwargs: {value: 3}}]\n"
+        'table: \'"Sales Dept"."Customer Accounts"\'\nexpectations: [{type: expect_table_row_count_to_equal, kwargs: '
+        "{value: 3}}]\n"
     )
     monkeypatch.setenv("PGDR_GX_SUITES", str(tmp_path))
     (spec,) = load_user_suites("shop", _suite_manifest())
@@ -352,7 +392,9 @@ def test_suites_name_quoted_tables_as_sql_does(tmp_path, monkeypatch):
 def test_unknown_expectation_type_names_the_suite_and_the_type():
     from pgdr.checks.validation import ExpectationSpec, SuiteError, _build_expectation
 
-    with pytest.raises(SuiteError, match="include/gx/shop/x.yaml: expectation 'expect_nothing_ever' on sales.orders is not valid"):
+    with pytest.raises(
+        SuiteError, match="include/gx/shop/x.yaml: expectation 'expect_nothing_ever' on sales.orders is not valid"
+    ):
         _build_expectation(ExpectationSpec("sales.orders", "expect_nothing_ever", {}, "include/gx/shop/x.yaml"), 0)
 
 
@@ -428,8 +470,11 @@ def test_negative_control_skips_empty_files():
     from pgdr.drill import control_file
     from pgdr.logical.catalog import BackupFile
 
-    files = (BackupFile("3001.dat", "k1", 0, 0, "0" * 64), BackupFile("toc.dat", "k2", 9, 9, "1" * 64),
-             BackupFile("3002.dat", "k3", 5, 5, "2" * 64))
+    files = (
+        BackupFile("3001.dat", "k1", 0, 0, "0" * 64),
+        BackupFile("toc.dat", "k2", 9, 9, "1" * 64),
+        BackupFile("3002.dat", "k3", 5, 5, "2" * 64),
+    )
     assert control_file(files).name == "3002.dat"
 
 
@@ -442,8 +487,11 @@ def test_a_retry_finds_only_its_own_dags_backup(tmp_path):
     store, layout = LocalFolderStore(tmp_path), BackupLayout()
     manifest = _entry(1).manifest
     key = layout.data_key("shop", manifest.backup_id, "toc.dat")
-    manifest = replace(manifest, files=(BackupFile("toc.dat", key, 1, 1, "0" * 64),),
-                       airflow={"dag_id": "pgdr_drill", "run_id": "scheduled__2026-12-01T03:00:00+00:00"})
+    manifest = replace(
+        manifest,
+        files=(BackupFile("toc.dat", key, 1, 1, "0" * 64),),
+        airflow={"dag_id": "pgdr_drill", "run_id": "scheduled__2026-12-01T03:00:00+00:00"},
+    )
     catalog = BackupCatalog(store, layout, "shop")
     catalog.write_manifest(manifest)
     assert catalog.find_by_run("pgdr_backup", "scheduled__2026-12-01T03:00:00+00:00") is None

@@ -19,7 +19,9 @@ def _for_run(texts: list[str], run_id: str) -> list[str]:
     return [t for t in texts if run_id in t]
 
 
-def test_slow_run_misses_its_deadline_one_email_and_one_slack_message(standalone, e2e_mail, e2e_slack, e2e_plan, pg_server):
+def test_slow_run_misses_its_deadline_one_email_and_one_slack_message(
+    standalone, e2e_mail, e2e_slack, e2e_plan, pg_server
+):
     from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.backup import take_backup
     from pgdr.plan import load_plan
@@ -48,7 +50,9 @@ def test_slow_run_misses_its_deadline_one_email_and_one_slack_message(standalone
 
     missed = wait_for(lambda: [t for t in _for_run(e2e_slack.texts(), run_id) if "SLA missed" in t], timeout=60)
     assert len(missed) == 1
-    assert missed[0].startswith(":rotating_light: [pgdr] SLA missed: pgdr_verify_restore 22 databases did not finish within its RTO")
+    assert missed[0].startswith(
+        ":rotating_light: [pgdr] SLA missed: pgdr_verify_restore 22 databases did not finish within its RTO"
+    )
     warnings = [t for t in _for_run(e2e_slack.texts(), run_id) if "SLA at risk" in t]
     assert len(warnings) == 1
 
@@ -66,7 +70,9 @@ def test_failed_run_alerts_once_and_the_next_good_run_recovers(standalone, e2e_s
     failed_id = standalone.trigger("pgdr_backup")
     failed = standalone.wait_for_run("pgdr_backup", failed_id)
     assert failed["state"] == "failed", failed["task_states"]
-    failures = wait_for(lambda: [t for t in _for_run(e2e_slack.texts(), failed_id) if "[pgdr] pgdr_backup" in t], timeout=60)
+    failures = wait_for(
+        lambda: [t for t in _for_run(e2e_slack.texts(), failed_id) if "[pgdr] pgdr_backup" in t], timeout=60
+    )
     assert len(failures) == 1
     text = failures[0]
     assert text.startswith(":red_circle: [pgdr] pgdr_backup for database *flaky* failed")

@@ -24,8 +24,9 @@ def _demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         folder.chmod(0o755)  # the embedded server runs as an unprivileged user when tests run as root
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR_"))}
     env.update(PGDR_STATE_DIR=str(state), PYTHONPATH=str(ROOT / "plugins"))
-    result = subprocess.run([sys.executable, "-m", "pgdr.local.demo", *args], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "pgdr.local.demo", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     result.lines = [line for line in result.stdout.splitlines() if line.strip()]
     return result
 
@@ -44,9 +45,17 @@ def test_make_demo_prints_the_phases_and_keeps_the_records_in_a_file(tmp_path):
     assert not [line for line in result.lines if RECORD.search(line)], result.stdout
     assert len(result.lines) <= 70, result.stdout
     phases = [line[4:] for line in result.lines if line.startswith("==> ")]
-    expected = ["pgdr demo: the log records of every task go to", "Starting the embedded PostgreSQL 18 server",
-                "Running pgdr_backup", "Newest backup of 'shop'", "Running pgdr_verify_restore",
-                "Verification of 'shop' backup", "Running pgdr_drill", "DR drill", "Done in"]
+    expected = [
+        "pgdr demo: the log records of every task go to",
+        "Starting the embedded PostgreSQL 18 server",
+        "Running pgdr_backup",
+        "Newest backup of 'shop'",
+        "Running pgdr_verify_restore",
+        "Verification of 'shop' backup",
+        "Running pgdr_drill",
+        "DR drill",
+        "Done in",
+    ]
     pitr = not any("Point-in-time recovery is skipped" in phase for phase in phases)
     if pitr:
         expected[6:6] = ["Running pgdr_basebackup", "Running pgdr_verify_pitr"]

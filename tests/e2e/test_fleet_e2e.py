@@ -15,7 +15,9 @@ pytestmark = pytest.mark.e2e
 
 
 def _max_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
-    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals], key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals], key=lambda e: (e[0], e[1])
+    )
     running = peak = 0
     for _, step in events:
         running += step
@@ -49,10 +51,16 @@ def test_fleet_backup_one_run_one_backup_each_and_the_pool_limit_held(standalone
     logs = [p for p in (standalone.home / "logs").rglob("*") if p.is_file()]
     texts = [p.read_bytes() for p in logs]
     assert any(b"is encrypted (AES-256-GCM)" in t for t in texts), "no backup task log found"
-    assert not [p for p, t in zip(logs, texts, strict=True) if E2E_MASTER_KEY.encode() in t or base64.b64decode(E2E_MASTER_KEY) in t]
+    assert not [
+        p
+        for p, t in zip(logs, texts, strict=True)
+        if E2E_MASTER_KEY.encode() in t or base64.b64decode(E2E_MASTER_KEY) in t
+    ]
 
     tis = standalone.api(
-        "GET", f"/api/v2/dags/pgdr_backup/dagRuns/{quote(run_id, safe='')}/taskInstances?task_id=protect_fleet.back_up&limit=100"
+        "GET",
+        f"/api/v2/dags/pgdr_backup/dagRuns/{quote(run_id, safe='')}/taskInstances"
+        "?task_id=protect_fleet.back_up&limit=100",
     )["task_instances"]
     assert len(tis) == len(FLEET) and {t["pool"] for t in tis} == {"pgdr_fleet"}
     intervals = [(datetime.fromisoformat(t["start_date"]), datetime.fromisoformat(t["end_date"])) for t in tis]

@@ -32,18 +32,34 @@ def test_make_ui_serves_the_pgdr_dags_with_a_login_and_ctrl_c_stops_everything(t
     env.update(PGDR_STATE_DIR=str(state), PYTHONPATH=str(ROOT / "plugins"))
     process = subprocess.Popen(
         [sys.executable, "-m", "pgdr.local.ui", "--port", str(free_port()), "--ready-file", str(ready)],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_for(lambda: ready.exists() or process.poll() is not None, timeout=400, interval=1)
         assert process.poll() is None, process.stdout.read().decode(errors="replace")[-3000:]
         info = json.loads(ready.read_text())
-        request = urllib.request.Request(f"{info['url']}/auth/token", method="POST", headers={"Content-Type": "application/json"},
-                                         data=json.dumps({"username": info["user"], "password": info["password"]}).encode())
+        request = urllib.request.Request(
+            f"{info['url']}/auth/token",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"username": info["user"], "password": info["password"]}).encode(),
+        )
         token = json.loads(urllib.request.urlopen(request, timeout=30).read())["access_token"]
-        request = urllib.request.Request(f"{info['url']}/api/v2/dags?limit=100", headers={"Authorization": f"Bearer {token}"})
-        dags = wait_for(lambda: {d["dag_id"] for d in json.loads(urllib.request.urlopen(request, timeout=30).read())["dags"]}
-                        >= {"pgdr_backup", "pgdr_restore", "pgdr_verify_restore"}, timeout=120, interval=2)
+        request = urllib.request.Request(
+            f"{info['url']}/api/v2/dags?limit=100", headers={"Authorization": f"Bearer {token}"}
+        )
+        dags = wait_for(
+            lambda: (
+                {d["dag_id"] for d in json.loads(urllib.request.urlopen(request, timeout=30).read())["dags"]}
+                >= {"pgdr_backup", "pgdr_restore", "pgdr_verify_restore"}
+            ),
+            timeout=120,
+            interval=2,
+        )
         assert dags
         with urllib.request.urlopen(f"{info['url']}/dags/pgdr_restore/trigger", timeout=30) as page:
             assert page.status == 200

@@ -49,8 +49,10 @@ def redis_binary():
 
     binary = redis_server()
     if not binary:
-        pytest.skip("redis-server is not installed: the Celery tests need Debian's redis-server "
-                    "(apt-get install redis-server; .ci/run installs it)")
+        pytest.skip(
+            "redis-server is not installed: the Celery tests need Debian's redis-server "
+            "(apt-get install redis-server; .ci/run installs it)"
+        )
     return binary
 
 
@@ -63,8 +65,12 @@ def celery_databases(pg_server, pg_server_b):
         conn.execute("DROP DATABASE IF EXISTS ledger WITH (FORCE)")
         conn.execute("CREATE DATABASE ledger")
     with psycopg.connect(**pg_server.dsn("ledger"), autocommit=True) as conn:
-        conn.execute("CREATE TABLE entries (id bigint PRIMARY KEY, account int NOT NULL, amount numeric NOT NULL, memo text)")
-        conn.execute("INSERT INTO entries SELECT g, g % 1000, g * 0.01, md5(g::text) FROM generate_series(1, 3000000) g")
+        conn.execute(
+            "CREATE TABLE entries (id bigint PRIMARY KEY, account int NOT NULL, amount numeric NOT NULL, memo text)"
+        )
+        conn.execute(
+            "INSERT INTO entries SELECT g, g % 1000, g * 0.01, md5(g::text) FROM generate_series(1, 3000000) g"
+        )
         conn.execute("CREATE INDEX ON entries (account)")
     return FLEET_A + FLEET_B
 
@@ -100,7 +106,9 @@ def celery_plan(session_dir, celery_databases):
         *[fleet(n, "pgdr_fleet_a") for n in FLEET_A],
         *[fleet(n, "pgdr_fleet_b") for n in FLEET_B],
     ]
-    storage = {"minio": {"type": "s3", "bucket": BUCKET, "prefix": f"celery-{secrets.token_hex(3)}", "aws_conn_id": "pgdr_s3"}}
+    storage = {
+        "minio": {"type": "s3", "bucket": BUCKET, "prefix": f"celery-{secrets.token_hex(3)}", "aws_conn_id": "pgdr_s3"}
+    }
     # Timings only: the tests trigger backups themselves, and a retry comes after seconds.
     plan = compose_shaped_plan(storage, databases, backup={"schedule": None, "retry_delay": "5s"})
     path = session_dir / "celery-plan.yaml"
@@ -119,8 +127,17 @@ def metadata_server(session_dir):
 
 
 @pytest.fixture(scope="package")
-def celery_cluster(redis_binary, session_dir, metadata_server, celery_plan, pg_server, pg_server_b, s3_server,
-                   celery_slack, celery_mail):
+def celery_cluster(
+    redis_binary,
+    session_dir,
+    metadata_server,
+    celery_plan,
+    pg_server,
+    pg_server_b,
+    s3_server,
+    celery_slack,
+    celery_mail,
+):
     """Redis, api-server, scheduler, dag-processor, triggerer and two Celery workers (about 30 s to start)."""
     from celery_cluster import CeleryCluster, component_processes_left
 

@@ -57,11 +57,15 @@ def _verify_runs(cluster) -> list[dict]:
 
 
 def _wait_until_verify_runs_end(cluster, timeout: float) -> None:
-    wait_for(lambda: all(r["state"] in ("success", "failed") for r in _verify_runs(cluster)), timeout=timeout, interval=3)
+    wait_for(
+        lambda: all(r["state"] in ("success", "failed") for r in _verify_runs(cluster)), timeout=timeout, interval=3
+    )
 
 
 @pytest.mark.timeout(1500)
-def test_fleet_of_fifty_backed_up_and_verified_once_each_on_both_workers(celery_cluster, catalogs, pg_server, pg_server_b):
+def test_fleet_of_fifty_backed_up_and_verified_once_each_on_both_workers(
+    celery_cluster, catalogs, pg_server, pg_server_b
+):
     run_id = celery_cluster.trigger("pgdr_backup")
     celery_cluster.api("PATCH", "/api/v2/dags/pgdr_verify_restore", {"is_paused": False})  # asset-triggered
     run = celery_cluster.wait_for_run("pgdr_backup", run_id, timeout=900)
@@ -90,8 +94,14 @@ def test_fleet_of_fifty_backed_up_and_verified_once_each_on_both_workers(celery_
         assert entry.status == "verified", (name, entry.verification)
         assert entry.verification.integrity["rows_checked"] == fleet_rows(name), name
         assert entry.verification.integrity["amcheck_ok"] is True, name
-    verify_tis = [t for r in _verify_runs(celery_cluster) if r["run_type"] == "asset_triggered"
-                  for t in celery_cluster.task_instances("pgdr_verify_restore", r["dag_run_id"], task_id="verify.record_verification")]
+    verify_tis = [
+        t
+        for r in _verify_runs(celery_cluster)
+        if r["run_type"] == "asset_triggered"
+        for t in celery_cluster.task_instances(
+            "pgdr_verify_restore", r["dag_run_id"], task_id="verify.record_verification"
+        )
+    ]
     recorded = [t["rendered_map_index"].split()[0] for t in verify_tis if t["state"] == "success"]
     assert sorted(n for n in recorded if n in FLEET) == sorted(FLEET)  # each verified once, none twice
 
@@ -108,7 +118,9 @@ def test_fleet_of_fifty_backed_up_and_verified_once_each_on_both_workers(celery_
         assert entries[name].status == "verified"
 
 
-def test_deadline_alerts_come_from_the_triggerer_one_email_and_one_slack_message(celery_cluster, newest_backup, celery_mail, celery_slack):
+def test_deadline_alerts_come_from_the_triggerer_one_email_and_one_slack_message(
+    celery_cluster, newest_backup, celery_mail, celery_slack
+):
     backup_id = newest_backup("shop")
     run_id = celery_cluster.trigger("pgdr_verify_restore", {"database": "shop", "backup_id": backup_id})
     run = celery_cluster.wait_for_run("pgdr_verify_restore", run_id, timeout=300)
@@ -138,7 +150,9 @@ def _pg_restore_on_a_worker(cluster) -> str | None:
 
 def _scratch_databases(server, database: str) -> list[str]:
     with psycopg.connect(**server.dsn("postgres")) as conn:
-        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"pgdr\\_verify\\_{database}\\_%",))
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"pgdr\\_verify\\_{database}\\_%",)
+        )
         return [r[0] for r in rows]
 
 
@@ -168,7 +182,9 @@ def _no_verification_running(cluster) -> bool:
     return all(r["state"] in ("success", "failed") for r in _verify_runs(cluster))
 
 
-def test_worker_killed_during_pg_restore_the_retry_verifies_on_the_other_worker(celery_cluster, catalogs, pg_server, newest_backup):
+def test_worker_killed_during_pg_restore_the_retry_verifies_on_the_other_worker(
+    celery_cluster, catalogs, pg_server, newest_backup
+):
     backup_id = newest_backup("ledger")
     wait_for(lambda: _no_verification_running(celery_cluster), timeout=600, interval=2)
     run_id = celery_cluster.trigger("pgdr_verify_restore", {"database": "ledger", "backup_id": backup_id})
@@ -182,10 +198,14 @@ def test_worker_killed_during_pg_restore_the_retry_verifies_on_the_other_worker(
         run = celery_cluster.wait_for_run("pgdr_verify_restore", run_id, timeout=600)
         assert run["state"] == "success", run["task_states"]
         tries = celery_cluster.api(
-            "GET", f"/api/v2/dags/pgdr_verify_restore/dagRuns/{quote(run_id, safe='')}/taskInstances/verify.restore_backup/0/tries"
+            "GET",
+            f"/api/v2/dags/pgdr_verify_restore/dagRuns/{quote(run_id, safe='')}"
+            "/taskInstances/verify.restore_backup/0/tries",
         )["task_instances"]
         by_try = {t["try_number"]: t for t in tries}
-        assert by_try[1]["hostname"] == victim and by_try[1]["state"] == "failed"  # heartbeat lost: failed by the scheduler
+        assert (
+            by_try[1]["hostname"] == victim and by_try[1]["state"] == "failed"
+        )  # heartbeat lost: failed by the scheduler
         last = by_try[max(by_try)]
         assert last["hostname"] == survivor and last["state"] == "success"
         entry = catalogs("ledger").get(backup_id)
@@ -197,7 +217,9 @@ def test_worker_killed_during_pg_restore_the_retry_verifies_on_the_other_worker(
         celery_cluster.start_worker(victim)
 
 
-def test_a_killed_run_leaves_a_scratch_database_that_the_next_run_drops(celery_cluster, catalogs, pg_server, newest_backup):
+def test_a_killed_run_leaves_a_scratch_database_that_the_next_run_drops(
+    celery_cluster, catalogs, pg_server, newest_backup
+):
     """A worker lost and the run given up by the on-call (marked failed): the next run cleans up."""
     backup_id = newest_backup("ledger")
     wait_for(lambda: _no_verification_running(celery_cluster), timeout=600, interval=2)
@@ -206,7 +228,9 @@ def test_a_killed_run_leaves_a_scratch_database_that_the_next_run_drops(celery_c
     left = _scratch_databases(pg_server, "ledger")
     celery_cluster.kill_worker(victim)
     try:
-        celery_cluster.api("PATCH", f"/api/v2/dags/pgdr_verify_restore/dagRuns/{quote(first, safe='')}", {"state": "failed"})
+        celery_cluster.api(
+            "PATCH", f"/api/v2/dags/pgdr_verify_restore/dagRuns/{quote(first, safe='')}", {"state": "failed"}
+        )
         time.sleep(10)
         # Airflow may still run the given-up run's teardown (drop_scratch); if it did not, the
         # scratch database is a leftover, and the next run must drop it.
@@ -226,10 +250,16 @@ def test_a_killed_run_leaves_a_scratch_database_that_the_next_run_drops(celery_c
 
 
 def _succeeded(cluster, run_id: str) -> int:
-    return sum(t["state"] == "success" for t in cluster.task_instances("pgdr_backup", run_id) if t["task_id"].endswith("back_up"))
+    return sum(
+        t["state"] == "success"
+        for t in cluster.task_instances("pgdr_backup", run_id)
+        if t["task_id"].endswith("back_up")
+    )
 
 
-def test_redis_stopped_and_scheduler_restarted_during_a_fleet_backup_nothing_lost_nothing_twice(celery_cluster, catalogs):
+def test_redis_stopped_and_scheduler_restarted_during_a_fleet_backup_nothing_lost_nothing_twice(
+    celery_cluster, catalogs
+):
     celery_cluster.api("PATCH", "/api/v2/dags/pgdr_verify_restore", {"is_paused": True})
     names = ["shop", "ledger", *FLEET]
     run_id = celery_cluster.trigger("pgdr_backup")

@@ -29,17 +29,24 @@ def breakglass(tmp_path, pg_server):
     from pgdr.storage.backends import LocalFolderStore
     from pgdr.storage.layout import BackupLayout
 
-    BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(VerificationRecord.from_dict({"backup_id": backup_id, "status": "verified"}))
+    BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(
+        VerificationRecord.from_dict({"backup_id": backup_id, "status": "verified"})
+    )
     connections = tmp_path / "connections.json"
-    connections.write_text(json.dumps({
-        "pgdr_shop": json.loads(pg_server.connection_uri("shop")),
-        "pgdr_live": json.loads(pg_server.connection_uri("shop_cli_live")),
-        "pgdr_restore": json.loads(pg_server.restore_connection_uri()),
-    }))
-    plan = write_plan(tmp_path / "plan.yaml",
-                      [{"name": "shop", "conn_id": "pgdr_shop"},
-                       {"name": "live", "conn_id": "pgdr_live", "dbname": "shop_cli_live"}],
-                      {"local": {"type": "local", "path": str(root)}})
+    connections.write_text(
+        json.dumps(
+            {
+                "pgdr_shop": json.loads(pg_server.connection_uri("shop")),
+                "pgdr_live": json.loads(pg_server.connection_uri("shop_cli_live")),
+                "pgdr_restore": json.loads(pg_server.restore_connection_uri()),
+            }
+        )
+    )
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        [{"name": "shop", "conn_id": "pgdr_shop"}, {"name": "live", "conn_id": "pgdr_live", "dbname": "shop_cli_live"}],
+        {"local": {"type": "local", "path": str(root)}},
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR"))}  # no Airflow, no plan
     env["PYTHONPATH"] = str(ROOT / "plugins")
 
@@ -70,7 +77,9 @@ def test_list_reads_the_store_without_airflow(breakglass):
     assert result.returncode == 0, result.output
     assert backup_id in result.stdout and "verified" in result.stdout and "MB stored (gzip:1)" in result.stdout
     # --plan and --connections after the subcommand work the same
-    after = subprocess.run(run.command_after("list", "--database", "shop"), env=run.env, capture_output=True, text=True, timeout=120)
+    after = subprocess.run(
+        run.command_after("list", "--database", "shop"), env=run.env, capture_output=True, text=True, timeout=120
+    )
     assert after.returncode == 0 and after.stdout == result.stdout, after.stdout + after.stderr
 
 
@@ -90,12 +99,19 @@ def test_restore_new_database_and_replace_without_airflow_services(breakglass, p
         (root / "v1/live").mkdir(parents=True)
         _copy_as(root, "shop", "live", backup_id)
         _sql(pg_server, "INSERT INTO audit.events (actor, action) VALUES ('after-backup', 'marker')", "shop_cli_live")
-        result = run("restore", "--database", "live", "--backup", "latest", "--mode", "replace", "--confirm", "shop_cli_live")
+        result = run(
+            "restore", "--database", "live", "--backup", "latest", "--mode", "replace", "--confirm", "shop_cli_live"
+        )
         assert result.returncode == 0, result.output[-4000:]
         assert "ok swap_into_place success" in result.stdout
-        kept = [r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database WHERE datname LIKE 'shop_cli_live_pre_restore_%'")]
+        kept = [
+            r[0]
+            for r in _sql(pg_server, "SELECT datname FROM pg_database WHERE datname LIKE 'shop_cli_live_pre_restore_%'")
+        ]
         assert len(kept) == 1
-        assert _sql(pg_server, "SELECT count(*) FROM audit.events WHERE actor = 'after-backup'", "shop_cli_live") == [(0,)]
+        assert _sql(pg_server, "SELECT count(*) FROM audit.events WHERE actor = 'after-backup'", "shop_cli_live") == [
+            (0,)
+        ]
         _sql(pg_server, f'ALTER DATABASE "{kept[0]}" WITH ALLOW_CONNECTIONS true')
         assert _sql(pg_server, "SELECT count(*) FROM audit.events WHERE actor = 'after-backup'", kept[0]) == [(1,)]
     finally:
@@ -152,14 +168,22 @@ def test_ctrl_c_during_the_restore_leaves_the_live_database_and_no_half_copy(bre
     run, _root, _backup_id = breakglass
     before = {r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database")}
     rows = source_row_counts(pg_server, "shop")
-    process = subprocess.Popen(run.command("restore", "--database", "shop", "--target-name", "shop_cli_half"),
-                               env=run.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        run.command("restore", "--database", "shop", "--target-name", "shop_cli_half"),
+        env=run.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     interrupted = threading.Event()
 
     def interrupt_when_restoring():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
-            if _sql(pg_server, "SELECT 1 FROM pg_stat_activity WHERE datname = 'shop_cli_half' AND application_name = 'pgdr'"):
+            if _sql(
+                pg_server,
+                "SELECT 1 FROM pg_stat_activity WHERE datname = 'shop_cli_half' AND application_name = 'pgdr'",
+            ):
                 process.send_signal(signal.SIGINT)
                 interrupted.set()
                 return
@@ -200,10 +224,16 @@ def test_the_command_never_hangs_thirty_runs_in_parallel_pairs(breakglass, pg_se
             real = pair % 5 == 4  # every fifth pair restores for real; the others stop after the plan (dry run)
             target = f"shop_cli_stress_{pair}"
             runs = {
-                "wrong field": (["restore", "--database", "shop", "--backup", "2999-01-01T00:00:00Z"], 1, "is in the future"),
+                "wrong field": (
+                    ["restore", "--database", "shop", "--backup", "2999-01-01T00:00:00Z"],
+                    1,
+                    "is in the future",
+                ),
                 "restore" if real else "dry run": (
                     ["restore", "--database", "shop", "--target-name", target, *([] if real else ["--dry-run"])],
-                    0, "pgdr_restore success"),
+                    0,
+                    "pgdr_restore success",
+                ),
             }
             started = time.monotonic()
             processes = {name: start(args) for name, (args, _status, _text) in runs.items()}
@@ -222,7 +252,10 @@ def test_the_command_never_hangs_thirty_runs_in_parallel_pairs(breakglass, pg_se
                     continue
                 took.append(time.monotonic() - started)
                 if process.returncode != status or text not in output:
-                    problems.append(f"pair {pair}, {name}: exit {process.returncode}, wanted {status} and {text!r}\n{output[-2000:]}")
+                    problems.append(
+                        f"pair {pair}, {name}: exit {process.returncode}, wanted {status} and "
+                        f"{text!r}\n{output[-2000:]}"
+                    )
             if real and not problems:
                 assert _sql(pg_server, f"SELECT 1 FROM pg_database WHERE datname = '{target}'") == [(1,)]
             assert not problems, "\n\n".join(problems)
@@ -240,8 +273,13 @@ def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_run_goes_on(break
     import time
 
     run, _root, _backup_id = breakglass
-    process = subprocess.Popen(run.command("restore", "--database", "shop", "--dry-run"), env=run.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        run.command("restore", "--database", "shop", "--dry-run"),
+        env=run.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     first = process.stdout.readline() + process.stdout.readline()
     log = Path(re.search(r"log records go to (\S+)", first).group(1))
     seen = ""

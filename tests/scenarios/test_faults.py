@@ -36,7 +36,8 @@ def _leftover_work() -> list[str]:
     """Work directories and passfiles that pgdr left under ``$PGDR_WORK_DIR``."""
     root = _work_dir()
     return sorted(
-        str(p.relative_to(root)) for p in root.rglob("*")
+        str(p.relative_to(root))
+        for p in root.rglob("*")
         if p.name.startswith(("pgdr-", ".pgpass")) and p.name != "pgdr-alert-journal"  # the journal's spool is kept
     )
 
@@ -60,7 +61,9 @@ class WhenSeen(threading.Thread):
         deadline = time.monotonic() + self.timeout
         with psycopg.connect(**self.server.dsn("postgres"), autocommit=True) as conn:
             while not self.stop.is_set() and time.monotonic() < deadline:
-                if conn.execute(f"SELECT 1 FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND {self.where}").fetchone():
+                if conn.execute(
+                    f"SELECT 1 FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND {self.where}"
+                ).fetchone():
                     conn.close()
                     self.action()
                     self.fired.set()
@@ -120,7 +123,9 @@ def test_source_server_stopped_mid_dump(plan, run_dag, restart, monkeypatch, sla
     assert source_row_counts(victim, "shop")["sales.orders"] == 90000  # the source is intact after recovery
 
 
-def test_restore_server_stopped_mid_restore_then_the_next_run_cleans_up(plan, run_dag, pg_server, restart, monkeypatch, slack, tmp_path):
+def test_restore_server_stopped_mid_restore_then_the_next_run_cleans_up(
+    plan, run_dag, pg_server, restart, monkeypatch, slack, tmp_path
+):
     victim = restart
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_VICTIM", victim.connection_uri("postgres"))
     p = plan(databases=[{"name": "shop", "conn_id": "pgdr_shop", "verify_conn_id": "pgdr_victim"}])
@@ -128,7 +133,9 @@ def test_restore_server_stopped_mid_restore_then_the_next_run_cleans_up(plan, ru
     backup_id = backup_into_local_store(root, pg_server)
     conf = {"database": "shop", "backup_id": backup_id}
 
-    crash = WhenSeen(victim, "datname LIKE 'pgdr\\_verify\\_shop\\_%' AND application_name = 'pgdr'", lambda: _crash(victim))
+    crash = WhenSeen(
+        victim, "datname LIKE 'pgdr\\_verify\\_shop\\_%' AND application_name = 'pgdr'", lambda: _crash(victim)
+    )
     try:
         first = run_dag("pgdr_verify_restore", run_conf=conf)
     finally:
@@ -166,11 +173,17 @@ def test_worker_killed_mid_restore_then_the_next_run_cleans_up(plan, run_dag, pg
     root = p.databases[0].storage.path
     backup_id = backup_into_local_store(root, pg_server)
     worker = subprocess.Popen(
-        [sys.executable, "-c", _RUN_VERIFY, backup_id], env=dict(os.environ), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", _RUN_VERIFY, backup_id],
+        env=dict(os.environ),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    kill = WhenSeen(pg_server, "datname LIKE 'pgdr\\_verify\\_shop\\_%' AND application_name = 'pgdr'",
-                    lambda: os.killpg(worker.pid, signal.SIGKILL))
+    kill = WhenSeen(
+        pg_server,
+        "datname LIKE 'pgdr\\_verify\\_shop\\_%' AND application_name = 'pgdr'",
+        lambda: os.killpg(worker.pid, signal.SIGKILL),
+    )
     try:
         worker.wait(timeout=180)
     finally:
@@ -219,7 +232,9 @@ def tiny_disk(monkeypatch, tmp_path):
     mount_point.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("disk-full tests mount a 1 MB tmpfs and need root: run the suite as root (CI does)")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "pgdr-tiny", str(mount_point)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "pgdr-tiny", str(mount_point)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): run as root on a machine that allows mounts")
     monkeypatch.setenv("PGDR_WORK_DIR", str(mount_point))
@@ -259,7 +274,9 @@ def test_s3_unreachable_mid_download_during_a_restore(plan, run_dag, pg_server, 
     assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
     store, layout = open_store(p.databases[0].storage)
     entry = BackupCatalog(store, layout, "shop").latest()
-    BackupCatalog(store, layout, "shop").record_verification(VerificationRecord.from_dict({"backup_id": entry.backup_id, "status": "verified"}))
+    BackupCatalog(store, layout, "shop").record_verification(
+        VerificationRecord.from_dict({"backup_id": entry.backup_id, "status": "verified"})
+    )
     before = _databases(pg_server)
     slack.clear()
     # check_checksums reads every stored byte once; the endpoint vanishes half way through the
@@ -303,7 +320,9 @@ def test_two_restores_of_one_database_never_swap_over_each_other(pg_server):
     try:
         planned = database_oid(server, "race live")
         swap_into_place(server, "race live", "race_a", "race live_pre_a", expected_live_oid=planned)
-        with pytest.raises(SwapFailed, match="was replaced since this restore was planned.*still available as 'race_b'"):
+        with pytest.raises(
+            SwapFailed, match="was replaced since this restore was planned.*still available as 'race_b'"
+        ):
             swap_into_place(server, "race live", "race_b", "race live_pre_b", expected_live_oid=planned)
         assert sql("SELECT copy FROM which", "race live") == [("race_a",)]
         assert sql("SELECT copy FROM which", "race_b") == [("race_b",)]
@@ -312,7 +331,13 @@ def test_two_restores_of_one_database_never_swap_over_each_other(pg_server):
         with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as other:
             other.execute("SELECT pg_advisory_lock(hashtextextended('pgdr swap race live', 0))")
             with pytest.raises(SwapFailed, match="is swapping databases .* right now; nothing was changed"):
-                swap_into_place(server, "race live", "race_b", "race live_pre_b", expected_live_oid=database_oid(server, "race live"))
+                swap_into_place(
+                    server,
+                    "race live",
+                    "race_b",
+                    "race live_pre_b",
+                    expected_live_oid=database_oid(server, "race live"),
+                )
         assert sql("SELECT copy FROM which", "race live") == [("race_a",)]
     finally:
         for name in names:
@@ -330,8 +355,11 @@ def test_retention_deleting_a_backup_while_it_is_verified(plan, run_dag, pg_serv
     root = p.databases[0].storage.path
     backup_id = backup_into_local_store(root, pg_server)
     store, layout = open_store(p.databases[0].storage)
-    prune = WhenSeen(pg_server, "datname LIKE 'pgdr\\_verify\\_shop\\_%' AND application_name = 'pgdr'",
-                     lambda: BackupCatalog(store, layout, "shop").delete_backup(backup_id))
+    prune = WhenSeen(
+        pg_server,
+        "datname LIKE 'pgdr\\_verify\\_shop\\_%' AND application_name = 'pgdr'",
+        lambda: BackupCatalog(store, layout, "shop").delete_backup(backup_id),
+    )
     try:
         dag_run = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": backup_id})
     finally:
@@ -344,7 +372,9 @@ def test_retention_deleting_a_backup_while_it_is_verified(plan, run_dag, pg_serv
     assert _leftover_work() == []
 
 
-def test_the_password_is_in_no_argv_log_report_store_or_xcom(plan, run_dag, pg_server, capfd, caplog, slack, monkeypatch):
+def test_the_password_is_in_no_argv_log_report_store_or_xcom(
+    plan, run_dag, pg_server, capfd, caplog, slack, monkeypatch
+):
     """A backup, a verify-restore and an incident restore, encrypted client-side, while every client
     tool's command line is watched: neither the connection's password nor the master key (as base64
     or as bytes) is in any of them, nor in anything else pgdr wrote, logged or passed on."""
@@ -356,7 +386,9 @@ def test_the_password_is_in_no_argv_log_report_store_or_xcom(plan, run_dag, pg_s
 
     secret = pg_server.password.encode()
     master_key = new_master_key()
-    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", json.dumps({"conn_type": "generic", "login": "k1", "password": master_key}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PGDR_KEY", json.dumps({"conn_type": "generic", "login": "k1", "password": master_key})
+    )
     secrets_text = [pg_server.password, master_key]
     secrets_bytes = [secret, master_key.encode(), base64.b64decode(master_key)]
     p = plan(defaults={"encryption": {"key_conn_id": "pgdr_key"}})
@@ -392,7 +424,10 @@ def test_the_password_is_in_no_argv_log_report_store_or_xcom(plan, run_dag, pg_s
             conn.execute("DROP DATABASE IF EXISTS shop_secret_check WITH (FORCE)")
     assert all(str(r.state) == "success" for r in runs), [r.states for r in runs]
     assert {tool for tool in (b"pg_dump", b"pg_restore", b"pg_amcheck") if any(tool in c for c in argv)} == {
-        b"pg_dump", b"pg_restore", b"pg_amcheck"}, "the watcher saw no client tool run"
+        b"pg_dump",
+        b"pg_restore",
+        b"pg_amcheck",
+    }, "the watcher saw no client tool run"
     assert not [c for c in argv if any(s in c for s in secrets_bytes)]
     stored = [f for f in p.databases[0].storage.path.rglob("*") if f.is_file()]
     assert stored and not [f for f in stored if any(s in f.read_bytes() for s in secrets_bytes)]

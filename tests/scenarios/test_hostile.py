@@ -78,7 +78,9 @@ def hostile_plan(plan, hostile, pg_server, pg_server_b, monkeypatch, tmp_path):
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_HOSTILE", pg_server.connection_uri("postgres"))
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_OTHER", pg_server_b.connection_uri("postgres"))
     # Verification runs on the second server, which has none of the source's roles.
-    return plan(databases=[{"name": "hostile", "conn_id": "pgdr_hostile", "dbname": HOSTILE_DB, "verify_conn_id": "pgdr_other"}])
+    return plan(
+        databases=[{"name": "hostile", "conn_id": "pgdr_hostile", "dbname": HOSTILE_DB, "verify_conn_id": "pgdr_other"}]
+    )
 
 
 def _ok(dag_run) -> None:
@@ -118,8 +120,17 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     assert fingerprint(pg_server.dsn("Hostile Copy ✓")) == hostile
 
     # new-database onto another server of the plan, where the owning and granted roles do not exist
-    _ok(run_dag("pgdr_restore", run_conf={"database": "hostile", "target_conn_id": "pgdr_other", "target_name": "hostile elsewhere",
-                                          "restore_roles": True}))
+    _ok(
+        run_dag(
+            "pgdr_restore",
+            run_conf={
+                "database": "hostile",
+                "target_conn_id": "pgdr_other",
+                "target_name": "hostile elsewhere",
+                "restore_roles": True,
+            },
+        )
+    )
     assert fingerprint(pg_server_b.dsn("hostile elsewhere")) == hostile
 
     # table-level: two quoted tables, one of the dotted pair, and a partitioned table with its partitions
@@ -127,7 +138,12 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     run = run_dag("pgdr_restore", run_conf={"database": "hostile", "tables": wanted, "target_name": "hostile tables"})
     _ok(run)
     restored = fingerprint(pg_server.dsn("hostile tables"))["tables"]
-    filled = {("Sales Dept", "Customer Accounts"), ("a.b", "c"), ("Sales Dept", "Events 2025"), ("Sales Dept", "Events 2026")}
+    filled = {
+        ("Sales Dept", "Customer Accounts"),
+        ("a.b", "c"),
+        ("Sales Dept", "Events 2025"),
+        ("Sales Dept", "Events 2026"),
+    }
     assert {t: restored[t] for t in filled} == {t: hostile["tables"][t] for t in filled}
     assert restored[("a", "b.c")][0] == 0 and restored[("Sales Dept", "Orders")][0] == 0
 
@@ -137,8 +153,11 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     assert fingerprint(pg_server.dsn(HOSTILE_DB)) == hostile
     (kept,) = {n for n in _databases(pg_server) if "_pre_restore_" in n} - before
     assert kept.startswith(HOSTILE_DB)
-    reports = [json.loads(store.get_bytes(o.key)) for o in store.list(layout.backup_prefix("hostile", entry.backup_id))
-               if "/restores/" in o.key and o.key.endswith(".json")]
+    reports = [
+        json.loads(store.get_bytes(o.key))
+        for o in store.list(layout.backup_prefix("hostile", entry.backup_id))
+        if "/restores/" in o.key and o.key.endswith(".json")
+    ]
     assert sorted(r["status"] for r in reports) == ["restored"] * 4
 
 
@@ -161,8 +180,16 @@ def test_a_backup_written_by_pgdr_0_2_still_verifies_and_restores(plan, run_dag,
 
     try:
         _ok(run_dag("pgdr_restore", run_conf={"database": "legacy", "target_name": "legacy_copy"}))
-        _ok(run_dag("pgdr_restore", run_conf={"database": "legacy", "target_name": "legacy_accounts",
-                                              "tables": ['"Sales Dept"."Customer Accounts"']}))
+        _ok(
+            run_dag(
+                "pgdr_restore",
+                run_conf={
+                    "database": "legacy",
+                    "target_name": "legacy_accounts",
+                    "tables": ['"Sales Dept"."Customer Accounts"'],
+                },
+            )
+        )
         with psycopg.connect(**pg_server.dsn("legacy_copy")) as conn:
             assert conn.execute('SELECT count(*) FROM "Sales Dept"."Customer Accounts"').fetchone() == (40,)
             assert conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone() == (1,)

@@ -53,7 +53,10 @@ def marked_table(pitr_server):
         conn.execute('CREATE DATABASE "Ledger DB ü"')
     with psycopg.connect(**pitr_server.dsn("Ledger DB ü"), autocommit=True) as conn:
         conn.execute('CREATE SCHEMA "Sales Dept"')
-        conn.execute('CREATE TABLE "Sales Dept"."Orders ü" (id bigserial PRIMARY KEY, label text NOT NULL, at timestamptz DEFAULT clock_timestamp())')
+        conn.execute(
+            'CREATE TABLE "Sales Dept"."Orders ü" (id bigserial PRIMARY KEY, label text NOT NULL, at timestamptz '
+            "DEFAULT clock_timestamp())"
+        )
     return "Ledger DB ü", '"Sales Dept"."Orders ü"'
 
 
@@ -79,7 +82,13 @@ def test_full_and_incremental_chain_recovers_exactly_to_the_target(pitr_server, 
     assert full.kind == "full" and full.parent is None
     insert_marked(pitr_server, dbname, table, "after-full")
     incremental = take_base_backup(
-        PITR_SERVER, endpoint_of(pitr_server), store, archive.layout, tmp_path / "w2", archive.url, parent=catalog.get(full.backup_id)
+        PITR_SERVER,
+        endpoint_of(pitr_server),
+        store,
+        archive.layout,
+        tmp_path / "w2",
+        archive.url,
+        parent=catalog.get(full.backup_id),
     )
     assert incremental.kind == "incremental" and incremental.parent == full.backup_id
     assert incremental.size < full.size / 2, (incremental.size, full.size)

@@ -20,7 +20,8 @@ PREFIX = "pitr-faults"
 
 @pytest.fixture(scope="module")
 def flaky(session_dir, s3_server):
-    """A server archiving through a proxy the tests can cut (S3 down for the archiver only), with one full base backup."""
+    """A server archiving through a proxy the tests can cut (S3 down for the archiver only), with one full base
+    backup."""
     from pgdr.errors import PgdrError
     from pgdr.local.embedded import EmbeddedServer
     from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
@@ -37,15 +38,24 @@ def flaky(session_dir, s3_server):
     proxy = FaultProxy(s3_server.port)
     access = ArchiveAccess(f"http://127.0.0.1:{proxy.port}", "us-east-1", "testing-key", "testing-secret")
     archive = WalArchive(BUCKET, PhysicalLayout(PREFIX), SERVER, access)
-    server = EmbeddedServer(session_dir / "postgres-flaky", settings=archive.server_settings(5, bin_dir),
-                            environment=access.environment()).start()
+    server = EmbeddedServer(
+        session_dir / "postgres-flaky", settings=archive.server_settings(5, bin_dir), environment=access.environment()
+    ).start()
     with psycopg.connect(**server.dsn(), autocommit=True) as conn:
         conn.execute("CREATE TABLE marks (id serial PRIMARY KEY, label text)")
     store = S3Store(s3_server.client, BUCKET)
     endpoint = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
     work = session_dir / "flaky-work"
     full = take_base_backup(SERVER, endpoint, store, archive.layout, work / "full", archive.url)
-    yield {"server": server, "proxy": proxy, "archive": archive, "store": store, "endpoint": endpoint, "full": full, "work": work}
+    yield {
+        "server": server,
+        "proxy": proxy,
+        "archive": archive,
+        "store": store,
+        "endpoint": endpoint,
+        "full": full,
+        "work": work,
+    }
     server.destroy()
     proxy.close()
 
@@ -113,7 +123,9 @@ def test_a_missing_wal_segment_is_named_with_the_window_it_costs(flaky, tmp_path
     cluster = ScratchCluster(work_dir_root() / f"gap-{tmp_path.name}", flaky["full"].pg_version)
     try:
         with pytest.raises(WalGap) as gap:
-            prepare_data_directory(catalog(flaky), catalog(flaky).get(flaky["full"].backup_id), store, tmp_path, cluster.data_dir, archive)
+            prepare_data_directory(
+                catalog(flaky), catalog(flaky).get(flaky["full"].backup_id), store, tmp_path, cluster.data_dir, archive
+            )
         message = str(gap.value)
         assert f"WAL segment {victim.name} is missing" in message
         assert "recovery window" in message and "full base backup" in message
@@ -142,7 +154,9 @@ def _rewrite_stored_tar(store, record, layout, change):
     damaged = out.getvalue()
     store.put_bytes(entry.key, damaged)
     files = tuple(
-        BaseBackupFile(f.name, f.key, len(damaged), hashlib.sha256(damaged).hexdigest()) if f.name == "base.tar.gz" else f
+        BaseBackupFile(f.name, f.key, len(damaged), hashlib.sha256(damaged).hexdigest())
+        if f.name == "base.tar.gz"
+        else f
         for f in record.files
     )
     from dataclasses import replace
@@ -165,12 +179,16 @@ def test_a_damaged_base_backup_is_rejected_before_a_cluster_starts(flaky, tmp_pa
         # 1. bytes changed in the bucket after upload: the record's SHA-256 no longer matches
         store.put_bytes(key, original[:-10] + bytes(10))
         with pytest.raises(ChecksumMismatch, match="does not match its base backup record"):
-            prepare_data_directory(catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "a", cluster.data_dir, archive)
+            prepare_data_directory(
+                catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "a", cluster.data_dir, archive
+            )
         # 2. a file damaged before upload (the record agrees with the stored bytes): pg_verifybackup refuses it
         store.put_bytes(key, original)
         _rewrite_stored_tar(store, full, archive.layout, lambda data: b"17\n")
         with pytest.raises(ChecksumMismatch) as rejected:
-            prepare_data_directory(catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "b", cluster.data_dir, archive)
+            prepare_data_directory(
+                catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "b", cluster.data_dir, archive
+            )
         assert "pg_verifybackup rejected base backup" in str(rejected.value) and "PG_VERSION" in str(rejected.value)
         assert not cluster.data_dir.exists() and not cluster.log_file.exists()
     finally:
@@ -199,19 +217,30 @@ def test_a_worker_without_the_backups_major_version_says_what_to_install():
 
     with pytest.raises(BinariesMissing) as missing:
         server_bin_dir_for(170004)
-    assert "PostgreSQL 17" in str(missing.value) and "$PGDR_PG_BIN" in str(missing.value) and "version 18" in str(missing.value)
+    assert (
+        "PostgreSQL 17" in str(missing.value)
+        and "$PGDR_PG_BIN" in str(missing.value)
+        and "version 18" in str(missing.value)
+    )
     assert server_bin_dir_for(180006).joinpath("pg_ctl").exists()
 
 
-def test_health_alerts_once_when_the_archiver_fails_and_once_when_it_recovers(flaky, plan, env, run_dag, slack, monkeypatch, s3_storage):
+def test_health_alerts_once_when_the_archiver_fails_and_once_when_it_recovers(
+    flaky, plan, env, run_dag, slack, monkeypatch, s3_storage
+):
     from pgdr.physical.heartbeat import switch_and_wait_archived
 
     server = flaky["server"]
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_FLAKY", server.connection_uri("postgres"))
     storage = {**s3_storage, "pitr": {"type": "s3", "bucket": BUCKET, "prefix": PREFIX, "aws_conn_id": "pgdr_s3"}}
-    plan(databases=[{"name": "shop", "conn_id": "pgdr_shop", "storage": "s3"},
-                    {"name": "flakydb", "conn_id": "pgdr_flaky", "dbname": "postgres", "server": SERVER, "storage": "s3"}],
-         storage=storage, servers={SERVER: {"pitr": {"storage": "pitr", "rpo": "5m"}}})
+    plan(
+        databases=[
+            {"name": "shop", "conn_id": "pgdr_shop", "storage": "s3"},
+            {"name": "flakydb", "conn_id": "pgdr_flaky", "dbname": "postgres", "server": SERVER, "storage": "s3"},
+        ],
+        storage=storage,
+        servers={SERVER: {"pitr": {"storage": "pitr", "rpo": "5m"}}},
+    )
     flaky["proxy"].cut_after(0)
     try:
         with psycopg.connect(**server.dsn()) as conn:

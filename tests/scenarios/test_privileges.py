@@ -48,7 +48,10 @@ def _drop_database(server, name: str) -> None:
     with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
     with psycopg.connect(**server.dsn(name), autocommit=True) as conn:  # a subscription blocks DROP DATABASE
-        for (sub,) in conn.execute("SELECT subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())").fetchall():
+        for (sub,) in conn.execute(
+            "SELECT subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = "
+            "current_database())"
+        ).fetchall():
             conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(sub)))
     _sql(server, sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
@@ -62,7 +65,8 @@ def snapshot(server, dbname: str) -> dict:
 
 @pytest.fixture(scope="module")
 def app_database(pg_server, pg_server_b):
-    """The application database on the shared server (its roles there only); everything made from it is dropped after."""
+    """The application database on the shared server (its roles there only); everything made from it
+    is dropped after."""
     from pgdr.postgres.binaries import bundled_bin_dir
 
     before = (_databases(pg_server), _databases(pg_server_b))
@@ -70,19 +74,40 @@ def app_database(pg_server, pg_server_b):
     with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
         for role in ROLES:
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
-                login = sql.SQL("LOGIN PASSWORD {}").format(sql.Literal(APP_PASSWORD)) if role == "app_login" else sql.SQL("NOLOGIN")
+                login = (
+                    sql.SQL("LOGIN PASSWORD {}").format(sql.Literal(APP_PASSWORD))
+                    if role == "app_login"
+                    else sql.SQL("NOLOGIN")
+                )
                 conn.execute(sql.SQL("CREATE ROLE {} {}").format(sql.Identifier(role), login))
         conn.execute("GRANT reporting TO app_login")
     if APP_DB in before[0]:
         _drop_database(pg_server, APP_DB)
-    _sql(pg_server, sql.SQL("CREATE DATABASE {} TEMPLATE template0 LOCALE_PROVIDER builtin BUILTIN_LOCALE 'C.UTF-8' LOCALE 'C'")
-         .format(sql.Identifier(APP_DB)))
+    _sql(
+        pg_server,
+        sql.SQL(
+            "CREATE DATABASE {} TEMPLATE template0 LOCALE_PROVIDER builtin BUILTIN_LOCALE 'C.UTF-8' LOCALE 'C'"
+        ).format(sql.Identifier(APP_DB)),
+    )
     from pgdr.identifiers import conninfo
 
     result = subprocess.run(
-        [str(bundled_bin_dir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"db={APP_DB}", "-f", str(SQL_DIR / "privileges.sql"),
-         "--dbname", conninfo("127.0.0.1", pg_server.port, pg_server.superuser, APP_DB)],
-        env={**os.environ, "PGPASSWORD": pg_server.password}, capture_output=True, text=True,
+        [
+            str(bundled_bin_dir() / "psql"),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            f"db={APP_DB}",
+            "-f",
+            str(SQL_DIR / "privileges.sql"),
+            "--dbname",
+            conninfo("127.0.0.1", pg_server.port, pg_server.superuser, APP_DB),
+        ],
+        env={**os.environ, "PGPASSWORD": pg_server.password},
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     yield snapshot(pg_server, APP_DB)
@@ -110,19 +135,25 @@ def _same_as_source(server, dbname: str, source: dict) -> None:
     restored = snapshot(server, dbname)
     assert restored["objects"] == source["objects"]
     assert restored["database"] == source["database"]
-    assert _sql(server, "SELECT count(*) FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = %s",
-                params=(dbname,)) == [(0,)]  # never left replicating
+    assert _sql(
+        server,
+        "SELECT count(*) FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = %s",
+        params=(dbname,),
+    ) == [(0,)]  # never left replicating
 
 
 def _application_works(server, dbname: str) -> None:
     """The application's own login runs its queries: settings, grants, sequence, policy, function, large object."""
-    with psycopg.connect(host="127.0.0.1", port=server.port, user="app_login", password=APP_PASSWORD, dbname=dbname,
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        host="127.0.0.1", port=server.port, user="app_login", password=APP_PASSWORD, dbname=dbname, autocommit=True
+    ) as conn:
         assert conn.execute("SHOW search_path").fetchone()[0] == '"App Data", billing, public'
         assert conn.execute("SHOW statement_timeout").fetchone()[0] == "45s"
         assert conn.execute("SHOW work_mem").fetchone()[0] == "8MB"
         assert conn.execute('SELECT count(*) FROM "Customers"').fetchone()[0] >= 50
-        new_id = conn.execute("INSERT INTO \"Customers\" (name, email) VALUES ('after the restore', 'x@example.com') RETURNING id").fetchone()[0]
+        new_id = conn.execute(
+            "INSERT INTO \"Customers\" (name, email) VALUES ('after the restore', 'x@example.com') RETURNING id"
+        ).fetchone()[0]
         assert new_id > 50
         assert conn.execute("SELECT count(*) FROM invoices").fetchone()[0] == 40  # the policy lets it see its own rows
         assert conn.execute("SELECT billing.total_for(2)").fetchone()[0] is not None
@@ -131,7 +162,9 @@ def _application_works(server, dbname: str) -> None:
             conn.execute("DELETE FROM invoices")  # and no more than it had
 
 
-def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_database, run_dag, pg_server, pg_server_b, plan, slack):
+def test_owners_grants_settings_and_roles_come_back_with_the_data(
+    app_plan, app_database, run_dag, pg_server, pg_server_b, plan, slack
+):
     from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.catalog import BackupCatalog
 
@@ -156,24 +189,48 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
 
     # Onto the server without the roles, restore_roles off: refused in plan_restore, naming them; nothing created.
     databases_b = _databases(pg_server_b)
-    refused = run_dag("pgdr_restore", run_conf={"database": "app", "target_conn_id": "pgdr_other", "target_name": "Äpp elsewhere"})
+    refused = run_dag(
+        "pgdr_restore", run_conf={"database": "app", "target_conn_id": "pgdr_other", "target_name": "Äpp elsewhere"}
+    )
     assert refused.states["plan_restore"] == "failed" and refused.states.get("restore_backup") != "success"
     assert _databases(pg_server_b) == databases_b and _roles(pg_server_b) == roles_b
 
     # With restore_roles and their passwords: the roles are created as on the source server (attributes, memberships,
     # password hashes from the backup's pg_dumpall --globals-only), then everything compares equal, and the
     # application's login works on the other server with its own password.
-    _ok(run_dag("pgdr_restore", run_conf={"database": "app", "target_conn_id": "pgdr_other", "target_name": "Äpp elsewhere",
-                                          "restore_roles": True, "restore_role_passwords": True}))
+    _ok(
+        run_dag(
+            "pgdr_restore",
+            run_conf={
+                "database": "app",
+                "target_conn_id": "pgdr_other",
+                "target_name": "Äpp elsewhere",
+                "restore_roles": True,
+                "restore_role_passwords": True,
+            },
+        )
+    )
     assert _roles(pg_server_b) == roles_b | set(ROLES)
-    attributes = "SELECT rolname, rolcanlogin, rolinherit, rolsuper, pg_has_role(rolname, 'reporting', 'MEMBER') FROM pg_roles WHERE rolname = ANY(%s) ORDER BY 1"
+    attributes = (
+        "SELECT rolname, rolcanlogin, rolinherit, rolsuper, pg_has_role(rolname, 'reporting', 'MEMBER') "
+        "FROM pg_roles WHERE rolname = ANY(%s) ORDER BY 1"
+    )
     assert _sql(pg_server_b, attributes, params=(list(ROLES),)) == _sql(pg_server, attributes, params=(list(ROLES),))
     _same_as_source(pg_server_b, "Äpp elsewhere", app_database)
     _application_works(pg_server_b, "Äpp elsewhere")
 
     # From here the plan names the application's logins: each must see the restored copy as it sees the live database.
-    plan(databases=[{"name": "app", "conn_id": "pgdr_app", "dbname": APP_DB, "verify_conn_id": "pgdr_other",
-                     "app_roles": ["app_login", "reporting"]}])
+    plan(
+        databases=[
+            {
+                "name": "app",
+                "conn_id": "pgdr_app",
+                "dbname": APP_DB,
+                "verify_conn_id": "pgdr_other",
+                "app_roles": ["app_login", "reporting"],
+            }
+        ]
+    )
     slack.clear()
     # A grant changed on the live database since the backup: the restore stops before the swap and names it.
     _sql(pg_server, 'REVOKE INSERT ON "App Data"."Customers" FROM app_login', APP_DB)
@@ -182,8 +239,15 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
     finally:
         _sql(pg_server, 'GRANT INSERT ON "App Data"."Customers" TO app_login', APP_DB)
     assert stopped.states["apply_privileges"] == "failed" and stopped.states["swap_into_place"] != "success"
-    (differs,) = [r for r in (json.loads(store.get_bytes(o.key)) for o in store.list(layout.backup_prefix("app", entry.backup_id))
-                              if "/restores/" in o.key and o.key.endswith(".json")) if r["plan"]["target"] == "Äpp differs"]
+    (differs,) = [
+        r
+        for r in (
+            json.loads(store.get_bytes(o.key))
+            for o in store.list(layout.backup_prefix("app", entry.backup_id))
+            if "/restores/" in o.key and o.key.endswith(".json")
+        )
+        if r["plan"]["target"] == "Äpp differs"
+    ]
     assert differs["status"] == "failed" and differs["failed_phase"] == "apply_privileges"
     alerts = json.dumps(slack.messages, ensure_ascii=False)
     assert 'app_login now can and could not: INSERT on table \\"App Data\\".\\"Customers\\"' in alerts, alerts
@@ -196,26 +260,42 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(app_plan, app_
     _same_as_source(pg_server, APP_DB, app_database)
     _application_works(pg_server, APP_DB)
 
-    reports = [json.loads(store.get_bytes(o.key)) for o in store.list(layout.backup_prefix("app", entry.backup_id))
-               if "/restores/" in o.key and o.key.endswith(".json")]
+    reports = [
+        json.loads(store.get_bytes(o.key))
+        for o in store.list(layout.backup_prefix("app", entry.backup_id))
+        if "/restores/" in o.key and o.key.endswith(".json")
+    ]
     restored = [r for r in reports if r["status"] == "restored"]
     assert len(restored) == 3
     for report in restored:
         assert report["privileges"]["owners"] == 11 and report["privileges"]["database_properties"] == 9
         if report["plan"]["target_conn_id"] == "pgdr_app":
-            assert {role: found["lost"] + found["gained"] for role, found in report["privileges"]["app_roles"].items()} == {
-                "app_login": [], "reporting": []}
+            assert {
+                role: found["lost"] + found["gained"] for role, found in report["privileges"]["app_roles"].items()
+            } == {"app_login": [], "reporting": []}
         assert any("SUBSCRIPTION" in o for o in report["privileges"]["skipped_objects"])
-    md = [store.get_bytes(o.key).decode() for o in store.list(layout.backup_prefix("app", entry.backup_id))
-          if "/restores/" in o.key and o.key.endswith(".md")]
+    md = [
+        store.get_bytes(o.key).decode()
+        for o in store.list(layout.backup_prefix("app", entry.backup_id))
+        if "/restores/" in o.key and o.key.endswith(".md")
+    ]
     assert any("**Not restored**" in text and "App Sub" in text for text in md)
 
     # skip_objects: a copy without the event trigger and the publications, and the report says so.
-    plan(databases=[{"name": "app", "conn_id": "pgdr_app", "dbname": APP_DB, "skip_objects": ["event_triggers", "publications"]}])
+    plan(
+        databases=[
+            {"name": "app", "conn_id": "pgdr_app", "dbname": APP_DB, "skip_objects": ["event_triggers", "publications"]}
+        ]
+    )
     _ok(run_dag("pgdr_restore", run_conf={"database": "app", "target_name": "Äpp lean"}))
-    assert _sql(pg_server, "SELECT (SELECT count(*) FROM pg_event_trigger) + (SELECT count(*) FROM pg_publication)", "Äpp lean") == [(0,)]
-    (lean,) = [json.loads(store.get_bytes(o.key)) for o in store.list(layout.backup_prefix("app", entry.backup_id))
-               if "/restores/" in o.key and o.key.endswith(".json") and b"\u00c4pp lean" in store.get_bytes(o.key)]
+    assert _sql(
+        pg_server, "SELECT (SELECT count(*) FROM pg_event_trigger) + (SELECT count(*) FROM pg_publication)", "Äpp lean"
+    ) == [(0,)]
+    (lean,) = [
+        json.loads(store.get_bytes(o.key))
+        for o in store.list(layout.backup_prefix("app", entry.backup_id))
+        if "/restores/" in o.key and o.key.endswith(".json") and b"\u00c4pp lean" in store.get_bytes(o.key)
+    ]
     skipped = " ".join(lean["privileges"]["skipped_objects"])
     assert "EVENT TRIGGER" in skipped and "PUBLICATION" in skipped and "SUBSCRIPTION" in skipped
     assert lean["privileges"]["superuser_objects"] == []
@@ -232,25 +312,40 @@ def test_text_inside_a_function_body_never_passes_for_an_owner_statement(pg_serv
         _drop_database(pg_server, name)
     _sql(pg_server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        _sql(pg_server, """
+        _sql(
+            pg_server,
+            """
             CREATE SCHEMA victim;
             CREATE FUNCTION public.sneaky() RETURNS void LANGUAGE sql AS $$
             ALTER SCHEMA victim OWNER TO pg_write_server_files;
             $$;
-            CREATE VIEW public."ALTER SCHEMA victim OWNER TO x;" AS SELECT 'GRANT pg_execute_server_program TO mallory;' AS c;
-        """, name)
+            CREATE VIEW public."ALTER SCHEMA victim OWNER TO x;" AS
+                SELECT 'GRANT pg_execute_server_program TO mallory;' AS c;
+        """,
+            name,
+        )
         subprocess.run(
-            [str(bundled_bin_dir() / "pg_dump"), "-Fd", "-f", str(tmp_path / "dump"),
-             "--dbname", conninfo("127.0.0.1", pg_server.port, pg_server.superuser, name)],
-            env={**os.environ, "PGPASSWORD": pg_server.password}, check=True, capture_output=True,
+            [
+                str(bundled_bin_dir() / "pg_dump"),
+                "-Fd",
+                "-f",
+                str(tmp_path / "dump"),
+                "--dbname",
+                conninfo("127.0.0.1", pg_server.port, pg_server.superuser, name),
+            ],
+            env={**os.environ, "PGPASSWORD": pg_server.password},
+            check=True,
+            capture_output=True,
         )
     finally:
         _drop_database(pg_server, name)
     toc = read_toc(tmp_path / "dump")
     found = owner_statements(toc, tmp_path)
-    assert sorted(found) == sorted([
-        "ALTER SCHEMA victim OWNER TO postgres;",
-        "ALTER FUNCTION public.sneaky() OWNER TO postgres;",
-        'ALTER VIEW public."ALTER SCHEMA victim OWNER TO x;" OWNER TO postgres;',
-    ])
+    assert sorted(found) == sorted(
+        [
+            "ALTER SCHEMA victim OWNER TO postgres;",
+            "ALTER FUNCTION public.sneaky() OWNER TO postgres;",
+            'ALTER VIEW public."ALTER SCHEMA victim OWNER TO x;" OWNER TO postgres;',
+        ]
+    )
     assert backup_needs(toc, tmp_path).roles == {"postgres"}

@@ -38,8 +38,11 @@ def _sql(server, statement, db="postgres"):
 def escalating_database(pg_server):
     """A database in which an application role owns a schema whose CHECK makes it superuser if it can."""
     _sql(pg_server, "DROP DATABASE IF EXISTS escalate WITH (FORCE)")
-    _sql(pg_server, "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgdr_app') "
-                    "THEN CREATE ROLE pgdr_app NOSUPERUSER; END IF; END $$")
+    _sql(
+        pg_server,
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgdr_app') "
+        "THEN CREATE ROLE pgdr_app NOSUPERUSER; END IF; END $$",
+    )
     _sql(pg_server, "ALTER ROLE pgdr_app NOSUPERUSER")
     _sql(pg_server, "CREATE DATABASE escalate")
     with psycopg.connect(**pg_server.dsn("escalate"), autocommit=True) as conn:
@@ -74,22 +77,33 @@ def test_restores_never_run_restored_code_as_superuser(plan, run_dag, pg_server,
     assert restore.states["write_report"] == "success", restore.states
     assert not _superuser(pg_server)
     # The restore role (no superuser) loaded it; the owners came back afterwards, as the server's connection, with
-    # statements that evaluate no CHECK: the copy is owned as the source is, and the application role is still no superuser.
-    owners = ("SELECT pg_get_userbyid(d.datdba), (SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'appschema'), "
-              "(SELECT relowner::regrole::text FROM pg_class WHERE oid = 'appschema.t'::regclass) FROM pg_database d WHERE datname = current_database()")
+    # statements that evaluate no CHECK: the copy is owned as the source is, and the application role is still no
+    # superuser.
+    owners = (
+        "SELECT pg_get_userbyid(d.datdba), (SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = "
+        "'appschema'), "
+        "(SELECT relowner::regrole::text FROM pg_class WHERE oid = 'appschema.t'::regclass) FROM pg_database d WHERE "
+        "datname = current_database()"
+    )
     assert _sql(pg_server, owners, "escalate_copy") == _sql(pg_server, owners, "escalate")
-    assert _sql(pg_server, "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'appschema.t'::regclass", "escalate_copy") == [("pgdr_app",)]
+    assert _sql(
+        pg_server, "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'appschema.t'::regclass", "escalate_copy"
+    ) == [("pgdr_app",)]
     assert not _superuser(pg_server)
     assert _sql(pg_server, "SELECT count(*) FROM appschema.t", "escalate_copy") == [(10,)]
 
 
-def test_a_superuser_restore_role_is_refused_unless_the_plan_says_so(plan, run_dag, pg_server, escalating_database, monkeypatch, slack):
+def test_a_superuser_restore_role_is_refused_unless_the_plan_says_so(
+    plan, run_dag, pg_server, escalating_database, monkeypatch, slack
+):
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_ESCALATE", pg_server.connection_uri("escalate"))
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_SUPER", pg_server.connection_uri("postgres"))
     plan(databases=[{"name": "escalate", "conn_id": "pgdr_escalate", "restore_conn_id": "pgdr_super"}])
     run_dag("pgdr_backup")
     slack.clear()
-    dag_run = run_dag("pgdr_restore", run_conf={"database": "escalate", "backup": "latest", "target_name": "escalate_copy"})
+    dag_run = run_dag(
+        "pgdr_restore", run_conf={"database": "escalate", "backup": "latest", "target_name": "escalate_copy"}
+    )
     assert dag_run.states["plan_restore"] == "failed" and dag_run.tries["plan_restore"] == 1
     assert "is a superuser" in slack.texts()[0] and "Nothing was restored" in slack.texts()[0]
     slack.clear()
@@ -151,8 +165,12 @@ def test_leftovers_are_dropped_only_for_this_database_and_only_when_their_run_is
 
     server = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "postgres", pg_server.password)
     made = {}
-    for key, database, run_id in (("running", "shop", "backfill__A"), ("finished", "shop", "backfill__B"),
-                                  ("unknown", "shop", "scheduled__gone"), ("eu", "shop_eu", "backfill__C")):
+    for key, database, run_id in (
+        ("running", "shop", "backfill__A"),
+        ("finished", "shop", "backfill__B"),
+        ("unknown", "shop", "scheduled__gone"),
+        ("eu", "shop_eu", "backfill__C"),
+    ):
         scratch = ScratchDatabase(server, scratch_name("verify", database, f"{run_id}/x"))
         scratch.create(scratch_comment(f"verify {database}", run_id))
         made[key] = scratch
@@ -184,7 +202,9 @@ def test_a_finished_new_database_restore_is_never_taken_back_by_its_run(plan, ru
     dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest", "target_name": "shop_in_use"})
     try:
         assert dag_run.states["write_report"] == "success", dag_run.states
-        assert _sql(pg_server, "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = 'shop_in_use'") == [(None,)]
+        assert _sql(
+            pg_server, "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = 'shop_in_use'"
+        ) == [(None,)]
         server = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "postgres", pg_server.password)
         assert drop_own_target(server, "shop_in_use", dag_run.run_id) is False
         with pytest.raises(InvalidRestoreRequest, match="already exists .* and was not created by this run"):
@@ -211,7 +231,9 @@ def test_health_warns_while_restore_tests_share_the_production_cluster(plan, run
     assert state["ok"] is True and "apart from production" in state["detail"]
 
 
-def test_an_untrusted_extension_fails_clearly_and_restore_as_superuser_is_warned_about(plan, run_dag, pg_server, monkeypatch, slack):
+def test_an_untrusted_extension_fails_clearly_and_restore_as_superuser_is_warned_about(
+    plan, run_dag, pg_server, monkeypatch, slack
+):
     """A backup that needs an extension only a superuser may create (amcheck) fails its restore as the
     restore role saying so; with restore_as_superuser it verifies, and every report carries the warning."""
     _sql(pg_server, "DROP DATABASE IF EXISTS needs_super WITH (FORCE)")
@@ -228,7 +250,11 @@ def test_an_untrusted_extension_fails_clearly_and_restore_as_superuser_is_warned
         assert "needs the extension 'amcheck', which only a superuser may create" in alert
         assert "restore_as_superuser: true" in alert
 
-        p = plan(databases=[{"name": "needs", "conn_id": "pgdr_needs", "dbname": "needs_super", "restore_as_superuser": True}])
+        p = plan(
+            databases=[
+                {"name": "needs", "conn_id": "pgdr_needs", "dbname": "needs_super", "restore_as_superuser": True}
+            ]
+        )
         second = run_dag("pgdr_verify_restore", run_conf={"database": "needs"})
         assert second.states["verify.record_verification[0]"] == "success", second.states
         root = p.databases[0].storage.path

@@ -15,9 +15,27 @@ from support import copy_backup_as
 pytestmark = pytest.mark.integration
 
 MANIFEST_KEYS = {
-    "backup_id", "database", "dbname", "recovery_point", "started_at", "finished_at", "server_version",
-    "client_version", "format", "compression", "compression_level", "dump_jobs", "files", "row_counts",
-    "large_objects", "storage", "airflow", "manifest_format", "size", "stored_size", "compressed_by",
+    "backup_id",
+    "database",
+    "dbname",
+    "recovery_point",
+    "started_at",
+    "finished_at",
+    "server_version",
+    "client_version",
+    "format",
+    "compression",
+    "compression_level",
+    "dump_jobs",
+    "files",
+    "row_counts",
+    "large_objects",
+    "storage",
+    "airflow",
+    "manifest_format",
+    "size",
+    "stored_size",
+    "compressed_by",
     "database_bytes",
 }
 
@@ -53,7 +71,10 @@ def _check_manifest(manifest: dict, read_object, pg_server, run_id: str) -> None
 def test_backup_to_local_folder(plan, run_dag, pg_server, env):
     p = plan()
     dag_run = run_dag("pgdr_backup")
-    assert dag_run.states == {"protect_pgdr_shop.back_up[0]": "success", "protect_pgdr_shop.prune_expired[0]": "success"}
+    assert dag_run.states == {
+        "protect_pgdr_shop.back_up[0]": "success",
+        "protect_pgdr_shop.prune_expired[0]": "success",
+    }
 
     root = p.databases[0].storage.path
     manifests = list(root.glob("v1/shop/*/manifest.json"))
@@ -131,7 +152,9 @@ def test_retention_keeps_newest_and_newest_verified_and_removes_stale_partials(p
     real = catalog.latest()
     old_ids = ["20250101T000000Z-aaaaaa", "20250201T000000Z-bbbbbb"]
     for old_id in old_ids:
-        copy_backup_as(store, layout, real.manifest, old_id, datetime.strptime(old_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC))
+        copy_backup_as(
+            store, layout, real.manifest, old_id, datetime.strptime(old_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        )
     catalog.record_verification(VerificationRecord.from_dict({"backup_id": old_ids[0], "status": "verified"}))
     catalog.record_verification(VerificationRecord.from_dict({"backup_id": real.backup_id, "status": "failed"}))
     # A partial upload from a killed run long ago, and one that may still be in flight.
@@ -186,8 +209,16 @@ def test_source_database_unreachable(plan, run_dag, monkeypatch, slack):
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_PGDR_SHOP",
-        json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": free_port(), "login": "postgres",
-                    "password": "irrelevant-secret", "schema": "shop"}),
+        json.dumps(
+            {
+                "conn_type": "postgres",
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "login": "postgres",
+                "password": "irrelevant-secret",
+                "schema": "shop",
+            }
+        ),
     )
     p = plan()
     dag_run = run_dag("pgdr_backup")
@@ -200,7 +231,9 @@ def test_source_database_unreachable(plan, run_dag, monkeypatch, slack):
     assert not p.databases[0].storage.path.exists() or not list(p.databases[0].storage.path.rglob("manifest.json"))
 
 
-def test_wrong_password_fails_at_once_and_never_shows_the_password(plan, run_dag, pg_server, monkeypatch, slack, capfd, caplog):
+def test_wrong_password_fails_at_once_and_never_shows_the_password(
+    plan, run_dag, pg_server, monkeypatch, slack, capfd, caplog
+):
     wrong = "Wr0ng-Pa55word-do-not-log"
     conn = json.loads(pg_server.connection_uri("shop"))
     conn["password"] = wrong

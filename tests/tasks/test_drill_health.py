@@ -36,9 +36,14 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_SMTP", mail.connection())
     before_mail = len(mail.messages)
     p = plan(
-        databases=[{"name": "shop", "conn_id": "pgdr_shop"}, {"name": "shop_eu", "conn_id": "pgdr_shop_eu", "rto": "1s"}],
+        databases=[
+            {"name": "shop", "conn_id": "pgdr_shop"},
+            {"name": "shop_eu", "conn_id": "pgdr_shop_eu", "rto": "1s"},
+        ],
         storage=s3_storage,
-        defaults={"notify": {"slack_conn_id": "pgdr_slack", "smtp_conn_id": "pgdr_smtp", "email_to": ["dr@example.com"]}},
+        defaults={
+            "notify": {"slack_conn_id": "pgdr_slack", "smtp_conn_id": "pgdr_smtp", "email_to": ["dr@example.com"]}
+        },
     )
     # An older verified backup of each, so the RPO numbers have history to read.
     run_dag("pgdr_backup")
@@ -48,13 +53,20 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
     store, layout = open_store(p.databases[0].storage)
     for name in ("shop", "shop_eu"):
         catalog = BackupCatalog(store, layout, name)
-        catalog.record_verification(VerificationRecord.from_dict({"backup_id": catalog.latest().backup_id, "status": "verified"}))
+        catalog.record_verification(
+            VerificationRecord.from_dict({"backup_id": catalog.latest().backup_id, "status": "verified"})
+        )
 
     dag_run = run_dag("pgdr_drill")
     assert str(dag_run.state) == "success", dag_run.states  # a breach is reported, not a crash
     assert dag_run.states["publish_report"] == "success"
 
-    keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket="pgdr-test-backups", Prefix=f"{p.databases[0].storage.prefix}/v1/reports/drills/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in s3_server.client.list_objects_v2(
+            Bucket="pgdr-test-backups", Prefix=f"{p.databases[0].storage.prefix}/v1/reports/drills/"
+        )["Contents"]
+    ]
     names = {k.rsplit("/", 1)[-1] for k in keys}
     assert {"drill.json", "drill.md", "drill.html", "trend.png"} <= names
     report = json.loads(store.get_bytes(next(k for k in keys if k.endswith("drill.json"))))
@@ -64,13 +76,24 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
         names = [ph["name"] for ph in result["phases"]]
         assert names == ["dump", "upload", "checksum", "download", "restore", "checks", "validation", "privileges"]
         for ph in result["phases"]:  # every duration is its own timestamps' difference
-            span = (datetime.fromisoformat(ph["finished_at"]) - datetime.fromisoformat(ph["started_at"])).total_seconds()
+            span = (
+                datetime.fromisoformat(ph["finished_at"]) - datetime.fromisoformat(ph["started_at"])
+            ).total_seconds()
             assert abs(span - ph["seconds"]) < 0.01
         phases = {ph["name"]: ph for ph in result["phases"]}
         rto = result["checks"]["rto"]["achieved_s"]
-        wall = (datetime.fromisoformat(phases["privileges"]["finished_at"]) - datetime.fromisoformat(phases["checksum"]["started_at"])).total_seconds()
+        wall = (
+            datetime.fromisoformat(phases["privileges"]["finished_at"])
+            - datetime.fromisoformat(phases["checksum"]["started_at"])
+        ).total_seconds()
         assert rto == pytest.approx(wall)
-        assert rto >= sum(phases[n]["seconds"] for n in ("checksum", "download", "restore", "checks", "validation", "privileges")) - 0.01
+        assert (
+            rto
+            >= sum(
+                phases[n]["seconds"] for n in ("checksum", "download", "restore", "checks", "validation", "privileges")
+            )
+            - 0.01
+        )
         assert result["negative_control"]["rejected"] is True
         assert result["negative_control"]["message"].startswith("a flipped bit: rejected, content changed: SHA-256")
         # The RPO is read as it stood when the drill started: the drill's own backup is not in it.
@@ -87,7 +110,9 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
     (summary,) = [t for t in slack.texts() if "DR drill" in t]
     assert "shop_eu: FAIL | RTO" in summary and "shop: PASS" in summary
     emails = mail.messages[before_mail:]
-    assert len(emails) == 1 and emails[0]["Subject"].startswith("[pgdr] DR drill ") and emails[0]["To"] == "dr@example.com"
+    assert (
+        len(emails) == 1 and emails[0]["Subject"].startswith("[pgdr] DR drill ") and emails[0]["To"] == "dr@example.com"
+    )
 
     if CHROMIUM:
         page = SCREENSHOTS.parent / "drill-report.html"
@@ -96,11 +121,24 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
         import subprocess
 
         subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={p.path.parent / 'chromium'}", "--window-size=1200,1350",
-             f"--screenshot={SCREENSHOTS / 'drill-report.png'}", page.as_uri()],
-            check=True, capture_output=True, timeout=120,
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={p.path.parent / 'chromium'}",
+                "--window-size=1200,1350",
+                f"--screenshot={SCREENSHOTS / 'drill-report.png'}",
+                page.as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         page.unlink()
         assert (SCREENSHOTS / "drill-report.png").stat().st_size > 20_000
@@ -138,7 +176,9 @@ def _stale_backup(p, days: float):
     old_id = f"{when:%Y%m%dT%H%M%SZ}-abcdef"
     copy_backup_as(store, layout, real, old_id, when)
     catalog.delete_backup(real.backup_id)
-    catalog.record_verification(VerificationRecord.from_dict({"backup_id": old_id, "status": "verified", "restore_seconds": 3.5}))
+    catalog.record_verification(
+        VerificationRecord.from_dict({"backup_id": old_id, "status": "verified", "restore_seconds": 3.5})
+    )
     return catalog
 
 
@@ -175,7 +215,9 @@ def test_health_alerts_on_change_of_state_only(plan, run_dag, slack, worker_metr
     db = p.databases[0]
     store, layout = open_store(db.storage)
     fresh = take_backup(db, database_endpoint(db), store, layout, db.storage.path.parent / "work2").manifest
-    catalog.record_verification(VerificationRecord.from_dict({"backup_id": fresh.backup_id, "status": "verified", "restore_seconds": 2.5}))
+    catalog.record_verification(
+        VerificationRecord.from_dict({"backup_id": fresh.backup_id, "status": "verified", "restore_seconds": 2.5})
+    )
     statsd_packets()
     run_dag("pgdr_health")
     (recovery,) = slack.texts()
@@ -189,7 +231,11 @@ def test_health_alerts_on_change_of_state_only(plan, run_dag, slack, worker_metr
 def test_health_storage_check_writes_and_removes_a_probe(plan, run_dag, slack):
     p = plan()
     run_dag("pgdr_health")
-    probes = list((p.databases[0].storage.path / "v1" / "_probe").glob("*")) if (p.databases[0].storage.path / "v1" / "_probe").exists() else []
+    probes = (
+        list((p.databases[0].storage.path / "v1" / "_probe").glob("*"))
+        if (p.databases[0].storage.path / "v1" / "_probe").exists()
+        else []
+    )
     assert probes == []
     from pgdr.airflow_glue.alert_journal import AlertJournal
 

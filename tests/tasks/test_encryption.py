@@ -23,10 +23,14 @@ ENCRYPTED = {"encryption": {"key_conn_id": "pgdr_key"}}
 
 def key_connection(current: str, *previous: str, key: str | None = None) -> str:
     """The AIRFLOW_CONN_ JSON of a master-key connection: login = current key id, password = its key."""
-    return json.dumps({
-        "conn_type": "generic", "login": current, "password": key or KEYS[current],
-        "extra": {"previous_keys": {k: KEYS[k] for k in previous}},
-    })
+    return json.dumps(
+        {
+            "conn_type": "generic",
+            "login": current,
+            "password": key or KEYS[current],
+            "extra": {"previous_keys": {k: KEYS[k] for k in previous}},
+        }
+    )
 
 
 def _databases(pg_server, pattern: str) -> list[str]:
@@ -39,7 +43,9 @@ def _objects(s3_server, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def test_encrypted_backup_on_sse_kms_storage_verifies_and_drills(plan, run_dag, s3_server, s3_storage, env, monkeypatch, pg_server, slack):
+def test_encrypted_backup_on_sse_kms_storage_verifies_and_drills(
+    plan, run_dag, s3_server, s3_storage, env, monkeypatch, pg_server, slack
+):
     """Client-side encryption on top of SSE-KMS, in a bucket whose policy denies any write without
     aws:kms: nothing pgdr writes is refused, every object is stored under the KMS key, nothing of the
     dump is readable in the bucket, and the backup verifies and drills, negative control included."""
@@ -104,7 +110,9 @@ def test_encrypted_backup_on_sse_kms_storage_verifies_and_drills(plan, run_dag, 
         gateway.close()
 
 
-def test_a_missing_or_wrong_key_fails_first_naming_the_key_and_creates_nothing(plan, run_dag, monkeypatch, pg_server, slack):
+def test_a_missing_or_wrong_key_fails_first_naming_the_key_and_creates_nothing(
+    plan, run_dag, monkeypatch, pg_server, slack
+):
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k1"))
     p = plan(defaults=ENCRYPTED)
     assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
@@ -116,8 +124,14 @@ def test_a_missing_or_wrong_key_fails_first_naming_the_key_and_creates_nothing(p
     before = set(_databases(pg_server, "%"))
 
     cases = [
-        (key_connection("k2"), "master key id 'k1', which the Airflow connection 'pgdr_key' does not hold (it holds: k2)"),
-        (key_connection("k1", key=KEYS["k3"]), "the key the Airflow connection 'pgdr_key' holds under that id does not open it"),
+        (
+            key_connection("k2"),
+            "master key id 'k1', which the Airflow connection 'pgdr_key' does not hold (it holds: k2)",
+        ),
+        (
+            key_connection("k1", key=KEYS["k3"]),
+            "the key the Airflow connection 'pgdr_key' holds under that id does not open it",
+        ),
         (None, "master key id 'k1', and the connection that should hold it is not defined"),
     ]
     for connection, message in cases:
@@ -130,7 +144,9 @@ def test_a_missing_or_wrong_key_fails_first_naming_the_key_and_creates_nothing(p
         assert run.states["verify.check_checksums[0]"] == "failed" and run.tries["verify.check_checksums"] == 1
         assert run.states["verify.create_scratch[0]"] == "upstream_failed"
         assert any(message in t for t in slack.texts()), slack.texts()
-        restore = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": backup_id, "target_name": "shop_keyless"})
+        restore = run_dag(
+            "pgdr_restore", run_conf={"database": "shop", "backup": backup_id, "target_name": "shop_keyless"}
+        )
         assert restore.states["check_checksums"] == "failed" and restore.states["restore_backup"] == "upstream_failed"
         assert set(_databases(pg_server, "%")) == before  # no scratch, no target: nothing was created
     # Backups need the key too, and fail before pg_dump runs.
@@ -152,7 +168,11 @@ def test_rotating_the_key_twice_keeps_the_oldest_backup_restorable(plan, run_dag
         return [e.manifest.encryption.key_id for e in catalog.backups()]
 
     def data() -> dict[str, str]:
-        return {f.key: hashlib.sha256(store.get_bytes(f.key)).hexdigest() for e in catalog.backups() for f in e.manifest.files}
+        return {
+            f.key: hashlib.sha256(store.get_bytes(f.key)).hexdigest()
+            for e in catalog.backups()
+            for f in e.manifest.files
+        }
 
     assert run_dag("pgdr_backup").states["protect_pgdr_shop.back_up[0]"] == "success"
     oldest = catalog.latest().backup_id
@@ -191,12 +211,17 @@ def _rotation_report(dag_run) -> dict:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        value = session.query(XComModel.value).filter_by(
-            dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id="report", key="return_value").scalar()
+        value = (
+            session.query(XComModel.value)
+            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id="report", key="return_value")
+            .scalar()
+        )
     return json.loads(value) if isinstance(value, str) else value
 
 
-def test_wal_segments_are_archived_under_the_targets_sse_through_the_policy(plan, s3_server, s3_storage, env, monkeypatch, tmp_path):
+def test_wal_segments_are_archived_under_the_targets_sse_through_the_policy(
+    plan, s3_server, s3_storage, env, monkeypatch, tmp_path
+):
     """The server's archive_command, as pgdr builds it from the plan, makes barman-cloud ask for SSE-KMS:
     the bucket policy lets the segment in and S3 stores it under the plan's KMS key."""
     import os
@@ -221,7 +246,9 @@ def test_wal_segments_are_archived_under_the_targets_sse_through_the_policy(plan
         segment = tmp_path / "000000010000000000000001"
         segment.write_bytes(os.urandom(1 << 20))
         command = archive.archive_command().replace("%p", shlex.quote(str(segment)))
-        result = subprocess.run(command, shell=True, env={**os.environ, **archive.access.environment()}, capture_output=True, text=True)
+        result = subprocess.run(
+            command, shell=True, env={**os.environ, **archive.access.environment()}, capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         (key,) = [k for k in _objects(s3_server, env["prefix"]) if "/wals/" in k]
         head = s3_server.client.head_object(Bucket=BUCKET, Key=key)
@@ -259,7 +286,10 @@ def test_an_unencrypted_backup_newer_than_the_encrypted_ones_is_refused(plan, ru
     planted = new_backup_id(later)
     copy_backup_as(store, layout, before.manifest, planted, later)
     run = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": planted})
-    assert run.states["verify.check_checksums[0]"] == "failed" and run.states["verify.create_scratch[0]"] == "upstream_failed"
+    assert (
+        run.states["verify.check_checksums[0]"] == "failed"
+        and run.states["verify.create_scratch[0]"] == "upstream_failed"
+    )
     assert any("is not encrypted, but the plan encrypts this database" in t for t in slack.texts()), slack.texts()
 
 
@@ -272,7 +302,9 @@ def test_a_drill_without_the_key_fails_before_its_scratch_database(plan, run_dag
 
     store, layout = open_store(p.databases[0].storage)
     catalog = BackupCatalog(store, layout, "shop")
-    catalog.record_verification(VerificationRecord.from_dict({"backup_id": catalog.latest().backup_id, "status": "verified"}))
+    catalog.record_verification(
+        VerificationRecord.from_dict({"backup_id": catalog.latest().backup_id, "status": "verified"})
+    )
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k2"))
     drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"], "scenario": "latest-verified"})
     assert drill.states["rehearse.rehearse_backup[0]"] == "failed", drill.states

@@ -19,8 +19,17 @@ def pitr_plan(plan, env, pitr_server, monkeypatch):
     return plan(
         databases=[{"name": "shop", "conn_id": "pgdr_pitr", "server": PITR_SERVER}],
         storage=storage,
-        servers={PITR_SERVER: {"pitr": {"storage": "s3", "keep_window": "7d", "full_schedule": "@daily",
-                                         "incremental_schedule": "@hourly", "archive_timeout": "10s"}}},
+        servers={
+            PITR_SERVER: {
+                "pitr": {
+                    "storage": "s3",
+                    "keep_window": "7d",
+                    "full_schedule": "@daily",
+                    "incremental_schedule": "@hourly",
+                    "archive_timeout": "10s",
+                }
+            }
+        },
     )
 
 
@@ -79,7 +88,11 @@ def _xcom(dag_run, task_id: str):
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        value = session.query(XComModel.value).filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value").scalar()
+        value = (
+            session.query(XComModel.value)
+            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value")
+            .scalar()
+        )
     return json.loads(value) if isinstance(value, str) else value
 
 
@@ -93,7 +106,9 @@ def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag,
     _sql(pitr_server, 'DROP TABLE IF EXISTS "Billing Ü"."Invoice Lines"')
     _sql(pitr_server, 'CREATE TABLE "Billing Ü"."Invoice Lines" (id int PRIMARY KEY, label text NOT NULL)')
     assert run_dag("pgdr_basebackup", run_conf={"kind": "full"}).get_state() == "success"
-    _sql(pitr_server, """INSERT INTO "Billing Ü"."Invoice Lines" SELECT g, 'good ' || g FROM generate_series(1, 50) g""")
+    _sql(
+        pitr_server, """INSERT INTO "Billing Ü"."Invoice Lines" SELECT g, 'good ' || g FROM generate_series(1, 50) g"""
+    )
     _second_boundary()
     moment = datetime.now(UTC).replace(microsecond=0)  # what the engineer types: the second before the incident
     _second_boundary()
@@ -112,13 +127,22 @@ def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag,
     assert whole.get_state() == "success", whole.states
     rows = _sql(pitr_server, 'SELECT id FROM "Billing Ü"."Invoice Lines" ORDER BY id', "shop_as_of")
     assert [r[0] for r in rows] == list(range(1, 51))  # the deleted rows are back, the later insert is not
-    assert _sql(pitr_server, "SELECT count(*) FROM sales.customers", "shop_as_of") == _sql(pitr_server, "SELECT count(*) FROM sales.customers")
+    assert _sql(pitr_server, "SELECT count(*) FROM sales.customers", "shop_as_of") == _sql(
+        pitr_server, "SELECT count(*) FROM sales.customers"
+    )
     done = _xcom(whole, "recover_to_moment")
     assert done["pitr"]["recovery"]["achieved_recovery_point"] <= moment.isoformat()
     assert datetime.fromisoformat(done["recovery_point"]) > moment - timedelta(seconds=2)
 
-    one = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": stamp, "target_name": "shop_lines",
-                                            "tables": ['"Billing Ü"."Invoice Lines"']})
+    one = run_dag(
+        "pgdr_restore",
+        run_conf={
+            "database": "shop",
+            "backup": stamp,
+            "target_name": "shop_lines",
+            "tables": ['"Billing Ü"."Invoice Lines"'],
+        },
+    )
     assert one.get_state() == "success", one.states
     assert _sql(pitr_server, 'SELECT count(*) FROM "Billing Ü"."Invoice Lines"', "shop_lines") == [(50,)]
     assert _sql(pitr_server, "SELECT count(*) FROM sales.customers", "shop_lines") == [(0,)]
@@ -148,7 +172,9 @@ def test_the_drill_measures_the_pitr_rpo_achieved(pitr_plan, run_dag, pitr_serve
 
     store = S3Store(s3_server.client, BUCKET)
     keys = [o.key for o in store.list(f"{PITR_PREFIX}/v1/reports/drills/")]
-    (json_key,) = [k for k in keys if k.endswith("drill.json") and json.loads(store.get_bytes(k))["run_id"] == drill.run_id]
+    (json_key,) = [
+        k for k in keys if k.endswith("drill.json") and json.loads(store.get_bytes(k))["run_id"] == drill.run_id
+    ]
     report = json.loads(store.get_bytes(json_key))
     (pitr,) = report["pitr"]
     assert pitr["server"] == PITR_SERVER and pitr["rpo"]["target_s"] == 300
@@ -175,8 +201,10 @@ def test_a_damaged_base_backup_fails_verification_with_one_alert(pitr_plan, run_
     # Damaged before upload, record consistent with the stored bytes: only pg_verifybackup can tell.
     damaged = original.replace(b'"Size": ', b'"Size": 1', 1)
     store.put_bytes(item.key, damaged)
-    files = tuple(BaseBackupFile(f.name, f.key, len(damaged), hashlib.sha256(damaged).hexdigest()) if f is item else f
-                  for f in newest.record.files)
+    files = tuple(
+        BaseBackupFile(f.name, f.key, len(damaged), hashlib.sha256(damaged).hexdigest()) if f is item else f
+        for f in newest.record.files
+    )
     catalog.write_record(dataclasses.replace(newest.record, files=files))
     slack.clear()
     try:
@@ -204,10 +232,21 @@ def test_a_pitr_rehearsal_that_cannot_run_fails_the_drill_and_says_why(pitr_plan
     fresh = plan(
         databases=[{"name": "shop", "conn_id": "pgdr_pitr", "server": PITR_SERVER}],
         storage={"s3": {"type": "s3", "bucket": BUCKET, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3"}},
-        servers={PITR_SERVER: {"pitr": {"storage": "s3", "keep_window": "7d", "full_schedule": "@daily",
-                                         "incremental_schedule": "@hourly", "archive_timeout": "10s"}}},
+        servers={
+            PITR_SERVER: {
+                "pitr": {
+                    "storage": "s3",
+                    "keep_window": "7d",
+                    "full_schedule": "@daily",
+                    "incremental_schedule": "@hourly",
+                    "archive_timeout": "10s",
+                }
+            }
+        },
     )
-    assert plan_module.load_plan().servers[0].pitr.storage.prefix == env["prefix"] == fresh.servers[0].pitr.storage.prefix
+    assert (
+        plan_module.load_plan().servers[0].pitr.storage.prefix == env["prefix"] == fresh.servers[0].pitr.storage.prefix
+    )
     assert run_dag("pgdr_backup").get_state() == "success"
     drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"]})
     assert drill.states["rehearse_pitr[0]"] == "failed", drill.states
@@ -224,6 +263,11 @@ def test_a_pitr_rehearsal_that_cannot_run_fails_the_drill_and_says_why(pitr_plan
     assert [r["database"] for r in report["databases"]] == ["shop"]  # the logical rehearsal is reported beside it
     from pgdr.drill import headline, render_html, render_markdown, report_action_items
 
-    assert any(line.startswith(f"server {PITR_SERVER} (PITR): FAIL | the rehearsal did not finish: ") for line in headline(report))
+    assert any(
+        line.startswith(f"server {PITR_SERVER} (PITR): FAIL | the rehearsal did not finish: ")
+        for line in headline(report)
+    )
     assert any("trigger pgdr_basebackup" in item for item in report_action_items(report))
-    assert "the rehearsal did not finish" in render_markdown(report) and "has no base backup" in render_html(report, b"")
+    assert "the rehearsal did not finish" in render_markdown(report) and "has no base backup" in render_html(
+        report, b""
+    )

@@ -35,7 +35,9 @@ def shop_backup(tmp_path_factory, pg_server, airflow_db):
 
     root = tmp_path_factory.mktemp("restore-store")
     backup_id = backup_into_local_store(root, pg_server)
-    BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(VerificationRecord.from_dict({"backup_id": backup_id, "status": "verified", "restore_seconds": 4.2}))
+    BackupCatalog(LocalFolderStore(root), BackupLayout(), "shop").record_verification(
+        VerificationRecord.from_dict({"backup_id": backup_id, "status": "verified", "restore_seconds": 4.2})
+    )
     return root, backup_id
 
 
@@ -80,7 +82,9 @@ def test_new_database_restore_equals_the_source(restore_plan, run_dag, pg_server
     assert "Restore of *shop* restored" in summary and "shop_incident_copy" in summary
 
 
-def test_replace_keeps_the_old_database_and_puts_the_restored_one_in_place(plan, shop_backup, run_dag, pg_server, monkeypatch):
+def test_replace_keeps_the_old_database_and_puts_the_restored_one_in_place(
+    plan, shop_backup, run_dag, pg_server, monkeypatch
+):
     # A database of its own, so the shared 'shop' stays as the other tests expect it.
     _sql(pg_server, "CREATE DATABASE shop_live TEMPLATE shop")
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_SHOP_LIVE", pg_server.connection_uri("shop_live"))
@@ -142,7 +146,11 @@ def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_pl
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        value = session.query(XComModel.value).filter_by(dag_id="pgdr_restore", run_id=dag_run.run_id, task_id="plan_restore", key="return_value").scalar()
+        value = (
+            session.query(XComModel.value)
+            .filter_by(dag_id="pgdr_restore", run_id=dag_run.run_id, task_id="plan_restore", key="return_value")
+            .scalar()
+        )
     planned = json.loads(value) if isinstance(value, str) else value
     assert planned["backup_id"] == "20260101T000000Z-aaaaaa"
 
@@ -154,20 +162,26 @@ def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_pl
     "conf, message",
     [
         ({"backup": "20200101T000000Z-abcdef"}, "No complete backup '20200101T000000Z-abcdef' of database 'shop'"),
-        ({"backup": "2001-01-01T00:00:00Z"}, "No backup of database 'shop' has a recovery point at or before 2001-01-01T00:00:00+00:00"),
+        (
+            {"backup": "2001-01-01T00:00:00Z"},
+            "No backup of database 'shop' has a recovery point at or before 2001-01-01T00:00:00+00:00",
+        ),
         ({"backup": "yesterday"}, "'backup' must be latest-verified, latest, a backup id"),
         ({"mode": "replace"}, "To confirm, type the database name 'shop' in the 'confirm' field."),
         ({"mode": "replace", "confirm": "shopp"}, "(you typed 'shopp')"),
         ({"target_name": "shop"}, "target_name 'shop' is the live database's own name"),
         ({"target_name": "audit_copy"}, "The target database 'audit_copy' already exists"),
         ({"tables": ["sales.nope"]}, "Not a table of backup"),
-        ({"mode": "replace", "confirm": "shop", "tables": ["sales.orders"]}, "A table-level restore goes into a new database"),
+        (
+            {"mode": "replace", "confirm": "shop", "tables": ["sales.orders"]},
+            "A table-level restore goes into a new database",
+        ),
         ({"backup": "../../x"}, "'backup' must be latest-verified, latest, a backup id"),
         ({"backup": "20261122T093000Z-3fa2c1\x00"}, "got '20261122T093000Z-3fa2c1\\\\x00'"),
         ({"backup": "2999-01-01T00:00:00Z"}, "'backup' 2999-01-01T00:00:00+00:00 is in the future"),
         ({"tables": ["sales.customer_revenue"]}, "Views, materialized views and sequences are not tables"),
         ({"tables": ["SALES.ORDERS2"]}, "Not a table of backup"),
-        ({"tables": ['"Sales".Orders']}, "for \"Sales\".orders did you mean sales.orders?"),
+        ({"tables": ['"Sales".Orders']}, 'for "Sales".orders did you mean sales.orders?'),
         ({"tables": ['sales."orders']}, "has a double quote that is never closed"),
         ({"tables": ["orders"]}, "tables entry 'orders' names no schema"),
         ({"target_name": "x" * 64}, "is 64 bytes long; PostgreSQL names hold at most 63 bytes"),
@@ -175,10 +189,29 @@ def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_pl
         ({"target_name": "pg_copy"}, "starts with pg_, which PostgreSQL reserves"),
         ({"mode": "replace", "confirm": "shop "}, "(you typed 'shop ', with spaces around the name: type it exactly)"),
     ],
-    ids=["missing-backup-id", "before-oldest", "bad-selector", "replace-unconfirmed", "replace-wrong-confirmation",
-         "target-is-live", "existing-target", "unknown-table", "replace-tables", "backup-path", "backup-nul",
-         "future-time", "view", "missing-table", "quoted-case", "unclosed-quote", "no-schema", "target-too-long",
-         "target-too-long-unicode", "target-pg-prefix", "confirm-trailing-space"],
+    ids=[
+        "missing-backup-id",
+        "before-oldest",
+        "bad-selector",
+        "replace-unconfirmed",
+        "replace-wrong-confirmation",
+        "target-is-live",
+        "existing-target",
+        "unknown-table",
+        "replace-tables",
+        "backup-path",
+        "backup-nul",
+        "future-time",
+        "view",
+        "missing-table",
+        "quoted-case",
+        "unclosed-quote",
+        "no-schema",
+        "target-too-long",
+        "target-too-long-unicode",
+        "target-pg-prefix",
+        "confirm-trailing-space",
+    ],
 )
 def test_bad_input_fails_first_with_nothing_touched(restore_plan, run_dag, pg_server, slack, conf, message):
     if conf.get("target_name") == "audit_copy":

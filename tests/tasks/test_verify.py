@@ -68,7 +68,13 @@ def test_backup_then_verify_on_s3(plan, run_dag, s3_server, s3_storage, pg_serve
     assert record.validation["failed"] == 0 and record.validation["expectations"] > 40
     assert "include/gx/shop/orders.yaml" in record.validation["user_suites"]
     assert record.rto_met is True and 0 < record.restore_seconds < record.rto_target_seconds
-    assert set(record.phases) == {"check_checksums", "restore_backup", "check_integrity", "validate_data", "apply_privileges"}
+    assert set(record.phases) == {
+        "check_checksums",
+        "restore_backup",
+        "check_integrity",
+        "validate_data",
+        "apply_privileges",
+    }
     # The GX results and the HTML report are stored next to the backup.
     results = json.loads(store.get_bytes(layout.validation_key("shop", backup_id, "results.json")))
     assert results["summary"]["failed"] == 0
@@ -123,7 +129,9 @@ def test_corrupt_backup_is_refused_at_checksum_time(local_backup, run_dag, pg_se
     assert (root / "v1/shop" / backup_id / "manifest.json").exists()
 
 
-def test_failing_user_suite_names_the_expectation_and_table(local_backup, run_dag, pg_server, slack, monkeypatch, tmp_path):
+def test_failing_user_suite_names_the_expectation_and_table(
+    local_backup, run_dag, pg_server, slack, monkeypatch, tmp_path
+):
     p, root, backup_id = local_backup
     suites = tmp_path / "gx"
     (suites / "shop").mkdir(parents=True)
@@ -245,22 +253,45 @@ def test_backup_id_that_is_a_path_is_refused(local_backup, run_dag, pg_server, s
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda m: m["files"][0].update(key="v1/billing/20200101T000000Z-abcdef/data/toc.dat"),
-         "files[0].key is 'v1/billing/20200101T000000Z-abcdef/data/toc.dat', outside this backup's own data folder"),
-        (lambda m: m["files"][0].update(name="../../dags/x.py"), "files[0].name is '../../dags/x.py', not the name of a file pg_dump writes"),
+        (
+            lambda m: m["files"][0].update(key="v1/billing/20200101T000000Z-abcdef/data/toc.dat"),
+            "files[0].key is 'v1/billing/20200101T000000Z-abcdef/data/toc.dat', outside this backup's own data folder",
+        ),
+        (
+            lambda m: m["files"][0].update(name="../../dags/x.py"),
+            "files[0].name is '../../dags/x.py', not the name of a file pg_dump writes",
+        ),
         (lambda m: m["files"][0].update(name="/opt/airflow/dags/x.py"), "files[0].name is '/opt/airflow/dags/x.py'"),
         (lambda m: m["files"][0].update(size=-1), "files[0].size is -1, not a whole number from 0"),
         (lambda m: m["files"][0].update(stored_size=10**19), "files[0].stored_size is 10000000000000000000"),
-        (lambda m: m["row_counts"].update({"sales.orders": "30000"}), "row_counts['sales.orders'] is '30000', not a whole number"),
+        (
+            lambda m: m["row_counts"].update({"sales.orders": "30000"}),
+            "row_counts['sales.orders'] is '30000', not a whole number",
+        ),
         (lambda m: m["row_counts"].update({"sales.orders": 1.5}), "row_counts['sales.orders'] is 1.5"),
         (lambda m: m.pop("recovery_point"), "recovery_point is missing"),
-        (lambda m: m.update(backup_id="20200101T000000Z-abcdef"), "backup_id is '20200101T000000Z-abcdef', but the manifest is stored as backup"),
+        (
+            lambda m: m.update(backup_id="20200101T000000Z-abcdef"),
+            "backup_id is '20200101T000000Z-abcdef', but the manifest is stored as backup",
+        ),
         (lambda m: m.update(files="toc.dat"), "files must be a non-empty list"),
     ],
-    ids=["key-outside-prefix", "name-with-dots", "absolute-name", "negative-size", "absurd-size", "count-not-int",
-         "count-float", "missing-field", "other-backup-id", "files-not-a-list"],
+    ids=[
+        "key-outside-prefix",
+        "name-with-dots",
+        "absolute-name",
+        "negative-size",
+        "absurd-size",
+        "count-not-int",
+        "count-float",
+        "missing-field",
+        "other-backup-id",
+        "files-not-a-list",
+    ],
 )
-def test_manifest_edited_in_the_bucket_is_refused_before_anything_is_read(local_backup, run_dag, pg_server, slack, edit, message):
+def test_manifest_edited_in_the_bucket_is_refused_before_anything_is_read(
+    local_backup, run_dag, pg_server, slack, edit, message
+):
     _p, root, backup_id = local_backup
     path = root / "v1" / "shop" / backup_id / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -289,12 +320,25 @@ def test_an_asset_triggered_run_also_takes_backups_whose_events_airflow_dropped(
     catalog = BackupCatalog(store, layout, "shop")
     real = catalog.get(real_id)
     now = datetime.now(UTC)
-    ids = {name: f"{(now - age):%Y%m%dT%H%M%S}Z-{name}" for name, age in
-           [("aaaaa1", timedelta(days=3)), ("bbbbb2", timedelta(hours=3)), ("ccccc3", timedelta(hours=2)),
-            ("ddddd4", timedelta(minutes=5)), ("eeeee5", timedelta(minutes=4))]}
+    ids = {
+        name: f"{(now - age):%Y%m%dT%H%M%S}Z-{name}"
+        for name, age in [
+            ("aaaaa1", timedelta(days=3)),
+            ("bbbbb2", timedelta(hours=3)),
+            ("ccccc3", timedelta(hours=2)),
+            ("ddddd4", timedelta(minutes=5)),
+            ("eeeee5", timedelta(minutes=4)),
+        ]
+    }
     for backup_id in ids.values():
-        copy_backup_as(store, layout, real.manifest, backup_id,
-                       datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC), copy_data=False)
+        copy_backup_as(
+            store,
+            layout,
+            real.manifest,
+            backup_id,
+            datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC),
+            copy_data=False,
+        )
     catalog.record_verification(VerificationRecord.from_dict({"backup_id": ids["ccccc3"], "status": "verified"}))
     shutil.rmtree(root / "v1" / "shop" / real_id)  # only the copies: their ages decide
 
@@ -307,8 +351,12 @@ def test_an_asset_triggered_run_also_takes_backups_whose_events_airflow_dropped(
     # The next run, from the caught-up backup's own (late) event, does not verify it again.
     from pgdr.logical.catalog import BackupCatalog as Catalog
 
-    Catalog(store, layout, "shop").record_verification(VerificationRecord.from_dict({"backup_id": ids["ddddd4"], "status": "verified", "airflow": {"run_id": "r1"}}))
-    Catalog(store, layout, "shop").record_verification(VerificationRecord.from_dict({"backup_id": ids["eeeee5"], "status": "verified", "airflow": {"run_id": "r1"}}))
+    Catalog(store, layout, "shop").record_verification(
+        VerificationRecord.from_dict({"backup_id": ids["ddddd4"], "status": "verified", "airflow": {"run_id": "r1"}})
+    )
+    Catalog(store, layout, "shop").record_verification(
+        VerificationRecord.from_dict({"backup_id": ids["eeeee5"], "status": "verified", "airflow": {"run_id": "r1"}})
+    )
     late = SimpleNamespace(extra={"database": "shop", "backup_id": ids["ddddd4"]})
     from airflow.sdk.exceptions import AirflowSkipException
 

@@ -31,7 +31,12 @@ def test_a_record_written_by_pgdr_0_3_reads_typed_and_writes_back_unchanged():
     assert record.restore_seconds == pytest.approx(3.084931) and record.rto_met is True
     assert record.integrity["rows_checked"] == 90 and record.privileges["owners"] == 11
     assert record.run_id == "manual__2026-12-03T04:57:35.976340+00:00"
-    assert sorted(record.phases["restore_backup"]["roles_created"]) == ["Data Owner", "app_login", "billing_owner", "reporting"]
+    assert sorted(record.phases["restore_backup"]["roles_created"]) == [
+        "Data Owner",
+        "app_login",
+        "billing_owner",
+        "reporting",
+    ]
     assert json.loads(record.to_json()) == json.loads(raw)
 
 
@@ -60,32 +65,82 @@ def test_a_record_of_an_older_or_newer_pgdr_keeps_what_it_does_not_know():
     assert json.loads(VerificationRecord.from_dict(newer).to_json())["evidence"] == {"receipt": "abc"}
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"[]", b'{"status": "great"}', b'{"status": "verified"}',
-                                 b'{"status": "verified", "backup_id": 7}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"status": "great"}',
+        b'{"status": "verified"}',
+        b'{"status": "verified", "backup_id": 7}',
+        b"\xff\xfe",
+    ],
+)
 def test_a_damaged_record_counts_for_nothing(raw):
     assert VerificationRecord.from_json(raw) is None
 
 
 def test_the_record_of_a_verify_restore_from_its_phases():
-    phases = {"check_checksums": _phase("00:00", "00:05"), "restore_backup": _phase("00:05", "01:00", restore_seconds=50.0,
-              download_seconds=4.0, roles_created=["app"], unrelated=1),
-              "check_integrity": {**_phase("01:00", "01:10"), "tables_checked": 3, "rows_checked": 10, "sequences_checked": 1,
-                                  "amcheck_ok": True, "large_objects": 0, "problems": []},
-              "validate_data": {**_phase("01:10", "01:20"), "summary": {"expectations": 5, "failed": 0}, "report": "r.html"},
-              "apply_privileges": {**_phase("01:20", "01:21"), "owners": 1, "grants": 2, "default_privileges": 0,
-                                   "database_properties": 1, "superuser_objects": [], "skipped_objects": [], "seconds": 0.5}}
-    record = verify_restore_record(database="shop", backup_id="b", recovery_point="rp", verified_at="now", airflow={"run_id": "r"},
-                                   phases=phases, order=ORDER, rto_target_seconds=60)
+    phases = {
+        "check_checksums": _phase("00:00", "00:05"),
+        "restore_backup": _phase(
+            "00:05", "01:00", restore_seconds=50.0, download_seconds=4.0, roles_created=["app"], unrelated=1
+        ),
+        "check_integrity": {
+            **_phase("01:00", "01:10"),
+            "tables_checked": 3,
+            "rows_checked": 10,
+            "sequences_checked": 1,
+            "amcheck_ok": True,
+            "large_objects": 0,
+            "problems": [],
+        },
+        "validate_data": {**_phase("01:10", "01:20"), "summary": {"expectations": 5, "failed": 0}, "report": "r.html"},
+        "apply_privileges": {
+            **_phase("01:20", "01:21"),
+            "owners": 1,
+            "grants": 2,
+            "default_privileges": 0,
+            "database_properties": 1,
+            "superuser_objects": [],
+            "skipped_objects": [],
+            "seconds": 0.5,
+        },
+    }
+    record = verify_restore_record(
+        database="shop",
+        backup_id="b",
+        recovery_point="rp",
+        verified_at="now",
+        airflow={"run_id": "r"},
+        phases=phases,
+        order=ORDER,
+        rto_target_seconds=60,
+    )
     assert record.verified and record.restore_seconds == 81.0 and record.rto_met is False
-    assert record.phases["restore_backup"] == {**_phase("00:05", "01:00"), "seconds": 55.0, "restore_seconds": 50.0,
-                                               "download_seconds": 4.0, "roles_created": ["app"]}
+    assert record.phases["restore_backup"] == {
+        **_phase("00:05", "01:00"),
+        "seconds": 55.0,
+        "restore_seconds": 50.0,
+        "download_seconds": 4.0,
+        "roles_created": ["app"],
+    }
     assert record.validation == {"expectations": 5, "failed": 0, "report": "r.html"}
     assert "problems" not in record.integrity and record.privileges["grants"] == 2
     assert record.restored_as_superuser is None and "warning" not in record.to_dict()
 
-    failed = verify_restore_record(database="shop", backup_id="b", recovery_point="rp", verified_at="now", airflow={},
-                                   phases={**phases, "check_integrity": None}, order=ORDER, rto_target_seconds=60,
-                                   superuser_warning="as a superuser")
+    failed = verify_restore_record(
+        database="shop",
+        backup_id="b",
+        recovery_point="rp",
+        verified_at="now",
+        airflow={},
+        phases={**phases, "check_integrity": None},
+        order=ORDER,
+        rto_target_seconds=60,
+        superuser_warning="as a superuser",
+    )
     assert failed.status == "failed" and failed.failed_phase == "check_integrity"
     assert failed.restore_seconds is None and failed.rto_met is None and failed.integrity is None
     assert failed.to_dict()["restored_as_superuser"] is True and "restore_seconds" not in failed.to_dict()
@@ -100,10 +155,17 @@ def test_achieved_rto_is_first_start_to_last_end_and_nothing_when_a_phase_did_no
 
 
 def test_expected_durations_are_medians_of_what_is_known():
-    records = [VerificationRecord.from_dict({"status": "verified", "backup_id": str(i), "restore_seconds": s})
-               for i, s in enumerate([10.0, 30.0, None, 20.0])]
+    records = [
+        VerificationRecord.from_dict({"status": "verified", "backup_id": str(i), "restore_seconds": s})
+        for i, s in enumerate([10.0, 30.0, None, 20.0])
+    ]
     assert expected_restore_seconds([*records, None]) == 20.0
     assert expected_restore_seconds([]) is None
-    pitr = VerificationRecord(status="verified", backup_id="x", kind=PITR_KIND, timings={"download": 2.0, "extract": 3.0},
-                              recovery={"replay_seconds": 5.0})
+    pitr = VerificationRecord(
+        status="verified",
+        backup_id="x",
+        kind=PITR_KIND,
+        timings={"download": 2.0, "extract": 3.0},
+        recovery={"replay_seconds": 5.0},
+    )
     assert expected_recovery_seconds([pitr, records[0]]) == 10.0

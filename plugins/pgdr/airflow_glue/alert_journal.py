@@ -49,7 +49,9 @@ class AlertJournal:
         try:
             store, layout = open_store(target, plan)
         except Exception as err:  # noqa: BLE001 - a missing AWS connection must not stop alerting
-            log.warning("The alert journal cannot use storage %s (%s); using the local work directory.", target.name, err)
+            log.warning(
+                "The alert journal cannot use storage %s (%s); using the local work directory.", target.name, err
+            )
         return cls(store, layout, work_dir_root() / "pgdr-alert-journal")
 
     def _run_prefix(self, dag_id: str, run_id: str) -> tuple[str, ...]:
@@ -108,6 +110,8 @@ class AlertJournal:
         if self.store is None:
             return
         try:
-            self.store.put_bytes(self.layout.alert_key("state", f"{_safe(name)}.json"), json.dumps(state, default=str).encode())
+            self.store.put_bytes(
+                self.layout.alert_key("state", f"{_safe(name)}.json"), json.dumps(state, default=str).encode()
+            )
         except Exception as err:  # noqa: BLE001 - alerting must not fail on its bookkeeping
             log.warning("Could not store alerting state %s: %s", name, err)

@@ -103,12 +103,18 @@ def restore_endpoint(db: ProtectedDatabase, plan: DRPlan | None, server: PgEndpo
         )
     conn = get_connection(db.restore_conn_id, f"restore role of database {db.name!r}", plan)
     if not conn.login:
-        raise PlanError(f"The Airflow connection {db.restore_conn_id!r} (restore role) has no login: set the role's name.")
+        raise PlanError(
+            f"The Airflow connection {db.restore_conn_id!r} (restore role) has no login: set the role's name."
+        )
     return PgEndpoint(
-        host=server.host, port=server.port, user=conn.login, password=conn.password or None, dbname=server.dbname,
-        sslmode=server.sslmode, conn_id=db.restore_conn_id,
+        host=server.host,
+        port=server.port,
+        user=conn.login,
+        password=conn.password or None,
+        dbname=server.dbname,
+        sslmode=server.sslmode,
+        conn_id=db.restore_conn_id,
     )
-
 
 
 def server_endpoint(server: ProtectedServer, plan: DRPlan | None = None) -> PgEndpoint:
@@ -116,8 +122,13 @@ def server_endpoint(server: ProtectedServer, plan: DRPlan | None = None) -> PgEn
     conn = get_connection(server.conn_id, f"PostgreSQL server {server.name!r} (point-in-time recovery)", plan)
     extra = conn.extra_dejson or {}
     return PgEndpoint(
-        host=conn.host or "localhost", port=int(conn.port or 5432), user=conn.login or "postgres",
-        password=conn.password or None, dbname="postgres", sslmode=extra.get("sslmode"), conn_id=server.conn_id,
+        host=conn.host or "localhost",
+        port=int(conn.port or 5432),
+        user=conn.login or "postgres",
+        password=conn.password or None,
+        dbname="postgres",
+        sslmode=extra.get("sslmode"),
+        conn_id=server.conn_id,
     )
 
 
@@ -135,7 +146,8 @@ def open_archive(server: ProtectedServer, plan: DRPlan | None = None):
 
     frozen = S3Hook(aws_conn_id=target.aws_conn_id).get_credentials()  # resolved: connection, role or environment
     access = ArchiveAccess(
-        endpoint_url=extra.get("endpoint_url") or (extra.get("service_config", {}).get("s3", {}) or {}).get("endpoint_url"),
+        endpoint_url=extra.get("endpoint_url")
+        or (extra.get("service_config", {}).get("s3", {}) or {}).get("endpoint_url"),
         region=extra.get("region_name") or store.client.meta.region_name,
         access_key=frozen.access_key if frozen else None,
         secret_key=frozen.secret_key if frozen else None,
@@ -158,7 +170,10 @@ def master_keys(conn_id: str, purpose: str, plan: DRPlan | None = None):
 
     conn = get_connection(conn_id, purpose, plan)
     extra = conn.extra_dejson or {}
-    for value in [conn.password, *((extra.get("previous_keys") or {}).values() if isinstance(extra.get("previous_keys"), dict) else [])]:
+    for value in [
+        conn.password,
+        *((extra.get("previous_keys") or {}).values() if isinstance(extra.get("previous_keys"), dict) else []),
+    ]:
         if isinstance(value, str) and value:
             mask_secret(value)
     return master_keys_from(conn.login, conn.password, extra, f"Airflow connection {conn_id!r}")

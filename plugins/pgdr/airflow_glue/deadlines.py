@@ -48,25 +48,42 @@ def deadline_alerts(plan: DRPlan, dag_id: str, window: timedelta, target_name: s
     common = {"dag_id": dag_id, "scope": scope, "target": target, "base_url": base_url}
     alerts = []
     if notify.slack_conn_id:
-        alerts.append(DeadlineAlert(
-            reference=DeadlineReference.DAGRUN_QUEUED_AT,
-            interval=window * WARNING_FRACTION,
-            callback=AsyncCallback("pgdr.airflow_glue.notify.deadline_warning", kwargs={**common, "slack_conn_id": notify.slack_conn_id}),
-        ))
-        alerts.append(DeadlineAlert(
-            reference=DeadlineReference.DAGRUN_QUEUED_AT,
-            interval=window,
-            callback=AsyncCallback("pgdr.airflow_glue.notify.deadline_missed_slack", kwargs={**common, "slack_conn_id": notify.slack_conn_id}),
-        ))
+        alerts.append(
+            DeadlineAlert(
+                reference=DeadlineReference.DAGRUN_QUEUED_AT,
+                interval=window * WARNING_FRACTION,
+                callback=AsyncCallback(
+                    "pgdr.airflow_glue.notify.deadline_warning",
+                    kwargs={**common, "slack_conn_id": notify.slack_conn_id},
+                ),
+            )
+        )
+        alerts.append(
+            DeadlineAlert(
+                reference=DeadlineReference.DAGRUN_QUEUED_AT,
+                interval=window,
+                callback=AsyncCallback(
+                    "pgdr.airflow_glue.notify.deadline_missed_slack",
+                    kwargs={**common, "slack_conn_id": notify.slack_conn_id},
+                ),
+            )
+        )
     if notify.smtp_conn_id and notify.email_to:
-        alerts.append(DeadlineAlert(
-            reference=DeadlineReference.DAGRUN_QUEUED_AT,
-            interval=window,
-            callback=AsyncCallback("pgdr.airflow_glue.notify.deadline_missed_email", kwargs={
-                **common, "smtp_conn_id": notify.smtp_conn_id, "email_to": list(notify.email_to),
-                "email_from": notify.email_from,
-            }),
-        ))
+        alerts.append(
+            DeadlineAlert(
+                reference=DeadlineReference.DAGRUN_QUEUED_AT,
+                interval=window,
+                callback=AsyncCallback(
+                    "pgdr.airflow_glue.notify.deadline_missed_email",
+                    kwargs={
+                        **common,
+                        "smtp_conn_id": notify.smtp_conn_id,
+                        "email_to": list(notify.email_to),
+                        "email_from": notify.email_from,
+                    },
+                ),
+            )
+        )
     return alerts
 
 

@@ -9,8 +9,14 @@ def emit_metrics(results: list[CheckResult], extra: dict[str, float] | None = No
     """Send gauges through Airflow's metrics layer (a no-op where metrics are off)."""
     from airflow.sdk.observability import stats
 
-    names = {"backup_age": "backup_age_seconds", "verified_age": "verified_backup_age_seconds", "free_space": "free_space_gb",
-             "catalog": "damaged_backups", "wal_lag": "wal_archive_lag_seconds", "archiver": "archiver_failures"}
+    names = {
+        "backup_age": "backup_age_seconds",
+        "verified_age": "verified_backup_age_seconds",
+        "free_space": "free_space_gb",
+        "catalog": "damaged_backups",
+        "wal_lag": "wal_archive_lag_seconds",
+        "archiver": "archiver_failures",
+    }
     for result in results:
         if result.check in names and result.value is not None:
             stats.gauge(f"pgdr.{names[result.check]}.{result.database}", result.value)

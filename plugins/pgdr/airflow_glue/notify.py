@@ -66,7 +66,8 @@ def send_slack(text: str, database: str | None, context) -> bool:
     if not connection_exists(conn_id):
         log.warning(
             "pgdr alert (no Slack connection %s is configured, so it is only logged):\n%s",
-            repr(conn_id) if conn_id else "named in the plan's notify.slack_conn_id", text,
+            repr(conn_id) if conn_id else "named in the plan's notify.slack_conn_id",
+            text,
         )
         return False
     from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
@@ -110,7 +111,9 @@ def on_run_failure(context) -> None:
         send_slack(text, databases.pop() if len(databases) == 1 else None, context)
         previous = journal.get_state(f"dag-{dag_id}") or {}
         if previous.get("state") != "failing":
-            journal.set_state(f"dag-{dag_id}", {"state": "failing", "since": datetime.now(UTC).isoformat(), "run_id": run_id})
+            journal.set_state(
+                f"dag-{dag_id}", {"state": "failing", "since": datetime.now(UTC).isoformat(), "run_id": run_id}
+            )
     except Exception:  # noqa: BLE001 - never raise from a callback
         log.exception("pgdr could not send the run failure alert.")
 
@@ -125,9 +128,13 @@ def on_run_success(context) -> None:
         journal = AlertJournal.for_plan()
         previous = journal.get_state(f"dag-{dag_id}") or {}
         if previous.get("state") == "failing":
-            text = recovery_message(dag_id, run_id, previous.get("since"), previous.get("run_id"), run_url(_base_url(), dag_id, run_id))
+            text = recovery_message(
+                dag_id, run_id, previous.get("since"), previous.get("run_id"), run_url(_base_url(), dag_id, run_id)
+            )
             send_slack(text, None, context)
-            journal.set_state(f"dag-{dag_id}", {"state": "ok", "since": datetime.now(UTC).isoformat(), "run_id": run_id})
+            journal.set_state(
+                f"dag-{dag_id}", {"state": "ok", "since": datetime.now(UTC).isoformat(), "run_id": run_id}
+            )
     except Exception:  # noqa: BLE001 - never raise from a callback
         log.exception("pgdr could not send the recovery message.")
 
@@ -165,7 +172,8 @@ class RunRecoveryNotifier(_Notifier):
 
 
 def run_callbacks() -> dict:
-    """Return the DAG-level callbacks every pgdr DAG uses (splat into ``@dag``): notifiers, as Airflow's convention is."""
+    """Return the DAG-level callbacks every pgdr DAG uses (splat into ``@dag``): notifiers, as Airflow's convention
+    is."""
     return {"on_failure_callback": RunFailureNotifier(), "on_success_callback": RunRecoveryNotifier()}
 
 
@@ -187,32 +195,47 @@ def _deadline_facts(context, base_url: str) -> dict[str, str]:
     }
 
 
-async def deadline_warning(*, dag_id: str, scope: str, target: str, slack_conn_id: str, base_url: str, context=None) -> str:
+async def deadline_warning(
+    *, dag_id: str, scope: str, target: str, slack_conn_id: str, base_url: str, context=None
+) -> str:
     """Deadline Alert callback at 80 % of the target: a Slack warning."""
     from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
     from pgdr.messages import deadline_message
 
     facts = _deadline_facts(context, base_url)
-    text = deadline_message("warning", dag_id, scope, target, facts["run_id"], facts["queued_at"], facts["deadline_time"], facts["url"])
+    text = deadline_message(
+        "warning", dag_id, scope, target, facts["run_id"], facts["queued_at"], facts["deadline_time"], facts["url"]
+    )
     await asyncio.to_thread(SlackWebhookNotifier(slack_webhook_conn_id=slack_conn_id, text=text).notify, context or {})
     return "slack warning sent"
 
 
-async def deadline_missed_slack(*, dag_id: str, scope: str, target: str, slack_conn_id: str, base_url: str, context=None) -> str:
+async def deadline_missed_slack(
+    *, dag_id: str, scope: str, target: str, slack_conn_id: str, base_url: str, context=None
+) -> str:
     """Deadline Alert callback at 100 % of the target: a Slack message."""
     from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
     from pgdr.messages import deadline_message
 
     facts = _deadline_facts(context, base_url)
-    text = deadline_message("missed", dag_id, scope, target, facts["run_id"], facts["queued_at"], facts["deadline_time"], facts["url"])
+    text = deadline_message(
+        "missed", dag_id, scope, target, facts["run_id"], facts["queued_at"], facts["deadline_time"], facts["url"]
+    )
     await asyncio.to_thread(SlackWebhookNotifier(slack_webhook_conn_id=slack_conn_id, text=text).notify, context or {})
     return "slack miss sent"
 
 
 async def deadline_missed_email(
-    *, dag_id: str, scope: str, target: str, smtp_conn_id: str, email_to: list[str], email_from: str, base_url: str,
+    *,
+    dag_id: str,
+    scope: str,
+    target: str,
+    smtp_conn_id: str,
+    email_to: list[str],
+    email_from: str,
+    base_url: str,
     context=None,
 ) -> str:
     """Deadline Alert callback at 100 % of the target: the SLA-miss e-mail."""
@@ -221,7 +244,9 @@ async def deadline_missed_email(
     from pgdr.messages import sla_miss_email
 
     facts = _deadline_facts(context, base_url)
-    subject, body = sla_miss_email(dag_id, scope, target, facts["run_id"], facts["queued_at"], facts["deadline_time"], facts["url"])
+    subject, body = sla_miss_email(
+        dag_id, scope, target, facts["run_id"], facts["queued_at"], facts["deadline_time"], facts["url"]
+    )
     # notify() sends the fields as they are (rendering happens only when a notifier is called).
     notifier = SmtpNotifier(
         from_email=email_from, to=list(email_to), subject=subject, html_content=body, smtp_conn_id=smtp_conn_id

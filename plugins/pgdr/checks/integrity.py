@@ -64,7 +64,10 @@ class IntegrityReport:
             for table, c in sorted(self.row_count_mismatches.items())
         ]
         if not self.amcheck_ok:
-            lines.append(f"pg_amcheck found corruption: {self.amcheck_output.strip().splitlines()[0] if self.amcheck_output.strip() else 'see log'}")
+            lines.append(
+                "pg_amcheck found corruption: "
+                f"{self.amcheck_output.strip().splitlines()[0] if self.amcheck_output.strip() else 'see log'}"
+            )
         lines += self.sequence_problems
         return lines
 
@@ -97,7 +100,10 @@ def check_row_counts(conn, manifest: BackupManifest, report: IntegrityReport, ta
         for table in restored.keys() - manifest.row_counts.keys():
             report.row_count_mismatches[table] = {"expected": None, "restored": restored[table]}
         if large_objects != manifest.large_objects:
-            report.row_count_mismatches["pg_largeobject_metadata"] = {"expected": manifest.large_objects, "restored": large_objects}
+            report.row_count_mismatches["pg_largeobject_metadata"] = {
+                "expected": manifest.large_objects,
+                "restored": large_objects,
+            }
     report.tables_checked = len(expected_counts)
     report.rows_checked = sum(expected_counts.values())
 
@@ -123,7 +129,8 @@ def check_sequences(conn, manifest: BackupManifest, report: IntegrityReport) -> 
         report.sequences_checked += 1
         if column_max is not None and (last is None or last < column_max):
             report.sequence_problems.append(
-                f"sequence {printable(sequence)} is at {last}, behind max({printable(table_key(schema, table))}.{printable(quote_ident(column))}) = {column_max}: "
+                f"sequence {printable(sequence)} is at {last}, behind "
+                f"max({printable(table_key(schema, table))}.{printable(quote_ident(column))}) = {column_max}: "
                 "the next insert would reuse a restored key"
             )
 
@@ -131,9 +138,14 @@ def check_sequences(conn, manifest: BackupManifest, report: IntegrityReport) -> 
 def run_amcheck(target: PgEndpoint, workdir: Path, report: IntegrityReport, jobs: int = 2) -> None:
     """Run ``pg_amcheck`` over every table and B-tree index of ``target`` (installs ``amcheck``)."""
     args = [
-        pg_tool("pg_amcheck"), "--install-missing", "--heapallindexed", f"--jobs={max(1, jobs)}", "--no-password",
+        pg_tool("pg_amcheck"),
+        "--install-missing",
+        "--heapallindexed",
+        f"--jobs={max(1, jobs)}",
+        "--no-password",
         # The database as a connection string, after "--": pg_amcheck's -d reads a pattern.
-        "--", endpoint_conninfo(target),
+        "--",
+        endpoint_conninfo(target),
     ]
     with passfile_env(target, workdir) as env:
         result = subprocess.run(args, env=env, capture_output=True, text=True)
@@ -143,7 +155,11 @@ def run_amcheck(target: PgEndpoint, workdir: Path, report: IntegrityReport, jobs
 
 
 def check_integrity(
-    target: PgEndpoint, manifest: BackupManifest, workdir: Path, jobs: int = 2, tables: set[str] | None = None,
+    target: PgEndpoint,
+    manifest: BackupManifest,
+    workdir: Path,
+    jobs: int = 2,
+    tables: set[str] | None = None,
     admin: PgEndpoint | None = None,
 ) -> IntegrityReport:
     """Run all integrity checks of a restored database against its backup's manifest.
@@ -173,13 +189,16 @@ def check_integrity(
         problems = report.problems()
         raise IntegrityCheckFailed(
             f"The restore of backup {manifest.backup_id} of database {manifest.database!r} failed its "
-            f"integrity checks ({len(problems)} problems): " + "; ".join(problems[:10])
+            f"integrity checks ({len(problems)} problems): "
+            + "; ".join(problems[:10])
             + ("; ..." if len(problems) > 10 else "")
             + ". The backup cannot be trusted: restore the previous verified backup if you need one."
         )
     log.info(
         "Integrity checks passed: %d tables and %d rows match the manifest exactly, pg_amcheck found no "
         "corruption, %d owned sequences are ahead of their columns.",
-        report.tables_checked, report.rows_checked, report.sequences_checked,
+        report.tables_checked,
+        report.rows_checked,
+        report.sequences_checked,
     )
     return report

@@ -92,7 +92,9 @@ class ExpectationOutcome:
     def line(self) -> str:
         column = f", column {self.column}" if self.column else ""
         what = self.description or self.type
-        return printable(f"{what} on table {self.table}{column} (observed: {_short(self.observed)}; from {self.source})")
+        return printable(
+            f"{what} on table {self.table}{column} (observed: {_short(self.observed)}; from {self.source})"
+        )
 
 
 @dataclass
@@ -154,7 +156,8 @@ ORDER BY 1, 2, 4
 # col("name") and breaks on a double quote in the name).
 _COLUMN_SQL = {
     "expect_column_values_to_not_be_null": "SELECT * FROM {{batch}} WHERE {col} IS NULL",
-    "expect_column_values_to_be_unique": "SELECT {col} FROM {{batch}} WHERE {col} IS NOT NULL GROUP BY {col} HAVING count(*) > 1",
+    "expect_column_values_to_be_unique": "SELECT {col} FROM {{batch}} WHERE {col} IS NOT NULL GROUP BY {col} HAVING "
+    "count(*) > 1",
 }
 
 
@@ -163,15 +166,22 @@ def _column_spec(table: str, kind: str, column: str, description: str) -> Expect
     if '"' not in column:
         return ExpectationSpec(table, kind, {"column": column}, "baseline", description)
     query = _COLUMN_SQL[kind].format(col=unicode_identifier(column))
-    return ExpectationSpec(table, "unexpected_rows_expectation", {"unexpected_rows_query": query}, "baseline", description)
+    return ExpectationSpec(
+        table, "unexpected_rows_expectation", {"unexpected_rows_query": query}, "baseline", description
+    )
 
 
 def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = None) -> list[ExpectationSpec]:
     """Generate the baseline expectations of every restored table of ``manifest`` (or of ``tables``)."""
     restored = {t for t in manifest.row_counts if tables is None or t in tables}
     specs = [
-        ExpectationSpec(table, "expect_table_row_count_to_equal", {"value": manifest.row_counts[table]}, "baseline",
-                        f"row count equals the backup's {manifest.row_counts[table]}")
+        ExpectationSpec(
+            table,
+            "expect_table_row_count_to_equal",
+            {"value": manifest.row_counts[table]},
+            "baseline",
+            f"row count equals the backup's {manifest.row_counts[table]}",
+        )
         for table in sorted(restored)
     ]
     for schema, table, kind, name, cols, fschema, ftable, fcols in conn.execute(_KEYS_SQL).fetchall():
@@ -180,14 +190,30 @@ def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = Non
             continue
         if kind == "p":
             for col in cols:
-                specs.append(_column_spec(key, "expect_column_values_to_not_be_null", col,
-                                          f"primary key column {quote_ident(col)} is not null"))
+                specs.append(
+                    _column_spec(
+                        key,
+                        "expect_column_values_to_not_be_null",
+                        col,
+                        f"primary key column {quote_ident(col)} is not null",
+                    )
+                )
             if len(cols) == 1:
-                specs.append(_column_spec(key, "expect_column_values_to_be_unique", cols[0],
-                                          f"primary key {quote_ident(name)} is unique"))
+                specs.append(
+                    _column_spec(
+                        key, "expect_column_values_to_be_unique", cols[0], f"primary key {quote_ident(name)} is unique"
+                    )
+                )
             else:
-                specs.append(ExpectationSpec(key, "expect_compound_columns_to_be_unique", {"column_list": list(cols)},
-                                             "baseline", f"primary key {quote_ident(name)} ({', '.join(map(quote_ident, cols))}) is unique"))
+                specs.append(
+                    ExpectationSpec(
+                        key,
+                        "expect_compound_columns_to_be_unique",
+                        {"column_list": list(cols)},
+                        "baseline",
+                        f"primary key {quote_ident(name)} ({', '.join(map(quote_ident, cols))}) is unique",
+                    )
+                )
         else:
             # GX substitutes {batch} with "(SELECT ...) AS subselect", so the batch cannot be given an
             # alias: the parent's key columns get unique aliases instead, which keeps every
@@ -198,14 +224,21 @@ def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = Non
             join = " AND ".join(f"parent.{ref} = {unicode_identifier(cc)}" for cc, ref in zip(cols, refs, strict=True))
             not_null = " AND ".join(f"{unicode_identifier(cc)} IS NOT NULL" for cc in cols)
             query = (
-                f"SELECT * FROM {{batch}} LEFT JOIN (SELECT {parent} FROM {QualifiedName(fschema, ftable).unicode_quoted()}) "
+                f"SELECT * FROM {{batch}} LEFT JOIN (SELECT {parent} FROM "
+                f"{QualifiedName(fschema, ftable).unicode_quoted()}) "
                 f"parent ON {join} WHERE parent.{refs[0]} IS NULL AND {not_null}"
             )
-            specs.append(ExpectationSpec(
-                key, "unexpected_rows_expectation", {"unexpected_rows_query": query}, "baseline",
-                f"no orphans: every {key}({', '.join(map(quote_ident, cols))}) exists in {table_key(fschema, ftable)} "
-                f"(foreign key {quote_ident(name)})",
-            ))
+            specs.append(
+                ExpectationSpec(
+                    key,
+                    "unexpected_rows_expectation",
+                    {"unexpected_rows_query": query},
+                    "baseline",
+                    f"no orphans: every {key}({', '.join(map(quote_ident, cols))}) exists in "
+                    f"{table_key(fschema, ftable)} "
+                    f"(foreign key {quote_ident(name)})",
+                )
+            )
     return specs
 
 
@@ -270,11 +303,23 @@ def load_user_suites(database: str, manifest: BackupManifest) -> list[Expectatio
             raise SuiteError(f"GX suite {where}: 'expectations' must be a non-empty list")
         for index, item in enumerate(expectations):
             if not isinstance(item, dict) or not isinstance(item.get("type"), str):
-                raise SuiteError(f"GX suite {where}: expectations[{index}] needs a 'type' (e.g. expect_column_values_to_be_in_set)")
+                raise SuiteError(
+                    f"GX suite {where}: expectations[{index}] needs a 'type' (e.g. expect_column_values_to_be_in_set)"
+                )
             if item.get("kwargs") is not None and not isinstance(item["kwargs"], dict):
-                raise SuiteError(f"GX suite {where}: expectations[{index}].kwargs must be a mapping of argument names to values")
+                raise SuiteError(
+                    f"GX suite {where}: expectations[{index}].kwargs must be a mapping of argument names to values"
+                )
             kwargs = _substitute(item.get("kwargs") or {}, manifest.recovery_point, f"{where} expectations[{index}]")
-            specs.append(ExpectationSpec(table, item["type"], kwargs, where, item.get("description") or (item.get("meta") or {}).get("description", "")))
+            specs.append(
+                ExpectationSpec(
+                    table,
+                    item["type"],
+                    kwargs,
+                    where,
+                    item.get("description") or (item.get("meta") or {}).get("description", ""),
+                )
+            )
     return specs
 
 
@@ -290,7 +335,8 @@ def _build_expectation(spec: ExpectationSpec, tag: int):
         ).to_domain_obj()
     except Exception as err:  # noqa: BLE001 - GX raises many kinds; the user needs the file and type
         raise SuiteError(
-            f"{spec.source}: expectation {printable(spec.type)!r} on {printable(spec.table)} is not valid: {printable(str(err))}. "
+            f"{spec.source}: expectation {printable(spec.type)!r} on {printable(spec.table)} is not valid: "
+            f"{printable(str(err))}. "
             "See https://greatexpectations.io/expectations for the types and their arguments."
         ) from None
 
@@ -312,7 +358,11 @@ def _observed(result: dict[str, Any]) -> Any:
         return f"error: {result['error']}"
     if "observed_value" in result:
         value = result["observed_value"]
-        return f"{value} unexpected rows" if isinstance(value, int) and result.get("details", {}).get("unexpected_rows") is not None else value
+        return (
+            f"{value} unexpected rows"
+            if isinstance(value, int) and result.get("details", {}).get("unexpected_rows") is not None
+            else value
+        )
     if "unexpected_count" in result:
         count = result["unexpected_count"]
         if not count:
@@ -348,7 +398,9 @@ def run_validation(target: PgEndpoint, specs: list[ExpectationSpec]) -> Validati
             relation = parse_qualified_name(table).unicode_quoted()
             # A data source per table: GX matches column names without regard to case across the
             # assets of one source ("id" of one table resolved to "Id" of another).
-            source = context.data_sources.add_postgres(name=f"restored_{index}", connection_string=f"${{{_GX_CONN_ENV_VAR}}}")
+            source = context.data_sources.add_postgres(
+                name=f"restored_{index}", connection_string=f"${{{_GX_CONN_ENV_VAR}}}"
+            )
             asset = source.add_query_asset(name=f"t{index}", query=f"SELECT * FROM {relation}")
             suite = gx.ExpectationSuite(name=f"pgdr_{index}")
             for tag, spec in enumerate(table_specs):
@@ -367,11 +419,18 @@ def run_validation(target: PgEndpoint, specs: list[ExpectationSpec]) -> Validati
                 error = _exception_message(outcome.exception_info)
                 if error:
                     outcome.result = {"error": error}
-                report.outcomes.append(ExpectationOutcome(
-                    table=table, type=config.type, column=config.kwargs.get("column"),
-                    success=bool(outcome.success), observed=_observed(outcome.result or {}),
-                    source=spec.source, description=spec.description, kwargs=_jsonable(spec.kwargs),
-                ))
+                report.outcomes.append(
+                    ExpectationOutcome(
+                        table=table,
+                        type=config.type,
+                        column=config.kwargs.get("column"),
+                        success=bool(outcome.success),
+                        observed=_observed(outcome.result or {}),
+                        source=spec.source,
+                        description=spec.description,
+                        kwargs=_jsonable(spec.kwargs),
+                    )
+                )
     finally:
         os.environ.pop(_GX_CONN_ENV_VAR, None)
     report.seconds = time.monotonic() - started
@@ -393,7 +452,10 @@ def validate_restored(target: PgEndpoint, manifest: BackupManifest, tables: set[
     report = run_validation(target, specs)
     log.info(
         "Great Expectations: %d expectations on %d tables, %d failed, in %.1fs.",
-        len(report.outcomes), len({o.table for o in report.outcomes}), len(report.failed), report.seconds,
+        len(report.outcomes),
+        len({o.table for o in report.outcomes}),
+        len(report.failed),
+        report.seconds,
     )
     return report
 
@@ -403,8 +465,10 @@ def failure_error(report: ValidationReport, manifest: BackupManifest, report_loc
     lines = [o.line() for o in report.failed]
     return ValidationFailed(
         f"{len(lines)} of {len(report.outcomes)} expectations failed on the restore of backup "
-        f"{manifest.backup_id} of database {manifest.database!r}: " + "; ".join(lines[:10])
-        + ("; ..." if len(lines) > 10 else "") + f". Full report: {report_location}"
+        f"{manifest.backup_id} of database {manifest.database!r}: "
+        + "; ".join(lines[:10])
+        + ("; ..." if len(lines) > 10 else "")
+        + f". Full report: {report_location}"
     )
 
 
@@ -429,20 +493,24 @@ def render_html(report: ValidationReport, manifest: BackupManifest, extra: dict[
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     verdict = "All expectations passed" if report.ok else f"{summary['failed']} expectations FAILED"
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>pgdr validation: {html.escape(manifest.database)} {html.escape(manifest.backup_id)}</title>
+<html lang="en"><head><meta charset="utf-8">
+<title>pgdr validation: {html.escape(manifest.database)} {html.escape(manifest.backup_id)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #1d2330; }}
-h1 {{ font-size: 1.4rem; }} .verdict {{ font-size: 1.2rem; padding: .6rem 1rem; border-radius: 6px; display: inline-block; }}
+h1 {{ font-size: 1.4rem; }}
+.verdict {{ font-size: 1.2rem; padding: .6rem 1rem; border-radius: 6px; display: inline-block; }}
 .ok {{ background: #e3f6e8; color: #13612e; }} .bad {{ background: #fde7e7; color: #8a1111; }}
-table {{ border-collapse: collapse; margin: 1rem 0; }} td, th {{ padding: .3rem .7rem; border-bottom: 1px solid #e3e6ec; text-align: left; vertical-align: top; }}
-tr.fail td {{ background: #fff1f1; }} tr.fail td:first-child {{ color: #b00; font-weight: 600; }} tr.pass td:first-child {{ color: #13612e; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }}
+td, th {{ padding: .3rem .7rem; border-bottom: 1px solid #e3e6ec; text-align: left; vertical-align: top; }}
+tr.fail td {{ background: #fff1f1; }} tr.fail td:first-child {{ color: #b00; font-weight: 600; }}
+tr.pass td:first-child {{ color: #13612e; }}
 code {{ font-size: .85rem; }}
 </style></head><body>
 <h1>Restore validation of <code>{html.escape(manifest.database)}</code></h1>
-<p class="verdict {'ok' if report.ok else 'bad'}">{verdict}</p>
+<p class="verdict {"ok" if report.ok else "bad"}">{verdict}</p>
 <table>{fact_rows}</table>
 <table><tr><th>Result</th><th>Table</th><th>Expectation</th><th>Column</th><th>Observed</th><th>Suite</th></tr>
-{''.join(rows)}
+{"".join(rows)}
 </table>
 <p>Generated by pgdr with Great Expectations.</p>
 </body></html>

@@ -67,8 +67,10 @@ def list_backups(database: str) -> int:
     _print(f"Backups of {db.name!r} in {store.describe(layout.database_prefix(db.name))}, newest first:")
     _print(f"  {'backup':<24} {'status':<11} {'recovery point (UTC)':<26} size")
     for entry in reversed(backups):
-        _print(f"  {entry.backup_id:<24} {entry.status:<11} {entry.recovery_point.isoformat():<26} "
-               f"{entry.manifest.size_summary()}")
+        _print(
+            f"  {entry.backup_id:<24} {entry.status:<11} {entry.recovery_point.isoformat():<26} "
+            f"{entry.manifest.size_summary()}"
+        )
     if not backups:
         _print("  (none)")
     for damaged in catalog.damaged:
@@ -85,8 +87,10 @@ class _Progress(threading.Thread):
     while the main thread holds their module locks (a deadlock that hung the command forever).
     """
 
-    QUERY = ("SELECT task_id, map_index, state, (julianday(end_date) - julianday(start_date)) * 86400 "
-             "FROM task_instance WHERE dag_id = ? ORDER BY start_date IS NULL, start_date, end_date IS NULL, end_date")
+    QUERY = (
+        "SELECT task_id, map_index, state, (julianday(end_date) - julianday(start_date)) * 86400 "
+        "FROM task_instance WHERE dag_id = ? ORDER BY start_date IS NULL, start_date, end_date IS NULL, end_date"
+    )
 
     def __init__(self, metadata_db: Path, dag_id: str):
         super().__init__(name="pgdr-progress", daemon=True)
@@ -134,9 +138,18 @@ def _stop(signum, frame) -> None:
 
 def restore(args: argparse.Namespace, home: Path, log_path: Path) -> int:
     """Run ``pgdr_restore`` in this process with the command's fields as the form's; return the exit status."""
-    given = {"database": args.database, "backup": args.backup, "mode": args.mode, "confirm": args.confirm,
-             "target_name": args.target_name, "tables": args.tables, "target_conn_id": args.target_conn_id,
-             "dry_run": args.dry_run, "restore_roles": args.restore_roles, "restore_role_passwords": args.with_passwords}
+    given = {
+        "database": args.database,
+        "backup": args.backup,
+        "mode": args.mode,
+        "confirm": args.confirm,
+        "target_name": args.target_name,
+        "tables": args.tables,
+        "target_conn_id": args.target_conn_id,
+        "dry_run": args.dry_run,
+        "restore_roles": args.restore_roles,
+        "restore_role_passwords": args.with_passwords,
+    }
     conf = {key: value for key, value in given.items() if value is not None}  # the form's defaults for the rest
     _print("pgdr: loading the pgdr_restore DAG")
     from pgdr.local.runner import explain_failure, load_dag
@@ -151,8 +164,10 @@ def restore(args: argparse.Namespace, home: Path, log_path: Path) -> int:
         dag_run = dag.test(run_conf=conf)
     except KeyboardInterrupt:
         progress.stop.set()
-        _print("\npgdr: interrupted. The live database was not touched; a half-restored copy made by this run is "
-               "dropped by the restore task as it stops (look for <database>_restored_* / _restoring_* if it was not).")
+        _print(
+            "\npgdr: interrupted. The live database was not touched; a half-restored copy made by this run is "
+            "dropped by the restore task as it stops (look for <database>_restored_* / _restoring_* if it was not)."
+        )
         return 130
     except Exception as err:  # noqa: BLE001 - the form's own refusal (a wrong field), said as the UI says it
         progress.stop.set()
@@ -176,8 +191,11 @@ def _summarise(dag_run, seconds: float) -> int:
 
     def xcom(task_id: str):
         with create_session() as session:
-            value = session.query(XComModel.value).filter_by(
-                dag_id="pgdr_restore", run_id=dag_run.run_id, task_id=task_id, key="return_value").scalar()
+            value = (
+                session.query(XComModel.value)
+                .filter_by(dag_id="pgdr_restore", run_id=dag_run.run_id, task_id=task_id, key="return_value")
+                .scalar()
+            )
         return json.loads(value) if isinstance(value, str) else value
 
     state = str(getattr(dag_run.state, "value", dag_run.state))
@@ -212,8 +230,10 @@ def _private_airflow() -> Path:
     # INFO: the task logs go to the log file, and a failed task's lines are found there by dag.test()'s markers.
     env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = os.environ.get("PGDR_LOG_LEVEL", "INFO")
     os.environ.update(env)  # before Airflow is imported: it reads its configuration once
-    _print(f"pgdr: importing Airflow and preparing a private metadata database in {home} "
-           "(the production Airflow is not used; about 10 seconds)")
+    _print(
+        f"pgdr: importing Airflow and preparing a private metadata database in {home} "
+        "(the production Airflow is not used; about 10 seconds)"
+    )
     from airflow.utils.db import initdb  # a fresh database: the tables from the models, stamped at the head revision
 
     initdb()
@@ -227,17 +247,33 @@ def _common_options(parser: argparse.ArgumentParser, on_subcommand: bool) -> Non
     overwritten by the subcommand's default.
     """
     default = argparse.SUPPRESS if on_subcommand else None
-    parser.add_argument("--plan", type=Path, default=default, help="the DR plan (default: $PGDR_PLAN or include/pgdr.yaml)")
-    parser.add_argument("--connections", type=Path, default=default,
-                        help="a JSON file of {conn_id: connection}, as AIRFLOW_CONN_* values")
-    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS if on_subcommand else False,
-                        help="stream every log record to the terminal too (they always go to the log file)")
-    parser.add_argument("--log-file", type=Path, default=default,
-                        help="where the log records go (default: pgdr-restore-<time>-<pid>.log in the temporary directory)")
+    parser.add_argument(
+        "--plan", type=Path, default=default, help="the DR plan (default: $PGDR_PLAN or include/pgdr.yaml)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=Path,
+        default=default,
+        help="a JSON file of {conn_id: connection}, as AIRFLOW_CONN_* values",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS if on_subcommand else False,
+        help="stream every log record to the terminal too (they always go to the log file)",
+    )
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        default=default,
+        help="where the log records go (default: pgdr-restore-<time>-<pid>.log in the temporary directory)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pgdr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pgdr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _common_options(parser, on_subcommand=False)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="list the backups of a database, from the storage target")
@@ -246,18 +282,30 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("restore", help="restore a database with the pgdr_restore DAG, without a running Airflow")
     _common_options(run, on_subcommand=True)
     run.add_argument("--database", required=True, help="a database of the DR plan")
-    run.add_argument("--backup", default="latest-verified", help="latest-verified (default), latest, a backup id, or a UTC time")
+    run.add_argument(
+        "--backup", default="latest-verified", help="latest-verified (default), latest, a backup id, or a UTC time"
+    )
     run.add_argument("--mode", default="new-database", help="new-database (default) or replace")
     run.add_argument("--confirm", help="replace mode: the live database's name, typed exactly")
     run.add_argument("--target-name", help="new-database mode: the new database's name")
-    run.add_argument("--tables", action="append", help='a table to restore, as SQL writes it ("Sales Dept".orders); repeat for more')
+    run.add_argument(
+        "--tables", action="append", help='a table to restore, as SQL writes it ("Sales Dept".orders); repeat for more'
+    )
     run.add_argument("--target-conn-id", help="restore onto another server of the plan (new-database mode)")
     run.add_argument("--dry-run", action="store_true", help="print the restore plan and stop")
-    run.add_argument("--restore-roles", action="store_true",
-                     help="create the roles the backup names that the server lacks, as on the source server")
-    run.add_argument("--with-passwords", action="store_true",
-                     help="with --restore-roles: give the created roles their password hashes from the backup")
-    keygen = commands.add_parser("keygen", help="print a new master key for client-side encryption, as an Airflow connection")
+    run.add_argument(
+        "--restore-roles",
+        action="store_true",
+        help="create the roles the backup names that the server lacks, as on the source server",
+    )
+    run.add_argument(
+        "--with-passwords",
+        action="store_true",
+        help="with --restore-roles: give the created roles their password hashes from the backup",
+    )
+    keygen = commands.add_parser(
+        "keygen", help="print a new master key for client-side encryption, as an Airflow connection"
+    )
     keygen.add_argument("--key-id", help="the new key's id (default: key-<UTC date and time>)")
     args = parser.parse_args(argv)
     if args.command == "keygen":
@@ -276,10 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             _print(f"pgdr: {err}")
             return 1
     log_path = (args.log_file or default_log_path(Path(tempfile.gettempdir()), "pgdr-restore")).resolve()
-    _print(f"pgdr: restoring {args.database!r} from {args.backup!r} ({args.mode}) with the pgdr_restore DAG, in this process")
+    _print(
+        f"pgdr: restoring {args.database!r} from {args.backup!r} ({args.mode}) with the pgdr_restore DAG, in this "
+        "process"
+    )
     _print(f"pgdr: the log records go to {log_path}" + ("" if args.verbose else " (--verbose streams them)"))
     with Console(log_path, verbose=args.verbose):
-        # `kill -USR1 <pid>` writes every thread's stack to the log (fd 2 now): what a command that seems stuck waits for.
+        # `kill -USR1 <pid>` writes every thread's stack to the log (fd 2 now): what a command that seems stuck waits
+        # for.
         faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
         home = _private_airflow()
         os.environ[VIA_ENV_VAR] = f"the command line (python -m pgdr restore) as {_who()}"

@@ -58,8 +58,12 @@ class Console:
         try:
             if self.verbose:
                 # -i: Ctrl-C reaches the whole process group; tee must outlive it to pass on the last lines.
-                self._tee = subprocess.Popen(["tee", "-i", "-a", str(self.log_path)], stdin=subprocess.PIPE,
-                                             stdout=self._saved[0], stderr=self._saved[1])
+                self._tee = subprocess.Popen(
+                    ["tee", "-i", "-a", str(self.log_path)],
+                    stdin=subprocess.PIPE,
+                    stdout=self._saved[0],
+                    stderr=self._saved[1],
+                )
                 target = self._tee.stdin.fileno()
             else:
                 target = log_fd
@@ -130,7 +134,9 @@ def plain(text: str = "") -> None:
     _active.plain(text) if _active else print(text, flush=True)
 
 
-def task_excerpt(log_path: Path, since: int, task_id: str, map_index: int = -1, lines: int = 10) -> tuple[str, list[str]]:
+def task_excerpt(
+    log_path: Path, since: int, task_id: str, map_index: int = -1, lines: int = 10
+) -> tuple[str, list[str]]:
     """Return the error and the last ``lines`` log lines of one task run by ``dag.test()`` since byte ``since``.
 
     :return: ``(error, lines)``: the message of the task's last exception, all its lines ("" when
@@ -154,7 +160,7 @@ def task_excerpt(log_path: Path, since: int, task_id: str, map_index: int = -1, 
     found = [number for number, line in enumerate(span) if _EXCEPTION_LINE.match(line)]
     if found:
         message = [span[found[-1]].split(": ", 1)[1]]
-        for line in span[found[-1] + 1:]:
+        for line in span[found[-1] + 1 :]:
             if _RECORD_START.match(line):
                 break
             message.append(line)

@@ -27,11 +27,16 @@ from pgdr.plan import PROJECT_ROOT
 STATE_DIR = Path(os.environ.get("PGDR_STATE_DIR") or PROJECT_ROOT / ".pgdr")
 
 
-DEMO_KEYS = {"AWS_ACCESS_KEY_ID": "pgdr-demo", "AWS_SECRET_ACCESS_KEY": "pgdr-demo-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+DEMO_KEYS = {
+    "AWS_ACCESS_KEY_ID": "pgdr-demo",
+    "AWS_SECRET_ACCESS_KEY": "pgdr-demo-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def start_local_s3(plan) -> dict:
-    """Start moto's S3 server for the plan's PITR targets (barman-cloud writes only to S3); return what the server needs.
+    """Start moto's S3 server for the plan's PITR targets (barman-cloud writes only to S3); return what the server
+    needs.
 
     :return: ``settings`` and ``environment`` for the embedded server (its archive_command), or
         empty ones when the plan has no PITR server or the archiver is not installed.
@@ -61,13 +66,22 @@ def start_local_s3(plan) -> dict:
     endpoint = f"http://127.0.0.1:{port}"
     server = plan.servers[0]
     target = server.pitr.storage
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=DEMO_KEYS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=DEMO_KEYS["AWS_SECRET_ACCESS_KEY"])
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=DEMO_KEYS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=DEMO_KEYS["AWS_SECRET_ACCESS_KEY"],
+    )
     client.create_bucket(Bucket=target.bucket)
-    os.environ[f"AIRFLOW_CONN_{target.aws_conn_id.upper()}"] = json.dumps({
-        "conn_type": "aws", "login": DEMO_KEYS["AWS_ACCESS_KEY_ID"], "password": DEMO_KEYS["AWS_SECRET_ACCESS_KEY"],
-        "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    })
+    os.environ[f"AIRFLOW_CONN_{target.aws_conn_id.upper()}"] = json.dumps(
+        {
+            "conn_type": "aws",
+            "login": DEMO_KEYS["AWS_ACCESS_KEY_ID"],
+            "password": DEMO_KEYS["AWS_SECRET_ACCESS_KEY"],
+            "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        }
+    )
     access = ArchiveAccess(endpoint, "us-east-1", DEMO_KEYS["AWS_ACCESS_KEY_ID"], DEMO_KEYS["AWS_SECRET_ACCESS_KEY"])
     archive = WalArchive(target.bucket, PhysicalLayout(target.prefix), server.name, access)
     say(f"Local S3 endpoint (moto) on {endpoint}: the WAL archive is {archive.describe()}")
@@ -168,23 +182,39 @@ def verify_newest_backups() -> None:
         say(f"Verification of '{db.name}' backup {entry.backup_id}: {entry.status.upper()}")
         if record.restore_seconds is not None:
             verdict = "within" if record.rto_met else "BREACHES"
-            detail(f"restore time   : {format_duration(record.restore_seconds)} ({verdict} the RTO of {format_duration(record.rto_target_seconds)})")
+            detail(
+                f"restore time   : {format_duration(record.restore_seconds)} ({verdict} the RTO of "
+                f"{format_duration(record.rto_target_seconds)})"
+            )
         for phase in VERIFICATION_PHASES:
             facts = record.phases.get(phase)
             if facts:
-                    detail(f"  {phase:<16}: {format_duration(facts['seconds'])}")
+                detail(f"  {phase:<16}: {format_duration(facts['seconds'])}")
         integrity = record.integrity or {}
         if integrity:
-            detail(f"integrity      : {integrity['tables_checked']} tables, {integrity['rows_checked']} rows match the manifest; pg_amcheck clean")
+            detail(
+                f"integrity      : {integrity['tables_checked']} tables, {integrity['rows_checked']} rows match the "
+                "manifest; pg_amcheck clean"
+            )
         validation = record.validation or {}
         if validation:
-            detail(f"validation     : {validation['expectations'] - validation['failed']} of {validation['expectations']} expectations passed ({', '.join(validation['user_suites'])} + baseline)")
+            detail(
+                f"validation     : {validation['expectations'] - validation['failed']} of "
+                f"{validation['expectations']} expectations passed ({', '.join(validation['user_suites'])} + "
+                "baseline)"
+            )
             detail(f"report         : {validation['report']}")
         privileges = record.privileges
         if privileges:
-            given = ", ".join(f"{privileges[key]} {label}" for key, label in (
-                ("owners", "owners"), ("grants", "grants"), ("default_privileges", "default privileges"),
-                ("database_properties", "database settings and grants")))
+            given = ", ".join(
+                f"{privileges[key]} {label}"
+                for key, label in (
+                    ("owners", "owners"),
+                    ("grants", "grants"),
+                    ("default_privileges", "default privileges"),
+                    ("database_properties", "database settings and grants"),
+                )
+            )
             detail(f"privileges     : given back after the checks: {given}")
 
 
@@ -195,9 +225,11 @@ def run_drill() -> None:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        value = session.query(XComModel.value).filter_by(
-            dag_id="pgdr_drill", run_id=dag_run.run_id, task_id="publish_report", key="return_value"
-        ).scalar()
+        value = (
+            session.query(XComModel.value)
+            .filter_by(dag_id="pgdr_drill", run_id=dag_run.run_id, task_id="publish_report", key="return_value")
+            .scalar()
+        )
     result = json.loads(value) if isinstance(value, str) else value
     say(f"DR drill {result['drill_id']}: {result['status'].upper()}")
     for line in result["headline"]:
@@ -230,17 +262,27 @@ def show_point_in_time_recovery(server) -> None:
         return
     pitr_server = plan.servers[0]
     database = plan.database(pitr_server.databases[0])
-    say(f"Point-in-time recovery: writing 5 rows into {database.dbname}.public.pitr_demo, then losing them with a DELETE")
+    say(
+        f"Point-in-time recovery: writing 5 rows into {database.dbname}.public.pitr_demo, then losing them with a "
+        "DELETE"
+    )
     with psycopg.connect(**server.dsn(database.dbname), autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS public.pitr_demo (id serial PRIMARY KEY, note text, at timestamptz DEFAULT clock_timestamp())")
-        conn.execute("INSERT INTO public.pitr_demo (note) SELECT 'written by make demo #' || g FROM generate_series(1, 5) g")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS public.pitr_demo (id serial PRIMARY KEY, note text, at timestamptz DEFAULT "
+            "clock_timestamp())"
+        )
+        conn.execute(
+            "INSERT INTO public.pitr_demo (note) SELECT 'written by make demo #' || g FROM generate_series(1, 5) g"
+        )
         time.sleep(1.3 - time.time() % 1)
         moment = conn.execute("SELECT date_trunc('second', clock_timestamp() AT TIME ZONE 'UTC')").fetchone()[0]
         time.sleep(1.3 - time.time() % 1)
         deleted = conn.execute("DELETE FROM public.pitr_demo").rowcount
         remaining = conn.execute("SELECT count(*) FROM public.pitr_demo").fetchone()[0]
     stamp = moment.strftime("%Y-%m-%d %H:%M:%S")
-    detail(f"the last good second: {stamp} UTC; then DELETE removed {deleted} rows ({remaining} left in the live table)")
+    detail(
+        f"the last good second: {stamp} UTC; then DELETE removed {deleted} rows ({remaining} left in the live table)"
+    )
     switch_and_wait_archived(server_endpoint(pitr_server, plan), pitr_server.pitr.archive_timeout.total_seconds() + 60)
     target = f"{database.dbname}_as_of_{moment:%H%M%S}"
     dag_run = run("pgdr_restore", run_conf={"database": database.name, "backup": stamp, "target_name": target})
@@ -248,16 +290,21 @@ def show_point_in_time_recovery(server) -> None:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        value = session.query(XComModel.value).filter_by(
-            dag_id="pgdr_restore", run_id=dag_run.run_id, task_id="recover_to_moment", key="return_value"
-        ).scalar()
+        value = (
+            session.query(XComModel.value)
+            .filter_by(dag_id="pgdr_restore", run_id=dag_run.run_id, task_id="recover_to_moment", key="return_value")
+            .scalar()
+        )
     done = json.loads(value) if isinstance(value, str) else value
     recovery = done["pitr"]["recovery"]
     with psycopg.connect(**server.dsn(target)) as conn:
         back = conn.execute("SELECT count(*) FROM public.pitr_demo").fetchone()[0]
     say(f"Restored '{database.name}' as of {stamp} UTC into {target!r}")
     detail(f"achieved recovery point : {recovery['achieved_recovery_point']} (the last transaction replayed)")
-    detail(f"base backup             : {done['pitr']['base_backup']}, {recovery['wal_bytes_replayed'] / 1e6:.1f} MB of WAL replayed in {recovery['replay_seconds']}s")
+    detail(
+        f"base backup             : {done['pitr']['base_backup']}, {recovery['wal_bytes_replayed'] / 1e6:.1f} MB of "
+        f"WAL replayed in {recovery['replay_seconds']}s"
+    )
     detail(f"rows of pitr_demo       : {back} in the restored copy, {remaining} in the live database")
     with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{target}" WITH (FORCE)')  # the demo leaves nothing behind but backups
@@ -277,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     global LOG_PATH
     LOG_PATH = (args.log_file or default_log_path(STATE_DIR / "logs", "demo")).resolve()
     with Console(LOG_PATH, verbose=args.verbose):
-        say(f"pgdr demo: the log records of every task go to {LOG_PATH}"
-            + ("" if args.verbose else " (make demo ARGS=--verbose streams them)"))
+        say(
+            f"pgdr demo: the log records of every task go to {LOG_PATH}"
+            + ("" if args.verbose else " (make demo ARGS=--verbose streams them)")
+        )
         started = time.monotonic()
         server = None
         try:

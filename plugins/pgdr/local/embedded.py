@@ -129,8 +129,10 @@ class EmbeddedServer:
             result = self._run(
                 [
                     str(runnable_bundled_bin_dir() / "initdb"),
-                    "-D", str(self.data_dir),
-                    "-U", self.superuser,
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    self.superuser,
                     f"--pwfile={pwfile}",
                     "--auth=scram-sha-256",
                     "--encoding=UTF8",
@@ -171,10 +173,15 @@ class EmbeddedServer:
         result = self._run(
             [
                 str(runnable_bundled_bin_dir() / "pg_ctl"),
-                "-D", str(self.data_dir),
-                "-l", str(self.log_file),
-                "-o", options,
-                "-w", "-t", "60",
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_file),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
                 "start",
             ]
         )
@@ -188,6 +195,7 @@ class EmbeddedServer:
 
     def _write_settings(self) -> None:
         """Write ``settings`` to ``pgdr.conf`` in the data directory, included by ``postgresql.conf``."""
+
         def literal(value: str) -> str:
             return "'" + value.replace("'", "''") + "'"
 
@@ -228,9 +236,7 @@ class EmbeddedServer:
         """Stop the server quickly; running sessions are disconnected."""
         if not self.data_dir.exists():
             return
-        self._run(
-            [str(runnable_bundled_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
-        )
+        self._run([str(runnable_bundled_bin_dir() / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"])
         deadline = time.monotonic() + 30
         while self.is_running() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -260,8 +266,15 @@ class EmbeddedServer:
         """Return the ``AIRFLOW_CONN_*`` JSON of the restore role's connection (host and port are not used)."""
         import json
 
-        return json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": self.port,
-                           "login": self.restore_user, "password": self.restore_password})
+        return json.dumps(
+            {
+                "conn_type": "postgres",
+                "host": "127.0.0.1",
+                "port": self.port,
+                "login": self.restore_user,
+                "password": self.restore_password,
+            }
+        )
 
     def dsn(self, database: str = "postgres") -> dict:
         """Return psycopg connection keywords for ``database``."""
@@ -287,14 +300,29 @@ def create_sample_database(server: EmbeddedServer, name: str = "shop", scale: in
     for sql in (f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"'):
         subprocess.run(
             [str(bundled_bin_dir() / "psql"), *base, "-d", "postgres", "-X", "-q", "-c", sql],
-            env=env, check=True, capture_output=True, text=True,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
         )
     result = subprocess.run(
         [
-            str(bundled_bin_dir() / "psql"), *base, "-d", name, "-X", "-q",
-            "-v", "ON_ERROR_STOP=1", "-v", f"scale={int(scale)}", "-f", str(SAMPLE_SQL),
+            str(bundled_bin_dir() / "psql"),
+            *base,
+            "-d",
+            name,
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            f"scale={int(scale)}",
+            "-f",
+            str(SAMPLE_SQL),
         ],
-        env=env, capture_output=True, text=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise EmbeddedServerError(f"Loading the sample database {name!r} failed:\n{result.stderr}")

@@ -45,9 +45,7 @@ def local_airflow_env(airflow_home: Path) -> dict[str, str]:
 def migrate_metadata_db(env: dict[str, str]) -> None:
     """Create or upgrade the Airflow metadata database of ``env`` (``airflow db migrate``)."""
     airflow = Path(sys.executable).with_name("airflow")
-    result = subprocess.run(
-        [str(airflow), "db", "migrate"], env={**os.environ, **env}, capture_output=True, text=True
-    )
+    result = subprocess.run([str(airflow), "db", "migrate"], env={**os.environ, **env}, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"airflow db migrate failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
@@ -72,8 +70,11 @@ def failed_tasks(dag_id: str, run_id: str) -> list[tuple[str, int]]:
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        rows = (session.query(TaskInstance.task_id, TaskInstance.map_index, TaskInstance.end_date)
-                .filter_by(dag_id=dag_id, run_id=run_id, state="failed").all())
+        rows = (
+            session.query(TaskInstance.task_id, TaskInstance.map_index, TaskInstance.end_date)
+            .filter_by(dag_id=dag_id, run_id=run_id, state="failed")
+            .all()
+        )
     return [(task_id, map_index) for task_id, map_index, _end in sorted(rows, key=lambda row: str(row[2]))]
 
 

@@ -61,22 +61,24 @@ def airflow_environment(home: Path, port: int) -> dict[str, str]:
     from pgdr.postgres.binaries import free_port
 
     env = {**os.environ, **local_airflow_env(home)}
-    env.update({
-        # standalone starts `airflow scheduler` & co. by name: the venv's bin must be on PATH
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PGDR_DEADLINES": "on",  # a real scheduler runs them (dag.test() cannot)
-        "PGDR_WORK_DIR": str(home / "work"),
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
-    })
+    env.update(
+        {
+            # standalone starts `airflow scheduler` & co. by name: the venv's bin must be on PATH
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "PGDR_DEADLINES": "on",  # a real scheduler runs them (dag.test() cannot)
+            "PGDR_WORK_DIR": str(home / "work"),
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        }
+    )
     return env
 
 
@@ -126,8 +128,10 @@ def _wait_until_ready(base_url: str, process: subprocess.Popen, log: Path, timeo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"airflow standalone stopped while starting; the end of {log}:\n"
-                             f"{log.read_text(errors='replace')[-3000:]}")
+            raise SystemExit(
+                f"airflow standalone stopped while starting; the end of {log}:\n"
+                f"{log.read_text(errors='replace')[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(f"{base_url}/api/v2/monitor/health", timeout=5) as response:
                 if json.loads(response.read())["scheduler"]["status"] == "healthy":
@@ -164,8 +168,12 @@ def serve(args: argparse.Namespace) -> None:
     base_url = env["AIRFLOW__API__BASE_URL"]
     say(f"Starting airflow standalone (its output goes to {log})")
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("airflow")), "standalone"], env=env, cwd=UI_HOME,
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        [str(Path(sys.executable).with_name("airflow")), "standalone"],
+        env=env,
+        cwd=UI_HOME,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     (UI_HOME / "airflow.pid").write_text(f"{process.pid}\n")  # its session: every process it starts
     stopping = False

@@ -46,6 +46,7 @@ from pgdr.storage.layout import BackupLayout, new_backup_id
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class BackupResult:
     """What one backup produced, with the time each phase took (seconds)."""
@@ -87,7 +88,9 @@ def upload_dump(
             stored_size, upload = size, path
         else:
             upload = sealed_dir / path.name
-            stored_size, sha256, size = encrypt_file(path, upload, data_key, file_context(database, backup_id, path.name))
+            stored_size, sha256, size = encrypt_file(
+                path, upload, data_key, file_context(database, backup_id, path.name)
+            )
         try:
             store.put_file(key, upload)
         finally:
@@ -130,9 +133,17 @@ def dump_globals(endpoint: PgEndpoint, out: Path, workdir: Path) -> bool:
     for extra in ([], ["--no-role-passwords"]):
         with passfile_env(endpoint, workdir) as env:
             result = subprocess.run(
-                [pg_tool("pg_dumpall"), "--globals-only", "--no-password", f"--file={out}", *extra,
-                 f"--dbname={endpoint_conninfo(endpoint, 'postgres')}"],
-                env=env, capture_output=True, text=True,
+                [
+                    pg_tool("pg_dumpall"),
+                    "--globals-only",
+                    "--no-password",
+                    f"--file={out}",
+                    *extra,
+                    f"--dbname={endpoint_conninfo(endpoint, 'postgres')}",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
             )
         if result.returncode == 0:
             if extra:
@@ -140,8 +151,11 @@ def dump_globals(endpoint: PgEndpoint, out: Path, workdir: Path) -> bool:
             return True
         out.unlink(missing_ok=True)
         error = endpoint.scrub(result.stderr.strip())[-300:]
-    log.warning("pg_dumpall --globals-only failed (%s); this backup holds no role definitions: a restore onto a server "
-                "without the roles creates them bare (NOLOGIN).", error)
+    log.warning(
+        "pg_dumpall --globals-only failed (%s); this backup holds no role definitions: a restore onto a server "
+        "without the roles creates them bare (NOLOGIN).",
+        error,
+    )
     return False
 
 
@@ -174,7 +188,9 @@ def take_backup(
         if done is not None:
             log.info("Run %s already completed backup %s of %s; not taking another.", run_id, done.backup_id, db.name)
             key = layout.manifest_key(db.name, done.backup_id)
-            return BackupResult(done.manifest, key, store.describe(layout.backup_prefix(db.name, done.backup_id)), True, {}, {})
+            return BackupResult(
+                done.manifest, key, store.describe(layout.backup_prefix(db.name, done.backup_id)), True, {}, {}
+            )
 
     timings: dict[str, float] = {}
     started_at = datetime.now(UTC)
@@ -187,11 +203,17 @@ def take_backup(
     with exported_snapshot(endpoint) as snap, passfile_env(endpoint, workdir) as env:
         log.info(
             "Snapshot %s exported from %s at %s (the recovery point); dumping with %d jobs.",
-            snap.snapshot_id, endpoint.describe(), snap.recovery_point.isoformat(), db.dump_jobs,
+            snap.snapshot_id,
+            endpoint.describe(),
+            snap.recovery_point.isoformat(),
+            db.dump_jobs,
         )
         dump = subprocess.Popen(
             dump_command(endpoint, dump_dir, db.dump_jobs, snap.snapshot_id, db.compression),
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         # Count rows in the exported snapshot while pg_dump reads the same snapshot. Whichever
         # fails first stops the other: a pg_dump that refuses its options (a compression this
@@ -228,7 +250,9 @@ def take_backup(
     upload_started = _utc_now()
     t1 = time.monotonic()
     try:
-        files, uploaded = upload_dump(dump_dir, store, layout, db.name, backup_id, workers=max(2, db.dump_jobs), data_key=data_key)
+        files, uploaded = upload_dump(
+            dump_dir, store, layout, db.name, backup_id, workers=max(2, db.dump_jobs), data_key=data_key
+        )
     except Exception as err:
         _remove_partial(store, getattr(err, "uploaded_keys", []), backup_id)
         raise
@@ -258,7 +282,11 @@ def take_backup(
     )
     if data_key is not None:
         manifest = seal_manifest(manifest, keys, data_key, db.encryption_key_conn_id)
-        log.info("Backup %s is encrypted (AES-256-GCM) with a fresh data key wrapped by master key %r.", backup_id, keys.current)
+        log.info(
+            "Backup %s is encrypted (AES-256-GCM) with a fresh data key wrapped by master key %r.",
+            backup_id,
+            keys.current,
+        )
     t2 = time.monotonic()
     try:
         manifest_key = catalog.write_manifest(manifest)
@@ -307,7 +335,9 @@ def _remove_partial(store: BackupStore, keys: list[str], backup_id: str) -> None
         log.warning(
             "Backup %s failed and its %d uploaded objects could not be removed (%s). They have no "
             "manifest, so no reader sees them; retention deletes them after the partial grace period.",
-            backup_id, len(keys), err,
+            backup_id,
+            len(keys),
+            err,
         )
 
 

@@ -37,7 +37,9 @@ MAX_FILE_BYTES = 1 << 50  # 1 PiB: a larger size in a manifest is a damaged or f
 # The files pg_dump -Fd writes (toc.dat, <dump id>.dat, blobs_<id>.toc, blob_<oid>.dat), with
 # pg_dump's own compression suffix; pgdr 0.1 stored them with a .zst key suffix of its own.
 # The files pg_dump writes, and the source server's roles (pg_dumpall --globals-only) that pgdr stores beside them.
-_DUMP_FILE = re.compile(r"^((toc\.dat|\d{1,10}\.dat|blobs(_\d{1,10})?\.toc|blob_\d{1,10}\.dat)(\.gz|\.lz4|\.zst)?|globals\.sql)$")
+_DUMP_FILE = re.compile(
+    r"^((toc\.dat|\d{1,10}\.dat|blobs(_\d{1,10})?\.toc|blob_\d{1,10}\.dat)(\.gz|\.lz4|\.zst)?|globals\.sql)$"
+)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -137,8 +139,11 @@ class BackupManifest:
             raise _invalid(where, "the file", "is not a JSON object")
         data.pop("size", None)
         data.pop("stored_size", None)
-        missing = [name for name, f in cls.__dataclass_fields__.items()
-                   if name not in data and f.default is MISSING and f.default_factory is MISSING]
+        missing = [
+            name
+            for name, f in cls.__dataclass_fields__.items()
+            if name not in data and f.default is MISSING and f.default_factory is MISSING
+        ]
         if missing:
             raise _invalid(where, ", ".join(missing), "is missing")
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
@@ -152,7 +157,9 @@ class BackupManifest:
             if not isinstance(data[key], str) or "\x00" in data[key]:
                 raise _invalid(where, key, "must be text")
         if data["format"] != "directory":
-            raise _invalid(where, "format", f"is {printable(data['format'])!r}; pgdr writes directory-format dumps only")
+            raise _invalid(
+                where, "format", f"is {printable(data['format'])!r}; pgdr writes directory-format dumps only"
+            )
         data.setdefault("compressed_by", "pgdr")
         if data["compressed_by"] not in ("pg_dump", "pgdr"):
             raise _invalid(where, "compressed_by", "must be pg_dump or pgdr")
@@ -164,9 +171,13 @@ class BackupManifest:
             _count(data["database_bytes"], where, "database_bytes", 0, MAX_FILE_BYTES)
         data["manifest_format"] = data.get("manifest_format", 1)
         if data["manifest_format"] not in (1, MANIFEST_FORMAT):
-            raise _invalid(where, "manifest_format", f"is {data['manifest_format']!r}; this pgdr reads 1 and {MANIFEST_FORMAT}")
+            raise _invalid(
+                where, "manifest_format", f"is {data['manifest_format']!r}; this pgdr reads 1 and {MANIFEST_FORMAT}"
+            )
         data["row_counts"] = _name_map(data["row_counts"], where, "row_counts", data["manifest_format"], nullable=False)
-        data["sequences"] = _name_map(data.get("sequences") or {}, where, "sequences", data["manifest_format"], nullable=True)
+        data["sequences"] = _name_map(
+            data.get("sequences") or {}, where, "sequences", data["manifest_format"], nullable=True
+        )
         data["manifest_format"] = MANIFEST_FORMAT  # keys are in today's syntax from here on
         if not isinstance(data.get("airflow", {}), dict):
             raise _invalid(where, "airflow", "must be a mapping")
@@ -177,7 +188,11 @@ class BackupManifest:
                 raise _invalid(where, "encryption", "is only written by pgdr versions whose files pg_dump compressed")
             for index, entry in enumerate(data["files"]):
                 if entry.stored_size != sealed_size(entry.size):
-                    raise _invalid(where, f"files[{index}].stored_size", f"is {entry.stored_size}, but {entry.size} bytes encrypt to {sealed_size(entry.size)}")
+                    raise _invalid(
+                        where,
+                        f"files[{index}].stored_size",
+                        f"is {entry.stored_size}, but {entry.size} bytes encrypt to {sealed_size(entry.size)}",
+                    )
         return cls(**data)
 
 
@@ -228,7 +243,9 @@ def _files(value: Any, where: str) -> tuple[BackupFile, ...]:
             raise _invalid(where, field, f"must have exactly the fields {', '.join(BackupFile.__dataclass_fields__)}")
         name, key = item["name"], item["key"]
         if not isinstance(name, str) or not _DUMP_FILE.match(name):
-            raise _invalid(where, f"{field}.name", f"is {printable(repr(name))[:80]}, not the name of a file pg_dump writes")
+            raise _invalid(
+                where, f"{field}.name", f"is {printable(repr(name))[:80]}, not the name of a file pg_dump writes"
+            )
         if name in names:
             raise _invalid(where, f"{field}.name", f"{name!r} is listed twice")
         names.add(name)
@@ -242,22 +259,29 @@ def _files(value: Any, where: str) -> tuple[BackupFile, ...]:
     return tuple(files)
 
 
-def check_manifest_location(manifest: BackupManifest, layout: BackupLayout, database: str, backup_id: str, where: str) -> None:
+def check_manifest_location(
+    manifest: BackupManifest, layout: BackupLayout, database: str, backup_id: str, where: str
+) -> None:
     """Refuse a manifest that is not about the backup it is stored as, or names a key outside it.
 
     Every data key must be the key pgdr itself gives that file (pgdr 0.1's ``.zst`` form
     included): a manifest that points elsewhere in the bucket is never followed.
     """
     if manifest.backup_id != backup_id:
-        raise _invalid(where, "backup_id", f"is {manifest.backup_id!r}, but the manifest is stored as backup {backup_id!r}")
+        raise _invalid(
+            where, "backup_id", f"is {manifest.backup_id!r}, but the manifest is stored as backup {backup_id!r}"
+        )
     if manifest.database != database:
-        raise _invalid(where, "database", f"is {printable(manifest.database)!r}, but the manifest is stored under {database!r}")
+        raise _invalid(
+            where, "database", f"is {printable(manifest.database)!r}, but the manifest is stored under {database!r}"
+        )
     for index, entry in enumerate(manifest.files):
         own = layout.data_key(database, backup_id, entry.name)
         allowed = (own, own + ".zst") if manifest.compressed_by == "pgdr" else (own,)
         if entry.key not in allowed:
             raise _invalid(
-                where, f"files[{index}].key",
+                where,
+                f"files[{index}].key",
                 f"is {printable(entry.key)[:120]!r}, outside this backup's own data folder (expected {own!r})",
             )
 
@@ -324,10 +348,13 @@ class BackupCatalog:
         if (keys is not None and verification_key in keys) or (keys is None and self.store.exists(verification_key)):
             verification = VerificationRecord.from_json(self.store.get_bytes(verification_key))
             if verification is None:
-                self.damaged.append(DamagedBackup(
-                    backup_id, f"its verification record {self.store.describe(verification_key)} is damaged; "
-                    "the backup counts as unverified until pgdr_verify_restore verifies it again",
-                ))
+                self.damaged.append(
+                    DamagedBackup(
+                        backup_id,
+                        f"its verification record {self.store.describe(verification_key)} is damaged; "
+                        "the backup counts as unverified until pgdr_verify_restore verifies it again",
+                    )
+                )
         status = verification.status if verification else "unverified"
         return BackupEntry(manifest, status, verification)
 
@@ -382,8 +409,11 @@ class BackupCatalog:
             raise BackupNotFound(
                 f"Database {self.database!r} has no {kind} in "
                 f"{self.store.describe(self.layout.database_prefix(self.database))}. "
-                + ("Run pgdr_verify_restore on a backup first, or restore 'latest'." if verified_only
-                   else "Run pgdr_backup first.")
+                + (
+                    "Run pgdr_verify_restore on a backup first, or restore 'latest'."
+                    if verified_only
+                    else "Run pgdr_backup first."
+                )
             )
         return entries[-1]
 
@@ -408,7 +438,9 @@ class BackupCatalog:
     def record_verification(self, record: VerificationRecord) -> str:
         """Store the verification record of one of this database's backups; return its key."""
         if record.status not in STATUSES or record.database not in (None, self.database):
-            raise ValueError(f"not a verification record of a backup of {self.database!r}: {record.status!r}, {record.database!r}")
+            raise ValueError(
+                f"not a verification record of a backup of {self.database!r}: {record.status!r}, {record.database!r}"
+            )
         key = self.layout.verification_key(self.database, record.backup_id)
         self.store.put_bytes(key, record.to_json())
         return key

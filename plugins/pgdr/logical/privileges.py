@@ -43,8 +43,11 @@ SUPERUSER_ONLY = ("EVENT TRIGGER", "PUBLICATION", "PUBLICATION TABLE", "PUBLICAT
 NEVER_RESTORED = ("SUBSCRIPTION", "SUBSCRIPTION TABLE")
 PRIVILEGE_ENTRIES = ("ACL", "DEFAULT ACL")
 # What the plan's skip_objects may leave out of a restored copy (subscriptions are never restored anyway).
-SKIPPABLE = {"publications": ("PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA"),
-             "event_triggers": ("EVENT TRIGGER",), "subscriptions": ()}
+SKIPPABLE = {
+    "publications": ("PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA"),
+    "event_triggers": ("EVENT TRIGGER",),
+    "subscriptions": (),
+}
 
 # "<dump id>; <catalog oid> <oid> <desc> ...": the desc words are PostgreSQL's fixed set; longest first,
 # so "PUBLICATION TABLES IN SCHEMA" is not read as "PUBLICATION".
@@ -69,7 +72,9 @@ class DumpToc:
 
     dump_dir: Path
     lines: tuple[str, ...]  # every entry line
-    database_lines: tuple[str, ...]  # the entries only --create restores: the database itself, its grants, comment, settings
+    database_lines: tuple[
+        str, ...
+    ]  # the entries only --create restores: the database itself, its grants, comment, settings
     source_dbname: str
 
     def entries(self, *descs: str) -> list[str]:
@@ -218,7 +223,9 @@ def _role_list(toks: list[Token]) -> list[str]:
     """Read ``role [, role ...]`` from the start of ``toks`` (``PUBLIC`` is not a role)."""
     roles = []
     for token in toks:
-        if token.kind == "ident" or (token.kind == "word" and not token.is_word("PUBLIC", "CURRENT_USER", "SESSION_USER", "CURRENT_ROLE")):
+        if token.kind == "ident" or (
+            token.kind == "word" and not token.is_word("PUBLIC", "CURRENT_USER", "SESSION_USER", "CURRENT_ROLE")
+        ):
             if token.kind == "word" and token.is_word("WITH", "GRANTED", "CASCADE", "RESTRICT", "USING"):
                 break
             roles.append(token.value)
@@ -250,30 +257,43 @@ def roles_in(statement: list[Token]) -> set[str]:
         return set()
     roles: set[str] = set()
     first = statement[0]
-    if first.is_word("GRANT", "REVOKE") or (first.is_word("ALTER") and len(statement) > 2 and statement[1].is_word("DEFAULT")):
+    if first.is_word("GRANT", "REVOKE") or (
+        first.is_word("ALTER") and len(statement) > 2 and statement[1].is_word("DEFAULT")
+    ):
         if len(statement) > 4 and statement[1].is_word("DEFAULT") and statement[3].is_word("FOR"):
             roles.update(_role_list(statement[5:6]))  # FOR ROLE x
         for word in ("TO", "FROM"):
             k = _top_level_index(statement, word)
             if k is not None:
-                roles.update(_role_list(statement[k + 1:]))
+                roles.update(_role_list(statement[k + 1 :]))
         k = _top_level_index(statement, "GRANTED")
         if k is not None:
-            roles.update(_role_list(statement[k + 2:]))
-    elif first.is_word("ALTER") and len(statement) > 3 and statement[-3].is_word("OWNER") and statement[-2].is_word("TO"):
+            roles.update(_role_list(statement[k + 2 :]))
+    elif (
+        first.is_word("ALTER") and len(statement) > 3 and statement[-3].is_word("OWNER") and statement[-2].is_word("TO")
+    ):
         roles.update(_role_list(statement[-1:]))
     elif first.is_word("ALTER") and len(statement) > 2 and statement[1].is_word("ROLE"):
         roles.update(_role_list(statement[2:3]))
     elif first.is_word("CREATE") and len(statement) > 1 and statement[1].is_word("POLICY"):
         k = _top_level_index(statement, "TO")
         if k is not None:
-            roles.update(_role_list(statement[k + 1:]))
+            roles.update(_role_list(statement[k + 1 :]))
     return roles
 
 
 # -- what a restore needs of the target server -------------------------------------------------------
 
-DATABASE_OPTIONS = ("ENCODING", "LOCALE_PROVIDER", "LOCALE", "LC_COLLATE", "LC_CTYPE", "ICU_LOCALE", "ICU_RULES", "BUILTIN_LOCALE")
+DATABASE_OPTIONS = (
+    "ENCODING",
+    "LOCALE_PROVIDER",
+    "LOCALE",
+    "LC_COLLATE",
+    "LC_CTYPE",
+    "ICU_LOCALE",
+    "ICU_RULES",
+    "BUILTIN_LOCALE",
+)
 
 
 @dataclass
@@ -281,21 +301,31 @@ class BackupNeeds:
     """What the backup needs from the server it is restored to."""
 
     roles: set[str] = field(default_factory=set)
-    database_options: dict[str, str] = field(default_factory=dict)  # CREATE DATABASE option -> value, as the source had them
+    database_options: dict[str, str] = field(
+        default_factory=dict
+    )  # CREATE DATABASE option -> value, as the source had them
     superuser_objects: list[str] = field(default_factory=list)
     skipped_objects: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"roles": sorted(self.roles), "database_options": self.database_options,
-                "superuser_objects": self.superuser_objects, "skipped_objects": self.skipped_objects}
+        return {
+            "roles": sorted(self.roles),
+            "database_options": self.database_options,
+            "superuser_objects": self.superuser_objects,
+            "skipped_objects": self.skipped_objects,
+        }
 
 
 def backup_needs(toc: DumpToc, workdir: Path, env=None) -> BackupNeeds:
     """Read what a backup needs of its target: roles, the database's encoding and locale, superuser objects."""
-    needs = BackupNeeds(superuser_objects=toc.described(*SUPERUSER_ONLY), skipped_objects=toc.described(*NEVER_RESTORED))
+    needs = BackupNeeds(
+        superuser_objects=toc.described(*SUPERUSER_ONLY), skipped_objects=toc.described(*NEVER_RESTORED)
+    )
     for statement in owner_statements(toc, workdir, env):
         needs.roles |= roles_in(statements(statement)[0])
-    acl = toc.entries(*PRIVILEGE_ENTRIES) + [line for line in toc.lines if " POLICY " in line] + list(toc.database_lines)
+    acl = (
+        toc.entries(*PRIVILEGE_ENTRIES) + [line for line in toc.lines if " POLICY " in line] + list(toc.database_lines)
+    )
     if acl:
         for statement in statements(_script(toc, acl, workdir, "needs", "--create", env=env)):
             needs.roles |= roles_in(statement)
@@ -325,7 +355,9 @@ def create_options_sql(options: dict[str, str]):
             value = options[name]
             if name == "LOCALE_PROVIDER":
                 if value.lower() not in ("libc", "icu", "builtin"):
-                    raise PrivilegesFailed(f"The backup's database has an unknown locale provider {printable(value)!r}.")
+                    raise PrivilegesFailed(
+                        f"The backup's database has an unknown locale provider {printable(value)!r}."
+                    )
                 parts.append(sql.SQL("LOCALE_PROVIDER {}").format(sql.SQL(value.lower())))
             else:
                 parts.append(sql.SQL(name + " {}").format(sql.Literal(value)))
@@ -390,8 +422,9 @@ def _attribute_sql(tokens: list[Token], with_passwords: bool) -> tuple[str, list
     return " ".join(kept), withheld
 
 
-def create_roles(server: PgEndpoint, roles: list[str], why: str, globals_sql: str | None = None,
-                 with_passwords: bool = False) -> list[str]:
+def create_roles(
+    server: PgEndpoint, roles: list[str], why: str, globals_sql: str | None = None, with_passwords: bool = False
+) -> list[str]:
     """Create ``roles`` on ``server``, marked as pgdr's; return those created. An existing role is never changed.
 
     With the source server's ``pg_dumpall --globals-only`` (stored in every backup), each is created
@@ -409,7 +442,9 @@ def create_roles(server: PgEndpoint, roles: list[str], why: str, globals_sql: st
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 continue
             conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(role), sql.Literal(f"{ROLE_MARKER}: {why}")))
+            conn.execute(
+                sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(role), sql.Literal(f"{ROLE_MARKER}: {why}"))
+            )
             created.append(role)
         existing = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles").fetchall()}
         for role in created:
@@ -421,15 +456,22 @@ def create_roles(server: PgEndpoint, roles: list[str], why: str, globals_sql: st
                     withheld[role] = held
         for role, tokens in definitions.settings:
             if role in created:
-                conn.execute(sql.SQL("ALTER ROLE {} ").format(sql.Identifier(role)) + sql.SQL(" ".join(t.text for t in tokens)))
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} ").format(sql.Identifier(role)) + sql.SQL(" ".join(t.text for t in tokens))
+                )
         for granted, member, options in definitions.memberships:  # only the new roles' own memberships
             if member in created and granted in existing:
-                conn.execute(sql.SQL("GRANT {} TO {} ").format(sql.Identifier(granted), sql.Identifier(member))
-                             + sql.SQL(" ".join(t.text for t in options)))
+                conn.execute(
+                    sql.SQL("GRANT {} TO {} ").format(sql.Identifier(granted), sql.Identifier(member))
+                    + sql.SQL(" ".join(t.text for t in options))
+                )
     if created:
         log.warning(
-            "Created %d role(s) the backup needs: %s (%s). %s", len(created), ", ".join(created),
-            "as on the source server, " + ("with" if with_passwords else "without") + " passwords" if globals_sql
+            "Created %d role(s) the backup needs: %s (%s). %s",
+            len(created),
+            ", ".join(created),
+            "as on the source server, " + ("with" if with_passwords else "without") + " passwords"
+            if globals_sql
             else "NOLOGIN: this backup holds no role definitions",
             "; ".join(f"{r}: {', '.join(a)} not given" for r, a in withheld.items()),
         )
@@ -437,7 +479,8 @@ def create_roles(server: PgEndpoint, roles: list[str], why: str, globals_sql: st
 
 
 def drop_created_roles(server: PgEndpoint, why: str) -> list[str]:
-    """Drop the roles :func:`create_roles` made on ``server`` for ``why`` that nothing uses any more; return those dropped.
+    """Drop the roles :func:`create_roles` made on ``server`` for ``why`` that nothing uses any more; return those
+    dropped.
 
     Found by their marker, not by a list handed over: a restore that failed after creating them
     returned nothing, and its roles still go. A role still owning or granted something in another
@@ -448,7 +491,8 @@ def drop_created_roles(server: PgEndpoint, why: str) -> list[str]:
     dropped = []
     with connect(server.with_dbname("postgres")) as conn:
         rows = conn.execute(
-            "SELECT rolname FROM pg_roles WHERE shobj_description(oid, 'pg_authid') = %s ORDER BY rolname", (f"{ROLE_MARKER}: {why}",)
+            "SELECT rolname FROM pg_roles WHERE shobj_description(oid, 'pg_authid') = %s ORDER BY rolname",
+            (f"{ROLE_MARKER}: {why}",),
         ).fetchall()
         for (role,) in rows:
             try:
@@ -478,13 +522,22 @@ class PrivilegesReport:
         return dict(self.__dict__)
 
 
-_SAFE_STARTS = (("GRANT",), ("REVOKE",), ("ALTER", "DEFAULT"), ("ALTER", "DATABASE"), ("ALTER", "ROLE"), ("COMMENT", "ON", "DATABASE"),
-                ("SECURITY", "LABEL"))
+_SAFE_STARTS = (
+    ("GRANT",),
+    ("REVOKE",),
+    ("ALTER", "DEFAULT"),
+    ("ALTER", "DATABASE"),
+    ("ALTER", "ROLE"),
+    ("COMMENT", "ON", "DATABASE"),
+    ("SECURITY", "LABEL"),
+)
 _PREAMBLE = (("SET",), ("SELECT",), ("CREATE", "DATABASE"))
 
 
 def _starts(statement: list[Token], words: tuple[str, ...]) -> bool:
-    return len(statement) >= len(words) and all(t.is_word(w) for t, w in zip(statement[: len(words)], words, strict=True))
+    return len(statement) >= len(words) and all(
+        t.is_word(w) for t, w in zip(statement[: len(words)], words, strict=True)
+    )
 
 
 def _database_statement(statement: list[Token], source: str, target: str) -> list[Token]:
@@ -509,7 +562,7 @@ def _execute_all(admin: PgEndpoint, work: list[str]) -> None:
         conn.execute("SET search_path = ''")
         try:
             for start in range(0, len(work), BATCH):
-                conn.execute("\n".join(work[start:start + BATCH]))  # each checked to be one statement above
+                conn.execute("\n".join(work[start : start + BATCH]))  # each checked to be one statement above
         except psycopg.Error:
             conn.rollback()  # find the statement, one at a time, then roll back again
             conn.execute("SET search_path = ''")
@@ -519,7 +572,8 @@ def _execute_all(admin: PgEndpoint, work: list[str]) -> None:
                 except psycopg.Error as err:
                     raise PrivilegesFailed(
                         f"Applying the backup's owners and grants to {printable(admin.dbname)!r} failed at "
-                        f"{printable(text)[:300]!r}: {str(err).splitlines()[0]}. Nothing of this phase was applied (one "
+                        f"{printable(text)[:300]!r}: {str(err).splitlines()[0]}. Nothing of this phase was applied "
+                        "(one "
                         "transaction); the restored copy is intact and still owned by the restore role."
                     ) from None
             raise
@@ -550,7 +604,9 @@ def apply_privileges(
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="pgdr-toc") as pool:  # three pg_restore runs at once
         owners_f = pool.submit(owner_statements, toc, workdir)
         granted_f = pool.submit(_script, toc, grant_lines, workdir, "grants") if grant_lines else None
-        database_f = pool.submit(_script, toc, database_lines, workdir, "database", "--create") if database_lines else None
+        database_f = (
+            pool.submit(_script, toc, database_lines, workdir, "database", "--create") if database_lines else None
+        )
         owners = owners_f.result()
         granted = statements(granted_f.result()) if granted_f else []
         database = statements(database_f.result()) if database_f else []
@@ -564,23 +620,33 @@ def apply_privileges(
         if _starts(statement, ("SET",)) or _starts(statement, ("SELECT",)):
             continue
         if not any(_starts(statement, s) for s in _SAFE_STARTS[:3]):
-            raise PrivilegesFailed(f"A privilege entry of the backup holds another statement: {printable(render(statement))[:200]!r}.")
+            raise PrivilegesFailed(
+                f"A privilege entry of the backup holds another statement: {printable(render(statement))[:200]!r}."
+            )
         work.append(("default" if _starts(statement, ("ALTER", "DEFAULT")) else "grant", render(statement)))
     # The source's name, exactly as CREATE DATABASE gives it (the listing's header prints it with line breaks replaced).
-    source = next((st[2].value for st in database if _starts(st, ("CREATE", "DATABASE")) and len(st) > 2), toc.source_dbname)
+    source = next(
+        (st[2].value for st in database if _starts(st, ("CREATE", "DATABASE")) and len(st) > 2), toc.source_dbname
+    )
     for statement in database:
         if any(_starts(statement, p) for p in _PREAMBLE):
             continue
         if not any(_starts(statement, s) for s in _SAFE_STARTS):
-            raise PrivilegesFailed(f"A database entry of the backup holds another statement: {printable(render(statement))[:200]!r}.")
+            raise PrivilegesFailed(
+                f"A database entry of the backup holds another statement: {printable(render(statement))[:200]!r}."
+            )
         if not database_comment and _starts(statement, ("COMMENT", "ON", "DATABASE")):
             continue
         pointed = _database_statement(statement, source, admin.dbname)
-        named = {pointed[k + 1].value for k in range(len(pointed) - 1)
-                 if pointed[k].is_word("DATABASE") and pointed[k + 1].kind in ("ident", "word")}
+        named = {
+            pointed[k + 1].value
+            for k in range(len(pointed) - 1)
+            if pointed[k].is_word("DATABASE") and pointed[k + 1].kind in ("ident", "word")
+        }
         if named != {admin.dbname}:  # never a statement about another database (the live one above all)
             raise PrivilegesFailed(
-                f"A database entry of the backup is about another database than its own ({printable(render(statement))[:200]!r}); "
+                "A database entry of the backup is about another database than its own "
+                f"({printable(render(statement))[:200]!r}); "
                 "nothing of this phase was applied."
             )
         work.append(("database", render(pointed)))
@@ -597,22 +663,40 @@ def apply_privileges(
     superuser = toc.entries(*(d for d in SUPERUSER_ONLY if d not in skipped))
     if superuser:
         # Event triggers last: none exists while the owners and grants above are applied, so none fired for them.
-        ordered = [line for line in superuser if " EVENT TRIGGER " not in line] + [line for line in superuser if " EVENT TRIGGER " in line]
+        ordered = [line for line in superuser if " EVENT TRIGGER " not in line] + [
+            line for line in superuser if " EVENT TRIGGER " in line
+        ]
         listing = workdir / "superuser.list"
         listing.write_text("\n".join(ordered) + "\n")
         run_tool(
-            admin, workdir,
-            [pg_tool("pg_restore"), *connection_args(admin), "--exit-on-error", "--no-password", "--single-transaction",
-             f"--use-list={listing}", str(toc.dump_dir)],
-            f"pg_restore of the superuser-only objects into {printable(admin.dbname)!r}", PrivilegesFailed,
+            admin,
+            workdir,
+            [
+                pg_tool("pg_restore"),
+                *connection_args(admin),
+                "--exit-on-error",
+                "--no-password",
+                "--single-transaction",
+                f"--use-list={listing}",
+                str(toc.dump_dir),
+            ],
+            f"pg_restore of the superuser-only objects into {printable(admin.dbname)!r}",
+            PrivilegesFailed,
         )
         report.superuser_objects = toc.described(*(d for d in SUPERUSER_ONLY if d not in skipped))
     report.seconds = time.monotonic() - started
     log.info(
-        "Privileges applied to %s: %d owners, %d grants, %d default privileges, %d database properties, %d superuser-only "
-        "objects%s (%.2fs).", admin.dbname, report.owners, report.grants, report.default_privileges, report.database_properties,
+        "Privileges applied to %s: %d owners, %d grants, %d default privileges, %d database properties, %d "
+        "superuser-only "
+        "objects%s (%.2fs).",
+        admin.dbname,
+        report.owners,
+        report.grants,
+        report.default_privileges,
+        report.database_properties,
         len(report.superuser_objects),
-        f"; NOT restored: {', '.join(report.skipped_objects)}" if report.skipped_objects else "", report.seconds,
+        f"; NOT restored: {', '.join(report.skipped_objects)}" if report.skipped_objects else "",
+        report.seconds,
     )
     return report
 
@@ -657,7 +741,9 @@ WHERE NOT %(check)s OR has_database_privilege(%(role)s::name, current_database()
 def _app_view(endpoint: PgEndpoint, role: str | None) -> set[tuple[str, str, str]]:
     with connect(endpoint, application_name="pgdr-app-roles") as conn:
         conn.execute("SET search_path = ''")  # function signatures schema-qualified alike in both databases
-        return {tuple(row) for row in conn.execute(_APP_VIEW, {"role": role or "", "check": role is not None}).fetchall()}
+        return {
+            tuple(row) for row in conn.execute(_APP_VIEW, {"role": role or "", "check": role is not None}).fetchall()
+        }
 
 
 def compare_app_roles(live: PgEndpoint, restored: PgEndpoint, roles: tuple[str, ...]) -> dict[str, dict]:
@@ -668,11 +754,13 @@ def compare_app_roles(live: PgEndpoint, restored: PgEndpoint, roles: tuple[str, 
     :return: per role ``{"checked": n, "lost": [...], "gained": [...]}``, each entry ``"SELECT on table s.t"``.
     """
     both = {(k, o) for k, o, _ in _app_view(live, None)} & {(k, o) for k, o, _ in _app_view(restored, None)}
-    missing_on = [where for where, endpoint in (("live", live), ("restored", restored))
-                  if set(roles) - server_roles(endpoint)]
+    missing_on = [
+        where for where, endpoint in (("live", live), ("restored", restored)) if set(roles) - server_roles(endpoint)
+    ]
     if missing_on:
         raise PrivilegesFailed(
-            f"The plan's app_roles {', '.join(roles)} must exist on the {' and '.join(missing_on)} server to be checked; "
+            f"The plan's app_roles {', '.join(roles)} must exist on the {' and '.join(missing_on)} server to be "
+            "checked; "
             "create the application's logins there (or remove them from app_roles)."
         )
     result = {}
@@ -682,7 +770,10 @@ def compare_app_roles(live: PgEndpoint, restored: PgEndpoint, roles: tuple[str, 
 
         def said(items):  # whole objects before their columns, which follow from them
             order = ("database", "schema", "table", "sequence", "function", "column")
-            return [f"{priv} on {kind} {name}".rstrip() for kind, name, priv in sorted(items, key=lambda i: (order.index(i[0]), i[1], i[2]))]
+            return [
+                f"{priv} on {kind} {name}".rstrip()
+                for kind, name, priv in sorted(items, key=lambda i: (order.index(i[0]), i[1], i[2]))
+            ]
 
         result[role] = {"checked": len(before | after), "lost": said(before - after), "gained": said(after - before)}
     return result
@@ -699,14 +790,16 @@ def app_roles_problem(compared: dict[str, dict]) -> str | None:
     if not parts:
         return None
     return (
-        "The application's logins would not see the restored copy as they see the live database: " + " | ".join(parts)
+        "The application's logins would not see the restored copy as they see the live database: "
+        + " | ".join(parts)
         + ". Grants changed since the backup are the usual cause: re-apply them to the restored copy (it is kept), "
         "or restore a newer backup. The live database was not changed."
     )
 
 
 def globals_of(dump_dir: Path) -> str | None:
-    """Return the source server's ``pg_dumpall --globals-only`` stored with the backup in ``dump_dir`` (``None``: older backups)."""
+    """Return the source server's ``pg_dumpall --globals-only`` stored with the backup in ``dump_dir`` (``None``:
+    older backups)."""
     from pgdr.logical.backup import GLOBALS_FILE
 
     path = dump_dir / GLOBALS_FILE

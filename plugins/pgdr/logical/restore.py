@@ -51,7 +51,9 @@ class _Opener:
     def __init__(self, manifest: BackupManifest, entry: BackupFile, data_key: bytes, where: str, out=None):
         from pgdr.storage.encryption import ChunkDecryptor, file_context
 
-        self.decryptor = ChunkDecryptor(data_key, file_context(manifest.database, manifest.backup_id, entry.name), where, out)
+        self.decryptor = ChunkDecryptor(
+            data_key, file_context(manifest.database, manifest.backup_id, entry.name), where, out
+        )
         self.failure: Exception | None = None
 
     def write(self, data: bytes) -> None:
@@ -82,16 +84,25 @@ def _check_one(store: BackupStore, entry: BackupFile, sink=None, opener: _Opener
         return FileProblem(entry.name, entry.key, f"{kind}: {size} bytes stored, the manifest says {entry.stored_size}")
     if sha256 != entry.sha256:
         return FileProblem(
-            entry.name, entry.key,
+            entry.name,
+            entry.key,
             f"content changed: SHA-256 {sha256[:16]}..., the manifest says {entry.sha256[:16]}...",
         )
     if opener is not None:
         failure = opener.finish()
         if failure:
-            return FileProblem(entry.name, entry.key, "changed after encryption: its checksum matches, but it fails "
-                               "AES-GCM authentication, so the manifest's checksum was forged to match it")
+            return FileProblem(
+                entry.name,
+                entry.key,
+                "changed after encryption: its checksum matches, but it fails "
+                "AES-GCM authentication, so the manifest's checksum was forged to match it",
+            )
         if opener.decryptor.plain_bytes != entry.size:
-            return FileProblem(entry.name, entry.key, f"decrypts to {opener.decryptor.plain_bytes} bytes, the manifest says {entry.size}")
+            return FileProblem(
+                entry.name,
+                entry.key,
+                f"decrypts to {opener.decryptor.plain_bytes} bytes, the manifest says {entry.size}",
+            )
     return None
 
 
@@ -181,13 +192,19 @@ def download_backup(
         try:
             with open(target, "wb") as out:
                 if data_key is not None:
-                    return _check_one(store, entry, opener=_Opener(manifest, entry, data_key, store.describe(entry.key), out.write))
+                    return _check_one(
+                        store, entry, opener=_Opener(manifest, entry, data_key, store.describe(entry.key), out.write)
+                    )
                 if unpack is None:
                     return _check_one(store, entry, sink=out.write)
                 return unpack(store, entry, out)
         except OSError as err:
             if err.errno == errno.ENOSPC:
-                raise work_space_full(f"Downloading backup {manifest.backup_id}", str(dest), f"{manifest.stored_size / 1e6:.1f} MB to download") from None
+                raise work_space_full(
+                    f"Downloading backup {manifest.backup_id}",
+                    str(dest),
+                    f"{manifest.stored_size / 1e6:.1f} MB to download",
+                ) from None
             raise
 
     problems = [p for p in bounded_map(one, manifest.files, workers, "pgdr-download") if p]
@@ -239,7 +256,8 @@ def restore_command(target: PgEndpoint, dump_dir: Path, jobs: int, extra: list[s
     """Return the ``pg_restore`` command that restores ``dump_dir`` into ``target.dbname``.
 
     Owners and privileges are not restored here (``--no-owner --no-acl``): the data is restored
-    and checked as the restore role, and :mod:`pgdr.logical.privileges` gives them back after the checks. ``extra`` adds options such as ``--section``; a
+    and checked as the restore role, and :mod:`pgdr.logical.privileges` gives them back after the checks. ``extra``
+    adds options such as ``--section``; a
     table-level restore selects its tables with a list (:func:`pgdr.incident.restore_tables`).
     """
     args = [
@@ -266,8 +284,11 @@ def restore_dump(target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path) -
     listing = workdir / "restore.list"
     listing.write_text(data_restore_list(read_toc(dump_dir)))
     run_tool(
-        target, workdir, restore_command(target, dump_dir, jobs, extra=[f"--use-list={listing}"]),
-        f"pg_restore into database {printable(target.dbname)!r}", RestoreFailed,
+        target,
+        workdir,
+        restore_command(target, dump_dir, jobs, extra=[f"--use-list={listing}"]),
+        f"pg_restore into database {printable(target.dbname)!r}",
+        RestoreFailed,
     )
     return time.monotonic() - started
 
@@ -283,15 +304,23 @@ def fetch_toc(manifest: BackupManifest, store: BackupStore, dest: Path, data_key
     entry = next((f for f in manifest.files if f.name == "toc.dat"), None)
     if entry is None:
         raise RestoreFailed(
-            f"Backup {manifest.backup_id} of database {manifest.database!r} has no toc.dat in its manifest: it is not a "
+            f"Backup {manifest.backup_id} of database {manifest.database!r} has no toc.dat in its manifest: it is "
+            "not a "
             "directory-format dump pgdr can restore. Restore another backup."
         )
     download_backup(dataclasses.replace(manifest, files=(entry,)), store, dest, workers=1, data_key=data_key)
     return dest
 
 
-def give_back_privileges(manifest: BackupManifest, store: BackupStore, admin: PgEndpoint, workdir: Path,
-                         data_key: bytes | None = None, scratch: bool = False, skip: tuple[str, ...] = ()):
+def give_back_privileges(
+    manifest: BackupManifest,
+    store: BackupStore,
+    admin: PgEndpoint,
+    workdir: Path,
+    data_key: bytes | None = None,
+    scratch: bool = False,
+    skip: tuple[str, ...] = (),
+):
     """The privileges phase of a restore from ``store``: fetch the backup's table of contents and apply
     its owners, grants and settings to the restored copy ``admin.dbname`` as ``admin`` (the server's connection).
 
@@ -305,8 +334,11 @@ def give_back_privileges(manifest: BackupManifest, store: BackupStore, admin: Pg
     return apply_privileges(admin, read_toc(workdir / "toc"), workdir, database_comment=not scratch, skip=skip)
 
 
-def restore_into_scratch(scratch, dump_dir: Path, jobs: int, workdir: Path, comment: str, roles_marker: str) -> tuple[float, list[str]]:
-    """Restore a downloaded dump into a scratch database as an incident restore would; return ``(seconds, roles created)``.
+def restore_into_scratch(
+    scratch, dump_dir: Path, jobs: int, workdir: Path, comment: str, roles_marker: str
+) -> tuple[float, list[str]]:
+    """Restore a downloaded dump into a scratch database as an incident restore would; return ``(seconds, roles
+    created)``.
 
     The scratch database is made again (empty, a failed try's half restore gone) with the backup's
     encoding and locale, marked with ``comment``; the roles the backup names that the server lacks

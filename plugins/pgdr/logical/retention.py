@@ -80,5 +80,9 @@ def apply_retention(catalog, policy: RetentionPolicy, now: datetime) -> dict:
         catalog.delete_backup(backup_id, keys_by_id[backup_id])
     for backup_id, why in decision.keep.items():
         log.info("Keeping backup %s of %s: %s.", backup_id, database, why)
-    return {"database": database, "kept": sorted(decision.keep), "deleted": sorted(decision.delete),
-            "deleted_partial": sorted(decision.delete_partial)}
+    return {
+        "database": database,
+        "kept": sorted(decision.keep),
+        "deleted": sorted(decision.delete),
+        "deleted_partial": sorted(decision.delete_partial),
+    }

@@ -65,7 +65,13 @@ def rewrap_backups(catalog: BackupCatalog, keys: MasterKeys, key_conn_id: str) -
             continue
         result.rewrapped.append(backup_id)
         result.keys_in_use.setdefault(keys.current, []).append(backup_id)
-        log.info("Backup %s of %s: data key re-wrapped from master key %r to %r.", backup_id, catalog.database, record.key_id, keys.current)
+        log.info(
+            "Backup %s of %s: data key re-wrapped from master key %r to %r.",
+            backup_id,
+            catalog.database,
+            record.key_id,
+            keys.current,
+        )
     for damaged in catalog.damaged:
         result.problems[damaged.backup_id] = first_line(damaged.problem)
     return result

@@ -97,10 +97,13 @@ class ArchiverState:
 
 def archiver_state(conn) -> ArchiverState:
     """Read ``pg_stat_archiver`` over ``conn`` (a psycopg connection to the server)."""
-    return ArchiverState(*conn.execute(
-        "SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time"
-        " FROM pg_stat_archiver"
-    ).fetchone())
+    return ArchiverState(
+        *conn.execute(
+            "SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, "
+            "last_failed_time"
+            " FROM pg_stat_archiver"
+        ).fetchone()
+    )
 
 
 def check_archiver_runs_as_server_user(bin_dir: Path, uid: int | None) -> None:
@@ -113,8 +116,13 @@ def check_archiver_runs_as_server_user(bin_dir: Path, uid: int | None) -> None:
         return
     try:
         probe = subprocess.run(
-            [str(bin_dir / "barman-cloud-wal-archive"), "--version"], capture_output=True, text=True,
-            user=uid, group=uid, extra_groups=[], env={"PATH": os.defpath, "HOME": "/tmp"},
+            [str(bin_dir / "barman-cloud-wal-archive"), "--version"],
+            capture_output=True,
+            text=True,
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            env={"PATH": os.defpath, "HOME": "/tmp"},
         )
         problem = (probe.stderr or probe.stdout).strip()[:300] if probe.returncode != 0 else None
     except OSError as err:
@@ -253,7 +261,9 @@ class WalArchive:
     def restore_command(self, bin_dir: Path | None = None) -> str:
         """Return a recovering cluster's ``restore_command``."""
         tool = (bin_dir or archiver_bin_dir()) / "barman-cloud-wal-restore"
-        return f"{shlex.quote(str(tool))}{self._endpoint_args()} {shlex.quote(self.url)} {shlex.quote(self.server)} %f %p"
+        return (
+            f"{shlex.quote(str(tool))}{self._endpoint_args()} {shlex.quote(self.url)} {shlex.quote(self.server)} %f %p"
+        )
 
     def server_settings(self, archive_timeout_s: int = 60, bin_dir: Path | None = None) -> dict[str, str]:
         """Return the ``postgresql.conf`` settings of a server whose WAL this archive holds."""
@@ -276,7 +286,9 @@ class WalArchive:
                 found.append(WalSegment(stem, obj.key, obj.size, obj.modified))
         return sorted(found, key=lambda s: s.name)
 
-    def check_continuous(self, segments: list[WalSegment], start: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> WalSegment:
+    def check_continuous(
+        self, segments: list[WalSegment], start: str, segment_size: int = DEFAULT_SEGMENT_SIZE
+    ) -> WalSegment:
         """Return the newest segment reachable from ``start`` without a gap, on ``start``'s timeline.
 
         :raises WalGap: when ``start`` itself is missing, or a segment is missing before the newest one.
@@ -317,7 +329,9 @@ class WalArchive:
         return path
 
 
-_COMMIT = re.compile(r"desc: (?:COMMIT|ABORT)(?:_PREPARED)? (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (?:UTC|[+-]\d\d)")
+_COMMIT = re.compile(
+    r"desc: (?:COMMIT|ABORT)(?:_PREPARED)? (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (?:UTC|[+-]\d\d)"
+)
 
 
 def last_commit_time(waldump: str, segment_file: Path) -> datetime | None:
@@ -327,7 +341,10 @@ def last_commit_time(waldump: str, segment_file: Path) -> datetime | None:
     must lie before it, since recovery stops at the first commit after its target.
     """
     result = subprocess.run(
-        [waldump, "--rmgr=Transaction", str(segment_file)], capture_output=True, text=True, env={"TZ": "UTC", "PATH": os.defpath}
+        [waldump, "--rmgr=Transaction", str(segment_file)],
+        capture_output=True,
+        text=True,
+        env={"TZ": "UTC", "PATH": os.defpath},
     )
     times = _COMMIT.findall(result.stdout)
     if not times:

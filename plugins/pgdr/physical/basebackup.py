@@ -67,13 +67,16 @@ def check_archiving(facts: ServerFacts, endpoint: PgEndpoint, archive_url: str) 
     """Refuse a base backup the archive cannot complete: archiving off."""
     if facts.archive_mode not in ("on", "always"):
         raise PermanentFailure(
-            f"The server of {endpoint.describe()} does not archive WAL (archive_mode = {facts.archive_mode}), so a base "
+            f"The server of {endpoint.describe()} does not archive WAL (archive_mode = {facts.archive_mode}), so a "
+            "base "
             f"backup of it could never be recovered. Set the archive_command lines in its postgresql.conf (README, "
             f"Point-in-time recovery; archive: {archive_url}) and restart it."
         )
 
 
-def _watch_archiver(endpoint: PgEndpoint, facts: ServerFacts, process: subprocess.Popen, stop: threading.Event, found: list) -> None:
+def _watch_archiver(
+    endpoint: PgEndpoint, facts: ServerFacts, process: subprocess.Popen, stop: threading.Event, found: list
+) -> None:
     """Stop ``process`` when the server's archiver starts failing: ``pg_basebackup -X none`` would wait forever."""
     while not stop.wait(2.0):
         try:
@@ -107,9 +110,19 @@ def take_base_backup(
     facts = server_facts(endpoint)
     check_archiving(facts, endpoint, archive_url)
     args = [
-        pg_tool("pg_basebackup"), f"--dbname={endpoint_conninfo(endpoint)}", "-D", str(workdir / "backup"),
-        "-Ft", "-X", "none", "-c", "fast", "--manifest-checksums=SHA256", f"--compress={COMPRESSION}",
-        "--no-password", "--label=pgdr",
+        pg_tool("pg_basebackup"),
+        f"--dbname={endpoint_conninfo(endpoint)}",
+        "-D",
+        str(workdir / "backup"),
+        "-Ft",
+        "-X",
+        "none",
+        "-c",
+        "fast",
+        "--manifest-checksums=SHA256",
+        f"--compress={COMPRESSION}",
+        "--no-password",
+        "--label=pgdr",
     ]
     if parent is not None:
         if facts.pg_version < 170000:
@@ -119,7 +132,8 @@ def take_base_backup(
             )
         if facts.summarize_wal != "on":
             raise PermanentFailure(
-                f"The server of {endpoint.describe()} has summarize_wal = {facts.summarize_wal or 'off'}, which incremental "
+                f"The server of {endpoint.describe()} has summarize_wal = {facts.summarize_wal or 'off'}, which "
+                "incremental "
                 "base backups need. Add 'summarize_wal = on' to its postgresql.conf and reload it (no restart needed); "
                 "the next full base backup starts the first chain."
             )
@@ -152,7 +166,8 @@ def take_base_backup(
             f"The base backup of server {server!r} was stopped: the server's archive_command is failing ({failures} "
             f"failed attempts since the backup started; last failed WAL segment {wal}), and pg_basebackup waits until "
             f"the backup's WAL is archived. WAL is piling up on the server. Check its log for 'archive command failed' "
-            f"and that it can write to {archive_url} (credentials, endpoint, barman-cloud installed for the server's OS "
+            f"and that it can write to {archive_url} (credentials, endpoint, barman-cloud installed for the server's "
+            "OS "
             "user); the task will retry."
         )
     if process.returncode != 0:
@@ -191,23 +206,40 @@ def take_base_backup(
             uploaded.append(key)
             files.append(BaseBackupFile(name=path.name, key=key, size=size, sha256=sha256))
         record = BaseBackupRecord(
-            backup_id=backup_id, server=server, kind="incremental" if parent else "full",
-            parent=parent.backup_id if parent else None, system_identifier=facts.system_identifier,
-            pg_version=facts.pg_version, timeline=timeline, start_lsn=start_lsn, end_lsn=end_lsn,
+            backup_id=backup_id,
+            server=server,
+            kind="incremental" if parent else "full",
+            parent=parent.backup_id if parent else None,
+            system_identifier=facts.system_identifier,
+            pg_version=facts.pg_version,
+            timeline=timeline,
+            start_lsn=start_lsn,
+            end_lsn=end_lsn,
             start_wal=segment_of_lsn(wal_ranges[0]["Timeline"], start_lsn, facts.wal_segment_size),
-            started_at=started_at, finished_at=finished_at, wal_segment_size=facts.wal_segment_size,
-            files=tuple(files), airflow={k: v for k, v in (airflow_info or {}).items() if v is not None} or None,
+            started_at=started_at,
+            finished_at=finished_at,
+            wal_segment_size=facts.wal_segment_size,
+            files=tuple(files),
+            airflow={k: v for k, v in (airflow_info or {}).items() if v is not None} or None,
         )
         BaseBackupCatalog(store, layout, server).write_record(record)
     except Exception:
         try:
             store.delete(uploaded)
         except Exception as err:  # noqa: BLE001 - the first failure matters; retention removes the rest
-            log.warning("Could not remove the %d objects of the failed base backup %s: %s", len(uploaded), backup_id, err)
+            log.warning(
+                "Could not remove the %d objects of the failed base backup %s: %s", len(uploaded), backup_id, err
+            )
         raise
     log.info(
         "%s base backup %s of server %r: %.1f MB in %.1fs (pg_basebackup) + %.1fs (upload); WAL from %s.",
-        record.kind.capitalize(), backup_id, server, record.size / 1e6, backup_seconds, time.monotonic() - t1, record.start_wal,
+        record.kind.capitalize(),
+        backup_id,
+        server,
+        record.size / 1e6,
+        backup_seconds,
+        time.monotonic() - t1,
+        record.start_wal,
     )
     return record
 

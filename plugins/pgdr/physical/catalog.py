@@ -91,16 +91,26 @@ class BaseBackupRecord:
         except (ValueError, UnicodeDecodeError):
             raise _invalid(where, "the file", "is not JSON") from None
         fields = set(cls.__dataclass_fields__)
-        if not isinstance(data, dict) or not set(data) <= fields or not (fields - {"airflow", "record_format"}) <= set(data):
+        if (
+            not isinstance(data, dict)
+            or not set(data) <= fields
+            or not (fields - {"airflow", "record_format"}) <= set(data)
+        ):
             raise _invalid(where, "the record", f"must have the fields {', '.join(sorted(fields))}")
         if data["record_format"] != RECORD_FORMAT:
-            raise _invalid(where, "record_format", f"is {printable(repr(data['record_format']))[:20]}; this pgdr reads format {RECORD_FORMAT}")
+            raise _invalid(
+                where,
+                "record_format",
+                f"is {printable(repr(data['record_format']))[:20]}; this pgdr reads format {RECORD_FORMAT}",
+            )
         if data["backup_id"] != backup_id or data["server"] != server:
             raise _invalid(where, "backup_id/server", f"do not match where the record is stored ({server}/{backup_id})")
         if data["kind"] not in ("full", "incremental"):
             raise _invalid(where, "kind", "must be full or incremental")
         parent = data["parent"]
-        if (data["kind"] == "full") != (parent is None) or (parent is not None and not (isinstance(parent, str) and is_backup_id(parent))):
+        if (data["kind"] == "full") != (parent is None) or (
+            parent is not None and not (isinstance(parent, str) and is_backup_id(parent))
+        ):
             raise _invalid(where, "parent", "must be a backup id for an incremental backup and null for a full one")
         if not isinstance(data["system_identifier"], str) or not data["system_identifier"].isdigit():
             raise _invalid(where, "system_identifier", "must be a string of digits")
@@ -128,16 +138,29 @@ class BaseBackupRecord:
             if not isinstance(item, dict) or set(item) != set(BaseBackupFile.__dataclass_fields__):
                 raise _invalid(where, f"files[{index}]", "must have the fields name, key, size, sha256")
             if not isinstance(item["name"], str) or not _FILE_NAME.match(item["name"]):
-                raise _invalid(where, f"files[{index}].name", f"is {printable(repr(item['name']))[:60]}, not a file pg_basebackup writes")
+                raise _invalid(
+                    where,
+                    f"files[{index}].name",
+                    f"is {printable(repr(item['name']))[:60]}, not a file pg_basebackup writes",
+                )
             if item["key"] != layout.file_key(server, backup_id, item["name"]):
                 raise _invalid(where, f"files[{index}].key", "lies outside this base backup's own folder")
-            if isinstance(item["size"], bool) or not isinstance(item["size"], int) or not 0 <= item["size"] <= MAX_FILE_BYTES:
+            if (
+                isinstance(item["size"], bool)
+                or not isinstance(item["size"], int)
+                or not 0 <= item["size"] <= MAX_FILE_BYTES
+            ):
                 raise _invalid(where, f"files[{index}].size", "must be a size in bytes")
             if not isinstance(item["sha256"], str) or not _SHA256.match(item["sha256"]):
                 raise _invalid(where, f"files[{index}].sha256", "is not a SHA-256 in hex")
             files.append(BaseBackupFile(**item))
         names = [f.name for f in files]
-        if "backup_manifest" not in names or "base.tar.gz" not in names and "base.tar" not in names or len(set(names)) != len(names):
+        if (
+            "backup_manifest" not in names
+            or "base.tar.gz" not in names
+            and "base.tar" not in names
+            or len(set(names)) != len(names)
+        ):
             raise _invalid(where, "files", "must list base.tar(.gz) and backup_manifest, each once")
         data["files"] = tuple(files)
         return cls(**data)
@@ -177,7 +200,7 @@ class BaseBackupCatalog:
         prefix = self.layout.server_prefix(self.server)
         found: dict[str, set[str]] = {}
         for obj in self.store.list(prefix):
-            backup_id, _, rest = obj.key[len(prefix):].partition("/")
+            backup_id, _, rest = obj.key[len(prefix) :].partition("/")
             if is_backup_id(backup_id):
                 found.setdefault(backup_id, set()).add(rest)
         return found
@@ -185,12 +208,18 @@ class BaseBackupCatalog:
     def _entry(self, backup_id: str, names: set[str]) -> BaseBackupEntry:
         where = self.store.describe(self.layout.record_key(self.server, backup_id))
         record = BaseBackupRecord.from_json(
-            self.store.get_bytes(self.layout.record_key(self.server, backup_id)), where, self.layout, self.server, backup_id
+            self.store.get_bytes(self.layout.record_key(self.server, backup_id)),
+            where,
+            self.layout,
+            self.server,
+            backup_id,
         )
         verification = None
         if "verification.json" in names:
             try:
-                verification = VerificationRecord.from_json(self.store.get_bytes(self.layout.verification_key(self.server, backup_id)))
+                verification = VerificationRecord.from_json(
+                    self.store.get_bytes(self.layout.verification_key(self.server, backup_id))
+                )
             except FileNotFoundError:  # deleted since the listing
                 verification = None
         return BaseBackupEntry(record, verification.status if verification else "unverified", verification)
@@ -214,7 +243,9 @@ class BaseBackupCatalog:
 
     def get(self, backup_id: str) -> BaseBackupEntry:
         if not is_backup_id(backup_id):
-            raise BackupNotFound(f"{printable(backup_id)[:80]!r} is not a base backup id (e.g. 20261122T093000Z-3fa2c1).")
+            raise BackupNotFound(
+                f"{printable(backup_id)[:80]!r} is not a base backup id (e.g. 20261122T093000Z-3fa2c1)."
+            )
         names = self._scan().get(backup_id, set())
         if "backup.json" not in names:
             raise BackupNotFound(
@@ -232,12 +263,16 @@ class BaseBackupCatalog:
             if parent is None:
                 raise BackupNotFound(
                     f"Incremental base backup {chain[0].backup_id} of server {self.server!r} builds on "
-                    f"{chain[0].record.parent}, which is missing or damaged: this chain cannot be restored. Use an older "
+                    f"{chain[0].record.parent}, which is missing or damaged: this chain cannot be restored. Use an "
+                    "older "
                     "chain, and take a new full base backup (trigger pgdr_basebackup with kind=full)."
                 )
             if parent.record.system_identifier != entry.record.system_identifier or len(chain) > 1000:
-                raise _invalid(self.store.describe(self.layout.record_key(self.server, parent.backup_id)), "parent",
-                               "belongs to another cluster or forms a loop")
+                raise _invalid(
+                    self.store.describe(self.layout.record_key(self.server, parent.backup_id)),
+                    "parent",
+                    "belongs to another cluster or forms a loop",
+                )
             chain.insert(0, parent)
         return chain
 
@@ -249,7 +284,9 @@ class BaseBackupCatalog:
     def record_verification(self, record: VerificationRecord) -> str:
         """Store the verification record of one of this server's base backups; return its key."""
         if record.status not in STATUSES or record.server not in (None, self.server):
-            raise ValueError(f"not a verification record of a base backup of {self.server!r}: {record.status!r}, {record.server!r}")
+            raise ValueError(
+                f"not a verification record of a base backup of {self.server!r}: {record.status!r}, {record.server!r}"
+            )
         key = self.layout.verification_key(self.server, record.backup_id)
         self.store.put_bytes(key, record.to_json())
         return key

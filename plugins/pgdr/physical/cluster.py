@@ -106,15 +106,20 @@ def extract_base_backup(folder: Path, dest: Path) -> Path:
 
 
 def combine_chain(members: list[Path], out: Path) -> Path:
-    """Return a full data directory from extracted chain members: the full one itself, or ``pg_combinebackup``'s output."""
+    """Return a full data directory from extracted chain members: the full one itself, or ``pg_combinebackup``'s
+    output."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if len(members) == 1:
         shutil.move(members[0], out)  # a rename when both are on one filesystem
         return out
-    result = subprocess.run([pg_tool("pg_combinebackup"), "-o", str(out), *map(str, members)], capture_output=True, text=True)
+    result = subprocess.run(
+        [pg_tool("pg_combinebackup"), "-o", str(out), *map(str, members)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         detail = "; ".join(result.stderr.strip().splitlines()[:4])
-        raise PermanentFailure(f"pg_combinebackup could not combine the chain {', '.join(m.name for m in members)}: {detail}")
+        raise PermanentFailure(
+            f"pg_combinebackup could not combine the chain {', '.join(m.name for m in members)}: {detail}"
+        )
     for member in members:
         shutil.rmtree(member, ignore_errors=True)
     return out
@@ -181,12 +186,20 @@ class ScratchCluster:
     def write_marker(self, dag_id: str, run_id: str, purpose: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
-        info = {"dag_id": dag_id, "run_id": run_id, "purpose": purpose, "host": socket.gethostname(),
-                "port": self.port, "pg_version": self.pg_version, "created": datetime.now(UTC).isoformat()}
+        info = {
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "purpose": purpose,
+            "host": socket.gethostname(),
+            "port": self.port,
+            "pg_version": self.pg_version,
+            "created": datetime.now(UTC).isoformat(),
+        }
         (self.root / MARKER).write_text(json.dumps(info))
 
     def endpoint(self, dbname: str = "postgres", user: str | None = None) -> PgEndpoint:
-        """Return how pgdr reaches the cluster: its private socket, no password (as ``user``, default the source's login)."""
+        """Return how pgdr reaches the cluster: its private socket, no password (as ``user``, default the source's
+        login)."""
         return PgEndpoint(host=str(self.socket_dir), port=self.port, user=user or self.login, dbname=dbname, conn_id="")
 
     def reader(self, dbname: str) -> PgEndpoint:
@@ -202,8 +215,11 @@ class ScratchCluster:
         with connect(self.endpoint("postgres"), application_name="pgdr-scratch-setup") as conn:
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER_ROLE,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
-            conn.execute(sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS").format(
-                sql.Identifier(READER_ROLE)))
+            conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS").format(
+                    sql.Identifier(READER_ROLE)
+                )
+            )
             conn.execute(sql.SQL("GRANT pg_read_all_data, pg_read_all_stats TO {}").format(sql.Identifier(READER_ROLE)))
         return self.endpoint(dbname, READER_ROLE)
 
@@ -261,7 +277,8 @@ class ScratchCluster:
         for ancestor in self.root.resolve().parents:
             if not os.stat(ancestor).st_mode & 0o001:
                 raise PermanentFailure(
-                    f"A scratch cluster must run as an unprivileged user (uid {UNPRIVILEGED_UID}) when pgdr runs as root, "
+                    f"A scratch cluster must run as an unprivileged user (uid {UNPRIVILEGED_UID}) when pgdr runs as "
+                    "root, "
                     f"but that user cannot enter {ancestor} (mode {oct(os.stat(ancestor).st_mode & 0o777)}). Point "
                     "$PGDR_WORK_DIR at a directory every user may enter (e.g. /var/tmp/pgdr), or `chmod o+x` that one."
                 )
@@ -269,11 +286,21 @@ class ScratchCluster:
     # -- lifecycle -------------------------------------------------------------------------------
     def _pg_ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         bin_dir = server_bin_dir_for(self.pg_version)
-        env = {"PATH": os.defpath, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "TZ": "UTC", "HOME": str(self.root),
-               **self.environment}
+        env = {
+            "PATH": os.defpath,
+            "LC_ALL": "C.UTF-8",
+            "LANG": "C.UTF-8",
+            "TZ": "UTC",
+            "HOME": str(self.root),
+            **self.environment,
+        }
         return subprocess.run(
             [str(bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args],
-            capture_output=True, text=True, env=env, timeout=timeout, **_run_as(),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            **_run_as(),
         )
 
     def start(self, target_time: datetime | None, timeout_s: float = 6 * 3600) -> RecoveryResult:
@@ -290,7 +317,11 @@ class ScratchCluster:
         if result.returncode != 0:
             text = self.log_tail(20000)
             fatal = re.search(r"(?:FATAL|PANIC):\s+(.*)", text)
-            raise RecoveryFailed(self._explain_failure(fatal.group(1) if fatal else result.stderr.strip() or "it stopped", target_time, text))
+            raise RecoveryFailed(
+                self._explain_failure(
+                    fatal.group(1) if fatal else result.stderr.strip() or "it stopped", target_time, text
+                )
+            )
         # pg_ctl returns while recovery still runs: follow the log until promotion, or a failure.
         while True:
             text = self.log_file.read_text(errors="replace")
@@ -300,9 +331,13 @@ class ScratchCluster:
             if fatal or not self.is_running():
                 time.sleep(0.2)  # let the last lines reach the log
                 text = self.log_file.read_text(errors="replace")
-                raise RecoveryFailed(self._explain_failure(fatal.group(1) if fatal else "the server stopped", target_time, text))
+                raise RecoveryFailed(
+                    self._explain_failure(fatal.group(1) if fatal else "the server stopped", target_time, text)
+                )
             if time.monotonic() - started > timeout_s:
-                raise RecoveryFailed(f"Recovery of the scratch cluster did not finish within {timeout_s:.0f}s.\n{self.log_tail()}")
+                raise RecoveryFailed(
+                    f"Recovery of the scratch cluster did not finish within {timeout_s:.0f}s.\n{self.log_tail()}"
+                )
             time.sleep(0.25)
         return _parse_recovery_log(text, target_time, time.monotonic() - started)
 
@@ -328,7 +363,8 @@ class ScratchCluster:
         archiver = re.findall(r"ERROR: (Barman cloud WAL restore exception: .*)", text)
         if archiver and ("checkpoint record" in fatal or "consistent recovery point" in fatal):
             return (
-                f"The scratch cluster could not fetch WAL from the archive: {archiver[-1]}. Check the storage target's AWS "
+                f"The scratch cluster could not fetch WAL from the archive: {archiver[-1]}. Check the storage "
+                "target's AWS "
                 "connection (credentials, endpoint_url) and that barman-cloud on this worker can reach it."
             )
         if "consistent recovery point" in fatal or "end of online backup" in fatal or "checkpoint record" in fatal:
@@ -401,5 +437,7 @@ def remove_leftover_clusters(root: Path, run_state: Callable[[str, str], Any], k
             continue
         ScratchCluster(folder, int(info.get("pg_version") or 180000), port=int(info.get("port") or 1)).destroy()
         removed.append(folder)
-        log.warning("Removed the scratch cluster %s left by run %s of %s.", folder, info.get("run_id"), info.get("dag_id"))
+        log.warning(
+            "Removed the scratch cluster %s left by run %s of %s.", folder, info.get("run_id"), info.get("dag_id")
+        )
     return removed

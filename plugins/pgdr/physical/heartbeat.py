@@ -17,7 +17,8 @@ from pgdr.postgres.client import PgEndpoint, connect
 HEARTBEAT_DATABASE = "postgres"
 _CREATE = (
     "CREATE SCHEMA IF NOT EXISTS pgdr; "
-    "CREATE TABLE IF NOT EXISTS pgdr.heartbeat (at timestamptz PRIMARY KEY DEFAULT clock_timestamp(), source text NOT NULL)"
+    "CREATE TABLE IF NOT EXISTS pgdr.heartbeat (at timestamptz PRIMARY KEY DEFAULT clock_timestamp(), source text "
+    "NOT NULL)"
 )
 
 
@@ -25,7 +26,9 @@ def write_heartbeat(endpoint: PgEndpoint, source: str) -> datetime:
     """Insert one heartbeat in its own transaction; return its time."""
     with connect(endpoint.with_dbname(HEARTBEAT_DATABASE), application_name="pgdr-heartbeat") as conn:
         conn.execute(_CREATE)
-        return conn.execute("INSERT INTO pgdr.heartbeat (source) VALUES (%s) RETURNING at", (source[:200],)).fetchone()[0]
+        return conn.execute("INSERT INTO pgdr.heartbeat (source) VALUES (%s) RETURNING at", (source[:200],)).fetchone()[
+            0
+        ]
 
 
 def heartbeats(endpoint: PgEndpoint) -> list[datetime]:
@@ -54,15 +57,19 @@ def switch_and_wait_archived(endpoint: PgEndpoint, timeout_s: float) -> str:
             archived, failed_wal = state.last_archived_wal, state.last_failed_wal
             if archived_segment(archived) is not None and archived_segment(archived) >= wal:
                 return wal
-            if state.failed_count > before.failed_count and time.monotonic() - started > 5:  # not one attempt a retry fixes
+            if (
+                state.failed_count > before.failed_count and time.monotonic() - started > 5
+            ):  # not one attempt a retry fixes
                 raise ArchiverFailing(
-                    f"The server's archive_command is failing (last failed WAL segment {failed_wal}): WAL piles up on the "
+                    f"The server's archive_command is failing (last failed WAL segment {failed_wal}): WAL piles up "
+                    "on the "
                     "server and nothing after the newest archived segment can be recovered. Check the server's log for "
                     "'archive command failed' and the storage target; the task will retry."
                 )
             if time.monotonic() - started > timeout_s:
                 raise ArchiverFailing(
-                    f"WAL segment {wal} was not archived within {timeout_s:.0f}s (last archived: {archived}). The archiver "
+                    f"WAL segment {wal} was not archived within {timeout_s:.0f}s (last archived: {archived}). The "
+                    "archiver "
                     "is behind or stuck; check pg_stat_archiver on the server."
                 )
             time.sleep(0.25)

@@ -35,8 +35,9 @@ def check_target_hit(server: str, target: datetime, live: list[datetime], recove
     return {"heartbeats_before_target": len(expected), "newest_recovered_heartbeat": expected[-1].isoformat()}
 
 
-def check_recovered_databases(plan, server, cluster, backup_id: str, target: str,
-                              workdir: Callable[[str], AbstractContextManager[Path]]) -> dict[str, Any]:
+def check_recovered_databases(
+    plan, server, cluster, backup_id: str, target: str, workdir: Callable[[str], AbstractContextManager[Path]]
+) -> dict[str, Any]:
     """Check every plan database of ``server`` in the recovered ``cluster``; return each one's findings.
 
     :param workdir: makes a private work directory for a label (the task's).
@@ -57,8 +58,12 @@ def check_recovered_databases(plan, server, cluster, backup_id: str, target: str
         with connect(endpoint, application_name="pgdr-integrity") as conn:
             counts, large_objects = count_rows(conn)
             reference = SimpleNamespace(
-                backup_id=backup_id, database=name, row_counts=counts, large_objects=large_objects,
-                sequences={}, recovery_point=datetime.fromisoformat(target),
+                backup_id=backup_id,
+                database=name,
+                row_counts=counts,
+                large_objects=large_objects,
+                sequences={},
+                recovery_point=datetime.fromisoformat(target),
             )
             check_sequences(conn, reference, report)
             superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
@@ -67,12 +72,18 @@ def check_recovered_databases(plan, server, cluster, backup_id: str, target: str
         validation = validate_restored(endpoint, reference)
         problems += [f"database {name}: {p}" for p in report.problems()]
         problems += [f"database {name}: failed expectation: {o.line()}" for o in validation.failed]
-        results[name] = {"checked_as": endpoint.user, "checked_as_superuser": superuser,
-                         "tables": len(counts), "rows": sum(counts.values()), "integrity": report.to_dict(),
-                         "validation": validation.summary()}
+        results[name] = {
+            "checked_as": endpoint.user,
+            "checked_as_superuser": superuser,
+            "tables": len(counts),
+            "rows": sum(counts.values()),
+            "integrity": report.to_dict(),
+            "validation": validation.summary(),
+        }
     if problems:
         raise PermanentFailure(
             f"The databases of server {server.name!r} recovered to {target} failed their checks: "
-            + "; ".join(problems[:10]) + ". The chain recovers, but not to good data: investigate before relying on it."
+            + "; ".join(problems[:10])
+            + ". The chain recovers, but not to good data: investigate before relying on it."
         )
     return results

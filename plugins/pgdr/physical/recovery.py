@@ -55,13 +55,16 @@ class RecoverableWindow:
         return f"{self.oldest:%Y-%m-%d %H:%M:%S} to {self.newest:%Y-%m-%d %H:%M:%S} UTC"
 
 
-def recoverable_window(catalog: BaseBackupCatalog, archive: WalArchive, store: BackupStore, workdir: Path) -> RecoverableWindow:
+def recoverable_window(
+    catalog: BaseBackupCatalog, archive: WalArchive, store: BackupStore, workdir: Path
+) -> RecoverableWindow:
     """Return the server's recoverable window; :class:`BackupNotFound` when it has no base backup yet."""
     backups = [e for e in catalog.backups() if e.status != "failed"]
     if not backups:
         raise BackupNotFound(
             f"Server {catalog.server!r} has no complete base backup in "
-            f"{store.describe(catalog.layout.server_prefix(catalog.server))}: nothing can be recovered to a moment yet. "
+            f"{store.describe(catalog.layout.server_prefix(catalog.server))}: nothing can be recovered to a moment "
+            "yet. "
             "Trigger pgdr_basebackup (kind=full)."
         )
     segments = archive.segments(store)
@@ -107,14 +110,22 @@ class PreparedChain:
 
 
 def prepare_data_directory(
-    catalog: BaseBackupCatalog, entry: BaseBackupEntry, store: BackupStore, workdir: Path, data_dir: Path,
-    archive: WalArchive, segments: list[WalSegment] | None = None,
+    catalog: BaseBackupCatalog,
+    entry: BaseBackupEntry,
+    store: BackupStore,
+    workdir: Path,
+    data_dir: Path,
+    archive: WalArchive,
+    segments: list[WalSegment] | None = None,
 ) -> PreparedChain:
     """Check the WAL, then download, verify (``pg_verifybackup``) and combine ``entry``'s chain into ``data_dir``."""
     chain = catalog.chain(entry)
     timings: dict[str, float] = {}
-    archive.check_continuous(segments if segments is not None else archive.segments(store), chain[0].record.start_wal,
-                             entry.record.wal_segment_size)
+    archive.check_continuous(
+        segments if segments is not None else archive.segments(store),
+        chain[0].record.start_wal,
+        entry.record.wal_segment_size,
+    )
     t0 = time.monotonic()
     folders = download_chain(chain, store, workdir / "download")
     timings["download"] = time.monotonic() - t0
@@ -130,7 +141,9 @@ def prepare_data_directory(
 
     def extract() -> tuple[list[Path], float]:
         started = time.monotonic()
-        return [extract_base_backup(folder, workdir / "extract" / folder.name) for folder in folders], time.monotonic() - started
+        return [
+            extract_base_backup(folder, workdir / "extract" / folder.name) for folder in folders
+        ], time.monotonic() - started
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pgdr-prepare") as pool:
         verifying, extracting = pool.submit(verify_stored), pool.submit(extract)
@@ -157,13 +170,17 @@ def prepare_data_directory(
 def recover_cluster(
     cluster: ScratchCluster, archive: WalArchive, target: datetime | None, timeout_s: float = 6 * 3600
 ) -> RecoveryResult:
-    """Configure the prepared ``cluster`` to recover to ``target`` (``None``: the end of the archive), start it, wait."""
+    """Configure the prepared ``cluster`` to recover to ``target`` (``None``: the end of the
+    archive), start it, wait."""
     cluster.environment = {**cluster.environment, **archive.access.environment()}
     cluster.configure(archive.restore_command(archiver_bin_dir()), target)
     result = cluster.start(target, timeout_s)
     log.info(
         "Recovered to %s (target %s); %s bytes of WAL replayed in %.1fs.",
-        result.achieved_point, target.isoformat() if target else "latest", result.wal_bytes_replayed, result.replay_seconds,
+        result.achieved_point,
+        target.isoformat() if target else "latest",
+        result.wal_bytes_replayed,
+        result.replay_seconds,
     )
     return result
 
@@ -189,21 +206,37 @@ def plan_point_in_time(server, res, moment: datetime, workdir: Path) -> dict[str
             break
     expected = expected_recovery_seconds(e.verification for e in window.backups)
     return {
-        "server": server.name, "target": moment.isoformat(), "base_backup": entry.backup_id,
-        "chain": [e.backup_id for e in chain], "base_backup_bytes": sum(e.record.size for e in chain),
+        "server": server.name,
+        "target": moment.isoformat(),
+        "base_backup": entry.backup_id,
+        "chain": [e.backup_id for e in chain],
+        "base_backup_bytes": sum(e.record.size for e in chain),
         "base_backup_ended": entry.record.finished_at.isoformat(),
-        "wal_segments": len(needed), "wal_bytes": len(needed) * size,
+        "wal_segments": len(needed),
+        "wal_bytes": len(needed) * size,
         "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
-        "size": f"base backup chain {', '.join(e.backup_id for e in chain)} ({sum(e.record.size for e in chain) / 1e6:.1f} MB "
-                f"stored), then up to {len(needed)} WAL segments ({len(needed) * size / 1e6:.0f} MB) replayed to the moment",
+        "size": f"base backup chain {', '.join(e.backup_id for e in chain)} "
+        f"({sum(e.record.size for e in chain) / 1e6:.1f} MB "
+        f"stored), then up to {len(needed)} WAL segments ({len(needed) * size / 1e6:.0f} MB) replayed to the moment",
         "expected_recovery_seconds": expected,
         "expected_recovery": format_duration(expected) if expected else "unknown (no PITR verification yet)",
     }
 
 
-def recover_in_scratch(run: tuple[str, str, str], purpose: str, catalog, entry, store, archive, target, login: str,
-                       workdir: Path, run_state):
-    """Recover ``entry``'s chain in the scratch cluster of ``run`` (dag id, run id, key); return ``(cluster, prepared, result)``.
+def recover_in_scratch(
+    run: tuple[str, str, str],
+    purpose: str,
+    catalog,
+    entry,
+    store,
+    archive,
+    target,
+    login: str,
+    workdir: Path,
+    run_state,
+):
+    """Recover ``entry``'s chain in the scratch cluster of ``run`` (dag id, run id, key); return ``(cluster, prepared,
+    result)``.
 
     Clusters of other runs on this worker are removed first when their run is over (by marker,
     :func:`pgdr.workdir.run_is_over`), and so is a previous try's cluster of this run: a retry starts

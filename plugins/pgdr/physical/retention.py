@@ -40,7 +40,10 @@ def _chain_ids(entry: BaseBackupEntry, by_id: dict[str, BaseBackupEntry]) -> lis
 
 
 def decide_pitr_retention(
-    entries: list[BaseBackupEntry], partial: list[str], keep_window: timedelta, now: datetime,
+    entries: list[BaseBackupEntry],
+    partial: list[str],
+    keep_window: timedelta,
+    now: datetime,
     partial_grace: timedelta = timedelta(hours=6),
 ) -> PitrRetentionDecision:
     """Decide what the recovery window ``keep_window`` keeps of ``entries`` (complete base backups)."""
@@ -60,7 +63,9 @@ def decide_pitr_retention(
             decision.keep.setdefault(member, "the newest verified chain")
     for entry in ordered:
         if entry.backup_id not in decision.keep:
-            decision.delete[entry.backup_id] = f"ended {entry.record.finished_at:%Y-%m-%d %H:%M} UTC, before the {keep_window} recovery window"
+            decision.delete[entry.backup_id] = (
+                f"ended {entry.record.finished_at:%Y-%m-%d %H:%M} UTC, before the {keep_window} recovery window"
+            )
     kept = [by_id[i] for i in decision.keep]
     if kept:
         oldest = min(kept, key=lambda e: segment_number(e.record.start_wal, e.record.wal_segment_size))
@@ -92,17 +97,26 @@ def apply_pitr_retention(catalog, archive, store, policy, now: datetime) -> dict
         log.info("Deleting base backup %s of %s: %s.", backup_id, server, why)
         catalog.delete_backup(backup_id)
     for backup_id in decision.delete_partial:
-        log.info("Deleting the unfinished base backup %s of %s (no record, older than the grace period).", backup_id, server)
+        log.info(
+            "Deleting the unfinished base backup %s of %s (no record, older than the grace period).", backup_id, server
+        )
         catalog.delete_backup(backup_id)
     segment_size = entries[0].record.wal_segment_size if entries else 16 * 1024 * 1024
     expired = expired_segments(archive.segments(store), decision.delete_wal_before, segment_size)
     if expired:
-        log.info("Deleting %d WAL segments older than %s (needed by no kept base backup).", len(expired), decision.delete_wal_before)
+        log.info(
+            "Deleting %d WAL segments older than %s (needed by no kept base backup).",
+            len(expired),
+            decision.delete_wal_before,
+        )
         store.delete([s.key for s in expired])
     for backup_id, why in decision.keep.items():
         log.info("Keeping base backup %s of %s: %s.", backup_id, server, why)
     return {
-        "server": server, "kept": sorted(decision.keep), "deleted": sorted(decision.delete),
-        "deleted_partial": decision.delete_partial, "wal_segments_deleted": len(expired),
+        "server": server,
+        "kept": sorted(decision.keep),
+        "deleted": sorted(decision.delete),
+        "deleted_partial": decision.delete_partial,
+        "wal_segments_deleted": len(expired),
         "oldest_recoverable": decision.oldest_recoverable.isoformat() if decision.oldest_recoverable else None,
     }

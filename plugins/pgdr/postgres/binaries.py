@@ -67,8 +67,14 @@ def reachable_by_server_user(path: Path) -> bool:
 
 def _runs_as_server_user(binary: Path) -> bool:
     try:
-        probe = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                               user=UNPRIVILEGED_UID, group=UNPRIVILEGED_GID, extra_groups=[])
+        probe = subprocess.run(
+            [str(binary), "--version"],
+            capture_output=True,
+            text=True,
+            user=UNPRIVILEGED_UID,
+            group=UNPRIVILEGED_GID,
+            extra_groups=[],
+        )
     except OSError:  # the user cannot even reach the file
         return False
     return probe.returncode == 0
@@ -106,13 +112,16 @@ def runnable_bundled_bin_dir() -> Path:
             for name in dirs + files:
                 target = os.path.join(root, name)
                 if not os.path.islink(target):
-                    os.chmod(target, os.stat(target).st_mode | 0o004 | (0o001 if os.stat(target).st_mode & 0o111 else 0))
+                    os.chmod(
+                        target, os.stat(target).st_mode | 0o004 | (0o001 if os.stat(target).st_mode & 0o111 else 0)
+                    )
         staging.chmod(0o755)
         shutil.rmtree(top, ignore_errors=True)
         os.replace(staging, top)
     if not _runs_as_server_user(copy / "bin" / "postgres"):
         raise BinariesMissing(
-            f"The embedded PostgreSQL binaries cannot be run by the unprivileged user (uid {UNPRIVILEGED_UID}), not even "
+            f"The embedded PostgreSQL binaries cannot be run by the unprivileged user (uid {UNPRIVILEGED_UID}), not "
+            "even "
             f"from the copy in {copy}. Set ${SHARED_DIR_ENV_VAR} to a directory every user can enter."
         )
     return copy / "bin"
@@ -164,7 +173,8 @@ def pg_tool(name: str) -> str:
 
 
 def server_bin_dir_for(pg_version: int) -> Path:
-    """Return the directory of the server binaries (``postgres``, ``pg_ctl``) of major version ``pg_version // 10000``."""
+    """Return the directory of the server binaries (``postgres``, ``pg_ctl``) of major version ``pg_version //
+    10000``."""
     major = pg_version // 10000
     found = []
     for name in ("pg_ctl", "postgres"):

@@ -41,8 +41,12 @@ COUNT_BATCH = 200  # tables counted per query: one round trip for a typical data
 _CHILD_ENV = {"PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "SYSTEMROOT", "LD_LIBRARY_PATH"}
 # What libpq and the server say when a session ends because the server went away: retryable.
 _CONNECTION_LOST = (
-    "server closed the connection unexpectedly", "terminating connection due to", "the database system is shutting down",
-    "the database system is starting up", "the database system is in recovery mode", "connection to server was lost",
+    "server closed the connection unexpectedly",
+    "terminating connection due to",
+    "the database system is shutting down",
+    "the database system is starting up",
+    "the database system is in recovery mode",
+    "connection to server was lost",
 )
 _SUPERUSER_EXTENSION = re.compile(r'permission denied to create extension "([^"]+)"', re.IGNORECASE)
 _UNSUPPORTED_COMPRESSION = re.compile(r"does not support compression with (\w+)", re.IGNORECASE)
@@ -240,7 +244,9 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
             "restarted or be unreachable; the task will retry from the start."
         )
     if "connection refused" in lower or "could not connect" in lower or "timeout" in lower:
-        return DatabaseUnreachable(f"{what} failed: cannot reach {endpoint.describe()} ({detail}). The task will retry.")
+        return DatabaseUnreachable(
+            f"{what} failed: cannot reach {endpoint.describe()} ({detail}). The task will retry."
+        )
     return error(f"{what} failed for {endpoint.describe()}: {detail}")
 
 
@@ -293,7 +299,7 @@ def count_rows(conn) -> tuple[dict[str, int], int]:
     counts: dict[str, int] = {}
     for start in range(0, len(scanned), COUNT_BATCH):
         parts = []
-        for schema, name, kind in scanned[start:start + COUNT_BATCH]:
+        for schema, name, kind in scanned[start : start + COUNT_BATCH]:
             only = sql.SQL("ONLY ") if kind == "r" else sql.SQL("")
             parts.append(
                 sql.SQL("SELECT {key}, count(*) FROM {only}{table}").format(
@@ -400,4 +406,6 @@ def prepare_amcheck(admin: PgEndpoint, restored: PgEndpoint) -> None:
             "AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'amcheck')"
         ).fetchall()
         for (function,) in functions:
-            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(function), sql.Identifier(restored.user)))
+            conn.execute(
+                sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(function), sql.Identifier(restored.user))
+            )

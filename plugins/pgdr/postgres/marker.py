@@ -29,7 +29,9 @@ def run_of(comment: str | None) -> str | None:
 
 def comment_of(conn, name: str) -> tuple[bool, str | None]:
     """Return ``(exists, comment)`` of database ``name``."""
-    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    row = conn.execute(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+    ).fetchone()
     return (row is not None, row[0] if row else None)
 
 
@@ -48,7 +50,8 @@ def mark(conn, name: str, comment: str) -> None:
 
 
 def unmark(conn, name: str, what: str) -> bool:
-    """Remove a ``what`` marker from database ``name``, leaving any other comment as it is; say whether there was one."""
+    """Remove a ``what`` marker from database ``name``, leaving any other comment as it is; say
+    whether there was one."""
     _, comment = comment_of(conn, name)
     if not (comment or "").startswith(what):
         return False

@@ -89,16 +89,23 @@ def create_database_sql(name: str, owner: PgEndpoint | None, admin: PgEndpoint, 
     return query
 
 
-def create_database(conn, name: str, owner: PgEndpoint | None, admin: PgEndpoint, options: dict[str, str] | None = None) -> None:
+def create_database(
+    conn, name: str, owner: PgEndpoint | None, admin: PgEndpoint, options: dict[str, str] | None = None
+) -> None:
     """Create an empty database as the source had it (encoding, locale); explain a locale the server lacks."""
     import psycopg
 
     try:
         conn.execute(create_database_sql(name, owner, admin, options))
-    except (psycopg.errors.InvalidParameterValue, psycopg.errors.FeatureNotSupported, psycopg.errors.ObjectNotInPrerequisiteState) as err:
+    except (
+        psycopg.errors.InvalidParameterValue,
+        psycopg.errors.FeatureNotSupported,
+        psycopg.errors.ObjectNotInPrerequisiteState,
+    ) as err:
         wanted = ", ".join(f"{k} {v}" for k, v in (options or {}).items())
         raise PermanentFailure(
-            f"Cannot create database {name!r} on {admin.host}:{admin.port} with the backup's encoding and locale ({wanted}): "
+            f"Cannot create database {name!r} on {admin.host}:{admin.port} with the backup's encoding and locale "
+            f"({wanted}): "
             f"{str(err).splitlines()[0]}. Install that locale on the server (or restore onto a server that has it); "
             "a database with another collation would sort and compare text differently from the source."
         ) from None
@@ -110,7 +117,11 @@ def scratch_comment(purpose: str, run_id: str) -> str:
 
 
 def drop_leftovers(
-    server: PgEndpoint, kind: str, database: str, current_run_id: str, run_state: Callable[[str], str | None] | None = None
+    server: PgEndpoint,
+    kind: str,
+    database: str,
+    current_run_id: str,
+    run_state: Callable[[str], str | None] | None = None,
 ) -> list[str]:
     """Drop scratch databases of ``kind`` for ``database`` left by runs that no longer run.
 

@@ -231,12 +231,24 @@ class S3Store:
             ) from None
 
     def put_file(self, key: str, local_path: Path) -> None:
-        self._call(f"Uploading {self.describe(key)}", self.client.upload_file, str(local_path), self.bucket, key,
-                   ExtraArgs=self.write_args or None)
+        self._call(
+            f"Uploading {self.describe(key)}",
+            self.client.upload_file,
+            str(local_path),
+            self.bucket,
+            key,
+            ExtraArgs=self.write_args or None,
+        )
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._call(f"Writing {self.describe(key)}", self.client.put_object, Bucket=self.bucket, Key=key, Body=data,
-                   **self.write_args)
+        self._call(
+            f"Writing {self.describe(key)}",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            **self.write_args,
+        )
 
     def get_bytes(self, key: str) -> bytes:
         with self.open_read(key) as stream:  # a _GuardedStream: its reads translate errors already
@@ -248,17 +260,21 @@ class S3Store:
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call(f"Listing {self.describe(prefix)}", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix)))
+        pages = self._call(
+            f"Listing {self.describe(prefix)}", lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix))
+        )
         for page in pages:
             for item in page.get("Contents", []):
                 yield StoredObject(item["Key"], item["Size"], item["LastModified"])
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
             self._call(
                 f"Deleting {len(batch)} objects in s3://{self.bucket}",
-                self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True},
+                self.client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True},
             )
 
     def exists(self, key: str) -> bool:

@@ -121,7 +121,9 @@ def master_keys_from(login: str | None, password: str | None, extra: dict[str, A
         raise KeyUnavailable(f'The {source}\'s extra "previous_keys" must map key ids to base64 keys.')
     for old_id, value in previous.items():
         if not isinstance(old_id, str) or not KEY_ID.match(old_id):
-            raise KeyUnavailable(f'The {source}\'s extra "previous_keys" has a key id that is not one: {str(old_id)[:40]!r}.')
+            raise KeyUnavailable(
+                f'The {source}\'s extra "previous_keys" has a key id that is not one: {str(old_id)[:40]!r}.'
+            )
         if old_id != key_id:
             keys[old_id] = decode_key(value, old_id, source)
     return MasterKeys(current=key_id, keys=keys, source=source)
@@ -178,8 +180,12 @@ def wrap(keys: MasterKeys, data_key: bytes, key_conn_id: str, database: str, bac
     nonce = os.urandom(12)
     sealed = _aesgcm(keys.keys[keys.current]).encrypt(nonce, data_key, _wrap_aad(keys.current, database, backup_id))
     return EncryptionRecord(
-        scheme=SCHEME, chunk_size=CHUNK_SIZE, key_conn_id=key_conn_id, key_id=keys.current,
-        wrapped_key=base64.b64encode(sealed).decode(), wrap_nonce=base64.b64encode(nonce).decode(),
+        scheme=SCHEME,
+        chunk_size=CHUNK_SIZE,
+        key_conn_id=key_conn_id,
+        key_id=keys.current,
+        wrapped_key=base64.b64encode(sealed).decode(),
+        wrap_nonce=base64.b64encode(nonce).decode(),
     )
 
 
@@ -216,10 +222,30 @@ _UNMACED = ("key_id", "wrapped_key", "wrap_nonce", "manifest_mac")
 # once and for all, so that a later pgdr that adds a field still authenticates the manifests written
 # before it (a field added later is not covered by v1; a v2 scheme would cover it).
 MAC_FIELDS_V1 = (
-    "airflow", "backup_id", "client_version", "compressed_by", "compression", "compression_level", "database",
-    "database_bytes", "dbname", "dump_jobs", "encryption", "files", "finished_at", "format", "large_objects",
-    "manifest_format", "recovery_point", "row_counts", "sequences", "server_version", "size", "started_at",
-    "storage", "stored_size",
+    "airflow",
+    "backup_id",
+    "client_version",
+    "compressed_by",
+    "compression",
+    "compression_level",
+    "database",
+    "database_bytes",
+    "dbname",
+    "dump_jobs",
+    "encryption",
+    "files",
+    "finished_at",
+    "format",
+    "large_objects",
+    "manifest_format",
+    "recovery_point",
+    "row_counts",
+    "sequences",
+    "server_version",
+    "size",
+    "started_at",
+    "storage",
+    "stored_size",
 )
 
 
@@ -357,7 +383,7 @@ class ChunkDecryptor:
         consumed = 0
         view = memoryview(self._buffer)
         while len(self._buffer) - consumed > full:
-            self._open(view[consumed:consumed + full], last=False)
+            self._open(view[consumed : consumed + full], last=False)
             consumed += full
         view.release()
         if consumed:

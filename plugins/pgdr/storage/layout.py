@@ -113,7 +113,7 @@ class BackupLayout:
         head = self._key() + "/"
         if not key.startswith(head):
             return None
-        parts = key[len(head):].split("/", 2)
+        parts = key[len(head) :].split("/", 2)
         if len(parts) < 3 or not is_backup_id(parts[1]):
             return None
         return parts[0], parts[1], parts[2]

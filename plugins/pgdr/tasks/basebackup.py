@@ -49,13 +49,24 @@ def run_base_backup(job: dict[str, str], context) -> dict[str, Any]:
         parent = parent_for(job["kind"], catalog.backups(), server.name)
         with task_workdir(context, f"basebackup-{server.name}") as workdir:
             record = take_base_backup(
-                server.name, server_endpoint(server, plan), store, archive.layout, workdir, archive.url, parent,
+                server.name,
+                server_endpoint(server, plan),
+                store,
+                archive.layout,
+                workdir,
+                archive.url,
+                parent,
                 _airflow_info(context),
             )
     context[CONTEXT_BACKUP_ID] = record.backup_id
     summary = {
-        "server": server.name, "backup_id": record.backup_id, "kind": record.kind, "parent": record.parent,
-        "finished_at": record.finished_at.isoformat(), "stored_bytes": record.size, "start_wal": record.start_wal,
+        "server": server.name,
+        "backup_id": record.backup_id,
+        "kind": record.kind,
+        "parent": record.parent,
+        "finished_at": record.finished_at.isoformat(),
+        "stored_bytes": record.size,
+        "start_wal": record.start_wal,
         "location": store.describe(archive.layout.base_backup_prefix(server.name, record.backup_id)),
     }
     context["outlet_events"][BASE_BACKUP_ASSET].extra = summary
@@ -74,7 +85,11 @@ def run_check_stored(backup: dict[str, Any], context) -> dict[str, Any]:
         with task_workdir(context, f"verifybackup-{server.name}") as workdir:
             # pg_verifybackup reads tar files as they are; an incremental backup is checked alone.
             folder = download_chain([entry], store, workdir)[0]
-            seconds = verify_backup(folder, f"base backup {entry.backup_id} as stored in {store.describe(archive.layout.base_backup_prefix(server.name, entry.backup_id))}")
+            seconds = verify_backup(
+                folder,
+                f"base backup {entry.backup_id} as stored in "
+                f"{store.describe(archive.layout.base_backup_prefix(server.name, entry.backup_id))}",
+            )
     log.info("pg_verifybackup: base backup %s as stored is intact (%.1fs).", entry.backup_id, seconds)
     return {"backup_id": entry.backup_id, "started_at": started, "finished_at": _now(), "seconds": round(seconds, 2)}
 

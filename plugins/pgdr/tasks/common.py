@@ -23,6 +23,7 @@ from pgdr.runtime import STOP_REQUESTED_ENV_VAR
 
 log = logging.getLogger(__name__)
 
+
 @contextmanager
 def fail_fast() -> Iterator[None]:
     """Re-raise a :class:`PermanentFailure` as ``AirflowFailException`` (no retry).
@@ -111,7 +112,9 @@ def create_run_scratch(scratch, kind: str, database: str, purpose: str, context)
     ti = context["ti"]
     run_id = ti.run_id
     check_restore_role(scratch.endpoint, load_plan().database(database).restore_as_superuser)
-    drop_leftovers(scratch.server, kind, database, run_id, lambda other: ti.get_dagrun_state(dag_id=ti.dag_id, run_id=other))
+    drop_leftovers(
+        scratch.server, kind, database, run_id, lambda other: ti.get_dagrun_state(dag_id=ti.dag_id, run_id=other)
+    )
     scratch.create(scratch_comment(purpose, run_id))
     return scratch.name
 
@@ -122,19 +125,29 @@ def scratch_roles_marker(purpose: str, context) -> str:
 
 
 def drop_scratch_and_roles(scratch, purpose: str, context) -> bool:
-    """Drop this run's scratch database and the roles created for it that nothing else uses (:func:`pgdr.logical.restore.drop_scratch`)."""
+    """Drop this run's scratch database and the roles created for it that nothing else uses
+    (:func:`pgdr.logical.restore.drop_scratch`)."""
     from pgdr.logical.restore import drop_scratch
 
     return drop_scratch(scratch, scratch_roles_marker(purpose, context))
 
 
-def restore_into_scratch(scratch, dump_dir: Path, jobs: int, workdir: Path, purpose: str, context) -> tuple[float, list[str]]:
-    """Restore a downloaded dump into this run's scratch database (:func:`pgdr.logical.restore.restore_into_scratch`)."""
+def restore_into_scratch(
+    scratch, dump_dir: Path, jobs: int, workdir: Path, purpose: str, context
+) -> tuple[float, list[str]]:
+    """Restore a downloaded dump into this run's scratch database
+    (:func:`pgdr.logical.restore.restore_into_scratch`)."""
     from pgdr.logical.restore import restore_into_scratch as restore
     from pgdr.postgres.scratch import scratch_comment
 
-    return restore(scratch, dump_dir, jobs, workdir, scratch_comment(purpose, context["ti"].run_id),
-                   scratch_roles_marker(purpose, context))
+    return restore(
+        scratch,
+        dump_dir,
+        jobs,
+        workdir,
+        scratch_comment(purpose, context["ti"].run_id),
+        scratch_roles_marker(purpose, context),
+    )
 
 
 CONTEXT_SERVER = "pgdr_server"  # the PITR server a mapped task is about (map_index_template)
@@ -156,12 +169,21 @@ def pitr_server_context(server_name: str, context):
 
 
 def recover_scratch_cluster(context, key: str, purpose: str, catalog, entry, store, archive, target, login: str):
-    """Recover ``entry``'s chain in this run's scratch cluster for ``key`` (:func:`pgdr.physical.recovery.recover_in_scratch`)."""
+    """Recover ``entry``'s chain in this run's scratch cluster for ``key``
+    (:func:`pgdr.physical.recovery.recover_in_scratch`)."""
     from pgdr.physical.recovery import recover_in_scratch
 
     ti = context["ti"]
     with task_workdir(context, f"pitr-{key}") as workdir:
         return recover_in_scratch(
-            (ti.dag_id, ti.run_id, key), purpose, catalog, entry, store, archive, target, login, workdir,
+            (ti.dag_id, ti.run_id, key),
+            purpose,
+            catalog,
+            entry,
+            store,
+            archive,
+            target,
+            login,
+            workdir,
             lambda dag_id, run_id: ti.get_dagrun_state(dag_id=dag_id, run_id=run_id),
         )

@@ -51,10 +51,13 @@ def select_databases(context) -> list[str]:
         unknown = [d for d in chosen if d not in plan.database_names]
         if unknown:
             raise InvalidRestoreRequest(
-                f"Databases not in the DR plan: {', '.join(unknown)}. The plan protects {', '.join(plan.database_names)}."
+                f"Databases not in the DR plan: {', '.join(unknown)}. The plan protects "
+                f"{', '.join(plan.database_names)}."
             )
         if (params.get("scenario") or "full-restore") not in SCENARIOS:
-            raise InvalidRestoreRequest(f"scenario must be one of {', '.join(SCENARIOS)}; got {params.get('scenario')!r}.")
+            raise InvalidRestoreRequest(
+                f"scenario must be one of {', '.join(SCENARIOS)}; got {params.get('scenario')!r}."
+            )
     return chosen
 
 
@@ -81,8 +84,15 @@ def run_rehearse_backup(database: str, context) -> dict[str, Any]:
             backup_data_key(db, entry.manifest, plan, catalog)  # a missing key fails here, before the scratch database
             return {"backup_id": entry.backup_id, "phases": []}
         with task_workdir(context, f"drill-backup-{database}") as workdir:
-            result = take_backup(db, database_endpoint(db, plan), store, layout, workdir, _airflow_info(context),
-                                 keys=encryption_keys(db, plan))
+            result = take_backup(
+                db,
+                database_endpoint(db, plan),
+                store,
+                layout,
+                workdir,
+                _airflow_info(context),
+                keys=encryption_keys(db, plan),
+            )
     context[CONTEXT_BACKUP_ID] = result.manifest.backup_id
     phases = [phase(name, *result.phases[name]) for name in ("dump", "upload") if name in (result.phases or {})]
     return {"backup_id": result.manifest.backup_id, "phases": phases}
@@ -96,7 +106,9 @@ def run_create_scratch(database: str, context) -> str:
     """Body of the drill's ``create_scratch`` setup task."""
     with fail_fast():
         plan, db, *_ = _objects(database, context)
-        return create_run_scratch(_scratch(database, context, db, plan), "drill", database, f"drill {database}", context)
+        return create_run_scratch(
+            _scratch(database, context, db, plan), "drill", database, f"drill {database}", context
+        )
 
 
 def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
@@ -119,7 +131,9 @@ def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
             download_backup(manifest, store, workdir / "dump", workers, data_key=data_key)
             phases.append(phase("download", started, _now()))
             started = _now()
-            _, created = restore_into_scratch(scratch, workdir / "dump", db.dump_jobs, workdir, f"drill {database}", context)
+            _, created = restore_into_scratch(
+                scratch, workdir / "dump", db.dump_jobs, workdir, f"drill {database}", context
+            )
             phases.append(phase("restore", started, _now()))
     return {"phases": phases, "roles_created": created}
 
@@ -151,15 +165,22 @@ def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
     with fail_fast():
         started = _now()
         with task_workdir(context, f"drill-privileges-{database}") as workdir:
-            applied = give_back_privileges(manifest, store, scratch.server.with_dbname(scratch.name), workdir,
-                                           backup_data_key(db, manifest, plan), scratch=True,
-                                           skip=db.skip_objects)
+            applied = give_back_privileges(
+                manifest,
+                store,
+                scratch.server.with_dbname(scratch.name),
+                workdir,
+                backup_data_key(db, manifest, plan),
+                scratch=True,
+                skip=db.skip_objects,
+            )
         privileges = phase("privileges", started, _now())
     return {"phases": [checks, validation, privileges], "validation": summary, "privileges": applied.to_dict()}
 
 
 def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]:
-    """Body of ``negative_control``: a corrupted private copy of one file must be rejected (:func:`pgdr.drill.negative_control`)."""
+    """Body of ``negative_control``: a corrupted private copy of one file must be rejected
+    (:func:`pgdr.drill.negative_control`)."""
     from pgdr.drill import negative_control
 
     with fail_fast():
@@ -170,7 +191,8 @@ def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]
 
 
 def run_drop_scratch(database: str, context) -> bool:
-    """Body of the drill's ``drop_scratch`` teardown task: the scratch database, then the roles made for it that nothing uses."""
+    """Body of the drill's ``drop_scratch`` teardown task: the scratch database, then the roles made for it that
+    nothing uses."""
     with fail_fast():
         plan, db, *_ = _objects(database, context)
         return drop_scratch_and_roles(_scratch(database, context, db, plan), f"drill {database}", context)
@@ -190,10 +212,20 @@ def run_measure(database: str, context) -> dict[str, Any]:
     failed_phase = next((n for n in PHASE_TASKS if not values[n]), None)
     phases = [p for n in PHASE_TASKS if values[n] for p in values[n].get("phases", [])]
     backups = catalog.backups()
-    rpo = rpo_metrics([b for b in backups if b.recovery_point <= datetime.fromisoformat(started_at)], datetime.fromisoformat(started_at))
+    rpo = rpo_metrics(
+        [b for b in backups if b.recovery_point <= datetime.fromisoformat(started_at)],
+        datetime.fromisoformat(started_at),
+    )
     return evaluate(
-        database, db.rto.total_seconds(), db.rpo.total_seconds(), phases, rpo, values["negative_control"],
-        failed_phase, (values["check_timed"] or {}).get("validation"), (values["rehearse_backup"] or {}).get("backup_id"),
+        database,
+        db.rto.total_seconds(),
+        db.rpo.total_seconds(),
+        phases,
+        rpo,
+        values["negative_control"],
+        failed_phase,
+        (values["check_timed"] or {}).get("validation"),
+        (values["rehearse_backup"] or {}).get("backup_id"),
     )
 
 
@@ -212,20 +244,41 @@ def run_rehearse_pitr(server_name: str, context) -> dict[str, Any]:
         write_heartbeat(endpoint, f"pgdr_drill {context['ti'].run_id} (drill start)")
         entries = [e for e in catalog.backups() if e.status != "failed"]
         if not entries:
-            raise BackupNotFound(f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: "
-                                 "trigger pgdr_basebackup.")
+            raise BackupNotFound(
+                f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: "
+                "trigger pgdr_basebackup."
+            )
         cluster, prepared, result = recover_scratch_cluster(
-            context, server.name, f"drill: recovery of server {server.name} to the end of its archive", catalog, entries[-1],
-            store, archive, None, endpoint.user,
+            context,
+            server.name,
+            f"drill: recovery of server {server.name} to the end of its archive",
+            catalog,
+            entries[-1],
+            store,
+            archive,
+            None,
+            endpoint.user,
         )
         try:
             recovered = heartbeats(cluster.endpoint())
         finally:
             cluster.destroy()
-    rehearsal = pitr_rehearsal(server, entries[-1].backup_id, datetime.fromisoformat(started_at), recovered,
-                               time.monotonic() - began, prepared.timings, result.to_dict())
-    log.info("PITR rehearsal of %s: newest heartbeat recovered %s, achieved RPO %s s (target %s s).", server.name,
-             rehearsal["newest_heartbeat"], rehearsal["rpo"]["achieved_s"], rehearsal["rpo"]["target_s"])
+    rehearsal = pitr_rehearsal(
+        server,
+        entries[-1].backup_id,
+        datetime.fromisoformat(started_at),
+        recovered,
+        time.monotonic() - began,
+        prepared.timings,
+        result.to_dict(),
+    )
+    log.info(
+        "PITR rehearsal of %s: newest heartbeat recovered %s, achieved RPO %s s (target %s s).",
+        server.name,
+        rehearsal["newest_heartbeat"],
+        rehearsal["rpo"]["achieved_s"],
+        rehearsal["rpo"]["target_s"],
+    )
     return rehearsal
 
 
@@ -236,7 +289,8 @@ def _pulled_list(ti, task_id: str) -> list[dict[str, Any]]:
 
 
 def run_publish_report(context) -> dict[str, Any]:
-    """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail; fails a failed drill."""
+    """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail; fails a failed
+    drill."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from pgdr.airflow_glue.alert_journal import AlertJournal
@@ -248,11 +302,20 @@ def run_publish_report(context) -> dict[str, Any]:
     results, pitr = _pulled_list(ti, "rehearse.measure"), _pulled_list(ti, "rehearse_pitr")
     plan = load_plan()
     store, layout = open_store(plan.default_storage or plan.databases[0].storage, plan)
-    failures, _ = AlertJournal.for_plan().failures(ti.dag_id, ti.run_id) if len(pitr) < len(plan.servers) else ([], None)
+    failures, _ = (
+        AlertJournal.for_plan().failures(ti.dag_id, ti.run_id) if len(pitr) < len(plan.servers) else ([], None)
+    )
     errors = {f.database: f.error for f in failures if f.task_id == "rehearse_pitr"}
     started_at = (dag_run.start_date or datetime.now(UTC)).astimezone(UTC)
-    report = drill_report(drill_id_of(started_at, ti.run_id), ti.run_id, (context.get("params") or {}).get("scenario") or "full-restore",
-                          started_at, _now(), results, pitr + unfinished_rehearsals(plan.servers, pitr, errors))
+    report = drill_report(
+        drill_id_of(started_at, ti.run_id),
+        ti.run_id,
+        (context.get("params") or {}).get("scenario") or "full-restore",
+        started_at,
+        _now(),
+        results,
+        pitr + unfinished_rehearsals(plan.servers, pitr, errors),
+    )
     location, page = store_report(report, store, layout)
     log.info("Drill report: %s\n%s", location, "\n".join(headline(report)))
     send_slack(drill_summary(report, headline(report), location), None, context)
@@ -261,13 +324,22 @@ def run_publish_report(context) -> dict[str, Any]:
         from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
         SmtpNotifier(
-            from_email=notify.email_from, to=list(notify.email_to), smtp_conn_id=notify.smtp_conn_id,
-            subject=f"[pgdr] DR drill {report['drill_id']}: {report['status'].upper()}", html_content=page,
+            from_email=notify.email_from,
+            to=list(notify.email_to),
+            smtp_conn_id=notify.smtp_conn_id,
+            subject=f"[pgdr] DR drill {report['drill_id']}: {report['status'].upper()}",
+            html_content=page,
         ).notify(context)
     broken = broken_parts(report)
     if broken:
         raise AirflowFailException(
-            f"The DR drill failed for {', '.join(broken)} (a phase or a point-in-time recovery rehearsal failed, or the "
+            f"The DR drill failed for {', '.join(broken)} (a phase or a point-in-time recovery rehearsal failed, or "
+            "the "
             f"negative control was not rejected). The report lists the action items: {location}"
         )
-    return {"status": report["status"], "report": location, "drill_id": report["drill_id"], "headline": headline(report)}
+    return {
+        "status": report["status"],
+        "report": location,
+        "drill_id": report["drill_id"],
+        "headline": headline(report),
+    }

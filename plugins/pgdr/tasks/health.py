@@ -31,8 +31,12 @@ def run_health_database(database: str, context) -> list[dict[str, Any]]:
     with fail_fast():
         res = resources()
         db = res.plan.database(database)
-    results = [check_source(db, res), check_verification_server(db, res), check_storage(db, res),
-               *check_backup_ages(db, res, datetime.now(UTC))]
+    results = [
+        check_source(db, res),
+        check_verification_server(db, res),
+        check_storage(db, res),
+        *check_backup_ages(db, res, datetime.now(UTC)),
+    ]
     encryption = check_encryption(db, res, datetime.now(UTC))
     if encryption is not None:
         results.append(encryption)
@@ -43,7 +47,14 @@ def run_health_database(database: str, context) -> list[dict[str, Any]]:
         extra = {}
     emit_metrics(results, extra)
     for r in results:
-        log.log(logging.INFO if r.ok else logging.WARNING, "%s %s: %s: %s", "OK  " if r.ok else "FAIL", database, r.check, r.detail)
+        log.log(
+            logging.INFO if r.ok else logging.WARNING,
+            "%s %s: %s: %s",
+            "OK  " if r.ok else "FAIL",
+            database,
+            r.check,
+            r.detail,
+        )
     return [asdict(r) for r in results]
 
 
@@ -62,7 +73,14 @@ def run_health_server(server_name: str, context) -> list[dict[str, Any]]:
     results, extra = check_pitr_server(server, res, datetime.now(UTC), f"pgdr_health {context['ti'].run_id}")
     emit_metrics(results, extra)
     for r in results:
-        log.log(logging.INFO if r.ok else logging.WARNING, "%s server %s: %s: %s", "OK  " if r.ok else "FAIL", server_name, r.check, r.detail)
+        log.log(
+            logging.INFO if r.ok else logging.WARNING,
+            "%s server %s: %s: %s",
+            "OK  " if r.ok else "FAIL",
+            server_name,
+            r.check,
+            r.detail,
+        )
     return [asdict(r) for r in results]
 
 
@@ -92,5 +110,9 @@ def run_health_alerts(results: list[list[dict[str, Any]]], context) -> dict[str,
         send_slack(transition_message(failing, recovered), None, context)
     still = [r for r in flat if not r.ok]
     log.info("%d checks, %d failing (%d new), %d recovered.", len(flat), len(still), len(failing), len(recovered))
-    return {"checks": len(flat), "failing": [f"{r.database}:{r.check}" for r in still],
-            "newly_failing": len(failing), "recovered": len(recovered)}
+    return {
+        "checks": len(flat),
+        "failing": [f"{r.database}:{r.check}" for r in still],
+        "newly_failing": len(failing),
+        "recovered": len(recovered),
+    }

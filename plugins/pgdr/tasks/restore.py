@@ -49,7 +49,9 @@ def build_restore_plan(context) -> dict[str, Any]:
 
     with fail_fast(), task_workdir(context, "restore-plan") as workdir:
         started = context["dag_run"].run_after or datetime.now(UTC)
-        restore_plan = plan_restore(dict(context["params"]), resources(), started, workdir, lambda **kw: _label(context, **kw))
+        restore_plan = plan_restore(
+            dict(context["params"]), resources(), started, workdir, lambda **kw: _label(context, **kw)
+        )
     log.info("Restore plan:\n%s", render_plan(restore_plan))
     return restore_plan
 
@@ -75,24 +77,48 @@ def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
         catalog = BaseBackupCatalog(store, layout, server.name)
         entry = catalog.get(pitr["base_backup"])
         cluster, prepared, result = recover_scratch_cluster(
-            context, plan["database"], f"point-in-time restore of {db.name} to {pitr['target']}", catalog, entry, store,
-            archive, datetime.fromisoformat(pitr["target"]), res.server(server).user,
+            context,
+            plan["database"],
+            f"point-in-time restore of {db.name} to {pitr['target']}",
+            catalog,
+            entry,
+            store,
+            archive,
+            datetime.fromisoformat(pitr["target"]),
+            res.server(server).user,
         )
         try:
             with task_workdir(context, f"pitr-dump-{db.name}") as workdir:
                 db_store, db_layout = res.store(db.storage)
                 achieved = result.achieved_point or datetime.fromisoformat(pitr["target"])
-                info = {**_airflow_info(context), "pitr_server": server.name, "pitr_target": pitr["target"],
-                        "base_backup": entry.backup_id}
-                manifest = take_backup(db, cluster.endpoint(db.dbname), db_store, db_layout, workdir, info,
-                                       recovery_point=achieved, keys=res.encryption_keys(db)).manifest
+                info = {
+                    **_airflow_info(context),
+                    "pitr_server": server.name,
+                    "pitr_target": pitr["target"],
+                    "base_backup": entry.backup_id,
+                }
+                manifest = take_backup(
+                    db,
+                    cluster.endpoint(db.dbname),
+                    db_store,
+                    db_layout,
+                    workdir,
+                    info,
+                    recovery_point=achieved,
+                    keys=res.encryption_keys(db),
+                ).manifest
         finally:
             cluster.destroy()
         _label(context, db.name, manifest.backup_id)
         check_tables_in_backup(plan["tables"], BackupCatalog(db_store, db_layout, db.name).get(manifest.backup_id))
     log.info(
-        "Server %s recovered to %s (achieved %s: the last transaction replayed); database %s dumped from it as backup %s.",
-        server.name, pitr["target"], achieved.isoformat(), db.name, manifest.backup_id,
+        "Server %s recovered to %s (achieved %s: the last transaction replayed); database %s dumped from it as "
+        "backup %s.",
+        server.name,
+        pitr["target"],
+        achieved.isoformat(),
+        db.name,
+        manifest.backup_id,
     )
     return plan_of_moment(plan, manifest, entry.backup_id, result.to_dict(), prepared.timings, started, _now())
 
@@ -104,8 +130,14 @@ def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
     _skip_dry_run(plan, "Dry run: the restore plan is in the log of plan_restore; nothing was done.")
     with timed() as out, fail_fast():
         objs = _objects(plan, context)
-        out.update(verify_checksums(objs.entry.manifest, objs.store, workers=max(2, objs.db.dump_jobs),
-                                    data_key=objs.data_key(refuse_unencrypted=True)))
+        out.update(
+            verify_checksums(
+                objs.entry.manifest,
+                objs.store,
+                workers=max(2, objs.db.dump_jobs),
+                data_key=objs.data_key(refuse_unencrypted=True),
+            )
+        )
     return out
 
 
@@ -121,7 +153,8 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
 
 
 def run_apply_privileges(plan: dict[str, Any], context) -> dict[str, Any]:
-    """Body of ``apply_privileges``: owners, grants, default privileges and the database's settings, after the checks."""
+    """Body of ``apply_privileges``: owners, grants, default privileges and the database's settings,
+    after the checks."""
     from pgdr.incident import check_app_roles
     from pgdr.logical.restore import give_back_privileges
 
@@ -129,8 +162,14 @@ def run_apply_privileges(plan: dict[str, Any], context) -> dict[str, Any]:
     with timed() as out, fail_fast():
         objs = _objects(plan, context)
         with task_workdir(context, f"incident-privileges-{objs.db.name}") as workdir:
-            report = give_back_privileges(objs.entry.manifest, objs.store, objs.server.with_dbname(plan["target"]), workdir,
-                                          objs.data_key(), skip=objs.db.skip_objects)
+            report = give_back_privileges(
+                objs.entry.manifest,
+                objs.store,
+                objs.server.with_dbname(plan["target"]),
+                workdir,
+                objs.data_key(),
+                skip=objs.db.skip_objects,
+            )
         out.update(report.to_dict())
         out["app_roles"] = check_app_roles(objs.db, objs.res.database(objs.db), objs.server.with_dbname(plan["target"]))
     return out
@@ -149,8 +188,16 @@ def run_check_integrity(plan: dict[str, Any], context) -> dict[str, Any]:
     with timed() as out, fail_fast():
         objs = _objects(plan, context)
         with task_workdir(context, f"incident-check-{objs.db.name}") as workdir:
-            out.update(check_integrity(objs.restored, objs.entry.manifest, workdir, objs.db.dump_jobs, _filled(context, plan),
-                                       admin=objs.server).to_dict())
+            out.update(
+                check_integrity(
+                    objs.restored,
+                    objs.entry.manifest,
+                    workdir,
+                    objs.db.dump_jobs,
+                    _filled(context, plan),
+                    admin=objs.server,
+                ).to_dict()
+            )
     return out
 
 
@@ -163,8 +210,9 @@ def run_validate(plan: dict[str, Any], context) -> dict[str, Any]:
         objs = _objects(plan, context)
         report = validate_restored(objs.restored, objs.entry.manifest, _filled(context, plan))
         html_key = objs.report_key(run_id, "-validation.html")
-        objs.store.put_bytes(html_key, render_html(report, objs.entry.manifest,
-                                                   {"Restored into": plan["target"], "Airflow run": run_id}))
+        objs.store.put_bytes(
+            html_key, render_html(report, objs.entry.manifest, {"Restored into": plan["target"], "Airflow run": run_id})
+        )
         if not report.ok:
             raise failure_error(report, objs.entry.manifest, objs.store.describe(html_key))
         out.update({"summary": report.summary(), "report": objs.store.describe(html_key)})
@@ -201,9 +249,13 @@ def run_report(context) -> dict[str, Any]:
         return {"status": "dry-run", "plan": plan}
     objs = _objects(plan, context)
     phases = {p: ti.xcom_pull(task_ids=p) for p in PHASES}
-    run = {"triggered_by": getattr(dag_run, "triggering_user_name", None) or "unknown",
-           "via": os.environ.get(VIA_ENV_VAR) or "Airflow (the trigger form or the API)",
-           "run_id": ti.run_id, "log_url": ti.log_url, "written_at": _now()}
+    run = {
+        "triggered_by": getattr(dag_run, "triggering_user_name", None) or "unknown",
+        "via": os.environ.get(VIA_ENV_VAR) or "Airflow (the trigger form or the API)",
+        "run_id": ti.run_id,
+        "log_url": ti.log_url,
+        "written_at": _now(),
+    }
     if restore_outcome(plan, phases)[0] == "restored" and plan["mode"] == "new-database":
         release_target(objs.server, plan["target"], ti.run_id)  # the copy is the user's now
     report = restore_report(plan, phases, run, final_state(objs.server, plan))
@@ -215,8 +267,13 @@ def run_report(context) -> dict[str, Any]:
         send_slack(restore_summary(report, objs.store.describe(md_key)), objs.db.name, context)
     if report["status"] == "failed":
         raise AirflowFailException(
-            f"The restore of {plan['database']} from backup {plan['backup_id']} failed in phase {report['failed_phase']}; "
+            f"The restore of {plan['database']} from backup {plan['backup_id']} failed in phase "
+            f"{report['failed_phase']}; "
             f"the live database {plan['dbname']!r} was not changed. Report: {objs.store.describe(md_key)}"
         )
-    return {"status": report["status"], "report": objs.store.describe(md_key),
-            "achieved_rto_seconds": report["achieved_rto_seconds"], "final_state": report["final_state"]}
+    return {
+        "status": report["status"],
+        "report": objs.store.describe(md_key),
+        "achieved_rto_seconds": report["achieved_rto_seconds"],
+        "final_state": report["final_state"],
+    }

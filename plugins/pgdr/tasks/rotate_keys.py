@@ -27,7 +27,12 @@ def run_rewrap(database: str, context) -> dict[str, Any]:
         result = rewrap_backups(BackupCatalog(store, layout, db.name), keys, db.encryption_key_conn_id)
     log.info(
         "%s: %d backups re-wrapped under master key %r, %d already were, %d unencrypted, %d left as they are.",
-        database, len(result.rewrapped), keys.current, len(result.already_current), len(result.unencrypted), len(result.problems),
+        database,
+        len(result.rewrapped),
+        keys.current,
+        len(result.already_current),
+        len(result.unencrypted),
+        len(result.problems),
     )
     return result.to_dict()
 
@@ -61,12 +66,19 @@ def run_rotation_report(results: list[dict[str, Any]], context) -> dict[str, Any
             }
             if unneeded:
                 log.info(
-                    "Connection %r: no retained backup needs master key(s) %s any more. Remove them from the connection's "
-                    "previous_keys once your key escrow holds a copy (a backup restored from elsewhere may still need one).",
-                    conn_id, ", ".join(unneeded),
+                    "Connection %r: no retained backup needs master key(s) %s any more. Remove them from the "
+                    "connection's "
+                    "previous_keys once your key escrow holds a copy (a backup restored from elsewhere may still "
+                    "need one).",
+                    conn_id,
+                    ", ".join(unneeded),
                 )
             else:
-                log.info("Connection %r: every key it holds is still needed, or it holds only the current key %r.", conn_id, keys.current)
+                log.info(
+                    "Connection %r: every key it holds is still needed, or it holds only the current key %r.",
+                    conn_id,
+                    keys.current,
+                )
         problems = {k: v for entry in report.values() for k, v in entry["problems"].items()}
         if problems:
             listed = "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:5])

@@ -34,8 +34,11 @@ def resolve_verification_targets(context) -> list[dict[str, str]]:
     from pgdr.verification import NothingToVerify, event_targets, interval_targets, named_target
 
     params = context.get("params") or {}
-    named = [{"database": (e.extra or {}).get("database"), "backup_id": (e.extra or {}).get("backup_id")}
-             for events in (context.get("triggering_asset_events") or {}).values() for e in events]
+    named = [
+        {"database": (e.extra or {}).get("database"), "backup_id": (e.extra or {}).get("backup_id")}
+        for events in (context.get("triggering_asset_events") or {}).values()
+        for e in events
+    ]
     named = [t for t in named if t["database"] and t["backup_id"]]
     start, end = context.get("data_interval_start"), context.get("data_interval_end")
     with fail_fast():
@@ -47,7 +50,9 @@ def resolve_verification_targets(context) -> list[dict[str, str]]:
             if start is None or end is None:
                 raise NothingToVerify("This run names no backup (no params, no asset event, no data interval).")
             run_type = context["dag_run"].run_type
-            return interval_targets(resources(), start, end, backfill=str(getattr(run_type, "value", run_type)) == "backfill")
+            return interval_targets(
+                resources(), start, end, backfill=str(getattr(run_type, "value", run_type)) == "backfill"
+            )
         except NothingToVerify as why:
             raise AirflowSkipException(str(why)) from None
 
@@ -62,7 +67,9 @@ def _objects(target: dict[str, str], context):
 
 
 def _scratch(objs, context):
-    return run_scratch("verify", objs.db, objs.res.plan, context, f"{objs.target['database']}/{objs.target['backup_id']}")
+    return run_scratch(
+        "verify", objs.db, objs.res.plan, context, f"{objs.target['database']}/{objs.target['backup_id']}"
+    )
 
 
 def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
@@ -72,10 +79,18 @@ def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
     with timed() as out, fail_fast():
         objs = _objects(target, context)
         manifest = objs.entry.manifest
-        out.update(verify_checksums(manifest, objs.store, workers=max(2, objs.db.dump_jobs),
-                                    data_key=objs.data_key(refuse_unencrypted=True)))
-    log.info("All %d files of backup %s (%.1f MB) match their SHA-256 in the manifest (%.1fs).",
-             len(manifest.files), manifest.backup_id, manifest.stored_size / 1e6, out["seconds"])
+        out.update(
+            verify_checksums(
+                manifest, objs.store, workers=max(2, objs.db.dump_jobs), data_key=objs.data_key(refuse_unencrypted=True)
+            )
+        )
+    log.info(
+        "All %d files of backup %s (%.1f MB) match their SHA-256 in the manifest (%.1fs).",
+        len(manifest.files),
+        manifest.backup_id,
+        manifest.stored_size / 1e6,
+        out["seconds"],
+    )
     return out
 
 
@@ -99,13 +114,25 @@ def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> di
     with timed() as out, fail_fast():
         objs = _objects(target, context)
         with task_workdir(context, f"restore-{objs.db.name}") as workdir:
-            download = download_backup(objs.entry.manifest, objs.store, workdir / "dump", workers=max(2, objs.db.dump_jobs),
-                                       data_key=objs.data_key())
-            restore_s, created = restore_into_scratch(_scratch(objs, context), workdir / "dump", objs.db.dump_jobs, workdir,
-                                                      objs.purpose, context)
+            download = download_backup(
+                objs.entry.manifest,
+                objs.store,
+                workdir / "dump",
+                workers=max(2, objs.db.dump_jobs),
+                data_key=objs.data_key(),
+            )
+            restore_s, created = restore_into_scratch(
+                _scratch(objs, context), workdir / "dump", objs.db.dump_jobs, workdir, objs.purpose, context
+            )
         out.update({"download_seconds": download["seconds"], "restore_seconds": restore_s, "roles_created": created})
-    log.info("Backup %s restored into %s: download and verify %.1fs, pg_restore -j%d %.1fs.",
-             objs.entry.backup_id, scratch_name, download["seconds"], objs.db.dump_jobs, restore_s)
+    log.info(
+        "Backup %s restored into %s: download and verify %.1fs, pg_restore -j%d %.1fs.",
+        objs.entry.backup_id,
+        scratch_name,
+        download["seconds"],
+        objs.db.dump_jobs,
+        restore_s,
+    )
     return out
 
 
@@ -117,8 +144,11 @@ def run_check_integrity(target: dict[str, str], scratch_name: str, context) -> d
         objs = _objects(target, context)
         scratch = _scratch(objs, context)
         with task_workdir(context, f"amcheck-{objs.db.name}") as workdir:
-            out.update(check_integrity(scratch.endpoint, objs.entry.manifest, workdir, jobs=objs.db.dump_jobs,
-                                       admin=scratch.server).to_dict())
+            out.update(
+                check_integrity(
+                    scratch.endpoint, objs.entry.manifest, workdir, jobs=objs.db.dump_jobs, admin=scratch.server
+                ).to_dict()
+            )
     return out
 
 
@@ -138,26 +168,44 @@ def run_validate_data(target: dict[str, str], scratch_name: str, context) -> dic
         log.info("Validation report: %s", store.describe(html_key))
         if not report.ok:
             raise failure_error(report, entry.manifest, store.describe(html_key))
-        out.update({"seconds": report.seconds, "summary": report.summary(), "results_key": results_key,
-                    "report_key": html_key, "report": store.describe(html_key)})
+        out.update(
+            {
+                "seconds": report.seconds,
+                "summary": report.summary(),
+                "results_key": results_key,
+                "report_key": html_key,
+                "report": store.describe(html_key),
+            }
+        )
     return out
 
 
 def run_apply_privileges(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
-    """Body of ``apply_privileges``: the backup's owners, grants and settings on the scratch copy, as a restore would."""
+    """Body of ``apply_privileges``: the backup's owners, grants and settings on the scratch copy,
+    as a restore would."""
     from pgdr.logical.restore import give_back_privileges
 
     with timed() as out, fail_fast():
         objs = _objects(target, context)
         scratch = _scratch(objs, context)
         with task_workdir(context, f"privileges-{objs.db.name}") as workdir:
-            out.update(give_back_privileges(objs.entry.manifest, objs.store, scratch.server.with_dbname(scratch.name), workdir,
-                                            objs.data_key(), scratch=True, skip=objs.db.skip_objects).to_dict())
+            out.update(
+                give_back_privileges(
+                    objs.entry.manifest,
+                    objs.store,
+                    scratch.server.with_dbname(scratch.name),
+                    workdir,
+                    objs.data_key(),
+                    scratch=True,
+                    skip=objs.db.skip_objects,
+                ).to_dict()
+            )
     return out
 
 
 def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool:
-    """Body of the ``drop_scratch`` teardown task: the scratch database, then the roles created for it that nothing uses."""
+    """Body of the ``drop_scratch`` teardown task: the scratch database, then the roles created for it that nothing
+    uses."""
     context[CONTEXT_DATABASE] = target["database"]
     context[CONTEXT_BACKUP_ID] = target["backup_id"]
     with fail_fast():  # needs no backup: the scratch database goes even when the backup went first
@@ -182,8 +230,10 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
 
     ti = context["ti"]
     group = ti.task_id.rpartition(".")[0]
-    phases = {phase: ti.xcom_pull(task_ids=f"{group}.{phase}" if group else phase, map_indexes=ti.map_index)
-              for phase in VERIFY_PHASES}
+    phases = {
+        phase: ti.xcom_pull(task_ids=f"{group}.{phase}" if group else phase, map_indexes=ti.map_index)
+        for phase in VERIFY_PHASES
+    }
     with fail_fast():
         try:
             objs = _objects(target, context)
@@ -192,9 +242,14 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
             raise
     db, entry = objs.db, objs.entry
     record = verify_restore_record(
-        database=db.name, backup_id=entry.backup_id, recovery_point=entry.manifest.recovery_point.isoformat(),
-        verified_at=_now(), airflow={"dag_id": ti.dag_id, "run_id": ti.run_id, "log_url": ti.log_url}, phases=phases,
-        order=VERIFY_PHASES, rto_target_seconds=db.rto.total_seconds(),
+        database=db.name,
+        backup_id=entry.backup_id,
+        recovery_point=entry.manifest.recovery_point.isoformat(),
+        verified_at=_now(),
+        airflow={"dag_id": ti.dag_id, "run_id": ti.run_id, "log_url": ti.log_url},
+        phases=phases,
+        order=VERIFY_PHASES,
+        rto_target_seconds=db.rto.total_seconds(),
         superuser_warning=SUPERUSER_RESTORE_WARNING if db.restore_as_superuser else None,
     )
     key = objs.catalog.record_verification(record)
@@ -202,7 +257,14 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
     if record.failed_phase:
         raise AirflowFailException(verification_failed(entry.backup_id, db.name, record.failed_phase))
     if not record.rto_met:
-        log.warning("RTO breached: restore took %.1fs, the plan's RTO is %.0fs.", record.restore_seconds, db.rto.total_seconds())
-        send_slack(rto_breach_message(ti.dag_id, db.name, entry.backup_id, record.restore_seconds, db.rto.total_seconds(),
-                                      ti.log_url), db.name, context)
+        log.warning(
+            "RTO breached: restore took %.1fs, the plan's RTO is %.0fs.", record.restore_seconds, db.rto.total_seconds()
+        )
+        send_slack(
+            rto_breach_message(
+                ti.dag_id, db.name, entry.backup_id, record.restore_seconds, db.rto.total_seconds(), ti.log_url
+            ),
+            db.name,
+            context,
+        )
     return record.to_dict()

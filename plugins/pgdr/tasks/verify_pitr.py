@@ -59,10 +59,15 @@ def run_plan_recovery(server_name: str, context) -> dict[str, Any]:
         context[CONTEXT_BACKUP_ID] = entry.backup_id
         chain = catalog.chain(entry, list(window.backups))
     return {
-        "server": server.name, "backup_id": entry.backup_id, "chain": [e.backup_id for e in chain],
-        "target": target.isoformat(), "heartbeat_before": before.isoformat(), "heartbeat_after": after.isoformat(),
+        "server": server.name,
+        "backup_id": entry.backup_id,
+        "chain": [e.backup_id for e in chain],
+        "target": target.isoformat(),
+        "heartbeat_before": before.isoformat(),
+        "heartbeat_after": after.isoformat(),
         "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
-        "pg_version": entry.record.pg_version, "login": endpoint.user,
+        "pg_version": entry.record.pg_version,
+        "login": endpoint.user,
     }
 
 
@@ -79,7 +84,9 @@ def _cluster_for(recovery: dict[str, Any], context):
     if (root / MARKER).exists():
         marker = json.loads((root / MARKER).read_text())
     return ScratchCluster(
-        root, recovery.get("pg_version") or marker.get("pg_version") or 180000, login=recovery.get("login", "postgres"),
+        root,
+        recovery.get("pg_version") or marker.get("pg_version") or 180000,
+        login=recovery.get("login", "postgres"),
         port=recovery.get("port") or marker.get("port") or 0,
     )
 
@@ -93,12 +100,24 @@ def run_recover_cluster(recovery: dict[str, Any], context) -> dict[str, Any]:
         _, server, store, archive, catalog = pitr_server_context(recovery["server"], context)
         context[CONTEXT_BACKUP_ID] = recovery["backup_id"]
         cluster, prepared, result = recover_scratch_cluster(
-            context, server.name, f"recovery of server {server.name} to {recovery['target']}", catalog,
-            catalog.get(recovery["backup_id"]), store, archive, datetime.fromisoformat(recovery["target"]), recovery["login"],
+            context,
+            server.name,
+            f"recovery of server {server.name} to {recovery['target']}",
+            catalog,
+            catalog.get(recovery["backup_id"]),
+            store,
+            archive,
+            datetime.fromisoformat(recovery["target"]),
+            recovery["login"],
         )
     return {
-        **recovery, "host": socket.gethostname(), "port": cluster.port, "root": str(cluster.root),
-        "started_at": started, "finished_at": _now(), "timings": {k: round(v, 2) for k, v in prepared.timings.items()},
+        **recovery,
+        "host": socket.gethostname(),
+        "port": cluster.port,
+        "root": str(cluster.root),
+        "started_at": started,
+        "finished_at": _now(),
+        "timings": {k: round(v, 2) for k, v in prepared.timings.items()},
         "recovery": result.to_dict(),
     }
 
@@ -120,10 +139,16 @@ def run_check_target(cluster_info: dict[str, Any], context) -> dict[str, Any]:
     with fail_fast():
         plan, server, *_ = pitr_server_context(cluster_info["server"], context)
         _same_host(cluster_info)
-        hit = check_target_hit(server.name, datetime.fromisoformat(cluster_info["target"]),
-                               heartbeats(server_endpoint(server, plan)), heartbeats(_cluster_for(cluster_info, context).endpoint()))
-    log.info("Recovery target hit exactly: %d heartbeats up to the target are present, none after it.",
-             hit["heartbeats_before_target"])
+        hit = check_target_hit(
+            server.name,
+            datetime.fromisoformat(cluster_info["target"]),
+            heartbeats(server_endpoint(server, plan)),
+            heartbeats(_cluster_for(cluster_info, context).endpoint()),
+        )
+    log.info(
+        "Recovery target hit exactly: %d heartbeats up to the target are present, none after it.",
+        hit["heartbeats_before_target"],
+    )
     return hit
 
 
@@ -134,8 +159,14 @@ def run_check_databases(cluster_info: dict[str, Any], context) -> dict[str, Any]
     with fail_fast():
         plan, server, *_ = pitr_server_context(cluster_info["server"], context)
         _same_host(cluster_info)
-        return check_recovered_databases(plan, server, _cluster_for(cluster_info, context), cluster_info["backup_id"],
-                                         cluster_info["target"], lambda label: task_workdir(context, label))
+        return check_recovered_databases(
+            plan,
+            server,
+            _cluster_for(cluster_info, context),
+            cluster_info["backup_id"],
+            cluster_info["target"],
+            lambda label: task_workdir(context, label),
+        )
 
 
 def run_stop_cluster(server_name: str, context) -> bool:
@@ -149,7 +180,8 @@ def run_stop_cluster(server_name: str, context) -> bool:
 
 
 def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
-    """Body of ``record_verification``: verified or failed, with the achieved recovery point, next to the base backup."""
+    """Body of ``record_verification``: verified or failed, with the achieved recovery point, next
+    to the base backup."""
     from airflow.sdk.exceptions import AirflowFailException
 
     ti = context["ti"]
@@ -164,24 +196,36 @@ def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
             f"Nothing to record for server {server_name!r}: plan_recovery failed before a base backup was chosen (its "
             "error is above)."
         )
-    cluster_info, target_check, databases = pulled("recover_cluster"), pulled("check_recovery_target"), pulled("check_databases")
+    cluster_info, target_check, databases = (
+        pulled("recover_cluster"),
+        pulled("check_recovery_target"),
+        pulled("check_databases"),
+    )
     ok = bool(cluster_info and target_check and databases is not None)
     with fail_fast():
         _, server, store, _, catalog = pitr_server_context(recovery["server"], context)
         context[CONTEXT_BACKUP_ID] = recovery["backup_id"]
         record = VerificationRecord(
-            status="verified" if ok else "failed", kind=PITR_KIND, verified_at=_now(),
-            server=server.name, backup_id=recovery["backup_id"], chain=recovery["chain"],
-            target=recovery["target"], window=recovery["window"],
-            recovery=(cluster_info or {}).get("recovery"), timings=(cluster_info or {}).get("timings"),
-            target_check=target_check, databases=databases,
+            status="verified" if ok else "failed",
+            kind=PITR_KIND,
+            verified_at=_now(),
+            server=server.name,
+            backup_id=recovery["backup_id"],
+            chain=recovery["chain"],
+            target=recovery["target"],
+            window=recovery["window"],
+            recovery=(cluster_info or {}).get("recovery"),
+            timings=(cluster_info or {}).get("timings"),
+            target_check=target_check,
+            databases=databases,
             airflow={"dag_id": ti.dag_id, "run_id": ti.run_id},
         )
         key = catalog.record_verification(record)
     log.info("Recorded %s for base backup %s: %s", record.status, recovery["backup_id"], store.describe(key))
     if not ok:
         raise AirflowFailException(
-            f"Point-in-time recovery of server {server.name!r} from base backup {recovery['backup_id']} was not verified "
+            f"Point-in-time recovery of server {server.name!r} from base backup {recovery['backup_id']} was not "
+            "verified "
             "(the failed task above says why). Recorded as failed next to the base backup."
         )
     return record.to_dict()
