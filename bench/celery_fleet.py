@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"\npgdr on CeleryExecutor: {size} databases on 2 servers, {results['worker_slots']} worker slots, "
-        f"median of {rounds} round(s)"
+        f"\npgdr on CeleryExecutor: {size} databases on 2 servers, {results['worker_slots']} worker slots, median "
+        f"of {rounds} round(s)"
     )
     print(f"{'overhead':<30}{results['overhead']:>10.1%}  < 10 %  {'ok' if results['overhead'] < 0.10 else 'MISSED'}")
     for key in ("elapsed_s", "task_seconds", "backup_run_s", "tasks"):

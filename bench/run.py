@@ -177,8 +177,8 @@ class Bench:
 
         encryption = ", encryption: {key_conn_id: bench_key}" if encrypted else ""
         plan = parse_plan(
-            f"storage: {{s3: {{type: s3, bucket: {BUCKET}, aws_conn_id: x}}}}\n"
-            f"defaults: {{dump_jobs: {JOBS}{encryption}}}\ndatabases: [{{name: {db}, conn_id: x}}]\n",
+            f"storage: {{s3: {{type: s3, bucket: {BUCKET}, aws_conn_id: x}}}}\ndefaults: {{dump_jobs: "
+            f"{JOBS}{encryption}}}\ndatabases: [{{name: {db}, conn_id: x}}]\n",
             Path("bench.yaml"),
         )
         endpoint = PgEndpoint("127.0.0.1", self.server.port, "postgres", db, self.server.password)
@@ -232,12 +232,11 @@ class Bench:
     def peak_rss_mb(self, db: str) -> float:
         """Run a pgdr backup and restore in a child process; return its peak RSS in MB."""
         code = (
-            "import sys; sys.path.insert(0, sys.argv[1]); import run as b; from pathlib import Path\n"
-            "bench = b.Bench.__new__(b.Bench); bench.__dict__.update(b.attach(Path(sys.argv[2]), int(sys.argv[3]), "
-            "int(sys.argv[4]), sys.argv[5]))\n"
-            "_, m = bench.pgdr_backup(sys.argv[6]); bench.pgdr_restore(sys.argv[6], m, 'rss_restore')\n"
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
-            "print(hwm)\n"
+            "import sys; sys.path.insert(0, sys.argv[1]); import run as b; from pathlib import Path\nbench = "
+            "b.Bench.__new__(b.Bench); bench.__dict__.update(b.attach(Path(sys.argv[2]), int(sys.argv[3]), "
+            "int(sys.argv[4]), sys.argv[5]))\n_, m = bench.pgdr_backup(sys.argv[6]); "
+            "bench.pgdr_restore(sys.argv[6], m, 'rss_restore')\nhwm = [l for l in open('/proc/self/status') if "
+            "l.startswith('VmHWM:')][0].split()[1]\nprint(hwm)\n"
         )
         proc = subprocess.run(
             [
@@ -328,8 +327,9 @@ def dag_parse_times(warm: bool) -> dict[str, float]:
     preload = "import airflow.sdk, pendulum\n"
     if warm:
         preload += (
-            "import airflow.providers.standard.decorators.python, airflow.sdk.definitions.timetables.trigger\n"
-            "import airflow.sdk.definitions.timetables.interval, airflow.sdk.definitions.decorators.setup_teardown\n"
+            "import airflow.providers.standard.decorators.python, "
+            "airflow.sdk.definitions.timetables.trigger\nimport airflow.sdk.definitions.timetables.interval, "
+            "airflow.sdk.definitions.decorators.setup_teardown\n"
         )
     code = (
         preload

@@ -76,8 +76,8 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
             type="string",
             title="Backup",
             description="latest-verified (the newest backup proven to restore), latest, a backup id "
-            "(20261122T093000Z-3fa2c1), or a UTC time (2026-11-22 09:41:00): on a server with a WAL archive, "
-            "the database exactly as it was at that second; otherwise the newest backup at or before it.",
+            "(20261122T093000Z-3fa2c1), or a UTC time (2026-11-22 09:41:00): on a server with a WAL archive, the "
+            "database exactly as it was at that second; otherwise the newest backup at or before it.",
         ),
         "mode": Param(
             "new-database",
@@ -121,10 +121,8 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
             type="boolean",
             title="Create missing roles",
             description="Create the roles the backup names (owners, grantees) that the target server lacks, as they "
-            "were "
-            "on the source server (from the backup's copy of its roles; never SUPERUSER). Off: a restore that needs "
-            "them "
-            "stops in plan_restore and lists them.",
+            "were on the source server (from the backup's copy of its roles; never SUPERUSER). Off: a restore that "
+            "needs them stops in plan_restore and lists them.",
         ),
         "restore_role_passwords": Param(
             False,

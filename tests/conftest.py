@@ -186,8 +186,8 @@ def backup_into_local_store(root, pg_server, database: str = "shop", compression
     from pgdr.storage.layout import BackupLayout
 
     plan = parse_plan(
-        f"storage: {{l: {{type: local, path: {root}}}}}\n"
-        f"databases: [{{name: {database}, conn_id: x, compression: '{compression}'}}]\n",
+        f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: {database}, conn_id: x, compression: "
+        f"'{compression}'}}]\n",
         root / "p.yaml",
     )
     endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", database, pg_server.password)

@@ -262,15 +262,14 @@ def fingerprint(dsn: dict, relations: set[tuple[str, str]] | None = None) -> dic
             if relations is not None and (schema, name) not in relations:
                 continue
             query = sql.SQL(
-                "SELECT count(*), coalesce(md5(string_agg(h, '' ORDER BY h)), '') "
-                "FROM (SELECT md5(t::text) AS h FROM ONLY {} t) rows"
+                "SELECT count(*), coalesce(md5(string_agg(h, '' ORDER BY h)), '') FROM (SELECT md5(t::text) AS h "
+                "FROM ONLY {} t) rows"
             ).format(sql.Identifier(schema, name))
             result["tables"][(schema, name)] = tuple(conn.execute(query).fetchone())
         if relations is None:
             result["large_objects"] = conn.execute(
                 "SELECT count(*), coalesce(md5(string_agg(oid::text || ':' || md5(lo_get(oid)), ',' ORDER BY oid)), "
-                "'') "
-                "FROM pg_largeobject_metadata"
+                "'') FROM pg_largeobject_metadata"
             ).fetchone()
             result["sequences"] = dict(
                 ((s, n), v) for s, n, v in conn.execute("SELECT schemaname, sequencename, last_value FROM pg_sequences")

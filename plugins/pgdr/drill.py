@@ -137,30 +137,29 @@ def action_items(database, checks, rpo, negative_control, failed_phase, validati
     if rto["achieved_s"] is not None and not rto["met"]:
         items.append(
             f"{database}: restore took {format_duration(rto['achieved_s'])}, over the RTO of "
-            f"{format_duration(rto['target_s'])}. "
-            "Restore faster (more dump_jobs, a bigger restore server, fewer indexes to rebuild) or agree a realistic "
-            "RTO."
+            f"{format_duration(rto['target_s'])}. Restore faster (more dump_jobs, a bigger restore server, fewer "
+            "indexes to rebuild) or agree a realistic RTO."
         )
     newest = checks["rpo_newest_verified"]
     if newest["achieved_s"] is None:
         items.append(f"{database}: no verified backup exists. Make sure pgdr_verify_restore runs on every backup.")
     elif not newest["met"]:
         items.append(
-            f"{database}: the newest verified backup was {format_duration(newest['achieved_s'])} old, over the RPO of "
-            f"{format_duration(newest['target_s'])}. Check that backups and their verification run on schedule."
+            f"{database}: the newest verified backup was {format_duration(newest['achieved_s'])} old, over the RPO "
+            f"of {format_duration(newest['target_s'])}. Check that backups and their verification run on schedule."
         )
     gap = checks["rpo_worst_gap"]
     if not gap["met"]:
         older, newer = rpo["worst_gap_between"]
         items.append(
             f"{database}: {format_duration(gap['achieved_s'])} passed between backups {older} and {newer}, over the "
-            "RPO of "
-            f"{format_duration(gap['target_s'])}. Find out why backups stopped then (failed runs, paused DAG, outage)."
+            f"RPO of {format_duration(gap['target_s'])}. Find out why backups stopped then (failed runs, paused "
+            "DAG, outage)."
         )
     if not (negative_control and negative_control.get("rejected")):
         items.append(
-            f"{database}: the negative control was NOT rejected: a corrupted backup file passed verification. "
-            "Treat every verification as unproven until this is fixed."
+            f"{database}: the negative control was NOT rejected: a corrupted backup file passed verification. Treat "
+            "every verification as unproven until this is fixed."
         )
     if validation and validation.get("failed"):
         items.append(
@@ -178,8 +177,8 @@ def headline(report: dict[str, Any]) -> list[str]:
     for r in report["databases"]:
         rto, rpo, gap, control = _measures(r)
         lines.append(
-            f"{r['database']}: {r['status'].upper()} | RTO {rto} | RPO (newest verified) {rpo} | "
-            f"worst gap {gap} | negative control {control}"
+            f"{r['database']}: {r['status'].upper()} | RTO {rto} | RPO (newest verified) {rpo} | worst gap {gap} | "
+            f"negative control {control}"
         )
     for p in report.get("pitr") or []:
         rpo = p["rpo"]
@@ -188,9 +187,8 @@ def headline(report: dict[str, Any]) -> list[str]:
             continue
         lines.append(
             f"server {p['server']} (PITR): {'PASS' if rpo['met'] else 'FAIL'} | RPO achieved "
-            f"{duration_or_na(rpo['achieved_s'])} / "
-            f"{duration_or_na(rpo['target_s'])} (drill start minus the newest heartbeat recovered) | recovered in "
-            f"{duration_or_na(p['recovery_seconds'])}"
+            f"{duration_or_na(rpo['achieved_s'])} / {duration_or_na(rpo['target_s'])} (drill start minus the newest "
+            f"heartbeat recovered) | recovered in {duration_or_na(p['recovery_seconds'])}"
         )
     return lines
 
@@ -231,10 +229,8 @@ def report_action_items(report: dict[str, Any]) -> list[str]:
         f"server {p['server']}: the point-in-time recovery rehearsal did not finish: {p['error']}"
         if p.get("error")
         else f"server {p['server']}: the point-in-time recovery lost {duration_or_na(p['rpo']['achieved_s'])} of "
-        "data, over the RPO of "
-        f"{duration_or_na(p['rpo']['target_s'])}: check the archiver (pg_stat_archiver) and archive_timeout, and "
-        "that pgdr_health runs "
-        "(it writes the heartbeats)"
+        f"data, over the RPO of {duration_or_na(p['rpo']['target_s'])}: check the archiver (pg_stat_archiver) and "
+        "archive_timeout, and that pgdr_health runs (it writes the heartbeats)"
         for p in report.get("pitr") or []
         if not p["rpo"]["met"]
     ]
@@ -250,8 +246,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        "| database | result | RTO achieved / target | RPO newest verified / target | worst gap (30 days) | negative "
-        "control |",
+        "| database | result | RTO achieved / target | RPO newest verified / target | worst gap (30 days) | "
+        "negative control |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["databases"]:
@@ -399,8 +395,8 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
         def cell(check):
             met = check["met"]
             return (
-                f"<td class='{'ok' if met else 'bad'}'>{duration_or_na(check['achieved_s'])} "
-                f"<small>/ {duration_or_na(check['target_s'])}</small></td>"
+                f"<td class='{'ok' if met else 'bad'}'>{duration_or_na(check['achieved_s'])} <small>/ "
+                f"{duration_or_na(check['target_s'])}</small></td>"
             )
 
         control = (r["negative_control"] or {}).get("rejected")
@@ -431,15 +427,15 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
             else ""
         )
         timeline.append(
-            f"<h3>{e(r['database'])} <small>backup {e(r['backup_id'] or 'none')}</small></h3>"
-            f"<div class='timeline'>{bars}</div><ul class='steps'>{steps}</ul>{validation}"
+            f"<h3>{e(r['database'])} <small>backup {e(r['backup_id'] or 'none')}</small></h3><div "
+            f"class='timeline'>{bars}</div><ul class='steps'>{steps}</ul>{validation}"
         )
     items = report_action_items(report)
     actions = "".join(f"<li>{e(i)}</li>" for i in items) or "<li>None: every target was met.</li>"
     pitr_rows = "".join(
         f"<tr><th>{e(p['server'])}</th><td "
-        f"class='{'ok' if p['rpo']['met'] else 'bad'}'>{duration_or_na(p['rpo']['achieved_s'])} "
-        f"<small>/ {duration_or_na(p['rpo']['target_s'])}</small></td>"
+        f"class='{'ok' if p['rpo']['met'] else 'bad'}'>{duration_or_na(p['rpo']['achieved_s'])} <small>/ "
+        f"{duration_or_na(p['rpo']['target_s'])}</small></td>"
         f"<td>{e(p.get('error') or p['newest_heartbeat'] or 'none')}</td>"
         f"<td>{duration_or_na(p['recovery_seconds'])}</td></tr>"
         for p in report.get("pitr") or []
@@ -447,10 +443,9 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
     pitr_table = (
         (
             "<h2>Point-in-time recovery</h2><p>Each server recovered to the end of its WAL archive in a scratch "
-            "cluster; the RPO "
-            "achieved is the drill's start minus the newest heartbeat recovered.</p><table><thead><tr><th>Server</th>"
-            "<th>RPO achieved / target</th><th>Newest heartbeat recovered</th><th>Recovery "
-            f"time</th></tr></thead><tbody>{pitr_rows}</tbody></table>"
+            "cluster; the RPO achieved is the drill's start minus the newest heartbeat "
+            "recovered.</p><table><thead><tr><th>Server</th><th>RPO achieved / target</th><th>Newest heartbeat "
+            f"recovered</th><th>Recovery time</th></tr></thead><tbody>{pitr_rows}</tbody></table>"
         )
         if pitr_rows
         else ""

@@ -154,8 +154,8 @@ def check_encryption(db, res: Resources, now: datetime) -> CheckResult | None:
             "encryption",
             db.name,
             False,
-            f"{len(findings)} finding(s): {'; '.join(findings[:3])}{more}. Someone or something wrote to the backups' "
-            "prefix without the plan's encryption: find out what, and re-upload or delete those objects",
+            f"{len(findings)} finding(s): {'; '.join(findings[:3])}{more}. Someone or something wrote to the "
+            "backups' prefix without the plan's encryption: find out what, and re-upload or delete those objects",
             float(len(findings)),
         )
     what = [f"{checked} objects checked: all {target.sse}"] if checked else []
@@ -214,8 +214,8 @@ def check_backup_ages(db, res: Resources, now: datetime) -> list[CheckResult]:
                 "verified_age",
                 db.name,
                 age <= window,
-                f"the newest verified backup ({verified[-1].backup_id}) is {format_duration(age)} old; the window is "
-                f"{format_duration(window)}",
+                f"the newest verified backup ({verified[-1].backup_id}) is {format_duration(age)} old; the window "
+                f"is {format_duration(window)}",
                 age,
             )
         )
@@ -247,8 +247,8 @@ def check_pitr_server(
         with connect(endpoint, application_name="pgdr-health") as conn:
             state = archiver_state(conn)
             current_lsn, mode, segment_size, server_now = conn.execute(
-                "SELECT pg_current_wal_lsn()::text, current_setting('archive_mode'),"
-                " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'), clock_timestamp()"
+                "SELECT pg_current_wal_lsn()::text, current_setting('archive_mode'), (SELECT setting::bigint FROM "
+                "pg_settings WHERE name = 'wal_segment_size'), clock_timestamp()"
             ).fetchone()
     except Exception as err:  # noqa: BLE001 - the failure is the result
         return [
@@ -265,8 +265,8 @@ def check_pitr_server(
                 "archiver",
                 name,
                 False,
-                f"server {name!r} does not archive WAL (archive_mode = {mode}): "
-                "point-in-time recovery is impossible. Set the archive_command lines (README) and restart it",
+                f"server {name!r} does not archive WAL (archive_mode = {mode}): point-in-time recovery is "
+                "impossible. Set the archive_command lines (README) and restart it",
             )
         )
     elif state.failing:
@@ -276,11 +276,9 @@ def check_pitr_server(
                 name,
                 False,
                 f"the archive_command of server {name!r} is failing: {failed} failed attempts so far, last on WAL "
-                "segment "
-                f"{failed_wal} at {failed_time:%Y-%m-%d %H:%M:%S} UTC. WAL piles up on the server and nothing after "
-                f"{last_wal or 'the first segment'} can be recovered. Check the server log ('archive command "
-                "failed') and the "
-                "storage target",
+                f"segment {failed_wal} at {failed_time:%Y-%m-%d %H:%M:%S} UTC. WAL piles up on the server and "
+                f"nothing after {last_wal or 'the first segment'} can be recovered. Check the server log ('archive "
+                "command failed') and the storage target",
                 float(failed),
             )
         )
@@ -307,16 +305,14 @@ def check_pitr_server(
             ok,
             (
                 f"the WAL archive of server {name!r} is {format_duration(lag_s)} ({lag_bytes / 1e6:.1f} MB) behind "
-                "the server, "
-                f"within its RPO of {format_duration(rpo.total_seconds())}"
+                f"the server, within its RPO of {format_duration(rpo.total_seconds())}"
             )
             if ok
             else (
                 f"the WAL archive of server {name!r} is "
-                f"{'never written' if last_time is None else format_duration(lag_s)} "
-                f"({lag_bytes / 1e6:.1f} MB) behind the server: more than its RPO of "
-                f"{format_duration(rpo.total_seconds())}. A loss of "
-                "the server now would lose that much. Check the archiver (pg_stat_archiver) and archive_timeout"
+                f"{'never written' if last_time is None else format_duration(lag_s)} ({lag_bytes / 1e6:.1f} MB) "
+                f"behind the server: more than its RPO of {format_duration(rpo.total_seconds())}. A loss of the "
+                "server now would lose that much. Check the archiver (pg_stat_archiver) and archive_timeout"
             ),
             lag_s if lag_s != float("inf") else None,
         )

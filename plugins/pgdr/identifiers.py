@@ -128,8 +128,8 @@ def table_key(schema: str, name: str) -> str:
 
 def _fail(text: str, problem: str, what: str) -> InvalidIdentifier:
     return InvalidIdentifier(
-        f"{what} {printable(text)!r} {problem}. Write schema.table as SQL does, double-quoting a part "
-        f"that has upper case, spaces, dots or other special characters: {EXAMPLE}."
+        f"{what} {printable(text)!r} {problem}. Write schema.table as SQL does, double-quoting a part that has "
+        f"upper case, spaces, dots or other special characters: {EXAMPLE}."
     )
 
 

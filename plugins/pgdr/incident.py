@@ -80,8 +80,8 @@ def select_backup(catalog: BackupCatalog, selector: str) -> BackupEntry:
     moment = parse_timestamp(selector)
     if moment is None:
         raise InvalidRestoreRequest(
-            f"'backup' must be latest-verified, latest, a backup id such as 20261122T093000Z-3fa2c1, or a "
-            f"timestamp such as 2026-11-22T09:30:00Z; got {printable(selector)!r}. Nothing was touched."
+            "'backup' must be latest-verified, latest, a backup id such as 20261122T093000Z-3fa2c1, or a timestamp "
+            f"such as 2026-11-22T09:30:00Z; got {printable(selector)!r}. Nothing was touched."
         )
     now = datetime.now(UTC)
     if moment > now:
@@ -95,9 +95,9 @@ def select_backup(catalog: BackupCatalog, selector: str) -> BackupEntry:
     eligible = [e for e in backups if e.recovery_point <= moment]
     if not eligible:
         raise BackupNotFound(
-            f"No backup of database {catalog.database!r} has a recovery point at or before "
-            f"{moment.isoformat()}: the oldest is {backups[0].backup_id} from "
-            f"{backups[0].recovery_point.isoformat()}. Choose a later time, or that backup."
+            f"No backup of database {catalog.database!r} has a recovery point at or before {moment.isoformat()}: "
+            f"the oldest is {backups[0].backup_id} from {backups[0].recovery_point.isoformat()}. Choose a later "
+            "time, or that backup."
         )
     return eligible[-1]
 
@@ -122,8 +122,8 @@ def check_target_name(name: str, live: str) -> str:
         problem = "contains control characters"
     elif len(name.encode()) > MAX_IDENTIFIER_BYTES:
         problem = (
-            f"is {len(name.encode())} bytes long; PostgreSQL names hold at most {MAX_IDENTIFIER_BYTES} bytes "
-            "and would silently cut it"
+            f"is {len(name.encode())} bytes long; PostgreSQL names hold at most {MAX_IDENTIFIER_BYTES} bytes and "
+            "would silently cut it"
         )
     elif name.lower().startswith("pg_"):
         problem = "starts with pg_, which PostgreSQL reserves for its own objects"
@@ -257,8 +257,8 @@ def expand_partitions(target: PgEndpoint, tables: list[QualifiedName]) -> set[Qu
     with connect(target) as conn:
         for table in tables:
             rows = conn.execute(
-                "SELECT n.nspname, c.relname FROM pg_partition_tree(%s::regclass) t "
-                "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace",
+                "SELECT n.nspname, c.relname FROM pg_partition_tree(%s::regclass) t JOIN pg_class c ON c.oid = "
+                "t.relid JOIN pg_namespace n ON n.oid = c.relnamespace",
                 (table.quoted(),),
             ).fetchall()
             expanded.update(QualifiedName(schema, name) for schema, name in rows)
@@ -341,17 +341,15 @@ def swap_into_place(
         if not locked:
             raise SwapFailed(
                 f"Another restore of {printable(live)!r} is swapping databases on {server.host}:{server.port} right "
-                "now; "
-                f"nothing was changed. The restored copy is still available as {printable(restored)!r}. When the other "
-                "restore has finished, look at the live database before you restore again."
+                f"now; nothing was changed. The restored copy is still available as {printable(restored)!r}. When "
+                "the other restore has finished, look at the live database before you restore again."
             )
         current_oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (live,)).fetchone()
         if expected_live_oid is not None and current_oid is not None and int(current_oid[0]) != expected_live_oid:
             raise SwapFailed(
                 f"The live database {printable(live)!r} was replaced since this restore was planned (by another "
-                "restore, "
-                f"or dropped and created again); nothing was changed. The restored copy is still available as "
-                f"{printable(restored)!r}. Look at the live database now, and trigger the restore again if it is "
+                "restore, or dropped and created again); nothing was changed. The restored copy is still available "
+                f"as {printable(restored)!r}. Look at the live database now, and trigger the restore again if it is "
                 "still needed."
             )
         for name in (live, restored):
@@ -421,8 +419,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     if pitr:
         lines[1:3] = [
             f"  recovery        : point in time {pitr['target']} UTC: server {pitr['server']!r} is recovered in a "
-            "scratch "
-            "cluster on the worker (the live server is not touched), then this database is copied out of it",
+            "scratch cluster on the worker (the live server is not touched), then this database is copied out of it",
             f"  base backup     : {pitr['base_backup']} (ended {pitr['base_backup_ended']}), chain "
             f"{' -> '.join(pitr['chain'])}",
             f"  WAL to replay   : up to {pitr['wal_segments']} segments ({pitr['wal_bytes'] / 1e6:.0f} MB) from the "
@@ -434,8 +431,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     if plan.get("needs_unread"):
         lines.append(
             "  owners, grants  : not checked yet, the table of contents could not be read "
-            f"({plan['needs_unread'][:300]}); "
-            "check_checksums decides, restore_backup checks the roles again"
+            f"({plan['needs_unread'][:300]}); check_checksums decides, restore_backup checks the roles again"
         )
     elif plan.get("pitr"):
         lines.append(
@@ -453,8 +449,7 @@ def render_plan(plan: dict[str, Any]) -> str:
         )
         lines.append(
             f"  owners, grants  : given back after the checks, as the server's connection ({len(needs['roles'])} "
-            "roles named: "
-            f"{', '.join(needs['roles']) or 'none'})"
+            f"roles named: {', '.join(needs['roles']) or 'none'})"
         )
         if plan.get("roles_to_create"):
             passwords = "with" if plan.get("restore_role_passwords") else "without"
@@ -517,8 +512,8 @@ def check_tables_in_backup(tables: list[str], entry) -> None:
         + (" ".join(hints) + " " if hints else "")
         + "Name tables as schema.table, double-quoting names with upper case, spaces or dots "
         '(e.g. "Sales Dept"."Customer Accounts"). Views, materialized views and sequences are not '
-        "tables: they come back with the schema of every table-level restore. "
-        f"The backup's tables: {listing}. Nothing was touched."
+        f"tables: they come back with the schema of every table-level restore. The backup's tables: {listing}. "
+        "Nothing was touched."
     )
 
 
@@ -561,20 +556,20 @@ def check_replace_request(db, confirm: Any, target_conn_id: str, tables: list[st
         elif confirm:
             typed = f" (you typed {printable(str(confirm))!r})."
         raise InvalidRestoreRequest(
-            f"Replace mode renames the live database {printable(db.dbname)!r} and puts the restored copy in its place. "
-            f"To confirm, type the database name {printable(db.dbname)!r} in the 'confirm' field"
+            f"Replace mode renames the live database {printable(db.dbname)!r} and puts the restored copy in its "
+            f"place. To confirm, type the database name {printable(db.dbname)!r} in the 'confirm' field"
             + (typed or ".")
             + " Nothing was touched."
         )
     if target_conn_id != db.conn_id:
         raise InvalidRestoreRequest(
-            "Replace mode works on the live server only; leave target_conn_id empty, or use new-database mode "
-            "to restore onto another server."
+            "Replace mode works on the live server only; leave target_conn_id empty, or use new-database mode to "
+            "restore onto another server."
         )
     if tables:
         raise InvalidRestoreRequest(
-            "A table-level restore goes into a new database next to the live one (mode new-database); "
-            "copy the rows you need from there. pgdr never overwrites live tables."
+            "A table-level restore goes into a new database next to the live one (mode new-database); copy the rows "
+            "you need from there. pgdr never overwrites live tables."
         )
 
 
@@ -600,9 +595,9 @@ def choose_target(
         if database_exists(server, name):
             raise InvalidRestoreRequest(f"Database {name!r} already exists; wait a second and trigger again.")
     fate = (
-        f"The backup is restored as {target!r} and checked. Only if it passes: sessions on {dbname!r} are "
-        f"ended, {dbname!r} is renamed to {keep_as!r} (kept, never dropped, connections disabled) and the "
-        f"restored copy takes the name {dbname!r}."
+        f"The backup is restored as {target!r} and checked. Only if it passes: sessions on {dbname!r} are ended, "
+        f"{dbname!r} is renamed to {keep_as!r} (kept, never dropped, connections disabled) and the restored copy "
+        f"takes the name {dbname!r}."
         if live_exists
         else f"The live database {dbname!r} does not exist; the checked restored copy will take its name."
     )
@@ -626,11 +621,11 @@ def check_roles(needs, server: PgEndpoint, backup_id: str, restore_roles: bool) 
     if missing and not restore_roles:
         raise InvalidRestoreRequest(
             f"Backup {backup_id} names {len(missing)} role(s) that server {server.host}:{server.port} does not have "
-            f"(owners or grantees of its objects): {', '.join(printable(r) for r in missing)}. Create them there first "
-            "(from your roles' source of truth, or pg_dumpall --globals-only of the source server), or trigger again "
-            "with "
-            "restore_roles on: pgdr then creates them as they were on the source server (from the backup's copy of its "
-            "roles; without passwords unless restore_role_passwords is on). Nothing was touched."
+            f"(owners or grantees of its objects): {', '.join(printable(r) for r in missing)}. Create them there "
+            "first (from your roles' source of truth, or pg_dumpall --globals-only of the source server), or "
+            "trigger again with restore_roles on: pgdr then creates them as they were on the source server (from "
+            "the backup's copy of its roles; without passwords unless restore_role_passwords is on). Nothing was "
+            "touched."
         )
     return missing
 
@@ -796,7 +791,7 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"- Created (only a superuser can): {', '.join(done['superuser_objects'])}")
     if done["skipped_objects"]:
         lines.append(
-            f"- **Not restored** (on a copy they would start replicating; create them by hand if this copy is the "
+            "- **Not restored** (on a copy they would start replicating; create them by hand if this copy is the "
             f"new primary): {', '.join(done['skipped_objects'])}"
         )
     return lines
@@ -1019,3 +1014,45 @@ def final_state(server: PgEndpoint, plan: dict[str, Any]) -> dict[str, Any]:
     if plan["keep_live_as"]:
         state["previous_live"] = database_facts(server, plan["keep_live_as"])
     return state
+
+
+def dump_moment(plan: dict[str, Any], res, run, label=lambda **_: None) -> dict[str, Any]:
+    """Point-in-time restore: recover the server to the plan's moment in a scratch cluster (the live server is not
+    touched), store a dump of the database as it was then (a regular backup, which the later phases restore and
+    check like any other) and return the plan of that dump.
+
+    :param run: the task try (:class:`pgdr.resources.TaskRun`).
+    """
+    from pgdr.logical.backup import take_backup
+    from pgdr.physical.catalog import BaseBackupCatalog
+
+    pitr, started = plan["pitr"], datetime.now(UTC).isoformat()
+    target = datetime.fromisoformat(pitr["target"])
+    db, server = res.plan.database(plan["database"]), res.plan.server(pitr["server"])
+    store, layout, archive = res.archive(server)
+    catalog = BaseBackupCatalog(store, layout, server.name)
+    entry = catalog.get(pitr["base_backup"])
+    purpose = f"point-in-time restore of {db.name} to {pitr['target']}"
+    cluster, prepared, result = run.recover(
+        plan["database"], purpose, catalog, entry, store, archive, target, res.server(server).user
+    )
+    try:
+        db_store, db_layout = res.store(db.storage)
+        achieved = result.achieved_point or target
+        info = {**run.info(), "pitr_server": server.name, "pitr_target": pitr["target"], "base_backup": entry.backup_id}
+        with run.workdir(f"pitr-dump-{db.name}") as workdir:
+            dumped = take_backup(
+                db, cluster.endpoint(db.dbname), db_store, db_layout, workdir, info,
+                recovery_point=achieved, keys=res.encryption_keys(db),
+            )  # fmt: skip
+    finally:
+        cluster.destroy()
+    manifest = dumped.manifest
+    label(database=db.name, backup_id=manifest.backup_id)
+    check_tables_in_backup(plan["tables"], BackupCatalog(db_store, db_layout, db.name).get(manifest.backup_id))
+    log.info(
+        "Server %s recovered to %s (achieved %s: the last transaction replayed); database %s dumped from it as "
+        "backup %s.", server.name, pitr["target"], achieved.isoformat(), db.name, manifest.backup_id,
+    )  # fmt: skip
+    finished = datetime.now(UTC).isoformat()
+    return plan_of_moment(plan, manifest, entry.backup_id, result.to_dict(), prepared.timings, started, finished)

@@ -101,11 +101,11 @@ def rto_breach_message(
     """Return the Slack text of a restore that took longer than the plan's RTO."""
     return "\n".join(
         [
-            f":warning: [pgdr] RTO breached for database *{database}*: a restore took {format_duration(achieved_s)}, "
-            f"the plan promises {format_duration(target_s)}",
+            f":warning: [pgdr] RTO breached for database *{database}*: a restore took "
+            f"{format_duration(achieved_s)}, the plan promises {format_duration(target_s)}",
             f"Measured by {dag_id} restoring backup `{backup_id}` (download, restore, checks and validation).",
-            "The backup itself is good. Act: restore faster (more dump_jobs, a bigger verification server) "
-            "or agree a realistic RTO and change it in the plan.",
+            "The backup itself is good. Act: restore faster (more dump_jobs, a bigger verification server) or agree "
+            "a realistic RTO and change it in the plan.",
             f"Run: {run_url}",
         ]
     )
@@ -170,8 +170,8 @@ def deadline_message(
     """Return the Slack text of a deadline warning (``warning``) or miss (``missed``)."""
     if kind == "warning":
         head = (
-            f":hourglass_flowing_sand: [pgdr] SLA at risk: {dag_id} {scope} has used 80% of its {target} "
-            "and is still running"
+            f":hourglass_flowing_sand: [pgdr] SLA at risk: {dag_id} {scope} has used 80% of its {target} and is "
+            "still running"
         )
         act = "Check the run: is it slow, stuck or waiting for a worker?"
     else:
@@ -199,13 +199,10 @@ def sla_miss_email(
         )
     )
     body = (
-        f"<p>The run below of <b>{html.escape(dag_id)}</b> did not finish within its {html.escape(target)}, "
-        "as the DR plan promises.</p>"
-        f"<table>{rows}</table>"
-        f"<p><a href='{html.escape(url)}'>Open the run in Airflow</a></p>"
-        "<p>The run goes on; this message is about time. Find out why it is slow, and tell whoever relies on the "
-        "target.</p>"
-        "<p>-- pgdr</p>"
+        f"<p>The run below of <b>{html.escape(dag_id)}</b> did not finish within its {html.escape(target)}, as the "
+        f"DR plan promises.</p><table>{rows}</table><p><a href='{html.escape(url)}'>Open the run in "
+        "Airflow</a></p><p>The run goes on; this message is about time. Find out why it is slow, and tell whoever "
+        "relies on the target.</p><p>-- pgdr</p>"
     )
     return subject, body
 
@@ -251,8 +248,7 @@ def restore_not_planned(plan: dict[str, Any] | None) -> str | None:
     if plan.get("pitr") and not plan.get("backup_id") and not plan["dry_run"]:
         return (
             f"The point-in-time recovery of {plan['database']} to {plan['pitr']['target']} UTC failed in "
-            "recover_to_moment "
-            f"(its alert and log say why); the live database {plan['dbname']!r} was not changed."
+            f"recover_to_moment (its alert and log say why); the live database {plan['dbname']!r} was not changed."
         )
     return None
 
@@ -268,6 +264,6 @@ def drill_summary(report: dict[str, Any], headline: list[str], location: str) ->
 def verification_failed(backup_id: str, database: str, phase: str) -> str:
     """Return why a verify-restore marked a backup failed."""
     return (
-        f"Backup {backup_id} of database {database!r} is marked FAILED: phase {phase} did not "
-        "succeed (its own alert and log say why). The backup is kept; do not rely on it for a restore."
+        f"Backup {backup_id} of database {database!r} is marked FAILED: phase {phase} did not succeed (its own "
+        "alert and log say why). The backup is kept; do not rely on it for a restore."
     )

@@ -202,8 +202,8 @@ class DRPlan:
             if server.name == name:
                 return server
         raise PlanError(
-            f"Server {name!r} has no point-in-time recovery in the DR plan {self.path}. "
-            f"Servers with PITR: {', '.join(self.server_names) or 'none (add a servers: section)'}."
+            f"Server {name!r} has no point-in-time recovery in the DR plan {self.path}. Servers with PITR: "
+            f"{', '.join(self.server_names) or 'none (add a servers: section)'}."
         )
 
     def pitr_server_of(self, database: str) -> ProtectedServer | None:
@@ -219,8 +219,8 @@ class DRPlan:
             if db.name == name:
                 return db
         raise PlanError(
-            f"Database {name!r} is not in the DR plan {self.path}. "
-            f"The plan protects: {', '.join(self.database_names) or 'nothing'}."
+            f"Database {name!r} is not in the DR plan {self.path}. The plan protects: "
+            f"{', '.join(self.database_names) or 'nothing'}."
         )
 
 
@@ -315,8 +315,8 @@ def _skip_objects(c, fields, key: str) -> tuple[str, ...]:
 
 _COMPRESSION_LEVELS = {"gzip": (1, 9), "lz4": (1, 12), "zstd": (1, 22)}
 _COMPRESSION_EXPECTED = (
-    "expected pg_dump's compression: gzip, lz4 or zstd with an optional level "
-    "(gzip:1 to gzip:9, lz4:1 to lz4:12, zstd:1 to zstd:22), or none"
+    "expected pg_dump's compression: gzip, lz4 or zstd with an optional level (gzip:1 to gzip:9, lz4:1 to lz4:12, "
+    "zstd:1 to zstd:22), or none"
 )
 
 
@@ -453,8 +453,8 @@ def _parse_storage(c: _Checker, name: str, node: yaml.Node, plan_dir: Path) -> S
         extra = sorted(unexpected)[0]
         hint = (
             (
-                " (a folder has no server-side encryption: encrypt the backups themselves with "
-                "'encryption: {key_conn_id: ...}' under defaults)"
+                " (a folder has no server-side encryption: encrypt the backups themselves with 'encryption: "
+                "{key_conn_id: ...}' under defaults)"
             )
             if extra in ("sse", "kms_key_id")
             else ""
@@ -779,9 +779,8 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
             fields["storage"][1],
             f"{key}.storage",
             f"storage target {storage_name!r} is a local folder, but the WAL archiver (barman-cloud, run by the "
-            "server's "
-            "archive_command) writes only to S3-compatible storage. Name an s3 target (AWS, MinIO, or any endpoint set "
-            "in the AWS connection's endpoint_url); `make demo` starts a local S3 endpoint for this",
+            "server's archive_command) writes only to S3-compatible storage. Name an s3 target (AWS, MinIO, or any "
+            "endpoint set in the AWS connection's endpoint_url); `make demo` starts a local S3 endpoint for this",
         )
     values: dict[str, Any] = {"storage": storage}
     for duration_key in ("keep_window", "rpo", "archive_timeout", "partial_grace"):
@@ -820,8 +819,8 @@ def _check_storage_overlap(c: _Checker, storage_node: yaml.Node | None, storages
                 raise c.fail(
                     storage_node,
                     f"storage.{inner.name}",
-                    f"lies inside storage target {outer.name!r} ({outer.describe()}): pgdr would read its objects as "
-                    f"{outer.name!r}'s and retention could delete them. Give each target a location of its own "
+                    f"lies inside storage target {outer.name!r} ({outer.describe()}): pgdr would read its objects "
+                    f"as {outer.name!r}'s and retention could delete them. Give each target a location of its own "
                     "(two targets may share one location)",
                 )
 

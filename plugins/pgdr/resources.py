@@ -8,6 +8,8 @@ a unit test may give its own. This keeps the domain free of ``airflow_glue`` at 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -44,3 +46,21 @@ class Resources(Protocol):
 
     def encryption_keys(self, db: ProtectedDatabase) -> MasterKeys | None:
         """The master keys new backups of ``db`` are encrypted under (``None``: not encrypted)."""
+
+
+class TaskRun(Protocol):
+    """What the domain needs of the task try it runs in: a run id, private work directories, a scratch cluster.
+
+    In a DAG it is :class:`pgdr.airflow_glue.task_run.AirflowTaskRun`.
+    """
+
+    run_id: str
+
+    def workdir(self, label: str) -> AbstractContextManager[Path]:
+        """A private work directory for this try, removed whatever happens."""
+
+    def info(self) -> dict[str, Any]:
+        """What a record keeps of the run (DAG, run, task, try, logical date)."""
+
+    def recover(self, key: str, purpose: str, catalog, entry, store, archive, target, login: str):
+        """Recover ``entry``'s chain in this run's scratch cluster for ``key``: ``(cluster, prepared, result)``."""

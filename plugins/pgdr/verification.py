@@ -151,8 +151,8 @@ class VerifyObjects:
         except BackupNotFound:  # found by find_backups: it was deleted since
             raise BackupNotFound(
                 f"Backup {target['backup_id']} of database {target['database']!r} was deleted while it was being "
-                "verified (retention in pgdr_backup's prune_expired, or someone with access to the storage). Nothing "
-                "is recorded for it. If the deletion was not expected, find out what deletes backups."
+                "verified (retention in pgdr_backup's prune_expired, or someone with access to the storage). "
+                "Nothing is recorded for it. If the deletion was not expected, find out what deletes backups."
             ) from None
 
     @property

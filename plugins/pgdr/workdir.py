@@ -1,7 +1,7 @@
 """Where pgdr keeps per-task work files on a worker, and what killed runs leave behind.
 
 ``$PGDR_WORK_DIR`` (or the system's temporary folder). Every task try works in a private
-directory below it that is removed whatever happens (:func:`pgdr.tasks.common.task_workdir`);
+directory below it that is removed whatever happens (:func:`pgdr.airflow_glue.task_run.task_workdir`);
 the disk there must hold the largest backup a worker handles.
 
 **Leftovers.** A try killed with SIGKILL (an out-of-memory kill, a worker that died) cannot clean

@@ -214,8 +214,8 @@ def test_dag_files_do_no_network_io_at_parse_time(tmp_path, monkeypatch):
     """Parse every DAG file with sockets blocked and a plan whose connections do not exist."""
     plan = tmp_path / "plan.yaml"
     plan.write_text(
-        "storage: {s3: {type: s3, bucket: b, aws_conn_id: missing_aws}}\n"
-        "databases: [{name: shop, conn_id: missing_conn}]\n"
+        "storage: {s3: {type: s3, bucket: b, aws_conn_id: missing_aws}}\ndatabases: [{name: shop, conn_id: "
+        "missing_conn}]\n"
     )
     monkeypatch.setenv("PGDR_PLAN", str(plan))
 
@@ -233,10 +233,9 @@ def test_dag_files_do_no_network_io_at_parse_time(tmp_path, monkeypatch):
 def test_dag_files_do_not_import_heavy_libraries_at_parse_time():
     """GX, boto3 and psycopg cost seconds to import; DAG files leave them to the tasks."""
     code = (
-        "import sys, runpy, glob\n"
-        f"for f in sorted(glob.glob({str(DAGS_FOLDER / '*.py')!r})): runpy.run_path(f)\n"
-        "heavy = [m for m in ('great_expectations', 'boto3', 'psycopg', 'matplotlib') if m in sys.modules]\n"
-        "print(','.join(heavy))\n"
+        f"import sys, runpy, glob\nfor f in sorted(glob.glob({str(DAGS_FOLDER / '*.py')!r})): "
+        "runpy.run_path(f)\nheavy = [m for m in ('great_expectations', 'boto3', 'psycopg', 'matplotlib') if m in "
+        "sys.modules]\nprint(','.join(heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""

@@ -65,18 +65,15 @@ def test_a_failed_tasks_error_and_last_lines_are_found_between_dag_tests_markers
 
     log = tmp_path / "run.log"
     log.write_text(
-        "old run [DAG TEST] starting task_id=plan_restore map_index=-1 [x]\nOLD ERROR\n"
-        "2026-12-02T10:00:00Z [info] [DAG TEST] starting task_id=plan_restore map_index=-1 [airflow]\n"
-        "2026-12-02T10:00:01Z [error] Task failed with exception [task]\n"
-        "Traceback (most recent call last):\n"
+        "old run [DAG TEST] starting task_id=plan_restore map_index=-1 [x]\nOLD ERROR\n2026-12-02T10:00:00Z [info] "
+        "[DAG TEST] starting task_id=plan_restore map_index=-1 [airflow]\n2026-12-02T10:00:01Z [error] Task failed "
+        "with exception [task]\nTraceback (most recent call last):\n"
         '  File "x.py", line 1, in f\n'
-        "pgdr.errors.BackupNotFound: inner cause\n"
-        "Traceback (most recent call last):\n"
-        "airflow.sdk.exceptions.AirflowFailException: 'backup' is in the future.\n"
-        "Give the moment the data was last good.\n"
-        "2026-12-02T10:00:02Z [info] ::endgroup:: [task]\n"
-        "2026-12-02T10:00:03Z [info] [DAG TEST] end task task_id=plan_restore map_index=-1 [airflow]\n"
-        "2026-12-02T10:00:04Z [info] [DAG TEST] starting task_id=write_report map_index=-1 [airflow]\n"
+        "pgdr.errors.BackupNotFound: inner cause\nTraceback (most recent call "
+        "last):\nairflow.sdk.exceptions.AirflowFailException: 'backup' is in the future.\nGive the moment the data "
+        "was last good.\n2026-12-02T10:00:02Z [info] ::endgroup:: [task]\n2026-12-02T10:00:03Z [info] [DAG TEST] "
+        "end task task_id=plan_restore map_index=-1 [airflow]\n2026-12-02T10:00:04Z [info] [DAG TEST] starting "
+        "task_id=write_report map_index=-1 [airflow]\n"
     )
     since = len("old run [DAG TEST] starting task_id=plan_restore map_index=-1 [x]\nOLD ERROR\n")
     error, lines = task_excerpt(log, since, "plan_restore", -1, lines=3)

@@ -87,7 +87,7 @@ def test_only_dag_files_and_the_tasks_themselves_import_tasks():
 
 def test_every_dag_file_has_its_tasks_module():
     dags = {p.stem.removeprefix("pgdr_") for p in (ROOT / "dags").glob("pgdr_*.py")}
-    tasks = {p.stem for p in (PACKAGE / "tasks").glob("*.py")} - {"__init__", "common"}
+    tasks = {p.stem for p in (PACKAGE / "tasks").glob("*.py")} - {"__init__"}
     # pgdr_verify_restore's tasks are tasks/verify.py
     assert {d.replace("verify_restore", "verify") for d in dags} == tasks
 

@@ -144,8 +144,8 @@ def test_shipped_plan_is_valid():
         (
             GOOD.replace(
                 "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}",
-                "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n"
-                "  s3b: {type: s3, bucket: my-bucket, prefix: pgdr/v1/shop, aws_conn_id: pgdr_s3}",
+                "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n  s3b: {type: s3, bucket: "
+                "my-bucket, prefix: pgdr/v1/shop, aws_conn_id: pgdr_s3}",
             ),
             "storage.s3b: lies inside storage target 's3' (s3://my-bucket/pgdr)",
         ),
@@ -182,9 +182,9 @@ def test_plan_is_reloaded_when_the_file_changes(tmp_path):
 def test_storage_targets_may_share_a_location_or_sit_side_by_side():
     text = GOOD.replace(
         "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}",
-        "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n"
-        "  same: {type: s3, bucket: my-bucket, prefix: pgdr, aws_conn_id: pgdr_s3}\n"
-        "  beside: {type: s3, bucket: my-bucket, prefix: pgdr2, aws_conn_id: pgdr_s3}",
+        "s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n  same: {type: s3, bucket: "
+        "my-bucket, prefix: pgdr, aws_conn_id: pgdr_s3}\n  beside: {type: s3, bucket: my-bucket, prefix: pgdr2, "
+        "aws_conn_id: pgdr_s3}",
     )
     assert set(parse_plan(text, Path("/etc/pgdr/plan.yaml")).storages) == {"local", "s3", "same", "beside"}
 

@@ -50,9 +50,8 @@ def test_the_roles_a_statement_names(text, roles):
 
 def test_statements_split_on_top_level_semicolons_only():
     script = (
-        "\\restrict abc\nSET search_path = '';\n"
-        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $body$ SELECT 1; SELECT 2 $body$;\n"
-        "-- a comment; with a semicolon\n"
+        "\\restrict abc\nSET search_path = '';\nCREATE FUNCTION f() RETURNS int LANGUAGE sql AS $body$ SELECT 1; "
+        "SELECT 2 $body$;\n-- a comment; with a semicolon\n"
         'GRANT SELECT ON TABLE "semi;colon" TO "x;y";\n'
         "COMMENT ON TABLE t IS 'it''s; fine';\n\\unrestrict abc\n"
     )
@@ -72,8 +71,8 @@ def test_database_statements_are_pointed_at_the_restored_copy_only():
 
 def test_the_source_encoding_and_locale_are_read_and_written_back_as_literals():
     (statement,) = statements(
-        "CREATE DATABASE \"Äpp DB\" WITH TEMPLATE = template0 ENCODING = 'UTF8' LOCALE_PROVIDER = icu "
-        "LOCALE = 'en_US.UTF-8' ICU_LOCALE = 'de-u-co-phonebk' ICU_RULES = '&a < ''b''';"
+        "CREATE DATABASE \"Äpp DB\" WITH TEMPLATE = template0 ENCODING = 'UTF8' LOCALE_PROVIDER = icu LOCALE = "
+        "'en_US.UTF-8' ICU_LOCALE = 'de-u-co-phonebk' ICU_RULES = '&a < ''b''';"
     )
     options = _create_options(statement)
     assert options == {
@@ -114,8 +113,8 @@ def test_roles_are_read_from_pg_dumpall_and_never_given_superuser_or_a_password_
         "\\restrict x\nSET default_transaction_read_only = off;\n"
         'CREATE ROLE "App Login";\n'
         'ALTER ROLE "App Login" WITH SUPERUSER INHERIT CREATEROLE CREATEDB LOGIN REPLICATION BYPASSRLS '
-        "CONNECTION LIMIT 5 PASSWORD 'SCRAM-SHA-256$4096:abc' VALID UNTIL '2030-01-01 00:00:00+00';\n"
-        "ALTER ROLE \"App Login\" SET search_path TO 'app', 'public';\n"
+        "CONNECTION LIMIT 5 PASSWORD 'SCRAM-SHA-256$4096:abc' VALID UNTIL '2030-01-01 00:00:00+00';\nALTER ROLE "
+        "\"App Login\" SET search_path TO 'app', 'public';\n"
         'GRANT reporting TO "App Login" WITH INHERIT TRUE GRANTED BY postgres;\n'
         "GRANT USAGE ON SCHEMA x TO y;\n"
     )
@@ -139,8 +138,8 @@ def test_the_plan_and_the_restore_agree_on_what_can_be_skipped(tmp_path):
 
     assert set(SKIPPABLE) == set(SKIPPABLE_OBJECTS)
     text = (
-        "storage: {l: {type: local, path: /tmp}}\n"
-        "databases: [{name: a, conn_id: x, skip_objects: [%s], app_roles: [app]}]\n"
+        "storage: {l: {type: local, path: /tmp}}\ndatabases: [{name: a, conn_id: x, skip_objects: [%s], app_roles: "
+        "[app]}]\n"
     )
     plan = parse_plan(text % "publications, event_triggers", tmp_path / "p.yaml")
     assert plan.databases[0].skip_objects == ("publications", "event_triggers") and plan.databases[0].app_roles == (

@@ -59,8 +59,8 @@ def test_fleet_backup_one_run_one_backup_each_and_the_pool_limit_held(standalone
 
     tis = standalone.api(
         "GET",
-        f"/api/v2/dags/pgdr_backup/dagRuns/{quote(run_id, safe='')}/taskInstances"
-        "?task_id=protect_fleet.back_up&limit=100",
+        f"/api/v2/dags/pgdr_backup/dagRuns/{quote(run_id, safe='')}/taskInstances?"
+        + "task_id=protect_fleet.back_up&limit=100",
     )["task_instances"]
     assert len(tis) == len(FLEET) and {t["pool"] for t in tis} == {"pgdr_fleet"}
     intervals = [(datetime.fromisoformat(t["start_date"]), datetime.fromisoformat(t["end_date"])) for t in tis]

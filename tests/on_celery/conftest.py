@@ -50,8 +50,8 @@ def redis_binary():
     binary = redis_server()
     if not binary:
         pytest.skip(
-            "redis-server is not installed: the Celery tests need Debian's redis-server "
-            "(apt-get install redis-server; .ci/run installs it)"
+            "redis-server is not installed: the Celery tests need Debian's redis-server (apt-get install "
+            "redis-server; .ci/run installs it)"
         )
     return binary
 

@@ -212,8 +212,8 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(
     )
     assert _roles(pg_server_b) == roles_b | set(ROLES)
     attributes = (
-        "SELECT rolname, rolcanlogin, rolinherit, rolsuper, pg_has_role(rolname, 'reporting', 'MEMBER') "
-        "FROM pg_roles WHERE rolname = ANY(%s) ORDER BY 1"
+        "SELECT rolname, rolcanlogin, rolinherit, rolsuper, pg_has_role(rolname, 'reporting', 'MEMBER') FROM "
+        "pg_roles WHERE rolname = ANY(%s) ORDER BY 1"
     )
     assert _sql(pg_server_b, attributes, params=(list(ROLES),)) == _sql(pg_server, attributes, params=(list(ROLES),))
     _same_as_source(pg_server_b, "Äpp elsewhere", app_database)

@@ -40,8 +40,8 @@ def escalating_database(pg_server):
     _sql(pg_server, "DROP DATABASE IF EXISTS escalate WITH (FORCE)")
     _sql(
         pg_server,
-        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgdr_app') "
-        "THEN CREATE ROLE pgdr_app NOSUPERUSER; END IF; END $$",
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgdr_app') THEN CREATE ROLE pgdr_app "
+        "NOSUPERUSER; END IF; END $$",
     )
     _sql(pg_server, "ALTER ROLE pgdr_app NOSUPERUSER")
     _sql(pg_server, "CREATE DATABASE escalate")
@@ -81,9 +81,8 @@ def test_restores_never_run_restored_code_as_superuser(plan, run_dag, pg_server,
     # superuser.
     owners = (
         "SELECT pg_get_userbyid(d.datdba), (SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = "
-        "'appschema'), "
-        "(SELECT relowner::regrole::text FROM pg_class WHERE oid = 'appschema.t'::regclass) FROM pg_database d WHERE "
-        "datname = current_database()"
+        "'appschema'), (SELECT relowner::regrole::text FROM pg_class WHERE oid = 'appschema.t'::regclass) FROM "
+        "pg_database d WHERE datname = current_database()"
     )
     assert _sql(pg_server, owners, "escalate_copy") == _sql(pg_server, owners, "escalate")
     assert _sql(

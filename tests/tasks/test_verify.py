@@ -136,11 +136,8 @@ def test_failing_user_suite_names_the_expectation_and_table(
     suites = tmp_path / "gx"
     (suites / "shop").mkdir(parents=True)
     (suites / "shop" / "strict.yaml").write_text(
-        "table: sales.orders\n"
-        "expectations:\n"
-        "  - type: expect_column_values_to_be_in_set\n"
-        "    description: only paid orders (a rule the data violates)\n"
-        "    kwargs: {column: status, value_set: [paid]}\n"
+        "table: sales.orders\nexpectations:\n  - type: expect_column_values_to_be_in_set\n    description: only "
+        "paid orders (a rule the data violates)\n    kwargs: {column: status, value_set: [paid]}\n"
     )
     monkeypatch.setenv("PGDR_GX_SUITES", str(suites))
 

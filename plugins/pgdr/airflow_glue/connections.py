@@ -24,9 +24,9 @@ def get_connection(conn_id: str, purpose: str, plan: DRPlan | None = None):
     except AirflowNotFoundException:
         where = f" named in the DR plan {plan.path}" if plan else ""
         raise ConnectionNotDefined(
-            f"The Airflow connection {conn_id!r}{where} ({purpose}) is not defined. Create it in "
-            f"the Airflow UI (Admin > Connections), or set AIRFLOW_CONN_{conn_id.upper()} on the "
-            "workers, or fix the connection id in the plan."
+            f"The Airflow connection {conn_id!r}{where} ({purpose}) is not defined. Create it in the Airflow UI "
+            f"(Admin > Connections), or set AIRFLOW_CONN_{conn_id.upper()} on the workers, or fix the connection id "
+            "in the plan."
         ) from None
 
 
@@ -200,9 +200,10 @@ def backup_data_key(db: ProtectedDatabase, manifest, plan: DRPlan | None = None,
             encrypted = [e for e in catalog.backups() if e.manifest.encryption is not None]
             if encrypted and manifest.recovery_point > encrypted[0].recovery_point:
                 raise TamperDetected(
-                    f"Backup {manifest.backup_id} of database {db.name!r} is not encrypted, but the plan encrypts this "
-                    f"database and its backups have been encrypted since {encrypted[0].backup_id}: pgdr did not write "
-                    "this one. It was not used. Find out who wrote it to the storage; restore an encrypted backup."
+                    f"Backup {manifest.backup_id} of database {db.name!r} is not encrypted, but the plan encrypts "
+                    f"this database and its backups have been encrypted since {encrypted[0].backup_id}: pgdr did "
+                    "not write this one. It was not used. Find out who wrote it to the storage; restore an "
+                    "encrypted backup."
                 )
         return None
     conn_id = db.encryption_key_conn_id or record.key_conn_id
@@ -210,8 +211,9 @@ def backup_data_key(db: ProtectedDatabase, manifest, plan: DRPlan | None = None,
         keys = master_keys(conn_id, f"master keys of database {db.name!r}", plan)
     except ConnectionNotDefined as err:
         raise KeyUnavailable(
-            f"Backup {manifest.backup_id} of database {db.name!r} is encrypted with master key id {record.key_id!r}, "
-            f"and the connection that should hold it is not defined: {err} Nothing was restored or created."
+            f"Backup {manifest.backup_id} of database {db.name!r} is encrypted with master key id "
+            f"{record.key_id!r}, and the connection that should hold it is not defined: {err} Nothing was restored "
+            "or created."
         ) from None
     return unlock_backup(manifest, keys)
 

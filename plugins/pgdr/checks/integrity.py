@@ -130,8 +130,8 @@ def check_sequences(conn, manifest: BackupManifest, report: IntegrityReport) -> 
         if column_max is not None and (last is None or last < column_max):
             report.sequence_problems.append(
                 f"sequence {printable(sequence)} is at {last}, behind "
-                f"max({printable(table_key(schema, table))}.{printable(quote_ident(column))}) = {column_max}: "
-                "the next insert would reuse a restored key"
+                f"max({printable(table_key(schema, table))}.{printable(quote_ident(column))}) = {column_max}: the "
+                "next insert would reuse a restored key"
             )
 
 
@@ -188,15 +188,15 @@ def check_integrity(
     if not report.ok:
         problems = report.problems()
         raise IntegrityCheckFailed(
-            f"The restore of backup {manifest.backup_id} of database {manifest.database!r} failed its "
-            f"integrity checks ({len(problems)} problems): "
+            f"The restore of backup {manifest.backup_id} of database {manifest.database!r} failed its integrity "
+            f"checks ({len(problems)} problems): "
             + "; ".join(problems[:10])
             + ("; ..." if len(problems) > 10 else "")
             + ". The backup cannot be trusted: restore the previous verified backup if you need one."
         )
     log.info(
-        "Integrity checks passed: %d tables and %d rows match the manifest exactly, pg_amcheck found no "
-        "corruption, %d owned sequences are ahead of their columns.",
+        "Integrity checks passed: %d tables and %d rows match the manifest exactly, pg_amcheck found no corruption, "
+        "%d owned sequences are ahead of their columns.",
         report.tables_checked,
         report.rows_checked,
         report.sequences_checked,

@@ -225,8 +225,8 @@ def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = Non
             not_null = " AND ".join(f"{unicode_identifier(cc)} IS NOT NULL" for cc in cols)
             query = (
                 f"SELECT * FROM {{batch}} LEFT JOIN (SELECT {parent} FROM "
-                f"{QualifiedName(fschema, ftable).unicode_quoted()}) "
-                f"parent ON {join} WHERE parent.{refs[0]} IS NULL AND {not_null}"
+                f"{QualifiedName(fschema, ftable).unicode_quoted()}) parent ON {join} WHERE parent.{refs[0]} IS "
+                f"NULL AND {not_null}"
             )
             specs.append(
                 ExpectationSpec(
@@ -235,8 +235,7 @@ def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = Non
                     {"unexpected_rows_query": query},
                     "baseline",
                     f"no orphans: every {key}({', '.join(map(quote_ident, cols))}) exists in "
-                    f"{table_key(fschema, ftable)} "
-                    f"(foreign key {quote_ident(name)})",
+                    f"{table_key(fschema, ftable)} (foreign key {quote_ident(name)})",
                 )
             )
     return specs
@@ -336,8 +335,8 @@ def _build_expectation(spec: ExpectationSpec, tag: int):
     except Exception as err:  # noqa: BLE001 - GX raises many kinds; the user needs the file and type
         raise SuiteError(
             f"{spec.source}: expectation {printable(spec.type)!r} on {printable(spec.table)} is not valid: "
-            f"{printable(str(err))}. "
-            "See https://greatexpectations.io/expectations for the types and their arguments."
+            f"{printable(str(err))}. See https://greatexpectations.io/expectations for the types and their "
+            "arguments."
         ) from None
 
 
@@ -464,8 +463,8 @@ def failure_error(report: ValidationReport, manifest: BackupManifest, report_loc
     """Build the error that lists every failed expectation with its table, column and observed value."""
     lines = [o.line() for o in report.failed]
     return ValidationFailed(
-        f"{len(lines)} of {len(report.outcomes)} expectations failed on the restore of backup "
-        f"{manifest.backup_id} of database {manifest.database!r}: "
+        f"{len(lines)} of {len(report.outcomes)} expectations failed on the restore of backup {manifest.backup_id} "
+        f"of database {manifest.database!r}: "
         + "; ".join(lines[:10])
         + ("; ..." if len(lines) > 10 else "")
         + f". Full report: {report_location}"

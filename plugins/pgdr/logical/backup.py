@@ -333,8 +333,8 @@ def _remove_partial(store: BackupStore, keys: list[str], backup_id: str) -> None
         log.warning("Removed %d objects of the failed backup %s; no manifest was written.", len(keys), backup_id)
     except Exception as err:  # noqa: BLE001 - the original failure is what matters; say what remains
         log.warning(
-            "Backup %s failed and its %d uploaded objects could not be removed (%s). They have no "
-            "manifest, so no reader sees them; retention deletes them after the partial grace period.",
+            "Backup %s failed and its %d uploaded objects could not be removed (%s). They have no manifest, so no "
+            "reader sees them; retention deletes them after the partial grace period.",
             backup_id,
             len(keys),
             err,
@@ -351,16 +351,16 @@ def backfill_skip_reason(run_type: str, logical_date: datetime | None, queued_at
     run_type = str(getattr(run_type, "value", run_type))
     if run_type == "backfill":
         return (
-            f"This is a backfill run for {logical_date:%Y-%m-%d %H:%M} UTC. A backup can only capture the "
-            "database as it is now, so pgdr does not label a fresh dump with a past date. Nothing was done; "
-            "backfill pgdr_verify_restore instead to verify the backups taken in that period."
+            f"This is a backfill run for {logical_date:%Y-%m-%d %H:%M} UTC. A backup can only capture the database "
+            "as it is now, so pgdr does not label a fresh dump with a past date. Nothing was done; backfill "
+            "pgdr_verify_restore instead to verify the backups taken in that period."
         )
     if run_type == "manual" and logical_date is not None:
         reference = queued_at or datetime.now(UTC)
         if reference - logical_date > timedelta(hours=1):
             return (
-                f"This manual run has the past logical date {logical_date:%Y-%m-%d %H:%M} UTC. A backup can "
-                "only capture the database as it is now; trigger the DAG without a logical date to back up now."
+                f"This manual run has the past logical date {logical_date:%Y-%m-%d %H:%M} UTC. A backup can only "
+                "capture the database as it is now; trigger the DAG without a logical date to back up now."
             )
     return None
 

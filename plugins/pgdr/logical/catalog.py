@@ -198,9 +198,8 @@ class BackupManifest:
 
 def _invalid(where: str, field: str, problem: str) -> ManifestInvalid:
     return ManifestInvalid(
-        f"The manifest {where} is damaged or not a pgdr manifest: {field} {problem}. pgdr does not use this "
-        "backup (nothing was read or written for it). Choose another backup, and find out who or what "
-        "changed the storage."
+        f"The manifest {where} is damaged or not a pgdr manifest: {field} {problem}. pgdr does not use this backup "
+        "(nothing was read or written for it). Choose another backup, and find out who or what changed the storage."
     )
 
 
@@ -351,8 +350,8 @@ class BackupCatalog:
                 self.damaged.append(
                     DamagedBackup(
                         backup_id,
-                        f"its verification record {self.store.describe(verification_key)} is damaged; "
-                        "the backup counts as unverified until pgdr_verify_restore verifies it again",
+                        f"its verification record {self.store.describe(verification_key)} is damaged; the backup "
+                        "counts as unverified until pgdr_verify_restore verifies it again",
                     )
                 )
         status = verification.status if verification else "unverified"
@@ -388,16 +387,16 @@ class BackupCatalog:
         """Return one complete backup, or raise :class:`BackupNotFound` saying what exists."""
         if not isinstance(backup_id, str) or not is_backup_id(backup_id):
             raise BackupNotFound(
-                f"{printable(repr(backup_id))[:80]} is not a pgdr backup id (they look like 20261122T093000Z-3fa2c1). "
-                f"Pick one from the list of backups of database {self.database!r}."
+                f"{printable(repr(backup_id))[:80]} is not a pgdr backup id (they look like "
+                f"20261122T093000Z-3fa2c1). Pick one from the list of backups of database {self.database!r}."
             )
         if not self.store.exists(self.layout.manifest_key(self.database, backup_id)):
             newest = [e.backup_id for e in self.backups()[-5:]]
             listing = ", ".join(reversed(newest)) if newest else "none"
             raise BackupNotFound(
                 f"No complete backup {backup_id!r} of database {self.database!r} in "
-                f"{self.store.describe(self.layout.database_prefix(self.database))} "
-                f"(a backup without a manifest does not exist). Newest backups: {listing}."
+                f"{self.store.describe(self.layout.database_prefix(self.database))} (a backup without a manifest "
+                f"does not exist). Newest backups: {listing}."
             )
         return self._entry(backup_id)
 

@@ -573,8 +573,7 @@ def _execute_all(admin: PgEndpoint, work: list[str]) -> None:
                     raise PrivilegesFailed(
                         f"Applying the backup's owners and grants to {printable(admin.dbname)!r} failed at "
                         f"{printable(text)[:300]!r}: {str(err).splitlines()[0]}. Nothing of this phase was applied "
-                        "(one "
-                        "transaction); the restored copy is intact and still owned by the restore role."
+                        "(one transaction); the restored copy is intact and still owned by the restore role."
                     ) from None
             raise
         conn.commit()
@@ -646,8 +645,7 @@ def apply_privileges(
         if named != {admin.dbname}:  # never a statement about another database (the live one above all)
             raise PrivilegesFailed(
                 "A database entry of the backup is about another database than its own "
-                f"({printable(render(statement))[:200]!r}); "
-                "nothing of this phase was applied."
+                f"({printable(render(statement))[:200]!r}); nothing of this phase was applied."
             )
         work.append(("database", render(pointed)))
 
@@ -687,8 +685,7 @@ def apply_privileges(
     report.seconds = time.monotonic() - started
     log.info(
         "Privileges applied to %s: %d owners, %d grants, %d default privileges, %d database properties, %d "
-        "superuser-only "
-        "objects%s (%.2fs).",
+        "superuser-only objects%s (%.2fs).",
         admin.dbname,
         report.owners,
         report.grants,
@@ -760,8 +757,7 @@ def compare_app_roles(live: PgEndpoint, restored: PgEndpoint, roles: tuple[str, 
     if missing_on:
         raise PrivilegesFailed(
             f"The plan's app_roles {', '.join(roles)} must exist on the {' and '.join(missing_on)} server to be "
-            "checked; "
-            "create the application's logins there (or remove them from app_roles)."
+            "checked; create the application's logins there (or remove them from app_roles)."
         )
     result = {}
     for role in roles:

@@ -94,8 +94,8 @@ def _check_one(store: BackupStore, entry: BackupFile, sink=None, opener: _Opener
             return FileProblem(
                 entry.name,
                 entry.key,
-                "changed after encryption: its checksum matches, but it fails "
-                "AES-GCM authentication, so the manifest's checksum was forged to match it",
+                "changed after encryption: its checksum matches, but it fails AES-GCM authentication, so the "
+                "manifest's checksum was forged to match it",
             )
         if opener.decryptor.plain_bytes != entry.size:
             return FileProblem(
@@ -129,10 +129,9 @@ def _refuse(manifest: BackupManifest, store: BackupStore, problems: list[FilePro
     listed = "; ".join(f"{p.name} ({store.describe(p.key)}): {p.problem}" for p in problems[:5])
     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
     error = ChecksumMismatch(
-        f"Backup {manifest.backup_id} of database {manifest.database!r} is corrupt and was refused: "
-        f"{len(problems)} of {len(manifest.files)} files fail verification: {listed}{more}. "
-        "Retrying cannot fix this. Restore another backup (the previous verified one), and find "
-        "out what changed the storage."
+        f"Backup {manifest.backup_id} of database {manifest.database!r} is corrupt and was refused: {len(problems)} "
+        f"of {len(manifest.files)} files fail verification: {listed}{more}. Retrying cannot fix this. Restore "
+        "another backup (the previous verified one), and find out what changed the storage."
     )
     error.problems = problems  # type: ignore[attr-defined] - for the drill's negative control
     return error
@@ -305,8 +304,7 @@ def fetch_toc(manifest: BackupManifest, store: BackupStore, dest: Path, data_key
     if entry is None:
         raise RestoreFailed(
             f"Backup {manifest.backup_id} of database {manifest.database!r} has no toc.dat in its manifest: it is "
-            "not a "
-            "directory-format dump pgdr can restore. Restore another backup."
+            "not a directory-format dump pgdr can restore. Restore another backup."
         )
     download_backup(dataclasses.replace(manifest, files=(entry,)), store, dest, workers=1, data_key=data_key)
     return dest

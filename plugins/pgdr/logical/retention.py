@@ -55,8 +55,8 @@ def decide_retention(
         else:
             age = now - entry.recovery_point
             decision.delete[entry.backup_id] = (
-                f"number {rank} by age (keep_last {policy.keep_last}) and {age.days} days old "
-                f"(keep_days {policy.keep_days})"
+                f"number {rank} by age (keep_last {policy.keep_last}) and {age.days} days old (keep_days "
+                f"{policy.keep_days})"
             )
     for partial in partials:
         if now - partial.started > policy.partial_grace:

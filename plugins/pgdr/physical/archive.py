@@ -100,8 +100,7 @@ def archiver_state(conn) -> ArchiverState:
     return ArchiverState(
         *conn.execute(
             "SELECT archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, "
-            "last_failed_time"
-            " FROM pg_stat_archiver"
+            "last_failed_time FROM pg_stat_archiver"
         ).fetchone()
     )
 
@@ -130,9 +129,8 @@ def check_archiver_runs_as_server_user(bin_dir: Path, uid: int | None) -> None:
     if problem:
         raise ArchiverMissing(
             f"The database server's OS user (uid {uid}) cannot run {bin_dir / 'barman-cloud-wal-archive'}: "
-            f"{problem}. The archiver's venv and every directory above it must be "
-            "readable by that user: build it from a world-readable Python (make archiver uses /usr/bin/python3) in a "
-            "directory outside /root."
+            f"{problem}. The archiver's venv and every directory above it must be readable by that user: build it "
+            "from a world-readable Python (make archiver uses /usr/bin/python3) in a directory outside /root."
         )
 
 
@@ -298,9 +296,9 @@ class WalArchive:
         first = segment_number(start, segment_size)
         if first not in on_timeline:
             raise WalGap(
-                f"WAL segment {start} is missing from the archive {self.describe()}: no recovery from the base backups "
-                "that need it is possible. Check the server's archive_command (pg_stat_archiver) and take a new full "
-                "base backup."
+                f"WAL segment {start} is missing from the archive {self.describe()}: no recovery from the base "
+                "backups that need it is possible. Check the server's archive_command (pg_stat_archiver) and take "
+                "a new full base backup."
             )
         newest = max(on_timeline)
         number = first
@@ -310,8 +308,8 @@ class WalArchive:
                 reachable = on_timeline[number]
                 raise WalGap(
                     f"WAL segment {missing} is missing from the archive {self.describe()} (segments up to "
-                    f"{reachable.name} are there, and {newest - number - 1} later ones after the gap). Recovery from "
-                    f"this base backup can reach only moments before that segment; the recovery window from "
+                    f"{reachable.name} are there, and {newest - number - 1} later ones after the gap). Recovery "
+                    "from this base backup can reach only moments before that segment; the recovery window from "
                     f"{reachable.stored_at:%Y-%m-%d %H:%M:%S} UTC onwards is lost until a new full base backup is "
                     "taken. Take one now (trigger pgdr_basebackup with kind=full)."
                 )

@@ -54,11 +54,10 @@ def server_facts(endpoint: PgEndpoint) -> ServerFacts:
     """Read the server's identity and archiving state."""
     with connect(endpoint) as conn:
         row = conn.execute(
-            "SELECT (SELECT system_identifier::text FROM pg_control_system()),"
-            " current_setting('server_version_num')::int,"
-            " (SELECT timeline_id FROM pg_control_checkpoint()),"
-            " (SELECT setting::int * 1 FROM pg_settings WHERE name = 'wal_segment_size'),"
-            " current_setting('archive_mode'), current_setting('summarize_wal', true)"
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()), "
+            "current_setting('server_version_num')::int, (SELECT timeline_id FROM pg_control_checkpoint()), (SELECT "
+            "setting::int * 1 FROM pg_settings WHERE name = 'wal_segment_size'), current_setting('archive_mode'), "
+            "current_setting('summarize_wal', true)"
         ).fetchone()
         return ServerFacts(*row, archiver_state(conn))
 
@@ -68,9 +67,8 @@ def check_archiving(facts: ServerFacts, endpoint: PgEndpoint, archive_url: str) 
     if facts.archive_mode not in ("on", "always"):
         raise PermanentFailure(
             f"The server of {endpoint.describe()} does not archive WAL (archive_mode = {facts.archive_mode}), so a "
-            "base "
-            f"backup of it could never be recovered. Set the archive_command lines in its postgresql.conf (README, "
-            f"Point-in-time recovery; archive: {archive_url}) and restart it."
+            "base backup of it could never be recovered. Set the archive_command lines in its postgresql.conf "
+            f"(README, Point-in-time recovery; archive: {archive_url}) and restart it."
         )
 
 
@@ -133,9 +131,8 @@ def take_base_backup(
         if facts.summarize_wal != "on":
             raise PermanentFailure(
                 f"The server of {endpoint.describe()} has summarize_wal = {facts.summarize_wal or 'off'}, which "
-                "incremental "
-                "base backups need. Add 'summarize_wal = on' to its postgresql.conf and reload it (no restart needed); "
-                "the next full base backup starts the first chain."
+                "incremental base backups need. Add 'summarize_wal = on' to its postgresql.conf and reload it (no "
+                "restart needed); the next full base backup starts the first chain."
             )
         if parent.record.system_identifier != facts.system_identifier:
             raise PermanentFailure(
@@ -164,19 +161,18 @@ def take_base_backup(
         wal, failures = found[0]
         raise ArchiverFailing(
             f"The base backup of server {server!r} was stopped: the server's archive_command is failing ({failures} "
-            f"failed attempts since the backup started; last failed WAL segment {wal}), and pg_basebackup waits until "
-            f"the backup's WAL is archived. WAL is piling up on the server. Check its log for 'archive command failed' "
-            f"and that it can write to {archive_url} (credentials, endpoint, barman-cloud installed for the server's "
-            "OS "
-            "user); the task will retry."
+            f"failed attempts since the backup started; last failed WAL segment {wal}), and pg_basebackup waits "
+            "until the backup's WAL is archived. WAL is piling up on the server. Check its log for 'archive "
+            f"command failed' and that it can write to {archive_url} (credentials, endpoint, barman-cloud installed "
+            "for the server's OS user); the task will retry."
         )
     if process.returncode != 0:
         error = tool_error(endpoint, f"pg_basebackup of server {server!r}", stderr, DumpFailed)
         if "summar" in stderr.lower() and parent is not None:
             raise PermanentFailure(
-                f"{error} The server has no WAL summaries reaching back to the parent base backup {parent.backup_id} "
-                "(summarize_wal was off, or the summaries were removed after wal_summary_keep_time). Take a full base "
-                "backup (trigger pgdr_basebackup with kind=full)."
+                f"{error} The server has no WAL summaries reaching back to the parent base backup "
+                f"{parent.backup_id} (summarize_wal was off, or the summaries were removed after "
+                "wal_summary_keep_time). Take a full base backup (trigger pgdr_basebackup with kind=full)."
             ) from None
         raise error
     backup_seconds = time.monotonic() - t0
@@ -253,9 +249,10 @@ def download_checked(store: BackupStore, entry: BaseBackupFile, dest: Path) -> N
         size, sha256 = sha256_stream(stream, out.write)
     if size != entry.size or sha256 != entry.sha256:
         raise ChecksumMismatch(
-            f"{store.describe(entry.key)} does not match its base backup record (size {size}, expected {entry.size}; "
-            f"SHA-256 {sha256[:12]}…, expected {entry.sha256[:12]}…): the stored file changed since it was written. "
-            "This base backup (and every incremental one built on it) cannot be trusted; take a new full base backup."
+            f"{store.describe(entry.key)} does not match its base backup record (size {size}, expected "
+            f"{entry.size}; SHA-256 {sha256[:12]}…, expected {entry.sha256[:12]}…): the stored file changed since "
+            "it was written. This base backup (and every incremental one built on it) cannot be trusted; take a "
+            "new full base backup."
         )
 
 

@@ -169,8 +169,8 @@ class BaseBackupRecord:
 def _invalid(where: str, field: str, problem: str) -> ManifestInvalid:
     return ManifestInvalid(
         f"The base backup record {where} is damaged or not pgdr's: {field} {problem}. pgdr does not use this base "
-        "backup (nothing was read or written for it). Choose another moment or base backup, and find out who or what "
-        "changed the storage."
+        "backup (nothing was read or written for it). Choose another moment or base backup, and find out who or "
+        "what changed the storage."
     )
 
 
@@ -264,8 +264,7 @@ class BaseBackupCatalog:
                 raise BackupNotFound(
                     f"Incremental base backup {chain[0].backup_id} of server {self.server!r} builds on "
                     f"{chain[0].record.parent}, which is missing or damaged: this chain cannot be restored. Use an "
-                    "older "
-                    "chain, and take a new full base backup (trigger pgdr_basebackup with kind=full)."
+                    "older chain, and take a new full base backup (trigger pgdr_basebackup with kind=full)."
                 )
             if parent.record.system_identifier != entry.record.system_identifier or len(chain) > 1000:
                 raise _invalid(

@@ -278,9 +278,9 @@ class ScratchCluster:
             if not os.stat(ancestor).st_mode & 0o001:
                 raise PermanentFailure(
                     f"A scratch cluster must run as an unprivileged user (uid {UNPRIVILEGED_UID}) when pgdr runs as "
-                    "root, "
-                    f"but that user cannot enter {ancestor} (mode {oct(os.stat(ancestor).st_mode & 0o777)}). Point "
-                    "$PGDR_WORK_DIR at a directory every user may enter (e.g. /var/tmp/pgdr), or `chmod o+x` that one."
+                    f"root, but that user cannot enter {ancestor} (mode {oct(os.stat(ancestor).st_mode & 0o777)}). "
+                    "Point $PGDR_WORK_DIR at a directory every user may enter (e.g. /var/tmp/pgdr), or `chmod o+x` "
+                    "that one."
                 )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -355,17 +355,17 @@ class ScratchCluster:
         last = missing[-1] if missing else None
         if "recovery ended before configured recovery target was reached" in fatal:
             return (
-                f"Recovery could not reach the target {target_time:%Y-%m-%d %H:%M:%S} UTC: the archive ends before it "
-                f"(last WAL segment replayed: {last or 'none'}). The moment is after the newest archived WAL, or a "
-                "segment is missing. Choose a moment inside the recoverable window, or check the server's archiver "
-                "(pg_stat_archiver)."
+                f"Recovery could not reach the target {target_time:%Y-%m-%d %H:%M:%S} UTC: the archive ends before "
+                f"it (last WAL segment replayed: {last or 'none'}). The moment is after the newest archived WAL, or "
+                "a segment is missing. Choose a moment inside the recoverable window, or check the server's "
+                "archiver (pg_stat_archiver)."
             )
         archiver = re.findall(r"ERROR: (Barman cloud WAL restore exception: .*)", text)
         if archiver and ("checkpoint record" in fatal or "consistent recovery point" in fatal):
             return (
                 f"The scratch cluster could not fetch WAL from the archive: {archiver[-1]}. Check the storage "
-                "target's AWS "
-                "connection (credentials, endpoint_url) and that barman-cloud on this worker can reach it."
+                "target's AWS connection (credentials, endpoint_url) and that barman-cloud on this worker can "
+                "reach it."
             )
         if "consistent recovery point" in fatal or "end of online backup" in fatal or "checkpoint record" in fatal:
             return (

@@ -16,9 +16,8 @@ from pgdr.postgres.client import PgEndpoint, connect
 
 HEARTBEAT_DATABASE = "postgres"
 _CREATE = (
-    "CREATE SCHEMA IF NOT EXISTS pgdr; "
-    "CREATE TABLE IF NOT EXISTS pgdr.heartbeat (at timestamptz PRIMARY KEY DEFAULT clock_timestamp(), source text "
-    "NOT NULL)"
+    "CREATE SCHEMA IF NOT EXISTS pgdr; CREATE TABLE IF NOT EXISTS pgdr.heartbeat (at timestamptz PRIMARY KEY "
+    "DEFAULT clock_timestamp(), source text NOT NULL)"
 )
 
 
@@ -62,14 +61,12 @@ def switch_and_wait_archived(endpoint: PgEndpoint, timeout_s: float) -> str:
             ):  # not one attempt a retry fixes
                 raise ArchiverFailing(
                     f"The server's archive_command is failing (last failed WAL segment {failed_wal}): WAL piles up "
-                    "on the "
-                    "server and nothing after the newest archived segment can be recovered. Check the server's log for "
-                    "'archive command failed' and the storage target; the task will retry."
+                    "on the server and nothing after the newest archived segment can be recovered. Check the "
+                    "server's log for 'archive command failed' and the storage target; the task will retry."
                 )
             if time.monotonic() - started > timeout_s:
                 raise ArchiverFailing(
                     f"WAL segment {wal} was not archived within {timeout_s:.0f}s (last archived: {archived}). The "
-                    "archiver "
-                    "is behind or stuck; check pg_stat_archiver on the server."
+                    "archiver is behind or stuck; check pg_stat_archiver on the server."
                 )
             time.sleep(0.25)

@@ -64,8 +64,7 @@ def recoverable_window(
         raise BackupNotFound(
             f"Server {catalog.server!r} has no complete base backup in "
             f"{store.describe(catalog.layout.server_prefix(catalog.server))}: nothing can be recovered to a moment "
-            "yet. "
-            "Trigger pgdr_basebackup (kind=full)."
+            "yet. Trigger pgdr_basebackup (kind=full)."
         )
     segments = archive.segments(store)
     newest_backup = backups[-1].record
@@ -92,9 +91,10 @@ def choose_backup(window: RecoverableWindow, target: datetime | None) -> BaseBac
         return window.backups[-1]
     if target < window.oldest or target >= window.newest:
         raise TargetOutsideWindow(
-            f"{target:%Y-%m-%d %H:%M:%S} UTC cannot be recovered: the recoverable window is {window.describe()} (the "
-            "end of the oldest base backup to the last transaction in the newest archived WAL). Choose a moment inside "
-            "it; for the newest state, wait for the archive to catch up (archive_timeout) or give 'latest'."
+            f"{target:%Y-%m-%d %H:%M:%S} UTC cannot be recovered: the recoverable window is {window.describe()} "
+            "(the end of the oldest base backup to the last transaction in the newest archived WAL). Choose a "
+            "moment inside it; for the newest state, wait for the archive to catch up (archive_timeout) or give "
+            "'latest'."
         )
     return [e for e in window.backups if e.record.finished_at <= target][-1]
 
@@ -216,8 +216,8 @@ def plan_point_in_time(server, res, moment: datetime, workdir: Path) -> dict[str
         "wal_bytes": len(needed) * size,
         "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
         "size": f"base backup chain {', '.join(e.backup_id for e in chain)} "
-        f"({sum(e.record.size for e in chain) / 1e6:.1f} MB "
-        f"stored), then up to {len(needed)} WAL segments ({len(needed) * size / 1e6:.0f} MB) replayed to the moment",
+        f"({sum(e.record.size for e in chain) / 1e6:.1f} MB stored), then up to {len(needed)} WAL segments "
+        f"({len(needed) * size / 1e6:.0f} MB) replayed to the moment",
         "expected_recovery_seconds": expected,
         "expected_recovery": format_duration(expected) if expected else "unknown (no PITR verification yet)",
     }

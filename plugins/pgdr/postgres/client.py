@@ -92,17 +92,17 @@ def _explain_connect_error(endpoint: PgEndpoint, err: Exception) -> PgdrError:
     lower = message.lower()
     if "password authentication failed" in lower or "no password supplied" in lower:
         return AuthenticationFailed(
-            f"The server refused the credentials for {endpoint.describe()}: {message}. "
-            "Fix the login or password in that Airflow connection."
+            f"The server refused the credentials for {endpoint.describe()}: {message}. Fix the login or password in "
+            "that Airflow connection."
         )
     if "does not exist" in lower and "database" in lower:
         return PermanentFailure(
-            f"Cannot connect to {endpoint.describe()}: {message}. Check the database name "
-            "(the plan's dbname, or the connection's schema)."
+            f"Cannot connect to {endpoint.describe()}: {message}. Check the database name (the plan's dbname, or "
+            "the connection's schema)."
         )
     return DatabaseUnreachable(
-        f"Cannot connect to {endpoint.describe()}: {message}. Check that the server is up and "
-        "reachable from the Airflow worker; the task will retry."
+        f"Cannot connect to {endpoint.describe()}: {message}. Check that the server is up and reachable from the "
+        "Airflow worker; the task will retry."
     )
 
 
@@ -197,8 +197,8 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
     lower = detail.lower()
     if "password authentication failed" in lower:
         return AuthenticationFailed(
-            f"{what} failed: the server refused the credentials for {endpoint.describe()} ({detail}). "
-            "Fix the login or password in that Airflow connection."
+            f"{what} failed: the server refused the credentials for {endpoint.describe()} ({detail}). Fix the login "
+            "or password in that Airflow connection."
         )
     needs_superuser = _SUPERUSER_EXTENSION.search(detail)
     if needs_superuser:
@@ -206,33 +206,33 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
         return PermanentFailure(
             f"{what} failed: the backup needs the extension {name!r}, which only a superuser may create, and pgdr "
             f"restores as the role {endpoint.user!r}, which is not one ({detail}). Such a backup restores only with "
-            "'restore_as_superuser: true' for this database in the DR plan; set it only if you trust every owner of "
-            "its schemas, because restored code then runs as a superuser ("
-            "README, Security model). Retrying cannot fix this."
+            "'restore_as_superuser: true' for this database in the DR plan; set it only if you trust every owner "
+            "of its schemas, because restored code then runs as a superuser (README, Security model). Retrying "
+            "cannot fix this."
         )
     unsupported = _UNSUPPORTED_COMPRESSION.search(detail)
     if unsupported:
         method = unsupported.group(1).lower()
         tool = "pg_restore" if detail.startswith("pg_restore") else "pg_dump"
         client = (
-            f"install a PostgreSQL 18 client built with {method} (PGDG and Debian packages are) on "
-            f"every worker and point ${PG_BIN_ENV_VAR} at its bin folder"
+            f"install a PostgreSQL 18 client built with {method} (PGDG and Debian packages are) on every worker and "
+            f"point ${PG_BIN_ENV_VAR} at its bin folder"
         )
         if tool == "pg_restore":
             fix = (
-                f"Fix: {client}; this backup was taken with {method} and only such a client can restore it "
-                f"(the plan's 'compression' setting changes new backups only)."
+                f"Fix: {client}; this backup was taken with {method} and only such a client can restore it (the "
+                "plan's 'compression' setting changes new backups only)."
             )
         else:
             fix = (
-                f"Fix: set 'compression: gzip:1' for this database in the DR plan (every client has gzip), "
-                f"or {client}. Backups already taken with {method} need such a client to restore."
+                "Fix: set 'compression: gzip:1' for this database in the DR plan (every client has gzip), or "
+                f"{client}. Backups already taken with {method} need such a client to restore."
             )
         used = Path(pg_tool(tool))
         short = used if len(used.parts) <= 4 else Path("...", *used.parts[-3:])
         return CompressionUnsupported(
-            f"{what} failed: this PostgreSQL client ({short}) has no {method} compression. {fix} "
-            f"Retrying cannot fix this.\nClient used: {used}"
+            f"{what} failed: this PostgreSQL client ({short}) has no {method} compression. {fix} Retrying cannot "
+            f"fix this.\nClient used: {used}"
         )
     if "no space left on device" in lower:
         from pgdr.workdir import work_dir_root
@@ -240,8 +240,8 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
         return work_space_full(what, f"the work directory under {work_dir_root()}", detail)
     if any(sign in lower for sign in _CONNECTION_LOST):
         return DatabaseUnreachable(
-            f"{what} failed: the connection to {endpoint.describe()} was lost mid-way ({detail}). The server may have "
-            "restarted or be unreachable; the task will retry from the start."
+            f"{what} failed: the connection to {endpoint.describe()} was lost mid-way ({detail}). The server may "
+            "have restarted or be unreachable; the task will retry from the start."
         )
     if "connection refused" in lower or "could not connect" in lower or "timeout" in lower:
         return DatabaseUnreachable(
@@ -317,8 +317,8 @@ def count_rows(conn) -> tuple[dict[str, int], int]:
 def sequence_values(conn) -> dict[str, int | None]:
     """Return every user sequence's last value (``None`` if never used)."""
     rows = conn.execute(
-        "SELECT schemaname, sequencename, last_value FROM pg_sequences "
-        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+        "SELECT schemaname, sequencename, last_value FROM pg_sequences WHERE schemaname NOT IN ('pg_catalog', "
+        "'information_schema') ORDER BY 1, 2"
     ).fetchall()
     return {table_key(schema, name): value for schema, name, value in rows}
 
@@ -401,9 +401,9 @@ def prepare_amcheck(admin: PgEndpoint, restored: PgEndpoint) -> None:
         conn.execute("SET search_path = pg_catalog, pg_temp")
         conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck SCHEMA pg_catalog")
         functions = conn.execute(
-            "SELECT p.oid::regprocedure::text FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid "
-            "WHERE d.classid = 'pg_proc'::regclass AND d.deptype = 'e' "
-            "AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'amcheck')"
+            "SELECT p.oid::regprocedure::text FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid WHERE d.classid = "
+            "'pg_proc'::regclass AND d.deptype = 'e' AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = "
+            "'amcheck')"
         ).fetchall()
         for (function,) in functions:
             conn.execute(

@@ -105,9 +105,9 @@ def create_database(
         wanted = ", ".join(f"{k} {v}" for k, v in (options or {}).items())
         raise PermanentFailure(
             f"Cannot create database {name!r} on {admin.host}:{admin.port} with the backup's encoding and locale "
-            f"({wanted}): "
-            f"{str(err).splitlines()[0]}. Install that locale on the server (or restore onto a server that has it); "
-            "a database with another collation would sort and compare text differently from the source."
+            f"({wanted}): {str(err).splitlines()[0]}. Install that locale on the server (or restore onto a server "
+            "that has it); a database with another collation would sort and compare text differently from the "
+            "source."
         ) from None
 
 

@@ -97,8 +97,8 @@ class LocalFolderStore:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StorageUnavailable(
-                f"The backup folder {self.root} cannot be created or written: {err.strerror}. "
-                "Check that the disk is mounted and the Airflow worker may write there."
+                f"The backup folder {self.root} cannot be created or written: {err.strerror}. Check that the disk "
+                "is mounted and the Airflow worker may write there."
             ) from None
 
     def describe(self, key: str = "") -> str:
@@ -215,19 +215,19 @@ class S3Store:
                 raise FileNotFoundError(f"{what}: no such object") from None
             if code == "NoSuchBucket":
                 raise PermanentFailure(
-                    f"{what}: the bucket {self.bucket!r} does not exist. Create it, or fix the "
-                    "bucket name in the DR plan's storage section."
+                    f"{what}: the bucket {self.bucket!r} does not exist. Create it, or fix the bucket name in the "
+                    "DR plan's storage section."
                 ) from None
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise PermanentFailure(
-                    f"{what}: access denied ({code}). Check the AWS connection's credentials and "
-                    f"that they may read and write s3://{self.bucket}."
+                    f"{what}: access denied ({code}). Check the AWS connection's credentials and that they may read "
+                    f"and write s3://{self.bucket}."
                 ) from None
             raise StorageUnavailable(f"{what}: S3 answered {code or status}: {err}") from None
         except (BotoCoreError, OSError) as err:
             raise StorageUnavailable(
-                f"{what}: the S3 endpoint could not be reached ({type(err).__name__}: {err}). "
-                "It may be down or unreachable from this worker; the task will retry."
+                f"{what}: the S3 endpoint could not be reached ({type(err).__name__}: {err}). It may be down or "
+                "unreachable from this worker; the task will retry."
             ) from None
 
     def put_file(self, key: str, local_path: Path) -> None:

@@ -100,8 +100,8 @@ def decode_key(value: Any, key_id: str, source: str) -> bytes:
             raw = b""
     if len(raw) != 32:
         raise KeyUnavailable(
-            f"Master key {key_id!r} in the {source} is not a base64-encoded 32-byte (AES-256) key. "
-            "Generate one with `python -m pgdr keygen` and paste its value."
+            f"Master key {key_id!r} in the {source} is not a base64-encoded 32-byte (AES-256) key. Generate one "
+            "with `python -m pgdr keygen` and paste its value."
         )
     return raw
 
@@ -203,7 +203,7 @@ def unwrap(keys: MasterKeys, record: EncryptionRecord, database: str, backup_id:
     if len(data_key) != 32:
         raise KeyUnavailable(
             f"{what} is encrypted with master key id {record.key_id!r}, but the key the {keys.source} holds under "
-            f"that id does not open it: it is another key with the same id, or the backup's manifest was changed. "
+            "that id does not open it: it is another key with the same id, or the backup's manifest was changed. "
             f"Restore the original key {record.key_id!r} into the connection (from your key escrow). Nothing was "
             "restored or created."
         )

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID
-from pgdr.tasks.common import _airflow_info, _now, fail_fast, pitr_server_context, task_workdir
+from pgdr.airflow_glue.task_run import _airflow_info, _now, fail_fast, pitr_server_context, task_workdir
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,7 @@ from pgdr.airflow_glue.connections import (
     server_endpoint,
 )
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
-from pgdr.drill import phase
-from pgdr.plan import load_plan
-from pgdr.tasks.common import (
+from pgdr.airflow_glue.task_run import (
     _airflow_info,
     _now,
     create_run_scratch,
@@ -33,6 +31,8 @@ from pgdr.tasks.common import (
     run_scratch,
     task_workdir,
 )
+from pgdr.drill import phase
+from pgdr.plan import load_plan
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,10 @@ def run_measure(database: str, context) -> dict[str, Any]:
 def run_rehearse_pitr(server_name: str, context) -> dict[str, Any]:
     """Body of ``rehearse_pitr``: recover the server's newest chain to the end of its archive ("latest") in a
     scratch cluster and measure the RPO achieved: the drill's start minus the newest heartbeat recovered."""
+    from pgdr.airflow_glue.task_run import pitr_server_context, recover_scratch_cluster
     from pgdr.drill import pitr_rehearsal
     from pgdr.errors import BackupNotFound
     from pgdr.physical.heartbeat import heartbeats, write_heartbeat
-    from pgdr.tasks.common import pitr_server_context, recover_scratch_cluster
 
     began, started_at = time.monotonic(), context["dag_run"].start_date.isoformat()
     with fail_fast():
@@ -245,8 +245,8 @@ def run_rehearse_pitr(server_name: str, context) -> dict[str, Any]:
         entries = [e for e in catalog.backups() if e.status != "failed"]
         if not entries:
             raise BackupNotFound(
-                f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: "
-                "trigger pgdr_basebackup."
+                f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: trigger "
+                "pgdr_basebackup."
             )
         cluster, prepared, result = recover_scratch_cluster(
             context,
@@ -334,8 +334,7 @@ def run_publish_report(context) -> dict[str, Any]:
     if broken:
         raise AirflowFailException(
             f"The DR drill failed for {', '.join(broken)} (a phase or a point-in-time recovery rehearsal failed, or "
-            "the "
-            f"negative control was not rejected). The report lists the action items: {location}"
+            f"the negative control was not rejected). The report lists the action items: {location}"
         )
     return {
         "status": report["status"],

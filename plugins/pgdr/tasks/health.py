@@ -9,7 +9,7 @@ from typing import Any
 from pgdr.airflow_glue.connections import resources
 from pgdr.airflow_glue.metrics import emit_metrics
 from pgdr.airflow_glue.notify import CONTEXT_DATABASE
-from pgdr.tasks.common import fail_fast
+from pgdr.airflow_glue.task_run import fail_fast
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def run_health_server(server_name: str, context) -> list[dict[str, Any]]:
     """Body of ``check_server``: heartbeat, archiver and WAL archive lag of one PITR server; emits metrics."""
     from dataclasses import asdict
 
+    from pgdr.airflow_glue.task_run import CONTEXT_SERVER
     from pgdr.health import check_pitr_server
-    from pgdr.tasks.common import CONTEXT_SERVER
 
     context[CONTEXT_SERVER] = server_name
     context[CONTEXT_DATABASE] = f"server {server_name}"

@@ -16,8 +16,8 @@ from typing import Any
 
 from pgdr.airflow_glue.connections import resources
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
+from pgdr.airflow_glue.task_run import _now, fail_fast, task_workdir, timed
 from pgdr.runtime import VIA_ENV_VAR
-from pgdr.tasks.common import _airflow_info, _now, fail_fast, task_workdir, timed
 
 log = logging.getLogger(__name__)
 
@@ -57,70 +57,15 @@ def build_restore_plan(context) -> dict[str, Any]:
 
 
 def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
-    """Body of ``recover_to_moment``: for a point-in-time restore, recover the server in a scratch cluster
-    to the moment, and store a dump of the database as it was then (a regular backup, which the later
-    phases restore and check exactly like any other). Without PITR the plan passes through unchanged."""
+    """Body of ``recover_to_moment`` (:func:`pgdr.incident.dump_moment`); without PITR the plan passes through."""
     if not plan.get("pitr") or plan["dry_run"]:
         return plan
-    from pgdr.incident import check_tables_in_backup, plan_of_moment
-    from pgdr.logical.backup import take_backup
-    from pgdr.logical.catalog import BackupCatalog
-    from pgdr.physical.catalog import BaseBackupCatalog
-    from pgdr.tasks.common import recover_scratch_cluster
+    from pgdr.airflow_glue.task_run import AirflowTaskRun
+    from pgdr.incident import dump_moment
 
     _label(context, plan["database"])
-    pitr, started = plan["pitr"], _now()
     with fail_fast():
-        res = resources()
-        db, server = res.plan.database(plan["database"]), res.plan.server(pitr["server"])
-        store, layout, archive = res.archive(server)
-        catalog = BaseBackupCatalog(store, layout, server.name)
-        entry = catalog.get(pitr["base_backup"])
-        cluster, prepared, result = recover_scratch_cluster(
-            context,
-            plan["database"],
-            f"point-in-time restore of {db.name} to {pitr['target']}",
-            catalog,
-            entry,
-            store,
-            archive,
-            datetime.fromisoformat(pitr["target"]),
-            res.server(server).user,
-        )
-        try:
-            with task_workdir(context, f"pitr-dump-{db.name}") as workdir:
-                db_store, db_layout = res.store(db.storage)
-                achieved = result.achieved_point or datetime.fromisoformat(pitr["target"])
-                info = {
-                    **_airflow_info(context),
-                    "pitr_server": server.name,
-                    "pitr_target": pitr["target"],
-                    "base_backup": entry.backup_id,
-                }
-                manifest = take_backup(
-                    db,
-                    cluster.endpoint(db.dbname),
-                    db_store,
-                    db_layout,
-                    workdir,
-                    info,
-                    recovery_point=achieved,
-                    keys=res.encryption_keys(db),
-                ).manifest
-        finally:
-            cluster.destroy()
-        _label(context, db.name, manifest.backup_id)
-        check_tables_in_backup(plan["tables"], BackupCatalog(db_store, db_layout, db.name).get(manifest.backup_id))
-    log.info(
-        "Server %s recovered to %s (achieved %s: the last transaction replayed); database %s dumped from it as "
-        "backup %s.",
-        server.name,
-        pitr["target"],
-        achieved.isoformat(),
-        db.name,
-        manifest.backup_id,
-    )
-    return plan_of_moment(plan, manifest, entry.backup_id, result.to_dict(), prepared.timings, started, _now())
+        return dump_moment(plan, resources(), AirflowTaskRun(context), lambda **kw: _label(context, **kw))
 
 
 def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
@@ -268,8 +213,8 @@ def run_report(context) -> dict[str, Any]:
     if report["status"] == "failed":
         raise AirflowFailException(
             f"The restore of {plan['database']} from backup {plan['backup_id']} failed in phase "
-            f"{report['failed_phase']}; "
-            f"the live database {plan['dbname']!r} was not changed. Report: {objs.store.describe(md_key)}"
+            f"{report['failed_phase']}; the live database {plan['dbname']!r} was not changed. Report: "
+            f"{objs.store.describe(md_key)}"
         )
     return {
         "status": report["status"],

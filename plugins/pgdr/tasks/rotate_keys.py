@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_DATABASE
-from pgdr.tasks.common import fail_fast
+from pgdr.airflow_glue.task_run import fail_fast
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,8 @@ def run_rotation_report(results: list[dict[str, Any]], context) -> dict[str, Any
             if unneeded:
                 log.info(
                     "Connection %r: no retained backup needs master key(s) %s any more. Remove them from the "
-                    "connection's "
-                    "previous_keys once your key escrow holds a copy (a backup restored from elsewhere may still "
-                    "need one).",
+                    "connection's previous_keys once your key escrow holds a copy (a backup restored from elsewhere "
+                    "may still need one).",
                     conn_id,
                     ", ".join(unneeded),
                 )
@@ -83,7 +82,7 @@ def run_rotation_report(results: list[dict[str, Any]], context) -> dict[str, Any
         if problems:
             listed = "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:5])
             raise PermanentFailure(
-                f"{len(problems)} backups keep their old master key and could not be re-wrapped: {listed}. Keep every "
-                "old key in the connection until they are re-wrapped, expire, or are deleted on purpose."
+                f"{len(problems)} backups keep their old master key and could not be re-wrapped: {listed}. Keep "
+                "every old key in the connection until they are re-wrapped, expire, or are deleted on purpose."
             )
     return report

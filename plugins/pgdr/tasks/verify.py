@@ -11,9 +11,7 @@ from typing import Any
 
 from pgdr.airflow_glue.connections import resources
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
-from pgdr.errors import BackupNotFound
-from pgdr.logical.catalog import VERIFICATION_PHASES as VERIFY_PHASES
-from pgdr.tasks.common import (
+from pgdr.airflow_glue.task_run import (
     _now,
     create_run_scratch,
     drop_scratch_and_roles,
@@ -23,6 +21,8 @@ from pgdr.tasks.common import (
     task_workdir,
     timed,
 )
+from pgdr.errors import BackupNotFound
+from pgdr.logical.catalog import VERIFICATION_PHASES as VERIFY_PHASES
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from datetime import datetime
 from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID
+from pgdr.airflow_glue.task_run import CONTEXT_SERVER, _now, fail_fast, pitr_server_context, task_workdir
 from pgdr.errors import PermanentFailure
 from pgdr.records import PITR_KIND, VerificationRecord
-from pgdr.tasks.common import CONTEXT_SERVER, _now, fail_fast, pitr_server_context, task_workdir
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _cluster_for(recovery: dict[str, Any], context):
 
 def run_recover_cluster(recovery: dict[str, Any], context) -> dict[str, Any]:
     """Body of the ``recover_cluster`` setup task: build the chain into a scratch cluster and recover it."""
-    from pgdr.tasks.common import recover_scratch_cluster
+    from pgdr.airflow_glue.task_run import recover_scratch_cluster
 
     started = _now()
     with fail_fast():
@@ -125,8 +125,9 @@ def run_recover_cluster(recovery: dict[str, Any], context) -> dict[str, Any]:
 def _same_host(cluster_info: dict[str, Any]) -> None:
     if cluster_info["host"] != socket.gethostname():
         raise PermanentFailure(
-            f"The scratch cluster runs on worker {cluster_info['host']}, but this task runs on {socket.gethostname()}. "
-            "The tasks of one pgdr_verify_pitr run must run on one worker: route them to one queue or host."
+            f"The scratch cluster runs on worker {cluster_info['host']}, but this task runs on "
+            f"{socket.gethostname()}. The tasks of one pgdr_verify_pitr run must run on one worker: route them to "
+            "one queue or host."
         )
 
 
@@ -193,8 +194,8 @@ def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
     recovery = pulled("plan_recovery")
     if not recovery:
         raise AirflowFailException(
-            f"Nothing to record for server {server_name!r}: plan_recovery failed before a base backup was chosen (its "
-            "error is above)."
+            f"Nothing to record for server {server_name!r}: plan_recovery failed before a base backup was chosen "
+            "(its error is above)."
         )
     cluster_info, target_check, databases = (
         pulled("recover_cluster"),
@@ -225,7 +226,6 @@ def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
     if not ok:
         raise AirflowFailException(
             f"Point-in-time recovery of server {server.name!r} from base backup {recovery['backup_id']} was not "
-            "verified "
-            "(the failed task above says why). Recorded as failed next to the base backup."
+            "verified (the failed task above says why). Recorded as failed next to the base backup."
         )
     return record.to_dict()

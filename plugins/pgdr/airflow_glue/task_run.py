@@ -187,3 +187,20 @@ def recover_scratch_cluster(context, key: str, purpose: str, catalog, entry, sto
             workdir,
             lambda dag_id, run_id: ti.get_dagrun_state(dag_id=dag_id, run_id=run_id),
         )
+
+
+class AirflowTaskRun:
+    """:class:`pgdr.resources.TaskRun` of the running Airflow task: what a domain rule needs of it."""
+
+    def __init__(self, context):
+        self.context = context
+        self.run_id = context["ti"].run_id
+
+    def workdir(self, label: str):
+        return task_workdir(self.context, label)
+
+    def info(self) -> dict[str, Any]:
+        return _airflow_info(self.context)
+
+    def recover(self, key: str, purpose: str, catalog, entry, store, archive, target, login: str):
+        return recover_scratch_cluster(self.context, key, purpose, catalog, entry, store, archive, target, login)
