@@ -20,7 +20,10 @@ import base64
 import html
 import io
 import json
-from datetime import datetime, timedelta
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pgdr.logical.catalog import BackupEntry
@@ -651,3 +654,117 @@ def broken_parts(report: dict[str, Any]) -> list[str]:
         if r["failed_phase"] or not (r["negative_control"] or {}).get("rejected")
     ]
     return broken + [f"server {p['server']}" for p in report["pitr"] if p.get("error")]
+
+
+class PhaseClock:
+    """Times a drill's phases as they run (``with clock("restore"): ...``); ``phases`` lists those that finished."""
+
+    def __init__(self):
+        self.phases: list[dict[str, Any]] = []
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = datetime.now(UTC).isoformat()
+        yield
+        self.phases.append(phase(name, started, datetime.now(UTC).isoformat()))
+
+
+def restore_timed(db, manifest, store, data_key: bytes | None, restore_into, workdir: Path) -> dict[str, Any]:
+    """Check the stored files, download and restore them into the drill's scratch database, each phase timed.
+
+    :param restore_into: restores a downloaded dump folder into the scratch database; returns ``(seconds, roles)``.
+    """
+    from pgdr.logical.restore import download_backup, verify_checksums
+
+    clock, workers = PhaseClock(), max(2, db.dump_jobs)
+    with clock("checksum"):
+        verify_checksums(manifest, store, workers, data_key=data_key)
+    with clock("download"):
+        download_backup(manifest, store, workdir / "dump", workers, data_key=data_key)
+    with clock("restore"):
+        _, created = restore_into(workdir / "dump", workdir)
+    return {"phases": clock.phases, "roles_created": created}
+
+
+def check_timed(db, manifest, store, data_key: bytes | None, scratch, workdir) -> dict[str, Any]:
+    """Integrity checks, validation and owners and grants of the drill's scratch restore, each phase timed.
+
+    :param workdir: makes a private work directory for a label.
+    """
+    from pgdr.checks.integrity import check_integrity
+    from pgdr.checks.validation import failure_error, validate_restored
+    from pgdr.logical.restore import give_back_privileges
+
+    clock = PhaseClock()
+    with clock("checks"), workdir(f"drill-checks-{db.name}") as folder:
+        check_integrity(scratch.endpoint, manifest, folder, db.dump_jobs, admin=scratch.server)
+    with clock("validation"):
+        report = validate_restored(scratch.endpoint, manifest)
+    if not report.ok:
+        raise failure_error(report, manifest, "the drill report")
+    with clock("privileges"), workdir(f"drill-privileges-{db.name}") as folder:
+        admin = scratch.server.with_dbname(scratch.name)
+        applied = give_back_privileges(manifest, store, admin, folder, data_key, scratch=True, skip=db.skip_objects)
+    return {"phases": clock.phases, "validation": report.summary(), "privileges": applied.to_dict()}
+
+
+def rehearse_pitr(server, endpoint, catalog, store, archive, run, start: datetime) -> dict[str, Any]:
+    """Recover ``server``'s newest chain to the end of its archive ("latest") in a scratch cluster; return the RPO
+    achieved (the drill's ``start`` minus the newest heartbeat recovered).
+
+    :param endpoint: the live server (a heartbeat is written there first); :param run: the task try.
+    """
+    import logging
+    import time
+
+    from pgdr.errors import BackupNotFound
+    from pgdr.physical.heartbeat import heartbeats, write_heartbeat
+
+    began = time.monotonic()
+    write_heartbeat(endpoint, f"pgdr_drill {run.run_id} (drill start)")
+    entries = [e for e in catalog.backups() if e.status != "failed"]
+    if not entries:
+        raise BackupNotFound(
+            f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: trigger "
+            "pgdr_basebackup."
+        )
+    purpose = f"drill: recovery of server {server.name} to the end of its archive"
+    cluster, prepared, result = run.recover(
+        server.name, purpose, catalog, entries[-1], store, archive, None, endpoint.user
+    )
+    try:
+        recovered = heartbeats(cluster.endpoint())
+    finally:
+        cluster.destroy()
+    rehearsal = pitr_rehearsal(
+        server, entries[-1].backup_id, start, recovered, time.monotonic() - began, prepared.timings, result.to_dict()
+    )
+    logging.getLogger(__name__).info(
+        "PITR rehearsal of %s: newest heartbeat recovered %s, achieved RPO %s s (target %s s).",
+        server.name,
+        rehearsal["newest_heartbeat"],
+        rehearsal["rpo"]["achieved_s"],
+        rehearsal["rpo"]["target_s"],
+    )
+    return rehearsal
+
+
+def measure(db, catalog, values: dict[str, Any], order: tuple[str, ...], started_at: datetime) -> dict[str, Any]:
+    """Return one database's drill result from what its phase tasks returned (``None``: did not succeed).
+
+    :param order: the phase tasks in order: the first without a result is the failed phase.
+    """
+    failed_phase = next((n for n in order if not values[n]), None)
+    phases = [p for n in order if values[n] for p in values[n].get("phases", [])]
+    rpo = rpo_metrics([b for b in catalog.backups() if b.recovery_point <= started_at], started_at)
+    return evaluate(
+        db.name,
+        db.rto.total_seconds(),
+        db.rpo.total_seconds(),
+        phases,
+        rpo,
+        values["negative_control"],
+        failed_phase,
+        (values["check_timed"] or {}).get("validation"),
+        (values["rehearse_backup"] or {}).get("backup_id"),
+    )

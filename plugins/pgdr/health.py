@@ -382,3 +382,36 @@ def last_measurements(db, res: Resources) -> dict[str, float | None]:
                 values[f"last_rto_seconds.{db.name}"] = result["checks"]["rto"]["achieved_s"]
                 values[f"last_rpo_seconds.{db.name}"] = result["checks"]["rpo_newest_verified"]["achieved_s"]
     return values
+
+
+def check_database(db, res: Resources, now: datetime) -> tuple[list[CheckResult], dict[str, float | None]]:
+    """Run every check of one database; return the results and the last restore and drill numbers (gauges)."""
+    results = [
+        check_source(db, res),
+        check_verification_server(db, res),
+        check_storage(db, res),
+        *check_backup_ages(db, res, now),
+    ]
+    encryption = check_encryption(db, res, now)
+    if encryption is not None:
+        results.append(encryption)
+    try:
+        extra = last_measurements(db, res)
+    except Exception as err:  # noqa: BLE001 - metrics must not hide the checks
+        log.warning("Could not read the last restore and drill numbers of %s: %s", db.name, err)
+        extra = {}
+    log_results(results, db.name)
+    return results, extra
+
+
+def log_results(results: list[CheckResult], what: str) -> None:
+    """Log every check of ``what``: OK ones as information, failing ones as warnings."""
+    for r in results:
+        log.log(
+            logging.INFO if r.ok else logging.WARNING,
+            "%s %s: %s: %s",
+            "OK  " if r.ok else "FAIL",
+            what,
+            r.check,
+            r.detail,
+        )

@@ -19,6 +19,7 @@ timestamp meaning "the newest backup whose recovery point is at or before this t
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -1042,9 +1043,15 @@ def dump_moment(plan: dict[str, Any], res, run, label=lambda **_: None) -> dict[
         info = {**run.info(), "pitr_server": server.name, "pitr_target": pitr["target"], "base_backup": entry.backup_id}
         with run.workdir(f"pitr-dump-{db.name}") as workdir:
             dumped = take_backup(
-                db, cluster.endpoint(db.dbname), db_store, db_layout, workdir, info,
-                recovery_point=achieved, keys=res.encryption_keys(db),
-            )  # fmt: skip
+                db,
+                cluster.endpoint(db.dbname),
+                db_store,
+                db_layout,
+                workdir,
+                info,
+                recovery_point=achieved,
+                keys=res.encryption_keys(db),
+            )
     finally:
         cluster.destroy()
     manifest = dumped.manifest
@@ -1052,7 +1059,28 @@ def dump_moment(plan: dict[str, Any], res, run, label=lambda **_: None) -> dict[
     check_tables_in_backup(plan["tables"], BackupCatalog(db_store, db_layout, db.name).get(manifest.backup_id))
     log.info(
         "Server %s recovered to %s (achieved %s: the last transaction replayed); database %s dumped from it as "
-        "backup %s.", server.name, pitr["target"], achieved.isoformat(), db.name, manifest.backup_id,
-    )  # fmt: skip
+        "backup %s.",
+        server.name,
+        pitr["target"],
+        achieved.isoformat(),
+        db.name,
+        manifest.backup_id,
+    )
     finished = datetime.now(UTC).isoformat()
     return plan_of_moment(plan, manifest, entry.backup_id, result.to_dict(), prepared.timings, started, finished)
+
+
+def write_restore_report(objs: RestoreObjects, phases: dict[str, dict | None], run: dict[str, Any]) -> tuple[dict, str]:
+    """Write the restore's report (JSON and markdown) next to the backup; return it and where the markdown is.
+
+    A copy restored in new-database mode is released first (its run marker cleared): it is the user's now.
+    """
+    plan = objs.plan
+    if restore_outcome(plan, phases)[0] == "restored" and plan["mode"] == "new-database":
+        release_target(objs.server, plan["target"], run["run_id"])
+    report = restore_report(plan, phases, run, final_state(objs.server, plan))
+    md_key = objs.report_key(run["run_id"], ".md")
+    objs.store.put_bytes(objs.report_key(run["run_id"], ".json"), json.dumps(report, indent=2, default=str).encode())
+    objs.store.put_bytes(md_key, render_report(report).encode())
+    log.info("Restore report: %s", objs.store.describe(md_key))
+    return report, objs.store.describe(md_key)

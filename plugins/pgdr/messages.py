@@ -267,3 +267,11 @@ def verification_failed(backup_id: str, database: str, phase: str) -> str:
         f"Backup {backup_id} of database {database!r} is marked FAILED: phase {phase} did not succeed (its own "
         "alert and log say why). The backup is kept; do not rely on it for a restore."
     )
+
+
+def restore_failed(plan: dict[str, Any], phase: str, report: str) -> str:
+    """Return why a restore failed: the phase, and that the live database was not changed."""
+    return (
+        f"The restore of {plan['database']} from backup {plan['backup_id']} failed in phase {phase}; the live "
+        f"database {plan['dbname']!r} was not changed. Report: {report}"
+    )

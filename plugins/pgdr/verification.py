@@ -15,8 +15,8 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pgdr.errors import BackupNotFound, PlanError
-from pgdr.logical.catalog import BackupCatalog, BackupEntry
+from pgdr.errors import BackupNotFound, PermanentFailure, PlanError
+from pgdr.logical.catalog import VERIFICATION_PHASES, BackupCatalog, BackupEntry
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +180,38 @@ def validation_extra(db, run_id: str) -> dict[str, Any]:
     if db.restore_as_superuser:
         extra["Warning"] = SUPERUSER_RESTORE_WARNING
     return extra
+
+
+class VerificationFailed(PermanentFailure):
+    """A phase of a verify-restore did not succeed: the backup is recorded as failed."""
+
+
+def record_verification(objs: VerifyObjects, phases: dict, airflow: dict, verified_at: str):
+    """Write the verification record of ``objs``' backup from what its phases returned; return it.
+
+    :raises VerificationFailed: after writing it, when a phase did not succeed.
+    """
+    from pgdr.messages import SUPERUSER_RESTORE_WARNING, verification_failed
+    from pgdr.records import verify_restore_record
+
+    db, entry = objs.db, objs.entry
+    record = verify_restore_record(
+        database=db.name,
+        backup_id=entry.backup_id,
+        recovery_point=entry.manifest.recovery_point.isoformat(),
+        verified_at=verified_at,
+        airflow=airflow,
+        phases=phases,
+        order=VERIFICATION_PHASES,
+        rto_target_seconds=db.rto.total_seconds(),
+        superuser_warning=SUPERUSER_RESTORE_WARNING if db.restore_as_superuser else None,
+    )
+    key = objs.catalog.record_verification(record)
+    log.info("Verification record written: %s (%s).", objs.store.describe(key), record.status)
+    if record.failed_phase:
+        raise VerificationFailed(verification_failed(entry.backup_id, db.name, record.failed_phase))
+    if not record.rto_met:
+        log.warning(
+            "RTO breached: restore took %.1fs, the plan's RTO is %.0fs.", record.restore_seconds, db.rto.total_seconds()
+        )
+    return record

@@ -77,6 +77,27 @@ def send_slack(text: str, database: str | None, context) -> bool:
     return True
 
 
+def send_email(notify, subject: str, html: str, context) -> bool:
+    """Send ``html`` to the plan's e-mail recipients through its SMTP connection; say whether it went.
+
+    :param notify: the plan's :class:`~pgdr.plan.Notifications` (nothing is sent without recipients or connection).
+    """
+    from pgdr.airflow_glue.connections import connection_exists
+
+    if not (notify.smtp_conn_id and notify.email_to and connection_exists(notify.smtp_conn_id)):
+        return False
+    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+    SmtpNotifier(
+        from_email=notify.email_from,
+        to=list(notify.email_to),
+        smtp_conn_id=notify.smtp_conn_id,
+        subject=subject,
+        html_content=html,
+    ).notify(context)
+    return True
+
+
 def on_task_failure(context) -> None:
     """``on_failure_callback`` of every pgdr task: journal the failure for the run's one alert."""
     try:

@@ -366,8 +366,19 @@ def backfill_skip_reason(run_type: str, logical_date: datetime | None, queued_at
 
 
 def backup_summary(db, result: BackupResult, store: BackupStore) -> dict:
-    """Return what a backup's asset event and XCom say of it (plain values)."""
+    """Return what a backup's asset event and XCom say of it (plain values), and log it."""
     manifest = result.manifest
+    log.info(
+        "%s backup %s of database %s: recovery point %s, %d tables, %d rows, %s. Manifest: %s",
+        "Reused" if result.reused else "Completed",
+        manifest.backup_id,
+        db.name,
+        manifest.recovery_point.isoformat(),
+        len(manifest.row_counts),
+        sum(manifest.row_counts.values()),
+        manifest.size_summary(),
+        store.describe(result.manifest_key),
+    )
     return {
         "database": db.name,
         "backup_id": manifest.backup_id,

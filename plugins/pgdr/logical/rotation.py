@@ -87,3 +87,50 @@ def keys_no_longer_needed(keys: MasterKeys, results: list[RotationResult]) -> li
         return []
     in_use = {key_id for r in results for key_id in r.keys_in_use}
     return sorted(k for k in keys.keys if k != keys.current and k not in in_use)
+
+
+def rotation_report(results: list[dict], keys_of) -> dict:
+    """Return, per key connection, what rotating its databases' backups did and which old key ids no retained
+    backup needs any more.
+
+    :param results: every database's :meth:`RotationResult.to_dict`.
+    :param keys_of: returns the master keys a key connection holds.
+    :raises PermanentFailure: when a backup could not be re-wrapped (it keeps its old key, which must stay).
+    """
+    by_conn: dict[str, list[RotationResult]] = {}
+    for raw in results:
+        result = RotationResult(**raw)
+        by_conn.setdefault(result.key_conn_id, []).append(result)
+    report: dict = {}
+    for conn_id, group in by_conn.items():
+        keys = keys_of(conn_id)
+        unneeded = keys_no_longer_needed(keys, group)
+        report[conn_id] = {
+            "current_key": keys.current,
+            "rewrapped": sum(len(r.rewrapped) for r in group),
+            "key_ids_in_use": sorted({k for r in group for k in r.keys_in_use}),
+            "key_ids_no_longer_needed": unneeded,
+            "problems": {f"{r.database}/{b}": p for r in group for b, p in r.problems.items()},
+        }
+        if unneeded:
+            log.info(
+                "Connection %r: no retained backup needs master key(s) %s any more. Remove them from the "
+                "connection's previous_keys once your key escrow holds a copy (a backup restored from elsewhere "
+                "may still need one).",
+                conn_id,
+                ", ".join(unneeded),
+            )
+        else:
+            log.info(
+                "Connection %r: every key it holds is still needed, or it holds only the current key %r.",
+                conn_id,
+                keys.current,
+            )
+    problems = {k: v for entry in report.values() for k, v in entry["problems"].items()}
+    if problems:
+        listed = "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:5])
+        raise PermanentFailure(
+            f"{len(problems)} backups keep their old master key and could not be re-wrapped: {listed}. Keep "
+            "every old key in the connection until they are re-wrapped, expire, or are deleted on purpose."
+        )
+    return report

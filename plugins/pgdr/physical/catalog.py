@@ -77,6 +77,19 @@ class BaseBackupRecord:
                 return entry
         raise KeyError(name)
 
+    def summary(self, location: str) -> dict:
+        """Return what the base backup's asset event and XCom say of it (plain values)."""
+        return {
+            "server": self.server,
+            "backup_id": self.backup_id,
+            "kind": self.kind,
+            "parent": self.parent,
+            "finished_at": self.finished_at.isoformat(),
+            "stored_bytes": self.size,
+            "start_wal": self.start_wal,
+            "location": location,
+        }
+
     def to_json(self) -> bytes:
         data = asdict(self)
         data["started_at"] = self.started_at.isoformat()

@@ -441,3 +441,15 @@ def remove_leftover_clusters(root: Path, run_state: Callable[[str, str], Any], k
             "Removed the scratch cluster %s left by run %s of %s.", folder, info.get("run_id"), info.get("dag_id")
         )
     return removed
+
+
+def run_cluster(root: Path, recovery: dict[str, Any]) -> ScratchCluster:
+    """Return the scratch cluster in ``root`` as a run's recovery left it: version and port from ``recovery`` (the
+    task's XCom) or from the cluster's marker (a teardown that ran without it)."""
+    marker = json.loads((root / MARKER).read_text()) if (root / MARKER).exists() else {}
+    return ScratchCluster(
+        root,
+        recovery.get("pg_version") or marker.get("pg_version") or 180000,
+        login=recovery.get("login", "postgres"),
+        port=recovery.get("port") or marker.get("port") or 0,
+    )

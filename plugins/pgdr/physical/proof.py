@@ -87,3 +87,78 @@ def check_recovered_databases(
             + ". The chain recovers, but not to good data: investigate before relying on it."
         )
     return results
+
+
+def find_servers(plan, server: str | None, events: dict) -> list[str]:
+    """Return the servers a run of ``pgdr_verify_pitr`` verifies: the form's, those its asset events name, or all."""
+    if server:
+        return [plan.server(server).name]
+    named = []
+    for batch in (events or {}).values():
+        for event in batch:
+            name = (event.extra or {}).get("server")
+            if name in plan.server_names and name not in named:
+                named.append(name)
+    return named or plan.server_names
+
+
+def plan_target(server, endpoint, catalog, store, archive, run_id: str, workdir: Path) -> dict[str, Any]:
+    """Write two heartbeats a second apart, have their WAL archived, and choose the target between them and the chain.
+
+    The target lies after the newest base backup: the recovery replays the whole chain and all WAL up
+    to it, and must hold the first heartbeat and not the second.
+    """
+    import time
+
+    from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat
+    from pgdr.physical.recovery import choose_backup, recoverable_window
+
+    source = f"pgdr_verify_pitr {run_id}"
+    before = write_heartbeat(endpoint, source + " (before target)")
+    time.sleep(1.0)
+    after = write_heartbeat(endpoint, source + " (after target)")
+    switch_and_wait_archived(endpoint, server.pitr.archive_timeout.total_seconds() + 120)
+    target = before + (after - before) / 2
+    window = recoverable_window(catalog, archive, store, workdir)
+    entry = choose_backup(window, target)
+    return {
+        "server": server.name,
+        "backup_id": entry.backup_id,
+        "chain": [e.backup_id for e in catalog.chain(entry, list(window.backups))],
+        "target": target.isoformat(),
+        "heartbeat_before": before.isoformat(),
+        "heartbeat_after": after.isoformat(),
+        "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
+        "pg_version": entry.record.pg_version,
+        "login": endpoint.user,
+    }
+
+
+def pitr_record(
+    server: str,
+    recovery: dict,
+    cluster_info: dict | None,
+    target_check: dict | None,
+    databases: dict | None,
+    airflow: dict,
+    verified_at: str,
+):
+    """Return the verification record of one PITR verification: verified when every step returned its proof."""
+    from pgdr.records import PITR_KIND, VerificationRecord
+
+    ok = bool(cluster_info and target_check and databases is not None)
+    return VerificationRecord(
+        status="verified" if ok else "failed",
+        kind=PITR_KIND,
+        verified_at=verified_at,
+        server=server,
+        backup_id=recovery["backup_id"],
+        chain=recovery["chain"],
+        target=recovery["target"],
+        window=recovery["window"],
+        recovery=(cluster_info or {}).get("recovery"),
+        timings=(cluster_info or {}).get("timings"),
+        target_check=target_check,
+        databases=databases,
+        airflow=airflow,
+    )

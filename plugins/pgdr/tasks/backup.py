@@ -38,17 +38,6 @@ def run_backup(database: str, context) -> dict[str, Any]:
     context[CONTEXT_BACKUP_ID] = manifest.backup_id
     summary = backup_summary(db, result, store)
     context["outlet_events"][BACKUP_ASSET].extra = summary
-    log.info(
-        "%s backup %s of database %s: recovery point %s, %d tables, %d rows, %s. Manifest: %s",
-        "Reused" if result.reused else "Completed",
-        manifest.backup_id,
-        database,
-        manifest.recovery_point.isoformat(),
-        summary["tables"],
-        summary["rows"],
-        manifest.size_summary(),
-        store.describe(result.manifest_key),
-    )
     return summary
 
 

@@ -59,16 +59,7 @@ def run_base_backup(job: dict[str, str], context) -> dict[str, Any]:
                 _airflow_info(context),
             )
     context[CONTEXT_BACKUP_ID] = record.backup_id
-    summary = {
-        "server": server.name,
-        "backup_id": record.backup_id,
-        "kind": record.kind,
-        "parent": record.parent,
-        "finished_at": record.finished_at.isoformat(),
-        "stored_bytes": record.size,
-        "start_wal": record.start_wal,
-        "location": store.describe(archive.layout.base_backup_prefix(server.name, record.backup_id)),
-    }
+    summary = record.summary(store.describe(archive.layout.base_backup_prefix(server.name, record.backup_id)))
     context["outlet_events"][BASE_BACKUP_ASSET].extra = summary
     return summary
 

@@ -8,13 +8,11 @@ report, sends it, and then fails the run if any database failed its drill.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime
 from typing import Any
 
 from pgdr.airflow_glue.connections import (
     backup_data_key,
-    connection_exists,
     database_endpoint,
     encryption_keys,
     open_store,
@@ -112,70 +110,39 @@ def run_create_scratch(database: str, context) -> str:
 
 
 def run_restore_timed(database: str, backup: dict, context) -> dict[str, Any]:
-    """Body of ``restore_timed``: checksum, download and restore, each timed."""
-    from pgdr.logical.restore import download_backup, verify_checksums
+    """Body of ``restore_timed``: checksum, download and restore, each timed (:func:`pgdr.drill.restore_timed`)."""
+    from pgdr.drill import restore_timed
 
-    phases = []
     with fail_fast():
         plan, db, store, _layout, catalog = _objects(database, context)
         context[CONTEXT_BACKUP_ID] = backup["backup_id"]
         manifest = catalog.get(backup["backup_id"]).manifest
         scratch = _scratch(database, context, db, plan)
-        workers = max(2, db.dump_jobs)
-        started = _now()
-        data_key = backup_data_key(db, manifest, plan, catalog)
-        verify_checksums(manifest, store, workers, data_key=data_key)
-        phases.append(phase("checksum", started, _now()))
+
+        def restore_into(dump, workdir):
+            return restore_into_scratch(scratch, dump, db.dump_jobs, workdir, f"drill {database}", context)
+
         with task_workdir(context, f"drill-restore-{database}") as workdir:
-            started = _now()
-            download_backup(manifest, store, workdir / "dump", workers, data_key=data_key)
-            phases.append(phase("download", started, _now()))
-            started = _now()
-            _, created = restore_into_scratch(
-                scratch, workdir / "dump", db.dump_jobs, workdir, f"drill {database}", context
-            )
-            phases.append(phase("restore", started, _now()))
-    return {"phases": phases, "roles_created": created}
+            data_key = backup_data_key(db, manifest, plan, catalog)
+            return restore_timed(db, manifest, store, data_key, restore_into, workdir)
 
 
 def run_check_timed(database: str, backup: dict, context) -> dict[str, Any]:
-    """Body of ``check_timed``: integrity checks and validation of the scratch restore, each timed."""
-    from pgdr.checks.integrity import check_integrity
-    from pgdr.checks.validation import validate_restored
-    from pgdr.logical.restore import give_back_privileges
+    """Body of ``check_timed``: checks, validation and privileges of the scratch restore, each timed."""
+    from pgdr.drill import check_timed
 
     with fail_fast():
         plan, db, store, _layout, catalog = _objects(database, context)
         context[CONTEXT_BACKUP_ID] = backup["backup_id"]
         manifest = catalog.get(backup["backup_id"]).manifest
-        scratch = _scratch(database, context, db, plan)
-        started = _now()
-        with task_workdir(context, f"drill-checks-{database}") as workdir:
-            check_integrity(scratch.endpoint, manifest, workdir, db.dump_jobs, admin=scratch.server)
-        checks = phase("checks", started, _now())
-        started = _now()
-        report = validate_restored(scratch.endpoint, manifest)
-        validation = phase("validation", started, _now())
-    summary = report.summary()
-    if not report.ok:
-        from pgdr.checks.validation import failure_error
-
-        with fail_fast():
-            raise failure_error(report, manifest, "the drill report")
-    with fail_fast():
-        started = _now()
-        with task_workdir(context, f"drill-privileges-{database}") as workdir:
-            applied = give_back_privileges(
-                manifest,
-                store,
-                scratch.server.with_dbname(scratch.name),
-                workdir,
-                backup_data_key(db, manifest, plan),
-                scratch=True,
-                skip=db.skip_objects,
-            )
-        privileges = phase("privileges", started, _now())
-    return {"phases": [checks, validation, privileges], "validation": summary, "privileges": applied.to_dict()}
+        return check_timed(
+            db,
+            manifest,
+            store,
+            backup_data_key(db, manifest, plan),
+            _scratch(database, context, db, plan),
+            lambda label: task_workdir(context, label),
+        )
 
 
 def run_negative_control(database: str, backup: dict, context) -> dict[str, Any]:
@@ -199,87 +166,34 @@ def run_drop_scratch(database: str, context) -> bool:
 
 
 def run_measure(database: str, context) -> dict[str, Any]:
-    """Body of ``measure`` (all_done): RTO from the phases, RPO from the catalog, verdicts."""
-    from pgdr.drill import evaluate, rpo_metrics
+    """Body of ``measure`` (all_done): RTO from the phases, RPO from the catalog, verdicts (see
+    :func:`pgdr.drill.measure`)."""
+    from pgdr.drill import measure
 
-    ti, started_at = context["ti"], context["dag_run"].start_date.isoformat()
+    ti = context["ti"]
     group = ti.task_id.rpartition(".")[0]
-    values = {
-        name: ti.xcom_pull(task_ids=f"{group}.{name}" if group else name, map_indexes=ti.map_index)
-        for name in PHASE_TASKS
-    }
-    plan, db, _store, _layout, catalog = _objects(database, context)
-    failed_phase = next((n for n in PHASE_TASKS if not values[n]), None)
-    phases = [p for n in PHASE_TASKS if values[n] for p in values[n].get("phases", [])]
-    backups = catalog.backups()
-    rpo = rpo_metrics(
-        [b for b in backups if b.recovery_point <= datetime.fromisoformat(started_at)],
-        datetime.fromisoformat(started_at),
-    )
-    return evaluate(
-        database,
-        db.rto.total_seconds(),
-        db.rpo.total_seconds(),
-        phases,
-        rpo,
-        values["negative_control"],
-        failed_phase,
-        (values["check_timed"] or {}).get("validation"),
-        (values["rehearse_backup"] or {}).get("backup_id"),
-    )
+    values = {n: ti.xcom_pull(task_ids=f"{group}.{n}" if group else n, map_indexes=ti.map_index) for n in PHASE_TASKS}
+    _plan, db, _store, _layout, catalog = _objects(database, context)
+    return measure(db, catalog, values, PHASE_TASKS, context["dag_run"].start_date)
 
 
 def run_rehearse_pitr(server_name: str, context) -> dict[str, Any]:
-    """Body of ``rehearse_pitr``: recover the server's newest chain to the end of its archive ("latest") in a
-    scratch cluster and measure the RPO achieved: the drill's start minus the newest heartbeat recovered."""
-    from pgdr.airflow_glue.task_run import pitr_server_context, recover_scratch_cluster
-    from pgdr.drill import pitr_rehearsal
-    from pgdr.errors import BackupNotFound
-    from pgdr.physical.heartbeat import heartbeats, write_heartbeat
+    """Body of ``rehearse_pitr``: the RPO a recovery to the end of the archive achieves (see
+    :func:`pgdr.drill.rehearse_pitr`)."""
+    from pgdr.airflow_glue.task_run import AirflowTaskRun, pitr_server_context
+    from pgdr.drill import rehearse_pitr
 
-    began, started_at = time.monotonic(), context["dag_run"].start_date.isoformat()
     with fail_fast():
         plan, server, store, archive, catalog = pitr_server_context(server_name, context)
-        endpoint = server_endpoint(server, plan)
-        write_heartbeat(endpoint, f"pgdr_drill {context['ti'].run_id} (drill start)")
-        entries = [e for e in catalog.backups() if e.status != "failed"]
-        if not entries:
-            raise BackupNotFound(
-                f"Server {server.name!r} has no base backup to rehearse a point-in-time recovery from: trigger "
-                "pgdr_basebackup."
-            )
-        cluster, prepared, result = recover_scratch_cluster(
-            context,
-            server.name,
-            f"drill: recovery of server {server.name} to the end of its archive",
+        return rehearse_pitr(
+            server,
+            server_endpoint(server, plan),
             catalog,
-            entries[-1],
             store,
             archive,
-            None,
-            endpoint.user,
+            AirflowTaskRun(context),
+            context["dag_run"].start_date,
         )
-        try:
-            recovered = heartbeats(cluster.endpoint())
-        finally:
-            cluster.destroy()
-    rehearsal = pitr_rehearsal(
-        server,
-        entries[-1].backup_id,
-        datetime.fromisoformat(started_at),
-        recovered,
-        time.monotonic() - began,
-        prepared.timings,
-        result.to_dict(),
-    )
-    log.info(
-        "PITR rehearsal of %s: newest heartbeat recovered %s, achieved RPO %s s (target %s s).",
-        server.name,
-        rehearsal["newest_heartbeat"],
-        rehearsal["rpo"]["achieved_s"],
-        rehearsal["rpo"]["target_s"],
-    )
-    return rehearsal
 
 
 def _pulled_list(ti, task_id: str) -> list[dict[str, Any]]:
@@ -294,7 +208,7 @@ def run_publish_report(context) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException
 
     from pgdr.airflow_glue.alert_journal import AlertJournal
-    from pgdr.airflow_glue.notify import send_slack
+    from pgdr.airflow_glue.notify import send_email, send_slack
     from pgdr.drill import broken_parts, drill_id_of, drill_report, headline, store_report, unfinished_rehearsals
     from pgdr.messages import drill_summary
 
@@ -319,17 +233,7 @@ def run_publish_report(context) -> dict[str, Any]:
     location, page = store_report(report, store, layout)
     log.info("Drill report: %s\n%s", location, "\n".join(headline(report)))
     send_slack(drill_summary(report, headline(report), location), None, context)
-    notify = plan.notify
-    if notify.smtp_conn_id and notify.email_to and connection_exists(notify.smtp_conn_id):
-        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
-
-        SmtpNotifier(
-            from_email=notify.email_from,
-            to=list(notify.email_to),
-            smtp_conn_id=notify.smtp_conn_id,
-            subject=f"[pgdr] DR drill {report['drill_id']}: {report['status'].upper()}",
-            html_content=page,
-        ).notify(context)
+    send_email(plan.notify, f"[pgdr] DR drill {report['drill_id']}: {report['status'].upper()}", page, context)
     broken = broken_parts(report)
     if broken:
         raise AirflowFailException(

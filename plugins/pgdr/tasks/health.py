@@ -18,43 +18,14 @@ def run_health_database(database: str, context) -> list[dict[str, Any]]:
     """Body of ``check_database``: source, storage, backup ages; emits metrics. Never fails on a bad check."""
     from dataclasses import asdict
 
-    from pgdr.health import (
-        check_backup_ages,
-        check_encryption,
-        check_source,
-        check_storage,
-        check_verification_server,
-        last_measurements,
-    )
+    from pgdr.health import check_database
 
     context[CONTEXT_DATABASE] = database
     with fail_fast():
         res = resources()
         db = res.plan.database(database)
-    results = [
-        check_source(db, res),
-        check_verification_server(db, res),
-        check_storage(db, res),
-        *check_backup_ages(db, res, datetime.now(UTC)),
-    ]
-    encryption = check_encryption(db, res, datetime.now(UTC))
-    if encryption is not None:
-        results.append(encryption)
-    try:
-        extra = last_measurements(db, res)
-    except Exception as err:  # noqa: BLE001 - metrics must not hide the checks
-        log.warning("Could not read the last restore and drill numbers of %s: %s", database, err)
-        extra = {}
+    results, extra = check_database(db, res, datetime.now(UTC))
     emit_metrics(results, extra)
-    for r in results:
-        log.log(
-            logging.INFO if r.ok else logging.WARNING,
-            "%s %s: %s: %s",
-            "OK  " if r.ok else "FAIL",
-            database,
-            r.check,
-            r.detail,
-        )
     return [asdict(r) for r in results]
 
 
@@ -63,7 +34,7 @@ def run_health_server(server_name: str, context) -> list[dict[str, Any]]:
     from dataclasses import asdict
 
     from pgdr.airflow_glue.task_run import CONTEXT_SERVER
-    from pgdr.health import check_pitr_server
+    from pgdr.health import check_pitr_server, log_results
 
     context[CONTEXT_SERVER] = server_name
     context[CONTEXT_DATABASE] = f"server {server_name}"
@@ -72,15 +43,7 @@ def run_health_server(server_name: str, context) -> list[dict[str, Any]]:
         server = res.plan.server(server_name)
     results, extra = check_pitr_server(server, res, datetime.now(UTC), f"pgdr_health {context['ti'].run_id}")
     emit_metrics(results, extra)
-    for r in results:
-        log.log(
-            logging.INFO if r.ok else logging.WARNING,
-            "%s server %s: %s: %s",
-            "OK  " if r.ok else "FAIL",
-            server_name,
-            r.check,
-            r.detail,
-        )
+    log_results(results, f"server {server_name}")
     return [asdict(r) for r in results]
 
 

@@ -8,7 +8,6 @@ thing. Bad input fails in the first task, before anything is touched.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from datetime import UTC, datetime
@@ -182,8 +181,8 @@ def run_report(context) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException
 
     from pgdr.airflow_glue.notify import send_slack
-    from pgdr.incident import PHASES, final_state, release_target, render_report, restore_outcome, restore_report
-    from pgdr.messages import restore_not_planned, restore_summary
+    from pgdr.incident import PHASES, write_restore_report
+    from pgdr.messages import restore_failed, restore_not_planned, restore_summary
 
     ti, dag_run = context["ti"], context["dag_run"]
     plan = ti.xcom_pull(task_ids="recover_to_moment") or ti.xcom_pull(task_ids="plan_restore")
@@ -193,32 +192,22 @@ def run_report(context) -> dict[str, Any]:
     if plan.get("pitr") and not plan.get("backup_id"):  # a dry run of a point-in-time restore
         return {"status": "dry-run", "plan": plan}
     objs = _objects(plan, context)
-    phases = {p: ti.xcom_pull(task_ids=p) for p in PHASES}
+    via = os.environ.get(VIA_ENV_VAR) or "Airflow (the trigger form or the API)"
     run = {
         "triggered_by": getattr(dag_run, "triggering_user_name", None) or "unknown",
-        "via": os.environ.get(VIA_ENV_VAR) or "Airflow (the trigger form or the API)",
+        "via": via,
         "run_id": ti.run_id,
         "log_url": ti.log_url,
         "written_at": _now(),
     }
-    if restore_outcome(plan, phases)[0] == "restored" and plan["mode"] == "new-database":
-        release_target(objs.server, plan["target"], ti.run_id)  # the copy is the user's now
-    report = restore_report(plan, phases, run, final_state(objs.server, plan))
-    md_key = objs.report_key(ti.run_id, ".md")
-    objs.store.put_bytes(objs.report_key(ti.run_id, ".json"), json.dumps(report, indent=2, default=str).encode())
-    objs.store.put_bytes(md_key, render_report(report).encode())
-    log.info("Restore report: %s", objs.store.describe(md_key))
+    report, location = write_restore_report(objs, {p: ti.xcom_pull(task_ids=p) for p in PHASES}, run)
     if report["status"] == "restored":  # a failed restore is alerted once, by the run's failure callback
-        send_slack(restore_summary(report, objs.store.describe(md_key)), objs.db.name, context)
+        send_slack(restore_summary(report, location), objs.db.name, context)
     if report["status"] == "failed":
-        raise AirflowFailException(
-            f"The restore of {plan['database']} from backup {plan['backup_id']} failed in phase "
-            f"{report['failed_phase']}; the live database {plan['dbname']!r} was not changed. Report: "
-            f"{objs.store.describe(md_key)}"
-        )
+        raise AirflowFailException(restore_failed(plan, report["failed_phase"], location))
     return {
         "status": report["status"],
-        "report": objs.store.describe(md_key),
+        "report": location,
         "achieved_rto_seconds": report["achieved_rto_seconds"],
         "final_state": report["final_state"],
     }

@@ -221,50 +221,24 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
     Runs whatever happened upstream (trigger rule ``all_done``); if any phase did not succeed it
     records ``failed`` and then fails itself, so the run stays failed.
     """
-    from airflow.sdk.exceptions import AirflowFailException
-
     from pgdr.airflow_glue.notify import send_slack
-    from pgdr.messages import SUPERUSER_RESTORE_WARNING, rto_breach_message, verification_failed
-    from pgdr.records import verify_restore_record
-    from pgdr.verification import forget_vanished_backup
+    from pgdr.messages import rto_breach_message
+    from pgdr.verification import forget_vanished_backup, record_verification
 
     ti = context["ti"]
     group = ti.task_id.rpartition(".")[0]
-    phases = {
-        phase: ti.xcom_pull(task_ids=f"{group}.{phase}" if group else phase, map_indexes=ti.map_index)
-        for phase in VERIFY_PHASES
-    }
+    phases = {p: ti.xcom_pull(task_ids=f"{group}.{p}" if group else p, map_indexes=ti.map_index) for p in VERIFY_PHASES}
     with fail_fast():
         try:
             objs = _objects(target, context)
         except BackupNotFound:
             forget_vanished_backup(resources(), target)  # what this run wrote next to it (validation results)
             raise
-    db, entry = objs.db, objs.entry
-    record = verify_restore_record(
-        database=db.name,
-        backup_id=entry.backup_id,
-        recovery_point=entry.manifest.recovery_point.isoformat(),
-        verified_at=_now(),
-        airflow={"dag_id": ti.dag_id, "run_id": ti.run_id, "log_url": ti.log_url},
-        phases=phases,
-        order=VERIFY_PHASES,
-        rto_target_seconds=db.rto.total_seconds(),
-        superuser_warning=SUPERUSER_RESTORE_WARNING if db.restore_as_superuser else None,
-    )
-    key = objs.catalog.record_verification(record)
-    log.info("Verification record written: %s (%s).", objs.store.describe(key), record.status)
-    if record.failed_phase:
-        raise AirflowFailException(verification_failed(entry.backup_id, db.name, record.failed_phase))
+        record = record_verification(
+            objs, phases, {"dag_id": ti.dag_id, "run_id": ti.run_id, "log_url": ti.log_url}, _now()
+        )
     if not record.rto_met:
-        log.warning(
-            "RTO breached: restore took %.1fs, the plan's RTO is %.0fs.", record.restore_seconds, db.rto.total_seconds()
-        )
-        send_slack(
-            rto_breach_message(
-                ti.dag_id, db.name, entry.backup_id, record.restore_seconds, db.rto.total_seconds(), ti.log_url
-            ),
-            db.name,
-            context,
-        )
+        rto = objs.db.rto.total_seconds()
+        text = rto_breach_message(ti.dag_id, objs.db.name, record.backup_id, record.restore_seconds, rto, ti.log_url)
+        send_slack(text, objs.db.name, context)
     return record.to_dict()

@@ -4,91 +4,47 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from datetime import datetime
 from typing import Any
 
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID
 from pgdr.airflow_glue.task_run import CONTEXT_SERVER, _now, fail_fast, pitr_server_context, task_workdir
 from pgdr.errors import PermanentFailure
-from pgdr.records import PITR_KIND, VerificationRecord
 
 log = logging.getLogger(__name__)
 
 
 def run_find_servers(context) -> list[str]:
     """Body of ``find_servers``: the servers this run verifies (the param, the asset events, or all)."""
+    from pgdr.physical.proof import find_servers
     from pgdr.plan import load_plan
 
     with fail_fast():
-        plan = load_plan()
-        if context["params"].get("server"):
-            return [plan.server(context["params"]["server"]).name]
-        named = []
-        for events in (context.get("triggering_asset_events") or {}).values():
-            for event in events:
-                name = (event.extra or {}).get("server")
-                if name in plan.server_names and name not in named:
-                    named.append(name)
-        return named or plan.server_names
+        return find_servers(load_plan(), context["params"].get("server"), context.get("triggering_asset_events"))
 
 
 def run_plan_recovery(server_name: str, context) -> dict[str, Any]:
-    """Body of ``plan_recovery``: write heartbeats, have their WAL archived, choose the target and the chain.
-
-    The target lies between two heartbeats written a second apart, after the newest base backup:
-    the recovery replays the whole chain and all WAL up to it, and must hold the first heartbeat
-    and not the second.
-    """
+    """Body of ``plan_recovery``: heartbeats, their WAL archived, the target between them and the chain
+    (:func:`pgdr.physical.proof.plan_target`)."""
     from pgdr.airflow_glue.connections import server_endpoint
-    from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat
-    from pgdr.physical.recovery import choose_backup, recoverable_window
+    from pgdr.physical.proof import plan_target
 
     with fail_fast():
         plan, server, store, archive, catalog = pitr_server_context(server_name, context)
-        endpoint = server_endpoint(server, plan)
-        source = f"pgdr_verify_pitr {context['ti'].run_id}"
-        before = write_heartbeat(endpoint, source + " (before target)")
-        time.sleep(1.0)
-        after = write_heartbeat(endpoint, source + " (after target)")
-        switch_and_wait_archived(endpoint, server.pitr.archive_timeout.total_seconds() + 120)
-        target = before + (after - before) / 2
         with task_workdir(context, f"pitr-plan-{server.name}") as workdir:
-            window = recoverable_window(catalog, archive, store, workdir)
-        entry = choose_backup(window, target)
-        context[CONTEXT_BACKUP_ID] = entry.backup_id
-        chain = catalog.chain(entry, list(window.backups))
-    return {
-        "server": server.name,
-        "backup_id": entry.backup_id,
-        "chain": [e.backup_id for e in chain],
-        "target": target.isoformat(),
-        "heartbeat_before": before.isoformat(),
-        "heartbeat_after": after.isoformat(),
-        "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
-        "pg_version": entry.record.pg_version,
-        "login": endpoint.user,
-    }
+            endpoint = server_endpoint(server, plan)
+            recovery = plan_target(server, endpoint, catalog, store, archive, context["ti"].run_id, workdir)
+    context[CONTEXT_BACKUP_ID] = recovery["backup_id"]
+    return recovery
 
 
 def _cluster_for(recovery: dict[str, Any], context):
     """Return this run's scratch cluster of ``recovery["server"]`` (the same directory on every retry)."""
-    import json
-
-    from pgdr.physical.cluster import MARKER, ScratchCluster, cluster_dir_name
+    from pgdr.physical.cluster import cluster_dir_name, run_cluster
     from pgdr.workdir import work_dir_root
 
     ti = context["ti"]
-    root = work_dir_root() / cluster_dir_name(ti.dag_id, ti.run_id, recovery["server"])
-    marker = {}
-    if (root / MARKER).exists():
-        marker = json.loads((root / MARKER).read_text())
-    return ScratchCluster(
-        root,
-        recovery.get("pg_version") or marker.get("pg_version") or 180000,
-        login=recovery.get("login", "postgres"),
-        port=recovery.get("port") or marker.get("port") or 0,
-    )
+    return run_cluster(work_dir_root() / cluster_dir_name(ti.dag_id, ti.run_id, recovery["server"]), recovery)
 
 
 def run_recover_cluster(recovery: dict[str, Any], context) -> dict[str, Any]:
@@ -181,49 +137,39 @@ def run_stop_cluster(server_name: str, context) -> bool:
 
 
 def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
-    """Body of ``record_verification``: verified or failed, with the achieved recovery point, next
-    to the base backup."""
+    """Body of ``record_verification``: verified or failed, with the achieved recovery point, next to the base
+    backup."""
     from airflow.sdk.exceptions import AirflowFailException
+
+    from pgdr.physical.proof import pitr_record
 
     ti = context["ti"]
     context[CONTEXT_SERVER] = server_name
-
-    def pulled(task_id: str):
-        return ti.xcom_pull(task_ids=f"verify.{task_id}", map_indexes=ti.map_index)
-
-    recovery = pulled("plan_recovery")
+    pulled = {
+        task: ti.xcom_pull(task_ids=f"verify.{task}", map_indexes=ti.map_index)
+        for task in ("plan_recovery", "recover_cluster", "check_recovery_target", "check_databases")
+    }
+    recovery = pulled["plan_recovery"]
     if not recovery:
         raise AirflowFailException(
             f"Nothing to record for server {server_name!r}: plan_recovery failed before a base backup was chosen "
             "(its error is above)."
         )
-    cluster_info, target_check, databases = (
-        pulled("recover_cluster"),
-        pulled("check_recovery_target"),
-        pulled("check_databases"),
-    )
-    ok = bool(cluster_info and target_check and databases is not None)
     with fail_fast():
         _, server, store, _, catalog = pitr_server_context(recovery["server"], context)
         context[CONTEXT_BACKUP_ID] = recovery["backup_id"]
-        record = VerificationRecord(
-            status="verified" if ok else "failed",
-            kind=PITR_KIND,
-            verified_at=_now(),
-            server=server.name,
-            backup_id=recovery["backup_id"],
-            chain=recovery["chain"],
-            target=recovery["target"],
-            window=recovery["window"],
-            recovery=(cluster_info or {}).get("recovery"),
-            timings=(cluster_info or {}).get("timings"),
-            target_check=target_check,
-            databases=databases,
-            airflow={"dag_id": ti.dag_id, "run_id": ti.run_id},
+        record = pitr_record(
+            server.name,
+            recovery,
+            pulled["recover_cluster"],
+            pulled["check_recovery_target"],
+            pulled["check_databases"],
+            {"dag_id": ti.dag_id, "run_id": ti.run_id},
+            _now(),
         )
         key = catalog.record_verification(record)
     log.info("Recorded %s for base backup %s: %s", record.status, recovery["backup_id"], store.describe(key))
-    if not ok:
+    if not record.verified:
         raise AirflowFailException(
             f"Point-in-time recovery of server {server.name!r} from base backup {recovery['backup_id']} was not "
             "verified (the failed task above says why). Recorded as failed next to the base backup."
