@@ -236,7 +236,7 @@ def check_pitr_server(
     written since the end of the newest archived segment, and (when there are any) the seconds
     since that segment was archived. It is the data a server loss would cost now: the RPO achieved.
     """
-    from pgdr.physical.archive import archived_segment, archiver_state, lsn_to_int, segment_number
+    from pgdr.physical.archive import archiver_state
     from pgdr.physical.heartbeat import write_heartbeat
     from pgdr.postgres.client import connect
 
@@ -256,39 +256,46 @@ def check_pitr_server(
                 "archiver", name, False, f"cannot read the archiver state of server {name!r}: {first_line(err)}"
             )
         ], {}
-    archived, last_wal, last_time = state.archived_count, state.last_archived_wal, state.last_archived_time
+    lag_bytes, lag = wal_lag(state, current_lsn, segment_size, server_now, name, rpo)
+    return [archiver_check(state, mode, name), lag], {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
+
+
+def archiver_check(state, mode: str, name: str) -> CheckResult:
+    """The server archives WAL (``archive_mode``) and its ``archive_command`` is not failing."""
+    archived, last_wal = state.archived_count, state.last_archived_wal
     failed, failed_wal, failed_time = state.failed_count, state.last_failed_wal, state.last_failed_time
-    results = []
     if mode not in ("on", "always"):
-        results.append(
-            CheckResult(
-                "archiver",
-                name,
-                False,
-                f"server {name!r} does not archive WAL (archive_mode = {mode}): point-in-time recovery is "
-                "impossible. Set the archive_command lines (README) and restart it",
-            )
+        return CheckResult(
+            "archiver",
+            name,
+            False,
+            f"server {name!r} does not archive WAL (archive_mode = {mode}): point-in-time recovery is "
+            "impossible. Set the archive_command lines (README) and restart it",
         )
-    elif state.failing:
-        results.append(
-            CheckResult(
-                "archiver",
-                name,
-                False,
-                f"the archive_command of server {name!r} is failing: {failed} failed attempts so far, last on WAL "
-                f"segment {failed_wal} at {failed_time:%Y-%m-%d %H:%M:%S} UTC. WAL piles up on the server and "
-                f"nothing after {last_wal or 'the first segment'} can be recovered. Check the server log ('archive "
-                "command failed') and the storage target",
-                float(failed),
-            )
+    if state.failing:
+        return CheckResult(
+            "archiver",
+            name,
+            False,
+            f"the archive_command of server {name!r} is failing: {failed} failed attempts so far, last on WAL "
+            f"segment {failed_wal} at {failed_time:%Y-%m-%d %H:%M:%S} UTC. WAL piles up on the server and "
+            f"nothing after {last_wal or 'the first segment'} can be recovered. Check the server log ('archive "
+            "command failed') and the storage target",
+            float(failed),
         )
-    else:
-        results.append(
-            CheckResult(
-                "archiver", name, True, f"server {name!r} archives WAL ({archived} segments, newest {last_wal})", 0.0
-            )
-        )
-    segment = archived_segment(last_wal)
+    return CheckResult(
+        "archiver", name, True, f"server {name!r} archives WAL ({archived} segments, newest {last_wal})", 0.0
+    )
+
+
+def wal_lag(
+    state, current_lsn: str, segment_size: int, server_now: datetime, name: str, rpo
+) -> tuple[int, CheckResult]:
+    """Return the bytes the WAL archive lags the server by, and the check that its lag in time is within ``rpo``."""
+    from pgdr.physical.archive import archived_segment, lsn_to_int, segment_number
+
+    last_time = state.last_archived_time
+    segment = archived_segment(state.last_archived_wal)
     if segment:
         archived_end = (segment_number(segment, segment_size) + 1) * segment_size
         lag_bytes = max(0, lsn_to_int(current_lsn) - archived_end)
@@ -298,26 +305,23 @@ def check_pitr_server(
     if last_time is None:
         lag_s = float("inf")
     ok = lag_s <= rpo.total_seconds()
-    results.append(
-        CheckResult(
-            "wal_lag",
-            name,
-            ok,
-            (
-                f"the WAL archive of server {name!r} is {format_duration(lag_s)} ({lag_bytes / 1e6:.1f} MB) behind "
-                f"the server, within its RPO of {format_duration(rpo.total_seconds())}"
-            )
-            if ok
-            else (
-                f"the WAL archive of server {name!r} is "
-                f"{'never written' if last_time is None else format_duration(lag_s)} ({lag_bytes / 1e6:.1f} MB) "
-                f"behind the server: more than its RPO of {format_duration(rpo.total_seconds())}. A loss of the "
-                "server now would lose that much. Check the archiver (pg_stat_archiver) and archive_timeout"
-            ),
-            lag_s if lag_s != float("inf") else None,
+    return lag_bytes, CheckResult(
+        "wal_lag",
+        name,
+        ok,
+        (
+            f"the WAL archive of server {name!r} is {format_duration(lag_s)} ({lag_bytes / 1e6:.1f} MB) behind "
+            f"the server, within its RPO of {format_duration(rpo.total_seconds())}"
         )
+        if ok
+        else (
+            f"the WAL archive of server {name!r} is "
+            f"{'never written' if last_time is None else format_duration(lag_s)} ({lag_bytes / 1e6:.1f} MB) "
+            f"behind the server: more than its RPO of {format_duration(rpo.total_seconds())}. A loss of the "
+            "server now would lose that much. Check the archiver (pg_stat_archiver) and archive_timeout"
+        ),
+        lag_s if lag_s != float("inf") else None,
     )
-    return results, {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
 
 
 def check_free_space(path: Path, min_free_gb: float) -> CheckResult:
