@@ -30,7 +30,10 @@ def test_a_server_with_pitr_covers_every_database_on_it():
     assert server.databases == ("shop", "billing") and server.conn_id == "main_conn"
     assert server.pitr.keep_window == timedelta(days=3) and server.pitr.incremental_schedule is None
     assert server.pitr.rpo == timedelta(minutes=5) and server.pitr.storage.bucket == "b"
+    assert server.pitr.partial_grace == timedelta(hours=6)
     assert plan.pitr_server_of("billing") is server and plan.pitr_server_of("other") is None
+    graced = _plan("servers:\n  main_conn:\n    pitr: {storage: s3, partial_grace: 45m}\n")
+    assert graced.servers[0].pitr.partial_grace == timedelta(minutes=45)
 
 
 @pytest.mark.parametrize(
@@ -139,6 +142,9 @@ def test_retention_keeps_what_the_window_needs_and_the_newest_verified_chain():
     assert decision.keep["20261110T000000Z-aaaaaa"] == "the newest verified chain"
     assert set(decision.delete) == {"20261115T000000Z-bbbbbb"}
     assert decision.delete_partial == ["20261120T000000Z-ffffff"]  # the fresh one may still be uploading
+    partials = ["20261120T000000Z-ffffff", "20261126T110000Z-999999"]
+    hasty = decide_pitr_retention(entries, partials, timedelta(days=7), now, partial_grace=timedelta(minutes=30))
+    assert hasty.delete_partial == partials  # the plan's pitr.partial_grace, not a hard-coded 6 hours
     assert decision.delete_wal_before == "000000010000000000000001"  # the verified chain still needs its WAL
     without_verified = decide_pitr_retention([e for e in entries if e.status != "verified"], [], timedelta(days=7), now)
     assert without_verified.delete_wal_before == "000000010000000000000014"
