@@ -8,6 +8,9 @@ space where pgdr keeps its work files. For each server under point-in-time recov
 row is written, the archiver must not be failing, and the WAL archive must lag the server by no
 more than the server's RPO.
 
+The checks are pure functions of the deployment they are given (a :class:`pgdr.resources.Resources`);
+the task opens the connections, emits the gauges and sends the alerts.
+
 Alerts go out on a **change of state** only: one message when a check starts failing, one
 recovery message when it passes again, never one every five minutes. The last state of every
 check is kept in the alert journal (in the storage target), so it survives worker restarts.
@@ -351,18 +354,6 @@ def transitions(results: list[CheckResult], journal) -> tuple[list[CheckResult],
         if previous.get("ok") is not result.ok or not previous:
             journal.set_state(result.key, {**asdict(result), "since": now})
     return failing, recovered
-
-
-def transition_message(failing: list[CheckResult], recovered: list[CheckResult]) -> str:
-    """Return one Slack message for all changes of this run."""
-    lines = []
-    if failing:
-        lines.append(":red_circle: [pgdr] health check failing:")
-        lines += [f"- {r.database}: {r.check}: {r.detail}" for r in failing]
-    if recovered:
-        lines.append(":large_green_circle: [pgdr] health check recovered:")
-        lines += [f"- {r.database}: {r.check}: {r.detail}" for r in recovered]
-    return "\n".join(lines)
 
 
 def last_measurements(db, res: Resources) -> dict[str, float | None]:

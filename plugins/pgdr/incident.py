@@ -15,6 +15,13 @@ when that data is damaged: it may be the only copy of what happened since the ba
 
 Backups are chosen by a *selector*: ``latest-verified`` (default), ``latest``, a backup id, or a
 timestamp meaning "the newest backup whose recovery point is at or before this time".
+
+This module holds every rule of ``pgdr_restore``, in the order a restore meets them: the form
+(:func:`read_request`) and the plan (:func:`plan_restore`, printed by :func:`render_plan`); a
+point-in-time restore's dump of the moment (:func:`dump_moment`); the target and the restore into it
+(:func:`restore_into_target`); the application's logins (:func:`check_app_roles`); the swap
+(:func:`swap_into_place`); the report (:func:`restore_report`, :func:`render_report`). Its tasks in
+:mod:`pgdr.tasks.restore` only read their context and call these.
 """
 
 from __future__ import annotations

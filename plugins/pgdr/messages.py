@@ -275,3 +275,15 @@ def restore_failed(plan: dict[str, Any], phase: str, report: str) -> str:
         f"The restore of {plan['database']} from backup {plan['backup_id']} failed in phase {phase}; the live "
         f"database {plan['dbname']!r} was not changed. Report: {report}"
     )
+
+
+def transition_message(failing: list, recovered: list) -> str:
+    """Return one Slack message for every health check that changed state in this run (``CheckResult``s)."""
+    lines = []
+    if failing:
+        lines.append(":red_circle: [pgdr] health check failing:")
+        lines += [f"- {r.database}: {r.check}: {r.detail}" for r in failing]
+    if recovered:
+        lines.append(":large_green_circle: [pgdr] health check recovered:")
+        lines += [f"- {r.database}: {r.check}: {r.detail}" for r in recovered]
+    return "\n".join(lines)

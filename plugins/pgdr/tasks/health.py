@@ -65,7 +65,8 @@ def run_health_alerts(results: list[list[dict[str, Any]]], context) -> dict[str,
     """Body of ``alert_on_changes``: one Slack message for the checks that changed state, if any."""
     from pgdr.airflow_glue.alert_journal import AlertJournal
     from pgdr.airflow_glue.notify import send_slack
-    from pgdr.health import CheckResult, transition_message, transitions
+    from pgdr.health import CheckResult, transitions
+    from pgdr.messages import transition_message
 
     flat = [CheckResult(**r) for group in results for r in (group or [])]
     failing, recovered = transitions(flat, AlertJournal.for_plan())
