@@ -199,3 +199,41 @@ def test_a_backup_written_by_pgdr_0_2_still_verifies_and_restores(plan, run_dag,
     finally:
         for name in ("legacy_copy", "legacy_accounts"):
             _drop(pg_server, name)
+
+
+def test_a_backup_written_by_pgdr_0_3_still_verifies_and_restores_with_its_owners(plan, run_dag, pg_server, slack):
+    """``tests/fixtures/pgdr-0.3-backup`` was written by pgdr 0.3.0.dev0 (commit fc6ce83, before the typed records,
+    the thin tasks and the moves of wave 3): manifest format 2 with the source server's roles (``globals.sql``), a
+    schema and a table owned by a role the test server lacks, a grant to another, a large object and a database
+    setting. Written by ``tests/fixtures/make_0_3_backup.py`` run on that commit."""
+    import shutil
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "pgdr-0.3-backup"
+    (backup_id,) = [p.name for p in (fixture / "v1" / "legacy3").iterdir()]
+    p = plan(databases=[{"name": "legacy3", "conn_id": "pgdr_shop", "dbname": "legacy3_live"}])
+    root = p.databases[0].storage.path
+    shutil.copytree(fixture / "v1", root / "v1")
+    roles = ("Legacy Owner", "legacy_reader")
+    try:
+        _ok(run_dag("pgdr_verify_restore", run_conf={"database": "legacy3", "backup_id": backup_id}))
+        record = json.loads((root / "v1/legacy3" / backup_id / "verification.json").read_text())
+        assert record["status"] == "verified" and record["integrity"]["rows_checked"] == 290, record
+        assert record["privileges"]["owners"] >= 2 and record["privileges"]["grants"] >= 2, record["privileges"]
+        restore = {"database": "legacy3", "target_name": "legacy3_copy", "restore_roles": True}
+        _ok(run_dag("pgdr_restore", run_conf=restore))
+        with psycopg.connect(**pg_server.dsn("legacy3_copy")) as conn:
+            table = '"Sales Dept"."Customer Accounts"'
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (40,)
+            assert conn.execute(
+                f"SELECT relowner::regrole::text FROM pg_class WHERE oid = '{table}'::regclass"
+            ).fetchone() == ('"Legacy Owner"',)
+            assert conn.execute(f"SELECT has_table_privilege('legacy_reader', '{table}', 'SELECT')").fetchone() == (
+                True,
+            )
+            assert conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone() == (1,)
+            assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+    finally:
+        _drop(pg_server, "legacy3_copy")
+        with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
+            for role in roles:
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
