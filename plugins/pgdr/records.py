@@ -154,10 +154,8 @@ class VerificationRecord:
                 continue
             if value is not None or (self.is_pitr and f.name in _PITR_FIELDS):
                 out[f.name] = value
-        if self.is_pitr:
-            for name in ("phases",):
-                if not out.get(name):
-                    out.pop(name, None)
+        if self.is_pitr and not self.phases:
+            out.pop("phases", None)  # a base backup's verification has no restore phases
         return {**out, **self.extra}
 
     def to_json(self) -> bytes:

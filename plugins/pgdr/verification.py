@@ -138,6 +138,11 @@ def events_airflow_dropped(
     return found
 
 
+def purpose_of(target: dict[str, str]) -> str:
+    """Return what a verification's scratch database and the roles made for it are for (their markers say it)."""
+    return f"verify {target['database']} backup {target['backup_id']}"
+
+
 class VerifyObjects:
     """What one phase of one verification works on: the database, its store and the backup."""
 
@@ -157,7 +162,7 @@ class VerifyObjects:
 
     @property
     def purpose(self) -> str:
-        return f"verify {self.target['database']} backup {self.target['backup_id']}"
+        return purpose_of(self.target)
 
     def data_key(self, refuse_unencrypted: bool = False) -> bytes | None:
         return self.res.data_key(self.db, self.entry.manifest, self.catalog if refuse_unencrypted else None)

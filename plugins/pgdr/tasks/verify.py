@@ -67,9 +67,12 @@ def _objects(target: dict[str, str], context):
 
 
 def _scratch(objs, context):
-    return run_scratch(
-        "verify", objs.db, objs.res.plan, context, f"{objs.target['database']}/{objs.target['backup_id']}"
-    )
+    return _run_scratch(objs.target, objs.db, objs.res.plan, context)
+
+
+def _run_scratch(target: dict[str, str], db, plan, context):
+    """Return this run's scratch database for verifying ``target`` (the same name on every try and teardown)."""
+    return run_scratch("verify", db, plan, context, f"{target['database']}/{target['backup_id']}")
 
 
 def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
@@ -208,11 +211,12 @@ def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool
     uses."""
     context[CONTEXT_DATABASE] = target["database"]
     context[CONTEXT_BACKUP_ID] = target["backup_id"]
+    from pgdr.verification import purpose_of
+
     with fail_fast():  # needs no backup: the scratch database goes even when the backup went first
         res = resources()
         db = res.plan.database(target["database"])
-        scratch = run_scratch("verify", db, res.plan, context, f"{target['database']}/{target['backup_id']}")
-        return drop_scratch_and_roles(scratch, f"verify {target['database']} backup {target['backup_id']}", context)
+        return drop_scratch_and_roles(_run_scratch(target, db, res.plan, context), purpose_of(target), context)
 
 
 def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
