@@ -2,8 +2,9 @@
 ### pgdr_restore: bring a database back during an incident, without destroying what is there
 
 Trigger this DAG from the Airflow UI (**Trigger** button, then fill the form) or the API.
-The form asks for the database, the backup (`latest-verified`, `latest`, a backup id, or a time
-meaning "the newest backup at or before it"), the mode and, for `replace`, a confirmation.
+The form asks for the database, the backup (`latest-verified`, `latest`, `latest-dump`, a backup id,
+or a time: on a server with a WAL archive that very second, and `latest` the end of the archive),
+the mode and, for `replace`, a confirmation.
 
 1. **plan_restore** checks the whole request and prints the restore plan (backup, recovery
    point, size, target, expected duration, what happens to the live database). Bad input fails
@@ -75,9 +76,11 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
             "latest-verified",
             type="string",
             title="Backup",
-            description="latest-verified (the newest backup proven to restore), latest, a backup id "
-            "(20261122T093000Z-3fa2c1), or a UTC time (2026-11-22 09:41:00): on a server with a WAL archive, the "
-            "database exactly as it was at that second; otherwise the newest backup at or before it.",
+            description="latest-verified (the newest backup proven to restore); latest (on a server with a WAL "
+            "archive: the end of the archive, newer than any dump; otherwise the newest dump); latest-dump (the "
+            "newest dump); a backup id (20261122T093000Z-3fa2c1); or a UTC time (2026-11-22 09:41:00): on a server "
+            "with a WAL archive, the database exactly as it was at that second; otherwise the newest backup at or "
+            "before it.",
         ),
         "mode": Param(
             "new-database",

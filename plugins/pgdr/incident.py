@@ -13,8 +13,11 @@ when that data is damaged: it may be the only copy of what happened since the ba
   database, with the full schema around them but without foreign keys (the other tables are
   empty); rows are then copied back by hand where they are needed.
 
-Backups are chosen by a *selector*: ``latest-verified`` (default), ``latest``, a backup id, or a
-timestamp meaning "the newest backup whose recovery point is at or before this time".
+Backups are chosen by a *selector*: ``latest-verified`` (default), ``latest``, ``latest-dump``, a
+backup id, or a timestamp meaning "the newest backup whose recovery point is at or before this
+time". On a server with a WAL archive a timestamp is recovered to that very second, and ``latest``
+means the end of the archive (every archived transaction, newer than any dump); ``latest-dump``
+is the newest logical backup everywhere (what ``latest`` means on a server without an archive).
 
 This module holds every rule of ``pgdr_restore``, in the order a restore meets them: the form
 (:func:`read_request`) and the plan (:func:`plan_restore`, printed by :func:`render_plan`); a
@@ -55,7 +58,7 @@ from pgdr.storage.layout import is_backup_id
 log = logging.getLogger(__name__)
 
 MODES = ("new-database", "replace")
-SELECTORS = ("latest-verified", "latest")
+SELECTORS = ("latest-verified", "latest", "latest-dump")
 TARGET_MARKER = "pgdr restore target"
 
 
@@ -81,15 +84,15 @@ def select_backup(catalog: BackupCatalog, selector: str) -> BackupEntry:
     selector = (selector or "latest-verified").strip()
     if selector == "latest-verified":
         return catalog.latest(verified_only=True)
-    if selector == "latest":
+    if selector in ("latest", "latest-dump"):
         return catalog.latest()
     if is_backup_id(selector):
         return catalog.get(selector)
     moment = parse_timestamp(selector)
     if moment is None:
         raise InvalidRestoreRequest(
-            "'backup' must be latest-verified, latest, a backup id such as 20261122T093000Z-3fa2c1, or a timestamp "
-            f"such as 2026-11-22T09:30:00Z; got {printable(selector)!r}. Nothing was touched."
+            "'backup' must be latest-verified, latest, latest-dump, a backup id such as 20261122T093000Z-3fa2c1, or a "
+            f"timestamp such as 2026-11-22T09:30:00Z; got {printable(selector)!r}. Nothing was touched."
         )
     now = datetime.now(UTC)
     if moment > now:
@@ -425,9 +428,16 @@ def render_plan(plan: dict[str, Any]) -> str:
     ]
     pitr = plan.get("pitr")
     if pitr:
+        point = (
+            f"the end of the archive (now the last transaction at {pitr['end_of_archive']} UTC, "
+            f"{format_duration(pitr['end_of_archive_behind_seconds'])} ago; newer than any logical dump; "
+            "'latest-dump' takes the newest dump instead)"
+            if pitr["target"] == "latest"
+            else f"point in time {pitr['target']} UTC"
+        )
         lines[1:3] = [
-            f"  recovery        : point in time {pitr['target']} UTC: server {pitr['server']!r} is recovered in a "
-            "scratch cluster on the worker (the live server is not touched), then this database is copied out of it",
+            f"  recovery        : {point}: server {pitr['server']!r} is recovered in a scratch cluster on the worker "
+            "(the live server is not touched), then this database is copied out of it",
             f"  base backup     : {pitr['base_backup']} (ended {pitr['base_backup_ended']}), chain "
             f"{' -> '.join(pitr['chain'])}",
             f"  WAL to replay   : up to {pitr['wal_segments']} segments ({pitr['wal_bytes'] / 1e6:.0f} MB) from the "
@@ -659,11 +669,11 @@ def plan_restore(
     store, layout = res.store(db.storage)
     catalog = BackupCatalog(store, layout, db.name)
     pitr_server = res.plan.pitr_server_of(db.name)
-    moment = parse_timestamp(request["selector"]) if pitr_server is not None else None
     entry, pitr = None, None
-    if (
-        moment is not None
-    ):  # the server has a WAL archive: recover it to that very moment instead of taking an older dump
+    if pitr_server is not None and (request["selector"] == "latest" or parse_timestamp(request["selector"])):
+        # The server has a WAL archive: recover it to that very moment (or to the end of the archive)
+        # instead of taking an older dump.
+        moment = parse_timestamp(request["selector"])
         pitr = plan_point_in_time(pitr_server, res, moment, workdir / "pitr")
     else:
         entry = select_backup(catalog, request["selector"])
@@ -691,7 +701,7 @@ def plan_restore(
         "backup_id": entry.backup_id
         if entry
         else None,  # PITR: the dump of the recovered moment, made by recover_to_moment
-        "recovery_point": entry.manifest.recovery_point.isoformat() if entry else pitr["target"],
+        "recovery_point": entry.manifest.recovery_point.isoformat() if entry else pitr["recovery_point_expected"],
         "backup_status": entry.status if entry else f"point-in-time recovery from base backup {pitr['base_backup']}",
         "backup_size_bytes": entry.manifest.size if entry else pitr["base_backup_bytes"],
         "stored_size_bytes": entry.manifest.stored_size if entry else pitr["base_backup_bytes"],
@@ -1035,7 +1045,7 @@ def dump_moment(plan: dict[str, Any], res, run, label=lambda **_: None) -> dict[
     from pgdr.physical.catalog import BaseBackupCatalog
 
     pitr, started = plan["pitr"], datetime.now(UTC).isoformat()
-    target = datetime.fromisoformat(pitr["target"])
+    target = None if pitr["target"] == "latest" else datetime.fromisoformat(pitr["target"])
     db, server = res.plan.database(plan["database"]), res.plan.server(pitr["server"])
     store, layout, archive = res.archive(server)
     catalog = BaseBackupCatalog(store, layout, server.name)
@@ -1046,7 +1056,7 @@ def dump_moment(plan: dict[str, Any], res, run, label=lambda **_: None) -> dict[
     )
     try:
         db_store, db_layout = res.store(db.storage)
-        achieved = result.achieved_point or target
+        achieved = result.achieved_point or target or datetime.fromisoformat(pitr["end_of_archive"])
         info = {**run.info(), "pitr_server": server.name, "pitr_target": pitr["target"], "base_backup": entry.backup_id}
         with run.workdir(f"pitr-dump-{db.name}") as workdir:
             dumped = take_backup(

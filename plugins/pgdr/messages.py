@@ -240,6 +240,11 @@ def restore_summary(report: dict[str, Any], location: str) -> str:
     return "\n".join(lines)
 
 
+def pitr_target_words(target: str) -> str:
+    """Return a recovery target as a sentence says it: ``2026-11-26T09:40:59+00:00 UTC``, or the end of the archive."""
+    return "the end of the archive (latest)" if target == "latest" else f"{target} UTC"
+
+
 def restore_not_planned(plan: dict[str, Any] | None) -> str | None:
     """Return why a restore has nothing to report on (its planning or its point-in-time recovery
     failed), or ``None``."""
@@ -247,8 +252,8 @@ def restore_not_planned(plan: dict[str, Any] | None) -> str | None:
         return "The restore was not planned (plan_restore failed; its alert and log say why). Nothing was touched."
     if plan.get("pitr") and not plan.get("backup_id") and not plan["dry_run"]:
         return (
-            f"The point-in-time recovery of {plan['database']} to {plan['pitr']['target']} UTC failed in "
-            f"recover_to_moment (its alert and log say why); the live database {plan['dbname']!r} was not changed."
+            f"The point-in-time recovery of {plan['database']} to {pitr_target_words(plan['pitr']['target'])} failed "
+            f"in recover_to_moment (its alert and log say why); the live database {plan['dbname']!r} was not changed."
         )
     return None
 

@@ -157,6 +157,38 @@ def test_a_moment_outside_the_window_fails_in_plan_restore_with_the_range(pitr_p
     assert "2020-01-01 00:00:00 UTC cannot be recovered: the recoverable window is" in alert
 
 
+def test_latest_on_a_pitr_server_is_the_end_of_the_archive_not_the_newest_dump(
+    pitr_plan, run_dag, pitr_server, s3_server
+):
+    """The trap once met: after a dump, 'latest' restored that dump, losing every row committed since.
+    On a server with a WAL archive 'latest' recovers to the end of the archive; 'latest-dump' is the dump."""
+    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+
+    if not catalog_of(s3_server).backups():
+        assert run_dag("pgdr_basebackup", run_conf={"kind": "full"}).get_state() == "success"
+    _sql(pitr_server, "CREATE TABLE IF NOT EXISTS public.after_dump (label text)")
+    dump = run_dag("pgdr_backup")
+    assert dump.get_state() == "success", dump.states
+    _sql(pitr_server, "INSERT INTO public.after_dump VALUES ('committed after the newest dump')")
+    switch_and_wait_archived(server_endpoint(pitr_plan.servers[0], pitr_plan), 60)
+
+    dry = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest-dump", "dry_run": True})
+    assert dry.get_state() == "success", dry.states
+    assert _xcom(dry, "plan_restore")["pitr"] is None and _xcom(dry, "plan_restore")["backup_id"]
+
+    restored = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest", "target_name": "shop_latest"})
+    try:
+        assert restored.get_state() == "success", restored.states
+        planned = _xcom(restored, "plan_restore")
+        assert planned["pitr"]["target"] == "latest" and planned["pitr"]["end_of_archive"]
+        labels = _sql(pitr_server, "SELECT label FROM public.after_dump", "shop_latest")
+        assert ("committed after the newest dump",) in labels
+    finally:
+        _sql(pitr_server, "DROP DATABASE IF EXISTS shop_latest WITH (FORCE)", "postgres")
+        _sql(pitr_server, "DROP TABLE IF EXISTS public.after_dump")
+
+
 def test_the_drill_measures_the_pitr_rpo_achieved(pitr_plan, run_dag, pitr_server, s3_server, env):
     from pgdr.airflow_glue.connections import server_endpoint
     from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat

@@ -283,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     _common_options(run, on_subcommand=True)
     run.add_argument("--database", required=True, help="a database of the DR plan")
     run.add_argument(
-        "--backup", default="latest-verified", help="latest-verified (default), latest, a backup id, or a UTC time"
+        "--backup",
+        default="latest-verified",
+        help="latest-verified (default), latest (a PITR server: the end of its WAL archive), latest-dump, a backup "
+        "id, or a UTC time",
     )
     run.add_argument("--mode", default="new-database", help="new-database (default) or replace")
     run.add_argument("--confirm", help="replace mode: the live database's name, typed exactly")

@@ -15,7 +15,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +93,8 @@ def choose_backup(window: RecoverableWindow, target: datetime | None) -> BaseBac
         raise TargetOutsideWindow(
             f"{target:%Y-%m-%d %H:%M:%S} UTC cannot be recovered: the recoverable window is {window.describe()} "
             "(the end of the oldest base backup to the last transaction in the newest archived WAL). Choose a "
-            "moment inside it; for the newest state, wait for the archive to catch up (archive_timeout) or give "
-            "'latest'."
+            "moment inside it; for the newest state give 'latest' (recovery to the end of the archive: "
+            f"{window.newest:%Y-%m-%d %H:%M:%S} UTC now, later once the archive catches up, archive_timeout)."
         )
     return [e for e in window.backups if e.record.finished_at <= target][-1]
 
@@ -185,8 +185,11 @@ def recover_cluster(
     return result
 
 
-def plan_point_in_time(server, res, moment: datetime, workdir: Path) -> dict[str, Any]:
+def plan_point_in_time(server, res, moment: datetime | None, workdir: Path) -> dict[str, Any]:
     """Plan a recovery of ``server`` to ``moment``: the window, the chain, the WAL to replay, the expected time.
+
+    ``moment`` ``None`` is *latest*: the end of the archive (every archived transaction replayed); the
+    plan then names the last transaction the archive holds now and how far behind the present it is.
 
     :param res: the deployment (:class:`pgdr.resources.Resources`).
     :raises TargetOutsideWindow: naming the recoverable window, when ``moment`` lies outside it.
@@ -202,12 +205,16 @@ def plan_point_in_time(server, res, moment: datetime, workdir: Path) -> dict[str
     needed = []
     for segment in (s for s in archive.segments(store) if s.name >= start):
         needed.append(segment)  # up to the first segment archived after the moment: it holds the moment
-        if segment.stored_at > moment:
+        if moment is not None and segment.stored_at > moment:
             break
     expected = expected_recovery_seconds(e.verification for e in window.backups)
+    behind = (datetime.now(UTC) - window.newest).total_seconds()
     return {
         "server": server.name,
-        "target": moment.isoformat(),
+        "target": moment.isoformat() if moment is not None else "latest",
+        "end_of_archive": window.newest.isoformat(),  # the last transaction the archive holds (the 'latest' point)
+        "end_of_archive_behind_seconds": round(behind, 1),
+        "recovery_point_expected": (moment or window.newest).isoformat(),
         "base_backup": entry.backup_id,
         "chain": [e.backup_id for e in chain],
         "base_backup_bytes": sum(e.record.size for e in chain),
