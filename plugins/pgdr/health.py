@@ -249,9 +249,10 @@ def check_pitr_server(
         write_heartbeat(endpoint, source)
         with connect(endpoint, application_name="pgdr-health") as conn:
             state = archiver_state(conn)
-            current_lsn, mode, segment_size, server_now = conn.execute(
+            current_lsn, mode, segment_size, server_now, identifier = conn.execute(
                 "SELECT pg_current_wal_lsn()::text, current_setting('archive_mode'), (SELECT setting::bigint FROM "
-                "pg_settings WHERE name = 'wal_segment_size'), clock_timestamp()"
+                "pg_settings WHERE name = 'wal_segment_size'), clock_timestamp(), "
+                "(SELECT system_identifier::text FROM pg_control_system())"
             ).fetchone()
     except Exception as err:  # noqa: BLE001 - the failure is the result
         return [
@@ -260,7 +261,34 @@ def check_pitr_server(
             )
         ], {}
     lag_bytes, lag = wal_lag(state, current_lsn, segment_size, server_now, name, rpo)
-    return [archiver_check(state, mode, name), lag], {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
+    checks = [archiver_check(state, mode, name), lag, cluster_identity_check(server, res, identifier)]
+    return checks, {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
+
+
+def cluster_identity_check(server, res: Resources, identifier: str) -> CheckResult:
+    """The server is the cluster whose base backups (and so WAL) its prefix holds: a rebuilt server archiving into
+    the old one's prefix is told apart by its system identifier."""
+    from pgdr.physical.basebackup import foreign_cluster_message
+    from pgdr.physical.catalog import BaseBackupCatalog
+
+    try:
+        store, layout, archive = res.archive(server)
+        backups = BaseBackupCatalog(store, layout, server.name).backups()
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        return CheckResult("cluster_identity", server.name, False, f"cannot read the base backups: {first_line(err)}")
+    if backups and backups[-1].record.system_identifier != identifier:
+        return CheckResult(
+            "cluster_identity",
+            server.name,
+            False,
+            foreign_cluster_message(server.name, backups[-1], identifier, archive.url),
+        )
+    return CheckResult(
+        "cluster_identity",
+        server.name,
+        True,
+        f"server {server.name!r} is the cluster of its base backups (system identifier {identifier})",
+    )
 
 
 def archiver_check(state, mode: str, name: str) -> CheckResult:

@@ -1,4 +1,4 @@
-"""Break-glass restore: ``python -m pgdr restore`` and ``python -m pgdr list``, for when Airflow is down.
+"""Break-glass restore: ``python -m pgdr restore``, ``recover-server`` and ``list``, for when Airflow is down.
 
 On the worst day Airflow may be down with everything else, its metadata database perhaps on the
 very server that failed. This command needs only the DR plan, the connections (``AIRFLOW_CONN_*``
@@ -6,6 +6,9 @@ variables or ``--connections FILE``) and the storage target. It runs **the same*
 ``pgdr_restore`` DAG in this process, on a private, throw-away metadata database, so every check,
 the swap rules and the report are those of a restore triggered from the Airflow form; it never
 touches the production Airflow's metadata database, scheduler or API server.
+
+``recover-server`` recovers a whole lost server of the plan onto the host it runs on, from its
+base backups and WAL archive, with no Airflow at all (:mod:`pgdr.physical.server_recovery`).
 
 ``list`` reads the storage target directly: every backup of a database, its status, recovery
 point and size, to choose one without the UI.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import logging
 import os
 import shutil
 import signal
@@ -218,6 +222,70 @@ def _summarise(dag_run, seconds: float) -> int:
     return 0 if state == "success" else 1
 
 
+def recover_server(args: argparse.Namespace) -> int:
+    """Recover a whole server of the plan onto this host (no Airflow services); return the exit status."""
+    from pgdr.incident import parse_timestamp
+
+    target = None if args.to.strip() == "latest" else parse_timestamp(args.to)
+    if args.to.strip() != "latest" and target is None:
+        _print(f"pgdr: --to must be 'latest' or a UTC time such as 2026-11-26T09:40:59Z; got {args.to!r}.")
+        return 2
+    declared = parse_timestamp(args.declared) if args.declared else None
+    if args.declared and declared is None:
+        _print(f"pgdr: --declared must be a UTC time such as 2026-11-26T09:45:00Z; got {args.declared!r}.")
+        return 2
+    log_path = (args.log_file or default_log_path(Path(tempfile.gettempdir()), "pgdr-recover-server")).resolve()
+    _print(f"pgdr: the log records go to {log_path}" + ("" if args.verbose else " (--verbose streams them)"))
+    with Console(log_path, verbose=args.verbose):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
+        status = _recover_server(args, target, declared)
+    _print(f"pgdr: the whole log is {log_path}")
+    return status
+
+
+def _recover_server(args: argparse.Namespace, target, declared) -> int:
+    from pgdr.airflow_glue.connections import resources
+    from pgdr.errors import PgdrError
+    from pgdr.physical.server_recovery import (
+        ServerRecovery,
+        plan_server_recovery,
+        render_server_plan,
+        render_server_report,
+    )
+
+    try:
+        res = resources()
+        server = res.plan.server(args.server)
+        if args.dry_run:
+            with tempfile.TemporaryDirectory(prefix="pgdr-recover-plan-") as work:
+                plan = plan_server_recovery(server, res, target, args.data_dir, Path(work), args.delta, args.pause)
+            _print("Recovery plan (dry run, nothing was changed):\n" + render_server_plan(plan))
+            return 0
+        recovery = ServerRecovery(
+            server,
+            res,
+            target,
+            args.data_dir,
+            port=args.port,
+            pause=args.pause,
+            delta=args.delta,
+            os_user=args.os_user,
+            declared_at=declared,
+            triggered_by=f"the command line (python -m pgdr recover-server) as {_who()}",
+        )
+        report = recovery.run(say=lambda text: _print(f"pgdr: {text}"))
+    except PgdrError as err:
+        _print(f"pgdr: {err}")
+        return 1
+    except KeyboardInterrupt:
+        _print("\npgdr: interrupted. The old host was not touched; run again with --delta to finish this directory.")
+        return 130
+    _print("\n" + render_server_report(report))
+    _print(f"pgdr: report stored at {report['report']}")
+    return 0
+
+
 def _private_airflow() -> Path:
     """Point Airflow at a fresh, throw-away home with its own SQLite metadata database, and create its tables.
 
@@ -306,6 +374,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --restore-roles: give the created roles their password hashes from the backup",
     )
+    whole = commands.add_parser(
+        "recover-server",
+        help="recover a whole lost server of the plan onto this host, from its base backups and WAL archive",
+    )
+    _common_options(whole, on_subcommand=True)
+    whole.add_argument("--server", required=True, help="a server of the plan (its servers: entry)")
+    whole.add_argument(
+        "--to", required=True, help="'latest' (the end of the WAL archive) or a UTC time, e.g. 2026-11-26T09:40:59Z"
+    )
+    whole.add_argument("--data-dir", required=True, type=Path, help="the new data directory (empty or missing)")
+    whole.add_argument("--port", type=int, help="the port the recovered server listens on (default: its own)")
+    whole.add_argument("--pause", action="store_true", help="stop at the target without promoting, for a look")
+    whole.add_argument(
+        "--delta", action="store_true", help="reuse a non-empty data directory: replace only the files that differ"
+    )
+    whole.add_argument("--os-user", help="the account the server runs as (needed when run as root)")
+    whole.add_argument(
+        "--declared", help="when the failure was declared, UTC (default: now): ends the data-loss window"
+    )
+    whole.add_argument("--dry-run", action="store_true", help="print the recovery plan and stop")
     keygen = commands.add_parser(
         "keygen", help="print a new master key for client-side encryption, as an Airflow connection"
     )
@@ -326,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         except PgdrError as err:
             _print(f"pgdr: {err}")
             return 1
+    if args.command == "recover-server":
+        return recover_server(args)
     log_path = (args.log_file or default_log_path(Path(tempfile.gettempdir()), "pgdr-restore")).resolve()
     _print(
         f"pgdr: restoring {args.database!r} from {args.backup!r} ({args.mode}) with the pgdr_restore DAG, in this "

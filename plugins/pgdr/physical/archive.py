@@ -327,6 +327,26 @@ class WalArchive:
         return path
 
 
+def segment_system_identifier(segment_file: Path) -> str | None:
+    """Return the system identifier of the cluster that wrote a WAL segment (its first page's long header), or
+    ``None`` when the file does not start with one.
+
+    The long header is the standard page header (magic, info, timeline, page address, remaining
+    length: 24 bytes aligned) followed by the 64-bit system identifier, in the writer's byte order
+    (little-endian on every platform PostgreSQL 18 builds for here).
+    """
+    import struct
+
+    with segment_file.open("rb") as stream:
+        head = stream.read(40)
+    if len(head) < 40:
+        return None
+    _magic, info = struct.unpack_from("<HH", head, 0)
+    if not info & 0x0002:  # XLP_LONG_HEADER
+        return None
+    return str(struct.unpack_from("<Q", head, 24)[0])
+
+
 _COMMIT = re.compile(
     r"desc: (?:COMMIT|ABORT)(?:_PREPARED)? (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (?:UTC|[+-]\d\d)"
 )

@@ -89,6 +89,28 @@ def _watch_archiver(
             return
 
 
+class ForeignCluster(PermanentFailure):
+    """The server is another cluster than the one whose base backups its prefix holds."""
+
+
+def foreign_cluster_message(server: str, newest, identifier: str, archive_url: str) -> str:
+    """Return what to do when ``server`` is now another cluster (``identifier``) than its newest base backup's."""
+    return (
+        f"Server {server!r} is now another cluster (system identifier {identifier}) than the one whose base backups "
+        f"and WAL are under its prefix (newest base backup {newest.backup_id}, system identifier "
+        f"{newest.record.system_identifier}): it was rebuilt (initdb, or recovered with pgdr recover-server) and "
+        f"its archive_command writes into the old server's archive {archive_url}. No base backup was taken, so the "
+        "two are not mixed. Give the new server its own name in the plan's servers: and in its archive_command (a "
+        "new prefix), then take a full base backup of it."
+    )
+
+
+def check_same_cluster(facts, newest, server: str, archive_url: str) -> None:
+    """Refuse a base backup of a server that is not the cluster its prefix's base backups are of."""
+    if newest is not None and newest.record.system_identifier != facts.system_identifier:
+        raise ForeignCluster(foreign_cluster_message(server, newest, facts.system_identifier, archive_url))
+
+
 def take_base_backup(
     server: str,
     endpoint: PgEndpoint,
@@ -98,14 +120,18 @@ def take_base_backup(
     archive_url: str,
     parent: BaseBackupEntry | None = None,
     airflow_info: dict | None = None,
+    newest: BaseBackupEntry | None = None,
 ) -> BaseBackupRecord:
     """Take a full base backup of ``server`` (or an incremental one on ``parent``) into ``store``.
 
     :param workdir: a private, empty directory; the caller removes it.
     :param archive_url: where the server archives its WAL (for messages).
+    :param newest: the server's newest base backup: a server whose cluster is another one's is refused.
     :raises ArchiverFailing: when the server's archive_command fails while the backup waits for it.
+    :raises ForeignCluster: when the server is not the cluster whose base backups and WAL the prefix holds.
     """
     facts = server_facts(endpoint)
+    check_same_cluster(facts, newest or parent, server, archive_url)
     check_archiving(facts, endpoint, archive_url)
     args = [
         pg_tool("pg_basebackup"),
@@ -133,12 +159,6 @@ def take_base_backup(
                 f"The server of {endpoint.describe()} has summarize_wal = {facts.summarize_wal or 'off'}, which "
                 "incremental base backups need. Add 'summarize_wal = on' to its postgresql.conf and reload it (no "
                 "restart needed); the next full base backup starts the first chain."
-            )
-        if parent.record.system_identifier != facts.system_identifier:
-            raise PermanentFailure(
-                f"The parent base backup {parent.backup_id} is of another cluster (system identifier "
-                f"{parent.record.system_identifier}, the server now has {facts.system_identifier}): the server was "
-                "re-created. Take a full base backup."
             )
         manifest = workdir / "parent_backup_manifest"
         download_checked(store, parent.record.file("backup_manifest"), manifest)

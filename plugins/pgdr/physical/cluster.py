@@ -284,6 +284,10 @@ class ScratchCluster:
                 )
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def _run_as(self) -> dict:
+        """The account the server runs as: under root, the unprivileged one (``pg_ctl`` refuses root)."""
+        return _run_as()
+
     def _pg_ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         bin_dir = server_bin_dir_for(self.pg_version)
         env = {
@@ -300,20 +304,31 @@ class ScratchCluster:
             text=True,
             env=env,
             timeout=timeout,
-            **_run_as(),
+            **self._run_as(),
         )
 
-    def start(self, target_time: datetime | None, timeout_s: float = 6 * 3600) -> RecoveryResult:
-        """Start the cluster and wait until recovery reached its target and it promoted.
+    def start(
+        self,
+        target_time: datetime | None,
+        timeout_s: float = 6 * 3600,
+        options: str = "",
+        ready: tuple[str, ...] = ("database system is ready to accept connections",),
+    ) -> RecoveryResult:
+        """Start the cluster and wait until recovery reached its target and it promoted (a line of ``ready`` in
+        its log).
 
         ``pg_ctl -w`` returns once the server accepts connections, which (``hot_standby = off``) is
         after promotion, or fails when the server stops; a failed recovery is explained from the log.
+
+        :param options: server options for this start only (``pg_ctl -o``).
         """
         self.log_file.touch()
-        if os.geteuid() == 0:
-            os.chown(self.log_file, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+        user = self._run_as()
+        if user:
+            os.chown(self.log_file, user["user"], user["group"])
         started = time.monotonic()
-        result = self._pg_ctl("-l", str(self.log_file), "-w", "-t", "120", "start", timeout=180)
+        extra = ("-o", options) if options else ()
+        result = self._pg_ctl("-l", str(self.log_file), *extra, "-w", "-t", "120", "start", timeout=180)
         if result.returncode != 0:
             text = self.log_tail(20000)
             fatal = re.search(r"(?:FATAL|PANIC):\s+(.*)", text)
@@ -325,7 +340,7 @@ class ScratchCluster:
         # pg_ctl returns while recovery still runs: follow the log until promotion, or a failure.
         while True:
             text = self.log_file.read_text(errors="replace")
-            if "database system is ready to accept connections" in text:
+            if any(line in text for line in ready):
                 break
             fatal = re.search(r"(?:FATAL|PANIC):\s+(.*)", text)
             if fatal or not self.is_running():

@@ -21,7 +21,13 @@ from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure
 from pgdr.messages import format_duration
-from pgdr.physical.archive import WalArchive, WalSegment, archiver_bin_dir, last_commit_time
+from pgdr.physical.archive import (
+    WalArchive,
+    WalSegment,
+    archiver_bin_dir,
+    last_commit_time,
+    segment_system_identifier,
+)
 from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry
 from pgdr.physical.cluster import (
     RecoveryResult,
@@ -78,11 +84,31 @@ def recoverable_window(
     waldump = pg_tool("pg_waldump")
     for segment in reversed(on_timeline[-3:]):  # an idle switch leaves a segment without commits
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            newest = last_commit_time(waldump, archive.fetch_segment(store, segment, Path(tmp)))
+            path = archive.fetch_segment(store, segment, Path(tmp))
+            check_same_cluster(segment, segment_system_identifier(path), backups[-1], archive)
+            newest = last_commit_time(waldump, path)
         if newest is not None:
             break
     newest = max(newest or newest_backup.finished_at, newest_backup.finished_at)
     return RecoverableWindow(backups[0].record.finished_at, newest, on_timeline[-1], tuple(backups))
+
+
+class ArchiveOfAnotherCluster(PermanentFailure):
+    """The WAL archive of a server holds segments another cluster wrote (a server rebuilt under the same name)."""
+
+
+def check_same_cluster(segment: WalSegment, identifier: str | None, newest: BaseBackupEntry, archive) -> None:
+    """Refuse an archive whose newest WAL was written by another cluster than the newest base backup's."""
+    if identifier is None or identifier == newest.record.system_identifier:
+        return
+    raise ArchiveOfAnotherCluster(
+        f"The WAL archive {archive.describe()} of server {newest.record.server!r} mixes two clusters: segment "
+        f"{segment.name} was written by system identifier {identifier}, the newest base backup "
+        f"({newest.backup_id}) by {newest.record.system_identifier}. A server was rebuilt (initdb or a restore) and "
+        "archives into the old one's prefix. pgdr will not replay one cluster's WAL onto the other's backup. Give the "
+        "new server its own name in the plan's servers: and in its archive_command, take a full base backup of it; "
+        "to recover the old server, move the new segments away first."
+    )
 
 
 def choose_backup(window: RecoverableWindow, target: datetime | None) -> BaseBackupEntry:

@@ -46,7 +46,8 @@ def run_base_backup(job: dict[str, str], context) -> dict[str, Any]:
 
     with fail_fast():
         plan, server, store, archive, catalog = pitr_server_context(job["server"], context)
-        parent = parent_for(job["kind"], catalog.backups(), server.name)
+        entries = catalog.backups()
+        parent = parent_for(job["kind"], entries, server.name)
         with task_workdir(context, f"basebackup-{server.name}") as workdir:
             record = take_base_backup(
                 server.name,
@@ -57,6 +58,7 @@ def run_base_backup(job: dict[str, str], context) -> dict[str, Any]:
                 archive.url,
                 parent,
                 _airflow_info(context),
+                newest=entries[-1] if entries else None,
             )
     context[CONTEXT_BACKUP_ID] = record.backup_id
     summary = record.summary(store.describe(archive.layout.base_backup_prefix(server.name, record.backup_id)))

@@ -1,0 +1,269 @@
+"""The server is gone: ``python -m pgdr recover-server`` brings a whole server back onto this host from its base
+backups and WAL archive, with no Airflow services, to a second between two heartbeats or to the end of the archive.
+
+The lost server is a real embedded PostgreSQL 18 archiving with barman-cloud to the S3 server, with three
+databases (one with a hostile name) and two application roles; its data directory is deleted before recovery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import BUCKET
+from support import aws_connection, write_plan
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER = "lost"
+HOSTILE_DB = 'Ledger "DB" ü'
+
+
+def _sql(dsn: dict, statement: str, params=None):
+    with psycopg.connect(**dsn, autocommit=True) as conn:
+        cur = conn.execute(statement, params)
+        return cur.fetchall() if cur.description else None
+
+
+def _second_boundary() -> None:
+    time.sleep(1.25 - (time.time() % 1))
+
+
+@pytest.fixture(scope="module")
+def lost_server(session_dir, s3_server, tmp_path_factory):
+    """A server with three databases and two roles, a full base backup, writes at known times, then lost."""
+    from pgdr.errors import PgdrError
+    from pgdr.local.embedded import EmbeddedServer, create_sample_database
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
+    from pgdr.physical.basebackup import take_base_backup
+    from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat
+    from pgdr.postgres.client import PgEndpoint
+    from pgdr.storage.backends import S3Store
+    from pgdr.storage.layout import PhysicalLayout
+
+    try:
+        bin_dir = archiver_bin_dir()
+        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
+    except PgdrError as err:
+        pytest.skip(str(err))
+    prefix = f"lost-{uuid.uuid4().hex[:8]}"
+    access = ArchiveAccess(f"http://127.0.0.1:{s3_server.port}", "us-east-1", "testing-key", "testing-secret")
+    archive = WalArchive(BUCKET, PhysicalLayout(prefix), SERVER, access)
+    server = EmbeddedServer(
+        session_dir / f"postgres-{prefix}",
+        settings=archive.server_settings(archive_timeout_s=10, bin_dir=bin_dir),
+        environment=access.environment(),
+    ).start()
+    create_sample_database(server, "shop")
+    admin = server.dsn()
+    _sql(admin, f'CREATE DATABASE "{HOSTILE_DB.replace(chr(34), chr(34) * 2)}"')
+    _sql(admin, "CREATE DATABASE app")
+    _sql(admin, "CREATE ROLE app_owner LOGIN PASSWORD 'owner-secret'")
+    _sql(admin, """CREATE ROLE "Report Reader" LOGIN PASSWORD 'reader-secret'""")
+    app = server.dsn("app")
+    _sql(app, "CREATE TABLE public.events (id bigserial PRIMARY KEY, label text NOT NULL)")
+    _sql(app, "ALTER TABLE public.events OWNER TO app_owner")
+    _sql(app, """GRANT SELECT ON public.events TO "Report Reader\"""")
+    ledger = server.dsn(HOSTILE_DB)
+    _sql(ledger, """CREATE TABLE "Entries ü" (id int PRIMARY KEY, label text)""")
+    _sql(ledger, """INSERT INTO "Entries ü" SELECT g, 'entry ' || g FROM generate_series(1, 100) g""")
+
+    endpoint = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
+    store = S3Store(s3_server.client, BUCKET)
+    work = tmp_path_factory.mktemp("lost-base-backup")
+    full = take_base_backup(SERVER, endpoint, store, archive.layout, work, archive.url)
+    _sql(app, "INSERT INTO public.events (label) VALUES ('after the base backup')")
+    before = write_heartbeat(endpoint, "test: before the target")
+    _sql(app, "INSERT INTO public.events (label) VALUES ('before the target')")
+    _second_boundary()
+    target = datetime.now(UTC).replace(microsecond=0)
+    _second_boundary()
+    _sql(app, "INSERT INTO public.events (label) VALUES ('after the target')")
+    after = write_heartbeat(endpoint, "test: after the target")
+    _sql(ledger, """DELETE FROM "Entries ü" WHERE id > 10""")  # the incident: after the target
+    switch_and_wait_archived(endpoint, 90)
+    server.destroy()  # the host is gone: its data directory with it
+    yield {
+        "server": server,
+        "prefix": prefix,
+        "target": target,
+        "heartbeats": (before, after),
+        "full": full,
+        "s3_port": s3_server.port,
+    }
+
+
+@pytest.fixture
+def recover(lost_server, tmp_path):
+    """Run ``python -m pgdr recover-server`` with a plan and connections file, no Airflow around it."""
+    from pgdr.workdir import work_dir_root
+
+    server = lost_server["server"]
+    connections = tmp_path / "connections.json"
+    connections.write_text(
+        json.dumps(
+            {
+                # The lost server's connection: its login is the recovered cluster's; its host is never contacted.
+                "pgdr_lost": json.loads(server.connection_uri("app")),
+                "pgdr_s3": json.loads(aws_connection(lost_server["s3_port"])),
+                "pgdr_restore": json.loads(server.connection_uri("postgres")),
+            }
+        )
+    )
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        [
+            {"name": "app", "conn_id": "pgdr_lost", "server": SERVER},
+            {"name": "ledger", "conn_id": "pgdr_lost", "dbname": HOSTILE_DB, "server": SERVER},
+        ],
+        {"s3": {"type": "s3", "bucket": BUCKET, "prefix": lost_server["prefix"], "aws_conn_id": "pgdr_s3"}},
+        servers={
+            SERVER: {
+                "conn_id": "pgdr_lost",
+                "pitr": {"storage": "s3", "keep_window": "7d", "full_schedule": "@daily", "archive_timeout": "10s"},
+            }
+        },
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR"))}
+    env["PYTHONPATH"] = str(ROOT / "plugins")
+    base = work_dir_root() / f"pgdr-recover-test-{uuid.uuid4().hex[:8]}"
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    started = []
+
+    def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        user = ["--os-user", "nobody"] if os.geteuid() == 0 else []
+        command = [sys.executable, "-m", "pgdr", "recover-server", "--plan", str(plan), "--connections"]
+        command += [str(connections), "--server", SERVER, *user, *args]
+        result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+        result.output = result.stdout + result.stderr
+        return result
+
+    def pg_ctl(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+        from pgdr.postgres.binaries import server_bin_dir_for
+
+        user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+        started.append(data_dir)
+        return subprocess.run(
+            [str(server_bin_dir_for(180000) / "pg_ctl"), "-D", str(data_dir), *args],
+            capture_output=True,
+            text=True,
+            **user,
+        )
+
+    run.base, run.pg_ctl = base, pg_ctl
+    yield run
+    for data_dir in {*started, *base.glob("*")}:
+        if (Path(data_dir) / "postmaster.pid").exists():
+            pg_ctl(Path(data_dir), "-m", "immediate", "stop")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _dsn(port: int, user: str, password: str, dbname: str) -> dict:
+    return {"host": "127.0.0.1", "port": port, "user": user, "password": password, "dbname": dbname}
+
+
+def test_the_whole_server_comes_back_to_a_second_with_every_database_and_role(lost_server, recover):
+    from pgdr.postgres.binaries import free_port
+
+    server, target = lost_server["server"], lost_server["target"]
+    data_dir, port = recover.base / "data", free_port()
+    stamp = target.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    dry = recover("--to", stamp, "--data-dir", str(data_dir), "--dry-run")
+    assert dry.returncode == 0, dry.output
+    assert lost_server["full"].backup_id in dry.output and "never contacted" in dry.output
+    assert not data_dir.exists()
+
+    done = recover("--to", stamp, "--data-dir", str(data_dir), "--port", str(port))
+    assert done.returncode == 0, done.output
+    admin = _dsn(port, "postgres", server.password, "postgres")
+    assert _sql(admin, "SELECT pg_is_in_recovery()") == [(False,)]  # promoted, serving on its own port
+    assert _sql(admin, "SHOW archive_mode") == [("off",)]  # never into the old server's archive
+    assert _sql(admin, "SELECT current_setting('restore_command')") == [("",)]  # recovery settings reset
+    names = {r[0] for r in _sql(admin, "SELECT datname FROM pg_database")}
+    assert {"shop", "app", HOSTILE_DB} <= names
+    # Every row at or before the target, none after: rows and heartbeats.
+    owner = _dsn(port, "app_owner", "owner-secret", "app")
+    assert [r[0] for r in _sql(owner, "SELECT label FROM public.events ORDER BY id")] == [
+        "after the base backup",
+        "before the target",
+    ]
+    beats = [r[0] for r in _sql(admin, "SELECT at FROM pgdr.heartbeat ORDER BY at")]
+    before, after = lost_server["heartbeats"]
+    assert before in beats and after not in beats
+    assert _sql(_dsn(port, "postgres", server.password, HOSTILE_DB), 'SELECT count(*) FROM "Entries ü"') == [(100,)]
+    # The application's logins work as before: the owner writes, the reader reads and may not write.
+    _sql(owner, "INSERT INTO public.events (label) VALUES ('written after the recovery')")
+    reader = _dsn(port, "Report Reader", "reader-secret", "app")
+    assert _sql(reader, "SELECT count(*) FROM public.events") == [(3,)]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        _sql(reader, "DELETE FROM public.events")
+    # The checks left nothing behind: no checking role, no amcheck where the server had none.
+    assert _sql(admin, "SELECT 1 FROM pg_roles WHERE rolname = 'pgdr_scratch_reader'") == []
+    assert _sql(owner, "SELECT 1 FROM pg_extension WHERE extname = 'amcheck'") == []
+    # The report: stored, with the proof and the data-loss window.
+    assert "RECOVERED AND PROMOTED" in done.output
+    assert "Heartbeats at or before the target" in done.output and "data-loss window" in done.output
+    assert "`app`" in done.output and "`ledger`" in done.output
+
+    # A running server on that directory is refused; so is a non-empty directory without --delta.
+    running = recover("--to", "latest", "--data-dir", str(data_dir))
+    assert running.returncode == 1 and "is running on" in running.output, running.output
+    recover.pg_ctl(data_dir, "-m", "fast", "-w", "stop")
+    refused = recover("--to", "latest", "--data-dir", str(data_dir))
+    assert refused.returncode == 1 and "is not empty" in refused.output and "--delta" in refused.output
+    assert "Nothing was changed" in refused.output
+
+
+def test_pause_then_delta_finishes_a_damaged_directory_to_the_end_of_the_archive(lost_server, recover):
+    from pgdr.postgres.binaries import free_port
+
+    server = lost_server["server"]
+    data_dir, port = recover.base / "data", free_port()
+    # A recovery that stopped half-way: some files there, one damaged, one that does not belong.
+    data_dir.mkdir()
+    no_pause = recover("--to", "latest", "--data-dir", str(data_dir), "--pause")
+    assert no_pause.returncode == 1 and "--pause needs a moment" in no_pause.output, no_pause.output
+    stamp = lost_server["target"].strftime("%Y-%m-%dT%H:%M:%SZ")
+    first = recover("--to", stamp, "--data-dir", str(data_dir), "--port", str(port), "--pause")
+    assert first.returncode == 0, first.output
+    assert "PAUSED AT THE TARGET" in first.output and "pg_ctl -D" in first.output
+    paused = _dsn(port, "postgres", server.password, "app")
+    assert _sql(paused, "SELECT pg_is_in_recovery()") == [(True,)]  # paused, readable, in its own configuration
+    assert [r[0] for r in _sql(paused, "SELECT label FROM public.events ORDER BY id")][-1] == "before the target"
+    recover.pg_ctl(data_dir, "-m", "immediate", "-w", "stop")
+    shutil.rmtree(data_dir / "base" / sorted(os.listdir(data_dir / "base"))[-1])
+    (data_dir / "global" / "pg_control").write_bytes(b"\0" * 8192)
+    (data_dir / "stray file").write_text("not from the backup")
+
+    done = recover("--to", "latest", "--data-dir", str(data_dir), "--port", str(port), "--delta")
+    assert done.returncode == 0, done.output
+    assert "files kept" in done.output and "replaced" in done.output
+    assert not (data_dir / "stray file").exists()
+    admin = _dsn(port, "postgres", server.password, "app")
+    assert _sql(admin, "SELECT pg_is_in_recovery()") == [(False,)]
+    # The end of the archive: everything, the incident's rows included.
+    labels = [r[0] for r in _sql(admin, "SELECT label FROM public.events ORDER BY id")]
+    assert labels == ["after the base backup", "before the target", "after the target"]
+    after = lost_server["heartbeats"][1]
+    assert after in [r[0] for r in _sql({**admin, "dbname": "postgres"}, "SELECT at FROM pgdr.heartbeat")]
+
+
+def test_a_wrong_target_is_refused_before_anything_is_written(lost_server, recover):
+    data_dir = recover.base / "data"
+    bad = recover("--to", "yesterday", "--data-dir", str(data_dir))
+    assert bad.returncode == 2 and "--to must be 'latest' or a UTC time" in bad.output
+    early = recover("--to", "2020-01-01T00:00:00Z", "--data-dir", str(data_dir))
+    assert early.returncode == 1 and "cannot be recovered: the recoverable window is" in early.output
+    assert not data_dir.exists()
