@@ -267,3 +267,55 @@ def test_a_wrong_target_is_refused_before_anything_is_written(lost_server, recov
     early = recover("--to", "2020-01-01T00:00:00Z", "--data-dir", str(data_dir))
     assert early.returncode == 1 and "cannot be recovered: the recoverable window is" in early.output
     assert not data_dir.exists()
+
+
+def test_a_rebuilt_server_archiving_into_the_same_prefix_is_alerted_and_never_mixed(
+    lost_server, s3_server, session_dir, tmp_path
+):
+    """The lost server's replacement, initdb'd anew (a new system identifier), archives under the same name."""
+    from types import SimpleNamespace
+
+    from pgdr.health import cluster_identity_check
+    from pgdr.local.embedded import EmbeddedServer
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
+    from pgdr.physical.basebackup import ForeignCluster, take_base_backup
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.postgres.client import PgEndpoint
+    from pgdr.storage.backends import S3Store
+    from pgdr.storage.layout import PhysicalLayout
+
+    access = ArchiveAccess(f"http://127.0.0.1:{s3_server.port}", "us-east-1", "testing-key", "testing-secret")
+    archive = WalArchive(BUCKET, PhysicalLayout(lost_server["prefix"]), SERVER, access)
+    rebuilt = EmbeddedServer(
+        session_dir / f"postgres-{lost_server['prefix']}-rebuilt",
+        settings=archive.server_settings(archive_timeout_s=10, bin_dir=archiver_bin_dir()),
+        environment=access.environment(),
+    ).start()
+    try:
+        store = S3Store(s3_server.client, BUCKET)
+        catalog = BaseBackupCatalog(store, archive.layout, SERVER)
+        before = [e.backup_id for e in catalog.backups()]
+        endpoint = PgEndpoint("127.0.0.1", rebuilt.port, "postgres", "postgres", rebuilt.password)
+        with pytest.raises(ForeignCluster) as refused:
+            take_base_backup(
+                SERVER, endpoint, store, archive.layout, tmp_path, archive.url, newest=catalog.backups()[-1]
+            )
+        assert "another cluster (system identifier" in str(refused.value) and "own name" in str(refused.value)
+        assert [e.backup_id for e in catalog.backups()] == before  # nothing mixed into the chain
+
+        class Res:
+            def archive(self, server):
+                return store, archive.layout, archive
+
+        check = cluster_identity_check(SimpleNamespace(name=SERVER), Res(), _sysid(endpoint))
+        assert not check.ok and lost_server["full"].system_identifier in check.detail
+        assert lost_server["full"].system_identifier != _sysid(endpoint)
+    finally:
+        rebuilt.destroy()
+
+
+def _sysid(endpoint) -> str:
+    from pgdr.postgres.client import connect
+
+    with connect(endpoint) as conn:
+        return conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0]

@@ -375,6 +375,13 @@ class ScratchCluster:
                 "a segment is missing. Choose a moment inside the recoverable window, or check the server's "
                 "archiver (pg_stat_archiver)."
             )
+        if "WAL file is from different database system" in text:
+            return (
+                "The WAL archive holds segments of another cluster than the base backup's (PostgreSQL refused them: "
+                "'WAL file is from different database system'): a rebuilt server archives into this server's prefix "
+                "under the same name. Give the new server its own name and prefix in the plan; recover the old one "
+                "to a moment before the new server started archiving, or move the new segments away."
+            )
         archiver = re.findall(r"ERROR: (Barman cloud WAL restore exception: .*)", text)
         if archiver and ("checkpoint record" in fatal or "consistent recovery point" in fatal):
             return (
