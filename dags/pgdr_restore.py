@@ -85,17 +85,20 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
         "mode": Param(
             "new-database",
             type="string",
-            enum=["new-database", "replace"],
+            enum=["new-database", "replace", "server"],
             title="Mode",
             description="new-database: restore next to the live database under a new name (safe). "
-            "replace: after all checks pass, the restored copy takes the live name; the live database is kept renamed.",
+            "replace: after all checks pass, the restored copy takes the live name; the live database is kept renamed. "
+            "server: the whole server of the database is gone: recover it (every database) from its base backups and "
+            "WAL onto the new host its plan names (servers.<name>.restore), to 'latest' or a UTC time.",
         ),
         # Optional fields are nullable: the UI marks a plain "string" or "array" as required.
         "confirm": Param(
             None,
             type=["null", "string"],
-            title="Confirm (replace only)",
-            description="For replace mode, type the database name to confirm. Otherwise leave empty.",
+            title="Confirm (replace and server only)",
+            description="For replace mode, type the database name to confirm; for server mode, the server's name. "
+            "Otherwise leave empty.",
         ),
         "target_name": Param(
             None,
@@ -180,20 +183,36 @@ def pgdr_restore():
         """Replace mode: the restored copy takes the live name; the live database is kept renamed."""
         return call("restore.run_swap", plan)
 
+    # Mode server: one task a server with a restore target, on the Celery queue of a worker on its new host.
+    @task(retries=0)
+    def recover_server(plan: dict, server: str) -> dict:
+        """Mode server: recover the whole server into its new data directory, prove it, start it there."""
+        return call("restore.run_recover_server", plan, server)
+
     # all_done: a failed restore gets its report too; the task then fails, keeping the run red.
     @task(trigger_rule="all_done", on_failure_callback=None)
     def write_report() -> dict:
         """Markdown and JSON report next to the backup, and a Slack summary."""
         return call("restore.run_report")
 
-    plan = recover_to_moment(plan_restore())
+    planned = plan_restore()
+    servers = [
+        recover_server.override(task_id=f"recover_server_{server.name}", queue=server.restore.queue)(
+            planned, server.name
+        )
+        for server in PLAN.servers
+        if server.restore is not None
+    ]
+    plan = recover_to_moment(planned)
     checked = check_checksums(plan)
     restored = restore_backup(plan)
     integrity = check_integrity(plan)
     validated = validate_data(plan)
     privileges = apply_privileges(plan)
     swapped = swap_into_place(plan)
-    checked >> restored >> integrity >> validated >> privileges >> swapped >> write_report()
+    report = write_report()
+    checked >> restored >> integrity >> validated >> privileges >> swapped >> report
+    servers >> report
 
 
 pgdr_restore()

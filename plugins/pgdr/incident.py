@@ -57,7 +57,7 @@ from pgdr.storage.layout import is_backup_id
 
 log = logging.getLogger(__name__)
 
-MODES = ("new-database", "replace")
+MODES = ("new-database", "replace", "server")
 SELECTORS = ("latest-verified", "latest", "latest-dump")
 TARGET_MARKER = "pgdr restore target"
 
@@ -413,6 +413,8 @@ def render_plan(plan: dict[str, Any]) -> str:
     """Return the restore plan as the lines an on-call engineer reads in the log."""
     from pgdr.messages import format_duration
 
+    if plan["mode"] == "server":
+        return render_server_restore_plan(plan)
     expected = (
         format_duration(plan["expected_seconds"]) if plan.get("expected_seconds") else "unknown (no verification yet)"
     )
@@ -543,6 +545,8 @@ def read_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
     mode = params.get("mode") or "new-database"
     if mode not in MODES:
         raise InvalidRestoreRequest(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+    if mode == "server":
+        return read_server_request(params, plan, db)
     tables = parse_tables(params.get("tables"))
     known_conns = sorted({d.conn_id for d in plan.databases} | {d.verify_conn_id for d in plan.databases})
     target_conn_id = params.get("target_conn_id") or db.conn_id
@@ -563,6 +567,102 @@ def read_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
         "restore_role_passwords": restore_roles and bool(params.get("restore_role_passwords")),
         "dry_run": bool(params.get("dry_run")),
     }
+
+
+def read_server_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
+    """Check a whole-server recovery asked from the form: a PITR server with a restore target, its name confirmed,
+    a moment or 'latest'."""
+    server = plan.pitr_server_of(db.name)
+    if server is None:
+        raise InvalidRestoreRequest(
+            f"Mode server recovers the whole server of {db.name!r} from its base backups and WAL, but that server has "
+            "no WAL archive in the plan (servers: with pitr:). Restore the database from a dump (mode new-database or "
+            "replace) instead. Nothing was touched."
+        )
+    if params.get("confirm") != server.name:
+        raise InvalidRestoreRequest(
+            f"Mode server recovers the whole server {server.name!r} (databases {', '.join(server.databases)}) onto a "
+            f"new host. To confirm, type the server name {server.name!r} in the 'confirm' field"
+            + (f" (you typed {printable(str(params['confirm']))!r})." if params.get("confirm") else ".")
+            + " Nothing was touched."
+        )
+    if server.restore is None:
+        raise InvalidRestoreRequest(
+            f"Server {server.name!r} has no restore target in the plan: add servers.{server.name}.restore: {{queue: "
+            "..., data_dir: ...}} and start a worker on the new database host with `airflow celery worker --queues "
+            "<queue>`; or, on that host, run `python -m pgdr recover-server --server "
+            f"{server.name} --to latest --data-dir DIR`. Nothing was touched."
+        )
+    selector = (params.get("backup") or "latest").strip()
+    if selector == "latest-verified":  # the form's default: for a server, the newest state
+        selector = "latest"
+    if selector != "latest" and parse_timestamp(selector) is None:
+        raise InvalidRestoreRequest(
+            f"Mode server recovers to a moment: 'backup' must be 'latest' (the end of the WAL archive) or a UTC time "
+            f"such as 2026-11-26 09:40:59; got {printable(selector)!r}. Nothing was touched."
+        )
+    for field_name in ("tables", "target_name", "target_conn_id"):
+        if params.get(field_name):
+            raise InvalidRestoreRequest(
+                f"Mode server recovers the whole server onto its restore target; leave {field_name!r} empty. Nothing "
+                "was touched."
+            )
+    return {"mode": "server", "server": server.name, "selector": selector, "dry_run": bool(params.get("dry_run"))}
+
+
+def plan_server_restore(request: dict[str, Any], res, db, workdir: Path) -> dict[str, Any]:
+    """Return the plan of a whole-server recovery from the form (its data directory is checked on the new host)."""
+    from pgdr.physical.recovery import plan_point_in_time
+
+    server = res.plan.server(request["server"])
+    moment = None if request["selector"] == "latest" else parse_timestamp(request["selector"])
+    pitr = plan_point_in_time(server, res, moment, workdir / "pitr")
+    restore = server.restore
+    return {
+        "mode": "server",
+        "database": db.name,
+        "dbname": db.dbname,
+        "server": server.name,
+        "selector": request["selector"],
+        "dry_run": request["dry_run"],
+        "backup_id": None,
+        "tables": [],
+        "pitr": pitr,
+        "queue": restore.queue,
+        "data_dir": restore.data_dir,
+        "port": restore.port,
+        "os_user": restore.os_user,
+        "rto_target_seconds": db.rto.total_seconds(),
+        "expected_seconds": pitr["expected_recovery_seconds"],
+        "what_happens": (
+            f"The whole server {server.name!r} (databases {', '.join(server.databases)}) is recovered into "
+            f"{restore.data_dir} by the worker on queue {restore.queue!r} (the new host), proven (heartbeats, "
+            "pg_amcheck, expectations) on a private socket, then started in its own configuration"
+            + (f" on port {restore.port}" if restore.port else "")
+            + " with archive_mode off. The old host is never contacted. A non-empty data directory there is refused."
+        ),
+    }
+
+
+def render_server_restore_plan(plan: dict[str, Any]) -> str:
+    """Return a whole-server recovery's plan, as the form's restore plan."""
+    from pgdr.messages import format_duration, pitr_target_words
+
+    pitr = plan["pitr"]
+    lines = [
+        f"  server          : {plan['server']} (mode server: the whole cluster, every database on it)",
+        f"  recover to      : {pitr_target_words(pitr['target'])}; the archive's last transaction is at "
+        f"{pitr['end_of_archive']} UTC ({format_duration(pitr['end_of_archive_behind_seconds'])} ago)",
+        f"  base backups    : {' -> '.join(pitr['chain'])} (the newest ended {pitr['base_backup_ended']})",
+        f"  WAL to replay   : up to {pitr['wal_segments']} segments ({pitr['wal_bytes'] / 1e6:.0f} MB)",
+        f"  recoverable     : {pitr['window']['oldest']} to {pitr['window']['newest']} UTC",
+        f"  expected time   : {pitr['expected_recovery']}; the RTO is {format_duration(plan['rto_target_seconds'])}",
+        f"  runs on         : the worker of queue {plan['queue']!r}, into {plan['data_dir']}",
+        f"  what happens    : {plan['what_happens']}",
+    ]
+    if plan["dry_run"]:
+        lines.append("  DRY RUN         : nothing will be done; trigger again without dry_run to recover.")
+    return "\n".join(lines)
 
 
 def check_replace_request(db, confirm: Any, target_conn_id: str, tables: list[str]) -> None:
@@ -666,6 +766,8 @@ def plan_restore(
     db = res.plan.database(params.get("database") or "")
     label(database=db.name)
     request = read_request(params, res.plan, db)
+    if request["mode"] == "server":
+        return plan_server_restore(request, res, db, workdir)
     store, layout = res.store(db.storage)
     catalog = BackupCatalog(store, layout, db.name)
     pitr_server = res.plan.pitr_server_of(db.name)

@@ -151,6 +151,16 @@ class PitrPolicy:
 
 
 @dataclass(frozen=True)
+class ServerRestoreTarget:
+    """Where a whole-server recovery from the ``pgdr_restore`` form runs: a worker on the new database host."""
+
+    queue: str  # the Celery queue a worker on that host serves (airflow celery worker --queues <queue>)
+    data_dir: str  # the new data directory on that host (empty or missing)
+    port: int | None = None  # the port the recovered server listens on (default: the lost server's own)
+    os_user: str | None = None  # the account the server runs as, when the worker runs as root
+
+
+@dataclass(frozen=True)
 class ProtectedServer:
     """A PostgreSQL server (cluster) under point-in-time recovery: every database on it is covered."""
 
@@ -160,6 +170,7 @@ class ProtectedServer:
     databases: tuple[str, ...]  # the plan's databases on this server
     notify: Notifications = field(default_factory=Notifications)
     line: int = 0
+    restore: ServerRestoreTarget | None = None  # a whole-server recovery from the form runs there
 
 
 @dataclass(frozen=True)
@@ -376,7 +387,10 @@ def _closest(word: str, choices: set[str]) -> str | None:
 
 
 _TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health", "servers"}
-_SERVER_KEYS = {"conn_id", "pitr"}
+_SERVER_KEYS = {"conn_id", "pitr", "restore"}
+_SERVER_RESTORE_KEYS = {"queue", "data_dir", "port", "os_user"}
+_QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_OS_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _PITR_KEYS = {
     "storage",
     "keep_window",
@@ -758,9 +772,39 @@ def _parse_servers(
                 databases=on_server,
                 notify=first.notify,
                 line=name_node.start_mark.line + 1,
+                restore=_parse_server_restore(c, fields["restore"][1], f"{key}.restore")
+                if "restore" in fields
+                else None,
             )
         )
     return tuple(servers)
+
+
+def _parse_server_restore(c: _Checker, node: yaml.Node, key: str) -> ServerRestoreTarget:
+    """Validate ``servers.<name>.restore``: the queue of a worker on the new host, and the data directory there."""
+    fields = c.mapping(node, key, _SERVER_RESTORE_KEYS)
+    for needed in ("queue", "data_dir"):
+        if needed not in fields:
+            raise c.fail(
+                node,
+                f"{key}.{needed}",
+                "missing; a whole-server recovery from the form needs the Celery queue of a worker on the new database "
+                "host (queue) and the data directory there (data_dir)",
+            )
+    data_dir = c.string(fields["data_dir"][1], f"{key}.data_dir")
+    if not data_dir.startswith("/") or "\x00" in data_dir:
+        raise c.fail(fields["data_dir"][1], f"{key}.data_dir", f"must be an absolute path; got {data_dir!r}")
+    port = c.integer(fields["port"][1], f"{key}.port", minimum=1) if "port" in fields else None
+    if port is not None and port > 65535:
+        raise c.fail(fields["port"][1], f"{key}.port", f"must be a TCP port (1-65535); got {port}")
+    return ServerRestoreTarget(
+        queue=c.string(fields["queue"][1], f"{key}.queue", _QUEUE, "a Celery queue name (letters, digits, ._-)"),
+        data_dir=data_dir,
+        port=port,
+        os_user=c.string(fields["os_user"][1], f"{key}.os_user", _OS_USER, "an OS account name")
+        if "os_user" in fields
+        else None,
+    )
 
 
 def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, StorageTarget]) -> PitrPolicy:

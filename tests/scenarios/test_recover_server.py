@@ -319,3 +319,55 @@ def _sysid(endpoint) -> str:
 
     with connect(endpoint) as conn:
         return conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0]
+
+
+def test_mode_server_from_the_form_recovers_onto_the_restore_target(
+    lost_server, plan, env, run_dag, slack, monkeypatch, recover
+):
+    """The form's mode server: the same recovery, run by the task the plan routes to the new host's queue."""
+    from pgdr.postgres.binaries import free_port
+
+    server = lost_server["server"]
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_LOST", server.connection_uri("app"))
+    data_dir, port = recover.base / "from-the-form", free_port()
+    restore = {"queue": "pgdr-new-host", "data_dir": str(data_dir), "port": port}
+    if os.geteuid() == 0:
+        restore["os_user"] = "nobody"
+    plan(
+        databases=[{"name": "app", "conn_id": "pgdr_lost", "server": SERVER}],
+        storage={"s3": {"type": "s3", "bucket": BUCKET, "prefix": lost_server["prefix"], "aws_conn_id": "pgdr_s3"}},
+        servers={
+            SERVER: {
+                "pitr": {"storage": "s3", "keep_window": "7d", "full_schedule": "@daily", "archive_timeout": "10s"},
+                "restore": restore,
+            }
+        },
+    )
+    stamp = lost_server["target"].strftime("%Y-%m-%d %H:%M:%S")
+    wrong = run_dag("pgdr_restore", run_conf={"database": "app", "mode": "server", "confirm": "app", "backup": stamp})
+    assert wrong.states["plan_restore"] == "failed" and not data_dir.exists()
+    assert any("type the server name 'lost'" in m.get("text", "") for m in slack.messages), slack.messages
+    slack.clear()
+
+    dry = run_dag(
+        "pgdr_restore",
+        run_conf={"database": "app", "mode": "server", "confirm": SERVER, "backup": stamp, "dry_run": True},
+    )
+    assert dry.get_state() == "success", dry.states
+    assert dry.states[f"recover_server_{SERVER}"] == "skipped" and not data_dir.exists()
+
+    done = run_dag("pgdr_restore", run_conf={"database": "app", "mode": "server", "confirm": SERVER, "backup": stamp})
+    assert done.get_state() == "success", done.states
+    assert done.states[f"recover_server_{SERVER}"] == "success"
+    assert done.states["recover_to_moment"] == "skipped" and done.states["restore_backup"] == "skipped"
+    owner = _dsn(port, "app_owner", "owner-secret", "app")
+    try:
+        assert _sql(owner, "SELECT pg_is_in_recovery()") == [(False,)]
+        assert [r[0] for r in _sql(owner, "SELECT label FROM public.events ORDER BY id")] == [
+            "after the base backup",
+            "before the target",
+        ]
+    finally:
+        recover.pg_ctl(data_dir, "-m", "fast", "-w", "stop")
+    (summary,) = [m["text"] for m in slack.messages if "[pgdr] Server lost" in m.get("text", "")]
+    assert "recovered and promoted" in summary and "data-loss window" in summary and "recoveries/" in summary

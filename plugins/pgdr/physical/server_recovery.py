@@ -602,8 +602,8 @@ class ServerRecovery:
     def store_report(self, report: dict[str, Any]) -> str:
         """Store the report (JSON and markdown) under the server's prefix; return where the markdown is."""
         store, layout, _archive = self.res.archive(self.server)
-        stamp = report["started_at"][:19].replace(":", "").replace("-", "")
-        base = f"{layout.server_prefix(self.server.name)}/recoveries/{stamp}Z-{report['host'][:40]}"
+        stamp = report["started_at"][:19].replace(":", "").replace("-", "") + "Z"
+        base = layout.recovery_report_key(self.server.name, stamp, report["host"])
         store.put_bytes(base + ".json", json.dumps(report, indent=2, default=str).encode())
         store.put_bytes(base + ".md", render_server_report(report).encode())
         return store.describe(base + ".md")

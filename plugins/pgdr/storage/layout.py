@@ -132,6 +132,12 @@ class PhysicalLayout:
         """Return the key prefix (ending in ``/``) under which all base backups of ``server`` live."""
         return self._key("base", server) + "/"
 
+    def recovery_report_key(self, server: str, started: str, host: str) -> str:
+        """Return the key (without suffix) of a whole-server recovery's report: ``recoveries/<UTC time>-<host>``."""
+        import re
+
+        return self._key("base", server, "recoveries", f"{started}-{re.sub(r'[^A-Za-z0-9._-]', '_', host)[:60]}")
+
     def base_backup_prefix(self, server: str, backup_id: str) -> str:
         """Return the key prefix (ending in ``/``) of one base backup."""
         return self._key("base", server, backup_id) + "/"

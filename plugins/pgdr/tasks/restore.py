@@ -57,6 +57,12 @@ def build_restore_plan(context) -> dict[str, Any]:
 
 def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``recover_to_moment`` (:func:`pgdr.incident.dump_moment`); without PITR the plan passes through."""
+    if plan["mode"] == "server":
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException(
+            f"Mode server: the whole server is recovered by recover_server_{plan['server']} on the new host's worker."
+        )
     if not plan.get("pitr") or plan["dry_run"]:
         return plan
     from pgdr.airflow_glue.task_run import AirflowTaskRun
@@ -65,6 +71,35 @@ def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
     _label(context, plan["database"])
     with fail_fast():
         return dump_moment(plan, resources(), AirflowTaskRun(context), lambda **kw: _label(context, **kw))
+
+
+def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[str, Any]:
+    """Body of ``recover_server_<server>``, run by the worker on the new host (the server's restore queue): recover,
+    prove and hand over the whole server (:class:`pgdr.physical.server_recovery.ServerRecovery`)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from pgdr.incident import parse_timestamp
+    from pgdr.physical.server_recovery import ServerRecovery
+
+    if plan["mode"] != "server" or plan["server"] != server_name:
+        raise AirflowSkipException(f"This run does not recover server {server_name!r}.")
+    _skip_dry_run(plan, "Dry run: the recovery plan is in the log of plan_restore; nothing was done.")
+    _label(context, plan["database"])
+    dag_run = context["dag_run"]
+    res = resources()
+    with fail_fast():
+        recovery = ServerRecovery(
+            res.plan.server(server_name),
+            res,
+            None if plan["selector"] == "latest" else parse_timestamp(plan["selector"]),
+            plan["data_dir"],
+            port=plan["port"],
+            os_user=plan["os_user"],
+            declared_at=dag_run.run_after,  # when the recovery was asked for: the failure declared
+            triggered_by=f"{getattr(dag_run, 'triggering_user_name', None) or 'unknown'} (pgdr_restore "
+            f"{dag_run.run_id})",
+        )
+        return recovery.run()
 
 
 def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
@@ -186,6 +221,8 @@ def run_report(context) -> dict[str, Any]:
 
     ti, dag_run = context["ti"], context["dag_run"]
     plan = ti.xcom_pull(task_ids="recover_to_moment") or ti.xcom_pull(task_ids="plan_restore")
+    if plan and plan["mode"] == "server":
+        return _report_server_recovery(plan, context)
     refusal = restore_not_planned(plan)
     if refusal:
         raise AirflowFailException(refusal)
@@ -210,4 +247,37 @@ def run_report(context) -> dict[str, Any]:
         "report": location,
         "achieved_rto_seconds": report["achieved_rto_seconds"],
         "final_state": report["final_state"],
+    }
+
+
+def _report_server_recovery(plan: dict[str, Any], context) -> dict[str, Any]:
+    """``write_report`` of mode server: the recovery task stored the report; say it on Slack, or fail the run."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pgdr.airflow_glue.notify import send_slack
+    from pgdr.messages import format_duration, pitr_target_words
+
+    if plan["dry_run"]:
+        return {"status": "dry-run", "plan": plan}
+    report = context["ti"].xcom_pull(task_ids=f"recover_server_{plan['server']}")
+    if not report:
+        raise AirflowFailException(
+            f"The recovery of server {plan['server']} to {pitr_target_words(plan['pitr']['target'])} failed in "
+            f"recover_server_{plan['server']} (its alert and log say why). The old host was not contacted; run "
+            "again (with the data directory emptied) or run python -m pgdr recover-server --delta on the new host."
+        )
+    loss = report["data_loss_window_seconds"]
+    send_slack(
+        f":white_check_mark: [pgdr] Server {plan['server']} {report['status']} on {report['host']} "
+        f"({report['data_dir']}): recovery point {report['achieved_recovery_point']}, data-loss window "
+        f"{format_duration(loss) if loss is not None else 'unknown'}, achieved RTO "
+        f"{format_duration(report['achieved_rto_seconds'])}. archive_mode is off until it archives into a new "
+        f"prefix. Report: {report['report']}",
+        plan["database"],
+        context,
+    )
+    return {
+        "status": report["status"],
+        "report": report["report"],
+        "achieved_rto_seconds": report["achieved_rto_seconds"],
     }
