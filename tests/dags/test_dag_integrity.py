@@ -113,7 +113,7 @@ def test_restore_dag_form_and_structure(dagbag):
     for name in dag.params:
         param = dag.params.get_param(name)
         assert param.schema.get("title") and param.description, name
-    assert dag.params.get_param("mode").schema["enum"] == ["new-database", "replace"]
+    assert dag.params.get_param("mode").schema["enum"] == ["new-database", "replace", "server"]
     assert dag.params["backup"] == "latest-verified" and dag.params["mode"] == "new-database"
     order = [
         "plan_restore",
@@ -130,6 +130,25 @@ def test_restore_dag_form_and_structure(dagbag):
         assert downstream in dag.task_dict[upstream].downstream_task_ids, (upstream, downstream)
     assert dag.task_dict["swap_into_place"].retries == 0
     assert dag.task_dict["write_report"].trigger_rule == "all_done"
+
+
+def test_a_server_with_a_restore_target_gets_a_recovery_task_on_its_hosts_queue(tmp_path, monkeypatch):
+    """Mode server: the recovery of a server runs on the Celery queue of a worker on its new host."""
+    from pgdr.local.runner import load_dag
+    from support import write_plan
+
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        [{"name": "shop", "conn_id": "pgdr_shop", "server": "main"}],
+        {"s3": {"type": "s3", "bucket": "b", "prefix": "p", "aws_conn_id": "pgdr_s3"}},
+        servers={"main": {"pitr": {"storage": "s3"}, "restore": {"queue": "pgdr-db-new", "data_dir": "/srv/pg"}}},
+    )
+    monkeypatch.setenv("PGDR_PLAN", str(plan))
+    dag = load_dag("pgdr_restore")
+    task = dag.task_dict["recover_server_main"]
+    assert task.queue == "pgdr-db-new" and task.retries == 0
+    assert "plan_restore" in task.upstream_task_ids and "write_report" in task.downstream_task_ids
+    assert [t for t in dag.task_dict if t.startswith("recover_server_")] == ["recover_server_main"]
 
 
 def test_every_dag_alerts_once_per_run(dagbag):

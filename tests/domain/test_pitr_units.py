@@ -34,6 +34,21 @@ def test_a_server_with_pitr_covers_every_database_on_it():
     assert plan.pitr_server_of("billing") is server and plan.pitr_server_of("other") is None
     graced = _plan("servers:\n  main_conn:\n    pitr: {storage: s3, partial_grace: 45m}\n")
     assert graced.servers[0].pitr.partial_grace == timedelta(minutes=45)
+    assert graced.servers[0].restore is None
+    target = (
+        _plan(
+            "servers:\n  main_conn:\n    pitr: {storage: s3}\n    restore: {queue: pgdr-db-new, data_dir: /var/lib/pg, "
+            "port: 5433, os_user: postgres}\n"
+        )
+        .servers[0]
+        .restore
+    )
+    assert (target.queue, target.data_dir, target.port, target.os_user) == (
+        "pgdr-db-new",
+        "/var/lib/pg",
+        5433,
+        "postgres",
+    )
 
 
 @pytest.mark.parametrize(
@@ -63,6 +78,22 @@ def test_a_server_with_pitr_covers_every_database_on_it():
         (
             "servers:\n  main_conn:\n    pitr: {storage: s3, rpo: soon}\n",
             "servers.main_conn.pitr.rpo: expected a duration",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3}\n    restore: {queue: new-host}\n",
+            "servers.main_conn.restore.data_dir: missing; a whole-server recovery from the form needs",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3}\n    restore: {queue: q, data_dir: pgdata}\n",
+            "servers.main_conn.restore.data_dir: must be an absolute path",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3}\n    restore: {queue: q, data_dir: /d, port: 99999}\n",
+            "servers.main_conn.restore.port: must be a TCP port",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3}\n    restore: {queue: 'a b', data_dir: /d}\n",
+            "servers.main_conn.restore.queue: expected a Celery queue name",
         ),
     ],
 )

@@ -55,13 +55,14 @@ def _run_as() -> dict:
     return {"user": UNPRIVILEGED_UID, "group": UNPRIVILEGED_UID, "extra_groups": []}
 
 
-def _chown_tree(path: Path) -> None:
+def chown_tree(path: Path, uid: int = UNPRIVILEGED_UID, gid: int = UNPRIVILEGED_UID) -> None:
+    """Give ``path`` and everything under it to ``uid``:``gid`` (only when pgdr runs as root)."""
     if os.geteuid() != 0:
         return
     for root, dirs, files in os.walk(path):
-        os.chown(root, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+        os.chown(root, uid, gid)
         for name in files + dirs:
-            os.chown(os.path.join(root, name), UNPRIVILEGED_UID, UNPRIVILEGED_UID, follow_symlinks=False)
+            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
 # -- the chain, from the store to a data directory ------------------------------------------------
@@ -268,7 +269,7 @@ class ScratchCluster:
         (self.data_dir / "pg_ident.conf").write_text("")
         (self.data_dir / "recovery.signal").write_text("")
         self.data_dir.chmod(0o700)
-        _chown_tree(self.root)
+        chown_tree(self.root)
 
     def _check_reachable(self) -> None:
         """Fail, saying what to do, when the unprivileged user cannot enter the cluster's directory."""

@@ -46,7 +46,7 @@ from typing import Any
 
 from pgdr.errors import PermanentFailure
 from pgdr.messages import format_duration
-from pgdr.physical.cluster import RecoveryFailed, RecoveryResult, ScratchCluster
+from pgdr.physical.cluster import RecoveryFailed, RecoveryResult, ScratchCluster, chown_tree
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,6 @@ def check_reachable(data_dir: Path, uid: int) -> None:
             )
 
 
-def _chown_tree(path: Path, uid: int, gid: int) -> None:
-    if os.geteuid() != 0:
-        return
-    for root, dirs, files in os.walk(path):
-        os.chown(root, uid, gid)
-        for name in files + dirs:
-            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
-
-
 # -- the recovered server -------------------------------------------------------------------------
 
 
@@ -270,8 +261,8 @@ class RecoveredServer(ScratchCluster):
         (self.root / "pg_hba.private.conf").write_text("local all all trust\n")  # the socket directory is private
         (self.root / "pg_ident.private.conf").write_text("")
         self.data_dir.chmod(0o700)
-        _chown_tree(self.data_dir, self.uid, self.gid)
-        _chown_tree(self.root, self.uid, self.gid)
+        chown_tree(self.data_dir, self.uid, self.gid)
+        chown_tree(self.root, self.uid, self.gid)
 
     def primary_limits(self) -> dict[str, str]:
         """Return the limits a hot standby must match, as the lost primary ran with them (``pg_controldata``)."""
@@ -441,7 +432,6 @@ class ServerRecovery:
         """Recover, prove and hand over the server; return the report (stored too). ``say`` reports progress."""
         from pgdr.physical.archive import archiver_bin_dir
         from pgdr.physical.catalog import BaseBackupCatalog
-        from pgdr.physical.recovery import prepare_data_directory
 
         started_at = datetime.now(UTC)
         declared = self.declared_at or started_at
@@ -456,28 +446,7 @@ class ServerRecovery:
         store, layout, archive = self.res.archive(self.server)
         catalog = BaseBackupCatalog(store, layout, self.server.name)
         entry = catalog.get(plan["base_backup"])
-        staging = self.control / "staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.control.mkdir(parents=True, exist_ok=True)
-        self.control.chmod(0o755)
-        t = time.monotonic()
-        say(f"Downloading and checking {' -> '.join(plan['chain'])} into {staging} ...")
-        prepared = prepare_data_directory(catalog, entry, store, staging / "work", staging / "data", archive)
-        self.phases |= {f"restore_{k}": round(v, 2) for k, v in prepared.timings.items()}
-        t = time.monotonic()
-        delta_counts = None
-        if plan["data_dir_state"] == "not empty":
-            delta_counts = sync_delta(staging / "data", self.data_dir)
-            say(
-                f"--delta: {delta_counts['kept']} files kept (same size and SHA-256), {delta_counts['replaced']} "
-                f"replaced, {delta_counts['removed']} removed."
-            )
-        else:  # entry by entry: the data directory may be a mount point, never renamed itself
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            for item in (staging / "data").iterdir():
-                shutil.move(item, self.data_dir / item.name)
-        shutil.rmtree(staging, ignore_errors=True)
-        self._phase("place", t)
+        delta_counts = self.place(plan, catalog, entry, store, archive, say)
         server = RecoveredServer(
             self.control,
             entry.record.pg_version,
@@ -521,6 +490,34 @@ class ServerRecovery:
         report = self.report(plan, result, achieved, proof, delta_counts, declared, started_at, server, account)
         report["report"] = self.store_report(report)
         return report
+
+    def place(self, plan: dict[str, Any], catalog, entry, store, archive, say) -> dict[str, int] | None:
+        """Download, check and combine the chain beside the data directory, then move it in (``--delta``: sync it);
+        return the delta's counts."""
+        from pgdr.physical.recovery import prepare_data_directory
+
+        staging = self.control / "staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.control.mkdir(parents=True, exist_ok=True)
+        self.control.chmod(0o755)
+        say(f"Downloading and checking {' -> '.join(plan['chain'])} into {staging} ...")
+        prepared = prepare_data_directory(catalog, entry, store, staging / "work", staging / "data", archive)
+        self.phases |= {f"restore_{k}": round(v, 2) for k, v in prepared.timings.items()}
+        t = time.monotonic()
+        delta_counts = None
+        if plan["data_dir_state"] == "not empty":
+            delta_counts = sync_delta(staging / "data", self.data_dir)
+            say(
+                f"--delta: {delta_counts['kept']} files kept (same size and SHA-256), {delta_counts['replaced']} "
+                f"replaced, {delta_counts['removed']} removed."
+            )
+        else:  # entry by entry: the data directory may be a mount point, never renamed itself
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            for item in (staging / "data").iterdir():
+                shutil.move(item, self.data_dir / item.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._phase("place", t)
+        return delta_counts
 
     def prove(self, server: RecoveredServer, plan: dict[str, Any], achieved: datetime | None) -> dict[str, Any]:
         """Heartbeats prove the target; every plan database of the server is checked (not when paused: read-only)."""
