@@ -16,7 +16,10 @@ results are merged into the same JSON file as bench/run.py's.
 3. PITR restore to a ready, promoted scratch cluster (download, pg_verifybackup, extract, combine,
    recover to the end of the archive) against the seeds' restore, ``gunzip | psql`` of a plain dump
    into a new database (``pitr_restore_speedup_vs_seed``, goal >= 3);
-4. under a steady pgbench write load (2 clients at full speed, the server's own limit): every
+4. whole-server recovery onto "this host" with ``recover-server``'s code (plan, place, replay to the
+   end of the archive, proof with ``pg_amcheck`` and expectations, hand-over restart): ``server_recovery_s``
+   (reported; the peer's restore + replay, barman-cloud-restore, is not run here yet);
+5. under a steady pgbench write load (2 clients at full speed, the server's own limit): every
    5 s, the data a server loss would cost at that moment: now minus the last commit in the newest
    archived WAL segment (``rpo_achieved_s``, goal <= 60), and the time since the archiver last
    shipped a segment (``wal_archive_lag_s``).
@@ -274,6 +277,16 @@ def main(argv: list[str] | None = None) -> None:
         cluster.destroy()
         print(f"  an incremental chain: {chain_restore}", flush=True)
 
+        print("Whole-server recovery onto this host (python -m pgdr recover-server's code)...", flush=True)
+        server_runs, server_phases = [], []
+        for r in range(args.rounds):
+            settle()
+            elapsed, report = recover_whole_server(work / f"whole-{r}", store, layout, archive, pg)
+            server_runs.append(elapsed)
+            server_phases.append(report["phase_seconds"])
+            print(f"  round {r + 1}: {elapsed:.1f}s {report['phase_seconds']}", flush=True)
+        runs["server_recovery"] = server_runs
+
         print(f"RPO under a steady write load for {load_s}s...", flush=True)
         rpo, lag, load_tps = measure_rpo(server, env, archive, store, load_s)
     finally:
@@ -286,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         "basebackup_ratio": round(med["pgdr_full"] / med["raw_basebackup"], 3),
         "incremental_speedup": round(med["pgdr_full"] / med["pgdr_incremental"], 2),
         "pitr_restore_speedup_vs_seed": round(med["seed_restore"] / med["pitr_restore"], 2),
+        "server_recovery_s": round(med["server_recovery"], 2),
         "rpo_achieved_s": round(statistics.median(rpo), 1),
         "wal_archive_lag_s": round(statistics.median(lag), 1),
         "pitr": {
@@ -298,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
             "full_base_backup_stored_mb": round(records[-1].size / 1e6, 1),
             "pitr_restore_phases_s": phases,
             "pitr_restore_incremental_chain": chain_restore,
+            "server_recovery_phases_s": server_phases,
+            "server_recovery_includes": "plan, download + SHA-256 + pg_verifybackup + extract, move into the data "
+            "directory, replay to the end of the archive, heartbeat proof, pg_amcheck + sequences + expectations "
+            "of the bench database as a non-superuser, hand-over restart in its own configuration",
             "incremental_workload": "UPDATE of the newest 1 % of pgbench_accounts' rows (1 % of its pages)",
             "rpo_samples_s": [round(x, 1) for x in rpo],
             "rpo_max_s": round(max(rpo), 1),
@@ -318,12 +336,44 @@ def main(argv: list[str] | None = None) -> None:
         ("pitr_restore_speedup_vs_seed", ">= 3", results["pitr_restore_speedup_vs_seed"] >= 3),
         ("rpo_achieved_s", "<= 60", results["rpo_achieved_s"] <= 60),
         ("wal_archive_lag_s", "(reported)", True),
+        ("server_recovery_s", "(reported)", True),
     ]
     for name, target, ok in rows:
         print(f"{name:<30}{results[name]:>10}  {target}  {'ok' if ok else 'MISSED'}")
     for k, v in med.items():
         print(f"  {k:<28}{v:>10.2f}s")
     print(f"\nMerged into {output}")
+
+
+def recover_whole_server(root: Path, store, layout, archive, pg) -> tuple[float, dict]:
+    """Recover the bench server to the end of its archive into ``root/data`` with :class:`ServerRecovery`, as
+    ``recover-server`` does on a new host (proof included); stop it and remove it. Return the seconds and the report.
+    """
+    from types import SimpleNamespace
+
+    from pgdr.physical.server_recovery import ServerRecovery
+    from pgdr.postgres.binaries import server_bin_dir_for
+
+    root.mkdir(parents=True)
+    root.chmod(0o755)
+    database = SimpleNamespace(name="bench", dbname="bench", dump_jobs=2)
+    plan = SimpleNamespace(database=lambda name: database)
+    server = SimpleNamespace(name=SERVER, databases=("bench",))
+    res = SimpleNamespace(plan=plan, archive=lambda _server: (store, layout, archive), server=lambda _server: pg)
+    recovery = ServerRecovery(
+        server, res, None, root / "data", port=free_port(), os_user="nobody" if os.geteuid() == 0 else None
+    )
+    t = time.perf_counter()
+    report = recovery.run(say=lambda _text: None)
+    elapsed = time.perf_counter() - t
+    user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+    subprocess.run(
+        [str(server_bin_dir_for(180000) / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "-w", "stop"],
+        capture_output=True,
+        **user,
+    )
+    shutil.rmtree(root, ignore_errors=True)  # the data directory and its recovery's control directory beside it
+    return elapsed, report
 
 
 def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float], list[float], float]:
