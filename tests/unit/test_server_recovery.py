@@ -100,3 +100,135 @@ def test_the_pause_needs_a_moment(tmp_path):
 
     with pytest.raises(ServerRecoveryRefused, match="--pause needs a moment"):
         plan_server_recovery(SimpleNamespace(name="main"), None, None, tmp_path / "d", tmp_path, pause=True)
+
+
+def test_a_window_never_spans_two_clusters():
+    from pgdr.physical.recovery import of_newest_cluster
+
+    def entry(backup_id, identifier):
+        return SimpleNamespace(backup_id=backup_id, record=SimpleNamespace(system_identifier=identifier))
+
+    backups = [entry("old-1", "111"), entry("new-1", "222"), entry("old-2", "111"), entry("new-2", "222")]
+    assert [e.backup_id for e in of_newest_cluster(backups)] == ["new-1", "new-2"]
+    assert of_newest_cluster([]) == []
+
+
+def _server_plan(**overrides):
+    plan = {
+        "server": "main",
+        "system_identifier": "7715013712044487469",
+        "pg_version": 180006,
+        "target": "latest",
+        "end_of_archive": "2026-12-03T09:53:38+00:00",
+        "end_of_archive_behind_seconds": 11.1,
+        "chain": ["20261203T095336Z-1295cb"],
+        "base_backup_bytes": 11_700_000,
+        "base_backup_ended": "2026-12-03T09:53:36+00:00",
+        "wal_segments": 2,
+        "wal_bytes": 33_554_432,
+        "window": {"oldest": "2026-12-03T09:53:36+00:00", "newest": "2026-12-03T09:53:38+00:00"},
+        "expected_recovery": "unknown (no PITR verification yet)",
+        "data_dir": "/var/lib/postgresql/18/main",
+        "host": "db-new",
+        "data_dir_state": "missing",
+        "delta": False,
+        "disk_needed_bytes": 1_170_000_000,
+        "disk_free_bytes": 76_500_000_000,
+    }
+    return {**plan, **overrides}
+
+
+def test_the_server_plan_says_what_an_on_call_engineer_needs():
+    from pgdr.physical.server_recovery import render_server_plan
+
+    text = render_server_plan(_server_plan())
+    assert "the end of the archive (latest)" in text and "11.1s ago" in text
+    assert "up to 2 segments (34 MB)" in text and "1.17 GB needed, 76.5 GB free" in text
+    assert "/var/lib/postgresql/18/main on db-new (missing)" in text and "never contacted" in text
+    delta = render_server_plan(_server_plan(target="2026-12-03T09:53:37+00:00", delta=True, data_dir_state="not empty"))
+    assert "2026-12-03T09:53:37+00:00 UTC" in delta and "--delta: only differing files replaced" in delta
+
+
+def test_the_server_report_names_the_recovery_point_the_loss_and_the_next_steps():
+    from pathlib import Path
+
+    from pgdr.physical.server_recovery import next_steps, render_server_report
+
+    report = {
+        "server": "main",
+        "status": "recovered and promoted",
+        "triggered_by": "the command line",
+        "host": "db-new",
+        "os_user": "postgres",
+        "data_dir": "/srv/pg",
+        "port": 5432,
+        "target": "2026-12-03T09:53:37+00:00",
+        "achieved_recovery_point": "2026-12-03T09:53:36.9+00:00",
+        "declared_at": "2026-12-03T10:00:00+00:00",
+        "data_loss_window_seconds": 383.1,
+        "achieved_rto_seconds": 95.0,
+        "plan": _server_plan(),
+        "recovery": {"wal_bytes_replayed": 20_000_000},
+        "phase_seconds": {"plan": 0.3, "replay": 3.9},
+        "proof": {
+            "heartbeats_at_or_before_target": 4,
+            "newest_heartbeat": "2026-12-03T09:53:36+00:00",
+            "databases_found": ["app", "postgres"],
+            "databases": {
+                "app": {
+                    "tables": 1,
+                    "rows": 2,
+                    "integrity": {"ok": True},
+                    "validation": {"expectations": 3, "failed": 0},
+                    "checked_as": "pgdr_scratch_reader",
+                }
+            },
+        },
+        "delta": None,
+        "settings_added": {"archive_mode": "off", "port": "5432"},
+        "next_steps": next_steps(False, Path("/srv/pg"), "main"),
+    }
+    text = render_server_report(report)
+    assert text.startswith("# Recovery of server `main`: RECOVERED AND PROMOTED")
+    assert "data-loss window 6m 23s" in text and "Achieved RTO (declared to handed over): 1m 35s" in text
+    assert "`app`: 1 tables, 2 rows; pg_amcheck and sequences passed; expectations: 3 of 3 passed" in text
+    assert "`archive_mode = off`" in text and "NEW prefix" in text and "main-2" in text
+    paused = next_steps(True, Path("/srv/pg"), "main")
+    assert paused[0].startswith("Look at the data") and "pg_ctl -D /srv/pg promote" in paused[0]
+
+
+def _form_plan(restore=True, pitr=True):
+    target = SimpleNamespace(queue="pgdr-db-new", data_dir="/srv/pg", port=5432, os_user=None) if restore else None
+    server = SimpleNamespace(name="main", databases=("app", "ledger"), restore=target)
+    return SimpleNamespace(pitr_server_of=lambda name: server if pitr else None)
+
+
+@pytest.mark.parametrize(
+    "params, plan_args, message",
+    [
+        ({"confirm": "app"}, {}, "type the server name 'main' in the 'confirm' field (you typed 'app')"),
+        ({"confirm": None}, {}, "type the server name 'main' in the 'confirm' field."),
+        ({"confirm": "main"}, {"pitr": False}, "has no WAL archive in the plan"),
+        ({"confirm": "main"}, {"restore": False}, "add servers.main.restore: {queue: ..., data_dir: ...}"),
+        ({"confirm": "main", "backup": "20261122T093000Z-3fa2c1"}, {}, "must be 'latest' (the end of the WAL"),
+        ({"confirm": "main", "tables": ["sales.orders"]}, {}, "leave 'tables' empty"),
+        ({"confirm": "main", "target_name": "x"}, {}, "leave 'target_name' empty"),
+    ],
+)
+def test_a_wrong_server_request_says_what_to_fix_and_touches_nothing(params, plan_args, message):
+    from pgdr.incident import InvalidRestoreRequest, read_request
+
+    db = SimpleNamespace(name="app", conn_id="pgdr_app")
+    with pytest.raises(InvalidRestoreRequest) as err:
+        read_request({"mode": "server", **params}, _form_plan(**plan_args), db)
+    assert message in str(err.value) and "Nothing was touched" in str(err.value)
+
+
+def test_a_server_request_recovers_to_latest_by_default():
+    from pgdr.incident import read_request
+
+    db = SimpleNamespace(name="app", conn_id="pgdr_app")
+    request = read_request({"mode": "server", "confirm": "main", "backup": "latest-verified"}, _form_plan(), db)
+    assert request == {"mode": "server", "server": "main", "selector": "latest", "dry_run": False}
+    timed = read_request({"mode": "server", "confirm": "main", "backup": "2026-11-26 09:40:59"}, _form_plan(), db)
+    assert timed["selector"] == "2026-11-26 09:40:59"

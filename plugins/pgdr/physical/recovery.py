@@ -61,11 +61,19 @@ class RecoverableWindow:
         return f"{self.oldest:%Y-%m-%d %H:%M:%S} to {self.newest:%Y-%m-%d %H:%M:%S} UTC"
 
 
+def of_newest_cluster(backups: list[BaseBackupEntry]) -> list[BaseBackupEntry]:
+    """Return the base backups of the cluster the newest one is of (a window never spans two clusters)."""
+    if not backups:
+        return []
+    identifier = backups[-1].record.system_identifier
+    return [e for e in backups if e.record.system_identifier == identifier]
+
+
 def recoverable_window(
     catalog: BaseBackupCatalog, archive: WalArchive, store: BackupStore, workdir: Path
 ) -> RecoverableWindow:
     """Return the server's recoverable window; :class:`BackupNotFound` when it has no base backup yet."""
-    backups = [e for e in catalog.backups() if e.status != "failed"]
+    backups = of_newest_cluster([e for e in catalog.backups() if e.status != "failed"])
     if not backups:
         raise BackupNotFound(
             f"Server {catalog.server!r} has no complete base backup in "
