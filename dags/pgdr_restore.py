@@ -184,7 +184,8 @@ def pgdr_restore():
         return call("restore.run_swap", plan)
 
     # Mode server: one task a server with a restore target, on the Celery queue of a worker on its new host.
-    @task(retries=0)
+    # A retry resumes the earlier try's data directory (files of the same size and SHA-256 are kept).
+    @task
     def recover_server(plan: dict, server: str) -> dict:
         """Mode server: recover the whole server into its new data directory, prove it, start it there."""
         return call("restore.run_recover_server", plan, server)

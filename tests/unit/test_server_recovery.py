@@ -232,3 +232,17 @@ def test_a_server_request_recovers_to_latest_by_default():
     assert request == {"mode": "server", "server": "main", "selector": "latest", "dry_run": False}
     timed = read_request({"mode": "server", "confirm": "main", "backup": "2026-11-26 09:40:59"}, _form_plan(), db)
     assert timed["selector"] == "2026-11-26 09:40:59"
+
+
+def test_a_retry_resumes_only_its_own_runs_directory(tmp_path):
+    from pgdr.physical.server_recovery import ServerRecovery
+
+    def recovery(key):
+        return ServerRecovery(None, None, None, tmp_path / "data", resume_key=key)
+
+    assert recovery("pgdr_restore/run-1").resumes_own_try() is False  # the first try: marks the directory
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "PG_VERSION").write_text("18\n")  # the first try wrote files, then died
+    assert recovery("pgdr_restore/run-1").resumes_own_try() is True  # its retry resumes them
+    assert recovery("pgdr_restore/run-2").resumes_own_try() is False  # another run never reuses them unasked
+    assert recovery(None).resumes_own_try() is False  # the command line: --delta only when given

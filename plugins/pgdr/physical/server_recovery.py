@@ -419,6 +419,7 @@ class ServerRecovery:
     declared_at: datetime | None = None  # when the failure was declared: the end of the data-loss window
     triggered_by: str = "command line"
     timeout_s: float = 6 * 3600
+    resume_key: str | None = None  # an Airflow run: its retry resumes its own earlier try's directory (as --delta)
     phases: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -437,6 +438,9 @@ class ServerRecovery:
         declared = self.declared_at or started_at
         uid, gid, account = _account(self.os_user)
         check_reachable(self.data_dir, uid)
+        if self.resumes_own_try():
+            say(f"{self.data_dir} holds an earlier try of this run: resuming it as --delta does.")
+            self.delta = True
         t = time.monotonic()
         plan = plan_server_recovery(
             self.server, self.res, self.target, self.data_dir, self.control / "plan", self.delta, self.pause
@@ -490,6 +494,22 @@ class ServerRecovery:
         report = self.report(plan, result, achieved, proof, delta_counts, declared, started_at, server, account)
         report["report"] = self.store_report(report)
         return report
+
+    def resumes_own_try(self) -> bool:
+        """Say whether the data directory was written by an earlier try of this run (its marker names the run);
+        mark it as this run's otherwise. A directory no marker of this run names is never reused unasked."""
+        marker = self.control / "pgdr-recovery.json"
+        if self.resume_key is None:
+            return False
+        try:
+            earlier = json.loads(marker.read_text()).get("run")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier != self.resume_key and data_directory_state(self.data_dir) == "not empty":
+            return False  # someone else's files: check_data_directory refuses them
+        self.control.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"run": self.resume_key, "host": socket.gethostname()}))
+        return earlier == self.resume_key and data_directory_state(self.data_dir) == "not empty"
 
     def place(self, plan: dict[str, Any], catalog, entry, store, archive, say) -> dict[str, int] | None:
         """Download, check and combine the chain beside the data directory, then move it in (``--delta``: sync it);

@@ -96,6 +96,7 @@ def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[
             port=plan["port"],
             os_user=plan["os_user"],
             declared_at=dag_run.run_after,  # when the recovery was asked for: the failure declared
+            resume_key=f"{dag_run.dag_id}/{dag_run.run_id}",  # a retry resumes this run's own directory
             triggered_by=f"{getattr(dag_run, 'triggering_user_name', None) or 'unknown'} (pgdr_restore "
             f"{dag_run.run_id})",
         )
