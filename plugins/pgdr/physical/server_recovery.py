@@ -685,6 +685,8 @@ def next_steps(pause: bool, data_dir: Path, server: str) -> list[str]:
             "restore_command, recovery_target_time, recovery_target_action; or stop it and recover to another moment."
         )
     steps += [
+        "Hand the server to this host's service manager: pgdr started it with pg_ctl (pg_ctl -D "
+        f"{quoted} stop, then start it as your service does, e.g. systemctl start postgresql).",
         "Point the application (DNS, connection strings, the plan's Airflow connections) at this host.",
         "Turn archiving on into a NEW prefix (never the old server's): set archive_command to the plan's archiver "
         f"with a new server name (e.g. {server}-2 in the plan's servers:), ALTER SYSTEM SET archive_mode = on, "
