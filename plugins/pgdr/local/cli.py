@@ -356,8 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         help="latest-verified (default), latest (a PITR server: the end of its WAL archive), latest-dump, a backup "
         "id, or a UTC time",
     )
-    run.add_argument("--mode", default="new-database", help="new-database (default) or replace")
-    run.add_argument("--confirm", help="replace mode: the live database's name, typed exactly")
+    run.add_argument(
+        "--mode",
+        default="new-database",
+        help="new-database (default), replace, or server (the whole server, onto its plan's restore target; on the "
+        "new host itself, recover-server is the direct way)",
+    )
+    run.add_argument("--confirm", help="replace mode: the live database's name; server mode: the server's; exactly")
     run.add_argument("--target-name", help="new-database mode: the new database's name")
     run.add_argument(
         "--tables", action="append", help='a table to restore, as SQL writes it ("Sales Dept".orders); repeat for more'
