@@ -245,6 +245,18 @@ def pitr_target_words(target: str) -> str:
     return "the end of the archive (latest)" if target == "latest" else f"{target} UTC"
 
 
+def server_recovery_summary(report: dict[str, Any]) -> str:
+    """Return the Slack text of a whole server recovered onto a new host, from its report."""
+    loss = report["data_loss_window_seconds"]
+    return (
+        f":white_check_mark: [pgdr] Server {report['server']} {report['status']} on {report['host']} "
+        f"({report['data_dir']}): recovery point {report['achieved_recovery_point']}, data-loss window "
+        f"{format_duration(loss) if loss is not None else 'unknown'}, achieved RTO "
+        f"{format_duration(report['achieved_rto_seconds'])}. archive_mode is off until it archives into a new "
+        f"prefix. Report: {report['report']}"
+    )
+
+
 def restore_not_planned(plan: dict[str, Any] | None) -> str | None:
     """Return why a restore has nothing to report on (its planning or its point-in-time recovery
     failed), or ``None``."""

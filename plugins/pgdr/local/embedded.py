@@ -195,12 +195,10 @@ class EmbeddedServer:
 
     def _write_settings(self) -> None:
         """Write ``settings`` to ``pgdr.conf`` in the data directory, included by ``postgresql.conf``."""
-
-        def literal(value: str) -> str:
-            return "'" + value.replace("'", "''") + "'"
+        from pgdr.physical.cluster import conf_literal
 
         lines = ["# Written by pgdr (pgdr.local.embedded): WAL archiving for point-in-time recovery."]
-        lines += [f"{name} = {literal(value)}" for name, value in self.settings.items()]
+        lines += [f"{name} = {conf_literal(value)}" for name, value in self.settings.items()]
         conf = self.data_dir / "pgdr.conf"
         conf.write_text("\n".join(lines) + "\n")
         self._own(conf)

@@ -55,6 +55,11 @@ def _run_as() -> dict:
     return {"user": UNPRIVILEGED_UID, "group": UNPRIVILEGED_UID, "extra_groups": []}
 
 
+def conf_literal(value: str) -> str:
+    """Return ``value`` as a quoted literal of ``postgresql.conf``."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def chown_tree(path: Path, uid: int = UNPRIVILEGED_UID, gid: int = UNPRIVILEGED_UID) -> None:
     """Give ``path`` and everything under it to ``uid``:``gid`` (only when pgdr runs as root)."""
     if os.geteuid() != 0:
@@ -237,9 +242,6 @@ class ScratchCluster:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir.chmod(0o700)
 
-        def literal(value: str) -> str:
-            return "'" + value.replace("'", "''") + "'"
-
         settings = {
             "listen_addresses": "",
             "port": str(self.port),
@@ -263,7 +265,7 @@ class ScratchCluster:
             settings["recovery_target_time"] = target_time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
             settings["recovery_target_inclusive"] = "on"
         lines = ["# A pgdr scratch cluster (pgdr.physical.cluster); the source's settings are in *.source."]
-        lines += [f"{k} = {literal(v)}" for k, v in settings.items()]
+        lines += [f"{k} = {conf_literal(v)}" for k, v in settings.items()]
         (self.data_dir / "postgresql.conf").write_text("\n".join(lines) + "\n")
         (self.data_dir / "pg_hba.conf").write_text("local all all trust\n")  # the socket directory is private (0700)
         (self.data_dir / "pg_ident.conf").write_text("")

@@ -256,7 +256,7 @@ def _report_server_recovery(plan: dict[str, Any], context) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException
 
     from pgdr.airflow_glue.notify import send_slack
-    from pgdr.messages import format_duration, pitr_target_words
+    from pgdr.messages import pitr_target_words, server_recovery_summary
 
     if plan["dry_run"]:
         return {"status": "dry-run", "plan": plan}
@@ -267,16 +267,7 @@ def _report_server_recovery(plan: dict[str, Any], context) -> dict[str, Any]:
             f"recover_server_{plan['server']} (its alert and log say why). The old host was not contacted; run "
             "again (with the data directory emptied) or run python -m pgdr recover-server --delta on the new host."
         )
-    loss = report["data_loss_window_seconds"]
-    send_slack(
-        f":white_check_mark: [pgdr] Server {plan['server']} {report['status']} on {report['host']} "
-        f"({report['data_dir']}): recovery point {report['achieved_recovery_point']}, data-loss window "
-        f"{format_duration(loss) if loss is not None else 'unknown'}, achieved RTO "
-        f"{format_duration(report['achieved_rto_seconds'])}. archive_mode is off until it archives into a new "
-        f"prefix. Report: {report['report']}",
-        plan["database"],
-        context,
-    )
+    send_slack(server_recovery_summary(report), plan["database"], context)
     return {
         "status": report["status"],
         "report": report["report"],
