@@ -257,6 +257,15 @@ def server_recovery_summary(report: dict[str, Any]) -> str:
     )
 
 
+def server_recovery_failed(server: str, target: str, host: str, error: str) -> str:
+    """Return the Slack text of a whole-server recovery that failed on ``host`` (the command-line path)."""
+    return (
+        f":x: [pgdr] The recovery of server {server} to {pitr_target_words(target)} on {host} failed: {error}\n"
+        "The old host was not contacted. Run it again with --delta on the same data directory to finish it "
+        "(files already in place are kept when they match the backup)."
+    )
+
+
 def restore_not_planned(plan: dict[str, Any] | None) -> str | None:
     """Return why a restore has nothing to report on (its planning or its point-in-time recovery
     failed), or ``None``."""

@@ -104,7 +104,7 @@ def lost_server(session_dir, s3_server, tmp_path_factory):
 
 
 @pytest.fixture
-def recover(lost_server, tmp_path):
+def recover(lost_server, tmp_path, slack):
     """Run ``python -m pgdr recover-server`` with a plan and connections file, no Airflow around it."""
     from pgdr.workdir import work_dir_root
 
@@ -117,6 +117,7 @@ def recover(lost_server, tmp_path):
                 "pgdr_lost": json.loads(server.connection_uri("app")),
                 "pgdr_s3": json.loads(aws_connection(lost_server["s3_port"])),
                 "pgdr_restore": json.loads(server.connection_uri("postgres")),
+                "pgdr_slack": json.loads(slack.connection()),
             }
         )
     )
@@ -140,6 +141,7 @@ def recover(lost_server, tmp_path):
     base.mkdir(parents=True)
     base.chmod(0o755)
     started = []
+    slack.clear()
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         user = ["--os-user", "nobody"] if os.geteuid() == 0 else []
@@ -173,7 +175,7 @@ def _dsn(port: int, user: str, password: str, dbname: str) -> dict:
     return {"host": "127.0.0.1", "port": port, "user": user, "password": password, "dbname": dbname}
 
 
-def test_the_whole_server_comes_back_to_a_second_with_every_database_and_role(lost_server, recover):
+def test_the_whole_server_comes_back_to_a_second_with_every_database_and_role(lost_server, recover, slack):
     from pgdr.postgres.binaries import free_port
 
     server, target = lost_server["server"], lost_server["target"]
@@ -216,6 +218,10 @@ def test_the_whole_server_comes_back_to_a_second_with_every_database_and_role(lo
     assert "RECOVERED AND PROMOTED" in done.output
     assert "Heartbeats at or before the target" in done.output and "data-loss window" in done.output
     assert "`app`" in done.output and "`ledger`" in done.output
+    # The team hears of it as from the DAG: one Slack message with the recovery point and the report.
+    (posted,) = [m["text"] for m in slack.messages]
+    assert posted.startswith(":white_check_mark: [pgdr] Server lost") and "data-loss window" in posted, posted
+    assert "posted to Slack" in done.output
 
     # A running server on that directory is refused; so is a non-empty directory without --delta.
     running = recover("--to", "latest", "--data-dir", str(data_dir))
@@ -224,6 +230,7 @@ def test_the_whole_server_comes_back_to_a_second_with_every_database_and_role(lo
     refused = recover("--to", "latest", "--data-dir", str(data_dir))
     assert refused.returncode == 1 and "is not empty" in refused.output and "--delta" in refused.output
     assert "Nothing was changed" in refused.output
+    assert len(slack.messages) == 1  # a refusal changed nothing: the on-call reads it, no alert
 
 
 def test_pause_then_delta_finishes_a_damaged_directory_to_the_end_of_the_archive(lost_server, recover):

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -247,8 +248,10 @@ def recover_server(args: argparse.Namespace) -> int:
 def _recover_server(args: argparse.Namespace, target, declared) -> int:
     from pgdr.airflow_glue.connections import resources
     from pgdr.errors import PgdrError
+    from pgdr.messages import server_recovery_failed, server_recovery_summary
     from pgdr.physical.server_recovery import (
         ServerRecovery,
+        ServerRecoveryRefused,
         plan_server_recovery,
         render_server_plan,
         render_server_report,
@@ -275,15 +278,33 @@ def _recover_server(args: argparse.Namespace, target, declared) -> int:
             triggered_by=f"the command line (python -m pgdr recover-server) as {_who()}",
         )
         report = recovery.run(say=lambda text: _print(f"pgdr: {text}"))
+    except ServerRecoveryRefused as err:  # nothing was changed: the on-call reads it here, the team needs no alert
+        _print(f"pgdr: {err}")
+        return 1
     except PgdrError as err:
         _print(f"pgdr: {err}")
+        _tell_the_team(server_recovery_failed(args.server, args.to.strip(), socket.getfqdn(), str(err)))
         return 1
     except KeyboardInterrupt:
         _print("\npgdr: interrupted. The old host was not touched; run again with --delta to finish this directory.")
         return 130
     _print("\n" + render_server_report(report))
     _print(f"pgdr: report stored at {report['report']}")
+    _tell_the_team(server_recovery_summary(report))
     return 0
+
+
+def _tell_the_team(text: str) -> None:
+    """Post a break-glass outcome to the plan's Slack, as the DAG's report does; never fail the command for it."""
+    from pgdr.airflow_glue.notify import send_slack
+
+    try:
+        if send_slack(text, None, {}):
+            _print("pgdr: the outcome was posted to Slack.")
+        else:
+            _print("pgdr: no Slack connection is configured (the plan's notify.slack_conn_id): tell the team yourself.")
+    except Exception as err:  # noqa: BLE001 - the recovery is done; a Slack outage must not hide that
+        _print(f"pgdr: could not post the outcome to Slack ({type(err).__name__}: {err}); tell the team yourself.")
 
 
 def _private_airflow() -> Path:
