@@ -17,11 +17,13 @@ ARCHIVER_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11 /usr/bin/python3 /
 
 .PHONY: demo ui test test-fast bench lint lock clean restore archiver
 
+# Bytecode is compiled once, at install: uv does not by default, and where PYTHONDONTWRITEBYTECODE is set
+# nothing writes it later, so every Airflow process (each task of each test) would compile Airflow again.
 $(STAMP): requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pgdr needs Python 3.11 or newer")'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.txt
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -52,9 +54,13 @@ ui: $(STAMP)
 restore: $(STAMP)
 	$(RUN) -m pgdr restore $(ARGS)
 
+# One pytest worker per core (pytest-xdist); the tests that share one Airflow deployment stay together on
+# one worker (tests/conftest.py). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(ARCHIVER_SOFT)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@$(BIN)/python -m compileall -q plugins dags tests >/dev/null  # the same for pgdr's own modules
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration and not e2e and not celery" $(PYTEST_ARGS)
@@ -63,7 +69,7 @@ bench: $(STAMP)
 	$(ARCHIVER_SOFT)
 	$(BIN)/python bench/run.py $(ARGS)
 	$(BIN)/python bench/pitr.py $(ARGS)
-	$(BIN)/python bench/privileges.py $(if $(findstring --quick,$(ARGS)),--quick)
+	$(BIN)/python bench/privileges.py $(filter --quick --rounds=%,$(ARGS))
 	$(BIN)/python bench/celery_fleet.py $(ARGS)
 
 # ruff check (line length, blind excepts and the rest, as pyproject.toml says) and ruff format, checked.

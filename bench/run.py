@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         "tables that parallel jobs can dump and restore side by side",
     )
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
+    parser.add_argument("--load-seconds", type=int, help=argparse.SUPPRESS)  # bench/pitr.py's; not used here
     args = parser.parse_args(argv)
     scale = args.scale or (14 if args.quick else 135)
     output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")

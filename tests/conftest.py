@@ -266,8 +266,49 @@ def e2e_mail():
     inbox.close()
 
 
+# Tests that share one long-lived Airflow deployment run on one xdist worker, as one unit of work
+# (`make test` runs `pytest -n auto --dist loadgroup`): started once, not once per worker. The unit is
+# chosen by file (xdist's own xdist_group marks do not reach its scheduler under pytest 9: they rewrite
+# a node id that pytest 9 no longer reads); a test using one of these fixtures elsewhere is an error.
+SHARED_DEPLOYMENTS = {"standalone": "standalone-airflow", "celery_cluster": "celery-airflow"}
+SHARED_DEPLOYMENT_FILES = {
+    "tests/on_celery/": "celery-airflow",
+    "tests/e2e/test_e2e.py": "standalone-airflow",
+    "tests/e2e/test_alerting_e2e.py": "standalone-airflow",
+    "tests/e2e/test_fleet_e2e.py": "standalone-airflow",
+}
+
+
+def shared_deployment_of(nodeid: str) -> str | None:
+    """Return the shared Airflow deployment the test ``nodeid`` runs on, if any."""
+    return next((group for prefix, group in SHARED_DEPLOYMENT_FILES.items() if nodeid.startswith(prefix)), None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: xdist's load-scope scheduling with the shared deployments as the scopes (the
+    largest units, so they start first, one per worker) and every other test a unit of its own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedDeploymentScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return shared_deployment_of(nodeid) or nodeid
+
+    return SharedDeploymentScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """Run the end-to-end tests last: each kind shares one long-lived Airflow (Celery, then standalone)."""
+    """Run the end-to-end tests last when the suite runs in one process (each kind shares one long-lived
+    Airflow: Celery, then standalone); refuse a test of a shared deployment outside its files."""
+    for item in items:
+        for fixture, group in SHARED_DEPLOYMENTS.items():
+            if fixture in getattr(item, "fixturenames", ()) and shared_deployment_of(item.nodeid) != group:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses the {fixture!r} fixture: add its file to SHARED_DEPLOYMENT_FILES in "
+                    "tests/conftest.py, so that it runs on the worker that already runs that deployment."
+                )
     items.sort(
         key=lambda item: (item.get_closest_marker("e2e") is not None, item.get_closest_marker("celery") is not None)
     )
