@@ -203,6 +203,9 @@ def test_ctrl_c_during_the_restore_leaves_the_live_database_and_no_half_copy(bre
 RUNS, BOUND_S = 30, 240  # a run takes 15-40 s here in pairs; the hang it guards against never ended
 
 
+# Its own bound (BOUND_S a pair, with every thread's stack of a run that hangs) must trip before pytest-timeout's:
+# beside the Celery suite on the other xdist worker the thirty runs took over 600 s (340 s alone).
+@pytest.mark.timeout(RUNS // 2 * BOUND_S + 120)
 def test_the_command_never_hangs_thirty_runs_in_parallel_pairs(breakglass, pg_server):
     """The progress thread once deadlocked with dag.test() importing Airflow's models (import lock against
     SQLAlchemy's mapper lock): a race, lost on a loaded machine. Thirty runs, two at a time (one with a
