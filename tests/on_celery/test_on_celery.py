@@ -62,7 +62,9 @@ def _wait_until_verify_runs_end(cluster, timeout: float) -> None:
     )
 
 
-@pytest.mark.timeout(1500)
+# The sum of its own waits (backup run 900 s, verifications 1,500 s, runs ending 300 s), so that they, which
+# say what was still missing, trip first: beside the other xdist worker's tests it takes about 1,250 s here.
+@pytest.mark.timeout(900 + 1500 + 300)
 def test_fleet_of_fifty_backed_up_and_verified_once_each_on_both_workers(
     celery_cluster, catalogs, pg_server, pg_server_b
 ):
