@@ -284,7 +284,7 @@ def shared_deployment_of(nodeid: str) -> str | None:
     return next((group for prefix, group in SHARED_DEPLOYMENT_FILES.items() if nodeid.startswith(prefix)), None)
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: `pytest -p no:xdist` still runs
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadgroup``: xdist's load-scope scheduling with the shared deployments as the scopes (the
     largest units, so they start first, one per worker) and every other test a unit of its own."""
