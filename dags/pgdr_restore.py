@@ -13,8 +13,10 @@ the mode and, for `replace`, a confirmation.
    UTC time, the restore is **point in time**: the plan names the base backup, the WAL to
    replay, the recoverable window and the expected time; a moment outside the window fails here.
    **recover_to_moment** then recovers the server in a scratch cluster on the worker (the live
-   server is not touched), dumps the database as it was at that moment (stored as a regular
-   backup), and the phases below restore and check it like any other.
+   server is not touched), dumps the database as it was at that moment and restores the dump into
+   the target straight from the worker's disk, while the same files are stored as a regular backup
+   (the evidence copy; no download). The phases below check it like any other restore. A retry
+   after the dump was stored restores that backup instead of recovering the server again.
 2. **check_checksums**: a corrupt backup is refused before any database is created.
 3. **restore_backup** into a new database (`<db>_restored_<UTC time>` by default). In `replace`
    mode it is `<db>_restoring_<UTC time>` until the swap.
@@ -149,7 +151,8 @@ def pgdr_restore():
 
     @task
     def recover_to_moment(plan: dict) -> dict:
-        """Point in time: recover the server in a scratch cluster and dump the database as it was then."""
+        """Point in time: recover the server in a scratch cluster, dump the database as it was then, restore and
+        store that dump at once."""
         return call("restore.run_recover_to_moment", plan)
 
     @task

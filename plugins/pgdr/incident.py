@@ -48,7 +48,7 @@ from pgdr.identifiers import (
     printable,
 )
 from pgdr.logical.catalog import BackupCatalog, BackupEntry
-from pgdr.logical.restore import RestoreFailed, restore_command
+from pgdr.logical.restore import RestoreFailed, restore_command, restore_dump
 from pgdr.messages import SUPERUSER_RESTORE_WARNING, duration_or_na
 from pgdr.postgres.client import PgEndpoint, connect, identifier, passfile_env, pg_tool, run_tool
 from pgdr.postgres.marker import mark, marked_by, marker, unmark
@@ -512,7 +512,11 @@ def parse_tables(value: Any) -> list[str]:
 
 def check_tables_in_backup(tables: list[str], entry) -> None:
     """Refuse ``tables`` entries that are not tables of the backup, suggesting the near ones."""
-    known = entry.manifest.row_counts
+    check_tables_in(tables, entry.manifest.row_counts, f"backup {entry.backup_id}")
+
+
+def check_tables_in(tables: list[str], known: dict[str, int], what: str) -> None:
+    """Refuse ``tables`` entries that are not among ``known`` (table keys), suggesting the near ones."""
     unknown = [t for t in tables if t not in known]
     if not unknown:
         return
@@ -528,11 +532,11 @@ def check_tables_in_backup(tables: list[str], entry) -> None:
             hints.append(f"for {printable(key)} did you mean {', '.join(printable(n) for n in sorted(near))}?")
     listing = ", ".join(printable(k) for k in sorted(known)[:30]) + (" ..." if len(known) > 30 else "")
     raise InvalidRestoreRequest(
-        f"Not a table of backup {entry.backup_id}: {', '.join(printable(t) for t in unknown)}. "
+        f"Not a table of {what}: {', '.join(printable(t) for t in unknown)}. "
         + (" ".join(hints) + " " if hints else "")
         + "Name tables as schema.table, double-quoting names with upper case, spaces or dots "
         '(e.g. "Sales Dept"."Customer Accounts"). Views, materialized views and sequences are not '
-        f"tables: they come back with the schema of every table-level restore. The backup's tables: {listing}. "
+        f"tables: they come back with the schema of every table-level restore. The tables of {what}: {listing}. "
         "Nothing was touched."
     )
 
@@ -984,26 +988,55 @@ def run_stamp(run_id: str) -> str:
 
 
 def restore_into_target(objs: RestoreObjects, run_id: str, workdir: Path) -> dict[str, Any]:
-    """Download, check the roles, create the target and ``pg_restore`` into it; a failure drops only this run's target.
-
-    The target is created with the source's encoding and locale; roles the backup names that the
-    server lacks are created first (as on the source server, from the backup's ``globals.sql``) when
-    the form allows it (``restore_roles``), or the restore stops.
-    """
-    from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, globals_of, missing_roles, read_toc
-    from pgdr.logical.restore import download_backup, restore_dump
+    """Download the backup, then :func:`restore_dump_dir` it into the plan's target."""
+    from pgdr.logical.restore import download_backup
     from pgdr.postgres.client import check_restore_role
 
-    plan, db, entry, server, target = objs.plan, objs.db, objs.entry, objs.server, objs.restored
-    check_restore_role(target, db.restore_as_superuser)
+    db, entry = objs.db, objs.entry
+    check_restore_role(objs.restored, db.restore_as_superuser)
     data_key = objs.data_key()  # a missing key fails here, before the target is created
     dump = workdir / "dump"
     download = download_backup(entry.manifest, objs.store, dump, workers=max(2, db.dump_jobs), data_key=data_key)
+    restored = restore_dump_dir(
+        objs.plan, db, objs.server, objs.restored, dump, f"Backup {entry.backup_id}", run_id, workdir
+    )
+    log.info(
+        "Backup %s restored into %s in %.1fs (download %.1fs).",
+        entry.backup_id,
+        objs.plan["target"],
+        restored["restore_seconds"],
+        download["seconds"],
+    )
+    return {"download_seconds": download["seconds"], **restored}
+
+
+def restore_dump_dir(
+    plan: dict[str, Any],
+    db,
+    server: PgEndpoint,
+    target: PgEndpoint,
+    dump: Path,
+    what: str,
+    run_id: str,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Check the roles, create the target and ``pg_restore`` the local dump directory ``dump`` into it; a failure
+    drops only this run's target.
+
+    The target is created with the source's encoding and locale; roles the dump names that the
+    server lacks are created first (as on the source server, from the dump's ``globals.sql``) when
+    the form allows it (``restore_roles``), or the restore stops.
+
+    :param server: the target server, as the plan's connection; ``target``: the target database as the restore role.
+    :param what: the dump in messages ("Backup 2026...", "The dump of shop as of ...").
+    """
+    from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, globals_of, missing_roles, read_toc
+
     needs = backup_needs(read_toc(dump), workdir)
     missing = missing_roles(needs, server)
     if missing and not plan.get("restore_roles"):
         raise MissingRoles(
-            f"Backup {entry.backup_id} names role(s) that server {plan['target_server']} does not have: "
+            f"{what} names role(s) that server {plan['target_server']} does not have: "
             f"{', '.join(printable(r) for r in missing)}. Create them, or trigger again with restore_roles on. "
             "Nothing was created; the live database was not touched."
         )
@@ -1026,15 +1059,7 @@ def restore_into_target(objs: RestoreObjects, run_id: str, workdir: Path) -> dic
     except BaseException:
         drop_own_target(server, plan["target"], run_id)  # a half-restored database is garbage
         raise
-    log.info(
-        "Backup %s restored into %s in %.1fs (download %.1fs).",
-        entry.backup_id,
-        plan["target"],
-        restore_s,
-        download["seconds"],
-    )
     return {
-        "download_seconds": download["seconds"],
         "restore_seconds": restore_s,
         "tables_filled": filled,
         "roles_created": created,
@@ -1138,17 +1163,31 @@ def final_state(server: PgEndpoint, plan: dict[str, Any]) -> dict[str, Any]:
 
 def dump_moment(plan: dict[str, Any], res, run, label=lambda **_: None) -> dict[str, Any]:
     """Point-in-time restore: recover the server to the plan's moment in a scratch cluster (the live server is not
-    touched), store a dump of the database as it was then (a regular backup, which the later phases restore and
-    check like any other) and return the plan of that dump.
+    touched), dump the database as it was then and restore that dump into the target straight from the worker's
+    disk, while the same files are stored in the bucket as a regular backup (the evidence copy, checked later like
+    any other); return the plan of that dump, with the restore's result under ``restored_from_moment``.
+
+    A retry after the dump was stored does not recover again: the later phases restore the stored dump from the
+    bucket (the plan has no ``restored_from_moment``). A dry run never gets here.
 
     :param run: the task try (:class:`pgdr.resources.TaskRun`).
     """
     from pgdr.logical.backup import take_backup
     from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.postgres.client import check_restore_role
 
     pitr, started = plan["pitr"], datetime.now(UTC).isoformat()
     target = None if pitr["target"] == "latest" else datetime.fromisoformat(pitr["target"])
     db, server = res.plan.database(plan["database"]), res.plan.server(pitr["server"])
+    db_store, db_layout = res.store(db.storage)
+    db_catalog = BackupCatalog(db_store, db_layout, db.name)
+    info = {**run.info(), "pitr_server": server.name, "pitr_target": pitr["target"], "recovery_started_at": started}
+    stored = db_catalog.find_by_run(info.get("dag_id"), run.run_id)
+    if stored is not None:  # an earlier try recovered and stored the moment: restore that (no second recovery)
+        return _resumed_moment(plan, stored, label)
+    target_server = res.database(db, conn_id=plan["target_conn_id"])
+    restorer = res.restorer(db, target_server).with_dbname(plan["target"])
+    check_restore_role(restorer, db.restore_as_superuser)  # before an hour of recovery, not after
     store, layout, archive = res.archive(server)
     catalog = BaseBackupCatalog(store, layout, server.name)
     entry = catalog.get(pitr["base_backup"])
@@ -1156,37 +1195,91 @@ def dump_moment(plan: dict[str, Any], res, run, label=lambda **_: None) -> dict[
     cluster, prepared, result = run.recover(
         plan["database"], purpose, catalog, entry, store, archive, target, res.server(server).user
     )
+    achieved = result.achieved_point or target or datetime.fromisoformat(pitr["end_of_archive"])
+    what = f"The dump of {db.name} as of {achieved.isoformat()}"
+
+    def restore_beside(dump: Path, row_counts: dict[str, int]) -> dict[str, Any]:
+        check_tables_in(plan["tables"], row_counts, f"database {db.name} as of {achieved.isoformat()}")
+        began = datetime.now(UTC).isoformat()
+        restored = restore_dump_dir(plan, db, target_server, restorer, dump, what, run.run_id, restore_dir)
+        return {"started_at": began, "download_seconds": 0.0, **restored, "finished_at": datetime.now(UTC).isoformat()}
+
     try:
-        db_store, db_layout = res.store(db.storage)
-        achieved = result.achieved_point or target or datetime.fromisoformat(pitr["end_of_archive"])
-        info = {**run.info(), "pitr_server": server.name, "pitr_target": pitr["target"], "base_backup": entry.backup_id}
-        with run.workdir(f"pitr-dump-{db.name}") as workdir:
+        with run.workdir(f"pitr-dump-{db.name}") as workdir, run.workdir(f"pitr-restore-{db.name}") as restore_dir:
             dumped = take_backup(
                 db,
                 cluster.endpoint(db.dbname),
                 db_store,
                 db_layout,
                 workdir,
-                info,
+                {**info, "base_backup": entry.backup_id},
                 recovery_point=achieved,
                 keys=res.encryption_keys(db),
+                beside_upload=restore_beside,
             )
+    except BaseException:
+        _drop_quietly(target_server, plan["target"], run.run_id)  # perhaps restored, but not stored: not resumable
+        raise
     finally:
         cluster.destroy()
     manifest = dumped.manifest
     label(database=db.name, backup_id=manifest.backup_id)
-    check_tables_in_backup(plan["tables"], BackupCatalog(db_store, db_layout, db.name).get(manifest.backup_id))
     log.info(
-        "Server %s recovered to %s (achieved %s: the last transaction replayed); database %s dumped from it as "
-        "backup %s.",
+        "Server %s recovered to %s (achieved %s: the last transaction replayed); database %s dumped from it and "
+        "restored into %s in %.1fs straight from this worker's disk, while stored as backup %s (the evidence copy).",
         server.name,
         pitr["target"],
         achieved.isoformat(),
         db.name,
+        plan["target"],
+        dumped.beside["restore_seconds"],
         manifest.backup_id,
     )
     finished = datetime.now(UTC).isoformat()
-    return plan_of_moment(plan, manifest, entry.backup_id, result.to_dict(), prepared.timings, started, finished)
+    moment = plan_of_moment(plan, manifest, entry.backup_id, result.to_dict(), prepared.timings, started, finished)
+    return {**moment, "restored_from_moment": dumped.beside, "stored_while_restoring": _stored_phase(dumped)}
+
+
+def _stored_phase(dumped) -> dict[str, Any]:
+    """The evidence copy's storing, as a phase: its files were hashed (SHA-256) as they were written."""
+    started, finished = dumped.phases["upload"]
+    manifest = dumped.manifest
+    return {
+        "started_at": started,
+        "finished_at": finished,
+        "seconds": round(dumped.timings.get("upload", 0.0), 2),
+        "bytes": manifest.stored_size,
+        "files": len(manifest.files),
+        "checked": "restored from the recovered cluster's dump on the worker, not from the bucket; the "
+        f"{len(manifest.files)} files stored as backup {manifest.backup_id} were hashed (SHA-256) as they were "
+        "written, and are verified again by pgdr_verify_restore like any backup",
+    }
+
+
+def _drop_quietly(server: PgEndpoint, name: str, run_id: str) -> None:
+    """Drop this run's target after a failure, never hiding that failure behind another."""
+    try:
+        drop_own_target(server, name, run_id)
+    except Exception as err:  # noqa: BLE001 - the first failure is the one to report
+        log.warning("Could not drop this run's target %s after the failure (%s); drop it by hand.", name, err)
+
+
+def _resumed_moment(plan: dict[str, Any], stored: BackupEntry, label) -> dict[str, Any]:
+    """The plan of a moment an earlier try of this run already recovered and stored (see :func:`dump_moment`)."""
+    manifest = stored.manifest
+    started = (manifest.airflow or {}).get("recovery_started_at") or manifest.started_at.isoformat()
+    label(database=manifest.database, backup_id=manifest.backup_id)
+    check_tables_in_backup(plan["tables"], stored)
+    log.info(
+        "An earlier try of this run already recovered %s to %s and stored it as backup %s: restoring that, from the "
+        "bucket (no second recovery).",
+        manifest.database,
+        manifest.recovery_point.isoformat(),
+        manifest.backup_id,
+    )
+    recovery = {"achieved_recovery_point": manifest.recovery_point.isoformat(), "resumed_from": manifest.backup_id}
+    base_backup = (manifest.airflow or {}).get("base_backup") or plan["pitr"]["base_backup"]
+    return plan_of_moment(plan, manifest, base_backup, recovery, {}, started, datetime.now(UTC).isoformat())
 
 
 def write_restore_report(objs: RestoreObjects, phases: dict[str, dict | None], run: dict[str, Any]) -> tuple[dict, str]:

@@ -298,3 +298,62 @@ def test_row_counts_of_nested_partitions_are_summed_and_exact(pg_server):
     assert counts == direct
     assert counts["public.m"] == 1000 and counts["public.m_other"] == own == 334 and counts["public.nothing_yet"] == 0
     assert counts["public.m_eu"] == counts["public.m_eu_low"] + counts["public.m_eu_high"] == 666
+
+
+# -- a restore beside the upload (a point-in-time restore's dump) --------------------------------------------------
+
+
+def _local_backup_setup(root, pg_server):
+    from pgdr.plan import parse_plan
+    from pgdr.postgres.client import PgEndpoint
+    from pgdr.storage.backends import LocalFolderStore
+
+    plan = parse_plan(
+        f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: shop, conn_id: x, dump_jobs: 2}}]\n",
+        root / "p.yaml",
+    )
+    endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "shop", pg_server.password)
+    return plan.databases[0], endpoint, LocalFolderStore(root / "store")
+
+
+def test_beside_upload_reads_the_whole_dump_while_it_is_stored_twenty_times_four_at_once(pg_server, tmp_path):
+    """Each dump is read in full by the reader beside its upload (as pg_restore does) while it is hashed and stored:
+    every byte it read is what the manifest records, and nothing of the dump is removed under it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pgdr.logical.backup import take_backup
+    from pgdr.storage.layout import BackupLayout
+
+    db, endpoint, store = _local_backup_setup(tmp_path, pg_server)
+
+    def read_all(dump, row_counts):
+        assert row_counts  # the exact counts come with the dump
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(dump.iterdir()) if p.is_file()}
+
+    def one(i: int):
+        work = tmp_path / f"work-{i}"
+        work.mkdir()
+        result = take_backup(db, endpoint, store, BackupLayout(f"run-{i}"), work, beside_upload=read_all)
+        return result.beside, {f.name: f.sha256 for f in result.manifest.files}
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(20)))
+    for seen, stored in results:
+        assert seen == stored and "toc.dat" in seen
+
+
+def test_a_failure_beside_the_upload_is_raised_after_the_backup_is_stored(pg_server, tmp_path):
+    from pgdr.logical.backup import take_backup
+    from pgdr.logical.catalog import BackupCatalog
+    from pgdr.storage.layout import BackupLayout
+
+    db, endpoint, store = _local_backup_setup(tmp_path, pg_server)
+    (tmp_path / "work").mkdir()
+
+    def fails(dump, row_counts):
+        raise RuntimeError("the target went away")
+
+    with pytest.raises(RuntimeError, match="the target went away"):
+        take_backup(db, endpoint, store, BackupLayout("failing"), tmp_path / "work", beside_upload=fails)
+    (stored,) = BackupCatalog(store, BackupLayout("failing"), "shop").backups()  # a retry can restore it
+    assert stored.manifest.row_counts == source_row_counts(pg_server, "shop")

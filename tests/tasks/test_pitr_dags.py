@@ -133,6 +133,13 @@ def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag,
     done = _xcom(whole, "recover_to_moment")
     assert done["pitr"]["recovery"]["achieved_recovery_point"] <= moment.isoformat()
     assert datetime.fromisoformat(done["recovery_point"]) > moment - timedelta(seconds=2)
+    # Restored from the worker's disk while stored: nothing downloaded, the stored copy is a regular backup.
+    assert _xcom(whole, "restore_backup") == done["restored_from_moment"]
+    assert done["restored_from_moment"]["download_seconds"] == 0 and done["restored_from_moment"]["restore_seconds"] > 0
+    assert "not from the bucket" in _xcom(whole, "check_checksums")["checked"]
+    stored = _shop_catalog(s3_server).get(done["backup_id"])
+    assert stored.manifest.row_counts['"Billing Ü"."Invoice Lines"'] == 50
+    assert stored.manifest.airflow["run_id"] == whole.run_id
 
     one = run_dag(
         "pgdr_restore",
@@ -150,7 +157,58 @@ def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag,
         _sql(pitr_server, f"DROP DATABASE {name} WITH (FORCE)", "postgres")
 
 
-def test_a_moment_outside_the_window_fails_in_plan_restore_with_the_range(pitr_plan, run_dag, slack):
+def _shop_catalog(s3_server):
+    from pgdr.logical.catalog import BackupCatalog
+    from pgdr.storage.backends import S3Store
+    from pgdr.storage.layout import BackupLayout
+
+    return BackupCatalog(S3Store(s3_server.client, BUCKET), BackupLayout(PITR_PREFIX), "shop")
+
+
+def test_a_retry_after_the_moment_was_stored_restores_it_from_the_bucket_without_recovering_again(
+    pitr_plan, run_dag, pitr_server, s3_server, monkeypatch
+):
+    """The connection to the target drops during the first try's pg_restore, after the dump of the moment was
+    stored: the retry restores that stored dump (no second recovery of the server), and the copy is whole."""
+    import pgdr.incident
+    import psycopg
+    from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+
+    if not catalog_of(s3_server).backups():
+        assert run_dag("pgdr_basebackup", run_conf={"kind": "full"}).get_state() == "success"
+    _sql(pitr_server, "CREATE TABLE IF NOT EXISTS public.resume_probe (label text)")
+    _sql(pitr_server, "INSERT INTO public.resume_probe VALUES ('before the incident')")
+    switch_and_wait_archived(server_endpoint(pitr_plan.servers[0], pitr_plan), 60)
+    real, calls = pgdr.incident.restore_dump, []
+
+    def drops_once(*args, **kwargs):
+        calls.append(args[0].dbname)
+        if len(calls) == 1:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")  # a transient failure
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pgdr.incident, "restore_dump", drops_once)
+    run = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest", "target_name": "shop_resumed"})
+    try:
+        assert run.get_state() == "success", run.states
+        assert run.tries["recover_to_moment"] == 2 and calls == ["shop_resumed", "shop_resumed"]
+        done = _xcom(run, "recover_to_moment")
+        assert "restored_from_moment" not in done  # the retry restored the stored copy, from the bucket
+        assert done["pitr"]["recovery"]["resumed_from"] == done["backup_id"]
+        assert _xcom(run, "restore_backup")["download_seconds"] > 0
+        made = [e for e in _shop_catalog(s3_server).backups() if e.manifest.airflow.get("run_id") == run.run_id]
+        assert [e.backup_id for e in made] == [done["backup_id"]]  # one dump of the moment, not one per try
+        labels = _sql(pitr_server, "SELECT label FROM public.resume_probe", "shop_resumed")
+        assert ("before the incident",) in labels
+    finally:
+        _sql(pitr_server, "DROP DATABASE IF EXISTS shop_resumed WITH (FORCE)", "postgres")
+        _sql(pitr_server, "DROP TABLE IF EXISTS public.resume_probe")
+
+
+def test_a_moment_outside_the_window_fails_in_plan_restore_with_the_range(pitr_plan, run_dag, slack, s3_server):
+    if not catalog_of(s3_server).backups():  # alone on its xdist worker: the window needs a base backup
+        assert run_dag("pgdr_basebackup", run_conf={"kind": "full"}).get_state() == "success"
     failed = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "2020-01-01 00:00:00"})
     assert failed.states["plan_restore"] == "failed" and failed.states["recover_to_moment"] == "upstream_failed"
     (alert,) = [m["text"] for m in slack.messages if "plan_restore" in m.get("text", "")]

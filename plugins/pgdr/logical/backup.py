@@ -23,10 +23,12 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from pgdr.errors import DumpFailed
 from pgdr.logical.catalog import BackupCatalog, BackupFile, BackupManifest
@@ -57,6 +59,7 @@ class BackupResult:
     reused: bool
     timings: dict[str, float]
     phases: dict[str, tuple[str, str]] = None  # phase -> (started_at, finished_at), ISO UTC
+    beside: Any = None  # what take_backup's ``beside_upload`` returned
 
 
 def upload_dump(
@@ -67,9 +70,11 @@ def upload_dump(
     backup_id: str,
     workers: int,
     data_key: bytes | None = None,
+    keep_files: bool = False,
 ) -> tuple[list[BackupFile], list[str]]:
     """Hash and upload every file of a dump directory, ``workers`` at a time: as it is, or
     encrypted with ``data_key`` (each file sealed into a sibling folder, uploaded, then removed).
+    Each file is removed once stored, unless ``keep_files`` (something else reads the dump too).
 
     :return: the files as stored, and every key written (for clean-up on failure).
     """
@@ -97,7 +102,8 @@ def upload_dump(
             if upload is not path:
                 upload.unlink(missing_ok=True)
         uploaded.append(key)
-        path.unlink()  # free the work directory as the upload goes
+        if not keep_files:
+            path.unlink()  # free the work directory as the upload goes
         return BackupFile(name=path.name, key=key, size=size, stored_size=stored_size, sha256=sha256)
 
     files = sorted((p for p in dump_dir.iterdir() if p.is_file()), key=lambda p: p.stat().st_size, reverse=True)
@@ -168,6 +174,7 @@ def take_backup(
     airflow_info: dict | None = None,
     recovery_point: datetime | None = None,
     keys=None,
+    beside_upload: Callable[[Path, dict[str, int]], Any] | None = None,
 ) -> BackupResult:
     """Back up ``db`` into ``store``; see the module docstring for the steps.
 
@@ -177,6 +184,11 @@ def take_backup(
         that moment; by default the time of the dump's snapshot.
     :param keys: the master keys (:class:`pgdr.storage.encryption.MasterKeys`) of a database the
         plan encrypts; its current key wraps this backup's fresh data key.
+    :param beside_upload: called with the dump directory and the exact row counts once the dump is
+        complete, in a thread, while the files are hashed and uploaded (a point-in-time restore
+        restores the dump from there, without downloading it again). The files stay in the
+        directory until both are done. Its return value is the result's ``beside``; if it raises,
+        the backup is still stored (manifest last) and its error is raised after.
     """
     if db.encryption_key_conn_id and keys is None:
         raise ValueError(f"database {db.name!r} is encrypted in the plan, but no master keys were given")
@@ -246,12 +258,63 @@ def take_backup(
     dump_globals(endpoint, dump_dir / GLOBALS_FILE, workdir)  # stored, hashed and encrypted like every file of the dump
 
     backup_id = new_backup_id(recovery_point)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgdr-beside-upload") as beside_pool:
+        beside = beside_pool.submit(beside_upload, dump_dir, row_counts) if beside_upload else None
+        stored = _store_dump(
+            db,
+            endpoint,
+            store,
+            layout,
+            dump_dir,
+            backup_id,
+            keys,
+            timings,
+            phases,
+            keep_files=beside is not None,
+            manifest_fields={
+                "started_at": started_at,
+                "recovery_point": recovery_point,
+                "server_version": server_version,
+                "client_version": client_version,
+                "database_bytes": database_bytes,
+                "row_counts": row_counts,
+                "large_objects": large_objects,
+                "sequences": sequences,
+                "airflow": {k: v for k, v in airflow_info.items() if v is not None},
+            },
+        )
+    # Leaving the pool waited for beside_upload; its error (if any) is raised now, the backup being stored.
+    return replace(stored, beside=beside.result() if beside else None)
+
+
+def _store_dump(
+    db: ProtectedDatabase,
+    endpoint: PgEndpoint,
+    store: BackupStore,
+    layout: BackupLayout,
+    dump_dir: Path,
+    backup_id: str,
+    keys,
+    timings: dict[str, float],
+    phases: dict[str, tuple[str, str]],
+    keep_files: bool,
+    manifest_fields: dict[str, Any],
+) -> BackupResult:
+    """Hash, (encrypt,) upload every file of the dump, then write the manifest, last."""
+    catalog = BackupCatalog(store, layout, db.name)
     data_key = os.urandom(32) if keys is not None else None  # fresh for every backup, never stored in the clear
     upload_started = _utc_now()
     t1 = time.monotonic()
     try:
         files, uploaded = upload_dump(
-            dump_dir, store, layout, db.name, backup_id, workers=max(2, db.dump_jobs), data_key=data_key
+            dump_dir,
+            store,
+            layout,
+            db.name,
+            backup_id,
+            workers=max(2, db.dump_jobs),
+            data_key=data_key,
+            keep_files=keep_files,
         )
     except Exception as err:
         _remove_partial(store, getattr(err, "uploaded_keys", []), backup_id)
@@ -262,23 +325,15 @@ def take_backup(
         backup_id=backup_id,
         database=db.name,
         dbname=endpoint.dbname,
-        recovery_point=recovery_point,
-        started_at=started_at,
         finished_at=datetime.now(UTC),
-        server_version=server_version,
-        client_version=client_version,
         format="directory",
         compression=db.compression,
         compression_level=None,
         compressed_by="pg_dump",
-        database_bytes=database_bytes,
         dump_jobs=db.dump_jobs,
         files=tuple(files),
-        row_counts=row_counts,
-        large_objects=large_objects,
-        sequences=sequences,
         storage=store.describe(layout.backup_prefix(db.name, backup_id)),
-        airflow={k: v for k, v in airflow_info.items() if v is not None},
+        **manifest_fields,
     )
     if data_key is not None:
         manifest = seal_manifest(manifest, keys, data_key, db.encryption_key_conn_id)
@@ -301,8 +356,6 @@ def take_backup(
 def seal_manifest(manifest: BackupManifest, keys, data_key: bytes, key_conn_id: str) -> BackupManifest:
     """Return ``manifest`` with its encryption record: the data key wrapped by the current master key,
     and the HMAC that lets a restore prove nobody without the key changed the manifest."""
-    from dataclasses import replace
-
     from pgdr.storage.encryption import manifest_mac, wrap
 
     record = wrap(keys, data_key, key_conn_id, manifest.database, manifest.backup_id)

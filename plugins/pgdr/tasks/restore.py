@@ -108,6 +108,10 @@ def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
     from pgdr.logical.restore import verify_checksums
 
     _skip_dry_run(plan, "Dry run: the restore plan is in the log of plan_restore; nothing was done.")
+    if plan.get("stored_while_restoring"):  # point in time: restored from the worker's disk, not from the bucket
+        _label(context, plan["database"], plan["backup_id"])
+        log.info("Nothing to download and check: %s.", plan["stored_while_restoring"]["checked"])
+        return plan["stored_while_restoring"]
     with timed() as out, fail_fast():
         objs = _objects(plan, context)
         out.update(
@@ -125,6 +129,15 @@ def run_restore(plan: dict[str, Any], context) -> dict[str, Any]:
     """Body of ``restore_backup``: into the new target database; a failed try drops only its own target."""
     from pgdr.incident import restore_into_target
 
+    if plan.get("restored_from_moment"):  # point in time: recover_to_moment restored the dump as it was written
+        _label(context, plan["database"], plan["backup_id"])
+        done = plan["restored_from_moment"]
+        log.info(
+            "Already restored into %s by recover_to_moment, straight from the recovered cluster's dump (%.1fs).",
+            plan["target"],
+            done["restore_seconds"],
+        )
+        return done
     with timed() as out, fail_fast():
         objs = _objects(plan, context)
         with task_workdir(context, f"incident-{objs.db.name}") as workdir:
