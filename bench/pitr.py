@@ -19,7 +19,11 @@ results are merged into the same JSON file as bench/run.py's.
 4. whole-server recovery onto "this host" with ``recover-server``'s code (plan, place, replay to the
    end of the archive, proof with ``pg_amcheck`` and expectations, hand-over restart): ``server_recovery_s``
    (reported; the peer's restore + replay, barman-cloud-restore, is not run here yet);
-5. under a steady pgbench write load (2 clients at full speed, the server's own limit): every
+5. one database as of a moment (the incident restore's point-in-time path): the server recovered to the end
+   of the archive, the database dumped from it and restored into another server, streamed from the worker's
+   disk while the evidence copy is uploaded (``database_as_of_s``), against the path before, through the bucket
+   (``database_as_of_vs_bucket``, goal <= 0.6);
+6. under a steady pgbench write load (2 clients at full speed, the server's own limit): every
    5 s, the data a server loss would cost at that moment: now minus the last commit in the newest
    archived WAL segment (``rpo_achieved_s``, goal <= 60), and the time since the archiver last
    shipped a segment (``wal_archive_lag_s``).
@@ -287,6 +291,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  round {r + 1}: {elapsed:.1f}s {report['phase_seconds']}", flush=True)
         runs["server_recovery"] = server_runs
 
+        print("A database as of a moment: restored beside the upload, against through the bucket...", flush=True)
+        seed_pg = PgEndpoint("127.0.0.1", seed_server.port, "postgres", "postgres", seed_server.password)
+        as_of = measure_database_as_of(args.rounds, work, catalog, newest, store, archive, seed_pg, settle)
+        runs["database_as_of"] = as_of["streamed_total"]
+        runs["database_as_of_via_bucket"] = as_of["via_bucket_total"]
+
         print(f"RPO under a steady write load for {load_s}s...", flush=True)
         rpo, lag, load_tps = measure_rpo(server, env, archive, store, load_s)
     finally:
@@ -300,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         "incremental_speedup": round(med["pgdr_full"] / med["pgdr_incremental"], 2),
         "pitr_restore_speedup_vs_seed": round(med["seed_restore"] / med["pitr_restore"], 2),
         "server_recovery_s": round(med["server_recovery"], 2),
+        "database_as_of_s": round(med["database_as_of"], 2),
+        "database_as_of_vs_bucket": round(med["database_as_of"] / med["database_as_of_via_bucket"], 3),
         "rpo_achieved_s": round(statistics.median(rpo), 1),
         "wal_archive_lag_s": round(statistics.median(lag), 1),
         "pitr": {
@@ -316,6 +328,11 @@ def main(argv: list[str] | None = None) -> None:
             "server_recovery_includes": "plan, download + SHA-256 + pg_verifybackup + extract, move into the data "
             "directory, replay to the end of the archive, heartbeat proof, pg_amcheck + sequences + expectations "
             "of the bench database as a non-superuser, hand-over restart in its own configuration",
+            "database_as_of_phases_s": as_of["phases"],
+            "database_as_of_includes": "recovery of the server to the end of the archive in a scratch cluster, then "
+            "pg_dump -Fd -j 2 of the bench database and pg_restore -j 2 into another server; streamed: pg_restore "
+            "reads the dump from the worker's disk while it is uploaded (SHA-256) as the evidence copy; via the "
+            "bucket (the path before): upload, SHA-256 check of the stored files, download, then pg_restore",
             "incremental_workload": "UPDATE of the newest 1 % of pgbench_accounts' rows (1 % of its pages)",
             "rpo_samples_s": [round(x, 1) for x in rpo],
             "rpo_max_s": round(max(rpo), 1),
@@ -337,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         ("rpo_achieved_s", "<= 60", results["rpo_achieved_s"] <= 60),
         ("wal_archive_lag_s", "(reported)", True),
         ("server_recovery_s", "(reported)", True),
+        ("database_as_of_s", "(reported)", True),
+        ("database_as_of_vs_bucket", "<= 0.6", results["database_as_of_vs_bucket"] <= 0.6),
     ]
     for name, target, ok in rows:
         print(f"{name:<30}{results[name]:>10}  {target}  {'ok' if ok else 'MISSED'}")
@@ -374,6 +393,86 @@ def recover_whole_server(root: Path, store, layout, archive, pg) -> tuple[float,
     )
     shutil.rmtree(root, ignore_errors=True)  # the data directory and its recovery's control directory beside it
     return elapsed, report
+
+
+def measure_database_as_of(rounds: int, work: Path, catalog, newest, store, archive, target, settle) -> dict:
+    """Time a point-in-time restore of one database: the server recovered to the end of the archive in a scratch
+    cluster, then the database dumped from it and restored into ``target``'s server, both ways, in alternating order
+    on the same recovered cluster: streamed (``take_backup``'s ``beside_upload``, as ``dump_moment`` does now) and
+    through the bucket (stored, checked, downloaded, restored: the path before). Return the totals and phases."""
+    from pgdr.logical.backup import take_backup
+    from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
+    from pgdr.physical.cluster import ScratchCluster
+    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
+    from pgdr.plan import parse_plan
+    from pgdr.postgres.client import connect, identifier
+    from pgdr.storage.layout import BackupLayout
+
+    config = work / "as-of-plan.yaml"
+    db = parse_plan(
+        f"storage: {{s: {{type: local, path: {work}}}}}\ndatabases: [{{name: bench, conn_id: x, dump_jobs: 2}}]\n",
+        config,
+    ).databases[0]
+    out: dict = {"streamed_total": [], "via_bucket_total": [], "phases": []}
+
+    def fresh(name: str):
+        with connect(target.with_dbname("postgres")) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {identifier(name)}")
+        return target.with_dbname(name)
+
+    def via_bucket(source, r: int) -> float:
+        into = fresh("as_of_via_bucket")
+        folder = work / f"as-of-bucket-{r}"
+        (folder / "work").mkdir(parents=True)
+        t = time.perf_counter()
+        manifest = take_backup(db, source, store, BackupLayout(f"as-of/bucket-{r}"), folder / "work").manifest
+        verify_checksums(manifest, store, workers=2)
+        download_backup(manifest, store, folder / "dump", workers=2)
+        restore_dump(into, folder / "dump", 2, folder)
+        elapsed = time.perf_counter() - t
+        shutil.rmtree(folder)
+        return elapsed
+
+    def streamed(source, r: int) -> float:
+        into = fresh("as_of_streamed")
+        folder = work / f"as-of-streamed-{r}"
+        (folder / "restore").mkdir(parents=True)
+        (folder / "work").mkdir()
+        t = time.perf_counter()
+        take_backup(
+            db,
+            source,
+            store,
+            BackupLayout(f"as-of/streamed-{r}"),
+            folder / "work",
+            beside_upload=lambda dump, _counts: restore_dump(into, dump, 2, folder / "restore"),
+        )
+        elapsed = time.perf_counter() - t
+        shutil.rmtree(folder)
+        return elapsed
+
+    for r in range(rounds):
+        settle()
+        cluster = ScratchCluster(work / f"as-of-cluster-{r}", newest.record.pg_version)
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            Path(tmp).chmod(0o755)
+            prepare_data_directory(catalog, newest, store, Path(tmp), cluster.data_dir, archive)
+            recover_cluster(cluster, archive, None)
+        recover_s = time.perf_counter() - t
+        source = cluster.endpoint("bench")
+        order = [("streamed", streamed), ("via_bucket", via_bucket)]
+        timed = {name: run(source, r) for name, run in (order if r % 2 == 0 else order[::-1])}
+        cluster.destroy()
+        out["streamed_total"].append(recover_s + timed["streamed"])
+        out["via_bucket_total"].append(recover_s + timed["via_bucket"])
+        out["phases"].append({"recover": round(recover_s, 2), **{k: round(v, 2) for k, v in timed.items()}})
+        print(f"  round {r + 1}: {out['phases'][-1]}", flush=True)
+    with connect(target.with_dbname("postgres")) as conn:
+        for name in ("as_of_via_bucket", "as_of_streamed"):
+            conn.execute(f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)")
+    return out
 
 
 def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float], list[float], float]:
