@@ -42,12 +42,10 @@ the mode and, for `replace`, a confirmation.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
 from airflow.sdk import Param, dag, task
 from pgdr.airflow_glue.deadlines import dag_deadline
-from pgdr.airflow_glue.defaults import default_args
+from pgdr.airflow_glue.defaults import default_args, restore_timeout
 from pgdr.airflow_glue.notify import run_callbacks
 from pgdr.plan import load_plan
 from pgdr.tasks import call
@@ -63,7 +61,7 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
     catchup=False,
     max_active_runs=1,  # one restore at a time: two restores of one database must never race
     tags=["pgdr", "restore", "incident", "disaster-recovery"],
-    default_args=default_args(PLAN, execution_timeout=timedelta(hours=6)),
+    default_args=default_args(PLAN, execution_timeout=restore_timeout(PLAN)),
     deadline=dag_deadline(PLAN, "pgdr_restore"),
     **run_callbacks(),
     params={

@@ -325,3 +325,11 @@ def test_the_archive_command_asks_for_the_targets_server_side_encryption():
     )
     sse_s3 = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, "AES256")
     assert " --encryption AES256 --gzip " in sse_s3.archive_command(Path("/bin"))
+
+
+def test_the_restore_timeout_grows_with_the_largest_rto_and_never_drops_under_six_hours():
+    from pgdr.airflow_glue.defaults import restore_timeout
+
+    assert restore_timeout(_plan("")) == timedelta(hours=6)  # RTO 30 min by default: the floor
+    large = BASE.replace("{name: billing, conn_id: main_conn}", "{name: billing, conn_id: main_conn, rto: 8h}")
+    assert restore_timeout(parse_plan(large, Path("/plans/pgdr.yaml"))) == timedelta(hours=32)

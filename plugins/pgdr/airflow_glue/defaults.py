@@ -23,3 +23,18 @@ def default_args(plan: DRPlan, execution_timeout: timedelta) -> dict[str, Any]:
         "execution_timeout": execution_timeout,
         "on_failure_callback": TaskFailureJournal(),
     }
+
+
+RESTORE_TIMEOUT_FLOOR = timedelta(hours=6)
+RESTORE_TIMEOUT_RTO_FACTOR = 4
+
+
+def restore_timeout(plan: DRPlan) -> timedelta:
+    """Return the ``execution_timeout`` of the restore's tasks: four times the plan's largest RTO, never under 6 h.
+
+    A timeout only ever stops a stuck task; a restore that runs past its RTO is already alerted by the
+    DAG's deadline and must be left to finish (a 500 GB database with an 8-hour RTO gets 32 hours, not
+    6 hours that would kill it near the end).
+    """
+    largest = max((db.rto for db in plan.databases), default=timedelta(0))
+    return max(RESTORE_TIMEOUT_FLOOR, RESTORE_TIMEOUT_RTO_FACTOR * largest)
