@@ -143,6 +143,18 @@ def test_deadline_alerts_come_from_the_triggerer_one_email_and_one_slack_message
     assert not any("deadline_missed" in celery_cluster.task_log(w) for w in celery_cluster.workers)
 
 
+def test_great_expectations_is_imported_once_per_worker_not_once_per_task(celery_cluster, newest_backup):
+    """The workers import it before they fork (pgdr.airflow_glue.celery_config): every validate_data task that ran
+    in this deployment found it in memory, none imported it again."""
+    backup_id = newest_backup("shop")
+    run_id = celery_cluster.trigger("pgdr_verify_restore", {"database": "shop", "backup_id": backup_id})
+    run = celery_cluster.wait_for_run("pgdr_verify_restore", run_id, timeout=300)
+    assert run["state"] == "success", run["task_states"]
+    logs = "".join(celery_cluster.task_log(w) for w in celery_cluster.workers)
+    assert "Great Expectations already in memory (imported by the worker before it forked this task)" in logs
+    assert "Great Expectations imported in" not in logs
+
+
 def _pg_restore_on_a_worker(cluster) -> str | None:
     for worker in cluster.workers:
         if "pg_restore" in cluster.processes_of(worker).values():

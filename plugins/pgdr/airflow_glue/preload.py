@@ -1,0 +1,42 @@
+"""Imported once by each Celery worker before it forks (see :mod:`pgdr.airflow_glue.celery_config`): the libraries
+pgdr's tasks import that are slow to import. Importing them starts no thread (checked by a test), so forking after
+is safe. A module that cannot be imported here is imported by the task that needs it, with its own error there.
+
+Third-party libraries only: pgdr's own modules are imported by each task, so that new plugin code deployed to a
+running worker is what its next task runs (a library upgrade restarts the workers anyway)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+
+log = logging.getLogger(__name__)
+
+MODULES = (
+    "great_expectations",
+    "great_expectations.expectations.expectation_configuration",
+    "great_expectations.data_context.types.base",
+    "psycopg",
+    "boto3",
+)
+
+
+def preload(modules: tuple[str, ...] = MODULES) -> dict[str, float]:
+    """Import ``modules``; return the seconds each took (a failed one is logged and skipped)."""
+    took = {}
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # as pgdr.checks.validation sets it, before the import
+    for name in modules:
+        started = time.monotonic()
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - the task that needs it reports it, with its own context
+            log.warning("pgdr preload: %s not imported (%s); the tasks import it themselves.", name, err)
+            continue
+        took[name] = time.monotonic() - started
+    log.info("pgdr preload: %d modules imported in %.1fs before the pool forks.", len(took), sum(took.values()))
+    return took
+
+
+SECONDS = preload()
