@@ -1164,8 +1164,8 @@ def final_state(server: PgEndpoint, plan: dict[str, Any]) -> dict[str, Any]:
 def dump_moment(plan: dict[str, Any], res, run, label=lambda **_: None) -> dict[str, Any]:
     """Point-in-time restore: recover the server to the plan's moment in a scratch cluster (the live server is not
     touched), dump the database as it was then and restore that dump into the target straight from the worker's
-    disk, while the same files are stored in the bucket as a regular backup (the evidence copy, checked later like
-    any other); return the plan of that dump, with the restore's result under ``restored_from_moment``.
+    disk, while the same files are stored in the bucket as a regular backup (the evidence copy); return the plan of
+    that dump, with the restore's result under ``restored_from_moment``.
 
     A retry after the dump was stored does not recover again: the later phases restore the stored dump from the
     bucket (the plan has no ``restored_from_moment``). A dry run never gets here.
@@ -1252,7 +1252,8 @@ def _stored_phase(dumped) -> dict[str, Any]:
         "files": len(manifest.files),
         "checked": "restored from the recovered cluster's dump on the worker, not from the bucket; the "
         f"{len(manifest.files)} files stored as backup {manifest.backup_id} were hashed (SHA-256) as they were "
-        "written, and are verified again by pgdr_verify_restore like any backup",
+        f"written; to prove that stored copy too, trigger pgdr_verify_restore with database {manifest.database} and "
+        f"backup_id {manifest.backup_id}",
     }
 
 
