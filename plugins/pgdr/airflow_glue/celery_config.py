@@ -4,8 +4,8 @@ Point ``[celery] celery_config_options`` (``AIRFLOW__CELERY__CELERY_CONFIG_OPTIO
 ``pgdr.airflow_glue.celery_config.CELERY_CONFIG``, as docker-compose.yaml does. The worker imports
 :mod:`pgdr.airflow_glue.preload` at start, before it forks its pool; every task process Airflow then
 forks from the pool (Airflow 3's supervisor forks, it does not start a new interpreter) has Great
-Expectations and pgdr's modules in memory already, instead of importing them again (about 5 s a
-``validate_data`` task on a 2-core machine).
+Expectations (and the other libraries the preload names; not pgdr's own modules) in memory already,
+instead of importing them again (about 3-5 s a ``validate_data`` task on a 2-core machine).
 """
 
 from __future__ import annotations
