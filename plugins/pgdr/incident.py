@@ -1057,7 +1057,7 @@ def restore_dump_dir(
             restore_dump(target, dump, db.dump_jobs, workdir)
         restore_s = time.monotonic() - t0
     except BaseException:
-        drop_own_target(server, plan["target"], run_id)  # a half-restored database is garbage
+        _drop_quietly(server, plan["target"], run_id)  # a half-restored database is garbage
         raise
     return {
         "restore_seconds": restore_s,

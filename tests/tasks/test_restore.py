@@ -250,3 +250,28 @@ def test_corrupt_backup_fails_at_checksum_and_leaves_the_live_database_alone(res
     assert "is corrupt and was refused" in slack.texts()[0]
     report = _report(root, backup_id)
     assert report["status"] == "failed" and report["failed_phase"] == "check_checksums"
+
+
+def test_a_failed_pg_restore_is_reported_even_when_dropping_the_half_restored_target_fails(
+    restore_plan, run_dag, pg_server, slack, monkeypatch
+):
+    """Cleaning up after a failure must never replace that failure: the on-call needs pg_restore's error (what
+    broke), with the target left to drop by hand named, not the cleanup's."""
+    import pgdr.incident
+
+    def pg_restore_fails(*_args, **_kwargs):
+        raise RuntimeError("pg_restore: error: could not execute query: ERROR:  out of shared memory")
+
+    def drop_fails(*_args, **_kwargs):
+        raise psycopg.OperationalError("connection to server failed: Connection refused")
+
+    monkeypatch.setattr(pgdr.incident, "restore_dump", pg_restore_fails)
+    monkeypatch.setattr(pgdr.incident, "drop_own_target", drop_fails)
+    with pytest.MonkeyPatch.context() as logged:
+        warnings = []
+        logged.setattr(pgdr.incident.log, "warning", lambda msg, *args: warnings.append(msg % args))
+        dag_run = _restore(run_dag, target_name="shop_half_restored")
+    assert dag_run.states["restore_backup"] == "failed", dag_run.states
+    alert = next(t for t in slack.texts() if "restore_backup" in t)
+    assert "out of shared memory" in alert and "Connection refused" not in alert
+    assert any("Could not drop this run's target shop_half_restored" in w for w in warnings), warnings
