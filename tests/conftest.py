@@ -177,23 +177,31 @@ def run_dag():
     return run
 
 
-def backup_into_local_store(root, pg_server, database: str = "shop", compression: str = "gzip:1") -> str:
-    """Take a real backup of ``database`` into a local store at ``root``; return its id."""
-    from pgdr.logical.backup import take_backup
+def local_backup_setup(root, pg_server, database: str = "shop", store_root=None, **options):
+    """A database of a one-database plan with a local store (at ``store_root``, else ``root``) and its endpoint on
+    ``pg_server``: ``(db, endpoint, store)``. ``options`` are the database's plan keys (``dump_jobs=2``)."""
+    import json
+
     from pgdr.plan import parse_plan
     from pgdr.postgres.client import PgEndpoint
     from pgdr.storage.backends import LocalFolderStore
-    from pgdr.storage.layout import BackupLayout
 
+    keys = "".join(f", {key}: {json.dumps(value)}" for key, value in options.items())
     plan = parse_plan(
-        f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: {database}, conn_id: x, compression: "
-        f"'{compression}'}}]\n",
+        f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: {database}, conn_id: x{keys}}}]\n",
         root / "p.yaml",
     )
     endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", database, pg_server.password)
-    return take_backup(
-        plan.databases[0], endpoint, LocalFolderStore(root), BackupLayout(), root / "work"
-    ).manifest.backup_id
+    return plan.databases[0], endpoint, LocalFolderStore(store_root or root)
+
+
+def backup_into_local_store(root, pg_server, database: str = "shop", compression: str = "gzip:1") -> str:
+    """Take a real backup of ``database`` into a local store at ``root``; return its id."""
+    from pgdr.logical.backup import take_backup
+    from pgdr.storage.layout import BackupLayout
+
+    db, endpoint, store = local_backup_setup(root, pg_server, database, compression=compression)
+    return take_backup(db, endpoint, store, BackupLayout(), root / "work").manifest.backup_id
 
 
 def source_row_counts(server, dbname: str) -> dict[str, int]:

@@ -8,7 +8,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import BUCKET, source_row_counts
+from conftest import BUCKET, local_backup_setup, source_row_counts
 from pgdr.records import VerificationRecord
 from support import copy_backup_as
 
@@ -303,19 +303,6 @@ def test_row_counts_of_nested_partitions_are_summed_and_exact(pg_server):
 # -- a restore beside the upload (a point-in-time restore's dump) --------------------------------------------------
 
 
-def _local_backup_setup(root, pg_server):
-    from pgdr.plan import parse_plan
-    from pgdr.postgres.client import PgEndpoint
-    from pgdr.storage.backends import LocalFolderStore
-
-    plan = parse_plan(
-        f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: shop, conn_id: x, dump_jobs: 2}}]\n",
-        root / "p.yaml",
-    )
-    endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", "shop", pg_server.password)
-    return plan.databases[0], endpoint, LocalFolderStore(root / "store")
-
-
 def test_beside_upload_reads_the_whole_dump_while_it_is_stored_twenty_times_four_at_once(pg_server, tmp_path):
     """Each dump is read in full by the reader beside its upload (as pg_restore does) while it is hashed and stored:
     every byte it read is what the manifest records, and nothing of the dump is removed under it."""
@@ -324,7 +311,7 @@ def test_beside_upload_reads_the_whole_dump_while_it_is_stored_twenty_times_four
     from pgdr.logical.backup import take_backup
     from pgdr.storage.layout import BackupLayout
 
-    db, endpoint, store = _local_backup_setup(tmp_path, pg_server)
+    db, endpoint, store = local_backup_setup(tmp_path, pg_server, store_root=tmp_path / "store", dump_jobs=2)
 
     def read_all(dump, row_counts):
         assert row_counts  # the exact counts come with the dump
@@ -347,7 +334,7 @@ def test_a_failure_beside_the_upload_is_raised_after_the_backup_is_stored(pg_ser
     from pgdr.logical.catalog import BackupCatalog
     from pgdr.storage.layout import BackupLayout
 
-    db, endpoint, store = _local_backup_setup(tmp_path, pg_server)
+    db, endpoint, store = local_backup_setup(tmp_path, pg_server, store_root=tmp_path / "store", dump_jobs=2)
     (tmp_path / "work").mkdir()
 
     def fails(dump, row_counts):
