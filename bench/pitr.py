@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
     from pgdr.physical.basebackup import take_base_backup
     from pgdr.physical.catalog import BaseBackupCatalog
-    from pgdr.physical.cluster import ScratchCluster
     from pgdr.physical.heartbeat import switch_and_wait_archived
-    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
     from pgdr.postgres.client import PgEndpoint
     from pgdr.storage.backends import S3Store
     from pgdr.storage.layout import PhysicalLayout
@@ -232,16 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         phases: list[dict] = []
         for r in range(args.rounds):
             settle()
-            cluster = ScratchCluster(work / f"cluster-{r}", newest.record.pg_version)
-            t = time.perf_counter()
-            with tempfile.TemporaryDirectory(dir=work) as tmp:
-                Path(tmp).chmod(0o755)
-                prepared = prepare_data_directory(catalog, newest, store, Path(tmp), cluster.data_dir, archive)
-                recovery = recover_cluster(cluster, archive, None)
-            runs["pitr_restore"].append(time.perf_counter() - t)
-            phases.append(
-                {**{k: round(v, 2) for k, v in prepared.timings.items()}, "recover": round(recovery.replay_seconds, 2)}
-            )
+            cluster, seconds, timings = recover_scratch(work / f"cluster-{r}", catalog, newest, store, archive)
+            runs["pitr_restore"].append(seconds)
+            phases.append(timings)
             cluster.destroy()
             psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
             psql("CREATE DATABASE seed_restored", on=seed_env)
@@ -266,17 +257,11 @@ def main(argv: list[str] | None = None) -> None:
         psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
         chain_tip = catalog.backups()[-1]  # an incremental one: the chain full -> incremental, combined
         settle()
-        cluster = ScratchCluster(work / "cluster-chain", chain_tip.record.pg_version)
-        t = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            Path(tmp).chmod(0o755)
-            prepared = prepare_data_directory(catalog, chain_tip, store, Path(tmp), cluster.data_dir, archive)
-            recovery = recover_cluster(cluster, archive, None)
+        cluster, seconds, timings = recover_scratch(work / "cluster-chain", catalog, chain_tip, store, archive)
         chain_restore = {
-            "seconds": round(time.perf_counter() - t, 2),
+            "seconds": round(seconds, 2),
             "chain": [e.backup_id for e in catalog.chain(chain_tip)],
-            **{k: round(v, 2) for k, v in prepared.timings.items()},
-            "recover": round(recovery.replay_seconds, 2),
+            **timings,
         }
         cluster.destroy()
         print(f"  an incremental chain: {chain_restore}", flush=True)
@@ -395,6 +380,27 @@ def recover_whole_server(root: Path, store, layout, archive, pg) -> tuple[float,
     return elapsed, report
 
 
+def recover_scratch(root: Path, catalog, entry, store, archive) -> tuple[object, float, dict]:
+    """Recover ``entry`` (and its chain) to the end of the archive in a new scratch cluster at ``root``; return the
+    running cluster (the caller destroys it), the seconds it took, and its phases' seconds (``recover``: the replay).
+    """
+    from pgdr.physical.cluster import ScratchCluster
+    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
+
+    cluster = ScratchCluster(root, entry.record.pg_version)
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        Path(tmp).chmod(0o755)
+        prepared = prepare_data_directory(catalog, entry, store, Path(tmp), cluster.data_dir, archive)
+        recovery = recover_cluster(cluster, archive, None)
+    seconds = time.perf_counter() - t
+    return (
+        cluster,
+        seconds,
+        {**{k: round(v, 2) for k, v in prepared.timings.items()}, "recover": round(recovery.replay_seconds, 2)},
+    )
+
+
 def measure_database_as_of(rounds: int, work: Path, catalog, newest, store, archive, target, settle) -> dict:
     """Time a point-in-time restore of one database: the server recovered to the end of the archive in a scratch
     cluster, then the database dumped from it and restored into ``target``'s server, both ways, in alternating order
@@ -402,8 +408,6 @@ def measure_database_as_of(rounds: int, work: Path, catalog, newest, store, arch
     through the bucket (stored, checked, downloaded, restored: the path before). Return the totals and phases."""
     from pgdr.logical.backup import take_backup
     from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
-    from pgdr.physical.cluster import ScratchCluster
-    from pgdr.physical.recovery import prepare_data_directory, recover_cluster
     from pgdr.plan import parse_plan
     from pgdr.postgres.client import connect, identifier
     from pgdr.storage.layout import BackupLayout
@@ -454,13 +458,7 @@ def measure_database_as_of(rounds: int, work: Path, catalog, newest, store, arch
 
     for r in range(rounds):
         settle()
-        cluster = ScratchCluster(work / f"as-of-cluster-{r}", newest.record.pg_version)
-        t = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            Path(tmp).chmod(0o755)
-            prepare_data_directory(catalog, newest, store, Path(tmp), cluster.data_dir, archive)
-            recover_cluster(cluster, archive, None)
-        recover_s = time.perf_counter() - t
+        cluster, recover_s, _timings = recover_scratch(work / f"as-of-cluster-{r}", catalog, newest, store, archive)
         source = cluster.endpoint("bench")
         order = [("streamed", streamed), ("via_bucket", via_bucket)]
         timed = {name: run(source, r) for name, run in (order if r % 2 == 0 else order[::-1])}
