@@ -32,6 +32,10 @@ the mode and, for `replace`, a confirmation.
    are ended, it is renamed `<db>_pre_restore_<UTC time>` (kept, never dropped, connections
    disabled) and the restored copy takes its name. A failed swap is rolled back. Never retried.
 6. **write_report**: a markdown and JSON report next to the backup, and a Slack summary.
+7. **evidence_to_verify** and **verify_evidence_copy** (point in time, once restored): trigger
+   `pgdr_verify_restore` (run id `evidence__<this run's id>`) for the moment's stored copy, so it is
+   proven restorable like every scheduled backup (the daily run only takes backups whose recovery
+   point lies in its interval). Skipped otherwise.
 
 **When it fails**: the live database is unchanged unless `swap_into_place` succeeded.
 - *plan_restore*: the message says what to fix in the form; trigger again.
@@ -43,6 +47,7 @@ the mode and, for `replace`, a confirmation.
 from __future__ import annotations
 
 import pendulum
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
 from pgdr.airflow_glue.deadlines import dag_deadline
 from pgdr.airflow_glue.defaults import default_args, restore_timeout
@@ -191,6 +196,11 @@ def pgdr_restore():
         """Mode server: recover the whole server into its new data directory, prove it, start it there."""
         return call("restore.run_recover_server", plan, server)
 
+    @task
+    def evidence_to_verify(plan: dict) -> dict:
+        """Point in time, once restored: the database and backup id of the moment's stored copy, to verify."""
+        return call("restore.evidence_to_verify", plan)
+
     # all_done: a failed restore gets its report too; the task then fails, keeping the run red.
     @task(trigger_rule="all_done", on_failure_callback=None)
     def write_report() -> dict:
@@ -214,6 +224,16 @@ def pgdr_restore():
     swapped = swap_into_place(plan)
     report = write_report()
     checked >> restored >> integrity >> validated >> privileges >> swapped >> report
+    # After a successful restore (write_report succeeded), so the verification never competes with the incident.
+    evidence = evidence_to_verify(plan)
+    report >> evidence
+    TriggerDagRunOperator(
+        task_id="verify_evidence_copy",
+        trigger_dag_id="pgdr_verify_restore",
+        trigger_run_id="evidence__{{ run_id }}",
+        conf=evidence,
+        skip_when_already_exists=True,  # a retry of this task after the run was created
+    )
     servers >> report
 
 

@@ -125,11 +125,16 @@ def test_restore_dag_form_and_structure(dagbag):
         "apply_privileges",
         "swap_into_place",
         "write_report",
+        "evidence_to_verify",
+        "verify_evidence_copy",
     ]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.task_dict[upstream].downstream_task_ids, (upstream, downstream)
     assert dag.task_dict["swap_into_place"].retries == 0
     assert dag.task_dict["write_report"].trigger_rule == "all_done"
+    # The moment's evidence copy is verified after a successful restore only (all_success after write_report).
+    assert dag.task_dict["evidence_to_verify"].trigger_rule == "all_success"
+    assert dag.task_dict["verify_evidence_copy"].trigger_dag_id == "pgdr_verify_restore"
 
 
 def test_a_server_with_a_restore_target_gets_a_recovery_task_on_its_hosts_queue(tmp_path, monkeypatch):

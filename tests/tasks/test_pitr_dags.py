@@ -122,6 +122,7 @@ def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag,
     planned = _xcom(dry, "plan_restore")
     assert planned["pitr"]["target"] == moment.isoformat() and planned["pitr"]["wal_segments"] >= 1
     assert planned["backup_id"] is None and dry.states["check_checksums"] == "skipped"
+    assert dry.states["evidence_to_verify"] == dry.states["verify_evidence_copy"] == "skipped"
 
     whole = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": stamp, "target_name": "shop_as_of"})
     assert whole.get_state() == "success", whole.states
@@ -140,6 +141,11 @@ def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag,
     stored = _shop_catalog(s3_server).get(done["backup_id"])
     assert stored.manifest.row_counts['"Billing Ü"."Invoice Lines"'] == 50
     assert stored.manifest.airflow["run_id"] == whole.run_id
+    # ... and, the restore done, its verification is asked for: a pgdr_verify_restore run for exactly that copy.
+    assert _triggered("pgdr_verify_restore", f"evidence__{whole.run_id}") == {
+        "database": "shop",
+        "backup_id": done["backup_id"],
+    }
 
     one = run_dag(
         "pgdr_restore",
@@ -155,6 +161,16 @@ def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag,
     assert _sql(pitr_server, "SELECT count(*) FROM sales.customers", "shop_lines") == [(0,)]
     for name in ("shop_as_of", "shop_lines"):
         _sql(pitr_server, f"DROP DATABASE {name} WITH (FORCE)", "postgres")
+
+
+def _triggered(dag_id: str, run_id: str) -> dict | None:
+    """The conf of the run ``run_id`` of ``dag_id`` that a task triggered (None: no such run)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        run = session.query(DagRun).filter_by(dag_id=dag_id, run_id=run_id).one_or_none()
+        return None if run is None else dict(run.conf or {})
 
 
 def _shop_catalog(s3_server):

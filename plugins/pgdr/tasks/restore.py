@@ -73,6 +73,32 @@ def run_recover_to_moment(plan: dict[str, Any], context) -> dict[str, Any]:
         return dump_moment(plan, resources(), AirflowTaskRun(context), lambda **kw: _label(context, **kw))
 
 
+def evidence_to_verify(plan: dict[str, Any], context) -> dict[str, str]:
+    """Body of ``evidence_to_verify``: after a point-in-time restore succeeded, the conf of the
+    ``pgdr_verify_restore`` run that proves its evidence copy restorable (the stored dump of the moment: the daily
+    run takes only the backups whose recovery point lies in its interval, and a moment is often days old).
+    Skipped when no copy was stored (a restore of a stored backup, a dry run, mode server)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    if plan["dry_run"] or not (plan.get("pitr") or {}).get("recovery"):
+        raise AirflowSkipException("No moment was dumped by this run: there is no evidence copy to verify.")
+    _label(context, plan["database"], plan["backup_id"])
+    if os.environ.get(VIA_ENV_VAR):  # the break-glass command: nothing here would ever run the verification
+        raise AirflowSkipException(
+            f"Restored by {os.environ[VIA_ENV_VAR]}: no Airflow scheduler runs here to verify the evidence copy. Once "
+            f"Airflow is back, trigger pgdr_verify_restore with database {plan['database']} and backup_id "
+            f"{plan['backup_id']}."
+        )
+    log.info(
+        "Triggering pgdr_verify_restore for backup %s of %s (the evidence copy of %s): it restores it into a scratch "
+        "database and records whether it is good, as for every scheduled backup.",
+        plan["backup_id"],
+        plan["database"],
+        plan["recovery_point"],
+    )
+    return {"database": plan["database"], "backup_id": plan["backup_id"]}
+
+
 def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[str, Any]:
     """Body of ``recover_server_<server>``, run by the worker on the new host (the server's restore queue): recover,
     prove and hand over the whole server (:class:`pgdr.physical.server_recovery.ServerRecovery`)."""

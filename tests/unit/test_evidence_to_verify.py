@@ -1,0 +1,46 @@
+"""Which restores ask pgdr_verify_restore to prove their evidence copy (the stored dump of a moment)."""
+
+from __future__ import annotations
+
+import pytest
+from airflow.sdk.exceptions import AirflowSkipException
+from pgdr.runtime import VIA_ENV_VAR
+from pgdr.tasks.restore import evidence_to_verify
+
+MOMENT = {
+    "database": "shop",
+    "backup_id": "20261203T101500Z-1a2b3c",
+    "recovery_point": "2026-12-03T10:14:59+00:00",
+    "dry_run": False,
+    "pitr": {"target": "2026-12-03T10:15:00+00:00", "recovery": {"achieved_recovery_point": "2026-12-03T10:14:59"}},
+}
+
+
+def test_a_restored_moment_names_its_stored_copy(monkeypatch):
+    monkeypatch.delenv(VIA_ENV_VAR, raising=False)
+    context: dict = {}
+    assert evidence_to_verify(MOMENT, context) == {"database": "shop", "backup_id": "20261203T101500Z-1a2b3c"}
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {**MOMENT, "pitr": None, "backup_id": "20261202T050000Z-aaaaaa"},  # a stored backup restored: verified daily
+        {**MOMENT, "dry_run": True, "pitr": {"target": "latest"}, "backup_id": None},
+    ],
+    ids=["stored-backup", "dry-run"],
+)
+def test_nothing_to_verify_without_a_dumped_moment(plan, monkeypatch):
+    monkeypatch.delenv(VIA_ENV_VAR, raising=False)
+    with pytest.raises(AirflowSkipException, match="no evidence copy to verify"):
+        evidence_to_verify(plan, {})
+
+
+def test_the_break_glass_command_says_how_to_verify_later(monkeypatch):
+    """No scheduler runs in the command's throw-away Airflow: a triggered run would never run; say what to do."""
+    monkeypatch.setenv(VIA_ENV_VAR, "the command line (python -m pgdr restore) as root@db2")
+    with pytest.raises(AirflowSkipException) as skipped:
+        evidence_to_verify(MOMENT, {})
+    assert "Once Airflow is back, trigger pgdr_verify_restore with database shop and backup_id 20261203T101500Z" in str(
+        skipped.value
+    )
