@@ -1252,8 +1252,9 @@ def _stored_phase(dumped) -> dict[str, Any]:
         "files": len(manifest.files),
         "checked": "restored from the recovered cluster's dump on the worker, not from the bucket; the "
         f"{len(manifest.files)} files stored as backup {manifest.backup_id} were hashed (SHA-256) as they were "
-        f"written; to prove that stored copy too, trigger pgdr_verify_restore with database {manifest.database} and "
-        f"backup_id {manifest.backup_id}",
+        "written; once the restore succeeds, verify_evidence_copy triggers pgdr_verify_restore for that copy "
+        f"(database {manifest.database}, backup_id {manifest.backup_id}; after a restore from the command line, "
+        "trigger it yourself)",
     }
 
 
