@@ -117,6 +117,9 @@ class ProtectedDatabase:
     server: str  # the pool key: databases on one server share its dump budget
     line: int = 0
     compression: str = DEFAULT_COMPRESSION  # pg_dump's --compress, normalised: "gzip:1", "zstd:3", "none"
+    # How long a backup waits for a table's lock before it gives up (pg_dump --lock-wait-timeout, and the row
+    # counts' lock_timeout), so that it never queues a migration's ALTER TABLE, and every query behind it, for long.
+    lock_wait_timeout: timedelta = timedelta(seconds=30)
     # The Airflow connection whose login restores and reads restored copies: a role without
     # superuser (see pgdr.airflow_glue.connections.restore_endpoint). None: not configured (restores refuse).
     restore_conn_id: str | None = None
@@ -410,6 +413,7 @@ _POLICY_KEYS = {
     "storage",
     "notify",
     "dump_jobs",
+    "lock_wait_timeout",
     "compression",
     "restore_conn_id",
     "restore_as_superuser",
@@ -505,6 +509,7 @@ class _Policy:
     storage: str | None = None
     notify: Notifications = field(default_factory=Notifications)
     dump_jobs: int = 2
+    lock_wait_timeout: timedelta = timedelta(seconds=30)
     compression: str = DEFAULT_COMPRESSION
     restore_conn_id: str | None = None
     restore_as_superuser: bool = False
@@ -523,6 +528,16 @@ def _parse_policy(c: _Checker, fields: dict, key: str, base: _Policy, storages: 
         policy.notify = _parse_notify(c, fields["notify"][1], f"{key}.notify", base.notify)
     if "dump_jobs" in fields:
         policy.dump_jobs = c.integer(fields["dump_jobs"][1], f"{key}.dump_jobs", minimum=1)
+    if "lock_wait_timeout" in fields:
+        node = fields["lock_wait_timeout"][1]
+        policy.lock_wait_timeout = c.duration(node, f"{key}.lock_wait_timeout")
+        if not timedelta(seconds=1) <= policy.lock_wait_timeout <= timedelta(hours=1):
+            raise c.fail(
+                node,
+                f"{key}.lock_wait_timeout",
+                "expected between 1s and 1h (how long a backup may wait for a table's lock, holding up whatever "
+                f"queues behind it), got {c.scalar(node, f'{key}.lock_wait_timeout')!r}",
+            )
     if "compression" in fields:
         node = fields["compression"][1]
         value = c.scalar(node, f"{key}.compression")
@@ -698,6 +713,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 storage=storages[policy.storage],
                 notify=policy.notify,
                 dump_jobs=policy.dump_jobs,
+                lock_wait_timeout=policy.lock_wait_timeout,
                 compression=policy.compression,
                 restore_conn_id=policy.restore_conn_id,
                 restore_as_superuser=policy.restore_as_superuser,

@@ -344,3 +344,61 @@ def test_a_failure_beside_the_upload_is_raised_after_the_backup_is_stored(pg_ser
         take_backup(db, endpoint, store, BackupLayout("failing"), tmp_path / "work", beside_upload=fails)
     (stored,) = BackupCatalog(store, BackupLayout("failing"), "shop").backups()  # a retry can restore it
     assert stored.manifest.row_counts == source_row_counts(pg_server, "shop")
+
+
+@pytest.mark.parametrize("first_to_wait", ["row counts", "pg_dump"])
+def test_a_table_locked_by_a_migration_makes_the_backup_give_up_soon_naming_the_holder(
+    pg_server, tmp_path, monkeypatch, first_to_wait
+):
+    """The classic outage: a dump waiting behind (or holding up) an ALTER TABLE queues every query on that table.
+    With lock_wait_timeout the backup gives up within it, stores nothing, names the session in the way, and
+    succeeds once the lock is gone; whether the exact row counts or pg_dump meets the lock first."""
+    import time
+
+    import pgdr.logical.backup
+    import psycopg
+    from pgdr.logical.backup import LockWaitTimedOut, take_backup
+    from pgdr.logical.catalog import BackupCatalog
+    from pgdr.storage.layout import BackupLayout
+
+    if first_to_wait == "pg_dump":  # the counts are slow to start: pg_dump's own --lock-wait-timeout trips first
+        real = pgdr.logical.backup._census
+
+        def slow_census(conn):
+            time.sleep(4)
+            return real(conn)
+
+        monkeypatch.setattr(pgdr.logical.backup, "_census", slow_census)
+
+    db, endpoint, store = local_backup_setup(tmp_path, pg_server, store_root=tmp_path / "store", lock_wait_timeout="1s")
+    (tmp_path / "work").mkdir()
+    with psycopg.connect(**pg_server.dsn("shop"), application_name="billing-migration") as migration:
+        migration.execute("LOCK TABLE sales.customers IN ACCESS EXCLUSIVE MODE")  # held until the block ends
+        pid = migration.info.backend_pid
+        started = time.monotonic()
+        with pytest.raises(LockWaitTimedOut) as gave_up:
+            take_backup(db, endpoint, store, BackupLayout(), tmp_path / "work")
+        waited = time.monotonic() - started
+    monkeypatch.undo()
+    message = str(gave_up.value)
+    assert "gave up after waiting 1.0s for a table's lock" in message, message
+    assert ("counting rows" in message) == (first_to_wait == "row counts"), message
+    assert f"pid {pid} (postgres, billing-migration) holding" in message and "LOCK TABLE sales.customers" in message
+    assert "lock_wait_timeout in the DR plan" in message and "the task retries" in message
+    assert waited < 60, waited  # not a timing goal: it did not wait for the lock's holder
+    assert BackupCatalog(store, BackupLayout(), "shop").backups() == []  # nothing stored
+    (tmp_path / "work2").mkdir()
+    assert take_backup(db, endpoint, store, BackupLayout(), tmp_path / "work2").manifest.row_counts
+
+
+def test_the_lock_wait_timeout_is_checked_in_the_plan(tmp_path):
+    from pgdr.plan import PlanError, parse_plan
+
+    def db(value: str):
+        text = f"storage: {{l: {{type: local, path: {tmp_path}}}}}\ndatabases: [{{name: shop, conn_id: x{value}}}]\n"
+        return parse_plan(text, tmp_path / "p.yaml").databases[0]
+
+    assert db("").lock_wait_timeout.total_seconds() == 30
+    assert db(", lock_wait_timeout: 2m").lock_wait_timeout.total_seconds() == 120
+    with pytest.raises(PlanError, match="lock_wait_timeout: expected between 1s and 1h"):
+        db(", lock_wait_timeout: 2h")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -30,13 +31,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pgdr.errors import DumpFailed
+from pgdr.errors import DumpFailed, PgdrError
 from pgdr.logical.catalog import BackupCatalog, BackupFile, BackupManifest
+from pgdr.messages import first_line, format_duration
 from pgdr.plan import ProtectedDatabase
 from pgdr.postgres.client import (
     PgEndpoint,
     count_rows,
     dump_command,
+    exclusive_lockers,
     exported_snapshot,
     passfile_env,
     sequence_values,
@@ -212,7 +215,9 @@ def take_backup(
     phases: dict[str, tuple[str, str]] = {}
     t0 = time.monotonic()
     dump_started = _utc_now()
+    lock_wait_ms = int(db.lock_wait_timeout.total_seconds() * 1000)
     with exported_snapshot(endpoint) as snap, passfile_env(endpoint, workdir) as env:
+        snap.conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(lock_wait_ms),))  # the counts' locks
         log.info(
             "Snapshot %s exported from %s at %s (the recovery point); dumping with %d jobs.",
             snap.snapshot_id,
@@ -221,7 +226,7 @@ def take_backup(
             db.dump_jobs,
         )
         dump = subprocess.Popen(
-            dump_command(endpoint, dump_dir, db.dump_jobs, snap.snapshot_id, db.compression),
+            dump_command(endpoint, dump_dir, db.dump_jobs, snap.snapshot_id, db.compression, lock_wait_ms),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -244,12 +249,16 @@ def take_backup(
                 snap.conn.cancel_safe()
             try:
                 row_counts, large_objects, sequences, database_bytes, counted_s = census.result()
-            except Exception:
+            except Exception as err:
+                from psycopg.errors import LockNotAvailable
+
                 if cancelled:  # pg_dump's own error says what to fix; the count was cancelled for it
-                    raise tool_error(endpoint, f"pg_dump of database {db.name!r}", stderr, DumpFailed) from None
+                    raise _dump_error(db, endpoint, stderr) from None
+                if isinstance(err, LockNotAvailable):
+                    raise lock_wait_error(db, endpoint, f"counting rows: {first_line(err)}") from None
                 raise
         if dump.returncode != 0:
-            raise tool_error(endpoint, f"pg_dump of database {db.name!r}", stderr, DumpFailed)
+            raise _dump_error(db, endpoint, stderr)
         timings["count_rows"] = counted_s
         recovery_point, server_version = recovery_point or snap.recovery_point, snap.server_version
     timings["dump"] = time.monotonic() - t0
@@ -361,6 +370,45 @@ def seal_manifest(manifest: BackupManifest, keys, data_key: bytes, key_conn_id: 
     record = wrap(keys, data_key, key_conn_id, manifest.database, manifest.backup_id)
     unsigned = replace(manifest, encryption=record)
     return replace(unsigned, encryption=replace(record, manifest_mac=manifest_mac(data_key, unsigned.to_dict())))
+
+
+class LockWaitTimedOut(DumpFailed):
+    """The backup gave up waiting for a table's lock (the plan's ``lock_wait_timeout``); a retry may find it free."""
+
+
+# pg_dump gives up with "canceling statement due to statement timeout ... Query was: LOCK TABLE ..." (it applies
+# --lock-wait-timeout as statement_timeout to its LOCK TABLE), its parallel workers with "could not obtain lock".
+_LOCK_WAIT = re.compile(r"lock timeout|could not obtain lock|Query was: LOCK TABLE", re.IGNORECASE)
+
+
+def _dump_error(db: ProtectedDatabase, endpoint: PgEndpoint, stderr: str) -> PgdrError:
+    """The error of a failed ``pg_dump``: a lock wait it gave up explained (who holds the table), else the tool's."""
+    if _LOCK_WAIT.search(stderr):
+        detail = "; ".join(_shorter(endpoint.scrub(line), 240) for line in stderr.strip().splitlines()[:2])
+        return lock_wait_error(db, endpoint, detail)
+    return tool_error(endpoint, f"pg_dump of database {db.name!r}", stderr, DumpFailed)
+
+
+def _shorter(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
+def lock_wait_error(db: ProtectedDatabase, endpoint: PgEndpoint, detail: str) -> LockWaitTimedOut:
+    """Say that the backup of ``db`` gave up on a table's lock, which sessions hold or queue for one, and what next."""
+    holders = exclusive_lockers(endpoint)
+    who = (
+        "Sessions holding or waiting for an exclusive table lock in it now: " + "; ".join(holders) + ". "
+        if holders
+        else "No session holds an exclusive table lock in it any more (it was brief). "
+    )
+    waited = format_duration(db.lock_wait_timeout.total_seconds())
+    return LockWaitTimedOut(
+        f"The backup of database {db.name!r} gave up after waiting {waited} for a "
+        f"table's lock ({detail}): another session holds a conflicting lock, usually a migration's ALTER TABLE or a "
+        f"long transaction. pgdr does not wait longer so that it never holds up the queries queued behind it "
+        f"(lock_wait_timeout in the DR plan). {who}Nothing was stored; the task retries after its retry delay. If "
+        "this repeats, schedule the backup away from migrations or end the blocking session."
+    )
 
 
 def _census(conn) -> tuple[dict[str, int], int, dict[str, int | None], int, float]:
