@@ -120,6 +120,9 @@ class ProtectedDatabase:
     # How long a backup waits for a table's lock before it gives up (pg_dump --lock-wait-timeout, and the row
     # counts' lock_timeout), so that it never queues a migration's ALTER TABLE, and every query behind it, for long.
     lock_wait_timeout: timedelta = timedelta(seconds=30)
+    # With it, a backup that holds up another session (a migration's ALTER TABLE queued behind pg_dump) this long
+    # gives way: stopped and retried later. None (the default): the backup goes on and a warning names the session.
+    yield_after: timedelta | None = None
     # The Airflow connection whose login restores and reads restored copies: a role without
     # superuser (see pgdr.airflow_glue.connections.restore_endpoint). None: not configured (restores refuse).
     restore_conn_id: str | None = None
@@ -414,6 +417,7 @@ _POLICY_KEYS = {
     "notify",
     "dump_jobs",
     "lock_wait_timeout",
+    "yield_after",
     "compression",
     "restore_conn_id",
     "restore_as_superuser",
@@ -510,6 +514,7 @@ class _Policy:
     notify: Notifications = field(default_factory=Notifications)
     dump_jobs: int = 2
     lock_wait_timeout: timedelta = timedelta(seconds=30)
+    yield_after: timedelta | None = None
     compression: str = DEFAULT_COMPRESSION
     restore_conn_id: str | None = None
     restore_as_superuser: bool = False
@@ -538,6 +543,9 @@ def _parse_policy(c: _Checker, fields: dict, key: str, base: _Policy, storages: 
                 "expected between 1s and 1h (how long a backup may wait for a table's lock, holding up whatever "
                 f"queues behind it), got {c.scalar(node, f'{key}.lock_wait_timeout')!r}",
             )
+    if "yield_after" in fields:
+        node = fields["yield_after"][1]
+        policy.yield_after = c.duration(node, f"{key}.yield_after")  # whole seconds, at least 1
     if "compression" in fields:
         node = fields["compression"][1]
         value = c.scalar(node, f"{key}.compression")
@@ -714,6 +722,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 notify=policy.notify,
                 dump_jobs=policy.dump_jobs,
                 lock_wait_timeout=policy.lock_wait_timeout,
+                yield_after=policy.yield_after,
                 compression=policy.compression,
                 restore_conn_id=policy.restore_conn_id,
                 restore_as_superuser=policy.restore_as_superuser,

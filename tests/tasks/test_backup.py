@@ -402,3 +402,88 @@ def test_the_lock_wait_timeout_is_checked_in_the_plan(tmp_path):
     assert db(", lock_wait_timeout: 2m").lock_wait_timeout.total_seconds() == 120
     with pytest.raises(PlanError, match="lock_wait_timeout: expected between 1s and 1h"):
         db(", lock_wait_timeout: 2h")
+
+
+@pytest.mark.parametrize("yield_after", [None, "1s"], ids=["warns", "gives-way"])
+def test_a_backup_holding_up_a_migration_warns_once_or_gives_way(pg_server, tmp_path, monkeypatch, yield_after):
+    """The backup's snapshot holds ACCESS SHARE on every table it counted while a long count runs; a migration's
+    ALTER TABLE queues behind it. Without yield_after: one warning naming the statement, and the backup completes.
+    With yield_after: the backup gives way (its count cancelled, its locks released: the ALTER goes through while
+    the backup fails, to be retried), nothing stored."""
+    import threading
+    import time
+
+    import pgdr.logical.backup
+    import psycopg
+    from pgdr.logical.backup import take_backup
+    from pgdr.logical.catalog import BackupCatalog
+    from pgdr.logical.lockwatch import DumpYielded
+    from pgdr.storage.layout import BackupLayout
+
+    options = {"lock_wait_timeout": "1s", **({"yield_after": yield_after} if yield_after else {})}
+    db, endpoint, store = local_backup_setup(tmp_path, pg_server, store_root=tmp_path / "store", **options)
+    (tmp_path / "work").mkdir()
+    real = pgdr.logical.backup._census
+
+    def long_census(conn):  # a count on a large table: a long statement while the snapshot holds its locks
+        counted = real(conn)
+        conn.execute("SELECT pg_sleep(4)")
+        return counted
+
+    monkeypatch.setattr(pgdr.logical.backup, "_census", long_census)
+    warnings, migration = [], {}
+
+    def migrate():
+        dsn = pg_server.dsn("shop")
+        with psycopg.connect(**dsn, application_name="billing-migration", autocommit=True) as conn:
+            deadline = time.monotonic() + 30
+            # pg_dump done (a queued ALTER makes a parallel pg_dump fail at once instead: the other test's case),
+            # the snapshot in its long count.
+            while conn.execute(
+                "SELECT count(*) FILTER (WHERE application_name LIKE 'pgdr-dump-%') > 0 OR count(*) FILTER (WHERE "
+                "application_name = 'pgdr-snapshot' AND query LIKE '%pg_sleep%') = 0 FROM pg_stat_activity"
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            started = time.monotonic()
+            conn.execute("BEGIN")
+            conn.execute("SET LOCAL lock_timeout = '20s'")
+            conn.execute("ALTER TABLE sales.customers ADD COLUMN probe int")
+            migration["waited"] = time.monotonic() - started
+            conn.execute("ROLLBACK")
+
+    mover = threading.Thread(target=migrate)
+    mover.start()
+    try:
+        if yield_after:
+            with pytest.raises(DumpYielded) as gave_way:
+                take_backup(db, endpoint, store, BackupLayout(), tmp_path / "work", on_blocking=warnings.append)
+            message = str(gave_way.value)
+            assert "gave way: it held up pid" in message and "ALTER TABLE sales.customers ADD COLUMN probe" in message
+            assert "(postgres, billing-migration)" in message and "yield_after (1.0s" in message
+            assert BackupCatalog(store, BackupLayout(), "shop").backups() == []
+        else:
+            result = take_backup(db, endpoint, store, BackupLayout(), tmp_path / "work", on_blocking=warnings.append)
+            assert result.manifest.row_counts
+    finally:
+        mover.join(60)
+    assert "waited" in migration  # the migration went through (its own lock_timeout did not trip)
+    if yield_after:
+        assert migration["waited"] < 3.5, migration  # released when the backup gave way, not when its count ended
+    else:
+        (warning,) = warnings
+        assert "is holding up pid" in warning and "'ALTER TABLE sales.customers ADD COLUMN probe int'" in warning
+        assert "Set yield_after in the DR plan" in warning
+
+
+def test_yield_after_is_checked_in_the_plan(tmp_path):
+    from pgdr.plan import PlanError, parse_plan
+
+    def db(value: str):
+        text = f"storage: {{l: {{type: local, path: {tmp_path}}}}}\ndatabases: [{{name: shop, conn_id: x{value}}}]\n"
+        return parse_plan(text, tmp_path / "p.yaml").databases[0]
+
+    assert db("").yield_after is None  # off: warn, never give way
+    assert db(", yield_after: 20s").yield_after.total_seconds() == 20
+    with pytest.raises(PlanError, match=r"\(shop\)\.yield_after: expected a duration such as 90s"):
+        db(", yield_after: soon")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import subprocess
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from typing import Any
 
 from pgdr.errors import DumpFailed, PgdrError
 from pgdr.logical.catalog import BackupCatalog, BackupFile, BackupManifest
+from pgdr.logical.lockwatch import BlockingWatcher
 from pgdr.messages import first_line, format_duration
 from pgdr.plan import ProtectedDatabase
 from pgdr.postgres.client import (
@@ -178,6 +180,7 @@ def take_backup(
     recovery_point: datetime | None = None,
     keys=None,
     beside_upload: Callable[[Path, dict[str, int]], Any] | None = None,
+    on_blocking: Callable[[str], None] | None = None,
 ) -> BackupResult:
     """Back up ``db`` into ``store``; see the module docstring for the steps.
 
@@ -192,6 +195,9 @@ def take_backup(
         restores the dump from there, without downloading it again). The files stay in the
         directory until both are done. Its return value is the result's ``beside``; if it raises,
         the backup is still stored (manifest last) and its error is raised after.
+    :param on_blocking: called once (on another thread) with a warning when the dump holds up another session for
+        longer than the plan's ``lock_wait_timeout`` (:mod:`pgdr.logical.lockwatch`); with ``yield_after`` in the
+        plan the dump gives way instead, failing with :class:`~pgdr.logical.lockwatch.DumpYielded`.
     """
     if db.encryption_key_conn_id and keys is None:
         raise ValueError(f"database {db.name!r} is encrypted in the plan, but no master keys were given")
@@ -215,9 +221,7 @@ def take_backup(
     phases: dict[str, tuple[str, str]] = {}
     t0 = time.monotonic()
     dump_started = _utc_now()
-    lock_wait_ms = int(db.lock_wait_timeout.total_seconds() * 1000)
     with exported_snapshot(endpoint) as snap, passfile_env(endpoint, workdir) as env:
-        snap.conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(lock_wait_ms),))  # the counts' locks
         log.info(
             "Snapshot %s exported from %s at %s (the recovery point); dumping with %d jobs.",
             snap.snapshot_id,
@@ -225,40 +229,9 @@ def take_backup(
             snap.recovery_point.isoformat(),
             db.dump_jobs,
         )
-        dump = subprocess.Popen(
-            dump_command(endpoint, dump_dir, db.dump_jobs, snap.snapshot_id, db.compression, lock_wait_ms),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        row_counts, large_objects, sequences, database_bytes, counted_s = _dump_and_count(
+            db, endpoint, snap, env, dump_dir, on_blocking
         )
-        # Count rows in the exported snapshot while pg_dump reads the same snapshot. Whichever
-        # fails first stops the other: a pg_dump that refuses its options (a compression this
-        # build lacks) must not wait for an hour of counting, nor a dump for a failed count.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgdr-count") as counting:
-            census = counting.submit(_census, snap.conn)
-
-            def stop_dump(done) -> None:  # a dump whose counts failed cannot be checked: stop it
-                if done.exception() is not None and dump.poll() is None:
-                    dump.terminate()
-
-            census.add_done_callback(stop_dump)
-            _, stderr = dump.communicate()
-            cancelled = dump.returncode != 0 and not census.done()
-            if cancelled:
-                snap.conn.cancel_safe()
-            try:
-                row_counts, large_objects, sequences, database_bytes, counted_s = census.result()
-            except Exception as err:
-                from psycopg.errors import LockNotAvailable
-
-                if cancelled:  # pg_dump's own error says what to fix; the count was cancelled for it
-                    raise _dump_error(db, endpoint, stderr) from None
-                if isinstance(err, LockNotAvailable):
-                    raise lock_wait_error(db, endpoint, f"counting rows: {first_line(err)}") from None
-                raise
-        if dump.returncode != 0:
-            raise _dump_error(db, endpoint, stderr)
         timings["count_rows"] = counted_s
         recovery_point, server_version = recovery_point or snap.recovery_point, snap.server_version
     timings["dump"] = time.monotonic() - t0
@@ -372,6 +345,70 @@ def seal_manifest(manifest: BackupManifest, keys, data_key: bytes, key_conn_id: 
     return replace(unsigned, encryption=replace(record, manifest_mac=manifest_mac(data_key, unsigned.to_dict())))
 
 
+def _dump_and_count(db: ProtectedDatabase, endpoint: PgEndpoint, snap, env, dump_dir: Path, on_blocking):
+    """Run ``pg_dump`` in the exported snapshot while counting every table's rows in it, watching that neither holds
+    up other sessions for long; return the census (:func:`_census`)."""
+    lock_wait_ms = int(db.lock_wait_timeout.total_seconds() * 1000)
+    snap.conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(lock_wait_ms),))  # the counts' lock waits
+    app_name = f"pgdr-dump-{secrets.token_hex(4)}"  # tells the watcher which sessions are this dump's
+    dump = subprocess.Popen(
+        dump_command(endpoint, dump_dir, db.dump_jobs, snap.snapshot_id, db.compression, lock_wait_ms),
+        env={**env, "PGAPPNAME": app_name},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def give_way() -> None:  # the watcher's: release the locks a held-up session waits for
+        if dump.poll() is None:
+            dump.terminate()
+        snap.conn.cancel_safe()
+
+    yield_after = db.yield_after.total_seconds() if db.yield_after else None
+    watcher = BlockingWatcher(
+        endpoint,
+        db.name,
+        app_name,
+        [snap.conn.info.backend_pid],
+        db.lock_wait_timeout.total_seconds(),
+        yield_after,
+        on_blocking,
+        give_way,
+    )
+    # Count rows in the exported snapshot while pg_dump reads the same snapshot. Whichever
+    # fails first stops the other: a pg_dump that refuses its options (a compression this
+    # build lacks) must not wait for an hour of counting, nor a dump for a failed count.
+    with watcher, ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgdr-count") as counting:
+        census = counting.submit(_census, snap.conn)
+
+        def stop_dump(done) -> None:  # a dump whose counts failed cannot be checked: stop it
+            if done.exception() is not None and dump.poll() is None:
+                dump.terminate()
+
+        census.add_done_callback(stop_dump)
+        _, stderr = dump.communicate()
+        cancelled = dump.returncode != 0 and not census.done()
+        if cancelled:
+            snap.conn.cancel_safe()
+        try:
+            counted = census.result()
+        except Exception as err:
+            from psycopg.errors import LockNotAvailable
+
+            if watcher.yielded_to is not None:
+                raise watcher.error() from None
+            if cancelled:  # pg_dump's own error says what to fix; the count was cancelled for it
+                raise _dump_error(db, endpoint, stderr) from None
+            if isinstance(err, LockNotAvailable):
+                raise lock_wait_error(db, endpoint, f"counting rows: {first_line(err)}") from None
+            raise
+        if watcher.yielded_to is not None:
+            raise watcher.error()
+    if dump.returncode != 0:
+        raise _dump_error(db, endpoint, stderr)
+    return counted
+
+
 class LockWaitTimedOut(DumpFailed):
     """The backup gave up waiting for a table's lock (the plan's ``lock_wait_timeout``); a retry may find it free."""
 
@@ -399,7 +436,7 @@ def lock_wait_error(db: ProtectedDatabase, endpoint: PgEndpoint, detail: str) ->
     who = (
         "Sessions holding or waiting for an exclusive table lock in it now: " + "; ".join(holders) + ". "
         if holders
-        else "No session holds an exclusive table lock in it any more (it was brief). "
+        else "No session holds or waits for an exclusive table lock in it any more (it was brief, or ended). "
     )
     waited = format_duration(db.lock_wait_timeout.total_seconds())
     return LockWaitTimedOut(

@@ -351,6 +351,11 @@ def exported_snapshot(endpoint: PgEndpoint) -> Iterator[ExportedSnapshot]:
 _PASSWORD_LITERAL = re.compile(r"(password\s*)('(?:[^']|'')*'|\S+)", re.IGNORECASE)
 
 
+def mask_password_literals(statement: str) -> str:
+    """Another session's statement for an alert: on one line, the literal after any ``PASSWORD`` masked."""
+    return _PASSWORD_LITERAL.sub(lambda m: m.group(1) + "***", " ".join((statement or "").split()))
+
+
 def exclusive_lockers(endpoint: PgEndpoint, limit: int = 5) -> list[str]:
     """Describe the sessions that hold, or wait for, an ``ACCESS EXCLUSIVE`` lock on a table of ``endpoint``'s
     database (what stops a dump's ``ACCESS SHARE``): pid, user, application, for how long, and the statement's start
@@ -372,7 +377,7 @@ def exclusive_lockers(endpoint: PgEndpoint, limit: int = 5) -> list[str]:
         return []
     return [
         f"pid {pid} ({user}{', ' + app if app else ''}) {'holding' if granted else 'waiting'} for {seconds}s: "
-        f"{_PASSWORD_LITERAL.sub(lambda m: m.group(1) + '***', ' '.join((query or '').split()))!r}"
+        f"{mask_password_literals(query)!r}"
         for pid, user, app, granted, seconds, query in rows
     ]
 

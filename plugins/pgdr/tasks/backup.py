@@ -18,6 +18,7 @@ def run_backup(database: str, context) -> dict[str, Any]:
 
     from pgdr.airflow_glue.assets import BACKUP_ASSET
     from pgdr.airflow_glue.connections import database_endpoint, encryption_keys, open_store
+    from pgdr.airflow_glue.notify import send_slack
     from pgdr.logical.backup import backfill_skip_reason, backup_summary, take_backup
     from pgdr.plan import load_plan
 
@@ -33,7 +34,16 @@ def run_backup(database: str, context) -> dict[str, Any]:
         store, layout = open_store(db.storage, plan)
         keys = encryption_keys(db, plan)  # before the dump: a missing key fails in a second, not after an hour
         with task_workdir(context, f"backup-{database}") as workdir:
-            result = take_backup(db, endpoint, store, layout, workdir, _airflow_info(context), keys=keys)
+            result = take_backup(
+                db,
+                endpoint,
+                store,
+                layout,
+                workdir,
+                _airflow_info(context),
+                keys=keys,
+                on_blocking=lambda text: send_slack(f":warning: [pgdr] {text}", database, context),
+            )
     manifest = result.manifest
     context[CONTEXT_BACKUP_ID] = manifest.backup_id
     summary = backup_summary(db, result, store)
