@@ -411,10 +411,7 @@ def test_a_backup_holding_up_a_migration_warns_once_or_gives_way(pg_server, tmp_
     With yield_after: the backup gives way (its count cancelled, its locks released: the ALTER goes through while
     the backup fails, to be retried), nothing stored."""
     import threading
-    import time
 
-    import pgdr.logical.backup
-    import psycopg
     from pgdr.logical.backup import take_backup
     from pgdr.logical.catalog import BackupCatalog
     from pgdr.logical.lockwatch import DumpYielded
@@ -423,36 +420,9 @@ def test_a_backup_holding_up_a_migration_warns_once_or_gives_way(pg_server, tmp_
     options = {"lock_wait_timeout": "1s", **({"yield_after": yield_after} if yield_after else {})}
     db, endpoint, store = local_backup_setup(tmp_path, pg_server, store_root=tmp_path / "store", **options)
     (tmp_path / "work").mkdir()
-    real = pgdr.logical.backup._census
-
-    def long_census(conn):  # a count on a large table: a long statement while the snapshot holds its locks
-        counted = real(conn)
-        conn.execute("SELECT pg_sleep(4)")
-        return counted
-
-    monkeypatch.setattr(pgdr.logical.backup, "_census", long_census)
+    _long_census(monkeypatch)
     warnings, migration = [], {}
-
-    def migrate():
-        dsn = pg_server.dsn("shop")
-        with psycopg.connect(**dsn, application_name="billing-migration", autocommit=True) as conn:
-            deadline = time.monotonic() + 30
-            # pg_dump done (a queued ALTER makes a parallel pg_dump fail at once instead: the other test's case),
-            # the snapshot in its long count.
-            while conn.execute(
-                "SELECT count(*) FILTER (WHERE application_name LIKE 'pgdr-dump-%') > 0 OR count(*) FILTER (WHERE "
-                "application_name = 'pgdr-snapshot' AND query LIKE '%pg_sleep%') = 0 FROM pg_stat_activity"
-            ).fetchone()[0]:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            started = time.monotonic()
-            conn.execute("BEGIN")
-            conn.execute("SET LOCAL lock_timeout = '20s'")
-            conn.execute("ALTER TABLE sales.customers ADD COLUMN probe int")
-            migration["waited"] = time.monotonic() - started
-            conn.execute("ROLLBACK")
-
-    mover = threading.Thread(target=migrate)
+    mover = threading.Thread(target=_migration_behind_the_snapshot, args=(pg_server, migration))
     mover.start()
     try:
         if yield_after:
@@ -487,3 +457,63 @@ def test_yield_after_is_checked_in_the_plan(tmp_path):
     assert db(", yield_after: 20s").yield_after.total_seconds() == 20
     with pytest.raises(PlanError, match=r"\(shop\)\.yield_after: expected a duration such as 90s"):
         db(", yield_after: soon")
+
+
+def _long_census(monkeypatch) -> None:
+    """Make the backup's row counts end with a long statement while the snapshot holds their tables' locks (as a
+    count of a large table does)."""
+    import pgdr.logical.backup
+
+    real = pgdr.logical.backup._census
+
+    def long_census(conn):
+        counted = real(conn)
+        conn.execute("SELECT pg_sleep(4)")
+        return counted
+
+    monkeypatch.setattr(pgdr.logical.backup, "_census", long_census)
+
+
+def _migration_behind_the_snapshot(pg_server, migration: dict) -> None:
+    """Once pg_dump is done and the snapshot is in its long count, run a migration's ALTER TABLE (queued behind the
+    snapshot's locks), then roll it back; record in ``migration["waited"]`` how long it waited."""
+    import time
+
+    import psycopg
+
+    with psycopg.connect(**pg_server.dsn("shop"), application_name="billing-migration", autocommit=True) as conn:
+        deadline = time.monotonic() + 30
+        # pg_dump done (a queued ALTER makes a parallel pg_dump fail at once instead: another test's case), the
+        # snapshot in its long count.
+        while conn.execute(
+            "SELECT count(*) FILTER (WHERE application_name LIKE 'pgdr-dump-%') > 0 OR count(*) FILTER (WHERE "
+            "application_name = 'pgdr-snapshot' AND query LIKE '%pg_sleep%') = 0 FROM pg_stat_activity"
+        ).fetchone()[0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        conn.execute("BEGIN")
+        conn.execute("SET LOCAL lock_timeout = '20s'")
+        conn.execute("ALTER TABLE sales.customers ADD COLUMN probe int")
+        migration["waited"] = time.monotonic() - started
+        conn.execute("ROLLBACK")
+
+
+def test_the_warning_of_a_backup_holding_up_a_migration_reaches_slack(plan, run_dag, pg_server, monkeypatch, slack):
+    """From the task: the watcher's thread sends the warning through the task's Slack connection; the backup goes on."""
+    import threading
+
+    plan(databases=[{"name": "shop", "conn_id": "pgdr_shop", "lock_wait_timeout": "1s"}])
+    _long_census(monkeypatch)
+    migration: dict = {}
+    mover = threading.Thread(target=_migration_behind_the_snapshot, args=(pg_server, migration))
+    mover.start()
+    try:
+        dag_run = run_dag("pgdr_backup")
+    finally:
+        mover.join(60)
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "success", dag_run.states
+    (warning,) = [t for t in slack.texts() if "is holding up" in t]
+    assert warning.startswith(":warning: [pgdr] The backup of database 'shop' is holding up pid")
+    assert "(postgres, billing-migration)" in warning and "ALTER TABLE sales.customers ADD COLUMN probe int" in warning
+    assert "waited" in migration
