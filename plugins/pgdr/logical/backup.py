@@ -3,9 +3,11 @@
 The steps, for one database:
 
 1. export a snapshot and record its time (the recovery point);
-2. run ``pg_dump --snapshot`` into a private work directory while counting every table's rows
-   exactly in the same snapshot; pg_dump compresses each file itself, in its parallel workers
-   (the plan's ``compression``, ``gzip:1`` by default);
+2. run ``pg_dump --snapshot`` into a private work directory (never waiting long for a lock, never
+   holding up others for long: :mod:`pgdr.logical.lockwatch`); pg_dump compresses each file itself,
+   in its parallel workers (the plan's ``compression``, ``gzip:1`` by default); then count every
+   table's rows exactly from the dump's own files (:mod:`pgdr.logical.dumpcount`: the source is read
+   once), with sequences, large objects and the size from the catalog in the same snapshot;
 3. hash each dump file (SHA-256) as it is read for upload, several files at a time; with
    client-side encryption (the plan's ``encryption``), each file is first encrypted with the
    backup's own data key (:mod:`pgdr.storage.encryption`) and the hash is of the stored bytes;
@@ -34,6 +36,7 @@ from typing import Any
 
 from pgdr.errors import DumpFailed, PgdrError
 from pgdr.logical.catalog import BackupCatalog, BackupFile, BackupManifest
+from pgdr.logical.dumpcount import count_dump_rows
 from pgdr.logical.lockwatch import BlockingWatcher
 from pgdr.messages import first_line, format_duration
 from pgdr.plan import ProtectedDatabase
@@ -346,10 +349,11 @@ def seal_manifest(manifest: BackupManifest, keys, data_key: bytes, key_conn_id: 
 
 
 def _dump_and_count(db: ProtectedDatabase, endpoint: PgEndpoint, snap, env, dump_dir: Path, on_blocking):
-    """Run ``pg_dump`` in the exported snapshot while counting every table's rows in it, watching that neither holds
-    up other sessions for long; return the census (:func:`_census`)."""
+    """Run ``pg_dump`` in the exported snapshot, watching that it never holds up other sessions for long, then take
+    the census the restore is checked against (:func:`_census`): the exact row counts read from the dump's own files
+    (the source is read once, by pg_dump), the rest from the catalog in the same snapshot."""
     lock_wait_ms = int(db.lock_wait_timeout.total_seconds() * 1000)
-    snap.conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(lock_wait_ms),))  # the counts' lock waits
+    snap.conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(lock_wait_ms),))  # a counted table's lock
     app_name = f"pgdr-dump-{secrets.token_hex(4)}"  # tells the watcher which sessions are this dump's
     dump = subprocess.Popen(
         dump_command(endpoint, dump_dir, db.dump_jobs, snap.snapshot_id, db.compression, lock_wait_ms),
@@ -375,38 +379,22 @@ def _dump_and_count(db: ProtectedDatabase, endpoint: PgEndpoint, snap, env, dump
         on_blocking,
         give_way,
     )
-    # Count rows in the exported snapshot while pg_dump reads the same snapshot. Whichever
-    # fails first stops the other: a pg_dump that refuses its options (a compression this
-    # build lacks) must not wait for an hour of counting, nor a dump for a failed count.
-    with watcher, ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgdr-count") as counting:
-        census = counting.submit(_census, snap.conn)
-
-        def stop_dump(done) -> None:  # a dump whose counts failed cannot be checked: stop it
-            if done.exception() is not None and dump.poll() is None:
-                dump.terminate()
-
-        census.add_done_callback(stop_dump)
+    with watcher:
         _, stderr = dump.communicate()
-        cancelled = dump.returncode != 0 and not census.done()
-        if cancelled:
-            snap.conn.cancel_safe()
+        if watcher.yielded_to is not None:
+            raise watcher.error()
+        if dump.returncode != 0:
+            raise _dump_error(db, endpoint, stderr)
         try:
-            counted = census.result()
+            return _census(snap.conn, dump_dir, db.dump_jobs)
         except Exception as err:
             from psycopg.errors import LockNotAvailable
 
             if watcher.yielded_to is not None:
                 raise watcher.error() from None
-            if cancelled:  # pg_dump's own error says what to fix; the count was cancelled for it
-                raise _dump_error(db, endpoint, stderr) from None
             if isinstance(err, LockNotAvailable):
                 raise lock_wait_error(db, endpoint, f"counting rows: {first_line(err)}") from None
             raise
-        if watcher.yielded_to is not None:
-            raise watcher.error()
-    if dump.returncode != 0:
-        raise _dump_error(db, endpoint, stderr)
-    return counted
 
 
 class LockWaitTimedOut(DumpFailed):
@@ -448,11 +436,12 @@ def lock_wait_error(db: ProtectedDatabase, endpoint: PgEndpoint, detail: str) ->
     )
 
 
-def _census(conn) -> tuple[dict[str, int], int, dict[str, int | None], int, float]:
-    """Return what a restore is checked against, read in the backup's snapshot: exact row counts,
-    large objects, sequence values, the database size, and the seconds this took."""
+def _census(conn, dump_dir: Path, workers: int) -> tuple[dict[str, int], int, dict[str, int | None], int, float]:
+    """Return what a restore is checked against: exact row counts (read from the dump's files; a table they cannot
+    answer for is counted in the backup's snapshot), large objects, sequence values, the database size, and the
+    seconds this took."""
     started = time.monotonic()
-    row_counts, large_objects = count_rows(conn)
+    row_counts, large_objects = count_rows(conn, count_dump_rows(dump_dir, workers))
     sequences = sequence_values(conn)
     database_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
     return row_counts, large_objects, sequences, database_bytes, time.monotonic() - started

@@ -256,7 +256,7 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
 # ------------------------------------------------------------------------------------------------
 
 _TABLES_SQL = """
-SELECT n.nspname, c.relname, c.relkind
+SELECT n.nspname, c.relname, c.relkind, c.oid
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
@@ -279,16 +279,25 @@ WHERE pc.relkind = 'p' AND tree.isleaf AND lc.relkind = 'r'
 """
 
 
-def count_rows(conn) -> tuple[dict[str, int], int]:
+def count_rows(conn, known: dict[int, int] | None = None) -> tuple[dict[str, int], int]:
     """Return exact row counts of every user table, and the number of large objects.
 
     Ordinary tables and partitions are counted with ``ONLY`` (their own rows); a partitioned
     table's count is the sum of its leaf partitions, which is what a query on it returns, added
     up rather than scanned a second time. Counts are batched, :data:`COUNT_BATCH` tables per query.
+
+    :param known: ``{oid: rows}`` of ordinary tables already counted (from the dump: :mod:`pgdr.logical.dumpcount`);
+        they are not scanned.
     """
     from psycopg import sql
 
-    tables = conn.execute(_TABLES_SQL).fetchall()
+    known = known or {}
+    counts: dict[str, int] = {}
+    tables = []
+    for schema, name, kind, oid in conn.execute(_TABLES_SQL).fetchall():
+        if kind == "r" and oid in known:
+            counts[table_key(schema, name)] = known[oid]
+        tables.append((schema, name, kind))
     leaves: dict[str, list[str]] = {}
     for schema, name, leaf_schema, leaf_name in conn.execute(_LEAF_PARTITIONS_SQL).fetchall():
         leaves.setdefault(table_key(schema, name), []).append(table_key(leaf_schema, leaf_name))
@@ -296,8 +305,7 @@ def count_rows(conn) -> tuple[dict[str, int], int]:
     # A partitioned table is summed when every leaf is counted here (a leaf owned by an extension
     # is not); otherwise, and for one with no partitions, it is counted directly.
     summed = {key for key, parts in leaves.items() if set(parts) <= ordinary}
-    scanned = [(schema, name, kind) for schema, name, kind in tables if table_key(schema, name) not in summed]
-    counts: dict[str, int] = {}
+    scanned = [t for t in tables if table_key(t[0], t[1]) not in summed and table_key(t[0], t[1]) not in counts]
     for start in range(0, len(scanned), COUNT_BATCH):
         parts = []
         for schema, name, kind in scanned[start : start + COUNT_BATCH]:
