@@ -4,8 +4,10 @@
 For each database in the plan (`include/pgdr.yaml`, or `$PGDR_PLAN`), one mapped task group
 (`protect_<server>`: one per source server, whose dumps share the pool `pgdr_<server>`):
 
-1. **back_up**: `pg_dump` in directory format from an exported snapshot, exact row counts
-   taken in the same snapshot, every file compressed by pg_dump itself (the plan's
+1. **back_up**: `pg_dump` in directory format from an exported snapshot (never waiting for a
+   lock longer than the plan's `lock_wait_timeout`; a warning, or with `yield_after` giving way,
+   when it holds up another session), exact row counts read from the dump itself (the source is
+   read once), every file compressed by pg_dump itself (the plan's
    `compression`, gzip:1 by default), checksummed (SHA-256) and uploaded to the plan's storage
    target, and the manifest written **last**. A backup without a manifest does not exist.
    Emits a `pgdr_backups` asset event, which triggers `pgdr_verify_restore` for that backup.

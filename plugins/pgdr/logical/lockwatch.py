@@ -1,7 +1,7 @@
 """While a backup dumps: notice when its sessions hold up others, and give way when the plan says so.
 
-``pg_dump`` holds ``ACCESS SHARE`` on every table it dumps until it ends (and the exact row counts' snapshot
-holds it on every table it counted). A migration's ``ALTER TABLE`` then waits for the backup, and every query on
+``pg_dump`` holds ``ACCESS SHARE`` on every table it dumps until it ends (and the backup's snapshot on any table
+it counts by query). A migration's ``ALTER TABLE`` then waits for the backup, and every query on
 that table waits behind the migration: the classic outage a backup can start. :class:`BlockingWatcher` reads
 ``pg_blocking_pids()`` on its own connection while the dump runs:
 
@@ -63,7 +63,7 @@ class BlockingWatcher:
     """Watch, on a thread of its own, for sessions that the backup's sessions hold up (see the module's doc).
 
     :param app_name: the ``application_name`` of the backup's pg_dump sessions (unique to this backup).
-    :param own_pids: other sessions of the backup (the snapshot's, which holds the counts' locks).
+    :param own_pids: other sessions of the backup (the snapshot's, which locks any table it counts by query).
     :param on_warning: called once, on the watcher's thread, with the text of the warning.
     :param give_way: called once, on the watcher's thread, to stop the dump and the counts.
     """

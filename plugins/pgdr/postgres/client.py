@@ -2,7 +2,8 @@
 
 A logical backup is only as good as the proof of what it contains. pgdr opens a repeatable-read
 transaction, exports its snapshot (``pg_export_snapshot()``) and hands it to ``pg_dump
---snapshot``: the dump and pgdr's exact ``count(*)`` per table see the very same data, and the
+--snapshot``: the dump and pgdr's exact row counts (read from the dump's files, or ``count(*)`` where they cannot
+answer: :mod:`pgdr.logical.dumpcount`) see the very same data, and the
 transaction's start time is the backup's *recovery point*, the moment the restored data is from.
 
 Credentials reach the client tools only through a passfile (``PGPASSFILE``) in a private work
