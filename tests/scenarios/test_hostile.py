@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from conftest import source_row_counts
 from psycopg import sql
 from support import fingerprint, load_sql
 
@@ -104,6 +105,7 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     assert counts[ACCOUNTS] == 301 and counts['"Sales Dept"."Events"'] == 8000
     assert counts['"-dash"."-table"'] == 11 and counts['public."order"'] == 7 and counts['"quote""s"."ta""ble"'] == 19
     assert entry.manifest.large_objects == 2
+    assert counts == source_row_counts(pg_server, HOSTILE_DB)  # read from the dump: equal to count(*) on each table
 
     verify = run_dag("pgdr_verify_restore", run_conf={"database": "hostile", "backup_id": entry.backup_id})
     _ok(verify)

@@ -368,7 +368,8 @@ def test_a_table_locked_by_a_migration_makes_the_backup_give_up_soon_naming_the_
         waited = time.monotonic() - started
     message = str(gave_up.value)
     assert "gave up after waiting 1.0s for a table's lock (pg_dump: error:" in message, message
-    assert f"pid {pid} (postgres, billing-migration) holding" in message and "LOCK TABLE sales.customers" in message
+    assert f"pid {pid} (postgres, billing-migration) holding an exclusive lock on sales.customers for" in message
+    assert "'LOCK TABLE sales.customers IN ACCESS EXCLUSIVE MODE'" in message
     assert "lock_wait_timeout in the DR plan" in message and "the task retries" in message
     assert waited < 60, waited  # not a timing goal: it did not wait for the lock's holder
     assert BackupCatalog(store, BackupLayout(), "shop").backups() == []  # nothing stored

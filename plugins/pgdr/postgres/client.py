@@ -367,12 +367,15 @@ def mask_password_literals(statement: str) -> str:
 
 def exclusive_lockers(endpoint: PgEndpoint, limit: int = 5) -> list[str]:
     """Describe the sessions that hold, or wait for, an ``ACCESS EXCLUSIVE`` lock on a table of ``endpoint``'s
-    database (what stops a dump's ``ACCESS SHARE``): pid, user, application, for how long, and the statement's start
-    (a password literal in it masked). Best effort: ``[]`` when the server cannot be asked."""
+    database (what stops a dump's ``ACCESS SHARE``): pid, user, application, the tables, for how long, and the
+    statement's start (a password literal in it masked). Best effort: ``[]`` when the server cannot be asked."""
     sql = """
         SELECT a.pid, a.usename, a.application_name, l.granted,
-               extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int, left(a.query, 120)
+               extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::int, left(a.query, 120),
+               string_agg(coalesce(format('%%I.%%I', n.nspname, c.relname), 'oid ' || l.relation), ', '
+                          ORDER BY n.nspname, c.relname)
           FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+          LEFT JOIN pg_class c ON c.oid = l.relation LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' AND a.pid <> pg_backend_pid()
            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
          GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 4 DESC, 5 DESC LIMIT %s"""
@@ -385,9 +388,9 @@ def exclusive_lockers(endpoint: PgEndpoint, limit: int = 5) -> list[str]:
         logging.getLogger(__name__).warning("Could not list the sessions holding table locks: %s", err)
         return []
     return [
-        f"pid {pid} ({user}{', ' + app if app else ''}) {'holding' if granted else 'waiting'} for {seconds}s: "
-        f"{mask_password_literals(query)!r}"
-        for pid, user, app, granted, seconds, query in rows
+        f"pid {pid} ({user}{', ' + app if app else ''}) {'holding' if granted else 'waiting for'} an exclusive lock on "
+        f"{tables} for {seconds}s: {mask_password_literals(query)!r}"
+        for pid, user, app, granted, seconds, query, tables in rows
     ]
 
 
