@@ -202,8 +202,13 @@ def test_a_damaged_base_backup_is_rejected_before_a_cluster_starts(flaky, tmp_pa
 def test_a_moment_outside_the_window_names_the_recoverable_range(flaky, tmp_path):
     from datetime import timedelta
 
+    from pgdr.physical.heartbeat import switch_and_wait_archived
     from pgdr.physical.recovery import TargetOutsideWindow, choose_backup, recoverable_window
 
+    # A commit after the base backup, archived: without one the window is the single moment the backup ended
+    # (nothing to stop recovery at), which choose_backup rightly refuses.
+    write_and_switch(flaky["server"], 1)
+    switch_and_wait_archived(flaky["endpoint"], 60)
     window = recoverable_window(catalog(flaky), flaky["archive"], flaky["store"], tmp_path)
     for moment in (window.oldest - timedelta(hours=1), window.newest + timedelta(minutes=5)):
         with pytest.raises(TargetOutsideWindow) as outside:

@@ -246,3 +246,21 @@ def test_a_retry_resumes_only_its_own_runs_directory(tmp_path):
     assert recovery("pgdr_restore/run-1").resumes_own_try() is True  # its retry resumes them
     assert recovery("pgdr_restore/run-2").resumes_own_try() is False  # another run never reuses them unasked
     assert recovery(None).resumes_own_try() is False  # the command line: --delta only when given
+
+
+def test_a_window_with_nothing_committed_after_the_backup_says_give_latest():
+    from datetime import UTC, datetime, timedelta
+
+    from pgdr.physical.recovery import RecoverableWindow, TargetOutsideWindow, choose_backup
+
+    ended = datetime(2026, 12, 3, 23, 43, tzinfo=UTC)
+    entry = SimpleNamespace(backup_id="b1", record=SimpleNamespace(finished_at=ended))
+    empty = RecoverableWindow(ended, ended, None, (entry,))
+    for moment in (ended, ended - timedelta(hours=1), ended + timedelta(minutes=5)):
+        with pytest.raises(TargetOutsideWindow, match="nothing was committed.*after its newest base backup.*'latest'"):
+            choose_backup(empty, moment)
+    assert choose_backup(empty, None) is entry  # 'latest' still recovers
+    window = RecoverableWindow(ended, ended + timedelta(minutes=1), None, (entry,))
+    assert choose_backup(window, ended) is entry
+    with pytest.raises(TargetOutsideWindow, match="the recoverable window is 2026-12-03 23:43:00 to 2026-12-03 23:44"):
+        choose_backup(window, ended + timedelta(minutes=1))

@@ -123,6 +123,13 @@ def choose_backup(window: RecoverableWindow, target: datetime | None) -> BaseBac
     """Return the base backup to recover ``target`` from (the newest that ended at or before it)."""
     if target is None:
         return window.backups[-1]
+    if window.newest <= window.oldest:
+        raise TargetOutsideWindow(
+            f"{target:%Y-%m-%d %H:%M:%S} UTC cannot be recovered: nothing was committed on the server after its "
+            f"newest base backup ended ({window.oldest:%Y-%m-%d %H:%M:%S} UTC) in the WAL archived so far, so there "
+            "is no moment to stop recovery at. Give 'latest' (recovery to the end of the archive); if the server "
+            "did commit since, its newest WAL has not reached the archive yet (archive_timeout, pg_stat_archiver)."
+        )
     if target < window.oldest or target >= window.newest:
         raise TargetOutsideWindow(
             f"{target:%Y-%m-%d %H:%M:%S} UTC cannot be recovered: the recoverable window is {window.describe()} "
