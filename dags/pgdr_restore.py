@@ -47,7 +47,6 @@ the mode and, for `replace`, a confirmation.
 from __future__ import annotations
 
 import pendulum
-from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
 from pgdr.airflow_glue.deadlines import dag_deadline
 from pgdr.airflow_glue.defaults import default_args, restore_timeout
@@ -201,6 +200,11 @@ def pgdr_restore():
         """Point in time, once restored: the database and backup id of the moment's stored copy, to verify."""
         return call("restore.evidence_to_verify", plan)
 
+    @task
+    def verify_evidence_copy(evidence: dict) -> None:
+        """Trigger pgdr_verify_restore (run id evidence__<this run's id>) for the evidence copy."""
+        return call("restore.trigger_evidence_verification", evidence)
+
     # all_done: a failed restore gets its report too; the task then fails, keeping the run red.
     @task(trigger_rule="all_done", on_failure_callback=None)
     def write_report() -> dict:
@@ -227,13 +231,7 @@ def pgdr_restore():
     # After a successful restore (write_report succeeded), so the verification never competes with the incident.
     evidence = evidence_to_verify(plan)
     report >> evidence
-    TriggerDagRunOperator(
-        task_id="verify_evidence_copy",
-        trigger_dag_id="pgdr_verify_restore",
-        trigger_run_id="evidence__{{ run_id }}",
-        conf=evidence,
-        skip_when_already_exists=True,  # a retry of this task after the run was created
-    )
+    verify_evidence_copy(evidence)
     servers >> report
 
 

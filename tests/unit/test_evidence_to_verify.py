@@ -44,3 +44,18 @@ def test_the_break_glass_command_says_how_to_verify_later(monkeypatch):
     assert "Once Airflow is back, trigger pgdr_verify_restore with database shop and backup_id 20261203T101500Z" in str(
         skipped.value
     )
+
+
+def test_the_trigger_asks_for_the_verification_of_that_copy_once():
+    """The task runner creates the run from the exception; a retry finds evidence__<run id> and skips."""
+    from airflow.sdk.exceptions import DagRunTriggerException
+    from pgdr.tasks.restore import trigger_evidence_verification
+
+    conf = {"database": "shop", "backup_id": "20261203T101500Z-1a2b3c"}
+    with pytest.raises(DagRunTriggerException) as trigger:
+        trigger_evidence_verification(conf, {"run_id": "manual__2026-12-03T10:20:00+00:00"})
+    raised = trigger.value
+    assert raised.trigger_dag_id == "pgdr_verify_restore"
+    assert raised.dag_run_id == "evidence__manual__2026-12-03T10:20:00+00:00"
+    assert raised.conf == conf and raised.conf is not conf
+    assert raised.skip_when_already_exists and not raised.wait_for_completion and not raised.reset_dag_run

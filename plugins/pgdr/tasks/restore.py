@@ -99,6 +99,33 @@ def evidence_to_verify(plan: dict[str, Any], context) -> dict[str, str]:
     return {"database": plan["database"], "backup_id": plan["backup_id"]}
 
 
+def trigger_evidence_verification(conf: dict[str, str], context) -> None:
+    """Body of ``verify_evidence_copy``: trigger ``pgdr_verify_restore`` with ``conf`` under the run id
+    ``evidence__<this run's id>`` (a retry finds it and skips). What TriggerDagRunOperator does, without importing
+    it (and its provider's operators) into pgdr_restore's parse: the task runner creates the run."""
+    import inspect
+
+    from airflow.sdk.exceptions import DagRunTriggerException
+
+    now = datetime.now(UTC)
+    wanted = {
+        "trigger_dag_id": "pgdr_verify_restore",
+        "dag_run_id": f"evidence__{context['run_id']}",
+        "conf": dict(conf),
+        "logical_date": now,
+        "run_after": now,
+        "reset_dag_run": False,
+        "skip_when_already_exists": True,
+        "wait_for_completion": False,
+        "allowed_states": ["success"],
+        "failed_states": ["failed"],
+        "poke_interval": 60,
+        "deferrable": False,
+    }
+    accepted = inspect.signature(DagRunTriggerException.__init__).parameters
+    raise DagRunTriggerException(**{k: v for k, v in wanted.items() if k in accepted})
+
+
 def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[str, Any]:
     """Body of ``recover_server_<server>``, run by the worker on the new host (the server's restore queue): recover,
     prove and hand over the whole server (:class:`pgdr.physical.server_recovery.ServerRecovery`)."""
