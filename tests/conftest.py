@@ -180,19 +180,23 @@ def run_dag():
 def local_backup_setup(root, pg_server, database: str = "shop", store_root=None, **options):
     """A database of a one-database plan with a local store (at ``store_root``, else ``root``) and its endpoint on
     ``pg_server``: ``(db, endpoint, store)``. ``options`` are the database's plan keys (``dump_jobs=2``)."""
-    import json
-
-    from pgdr.plan import parse_plan
     from pgdr.postgres.client import PgEndpoint
     from pgdr.storage.backends import LocalFolderStore
 
-    keys = "".join(f", {key}: {json.dumps(value)}" for key, value in options.items())
-    plan = parse_plan(
-        f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: {database}, conn_id: x{keys}}}]\n",
-        root / "p.yaml",
-    )
     endpoint = PgEndpoint("127.0.0.1", pg_server.port, "postgres", database, pg_server.password)
-    return plan.databases[0], endpoint, LocalFolderStore(store_root or root)
+    return planned_database(root, database, **options), endpoint, LocalFolderStore(store_root or root)
+
+
+def planned_database(root, database: str = "shop", **options):
+    """The database of a one-database plan (local storage at ``root``) with ``options`` as its plan keys, parsed and
+    validated as pgdr does (:class:`pgdr.plan.PlanError` for a bad value)."""
+    import json
+
+    from pgdr.plan import parse_plan
+
+    keys = "".join(f", {key}: {json.dumps(value)}" for key, value in options.items())
+    text = f"storage: {{l: {{type: local, path: {root}}}}}\ndatabases: [{{name: {database}, conn_id: x{keys}}}]\n"
+    return parse_plan(text, root / "p.yaml").databases[0]
 
 
 def backup_into_local_store(root, pg_server, database: str = "shop", compression: str = "gzip:1") -> str:

@@ -5,9 +5,9 @@ The steps, for one database:
 1. export a snapshot and record its time (the recovery point);
 2. run ``pg_dump --snapshot`` into a private work directory (never waiting long for a lock, never
    holding up others for long: :mod:`pgdr.logical.lockwatch`); pg_dump compresses each file itself,
-   in its parallel workers (the plan's ``compression``, ``gzip:1`` by default); then count every
-   table's rows exactly from the dump's own files (:mod:`pgdr.logical.dumpcount`: the source is read
-   once), with sequences, large objects and the size from the catalog in the same snapshot;
+   in its parallel workers (the plan's ``compression``, ``gzip:1`` by default); then read sequences,
+   large objects, the size and the catalog in the same snapshot, close it, and count every table's
+   rows exactly from the dump's own files (:mod:`pgdr.logical.dumpcount`: the source is read once);
 3. hash each dump file (SHA-256) as it is read for upload, several files at a time; with
    client-side encryption (the plan's ``encryption``), each file is first encrypted with the
    backup's own data key (:mod:`pgdr.storage.encryption`) and the hash is of the stored bytes;
@@ -36,17 +36,18 @@ from typing import Any
 
 from pgdr.errors import DumpFailed, PgdrError
 from pgdr.logical.catalog import BackupCatalog, BackupFile, BackupManifest
-from pgdr.logical.dumpcount import count_dump_rows
+from pgdr.logical.dumpcount import count_table_data, readable_table_data
 from pgdr.logical.lockwatch import BlockingWatcher
 from pgdr.messages import first_line, format_duration
 from pgdr.plan import ProtectedDatabase
 from pgdr.postgres.client import (
     PgEndpoint,
-    count_rows,
+    RowCensus,
     dump_command,
     exclusive_lockers,
     exported_snapshot,
     passfile_env,
+    row_census,
     sequence_values,
     tool_error,
     tool_version,
@@ -232,11 +233,14 @@ def take_backup(
             snap.recovery_point.isoformat(),
             db.dump_jobs,
         )
-        row_counts, large_objects, sequences, database_bytes, counted_s = _dump_and_count(
+        census, files, sequences, database_bytes, census_s = _dump_and_census(
             db, endpoint, snap, env, dump_dir, on_blocking
         )
-        timings["count_rows"] = counted_s
         recovery_point, server_version = recovery_point or snap.recovery_point, snap.server_version
+    # The snapshot is closed: the rest of the counts come from the dump's files, on the worker.
+    counted_at = time.monotonic()
+    row_counts, large_objects = _counts_from_files(db, census, files), census.large_objects
+    timings["count_rows"] = census_s + time.monotonic() - counted_at
     timings["dump"] = time.monotonic() - t0
     phases["dump"] = (dump_started, _utc_now())
     log.info("pg_dump finished in %.1fs; %d tables counted.", timings["dump"], len(row_counts))
@@ -348,10 +352,11 @@ def seal_manifest(manifest: BackupManifest, keys, data_key: bytes, key_conn_id: 
     return replace(unsigned, encryption=replace(record, manifest_mac=manifest_mac(data_key, unsigned.to_dict())))
 
 
-def _dump_and_count(db: ProtectedDatabase, endpoint: PgEndpoint, snap, env, dump_dir: Path, on_blocking):
+def _dump_and_census(db: ProtectedDatabase, endpoint: PgEndpoint, snap, env, dump_dir: Path, on_blocking):
     """Run ``pg_dump`` in the exported snapshot, watching that it never holds up other sessions for long, then take
-    the census the restore is checked against (:func:`_census`): the exact row counts read from the dump's own files
-    (the source is read once, by pg_dump), the rest from the catalog in the same snapshot."""
+    what a restore is checked against from the catalog in the same snapshot (:func:`_census`); the exact row counts
+    of the tables the dump's files answer for are left to :func:`_counts_from_files`, once the snapshot is closed
+    (the source is read once, by pg_dump)."""
     lock_wait_ms = int(db.lock_wait_timeout.total_seconds() * 1000)
     snap.conn.execute("SELECT set_config('lock_timeout', %s, true)", (str(lock_wait_ms),))  # a counted table's lock
     app_name = f"pgdr-dump-{secrets.token_hex(4)}"  # tells the watcher which sessions are this dump's
@@ -386,7 +391,7 @@ def _dump_and_count(db: ProtectedDatabase, endpoint: PgEndpoint, snap, env, dump
         if dump.returncode != 0:
             raise _dump_error(db, endpoint, stderr)
         try:
-            return _census(snap.conn, dump_dir, db.dump_jobs)
+            return _census(snap.conn, dump_dir)
         except Exception as err:
             from psycopg.errors import LockNotAvailable
 
@@ -436,15 +441,37 @@ def lock_wait_error(db: ProtectedDatabase, endpoint: PgEndpoint, detail: str) ->
     )
 
 
-def _census(conn, dump_dir: Path, workers: int) -> tuple[dict[str, int], int, dict[str, int | None], int, float]:
-    """Return what a restore is checked against: exact row counts (read from the dump's files; a table they cannot
-    answer for is counted in the backup's snapshot), large objects, sequence values, the database size, and the
-    seconds this took."""
+def _census(conn, dump_dir: Path) -> tuple[RowCensus, dict[int, Path], dict[str, int | None], int, float]:
+    """Return, from the backup's snapshot, what a restore is checked against: the row counts of the tables the dump's
+    files cannot answer for (with the catalog the rest are added to), the data files that can, large objects,
+    sequence values, the database size, and the seconds this took."""
     started = time.monotonic()
-    row_counts, large_objects = count_rows(conn, count_dump_rows(dump_dir, workers))
+    files = readable_table_data(dump_dir)
+    census = row_census(conn, files)
+    if census.counted:
+        log.info(
+            "%d table(s) counted by query in the snapshot: the dump's files cannot answer for them.",
+            len(census.counted),
+        )
     sequences = sequence_values(conn)
     database_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
-    return row_counts, large_objects, sequences, database_bytes, time.monotonic() - started
+    return census, files, sequences, database_bytes, time.monotonic() - started
+
+
+def _counts_from_files(db: ProtectedDatabase, census: RowCensus, files: dict[int, Path]) -> dict[str, int]:
+    """Count the rows of the tables ``census`` left to the dump's files; a file not ended as pg_dump ends its data
+    fails the backup (the dump is damaged on the worker's disk: nothing is stored)."""
+    left = {oid: files[oid] for oid in census.left}
+    counted = count_table_data(left, db.dump_jobs)
+    damaged = sorted(census.left[oid] for oid, rows in counted.items() if rows is None)
+    if damaged:
+        raise DumpFailed(
+            f"The dump of database {db.name!r} is damaged: the data file of {len(damaged)} table(s) "
+            f"({', '.join(damaged[:5])}{', …' if len(damaged) > 5 else ''}) does not end as pg_dump ends its data "
+            "(cut short: the worker's disk filled up, or something else wrote there). Nothing was stored; the task "
+            "retries after its retry delay. If it repeats, check the free space and health of the worker's disk."
+        )
+    return census.complete(counted)
 
 
 def _utc_now() -> str:

@@ -7,8 +7,11 @@ catalog oid its ``TABLE DATA`` entry carries in ``pg_restore -l`` (names are nev
 they may hold spaces). Counting is decompression (ISA-L's inflate for gzip) and ``bytes.count``, on the worker,
 one thread per file: the source server reads every table once, for ``pg_dump``.
 
-Where the dump cannot answer, :func:`pgdr.postgres.client.count_rows` counts by query, in the same snapshot: a
-file compressed with a method this Python lacks (``lz4``), or one not ended as pg_dump ends them.
+Which tables the files answer for is known before the dump's snapshot is closed (:func:`readable_table_data`): the
+others (a file compressed with a method this Python lacks, ``lz4``; a table whose data the dump leaves out) are
+counted by query in the snapshot (:func:`pgdr.postgres.client.row_census`); then the snapshot is closed and the
+files are counted (:func:`count_table_data`), so counting never holds the snapshot (and the vacuum horizon) open.
+A file not ended as pg_dump ends them is a damaged dump: the backup fails rather than store it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ try:  # ISA-L's inflate, twice as fast as zlib's (requirements.txt has it; zlib 
     from isal import isal_zlib as _GZIP
 except ImportError:  # pragma: no cover - a worker installed without isal
     _GZIP = zlib
+try:
+    import zstandard  # noqa: F401 - only whether it is there
+
+    _HAS_ZSTD = True
+except ImportError:  # pragma: no cover - a worker installed without zstandard
+    _HAS_ZSTD = False
 
 
 def table_data_entries(dump_dir: Path) -> dict[int, int]:
@@ -44,20 +53,18 @@ def table_data_entries(dump_dir: Path) -> dict[int, int]:
     return {int(m.group("id")): int(m.group("oid")) for m in _TABLE_DATA.finditer(listing.stdout)}
 
 
-def _chunks(path: Path) -> Iterator[bytes] | None:
-    """The decompressed bytes of a data file, in chunks; None when this Python cannot read its compression."""
-    name = path.name
-    if name.endswith(".dat"):
-        return _plain(path)
-    if name.endswith(".dat.gz"):
+_READABLE = (".dat", ".dat.gz", ".dat.zst")  # lz4 has no module here: counted by query
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of a data file (one of the :data:`_READABLE` suffixes), in chunks."""
+    if path.name.endswith(".dat.gz"):
         return _inflated(path, lambda: _GZIP.decompressobj(zlib.MAX_WBITS | 16))
-    if name.endswith(".dat.zst"):
-        try:
-            import zstandard
-        except ImportError:
-            return None
+    if path.name.endswith(".dat.zst"):
+        import zstandard
+
         return _inflated(path, lambda: zstandard.ZstdDecompressor().decompressobj())
-    return None
+    return _plain(path)
 
 
 def _plain(path: Path) -> Iterator[bytes]:
@@ -92,29 +99,28 @@ def rows_in_copy_data(chunks: Iterator[bytes]) -> int | None:
     return newlines - (len(tail) - len(body))  # the newlines from the "\." line's own on are no rows
 
 
-def _data_file(dump_dir: Path, dump_id: int) -> Path | None:
-    for suffix in (".dat.gz", ".dat", ".dat.zst", ".dat.lz4"):
-        path = dump_dir / f"{dump_id}{suffix}"
-        if path.is_file():
-            return path
-    return None
+def readable_table_data(dump_dir: Path) -> dict[int, Path]:
+    """Return ``{table oid: data file}`` of the tables whose rows this can count from the directory-format dump (a
+    file compressed with a method this Python lacks is left out: counted by query)."""
+    files = {path.name: path for path in dump_dir.iterdir()}
+    readable = {}
+    for dump_id, oid in table_data_entries(dump_dir).items():
+        for suffix in _READABLE:
+            if (path := files.get(f"{dump_id}{suffix}")) is not None:
+                readable[oid] = path
+                break
+    if not _HAS_ZSTD:
+        readable = {oid: path for oid, path in readable.items() if not path.name.endswith(".zst")}
+    return readable
 
 
-def count_dump_rows(dump_dir: Path, workers: int) -> dict[int, int]:
-    """Return ``{table oid: exact row count}`` for every table whose data the dump holds and this can read."""
-    entries = table_data_entries(dump_dir)
+def count_table_data(files: dict[int, Path], workers: int) -> dict[int, int | None]:
+    """Return ``{table oid: exact row count}`` of the data files (:func:`readable_table_data`), one thread a file;
+    None for a file that does not end as pg_dump ends its data (cut short or damaged)."""
 
-    def one(item: tuple[int, int]) -> tuple[int, int | None]:
-        dump_id, oid = item
-        path = _data_file(dump_dir, dump_id)
-        chunks = _chunks(path) if path is not None else None
-        return oid, (rows_in_copy_data(chunks) if chunks is not None else None)
+    def one(item: tuple[int, Path]) -> tuple[int, int | None]:
+        oid, path = item
+        return oid, rows_in_copy_data(_chunks(path))
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pgdr-count-dump") as pool:
-        counted = dict(pool.map(one, entries.items()))
-    unread = sorted(oid for oid, rows in counted.items() if rows is None)
-    if unread:
-        log.info(
-            "%d table(s) counted by query: their dump files could not be read here (oids %s).", len(unread), unread
-        )
-    return {oid: rows for oid, rows in counted.items() if rows is not None}
+        return dict(pool.map(one, files.items()))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pgdr.errors import DumpFailed
 from pgdr.messages import format_duration
-from pgdr.postgres.client import PgEndpoint, connect, mask_password_literals
+from pgdr.postgres.client import PgEndpoint, connect, describe_session
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ class Blocked:
     statement: str
 
     def describe(self) -> str:
-        who = ", ".join(filter(None, [self.user, self.application]))
-        return f"pid {self.pid} ({who}) waiting {self.seconds}s: {mask_password_literals(self.statement)!r}"
+        return describe_session(self.pid, self.user, self.application, f"waiting {self.seconds}s", self.statement)
 
 
 class BlockingWatcher:

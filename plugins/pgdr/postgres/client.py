@@ -17,7 +17,7 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -290,38 +290,63 @@ def count_rows(conn, known: dict[int, int] | None = None) -> tuple[dict[str, int
     :param known: ``{oid: rows}`` of ordinary tables already counted (from the dump: :mod:`pgdr.logical.dumpcount`);
         they are not scanned.
     """
+    known = known or {}
+    census = row_census(conn, known)
+    return census.complete(known), census.large_objects
+
+
+@dataclass
+class RowCensus:
+    """Exact row counts taken in a snapshot, but for the ordinary tables left to be counted elsewhere (from a
+    dump's files, after the snapshot is closed): :meth:`complete` adds those and sums the partitioned tables."""
+
+    counted: dict[str, int]  # counted by query in the snapshot
+    left: dict[int, str]  # oid: table key of the ordinary tables counted elsewhere
+    partitioned: dict[str, list[str]]  # a partitioned table's key: its leaf partitions' keys (summed)
+    large_objects: int
+
+    def complete(self, left_counts: dict[int, int]) -> dict[str, int]:
+        """Return every table's count, given ``{oid: rows}`` of at least the tables left."""
+        counts = {**self.counted, **{key: left_counts[oid] for oid, key in self.left.items()}}
+        for key, leaves in self.partitioned.items():
+            counts[key] = sum(counts[leaf] for leaf in leaves)
+        return dict(sorted(counts.items()))
+
+
+def row_census(conn, left: Collection[int] = ()) -> RowCensus:
+    """Count, in ``conn``'s transaction, the rows of every user table but the ordinary tables of oid in ``left``
+    (counted by the caller, e.g. from the dump's files), and the large objects; see :func:`count_rows`."""
     from psycopg import sql
 
-    known = known or {}
-    counts: dict[str, int] = {}
-    tables = []
+    tables, left_keys = [], {}
     for schema, name, kind, oid in conn.execute(_TABLES_SQL).fetchall():
-        if kind == "r" and oid in known:
-            counts[table_key(schema, name)] = known[oid]
-        tables.append((schema, name, kind))
+        key = table_key(schema, name)
+        if kind == "r" and oid in left:
+            left_keys[oid] = key
+        tables.append((schema, name, kind, key))
     leaves: dict[str, list[str]] = {}
     for schema, name, leaf_schema, leaf_name in conn.execute(_LEAF_PARTITIONS_SQL).fetchall():
         leaves.setdefault(table_key(schema, name), []).append(table_key(leaf_schema, leaf_name))
-    ordinary = {table_key(schema, name) for schema, name, kind in tables if kind == "r"}
+    ordinary = {key for _, _, kind, key in tables if kind == "r"}
     # A partitioned table is summed when every leaf is counted here (a leaf owned by an extension
     # is not); otherwise, and for one with no partitions, it is counted directly.
-    summed = {key for key, parts in leaves.items() if set(parts) <= ordinary}
-    scanned = [t for t in tables if table_key(t[0], t[1]) not in summed and table_key(t[0], t[1]) not in counts]
+    summed = {key: parts for key, parts in leaves.items() if set(parts) <= ordinary}
+    not_scanned = set(summed) | set(left_keys.values())
+    scanned = [t for t in tables if t[3] not in not_scanned]
+    counted: dict[str, int] = {}
     for start in range(0, len(scanned), COUNT_BATCH):
         parts = []
-        for schema, name, kind in scanned[start : start + COUNT_BATCH]:
+        for schema, name, kind, key in scanned[start : start + COUNT_BATCH]:
             only = sql.SQL("ONLY ") if kind == "r" else sql.SQL("")
             parts.append(
                 sql.SQL("SELECT {key}, count(*) FROM {only}{table}").format(
-                    key=sql.Literal(table_key(schema, name)), only=only, table=sql.Identifier(schema, name)
+                    key=sql.Literal(key), only=only, table=sql.Identifier(schema, name)
                 )
             )
         for key, count in conn.execute(sql.SQL(" UNION ALL ").join(parts)).fetchall():
-            counts[key] = count
-    for key in summed:
-        counts[key] = sum(counts[leaf] for leaf in leaves[key])
+            counted[key] = count
     large_objects = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()[0]
-    return dict(sorted(counts.items())), large_objects
+    return RowCensus(counted, left_keys, summed, large_objects)
 
 
 def sequence_values(conn) -> dict[str, int | None]:
@@ -388,10 +413,22 @@ def exclusive_lockers(endpoint: PgEndpoint, limit: int = 5) -> list[str]:
         logging.getLogger(__name__).warning("Could not list the sessions holding table locks: %s", err)
         return []
     return [
-        f"pid {pid} ({user}{', ' + app if app else ''}) {'holding' if granted else 'waiting for'} an exclusive lock on "
-        f"{tables} for {seconds}s: {mask_password_literals(query)!r}"
+        describe_session(
+            pid,
+            user,
+            app,
+            f"{'holding' if granted else 'waiting for'} an exclusive lock on {tables} for {seconds}s",
+            query,
+        )
         for pid, user, app, granted, seconds, query, tables in rows
     ]
+
+
+def describe_session(pid: int, user: str | None, application: str | None, doing: str, statement: str) -> str:
+    """One session, as an alert names it: ``pid 123 (app_user, billing-migration) <doing>: 'ALTER TABLE …'`` (a
+    password literal in the statement masked)."""
+    who = ", ".join(filter(None, [user, application]))
+    return f"pid {pid} ({who}) {doing}: {mask_password_literals(statement)!r}"
 
 
 def dump_command(
