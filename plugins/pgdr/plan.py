@@ -123,6 +123,12 @@ class ProtectedDatabase:
     # With it, a backup that holds up another session (a migration's ALTER TABLE queued behind pg_dump) this long
     # gives way: stopped and retried later. None (the default): the backup goes on and a warning names the session.
     yield_after: timedelta | None = None
+    # A hot standby of the database's server to dump from (pgdr.logical.standby), so the primary reads nothing; one
+    # lagging more than max_standby_lag (or not a standby, or unreachable) is not used: on_standby_lag "primary" backs
+    # up from the primary with a warning, "fail" fails the backup.
+    source_conn_id: str | None = None
+    max_standby_lag: timedelta = timedelta(minutes=5)
+    on_standby_lag: str = "primary"
     # The Airflow connection whose login restores and reads restored copies: a role without
     # superuser (see pgdr.airflow_glue.connections.restore_endpoint). None: not configured (restores refuse).
     restore_conn_id: str | None = None
@@ -418,12 +424,23 @@ _POLICY_KEYS = {
     "dump_jobs",
     "lock_wait_timeout",
     "yield_after",
+    "max_standby_lag",
+    "on_standby_lag",
     "compression",
     "restore_conn_id",
     "restore_as_superuser",
     "encryption",
 }
-_DATABASE_KEYS = _POLICY_KEYS | {"name", "conn_id", "dbname", "verify_conn_id", "server", "app_roles", "skip_objects"}
+_DATABASE_KEYS = _POLICY_KEYS | {
+    "name",
+    "conn_id",
+    "dbname",
+    "verify_conn_id",
+    "source_conn_id",
+    "server",
+    "app_roles",
+    "skip_objects",
+}
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
 _NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
 _STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id", "sse", "kms_key_id"}
@@ -515,6 +532,8 @@ class _Policy:
     dump_jobs: int = 2
     lock_wait_timeout: timedelta = timedelta(seconds=30)
     yield_after: timedelta | None = None
+    max_standby_lag: timedelta = timedelta(minutes=5)
+    on_standby_lag: str = "primary"
     compression: str = DEFAULT_COMPRESSION
     restore_conn_id: str | None = None
     restore_as_superuser: bool = False
@@ -546,6 +565,19 @@ def _parse_policy(c: _Checker, fields: dict, key: str, base: _Policy, storages: 
     if "yield_after" in fields:
         node = fields["yield_after"][1]
         policy.yield_after = c.duration(node, f"{key}.yield_after")  # whole seconds, at least 1
+    if "max_standby_lag" in fields:
+        policy.max_standby_lag = c.duration(fields["max_standby_lag"][1], f"{key}.max_standby_lag")
+    if "on_standby_lag" in fields:
+        node = fields["on_standby_lag"][1]
+        value = c.scalar(node, f"{key}.on_standby_lag")
+        if value not in ("primary", "fail"):
+            raise c.fail(
+                node,
+                f"{key}.on_standby_lag",
+                "expected primary (back up from the primary, with a warning, when the standby lags more than "
+                f"max_standby_lag) or fail (fail the backup), got {value!r}",
+            )
+        policy.on_standby_lag = value
     if "compression" in fields:
         node = fields["compression"][1]
         value = c.scalar(node, f"{key}.compression")
@@ -723,6 +755,13 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 dump_jobs=policy.dump_jobs,
                 lock_wait_timeout=policy.lock_wait_timeout,
                 yield_after=policy.yield_after,
+                source_conn_id=(
+                    c.string(fields["source_conn_id"][1], f"{key}.source_conn_id", _CONN_ID, "an Airflow connection id")
+                    if "source_conn_id" in fields
+                    else None
+                ),
+                max_standby_lag=policy.max_standby_lag,
+                on_standby_lag=policy.on_standby_lag,
                 compression=policy.compression,
                 restore_conn_id=policy.restore_conn_id,
                 restore_as_superuser=policy.restore_as_superuser,

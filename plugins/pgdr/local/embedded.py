@@ -213,6 +213,8 @@ class EmbeddedServer:
         from psycopg import sql
 
         with psycopg.connect(**self.dsn("postgres"), autocommit=True) as conn:
+            if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                return  # a standby (tests' streaming replica): read only, its roles are its primary's
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.restore_user,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
             conn.execute(

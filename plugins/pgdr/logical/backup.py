@@ -38,6 +38,7 @@ from pgdr.errors import DumpFailed, PgdrError
 from pgdr.logical.catalog import BackupCatalog, BackupFile, BackupManifest
 from pgdr.logical.dumpcount import count_table_data, readable_table_data
 from pgdr.logical.lockwatch import BlockingWatcher
+from pgdr.logical.standby import primary_mark, snapshot_recovery_point
 from pgdr.messages import first_line, format_duration
 from pgdr.plan import ProtectedDatabase
 from pgdr.postgres.client import (
@@ -185,6 +186,7 @@ def take_backup(
     keys=None,
     beside_upload: Callable[[Path, dict[str, int]], Any] | None = None,
     on_blocking: Callable[[str], None] | None = None,
+    primary: PgEndpoint | None = None,
 ) -> BackupResult:
     """Back up ``db`` into ``store``; see the module docstring for the steps.
 
@@ -199,6 +201,8 @@ def take_backup(
         restores the dump from there, without downloading it again). The files stay in the
         directory until both are done. Its return value is the result's ``beside``; if it raises,
         the backup is still stored (manifest last) and its error is raised after.
+    :param primary: when ``endpoint`` is a hot standby (:mod:`pgdr.logical.standby`), the primary: the recovery
+        point is then the primary's time the standby had replayed up to, not the standby's clock.
     :param on_blocking: called once (on another thread) with a warning when the dump holds up another session for
         longer than the plan's ``lock_wait_timeout`` (:mod:`pgdr.logical.lockwatch`); with ``yield_after`` in the
         plan the dump gives way instead, failing with :class:`~pgdr.logical.lockwatch.DumpYielded`.
@@ -225,7 +229,10 @@ def take_backup(
     phases: dict[str, tuple[str, str]] = {}
     t0 = time.monotonic()
     dump_started = _utc_now()
+    mark = primary_mark(primary) if primary is not None else None  # before the snapshot: see snapshot_recovery_point
     with exported_snapshot(endpoint) as snap, passfile_env(endpoint, workdir) as env:
+        if mark is not None:
+            snap = replace(snap, recovery_point=snapshot_recovery_point(snap.conn, mark, snap.recovery_point))
         log.info(
             "Snapshot %s exported from %s at %s (the recovery point); dumping with %d jobs.",
             snap.snapshot_id,
@@ -416,6 +423,15 @@ def _dump_error(db: ProtectedDatabase, endpoint: PgEndpoint, stderr: str) -> Pgd
     if _LOCK_WAIT.search(stderr):
         detail = "; ".join(_shorter(endpoint.scrub(line), 240) for line in stderr.strip().splitlines()[:2])
         return lock_wait_error(db, endpoint, detail)
+    if "conflict with recovery" in stderr:  # a dump on a hot standby, cancelled by replay
+        return tool_error(
+            endpoint,
+            f"pg_dump of database {db.name!r} on its standby (cancelled by the standby's replay: set "
+            "hot_standby_feedback = on and max_standby_streaming_delay longer than a dump on the standby, or remove "
+            "source_conn_id from the plan to back up from the primary)",
+            stderr,
+            DumpFailed,
+        )
     return tool_error(endpoint, f"pg_dump of database {db.name!r}", stderr, DumpFailed)
 
 

@@ -20,6 +20,7 @@ def run_backup(database: str, context) -> dict[str, Any]:
     from pgdr.airflow_glue.connections import database_endpoint, encryption_keys, open_store
     from pgdr.airflow_glue.notify import send_slack
     from pgdr.logical.backup import backfill_skip_reason, backup_summary, take_backup
+    from pgdr.logical.standby import choose_source
     from pgdr.plan import load_plan
 
     context[CONTEXT_DATABASE] = database
@@ -33,20 +34,25 @@ def run_backup(database: str, context) -> dict[str, Any]:
         endpoint = database_endpoint(db, plan)
         store, layout = open_store(db.storage, plan)
         keys = encryption_keys(db, plan)  # before the dump: a missing key fails in a second, not after an hour
+        standby = database_endpoint(db, plan, conn_id=db.source_conn_id) if db.source_conn_id else None
+        source = choose_source(db, endpoint, standby)
+        if source.note:
+            send_slack(f":warning: [pgdr] {source.note}", database, context)
         with task_workdir(context, f"backup-{database}") as workdir:
             result = take_backup(
                 db,
-                endpoint,
+                source.endpoint,
                 store,
                 layout,
                 workdir,
                 _airflow_info(context),
                 keys=keys,
                 on_blocking=lambda text: send_slack(f":warning: [pgdr] {text}", database, context),
+                primary=source.primary_mark_from,
             )
     manifest = result.manifest
     context[CONTEXT_BACKUP_ID] = manifest.backup_id
-    summary = backup_summary(db, result, store)
+    summary = {**backup_summary(db, result, store), **source.summary()}
     context["outlet_events"][BACKUP_ASSET].extra = summary
     return summary
 

@@ -1,0 +1,146 @@
+"""Logical backups from a hot standby, so that the primary does not read a single table for them (#31).
+
+A database of the plan may name ``source_conn_id``: a streaming replica of its server. Before each backup pgdr asks
+the primary for its current WAL position and the standby how far it has replayed:
+
+- a standby that has replayed everything the primary had written lags 0 s; otherwise its lag is the time since the
+  last transaction it replayed (an upper bound: the primary may have written no transaction since);
+- a standby lagging more than ``max_standby_lag``, not in recovery any more (promoted, or the connection points at a
+  primary), or unreachable is not used: the backup is taken from the primary with a warning, or fails, as the plan's
+  ``on_standby_lag`` says (``primary``, the default, or ``fail``).
+
+The recovery point of a backup taken there is not the standby's clock: it is the primary's time just before the
+snapshot when the standby had replayed everything written by then, else the commit time of the last transaction the
+snapshot holds (``pg_last_xact_replay_timestamp()``): the state of the data is the primary's at that moment.
+
+A long dump on a standby conflicts with replay: the standby either delays replay or cancels the dump ("conflict with
+recovery"); ``hot_standby_feedback = on`` and ``max_standby_streaming_delay`` longer than a dump avoid that. Parallel
+dumps from a standby work on PostgreSQL 10 and newer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from pgdr.errors import PgdrError
+from pgdr.messages import first_line, format_duration
+from pgdr.plan import ProtectedDatabase
+from pgdr.postgres.client import PgEndpoint, connect
+
+log = logging.getLogger(__name__)
+
+
+class StandbyNotUsable(PgdrError):
+    """The standby a database is backed up from lags too far, is not a standby, or cannot be reached (retried)."""
+
+
+@dataclass(frozen=True)
+class PrimaryMark:
+    """The primary's WAL position and clock, read just before a standby's snapshot."""
+
+    lsn: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class BackupSource:
+    """Where a backup is dumped from: the primary, or a standby with the primary's mark to date its snapshot."""
+
+    endpoint: PgEndpoint
+    primary_mark_from: PgEndpoint | None = None  # the primary, when ``endpoint`` is a standby
+    lag_s: float | None = None  # the standby's lag when it was chosen
+    note: str | None = None  # why the standby was not used (a warning for the on-call), else None
+
+    @property
+    def role(self) -> str:
+        return "standby" if self.primary_mark_from is not None else "primary"
+
+    def summary(self) -> dict:
+        """What the backup's summary (XCom, asset event) says of its source."""
+        summary: dict = {"source": self.role, "source_conn_id": self.endpoint.conn_id}
+        if self.lag_s is not None:
+            summary["standby_lag_s"] = round(self.lag_s, 3)
+        return summary
+
+
+def primary_mark(primary: PgEndpoint) -> PrimaryMark:
+    """Read the primary's current WAL position (where the next record goes: a transaction committed asynchronously
+    is visible before its WAL is written) and time."""
+    with connect(primary.with_dbname("postgres"), application_name="pgdr-primary-mark") as conn:
+        lsn, at = conn.execute("SELECT pg_current_wal_insert_lsn()::text, now()").fetchone()
+    return PrimaryMark(lsn, at)
+
+
+def standby_lag(standby: PgEndpoint, mark: PrimaryMark) -> float | None:
+    """Return how many seconds ``standby`` lags behind the primary whose ``mark`` was just read: 0 when it has
+    replayed everything written up to the mark, else the time since its last replayed transaction (None: it has
+    replayed none since it started). :class:`StandbyNotUsable` when it is not in recovery."""
+    with connect(standby, application_name="pgdr-standby-lag") as conn:
+        in_recovery, caught_up, since_last = conn.execute(
+            "SELECT pg_is_in_recovery(), coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), "
+            "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
+            (mark.lsn,),
+        ).fetchone()
+    if not in_recovery:
+        raise StandbyNotUsable(
+            f"{standby.describe()} is not a standby (pg_is_in_recovery() is false): it was promoted, or the "
+            "connection points at a primary"
+        )
+    if caught_up:
+        return 0.0
+    return None if since_last is None else max(0.0, since_last)
+
+
+def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoint | None) -> BackupSource:
+    """Return where to dump ``db`` from: its standby when it names one that is usable, else the primary (with a note
+    saying why) or :class:`StandbyNotUsable`, as ``db.on_standby_lag`` says."""
+    if standby is None:
+        return BackupSource(primary)
+    limit = db.max_standby_lag.total_seconds()
+    try:
+        lag = standby_lag(standby, primary_mark(primary))
+        if lag is not None and lag <= limit:
+            log.info("Backing up %r from its standby %s (lag %.1fs).", db.name, standby.describe(), lag)
+            return BackupSource(standby, primary, lag)
+        problem = (
+            f"{standby.describe()} has replayed no transaction since it started and is behind the primary"
+            if lag is None
+            else f"{standby.describe()} lags {format_duration(lag)} behind the primary (max_standby_lag "
+            f"{format_duration(limit)})"
+        )
+    except StandbyNotUsable as err:
+        lag, problem = None, str(err)
+    except PgdrError as err:
+        lag, problem = None, f"{standby.describe()} could not be asked for its lag ({first_line(str(err))})"
+    if db.on_standby_lag == "fail":
+        raise StandbyNotUsable(
+            f"The backup of database {db.name!r} is taken from its standby (source_conn_id {db.source_conn_id}), "
+            f"but {problem}. The plan says on_standby_lag: fail, so nothing was dumped from the primary; the task "
+            "retries after its retry delay. Check the replica's replication (pg_stat_replication on the primary), "
+            "or set on_standby_lag: primary to back up from the primary meanwhile."
+        )
+    note = (
+        f"The backup of database {db.name!r} was taken from the primary, not its standby (source_conn_id "
+        f"{db.source_conn_id}): {problem}. Check the replica's replication (pg_stat_replication on the primary)."
+    )
+    log.warning("%s", note)
+    return BackupSource(primary, None, lag, note)
+
+
+def snapshot_recovery_point(conn, mark: PrimaryMark, snapshot_time: datetime) -> datetime:
+    """Return the recovery point of a snapshot just exported on a standby (in ``conn``'s transaction): the primary's
+    time at ``mark`` when the standby had replayed everything up to it, else its last replayed commit's time."""
+    caught_up, last_commit = conn.execute(
+        "SELECT coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), pg_last_xact_replay_timestamp()",
+        (mark.lsn,),
+    ).fetchone()
+    if caught_up:
+        return mark.at
+    if last_commit is None:  # nothing replayed since the standby started: its data is as of its start at least
+        raise StandbyNotUsable(
+            "The standby has replayed no transaction since it started and is behind the primary, so the moment its "
+            "data is from is unknown. Nothing was stored; the task retries after its retry delay."
+        )
+    return min(last_commit, snapshot_time)
