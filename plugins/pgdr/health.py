@@ -62,6 +62,42 @@ def check_source(db, res: Resources) -> CheckResult:
         return CheckResult("source", db.name, False, first_line(err))
 
 
+def check_standby(db, res: Resources) -> CheckResult | None:
+    """The standby a database is backed up from (``source_conn_id``) lags no more than ``max_standby_lag``;
+    ``None`` when it names none. The lag is its value (a gauge)."""
+    from pgdr.logical.standby import primary_mark, standby_lag
+
+    if not db.source_conn_id:
+        return None
+    limit = db.max_standby_lag.total_seconds()
+    fallback = "backups are taken from the primary" if db.on_standby_lag == "primary" else "backups fail"
+    try:
+        standby = res.database(db, conn_id=db.source_conn_id)
+        lag = standby_lag(standby, primary_mark(res.database(db)), limit)
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        return CheckResult("standby_lag", db.name, False, f"{first_line(err)}: {fallback} meanwhile")
+    if lag is None:
+        return CheckResult(
+            "standby_lag",
+            db.name,
+            False,
+            f"{standby.describe()} is behind the primary and has replayed no transaction since it started: "
+            f"{fallback} meanwhile. Check pg_stat_replication on the primary",
+        )
+    if lag > limit:
+        return CheckResult(
+            "standby_lag",
+            db.name,
+            False,
+            f"{standby.describe()} lags {format_duration(lag)} behind the primary (max_standby_lag "
+            f"{format_duration(limit)}): {fallback} meanwhile. Check pg_stat_replication on the primary",
+            lag,
+        )
+    return CheckResult(
+        "standby_lag", db.name, True, f"{standby.describe()} lags {format_duration(lag)} behind the primary", lag
+    )
+
+
 def check_verification_server(db, res: Resources) -> CheckResult:
     """Restore tests run on a cluster of their own, not on the production one (``verify_conn_id``)."""
 
@@ -415,9 +451,9 @@ def check_database(db, res: Resources, now: datetime) -> tuple[list[CheckResult]
         check_storage(db, res),
         *check_backup_ages(db, res, now),
     ]
-    encryption = check_encryption(db, res, now)
-    if encryption is not None:
-        results.append(encryption)
+    for optional in (check_encryption(db, res, now), check_standby(db, res)):
+        if optional is not None:
+            results.append(optional)
     try:
         extra = last_measurements(db, res)
     except Exception as err:  # noqa: BLE001 - metrics must not hide the checks

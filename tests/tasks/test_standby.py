@@ -172,3 +172,37 @@ def test_the_standby_keys_are_checked_in_the_plan(tmp_path):
         planned_database(tmp_path, on_standby_lag="never")
     with pytest.raises(PlanError, match=r"source_conn_id: expected an Airflow connection id"):
         planned_database(tmp_path, source_conn_id="no spaces please")
+
+
+def test_health_reports_the_standbys_lag_and_alerts_past_the_plan(
+    plan, run_dag, pg_server, pg_replica, env, monkeypatch, beats, slack
+):
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_SHOP_STANDBY", pg_replica.connection_uri("shop"))
+    plan(
+        databases=[
+            {"name": "shop", "conn_id": "pgdr_shop", "source_conn_id": "pgdr_shop_standby", "max_standby_lag": "1s"}
+        ]
+    )
+    beats(1)
+    _wait_replayed(pg_server, pg_replica)
+    run_dag("pgdr_health")
+    assert not [t for t in slack.texts() if "standby_lag" in t]  # caught up: fine, not news
+    with _replay_paused(pg_replica):
+        beats(2)
+        time.sleep(1.5)
+        slack.clear()
+        run_dag("pgdr_health")
+    (alert,) = slack.texts()
+    assert alert.startswith(":red_circle: [pgdr] health check failing:")
+    assert (
+        f"shop: standby_lag: database 'shop' at 127.0.0.1:{pg_replica.port} as user 'postgres' (Airflow connection 'pgdr_shop_standby') lags "
+        in alert
+    )
+    assert "behind the primary (max_standby_lag 1.0s): backups are taken from the primary meanwhile" in alert
+    _wait_replayed(pg_server, pg_replica)
+    slack.clear()
+    run_dag("pgdr_health")
+    (recovery,) = slack.texts()
+    assert (
+        recovery.startswith(":large_green_circle: [pgdr] health check recovered:") and "shop: standby_lag:" in recovery
+    )

@@ -16,6 +16,7 @@ def emit_metrics(results: list[CheckResult], extra: dict[str, float] | None = No
         "catalog": "damaged_backups",
         "wal_lag": "wal_archive_lag_seconds",
         "archiver": "archiver_failures",
+        "standby_lag": "standby_lag_seconds",
     }
     for result in results:
         if result.check in names and result.value is not None:

@@ -38,7 +38,7 @@ from pgdr.errors import DumpFailed, PgdrError
 from pgdr.logical.catalog import BackupCatalog, BackupFile, BackupManifest
 from pgdr.logical.dumpcount import count_table_data, readable_table_data
 from pgdr.logical.lockwatch import BlockingWatcher
-from pgdr.logical.standby import primary_mark, snapshot_recovery_point
+from pgdr.logical.standby import primary_mark, replay_position
 from pgdr.messages import first_line, format_duration
 from pgdr.plan import ProtectedDatabase
 from pgdr.postgres.client import (
@@ -229,10 +229,10 @@ def take_backup(
     phases: dict[str, tuple[str, str]] = {}
     t0 = time.monotonic()
     dump_started = _utc_now()
-    mark = primary_mark(primary) if primary is not None else None  # before the snapshot: see snapshot_recovery_point
+    if primary is not None:  # a standby: read how far it has replayed before the snapshot (which holds at least that)
+        mark = primary_mark(primary)
+        recovery_point = recovery_point or replay_position(endpoint, mark).recovery_point(mark)
     with exported_snapshot(endpoint) as snap, passfile_env(endpoint, workdir) as env:
-        if mark is not None:
-            snap = replace(snap, recovery_point=snapshot_recovery_point(snap.conn, mark, snap.recovery_point))
         log.info(
             "Snapshot %s exported from %s at %s (the recovery point); dumping with %d jobs.",
             snap.snapshot_id,

@@ -3,15 +3,16 @@
 A database of the plan may name ``source_conn_id``: a streaming replica of its server. Before each backup pgdr asks
 the primary for its current WAL position and the standby how far it has replayed:
 
-- a standby that has replayed everything the primary had written lags 0 s; otherwise its lag is the time since the
-  last transaction it replayed (an upper bound: the primary may have written no transaction since);
+- its lag is how long it takes to replay everything the primary had written when asked (0 when it has already);
+  pgdr waits for that at most ``max_standby_lag`` (and 10 s), then takes the time since the last transaction it
+  replayed (an upper bound: the primary may have written no transaction since);
 - a standby lagging more than ``max_standby_lag``, not in recovery any more (promoted, or the connection points at a
   primary), or unreachable is not used: the backup is taken from the primary with a warning, or fails, as the plan's
   ``on_standby_lag`` says (``primary``, the default, or ``fail``).
 
 The recovery point of a backup taken there is not the standby's clock: it is the primary's time just before the
-snapshot when the standby had replayed everything written by then, else the commit time of the last transaction the
-snapshot holds (``pg_last_xact_replay_timestamp()``): the state of the data is the primary's at that moment.
+snapshot when the standby had replayed everything written by then, else the commit time of the last transaction it
+had replayed (``pg_last_xact_replay_timestamp()``), both read before the snapshot is taken (which holds at least that).
 
 A long dump on a standby conflicts with replay: the standby either delays replay or cancels the dump ("conflict with
 recovery"); ``hot_standby_feedback = on`` and ``max_standby_streaming_delay`` longer than a dump avoid that. Parallel
@@ -21,6 +22,7 @@ dumps from a standby work on PostgreSQL 10 and newer.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -73,24 +75,34 @@ def primary_mark(primary: PgEndpoint) -> PrimaryMark:
     return PrimaryMark(lsn, at)
 
 
-def standby_lag(standby: PgEndpoint, mark: PrimaryMark) -> float | None:
-    """Return how many seconds ``standby`` lags behind the primary whose ``mark`` was just read: 0 when it has
-    replayed everything written up to the mark, else the time since its last replayed transaction (None: it has
+CATCH_UP_WAIT_S = 10.0  # at most this long a lag check waits for a standby to replay up to the primary's mark
+
+
+def standby_lag(standby: PgEndpoint, mark: PrimaryMark, limit_s: float) -> float | None:
+    """Return how many seconds ``standby`` lags behind the primary whose ``mark`` was just read: how long it takes to
+    replay up to the mark (0 when it has already), waiting at most ``limit_s`` (and :data:`CATCH_UP_WAIT_S`); when it
+    does not get there in that time, the time since its last replayed transaction, or the wait if longer (None: it has
     replayed none since it started). :class:`StandbyNotUsable` when it is not in recovery."""
+    started = time.monotonic()
+    budget = min(limit_s, CATCH_UP_WAIT_S)
     with connect(standby, application_name="pgdr-standby-lag") as conn:
-        in_recovery, caught_up, since_last = conn.execute(
-            "SELECT pg_is_in_recovery(), coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), "
-            "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
-            (mark.lsn,),
-        ).fetchone()
-    if not in_recovery:
-        raise StandbyNotUsable(
-            f"{standby.describe()} is not a standby (pg_is_in_recovery() is false): it was promoted, or the "
-            "connection points at a primary"
-        )
-    if caught_up:
-        return 0.0
-    return None if since_last is None else max(0.0, since_last)
+        while True:
+            in_recovery, caught_up, since_last = conn.execute(
+                "SELECT pg_is_in_recovery(), coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), "
+                "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
+                (mark.lsn,),
+            ).fetchone()
+            waited = time.monotonic() - started
+            if not in_recovery:
+                raise StandbyNotUsable(
+                    f"{standby.describe()} is not a standby (pg_is_in_recovery() is false): it was promoted, or the "
+                    "connection points at a primary"
+                )
+            if caught_up:
+                return waited if waited > 0.2 else 0.0  # the first look: caught up already
+            if waited >= budget:
+                return None if since_last is None else max(waited, since_last)
+            time.sleep(0.1)
 
 
 def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoint | None) -> BackupSource:
@@ -100,7 +112,7 @@ def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoin
         return BackupSource(primary)
     limit = db.max_standby_lag.total_seconds()
     try:
-        lag = standby_lag(standby, primary_mark(primary))
+        lag = standby_lag(standby, primary_mark(primary), limit)
         if lag is not None and lag <= limit:
             log.info("Backing up %r from its standby %s (lag %.1fs).", db.name, standby.describe(), lag)
             return BackupSource(standby, primary, lag)
@@ -129,18 +141,32 @@ def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoin
     return BackupSource(primary, None, lag, note)
 
 
-def snapshot_recovery_point(conn, mark: PrimaryMark, snapshot_time: datetime) -> datetime:
-    """Return the recovery point of a snapshot just exported on a standby (in ``conn``'s transaction): the primary's
-    time at ``mark`` when the standby had replayed everything up to it, else its last replayed commit's time."""
-    caught_up, last_commit = conn.execute(
-        "SELECT coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), pg_last_xact_replay_timestamp()",
-        (mark.lsn,),
-    ).fetchone()
-    if caught_up:
-        return mark.at
-    if last_commit is None:  # nothing replayed since the standby started: its data is as of its start at least
-        raise StandbyNotUsable(
-            "The standby has replayed no transaction since it started and is behind the primary, so the moment its "
-            "data is from is unknown. Nothing was stored; the task retries after its retry delay."
-        )
-    return min(last_commit, snapshot_time)
+@dataclass(frozen=True)
+class ReplayPosition:
+    """How far a standby had replayed just before a snapshot was taken there (the snapshot holds at least that)."""
+
+    caught_up: bool  # everything the primary had written at the mark
+    last_commit: datetime | None  # the last replayed transaction's commit time
+
+    def recovery_point(self, mark: PrimaryMark) -> datetime:
+        """The moment the snapshot's data is the primary's state of: the mark's time when the standby had replayed up
+        to it, else its last replayed commit (the snapshot may hold a little more: an earlier point, never a later
+        one, so the RPO is never flattered)."""
+        if self.caught_up:
+            return mark.at
+        if self.last_commit is None:
+            raise StandbyNotUsable(
+                "The standby is behind the primary and has replayed no transaction since it started, so the moment "
+                "its data is from is unknown. Nothing was stored; the task retries after its retry delay."
+            )
+        return self.last_commit
+
+
+def replay_position(standby: PgEndpoint, mark: PrimaryMark) -> ReplayPosition:
+    """Read how far ``standby`` has replayed, relative to the primary's ``mark``: call it before the snapshot."""
+    with connect(standby, application_name="pgdr-standby-replay") as conn:
+        caught_up, last_commit = conn.execute(
+            "SELECT coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), pg_last_xact_replay_timestamp()",
+            (mark.lsn,),
+        ).fetchone()
+    return ReplayPosition(caught_up, last_commit)
