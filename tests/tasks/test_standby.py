@@ -195,8 +195,8 @@ def test_health_reports_the_standbys_lag_and_alerts_past_the_plan(
     (alert,) = slack.texts()
     assert alert.startswith(":red_circle: [pgdr] health check failing:")
     assert (
-        f"shop: standby_lag: database 'shop' at 127.0.0.1:{pg_replica.port} as user 'postgres' (Airflow connection 'pgdr_shop_standby') lags "
-        in alert
+        f"shop: standby_lag: database 'shop' at 127.0.0.1:{pg_replica.port} as user 'postgres' (Airflow connection "
+        "'pgdr_shop_standby') lags " in alert
     )
     assert "behind the primary (max_standby_lag 1.0s): backups are taken from the primary meanwhile" in alert
     _wait_replayed(pg_server, pg_replica)
