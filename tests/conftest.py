@@ -91,34 +91,9 @@ def pg_server_b(session_dir, pg_server):
 @pytest.fixture(scope="session")
 def pg_replica(session_dir, pg_server):
     """A hot standby of ``pg_server``: a second embedded server made with ``pg_basebackup -R``, streaming from it."""
-    from pgdr.local.embedded import EmbeddedServer, runnable_bundled_bin_dir
+    from pgdr.local.embedded import EmbeddedServer
 
-    root = session_dir / "postgres-replica"
-    replica = EmbeddedServer(root, password=pg_server.password, restore_password=pg_server.restore_password)
-    root.mkdir(parents=True)
-    root.chmod(0o755)
-    passfile = root / "primary.pgpass"  # the walreceiver's too (pg_basebackup -R names it in primary_conninfo)
-    passfile.write_text(f"127.0.0.1:{pg_server.port}:*:{pg_server.superuser}:{pg_server.password}\n")
-    passfile.chmod(0o600)
-    replica._own(passfile)
-    for made_dir, mode in ((replica.data_dir, 0o700), (replica.socket_dir, 0o755)):
-        made_dir.mkdir(mode=mode)
-        replica._own(made_dir)
-    made = replica._run(
-        [
-            str(runnable_bundled_bin_dir() / "pg_basebackup"),
-            f"--dbname=host=127.0.0.1 port={pg_server.port} user={pg_server.superuser} passfile={passfile}",
-            "-D",
-            str(replica.data_dir),
-            "-R",
-            "-X",
-            "stream",
-            "-c",
-            "fast",
-        ]
-    )
-    assert made.returncode == 0, made.stderr
-    replica.start()
+    replica = EmbeddedServer.replica_of(pg_server, session_dir / "postgres-replica")
     yield replica
     replica.destroy()
 

@@ -193,6 +193,31 @@ class EmbeddedServer:
         self._ensure_restore_role()
         return self
 
+    @classmethod
+    def replica_of(cls, primary: EmbeddedServer, root: Path) -> EmbeddedServer:
+        """Make and start a hot standby of ``primary`` in ``root``: ``pg_basebackup -R`` (streaming from it, its
+        password in a file only the server's user reads). For tests and benchmarks of backups from a standby."""
+        replica = cls(root, password=primary.password, restore_password=primary.restore_password)
+        replica.root.mkdir(parents=True)
+        replica.root.chmod(0o755)
+        passfile = replica.root / "primary.pgpass"  # the walreceiver's too: pg_basebackup -R names it
+        passfile.write_text(f"127.0.0.1:{primary.port}:*:{primary.superuser}:{primary.password}\n")
+        passfile.chmod(0o600)
+        replica._own(passfile)
+        for made, mode in ((replica.data_dir, 0o700), (replica.socket_dir, 0o755)):
+            made.mkdir(mode=mode)
+            replica._own(made)
+        result = replica._run(
+            [
+                str(runnable_bundled_bin_dir() / "pg_basebackup"),
+                f"--dbname=host=127.0.0.1 port={primary.port} user={primary.superuser} passfile={passfile}",
+                *("-D", str(replica.data_dir), "-R", "-X", "stream", "-c", "fast"),
+            ]
+        )
+        if result.returncode != 0:
+            raise EmbeddedServerError(f"pg_basebackup of the replica failed:\n{result.stderr.strip()}")
+        return replica.start()
+
     def _write_settings(self) -> None:
         """Write ``settings`` to ``pgdr.conf`` in the data directory, included by ``postgresql.conf``."""
         from pgdr.physical.cluster import conf_literal
