@@ -181,10 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (20 if args.quick else 60)
     output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
-    work = ROOT / ".pgdr" / "bench-impact"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    work.chmod(0o755)
+    work = bench_run.fresh_workdir("bench-impact")
 
     bench = bench_run.Bench(work, scale, rounds)
     impact = None

@@ -300,6 +300,15 @@ class Bench:
         self.server.stop()
 
 
+def fresh_workdir(name: str) -> Path:
+    """An empty work directory ``.pgdr/<name>`` the embedded servers' user may enter."""
+    work = ROOT / ".pgdr" / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    work.chmod(0o755)
+    return work
+
+
 def attach(work: Path, pg_port: int, s3_port: int, password: str) -> dict:
     """Rebuild a Bench's state in a child process (for the RSS measurement)."""
     import boto3
@@ -406,10 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     scale = args.scale or (14 if args.quick else 135)
     output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
-    work = ROOT / ".pgdr" / "bench"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    work.chmod(0o755)
+    work = fresh_workdir("bench")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
     bench = Bench(work, scale, args.rounds)
