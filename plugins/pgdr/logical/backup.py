@@ -237,7 +237,7 @@ def take_backup(
             "Snapshot %s exported from %s at %s (the recovery point); dumping with %d jobs.",
             snap.snapshot_id,
             endpoint.describe(),
-            snap.recovery_point.isoformat(),
+            (recovery_point or snap.recovery_point).isoformat(),
             db.dump_jobs,
         )
         census, files, sequences, database_bytes, census_s = _dump_and_census(

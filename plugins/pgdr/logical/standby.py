@@ -108,6 +108,8 @@ def standby_lag(standby: PgEndpoint, mark: PrimaryMark, limit_s: float) -> float
 def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoint | None) -> BackupSource:
     """Return where to dump ``db`` from: its standby when it names one that is usable, else the primary (with a note
     saying why) or :class:`StandbyNotUsable`, as ``db.on_standby_lag`` says."""
+    import psycopg
+
     if standby is None:
         return BackupSource(primary)
     limit = db.max_standby_lag.total_seconds()
@@ -124,7 +126,7 @@ def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoin
         )
     except StandbyNotUsable as err:
         lag, problem = None, str(err)
-    except PgdrError as err:
+    except (PgdrError, psycopg.Error) as err:
         lag, problem = None, f"{standby.describe()} could not be asked for its lag ({first_line(str(err))})"
     if db.on_standby_lag == "fail":
         raise StandbyNotUsable(
