@@ -123,7 +123,7 @@ def choose_backup(window: RecoverableWindow, target: datetime | None) -> BaseBac
     """Return the base backup to recover ``target`` from (the newest that ended at or before it)."""
     if target is None:
         return window.backups[-1]
-    if window.newest <= window.oldest:
+    if window.oldest <= target and window.newest <= window.oldest:  # not too old, but the window is one moment
         raise TargetOutsideWindow(
             f"{target:%Y-%m-%d %H:%M:%S} UTC cannot be recovered: nothing was committed on the server after its "
             f"newest base backup ended ({window.oldest:%Y-%m-%d %H:%M:%S} UTC) in the WAL archived so far, so there "
