@@ -65,7 +65,7 @@ def check_source(db, res: Resources) -> CheckResult:
 def check_standby(db, res: Resources) -> CheckResult | None:
     """The standby a database is backed up from (``source_conn_id``) lags no more than ``max_standby_lag``;
     ``None`` when it names none. The lag is its value (a gauge)."""
-    from pgdr.logical.standby import primary_mark, standby_lag
+    from pgdr.logical.standby import lag_problem, primary_mark, standby_lag
 
     if not db.source_conn_id:
         return None
@@ -76,21 +76,13 @@ def check_standby(db, res: Resources) -> CheckResult | None:
         lag = standby_lag(standby, primary_mark(res.database(db)), limit)
     except Exception as err:  # noqa: BLE001 - the failure is the result
         return CheckResult("standby_lag", db.name, False, f"{first_line(err)}: {fallback} meanwhile")
-    if lag is None:
+    problem = lag_problem(standby, lag, limit)
+    if problem is not None:
         return CheckResult(
             "standby_lag",
             db.name,
             False,
-            f"{standby.describe()} is behind the primary and has replayed no transaction since it started: "
-            f"{fallback} meanwhile. Check pg_stat_replication on the primary",
-        )
-    if lag > limit:
-        return CheckResult(
-            "standby_lag",
-            db.name,
-            False,
-            f"{standby.describe()} lags {format_duration(lag)} behind the primary (max_standby_lag "
-            f"{format_duration(limit)}): {fallback} meanwhile. Check pg_stat_replication on the primary",
+            f"{problem}: {fallback} meanwhile. Check pg_stat_replication on the primary",
             lag,
         )
     return CheckResult(

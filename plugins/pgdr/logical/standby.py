@@ -105,6 +105,18 @@ def standby_lag(standby: PgEndpoint, mark: PrimaryMark, limit_s: float) -> float
             time.sleep(0.1)
 
 
+def lag_problem(standby: PgEndpoint, lag: float | None, limit_s: float) -> str | None:
+    """What is wrong with a standby's ``lag`` (from :func:`standby_lag`) against ``limit_s``; None when nothing is."""
+    if lag is None:
+        return f"{standby.describe()} has replayed no transaction since it started and is behind the primary"
+    if lag > limit_s:
+        return (
+            f"{standby.describe()} lags {format_duration(lag)} behind the primary (max_standby_lag "
+            f"{format_duration(limit_s)})"
+        )
+    return None
+
+
 def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoint | None) -> BackupSource:
     """Return where to dump ``db`` from: its standby when it names one that is usable, else the primary (with a note
     saying why) or :class:`StandbyNotUsable`, as ``db.on_standby_lag`` says."""
@@ -115,15 +127,10 @@ def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoin
     limit = db.max_standby_lag.total_seconds()
     try:
         lag = standby_lag(standby, primary_mark(primary), limit)
-        if lag is not None and lag <= limit:
+        problem = lag_problem(standby, lag, limit)
+        if problem is None:
             log.info("Backing up %r from its standby %s (lag %.1fs).", db.name, standby.describe(), lag)
             return BackupSource(standby, primary, lag)
-        problem = (
-            f"{standby.describe()} has replayed no transaction since it started and is behind the primary"
-            if lag is None
-            else f"{standby.describe()} lags {format_duration(lag)} behind the primary (max_standby_lag "
-            f"{format_duration(limit)})"
-        )
     except StandbyNotUsable as err:
         lag, problem = None, str(err)
     except (PgdrError, psycopg.Error) as err:
