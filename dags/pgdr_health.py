@@ -22,7 +22,8 @@ bucket or folder cannot be written; backups will fail too. *backup_age*: backups
 (look at pgdr_backup). *verified_age*: verifications are failing or not running (look at
 pgdr_verify_restore). *free_space*: free disk space on the workers. *archiver*: the server's archive_command fails, WAL
 piles up on its disk; fix it before the disk fills. *wal_lag*: the archive is behind by more than
-the RPO: the archiver is failing, slow, or `archive_timeout` is longer than the RPO.
+the RPO: the archiver is failing, slow, or `archive_timeout` is longer than the RPO. *copy_lag.<target>*: a backup
+stored more than `copy_rpo` ago is not in that second copy: look at pgdr_copy's last run.
 """
 
 from __future__ import annotations

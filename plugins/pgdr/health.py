@@ -90,6 +90,39 @@ def check_standby(db, res: Resources) -> CheckResult | None:
     )
 
 
+def check_copies(db, res: Resources, now: datetime) -> list[CheckResult]:
+    """Each copy target (``copies``) holds every backup stored more than ``copy_rpo`` ago; the value is how long the
+    oldest missing one has waited (a gauge per target)."""
+    from pgdr.logical.copies import copy_lags
+
+    if not db.copies:
+        return []
+    limit = db.copy_rpo.total_seconds()
+    try:
+        lags = copy_lags(db, res, now)
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        return [
+            CheckResult(f"copy_lag.{target.name}", db.name, False, f"the copy cannot be compared: {first_line(err)}")
+            for target in db.copies
+        ]
+    return [
+        CheckResult(
+            f"copy_lag.{lag.target}",
+            db.name,
+            lag.problem(limit) is None,
+            lag.problem(limit)
+            or (
+                f"copy {lag.target!r} holds every backup"
+                if not lag.missing
+                else f"copy {lag.target!r} lacks the newest {len(lag.missing)} of them, for "
+                f"{format_duration(lag.lag_s)} (within copy_rpo)"
+            ),
+            lag.lag_s,
+        )
+        for lag in lags
+    ]
+
+
 def check_verification_server(db, res: Resources) -> CheckResult:
     """Restore tests run on a cluster of their own, not on the production one (``verify_conn_id``)."""
 
@@ -442,6 +475,7 @@ def check_database(db, res: Resources, now: datetime) -> tuple[list[CheckResult]
         check_verification_server(db, res),
         check_storage(db, res),
         *check_backup_ages(db, res, now),
+        *check_copies(db, res, now),
     ]
     for optional in (check_encryption(db, res, now), check_standby(db, res)):
         if optional is not None:

@@ -136,6 +136,11 @@ class ProtectedDatabase:
     # Client-side encryption (pgdr.storage.encryption): the Airflow connection holding the master
     # keys. None: backups are stored as pg_dump wrote them (still under the target's SSE, if any).
     encryption_key_conn_id: str | None = None
+    # Second copies (pgdr.logical.copies): storage targets every complete backup is copied to by pgdr_copy, checked
+    # against its manifest there; another bucket, region or account, so that losing the first one loses no backup.
+    # A backup not in a copy copy_rpo after it was stored fails the health check copy_lag.
+    copies: tuple[StorageTarget, ...] = ()
+    copy_rpo: timedelta = timedelta(hours=1)
     # The logins the application uses: after a restore's privileges phase, each must be able to do on
     # the restored copy exactly what it can do on the live database (pgdr.logical.privileges.compare_app_roles).
     app_roles: tuple[str, ...] = ()
@@ -430,6 +435,8 @@ _POLICY_KEYS = {
     "restore_conn_id",
     "restore_as_superuser",
     "encryption",
+    "copies",
+    "copy_rpo",
 }
 _DATABASE_KEYS = _POLICY_KEYS | {
     "name",
@@ -538,6 +545,8 @@ class _Policy:
     restore_conn_id: str | None = None
     restore_as_superuser: bool = False
     encryption_key_conn_id: str | None = None
+    copies: tuple[str, ...] = ()
+    copy_rpo: timedelta = timedelta(hours=1)
 
 
 def _parse_policy(c: _Checker, fields: dict, key: str, base: _Policy, storages: dict[str, StorageTarget]) -> _Policy:
@@ -613,6 +622,18 @@ def _parse_policy(c: _Checker, fields: dict, key: str, base: _Policy, storages: 
             policy.encryption_key_conn_id = c.string(
                 enc["key_conn_id"][1], f"{key}.encryption.key_conn_id", _CONN_ID, "an Airflow connection id"
             )
+    if "copies" in fields:
+        node = fields["copies"][1]
+        names = c.string_list(node, f"{key}.copies")
+        for name in names:
+            if name not in storages:
+                known = ", ".join(sorted(storages)) or "none (add a top-level 'storage:' section)"
+                raise c.fail(node, f"{key}.copies", f"no storage target named {name!r}; defined: {known}")
+        if len(set(names)) != len(names):
+            raise c.fail(node, f"{key}.copies", "a storage target is named twice; name each copy once")
+        policy.copies = tuple(names)
+    if "copy_rpo" in fields:
+        policy.copy_rpo = c.duration(fields["copy_rpo"][1], f"{key}.copy_rpo")
     if "storage" in fields:
         name = c.string(fields["storage"][1], f"{key}.storage")
         if name not in storages:
@@ -742,6 +763,14 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         policy = _parse_policy(c, fields, key, defaults, storages)
         if policy.storage is None:
             raise c.fail(node, f"{key}.storage", "no storage target: add a top-level 'storage:' section")
+        for copy in policy.copies:
+            if _location(storages[copy]) == _location(storages[policy.storage]):
+                raise c.fail(
+                    fields["copies"][1] if "copies" in fields else node,
+                    f"{key}.copies",
+                    f"{copy!r} is the database's own storage location ({storages[copy].describe()}), so it would be "
+                    "no second copy; name a target in another bucket (better: another region or account)",
+                )
         databases.append(
             ProtectedDatabase(
                 name=name,
@@ -766,6 +795,8 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 restore_conn_id=policy.restore_conn_id,
                 restore_as_superuser=policy.restore_as_superuser,
                 encryption_key_conn_id=policy.encryption_key_conn_id,
+                copies=tuple(storages[name] for name in policy.copies),
+                copy_rpo=policy.copy_rpo,
                 verify_conn_id=(
                     c.string(fields["verify_conn_id"][1], f"{key}.verify_conn_id", _CONN_ID, "an Airflow connection id")
                     if "verify_conn_id" in fields
@@ -910,12 +941,15 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
     return PitrPolicy(**values)
 
 
+def _location(t: StorageTarget) -> str:
+    """Where a target keeps its objects, ending in ``/``: two targets with the same location are one."""
+    return f"s3://{t.bucket}/{t.prefix}".rstrip("/") + "/" if t.kind == "s3" else str(t.path).rstrip("/") + "/"
+
+
 def _check_storage_overlap(c: _Checker, storage_node: yaml.Node | None, storages: dict[str, StorageTarget]) -> None:
     """Refuse two storage targets where one lies inside the other's backups (their keys would collide)."""
 
-    def location(t: StorageTarget) -> str:
-        return f"s3://{t.bucket}/{t.prefix}".rstrip("/") + "/" if t.kind == "s3" else str(t.path).rstrip("/") + "/"
-
+    location = _location
     targets = sorted(storages.values(), key=lambda t: t.name)
     for outer in targets:
         for inner in targets:

@@ -20,6 +20,7 @@ EXPECTED_DAGS = {
     "pgdr_basebackup",
     "pgdr_verify_pitr",
     "pgdr_rotate_keys",
+    "pgdr_copy",
 }
 
 

@@ -224,3 +224,42 @@ databases:
 def test_encryption_mistakes_point_at_the_key(storage, database, expected):
     text = f"storage:\n  t: {storage}\ndatabases:\n  - {{name: shop, conn_id: c{database}}}\n"
     assert expected in _error(text)
+
+
+COPIES = GOOD.replace(
+    "  s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n",
+    "  s3: {type: s3, bucket: my-bucket, prefix: /pgdr/, aws_conn_id: pgdr_s3}\n"
+    "  dr: {type: s3, bucket: my-dr-bucket, prefix: pgdr, aws_conn_id: pgdr_s3_dr}\n",
+).replace("  rto: 30m\n", "  rto: 30m\n  copies: [dr]\n")
+
+
+def test_copies_name_storage_targets_inherit_from_defaults_and_have_a_copy_rpo():
+    shop, billing = parse_plan(COPIES, Path("/etc/pgdr/plan.yaml")).databases
+    assert [t.describe() for t in shop.copies] == ["s3://my-dr-bucket/pgdr"] and shop.copy_rpo == timedelta(hours=1)
+    assert [t.name for t in billing.copies] == ["dr"]
+    tuned = parse_plan(COPIES.replace("    rpo: 15m\n", "    rpo: 15m\n    copy_rpo: 20m\n"), Path("/p.yaml"))
+    assert tuned.databases[1].copy_rpo == timedelta(minutes=20) and tuned.databases[0].copy_rpo == timedelta(hours=1)
+    assert parse_plan(GOOD, Path("/p.yaml")).databases[0].copies == ()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("copies: [dr]", "defaults.copies: no storage target named 'eu'; defined: dr, local, s3"),
+        ("copies: [dr, dr]", "defaults.copies: a storage target is named twice"),
+        ("copies: {dr: 1}", "defaults.copies: expected a list of strings"),
+    ],
+    ids=["unknown target", "named twice", "not a list"],
+)
+def test_a_wrong_copies_key_is_named(change, message):
+    text = COPIES.replace("copies: [dr]", change.replace("copies: [dr]", "copies: [eu]"))
+    assert message in _error(text)
+
+
+def test_a_copy_in_the_databases_own_location_is_refused():
+    text = COPIES.replace("    storage: s3\n", "    storage: dr\n")
+    error = _error(text)
+    assert (
+        "databases[1] (billing).copies: 'dr' is the database's own storage location (s3://my-dr-bucket/pgdr)" in error
+    )
+    assert "no second copy" in error

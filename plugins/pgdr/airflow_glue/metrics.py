@@ -21,6 +21,8 @@ def emit_metrics(results: list[CheckResult], extra: dict[str, float] | None = No
     for result in results:
         if result.check in names and result.value is not None:
             stats.gauge(f"pgdr.{names[result.check]}.{result.database}", result.value)
+        elif result.check.startswith("copy_lag.") and result.value is not None:  # one per copy target
+            stats.gauge(f"pgdr.copy_lag_seconds.{result.database}.{result.check[9:]}", result.value)
     for name, value in (extra or {}).items():
         if value is not None:
             stats.gauge(f"pgdr.{name}", value)

@@ -379,6 +379,14 @@ class BackupCatalog:
         complete.sort(key=lambda e: (e.recovery_point, e.backup_id))
         return complete, partial
 
+    def complete_ids(self) -> set[str]:
+        """Return the ids of the backups that have a manifest, from one listing (no manifest is read)."""
+        return {
+            backup_id
+            for backup_id, keys in self._scan().items()
+            if self.layout.manifest_key(self.database, backup_id) in keys
+        }
+
     def backups(self) -> list[BackupEntry]:
         """Return every complete backup, oldest first."""
         return self.scan()[0]

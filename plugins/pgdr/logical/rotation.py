@@ -38,6 +38,23 @@ class RotationResult:
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
+    def add_copy(self, target: str, other: RotationResult | None, error: str | None = None) -> None:
+        """Count a second copy's backups (:mod:`pgdr.logical.copies`) in with the source's, each named with its copy:
+        an old key is unneeded only when no copy needs it either; an unreadable copy keeps every key."""
+
+        def named(backup_id: str) -> str:
+            return f"{backup_id} (copy {target})"
+
+        if other is None:
+            self.problems[f"copy {target}"] = f"not re-wrapped: {error}"
+            return
+        self.rewrapped += [named(b) for b in other.rewrapped]
+        self.already_current += [named(b) for b in other.already_current]
+        self.unencrypted += [named(b) for b in other.unencrypted]
+        self.problems.update({named(b): why for b, why in other.problems.items()})
+        for key_id, backups in other.keys_in_use.items():
+            self.keys_in_use.setdefault(key_id, []).extend(named(b) for b in backups)
+
 
 def rewrap_backups(catalog: BackupCatalog, keys: MasterKeys, key_conn_id: str) -> RotationResult:
     """Re-wrap, under ``keys.current``, the data key of every backup in ``catalog`` wrapped by an older key."""

@@ -64,6 +64,9 @@ class BackupStore(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write ``data`` to ``key``, replacing any object there."""
 
+    def put_stream(self, key: str, stream: BinaryIO) -> None:
+        """Write what ``stream`` yields, to its end, to ``key``, replacing any object there (no local copy)."""
+
     def get_bytes(self, key: str) -> bytes:
         """Return the whole object at ``key``."""
 
@@ -129,6 +132,9 @@ class LocalFolderStore:
     def put_bytes(self, key: str, data: bytes) -> None:
         self._atomic_write(key, lambda out: out.write(data))
 
+    def put_stream(self, key: str, stream: BinaryIO) -> None:
+        self._atomic_write(key, lambda out: shutil.copyfileobj(stream, out, CHUNK))
+
     def get_bytes(self, key: str) -> bytes:
         with self.open_read(key) as stream:
             return stream.read()
@@ -141,6 +147,11 @@ class LocalFolderStore:
             raise FileNotFoundError(f"{path} does not exist") from None
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageUnavailable(
+                f"The backup folder {self.root} is not a folder (a file is in its place): nothing in it can be listed. "
+                "Check the mount and the plan's storage path."
+            )
         base = self._path(prefix) if prefix.strip("/") else self.root
         start = base if base.is_dir() else base.parent
         if not start.exists():
@@ -248,6 +259,28 @@ class S3Store:
             Key=key,
             Body=data,
             **self.write_args,
+        )
+
+    def put_stream(self, key: str, stream: BinaryIO) -> None:
+        self._call(
+            f"Uploading {self.describe(key)}",
+            self.client.upload_fileobj,
+            stream,
+            self.bucket,
+            key,
+            ExtraArgs=self.write_args or None,
+        )
+
+    def copy_from(self, source: S3Store, key: str, source_key: str) -> None:
+        """Copy ``source_key`` of ``source`` to ``key`` inside S3 (``CopyObject``, multipart for large objects): no
+        byte passes through this worker. Only for a ``source`` reached with the same client (one account)."""
+        self._call(
+            f"Copying {source.describe(source_key)} to {self.describe(key)}",
+            self.client.copy,
+            {"Bucket": source.bucket, "Key": source_key},
+            self.bucket,
+            key,
+            ExtraArgs=self.write_args or None,
         )
 
     def get_bytes(self, key: str) -> bytes:

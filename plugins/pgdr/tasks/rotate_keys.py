@@ -12,10 +12,13 @@ log = logging.getLogger(__name__)
 
 
 def run_rewrap(database: str, context) -> dict[str, Any]:
-    """Body of ``rewrap``: every backup of ``database`` wrapped by an older master key gets the current one."""
+    """Body of ``rewrap``: every backup of ``database`` wrapped by an older master key gets the current one, in its
+    storage target and in each of its copies."""
     from pgdr.airflow_glue.connections import encryption_keys, open_store
+    from pgdr.errors import PgdrError
     from pgdr.logical.catalog import BackupCatalog
     from pgdr.logical.rotation import rewrap_backups
+    from pgdr.messages import first_line
     from pgdr.plan import load_plan
 
     context[CONTEXT_DATABASE] = database
@@ -25,6 +28,16 @@ def run_rewrap(database: str, context) -> dict[str, Any]:
         keys = encryption_keys(db, plan)
         store, layout = open_store(db.storage, plan)
         result = rewrap_backups(BackupCatalog(store, layout, db.name), keys, db.encryption_key_conn_id)
+        for target in db.copies:  # a copy's manifests name the same data keys: re-wrapped too, or no key is retired
+            try:
+                copy_store, copy_layout = open_store(target, plan)
+                copied = rewrap_backups(
+                    BackupCatalog(copy_store, copy_layout, db.name), keys, db.encryption_key_conn_id
+                )
+                result.add_copy(target.name, copied)
+            except PgdrError as err:
+                log.error("The copy %r of %s could not be re-wrapped: %s", target.name, database, err)
+                result.add_copy(target.name, None, first_line(str(err)))
     log.info(
         "%s: %d backups re-wrapped under master key %r, %d already were, %d unencrypted, %d left as they are.",
         database,

@@ -1,0 +1,243 @@
+"""Second copies (#29 item 1, logical backups): pgdr_copy copies every backup to another bucket or folder, proves it
+there by SHA-256 before the manifest, never follows a deletion at the source, and a restore from the copy works."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from conftest import BUCKET, source_row_counts
+
+pytestmark = pytest.mark.integration
+
+DR_BUCKET = "pgdr-dr-copy"
+
+
+@pytest.fixture
+def dr_bucket(s3_server):
+    try:
+        s3_server.client.create_bucket(Bucket=DR_BUCKET)
+    except s3_server.client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    return DR_BUCKET
+
+
+def _catalog(p, target):
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
+
+    store, layout = open_store(p.storages[target], p)
+    return BackupCatalog(store, layout, "shop")
+
+
+def _stored(catalog, backup_id) -> dict[str, str]:
+    """name -> SHA-256 of the bytes stored for each file of a backup, read from the store itself."""
+    manifest = catalog.get(backup_id).manifest
+    return {f.name: hashlib.sha256(catalog.store.get_bytes(f.key)).hexdigest() for f in manifest.files}
+
+
+def _back_up(run_dag) -> None:
+    dag_run = run_dag("pgdr_backup")
+    assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "success", dag_run.states
+
+
+def _drop(pg_server, name: str) -> None:
+    with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_backup_is_copied_inside_s3_checked_there_restorable_from_there_and_kept_when_the_source_loses_it(
+    plan, run_dag, env, dr_bucket, pg_server, monkeypatch
+):
+    """Both buckets through one AWS connection: copied inside S3. The copy holds the same bytes (read from the copy
+    bucket), its manifest names the copy's keys, the verification record follows, a restore with the copy as the
+    database's storage gives the source's rows back, and deleting the backup at the source leaves the copy's."""
+    from pgdr.logical.copies import copies_inside_s3
+    from pgdr.records import VerificationRecord
+    from pgdr.storage.backends import S3Store
+
+    storage = {
+        "main": {"type": "s3", "bucket": BUCKET, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3"},
+        "dr": {"type": "s3", "bucket": dr_bucket, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3"},
+    }
+    p = plan(storage=storage, defaults={"copies": ["dr"]})
+    assert copies_inside_s3(p.storages["main"], p.storages["dr"])
+    _back_up(run_dag)
+    source, copy = _catalog(p, "main"), _catalog(p, "dr")
+    (entry,) = source.backups()
+    assert copy.backups() == []
+
+    def no_streaming(*_args):
+        raise AssertionError("streamed through the worker, not copied inside S3")
+
+    monkeypatch.setattr(S3Store, "put_stream", no_streaming)
+    dag_run = run_dag("pgdr_copy")
+    assert dag_run.states["copy_backups[0]"] == "success", dag_run.states
+    (copied,) = copy.backups()
+    assert copied.backup_id == entry.backup_id and copied.status == "unverified"
+    assert _stored(copy, entry.backup_id) == _stored(source, entry.backup_id)
+    assert {f.sha256 for f in copied.manifest.files} == {f.sha256 for f in entry.manifest.files}
+    assert all(f.key.startswith(f"{env['prefix']}/v1/shop/") for f in copied.manifest.files)
+    assert copied.manifest == entry.manifest  # the same keys in another bucket: the manifest as written
+    assert copied.manifest.row_counts == entry.manifest.row_counts
+
+    # Verified after it was copied: the next run brings the record over (the bytes are the same).
+    source.record_verification(
+        VerificationRecord.from_dict({"backup_id": entry.backup_id, "status": "verified", "restore_seconds": 3.0})
+    )
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    assert copy.get(entry.backup_id).status == "verified"
+
+    # The source bucket loses the backup (retention, an attacker, a deleted bucket): the copy keeps it.
+    source.delete_backup(entry.backup_id)
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    assert [e.backup_id for e in copy.backups()] == [entry.backup_id]
+
+    # Restored from the copy (the copy as the database's storage): the source's rows, the large object.
+    plan(storage=storage, databases=[{"name": "shop", "conn_id": "pgdr_shop", "storage": "dr"}])
+    try:
+        dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "target_name": "shop_from_copy"})
+        assert dag_run.states["write_report"] == "success", dag_run.states
+        assert source_row_counts(pg_server, "shop_from_copy") == source_row_counts(pg_server, "shop")
+    finally:
+        _drop(pg_server, "shop_from_copy")
+
+
+def test_an_encrypted_backup_copied_under_another_prefix_restores_from_the_copy(
+    plan, run_dag, env, pg_server, monkeypatch
+):
+    """The copy (a local folder, no prefix) names other keys than the source (an S3 prefix): the manifest of an
+    encrypted backup is authenticated anew there, so a restore from the copy unlocks it; the copy's files are the
+    source's ciphertext, byte for byte. A key rotation re-wraps the copy too: with the old key gone from the
+    connection, the copy still restores."""
+    from test_encryption import ENCRYPTED, _rotation_report, key_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k1"))
+    storage = {
+        "main": {"type": "s3", "bucket": BUCKET, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3"},
+        "vault": {"type": "local", "path": str(env["tmp"] / "vault")},
+    }
+    p = plan(storage=storage, defaults={"copies": ["vault"], **ENCRYPTED})
+    _back_up(run_dag)
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    source, copy = _catalog(p, "main"), _catalog(p, "vault")
+    (entry,), (copied,) = source.backups(), copy.backups()
+    assert copied.manifest.encryption.key_id == "k1" and _stored(copy, entry.backup_id) == _stored(
+        source, entry.backup_id
+    )
+    assert copied.manifest.files[0].key != entry.manifest.files[0].key
+    assert copied.manifest.encryption.manifest_mac != entry.manifest.encryption.manifest_mac
+
+    # Key rotation re-wraps the copy's data keys too, and only then calls the old key unneeded: it can go.
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k2", "k1"))
+    rotation = run_dag("pgdr_rotate_keys")
+    assert rotation.states["report"] == "success", rotation.states
+    report = _rotation_report(rotation)["pgdr_key"]
+    assert report["rewrapped"] == 2 and report["key_ids_no_longer_needed"] == ["k1"], report
+    assert [e.manifest.encryption.key_id for e in copy.backups()] == ["k2"]
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k2"))
+
+    plan(storage=storage, databases=[{"name": "shop", "conn_id": "pgdr_shop", "storage": "vault"}], defaults=ENCRYPTED)
+    try:
+        dag_run = run_dag(
+            "pgdr_restore", run_conf={"database": "shop", "backup": entry.backup_id, "target_name": "shop_from_vault"}
+        )
+        assert dag_run.states["write_report"] == "success", dag_run.states
+        assert source_row_counts(pg_server, "shop_from_vault") == source_row_counts(pg_server, "shop")
+    finally:
+        _drop(pg_server, "shop_from_vault")
+
+
+@pytest.fixture
+def main_and_local_copy(plan, env, dr_bucket):
+    """shop backed up to S3, copied to a local folder (another kind of target: streamed through the worker)."""
+    storage = {
+        "main": {"type": "s3", "bucket": BUCKET, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3"},
+        "vault": {"type": "local", "path": str(env["tmp"] / "vault")},
+    }
+    return plan(storage=storage, defaults={"copies": ["vault"], "copy_rpo": "10m"})
+
+
+def test_a_backup_damaged_at_the_source_is_not_copied_and_the_others_are(main_and_local_copy, run_dag, slack):
+    """One of two backups has a flipped byte in the source bucket: the copy run fails naming that file, the other
+    backup is copied whole, and nothing of the damaged one is left in the copy (no manifest, no data file)."""
+    p = main_and_local_copy
+    _back_up(run_dag)
+    _back_up(run_dag)
+    source, copy = _catalog(p, "main"), _catalog(p, "vault")
+    damaged, good = source.backups()
+    victim = max(damaged.manifest.files, key=lambda f: f.stored_size)
+    data = bytearray(source.store.get_bytes(victim.key))
+    data[len(data) // 2] ^= 0x01
+    source.store.put_bytes(victim.key, bytes(data))
+
+    dag_run = run_dag("pgdr_copy")
+    assert dag_run.states["copy_backups[0]"] == "failed", dag_run.states
+    assert [e.backup_id for e in copy.backups()] == [good.backup_id]
+    assert _stored(copy, good.backup_id) == _stored(source, good.backup_id)
+    assert not list(copy.store.list(copy.layout.backup_prefix("shop", damaged.backup_id)))
+    alert = "\n".join(slack.texts())
+    assert victim.key in alert and "damaged at the source" in alert and damaged.backup_id in alert, alert
+
+
+def test_bytes_that_read_back_wrong_from_the_copy_are_removed_and_the_next_run_copies_them(
+    main_and_local_copy, run_dag, monkeypatch
+):
+    """The copy's storage keeps different bytes than it was sent (a faulty disk, a proxy): the read-back finds it,
+    what was written is removed, no manifest is written; the next run, with the storage mended, copies it whole."""
+    from pgdr.storage.backends import LocalFolderStore
+
+    p = main_and_local_copy
+    _back_up(run_dag)
+    source, copy = _catalog(p, "main"), _catalog(p, "vault")
+    (entry,) = source.backups()
+    honest = LocalFolderStore.put_stream
+
+    def faulty(self, key, stream):
+        honest(self, key, stream)
+        if key.endswith(".dat.gz"):
+            path = self._path(key)
+            path.write_bytes(path.read_bytes()[:-1])  # the last byte lost
+
+    monkeypatch.setattr(LocalFolderStore, "put_stream", faulty)
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "failed"
+    assert copy.backups() == [] and not list(copy.store.list(copy.layout.database_prefix("shop")))
+
+    monkeypatch.setattr(LocalFolderStore, "put_stream", honest)
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    assert _stored(copy, entry.backup_id) == _stored(source, entry.backup_id)
+
+
+def test_health_fails_when_a_copy_misses_a_backup_longer_than_copy_rpo(main_and_local_copy, run_dag, monkeypatch):
+    """copy_lag.<target>: within copy_rpo a missing backup is fine; past it the check fails naming the backup and
+    pgdr_copy; once copied it passes at 0 s; an unreadable copy target fails the check, not the run."""
+    from pgdr.airflow_glue.connections import resources
+    from pgdr.health import check_copies
+
+    p = main_and_local_copy
+    _back_up(run_dag)
+    (entry,) = _catalog(p, "main").backups()
+    db, res = p.databases[0], resources(p)
+    now = datetime.now(UTC)
+    (soon,) = check_copies(db, res, now)
+    assert soon.check == "copy_lag.vault" and soon.ok and "lacks the newest 1" in soon.detail
+    (late,) = check_copies(db, res, now + timedelta(hours=1))
+    assert (
+        not late.ok
+        and "1 backup is not in copy" in late.detail
+        and entry.backup_id in late.detail
+        and "pgdr_copy" in late.detail
+    )
+    assert "copy_rpo 10m" in late.detail and late.value >= 3600
+
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    (done,) = check_copies(db, res, now + timedelta(hours=1))
+    assert done.ok and done.value == 0.0 and "holds every backup" in done.detail
+
+    shutil.rmtree(p.storages["vault"].path)
+    (p.storages["vault"].path).write_text("not a folder")  # the copy target cannot be listed
+    (broken,) = check_copies(db, res, now)
+    assert not broken.ok and "cannot be compared" in broken.detail and "not a folder" in broken.detail
