@@ -86,6 +86,15 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
             "with a WAL archive, the database exactly as it was at that second; otherwise the newest backup at or "
             "before it.",
         ),
+        "restore_from": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, *sorted({t.name for db in PLAN.databases for t in (db.storage, *db.copies) if db.copies})],
+            title="Restore from",
+            values_display={"null": "(the database's own storage target)"},
+            description="Where to read the backup: the database's storage target (default), or one of its second "
+            "copies (the plan's copies) when that target is unreachable or was lost.",
+        ),
         "mode": Param(
             "new-database",
             type="string",

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pgdr.errors import BackupNotFound, PermanentFailure, PgdrError
+from pgdr.errors import BackupNotFound, PermanentFailure, PgdrError, StorageUnavailable
 from pgdr.identifiers import (
     MAX_IDENTIFIER_BYTES,
     InvalidIdentifier,
@@ -423,6 +423,11 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"  backup          : {plan['backup_id']} ({plan['backup_status']}), chosen by {plan['selector']!r}",
         f"  recovery point  : {plan['recovery_point']} (data after this moment is not in the backup)",
         f"  size            : {plan['size']}",
+        *(
+            [f"  from            : copy {plan['restore_from']!r} ({plan['restore_from_location']})"]
+            if plan.get("restore_from_location") and plan.get("restore_from") != plan.get("storage_name")
+            else []
+        ),
         f"  mode            : {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
         f"  target          : {plan['target']} on {plan['target_server']} ({plan['target_conn_id']})",
         f"  expected time   : {expected}; the RTO is {format_duration(plan['rto_target_seconds'])}",
@@ -550,6 +555,12 @@ def read_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
     if mode not in MODES:
         raise InvalidRestoreRequest(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
     if mode == "server":
+        if params.get("restore_from") and params["restore_from"] != db.storage.name:
+            raise InvalidRestoreRequest(
+                f"Mode server recovers from base backups and WAL, which copy {params['restore_from']!r} does not hold "
+                "(it holds the dumps). Leave 'Restore from' empty, or restore a dump with mode new-database or "
+                "replace. Nothing was touched."
+            )
         return read_server_request(params, plan, db)
     tables = parse_tables(params.get("tables"))
     known_conns = sorted({d.conn_id for d in plan.databases} | {d.verify_conn_id for d in plan.databases})
@@ -561,8 +572,14 @@ def read_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
     if mode == "replace":
         check_replace_request(db, params.get("confirm"), target_conn_id, tables)
     restore_roles = bool(params.get("restore_roles"))
+    restore_from = params.get("restore_from") or None
+    try:
+        restore_from = db.storage_named(restore_from).name
+    except ValueError as err:
+        raise InvalidRestoreRequest(f"restore_from: {err}. Nothing was touched.") from None
     return {
         "mode": mode,
+        "restore_from": restore_from,
         "tables": tables,
         "target_conn_id": target_conn_id,
         "selector": params.get("backup") or "latest-verified",
@@ -571,6 +588,20 @@ def read_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
         "restore_role_passwords": restore_roles and bool(params.get("restore_role_passwords")),
         "dry_run": bool(params.get("dry_run")),
     }
+
+
+def _select_backup_from(catalog: BackupCatalog, selector: str, db, source) -> BackupEntry:
+    """:func:`select_backup` in ``source``; when that target cannot be reached, say which copies the database has."""
+    try:
+        return select_backup(catalog, selector)
+    except StorageUnavailable as err:
+        others = [t.name for t in (db.storage, *db.copies) if t is not source]
+        if not others:
+            raise
+        raise StorageUnavailable(
+            f"{err} Database {db.name!r} also has its backups in {', '.join(repr(o) for o in others)}: to restore "
+            f"from there, set 'Restore from' (restore_from; --from on the command line) to one of them."
+        ) from None
 
 
 def read_server_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
@@ -772,17 +803,25 @@ def plan_restore(
     request = read_request(params, res.plan, db)
     if request["mode"] == "server":
         return plan_server_restore(request, res, db, workdir)
-    store, layout = res.store(db.storage)
+    source = db.storage_named(request["restore_from"])
+    store, layout = res.store(source)
     catalog = BackupCatalog(store, layout, db.name)
     pitr_server = res.plan.pitr_server_of(db.name)
     entry, pitr = None, None
-    if pitr_server is not None and (request["selector"] == "latest" or parse_timestamp(request["selector"])):
+    moment_asked = request["selector"] == "latest" or parse_timestamp(request["selector"])
+    if pitr_server is not None and moment_asked and source is not db.storage:
+        raise InvalidRestoreRequest(
+            f"Copy {source.name!r} holds the dumps of {db.name!r}, not the server's base backups and WAL, so it cannot "
+            f"recover the database to {request['selector']!r}. Give a backup id, latest-dump or latest-verified to "
+            f"restore a dump from the copy, or restore from {db.storage.name!r}. Nothing was touched."
+        )
+    if pitr_server is not None and moment_asked:
         # The server has a WAL archive: recover it to that very moment (or to the end of the archive)
         # instead of taking an older dump.
         moment = parse_timestamp(request["selector"])
         pitr = plan_point_in_time(pitr_server, res, moment, workdir / "pitr")
     else:
-        entry = select_backup(catalog, request["selector"])
+        entry = _select_backup_from(catalog, request["selector"], db, source)
         label(database=db.name, backup_id=entry.backup_id)
         check_tables_in_backup(request["tables"], entry)
     server = res.database(db, conn_id=request["target_conn_id"])
@@ -814,6 +853,9 @@ def plan_restore(
         "size": entry.manifest.size_summary() if entry else pitr["size"],
         "pitr": pitr,
         "selector": request["selector"],
+        "restore_from": source.name,
+        "storage_name": db.storage.name,
+        "restore_from_location": store.describe(layout.database_prefix(db.name)),
         "mode": request["mode"],
         "target_conn_id": request["target_conn_id"],
         "target_server": f"{server.host}:{server.port}",
@@ -846,6 +888,11 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         f"- Triggered by: {report['triggered_by']} (run `{report['run_id']}`), through {report.get('via', 'Airflow')}",
         f"- Backup: `{plan['backup_id']}` ({plan['backup_status']}), recovery point {plan['recovery_point']}",
+        *(
+            [f"- Restored from copy `{plan['restore_from']}` ({plan['restore_from_location']})"]
+            if plan.get("restore_from_location") and plan.get("restore_from") != plan.get("storage_name")
+            else []
+        ),
         f"- Mode: {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
         *([f"- **{SUPERUSER_RESTORE_WARNING}**"] if plan.get("restore_as_superuser") else []),
         f"- Target: `{plan['target']}` on {plan['target_server']}",
@@ -965,7 +1012,8 @@ class RestoreObjects:
     def __init__(self, plan: dict[str, Any], res):
         self.plan, self.res = plan, res
         self.db = res.plan.database(plan["database"])
-        self.store, self.layout = res.store(self.db.storage)
+        # plan["restore_from"]: a copy target (pgdr.logical.copies); plans of pgdr < 0.9 read the database's storage
+        self.store, self.layout = res.store(self.db.storage_named(plan.get("restore_from")))
         self.catalog = BackupCatalog(self.store, self.layout, self.db.name)
         self.entry = self.catalog.get(plan["backup_id"])
         self.server = res.database(self.db, conn_id=plan["target_conn_id"])

@@ -147,6 +147,17 @@ class ProtectedDatabase:
     # Objects a restored copy goes without (pgdr.logical.privileges.SKIPPABLE): "publications", "event_triggers".
     skip_objects: tuple[str, ...] = ()
 
+    def storage_named(self, name: str | None) -> StorageTarget:
+        """Return the storage target a restore reads from: the database's own (``None`` or its name) or one of its
+        ``copies``; :class:`ValueError` saying which exist for another name."""
+        if name in (None, "", self.storage.name):
+            return self.storage
+        for copy in self.copies:
+            if copy.name == name:
+                return copy
+        where = ", ".join([f"{self.storage.name} (its storage)", *(f"{c.name} (a copy)" for c in self.copies)])
+        raise ValueError(f"database {self.name!r} is not stored in {name!r}; it is in: {where}")
+
 
 @dataclass(frozen=True)
 class PitrPolicy:

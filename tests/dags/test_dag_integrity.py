@@ -109,6 +109,7 @@ def test_restore_dag_form_and_structure(dagbag):
         "target_conn_id",
         "restore_roles",
         "restore_role_passwords",
+        "restore_from",
         "dry_run",
     }
     for name in dag.params:

@@ -96,12 +96,14 @@ def test_a_backup_is_copied_inside_s3_checked_there_restorable_from_there_and_ke
     assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
     assert [e.backup_id for e in copy.backups()] == [entry.backup_id]
 
-    # Restored from the copy (the copy as the database's storage): the source's rows, the large object.
-    plan(storage=storage, databases=[{"name": "shop", "conn_id": "pgdr_shop", "storage": "dr"}])
+    # Restored from the copy ('Restore from' on the form): the source's rows; the report says where it came from.
     try:
-        dag_run = run_dag("pgdr_restore", run_conf={"database": "shop", "target_name": "shop_from_copy"})
+        conf = {"database": "shop", "restore_from": "dr", "target_name": "shop_from_copy"}
+        dag_run = run_dag("pgdr_restore", run_conf=conf)
         assert dag_run.states["write_report"] == "success", dag_run.states
         assert source_row_counts(pg_server, "shop_from_copy") == source_row_counts(pg_server, "shop")
+        (report,) = [k for k in copy.store.list(copy.layout.backup_prefix("shop", entry.backup_id)) if ".md" in k.key]
+        assert f"Restored from copy `dr` (s3://{dr_bucket}/" in copy.store.get_bytes(report.key).decode()
     finally:
         _drop(pg_server, "shop_from_copy")
 
@@ -241,3 +243,63 @@ def test_health_fails_when_a_copy_misses_a_backup_longer_than_copy_rpo(main_and_
     (p.storages["vault"].path).write_text("not a folder")  # the copy target cannot be listed
     (broken,) = check_copies(db, res, now)
     assert not broken.ok and "cannot be compared" in broken.detail and "not a folder" in broken.detail
+
+
+def test_with_its_storage_unreachable_the_restore_names_the_copy_and_restores_from_it(
+    main_and_local_copy, run_dag, pg_server, monkeypatch, slack, capsys
+):
+    """The S3 endpoint of the database's storage is gone: the restore fails at once in plan_restore, nothing touched,
+    and its alert names the copy and the field to set; with 'Restore from' = the copy the database comes back."""
+    from airflow.sdk.exceptions import ParamValidationError
+    from pgdr.postgres.binaries import free_port
+    from support import aws_connection
+
+    _back_up(run_dag)
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", aws_connection(free_port()))  # nothing listens there
+    slack.clear()
+    failed = run_dag("pgdr_restore", run_conf={"database": "shop", "target_name": "shop_from_vault"})
+    assert failed.states["plan_restore"] == "failed", failed.states
+    alert = "\n".join(slack.texts())
+    assert "could not be reached" in alert and "'vault'" in alert and "Restore from" in alert, alert
+
+    with pytest.raises(ParamValidationError, match="restore_from: 'nowhere' is not one of"):  # the form refuses it
+        run_dag("pgdr_restore", run_conf={"database": "shop", "restore_from": "nowhere"})
+    from pgdr.local.cli import main
+
+    (entry,) = _catalog(main_and_local_copy, "vault").backups()
+    capsys.readouterr()
+    assert main(["list", "--database", "shop", "--from", "vault"]) == 0  # the break-glass command's --from
+    listing = capsys.readouterr().out
+    assert entry.backup_id in listing and str(main_and_local_copy.storages["vault"].path) in listing, listing
+    assert main(["list", "--database", "shop", "--from", "nowhere"]) == 1
+    assert "is not stored in 'nowhere'; it is in: main (its storage), vault (a copy)" in capsys.readouterr().out
+    try:
+        conf = {"database": "shop", "restore_from": "vault", "backup": "latest-dump", "target_name": "shop_from_vault"}
+        dag_run = run_dag("pgdr_restore", run_conf=conf)
+        assert dag_run.states["write_report"] == "success", dag_run.states
+        assert source_row_counts(pg_server, "shop_from_vault") == source_row_counts(pg_server, "shop")
+    finally:
+        _drop(pg_server, "shop_from_vault")
+
+
+def test_a_restore_from_a_target_the_database_is_not_copied_to_is_refused_naming_where_it_is(tmp_path):
+    """The form's list holds every copy of the plan; a database copied elsewhere (or not at all) gets told where."""
+    from pgdr.incident import InvalidRestoreRequest, read_request
+    from pgdr.plan import parse_plan
+
+    text = f"""
+storage:
+  main: {{type: local, path: {tmp_path / "a"}}}
+  vault: {{type: local, path: {tmp_path / "b"}}}
+databases:
+  - {{name: shop, conn_id: pgdr_shop, copies: [vault]}}
+  - {{name: crm, conn_id: pgdr_shop}}
+"""
+    p = parse_plan(text, tmp_path / "p.yaml")
+    assert read_request({"restore_from": "vault"}, p, p.database("shop"))["restore_from"] == "vault"
+    assert read_request({}, p, p.database("shop"))["restore_from"] == "main"
+    with pytest.raises(InvalidRestoreRequest, match="database 'crm' is not stored in 'vault'; it is in: main"):
+        read_request({"restore_from": "vault"}, p, p.database("crm"))
+    with pytest.raises(InvalidRestoreRequest, match="Mode server recovers from base backups and WAL"):
+        read_request({"restore_from": "vault", "mode": "server"}, p, p.database("shop"))

@@ -58,15 +58,23 @@ def load_connections(path: Path) -> dict[str, str]:
     return env
 
 
-def list_backups(database: str) -> int:
-    """Print every backup of ``database`` with its status, recovery point and size; newest first."""
+def list_backups(database: str, restore_from: str | None = None) -> int:
+    """Print every backup of ``database`` with its status, recovery point and size; newest first.
+
+    :param restore_from: a copy target of the database (``--from``) to list instead of its storage target.
+    """
     from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.catalog import BackupCatalog
     from pgdr.plan import load_plan
 
     plan = load_plan()
     db = plan.database(database)
-    store, layout = open_store(db.storage, plan)
+    try:
+        target = db.storage_named(restore_from)
+    except ValueError as err:
+        _print(f"pgdr: --from: {err}.")
+        return 1
+    store, layout = open_store(target, plan)
     catalog = BackupCatalog(store, layout, db.name)
     backups = catalog.backups()
     _print(f"Backups of {db.name!r} in {store.describe(layout.database_prefix(db.name))}, newest first:")
@@ -154,6 +162,7 @@ def restore(args: argparse.Namespace, home: Path, log_path: Path) -> int:
         "dry_run": args.dry_run,
         "restore_roles": args.restore_roles,
         "restore_role_passwords": args.with_passwords,
+        "restore_from": args.restore_from,
     }
     conf = {key: value for key, value in given.items() if value is not None}  # the form's defaults for the rest
     _print("pgdr: loading the pgdr_restore DAG")
@@ -368,9 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     listing = commands.add_parser("list", help="list the backups of a database, from the storage target")
     _common_options(listing, on_subcommand=True)
     listing.add_argument("--database", required=True)
+    listing.add_argument("--from", dest="restore_from", help="a copy target of the database (the plan's copies)")
     run = commands.add_parser("restore", help="restore a database with the pgdr_restore DAG, without a running Airflow")
     _common_options(run, on_subcommand=True)
     run.add_argument("--database", required=True, help="a database of the DR plan")
+    run.add_argument(
+        "--from",
+        dest="restore_from",
+        help="read the backup from this copy target of the database (the plan's copies), e.g. when its storage "
+        "target is unreachable",
+    )
     run.add_argument(
         "--backup",
         default="latest-verified",
@@ -436,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "list":
         try:
-            return list_backups(args.database)
+            return list_backups(args.database, args.restore_from)
         except PgdrError as err:
             _print(f"pgdr: {err}")
             return 1
