@@ -1012,7 +1012,7 @@ class RestoreObjects:
     def __init__(self, plan: dict[str, Any], res):
         self.plan, self.res = plan, res
         self.db = res.plan.database(plan["database"])
-        # plan["restore_from"]: a copy target (pgdr.logical.copies); plans of pgdr < 0.9 read the database's storage
+        # plan["restore_from"]: a copy target (pgdr.logical.copies); a plan written before it existed: the storage
         self.store, self.layout = res.store(self.db.storage_named(plan.get("restore_from")))
         self.catalog = BackupCatalog(self.store, self.layout, self.db.name)
         self.entry = self.catalog.get(plan["backup_id"])
