@@ -125,6 +125,12 @@ def copy_backup(
                     f"{copy.store.describe(item.key)} reads back as {size} bytes with SHA-256 {digest[:16]}…, not the "
                     f"{item.stored_size} bytes, {item.sha256[:16]}… of backup {manifest.backup_id}'s manifest: the "
                     f"copy to {target!r} is not made (what was written is removed); the next run tries again."
+                    + (
+                        " It was copied inside S3, so the source's file may be the damaged one: pgdr_verify_restore on "
+                        "the backup tells."
+                        if inside_s3
+                        else ""
+                    )
                 )
         copy.write_manifest(_manifest_for_copy(manifest, tuple(files), data_key_of))
     except BaseException:
