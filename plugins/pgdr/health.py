@@ -49,6 +49,27 @@ class CheckResult:
         return f"health-{self.check}-{self.database}"
 
 
+@dataclass
+class SourceBackups:
+    """One reading of a database's catalog in its storage target, shared by every check that needs its backups."""
+
+    backups: list  # BackupEntry, oldest first
+    damaged: list  # DamagedBackup
+    error: Exception | None = None  # the catalog could not be read
+
+
+def read_source(db, res: Resources) -> SourceBackups:
+    """Read the catalog of ``db`` once (every manifest); an unreadable catalog is a result, not an exception."""
+    from pgdr.logical.catalog import BackupCatalog
+
+    try:
+        store, layout = res.store(db.storage)
+        catalog = BackupCatalog(store, layout, db.name)
+        return SourceBackups(catalog.backups(), catalog.damaged)
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        return SourceBackups([], [], err)
+
+
 def check_source(db, res: Resources) -> CheckResult:
     """The source database answers a query."""
     from pgdr.postgres.client import connect
@@ -90,7 +111,7 @@ def check_standby(db, res: Resources) -> CheckResult | None:
     )
 
 
-def check_copies(db, res: Resources, now: datetime) -> list[CheckResult]:
+def check_copies(db, res: Resources, now: datetime, source: SourceBackups) -> list[CheckResult]:
     """Each copy target (``copies``) holds every backup stored more than ``copy_rpo`` ago; the value is how long the
     oldest missing one has waited (a gauge per target)."""
     from pgdr.logical.copies import copy_lags
@@ -99,28 +120,28 @@ def check_copies(db, res: Resources, now: datetime) -> list[CheckResult]:
         return []
     limit = db.copy_rpo.total_seconds()
     try:
-        lags = copy_lags(db, res, now)
+        if source.error is not None:
+            raise source.error
+        lags = copy_lags(db, res, now, source.backups)
     except Exception as err:  # noqa: BLE001 - the failure is the result
         return [
             CheckResult(f"copy_lag.{target.name}", db.name, False, f"the copy cannot be compared: {first_line(err)}")
             for target in db.copies
         ]
-    return [
-        CheckResult(
-            f"copy_lag.{lag.target}",
-            db.name,
-            lag.problem(limit) is None,
-            lag.problem(limit)
-            or (
-                f"copy {lag.target!r} holds every backup"
-                if not lag.missing
-                else f"copy {lag.target!r} lacks the newest {len(lag.missing)} of them, for "
+    results = []
+    for lag in lags:
+        problem = lag.problem(limit)
+        if problem is not None:
+            detail = problem
+        elif not lag.missing:
+            detail = f"copy {lag.target!r} holds every backup"
+        else:
+            detail = (
+                f"copy {lag.target!r} lacks the newest {len(lag.missing)} of them, for "
                 f"{format_duration(lag.lag_s)} (within copy_rpo)"
-            ),
-            lag.lag_s,
-        )
-        for lag in lags
-    ]
+            )
+        results.append(CheckResult(f"copy_lag.{lag.target}", db.name, problem is None, detail, lag.lag_s))
+    return results
 
 
 def check_verification_server(db, res: Resources) -> CheckResult:
@@ -166,7 +187,7 @@ def check_storage(db, res: Resources) -> CheckResult:
 SSE_SAMPLE = 100  # objects whose encryption one run asks S3 about (a HEAD each): the newest, then a rotating slice
 
 
-def check_encryption(db, res: Resources, now: datetime) -> CheckResult | None:
+def check_encryption(db, res: Resources, now: datetime, source: SourceBackups) -> CheckResult | None:
     """Every object under the database's prefix is stored with the target's server-side encryption,
     and the newest backup is encrypted client-side when the plan says so. ``None``: nothing to check.
 
@@ -174,8 +195,6 @@ def check_encryption(db, res: Resources, now: datetime) -> CheckResult | None:
     :data:`SSE_SAMPLE` newest objects and a slice of the others that moves on every run: over
     successive runs every object is checked.
     """
-    from pgdr.logical.catalog import BackupCatalog
-
     target = db.storage
     if not (target.kind == "s3" and target.sse) and not db.encryption_key_conn_id:
         return None
@@ -204,7 +223,9 @@ def check_encryption(db, res: Resources, now: datetime) -> CheckResult | None:
                         + ("" if kms_ok else " under another KMS key")
                     )
         if db.encryption_key_conn_id:
-            backups = BackupCatalog(store, layout, db.name).backups()
+            if source.error is not None:
+                raise source.error
+            backups = source.backups
             if backups and backups[-1].manifest.encryption is None:
                 findings.append(
                     f"the newest backup {backups[-1].backup_id} is not encrypted client-side, though the plan "
@@ -228,18 +249,12 @@ def check_encryption(db, res: Resources, now: datetime) -> CheckResult | None:
     return CheckResult("encryption", db.name, True, "; ".join(what), 0.0)
 
 
-def check_backup_ages(db, res: Resources, now: datetime) -> list[CheckResult]:
+def check_backup_ages(db, res: Resources, now: datetime, source: SourceBackups) -> list[CheckResult]:
     """The newest backup is within the RPO; the newest verified one within the verification window."""
-    from pgdr.logical.catalog import BackupCatalog
-
-    try:
-        store, layout = res.store(db.storage)
-        catalog = BackupCatalog(store, layout, db.name)
-        backups = catalog.backups()
-    except Exception as err:  # noqa: BLE001
-        reason = f"the catalog cannot be read: {first_line(err)}"
+    if source.error is not None:
+        reason = f"the catalog cannot be read: {first_line(source.error)}"
         return [CheckResult("backup_age", db.name, False, reason), CheckResult("verified_age", db.name, False, reason)]
-    damaged = catalog.damaged
+    backups, damaged = source.backups, source.damaged
     results = [
         CheckResult(
             "catalog",
@@ -445,15 +460,12 @@ def transitions(results: list[CheckResult], journal) -> tuple[list[CheckResult],
     return failing, recovered
 
 
-def last_measurements(db, res: Resources) -> dict[str, float | None]:
+def last_measurements(db, res: Resources, source: SourceBackups) -> dict[str, float | None]:
     """Return the last restore duration (verification) and the last drill's RTO and RPO of ``db``."""
     import json
 
-    from pgdr.logical.catalog import BackupCatalog
-
     values: dict[str, float | None] = {}
-    store, layout = res.store(db.storage)
-    verified = [b for b in BackupCatalog(store, layout, db.name).backups() if b.verification]
+    verified = [b for b in source.backups if b.verification]
     if verified and verified[-1].verification.restore_seconds is not None:
         values[f"last_restore_seconds.{db.name}"] = verified[-1].verification.restore_seconds
     target = res.plan.default_storage or db.storage
@@ -470,18 +482,19 @@ def last_measurements(db, res: Resources) -> dict[str, float | None]:
 
 def check_database(db, res: Resources, now: datetime) -> tuple[list[CheckResult], dict[str, float | None]]:
     """Run every check of one database; return the results and the last restore and drill numbers (gauges)."""
+    source = read_source(db, res)
     results = [
         check_source(db, res),
         check_verification_server(db, res),
         check_storage(db, res),
-        *check_backup_ages(db, res, now),
-        *check_copies(db, res, now),
+        *check_backup_ages(db, res, now, source),
+        *check_copies(db, res, now, source),
     ]
-    for optional in (check_encryption(db, res, now), check_standby(db, res)):
+    for optional in (check_encryption(db, res, now, source), check_standby(db, res)):
         if optional is not None:
             results.append(optional)
     try:
-        extra = last_measurements(db, res)
+        extra = last_measurements(db, res, source)
     except Exception as err:  # noqa: BLE001 - metrics must not hide the checks
         log.warning("Could not read the last restore and drill numbers of %s: %s", db.name, err)
         extra = {}

@@ -425,7 +425,7 @@ def render_plan(plan: dict[str, Any]) -> str:
         f"  size            : {plan['size']}",
         *(
             [f"  from            : copy {plan['restore_from']!r} ({plan['restore_from_location']})"]
-            if plan.get("restore_from_location") and plan.get("restore_from") != plan.get("storage_name")
+            if plan.get("restore_from_location")
             else []
         ),
         f"  mode            : {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),
@@ -854,8 +854,8 @@ def plan_restore(
         "pitr": pitr,
         "selector": request["selector"],
         "restore_from": source.name,
-        "storage_name": db.storage.name,
-        "restore_from_location": store.describe(layout.database_prefix(db.name)),
+        # where a copy is read from (None when the database's own storage target is)
+        "restore_from_location": store.describe(layout.database_prefix(db.name)) if source is not db.storage else None,
         "mode": request["mode"],
         "target_conn_id": request["target_conn_id"],
         "target_server": f"{server.host}:{server.port}",
@@ -890,7 +890,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"- Backup: `{plan['backup_id']}` ({plan['backup_status']}), recovery point {plan['recovery_point']}",
         *(
             [f"- Restored from copy `{plan['restore_from']}` ({plan['restore_from_location']})"]
-            if plan.get("restore_from_location") and plan.get("restore_from") != plan.get("storage_name")
+            if plan.get("restore_from_location")
             else []
         ),
         f"- Mode: {plan['mode']}" + (f", tables {', '.join(plan['tables'])}" if plan["tables"] else ""),

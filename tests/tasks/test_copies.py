@@ -217,16 +217,17 @@ def test_health_fails_when_a_copy_misses_a_backup_longer_than_copy_rpo(main_and_
     """copy_lag.<target>: within copy_rpo a missing backup is fine; past it the check fails naming the backup and
     pgdr_copy; once copied it passes at 0 s; an unreadable copy target fails the check, not the run."""
     from pgdr.airflow_glue.connections import resources
-    from pgdr.health import check_copies
+    from pgdr.health import check_copies, read_source
 
     p = main_and_local_copy
     _back_up(run_dag)
     (entry,) = _catalog(p, "main").backups()
     db, res = p.databases[0], resources(p)
     now = datetime.now(UTC)
-    (soon,) = check_copies(db, res, now)
+    source = read_source(db, res)
+    (soon,) = check_copies(db, res, now, source)
     assert soon.check == "copy_lag.vault" and soon.ok and "lacks the newest 1" in soon.detail
-    (late,) = check_copies(db, res, now + timedelta(hours=1))
+    (late,) = check_copies(db, res, now + timedelta(hours=1), source)
     assert (
         not late.ok
         and "1 backup is not in copy" in late.detail
@@ -236,12 +237,12 @@ def test_health_fails_when_a_copy_misses_a_backup_longer_than_copy_rpo(main_and_
     assert "copy_rpo 10m" in late.detail and late.value >= 3600
 
     assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
-    (done,) = check_copies(db, res, now + timedelta(hours=1))
+    (done,) = check_copies(db, res, now + timedelta(hours=1), source)
     assert done.ok and done.value == 0.0 and "holds every backup" in done.detail
 
     shutil.rmtree(p.storages["vault"].path)
     (p.storages["vault"].path).write_text("not a folder")  # the copy target cannot be listed
-    (broken,) = check_copies(db, res, now)
+    (broken,) = check_copies(db, res, now, source)
     assert not broken.ok and "cannot be compared" in broken.detail and "not a folder" in broken.detail
 
 

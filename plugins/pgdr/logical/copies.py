@@ -176,10 +176,9 @@ def _remove_quietly(copy: BackupCatalog, keys: list[str]) -> None:
         )
 
 
-def backups_to_copy(source: BackupCatalog, db: ProtectedDatabase, now: datetime) -> list[BackupEntry]:
-    """The source's complete backups a copy should hold, oldest first: those its retention keeps, less those whose
-    verification failed (known not to restore)."""
-    entries = source.backups()
+def backups_to_copy(entries: list[BackupEntry], db: ProtectedDatabase, now: datetime) -> list[BackupEntry]:
+    """Of the source's complete backups (``entries``), those a copy should hold, oldest first: those its retention
+    keeps, less those whose verification failed (known not to restore)."""
     keep = decide_retention(entries, [], db.retention, now).keep
     return [e for e in entries if e.backup_id in keep and e.status != "failed"]
 
@@ -195,7 +194,7 @@ def copy_database(db: ProtectedDatabase, res: Resources, now: datetime) -> dict:
     """
     source_store, source_layout = res.store(db.storage)
     source = BackupCatalog(source_store, source_layout, db.name)
-    wanted = backups_to_copy(source, db, now)
+    wanted = backups_to_copy(source.backups(), db, now)
     summary: dict = {"database": db.name, "source": db.storage.describe(), "targets": {}}
     problems: list[PgdrError] = []
     for target in db.copies:
@@ -260,10 +259,10 @@ def _backups(count: int) -> str:
     return f"{count} backup is" if count == 1 else f"{count} backups are"
 
 
-def copy_lags(db: ProtectedDatabase, res: Resources, now: datetime) -> list[CopyLag]:
-    """How far each copy target of ``db`` is behind (reads the copies' listings only, no manifest there)."""
-    source_store, source_layout = res.store(db.storage)
-    wanted = backups_to_copy(BackupCatalog(source_store, source_layout, db.name), db, now)
+def copy_lags(db: ProtectedDatabase, res: Resources, now: datetime, source: list[BackupEntry]) -> list[CopyLag]:
+    """How far each copy target of ``db`` is behind its storage target, whose complete backups are ``source``
+    (reads the copies' listings only, no manifest there)."""
+    wanted = backups_to_copy(source, db, now)
     lags = []
     for target in db.copies:
         store, layout = res.store(target)
