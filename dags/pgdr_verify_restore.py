@@ -24,8 +24,11 @@ completes (its `pgdr_backups` asset event), this DAG verifies exactly that backu
    `failed`, with phase durations and the achieved restore time against the plan's RTO.
    Retention always keeps the newest verified backup.
 
-Trigger it by hand with `database` and `backup_id` to verify one backup. An asset-triggered run
-also verifies the day's backups newer than the last verified one whose events Airflow 3.3 did not
+Every `verify_copies_every` (plan, default 7 days) the daily run also restores the newest backup of each second
+copy (`copies`) *from the copy*, and records that verification in the copy: the copy is proven, not assumed.
+
+Trigger it by hand with `database` and `backup_id` to verify one backup (`verify_from`: from a copy).
+An asset-triggered run also verifies the day's backups newer than the last verified one whose events Airflow 3.3 did not
 deliver (a fleet backed up in a burst loses some: apache/airflow#56050); a daily run verifies
 any backup that still missed its event, and a backfill verifies the backups taken in its intervals.
 
@@ -91,6 +94,15 @@ PLAN = load_plan()
             type=["null", "string"],
             title="Backup id",
             description="The backup to verify, e.g. 20261122T093000Z-3fa2c1. Empty: the newest backup.",
+        ),
+        "verify_from": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, *sorted({t.name for db in PLAN.databases for t in db.copies})],
+            title="Verify from copy",
+            values_display={"null": "(the database's own storage target)"},
+            description="Restore the backup from one of the database's second copies (the plan's copies) and record "
+            "the verification there. The daily run does so by itself every verify_copies_every.",
         ),
     },
     doc_md=__doc__,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pgdr.logical.catalog import BackupEntry
-from pgdr.messages import duration_or_na, format_duration
+from pgdr.messages import duration_or_na, first_line, format_duration
 from pgdr.records import achieved_rto, seconds_between
 
 RPO_WINDOW = timedelta(days=30)
@@ -90,8 +90,13 @@ def evaluate(
     failed_phase: str | None,
     validation: dict | None,
     backup_id: str | None,
+    copies: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
-    """Return the per-database drill result with pass/fail against every target and action items."""
+    """Return the per-database drill result with pass/fail against every target and action items.
+
+    :param copies: per copy target, its last verification from the copy (:func:`copy_proofs`): checks
+        ``copy_verified.<target>``.
+    """
     by_name = {p["name"]: p for p in phases}
     rto_s = None
     if failed_phase is None and "checksum" in by_name and "validation" in by_name:
@@ -112,6 +117,8 @@ def evaluate(
             "met": rpo["worst_gap_s"] is None or rpo["worst_gap_s"] <= rpo_target_s,
         },
     }
+    for target, proof in (copies or {}).items():
+        checks[f"copy_verified.{target}"] = proof
     control_ok = bool(negative_control and negative_control.get("rejected"))
     actions = action_items(database, checks, rpo, negative_control, failed_phase, validation)
     return {
@@ -168,7 +175,67 @@ def action_items(database, checks, rpo, negative_control, failed_phase, validati
         items.append(
             f"{database}: {validation['failed']} expectations failed on the restored data; see the validation report."
         )
+    for name, proof in checks.items():
+        if name.startswith("copy_verified.") and not proof["met"]:
+            items.append(f"{database}: {copy_proof_problem(name.partition('.')[2], proof)}")
     return items
+
+
+# A copy's last verification may be a daily run late past verify_copies_every before the drill calls it unproven.
+COPY_PROOF_GRACE = timedelta(days=1)
+
+
+def copy_proofs(db, res, now: datetime) -> dict[str, dict[str, Any]]:
+    """Return, per copy target of ``db``, its newest verification made by restoring from the copy: which backup,
+    when, its outcome, and whether it is recent (``verify_copies_every`` and a day's grace) and passed."""
+    from pgdr.logical.catalog import BackupCatalog
+    from pgdr.verification import last_copy_verification
+
+    proofs = {}
+    limit = (db.verify_copies_every + COPY_PROOF_GRACE).total_seconds()
+    for copy in db.copies:
+        proof: dict[str, Any] = {"target_s": limit, "achieved_s": None, "met": False}
+        proofs[copy.name] = proof
+        try:
+            store, layout = res.store(copy)
+            last = last_copy_verification(BackupCatalog(store, layout, db.name).backups(), copy.name)
+        except Exception as err:  # noqa: BLE001 - an unreadable copy is unproven: the finding
+            proof["error"] = first_line(err)
+            continue
+        if last is None:
+            continue
+        age = (now - datetime.fromisoformat(last.verified_at)).total_seconds() if last.verified_at else None
+        proof.update(
+            achieved_s=age,
+            met=last.verified and age is not None and age <= limit,
+            backup_id=last.backup_id,
+            status=last.status,
+            verified_at=last.verified_at,
+            failed_phase=last.failed_phase,
+            restore_seconds=last.restore_seconds,
+        )
+    return proofs
+
+
+def copy_proof_problem(target: str, proof: dict[str, Any]) -> str:
+    """Return what is wrong with a copy's proof, and what to do (for a check that is not met)."""
+    if proof.get("error"):
+        return f"copy {target!r} could not be read: {proof['error']}. Check its storage and credentials."
+    if proof.get("status") is None:
+        return (
+            f"copy {target!r} has never been verified by a restore from it. Trigger pgdr_verify_restore with "
+            f"verify_from {target!r}, or let its daily run do it (verify_copies_every)."
+        )
+    if proof["status"] != "verified":
+        return (
+            f"the last restore from copy {target!r} (backup {proof['backup_id']}, {proof['verified_at']}) failed in "
+            f"phase {proof.get('failed_phase')}: the copy cannot be relied on. Open that verification's log."
+        )
+    return (
+        f"copy {target!r} was last proven by a restore {duration_or_na(proof['achieved_s'])} ago (backup "
+        f"{proof['backup_id']}), longer than verify_copies_every and a day: pgdr_verify_restore's daily run is not "
+        "verifying it. Check that run."
+    )
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -182,6 +249,11 @@ def headline(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"{r['database']}: {r['status'].upper()} | RTO {rto} | RPO (newest verified) {rpo} | worst gap {gap} | "
             f"negative control {control}"
+        )
+    for database, target, check in _copy_rows(report):
+        lines.append(
+            f"{database}, copy {target}: {'PASS' if check['met'] else 'FAIL'} | last proven by a restore from the copy "
+            f"{duration_or_na(check['achieved_s'])} ago / {duration_or_na(check['target_s'])}"
         )
     for p in report.get("pitr") or []:
         rpo = p["rpo"]
@@ -240,6 +312,16 @@ def report_action_items(report: dict[str, Any]) -> list[str]:
     return items
 
 
+def _copy_rows(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Return (database, copy target, check) for every second copy's proof in the report."""
+    return [
+        (r["database"], name.partition(".")[2], check)
+        for r in report["databases"]
+        for name, check in r["checks"].items()
+        if name.startswith("copy_verified.")
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """Return the drill report as markdown."""
     lines = [
@@ -276,6 +358,22 @@ def render_markdown(report: dict[str, Any]) -> str:
                 else f"| {p['server']} | {duration_or_na(p['rpo']['achieved_s'])} / "
                 f"{duration_or_na(p['rpo']['target_s'])} | {p['newest_heartbeat']} | "
                 f"{duration_or_na(p['recovery_seconds'])} | n/a |"
+            )
+    copy_rows = _copy_rows(report)
+    if copy_rows:
+        lines += [
+            "",
+            "## Second copies, proven by a restore from the copy",
+            "",
+            "| database | copy | result | last verified from the copy / limit | backup | restore time |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for database, target, check in copy_rows:
+            lines.append(
+                f"| {database} | {target} | {'pass' if check['met'] else 'fail'} | "
+                f"{duration_or_na(check['achieved_s'])} ago / {duration_or_na(check['target_s'])} | "
+                f"{check.get('backup_id') or 'none'} ({check.get('status') or 'never verified'}) | "
+                f"{duration_or_na(check.get('restore_seconds'))} |"
             )
     lines += ["", "## Timeline", ""]
     for r in report["databases"]:
@@ -453,6 +551,20 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
         if pitr_rows
         else ""
     )
+    copy_rows = "".join(
+        f"<tr><th>{e(database)}</th><td>{e(target)}</td><td class='{'ok' if check['met'] else 'bad'}'>"
+        f"{duration_or_na(check['achieved_s'])} ago <small>/ {duration_or_na(check['target_s'])}</small></td>"
+        f"<td>{e(check.get('backup_id') or 'none')} <small>{e(check.get('status') or 'never verified')}</small></td>"
+        f"<td>{duration_or_na(check.get('restore_seconds'))}</td></tr>"
+        for database, target, check in _copy_rows(report)
+    )
+    copy_table = (
+        "<h2>Second copies, proven by a restore from the copy</h2><table><thead><tr><th>Database</th><th>Copy</th>"
+        "<th>Last verified from the copy / limit</th><th>Backup</th><th>Restore time</th></tr></thead>"
+        f"<tbody>{copy_rows}</tbody></table>"
+        if copy_rows
+        else ""
+    )
     chart = base64.b64encode(chart_png).decode()
     verdict = "All targets met" if ok else "Targets missed or checks failed: see the action items"
     return f"""<!doctype html>
@@ -478,6 +590,7 @@ thead th {{ font-size: .85rem; color: #5a6478; }} small {{ color: #5a6478; }}
 <th>Worst gap, 30 days / RPO</th><th>Negative control</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 {pitr_table}
+{copy_table}
 <h2>Action items</h2><ul>{actions}</ul>
 <h2>Trend</h2><img alt="RTO and RPO over past drills against their targets" src="data:image/png;base64,{chart}">
 <h2>Timeline</h2>{"".join(timeline)}
@@ -749,7 +862,7 @@ def rehearse_pitr(server, endpoint, catalog, store, archive, run, start: datetim
     return rehearsal
 
 
-def measure(db, catalog, values: dict[str, Any], order: tuple[str, ...], started_at: datetime) -> dict[str, Any]:
+def measure(db, res, catalog, values: dict[str, Any], order: tuple[str, ...], started_at: datetime) -> dict[str, Any]:
     """Return one database's drill result from what its phase tasks returned (``None``: did not succeed).
 
     :param order: the phase tasks in order: the first without a result is the failed phase.
@@ -757,6 +870,7 @@ def measure(db, catalog, values: dict[str, Any], order: tuple[str, ...], started
     failed_phase = next((n for n in order if not values[n]), None)
     phases = [p for n in order if values[n] for p in values[n].get("phases", [])]
     rpo = rpo_metrics([b for b in catalog.backups() if b.recovery_point <= started_at], started_at)
+    copies = copy_proofs(db, res, started_at) if db.copies else None
     return evaluate(
         db.name,
         db.rto.total_seconds(),
@@ -767,4 +881,5 @@ def measure(db, catalog, values: dict[str, Any], order: tuple[str, ...], started
         failed_phase,
         (values["check_timed"] or {}).get("validation"),
         (values["rehearse_backup"] or {}).get("backup_id"),
+        copies,
     )

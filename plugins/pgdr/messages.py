@@ -287,8 +287,15 @@ def drill_summary(report: dict[str, Any], headline: list[str], location: str) ->
     )
 
 
-def verification_failed(backup_id: str, database: str, phase: str) -> str:
-    """Return why a verify-restore marked a backup failed."""
+def verification_failed(backup_id: str, database: str, phase: str, copy: str | None = None) -> str:
+    """Return why a verify-restore marked a backup failed (restored from copy target ``copy``, if one)."""
+    if copy:
+        return (
+            f"Backup {backup_id} of database {database!r} in copy {copy!r} is marked FAILED there: phase {phase} did "
+            "not succeed restoring it from the copy (its own alert and log say why). The copy of this backup is kept; "
+            "do not rely on it for a restore from the copy, and compare it with the source's (pgdr_copy copies a "
+            "backup only once)."
+        )
     return (
         f"Backup {backup_id} of database {database!r} is marked FAILED: phase {phase} did not succeed (its own "
         "alert and log say why). The backup is kept; do not rely on it for a restore."

@@ -141,6 +141,9 @@ class ProtectedDatabase:
     # A backup not in a copy copy_rpo after it was stored fails the health check copy_lag.
     copies: tuple[StorageTarget, ...] = ()
     copy_rpo: timedelta = timedelta(hours=1)
+    # How often pgdr_verify_restore's daily run restores the newest backup of each copy from the copy itself, so that
+    # the copy is proven, not assumed (pgdr.verification.copy_targets).
+    verify_copies_every: timedelta = timedelta(days=7)
     # The logins the application uses: after a restore's privileges phase, each must be able to do on
     # the restored copy exactly what it can do on the live database (pgdr.logical.privileges.compare_app_roles).
     app_roles: tuple[str, ...] = ()
@@ -448,6 +451,7 @@ _POLICY_KEYS = {
     "encryption",
     "copies",
     "copy_rpo",
+    "verify_copies_every",
 }
 _DATABASE_KEYS = _POLICY_KEYS | {
     "name",
@@ -558,6 +562,7 @@ class _Policy:
     encryption_key_conn_id: str | None = None
     copies: tuple[str, ...] = ()
     copy_rpo: timedelta = timedelta(hours=1)
+    verify_copies_every: timedelta = timedelta(days=7)
 
 
 def _parse_policy(c: _Checker, fields: dict, key: str, base: _Policy, storages: dict[str, StorageTarget]) -> _Policy:
@@ -645,6 +650,8 @@ def _parse_policy(c: _Checker, fields: dict, key: str, base: _Policy, storages: 
         policy.copies = tuple(names)
     if "copy_rpo" in fields:
         policy.copy_rpo = c.duration(fields["copy_rpo"][1], f"{key}.copy_rpo")
+    if "verify_copies_every" in fields:
+        policy.verify_copies_every = c.duration(fields["verify_copies_every"][1], f"{key}.verify_copies_every")
     if "storage" in fields:
         name = c.string(fields["storage"][1], f"{key}.storage")
         if name not in storages:
@@ -808,6 +815,7 @@ def parse_plan(text: str, path: Path) -> DRPlan:
                 encryption_key_conn_id=policy.encryption_key_conn_id,
                 copies=tuple(storages[name] for name in policy.copies),
                 copy_rpo=policy.copy_rpo,
+                verify_copies_every=policy.verify_copies_every,
                 verify_conn_id=(
                     c.string(fields["verify_conn_id"][1], f"{key}.verify_conn_id", _CONN_ID, "an Airflow connection id")
                     if "verify_conn_id" in fields

@@ -89,6 +89,7 @@ class VerificationRecord:
     failed_phase: str | None = None
     restore_seconds: float | None = None  # the achieved RTO
     rto_met: bool | None = None
+    verified_from: str | None = None  # the copy target it was restored from (pgdr.plan copies); None: its own storage
     # A base backup's point-in-time recovery
     kind: str | None = None
     server: str | None = None
@@ -135,6 +136,8 @@ class VerificationRecord:
             values["airflow"] = {}
         if not isinstance(values.get("phases"), dict):
             values["phases"] = {}
+        if not isinstance(values.get("verified_from"), str):
+            values["verified_from"] = None
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod
@@ -173,6 +176,7 @@ def verify_restore_record(
     order: Sequence[str],
     rto_target_seconds: float,
     superuser_warning: str | None = None,
+    verified_from: str | None = None,
 ) -> VerificationRecord:
     """Return the record of one verify-restore from what each of its phases returned (``None``: did not succeed).
 
@@ -211,6 +215,7 @@ def verify_restore_record(
         failed_phase=failed_phase,
         restore_seconds=achieved,
         rto_met=None if achieved is None else achieved <= rto_target_seconds,
+        verified_from=verified_from,
     )
 
 

@@ -4,7 +4,9 @@ A run of ``pgdr_verify_restore`` verifies, in this order of precedence: the back
 (``database``, ``backup_id``; the newest of the database without an id); the backups named by the
 asset events that triggered it; for a scheduled or backfill run, the backups whose recovery point
 lies in its data interval (a scheduled run only takes those not yet verified, as a safety net for
-missed events). The phases themselves (checksums, restore into a scratch database, integrity,
+missed events). A scheduled run also restores, per copy target of a database (``copies``), the newest backup in
+the copy *from the copy* when its last such verification is older than ``verify_copies_every`` (:func:`copy_targets`):
+the copy is proven, not assumed. The phases themselves (checksums, restore into a scratch database, integrity,
 validation, owners and grants) and the record they leave (:class:`pgdr.records.VerificationRecord`)
 are shared with the incident restore and the drill.
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure, PlanError
 from pgdr.logical.catalog import VERIFICATION_PHASES, BackupCatalog, BackupEntry
+from pgdr.messages import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +30,9 @@ class NothingToVerify(Exception):
     """This run has no backup to verify; the message says why (the task is skipped, not failed)."""
 
 
-def named_target(res, database: str | None, backup_id: str | None) -> dict[str, str]:
-    """Return the backup a manual run's form names (``backup_id``, or the newest backup of ``database``)."""
+def named_target(res, database: str | None, backup_id: str | None, copy: str | None = None) -> dict[str, str]:
+    """Return the backup a manual run's form names (``backup_id``, or the newest backup of ``database``), in copy
+    target ``copy`` when it names one."""
     plan = res.plan
     if not database:
         if len(plan.databases) != 1:
@@ -38,10 +42,15 @@ def named_target(res, database: str | None, backup_id: str | None) -> dict[str, 
             )
         database = plan.databases[0].name
     db = plan.database(database)
-    store, layout = res.store(db.storage)
+    try:
+        source = db.storage_named(copy)
+    except ValueError as err:
+        raise PlanError(f"{err}. Give verify_from a copy of {db.name!r}, or leave it empty.") from None
+    store, layout = res.store(source)
     catalog = BackupCatalog(store, layout, db.name)
     entry = catalog.get(backup_id) if backup_id else catalog.latest()
-    return {"database": db.name, "backup_id": entry.backup_id}
+    target = {"database": db.name, "backup_id": entry.backup_id}
+    return target | {"from": source.name} if source is not db.storage else target
 
 
 def catalogs(res) -> dict[str, list[BackupEntry]]:
@@ -68,17 +77,61 @@ def event_targets(res, named: list[dict[str, str]]) -> list[dict[str, str]]:
 
 def interval_targets(res, start: datetime, end: datetime, backfill: bool) -> list[dict[str, str]]:
     """Return the backups whose recovery point lies in ``[start, end)``: all for a backfill, else
-    the unverified ones."""
+    the unverified ones and the copies due for a verification of their own (:func:`copy_targets`)."""
     targets = []
     for db in res.plan.databases:
         store, layout = res.store(db.storage)
         for entry in BackupCatalog(store, layout, db.name).backups():
             if start <= entry.recovery_point < end and (backfill or entry.status == "unverified"):
                 targets.append({"database": db.name, "backup_id": entry.backup_id})
+    if not backfill:
+        targets += copy_targets(res, datetime.now(UTC))
     if not targets:
         raise NothingToVerify(
             f"No backup to verify was taken between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC; nothing to do."
         )
+    return targets
+
+
+# A daily run at the same hour finds the last verification a little less than N days old: it counts as due.
+COPY_VERIFICATION_SLACK = timedelta(hours=12)
+
+
+def last_copy_verification(entries: list[BackupEntry], copy: str):
+    """Return the newest verification record made by restoring from copy target ``copy`` (``None``: never)."""
+    made = [e.verification for e in entries if e.verification and e.verification.verified_from == copy]
+    return max(made, key=lambda r: r.verified_at or "", default=None)
+
+
+def copy_targets(res, now: datetime) -> list[dict[str, str]]:
+    """Return, per copy target of each database, the copy's newest backup when the copy was last proven by a restore
+    from it ``verify_copies_every`` ago or more (or never). A copy that cannot be read is left for the health
+    check ``copy_lag`` to report; it does not stop the verification of the others."""
+    targets = []
+    for db in res.plan.databases:
+        for copy in db.copies:
+            try:
+                store, layout = res.store(copy)
+                entries = [e for e in BackupCatalog(store, layout, db.name).backups() if e.status != "failed"]
+            except Exception as err:  # noqa: BLE001 - health's copy_lag alerts on an unreadable copy
+                log.warning("Copy %r of %s cannot be read, so it is not verified this run: %s", copy.name, db.name, err)
+                continue
+            if not entries:
+                log.warning("Copy %r of %s holds no backup yet; nothing to verify there.", copy.name, db.name)
+                continue
+            last = last_copy_verification(entries, copy.name)
+            if last is not None and last.verified_at:
+                age = now - datetime.fromisoformat(last.verified_at)
+                if age < db.verify_copies_every - COPY_VERIFICATION_SLACK:
+                    continue
+            targets.append({"database": db.name, "backup_id": entries[-1].backup_id, "from": copy.name})
+            log.info(
+                "Verifying copy %r of %s by restoring its newest backup %s from the copy (verify_copies_every %s).",
+                copy.name,
+                db.name,
+                entries[-1].backup_id,
+                format_duration(db.verify_copies_every.total_seconds()),
+            )
     return targets
 
 
@@ -140,22 +193,34 @@ def events_airflow_dropped(
 
 def purpose_of(target: dict[str, str]) -> str:
     """Return what a verification's scratch database and the roles made for it are for (their markers say it)."""
-    return f"verify {target['database']} backup {target['backup_id']}"
+    copy = f" from copy {target['from']}" if target.get("from") else ""
+    return f"verify {target['database']} backup {target['backup_id']}{copy}"
+
+
+def target_key(target: dict[str, str]) -> str:
+    """Return what tells one verification of a run from another (the same backup may be verified from a copy too)."""
+    return "/".join(filter(None, (target["database"], target["backup_id"], target.get("from"))))
 
 
 class VerifyObjects:
-    """What one phase of one verification works on: the database, its store and the backup."""
+    """What one phase of one verification works on: the database, its store (a copy's when the target names one in
+    ``from``) and the backup."""
 
     def __init__(self, target: dict[str, str], res):
         self.res, self.target = res, target
         self.db = res.plan.database(target["database"])
-        self.store, self.layout = res.store(self.db.storage)
+        try:
+            self.source = self.db.storage_named(target.get("from"))
+        except ValueError as err:  # a copy the plan no longer has
+            raise PlanError(f"{err}. Give a copy the plan names, or none.") from None
+        self.store, self.layout = res.store(self.source)
         self.catalog = BackupCatalog(self.store, self.layout, self.db.name)
         try:
             self.entry = self.catalog.get(target["backup_id"])
         except BackupNotFound:  # found by find_backups: it was deleted since
             raise BackupNotFound(
-                f"Backup {target['backup_id']} of database {target['database']!r} was deleted while it was being "
+                f"Backup {target['backup_id']} of database {target['database']!r} was deleted from "
+                f"{self.store.describe()} while it was being "
                 "verified (retention in pgdr_backup's prune_expired, or someone with access to the storage). "
                 "Nothing is recorded for it. If the deletion was not expected, find out what deletes backups."
             ) from None
@@ -171,7 +236,7 @@ class VerifyObjects:
 def forget_vanished_backup(res, target: dict[str, str]) -> None:
     """Remove what a verification wrote next to a backup that was deleted meanwhile (best effort)."""
     try:
-        store, layout = res.store(res.plan.database(target["database"]).storage)
+        store, layout = res.store(res.plan.database(target["database"]).storage_named(target.get("from")))
         BackupCatalog(store, layout, target["database"]).delete_backup(target["backup_id"])
     except Exception as err:  # noqa: BLE001 - retention removes what has no manifest anyway
         log.warning("Could not remove the leftovers of deleted backup %s: %s", target["backup_id"], err)
@@ -210,11 +275,14 @@ def record_verification(objs: VerifyObjects, phases: dict, airflow: dict, verifi
         order=VERIFICATION_PHASES,
         rto_target_seconds=db.rto.total_seconds(),
         superuser_warning=SUPERUSER_RESTORE_WARNING if db.restore_as_superuser else None,
+        verified_from=objs.target.get("from"),
     )
     key = objs.catalog.record_verification(record)
     log.info("Verification record written: %s (%s).", objs.store.describe(key), record.status)
     if record.failed_phase:
-        raise VerificationFailed(verification_failed(entry.backup_id, db.name, record.failed_phase))
+        raise VerificationFailed(
+            verification_failed(entry.backup_id, db.name, record.failed_phase, objs.target.get("from"))
+        )
     if not record.rto_met:
         log.warning(
             "RTO breached: restore took %.1fs, the plan's RTO is %.0fs.", record.restore_seconds, db.rto.total_seconds()

@@ -93,7 +93,7 @@ def test_verify_restore_dag_structure(dagbag):
     assert t["verify.apply_privileges"].downstream_task_ids == {"verify.drop_scratch"}
     assert t["verify.record_verification"].trigger_rule == "all_done"
     assert dag.max_active_runs == 1
-    assert set(dag.params) == {"database", "backup_id"}
+    assert set(dag.params) == {"database", "backup_id", "verify_from"}
 
 
 def test_restore_dag_form_and_structure(dagbag):

@@ -240,6 +240,12 @@ def test_copies_name_storage_targets_inherit_from_defaults_and_have_a_copy_rpo()
     tuned = parse_plan(COPIES.replace("    rpo: 15m\n", "    rpo: 15m\n    copy_rpo: 20m\n"), Path("/p.yaml"))
     assert tuned.databases[1].copy_rpo == timedelta(minutes=20) and tuned.databases[0].copy_rpo == timedelta(hours=1)
     assert parse_plan(GOOD, Path("/p.yaml")).databases[0].copies == ()
+    assert shop.verify_copies_every == timedelta(days=7)  # each copy proven by a restore from it weekly
+    weekly = parse_plan(COPIES.replace("  copies: [dr]\n", "  copies: [dr]\n  verify_copies_every: 2d\n"), Path("/p"))
+    assert weekly.databases[0].verify_copies_every == timedelta(days=2)
+    assert "defaults.verify_copies_every: expected a duration" in _error(
+        COPIES.replace("  copies: [dr]\n", "  copies: [dr]\n  verify_copies_every: weekly\n")
+    )
 
 
 @pytest.mark.parametrize(

@@ -304,3 +304,98 @@ databases:
         read_request({"restore_from": "vault"}, p, p.database("crm"))
     with pytest.raises(InvalidRestoreRequest, match="Mode server recovers from base backups and WAL"):
         read_request({"restore_from": "vault", "mode": "server"}, p, p.database("shop"))
+
+
+def _verify_tasks(dag_run, state: str) -> list[str]:
+    return sorted(k for k, v in dag_run.states.items() if k.startswith("verify.record_verification") and v == state)
+
+
+def test_the_daily_verification_proves_each_copy_by_a_restore_from_it_every_verify_copies_every(
+    main_and_local_copy, run_dag, pg_server, slack
+):
+    """The scheduled run restores the copy's newest backup from the copy (besides the source's new backup) and
+    records it there, marked verified_from; pgdr_copy does not overwrite that record with the source's; the next
+    daily run leaves the copy alone until verify_copies_every has passed; the drill shows the copy's proof, and an
+    old, missing or failed one is an action item. A byte flipped in the copy fails a verification from the copy,
+    recorded in the copy only, and the alert says it was the copy."""
+    from pgdr.airflow_glue.connections import resources
+    from pgdr.drill import copy_proofs, evaluate, render_markdown
+    from pgdr.verification import copy_targets
+
+    p = main_and_local_copy
+    db, res = p.databases[0], resources(p)
+    _back_up(run_dag)
+    assert copy_targets(res, datetime.now(UTC)) == []  # nothing in the copy yet: nothing to prove there
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    (entry,) = _catalog(p, "main").backups()
+
+    daily = run_dag("pgdr_verify_restore")  # a scheduled run: the copy is due (never proven)
+    assert _verify_tasks(daily, "success") == ["verify.record_verification[0]"], daily.states
+    (copied,) = _catalog(p, "vault").backups()
+    assert copied.status == "verified" and copied.verification.verified_from == "vault"
+    assert copied.verification.integrity["rows_checked"] == sum(source_row_counts(pg_server, "shop").values())
+    assert _catalog(p, "main").get(entry.backup_id).status == "unverified"  # recorded in the copy only
+    assert run_dag("pgdr_verify_restore", run_conf={"database": "shop"}).states["verify.record_verification[0]"] == (
+        "success"
+    )
+    assert _catalog(p, "main").get(entry.backup_id).verification.verified_from is None
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    assert _catalog(p, "vault").get(entry.backup_id).verification.verified_from == "vault"  # kept, not the source's
+
+    now = datetime.now(UTC)
+    assert copy_targets(res, now) == []  # proven minutes ago
+    assert run_dag("pgdr_verify_restore").states["find_backups"] == "skipped"  # nothing new, the copy is not due
+    due = copy_targets(res, now + db.verify_copies_every)
+    assert due == [{"database": "shop", "backup_id": entry.backup_id, "from": "vault"}]
+
+    def drill_row(at):
+        proofs = copy_proofs(db, res, at)
+        result = evaluate(
+            "shop", 60, 3600, [], {"newest_verified_age_s": 1, "worst_gap_s": 1}, None, None, None, "x", proofs
+        )
+        return (
+            proofs["vault"],
+            result["action_items"],
+            render_markdown(
+                {
+                    "drill_id": "d",
+                    "status": "fail",
+                    "started_at": "",
+                    "scenario": "s",
+                    "run_id": "r",
+                    "databases": [{**result, "phases": []}],
+                    "pitr": [],
+                }
+            ),
+        )
+
+    proof, actions, markdown = drill_row(now)
+    assert proof["met"] and proof["backup_id"] == entry.backup_id and proof["restore_seconds"] > 0
+    assert not [a for a in actions if "copy" in a]
+    assert "## Second copies, proven by a restore from the copy" in markdown and "| shop | vault | pass |" in markdown
+    proof, actions, _ = drill_row(now + timedelta(days=9))
+    assert not proof["met"] and any("was last proven by a restore 216h" in a and "daily run" in a for a in actions), (
+        actions
+    )
+
+    copy = _catalog(p, "vault")
+    victim = max(copy.get(entry.backup_id).manifest.files, key=lambda f: f.stored_size)
+    data = bytearray(copy.store.get_bytes(victim.key))
+    data[len(data) // 2] ^= 0x01
+    copy.store.put_bytes(victim.key, bytes(data))
+    slack.clear()
+    by_hand = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "verify_from": "vault"})
+    assert _verify_tasks(by_hand, "failed") and by_hand.states["verify.check_checksums[0]"] == "failed"
+    failed = _catalog(p, "vault").get(entry.backup_id).verification
+    assert failed.status == "failed" and failed.verified_from == "vault" and failed.failed_phase == "check_checksums"
+    assert _catalog(p, "main").get(entry.backup_id).status == "verified"  # the source's backup is not the copy's
+    alert = "\n".join(slack.texts())
+    assert f"{entry.backup_id} in copy vault" in alert, alert
+    proof, actions, _ = drill_row(datetime.now(UTC))
+    assert not proof["met"] and any(
+        "the last restore from copy 'vault'" in a and "check_checksums" in a for a in actions
+    )
+    copy.store.put_bytes(
+        victim.key,
+        bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 0x01]) + bytes(data[len(data) // 2 + 1 :]),
+    )

@@ -216,8 +216,12 @@ def copy_database(db: ProtectedDatabase, res: Resources, now: datetime) -> dict:
                         continue
                     log.info("Copied %s", copied.describe())
                     done["copied"].append(copied.backup_id)
-                elif entry.verification is not None and there.verification != entry.verification:
-                    copy.record_verification(entry.verification)  # verified (or failed) after it was copied
+                elif (
+                    entry.verification is not None
+                    and there.verification != entry.verification
+                    and not (there.verification and there.verification.verified_from == target.name)
+                ):  # verified (or failed) after it was copied; a verification from the copy itself stays
+                    copy.record_verification(entry.verification)
                     done["verifications"] += 1
             done["deleted"] = apply_retention(copy, db.retention, now)["deleted"]
         except (PgdrError, OSError) as err:

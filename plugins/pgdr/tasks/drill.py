@@ -16,6 +16,7 @@ from pgdr.airflow_glue.connections import (
     database_endpoint,
     encryption_keys,
     open_store,
+    resources,
     server_endpoint,
 )
 from pgdr.airflow_glue.notify import CONTEXT_BACKUP_ID, CONTEXT_DATABASE
@@ -174,7 +175,7 @@ def run_measure(database: str, context) -> dict[str, Any]:
     group = ti.task_id.rpartition(".")[0]
     values = {n: ti.xcom_pull(task_ids=f"{group}.{n}" if group else n, map_indexes=ti.map_index) for n in PHASE_TASKS}
     _plan, db, _store, _layout, catalog = _objects(database, context)
-    return measure(db, catalog, values, PHASE_TASKS, context["dag_run"].start_date)
+    return measure(db, resources(), catalog, values, PHASE_TASKS, context["dag_run"].start_date)
 
 
 def run_rehearse_pitr(server_name: str, context) -> dict[str, Any]:

@@ -43,8 +43,9 @@ def resolve_verification_targets(context) -> list[dict[str, str]]:
     start, end = context.get("data_interval_start"), context.get("data_interval_end")
     with fail_fast():
         try:
-            if params.get("backup_id") or params.get("database"):
-                return [named_target(resources(), params.get("database"), params.get("backup_id"))]
+            database, backup_id, copy = (params.get(k) for k in ("database", "backup_id", "verify_from"))
+            if database or backup_id or copy:
+                return [named_target(resources(), database, backup_id, copy)]
             if named:
                 return event_targets(resources(), named)
             if start is None or end is None:
@@ -61,9 +62,15 @@ def _objects(target: dict[str, str], context):
     """Label the task for alerts; return what the phase works on (:class:`pgdr.verification.VerifyObjects`)."""
     from pgdr.verification import VerifyObjects
 
-    context[CONTEXT_DATABASE] = target["database"]
-    context[CONTEXT_BACKUP_ID] = target["backup_id"]
+    _label(target, context)
     return VerifyObjects(target, resources())
+
+
+def _label(target: dict[str, str], context) -> None:
+    """Name the database and backup (and the copy it is read from) in the task's map index and its alerts."""
+    context[CONTEXT_DATABASE] = target["database"]
+    copy = f" in copy {target['from']}" if target.get("from") else ""
+    context[CONTEXT_BACKUP_ID] = f"{target['backup_id']}{copy}"
 
 
 def _scratch(objs, context):
@@ -72,7 +79,9 @@ def _scratch(objs, context):
 
 def _run_scratch(target: dict[str, str], db, plan, context):
     """Return this run's scratch database for verifying ``target`` (the same name on every try and teardown)."""
-    return run_scratch("verify", db, plan, context, f"{target['database']}/{target['backup_id']}")
+    from pgdr.verification import target_key
+
+    return run_scratch("verify", db, plan, context, target_key(target))
 
 
 def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
@@ -209,8 +218,7 @@ def run_apply_privileges(target: dict[str, str], scratch_name: str, context) -> 
 def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool:
     """Body of the ``drop_scratch`` teardown task: the scratch database, then the roles created for it that nothing
     uses."""
-    context[CONTEXT_DATABASE] = target["database"]
-    context[CONTEXT_BACKUP_ID] = target["backup_id"]
+    _label(target, context)
     from pgdr.verification import purpose_of
 
     with fail_fast():  # needs no backup: the scratch database goes even when the backup went first
