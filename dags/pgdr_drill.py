@@ -5,7 +5,10 @@ An end-to-end recovery rehearsal of every database in the plan (or those named i
 on the schedule of the plan's `drill` section (default: the first of each month, 03:00 UTC):
 
 1. **rehearse_backup**: a fresh backup through the same code as `pgdr_backup` (scenario
-   `full-restore`), or the newest verified backup (scenario `latest-verified`).
+   `full-restore`), or the newest verified backup (scenario `latest-verified`). Scenario
+   `primary-target-lost` rehearses a lost region or bucket: every step reads the database's first
+   second copy (`copies`) instead, never its storage target, and the RPO is what the copy holds; a
+   database without a copy fails, saying that losing its target would lose every backup.
 2. **create_scratch** (setup) / **drop_scratch** (teardown): an isolated scratch database.
 3. **restore_timed**: checksum, download and `pg_restore`, each timed.
 4. **check_timed**: integrity checks and Great Expectations, each timed.
@@ -60,10 +63,12 @@ PLAN = load_plan()
         "scenario": Param(
             "full-restore",
             type="string",
-            enum=["full-restore", "latest-verified"],
+            enum=["full-restore", "latest-verified", "primary-target-lost"],
             title="Scenario",
             description="full-restore: take a fresh backup, then restore it. latest-verified: restore the newest "
-            "verified backup, as an incident restore would.",
+            "verified backup, as an incident restore would. primary-target-lost: the storage targets are gone (a lost "
+            "region, a deleted bucket): restore the newest verified backup from each database's second copy, RPO "
+            "measured from what the copy holds.",
         ),
     },
     doc_md=__doc__,

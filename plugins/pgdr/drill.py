@@ -862,14 +862,17 @@ def rehearse_pitr(server, endpoint, catalog, store, archive, run, start: datetim
     return rehearsal
 
 
-def measure(db, res, catalog, values: dict[str, Any], order: tuple[str, ...], started_at: datetime) -> dict[str, Any]:
+def measure(
+    db, res, backups: list[BackupEntry], values: dict[str, Any], order: tuple[str, ...], started_at: datetime
+) -> dict[str, Any]:
     """Return one database's drill result from what its phase tasks returned (``None``: did not succeed).
 
+    :param backups: the complete backups where the rehearsal read them (the RPO is measured from them).
     :param order: the phase tasks in order: the first without a result is the failed phase.
     """
     failed_phase = next((n for n in order if not values[n]), None)
     phases = [p for n in order if values[n] for p in values[n].get("phases", [])]
-    rpo = rpo_metrics([b for b in catalog.backups() if b.recovery_point <= started_at], started_at)
+    rpo = rpo_metrics([b for b in backups if b.recovery_point <= started_at], started_at)
     copies = copy_proofs(db, res, started_at) if db.copies else None
     return evaluate(
         db.name,

@@ -399,3 +399,43 @@ def test_the_daily_verification_proves_each_copy_by_a_restore_from_it_every_veri
         victim.key,
         bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 0x01]) + bytes(data[len(data) // 2 + 1 :]),
     )
+
+
+def test_the_drill_rehearses_a_lost_primary_target_from_the_copy_without_reading_the_primary(
+    main_and_local_copy, plan, run_dag, monkeypatch, slack
+):
+    """Scenario primary-target-lost with the primary's S3 endpoint gone: the drill restores the newest verified backup
+    from the copy, measures the RPO from the copy, stores its report in the copy, and passes. A plan without copies is
+    told at once that losing its target loses every backup."""
+    import json
+
+    from pgdr.postgres.binaries import free_port
+    from support import aws_connection
+
+    p = main_and_local_copy
+    _back_up(run_dag)
+    assert run_dag("pgdr_verify_restore", run_conf={"database": "shop"}).states["verify.record_verification[0]"] == (
+        "success"
+    )
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    by_hand = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "verify_from": "vault"})
+    assert by_hand.states["verify.record_verification[0]"] == "success"
+    (entry,) = _catalog(p, "vault").backups()
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", aws_connection(free_port()))  # the primary's endpoint: nothing there
+    dag_run = run_dag("pgdr_drill", run_conf={"scenario": "primary-target-lost"})
+    assert str(dag_run.state) == "success", dag_run.states
+    (json_path,) = (p.storages["vault"].path / "v1/reports/drills").glob("*/drill.json")
+    report = json.loads(json_path.read_text())
+    (result,) = report["databases"]
+    assert report["scenario"] == "primary-target-lost" and report["status"] == "pass", report
+    assert result["backup_id"] == entry.backup_id and result["checks"]["rto"]["met"]
+    assert result["rpo"]["newest_verified_age_s"] is not None and result["checks"]["copy_verified.vault"]["met"]
+    assert "| shop | vault | pass |" in (json_path.parent / "drill.md").read_text()
+
+    plan()  # a plan without copies
+    slack.clear()
+    refused = run_dag("pgdr_drill", run_conf={"scenario": "primary-target-lost"})
+    assert refused.states["select_databases"] == "failed", refused.states
+    alert = "\n".join(slack.texts())
+    assert "none of shop has one: losing their storage target loses every backup" in alert, alert

@@ -35,7 +35,16 @@ from pgdr.plan import load_plan
 
 log = logging.getLogger(__name__)
 
-SCENARIOS = ("full-restore", "latest-verified")
+SCENARIOS = ("full-restore", "latest-verified", "primary-target-lost")
+# The databases' storage targets are treated as lost: each database is restored from its first copy (``copies``), its
+# RPO measured from what the copy holds; nothing of the rehearsal reads the lost target.
+TARGET_LOST = "primary-target-lost"
+
+
+def _scenario(context) -> str:
+    return (context.get("params") or {}).get("scenario") or "full-restore"
+
+
 PHASE_TASKS = ("rehearse_backup", "restore_timed", "check_timed", "negative_control")
 
 
@@ -53,31 +62,58 @@ def select_databases(context) -> list[str]:
                 f"Databases not in the DR plan: {', '.join(unknown)}. The plan protects "
                 f"{', '.join(plan.database_names)}."
             )
-        if (params.get("scenario") or "full-restore") not in SCENARIOS:
+        if _scenario(context) not in SCENARIOS:
             raise InvalidRestoreRequest(
                 f"scenario must be one of {', '.join(SCENARIOS)}; got {params.get('scenario')!r}."
+            )
+        if _scenario(context) == TARGET_LOST and not any(plan.database(d).copies for d in chosen):
+            raise InvalidRestoreRequest(
+                f"Scenario {TARGET_LOST} restores each database from its second copy, and none of "
+                f"{', '.join(chosen)} has one: losing their storage target loses every backup. Add copies: [...] to "
+                "the plan (README, 'A second copy'), or rehearse another scenario."
             )
     return chosen
 
 
 def _objects(database: str, context):
+    """Return the plan, the database, and the store, layout and catalog the rehearsal reads (its first copy's in
+    scenario primary-target-lost)."""
     from pgdr.logical.catalog import BackupCatalog
 
+    plan, db = _plan_db(database, context)
+    store, layout = open_store(rehearsal_target(db, _scenario(context)), plan)
+    return plan, db, store, layout, BackupCatalog(store, layout, db.name)
+
+
+def _plan_db(database: str, context):
     context[CONTEXT_DATABASE] = database
     plan = load_plan()
-    db = plan.database(database)
-    store, layout = open_store(db.storage, plan)
-    return plan, db, store, layout, BackupCatalog(store, layout, db.name)
+    return plan, plan.database(database)
+
+
+def rehearsal_target(db, scenario: str):
+    """Return the storage target a drill of ``scenario`` reads ``db``'s backups from."""
+    from pgdr.incident import InvalidRestoreRequest
+
+    if scenario != TARGET_LOST:
+        return db.storage
+    if not db.copies:
+        raise InvalidRestoreRequest(
+            f"Database {db.name!r} has no second copy, so with its storage target {db.storage.name!r} lost nothing is "
+            "left to restore it from: every backup would be gone. Add copies: [...] to it in the plan (README, "
+            "'A second copy')."
+        )
+    return db.copies[0]
 
 
 def run_rehearse_backup(database: str, context) -> dict[str, Any]:
     """Body of ``rehearse_backup``: a fresh backup through pgdr_backup's code (or the newest verified one)."""
     from pgdr.logical.backup import take_backup
 
-    scenario = (context.get("params") or {}).get("scenario") or "full-restore"
+    scenario = _scenario(context)
     with fail_fast():
         plan, db, store, layout, catalog = _objects(database, context)
-        if scenario == "latest-verified":
+        if scenario in ("latest-verified", TARGET_LOST):  # with the target lost, no fresh backup can be stored
             entry = catalog.latest(verified_only=True)
             context[CONTEXT_BACKUP_ID] = entry.backup_id
             backup_data_key(db, entry.manifest, plan, catalog)  # a missing key fails here, before the scratch database
@@ -104,7 +140,7 @@ def _scratch(database: str, context, db, plan):
 def run_create_scratch(database: str, context) -> str:
     """Body of the drill's ``create_scratch`` setup task."""
     with fail_fast():
-        plan, db, *_ = _objects(database, context)
+        plan, db = _plan_db(database, context)
         return create_run_scratch(
             _scratch(database, context, db, plan), "drill", database, f"drill {database}", context
         )
@@ -162,7 +198,7 @@ def run_drop_scratch(database: str, context) -> bool:
     """Body of the drill's ``drop_scratch`` teardown task: the scratch database, then the roles made for it that
     nothing uses."""
     with fail_fast():
-        plan, db, *_ = _objects(database, context)
+        plan, db = _plan_db(database, context)
         return drop_scratch_and_roles(_scratch(database, context, db, plan), f"drill {database}", context)
 
 
@@ -174,8 +210,15 @@ def run_measure(database: str, context) -> dict[str, Any]:
     ti = context["ti"]
     group = ti.task_id.rpartition(".")[0]
     values = {n: ti.xcom_pull(task_ids=f"{group}.{n}" if group else n, map_indexes=ti.map_index) for n in PHASE_TASKS}
-    _plan, db, _store, _layout, catalog = _objects(database, context)
-    return measure(db, resources(), catalog, values, PHASE_TASKS, context["dag_run"].start_date)
+    from pgdr.incident import InvalidRestoreRequest
+
+    try:
+        _plan, db, _store, _layout, catalog = _objects(database, context)
+        backups = catalog.backups()
+    except InvalidRestoreRequest:  # no copy to rehearse a lost target with: rehearse_backup failed saying so
+        _plan, db = _plan_db(database, context)
+        backups = []
+    return measure(db, resources(), backups, values, PHASE_TASKS, context["dag_run"].start_date)
 
 
 def run_rehearse_pitr(server_name: str, context) -> dict[str, Any]:
@@ -203,6 +246,16 @@ def _pulled_list(ti, task_id: str) -> list[dict[str, Any]]:
     return [v for v in ([values] if isinstance(values, dict) else list(values)) if v]
 
 
+def report_target(plan, scenario: str):
+    """Return where the drill's report is stored: the plan's default storage target (else the first database's);
+    with the storage targets lost, the first copy that is not one of them."""
+    usual = plan.default_storage or plan.databases[0].storage
+    if scenario != TARGET_LOST:
+        return usual
+    lost = {db.storage.name for db in plan.databases}
+    return next((c for db in plan.databases for c in db.copies if c.name not in lost), usual)
+
+
 def run_publish_report(context) -> dict[str, Any]:
     """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail; fails a failed
     drill."""
@@ -216,7 +269,7 @@ def run_publish_report(context) -> dict[str, Any]:
     ti, dag_run = context["ti"], context["dag_run"]
     results, pitr = _pulled_list(ti, "rehearse.measure"), _pulled_list(ti, "rehearse_pitr")
     plan = load_plan()
-    store, layout = open_store(plan.default_storage or plan.databases[0].storage, plan)
+    store, layout = open_store(report_target(plan, _scenario(context)), plan)
     failures, _ = (
         AlertJournal.for_plan().failures(ti.dag_id, ti.run_id) if len(pitr) < len(plan.servers) else ([], None)
     )
@@ -225,7 +278,7 @@ def run_publish_report(context) -> dict[str, Any]:
     report = drill_report(
         drill_id_of(started_at, ti.run_id),
         ti.run_id,
-        (context.get("params") or {}).get("scenario") or "full-restore",
+        _scenario(context),
         started_at,
         _now(),
         results,
