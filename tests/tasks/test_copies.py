@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -23,6 +25,45 @@ def dr_bucket(s3_server):
     except s3_server.client.exceptions.BucketAlreadyOwnedByYou:
         pass
     return DR_BUCKET
+
+
+@pytest.fixture(scope="module")
+def second_region():
+    """A second S3 endpoint in a process of its own (its own state, as another region or account would have): the port
+    and a client; it has the DR bucket."""
+    import boto3
+    from pgdr.postgres.binaries import free_port
+    from support import wait_for
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing-key",
+        aws_secret_access_key="testing-secret",
+    )
+
+    def up() -> bool:
+        assert server.poll() is None, f"moto_server on port {port} exited with {server.returncode}"
+        try:
+            client.list_buckets()
+            return True
+        except Exception:  # noqa: BLE001 - not listening yet
+            return False
+
+    try:
+        wait_for(up, timeout=60, interval=0.2)
+        client.create_bucket(Bucket=DR_BUCKET)
+        yield port, client
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def _catalog(p, target):
@@ -439,3 +480,40 @@ def test_the_drill_rehearses_a_lost_primary_target_from_the_copy_without_reading
     assert refused.states["select_databases"] == "failed", refused.states
     alert = "\n".join(slack.texts())
     assert "none of shop has one: losing their storage target loses every backup" in alert, alert
+
+
+def test_a_copy_in_another_region_is_streamed_verified_there_and_restores_with_the_primary_endpoint_gone(
+    plan, env, second_region, run_dag, pg_server, monkeypatch, slack
+):
+    """Two S3 endpoints, two AWS connections (two regions or accounts): the copy is streamed through the worker (no
+    CopyObject across endpoints), read back there, proven by a restore from it, and with the primary's endpoint gone
+    the form restores the database from it, every table's rows identical to the source's."""
+    from pgdr.logical.copies import copies_inside_s3
+    from pgdr.postgres.binaries import free_port
+    from support import aws_connection
+
+    port, client = second_region
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3_DR", aws_connection(port))
+    storage = {
+        "main": {"type": "s3", "bucket": BUCKET, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3"},
+        "dr": {"type": "s3", "bucket": DR_BUCKET, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3_dr"},
+    }
+    p = plan(storage=storage, defaults={"copies": ["dr"]})
+    assert not copies_inside_s3(p.storages["main"], p.storages["dr"])
+    _back_up(run_dag)
+    assert run_dag("pgdr_copy").states["copy_backups[0]"] == "success"
+    (entry,) = _catalog(p, "main").backups()
+    stored = client.list_objects_v2(Bucket=DR_BUCKET, Prefix=f"{env['prefix']}/")["Contents"]
+    assert {f.key for f in entry.manifest.files} <= {o["Key"] for o in stored}  # in the other endpoint's bucket
+    assert _stored(_catalog(p, "dr"), entry.backup_id) == _stored(_catalog(p, "main"), entry.backup_id)
+    by_hand = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "verify_from": "dr"})
+    assert by_hand.states["verify.record_verification[0]"] == "success", by_hand.states
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", aws_connection(free_port()))  # the primary region is gone
+    try:
+        conf = {"database": "shop", "restore_from": "dr", "backup": "latest-verified", "target_name": "shop_from_dr"}
+        dag_run = run_dag("pgdr_restore", run_conf=conf)
+        assert dag_run.states["write_report"] == "success", dag_run.states
+        assert source_row_counts(pg_server, "shop_from_dr") == source_row_counts(pg_server, "shop")
+    finally:
+        _drop(pg_server, "shop_from_dr")
