@@ -333,3 +333,21 @@ def test_the_restore_timeout_grows_with_the_largest_rto_and_never_drops_under_si
     assert restore_timeout(_plan("")) == timedelta(hours=6)  # RTO 30 min by default: the floor
     large = BASE.replace("{name: billing, conn_id: main_conn}", "{name: billing, conn_id: main_conn, rto: 8h}")
     assert restore_timeout(parse_plan(large, Path("/plans/pgdr.yaml"))) == timedelta(hours=32)
+
+
+def test_a_drill_with_the_storage_target_lost_reports_a_server_unrecoverable_from_the_copies(tmp_path, monkeypatch):
+    """Scenario primary-target-lost: the base backups and WAL have no second copy, so the server's rehearsal is a
+    failed row saying so (the report fails with it), not an attempt to read the lost target."""
+    from pgdr.drill import broken_parts, drill_report
+    from pgdr.tasks.drill import run_rehearse_pitr
+
+    path = tmp_path / "pgdr.yaml"
+    path.write_text(
+        BASE.replace("/tmp/x", str(tmp_path)) + "servers:\n  main_conn:\n    pitr: {storage: s3, rpo: 2m}\n"
+    )
+    monkeypatch.setenv("PGDR_PLAN", str(path))
+    row = run_rehearse_pitr("main_conn", {"params": {"scenario": "primary-target-lost"}})
+    assert row["server"] == "main_conn" and row["rpo"] == {"target_s": 120.0, "achieved_s": None, "met": False}
+    assert "cannot be recovered to a moment" in row["error"] and "no second copy" in row["error"]
+    report = drill_report("d", "r", "primary-target-lost", datetime.now(UTC), "", [], [row])
+    assert report["status"] == "fail" and broken_parts(report)

@@ -225,8 +225,16 @@ def run_rehearse_pitr(server_name: str, context) -> dict[str, Any]:
     """Body of ``rehearse_pitr``: the RPO a recovery to the end of the archive achieves (see
     :func:`pgdr.drill.rehearse_pitr`)."""
     from pgdr.airflow_glue.task_run import AirflowTaskRun, pitr_server_context
-    from pgdr.drill import rehearse_pitr
+    from pgdr.drill import pitr_rehearsal_failed, rehearse_pitr
 
+    if _scenario(context) == TARGET_LOST:  # the finding is the report's, not a crash
+        return pitr_rehearsal_failed(
+            server_name,
+            load_plan().server(server_name).pitr.rpo.total_seconds(),
+            f"with its storage target lost, server {server_name!r} cannot be recovered to a moment: its base backups "
+            "and WAL archive have no second copy yet (pgdr_copy copies the logical dumps only); its databases are "
+            "restored from their copies' dumps",
+        )
     with fail_fast():
         plan, server, store, archive, catalog = pitr_server_context(server_name, context)
         return rehearse_pitr(
