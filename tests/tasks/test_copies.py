@@ -85,6 +85,18 @@ def _back_up(run_dag) -> None:
     assert dag_run.states["protect_pgdr_shop.back_up[0]"] == "success", dag_run.states
 
 
+def _restore_from_copy(run_dag, pg_server, copy: str, backup: str) -> None:
+    """Restore shop from ``copy`` through the form into a new database: every table's rows as the source's."""
+    target = f"shop_from_{copy}"
+    try:
+        conf = {"database": "shop", "restore_from": copy, "backup": backup, "target_name": target}
+        dag_run = run_dag("pgdr_restore", run_conf=conf)
+        assert dag_run.states["write_report"] == "success", dag_run.states
+        assert source_row_counts(pg_server, target) == source_row_counts(pg_server, "shop")
+    finally:
+        _drop(pg_server, target)
+
+
 def _drop(pg_server, name: str) -> None:
     with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -316,13 +328,7 @@ def test_with_its_storage_unreachable_the_restore_names_the_copy_and_restores_fr
     assert entry.backup_id in listing and str(main_and_local_copy.storages["vault"].path) in listing, listing
     assert main(["list", "--database", "shop", "--from", "nowhere"]) == 1
     assert "is not stored in 'nowhere'; it is in: main (its storage), vault (a copy)" in capsys.readouterr().out
-    try:
-        conf = {"database": "shop", "restore_from": "vault", "backup": "latest-dump", "target_name": "shop_from_vault"}
-        dag_run = run_dag("pgdr_restore", run_conf=conf)
-        assert dag_run.states["write_report"] == "success", dag_run.states
-        assert source_row_counts(pg_server, "shop_from_vault") == source_row_counts(pg_server, "shop")
-    finally:
-        _drop(pg_server, "shop_from_vault")
+    _restore_from_copy(run_dag, pg_server, "vault", "latest-dump")
 
 
 def test_a_restore_from_a_target_the_database_is_not_copied_to_is_refused_naming_where_it_is(tmp_path):
@@ -510,10 +516,4 @@ def test_a_copy_in_another_region_is_streamed_verified_there_and_restores_with_t
     assert by_hand.states["verify.record_verification[0]"] == "success", by_hand.states
 
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", aws_connection(free_port()))  # the primary region is gone
-    try:
-        conf = {"database": "shop", "restore_from": "dr", "backup": "latest-verified", "target_name": "shop_from_dr"}
-        dag_run = run_dag("pgdr_restore", run_conf=conf)
-        assert dag_run.states["write_report"] == "success", dag_run.states
-        assert source_row_counts(pg_server, "shop_from_dr") == source_row_counts(pg_server, "shop")
-    finally:
-        _drop(pg_server, "shop_from_dr")
+    _restore_from_copy(run_dag, pg_server, "dr", "latest-verified")
