@@ -367,7 +367,7 @@ def test_retention_deleting_a_backup_while_it_is_verified(plan, run_dag, pg_serv
     assert prune.fired.is_set()
     assert dag_run.states["verify.record_verification[0]"] == "failed"
     assert not (root / "v1/shop" / backup_id).exists()  # no verification.json, no validation report
-    assert any("was deleted while it was being verified" in t for t in slack.texts()), slack.texts()
+    assert any("was deleted from" in t and "while it was being verified" in t for t in slack.texts()), slack.texts()
     assert _scratch_databases(pg_server) == []
     assert _leftover_work() == []
 

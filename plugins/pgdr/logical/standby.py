@@ -171,11 +171,22 @@ class ReplayPosition:
         return self.last_commit
 
 
-def replay_position(standby: PgEndpoint, mark: PrimaryMark) -> ReplayPosition:
-    """Read how far ``standby`` has replayed, relative to the primary's ``mark``: call it before the snapshot."""
+# How long replay_position waits for a streaming standby to replay up to a mark just taken: the primary's insert
+# position can be ahead of what it has flushed and sent (a background record, an asynchronous commit) for a moment.
+REPLAY_WAIT_S = 3.0
+
+
+def replay_position(standby: PgEndpoint, mark: PrimaryMark, wait_s: float = REPLAY_WAIT_S) -> ReplayPosition:
+    """Read how far ``standby`` has replayed, relative to the primary's ``mark``: call it before the snapshot. A standby
+    not there yet is given ``wait_s`` to get there (else an idle primary's last background record would date the
+    backup by the last transaction replayed, however old)."""
+    deadline = time.monotonic() + wait_s
     with connect(standby, application_name="pgdr-standby-replay") as conn:
-        caught_up, last_commit = conn.execute(
-            "SELECT coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), pg_last_xact_replay_timestamp()",
-            (mark.lsn,),
-        ).fetchone()
-    return ReplayPosition(caught_up, last_commit)
+        while True:
+            caught_up, last_commit = conn.execute(
+                "SELECT coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), pg_last_xact_replay_timestamp()",
+                (mark.lsn,),
+            ).fetchone()
+            if caught_up or time.monotonic() >= deadline:
+                return ReplayPosition(caught_up, last_commit)
+            time.sleep(0.05)
