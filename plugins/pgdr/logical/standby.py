@@ -83,26 +83,40 @@ def standby_lag(standby: PgEndpoint, mark: PrimaryMark, limit_s: float) -> float
     replay up to the mark (0 when it has already), waiting at most ``limit_s`` (and :data:`CATCH_UP_WAIT_S`); when it
     does not get there in that time, the time since its last replayed transaction, or the wait if longer (None: it has
     replayed none since it started). :class:`StandbyNotUsable` when it is not in recovery."""
-    started = time.monotonic()
-    budget = min(limit_s, CATCH_UP_WAIT_S)
     with connect(standby, application_name="pgdr-standby-lag") as conn:
-        while True:
-            in_recovery, caught_up, since_last = conn.execute(
-                "SELECT pg_is_in_recovery(), coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), "
-                "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
-                (mark.lsn,),
-            ).fetchone()
-            waited = time.monotonic() - started
-            if not in_recovery:
-                raise StandbyNotUsable(
-                    f"{standby.describe()} is not a standby (pg_is_in_recovery() is false): it was promoted, or the "
-                    "connection points at a primary"
-                )
-            if caught_up:
-                return waited if waited > 0.2 else 0.0  # the first look: caught up already
-            if waited >= budget:
-                return None if since_last is None else max(waited, since_last)
-            time.sleep(0.1)
+        reading = _replay_to_mark(conn, standby, mark, min(limit_s, CATCH_UP_WAIT_S))
+    if reading.caught_up:
+        return reading.waited if reading.waited > 0.2 else 0.0  # the first look: caught up already
+    return None if reading.since_last is None else max(reading.waited, reading.since_last)
+
+
+@dataclass(frozen=True)
+class _ReplayReading:
+    caught_up: bool  # replayed up to the mark
+    last_commit: datetime | None  # the last replayed transaction's commit time (None: none since it started)
+    since_last: float | None  # seconds from that commit to the standby's now()
+    waited: float  # seconds waited for it to get to the mark
+
+
+def _replay_to_mark(conn, standby: PgEndpoint, mark: PrimaryMark, budget_s: float) -> _ReplayReading:
+    """Read, on ``conn`` to ``standby``, how far it has replayed relative to ``mark``, again every 50 ms until it is
+    there or ``budget_s`` has passed. :class:`StandbyNotUsable` when it is not in recovery (promoted, or a primary)."""
+    started = time.monotonic()
+    while True:
+        in_recovery, caught_up, last_commit, since_last = conn.execute(
+            "SELECT pg_is_in_recovery(), coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), "
+            "pg_last_xact_replay_timestamp(), extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
+            (mark.lsn,),
+        ).fetchone()
+        waited = time.monotonic() - started
+        if not in_recovery:
+            raise StandbyNotUsable(
+                f"{standby.describe()} is not a standby (pg_is_in_recovery() is false): it was promoted, or the "
+                "connection points at a primary"
+            )
+        if caught_up or waited >= budget_s:
+            return _ReplayReading(caught_up, last_commit, since_last, waited)
+        time.sleep(0.05)
 
 
 def lag_problem(standby: PgEndpoint, lag: float | None, limit_s: float) -> str | None:
@@ -179,14 +193,7 @@ REPLAY_WAIT_S = 3.0
 def replay_position(standby: PgEndpoint, mark: PrimaryMark, wait_s: float = REPLAY_WAIT_S) -> ReplayPosition:
     """Read how far ``standby`` has replayed, relative to the primary's ``mark``: call it before the snapshot. A standby
     not there yet is given ``wait_s`` to get there (else an idle primary's last background record would date the
-    backup by the last transaction replayed, however old)."""
-    deadline = time.monotonic() + wait_s
+    backup by the last transaction replayed, however old). :class:`StandbyNotUsable` when it is no longer a standby."""
     with connect(standby, application_name="pgdr-standby-replay") as conn:
-        while True:
-            caught_up, last_commit = conn.execute(
-                "SELECT coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, false), pg_last_xact_replay_timestamp()",
-                (mark.lsn,),
-            ).fetchone()
-            if caught_up or time.monotonic() >= deadline:
-                return ReplayPosition(caught_up, last_commit)
-            time.sleep(0.05)
+        reading = _replay_to_mark(conn, standby, mark, wait_s)
+    return ReplayPosition(reading.caught_up, reading.last_commit)
