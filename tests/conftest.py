@@ -169,10 +169,10 @@ def fault_proxy(s3_server, monkeypatch):
 @pytest.fixture
 def run_dag():
     """Run a pgdr DAG with dag.test(); return the DagRun with a ``states`` map of task states."""
-    from pgdr.local.runner import load_dag
+    from pgdr.local.runner import dag_test, load_dag
 
     def run(dag_id: str, **kwargs):
-        dag_run = load_dag(dag_id).test(**kwargs)
+        dag_run = dag_test(load_dag(dag_id), **kwargs)
         from airflow.models.taskinstance import TaskInstance
         from airflow.utils.session import create_session
 

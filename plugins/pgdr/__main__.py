@@ -1,7 +1,6 @@
 """``python -m pgdr``: the break-glass commands (see :mod:`pgdr.local.cli`)."""
 
-import sys
-
 from pgdr.local.cli import main
+from pgdr.local.runner import exit_now
 
-sys.exit(main())
+exit_now(main())

@@ -130,7 +130,26 @@ def test_table_level_restore_brings_back_one_table_and_its_partitions(restore_pl
     assert restored["sales.customers"] == 0 and restored["sales.order_items"] == 0
 
 
-def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_plan, run_dag):
+def _dag_test_polls(monkeypatch) -> list[float]:
+    """The seconds dag.test()'s own idle polls slept, recorded while they sleep (see pgdr.local.runner)."""
+    import sys
+    import time
+
+    from airflow.sdk.definitions import dag as dag_module
+
+    polls, sleep = [], time.sleep
+
+    def recorded(seconds):
+        caller = sys._getframe(2).f_code  # 1 is pgdr's brisk poll, 2 its caller
+        if caller.co_name == "test" and caller.co_filename == dag_module.__file__:
+            polls.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", recorded)
+    return polls
+
+
+def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_plan, run_dag, monkeypatch):
     from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.catalog import BackupCatalog
 
@@ -140,8 +159,13 @@ def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_pl
     for old_id in ("20260101T000000Z-aaaaaa", "20260301T000000Z-bbbbbb"):
         copy_backup_as(store, layout, real, old_id, backup_id_time(old_id), copy_data=False)
 
+    polls = _dag_test_polls(monkeypatch)
     dag_run = _restore(run_dag, backup="2026-02-15T12:00:00Z", dry_run=True)
     assert dag_run.states["check_checksums"] == "skipped" and dag_run.states["write_report"] == "success"
+    # The chain of skipped tasks is resolved a level per pass of dag.test()'s loop, each pass a brisk poll, not 1 s.
+    from pgdr.local.runner import BRISK_POLL_S
+
+    assert len(polls) >= 3 and set(polls) == {BRISK_POLL_S}, polls
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 

@@ -32,7 +32,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -166,7 +165,7 @@ def restore(args: argparse.Namespace, home: Path, log_path: Path) -> int:
     }
     conf = {key: value for key, value in given.items() if value is not None}  # the form's defaults for the rest
     _print("pgdr: loading the pgdr_restore DAG")
-    from pgdr.local.runner import explain_failure, load_dag
+    from pgdr.local.runner import dag_test, explain_failure, load_dag
 
     dag = load_dag("pgdr_restore")
     progress = _Progress(home / "airflow.db", "pgdr_restore")
@@ -175,7 +174,7 @@ def restore(args: argparse.Namespace, home: Path, log_path: Path) -> int:
     started, since = time.monotonic(), log_path.stat().st_size
     progress.start()
     try:
-        dag_run = dag.test(run_conf=conf)
+        dag_run = dag_test(dag, run_conf=conf)
     except KeyboardInterrupt:
         progress.stop.set()
         _print(
@@ -507,4 +506,6 @@ def _who() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pgdr.local.runner import exit_now
+
+    exit_now(main())

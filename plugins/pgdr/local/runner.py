@@ -12,7 +12,9 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pgdr.local.console import detail, say, task_excerpt
@@ -64,6 +66,81 @@ def load_dag(dag_id: str):
     return factory()
 
 
+def dag_test(dag, **test_kwargs):
+    """Run ``dag`` with ``dag.test(**test_kwargs)``, its idle polls brisk (see :func:`brisk_dag_test_polls`)."""
+    with brisk_dag_test_polls():
+        return dag.test(**test_kwargs)
+
+
+# dag.test() sleeps a whole second each time a pass of its loop finds nothing to run, which is every level of a chain
+# of skipped or upstream-failed tasks: a dry-run restore spent 5 of its 13 s so. Its first idle polls in a row (a
+# second's worth) are made this short; later ones (a task waiting for its retry delay) keep the second.
+BRISK_POLL_S, BRISK_POLLS = 0.05, 20
+
+
+class _BriskPolls:
+    """The state of :func:`brisk_dag_test_polls` in this process (one loop at a time runs dag.test())."""
+
+    lock = threading.Lock()
+    users = 0
+    sleep = None  # time.sleep as it was
+    dag_file = None  # the file of DAG.test, whose sleeps are the polls
+    streak, last_end = 0, 0.0  # idle polls in a row, and when the last one ended
+
+
+def _polls_briskly(seconds: float) -> None:
+    """``time.sleep`` while :func:`brisk_dag_test_polls` is in force: dag.test()'s own idle polls are shortened, every
+    other caller (any thread) sleeps as asked. Imports nothing and takes no lock (threads of an Airflow process)."""
+    caller = sys._getframe(1).f_code
+    if caller.co_name == "test" and caller.co_filename == _BriskPolls.dag_file:
+        now = time.monotonic()
+        _BriskPolls.streak = _BriskPolls.streak + 1 if now - _BriskPolls.last_end < 0.5 else 1
+        if _BriskPolls.streak <= BRISK_POLLS:
+            seconds = min(seconds, BRISK_POLL_S)
+        _BriskPolls.sleep(seconds)
+        _BriskPolls.last_end = time.monotonic()
+        return
+    _BriskPolls.sleep(seconds)
+
+
+@contextmanager
+def brisk_dag_test_polls():
+    """Shorten ``dag.test()``'s idle polls while the block runs: Airflow's loop has no setting for them."""
+    from airflow.sdk.definitions import dag as dag_module
+
+    with _BriskPolls.lock:
+        if _BriskPolls.users == 0:
+            _BriskPolls.dag_file, _BriskPolls.sleep = dag_module.__file__, time.sleep
+            _BriskPolls.streak, _BriskPolls.last_end = 0, 0.0
+            time.sleep = _polls_briskly
+        _BriskPolls.users += 1
+    try:
+        yield
+    finally:
+        with _BriskPolls.lock:
+            _BriskPolls.users -= 1
+            if _BriskPolls.users == 0:
+                time.sleep = _BriskPolls.sleep
+
+
+def exit_now(status: int):
+    """End the process with ``status`` as soon as what it wrote is out: the exit handlers run (logging flushes and
+    closes its files, ``weakref.finalize`` cleanups run), the standard streams are flushed, and the interpreter's
+    teardown of the heap Airflow leaves (its models, the in-process execution API and its threads) is skipped: it took
+    2.6 s of a 12.6 s dry-run restore, after the last line was printed."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+                pass
+        os._exit(status)
+
+
 def failed_tasks(dag_id: str, run_id: str) -> list[tuple[str, int]]:
     """Return ``(task_id, map_index)`` of the run's failed task instances, first failure first."""
     from airflow.models.taskinstance import TaskInstance
@@ -104,7 +181,7 @@ def run_dag(dag_id: str, log_path: Path | None = None, **test_kwargs):
     say(f"Running {dag_id}")
     since = log_path.stat().st_size if log_path and log_path.exists() else 0
     started = time.monotonic()
-    dag_run = load_dag(dag_id).test(**test_kwargs)
+    dag_run = dag_test(load_dag(dag_id), **test_kwargs)
     state = str(getattr(dag_run.state, "value", dag_run.state))
     detail(f"{dag_id}: {state} in {time.monotonic() - started:.1f}s")
     if state != "success":
