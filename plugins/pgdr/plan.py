@@ -179,6 +179,7 @@ class PitrPolicy:
     rpo: timedelta = timedelta(minutes=5)  # the archive may lag the server by at most this
     archive_timeout: timedelta = timedelta(seconds=60)  # the server's setting: an idle server's RPO
     partial_grace: timedelta = timedelta(hours=6)  # an unfinished base backup older than this is a killed run's
+    wal_compression: str = "gzip"  # how the archiver compresses each segment: one of WAL_COMPRESSIONS
 
 
 @dataclass(frozen=True)
@@ -430,7 +431,11 @@ _PITR_KEYS = {
     "rpo",
     "archive_timeout",
     "partial_grace",
+    "wal_compression",
 }
+# pitr.wal_compression: barman-cloud-wal-archive's --<name> options that pgdr reads back (pgdr.physical.archive). lz4
+# and zstd need the lz4 and zstandard modules in the archiver's venv (make archiver installs them); not snappy.
+WAL_COMPRESSIONS = ("gzip", "lz4", "zstd", "bzip2", "xz")
 _DRILL_KEYS = {"schedule", "max_duration"}
 _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
 _BACKUP_KEYS = {"schedule", "max_dumps_per_server", "retries", "retry_delay"}
@@ -944,6 +949,17 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
     for duration_key in ("keep_window", "rpo", "archive_timeout", "partial_grace"):
         if duration_key in fields:
             values[duration_key] = c.duration(fields[duration_key][1], f"{key}.{duration_key}")
+    if "wal_compression" in fields:
+        node = fields["wal_compression"][1]
+        value = c.scalar(node, f"{key}.wal_compression")
+        if value not in WAL_COMPRESSIONS:
+            raise c.fail(
+                node,
+                f"{key}.wal_compression",
+                f"expected one of {', '.join(WAL_COMPRESSIONS)} (how barman-cloud-wal-archive compresses each WAL "
+                f"segment; lz4 is the fastest), got {value!r}",
+            )
+        values["wal_compression"] = value
     if "full_schedule" in fields:
         values["full_schedule"] = c.string(
             fields["full_schedule"][1], f"{key}.full_schedule", what="a cron expression or preset"

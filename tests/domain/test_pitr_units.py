@@ -32,7 +32,9 @@ def test_a_server_with_pitr_covers_every_database_on_it():
     assert server.pitr.rpo == timedelta(minutes=5) and server.pitr.storage.bucket == "b"
     assert server.pitr.partial_grace == timedelta(hours=6)
     assert plan.pitr_server_of("billing") is server and plan.pitr_server_of("other") is None
-    graced = _plan("servers:\n  main_conn:\n    pitr: {storage: s3, partial_grace: 45m}\n")
+    assert server.pitr.wal_compression == "gzip"
+    graced = _plan("servers:\n  main_conn:\n    pitr: {storage: s3, partial_grace: 45m, wal_compression: lz4}\n")
+    assert graced.servers[0].pitr.wal_compression == "lz4"
     assert graced.servers[0].pitr.partial_grace == timedelta(minutes=45)
     assert graced.servers[0].restore is None
     target = (
@@ -74,6 +76,11 @@ def test_a_server_with_pitr_covers_every_database_on_it():
         (
             "servers:\n  main_conn:\n    pitr: {storage: s4}\n",
             "servers.main_conn.pitr.storage: no storage target named 's4'; defined: local, s3",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3, wal_compression: snappy}\n",
+            "servers.main_conn.pitr.wal_compression: expected one of gzip, lz4, zstd, bzip2, xz (how "
+            "barman-cloud-wal-archive compresses each WAL segment; lz4 is the fastest), got 'snappy'",
         ),
         (
             "servers:\n  main_conn:\n    pitr: {storage: s3, rpo: soon}\n",
@@ -325,6 +332,8 @@ def test_the_archive_command_asks_for_the_targets_server_side_encryption():
     )
     sse_s3 = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, "AES256")
     assert " --encryption AES256 --gzip " in sse_s3.archive_command(Path("/bin"))
+    lz4 = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, compression="lz4")
+    assert " --lz4 s3://b/p/pitr-v1/wal main %p" in lz4.archive_command(Path("/bin"))
 
 
 def test_the_restore_timeout_grows_with_the_largest_rto_and_never_drops_under_six_hours():

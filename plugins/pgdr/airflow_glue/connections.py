@@ -154,7 +154,13 @@ def open_archive(server: ProtectedServer, plan: DRPlan | None = None):
         session_token=frozen.token if frozen else None,
     )
     layout = PhysicalLayout(prefix=target.prefix)
-    return store, layout, WalArchive(target.bucket, layout, server.name, access, target.sse, target.kms_key_id)
+    return (
+        store,
+        layout,
+        WalArchive(
+            target.bucket, layout, server.name, access, target.sse, target.kms_key_id, server.pitr.wal_compression
+        ),
+    )
 
 
 def master_keys(conn_id: str, purpose: str, plan: DRPlan | None = None):

@@ -82,7 +82,9 @@ def start_local_s3(plan) -> dict:
         }
     )
     access = ArchiveAccess(endpoint, "us-east-1", DEMO_KEYS["AWS_ACCESS_KEY_ID"], DEMO_KEYS["AWS_SECRET_ACCESS_KEY"])
-    archive = WalArchive(target.bucket, PhysicalLayout(target.prefix), server.name, access)
+    archive = WalArchive(
+        target.bucket, PhysicalLayout(target.prefix), server.name, access, compression=server.pitr.wal_compression
+    )
     say(f"Local S3 endpoint (moto) on {endpoint}: the WAL archive is {archive.describe()}")
     timeout = int(server.pitr.archive_timeout.total_seconds())
     return {"settings": archive.server_settings(timeout, bin_dir), "environment": access.environment()}

@@ -8,9 +8,10 @@ they may hold spaces). Counting is decompression (ISA-L's inflate for gzip) and 
 one thread per file: the source server reads every table once, for ``pg_dump``.
 
 Which tables the files answer for is known before the dump's snapshot is closed (:func:`readable_table_data`): the
-others (a file compressed with a method this Python lacks, ``lz4``; a table whose data the dump leaves out) are
-counted by query in the snapshot (:func:`pgdr.postgres.client.row_census`); then the snapshot is closed and the
-files are counted (:func:`count_table_data`), so counting never holds the snapshot (and the vacuum horizon) open.
+others (a file compressed with ``lz4``, which no pg_dump here writes to test a reader against; a table whose data
+the dump leaves out) are counted by query in the snapshot (:func:`pgdr.postgres.client.row_census`); then the
+snapshot is closed and the files are counted (:func:`count_table_data`), so counting never holds the snapshot (and
+the vacuum horizon) open.
 A file not ended as pg_dump ends them is a damaged dump: the backup fails rather than store it.
 """
 
@@ -53,7 +54,7 @@ def table_data_entries(dump_dir: Path) -> dict[int, int]:
     return {int(m.group("id")): int(m.group("oid")) for m in _TABLE_DATA.finditer(listing.stdout)}
 
 
-_READABLE = (".dat", ".dat.gz", ".dat.zst")  # lz4 has no module here: counted by query
+_READABLE = (".dat", ".dat.gz", ".dat.zst")  # lz4: counted by query (no pg_dump here writes it)
 
 
 def _chunks(path: Path) -> Iterator[bytes]:

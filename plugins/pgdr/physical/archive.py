@@ -36,7 +36,29 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_ARCHIVER_BIN = _PROJECT_ROOT / ".pgdr" / "archiver" / "bin"
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 _SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
-_DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress, "": lambda data: data}
+
+
+def _lz4_decompress(data: bytes) -> bytes:
+    import lz4.frame
+
+    return lz4.frame.decompress(data)
+
+
+def _zstd_decompress(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)  # with or without the size in the frame
+
+
+# What barman-cloud-wal-archive names each segment it compresses, and how pgdr reads it back (pg_waldump's input).
+_DECOMPRESS = {
+    ".gz": gzip.decompress,
+    ".bz2": bz2.decompress,
+    ".xz": lzma.decompress,
+    ".lz4": _lz4_decompress,
+    ".zst": _zstd_decompress,
+    "": lambda data: data,
+}
 
 
 class ArchiverMissing(PermanentFailure):
@@ -230,6 +252,7 @@ class WalArchive:
     access: ArchiveAccess = field(default_factory=ArchiveAccess)
     sse: str | None = None
     kms_key_id: str | None = None
+    compression: str = "gzip"  # the plan's pitr.wal_compression: barman-cloud-wal-archive's --<compression>
 
     @property
     def url(self) -> str:
@@ -249,10 +272,11 @@ class WalArchive:
         return f" --encryption {shlex.quote(self.sse)}{kms}"
 
     def archive_command(self, bin_dir: Path | None = None) -> str:
-        """Return the server's ``archive_command``: gzip each segment into the archive."""
+        """Return the server's ``archive_command``: compress each segment (:attr:`compression`) into the archive."""
         tool = (bin_dir or archiver_bin_dir()) / "barman-cloud-wal-archive"
         return (
-            f"{shlex.quote(str(tool))}{self._endpoint_args()}{self._encryption_args()} --gzip "
+            f"{shlex.quote(str(tool))}{self._endpoint_args()}{self._encryption_args()} "
+            f"--{self.compression} "
             f"{shlex.quote(self.url)} {shlex.quote(self.server)} %p"
         )
 
