@@ -155,6 +155,15 @@ class EmbeddedServer:
         self.log_file.touch()
         self._own(self.log_file)
         self._write_settings()
+        # A scratch server: durability is not what it is for. A name in ``settings`` wins (a command line option
+        # would override the included file), e.g. a benchmark that wants production's full_page_writes.
+        scratch = {
+            "fsync": "off",
+            "full_page_writes": "off",
+            "synchronous_commit": "off",
+            "shared_buffers": "256MB",
+            "max_wal_size": "4GB",
+        }
         options = " ".join(
             [
                 f"-p {self.port}",
@@ -162,11 +171,7 @@ class EmbeddedServer:
                 f"-c unix_socket_directories={self.socket_dir}",
                 "-c max_connections=200",
                 "-c max_worker_processes=16",
-                "-c fsync=off",  # a scratch server: durability is not what it is for
-                "-c full_page_writes=off",
-                "-c synchronous_commit=off",
-                "-c shared_buffers=256MB",
-                "-c max_wal_size=4GB",
+                *(f"-c {name}={value}" for name, value in scratch.items() if name not in self.settings),
                 "-c timezone=UTC",
             ]
         )
