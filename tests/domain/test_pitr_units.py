@@ -32,7 +32,7 @@ def test_a_server_with_pitr_covers_every_database_on_it():
     assert server.pitr.rpo == timedelta(minutes=5) and server.pitr.storage.bucket == "b"
     assert server.pitr.partial_grace == timedelta(hours=6)
     assert plan.pitr_server_of("billing") is server and plan.pitr_server_of("other") is None
-    assert server.pitr.wal_compression == "gzip"
+    assert server.pitr.wal_compression == "zstd"
     graced = _plan("servers:\n  main_conn:\n    pitr: {storage: s3, partial_grace: 45m, wal_compression: lz4}\n")
     assert graced.servers[0].pitr.wal_compression == "lz4"
     assert graced.servers[0].pitr.partial_grace == timedelta(minutes=45)
@@ -80,7 +80,8 @@ def test_a_server_with_pitr_covers_every_database_on_it():
         (
             "servers:\n  main_conn:\n    pitr: {storage: s3, wal_compression: snappy}\n",
             "servers.main_conn.pitr.wal_compression: expected one of gzip, lz4, zstd, bzip2, xz (how "
-            "barman-cloud-wal-archive compresses each WAL segment; lz4 is the fastest), got 'snappy'",
+            "barman-cloud-wal-archive compresses each WAL segment; zstd, the default, is the fastest and stores the "
+            "least), got 'snappy'",
         ),
         (
             "servers:\n  main_conn:\n    pitr: {storage: s3, rpo: soon}\n",
@@ -327,11 +328,11 @@ def test_the_archive_command_asks_for_the_targets_server_side_encryption():
     plain = WalArchive("b", PhysicalLayout(prefix="p"), "main", access).archive_command(Path("/bin"))
     assert "--encryption" not in plain
     kms = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, "aws:kms", "arn:aws:kms:eu-west-1:1:key/a b")
-    assert " --encryption aws:kms --sse-kms-key-id 'arn:aws:kms:eu-west-1:1:key/a b' --gzip " in kms.archive_command(
+    assert " --encryption aws:kms --sse-kms-key-id 'arn:aws:kms:eu-west-1:1:key/a b' --zstd " in kms.archive_command(
         Path("/bin")
     )
     sse_s3 = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, "AES256")
-    assert " --encryption AES256 --gzip " in sse_s3.archive_command(Path("/bin"))
+    assert " --encryption AES256 --zstd " in sse_s3.archive_command(Path("/bin"))
     lz4 = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, compression="lz4")
     assert " --lz4 s3://b/p/pitr-v1/wal main %p" in lz4.archive_command(Path("/bin"))
 

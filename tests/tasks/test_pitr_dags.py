@@ -422,3 +422,50 @@ def test_the_archiver_compresses_as_the_plan_says_and_pgdr_and_the_restore_comma
     restored.parent.mkdir()
     run(archive.restore_command().replace("%f", name).replace("%p", shlex.quote(str(restored))))
     assert restored.read_bytes() == segment.read_bytes()
+
+
+def test_an_archive_whose_codec_changed_is_one_continuous_archive(plan, s3_storage, tmp_path):
+    """The default codec became zstd (measured: bench/wal_codecs.py); a server archiving with gzip until pgdr's
+    upgrade, then with zstd, leaves .gz segments followed by .zst ones in one archive: no gap to pgdr, and the
+    restore_command reads both (recovery replays across the change)."""
+    import dataclasses
+    import os
+    import shlex
+    import subprocess
+
+    from pgdr.errors import PgdrError
+    from pgdr.physical.archive import archiver_bin_dir
+
+    try:
+        archiver_bin_dir()
+    except PgdrError as err:
+        pytest.skip(f"{err} (make archiver installs it)")
+    p = plan(storage=s3_storage, servers={"pgdr_shop": {"conn_id": "pgdr_shop", "pitr": {"storage": "s3"}}})
+    from pgdr.airflow_glue.connections import open_archive
+
+    store, _layout, archive = open_archive(p.servers[0], p)
+    assert archive.compression == "zstd" and " --zstd " in archive.archive_command()
+    before_upgrade = dataclasses.replace(archive, compression="gzip")
+    environment = {**os.environ, **archive.access.environment()}
+
+    def run(command: str) -> None:
+        result = subprocess.run(command, shell=True, env=environment, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    written = {}
+    for name, archiver in (("000000010000000000000011", before_upgrade), ("000000010000000000000012", archive)):
+        segment = tmp_path / name
+        segment.write_bytes(os.urandom(1 << 20) + bytes(15 << 20))
+        written[name] = segment.read_bytes()
+        run(archiver.archive_command().replace("%p", shlex.quote(str(segment))))
+    listed = archive.segments(store)
+    assert [(s.name, s.suffix) for s in listed] == [
+        ("000000010000000000000011", ".gz"),
+        ("000000010000000000000012", ".zst"),
+    ]
+    assert archive.check_continuous(listed, "000000010000000000000011").name == "000000010000000000000012"
+    for name, content in written.items():
+        restored = tmp_path / "restored" / name
+        restored.parent.mkdir(exist_ok=True)
+        run(archive.restore_command().replace("%f", name).replace("%p", shlex.quote(str(restored))))
+        assert restored.read_bytes() == content

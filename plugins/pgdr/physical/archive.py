@@ -197,6 +197,16 @@ class WalSegment:
         """Return the segment's number on its timeline (consecutive segments differ by one)."""
         return segment_number(self.name, segment_size)
 
+    @property
+    def suffix(self) -> str:
+        """The compression suffix barman-cloud gave the stored object (``.gz``, ``.lz4``...; ``""`` for none)."""
+        return _key_suffix(self.key)
+
+
+def _key_suffix(key: str) -> str:
+    _stem, dot, suffix = key.rsplit("/", 1)[-1].partition(".")
+    return dot + suffix
+
 
 def segment_number(name: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
     """Return the segment number of the WAL file ``name``."""
@@ -252,7 +262,7 @@ class WalArchive:
     access: ArchiveAccess = field(default_factory=ArchiveAccess)
     sse: str | None = None
     kms_key_id: str | None = None
-    compression: str = "gzip"  # the plan's pitr.wal_compression: barman-cloud-wal-archive's --<compression>
+    compression: str = "zstd"  # the plan's pitr.wal_compression: barman-cloud-wal-archive's --<compression>
 
     @property
     def url(self) -> str:
@@ -302,9 +312,8 @@ class WalArchive:
         """Return every archived WAL segment, oldest first (history and backup-label files left out)."""
         found = []
         for obj in store.list(self.layout.wal_segments_prefix(self.server)):
-            base = obj.key.rsplit("/", 1)[-1]
-            stem, dot, suffix = base.partition(".")
-            if _SEGMENT.match(stem) and (not dot or "." + suffix in _DECOMPRESS):
+            stem = obj.key.rsplit("/", 1)[-1].partition(".")[0]
+            if _SEGMENT.match(stem) and _key_suffix(obj.key) in _DECOMPRESS:
                 found.append(WalSegment(stem, obj.key, obj.size, obj.modified))
         return sorted(found, key=lambda s: s.name)
 
@@ -344,10 +353,9 @@ class WalArchive:
         """Download and decompress one archived segment to ``dest`` (for ``pg_waldump``)."""
         with store.open_read(segment.key) as stream:
             raw = stream.read()
-        suffix = "." + segment.key.rsplit("/", 1)[-1].partition(".")[2] if "." in segment.key.rsplit("/", 1)[-1] else ""
         dest.mkdir(parents=True, exist_ok=True)
         path = dest / segment.name
-        path.write_bytes(_DECOMPRESS[suffix](raw))
+        path.write_bytes(_DECOMPRESS[segment.suffix](raw))
         return path
 
 
