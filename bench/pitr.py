@@ -71,12 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     load_s = args.load_seconds or (40 if args.quick else 150)
     output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
 
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
     from pgdr.errors import PgdrError
-    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
+    from pgdr.physical.archive import WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
     from pgdr.physical.basebackup import take_base_backup
     from pgdr.physical.catalog import BaseBackupCatalog
     from pgdr.physical.heartbeat import switch_and_wait_archived
@@ -90,26 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     except PgdrError as err:
         print(f"PITR benchmarks skipped: {err}")
         return
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    work = ROOT / ".pgdr" / "bench-pitr"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    work.chmod(0o755)
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
-    endpoint_url = f"http://127.0.0.1:{port}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="bench",
-        aws_secret_access_key="bench",
-    )
-    s3.create_bucket(Bucket=BUCKET)
+    work, moto, s3, access = archive_endpoint("bench-pitr", BUCKET)
     store = S3Store(s3, BUCKET)
     layout = PhysicalLayout("pitr")
-    access = ArchiveAccess(endpoint_url, "us-east-1", "bench", "bench")
     archive = WalArchive(BUCKET, layout, SERVER, access)
     server = EmbeddedServer(
         work / "postgres", settings=archive.server_settings(60, bin_dir), environment=access.environment()
@@ -347,6 +326,35 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in med.items():
         print(f"  {k:<28}{v:>10.2f}s")
     print(f"\nMerged into {output}")
+
+
+def archive_endpoint(name: str, bucket: str):
+    """Return a fresh working directory ``.pgdr/<name>`` that the server's OS user may enter, and moto's S3 server
+    on a free port with ``bucket`` in it: ``(work, moto, s3 client, ArchiveAccess for barman-cloud)``."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from pgdr.physical.archive import ArchiveAccess
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    work = ROOT / ".pgdr" / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    work.chmod(0o755)
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    endpoint_url = f"http://127.0.0.1:{port}"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
+    s3.create_bucket(Bucket=bucket)
+    return work, moto, s3, ArchiveAccess(endpoint_url, "us-east-1", "bench", "bench")
 
 
 def recover_whole_server(root: Path, store, layout, archive, pg) -> tuple[float, dict]:

@@ -32,9 +32,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from pgdr.local.embedded import EmbeddedServer  # noqa: E402
-from pgdr.postgres.binaries import bundled_bin_dir, free_port  # noqa: E402
+from pgdr.postgres.binaries import bundled_bin_dir  # noqa: E402
+from pitr import archive_endpoint  # noqa: E402
 
 BUCKET = "pgdr-bench-wal"
 CODECS = ("gzip", "lz4", "zstd", "bzip2", "xz")  # plan.WAL_COMPRESSIONS
@@ -54,12 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     args.segments = args.segments or (6 if args.quick else 24)
     args.output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
 
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
     from pgdr.errors import PgdrError
-    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
+    from pgdr.physical.archive import WalArchive, archiver_bin_dir
     from pgdr.storage.layout import PhysicalLayout
 
     try:
@@ -67,20 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     except PgdrError as err:
         print(f"WAL codec benchmark skipped: {err}")
         return
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    work = ROOT / ".pgdr" / "bench-wal"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    work.chmod(0o755)
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
-    endpoint_url = f"http://127.0.0.1:{port}"
-    s3 = boto3.client(
-        "s3", endpoint_url=endpoint_url, region_name="us-east-1", aws_access_key_id="b", aws_secret_access_key="b"
-    )
-    s3.create_bucket(Bucket=BUCKET)
-    access = ArchiveAccess(endpoint_url, "us-east-1", "b", "b")
+    work, moto, s3, access = archive_endpoint("bench-wal", BUCKET)
     # Keep every segment the load writes (none recycled), so they can be archived afterwards.
     settings = {"wal_keep_size": "8GB", "max_wal_size": "8GB", "full_page_writes": "on"}
     server = EmbeddedServer(work / "postgres", settings=settings).start()
