@@ -435,7 +435,7 @@ _PITR_KEYS = {
 }
 # pitr.wal_compression: barman-cloud-wal-archive's --<name> options that pgdr reads back (pgdr.physical.archive). lz4
 # and zstd need the lz4 and zstandard modules in the archiver's venv (make archiver installs them); not snappy.
-# zstd, the default, measured fastest and smallest (bench/wal_codecs.py: archive_mb_s, archive_stored_ratio).
+# zstd, the default, measured the fastest, storing less than gzip (bench/wal_codecs.py: archive_mb_s, _stored_ratio).
 WAL_COMPRESSIONS = ("gzip", "lz4", "zstd", "bzip2", "xz")
 _DRILL_KEYS = {"schedule", "max_duration"}
 _HEALTH_KEYS = {"schedule", "verify_window", "min_free_gb"}
@@ -958,7 +958,7 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
                 node,
                 f"{key}.wal_compression",
                 f"expected one of {', '.join(WAL_COMPRESSIONS)} (how barman-cloud-wal-archive compresses each WAL "
-                f"segment; zstd, the default, is the fastest and stores the least), got {value!r}",
+                f"segment; zstd, the default, is the fastest and stores less than gzip), got {value!r}",
             )
         values["wal_compression"] = value
     if "full_schedule" in fields:

@@ -80,8 +80,8 @@ def test_a_server_with_pitr_covers_every_database_on_it():
         (
             "servers:\n  main_conn:\n    pitr: {storage: s3, wal_compression: snappy}\n",
             "servers.main_conn.pitr.wal_compression: expected one of gzip, lz4, zstd, bzip2, xz (how "
-            "barman-cloud-wal-archive compresses each WAL segment; zstd, the default, is the fastest and stores the "
-            "least), got 'snappy'",
+            "barman-cloud-wal-archive compresses each WAL segment; zstd, the default, is the fastest and stores less "
+            "than gzip), got 'snappy'",
         ),
         (
             "servers:\n  main_conn:\n    pitr: {storage: s3, rpo: soon}\n",
