@@ -320,6 +320,7 @@ def check_pitr_server(
     from pgdr.postgres.client import connect
 
     name, rpo = server.name, server.pitr.rpo
+    copies = check_server_copies(server, res, now)
     try:
         endpoint = res.server(server)
         write_heartbeat(endpoint, source)
@@ -334,11 +335,43 @@ def check_pitr_server(
         return [
             CheckResult(
                 "archiver", name, False, f"cannot read the archiver state of server {name!r}: {first_line(err)}"
-            )
+            ),
+            *copies,
         ], {}
     lag_bytes, lag = wal_lag(state, current_lsn, segment_size, server_now, name, rpo)
-    checks = [archiver_check(state, mode, name), lag, cluster_identity_check(server, res, identifier)]
+    checks = [archiver_check(state, mode, name), lag, cluster_identity_check(server, res, identifier), *copies]
     return checks, {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
+
+
+def check_server_copies(server, res: Resources, now: datetime) -> list[CheckResult]:
+    """Each copy target of a server (``pitr.copies``) holds its WAL and base backups stored more than ``copy_rpo``
+    ago, with no segment missing after its newest base backup; the value is how long the oldest missing one waited."""
+    from pgdr.physical.copies import server_copy_lags
+
+    if not server.pitr.copies:
+        return []
+    limit = server.pitr.copy_rpo.total_seconds()
+    try:
+        lags = server_copy_lags(server, res, now)
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        return [
+            CheckResult(f"copy_lag.{t.name}", server.name, False, f"the copy cannot be compared: {first_line(err)}")
+            for t in server.pitr.copies
+        ]
+    results = []
+    for lag in lags:
+        problem = lag.problem(limit)
+        if problem is not None:
+            detail = problem
+        elif not (lag.missing_wal or lag.missing_backups):
+            detail = f"copy {lag.target!r} holds the whole WAL archive and every base backup"
+        else:
+            detail = (
+                f"copy {lag.target!r} lacks the newest {len(lag.missing_wal)} WAL files and "
+                f"{len(lag.missing_backups)} base backups, for {format_duration(lag.lag_s)} (within copy_rpo)"
+            )
+        results.append(CheckResult(f"copy_lag.{lag.target}", server.name, problem is None, detail, lag.lag_s))
+    return results
 
 
 def cluster_identity_check(server, res: Resources, identifier: str) -> CheckResult:

@@ -555,12 +555,6 @@ def read_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
     if mode not in MODES:
         raise InvalidRestoreRequest(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
     if mode == "server":
-        if params.get("restore_from") and params["restore_from"] != db.storage.name:
-            raise InvalidRestoreRequest(
-                f"Mode server recovers from base backups and WAL, which copy {params['restore_from']!r} does not hold "
-                "(it holds the dumps). Leave 'Restore from' empty, or restore a dump with mode new-database or "
-                "replace. Nothing was touched."
-            )
         return read_server_request(params, plan, db)
     tables = parse_tables(params.get("tables"))
     known_conns = sorted({d.conn_id for d in plan.databases} | {d.verify_conn_id for d in plan.databases})
@@ -642,7 +636,25 @@ def read_server_request(params: dict[str, Any], plan, db) -> dict[str, Any]:
                 f"Mode server recovers the whole server onto its restore target; leave {field_name!r} empty. Nothing "
                 "was touched."
             )
-    return {"mode": "server", "server": server.name, "selector": selector, "dry_run": bool(params.get("dry_run"))}
+    restore_from = params.get("restore_from") or None
+    if restore_from is not None and restore_from != server.pitr.storage.name:
+        try:
+            restore_from = server.pitr.storage_named(restore_from).name
+        except ValueError as err:
+            raise InvalidRestoreRequest(
+                f"Mode server recovers from base backups and WAL: {err} (pitr.copies; a copy of the dumps alone, "
+                "'copies' of a database, holds no WAL). Leave 'Restore from' empty or name one of those. Nothing was "
+                "touched."
+            ) from None
+    else:
+        restore_from = None
+    return {
+        "mode": "server",
+        "server": server.name,
+        "selector": selector,
+        "dry_run": bool(params.get("dry_run")),
+        "restore_from": restore_from,
+    }
 
 
 def plan_server_restore(request: dict[str, Any], res, db, workdir: Path) -> dict[str, Any]:
@@ -651,7 +663,8 @@ def plan_server_restore(request: dict[str, Any], res, db, workdir: Path) -> dict
 
     server = res.plan.server(request["server"])
     moment = None if request["selector"] == "latest" else parse_timestamp(request["selector"])
-    pitr = plan_point_in_time(server, res, moment, workdir / "pitr")
+    source = server.pitr.storage_named(request["restore_from"]) if request.get("restore_from") else None
+    pitr = plan_point_in_time(server, res, moment, workdir / "pitr", source)
     restore = server.restore
     return {
         "mode": "server",
@@ -667,6 +680,7 @@ def plan_server_restore(request: dict[str, Any], res, db, workdir: Path) -> dict
         "data_dir": restore.data_dir,
         "port": restore.port,
         "os_user": restore.os_user,
+        "restore_from": request.get("restore_from"),  # a copy of the server's archive (pitr.copies), or None
         "rto_target_seconds": db.rto.total_seconds(),
         "expected_seconds": pitr["expected_recovery_seconds"],
         "what_happens": (
@@ -690,6 +704,8 @@ def render_server_restore_plan(plan: dict[str, Any]) -> str:
         f"{pitr['end_of_archive']} UTC ({format_duration(pitr['end_of_archive_behind_seconds'])} ago)",
         f"  base backups    : {' -> '.join(pitr['chain'])} (the newest ended {pitr['base_backup_ended']})",
         f"  WAL to replay   : up to {pitr['wal_segments']} segments ({pitr['wal_bytes'] / 1e6:.0f} MB)",
+        "  read from       : "
+        + (f"copy {plan['restore_from']!r} (pitr.copies)" if plan.get("restore_from") else "the server's archive"),
         f"  recoverable     : {pitr['window']['oldest']} to {pitr['window']['newest']} UTC",
         f"  expected time   : {pitr['expected_recovery']}; the RTO is {format_duration(plan['rto_target_seconds'])}",
         f"  runs on         : the worker of queue {plan['queue']!r}, into {plan['data_dir']}",

@@ -180,6 +180,21 @@ class PitrPolicy:
     archive_timeout: timedelta = timedelta(seconds=60)  # the server's setting: an idle server's RPO
     partial_grace: timedelta = timedelta(hours=6)  # an unfinished base backup older than this is a killed run's
     wal_compression: str = "zstd"  # how the archiver compresses each segment: one of WAL_COMPRESSIONS
+    # Second copies (pgdr.physical.copies): S3 targets pgdr_copy copies the WAL archive and every base backup to.
+    # A segment or base backup not there copy_rpo after it was stored fails the health check copy_lag.<target>.
+    copies: tuple[StorageTarget, ...] = ()
+    copy_rpo: timedelta = timedelta(hours=1)
+
+    def storage_named(self, name: str | None) -> StorageTarget:
+        """Return the target a recovery reads from: the archive's own (``None`` or its name) or one of ``copies``;
+        :class:`ValueError` saying which exist for another name."""
+        if name in (None, "", self.storage.name):
+            return self.storage
+        for copy in self.copies:
+            if copy.name == name:
+                return copy
+        where = ", ".join([f"{self.storage.name} (its archive)", *(f"{c.name} (a copy)" for c in self.copies)])
+        raise ValueError(f"the WAL archive and base backups are not stored in {name!r}; they are in: {where}")
 
 
 @dataclass(frozen=True)
@@ -432,6 +447,8 @@ _PITR_KEYS = {
     "archive_timeout",
     "partial_grace",
     "wal_compression",
+    "copies",
+    "copy_rpo",
 }
 # pitr.wal_compression: barman-cloud-wal-archive's --<name> options that pgdr reads back (pgdr.physical.archive). lz4
 # and zstd need the lz4 and zstandard modules in the archiver's venv (make archiver installs them); not snappy.
@@ -947,7 +964,7 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
             "endpoint set in the AWS connection's endpoint_url); `make demo` starts a local S3 endpoint for this",
         )
     values: dict[str, Any] = {"storage": storage}
-    for duration_key in ("keep_window", "rpo", "archive_timeout", "partial_grace"):
+    for duration_key in ("keep_window", "rpo", "archive_timeout", "partial_grace", "copy_rpo"):
         if duration_key in fields:
             values[duration_key] = c.duration(fields[duration_key][1], f"{key}.{duration_key}")
     if "wal_compression" in fields:
@@ -961,6 +978,8 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
                 f"segment; zstd, the default, is the fastest and stores less than gzip), got {value!r}",
             )
         values["wal_compression"] = value
+    if "copies" in fields:
+        values["copies"] = _parse_pitr_copies(c, fields["copies"][1], f"{key}.copies", storage, storages)
     if "full_schedule" in fields:
         values["full_schedule"] = c.string(
             fields["full_schedule"][1], f"{key}.full_schedule", what="a cron expression or preset"
@@ -975,6 +994,31 @@ def _parse_pitr(c: _Checker, node: yaml.Node, key: str, storages: dict[str, Stor
             )
         )
     return PitrPolicy(**values)
+
+
+def _parse_pitr_copies(
+    c: _Checker, node: yaml.Node, key: str, storage: StorageTarget, storages: dict[str, StorageTarget]
+) -> tuple[StorageTarget, ...]:
+    """The S3 targets a server's WAL archive and base backups are copied to: named once, none the archive's own."""
+    names = c.string_list(node, key)
+    if len(set(names)) != len(names):
+        raise c.fail(node, key, "a storage target is named twice; name each copy once")
+    copies = []
+    for name in names:
+        if name not in storages:
+            raise c.fail(node, key, f"no storage target named {name!r}; defined: {', '.join(sorted(storages))}")
+        target = storages[name]
+        if target.kind != "s3":
+            raise c.fail(
+                node,
+                key,
+                f"storage target {name!r} is a local folder, but a recovery from a copy replays its WAL with "
+                "barman-cloud-wal-restore, which reads only S3-compatible storage. Name an s3 target",
+            )
+        if _location(target) == _location(storage):
+            raise c.fail(node, key, f"{name!r} is where the archive itself is ({target.describe()}): not a copy")
+        copies.append(target)
+    return tuple(copies)
 
 
 def _location(t: StorageTarget) -> str:

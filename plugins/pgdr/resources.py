@@ -38,8 +38,10 @@ class Resources(Protocol):
     def store(self, target: StorageTarget) -> tuple[BackupStore, BackupLayout]:
         """A storage target of the plan, opened."""
 
-    def archive(self, server: ProtectedServer) -> tuple[BackupStore, PhysicalLayout, WalArchive]:
-        """The storage, layout and WAL archive of a PITR server."""
+    def archive(
+        self, server: ProtectedServer, target: StorageTarget | None = None
+    ) -> tuple[BackupStore, PhysicalLayout, WalArchive]:
+        """The storage, layout and WAL archive of a PITR server (in ``target``, one of its copies, when given)."""
 
     def data_key(self, db: ProtectedDatabase, manifest: Any, catalog: Any = None) -> bytes | None:
         """The key that opens an encrypted backup of ``db`` (``None``: not encrypted)."""

@@ -111,6 +111,95 @@ def test_bad_servers_sections_name_the_key_and_what_to_do(servers, expected):
     assert expected in str(err.value)
 
 
+COPY_TARGETS = BASE.replace(
+    "  s3: {type: s3, bucket: b, prefix: p, aws_conn_id: aws}\n",
+    "  s3: {type: s3, bucket: b, prefix: p, aws_conn_id: aws}\n"
+    "  dr: {type: s3, bucket: b-dr, prefix: p, aws_conn_id: aws_dr}\n"
+    "  same: {type: s3, bucket: b, prefix: p/, aws_conn_id: aws}\n",
+)
+
+
+def test_a_servers_copies_are_s3_targets_other_than_its_archive_with_a_copy_rpo():
+    plan = parse_plan(COPY_TARGETS + "servers:\n  main_conn:\n    pitr: {storage: s3, copies: [dr]}\n", Path("/p"))
+    pitr = plan.servers[0].pitr
+    assert [c.name for c in pitr.copies] == ["dr"] and pitr.copy_rpo == timedelta(hours=1)
+    assert pitr.storage_named(None) is pitr.storage and pitr.storage_named("s3") is pitr.storage
+    assert pitr.storage_named("dr") is pitr.copies[0]
+    with pytest.raises(ValueError, match=r"not stored in 'eu'; they are in: s3 \(its archive\), dr \(a copy\)"):
+        pitr.storage_named("eu")
+    tuned = parse_plan(COPY_TARGETS + "servers:\n  main_conn:\n    pitr: {storage: s3, copy_rpo: 10m}\n", Path("/p"))
+    assert tuned.servers[0].pitr.copy_rpo == timedelta(minutes=10) and tuned.servers[0].pitr.copies == ()
+
+
+@pytest.mark.parametrize(
+    "copies, expected",
+    [
+        ("[eu]", "servers.main_conn.pitr.copies: no storage target named 'eu'; defined: dr, local, s3, same"),
+        ("[dr, dr]", "servers.main_conn.pitr.copies: a storage target is named twice"),
+        ("[local]", "storage target 'local' is a local folder, but a recovery from a copy replays its WAL with"),
+        ("[same]", "'same' is where the archive itself is (s3://b/p): not a copy"),
+        ("{dr: 1}", "servers.main_conn.pitr.copies: expected a list of strings"),
+    ],
+    ids=["unknown", "twice", "a folder", "the archive itself", "not a list"],
+)
+def test_a_wrong_pitr_copies_key_is_named(copies, expected):
+    with pytest.raises(PlanError) as err:
+        parse_plan(COPY_TARGETS + f"servers:\n  main_conn:\n    pitr: {{storage: s3, copies: {copies}}}\n", Path("/p"))
+    assert expected in str(err.value)
+
+
+def test_the_first_gap_in_a_timeline_names_the_missing_segment_and_the_last_one_before_it():
+    from pgdr.physical.archive import WalSegment, first_gap, segment_name
+
+    at = datetime(2026, 12, 4, tzinfo=UTC)
+    segments = [WalSegment(segment_name(1, n), f"k/{n}", 1, at + timedelta(minutes=n)) for n in (3, 4, 6, 7)]
+    segments.append(WalSegment(segment_name(2, 9), "k/t2", 1, at))  # another timeline: not counted
+    gap = first_gap(segments, segment_name(1, 3))
+    assert (gap.missing, gap.reachable.name, gap.after) == (segment_name(1, 5), segment_name(1, 4), 2)
+    assert first_gap(segments, segment_name(1, 6)) is None
+    missing_start = first_gap(segments, segment_name(1, 2))
+    assert (missing_start.missing, missing_start.reachable, missing_start.after) == (segment_name(1, 2), None, 4)
+
+
+@pytest.mark.parametrize(
+    "path, copied",
+    [
+        ("0000000100000000/000000010000000000000003.zst", True),
+        ("000000010000000000000003.gz", True),
+        ("0000000100000000/000000010000000000000003.00000028.backup.gz", True),
+        ("0000000100000000/000000010000000000000003.partial", True),
+        ("00000002.history.gz", True),
+        ("00000002.history", True),
+        ("../../base/x/backup.json", False),
+        ("0000000100000000/../../evil", False),
+        ("0000000100000000/000000010000000000000003.zst/x", False),
+        ("000000010000000000000003.zst\n", False),
+        ("notes.txt", False),
+    ],
+)
+def test_only_wal_file_names_are_copied_from_an_archive(path, copied):
+    from pgdr.physical.copies import is_wal_file
+
+    assert is_wal_file(path) is copied
+
+
+def test_a_copys_lag_is_a_problem_past_copy_rpo_and_a_gap_at_once():
+    from pgdr.physical.copies import ServerCopyLag
+
+    behind = ServerCopyLag(
+        "dr", ("0000000100000000/000000010000000000000009.zst",), ("20261204T000000Z-aaaaaa",), 7200, None
+    )
+    problem = behind.problem(3600)
+    assert (
+        "copy 'dr' lacks 1 WAL files (from 0000000100000000/000000010000000000000009.zst) and 1 base backups" in problem
+    )
+    assert "2h" in problem and "copy_rpo 1h" in problem and "pgdr_copy is failing or not running" in problem
+    assert behind.problem(10_000) is None
+    assert (
+        ServerCopyLag("dr", (), (), 0, "copy 'dr' lacks WAL segment X").problem(3600) == "copy 'dr' lacks WAL segment X"
+    )
+
+
 def test_wal_segment_arithmetic():
     from pgdr.physical.archive import archived_segment, segment_name, segment_number, segment_of_lsn
 
@@ -361,3 +450,52 @@ def test_a_drill_with_the_storage_target_lost_reports_a_server_unrecoverable_fro
     assert "cannot be recovered to a moment" in row["error"] and "no second copy" in row["error"]
     report = drill_report("d", "r", "primary-target-lost", datetime.now(UTC), "", [], [row])
     assert report["status"] == "fail" and broken_parts(report)
+
+
+def test_a_copy_holds_every_base_backup_but_failed_ones_and_chains_built_on_them():
+    from pgdr.physical.copies import _wal_floor, base_backups_to_copy
+
+    at = datetime(2026, 12, 4, tzinfo=UTC)
+    entries = [
+        _entry("20261201T000000Z-aaaaaa", at, status="failed", start=3),
+        _entry("20261201T010000Z-bbbbbb", at + timedelta(hours=1), "incremental", "20261201T000000Z-aaaaaa", start=5),
+        _entry("20261202T000000Z-cccccc", at + timedelta(days=1), status="verified", start=9),
+        _entry(
+            "20261202T010000Z-dddddd",
+            at + timedelta(days=1, hours=1),
+            "incremental",
+            "20261202T000000Z-cccccc",
+            start=11,
+        ),
+        _entry(
+            "20261202T020000Z-eeeeee",
+            at + timedelta(days=1, hours=2),
+            "incremental",
+            "20261130T000000Z-gone00",
+            start=12,
+        ),
+    ]
+    wanted = base_backups_to_copy(entries)
+    assert [e.backup_id for e in wanted] == ["20261202T000000Z-cccccc", "20261202T010000Z-dddddd"]
+    assert _wal_floor(wanted) == "000000010000000000000009" and _wal_floor([]) is None
+
+
+def test_mode_server_reads_from_a_copy_of_the_servers_archive_and_refuses_a_copy_of_the_dumps_alone():
+    from pgdr.incident import InvalidRestoreRequest, read_request
+
+    plan = parse_plan(
+        COPY_TARGETS.replace(
+            "  - {name: shop, conn_id: main_conn}", "  - {name: shop, conn_id: main_conn, storage: s3, copies: [local]}"
+        )
+        + "servers:\n  main_conn:\n    pitr: {storage: s3, copies: [dr]}\n    restore: {queue: q, data_dir: /d}\n",
+        Path("/p"),
+    )
+    shop = plan.database("shop")
+    form = {"mode": "server", "confirm": "main_conn", "backup": "latest"}
+    assert read_request({**form, "restore_from": "dr"}, plan, shop)["restore_from"] == "dr"
+    assert read_request(form, plan, shop)["restore_from"] is None
+    assert read_request({**form, "restore_from": "s3"}, plan, shop)["restore_from"] is None  # the archive itself
+    with pytest.raises(InvalidRestoreRequest) as refused:
+        read_request({**form, "restore_from": "local"}, plan, shop)
+    assert "not stored in 'local'; they are in: s3 (its archive), dr (a copy)" in str(refused.value)
+    assert "holds no WAL" in str(refused.value) and "Nothing was touched" in str(refused.value)

@@ -7,6 +7,7 @@ databases (one with a hostile name) and two application roles; its data director
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -103,38 +104,54 @@ def lost_server(session_dir, s3_server, tmp_path_factory):
     }
 
 
-@pytest.fixture
-def recover(lost_server, tmp_path, slack):
-    """Run ``python -m pgdr recover-server`` with a plan and connections file, no Airflow around it."""
-    from pgdr.workdir import work_dir_root
-
+def _write_connections(path: Path, lost_server, slack, **more: str) -> None:
+    """The connections file of ``recover-server``: the lost server's, S3's, the restore role's, Slack's, ``more``."""
     server = lost_server["server"]
-    connections = tmp_path / "connections.json"
-    connections.write_text(
-        json.dumps(
-            {
-                # The lost server's connection: its login is the recovered cluster's; its host is never contacted.
-                "pgdr_lost": json.loads(server.connection_uri("app")),
-                "pgdr_s3": json.loads(aws_connection(lost_server["s3_port"])),
-                "pgdr_restore": json.loads(server.connection_uri("postgres")),
-                "pgdr_slack": json.loads(slack.connection()),
-            }
-        )
-    )
-    plan = write_plan(
-        tmp_path / "plan.yaml",
+    connections = {
+        # The lost server's connection: its login is the recovered cluster's; its host is never contacted.
+        "pgdr_lost": server.connection_uri("app"),
+        "pgdr_s3": aws_connection(lost_server["s3_port"]),
+        "pgdr_restore": server.connection_uri("postgres"),
+        "pgdr_slack": slack.connection(),
+        **more,
+    }
+    path.write_text(json.dumps({name: json.loads(value) for name, value in connections.items()}))
+
+
+def _write_lost_plan(path: Path, prefix: str, storage: dict | None = None, **pitr) -> Path:
+    """The plan of the lost server: its databases app and ledger, its archive on S3 (more ``storage`` targets and
+    ``pitr`` keys when given)."""
+    return write_plan(
+        path,
         [
             {"name": "app", "conn_id": "pgdr_lost", "server": SERVER},
             {"name": "ledger", "conn_id": "pgdr_lost", "dbname": HOSTILE_DB, "server": SERVER},
         ],
-        {"s3": {"type": "s3", "bucket": BUCKET, "prefix": lost_server["prefix"], "aws_conn_id": "pgdr_s3"}},
+        {"s3": {"type": "s3", "bucket": BUCKET, "prefix": prefix, "aws_conn_id": "pgdr_s3"}, **(storage or {})},
         servers={
             SERVER: {
                 "conn_id": "pgdr_lost",
-                "pitr": {"storage": "s3", "keep_window": "7d", "full_schedule": "@daily", "archive_timeout": "10s"},
+                "pitr": {
+                    "storage": "s3",
+                    "keep_window": "7d",
+                    "full_schedule": "@daily",
+                    "archive_timeout": "10s",
+                    **pitr,
+                },
             }
         },
     )
+
+
+@pytest.fixture
+def recover(lost_server, tmp_path, slack):
+    """Run ``python -m pgdr recover-server`` with a plan and connections file, no Airflow around it (``run.plan`` and
+    ``run.connections`` are their paths: a test may rewrite them)."""
+    from pgdr.workdir import work_dir_root
+
+    connections = tmp_path / "connections.json"
+    _write_connections(connections, lost_server, slack)
+    plan = _write_lost_plan(tmp_path / "plan.yaml", lost_server["prefix"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR"))}
     env["PYTHONPATH"] = str(ROOT / "plugins")
     base = work_dir_root() / f"pgdr-recover-test-{uuid.uuid4().hex[:8]}"
@@ -163,7 +180,7 @@ def recover(lost_server, tmp_path, slack):
             **user,
         )
 
-    run.base, run.pg_ctl = base, pg_ctl
+    run.base, run.pg_ctl, run.plan, run.connections = base, pg_ctl, plan, connections
     yield run
     for data_dir in {*started, *base.glob("*")}:
         if (Path(data_dir) / "postmaster.pid").exists():
@@ -378,3 +395,97 @@ def test_mode_server_from_the_form_recovers_onto_the_restore_target(
         recover.pg_ctl(data_dir, "-m", "fast", "-w", "stop")
     (summary,) = [m["text"] for m in slack.messages if "[pgdr] Server lost" in m.get("text", "")]
     assert "recovered and promoted" in summary and "data-loss window" in summary and "recoveries/" in summary
+
+
+DR_BUCKET = "pgdr-dr-copy"
+
+
+def test_with_its_archive_lost_the_server_comes_back_from_a_copy_whose_missing_segment_health_names(
+    lost_server, recover, slack, monkeypatch
+):
+    """#29: pgdr_copy's server task copies the WAL archive and the base backup to two copies (one streamed through
+    the worker, one inside S3), each read back there; health names a segment missing in a copy and the window it
+    breaks, and the next copy fills it; with the primary's endpoint gone, recover-server says where the copies are
+    and ``--from`` recovers the server from one, every row as from the archive."""
+    from pgdr.airflow_glue.connections import resources
+    from pgdr.health import check_server_copies
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.physical.copies import copy_server
+    from pgdr.plan import load_plan
+    from pgdr.postgres.binaries import free_port
+
+    port, prefix = lost_server["s3_port"], lost_server["prefix"]
+    copies = {
+        # another connection: streamed through the worker, as to another region or account
+        "dr": {"type": "s3", "bucket": DR_BUCKET, "prefix": f"{prefix}-dr", "aws_conn_id": "pgdr_s3_dr"},
+        # the archive's own connection: copied inside S3 (CopyObject)
+        "dr_same": {"type": "s3", "bucket": DR_BUCKET, "prefix": f"{prefix}-same", "aws_conn_id": "pgdr_s3"},
+    }
+    plan_path = _write_lost_plan(recover.plan, prefix, copies, copies=["dr", "dr_same"], copy_rpo="1h")
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3", aws_connection(port))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3_DR", aws_connection(port))
+    res = resources(load_plan(plan_path))
+    server = res.plan.server(SERVER)
+    source_store, layout, archive = res.archive(server)
+    client = source_store.client
+    try:
+        client.create_bucket(Bucket=DR_BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    full = lost_server["full"]
+
+    summary = copy_server(server, res, datetime.now(UTC))
+    for name in ("dr", "dr_same"):
+        done = summary["targets"][name]
+        assert done["base_backups"] == [full.backup_id] and done["wal_files"] >= 2 and done["error"] is None, summary
+        store, copy_layout, copy_archive = res.archive(server, server.pitr.storage_named(name))
+        (entry,) = BaseBackupCatalog(store, copy_layout, SERVER).backups()
+        assert [(f.name, f.size, f.sha256) for f in entry.record.files] == [
+            (f.name, f.size, f.sha256) for f in full.files
+        ]
+        for f in entry.record.files:  # the copy's own keys, its own bytes
+            assert f.key.startswith(f"{prefix}-")
+            stored = store.get_bytes(f.key)
+            assert (len(stored), hashlib.sha256(stored).hexdigest()) == (f.size, f.sha256)
+        wanted = [s.name for s in archive.segments(source_store) if s.name >= full.start_wal]
+        assert [s.name for s in copy_archive.segments(store)] == wanted
+    checks = {c.check: c for c in check_server_copies(server, res, datetime.now(UTC))}
+    assert checks["copy_lag.dr"].ok and checks["copy_lag.dr_same"].ok, checks
+    assert checks["copy_lag.dr"].value == 0.0
+
+    # A segment lost in one copy: health names it and the window it breaks; the next copy puts it back.
+    store, copy_layout, copy_archive = res.archive(server, server.pitr.storage_named("dr"))
+    segments = copy_archive.segments(store)
+    lost = segments[1] if len(segments) > 2 else segments[0]
+    store.delete([lost.key])
+    checks = {c.check: c for c in check_server_copies(server, res, datetime.now(UTC))}
+    assert not checks["copy_lag.dr"].ok and lost.name in checks["copy_lag.dr"].detail, checks["copy_lag.dr"]
+    assert "recovery" in checks["copy_lag.dr"].detail and checks["copy_lag.dr_same"].ok
+    again = copy_server(server, res, datetime.now(UTC))
+    assert again["targets"]["dr"]["wal_files"] == 1 and again["targets"]["dr_same"]["wal_files"] == 0, again
+    assert all(c.ok for c in check_server_copies(server, res, datetime.now(UTC)))
+
+    # The primary's endpoint is gone: recover-server says where the copies are; --from recovers from one.
+    _write_connections(recover.connections, lost_server, slack, pgdr_s3_dr=aws_connection(port))
+    gone = json.loads(recover.connections.read_text())
+    gone["pgdr_s3"] = json.loads(aws_connection(free_port()))
+    recover.connections.write_text(json.dumps(gone))
+    data_dir, new_port = recover.base / "data", free_port()
+    stamp = lost_server["target"].strftime("%Y-%m-%dT%H:%M:%SZ")
+    refused = recover("--to", stamp, "--data-dir", str(data_dir))
+    assert refused.returncode == 1 and "--from dr" in refused.output and "'dr_same'" in refused.output, refused.output
+    wrong = recover("--to", stamp, "--data-dir", str(data_dir), "--from", "nowhere")
+    assert wrong.returncode == 2 and "dr (a copy)" in wrong.output and "Nothing was changed" in wrong.output
+
+    done = recover("--to", stamp, "--data-dir", str(data_dir), "--port", str(new_port), "--from", "dr")
+    assert done.returncode == 0, done.output
+    assert "read from       : copy 'dr'" in done.output
+    server_pg = lost_server["server"]
+    owner = _dsn(new_port, "app_owner", "owner-secret", "app")
+    assert [r[0] for r in _sql(owner, "SELECT label FROM public.events ORDER BY id")] == [
+        "after the base backup",
+        "before the target",
+    ]
+    ledger = _dsn(new_port, "postgres", server_pg.password, HOSTILE_DB)
+    assert _sql(ledger, 'SELECT count(*) FROM "Entries ü"') == [(100,)]
+    assert f"s3://{DR_BUCKET}/{prefix}-dr/" in done.output  # the report is stored in the copy it read

@@ -349,8 +349,6 @@ databases:
     assert read_request({}, p, p.database("shop"))["restore_from"] == "main"
     with pytest.raises(InvalidRestoreRequest, match="database 'crm' is not stored in 'vault'; it is in: main"):
         read_request({"restore_from": "vault"}, p, p.database("crm"))
-    with pytest.raises(InvalidRestoreRequest, match="Mode server recovers from base backups and WAL"):
-        read_request({"restore_from": "vault", "mode": "server"}, p, p.database("shop"))
 
 
 def _verify_tasks(dag_run, state: str) -> list[str]:

@@ -10,15 +10,15 @@ from conftest import BUCKET, PITR_PREFIX, PITR_SERVER
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def pitr_plan(plan, env, pitr_server, monkeypatch):
-    """A plan with the PITR server: its database 'shop', WAL archive and base backups on S3."""
-    monkeypatch.setenv("AIRFLOW_CONN_PGDR_PITR", pitr_server.connection_uri("shop"))
-    monkeypatch.setenv("AIRFLOW_CONN_PGDR_RESTORE", pitr_server.restore_connection_uri())
-    storage = {"s3": {"type": "s3", "bucket": BUCKET, "prefix": PITR_PREFIX, "aws_conn_id": "pgdr_s3"}}
+def _pitr_plan(plan, storage: dict | None = None, **pitr):
+    """The plan of the PITR server: its database 'shop', WAL archive and base backups on S3 (more ``storage`` targets
+    and ``pitr`` keys when given)."""
     return plan(
         databases=[{"name": "shop", "conn_id": "pgdr_pitr", "server": PITR_SERVER}],
-        storage=storage,
+        storage={
+            "s3": {"type": "s3", "bucket": BUCKET, "prefix": PITR_PREFIX, "aws_conn_id": "pgdr_s3"},
+            **(storage or {}),
+        },
         servers={
             PITR_SERVER: {
                 "pitr": {
@@ -27,10 +27,19 @@ def pitr_plan(plan, env, pitr_server, monkeypatch):
                     "full_schedule": "@daily",
                     "incremental_schedule": "@hourly",
                     "archive_timeout": "10s",
+                    **pitr,
                 }
             }
         },
     )
+
+
+@pytest.fixture
+def pitr_plan(plan, env, pitr_server, monkeypatch):
+    """A plan with the PITR server: its database 'shop', WAL archive and base backups on S3."""
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_PITR", pitr_server.connection_uri("shop"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_RESTORE", pitr_server.restore_connection_uri())
+    return _pitr_plan(plan)
 
 
 def catalog_of(s3_server):
@@ -469,3 +478,71 @@ def test_an_archive_whose_codec_changed_is_one_continuous_archive(plan, s3_stora
         restored.parent.mkdir(exist_ok=True)
         run(archive.restore_command().replace("%f", name).replace("%p", shlex.quote(str(restored))))
         assert restored.read_bytes() == content
+
+
+def test_pgdr_copy_copies_the_servers_wal_and_base_backups_checked_there_and_health_watches_the_copy(
+    pitr_plan, plan, run_dag, s3_server, monkeypatch, slack
+):
+    """pgdr_copy's copy_server task: a base backup and the WAL from its start reach the copy (streamed through the
+    worker: another connection), each file read back there; bytes that read back wrong are removed and the task fails
+    naming them; the next run copies them. pgdr_health's server check reports the copy's lag."""
+    import io
+    from datetime import UTC, datetime
+
+    from pgdr.airflow_glue.connections import resources
+    from pgdr.physical.copies import server_copy_lags
+    from pgdr.storage.backends import S3Store
+    from support import aws_connection
+
+    dr_bucket = "pgdr-dr-copy"
+    try:
+        s3_server.client.create_bucket(Bucket=dr_bucket)
+    except s3_server.client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3_DR", aws_connection(s3_server.port))
+    prefix = f"{PITR_PREFIX}-dag-copy"
+    p = _pitr_plan(
+        plan, {"dr": {"type": "s3", "bucket": dr_bucket, "prefix": prefix, "aws_conn_id": "pgdr_s3_dr"}}, copies=["dr"]
+    )
+    full = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+    assert full.get_state() == "success", full.states
+
+    honest = S3Store.put_stream
+    damaged = []
+
+    def faulty(self, key, stream):
+        if self.bucket == dr_bucket and "/wals/" in key and not damaged:
+            damaged.append(key)
+            stream = io.BytesIO(stream.read()[:-1])  # the last byte lost on the way
+        honest(self, key, stream)
+
+    monkeypatch.setattr(S3Store, "put_stream", faulty)
+    failed = run_dag("pgdr_copy")
+    assert failed.states["copy_server[0]"] == "failed", failed.states
+    res = resources(p)
+    server = p.server(PITR_SERVER)
+    copy_store, _layout, copy_archive = res.archive(server, p.storages["dr"])
+    assert damaged and not copy_store.exists(damaged[0])  # removed: never a wrong segment in the copy
+    (message,) = [m["text"] for m in slack.messages if "copy_server" in m["text"]]
+    assert damaged[0].rsplit("/", 1)[-1] in message and "reads back as" in message, message
+
+    monkeypatch.setattr(S3Store, "put_stream", honest)
+    slack.clear()
+    copied = run_dag("pgdr_copy")
+    assert copied.states["copy_server[0]"] == "success", copied.states
+    (lag,) = server_copy_lags(server, res, datetime.now(UTC))
+    assert lag.missing_backups == () and lag.gap is None, lag
+    assert copy_store.exists(damaged[0])
+    newest = catalog_of(s3_server).backups()[-1]
+    copied_names = {s.name for s in copy_archive.segments(copy_store)}
+    assert newest.record.start_wal in copied_names
+
+    health = run_dag("pgdr_health")
+    (check,) = [r for r in _xcom(health, "check_server") if r["check"] == "copy_lag.dr"]
+    assert check["database"] == PITR_SERVER and check["ok"], check
+
+    # The drill's lost-target scenario rehearses the server's recovery from the copy: its RPO is the copy's.
+    drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"], "scenario": "primary-target-lost"})
+    assert drill.states["rehearse_pitr[0]"] == "success", drill.states
+    rehearsal = _xcom(drill, "rehearse_pitr")
+    assert rehearsal["server"] == PITR_SERVER and rehearsal["rpo"]["achieved_s"] > 0, rehearsal

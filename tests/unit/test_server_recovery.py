@@ -229,7 +229,7 @@ def test_a_server_request_recovers_to_latest_by_default():
 
     db = SimpleNamespace(name="app", conn_id="pgdr_app")
     request = read_request({"mode": "server", "confirm": "main", "backup": "latest-verified"}, _form_plan(), db)
-    assert request == {"mode": "server", "server": "main", "selector": "latest", "dry_run": False}
+    assert request == {"mode": "server", "server": "main", "selector": "latest", "dry_run": False, "restore_from": None}
     timed = read_request({"mode": "server", "confirm": "main", "backup": "2026-11-26 09:40:59"}, _form_plan(), db)
     assert timed["selector"] == "2026-11-26 09:40:59"
 

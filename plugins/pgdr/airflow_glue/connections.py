@@ -132,13 +132,13 @@ def server_endpoint(server: ProtectedServer, plan: DRPlan | None = None) -> PgEn
     )
 
 
-def open_archive(server: ProtectedServer, plan: DRPlan | None = None):
-    """Return ``(store, layout, archive)`` of a PITR server: its S3 target and WAL archive, with the
-    endpoint and credentials of the target's AWS connection (for barman-cloud's environment)."""
+def open_archive(server: ProtectedServer, plan: DRPlan | None = None, target: StorageTarget | None = None):
+    """Return ``(store, layout, archive)`` of a PITR server: its S3 target (or ``target``, one of its copies) and WAL
+    archive, with the endpoint and credentials of the target's AWS connection (for barman-cloud's environment)."""
     from pgdr.physical.archive import ArchiveAccess, WalArchive
     from pgdr.storage.layout import PhysicalLayout
 
-    target = server.pitr.storage
+    target = target or server.pitr.storage
     store, _ = open_store(target, plan)
     conn = get_connection(target.aws_conn_id, f"S3 storage target {target.name!r}", plan)
     extra = conn.extra_dejson or {}
@@ -250,8 +250,8 @@ class AirflowResources:
     def store(self, target: StorageTarget) -> tuple[BackupStore, BackupLayout]:
         return open_store(target, self.plan)
 
-    def archive(self, server: ProtectedServer):
-        return open_archive(server, self.plan)
+    def archive(self, server: ProtectedServer, target: StorageTarget | None = None):
+        return open_archive(server, self.plan, target)
 
     def data_key(self, db: ProtectedDatabase, manifest, catalog=None) -> bytes | None:
         return backup_data_key(db, manifest, self.plan, catalog)

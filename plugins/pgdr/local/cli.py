@@ -255,7 +255,7 @@ def recover_server(args: argparse.Namespace) -> int:
 
 def _recover_server(args: argparse.Namespace, target, declared) -> int:
     from pgdr.airflow_glue.connections import resources
-    from pgdr.errors import PgdrError
+    from pgdr.errors import PgdrError, StorageUnavailable
     from pgdr.messages import server_recovery_failed, server_recovery_summary
     from pgdr.physical.server_recovery import (
         ServerRecovery,
@@ -265,12 +265,21 @@ def _recover_server(args: argparse.Namespace, target, declared) -> int:
         render_server_report,
     )
 
+    server = None
     try:
         res = resources()
         server = res.plan.server(args.server)
+        try:
+            source = server.pitr.storage_named(args.restore_from)
+        except ValueError as err:
+            _print(f"pgdr: --from: {err}. Nothing was changed.")
+            return 2
+        source = None if source is server.pitr.storage else source
         if args.dry_run:
             with tempfile.TemporaryDirectory(prefix="pgdr-recover-plan-") as work:
-                plan = plan_server_recovery(server, res, target, args.data_dir, Path(work), args.delta, args.pause)
+                plan = plan_server_recovery(
+                    server, res, target, args.data_dir, Path(work), args.delta, args.pause, source
+                )
             _print("Recovery plan (dry run, nothing was changed):\n" + render_server_plan(plan))
             return 0
         recovery = ServerRecovery(
@@ -284,14 +293,22 @@ def _recover_server(args: argparse.Namespace, target, declared) -> int:
             os_user=args.os_user,
             declared_at=declared,
             triggered_by=f"the command line (python -m pgdr recover-server) as {_who()}",
+            source=source,
         )
         report = recovery.run(say=lambda text: _print(f"pgdr: {text}"))
     except ServerRecoveryRefused as err:  # nothing was changed: the on-call reads it here, the team needs no alert
         _print(f"pgdr: {err}")
         return 1
     except PgdrError as err:
-        _print(f"pgdr: {err}")
-        _tell_the_team(server_recovery_failed(args.server, args.to.strip(), socket.getfqdn(), str(err)))
+        text = str(err)
+        if isinstance(err, StorageUnavailable) and server is not None and server.pitr.copies and not args.restore_from:
+            text += (
+                f" Server {server.name!r} also has its base backups and WAL in "
+                f"{', '.join(repr(c.name) for c in server.pitr.copies)}: to recover from there, run this again with "
+                f"--from {server.pitr.copies[0].name}."
+            )
+        _print(f"pgdr: {text}")
+        _tell_the_team(server_recovery_failed(args.server, args.to.strip(), socket.getfqdn(), text))
         return 1
     except KeyboardInterrupt:
         _print("\npgdr: interrupted. The old host was not touched; run again with --delta to finish this directory.")
@@ -433,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--os-user", help="the account the server runs as (needed when run as root)")
     whole.add_argument(
         "--declared", help="when the failure was declared, UTC (default: now): ends the data-loss window"
+    )
+    whole.add_argument(
+        "--from",
+        dest="restore_from",
+        help="recover from this copy of the server's archive and base backups (the plan's pitr.copies), e.g. when "
+        "its storage target is unreachable",
     )
     whole.add_argument("--dry-run", action="store_true", help="print the recovery plan and stop")
     keygen = commands.add_parser(

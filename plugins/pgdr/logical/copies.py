@@ -33,7 +33,7 @@ from pgdr.logical.retention import apply_retention, decide_retention
 from pgdr.messages import first_line, format_duration
 from pgdr.plan import ProtectedDatabase, StorageTarget
 from pgdr.resources import Resources
-from pgdr.storage.backends import S3Store, sha256_stream
+from pgdr.storage.backends import BackupStore, S3Store, sha256_stream
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,43 @@ class _HashingReader:
         return chunk
 
 
+def transfer(
+    source: BackupStore, copy: BackupStore, source_key: str, key: str, inside_s3: bool
+) -> tuple[int, str] | None:
+    """Copy one object from ``source`` to ``copy``: inside S3 (``CopyObject``: no byte passes through this worker;
+    returns ``None``), or streamed through the worker (returns the size and SHA-256 of what was read, hashed on the
+    way)."""
+    if inside_s3:
+        copy.copy_from(source, key, source_key)
+        return None
+    with source.open_read(source_key) as stream:
+        reader = _HashingReader(stream)
+        copy.put_stream(key, reader)
+    return reader.size, reader.digest.hexdigest()
+
+
+def check_read_back(
+    store: BackupStore, key: str, expected: tuple[int, str], whose: str, target: str, inside_s3: bool, how_to_tell: str
+) -> None:
+    """Read ``key`` back from the copy and compare its size and SHA-256 with ``expected`` (from ``whose``).
+
+    :raises CopyDamaged: naming both, and (after a copy inside S3) that the source's object may be the damaged one.
+    """
+    with store.open_read(key) as stream:
+        size, digest = sha256_stream(stream)
+    if (size, digest) != expected:
+        raise CopyDamaged(
+            f"{store.describe(key)} reads back as {size} bytes with SHA-256 {digest[:16]}…, not the {expected[0]} "
+            f"bytes, {expected[1][:16]}… of {whose}: the copy to {target!r} is not made (what was written is "
+            "removed); the next run tries again."
+            + (
+                f" It was copied inside S3, so the source's file may be the damaged one: {how_to_tell} tells."
+                if inside_s3
+                else ""
+            )
+        )
+
+
 def copies_inside_s3(source_target: StorageTarget, copy_target: StorageTarget) -> bool:
     """Say whether the copy can be made inside S3: both targets are buckets reached through one AWS connection."""
     return source_target.kind == copy_target.kind == "s3" and source_target.aws_conn_id == copy_target.aws_conn_id
@@ -103,38 +140,28 @@ def copy_backup(
             own = source.layout.data_key(manifest.database, manifest.backup_id, item.name)
             key = copy.layout.data_key(manifest.database, manifest.backup_id, item.name) + item.key[len(own) :]
             written.append(key)
-            if inside_s3:
-                copy.store.copy_from(source.store, key, item.key)
-            else:
-                with source.store.open_read(item.key) as stream:
-                    reader = _HashingReader(stream)
-                    copy.store.put_stream(key, reader)
-                if (reader.size, reader.digest.hexdigest()) != (item.stored_size, item.sha256):
-                    raise CopyDamaged(
-                        f"{source.store.describe(item.key)} is {reader.size} bytes with SHA-256 "
-                        f"{reader.digest.hexdigest()[:16]}…, but the manifest of backup {manifest.backup_id} says "
-                        f"{item.stored_size} bytes, {item.sha256[:16]}…: the backup is damaged at the source, so it "
-                        "was not copied. Run pgdr_verify_restore on it, and find out what changed the bucket."
-                    )
+            sent = transfer(source.store, copy.store, item.key, key, inside_s3)
+            if sent is not None and sent != (item.stored_size, item.sha256):
+                raise CopyDamaged(
+                    f"{source.store.describe(item.key)} is {sent[0]} bytes with SHA-256 {sent[1][:16]}…, but the "
+                    f"manifest of backup {manifest.backup_id} says {item.stored_size} bytes, {item.sha256[:16]}…: the "
+                    "backup is damaged at the source, so it was not copied. Run pgdr_verify_restore on it, and find "
+                    "out what changed the bucket."
+                )
             files.append(replace(item, key=key))
         for item in files:  # the copy's own bytes, read back: what a restore from the copy will read
-            with copy.store.open_read(item.key) as stream:
-                size, digest = sha256_stream(stream)
-            if (size, digest) != (item.stored_size, item.sha256):
-                raise CopyDamaged(
-                    f"{copy.store.describe(item.key)} reads back as {size} bytes with SHA-256 {digest[:16]}…, not the "
-                    f"{item.stored_size} bytes, {item.sha256[:16]}… of backup {manifest.backup_id}'s manifest: the "
-                    f"copy to {target!r} is not made (what was written is removed); the next run tries again."
-                    + (
-                        " It was copied inside S3, so the source's file may be the damaged one: pgdr_verify_restore on "
-                        "the backup tells."
-                        if inside_s3
-                        else ""
-                    )
-                )
+            check_read_back(
+                copy.store,
+                item.key,
+                (item.stored_size, item.sha256),
+                f"backup {manifest.backup_id}'s manifest",
+                target,
+                inside_s3,
+                "pgdr_verify_restore on the backup",
+            )
         copy.write_manifest(_manifest_for_copy(manifest, tuple(files), data_key_of))
     except BaseException:
-        _remove_quietly(copy, written)
+        remove_quietly(copy.store, written)
         raise
     copy.get(manifest.backup_id)  # the stored manifest reads back, about this backup, with this copy's keys
     if entry.verification is not None:
@@ -166,10 +193,10 @@ def _manifest_for_copy(
     return replace(moved, encryption=replace(manifest.encryption, manifest_mac=manifest_mac(data_key, moved.to_dict())))
 
 
-def _remove_quietly(copy: BackupCatalog, keys: list[str]) -> None:
+def remove_quietly(store: BackupStore, keys: list[str]) -> None:
     """Remove the files of a copy that failed (they have no manifest: invisible, but they cost storage)."""
     try:
-        copy.store.delete(keys)
+        store.delete(keys)
     except Exception as err:  # noqa: BLE001 - retention removes partial uploads later; the copy's error matters more
         log.warning(
             "Could not remove the %d files of a failed copy (%s); retention removes them later.", len(keys), err

@@ -200,12 +200,13 @@ class WalSegment:
     @property
     def suffix(self) -> str:
         """The compression suffix barman-cloud gave the stored object (``.gz``, ``.lz4``...; ``""`` for none)."""
-        return _key_suffix(self.key)
+        return _split_key(self.key)[1]
 
 
-def _key_suffix(key: str) -> str:
-    _stem, dot, suffix = key.rsplit("/", 1)[-1].partition(".")
-    return dot + suffix
+def _split_key(key: str) -> tuple[str, str]:
+    """Split an archived object's key into its file name's stem and its suffix (``.gz``...; ``""`` for none)."""
+    stem, dot, suffix = key.rsplit("/", 1)[-1].partition(".")
+    return stem, dot + suffix
 
 
 def segment_number(name: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> int:
@@ -242,6 +243,37 @@ def lsn_to_int(lsn: str) -> int:
 def segment_of_lsn(timeline: int, lsn: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> str:
     """Return the name of the WAL segment holding ``lsn`` on ``timeline``."""
     return segment_name(timeline, lsn_to_int(lsn) // segment_size, segment_size)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """The first WAL segment missing after ``start`` (:func:`first_gap`)."""
+
+    missing: str  # the missing segment's name (``start`` itself when ``reachable`` is None)
+    reachable: WalSegment | None  # the last segment before it (None: ``start`` is missing)
+    after: int  # how many later segments exist past the gap, on that timeline
+
+
+def first_gap(segments: list[WalSegment], start: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> Gap | None:
+    """Return the first segment missing on ``start``'s timeline from ``start`` to the newest one, or ``None``."""
+    timeline = int(start[:8], 16)
+    on_timeline = {s.number(segment_size): s for s in segments if s.timeline == timeline}
+    first = segment_number(start, segment_size)
+    if first not in on_timeline:
+        return Gap(start, None, sum(1 for n in on_timeline if n > first))
+    newest = max(on_timeline)
+    number = first
+    while number < newest:
+        if number + 1 not in on_timeline:
+            return Gap(segment_name(timeline, number + 1, segment_size), on_timeline[number], newest - number - 1)
+        number += 1
+    return None
+
+
+def newest_on_timeline(segments: list[WalSegment], start: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> WalSegment:
+    """Return the newest segment on ``start``'s timeline (which holds ``start``)."""
+    timeline = int(start[:8], 16)
+    return max((s for s in segments if s.timeline == timeline), key=lambda s: s.number(segment_size))
 
 
 @dataclass(frozen=True)
@@ -312,8 +344,8 @@ class WalArchive:
         """Return every archived WAL segment, oldest first (history and backup-label files left out)."""
         found = []
         for obj in store.list(self.layout.wal_segments_prefix(self.server)):
-            stem = obj.key.rsplit("/", 1)[-1].partition(".")[0]
-            if _SEGMENT.match(stem) and _key_suffix(obj.key) in _DECOMPRESS:
+            stem, suffix = _split_key(obj.key)
+            if _SEGMENT.match(stem) and suffix in _DECOMPRESS:
                 found.append(WalSegment(stem, obj.key, obj.size, obj.modified))
         return sorted(found, key=lambda s: s.name)
 
@@ -324,30 +356,22 @@ class WalArchive:
 
         :raises WalGap: when ``start`` itself is missing, or a segment is missing before the newest one.
         """
-        timeline = int(start[:8], 16)
-        on_timeline = {s.number(segment_size): s for s in segments if s.timeline == timeline}
-        first = segment_number(start, segment_size)
-        if first not in on_timeline:
+        gap = first_gap(segments, start, segment_size)
+        if gap is None:
+            return newest_on_timeline(segments, start, segment_size)
+        if gap.reachable is None:
             raise WalGap(
                 f"WAL segment {start} is missing from the archive {self.describe()}: no recovery from the base "
                 "backups that need it is possible. Check the server's archive_command (pg_stat_archiver) and take "
                 "a new full base backup."
             )
-        newest = max(on_timeline)
-        number = first
-        while number < newest:
-            if number + 1 not in on_timeline:
-                missing = segment_name(timeline, number + 1, segment_size)
-                reachable = on_timeline[number]
-                raise WalGap(
-                    f"WAL segment {missing} is missing from the archive {self.describe()} (segments up to "
-                    f"{reachable.name} are there, and {newest - number - 1} later ones after the gap). Recovery "
-                    "from this base backup can reach only moments before that segment; the recovery window from "
-                    f"{reachable.stored_at:%Y-%m-%d %H:%M:%S} UTC onwards is lost until a new full base backup is "
-                    "taken. Take one now (trigger pgdr_basebackup with kind=full)."
-                )
-            number += 1
-        return on_timeline[newest]
+        raise WalGap(
+            f"WAL segment {gap.missing} is missing from the archive {self.describe()} (segments up to "
+            f"{gap.reachable.name} are there, and {gap.after} later ones after the gap). Recovery "
+            "from this base backup can reach only moments before that segment; the recovery window from "
+            f"{gap.reachable.stored_at:%Y-%m-%d %H:%M:%S} UTC onwards is lost until a new full base backup is "
+            "taken. Take one now (trigger pgdr_basebackup with kind=full)."
+        )
 
     def fetch_segment(self, store: BackupStore, segment: WalSegment, dest: Path) -> Path:
         """Download and decompress one archived segment to ``dest`` (for ``pg_waldump``)."""

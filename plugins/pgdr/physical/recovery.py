@@ -226,16 +226,17 @@ def recover_cluster(
     return result
 
 
-def plan_point_in_time(server, res, moment: datetime | None, workdir: Path) -> dict[str, Any]:
+def plan_point_in_time(server, res, moment: datetime | None, workdir: Path, source=None) -> dict[str, Any]:
     """Plan a recovery of ``server`` to ``moment``: the window, the chain, the WAL to replay, the expected time.
 
     ``moment`` ``None`` is *latest*: the end of the archive (every archived transaction replayed); the
     plan then names the last transaction the archive holds now and how far behind the present it is.
 
     :param res: the deployment (:class:`pgdr.resources.Resources`).
+    :param source: one of the server's ``pitr.copies`` to read instead of its archive (``None``: the archive).
     :raises TargetOutsideWindow: naming the recoverable window, when ``moment`` lies outside it.
     """
-    store, layout, archive = res.archive(server)
+    store, layout, archive = res.archive(server, source)
     catalog = BaseBackupCatalog(store, layout, server.name)
     workdir.mkdir(parents=True, exist_ok=True)
     window = recoverable_window(catalog, archive, store, workdir)

@@ -329,9 +329,19 @@ def _disk_needed(chain, store) -> int:
 
 
 def plan_server_recovery(
-    server, res, target: datetime | None, data_dir: Path, workdir: Path, delta: bool = False, pause: bool = False
+    server,
+    res,
+    target: datetime | None,
+    data_dir: Path,
+    workdir: Path,
+    delta: bool = False,
+    pause: bool = False,
+    source=None,
 ) -> dict[str, Any]:
     """Return the recovery plan of ``server`` into ``data_dir`` (the dry run); refuse what cannot be done.
+
+    ``source`` is one of the server's ``pitr.copies`` (:class:`~pgdr.plan.StorageTarget`) to recover from instead of
+    its archive (``--from``: the primary region or bucket is lost).
 
     :raises ServerRecoveryRefused: the data directory holds a running server, or files without ``delta``, or the
         disk is too small. :raises TargetOutsideWindow: naming the recoverable window.
@@ -346,8 +356,8 @@ def plan_server_recovery(
             "of the archive) is none. Give --to a UTC time, or leave --pause out. Nothing was changed."
         )
     state = check_data_directory(data_dir, delta)
-    pitr = plan_point_in_time(server, res, target, workdir)
-    store, layout, _archive = res.archive(server)
+    pitr = plan_point_in_time(server, res, target, workdir, source)
+    store, layout, archive = res.archive(server, source)
     catalog = BaseBackupCatalog(store, layout, server.name)
     chain = [catalog.get(backup_id) for backup_id in pitr["chain"]]
     needed = _disk_needed(chain, store) + pitr["wal_bytes"]
@@ -371,6 +381,7 @@ def plan_server_recovery(
         "disk_free_bytes": free,
         "system_identifier": chain[-1].record.system_identifier,
         "pg_version": chain[-1].record.pg_version,
+        "read_from": f"copy {source.name!r} ({archive.describe()})" if source is not None else archive.describe(),
     }
 
 
@@ -390,6 +401,7 @@ def render_server_plan(plan: dict[str, Any]) -> str:
             f"  base backups    : {' -> '.join(plan['chain'])} ({plan['base_backup_bytes'] / 1e6:.1f} MB stored, the "
             f"newest ended {plan['base_backup_ended']})",
             f"  WAL to replay   : up to {plan['wal_segments']} segments ({plan['wal_bytes'] / 1e6:.0f} MB)",
+            f"  read from       : {plan.get('read_from', 'the archive')}",
             f"  recoverable     : {plan['window']['oldest']} to {plan['window']['newest']} UTC",
             f"  expected time   : {plan['expected_recovery']} (median of past PITR verifications)",
             f"  data directory  : {plan['data_dir']} on {plan['host']} ({plan['data_dir_state']}"
@@ -418,6 +430,7 @@ class ServerRecovery:
     triggered_by: str = "command line"
     timeout_s: float = 6 * 3600
     resume_key: str | None = None  # an Airflow run: its retry resumes its own earlier try's directory (as --delta)
+    source: Any = None  # one of the server's pitr.copies (a StorageTarget) to recover from; None: its archive
     phases: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -441,11 +454,18 @@ class ServerRecovery:
             self.delta = True
         t = time.monotonic()
         plan = plan_server_recovery(
-            self.server, self.res, self.target, self.data_dir, self.control / "plan", self.delta, self.pause
+            self.server,
+            self.res,
+            self.target,
+            self.data_dir,
+            self.control / "plan",
+            self.delta,
+            self.pause,
+            self.source,
         )
         self._phase("plan", t)
         say("Recovery plan:\n" + render_server_plan(plan))
-        store, layout, archive = self.res.archive(self.server)
+        store, layout, archive = self.res.archive(self.server, self.source)
         catalog = BaseBackupCatalog(store, layout, self.server.name)
         entry = catalog.get(plan["base_backup"])
         delta_counts = self.place(plan, catalog, entry, store, archive, say)
@@ -607,8 +627,9 @@ class ServerRecovery:
         }
 
     def store_report(self, report: dict[str, Any]) -> str:
-        """Store the report (JSON and markdown) under the server's prefix; return where the markdown is."""
-        store, layout, _archive = self.res.archive(self.server)
+        """Store the report (JSON and markdown) under the server's prefix (in the copy it recovered from, if one);
+        return where the markdown is."""
+        store, layout, _archive = self.res.archive(self.server, self.source)
         stamp = report["started_at"][:19].replace(":", "").replace("-", "") + "Z"
         base = layout.recovery_report_key(self.server.name, stamp, report["host"])
         store.put_bytes(base + ".json", json.dumps(report, indent=2, default=str).encode())

@@ -1,4 +1,4 @@
-"""What the task of ``pgdr_copy`` does: bring one database's second copies up to date."""
+"""What the tasks of ``pgdr_copy`` do: bring one database's, or one server's, second copies up to date."""
 
 from __future__ import annotations
 
@@ -33,3 +33,17 @@ def run_copy(database: str, context) -> dict[str, Any]:
             len(done["deleted"]),
         )
     return summary
+
+
+def run_copy_server(server_name: str, context) -> dict[str, Any]:
+    """Body of ``copy_server``: copy the WAL files and base backups missing in each copy target of ``server_name``,
+    check them there, apply the server's retention there (:func:`pgdr.physical.copies.copy_server`)."""
+    from pgdr.airflow_glue.connections import resources
+    from pgdr.airflow_glue.task_run import CONTEXT_SERVER
+    from pgdr.physical.copies import copy_server
+
+    context[CONTEXT_SERVER] = server_name
+    context[CONTEXT_DATABASE] = f"server {server_name}"
+    with fail_fast():  # a damaged file fails the task at once (the next run tries again); unreachable: retried
+        res = resources()
+        return copy_server(res.plan.server(server_name), res, datetime.now(UTC))

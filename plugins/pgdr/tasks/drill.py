@@ -227,16 +227,20 @@ def run_rehearse_pitr(server_name: str, context) -> dict[str, Any]:
     from pgdr.airflow_glue.task_run import AirflowTaskRun, pitr_server_context
     from pgdr.drill import pitr_rehearsal_failed, rehearse_pitr
 
-    if _scenario(context) == TARGET_LOST:  # the finding is the report's, not a crash
-        return pitr_rehearsal_failed(
-            server_name,
-            load_plan().server(server_name).pitr.rpo.total_seconds(),
-            f"with its storage target lost, server {server_name!r} cannot be recovered to a moment: its base backups "
-            "and WAL archive have no second copy yet (pgdr_copy copies the logical dumps only); its databases are "
-            "restored from their copies' dumps",
-        )
+    read_from = None
+    if _scenario(context) == TARGET_LOST:  # recovered from the first copy; without one, the finding is the report's
+        pitr = load_plan().server(server_name).pitr
+        if not pitr.copies:
+            return pitr_rehearsal_failed(
+                server_name,
+                pitr.rpo.total_seconds(),
+                f"with its storage target lost, server {server_name!r} cannot be recovered to a moment: its base "
+                "backups and WAL archive have no second copy (add pitr.copies: [a target in another bucket or region] "
+                "and let pgdr_copy fill it); its databases are restored from their copies' dumps",
+            )
+        read_from = pitr.copies[0].name
     with fail_fast():
-        plan, server, store, archive, catalog = pitr_server_context(server_name, context)
+        plan, server, store, archive, catalog = pitr_server_context(server_name, context, read_from)
         return rehearse_pitr(
             server,
             server_endpoint(server, plan),

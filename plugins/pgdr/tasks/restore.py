@@ -141,8 +141,9 @@ def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[
     dag_run = context["dag_run"]
     res = resources()
     with fail_fast():
+        server = res.plan.server(server_name)
         recovery = ServerRecovery(
-            res.plan.server(server_name),
+            server,
             res,
             None if plan["selector"] == "latest" else parse_timestamp(plan["selector"]),
             plan["data_dir"],
@@ -152,6 +153,7 @@ def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[
             resume_key=f"{dag_run.dag_id}/{dag_run.run_id}",  # a retry resumes this run's own directory
             triggered_by=f"{getattr(dag_run, 'triggering_user_name', None) or 'unknown'} (pgdr_restore "
             f"{dag_run.run_id})",
+            source=server.pitr.storage_named(plan["restore_from"]) if plan.get("restore_from") else None,
         )
         return recovery.run()
 
