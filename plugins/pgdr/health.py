@@ -128,19 +128,26 @@ def check_copies(db, res: Resources, now: datetime, source: SourceBackups) -> li
             CheckResult(f"copy_lag.{target.name}", db.name, False, f"the copy cannot be compared: {first_line(err)}")
             for target in db.copies
         ]
+    return copy_lag_results(
+        db.name, lags, limit, "every backup", lambda lag: f"{len(lag.missing)} of them" if lag.missing else ""
+    )
+
+
+def copy_lag_results(subject: str, lags, limit: float, whole: str, lacking) -> list[CheckResult]:
+    """The ``copy_lag.<target>`` check of each copy's lag (a database's or a server's): failing with the lag's problem
+    past ``limit``; else saying the copy holds ``whole``, or what it lacks (``lacking(lag)``, ``""`` for nothing)."""
     results = []
     for lag in lags:
-        problem = lag.problem(limit)
+        problem, missing = lag.problem(limit), lacking(lag)
         if problem is not None:
             detail = problem
-        elif not lag.missing:
-            detail = f"copy {lag.target!r} holds every backup"
+        elif not missing:
+            detail = f"copy {lag.target!r} holds {whole}"
         else:
             detail = (
-                f"copy {lag.target!r} lacks the newest {len(lag.missing)} of them, for "
-                f"{format_duration(lag.lag_s)} (within copy_rpo)"
+                f"copy {lag.target!r} lacks the newest {missing}, for {format_duration(lag.lag_s)} (within copy_rpo)"
             )
-        results.append(CheckResult(f"copy_lag.{lag.target}", db.name, problem is None, detail, lag.lag_s))
+        results.append(CheckResult(f"copy_lag.{lag.target}", subject, problem is None, detail, lag.lag_s))
     return results
 
 
@@ -358,20 +365,17 @@ def check_server_copies(server, res: Resources, now: datetime) -> list[CheckResu
             CheckResult(f"copy_lag.{t.name}", server.name, False, f"the copy cannot be compared: {first_line(err)}")
             for t in server.pitr.copies
         ]
-    results = []
-    for lag in lags:
-        problem = lag.problem(limit)
-        if problem is not None:
-            detail = problem
-        elif not (lag.missing_wal or lag.missing_backups):
-            detail = f"copy {lag.target!r} holds the whole WAL archive and every base backup"
-        else:
-            detail = (
-                f"copy {lag.target!r} lacks the newest {len(lag.missing_wal)} WAL files and "
-                f"{len(lag.missing_backups)} base backups, for {format_duration(lag.lag_s)} (within copy_rpo)"
-            )
-        results.append(CheckResult(f"copy_lag.{lag.target}", server.name, problem is None, detail, lag.lag_s))
-    return results
+    return copy_lag_results(
+        server.name,
+        lags,
+        limit,
+        "the whole WAL archive and every base backup",
+        lambda lag: (
+            f"{len(lag.missing_wal)} WAL files and {len(lag.missing_backups)} base backups"
+            if lag.missing_wal or lag.missing_backups
+            else ""
+        ),
+    )
 
 
 def cluster_identity_check(server, res: Resources, identifier: str) -> CheckResult:

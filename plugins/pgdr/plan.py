@@ -153,13 +153,21 @@ class ProtectedDatabase:
     def storage_named(self, name: str | None) -> StorageTarget:
         """Return the storage target a restore reads from: the database's own (``None`` or its name) or one of its
         ``copies``; :class:`ValueError` saying which exist for another name."""
-        if name in (None, "", self.storage.name):
-            return self.storage
-        for copy in self.copies:
-            if copy.name == name:
-                return copy
-        where = ", ".join([f"{self.storage.name} (its storage)", *(f"{c.name} (a copy)" for c in self.copies)])
-        raise ValueError(f"database {self.name!r} is not stored in {name!r}; it is in: {where}")
+        return _own_or_copy(name, self.storage, "its storage", self.copies, f"database {self.name!r} is", "it is")
+
+
+def _own_or_copy(
+    name: str | None, own: StorageTarget, own_role: str, copies: tuple[StorageTarget, ...], subject: str, pronoun: str
+) -> StorageTarget:
+    """Return ``own`` (for ``None``, ``""`` or its name) or the copy called ``name``; else :class:`ValueError`:
+    "<subject> not stored in <name>; <pronoun> in: <own> (<own_role>), <copy> (a copy)..."."""
+    if name in (None, "", own.name):
+        return own
+    for copy in copies:
+        if copy.name == name:
+            return copy
+    where = ", ".join([f"{own.name} ({own_role})", *(f"{c.name} (a copy)" for c in copies)])
+    raise ValueError(f"{subject} not stored in {name!r}; {pronoun} in: {where}")
 
 
 @dataclass(frozen=True)
@@ -188,13 +196,9 @@ class PitrPolicy:
     def storage_named(self, name: str | None) -> StorageTarget:
         """Return the target a recovery reads from: the archive's own (``None`` or its name) or one of ``copies``;
         :class:`ValueError` saying which exist for another name."""
-        if name in (None, "", self.storage.name):
-            return self.storage
-        for copy in self.copies:
-            if copy.name == name:
-                return copy
-        where = ", ".join([f"{self.storage.name} (its archive)", *(f"{c.name} (a copy)" for c in self.copies)])
-        raise ValueError(f"the WAL archive and base backups are not stored in {name!r}; they are in: {where}")
+        return _own_or_copy(
+            name, self.storage, "its archive", self.copies, "the WAL archive and base backups are", "they are"
+        )
 
 
 @dataclass(frozen=True)

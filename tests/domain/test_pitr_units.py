@@ -455,25 +455,13 @@ def test_a_drill_with_the_storage_target_lost_reports_a_server_unrecoverable_fro
 def test_a_copy_holds_every_base_backup_but_failed_ones_and_chains_built_on_them():
     from pgdr.physical.copies import _wal_floor, base_backups_to_copy
 
-    at = datetime(2026, 12, 4, tzinfo=UTC)
+    at, day = datetime(2026, 12, 4, tzinfo=UTC), datetime(2026, 12, 5, tzinfo=UTC)
     entries = [
         _entry("20261201T000000Z-aaaaaa", at, status="failed", start=3),
         _entry("20261201T010000Z-bbbbbb", at + timedelta(hours=1), "incremental", "20261201T000000Z-aaaaaa", start=5),
-        _entry("20261202T000000Z-cccccc", at + timedelta(days=1), status="verified", start=9),
-        _entry(
-            "20261202T010000Z-dddddd",
-            at + timedelta(days=1, hours=1),
-            "incremental",
-            "20261202T000000Z-cccccc",
-            start=11,
-        ),
-        _entry(
-            "20261202T020000Z-eeeeee",
-            at + timedelta(days=1, hours=2),
-            "incremental",
-            "20261130T000000Z-gone00",
-            start=12,
-        ),
+        _entry("20261202T000000Z-cccccc", day, status="verified", start=9),
+        _entry("20261202T010000Z-dddddd", day + timedelta(hours=1), "incremental", "20261202T000000Z-cccccc", start=11),
+        _entry("20261202T020000Z-eeeeee", day + timedelta(hours=2), "incremental", "20261130T000000Z-gone00", start=12),
     ]
     wanted = base_backups_to_copy(entries)
     assert [e.backup_id for e in wanted] == ["20261202T000000Z-cccccc", "20261202T010000Z-dddddd"]

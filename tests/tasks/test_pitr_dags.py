@@ -489,8 +489,9 @@ def test_pgdr_copy_copies_the_servers_wal_and_base_backups_checked_there_and_hea
     import io
     from datetime import UTC, datetime
 
-    from pgdr.airflow_glue.connections import resources
+    from pgdr.airflow_glue.connections import resources, server_endpoint
     from pgdr.physical.copies import server_copy_lags
+    from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat
     from pgdr.storage.backends import S3Store
     from support import aws_connection
 
@@ -528,6 +529,8 @@ def test_pgdr_copy_copies_the_servers_wal_and_base_backups_checked_there_and_hea
 
     monkeypatch.setattr(S3Store, "put_stream", honest)
     slack.clear()
+    beat = write_heartbeat(server_endpoint(server, p), "test: archived, then copied")
+    switch_and_wait_archived(server_endpoint(server, p), 60)
     copied = run_dag("pgdr_copy")
     assert copied.states["copy_server[0]"] == "success", copied.states
     (lag,) = server_copy_lags(server, res, datetime.now(UTC))
@@ -545,4 +548,7 @@ def test_pgdr_copy_copies_the_servers_wal_and_base_backups_checked_there_and_hea
     drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"], "scenario": "primary-target-lost"})
     assert drill.states["rehearse_pitr[0]"] == "success", drill.states
     rehearsal = _xcom(drill, "rehearse_pitr")
-    assert rehearsal["server"] == PITR_SERVER and rehearsal["rpo"]["achieved_s"] > 0, rehearsal
+    assert rehearsal["server"] == PITR_SERVER and datetime.fromisoformat(rehearsal["newest_heartbeat"]) >= beat, (
+        rehearsal
+    )
+    assert rehearsal["rpo"]["achieved_s"] > 0, rehearsal  # the drill's own heartbeat is not in the copy yet

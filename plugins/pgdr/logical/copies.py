@@ -88,6 +88,50 @@ def transfer(
     return reader.size, reader.digest.hexdigest()
 
 
+def copy_checked(
+    source: BackupStore,
+    copy: BackupStore,
+    files: list[tuple[str, str, int, str]],
+    whose: str,
+    target: str,
+    inside_s3: bool,
+    verify: str,
+    written: list[str],
+) -> None:
+    """Copy each file ``(source key, key in the copy, size, SHA-256)`` of one backup, as ``whose`` (its manifest or
+    record) lists it: a streamed file's bytes checked on the way (:func:`check_sent`), then every copied file read back
+    from the copy (:func:`check_read_back`). Each key is added to ``written`` before it is written (for the caller to
+    remove on failure).
+
+    :raises CopyDamaged: a file differs at the source or in the copy; ``verify`` is the DAG that tells which.
+    """
+    for source_key, key, size, sha256 in files:
+        written.append(key)
+        check_sent(
+            transfer(source, copy, source_key, key, inside_s3),
+            (size, sha256),
+            source.describe(source_key),
+            whose,
+            verify,
+        )
+    for _source_key, key, size, sha256 in files:  # the copy's own bytes: what a restore from the copy will read
+        check_read_back(copy, key, (size, sha256), whose, target, inside_s3, f"{verify} on it")
+
+
+def check_sent(sent: tuple[int, str] | None, expected: tuple[int, str], where: str, whose: str, verify: str) -> None:
+    """Compare a streamed file's size and SHA-256, hashed on the way (``sent``; ``None`` when copied inside S3), with
+    ``expected`` (from ``whose``, its manifest or record).
+
+    :raises CopyDamaged: the file differs at the source: the backup is damaged there, ``verify`` tells how.
+    """
+    if sent is not None and sent != expected:
+        raise CopyDamaged(
+            f"{where} is {sent[0]} bytes with SHA-256 {sent[1][:16]}…, but {whose} says {expected[0]} bytes, "
+            f"{expected[1][:16]}…: the backup is damaged at the source, so it was not copied. Run {verify} on it, and "
+            "find out what changed the bucket."
+        )
+
+
 def check_read_back(
     store: BackupStore, key: str, expected: tuple[int, str], whose: str, target: str, inside_s3: bool, how_to_tell: str
 ) -> None:
@@ -139,26 +183,17 @@ def copy_backup(
         for item in manifest.files:
             own = source.layout.data_key(manifest.database, manifest.backup_id, item.name)
             key = copy.layout.data_key(manifest.database, manifest.backup_id, item.name) + item.key[len(own) :]
-            written.append(key)
-            sent = transfer(source.store, copy.store, item.key, key, inside_s3)
-            if sent is not None and sent != (item.stored_size, item.sha256):
-                raise CopyDamaged(
-                    f"{source.store.describe(item.key)} is {sent[0]} bytes with SHA-256 {sent[1][:16]}…, but the "
-                    f"manifest of backup {manifest.backup_id} says {item.stored_size} bytes, {item.sha256[:16]}…: the "
-                    "backup is damaged at the source, so it was not copied. Run pgdr_verify_restore on it, and find "
-                    "out what changed the bucket."
-                )
             files.append(replace(item, key=key))
-        for item in files:  # the copy's own bytes, read back: what a restore from the copy will read
-            check_read_back(
-                copy.store,
-                item.key,
-                (item.stored_size, item.sha256),
-                f"backup {manifest.backup_id}'s manifest",
-                target,
-                inside_s3,
-                "pgdr_verify_restore on the backup",
-            )
+        copy_checked(
+            source.store,
+            copy.store,
+            [(old.key, new.key, old.stored_size, old.sha256) for old, new in zip(manifest.files, files, strict=True)],
+            f"the manifest of backup {manifest.backup_id}",
+            target,
+            inside_s3,
+            "pgdr_verify_restore",
+            written,
+        )
         copy.write_manifest(_manifest_for_copy(manifest, tuple(files), data_key_of))
     except BaseException:
         remove_quietly(copy.store, written)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from pgdr.errors import PermanentFailure, PgdrError, StorageUnavailable
-from pgdr.logical.copies import CopyDamaged, check_read_back, copies_inside_s3, remove_quietly, transfer
+from pgdr.logical.copies import CopyDamaged, check_read_back, copies_inside_s3, copy_checked, remove_quietly, transfer
 from pgdr.messages import first_line, format_duration
 from pgdr.physical.archive import DEFAULT_SEGMENT_SIZE, WalArchive, WalSegment, first_gap
 from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry
@@ -160,29 +160,17 @@ def copy_base_backup(entry: BaseBackupEntry, source: _Archive, copy: _Archive, i
     layout, server = copy.catalog.layout, copy.catalog.server
     written: list[str] = []
     try:
-        files = []
-        for item in record.files:
-            key = layout.file_key(server, record.backup_id, item.name)
-            written.append(key)
-            sent = transfer(source.store, copy.store, item.key, key, inside_s3)
-            if sent is not None and sent != (item.size, item.sha256):
-                raise CopyDamaged(
-                    f"{source.store.describe(item.key)} is {sent[0]} bytes with SHA-256 {sent[1][:16]}…, but the "
-                    f"record of base backup {record.backup_id} says {item.size} bytes, {item.sha256[:16]}…: the base "
-                    "backup is damaged at the source, so it was not copied. Run pgdr_verify_pitr on it, and find out "
-                    "what changed the bucket."
-                )
-            files.append(replace(item, key=key))
-        for item in files:
-            check_read_back(
-                copy.store,
-                item.key,
-                (item.size, item.sha256),
-                f"base backup {record.backup_id}'s record",
-                copy.target.name,
-                inside_s3,
-                "pgdr_verify_pitr on the base backup",
-            )
+        files = [replace(item, key=layout.file_key(server, record.backup_id, item.name)) for item in record.files]
+        copy_checked(
+            source.store,
+            copy.store,
+            [(old.key, new.key, old.size, old.sha256) for old, new in zip(record.files, files, strict=True)],
+            f"the record of base backup {record.backup_id}",
+            copy.target.name,
+            inside_s3,
+            "pgdr_verify_pitr",
+            written,
+        )
         written.append(copy.catalog.write_record(replace(record, files=tuple(files))))
     except BaseException:
         remove_quietly(copy.store, written)
