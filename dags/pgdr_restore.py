@@ -89,11 +89,18 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
         "restore_from": Param(
             None,
             type=["null", "string"],
-            enum=[None, *sorted({t.name for db in PLAN.databases for t in (db.storage, *db.copies) if db.copies})],
+            enum=[
+                None,
+                *sorted(
+                    {t.name for db in PLAN.databases for t in (db.storage, *db.copies) if db.copies}
+                    | {t.name for s in PLAN.servers for t in (s.pitr.storage, *s.pitr.copies) if s.pitr.copies}
+                ),
+            ],
             title="Restore from",
             values_display={"null": "(the database's own storage target)"},
             description="Where to read the backup: the database's storage target (default), or one of its second "
-            "copies (the plan's copies) when that target is unreachable or was lost.",
+            "copies (the plan's copies) when that target is unreachable or was lost; for mode server, one of the "
+            "server's pitr.copies.",
         ),
         "mode": Param(
             "new-database",

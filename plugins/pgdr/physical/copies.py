@@ -296,16 +296,22 @@ def server_copy_lags(server: ProtectedServer, res: Resources, now: datetime) -> 
         times = [stored[_file_name(n)[:24]].stored_at for n in missing_wal if _file_name(n)[:24] in stored]
         times += [e.record.finished_at for e in missing_backups]
         lag = max(0.0, (now - min(times)).total_seconds()) if times else 0.0
-        gap = _gap_in_copy(copy, held, target.name)
+        gap = _gap_in_copy(copy, held, target.name, stored)
         lags.append(
             ServerCopyLag(target.name, tuple(missing_wal), tuple(e.backup_id for e in missing_backups), lag, gap)
         )
     return lags
 
 
-def _gap_in_copy(copy: _Archive, held: list[BaseBackupEntry], target: str) -> str | None:
+def _gap_in_copy(
+    copy: _Archive, held: list[BaseBackupEntry], target: str, archived: dict[str, WalSegment]
+) -> str | None:
     """Say which segment is missing in the copy's WAL after the start of its newest base backup (the one a recovery
-    of the latest state uses), and which recovery window that breaks; ``None`` when it is continuous."""
+    of the latest state uses), and which recovery window that breaks; ``None`` when it is continuous.
+
+    :param archived: the source archive's segments by name: when the last reachable one was archived (the copy's
+        own time is when it was copied, later by the copy's lag).
+    """
     if not held:
         return None
     newest = held[-1].record
@@ -320,9 +326,10 @@ def _gap_in_copy(copy: _Archive, held: list[BaseBackupEntry], target: str) -> st
             f"{newest.backup_id} starts: no recovery from the copy's newest base backup is possible. pgdr_copy copies "
             "it on its next run if the archive still has it"
         )
+    reachable_at = archived.get(gap.reachable.name, gap.reachable).stored_at
     return (
         f"copy {target!r} lacks WAL segment {gap.missing} ({gap.after} later segments are there): a recovery from the "
-        f"copy can reach only moments before {gap.reachable.stored_at:%Y-%m-%d %H:%M:%S} UTC; the window after it "
+        f"copy can reach only moments before {reachable_at:%Y-%m-%d %H:%M:%S} UTC; the window after it "
         "is broken in the copy. pgdr_copy copies the segment on its next run if the archive still has it; if the "
         "archive lacks it too, take a full base backup (pgdr_basebackup kind=full) and let pgdr_copy copy it"
     )
