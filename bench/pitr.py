@@ -371,7 +371,9 @@ def recover_whole_server(root: Path, store, layout, archive, pg) -> tuple[float,
     database = SimpleNamespace(name="bench", dbname="bench", dump_jobs=2)
     plan = SimpleNamespace(database=lambda name: database)
     server = SimpleNamespace(name=SERVER, databases=("bench",))
-    res = SimpleNamespace(plan=plan, archive=lambda _server: (store, layout, archive), server=lambda _server: pg)
+    res = SimpleNamespace(
+        plan=plan, archive=lambda _server, _target=None: (store, layout, archive), server=lambda _server: pg
+    )
     recovery = ServerRecovery(
         server, res, None, root / "data", port=free_port(), os_user="nobody" if os.geteuid() == 0 else None
     )

@@ -328,7 +328,7 @@ def test_a_rebuilt_server_archiving_into_the_same_prefix_is_alerted_and_never_mi
         assert [e.backup_id for e in catalog.backups()] == before  # nothing mixed into the chain
 
         class Res:
-            def archive(self, server):
+            def archive(self, server, target=None):
                 return store, archive.layout, archive
 
         check = cluster_identity_check(SimpleNamespace(name=SERVER), Res(), _sysid(endpoint))
