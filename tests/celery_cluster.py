@@ -429,6 +429,17 @@ def _session_and_descendants(sessions: set[int]) -> dict[int, str]:
     return {pid: table[pid][2] for pid in found}
 
 
+def processes_left_after(root: Path, sessions: set[int], timeout: float = 60) -> list[str]:
+    """Return the deployment's processes (:func:`component_processes_left`) still running ``timeout`` seconds after
+    its components were stopped. A task's database server got the components' SIGTERM with them, and its shutdown
+    (a checkpoint, its backends leaving) outlives the component's own exit by a few seconds: it is waited for, as a
+    service manager waits; one still there after ``timeout`` is a leak."""
+    deadline = time.monotonic() + timeout
+    while (left := component_processes_left(root, sessions)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def component_processes_left(root: Path, sessions: set[int] = frozenset()) -> list[str]:
     """Return the processes still running that belong to a deployment under ``root``.
 

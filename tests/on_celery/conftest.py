@@ -139,7 +139,7 @@ def celery_cluster(
     celery_mail,
 ):
     """Redis, api-server, scheduler, dag-processor, triggerer and two Celery workers (about 30 s to start)."""
-    from celery_cluster import CeleryCluster, component_processes_left
+    from celery_cluster import CeleryCluster, processes_left_after
 
     root = session_dir / "celery"
     connections = {
@@ -154,5 +154,5 @@ def celery_cluster(
     cluster = CeleryCluster(root, metadata_server, connections, celery_plan).start()
     yield cluster
     cluster.stop()
-    left = component_processes_left(root, cluster.sessions())
-    assert not left, f"processes of the Celery deployment still running after it stopped: {left}"
+    left = processes_left_after(root, cluster.sessions())
+    assert not left, f"processes of the Celery deployment still running 60 s after it stopped: {left}"
