@@ -323,11 +323,17 @@ def check_pitr_server(
     since that segment was archived. It is the data a server loss would cost now: the RPO achieved.
     """
     from pgdr.physical.archive import archiver_state
+    from pgdr.physical.catalog import BaseBackupCatalog
     from pgdr.physical.heartbeat import write_heartbeat
     from pgdr.postgres.client import connect
 
     name, rpo = server.name, server.pitr.rpo
-    copies = check_server_copies(server, res, now)
+    try:  # read once: the identity check and the copies' lag both compare with them
+        store, layout, archive = res.archive(server)
+        archive_url, backups = archive.url, BaseBackupCatalog(store, layout, server.name).backups()
+    except Exception as err:  # noqa: BLE001 - the failure is each check's result
+        archive_url, backups = "", err
+    copies = check_server_copies(server, res, now, None if isinstance(backups, Exception) else backups)
     try:
         endpoint = res.server(server)
         write_heartbeat(endpoint, source)
@@ -346,20 +352,27 @@ def check_pitr_server(
             *copies,
         ], {}
     lag_bytes, lag = wal_lag(state, current_lsn, segment_size, server_now, name, rpo)
-    checks = [archiver_check(state, mode, name), lag, cluster_identity_check(server, res, identifier), *copies]
+    checks = [
+        archiver_check(state, mode, name),
+        lag,
+        cluster_identity_check(server, identifier, backups, archive_url),
+        *copies,
+    ]
     return checks, {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
 
 
-def check_server_copies(server, res: Resources, now: datetime) -> list[CheckResult]:
+def check_server_copies(server, res: Resources, now: datetime, backups: list | None = None) -> list[CheckResult]:
     """Each copy target of a server (``pitr.copies``) holds its WAL and base backups stored more than ``copy_rpo``
-    ago, with no segment missing after its newest base backup; the value is how long the oldest missing one waited."""
+    ago, with no segment missing after its newest base backup; the value is how long the oldest missing one waited.
+
+    :param backups: the archive's base backups, when already read (else they are read here)."""
     from pgdr.physical.copies import server_copy_lags
 
     if not server.pitr.copies:
         return []
     limit = server.pitr.copy_rpo.total_seconds()
     try:
-        lags = server_copy_lags(server, res, now)
+        lags = server_copy_lags(server, res, now, backups)
     except Exception as err:  # noqa: BLE001 - the failure is the result
         return [
             CheckResult(f"copy_lag.{t.name}", server.name, False, f"the copy cannot be compared: {first_line(err)}")
@@ -378,23 +391,25 @@ def check_server_copies(server, res: Resources, now: datetime) -> list[CheckResu
     )
 
 
-def cluster_identity_check(server, res: Resources, identifier: str) -> CheckResult:
+def cluster_identity_check(server, identifier: str, backups: list | Exception, archive_url: str) -> CheckResult:
     """The server is the cluster whose base backups (and so WAL) its prefix holds: a rebuilt server archiving into
-    the old one's prefix is told apart by its system identifier."""
-    from pgdr.physical.basebackup import foreign_cluster_message
-    from pgdr.physical.catalog import BaseBackupCatalog
+    the old one's prefix is told apart by its system identifier.
 
-    try:
-        store, layout, archive = res.archive(server)
-        backups = BaseBackupCatalog(store, layout, server.name).backups()
-    except Exception as err:  # noqa: BLE001 - the failure is the result
-        return CheckResult("cluster_identity", server.name, False, f"cannot read the base backups: {first_line(err)}")
+    :param backups: the server's base backups (oldest first), or the error that kept them from being read.
+    :param archive_url: where its WAL archive is (named in the alert).
+    """
+    from pgdr.physical.basebackup import foreign_cluster_message
+
+    if isinstance(backups, Exception):
+        return CheckResult(
+            "cluster_identity", server.name, False, f"cannot read the base backups: {first_line(backups)}"
+        )
     if backups and backups[-1].record.system_identifier != identifier:
         return CheckResult(
             "cluster_identity",
             server.name,
             False,
-            foreign_cluster_message(server.name, backups[-1], identifier, archive.url),
+            foreign_cluster_message(server.name, backups[-1], identifier, archive_url),
         )
     return CheckResult(
         "cluster_identity",

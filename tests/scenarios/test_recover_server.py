@@ -299,6 +299,7 @@ def test_a_rebuilt_server_archiving_into_the_same_prefix_is_alerted_and_never_mi
     """The lost server's replacement, initdb'd anew (a new system identifier), archives under the same name."""
     from types import SimpleNamespace
 
+    from pgdr.errors import StorageUnavailable
     from pgdr.health import cluster_identity_check
     from pgdr.local.embedded import EmbeddedServer
     from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
@@ -327,12 +328,10 @@ def test_a_rebuilt_server_archiving_into_the_same_prefix_is_alerted_and_never_mi
         assert "another cluster (system identifier" in str(refused.value) and "own name" in str(refused.value)
         assert [e.backup_id for e in catalog.backups()] == before  # nothing mixed into the chain
 
-        class Res:
-            def archive(self, server, target=None):
-                return store, archive.layout, archive
-
-        check = cluster_identity_check(SimpleNamespace(name=SERVER), Res(), _sysid(endpoint))
-        assert not check.ok and lost_server["full"].system_identifier in check.detail
+        check = cluster_identity_check(SimpleNamespace(name=SERVER), _sysid(endpoint), catalog.backups(), archive.url)
+        assert not check.ok and lost_server["full"].system_identifier in check.detail and archive.url in check.detail
+        unreadable = cluster_identity_check(SimpleNamespace(name=SERVER), "1", StorageUnavailable("bucket gone"), "")
+        assert not unreadable.ok and unreadable.detail == "cannot read the base backups: bucket gone"
         assert lost_server["full"].system_identifier != _sysid(endpoint)
     finally:
         rebuilt.destroy()

@@ -388,15 +388,11 @@ def test_a_pitr_rehearsal_that_cannot_run_fails_the_drill_and_says_why(pitr_plan
     )
 
 
-@pytest.mark.parametrize("codec, suffix", [("lz4", ".lz4"), ("zstd", ".zst"), ("gzip", ".gz")])
-def test_the_archiver_compresses_as_the_plan_says_and_pgdr_and_the_restore_command_read_it_back(
-    plan, s3_storage, tmp_path, codec, suffix
-):
-    """pitr.wal_compression picks barman-cloud-wal-archive's codec; a segment stored so is listed by pgdr (health, the
-    window, recovery all start there), decompressed by it for pg_waldump, and restored by the restore_command, each
-    byte for byte (an archive of .lz4 or .zst segments was once invisible to pgdr: a gap where there was none)."""
+@pytest.fixture
+def run_barman():
+    """Run an archive_command or restore_command line as the server would, with the archive's credentials in the
+    environment; skips where barman-cloud is not installed."""
     import os
-    import shlex
     import subprocess
 
     from pgdr.errors import PgdrError
@@ -406,6 +402,25 @@ def test_the_archiver_compresses_as_the_plan_says_and_pgdr_and_the_restore_comma
         archiver_bin_dir()
     except PgdrError as err:
         pytest.skip(f"{err} (make archiver installs it)")
+
+    def run(command: str, archive) -> None:
+        environment = {**os.environ, **archive.access.environment()}
+        result = subprocess.run(command, shell=True, env=environment, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    return run
+
+
+@pytest.mark.parametrize("codec, suffix", [("lz4", ".lz4"), ("zstd", ".zst"), ("gzip", ".gz")])
+def test_the_archiver_compresses_as_the_plan_says_and_pgdr_and_the_restore_command_read_it_back(
+    plan, s3_storage, tmp_path, run_barman, codec, suffix
+):
+    """pitr.wal_compression picks barman-cloud-wal-archive's codec; a segment stored so is listed by pgdr (health, the
+    window, recovery all start there), decompressed by it for pg_waldump, and restored by the restore_command, each
+    byte for byte (an archive of .lz4 or .zst segments was once invisible to pgdr: a gap where there was none)."""
+    import os
+    import shlex
+
     p = plan(
         storage=s3_storage,
         servers={"pgdr_shop": {"conn_id": "pgdr_shop", "pitr": {"storage": "s3", "wal_compression": codec}}},
@@ -417,56 +432,37 @@ def test_the_archiver_compresses_as_the_plan_says_and_pgdr_and_the_restore_comma
     name = "000000010000000000000007"
     segment = tmp_path / name
     segment.write_bytes(bytes(8 << 20) + os.urandom(8 << 20))  # a 16 MB segment: half compressible, half not
-    environment = {**os.environ, **archive.access.environment()}
-
-    def run(command: str) -> None:
-        result = subprocess.run(command, shell=True, env=environment, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
-
-    run(archive.archive_command().replace("%p", shlex.quote(str(segment))))
+    run_barman(archive.archive_command().replace("%p", shlex.quote(str(segment))), archive)
     (listed,) = archive.segments(store)
     assert listed.name == name and listed.key.endswith(name + suffix) and listed.size < 9 << 20
     assert archive.fetch_segment(store, listed, tmp_path / "fetched").read_bytes() == segment.read_bytes()
     restored = tmp_path / "restored" / name
     restored.parent.mkdir()
-    run(archive.restore_command().replace("%f", name).replace("%p", shlex.quote(str(restored))))
+    run_barman(archive.restore_command().replace("%f", name).replace("%p", shlex.quote(str(restored))), archive)
     assert restored.read_bytes() == segment.read_bytes()
 
 
-def test_an_archive_whose_codec_changed_is_one_continuous_archive(plan, s3_storage, tmp_path):
+def test_an_archive_whose_codec_changed_is_one_continuous_archive(plan, s3_storage, tmp_path, run_barman):
     """The default codec became zstd (measured: bench/wal_codecs.py); a server archiving with gzip until pgdr's
     upgrade, then with zstd, leaves .gz segments followed by .zst ones in one archive: no gap to pgdr, and the
     restore_command reads both (recovery replays across the change)."""
     import dataclasses
     import os
     import shlex
-    import subprocess
 
-    from pgdr.errors import PgdrError
-    from pgdr.physical.archive import archiver_bin_dir
-
-    try:
-        archiver_bin_dir()
-    except PgdrError as err:
-        pytest.skip(f"{err} (make archiver installs it)")
     p = plan(storage=s3_storage, servers={"pgdr_shop": {"conn_id": "pgdr_shop", "pitr": {"storage": "s3"}}})
     from pgdr.airflow_glue.connections import open_archive
 
     store, _layout, archive = open_archive(p.servers[0], p)
     assert archive.compression == "zstd" and " --zstd " in archive.archive_command()
     before_upgrade = dataclasses.replace(archive, compression="gzip")
-    environment = {**os.environ, **archive.access.environment()}
-
-    def run(command: str) -> None:
-        result = subprocess.run(command, shell=True, env=environment, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
 
     written = {}
     for name, archiver in (("000000010000000000000011", before_upgrade), ("000000010000000000000012", archive)):
         segment = tmp_path / name
         segment.write_bytes(os.urandom(1 << 20) + bytes(15 << 20))
         written[name] = segment.read_bytes()
-        run(archiver.archive_command().replace("%p", shlex.quote(str(segment))))
+        run_barman(archiver.archive_command().replace("%p", shlex.quote(str(segment))), archiver)
     listed = archive.segments(store)
     assert [(s.name, s.suffix) for s in listed] == [
         ("000000010000000000000011", ".gz"),
@@ -476,7 +472,7 @@ def test_an_archive_whose_codec_changed_is_one_continuous_archive(plan, s3_stora
     for name, content in written.items():
         restored = tmp_path / "restored" / name
         restored.parent.mkdir(exist_ok=True)
-        run(archive.restore_command().replace("%f", name).replace("%p", shlex.quote(str(restored))))
+        run_barman(archive.restore_command().replace("%f", name).replace("%p", shlex.quote(str(restored))), archive)
         assert restored.read_bytes() == content
 
 

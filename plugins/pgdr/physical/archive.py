@@ -23,12 +23,13 @@ import os
 import re
 import shlex
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pgdr.errors import PermanentFailure, PgdrError
-from pgdr.storage.backends import BackupStore
+from pgdr.storage.backends import BackupStore, StoredObject
 from pgdr.storage.layout import PhysicalLayout
 
 ARCHIVER_BIN_ENV_VAR = "PGDR_ARCHIVER_BIN"
@@ -340,10 +341,13 @@ class WalArchive:
         }
 
     # -- reading the archive ---------------------------------------------------------------------
-    def segments(self, store: BackupStore) -> list[WalSegment]:
-        """Return every archived WAL segment, oldest first (history and backup-label files left out)."""
+    def segments(self, store: BackupStore, listed: Iterable[StoredObject] | None = None) -> list[WalSegment]:
+        """Return every archived WAL segment, oldest first (history and backup-label files left out).
+
+        :param listed: the objects under the archive's prefix when already listed (else ``store`` lists them).
+        """
         found = []
-        for obj in store.list(self.layout.wal_segments_prefix(self.server)):
+        for obj in store.list(self.layout.wal_segments_prefix(self.server)) if listed is None else listed:
             stem, suffix = _split_key(obj.key)
             if _SEGMENT.match(stem) and suffix in _DECOMPRESS:
                 found.append(WalSegment(stem, obj.key, obj.size, obj.modified))

@@ -56,6 +56,14 @@ def is_wal_file(path: str) -> bool:
 
 
 @dataclass(frozen=True)
+class _WalListing:
+    """One listing of a WAL archive: its WAL files by their path under the archive's prefix, and its segments."""
+
+    files: frozenset[str]
+    segments: list[WalSegment]
+
+
+@dataclass(frozen=True)
 class _Archive:
     """One side of a copy: a server's base backups and WAL archive in one target."""
 
@@ -64,17 +72,18 @@ class _Archive:
     catalog: BaseBackupCatalog
     archive: WalArchive
 
-    def wal_files(self) -> dict[str, int]:
-        """The WAL archive's files, by their path under the archive's prefix (only WAL files' names), with sizes."""
+    def wal_listing(self) -> _WalListing:
+        """The WAL archive's files (only those with WAL files' names) and its segments, from one listing."""
         prefix = self.archive.layout.wal_segments_prefix(self.archive.server)
-        found = {}
-        for obj in self.store.list(prefix):
+        objects = list(self.store.list(prefix))
+        files = set()
+        for obj in objects:
             name = obj.key[len(prefix) :]
             if is_wal_file(name):
-                found[name] = obj.size
+                files.add(name)
             else:
                 log.warning("Not copying %s: not the name of a WAL file.", self.store.describe(obj.key)[:300])
-        return found
+        return _WalListing(frozenset(files), self.archive.segments(self.store, objects))
 
     def wal_key(self, name: str) -> str:
         return self.archive.layout.wal_segments_prefix(self.archive.server) + name
@@ -115,15 +124,18 @@ def _needed(path: str, floor: str | None) -> bool:
     return floor is None or ".history" in name or name[:24] >= floor
 
 
-def copy_wal(source: _Archive, copy: _Archive, floor: str | None, inside_s3: bool) -> tuple[list[str], list[PgdrError]]:
+def copy_wal(
+    source: _Archive, source_files: frozenset[str], copy: _Archive, floor: str | None, inside_s3: bool
+) -> tuple[list[str], list[PgdrError]]:
     """Copy the WAL files the copy lacks (from ``floor`` on), oldest first, each read back there.
 
+    :param source_files: the source archive's WAL files (its listing, made once for every copy).
     :return: the names copied, and the problems (a file that differs in the copy is removed there; the next run
         tries again).
     """
-    there = copy.wal_files()
+    there = copy.wal_listing().files
     copied, problems = [], []
-    for name, _size in sorted(source.wal_files().items()):
+    for name in sorted(source_files):
         if name in there or not _needed(name, floor):
             continue
         source_key, key = source.wal_key(name), copy.wal_key(name)
@@ -190,6 +202,7 @@ def copy_server(server: ProtectedServer, res: Resources, now: datetime) -> dict:
     """
     source = _open(server, res)
     wanted = base_backups_to_copy(source.catalog.backups())
+    source_files = source.wal_listing().files
     summary: dict = {"server": server.name, "source": source.archive.describe(), "targets": {}}
     problems: list[PgdrError] = []
     for target in server.pitr.copies:
@@ -199,7 +212,7 @@ def copy_server(server: ProtectedServer, res: Resources, now: datetime) -> dict:
         try:
             copy = _open(server, res, target)
             inside_s3 = copies_inside_s3(server.pitr.storage, target) and isinstance(copy.store, S3Store)
-            wal, failed = copy_wal(source, copy, _wal_floor(wanted), inside_s3)
+            wal, failed = copy_wal(source, source_files, copy, _wal_floor(wanted), inside_s3)
             done["wal_files"] = len(wal)
             problems += failed
             present = {e.backup_id: e for e in copy.catalog.backups()}
@@ -278,25 +291,31 @@ class ServerCopyLag:
         )
 
 
-def server_copy_lags(server: ProtectedServer, res: Resources, now: datetime) -> list[ServerCopyLag]:
-    """How far each copy target of ``server`` is behind its archive and base backups (listings and records only)."""
+def server_copy_lags(
+    server: ProtectedServer, res: Resources, now: datetime, source_backups: list[BaseBackupEntry] | None = None
+) -> list[ServerCopyLag]:
+    """How far each copy target of ``server`` is behind its archive and base backups (one listing of each side's WAL
+    and its base-backup records).
+
+    :param source_backups: the archive's base backups when the caller has read them (else they are read here).
+    """
     source = _open(server, res)
-    wanted = base_backups_to_copy(source.catalog.backups())
+    wanted = base_backups_to_copy(source.catalog.backups() if source_backups is None else source_backups)
     floor = _wal_floor(wanted)
-    stored = {s.name: s for s in source.archive.segments(source.store)}
-    source_files = source.wal_files()
+    listing = source.wal_listing()
+    stored = {s.name: s for s in listing.segments}
     lags = []
     for target in server.pitr.copies:
         copy = _open(server, res, target)
-        there = copy.wal_files()
+        copied = copy.wal_listing()
         held = copy.catalog.backups()
         ids = {e.backup_id for e in held}
-        missing_wal = [n for n in sorted(source_files) if n not in there and _needed(n, floor)]
+        missing_wal = [n for n in sorted(listing.files) if n not in copied.files and _needed(n, floor)]
         missing_backups = [e for e in wanted if e.backup_id not in ids]
         times = [stored[_file_name(n)[:24]].stored_at for n in missing_wal if _file_name(n)[:24] in stored]
         times += [e.record.finished_at for e in missing_backups]
         lag = max(0.0, (now - min(times)).total_seconds()) if times else 0.0
-        gap = _gap_in_copy(copy, held, target.name, stored)
+        gap = _gap_in_copy(copied.segments, held, target.name, stored)
         lags.append(
             ServerCopyLag(target.name, tuple(missing_wal), tuple(e.backup_id for e in missing_backups), lag, gap)
         )
@@ -304,7 +323,7 @@ def server_copy_lags(server: ProtectedServer, res: Resources, now: datetime) -> 
 
 
 def _gap_in_copy(
-    copy: _Archive, held: list[BaseBackupEntry], target: str, archived: dict[str, WalSegment]
+    segments: list[WalSegment], held: list[BaseBackupEntry], target: str, archived: dict[str, WalSegment]
 ) -> str | None:
     """Say which segment is missing in the copy's WAL after the start of its newest base backup (the one a recovery
     of the latest state uses), and which recovery window that breaks; ``None`` when it is continuous.
@@ -316,7 +335,6 @@ def _gap_in_copy(
         return None
     newest = held[-1].record
     size = newest.wal_segment_size or DEFAULT_SEGMENT_SIZE
-    segments: list[WalSegment] = copy.archive.segments(copy.store)
     gap = first_gap(segments, newest.start_wal, size)
     if gap is None:
         return None
