@@ -16,9 +16,12 @@ results are merged into the same JSON file as bench/run.py's.
 3. PITR restore to a ready, promoted scratch cluster (download, pg_verifybackup, extract, combine,
    recover to the end of the archive) against the seeds' restore, ``gunzip | psql`` of a plain dump
    into a new database (``pitr_restore_speedup_vs_seed``, goal >= 3);
+   Beside both, in the same rounds (order alternated), the best peer in its best mode: ``barman-cloud-backup --lz4
+   --immediate-checkpoint -J 2`` (``basebackup_vs_barman``, goal <= 1.0), and its restore, ``barman-cloud-restore``
+   then the same recovery step as pgdr's (``pitr_restore_vs_barman``, goal <= 1.0);
 4. whole-server recovery onto "this host" with ``recover-server``'s code (plan, place, replay to the
    end of the archive, proof with ``pg_amcheck`` and expectations, hand-over restart): ``server_recovery_s``
-   (reported; the peer's restore + replay, barman-cloud-restore, is not run here yet);
+   (reported; the peer's counterpart is item 3's barman-cloud-restore and replay, without pgdr's proof);
 5. one database as of a moment (the incident restore's point-in-time path): the server recovered to the end
    of the archive, the database dumped from it and restored into another server, streamed from the worker's
    disk while the evidence copy is uploaded (``database_as_of_s``), against the path before, through the bucket
@@ -71,8 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     load_s = args.load_seconds or (40 if args.quick else 150)
     output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
 
-    from pgdr.errors import PgdrError
-    from pgdr.physical.archive import WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
+    from pgdr.physical.archive import WalArchive
     from pgdr.physical.basebackup import take_base_backup
     from pgdr.physical.catalog import BaseBackupCatalog
     from pgdr.physical.heartbeat import switch_and_wait_archived
@@ -80,27 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     from pgdr.storage.backends import S3Store
     from pgdr.storage.layout import PhysicalLayout
 
-    try:
-        bin_dir = archiver_bin_dir()
-        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
-    except PgdrError as err:
-        print(f"PITR benchmarks skipped: {err}")
+    bin_dir = archiver_or_skip("PITR benchmarks")
+    if bin_dir is None:
         return
     work, moto, s3, access = archive_endpoint("bench-pitr", BUCKET)
     store = S3Store(s3, BUCKET)
     layout = PhysicalLayout("pitr")
     archive = WalArchive(BUCKET, layout, SERVER, access)
-    server = EmbeddedServer(
-        work / "postgres", settings=archive.server_settings(60, bin_dir), environment=access.environment()
-    ).start()
-    env = {
-        **os.environ,
-        "PGPASSWORD": server.password,
-        "PGHOST": "127.0.0.1",
-        "PGPORT": str(server.port),
-        "PGUSER": "postgres",
-    }
-    pg = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
+    server, env, pg = archiving_server(work / "postgres", archive, bin_dir)
     # The seeds restore onto a server of their own: a 2 GB COPY into the archiving server would put 2 GB of
     # WAL into the archive, which every later PITR restore would then replay.
     seed_server = EmbeddedServer(work / "postgres-seed").start()
@@ -151,6 +140,58 @@ def main(argv: list[str] | None = None) -> None:
             list(pool.map(lambda p: s3.upload_file(str(p), BUCKET, f"raw/{i}/{p.name}"), sorted(out.iterdir())))
         return time.perf_counter() - t
 
+    peer_url = f"s3://{BUCKET}/peer"
+    peer_args = ["--cloud-provider", "aws-s3", "--endpoint-url", access.endpoint_url]
+
+    def peer_basebackup(r: int) -> float:
+        """barman-cloud-backup in its best mode (lz4, two upload jobs), streamed from the data directory to S3."""
+        settle()
+        t = time.perf_counter()
+        run_peer(
+            bin_dir / "barman-cloud-backup",
+            *peer_args,
+            "--lz4",
+            "--immediate-checkpoint",
+            "-J",
+            "2",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(server.port),
+            "-U",
+            "postgres",
+            "-n",
+            f"peer-{r}",
+            peer_url,
+            SERVER,
+            env={**env, **access.environment()},
+        )
+        return time.perf_counter() - t
+
+    def peer_restore(r: int, name: str) -> tuple[float, dict]:
+        """barman-cloud-restore of the peer's backup ``name`` into a scratch cluster, then pgdr's recovery step (the
+        same restore_command, replay to the end of the archive, promotion)."""
+        from pgdr.physical.cluster import ScratchCluster
+        from pgdr.physical.recovery import recover_cluster
+
+        cluster = ScratchCluster(work / f"peer-cluster-{r}", newest.record.pg_version)
+        settle()
+        t = time.perf_counter()
+        run_peer(
+            bin_dir / "barman-cloud-restore",
+            *peer_args,
+            peer_url,
+            SERVER,
+            name,
+            str(cluster.data_dir),
+            env={**os.environ, **access.environment()},
+        )
+        restored = time.perf_counter() - t
+        recovery = recover_cluster(cluster, archive, None)
+        elapsed = time.perf_counter() - t
+        cluster.destroy()
+        return elapsed, {"barman_cloud_restore": round(restored, 2), "recover": round(recovery.replay_seconds, 2)}
+
     def pgdr_basebackup(parent=None) -> tuple[float, object]:
         folder = work / "pgdr-bb"
         shutil.rmtree(folder, ignore_errors=True)
@@ -179,13 +220,19 @@ def main(argv: list[str] | None = None) -> None:
             "pgdr_incremental": [],
             "pitr_restore": [],
             "seed_restore": [],
+            "barman_lz4_backup": [],
+            "barman_lz4_restore": [],
         }
         records = []
         for r in range(args.rounds):
             runs["raw_basebackup"].append(raw_basebackup(r))
+            if r % 2:  # the peer first in odd rounds: neither always finds the other's pages in the cache
+                runs["barman_lz4_backup"].append(peer_basebackup(r))
             elapsed, record = pgdr_basebackup()
             runs["pgdr_full"].append(elapsed)
             records.append(record)
+            if not r % 2:
+                runs["barman_lz4_backup"].append(peer_basebackup(r))
             # 1 % of the rows, the newest ones (as an application's recent data changes): 1 % of the pages.
             # Scattered over the table (WHERE aid % 100 = 0) the same 1 % touches every other page: see the README.
             psql(
@@ -195,9 +242,11 @@ def main(argv: list[str] | None = None) -> None:
             runs["pgdr_incremental"].append(elapsed)
             print(
                 f"  round {r + 1}: raw {runs['raw_basebackup'][-1]:.1f}s, pgdr full {runs['pgdr_full'][-1]:.1f}s, "
+                f"barman-cloud-backup --lz4 -J 2 {runs['barman_lz4_backup'][-1]:.1f}s, "
                 f"incremental {runs['pgdr_incremental'][-1]:.1f}s",
                 flush=True,
             )
+        peer_stored_mb = sum(o.size for o in store.list("peer/") if "/base/" in o.key) / 1e6 / args.rounds
 
         print("PITR restore against the seeds' gunzip | psql...", flush=True)
         seed = work / "seed.sql.gz"
@@ -207,12 +256,21 @@ def main(argv: list[str] | None = None) -> None:
         newest = [e for e in catalog.backups() if e.record.kind == "full"][-1]  # the newest full one, and
         psql("UPDATE pgbench_branches SET bbalance = bbalance + 1", "bench")  # a little WAL to replay after it
         phases: list[dict] = []
+        peer_phases: list[dict] = []
         for r in range(args.rounds):
+            if r % 2:
+                seconds, timings = peer_restore(r, f"peer-{args.rounds - 1}")
+                runs["barman_lz4_restore"].append(seconds)
+                peer_phases.append(timings)
             settle()
             cluster, seconds, timings = recover_scratch(work / f"cluster-{r}", catalog, newest, store, archive)
             runs["pitr_restore"].append(seconds)
             phases.append(timings)
             cluster.destroy()
+            if not r % 2:
+                seconds, timings = peer_restore(r, f"peer-{args.rounds - 1}")
+                runs["barman_lz4_restore"].append(seconds)
+                peer_phases.append(timings)
             psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
             psql("CREATE DATABASE seed_restored", on=seed_env)
             psql("CHECKPOINT", on=seed_env)
@@ -229,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
             runs["seed_restore"].append(time.perf_counter() - t)
             seed.unlink()
             print(
-                f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s {phases[-1]}, seed restore "
+                f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s {phases[-1]}, barman-cloud-restore "
+                f"and the same recovery {runs['barman_lz4_restore'][-1]:.1f}s {peer_phases[-1]}, seed restore "
                 f"{runs['seed_restore'][-1]:.1f}s",
                 flush=True,
             )
@@ -273,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         "basebackup_ratio": round(med["pgdr_full"] / med["raw_basebackup"], 3),
         "incremental_speedup": round(med["pgdr_full"] / med["pgdr_incremental"], 2),
         "pitr_restore_speedup_vs_seed": round(med["seed_restore"] / med["pitr_restore"], 2),
+        "basebackup_vs_barman": round(med["pgdr_full"] / med["barman_lz4_backup"], 3),
+        "pitr_restore_vs_barman": round(med["pitr_restore"] / med["barman_lz4_restore"], 3),
         "server_recovery_s": round(med["server_recovery"], 2),
         "database_as_of_s": round(med["database_as_of"], 2),
         "database_as_of_vs_bucket": round(med["database_as_of"] / med["database_as_of_via_bucket"], 3),
@@ -286,6 +347,11 @@ def main(argv: list[str] | None = None) -> None:
             "medians_s": {k: round(v, 2) for k, v in med.items()},
             "runs_s": {k: [round(x, 2) for x in v] for k, v in runs.items()},
             "full_base_backup_stored_mb": round(records[-1].size / 1e6, 1),
+            "barman_lz4_backup_stored_mb": round(peer_stored_mb, 1),
+            "barman_lz4_restore_phases_s": peer_phases,
+            "barman_peer": "barman-cloud-backup --lz4 --immediate-checkpoint -J 2 (its best mode; its default is "
+            "uncompressed), restored with barman-cloud-restore, then pgdr's recovery step (restore_command, replay to "
+            "the end of the archive, promotion); no checksum check of the stored backup, unlike pgdr's",
             "pitr_restore_phases_s": phases,
             "pitr_restore_incremental_chain": chain_restore,
             "server_recovery_phases_s": server_phases,
@@ -315,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
         ("basebackup_ratio", "<= 1.10", results["basebackup_ratio"] <= 1.10),
         ("incremental_speedup", ">= 10", results["incremental_speedup"] >= 10),
         ("pitr_restore_speedup_vs_seed", ">= 3", results["pitr_restore_speedup_vs_seed"] >= 3),
+        ("basebackup_vs_barman", "<= 1.0", results["basebackup_vs_barman"] <= 1.0),
+        ("pitr_restore_vs_barman", "<= 1.0", results["pitr_restore_vs_barman"] <= 1.0),
         ("rpo_achieved_s", "<= 60", results["rpo_achieved_s"] <= 60),
         ("wal_archive_lag_s", "(reported)", True),
         ("server_recovery_s", "(reported)", True),
@@ -326,6 +394,48 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in med.items():
         print(f"  {k:<28}{v:>10.2f}s")
     print(f"\nMerged into {output}")
+
+
+def run_peer(tool: Path, *args: str, env: dict[str, str]) -> None:
+    """Run one of barman-cloud's tools; fail with its own words."""
+    result = subprocess.run([str(tool), *args], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{tool.name} failed (exit {result.returncode}): {result.stderr[-2000:]}")
+
+
+def archiver_or_skip(what: str) -> Path | None:
+    """Return barman-cloud's bin directory, or ``None`` after saying why ``what`` is skipped (not installed, or not
+    runnable by the server's OS user)."""
+    from pgdr.errors import PgdrError
+    from pgdr.physical.archive import archiver_bin_dir, check_archiver_runs_as_server_user
+
+    try:
+        bin_dir = archiver_bin_dir()
+        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
+    except PgdrError as err:
+        print(f"{what} skipped: {err}")
+        return None
+    return bin_dir
+
+
+def archiving_server(directory: Path, archive, bin_dir: Path, **settings: str):
+    """Start an embedded server at ``directory`` that archives its WAL into ``archive`` (``archive_timeout = 60s``,
+    plus ``settings``); return it, an environment for its client tools (libpq variables) and its endpoint."""
+    from pgdr.postgres.client import PgEndpoint
+
+    server = EmbeddedServer(
+        directory,
+        settings={**archive.server_settings(60, bin_dir), **settings},
+        environment=archive.access.environment(),
+    ).start()
+    env = {
+        **os.environ,
+        "PGPASSWORD": server.password,
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(server.port),
+        "PGUSER": "postgres",
+    }
+    return server, env, PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
 
 
 def archive_endpoint(name: str, bucket: str):
