@@ -25,7 +25,7 @@ import logging
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pgdr.messages import first_line, format_duration
@@ -178,14 +178,20 @@ def check_storage(db, res: Resources) -> CheckResult:
 
     try:
         store, layout = res.store(db.storage)
-        key = layout.probe_key(f"{db.name}-{uuid.uuid4().hex}")
+        if db.storage.object_lock is not None:
+            # Under Object Lock the probe cannot be deleted for days: one key per database, a new version each
+            # run, none deleted (README: a lifecycle rule expires the old versions once their lock ends).
+            key = layout.probe_key(db.name)
+        else:
+            key = layout.probe_key(f"{db.name}-{uuid.uuid4().hex}")
         payload = b"pgdr health probe"
         store.put_bytes(key, payload)
         try:
             if store.get_bytes(key) != payload:
                 return CheckResult("storage", db.name, False, f"{store.describe(key)} returned different bytes")
         finally:
-            store.delete([key])
+            if db.storage.object_lock is None:
+                store.delete([key])
         return CheckResult("storage", db.name, True, f"{store.describe()} is writable")
     except Exception as err:  # noqa: BLE001
         return CheckResult("storage", db.name, False, first_line(err))
@@ -254,6 +260,66 @@ def check_encryption(db, res: Resources, now: datetime, source: SourceBackups) -
     if db.encryption_key_conn_id:
         what.append("the newest backup is encrypted client-side")
     return CheckResult("encryption", db.name, True, "; ".join(what), 0.0)
+
+
+LOCK_SAMPLE = 20  # the newest objects of each locked target whose lock one run asks S3 about (a HEAD each)
+LOCK_SLACK = timedelta(minutes=10)  # how much earlier than written + days a lock may end (the worker's clock)
+
+
+def check_object_lock(db, res: Resources) -> CheckResult | None:
+    """Every storage target of ``db`` with ``object_lock`` in the plan is a bucket with Object Lock enabled, its
+    newest objects carry the plan's lock (mode, and a retain-until date at least ``days`` after they were written),
+    and no object of ``db`` there is hidden by a delete marker (pgdr deletes versions on such a target, never makes a
+    marker: a marker is someone else's delete). ``None``: no target of ``db`` asks for Object Lock."""
+    targets = [t for t in (db.storage, *db.copies) if t.kind == "s3" and t.object_lock is not None]
+    if not targets:
+        return None
+    unlocked: list[str] = []
+    hidden: list[str] = []
+    checked = 0
+    try:
+        for target in targets:
+            store, layout = res.store(target)
+            store.check_object_lock()
+            lock = target.object_lock
+            prefix = layout.database_prefix(db.name)
+            objects = sorted(store.list(prefix), key=lambda o: o.modified, reverse=True)
+            for obj in objects[:LOCK_SAMPLE]:
+                mode, until = store.retention_of(obj.key)
+                checked += 1
+                if mode != lock.mode.upper():
+                    unlocked.append(f"{store.describe(obj.key)} has {mode or 'no'} lock, not {lock.mode}")
+                elif until is None or until < lock.until(obj.modified) - LOCK_SLACK:
+                    unlocked.append(f"{store.describe(obj.key)} is locked only until {until:%Y-%m-%d %H:%M} UTC")
+            markers = store.hidden(prefix)
+            if markers:
+                hidden.append(
+                    f"{len(markers)} objects on {target.name} (the first {store.describe(markers[0].key)}, deleted "
+                    f"{markers[0].modified:%Y-%m-%d %H:%M} UTC; python -m pgdr undelete --database {db.name} --from "
+                    f"{target.name})"
+                )
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        return CheckResult("object_lock", db.name, False, f"Object Lock could not be checked: {first_line(err)}")
+    problems = []
+    if hidden:
+        problems.append(
+            f"someone deleted backups of {db.name} (pgdr never does on a locked target: it deletes versions once "
+            f"their lock ends), hiding them behind delete markers: {'; '.join(hidden)}. Their locked versions are "
+            "intact. Find out who did it (CloudTrail, the credentials used), then bring them back with the command "
+            "given"
+        )
+    if unlocked:
+        more = f" and {len(unlocked) - 3} more" if len(unlocked) > 3 else ""
+        problems.append(
+            f"{len(unlocked)} of the {checked} newest objects lack the plan's Object Lock: {'; '.join(unlocked[:3])}"
+            f"{more}. Until their lock is right, whoever holds the workers' credentials can delete them: find what "
+            "wrote them without pgdr's lock (another tool, a plan without object_lock) and set it (aws s3api "
+            "put-object-retention) or write them again"
+        )
+    if problems:
+        return CheckResult("object_lock", db.name, False, ". ".join(problems), float(len(unlocked) + len(hidden)))
+    where = ", ".join(f"{t.name} ({t.object_lock.describe()})" for t in targets)
+    return CheckResult("object_lock", db.name, True, f"{checked} newest objects locked as planned on {where}", 0.0)
 
 
 def check_backup_ages(db, res: Resources, now: datetime, source: SourceBackups) -> list[CheckResult]:
@@ -542,7 +608,7 @@ def check_database(db, res: Resources, now: datetime) -> tuple[list[CheckResult]
         *check_backup_ages(db, res, now, source),
         *check_copies(db, res, now, source),
     ]
-    for optional in (check_encryption(db, res, now, source), check_standby(db, res)):
+    for optional in (check_encryption(db, res, now, source), check_object_lock(db, res), check_standby(db, res)):
         if optional is not None:
             results.append(optional)
     try:

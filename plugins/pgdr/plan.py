@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from pgdr.errors import PlanError
+from pgdr.storage.backends import LOCK_MODES, ObjectLock
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PLAN_PATH = PROJECT_ROOT / "include" / "pgdr.yaml"
@@ -65,6 +66,8 @@ class StorageTarget:
     # with kms_key_id, or the account's default KMS key when that is None). None: the bucket's default.
     sse: str | None = None
     kms_key_id: str | None = None
+    # S3 Object Lock on every object pgdr writes there (pgdr.storage.backends.ObjectLock); None: no lock asked for.
+    object_lock: ObjectLock | None = None
 
     def describe(self) -> str:
         """Return the target as a person would write it (``s3://bucket/prefix`` or a path)."""
@@ -492,7 +495,8 @@ _DATABASE_KEYS = _POLICY_KEYS | {
 }
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
 _NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
-_STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id", "sse", "kms_key_id"}
+_STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id", "sse", "kms_key_id", "object_lock"}
+_OBJECT_LOCK_KEYS = {"mode", "days"}
 _ENCRYPTION_KEYS = {"key_conn_id"}
 SSE_KINDS = ("AES256", "aws:kms")
 
@@ -534,19 +538,17 @@ def _parse_storage(c: _Checker, name: str, node: yaml.Node, plan_dir: Path) -> S
     for needed in required:
         if needed not in fields:
             raise c.fail(node, f"{key}.{needed}", f"missing; a {kind} storage target needs {' and '.join(required)}")
-    unexpected = {"local": {"bucket", "aws_conn_id", "prefix", "sse", "kms_key_id"}, "s3": {"path"}}[
+    unexpected = {"local": {"bucket", "aws_conn_id", "prefix", "sse", "kms_key_id", "object_lock"}, "s3": {"path"}}[
         kind
     ] & fields.keys()
     if unexpected:
         extra = sorted(unexpected)[0]
-        hint = (
-            (
-                " (a folder has no server-side encryption: encrypt the backups themselves with 'encryption: "
-                "{key_conn_id: ...}' under defaults)"
-            )
-            if extra in ("sse", "kms_key_id")
-            else ""
-        )
+        hint = {
+            "sse": " (a folder has no server-side encryption: encrypt the backups themselves with 'encryption: "
+            "{key_conn_id: ...}' under defaults)",
+            "object_lock": " (a folder cannot refuse a delete: immutable copies need an S3 bucket with Object Lock; "
+            "add one as a copy target with 'copies')",
+        }.get("sse" if extra == "kms_key_id" else extra, "")
         raise c.fail(fields[extra][0], f"{key}.{extra}", f"not used by a {kind} storage target; remove it{hint}")
     if kind == "local":
         raw = Path(os.path.expandvars(c.string(fields["path"][1], f"{key}.path")))
@@ -568,7 +570,29 @@ def _parse_storage(c: _Checker, name: str, node: yaml.Node, plan_dir: Path) -> S
         aws_conn_id=c.string(fields["aws_conn_id"][1], f"{key}.aws_conn_id", _CONN_ID, "an Airflow connection id"),
         sse=sse,
         kms_key_id=kms_key_id,
+        object_lock=_parse_object_lock(c, fields["object_lock"][1], f"{key}.object_lock")
+        if "object_lock" in fields
+        else None,
     )
+
+
+def _parse_object_lock(c: _Checker, node: yaml.Node, key: str) -> ObjectLock:
+    """``object_lock: {mode: governance|compliance, days: N}``: the retention every object is written with."""
+    fields = c.mapping(node, key, _OBJECT_LOCK_KEYS)
+    for needed in ("mode", "days"):
+        if needed not in fields:
+            raise c.fail(
+                node, f"{key}.{needed}", "missing; Object Lock needs a mode (governance or compliance) and days"
+            )
+    mode = c.string(fields["mode"][1], f"{key}.mode")
+    if mode not in LOCK_MODES:
+        raise c.fail(
+            fields["mode"][1],
+            f"{key}.mode",
+            f"expected governance (a principal with s3:BypassGovernanceRetention may still delete) or compliance (no "
+            f"one may, not even the account's root, until the date), got {mode!r}",
+        )
+    return ObjectLock(mode=mode, days=c.integer(fields["days"][1], f"{key}.days", minimum=1))
 
 
 @dataclass

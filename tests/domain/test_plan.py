@@ -219,11 +219,32 @@ databases:
         ("{type: local, path: /x}", ", encryption: {key: c2VjcmV0}", "encryption.key: unknown key"),
         ("{type: local, path: /x}", ", encryption: {}", "encryption.key_conn_id: missing"),
         ("{type: local, path: /x}", ", encryption: {key_conn_id: 'a b'}", "an Airflow connection id"),
+        ("{type: local, path: /x, object_lock: {mode: compliance, days: 1}}", "", "a folder cannot refuse a delete"),
+        ("{type: s3, bucket: b, aws_conn_id: a, object_lock: {mode: strict, days: 1}}", "", "expected governance"),
+        ("{type: s3, bucket: b, aws_conn_id: a, object_lock: {mode: compliance}}", "", "object_lock.days: missing"),
+        ("{type: s3, bucket: b, aws_conn_id: a, object_lock: {mode: compliance, days: 0}}", "", "at least 1"),
+        ("{type: s3, bucket: b, aws_conn_id: a, object_lock: {mode: compliance, days: 1d}}", "", "whole number"),
+        ("{type: s3, bucket: b, aws_conn_id: a, object_lock: {mode: governance, days: 1, until: x}}", "", "unknown"),
     ],
 )
 def test_encryption_mistakes_point_at_the_key(storage, database, expected):
     text = f"storage:\n  t: {storage}\ndatabases:\n  - {{name: shop, conn_id: c{database}}}\n"
     assert expected in _error(text)
+
+
+def test_object_lock_is_read_per_s3_target():
+    text = """\
+storage:
+  locked: {type: s3, bucket: b, aws_conn_id: pgdr_s3, object_lock: {mode: compliance, days: 30}}
+  open: {type: s3, bucket: c, aws_conn_id: pgdr_s3}
+databases:
+  - {name: shop, conn_id: pgdr_shop, storage: locked}
+  - {name: billing, conn_id: pgdr_shop, storage: open}
+"""
+    shop, billing = parse_plan(text, Path("/p.yaml")).databases
+    assert (shop.storage.object_lock.mode, shop.storage.object_lock.days) == ("compliance", 30)
+    assert shop.storage.object_lock.describe() == "compliance mode, 30 days"
+    assert billing.storage.object_lock is None
 
 
 COPIES = GOOD.replace(

@@ -77,7 +77,8 @@ def open_store(target: StorageTarget, plan: DRPlan | None = None) -> tuple[Backu
         max_pool_connections=16,
     )
     client = S3Hook(aws_conn_id=target.aws_conn_id, config=config).get_conn()
-    return S3Store(client, target.bucket, target.sse, target.kms_key_id), BackupLayout(prefix=target.prefix)
+    store = S3Store(client, target.bucket, target.sse, target.kms_key_id, object_lock=target.object_lock)
+    return store, BackupLayout(prefix=target.prefix)
 
 
 def restore_endpoint(db: ProtectedDatabase, plan: DRPlan | None, server: PgEndpoint) -> PgEndpoint:

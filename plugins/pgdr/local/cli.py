@@ -1,4 +1,5 @@
-"""Break-glass restore: ``python -m pgdr restore``, ``recover-server`` and ``list``, for when Airflow is down.
+"""Break-glass restore: ``python -m pgdr restore``, ``recover-server``, ``list`` and ``undelete``, for when Airflow
+is down.
 
 On the worst day Airflow may be down with everything else, its metadata database perhaps on the
 very server that failed. This command needs only the DR plan, the connections (``AIRFLOW_CONN_*``
@@ -11,7 +12,8 @@ touches the production Airflow's metadata database, scheduler or API server.
 base backups and WAL archive, with no Airflow at all (:mod:`pgdr.physical.server_recovery`).
 
 ``list`` reads the storage target directly: every backup of a database, its status, recovery
-point and size, to choose one without the UI.
+point and size, to choose one without the UI. ``undelete`` brings back what someone deleted on a
+target under S3 Object Lock (the locked versions behind the delete markers).
 
 The terminal shows one line a task as it starts and ends, the restore plan and the final state;
 every log record goes to a file whose path is printed first (``--verbose`` streams them too), and
@@ -87,6 +89,55 @@ def list_backups(database: str, restore_from: str | None = None) -> int:
         _print("  (none)")
     for damaged in catalog.damaged:
         _print(f"  DAMAGED {damaged.backup_id}: {damaged.problem}")
+    return 0
+
+
+def undelete_backups(database: str, restore_from: str | None = None, dry_run: bool = False) -> int:
+    """Bring back the objects of ``database`` hidden by delete markers on a storage target under Object Lock.
+
+    On such a target pgdr never makes a delete marker (its retention deletes versions once their lock has ended),
+    so every marker there is someone else's delete (stolen credentials, a mistaken ``aws s3 rm``): the locked
+    versions behind it are intact, and removing the marker makes the newest of them the object again.
+    """
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
+    from pgdr.plan import load_plan
+
+    plan = load_plan()
+    db = plan.database(database)
+    try:
+        target = db.storage_named(restore_from)
+    except ValueError as err:
+        _print(f"pgdr: --from: {err}.")
+        return 1
+    if target.object_lock is None:
+        _print(
+            f"pgdr: undelete is for a storage target under Object Lock, and {target.name!r} has no object_lock in the "
+            "plan: there pgdr's own retention may have left the delete markers (on a versioned bucket), and removing "
+            "them would bring back backups it pruned. Use aws s3api list-object-versions and delete-object "
+            "--version-id by hand if you must."
+        )
+        return 1
+    store, layout = open_store(target, plan)
+    prefix = layout.database_prefix(db.name)
+    markers = store.hidden(prefix)
+    if not markers:
+        _print(f"pgdr: nothing of {db.name!r} is hidden by a delete marker in {store.describe(prefix)}.")
+        return 0
+    _print(f"pgdr: {len(markers)} objects of {db.name!r} in {store.describe(prefix)} are hidden by delete markers:")
+    for marker in markers[:20]:
+        _print(f"  {marker.key} (deleted {marker.modified:%Y-%m-%d %H:%M:%S} UTC)")
+    if len(markers) > 20:
+        _print(f"  ... and {len(markers) - 20} more")
+    if dry_run:
+        _print("pgdr: --dry-run: nothing changed.")
+        return 0
+    store.undelete(markers)
+    backups = BackupCatalog(store, layout, db.name).backups()
+    _print(
+        f"pgdr: removed {len(markers)} delete markers; {db.name!r} has {len(backups)} backups there again (python -m "
+        f"pgdr list --database {db.name}{f' --from {target.name}' if restore_from else ''}). Find out who deleted them."
+    )
     return 0
 
 
@@ -458,6 +509,15 @@ def main(argv: list[str] | None = None) -> int:
         "its storage target is unreachable",
     )
     whole.add_argument("--dry-run", action="store_true", help="print the recovery plan and stop")
+    undelete = commands.add_parser(
+        "undelete",
+        help="bring back a database's backups someone deleted on a storage target under Object Lock (its locked "
+        "versions are intact behind delete markers)",
+    )
+    _common_options(undelete, on_subcommand=True)
+    undelete.add_argument("--database", required=True)
+    undelete.add_argument("--from", dest="restore_from", help="a copy target of the database (the plan's copies)")
+    undelete.add_argument("--dry-run", action="store_true", help="list what is hidden and stop")
     keygen = commands.add_parser(
         "keygen", help="print a new master key for client-side encryption, as an Airflow connection"
     )
@@ -472,8 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(load_connections(args.connections))
     from pgdr.errors import PgdrError
 
-    if args.command == "list":
+    if args.command in ("list", "undelete"):
         try:
+            if args.command == "undelete":
+                return undelete_backups(args.database, args.restore_from, args.dry_run)
             return list_backups(args.database, args.restore_from)
         except PgdrError as err:
             _print(f"pgdr: {err}")

@@ -16,7 +16,7 @@ import json
 import logging
 import re
 from dataclasses import MISSING, asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure
@@ -451,6 +451,12 @@ class BackupCatalog:
         key = self.layout.verification_key(self.database, record.backup_id)
         self.store.put_bytes(key, record.to_json())
         return key
+
+    def held_until(self, backup_id: str, keys: list[str] | None = None, now: datetime | None = None) -> datetime | None:
+        """Return until when Object Lock keeps (part of) one backup from being deleted; ``None``: it may be now."""
+        keys = keys if keys is not None else self._scan().get(backup_id, [])
+        held = self.store.held(keys, now or datetime.now(UTC))
+        return max(held.values()) if held else None
 
     def delete_backup(self, backup_id: str, keys: list[str] | None = None) -> int:
         """Delete one backup: the manifest first, so it is never half-visible. Return objects deleted."""

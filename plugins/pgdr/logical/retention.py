@@ -8,6 +8,11 @@ a backup still being uploaded is never touched.
 
 The decision is a pure function of the catalog and the clock, so it is unit-tested directly and
 can be shown before anything is deleted.
+
+On a target with S3 Object Lock, a backup the policy no longer keeps may still be locked (the lock
+outlasts ``keep_days``, or ``keep_last`` drops one sooner). Retention does not try to delete it:
+S3 would refuse, once per run, for days. It *schedules* it (reported with the date its lock ends)
+and the first run after that date deletes it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from datetime import datetime, timedelta
 
 from pgdr.logical.catalog import BackupEntry, PartialBackup
 from pgdr.plan import RetentionPolicy
+from pgdr.storage.backends import delete_unless_locked
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +78,26 @@ def apply_retention(catalog, policy: RetentionPolicy, now: datetime) -> dict:
     complete, partials = catalog.scan()
     decision = decide_retention(complete, partials, policy, now)
     keys_by_id = {p.backup_id: list(p.keys) for p in partials}
-    for backup_id, why in decision.delete.items():
-        log.info("Deleting backup %s of %s: %s.", backup_id, database, why)
-        catalog.delete_backup(backup_id)
-    for backup_id, why in decision.delete_partial.items():
-        log.info("Deleting %s of %s: %s.", backup_id, database, why)
-        catalog.delete_backup(backup_id, keys_by_id[backup_id])
+    scheduled: dict[str, str] = {}
+
+    def delete(backup_id: str, why: str, keys: list[str] | None = None) -> bool:
+        return delete_unless_locked(
+            f"Backup {backup_id} of {database}",
+            why,
+            catalog.held_until(backup_id, keys, now),
+            lambda: catalog.delete_backup(backup_id, keys),
+            scheduled,
+            backup_id,
+        )
+
+    deleted = [backup_id for backup_id, why in decision.delete.items() if delete(backup_id, why)]
+    deleted_partial = [b for b, why in decision.delete_partial.items() if delete(b, why, keys_by_id[b])]
     for backup_id, why in decision.keep.items():
         log.info("Keeping backup %s of %s: %s.", backup_id, database, why)
     return {
         "database": database,
         "kept": sorted(decision.keep),
-        "deleted": sorted(decision.delete),
-        "deleted_partial": sorted(decision.delete_partial),
+        "deleted": sorted(deleted),
+        "deleted_partial": sorted(deleted_partial),
+        "scheduled": scheduled,
     }

@@ -303,8 +303,16 @@ class BaseBackupCatalog:
         self.store.put_bytes(key, record.to_json())
         return key
 
+    def _keys(self, backup_id: str) -> list[str]:
+        return [obj.key for obj in self.store.list(self.layout.base_backup_prefix(self.server, backup_id))]
+
+    def held_until(self, backup_id: str, now: datetime) -> datetime | None:
+        """Return until when Object Lock keeps (part of) one base backup from being deleted; ``None``: it may be."""
+        held = self.store.held(self._keys(backup_id), now)
+        return max(held.values()) if held else None
+
     def delete_backup(self, backup_id: str) -> int:
-        keys = [obj.key for obj in self.store.list(self.layout.base_backup_prefix(self.server, backup_id))]
+        keys = self._keys(backup_id)
         # The record first: from then on no reader sees a half-deleted base backup.
         record = self.layout.record_key(self.server, backup_id)
         if record in keys:

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from pgdr.physical.archive import WalSegment, segment_number
 from pgdr.physical.catalog import BaseBackupEntry
+from pgdr.storage.backends import delete_unless_locked
 from pgdr.storage.layout import backup_id_time
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,36 @@ def apply_pitr_retention(catalog, archive, store, policy, now: datetime) -> dict
     server = catalog.server
     entries = catalog.backups()
     decision = decide_pitr_retention(entries, catalog.partial(), policy.keep_window, now, policy.partial_grace)
-    for backup_id, why in decision.delete.items():
-        log.info("Deleting base backup %s of %s: %s.", backup_id, server, why)
-        catalog.delete_backup(backup_id)
-    for backup_id in decision.delete_partial:
-        log.info(
-            "Deleting the unfinished base backup %s of %s (no record, older than the grace period).", backup_id, server
+    # Under S3 Object Lock a base backup or segment past the window may still be locked: scheduled, not tried.
+    scheduled: dict[str, str] = {}
+
+    def delete(backup_id: str, why: str) -> bool:
+        return delete_unless_locked(
+            f"Base backup {backup_id} of {server}",
+            why,
+            catalog.held_until(backup_id, now),
+            lambda: catalog.delete_backup(backup_id),
+            scheduled,
+            backup_id,
         )
-        catalog.delete_backup(backup_id)
+
+    deleted = [backup_id for backup_id, why in decision.delete.items() if delete(backup_id, why)]
+    deleted_partial = [
+        backup_id
+        for backup_id in decision.delete_partial
+        if delete(backup_id, "unfinished: no record, older than the grace period")
+    ]
     segment_size = entries[0].record.wal_segment_size if entries else 16 * 1024 * 1024
     expired = expired_segments(archive.segments(store), decision.delete_wal_before, segment_size)
+    held = store.held([s.key for s in expired], now) if expired else {}
+    if held:
+        log.info(
+            "%d WAL segments older than %s are under Object Lock until %s UTC at the latest: deleted once it ends.",
+            len(held),
+            decision.delete_wal_before,
+            f"{max(held.values()):%Y-%m-%d %H:%M}",
+        )
+        expired = [s for s in expired if s.key not in held]
     if expired:
         log.info(
             "Deleting %d WAL segments older than %s (needed by no kept base backup).",
@@ -115,8 +136,10 @@ def apply_pitr_retention(catalog, archive, store, policy, now: datetime) -> dict
     return {
         "server": server,
         "kept": sorted(decision.keep),
-        "deleted": sorted(decision.delete),
-        "deleted_partial": decision.delete_partial,
+        "deleted": sorted(deleted),
+        "deleted_partial": deleted_partial,
+        "scheduled": scheduled,
         "wal_segments_deleted": len(expired),
+        "wal_segments_held": len(held),
         "oldest_recoverable": decision.oldest_recoverable.isoformat() if decision.oldest_recoverable else None,
     }
