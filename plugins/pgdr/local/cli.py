@@ -59,6 +59,20 @@ def load_connections(path: Path) -> dict[str, str]:
     return env
 
 
+def _database_target(database: str, restore_from: str | None):
+    """``(plan, db, target)``: the plan in force, its ``database`` and the storage target ``--from`` names (``None``:
+    its own); ``None`` when ``--from`` names no target of it (said on the terminal)."""
+    from pgdr.plan import load_plan
+
+    plan = load_plan()
+    db = plan.database(database)
+    try:
+        return plan, db, db.storage_named(restore_from)
+    except ValueError as err:
+        _print(f"pgdr: --from: {err}.")
+        return None
+
+
 def list_backups(database: str, restore_from: str | None = None) -> int:
     """Print every backup of ``database`` with its status, recovery point and size; newest first.
 
@@ -66,15 +80,11 @@ def list_backups(database: str, restore_from: str | None = None) -> int:
     """
     from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.catalog import BackupCatalog
-    from pgdr.plan import load_plan
 
-    plan = load_plan()
-    db = plan.database(database)
-    try:
-        target = db.storage_named(restore_from)
-    except ValueError as err:
-        _print(f"pgdr: --from: {err}.")
+    found = _database_target(database, restore_from)
+    if found is None:
         return 1
+    plan, db, target = found
     store, layout = open_store(target, plan)
     catalog = BackupCatalog(store, layout, db.name)
     backups = catalog.backups()
@@ -101,15 +111,11 @@ def undelete_backups(database: str, restore_from: str | None = None, dry_run: bo
     """
     from pgdr.airflow_glue.connections import open_store
     from pgdr.logical.catalog import BackupCatalog
-    from pgdr.plan import load_plan
 
-    plan = load_plan()
-    db = plan.database(database)
-    try:
-        target = db.storage_named(restore_from)
-    except ValueError as err:
-        _print(f"pgdr: --from: {err}.")
+    found = _database_target(database, restore_from)
+    if found is None:
         return 1
+    plan, db, target = found
     if target.object_lock is None:
         _print(
             f"pgdr: undelete is for a storage target under Object Lock, and {target.name!r} has no object_lock in the "
