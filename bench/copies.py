@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pgdr.postgres.binaries import bundled_bin_dir  # noqa: E402
-from pitr import archive_endpoint, archiver_or_skip, archiving_server  # noqa: E402
+from pitr import archive_endpoint, archiver_or_skip, archiving_server, load_pgbench  # noqa: E402
 
 BUCKET = "pgdr-bench-copies"
 SERVER = "bench"
@@ -111,15 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes: dict[str, list[float]] = {"inside_s3": [], "streamed": []}
     try:
         print(f"Creating pgbench data at scale {scale}...", flush=True)
-        subprocess.run(
-            [str(bundled_bin_dir() / "psql"), "-X", "-q", "-c", "CREATE DATABASE bench"], env=env, check=True
-        )
-        subprocess.run(
-            [str(bundled_bin_dir() / "pgbench"), "-i", "-q", "-s", str(scale), "bench"],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        load_pgbench(env, scale)
         switch_and_wait_archived(pg, 3600)
         folder = work / "bb"
         folder.mkdir()

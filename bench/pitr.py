@@ -203,13 +203,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         print(f"Creating pgbench data at scale {scale}...", flush=True)
-        psql("CREATE DATABASE bench")
-        subprocess.run(
-            [str(bundled_bin_dir() / "pgbench"), "-i", "-q", "-s", str(scale), "bench"],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        load_pgbench(env, scale)
         db_size = int(psql("SELECT pg_database_size('bench')")) / 1e6
         catch_up = settle()
         print(f"  {db_size:.0f} MB; the archive caught up with the load's WAL in {catch_up:.1f}s", flush=True)
@@ -436,6 +430,17 @@ def archiving_server(directory: Path, archive, bin_dir: Path, **settings: str):
         "PGUSER": "postgres",
     }
     return server, env, PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
+
+
+def load_pgbench(env: dict, scale: int) -> None:
+    """Create the database ``bench`` on the server of ``env`` (libpq variables) with pgbench's tables at ``scale``."""
+    subprocess.run([str(bundled_bin_dir() / "psql"), "-X", "-q", "-c", "CREATE DATABASE bench"], env=env, check=True)
+    subprocess.run(
+        [str(bundled_bin_dir() / "pgbench"), "-i", "-q", "-s", str(scale), "bench"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
 
 
 def archive_endpoint(name: str, bucket: str):

@@ -333,7 +333,7 @@ def check_backup_ages(db, res: Resources, now: datetime, source: SourceBackups) 
             "catalog",
             db.name,
             not damaged,
-            f"{len(damaged)} damaged records, left out of every selector: "
+            f"{len(damaged)} damaged records (each says what pgdr does without it): "
             + "; ".join(f"{d.backup_id}: {first_line(d.problem)[:200]}" for d in damaged[:5])
             + ". Restore or delete them, and find out what changed the storage"
             if damaged

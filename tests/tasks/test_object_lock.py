@@ -9,9 +9,10 @@ import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from botocore.exceptions import ClientError
-from conftest import BUCKET
+from conftest import BUCKET, source_row_counts
 
 pytestmark = pytest.mark.integration
 
@@ -318,3 +319,36 @@ def test_undelete_refuses_a_target_without_object_lock(plan, s3_storage, capsys)
     plan(storage=s3_storage)
     assert main(["undelete", "--database", "shop"]) == 1
     assert "'s3' has no object_lock in the plan" in capsys.readouterr().out
+
+
+def test_a_garbage_newer_manifest_version_does_not_hide_the_backup(
+    plan, run_dag, env, s3_server, locked_bucket, pg_server
+):
+    """Written with the workers' credentials over a locked manifest, a garbage version becomes the current one: pgdr
+    reads the newest valid earlier version, the backup still restores from it (its files verify), and the catalog
+    names the invalid one for health."""
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.logical.catalog import BackupCatalog
+
+    p = plan(storage=_locked_storage(env))
+    assert not _failed(run_dag("pgdr_backup"))
+    store, layout = open_store(p.databases[0].storage, p)
+    catalog = BackupCatalog(store, layout, "shop")
+    (entry,) = catalog.backups()
+    key = layout.manifest_key("shop", entry.backup_id)
+    s3_server.client.put_object(Bucket=LOCKED_BUCKET, Key=key, Body=b'{"format": "ransom note"}')
+
+    (read,) = catalog.backups()
+    assert read.manifest.to_json() == entry.manifest.to_json()
+    (note,) = catalog.damaged
+    assert note.backup_id == entry.backup_id and "earlier version of its manifest" in note.problem
+    assert "Find out what wrote it" in note.problem
+    restore = run_dag(
+        "pgdr_restore", run_conf={"database": "shop", "backup": entry.backup_id, "target_name": "shop_from_locked"}
+    )
+    try:
+        assert restore.states["write_report"] == "success", restore.states
+        assert source_row_counts(pg_server, "shop_from_locked") == source_row_counts(pg_server, "shop")
+    finally:
+        with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS shop_from_locked WITH (FORCE)")

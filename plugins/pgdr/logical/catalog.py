@@ -21,6 +21,7 @@ from typing import Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure
 from pgdr.identifiers import legacy_table_key, printable
+from pgdr.messages import first_line
 from pgdr.records import STATUSES, VerificationRecord
 from pgdr.storage.backends import BackupStore
 from pgdr.storage.encryption import EncryptionRecord, sealed_size
@@ -338,10 +339,7 @@ class BackupCatalog:
         return groups
 
     def _entry(self, backup_id: str, keys: list[str] | None = None) -> BackupEntry:
-        manifest_key = self.layout.manifest_key(self.database, backup_id)
-        where = self.store.describe(manifest_key)
-        manifest = BackupManifest.from_json(self.store.get_bytes(manifest_key), where)
-        check_manifest_location(manifest, self.layout, self.database, backup_id, where)
+        manifest = self._manifest(backup_id)
         verification_key = self.layout.verification_key(self.database, backup_id)
         verification = None
         if (keys is not None and verification_key in keys) or (keys is None and self.store.exists(verification_key)):
@@ -356,6 +354,40 @@ class BackupCatalog:
                 )
         status = verification.status if verification else "unverified"
         return BackupEntry(manifest, status, verification)
+
+    def _manifest(self, backup_id: str) -> BackupManifest:
+        """Read and check the manifest of ``backup_id``. When its current version is not a valid manifest of this
+        backup and the store keeps earlier versions (a versioned bucket; under Object Lock no one can remove them),
+        use the newest valid earlier one, and record the invalid one in :attr:`damaged`: whatever wrote it (a
+        damaged upload, an attacker with the workers' credentials) must be found, but the backup stays usable."""
+        key = self.layout.manifest_key(self.database, backup_id)
+        where = self.store.describe(key)
+
+        def read(raw: bytes) -> BackupManifest:
+            manifest = BackupManifest.from_json(raw, where)
+            check_manifest_location(manifest, self.layout, self.database, backup_id, where)
+            return manifest
+
+        try:
+            return read(self.store.get_bytes(key))
+        except PermanentFailure as err:
+            for written, raw in self.store.earlier_versions(key):
+                try:
+                    manifest = read(raw)
+                except PermanentFailure:
+                    continue
+                self.damaged.append(
+                    DamagedBackup(
+                        backup_id,
+                        f"pgdr reads the earlier version of its manifest written {written:%Y-%m-%d %H:%M:%S} UTC: the "
+                        f"current one is not valid ({first_line(err)[:100]}). Find out what wrote it",
+                    )
+                )
+                log.warning(
+                    "The current manifest of backup %s is not valid (%s); using the one of %s.", backup_id, err, written
+                )
+                return manifest
+            raise
 
     def scan(self) -> tuple[list[BackupEntry], list[PartialBackup]]:
         """Return complete backups (oldest first) and partial uploads, in one listing.

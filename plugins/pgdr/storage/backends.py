@@ -134,6 +134,10 @@ class BackupStore(Protocol):
         """Return those of ``keys`` Object Lock keeps from being deleted at ``now``, each with the date it
         is held until (its latest locked version's); empty when all of them may be deleted."""
 
+    def earlier_versions(self, key: str) -> list[tuple[datetime, bytes]]:
+        """Return the versions of ``key`` before its current one (a versioned bucket keeps them; under Object Lock
+        for its whole retention), newest first, each with the time it was written: ``[]`` where there are none."""
+
     def exists(self, key: str) -> bool:
         """Say whether an object is stored at ``key``."""
 
@@ -233,6 +237,9 @@ class LocalFolderStore:
 
     def held(self, keys: list[str], now: datetime) -> dict[str, datetime]:
         return {}  # a folder has no Object Lock
+
+    def earlier_versions(self, key: str) -> list[tuple[datetime, bytes]]:
+        return []  # a folder keeps one version
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -470,6 +477,20 @@ class S3Store:
             for kind in ("Versions", "DeleteMarkers")
             for item in page.get(kind, [])
         ]
+
+    def earlier_versions(self, key: str) -> list[tuple[datetime, bytes]]:
+        earlier = sorted(
+            (v for v in self._versions([key]) if not v.delete_marker and not v.latest),
+            key=lambda v: v.modified,
+            reverse=True,
+        )
+        return [(v.modified, self._read_version(key, v.version_id)) for v in earlier]
+
+    def _read_version(self, key: str, version_id: str) -> bytes:
+        what = f"Reading {self.describe(key)} (version {version_id})"
+        response = self._call(what, self.client.get_object, Bucket=self.bucket, Key=key, VersionId=version_id)
+        with _GuardedStream(response["Body"], self, what) as stream:
+            return stream.read()
 
     def hidden(self, prefix: str) -> list[_Version]:
         """The delete markers that hide an object under ``prefix`` (the newest version of its key): on a target
