@@ -19,7 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pgdr.errors import BackupNotFound, PermanentFailure
+from pgdr.errors import BackupNotFound, PermanentFailure, StorageUnavailable
 from pgdr.identifiers import legacy_table_key, printable
 from pgdr.messages import first_line
 from pgdr.records import STATUSES, VerificationRecord
@@ -371,7 +371,12 @@ class BackupCatalog:
         try:
             return read(self.store.get_bytes(key))
         except PermanentFailure as err:
-            for written, raw in self.store.earlier_versions(key):
+            try:
+                earlier = self.store.earlier_versions(key)
+            except (PermanentFailure, StorageUnavailable) as lookup:  # e.g. no s3:ListBucketVersions: say the first
+                log.warning("The earlier versions of %s cannot be listed (%s).", where, lookup)
+                raise err from None
+            for written, raw in earlier:
                 try:
                     manifest = read(raw)
                 except PermanentFailure:

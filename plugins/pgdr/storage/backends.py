@@ -457,14 +457,14 @@ class S3Store:
                     "s3:DeleteObjectVersion)."
                 )
 
-    def _versions(self, keys: list[str]) -> list[_Version]:
+    def _versions(self, keys: list[str]) -> list[ObjectVersion]:
         """Every version and delete marker of ``keys``, from one listing of their common prefix."""
         wanted = set(keys)
         if not wanted:
             return []
         return [v for v in self.versions(os.path.commonprefix(sorted(wanted))) if v.key in wanted]
 
-    def versions(self, prefix: str) -> list[_Version]:
+    def versions(self, prefix: str) -> list[ObjectVersion]:
         """Every version and delete marker of the objects under ``prefix`` (a versioned bucket's whole history)."""
         paginator = self.client.get_paginator("list_object_versions")
         pages = self._call(
@@ -472,7 +472,9 @@ class S3Store:
             lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix)),
         )
         return [
-            _Version(item["Key"], item["VersionId"], item["LastModified"], kind == "DeleteMarkers", item["IsLatest"])
+            ObjectVersion(
+                item["Key"], item["VersionId"], item["LastModified"], kind == "DeleteMarkers", item["IsLatest"]
+            )
             for page in pages
             for kind in ("Versions", "DeleteMarkers")
             for item in page.get(kind, [])
@@ -492,13 +494,13 @@ class S3Store:
         with _GuardedStream(response["Body"], self, what) as stream:
             return stream.read()
 
-    def hidden(self, prefix: str) -> list[_Version]:
+    def hidden(self, prefix: str) -> list[ObjectVersion]:
         """The delete markers that hide an object under ``prefix`` (the newest version of its key): on a target
         under Object Lock pgdr never makes one (it deletes versions), so each is someone else's delete; the locked
         versions behind it are intact, and :meth:`undelete` brings them back."""
         return [v for v in self.versions(prefix) if v.delete_marker and v.latest]
 
-    def undelete(self, markers: list[_Version]) -> None:
+    def undelete(self, markers: list[ObjectVersion]) -> None:
         """Remove delete ``markers``: the newest version behind each is the object again."""
         self._delete_objects([{"Key": m.key, "VersionId": m.version_id} for m in markers if m.delete_marker])
 
@@ -509,7 +511,8 @@ class S3Store:
         for version in self._versions(keys):
             if version.delete_marker:
                 continue
-            # What pgdr wrote carries the plan's lock from its write: held at least that long, no need to ask.
+            # What pgdr wrote carries the plan's lock from its write: held at least that long, no need to ask (an
+            # object written without it, before the plan asked for a lock, waits as long: late, never too early).
             # Past that, ask S3 (a version written under a longer lock, or under the bucket's default retention,
             # as the archiver's WAL is), one HEAD per version.
             until = self.object_lock.until(version.modified)
@@ -537,7 +540,7 @@ class S3Store:
 
 
 @dataclass(frozen=True)
-class _Version:
+class ObjectVersion:
     """One version of an object in a versioned bucket, or a delete marker."""
 
     key: str
