@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             name, "s3", bucket=name, prefix="pitr", aws_conn_id="archive" if side == "primary" else side
         )
 
-    def opened(_server, chosen=None):
+    def opened(_server, chosen=None, _pruning=False):
         if chosen is None:
             return store, layout, archive
         side, bucket = targets[chosen.name]

@@ -487,7 +487,9 @@ def recover_whole_server(root: Path, store, layout, archive, pg) -> tuple[float,
     plan = SimpleNamespace(database=lambda name: database)
     server = SimpleNamespace(name=SERVER, databases=("bench",))
     res = SimpleNamespace(
-        plan=plan, archive=lambda _server, _target=None: (store, layout, archive), server=lambda _server: pg
+        plan=plan,
+        archive=lambda _server, _target=None, _pruning=False: (store, layout, archive),
+        server=lambda _server: pg,
     )
     recovery = ServerRecovery(
         server, res, None, root / "data", port=free_port(), os_user="nobody" if os.geteuid() == 0 else None

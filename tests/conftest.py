@@ -258,6 +258,20 @@ def source_row_counts(server, dbname: str) -> dict[str, int]:
         return counts
 
 
+def assert_restores_as_source(run_dag, server, backup_id: str, target_name: str) -> None:
+    """Restore ``backup_id`` of 'shop' as the new database ``target_name`` with pgdr_restore, assert it succeeded with
+    every row of the source, and drop it whatever happened."""
+    import psycopg
+
+    restore = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": backup_id, "target_name": target_name})
+    try:
+        assert restore.states["write_report"] == "success", restore.states
+        assert source_row_counts(server, target_name) == source_row_counts(server, "shop")
+    finally:
+        with psycopg.connect(**server.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{target_name}" WITH (FORCE)')
+
+
 def pretty(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
 

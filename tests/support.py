@@ -152,12 +152,12 @@ class FaultProxy:
         self._go_down()
 
 
-def aws_connection(port: int) -> str:
+def aws_connection(port: int, access_key: str = "testing-key") -> str:
     """Return the AIRFLOW_CONN_ JSON of an AWS connection to an S3 endpoint on 127.0.0.1:port."""
     return json.dumps(
         {
             "conn_type": "aws",
-            "login": "testing-key",
+            "login": access_key,
             "password": "testing-secret",
             "extra": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
         }
@@ -328,7 +328,65 @@ def copy_backup_as(store, layout, manifest, backup_id: str, recovery_point, copy
     store.put_bytes(layout.manifest_key(manifest.database, backup_id), json.dumps(data).encode())
 
 
-class SseRequiredGateway:
+ACCESS_DENIED = (
+    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+)
+
+
+class S3Gateway:
+    """An HTTP gateway in front of the real moto server, for what moto does not enforce: each request is shown to
+    :meth:`refuse`, which answers it itself (``(status, body)``) or lets it through unchanged (``None``)."""
+
+    def __init__(self, upstream_port: int):
+        import http.client
+
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self, status: int, data: bytes, headers=(("Content-Type", "application/xml"),)) -> None:
+                self.send_response(status)
+                for key, value in headers:
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path, _, query = self.path.partition("?")
+                refusal = gateway.refuse(self.command, path, query, self.headers, body)
+                if refusal is not None:
+                    return self._answer(*refusal)
+                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                self._answer(response.status, response.read(), response.getheaders())
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815 - http.server's naming
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def refuse(self, method: str, path: str, query: str, headers, body: bytes) -> tuple[int, bytes] | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SseRequiredGateway(S3Gateway):
     """The S3 server behind a bucket policy that denies every write without server-side encryption.
 
     moto stores bucket policies but ignores their conditions (moto/s3/models.py, put_bucket_policy:
@@ -343,63 +401,168 @@ class SseRequiredGateway:
     """
 
     def __init__(self, upstream_port: int, sse: str):
-        import http.client
-
-        gateway = self
         self.sse, self.denied, self.writes = sse, [], 0
+        super().__init__(upstream_port)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def refuse(self, method: str, path: str, query: str, headers, body: bytes) -> tuple[int, bytes] | None:
+        is_write = (
+            method == "PUT"
+            and path.count("/") >= 2
+            and "partNumber=" not in query
+            and not query.startswith(("policy", "encryption", "tagging", "acl"))
+        )
+        is_write |= method == "POST" and query.startswith("uploads")
+        if not is_write:
+            return None
+        self.writes += 1
+        if headers.get("x-amz-server-side-encryption") == self.sse:
+            return None
+        self.denied.append(f"{method} {path}{'?' + query if query else ''}")
+        return 403, ACCESS_DENIED
 
-            def _forward(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                path, _, query = self.path.partition("?")
-                is_write = (
-                    self.command == "PUT"
-                    and path.count("/") >= 2
-                    and "partNumber=" not in query
-                    and not query.startswith(("policy", "encryption", "tagging", "acl"))
-                )
-                is_write |= self.command == "POST" and query.startswith("uploads")
-                if is_write:
-                    gateway.writes += 1
-                    if self.headers.get("x-amz-server-side-encryption") != gateway.sse:
-                        gateway.denied.append(f"{self.command} {self.path}")
-                        error = (
-                            b"<?xml version='1.0' encoding='UTF-8'?>"
-                            b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
-                        )
-                        self.send_response(403)
-                        self.send_header("Content-Type", "application/xml")
-                        self.send_header("Content-Length", str(len(error)))
-                        self.end_headers()
-                        self.wfile.write(error)
-                        return
-                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                response = upstream.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                upstream.close()
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815 - http.server's naming
+def iam_policy(name: str, bucket: str, prefix: str, server: str = "") -> dict:
+    """The README's IAM policy ``docs/iam/<name>.json`` for ``bucket`` and ``prefix`` (and ``server``): the very
+    document a user pastes, with its placeholders filled in."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "iam" / f"{name}.json").read_text()
+    return json.loads(text.replace("BUCKET_NAME", bucket).replace("PREFIX", prefix).replace("SERVER", server))
 
-            def log_message(self, *args):
-                pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+def _iam_pattern(pattern: str):
+    """IAM's wildcards (``*`` any run, ``?`` one character) as a regular expression; nothing else is special."""
+    import re
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern) + r"\Z")
+
+
+def iam_allows(policy: dict, action: str, resource: str, context: dict[str, str]) -> bool:
+    """Evaluate one identity policy as IAM does for one request: an explicit Deny wins, else an Allow is needed.
+
+    Conditions: ``StringLike`` and ``StringLikeIfExists`` (the ones pgdr's policies use); a key absent from the
+    request fails ``StringLike`` and passes ``StringLikeIfExists``, as in IAM.
+    """
+
+    def listed(value) -> list[str]:
+        return value if isinstance(value, list) else [value]
+
+    def holds(conditions: dict) -> bool:
+        for operator, keys in conditions.items():
+            if operator not in ("StringLike", "StringLikeIfExists"):
+                raise ValueError(f"condition operator {operator} is not evaluated here")
+            for key, patterns in keys.items():
+                if key not in context:
+                    if operator == "StringLike":
+                        return False
+                    continue
+                if not any(_iam_pattern(p).match(context[key]) for p in listed(patterns)):
+                    return False
+        return True
+
+    allowed = False
+    for statement in listed(policy["Statement"]):
+        if not any(_iam_pattern(a).match(action) for a in listed(statement["Action"])):
+            continue
+        if not any(_iam_pattern(r).match(resource) for r in listed(statement["Resource"])):
+            continue
+        if not holds(statement.get("Condition", {})):
+            continue
+        if statement["Effect"] == "Deny":
+            return False
+        allowed = True
+    return allowed
+
+
+def s3_request_actions(method: str, path: str, query: str, headers, body: bytes) -> list[tuple[str, str, dict]]:
+    """What IAM authorizes for one path-style S3 request: ``(action, resource ARN, condition context)`` each.
+
+    A DeleteObjects request is one authorization per object, as in S3 (which refuses each object it may not delete
+    and deletes the others).
+    """
+    import xml.etree.ElementTree as ET
+    from urllib.parse import parse_qs, unquote
+
+    params = {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    bucket, _, key = unquote(path).lstrip("/").partition("/")
+    bucket_arn, object_arn = f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/{key}"
+    listing = {"s3:prefix": params["prefix"]} if "prefix" in params else {}
+    if not key:
+        if method == "POST" and "delete" in params:
+            actions = []
+            for item in ET.fromstring(body).iter():
+                if item.tag.endswith("Object"):
+                    name = next(c.text for c in item if c.tag.endswith("Key"))
+                    versioned = any(c.tag.endswith("VersionId") for c in item)
+                    action = "s3:DeleteObjectVersion" if versioned else "s3:DeleteObject"
+                    actions.append((action, f"{bucket_arn}/{name}", {}))
+            return actions
+        by_query = {
+            "versions": "s3:ListBucketVersions",
+            "object-lock": "s3:GetBucketObjectLockConfiguration"
+            if method == "GET"
+            else "s3:PutBucketObjectLockConfiguration",
+            "lifecycle": "s3:GetLifecycleConfiguration" if method == "GET" else "s3:PutLifecycleConfiguration",
+            "location": "s3:GetBucketLocation",
+        }
+        for name, action in by_query.items():
+            if name in params:
+                return [(action, bucket_arn, listing if name == "versions" else {})]
+        if method in ("GET", "HEAD"):
+            return [("s3:ListBucket", bucket_arn, listing)]
+        return [
+            ({"PUT": "s3:CreateBucket", "DELETE": "s3:DeleteBucket"}.get(method, f"s3:{method}Bucket"), bucket_arn, {})
+        ]
+    if "retention" in params:
+        return [("s3:GetObjectRetention" if method == "GET" else "s3:PutObjectRetention", object_arn, {})]
+    if method in ("GET", "HEAD"):
+        return [("s3:GetObjectVersion" if "versionId" in params else "s3:GetObject", object_arn, {})]
+    if method == "DELETE":
+        if "uploadId" in params:
+            return [("s3:AbortMultipartUpload", object_arn, {})]
+        return [("s3:DeleteObjectVersion" if "versionId" in params else "s3:DeleteObject", object_arn, {})]
+    actions = [("s3:PutObject", object_arn, {})]  # PUT, a part, or POST ?uploads / ?uploadId
+    source = headers.get("x-amz-copy-source")
+    if source:
+        source_path, _, source_query = unquote(source).partition("?")
+        read = "s3:GetObjectVersion" if "versionId=" in source_query else "s3:GetObject"
+        actions.append((read, f"arn:aws:s3:::{source_path.lstrip('/')}", {}))
+    return actions
+
+
+class IamGateway(S3Gateway):
+    """The S3 server behind IAM: every request is authorized by the identity policy of its access key, as AWS does.
+
+    moto does not evaluate IAM policies unless told to, and then only for its own users; so the README's policy
+    documents (``docs/iam``) are enforced here, in front of the real moto server: a request its key's policy does not
+    allow gets S3's 403 AccessDenied (a DeleteObjects one per-object errors, as S3 answers), anything else is
+    forwarded unchanged. ``denied`` lists ``(access key, action, resource)`` of each refusal.
+    """
+
+    def __init__(self, upstream_port: int, policies: dict[str, dict]):
+        self.policies, self.denied = policies, []
+        super().__init__(upstream_port)
+
+    def refuse(self, method: str, path: str, query: str, headers, body: bytes) -> tuple[int, bytes] | None:
+        import re
+        from html import escape
+
+        found = re.search(r"Credential=([^/]+)/", headers.get("Authorization", ""))
+        access_key = found.group(1) if found else ""
+        policy = self.policies.get(access_key, {"Statement": []})
+        refused = [
+            (action, resource)
+            for action, resource, context in s3_request_actions(method, path, query, headers, body)
+            if not iam_allows(policy, action, resource, context)
+        ]
+        if not refused:
+            return None
+        self.denied += [(access_key, *r) for r in refused]
+        if method == "POST" and "delete" in query:
+            # S3 would delete the permitted objects of the batch; here none is when one is refused (pgdr's policies
+            # grant a prefix whole or not at all, so a batch is one or the other)
+            errors = "".join(
+                f"<Error><Key>{escape(r.partition(':::')[2].partition('/')[2])}</Key>"
+                "<Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                for _, r in refused
+            )
+            return 200, f"<?xml version='1.0' encoding='UTF-8'?><DeleteResult>{errors}</DeleteResult>".encode()
+        return 403, ACCESS_DENIED

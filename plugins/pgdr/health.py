@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -178,20 +177,14 @@ def check_storage(db, res: Resources) -> CheckResult:
 
     try:
         store, layout = res.store(db.storage)
-        if db.storage.object_lock is not None:
-            # Under Object Lock the probe cannot be deleted for days: one key per database, a new version each
-            # run, none deleted (README: a lifecycle rule expires the old versions once their lock ends).
-            key = layout.probe_key(db.name)
-        else:
-            key = layout.probe_key(f"{db.name}-{uuid.uuid4().hex}")
+        # One key per database, written again each run and never deleted: the workers' credentials need no delete
+        # (README, least privilege), and under Object Lock it could not be deleted for days anyway (a lifecycle
+        # rule expires its old versions).
+        key = layout.probe_key(db.name)
         payload = b"pgdr health probe"
         store.put_bytes(key, payload)
-        try:
-            if store.get_bytes(key) != payload:
-                return CheckResult("storage", db.name, False, f"{store.describe(key)} returned different bytes")
-        finally:
-            if db.storage.object_lock is None:
-                store.delete([key])
+        if store.get_bytes(key) != payload:
+            return CheckResult("storage", db.name, False, f"{store.describe(key)} returned different bytes")
         return CheckResult("storage", db.name, True, f"{store.describe()} is writable")
     except Exception as err:  # noqa: BLE001
         return CheckResult("storage", db.name, False, first_line(err))

@@ -68,6 +68,9 @@ class StorageTarget:
     kms_key_id: str | None = None
     # S3 Object Lock on every object pgdr writes there (pgdr.storage.backends.ObjectLock); None: no lock asked for.
     object_lock: ObjectLock | None = None
+    # The AWS connection of the pruner: the only one that deletes (retention, a copy's retention); None: aws_conn_id.
+    # With it, aws_conn_id's credentials need no delete permission at all (README, least privilege).
+    prune_conn_id: str | None = None
 
     def describe(self) -> str:
         """Return the target as a person would write it (``s3://bucket/prefix`` or a path)."""
@@ -495,7 +498,7 @@ _DATABASE_KEYS = _POLICY_KEYS | {
 }
 _RETENTION_KEYS = {"keep_last", "keep_days", "partial_grace"}
 _NOTIFY_KEYS = {"slack_conn_id", "smtp_conn_id", "email_to", "email_from"}
-_STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id", "sse", "kms_key_id", "object_lock"}
+_STORAGE_KEYS = {"type", "path", "bucket", "prefix", "aws_conn_id", "sse", "kms_key_id", "object_lock", "prune_conn_id"}
 _OBJECT_LOCK_KEYS = {"mode", "days"}
 _ENCRYPTION_KEYS = {"key_conn_id"}
 SSE_KINDS = ("AES256", "aws:kms")
@@ -538,9 +541,10 @@ def _parse_storage(c: _Checker, name: str, node: yaml.Node, plan_dir: Path) -> S
     for needed in required:
         if needed not in fields:
             raise c.fail(node, f"{key}.{needed}", f"missing; a {kind} storage target needs {' and '.join(required)}")
-    unexpected = {"local": {"bucket", "aws_conn_id", "prefix", "sse", "kms_key_id", "object_lock"}, "s3": {"path"}}[
-        kind
-    ] & fields.keys()
+    unexpected = {
+        "local": {"bucket", "aws_conn_id", "prefix", "sse", "kms_key_id", "object_lock", "prune_conn_id"},
+        "s3": {"path"},
+    }[kind] & fields.keys()
     if unexpected:
         extra = sorted(unexpected)[0]
         hint = {
@@ -572,6 +576,9 @@ def _parse_storage(c: _Checker, name: str, node: yaml.Node, plan_dir: Path) -> S
         kms_key_id=kms_key_id,
         object_lock=_parse_object_lock(c, fields["object_lock"][1], f"{key}.object_lock")
         if "object_lock" in fields
+        else None,
+        prune_conn_id=c.string(fields["prune_conn_id"][1], f"{key}.prune_conn_id", _CONN_ID, "an Airflow connection id")
+        if "prune_conn_id" in fields
         else None,
     )
 

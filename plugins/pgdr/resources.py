@@ -35,13 +35,15 @@ class Resources(Protocol):
     def server(self, server: ProtectedServer) -> PgEndpoint:
         """A PITR server of the plan, as its connection says."""
 
-    def store(self, target: StorageTarget) -> tuple[BackupStore, BackupLayout]:
-        """A storage target of the plan, opened."""
+    def store(self, target: StorageTarget, pruning: bool = False) -> tuple[BackupStore, BackupLayout]:
+        """A storage target of the plan, opened (``pruning``: with its pruner's credentials, the only ones that
+        delete)."""
 
     def archive(
-        self, server: ProtectedServer, target: StorageTarget | None = None
+        self, server: ProtectedServer, target: StorageTarget | None = None, pruning: bool = False
     ) -> tuple[BackupStore, PhysicalLayout, WalArchive]:
-        """The storage, layout and WAL archive of a PITR server (in ``target``, one of its copies, when given)."""
+        """The storage, layout and WAL archive of a PITR server (in ``target``, one of its copies, when given;
+        ``pruning``: with the pruner's credentials)."""
 
     def data_key(self, db: ProtectedDatabase, manifest: Any, catalog: Any = None) -> bytes | None:
         """The key that opens an encrypted backup of ``db`` (``None``: not encrypted)."""

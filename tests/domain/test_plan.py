@@ -225,6 +225,8 @@ databases:
         ("{type: s3, bucket: b, aws_conn_id: a, object_lock: {mode: compliance, days: 0}}", "", "at least 1"),
         ("{type: s3, bucket: b, aws_conn_id: a, object_lock: {mode: compliance, days: 1d}}", "", "whole number"),
         ("{type: s3, bucket: b, aws_conn_id: a, object_lock: {mode: governance, days: 1, until: x}}", "", "unknown"),
+        ("{type: local, path: /x, prune_conn_id: p}", "", "not used by a local storage target"),
+        ("{type: s3, bucket: b, aws_conn_id: a, prune_conn_id: 'a b'}", "", "an Airflow connection id"),
     ],
 )
 def test_encryption_mistakes_point_at_the_key(storage, database, expected):
@@ -235,7 +237,7 @@ def test_encryption_mistakes_point_at_the_key(storage, database, expected):
 def test_object_lock_is_read_per_s3_target():
     text = """\
 storage:
-  locked: {type: s3, bucket: b, aws_conn_id: pgdr_s3, object_lock: {mode: compliance, days: 30}}
+  locked: {type: s3, bucket: b, aws_conn_id: pgdr_s3, object_lock: {mode: compliance, days: 30}, prune_conn_id: p}
   open: {type: s3, bucket: c, aws_conn_id: pgdr_s3}
 databases:
   - {name: shop, conn_id: pgdr_shop, storage: locked}
@@ -243,6 +245,7 @@ databases:
 """
     shop, billing = parse_plan(text, Path("/p.yaml")).databases
     assert (shop.storage.object_lock.mode, shop.storage.object_lock.days) == ("compliance", 30)
+    assert shop.storage.prune_conn_id == "p" and billing.storage.prune_conn_id is None
     assert shop.storage.object_lock.describe() == "compliance mode, 30 days"
     assert billing.storage.object_lock is None
 

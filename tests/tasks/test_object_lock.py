@@ -9,10 +9,9 @@ import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 from botocore.exceptions import ClientError
-from conftest import BUCKET, source_row_counts
+from conftest import BUCKET, assert_restores_as_source
 
 pytestmark = pytest.mark.integration
 
@@ -343,12 +342,4 @@ def test_a_garbage_newer_manifest_version_does_not_hide_the_backup(
     (note,) = catalog.damaged
     assert note.backup_id == entry.backup_id and "earlier version of its manifest" in note.problem
     assert "Find out what wrote it" in note.problem
-    restore = run_dag(
-        "pgdr_restore", run_conf={"database": "shop", "backup": entry.backup_id, "target_name": "shop_from_locked"}
-    )
-    try:
-        assert restore.states["write_report"] == "success", restore.states
-        assert source_row_counts(pg_server, "shop_from_locked") == source_row_counts(pg_server, "shop")
-    finally:
-        with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
-            conn.execute("DROP DATABASE IF EXISTS shop_from_locked WITH (FORCE)")
+    assert_restores_as_source(run_dag, pg_server, entry.backup_id, "shop_from_locked")

@@ -60,11 +60,15 @@ def database_endpoint(db: ProtectedDatabase, plan: DRPlan | None = None, conn_id
     )
 
 
-def open_store(target: StorageTarget, plan: DRPlan | None = None) -> tuple[BackupStore, BackupLayout]:
-    """Return the store and key layout of a storage target."""
+def open_store(
+    target: StorageTarget, plan: DRPlan | None = None, pruning: bool = False
+) -> tuple[BackupStore, BackupLayout]:
+    """Return the store and key layout of a storage target; ``pruning``: with the pruner's connection
+    (``prune_conn_id``, when the target has one), for the retention tasks, the only ones that delete."""
     if target.kind == "local":
         return LocalFolderStore(target.path), BackupLayout()
-    get_connection(target.aws_conn_id, f"S3 storage target {target.name!r}", plan)
+    conn_id = target.prune_conn_id if pruning and target.prune_conn_id else target.aws_conn_id
+    get_connection(conn_id, f"S3 storage target {target.name!r}" + (" (its pruner)" if pruning else ""), plan)
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
     from botocore.config import Config
 
@@ -76,7 +80,7 @@ def open_store(target: StorageTarget, plan: DRPlan | None = None) -> tuple[Backu
         retries={"max_attempts": 3, "mode": "standard"},
         max_pool_connections=16,
     )
-    client = S3Hook(aws_conn_id=target.aws_conn_id, config=config).get_conn()
+    client = S3Hook(aws_conn_id=conn_id, config=config).get_conn()
     store = S3Store(client, target.bucket, target.sse, target.kms_key_id, object_lock=target.object_lock)
     return store, BackupLayout(prefix=target.prefix)
 
@@ -133,14 +137,17 @@ def server_endpoint(server: ProtectedServer, plan: DRPlan | None = None) -> PgEn
     )
 
 
-def open_archive(server: ProtectedServer, plan: DRPlan | None = None, target: StorageTarget | None = None):
+def open_archive(
+    server: ProtectedServer, plan: DRPlan | None = None, target: StorageTarget | None = None, pruning: bool = False
+):
     """Return ``(store, layout, archive)`` of a PITR server: its S3 target (or ``target``, one of its copies) and WAL
-    archive, with the endpoint and credentials of the target's AWS connection (for barman-cloud's environment)."""
+    archive, with the endpoint and credentials of the target's AWS connection (for barman-cloud's environment);
+    ``pruning``: the store with the pruner's connection (:func:`open_store`)."""
     from pgdr.physical.archive import ArchiveAccess, WalArchive
     from pgdr.storage.layout import PhysicalLayout
 
     target = target or server.pitr.storage
-    store, _ = open_store(target, plan)
+    store, _ = open_store(target, plan, pruning)
     conn = get_connection(target.aws_conn_id, f"S3 storage target {target.name!r}", plan)
     extra = conn.extra_dejson or {}
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -248,11 +255,11 @@ class AirflowResources:
     def server(self, server: ProtectedServer) -> PgEndpoint:
         return server_endpoint(server, self.plan)
 
-    def store(self, target: StorageTarget) -> tuple[BackupStore, BackupLayout]:
-        return open_store(target, self.plan)
+    def store(self, target: StorageTarget, pruning: bool = False) -> tuple[BackupStore, BackupLayout]:
+        return open_store(target, self.plan, pruning)
 
-    def archive(self, server: ProtectedServer, target: StorageTarget | None = None):
-        return open_archive(server, self.plan, target)
+    def archive(self, server: ProtectedServer, target: StorageTarget | None = None, pruning: bool = False):
+        return open_archive(server, self.plan, target, pruning)
 
     def data_key(self, db: ProtectedDatabase, manifest, catalog=None) -> bytes | None:
         return backup_data_key(db, manifest, self.plan, catalog)

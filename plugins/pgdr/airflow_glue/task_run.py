@@ -153,9 +153,9 @@ def restore_into_scratch(
 CONTEXT_SERVER = "pgdr_server"  # the PITR server a mapped task is about (map_index_template)
 
 
-def pitr_server_context(server_name: str, context, read_from: str | None = None):
-    """Return ``(plan, server, store, archive, catalog)`` of a PITR server (in its copy ``read_from`` when given), and
-    name it in the task's context."""
+def pitr_server_context(server_name: str, context, read_from: str | None = None, pruning: bool = False):
+    """Return ``(plan, server, store, archive, catalog)`` of a PITR server (in its copy ``read_from`` when given; with
+    the pruner's credentials when ``pruning``), and name it in the task's context."""
     from pgdr.airflow_glue.connections import open_archive
     from pgdr.airflow_glue.notify import CONTEXT_DATABASE
     from pgdr.physical.catalog import BaseBackupCatalog
@@ -165,7 +165,8 @@ def pitr_server_context(server_name: str, context, read_from: str | None = None)
     context[CONTEXT_DATABASE] = f"server {server_name}"
     plan = load_plan()
     server = plan.server(server_name)
-    store, layout, archive = open_archive(server, plan, server.pitr.storage_named(read_from) if read_from else None)
+    target = server.pitr.storage_named(read_from) if read_from else None
+    store, layout, archive = open_archive(server, plan, target, pruning)
     return plan, server, store, archive, BaseBackupCatalog(store, layout, server.name)
 
 

@@ -124,7 +124,7 @@ def undelete_backups(database: str, restore_from: str | None = None, dry_run: bo
             "--version-id by hand if you must."
         )
         return 1
-    store, layout = open_store(target, plan)
+    store, layout = open_store(target, plan, pruning=True)  # removing a marker is a delete: the pruner's to make
     prefix = layout.database_prefix(db.name)
     markers = store.hidden(prefix)
     if not markers:

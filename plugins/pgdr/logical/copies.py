@@ -285,7 +285,8 @@ def copy_database(db: ProtectedDatabase, res: Resources, now: datetime) -> dict:
                 ):  # verified (or failed) after it was copied; a verification from the copy itself stays
                     copy.record_verification(entry.verification)
                     done["verifications"] += 1
-            done["deleted"] = apply_retention(copy, db.retention, now)["deleted"]
+            prune_store, _ = res.store(target, pruning=True)  # the only credentials that delete
+            done["deleted"] = apply_retention(BackupCatalog(prune_store, layout, db.name), db.retention, now)["deleted"]
         except (PgdrError, OSError) as err:
             done["error"] = first_line(str(err))
             log.error("Copy of %r to %r failed: %s", db.name, target.name, err)

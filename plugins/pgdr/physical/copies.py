@@ -89,8 +89,10 @@ class _Archive:
         return self.archive.layout.wal_segments_prefix(self.archive.server) + name
 
 
-def _open(server: ProtectedServer, res: Resources, target: StorageTarget | None = None) -> _Archive:
-    store, layout, archive = res.archive(server, target)
+def _open(
+    server: ProtectedServer, res: Resources, target: StorageTarget | None = None, pruning: bool = False
+) -> _Archive:
+    store, layout, archive = res.archive(server, target, pruning)
     return _Archive(target or server.pitr.storage, store, BaseBackupCatalog(store, layout, server.name), archive)
 
 
@@ -240,7 +242,8 @@ def copy_server(server: ProtectedServer, res: Resources, now: datetime) -> dict:
                     continue
                 present[entry.backup_id] = entry
                 done["base_backups"].append(entry.backup_id)
-            done["retention"] = apply_pitr_retention(copy.catalog, copy.archive, copy.store, server.pitr, now)
+            pruner = _open(server, res, target, pruning=True)  # the only credentials that delete
+            done["retention"] = apply_pitr_retention(pruner.catalog, pruner.archive, pruner.store, server.pitr, now)
             log.info(
                 "Copy %r of server %r: %d WAL files and %d base backups copied (%s) in %.1fs, %d verification records "
                 "brought over.",

@@ -68,5 +68,5 @@ def run_retention(database: str, context) -> dict[str, Any]:
     with fail_fast():
         plan = load_plan()
         db = plan.database(database)
-        store, layout = open_store(db.storage, plan)
+        store, layout = open_store(db.storage, plan, pruning=True)
         return apply_retention(BackupCatalog(store, layout, database), db.retention, datetime.now(UTC))

@@ -92,5 +92,5 @@ def run_pitr_retention(server_name: str, context) -> dict[str, Any]:
     from pgdr.physical.retention import apply_pitr_retention
 
     with fail_fast():
-        _, server, store, archive, catalog = pitr_server_context(server_name, context)
+        _, server, store, archive, catalog = pitr_server_context(server_name, context, pruning=True)
         return apply_pitr_retention(catalog, archive, store, server.pitr, datetime.now(UTC))
