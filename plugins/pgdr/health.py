@@ -173,7 +173,7 @@ def check_verification_server(db, res: Resources) -> CheckResult:
 
 
 def check_storage(db, res: Resources) -> CheckResult:
-    """The storage target accepts, returns and deletes a small probe object."""
+    """The storage target accepts and returns a small probe object (one per database, written again each run)."""
 
     try:
         store, layout = res.store(db.storage)

@@ -228,15 +228,14 @@ def test_health_alerts_on_change_of_state_only(plan, run_dag, slack, worker_metr
     assert any(m.startswith("airflow.pgdr.last_restore_seconds.shop:2.5|g") for m in metrics), metrics
 
 
-def test_health_storage_check_writes_and_removes_a_probe(plan, run_dag, slack):
+def test_health_storage_check_writes_one_probe_per_database_and_never_deletes(plan, run_dag, slack):
+    """The workers' credentials need no delete (README, least privilege): the probe is one object per database,
+    written again by every run, never a pile of them."""
     p = plan()
     run_dag("pgdr_health")
-    probes = (
-        list((p.databases[0].storage.path / "v1" / "_probe").glob("*"))
-        if (p.databases[0].storage.path / "v1" / "_probe").exists()
-        else []
-    )
-    assert probes == []
+    run_dag("pgdr_health")
+    probes = sorted(path.name for path in (p.databases[0].storage.path / "v1" / "_probe").glob("*"))
+    assert probes == ["shop"]
     from pgdr.airflow_glue.alert_journal import AlertJournal
 
     state = AlertJournal.for_plan().get_state("health-storage-shop")
