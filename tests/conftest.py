@@ -453,24 +453,10 @@ def pitr_server(session_dir, s3_server):
 
     Its ``archive` attribute is the :class:`~pgdr.physical.archive.WalArchive` it writes to.
     """
-    from pgdr.errors import PgdrError
-    from pgdr.local.embedded import EmbeddedServer, create_sample_database
-    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
-    from pgdr.storage.layout import PhysicalLayout
+    from pgdr.local.embedded import create_sample_database
+    from support import archiving_server
 
-    try:
-        bin_dir = archiver_bin_dir()
-        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
-    except PgdrError as err:
-        pytest.skip(str(err))
-    access = ArchiveAccess(f"http://127.0.0.1:{s3_server.port}", "us-east-1", "testing-key", "testing-secret")
-    archive = WalArchive(BUCKET, PhysicalLayout(PITR_PREFIX), PITR_SERVER, access)
-    server = EmbeddedServer(
-        session_dir / "postgres-pitr",
-        settings=archive.server_settings(archive_timeout_s=10, bin_dir=bin_dir),
-        environment=access.environment(),
-    ).start()
+    server = archiving_server(session_dir / "postgres-pitr", s3_server.port, BUCKET, PITR_PREFIX, PITR_SERVER)
     create_sample_database(server, "shop")
-    server.archive = archive
     yield server
     server.destroy()

@@ -152,6 +152,38 @@ class FaultProxy:
         self._go_down()
 
 
+def archiving_server(
+    directory: Path, s3_port: int, bucket: str, prefix: str, server: str, access_key="testing-key", archive_timeout_s=10
+):
+    """Start an embedded PostgreSQL 18 server in ``directory`` whose archive_command is the real archiver
+    (barman-cloud, run as the server's OS user) writing to ``bucket``/``prefix`` on the S3 endpoint at ``s3_port`` with
+    ``access_key`` (archive_timeout ``archive_timeout_s``). Its ``archive`` attribute is the
+    :class:`~pgdr.physical.archive.WalArchive` it writes to. Skips the test where barman-cloud is not installed,
+    saying how to install it."""
+    import os
+
+    import pytest
+    from pgdr.errors import PgdrError
+    from pgdr.local.embedded import EmbeddedServer
+    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
+    from pgdr.storage.layout import PhysicalLayout
+
+    try:
+        bin_dir = archiver_bin_dir()
+        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
+    except PgdrError as err:
+        pytest.skip(f"{err} (make archiver installs it)")
+    access = ArchiveAccess(f"http://127.0.0.1:{s3_port}", "us-east-1", access_key, "testing-secret")
+    archive = WalArchive(bucket, PhysicalLayout(prefix), server, access)
+    started = EmbeddedServer(
+        directory,
+        settings=archive.server_settings(archive_timeout_s=archive_timeout_s, bin_dir=bin_dir),
+        environment=access.environment(),
+    ).start()
+    started.archive = archive
+    return started
+
+
 def aws_connection(port: int, access_key: str = "testing-key") -> str:
     """Return the AIRFLOW_CONN_ JSON of an AWS connection to an S3 endpoint on 127.0.0.1:port."""
     return json.dumps(

@@ -1,6 +1,6 @@
-"""Least privilege (#29 item 4), the first part: the README's IAM policies (docs/iam) for the three credential sets,
-evaluated as IAM does, in a gateway in front of moto; pgdr's storage calls work with their own set and fail clearly
-with another. (Running each DAG task with only its set is the next part.)"""
+"""Least privilege (#29 item 4): the README's IAM policies (docs/iam) for the three credential sets, evaluated as IAM
+does, in a gateway in front of moto. Each DAG task runs with only its own set (the workers', the pruner's, the
+archiver's: barman-cloud from the server's archive_command) and works; with another set it fails clearly."""
 
 from __future__ import annotations
 
@@ -116,3 +116,102 @@ def test_backup_verify_retention_and_restore_each_with_its_own_set(plan, run_dag
     assert verify.get_state() == "success", verify.states
     assert_restores_as_source(run_dag, pg_server, kept.backup_id, "shop_lp")
     assert gateway.denied == [], gateway.denied
+
+
+def test_the_archiver_base_backups_pitr_verification_retention_and_health_each_with_its_own_set(
+    plan, run_dag, env, session_dir, s3_server, monkeypatch
+):
+    """A server whose archive_command (barman-cloud, as the server's OS user) holds only the archiver's set; base
+    backups, their PITR verification (a recovery reading the WAL with the workers' set) and health with the workers'
+    set; the recovery-window retention, a week later, with the pruner's. Nothing is refused, and each set is refused
+    what is not its work: the archiver another server's WAL and any delete, the workers a delete."""
+    from datetime import UTC, datetime, timedelta
+
+    import boto3
+    import botocore.exceptions
+    from pgdr.airflow_glue.connections import open_archive
+    from pgdr.local.embedded import create_sample_database
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+    from pgdr.postgres.client import PgEndpoint
+    from support import archiving_server, aws_connection
+
+    prefix, name = env["prefix"], "lp"
+    gateway = IamGateway(
+        s3_server.port,
+        {
+            "worker-key": iam_policy("pgdr-worker", BUCKET, prefix),
+            "pruner-key": iam_policy("pgdr-pruner", BUCKET, prefix),
+            "archiver-key": iam_policy("pgdr-archiver", BUCKET, prefix, name),
+        },
+    )
+    server = archiving_server(session_dir / f"postgres-{prefix}", gateway.port, BUCKET, prefix, name, "archiver-key")
+    try:
+        create_sample_database(server, "shop")
+        endpoint = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
+        switch_and_wait_archived(endpoint, 60)  # barman-cloud shipped a segment with the archiver's set alone
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_LP", server.connection_uri("shop"))
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_RESTORE", server.restore_connection_uri())
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3_WORKER", aws_connection(gateway.port, "worker-key"))
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_S3_PRUNER", aws_connection(gateway.port, "pruner-key"))
+        target = {"type": "s3", "bucket": BUCKET, "prefix": prefix, "aws_conn_id": "pgdr_s3_worker"}
+        p = plan(
+            databases=[{"name": "shop", "conn_id": "pgdr_lp", "server": name}],
+            storage={"s3": {**target, "prune_conn_id": "pgdr_s3_pruner"}},
+            servers={name: {"conn_id": "pgdr_lp", "pitr": {"storage": "s3", "keep_window": "7d"}}},
+        )
+        store, layout, archive = open_archive(p.servers[0], p)
+        catalog = BaseBackupCatalog(store, layout, name)
+
+        for _ in range(2):
+            full = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+            assert full.get_state() == "success", full.states
+            switch_and_wait_archived(endpoint, 60)
+        first, second = (e.backup_id for e in catalog.backups())
+        verify = run_dag("pgdr_verify_pitr", run_conf={"server": name})
+        assert verify.get_state() == "success", verify.states
+        assert catalog.get(second).status == "verified"
+        run_dag("pgdr_health")
+        assert gateway.denied == [], gateway.denied
+
+        # A week and a day later the first full base backup is out of the window: the pruner deletes it, and the WAL
+        # only it needed.
+        segments_before = len(archive.segments(store))
+
+        class ADayPastTheWindow(datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return datetime.now(tz or UTC) + timedelta(days=8)
+
+        monkeypatch.setattr("pgdr.tasks.basebackup.datetime", ADayPastTheWindow)
+        third = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+        assert third.get_state() == "success", third.states
+        assert first not in {e.backup_id for e in catalog.backups()}
+        assert len(archive.segments(store)) < segments_before
+        assert gateway.denied == [], gateway.denied
+
+        # Each set is refused what is not its work.
+        def client(access_key: str):
+            return boto3.client(
+                "s3",
+                endpoint_url=f"http://127.0.0.1:{gateway.port}",
+                region_name="us-east-1",
+                aws_access_key_id=access_key,
+                aws_secret_access_key="secret",
+            )
+
+        wal_key = archive.segments(store)[-1].key
+        other_servers_wal = wal_key.replace(f"/{name}/", "/other/")
+        for access_key, call in (
+            ("archiver-key", lambda c: c.delete_object(Bucket=BUCKET, Key=wal_key)),
+            ("archiver-key", lambda c: c.put_object(Bucket=BUCKET, Key=other_servers_wal, Body=b"x")),
+            ("archiver-key", lambda c: c.get_object(Bucket=BUCKET, Key=f"{layout.server_prefix(name)}x")),
+            ("worker-key", lambda c: c.delete_object(Bucket=BUCKET, Key=wal_key)),
+            ("pruner-key", lambda c: c.put_object(Bucket=BUCKET, Key=wal_key, Body=b"x")),
+        ):
+            with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+                call(client(access_key))
+        assert store.exists(wal_key)
+    finally:
+        server.destroy()
+        gateway.close()

@@ -4,7 +4,6 @@ middle of the archive, a damaged base backup, a moment outside the window, a wor
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import time
 
@@ -22,25 +21,14 @@ PREFIX = "pitr-faults"
 def flaky(session_dir, s3_server):
     """A server archiving through a proxy the tests can cut (S3 down for the archiver only), with one full base
     backup."""
-    from pgdr.errors import PgdrError
-    from pgdr.local.embedded import EmbeddedServer
-    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
     from pgdr.physical.basebackup import take_base_backup
     from pgdr.postgres.client import PgEndpoint
     from pgdr.storage.backends import S3Store
-    from pgdr.storage.layout import PhysicalLayout
+    from support import archiving_server
 
-    try:
-        bin_dir = archiver_bin_dir()
-        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
-    except PgdrError as err:
-        pytest.skip(str(err))
     proxy = FaultProxy(s3_server.port)
-    access = ArchiveAccess(f"http://127.0.0.1:{proxy.port}", "us-east-1", "testing-key", "testing-secret")
-    archive = WalArchive(BUCKET, PhysicalLayout(PREFIX), SERVER, access)
-    server = EmbeddedServer(
-        session_dir / "postgres-flaky", settings=archive.server_settings(5, bin_dir), environment=access.environment()
-    ).start()
+    server = archiving_server(session_dir / "postgres-flaky", proxy.port, BUCKET, PREFIX, SERVER, archive_timeout_s=5)
+    archive = server.archive
     with psycopg.connect(**server.dsn(), autocommit=True) as conn:
         conn.execute("CREATE TABLE marks (id serial PRIMARY KEY, label text)")
     store = S3Store(s3_server.client, BUCKET)

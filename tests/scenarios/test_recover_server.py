@@ -43,28 +43,16 @@ def _second_boundary() -> None:
 @pytest.fixture(scope="module")
 def lost_server(session_dir, s3_server, tmp_path_factory):
     """A server with three databases and two roles, a full base backup, writes at known times, then lost."""
-    from pgdr.errors import PgdrError
-    from pgdr.local.embedded import EmbeddedServer, create_sample_database
-    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir, check_archiver_runs_as_server_user
+    from pgdr.local.embedded import create_sample_database
     from pgdr.physical.basebackup import take_base_backup
     from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat
     from pgdr.postgres.client import PgEndpoint
     from pgdr.storage.backends import S3Store
-    from pgdr.storage.layout import PhysicalLayout
+    from support import archiving_server
 
-    try:
-        bin_dir = archiver_bin_dir()
-        check_archiver_runs_as_server_user(bin_dir, 65534 if os.geteuid() == 0 else None)
-    except PgdrError as err:
-        pytest.skip(str(err))
     prefix = f"lost-{uuid.uuid4().hex[:8]}"
-    access = ArchiveAccess(f"http://127.0.0.1:{s3_server.port}", "us-east-1", "testing-key", "testing-secret")
-    archive = WalArchive(BUCKET, PhysicalLayout(prefix), SERVER, access)
-    server = EmbeddedServer(
-        session_dir / f"postgres-{prefix}",
-        settings=archive.server_settings(archive_timeout_s=10, bin_dir=bin_dir),
-        environment=access.environment(),
-    ).start()
+    server = archiving_server(session_dir / f"postgres-{prefix}", s3_server.port, BUCKET, prefix, SERVER)
+    archive = server.archive
     create_sample_database(server, "shop")
     admin = server.dsn()
     _sql(admin, f'CREATE DATABASE "{HOSTILE_DB.replace(chr(34), chr(34) * 2)}"')
@@ -301,21 +289,15 @@ def test_a_rebuilt_server_archiving_into_the_same_prefix_is_alerted_and_never_mi
 
     from pgdr.errors import StorageUnavailable
     from pgdr.health import cluster_identity_check
-    from pgdr.local.embedded import EmbeddedServer
-    from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
     from pgdr.physical.basebackup import ForeignCluster, take_base_backup
     from pgdr.physical.catalog import BaseBackupCatalog
     from pgdr.postgres.client import PgEndpoint
     from pgdr.storage.backends import S3Store
-    from pgdr.storage.layout import PhysicalLayout
+    from support import archiving_server
 
-    access = ArchiveAccess(f"http://127.0.0.1:{s3_server.port}", "us-east-1", "testing-key", "testing-secret")
-    archive = WalArchive(BUCKET, PhysicalLayout(lost_server["prefix"]), SERVER, access)
-    rebuilt = EmbeddedServer(
-        session_dir / f"postgres-{lost_server['prefix']}-rebuilt",
-        settings=archive.server_settings(archive_timeout_s=10, bin_dir=archiver_bin_dir()),
-        environment=access.environment(),
-    ).start()
+    directory = session_dir / f"postgres-{lost_server['prefix']}-rebuilt"
+    rebuilt = archiving_server(directory, s3_server.port, BUCKET, lost_server["prefix"], SERVER)
+    archive = rebuilt.archive
     try:
         store = S3Store(s3_server.client, BUCKET)
         catalog = BaseBackupCatalog(store, archive.layout, SERVER)
