@@ -267,52 +267,117 @@ def check_object_lock(db, res: Resources) -> CheckResult | None:
     targets = [t for t in (db.storage, *db.copies) if t.kind == "s3" and t.object_lock is not None]
     if not targets:
         return None
+
+    def open_target(target):
+        store, layout = res.store(target)
+        return store, [layout.database_prefix(db.name)]
+
+    return _object_lock_result(db.name, f"backups of {db.name}", targets, open_target, f"--database {db.name}")
+
+
+def check_server_object_lock(server, res: Resources) -> CheckResult | None:
+    """The same for a PITR server's base backups and WAL archive (and their copies); the archive's own bucket also
+    needs a default retention at least the plan's lock, the only lock the archiver's WAL gets (barman-cloud cannot
+    ask for one). ``None``: no target of the server asks for Object Lock."""
+    pitr = server.pitr
+    targets = [t for t in (pitr.storage, *pitr.copies) if t.kind == "s3" and t.object_lock is not None]
+    if not targets:
+        return None
+
+    def open_target(target):
+        store, layout, _archive = res.archive(server, None if target == pitr.storage else target)
+        return store, [layout.server_prefix(server.name), layout.wal_segments_prefix(server.name)]
+
+    return _object_lock_result(
+        server.name,
+        f"base backups or WAL of server {server.name}",
+        targets,
+        open_target,
+        f"--server {server.name}",
+        archived_by_barman=pitr.storage,
+    )
+
+
+def _default_retention_problem(store, lock) -> str | None:
+    """What is wrong with the default retention of the bucket the archiver writes to (``None``: it locks the WAL
+    at least as the plan's ``lock`` asks), with the command that sets it."""
+    import json
+
+    default = store.default_retention()
+    if default is not None and default.days >= lock.days and default.mode in (lock.mode, "compliance"):
+        return None
+    rule = {"DefaultRetention": {"Mode": lock.mode.upper(), "Days": lock.days}}
+    config = json.dumps({"ObjectLockEnabled": "Enabled", "Rule": rule})
+    has = f"a default retention of {default.describe()}" if default else "no default retention"
+    return (
+        f"s3://{store.bucket} has {has}, and the WAL archive is locked by nothing else (barman-cloud cannot ask for a "
+        f"lock of its own): until it is set, any credentials allowed to delete (the pruner's, an administrator's, "
+        f"a thief's) can delete the WAL a recovery needs. Set it: aws s3api put-object-lock-configuration --bucket {store.bucket} "
+        f"--object-lock-configuration '{config}'"
+    )
+
+
+def _object_lock_result(
+    name: str, what: str, targets: list, open_target, undelete: str, archived_by_barman=None
+) -> CheckResult:
+    """The ``object_lock`` check of ``name`` over its locked ``targets``: ``open_target(target)`` returns the store
+    and the key prefixes of ``what`` there; ``undelete`` is what ``python -m pgdr undelete`` is given to bring
+    hidden objects back; ``archived_by_barman``, the target whose WAL the archiver writes (locked by the bucket's
+    default retention alone)."""
     unlocked: list[str] = []
     hidden: list[str] = []
+    no_default: list[str] = []
     checked = 0
     try:
         for target in targets:
-            store, layout = res.store(target)
+            store, prefixes = open_target(target)
             store.check_object_lock()
             lock = target.object_lock
-            prefix = layout.database_prefix(db.name)
-            objects = sorted(store.list(prefix), key=lambda o: o.modified, reverse=True)
-            for obj in objects[:LOCK_SAMPLE]:
-                mode, until = store.retention_of(obj.key)
-                checked += 1
-                if mode != lock.mode.upper():
-                    unlocked.append(f"{store.describe(obj.key)} has {mode or 'no'} lock, not {lock.mode}")
-                elif until is None or until < lock.until(obj.modified) - LOCK_SLACK:
-                    unlocked.append(f"{store.describe(obj.key)} is locked only until {until:%Y-%m-%d %H:%M} UTC")
-            markers = store.hidden(prefix)
+            if target == archived_by_barman:
+                no_default += [p for p in (_default_retention_problem(store, lock),) if p]
+            markers = []
+            for prefix in prefixes:
+                versions = store.versions(prefix)  # one listing: the objects, and the delete markers hiding some
+                markers += [v for v in versions if v.delete_marker and v.latest]
+                current = [v for v in versions if v.latest and not v.delete_marker]
+                for version in sorted(current, key=lambda v: v.modified, reverse=True)[:LOCK_SAMPLE]:
+                    mode, until = store.retention_of(version.key, version.version_id)
+                    checked += 1
+                    if mode not in (lock.mode.upper(), "COMPLIANCE"):
+                        unlocked.append(f"{store.describe(version.key)} has {mode or 'no'} lock, not {lock.mode}")
+                    elif until is None or until < lock.until(version.modified) - LOCK_SLACK:
+                        unlocked.append(
+                            f"{store.describe(version.key)} is locked only until {until:%Y-%m-%d %H:%M} UTC"
+                        )
             if markers:
+                first = min(markers, key=lambda m: m.modified)
                 hidden.append(
-                    f"{len(markers)} objects on {target.name} (the first {store.describe(markers[0].key)}, deleted "
-                    f"{markers[0].modified:%Y-%m-%d %H:%M} UTC; python -m pgdr undelete --database {db.name} --from "
-                    f"{target.name})"
+                    f"{len(markers)} objects on {target.name} (the first {store.describe(first.key)}, deleted "
+                    f"{first.modified:%Y-%m-%d %H:%M} UTC; python -m pgdr undelete {undelete} --from {target.name})"
                 )
     except Exception as err:  # noqa: BLE001 - the failure is the result
-        return CheckResult("object_lock", db.name, False, f"Object Lock could not be checked: {first_line(err)}")
+        return CheckResult("object_lock", name, False, f"Object Lock could not be checked: {first_line(err)}")
     problems = []
     if hidden:
         problems.append(
-            f"someone deleted backups of {db.name} (pgdr never does on a locked target: it deletes versions once "
-            f"their lock ends), hiding them behind delete markers: {'; '.join(hidden)}. Their locked versions are "
-            "intact. Find out who did it (CloudTrail, the credentials used), then bring them back with the command "
-            "given"
+            f"someone deleted {what} (pgdr never does on a locked target: it deletes versions once their lock ends), "
+            f"hiding them behind delete markers: {'; '.join(hidden)}. Their locked versions are intact. Find out who "
+            "did it (CloudTrail, the credentials used), then bring them back with the command given"
         )
+    problems += no_default
     if unlocked:
         more = f" and {len(unlocked) - 3} more" if len(unlocked) > 3 else ""
         problems.append(
             f"{len(unlocked)} of the {checked} newest objects lack the plan's Object Lock: {'; '.join(unlocked[:3])}"
             f"{more}. Until their lock is right, whoever holds the workers' credentials can delete them: find what "
-            "wrote them without pgdr's lock (another tool, a plan without object_lock) and set it (aws s3api "
-            "put-object-retention) or write them again"
+            "wrote them without pgdr's lock (another tool, a plan without object_lock, the archiver without the "
+            "bucket's default retention) and set it (aws s3api put-object-retention) or write them again"
         )
     if problems:
-        return CheckResult("object_lock", db.name, False, ". ".join(problems), float(len(unlocked) + len(hidden)))
+        count = float(len(unlocked) + len(hidden) + len(no_default))
+        return CheckResult("object_lock", name, False, ". ".join(problems), count)
     where = ", ".join(f"{t.name} ({t.object_lock.describe()})" for t in targets)
-    return CheckResult("object_lock", db.name, True, f"{checked} newest objects locked as planned on {where}", 0.0)
+    return CheckResult("object_lock", name, True, f"{checked} newest objects locked as planned on {where}", 0.0)
 
 
 def check_backup_ages(db, res: Resources, now: datetime, source: SourceBackups) -> list[CheckResult]:
@@ -393,6 +458,7 @@ def check_pitr_server(
     except Exception as err:  # noqa: BLE001 - the failure is each check's result
         archive_url, backups = "", err
     copies = check_server_copies(server, res, now, None if isinstance(backups, Exception) else backups)
+    locks = [lock for lock in (check_server_object_lock(server, res),) if lock is not None]
     try:
         endpoint = res.server(server)
         write_heartbeat(endpoint, source)
@@ -409,6 +475,7 @@ def check_pitr_server(
                 "archiver", name, False, f"cannot read the archiver state of server {name!r}: {first_line(err)}"
             ),
             *copies,
+            *locks,
         ], {}
     lag_bytes, lag = wal_lag(state, current_lsn, segment_size, server_now, name, rpo)
     checks = [
@@ -416,6 +483,7 @@ def check_pitr_server(
         lag,
         cluster_identity_check(server, identifier, backups, archive_url),
         *copies,
+        *locks,
     ]
     return checks, {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
 

@@ -43,9 +43,14 @@ def _locked_storage(env, bucket: str = LOCKED_BUCKET, mode: str = "compliance", 
 
 
 def _versions(client, prefix: str) -> tuple[list[dict], list[dict]]:
-    """Every version and delete marker under ``prefix``."""
+    """Every version and delete marker under ``prefix`` of the locked bucket."""
+    return _versions_in(client, LOCKED_BUCKET, prefix)
+
+
+def _versions_in(client, bucket: str, prefix: str) -> tuple[list[dict], list[dict]]:
+    """Every version and delete marker under ``prefix`` of ``bucket``."""
     versions, markers = [], []
-    for page in client.get_paginator("list_object_versions").paginate(Bucket=LOCKED_BUCKET, Prefix=prefix):
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
         versions += page.get("Versions", [])
         markers += page.get("DeleteMarkers", [])
     return versions, markers
@@ -318,6 +323,9 @@ def test_undelete_refuses_a_target_without_object_lock(plan, s3_storage, capsys)
     plan(storage=s3_storage)
     assert main(["undelete", "--database", "shop"]) == 1
     assert "'s3' has no object_lock in the plan" in capsys.readouterr().out
+    assert main(["undelete", "--server", "main"]) == 1  # no such PITR server: named
+    assert "Server 'main' has no point-in-time recovery" in capsys.readouterr().out
+    assert main(["undelete"]) == 2 and "give --database or --server" in capsys.readouterr().out
 
 
 def test_a_garbage_newer_manifest_version_does_not_hide_the_backup(
@@ -343,3 +351,164 @@ def test_a_garbage_newer_manifest_version_does_not_hide_the_backup(
     assert note.backup_id == entry.backup_id and "earlier version of its manifest" in note.problem
     assert "Find out what wrote it" in note.problem
     assert_restores_as_source(run_dag, pg_server, entry.backup_id, "shop_from_locked")
+
+
+def _locked_archive_bucket(client, name: str, default_days: int | None) -> str:
+    """A bucket with Object Lock enabled and, when ``default_days`` is given, a default retention (compliance) that
+    locks what is written without a lock of its own: the archiver's WAL."""
+    try:
+        client.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    if default_days is not None:
+        rule = {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": default_days}}
+        client.put_object_lock_configuration(
+            Bucket=name, ObjectLockConfiguration={"ObjectLockEnabled": "Enabled", "Rule": rule}
+        )
+    return name
+
+
+def _server_plan(plan, env, bucket: str, server: str, days: int):
+    storage = {
+        "s3": {
+            "type": "s3",
+            "bucket": bucket,
+            "prefix": env["prefix"],
+            "aws_conn_id": "pgdr_s3",
+            "object_lock": {"mode": "compliance", "days": days},
+        }
+    }
+    return plan(
+        databases=[{"name": "shop", "conn_id": f"pgdr_{server}", "server": server}],
+        storage=storage,
+        servers={server: {"conn_id": f"pgdr_{server}", "pitr": {"storage": "s3", "keep_window": "7d"}}},
+    )
+
+
+def test_a_locked_pitr_archive_is_backed_up_verified_checked_undeleted_and_pruned_once_its_locks_pass(
+    plan, run_dag, env, s3_server, session_dir, monkeypatch, capsys
+):
+    """A server's WAL archive and base backups on a bucket under compliance Object Lock for 10 days (a week's
+    recovery window): barman-cloud's WAL locked by the bucket's default retention, pgdr's base backups by their own.
+    Base backups and a PITR verification succeed; health finds every object locked; segments and a base backup
+    deleted with the workers' credentials are only hidden, named by health and brought back by ``undelete --server``;
+    a day past the window, retention schedules the first base backup and its WAL (still locked) and tries nothing;
+    once the locks pass, it deletes them."""
+    import moto.s3.models
+    from pgdr.airflow_glue.connections import AirflowResources, open_archive
+    from pgdr.health import check_server_object_lock
+    from pgdr.local.cli import main
+    from pgdr.local.embedded import create_sample_database
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+    from pgdr.postgres.client import PgEndpoint
+    from support import archiving_server
+    from test_pitr_dags import _xcom
+
+    client, name, prefix = s3_server.client, "vault", env["prefix"]
+    bucket = _locked_archive_bucket(client, "pgdr-locked-archive", default_days=10)
+    server = archiving_server(session_dir / f"postgres-{prefix}", s3_server.port, bucket, prefix, name)
+    try:
+        create_sample_database(server, "shop")
+        endpoint = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_VAULT", server.connection_uri("shop"))
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_RESTORE", server.restore_connection_uri())
+        p = _server_plan(plan, env, bucket, name, days=10)
+        store, layout, archive = open_archive(p.servers[0], p)
+        catalog = BaseBackupCatalog(store, layout, name)
+        for _ in range(2):
+            switch_and_wait_archived(endpoint, 60)
+            full = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+            assert not _failed(full), full.states
+        switch_and_wait_archived(endpoint, 60)
+        first, second = (e.backup_id for e in catalog.backups())
+        verify = run_dag("pgdr_verify_pitr", run_conf={"server": name})
+        assert not _failed(verify), verify.states
+
+        objects, _ = _versions_in(client, bucket, f"{prefix}/")
+        assert any("/wals/" in v["Key"] for v in objects) and any(v["Key"].endswith("backup.json") for v in objects)
+        for version in objects:
+            head = client.head_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])
+            assert head["ObjectLockMode"] == "COMPLIANCE", version["Key"]
+            assert head["ObjectLockRetainUntilDate"] >= version["LastModified"] + timedelta(days=10) - SLACK
+        check = check_server_object_lock(p.servers[0], AirflowResources(p))
+        assert check.ok and "locked as planned on s3 (compliance mode, 10 days)" in check.detail, check.detail
+
+        # The workers' credentials cannot delete a locked WAL segment; a plain delete only hides it and a base backup.
+        segment = archive.segments(store)[0]
+        with pytest.raises(ClientError, match="AccessDenied"):
+            client.delete_object(
+                Bucket=bucket, Key=segment.key, VersionId=_versions_in(client, bucket, segment.key)[0][0]["VersionId"]
+            )
+        client.delete_object(Bucket=bucket, Key=segment.key)
+        client.delete_object(Bucket=bucket, Key=layout.record_key(name, first))
+        assert first not in {e.backup_id for e in catalog.backups()}
+        check = check_server_object_lock(p.servers[0], AirflowResources(p))
+        assert not check.ok and "someone deleted base backups or WAL of server vault" in check.detail, check.detail
+        assert "python -m pgdr undelete --server vault --from s3" in check.detail
+        assert main(["undelete", "--server", name]) == 0
+        assert "server 'vault' has 2 base backups there again" in capsys.readouterr().out
+        assert (
+            archive.segments(store)[0].key == segment.key
+            and check_server_object_lock(p.servers[0], AirflowResources(p)).ok
+        )
+
+        # A day past the window: the first base backup and the WAL only it needs are due, but locked for 10 days.
+        segments = len(archive.segments(store))
+        clock = {"days": 8}
+
+        class Simulated(datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return datetime.now(tz or UTC) + timedelta(days=clock["days"])
+
+        monkeypatch.setattr("pgdr.tasks.basebackup.datetime", Simulated)
+        monkeypatch.setattr(moto.s3.models, "utcnow", lambda: Simulated.now(UTC).replace(tzinfo=None))
+        later = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+        assert not _failed(later), later.states
+        pruned = _xcom(later, "prune_expired")
+        assert pruned["deleted"] == [] and list(pruned["scheduled"]) == [first], pruned
+        assert pruned["wal_segments_deleted"] == 0 and pruned["wal_segments_held"] > 0, pruned
+        assert first in {e.backup_id for e in catalog.backups()} and len(archive.segments(store)) > segments
+
+        clock["days"] = 11  # every lock written at the real time has passed
+        final = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+        assert not _failed(final), final.states
+        pruned = _xcom(final, "prune_expired")
+        assert first in pruned["deleted"] and first not in pruned["scheduled"] and pruned["wal_segments_deleted"] > 0
+        # (what is still scheduled was written in the simulated week, under a lock that has not passed)
+        assert all(datetime.fromisoformat(u) > Simulated.now(UTC) for u in pruned["scheduled"].values()), pruned
+        assert first not in {e.backup_id for e in catalog.backups()} and second in {
+            e.backup_id for e in catalog.backups()
+        }
+        assert _versions_in(client, bucket, layout.base_backup_prefix(name, first)) == ([], [])
+    finally:
+        server.destroy()
+
+
+def test_health_says_the_archive_needs_the_buckets_default_retention(plan, env, s3_server):
+    """barman-cloud cannot ask for a lock: on a locked target without a default retention (or a shorter one than the
+    plan's) the server's WAL is not immutable. Health says so and gives the command that sets it."""
+    from pgdr.airflow_glue.connections import AirflowResources, open_archive
+    from pgdr.health import check_server_object_lock
+
+    client = s3_server.client
+
+    def check_bucket(bucket: str):
+        p = _server_plan(plan, env, bucket, "bare", days=3)
+        store, layout, _archive = open_archive(p.servers[0], p)
+        segment = f"{layout.wal_segments_prefix('bare')}0000000100000000/000000010000000000000001.zst"
+        client.put_object(Bucket=bucket, Key=segment, Body=b"x")
+        return check_server_object_lock(p.servers[0], AirflowResources(p))
+
+    check = check_bucket(_locked_archive_bucket(client, "pgdr-locked-no-default", default_days=None))
+    assert not check.ok, check.detail
+    assert "s3://pgdr-locked-no-default has no default retention" in check.detail
+    assert "aws s3api put-object-lock-configuration --bucket pgdr-locked-no-default" in check.detail
+    assert '"Mode": "COMPLIANCE", "Days": 3' in check.detail
+    assert "000000010000000000000001.zst has no lock, not compliance" in check.detail
+
+    # (moto sets a default retention on an empty bucket only)
+    check = check_bucket(_locked_archive_bucket(client, "pgdr-locked-short-default", default_days=1))
+    assert not check.ok and "has a default retention of compliance mode, 1 day," in check.detail, check.detail
+    assert "locked only until" in check.detail  # a day, not the plan's three

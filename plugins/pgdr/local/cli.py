@@ -102,20 +102,32 @@ def list_backups(database: str, restore_from: str | None = None) -> int:
     return 0
 
 
-def undelete_backups(database: str, restore_from: str | None = None, dry_run: bool = False) -> int:
-    """Bring back the objects of ``database`` hidden by delete markers on a storage target under Object Lock.
+def undelete_backups(
+    database: str | None, restore_from: str | None = None, dry_run: bool = False, server: str | None = None
+) -> int:
+    """Bring back the objects of ``database`` (or of PITR ``server``: its base backups and WAL archive) hidden by
+    delete markers on a storage target under Object Lock.
 
     On such a target pgdr never makes a delete marker (its retention deletes versions once their lock has ended),
     so every marker there is someone else's delete (stolen credentials, a mistaken ``aws s3 rm``): the locked
     versions behind it are intact, and removing the marker makes the newest of them the object again.
     """
-    from pgdr.airflow_glue.connections import open_store
+    from pgdr.airflow_glue.connections import open_archive, open_store
     from pgdr.logical.catalog import BackupCatalog
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.plan import load_plan
 
-    found = _database_target(database, restore_from)
-    if found is None:
+    if (database is None) == (server is None):
+        _print("pgdr: undelete: give --database or --server (one of them).")
+        return 2
+    plan = load_plan()
+    subject = plan.database(database) if database else plan.server(server)
+    own = subject.storage if database else subject.pitr.storage
+    try:
+        target = (subject.storage_named if database else subject.pitr.storage_named)(restore_from)
+    except ValueError as err:
+        _print(f"pgdr: --from: {err}.")
         return 1
-    plan, db, target = found
     if target.object_lock is None:
         _print(
             f"pgdr: undelete is for a storage target under Object Lock, and {target.name!r} has no object_lock in the "
@@ -124,13 +136,20 @@ def undelete_backups(database: str, restore_from: str | None = None, dry_run: bo
             "--version-id by hand if you must."
         )
         return 1
-    store, layout = open_store(target, plan, pruning=True)  # removing a marker is a delete: the pruner's to make
-    prefix = layout.database_prefix(db.name)
-    markers = store.hidden(prefix)
+    # removing a marker is a delete: the pruner's to make
+    if database:
+        store, layout = open_store(target, plan, pruning=True)
+        prefixes, what = [layout.database_prefix(subject.name)], f"{subject.name!r}"
+    else:
+        store, layout, _archive = open_archive(subject, plan, None if target == own else target, pruning=True)
+        prefixes = [layout.server_prefix(subject.name), layout.wal_segments_prefix(subject.name)]
+        what = f"server {subject.name!r}"
+    markers = [m for prefix in prefixes for m in store.hidden(prefix)]
+    where = " and ".join(store.describe(prefix) for prefix in prefixes)
     if not markers:
-        _print(f"pgdr: nothing of {db.name!r} is hidden by a delete marker in {store.describe(prefix)}.")
+        _print(f"pgdr: nothing of {what} is hidden by a delete marker in {where}.")
         return 0
-    _print(f"pgdr: {len(markers)} objects of {db.name!r} in {store.describe(prefix)} are hidden by delete markers:")
+    _print(f"pgdr: {len(markers)} objects of {what} in {where} are hidden by delete markers:")
     for marker in markers[:20]:
         _print(f"  {marker.key} (deleted {marker.modified:%Y-%m-%d %H:%M:%S} UTC)")
     if len(markers) > 20:
@@ -139,10 +158,16 @@ def undelete_backups(database: str, restore_from: str | None = None, dry_run: bo
         _print("pgdr: --dry-run: nothing changed.")
         return 0
     store.undelete(markers)
-    backups = BackupCatalog(store, layout, db.name).backups()
+    option = f"--database {subject.name}" if database else f"--server {subject.name}"
+    if database:
+        count = f"{len(BackupCatalog(store, layout, subject.name).backups())} backups"
+        check = f"python -m pgdr list {option}{f' --from {target.name}' if restore_from else ''}"
+    else:
+        count = f"{len(BaseBackupCatalog(store, layout, subject.name).backups())} base backups"
+        check = "pgdr_health checks its WAL for gaps"
     _print(
-        f"pgdr: removed {len(markers)} delete markers; {db.name!r} has {len(backups)} backups there again (python -m "
-        f"pgdr list --database {db.name}{f' --from {target.name}' if restore_from else ''}). Find out who deleted them."
+        f"pgdr: removed {len(markers)} delete markers; {what} has {count} there again ({check}). Find out who deleted "
+        "them."
     )
     return 0
 
@@ -517,12 +542,13 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--dry-run", action="store_true", help="print the recovery plan and stop")
     undelete = commands.add_parser(
         "undelete",
-        help="bring back a database's backups someone deleted on a storage target under Object Lock (its locked "
-        "versions are intact behind delete markers)",
+        help="bring back a database's backups, or a server's base backups and WAL, someone deleted on a storage "
+        "target under Object Lock (its locked versions are intact behind delete markers)",
     )
     _common_options(undelete, on_subcommand=True)
-    undelete.add_argument("--database", required=True)
-    undelete.add_argument("--from", dest="restore_from", help="a copy target of the database (the plan's copies)")
+    undelete.add_argument("--database", help="a protected database: its logical backups")
+    undelete.add_argument("--server", help="a PITR server: its base backups and WAL archive")
+    undelete.add_argument("--from", dest="restore_from", help="a copy target of it (the plan's copies)")
     undelete.add_argument("--dry-run", action="store_true", help="list what is hidden and stop")
     keygen = commands.add_parser(
         "keygen", help="print a new master key for client-side encryption, as an Airflow connection"
@@ -541,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("list", "undelete"):
         try:
             if args.command == "undelete":
-                return undelete_backups(args.database, args.restore_from, args.dry_run)
+                return undelete_backups(args.database, args.restore_from, args.dry_run, args.server)
             return list_backups(args.database, args.restore_from)
         except PgdrError as err:
             _print(f"pgdr: {err}")

@@ -273,7 +273,7 @@ class S3Store:
         self.kms_key_id = kms_key_id
         self.object_lock = object_lock
         self.clock = clock or (lambda: datetime.now(UTC))
-        self._lock_checked = False
+        self._lock_config: dict | None = None
 
     @property
     def write_args(self) -> dict[str, object]:
@@ -319,21 +319,23 @@ class S3Store:
             Retention={"Mode": wanted, "RetainUntilDate": until},
         )
 
+    def _lock_configuration(self) -> dict:
+        """The bucket's Object Lock configuration (``{}``: it has none), read once per store."""
+        if self._lock_config is None:
+            try:
+                self._lock_config = self._call(
+                    f"Reading the Object Lock configuration of s3://{self.bucket}",
+                    self.client.get_object_lock_configuration,
+                    Bucket=self.bucket,
+                ).get("ObjectLockConfiguration", {})
+            except FileNotFoundError:  # the bucket has no Object Lock configuration at all
+                self._lock_config = {}
+        return self._lock_config
+
     def check_object_lock(self) -> None:
         """Raise :class:`~pgdr.errors.PermanentFailure` unless the bucket has Object Lock enabled (asked once per
         store): a write that asks for a lock the bucket cannot keep would fail anyway, less clearly."""
-        if self._lock_checked:
-            return
-        try:
-            config = self._call(
-                f"Reading the Object Lock configuration of s3://{self.bucket}",
-                self.client.get_object_lock_configuration,
-                Bucket=self.bucket,
-            )
-            enabled = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
-        except FileNotFoundError:  # the bucket has no Object Lock configuration at all
-            enabled = False
-        if not enabled:
+        if self._lock_configuration().get("ObjectLockEnabled") != "Enabled":
             raise PermanentFailure(
                 f"The DR plan asks for Object Lock ({self.object_lock.describe()}) on s3://{self.bucket}, but the "
                 "bucket has Object Lock disabled, so nothing written there would be immutable. Object Lock can only "
@@ -341,7 +343,14 @@ class S3Store:
                 "--object-lock-enabled-for-bucket ...) and point the storage target at it, or remove object_lock "
                 "from the target in the plan."
             )
-        self._lock_checked = True
+
+    def default_retention(self) -> ObjectLock | None:
+        """The bucket's default retention: the lock S3 gives an object written without one of its own (as the
+        archiver writes WAL: barman-cloud cannot ask for a lock). ``None`` when the bucket has none."""
+        rule = self._lock_configuration().get("Rule", {}).get("DefaultRetention")
+        if not rule or not rule.get("Mode"):
+            return None
+        return ObjectLock(rule["Mode"].lower(), int(rule.get("Days") or 0) + 365 * int(rule.get("Years") or 0))
 
     def encryption_of(self, key: str) -> tuple[str | None, str | None]:
         """Return how S3 says the object at ``key`` is encrypted (``AES256``, ``aws:kms`` or ``None``)
