@@ -317,12 +317,19 @@ class CeleryCluster(AirflowClient):
         return log.rfind(b" ready.") > self._worker_log_start.get(worker, 0)
 
     _worker_log_start: dict[str, int] = {}
+    _queues: dict[str, str] = {}  # the queues of a worker that serves only those
 
-    def start_worker(self, worker: str, wait: bool = True) -> None:
+    def start_worker(self, worker: str, wait: bool = True, queues: str | None = None) -> None:
+        """Start ``worker`` (one of :attr:`workers`, or another: a worker on another host, serving only ``queues``,
+        e.g. the new database host of a whole-server recovery); wait until it is ready unless told not to."""
         log = self.root / f"{worker}.log"
         self._worker_log_start = {**self._worker_log_start, worker: log.stat().st_size if log.exists() else 0}
         self._stopped = self._stopped - {worker}
-        self._airflow(worker, [*WORKER_COMMAND, "--celery-hostname", f"{worker}@%h"])
+        if worker not in self._worker_ports:
+            self._worker_ports[worker] = self._port()
+        self._queues = {**self._queues, **({worker: queues} if queues else {})}
+        only = ["--queues", self._queues[worker]] if worker in self._queues else []
+        self._airflow(worker, [*WORKER_COMMAND, "--celery-hostname", f"{worker}@%h", *only])
         if wait:
             self._wait(lambda: self.worker_ready(worker), 120, worker)
 

@@ -20,6 +20,10 @@ FLEET_B = [f"celery_b_{i:02d}" for i in range(25)]
 # Two databases of the fleet have names that need quoting, in the plan and on the server.
 ODD_DBNAMES = {"celery_a_07": "Kunden Ä-07", "celery_b_13": 'Orders "B" 13'}
 RTO_SECONDS = 4  # shop's RTO: a verification takes longer, so its run misses the deadline
+# The server a whole-server recovery from the form brings back on a new host (#28): its restore runs on the queue
+# the plan names, which only the third worker (started by the test, "on the new host") serves.
+DBHOST = "dbhost"
+NEW_HOST_QUEUE = NEW_HOST_WORKER = "pgdr-new-host"
 
 
 def fleet_rows(name: str) -> int:
@@ -90,7 +94,54 @@ def celery_mail():
 
 
 @pytest.fixture(scope="package")
-def celery_plan(session_dir, celery_databases):
+def celery_prefix() -> str:
+    """The deployment's key prefix in the S3 server: its backups, and the WAL archive and base backups of DBHOST."""
+    return f"celery-{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="package")
+def dbhost(session_dir, s3_server, celery_prefix, tmp_path_factory):
+    """DBHOST: a server archiving its WAL to the deployment's storage with barman-cloud, a full base backup, then
+    rows written after it (archived), and where the form's recovery is to bring it back: a data directory and a
+    port on the "new host" (this machine, writable by the account the recovered server runs as)."""
+    import os
+    import shutil
+
+    from pgdr.local.embedded import create_sample_database
+    from pgdr.physical.basebackup import take_base_backup
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+    from pgdr.postgres.binaries import free_port
+    from pgdr.postgres.client import PgEndpoint
+    from pgdr.storage.backends import S3Store
+    from pgdr.workdir import work_dir_root
+    from support import archiving_server
+
+    server = archiving_server(session_dir / "postgres-celery-dbhost", s3_server.port, BUCKET, celery_prefix, DBHOST)
+    create_sample_database(server, "app")
+    with psycopg.connect(**server.dsn("app"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE events (id serial PRIMARY KEY, label text NOT NULL)")
+        conn.execute("INSERT INTO events (label) VALUES ('before the base backup')")
+    endpoint = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
+    work = tmp_path_factory.mktemp("dbhost-base-backup")
+    take_base_backup(
+        DBHOST, endpoint, S3Store(s3_server.client, BUCKET), server.archive.layout, work, server.archive.url
+    )
+    with psycopg.connect(**server.dsn("app"), autocommit=True) as conn:
+        conn.execute("INSERT INTO events (label) VALUES ('after the base backup')")
+    switch_and_wait_archived(endpoint, 90)
+    new_host = work_dir_root() / f"pgdr-celery-new-host-{secrets.token_hex(3)}"
+    new_host.mkdir(parents=True)
+    new_host.chmod(0o755)
+    restore = {"queue": NEW_HOST_QUEUE, "data_dir": str(new_host / "data"), "port": free_port()}
+    if os.geteuid() == 0:
+        restore["os_user"] = "nobody"
+    yield {"server": server, "restore": restore}
+    server.destroy()
+    shutil.rmtree(new_host, ignore_errors=True)
+
+
+@pytest.fixture(scope="package")
+def celery_plan(session_dir, celery_databases, celery_prefix, dbhost):
     """``include/pgdr.compose.yaml``, with the moto S3 server for MinIO and this machine's databases."""
     from celery_cluster import compose_shaped_plan
 
@@ -105,12 +156,13 @@ def celery_plan(session_dir, celery_databases):
         {"name": "ledger", "conn_id": "pgdr_shop", "dbname": "ledger"},
         *[fleet(n, "pgdr_fleet_a") for n in FLEET_A],
         *[fleet(n, "pgdr_fleet_b") for n in FLEET_B],
+        {"name": "dbhost_app", "conn_id": "pgdr_dbhost", "dbname": "app", "server": DBHOST},
     ]
-    storage = {
-        "minio": {"type": "s3", "bucket": BUCKET, "prefix": f"celery-{secrets.token_hex(3)}", "aws_conn_id": "pgdr_s3"}
-    }
+    storage = {"minio": {"type": "s3", "bucket": BUCKET, "prefix": celery_prefix, "aws_conn_id": "pgdr_s3"}}
+    pitr = {"storage": "minio", "keep_window": "7d", "full_schedule": "@daily", "archive_timeout": "10s"}
     # Timings only: the tests trigger backups themselves, and a retry comes after seconds.
     plan = compose_shaped_plan(storage, databases, backup={"schedule": None, "retry_delay": "5s"})
+    plan["servers"] = {DBHOST: {"conn_id": "pgdr_dbhost", "pitr": pitr, "restore": dbhost["restore"]}}
     path = session_dir / "celery-plan.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True))
     return path
@@ -137,6 +189,7 @@ def celery_cluster(
     s3_server,
     celery_slack,
     celery_mail,
+    dbhost,
 ):
     """Redis, api-server, scheduler, dag-processor, triggerer and two Celery workers (about 30 s to start)."""
     from celery_cluster import CeleryCluster, processes_left_after
@@ -146,6 +199,7 @@ def celery_cluster(
         "AIRFLOW_CONN_PGDR_SHOP": pg_server.connection_uri("shop"),
         "AIRFLOW_CONN_PGDR_FLEET_A": pg_server.connection_uri("postgres"),
         "AIRFLOW_CONN_PGDR_FLEET_B": pg_server_b.connection_uri("postgres"),
+        "AIRFLOW_CONN_PGDR_DBHOST": dbhost["server"].connection_uri("app"),
         "AIRFLOW_CONN_PGDR_RESTORE": pg_server.restore_connection_uri(),
         "AIRFLOW_CONN_PGDR_S3": aws_connection(s3_server.port),
         "AIRFLOW_CONN_PGDR_SLACK": celery_slack.connection(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
@@ -293,3 +294,42 @@ def test_redis_stopped_and_scheduler_restarted_during_a_fleet_backup_nothing_los
         assert len(mine) == 1, (name, [e.backup_id for e in mine])
         assert partial == [], name  # no half-written backup left behind by a lost message or a restart
         assert len({e.backup_id for e in complete}) == len(complete)
+
+
+def test_mode_server_from_the_form_runs_on_the_new_hosts_worker_and_brings_the_server_back(celery_cluster, dbhost):
+    """#28: the form's mode ``server`` sends the recovery to the queue the plan names for the server
+    (``servers.dbhost.restore.queue``). A third worker, started "on the new host" and serving only that queue,
+    recovers the whole server there to the end of the archive and promotes it; every other task of the run stays on
+    the fleet's workers."""
+    import os
+    import subprocess
+
+    from pgdr.postgres.binaries import server_bin_dir_for
+
+    from on_celery.conftest import DBHOST, NEW_HOST_QUEUE, NEW_HOST_WORKER
+
+    restore = dbhost["restore"]
+    celery_cluster.start_worker(NEW_HOST_WORKER, queues=NEW_HOST_QUEUE)
+    conf = {"database": "dbhost_app", "mode": "server", "confirm": DBHOST, "backup": "latest"}
+    run_id = celery_cluster.trigger("pgdr_restore", conf)
+    try:
+        run = celery_cluster.wait_for_run("pgdr_restore", run_id, timeout=600)
+        assert run["state"] == "success", (run["task_states"], celery_cluster.log_tail(NEW_HOST_WORKER))
+        tis = celery_cluster.task_instances("pgdr_restore", run_id)
+        (recovery,) = [t for t in tis if t["task_id"] == f"recover_server_{DBHOST}"]
+        assert recovery["state"] == "success" and recovery["queue"] == NEW_HOST_QUEUE, recovery
+        assert recovery["hostname"] == NEW_HOST_WORKER, recovery
+        others = {t["hostname"] for t in tis if t["state"] == "success" and t is not recovery}
+        assert others and others <= set(celery_cluster.workers), others
+
+        old = dbhost["server"]
+        dsn = {**old.dsn("app"), "port": restore["port"]}  # the recovered server: the old one's roles, a new port
+        with psycopg.connect(**dsn) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+            labels = [r[0] for r in conn.execute("SELECT label FROM events ORDER BY id")]
+        assert labels == ["before the base backup", "after the base backup"]  # the end of the archive
+    finally:
+        if (Path(restore["data_dir"]) / "postmaster.pid").exists():
+            user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+            pg_ctl = str(server_bin_dir_for(180000) / "pg_ctl")
+            subprocess.run([pg_ctl, "-D", restore["data_dir"], "-m", "fast", "-w", "stop"], capture_output=True, **user)
