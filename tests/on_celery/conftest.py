@@ -101,15 +101,18 @@ def celery_prefix() -> str:
 
 @pytest.fixture(scope="package")
 def dbhost(session_dir, s3_server, celery_prefix, tmp_path_factory):
-    """DBHOST: a server archiving its WAL to the deployment's storage with barman-cloud, a full base backup, then
-    rows written after it (archived), and where the form's recovery is to bring it back: a data directory and a
+    """DBHOST: a server archiving its WAL to the deployment's storage with barman-cloud, an application role owning
+    its table, a full base backup, then rows written after it, before and after a target second between two
+    heartbeats (all archived), and where the form's recovery is to bring it back: a data directory and a
     port on the "new host" (this machine, writable by the account the recovered server runs as)."""
     import os
     import shutil
+    import time
+    from datetime import UTC, datetime
 
     from pgdr.local.embedded import create_sample_database
     from pgdr.physical.basebackup import take_base_backup
-    from pgdr.physical.heartbeat import switch_and_wait_archived
+    from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat
     from pgdr.postgres.binaries import free_port
     from pgdr.postgres.client import PgEndpoint
     from pgdr.storage.backends import S3Store
@@ -119,7 +122,9 @@ def dbhost(session_dir, s3_server, celery_prefix, tmp_path_factory):
     server = archiving_server(session_dir / "postgres-celery-dbhost", s3_server.port, BUCKET, celery_prefix, DBHOST)
     create_sample_database(server, "app")
     with psycopg.connect(**server.dsn("app"), autocommit=True) as conn:
+        conn.execute("CREATE ROLE app_owner LOGIN PASSWORD 'owner-secret'")
         conn.execute("CREATE TABLE events (id serial PRIMARY KEY, label text NOT NULL)")
+        conn.execute("ALTER TABLE events OWNER TO app_owner")
         conn.execute("INSERT INTO events (label) VALUES ('before the base backup')")
     endpoint = PgEndpoint("127.0.0.1", server.port, "postgres", "postgres", server.password)
     work = tmp_path_factory.mktemp("dbhost-base-backup")
@@ -128,6 +133,12 @@ def dbhost(session_dir, s3_server, celery_prefix, tmp_path_factory):
     )
     with psycopg.connect(**server.dsn("app"), autocommit=True) as conn:
         conn.execute("INSERT INTO events (label) VALUES ('after the base backup')")
+        write_heartbeat(endpoint, "test: before the target")
+        time.sleep(1.25 - (time.time() % 1))
+        target = datetime.now(UTC).replace(microsecond=0)
+        time.sleep(1.25 - (time.time() % 1))
+        conn.execute("INSERT INTO events (label) VALUES ('after the target')")
+        write_heartbeat(endpoint, "test: after the target")
     switch_and_wait_archived(endpoint, 90)
     new_host = work_dir_root() / f"pgdr-celery-new-host-{secrets.token_hex(3)}"
     new_host.mkdir(parents=True)
@@ -135,7 +146,7 @@ def dbhost(session_dir, s3_server, celery_prefix, tmp_path_factory):
     restore = {"queue": NEW_HOST_QUEUE, "data_dir": str(new_host / "data"), "port": free_port()}
     if os.geteuid() == 0:
         restore["os_user"] = "nobody"
-    yield {"server": server, "restore": restore}
+    yield {"server": server, "restore": restore, "target": target}
     server.destroy()
     shutil.rmtree(new_host, ignore_errors=True)
 

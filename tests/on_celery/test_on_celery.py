@@ -299,8 +299,8 @@ def test_redis_stopped_and_scheduler_restarted_during_a_fleet_backup_nothing_los
 def test_mode_server_from_the_form_runs_on_the_new_hosts_worker_and_brings_the_server_back(celery_cluster, dbhost):
     """#28: the form's mode ``server`` sends the recovery to the queue the plan names for the server
     (``servers.dbhost.restore.queue``). A third worker, started "on the new host" and serving only that queue,
-    recovers the whole server there to the end of the archive and promotes it; every other task of the run stays on
-    the fleet's workers."""
+    recovers the whole server there to a second between two heartbeats and promotes it, the application's login
+    working; every other task of the run stays on the fleet's workers."""
     import os
     import subprocess
 
@@ -310,7 +310,8 @@ def test_mode_server_from_the_form_runs_on_the_new_hosts_worker_and_brings_the_s
 
     restore = dbhost["restore"]
     celery_cluster.start_worker(NEW_HOST_WORKER, queues=NEW_HOST_QUEUE)
-    conf = {"database": "dbhost_app", "mode": "server", "confirm": DBHOST, "backup": "latest"}
+    target = dbhost["target"].strftime("%Y-%m-%d %H:%M:%S")
+    conf = {"database": "dbhost_app", "mode": "server", "confirm": DBHOST, "backup": target}
     run_id = celery_cluster.trigger("pgdr_restore", conf)
     try:
         run = celery_cluster.wait_for_run("pgdr_restore", run_id, timeout=600)
@@ -322,12 +323,13 @@ def test_mode_server_from_the_form_runs_on_the_new_hosts_worker_and_brings_the_s
         others = {t["hostname"] for t in tis if t["state"] == "success" and t is not recovery}
         assert others and others <= set(celery_cluster.workers), others
 
-        old = dbhost["server"]
-        dsn = {**old.dsn("app"), "port": restore["port"]}  # the recovered server: the old one's roles, a new port
-        with psycopg.connect(**dsn) as conn:
+        # The application's own login, on the new host's port: its table, every row up to the target, none after.
+        dsn = {"host": "127.0.0.1", "port": restore["port"], "dbname": "app"}
+        with psycopg.connect(**dsn, user="app_owner", password="owner-secret") as conn:
             assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
             labels = [r[0] for r in conn.execute("SELECT label FROM events ORDER BY id")]
-        assert labels == ["before the base backup", "after the base backup"]  # the end of the archive
+            conn.execute("INSERT INTO events (label) VALUES ('written after the recovery')")  # it is the owner
+        assert labels == ["before the base backup", "after the base backup"]
     finally:
         if (Path(restore["data_dir"]) / "postmaster.pid").exists():
             user = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
