@@ -112,8 +112,9 @@ def test_backup_verify_retention_and_restore_each_with_its_own_set(plan, run_dag
     third = run_dag("pgdr_backup")
     assert third.states["protect_pgdr_shop.prune_expired[0]"] == "success", third.states
     (kept,) = catalog.backups()
-    verify = run_dag("pgdr_verify_restore")
+    verify = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": kept.backup_id})
     assert verify.get_state() == "success", verify.states
+    assert catalog.get(kept.backup_id).status == "verified"
     assert_restores_as_source(run_dag, pg_server, kept.backup_id, "shop_lp")
     assert gateway.denied == [], gateway.denied
 

@@ -90,8 +90,10 @@ def test_a_locked_target_backs_up_verifies_rotates_and_prunes_with_no_refused_de
     # keep_last 1 wants the first backup gone, but it is locked for a day: kept, scheduled, nothing refused
     assert [e.backup_id for e in catalog.backups()][0] == oldest and len(catalog.backups()) == 2
 
-    verify = run_dag("pgdr_verify_restore")
+    newest = catalog.latest().backup_id
+    verify = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": newest})
     assert not _failed(verify), verify.states
+    assert catalog.get(newest).status == "verified"  # its record written on the locked target
     rotation = run_dag("pgdr_rotate_keys")
     assert not _failed(rotation), rotation.states
     assert _rotation_report(rotation)["pgdr_key"]["rewrapped"] == 1
