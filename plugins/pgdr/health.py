@@ -312,8 +312,8 @@ def _default_retention_problem(store, lock) -> str | None:
     return (
         f"s3://{store.bucket} has {has}, and the WAL archive is locked by nothing else (barman-cloud cannot ask for a "
         f"lock of its own): until it is set, any credentials allowed to delete (the pruner's, an administrator's, "
-        f"a thief's) can delete the WAL a recovery needs. Set it: aws s3api put-object-lock-configuration --bucket {store.bucket} "
-        f"--object-lock-configuration '{config}'"
+        f"a thief's) can delete the WAL a recovery needs. Set it: aws s3api put-object-lock-configuration "
+        f"--bucket {store.bucket} --object-lock-configuration '{config}'"
     )
 
 

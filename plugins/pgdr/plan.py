@@ -107,6 +107,16 @@ class HealthPolicy:
 
 
 @dataclass(frozen=True)
+class EvidencePolicy:
+    """The evidence log (:mod:`pgdr.evidence`): signed, hash-chained receipts of every backup, verification and
+    restore, under ``<prefix>/evidence-v1/`` of ``storage``, kept ``keep`` (never by backup retention)."""
+
+    storage: StorageTarget
+    key_conn_id: str  # the Airflow connection of the signing key (login: key id; password: base64 key)
+    keep: timedelta = timedelta(days=400)
+
+
+@dataclass(frozen=True)
 class ProtectedDatabase:
     """One database of the plan, with every target and policy resolved."""
 
@@ -246,6 +256,7 @@ class DRPlan:
     drill: DrillPolicy = field(default_factory=DrillPolicy)
     health: HealthPolicy = field(default_factory=HealthPolicy)
     servers: tuple[ProtectedServer, ...] = ()  # the servers under point-in-time recovery
+    evidence: EvidencePolicy | None = None  # the evidence log; None: no receipts are written
 
     @property
     def database_names(self) -> list[str]:
@@ -443,7 +454,8 @@ def _closest(word: str, choices: set[str]) -> str | None:
     return matches[0] if matches else None
 
 
-_TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health", "servers"}
+_TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health", "servers", "evidence"}
+_EVIDENCE_KEYS = {"storage", "key_conn_id", "keep"}
 _SERVER_KEYS = {"conn_id", "pitr", "restore"}
 _SERVER_RESTORE_KEYS = {"queue", "data_dir", "port", "os_user"}
 _QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -899,7 +911,25 @@ def parse_plan(text: str, path: Path) -> DRPlan:
         drill=drill,
         health=health,
         servers=servers,
+        evidence=_parse_evidence(c, top["evidence"][1], storages) if "evidence" in top else None,
     )
+
+
+def _parse_evidence(c: _Checker, node: yaml.Node, storages: dict[str, StorageTarget]) -> EvidencePolicy:
+    fields = c.mapping(node, "evidence", _EVIDENCE_KEYS)
+    for required, why in (
+        ("storage", "name the storage target the receipts are kept on (Object Lock there keeps them immutable)"),
+        ("key_conn_id", "name the Airflow connection of the key that signs the receipts (python -m pgdr keygen)"),
+    ):
+        if required not in fields:
+            raise c.fail(node, f"evidence.{required}", f"missing; {why}")
+    name = c.string(fields["storage"][1], "evidence.storage")
+    if name not in storages:
+        defined = ", ".join(sorted(storages)) or "none (add a top-level 'storage:' section)"
+        raise c.fail(fields["storage"][1], "evidence.storage", f"no storage target named {name!r}; defined: {defined}")
+    key_conn_id = c.string(fields["key_conn_id"][1], "evidence.key_conn_id", _CONN_ID, "an Airflow connection id")
+    keep = c.duration(fields["keep"][1], "evidence.keep") if "keep" in fields else EvidencePolicy.keep
+    return EvidencePolicy(storage=storages[name], key_conn_id=key_conn_id, keep=keep)
 
 
 def _parse_servers(

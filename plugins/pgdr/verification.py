@@ -256,9 +256,11 @@ class VerificationFailed(PermanentFailure):
     """A phase of a verify-restore did not succeed: the backup is recorded as failed."""
 
 
-def record_verification(objs: VerifyObjects, phases: dict, airflow: dict, verified_at: str):
+def record_verification(objs: VerifyObjects, phases: dict, airflow: dict, verified_at: str, receipt=None):
     """Write the verification record of ``objs``' backup from what its phases returned; return it.
 
+    :param receipt: called with the record and its key once it is written (the evidence log's receipt), before a
+        failure is raised.
     :raises VerificationFailed: after writing it, when a phase did not succeed.
     """
     from pgdr.messages import SUPERUSER_RESTORE_WARNING, verification_failed
@@ -279,6 +281,8 @@ def record_verification(objs: VerifyObjects, phases: dict, airflow: dict, verifi
     )
     key = objs.catalog.record_verification(record)
     log.info("Verification record written: %s (%s).", objs.store.describe(key), record.status)
+    if receipt is not None:
+        receipt(record, key)
     if record.failed_phase:
         raise VerificationFailed(
             verification_failed(entry.backup_id, db.name, record.failed_phase, objs.target.get("from"))

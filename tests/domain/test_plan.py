@@ -293,3 +293,21 @@ def test_a_copy_in_the_databases_own_location_is_refused():
         "databases[1] (billing).copies: 'dr' is the database's own storage location (s3://my-dr-bucket/pgdr)" in error
     )
     assert "no second copy" in error
+
+
+def test_the_evidence_log_is_optional_and_each_mistake_is_named():
+    assert parse_plan(GOOD, Path("/p.yaml")).evidence is None
+    plan = parse_plan(GOOD + "evidence: {storage: s3, key_conn_id: pgdr_evidence_key}\n", Path("/p.yaml"))
+    assert plan.evidence.storage.name == "s3" and plan.evidence.key_conn_id == "pgdr_evidence_key"
+    assert plan.evidence.keep == timedelta(days=400)
+    kept = parse_plan(GOOD + "evidence: {storage: local, key_conn_id: k, keep: 800d}\n", Path("/p.yaml"))
+    assert kept.evidence.keep == timedelta(days=800) and kept.evidence.storage.kind == "local"
+    for section, message in (
+        ("evidence: {key_conn_id: k}", "evidence.storage: missing; name the storage target the receipts are kept on"),
+        ("evidence: {storage: s3}", "evidence.key_conn_id: missing; name the Airflow connection of the key"),
+        ("evidence: {storage: vault, key_conn_id: k}", "evidence.storage: no storage target named 'vault'"),
+        ("evidence: {storage: s3, key_conn_id: 'a b'}", "evidence.key_conn_id: expected an Airflow connection id"),
+        ("evidence: {storage: s3, key_conn_id: k, keep: forever}", "evidence.keep: expected a duration"),
+        ("evidence: {storage: s3, key_conn_id: k, kep: 1d}", "evidence.kep: unknown key. Did you mean 'keep'?"),
+    ):
+        assert message in _error(GOOD + section + "\n"), section

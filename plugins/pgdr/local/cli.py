@@ -172,6 +172,49 @@ def undelete_backups(
     return 0
 
 
+def _utc_bound(text: str | None, end_of_day: bool = False):
+    """``--from``/``--to``: a UTC date (``--to``: its whole day) or time; ``None`` when not given."""
+    from datetime import UTC, datetime, timedelta
+
+    from pgdr.errors import PgdrError
+
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise PgdrError(f"{text!r} is not a date or time; give e.g. 2026-10-01 or 2026-10-01T12:00:00") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if end_of_day and len(text.strip()) == 10:
+        moment += timedelta(days=1) - timedelta(microseconds=1)
+    return moment
+
+
+def verify_evidence(since: str | None, until: str | None) -> int:
+    """Walk the evidence log: every receipt present, linked to the one before, signed; the receipts dated from
+    ``since`` to ``until`` checked against the records they point to. Exit 0 when it all holds, 1 otherwise."""
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.airflow_glue.evidence import open_evidence
+    from pgdr.plan import load_plan
+
+    plan = load_plan()
+    evidence = open_evidence(plan)
+    if evidence is None:
+        _print(
+            f"pgdr: the DR plan {plan.path} keeps no evidence log: add an 'evidence:' section (storage, key_conn_id) "
+            "and the tasks write a signed receipt of every backup, verification and restore."
+        )
+        return 1
+    report = evidence.verify(
+        _utc_bound(since), _utc_bound(until, end_of_day=True), lambda name: open_store(plan.storages[name], plan)[0]
+    )
+    _print(f"pgdr: {evidence.describe()}: {report.summary()}.")
+    for problem in [*report.problems, *report.record_mismatches][1:]:
+        _print(f"  - {problem}")
+    return 0 if report.ok else 1
+
+
 class _Progress(threading.Thread):
     """Print each task of the run as it starts and ends, with its duration, from the metadata database.
 
@@ -550,6 +593,13 @@ def main(argv: list[str] | None = None) -> int:
     undelete.add_argument("--server", help="a PITR server: its base backups and WAL archive")
     undelete.add_argument("--from", dest="restore_from", help="a copy target of it (the plan's copies)")
     undelete.add_argument("--dry-run", action="store_true", help="list what is hidden and stop")
+    evidence = commands.add_parser(
+        "evidence", help="the evidence log: verify its chain of signed receipts (the plan's evidence section)"
+    )
+    _common_options(evidence, on_subcommand=True)
+    evidence.add_argument("action", choices=["verify"])
+    evidence.add_argument("--from", dest="since", help="check records of receipts from this UTC date or time on")
+    evidence.add_argument("--to", dest="until", help="... up to this UTC date (the whole day) or time")
     keygen = commands.add_parser(
         "keygen", help="print a new master key for client-side encryption, as an Airflow connection"
     )
@@ -564,8 +614,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(load_connections(args.connections))
     from pgdr.errors import PgdrError
 
-    if args.command in ("list", "undelete"):
+    if args.command in ("list", "undelete", "evidence"):
         try:
+            if args.command == "evidence":
+                return verify_evidence(args.since, args.until)
             if args.command == "undelete":
                 return undelete_backups(args.database, args.restore_from, args.dry_run, args.server)
             return list_backups(args.database, args.restore_from)

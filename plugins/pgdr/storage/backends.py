@@ -114,6 +114,10 @@ class BackupStore(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write ``data`` to ``key``, replacing any object there."""
 
+    def put_new(self, key: str, data: bytes) -> None:
+        """Write ``data`` to ``key`` only if no object is there, atomically (of two writers one wins);
+        :class:`FileExistsError` for the other."""
+
     def put_stream(self, key: str, stream: BinaryIO) -> None:
         """Write what ``stream`` yields, to its end, to ``key``, replacing any object there (no local copy)."""
 
@@ -166,7 +170,7 @@ class LocalFolderStore:
     def describe(self, key: str = "") -> str:
         return str(self.root / key) if key else str(self.root)
 
-    def _atomic_write(self, key: str, writer) -> None:
+    def _atomic_write(self, key: str, writer, create_only: bool = False) -> None:
         self._writable()
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +180,14 @@ class LocalFolderStore:
                 writer(out)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(temp, target)
+            if create_only:
+                os.link(temp, target)  # atomic, and refused (EEXIST) when the key exists
+                temp.unlink()
+            else:
+                os.replace(temp, target)
+        except FileExistsError:
+            temp.unlink(missing_ok=True)
+            raise FileExistsError(f"{target} already exists") from None
         except OSError as err:
             temp.unlink(missing_ok=True)
             raise StorageUnavailable(f"Writing {target} failed: {err.strerror}") from None
@@ -190,6 +201,9 @@ class LocalFolderStore:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._atomic_write(key, lambda out: out.write(data))
+
+    def put_new(self, key: str, data: bytes) -> None:
+        self._atomic_write(key, lambda out: out.write(data), create_only=True)
 
     def put_stream(self, key: str, stream: BinaryIO) -> None:
         self._atomic_write(key, lambda out: shutil.copyfileobj(stream, out, CHUNK))
@@ -373,6 +387,8 @@ class S3Store:
                 status == 404 and code != "NoSuchBucket"
             ):
                 raise FileNotFoundError(f"{what}: no such object") from None
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+                raise FileExistsError(f"{what}: another writer created it first") from None
             if code == "NoSuchBucket":
                 raise PermanentFailure(
                     f"{what}: the bucket {self.bucket!r} does not exist. Create it, or fix the bucket name in the "
@@ -399,6 +415,13 @@ class S3Store:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write("Writing", key, lambda args: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **args))
+
+    def put_new(self, key: str, data: bytes) -> None:
+        self._write(
+            "Creating",
+            key,
+            lambda args: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*", **args),
+        )
 
     def put_stream(self, key: str, stream: BinaryIO) -> None:
         self._write(

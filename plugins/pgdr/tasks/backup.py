@@ -13,11 +13,14 @@ log = logging.getLogger(__name__)
 
 
 def run_backup(database: str, context) -> dict[str, Any]:
-    """Body of the ``back_up`` task: back up one database and emit the backup asset event."""
+    """Body of the ``back_up`` task: back up one database, emit the backup asset event, write its receipt."""
+    import hashlib
+
     from airflow.sdk.exceptions import AirflowSkipException
 
     from pgdr.airflow_glue.assets import BACKUP_ASSET
     from pgdr.airflow_glue.connections import database_endpoint, encryption_keys, open_store
+    from pgdr.airflow_glue.evidence import record_evidence
     from pgdr.airflow_glue.notify import send_slack
     from pgdr.logical.backup import backfill_skip_reason, backup_summary, take_backup
     from pgdr.logical.standby import choose_source
@@ -54,6 +57,20 @@ def run_backup(database: str, context) -> dict[str, Any]:
     context[CONTEXT_BACKUP_ID] = manifest.backup_id
     summary = {**backup_summary(db, result, store), **source.summary()}
     context["outlet_events"][BACKUP_ASSET].extra = summary
+    files = "\n".join(sorted(f"{f.key} {f.sha256}" for f in manifest.files))
+    details = {
+        **{k: summary[k] for k in ("recovery_point", "stored_bytes", "dump_bytes", "tables", "rows", "storage")},
+        "reused": result.reused,
+        "encrypted_under": manifest.encryption.key_id if manifest.encryption else None,
+        "files": len(manifest.files),
+        # the stored files' checksums, as the manifest lists them (a manifest is rewritten by key rotation; its
+        # files never are)
+        "files_sha256": hashlib.sha256(files.encode()).hexdigest(),
+        "manifest": store.describe(result.manifest_key),
+    }
+    record_evidence(
+        context, plan, "backup_taken", {"database": db.name, "backup_id": manifest.backup_id}, "ok", details
+    )
     return summary
 
 

@@ -307,6 +307,7 @@ def run_report(context) -> dict[str, Any]:
         "written_at": _now(),
     }
     report, location = write_restore_report(objs, {p: ti.xcom_pull(task_ids=p) for p in PHASES}, run)
+    _restore_receipt(objs, report, run, context)
     if report["status"] == "restored":  # a failed restore is alerted once, by the run's failure callback
         send_slack(restore_summary(report, location), objs.db.name, context)
     if report["status"] == "failed":
@@ -317,6 +318,32 @@ def run_report(context) -> dict[str, Any]:
         "achieved_rto_seconds": report["achieved_rto_seconds"],
         "final_state": report["final_state"],
     }
+
+
+def _restore_receipt(objs, report: dict[str, Any], run: dict[str, Any], context) -> None:
+    """The evidence receipt of an incident restore: what was restored from which backup, by whom, how it ended."""
+    from pgdr.airflow_glue.evidence import record_evidence
+
+    if report["status"] not in ("restored", "failed"):
+        return
+    plan = report["plan"]
+    details = {
+        **{k: report[k] for k in ("failed_phase", "achieved_rto_seconds", "rto_target_seconds", "rto_met")},
+        **{k: plan.get(k) for k in ("mode", "target", "recovery_point", "restore_from")},
+        "phase_seconds": report["phase_seconds"],
+        "checks": {"integrity": report["integrity"], "validation": report["validation"]},
+        "triggered_by": run["triggered_by"],
+    }
+    key = objs.report_key(run["run_id"], ".json")
+    record_evidence(
+        context,
+        objs.res.plan,
+        "restore_finished" if report["status"] == "restored" else "restore_failed",
+        {"database": objs.db.name, "backup_id": objs.entry.backup_id},
+        "ok" if report["status"] == "restored" else "failed",
+        details,
+        (objs.db.storage_named(plan.get("restore_from")).name, key, objs.store.get_bytes(key)),
+    )
 
 
 def _report_server_recovery(plan: dict[str, Any], context) -> dict[str, Any]:

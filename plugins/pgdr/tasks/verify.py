@@ -227,6 +227,34 @@ def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool
         return drop_scratch_and_roles(_run_scratch(target, db, res.plan, context), purpose_of(target), context)
 
 
+def _verification_receipt(objs, record, key: str, context) -> None:
+    """The evidence receipt of a verification: its outcome, checks and durations, and the record it stands for."""
+    from pgdr.airflow_glue.evidence import record_evidence
+
+    verified = record.status == "verified"
+    details = {
+        "failed_phase": record.failed_phase,
+        "restore_seconds": record.restore_seconds,
+        "rto_target_seconds": objs.db.rto.total_seconds(),
+        "rto_met": record.rto_met,
+        "recovery_point": record.recovery_point,
+        "verified_from": objs.source.name,
+        "checks": {
+            "integrity": {k: record.integrity.get(k) for k in ("amcheck_ok", "rows_checked") if record.integrity},
+            "validation_failed": (record.validation or {}).get("failed"),
+        },
+    }
+    record_evidence(
+        context,
+        objs.res.plan,
+        "backup_verified" if verified else "backup_verification_failed",
+        {"database": objs.db.name, "backup_id": record.backup_id},
+        "ok" if verified else "failed",
+        details,
+        (objs.source.name, key, objs.store.get_bytes(key)),
+    )
+
+
 def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
     """Body of ``record_verification``: write verified or failed next to the backup.
 
@@ -247,7 +275,11 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
             forget_vanished_backup(resources(), target)  # what this run wrote next to it (validation results)
             raise
         record = record_verification(
-            objs, phases, {"dag_id": ti.dag_id, "run_id": ti.run_id, "log_url": ti.log_url}, _now()
+            objs,
+            phases,
+            {"dag_id": ti.dag_id, "run_id": ti.run_id, "log_url": ti.log_url},
+            _now(),
+            lambda written, key: _verification_receipt(objs, written, key, context),
         )
     if not record.rto_met:
         rto = objs.db.rto.total_seconds()

@@ -1,0 +1,117 @@
+"""The evidence log (#30) from the DAGs: each backup, verification and restore writes its signed receipt as its
+last act, on S3; the receipts outlive the backups retention deletes; ``python -m pgdr evidence verify`` passes, and
+names a receipt edited in the bucket; a receipt that cannot be written never fails the work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import BUCKET, assert_restores_as_source
+
+pytestmark = pytest.mark.integration
+
+
+def test_backups_verification_restore_and_retention_leave_receipts_that_verify(
+    plan, run_dag, env, pg_server, s3_server, s3_storage, monkeypatch, capsys
+):
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.airflow_glue.evidence import open_evidence
+    from pgdr.local.cli import main
+    from pgdr.logical.catalog import BackupCatalog
+    from test_encryption import key_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", key_connection("k1"))
+    databases = [{"name": "shop", "conn_id": "pgdr_shop", "retention": {"keep_last": 1, "keep_days": 0}}]
+    p = plan(databases=databases, storage=s3_storage, evidence={"storage": "s3", "key_conn_id": "pgdr_evidence_key"})
+    catalog = BackupCatalog(*open_store(p.databases[0].storage, p), "shop")
+    assert run_dag("pgdr_backup").get_state() == "success"
+    (first,) = catalog.backups()
+    verify = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": first.backup_id})
+    assert verify.get_state() == "success", verify.states
+    assert catalog.get(first.backup_id).status == "verified"
+    assert_restores_as_source(run_dag, pg_server, first.backup_id, "shop_evidence")
+    # A second backup, verified, and a third: retention (keep_last 1; the newest verified one is kept too) deletes
+    # the first, its records with it; its receipts stay.
+    assert run_dag("pgdr_backup").get_state() == "success"
+    second = catalog.latest()
+    verify = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": second.backup_id})
+    assert verify.get_state() == "success", verify.states
+    assert run_dag("pgdr_backup").get_state() == "success"
+    third = catalog.latest()
+    assert [e.backup_id for e in catalog.backups()] == [second.backup_id, third.backup_id]
+
+    evidence = open_evidence(p)
+    receipts = evidence.receipts()
+    assert [(r.body["event"], r.body["subject"]["backup_id"], r.body["result"]) for r in receipts] == [
+        ("backup_taken", first.backup_id, "ok"),
+        ("backup_verified", first.backup_id, "ok"),
+        ("restore_finished", first.backup_id, "ok"),
+        ("backup_taken", second.backup_id, "ok"),
+        ("backup_verified", second.backup_id, "ok"),
+        ("backup_taken", third.backup_id, "ok"),
+    ]
+    taken, verified, restored = (r.body for r in receipts[:3])
+    assert taken["details"]["rows"] == sum(first.manifest.row_counts.values())
+    assert taken["details"]["files"] == len(first.manifest.files) and len(taken["details"]["files_sha256"]) == 64
+    assert taken["details"]["airflow"]["dag_id"] == "pgdr_backup" and taken["actor"]
+    assert verified["details"]["checks"]["integrity"]["amcheck_ok"] is True and verified["details"]["rto_met"]
+    assert verified["record"]["key"].endswith(f"{first.backup_id}/verification.json")
+    assert restored["details"]["mode"] == "new-database" and restored["details"]["achieved_rto_seconds"] > 0
+    assert restored["details"]["checks"]["integrity"]["amcheck_ok"] is True
+    assert all(k.startswith(f"{env['prefix']}/evidence-v1/chain/") for k in (evidence.key(r.seq) for r in receipts))
+
+    capsys.readouterr()
+    assert main(["evidence", "verify"]) == 0
+    out = capsys.readouterr().out
+    assert "the evidence chain verifies: 6 checked (receipts 1 to 6)" in out, out
+
+    # One byte of the restore's receipt changed in the bucket: named, with what to suspect.
+    key = evidence.key(3)
+    edited = json.loads(s3_server.client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    edited["details"]["achieved_rto_seconds"] = 1.0
+    s3_server.client.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(edited).encode())
+    assert main(["evidence", "verify"]) == 1
+    out = capsys.readouterr().out
+    assert "the evidence chain is broken: receipt 3" in out and "fails its signature" in out, out
+    assert "receipt 4" in out and "does not follow receipt 3" in out, out
+
+    # Without its key the receipt is not written, and the backup still succeeds.
+    monkeypatch.delenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY")
+    assert run_dag("pgdr_backup").get_state() == "success"
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", key_connection("k1"))
+    assert len(evidence.receipts()) == 6
+
+
+def test_appends_to_s3_from_many_threads_at_once_make_one_gapless_chain(s3_server, env):
+    """S3's conditional write (If-None-Match: *) is what orders concurrent writers: six at once, ten receipts each,
+    through the real HTTP endpoint, repeated three times."""
+    import os
+    import threading
+
+    from pgdr.evidence import EvidenceLog
+    from pgdr.storage.backends import S3Store
+    from pgdr.storage.encryption import MasterKeys
+
+    keys = MasterKeys(current="e", keys={"e": os.urandom(32)}, source="test")
+    for round_ in range(3):
+        prefix = f"{env['prefix']}-{round_}"
+        start, errors = threading.Barrier(6), []
+
+        def writer(n: int, prefix=prefix, start=start, errors=errors) -> None:
+            log = EvidenceLog(S3Store(s3_server.client, BUCKET), prefix, keys)
+            start.wait()
+            try:
+                for i in range(10):
+                    log.append("backup_taken", "schedule", {"database": f"db{n}", "backup_id": str(i)}, "ok")
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        report = EvidenceLog(S3Store(s3_server.client, BUCKET), prefix, keys).verify()
+        assert report.ok and report.checked == 60, report.problems

@@ -1,0 +1,185 @@
+"""The evidence log (#30): receipts chained by SHA-256 and signed with HMAC; an edited byte, a deleted receipt, two
+swapped, a forged one, and a record changed after its receipt are each found and named; appends from many threads
+at once leave one gapless chain."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pgdr.evidence import GENESIS, EvidenceLog
+from pgdr.storage.backends import LocalFolderStore
+from pgdr.storage.encryption import MasterKeys
+
+KEYS = MasterKeys(current="ev-1", keys={"ev-1": os.urandom(32)}, source="Airflow connection 'pgdr_evidence_key'")
+
+
+def _log(tmp_path, keys: MasterKeys = KEYS, clock=None) -> EvidenceLog:
+    return EvidenceLog(LocalFolderStore(tmp_path / "store"), "acme", keys, clock)
+
+
+def _month(log: EvidenceLog) -> None:
+    """Five receipts: two backups, a verification of each (one failed), a restore."""
+    log.append("backup_taken", "schedule", {"database": "shop", "backup_id": "b1"}, "ok", {"rows": 10})
+    log.append("backup_verified", "asset event", {"database": "shop", "backup_id": "b1"}, "ok")
+    log.append("backup_taken", "schedule", {"database": "shop", "backup_id": "b2"}, "ok", {"rows": 11})
+    log.append("backup_verification_failed", "asset event", {"database": "shop", "backup_id": "b2"}, "failed")
+    log.append("restore_finished", "Airflow user alice", {"database": "shop", "backup_id": "b1"}, "ok")
+
+
+def _path(log: EvidenceLog, seq: int):
+    return log.store.root / log.key(seq)
+
+
+def test_a_month_of_receipts_verifies_and_each_holds_what_an_auditor_checks(tmp_path):
+    log = _log(tmp_path)
+    _month(log)
+    report = log.verify()
+    assert report.ok and report.checked == 5 and (report.first_seq, report.last_seq) == (1, 5), report.problems
+    assert "5 checked (receipts 1 to 5)" in report.summary()
+    receipts = log.receipts()
+    assert [r.body["event"] for r in receipts] == [
+        "backup_taken",
+        "backup_verified",
+        "backup_taken",
+        "backup_verification_failed",
+        "restore_finished",
+    ]
+    first, second = receipts[0], receipts[1]
+    assert first.body["prev"] == GENESIS and second.body["prev"] == first.digest
+    assert first.body["actor"] == "schedule" and receipts[4].body["actor"] == "Airflow user alice"
+    assert first.body["key_id"] == "ev-1" and len(first.body["signature"]) == 64
+    assert json.loads(first.data) == first.body  # stored as the JSON it is checked as
+
+
+def test_an_edited_byte_a_deleted_receipt_and_two_swapped_are_each_named(tmp_path):
+    log = _log(tmp_path)
+    _month(log)
+
+    receipt = _path(log, 3)
+    original = receipt.read_bytes()
+    receipt.write_bytes(original.replace(b'"rows":11', b'"rows":99'))
+    report = log.verify()
+    assert not report.ok
+    assert any("receipt 3" in p and "fails its signature" in p for p in report.problems), report.problems
+    assert any("receipt 4" in p and "does not follow receipt 3" in p for p in report.problems), report.problems
+    assert report.summary().startswith("the evidence chain is broken: receipt 3")
+    receipt.write_bytes(original)
+    assert log.verify().ok
+
+    gone = _path(log, 2).read_bytes()
+    _path(log, 2).unlink()
+    report = log.verify()
+    assert [p for p in report.problems if "missing" in p] and "receipt 2 is missing" in report.problems[0]
+    _path(log, 2).write_bytes(gone)
+
+    two, three = _path(log, 2).read_bytes(), _path(log, 3).read_bytes()
+    _path(log, 2).write_bytes(three)
+    _path(log, 3).write_bytes(two)
+    report = log.verify()
+    assert any("receipt 2" in p and "says it is receipt 3" in p for p in report.problems), report.problems
+    assert any("receipt 3" in p and "says it is receipt 2" in p for p in report.problems), report.problems
+
+
+def test_a_receipt_forged_without_the_key_or_replacing_the_first_ones_is_named(tmp_path):
+    log = _log(tmp_path)
+    _month(log)
+    thief = MasterKeys(current="ev-1", keys={"ev-1": os.urandom(32)}, source="a guess")
+    forged = _log(tmp_path, thief)
+    forged.append("backup_verified", "schedule", {"database": "shop", "backup_id": "b2"}, "ok")
+    report = log.verify()
+    assert report.problems == [
+        f"receipt 6 ({log.store.describe(log.key(6))}) fails its signature: its content was changed after it was "
+        "written"
+    ]
+
+    # Receipts 1 and 2 deleted, and the chain renumbered from 3 on, would need every receipt signed again; deleted
+    # without renumbering, they are a gap.
+    _path(log, 1).unlink()
+    assert "receipt 1 is missing" in log.verify().problems[0]
+
+
+def test_a_rotated_key_still_verifies_older_receipts_and_an_unknown_key_is_named(tmp_path):
+    log = _log(tmp_path)
+    _month(log)
+    rotated = MasterKeys(current="ev-2", keys={"ev-2": os.urandom(32), "ev-1": KEYS.keys["ev-1"]}, source="conn")
+    after = _log(tmp_path, rotated)
+    after.append("backup_taken", "schedule", {"database": "shop", "backup_id": "b3"}, "ok")
+    assert after.verify().ok and after.receipts()[-1].body["key_id"] == "ev-2"
+    lost = MasterKeys(current="ev-2", keys={"ev-2": rotated.keys["ev-2"]}, source="Airflow connection 'k'")
+    problems = _log(tmp_path, lost).verify().problems
+    assert (
+        len(problems) == 5 and "signed with key 'ev-1', which the Airflow connection 'k' does not hold" in problems[0]
+    )
+
+
+def test_a_record_changed_after_its_receipt_is_named_and_a_record_deleted_by_retention_is_not(tmp_path):
+    log = _log(tmp_path)
+    store = log.store
+    store.put_bytes("acme/v1/shop/b1/verification.json", b'{"status": "verified"}')
+    store.put_bytes("acme/v1/shop/b2/verification.json", b'{"status": "verified"}')
+    for backup_id in ("b1", "b2"):
+        key = f"acme/v1/shop/{backup_id}/verification.json"
+        record = ("local", key, store.get_bytes(key))
+        log.append("backup_verified", "schedule", {"database": "shop", "backup_id": backup_id}, "ok", record=record)
+    assert log.verify(open_target={"local": store}.__getitem__).ok
+
+    store.put_bytes("acme/v1/shop/b1/verification.json", b'{"status": "failed"}')  # edited afterwards
+    store.delete(["acme/v1/shop/b2/verification.json"])  # retention: its receipt is what remains
+    report = log.verify(open_target={"local": store}.__getitem__)
+    assert report.problems == [] and len(report.record_mismatches) == 1, report.record_mismatches
+    assert "receipt 1 (backup_verified at" in report.record_mismatches[0]
+    assert "that record was changed after the receipt was written" in report.record_mismatches[0]
+    # outside the dates asked for, records are not read
+    later = datetime.now(UTC) + timedelta(days=1)
+    assert log.verify(since=later, open_target={"local": store}.__getitem__).ok
+    # a target no longer in the plan
+    report = log.verify(open_target={}.__getitem__)
+    assert "points to a record pgdr cannot read" in report.record_mismatches[0]
+
+
+def test_a_stale_or_hostile_head_hint_neither_breaks_nor_forks_the_chain(tmp_path):
+    log = _log(tmp_path)
+    _month(log)
+    for hint in (b'{"seq": 2}', b'{"seq": 900}', b"not json", b'{"seq": -4}'):
+        log.store.put_bytes(log.head_key, hint)
+        log.append("backup_taken", "schedule", {"database": "shop", "backup_id": "x"}, "ok")
+    report = log.verify()
+    assert report.ok and report.last_seq == 9, report.problems
+
+
+def test_unknown_events_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown evidence event"):
+        _log(tmp_path).append("backup_deleted_quietly", "schedule", {}, "ok")
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_appends_from_many_threads_at_once_make_one_gapless_chain(tmp_path, round_):
+    """Eight writers, twenty receipts each, all at once (the fleet's tasks finishing together): every receipt is
+    written once, numbered 1..160 with no gap and no fork, and the chain verifies."""
+    log = _log(tmp_path)
+    start = threading.Barrier(8)
+    errors = []
+
+    def writer(n: int) -> None:
+        mine = _log(tmp_path)  # each task opens the log itself
+        start.wait()
+        try:
+            for i in range(20):
+                mine.append("backup_taken", "schedule", {"database": f"db{n}", "backup_id": f"b{i}"}, "ok")
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    report = log.verify()
+    assert report.ok and report.checked == 160, report.problems
+    written = {(r.body["subject"]["database"], r.body["subject"]["backup_id"]) for r in log.receipts()}
+    assert len(written) == 160
