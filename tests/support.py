@@ -184,6 +184,29 @@ def archiving_server(
     return started
 
 
+def append_at_once(open_log, writers: int, receipts: int) -> list[Exception]:
+    """Append to an evidence log from ``writers`` threads released together, each opening the log itself
+    (``open_log()``, as each task does) and appending ``receipts`` receipts of its own (database ``db<n>``, backup
+    ``<i>``); return what they raised."""
+    start, errors = threading.Barrier(writers), []
+
+    def writer(n: int) -> None:
+        log = open_log()
+        start.wait()
+        try:
+            for i in range(receipts):
+                log.append("backup_taken", "schedule", {"database": f"db{n}", "backup_id": str(i)}, "ok")
+        except Exception as err:  # noqa: BLE001 - returned to the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 def aws_connection(port: int, access_key: str = "testing-key") -> str:
     """Return the AIRFLOW_CONN_ JSON of an AWS connection to an S3 endpoint on 127.0.0.1:port."""
     return json.dumps(

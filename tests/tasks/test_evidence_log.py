@@ -87,31 +87,16 @@ def test_appends_to_s3_from_many_threads_at_once_make_one_gapless_chain(s3_serve
     """S3's conditional write (If-None-Match: *) is what orders concurrent writers: six at once, ten receipts each,
     through the real HTTP endpoint, repeated three times."""
     import os
-    import threading
 
     from pgdr.evidence import EvidenceLog
     from pgdr.storage.backends import S3Store
     from pgdr.storage.encryption import MasterKeys
+    from support import append_at_once
 
     keys = MasterKeys(current="e", keys={"e": os.urandom(32)}, source="test")
     for round_ in range(3):
         prefix = f"{env['prefix']}-{round_}"
-        start, errors = threading.Barrier(6), []
-
-        def writer(n: int, prefix=prefix, start=start, errors=errors) -> None:
-            log = EvidenceLog(S3Store(s3_server.client, BUCKET), prefix, keys)
-            start.wait()
-            try:
-                for i in range(10):
-                    log.append("backup_taken", "schedule", {"database": f"db{n}", "backup_id": str(i)}, "ok")
-            except Exception as err:  # noqa: BLE001 - reported below
-                errors.append(err)
-
-        threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = append_at_once(lambda p=prefix: EvidenceLog(S3Store(s3_server.client, BUCKET), p, keys), 6, 10)
         assert errors == []
         report = EvidenceLog(S3Store(s3_server.client, BUCKET), prefix, keys).verify()
         assert report.ok and report.checked == 60, report.problems

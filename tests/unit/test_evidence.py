@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from pgdr.evidence import GENESIS, EvidenceLog
 from pgdr.storage.backends import LocalFolderStore
 from pgdr.storage.encryption import MasterKeys
+from support import append_at_once
 
 KEYS = MasterKeys(current="ev-1", keys={"ev-1": os.urandom(32)}, source="Airflow connection 'pgdr_evidence_key'")
 
@@ -161,24 +161,7 @@ def test_appends_from_many_threads_at_once_make_one_gapless_chain(tmp_path, roun
     """Eight writers, twenty receipts each, all at once (the fleet's tasks finishing together): every receipt is
     written once, numbered 1..160 with no gap and no fork, and the chain verifies."""
     log = _log(tmp_path)
-    start = threading.Barrier(8)
-    errors = []
-
-    def writer(n: int) -> None:
-        mine = _log(tmp_path)  # each task opens the log itself
-        start.wait()
-        try:
-            for i in range(20):
-                mine.append("backup_taken", "schedule", {"database": f"db{n}", "backup_id": f"b{i}"}, "ok")
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert append_at_once(lambda: _log(tmp_path), writers=8, receipts=20) == []
     report = log.verify()
     assert report.ok and report.checked == 160, report.problems
     written = {(r.body["subject"]["database"], r.body["subject"]["backup_id"]) for r in log.receipts()}
