@@ -23,7 +23,8 @@ bucket or folder cannot be written; backups will fail too. *backup_age*: backups
 pgdr_verify_restore). *free_space*: free disk space on the workers. *archiver*: the server's archive_command fails, WAL
 piles up on its disk; fix it before the disk fills. *wal_lag*: the archive is behind by more than
 the RPO: the archiver is failing, slow, or `archive_timeout` is longer than the RPO. *copy_lag.<target>*: a backup
-stored more than `copy_rpo` ago is not in that second copy: look at pgdr_copy's last run.
+stored more than `copy_rpo` ago is not in that second copy: look at pgdr_copy's last run. *evidence_chain*: a
+receipt of the evidence log was edited, deleted or forged (or cannot be read): run `python -m pgdr evidence verify`.
 """
 
 from __future__ import annotations
@@ -68,13 +69,21 @@ def pgdr_health():
         return call("health.run_health_workers")
 
     @task
-    def alert_on_changes(per_database: list[list[dict]], per_server: list[list[dict]], workers: list[dict]) -> dict:
+    def check_evidence() -> list[dict]:
+        """The evidence log's chain of signed receipts (plans with an evidence section), since the last run."""
+        return call("health.run_health_evidence")
+
+    @task
+    def alert_on_changes(
+        per_database: list[list[dict]], per_server: list[list[dict]], workers: list[dict], evidence: list[dict]
+    ) -> dict:
         """One Slack message for the checks that changed state since the last run."""
-        return call("health.run_health_alerts", [*per_database, *per_server, workers])
+        return call("health.run_health_alerts", [*per_database, *per_server, workers, evidence])
 
     # Only with PITR servers: a mapped task over no servers is skipped, and would skip the alerts.
     per_server = check_server.expand(server=PLAN.server_names) if PLAN.servers else []
-    alert_on_changes(check_database.expand(database=PLAN.database_names), per_server, check_workers())
+    evidence = check_evidence() if PLAN.evidence else []  # only with an evidence log
+    alert_on_changes(check_database.expand(database=PLAN.database_names), per_server, check_workers(), evidence)
 
 
 pgdr_health()

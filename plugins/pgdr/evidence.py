@@ -83,6 +83,7 @@ class ChainReport:
     checked: int = 0
     first_seq: int | None = None
     last_seq: int | None = None
+    last_digest: str | None = None  # the newest receipt's SHA-256: where an incremental check starts next time
     problems: list[str] = field(default_factory=list)
     record_mismatches: list[str] = field(default_factory=list)
 
@@ -93,10 +94,20 @@ class ChainReport:
     def summary(self) -> str:
         if self.ok:
             span = f"receipts {self.first_seq} to {self.last_seq}" if self.checked else "no receipts yet"
+            if not self.checked and self.last_seq:
+                span = f"none new after receipt {self.last_seq}"
             return f"the evidence chain verifies: {self.checked} checked ({span}), every link and signature intact"
         found = [*self.problems, *self.record_mismatches]
         more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
         return f"the evidence chain is broken: {found[0]}{more}"
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A receipt verified before, known by its number and digest only (where an incremental check starts)."""
+
+    seq: int
+    digest: str
 
 
 class EvidenceLog:
@@ -225,20 +236,36 @@ class EvidenceLog:
         """Every receipt, in chain order (receipts that do not parse have an empty body)."""
         return [r for seq in sorted(self._listed()) if (r := self._read(seq)) is not None]
 
-    def verify(self, since: datetime | None = None, until: datetime | None = None, open_target=None) -> ChainReport:
+    def verify(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        open_target=None,
+        after: tuple[int, str] | None = None,
+    ) -> ChainReport:
         """Walk the whole chain: every number present from 1 to the newest, every ``prev`` the SHA-256 of the
         receipt before, every signature valid under a key of ``keys``; report each problem by receipt number.
         Receipts dated in ``since``..``until`` (all by default) are also checked against the record they point to,
         where it still exists (retention deletes records; their receipts stay), when ``open_target(name)`` gives the
-        store of a storage target (``None``: records are not read).
+        store of a storage target (``None``: records are not read). ``after``: ``(number, SHA-256)`` of a receipt
+        checked before: only the receipts after it are checked (health's incremental check; the first must follow
+        that digest).
         """
         report = ChainReport()
         listed = self._listed()
+        if after is not None:
+            report.last_seq, report.last_digest = after
+            if after[0] > max(listed, default=0):
+                report.problems.append(
+                    f"receipt {after[0]} was checked before and is no longer there: the receipts after "
+                    f"{max(listed, default=0)} are gone"
+                )
+                return report
         if not listed:
             return report
         newest = max(listed)
-        previous: Receipt | None = None
-        for seq in range(1, newest + 1):
+        previous: Receipt | _Checked | None = _Checked(*after) if after else None
+        for seq in range((after[0] + 1) if after else 1, newest + 1):
             receipt = self._read(seq) if seq in listed else None
             if receipt is None:
                 report.problems.append(
@@ -249,14 +276,14 @@ class EvidenceLog:
                 continue
             report.checked += 1
             report.first_seq = report.first_seq or seq
-            report.last_seq = seq
+            report.last_seq, report.last_digest = seq, receipt.digest
             report.problems += self._check(receipt, previous)
             if open_target is not None and not report.problems:
                 report.record_mismatches += self._check_record(receipt, since, until, open_target)
             previous = receipt
         return report
 
-    def _check(self, receipt: Receipt, previous: Receipt | None) -> list[str]:
+    def _check(self, receipt: Receipt, previous: Receipt | _Checked | None) -> list[str]:
         body, seq = receipt.body, receipt.seq
         where = f"receipt {seq} ({self.store.describe(self.key(seq))})"
         if not body:

@@ -100,3 +100,52 @@ def test_appends_to_s3_from_many_threads_at_once_make_one_gapless_chain(s3_serve
         assert errors == []
         report = EvidenceLog(S3Store(s3_server.client, BUCKET), prefix, keys).verify()
         assert report.ok and report.checked == 60, report.problems
+
+
+def test_health_checks_the_chain_since_its_last_run_walks_it_whole_daily_and_alerts_once_on_a_break(
+    plan, run_dag, env, s3_server, s3_storage, monkeypatch, slack
+):
+    """pgdr_health checks the receipts written since its last run (a cursor in the alert journal) and the whole chain
+    once a day: an edit behind the cursor is found by the next whole walk, alerted once, on the change of state."""
+    from datetime import UTC, datetime, timedelta
+
+    from pgdr.airflow_glue.alert_journal import AlertJournal
+    from pgdr.airflow_glue.evidence import open_evidence
+    from pgdr.tasks.health import EVIDENCE_CURSOR
+    from test_encryption import key_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", key_connection("k1"))
+    p = plan(storage=s3_storage, evidence={"storage": "s3", "key_conn_id": "pgdr_evidence_key"})
+    evidence = open_evidence(p)
+
+    def receipt() -> None:
+        evidence.append("backup_taken", "schedule", {"database": "shop", "backup_id": "x"}, "ok")
+
+    def evidence_alerts() -> list[str]:
+        return [m["text"] for m in slack.messages if "evidence_chain" in m.get("text", "")]
+
+    for _ in range(3):
+        receipt()
+    assert run_dag("pgdr_health").states["check_evidence"] == "success"
+    cursor = AlertJournal.for_plan().get_state(EVIDENCE_CURSOR)
+    assert cursor["seq"] == 3 and cursor["digest"] == evidence.receipts()[2].digest
+
+    # Receipt 2 edited behind the cursor, receipt 4 written: the incremental check sees 4, which follows 3.
+    key = evidence.key(2)
+    body = json.loads(s3_server.client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body["result"] = "failed"
+    s3_server.client.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(body).encode())
+    receipt()
+    run_dag("pgdr_health")
+    assert AlertJournal.for_plan().get_state(EVIDENCE_CURSOR)["seq"] == 4 and evidence_alerts() == []
+
+    # A day later the whole chain is walked again: receipt 2 is named, once.
+    journal = AlertJournal.for_plan()
+    stale = {**journal.get_state(EVIDENCE_CURSOR), "full_at": (datetime.now(UTC) - timedelta(days=2)).isoformat()}
+    journal.set_state(EVIDENCE_CURSOR, stale)
+    run_dag("pgdr_health")
+    (alert,) = evidence_alerts()
+    assert "the evidence chain is broken: receipt 2" in alert and "fails its signature" in alert, alert
+    assert "python -m pgdr evidence verify lists every problem" in alert
+    run_dag("pgdr_health")
+    assert len(evidence_alerts()) == 1  # a change of state is alerted once

@@ -166,3 +166,21 @@ def test_appends_from_many_threads_at_once_make_one_gapless_chain(tmp_path, roun
     assert report.ok and report.checked == 160, report.problems
     written = {(r.body["subject"]["database"], r.body["subject"]["backup_id"]) for r in log.receipts()}
     assert len(written) == 160
+
+
+def test_an_incremental_check_starts_after_the_receipt_checked_before(tmp_path):
+    log = _log(tmp_path)
+    _month(log)
+    full = log.verify()
+    after = (full.last_seq, full.last_digest)
+    assert full.last_seq == 5 and full.last_digest == log.receipts()[-1].digest
+    nothing_new = log.verify(after=after)
+    assert nothing_new.ok and nothing_new.checked == 0 and "none new after receipt 5" in nothing_new.summary()
+    log.append("backup_taken", "schedule", {"database": "shop", "backup_id": "b3"}, "ok")
+    one = log.verify(after=after)
+    assert one.ok and one.checked == 1 and one.last_seq == 6
+    assert not log.verify(after=(5, "0" * 64)).ok  # receipt 6 does not follow what was checked as receipt 5
+    _path(log, 6).unlink()
+    _path(log, 5).unlink()
+    gone = log.verify(after=(6, one.last_digest))
+    assert "receipt 6 was checked before and is no longer there" in gone.problems[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgdr.airflow_glue.connections import resources
@@ -56,6 +56,53 @@ def run_health_workers(context) -> list[dict[str, Any]]:
     from pgdr.workdir import work_dir_root
 
     result = check_free_space(work_dir_root(), load_plan().health.min_free_gb)
+    emit_metrics([result])
+    log.log(logging.INFO if result.ok else logging.WARNING, "%s", result.detail)
+    return [asdict(result)]
+
+
+EVIDENCE_CURSOR = "evidence-chain-cursor"
+EVIDENCE_FULL_WALK_EVERY = timedelta(days=1)
+
+
+def run_health_evidence(context) -> list[dict[str, Any]]:
+    """Body of ``check_evidence``: the evidence log's chain, from the receipt the last run checked to the newest,
+    and the whole chain once a day (a receipt edited behind the cursor is found then). ``[]`` without a log."""
+    from dataclasses import asdict
+
+    from pgdr.airflow_glue.alert_journal import AlertJournal
+    from pgdr.airflow_glue.evidence import open_evidence
+    from pgdr.health import CheckResult
+    from pgdr.messages import first_line
+    from pgdr.plan import load_plan
+
+    plan = load_plan()
+    if plan.evidence is None:
+        return []
+    now = datetime.now(UTC)
+    journal = AlertJournal.for_plan()
+    cursor = journal.get_state(EVIDENCE_CURSOR) or {}
+    try:
+        walked_at = datetime.fromisoformat(cursor["full_at"])
+        after = (int(cursor["seq"]), str(cursor["digest"]))
+    except (KeyError, TypeError, ValueError):  # none yet, or not one pgdr wrote
+        walked_at, after = None, None
+    full = after is None or walked_at is None or now - walked_at > EVIDENCE_FULL_WALK_EVERY
+    try:
+        evidence = open_evidence(plan)
+        report = evidence.verify(after=None if full else after)
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        result = CheckResult("evidence_chain", "plan", False, f"the evidence log cannot be read: {first_line(err)}")
+    else:
+        if report.ok and report.last_seq:
+            at = now if full else walked_at
+            journal.set_state(
+                EVIDENCE_CURSOR, {"seq": report.last_seq, "digest": report.last_digest, "full_at": at.isoformat()}
+            )
+        detail = report.summary() if full or not report.ok else f"{report.summary()} (checked since the last run)"
+        if not report.ok:
+            detail += f". python -m pgdr evidence verify lists every problem; the log is {evidence.describe()}"
+        result = CheckResult("evidence_chain", "plan", report.ok, detail, float(len(report.problems)))
     emit_metrics([result])
     log.log(logging.INFO if result.ok else logging.WARNING, "%s", result.detail)
     return [asdict(result)]
