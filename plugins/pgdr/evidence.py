@@ -41,6 +41,12 @@ EVENTS = (
     "backup_taken",
     "backup_verified",
     "backup_verification_failed",
+    "base_backup_taken",
+    "pitr_verified",
+    "pitr_verification_failed",
+    "drill_run",
+    "keys_rotated",
+    "retention_deleted",
     "restore_finished",
     "restore_failed",
 )

@@ -19,11 +19,13 @@ def test_backups_verification_restore_and_retention_leave_receipts_that_verify(
     from pgdr.airflow_glue.evidence import open_evidence
     from pgdr.local.cli import main
     from pgdr.logical.catalog import BackupCatalog
-    from test_encryption import key_connection
+    from test_encryption import ENCRYPTED, key_connection
 
-    monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", key_connection("k1"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", key_connection("k3"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k1"))  # the backups' master key
     databases = [{"name": "shop", "conn_id": "pgdr_shop", "retention": {"keep_last": 1, "keep_days": 0}}]
-    p = plan(databases=databases, storage=s3_storage, evidence={"storage": "s3", "key_conn_id": "pgdr_evidence_key"})
+    evidence_section = {"storage": "s3", "key_conn_id": "pgdr_evidence_key"}
+    p = plan(databases=databases, storage=s3_storage, evidence=evidence_section, defaults=ENCRYPTED)
     catalog = BackupCatalog(*open_store(p.databases[0].storage, p), "shop")
     assert run_dag("pgdr_backup").get_state() == "success"
     (first,) = catalog.backups()
@@ -40,10 +42,12 @@ def test_backups_verification_restore_and_retention_leave_receipts_that_verify(
     assert run_dag("pgdr_backup").get_state() == "success"
     third = catalog.latest()
     assert [e.backup_id for e in catalog.backups()] == [second.backup_id, third.backup_id]
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_KEY", key_connection("k2", "k1"))  # a new master key: rotate
+    assert run_dag("pgdr_rotate_keys").get_state() == "success"
 
     evidence = open_evidence(p)
     receipts = evidence.receipts()
-    assert [(r.body["event"], r.body["subject"]["backup_id"], r.body["result"]) for r in receipts] == [
+    assert [(r.body["event"], r.body["subject"]["backup_id"], r.body["result"]) for r in receipts[:6]] == [
         ("backup_taken", first.backup_id, "ok"),
         ("backup_verified", first.backup_id, "ok"),
         ("restore_finished", first.backup_id, "ok"),
@@ -51,9 +55,17 @@ def test_backups_verification_restore_and_retention_leave_receipts_that_verify(
         ("backup_verified", second.backup_id, "ok"),
         ("backup_taken", third.backup_id, "ok"),
     ]
+    rest = [(r.body["event"], r.body["subject"], r.body["result"]) for r in receipts[6:]]
+    assert rest == [
+        ("retention_deleted", {"database": "shop"}, "ok"),
+        ("keys_rotated", {"key_connections": ["pgdr_key"]}, "ok"),
+    ]
+    assert receipts[6].body["details"]["deleted"] == [first.backup_id]
+    assert receipts[7].body["details"]["report"]["pgdr_key"]["rewrapped"] == 2
     taken, verified, restored = (r.body for r in receipts[:3])
     assert taken["details"]["rows"] == sum(first.manifest.row_counts.values())
     assert taken["details"]["files"] == len(first.manifest.files) and len(taken["details"]["files_sha256"]) == 64
+    assert taken["details"]["encrypted_under"] == "k1"
     assert taken["details"]["airflow"]["dag_id"] == "pgdr_backup" and taken["actor"]
     assert verified["details"]["checks"]["integrity"]["amcheck_ok"] is True and verified["details"]["rto_met"]
     assert verified["record"]["key"].endswith(f"{first.backup_id}/verification.json")
@@ -64,7 +76,7 @@ def test_backups_verification_restore_and_retention_leave_receipts_that_verify(
     capsys.readouterr()
     assert main(["evidence", "verify"]) == 0
     out = capsys.readouterr().out
-    assert "the evidence chain verifies: 6 checked (receipts 1 to 6)" in out, out
+    assert "the evidence chain verifies: 8 checked (receipts 1 to 8)" in out, out
 
     # One byte of the restore's receipt changed in the bucket: named, with what to suspect.
     key = evidence.key(3)
@@ -80,7 +92,7 @@ def test_backups_verification_restore_and_retention_leave_receipts_that_verify(
     monkeypatch.delenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY")
     assert run_dag("pgdr_backup").get_state() == "success"
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", key_connection("k1"))
-    assert len(evidence.receipts()) == 6
+    assert len(evidence.receipts()) == 8
 
 
 def test_appends_to_s3_from_many_threads_at_once_make_one_gapless_chain(s3_server, env):
@@ -149,3 +161,48 @@ def test_health_checks_the_chain_since_its_last_run_walks_it_whole_daily_and_ale
     assert "python -m pgdr evidence verify lists every problem" in alert
     run_dag("pgdr_health")
     assert len(evidence_alerts()) == 1  # a change of state is alerted once
+
+
+def test_base_backups_pitr_verification_and_the_drill_write_their_receipts(
+    plan, run_dag, env, pitr_server, s3_server, monkeypatch
+):
+    from conftest import PITR_PREFIX, PITR_SERVER
+    from pgdr.airflow_glue.evidence import open_evidence
+    from pgdr.local.cli import main
+    from test_encryption import key_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", key_connection("k1"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_PITR", pitr_server.connection_uri("shop"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_RESTORE", pitr_server.restore_connection_uri())
+    storage = {
+        "s3": {"type": "s3", "bucket": BUCKET, "prefix": PITR_PREFIX, "aws_conn_id": "pgdr_s3"},
+        "evidence": {"type": "s3", "bucket": BUCKET, "prefix": env["prefix"], "aws_conn_id": "pgdr_s3"},
+    }
+    pitr = {"storage": "s3", "keep_window": "7d", "archive_timeout": "10s"}
+    p = plan(
+        databases=[{"name": "shop", "conn_id": "pgdr_pitr", "server": PITR_SERVER}],
+        storage=storage,
+        servers={PITR_SERVER: {"pitr": pitr}},
+        evidence={"storage": "evidence", "key_conn_id": "pgdr_evidence_key"},
+    )
+    full = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+    assert full.get_state() == "success", full.states
+    verify = run_dag("pgdr_verify_pitr", run_conf={"server": PITR_SERVER})
+    assert verify.get_state() == "success", verify.states
+    drill = run_dag("pgdr_drill")
+    assert drill.states["publish_report"] in ("success", "failed"), drill.states
+
+    # (the base backup's retention may delete what other tests of this archive left: its own receipt then)
+    receipts = [r for r in open_evidence(p).receipts() if r.body["event"] != "retention_deleted"]
+    events = [(r.body["event"], r.body["result"]) for r in receipts]
+    assert events == [("base_backup_taken", "ok"), ("pitr_verified", "ok"), ("drill_run", events[2][1])], events
+    taken, verified = receipts[0].body, receipts[1].body
+    assert taken["subject"]["server"] == PITR_SERVER and taken["details"]["kind"] == "full"
+    assert taken["details"]["stored_intact"]["check"] == "pg_verifybackup on the stored bytes"
+    assert taken["record"]["key"].endswith(f"{taken['subject']['backup_id']}/backup.json")
+    assert verified["details"]["achieved_recovery_point"] <= verified["details"]["target"]
+    assert verified["details"]["databases"]["shop"]["amcheck_ok"] is True
+    (drill_receipt,) = [r.body for r in receipts if r.body["event"] == "drill_run"]
+    expected = "ok" if drill.states["publish_report"] == "success" else "failed"
+    assert drill_receipt["result"] == expected and drill_receipt["details"]["report"], drill_receipt
+    assert main(["evidence", "verify"]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from pgdr.runtime import VIA_ENV_VAR
@@ -49,10 +50,13 @@ def record_evidence(
     subject: dict[str, Any],
     result: str,
     details: dict[str, Any] | None = None,
-    record: tuple[str, str, bytes] | None = None,
+    record: tuple[str, str, Callable[[], bytes]] | None = None,
 ) -> int | None:
     """Append a receipt of this task's work (its last act); return its number, ``None`` when the plan keeps no
     evidence log or it could not be written.
+
+    :param record: the full record the receipt stands for: its storage target's name, its key, and a function that
+        reads it (called only when the plan keeps a log).
 
     It never fails the task: the work is done, and a retry would do it again. A receipt that cannot be written is
     logged as an error saying what is missing from the log.
@@ -66,6 +70,8 @@ def record_evidence(
         log_url = getattr(ti, "log_url", None)
         if log_url:
             airflow["log_url"] = log_url
+        if record is not None:
+            record = (record[0], record[1], record[2]())
         receipt = evidence.append(
             event, actor_of(context), subject, result, {**(details or {}), "airflow": airflow}, record
         )

@@ -57,26 +57,29 @@ def run_backup(database: str, context) -> dict[str, Any]:
     context[CONTEXT_BACKUP_ID] = manifest.backup_id
     summary = {**backup_summary(db, result, store), **source.summary()}
     context["outlet_events"][BACKUP_ASSET].extra = summary
-    files = "\n".join(sorted(f"{f.key} {f.sha256}" for f in manifest.files))
-    details = {
-        **{k: summary[k] for k in ("recovery_point", "stored_bytes", "dump_bytes", "tables", "rows", "storage")},
-        "reused": result.reused,
-        "encrypted_under": manifest.encryption.key_id if manifest.encryption else None,
-        "files": len(manifest.files),
-        # the stored files' checksums, as the manifest lists them (a manifest is rewritten by key rotation; its
-        # files never are)
-        "files_sha256": hashlib.sha256(files.encode()).hexdigest(),
-        "manifest": store.describe(result.manifest_key),
-    }
-    record_evidence(
-        context, plan, "backup_taken", {"database": db.name, "backup_id": manifest.backup_id}, "ok", details
-    )
+    if plan.evidence is not None:  # the receipt of an evidence log
+        files = "\n".join(sorted(f"{f.key} {f.sha256}" for f in manifest.files))
+        details = {
+            **{k: summary[k] for k in ("recovery_point", "stored_bytes", "dump_bytes", "tables", "rows", "storage")},
+            "reused": result.reused,
+            "encrypted_under": manifest.encryption.key_id if manifest.encryption else None,
+            "files": len(manifest.files),
+            # the stored files' checksums, as the manifest lists them (a manifest is rewritten by key rotation; its
+            # files never are)
+            "files_sha256": hashlib.sha256(files.encode()).hexdigest(),
+            "manifest": store.describe(result.manifest_key),
+        }
+        record_evidence(
+            context, plan, "backup_taken", {"database": db.name, "backup_id": manifest.backup_id}, "ok", details
+        )
     return summary
 
 
 def run_retention(database: str, context) -> dict[str, Any]:
-    """Body of the ``prune_expired`` task: apply the plan's retention policy to one database."""
+    """Body of the ``prune_expired`` task: apply the plan's retention policy to one database; a receipt when it
+    deleted something."""
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.airflow_glue.evidence import record_evidence
     from pgdr.logical.catalog import BackupCatalog
     from pgdr.logical.retention import apply_retention
     from pgdr.plan import load_plan
@@ -86,4 +89,9 @@ def run_retention(database: str, context) -> dict[str, Any]:
         plan = load_plan()
         db = plan.database(database)
         store, layout = open_store(db.storage, plan, pruning=True)
-        return apply_retention(BackupCatalog(store, layout, database), db.retention, datetime.now(UTC))
+        result = apply_retention(BackupCatalog(store, layout, database), db.retention, datetime.now(UTC))
+    if result["deleted"] or result["deleted_partial"]:
+        details = {k: result[k] for k in ("deleted", "deleted_partial", "kept", "scheduled")}
+        details["policy"] = {"keep_last": db.retention.keep_last, "keep_days": db.retention.keep_days}
+        record_evidence(context, plan, "retention_deleted", {"database": db.name}, "ok", details)
+    return result

@@ -67,12 +67,14 @@ def run_base_backup(job: dict[str, str], context) -> dict[str, Any]:
 
 
 def run_check_stored(backup: dict[str, Any], context) -> dict[str, Any]:
-    """Body of ``check_stored``: download the stored base backup and run ``pg_verifybackup`` on those bytes."""
+    """Body of ``check_stored``: download the stored base backup and run ``pg_verifybackup`` on those bytes; write
+    its evidence receipt."""
+    from pgdr.airflow_glue.evidence import record_evidence
     from pgdr.physical.cluster import download_chain, verify_backup
 
     started = _now()
     with fail_fast():
-        _, server, store, archive, catalog = pitr_server_context(backup["server"], context)
+        plan, server, store, archive, catalog = pitr_server_context(backup["server"], context)
         context[CONTEXT_BACKUP_ID] = backup["backup_id"]
         entry = catalog.get(backup["backup_id"])
         with task_workdir(context, f"verifybackup-{server.name}") as workdir:
@@ -84,13 +86,43 @@ def run_check_stored(backup: dict[str, Any], context) -> dict[str, Any]:
                 f"{store.describe(archive.layout.base_backup_prefix(server.name, entry.backup_id))}",
             )
     log.info("pg_verifybackup: base backup %s as stored is intact (%.1fs).", entry.backup_id, seconds)
+    if plan.evidence is not None:  # the receipt of an evidence log
+        record = entry.record
+        details = {
+            "kind": record.kind,
+            "parent": record.parent,
+            "started_at": record.started_at.isoformat(),
+            "finished_at": record.finished_at.isoformat(),
+            "system_identifier": record.system_identifier,
+            "timeline": record.timeline,
+            "lsn": [record.start_lsn, record.end_lsn],
+            "stored_intact": {"check": "pg_verifybackup on the stored bytes", "seconds": round(seconds, 2)},
+            "files": [{"key": f.key, "sha256": f.sha256, "size": f.size} for f in record.files],
+        }
+        record_key = archive.layout.record_key(server.name, entry.backup_id)
+        record_evidence(
+            context,
+            plan,
+            "base_backup_taken",
+            {"server": server.name, "backup_id": entry.backup_id},
+            "ok",
+            details,
+            (server.pitr.storage.name, record_key, lambda: store.get_bytes(record_key)),
+        )
     return {"backup_id": entry.backup_id, "started_at": started, "finished_at": _now(), "seconds": round(seconds, 2)}
 
 
 def run_pitr_retention(server_name: str, context) -> dict[str, Any]:
-    """Body of ``prune_expired``: the recovery-window retention of one server's base backups and WAL."""
+    """Body of ``prune_expired``: the recovery-window retention of one server's base backups and WAL; a receipt
+    when it deleted something."""
+    from pgdr.airflow_glue.evidence import record_evidence
     from pgdr.physical.retention import apply_pitr_retention
 
     with fail_fast():
-        _, server, store, archive, catalog = pitr_server_context(server_name, context, pruning=True)
-        return apply_pitr_retention(catalog, archive, store, server.pitr, datetime.now(UTC))
+        plan, server, store, archive, catalog = pitr_server_context(server_name, context, pruning=True)
+        result = apply_pitr_retention(catalog, archive, store, server.pitr, datetime.now(UTC))
+    if result["deleted"] or result["deleted_partial"] or result["wal_segments_deleted"]:
+        details = {k: result[k] for k in ("deleted", "deleted_partial", "wal_segments_deleted", "kept", "scheduled")}
+        details["oldest_recoverable"] = result["oldest_recoverable"]
+        record_evidence(context, plan, "retention_deleted", {"server": server.name}, "ok", details)
+    return result

@@ -274,6 +274,7 @@ def run_publish_report(context) -> dict[str, Any]:
     from airflow.sdk.exceptions import AirflowFailException
 
     from pgdr.airflow_glue.alert_journal import AlertJournal
+    from pgdr.airflow_glue.evidence import record_evidence
     from pgdr.airflow_glue.notify import send_email, send_slack
     from pgdr.drill import broken_parts, drill_id_of, drill_report, headline, store_report, unfinished_rehearsals
     from pgdr.messages import drill_summary
@@ -298,9 +299,18 @@ def run_publish_report(context) -> dict[str, Any]:
     )
     location, page = store_report(report, store, layout)
     log.info("Drill report: %s\n%s", location, "\n".join(headline(report)))
+    broken = broken_parts(report)
+    details = {
+        "drill_id": report["drill_id"],
+        "scenario": report["scenario"],
+        "status": report["status"],
+        "headline": headline(report),
+        "broken": broken,
+        "report": location,
+    }
+    record_evidence(context, plan, "drill_run", {"drill": report["drill_id"]}, "failed" if broken else "ok", details)
     send_slack(drill_summary(report, headline(report), location), None, context)
     send_email(plan.notify, f"[pgdr] DR drill {report['drill_id']}: {report['status'].upper()}", page, context)
-    broken = broken_parts(report)
     if broken:
         raise AirflowFailException(
             f"The DR drill failed for {', '.join(broken)} (a phase or a point-in-time recovery rehearsal failed, or "

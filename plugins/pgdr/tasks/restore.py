@@ -324,6 +324,8 @@ def _restore_receipt(objs, report: dict[str, Any], run: dict[str, Any], context)
     """The evidence receipt of an incident restore: what was restored from which backup, by whom, how it ended."""
     from pgdr.airflow_glue.evidence import record_evidence
 
+    if objs.res.plan.evidence is None:  # no evidence log
+        return
     if report["status"] not in ("restored", "failed"):
         return
     plan = report["plan"]
@@ -342,7 +344,7 @@ def _restore_receipt(objs, report: dict[str, Any], run: dict[str, Any], context)
         {"database": objs.db.name, "backup_id": objs.entry.backup_id},
         "ok" if report["status"] == "restored" else "failed",
         details,
-        (objs.db.storage_named(plan.get("restore_from")).name, key, objs.store.get_bytes(key)),
+        (objs.db.storage_named(plan.get("restore_from")).name, key, lambda: objs.store.get_bytes(key)),
     )
 
 

@@ -54,9 +54,20 @@ def run_rotation_report(results: list[dict[str, Any]], context) -> dict[str, Any
     """Body of ``report``: per key connection, which old key ids no retained backup needs any more
     (:func:`pgdr.logical.rotation.rotation_report`)."""
     from pgdr.airflow_glue.connections import master_keys
+    from pgdr.airflow_glue.evidence import record_evidence
+    from pgdr.errors import PgdrError
     from pgdr.logical.rotation import rotation_report
     from pgdr.plan import load_plan
 
     with fail_fast():
         plan = load_plan()
-        return rotation_report(results, lambda conn_id: master_keys(conn_id, "master keys of encrypted backups", plan))
+        subject = {"key_connections": sorted({r["key_conn_id"] for r in results if r.get("key_conn_id")})}
+        try:
+            report = rotation_report(
+                results, lambda conn_id: master_keys(conn_id, "master keys of encrypted backups", plan)
+            )
+        except PgdrError as err:  # backups left under their old key: the rotation is not complete
+            record_evidence(context, plan, "keys_rotated", subject, "failed", {"error": str(err)})
+            raise
+    record_evidence(context, plan, "keys_rotated", subject, "ok", {"report": report})
+    return report

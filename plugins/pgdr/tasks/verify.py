@@ -231,6 +231,8 @@ def _verification_receipt(objs, record, key: str, context) -> None:
     """The evidence receipt of a verification: its outcome, checks and durations, and the record it stands for."""
     from pgdr.airflow_glue.evidence import record_evidence
 
+    if objs.res.plan.evidence is None:  # no evidence log
+        return
     verified = record.status == "verified"
     details = {
         "failed_phase": record.failed_phase,
@@ -251,7 +253,7 @@ def _verification_receipt(objs, record, key: str, context) -> None:
         {"database": objs.db.name, "backup_id": record.backup_id},
         "ok" if verified else "failed",
         details,
-        (objs.source.name, key, objs.store.get_bytes(key)),
+        (objs.source.name, key, lambda: objs.store.get_bytes(key)),
     )
 
 

@@ -141,6 +141,7 @@ def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
     backup."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    from pgdr.airflow_glue.evidence import record_evidence
     from pgdr.physical.proof import pitr_record
 
     ti = context["ti"]
@@ -156,7 +157,7 @@ def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
             "(its error is above)."
         )
     with fail_fast():
-        _, server, store, _, catalog = pitr_server_context(recovery["server"], context)
+        plan, server, store, _, catalog = pitr_server_context(recovery["server"], context)
         context[CONTEXT_BACKUP_ID] = recovery["backup_id"]
         record = pitr_record(
             server.name,
@@ -169,6 +170,27 @@ def run_record_pitr_verification(server_name: str, context) -> dict[str, Any]:
         )
         key = catalog.record_verification(record)
     log.info("Recorded %s for base backup %s: %s", record.status, recovery["backup_id"], store.describe(key))
+    if plan.evidence is not None:  # the receipt of an evidence log
+        details = {
+            "target": record.target,
+            "chain": record.chain,
+            "failed_phase": record.failed_phase,
+            "achieved_recovery_point": (record.recovery or {}).get("achieved_recovery_point"),
+            "replay_seconds": (record.recovery or {}).get("replay_seconds"),
+            "databases": {
+                name: {"amcheck_ok": (facts.get("integrity") or {}).get("amcheck_ok")}
+                for name, facts in (record.databases or {}).items()
+            },
+        }
+        record_evidence(
+            context,
+            plan,
+            "pitr_verified" if record.verified else "pitr_verification_failed",
+            {"server": server.name, "backup_id": recovery["backup_id"]},
+            "ok" if record.verified else "failed",
+            details,
+            (server.pitr.storage.name, key, lambda: store.get_bytes(key)),
+        )
     if not record.verified:
         raise AirflowFailException(
             f"Point-in-time recovery of server {server.name!r} from base backup {recovery['backup_id']} was not "
