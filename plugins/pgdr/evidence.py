@@ -298,7 +298,7 @@ class EvidenceLog:
         if body.get("seq") != seq:
             problems.append(f"{where} says it is receipt {body.get('seq')!r}: moved from its place in the chain")
         key_id = body.get("key_id")
-        if key_id not in self.keys.keys:
+        if not isinstance(key_id, str) or key_id not in self.keys.keys:
             problems.append(
                 f"{where} is signed with key {key_id!r}, which the {self.keys.source} does not hold: put that key "
                 "back under previous_keys to check it"

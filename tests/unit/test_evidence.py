@@ -184,3 +184,17 @@ def test_an_incremental_check_starts_after_the_receipt_checked_before(tmp_path):
     _path(log, 5).unlink()
     gone = log.verify(after=(6, one.last_digest))
     assert "receipt 6 was checked before and is no longer there" in gone.problems[0]
+
+
+def test_a_hostile_receipt_is_reported_not_a_crash(tmp_path):
+    """A receipt written by someone else (not JSON, a list, a key id that is not a string) is a problem named."""
+    log = _log(tmp_path)
+    _month(log)
+    _path(log, 2).write_bytes(b"[1, 2]")
+    _path(log, 3).write_bytes(b"\xff not json")
+    body = json.loads(_path(log, 4).read_bytes())
+    _path(log, 4).write_bytes(json.dumps({**body, "key_id": ["ev-1"]}).encode())
+    problems = log.verify().problems
+    assert any("receipt 2" in p and "is not a JSON receipt" in p for p in problems), problems
+    assert any("receipt 3" in p and "is not a JSON receipt" in p for p in problems), problems
+    assert any("receipt 4" in p and "signed with key ['ev-1']" in p for p in problems), problems
