@@ -122,8 +122,10 @@ def test_fleet_of_fifty_backed_up_and_verified_once_each_on_both_workers(
 
 
 def test_deadline_alerts_come_from_the_triggerer_one_email_and_one_slack_message(
-    celery_cluster, newest_backup, celery_mail, celery_slack
+    celery_cluster, newest_backup, celery_mail, celery_slack, celery_plan
 ):
+    from pgdr.plan import load_plan
+
     backup_id = newest_backup("shop")
     run_id = celery_cluster.trigger("pgdr_verify_restore", {"database": "shop", "backup_id": backup_id})
     run = celery_cluster.wait_for_run("pgdr_verify_restore", run_id, timeout=300)
@@ -131,7 +133,8 @@ def test_deadline_alerts_come_from_the_triggerer_one_email_and_one_slack_message
 
     emails = wait_for(lambda: [m for m in celery_mail.messages if run_id in celery_mail.body(m)], timeout=60)
     assert len(emails) == 1
-    assert emails[0]["Subject"] == f"[pgdr] SLA missed: pgdr_verify_restore 52 databases (RTO {RTO_SECONDS}s)"
+    databases = len(load_plan(celery_plan).databases)  # the fleet of 50, shop, ledger, dbhost's app
+    assert emails[0]["Subject"] == f"[pgdr] SLA missed: pgdr_verify_restore {databases} databases (RTO {RTO_SECONDS}s)"
     assert f"{celery_cluster.base_url}/dags/pgdr_verify_restore/runs/" in celery_mail.body(emails[0])
     texts = [t for t in celery_slack.texts() if run_id in t]
     missed = wait_for(lambda: [t for t in celery_slack.texts() if run_id in t and "SLA missed" in t], timeout=60)

@@ -548,3 +548,33 @@ def test_pgdr_copy_copies_the_servers_wal_and_base_backups_checked_there_and_hea
         rehearsal
     )
     assert rehearsal["rpo"]["achieved_s"] > 0, rehearsal  # the drill's own heartbeat is not in the copy yet
+
+
+def test_a_moment_before_idle_segments_is_still_inside_the_window(pitr_plan, run_dag, pitr_server, tmp_path):
+    """Defect found in CI: the window ended at the last commit in the three newest archived segments, so a quiet
+    server (its checkpoints still fill segments that archive_timeout switches, none with a commit) made every moment
+    after its newest base backup 'outside the window'. The window now reaches back to the newest commit."""
+    from datetime import UTC, datetime
+
+    from pgdr.airflow_glue.connections import AirflowResources
+    from pgdr.physical.heartbeat import switch_and_wait_archived, write_heartbeat
+    from pgdr.physical.recovery import plan_point_in_time
+    from pgdr.postgres.client import PgEndpoint, connect
+
+    full = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+    assert full.get_state() == "success", full.states
+    endpoint = PgEndpoint("127.0.0.1", pitr_server.port, "postgres", "postgres", pitr_server.password)
+    write_heartbeat(endpoint, "test: before the target")
+    _second_boundary()
+    target = datetime.now(UTC).replace(microsecond=0)
+    _second_boundary()
+    after = write_heartbeat(endpoint, "test: after the target")
+    switch_and_wait_archived(endpoint, 60)
+    for _ in range(4):  # four segments without a commit: a WAL message (no transaction), then a switch
+        with connect(endpoint) as conn:
+            conn.execute("SELECT pg_logical_emit_message(false, 'pgdr-test', 'idle')")
+        switch_and_wait_archived(endpoint, 60)
+
+    planned = plan_point_in_time(pitr_plan.servers[0], AirflowResources(pitr_plan), target, tmp_path)
+    assert planned["recovery_point_expected"] == target.isoformat()
+    assert datetime.fromisoformat(planned["window"]["newest"]) >= after.replace(microsecond=0), planned["window"]

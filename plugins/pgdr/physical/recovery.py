@@ -90,7 +90,11 @@ def recoverable_window(
         )
     newest = None
     waldump = pg_tool("pg_waldump")
-    for segment in reversed(on_timeline[-3:]):  # an idle switch leaves a segment without commits
+    # The newest commit may lie several segments back: an idle server's checkpoints still fill segments that
+    # archive_timeout then switches (one every checkpoint_timeout), none with a commit. Walk back to the newest base
+    # backup's first segment (nothing older can end the window later than that backup did), newest first.
+    since_backup = [s for s in on_timeline if s.name >= newest_backup.start_wal] or on_timeline[-1:]
+    for segment in reversed(since_backup):
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             path = archive.fetch_segment(store, segment, Path(tmp))
             check_same_cluster(segment, segment_system_identifier(path), backups[-1], archive)
