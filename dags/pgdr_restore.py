@@ -31,7 +31,11 @@ the mode and, for `replace`, a confirmation.
 5. **swap_into_place** (`replace` only, after all checks passed): sessions on the live database
    are ended, it is renamed `<db>_pre_restore_<UTC time>` (kept, never dropped, connections
    disabled) and the restored copy takes its name. A failed swap is rolled back. Never retried.
-6. **write_report**: a markdown and JSON report next to the backup, and a Slack summary.
+6. **write_report**: a markdown and JSON report next to the backup, and a Slack summary. With
+   **incident_declared_at** (default: the trigger time) and **incident_id**, the report measures the
+   incident: declared → triggered → restored → checks passed → served (the swap, or the hand-over of the
+   copy), **MTTR** (declared → served) and the **data-loss window** (recovery point → the declared
+   failure), and lists the post-incident review: what pgdr filled in, and the questions for the team.
 7. **evidence_to_verify** and **verify_evidence_copy** (point in time, once restored): trigger
    `pgdr_verify_restore` (run id `evidence__<this run's id>`) for the moment's stored copy, so it is
    proven restorable like every scheduled backup (the daily run only takes backups whose recovery
@@ -156,6 +160,20 @@ SERVERS = sorted({d.conn_id for d in PLAN.databases} | {d.verify_conn_id for d i
             title="With their passwords (restore_roles only)",
             description="Give the roles created by restore_roles their password hashes from the backup, so the "
             "application's logins work with their old passwords. Off: set the passwords yourself.",
+        ),
+        "incident_declared_at": Param(
+            None,
+            type=["null", "string"],
+            title="Incident declared at (UTC, optional)",
+            description="When the incident was declared (2026-11-22 09:30:00): the report measures MTTR (declared to "
+            "the application served again) and the data-loss window (the recovery point to this moment) from it. "
+            "Default: the moment you trigger.",
+        ),
+        "incident_id": Param(
+            None,
+            type=["null", "string"],
+            title="Incident id (optional)",
+            description="The incident's ticket (INC-2041): in the report, its receipt and the Slack summary.",
         ),
         "dry_run": Param(False, type="boolean", title="Dry run", description="Show the restore plan and stop."),
     },

@@ -47,6 +47,7 @@ from pgdr.identifiers import (
     parse_qualified_name,
     printable,
 )
+from pgdr.incident_review import incident_headline, incident_lines, incident_measures, newest_commit, read_incident
 from pgdr.logical.catalog import BackupCatalog, BackupEntry
 from pgdr.logical.restore import RestoreFailed, restore_command, restore_dump
 from pgdr.messages import SUPERUSER_RESTORE_WARNING, duration_or_na
@@ -817,8 +818,9 @@ def plan_restore(
     db = res.plan.database(params.get("database") or "")
     label(database=db.name)
     request = read_request(params, res.plan, db)
+    incident = read_incident(params, started)
     if request["mode"] == "server":
-        return plan_server_restore(request, res, db, workdir)
+        return {**plan_server_restore(request, res, db, workdir), "incident": incident}
     source = db.storage_named(request["restore_from"])
     store, layout = res.store(source)
     catalog = BackupCatalog(store, layout, db.name)
@@ -843,6 +845,9 @@ def plan_restore(
     server = res.database(db, conn_id=request["target_conn_id"])
     check_restore_role(res.restorer(db, server), db.restore_as_superuser)
     live_oid = database_oid(server, db.dbname)
+    if not incident["declared_at"] and live_oid is not None:  # no failure time given: the live server's newest commit
+        newest = newest_commit(res.database(db))
+        incident["live_newest_commit"] = newest.isoformat() if newest else None
     target, keep_as, fate = choose_target(
         server, db.dbname, request["mode"], request["target_name"], started, live_oid is not None
     )
@@ -890,6 +895,7 @@ def plan_restore(
         "roles_to_create": missing,
         "needs": needs.to_dict() if needs else None,  # PITR: known once the moment is dumped
         "needs_unread": unread,
+        "incident": incident,
     }
 
 
@@ -915,6 +921,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"- Achieved RTO: {duration_or_na(report['achieved_rto_seconds'])} against a target of "
         f"{duration_or_na(report['rto_target_seconds'])}"
         + ("" if report["rto_met"] is None else (" (met)" if report["rto_met"] else " (**BREACHED**)")),
+        *incident_headline(report),
     ]
     if report["failed_phase"]:
         lines.append(f"- **Failed in phase `{report['failed_phase']}`**; the live database was not changed.")
@@ -942,6 +949,8 @@ def render_report(report: dict[str, Any]) -> str:
             else "does not exist"
         )
         lines.append(f"- {role}: `{facts['name']}`: {state}")
+    if report.get("incident") and report["status"] != "dry-run":
+        lines += incident_lines(report)
     return "\n".join(lines) + "\n"
 
 
@@ -1214,6 +1223,7 @@ def restore_report(
         "swap_steps": (phases["swap_into_place"] or {}).get("steps", []),
         "final_state": final_state,
         "written_at": run["written_at"],
+        "incident": incident_measures(plan, phases, status, run["written_at"]),
     }
 
 

@@ -229,6 +229,13 @@ def restore_summary(report: dict[str, Any], location: str) -> str:
         f"Triggered by {report['triggered_by']}. Achieved RTO {duration_or_na(report['achieved_rto_seconds'])}, "
         f"target {duration_or_na(report['rto_target_seconds'])}.",
     ]
+    measures = report.get("incident")
+    if measures and measures["mttr_seconds"] is not None:
+        lines.append(
+            ("Incident " + measures["id"] + ": " if measures["id"] else "")
+            + f"MTTR {duration_or_na(measures['mttr_seconds'])} from the declaration at {measures['declared_at']}; "
+            f"data-loss window {duration_or_na(measures['data_loss_window_seconds'])}."
+        )
     if plan["mode"] == "replace" and report["status"] == "restored":
         lines.append(
             f"`{plan['dbname']}` now holds the restored data; the previous database is kept as "
@@ -248,8 +255,9 @@ def pitr_target_words(target: str) -> str:
 def server_recovery_summary(report: dict[str, Any]) -> str:
     """Return the Slack text of a whole server recovered onto a new host, from its report."""
     loss = report["data_loss_window_seconds"]
+    incident = f"(incident {report['incident_id']}) " if report.get("incident_id") else ""
     return (
-        f":white_check_mark: [pgdr] Server {report['server']} {report['status']} on {report['host']} "
+        f":white_check_mark: [pgdr] Server {report['server']} {report['status']} on {report['host']} {incident}"
         f"({report['data_dir']}): recovery point {report['achieved_recovery_point']}, data-loss window "
         f"{format_duration(loss) if loss is not None else 'unknown'}, achieved RTO "
         f"{format_duration(report['achieved_rto_seconds'])}. archive_mode is off until it archives into a new "

@@ -110,6 +110,8 @@ def test_restore_dag_form_and_structure(dagbag):
         "restore_roles",
         "restore_role_passwords",
         "restore_from",
+        "incident_declared_at",
+        "incident_id",
         "dry_run",
     }
     for name in dag.params:

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -87,13 +88,26 @@ def test_list_reads_the_store_without_airflow(breakglass):
 def test_restore_new_database_and_replace_without_airflow_services(breakglass, pg_server):
     run, root, backup_id = breakglass
     try:
-        result = run("restore", "--database", "shop", "--target-name", "shop_cli_copy")
+        declared = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+        result = run(
+            "restore",
+            "--database",
+            "shop",
+            "--target-name",
+            "shop_cli_copy",
+            "--incident",
+            "INC-9",
+            "--declared",
+            declared.isoformat(),
+        )
         assert result.returncode == 0, result.output[-4000:]
         assert "ok restore_backup success in" in result.stdout and "pgdr_restore success" in result.stdout
         assert "Restore plan:" in result.stdout and backup_id in result.stdout
         assert source_row_counts(pg_server, "shop_cli_copy") == source_row_counts(pg_server, "shop")
         (report,) = [json.loads(p.read_text()) for p in (root / "v1/shop" / backup_id / "restores").glob("*.json")]
         assert report["status"] == "restored" and report["via"].startswith("the command line (python -m pgdr restore)")
+        assert report["incident"]["id"] == "INC-9" and report["incident"]["declared_at"] == declared.isoformat()
+        assert report["incident"]["mttr_seconds"] >= 300
 
         # replace, on a live database of its own; shop's backup serves it (same schema and rows)
         _sql(pg_server, "CREATE DATABASE shop_cli_live TEMPLATE shop")
@@ -141,8 +155,9 @@ def _copy_as(root: Path, database: str, other: str, backup_id: str) -> None:
         (["--mode", "replace", "--confirm", "shopp"], "(you typed 'shopp')", 1),
         (["--tables", "sales.nope"], "Not a table of backup", 1),
         (["--backup", "2999-01-01T00:00:00Z"], "is in the future", 1),
+        (["--declared", "1h ago"], "incident_declared_at must be a UTC time", 1),
     ],
-    ids=["wrong-confirmation", "unknown-table", "future-time"],
+    ids=["wrong-confirmation", "unknown-table", "future-time", "declared-not-a-time"],
 )
 def test_a_wrong_field_gets_the_forms_own_error(breakglass, pg_server, args, message, status):
     run, _root, _backup_id = breakglass

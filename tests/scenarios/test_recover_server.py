@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -361,7 +361,18 @@ def test_mode_server_from_the_form_recovers_onto_the_restore_target(
     assert dry.get_state() == "success", dry.states
     assert dry.states[f"recover_server_{SERVER}"] == "skipped" and not data_dir.exists()
 
-    done = run_dag("pgdr_restore", run_conf={"database": "app", "mode": "server", "confirm": SERVER, "backup": stamp})
+    declared = lost_server["target"] + timedelta(minutes=1)
+    done = run_dag(
+        "pgdr_restore",
+        run_conf={
+            "database": "app",
+            "mode": "server",
+            "confirm": SERVER,
+            "backup": stamp,
+            "incident_declared_at": declared.isoformat(),
+            "incident_id": "INC-11",
+        },
+    )
     assert done.get_state() == "success", done.states
     assert done.states[f"recover_server_{SERVER}"] == "success"
     assert done.states["recover_to_moment"] == "skipped" and done.states["restore_backup"] == "skipped"
@@ -376,6 +387,7 @@ def test_mode_server_from_the_form_recovers_onto_the_restore_target(
         recover.pg_ctl(data_dir, "-m", "fast", "-w", "stop")
     (summary,) = [m["text"] for m in slack.messages if "[pgdr] Server lost" in m.get("text", "")]
     assert "recovered and promoted" in summary and "data-loss window" in summary and "recoveries/" in summary
+    assert "(incident INC-11)" in summary
 
 
 DR_BUCKET = "pgdr-dr-copy"

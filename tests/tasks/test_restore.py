@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -58,6 +59,33 @@ def _restore(run_dag, **conf):
     return run_dag("pgdr_restore", run_conf={"database": "shop", **conf})
 
 
+def _seconds(start: str, end: str) -> float:
+    return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 1)
+
+
+def _check_incident_measures(report: dict, declared: datetime, root, backup_id: str) -> None:
+    """The incident's numbers of a replace restore, against the times known outside pgdr's report."""
+    incident, phases = report["incident"], report["phase_seconds"]
+    assert incident["id"] == "INC-7" and incident["declared_at"] == declared.isoformat() and incident["declared_given"]
+    triggered = datetime.fromisoformat(incident["triggered_at"])
+    assert timedelta(minutes=10) <= triggered - declared < timedelta(minutes=11)
+    assert incident["time_to_act_seconds"] == round((triggered - declared).total_seconds(), 1)
+    # Served by the swap: MTTR ends when swap_into_place ended; it is the sum of its parts (each rounded to 0.1 s).
+    assert incident["served_by"] == "the swap" and "swap_into_place" in phases
+    assert incident["mttr_seconds"] == _seconds(declared.isoformat(), incident["served_at"])
+    parts = ("time_to_act_seconds", "time_to_restore_seconds", "time_to_serve_seconds")
+    assert abs(incident["mttr_seconds"] - sum(incident[p] for p in parts)) <= 0.2
+    assert incident["mttr_seconds"] >= 600 + report["achieved_rto_seconds"] - 1
+    # The data lost: from the backup's recovery point to the declared failure.
+    recovery_point = datetime.fromisoformat(report["plan"]["recovery_point"])
+    assert incident["data_loss_until"] == declared.isoformat()
+    assert incident["data_loss_window_seconds"] == round((declared - recovery_point).total_seconds(), 1) == 3000.0
+    markdown = next((root / "v1/shop" / backup_id / "restores").glob("*.md")).read_text()
+    assert "- Incident INC-7: MTTR " in markdown and "## Incident INC-7" in markdown
+    assert f"| declared | {declared.isoformat()} |" in markdown
+    assert "the transactions of the data-loss window are in it" in markdown
+
+
 def _report(root, backup_id) -> dict:
     (path,) = (root / "v1/shop" / backup_id / "restores").glob("*.json")
     return json.loads(path.read_text())
@@ -76,8 +104,17 @@ def test_new_database_restore_equals_the_source(restore_plan, run_dag, pg_server
     assert report["plan"]["backup_status"] == "verified" and report["plan"]["expected_seconds"] == 4.2
     assert report["final_state"]["live"]["exists"] and report["final_state"]["restored"]["name"] == "shop_incident_copy"
     assert report["rto_met"] is True and report["validation"]["failed"] == 0
+    # No incident time given: the incident counts from the trigger; the copy is served when handed over.
+    incident = report["incident"]
+    assert incident["declared_at"] == incident["triggered_at"] and incident["time_to_act_seconds"] == 0
+    assert (
+        incident["served_at"] == report["written_at"] and incident["served_by"] == "the hand-over of the checked copy"
+    )
+    assert incident["mttr_seconds"] == _seconds(incident["triggered_at"], report["written_at"])
+    assert incident["data_loss_until_source"] == "the trigger (no failure time was given)"
     markdown = next((root / "v1/shop" / backup_id / "restores").glob("*.md")).read_text()
     assert markdown.startswith("# Restore of `shop`: RESTORED")
+    assert "## Post-incident review" in markdown and "- [ ] Root cause" in markdown
     (summary,) = slack.texts()
     assert "Restore of *shop* restored" in summary and "shop_incident_copy" in summary
 
@@ -96,7 +133,26 @@ def test_replace_keeps_the_old_database_and_puts_the_restored_one_in_place(
         _sql(pg_server, "INSERT INTO audit.events (actor, action) VALUES ('after-backup', 'marker')", "shop_live")
         session = psycopg.connect(**pg_server.dsn("shop_live"))  # a client still connected to the live database
 
-        dag_run = _restore(run_dag, mode="replace", confirm="shop_live")
+        # The incident was declared ten minutes before the restore was triggered, and the backup restored is an
+        # hour old (a copy of the fixture's, with that recovery point).
+        from pgdr.airflow_glue.connections import open_store
+        from pgdr.logical.catalog import BackupCatalog
+
+        now = datetime.now(UTC).replace(microsecond=0)
+        declared, hour_old = now - timedelta(minutes=10), now - timedelta(hours=1)
+        store, layout = open_store(p.databases[0].storage)
+        hour_old_id = hour_old.strftime("%Y%m%dT%H%M%SZ") + "-0a0a0a"
+        copy_backup_as(
+            store, layout, BackupCatalog(store, layout, "shop").get(shop_backup[1]).manifest, hour_old_id, hour_old
+        )
+        dag_run = _restore(
+            run_dag,
+            mode="replace",
+            confirm="shop_live",
+            backup=hour_old_id,
+            incident_declared_at=declared.isoformat(),
+            incident_id="INC-7",
+        )
         assert dag_run.states["swap_into_place"] == "success", dag_run.states
         assert dag_run.states["write_report"] == "success"
         with pytest.raises(psycopg.OperationalError):  # the swap ended the client's session
@@ -111,9 +167,11 @@ def test_replace_keeps_the_old_database_and_puts_the_restored_one_in_place(
         assert _sql(pg_server, f"SELECT datallowconn FROM pg_database WHERE datname = '{kept[0]}'") == [(False,)]
         _sql(pg_server, f'ALTER DATABASE "{kept[0]}" WITH ALLOW_CONNECTIONS true')
         assert _sql(pg_server, "SELECT count(*) FROM audit.events WHERE actor = 'after-backup'", kept[0]) == [(1,)]
-        report = _report(p.databases[0].storage.path, shop_backup[1])
+        report = _report(p.databases[0].storage.path, hour_old_id)
         assert report["final_state"]["previous_live"]["name"] == kept[0]
         assert any("renamed to shop_live" in step for step in report["swap_steps"])
+        assert report["plan"]["recovery_point"] == hour_old.isoformat()
+        _check_incident_measures(report, declared, p.databases[0].storage.path, hour_old_id)
     finally:
         for name in _databases(pg_server) - before | {"shop_live"}:
             _sql(pg_server, f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
@@ -212,6 +270,8 @@ def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_pl
         ({"target_name": "ü" * 32}, "is 64 bytes long"),
         ({"target_name": "pg_copy"}, "starts with pg_, which PostgreSQL reserves"),
         ({"mode": "replace", "confirm": "shop "}, "(you typed 'shop ', with spaces around the name: type it exactly)"),
+        ({"incident_declared_at": "yesterday 9ish"}, "incident_declared_at must be a UTC time"),
+        ({"incident_declared_at": "2999-01-01T00:00:00Z"}, "is after this restore was triggered"),
     ],
     ids=[
         "missing-backup-id",
@@ -235,6 +295,8 @@ def test_restore_as_of_a_time_picks_the_newest_backup_at_or_before_it(restore_pl
         "target-too-long-unicode",
         "target-pg-prefix",
         "confirm-trailing-space",
+        "incident-not-a-time",
+        "incident-declared-after-trigger",
     ],
 )
 def test_bad_input_fails_first_with_nothing_touched(restore_plan, run_dag, pg_server, slack, conf, message):

@@ -287,6 +287,8 @@ def restore(args: argparse.Namespace, home: Path, log_path: Path) -> int:
         "restore_roles": args.restore_roles,
         "restore_role_passwords": args.with_passwords,
         "restore_from": args.restore_from,
+        "incident_declared_at": args.declared,
+        "incident_id": args.incident,
     }
     conf = {key: value for key, value in given.items() if value is not None}  # the form's defaults for the rest
     _print("pgdr: loading the pgdr_restore DAG")
@@ -358,16 +360,23 @@ def _summarise(dag_run, seconds: float) -> int:
 
 def recover_server(args: argparse.Namespace) -> int:
     """Recover a whole server of the plan onto this host (no Airflow services); return the exit status."""
-    from pgdr.incident import parse_timestamp
+    from datetime import UTC, datetime
+
+    from pgdr.incident import InvalidRestoreRequest, parse_timestamp
+    from pgdr.incident_review import read_incident
 
     target = None if args.to.strip() == "latest" else parse_timestamp(args.to)
     if args.to.strip() != "latest" and target is None:
         _print(f"pgdr: --to must be 'latest' or a UTC time such as 2026-11-26T09:40:59Z; got {args.to!r}.")
         return 2
-    declared = parse_timestamp(args.declared) if args.declared else None
-    if args.declared and declared is None:
-        _print(f"pgdr: --declared must be a UTC time such as 2026-11-26T09:45:00Z; got {args.declared!r}.")
+    try:
+        incident = read_incident(
+            {"incident_declared_at": args.declared, "incident_id": args.incident}, datetime.now(UTC)
+        )
+    except InvalidRestoreRequest as err:
+        _print(f"pgdr: {str(err).replace('incident_declared_at', '--declared').replace('incident_id', '--incident')}")
         return 2
+    declared = parse_timestamp(incident["declared_at"]) if incident["declared_at"] else None
     log_path = (args.log_file or default_log_path(Path(tempfile.gettempdir()), "pgdr-recover-server")).resolve()
     _print(f"pgdr: the log records go to {log_path}" + ("" if args.verbose else " (--verbose streams them)"))
     with Console(log_path, verbose=args.verbose):
@@ -417,6 +426,7 @@ def _recover_server(args: argparse.Namespace, target, declared) -> int:
             delta=args.delta,
             os_user=args.os_user,
             declared_at=declared,
+            incident_id=args.incident,
             triggered_by=f"the command line (python -m pgdr recover-server) as {_who()}",
             source=source,
         )
@@ -548,6 +558,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--target-conn-id", help="restore onto another server of the plan (new-database mode)")
     run.add_argument("--dry-run", action="store_true", help="print the restore plan and stop")
     run.add_argument(
+        "--declared",
+        help="when the incident was declared, UTC (default: now): MTTR and the data-loss window count from it",
+    )
+    run.add_argument("--incident", help="the incident's id (a ticket such as INC-2041), for the report")
+    run.add_argument(
         "--restore-roles",
         action="store_true",
         help="create the roles the backup names that the server lacks, as on the source server",
@@ -576,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument(
         "--declared", help="when the failure was declared, UTC (default: now): ends the data-loss window"
     )
+    whole.add_argument("--incident", help="the incident's id (a ticket such as INC-2041), for the report")
     whole.add_argument(
         "--from",
         dest="restore_from",

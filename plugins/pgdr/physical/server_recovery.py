@@ -427,6 +427,7 @@ class ServerRecovery:
     delta: bool = False
     os_user: str | None = None
     declared_at: datetime | None = None  # when the failure was declared: the end of the data-loss window
+    incident_id: str | None = None  # the incident's ticket, for the review
     triggered_by: str = "command line"
     timeout_s: float = 6 * 3600
     resume_key: str | None = None  # an Airflow run: its retry resumes its own earlier try's directory (as --delta)
@@ -612,6 +613,7 @@ class ServerRecovery:
             "target": plan["target"],
             "achieved_recovery_point": achieved.isoformat() if achieved else None,
             "declared_at": declared.isoformat(),
+            "incident_id": self.incident_id,
             "data_loss_window_seconds": round(loss, 1) if loss is not None else None,
             "started_at": started_at.isoformat(),
             "finished_at": finished.isoformat(),
@@ -730,6 +732,7 @@ def render_server_report(report: dict[str, Any]) -> str:
         f"- Data directory: `{report['data_dir']}`" + (f", port {report['port']}" if report["port"] else ""),
         f"- Target: {pitr_target_words(report['target'])}; achieved recovery point (last transaction replayed): "
         f"{report['achieved_recovery_point'] or 'unknown'}",
+        *([f"- Incident: {report['incident_id']}"] if report.get("incident_id") else []),
         f"- Failure declared at {report['declared_at']}: data-loss window "
         f"{duration_or_na(report['data_loss_window_seconds'])} (from the recovery point to the declaration)",
         f"- Achieved RTO (declared to handed over): {duration_or_na(report['achieved_rto_seconds'])}",

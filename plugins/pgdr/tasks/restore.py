@@ -139,6 +139,7 @@ def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[
     _skip_dry_run(plan, "Dry run: the recovery plan is in the log of plan_restore; nothing was done.")
     _label(context, plan["database"])
     dag_run = context["dag_run"]
+    incident = plan.get("incident") or {}
     res = resources()
     with fail_fast():
         server = res.plan.server(server_name)
@@ -149,7 +150,9 @@ def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[
             plan["data_dir"],
             port=plan["port"],
             os_user=plan["os_user"],
-            declared_at=dag_run.run_after,  # when the recovery was asked for: the failure declared
+            # the incident's declaration from the form; else when the recovery was asked for
+            declared_at=parse_timestamp(incident["declared_at"]) if incident.get("declared_at") else dag_run.run_after,
+            incident_id=incident.get("id"),
             resume_key=f"{dag_run.dag_id}/{dag_run.run_id}",  # a retry resumes this run's own directory
             triggered_by=f"{getattr(dag_run, 'triggering_user_name', None) or 'unknown'} (pgdr_restore "
             f"{dag_run.run_id})",
@@ -335,6 +338,7 @@ def _restore_receipt(objs, report: dict[str, Any], run: dict[str, Any], context)
         "phase_seconds": report["phase_seconds"],
         "checks": {"integrity": report["integrity"], "validation": report["validation"]},
         "triggered_by": run["triggered_by"],
+        "incident": report.get("incident"),
     }
     key = objs.report_key(run["run_id"], ".json")
     record_evidence(

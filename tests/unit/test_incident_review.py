@@ -1,0 +1,132 @@
+"""An incident's timeline, MTTR and data-loss window, computed from a restore's phases: the rules, without a server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pgdr.incident import InvalidRestoreRequest
+from pgdr.incident_review import incident_lines, incident_measures, read_incident
+
+TRIGGERED = datetime(2026, 11, 22, 9, 40, tzinfo=UTC)
+
+
+def _at(minutes: float) -> str:
+    """The ISO time ``minutes`` after the trigger."""
+    return (TRIGGERED + timedelta(minutes=minutes)).isoformat()
+
+
+def _phase(start: float, end: float) -> dict:
+    return {"started_at": _at(start), "finished_at": _at(end)}
+
+
+def _plan(mode: str = "new-database", declared: str | None = None, **incident) -> dict:
+    return {
+        "mode": mode,
+        "database": "shop",
+        "dbname": "shop",
+        "backup_id": "20261122T090000Z-3fa2c1",
+        "backup_status": "verified",
+        "recovery_point": _at(-40),
+        "keep_live_as": "shop_pre_restore_20261122094000" if mode == "replace" else None,
+        "incident": {"id": "INC-2041", "declared_at": declared, "triggered_at": TRIGGERED.isoformat(), **incident},
+    }
+
+
+PHASES = {
+    "check_checksums": _phase(0.5, 1),
+    "restore_backup": _phase(1, 6),
+    "check_integrity": _phase(6, 7),
+    "validate_data": _phase(7, 8),
+    "apply_privileges": _phase(8, 8.5),
+    "swap_into_place": _phase(8.5, 9),
+}
+
+
+def test_a_replace_declared_ten_minutes_before_the_trigger():
+    measures = incident_measures(_plan("replace", declared=_at(-10)), PHASES, "restored", _at(9.5))
+    assert measures["declared_at"] == _at(-10) and measures["declared_given"]
+    assert measures["time_to_act_seconds"] == 600.0
+    assert measures["time_to_restore_seconds"] == 360.0  # triggered -> restore_backup ended
+    assert measures["checks_passed_at"] == _at(8.5)
+    assert measures["served_at"] == _at(9) and measures["served_by"] == "the swap"
+    assert measures["time_to_serve_seconds"] == 180.0
+    assert measures["mttr_seconds"] == 1140.0  # 10 + 9 minutes
+    # From the backup's recovery point (40 minutes before the trigger) to the declared failure (10 minutes before).
+    assert (
+        measures["data_loss_window_seconds"] == 1800.0 and measures["data_loss_until_source"] == "the declared failure"
+    )
+
+
+def test_a_new_database_restore_is_served_at_its_hand_over_and_counts_from_the_trigger():
+    measures = incident_measures(_plan(), PHASES, "restored", _at(9.5))
+    assert measures["declared_at"] == TRIGGERED.isoformat() and not measures["declared_given"]
+    assert measures["time_to_act_seconds"] == 0.0
+    assert measures["served_at"] == _at(9.5) and measures["served_by"] == "the hand-over of the checked copy"
+    assert measures["mttr_seconds"] == 570.0
+    assert measures["data_loss_window_seconds"] == 2400.0
+    assert measures["data_loss_until_source"] == "the trigger (no failure time was given)"
+
+
+def test_without_a_declared_time_the_live_servers_newest_commit_ends_the_data_loss_window():
+    measures = incident_measures(_plan(live_newest_commit=_at(-5)), PHASES, "restored", _at(9.5))
+    assert measures["data_loss_until"] == _at(-5) and measures["data_loss_window_seconds"] == 2100.0
+    assert measures["data_loss_until_source"] == "the live server's newest commit"
+
+
+def test_a_point_in_time_restore_starts_with_its_recovery_and_a_later_recovery_point_lost_nothing():
+    plan = {**_plan(declared=_at(-10)), "recovery_point": _at(-3), "pitr": {"started_at": _at(0.2)}}
+    measures = incident_measures(plan, PHASES, "restored", _at(9.5))
+    assert measures["restore_started_at"] == _at(0.2)
+    assert measures["data_loss_window_seconds"] == 0.0  # the archive held every transaction up to the failure
+
+
+def test_a_failed_restore_has_a_timeline_up_to_its_failure_and_no_mttr():
+    phases = {**PHASES, "check_integrity": None, "validate_data": None, "apply_privileges": None}
+    plan = _plan("replace", declared=_at(-10))
+    measures = incident_measures(plan, {**phases, "swap_into_place": None}, "failed", _at(7))
+    assert measures["restored_at"] == _at(6) and measures["checks_passed_at"] is None
+    assert measures["served_at"] is None and measures["mttr_seconds"] is None
+    assert measures["data_loss_window_seconds"] == 1800.0
+    report = {
+        "status": "failed",
+        "incident": measures,
+        "plan": plan,
+        "rto_target_seconds": 3600,
+        "triggered_by": "alice",
+        "run_id": "manual__1",
+        "integrity": None,
+        "validation": None,
+        "privileges": None,
+    }
+    text = "\n".join(incident_lines(report))
+    assert "| served again (not reached) | not reached |" in text
+    assert "**MTTR** (declared to served): n/a\n" in text
+    assert "kept as `shop_pre_restore_20261122094000`" in text and "- [ ] Root cause" in text
+    assert "data validation did not run" in text
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"incident_declared_at": "last night"}, "incident_declared_at must be a UTC time such as"),
+        ({"incident_declared_at": "2026-11-22T09:43:00Z"}, "is after this restore was triggered"),
+        ({"incident_id": "INC-1\nDROP"}, "must be printable"),
+        ({"incident_id": "x" * 121}, "at most 120 characters"),
+    ],
+    ids=["not-a-time", "after-the-trigger", "control-character", "too-long"],
+)
+def test_a_bad_incident_field_is_refused_saying_what_to_give(params, message):
+    with pytest.raises(InvalidRestoreRequest, match="Nothing was touched") as err:
+        read_incident(params, TRIGGERED)
+    assert message in str(err.value)
+
+
+def test_incident_fields_are_optional_and_a_clock_a_minute_ahead_is_accepted():
+    assert read_incident({"incident_id": "  ", "incident_declared_at": ""}, TRIGGERED) == {
+        "id": None,
+        "declared_at": None,
+        "triggered_at": TRIGGERED.isoformat(),
+    }
+    given = read_incident({"incident_id": "INC-2041", "incident_declared_at": "2026-11-22 09:41:00"}, TRIGGERED)
+    assert given["id"] == "INC-2041" and given["declared_at"] == "2026-11-22T09:41:00+00:00"
