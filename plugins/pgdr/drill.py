@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pgdr.identifiers import printable
 from pgdr.logical.catalog import BackupEntry
 from pgdr.messages import duration_or_na, first_line, format_duration
 from pgdr.records import achieved_rto, seconds_between
@@ -375,6 +376,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{check.get('backup_id') or 'none'} ({check.get('status') or 'never verified'}) | "
                 f"{duration_or_na(check.get('restore_seconds'))} |"
             )
+    lines += _mttr_lines(report)
     lines += ["", "## Timeline", ""]
     for r in report["databases"]:
         lines.append(f"### {r['database']} (backup `{r['backup_id']}`)")
@@ -389,19 +391,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def trend_chart(history: list[dict[str, Any]]) -> bytes:
-    """Return a PNG of achieved RTO and RPO over past drills against their targets."""
+def trend_chart(history: list[dict[str, Any]], incidents: list[dict[str, Any]] = ()) -> bytes:
+    """Return a PNG of achieved RTO and RPO over past drills against their targets; with ``incidents``, a panel of
+    their MTTR beside the drills' RTO."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pitr_points = [(datetime.fromisoformat(d["started_at"]), p) for d in history for p in d.get("pitr") or []]
-    fig, axes = plt.subplots(1, 3 if pitr_points else 2, figsize=(15 if pitr_points else 10, 3.4), dpi=100)
+    count = 2 + bool(pitr_points) + bool(incidents)
+    fig, axes = plt.subplots(1, count, figsize=(5 * count, 3.4), dpi=100)
     databases = sorted({r["database"] for d in history for r in d["databases"]})
     panels = (("rto", "RTO achieved"), ("rpo_newest_verified", "RPO, newest verified"))
     if pitr_points:
         _pitr_panel(axes[2], pitr_points)
+    if incidents:
+        _mttr_panel(axes[-1], mttr_rows(history, incidents))
     for ax, (key, title) in zip(axes, panels, strict=False):
         series = []
         for db in databases:
@@ -458,6 +464,123 @@ def _duration_axis(ax, seconds: list[float]) -> None:
         step = next((st for st in steps if top / st <= 7), 86400 * 7)
         ax.yaxis.set_major_locator(FixedLocator([step * i for i in range(int(top // step) + 1)]))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: duration_or_na(value) if value > 0 else "0"))
+
+
+def mttr_rows(history: list[dict[str, Any]], incidents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the MTTR trend, oldest first: each incident's MTTR (declared to served) and each drill's rehearsed RTO
+    per database (a drill's restore is an incident's restore without the time to act)."""
+    rows = [
+        {
+            "when": i["declared_at"],
+            "what": f"incident {printable(str(i['id']))}" if i.get("id") else "incident (no id)",
+            "detail": printable(
+                i["kind"] + (f" ({i['mode']})" if isinstance(i.get("mode"), str) else "") + f", {i['status']}"
+            ),
+            "subject": printable(i["subject"]),
+            "seconds": i.get("mttr_seconds"),
+            "target_s": i.get("rto_target_seconds"),
+            "data_loss_s": i.get("data_loss_window_seconds"),
+            "incident": True,
+        }
+        for i in incidents
+    ]
+    rows += [
+        {
+            "when": d["started_at"],
+            "what": f"drill {d['drill_id']}",
+            "detail": f"rehearsal, {r['status']}",
+            "subject": r["database"],
+            "seconds": r["checks"]["rto"]["achieved_s"],
+            "target_s": r["checks"]["rto"]["target_s"],
+            "data_loss_s": None,
+            "incident": False,
+        }
+        for d in history
+        for r in d["databases"]
+    ]
+    return sorted(rows, key=lambda r: datetime.fromisoformat(r["when"]))
+
+
+def mttr_summary(rows: list[dict[str, Any]]) -> str:
+    """Return one sentence on the MTTR trend: incidents and drills, median and worst."""
+    from pgdr.records import median
+
+    def part(kind: str, mine: list[dict[str, Any]], measure: str) -> str:
+        known = [r["seconds"] for r in mine if r["seconds"] is not None]
+        if not mine:
+            return f"no {kind}s"
+        return (
+            f"{len(mine)} {kind}{'s' if len(mine) != 1 else ''}, {measure} median {duration_or_na(median(known))}, "
+            f"worst {duration_or_na(max(known, default=None))}"
+        )
+
+    incidents = [r for r in rows if r["incident"]]
+    drills = [r for r in rows if not r["incident"]]
+    return f"{part('incident', incidents, 'MTTR')}; {part('drill restore', drills, 'RTO')}."
+
+
+def _mttr_panel(ax, rows: list[dict[str, Any]]) -> None:
+    """Plot incidents' MTTR (crosses) and drills' rehearsed RTO (dots) per database or server, on a duration axis."""
+    known = [r for r in rows if r["seconds"] is not None]
+    _duration_axis(ax, [r["seconds"] for r in known] + [r["target_s"] for r in known if r["target_s"]])
+    for subject in sorted({r["subject"] for r in known}):
+        drills = [r for r in known if r["subject"] == subject and not r["incident"]]
+        incidents = [r for r in known if r["subject"] == subject and r["incident"]]
+        color = None
+        if drills:
+            color = ax.plot(
+                [datetime.fromisoformat(r["when"]) for r in drills],
+                [r["seconds"] for r in drills],
+                marker="o",
+                label=f"{_no_mathtext(subject)} drills",
+            )[0].get_color()
+        if incidents:
+            ax.plot(
+                [datetime.fromisoformat(r["when"]) for r in incidents],
+                [r["seconds"] for r in incidents],
+                marker="x",
+                markersize=9,
+                linestyle="none",
+                color=color,
+                label=f"{_no_mathtext(subject)} incidents",
+            )
+    dates = [datetime.fromisoformat(r["when"]) for r in rows]
+    ax.set_xlim(min(dates) - timedelta(days=20), max(dates) + timedelta(days=20))
+    ax.set_title("MTTR: incidents (x) and drill restores (o)", fontsize=10)
+    ax.tick_params(labelsize=8)
+    if ax.lines:
+        ax.legend(fontsize=7)
+
+
+def _no_mathtext(text: str) -> str:
+    """A name as matplotlib prints it literally (a ``$`` would start its math mode)."""
+    return text.replace("$", r"\$")
+
+
+def _mttr_lines(report: dict[str, Any]) -> list[str]:
+    """The drill report's MTTR section in markdown: every incident and drill restore of the trend, oldest first."""
+    rows = report.get("mttr_trend") or []
+    lines = [
+        "",
+        "## MTTR: incidents and drills",
+        "",
+        mttr_summary(rows)
+        + " An incident's MTTR runs from its declaration to the application served again (the restore report's "
+        "Incident section); a drill's restore has no time to act.",
+    ]
+    if rows:
+        lines += [
+            "",
+            "| when (UTC) | what | database or server | MTTR / rehearsed RTO | target | data-loss window |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['when'][:19].replace('T', ' ')} | {r['what']}: {r['detail']} | {r['subject']} | "
+            f"{duration_or_na(r['seconds'])} | "
+            f"{duration_or_na(r['target_s'])} | {duration_or_na(r['data_loss_s']) if r['incident'] else 'n/a'} |"
+            for r in rows
+        ]
+    return lines
 
 
 def _pitr_panel(ax, points) -> None:
@@ -565,6 +688,21 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
         if copy_rows
         else ""
     )
+    trend = report.get("mttr_trend") or []
+    mttr_rows_html = "".join(
+        f"<tr><td>{e(r['when'][:19].replace('T', ' '))}</td><th>{e(r['what'])} <small>{e(r['detail'])}</small></th>"
+        f"<td>{e(r['subject'])}</td><td class='{_met_class(r)}'>{duration_or_na(r['seconds'])} <small>/ "
+        f"{duration_or_na(r['target_s'])}</small></td>"
+        f"<td>{duration_or_na(r['data_loss_s']) if r['incident'] else 'n/a'}</td></tr>"
+        for r in trend
+    )
+    mttr_table = (
+        f"<h2>MTTR: incidents and drills</h2><p>{e(mttr_summary(trend))}</p><table><thead><tr><th>When (UTC)</th>"
+        "<th>What</th><th>Database or server</th><th>MTTR or rehearsed RTO / target</th><th>Data-loss window</th>"
+        f"</tr></thead><tbody>{mttr_rows_html}</tbody></table>"
+        if trend
+        else ""
+    )
     chart = base64.b64encode(chart_png).decode()
     verdict = "All targets met" if ok else "Targets missed or checks failed: see the action items"
     return f"""<!doctype html>
@@ -591,12 +729,20 @@ thead th {{ font-size: .85rem; color: #5a6478; }} small {{ color: #5a6478; }}
 <tbody>{"".join(rows)}</tbody></table>
 {pitr_table}
 {copy_table}
+{mttr_table}
 <h2>Action items</h2><ul>{actions}</ul>
 <h2>Trend</h2><img alt="RTO and RPO over past drills against their targets" src="data:image/png;base64,{chart}">
 <h2>Timeline</h2>{"".join(timeline)}
 <p><small>Generated by pgdr. The JSON document next to this page has every number.</small></p>
 </body></html>
 """
+
+
+def _met_class(row: dict[str, Any]) -> str:
+    """``ok``, ``bad`` or nothing: an MTTR (or a rehearsed RTO) against its RTO target, when both are known."""
+    if row["seconds"] is None or not row["target_s"]:
+        return ""
+    return "ok" if row["seconds"] <= row["target_s"] else "bad"
 
 
 def report_json(report: dict[str, Any]) -> bytes:
@@ -710,8 +856,13 @@ def drill_report(
     finished_at: str,
     results: list[dict[str, Any]],
     pitr: list[dict[str, Any]],
+    incidents: list[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Return the drill's report: it passes when every database and every PITR rehearsal met its targets."""
+    """Return the drill's report: it passes when every database and every PITR rehearsal met its targets.
+
+    :param incidents: the records of the year's incident restores and server recoveries
+        (:func:`pgdr.incident_review.incident_records`), for the MTTR trend.
+    """
     passed = bool(results) and all(r["status"] == "pass" for r in results) and all(p["rpo"]["met"] for p in pitr)
     return {
         "drill_id": drill_id,
@@ -722,6 +873,7 @@ def drill_report(
         "status": "pass" if passed else "fail",
         "databases": results,
         "pitr": pitr,
+        "incidents": list(incidents),
     }
 
 
@@ -746,7 +898,8 @@ def store_report(report: dict[str, Any], store, layout) -> tuple[str, str]:
     history = sorted(
         [h for h in history if h.get("drill_id") != report["drill_id"]] + [report], key=lambda h: h["started_at"]
     )
-    chart = trend_chart(history)
+    report["mttr_trend"] = mttr_rows(history, report.get("incidents") or [])
+    chart = trend_chart(history, report.get("incidents") or [])
     keys = {
         name: layout.report_key("drills", report["drill_id"], name)
         for name in ("drill.json", "drill.md", "drill.html", "trend.png")

@@ -47,7 +47,15 @@ from pgdr.identifiers import (
     parse_qualified_name,
     printable,
 )
-from pgdr.incident_review import incident_headline, incident_lines, incident_measures, newest_commit, read_incident
+from pgdr.incident_review import (
+    incident_headline,
+    incident_lines,
+    incident_measures,
+    incident_record,
+    newest_commit,
+    read_incident,
+    store_incident_record,
+)
 from pgdr.logical.catalog import BackupCatalog, BackupEntry
 from pgdr.logical.restore import RestoreFailed, restore_command, restore_dump
 from pgdr.messages import SUPERUSER_RESTORE_WARNING, duration_or_na
@@ -1371,4 +1379,16 @@ def write_restore_report(objs: RestoreObjects, phases: dict[str, dict | None], r
     objs.store.put_bytes(objs.report_key(run["run_id"], ".json"), json.dumps(report, indent=2, default=str).encode())
     objs.store.put_bytes(md_key, render_report(report).encode())
     log.info("Restore report: %s", objs.store.describe(md_key))
+    if report["status"] in ("restored", "failed"):  # for the drill's MTTR trend, past the backup's retention
+        record = incident_record(
+            "database restore",
+            plan["database"],
+            run["run_id"],
+            report["status"],
+            report["incident"],
+            plan["rto_target_seconds"],
+        )
+        store_incident_record(
+            objs.store, objs.layout, {**record, "mode": plan["mode"], "report": objs.store.describe(md_key)}
+        )
     return report, objs.store.describe(md_key)

@@ -145,6 +145,76 @@ def incident_measures(
     }
 
 
+def incident_record(
+    kind: str, subject: str, run_id: str, status: str, measures: dict[str, Any], rto_target_seconds: float | None
+) -> dict[str, Any]:
+    """Return the short record of one incident restore or server recovery the drill's MTTR trend reads.
+
+    :param kind: ``database restore`` or ``server recovery``.
+    :param subject: the database or the server restored.
+    :param measures: ``id``, ``declared_at``, ``served_at``, ``mttr_seconds``, ``data_loss_window_seconds``.
+    """
+    return {
+        "kind": kind,
+        "subject": subject,
+        "run_id": run_id,
+        "status": status,
+        "rto_target_seconds": rto_target_seconds,
+        **{k: measures.get(k) for k in INCIDENT_FIELDS},
+    }
+
+
+INCIDENT_FIELDS = ("id", "declared_at", "served_at", "mttr_seconds", "data_loss_window_seconds")
+MAX_INCIDENT_RECORDS = 500  # a year of incidents many times over; a bucket flooded with more is not read whole
+
+
+def store_incident_record(store, layout, record: dict[str, Any]) -> str | None:
+    """Store an incident's record where backup retention never deletes it; return its key.
+
+    Never fails the restore it records (its report is already stored): a record that cannot be written is logged
+    as an error, and the drill's trend lacks that incident.
+    """
+    import hashlib
+    import json
+
+    stamp = datetime.fromisoformat(record["declared_at"]).strftime("%Y%m%dT%H%M%SZ")
+    name = hashlib.sha256(f"{record['kind']}\0{record['subject']}\0{record['run_id']}".encode()).hexdigest()[:12]
+    key = layout.incident_key(stamp, name)
+    try:
+        store.put_bytes(key, json.dumps(record, indent=2).encode())
+    except Exception as err:  # noqa: BLE001 - the restore is done and reported; this only feeds a trend
+        log.error("The incident's record for the drill's MTTR trend could not be stored at %s: %s", key, err)
+        return None
+    return key
+
+
+def incident_records(store, layout, since: datetime) -> list[dict[str, Any]]:
+    """Return the incident records of a storage target declared at ``since`` or later, oldest first.
+
+    Anything read from a bucket is untrusted: a record that is not one (not JSON, a wrong type, a time that is not
+    one) is skipped with a warning, never a crash of the drill that reads it.
+    """
+    import json
+
+    found = []
+    keys = sorted(o.key for o in store.list(layout.report_key("incidents") + "/") if o.key.endswith(".json"))
+    for key in keys[-MAX_INCIDENT_RECORDS:]:
+        try:
+            record = json.loads(store.get_bytes(key))
+            declared = datetime.fromisoformat(record["declared_at"])
+            numbers = [record.get(k) for k in ("mttr_seconds", "data_loss_window_seconds", "rto_target_seconds")]
+            if not all(n is None or (isinstance(n, int | float) and not isinstance(n, bool)) for n in numbers):
+                raise ValueError("a duration is not a number")
+            if not all(isinstance(record.get(k), str) for k in ("kind", "subject", "status")):
+                raise ValueError("kind, subject or status is not text")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("Skipping incident record %s: it is not one pgdr wrote (%s).", key, err)
+            continue
+        if declared.tzinfo is not None and declared >= since:
+            found.append(record)
+    return sorted(found, key=lambda r: r["declared_at"])
+
+
 def incident_headline(report: dict[str, Any]) -> list[str]:
     """Return the report's one-line summary of the incident (none for a dry run or a report without one)."""
     measures = report.get("incident")

@@ -57,6 +57,17 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
             VerificationRecord.from_dict({"backup_id": catalog.latest().backup_id, "status": "verified"})
         )
 
+    # Two incidents restored by hand (one this week, one too old for the year's trend) and a file that is not a
+    # record: the drill's MTTR trend shows the first beside its own restores.
+    from pgdr.incident_review import incident_record, store_incident_record
+
+    for incident_id, days in (("INC-3", 3), ("INC-OLD", 400)):
+        declared = datetime.now(UTC) - timedelta(days=days)
+        measures = {"id": incident_id, "declared_at": declared.isoformat(), "mttr_seconds": 1260.0}
+        record = incident_record("database restore", "shop", f"manual__{days}", "restored", measures, 3600.0)
+        store_incident_record(store, layout, {**record, "data_loss_window_seconds": 300.0, "mode": "replace"})
+    store.put_bytes(layout.incident_key("20261201T000000Z", "junk"), b"not a record")
+
     dag_run = run_dag("pgdr_drill")
     assert str(dag_run.state) == "success", dag_run.states  # a breach is reported, not a crash
     assert dag_run.states["publish_report"] == "success"
@@ -104,9 +115,22 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
     assert breach["status"] == "fail" and breach["checks"]["rto"]["met"] is False
     assert any("over the RTO of 1.0s" in item for item in breach["action_items"])
     assert report["status"] == "fail"
+    assert [i["id"] for i in report["incidents"]] == ["INC-3"]
+    trend = report["mttr_trend"]
+    assert [(r["what"], r["subject"], r["seconds"]) for r in trend if r["incident"]] == [
+        ("incident INC-3", "shop", 1260.0)
+    ]
+    assert {r["subject"]: r["seconds"] for r in trend if not r["incident"]} == {
+        "shop": by_db["shop"]["checks"]["rto"]["achieved_s"],
+        "shop_eu": breach["checks"]["rto"]["achieved_s"],
+    }
+    markdown = store.get_bytes(next(k for k in keys if k.endswith("drill.md"))).decode()
+    assert "## MTTR: incidents and drills" in markdown and "1 incident, MTTR median 21m" in markdown
+    assert "| incident INC-3: database restore (replace), restored | shop | 21m" in markdown
 
     html = store.get_bytes(next(k for k in keys if k.endswith("drill.html"))).decode()
     assert "data:image/png;base64," in html and "over the RTO of 1.0s" in html
+    assert "<h2>MTTR: incidents and drills</h2>" in html and "incident INC-3" in html
     (summary,) = [t for t in slack.texts() if "DR drill" in t]
     assert "shop_eu: FAIL | RTO" in summary and "shop: PASS" in summary
     emails = mail.messages[before_mail:]

@@ -84,6 +84,14 @@ def _check_incident_measures(report: dict, declared: datetime, root, backup_id: 
     assert "- Incident INC-7: MTTR " in markdown and "## Incident INC-7" in markdown
     assert f"| declared | {declared.isoformat()} |" in markdown
     assert "the transactions of the data-loss window are in it" in markdown
+    # Its record for the drill's MTTR trend, outside the backup's prefix (backup retention never deletes it).
+    from pgdr.incident_review import incident_records
+    from pgdr.storage.backends import LocalFolderStore
+    from pgdr.storage.layout import BackupLayout
+
+    (record,) = incident_records(LocalFolderStore(root), BackupLayout(), declared - timedelta(days=1))
+    assert record["id"] == "INC-7" and record["mttr_seconds"] == incident["mttr_seconds"]
+    assert record["mode"] == "replace" and record["subject"] == "shop" and record["status"] == "restored"
 
 
 def _report(root, backup_id) -> dict:

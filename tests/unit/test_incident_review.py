@@ -130,3 +130,80 @@ def test_incident_fields_are_optional_and_a_clock_a_minute_ahead_is_accepted():
     }
     given = read_incident({"incident_id": "INC-2041", "incident_declared_at": "2026-11-22 09:41:00"}, TRIGGERED)
     assert given["id"] == "INC-2041" and given["declared_at"] == "2026-11-22T09:41:00+00:00"
+
+
+def _record(incident_id: str, declared: datetime, **more) -> dict:
+    from pgdr.incident_review import incident_record
+
+    measures = {"id": incident_id, "declared_at": declared.isoformat(), "mttr_seconds": 900.0, **more}
+    return incident_record("database restore", "shop", f"manual__{incident_id}", "restored", measures, 3600.0)
+
+
+def test_incident_records_outlive_the_backups_and_a_forged_one_is_skipped_not_a_crash(tmp_path, caplog):
+    import json
+
+    from pgdr.incident_review import incident_records, store_incident_record
+    from pgdr.storage.backends import LocalFolderStore
+    from pgdr.storage.layout import BackupLayout
+
+    store, layout = LocalFolderStore(tmp_path), BackupLayout()
+    now = datetime(2026, 12, 5, tzinfo=UTC)
+    key = store_incident_record(store, layout, _record("INC-1", now - timedelta(days=2)))
+    assert key.startswith("v1/reports/incidents/20261203T000000Z-")  # not under a backup: retention never sees it
+    store_incident_record(store, layout, _record("INC-0", now - timedelta(days=400)))
+    forged = {
+        "not-json": b"{",
+        "a-list": b"[1, 2]",
+        "mttr-text": json.dumps({**_record("X", now), "mttr_seconds": "fast"}).encode(),
+        "mttr-bool": json.dumps({**_record("X", now), "mttr_seconds": True}).encode(),
+        "no-time": json.dumps({**_record("X", now), "declared_at": "soon"}).encode(),
+        "subject-list": json.dumps({**_record("X", now), "subject": ["shop"]}).encode(),
+    }
+    for name, body in forged.items():
+        store.put_bytes(layout.incident_key("20261204T000000Z", name), body)
+    found = incident_records(store, layout, now - timedelta(days=365))
+    assert [r["id"] for r in found] == ["INC-1"]
+    assert sum("is not one pgdr wrote" in m for m in caplog.messages) == len(forged)
+
+
+def test_an_incident_record_that_cannot_be_stored_never_fails_the_restore(tmp_path, caplog):
+    from pgdr.incident_review import store_incident_record
+    from pgdr.storage.layout import BackupLayout
+
+    class Unreachable:
+        def put_bytes(self, key, data):
+            raise OSError("connection refused")
+
+    assert store_incident_record(Unreachable(), BackupLayout(), _record("INC-2", TRIGGERED)) is None
+    assert any("could not be stored" in m and "connection refused" in m for m in caplog.messages)
+
+
+def test_the_drill_report_shows_the_mttr_trend_of_incidents_and_drills_and_hostile_names_stay_text():
+    from pgdr.drill import mttr_rows, render_markdown, trend_chart
+
+    rto = {"achieved_s": 240.0, "target_s": 3600.0, "met": True}
+    drill = {
+        "drill_id": "20261101T020000Z-abc123",
+        "started_at": "2026-11-01T02:00:00+00:00",
+        "databases": [{"database": "shop", "status": "pass", "checks": {"rto": rto, "rpo_newest_verified": rto}}],
+    }
+    incidents = [
+        {**_record("INC-$x$\x07", TRIGGERED), "subject": "shop $\\frac{1}{0}$", "data_loss_window_seconds": 60.0},
+        {**_record("INC-2", TRIGGERED + timedelta(days=1)), "mttr_seconds": None, "status": "failed"},
+    ]
+    rows = mttr_rows([drill], incidents)
+    assert [r["what"] for r in rows] == ["drill 20261101T020000Z-abc123", "incident INC-$x$\\x07", "incident INC-2"]
+    png = trend_chart([drill], incidents)  # a name with matplotlib's math signs is drawn as text, not parsed
+    assert png.startswith(b"\x89PNG")
+    report = {
+        "drill_id": drill["drill_id"],
+        "status": "pass",
+        "started_at": drill["started_at"],
+        "scenario": "primary-target-lost",
+        "run_id": "r",
+        "databases": [],
+        "mttr_trend": rows,
+    }
+    text = render_markdown(report)
+    assert "2 incidents, MTTR median 15m 00s, worst 15m 00s; 1 drill restore, RTO median 4m 00s" in text
+    assert "| incident INC-2: database restore, failed | shop | n/a | 1h 00m | n/a |" in text

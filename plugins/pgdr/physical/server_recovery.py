@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from pgdr.errors import PermanentFailure
+from pgdr.incident_review import incident_record, store_incident_record
 from pgdr.messages import format_duration
 from pgdr.physical.cluster import RecoveryFailed, RecoveryResult, ScratchCluster, chown_tree, conf_literal
 
@@ -636,6 +637,20 @@ class ServerRecovery:
         base = layout.recovery_report_key(self.server.name, stamp, report["host"])
         store.put_bytes(base + ".json", json.dumps(report, indent=2, default=str).encode())
         store.put_bytes(base + ".md", render_server_report(report).encode())
+        measures = {
+            "id": report.get("incident_id"),
+            "declared_at": report["declared_at"],
+            "served_at": report["finished_at"],
+            "mttr_seconds": report["achieved_rto_seconds"],  # declared to handed over
+            "data_loss_window_seconds": report["data_loss_window_seconds"],
+        }
+        rto = min(
+            (d.rto.total_seconds() for d in self.res.plan.databases if d.name in self.server.databases), default=None
+        )
+        record = incident_record(
+            "server recovery", self.server.name, self.resume_key or report["started_at"], "restored", measures, rto
+        )
+        store_incident_record(store, layout, {**record, "mode": "server", "report": store.describe(base + ".md")})
         return store.describe(base + ".md")
 
 

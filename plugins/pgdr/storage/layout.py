@@ -100,6 +100,11 @@ class BackupLayout:
         """Return the key of a drill or health report."""
         return self._key("reports", *parts)
 
+    def incident_key(self, declared: str, name: str) -> str:
+        """Return the key of an incident's record (its MTTR and data-loss window), kept past backup retention for the
+        drill's MTTR trend: ``reports/incidents/<declared, UTC>-<name>.json``."""
+        return self.report_key("incidents", f"{declared}-{name}.json")
+
     def alert_key(self, *parts: str) -> str:
         """Return the key of an alert-journal object (failures of a run, alerting state)."""
         return self._key("_alerts", *parts)

@@ -8,7 +8,7 @@ report, sends it, and then fails the run if any database failed its drill.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgdr.airflow_glue.connections import (
@@ -268,6 +268,32 @@ def report_target(plan, scenario: str):
     return next((c for db in plan.databases for c in db.copies if c.name not in lost), usual)
 
 
+def incidents_of_the_year(plan, now: datetime) -> list[dict[str, Any]]:
+    """The incident records (:func:`pgdr.incident_review.incident_records`) of the last 365 days in every storage
+    target of the plan's databases and servers, copies included: the drill's MTTR trend. A target that cannot be
+    read is named in the log and left out; the drill goes on."""
+    from pgdr.incident_review import incident_records
+
+    targets = {
+        t.name: t
+        for t in [
+            *(t for db in plan.databases for t in (db.storage, *db.copies)),
+            *(t for s in plan.servers for t in (s.pitr.storage, *s.pitr.copies)),
+        ]
+    }
+    found: dict[tuple, dict[str, Any]] = {}
+    for target in targets.values():
+        try:
+            store, layout = open_store(target, plan)
+            for record in incident_records(store, layout, now - timedelta(days=365)):
+                found.setdefault((record["kind"], record["subject"], record.get("run_id")), record)
+        except Exception as err:  # noqa: BLE001 - an unreachable target must not stop the drill's report
+            log.warning(
+                "Incident records in storage target %s not read (%s): the MTTR trend lacks them.", target.name, err
+            )
+    return sorted(found.values(), key=lambda r: r["declared_at"])
+
+
 def run_publish_report(context) -> dict[str, Any]:
     """Body of ``publish_report``: markdown, HTML (with the trend chart) and JSON; Slack and e-mail; fails a failed
     drill."""
@@ -296,6 +322,7 @@ def run_publish_report(context) -> dict[str, Any]:
         _now(),
         results,
         pitr + unfinished_rehearsals(plan.servers, pitr, errors),
+        incidents_of_the_year(plan, started_at),
     )
     location, page = store_report(report, store, layout)
     log.info("Drill report: %s\n%s", location, "\n".join(headline(report)))
