@@ -49,6 +49,7 @@ EVENTS = (
     "retention_deleted",
     "restore_finished",
     "restore_failed",
+    "health_state_changed",
 )
 APPEND_PATIENCE_S = 120.0  # how long one append keeps losing races to other writers before it gives up
 

@@ -118,7 +118,8 @@ def test_health_checks_the_chain_since_its_last_run_walks_it_whole_daily_and_ale
     plan, run_dag, env, s3_server, s3_storage, monkeypatch, slack
 ):
     """pgdr_health checks the receipts written since its last run (a cursor in the alert journal) and the whole chain
-    once a day: an edit behind the cursor is found by the next whole walk, alerted once, on the change of state."""
+    once a day: an edit behind the cursor is found by the next whole walk, alerted once, on the change of state.
+    Each change of state has its receipt."""
     from datetime import UTC, datetime, timedelta
 
     from pgdr.airflow_glue.alert_journal import AlertJournal
@@ -141,6 +142,15 @@ def test_health_checks_the_chain_since_its_last_run_walks_it_whole_daily_and_ale
     assert run_dag("pgdr_health").states["check_evidence"] == "success"
     cursor = AlertJournal.for_plan().get_state(EVIDENCE_CURSOR)
     assert cursor["seq"] == 3 and cursor["digest"] == evidence.receipts()[2].digest
+    # The checks that changed state on this first run (no backup of shop yet) have their receipt, after the three.
+    (changed,) = [r.body for r in evidence.receipts()[3:]]
+    assert changed["event"] == "health_state_changed" and changed["result"] == "failed"
+    assert "shop:backup_age" in changed["subject"]["checks"]
+    assert {
+        "check": "backup_age",
+        "database": "shop",
+        "detail": "there is no backup at all; run pgdr_backup",
+    } in changed["details"]["failing"]
 
     # Receipt 2 edited behind the cursor, receipt 4 written: the incremental check sees 4, which follows 3.
     key = evidence.key(2)
@@ -148,8 +158,9 @@ def test_health_checks_the_chain_since_its_last_run_walks_it_whole_daily_and_ale
     body["result"] = "failed"
     s3_server.client.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(body).encode())
     receipt()
-    run_dag("pgdr_health")
-    assert AlertJournal.for_plan().get_state(EVIDENCE_CURSOR)["seq"] == 4 and evidence_alerts() == []
+    run_dag("pgdr_health")  # nothing changed state: no new health receipt
+    assert AlertJournal.for_plan().get_state(EVIDENCE_CURSOR)["seq"] == 5 == len(evidence.receipts())
+    assert evidence_alerts() == []
 
     # A day later the whole chain is walked again: receipt 2 is named, once.
     journal = AlertJournal.for_plan()
@@ -158,6 +169,7 @@ def test_health_checks_the_chain_since_its_last_run_walks_it_whole_daily_and_ale
     run_dag("pgdr_health")
     (alert,) = evidence_alerts()
     assert "the evidence chain is broken: receipt 2" in alert and "fails its signature" in alert, alert
+    assert evidence.receipts()[-1].body["subject"]["checks"] == ["plan:evidence_chain"]  # the break, recorded too
     assert "python -m pgdr evidence verify lists every problem" in alert
     run_dag("pgdr_health")
     assert len(evidence_alerts()) == 1  # a change of state is alerted once

@@ -108,6 +108,28 @@ def run_health_evidence(context) -> list[dict[str, Any]]:
     return [asdict(result)]
 
 
+def _health_receipt(failing, recovered, context) -> None:
+    """The evidence receipt of health checks that changed state: which started failing (and why), which recovered."""
+    from pgdr.airflow_glue.evidence import record_evidence
+    from pgdr.plan import load_plan
+
+    plan = load_plan()
+    if plan.evidence is None:  # no evidence log
+        return
+
+    def listed(results) -> list[dict[str, str]]:
+        return [{"check": r.check, "database": r.database, "detail": r.detail} for r in results]
+
+    record_evidence(
+        context,
+        plan,
+        "health_state_changed",
+        {"checks": sorted(f"{r.database}:{r.check}" for r in (*failing, *recovered))},
+        "failed" if failing else "ok",
+        {"failing": listed(failing), "recovered": listed(recovered)},
+    )
+
+
 def run_health_alerts(results: list[list[dict[str, Any]]], context) -> dict[str, Any]:
     """Body of ``alert_on_changes``: one Slack message for the checks that changed state, if any."""
     from pgdr.airflow_glue.alert_journal import AlertJournal
@@ -119,6 +141,7 @@ def run_health_alerts(results: list[list[dict[str, Any]]], context) -> dict[str,
     failing, recovered = transitions(flat, AlertJournal.for_plan())
     if failing or recovered:
         send_slack(transition_message(failing, recovered), None, context)
+        _health_receipt(failing, recovered, context)
     still = [r for r in flat if not r.ok]
     log.info("%d checks, %d failing (%d new), %d recovered.", len(flat), len(still), len(failing), len(recovered))
     return {
