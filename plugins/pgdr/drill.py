@@ -472,11 +472,11 @@ def mttr_rows(history: list[dict[str, Any]], incidents: list[dict[str, Any]]) ->
     rows = [
         {
             "when": i["declared_at"],
-            "what": f"incident {printable(str(i['id']))}" if i.get("id") else "incident (no id)",
+            "what": f"incident {printable(str(i['id'])[:120])}" if i.get("id") else "incident (no id)",
             "detail": printable(
                 i["kind"] + (f" ({i['mode']})" if isinstance(i.get("mode"), str) else "") + f", {i['status']}"
             ),
-            "subject": printable(i["subject"]),
+            "subject": printable(i["subject"][:120]),
             "seconds": i.get("mttr_seconds"),
             "target_s": i.get("rto_target_seconds"),
             "data_loss_s": i.get("data_loss_window_seconds"),

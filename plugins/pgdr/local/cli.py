@@ -377,6 +377,7 @@ def recover_server(args: argparse.Namespace) -> int:
         _print(f"pgdr: {str(err).replace('incident_declared_at', '--declared').replace('incident_id', '--incident')}")
         return 2
     declared = parse_timestamp(incident["declared_at"]) if incident["declared_at"] else None
+    args.incident = incident["id"]
     log_path = (args.log_file or default_log_path(Path(tempfile.gettempdir()), "pgdr-recover-server")).resolve()
     _print(f"pgdr: the log records go to {log_path}" + ("" if args.verbose else " (--verbose streams them)"))
     with Console(log_path, verbose=args.verbose):

@@ -601,7 +601,8 @@ class ServerRecovery:
         self, plan, result, achieved, proof, delta_counts, declared, started_at, server, account
     ) -> dict[str, Any]:
         finished = datetime.now(UTC)
-        loss = (declared - achieved).total_seconds() if achieved else None
+        # a recovery point after the declared failure lost nothing (to 'latest', declared earlier)
+        loss = max(0.0, (declared - achieved).total_seconds()) if achieved else None
         return {
             "kind": "server-recovery",
             "server": self.server.name,
