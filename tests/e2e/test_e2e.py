@@ -75,7 +75,8 @@ def test_trigger_form_screenshot(standalone):
             page.screenshot(path=str(target))
         finally:
             browser.close()
-    for label in ("Database", "Backup", "Mode", "Confirm (replace and server only)", "Tables (optional)", "Dry run"):
+    labels = ("Database", "Backup", "Mode", "Confirm (replace and server only)", "Tables (optional)", "Dry run")
+    for label in (*labels, "Incident declared at (UTC, optional)", "Incident id (optional)"):
         assert label in text
     assert "latest-verified (the newest backup proven to restore)" in text
     assert "(the database's own server)" in text  # the empty choice has a label: never the word null
