@@ -22,7 +22,7 @@ checklist: what pgdr can fill in itself, and the rest as questions for the revie
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgdr.identifiers import printable
@@ -53,6 +53,7 @@ def read_incident(params: dict[str, Any], triggered_at: datetime) -> dict[str, A
     declared = None
     if raw is not None and str(raw).strip():
         declared = parse_timestamp(str(raw))
+        declared = declared.astimezone(UTC) if declared else None
         if declared is None:
             raise InvalidRestoreRequest(
                 f"incident_declared_at must be a UTC time such as 2026-11-22T09:30:00Z; got {printable(str(raw))!r}. "
@@ -177,13 +178,14 @@ def store_incident_record(store, layout, record: dict[str, Any]) -> str | None:
     import hashlib
     import json
 
-    stamp = datetime.fromisoformat(record["declared_at"]).strftime("%Y%m%dT%H%M%SZ")
-    name = hashlib.sha256(f"{record['kind']}\0{record['subject']}\0{record['run_id']}".encode()).hexdigest()[:12]
-    key = layout.incident_key(stamp, name)
+    key = None
     try:
+        stamp = datetime.fromisoformat(record["declared_at"]).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        name = hashlib.sha256(f"{record['kind']}\0{record['subject']}\0{record['run_id']}".encode()).hexdigest()[:12]
+        key = layout.incident_key(stamp, name)
         store.put_bytes(key, json.dumps(record, indent=2).encode())
     except Exception as err:  # noqa: BLE001 - the restore is done and reported; this only feeds a trend
-        log.error("The incident's record for the drill's MTTR trend could not be stored at %s: %s", key, err)
+        log.error("The incident's record for the drill's MTTR trend could not be stored (%s): %s", key, err)
         return None
     return key
 

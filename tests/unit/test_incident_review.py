@@ -130,6 +130,8 @@ def test_incident_fields_are_optional_and_a_clock_a_minute_ahead_is_accepted():
     }
     given = read_incident({"incident_id": "INC-2041", "incident_declared_at": "2026-11-22 09:41:00"}, TRIGGERED)
     assert given["id"] == "INC-2041" and given["declared_at"] == "2026-11-22T09:41:00+00:00"
+    local = read_incident({"incident_declared_at": "2026-11-22T10:30:00+01:00"}, TRIGGERED)
+    assert local["declared_at"] == "2026-11-22T09:30:00+00:00"  # in UTC, as every time in the report
 
 
 def _record(incident_id: str, declared: datetime, **more) -> dict:
@@ -176,6 +178,10 @@ def test_an_incident_record_that_cannot_be_stored_never_fails_the_restore(tmp_pa
 
     assert store_incident_record(Unreachable(), BackupLayout(), _record("INC-2", TRIGGERED)) is None
     assert any("could not be stored" in m and "connection refused" in m for m in caplog.messages)
+    assert (
+        store_incident_record(Unreachable(), BackupLayout(), {**_record("INC-2", TRIGGERED), "declared_at": None})
+        is None
+    )
 
 
 def test_the_drill_report_shows_the_mttr_trend_of_incidents_and_drills_and_hostile_names_stay_text():
