@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -483,7 +483,7 @@ def recover_whole_server(root: Path, store, layout, archive, pg) -> tuple[float,
 
     root.mkdir(parents=True)
     root.chmod(0o755)
-    database = SimpleNamespace(name="bench", dbname="bench", dump_jobs=2)
+    database = SimpleNamespace(name="bench", dbname="bench", dump_jobs=2, rto=timedelta(hours=1))
     plan = SimpleNamespace(database=lambda name: database)
     server = SimpleNamespace(name=SERVER, databases=("bench",))
     res = SimpleNamespace(

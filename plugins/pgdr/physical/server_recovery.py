@@ -645,9 +645,7 @@ class ServerRecovery:
             "mttr_seconds": report["achieved_rto_seconds"],  # declared to handed over
             "data_loss_window_seconds": report["data_loss_window_seconds"],
         }
-        rto = min(
-            (d.rto.total_seconds() for d in self.res.plan.databases if d.name in self.server.databases), default=None
-        )
+        rto = min((self.res.plan.database(name).rto.total_seconds() for name in self.server.databases), default=None)
         record = incident_record(
             "server recovery", self.server.name, self.resume_key or report["started_at"], "restored", measures, rto
         )
