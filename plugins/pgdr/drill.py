@@ -391,23 +391,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def trend_chart(history: list[dict[str, Any]], incidents: list[dict[str, Any]] = ()) -> bytes:
-    """Return a PNG of achieved RTO and RPO over past drills against their targets; with ``incidents``, a panel of
-    their MTTR beside the drills' RTO."""
+def trend_chart(history: list[dict[str, Any]], mttr_trend: list[dict[str, Any]] = ()) -> bytes:
+    """Return a PNG of achieved RTO and RPO over past drills against their targets; when ``mttr_trend`` (the rows of
+    :func:`mttr_rows`) has incidents, a panel of their MTTR beside the drills' RTO."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pitr_points = [(datetime.fromisoformat(d["started_at"]), p) for d in history for p in d.get("pitr") or []]
-    count = 2 + bool(pitr_points) + bool(incidents)
+    incidents = any(r["incident"] for r in mttr_trend)
+    count = 2 + bool(pitr_points) + incidents
     fig, axes = plt.subplots(1, count, figsize=(5 * count, 3.4), dpi=100)
     databases = sorted({r["database"] for d in history for r in d["databases"]})
     panels = (("rto", "RTO achieved"), ("rpo_newest_verified", "RPO, newest verified"))
     if pitr_points:
         _pitr_panel(axes[2], pitr_points)
     if incidents:
-        _mttr_panel(axes[-1], mttr_rows(history, incidents))
+        _mttr_panel(axes[-1], mttr_trend)
     for ax, (key, title) in zip(axes, panels, strict=False):
         series = []
         for db in databases:
@@ -899,7 +900,7 @@ def store_report(report: dict[str, Any], store, layout) -> tuple[str, str]:
         [h for h in history if h.get("drill_id") != report["drill_id"]] + [report], key=lambda h: h["started_at"]
     )
     report["mttr_trend"] = mttr_rows(history, report.get("incidents") or [])
-    chart = trend_chart(history, report.get("incidents") or [])
+    chart = trend_chart(history, report["mttr_trend"])
     keys = {
         name: layout.report_key("drills", report["drill_id"], name)
         for name in ("drill.json", "drill.md", "drill.html", "trend.png")

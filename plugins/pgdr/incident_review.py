@@ -93,9 +93,10 @@ def newest_commit(server) -> datetime | None:
 
 
 def _seconds(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
-        return None
-    return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 1)
+    """:func:`pgdr.records.seconds_between` to a tenth of a second; ``None`` when a moment was not reached."""
+    from pgdr.records import seconds_between
+
+    return round(seconds_between(start, end), 1) if start and end else None
 
 
 def incident_measures(

@@ -199,7 +199,7 @@ def test_the_drill_report_shows_the_mttr_trend_of_incidents_and_drills_and_hosti
     ]
     rows = mttr_rows([drill], incidents)
     assert [r["what"] for r in rows] == ["drill 20261101T020000Z-abc123", "incident INC-$x$\\x07", "incident INC-2"]
-    png = trend_chart([drill], incidents)  # a name with matplotlib's math signs is drawn as text, not parsed
+    png = trend_chart([drill], rows)  # a name with matplotlib's math signs is drawn as text, not parsed
     assert png.startswith(b"\x89PNG")
     report = {
         "drill_id": drill["drill_id"],
