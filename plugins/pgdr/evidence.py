@@ -50,6 +50,7 @@ EVENTS = (
     "restore_finished",
     "restore_failed",
     "health_state_changed",
+    "evidence_exported",
 )
 APPEND_PATIENCE_S = 120.0  # how long one append keeps losing races to other writers before it gives up
 

@@ -21,6 +21,7 @@ EXPECTED_DAGS = {
     "pgdr_verify_pitr",
     "pgdr_rotate_keys",
     "pgdr_copy",
+    "pgdr_evidence",
 }
 
 

@@ -370,11 +370,11 @@ def test_trend_axes_read_as_durations_whatever_the_spread():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from pgdr.drill import _duration_axis
+    from pgdr.drill import duration_axis
 
     fig, (wide, narrow) = plt.subplots(1, 2)
-    _duration_axis(wide, [7.2, 9.1, 1800])
-    _duration_axis(narrow, [340, 900, 3600])
+    duration_axis(wide, [7.2, 9.1, 1800])
+    duration_axis(narrow, [340, 900, 3600])
     fig.canvas.draw()
     assert wide.get_yscale() == "log" and narrow.get_yscale() == "linear"
     wide_labels = [t.get_text() for t in wide.get_yticklabels() if t.get_text()]

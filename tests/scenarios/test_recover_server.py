@@ -106,9 +106,13 @@ def _write_connections(path: Path, lost_server, slack, **more: str) -> None:
     path.write_text(json.dumps({name: json.loads(value) for name, value in connections.items()}))
 
 
-def _write_lost_plan(path: Path, prefix: str, storage: dict | None = None, **pitr) -> Path:
+def _write_lost_plan(path: Path, prefix: str, storage: dict | None = None, evidence: str | None = None, **pitr) -> Path:
     """The plan of the lost server: its databases app and ledger, its archive on S3 (more ``storage`` targets and
-    ``pitr`` keys when given)."""
+    ``pitr`` keys when given; an evidence log under the prefix ``evidence`` when given)."""
+    if evidence:
+        target = {"type": "s3", "bucket": BUCKET, "prefix": evidence, "aws_conn_id": "pgdr_s3"}
+        storage = {**(storage or {}), "evidence": target}
+    sections = {"evidence": {"storage": "evidence", "key_conn_id": "pgdr_evidence_key"}} if evidence else {}
     return write_plan(
         path,
         [
@@ -128,18 +132,22 @@ def _write_lost_plan(path: Path, prefix: str, storage: dict | None = None, **pit
                 },
             }
         },
+        **sections,
     )
 
 
 @pytest.fixture
-def recover(lost_server, tmp_path, slack):
+def recover(lost_server, tmp_path, slack, s3_server):
     """Run ``python -m pgdr recover-server`` with a plan and connections file, no Airflow around it (``run.plan`` and
     ``run.connections`` are their paths: a test may rewrite them)."""
+    from pgdr.storage.encryption import new_master_key
     from pgdr.workdir import work_dir_root
 
     connections = tmp_path / "connections.json"
-    _write_connections(connections, lost_server, slack)
-    plan = _write_lost_plan(tmp_path / "plan.yaml", lost_server["prefix"])
+    evidence_key = json.dumps({"conn_type": "generic", "login": "ev-1", "password": new_master_key()})
+    _write_connections(connections, lost_server, slack, pgdr_evidence_key=evidence_key)
+    evidence = f"{lost_server['prefix']}-evidence-{uuid.uuid4().hex[:8]}"  # each test's own chain of receipts
+    plan = _write_lost_plan(tmp_path / "plan.yaml", lost_server["prefix"], evidence=evidence)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR"))}
     env["PYTHONPATH"] = str(ROOT / "plugins")
     base = work_dir_root() / f"pgdr-recover-test-{uuid.uuid4().hex[:8]}"
@@ -168,7 +176,15 @@ def recover(lost_server, tmp_path, slack):
             **user,
         )
 
-    run.base, run.pg_ctl, run.plan, run.connections = base, pg_ctl, plan, connections
+    def receipts() -> list[dict]:
+        """The bodies of the receipts the runs wrote to this test's evidence log, in chain order."""
+        keys = s3_server.client.list_objects_v2(Bucket=BUCKET, Prefix=f"{evidence}/evidence-v1/chain/")
+        return [
+            json.loads(s3_server.client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read())
+            for o in sorted(keys.get("Contents", []), key=lambda o: o["Key"])
+        ]
+
+    run.base, run.pg_ctl, run.plan, run.connections, run.receipts = base, pg_ctl, plan, connections, receipts
     yield run
     for data_dir in {*started, *base.glob("*")}:
         if (Path(data_dir) / "postmaster.pid").exists():
@@ -236,6 +252,20 @@ def test_the_whole_server_comes_back_to_a_second_with_every_database_and_role(lo
     assert refused.returncode == 1 and "is not empty" in refused.output and "--delta" in refused.output
     assert "Nothing was changed" in refused.output
     assert len(slack.messages) == 1  # a refusal changed nothing: the on-call reads it, no alert
+    # The evidence log has the recovery (timeline, MTTR, data-loss window) and each refused attempt.
+    finished, *refusals = recover.receipts()
+    assert (finished["event"], finished["subject"], finished["result"]) == (
+        "restore_finished",
+        {"server": SERVER},
+        "ok",
+    )
+    assert finished["actor"].startswith("the command line (python -m pgdr recover-server) as ")
+    details = finished["details"]
+    assert details["mode"] == "server" and details["recovery_point"] <= stamp.replace("Z", "+00:00")
+    assert details["incident"]["mttr_seconds"] == details["achieved_rto_seconds"] > 0
+    assert details["incident"]["data_loss_window_seconds"] is not None and details["rto_target_seconds"] > 0
+    assert [(r["event"], r["result"]) for r in refusals] == [("restore_failed", "failed")] * 2
+    assert "is running on" in refusals[0]["details"]["error"] and "is not empty" in refusals[1]["details"]["error"]
 
 
 def test_pause_then_delta_finishes_a_damaged_directory_to_the_end_of_the_archive(lost_server, recover):
@@ -338,15 +368,25 @@ def test_mode_server_from_the_form_recovers_onto_the_restore_target(
     restore = {"queue": "pgdr-new-host", "data_dir": str(data_dir), "port": port}
     if os.geteuid() == 0:
         restore["os_user"] = "nobody"
-    plan(
+    from pgdr.airflow_glue.evidence import open_evidence
+    from pgdr.storage.encryption import new_master_key
+
+    key = {"conn_type": "generic", "login": "ev-1", "password": new_master_key()}
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", json.dumps(key))
+    evidence = {"type": "s3", "bucket": BUCKET, "prefix": f"{env['prefix']}-form-evidence", "aws_conn_id": "pgdr_s3"}
+    p = plan(
         databases=[{"name": "app", "conn_id": "pgdr_lost", "server": SERVER}],
-        storage={"s3": {"type": "s3", "bucket": BUCKET, "prefix": lost_server["prefix"], "aws_conn_id": "pgdr_s3"}},
+        storage={
+            "s3": {"type": "s3", "bucket": BUCKET, "prefix": lost_server["prefix"], "aws_conn_id": "pgdr_s3"},
+            "evidence": evidence,
+        },
         servers={
             SERVER: {
                 "pitr": {"storage": "s3", "keep_window": "7d", "full_schedule": "@daily", "archive_timeout": "10s"},
                 "restore": restore,
             }
         },
+        evidence={"storage": "evidence", "key_conn_id": "pgdr_evidence_key"},
     )
     stamp = lost_server["target"].strftime("%Y-%m-%d %H:%M:%S")
     wrong = run_dag("pgdr_restore", run_conf={"database": "app", "mode": "server", "confirm": "app", "backup": stamp})
@@ -388,6 +428,11 @@ def test_mode_server_from_the_form_recovers_onto_the_restore_target(
     (summary,) = [m["text"] for m in slack.messages if "[pgdr] Server lost" in m.get("text", "")]
     assert "recovered and promoted" in summary and "data-loss window" in summary and "recoveries/" in summary
     assert "(incident INC-11)" in summary
+    # Its receipt, written by the recovery task: the incident measured, the task's run named.
+    (receipt,) = [r.body for r in open_evidence(p).receipts() if r.body["subject"] == {"server": SERVER}]
+    assert receipt["event"] == "restore_finished" and receipt["details"]["incident"]["id"] == "INC-11"
+    assert receipt["details"]["incident"]["declared_at"] == declared.isoformat()
+    assert receipt["details"]["airflow"]["task_id"] == f"recover_server_{SERVER}"
 
 
 DR_BUCKET = "pgdr-dr-copy"

@@ -4,6 +4,7 @@ names a receipt edited in the bucket; a receipt that cannot be written never fai
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -78,6 +79,41 @@ def test_backups_verification_restore_and_retention_leave_receipts_that_verify(
     out = capsys.readouterr().out
     assert "the evidence chain verifies: 8 checked (receipts 1 to 8)" in out, out
 
+    # The pack of today, from the command line: its counts are what ran; the deleted backup is still listed.
+    today = receipts[0].body["at"][:10]
+    out_dir = p.path.parent / "pack"
+    assert main(["evidence", "export", "--from", today, "--to", today, "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"the evidence pack of {today} to {today} is in {out_dir}" in out and "no findings" in out, out
+    pack = json.loads((out_dir / "pack.json").read_bytes())
+    (shop,) = pack["databases"]
+    assert pack["chain"]["ok"] and pack["receipts_in_period"] == 8
+    assert [b["backup_id"] for b in shop["backups"]["list"]] == [first.backup_id, second.backup_id, third.backup_id]
+    assert [b["backup_id"] for b in shop["backups"]["list"] if b["deleted_by_retention_at"]] == [first.backup_id]
+    assert (shop["restore_tests"]["count"], shop["restore_tests"]["passed"]) == (2, 2)
+    assert shop["restore_tests"]["worst_s"] == round(
+        max(r.body["details"]["restore_seconds"] for r in receipts[1:5:3]), 1
+    )
+    assert [(i["backup_id"], i["mode"], i["result"]) for i in shop["incidents"]] == [
+        (first.backup_id, "new-database", "ok")
+    ]
+    assert shop["encryption"]["backups_encrypted"] == 3 and shop["encryption"]["keys_used"] == ["k1"]
+    assert [k["rewrapped"] for k in pack["key_rotations"]] == [{"pgdr_key": 2.0}]
+    sums = (out_dir / "SHA256SUMS").read_text()
+    assert f"{hashlib.sha256((out_dir / 'pack.json').read_bytes()).hexdigest()}  pack.json" in sums
+    # pgdr_evidence stores the same pack beside the log, and its own receipt records the pack's SHA-256.
+    run = run_dag("pgdr_evidence", run_conf={"from": today, "to": today})
+    assert run.get_state() == "success", run.states
+    stored = s3_server.client.get_object(Bucket=BUCKET, Key=f"{evidence.root}/packs/{today}_{today}/pack.json")
+    stored_pack = json.loads(stored["Body"].read())
+    assert stored_pack["databases"] == pack["databases"]
+    exported = evidence.receipts()[-1].body
+    assert exported["event"] == "evidence_exported" and exported["result"] == "ok"
+    stored_digest = hashlib.sha256(json.dumps(stored_pack, indent=2, sort_keys=True, ensure_ascii=False).encode())
+    assert exported["details"]["pack_json_sha256"] == stored_digest.hexdigest()
+    assert main(["evidence", "verify"]) == 0
+    assert "the evidence chain verifies: 9 checked" in capsys.readouterr().out
+
     # One byte of the restore's receipt changed in the bucket: named, with what to suspect.
     key = evidence.key(3)
     edited = json.loads(s3_server.client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
@@ -92,7 +128,7 @@ def test_backups_verification_restore_and_retention_leave_receipts_that_verify(
     monkeypatch.delenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY")
     assert run_dag("pgdr_backup").get_state() == "success"
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", key_connection("k1"))
-    assert len(evidence.receipts()) == 8
+    assert len(evidence.receipts()) == 9
 
 
 def test_appends_to_s3_from_many_threads_at_once_make_one_gapless_chain(s3_server, env):

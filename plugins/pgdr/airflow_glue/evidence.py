@@ -61,20 +61,33 @@ def record_evidence(
     It never fails the task: the work is done, and a retry would do it again. A receipt that cannot be written is
     logged as an error saying what is missing from the log.
     """
+    ti = context.get("ti")
+    airflow = {k: getattr(ti, k, None) for k in ("dag_id", "run_id", "task_id", "try_number")}
+    if getattr(ti, "log_url", None):
+        airflow["log_url"] = ti.log_url
+    return append_receipt(
+        plan, event, actor_of(context), subject, result, {**(details or {}), "airflow": airflow}, record
+    )
+
+
+def append_receipt(
+    plan,
+    event: str,
+    actor: str,
+    subject: dict[str, Any],
+    result: str,
+    details: dict[str, Any],
+    record: tuple[str, str, Callable[[], bytes]] | None = None,
+) -> int | None:
+    """:func:`record_evidence` for work done outside a task too (the command line): the receipt's number, or
+    ``None`` (no log, or it could not be written: logged as an error, never raised)."""
     try:
         evidence = open_evidence(plan)
         if evidence is None:
             return None
-        ti = context["ti"]
-        airflow = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "try_number": ti.try_number}
-        log_url = getattr(ti, "log_url", None)
-        if log_url:
-            airflow["log_url"] = log_url
         if record is not None:
             record = (record[0], record[1], record[2]())
-        receipt = evidence.append(
-            event, actor_of(context), subject, result, {**(details or {}), "airflow": airflow}, record
-        )
+        receipt = evidence.append(event, actor, subject, result, details, record)
     except Exception as err:  # noqa: BLE001 - the receipt must not undo the work it records
         log.error(
             "The evidence receipt '%s' of %s could not be written: %s. The work itself is done and recorded beside "
@@ -87,3 +100,110 @@ def record_evidence(
         return None
     log.info("Evidence receipt %d (%s) written to %s.", receipt.seq, event, evidence.describe())
     return receipt.seq
+
+
+def server_recovery_receipt(
+    plan, server_name: str, actor: str, report: dict[str, Any] | None, error: str | None = None, airflow=None
+) -> int | None:
+    """The receipt of a whole-server recovery (``recover-server``, or ``pgdr_restore`` in mode server): its target,
+    recovery point, timeline, MTTR and data-loss window when it finished; the error when it failed."""
+    if plan.evidence is None:
+        return None
+    if report is None:
+        details: dict[str, Any] = {"mode": "server", "error": (error or "")[:2000]}
+        return append_receipt(plan, "restore_failed", actor, {"server": server_name}, "failed", details)
+    server = plan.server(server_name)
+    rto = min((plan.database(name).rto.total_seconds() for name in server.databases), default=None)
+    details = {
+        "mode": "server",
+        "target": report.get("target"),
+        "recovery_point": report.get("achieved_recovery_point"),
+        "host": report.get("host"),
+        "data_dir": report.get("data_dir"),
+        "triggered_by": report.get("triggered_by"),
+        "achieved_rto_seconds": report.get("achieved_rto_seconds"),
+        "rto_target_seconds": rto,
+        "phase_seconds": report.get("phase_seconds"),
+        "report": report.get("report"),
+        "incident": {
+            "id": report.get("incident_id"),
+            "declared_at": report.get("declared_at"),
+            "served_at": report.get("finished_at"),
+            "mttr_seconds": report.get("achieved_rto_seconds"),  # declared to handed over
+            "data_loss_window_seconds": report.get("data_loss_window_seconds"),
+        },
+    }
+    if airflow:
+        details["airflow"] = airflow
+    return append_receipt(plan, "restore_finished", actor, {"server": server_name}, "ok", details)
+
+
+def plan_facts(plan) -> dict[str, Any]:
+    """What the evidence pack (:mod:`pgdr.evidence_pack`) needs of the plan: each database's and server's schedules,
+    targets and encryption settings (names of connections, never a key)."""
+
+    def storage_encryption(target) -> str | None:
+        parts = [f"SSE {target.sse}" if target.sse else "", "Object Lock" if target.object_lock else ""]
+        return ", ".join(p for p in parts if p) or None
+
+    return {
+        "plan": str(plan.path),
+        "databases": [
+            {
+                "name": db.name,
+                "in_plan": True,
+                "schedule": plan.backup_schedule,
+                "rto_target_s": db.rto.total_seconds(),
+                "rpo_target_s": db.rpo.total_seconds(),
+                "encryption": f"master key {db.encryption_key_conn_id}" if db.encryption_key_conn_id else None,
+                "storage_encryption": storage_encryption(db.storage),
+            }
+            for db in plan.databases
+        ],
+        "servers": [
+            {
+                "name": s.name,
+                "rpo_target_s": s.pitr.rpo.total_seconds(),
+                "schedules": [c for c in (s.pitr.full_schedule, s.pitr.incremental_schedule) if c],
+            }
+            for s in plan.servers
+        ],
+    }
+
+
+def export_evidence_pack(plan, since, until, now=None) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Verify the plan's evidence log and build the pack of ``since``..``until``: ``(pack, files)`` (see
+    :func:`pgdr.evidence_pack.pack_files`). :class:`~pgdr.errors.PgdrError` when the plan keeps no log."""
+    from datetime import UTC, datetime
+
+    from pgdr.airflow_glue.connections import open_store
+    from pgdr.errors import PgdrError
+    from pgdr.evidence_pack import build_pack, pack_files
+
+    evidence = open_evidence(plan)
+    if evidence is None:
+        raise PgdrError(
+            f"the DR plan {plan.path} keeps no evidence log, so there is nothing to export: add an 'evidence:' "
+            "section (storage, key_conn_id) and the tasks write a signed receipt of every backup, verification and "
+            "restore"
+        )
+    if since >= until:
+        raise PgdrError(f"the period is empty: --from {since.isoformat()} is not before --to {until.isoformat()}")
+    report = evidence.verify(since, until, lambda name: open_store(plan.storages[name], plan)[0])
+    chain = {
+        "ok": report.ok,
+        "summary": report.summary(),
+        "checked": report.checked,
+        "first_receipt": report.first_seq,
+        "last_receipt": report.last_seq,
+        "last_receipt_sha256": report.last_digest,
+        "problems": [*report.problems, *report.record_mismatches][:50],
+    }
+    receipts = [(r.seq, r.body) for r in evidence.receipts()]
+    pack = build_pack(receipts, plan_facts(plan), since, until, now or datetime.now(UTC), chain, evidence.describe())
+    return pack, pack_files(pack)
+
+
+def pack_prefix(evidence, since, until) -> str:
+    """Where the pgdr_evidence DAG stores the pack of a period, beside the chain: ``<log>/packs/<from>_<to>/``."""
+    return f"{evidence.root}/packs/{since:%Y-%m-%d}_{until:%Y-%m-%d}/"

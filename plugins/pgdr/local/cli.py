@@ -172,30 +172,12 @@ def undelete_backups(
     return 0
 
 
-def _utc_bound(text: str | None, end_of_day: bool = False):
-    """``--from``/``--to``: a UTC date (``--to``: its whole day) or time; ``None`` when not given."""
-    from datetime import UTC, datetime, timedelta
-
-    from pgdr.errors import PgdrError
-
-    if not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise PgdrError(f"{text!r} is not a date or time; give e.g. 2026-10-01 or 2026-10-01T12:00:00") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    if end_of_day and len(text.strip()) == 10:
-        moment += timedelta(days=1) - timedelta(microseconds=1)
-    return moment
-
-
 def verify_evidence(since: str | None, until: str | None) -> int:
     """Walk the evidence log: every receipt present, linked to the one before, signed; the receipts dated from
     ``since`` to ``until`` checked against the records they point to. Exit 0 when it all holds, 1 otherwise."""
     from pgdr.airflow_glue.connections import open_store
     from pgdr.airflow_glue.evidence import open_evidence
+    from pgdr.evidence_pack import utc_bound
     from pgdr.plan import load_plan
 
     plan = load_plan()
@@ -207,12 +189,39 @@ def verify_evidence(since: str | None, until: str | None) -> int:
         )
         return 1
     report = evidence.verify(
-        _utc_bound(since), _utc_bound(until, end_of_day=True), lambda name: open_store(plan.storages[name], plan)[0]
+        utc_bound(since), utc_bound(until, end_of_day=True), lambda name: open_store(plan.storages[name], plan)[0]
     )
     _print(f"pgdr: {evidence.describe()}: {report.summary()}.")
     for problem in [*report.problems, *report.record_mismatches][1:]:
         _print(f"  - {problem}")
     return 0 if report.ok else 1
+
+
+def export_evidence(since: str | None, until: str | None, out: Path | None) -> int:
+    """Write the evidence pack of ``since``..``until`` to ``out``: exit 0 when the chain verifies and every promise
+    held, 1 when the pack has findings (it is written either way: findings are evidence too)."""
+    import hashlib
+
+    from pgdr.airflow_glue.evidence import export_evidence_pack
+    from pgdr.errors import PgdrError
+    from pgdr.evidence_pack import findings, utc_bound
+    from pgdr.plan import load_plan
+
+    if not since or not until or out is None:
+        raise PgdrError("evidence export needs the period and a folder: --from 2026-10-01 --to 2026-12-31 --out pack/")
+    pack, files = export_evidence_pack(load_plan(), utc_bound(since), utc_bound(until, end_of_day=True))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    digest = hashlib.sha256(files["pack.json"]).hexdigest()
+    _print(f"pgdr: the evidence pack of {since} to {until} is in {out.resolve()} (pack.json SHA-256 {digest}).")
+    _print(f"pgdr: {pack['chain']['summary']}.")
+    found = findings(pack)
+    for line in found:
+        _print(f"  - {line}")
+    if not found:
+        _print("pgdr: no findings: every scheduled backup taken, every restore test passed within its RTO.")
+    return 1 if found else 0
 
 
 class _Progress(threading.Thread):
@@ -390,6 +399,7 @@ def recover_server(args: argparse.Namespace) -> int:
 
 def _recover_server(args: argparse.Namespace, target, declared) -> int:
     from pgdr.airflow_glue.connections import resources
+    from pgdr.airflow_glue.evidence import server_recovery_receipt
     from pgdr.errors import PgdrError, StorageUnavailable
     from pgdr.messages import server_recovery_failed, server_recovery_summary
     from pgdr.physical.server_recovery import (
@@ -401,6 +411,7 @@ def _recover_server(args: argparse.Namespace, target, declared) -> int:
     )
 
     server = None
+    actor = f"the command line (python -m pgdr recover-server) as {_who()}"
     try:
         res = resources()
         server = res.plan.server(args.server)
@@ -428,10 +439,15 @@ def _recover_server(args: argparse.Namespace, target, declared) -> int:
             os_user=args.os_user,
             declared_at=declared,
             incident_id=args.incident,
-            triggered_by=f"the command line (python -m pgdr recover-server) as {_who()}",
+            triggered_by=actor,
             source=source,
         )
-        report = recovery.run(say=lambda text: _print(f"pgdr: {text}"))
+        try:
+            report = recovery.run(say=lambda text: _print(f"pgdr: {text}"))
+        except (PgdrError, KeyboardInterrupt) as err:  # a refusal too: the incident's timeline has the attempt
+            server_recovery_receipt(res.plan, server.name, actor, None, str(err) or "interrupted (Ctrl-C)")
+            raise
+        server_recovery_receipt(res.plan, server.name, actor, report)
     except ServerRecoveryRefused as err:  # nothing was changed: the on-call reads it here, the team needs no alert
         _print(f"pgdr: {err}")
         return 1
@@ -614,9 +630,14 @@ def main(argv: list[str] | None = None) -> int:
         "evidence", help="the evidence log: verify its chain of signed receipts (the plan's evidence section)"
     )
     _common_options(evidence, on_subcommand=True)
-    evidence.add_argument("action", choices=["verify"])
-    evidence.add_argument("--from", dest="since", help="check records of receipts from this UTC date or time on")
+    evidence.add_argument("action", choices=["verify", "export"])
+    evidence.add_argument(
+        "--from",
+        dest="since",
+        help="verify: check records of receipts from this UTC date or time on; export: the period's first day (needed)",
+    )
     evidence.add_argument("--to", dest="until", help="... up to this UTC date (the whole day) or time")
+    evidence.add_argument("--out", type=Path, help="export: the folder the pack is written to (made if missing)")
     keygen = commands.add_parser(
         "keygen", help="print a new master key for client-side encryption, as an Airflow connection"
     )
@@ -633,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in ("list", "undelete", "evidence"):
         try:
+            if args.command == "evidence" and args.action == "export":
+                return export_evidence(args.since, args.until, args.out)
             if args.command == "evidence":
                 return verify_evidence(args.since, args.until)
             if args.command == "undelete":

@@ -302,7 +302,15 @@ def run_publish_report(context) -> dict[str, Any]:
     from pgdr.airflow_glue.alert_journal import AlertJournal
     from pgdr.airflow_glue.evidence import record_evidence
     from pgdr.airflow_glue.notify import send_email, send_slack
-    from pgdr.drill import broken_parts, drill_id_of, drill_report, headline, store_report, unfinished_rehearsals
+    from pgdr.drill import (
+        broken_parts,
+        drill_id_of,
+        drill_report,
+        headline,
+        report_action_items,
+        store_report,
+        unfinished_rehearsals,
+    )
     from pgdr.messages import drill_summary
 
     ti, dag_run = context["ti"], context["dag_run"]
@@ -333,6 +341,7 @@ def run_publish_report(context) -> dict[str, Any]:
         "status": report["status"],
         "headline": headline(report),
         "broken": broken,
+        "action_items": report_action_items(report),
         "report": location,
     }
     record_evidence(context, plan, "drill_run", {"drill": report["drill_id"]}, "failed" if broken else "ok", details)

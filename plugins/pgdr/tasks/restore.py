@@ -158,7 +158,22 @@ def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[
             f"{dag_run.run_id})",
             source=server.pitr.storage_named(plan["restore_from"]) if plan.get("restore_from") else None,
         )
-        return recovery.run()
+        try:
+            report = recovery.run()
+        except Exception as err:
+            _server_recovery_receipt(res.plan, server_name, context, None, str(err))
+            raise
+    _server_recovery_receipt(res.plan, server_name, context, report)
+    return report
+
+
+def _server_recovery_receipt(plan, server_name: str, context, report, error: str | None = None) -> None:
+    """The evidence receipt of the whole-server recovery this task ran (its last act)."""
+    from pgdr.airflow_glue.evidence import actor_of, server_recovery_receipt
+
+    ti = context["ti"]
+    airflow = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "try_number": ti.try_number}
+    server_recovery_receipt(plan, server_name, actor_of(context), report, error, airflow)
 
 
 def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
