@@ -10,6 +10,11 @@ action items, incidents with their timelines and MTTR, key rotations and encrypt
 control it evidences (SOC 2 A1.2/A1.3, ISO 27001 A.8.13/A.5.29/A.5.30), with the chain's verification result and
 the SHA-256 of `pack.json`. Its own receipt (`evidence_exported`) records that SHA-256 in the chain.
 
+Then **prune_receipts** deletes the receipts older than the plan's `evidence.keep` (400 days by default), oldest
+first, never the newest, none still under Object Lock: a signed anchor (`anchor.json`) first names the first receipt
+kept, so the chain verifies from there; a `retention_deleted` receipt records it. It deletes nothing while the chain
+does not verify, and runs only after the pack was stored.
+
 Scheduled on the first day of each quarter (06:00 UTC) for the quarter before. Trigger it by hand with **from** and
 **to** (UTC dates, both included) for any other period; `python -m pgdr evidence export` writes the same pack to a
 folder.
@@ -18,6 +23,7 @@ folder.
 connection is missing (the message names it), or the chain does not verify: the pack is still stored (its first
 finding names the broken receipt); run `python -m pgdr evidence verify` and find out who changed the bucket.
 Findings such as a missed backup do not fail the run: they are in the pack and in the Slack summary.
+*prune_receipts*: the chain does not verify (nothing was deleted), or the pruner's connection may not delete there.
 """
 
 from __future__ import annotations
@@ -65,7 +71,12 @@ def pgdr_evidence():
         """Verify the chain, build the pack of the period, store it beside the log, write its receipt."""
         return call("evidence.run_export_pack")
 
-    export_pack()
+    @task
+    def prune_receipts() -> dict:
+        """Delete the receipts older than evidence.keep behind a signed anchor (never while the chain is broken)."""
+        return call("evidence.run_prune_receipts")
+
+    export_pack() >> prune_receipts()
 
 
 pgdr_evidence()

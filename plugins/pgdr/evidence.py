@@ -16,6 +16,11 @@ So editing one byte breaks its signature (and the next receipt's ``prev``), dele
 two breaks both links; forging one needs the key, which the bucket's writers never see. Appending is safe from
 many workers at once without a lock server: a receipt is created only where none exists (S3 ``If-None-Match: *``,
 a hard link on a folder); the loser of a race reads the winner's receipt and takes the next number.
+
+Receipts older than the plan's ``evidence.keep`` are pruned, oldest first, never the newest (:meth:`EvidenceLog.prune`,
+run by ``pgdr_evidence``): first a signed **anchor** (``anchor.json``) names the first receipt kept and the SHA-256
+its ``prev`` must be, then the older receipts are deleted. The chain verifies from the anchor on; without the key an
+anchor cannot be forged, and an anchor removed or replaced by an older one leaves the pruned receipts as gaps.
 """
 
 from __future__ import annotations
@@ -55,6 +60,14 @@ EVENTS = (
 APPEND_PATIENCE_S = 120.0  # how long one append keeps losing races to other writers before it gives up
 
 
+def _written_at(body: dict[str, Any]) -> datetime | None:
+    try:
+        written = datetime.fromisoformat(body["at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return written if written.tzinfo else None
+
+
 class EvidenceBroken(PgdrError):
     """The evidence chain does not verify: a receipt edited, missing, reordered or forged."""
 
@@ -92,6 +105,7 @@ class ChainReport:
     first_seq: int | None = None
     last_seq: int | None = None
     last_digest: str | None = None  # the newest receipt's SHA-256: where an incremental check starts next time
+    first_kept: int | None = None  # with an anchor: the receipts before this one were pruned by evidence.keep
     problems: list[str] = field(default_factory=list)
     record_mismatches: list[str] = field(default_factory=list)
 
@@ -104,7 +118,12 @@ class ChainReport:
             span = f"receipts {self.first_seq} to {self.last_seq}" if self.checked else "no receipts yet"
             if not self.checked and self.last_seq:
                 span = f"none new after receipt {self.last_seq}"
-            return f"the evidence chain verifies: {self.checked} checked ({span}), every link and signature intact"
+            pruned = (
+                f"; those before {self.first_kept} pruned by evidence.keep (signed anchor)" if self.first_kept else ""
+            )
+            return (
+                f"the evidence chain verifies: {self.checked} checked ({span}{pruned}), every link and signature intact"
+            )
         found = [*self.problems, *self.record_mismatches]
         more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
         return f"the evidence chain is broken: {found[0]}{more}"
@@ -133,6 +152,11 @@ class EvidenceLog:
 
     def key(self, seq: int) -> str:
         return f"{self.root}/chain/{seq:012d}.json"
+
+    @property
+    def anchor_key(self) -> str:
+        """The signed anchor of a pruned chain: the first receipt kept and the SHA-256 its ``prev`` must be."""
+        return f"{self.root}/anchor.json"
 
     @property
     def head_key(self) -> str:
@@ -260,6 +284,9 @@ class EvidenceLog:
         that digest).
         """
         report = ChainReport()
+        anchor, report.problems = self._anchor()
+        first = anchor.seq + 1 if anchor else 1
+        report.first_kept = first if anchor else None
         listed = self._listed()
         if after is not None:
             report.last_seq, report.last_digest = after
@@ -270,10 +297,15 @@ class EvidenceLog:
                 )
                 return report
         if not listed:
+            if anchor:
+                report.problems.append(f"the anchor names receipt {first} as the first kept, and no receipt is left")
             return report
         newest = max(listed)
-        previous: Receipt | _Checked | None = _Checked(*after) if after else None
-        for seq in range((after[0] + 1) if after else 1, newest + 1):
+        previous: Receipt | _Checked | None = anchor
+        start = first
+        if after is not None and after[0] >= first - 1:  # (a cursor older than the anchor: pruned since)
+            previous, start = _Checked(*after), after[0] + 1
+        for seq in range(start, newest + 1):
             receipt = self._read(seq) if seq in listed else None
             if receipt is None:
                 report.problems.append(
@@ -290,6 +322,78 @@ class EvidenceLog:
                 report.record_mismatches += self._check_record(receipt, since, until, open_target)
             previous = receipt
         return report
+
+    def _anchor(self) -> tuple[_Checked | None, list[str]]:
+        """The anchor of a pruned chain as ``(last pruned number, its SHA-256)``, or ``None`` (none, or not valid:
+        then the problem, and the chain is checked from receipt 1, so the pruned receipts show as gaps)."""
+        try:
+            data = self.store.get_bytes(self.anchor_key)
+        except FileNotFoundError:
+            return None, []
+        where = f"the anchor of the pruned chain ({self.store.describe(self.anchor_key)})"
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return None, [f"{where} is not a JSON anchor: overwritten or damaged"]
+        key_id, first, prev = body.get("key_id"), body.get("first_seq"), body.get("prev")
+        if not isinstance(key_id, str) or key_id not in self.keys.keys:
+            return None, [f"{where} is signed with key {key_id!r}, which the {self.keys.source} does not hold"]
+        if not hmac.compare_digest(str(body.get("signature", "")), sign(body, self.keys.keys[key_id])):
+            return None, [f"{where} fails its signature: it was changed after it was written"]
+        if not isinstance(first, int) or isinstance(first, bool) or first < 2 or not isinstance(prev, str):
+            return None, [f"{where} names no receipt to start from: {str(body)[:200]}"]
+        return _Checked(first - 1, prev), []
+
+    # -- pruning ---------------------------------------------------------------------------------------
+    def prune(self, keep, now: datetime | None = None) -> dict[str, Any]:
+        """Delete the receipts written more than ``keep`` (a timedelta) before ``now``, oldest first, never the
+        newest, none under Object Lock (those wait; so do the ones after them): first the signed anchor naming the
+        first receipt kept, then the receipts. Refuses (:class:`EvidenceBroken`, nothing deleted) while the chain
+        does not verify: pruning must not erase the evidence of a break. Return what it did."""
+        now = now or self.clock()
+        report = self.verify()
+        if not report.ok:
+            raise EvidenceBroken(
+                f"Not pruning the evidence log in {self.describe()}: {report.summary()}. Nothing was deleted; find "
+                "out what changed (python -m pgdr evidence verify lists every problem) before any receipt goes."
+            )
+        cutoff = now - keep
+        first = report.first_kept or 1
+        listed = self._listed()
+        digests: dict[int, str] = {}
+        for seq in range(first, max(listed, default=0)):  # never the newest: the chain goes on from it
+            receipt = self._read(seq)
+            written = _written_at(receipt.body) if receipt else None
+            if receipt is None or written is None or written >= cutoff:
+                break
+            digests[seq] = receipt.digest
+        held = self.store.held([self.key(seq) for seq in digests], now)
+        if held:  # under Object Lock: keep it and every one after it until the lock ends
+            oldest_held = min(seq for seq in digests if self.key(seq) in held)
+            digests = {seq: d for seq, d in digests.items() if seq < oldest_held}
+        done = {"cutoff": cutoff.isoformat(), "deleted": 0, "first_kept": first, "held_until": None}
+        if held:
+            done["held_until"] = min(held.values()).isoformat()
+        if not digests:
+            return done
+        last = max(digests)
+        anchor: dict[str, Any] = {
+            "v": RECEIPT_VERSION,
+            "first_seq": last + 1,
+            "prev": digests[last],
+            "pruned_from": first,
+            "cutoff": cutoff.isoformat(),
+            "at": now.isoformat(),
+            "key_id": self.keys.current,
+        }
+        anchor["signature"] = sign(anchor, self.keys.key(self.keys.current, "The evidence log"))
+        self.store.put_bytes(self.anchor_key, canonical(anchor))
+        # The receipts it replaces, and any an interrupted prune left below the old anchor.
+        self.store.delete([self.key(seq) for seq in sorted({*digests, *(s for s in listed if s < first)})])
+        log.info("Pruned receipts %d to %d of %s (written before %s).", first, last, self.describe(), cutoff)
+        return {**done, "deleted": len(digests), "first_kept": last + 1, "pruned": [first, last]}
 
     def _check(self, receipt: Receipt, previous: Receipt | _Checked | None) -> list[str]:
         body, seq = receipt.body, receipt.seq

@@ -254,3 +254,37 @@ def test_base_backups_pitr_verification_and_the_drill_write_their_receipts(
     expected = "ok" if drill.states["publish_report"] == "success" else "failed"
     assert drill_receipt["result"] == expected and drill_receipt["details"]["report"], drill_receipt
     assert main(["evidence", "verify"]) == 0
+
+
+def test_pgdr_evidence_prunes_receipts_older_than_keep_behind_a_signed_anchor(
+    plan, run_dag, env, s3_server, s3_storage, monkeypatch, capsys
+):
+    """keep: 1s: after the pack is stored, prune_receipts deletes every receipt but the newest (with the pruner's
+    connection), writes its anchor and its own receipt; the chain verifies from the anchor on."""
+    import time
+
+    from pgdr.airflow_glue.evidence import open_evidence
+    from pgdr.local.cli import main
+    from test_encryption import key_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_EVIDENCE_KEY", key_connection("k1"))
+    target = {**s3_storage["s3"], "prefix": f"{env['prefix']}-pruned"}
+    p = plan(
+        databases=[{"name": "shop", "conn_id": "pgdr_shop"}],
+        storage={**s3_storage, "evidence": target},
+        evidence={"storage": "evidence", "key_conn_id": "pgdr_evidence_key", "keep": "1s"},
+    )
+    assert run_dag("pgdr_backup").get_state() == "success"
+    assert run_dag("pgdr_backup").get_state() == "success"
+    evidence = open_evidence(p)
+    time.sleep(1.1)
+    today = evidence.receipts()[0].body["at"][:10]
+    run = run_dag("pgdr_evidence", run_conf={"from": today, "to": today})
+    assert run.get_state() == "success", run.states
+    # Receipts 1-2 (backups) and 3 (the pack's) were older than 1 s... but the newest (3) always stays.
+    kept = evidence.receipts()
+    assert [(r.seq, r.body["event"]) for r in kept] == [(3, "evidence_exported"), (4, "retention_deleted")]
+    assert kept[1].body["subject"] == {"evidence": "receipts"} and kept[1].body["details"]["pruned"] == [1, 2]
+    capsys.readouterr()
+    assert main(["evidence", "verify"]) == 0
+    assert "those before 3 pruned by evidence.keep (signed anchor)" in capsys.readouterr().out

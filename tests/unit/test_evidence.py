@@ -9,7 +9,7 @@ import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from pgdr.evidence import GENESIS, EvidenceLog
+from pgdr.evidence import GENESIS, EvidenceBroken, EvidenceLog
 from pgdr.storage.backends import LocalFolderStore
 from pgdr.storage.encryption import MasterKeys
 from support import append_at_once
@@ -198,3 +198,88 @@ def test_a_hostile_receipt_is_reported_not_a_crash(tmp_path):
     assert any("receipt 2" in p and "is not a JSON receipt" in p for p in problems), problems
     assert any("receipt 3" in p and "is not a JSON receipt" in p for p in problems), problems
     assert any("receipt 4" in p and "signed with key ['ev-1']" in p for p in problems), problems
+
+
+class _Clock:
+    def __init__(self, now: datetime):
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _aged_log(tmp_path, days: int = 500) -> tuple[EvidenceLog, _Clock]:
+    """One receipt a day for ``days`` days, the newest today."""
+    today = datetime(2026, 12, 5, tzinfo=UTC)
+    clock = _Clock(today - timedelta(days=days - 1))
+    log = _log(tmp_path, clock=clock)
+    for day in range(days):
+        clock.now = today - timedelta(days=days - 1 - day)
+        log.append("backup_taken", "schedule", {"database": "shop", "backup_id": f"b{day + 1}"}, "ok")
+    return log, clock
+
+
+def test_pruning_by_keep_deletes_the_oldest_behind_a_signed_anchor_and_the_chain_still_verifies(tmp_path):
+    log, clock = _aged_log(tmp_path)
+    done = log.prune(timedelta(days=400))
+    # Written 499 .. 0 days ago: the 99 written more than 400 days ago go.
+    assert done["deleted"] == 99 and done["pruned"] == [1, 99] and done["first_kept"] == 100, done
+    assert not _path(log, 99).exists() and _path(log, 100).exists()
+    report = log.verify()
+    assert report.ok and report.checked == 401 and report.first_kept == 100, report.problems
+    assert "those before 100 pruned by evidence.keep (signed anchor)" in report.summary()
+    assert log.prune(timedelta(days=400))["deleted"] == 0  # nothing more is old enough
+    # The chain goes on; a later prune moves the anchor on; an incremental check from before it still works.
+    cursor = (report.last_seq, report.last_digest)
+    clock.now += timedelta(days=30)
+    log.append("drill_run", "schedule", {"drill": "d"}, "ok")
+    assert log.prune(timedelta(days=400))["pruned"] == [100, 129]
+    assert log.verify(after=cursor).ok and log.verify(after=(50, "f" * 64)).ok  # (50: pruned since it was checked)
+    assert log.verify().ok and log.verify().first_kept == 130
+    # Even a receipt older than keep stays when it is the newest: the chain continues from it.
+    log2, _ = _aged_log(tmp_path / "two", days=1)
+    assert log2.prune(timedelta(days=0), datetime(2030, 1, 1, tzinfo=UTC))["deleted"] == 0
+
+
+def test_a_removed_forged_or_replayed_anchor_and_an_edit_after_it_are_named(tmp_path):
+    log, _ = _aged_log(tmp_path, days=10)
+    log.prune(timedelta(days=7))  # receipts 1, 2 go (9 and 8 days old)
+    old_anchor = log.store.get_bytes(log.anchor_key)
+    log.prune(timedelta(days=5))  # then 3, 4
+    assert log.verify().ok and log.verify().first_kept == 5
+    anchor = log.store.get_bytes(log.anchor_key)
+
+    log.store.delete([log.anchor_key])  # removed: the pruned receipts are gaps
+    assert "receipt 1 is missing" in log.verify().problems[0]
+    log.store.put_bytes(log.anchor_key, old_anchor)  # an older anchor put back: receipts 3 and 4 are gaps
+    assert "receipt 3 is missing" in log.verify().problems[0]
+    forged = json.loads(anchor)
+    forged["first_seq"] = 7  # hiding receipts 5 and 6 would need the key
+    log.store.put_bytes(log.anchor_key, json.dumps(forged).encode())
+    problems = log.verify().problems
+    assert "the anchor of the pruned chain" in problems[0] and "fails its signature" in problems[0], problems
+    log.store.put_bytes(log.anchor_key, b"[]")
+    assert "is not a JSON anchor" in log.verify().problems[0]
+    log.store.put_bytes(log.anchor_key, anchor)
+    assert log.verify().ok
+
+    # The first receipt kept, edited: named; and pruning refuses to delete anything while the chain is broken.
+    original = _path(log, 5).read_bytes()
+    _path(log, 5).write_bytes(original.replace(b'"b5"', b'"b0"'))
+    assert "receipt 5" in log.verify().problems[0]
+    with pytest.raises(EvidenceBroken, match="Not pruning the evidence log .* Nothing was deleted"):
+        log.prune(timedelta(days=0))
+    assert all(_path(log, seq).exists() for seq in range(5, 11))
+
+
+def test_receipts_under_object_lock_wait_and_so_do_the_ones_after_them(tmp_path):
+    log, _ = _aged_log(tmp_path, days=10)
+
+    class Locked(LocalFolderStore):
+        def held(self, keys, now):  # receipt 3 written under a lock that has not ended
+            return {k: now + timedelta(days=3) for k in keys if k.endswith("000000000003.json")}
+
+    locked = EvidenceLog(Locked(log.store.root), "acme", KEYS, log.clock)
+    done = locked.prune(timedelta(days=2))
+    assert done["pruned"] == [1, 2] and done["held_until"] is not None, done
+    assert _path(log, 3).exists() and _path(log, 4).exists() and locked.verify().ok

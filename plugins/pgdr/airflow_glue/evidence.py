@@ -13,14 +13,15 @@ from pgdr.runtime import VIA_ENV_VAR
 log = logging.getLogger(__name__)
 
 
-def open_evidence(plan):
-    """The plan's :class:`~pgdr.evidence.EvidenceLog`, or ``None`` when the plan has no ``evidence`` section."""
+def open_evidence(plan, pruning: bool = False):
+    """The plan's :class:`~pgdr.evidence.EvidenceLog`, or ``None`` when the plan has no ``evidence`` section;
+    ``pruning``: with the storage target's pruner connection (the one that may delete)."""
     from pgdr.airflow_glue.connections import master_keys, open_store
     from pgdr.evidence import EvidenceLog
 
     if plan.evidence is None:
         return None
-    store, _layout = open_store(plan.evidence.storage, plan)
+    store, _layout = open_store(plan.evidence.storage, plan, pruning=pruning)
     keys = master_keys(plan.evidence.key_conn_id, "the signing key of the evidence log", plan)
     return EvidenceLog(store, plan.evidence.storage.prefix, keys)
 

@@ -79,3 +79,33 @@ def run_export_pack(context) -> dict[str, Any]:
             f"{pack['chain']['summary']}. Run python -m pgdr evidence verify and find out who changed the bucket."
         )
     return {"period": period, "location": location, "pack_json_sha256": digest, "findings": len(found)}
+
+
+def run_prune_receipts(context) -> dict[str, Any]:
+    """Body of ``prune_receipts``: delete the receipts older than the plan's ``evidence.keep`` behind a signed
+    anchor (:meth:`pgdr.evidence.EvidenceLog.prune`); a receipt of what was deleted."""
+    from pgdr.airflow_glue.evidence import open_evidence, record_evidence
+    from pgdr.errors import PgdrError
+    from pgdr.plan import load_plan
+
+    with fail_fast():
+        plan = load_plan()
+        evidence = open_evidence(plan, pruning=True)
+        if evidence is None:
+            raise PgdrError(f"the DR plan {plan.path} keeps no evidence log: add an 'evidence:' section")
+        done = evidence.prune(plan.evidence.keep)
+    if done["held_until"]:
+        log.info(
+            "Receipts due for pruning are under Object Lock until %s: a later run deletes them.", done["held_until"]
+        )
+    if done["deleted"]:
+        details = {**done, "keep_days": plan.evidence.keep.total_seconds() / 86400}
+        record_evidence(context, plan, "retention_deleted", {"evidence": "receipts"}, "ok", details)
+    log.info(
+        "%d receipts older than %s deleted from %s; the chain starts at receipt %d.",
+        done["deleted"],
+        done["cutoff"],
+        evidence.describe(),
+        done["first_kept"],
+    )
+    return done
