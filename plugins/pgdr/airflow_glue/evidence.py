@@ -62,13 +62,17 @@ def record_evidence(
     It never fails the task: the work is done, and a retry would do it again. A receipt that cannot be written is
     logged as an error saying what is missing from the log.
     """
+    details = {**(details or {}), "airflow": airflow_of(context)}
+    return append_receipt(plan, event, actor_of(context), subject, result, details, record)
+
+
+def airflow_of(context) -> dict[str, Any]:
+    """Where a receipt's work ran in Airflow: DAG, run, task, try, and the log's address when known."""
     ti = context.get("ti")
     airflow = {k: getattr(ti, k, None) for k in ("dag_id", "run_id", "task_id", "try_number")}
     if getattr(ti, "log_url", None):
         airflow["log_url"] = ti.log_url
-    return append_receipt(
-        plan, event, actor_of(context), subject, result, {**(details or {}), "airflow": airflow}, record
-    )
+    return airflow
 
 
 def append_receipt(
@@ -108,13 +112,14 @@ def server_recovery_receipt(
 ) -> int | None:
     """The receipt of a whole-server recovery (``recover-server``, or ``pgdr_restore`` in mode server): its target,
     recovery point, timeline, MTTR and data-loss window when it finished; the error when it failed."""
+    from pgdr.physical.server_recovery import server_incident_measures, server_rto_seconds
+
     if plan.evidence is None:
         return None
+    where = {"airflow": airflow} if airflow else {}
     if report is None:
-        details: dict[str, Any] = {"mode": "server", "error": (error or "")[:2000]}
+        details: dict[str, Any] = {"mode": "server", "error": (error or "")[:2000], **where}
         return append_receipt(plan, "restore_failed", actor, {"server": server_name}, "failed", details)
-    server = plan.server(server_name)
-    rto = min((plan.database(name).rto.total_seconds() for name in server.databases), default=None)
     details = {
         "mode": "server",
         "target": report.get("target"),
@@ -123,19 +128,12 @@ def server_recovery_receipt(
         "data_dir": report.get("data_dir"),
         "triggered_by": report.get("triggered_by"),
         "achieved_rto_seconds": report.get("achieved_rto_seconds"),
-        "rto_target_seconds": rto,
+        "rto_target_seconds": server_rto_seconds(plan, plan.server(server_name)),
         "phase_seconds": report.get("phase_seconds"),
         "report": report.get("report"),
-        "incident": {
-            "id": report.get("incident_id"),
-            "declared_at": report.get("declared_at"),
-            "served_at": report.get("finished_at"),
-            "mttr_seconds": report.get("achieved_rto_seconds"),  # declared to handed over
-            "data_loss_window_seconds": report.get("data_loss_window_seconds"),
-        },
+        "incident": server_incident_measures(report),
+        **where,
     }
-    if airflow:
-        details["airflow"] = airflow
     return append_receipt(plan, "restore_finished", actor, {"server": server_name}, "ok", details)
 
 

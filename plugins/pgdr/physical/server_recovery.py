@@ -638,19 +638,33 @@ class ServerRecovery:
         base = layout.recovery_report_key(self.server.name, stamp, report["host"])
         store.put_bytes(base + ".json", json.dumps(report, indent=2, default=str).encode())
         store.put_bytes(base + ".md", render_server_report(report).encode())
-        measures = {
-            "id": report.get("incident_id"),
-            "declared_at": report["declared_at"],
-            "served_at": report["finished_at"],
-            "mttr_seconds": report["achieved_rto_seconds"],  # declared to handed over
-            "data_loss_window_seconds": report["data_loss_window_seconds"],
-        }
-        rto = min((self.res.plan.database(name).rto.total_seconds() for name in self.server.databases), default=None)
+        rto = server_rto_seconds(self.res.plan, self.server)
         record = incident_record(
-            "server recovery", self.server.name, self.resume_key or report["started_at"], "restored", measures, rto
+            "server recovery",
+            self.server.name,
+            self.resume_key or report["started_at"],
+            "restored",
+            server_incident_measures(report),
+            rto,
         )
         store_incident_record(store, layout, {**record, "mode": "server", "report": store.describe(base + ".md")})
         return store.describe(base + ".md")
+
+
+def server_incident_measures(report: dict[str, Any]) -> dict[str, Any]:
+    """The incident measured by a server recovery's report: declared, served (handed over), MTTR, data-loss window."""
+    return {
+        "id": report.get("incident_id"),
+        "declared_at": report.get("declared_at"),
+        "served_at": report.get("finished_at"),
+        "mttr_seconds": report.get("achieved_rto_seconds"),  # declared to handed over
+        "data_loss_window_seconds": report.get("data_loss_window_seconds"),
+    }
+
+
+def server_rto_seconds(plan, server) -> float | None:
+    """A whole server's RTO: the strictest of its databases'."""
+    return min((plan.database(name).rto.total_seconds() for name in server.databases), default=None)
 
 
 @contextmanager

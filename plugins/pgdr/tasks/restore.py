@@ -169,11 +169,9 @@ def run_recover_server(plan: dict[str, Any], server_name: str, context) -> dict[
 
 def _server_recovery_receipt(plan, server_name: str, context, report, error: str | None = None) -> None:
     """The evidence receipt of the whole-server recovery this task ran (its last act)."""
-    from pgdr.airflow_glue.evidence import actor_of, server_recovery_receipt
+    from pgdr.airflow_glue.evidence import actor_of, airflow_of, server_recovery_receipt
 
-    ti = context["ti"]
-    airflow = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "try_number": ti.try_number}
-    server_recovery_receipt(plan, server_name, actor_of(context), report, error, airflow)
+    server_recovery_receipt(plan, server_name, actor_of(context), report, error, airflow_of(context))
 
 
 def run_check_checksums(plan: dict[str, Any], context) -> dict[str, Any]:
