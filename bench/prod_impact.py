@@ -10,7 +10,13 @@ records every transaction's latency (``pgbench --log``) for ``--seconds``:
 2. ``raw_dump``: ``pg_dump -Fd -j2 -Z gzip:1`` on the primary, over and over while the phase lasts;
 3. ``pgdr_backup``: :func:`pgdr.logical.backup.take_backup` on the primary (dump, counts, SHA-256, upload to the
    local S3 endpoint, manifest), over and over;
-4. ``pgdr_standby``: the same backup taken from a streaming replica of the primary (``source_conn_id``).
+4. ``pgdr_standby``: the same backup taken from a streaming replica of the primary (``source_conn_id``);
+5. ``pgdr_basebackup``: :func:`pgdr.physical.basebackup.take_base_backup` of the primary (a full one: fast
+   checkpoint, ``pg_basebackup`` gzip:1, SHA-256, upload), over and over;
+6. ``pgdr_basebackup_standby``: the same base backup read on the replica (a server's ``source_conn_id``).
+
+The primary runs as a PITR server does in production: ``full_page_writes = on`` and its WAL archived by
+barman-cloud to the same S3 endpoint, in every phase.
 
 Phases alternate in order round by round; medians over rounds are reported. Separately, with no load, the blocks
 each contender reads on the source (``pg_stat_database.blks_read + blks_hit`` of its database, before and after one
@@ -39,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench_run  # noqa: E402
 
 ROOT = bench_run.ROOT
-PHASES = ("idle", "raw_dump", "pgdr_backup", "pgdr_standby")
+PHASES = ("idle", "raw_dump", "pgdr_backup", "pgdr_standby", "pgdr_basebackup", "pgdr_basebackup_standby")
+SERVER, PITR_PREFIX = "impact", "impact-pitr"
 DB = "impact"
 
 
@@ -51,9 +58,19 @@ def percentile(values: list[float], q: float) -> float:
 class Impact:
     def __init__(self, bench: bench_run.Bench, seconds: int, rate: int):
         from pgdr.local.embedded import EmbeddedServer
+        from pgdr.physical.archive import ArchiveAccess, WalArchive, archiver_bin_dir
         from pgdr.postgres.client import PgEndpoint
+        from pgdr.storage.layout import PhysicalLayout
 
         self.bench, self.seconds, self.rate = bench, seconds, rate
+        # The primary archives its WAL (base backups need it) with production's full_page_writes (a base backup on
+        # a standby needs it): restarted with those settings before its replica is made.
+        access = ArchiveAccess(f"http://127.0.0.1:{bench.s3_port}", "us-east-1", "bench", "bench")
+        self.layout = PhysicalLayout(PITR_PREFIX)
+        self.archive = WalArchive(bench_run.BUCKET, self.layout, SERVER, access)
+        bench.server.settings = {**self.archive.server_settings(60, archiver_bin_dir()), "full_page_writes": "on"}
+        bench.server.environment = access.environment()
+        bench.server.start()
         self.replica = EmbeddedServer.replica_of(bench.server, bench.work / "replica")
         self.standby = PgEndpoint("127.0.0.1", self.replica.port, "postgres", DB, self.replica.password)
 
@@ -117,6 +134,24 @@ class Impact:
                     shutil.rmtree(work, ignore_errors=True)
 
             return pgdr
+        if phase in ("pgdr_basebackup", "pgdr_basebackup_standby"):
+            from pgdr.logical.standby import BackupSource
+            from pgdr.physical.basebackup import take_base_backup
+            from pgdr.storage.backends import S3Store
+
+            primary = self.bench.pgdr_parts(DB)[1].with_dbname("postgres")
+            standby = self.standby.with_dbname("postgres")
+            source = BackupSource(standby, primary, 0.0) if phase == "pgdr_basebackup_standby" else None
+            store = S3Store(self.bench.s3, bench_run.BUCKET)
+
+            def base():
+                work = Path(tempfile.mkdtemp(dir=self.bench.work))
+                try:
+                    take_base_backup(SERVER, primary, store, self.layout, work, self.archive.url, source=source)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+
+            return base
         return None
 
     def phase(self, phase: str, r: int) -> dict:
@@ -224,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
         else None,
         # the primary's p99 while the backup runs on the standby, against idle (goal <= 1.05)
         "standby_p99_vs_idle": round(med["pgdr_standby"]["p99_ms"] / idle_p99, 3),
+        # the same for base backups: on the primary, and read on the standby
+        "basebackup_p99_vs_idle": round(med["pgdr_basebackup"]["p99_ms"] / idle_p99, 3),
+        "basebackup_standby_p99_vs_idle": round(med["pgdr_basebackup_standby"]["p99_ms"] / idle_p99, 3),
         "blocks_read": blocks,
         "blocks_vs_raw_dump": round(blocks["pgdr_backup"] / blocks["raw_dump"], 3),
         "runs": results,

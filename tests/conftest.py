@@ -99,6 +99,16 @@ def pg_replica(session_dir, pg_server):
 
 
 @pytest.fixture(scope="session")
+def pitr_replica(session_dir, pitr_server):
+    """A hot standby of ``pitr_server`` (WAL summaries on, for incremental base backups; it archives nothing)."""
+    from pgdr.local.embedded import EmbeddedServer
+
+    replica = EmbeddedServer.replica_of(pitr_server, session_dir / "postgres-pitr-replica", {"summarize_wal": "on"})
+    yield replica
+    replica.destroy()
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1, spoken to over real HTTP."""
     from moto.server import ThreadedMotoServer
@@ -456,7 +466,15 @@ def pitr_server(session_dir, s3_server):
     from pgdr.local.embedded import create_sample_database
     from support import archiving_server
 
-    server = archiving_server(session_dir / "postgres-pitr", s3_server.port, BUCKET, PITR_PREFIX, PITR_SERVER)
+    # full_page_writes on, as in production (the embedded default is off): its standby (pitr_replica) can be backed up
+    server = archiving_server(
+        session_dir / "postgres-pitr",
+        s3_server.port,
+        BUCKET,
+        PITR_PREFIX,
+        PITR_SERVER,
+        settings={"full_page_writes": "on"},
+    )
     create_sample_database(server, "shop")
     yield server
     server.destroy()

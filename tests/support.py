@@ -153,12 +153,19 @@ class FaultProxy:
 
 
 def archiving_server(
-    directory: Path, s3_port: int, bucket: str, prefix: str, server: str, access_key="testing-key", archive_timeout_s=10
+    directory: Path,
+    s3_port: int,
+    bucket: str,
+    prefix: str,
+    server: str,
+    access_key="testing-key",
+    archive_timeout_s=10,
+    settings: dict[str, str] | None = None,
 ):
     """Start an embedded PostgreSQL 18 server in ``directory`` whose archive_command is the real archiver
     (barman-cloud, run as the server's OS user) writing to ``bucket``/``prefix`` on the S3 endpoint at ``s3_port`` with
-    ``access_key`` (archive_timeout ``archive_timeout_s``). Its ``archive`` attribute is the
-    :class:`~pgdr.physical.archive.WalArchive` it writes to. Skips the test where barman-cloud is not installed,
+    ``access_key`` (archive_timeout ``archive_timeout_s``; more ``settings`` when given). Its ``archive`` attribute is
+    the :class:`~pgdr.physical.archive.WalArchive` it writes to. Skips the test where barman-cloud is not installed,
     saying how to install it."""
     import os
 
@@ -177,7 +184,7 @@ def archiving_server(
     archive = WalArchive(bucket, PhysicalLayout(prefix), server, access)
     started = EmbeddedServer(
         directory,
-        settings=archive.server_settings(archive_timeout_s=archive_timeout_s, bin_dir=bin_dir),
+        settings=archive.server_settings(archive_timeout_s=archive_timeout_s, bin_dir=bin_dir) | (settings or {}),
         environment=access.environment(),
     ).start()
     started.archive = archive

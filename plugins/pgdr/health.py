@@ -83,17 +83,20 @@ def check_source(db, res: Resources) -> CheckResult:
 
 
 def check_standby(db, res: Resources) -> CheckResult | None:
-    """The standby a database is backed up from (``source_conn_id``) lags no more than ``max_standby_lag``;
-    ``None`` when it names none. The lag is its value (a gauge)."""
+    """The standby a database (or a PITR server, for its base backups) is backed up from (``source_conn_id``) lags
+    no more than ``max_standby_lag``; ``None`` when it names none. The lag is its value (a gauge)."""
     from pgdr.logical.standby import lag_problem, primary_mark, standby_lag
+    from pgdr.plan import ProtectedServer
 
     if not db.source_conn_id:
         return None
     limit = db.max_standby_lag.total_seconds()
-    fallback = "backups are taken from the primary" if db.on_standby_lag == "primary" else "backups fail"
+    backups = "base backups" if isinstance(db, ProtectedServer) else "backups"
+    fallback = f"{backups} are taken from the primary" if db.on_standby_lag == "primary" else f"{backups} fail"
+    endpoint = res.server if isinstance(db, ProtectedServer) else res.database
     try:
-        standby = res.database(db, conn_id=db.source_conn_id)
-        lag = standby_lag(standby, primary_mark(res.database(db)), limit)
+        standby = endpoint(db, conn_id=db.source_conn_id)
+        lag = standby_lag(standby, primary_mark(endpoint(db)), limit)
     except Exception as err:  # noqa: BLE001 - the failure is the result
         return CheckResult("standby_lag", db.name, False, f"{first_line(err)}: {fallback} meanwhile")
     problem = lag_problem(standby, lag, limit)
@@ -458,7 +461,7 @@ def check_pitr_server(
     except Exception as err:  # noqa: BLE001 - the failure is each check's result
         archive_url, backups = "", err
     copies = check_server_copies(server, res, now, None if isinstance(backups, Exception) else backups)
-    locks = [lock for lock in (check_server_object_lock(server, res),) if lock is not None]
+    optional = [c for c in (check_server_object_lock(server, res), check_standby(server, res)) if c is not None]
     try:
         endpoint = res.server(server)
         write_heartbeat(endpoint, source)
@@ -475,7 +478,7 @@ def check_pitr_server(
                 "archiver", name, False, f"cannot read the archiver state of server {name!r}: {first_line(err)}"
             ),
             *copies,
-            *locks,
+            *optional,
         ], {}
     lag_bytes, lag = wal_lag(state, current_lsn, segment_size, server_now, name, rpo)
     checks = [
@@ -483,7 +486,7 @@ def check_pitr_server(
         lag,
         cluster_identity_check(server, identifier, backups, archive_url),
         *copies,
-        *locks,
+        *optional,
     ]
     return checks, {f"wal_archive_lag_bytes.{name}": float(lag_bytes)}
 

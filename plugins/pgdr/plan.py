@@ -238,6 +238,12 @@ class ProtectedServer:
     notify: Notifications = field(default_factory=Notifications)
     line: int = 0
     restore: ServerRestoreTarget | None = None  # a whole-server recovery from the form runs there
+    # A hot standby of the server to take base backups from (pgdr.physical.basebackup), so the primary's disk reads
+    # nothing for them; the WAL archive stays the primary's. Used as a database's source_conn_id is (pgdr.logical.
+    # standby): one lagging more than max_standby_lag is not used, on_standby_lag says what then.
+    source_conn_id: str | None = None
+    max_standby_lag: timedelta = timedelta(minutes=5)
+    on_standby_lag: str = "primary"
 
 
 @dataclass(frozen=True)
@@ -456,7 +462,7 @@ def _closest(word: str, choices: set[str]) -> str | None:
 
 _TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health", "servers", "evidence"}
 _EVIDENCE_KEYS = {"storage", "key_conn_id", "keep"}
-_SERVER_KEYS = {"conn_id", "pitr", "restore"}
+_SERVER_KEYS = {"conn_id", "pitr", "restore", "source_conn_id", "max_standby_lag", "on_standby_lag"}
 _SERVER_RESTORE_KEYS = {"queue", "data_dir", "port", "os_user"}
 _QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _OS_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -966,6 +972,13 @@ def _parse_servers(
                 f"{key}.pitr",
                 "missing; say where the WAL archive and base backups go (pitr: {storage: ...})",
             )
+        standby = _parse_policy(
+            c,
+            {k: v for k, v in fields.items() if k in ("max_standby_lag", "on_standby_lag")},
+            key,
+            _Policy(max_standby_lag=first.max_standby_lag, on_standby_lag=first.on_standby_lag),
+            storages,
+        )
         servers.append(
             ProtectedServer(
                 name=name,
@@ -977,6 +990,13 @@ def _parse_servers(
                 restore=_parse_server_restore(c, fields["restore"][1], f"{key}.restore")
                 if "restore" in fields
                 else None,
+                source_conn_id=c.string(
+                    fields["source_conn_id"][1], f"{key}.source_conn_id", _CONN_ID, "an Airflow connection id"
+                )
+                if "source_conn_id" in fields
+                else None,
+                max_standby_lag=standby.max_standby_lag,
+                on_standby_lag=standby.on_standby_lag,
             )
         )
     return tuple(servers)

@@ -32,8 +32,8 @@ class Resources(Protocol):
     def restorer(self, db: ProtectedDatabase, server: PgEndpoint) -> PgEndpoint:
         """``server`` as the non-superuser role ``db`` is restored as."""
 
-    def server(self, server: ProtectedServer) -> PgEndpoint:
-        """A PITR server of the plan, as its connection says."""
+    def server(self, server: ProtectedServer, conn_id: str | None = None) -> PgEndpoint:
+        """A PITR server of the plan, as its connection (or ``conn_id``, its standby's) says."""
 
     def store(self, target: StorageTarget, pruning: bool = False) -> tuple[BackupStore, BackupLayout]:
         """A storage target of the plan, opened (``pruning``: with its pruner's credentials, the only ones that

@@ -37,6 +37,22 @@ def test_a_server_with_pitr_covers_every_database_on_it():
     assert graced.servers[0].pitr.wal_compression == "lz4"
     assert graced.servers[0].pitr.partial_grace == timedelta(minutes=45)
     assert graced.servers[0].restore is None
+    assert server.source_conn_id is None and server.on_standby_lag == "primary"
+    assert server.max_standby_lag == timedelta(minutes=5)
+    standby = _plan(
+        "servers:\n  main_conn:\n    pitr: {storage: s3}\n    source_conn_id: main_standby\n    on_standby_lag: fail\n"
+    ).servers[0]
+    assert (standby.source_conn_id, standby.on_standby_lag, standby.max_standby_lag) == (
+        "main_standby",
+        "fail",
+        timedelta(minutes=5),
+    )
+    inherited = parse_plan(
+        BASE.replace("{name: shop, conn_id: main_conn}", "{name: shop, conn_id: main_conn, max_standby_lag: 30s}")
+        + "servers:\n  main_conn:\n    pitr: {storage: s3}\n",
+        Path("/plans/pgdr.yaml"),
+    ).servers[0]
+    assert inherited.max_standby_lag == timedelta(seconds=30)  # its (first) database's, unless given
     target = (
         _plan(
             "servers:\n  main_conn:\n    pitr: {storage: s3}\n    restore: {queue: pgdr-db-new, data_dir: /var/lib/pg, "
@@ -86,6 +102,15 @@ def test_a_server_with_pitr_covers_every_database_on_it():
         (
             "servers:\n  main_conn:\n    pitr: {storage: s3, rpo: soon}\n",
             "servers.main_conn.pitr.rpo: expected a duration",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3}\n    on_standby_lag: wait\n",
+            "servers.main_conn.on_standby_lag: expected primary (back up from the primary, with a warning, when the "
+            "standby lags more than max_standby_lag) or fail (fail the backup), got 'wait'",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3}\n    source_conn_id: 'a b'\n",
+            "servers.main_conn.source_conn_id: expected an Airflow connection id",
         ),
         (
             "servers:\n  main_conn:\n    pitr: {storage: s3}\n    restore: {queue: new-host}\n",
@@ -323,11 +348,19 @@ def test_a_damaged_base_backup_record_is_refused():
         ),
     )
     raw = json.loads(dataclasses.replace(good, files=files).to_json())
+    assert "source" not in raw  # read on the primary: backup.json as a pgdr before the field reads it
     assert (
         BaseBackupRecord.from_json(json.dumps(raw).encode(), "w", layout, "main", good.backup_id).backup_id
         == good.backup_id
     )
+    standby = {"source": "standby", "source_conn_id": "pgdr_standby", "standby_lag_s": 0.4}
+    read_on_standby = dataclasses.replace(good, files=files, source=standby)
+    again = BaseBackupRecord.from_json(read_on_standby.to_json(), "w", layout, "main", good.backup_id)
+    assert again.source == standby and again.summary("s3://b/p")["source_conn_id"] == "pgdr_standby"
     for field, value, words in [
+        ("source", {"backup_id": "other"}, "source must be a mapping of source, source_conn_id, standby_lag_s"),
+        ("source", {"source": ["standby"]}, "to plain values"),
+        ("source", "standby", "to plain values"),
         ("files", [{**raw["files"][0], "key": "../../etc/passwd"}, raw["files"][1]], "outside this base backup"),
         ("start_lsn", "0/1; DROP", "must be an LSN"),
         ("parent", "x", "must be a backup id"),

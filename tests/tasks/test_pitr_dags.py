@@ -10,9 +10,9 @@ from conftest import BUCKET, PITR_PREFIX, PITR_SERVER
 pytestmark = pytest.mark.integration
 
 
-def _pitr_plan(plan, storage: dict | None = None, **pitr):
-    """The plan of the PITR server: its database 'shop', WAL archive and base backups on S3 (more ``storage`` targets
-    and ``pitr`` keys when given)."""
+def _pitr_plan(plan, storage: dict | None = None, server: dict | None = None, **pitr):
+    """The plan of the PITR server: its database 'shop', WAL archive and base backups on S3 (more ``storage`` targets,
+    ``server`` and ``pitr`` keys when given)."""
     return plan(
         databases=[{"name": "shop", "conn_id": "pgdr_pitr", "server": PITR_SERVER}],
         storage={
@@ -28,7 +28,8 @@ def _pitr_plan(plan, storage: dict | None = None, **pitr):
                     "incremental_schedule": "@hourly",
                     "archive_timeout": "10s",
                     **pitr,
-                }
+                },
+                **(server or {}),
             }
         },
     )
@@ -578,3 +579,152 @@ def test_a_moment_before_idle_segments_is_still_inside_the_window(pitr_plan, run
     planned = plan_point_in_time(pitr_plan.servers[0], AirflowResources(pitr_plan), target, tmp_path)
     assert planned["recovery_point_expected"] == target.isoformat()
     assert datetime.fromisoformat(planned["window"]["newest"]) >= after.replace(microsecond=0), planned["window"]
+
+
+def _checkpoints(server) -> tuple[int, int]:
+    """The checkpoints requested of ``server`` and the restartpoints requested of it (as a standby) so far."""
+    return tuple(_sql(server, "SELECT num_requested, restartpoints_req FROM pg_stat_checkpointer", "postgres")[0])
+
+
+def _replica_caught_up(primary, replica, timeout: float = 30) -> None:
+    import time
+
+    ((lsn,),) = _sql(primary, "SELECT pg_current_wal_insert_lsn()::text", "postgres")
+    deadline = time.monotonic() + timeout
+    while not _sql(replica, f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn", "postgres")[0][0]:
+        assert time.monotonic() < deadline, "the replica did not catch up"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def standby_plan(plan, env, pitr_server, pitr_replica, monkeypatch):
+    """The PITR plan with the server's base backups read on its streaming replica (source_conn_id)."""
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_PITR", pitr_server.connection_uri("shop"))
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_RESTORE", pitr_server.restore_connection_uri())
+    monkeypatch.setenv("AIRFLOW_CONN_PGDR_PITR_STANDBY", pitr_replica.connection_uri("postgres"))
+    return lambda **server: _pitr_plan(plan, server={"source_conn_id": "pgdr_pitr_standby", **server})
+
+
+def test_base_backups_read_on_the_standby_recover_from_the_primarys_archive(
+    standby_plan, run_dag, pitr_server, pitr_replica, s3_server, slack
+):
+    """A full and an incremental base backup taken on the replica: the primary takes no checkpoint for them (the
+    replica makes restartpoints), the records say where they were read, and pgdr_verify_pitr recovers the chain with
+    the WAL the primary archived, to a target proved by heartbeats."""
+    standby_plan()
+    catalog = catalog_of(s3_server)
+    before = {e.backup_id for e in catalog.backups()}
+    _replica_caught_up(pitr_server, pitr_replica)
+    primary_before, standby_before = _checkpoints(pitr_server), _checkpoints(pitr_replica)
+    full = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+    assert full.get_state() == "success", full.states
+    assert _checkpoints(pitr_server)[0] == primary_before[0]  # pg_basebackup -c fast asked the primary for nothing
+    assert _checkpoints(pitr_replica)[1] == standby_before[1] + 1  # but the replica for a restartpoint
+    _sql(pitr_server, "CREATE TABLE IF NOT EXISTS public.standby_base (n int)")
+    _sql(pitr_server, "INSERT INTO public.standby_base SELECT generate_series(1, 1000)")
+    incremental = run_dag("pgdr_basebackup", run_conf={"kind": "incremental"})
+    assert incremental.get_state() == "success", incremental.states
+    # The incremental one needs a restartpoint after the full one's end: after a quiet spell (no timed checkpoint on
+    # the primary since), pgdr asks the primary for one CHECKPOINT, then the replica makes its restartpoint
+    assert _checkpoints(pitr_server)[0] <= primary_before[0] + 1
+    assert _checkpoints(pitr_replica)[1] == standby_before[1] + 2
+    new = [e for e in catalog.backups() if e.backup_id not in before]
+    assert [e.record.kind for e in new] == ["full", "incremental"] and new[1].record.parent == new[0].backup_id
+    for entry in new:
+        assert entry.record.source["source"] == "standby", entry.record.source
+        assert entry.record.source["source_conn_id"] == "pgdr_pitr_standby"
+        assert (
+            entry.record.system_identifier
+            == _sql(pitr_server, "SELECT system_identifier::text FROM pg_control_system()", "postgres")[0][0]
+        )
+    assert _xcom(incremental, "take_base_backup")["source"] == "standby"
+
+    verify = run_dag("pgdr_verify_pitr", run_conf={"server": PITR_SERVER})
+    assert verify.get_state() == "success", verify.states
+    record = catalog.get(new[1].backup_id).verification
+    assert record.chain == [new[0].backup_id, new[1].backup_id]
+    assert record.target_check["heartbeats_before_target"] >= 1
+    assert record.databases["shop"]["integrity"]["amcheck_ok"] is True
+    # no alert (a "recovered" one may follow an earlier test's failed verification on this server)
+    assert not [t for t in slack.texts() if not t.startswith(":large_green_circle:")], slack.texts()
+    _sql(pitr_server, "DROP TABLE public.standby_base")
+
+
+def test_a_lagging_standby_is_not_used_for_base_backups(
+    standby_plan, run_dag, pitr_server, pitr_replica, s3_server, slack
+):
+    """Replay paused on the replica while the primary writes: with max_standby_lag 1s the base backup is read on the
+    primary with a Slack warning naming the lag; with on_standby_lag: fail it fails, and nothing is stored."""
+    import time
+
+    catalog = catalog_of(s3_server)
+    _sql(pitr_server, "CREATE TABLE IF NOT EXISTS public.standby_lagging (n int)")
+    _replica_caught_up(pitr_server, pitr_replica)  # a transaction replayed: its lag is then the time since
+    _sql(pitr_replica, "SELECT pg_wal_replay_pause()", "postgres")
+    try:
+        _sql(pitr_server, "INSERT INTO public.standby_lagging VALUES (1)")
+        time.sleep(1.5)
+        standby_plan(max_standby_lag="1s")
+        slack.clear()
+        fallback = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+        assert fallback.get_state() == "success", fallback.states
+        (warning,) = slack.texts()
+        assert warning.startswith(
+            f":warning: [pgdr] The base backup of server '{PITR_SERVER}' was taken from the primary, not its standby "
+            "(source_conn_id pgdr_pitr_standby):"
+        ), warning
+        assert "behind the primary (max_standby_lag 1.0s)" in warning
+        newest = catalog.backups()[-1]
+        assert newest.record.source is None and "source" not in json.loads(
+            catalog.store.get_bytes(catalog.layout.record_key(PITR_SERVER, newest.backup_id))
+        )
+
+        slack.clear()
+        run_dag("pgdr_health")  # the server's standby, checked as a database's
+        assert any(
+            f"{PITR_SERVER}: standby_lag: database 'postgres' at 127.0.0.1:{pitr_replica.port} as user 'postgres' "
+            "(Airflow connection 'pgdr_pitr_standby') lags "
+            in t
+            and "base backups are taken from the primary meanwhile" in t
+            for t in slack.texts()
+        ), slack.texts()
+
+        standby_plan(max_standby_lag="1s", on_standby_lag="fail")
+        slack.clear()
+        failed = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
+    finally:
+        _sql(pitr_replica, "SELECT pg_wal_replay_resume()", "postgres")
+        _sql(pitr_server, "DROP TABLE IF EXISTS public.standby_lagging")
+    assert failed.states["take_base_backup[0]"] == "failed", failed.states
+    assert catalog.backups()[-1].backup_id == newest.backup_id  # nothing stored
+    assert any(
+        f"The base backup of server '{PITR_SERVER}' is taken from its standby (source_conn_id pgdr_pitr_standby), but"
+        in t
+        and "on_standby_lag: fail, so nothing was read from the primary" in t
+        for t in slack.texts()
+    ), slack.texts()
+
+
+def test_a_standby_of_another_cluster_is_refused_before_anything_is_read():
+    from dataclasses import replace
+
+    from pgdr.errors import PermanentFailure
+    from pgdr.physical.archive import ArchiverState
+    from pgdr.physical.basebackup import ServerFacts, check_standby_of
+    from pgdr.postgres.client import PgEndpoint
+
+    state = ArchiverState(0, None, None, 0, None, None)
+    primary = ServerFacts("7400000000000000001", 180000, 1, 16 << 20, "on", "on", state)
+    standby = PgEndpoint("10.0.0.9", 5432, "backup", "postgres", None, conn_id="pgdr_pitr_standby")
+    check_standby_of(standby, primary, primary, "main")  # the same cluster: nothing to say
+    with pytest.raises(PermanentFailure) as err:
+        check_standby_of(standby, replace(primary, system_identifier="7"), primary, "main")
+    assert str(err.value).startswith(
+        "The standby of server 'main', database 'postgres' at 10.0.0.9:5432 as user 'backup' (Airflow connection "
+        "'pgdr_pitr_standby'), is not a replica of it: its system identifier is 7 on timeline 1, the primary's "
+        "7400000000000000001 on timeline 1. No base backup was taken"
+    ), err.value
+    with pytest.raises(PermanentFailure, match="on timeline 2, the primary's"):
+        check_standby_of(standby, replace(primary, timeline=2), primary, "main")
+    with pytest.raises(PermanentFailure, match="the primary runs with full_page_writes = off: a page copied on a"):
+        check_standby_of(standby, primary, replace(primary, full_page_writes="off"), "main")

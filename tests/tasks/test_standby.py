@@ -138,7 +138,7 @@ def test_a_standby_lagging_past_the_plan_is_not_used(
         plan(databases=[{**database, "on_standby_lag": "fail"}])
         failed = run_dag("pgdr_backup")
     assert failed.states["protect_pgdr_shop.back_up[0]"] == "failed", failed.states
-    assert any("The plan says on_standby_lag: fail, so nothing was dumped from the primary" in t for t in slack.texts())
+    assert any("The plan says on_standby_lag: fail, so nothing was read from the primary" in t for t in slack.texts())
 
 
 def test_a_source_that_is_not_a_standby_or_cannot_be_reached_is_not_used(pg_server, tmp_path):

@@ -122,9 +122,12 @@ def restore_endpoint(db: ProtectedDatabase, plan: DRPlan | None, server: PgEndpo
     )
 
 
-def server_endpoint(server: ProtectedServer, plan: DRPlan | None = None) -> PgEndpoint:
-    """Return the endpoint of a PITR server's own connection (base backups, heartbeats, archiver state)."""
-    conn = get_connection(server.conn_id, f"PostgreSQL server {server.name!r} (point-in-time recovery)", plan)
+def server_endpoint(server: ProtectedServer, plan: DRPlan | None = None, conn_id: str | None = None) -> PgEndpoint:
+    """Return the endpoint of a PITR server's own connection (base backups, heartbeats, archiver state), or of
+    ``conn_id`` (its standby)."""
+    conn_id = conn_id or server.conn_id
+    role = "point-in-time recovery" if conn_id == server.conn_id else "its standby, source_conn_id"
+    conn = get_connection(conn_id, f"PostgreSQL server {server.name!r} ({role})", plan)
     extra = conn.extra_dejson or {}
     return PgEndpoint(
         host=conn.host or "localhost",
@@ -133,7 +136,7 @@ def server_endpoint(server: ProtectedServer, plan: DRPlan | None = None) -> PgEn
         password=conn.password or None,
         dbname="postgres",
         sslmode=extra.get("sslmode"),
-        conn_id=server.conn_id,
+        conn_id=conn_id,
     )
 
 
@@ -252,8 +255,8 @@ class AirflowResources:
     def restorer(self, db: ProtectedDatabase, server: PgEndpoint) -> PgEndpoint:
         return restore_endpoint(db, self.plan, server)
 
-    def server(self, server: ProtectedServer) -> PgEndpoint:
-        return server_endpoint(server, self.plan)
+    def server(self, server: ProtectedServer, conn_id: str | None = None) -> PgEndpoint:
+        return server_endpoint(server, self.plan, conn_id=conn_id)
 
     def store(self, target: StorageTarget, pruning: bool = False) -> tuple[BackupStore, BackupLayout]:
         return open_store(target, self.plan, pruning)

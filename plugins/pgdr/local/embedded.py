@@ -199,10 +199,13 @@ class EmbeddedServer:
         return self
 
     @classmethod
-    def replica_of(cls, primary: EmbeddedServer, root: Path) -> EmbeddedServer:
+    def replica_of(cls, primary: EmbeddedServer, root: Path, settings: dict[str, str] | None = None) -> EmbeddedServer:
         """Make and start a hot standby of ``primary`` in ``root``: ``pg_basebackup -R`` (streaming from it, its
-        password in a file only the server's user reads). For tests and benchmarks of backups from a standby."""
-        replica = cls(root, password=primary.password, restore_password=primary.restore_password)
+        password in a file only the server's user reads), with ``settings`` of its own (the primary's archiving is not
+        copied). For tests and benchmarks of backups from a standby."""
+        replica = cls(
+            root, password=primary.password, restore_password=primary.restore_password, settings=settings or {}
+        )
         replica.root.mkdir(parents=True)
         replica.root.chmod(0o755)
         passfile = replica.root / "primary.pgpass"  # the walreceiver's too: pg_basebackup -R names it

@@ -1,6 +1,7 @@
-"""Logical backups from a hot standby, so that the primary does not read a single table for them (#31).
+"""Backups from a hot standby, so that the primary does not read a single table for them (#31).
 
-A database of the plan may name ``source_conn_id``: a streaming replica of its server. Before each backup pgdr asks
+A database of the plan may name ``source_conn_id``: a streaming replica of its server; so may a PITR server, for its
+base backups (:mod:`pgdr.physical.basebackup`, which says what differs there). Before each backup pgdr asks
 the primary for its current WAL position and the standby how far it has replayed:
 
 - its lag is how long it takes to replay everything the primary had written when asked (0 when it has already);
@@ -28,7 +29,7 @@ from datetime import datetime
 
 from pgdr.errors import PgdrError
 from pgdr.messages import first_line, format_duration
-from pgdr.plan import ProtectedDatabase
+from pgdr.plan import ProtectedDatabase, ProtectedServer
 from pgdr.postgres.client import PgEndpoint, connect
 
 log = logging.getLogger(__name__)
@@ -131,19 +132,25 @@ def lag_problem(standby: PgEndpoint, lag: float | None, limit_s: float) -> str |
     return None
 
 
-def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoint | None) -> BackupSource:
-    """Return where to dump ``db`` from: its standby when it names one that is usable, else the primary (with a note
-    saying why) or :class:`StandbyNotUsable`, as ``db.on_standby_lag`` says."""
+def choose_source(
+    db: ProtectedDatabase | ProtectedServer, primary: PgEndpoint, standby: PgEndpoint | None
+) -> BackupSource:
+    """Return where to back ``db`` up from (a database of the plan, or a PITR server for its base backups): its
+    standby when it names one that is usable, else the primary (with a note saying why) or :class:`StandbyNotUsable`,
+    as ``db.on_standby_lag`` says."""
     import psycopg
 
     if standby is None:
         return BackupSource(primary)
+    what = f"backup of database {db.name!r}"
+    if isinstance(db, ProtectedServer):
+        what = f"base backup of server {db.name!r}"
     limit = db.max_standby_lag.total_seconds()
     try:
         lag = standby_lag(standby, primary_mark(primary), limit)
         problem = lag_problem(standby, lag, limit)
         if problem is None:
-            log.info("Backing up %r from its standby %s (lag %.1fs).", db.name, standby.describe(), lag)
+            log.info("Taking the %s from its standby %s (lag %.1fs).", what, standby.describe(), lag)
             return BackupSource(standby, primary, lag)
     except StandbyNotUsable as err:
         lag, problem = None, str(err)
@@ -151,13 +158,13 @@ def choose_source(db: ProtectedDatabase, primary: PgEndpoint, standby: PgEndpoin
         lag, problem = None, f"{standby.describe()} could not be asked for its lag ({first_line(str(err))})"
     if db.on_standby_lag == "fail":
         raise StandbyNotUsable(
-            f"The backup of database {db.name!r} is taken from its standby (source_conn_id {db.source_conn_id}), "
-            f"but {problem}. The plan says on_standby_lag: fail, so nothing was dumped from the primary; the task "
+            f"The {what} is taken from its standby (source_conn_id {db.source_conn_id}), "
+            f"but {problem}. The plan says on_standby_lag: fail, so nothing was read from the primary; the task "
             "retries after its retry delay. Check the replica's replication (pg_stat_replication on the primary), "
             "or set on_standby_lag: primary to back up from the primary meanwhile."
         )
     note = (
-        f"The backup of database {db.name!r} was taken from the primary, not its standby (source_conn_id "
+        f"The {what} was taken from the primary, not its standby (source_conn_id "
         f"{db.source_conn_id}): {problem}. Check the replica's replication (pg_stat_replication on the primary)."
     )
     log.warning("%s", note)

@@ -12,6 +12,13 @@ has no timeout: with a failing archiver it would wait forever. pgdr therefore wa
 ``pg_stat_archiver`` while the backup runs and stops it, with an error that names the failing
 segment, as soon as archiving fails.
 
+A server of the plan may name ``source_conn_id``, a hot standby: the base backup is then read there (the primary's
+disk reads nothing for it), chosen as a logical backup's source is (:func:`pgdr.logical.standby.choose_source`: a
+standby lagging past ``max_standby_lag`` is not used). The WAL archive stays the primary's: a standby that does not
+archive itself (``archive_mode = on``, not ``always``) does not wait for it at the backup's end, so pgdr closes the
+primary's current segment and waits until the primary has archived it before the backup is recorded. The standby must
+be the same cluster (system identifier) as the primary, else nothing is taken.
+
 Each file is hashed (SHA-256) and uploaded; the record (``backup.json``) is written last.
 """
 
@@ -27,8 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pgdr.errors import DumpFailed, PermanentFailure
+from pgdr.logical.standby import BackupSource
 from pgdr.physical.archive import ArchiverFailing, ArchiverState, archiver_state, segment_of_lsn
 from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry, BaseBackupFile, BaseBackupRecord
+from pgdr.physical.heartbeat import switch_and_wait_archived
 from pgdr.postgres.client import PgEndpoint, connect, endpoint_conninfo, passfile_env, pg_tool, tool_error
 from pgdr.storage.backends import BackupStore, sha256_stream
 from pgdr.storage.layout import PhysicalLayout, new_backup_id
@@ -48,6 +57,7 @@ class ServerFacts:
     archive_mode: str
     summarize_wal: str
     archiver: ArchiverState  # when the backup started
+    full_page_writes: str = "on"  # off: no base backup can be taken on its standby
 
 
 def server_facts(endpoint: PgEndpoint) -> ServerFacts:
@@ -57,9 +67,9 @@ def server_facts(endpoint: PgEndpoint) -> ServerFacts:
             "SELECT (SELECT system_identifier::text FROM pg_control_system()), "
             "current_setting('server_version_num')::int, (SELECT timeline_id FROM pg_control_checkpoint()), (SELECT "
             "setting::int * 1 FROM pg_settings WHERE name = 'wal_segment_size'), current_setting('archive_mode'), "
-            "current_setting('summarize_wal', true)"
+            "current_setting('summarize_wal', true), current_setting('full_page_writes')"
         ).fetchone()
-        return ServerFacts(*row, archiver_state(conn))
+        return ServerFacts(*row[:6], archiver_state(conn), row[6])
 
 
 def check_archiving(facts: ServerFacts, endpoint: PgEndpoint, archive_url: str) -> None:
@@ -111,6 +121,73 @@ def check_same_cluster(facts, newest, server: str, archive_url: str) -> None:
         raise ForeignCluster(foreign_cluster_message(server, newest, facts.system_identifier, archive_url))
 
 
+# How long a base backup taken on a standby waits for the primary to archive the segment holding its end.
+STANDBY_ARCHIVE_WAIT_S = 900.0
+
+
+def check_standby_of(standby: PgEndpoint, at: ServerFacts, primary: ServerFacts, server: str) -> None:
+    """Refuse a "standby" that is another cluster than the primary's (its base backup would mix into the archive), or
+    the standby of a primary that writes no full-page images (PostgreSQL refuses it: the copy could hold torn pages)."""
+    if primary.full_page_writes != "on":
+        raise PermanentFailure(
+            f"The base backup of server {server!r} is to be read on its standby ({standby.describe()}), but the "
+            "primary runs with full_page_writes = off: a page copied on a standby could then be torn, so PostgreSQL "
+            "refuses the backup there. No base backup was taken. Set full_page_writes = on on the primary (a "
+            "reload, then CHECKPOINT), or remove the server's source_conn_id from the DR plan to back up from the "
+            "primary."
+        )
+    if at.system_identifier != primary.system_identifier or at.timeline != primary.timeline:
+        raise PermanentFailure(
+            f"The standby of server {server!r}, {standby.describe()}, is not a replica of it: its system identifier "
+            f"is {at.system_identifier} on timeline {at.timeline}, the primary's {primary.system_identifier} on "
+            f"timeline {primary.timeline}. No base backup was taken, so nothing of another cluster is mixed into "
+            "the archive. Point the server's source_conn_id in the DR plan at a streaming replica of this primary "
+            "(or remove it to back up from the primary)."
+        )
+
+
+STANDBY_REPLAY_WAIT_S = 60.0  # how long an incremental one on a standby waits for it to replay the primary's checkpoint
+
+
+def restartpoint_after(primary: PgEndpoint, standby: PgEndpoint, lsn: str, server: str) -> None:
+    """Make sure an incremental base backup on ``standby`` can start after ``lsn`` (its parent's end).
+
+    On a standby a base backup starts at a restartpoint, which only a checkpoint record the primary wrote can give:
+    after a quiet spell the newest one may be older than the parent's end, and PostgreSQL refuses the backup. When
+    the primary's newest checkpoint is that old, pgdr asks the primary for one (``CHECKPOINT``, which its role needs
+    ``pg_checkpoint`` for: the write of dirty pages the primary would do at its next timed checkpoint anyway), then
+    waits until the standby has replayed it.
+    """
+    import psycopg
+
+    from pgdr.logical.standby import PrimaryMark, replay_position
+    from pgdr.physical.archive import lsn_to_int
+
+    with connect(primary, application_name="pgdr-basebackup") as conn:
+        checkpoint, redo, at = conn.execute(
+            "SELECT checkpoint_lsn::text, redo_lsn::text, now() FROM pg_control_checkpoint()"
+        ).fetchone()
+        if lsn_to_int(redo) < lsn_to_int(lsn):
+            try:
+                conn.execute("CHECKPOINT")
+            except psycopg.errors.InsufficientPrivilege:
+                raise DumpFailed(
+                    f"The incremental base backup of server {server!r} on its standby cannot start yet: the primary "
+                    f"has written no checkpoint since the parent base backup ended (at {lsn}), and its role "
+                    f"({primary.describe()}) may not request one. Grant it pg_checkpoint (GRANT pg_checkpoint TO "
+                    f"{primary.user}); meanwhile the task retries, and succeeds after the primary's next timed "
+                    "checkpoint (checkpoint_timeout)."
+                ) from None
+            checkpoint, at = conn.execute("SELECT checkpoint_lsn::text, now() FROM pg_control_checkpoint()").fetchone()
+    if not replay_position(standby, PrimaryMark(checkpoint, at), STANDBY_REPLAY_WAIT_S).caught_up:
+        raise DumpFailed(
+            f"The incremental base backup of server {server!r} on its standby ({standby.describe()}) cannot start: "
+            f"the standby has not replayed the primary's checkpoint at {checkpoint} within "
+            f"{STANDBY_REPLAY_WAIT_S:.0f}s. Check its replication (pg_stat_replication on the primary); the task "
+            "retries."
+        )
+
+
 def take_base_backup(
     server: str,
     endpoint: PgEndpoint,
@@ -121,21 +198,30 @@ def take_base_backup(
     parent: BaseBackupEntry | None = None,
     airflow_info: dict | None = None,
     newest: BaseBackupEntry | None = None,
+    source: BackupSource | None = None,
 ) -> BaseBackupRecord:
     """Take a full base backup of ``server`` (or an incremental one on ``parent``) into ``store``.
 
+    :param endpoint: the server (the primary, whose archiver ships the WAL).
     :param workdir: a private, empty directory; the caller removes it.
     :param archive_url: where the server archives its WAL (for messages).
     :param newest: the server's newest base backup: a server whose cluster is another one's is refused.
+    :param source: where to read the backup (:func:`pgdr.logical.standby.choose_source`); None: ``endpoint``.
     :raises ArchiverFailing: when the server's archive_command fails while the backup waits for it.
     :raises ForeignCluster: when the server is not the cluster whose base backups and WAL the prefix holds.
     """
     facts = server_facts(endpoint)
     check_same_cluster(facts, newest or parent, server, archive_url)
     check_archiving(facts, endpoint, archive_url)
+    standby = source.endpoint if source is not None and source.primary_mark_from is not None else None
+    read_from = standby or endpoint
+    at = facts
+    if standby is not None:
+        at = server_facts(standby)  # its version and summarize_wal are the ones pg_basebackup meets
+        check_standby_of(standby, at, facts, server)
     args = [
         pg_tool("pg_basebackup"),
-        f"--dbname={endpoint_conninfo(endpoint)}",
+        f"--dbname={endpoint_conninfo(read_from)}",
         "-D",
         str(workdir / "backup"),
         "-Ft",
@@ -149,26 +235,28 @@ def take_base_backup(
         "--label=pgdr",
     ]
     if parent is not None:
-        if facts.pg_version < 170000:
+        if at.pg_version < 170000:
             raise PermanentFailure(
-                f"Incremental base backups need PostgreSQL 17 or newer; the server of {endpoint.describe()} runs "
-                f"{facts.pg_version // 10000}. Set incremental_schedule: null for it in the DR plan."
+                f"Incremental base backups need PostgreSQL 17 or newer; the server of {read_from.describe()} runs "
+                f"{at.pg_version // 10000}. Set incremental_schedule: null for it in the DR plan."
             )
-        if facts.summarize_wal != "on":
+        if at.summarize_wal != "on":
             raise PermanentFailure(
-                f"The server of {endpoint.describe()} has summarize_wal = {facts.summarize_wal or 'off'}, which "
+                f"The server of {read_from.describe()} has summarize_wal = {at.summarize_wal or 'off'}, which "
                 "incremental base backups need. Add 'summarize_wal = on' to its postgresql.conf and reload it (no "
                 "restart needed); the next full base backup starts the first chain."
             )
         manifest = workdir / "parent_backup_manifest"
         download_checked(store, parent.record.file("backup_manifest"), manifest)
         args.append(f"--incremental={manifest}")
+        if standby is not None:
+            restartpoint_after(endpoint, standby, parent.record.end_lsn, server)
 
     started_at = datetime.now(UTC)
     t0 = time.monotonic()
     found: list = []
     stop = threading.Event()
-    with passfile_env(endpoint, workdir) as env:
+    with passfile_env(read_from, workdir) as env:
         process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         watcher = threading.Thread(target=_watch_archiver, args=(endpoint, facts, process, stop, found), daemon=True)
         watcher.start()
@@ -187,7 +275,7 @@ def take_base_backup(
             "for the server's OS user); the task will retry."
         )
     if process.returncode != 0:
-        error = tool_error(endpoint, f"pg_basebackup of server {server!r}", stderr, DumpFailed)
+        error = tool_error(read_from, f"pg_basebackup of server {server!r}", stderr, DumpFailed)
         if "summar" in stderr.lower() and parent is not None:
             raise PermanentFailure(
                 f"{error} The server has no WAL summaries reaching back to the parent base backup "
@@ -195,6 +283,9 @@ def take_base_backup(
                 "wal_summary_keep_time). Take a full base backup (trigger pgdr_basebackup with kind=full)."
             ) from None
         raise error
+    if standby is not None:  # the primary archives the WAL: its segment holding the backup's end must be there first
+        segment = switch_and_wait_archived(endpoint, STANDBY_ARCHIVE_WAIT_S)
+        log.info("Base backup read on the standby; the primary archived its WAL up to %s.", segment)
     backup_seconds = time.monotonic() - t0
     finished_at = datetime.now(UTC)
 
@@ -216,8 +307,8 @@ def take_base_backup(
     try:
         for path in (out / "base.tar.gz", out / "backup_manifest"):  # the manifest after the data
             key = layout.file_key(server, backup_id, path.name)
-            with open(path, "rb") as source:
-                size, sha256 = sha256_stream(source)
+            with open(path, "rb") as stream:
+                size, sha256 = sha256_stream(stream)
             store.put_file(key, path)
             uploaded.append(key)
             files.append(BaseBackupFile(name=path.name, key=key, size=size, sha256=sha256))
@@ -237,6 +328,7 @@ def take_base_backup(
             wal_segment_size=facts.wal_segment_size,
             files=tuple(files),
             airflow={k: v for k, v in (airflow_info or {}).items() if v is not None} or None,
+            source=source.summary() if standby is not None else None,
         )
         BaseBackupCatalog(store, layout, server).write_record(record)
     except Exception:
@@ -248,10 +340,12 @@ def take_base_backup(
             )
         raise
     log.info(
-        "%s base backup %s of server %r: %.1f MB in %.1fs (pg_basebackup) + %.1fs (upload); WAL from %s.",
+        "%s base backup %s of server %r (read on the %s): %.1f MB in %.1fs (pg_basebackup) + %.1fs (upload); WAL "
+        "from %s.",
         record.kind.capitalize(),
         backup_id,
         server,
+        "standby" if standby else "primary",
         record.size / 1e6,
         backup_seconds,
         time.monotonic() - t1,

@@ -46,6 +46,9 @@ class BaseBackupFile:
     sha256: str
 
 
+SOURCE_FIELDS = {"source", "source_conn_id", "standby_lag_s"}  # a record's ``source`` (BackupSource.summary())
+
+
 @dataclass(frozen=True)
 class BaseBackupRecord:
     """What pgdr knows of one base backup; stored as ``backup.json``, written last."""
@@ -66,6 +69,10 @@ class BaseBackupRecord:
     files: tuple[BaseBackupFile, ...]
     airflow: dict[str, Any] | None = None
     record_format: int = RECORD_FORMAT
+    # Where pg_basebackup read it: {"source": "standby", "source_conn_id": ..., "standby_lag_s": ...} when a hot
+    # standby of the server (its source_conn_id); None: the primary (the field is then left out of backup.json, so a
+    # pgdr that predates it reads the record).
+    source: dict[str, Any] | None = None
 
     @property
     def size(self) -> int:
@@ -88,12 +95,15 @@ class BaseBackupRecord:
             "stored_bytes": self.size,
             "start_wal": self.start_wal,
             "location": location,
+            **(self.source or {"source": "primary"}),
         }
 
     def to_json(self) -> bytes:
         data = asdict(self)
         data["started_at"] = self.started_at.isoformat()
         data["finished_at"] = self.finished_at.isoformat()
+        if self.source is None:
+            del data["source"]
         return json.dumps(data, indent=2).encode()
 
     @classmethod
@@ -107,7 +117,7 @@ class BaseBackupRecord:
         if (
             not isinstance(data, dict)
             or not set(data) <= fields
-            or not (fields - {"airflow", "record_format"}) <= set(data)
+            or not (fields - {"airflow", "record_format", "source"}) <= set(data)
         ):
             raise _invalid(where, "the record", f"must have the fields {', '.join(sorted(fields))}")
         if data["record_format"] != RECORD_FORMAT:
@@ -144,6 +154,13 @@ class BaseBackupRecord:
                 raise _invalid(where, name, "must carry a UTC offset")
         if data.get("airflow") is not None and not isinstance(data["airflow"], dict):
             raise _invalid(where, "airflow", "must be a mapping")
+        source = data.get("source")
+        if source is not None and not (
+            isinstance(source, dict)
+            and set(source) <= SOURCE_FIELDS
+            and all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in source.values())
+        ):
+            raise _invalid(where, "source", f"must be a mapping of {', '.join(sorted(SOURCE_FIELDS))} to plain values")
         files = []
         if not isinstance(data["files"], list) or not data["files"]:
             raise _invalid(where, "files", "must be a non-empty list")

@@ -42,16 +42,23 @@ def run_base_backup(job: dict[str, str], context) -> dict[str, Any]:
     """Body of ``take_base_backup``: a full or incremental base backup of one server; emits the asset event."""
     from pgdr.airflow_glue.assets import BASE_BACKUP_ASSET
     from pgdr.airflow_glue.connections import server_endpoint
+    from pgdr.airflow_glue.notify import send_slack
+    from pgdr.logical.standby import choose_source
     from pgdr.physical.basebackup import parent_for, take_base_backup
 
     with fail_fast():
         plan, server, store, archive, catalog = pitr_server_context(job["server"], context)
         entries = catalog.backups()
         parent = parent_for(job["kind"], entries, server.name)
+        primary = server_endpoint(server, plan)
+        standby = server_endpoint(server, plan, conn_id=server.source_conn_id) if server.source_conn_id else None
+        source = choose_source(server, primary, standby)
+        if source.note:
+            send_slack(f":warning: [pgdr] {source.note}", server.databases[0], context)  # its databases' notify
         with task_workdir(context, f"basebackup-{server.name}") as workdir:
             record = take_base_backup(
                 server.name,
-                server_endpoint(server, plan),
+                primary,
                 store,
                 archive.layout,
                 workdir,
@@ -59,6 +66,7 @@ def run_base_backup(job: dict[str, str], context) -> dict[str, Any]:
                 parent,
                 _airflow_info(context),
                 newest=entries[-1] if entries else None,
+                source=source,
             )
     context[CONTEXT_BACKUP_ID] = record.backup_id
     summary = record.summary(store.describe(archive.layout.base_backup_prefix(server.name, record.backup_id)))
@@ -96,6 +104,7 @@ def run_check_stored(backup: dict[str, Any], context) -> dict[str, Any]:
             "system_identifier": record.system_identifier,
             "timeline": record.timeline,
             "lsn": [record.start_lsn, record.end_lsn],
+            "read_on": record.source or {"source": "primary"},
             "stored_intact": {"check": "pg_verifybackup on the stored bytes", "seconds": round(seconds, 2)},
             "files": [{"key": f.key, "sha256": f.sha256, "size": f.size} for f in record.files],
         }
