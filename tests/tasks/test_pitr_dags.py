@@ -728,3 +728,27 @@ def test_a_standby_of_another_cluster_is_refused_before_anything_is_read():
         check_standby_of(standby, replace(primary, timeline=2), primary, "main")
     with pytest.raises(PermanentFailure, match="the primary runs with full_page_writes = off: a page copied on a"):
         check_standby_of(standby, primary, replace(primary, full_page_writes="off"), "main")
+
+
+def test_an_incremental_on_a_standby_whose_primary_role_may_not_checkpoint_says_what_to_grant(
+    pitr_server, pitr_replica
+):
+    """The primary's newest checkpoint is older than the parent's end and the server's role lacks pg_checkpoint: the
+    task is told what to grant, and retries (a DumpFailed), instead of pg_basebackup's refusal."""
+    from pgdr.errors import DumpFailed, PermanentFailure
+    from pgdr.physical.basebackup import restartpoint_after
+    from pgdr.postgres.client import PgEndpoint
+
+    _sql(pitr_server, "DROP ROLE IF EXISTS pgdr_no_checkpoint")
+    _sql(pitr_server, "CREATE ROLE pgdr_no_checkpoint LOGIN PASSWORD 'no-checkpoint-pw'")
+    try:
+        primary = PgEndpoint("127.0.0.1", pitr_server.port, "pgdr_no_checkpoint", "postgres", "no-checkpoint-pw")
+        standby = PgEndpoint("127.0.0.1", pitr_replica.port, "postgres", "postgres", pitr_replica.password)
+        with pytest.raises(DumpFailed) as err:
+            restartpoint_after(primary, standby, "FF/0", "main")  # an end no checkpoint has reached
+        assert not isinstance(err.value, PermanentFailure)
+        assert "the primary has written no checkpoint since the parent base backup ended (at FF/0)" in str(err.value)
+        assert "Grant it pg_checkpoint (GRANT pg_checkpoint TO pgdr_no_checkpoint)" in str(err.value)
+        assert "no-checkpoint-pw" not in str(err.value)
+    finally:
+        _sql(pitr_server, "DROP ROLE pgdr_no_checkpoint")
