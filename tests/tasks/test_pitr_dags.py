@@ -721,11 +721,10 @@ def test_a_standby_of_another_cluster_is_refused_before_anything_is_read():
         check_standby_of(standby, replace(primary, system_identifier="7"), primary, "main")
     assert str(err.value).startswith(
         "The standby of server 'main', database 'postgres' at 10.0.0.9:5432 as user 'backup' (Airflow connection "
-        "'pgdr_pitr_standby'), is not a replica of it: its system identifier is 7 on timeline 1, the primary's "
-        "7400000000000000001 on timeline 1. No base backup was taken"
+        "'pgdr_pitr_standby'), is not a replica of it: its system identifier is 7, the primary's "
+        "7400000000000000001. No base backup was taken"
     ), err.value
-    with pytest.raises(PermanentFailure, match="on timeline 2, the primary's"):
-        check_standby_of(standby, replace(primary, timeline=2), primary, "main")
+    check_standby_of(standby, replace(primary, timeline=2), primary, "main")  # stale for a while after a failover
     with pytest.raises(PermanentFailure, match="the primary runs with full_page_writes = off: a page copied on a"):
         check_standby_of(standby, primary, replace(primary, full_page_writes="off"), "main")
 
@@ -752,3 +751,31 @@ def test_an_incremental_on_a_standby_whose_primary_role_may_not_checkpoint_says_
         assert "no-checkpoint-pw" not in str(err.value)
     finally:
         _sql(pitr_server, "DROP ROLE pgdr_no_checkpoint")
+
+
+def test_the_end_of_a_standbys_base_backup_is_awaited_in_the_primarys_archive_even_without_pg_switch_wal(
+    pitr_server,
+):
+    """A role that may not switch WAL: pgdr waits for the primary's archive_timeout (10 s here) to close and archive
+    the segment, and names a segment that never comes within the wait."""
+    from pgdr.physical.archive import ArchiverFailing
+    from pgdr.physical.basebackup import wait_archived_by_primary
+    from pgdr.postgres.client import PgEndpoint
+
+    _sql(pitr_server, "DROP ROLE IF EXISTS pgdr_no_switch")
+    _sql(pitr_server, "CREATE ROLE pgdr_no_switch LOGIN PASSWORD 'no-switch-pw'")
+    try:
+        primary = PgEndpoint("127.0.0.1", pitr_server.port, "pgdr_no_switch", "postgres", "no-switch-pw")
+        ((segment,),) = _sql(pitr_server, "SELECT pg_walfile_name(pg_current_wal_insert_lsn())", "postgres")
+        _sql(
+            pitr_server,
+            "CREATE TABLE IF NOT EXISTS public.switch_wait (n int); INSERT INTO public.switch_wait VALUES (1)",
+        )
+        wait_archived_by_primary(primary, segment, 60)
+        ((archived,),) = _sql(pitr_server, "SELECT last_archived_wal FROM pg_stat_archiver", "postgres")
+        assert archived[:24] >= segment
+        with pytest.raises(ArchiverFailing, match="did not archive WAL segment 0000000100000FFF000000FF, the end of"):
+            wait_archived_by_primary(primary, "0000000100000FFF000000FF", 1)
+    finally:
+        _sql(pitr_server, "DROP ROLE pgdr_no_switch")
+        _sql(pitr_server, "DROP TABLE IF EXISTS public.switch_wait")

@@ -136,14 +136,54 @@ def check_standby_of(standby: PgEndpoint, at: ServerFacts, primary: ServerFacts,
             "reload, then CHECKPOINT), or remove the server's source_conn_id from the DR plan to back up from the "
             "primary."
         )
-    if at.system_identifier != primary.system_identifier or at.timeline != primary.timeline:
+    # (not the timeline: a standby's control file names the one of its last restartpoint, stale for a while after a
+    # failover; pg_basebackup records the timeline the backup's WAL is on)
+    if at.system_identifier != primary.system_identifier:
         raise PermanentFailure(
             f"The standby of server {server!r}, {standby.describe()}, is not a replica of it: its system identifier "
-            f"is {at.system_identifier} on timeline {at.timeline}, the primary's {primary.system_identifier} on "
-            f"timeline {primary.timeline}. No base backup was taken, so nothing of another cluster is mixed into "
-            "the archive. Point the server's source_conn_id in the DR plan at a streaming replica of this primary "
-            "(or remove it to back up from the primary)."
+            f"is {at.system_identifier}, the primary's {primary.system_identifier}. No base backup was taken, so "
+            "nothing of another cluster is mixed into the archive. Point the server's source_conn_id in the DR plan "
+            "at a streaming replica of this primary (or remove it to back up from the primary)."
         )
+
+
+def wait_archived_by_primary(primary: PgEndpoint, segment: str, timeout_s: float) -> None:
+    """Wait until ``primary`` has archived WAL ``segment`` (the end of a base backup read on its standby): at once by
+    closing its current segment (``pg_switch_wal()``), else, when its role may not, by its ``archive_timeout``.
+
+    :raises ArchiverFailing: when archiving fails meanwhile, or has not got there in ``timeout_s``.
+    """
+    import psycopg
+
+    from pgdr.physical.archive import archived_segment
+
+    try:
+        switch_and_wait_archived(primary, timeout_s)  # a segment after the backup's end: so it too is archived
+        return
+    except psycopg.errors.InsufficientPrivilege:
+        log.info("The primary's role may not switch WAL (pg_switch_wal): waiting for its archive_timeout instead.")
+    started = time.monotonic()
+    with connect(primary, application_name="pgdr-basebackup") as conn:
+        before = archiver_state(conn)
+        while True:
+            state = archiver_state(conn)
+            done = archived_segment(state.last_archived_wal)
+            if done is not None and done >= segment:
+                return
+            if state.new_failures(before) > 0:
+                raise ArchiverFailing(
+                    f"The primary's archive_command is failing (last failed WAL segment {state.last_failed_wal}) "
+                    f"while the base backup read on its standby waits for segment {segment}. Check the primary's log "
+                    "for 'archive command failed' and the storage target; the task will retry."
+                )
+            if time.monotonic() - started > timeout_s:
+                raise ArchiverFailing(
+                    f"The primary did not archive WAL segment {segment}, the end of the base backup read on its "
+                    f"standby, within {timeout_s:.0f}s (last archived: {state.last_archived_wal}). Its archiver is "
+                    "behind or stuck (pg_stat_archiver), or archive_timeout is off and the primary idle: grant the "
+                    "server's role EXECUTE on pg_switch_wal() so pgdr closes the segment itself."
+                )
+            time.sleep(0.5)
 
 
 STANDBY_REPLAY_WAIT_S = 60.0  # how long an incremental one on a standby waits for it to replay the primary's checkpoint
@@ -284,8 +324,10 @@ def take_base_backup(
             ) from None
         raise error
     if standby is not None:  # the primary archives the WAL: its segment holding the backup's end must be there first
-        segment = switch_and_wait_archived(endpoint, STANDBY_ARCHIVE_WAIT_S)
-        log.info("Base backup read on the standby; the primary archived its WAL up to %s.", segment)
+        end = json.loads((workdir / "backup" / "backup_manifest").read_text())["WAL-Ranges"][-1]
+        segment = segment_of_lsn(end["Timeline"], end["End-LSN"].upper(), facts.wal_segment_size)
+        wait_archived_by_primary(endpoint, segment, STANDBY_ARCHIVE_WAIT_S)
+        log.info("Base backup read on the standby; the primary has archived its last WAL segment %s.", segment)
     backup_seconds = time.monotonic() - t0
     finished_at = datetime.now(UTC)
 
