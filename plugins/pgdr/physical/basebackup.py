@@ -15,9 +15,9 @@ segment, as soon as archiving fails.
 A server of the plan may name ``source_conn_id``, a hot standby: the base backup is then read there (the primary's
 disk reads nothing for it), chosen as a logical backup's source is (:func:`pgdr.logical.standby.choose_source`: a
 standby lagging past ``max_standby_lag`` is not used). The WAL archive stays the primary's: a standby that does not
-archive itself (``archive_mode = on``, not ``always``) does not wait for it at the backup's end, so pgdr closes the
-primary's current segment and waits until the primary has archived it before the backup is recorded. The standby must
-be the same cluster (system identifier) as the primary, else nothing is taken.
+archive itself (``archive_mode = on``, not ``always``) does not wait for it at the backup's end, so pgdr waits until
+the primary has archived the backup's last segment before the backup is recorded (:func:`wait_archived_by_primary`).
+The standby must be the same cluster (system identifier) as the primary, else nothing is taken.
 
 Each file is hashed (SHA-256) and uploaded; the record (``backup.json``) is written last.
 """
