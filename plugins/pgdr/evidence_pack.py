@@ -23,7 +23,7 @@ import hashlib
 import html
 import json
 import statistics
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pgdr.messages import duration_or_na
@@ -113,15 +113,13 @@ def utc_bound(text: str | None, end_of_day: bool = False) -> datetime | None:
     """A period's bound as a person gives it: a UTC date (with ``end_of_day``: its whole day, for ``--to``) or time;
     ``None`` when not given. :class:`~pgdr.errors.PgdrError` when it is neither."""
     from pgdr.errors import PgdrError
+    from pgdr.incident import parse_timestamp
 
     if not text:
         return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
+    moment = parse_timestamp(text)
+    if moment is None:
         raise PgdrError(f"{text!r} is not a date or time; give e.g. 2026-10-01 or 2026-10-01T12:00:00") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
     if end_of_day and len(text.strip()) == 10:
         moment += timedelta(days=1) - timedelta(microseconds=1)
     return moment

@@ -23,7 +23,8 @@ import os
 import re
 import shlex
 import subprocess
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,6 +117,36 @@ class ArchiverState:
     def new_failures(self, before: ArchiverState) -> int:
         """Return how many attempts failed since ``before``, while the archiver is still failing (else 0)."""
         return self.failed_count - before.failed_count if self.failing else 0
+
+
+def wait_archived(
+    conn,
+    segment: str,
+    before: ArchiverState,
+    timeout_s: float,
+    failing: Callable[[ArchiverState], str],
+    late: Callable[[ArchiverState], str],
+    grace_s: float = 0.0,
+) -> None:
+    """Poll the archiver over ``conn`` until it has archived WAL ``segment`` (or a later one).
+
+    :param before: the archiver when the wait began: failures since then count, older ones do not.
+    :param grace_s: failed attempts are tolerated this long (one a retry fixes).
+    :raises ArchiverFailing: ``failing(state)`` when attempts failed since ``before`` and it still fails after
+        ``grace_s``; ``late(state)`` when ``segment`` is not archived in ``timeout_s``.
+    """
+    started = time.monotonic()
+    while True:
+        state = archiver_state(conn)
+        done = archived_segment(state.last_archived_wal)
+        if done is not None and done >= segment:
+            return
+        waited = time.monotonic() - started
+        if state.new_failures(before) > 0 and waited > grace_s:
+            raise ArchiverFailing(failing(state))
+        if waited > timeout_s:
+            raise ArchiverFailing(late(state))
+        time.sleep(0.25)
 
 
 def archiver_state(conn) -> ArchiverState:

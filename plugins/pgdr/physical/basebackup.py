@@ -155,35 +155,31 @@ def wait_archived_by_primary(primary: PgEndpoint, segment: str, timeout_s: float
     """
     import psycopg
 
-    from pgdr.physical.archive import archived_segment
+    from pgdr.physical.archive import wait_archived
 
     try:
         switch_and_wait_archived(primary, timeout_s)  # a segment after the backup's end: so it too is archived
         return
     except psycopg.errors.InsufficientPrivilege:
         log.info("The primary's role may not switch WAL (pg_switch_wal): waiting for its archive_timeout instead.")
-    started = time.monotonic()
     with connect(primary, application_name="pgdr-basebackup") as conn:
-        before = archiver_state(conn)
-        while True:
-            state = archiver_state(conn)
-            done = archived_segment(state.last_archived_wal)
-            if done is not None and done >= segment:
-                return
-            if state.new_failures(before) > 0:
-                raise ArchiverFailing(
-                    f"The primary's archive_command is failing (last failed WAL segment {state.last_failed_wal}) "
-                    f"while the base backup read on its standby waits for segment {segment}. Check the primary's log "
-                    "for 'archive command failed' and the storage target; the task will retry."
-                )
-            if time.monotonic() - started > timeout_s:
-                raise ArchiverFailing(
-                    f"The primary did not archive WAL segment {segment}, the end of the base backup read on its "
-                    f"standby, within {timeout_s:.0f}s (last archived: {state.last_archived_wal}). Its archiver is "
-                    "behind or stuck (pg_stat_archiver), or archive_timeout is off and the primary idle: grant the "
-                    "server's role EXECUTE on pg_switch_wal() so pgdr closes the segment itself."
-                )
-            time.sleep(0.5)
+        wait_archived(
+            conn,
+            segment,
+            archiver_state(conn),
+            timeout_s,
+            failing=lambda state: (
+                f"The primary's archive_command is failing (last failed WAL segment {state.last_failed_wal}) "
+                f"while the base backup read on its standby waits for segment {segment}. Check the primary's log "
+                "for 'archive command failed' and the storage target; the task will retry."
+            ),
+            late=lambda state: (
+                f"The primary did not archive WAL segment {segment}, the end of the base backup read on its "
+                f"standby, within {timeout_s:.0f}s (last archived: {state.last_archived_wal}). Its archiver is "
+                "behind or stuck (pg_stat_archiver), or archive_timeout is off and the primary idle: grant the "
+                "server's role EXECUTE on pg_switch_wal() so pgdr closes the segment itself."
+            ),
+        )
 
 
 STANDBY_REPLAY_WAIT_S = 60.0  # how long an incremental one on a standby waits for it to replay the primary's checkpoint
@@ -323,22 +319,22 @@ def take_base_backup(
                 "wal_summary_keep_time). Take a full base backup (trigger pgdr_basebackup with kind=full)."
             ) from None
         raise error
+    out = workdir / "backup"
+    wal_ranges = json.loads((out / "backup_manifest").read_text())["WAL-Ranges"]
     if standby is not None:  # the primary archives the WAL: its segment holding the backup's end must be there first
-        end = json.loads((workdir / "backup" / "backup_manifest").read_text())["WAL-Ranges"][-1]
+        end = wal_ranges[-1]
         segment = segment_of_lsn(end["Timeline"], end["End-LSN"].upper(), facts.wal_segment_size)
         wait_archived_by_primary(endpoint, segment, STANDBY_ARCHIVE_WAIT_S)
         log.info("Base backup read on the standby; the primary has archived its last WAL segment %s.", segment)
     backup_seconds = time.monotonic() - t0
     finished_at = datetime.now(UTC)
 
-    out = workdir / "backup"
     if any(p.name != "base.tar.gz" and p.name != "backup_manifest" for p in out.iterdir()):
         names = ", ".join(sorted(p.name for p in out.iterdir()))
         raise PermanentFailure(
             f"Server {server!r} has tablespaces outside its data directory ({names}); pgdr's point-in-time recovery "
             "restores the data directory only. Move them into pg_default, or use logical backups for this server."
         )
-    wal_ranges = json.loads((out / "backup_manifest").read_text())["WAL-Ranges"]
     timeline = wal_ranges[-1]["Timeline"]
     start_lsn, end_lsn = wal_ranges[0]["Start-LSN"].upper(), wal_ranges[-1]["End-LSN"].upper()
     backup_id = new_backup_id(finished_at)

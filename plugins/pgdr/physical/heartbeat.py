@@ -8,10 +8,9 @@ heartbeat in a cluster recovered to "latest" tells how much was lost: the achiev
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 
-from pgdr.physical.archive import ArchiverFailing, archived_segment, archiver_state
+from pgdr.physical.archive import archiver_state, wait_archived
 from pgdr.postgres.client import PgEndpoint, connect
 
 HEARTBEAT_DATABASE = "postgres"
@@ -50,23 +49,20 @@ def switch_and_wait_archived(endpoint: PgEndpoint, timeout_s: float) -> str:
         # that is backing off after failures.
         conn.execute("SELECT pg_logical_emit_message(false, 'pgdr', 'switch')")
         wal = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-        started = time.monotonic()
-        while True:
-            state = archiver_state(conn)
-            archived, failed_wal = state.last_archived_wal, state.last_failed_wal
-            if archived_segment(archived) is not None and archived_segment(archived) >= wal:
-                return wal
-            if (
-                state.failed_count > before.failed_count and time.monotonic() - started > 5
-            ):  # not one attempt a retry fixes
-                raise ArchiverFailing(
-                    f"The server's archive_command is failing (last failed WAL segment {failed_wal}): WAL piles up "
-                    "on the server and nothing after the newest archived segment can be recovered. Check the "
-                    "server's log for 'archive command failed' and the storage target; the task will retry."
-                )
-            if time.monotonic() - started > timeout_s:
-                raise ArchiverFailing(
-                    f"WAL segment {wal} was not archived within {timeout_s:.0f}s (last archived: {archived}). The "
-                    "archiver is behind or stuck; check pg_stat_archiver on the server."
-                )
-            time.sleep(0.25)
+        wait_archived(
+            conn,
+            wal,
+            before,
+            timeout_s,
+            failing=lambda state: (
+                f"The server's archive_command is failing (last failed WAL segment {state.last_failed_wal}): WAL "
+                "piles up on the server and nothing after the newest archived segment can be recovered. Check the "
+                "server's log for 'archive command failed' and the storage target; the task will retry."
+            ),
+            late=lambda state: (
+                f"WAL segment {wal} was not archived within {timeout_s:.0f}s (last archived: "
+                f"{state.last_archived_wal}). The archiver is behind or stuck; check pg_stat_archiver on the server."
+            ),
+            grace_s=5,  # not one attempt a retry fixes
+        )
+        return wal
