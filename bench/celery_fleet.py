@@ -190,6 +190,14 @@ def one_round(cluster, size: int) -> dict:
         tis += cluster.task_instances("pgdr_verify_restore", r["dag_run_id"])
     start = datetime.fromisoformat(backup["start_date"])
     end = max(datetime.fromisoformat(r["end_date"]) for r in runs)
+
+    def waits(since: str, until: str) -> list[float]:  # per task, seconds between two of its timestamps
+        return [
+            (datetime.fromisoformat(t[until]) - datetime.fromisoformat(t[since])).total_seconds()
+            for t in tis
+            if t.get(since) and t.get(until)
+        ]
+
     return {
         "elapsed_s": round((end - start).total_seconds(), 1),
         "task_seconds": round(sum(t["duration"] or 0 for t in tis), 1),
@@ -197,6 +205,10 @@ def one_round(cluster, size: int) -> dict:
         "verify_runs": len(runs),
         "tasks": len(tis),
         "median_task_s": round(statistics.median(t["duration"] for t in tis if t["duration"]), 2),
+        # Where a task's time outside its work goes: the scheduler deciding it may run (scheduled), sending it to
+        # the broker (queued), a worker starting it (start_date): medians over the round's task instances.
+        "median_scheduled_to_queued_s": round(statistics.median(waits("scheduled_when", "queued_when") or [0]), 2),
+        "median_queued_to_start_s": round(statistics.median(waits("queued_when", "start_date") or [0]), 2),
     }
 
 

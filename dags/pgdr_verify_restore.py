@@ -4,23 +4,24 @@
 A backup nobody has restored is a hope, not a backup. For every backup that `pgdr_backup`
 completes (its `pgdr_backups` asset event), this DAG verifies exactly that backup:
 
-1. **check_checksums**: every stored file against the manifest's SHA-256. A changed, truncated
-   or missing file fails here, at once (no retry), before any database is created.
-2. **create_scratch** (setup): a scratch database unique to the run on the plan's verification
+1. **create_scratch** (setup): a scratch database unique to the run on the plan's verification
    server; leftovers of killed runs (pgdr's naming scheme and marker only) are dropped first.
-3. **restore_backup**: download, verify again, `pg_restore -j` as the non-superuser restore role,
-   into a scratch database with the backup's encoding and locale; roles the backup names that the
-   verification server lacks are created NOLOGIN (and dropped again in drop_scratch if unused).
-4. **check_integrity**: exact row counts against the manifest, `pg_amcheck` over tables and
-   indexes, sequences restored and ahead of their columns.
-5. **validate_data**: Great Expectations: a baseline suite per table (row count, primary keys
+2. **restore_and_check**: three phases in one task, each recorded with its own time:
+   - *check_checksums*: every stored file downloaded and checked against the manifest's SHA-256.
+     A changed, truncated or missing file fails here, at once (no retry).
+   - *restore_backup*: `pg_restore -j` as the non-superuser restore role, into a scratch database
+     with the backup's encoding and locale; roles the backup names that the verification server
+     lacks are created NOLOGIN (and dropped again in drop_scratch if unused).
+   - *check_integrity*: exact row counts against the manifest, `pg_amcheck` over tables and
+     indexes, sequences restored and ahead of their columns.
+3. **validate_data**: Great Expectations: a baseline suite per table (row count, primary keys
    unique and not null, no foreign-key orphans) and the suites in `include/gx/<database>/`.
    Results (JSON) and an HTML report are stored next to the backup.
-6. **apply_privileges**: the backup's owners, grants, default privileges, database settings, event
+4. **apply_privileges**: the backup's owners, grants, default privileges, database settings, event
    triggers and publications, as the server's connection: exactly what an incident restore does.
    A backup whose privileges cannot be given back fails here, on the day it is taken.
-7. **drop_scratch** (teardown): runs after any failure, without hiding it.
-8. **record_verification**: writes `verification.json` next to the backup, `verified` or
+5. **drop_scratch** (teardown): runs after any failure, without hiding it.
+6. **record_verification**: writes `verification.json` next to the backup, `verified` or
    `failed`, with phase durations and the achieved restore time against the plan's RTO.
    Retention always keeps the newest verified backup.
 
@@ -32,10 +33,11 @@ An asset-triggered run also verifies the day's backups newer than the last verif
 deliver (a fleet backed up in a burst loses some: apache/airflow#56050); a daily run verifies
 any backup that still missed its event, and a backfill verifies the backups taken in its intervals.
 
-**When it fails**: the alert names the phase.
-- *check_checksums*: the stored backup changed since it was written. It is marked failed and
-  kept for investigation; restore the previous verified backup if you need one.
-- *restore_backup / check_integrity*: the dump does not restore to what was backed up. Same.
+**When it fails**: the alert names the task and its message the problem; `verification.json` names the phase.
+- *restore_and_check*, "do not match their SHA-256" (phase check_checksums): the stored backup changed since it was
+  written. It is marked failed and kept for investigation; restore the previous verified backup if you need one.
+- *restore_and_check*, a pg_restore error or a row count / pg_amcheck finding (restore_backup / check_integrity):
+  the dump does not restore to what was backed up. Same.
 - *validate_data*: an expectation failed; the message lists each with table, column and
   observed value, and the HTML report is next to the backup. Fix the data or the suite.
 - *cannot connect*: the verification server is down; the task retries.
@@ -113,26 +115,19 @@ def pgdr_verify_restore():
         """Decide which backups this run verifies (params, asset events, or data interval)."""
         return call("verify.resolve_verification_targets")
 
-    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
-    def check_checksums(target: dict) -> dict:
-        """Stream every stored file and compare its SHA-256 with the manifest."""
-        return call("verify.run_check_checksums", target)
-
     @setup
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def create_scratch(target: dict) -> str:
         """Create the run's scratch database, after dropping leftovers of killed runs."""
         return call("verify.run_create_scratch", target)
 
+    # Checksums, restore and integrity in one task: one download, one process start instead of three (a task costs
+    # 2-3 s of scheduling and start on a loaded Celery worker); their boundaries carried no retry value.
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
-    def restore_backup(target: dict, scratch: str) -> dict:
-        """Download, verify and pg_restore -j into the scratch database."""
-        return call("verify.run_restore_backup", target, scratch)
-
-    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
-    def check_integrity(target: dict, scratch: str) -> dict:
-        """Exact row counts, pg_amcheck and sequences of the restored database."""
-        return call("verify.run_check_integrity", target, scratch)
+    def restore_and_check(target: dict, scratch: str) -> dict:
+        """Download checking every SHA-256, pg_restore -j into the scratch database, then row counts, pg_amcheck
+        and sequences."""
+        return call("verify.run_restore_and_check", target, scratch)
 
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def validate_data(target: dict, scratch: str) -> dict:
@@ -161,16 +156,13 @@ def pgdr_verify_restore():
 
     @task_group
     def verify(target: dict):
-        checksums = check_checksums(target)
         scratch = create_scratch(target)
-        checksums >> scratch
-        restored = restore_backup(target, scratch)
-        checked = check_integrity(target, scratch)
+        checked = restore_and_check(target, scratch)
         validated = validate_data(target, scratch)
         privileges = apply_privileges(target, scratch)
         dropped = drop_scratch(target, scratch)
         recorded = record_verification(target)
-        restored >> checked >> validated >> privileges >> dropped >> recorded
+        checked >> validated >> privileges >> dropped >> recorded
 
     verify.expand(target=find_backups())
 

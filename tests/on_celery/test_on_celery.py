@@ -218,7 +218,7 @@ def test_worker_killed_during_pg_restore_the_retry_verifies_on_the_other_worker(
         tries = celery_cluster.api(
             "GET",
             f"/api/v2/dags/pgdr_verify_restore/dagRuns/{quote(run_id, safe='')}/taskInstances/"
-            + "verify.restore_backup/0/tries",
+            + "verify.restore_and_check/0/tries",
         )["task_instances"]
         by_try = {t["try_number"]: t for t in tries}
         assert (

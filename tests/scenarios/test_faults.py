@@ -150,11 +150,11 @@ def test_restore_server_stopped_mid_restore_then_the_next_run_cleans_up(
     finally:
         crash.finish()
     assert crash.fired.is_set()
-    assert first.states["verify.restore_backup[0]"] == "failed"
-    assert first.states["verify.check_integrity[0]"] == "upstream_failed"
+    assert first.states["verify.restore_and_check[0]"] == "failed"
+    assert first.states["verify.validate_data[0]"] == "upstream_failed"
     record = json.loads((root / "v1/shop" / backup_id / "verification.json").read_text())
     assert record["status"] == "failed" and record["failed_phase"] == "restore_backup"  # never "verified"
-    assert any("restore_backup" in t for t in slack.texts())
+    assert any("restore_and_check" in t for t in slack.texts())
     assert _leftover_work() == []
 
     victim.start()
@@ -266,9 +266,9 @@ def test_no_space_left_where_pgdr_downloads(plan, run_dag, pg_server, tiny_disk,
     root = p.databases[0].storage.path
     backup_id = backup_into_local_store(root, pg_server)
     dag_run = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": backup_id})
-    assert dag_run.states["verify.restore_backup[0]"] == "failed"
+    assert dag_run.states["verify.restore_and_check[0]"] == "failed"
     assert dag_run.states["verify.drop_scratch[0]"] == "success"
-    alerts = [t for t in slack.texts() if "restore_backup" in t]
+    alerts = [t for t in slack.texts() if "restore_and_check" in t]
     assert len(alerts) == 1 and "No space left on device" in alerts[0] and "PGDR_WORK_DIR" in alerts[0], slack.texts()
     assert json.loads((root / "v1/shop" / backup_id / "verification.json").read_text())["status"] == "failed"
     assert _scratch_databases(pg_server) == []

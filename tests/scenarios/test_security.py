@@ -244,8 +244,8 @@ def test_an_untrusted_extension_fails_clearly_and_restore_as_superuser_is_warned
         run_dag("pgdr_backup")
         slack.clear()
         first = run_dag("pgdr_verify_restore", run_conf={"database": "needs"})
-        assert first.states["verify.restore_backup[0]"] == "failed" and first.tries["verify.restore_backup"] == 1
-        alert = next(t for t in slack.texts() if "restore_backup" in t)
+        assert first.states["verify.restore_and_check[0]"] == "failed" and first.tries["verify.restore_and_check"] == 1
+        alert = next(t for t in slack.texts() if "restore_and_check" in t)
         assert "needs the extension 'amcheck', which only a superuser may create" in alert
         assert "restore_as_superuser: true" in alert
 

@@ -430,7 +430,7 @@ def test_the_daily_verification_proves_each_copy_by_a_restore_from_it_every_veri
     copy.store.put_bytes(victim.key, bytes(data))
     slack.clear()
     by_hand = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "verify_from": "vault"})
-    assert _verify_tasks(by_hand, "failed") and by_hand.states["verify.check_checksums[0]"] == "failed"
+    assert _verify_tasks(by_hand, "failed") and by_hand.states["verify.restore_and_check[0]"] == "failed"
     failed = _catalog(p, "vault").get(entry.backup_id).verification
     assert failed.status == "failed" and failed.verified_from == "vault" and failed.failed_phase == "check_checksums"
     assert _catalog(p, "main").get(entry.backup_id).status == "verified"  # the source's backup is not the copy's

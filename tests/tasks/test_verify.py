@@ -13,7 +13,7 @@ from pgdr.records import VerificationRecord
 
 pytestmark = pytest.mark.integration
 
-PHASES = ["check_checksums", "create_scratch", "restore_backup", "check_integrity", "validate_data"]
+TASKS = ["create_scratch", "restore_and_check", "validate_data", "apply_privileges"]
 
 
 def _scratch_databases(pg_server) -> list[str]:
@@ -56,7 +56,7 @@ def test_backup_then_verify_on_s3(plan, run_dag, s3_server, s3_storage, pg_serve
     backup_id = catalog.latest().backup_id
 
     dag_run = _verify(run_dag, backup_id)
-    assert all(dag_run.states[f"verify.{phase}[0]"] == "success" for phase in PHASES), dag_run.states
+    assert all(dag_run.states[f"verify.{task}[0]"] == "success" for task in TASKS), dag_run.states
     assert dag_run.states["verify.drop_scratch[0]"] == "success"
     assert dag_run.states["verify.record_verification[0]"] == "success"
 
@@ -111,9 +111,10 @@ def test_corrupt_backup_is_refused_at_checksum_time(local_backup, run_dag, pg_se
     damage(root / victim["key"])
 
     dag_run = _verify(run_dag, backup_id)
-    assert dag_run.states["verify.check_checksums[0]"] == "failed"
-    assert dag_run.tries["verify.check_checksums"] == 1  # retrying cannot fix corruption
-    assert dag_run.states["verify.create_scratch[0]"] == "upstream_failed"
+    assert dag_run.states["verify.restore_and_check[0]"] == "failed"
+    assert dag_run.tries["verify.restore_and_check"] == 1  # retrying cannot fix corruption
+    assert dag_run.states["verify.validate_data[0]"] == "upstream_failed"
+    assert dag_run.states["verify.drop_scratch[0]"] == "success"
     assert dag_run.states["verify.record_verification[0]"] == "failed"  # keeps the run red
     assert _scratch_databases(pg_server) == []
 
@@ -124,7 +125,7 @@ def test_corrupt_backup_is_refused_at_checksum_time(local_backup, run_dag, pg_se
     text = slack.texts()[0]
     assert f"Backup {backup_id} of database 'shop' is corrupt and was refused" in text
     assert victim["name"] in text and expected in text
-    assert "`verify.check_checksums`" in text
+    assert "`verify.restore_and_check`" in text
     # Verification never deletes a backup, even a corrupt one.
     assert (root / "v1/shop" / backup_id / "manifest.json").exists()
 
@@ -165,8 +166,8 @@ def test_manifest_that_lies_about_row_counts_is_caught(local_backup, run_dag, sl
     path.write_text(json.dumps(manifest))
 
     dag_run = _verify(run_dag, backup_id)
-    assert dag_run.states["verify.check_integrity[0]"] == "failed"
-    assert dag_run.tries["verify.check_integrity"] == 1
+    assert dag_run.states["verify.restore_and_check[0]"] == "failed"
+    assert dag_run.tries["verify.restore_and_check"] == 1
     text = slack.texts()[-1]
     assert "table sales.customers: the backup counted 10001 rows, the restored table has 10000" in text
     assert _record(root, backup_id)["failed_phase"] == "check_integrity"
@@ -232,7 +233,7 @@ def test_backup_of_pgdr_0_1_zstd_by_pgdr_still_verifies(plan, run_dag, pg_server
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
     dag_run = _verify(run_dag, backup_id)
-    assert all(dag_run.states[f"verify.{phase}[0]"] == "success" for phase in PHASES), dag_run.states
+    assert all(dag_run.states[f"verify.{task}[0]"] == "success" for task in TASKS), dag_run.states
     record = _record(root, backup_id)
     assert record["status"] == "verified"
     assert record["integrity"]["rows_checked"] == sum(source_row_counts(pg_server, "shop").values())

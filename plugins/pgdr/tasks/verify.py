@@ -22,9 +22,18 @@ from pgdr.airflow_glue.task_run import (
     timed,
 )
 from pgdr.errors import BackupNotFound
-from pgdr.logical.catalog import VERIFICATION_PHASES as VERIFY_PHASES
 
 log = logging.getLogger(__name__)
+
+# Where ``record_verification`` finds each phase's result: (task in the ``verify`` group, XCom key). The first three
+# run in one task, which pushes each under its phase's name as soon as it succeeds.
+PHASE_XCOMS = {
+    "check_checksums": ("restore_and_check", "check_checksums"),
+    "restore_backup": ("restore_and_check", "restore_backup"),
+    "check_integrity": ("restore_and_check", "check_integrity"),
+    "validate_data": ("validate_data", "return_value"),
+    "apply_privileges": ("apply_privileges", "return_value"),
+}
 
 
 def resolve_verification_targets(context) -> list[dict[str, str]]:
@@ -84,28 +93,6 @@ def _run_scratch(target: dict[str, str], db, plan, context):
     return run_scratch("verify", db, plan, context, target_key(target))
 
 
-def run_check_checksums(target: dict[str, str], context) -> dict[str, Any]:
-    """Body of ``check_checksums``: every stored file against the manifest's SHA-256."""
-    from pgdr.logical.restore import verify_checksums
-
-    with timed() as out, fail_fast():
-        objs = _objects(target, context)
-        manifest = objs.entry.manifest
-        out.update(
-            verify_checksums(
-                manifest, objs.store, workers=max(2, objs.db.dump_jobs), data_key=objs.data_key(refuse_unencrypted=True)
-            )
-        )
-    log.info(
-        "All %d files of backup %s (%.1f MB) match their SHA-256 in the manifest (%.1fs).",
-        len(manifest.files),
-        manifest.backup_id,
-        manifest.stored_size / 1e6,
-        out["seconds"],
-    )
-    return out
-
-
 def run_create_scratch(target: dict[str, str], context) -> str:
     """Body of the ``create_scratch`` setup task: drop leftovers of killed runs, create ours."""
     with fail_fast():
@@ -113,55 +100,69 @@ def run_create_scratch(target: dict[str, str], context) -> str:
         return create_run_scratch(_scratch(objs, context), "verify", objs.db.name, objs.purpose, context)
 
 
-def run_restore_backup(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
-    """Body of ``restore_backup``: download (verifying again), then restore as an incident restore would.
+def run_restore_and_check(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
+    """Body of ``restore_and_check``: three phases in one task (one worker process, one download).
 
-    The scratch database is made again with the backup's encoding and locale, and the roles the
-    backup names that the verification server lacks are created as on the source server, without
-    passwords (dropped again with the scratch database when nothing else uses them), so a backup
-    whose owners and grants cannot be given back fails today, not during an incident.
+    1. ``check_checksums``: every stored file downloaded with its SHA-256 compared to the manifest (an encrypted
+       backup's every chunk authenticated; an unencrypted one refused where the plan encrypts), so a changed,
+       truncated or missing file fails here, at once and without a retry;
+    2. ``restore_backup``: ``pg_restore -j`` into the scratch database, as an incident restore would: made again with
+       the backup's encoding and locale, and the roles the backup names that the verification server lacks created
+       as on the source server, without passwords (dropped again with the scratch database when nothing else uses
+       them), so a backup whose owners and grants cannot be given back fails today, not during an incident;
+    3. ``check_integrity``: exact row counts against the manifest, ``pg_amcheck``, sequences.
+
+    Each phase's result is pushed as an XCom under the phase's name as soon as it succeeds, so that
+    ``record_verification`` names the phase that failed (:data:`PHASE_TASKS`). A retry runs all three again.
     """
+    from pgdr.checks.integrity import check_integrity
     from pgdr.logical.restore import download_backup
 
-    with timed() as out, fail_fast():
+    ti = context["ti"]
+    with fail_fast():
         objs = _objects(target, context)
+        manifest, scratch = objs.entry.manifest, _scratch(objs, context)
         with task_workdir(context, f"restore-{objs.db.name}") as workdir:
-            download = download_backup(
-                objs.entry.manifest,
-                objs.store,
-                workdir / "dump",
-                workers=max(2, objs.db.dump_jobs),
-                data_key=objs.data_key(),
+            with timed() as checked:
+                download = download_backup(
+                    manifest,
+                    objs.store,
+                    workdir / "dump",
+                    workers=max(2, objs.db.dump_jobs),
+                    data_key=objs.data_key(refuse_unencrypted=True),
+                )
+                checked.update(download)
+            ti.xcom_push(key="check_checksums", value=checked)
+            log.info(
+                "All %d files of backup %s (%.1f MB) downloaded and match their SHA-256 in the manifest (%.1fs).",
+                len(manifest.files),
+                manifest.backup_id,
+                manifest.stored_size / 1e6,
+                download["seconds"],
             )
-            restore_s, created = restore_into_scratch(
-                _scratch(objs, context), workdir / "dump", objs.db.dump_jobs, workdir, objs.purpose, context
+            with timed() as restored:
+                restore_s, created = restore_into_scratch(
+                    scratch, workdir / "dump", objs.db.dump_jobs, workdir, objs.purpose, context
+                )
+                restored.update(
+                    {"download_seconds": download["seconds"], "restore_seconds": restore_s, "roles_created": created}
+                )
+            ti.xcom_push(key="restore_backup", value=restored)
+            log.info(
+                "Backup %s restored into %s: pg_restore -j%d %.1fs.",
+                manifest.backup_id,
+                scratch_name,
+                objs.db.dump_jobs,
+                restore_s,
             )
-        out.update({"download_seconds": download["seconds"], "restore_seconds": restore_s, "roles_created": created})
-    log.info(
-        "Backup %s restored into %s: download and verify %.1fs, pg_restore -j%d %.1fs.",
-        objs.entry.backup_id,
-        scratch_name,
-        download["seconds"],
-        objs.db.dump_jobs,
-        restore_s,
-    )
-    return out
-
-
-def run_check_integrity(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
-    """Body of ``check_integrity``: exact row counts, pg_amcheck, sequences."""
-    from pgdr.checks.integrity import check_integrity
-
-    with timed() as out, fail_fast():
-        objs = _objects(target, context)
-        scratch = _scratch(objs, context)
-        with task_workdir(context, f"amcheck-{objs.db.name}") as workdir:
-            out.update(
-                check_integrity(
-                    scratch.endpoint, objs.entry.manifest, workdir, jobs=objs.db.dump_jobs, admin=scratch.server
-                ).to_dict()
-            )
-    return out
+            with timed() as integrity:
+                integrity.update(
+                    check_integrity(
+                        scratch.endpoint, manifest, workdir, jobs=objs.db.dump_jobs, admin=scratch.server
+                    ).to_dict()
+                )
+            ti.xcom_push(key="check_integrity", value=integrity)
+    return {"check_checksums": checked, "restore_backup": restored, "check_integrity": integrity}
 
 
 def run_validate_data(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
@@ -269,7 +270,10 @@ def run_record_verification(target: dict[str, str], context) -> dict[str, Any]:
 
     ti = context["ti"]
     group = ti.task_id.rpartition(".")[0]
-    phases = {p: ti.xcom_pull(task_ids=f"{group}.{p}" if group else p, map_indexes=ti.map_index) for p in VERIFY_PHASES}
+    phases = {
+        p: ti.xcom_pull(task_ids=f"{group}.{task}" if group else task, key=key, map_indexes=ti.map_index)
+        for p, (task, key) in PHASE_XCOMS.items()
+    }
     with fail_fast():
         try:
             objs = _objects(target, context)
