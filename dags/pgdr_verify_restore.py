@@ -14,14 +14,15 @@ completes (its `pgdr_backups` asset event), this DAG verifies exactly that backu
      lacks are created NOLOGIN (and dropped again in drop_scratch if unused).
    - *check_integrity*: exact row counts against the manifest, `pg_amcheck` over tables and
      indexes, sequences restored and ahead of their columns.
-3. **validate_data**: Great Expectations: a baseline suite per table (row count, primary keys
-   unique and not null, no foreign-key orphans) and the suites in `include/gx/<database>/`.
-   Results (JSON) and an HTML report are stored next to the backup.
-4. **apply_privileges**: the backup's owners, grants, default privileges, database settings, event
-   triggers and publications, as the server's connection: exactly what an incident restore does.
-   A backup whose privileges cannot be given back fails here, on the day it is taken.
-5. **drop_scratch** (teardown): runs after any failure, without hiding it.
-6. **record_verification**: writes `verification.json` next to the backup, `verified` or
+3. **validate_and_apply_privileges**: two phases in one task, each recorded with its own time:
+   - *validate_data*: Great Expectations: a baseline suite per table (row count, primary keys
+     unique and not null, no foreign-key orphans) and the suites in `include/gx/<database>/`.
+     Results (JSON) and an HTML report are stored next to the backup.
+   - *apply_privileges*: the backup's owners, grants, default privileges, database settings, event
+     triggers and publications, as the server's connection: exactly what an incident restore does.
+     A backup whose privileges cannot be given back fails here, on the day it is taken.
+4. **drop_scratch** (teardown): runs after any failure, without hiding it.
+5. **record_verification**: writes `verification.json` next to the backup, `verified` or
    `failed`, with phase durations and the achieved restore time against the plan's RTO.
    Retention always keeps the newest verified backup.
 
@@ -34,12 +35,14 @@ deliver (a fleet backed up in a burst loses some: apache/airflow#56050); a daily
 any backup that still missed its event, and a backfill verifies the backups taken in its intervals.
 
 **When it fails**: the alert names the task and its message the problem; `verification.json` names the phase.
-- *restore_and_check*, "do not match their SHA-256" (phase check_checksums): the stored backup changed since it was
+- *restore_and_check*, "is corrupt and was refused" (phase check_checksums): the stored backup changed since it was
   written. It is marked failed and kept for investigation; restore the previous verified backup if you need one.
 - *restore_and_check*, a pg_restore error or a row count / pg_amcheck finding (restore_backup / check_integrity):
   the dump does not restore to what was backed up. Same.
-- *validate_data*: an expectation failed; the message lists each with table, column and
-  observed value, and the HTML report is next to the backup. Fix the data or the suite.
+- *validate_and_apply_privileges*, "expectations failed" (phase validate_data): the message lists each with
+  table, column and observed value, and the HTML report is next to the backup. Fix the data or the suite.
+- *validate_and_apply_privileges*, an owner, grant or setting that cannot be given back (phase apply_privileges):
+  the message names it; an incident restore of this backup would stop at the same place.
 - *cannot connect*: the verification server is down; the task retries.
 """
 
@@ -121,8 +124,9 @@ def pgdr_verify_restore():
         """Create the run's scratch database, after dropping leftovers of killed runs."""
         return call("verify.run_create_scratch", target)
 
-    # Checksums, restore and integrity in one task: one download, one process start instead of three (a task costs
-    # 2-3 s of scheduling and start on a loaded Celery worker); their boundaries carried no retry value.
+    # Checksums, restore and integrity in one task: one download, one process start instead of three; validation and
+    # privileges in one more. A task costs seconds of CPU to schedule and start on a loaded Celery worker, and these
+    # boundaries carried no retry value.
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
     def restore_and_check(target: dict, scratch: str) -> dict:
         """Download checking every SHA-256, pg_restore -j into the scratch database, then row counts, pg_amcheck
@@ -130,14 +134,10 @@ def pgdr_verify_restore():
         return call("verify.run_restore_and_check", target, scratch)
 
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
-    def validate_data(target: dict, scratch: str) -> dict:
-        """Great Expectations: the baseline suite and the user suites."""
-        return call("verify.run_validate_data", target, scratch)
-
-    @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
-    def apply_privileges(target: dict, scratch: str) -> dict:
-        """Owners, grants, default privileges and database settings, as an incident restore applies them."""
-        return call("verify.run_apply_privileges", target, scratch)
+    def validate_and_apply_privileges(target: dict, scratch: str) -> dict:
+        """Great Expectations (the baseline suite and the user suites), then owners, grants, default privileges and
+        database settings, as an incident restore applies them."""
+        return call("verify.run_validate_and_apply_privileges", target, scratch)
 
     @teardown
     @task(map_index_template="{{ pgdr_database }} {{ pgdr_backup_id }}")
@@ -158,11 +158,10 @@ def pgdr_verify_restore():
     def verify(target: dict):
         scratch = create_scratch(target)
         checked = restore_and_check(target, scratch)
-        validated = validate_data(target, scratch)
-        privileges = apply_privileges(target, scratch)
+        validated = validate_and_apply_privileges(target, scratch)
         dropped = drop_scratch(target, scratch)
         recorded = record_verification(target)
-        checked >> validated >> privileges >> dropped >> recorded
+        checked >> validated >> dropped >> recorded
 
     verify.expand(target=find_backups())
 

@@ -151,7 +151,7 @@ def test_restore_server_stopped_mid_restore_then_the_next_run_cleans_up(
         crash.finish()
     assert crash.fired.is_set()
     assert first.states["verify.restore_and_check[0]"] == "failed"
-    assert first.states["verify.validate_data[0]"] == "upstream_failed"
+    assert first.states["verify.validate_and_apply_privileges[0]"] == "upstream_failed"
     record = json.loads((root / "v1/shop" / backup_id / "verification.json").read_text())
     assert record["status"] == "failed" and record["failed_phase"] == "restore_backup"  # never "verified"
     assert any("restore_and_check" in t for t in slack.texts())

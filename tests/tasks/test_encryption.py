@@ -142,7 +142,7 @@ def test_a_missing_or_wrong_key_fails_first_naming_the_key_and_creates_nothing(
             monkeypatch.delenv("AIRFLOW_CONN_PGDR_KEY")
         run = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": backup_id})
         assert run.states["verify.restore_and_check[0]"] == "failed" and run.tries["verify.restore_and_check"] == 1
-        assert run.states["verify.validate_data[0]"] == "upstream_failed"
+        assert run.states["verify.validate_and_apply_privileges[0]"] == "upstream_failed"
         assert any(message in t for t in slack.texts()), slack.texts()
         restore = run_dag(
             "pgdr_restore", run_conf={"database": "shop", "backup": backup_id, "target_name": "shop_keyless"}
@@ -288,7 +288,7 @@ def test_an_unencrypted_backup_newer_than_the_encrypted_ones_is_refused(plan, ru
     run = run_dag("pgdr_verify_restore", run_conf={"database": "shop", "backup_id": planted})
     assert (
         run.states["verify.restore_and_check[0]"] == "failed"
-        and run.states["verify.validate_data[0]"] == "upstream_failed"
+        and run.states["verify.validate_and_apply_privileges[0]"] == "upstream_failed"
     )
     assert any("is not encrypted, but the plan encrypts this database" in t for t in slack.texts()), slack.texts()
 

@@ -13,7 +13,7 @@ from pgdr.records import VerificationRecord
 
 pytestmark = pytest.mark.integration
 
-TASKS = ["create_scratch", "restore_and_check", "validate_data", "apply_privileges"]
+TASKS = ["create_scratch", "restore_and_check", "validate_and_apply_privileges"]
 
 
 def _scratch_databases(pg_server) -> list[str]:
@@ -113,7 +113,7 @@ def test_corrupt_backup_is_refused_at_checksum_time(local_backup, run_dag, pg_se
     dag_run = _verify(run_dag, backup_id)
     assert dag_run.states["verify.restore_and_check[0]"] == "failed"
     assert dag_run.tries["verify.restore_and_check"] == 1  # retrying cannot fix corruption
-    assert dag_run.states["verify.validate_data[0]"] == "upstream_failed"
+    assert dag_run.states["verify.validate_and_apply_privileges[0]"] == "upstream_failed"
     assert dag_run.states["verify.drop_scratch[0]"] == "success"
     assert dag_run.states["verify.record_verification[0]"] == "failed"  # keeps the run red
     assert _scratch_databases(pg_server) == []
@@ -143,8 +143,8 @@ def test_failing_user_suite_names_the_expectation_and_table(
     monkeypatch.setenv("PGDR_GX_SUITES", str(suites))
 
     dag_run = _verify(run_dag, backup_id)
-    assert dag_run.states["verify.validate_data[0]"] == "failed"
-    assert dag_run.tries["verify.validate_data"] == 1
+    assert dag_run.states["verify.validate_and_apply_privileges[0]"] == "failed"
+    assert dag_run.tries["verify.validate_and_apply_privileges"] == 1
     assert dag_run.states["verify.drop_scratch[0]"] == "success"
     assert _scratch_databases(pg_server) == []
     record = _record(root, backup_id)

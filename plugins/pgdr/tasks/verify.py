@@ -7,6 +7,8 @@ or the checks themselves; the record is :func:`pgdr.records.verify_restore_recor
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pgdr.airflow_glue.connections import resources
@@ -25,15 +27,23 @@ from pgdr.errors import BackupNotFound
 
 log = logging.getLogger(__name__)
 
-# Where ``record_verification`` finds each phase's result: (task in the ``verify`` group, XCom key). The first three
-# run in one task, which pushes each under its phase's name as soon as it succeeds.
+# Where ``record_verification`` finds each phase's result: (task in the ``verify`` group, XCom key). A task runs
+# several phases and pushes each one's result under its name as soon as it succeeds.
 PHASE_XCOMS = {
     "check_checksums": ("restore_and_check", "check_checksums"),
     "restore_backup": ("restore_and_check", "restore_backup"),
     "check_integrity": ("restore_and_check", "check_integrity"),
-    "validate_data": ("validate_data", "return_value"),
-    "apply_privileges": ("apply_privileges", "return_value"),
+    "validate_data": ("validate_and_apply_privileges", "validate_data"),
+    "apply_privileges": ("validate_and_apply_privileges", "apply_privileges"),
 }
+
+
+@contextmanager
+def _phase(context, name: str) -> Iterator[dict[str, Any]]:
+    """Time one phase of a task (:func:`timed`); when it succeeds, push its result as the XCom ``name``."""
+    with timed() as out:
+        yield out
+    context["ti"].xcom_push(key=name, value=out)
 
 
 def resolve_verification_targets(context) -> list[dict[str, str]]:
@@ -118,12 +128,11 @@ def run_restore_and_check(target: dict[str, str], scratch_name: str, context) ->
     from pgdr.checks.integrity import check_integrity
     from pgdr.logical.restore import download_backup
 
-    ti = context["ti"]
     with fail_fast():
         objs = _objects(target, context)
         manifest, scratch = objs.entry.manifest, _scratch(objs, context)
         with task_workdir(context, f"restore-{objs.db.name}") as workdir:
-            with timed() as checked:
+            with _phase(context, "check_checksums") as checked:
                 download = download_backup(
                     manifest,
                     objs.store,
@@ -132,7 +141,6 @@ def run_restore_and_check(target: dict[str, str], scratch_name: str, context) ->
                     data_key=objs.data_key(refuse_unencrypted=True),
                 )
                 checked.update(download)
-            ti.xcom_push(key="check_checksums", value=checked)
             log.info(
                 "All %d files of backup %s (%.1f MB) downloaded and match their SHA-256 in the manifest (%.1fs).",
                 len(manifest.files),
@@ -140,14 +148,13 @@ def run_restore_and_check(target: dict[str, str], scratch_name: str, context) ->
                 manifest.stored_size / 1e6,
                 download["seconds"],
             )
-            with timed() as restored:
+            with _phase(context, "restore_backup") as restored:
                 restore_s, created = restore_into_scratch(
                     scratch, workdir / "dump", objs.db.dump_jobs, workdir, objs.purpose, context
                 )
                 restored.update(
                     {"download_seconds": download["seconds"], "restore_seconds": restore_s, "roles_created": created}
                 )
-            ti.xcom_push(key="restore_backup", value=restored)
             log.info(
                 "Backup %s restored into %s: pg_restore -j%d %.1fs.",
                 manifest.backup_id,
@@ -155,65 +162,61 @@ def run_restore_and_check(target: dict[str, str], scratch_name: str, context) ->
                 objs.db.dump_jobs,
                 restore_s,
             )
-            with timed() as integrity:
+            with _phase(context, "check_integrity") as integrity:
                 integrity.update(
                     check_integrity(
                         scratch.endpoint, manifest, workdir, jobs=objs.db.dump_jobs, admin=scratch.server
                     ).to_dict()
                 )
-            ti.xcom_push(key="check_integrity", value=integrity)
     return {"check_checksums": checked, "restore_backup": restored, "check_integrity": integrity}
 
 
-def run_validate_data(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
-    """Body of ``validate_data``: GX baseline and user suites; results stored next to the backup."""
+def run_validate_and_apply_privileges(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
+    """Body of ``validate_and_apply_privileges``: two phases in one task, each timed and pushed as its own XCom.
+
+    1. ``validate_data``: the Great Expectations baseline and user suites; results (JSON) and the HTML report stored
+       next to the backup, also when an expectation fails (which fails the task, without a retry);
+    2. ``apply_privileges``: the backup's owners, grants, default privileges and database settings on the scratch
+       copy, as an incident restore gives them back (after the checks, as there).
+    """
     from pgdr.checks.validation import failure_error, render_html, validate_restored
+    from pgdr.logical.restore import give_back_privileges
     from pgdr.verification import validation_extra
 
-    with timed() as out, fail_fast():
+    with fail_fast():
         objs = _objects(target, context)
-        db, entry, store = objs.db, objs.entry, objs.store
-        report = validate_restored(_scratch(objs, context).endpoint, entry.manifest)
-        results_key = objs.layout.validation_key(db.name, entry.backup_id, "results.json")
-        html_key = objs.layout.validation_key(db.name, entry.backup_id, "report.html")
-        store.put_bytes(results_key, report.to_json())
-        store.put_bytes(html_key, render_html(report, entry.manifest, validation_extra(db, context["ti"].run_id)))
-        log.info("Validation report: %s", store.describe(html_key))
-        if not report.ok:
-            raise failure_error(report, entry.manifest, store.describe(html_key))
-        out.update(
-            {
-                "seconds": report.seconds,
-                "summary": report.summary(),
-                "results_key": results_key,
-                "report_key": html_key,
-                "report": store.describe(html_key),
-            }
-        )
-    return out
-
-
-def run_apply_privileges(target: dict[str, str], scratch_name: str, context) -> dict[str, Any]:
-    """Body of ``apply_privileges``: the backup's owners, grants and settings on the scratch copy,
-    as a restore would."""
-    from pgdr.logical.restore import give_back_privileges
-
-    with timed() as out, fail_fast():
-        objs = _objects(target, context)
-        scratch = _scratch(objs, context)
-        with task_workdir(context, f"privileges-{objs.db.name}") as workdir:
-            out.update(
+        db, entry, store, scratch = objs.db, objs.entry, objs.store, _scratch(objs, context)
+        with _phase(context, "validate_data") as validated:
+            report = validate_restored(scratch.endpoint, entry.manifest)
+            results_key = objs.layout.validation_key(db.name, entry.backup_id, "results.json")
+            html_key = objs.layout.validation_key(db.name, entry.backup_id, "report.html")
+            store.put_bytes(results_key, report.to_json())
+            store.put_bytes(html_key, render_html(report, entry.manifest, validation_extra(db, context["ti"].run_id)))
+            log.info("Validation report: %s", store.describe(html_key))
+            if not report.ok:
+                raise failure_error(report, entry.manifest, store.describe(html_key))
+            validated.update(
+                {
+                    "seconds": report.seconds,
+                    "summary": report.summary(),
+                    "results_key": results_key,
+                    "report_key": html_key,
+                    "report": store.describe(html_key),
+                }
+            )
+        with _phase(context, "apply_privileges") as given, task_workdir(context, f"privileges-{db.name}") as workdir:
+            given.update(
                 give_back_privileges(
-                    objs.entry.manifest,
-                    objs.store,
+                    entry.manifest,
+                    store,
                     scratch.server.with_dbname(scratch.name),
                     workdir,
                     objs.data_key(),
                     scratch=True,
-                    skip=objs.db.skip_objects,
+                    skip=db.skip_objects,
                 ).to_dict()
             )
-    return out
+    return {"validate_data": validated, "apply_privileges": given}
 
 
 def run_drop_scratch(target: dict[str, str], scratch_name: str, context) -> bool:
