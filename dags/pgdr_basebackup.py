@@ -9,11 +9,13 @@ server's own `archive_command`, barman-cloud, into the server's S3 target):
    **incremental** one (only the blocks changed since the newest base backup; PostgreSQL 17+,
    `summarize_wal = on`) when the newest is older than the last tick of `incremental_schedule`.
    Triggered by hand, `kind` forces full or incremental, and `server` picks one server.
-2. **take_base_backup**: `pg_basebackup` from the worker over the replication protocol (tar,
-   gzip:1, SHA-256 backup manifest, fast checkpoint, WAL from the archive), every file
-   checksummed and uploaded, the record `backup.json` written **last**. Emits a
-   `pgdr_base_backups` asset event, which triggers `pgdr_verify_pitr`.
-3. **check_stored**: `pg_verifybackup` on the bytes as stored, downloaded again.
+2. **take_base_backup**: `pg_basebackup` from the worker over the replication protocol (the tar
+   on stdout, fast checkpoint, WAL from the archive), compressed with zstd and every file checked
+   against PostgreSQL's backup manifest (size, CRC32C) as it streams, then SHA-256'd and uploaded,
+   the record `backup.json` written **last**. Emits a `pgdr_base_backups` asset event, which
+   triggers `pgdr_verify_pitr`.
+3. **check_stored**: the bytes as stored, read again: SHA-256 against the record and every file
+   against the manifest (`pg_verifybackup` for a gzip'd base backup stored before 2026-12).
 4. **prune_expired**: retention by recovery window (`keep_window`): every base backup and WAL
    segment needed to recover to any moment of the window is kept, and the newest verified chain.
 
@@ -25,7 +27,8 @@ server's own `archive_command`, barman-cloud, into the server's S3 target):
   `archive command failed`), then clear the task.
 - *summarize_wal*: an incremental base backup needs `summarize_wal = on` on the server; trigger
   with `kind=full` meanwhile.
-- *pg_verifybackup rejected*: the stored copy is damaged; take a new full base backup.
+- *The check against PostgreSQL's manifest rejected* (or *pg_verifybackup rejected*, for an
+  older base backup): the stored copy is damaged; take a new full base backup.
 - *cannot connect / refused the credentials*: the server's Airflow connection (it needs the
   REPLICATION attribute); the task retries.
 """
@@ -89,7 +92,7 @@ def pgdr_basebackup():
 
     @task(map_index_template="{{ pgdr_server }}")
     def check_stored(backup: dict) -> dict:
-        """pg_verifybackup on the stored bytes of the new base backup."""
+        """The stored bytes of the new base backup, checked against its record and PostgreSQL's manifest."""
         return call("basebackup.run_check_stored", backup)
 
     @task(map_index_template="{{ pgdr_server }}")

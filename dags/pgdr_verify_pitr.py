@@ -8,8 +8,9 @@ after each base backup (`pgdr_base_backups` asset event) and daily:
    WAL is archived, and the recovery target is the moment between them. The newest base backup
    that ended before it is chosen, with its chain (full + incrementals).
 2. **recover_cluster** (setup): every segment from the chain's start is in the archive (a gap
-   is named with the window it costs), the chain is downloaded (SHA-256), `pg_verifybackup`
-   checks the stored tar files, `pg_combinebackup` joins the chain, `pg_verifybackup` checks
+   is named with the window it costs), the chain is read once (SHA-256 of the stored bytes,
+   every file checked against PostgreSQL's manifest as it is extracted; `pg_verifybackup` for a
+   gzip'd base backup stored before 2026-12), `pg_combinebackup` joins the chain, `pg_verifybackup` checks
    the result, and a scratch cluster on the worker (same major version, private socket, no
    archiving) replays archived WAL up to the target and promotes.
 3. **check_recovery_target**: the first heartbeat is there, the second is not, and every older
@@ -21,7 +22,8 @@ after each base backup (`pgdr_base_backups` asset event) and daily:
    the achieved recovery point, replay time and WAL bytes replayed.
 
 **When it fails**: *WAL segment ... is missing*: the archive has a gap; take a full base backup
-now. *pg_verifybackup rejected*: the stored base backup is damaged. *archive_command is failing*:
+now. *The check against PostgreSQL's manifest rejected* (*pg_verifybackup rejected*): the stored
+base backup is damaged. *archive_command is failing*:
 fix the server's archiver. *missed its target*: replay was not exact; investigate before relying
 on PITR. *server binaries*: install the base backup's PostgreSQL major on the worker
 (`$PGDR_PG_BIN`).
@@ -81,7 +83,7 @@ def pgdr_verify_pitr():
     @setup
     @task(map_index_template="{{ pgdr_server }}")
     def recover_cluster(recovery: dict) -> dict:
-        """Check WAL, download, pg_verifybackup, combine, and recover a scratch cluster to the target."""
+        """Check WAL, download and check the chain, combine, and recover a scratch cluster to the target."""
         return call("verify_pitr.run_recover_cluster", recovery)
 
     @task(map_index_template="{{ pgdr_server }}")

@@ -123,34 +123,44 @@ def test_a_missing_wal_segment_is_named_with_the_window_it_costs(flaky, tmp_path
         cluster.destroy()
 
 
-def _rewrite_stored_tar(store, record, layout, change):
-    """Replace a stored base.tar.gz by one whose PG_VERSION file has other bytes; fix the record's SHA-256."""
+def _rewrite_stored_tar(store, record, layout, change, name="PG_VERSION"):
+    """Replace a stored base.tar.zst by one whose file ``name`` has other bytes (``change``; None: left out); fix the
+    record's SHA-256, so only the check against PostgreSQL's manifest can tell."""
+    import zstandard
+
+    entry = record.file("base.tar.zst")
+    original = store.get_bytes(entry.key)
+    out = io.BytesIO()
+    plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(original), read_across_frames=True).read()
+    with tarfile.open(fileobj=io.BytesIO(plain), mode="r:") as src:
+        with tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as dst:
+            for member in src.getmembers():
+                data = src.extractfile(member).read() if member.isfile() else None
+                if member.name == name:
+                    data = change(data)
+                    if data is None:
+                        continue
+                    member.size = len(data)
+                dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    _put_with_record(store, record, layout, zstandard.ZstdCompressor().compress(out.getvalue()))
+    return original
+
+
+def _put_with_record(store, record, layout, stored: bytes) -> None:
+    """Store ``stored`` as the base backup's base.tar.zst, and a record that agrees with it."""
     import hashlib
+    from dataclasses import replace
 
     from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupFile
 
-    entry = record.file("base.tar.gz")
-    original = store.get_bytes(entry.key)
-    out = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(original), mode="r:gz") as src, tarfile.open(fileobj=out, mode="w:gz") as dst:
-        for member in src.getmembers():
-            data = src.extractfile(member).read() if member.isfile() else None
-            if member.name == "PG_VERSION":
-                data = change(data)
-                member.size = len(data)
-            dst.addfile(member, io.BytesIO(data) if data is not None else None)
-    damaged = out.getvalue()
-    store.put_bytes(entry.key, damaged)
+    store.put_bytes(record.file("base.tar.zst").key, stored)
     files = tuple(
-        BaseBackupFile(f.name, f.key, len(damaged), hashlib.sha256(damaged).hexdigest())
-        if f.name == "base.tar.gz"
+        BaseBackupFile(f.name, f.key, len(stored), hashlib.sha256(stored).hexdigest())
+        if f.name == "base.tar.zst"
         else f
         for f in record.files
     )
-    from dataclasses import replace
-
     BaseBackupCatalog(store, layout, record.server).write_record(replace(record, files=files))
-    return original
 
 
 def test_a_damaged_base_backup_is_rejected_before_a_cluster_starts(flaky, tmp_path):
@@ -160,7 +170,7 @@ def test_a_damaged_base_backup_is_rejected_before_a_cluster_starts(flaky, tmp_pa
     from pgdr.workdir import work_dir_root
 
     archive, store, full = flaky["archive"], flaky["store"], flaky["full"]
-    key = full.file("base.tar.gz").key
+    key = full.file("base.tar.zst").key
     cluster = ScratchCluster(work_dir_root() / f"damaged-{tmp_path.name}", full.pg_version)
     original = store.get_bytes(key)
     try:
@@ -170,15 +180,40 @@ def test_a_damaged_base_backup_is_rejected_before_a_cluster_starts(flaky, tmp_pa
             prepare_data_directory(
                 catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "a", cluster.data_dir, archive
             )
-        # 2. a file damaged before upload (the record agrees with the stored bytes): pg_verifybackup refuses it
+        # 2. a file damaged before upload (the record agrees with the stored bytes): the manifest check refuses it
+        for n, (name, change, problem) in enumerate(
+            [
+                ("PG_VERSION", lambda data: b"17\n", '"PG_VERSION" has checksum'),
+                ("PG_VERSION", lambda data: b"18.0\n", '"PG_VERSION" has size 5, the manifest says 3'),
+                ("global/pg_control", lambda data: None, '"global/pg_control" is in the manifest but not in the'),
+            ]
+        ):
+            store.put_bytes(key, original)
+            _rewrite_stored_tar(store, full, archive.layout, change, name)
+            with pytest.raises(ChecksumMismatch) as rejected:
+                prepare_data_directory(
+                    catalog(flaky),
+                    catalog(flaky).get(full.backup_id),
+                    store,
+                    tmp_path / f"b{n}",
+                    cluster.data_dir,
+                    archive,
+                )
+            message = str(rejected.value)
+            assert "The check against PostgreSQL's manifest rejected base backup" in message, message
+            assert problem in message and "take a new full base backup" in message, message
+            assert not cluster.data_dir.exists() and not cluster.log_file.exists()
+        # 3. the stored tar cut short, its record made to agree: a cut tar, said so
         store.put_bytes(key, original)
-        _rewrite_stored_tar(store, full, archive.layout, lambda data: b"17\n")
-        with pytest.raises(ChecksumMismatch) as rejected:
+        _rewrite_stored_tar(store, full, archive.layout, lambda data: data)
+        import zstandard
+
+        whole = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(store.get_bytes(key))).read()
+        _put_with_record(store, full, archive.layout, zstandard.ZstdCompressor().compress(whole[: len(whole) // 2]))
+        with pytest.raises(ChecksumMismatch, match="is not a readable tar .* cut short"):
             prepare_data_directory(
-                catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "b", cluster.data_dir, archive
+                catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "c", cluster.data_dir, archive
             )
-        assert "pg_verifybackup rejected base backup" in str(rejected.value) and "PG_VERSION" in str(rejected.value)
-        assert not cluster.data_dir.exists() and not cluster.log_file.exists()
     finally:
         store.put_bytes(key, original)
         from pgdr.physical.catalog import BaseBackupCatalog
@@ -262,3 +297,69 @@ def test_health_alerts_once_when_the_archiver_fails_and_once_when_it_recovers(
     assert recovered.get_state() == "success" and second.get_state() == "success"
     assert any("archiver" in m.get("text", "") and SERVER in m.get("text", "") for m in slack.messages), slack.messages
     assert not any("is failing" in m.get("text", "") for m in slack.messages)
+
+
+def test_a_base_backup_stored_before_zstd_still_verifies_and_restores(flaky, tmp_path):
+    """Base backups stored before 2026-12 are a gzip'd tar: their restore and check keep pg_verifybackup."""
+    import gzip
+    import hashlib
+    from dataclasses import replace
+
+    import zstandard
+    from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupFile
+    from pgdr.physical.cluster import ScratchCluster, is_streamed, verify_backup
+    from pgdr.physical.recovery import prepare_data_directory
+    from pgdr.workdir import work_dir_root
+
+    archive, store, full = flaky["archive"], flaky["store"], flaky["full"]
+    layout = archive.layout
+    zst = full.file("base.tar.zst")
+    plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(store.get_bytes(zst.key))).read()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(plain), mode="r:") as src, tarfile.open(fileobj=out, mode="w:") as dst:
+        for member in src.getmembers():  # pg_basebackup -D <dir> wrote the manifest beside the tar, not in it
+            if member.name != "backup_manifest":
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    legacy = gzip.compress(out.getvalue(), compresslevel=1)
+    key = layout.file_key(SERVER, full.backup_id, "base.tar.gz")
+    store.put_bytes(key, legacy)
+    old = BaseBackupFile("base.tar.gz", key, len(legacy), hashlib.sha256(legacy).hexdigest())
+    files = tuple(old if f.name == "base.tar.zst" else f for f in full.files)
+    BaseBackupCatalog(store, layout, SERVER).write_record(replace(full, files=files))
+    cluster = ScratchCluster(work_dir_root() / f"legacy-{tmp_path.name}", full.pg_version)
+    try:
+        entry = catalog(flaky).get(full.backup_id)
+        assert not is_streamed(entry)
+        prepared = prepare_data_directory(catalog(flaky), entry, store, tmp_path, cluster.data_dir, archive)
+        assert prepared.timings["verify_stored"] > 0 and "download_check_extract" not in prepared.timings
+        assert (cluster.data_dir / "PG_VERSION").read_text() == f"{full.pg_version // 10000}\n"
+        verify_backup(cluster.data_dir, "the restored legacy base backup")
+        # a damaged legacy one is still refused by pg_verifybackup
+        with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as src:
+            broken = io.BytesIO()
+            with tarfile.open(fileobj=broken, mode="w:") as dst:
+                for member in src.getmembers():
+                    data = src.extractfile(member).read() if member.isfile() else None
+                    if member.name == "PG_VERSION":
+                        data = b"17\n"
+                    dst.addfile(member, io.BytesIO(data) if data is not None else None)
+        damaged = gzip.compress(broken.getvalue())
+        store.put_bytes(key, damaged)
+        files = tuple(
+            replace(old, size=len(damaged), sha256=hashlib.sha256(damaged).hexdigest())
+            if f.name == "base.tar.gz"
+            else f
+            for f in files
+        )
+        BaseBackupCatalog(store, layout, SERVER).write_record(replace(full, files=files))
+        cluster.destroy()
+        from pgdr.errors import ChecksumMismatch
+
+        with pytest.raises(ChecksumMismatch, match="pg_verifybackup rejected base backup .*PG_VERSION"):
+            prepare_data_directory(
+                catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "d", cluster.data_dir, archive
+            )
+    finally:
+        store.delete([key])
+        BaseBackupCatalog(store, layout, SERVER).write_record(full)
+        cluster.destroy()

@@ -246,7 +246,9 @@ def test_base_backups_pitr_verification_and_the_drill_write_their_receipts(
     assert events == [("base_backup_taken", "ok"), ("pitr_verified", "ok"), ("drill_run", events[2][1])], events
     taken, verified = receipts[0].body, receipts[1].body
     assert taken["subject"]["server"] == PITR_SERVER and taken["details"]["kind"] == "full"
-    assert taken["details"]["stored_intact"]["check"] == "pg_verifybackup on the stored bytes"
+    assert taken["details"]["stored_intact"]["check"] == (
+        "SHA-256 and every file against PostgreSQL's backup_manifest, on the stored bytes"
+    )
     assert taken["record"]["key"].endswith(f"{taken['subject']['backup_id']}/backup.json")
     assert verified["details"]["achieved_recovery_point"] <= verified["details"]["target"]
     assert verified["details"]["databases"]["shop"]["amcheck_ok"] is True

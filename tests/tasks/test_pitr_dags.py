@@ -314,7 +314,7 @@ def test_a_damaged_base_backup_fails_verification_with_one_alert(pitr_plan, run_
     store = S3Store(s3_server.client, BUCKET)
     item = newest.record.file("backup_manifest")
     original = store.get_bytes(item.key)
-    # Damaged before upload, record consistent with the stored bytes: only pg_verifybackup can tell.
+    # Damaged before upload, record consistent with the stored bytes: only the manifest check can tell.
     damaged = original.replace(b'"Size": ', b'"Size": 1', 1)
     store.put_bytes(item.key, damaged)
     files = tuple(
@@ -335,7 +335,8 @@ def test_a_damaged_base_backup_fails_verification_with_one_alert(pitr_plan, run_
     assert failed.states["verify.record_verification[0]"] == "failed"
     alerts = [m["text"] for m in slack.messages]
     assert len(alerts) == 1, alerts
-    assert "pg_verifybackup rejected base backup" in alerts[0] and "recover_cluster" in alerts[0]
+    assert "The check against PostgreSQL's manifest rejected base backup" in alerts[0], alerts[0]
+    assert "does not match its own checksum" in alerts[0] and "recover_cluster" in alerts[0]
     assert catalog.get(newest.backup_id).status == "failed"
 
 

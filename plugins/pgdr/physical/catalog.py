@@ -32,7 +32,7 @@ from pgdr.storage.layout import PhysicalLayout, is_backup_id
 RECORD_FORMAT = 1
 _LSN = re.compile(r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_FILE_NAME = re.compile(r"^(base|[0-9]{1,10})\.tar(\.gz)?$|^backup_manifest$")
+_FILE_NAME = re.compile(r"^(base|[0-9]{1,10})\.tar(\.gz|\.zst)?$|^backup_manifest$")
 MAX_FILE_BYTES = 1 << 44
 
 
@@ -40,7 +40,7 @@ MAX_FILE_BYTES = 1 << 44
 class BaseBackupFile:
     """One stored file of a base backup."""
 
-    name: str  # base.tar.gz, <tablespace oid>.tar.gz, backup_manifest
+    name: str  # base.tar.zst (base.tar.gz before 2026-12), backup_manifest
     key: str
     size: int
     sha256: str
@@ -185,13 +185,9 @@ class BaseBackupRecord:
                 raise _invalid(where, f"files[{index}].sha256", "is not a SHA-256 in hex")
             files.append(BaseBackupFile(**item))
         names = [f.name for f in files]
-        if (
-            "backup_manifest" not in names
-            or "base.tar.gz" not in names
-            and "base.tar" not in names
-            or len(set(names)) != len(names)
-        ):
-            raise _invalid(where, "files", "must list base.tar(.gz) and backup_manifest, each once")
+        tars = [name for name in names if name in ("base.tar.zst", "base.tar.gz", "base.tar")]
+        if "backup_manifest" not in names or len(tars) != 1 or len(set(names)) != len(names):
+            raise _invalid(where, "files", "must list one base.tar(.zst/.gz) and backup_manifest, each once")
         data["files"] = tuple(files)
         return cls(**data)
 

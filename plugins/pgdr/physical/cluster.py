@@ -1,8 +1,9 @@
 """Scratch clusters: a base backup chain restored on the worker and recovered to a moment.
 
 Recovering a server to a point in time never touches the live server. The chain of base backups
-(a full one, then its incrementals) is downloaded and checked (SHA-256 against the records, then
-``pg_verifybackup`` on the stored tar files), combined with ``pg_combinebackup``, and started as
+(a full one, then its incrementals) is downloaded and checked (SHA-256 against the records, every
+file against PostgreSQL's manifest as it is extracted: :mod:`pgdr.physical.tarstream`; ``pg_verifybackup``
+for a gzip'd one stored before), combined with ``pg_combinebackup``, and started as
 a *scratch cluster*: the same major version's binaries, a free local port, no TCP listener (a
 private Unix socket directory only), ``archive_mode = off`` so it never writes into the
 production archive, ``restore_command`` fetching WAL from the archive, and a recovery target.
@@ -84,6 +85,30 @@ def download_chain(chain: list[BaseBackupEntry], store: BackupStore, dest: Path)
             download_checked(store, item, folder / item.name)
         dirs.append(folder)
     return dirs
+
+
+def is_streamed(entry: BaseBackupEntry) -> bool:
+    """Say whether a base backup is a zstd tar checked as it streams (pgdr's since 2026-12), not a gzip'd one."""
+    from pgdr.physical.tarstream import STORED_TAR
+
+    return any(f.name == STORED_TAR for f in entry.record.files)
+
+
+def check_streamed(entry: BaseBackupEntry, store: BackupStore, workdir: Path, dest: Path | None, what: str) -> float:
+    """Read a streamed base backup from the store once: SHA-256 against its record, every file against its manifest,
+    extracted into ``dest`` when given. Return seconds."""
+    from pgdr.physical.basebackup import download_checked
+    from pgdr.physical.tarstream import MANIFEST, STORED_TAR, Manifest, restore_tar
+
+    started = time.monotonic()
+    manifest_path = workdir / f"{entry.backup_id}.manifest"
+    download_checked(store, entry.record.file(MANIFEST), manifest_path)
+    manifest = Manifest(manifest_path.read_bytes(), what)
+    manifest_path.unlink()
+    tar = entry.record.file(STORED_TAR)
+    with store.open_read(tar.key) as stream:
+        restore_tar(stream, tar, manifest, dest, what, store.describe(tar.key))
+    return time.monotonic() - started
 
 
 def verify_backup(folder: Path, what: str) -> float:

@@ -32,9 +32,11 @@ from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry
 from pgdr.physical.cluster import (
     RecoveryResult,
     ScratchCluster,
+    check_streamed,
     combine_chain,
     download_chain,
     extract_base_backup,
+    is_streamed,
     verify_backup,
 )
 from pgdr.postgres.client import pg_tool
@@ -172,23 +174,36 @@ def prepare_data_directory(
         entry.record.wal_segment_size,
     )
     t0 = time.monotonic()
-    folders = download_chain(chain, store, workdir / "download")
-    timings["download"] = time.monotonic() - t0
-    # pg_verifybackup reads the stored tar files while they are extracted: two cores, one pass each.
+
+    def what(member: BaseBackupEntry) -> str:
+        where = store.describe(catalog.layout.base_backup_prefix(catalog.server, member.backup_id))
+        return f"base backup {member.backup_id} ({where})"
+
+    # A streamed base backup (zstd) is read once: SHA-256, every file checked against its manifest, extracted.
+    streamed = {
+        member.backup_id: check_streamed(member, store, workdir, workdir / "extract" / member.backup_id, what(member))
+        for member in chain
+        if is_streamed(member)
+    }
+    if streamed:
+        timings["download_check_extract"] = sum(streamed.values())
+    # One stored before (gzip'd tar): downloaded, then pg_verifybackup reads it while it is extracted.
+    legacy = [member for member in chain if not is_streamed(member)]
     t1 = time.monotonic()
+    folders = download_chain(legacy, store, workdir / "download")
+    timings["download"] = time.monotonic() - t1
 
     def verify_stored() -> float:
         started = time.monotonic()
-        for member, folder in zip(chain, folders, strict=True):
-            where = store.describe(catalog.layout.base_backup_prefix(catalog.server, member.backup_id))
-            verify_backup(folder, f"base backup {member.backup_id} ({where})")
+        for member, folder in zip(legacy, folders, strict=True):
+            verify_backup(folder, what(member))
         return time.monotonic() - started
 
-    def extract() -> tuple[list[Path], float]:
+    def extract() -> float:
         started = time.monotonic()
-        return [
-            extract_base_backup(folder, workdir / "extract" / folder.name) for folder in folders
-        ], time.monotonic() - started
+        for folder in folders:
+            extract_base_backup(folder, workdir / "extract" / folder.name)
+        return time.monotonic() - started
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pgdr-prepare") as pool:
         verifying, extracting = pool.submit(verify_stored), pool.submit(extract)
@@ -198,10 +213,11 @@ def prepare_data_directory(
             extracted_or_error = extracting.exception()
     if extracted_or_error is not None:
         raise extracted_or_error
-    extracted, timings["extract"] = extracting.result()
+    timings["extract"] = extracting.result()
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
-    timings["verify_and_extract"] = time.monotonic() - t1
+    extracted = [workdir / "extract" / member.backup_id for member in chain]
+    timings["verify_and_extract"] = time.monotonic() - t0
     t3 = time.monotonic()
     combine_chain(extracted, data_dir)
     timings["combine"] = time.monotonic() - t3

@@ -9,7 +9,7 @@ each said in the terminal and in the report:
    the WAL to replay, the expected time from past PITR verifications, the size needed on disk
    against the free space. A data directory that holds anything is refused unless ``--delta``;
    a data directory a server runs on is always refused. The old host is never contacted.
-2. **Place** the chain: downloaded, checked (SHA-256, ``pg_verifybackup``), combined, in a staging
+2. **Place** the chain: downloaded, checked (SHA-256, every file against PostgreSQL's manifest), combined, in a staging
    directory beside the data directory (same filesystem: moving a file in is a rename). Without
    ``--delta`` the staging directory becomes the data directory; with it only the files whose
    size or SHA-256 differ from the backup's are replaced and files the backup lacks are removed

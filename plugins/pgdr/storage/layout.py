@@ -13,10 +13,11 @@ Layout version 1, under the target's prefix::
 
 Point-in-time recovery has a layout version of its own, ``pitr-v1/``, beside ``v1/``::
 
-    pitr-v1/base/<server>/<backup_id>/base.tar.gz        pg_basebackup's tar (and <oid>.tar.gz per tablespace)
-    pitr-v1/base/<server>/<backup_id>/backup_manifest    PostgreSQL's own manifest (SHA-256 of every file)
+    pitr-v1/base/<server>/<backup_id>/base.tar.zst       pg_basebackup's tar, zstd (base.tar.gz before 2026-12)
+    pitr-v1/base/<server>/<backup_id>/backup_manifest    PostgreSQL's own manifest (CRC32C of every file; SHA-256
+                                                         in the gzip'd ones)
     pitr-v1/base/<server>/<backup_id>/backup.json        written last: the base backup exists from then on
-    pitr-v1/base/<server>/<backup_id>/verification.json  pg_verifybackup on the stored bytes, recoveries
+    pitr-v1/base/<server>/<backup_id>/verification.json  the stored bytes checked, recoveries
     pitr-v1/wal/<server>/wals/...                        the WAL archive: barman-cloud's layout, written
                                                          only by the server's archive_command
 

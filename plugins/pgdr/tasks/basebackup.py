@@ -75,10 +75,10 @@ def run_base_backup(job: dict[str, str], context) -> dict[str, Any]:
 
 
 def run_check_stored(backup: dict[str, Any], context) -> dict[str, Any]:
-    """Body of ``check_stored``: download the stored base backup and run ``pg_verifybackup`` on those bytes; write
-    its evidence receipt."""
+    """Body of ``check_stored``: read the stored base backup and check those bytes against its manifest (as they
+    stream; ``pg_verifybackup`` on a gzip'd one stored before); write its evidence receipt."""
     from pgdr.airflow_glue.evidence import record_evidence
-    from pgdr.physical.cluster import download_chain, verify_backup
+    from pgdr.physical.cluster import check_streamed, download_chain, is_streamed, verify_backup
 
     started = _now()
     with fail_fast():
@@ -86,14 +86,18 @@ def run_check_stored(backup: dict[str, Any], context) -> dict[str, Any]:
         context[CONTEXT_BACKUP_ID] = backup["backup_id"]
         entry = catalog.get(backup["backup_id"])
         with task_workdir(context, f"verifybackup-{server.name}") as workdir:
-            # pg_verifybackup reads tar files as they are; an incremental backup is checked alone.
-            folder = download_chain([entry], store, workdir)[0]
-            seconds = verify_backup(
-                folder,
+            # An incremental base backup is checked alone (its files against its own manifest).
+            what = (
                 f"base backup {entry.backup_id} as stored in "
-                f"{store.describe(archive.layout.base_backup_prefix(server.name, entry.backup_id))}",
+                f"{store.describe(archive.layout.base_backup_prefix(server.name, entry.backup_id))}"
             )
-    log.info("pg_verifybackup: base backup %s as stored is intact (%.1fs).", entry.backup_id, seconds)
+            if is_streamed(entry):
+                check = "SHA-256 and every file against PostgreSQL's backup_manifest, on the stored bytes"
+                seconds = check_streamed(entry, store, workdir, None, what)
+            else:
+                check = "pg_verifybackup on the stored bytes"
+                seconds = verify_backup(download_chain([entry], store, workdir)[0], what)
+    log.info("Base backup %s as stored is intact (%s; %.1fs).", entry.backup_id, check, seconds)
     if plan.evidence is not None:  # the receipt of an evidence log
         record = entry.record
         details = {
@@ -105,7 +109,7 @@ def run_check_stored(backup: dict[str, Any], context) -> dict[str, Any]:
             "timeline": record.timeline,
             "lsn": [record.start_lsn, record.end_lsn],
             "read_on": record.source or {"source": "primary"},
-            "stored_intact": {"check": "pg_verifybackup on the stored bytes", "seconds": round(seconds, 2)},
+            "stored_intact": {"check": check, "seconds": round(seconds, 2)},
             "files": [{"key": f.key, "sha256": f.sha256, "size": f.size} for f in record.files],
         }
         record_key = archive.layout.record_key(server.name, entry.backup_id)

@@ -1,0 +1,340 @@
+"""A base backup as one stream: pg_basebackup's tar, zstd-compressed, checked against PostgreSQL's manifest on the way.
+
+pgdr reads ``pg_basebackup -Ft -D -`` (the tar on stdout, the ``backup_manifest`` as its last member) and, in the same
+pass, compresses it with zstd (level 1: measured faster and smaller than gzip:1 and lz4 on a pgbench cluster) and
+checks every file against the manifest: its size and its checksum (CRC32C, PostgreSQL's default: the server computes
+it in C, where its built-in SHA-256 cost most of a base backup's time). What is stored is ``base.tar.zst`` (SHA-256 in
+the record) and the manifest beside it.
+
+A restore reads the stored bytes once: SHA-256 against the record while downloading, zstd, tar, each file written
+and checked against the manifest as it goes. This is the check ``pg_verifybackup`` does (files present, none added,
+sizes, checksums, the manifest's own checksum), which the embedded ``pg_verifybackup`` cannot do on a zstd tar.
+Base backups stored before (``base.tar.gz``) keep their path: ``pg_verifybackup`` on the stored tar.
+
+The tar and the manifest come from a bucket: untrusted. Extraction uses tarfile's ``data`` filter (no absolute
+paths, no ``..``, no links out of the directory); the manifest is parsed as data and every field checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from pgdr.errors import ChecksumMismatch
+
+STORED_TAR = "base.tar.zst"
+LEGACY_TAR = "base.tar.gz"
+ZSTD_LEVEL = 1
+ZSTD_THREADS = 2  # zstd's own threads (the GIL released): 2 GB in 3.3-3.8 s instead of 4.1-4.4 s on two cores
+CHUNK = 1 << 20
+MANIFEST = "backup_manifest"
+
+
+class _Crc32c:
+    """CRC32C as PostgreSQL's manifest writes it: the 4 bytes of the value in the machine's order, in hex."""
+
+    def __init__(self) -> None:
+        import google_crc32c
+
+        self._sum = google_crc32c.Checksum()
+
+    def update(self, data: bytes) -> None:
+        self._sum.update(data)
+
+    def hexdigest(self) -> str:
+        return struct.pack("=I", int.from_bytes(self._sum.digest(), "big")).hex()
+
+
+class _NoChecksum:
+    def update(self, data: bytes) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+_HASHES: dict[str, Callable[[], object]] = {
+    "CRC32C": _Crc32c,
+    "SHA224": hashlib.sha224,
+    "SHA256": hashlib.sha256,
+    "SHA384": hashlib.sha384,
+    "SHA512": hashlib.sha512,
+    "NONE": _NoChecksum,
+}
+
+
+class Manifest:
+    """The files of a ``backup_manifest``: path → (size, checksum algorithm, checksum); its own checksum checked."""
+
+    def __init__(self, raw: bytes, what: str) -> None:
+        self.raw = raw
+        self.what = what
+        at = raw.rfind(b'"Manifest-Checksum"')
+        try:
+            data = json.loads(raw)
+            files = data["Files"]
+            if not isinstance(files, list):
+                raise TypeError("Files is not a list")
+            self.files: dict[str, tuple[int, str, str]] = {}
+            for item in files:
+                algorithm = str(item.get("Checksum-Algorithm", "NONE")).upper()
+                size = item["Size"]
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0 or algorithm not in _HASHES:
+                    raise ValueError(f"file {item.get('Path')!r}: size {size!r}, checksum {algorithm}")
+                self.files[str(item["Path"])] = (size, algorithm, str(item.get("Checksum", "")).lower())
+            self.wal_ranges = data["WAL-Ranges"]
+            own = str(data["Manifest-Checksum"]).lower()
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise self._damaged(f"its backup_manifest cannot be read ({err})") from None
+        if at < 0 or hashlib.sha256(raw[:at]).hexdigest() != own:
+            raise self._damaged("its backup_manifest does not match its own checksum (Manifest-Checksum)")
+
+    def _damaged(self, problem: str) -> ChecksumMismatch:
+        return ChecksumMismatch(
+            f"The check against PostgreSQL's manifest rejected {self.what}: {problem}. The base backup is damaged; "
+            "no cluster was started from it. Recover from an older chain (choose a moment before this base backup "
+            "is needed), and take a new full base backup."
+        )
+
+    def hasher(self, name: str):
+        entry = self.files.get(name)
+        return _HASHES[entry[1] if entry else "NONE"]()
+
+    def expect(self, name: str, size: int) -> None:
+        """Refuse a file the manifest does not list, or of another size, before a byte of it is written (a forged
+        tar cannot fill the disk with more than the manifest says)."""
+        if name == MANIFEST:
+            if size != len(self.raw):
+                raise self._damaged("the backup_manifest inside the tar is not the one stored beside it")
+            return
+        entry = self.files.get(name)
+        if entry is None:
+            raise self._damaged(f'"{name}" is in the backup but not in its manifest')
+        if size != entry[0]:
+            raise self._damaged(f'"{name}" has size {size}, the manifest says {entry[0]}')
+
+    def check(self, seen: dict[str, tuple[int, str]]) -> None:
+        """Compare the files read (name → (size, checksum)) with the manifest; raise on the first difference."""
+        for name, (size, checksum) in seen.items():
+            if name == MANIFEST:
+                continue  # the manifest itself (compared with the stored one, or parsed from it)
+            self.expect(name, size)
+            entry = self.files[name]
+            if entry[1] != "NONE" and checksum != entry[2]:
+                raise self._damaged(f'"{name}" has checksum {checksum}, the manifest says {entry[2]} ({entry[1]})')
+        missing = sorted(set(self.files) - set(seen))
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise self._damaged(f'"{missing[0]}"{more} is in the manifest but not in the backup')
+
+
+class _Tee:
+    """A readable stream that hands every byte it reads to ``sink`` first."""
+
+    def __init__(self, source: BinaryIO, sink: Callable[[bytes], object]) -> None:
+        self._source = source
+        self._sink = sink
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        if data:
+            self._sink(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+class _Reader:
+    """Exact reads from a stream (a pipe or a decompressor may return less than asked)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def read(self, size: int) -> bytes:
+        data = self._stream.read(size)
+        if len(data) == size or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < size and (more := self._stream.read(size - got)):
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+
+_BLOCK = 512
+_KINDS = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE)
+
+
+def read_tar(
+    stream: BinaryIO,
+    what: str,
+    manifest: Manifest | None = None,
+    extract_to: Path | None = None,
+) -> Manifest:
+    """Read a base backup's tar from ``stream`` to its end; check every file against the manifest, extract them into
+    ``extract_to`` when given. Return the manifest.
+
+    The tar is read here, not by :mod:`tarfile`'s stream mode (which copies every byte three times: 3.4 s of a 2 GB
+    backup): PostgreSQL writes plain ustar (files, directories, symbolic links), and that is all that is accepted.
+    Each header is parsed and checked by ``tarfile.TarInfo.frombuf``; what is extracted passes tarfile's ``data``
+    filter (no absolute path, no ``..``, no link out of the directory).
+
+    :param manifest: the stored ``backup_manifest``; ``None`` (while the backup is taken) uses the tar's own, its last
+        member, with CRC32C (the checksum pgdr asks pg_basebackup for) computed for every file before it arrives.
+    :raises ChecksumMismatch: a file missing, added, of another size or checksum; an unreadable or damaged tar.
+    """
+    seen: dict[str, tuple[int, str]] = {}
+    own: bytes | None = None
+    reader = _Reader(stream)
+
+    def cut(problem: str) -> ChecksumMismatch:
+        return ChecksumMismatch(
+            f"{what} is not a readable tar ({problem}): it was cut short or damaged. No cluster was started from it. "
+            "Recover from an older chain, and take a new full base backup."
+        )
+
+    while True:
+        header = reader.read(_BLOCK)
+        if len(header) < _BLOCK:
+            raise cut("it ends inside a header, before the end-of-archive blocks")
+        if header == bytes(_BLOCK):
+            break
+        try:
+            member = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.TarError as err:
+            raise cut(f"a damaged header: {err}") from None
+        if member.type not in _KINDS:
+            raise cut(f"{member.name!r} is of tar type {member.type!r}, which PostgreSQL does not write")
+        safe = None
+        if extract_to is not None:
+            try:
+                safe = tarfile.data_filter(member, str(extract_to))
+            except tarfile.FilterError as err:
+                raise cut(f"refused to extract: {err}") from None
+            if member.isdir():
+                (extract_to / safe.name).mkdir(mode=0o700, parents=True, exist_ok=True)
+            elif member.issym():
+                (extract_to / safe.name).symlink_to(safe.linkname)
+        if not member.isfile():
+            continue
+        if manifest is not None:
+            manifest.expect(member.name, member.size)
+        hasher = manifest.hasher(member.name) if manifest is not None else _Crc32c()
+        kept = [] if member.name == MANIFEST else None
+        out = None
+        if safe is not None:
+            target = extract_to / safe.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            out = open(target, "wb")  # noqa: SIM115 - closed below, also on error
+        try:
+            left = member.size
+            while left:
+                chunk = reader.read(min(left, CHUNK))
+                if not chunk:
+                    raise cut(f"{member.name!r} ends {left} bytes early")
+                left -= len(chunk)
+                hasher.update(chunk)
+                if out is not None:
+                    out.write(chunk)
+                if kept is not None:
+                    kept.append(chunk)
+            padding = -member.size % _BLOCK
+            if padding and len(reader.read(padding)) != padding:
+                raise cut(f"{member.name!r} ends early")
+        finally:
+            if out is not None:
+                out.close()
+                target.chmod(safe.mode if safe.mode is not None else 0o600)
+        if kept is not None:
+            own = b"".join(kept)
+        seen[member.name] = (member.size, hasher.hexdigest())
+    while stream.read(CHUNK):  # the second end-of-archive block and the record padding: hashed and stored too
+        pass
+    if manifest is None:
+        if own is None:
+            raise ChecksumMismatch(f"{what} has no backup_manifest: pg_basebackup did not finish it.")
+        manifest = Manifest(own, what)
+        for name, (_, algorithm, _) in manifest.files.items():
+            if algorithm not in ("CRC32C", "NONE"):
+                raise ChecksumMismatch(f"{what}: {name!r} has a {algorithm} checksum where pgdr asked for CRC32C.")
+    elif own is not None and own != manifest.raw:
+        raise manifest._damaged("the backup_manifest inside the tar is not the one stored beside it")
+    manifest.check(seen)
+    return manifest
+
+
+def compress_tar(stream: BinaryIO, out: BinaryIO, what: str) -> tuple[Manifest, int, str]:
+    """Read pg_basebackup's tar from ``stream``, write it zstd-compressed to ``out`` and check it against the manifest
+    at its end. Return the manifest, the stored size and its SHA-256."""
+    import zstandard
+
+    digest = hashlib.sha256()
+    stored = 0
+
+    def write(data: bytes) -> None:
+        nonlocal stored
+        if data:
+            digest.update(data)
+            out.write(data)
+            stored += len(data)
+
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_THREADS).compressobj()
+    manifest = read_tar(_Tee(stream, lambda data: write(compressor.compress(data))), what)
+    write(compressor.flush())
+    return manifest, stored, digest.hexdigest()
+
+
+def restore_tar(stream: BinaryIO, record_file, manifest: Manifest, dest: Path | None, what: str, where: str) -> None:
+    """Read a stored ``base.tar.zst`` once: its SHA-256 and size against the record (``record_file``), every file
+    checked against ``manifest`` and, with ``dest``, extracted there (the manifest beside)."""
+    import zstandard
+
+    digest = hashlib.sha256()
+    size = 0
+
+    def count(data: bytes) -> None:
+        nonlocal size
+        digest.update(data)
+        size += len(data)
+
+    checked = _Tee(stream, count)
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(checked, read_size=CHUNK, read_across_frames=True) as plain:
+            read_tar(plain, what, manifest, dest)
+            while plain.read(CHUNK):
+                pass
+        checked.drain()
+    except zstandard.ZstdError as err:
+        checked.drain()
+        _check_record(record_file, size, digest.hexdigest(), where)  # changed bytes say so first
+        raise ChecksumMismatch(
+            f"{what} cannot be decompressed ({err}), though its stored bytes match its record: it was damaged "
+            "before it was stored. No cluster was started from it. Recover from an older chain, and take a new "
+            "full base backup."
+        ) from None
+    except ChecksumMismatch:
+        checked.drain()
+        _check_record(record_file, size, digest.hexdigest(), where)
+        raise
+    _check_record(record_file, size, digest.hexdigest(), where)
+    if dest is not None:
+        (dest / MANIFEST).write_bytes(manifest.raw)
+
+
+def _check_record(entry, size: int, sha256: str, where: str) -> None:
+    if size != entry.size or sha256 != entry.sha256:
+        raise ChecksumMismatch(
+            f"{where} does not match its base backup record (size {size}, expected {entry.size}; SHA-256 "
+            f"{sha256[:12]}…, expected {entry.sha256[:12]}…): the stored file changed since it was written. This "
+            "base backup (and every incremental one built on it) cannot be trusted; take a new full base backup."
+        )

@@ -1,0 +1,171 @@
+"""The streamed base backup's tar reader: PostgreSQL's manifest checked file by file, hostile tars refused."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import tarfile
+from pathlib import Path
+
+import pytest
+from pgdr.errors import ChecksumMismatch
+from pgdr.physical.tarstream import Manifest, compress_tar, read_tar, restore_tar
+
+
+def _crc32c(data: bytes) -> str:
+    import google_crc32c
+
+    return struct.pack("=I", google_crc32c.value(data)).hex()
+
+
+def _manifest(files: dict[str, bytes], algorithm: str = "CRC32C") -> bytes:
+    listed = []
+    for path, data in files.items():
+        checksum = _crc32c(data) if algorithm == "CRC32C" else hashlib.sha256(data).hexdigest()
+        listed.append({"Path": path, "Size": len(data), "Checksum-Algorithm": algorithm, "Checksum": checksum})
+    body = (
+        '{ "PostgreSQL-Backup-Manifest-Version": 2,\n"Files": '
+        + json.dumps(listed)
+        + ',\n"WAL-Ranges": [{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000120" }],\n'
+    ).encode()
+    return body + f'"Manifest-Checksum": "{hashlib.sha256(body).hexdigest()}"}}\n'.encode()
+
+
+def _tar(members: list[tuple[str, bytes | None]], manifest: bytes | None = None, kind=None, link=None) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = kind or tarfile.DIRTYPE
+                info.linkname = link or ""
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                info.mode = 0o600
+                tar.addfile(info, io.BytesIO(data))
+        if manifest is not None:
+            info = tarfile.TarInfo("backup_manifest")
+            info.size = len(manifest)
+            tar.addfile(info, io.BytesIO(manifest))
+    return out.getvalue()
+
+
+FILES = {"PG_VERSION": b"18\n", "base/1/1259": bytes(range(256)) * 40, "global/pg_control": b"\x01" * 8192}
+
+
+def _good() -> tuple[bytes, bytes]:
+    manifest = _manifest(FILES)
+    members = [("base", None), ("base/1", None), ("global", None), ("pg_wal", None)]
+    return _tar(members + list(FILES.items()), manifest), manifest
+
+
+def test_a_good_tar_streams_compresses_and_extracts_as_postgresql_wrote_it(tmp_path):
+    tar, manifest = _good()
+    stored = io.BytesIO()
+    got, size, sha256 = compress_tar(io.BytesIO(tar), stored, "the test backup")
+    assert got.raw == manifest and set(got.files) == set(FILES) and got.wal_ranges[0]["Timeline"] == 1
+    assert size == len(stored.getvalue()) and sha256 == hashlib.sha256(stored.getvalue()).hexdigest()
+
+    class Entry:
+        pass
+
+    entry = Entry()
+    entry.size, entry.sha256 = size, sha256
+    restore_tar(io.BytesIO(stored.getvalue()), entry, Manifest(manifest, "x"), tmp_path / "out", "the test", "here")
+    for name, data in FILES.items():
+        assert (tmp_path / "out" / name).read_bytes() == data
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "out" / "backup_manifest").read_bytes() == manifest
+    # the check alone extracts nothing; changed stored bytes fail on the record first
+    restore_tar(io.BytesIO(stored.getvalue()), entry, Manifest(manifest, "x"), None, "the test", "here")
+    changed = bytearray(stored.getvalue())
+    changed[-5] ^= 0xFF
+    with pytest.raises(ChecksumMismatch, match="does not match its base backup record"):
+        restore_tar(io.BytesIO(bytes(changed)), entry, Manifest(manifest, "x"), tmp_path / "o2", "the test", "here")
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda f: {**f, "PG_VERSION": b"17\n"}, '"PG_VERSION" has checksum'),
+        (lambda f: {**f, "PG_VERSION": b"18.0\n"}, '"PG_VERSION" has size 5, the manifest says 3'),
+        (lambda f: {k: v for k, v in f.items() if k != "global/pg_control"}, '"global/pg_control" is in the manifest'),
+        (lambda f: {**f, "base/1/99999": b"x"}, '"base/1/99999" is in the backup but not in its manifest'),
+    ],
+)
+def test_a_file_that_differs_from_the_manifest_is_named(change, problem):
+    manifest = _manifest(FILES)
+    tar = _tar([("base", None), ("base/1", None), *change(FILES).items()], manifest)
+    with pytest.raises(ChecksumMismatch) as rejected:
+        read_tar(io.BytesIO(tar), "base backup B")
+    assert "The check against PostgreSQL's manifest rejected base backup B" in str(rejected.value)
+    assert problem in str(rejected.value)
+    with pytest.raises(ChecksumMismatch, match=problem.replace("(", r"\(")):  # the stored manifest given: the same
+        read_tar(
+            io.BytesIO(_tar([("base", None), ("base/1", None), *change(FILES).items()])), "B", Manifest(manifest, "B")
+        )
+
+
+def test_a_damaged_or_foreign_manifest_is_refused():
+    manifest = _manifest(FILES)
+    with pytest.raises(ChecksumMismatch, match="does not match its own checksum"):
+        Manifest(manifest.replace(b'"Size": 3', b'"Size": 4'), "B")
+    with pytest.raises(ChecksumMismatch, match="cannot be read"):
+        Manifest(b"{not json", "B")
+    with pytest.raises(ChecksumMismatch, match="cannot be read"):
+        Manifest(json.dumps({"Files": [{"Path": "x", "Size": -1}], "WAL-Ranges": []}).encode(), "B")
+    # while a backup is taken pgdr asks for CRC32C: a manifest with another algorithm is not the one asked for
+    with pytest.raises(ChecksumMismatch, match="SHA256 checksum where pgdr asked for CRC32C"):
+        read_tar(io.BytesIO(_tar(list(FILES.items()), _manifest(FILES, "SHA256"))), "B")
+    # the stored manifest may be SHA-256 (checked as it says)
+    sha = _manifest(FILES, "SHA256")
+    read_tar(io.BytesIO(_tar(list(FILES.items()))), "B", Manifest(sha, "B"))
+    # a tar holding another manifest than the one stored beside it
+    with pytest.raises(ChecksumMismatch, match="not the one stored beside it"):
+        read_tar(io.BytesIO(_tar(list(FILES.items()), manifest)), "B", Manifest(sha, "B"))
+    with pytest.raises(ChecksumMismatch, match="has no backup_manifest"):
+        read_tar(io.BytesIO(_tar(list(FILES.items()))), "B")
+
+
+@pytest.mark.parametrize(
+    "members, kind, link, problem",
+    [
+        ([("../escape", b"x")], None, None, "refused to extract"),
+        ([("/etc/evil", b"x")], None, None, "not in its manifest"),  # the data filter makes it etc/evil, inside
+        ([("out", None)], tarfile.SYMTYPE, "/etc/passwd", "refused to extract"),
+        ([("up", None)], tarfile.SYMTYPE, "../../x", "refused to extract"),
+        ([("dev", None)], tarfile.CHRTYPE, None, "which PostgreSQL does not write"),
+        ([("hard", None)], tarfile.LNKTYPE, "PG_VERSION", "which PostgreSQL does not write"),
+    ],
+)
+def test_a_hostile_tar_is_refused_and_writes_nothing_outside(tmp_path, members, kind, link, problem):
+    tar = _tar(list(FILES.items()) + members, _manifest(FILES), kind, link)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ChecksumMismatch, match=problem):
+        read_tar(io.BytesIO(tar), "B", Manifest(_manifest(FILES), "B"), dest)
+    assert not (tmp_path / "escape").exists() and not (dest / "out").exists() and not (dest / "up").exists()
+    assert not Path("/etc/evil").exists()
+
+
+def test_a_cut_or_garbled_tar_says_so():
+    tar, manifest = _good()
+    for cut in (len(tar) // 2, 700, 100):
+        with pytest.raises(ChecksumMismatch, match="is not a readable tar"):
+            read_tar(io.BytesIO(tar[:cut]), "B", Manifest(manifest, "B"))
+    garbled = bytearray(tar)
+    garbled[148:156] = b"0000000\0"  # a header's checksum
+    with pytest.raises(ChecksumMismatch, match="a damaged header"):
+        read_tar(io.BytesIO(bytes(garbled)), "B", Manifest(manifest, "B"))
+
+
+def test_crc32c_is_written_as_postgresql_writes_it(tmp_path: Path):
+    """The hex of the 4 bytes of the CRC in the machine's order (real manifests: tests/scenarios/test_pitr*.py)."""
+    from pgdr.physical.tarstream import _Crc32c
+
+    crc = _Crc32c()
+    crc.update(b"123456789")
+    assert crc.hexdigest() == struct.pack("=I", 0xE3069283).hex()
