@@ -89,6 +89,7 @@ def lost_server(session_dir, s3_server, tmp_path_factory):
         "heartbeats": (before, after),
         "full": full,
         "s3_port": s3_server.port,
+        "s3_client": s3_server.client,
     }
 
 
@@ -239,6 +240,19 @@ def test_the_whole_server_comes_back_to_a_second_with_every_database_and_role(lo
     assert "RECOVERED AND PROMOTED" in done.output
     assert "Heartbeats at or before the target" in done.output and "data-loss window" in done.output
     assert "`app`" in done.output and "`ledger`" in done.output
+    # The incident's record for the drill's MTTR trend, where the drill reads every target's (it was never written:
+    # the server's layout had no place for it)
+    from pgdr.incident_review import incident_records
+    from pgdr.storage.backends import S3Store
+    from pgdr.storage.layout import BackupLayout
+
+    store = S3Store(lost_server["s3_client"], BUCKET)
+    (incident,) = [
+        r
+        for r in incident_records(store, BackupLayout(lost_server["prefix"]), target - timedelta(days=1))
+        if r["kind"] == "server recovery"
+    ]
+    assert incident["subject"] == SERVER and incident["status"] == "restored" and incident["mttr_seconds"] > 0
     # The team hears of it as from the DAG: one Slack message with the recovery point and the report.
     (posted,) = [m["text"] for m in slack.messages]
     assert posted.startswith(":white_check_mark: [pgdr] Server lost") and "data-loss window" in posted, posted

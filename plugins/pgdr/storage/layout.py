@@ -134,6 +134,11 @@ class PhysicalLayout:
     def _key(self, *parts: str) -> str:
         return "/".join(p.strip("/") for p in (self.prefix, PITR_LAYOUT_VERSION, *parts) if p)
 
+    def incident_key(self, declared: str, name: str) -> str:
+        """Return the key of a server recovery's incident record: where the logical layout of the same target keeps
+        every incident's (:meth:`BackupLayout.incident_key`), which the drill's MTTR trend reads."""
+        return BackupLayout(self.prefix).incident_key(declared, name)
+
     def server_prefix(self, server: str) -> str:
         """Return the key prefix (ending in ``/``) under which all base backups of ``server`` live."""
         return self._key("base", server) + "/"
