@@ -214,6 +214,34 @@ def test_a_damaged_base_backup_is_rejected_before_a_cluster_starts(flaky, tmp_pa
             prepare_data_directory(
                 catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "c", cluster.data_dir, archive
             )
+        # 4. a manifest of another cluster (its own checksum and the record made to agree): refused
+        import hashlib
+        import json
+        from dataclasses import replace
+
+        from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupFile
+
+        store.put_bytes(key, original)
+        item = full.file("backup_manifest")
+        saved_manifest = store.get_bytes(item.key)
+        data = json.loads(saved_manifest)
+        body = saved_manifest[: saved_manifest.rindex(b'"Manifest-Checksum"')].replace(
+            str(data["System-Identifier"]).encode(), b"1234567890123456789", 1
+        )
+        forged = body + f'"Manifest-Checksum": "{hashlib.sha256(body).hexdigest()}"}}\n'.encode()
+        store.put_bytes(item.key, forged)
+        files = tuple(
+            BaseBackupFile(f.name, f.key, len(forged), hashlib.sha256(forged).hexdigest()) if f is item else f
+            for f in full.files
+        )
+        BaseBackupCatalog(store, archive.layout, SERVER).write_record(replace(full, files=files))
+        try:
+            with pytest.raises(ChecksumMismatch, match="is of the cluster with system identifier 1234567890123456789"):
+                prepare_data_directory(
+                    catalog(flaky), catalog(flaky).get(full.backup_id), store, tmp_path / "e", cluster.data_dir, archive
+                )
+        finally:
+            store.put_bytes(item.key, saved_manifest)
     finally:
         store.put_bytes(key, original)
         from pgdr.physical.catalog import BaseBackupCatalog

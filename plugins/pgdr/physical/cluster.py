@@ -105,6 +105,13 @@ def check_streamed(entry: BaseBackupEntry, store: BackupStore, workdir: Path, de
     download_checked(store, entry.record.file(MANIFEST), manifest_path)
     manifest = Manifest(manifest_path.read_bytes(), what)
     manifest_path.unlink()
+    if manifest.system_identifier not in ("", entry.record.system_identifier):
+        raise ChecksumMismatch(
+            f"The check against PostgreSQL's manifest rejected {what}: its backup_manifest is of the cluster with "
+            f"system identifier {manifest.system_identifier}, its record of {entry.record.system_identifier}. The "
+            "base backup was mixed with another cluster's; no cluster was started from it. Recover from an older "
+            "chain, and take a new full base backup."
+        )
     tar = entry.record.file(STORED_TAR)
     with store.open_read(tar.key) as stream:
         restore_tar(stream, tar, manifest, dest, what, store.describe(tar.key))

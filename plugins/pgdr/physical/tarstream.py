@@ -28,7 +28,6 @@ from typing import BinaryIO
 from pgdr.errors import ChecksumMismatch
 
 STORED_TAR = "base.tar.zst"
-LEGACY_TAR = "base.tar.gz"
 ZSTD_LEVEL = 1
 ZSTD_THREADS = 2  # zstd's own threads (the GIL released): 2 GB in 3.3-3.8 s instead of 4.1-4.4 s on two cores
 CHUNK = 1 << 20
@@ -88,6 +87,7 @@ class Manifest:
                     raise ValueError(f"file {item.get('Path')!r}: size {size!r}, checksum {algorithm}")
                 self.files[str(item["Path"])] = (size, algorithm, str(item.get("Checksum", "")).lower())
             self.wal_ranges = data["WAL-Ranges"]
+            self.system_identifier = str(data.get("System-Identifier", ""))
             own = str(data["Manifest-Checksum"]).lower()
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise self._damaged(f"its backup_manifest cannot be read ({err})") from None
@@ -169,6 +169,72 @@ class _Reader:
         return b"".join(parts)
 
 
+class _Writers:
+    """The extracted files written by two threads beside the reader: writing 2 GB into the page cache is most of an
+    extraction's time, all of it in the kernel, and one thread kept one core on it while the other waited."""
+
+    def __init__(self, threads: int = 2) -> None:
+        import queue
+        import threading
+
+        self._queues = [queue.Queue(maxsize=32) for _ in range(threads)]  # at most 64 MB of chunks in flight
+        self._errors: list[BaseException] = []
+        self._threads = [
+            threading.Thread(target=self._run, args=(q,), name=f"pgdr-extract-{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._turn = 0
+
+    def _run(self, jobs) -> None:
+        out = None
+        while True:
+            op, value, mode = jobs.get()
+            if op == "stop":
+                break
+            if self._errors:
+                continue  # drain: the reader raises the first error
+            try:
+                if op == "open":
+                    out = open(value, "wb")  # noqa: SIM115 - closed by its "close" job, or below
+                elif op == "write":
+                    out.write(value)
+                else:
+                    out.close()
+                    out = None
+                    value.chmod(mode)
+            except BaseException as err:  # noqa: BLE001 - handed to the reader (a full disk, a permission)
+                self._errors.append(err)
+        if out is not None:
+            out.close()
+
+    def file(self, target: Path, mode: int):
+        """Open ``target`` on the next writer; return the function that writes its chunks, then closes it (None)."""
+        jobs = self._queues[self._turn]
+        self._turn = (self._turn + 1) % len(self._queues)
+        self._put(jobs, ("open", target, None))
+
+        def write(chunk: bytes | None) -> None:
+            self._put(jobs, ("write", chunk, None) if chunk is not None else ("close", target, mode))
+
+        return write
+
+    def _put(self, jobs, job) -> None:
+        if self._errors:
+            raise self._errors[0]
+        jobs.put(job)
+
+    def close(self, failing: bool) -> None:
+        """Wait until every file is written and closed; raise a writer's error unless ``failing`` already."""
+        for jobs in self._queues:
+            jobs.put(("stop", None, None))
+        for thread in self._threads:
+            thread.join()
+        if self._errors and not failing:
+            raise self._errors[0]
+
+
 _BLOCK = 512
 _KINDS = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE)
 
@@ -191,9 +257,23 @@ def read_tar(
         member, with CRC32C (the checksum pgdr asks pg_basebackup for) computed for every file before it arrives.
     :raises ChecksumMismatch: a file missing, added, of another size or checksum; an unreadable or damaged tar.
     """
+    writers = _Writers() if extract_to is not None else None
+    try:
+        manifest = _read_tar(_Reader(stream), what, manifest, extract_to, writers)
+    except BaseException:
+        if writers is not None:
+            writers.close(failing=True)
+        raise
+    if writers is not None:
+        writers.close(failing=False)
+    while stream.read(CHUNK):  # the second end-of-archive block and the record padding: hashed and stored too
+        pass
+    return manifest
+
+
+def _read_tar(reader: _Reader, what: str, manifest: Manifest | None, extract_to: Path | None, writers) -> Manifest:
     seen: dict[str, tuple[int, str]] = {}
     own: bytes | None = None
-    reader = _Reader(stream)
 
     def cut(problem: str) -> ChecksumMismatch:
         return ChecksumMismatch(
@@ -229,35 +309,30 @@ def read_tar(
             manifest.expect(member.name, member.size)
         hasher = manifest.hasher(member.name) if manifest is not None else _Crc32c()
         kept = [] if member.name == MANIFEST else None
-        out = None
+        write = None
         if safe is not None:
             target = extract_to / safe.name
             target.parent.mkdir(parents=True, exist_ok=True)
-            out = open(target, "wb")  # noqa: SIM115 - closed below, also on error
-        try:
-            left = member.size
-            while left:
-                chunk = reader.read(min(left, CHUNK))
-                if not chunk:
-                    raise cut(f"{member.name!r} ends {left} bytes early")
-                left -= len(chunk)
-                hasher.update(chunk)
-                if out is not None:
-                    out.write(chunk)
-                if kept is not None:
-                    kept.append(chunk)
-            padding = -member.size % _BLOCK
-            if padding and len(reader.read(padding)) != padding:
-                raise cut(f"{member.name!r} ends early")
-        finally:
-            if out is not None:
-                out.close()
-                target.chmod(safe.mode if safe.mode is not None else 0o600)
+            write = writers.file(target, safe.mode if safe.mode is not None else 0o600)
+        left = member.size
+        while left:
+            chunk = reader.read(min(left, CHUNK))
+            if not chunk:
+                raise cut(f"{member.name!r} ends {left} bytes early")
+            left -= len(chunk)
+            hasher.update(chunk)
+            if write is not None:
+                write(chunk)
+            if kept is not None:
+                kept.append(chunk)
+        if write is not None:
+            write(None)
+        padding = -member.size % _BLOCK
+        if padding and len(reader.read(padding)) != padding:
+            raise cut(f"{member.name!r} ends early")
         if kept is not None:
             own = b"".join(kept)
         seen[member.name] = (member.size, hasher.hexdigest())
-    while stream.read(CHUNK):  # the second end-of-archive block and the record padding: hashed and stored too
-        pass
     if manifest is None:
         if own is None:
             raise ChecksumMismatch(f"{what} has no backup_manifest: pg_basebackup did not finish it.")
