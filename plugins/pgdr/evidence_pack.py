@@ -119,7 +119,7 @@ def utc_bound(text: str | None, end_of_day: bool = False) -> datetime | None:
         return None
     moment = parse_timestamp(text)
     if moment is None:
-        raise PgdrError(f"{text!r} is not a date or time; give e.g. 2026-10-01 or 2026-10-01T12:00:00") from None
+        raise PgdrError(f"{text!r} is not a date or time; give e.g. 2026-10-01 or 2026-10-01T12:00:00")
     if end_of_day and len(text.strip()) == 10:
         moment += timedelta(days=1) - timedelta(microseconds=1)
     return moment

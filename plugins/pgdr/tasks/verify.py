@@ -123,7 +123,7 @@ def run_restore_and_check(target: dict[str, str], scratch_name: str, context) ->
     3. ``check_integrity``: exact row counts against the manifest, ``pg_amcheck``, sequences.
 
     Each phase's result is pushed as an XCom under the phase's name as soon as it succeeds, so that
-    ``record_verification`` names the phase that failed (:data:`PHASE_TASKS`). A retry runs all three again.
+    ``record_verification`` names the phase that failed (:data:`PHASE_XCOMS`). A retry runs all three again.
     """
     from pgdr.checks.integrity import check_integrity
     from pgdr.logical.restore import download_backup
