@@ -391,3 +391,38 @@ def test_a_base_backup_stored_before_zstd_still_verifies_and_restores(flaky, tmp
         store.delete([key])
         BaseBackupCatalog(store, layout, SERVER).write_record(full)
         cluster.destroy()
+
+
+def test_a_stored_tar_that_cannot_be_written_fails_the_base_backup_and_leaves_no_pg_basebackup(
+    flaky, tmp_path, monkeypatch
+):
+    """A full disk on the worker while the tar streams: the error says so, pg_basebackup is stopped and waited for
+    (not left running, e.g. waiting on the archiver with nobody watching), nothing is recorded, the next one works."""
+    import errno
+    import subprocess
+
+    import pgdr.physical.basebackup as basebackup
+
+    archive, store = flaky["archive"], flaky["store"]
+    before = [e.backup_id for e in catalog(flaky).backups()]
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)  # kept alive here: only pgdr's own wait() can set its returncode
+
+    def full_disk(stream, out, what):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(basebackup, "compress_tar", full_disk)
+    monkeypatch.setattr(basebackup.subprocess, "Popen", Recorded)
+    with pytest.raises(OSError, match="No space left on device"):
+        basebackup.take_base_backup(SERVER, flaky["endpoint"], store, archive.layout, tmp_path / "a", archive.url)
+    (process,) = started
+    assert process.returncode is not None  # stopped and waited for by pgdr
+    assert [e.backup_id for e in catalog(flaky).backups()] == before and catalog(flaky).partial() == []
+    monkeypatch.undo()
+    taken = basebackup.take_base_backup(SERVER, flaky["endpoint"], store, archive.layout, tmp_path / "b", archive.url)
+    assert taken.file("base.tar.zst").size > 0
+    store.delete([f.key for f in taken.files] + [archive.layout.record_key(SERVER, taken.backup_id)])

@@ -311,6 +311,11 @@ def take_base_backup(
                         stopped = True
                         process.terminate()
             process.wait()
+        except BaseException:  # the stored tar could not be written (a full disk): pg_basebackup is not left behind
+            if process.poll() is None:
+                process.terminate()
+            process.wait()
+            raise
         finally:
             stop.set()
             watcher.join()
