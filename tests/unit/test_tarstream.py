@@ -24,7 +24,12 @@ def _manifest(files: dict[str, bytes], algorithm: str = "CRC32C") -> bytes:
     listed = []
     for path, data in files.items():
         checksum = _crc32c(data) if algorithm == "CRC32C" else hashlib.sha256(data).hexdigest()
-        listed.append({"Path": path, "Size": len(data), "Checksum-Algorithm": algorithm, "Checksum": checksum})
+        raw = path.encode("utf-8", "surrogateescape")
+        try:
+            named = {"Path": raw.decode()}
+        except UnicodeDecodeError:  # as PostgreSQL lists a name that is not UTF-8: its bytes in hex
+            named = {"Encoded-Path": raw.hex()}
+        listed.append({**named, "Size": len(data), "Checksum-Algorithm": algorithm, "Checksum": checksum})
     body = (
         '{ "PostgreSQL-Backup-Manifest-Version": 2,\n"Files": '
         + json.dumps(listed)
@@ -85,6 +90,26 @@ def test_a_good_tar_streams_compresses_and_extracts_as_postgresql_wrote_it(tmp_p
     changed[-5] ^= 0xFF
     with pytest.raises(ChecksumMismatch, match="does not match its base backup record"):
         restore_tar(io.BytesIO(bytes(changed)), entry, Manifest(manifest, "x"), tmp_path / "o2", "the test", "here")
+
+
+def test_a_file_name_that_is_not_utf8_is_matched_by_its_encoded_path(tmp_path):
+    # PostgreSQL lists such a file (an operator's file in the data directory) as "Encoded-Path", its bytes in hex
+    odd = b"notes-caf\xe9.txt".decode("utf-8", "surrogateescape")
+    files = {**FILES, odd: b"left by an operator\n"}
+    manifest = _manifest(files)
+    assert b'"Encoded-Path": "6e6f7465732d636166e92e747874"' in manifest
+    tar = _tar([("base", None), ("base/1", None), ("global", None), *files.items()], manifest)
+    stored = io.BytesIO()
+    got, size, sha256 = compress_tar(io.BytesIO(tar), stored, "the test backup")
+    assert odd in got.files
+
+    class Entry:
+        pass
+
+    entry = Entry()
+    entry.size, entry.sha256 = size, sha256
+    restore_tar(io.BytesIO(stored.getvalue()), entry, got, tmp_path / "out", "the test", "here")
+    assert (tmp_path / "out" / odd).read_bytes() == files[odd]
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from pgdr.logical.standby import BackupSource
 from pgdr.physical.archive import ArchiverFailing, ArchiverState, archiver_state, segment_of_lsn
 from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry, BaseBackupFile, BaseBackupRecord
 from pgdr.physical.heartbeat import switch_and_wait_archived
-from pgdr.physical.tarstream import MANIFEST, STORED_TAR, compress_tar
+from pgdr.physical.tarstream import MANIFEST, STORED_TAR, check_against_record, compress_tar
 from pgdr.postgres.client import PgEndpoint, connect, endpoint_conninfo, passfile_env, pg_tool, tool_error
 from pgdr.storage.backends import BackupStore, sha256_stream
 from pgdr.storage.layout import PhysicalLayout, new_backup_id
@@ -304,7 +304,9 @@ def take_base_backup(
         try:
             with process.stdout, open(out / STORED_TAR, "wb") as stored:
                 try:
-                    manifest, _, _ = compress_tar(process.stdout, stored, f"the base backup of server {server!r}")
+                    manifest, tar_size, tar_sha256 = compress_tar(
+                        process.stdout, stored, f"the base backup of server {server!r}"
+                    )
                 except ChecksumMismatch as err:  # cut short (its error below), or not what its manifest says
                     streamed = DumpFailed(f"{err} The task retries.")
                     if process.poll() is None:
@@ -366,8 +368,11 @@ def take_base_backup(
     try:
         for path in (out / STORED_TAR, out / MANIFEST):  # the manifest after the data
             key = layout.file_key(server, backup_id, path.name)
-            with open(path, "rb") as stream:
-                size, sha256 = sha256_stream(stream)
+            if path.name == STORED_TAR:  # hashed as it was written
+                size, sha256 = tar_size, tar_sha256
+            else:
+                with open(path, "rb") as stream:
+                    size, sha256 = sha256_stream(stream)
             store.put_file(key, path)
             uploaded.append(key)
             files.append(BaseBackupFile(name=path.name, key=key, size=size, sha256=sha256))
@@ -415,18 +420,10 @@ def take_base_backup(
 
 def download_checked(store: BackupStore, entry: BaseBackupFile, dest: Path) -> None:
     """Download one stored file of a base backup and check its size and SHA-256."""
-    from pgdr.errors import ChecksumMismatch
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     with store.open_read(entry.key) as stream, open(dest, "wb") as out:
         size, sha256 = sha256_stream(stream, out.write)
-    if size != entry.size or sha256 != entry.sha256:
-        raise ChecksumMismatch(
-            f"{store.describe(entry.key)} does not match its base backup record (size {size}, expected "
-            f"{entry.size}; SHA-256 {sha256[:12]}…, expected {entry.sha256[:12]}…): the stored file changed since "
-            "it was written. This base backup (and every incremental one built on it) cannot be trusted; take a "
-            "new full base backup."
-        )
+    check_against_record(entry, size, sha256, store.describe(entry.key))
 
 
 def due_kind(entries, full_schedule: str, incremental_schedule: str | None, now: datetime) -> str | None:

@@ -83,9 +83,10 @@ class Manifest:
             for item in files:
                 algorithm = str(item.get("Checksum-Algorithm", "NONE")).upper()
                 size = item["Size"]
+                path = _manifest_path(item)
                 if not isinstance(size, int) or isinstance(size, bool) or size < 0 or algorithm not in _HASHES:
-                    raise ValueError(f"file {item.get('Path')!r}: size {size!r}, checksum {algorithm}")
-                self.files[str(item["Path"])] = (size, algorithm, str(item.get("Checksum", "")).lower())
+                    raise ValueError(f"file {path!r}: size {size!r}, checksum {algorithm}")
+                self.files[path] = (size, algorithm, str(item.get("Checksum", "")).lower())
             self.wal_ranges = data["WAL-Ranges"]
             self.system_identifier = str(data.get("System-Identifier", ""))
             own = str(data["Manifest-Checksum"]).lower()
@@ -131,6 +132,14 @@ class Manifest:
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise self._damaged(f'"{missing[0]}"{more} is in the manifest but not in the backup')
+
+
+def _manifest_path(item: dict) -> str:
+    """A file's path as the tar reader names it: PostgreSQL writes a name that is not UTF-8 as ``Encoded-Path``
+    (its bytes in hex), which the tar's header gives as the same bytes (read with ``surrogateescape``)."""
+    if "Path" in item:
+        return str(item["Path"])
+    return bytes.fromhex(str(item["Encoded-Path"])).decode("utf-8", "surrogateescape")
 
 
 class _Tee:
@@ -386,12 +395,10 @@ def restore_tar(stream: BinaryIO, record_file, manifest: Manifest, dest: Path | 
     try:
         with zstandard.ZstdDecompressor().stream_reader(checked, read_size=CHUNK, read_across_frames=True) as plain:
             read_tar(plain, what, manifest, dest)
-            while plain.read(CHUNK):
-                pass
         checked.drain()
     except zstandard.ZstdError as err:
         checked.drain()
-        _check_record(record_file, size, digest.hexdigest(), where)  # changed bytes say so first
+        check_against_record(record_file, size, digest.hexdigest(), where)  # changed bytes say so first
         raise ChecksumMismatch(
             f"{what} cannot be decompressed ({err}), though its stored bytes match its record: it was damaged "
             "before it was stored. No cluster was started from it. Recover from an older chain, and take a new "
@@ -399,14 +406,15 @@ def restore_tar(stream: BinaryIO, record_file, manifest: Manifest, dest: Path | 
         ) from None
     except ChecksumMismatch:
         checked.drain()
-        _check_record(record_file, size, digest.hexdigest(), where)
+        check_against_record(record_file, size, digest.hexdigest(), where)
         raise
-    _check_record(record_file, size, digest.hexdigest(), where)
+    check_against_record(record_file, size, digest.hexdigest(), where)
     if dest is not None:
         (dest / MANIFEST).write_bytes(manifest.raw)
 
 
-def _check_record(entry, size: int, sha256: str, where: str) -> None:
+def check_against_record(entry, size: int, sha256: str, where: str) -> None:
+    """Refuse stored bytes whose size or SHA-256 is not what the base backup record (``entry``) says."""
     if size != entry.size or sha256 != entry.sha256:
         raise ChecksumMismatch(
             f"{where} does not match its base backup record (size {size}, expected {entry.size}; SHA-256 "
