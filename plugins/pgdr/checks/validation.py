@@ -157,8 +157,6 @@ ORDER BY 1, 2, 4
 # col("name") and breaks on a double quote in the name).
 _COLUMN_SQL = {
     "expect_column_values_to_not_be_null": "SELECT * FROM {{batch}} WHERE {col} IS NULL",
-    "expect_column_values_to_be_unique": "SELECT {col} FROM {{batch}} WHERE {col} IS NOT NULL GROUP BY {col} HAVING "
-    "count(*) > 1",
 }
 
 
@@ -169,6 +167,27 @@ def _column_spec(table: str, kind: str, column: str, description: str) -> Expect
     query = _COLUMN_SQL[kind].format(col=unicode_identifier(column))
     return ExpectationSpec(
         table, "unexpected_rows_expectation", {"unexpected_rows_query": query}, "baseline", description
+    )
+
+
+def _unique_spec(table: str, constraint: str, cols: list[str]) -> ExpectationSpec:
+    """Return the expectation that a primary key is unique, as one ``GROUP BY`` query.
+
+    GX's own uniqueness expectations count every value with a window function (a sort of the whole table) and then
+    run a second query for a sample even when nothing is duplicated: 6.8 s on the 13.5 million keys of a 2 GB
+    pgbench table, where grouping (the planner may read the key's index alone) takes 3.6 s (GX runs the query twice:
+    for the rows, then for their count).
+    """
+    columns = ", ".join(unicode_identifier(c) for c in cols)
+    not_null = " AND ".join(f"{unicode_identifier(c)} IS NOT NULL" for c in cols)
+    named = "" if len(cols) == 1 else f" ({', '.join(map(quote_ident, cols))})"
+    query = f"SELECT {columns} FROM {{batch}} WHERE {not_null} GROUP BY {columns} HAVING count(*) > 1"
+    return ExpectationSpec(
+        table,
+        "unexpected_rows_expectation",
+        {"unexpected_rows_query": query},
+        "baseline",
+        f"primary key {quote_ident(constraint)}{named} is unique",
     )
 
 
@@ -199,22 +218,7 @@ def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = Non
                         f"primary key column {quote_ident(col)} is not null",
                     )
                 )
-            if len(cols) == 1:
-                specs.append(
-                    _column_spec(
-                        key, "expect_column_values_to_be_unique", cols[0], f"primary key {quote_ident(name)} is unique"
-                    )
-                )
-            else:
-                specs.append(
-                    ExpectationSpec(
-                        key,
-                        "expect_compound_columns_to_be_unique",
-                        {"column_list": list(cols)},
-                        "baseline",
-                        f"primary key {quote_ident(name)} ({', '.join(map(quote_ident, cols))}) is unique",
-                    )
-                )
+            specs.append(_unique_spec(key, name, cols))
         else:
             # GX substitutes {batch} with "(SELECT ...) AS subselect", so the batch cannot be given an
             # alias: the parent's key columns get unique aliases instead, which keeps every
@@ -409,7 +413,9 @@ def run_validation(target: PgEndpoint, specs: list[ExpectationSpec]) -> Validati
             source = context.data_sources.add_postgres(
                 name=f"restored_{index}", connection_string=f"${{{_GX_CONN_ENV_VAR}}}"
             )
-            asset = source.add_query_asset(name=f"t{index}", query=f"SELECT * FROM {relation}")
+            query = f"SELECT * FROM {relation}"
+            asset = source.add_query_asset(name=f"t{index}", query=query)
+            _columns_without_rows(source.get_execution_engine().engine, query)
             suite = gx.ExpectationSuite(name=f"pgdr_{index}")
             for tag, spec in enumerate(table_specs):
                 suite.add_expectation(_build_expectation(spec, tag))
@@ -443,6 +449,24 @@ def run_validation(target: PgEndpoint, specs: list[ExpectationSpec]) -> Validati
         os.environ.pop(_GX_CONN_ENV_VAR, None)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _columns_without_rows(engine, query: str) -> None:
+    """Have GX learn a query asset's columns without fetching its rows.
+
+    GX reads the columns of a query asset by running the query as it is and keeping the whole result in memory
+    (``column_reflection_fallback``): the whole table, 2.6 GB of worker memory and 3 s for a 2 GB pgbench table,
+    enough to kill a worker on a real-sized one. Every metric wraps the query as a subquery, so the query text
+    sent alone is that reflection, which needs the columns only: it gets ``LIMIT 0``.
+    """
+    from sqlalchemy import event
+
+    def limit(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0913 - SQLAlchemy's hook
+        if statement.strip() == query:
+            statement = f"{query} LIMIT 0"
+        return statement, parameters
+
+    event.listen(engine, "before_cursor_execute", limit, retval=True)
 
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
