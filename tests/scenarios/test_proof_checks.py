@@ -56,7 +56,7 @@ def recovered(pg_server):
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(READER)))
 
 
-def _check(cluster, tmp_path):
+def _check(cluster, tmp_path, jobs=None):
     from pgdr.physical.proof import check_recovered_databases
 
     plan = SimpleNamespace(database=lambda name: SimpleNamespace(dbname=DB, dump_jobs=2))
@@ -68,7 +68,9 @@ def _check(cluster, tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         yield folder
 
-    return check_recovered_databases(plan, server, cluster, "B1", "2026-12-05T10:00:00+00:00", workdir)
+    return check_recovered_databases(
+        plan, server, cluster, "B1", "2026-12-05T10:00:00+00:00", workdir, amcheck_jobs=jobs
+    )
 
 
 def _spin(stop) -> None:
@@ -87,7 +89,8 @@ def test_many_runs_under_load_give_the_same_findings_and_leave_nothing_running(r
     for process in load:
         process.start()
     try:
-        runs = [_check(recovered, tmp_path / f"run{i}")["orders"] for i in range(8)]
+        # the dump_jobs of the plan (2), or as many as a recovery on a new host gives (its cores)
+        runs = [_check(recovered, tmp_path / f"run{i}", jobs=[None, 1, 4][i % 3])["orders"] for i in range(8)]
     finally:
         stop.set()
         for process in load:

@@ -36,7 +36,13 @@ def check_target_hit(server: str, target: datetime, live: list[datetime], recove
 
 
 def check_recovered_databases(
-    plan, server, cluster, backup_id: str, target: str, workdir: Callable[[str], AbstractContextManager[Path]]
+    plan,
+    server,
+    cluster,
+    backup_id: str,
+    target: str,
+    workdir: Callable[[str], AbstractContextManager[Path]],
+    amcheck_jobs: int | None = None,
 ) -> dict[str, Any]:
     """Check every plan database of ``server`` in the recovered ``cluster``; return each one's findings.
 
@@ -44,6 +50,7 @@ def check_recovered_databases(
     of other server processes): on a 2 GB pgbench database 9 s and 9 s, together about the longer of the two.
 
     :param workdir: makes a private work directory for a label (the task's).
+    :param amcheck_jobs: ``pg_amcheck --jobs`` (relations checked at once); default each database's ``dump_jobs``.
     :raises PermanentFailure: naming the first problems, when a database fails a check.
     """
     import time
@@ -67,7 +74,8 @@ def check_recovered_databases(
         prepare_amcheck(cluster.endpoint(db.dbname), endpoint)
         report = IntegrityReport()
         with workdir(f"pitr-amcheck-{name}") as folder, ThreadPoolExecutor(1, "pgdr-amcheck") as pool:
-            pages = pool.submit(amcheck, endpoint, folder, db.dump_jobs)  # waited for on leaving, whatever happens
+            # waited for on leaving the pool, whatever happens
+            pages = pool.submit(amcheck, endpoint, folder, amcheck_jobs or db.dump_jobs)
             started = time.monotonic()
             with connect(endpoint, application_name="pgdr-integrity") as conn:
                 counts, large_objects = count_rows(conn)

@@ -594,6 +594,8 @@ class ServerRecovery:
                 plan["base_backup"],
                 point,
                 lambda label: _work_folder(self.control / label),
+                # the new host serves nobody yet: the proof, most of a large server's recovery, gets every core
+                amcheck_jobs=max(2, os.cpu_count() or 2),
             )
         finally:
             _remove_checker(server, proof["databases_found"], had_amcheck)
