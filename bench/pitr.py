@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> None:
     from pgdr.physical.archive import WalArchive
     from pgdr.physical.basebackup import take_base_backup
     from pgdr.physical.catalog import BaseBackupCatalog
-    from pgdr.physical.heartbeat import switch_and_wait_archived
     from pgdr.postgres.client import PgEndpoint
     from pgdr.storage.backends import S3Store
     from pgdr.storage.layout import PhysicalLayout
@@ -98,21 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     catalog = BaseBackupCatalog(store, layout, SERVER)
 
     def psql(sql: str, db: str = "postgres", on=None) -> str:
-        return subprocess.run(
-            [str(bundled_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql],
-            env=on or env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        return run_psql(on or env, sql, db)
 
     def settle() -> float:
-        """Archive everything written so far, then checkpoint and sync; return the seconds the archive needed."""
-        t = time.perf_counter()
-        switch_and_wait_archived(pg, 3600)
-        psql("CHECKPOINT")
-        os.sync()
-        return time.perf_counter() - t
+        return settle_archive(pg, env)
 
     def raw_basebackup(i: int) -> float:
         out = work / "raw-bb"
@@ -141,57 +129,13 @@ def main(argv: list[str] | None = None) -> None:
             list(pool.map(lambda p: s3.upload_file(str(p), BUCKET, f"raw/{i}/{p.name}"), sorted(out.iterdir())))
         return time.perf_counter() - t
 
-    peer_url = f"s3://{BUCKET}/peer"
-    peer_args = ["--cloud-provider", "aws-s3", "--endpoint-url", access.endpoint_url]
-
     def peer_basebackup(r: int) -> float:
-        """barman-cloud-backup in its best mode (lz4, two upload jobs), streamed from the data directory to S3."""
         settle()
-        t = time.perf_counter()
-        run_peer(
-            bin_dir / "barman-cloud-backup",
-            *peer_args,
-            "--lz4",
-            "--immediate-checkpoint",
-            "-J",
-            "2",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(server.port),
-            "-U",
-            "postgres",
-            "-n",
-            f"peer-{r}",
-            peer_url,
-            SERVER,
-            env={**env, **access.environment()},
-        )
-        return time.perf_counter() - t
+        return peer_backup(bin_dir, access, env, server.port, f"peer-{r}")
 
     def peer_restore(r: int, name: str) -> tuple[float, dict]:
-        """barman-cloud-restore of the peer's backup ``name`` into a scratch cluster, then pgdr's recovery step (the
-        same restore_command, replay to the end of the archive, promotion)."""
-        from pgdr.physical.cluster import ScratchCluster
-        from pgdr.physical.recovery import recover_cluster
-
-        cluster = ScratchCluster(work / f"peer-cluster-{r}", newest.record.pg_version)
         settle()
-        t = time.perf_counter()
-        run_peer(
-            bin_dir / "barman-cloud-restore",
-            *peer_args,
-            peer_url,
-            SERVER,
-            name,
-            str(cluster.data_dir),
-            env={**os.environ, **access.environment()},
-        )
-        restored = time.perf_counter() - t
-        recovery = recover_cluster(cluster, archive, None)
-        elapsed = time.perf_counter() - t
-        cluster.destroy()
-        return elapsed, {"barman_cloud_restore": round(restored, 2), "recover": round(recovery.replay_seconds, 2)}
+        return peer_restore_and_recover(bin_dir, access, archive, name, work / f"peer-cluster-{r}", newest)
 
     def pgdr_basebackup(parent=None) -> tuple[float, object]:
         folder = work / "pgdr-bb"
@@ -409,6 +353,71 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in med.items():
         print(f"  {k:<28}{v:>10.2f}s")
     print(f"\nMerged into {output}")
+
+
+def run_psql(env: dict, sql: str, db: str = "postgres") -> str:
+    """Run ``sql`` with psql on the server of ``env`` (libpq variables); return its unaligned output."""
+    return subprocess.run(
+        [str(bundled_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def settle_archive(pg, env: dict) -> float:
+    """Archive everything written so far, then checkpoint and sync; return the seconds the archive needed."""
+    from pgdr.physical.heartbeat import switch_and_wait_archived
+
+    t = time.perf_counter()
+    switch_and_wait_archived(pg, 3600)
+    run_psql(env, "CHECKPOINT")
+    os.sync()
+    return time.perf_counter() - t
+
+
+PEER_URL = f"s3://{BUCKET}/peer"
+
+
+def peer_args(access) -> list[str]:
+    return ["--cloud-provider", "aws-s3", "--endpoint-url", access.endpoint_url]
+
+
+def peer_backup(bin_dir: Path, access, env: dict, port: int, name: str) -> float:
+    """barman-cloud-backup in its best mode (lz4, two upload jobs), streamed from the data directory of the server on
+    ``port`` to S3 as backup ``name``; return its seconds."""
+    t = time.perf_counter()
+    run_peer(
+        bin_dir / "barman-cloud-backup",
+        *peer_args(access),
+        *("--lz4", "--immediate-checkpoint", "-J", "2", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"),
+        *("-n", name, PEER_URL, SERVER),
+        env={**env, **access.environment()},
+    )
+    return time.perf_counter() - t
+
+
+def peer_restore_and_recover(bin_dir: Path, access, archive, name: str, directory: Path, newest) -> tuple[float, dict]:
+    """barman-cloud-restore of the peer's backup ``name`` into a scratch cluster at ``directory``, then pgdr's
+    recovery step (the same restore_command, replay to the end of the archive, promotion); return the seconds and
+    each step's."""
+    from pgdr.physical.cluster import ScratchCluster
+    from pgdr.physical.recovery import recover_cluster
+
+    cluster = ScratchCluster(directory, newest.record.pg_version)
+    t = time.perf_counter()
+    run_peer(
+        bin_dir / "barman-cloud-restore",
+        *peer_args(access),
+        *(PEER_URL, SERVER, name, str(cluster.data_dir)),
+        env={**os.environ, **access.environment()},
+    )
+    restored = time.perf_counter() - t
+    recovery = recover_cluster(cluster, archive, None)
+    elapsed = time.perf_counter() - t
+    cluster.destroy()
+    return elapsed, {"barman_cloud_restore": round(restored, 2), "recover": round(recovery.replay_seconds, 2)}
 
 
 def run_peer(tool: Path, *args: str, env: dict[str, str]) -> None:

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,12 @@ from pitr import (  # noqa: E402 - the PITR bench's own set-up, shared
     archive_endpoint,
     archiver_or_skip,
     archiving_server,
-    bundled_bin_dir,
     load_pgbench,
+    peer_backup,
+    peer_restore_and_recover,
     recover_whole_server,
-    run_peer,
+    run_psql,
+    settle_archive,
 )
 
 EXTRAPOLATE_GB = (100, 500)
@@ -106,9 +107,6 @@ def measure(scale: int, bin_dir: Path) -> dict:
     from pgdr.physical.archive import WalArchive
     from pgdr.physical.basebackup import take_base_backup
     from pgdr.physical.catalog import BaseBackupCatalog
-    from pgdr.physical.cluster import ScratchCluster
-    from pgdr.physical.heartbeat import switch_and_wait_archived
-    from pgdr.physical.recovery import recover_cluster
     from pgdr.storage.backends import S3Store
     from pgdr.storage.layout import PhysicalLayout
 
@@ -119,18 +117,10 @@ def measure(scale: int, bin_dir: Path) -> dict:
     server, env, pg = archiving_server(work / "postgres", archive, bin_dir, archive_command="/bin/true")
 
     def psql(sql: str, db: str = "postgres") -> str:
-        return subprocess.run(
-            [str(bundled_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-d", db, "-c", sql],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        return run_psql(env, sql, db)
 
     def settle() -> None:
-        switch_and_wait_archived(pg, 3600)
-        psql("CHECKPOINT")
-        os.sync()
+        settle_archive(pg, env)
 
     try:
         print(f"Scale {scale}: loading pgbench data (its WAL not archived)...", flush=True)
@@ -148,18 +138,8 @@ def measure(scale: int, bin_dir: Path) -> dict:
         t = time.perf_counter()
         take_base_backup(SERVER, pg, store, layout, folder, archive.url)
         backup_s = time.perf_counter() - t
-        peer_url = f"s3://{BUCKET}/peer"
-        peer_args = ["--cloud-provider", "aws-s3", "--endpoint-url", access.endpoint_url]
         settle()
-        t = time.perf_counter()
-        run_peer(
-            bin_dir / "barman-cloud-backup",
-            *peer_args,
-            *("--lz4", "--immediate-checkpoint", "-J", "2", "-h", "127.0.0.1", "-p", str(server.port)),
-            *("-U", "postgres", "-n", "peer", peer_url, SERVER),
-            env={**env, **access.environment()},
-        )
-        peer_backup_s = time.perf_counter() - t
+        peer_backup_s = peer_backup(bin_dir, access, env, server.port, "peer")
         psql("UPDATE pgbench_branches SET bbalance = bbalance + 1", "bench")  # a little WAL to replay
         print(f"  base backups: pgdr {backup_s:.1f}s, peer {peer_backup_s:.1f}s", flush=True)
 
@@ -181,19 +161,10 @@ def measure(scale: int, bin_dir: Path) -> dict:
         print(f"  server recovery {elapsed:.1f}s {phases} checks {checks}", flush=True)
 
         newest = BaseBackupCatalog(store, layout, SERVER).backups()[-1]
-        cluster = ScratchCluster(work / "peer-cluster", newest.record.pg_version)
         settle()
-        t = time.perf_counter()
-        run_peer(
-            bin_dir / "barman-cloud-restore",
-            *peer_args,
-            *(peer_url, SERVER, "peer", str(cluster.data_dir)),
-            env={**os.environ, **access.environment()},
+        peer_restore_s, peer_phases = peer_restore_and_recover(
+            bin_dir, access, archive, "peer", work / "peer-cluster", newest
         )
-        peer_restored = time.perf_counter() - t
-        recovery = recover_cluster(cluster, archive, None)
-        peer_restore_s = time.perf_counter() - t
-        cluster.destroy()
         print(f"  peer restore + recovery {peer_restore_s:.1f}s", flush=True)
         return {
             "pgbench_scale": scale,
@@ -204,16 +175,11 @@ def measure(scale: int, bin_dir: Path) -> dict:
             "phases_s": {k: round(v, 2) for k, v in phases.items()},
             "checks_s": {k: round(v, 2) for k, v in checks.items()},
             "peer_restore_s": round(peer_restore_s, 2),
-            "peer_phases_s": {
-                "barman_cloud_restore": round(peer_restored, 2),
-                "recover": round(recovery.replay_seconds, 2),
-            },
+            "peer_phases_s": peer_phases,
         }
     finally:
         server.destroy()
         moto.stop()
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
 

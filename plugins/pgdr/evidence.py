@@ -60,12 +60,13 @@ EVENTS = (
 APPEND_PATIENCE_S = 120.0  # how long one append keeps losing races to other writers before it gives up
 
 
-def _written_at(body: dict[str, Any]) -> datetime | None:
+def receipt_time(value: Any) -> datetime | None:
+    """A time a receipt states (untrusted): ``None`` unless an ISO 8601 text with its offset."""
     try:
-        written = datetime.fromisoformat(body["at"])
-    except (KeyError, TypeError, ValueError):
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
         return None
-    return written if written.tzinfo else None
+    return moment if moment is not None and moment.tzinfo is not None else None
 
 
 class EvidenceBroken(PgdrError):
@@ -365,7 +366,7 @@ class EvidenceLog:
         digests: dict[int, str] = {}
         for seq in range(first, max(listed, default=0)):  # never the newest: the chain goes on from it
             receipt = self._read(seq)
-            written = _written_at(receipt.body) if receipt else None
+            written = receipt_time(receipt.body.get("at")) if receipt else None
             if receipt is None or written is None or written >= cutoff:
                 break
             digests[seq] = receipt.digest

@@ -26,6 +26,7 @@ import statistics
 from datetime import datetime, timedelta
 from typing import Any
 
+from pgdr.evidence import receipt_time
 from pgdr.messages import duration_or_na
 
 PACK_VERSION = 1
@@ -67,14 +68,6 @@ SECTION_TITLES = {
 
 
 # -- reading receipts (untrusted values) ----------------------------------------------------------------
-def _time(value: Any) -> datetime | None:
-    try:
-        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
-    return moment if moment is not None and moment.tzinfo is not None else None
-
-
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
@@ -92,7 +85,7 @@ class _Receipt:
 
     def __init__(self, seq: int, body: dict[str, Any]):
         self.seq = seq
-        self.at = _time(body.get("at"))
+        self.at = receipt_time(body.get("at"))
         self.event = _str(body.get("event"))
         self.actor = _str(body.get("actor"))
         self.result = _str(body.get("result"))
@@ -275,7 +268,7 @@ def _server_section(server: dict[str, Any], mine: list[_Receipt], runs) -> dict[
     rows, gaps = [], []
     for r in verifications:
         d = r.details
-        target, achieved = _time(d.get("target")), _time(d.get("achieved_recovery_point"))
+        target, achieved = receipt_time(d.get("target")), receipt_time(d.get("achieved_recovery_point"))
         gap = round((target - achieved).total_seconds(), 1) if target and achieved else None
         if gap is not None and r.event == "pitr_verified":
             gaps.append(gap)

@@ -10,6 +10,7 @@ import contextlib
 import multiprocessing
 import subprocess
 import threading
+import time
 from types import SimpleNamespace
 
 import psycopg
@@ -105,13 +106,24 @@ def test_many_runs_under_load_give_the_same_findings_and_leave_nothing_running(r
 
 
 def test_a_failing_suite_waits_for_pg_amcheck_and_leaves_nothing_running(recovered, tmp_path, monkeypatch):
+    import pgdr.checks.integrity
     from pgdr.checks.validation import SuiteError
 
+    real_amcheck = pgdr.checks.integrity.run_amcheck
+    finished = threading.Event()
+
+    def slow_amcheck(*args, **kwargs):  # still running when the suite fails
+        real_amcheck(*args, **kwargs)
+        time.sleep(2)
+        finished.set()
+
+    monkeypatch.setattr(pgdr.checks.integrity, "run_amcheck", slow_amcheck)
     suites = tmp_path / "suites"
     (suites / "orders").mkdir(parents=True)
     (suites / "orders" / "broken.yaml").write_text('table: public."Orders"\nexpectations: [{type: no_such_check}]\n')
     monkeypatch.setenv("PGDR_GX_SUITES", str(suites))
     with pytest.raises(SuiteError, match="no_such_check"):
         _check(recovered, tmp_path / "failing")
+    assert finished.is_set(), "the suite's error was raised while pg_amcheck was still running"
     assert not [t for t in threading.enumerate() if t.name.startswith("pgdr-amcheck")]
     assert _amcheck_left() == []

@@ -153,18 +153,15 @@ ORDER BY 1, 2, 4
 """
 
 
-# The same checks in SQL, for a column whose name GX cannot parse (GX builds a condition string
-# col("name") and breaks on a double quote in the name).
-_COLUMN_SQL = {
-    "expect_column_values_to_not_be_null": "SELECT * FROM {{batch}} WHERE {col} IS NULL",
-}
-
-
-def _column_spec(table: str, kind: str, column: str, description: str) -> ExpectationSpec:
-    """Return a baseline expectation on one column, as GX's own type where GX can name the column."""
+def _not_null_spec(table: str, column: str) -> ExpectationSpec:
+    """Return the expectation that a primary key column is not null: GX's own where GX can name the column, the
+    same check in SQL where it cannot (GX builds a condition string col("name") and breaks on a double quote in it)."""
+    description = f"primary key column {quote_ident(column)} is not null"
     if '"' not in column:
-        return ExpectationSpec(table, kind, {"column": column}, "baseline", description)
-    query = _COLUMN_SQL[kind].format(col=unicode_identifier(column))
+        return ExpectationSpec(
+            table, "expect_column_values_to_not_be_null", {"column": column}, "baseline", description
+        )
+    query = f"SELECT * FROM {{batch}} WHERE {unicode_identifier(column)} IS NULL"
     return ExpectationSpec(
         table, "unexpected_rows_expectation", {"unexpected_rows_query": query}, "baseline", description
     )
@@ -209,15 +206,7 @@ def baseline_specs(conn, manifest: BackupManifest, tables: set[str] | None = Non
         if key not in restored or (kind == "f" and table_key(fschema, ftable) not in restored):
             continue
         if kind == "p":
-            for col in cols:
-                specs.append(
-                    _column_spec(
-                        key,
-                        "expect_column_values_to_not_be_null",
-                        col,
-                        f"primary key column {quote_ident(col)} is not null",
-                    )
-                )
+            specs.extend(_not_null_spec(key, col) for col in cols)
             specs.append(_unique_spec(key, name, cols))
         else:
             # GX substitutes {batch} with "(SELECT ...) AS subselect", so the batch cannot be given an

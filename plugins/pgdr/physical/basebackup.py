@@ -25,6 +25,7 @@ Each file is hashed (SHA-256) and uploaded; the record (``backup.json``) is writ
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 import threading
@@ -366,13 +367,12 @@ def take_base_backup(
     uploaded: list[str] = []
     files = []
     try:
-        for path in (out / STORED_TAR, out / MANIFEST):  # the manifest after the data
+        stored_files = (  # the manifest after the data; each hashed as it was written
+            (out / STORED_TAR, tar_size, tar_sha256),
+            (out / MANIFEST, len(manifest.raw), hashlib.sha256(manifest.raw).hexdigest()),
+        )
+        for path, size, sha256 in stored_files:
             key = layout.file_key(server, backup_id, path.name)
-            if path.name == STORED_TAR:  # hashed as it was written
-                size, sha256 = tar_size, tar_sha256
-            else:
-                with open(path, "rb") as stream:
-                    size, sha256 = sha256_stream(stream)
             store.put_file(key, path)
             uploaded.append(key)
             files.append(BaseBackupFile(name=path.name, key=key, size=size, sha256=sha256))
