@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
     report = json.loads(output.read_text()) if output.exists() else {}
     shape = f"{size}x{args.db_mb}mb" if args.db_mb else f"{size}x_small"
-    report["celery_fleet_{args.db_mb}mb" if args.db_mb else "celery_fleet"] = results
+    report[f"celery_fleet_{args.db_mb}mb" if args.db_mb else "celery_fleet"] = results
     report.setdefault("celery_overhead", {})[shape] = results["overhead"]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
