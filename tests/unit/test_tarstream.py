@@ -232,3 +232,53 @@ def test_extraction_by_two_writers_is_exact_many_times_over_under_load(tmp_path)
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(extract, range(40)))
     assert threading.active_count() == before
+
+
+def test_a_restore_says_how_long_it_waited_for_the_bucket_and_for_the_disk(tmp_path, monkeypatch):
+    """A slow bucket and a slow disk each show in their own wait, so a slow restore's report says which it was."""
+    import time
+
+    import pgdr.physical.tarstream as tarstream
+
+    rng = __import__("random").Random(3)
+    files = {f"base/1/{i}": rng.randbytes(300_000) for i in range(40)}  # 12 MB that zstd cannot shrink
+    manifest = _manifest(files)
+    stored = io.BytesIO()
+    _, size, sha256 = compress_tar(
+        io.BytesIO(_tar([("base", None), ("base/1", None)] + list(files.items()), manifest)), stored, "the test backup"
+    )
+    entry = type("Entry", (), {"size": size, "sha256": sha256})()
+
+    class SlowBucket(io.BytesIO):
+        def read(self, size=-1):
+            time.sleep(0.01)
+            return super().read(size)
+
+    waits: dict[str, float] = {}
+    restore_tar(
+        SlowBucket(stored.getvalue()), entry, Manifest(manifest, "x"), tmp_path / "a", "the test", "here", waits
+    )
+    reads = -(-size // tarstream.CHUNK)  # at least this many reads of the stored bytes, each 10 ms late
+    assert waits["bucket"] >= reads * 0.01 and waits["disk"] < waits["bucket"], waits
+
+    real_run = tarstream._Writers._run
+
+    def slow_disk(self, jobs):  # every chunk written 20 ms late: the writers' queues fill, the reader waits
+        class Late:
+            def get(self):
+                time.sleep(0.02)
+                return jobs.get()
+
+            def __getattr__(self, name):
+                return getattr(jobs, name)
+
+        real_run(self, Late())
+
+    monkeypatch.setattr(tarstream._Writers, "_run", slow_disk)
+    waits = {}
+    restore_tar(
+        io.BytesIO(stored.getvalue()), entry, Manifest(manifest, "x"), tmp_path / "b", "the test", "here", waits
+    )
+    assert waits["disk"] > 0.1 and waits["disk"] > 5 * waits["bucket"], waits
+    for name, data in files.items():
+        assert (tmp_path / "b" / name).read_bytes() == data

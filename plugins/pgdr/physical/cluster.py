@@ -94,9 +94,17 @@ def is_streamed(entry: BaseBackupEntry) -> bool:
     return any(f.name == STORED_TAR for f in entry.record.files)
 
 
-def check_streamed(entry: BaseBackupEntry, store: BackupStore, workdir: Path, dest: Path | None, what: str) -> float:
+def check_streamed(
+    entry: BaseBackupEntry,
+    store: BackupStore,
+    workdir: Path,
+    dest: Path | None,
+    what: str,
+    waits: dict[str, float] | None = None,
+) -> float:
     """Read a streamed base backup from the store once: SHA-256 against its record, every file against its manifest,
-    extracted into ``dest`` when given. Return seconds."""
+    extracted into ``dest`` when given. Return seconds; add to ``waits`` those spent waiting for the bucket and the
+    disk (see :func:`~pgdr.physical.tarstream.restore_tar`)."""
     from pgdr.physical.basebackup import download_checked
     from pgdr.physical.tarstream import MANIFEST, STORED_TAR, Manifest, restore_tar
 
@@ -114,7 +122,7 @@ def check_streamed(entry: BaseBackupEntry, store: BackupStore, workdir: Path, de
         )
     tar = entry.record.file(STORED_TAR)
     with store.open_read(tar.key) as stream:
-        restore_tar(stream, tar, manifest, dest, what, store.describe(tar.key))
+        restore_tar(stream, tar, manifest, dest, what, store.describe(tar.key), waits)
     return time.monotonic() - started
 
 

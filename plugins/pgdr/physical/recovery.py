@@ -180,13 +180,19 @@ def prepare_data_directory(
         return f"base backup {member.backup_id} ({where})"
 
     # A streamed base backup (zstd) is read once: SHA-256, every file checked against its manifest, extracted.
+    waits: dict[str, float] = {}
     streamed = {
-        member.backup_id: check_streamed(member, store, workdir, workdir / "extract" / member.backup_id, what(member))
+        member.backup_id: check_streamed(
+            member, store, workdir, workdir / "extract" / member.backup_id, what(member), waits
+        )
         for member in chain
         if is_streamed(member)
     }
     if streamed:
         timings["download_check_extract"] = sum(streamed.values())
+        # of which waiting: for the bucket's bytes, for the disk to take the extracted files
+        timings["download_check_extract_waiting_bucket"] = waits.get("bucket", 0.0)
+        timings["download_check_extract_waiting_disk"] = waits.get("disk", 0.0)
     # One stored before (gzip'd tar): downloaded, then pg_verifybackup reads it while it is extracted.
     legacy = [member for member in chain if not is_streamed(member)]
     t1 = time.monotonic()

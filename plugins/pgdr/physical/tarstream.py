@@ -21,6 +21,7 @@ import hashlib
 import json
 import struct
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -160,6 +161,21 @@ class _Tee:
             pass
 
 
+class _Timed:
+    """A readable stream that counts the seconds its reads wait (a download's: the bucket sending the bytes)."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._source = source
+        self.seconds = 0.0
+
+    def read(self, size: int = -1) -> bytes:
+        started = time.monotonic()
+        try:
+            return self._source.read(size)
+        finally:
+            self.seconds += time.monotonic() - started
+
+
 class _Reader:
     """Exact reads from a stream (a pipe or a decompressor may return less than asked)."""
 
@@ -195,6 +211,7 @@ class _Writers:
         for thread in self._threads:
             thread.start()
         self._turn = 0
+        self.waited = 0.0  # seconds the reader waited for a writer (its queue full: the disk behind)
 
     def _run(self, jobs) -> None:
         out = None
@@ -232,7 +249,12 @@ class _Writers:
     def _put(self, jobs, job) -> None:
         if self._errors:
             raise self._errors[0]
-        jobs.put(job)
+        if jobs.full():
+            started = time.monotonic()
+            jobs.put(job)
+            self.waited += time.monotonic() - started
+        else:
+            jobs.put(job)
 
     def close(self, failing: bool) -> None:
         """Wait until every file is written and closed; raise a writer's error unless ``failing`` already."""
@@ -253,6 +275,7 @@ def read_tar(
     what: str,
     manifest: Manifest | None = None,
     extract_to: Path | None = None,
+    waits: dict[str, float] | None = None,
 ) -> Manifest:
     """Read a base backup's tar from ``stream`` to its end; check every file against the manifest, extract them into
     ``extract_to`` when given. Return the manifest.
@@ -264,6 +287,7 @@ def read_tar(
 
     :param manifest: the stored ``backup_manifest``; ``None`` (while the backup is taken) uses the tar's own, its last
         member, with CRC32C (the checksum pgdr asks pg_basebackup for) computed for every file before it arrives.
+    :param waits: where to add the seconds spent waiting for the disk (``disk``: the extracted files' writers behind).
     :raises ChecksumMismatch: a file missing, added, of another size or checksum; an unreadable or damaged tar.
     """
     writers = _Writers() if extract_to is not None else None
@@ -274,7 +298,10 @@ def read_tar(
             writers.close(failing=True)
         raise
     if writers is not None:
+        started = time.monotonic()
         writers.close(failing=False)
+        if waits is not None:
+            waits["disk"] = waits.get("disk", 0.0) + writers.waited + time.monotonic() - started
     while stream.read(CHUNK):  # the second end-of-archive block and the record padding: hashed and stored too
         pass
     return manifest
@@ -376,10 +403,23 @@ def compress_tar(stream: BinaryIO, out: BinaryIO, what: str) -> tuple[Manifest, 
     return manifest, stored, digest.hexdigest()
 
 
-def restore_tar(stream: BinaryIO, record_file, manifest: Manifest, dest: Path | None, what: str, where: str) -> None:
+def restore_tar(
+    stream: BinaryIO,
+    record_file,
+    manifest: Manifest,
+    dest: Path | None,
+    what: str,
+    where: str,
+    waits: dict[str, float] | None = None,
+) -> None:
     """Read a stored ``base.tar.zst`` once: its SHA-256 and size against the record (``record_file``), every file
-    checked against ``manifest`` and, with ``dest``, extracted there (the manifest beside)."""
+    checked against ``manifest`` and, with ``dest``, extracted there (the manifest beside). Into ``waits``, when given,
+    the seconds of that pass spent waiting for the bucket (``bucket``) and for the disk (``disk``): where a slow
+    restore's time went."""
     import zstandard
+
+    timed = _Timed(stream)
+    stream = timed
 
     digest = hashlib.sha256()
     size = 0
@@ -394,7 +434,7 @@ def restore_tar(stream: BinaryIO, record_file, manifest: Manifest, dest: Path | 
         dest.mkdir(parents=True, exist_ok=True)
     try:
         with zstandard.ZstdDecompressor().stream_reader(checked, read_size=CHUNK, read_across_frames=True) as plain:
-            read_tar(plain, what, manifest, dest)
+            read_tar(plain, what, manifest, dest, waits)
         checked.drain()
     except zstandard.ZstdError as err:
         checked.drain()
@@ -409,6 +449,8 @@ def restore_tar(stream: BinaryIO, record_file, manifest: Manifest, dest: Path | 
         check_against_record(record_file, size, digest.hexdigest(), where)
         raise
     check_against_record(record_file, size, digest.hexdigest(), where)
+    if waits is not None:
+        waits["bucket"] = waits.get("bucket", 0.0) + timed.seconds
     if dest is not None:
         (dest / MANIFEST).write_bytes(manifest.raw)
 
