@@ -107,17 +107,27 @@ def test_many_runs_under_load_give_the_same_findings_and_leave_nothing_running(r
 
 def test_a_failing_suite_waits_for_pg_amcheck_and_leaves_nothing_running(recovered, tmp_path, monkeypatch):
     import pgdr.checks.integrity
+    import pgdr.checks.validation
     from pgdr.checks.validation import SuiteError
 
-    real_amcheck = pgdr.checks.integrity.run_amcheck
-    finished = threading.Event()
+    real_amcheck, real_validate = pgdr.checks.integrity.run_amcheck, pgdr.checks.validation.validate_restored
+    suite_failed, finished = threading.Event(), threading.Event()
 
-    def slow_amcheck(*args, **kwargs):  # still running when the suite fails
+    def failing_validate(*args, **kwargs):
+        try:
+            return real_validate(*args, **kwargs)
+        except SuiteError:
+            suite_failed.set()
+            raise
+
+    def slow_amcheck(*args, **kwargs):  # still running when the suite fails, and a while after
         real_amcheck(*args, **kwargs)
-        time.sleep(2)
+        suite_failed.wait(120)
+        time.sleep(1)
         finished.set()
 
     monkeypatch.setattr(pgdr.checks.integrity, "run_amcheck", slow_amcheck)
+    monkeypatch.setattr(pgdr.checks.validation, "validate_restored", failing_validate)
     suites = tmp_path / "suites"
     (suites / "orders").mkdir(parents=True)
     (suites / "orders" / "broken.yaml").write_text('table: public."Orders"\nexpectations: [{type: no_such_check}]\n')
