@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 import struct
 import tarfile
 from pathlib import Path
@@ -240,7 +241,7 @@ def test_a_restore_says_how_long_it_waited_for_the_bucket_and_for_the_disk(tmp_p
 
     import pgdr.physical.tarstream as tarstream
 
-    rng = __import__("random").Random(3)
+    rng = random.Random(3)
     files = {f"base/1/{i}": rng.randbytes(300_000) for i in range(40)}  # 12 MB that zstd cannot shrink
     manifest = _manifest(files)
     stored = io.BytesIO()

@@ -249,12 +249,9 @@ class _Writers:
     def _put(self, jobs, job) -> None:
         if self._errors:
             raise self._errors[0]
-        if jobs.full():
-            started = time.monotonic()
-            jobs.put(job)
-            self.waited += time.monotonic() - started
-        else:
-            jobs.put(job)
+        started = time.monotonic()
+        jobs.put(job)
+        self.waited += time.monotonic() - started
 
     def close(self, failing: bool) -> None:
         """Wait until every file is written and closed; raise a writer's error unless ``failing`` already."""
@@ -419,8 +416,6 @@ def restore_tar(
     import zstandard
 
     timed = _Timed(stream)
-    stream = timed
-
     digest = hashlib.sha256()
     size = 0
 
@@ -429,7 +424,7 @@ def restore_tar(
         digest.update(data)
         size += len(data)
 
-    checked = _Tee(stream, count)
+    checked = _Tee(timed, count)
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
     try:
