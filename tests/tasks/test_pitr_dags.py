@@ -478,6 +478,58 @@ def test_an_archive_whose_codec_changed_is_one_continuous_archive(plan, s3_stora
         assert restored.read_bytes() == content
 
 
+def test_the_restore_command_fetches_ahead_into_the_recoverys_spool_and_takes_from_it_without_barman(
+    plan, s3_storage, tmp_path, run_barman
+):
+    """A recovery's restore_command: the first fetch brings the next segments of the archive into the recovery's spool
+    (barman-cloud-wal-restore --parallel); the shell moves a spooled one into place without starting barman (here:
+    no barman at all); a spooled file cut short is fetched again; one that cannot be moved stops the recovery (exit
+    255, PostgreSQL's FATAL) instead of ending it early as though the archive ended there."""
+    import os
+    import shlex
+    import subprocess
+
+    from pgdr.physical.archive import WAL_PREFETCH
+
+    p = plan(storage=s3_storage, servers={"pgdr_shop": {"conn_id": "pgdr_shop", "pitr": {"storage": "s3"}}})
+    from pgdr.airflow_glue.connections import open_archive
+
+    _store, _layout, archive = open_archive(p.servers[0], p)
+    written = {}
+    for number in range(0x21, 0x25):
+        name = f"0000000100000000000000{number:02X}"
+        segment = tmp_path / name
+        segment.write_bytes(os.urandom(1 << 20) + bytes(15 << 20))
+        written[name] = segment.read_bytes()
+        run_barman(archive.archive_command().replace("%p", shlex.quote(str(segment))), archive)
+    names = sorted(written)
+    spool, restored = tmp_path / "spool dir", tmp_path / "pg_wal"
+    spool.mkdir()
+    restored.mkdir()
+
+    def command(name: str, bin_dir=None) -> str:
+        line = archive.restore_command(bin_dir, spool) if bin_dir else archive.restore_command(spool=spool)
+        return line.replace("%f", name).replace("%p", shlex.quote(str(restored / "RECOVERYXLOG")))
+
+    run_barman(command(names[0]), archive)
+    assert (restored / "RECOVERYXLOG").read_bytes() == written[names[0]]
+    assert sorted(f.name for f in spool.iterdir()) == names[1 : 1 + WAL_PREFETCH]  # the next ones, whole
+
+    no_barman = tmp_path / "no-barman"  # a restore_command that would fail if it started barman-cloud-wal-restore
+    run_barman(command(names[1], no_barman), archive)
+    assert (restored / "RECOVERYXLOG").read_bytes() == written[names[1]]
+    assert names[1] not in {f.name for f in spool.iterdir()}
+
+    (spool / names[2]).write_bytes(written[names[2]][: 5 << 20])  # a prefetch cut short: fetched again, whole
+    run_barman(command(names[2]), archive)
+    assert (restored / "RECOVERYXLOG").read_bytes() == written[names[2]]
+
+    unmovable = command(names[3], no_barman).replace(str(restored), str(tmp_path / "no such dir"))
+    environment = {**os.environ, **archive.access.environment()}
+    result = subprocess.run(unmovable, shell=True, env=environment, capture_output=True, text=True)
+    assert result.returncode == 255, (result.returncode, result.stderr)
+
+
 def test_pgdr_copy_copies_the_servers_wal_and_base_backups_checked_there_and_health_watches_the_copy(
     pitr_plan, plan, run_dag, s3_server, monkeypatch, slack
 ):

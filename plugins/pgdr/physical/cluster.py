@@ -225,6 +225,7 @@ class ScratchCluster:
         self.data_dir = self.root / "data"
         self.socket_dir = self.root / "socket"
         self.log_file = self.root / "server.log"
+        self.spool_dir = self.root / "wal-spool"  # segments fetched ahead of replay (WalArchive.restore_command)
         if not self.port:
             self.port = free_port()
 
@@ -311,7 +312,17 @@ class ScratchCluster:
         (self.data_dir / "pg_ident.conf").write_text("")
         (self.data_dir / "recovery.signal").write_text("")
         self.data_dir.chmod(0o700)
+        self.new_spool()
         chown_tree(self.root)
+
+    def new_spool(self) -> None:
+        """Give this recovery an empty spool of its own (before its root is given to the server's OS user)."""
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
+        self.spool_dir.mkdir(mode=0o700, parents=True)
+
+    def drop_spool(self) -> None:
+        """Remove what the replay fetched ahead and did not need (past the target)."""
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     def _check_reachable(self) -> None:
         """Fail, saying what to do, when the unprivileged user cannot enter the cluster's directory."""

@@ -22,6 +22,7 @@ from typing import Any
 from pgdr.errors import BackupNotFound, PermanentFailure
 from pgdr.messages import format_duration
 from pgdr.physical.archive import (
+    DEFAULT_SEGMENT_SIZE,
     WalArchive,
     WalSegment,
     archiver_bin_dir,
@@ -235,13 +236,20 @@ def prepare_data_directory(
 
 
 def recover_cluster(
-    cluster: ScratchCluster, archive: WalArchive, target: datetime | None, timeout_s: float = 6 * 3600
+    cluster: ScratchCluster,
+    archive: WalArchive,
+    target: datetime | None,
+    timeout_s: float = 6 * 3600,
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
 ) -> RecoveryResult:
     """Configure the prepared ``cluster`` to recover to ``target`` (``None``: the end of the
     archive), start it, wait."""
     cluster.environment = {**cluster.environment, **archive.access.environment()}
-    cluster.configure(archive.restore_command(archiver_bin_dir()), target)
-    result = cluster.start(target, timeout_s)
+    cluster.configure(archive.restore_command(archiver_bin_dir(), cluster.spool_dir, segment_size), target)
+    try:
+        result = cluster.start(target, timeout_s)
+    finally:
+        cluster.drop_spool()
     log.info(
         "Recovered to %s (target %s); %s bytes of WAL replayed in %.1fs.",
         result.achieved_point,
@@ -335,7 +343,7 @@ def recover_in_scratch(
     try:
         workdir.chmod(0o755)  # the cluster's user reads the extracted files through it
         prepared = prepare_data_directory(catalog, entry, store, workdir, cluster.data_dir, archive)
-        result = recover_cluster(cluster, archive, target)
+        result = recover_cluster(cluster, archive, target, segment_size=entry.record.wal_segment_size)
     except BaseException:
         cluster.destroy()
         raise

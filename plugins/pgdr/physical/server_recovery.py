@@ -260,6 +260,7 @@ class RecoveredServer(ScratchCluster):
         (self.root / "pg_hba.private.conf").write_text("local all all trust\n")  # the socket directory is private
         (self.root / "pg_ident.private.conf").write_text("")
         self.data_dir.chmod(0o700)
+        self.new_spool()
         chown_tree(self.data_dir, self.uid, self.gid)
         chown_tree(self.root, self.uid, self.gid)
 
@@ -488,7 +489,12 @@ class ServerRecovery:
             f"pgdr recover-server {started_at:%Y-%m-%dT%H:%M:%SZ}: archive_mode stays off until this server archives "
             "into a NEW prefix; the recovery settings below are reset after promotion"
         )
-        server.prepare(archive.restore_command(archiver_bin_dir()), self.target, self.pause, label)
+        server.prepare(
+            archive.restore_command(archiver_bin_dir(), server.spool_dir, entry.record.wal_segment_size),
+            self.target,
+            self.pause,
+            label,
+        )
         t = time.monotonic()
         say(
             f"Replaying WAL to {plan['target']} on a private socket (no TCP listener) as {account}; the log is "
@@ -499,6 +505,8 @@ class ServerRecovery:
         except BaseException:
             server.stop()
             raise
+        finally:
+            server.drop_spool()
         self._phase("replay", t)
         t = time.monotonic()
         try:
