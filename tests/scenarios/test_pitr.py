@@ -67,7 +67,15 @@ def labels(endpoint, table_sql: str) -> list[str]:
         return [r[0] for r in conn.execute(f"SELECT label FROM {table_sql} ORDER BY id").fetchall()]
 
 
-def test_full_and_incremental_chain_recovers_exactly_to_the_target(pitr_server, s3_server, marked_table, tmp_path):
+@pytest.mark.parametrize("links", [True, False], ids=["hard links", "copies"])
+def test_full_and_incremental_chain_recovers_exactly_to_the_target(
+    pitr_server, s3_server, marked_table, tmp_path, links, monkeypatch
+):
+    """The chain is combined with hard links to the extracted files where it can (one filesystem, PostgreSQL 18's
+    pg_combinebackup), by copies where it cannot; either way the recovery is exact."""
+    import os
+
+    import pgdr.physical.cluster
     from pgdr.physical.basebackup import take_base_backup
     from pgdr.physical.catalog import BaseBackupCatalog
     from pgdr.physical.cluster import ScratchCluster
@@ -77,6 +85,8 @@ def test_full_and_incremental_chain_recovers_exactly_to_the_target(pitr_server, 
     dbname, table = marked_table
     archive, store = pitr_server.archive, store_of(s3_server)
     catalog = BaseBackupCatalog(store, archive.layout, PITR_SERVER)
+    with psycopg.connect(**pitr_server.dsn(dbname)) as conn:  # the rows of the module's tests before this one
+        earlier = [r[0] for r in conn.execute(f"SELECT label FROM {table} ORDER BY id").fetchall()]
     insert_marked(pitr_server, dbname, table, "before-full")
     full = take_base_backup(PITR_SERVER, endpoint_of(pitr_server), store, archive.layout, tmp_path / "w1", archive.url)
     assert full.kind == "full" and full.parent is None
@@ -105,11 +115,15 @@ def test_full_and_incremental_chain_recovers_exactly_to_the_target(pitr_server, 
     entry = choose_backup(window, target)
     assert entry.backup_id == incremental.backup_id
     cluster = ScratchCluster(work_dir_root() / f"cluster-{tmp_path.name}", entry.record.pg_version)
+    if not links:
+        monkeypatch.setattr(pgdr.physical.cluster, "_can_link", lambda *_: False)
     try:
         prepared = prepare_data_directory(catalog, entry, store, tmp_path / "work", cluster.data_dir, archive)
         assert prepared.verified == [full.backup_id, incremental.backup_id]
+        one_filesystem = os.stat(tmp_path).st_dev == os.stat(cluster.data_dir).st_dev
+        assert prepared.combined == ("linked" if links and one_filesystem else "copied")
         result = recover_cluster(cluster, archive, target)
-        assert labels(cluster.endpoint(dbname), table) == ["before-full", "after-full", "before-target"]
+        assert labels(cluster.endpoint(dbname), table) == [*earlier, "before-full", "after-full", "before-target"]
         assert result.achieved_point is not None and before - timedelta(seconds=1) < result.achieved_point <= target
         assert result.stopped_before is not None and result.stopped_before > target
         assert result.wal_bytes_replayed and result.wal_bytes_replayed > 0

@@ -155,6 +155,7 @@ class PreparedChain:
     data_dir: Path
     timings: dict[str, float]
     verified: list[str]
+    combined: str = "moved"  # a chain's combine: "linked" (hard links) or "copied" (combine_chain)
 
 
 def prepare_data_directory(
@@ -226,13 +227,13 @@ def prepare_data_directory(
     extracted = [workdir / "extract" / member.backup_id for member in chain]
     timings["verify_and_extract"] = time.monotonic() - t0
     t3 = time.monotonic()
-    combine_chain(extracted, data_dir)
+    combined = combine_chain(extracted, data_dir)
     timings["combine"] = time.monotonic() - t3
     if len(chain) > 1:  # pg_combinebackup wrote new files: check them against the manifest it wrote
         t4 = time.monotonic()
         verify_backup(data_dir, f"the data directory combined from {', '.join(e.backup_id for e in chain)}")
         timings["verify_combined"] = time.monotonic() - t4
-    return PreparedChain(chain, data_dir, timings, [e.backup_id for e in chain])
+    return PreparedChain(chain, data_dir, timings, [e.backup_id for e in chain], combined)
 
 
 def recover_cluster(
