@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import psycopg
 
+QUOTED = "/var/tmp/it's \\new\\n\\\\ dir ü/%f"
+
 
 def _show(server, *names: str) -> dict[str, str]:
     with psycopg.connect(**server.dsn("postgres")) as conn:
@@ -23,7 +25,8 @@ def test_scratch_defaults_apply_unless_a_setting_names_them(pg_server, session_d
     # A benchmark of the WAL a production server writes needs full-page writes: before, the command line's
     # "-c full_page_writes=off" silently beat the included pgdr.conf.
     server = EmbeddedServer(
-        session_dir / "postgres-settings", settings={"full_page_writes": "on", "max_wal_size": "8GB"}
+        session_dir / "postgres-settings",
+        settings={"full_page_writes": "on", "max_wal_size": "8GB", "pgdr.literal": QUOTED},
     ).start()
     try:
         assert _show(server, *names) == {
@@ -32,5 +35,8 @@ def test_scratch_defaults_apply_unless_a_setting_names_them(pg_server, session_d
             "max_wal_size": "8GB",
             "synchronous_commit": "off",
         }
+        # written with conf_literal, read back by PostgreSQL's own parser exactly (its backslash escapes once turned
+        # a path's "\n" into a newline in a restore_command)
+        assert _show(server, "pgdr.literal") == {"pgdr.literal": QUOTED}
     finally:
         server.destroy()

@@ -57,8 +57,9 @@ def _run_as() -> dict:
 
 
 def conf_literal(value: str) -> str:
-    """Return ``value`` as a quoted literal of ``postgresql.conf``."""
-    return "'" + value.replace("'", "''") + "'"
+    """Return ``value`` as a quoted literal of ``postgresql.conf``, whose parser reads a backslash as an escape
+    (``\\n``, ``\\\\``) and a doubled quote as a quote."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def chown_tree(path: Path, uid: int = UNPRIVILEGED_UID, gid: int = UNPRIVILEGED_UID) -> None:
