@@ -48,6 +48,7 @@ from typing import Any
 from pgdr.errors import PermanentFailure
 from pgdr.incident_review import incident_record, store_incident_record
 from pgdr.messages import format_duration
+from pgdr.physical.archive import WAL_PREFETCH
 from pgdr.physical.cluster import RecoveryFailed, RecoveryResult, ScratchCluster, chown_tree, conf_literal
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,7 @@ class RecoveredServer(ScratchCluster):
 
 def _disk_needed(chain, store) -> int:
     """Return the bytes the data directory needs: the full backup's files (its manifest), what the incrementals add,
-    and pg_wal's room while recovery runs."""
+    pg_wal's room while recovery runs, and the segments fetched ahead of replay."""
     full = chain[0].record
     try:
         manifest = json.loads(store.get_bytes(full.file("backup_manifest").key))
@@ -329,7 +330,8 @@ def _disk_needed(chain, store) -> int:
         # the manifest cannot be read (the recovery refuses it, saying why): the format's usual ratio on a database
         ratio = 20 if any(f.name.endswith(".zst") for f in full.files) else 8
         files = full.size * ratio
-    return files + sum(e.record.size for e in chain[1:]) * 2 + WAL_HEADROOM
+    fetched_ahead = WAL_PREFETCH * full.wal_segment_size
+    return files + sum(e.record.size for e in chain[1:]) * 2 + WAL_HEADROOM + fetched_ahead
 
 
 def plan_server_recovery(
