@@ -529,6 +529,27 @@ def test_the_restore_command_fetches_ahead_into_the_recoverys_spool_and_takes_fr
     result = subprocess.run(unmovable, shell=True, env=environment, capture_output=True, text=True)
     assert result.returncode == 255, (result.returncode, result.stderr)
 
+    # Many recoveries at once on one worker, each with its own spool: every segment arrives whole, in order, every
+    # time (six rounds of four recoveries side by side, each asking for the archive's segments one after another).
+    from concurrent.futures import ThreadPoolExecutor
+
+    def recovery(n: int) -> list[str]:
+        own_spool, own_wal = tmp_path / f"spool-{n}", tmp_path / f"wal-{n}"
+        own_spool.mkdir()
+        own_wal.mkdir()
+        wrong = []
+        for name in names:
+            line = archive.restore_command(spool=own_spool).replace("%f", name)
+            line = line.replace("%p", shlex.quote(str(own_wal / "RECOVERYXLOG")))
+            done = subprocess.run(line, shell=True, env=environment, capture_output=True, text=True)
+            if done.returncode != 0 or (own_wal / "RECOVERYXLOG").read_bytes() != written[name]:
+                wrong.append(f"recovery {n}, {name}: exit {done.returncode} {done.stderr[-500:]}")
+        return wrong
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        problems = [p for found in pool.map(recovery, range(24)) for p in found]
+    assert not problems, problems
+
 
 def test_pgdr_copy_copies_the_servers_wal_and_base_backups_checked_there_and_health_watches_the_copy(
     pitr_plan, plan, run_dag, s3_server, monkeypatch, slack
