@@ -438,9 +438,10 @@ def test_the_archiver_compresses_as_the_plan_says_and_pgdr_and_the_restore_comma
     (listed,) = archive.segments(store)
     assert listed.name == name and listed.key.endswith(name + suffix) and listed.size < 9 << 20
     assert archive.fetch_segment(store, listed, tmp_path / "fetched").read_bytes() == segment.read_bytes()
-    restored = tmp_path / "restored" / name
+    restored, spool = tmp_path / "restored" / name, tmp_path / "spool"
     restored.parent.mkdir()
-    run_barman(archive.restore_command().replace("%f", name).replace("%p", shlex.quote(str(restored))), archive)
+    spool.mkdir()
+    run_barman(archive.restore_command(spool).replace("%f", name).replace("%p", shlex.quote(str(restored))), archive)
     assert restored.read_bytes() == segment.read_bytes()
 
 
@@ -471,10 +472,14 @@ def test_an_archive_whose_codec_changed_is_one_continuous_archive(plan, s3_stora
         ("000000010000000000000012", ".zst"),
     ]
     assert archive.check_continuous(listed, "000000010000000000000011").name == "000000010000000000000012"
+    spool = tmp_path / "spool"
+    spool.mkdir()
     for name, content in written.items():
         restored = tmp_path / "restored" / name
         restored.parent.mkdir(exist_ok=True)
-        run_barman(archive.restore_command().replace("%f", name).replace("%p", shlex.quote(str(restored))), archive)
+        run_barman(
+            archive.restore_command(spool).replace("%f", name).replace("%p", shlex.quote(str(restored))), archive
+        )
         assert restored.read_bytes() == content
 
 
@@ -507,9 +512,9 @@ def test_the_restore_command_fetches_ahead_into_the_recoverys_spool_and_takes_fr
     spool.mkdir()
     restored.mkdir()
 
-    def command(name: str, bin_dir=None) -> str:
-        line = archive.restore_command(bin_dir, spool) if bin_dir else archive.restore_command(spool=spool)
-        return line.replace("%f", name).replace("%p", shlex.quote(str(restored / "RECOVERYXLOG")))
+    def command(name: str, bin_dir=None, spool=spool, wal=restored) -> str:
+        line = archive.restore_command(spool, bin_dir)
+        return line.replace("%f", name).replace("%p", shlex.quote(str(wal / "RECOVERYXLOG")))
 
     run_barman(command(names[0]), archive)
     assert (restored / "RECOVERYXLOG").read_bytes() == written[names[0]]
@@ -539,8 +544,7 @@ def test_the_restore_command_fetches_ahead_into_the_recoverys_spool_and_takes_fr
         own_wal.mkdir()
         wrong = []
         for name in names:
-            line = archive.restore_command(spool=own_spool).replace("%f", name)
-            line = line.replace("%p", shlex.quote(str(own_wal / "RECOVERYXLOG")))
+            line = command(name, spool=own_spool, wal=own_wal)
             done = subprocess.run(line, shell=True, env=environment, capture_output=True, text=True)
             if done.returncode != 0 or (own_wal / "RECOVERYXLOG").read_bytes() != written[name]:
                 wrong.append(f"recovery {n}, {name}: exit {done.returncode} {done.stderr[-500:]}")

@@ -358,11 +358,11 @@ class WalArchive:
         )
 
     def restore_command(
-        self, bin_dir: Path | None = None, spool: Path | None = None, segment_size: int = DEFAULT_SEGMENT_SIZE
+        self, spool: Path, bin_dir: Path | None = None, segment_size: int = DEFAULT_SEGMENT_SIZE
     ) -> str:
-        """Return a recovering cluster's ``restore_command``.
+        """Return a recovering cluster's ``restore_command``, fetching ahead into ``spool``.
 
-        With ``spool`` (a directory of this recovery's own, writable by the server's OS user): a segment already
+        ``spool`` is a directory of this recovery's own, writable by the server's OS user. A segment already
         there is moved into place by the shell, and barman-cloud-wal-restore, started only for the others, brings the
         next :data:`WAL_PREFETCH` segments into it in parallel (barman's ``--parallel`` and ``--spool-dir``; the same
         move it makes itself, without a Python start per segment). A spooled file of the wrong size (a prefetch cut
@@ -371,8 +371,6 @@ class WalArchive:
         """
         tool = (bin_dir or archiver_bin_dir()) / "barman-cloud-wal-restore"
         where = f"{shlex.quote(self.url)} {shlex.quote(self.server)} %f %p"
-        if spool is None:
-            return f"{shlex.quote(str(tool))}{self._endpoint_args()} {where}"
         spooled = f"{shlex.quote(str(spool))}/%f"
         return (
             f'if [ -f {spooled} ] && [ "$(wc -c < {spooled})" -eq {int(segment_size)} ]; then mv -f {spooled} %p || '

@@ -37,7 +37,7 @@ from pgdr.errors import ChecksumMismatch, PermanentFailure
 from pgdr.physical.archive import lsn_to_int
 from pgdr.physical.catalog import BaseBackupEntry
 from pgdr.postgres.binaries import UNPRIVILEGED_UID, free_port, pg_tool, server_bin_dir_for
-from pgdr.postgres.client import PgEndpoint
+from pgdr.postgres.client import PgEndpoint, tool_version
 from pgdr.storage.backends import BackupStore
 from pgdr.workdir import run_is_over, state_of_run
 
@@ -165,7 +165,7 @@ def combine_chain(members: list[Path], out: Path) -> str:
         shutil.move(members[0], out)  # a rename when both are on one filesystem
         return "moved"
     tool = pg_tool("pg_combinebackup")
-    how = "linked" if _can_link(tool, members, out.parent) else "copied"
+    how = "linked" if _can_link(members, out.parent) else "copied"
     result = subprocess.run(
         [tool, "--no-sync", *(["--link"] if how == "linked" else []), "-o", str(out), *map(str, members)],
         capture_output=True,
@@ -181,14 +181,13 @@ def combine_chain(members: list[Path], out: Path) -> str:
     return how
 
 
-def _can_link(tool: str, members: list[Path], out_parent: Path) -> bool:
-    """Say whether ``tool`` (pg_combinebackup) has ``--link`` (PostgreSQL 18+) and the members and the output share
-    a filesystem (a hard link cannot cross one)."""
+def _can_link(members: list[Path], out_parent: Path) -> bool:
+    """Say whether pg_combinebackup has ``--link`` (PostgreSQL 18+) and the members and the output share a
+    filesystem (a hard link cannot cross one)."""
     device = os.stat(out_parent).st_dev
     if any(os.stat(member).st_dev != device for member in members):
         return False
-    version = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout
-    found = re.search(r"(\d+)(?:\.\d+)?", version)
+    found = re.search(r"\) (\d+)", tool_version("pg_combinebackup"))
     return bool(found) and int(found.group(1)) >= 18
 
 

@@ -246,7 +246,7 @@ def recover_cluster(
     """Configure the prepared ``cluster`` to recover to ``target`` (``None``: the end of the
     archive), start it, wait."""
     cluster.environment = {**cluster.environment, **archive.access.environment()}
-    cluster.configure(archive.restore_command(archiver_bin_dir(), cluster.spool_dir, segment_size), target)
+    cluster.configure(archive.restore_command(cluster.spool_dir, archiver_bin_dir(), segment_size), target)
     try:
         result = cluster.start(target, timeout_s)
     finally:

@@ -492,7 +492,7 @@ class ServerRecovery:
             "into a NEW prefix; the recovery settings below are reset after promotion"
         )
         server.prepare(
-            archive.restore_command(archiver_bin_dir(), server.spool_dir, entry.record.wal_segment_size),
+            archive.restore_command(server.spool_dir, archiver_bin_dir(), entry.record.wal_segment_size),
             self.target,
             self.pause,
             label,
