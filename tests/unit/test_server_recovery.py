@@ -266,3 +266,38 @@ def test_a_window_with_nothing_committed_after_the_backup_says_give_latest():
     assert choose_backup(window, ended) is entry
     with pytest.raises(TargetOutsideWindow, match="the recoverable window is 2026-12-03 23:43:00 to 2026-12-03 23:44"):
         choose_backup(window, ended + timedelta(minutes=1))
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_the_disk_a_chain_needs_counts_the_full_backup_twice_when_its_combine_copies(monkeypatch, links):
+    """A chain is combined with hard links (PostgreSQL 18's pg_combinebackup --link) or, before 18, by copying every
+    file: the extracted full backup and its combined copy are then on disk together, and the plan says so rather
+    than let the recovery fill the disk half way."""
+    import json
+
+    from pgdr.physical import server_recovery
+    from pgdr.physical.archive import WAL_PREFETCH
+    from pgdr.physical.server_recovery import WAL_HEADROOM, _disk_needed
+
+    manifest = json.dumps({"Files": [{"Size": 1_000_000_000}, {"Size": 24}, "not a file entry"]}).encode()
+    full = SimpleNamespace(
+        record=SimpleNamespace(
+            file=lambda name: SimpleNamespace(key=f"full/{name}"), files=[], size=90_000_000, wal_segment_size=16 << 20
+        )
+    )
+    incremental = SimpleNamespace(record=SimpleNamespace(size=5_000_000))
+    store = SimpleNamespace(get_bytes=lambda key: manifest)
+    monkeypatch.setattr(server_recovery, "combine_links", lambda: links)
+    alone = 1_000_000_024 + WAL_HEADROOM + WAL_PREFETCH * (16 << 20)
+    assert _disk_needed([full], store) == alone  # one member is moved into place, never combined
+    assert _disk_needed([full, incremental], store) == alone + 10_000_000 + (0 if links else 1_000_000_024)
+
+
+@pytest.mark.parametrize(
+    "version, links", [("pg_combinebackup (PostgreSQL) 18.1", True), ("pg_combinebackup (PostgreSQL) 17.6", False)]
+)
+def test_only_a_postgresql_18_pg_combinebackup_links(monkeypatch, version, links):
+    from pgdr.physical import cluster
+
+    monkeypatch.setattr(cluster, "tool_version", lambda name: version)
+    assert cluster.combine_links() is links

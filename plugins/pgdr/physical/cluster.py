@@ -182,11 +182,15 @@ def combine_chain(members: list[Path], out: Path) -> str:
 
 
 def _can_link(members: list[Path], out_parent: Path) -> bool:
-    """Say whether pg_combinebackup has ``--link`` (PostgreSQL 18+) and the members and the output share a
-    filesystem (a hard link cannot cross one)."""
+    """Say whether pg_combinebackup can link the members' files into the output: it has ``--link`` and they share
+    a filesystem (a hard link cannot cross one)."""
     device = os.stat(out_parent).st_dev
-    if any(os.stat(member).st_dev != device for member in members):
-        return False
+    return all(os.stat(member).st_dev == device for member in members) and combine_links()
+
+
+def combine_links() -> bool:
+    """Say whether the pg_combinebackup pgdr runs has ``--link`` (PostgreSQL 18+); before it, a chain's combine
+    copies every file, so the full backup is on disk twice until the members are removed."""
     found = re.search(r"\) (\d+)", tool_version("pg_combinebackup"))
     return bool(found) and int(found.group(1)) >= 18
 

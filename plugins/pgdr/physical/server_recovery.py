@@ -49,7 +49,14 @@ from pgdr.errors import PermanentFailure
 from pgdr.incident_review import incident_record, store_incident_record
 from pgdr.messages import format_duration
 from pgdr.physical.archive import WAL_PREFETCH
-from pgdr.physical.cluster import RecoveryFailed, RecoveryResult, ScratchCluster, chown_tree, conf_literal
+from pgdr.physical.cluster import (
+    RecoveryFailed,
+    RecoveryResult,
+    ScratchCluster,
+    chown_tree,
+    combine_links,
+    conf_literal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +328,7 @@ class RecoveredServer(ScratchCluster):
 
 def _disk_needed(chain, store) -> int:
     """Return the bytes the data directory needs: the full backup's files (its manifest), what the incrementals add,
+    the full backup's files once more when a chain is combined by copying (a pg_combinebackup without ``--link``),
     pg_wal's room while recovery runs, and the segments fetched ahead of replay."""
     full = chain[0].record
     try:
@@ -331,7 +339,8 @@ def _disk_needed(chain, store) -> int:
         ratio = 20 if any(f.name.endswith(".zst") for f in full.files) else 8
         files = full.size * ratio
     fetched_ahead = WAL_PREFETCH * full.wal_segment_size
-    return files + sum(e.record.size for e in chain[1:]) * 2 + WAL_HEADROOM + fetched_ahead
+    copied = files if len(chain) > 1 and not combine_links() else 0  # the extracted members and their combined copy
+    return files + copied + sum(e.record.size for e in chain[1:]) * 2 + WAL_HEADROOM + fetched_ahead
 
 
 def plan_server_recovery(
@@ -374,8 +383,8 @@ def plan_server_recovery(
     if free < needed:
         raise ServerRecoveryRefused(
             f"{existing} has {free / 1e9:.1f} GB free; recovering server {server.name!r} needs about "
-            f"{needed / 1e9:.1f} GB (the data directory, its staging copy's largest file and the WAL replayed). Free "
-            "space there or choose another --data-dir. Nothing was changed."
+            f"{needed / 1e9:.1f} GB (the base backup chain as it is placed there, pg_wal's room and the WAL "
+            "replayed). Free space there or choose another --data-dir. Nothing was changed."
         )
     return {
         **pitr,
