@@ -8,11 +8,15 @@ An embedded PostgreSQL 18 (no archiving; the segments stay in pg_wal), with prod
 (the embedded server's scratch default is off, which writes several times less WAL), gets a pgbench database, a
 ``CHECKPOINT`` and a write load of two clients at full speed; the WAL it wrote per second is ``wal_mb_s_pgbench``:
 the rate of the minutes after a checkpoint, when every first change to a page writes the whole page, i.e. the peak
-the archiver must keep up with. The load's completed segments are then archived, one ``barman-cloud-wal-archive``
-process per segment as ``archive_command`` runs it, to moto's S3 server over HTTP, with each codec of the plan's
-``pitr.wal_compression``, in rounds whose codec order rotates: ``archive_mb_s`` (16 MB segments shipped per second,
-median of the rounds), ``archive_stored_ratio`` (stored bytes over WAL bytes) and ``archive_headroom``
-(``archive_mb_s`` over ``wal_mb_s_pgbench``, goal >= 2). One archiver process at a time, as PostgreSQL runs it.
+the archiver must keep up with. The load's completed segments are then archived as PostgreSQL's archiver does it:
+pgdr's ``archive_command`` run in a data directory whose ``pg_wal/archive_status`` lists them ``.ready``, for one
+segment at a time, oldest first, ``.ready`` renamed ``.done`` after each success; the command ships the requested
+segment and up to ``ARCHIVE_AHEAD - 1`` more that are ready, one ``barman-cloud-wal-archive`` each, side by side,
+to moto's S3 server over HTTP, with each codec of the plan's ``pitr.wal_compression``, in rounds whose codec order
+rotates: ``archive_mb_s`` (16 MB segments shipped per second, median of the rounds), ``archive_stored_ratio``
+(stored bytes over WAL bytes) and ``archive_headroom`` (``archive_mb_s`` over ``wal_mb_s_pgbench``, goal >= 2).
+``archive_mb_s_one_at_a_time``: the same with one segment per call (``ahead=1``: barman-cloud-wal-archive alone as
+``archive_command``, pgdr's command before it shipped ahead), in the same rounds.
 ``archive_fixed_s`` is what one segment costs whatever it holds: a segment of zeros (nothing to compress, a few
 bytes to upload) archived the same way, median of the rounds: the process, its imports, the S3 session.
 Results are merged into bench/results/latest.json (quick.json with --quick).
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args.output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
 
     from pgdr.errors import PgdrError
-    from pgdr.physical.archive import WalArchive, archiver_bin_dir
+    from pgdr.physical.archive import ARCHIVE_AHEAD, WalArchive, archiver_bin_dir
     from pgdr.storage.layout import PhysicalLayout
 
     try:
@@ -104,9 +108,30 @@ def main(argv: list[str] | None = None) -> None:
     zeros.write_bytes(bytes(SEGMENT_MB * 1024 * 1024))
 
     runs: dict[str, list[float]] = {codec: [] for codec in CODECS}
+    alone: dict[str, list[float]] = {codec: [] for codec in CODECS}
     fixed: list[float] = []
     stored: dict[str, int] = {}
     archive_env = {**os.environ, **access.environment()}
+
+    def archive_as_postgres(archive: WalArchive, ahead: int) -> float:
+        """Archive every segment as PostgreSQL's archiver calls archive_command; return the seconds it took."""
+        data = work / "data"
+        shutil.rmtree(data, ignore_errors=True)
+        (data / "pg_wal" / "archive_status").mkdir(parents=True)
+        for segment in segments:
+            os.link(segment, data / "pg_wal" / segment.name)
+            (data / "pg_wal" / "archive_status" / f"{segment.name}.ready").touch()
+        t = time.perf_counter()
+        for segment in segments:
+            command = archive.archive_command(bin_dir, ahead).replace("%p", f"pg_wal/{segment.name}")
+            subprocess.run(
+                command.replace("%f", segment.name), shell=True, cwd=data, env=archive_env, check=True,
+                capture_output=True,
+            )  # fmt: skip
+            status = data / "pg_wal" / "archive_status" / segment.name
+            status.with_name(f"{segment.name}.ready").rename(status.with_name(f"{segment.name}.done"))
+        return time.perf_counter() - t
+
     for r in range(args.rounds):
         archive = WalArchive(BUCKET, PhysicalLayout(f"r{r}-zeros"), "bench", access, compression="zstd")
         t = time.perf_counter()
@@ -116,21 +141,27 @@ def main(argv: list[str] | None = None) -> None:
         fixed.append(time.perf_counter() - t)
         for codec in CODECS[r % len(CODECS) :] + CODECS[: r % len(CODECS)]:
             archive = WalArchive(BUCKET, PhysicalLayout(f"r{r}-{codec}"), "bench", access, compression=codec)
-            t = time.perf_counter()
-            for segment in segments:
-                command = archive.archive_command(bin_dir).replace("%p", str(segment))
-                subprocess.run(command, shell=True, env=archive_env, check=True, capture_output=True)
-            runs[codec].append(time.perf_counter() - t)
+            one = WalArchive(BUCKET, PhysicalLayout(f"r{r}-{codec}-one"), "bench", access, compression=codec)
+            for ahead, contender, into in ((ARCHIVE_AHEAD, archive, runs), (1, one, alone))[:: 1 if r % 2 else -1]:
+                into[codec].append(archive_as_postgres(contender, ahead))
             pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"r{r}-{codec}/")
             stored[codec] = sum(o["Size"] for page in pages for o in page.get("Contents", []))
-            print(f"  round {r + 1}: {codec} {runs[codec][-1]:.1f}s, {stored[codec] / 1e6:.0f} MB stored")
+            if sum(1 for page in pages for o in page.get("Contents", [])) != len(segments):
+                raise SystemExit(f"the {codec} archive does not hold each of the {len(segments)} segments once")
+            print(
+                f"  round {r + 1}: {codec} {runs[codec][-1]:.1f}s ({ARCHIVE_AHEAD} in flight), "
+                f"{alone[codec][-1]:.1f}s (one at a time), {stored[codec] / 1e6:.0f} MB stored"
+            )
     moto.stop()
     shutil.rmtree(work, ignore_errors=True)
 
     wal_bytes = len(segments) * SEGMENT_MB * 1024 * 1024
     mb_s = {codec: wal_bytes / 1e6 / statistics.median(times) for codec, times in runs.items()}
+    mb_s_alone = {codec: wal_bytes / 1e6 / statistics.median(times) for codec, times in alone.items()}
     results = {
         "archive_mb_s": {codec: round(v, 1) for codec, v in mb_s.items()},
+        "archive_mb_s_one_at_a_time": {codec: round(v, 1) for codec, v in mb_s_alone.items()},
+        "archive_ahead": ARCHIVE_AHEAD,
         "archive_stored_ratio": {codec: round(stored[codec] / wal_bytes, 3) for codec in CODECS},
         "archive_headroom": {codec: round(v / wal_mb_s, 2) for codec, v in mb_s.items()},
         "wal_mb_s_pgbench": round(wal_mb_s, 1),
@@ -141,8 +172,11 @@ def main(argv: list[str] | None = None) -> None:
             "pgbench": f"scale {args.scale}, 2 clients at full speed for {args.load_seconds} s after a CHECKPOINT, "
             "full_page_writes on",
             "runs_s": {codec: [round(x, 2) for x in times] for codec, times in runs.items()},
-            "definition": "16 MB segments of the load's WAL, one barman-cloud-wal-archive process each (as "
-            "archive_command), to moto's S3 server over HTTP; MB/s of WAL shipped, median of the rounds",
+            "runs_one_at_a_time_s": {codec: [round(x, 2) for x in times] for codec, times in alone.items()},
+            "definition": "16 MB segments of the load's WAL archived as PostgreSQL's archiver calls archive_command "
+            f"(one call at a time, oldest first, .ready renamed .done): pgdr's command ships up to {ARCHIVE_AHEAD} "
+            "ready segments side by side, one barman-cloud-wal-archive process each (one_at_a_time: one segment "
+            "per call), to moto's S3 server over HTTP; MB/s of WAL shipped, median of the rounds",
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     }
@@ -154,8 +188,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{statistics.median(fixed):.2f} s (a segment of zeros)")  # fmt: skip
     for codec in CODECS:
         print(
-            f"  {codec:<5} {mb_s[codec]:6.1f} MB/s shipped ({mb_s[codec] / wal_mb_s:.1f}x the load), "
-            f"stored {stored[codec] / wal_bytes:.0%} of the WAL"
+            f"  {codec:<5} {mb_s[codec]:6.1f} MB/s shipped ({mb_s[codec] / wal_mb_s:.1f}x the load; one at a time "
+            f"{mb_s_alone[codec]:.1f} MB/s), stored {stored[codec] / wal_bytes:.0%} of the WAL"
         )
 
 

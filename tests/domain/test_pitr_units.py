@@ -456,7 +456,26 @@ def test_the_archive_command_asks_for_the_targets_server_side_encryption():
     sse_s3 = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, "AES256")
     assert " --encryption AES256 --zstd " in sse_s3.archive_command(Path("/bin"))
     lz4 = WalArchive("b", PhysicalLayout(prefix="p"), "main", access, compression="lz4")
-    assert " --lz4 s3://b/p/pitr-v1/wal main %p" in lz4.archive_command(Path("/bin"))
+    assert " --lz4 s3://b/p/pitr-v1/wal main; " in lz4.archive_command(Path("/bin"))
+    assert lz4.archive_command(Path("/bin"), ahead=1).endswith(" --lz4 s3://b/p/pitr-v1/wal main %p")
+
+
+def test_the_readme_gives_the_dba_the_archive_command_pgdr_writes_and_postgresql_accepts_it():
+    """The DBA copies the README's archive_command into postgresql.conf: it is the one pgdr gives its own servers;
+    it has no placeholder but %p and %f (PostgreSQL 16+ refuses any other %-sequence), and no quote or backslash that
+    postgresql.conf's quoting would change."""
+    import re
+
+    from pgdr.physical.archive import WalArchive
+    from pgdr.storage.layout import PhysicalLayout
+
+    command = WalArchive("BUCKET", PhysicalLayout(prefix="PREFIX"), "SERVER").archive_command(
+        Path("/opt/pgdr-archiver/bin")
+    )
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"archive_command = '{command}'" in readme
+    assert set(re.findall(r"%.", command)) == {"%p", "%f"}
+    assert "'" not in command and "\\" not in command
 
 
 def test_the_restore_timeout_grows_with_the_largest_rto_and_never_drops_under_six_hours():

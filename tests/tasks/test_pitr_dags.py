@@ -555,6 +555,97 @@ def test_the_restore_command_fetches_ahead_into_the_recoverys_spool_and_takes_fr
     assert not problems, problems
 
 
+def test_the_archive_command_ships_ready_segments_ahead_marks_them_and_trusts_only_its_own_marks(
+    plan, s3_storage, tmp_path, run_barman
+):
+    """PostgreSQL asks archive_command for one segment at a time; pgdr's ships the ready ones after it too, side by
+    side, and marks each it shipped. A later call for a marked segment ends at once (nothing uploaded again); a mark
+    whose segment changed, or written for another archive, is not trusted; a failed call is the requested segment's
+    failure. Then sixty segments, called for as PostgreSQL does (in order, .ready renamed .done on success): every one
+    is in the archive once, whole, and no mark is left."""
+    import dataclasses
+    import os
+    import subprocess
+
+    from pgdr.physical.archive import ARCHIVE_AHEAD, ARCHIVED_AHEAD
+
+    p = plan(storage=s3_storage, servers={"pgdr_shop": {"conn_id": "pgdr_shop", "pitr": {"storage": "s3"}}})
+    from pgdr.airflow_glue.connections import open_archive
+
+    store, _layout, archive = open_archive(p.servers[0], p)
+    environment = {**os.environ, **archive.access.environment()}
+    data = tmp_path / "data"
+    status_dir, marks = data / "pg_wal" / "archive_status", data / ARCHIVED_AHEAD
+    status_dir.mkdir(parents=True)
+    written: dict[str, bytes] = {}
+
+    def ready(number: int) -> str:
+        name = f"0000000100000000000000{number:02X}"
+        written[name] = os.urandom(1 << 20) + bytes(15 << 20)
+        (data / "pg_wal" / name).write_bytes(written[name])
+        (status_dir / f"{name}.ready").touch()
+        return name
+
+    def archive_call(name: str, archiver=archive, cwd=data, bin_dir=None) -> subprocess.CompletedProcess:
+        """What PostgreSQL's archiver does: the command in the data directory, .ready to .done on success."""
+        path = f"pg_wal/{name}" if cwd == data else str(data / "pg_wal" / name)
+        command = archiver.archive_command(bin_dir).replace("%p", path).replace("%f", name)
+        done = subprocess.run(command, shell=True, cwd=cwd, env=environment, capture_output=True, text=True)
+        if done.returncode == 0 and archiver == archive and cwd == data:
+            (status_dir / f"{name}.ready").rename(status_dir / f"{name}.done")
+        return done
+
+    def stored(archiver=archive) -> set[str]:
+        return {s.name for s in archiver.segments(store)}
+
+    names = [ready(n) for n in range(0x31, 0x37)]
+    assert archive_call(names[0]).returncode == 0
+    assert stored() == set(names[:ARCHIVE_AHEAD])  # the requested one and the next three, side by side
+    assert sorted(m.name for m in marks.iterdir()) == names[1:ARCHIVE_AHEAD]
+
+    key = next(s.key for s in archive.segments(store) if s.name == names[1])
+    store.delete([key])  # were the segment archived again, it would be back
+    assert archive_call(names[1]).returncode == 0
+    assert names[1] not in stored() and not (marks / names[1]).exists()
+
+    changed = bytearray(written[names[2]])  # the segment differs from what was shipped ahead: shipped again
+    changed[:4] = b"\xff\xff\xff\xff"
+    (data / "pg_wal" / names[2]).write_bytes(bytes(changed))
+    key = next(s.key for s in archive.segments(store) if s.name == names[2])
+    store.delete([key])
+    assert archive_call(names[2]).returncode == 0
+    got = archive.fetch_segment(store, next(s for s in archive.segments(store) if s.name == names[2]), tmp_path / "f")
+    assert got.read_bytes() == bytes(changed)
+    (data / "pg_wal" / names[2]).write_bytes(written[names[2]])
+
+    other = dataclasses.replace(archive, server="pgdr_shop_rebuilt")  # a mark written for another archive
+    assert (marks / names[3]).exists()
+    assert archive_call(names[3], other).returncode == 0
+    assert stored(other) == set(names[3:]) and not (marks / names[3]).exists()  # shipped, not taken as done
+    elsewhere = dataclasses.replace(archive, server="pgdr_shop_elsewhere")
+    assert archive_call(names[3], elsewhere, cwd=tmp_path).returncode == 0  # not in a data directory: one segment
+    assert stored(elsewhere) == {names[3]} and not (tmp_path / "pg_wal").exists()
+
+    failed = archive_call(names[3], bin_dir=tmp_path / "no-barman")
+    assert failed.returncode != 0  # the requested segment's failure is the call's
+    assert (status_dir / f"{names[3]}.ready").exists()
+
+    for name in names[3:]:
+        assert archive_call(name).returncode == 0
+    assert not any(marks.iterdir())
+
+    # Sixty more, as PostgreSQL calls for them: each in the archive once and whole, no mark left behind.
+    more = [ready(n) for n in range(0x40, 0x7C)]
+    for name in more:
+        done = archive_call(name)
+        assert done.returncode == 0, done.stderr[-2000:]
+    listed = [s for s in archive.segments(store) if s.name in set(more)]
+    assert sorted(s.name for s in listed) == more
+    for segment in listed[::7]:
+        assert archive.fetch_segment(store, segment, tmp_path / "check").read_bytes() == written[segment.name]
+    assert not any(marks.iterdir())
+
+
 def test_pgdr_copy_copies_the_servers_wal_and_base_backups_checked_there_and_health_watches_the_copy(
     pitr_plan, plan, run_dag, s3_server, monkeypatch, slack
 ):

@@ -4,8 +4,9 @@ Continuous archiving is done by the database server itself: after each WAL segme
 after ``archive_timeout`` on an idle server) PostgreSQL runs ``archive_command`` for it, and only
 when that command succeeds may the segment be recycled. pgdr configures that command to be
 barman-cloud's ``barman-cloud-wal-archive`` (the archiver CloudNativePG uses), writing to the
-plan's S3 target under ``pitr-v1/wal/<server>/wals/``, and a recovering cluster fetches segments
-back with ``barman-cloud-wal-restore`` as its ``restore_command``. pgdr never writes into that
+plan's S3 target under ``pitr-v1/wal/<server>/wals/`` (the requested segment and up to three more
+that are ready, side by side: :meth:`WalArchive.archive_command`), and a recovering cluster fetches
+segments back with ``barman-cloud-wal-restore`` as its ``restore_command``. pgdr never writes into that
 layout itself; it lists it (which segments exist, where a gap is, what the newest recoverable
 moment is) and removes segments no retained base backup needs.
 
@@ -40,6 +41,13 @@ DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 # barman-cloud-wal-restore --parallel: each fetch from the bucket brings the requested segment and the next ones of its
 # folder into the recovery's spool, which the restore_command moves from without starting barman again (~0.3 s each).
 WAL_PREFETCH = 8
+# PostgreSQL runs archive_command for one segment at a time, and barman-cloud-wal-archive costs ~0.4 s whatever the
+# segment holds (its Python start, imports and S3 session: bench/wal_codecs.py's archive_fixed_s). The archive_command
+# therefore ships the requested segment and up to ARCHIVE_AHEAD - 1 more that are ready, side by side, and leaves a
+# mark for each of those it shipped (in ARCHIVED_AHEAD, inside pg_wal: never in a base backup); when PostgreSQL asks
+# for one of them, the mark is checked against the segment's bytes and the destination and the call ends at once.
+ARCHIVE_AHEAD = 4
+ARCHIVED_AHEAD = "pg_wal/pgdr-archived-ahead"
 _SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 
 
@@ -348,13 +356,35 @@ class WalArchive:
         kms = f" --sse-kms-key-id {shlex.quote(self.kms_key_id)}" if self.sse == "aws:kms" and self.kms_key_id else ""
         return f" --encryption {shlex.quote(self.sse)}{kms}"
 
-    def archive_command(self, bin_dir: Path | None = None) -> str:
-        """Return the server's ``archive_command``: compress each segment (:attr:`compression`) into the archive."""
+    def archive_command(self, bin_dir: Path | None = None, ahead: int = ARCHIVE_AHEAD) -> str:
+        """Return the server's ``archive_command``: compress each segment (:attr:`compression`) into the archive,
+        the requested one and up to ``ahead - 1`` more that are ready (PostgreSQL's ``archive_status``), each by its
+        own barman-cloud-wal-archive, side by side; the call's status is the requested segment's.
+
+        A segment shipped ahead gets a mark: the ``cksum`` of the barman command (the destination: a mark left by
+        another command, e.g. before the operator changed the archive's prefix, is never trusted) and of the segment,
+        written only after barman succeeded. When PostgreSQL then
+        asks for it, a mark that matches ends the call at once (it is removed); any other is removed and the segment
+        archived again. A segment shipped ahead that failed has no mark: it is archived when PostgreSQL asks. Run
+        from anywhere but a data directory (no ``pg_wal/archive_status``), the command ships the one segment.
+        """
         tool = (bin_dir or archiver_bin_dir()) / "barman-cloud-wal-archive"
-        return (
+        barman = (
             f"{shlex.quote(str(tool))}{self._endpoint_args()}{self._encryption_args()} "
             f"--{self.compression} "
-            f"{shlex.quote(self.url)} {shlex.quote(self.server)} %p"
+            f"{shlex.quote(self.url)} {shlex.quote(self.server)}"
+        )
+        if ahead <= 1:
+            return f"{barman} %p"
+        marks = ARCHIVED_AHEAD
+        return (
+            f'set -- {barman}; d=$(echo "$@" | cksum); '
+            f'if [ -f {marks}/%f ] && [ "$(cat {marks}/%f)" = "$d $(cksum < %p)" ]; then rm -f {marks}/%f; exit 0; '
+            f"fi; rm -f {marks}/%f; if [ -d pg_wal/archive_status ] && mkdir -p {marks}; then for r in $(ls "
+            f'pg_wal/archive_status | grep -E "^[0-9A-F]{{24}}[.]ready$" | sort | sed -n "/^%f[.]ready$/,$ p" | tail '
+            f'-n +2 | head -n {int(ahead) - 1}); do n=$(basename $r .ready); ("$@" pg_wal/$n > /dev/null 2>&1 && echo '
+            f'"$d $(cksum < pg_wal/$n)" > {marks}/$n.tmp && mv -f {marks}/$n.tmp {marks}/$n) & done; '
+            'fi; "$@" %p; status=$?; wait; exit $status'
         )
 
     def restore_command(
