@@ -363,10 +363,11 @@ class WalArchive:
 
         A segment shipped ahead gets a mark: the ``cksum`` of the barman command (the destination: a mark left by
         another command, e.g. before the operator changed the archive's prefix, is never trusted) and of the segment,
-        written only after barman succeeded. When PostgreSQL then
-        asks for it, a mark that matches ends the call at once (it is removed); any other is removed and the segment
-        archived again. A segment shipped ahead that failed has no mark: it is archived when PostgreSQL asks. Run
-        from anywhere but a data directory (no ``pg_wal/archive_status``), the command ships the one segment.
+        written only after barman succeeded. When PostgreSQL then asks for it, a mark that matches ends the call at
+        once (it is removed); any other is removed and the segment archived again. A segment shipped ahead that
+        failed has no mark: it is archived when PostgreSQL asks. Run from anywhere but a data directory (no
+        ``pg_wal/archive_status``), the command ships the one segment. No quote or backslash: the README gives it to
+        the DBA as it is, for postgresql.conf.
         """
         tool = (bin_dir or archiver_bin_dir()) / "barman-cloud-wal-archive"
         barman = (
