@@ -1,5 +1,6 @@
-"""The Celery workers' preload: what it imports starts no thread (a fork after it is safe), and the configuration
-docker-compose.yaml names is Airflow's own plus the preload."""
+"""The Celery workers' preload: what it imports starts no thread (a fork after it is safe), it corrects the task
+supervisor's wait for an exiting task, and the configuration docker-compose.yaml names is Airflow's own plus the
+preload."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def test_the_preload_imports_its_libraries_and_starts_no_thread():
         "import threading, sys\n"
         "import pgdr.airflow_glue.preload as p\n"
         "assert 'great_expectations' in sys.modules and p.SECONDS, p.SECONDS\n"
+        "assert p.SUPERVISOR_WAITS_ON_EXIT  # pgdr.airflow_glue.task_exit, in the pool processes the worker forks\n"
         "print(threading.active_count(), sorted(p.SECONDS))\n"
     )
     out = subprocess.run(

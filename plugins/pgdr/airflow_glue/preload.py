@@ -3,7 +3,9 @@ pgdr's tasks import that are slow to import. Importing them starts no thread (ch
 is safe. A module that cannot be imported here is imported by the task that needs it, with its own error there.
 
 Third-party libraries only: pgdr's own modules are imported by each task, so that new plugin code deployed to a
-running worker is what its next task runs (a library upgrade restarts the workers anyway)."""
+running worker is what its next task runs (a library upgrade restarts the workers anyway). The one exception is the
+correction to Airflow's task supervisor, which runs in the worker's pool processes, not in a task:
+:mod:`pgdr.airflow_glue.task_exit` (a task's exit seen at once, not up to 5 s later)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import importlib
 import logging
 import os
 import time
+
+from pgdr.airflow_glue import task_exit
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +44,4 @@ def preload(modules: tuple[str, ...] = MODULES) -> dict[str, float]:
 
 
 SECONDS = preload()
+SUPERVISOR_WAITS_ON_EXIT = task_exit.install()
