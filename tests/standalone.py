@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from airflow_client import AirflowClient
+from pgdr.airflow_glue.task_exit import write_local_settings
 from pgdr.local.runner import DAGS_FOLDER, PLUGINS_FOLDER
 from pgdr.postgres.binaries import free_port
 
@@ -31,6 +32,7 @@ class Standalone(AirflowClient):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         home.mkdir(parents=True, exist_ok=True)
+        write_local_settings(home)  # as `make ui` does: each task's exit seen at once, not up to 5 s later
         venv_bin = str(Path(sys.executable).parent)
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR_"))},

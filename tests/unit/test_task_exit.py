@@ -75,3 +75,30 @@ def test_many_task_processes_exit_and_each_exit_status_is_collected(supervised):
         while proc._exit_code is None and time.monotonic() < deadline:  # as the supervisor's own loop
             proc._service_subprocess(max_wait_time=5)
         assert proc._exit_code == index % 7, (index, proc._exit_code)
+
+
+def test_an_airflow_home_pgdr_owns_installs_it_in_every_airflow_process(tmp_path):
+    """`make ui` and the end-to-end tests run `airflow standalone` (LocalExecutor): the module written into its
+    home's config folder is imported by each Airflow process at start, and installs the correction there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pgdr.airflow_glue.task_exit import write_local_settings
+
+    plugins = Path(__file__).resolve().parents[2] / "plugins"
+    path = write_local_settings(tmp_path)
+    assert path == tmp_path / "config" / "airflow_local_settings.py"
+    code = (
+        "import airflow.settings\n"
+        "from airflow.sdk.execution_time.supervisor import WatchedSubprocess\n"
+        "print(getattr(WatchedSubprocess._service_subprocess, '_pgdr_waits_on_exit', False))\n"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(plugins),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "True", out.stdout + out.stderr

@@ -13,8 +13,10 @@ log line, 200 of the slots' 389 seconds.
 (``waitpid`` through psutil, bounded by the same interval) instead of on an empty ``select``. Nothing else in the
 supervisor changes: while any socket is open it selects as before, heartbeats as before, and a process that closed
 its sockets but keeps running is still waited for one interval at a time. The Celery workers install it before
-they fork their pool (:mod:`pgdr.airflow_glue.preload`). If Airflow's supervisor no longer has the parts this
-relies on, nothing is changed and a warning says so.
+they fork their pool (:mod:`pgdr.airflow_glue.preload`); pgdr's own ``airflow standalone`` (``make ui``, the
+end-to-end tests) through the ``airflow_local_settings`` module that :func:`write_local_settings` puts in its
+``$AIRFLOW_HOME/config`` (every Airflow process imports it at start). If Airflow's supervisor no longer has the parts
+this relies on, nothing is changed and a warning says so.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 from contextlib import suppress
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +60,23 @@ def install() -> bool:
     setattr(_service_subprocess, MARK, True)
     WatchedSubprocess._service_subprocess = _service_subprocess
     return True
+
+
+LOCAL_SETTINGS = '''"""Written by pgdr for an Airflow whose home it owns: the task supervisor sees a task's exit at once
+(pgdr.airflow_glue.task_exit). Every Airflow process imports this module at start."""
+
+from pgdr.airflow_glue.task_exit import install
+
+__all__: list[str] = []  # no cluster policy here
+
+install()
+'''
+
+
+def write_local_settings(airflow_home: Path) -> Path:
+    """Write the ``airflow_local_settings`` module that installs this in every process of the Airflow at
+    ``airflow_home`` (only for an Airflow home pgdr owns: the module replaces one already there); return its path."""
+    path = airflow_home / "config" / "airflow_local_settings.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(LOCAL_SETTINGS)
+    return path

@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pgdr.airflow_glue.task_exit import write_local_settings
 from pgdr.local.console import Console, default_log_path, detail, say
 from pgdr.local.demo import STATE_DIR, prepare
 
@@ -159,6 +160,7 @@ def serve(args: argparse.Namespace) -> None:
     """Start the server and airflow standalone, say where the UI is, and wait for Ctrl-C."""
     server = prepare(args.plan)
     UI_HOME.mkdir(parents=True, exist_ok=True)
+    write_local_settings(UI_HOME)  # each task's exit seen at once, not up to 5 s later
     password = _password(UI_HOME)
     port = _port(args.port)
     env = airflow_environment(UI_HOME, port)
