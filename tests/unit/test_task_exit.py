@@ -60,8 +60,8 @@ def test_a_process_that_closed_its_sockets_is_waited_for_not_slept_past(supervis
 
 
 def test_many_task_processes_exit_and_each_exit_status_is_collected(supervised):
-    """Under load (forty children at once, each exiting as soon as it starts, with its own status), every status
-    is collected, none twice and none lost, and no supervisor waits past its bound."""
+    """Forty children started at once, each exiting as soon as it starts with a status of its own: the corrected
+    wait collects every one, each the status its own child exited with, none lost."""
     procs = {}
     for index in range(40):
 
