@@ -23,6 +23,7 @@ task start-up add to the work itself (goals: under 40 % for the fleet of small d
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -151,7 +152,7 @@ def run(work: Path, size: int, rounds: int, db_mb: int = 0) -> dict:
             db_size_mb = conn.execute("SELECT pg_database_size(current_database()) / 1e6").fetchone()[0]
         cluster = CeleryCluster(work / "airflow", meta, connections, plan_path).start()
         slots = len(cluster.workers) * int(cluster.settings.get("AIRFLOW__CELERY__WORKER_CONCURRENCY", "16"))
-        measured = [one_round(cluster, size) for _ in range(rounds)]
+        measured = [one_round(cluster, size, slots) for _ in range(rounds)]
     finally:
         if cluster:
             cluster.stop()
@@ -177,7 +178,7 @@ def run(work: Path, size: int, rounds: int, db_mb: int = 0) -> dict:
     }
 
 
-def one_round(cluster, size: int) -> dict:
+def one_round(cluster, size: int, slots: int) -> dict:
     """One backup run of the fleet and the verification runs it starts; return their timings."""
     cluster.api("PATCH", "/api/v2/dags/pgdr_verify_restore", {"is_paused": False})
     before = {r["dag_run_id"] for r in verify_runs(cluster)}
@@ -226,7 +227,38 @@ def one_round(cluster, size: int) -> dict:
         # the broker (queued), a worker starting it (start_date): medians over the round's task instances.
         "median_scheduled_to_queued_s": round(statistics.median(waits("scheduled_when", "queued_when") or [0]), 2),
         "median_queued_to_start_s": round(statistics.median(waits("queued_when", "start_date") or [0]), 2),
+        "idle_slot_s": idle_slots(tis, start, end, slots),
     }
+
+
+def idle_slots(tis: list[dict], start: datetime, end: datetime, slots: int) -> dict[str, float]:
+    """Where the worker slots' idle time goes, in slot-seconds over ``start`` .. ``end`` (the overhead's numerator):
+    ``waiting_to_start`` while some task is queued or scheduled but not yet running (the broker, the worker's fork,
+    the task's start-up), ``nothing_ready`` while no task is (the scheduler noticing a task ended and deciding what
+    may run next, and the runs' serial heads and tails)."""
+
+    def at(t: dict, key: str) -> float | None:
+        return (datetime.fromisoformat(t[key]) - start).total_seconds() if t.get(key) else None
+
+    events = sorted(
+        {0.0, (end - start).total_seconds()}
+        | {
+            v
+            for t in tis
+            for k in ("scheduled_when", "queued_when", "start_date", "end_date")
+            if (v := at(t, k)) is not None and 0 <= v
+        }
+    )
+    spans = [(at(t, "scheduled_when") or at(t, "queued_when"), at(t, "start_date"), at(t, "end_date")) for t in tis]
+    idle = {"waiting_to_start": 0.0, "nothing_ready": 0.0}
+    for a, b in itertools.pairwise(events):
+        mid = (a + b) / 2
+        running = sum(1 for _, s, e in spans if s is not None and e is not None and s <= mid < e)
+        ready = sum(1 for r, s, _ in spans if r is not None and r <= mid and (s is None or mid < s))
+        free = max(0, slots - running)
+        if free:
+            idle["waiting_to_start" if ready else "nothing_ready"] += free * (b - a)
+    return {k: round(v, 1) for k, v in idle.items()}
 
 
 def verify_runs(cluster) -> list[dict]:
