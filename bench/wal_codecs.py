@@ -39,11 +39,12 @@ sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pgdr.local.embedded import EmbeddedServer  # noqa: E402
+from pgdr.plan import WAL_COMPRESSIONS  # noqa: E402
 from pgdr.postgres.binaries import bundled_bin_dir  # noqa: E402
 from pitr import archive_endpoint  # noqa: E402
 
 BUCKET = "pgdr-bench-wal"
-CODECS = ("gzip", "lz4", "zstd", "bzip2", "xz")  # plan.WAL_COMPRESSIONS
+CODECS = WAL_COMPRESSIONS  # every codec a plan may choose
 SEGMENT_MB = 16
 
 

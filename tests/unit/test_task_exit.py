@@ -84,7 +84,7 @@ def test_an_airflow_home_pgdr_owns_installs_it_in_every_airflow_process(tmp_path
     import sys
     from pathlib import Path
 
-    from pgdr.airflow_glue.task_exit import write_local_settings
+    from pgdr.airflow_glue.task_exit import MARK, write_local_settings
 
     plugins = Path(__file__).resolve().parents[2] / "plugins"
     path = write_local_settings(tmp_path)
@@ -92,7 +92,7 @@ def test_an_airflow_home_pgdr_owns_installs_it_in_every_airflow_process(tmp_path
     code = (
         "import airflow.settings\n"
         "from airflow.sdk.execution_time.supervisor import WatchedSubprocess\n"
-        "print(getattr(WatchedSubprocess._service_subprocess, '_pgdr_waits_on_exit', False))\n"
+        f"print(getattr(WatchedSubprocess._service_subprocess, {MARK!r}, False))\n"
     )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},

