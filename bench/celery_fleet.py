@@ -152,6 +152,7 @@ def run(work: Path, size: int, rounds: int, db_mb: int = 0) -> dict:
             db_size_mb = conn.execute("SELECT pg_database_size(current_database()) / 1e6").fetchone()[0]
         cluster = CeleryCluster(work / "airflow", meta, connections, plan_path).start()
         slots = len(cluster.workers) * int(cluster.settings.get("AIRFLOW__CELERY__WORKER_CONCURRENCY", "16"))
+        unpause_verification(cluster)
         measured = [one_round(cluster, size, slots) for _ in range(rounds)]
     finally:
         if cluster:
@@ -178,9 +179,24 @@ def run(work: Path, size: int, rounds: int, db_mb: int = 0) -> dict:
     }
 
 
+def unpause_verification(cluster, appear_s: float = 30, settle_s: float = 300) -> None:
+    """Unpause ``pgdr_verify_restore`` as a deployment has it, and let the daily run the scheduler creates for the
+    last interval on unpausing (catchup=False) finish before the rounds: a round measures the fleet's backup and
+    the verifications its events start, not a catch-up that a running deployment did long before."""
+    cluster.api("PATCH", "/api/v2/dags/pgdr_verify_restore", {"is_paused": False})
+    appear, settle = time.monotonic() + appear_s, time.monotonic() + settle_s
+    while time.monotonic() < settle:
+        runs = verify_runs(cluster)
+        if not runs and time.monotonic() > appear:
+            return
+        if runs and all(r["state"] in ("success", "failed") for r in runs):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"pgdr_verify_restore's catch-up run did not finish within {settle_s:.0f}s of unpausing")
+
+
 def one_round(cluster, size: int, slots: int) -> dict:
     """One backup run of the fleet and the verification runs it starts; return their timings."""
-    cluster.api("PATCH", "/api/v2/dags/pgdr_verify_restore", {"is_paused": False})
     before = {r["dag_run_id"] for r in verify_runs(cluster)}
     run_id = cluster.trigger("pgdr_backup")
     backup = cluster.wait_for_run("pgdr_backup", run_id, timeout=1800)
