@@ -424,7 +424,7 @@ def test_a_pgdr_0_1_file_that_decompresses_past_its_size_is_cut_at_the_size(tmp_
 def test_bounded_map_keeps_few_calls_waiting_and_keeps_order():
     import threading
 
-    from pgdr.logical.restore import bounded_map
+    from pgdr.parallel import bounded_map
 
     waiting, most = 0, 0
     lock = threading.Lock()
@@ -496,3 +496,54 @@ def test_a_retry_finds_only_its_own_dags_backup(tmp_path):
     catalog.write_manifest(manifest)
     assert catalog.find_by_run("pgdr_backup", "scheduled__2026-12-01T03:00:00+00:00") is None
     assert catalog.find_by_run("pgdr_drill", "scheduled__2026-12-01T03:00:00+00:00").backup_id == manifest.backup_id
+
+
+def test_a_scan_reads_the_records_side_by_side_and_finds_what_a_scan_one_by_one_found(tmp_path):
+    """A week of hourly backups is 336 records: read one after another from a bucket that is hundreds of round
+    trips. They are read a few at a time (never more than CATALOG_READERS); the result is the same: complete
+    backups oldest first, the damaged ones left out and named in backup order, partial uploads listed."""
+    import threading
+    import time
+
+    from pgdr.logical.catalog import CATALOG_READERS, BackupCatalog, BackupFile
+    from pgdr.records import VerificationRecord
+
+    class SlowStore(LocalFolderStore):  # a bucket's round trip, counted
+        reading, most = 0, 0
+        lock = threading.Lock()
+
+        def get_bytes(self, key: str) -> bytes:
+            with self.lock:
+                SlowStore.reading += 1
+                SlowStore.most = max(SlowStore.most, SlowStore.reading)
+            try:
+                time.sleep(0.01)
+                return super().get_bytes(key)
+            finally:
+                with self.lock:
+                    SlowStore.reading -= 1
+
+    store, layout = SlowStore(tmp_path), BackupLayout()
+    catalog = BackupCatalog(store, layout, "shop")
+    entries = [_entry(n / 24, tag=f"{n:06x}") for n in range(60)]
+    for entry in entries:
+        key = layout.data_key("shop", entry.backup_id, "toc.dat")
+        catalog.write_manifest(replace(entry.manifest, files=(BackupFile("toc.dat", key, 10, 10, "0" * 64),)))
+    verified = entries[5].manifest
+    catalog.record_verification(
+        VerificationRecord.from_dict({"status": "verified", "backup_id": verified.backup_id, "phases": {}})
+    )
+    broken, unreadable = entries[7].backup_id, entries[40].backup_id
+    store.put_bytes(layout.manifest_key("shop", broken), b"{not a manifest")
+    store.put_bytes(layout.verification_key("shop", unreadable), b"not json")
+    partial = "20261122T115900Z-ffffff"
+    store.put_bytes(layout.data_key("shop", partial, "toc.dat"), b"half")
+
+    complete, partials = catalog.scan()
+
+    assert [e.backup_id for e in complete] == sorted(e.backup_id for e in entries if e.backup_id != broken)
+    assert {e.backup_id: e.status for e in complete}[verified.backup_id] == "verified"
+    assert {e.backup_id: e.status for e in complete}[unreadable] == "unverified"
+    assert [d.backup_id for d in catalog.damaged] == sorted([broken, unreadable])
+    assert [p.backup_id for p in partials] == [partial]
+    assert 1 < SlowStore.most <= CATALOG_READERS

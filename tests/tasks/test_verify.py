@@ -85,6 +85,29 @@ def test_backup_then_verify_on_s3(plan, run_dag, s3_server, s3_storage, pg_serve
     assert slack.messages == []
 
 
+def test_a_task_opens_each_storage_target_once(plan, s3_storage, monkeypatch):
+    """find_backups reads the catalog of every database of the plan: opening the S3 target (an Airflow connection
+    lookup and a boto3 client) once per database cost tenths of a second each; it is opened once per task."""
+    from pgdr.airflow_glue import connections
+
+    p = plan(storage=s3_storage)
+    opened, real = [], connections.open_store
+
+    def counted(target, plan=None, pruning=False):
+        opened.append((target.name, pruning))
+        return real(target, plan, pruning)
+
+    monkeypatch.setattr(connections, "open_store", counted)
+    res, target = connections.resources(p), p.databases[0].storage
+    store, layout = res.store(target)
+    assert res.store(target) == (store, layout) and res.store(target)[0] is store
+    pruner = res.store(target, pruning=True)[0]
+    assert res.store(target, pruning=True)[0] is pruner
+    assert opened == [(target.name, False), (target.name, True)]
+    assert connections.resources(p).store(target)[0] is not store  # the next task opens its own
+    assert store.exists(layout.database_prefix("shop") + "none") is False  # and it works
+
+
 def _flip_byte(path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -248,6 +248,9 @@ class AirflowResources:
 
     def __init__(self, plan: DRPlan):
         self.plan = plan
+        # Opening an S3 target asks Airflow for its connection and builds a boto3 client: tenths of a second, paid
+        # once per task, not once per database (find_backups reads the catalog of every database of the plan).
+        self._stores: dict[tuple[StorageTarget, bool], tuple[BackupStore, BackupLayout]] = {}
 
     def database(self, db: ProtectedDatabase, conn_id: str | None = None) -> PgEndpoint:
         return database_endpoint(db, self.plan, conn_id=conn_id)
@@ -259,7 +262,9 @@ class AirflowResources:
         return server_endpoint(server, self.plan, conn_id=conn_id)
 
     def store(self, target: StorageTarget, pruning: bool = False) -> tuple[BackupStore, BackupLayout]:
-        return open_store(target, self.plan, pruning)
+        if (target, pruning) not in self._stores:
+            self._stores[target, pruning] = open_store(target, self.plan, pruning)
+        return self._stores[target, pruning]
 
     def archive(self, server: ProtectedServer, target: StorageTarget | None = None, pruning: bool = False):
         return open_archive(server, self.plan, target, pruning)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from pgdr.errors import ChecksumMismatch, PermanentFailure, work_space_full
 from pgdr.identifiers import printable
 from pgdr.logical.catalog import BackupFile, BackupManifest
+from pgdr.parallel import bounded_map
 from pgdr.postgres.client import PgEndpoint, connection_args, pg_tool, run_tool
 from pgdr.storage.backends import BackupStore, sha256_stream
 
@@ -104,25 +103,6 @@ def _check_one(store: BackupStore, entry: BackupFile, sink=None, opener: _Opener
                 f"decrypts to {opener.decryptor.plain_bytes} bytes, the manifest says {entry.size}",
             )
     return None
-
-
-def bounded_map(fn, items, workers: int, name: str) -> list:
-    """Return ``[fn(item) for item in items]``, ``workers`` at a time, with few calls queued at once.
-
-    ``ThreadPoolExecutor.map`` submits every item before the first result: a manifest that lists a
-    million files (from the bucket, so from anyone who can write there) would make a million
-    futures. Here at most ``2 * workers`` wait; the first error is raised once the running calls end.
-    """
-    results: list = []
-    pending: deque = deque()
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name) as pool:
-        for item in items:
-            if len(pending) >= 2 * max(1, workers):
-                results.append(pending.popleft().result())
-            pending.append(pool.submit(fn, item))
-        while pending:
-            results.append(pending.popleft().result())
-    return results
 
 
 def _refuse(manifest: BackupManifest, store: BackupStore, problems: list[FileProblem]) -> ChecksumMismatch:
