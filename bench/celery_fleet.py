@@ -15,9 +15,11 @@ until every backup of the round is verified.
 ``elapsed`` runs from the backup run's start to the end of the last verification run; the worker
 slots are workers x ``AIRFLOW__CELERY__WORKER_CONCURRENCY``. It is what the scheduler, the broker and
 task start-up add to the work itself (goals: under 40 % for the fleet of small databases, under 10 % for
-20 databases of 200 MB). Results are merged into bench/results/latest.json (quick.json with --quick) as
-``celery_fleet`` (small databases) or ``celery_fleet_<N>mb`` (``--db-mb N``), and each shape's overhead into
-``celery_overhead``.
+20 databases of 200 MB). Where the idle slot-seconds went is reported beside it (``idle_slot_s``): waiting to start
+(a task queued or scheduled, a slot free: the broker, the fork, the task's start) or nothing ready (no task to
+run: the scheduler, serial heads and tails of the runs). Results are merged into bench/results/latest.json
+(quick.json with --quick) as ``celery_fleet`` (small databases) or ``celery_fleet_<N>mb`` (``--db-mb N``), and
+each shape's overhead into ``celery_overhead``.
 """
 
 from __future__ import annotations
@@ -265,7 +267,14 @@ def idle_slots(tis: list[dict], start: datetime, end: datetime, slots: int) -> d
             if (v := at(t, k)) is not None and 0 <= v
         }
     )
-    spans = [(at(t, "scheduled_when") or at(t, "queued_when"), at(t, "start_date"), at(t, "end_date")) for t in tis]
+    spans = [
+        (
+            at(t, "scheduled_when") if at(t, "scheduled_when") is not None else at(t, "queued_when"),
+            at(t, "start_date"),
+            at(t, "end_date"),
+        )
+        for t in tis
+    ]
     idle = {"waiting_to_start": 0.0, "nothing_ready": 0.0}
     for a, b in itertools.pairwise(events):
         mid = (a + b) / 2

@@ -404,9 +404,14 @@ class BackupCatalog:
         manifest cannot be used is left out (and listed in :attr:`damaged`, which the health DAG
         alerts on); one whose verification record cannot be read counts as unverified.
         """
-        partial: list[PartialBackup] = []
         self.damaged = []
-        listed = sorted(self._scan().items())
+        with_manifest: list[tuple[str, list[str]]] = []
+        partial: list[PartialBackup] = []
+        for backup_id, keys in sorted(self._scan().items()):
+            if self.layout.manifest_key(self.database, backup_id) in keys:
+                with_manifest.append((backup_id, keys))
+            else:
+                partial.append(PartialBackup(backup_id, tuple(keys), backup_id_time(backup_id)))
 
         def read(item: tuple[str, list[str]]) -> BackupEntry | None:
             backup_id, keys = item
@@ -419,12 +424,8 @@ class BackupCatalog:
 
         # A manifest and a verification record per backup: read side by side, a week of hourly backups is a few
         # round trips to the bucket instead of 336 in a row.
-        with_manifest = [item for item in listed if self.layout.manifest_key(self.database, item[0]) in item[1]]
         complete = [e for e in bounded_map(read, with_manifest, CATALOG_READERS, "pgdr-catalog") if e is not None]
         self.damaged.sort(key=lambda d: d.backup_id)  # as a scan one backup after another found them
-        for backup_id, keys in listed:
-            if self.layout.manifest_key(self.database, backup_id) not in keys:
-                partial.append(PartialBackup(backup_id, tuple(keys), backup_id_time(backup_id)))
         complete.sort(key=lambda e: (e.recovery_point, e.backup_id))
         return complete, partial
 
