@@ -67,6 +67,86 @@ def labels(endpoint, table_sql: str) -> list[str]:
         return [r[0] for r in conn.execute(f"SELECT label FROM {table_sql} ORDER BY id").fetchall()]
 
 
+def _wal_carried(store, record) -> tuple[list[str], int]:
+    """The WAL files a stored base backup carries, and the bytes of everything else in its tar."""
+    import tarfile
+
+    import zstandard
+
+    wal, other = [], 0
+    with store.open_read(record.file("base.tar.zst").key) as stream:
+        with zstandard.ZstdDecompressor().stream_reader(stream) as plain, tarfile.open(fileobj=plain, mode="r|") as tar:
+            for member in tar:
+                if member.isfile() and member.name.startswith("pg_wal/"):
+                    wal.append(member.name)
+                elif member.isfile():
+                    other += member.size
+    return sorted(wal), other
+
+
+def test_an_incremental_carries_its_wal_and_reads_it_from_the_archive_when_the_server_recycled_it(
+    pitr_server, s3_server, tmp_path, monkeypatch, caplog
+):
+    """An incremental base backup does not wait for the archiver (-X fetch: its WAL inside). When a long one finds
+    that a checkpoint recycled its first segment, it is taken again with its WAL left to the archive (-X none)."""
+    import threading
+
+    import pgdr.physical.basebackup as basebackup
+    from pgdr.physical.basebackup import take_base_backup
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from pgdr.postgres.client import pg_tool
+
+    archive, store, endpoint = pitr_server.archive, store_of(s3_server), endpoint_of(pitr_server)
+    catalog = BaseBackupCatalog(store, archive.layout, PITR_SERVER)
+    full = take_base_backup(PITR_SERVER, endpoint, store, archive.layout, tmp_path / "w1", archive.url)
+    incremental = take_base_backup(
+        PITR_SERVER, endpoint, store, archive.layout, tmp_path / "w2", archive.url, catalog.get(full.backup_id)
+    )
+    assert _wal_carried(store, full)[0] == []  # a full one leaves its WAL to the archive
+    wal, data_bytes = _wal_carried(store, incremental)
+    assert f"pg_wal/{incremental.start_wal}" in wal, wal
+    assert f"pg_wal/archive_status/{incremental.start_wal}.done" in wal, wal
+
+    # A long incremental: the real pg_basebackup, sending about 12 s of data; meanwhile two checkpoints, each after
+    # a segment switch the archiver shipped, recycle the segment the backup started in.
+    slow = tmp_path / "pg_basebackup"
+    slow.write_text(
+        f'#!/bin/sh\nexec "{pg_tool("pg_basebackup")}" --max-rate={max(32, data_bytes // 12 // 1024)}k "$@"\n'
+    )
+    slow.chmod(0o755)
+    real_tool = basebackup.pg_tool
+    monkeypatch.setattr(basebackup, "pg_tool", lambda name: str(slow) if name == "pg_basebackup" else real_tool(name))
+    recycled = threading.Event()
+
+    def recycle_while_it_streams():
+        with psycopg.connect(**pitr_server.dsn(), autocommit=True) as conn:
+            deadline = time.monotonic() + 60
+            while (
+                time.monotonic() < deadline
+                and not conn.execute(
+                    "SELECT 1 FROM pg_stat_progress_basebackup WHERE phase = 'streaming database files'"
+                ).fetchone()
+            ):
+                time.sleep(0.05)
+            for _ in range(2):
+                switch_and_wait(pitr_server)
+                conn.execute("CHECKPOINT")
+            recycled.set()
+
+    recycler = threading.Thread(target=recycle_while_it_streams, daemon=True)
+    recycler.start()
+    with caplog.at_level("WARNING", logger="pgdr.physical.basebackup"):
+        again = take_base_backup(
+            PITR_SERVER, endpoint, store, archive.layout, tmp_path / "w3", archive.url, catalog.get(full.backup_id)
+        )
+    recycler.join(60)
+    assert recycled.is_set()
+    (warning,) = [r.getMessage() for r in caplog.records if "removed WAL the incremental" in r.getMessage()]
+    assert "taking it again, its WAL read from the archive instead (-X none)" in warning, warning
+    assert again.kind == "incremental" and again.parent == full.backup_id
+    assert _wal_carried(store, again)[0] == [], "the second try leaves the WAL to the archive"
+
+
 @pytest.mark.parametrize("links", [True, False], ids=["hard links", "copies"])
 def test_full_and_incremental_chain_recovers_exactly_to_the_target(
     pitr_server, s3_server, marked_table, tmp_path, links, monkeypatch

@@ -21,7 +21,7 @@ def _crc32c(data: bytes) -> str:
     return struct.pack("=I", google_crc32c.value(data)).hex()
 
 
-def _manifest(files: dict[str, bytes], algorithm: str = "CRC32C") -> bytes:
+def _manifest(files: dict[str, bytes], algorithm: str = "CRC32C", system_identifier: int | None = None) -> bytes:
     listed = []
     for path, data in files.items():
         checksum = _crc32c(data) if algorithm == "CRC32C" else hashlib.sha256(data).hexdigest()
@@ -36,6 +36,8 @@ def _manifest(files: dict[str, bytes], algorithm: str = "CRC32C") -> bytes:
         + json.dumps(listed)
         + ',\n"WAL-Ranges": [{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000120" }],\n'
     ).encode()
+    if system_identifier is not None:  # PostgreSQL 17+ (manifest version 2) names the cluster
+        body = body.replace(b'"Files"', f'"System-Identifier": {system_identifier},\n"Files"'.encode(), 1)
     return body + f'"Manifest-Checksum": "{hashlib.sha256(body).hexdigest()}"}}\n'.encode()
 
 
@@ -133,6 +135,86 @@ def test_a_file_that_differs_from_the_manifest_is_named(change, problem):
         read_tar(
             io.BytesIO(_tar([("base", None), ("base/1", None), *change(FILES).items()])), "B", Manifest(manifest, "B")
         )
+
+
+SYSID = 7716226975105753894
+SEGMENT = "pg_wal/000000010000000000000020"  # 1 MB segments: 0/2000028 is in segment 0x20 of timeline 1
+
+
+def _segment(sysid: int = SYSID, address: int = 0x2000000, size: int = 1 << 20, info: int = 0x0002) -> bytes:
+    """A WAL segment as PostgreSQL starts one: its long page header (XLogLongPageHeaderData), records after it."""
+    header = struct.pack("=HHIQI4xQII", 0xD118, info, 1, address, 0, sysid, size, 8192)
+    return header + random.Random(address).randbytes(4096) + bytes(size - len(header) - 4096)
+
+
+def _with_wal(wal: dict[str, bytes], sysid: int | None = SYSID) -> tuple[bytes, bytes]:
+    """A tar as ``pg_basebackup -X fetch`` writes it: the WAL after the files, unlisted; its .done marks listed."""
+    listed = {**FILES, **{f"pg_wal/archive_status/{Path(n).name}.done": b"" for n in wal if ".history" not in n}}
+    manifest = _manifest(listed, system_identifier=sysid)
+    members = [("base", None), ("base/1", None), ("global", None), ("pg_wal", None), ("pg_wal/archive_status", None)]
+    return _tar(
+        members + list(FILES.items()) + list(wal.items()) + [(k, v) for k, v in listed.items() if k not in FILES],
+        manifest,
+    ), manifest
+
+
+def test_an_incremental_carries_its_own_wal_checked_by_name_size_and_page_header(tmp_path):
+    segment, history = _segment(), b"1\t0/1FFFFF8\tno recovery target specified\n"
+    tar, manifest = _with_wal({SEGMENT: segment, "pg_wal/00000002.history": history})
+    stored = io.BytesIO()
+    got, size, sha256 = compress_tar(io.BytesIO(tar), stored, "the incremental")
+    assert got.raw == manifest and SEGMENT not in got.files
+
+    class Entry:
+        pass
+
+    entry = Entry()
+    entry.size, entry.sha256 = size, sha256
+    restore_tar(io.BytesIO(stored.getvalue()), entry, got, tmp_path / "out", "the incremental", "here")
+    assert (tmp_path / "out" / SEGMENT).read_bytes() == segment
+    assert (tmp_path / "out" / "pg_wal/00000002.history").read_bytes() == history
+    assert (tmp_path / "out" / "pg_wal/archive_status/000000010000000000000020.done").exists()
+
+
+@pytest.mark.parametrize(
+    "wal, sysid, problem",
+    [
+        ({"pg_wal/000000010000000000000021": _segment(address=0x2100000)}, SYSID, "is not a WAL segment of the backup"),
+        ({"pg_wal/000000020000000000000020": _segment()}, SYSID, "is not a WAL segment of the backup"),
+        ({SEGMENT: _segment()[: 3 << 18]}, SYSID, "which is not a WAL segment size"),
+        ({SEGMENT: _segment(sysid=SYSID + 1)}, SYSID, f"first page header says system identifier {SYSID + 1}"),
+        ({SEGMENT: _segment(address=0x2100000)}, SYSID, "address 2100000, where this backup's segment would say"),
+        ({SEGMENT: _segment(size=1 << 24)[: 1 << 20]}, SYSID, "segment size 16777216, address"),
+        ({SEGMENT: _segment(info=0)}, SYSID, "its first page header says no long page header"),
+        ({SEGMENT: _segment()}, None, "its manifest names no cluster"),
+        (
+            {"pg_wal/notes.txt": b"an operator's\n"},
+            SYSID,
+            '"pg_wal/notes.txt" is in the backup but not in its manifest',
+        ),
+        ({"pg_wal/00000002.history": b"x" * (2 << 20)}, SYSID, "more than a timeline history file holds"),
+    ],
+    ids=[
+        "past its range",
+        "another timeline",
+        "not a segment size",
+        "another cluster",
+        "another address",
+        "another segment size",
+        "no long header",
+        "no cluster named",
+        "not WAL",
+        "history too big",
+    ],
+)
+def test_wal_that_is_not_the_backups_own_is_refused_before_or_after_its_manifest(tmp_path, wal, sysid, problem):
+    tar, manifest = _with_wal(wal, sysid)
+    with pytest.raises(ChecksumMismatch, match="rejected the incremental") as rejected:  # taken: the manifest last
+        compress_tar(io.BytesIO(tar), io.BytesIO(), "the incremental")
+    assert problem in str(rejected.value)
+    with pytest.raises(ChecksumMismatch) as rejected:  # restored: the stored manifest first
+        read_tar(io.BytesIO(tar), "the incremental", Manifest(manifest, "the incremental"), tmp_path / "out")
+    assert problem in str(rejected.value)
 
 
 def test_a_damaged_or_foreign_manifest_is_refused():

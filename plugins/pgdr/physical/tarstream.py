@@ -11,6 +11,12 @@ and checked against the manifest as it goes. This is the check ``pg_verifybackup
 sizes, checksums, the manifest's own checksum), which the embedded ``pg_verifybackup`` cannot do on a zstd tar.
 Base backups stored before (``base.tar.gz``) keep their path: ``pg_verifybackup`` on the stored tar.
 
+An incremental base backup carries its own WAL (``-X fetch``: :mod:`pgdr.physical.basebackup`): the segments from its
+start to its end, under ``pg_wal/``, which PostgreSQL's manifest does not list (it lists their ``.done`` marks). Each
+is accepted only if its name lies in the manifest's WAL ranges, its size is a WAL segment size, and its first page
+header says it is that segment of that cluster (system identifier, segment size, page address); its records are then
+checked by PostgreSQL itself (each record's CRC) when it is replayed. Timeline history files it may carry are kept.
+
 The tar and the manifest come from a bucket: untrusted. Extraction uses tarfile's ``data`` filter (no absolute
 paths, no ``..``, no links out of the directory); the manifest is parsed as data and every field checked.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import tarfile
 import time
@@ -68,6 +75,32 @@ _HASHES: dict[str, Callable[[], object]] = {
 }
 
 
+_WAL_SEGMENT = re.compile(r"pg_wal/([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})")
+_WAL_HISTORY = re.compile(r"pg_wal/[0-9A-F]{8}[.]history")
+_HISTORY_MAX = 1 << 20
+_LONG_HEADER = struct.Struct("=HHIQI4xQII")  # XLogLongPageHeaderData: magic, info, tli, pageaddr, rem_len, sysid,
+_XLP_LONG_HEADER = 0x0002  # seg_size, blcksz (the machine's order, as PostgreSQL writes it)
+
+
+class _WalHeader:
+    """Not a checksum: what the first page header of a WAL segment says (the cluster, the segment size, the address)."""
+
+    def __init__(self) -> None:
+        self._head = b""
+
+    def update(self, data: bytes) -> None:
+        if len(self._head) < _LONG_HEADER.size:
+            self._head += data[: _LONG_HEADER.size - len(self._head)]
+
+    def hexdigest(self) -> str:
+        if len(self._head) < _LONG_HEADER.size:
+            return "no page header"
+        _magic, info, _tli, pageaddr, _rem, sysid, seg_size, _blcksz = _LONG_HEADER.unpack(self._head)
+        if not info & _XLP_LONG_HEADER:
+            return "no long page header"
+        return f"system identifier {sysid}, segment size {seg_size}, address {pageaddr:X}"
+
+
 class Manifest:
     """The files of a ``backup_manifest``: path → (size, checksum algorithm, checksum); its own checksum checked."""
 
@@ -105,7 +138,39 @@ class Manifest:
 
     def hasher(self, name: str):
         entry = self.files.get(name)
+        if entry is None and _WAL_SEGMENT.fullmatch(name):
+            return _WalHeader()
         return _HASHES[entry[1] if entry else "NONE"]()
+
+    def _wal_file(self, name: str, size: int) -> str | None:
+        """Check a WAL file of the backup that the manifest does not list (``-X fetch``): return what its first page
+        header must say (None for a timeline history file), or raise."""
+        if _WAL_HISTORY.fullmatch(name):
+            if size > _HISTORY_MAX:
+                raise self._damaged(f'"{name}" has size {size}, more than a timeline history file holds')
+            return None
+        match = _WAL_SEGMENT.fullmatch(name)
+        if match is None:
+            raise self._damaged(f'"{name}" is in the backup but not in its manifest')
+        if size & (size - 1) or not (1 << 20) <= size <= (1 << 30):
+            raise self._damaged(f'"{name}" has size {size}, which is not a WAL segment size')
+        timeline, log_id, seg = (int(part, 16) for part in match.groups())
+        if seg >= (1 << 32) // size:
+            raise self._damaged(f'"{name}" is not a WAL segment name for segments of {size} bytes')
+        segno = log_id * ((1 << 32) // size) + seg
+        try:
+            ours = any(
+                wal_range.get("Timeline") == timeline
+                and _lsn(wal_range.get("Start-LSN")) // size <= segno <= _lsn(wal_range.get("End-LSN")) // size
+                for wal_range in self.wal_ranges
+            )
+        except (ValueError, TypeError, AttributeError) as err:
+            raise self._damaged(f"its WAL-Ranges cannot be read ({err})") from None
+        if not ours:
+            raise self._damaged(f'"{name}" is not a WAL segment of the backup\'s WAL ranges {self.wal_ranges}')
+        if not self.system_identifier:
+            raise self._damaged(f'it carries WAL ("{name}") but its manifest names no cluster (System-Identifier)')
+        return f"system identifier {self.system_identifier}, segment size {size}, address {segno * size:X}"
 
     def expect(self, name: str, size: int) -> None:
         """Refuse a file the manifest does not list, or of another size, before a byte of it is written (a forged
@@ -116,7 +181,8 @@ class Manifest:
             return
         entry = self.files.get(name)
         if entry is None:
-            raise self._damaged(f'"{name}" is in the backup but not in its manifest')
+            self._wal_file(name, size)
+            return
         if size != entry[0]:
             raise self._damaged(f'"{name}" has size {size}, the manifest says {entry[0]}')
 
@@ -125,6 +191,14 @@ class Manifest:
         for name, (size, checksum) in seen.items():
             if name == MANIFEST:
                 continue  # the manifest itself (compared with the stored one, or parsed from it)
+            if name not in self.files:  # WAL the backup carries: its first page header against its name
+                wanted = self._wal_file(name, size)
+                if wanted is not None and checksum != wanted:
+                    raise self._damaged(
+                        f'"{name}" is not the WAL segment its name says: its first page header says {checksum}, '
+                        f"where this backup's segment would say {wanted}"
+                    )
+                continue
             self.expect(name, size)
             entry = self.files[name]
             if entry[1] != "NONE" and checksum != entry[2]:
@@ -133,6 +207,12 @@ class Manifest:
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise self._damaged(f'"{missing[0]}"{more} is in the manifest but not in the backup')
+
+
+def _lsn(text: object) -> int:
+    """A WAL position as the manifest writes it (``0/6000028``), as a number."""
+    high, _, low = str(text).partition("/")
+    return int(high, 16) << 32 | int(low, 16)
 
 
 def _manifest_path(item: dict) -> str:
@@ -340,7 +420,10 @@ def _read_tar(reader: _Reader, what: str, manifest: Manifest | None, extract_to:
             continue
         if manifest is not None:
             manifest.expect(member.name, member.size)
-        hasher = manifest.hasher(member.name) if manifest is not None else _Crc32c()
+        if manifest is not None:
+            hasher = manifest.hasher(member.name)
+        else:  # read before its manifest (at the tar's end): CRC32C, which pgdr asks for, or a WAL segment's header
+            hasher = _WalHeader() if _WAL_SEGMENT.fullmatch(member.name) else _Crc32c()
         kept = [] if member.name == MANIFEST else None
         write = None
         if safe is not None:
