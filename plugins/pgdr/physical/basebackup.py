@@ -45,7 +45,7 @@ from pgdr.logical.standby import BackupSource
 from pgdr.physical.archive import ArchiverFailing, ArchiverState, archiver_state, segment_of_lsn
 from pgdr.physical.catalog import BaseBackupCatalog, BaseBackupEntry, BaseBackupFile, BaseBackupRecord
 from pgdr.physical.heartbeat import switch_and_wait_archived
-from pgdr.physical.tarstream import MANIFEST, STORED_TAR, check_against_record, compress_tar
+from pgdr.physical.tarstream import MANIFEST, STORED_TAR, Manifest, check_against_record, compress_tar
 from pgdr.postgres.client import PgEndpoint, connect, endpoint_conninfo, passfile_env, pg_tool, tool_error
 from pgdr.storage.backends import BackupStore, sha256_stream
 from pgdr.storage.layout import PhysicalLayout, new_backup_id
@@ -233,6 +233,68 @@ def restartpoint_after(primary: PgEndpoint, standby: PgEndpoint, lsn: str, serve
         )
 
 
+@dataclass
+class _Taken:
+    """What one run of ``pg_basebackup`` gave: the checked tar's manifest, size and SHA-256, or why not."""
+
+    returncode: int = 0
+    stderr: str = ""
+    manifest: Manifest | None = None
+    tar_size: int = 0
+    tar_sha256: str = ""
+    streamed: DumpFailed | None = None  # the tar cut short, or not what its manifest says
+    stopped: bool = False  # pgdr stopped pg_basebackup (its exit status then says nothing)
+    archiver_failing: tuple | None = None  # (last failed segment, failures) seen while it ran
+
+
+def _stream_base_backup(
+    args: list[str],
+    read_from: PgEndpoint,
+    endpoint: PgEndpoint,
+    facts: ServerFacts,
+    workdir: Path,
+    out: Path,
+    server: str,
+) -> _Taken:
+    """Run ``pg_basebackup`` (``args``: the tar on stdout) and store its tar zstd-compressed in ``out``, checked against
+    its manifest as it streams, while a thread watches the archiver of ``endpoint``."""
+    taken = _Taken()
+    found: list = []
+    stop = threading.Event()
+    out.mkdir(parents=True, exist_ok=True)
+    with passfile_env(read_from, workdir) as env, open(workdir / "pg_basebackup.err", "w+") as errors:
+        process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=errors)
+        watcher = threading.Thread(target=_watch_archiver, args=(endpoint, facts, process, stop, found), daemon=True)
+        watcher.start()
+        try:
+            with process.stdout, open(out / STORED_TAR, "wb") as stored:
+                try:
+                    taken.manifest, taken.tar_size, taken.tar_sha256 = compress_tar(
+                        process.stdout, stored, f"the base backup of server {server!r}"
+                    )
+                except ChecksumMismatch as err:  # cut short (its error below), or not what its manifest says
+                    taken.streamed = DumpFailed(f"{err} The task retries.")
+                    try:  # a tar cut short: pg_basebackup is exiting, its own error says why
+                        process.wait(timeout=5)
+                    except subprocess.TimeoutExpired:  # still sending: what it sent is not what it says
+                        taken.stopped = True
+                        process.terminate()
+            process.wait()
+        except BaseException:  # the stored tar could not be written (a full disk): pg_basebackup is not left behind
+            if process.poll() is None:
+                process.terminate()
+            process.wait()
+            raise
+        finally:
+            stop.set()
+            watcher.join()
+        errors.seek(0)
+        taken.stderr = errors.read()
+    taken.returncode = process.returncode
+    taken.archiver_failing = found[0] if found else None
+    return taken
+
+
 def _wal_removed(stderr: str) -> bool:
     """pg_basebackup -X fetch failed because the server no longer had WAL the backup needs."""
     text = stderr.lower()
@@ -296,9 +358,9 @@ def take_base_backup(
                 "incremental base backups need. Add 'summarize_wal = on' to its postgresql.conf and reload it (no "
                 "restart needed); the next full base backup starts the first chain."
             )
-        manifest = workdir / "parent_backup_manifest"
-        download_checked(store, parent.record.file("backup_manifest"), manifest)
-        args.append(f"--incremental={manifest}")
+        parent_manifest = workdir / "parent_backup_manifest"
+        download_checked(store, parent.record.file("backup_manifest"), parent_manifest)
+        args.append(f"--incremental={parent_manifest}")
         if standby is not None:
             restartpoint_after(endpoint, standby, parent.record.end_lsn, server)
 
@@ -309,78 +371,46 @@ def take_base_backup(
         args[args.index("-X") + 1] = wal_mode
         started_at = datetime.now(UTC)
         t0 = time.monotonic()
-        found: list = []
-        stop = threading.Event()
         out = workdir / "backup"
-        out.mkdir(parents=True, exist_ok=True)
-        streamed: DumpFailed | None = None  # the tar cut short, or not what its manifest says
-        stopped = False  # pgdr stopped pg_basebackup (its exit status then says nothing)
-        with passfile_env(read_from, workdir) as env, open(workdir / "pg_basebackup.err", "w+") as errors:
-            process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=errors)
-            watcher = threading.Thread(
-                target=_watch_archiver, args=(endpoint, facts, process, stop, found), daemon=True
-            )
-            watcher.start()
-            try:
-                with process.stdout, open(out / STORED_TAR, "wb") as stored:
-                    try:
-                        manifest, tar_size, tar_sha256 = compress_tar(
-                            process.stdout, stored, f"the base backup of server {server!r}"
-                        )
-                    except ChecksumMismatch as err:  # cut short (its error below), or not what its manifest says
-                        streamed = DumpFailed(f"{err} The task retries.")
-                        try:  # a tar cut short: pg_basebackup is exiting, its own error says why
-                            process.wait(timeout=5)
-                        except subprocess.TimeoutExpired:  # still sending: what it sent is not what it says
-                            stopped = True
-                            process.terminate()
-                process.wait()
-            except BaseException:  # the stored tar could not be written (a full disk): pg_basebackup is not left behind
-                if process.poll() is None:
-                    process.terminate()
-                process.wait()
-                raise
-            finally:
-                stop.set()
-                watcher.join()
-            errors.seek(0)
-            stderr = errors.read()
-        if wal_mode == "fetch" and process.returncode != 0 and not stopped and not found and _wal_removed(stderr):
-            log.warning(
-                "The server removed WAL the incremental base backup of server %r had to carry (-X fetch) before the "
-                "backup ended (a checkpoint recycled it during a long backup): taking it again, its WAL read from "
-                "the archive instead (-X none). pg_basebackup said: %s",
-                server,
-                stderr.strip()[-300:],
-            )
-            shutil.rmtree(out, ignore_errors=True)
-            continue
+        taken = _stream_base_backup(args, read_from, endpoint, facts, workdir, out, server)
+        if wal_mode == "fetch" and taken.returncode != 0 and not taken.stopped and not taken.archiver_failing:
+            if _wal_removed(taken.stderr):
+                log.warning(
+                    "The server removed WAL the incremental base backup of server %r had to carry (-X fetch) before "
+                    "the backup ended (a checkpoint recycled it during a long backup): taking it again, its WAL read "
+                    "from the archive instead (-X none). pg_basebackup said: %s",
+                    server,
+                    taken.stderr.strip()[-300:],
+                )
+                shutil.rmtree(out, ignore_errors=True)
+                continue
         break
-    if found:
-        wal, failures = found[0]
+    if taken.archiver_failing:
+        wal, failures = taken.archiver_failing
         raise ArchiverFailing(
             f"The base backup of server {server!r} was stopped: the server's archive_command is failing ({failures} "
-            f"failed attempts since the backup started; last failed WAL segment {wal}), and pg_basebackup waits "
-            "until the backup's WAL is archived. WAL is piling up on the server. Check its log for 'archive "
+            f"failed attempts since the backup started; last failed WAL segment {wal}), and a base backup is of no "
+            "use without the WAL archived after it. WAL is piling up on the server. Check its log for 'archive "
             f"command failed' and that it can write to {archive_url} (credentials, endpoint, barman-cloud installed "
             "for the server's OS user); the task will retry."
         )
-    if process.returncode != 0 and "single tablespace" in stderr:
+    if taken.returncode != 0 and "single tablespace" in taken.stderr:
         raise PermanentFailure(
             f"Server {server!r} has tablespaces outside its data directory; pgdr's point-in-time recovery restores "
             "the data directory only. Move them into pg_default, or use logical backups for this server."
         )
-    if process.returncode != 0 and not stopped:
-        error = tool_error(read_from, f"pg_basebackup of server {server!r}", stderr, DumpFailed)
-        if "summar" in stderr.lower() and parent is not None:
+    if taken.returncode != 0 and not taken.stopped:
+        error = tool_error(read_from, f"pg_basebackup of server {server!r}", taken.stderr, DumpFailed)
+        if "summar" in taken.stderr.lower() and parent is not None:
             raise PermanentFailure(
                 f"{error} The server has no WAL summaries reaching back to the parent base backup "
                 f"{parent.backup_id} (summarize_wal was off, or the summaries were removed after "
                 "wal_summary_keep_time). Take a full base backup (trigger pgdr_basebackup with kind=full)."
             ) from None
         raise error
-    if streamed is not None:
-        raise streamed
+    if taken.streamed is not None:
+        raise taken.streamed
+    manifest = taken.manifest
     (out / MANIFEST).write_bytes(manifest.raw)
     wal_ranges = manifest.wal_ranges
     if standby is not None:  # the primary archives the WAL: its segment holding the backup's end must be there first
@@ -400,7 +430,7 @@ def take_base_backup(
     files = []
     try:
         stored_files = (  # the manifest after the data; each hashed as it was written
-            (out / STORED_TAR, tar_size, tar_sha256),
+            (out / STORED_TAR, taken.tar_size, taken.tar_sha256),
             (out / MANIFEST, len(manifest.raw), hashlib.sha256(manifest.raw).hexdigest()),
         )
         for path, size, sha256 in stored_files:

@@ -173,8 +173,9 @@ class Manifest:
         return f"system identifier {self.system_identifier}, segment size {size}, address {segno * size:X}"
 
     def expect(self, name: str, size: int) -> None:
-        """Refuse a file the manifest does not list, or of another size, before a byte of it is written (a forged
-        tar cannot fill the disk with more than the manifest says)."""
+        """Refuse a file the manifest does not list (other than the backup's own WAL, bounded by its WAL ranges), or of
+        another size, before a byte of it is written (a forged tar cannot fill the disk with more than the manifest
+        says)."""
         if name == MANIFEST:
             if size != len(self.raw):
                 raise self._damaged("the backup_manifest inside the tar is not the one stored beside it")
