@@ -269,7 +269,7 @@ def idle_slots(tis: list[dict], start: datetime, end: datetime, slots: int) -> d
     )
     spans = [
         (
-            at(t, "scheduled_when") if at(t, "scheduled_when") is not None else at(t, "queued_when"),
+            ready if (ready := at(t, "scheduled_when")) is not None else at(t, "queued_when"),
             at(t, "start_date"),
             at(t, "end_date"),
         )

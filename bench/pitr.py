@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
             "bucket (the path before): upload, SHA-256 check of the stored files, download, then pg_restore",
             "incremental_workload": "UPDATE of the newest 1 % of pgbench_accounts' rows (1 % of its pages)",
             "incremental_spread_workload": "UPDATE of every hundredth row of pgbench_accounts (1 % of its rows, "
-            "about every other page), on the newest base backup",
+            "about every other page), each round on the newest base backup: the chain one longer every round (an "
+            "incremental's cost is the changed blocks and the checkpoint, not its chain's length)",
             "rpo_samples_s": [round(x, 1) for x in rpo],
             "rpo_max_s": round(max(rpo), 1),
             "wal_archive_lag_samples_s": [round(x, 1) for x in lag],

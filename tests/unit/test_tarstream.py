@@ -9,6 +9,7 @@ import random
 import struct
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pgdr.errors import ChecksumMismatch
@@ -70,6 +71,11 @@ def _good() -> tuple[bytes, bytes]:
     return _tar(members + list(FILES.items()), manifest), manifest
 
 
+def _record(size: int, sha256: str) -> SimpleNamespace:
+    """What restore_tar reads of a base backup record: the stored tar's size and SHA-256."""
+    return SimpleNamespace(size=size, sha256=sha256)
+
+
 def test_a_good_tar_streams_compresses_and_extracts_as_postgresql_wrote_it(tmp_path):
     tar, manifest = _good()
     stored = io.BytesIO()
@@ -77,11 +83,7 @@ def test_a_good_tar_streams_compresses_and_extracts_as_postgresql_wrote_it(tmp_p
     assert got.raw == manifest and set(got.files) == set(FILES) and got.wal_ranges[0]["Timeline"] == 1
     assert size == len(stored.getvalue()) and sha256 == hashlib.sha256(stored.getvalue()).hexdigest()
 
-    class Entry:
-        pass
-
-    entry = Entry()
-    entry.size, entry.sha256 = size, sha256
+    entry = _record(size, sha256)
     restore_tar(io.BytesIO(stored.getvalue()), entry, Manifest(manifest, "x"), tmp_path / "out", "the test", "here")
     for name, data in FILES.items():
         assert (tmp_path / "out" / name).read_bytes() == data
@@ -106,11 +108,7 @@ def test_a_file_name_that_is_not_utf8_is_matched_by_its_encoded_path(tmp_path):
     got, size, sha256 = compress_tar(io.BytesIO(tar), stored, "the test backup")
     assert odd in got.files
 
-    class Entry:
-        pass
-
-    entry = Entry()
-    entry.size, entry.sha256 = size, sha256
+    entry = _record(size, sha256)
     restore_tar(io.BytesIO(stored.getvalue()), entry, got, tmp_path / "out", "the test", "here")
     assert (tmp_path / "out" / odd).read_bytes() == files[odd]
 
@@ -165,11 +163,7 @@ def test_an_incremental_carries_its_own_wal_checked_by_name_size_and_page_header
     got, size, sha256 = compress_tar(io.BytesIO(tar), stored, "the incremental")
     assert got.raw == manifest and SEGMENT not in got.files
 
-    class Entry:
-        pass
-
-    entry = Entry()
-    entry.size, entry.sha256 = size, sha256
+    entry = _record(size, sha256)
     restore_tar(io.BytesIO(stored.getvalue()), entry, got, tmp_path / "out", "the incremental", "here")
     assert (tmp_path / "out" / SEGMENT).read_bytes() == segment
     assert (tmp_path / "out" / "pg_wal/00000002.history").read_bytes() == history

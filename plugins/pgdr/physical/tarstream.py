@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pgdr.errors import ChecksumMismatch
+from pgdr.identifiers import printable
+from pgdr.messages import shorten
+from pgdr.physical.archive import lsn_to_int, segment_number
 
 STORED_TAR = "base.tar.zst"
 ZSTD_LEVEL = 1
@@ -123,6 +126,7 @@ class Manifest:
                 self.files[path] = (size, algorithm, str(item.get("Checksum", "")).lower())
             self.wal_ranges = data["WAL-Ranges"]
             self.system_identifier = str(data.get("System-Identifier", ""))
+            self._wal_wanted: dict[tuple[str, int], str | None] = {}  # WAL checked by expect(), for check()
             own = str(data["Manifest-Checksum"]).lower()
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise self._damaged(f"its backup_manifest cannot be read ({err})") from None
@@ -144,30 +148,38 @@ class Manifest:
 
     def _wal_file(self, name: str, size: int) -> str | None:
         """Check a WAL file of the backup that the manifest does not list (``-X fetch``): return what its first page
-        header must say (None for a timeline history file), or raise."""
+        header must say (None for a timeline history file), or raise. Checked once per name and size: on a restore
+        both :meth:`expect` (before its bytes) and :meth:`check` (after) ask."""
+        if (name, size) not in self._wal_wanted:
+            self._wal_wanted[name, size] = self._check_wal_file(name, size)
+        return self._wal_wanted[name, size]
+
+    def _check_wal_file(self, name: str, size: int) -> str | None:
         if _WAL_HISTORY.fullmatch(name):
             if size > _HISTORY_MAX:
                 raise self._damaged(f'"{name}" has size {size}, more than a timeline history file holds')
             return None
         match = _WAL_SEGMENT.fullmatch(name)
         if match is None:
-            raise self._damaged(f'"{name}" is in the backup but not in its manifest')
+            raise self._damaged(f'"{printable(name)}" is in the backup but not in its manifest')
         if size & (size - 1) or not (1 << 20) <= size <= (1 << 30):
             raise self._damaged(f'"{name}" has size {size}, which is not a WAL segment size')
-        timeline, log_id, seg = (int(part, 16) for part in match.groups())
-        if seg >= (1 << 32) // size:
+        if int(match.group(3), 16) >= (1 << 32) // size:
             raise self._damaged(f'"{name}" is not a WAL segment name for segments of {size} bytes')
-        segno = log_id * ((1 << 32) // size) + seg
+        timeline, segno = int(match.group(1), 16), segment_number(name.removeprefix("pg_wal/"), size)
         try:
             ours = any(
                 wal_range.get("Timeline") == timeline
-                and _lsn(wal_range.get("Start-LSN")) // size <= segno <= _lsn(wal_range.get("End-LSN")) // size
+                and lsn_to_int(str(wal_range.get("Start-LSN"))) // size
+                <= segno
+                <= lsn_to_int(str(wal_range.get("End-LSN"))) // size
                 for wal_range in self.wal_ranges
             )
         except (ValueError, TypeError, AttributeError) as err:
             raise self._damaged(f"its WAL-Ranges cannot be read ({err})") from None
         if not ours:
-            raise self._damaged(f'"{name}" is not a WAL segment of the backup\'s WAL ranges {self.wal_ranges}')
+            ranges = shorten(printable(json.dumps(self.wal_ranges)), 300)  # from the bucket: one short line
+            raise self._damaged(f'"{name}" is not a WAL segment of the backup\'s WAL ranges {ranges}')
         if not self.system_identifier:
             raise self._damaged(f'it carries WAL ("{name}") but its manifest names no cluster (System-Identifier)')
         return f"system identifier {self.system_identifier}, segment size {size}, address {segno * size:X}"
@@ -208,12 +220,6 @@ class Manifest:
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise self._damaged(f'"{missing[0]}"{more} is in the manifest but not in the backup')
-
-
-def _lsn(text: object) -> int:
-    """A WAL position as the manifest writes it (``0/6000028``), as a number."""
-    high, _, low = str(text).partition("/")
-    return int(high, 16) << 32 | int(low, 16)
 
 
 def _manifest_path(item: dict) -> str:
