@@ -539,3 +539,26 @@ def test_mode_server_reads_from_a_copy_of_the_servers_archive_and_refuses_a_copy
         read_request({**form, "restore_from": "local"}, plan, shop)
     assert "not stored in 'local'; they are in: s3 (its archive), dr (a copy)" in str(refused.value)
     assert "holds no WAL" in str(refused.value) and "Nothing was touched" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "stderr, removed",
+    [
+        # CheckXLogRemoved, before the server looks at pg_wal and when a segment goes while it is sent
+        (
+            "pg_basebackup: error: ... ERROR:  requested WAL segment 000000010000000000000042 has already been removed",
+            True,
+        ),
+        # its own look at pg_wal found none of the backup's segments, or not the first (recycled in between)
+        ("pg_basebackup: error: could not get COPY data stream: ERROR:  could not find any WAL files", True),
+        ('pg_basebackup: error: ERROR:  could not find WAL file "000000010000000000000042"', True),
+        # anything else is not a reason to take the backup again without its WAL
+        ("pg_basebackup: error: connection to server failed: FATAL:  password authentication failed", False),
+        ('pg_basebackup: error: could not open file "pg_wal/000000010000000000000042": Permission denied', False),
+        ("pg_basebackup: error: incremental backups cannot be taken unless WAL summarization is enabled", False),
+    ],
+)
+def test_an_incremental_is_taken_again_without_its_wal_only_when_the_server_no_longer_has_that_wal(stderr, removed):
+    from pgdr.physical.basebackup import _wal_removed
+
+    assert _wal_removed(stderr) is removed

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shutil
 import subprocess
 import threading
@@ -295,10 +296,14 @@ def _stream_base_backup(
     return taken
 
 
+# What the server says when -X fetch finds a segment of the backup gone (basebackup.c: CheckXLogRemoved first, then
+# its own look at pg_wal, in which a segment recycled in between shows as missing).
+_WAL_GONE = re.compile(r"has already been removed|could not find (any )?WAL file", re.IGNORECASE)
+
+
 def _wal_removed(stderr: str) -> bool:
     """pg_basebackup -X fetch failed because the server no longer had WAL the backup needs."""
-    text = stderr.lower()
-    return "has already been removed" in text or "could not find any wal files" in text
+    return _WAL_GONE.search(stderr) is not None
 
 
 def take_base_backup(
