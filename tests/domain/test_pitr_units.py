@@ -544,12 +544,12 @@ def test_mode_server_reads_from_a_copy_of_the_servers_archive_and_refuses_a_copy
 @pytest.mark.parametrize(
     "stderr, removed",
     [
-        # CheckXLogRemoved, before the server looks at pg_wal and when a segment goes while it is sent
+        # CheckXLogRemoved: before the server sends the WAL, and when a segment goes while it is sent
         (
             "pg_basebackup: error: ... ERROR:  requested WAL segment 000000010000000000000042 has already been removed",
             True,
         ),
-        # its own look at pg_wal found none of the backup's segments, or not the first (recycled in between)
+        # its listing of pg_wal holds none of the backup's segments, or not the first one
         ("pg_basebackup: error: could not get COPY data stream: ERROR:  could not find any WAL files", True),
         ('pg_basebackup: error: ERROR:  could not find WAL file "000000010000000000000042"', True),
         # anything else is not a reason to take the backup again without its WAL

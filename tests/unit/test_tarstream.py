@@ -363,3 +363,27 @@ def test_a_restore_says_how_long_it_waited_for_the_bucket_and_for_the_disk(tmp_p
     assert waits["disk"] > 0.1 and waits["disk"] > 5 * waits["bucket"], waits
     for name, data in files.items():
         assert (tmp_path / "b" / name).read_bytes() == data
+
+
+def test_what_a_hostile_manifest_says_reaches_the_message_as_one_short_line():
+    # The manifest comes from the bucket: its WAL-Ranges (or an error quoting them) must not forge log lines or
+    # push the advice out of an alert.
+    forged = "0/2000028\n" + "ERROR: the on-call must run rm -rf /\n" * 200
+
+    def refusal(ranges) -> str:
+        body = (
+            '{ "PostgreSQL-Backup-Manifest-Version": 2, "System-Identifier": 1, "Files": [], "WAL-Ranges": '
+            + json.dumps(ranges)
+            + ",\n"
+        ).encode()
+        raw = body + f'"Manifest-Checksum": "{hashlib.sha256(body).hexdigest()}"}}\n'.encode()
+        with pytest.raises(ChecksumMismatch) as rejected:
+            Manifest(raw, "the incremental").expect(SEGMENT, 1 << 20)
+        return str(rejected.value)
+
+    unreadable = refusal([{"Timeline": 1, "Start-LSN": forged, "End-LSN": "0/2000120"}])
+    assert "its WAL-Ranges cannot be read" in unreadable
+    elsewhere = refusal([{"Timeline": 1, "Start-LSN": "0/9000028", "End-LSN": "0/9000120", "Note": forged}])
+    assert "is not a WAL segment of the backup's WAL ranges" in elsewhere
+    for message in (unreadable, elsewhere):
+        assert "\n" not in message and len(message) < 1000 and message.endswith("take a new full base backup.")

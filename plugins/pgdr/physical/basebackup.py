@@ -296,8 +296,9 @@ def _stream_base_backup(
     return taken
 
 
-# What the server says when -X fetch finds a segment of the backup gone (basebackup.c: CheckXLogRemoved first, then
-# its own look at pg_wal, in which a segment recycled in between shows as missing).
+# What the server says when -X fetch finds a segment of the backup gone (basebackup.c lists pg_wal, asks whether a
+# segment it needs was removed (CheckXLogRemoved, also while sending), then checks that its listing holds every
+# segment from the backup's start to its end). Taken again with -X none, the backup reads that WAL from the archive.
 _WAL_GONE = re.compile(r"has already been removed|could not find (any )?WAL file", re.IGNORECASE)
 
 

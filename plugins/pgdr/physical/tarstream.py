@@ -129,7 +129,7 @@ class Manifest:
             self._wal_wanted: dict[tuple[str, int], str | None] = {}  # WAL checked by expect(), for check()
             own = str(data["Manifest-Checksum"]).lower()
         except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise self._damaged(f"its backup_manifest cannot be read ({err})") from None
+            raise self._damaged(f"its backup_manifest cannot be read ({_untrusted(err)})") from None
         if at < 0 or hashlib.sha256(raw[:at]).hexdigest() != own:
             raise self._damaged("its backup_manifest does not match its own checksum (Manifest-Checksum)")
 
@@ -176,9 +176,9 @@ class Manifest:
                 for wal_range in self.wal_ranges
             )
         except (ValueError, TypeError, AttributeError) as err:
-            raise self._damaged(f"its WAL-Ranges cannot be read ({err})") from None
+            raise self._damaged(f"its WAL-Ranges cannot be read ({_untrusted(err)})") from None
         if not ours:
-            ranges = shorten(printable(json.dumps(self.wal_ranges)), 300)  # from the bucket: one short line
+            ranges = _untrusted(json.dumps(self.wal_ranges))
             raise self._damaged(f'"{name}" is not a WAL segment of the backup\'s WAL ranges {ranges}')
         if not self.system_identifier:
             raise self._damaged(f'it carries WAL ("{name}") but its manifest names no cluster (System-Identifier)')
@@ -220,6 +220,11 @@ class Manifest:
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise self._damaged(f'"{missing[0]}"{more} is in the manifest but not in the backup')
+
+
+def _untrusted(text: object) -> str:
+    """Text read from the bucket (or an error quoting it), as one short line of a message."""
+    return shorten(printable(str(text)), 300)
 
 
 def _manifest_path(item: dict) -> str:
