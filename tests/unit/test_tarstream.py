@@ -22,7 +22,12 @@ def _crc32c(data: bytes) -> str:
     return struct.pack("=I", google_crc32c.value(data)).hex()
 
 
-def _manifest(files: dict[str, bytes], algorithm: str = "CRC32C", system_identifier: int | None = None) -> bytes:
+_WAL_RANGES = [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000120"}]
+
+
+def _manifest(
+    files: dict[str, bytes], algorithm: str = "CRC32C", system_identifier: int | None = None, wal_ranges=_WAL_RANGES
+) -> bytes:
     listed = []
     for path, data in files.items():
         checksum = _crc32c(data) if algorithm == "CRC32C" else hashlib.sha256(data).hexdigest()
@@ -35,7 +40,9 @@ def _manifest(files: dict[str, bytes], algorithm: str = "CRC32C", system_identif
     body = (
         '{ "PostgreSQL-Backup-Manifest-Version": 2,\n"Files": '
         + json.dumps(listed)
-        + ',\n"WAL-Ranges": [{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000120" }],\n'
+        + ',\n"WAL-Ranges": '
+        + json.dumps(wal_ranges)
+        + ",\n"
     ).encode()
     if system_identifier is not None:  # PostgreSQL 17+ (manifest version 2) names the cluster
         body = body.replace(b'"Files"', f'"System-Identifier": {system_identifier},\n"Files"'.encode(), 1)
@@ -371,14 +378,8 @@ def test_what_a_hostile_manifest_says_reaches_the_message_as_one_short_line():
     forged = "0/2000028\n" + "ERROR: the on-call must run rm -rf /\n" * 200
 
     def refusal(ranges) -> str:
-        body = (
-            '{ "PostgreSQL-Backup-Manifest-Version": 2, "System-Identifier": 1, "Files": [], "WAL-Ranges": '
-            + json.dumps(ranges)
-            + ",\n"
-        ).encode()
-        raw = body + f'"Manifest-Checksum": "{hashlib.sha256(body).hexdigest()}"}}\n'.encode()
         with pytest.raises(ChecksumMismatch) as rejected:
-            Manifest(raw, "the incremental").expect(SEGMENT, 1 << 20)
+            Manifest(_manifest({}, system_identifier=1, wal_ranges=ranges), "the incremental").expect(SEGMENT, 1 << 20)
         return str(rejected.value)
 
     unreadable = refusal([{"Timeline": 1, "Start-LSN": forged, "End-LSN": "0/2000120"}])
