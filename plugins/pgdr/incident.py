@@ -285,18 +285,23 @@ def expand_partitions(target: PgEndpoint, tables: list[QualifiedName]) -> set[Qu
     return expanded
 
 
-def restore_tables(target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: int, workdir: Path) -> set[str]:
+def restore_tables(
+    target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: int, workdir: Path, tablespaces: set[str]
+) -> set[str]:
     """Restore the schema of the whole backup and the data of ``tables`` only; return the tables filled.
 
     :param tables: table keys (see :mod:`pgdr.identifiers`), such as ``"Sales Dept"."Customer Accounts"``.
+    :param tablespaces: the tablespaces the dump names (see :func:`pgdr.logical.restore.tablespace_options`).
     """
     from pgdr.identifiers import parse_qualified_name
     from pgdr.logical.privileges import NEVER_RESTORED, SUPERUSER_ONLY, read_toc
+    from pgdr.logical.restore import tablespace_options
 
+    where = tablespace_options(target, tablespaces, f"The dump in {dump_dir}")
     run_tool(
         target,
         workdir,
-        restore_command(target, dump_dir, jobs, extra=["--section=pre-data"]),
+        restore_command(target, dump_dir, jobs, extra=["--section=pre-data", *where]),
         f"pg_restore (schema) into {printable(target.dbname)!r}",
         RestoreFailed,
     )
@@ -315,7 +320,7 @@ def restore_tables(target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: 
         target,
         workdir,
         restore_command(
-            target, dump_dir, jobs, extra=["--section=data", "--section=post-data", f"--use-list={listing}"]
+            target, dump_dir, jobs, extra=["--section=data", "--section=post-data", f"--use-list={listing}", *where]
         ),
         f"pg_restore (tables {printable(', '.join(sorted(tables)))}) into {printable(target.dbname)!r}",
         RestoreFailed,
@@ -490,6 +495,11 @@ def render_plan(plan: dict[str, Any]) -> str:
             lines.append(
                 f"  roles created   : {', '.join(plan['roles_to_create'])} (missing on the target; as on the source "
                 f"server, {passwords} passwords)"
+            )
+        if needs.get("tablespaces"):
+            lines.append(
+                f"  tablespaces     : {', '.join(printable(t) for t in needs['tablespaces'])} (kept if the target has "
+                "them and the restore role may create in them; if not, everything in the database's default tablespace)"
             )
         if needs["superuser_objects"]:
             lines.append(f"  superuser-only  : {', '.join(needs['superuser_objects'])} (created after the checks)")
@@ -976,6 +986,12 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
             f"- Roles created on the target as the backup's copy of the source server's roles says ({passwords}; "
             f"SUPERUSER, CREATEROLE, REPLICATION and BYPASSRLS never given): {', '.join(report['roles_created'])}"
         )
+    if report.get("tablespaces_left_out"):
+        lines.append(
+            "- Tablespaces the target server lacks, or the restore role may not create in: "
+            f"{', '.join(printable(t) for t in report['tablespaces_left_out'])}. The tables and indexes that were in "
+            "them are in the database's default tablespace; move them with ALTER TABLE … SET TABLESPACE if it matters."
+        )
     if not done:
         return lines + [
             "- Not completed (this phase failed or did not run; its alert says why): unless the phase's log says "
@@ -1112,6 +1128,7 @@ def restore_dump_dir(
     :param what: the dump in messages ("Backup 2026...", "The dump of shop as of ...").
     """
     from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, globals_of, missing_roles, read_toc
+    from pgdr.logical.restore import unusable_tablespaces
 
     needs = backup_needs(read_toc(dump), workdir)
     missing = missing_roles(needs, server)
@@ -1133,9 +1150,9 @@ def restore_dump_dir(
         t0 = time.monotonic()
         filled = None
         if plan["tables"]:
-            filled = sorted(restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir))
+            filled = sorted(restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir, needs.tablespaces))
         else:
-            restore_dump(target, dump, db.dump_jobs, workdir)
+            restore_dump(target, dump, db.dump_jobs, workdir, needs.tablespaces)
         restore_s = time.monotonic() - t0
     except BaseException:
         _drop_quietly(server, plan["target"], run_id)  # a half-restored database is garbage
@@ -1145,6 +1162,7 @@ def restore_dump_dir(
         "tables_filled": filled,
         "roles_created": created,
         "database_options": needs.database_options,
+        "tablespaces_left_out": unusable_tablespaces(target, needs.tablespaces),
     }
 
 
@@ -1228,6 +1246,7 @@ def restore_report(
         },
         "privileges": phases["apply_privileges"],
         "roles_created": (phases["restore_backup"] or {}).get("roles_created", []),
+        "tablespaces_left_out": (phases["restore_backup"] or {}).get("tablespaces_left_out", []),
         "swap_steps": (phases["swap_into_place"] or {}).get("steps", []),
         "final_state": final_state,
         "written_at": run["written_at"],

@@ -3,6 +3,7 @@ writing to the S3 server; base backups are taken with pg_basebackup; recovery ru
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timedelta
 
@@ -210,3 +211,33 @@ def test_full_and_incremental_chain_recovers_exactly_to_the_target(
     finally:
         cluster.destroy()
     assert not cluster.root.exists()
+
+
+def test_a_server_with_a_tablespace_outside_its_data_directory_is_refused_saying_what_to_do(
+    pitr_server, s3_server, tmp_path
+):
+    """pgdr's base backup is one tar of the data directory: a tablespace elsewhere would be missing from it. The
+    backup is refused before anything is stored, and the message says what to do."""
+    from pgdr.errors import PermanentFailure
+    from pgdr.physical.basebackup import take_base_backup
+    from pgdr.physical.catalog import BaseBackupCatalog
+    from psycopg import sql
+
+    archive, store = pitr_server.archive, store_of(s3_server)
+    catalog = BaseBackupCatalog(store, archive.layout, PITR_SERVER)
+    before = ([b.backup_id for b in catalog.backups()], catalog.partial())
+    location = pitr_server.root / "tablespace-elsewhere"
+    location.mkdir()
+    owner = pitr_server.data_dir.stat()
+    os.chown(location, owner.st_uid, owner.st_gid)
+    with psycopg.connect(**pitr_server.dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE TABLESPACE elsewhere LOCATION {}").format(sql.Literal(str(location))))
+    try:
+        with pytest.raises(PermanentFailure) as refused:
+            take_base_backup(PITR_SERVER, endpoint_of(pitr_server), store, archive.layout, tmp_path / "w", archive.url)
+    finally:
+        with psycopg.connect(**pitr_server.dsn(), autocommit=True) as conn:
+            conn.execute("DROP TABLESPACE elsewhere")
+    assert "has tablespaces outside its data directory" in str(refused.value)
+    assert "Move them into pg_default, or use logical backups for this server" in str(refused.value)
+    assert ([b.backup_id for b in catalog.backups()], catalog.partial()) == before

@@ -349,3 +349,89 @@ def test_text_inside_a_function_body_never_passes_for_an_owner_statement(pg_serv
         ]
     )
     assert backup_needs(toc, tmp_path).roles == {"postgres"}
+
+
+TABLESPACE = 'Fäst "ts"'
+
+
+def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_target_allows_it(
+    plan, run_dag, pg_server, pg_server_b, monkeypatch
+):
+    # A table and its indexes in a tablespace of their own. The verification server has no such tablespace, and the
+    # restore role may not create in it on the source server: both restore into the default tablespace, and say so.
+    # Once the role may create in it, the restore puts them back where they were. A function body with a line that
+    # reads like pg_restore's SET default_tablespace is never taken for one.
+    location = pg_server.root / "tablespace-test"
+    location.mkdir()
+    owner = pg_server.data_dir.stat()
+    os.chown(location, owner.st_uid, owner.st_gid)
+    space, db = sql.Identifier(TABLESPACE), "Spaced DB"
+    _sql(pg_server, sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(space, sql.Literal(str(location))))
+    before, before_b = _databases(pg_server), _databases(pg_server_b)
+    try:
+        _sql(pg_server, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        _sql(
+            pg_server,
+            sql.SQL(
+                "CREATE TABLE orders (id int PRIMARY KEY USING INDEX TABLESPACE {0}, note text) TABLESPACE {0};"
+                "CREATE INDEX orders_note ON orders (note) TABLESPACE {0};"
+                "INSERT INTO orders SELECT g, 'order ' || g FROM generate_series(1, 100) g;"
+                "CREATE TABLE plain (id int); INSERT INTO plain VALUES (1), (2);"
+                "CREATE FUNCTION looks_like_one() RETURNS int LANGUAGE sql AS $$\nSET default_tablespace = nowhere;\n"
+                "SELECT 1$$"
+            ).format(space),
+            db,
+        )
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_APP", pg_server.connection_uri("postgres"))
+        monkeypatch.setenv("AIRFLOW_CONN_PGDR_OTHER", pg_server_b.connection_uri("postgres"))
+        the_plan = plan(
+            databases=[{"name": "spaced", "conn_id": "pgdr_app", "dbname": db, "verify_conn_id": "pgdr_other"}]
+        )
+        _ok(run_dag("pgdr_backup"))
+        from pgdr.airflow_glue.connections import open_store
+        from pgdr.logical.catalog import BackupCatalog
+
+        store, layout = open_store(the_plan.databases[0].storage)
+        catalog = BackupCatalog(store, layout, "spaced")
+        entry = catalog.latest()
+        _ok(run_dag("pgdr_verify_restore", run_conf={"database": "spaced", "backup_id": entry.backup_id}))
+        assert catalog.get(entry.backup_id).verification.status == "verified"
+
+        def restored(target: str) -> dict:
+            _ok(run_dag("pgdr_restore", run_conf={"database": "spaced", "target_name": target}))
+            (report,) = [
+                json.loads(store.get_bytes(o.key))
+                for o in store.list(layout.backup_prefix("spaced", entry.backup_id))
+                if o.key.endswith(".json") and "/restores/" in o.key and target.encode() in store.get_bytes(o.key)
+            ]
+            assert report["status"] == "restored" and report["plan"]["needs"]["tablespaces"] == [TABLESPACE]
+            assert _sql(pg_server, "SELECT count(*), sum(id) FROM orders", target) == [(100, 5050)]
+            return report
+
+        where = (
+            "SELECT c.relname, coalesce(t.spcname, '') FROM pg_class c LEFT JOIN pg_tablespace t ON t.oid = "
+            "c.reltablespace WHERE c.relname IN ('orders', 'orders_pkey', 'orders_note', 'plain') ORDER BY 1"
+        )
+        left_out = restored("Spaced default")
+        assert left_out["tablespaces_left_out"] == [TABLESPACE]
+        assert {space for _, space in _sql(pg_server, where, "Spaced default")} == {""}
+        report_md = [
+            store.get_bytes(o.key).decode()
+            for o in store.list(layout.backup_prefix("spaced", entry.backup_id))
+            if o.key.endswith(".md") and "/restores/" in o.key
+        ]
+        assert any("Tablespaces the target server lacks, or the restore role may not create in" in t for t in report_md)
+
+        _sql(
+            pg_server,
+            sql.SQL("GRANT CREATE ON TABLESPACE {} TO {}").format(space, sql.Identifier(pg_server.restore_user)),
+        )
+        kept = restored("Spaced kept")
+        assert kept["tablespaces_left_out"] == []
+        assert _sql(pg_server, where, "Spaced kept") == _sql(pg_server, where, db)
+        assert _sql(pg_server, where, db)[0] == ("orders", TABLESPACE)
+    finally:
+        for server, old in ((pg_server, before), (pg_server_b, before_b)):
+            for name in _databases(server) - old:
+                _drop_database(server, name)
+        _sql(pg_server, sql.SQL("DROP TABLESPACE IF EXISTS {}").format(space))

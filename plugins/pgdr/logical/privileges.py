@@ -117,6 +117,12 @@ def _script(toc: DumpToc, lines: list[str], workdir: Path, name: str, *options: 
     return _run([pg_tool("pg_restore"), "--file=-", f"--use-list={listing}", *options, str(toc.dump_dir)], env)
 
 
+def _schema_entries(toc: DumpToc) -> list[str]:
+    """The entries restored as the restore role but the data (large objects' metadata is in the data section: kept,
+    the rows are not)."""
+    return [line for line in data_restore_list(toc).splitlines() if line and not _DATA_ENTRY.match(line)]
+
+
 def owner_statements(toc: DumpToc, workdir: Path, env=None) -> list[str]:
     """Return the ``ALTER … OWNER TO`` statements of every object restored as the restore role.
 
@@ -124,17 +130,22 @@ def owner_statements(toc: DumpToc, workdir: Path, env=None) -> list[str]:
     without are compared line by line, so only lines it wrote itself are taken, never text inside
     a function body or a view.
     """
-    # Every object but the data (large objects' metadata is in the data section: kept, the rows are not).
-    objects = [line for line in data_restore_list(toc).splitlines() if line and not _DATA_ENTRY.match(line)]
-    with_owners = _script(toc, objects, workdir, "owners", "--no-acl", env=env).splitlines()
-    without = _script(toc, objects, workdir, "owners", "--no-acl", "--no-owner", env=env).splitlines()
-    a = [line for line in with_owners if line.strip()]
-    b = [line for line in without if line.strip()]
+    objects = _schema_entries(toc)
+    with_owners = _script(toc, objects, workdir, "owners", "--no-acl", env=env)
+    without = _script(toc, objects, workdir, "owners", "--no-acl", "--no-owner", env=env)
+    return _added_statements(with_owners, without, "ALTER ")
+
+
+def _added_statements(script: str, without: str, start: str) -> list[str]:
+    """Return the statements beginning with ``start`` that ``pg_restore`` added to ``script``, the same script as
+    ``without`` but for one option: lines only ``script`` has, compared line by line."""
+    a = [line for line in script.splitlines() if line.strip()]
+    b = [line for line in without.splitlines() if line.strip()]
     found, i, j = [], 0, 0
     while i < len(a):
         if j < len(b) and a[i] == b[j]:
             i, j = i + 1, j + 1
-        elif a[i].startswith("ALTER "):  # a line only the script with owners has: its owner statement
+        elif a[i].startswith(start):  # a line only the first script has: a statement pg_restore wrote
             chunk = []
             while i < len(a):  # one line, unless a name holds a line break
                 chunk.append(a[i])
@@ -142,9 +153,26 @@ def owner_statements(toc: DumpToc, workdir: Path, env=None) -> list[str]:
                 if chunk[-1].endswith(";"):
                     break
             found.append("\n".join(chunk))
-        else:  # the same line with another owner in it (the entry's header comment), or a \restrict key
+        else:  # the same line with the option's effect in it (the entry's header comment), or a \restrict key
             i, j = i + 1, j + 1
     return found
+
+
+def named_tablespaces(toc: DumpToc, workdir: Path, env=None) -> set[str]:
+    """Return the tablespaces the dump's tables, indexes and materialized views were in (the source database's own
+    default tablespace is never named).
+
+    Found as :func:`owner_statements` finds owners: the ``SET default_tablespace`` lines only the script with
+    tablespaces has (its entries' header comments differ too and are passed over), never text in a function body.
+    """
+    objects = _schema_entries(toc)
+    if not objects:
+        return set()
+    plain = ("--no-acl", "--no-owner")
+    with_them = _script(toc, objects, workdir, "tablespaces", *plain, env=env)
+    without = _script(toc, objects, workdir, "tablespaces", *plain, "--no-tablespaces", env=env)
+    values = [statements(s)[0][-1] for s in _added_statements(with_them, without, "SET default_tablespace = ")]
+    return {value.value for value in values if value.kind in ("ident", "word")}  # '' is the database's default
 
 
 # -- SQL tokens ---------------------------------------------------------------------------------------
@@ -301,6 +329,7 @@ class BackupNeeds:
     """What the backup needs from the server it is restored to."""
 
     roles: set[str] = field(default_factory=set)
+    tablespaces: set[str] = field(default_factory=set)  # where the source had tables and indexes (besides its default)
     database_options: dict[str, str] = field(
         default_factory=dict
     )  # CREATE DATABASE option -> value, as the source had them
@@ -310,6 +339,7 @@ class BackupNeeds:
     def to_dict(self) -> dict:
         return {
             "roles": sorted(self.roles),
+            "tablespaces": sorted(self.tablespaces),
             "database_options": self.database_options,
             "superuser_objects": self.superuser_objects,
             "skipped_objects": self.skipped_objects,
@@ -317,9 +347,12 @@ class BackupNeeds:
 
 
 def backup_needs(toc: DumpToc, workdir: Path, env=None) -> BackupNeeds:
-    """Read what a backup needs of its target: roles, the database's encoding and locale, superuser objects."""
+    """Read what a backup needs of its target: roles, tablespaces, the database's encoding and locale, superuser
+    objects."""
     needs = BackupNeeds(
-        superuser_objects=toc.described(*SUPERUSER_ONLY), skipped_objects=toc.described(*NEVER_RESTORED)
+        superuser_objects=toc.described(*SUPERUSER_ONLY),
+        skipped_objects=toc.described(*NEVER_RESTORED),
+        tablespaces=named_tablespaces(toc, workdir, env),
     )
     for statement in owner_statements(toc, workdir, env):
         needs.roles |= roles_in(statements(statement)[0])

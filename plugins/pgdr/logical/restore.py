@@ -21,7 +21,7 @@ from pgdr.errors import ChecksumMismatch, PermanentFailure, work_space_full
 from pgdr.identifiers import printable
 from pgdr.logical.catalog import BackupFile, BackupManifest
 from pgdr.parallel import bounded_map
-from pgdr.postgres.client import PgEndpoint, connection_args, pg_tool, run_tool
+from pgdr.postgres.client import PgEndpoint, connect, connection_args, pg_tool, run_tool
 from pgdr.storage.backends import BackupStore, sha256_stream
 
 log = logging.getLogger(__name__)
@@ -251,21 +251,65 @@ def restore_command(target: PgEndpoint, dump_dir: Path, jobs: int, extra: list[s
     return [*args, *(extra or []), str(dump_dir)]
 
 
-def restore_dump(target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path) -> float:
+def unusable_tablespaces(target: PgEndpoint, named: set[str]) -> list[str]:
+    """Return the tablespaces of ``named`` that ``target``'s role cannot create objects in (absent from the server,
+    or no ``CREATE`` on them), sorted; the target database's own default tablespace is always usable."""
+    if not named:
+        return []
+    with connect(target) as conn:
+        usable = conn.execute(
+            "SELECT spcname FROM pg_tablespace WHERE spcname = ANY(%s) AND (has_tablespace_privilege(oid, 'CREATE') "
+            "OR oid = (SELECT dattablespace FROM pg_database WHERE datname = current_database()))",
+            (sorted(named),),
+        ).fetchall()
+    return sorted(named - {row[0] for row in usable})
+
+
+def tablespace_options(target: PgEndpoint, named: set[str], what: str) -> list[str]:
+    """Return the ``pg_restore`` options that let ``what`` (a dump whose objects were in the tablespaces ``named``)
+    be restored into ``target``: none when its role can create in all of them; otherwise ``--no-tablespaces`` (every
+    object in the target database's default tablespace: a restore must not fail for where its files are kept), said
+    in a warning."""
+    left_out = unusable_tablespaces(target, named)
+    if not left_out:
+        return []
+    log.warning(
+        "%s had tables or indexes in tablespace(s) %s, which the target (%s) lacks or may not create in: every object "
+        "is restored into the database's default tablespace instead. To keep them where they were, create the "
+        "tablespace(s) on that server and GRANT CREATE ON TABLESPACE … TO %s before restoring; or move them "
+        "afterwards with ALTER TABLE … SET TABLESPACE.",
+        what,
+        ", ".join(repr(printable(name)) for name in left_out),
+        target.describe(),
+        printable(target.user),
+    )
+    return ["--no-tablespaces"]
+
+
+def restore_dump(
+    target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path, tablespaces: set[str] | None = None
+) -> float:
     """Run ``pg_restore`` into ``target``; return the seconds it took.
 
     Objects only a superuser can create (event triggers, publications) and subscriptions are left
     out: :func:`pgdr.logical.privileges.apply_privileges` creates the former after the checks.
+
+    :param tablespaces: the tablespaces the dump names (:attr:`pgdr.logical.privileges.BackupNeeds.tablespaces`),
+        when the caller read them already; see :func:`tablespace_options`.
     """
-    from pgdr.logical.privileges import data_restore_list, read_toc
+    from pgdr.logical.privileges import data_restore_list, named_tablespaces, read_toc
 
     started = time.monotonic()
+    toc = read_toc(dump_dir)
+    if tablespaces is None:
+        tablespaces = named_tablespaces(toc, workdir)
+    where = tablespace_options(target, tablespaces, f"The dump in {dump_dir}")
     listing = workdir / "restore.list"
-    listing.write_text(data_restore_list(read_toc(dump_dir)))
+    listing.write_text(data_restore_list(toc))
     run_tool(
         target,
         workdir,
-        restore_command(target, dump_dir, jobs, extra=[f"--use-list={listing}"]),
+        restore_command(target, dump_dir, jobs, extra=[f"--use-list={listing}", *where]),
         f"pg_restore into database {printable(target.dbname)!r}",
         RestoreFailed,
     )
@@ -328,7 +372,7 @@ def restore_into_scratch(
     needs = backup_needs(read_toc(dump_dir), workdir)
     created = create_roles(scratch.server, missing_roles(needs, scratch.server), roles_marker, globals_of(dump_dir))
     scratch.create(comment, needs.database_options)
-    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir), created
+    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir, needs.tablespaces), created
 
 
 def drop_scratch(scratch, roles_marker: str) -> bool:
