@@ -377,6 +377,9 @@ def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_targ
                 "CREATE INDEX orders_note ON orders (note) TABLESPACE {0};"
                 "INSERT INTO orders SELECT g, 'order ' || g FROM generate_series(1, 100) g;"
                 "CREATE TABLE plain (id int); INSERT INTO plain VALUES (1), (2);"
+                "CREATE TABLE events (at int, what text) PARTITION BY RANGE (at) TABLESPACE {0};"
+                "CREATE TABLE events_early PARTITION OF events FOR VALUES FROM (0) TO (50);"
+                "INSERT INTO events SELECT g, 'e' FROM generate_series(1, 49) g;"
                 "CREATE FUNCTION looks_like_one() RETURNS int LANGUAGE sql AS $$\nSET default_tablespace = nowhere;\n"
                 "SELECT 1$$"
             ).format(space),
@@ -406,11 +409,13 @@ def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_targ
             ]
             assert report["status"] == "restored" and report["plan"]["needs"]["tablespaces"] == [TABLESPACE]
             assert _sql(pg_server, "SELECT count(*), sum(id) FROM orders", target) == [(100, 5050)]
+            assert _sql(pg_server, "SELECT count(*) FROM events", target) == [(49,)]
             return report
 
         where = (
             "SELECT c.relname, coalesce(t.spcname, '') FROM pg_class c LEFT JOIN pg_tablespace t ON t.oid = "
-            "c.reltablespace WHERE c.relname IN ('orders', 'orders_pkey', 'orders_note', 'plain') ORDER BY 1"
+            "c.reltablespace WHERE c.relname IN ('events', 'events_early', 'orders', 'orders_pkey', 'orders_note', "
+            "'plain') ORDER BY 1"
         )
         left_out = restored("Spaced default")
         assert left_out["tablespaces_left_out"] == [TABLESPACE]
@@ -429,7 +434,7 @@ def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_targ
         kept = restored("Spaced kept")
         assert kept["tablespaces_left_out"] == []
         assert _sql(pg_server, where, "Spaced kept") == _sql(pg_server, where, db)
-        assert _sql(pg_server, where, db)[0] == ("orders", TABLESPACE)
+        assert _sql(pg_server, where, db)[1:3] == [("events_early", TABLESPACE), ("orders", TABLESPACE)]
     finally:
         for server, old in ((pg_server, before), (pg_server_b, before_b)):
             for name in _databases(server) - old:
