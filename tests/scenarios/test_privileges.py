@@ -400,8 +400,8 @@ def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_targ
         _ok(run_dag("pgdr_verify_restore", run_conf={"database": "spaced", "backup_id": entry.backup_id}))
         assert catalog.get(entry.backup_id).verification.status == "verified"
 
-        def restored(target: str) -> dict:
-            _ok(run_dag("pgdr_restore", run_conf={"database": "spaced", "target_name": target}))
+        def restored(target: str, **conf) -> dict:
+            _ok(run_dag("pgdr_restore", run_conf={"database": "spaced", "target_name": target, **conf}))
             (report,) = [
                 json.loads(store.get_bytes(o.key))
                 for o in store.list(layout.backup_prefix("spaced", entry.backup_id))
@@ -409,7 +409,7 @@ def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_targ
             ]
             assert report["status"] == "restored" and report["plan"]["needs"]["tablespaces"] == [TABLESPACE]
             assert _sql(pg_server, "SELECT count(*), sum(id) FROM orders", target) == [(100, 5050)]
-            assert _sql(pg_server, "SELECT count(*) FROM events", target) == [(49,)]
+            assert _sql(pg_server, "SELECT count(*) FROM events", target) == [(0 if conf else 49,)]  # tables: orders
             return report
 
         where = (
@@ -426,6 +426,10 @@ def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_targ
             if o.key.endswith(".md") and "/restores/" in o.key
         ]
         assert any("Tablespaces the target server lacks, or the restore role may not create in" in t for t in report_md)
+
+        one_table = restored("Spaced orders", tables=["public.orders"])  # the table-level restore: the same rule
+        assert one_table["tablespaces_left_out"] == [TABLESPACE]
+        assert {space for _, space in _sql(pg_server, where, "Spaced orders")} == {""}
 
         _sql(
             pg_server,
