@@ -419,7 +419,7 @@ def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_targ
         )
         left_out = restored("Spaced default")
         assert left_out["tablespaces_left_out"] == [TABLESPACE]
-        assert {space for _, space in _sql(pg_server, where, "Spaced default")} == {""}
+        assert {spc for _, spc in _sql(pg_server, where, "Spaced default")} == {""}
         report_md = [
             store.get_bytes(o.key).decode()
             for o in store.list(layout.backup_prefix("spaced", entry.backup_id))
@@ -429,7 +429,7 @@ def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_targ
 
         one_table = restored("Spaced orders", tables=["public.orders"])  # the table-level restore: the same rule
         assert one_table["tablespaces_left_out"] == [TABLESPACE]
-        assert {space for _, space in _sql(pg_server, where, "Spaced orders")} == {""}
+        assert {spc for _, spc in _sql(pg_server, where, "Spaced orders")} == {""}
 
         _sql(
             pg_server,
