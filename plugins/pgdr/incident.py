@@ -286,18 +286,19 @@ def expand_partitions(target: PgEndpoint, tables: list[QualifiedName]) -> set[Qu
 
 
 def restore_tables(
-    target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: int, workdir: Path, tablespaces: set[str]
+    target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: int, workdir: Path, left_out: list[str], toc
 ) -> set[str]:
     """Restore the schema of the whole backup and the data of ``tables`` only; return the tables filled.
 
     :param tables: table keys (see :mod:`pgdr.identifiers`), such as ``"Sales Dept"."Customer Accounts"``.
-    :param tablespaces: the tablespaces the dump names (see :func:`pgdr.logical.restore.tablespace_options`).
+    :param left_out: the tablespaces to leave out (:func:`pgdr.logical.restore.tablespaces_to_leave_out`).
+    :param toc: the dump's :class:`pgdr.logical.privileges.DumpToc`.
     """
     from pgdr.identifiers import parse_qualified_name
-    from pgdr.logical.privileges import NEVER_RESTORED, SUPERUSER_ONLY, read_toc
+    from pgdr.logical.privileges import NEVER_RESTORED, SUPERUSER_ONLY
     from pgdr.logical.restore import tablespace_options
 
-    where = tablespace_options(target, tablespaces, f"The dump in {dump_dir}")
+    where = tablespace_options(left_out)
     run_tool(
         target,
         workdir,
@@ -307,15 +308,11 @@ def restore_tables(
     )
     filled = expand_partitions(target, [parse_qualified_name(t) for t in tables])
     with passfile_env(target, workdir) as env:
-        toc = subprocess.run(
-            [pg_tool("pg_restore"), "--list", str(dump_dir)], env=env, capture_output=True, text=True, check=True
-        ).stdout
         data_ids = set().union(*(table_data_ids(dump_dir, table, env) for table in filled))
     listing = workdir / "table-restore.list"
-    superuser_only = set(read_toc(dump_dir).entries(*SUPERUSER_ONLY, *NEVER_RESTORED))  # created after the checks
-    listing.write_text(
-        "".join(f"{line}\n" for line in table_restore_list(toc, data_ids).splitlines() if line not in superuser_only)
-    )
+    superuser_only = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED))  # created after the checks
+    kept = table_restore_list("\n".join(toc.lines), data_ids).splitlines()
+    listing.write_text("".join(f"{line}\n" for line in kept if line not in superuser_only))
     run_tool(
         target,
         workdir,
@@ -1128,9 +1125,10 @@ def restore_dump_dir(
     :param what: the dump in messages ("Backup 2026...", "The dump of shop as of ...").
     """
     from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, globals_of, missing_roles, read_toc
-    from pgdr.logical.restore import unusable_tablespaces
+    from pgdr.logical.restore import tablespaces_to_leave_out
 
-    needs = backup_needs(read_toc(dump), workdir)
+    toc = read_toc(dump)
+    needs = backup_needs(toc, workdir)
     missing = missing_roles(needs, server)
     if missing and not plan.get("restore_roles"):
         raise MissingRoles(
@@ -1148,11 +1146,12 @@ def restore_dump_dir(
     create_target(server, plan["target"], run_id, owner=target, options=needs.database_options)
     try:
         t0 = time.monotonic()
+        left_out = tablespaces_to_leave_out(target, needs.tablespaces, what)
         filled = None
         if plan["tables"]:
-            filled = sorted(restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir, needs.tablespaces))
+            filled = sorted(restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir, left_out, toc))
         else:
-            restore_dump(target, dump, db.dump_jobs, workdir, needs.tablespaces)
+            restore_dump(target, dump, db.dump_jobs, workdir, left_out, toc)
         restore_s = time.monotonic() - t0
     except BaseException:
         _drop_quietly(server, plan["target"], run_id)  # a half-restored database is garbage
@@ -1162,7 +1161,7 @@ def restore_dump_dir(
         "tables_filled": filled,
         "roles_created": created,
         "database_options": needs.database_options,
-        "tablespaces_left_out": unusable_tablespaces(target, needs.tablespaces),
+        "tablespaces_left_out": left_out,
     }
 
 

@@ -147,6 +147,7 @@ def restore_into_scratch(
         workdir,
         scratch_comment(purpose, context["ti"].run_id),
         scratch_roles_marker(purpose, context),
+        f"The backup restored for {purpose}",
     )
 
 

@@ -123,16 +123,28 @@ def _schema_entries(toc: DumpToc) -> list[str]:
     return [line for line in data_restore_list(toc).splitlines() if line and not _DATA_ENTRY.match(line)]
 
 
-def owner_statements(toc: DumpToc, workdir: Path, env=None) -> list[str]:
+# pg_restore's options for the schema script with neither owners nor grants: what owners and tablespaces are found
+# against, one option at a time.
+_PLAIN = ("--no-acl", "--no-owner")
+
+
+def _plain_script(toc: DumpToc, objects: list[str], workdir: Path, env=None) -> str:
+    """Return ``pg_restore``'s script of ``objects`` with neither owners nor grants (see :data:`_PLAIN`)."""
+    return _script(toc, objects, workdir, "plain", *_PLAIN, env=env)
+
+
+def owner_statements(toc: DumpToc, workdir: Path, env=None, *, plain: str | None = None) -> list[str]:
     """Return the ``ALTER … OWNER TO`` statements of every object restored as the restore role.
 
     They are the lines ``pg_restore`` adds when it restores owners: its script with owners and
     without are compared line by line, so only lines it wrote itself are taken, never text inside
     a function body or a view.
+
+    :param plain: the script without owners (:func:`_plain_script`), when the caller made it already.
     """
     objects = _schema_entries(toc)
     with_owners = _script(toc, objects, workdir, "owners", "--no-acl", env=env)
-    without = _script(toc, objects, workdir, "owners", "--no-acl", "--no-owner", env=env)
+    without = _plain_script(toc, objects, workdir, env) if plain is None else plain
     return _added_statements(with_owners, without, "ALTER ")
 
 
@@ -158,19 +170,20 @@ def _added_statements(script: str, without: str, start: str) -> list[str]:
     return found
 
 
-def named_tablespaces(toc: DumpToc, workdir: Path, env=None) -> set[str]:
+def named_tablespaces(toc: DumpToc, workdir: Path, env=None, *, plain: str | None = None) -> set[str]:
     """Return the tablespaces the dump's tables, indexes and materialized views were in (the source database's own
     default tablespace is never named).
 
     Found as :func:`owner_statements` finds owners: the ``SET default_tablespace`` lines only the script with
     tablespaces has (its entries' header comments differ too and are passed over), never text in a function body.
+
+    :param plain: the script with them (:func:`_plain_script`), when the caller made it already.
     """
     objects = _schema_entries(toc)
     if not objects:
         return set()
-    plain = ("--no-acl", "--no-owner")
-    with_them = _script(toc, objects, workdir, "tablespaces", *plain, env=env)
-    without = _script(toc, objects, workdir, "tablespaces", *plain, "--no-tablespaces", env=env)
+    with_them = _plain_script(toc, objects, workdir, env) if plain is None else plain
+    without = _script(toc, objects, workdir, "tablespaces", *_PLAIN, "--no-tablespaces", env=env)
     values = [statements(s)[0][-1] for s in _added_statements(with_them, without, "SET default_tablespace = ")]
     return {value.value for value in values if value.kind in ("ident", "word")}  # '' is the database's default
 
@@ -349,12 +362,13 @@ class BackupNeeds:
 def backup_needs(toc: DumpToc, workdir: Path, env=None) -> BackupNeeds:
     """Read what a backup needs of its target: roles, tablespaces, the database's encoding and locale, superuser
     objects."""
+    plain = _plain_script(toc, _schema_entries(toc), workdir, env)  # what owners and tablespaces are both found against
     needs = BackupNeeds(
         superuser_objects=toc.described(*SUPERUSER_ONLY),
         skipped_objects=toc.described(*NEVER_RESTORED),
-        tablespaces=named_tablespaces(toc, workdir, env),
+        tablespaces=named_tablespaces(toc, workdir, env, plain=plain),
     )
-    for statement in owner_statements(toc, workdir, env):
+    for statement in owner_statements(toc, workdir, env, plain=plain):
         needs.roles |= roles_in(statements(statement)[0])
     acl = (
         toc.entries(*PRIVILEGE_ENTRIES) + [line for line in toc.lines if " POLICY " in line] + list(toc.database_lines)

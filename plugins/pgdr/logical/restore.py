@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgdr.errors import ChecksumMismatch, PermanentFailure, work_space_full
 from pgdr.identifiers import printable
@@ -23,6 +24,9 @@ from pgdr.logical.catalog import BackupFile, BackupManifest
 from pgdr.parallel import bounded_map
 from pgdr.postgres.client import PgEndpoint, connect, connection_args, pg_tool, run_tool
 from pgdr.storage.backends import BackupStore, sha256_stream
+
+if TYPE_CHECKING:
+    from pgdr.logical.privileges import DumpToc
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +269,11 @@ def unusable_tablespaces(target: PgEndpoint, named: set[str]) -> list[str]:
     return sorted(named - {row[0] for row in usable})
 
 
-def tablespace_options(target: PgEndpoint, named: set[str], what: str) -> list[str]:
-    """Return the ``pg_restore`` options that let ``what`` (a dump whose objects were in the tablespaces ``named``)
-    be restored into ``target``: none when its role can create in all of them; otherwise ``--no-tablespaces`` (every
-    object in the target database's default tablespace: a restore must not fail for where its files are kept), said
-    in a warning."""
+def tablespaces_to_leave_out(target: PgEndpoint, named: set[str], what: str) -> list[str]:
+    """Decide where ``what`` (a dump whose objects were in the tablespaces ``named``) is restored in ``target``:
+    return ``[]`` when its role can create in all of them (each object goes where it was); otherwise the ones it
+    cannot, said in a warning, and every object goes to the target database's default tablespace
+    (:func:`tablespace_options`): a restore must not fail for where its files are kept."""
     left_out = unusable_tablespaces(target, named)
     if not left_out:
         return []
@@ -283,27 +287,37 @@ def tablespace_options(target: PgEndpoint, named: set[str], what: str) -> list[s
         target.describe(),
         printable(target.user),
     )
-    return ["--no-tablespaces"]
+    return left_out
+
+
+def tablespace_options(left_out: list[str]) -> list[str]:
+    """Return the ``pg_restore`` options for the choice of :func:`tablespaces_to_leave_out`."""
+    return ["--no-tablespaces"] if left_out else []
 
 
 def restore_dump(
-    target: PgEndpoint, dump_dir: Path, jobs: int, workdir: Path, tablespaces: set[str] | None = None
+    target: PgEndpoint,
+    dump_dir: Path,
+    jobs: int,
+    workdir: Path,
+    left_out: list[str] | None = None,
+    toc: DumpToc | None = None,
 ) -> float:
     """Run ``pg_restore`` into ``target``; return the seconds it took.
 
     Objects only a superuser can create (event triggers, publications) and subscriptions are left
     out: :func:`pgdr.logical.privileges.apply_privileges` creates the former after the checks.
 
-    :param tablespaces: the tablespaces the dump names (:attr:`pgdr.logical.privileges.BackupNeeds.tablespaces`),
-        when the caller read them already; see :func:`tablespace_options`.
+    :param left_out: the caller's :func:`tablespaces_to_leave_out` of the dump; ``None``: decided here.
+    :param toc: the dump's table of contents, when the caller read it already.
     """
     from pgdr.logical.privileges import data_restore_list, named_tablespaces, read_toc
 
     started = time.monotonic()
-    toc = read_toc(dump_dir)
-    if tablespaces is None:
-        tablespaces = named_tablespaces(toc, workdir)
-    where = tablespace_options(target, tablespaces, f"The dump in {dump_dir}")
+    toc = toc or read_toc(dump_dir)
+    if left_out is None:
+        left_out = tablespaces_to_leave_out(target, named_tablespaces(toc, workdir), f"The dump in {dump_dir}")
+    where = tablespace_options(left_out)
     listing = workdir / "restore.list"
     listing.write_text(data_restore_list(toc))
     run_tool(
@@ -357,7 +371,7 @@ def give_back_privileges(
 
 
 def restore_into_scratch(
-    scratch, dump_dir: Path, jobs: int, workdir: Path, comment: str, roles_marker: str
+    scratch, dump_dir: Path, jobs: int, workdir: Path, comment: str, roles_marker: str, what: str | None = None
 ) -> tuple[float, list[str]]:
     """Restore a downloaded dump into a scratch database as an incident restore would; return ``(seconds, roles
     created)``.
@@ -366,13 +380,17 @@ def restore_into_scratch(
     encoding and locale, marked with ``comment``; the roles the backup names that the server lacks
     are created first (NOLOGIN, marked with ``roles_marker``: :func:`drop_scratch` drops them again
     when nothing uses them).
+
+    :param what: the dump in messages ("The backup restored for verify shop backup …").
     """
     from pgdr.logical.privileges import backup_needs, create_roles, globals_of, missing_roles, read_toc
 
-    needs = backup_needs(read_toc(dump_dir), workdir)
+    toc = read_toc(dump_dir)
+    needs = backup_needs(toc, workdir)
     created = create_roles(scratch.server, missing_roles(needs, scratch.server), roles_marker, globals_of(dump_dir))
     scratch.create(comment, needs.database_options)
-    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir, needs.tablespaces), created
+    left_out = tablespaces_to_leave_out(scratch.endpoint, needs.tablespaces, what or f"The dump in {dump_dir}")
+    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir, left_out, toc), created
 
 
 def drop_scratch(scratch, roles_marker: str) -> bool:
