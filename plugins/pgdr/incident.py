@@ -286,23 +286,34 @@ def expand_partitions(target: PgEndpoint, tables: list[QualifiedName]) -> set[Qu
 
 
 def restore_tables(
-    target: PgEndpoint, dump_dir: Path, tables: list[str], jobs: int, workdir: Path, left_out: list[str], toc
+    target: PgEndpoint,
+    dump_dir: Path,
+    tables: list[str],
+    jobs: int,
+    workdir: Path,
+    left_out: list[str],
+    toc,
+    admin: PgEndpoint | None = None,
 ) -> set[str]:
     """Restore the schema of the whole backup and the data of ``tables`` only; return the tables filled.
 
     :param tables: table keys (see :mod:`pgdr.identifiers`), such as ``"Sales Dept"."Customer Accounts"``.
     :param left_out: the tablespaces to leave out (:func:`pgdr.logical.restore.tablespaces_to_leave_out`).
     :param toc: the dump's :class:`pgdr.logical.privileges.DumpToc`.
+    :param admin: the target server's own connection (see :func:`pgdr.logical.restore.create_untrusted_extensions`).
     """
     from pgdr.identifiers import parse_qualified_name
     from pgdr.logical.privileges import NEVER_RESTORED, SUPERUSER_ONLY
-    from pgdr.logical.restore import tablespace_options
+    from pgdr.logical.restore import create_untrusted_extensions, tablespace_options
 
     where = tablespace_options(left_out)
+    created = set(create_untrusted_extensions(admin, target, toc, workdir))
+    schema_list = workdir / "table-schema.list"
+    schema_list.write_text("".join(f"{line}\n" for line in toc.lines if line not in created))
     run_tool(
         target,
         workdir,
-        restore_command(target, dump_dir, jobs, extra=["--section=pre-data", *where]),
+        restore_command(target, dump_dir, jobs, extra=["--section=pre-data", f"--use-list={schema_list}", *where]),
         f"pg_restore (schema) into {printable(target.dbname)!r}",
         RestoreFailed,
     )
@@ -312,7 +323,7 @@ def restore_tables(
     listing = workdir / "table-restore.list"
     superuser_only = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED))  # created after the checks
     kept = table_restore_list("\n".join(toc.lines), data_ids).splitlines()
-    listing.write_text("".join(f"{line}\n" for line in kept if line not in superuser_only))
+    listing.write_text("".join(f"{line}\n" for line in kept if line not in superuser_only and line not in created))
     run_tool(
         target,
         workdir,
@@ -1149,9 +1160,11 @@ def restore_dump_dir(
         left_out = tablespaces_to_leave_out(target, needs.tablespaces, what)
         filled = None
         if plan["tables"]:
-            filled = sorted(restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir, left_out, toc))
+            filled = sorted(
+                restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir, left_out, toc, admin=server)
+            )
         else:
-            restore_dump(target, dump, db.dump_jobs, workdir, left_out, toc)
+            restore_dump(target, dump, db.dump_jobs, workdir, left_out, toc, admin=server)
         restore_s = time.monotonic() - t0
     except BaseException:
         _drop_quietly(server, plan["target"], run_id)  # a half-restored database is garbage

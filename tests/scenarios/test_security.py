@@ -230,24 +230,84 @@ def test_health_warns_while_restore_tests_share_the_production_cluster(plan, run
     assert state["ok"] is True and "apart from production" in state["detail"]
 
 
-def test_an_untrusted_extension_fails_clearly_and_restore_as_superuser_is_warned_about(
+def test_untrusted_extensions_are_created_by_the_servers_connection_and_restore_as_superuser_is_warned_about(
     plan, run_dag, pg_server, monkeypatch, slack
 ):
-    """A backup that needs an extension only a superuser may create (amcheck) fails its restore as the
-    restore role saying so; with restore_as_superuser it verifies, and every report carries the warning."""
+    """A backup that needs extensions only a superuser may create (pg_stat_statements in a schema of the dump, with
+    its own comment; amcheck) is verified and restored as the restore role: the server's own connection, a
+    superuser, creates just those extensions first, in the dump's (still empty) schemas. Through a server connection
+    that is not a superuser it fails saying so and what to do; with restore_as_superuser it verifies, and every
+    report carries the warning."""
     _sql(pg_server, "DROP DATABASE IF EXISTS needs_super WITH (FORCE)")
+    _sql(pg_server, "DROP ROLE IF EXISTS needs_admin")
     _sql(pg_server, "CREATE DATABASE needs_super")
-    _sql(pg_server, "CREATE EXTENSION amcheck; CREATE TABLE t AS SELECT generate_series(1, 5) AS x", "needs_super")
+    _sql(
+        pg_server,
+        'CREATE SCHEMA "Ext Ö"; CREATE EXTENSION pg_stat_statements WITH SCHEMA "Ext Ö"; CREATE EXTENSION amcheck; '
+        "COMMENT ON EXTENSION pg_stat_statements IS 'kept: it''s ours ✓'; "
+        'CREATE VIEW "Ext Ö"."Statement Count" AS SELECT count(*) AS n FROM "Ext Ö".pg_stat_statements; '
+        "CREATE TABLE t AS SELECT generate_series(1, 5) AS x",
+        "needs_super",
+    )
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_NEEDS", pg_server.connection_uri("needs_super"))
+    copies = ("needs_copy", "needs_tables")
+    extensions = (
+        "SELECT e.extname, n.nspname, obj_description(e.oid, 'pg_extension') FROM pg_extension e JOIN pg_namespace n "
+        "ON n.oid = e.extnamespace WHERE e.extname IN ('amcheck', 'pg_stat_statements') ORDER BY 1"
+    )
     try:
         p = plan(databases=[{"name": "needs", "conn_id": "pgdr_needs", "dbname": "needs_super"}])
         run_dag("pgdr_backup")
+        verified = run_dag("pgdr_verify_restore", run_conf={"database": "needs"})
+        assert verified.states["verify.record_verification[0]"] == "success", verified.states
+        root = p.databases[0].storage.path
+        (record,) = [json.loads(f.read_text()) for f in root.glob("v1/needs/*/verification.json")]
+        assert record["status"] == "verified" and not record.get("restored_as_superuser")
+        restore = run_dag("pgdr_restore", run_conf={"database": "needs", "target_name": "needs_copy"})
+        assert restore.states["write_report"] == "success", restore.states
+        tables = run_dag(
+            "pgdr_restore", run_conf={"database": "needs", "target_name": "needs_tables", "tables": ["public.t"]}
+        )
+        assert tables.states["write_report"] == "success", tables.states
+        for copy in copies:
+            assert _sql(pg_server, extensions, copy) == _sql(pg_server, extensions, "needs_super"), copy
+            assert _sql(pg_server, "SELECT count(*) FROM t", copy) == [(5,)]
+            assert _sql(pg_server, """SELECT to_regclass('"Ext Ö"."Statement Count"') IS NOT NULL""", copy) == [(True,)]
+        assert not any("only a superuser may create" in t for t in slack.texts())
+
+        # Through a server connection that is not a superuser (it may create databases for the restore role):
+        # the restore role cannot create them, and the failure says what to do.
+        _sql(
+            pg_server,
+            "CREATE ROLE needs_admin LOGIN CREATEDB PASSWORD 'needs-admin-secret'; GRANT pgdr_restore TO needs_admin",
+        )
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_PGDR_NEEDS_ADMIN",
+            json.dumps(
+                {
+                    **json.loads(pg_server.connection_uri("postgres")),
+                    "login": "needs_admin",
+                    "password": "needs-admin-secret",
+                }
+            ),
+        )
+        plan(
+            databases=[
+                {
+                    "name": "needs",
+                    "conn_id": "pgdr_needs",
+                    "dbname": "needs_super",
+                    "verify_conn_id": "pgdr_needs_admin",
+                }
+            ]
+        )
         slack.clear()
         first = run_dag("pgdr_verify_restore", run_conf={"database": "needs"})
         assert first.states["verify.restore_and_check[0]"] == "failed" and first.tries["verify.restore_and_check"] == 1
         alert = next(t for t in slack.texts() if "restore_and_check" in t)
         assert "needs the extension 'amcheck', which only a superuser may create" in alert
-        assert "restore_as_superuser: true" in alert
+        assert "Point that connection at a superuser" in alert and "restore_as_superuser: true" in alert
+        assert "needs-admin-secret" not in alert
 
         p = plan(
             databases=[
@@ -256,16 +316,71 @@ def test_an_untrusted_extension_fails_clearly_and_restore_as_superuser_is_warned
         )
         second = run_dag("pgdr_verify_restore", run_conf={"database": "needs"})
         assert second.states["verify.record_verification[0]"] == "success", second.states
-        root = p.databases[0].storage.path
-        (record,) = [json.loads(f.read_text()) for f in root.glob("v1/needs/*/verification.json")]
-        assert record["status"] == "verified" and record["restored_as_superuser"] is True
-        assert "ran as a superuser" in record["warning"]
-        (page,) = root.glob("v1/needs/*/validation/report.html")
-        assert "restore_as_superuser is set" in page.read_text()
-        restore = run_dag("pgdr_restore", run_conf={"database": "needs", "target_name": "needs_copy"})
+        records = [json.loads(f.read_text()) for f in root.glob("v1/needs/*/verification.json")]
+        assert any(r["status"] == "verified" and r["restored_as_superuser"] is True for r in records), records
+        assert any("ran as a superuser" in (r.get("warning") or "") for r in records)
+        assert any(
+            "restore_as_superuser is set" in f.read_text() for f in root.glob("v1/needs/*/validation/report.html")
+        )
+        restore = run_dag("pgdr_restore", run_conf={"database": "needs", "target_name": "needs_super_copy"})
         assert restore.states["write_report"] == "success", restore.states
-        (markdown,) = root.glob("v1/needs/*/restores/*.md")
-        assert "**WARNING: restore_as_superuser is set" in markdown.read_text()
+        assert any(
+            "**WARNING: restore_as_superuser is set" in f.read_text() for f in root.glob("v1/needs/*/restores/*.md")
+        )
     finally:
-        for name in ("needs_super", "needs_copy"):
+        for name in ("needs_super", *copies, "needs_super_copy"):
+            _sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        _sql(pg_server, "DROP ROLE IF EXISTS needs_admin")
+
+
+def test_an_extension_is_never_created_as_a_superuser_beside_objects_the_restore_role_made(pg_server, tmp_path):
+    """The server's connection creates an untrusted extension only in a database holding nothing but the dump's
+    schemas: had a CREATE SCHEMA entry of a tampered table of contents also made a function the install script
+    could call (here made by hand, as the restore role), it refuses, and creates nothing."""
+    import os
+    import subprocess
+
+    from pgdr.identifiers import conninfo
+    from pgdr.logical.privileges import read_toc
+    from pgdr.logical.restore import RestoreFailed, create_untrusted_extensions
+    from pgdr.postgres.binaries import bundled_bin_dir
+    from pgdr.postgres.client import PgEndpoint
+
+    for name in ("ext_source", "ext_target"):
+        _sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    _sql(pg_server, "CREATE DATABASE ext_source")
+    _sql(pg_server, "CREATE DATABASE ext_target OWNER pgdr_restore TEMPLATE template0")
+    try:
+        _sql(pg_server, 'CREATE SCHEMA "Ext Ö"; CREATE EXTENSION pg_stat_statements SCHEMA "Ext Ö"', "ext_source")
+        subprocess.run(
+            [str(bundled_bin_dir() / "pg_dump"), "-Fd", "-f", str(tmp_path / "dump"), "--dbname"]
+            + [conninfo("127.0.0.1", pg_server.port, pg_server.superuser, "ext_source")],
+            env={**os.environ, "PGPASSWORD": pg_server.password},
+            check=True,
+            capture_output=True,
+        )
+        restorer = PgEndpoint("127.0.0.1", pg_server.port, "pgdr_restore", "ext_target", pg_server.restore_password)
+        with psycopg.connect(
+            **{**pg_server.dsn("ext_target"), "user": "pgdr_restore", "password": restorer.password}, autocommit=True
+        ) as conn:
+            conn.execute("CREATE FUNCTION public.pg_stat_statements_reset() RETURNS void LANGUAGE sql AS 'SELECT'")
+        admin = PgEndpoint("127.0.0.1", pg_server.port, pg_server.superuser, "postgres", pg_server.password)
+        with pytest.raises(RestoreFailed, match=r"created more than schemas .*objects in pg_proc.*tampered with"):
+            create_untrusted_extensions(admin, restorer, read_toc(tmp_path / "dump"), tmp_path)
+        assert _sql(
+            pg_server, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_stat_statements'", "ext_target"
+        ) == [(0,)]
+
+        _sql(pg_server, "DROP FUNCTION public.pg_stat_statements_reset()", "ext_target")
+        _sql(pg_server, 'DROP SCHEMA "Ext Ö"', "ext_target")
+        left_out = create_untrusted_extensions(admin, restorer, read_toc(tmp_path / "dump"), tmp_path)
+        assert len(left_out) == 3  # the schema, the extension, its comment
+        assert _sql(
+            pg_server,
+            "SELECT n.nspname, pg_get_userbyid(n.nspowner) FROM pg_extension e JOIN pg_namespace n ON n.oid = "
+            "e.extnamespace WHERE extname = 'pg_stat_statements'",
+            "ext_target",
+        ) == [("Ext Ö", "pgdr_restore")]
+    finally:
+        for name in ("ext_source", "ext_target"):
             _sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

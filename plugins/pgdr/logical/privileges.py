@@ -54,6 +54,8 @@ SKIPPABLE = {
 _DESCS = sorted({*SUPERUSER_ONLY, *NEVER_RESTORED, *PRIVILEGE_ENTRIES}, key=len, reverse=True)
 _ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ (?P<desc>" + "|".join(re.escape(d) for d in _DESCS) + r") ")
 _ANY_ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ ")
+_EXTENSION_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:EXTENSION - |COMMENT - EXTENSION )")
+_SCHEMA_ENTRY = re.compile(r"^\d+; \d+ \d+ SCHEMA ")
 _DATA_ENTRY = re.compile(r"^\d+; \d+ \d+ (TABLE DATA|BLOBS|MATERIALIZED VIEW DATA|STATISTICS DATA|SEQUENCE SET) ")
 _DBNAME = re.compile(r"^;\s+dbname: (?P<name>.*)$")
 
@@ -186,6 +188,55 @@ def named_tablespaces(toc: DumpToc, workdir: Path, env=None, *, plain: str | Non
     without = _script(toc, objects, workdir, "tablespaces", *_PLAIN, "--no-tablespaces", env=env)
     values = [statements(s)[0][-1] for s in _added_statements(with_them, without, "SET default_tablespace = ")]
     return {value.value for value in values if value.kind in ("ident", "word")}  # '' is the database's default
+
+
+@dataclass(frozen=True)
+class DumpExtension:
+    """An extension a dump creates, read from ``pg_restore``'s script (never run)."""
+
+    name: str
+    schema: str
+    comment: str | None  # the dump's COMMENT ON EXTENSION, when it has one
+    entries: tuple[str, ...]  # its table-of-contents lines: the extension, its comment
+
+
+def schema_entries(toc: DumpToc) -> list[str]:
+    """The dump's ``SCHEMA`` entries (each a plain ``CREATE SCHEMA``)."""
+    return [line for line in toc.lines if _SCHEMA_ENTRY.match(line)]
+
+
+def dump_extensions(toc: DumpToc, workdir: Path, env=None) -> list[DumpExtension]:
+    """Return the extensions the dump creates, in its order, with the schema each goes in.
+
+    Read from ``pg_restore``'s script of their entries with the SQL tokenizer, so names are unquoted as
+    PostgreSQL would; a statement of another shape than ``pg_dump`` writes is passed over (that extension is left
+    to the restore, which then says what fails).
+    """
+    lines = [line for line in toc.lines if _EXTENSION_ENTRY.match(line)]
+    if not lines:
+        return []
+    created, comments = [], {}
+    for statement in statements(_script(toc, lines, workdir, "extensions", *_PLAIN, env=env)):
+        if _starts(statement, ("CREATE", "EXTENSION")):
+            rest = statement[5:] if _starts(statement[2:], ("IF", "NOT", "EXISTS")) else statement[2:]
+            at = next((k for k, t in enumerate(rest) if t.is_word("SCHEMA")), None)
+            names = [rest[0], rest[at + 1]] if rest and at is not None and at + 1 < len(rest) else []
+            if names and all(t.kind in ("ident", "word") for t in names):
+                created.append((names[0].value, names[1].value))
+        elif _starts(statement, ("COMMENT", "ON", "EXTENSION")) and len(statement) == 6 and statement[4].is_word("IS"):
+            text = statement[5].text
+            if statement[3].kind in ("ident", "word") and text.startswith("'") and text.endswith("'"):
+                comments[statement[3].value] = text[1:-1].replace("''", "'")
+    tags = {_ANY_ENTRY.sub("", line).rstrip(): line for line in lines}
+    return [
+        DumpExtension(
+            name,
+            schema,
+            comments.get(name),
+            tuple(tags[tag] for tag in (f"EXTENSION - {name}", f"COMMENT - EXTENSION {name}") if tag in tags),
+        )
+        for name, schema in created
+    ]
 
 
 # -- SQL tokens ---------------------------------------------------------------------------------------

@@ -295,6 +295,123 @@ def tablespace_options(left_out: list[str]) -> list[str]:
     return ["--no-tablespaces"] if left_out else []
 
 
+# The extensions of a dump the restore role may not create: installed on the target server, not trusted.
+_UNTRUSTED_EXTENSIONS = (
+    "SELECT a.name FROM pg_catalog.pg_available_extensions a JOIN pg_catalog.pg_available_extension_versions v "
+    "ON v.name = a.name AND v.version = a.default_version WHERE a.name = ANY(%s) AND v.superuser AND NOT v.trusted"
+)
+
+
+# Where a schema object may be created by a role: after the dump's CREATE SCHEMA statements, none may hold one of
+# its own (oid >= 16384, FirstNormalObjectId) before an extension's install script runs as a superuser.
+_OBJECT_CATALOGS = (
+    "pg_class",
+    "pg_proc",
+    "pg_type",
+    "pg_operator",
+    "pg_collation",
+    "pg_conversion",
+    "pg_opclass",
+    "pg_opfamily",
+    "pg_cast",
+    "pg_extension",
+    "pg_language",
+    "pg_transform",
+    "pg_ts_config",
+    "pg_ts_dict",
+    "pg_ts_parser",
+    "pg_ts_template",
+    "pg_foreign_data_wrapper",
+    "pg_foreign_server",
+    "pg_statistic_ext",
+)
+
+
+def _objects_beside_schemas(conn) -> list[str]:
+    """Return the catalogs that hold an object made in the database (not at initdb), for a database made from
+    ``template0`` that should hold nothing yet but schemas."""
+    from psycopg import sql
+
+    return [
+        catalog
+        for catalog in _OBJECT_CATALOGS
+        if conn.execute(
+            sql.SQL("SELECT EXISTS (SELECT 1 FROM pg_catalog.{} WHERE oid >= 16384)").format(sql.Identifier(catalog))
+        ).fetchone()[0]
+    ]
+
+
+def create_untrusted_extensions(admin: PgEndpoint | None, target: PgEndpoint, toc: DumpToc, workdir: Path) -> list[str]:
+    """Create, as ``admin`` (the server's own connection), the extensions of the dump that the restore role may not
+    create (``pg_stat_statements``, ``postgres_fdw``…: not trusted); return the table-of-contents lines the restore
+    role's ``pg_restore`` must then leave out.
+
+    Only the extension itself runs as ``admin``, never anything the dump says: its name, schema and comment are
+    read from the dump and passed as quoted identifiers and a literal. It is created in a database that holds
+    nothing yet but the dump's empty schemas (created first, as the restore role, and checked to be all there is), so
+    no restored object can be looked up by its install script. Nothing is done when the restore role may create
+    them itself, when ``admin`` is not a superuser (the restore then fails saying what to do), or when the server
+    lacks the extension.
+    """
+    from psycopg import sql
+
+    from pgdr.logical.privileges import dump_extensions, schema_entries
+
+    if admin is None or admin.user == target.user:
+        return []
+    extensions = [e for e in dump_extensions(toc, workdir) if e.entries]
+    if not extensions:
+        return []
+    with connect(admin.with_dbname(target.dbname), application_name="pgdr-extensions") as conn:
+        conn.execute("SET search_path = pg_catalog, pg_temp")
+        superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+        restorer = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (target.user,)).fetchone()
+        untrusted = {row[0] for row in conn.execute(_UNTRUSTED_EXTENSIONS, ([e.name for e in extensions],))}
+        extensions = [e for e in extensions if e.name in untrusted]
+        if not extensions or not superuser or (restorer and restorer[0]):
+            return []
+        schemas = schema_entries(toc)
+        if schemas:  # the restore role makes the dump's schemas (empty), as it would have
+            listing = workdir / "schemas.list"
+            listing.write_text("".join(f"{line}\n" for line in schemas))
+            run_tool(
+                target,
+                workdir,
+                restore_command(target, toc.dump_dir, 1, extra=[f"--use-list={listing}"]),
+                f"pg_restore (schemas) into database {printable(target.dbname)!r}",
+                RestoreFailed,
+            )
+        found = _objects_beside_schemas(conn)
+        if found:  # a CREATE SCHEMA entry that did more: toc.dat is not what pg_dump wrote
+            raise RestoreFailed(
+                f"The schema statements of the backup created more than schemas in database "
+                f"{printable(target.dbname)!r} (objects in {', '.join(found)}): pgdr will not create the extension(s) "
+                f"{', '.join(printable(e.name) for e in extensions)} as a superuser next to them. The backup's table "
+                "of contents is not what pg_dump writes: treat it as tampered with and restore another backup."
+            )
+        for extension in extensions:
+            name, schema = sql.Identifier(extension.name), sql.Identifier(extension.schema)
+            try:
+                conn.execute(sql.SQL("CREATE EXTENSION {} WITH SCHEMA {}").format(name, schema))
+                if extension.comment is not None:
+                    conn.execute(sql.SQL("COMMENT ON EXTENSION {} IS {}").format(name, sql.Literal(extension.comment)))
+            except Exception as err:
+                raise RestoreFailed(
+                    f"Creating the extension {printable(extension.name)!r} in schema {printable(extension.schema)!r} "
+                    f"of database {printable(target.dbname)!r}, as the server's connection ({admin.user!r}), "
+                    f"failed: {target.scrub(str(err).strip())}. Install what it needs on that server, then restore "
+                    "again. Nothing else was restored."
+                ) from err
+    log.info(
+        "Created extension(s) %s as the server's connection (%s): the restore role %r may not create them (not "
+        "trusted); everything else is restored as that role.",
+        ", ".join(repr(printable(e.name)) for e in extensions),
+        admin.user,
+        target.user,
+    )
+    return [*schemas, *(line for e in extensions for line in e.entries)]
+
+
 def restore_dump(
     target: PgEndpoint,
     dump_dir: Path,
@@ -302,14 +419,17 @@ def restore_dump(
     workdir: Path,
     left_out: list[str] | None = None,
     toc: DumpToc | None = None,
+    admin: PgEndpoint | None = None,
 ) -> float:
     """Run ``pg_restore`` into ``target``; return the seconds it took.
 
     Objects only a superuser can create (event triggers, publications) and subscriptions are left
     out: :func:`pgdr.logical.privileges.apply_privileges` creates the former after the checks.
+    Extensions only a superuser can create are created first by ``admin`` (:func:`create_untrusted_extensions`).
 
     :param left_out: the caller's :func:`tablespaces_to_leave_out` of the dump; ``None``: decided here.
     :param toc: the dump's table of contents, when the caller read it already.
+    :param admin: the target server's own connection.
     """
     from pgdr.logical.privileges import data_restore_list, named_tablespaces, read_toc
 
@@ -318,8 +438,9 @@ def restore_dump(
     if left_out is None:
         left_out = tablespaces_to_leave_out(target, named_tablespaces(toc, workdir), f"The dump in {dump_dir}")
     where = tablespace_options(left_out)
+    created = set(create_untrusted_extensions(admin, target, toc, workdir))
     listing = workdir / "restore.list"
-    listing.write_text(data_restore_list(toc))
+    listing.write_text("".join(f"{line}\n" for line in data_restore_list(toc).splitlines() if line not in created))
     run_tool(
         target,
         workdir,
@@ -390,7 +511,7 @@ def restore_into_scratch(
     created = create_roles(scratch.server, missing_roles(needs, scratch.server), roles_marker, globals_of(dump_dir))
     scratch.create(comment, needs.database_options)
     left_out = tablespaces_to_leave_out(scratch.endpoint, needs.tablespaces, what or f"The dump in {dump_dir}")
-    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir, left_out, toc), created
+    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir, left_out, toc, admin=scratch.server), created
 
 
 def drop_scratch(scratch, roles_marker: str) -> bool:

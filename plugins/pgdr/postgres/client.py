@@ -207,10 +207,12 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
         name = needs_superuser.group(1)
         return PermanentFailure(
             f"{what} failed: the backup needs the extension {name!r}, which only a superuser may create, and pgdr "
-            f"restores as the role {endpoint.user!r}, which is not one ({detail}). Such a backup restores only with "
-            "'restore_as_superuser: true' for this database in the DR plan; set it only if you trust every owner "
-            "of its schemas, because restored code then runs as a superuser (README, Security model). Retrying "
-            "cannot fix this."
+            f"restores as the role {endpoint.user!r}, which is not one ({detail}). pgdr creates such an extension "
+            "itself, as the target server's own Airflow connection, when that connection is a superuser; this one is "
+            "not. Point that connection at a superuser (it also installs amcheck for the checks), or set "
+            "'restore_as_superuser: true' for this database in the DR plan, only if you trust every owner of its "
+            "schemas, because restored code then runs as a superuser (README, Security model). Retrying cannot fix "
+            "this."
         )
     unsupported = _UNSUPPORTED_COMPRESSION.search(detail)
     if unsupported:
