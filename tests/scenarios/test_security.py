@@ -234,26 +234,28 @@ def test_untrusted_extensions_are_created_by_the_servers_connection_and_restore_
     plan, run_dag, pg_server, monkeypatch, slack
 ):
     """A backup that needs extensions only a superuser may create (pg_stat_statements in a schema of the dump, with
-    its own comment; amcheck) is verified and restored as the restore role: the server's own connection, a
-    superuser, creates just those extensions first, in the dump's (still empty) schemas. Through a server connection
-    that is not a superuser it fails saying so and what to do; with restore_as_superuser it verifies, and every
-    report carries the warning."""
+    its own comment; amcheck; earthdistance, which requires the trusted cube) is verified and restored as the restore
+    role: the server's own connection, a superuser, creates just those extensions first, in the dump's (still empty)
+    schemas. Through a server connection that is not a superuser it fails saying so and what to do; with
+    restore_as_superuser it verifies, and every report carries the warning."""
     _sql(pg_server, "DROP DATABASE IF EXISTS needs_super WITH (FORCE)")
     _sql(pg_server, "DROP ROLE IF EXISTS needs_admin")
     _sql(pg_server, "CREATE DATABASE needs_super")
     _sql(
         pg_server,
         'CREATE SCHEMA "Ext Ö"; CREATE EXTENSION pg_stat_statements WITH SCHEMA "Ext Ö"; CREATE EXTENSION amcheck; '
+        "CREATE EXTENSION cube; CREATE EXTENSION earthdistance; "
         "COMMENT ON EXTENSION pg_stat_statements IS 'kept: it''s ours ✓'; "
         'CREATE VIEW "Ext Ö"."Statement Count" AS SELECT count(*) AS n FROM "Ext Ö".pg_stat_statements; '
-        "CREATE TABLE t AS SELECT generate_series(1, 5) AS x",
+        "CREATE TABLE t AS SELECT generate_series(1, 5) AS x; "
+        "CREATE TABLE places AS SELECT ll_to_earth(52.52, 13.40) AS berlin, ll_to_earth(48.86, 2.35) AS paris",
         "needs_super",
     )
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_NEEDS", pg_server.connection_uri("needs_super"))
     copies = ("needs_copy", "needs_tables")
     extensions = (
         "SELECT e.extname, n.nspname, obj_description(e.oid, 'pg_extension') FROM pg_extension e JOIN pg_namespace n "
-        "ON n.oid = e.extnamespace WHERE e.extname IN ('amcheck', 'pg_stat_statements') ORDER BY 1"
+        "ON n.oid = e.extnamespace WHERE e.extname <> 'plpgsql' ORDER BY 1"
     )
     try:
         p = plan(databases=[{"name": "needs", "conn_id": "pgdr_needs", "dbname": "needs_super"}])
@@ -273,6 +275,9 @@ def test_untrusted_extensions_are_created_by_the_servers_connection_and_restore_
             assert _sql(pg_server, extensions, copy) == _sql(pg_server, extensions, "needs_super"), copy
             assert _sql(pg_server, "SELECT count(*) FROM t", copy) == [(5,)]
             assert _sql(pg_server, """SELECT to_regclass('"Ext Ö"."Statement Count"') IS NOT NULL""", copy) == [(True,)]
+        distance = "SELECT round(earth_distance(berlin, paris) / 1000) FROM places"
+        assert _sql(pg_server, distance, "needs_copy") == _sql(pg_server, distance, "needs_super") == [(878,)]
+        assert _sql(pg_server, "SELECT count(*) FROM places", "needs_tables") == [(0,)]  # only t was asked for
         assert not any("only a superuser may create" in t for t in slack.texts())
 
         # Through a server connection that is not a superuser (it may create databases for the restore role):

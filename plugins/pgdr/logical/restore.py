@@ -295,10 +295,12 @@ def tablespace_options(left_out: list[str]) -> list[str]:
     return ["--no-tablespaces"] if left_out else []
 
 
-# The extensions of a dump the restore role may not create: installed on the target server, not trusted.
-_UNTRUSTED_EXTENSIONS = (
-    "SELECT a.name FROM pg_catalog.pg_available_extensions a JOIN pg_catalog.pg_available_extension_versions v "
-    "ON v.name = a.name AND v.version = a.default_version WHERE a.name = ANY(%s) AND v.superuser AND NOT v.trusted"
+# Of a dump's extensions installed on the target server: whether only a superuser may create each (not trusted),
+# and the extensions each requires.
+_EXTENSION_FACTS = (
+    "SELECT a.name, v.superuser AND NOT v.trusted, coalesce(v.requires::text[], '{}') FROM "
+    "pg_catalog.pg_available_extensions a JOIN pg_catalog.pg_available_extension_versions v ON v.name = a.name AND "
+    "v.version = a.default_version WHERE a.name = ANY(%s)"
 )
 
 
@@ -343,8 +345,8 @@ def _objects_beside_schemas(conn) -> list[str]:
 
 def create_untrusted_extensions(admin: PgEndpoint | None, target: PgEndpoint, toc: DumpToc, workdir: Path) -> list[str]:
     """Create, as ``admin`` (the server's own connection), the extensions of the dump that the restore role may not
-    create (``pg_stat_statements``, ``postgres_fdw``…: not trusted); return the table-of-contents lines the restore
-    role's ``pg_restore`` must then leave out.
+    create (``pg_stat_statements``, ``postgres_fdw``…: not trusted), and those they require (``cube`` for
+    ``earthdistance``); return the table-of-contents lines the restore role's ``pg_restore`` must then leave out.
 
     Only the extension itself runs as ``admin``, never anything the dump says: its name, schema and comment are
     read from the dump and passed as quoted identifiers and a literal. It is created in a database that holds
@@ -366,8 +368,15 @@ def create_untrusted_extensions(admin: PgEndpoint | None, target: PgEndpoint, to
         conn.execute("SET search_path = pg_catalog, pg_temp")
         superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
         restorer = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (target.user,)).fetchone()
-        untrusted = {row[0] for row in conn.execute(_UNTRUSTED_EXTENSIONS, ([e.name for e in extensions],))}
-        extensions = [e for e in extensions if e.name in untrusted]
+        facts = conn.execute(_EXTENSION_FACTS, ([e.name for e in extensions],)).fetchall()
+        requires = {name: required for name, _, required in facts}
+        todo, wanted = [name for name, untrusted, _ in facts if untrusted], set()
+        while todo:  # and what they require, created before them in the dump's order
+            name = todo.pop()
+            if name not in wanted:
+                wanted.add(name)
+                todo += requires.get(name, [])
+        extensions = [e for e in extensions if e.name in wanted]
         if not extensions or not superuser or (restorer and restorer[0]):
             return []
         schemas = schema_entries(toc)
@@ -404,7 +413,7 @@ def create_untrusted_extensions(admin: PgEndpoint | None, target: PgEndpoint, to
                 ) from err
     log.info(
         "Created extension(s) %s as the server's connection (%s): the restore role %r may not create them (not "
-        "trusted); everything else is restored as that role.",
+        "trusted, or required by one that is not); everything else is restored as that role.",
         ", ".join(repr(printable(e.name)) for e in extensions),
         admin.user,
         target.user,
