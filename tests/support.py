@@ -628,3 +628,17 @@ class IamGateway(S3Gateway):
             )
             return 200, f"<?xml version='1.0' encoding='UTF-8'?><DeleteResult>{errors}</DeleteResult>".encode()
         return 403, ACCESS_DENIED
+
+
+def xcom_of(dag_run, task_id: str):
+    """Return what ``task_id`` of ``dag_run`` (a ``dag.test()`` run) returned, from the metadata database."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        value = (
+            session.query(XComModel.value)
+            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value")
+            .scalar()
+        )
+    return json.loads(value) if isinstance(value, str) else value

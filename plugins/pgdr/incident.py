@@ -504,6 +504,11 @@ def render_plan(plan: dict[str, Any]) -> str:
                 f"  roles created   : {', '.join(plan['roles_to_create'])} (missing on the target; as on the source "
                 f"server, {passwords} passwords)"
             )
+        if needs.get("extensions"):
+            lines.append(
+                f"  extensions      : {', '.join(printable(e) for e in needs['extensions'])} (those only a superuser "
+                "may create are created first by the server's connection)"
+            )
         if needs.get("tablespaces"):
             lines.append(
                 f"  tablespaces     : {', '.join(printable(t) for t in needs['tablespaces'])} (kept if the target has "
@@ -826,6 +831,20 @@ def check_roles(needs, server: PgEndpoint, backup_id: str, restore_roles: bool) 
     return missing
 
 
+def check_extensions(needs, server: PgEndpoint, backup_id: str) -> None:
+    """Refuse a backup whose extensions ``server`` does not have installed, before anything is downloaded."""
+    from pgdr.logical.privileges import missing_extensions
+
+    missing = missing_extensions(needs, server) if needs else []
+    if missing:
+        raise InvalidRestoreRequest(
+            f"Backup {backup_id} creates extension(s) that server {server.host}:{server.port} does not have installed: "
+            f"{', '.join(printable(e) for e in missing)} (not in pg_available_extensions). Install their packages on "
+            "that server (the same major version as the source's), or restore to another server, then trigger "
+            "again. Nothing was touched."
+        )
+
+
 def plan_restore(
     params: dict[str, Any], res, started: datetime, workdir: Path, label=lambda **_: None
 ) -> dict[str, Any]:
@@ -884,6 +903,7 @@ def plan_restore(
         except PgdrError as err:  # a damaged backup is check_checksums' to refuse, with every bad file named
             unread = str(err)
     missing = check_roles(needs, server, entry.backup_id if entry else "", request["restore_roles"])
+    check_extensions(needs, server, entry.backup_id if entry else "")
     expected = expected_duration(catalog)
     if pitr is not None:
         expected = (pitr["expected_recovery_seconds"] or 0) + (expected or 0) or None

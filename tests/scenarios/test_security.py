@@ -238,6 +238,9 @@ def test_untrusted_extensions_are_created_by_the_servers_connection_and_restore_
     role: the server's own connection, a superuser, creates just those extensions first, in the dump's (still empty)
     schemas. Through a server connection that is not a superuser it fails saying so and what to do; with
     restore_as_superuser it verifies, and every report carries the warning."""
+    from pgdr.incident import render_plan
+    from support import xcom_of
+
     _sql(pg_server, "DROP DATABASE IF EXISTS needs_super WITH (FORCE)")
     _sql(pg_server, "DROP ROLE IF EXISTS needs_admin")
     _sql(pg_server, "CREATE DATABASE needs_super")
@@ -265,6 +268,11 @@ def test_untrusted_extensions_are_created_by_the_servers_connection_and_restore_
         root = p.databases[0].storage.path
         (record,) = [json.loads(f.read_text()) for f in root.glob("v1/needs/*/verification.json")]
         assert record["status"] == "verified" and not record.get("restored_as_superuser")
+        dry = run_dag("pgdr_restore", run_conf={"database": "needs", "dry_run": True})
+        assert dry.get_state() == "success", dry.states
+        (line,) = [x for x in render_plan(xcom_of(dry, "plan_restore")).splitlines() if "extensions " in x]
+        assert "(those only a superuser may create are created first by the server's connection)" in line
+        assert all(name in line for name in ("pg_stat_statements", "amcheck", "cube", "earthdistance")), line
         restore = run_dag("pgdr_restore", run_conf={"database": "needs", "target_name": "needs_copy"})
         assert restore.states["write_report"] == "success", restore.states
         tables = run_dag(
@@ -389,3 +397,19 @@ def test_an_extension_is_never_created_as_a_superuser_beside_objects_the_restore
     finally:
         for name in ("ext_source", "ext_target"):
             _sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_a_backup_whose_extension_the_target_server_lacks_is_refused_before_anything_is_downloaded(pg_server):
+    """The restore plan reads the extensions from the table of contents alone; one the target server has not
+    installed (no control file) stops the restore there, naming it and what to install, instead of after the
+    download."""
+    from pgdr.incident import InvalidRestoreRequest, check_extensions
+    from pgdr.logical.privileges import BackupNeeds, missing_extensions
+    from pgdr.postgres.client import PgEndpoint
+
+    server = PgEndpoint("127.0.0.1", pg_server.port, pg_server.superuser, "postgres", pg_server.password)
+    needs = BackupNeeds(extensions=["citext", "Ünknown ext", "pg_stat_statements"])
+    assert missing_extensions(needs, server) == ["Ünknown ext"]
+    with pytest.raises(InvalidRestoreRequest, match=r"does not have installed: Ünknown ext .*Install their packages"):
+        check_extensions(needs, server, "20261207T000000Z-abcdef")
+    check_extensions(BackupNeeds(extensions=["citext"]), server, "20261207T000000Z-abcdef")  # all there: no error

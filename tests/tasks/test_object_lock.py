@@ -404,8 +404,7 @@ def test_a_locked_pitr_archive_is_backed_up_verified_checked_undeleted_and_prune
     from pgdr.physical.catalog import BaseBackupCatalog
     from pgdr.physical.heartbeat import switch_and_wait_archived
     from pgdr.postgres.client import PgEndpoint
-    from support import archiving_server
-    from test_pitr_dags import _xcom
+    from support import archiving_server, xcom_of
 
     client, name, prefix = s3_server.client, "vault", env["prefix"]
     bucket = _locked_archive_bucket(client, "pgdr-locked-archive", default_days=10)
@@ -468,7 +467,7 @@ def test_a_locked_pitr_archive_is_backed_up_verified_checked_undeleted_and_prune
         monkeypatch.setattr(moto.s3.models, "utcnow", lambda: Simulated.now(UTC).replace(tzinfo=None))
         later = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
         assert not _failed(later), later.states
-        pruned = _xcom(later, "prune_expired")
+        pruned = xcom_of(later, "prune_expired")
         assert pruned["deleted"] == [] and list(pruned["scheduled"]) == [first], pruned
         assert pruned["wal_segments_deleted"] == 0 and pruned["wal_segments_held"] > 0, pruned
         assert first in {e.backup_id for e in catalog.backups()} and len(archive.segments(store)) > segments
@@ -476,7 +475,7 @@ def test_a_locked_pitr_archive_is_backed_up_verified_checked_undeleted_and_prune
         clock["days"] = 11  # every lock written at the real time has passed
         final = run_dag("pgdr_basebackup", run_conf={"kind": "full"})
         assert not _failed(final), final.states
-        pruned = _xcom(final, "prune_expired")
+        pruned = xcom_of(final, "prune_expired")
         assert first in pruned["deleted"] and first not in pruned["scheduled"] and pruned["wal_segments_deleted"] > 0
         # (what is still scheduled was written in the simulated week, under a lock that has not passed)
         assert all(datetime.fromisoformat(u) > Simulated.now(UTC) for u in pruned["scheduled"].values()), pruned

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import BUCKET, PITR_PREFIX, PITR_SERVER
+from support import xcom_of
 
 pytestmark = pytest.mark.integration
 
@@ -93,19 +94,6 @@ def _second_boundary() -> None:
     time.sleep(1.25 - (time.time() % 1))  # just past the next full second
 
 
-def _xcom(dag_run, task_id: str):
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        value = (
-            session.query(XComModel.value)
-            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value")
-            .scalar()
-        )
-    return json.loads(value) if isinstance(value, str) else value
-
-
 def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag, pitr_server, s3_server):
     from datetime import UTC, datetime, timedelta
 
@@ -129,7 +117,7 @@ def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag,
 
     dry = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": stamp, "dry_run": True})
     assert dry.get_state() == "success", dry.states
-    planned = _xcom(dry, "plan_restore")
+    planned = xcom_of(dry, "plan_restore")
     assert planned["pitr"]["target"] == moment.isoformat() and planned["pitr"]["wal_segments"] >= 1
     assert planned["backup_id"] is None and dry.states["check_checksums"] == "skipped"
     assert dry.states["evidence_to_verify"] == dry.states["verify_evidence_copy"] == "skipped"
@@ -141,13 +129,13 @@ def test_incident_restore_as_of_a_second_undoes_a_bad_delete(pitr_plan, run_dag,
     assert _sql(pitr_server, "SELECT count(*) FROM sales.customers", "shop_as_of") == _sql(
         pitr_server, "SELECT count(*) FROM sales.customers"
     )
-    done = _xcom(whole, "recover_to_moment")
+    done = xcom_of(whole, "recover_to_moment")
     assert done["pitr"]["recovery"]["achieved_recovery_point"] <= moment.isoformat()
     assert datetime.fromisoformat(done["recovery_point"]) > moment - timedelta(seconds=2)
     # Restored from the worker's disk while stored: nothing downloaded, the stored copy is a regular backup.
-    assert _xcom(whole, "restore_backup") == done["restored_from_moment"]
+    assert xcom_of(whole, "restore_backup") == done["restored_from_moment"]
     assert done["restored_from_moment"]["download_seconds"] == 0 and done["restored_from_moment"]["restore_seconds"] > 0
-    assert "not from the bucket" in _xcom(whole, "check_checksums")["checked"]
+    assert "not from the bucket" in xcom_of(whole, "check_checksums")["checked"]
     stored = _shop_catalog(s3_server).get(done["backup_id"])
     assert stored.manifest.row_counts['"Billing Ü"."Invoice Lines"'] == 50
     assert stored.manifest.airflow["run_id"] == whole.run_id
@@ -219,10 +207,10 @@ def test_a_retry_after_the_moment_was_stored_restores_it_from_the_bucket_without
     try:
         assert run.get_state() == "success", run.states
         assert run.tries["recover_to_moment"] == 2 and calls == ["shop_resumed", "shop_resumed"]
-        done = _xcom(run, "recover_to_moment")
+        done = xcom_of(run, "recover_to_moment")
         assert "restored_from_moment" not in done  # the retry restored the stored copy, from the bucket
         assert done["pitr"]["recovery"]["resumed_from"] == done["backup_id"]
-        assert _xcom(run, "restore_backup")["download_seconds"] > 0
+        assert xcom_of(run, "restore_backup")["download_seconds"] > 0
         made = [e for e in _shop_catalog(s3_server).backups() if e.manifest.airflow.get("run_id") == run.run_id]
         assert [e.backup_id for e in made] == [done["backup_id"]]  # one dump of the moment, not one per try
         labels = _sql(pitr_server, "SELECT label FROM public.resume_probe", "shop_resumed")
@@ -259,12 +247,12 @@ def test_latest_on_a_pitr_server_is_the_end_of_the_archive_not_the_newest_dump(
 
     dry = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest-dump", "dry_run": True})
     assert dry.get_state() == "success", dry.states
-    assert _xcom(dry, "plan_restore")["pitr"] is None and _xcom(dry, "plan_restore")["backup_id"]
+    assert xcom_of(dry, "plan_restore")["pitr"] is None and xcom_of(dry, "plan_restore")["backup_id"]
 
     restored = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest", "target_name": "shop_latest"})
     try:
         assert restored.get_state() == "success", restored.states
-        planned = _xcom(restored, "plan_restore")
+        planned = xcom_of(restored, "plan_restore")
         assert planned["pitr"]["target"] == "latest" and planned["pitr"]["end_of_archive"]
         labels = _sql(pitr_server, "SELECT label FROM public.after_dump", "shop_latest")
         assert ("committed after the newest dump",) in labels
@@ -707,13 +695,13 @@ def test_pgdr_copy_copies_the_servers_wal_and_base_backups_checked_there_and_hea
     assert newest.record.start_wal in copied_names
 
     health = run_dag("pgdr_health")
-    (check,) = [r for r in _xcom(health, "check_server") if r["check"] == "copy_lag.dr"]
+    (check,) = [r for r in xcom_of(health, "check_server") if r["check"] == "copy_lag.dr"]
     assert check["database"] == PITR_SERVER and check["ok"], check
 
     # The drill's lost-target scenario rehearses the server's recovery from the copy: its RPO is the copy's.
     drill = run_dag("pgdr_drill", run_conf={"databases": ["shop"], "scenario": "primary-target-lost"})
     assert drill.states["rehearse_pitr[0]"] == "success", drill.states
-    rehearsal = _xcom(drill, "rehearse_pitr")
+    rehearsal = xcom_of(drill, "rehearse_pitr")
     assert rehearsal["server"] == PITR_SERVER and datetime.fromisoformat(rehearsal["newest_heartbeat"]) >= beat, (
         rehearsal
     )
@@ -806,7 +794,7 @@ def test_base_backups_read_on_the_standby_recover_from_the_primarys_archive(
             entry.record.system_identifier
             == _sql(pitr_server, "SELECT system_identifier::text FROM pg_control_system()", "postgres")[0][0]
         )
-    assert _xcom(incremental, "take_base_backup")["source"] == "standby"
+    assert xcom_of(incremental, "take_base_backup")["source"] == "standby"
 
     verify = run_dag("pgdr_verify_pitr", run_conf={"server": PITR_SERVER})
     assert verify.get_state() == "success", verify.states

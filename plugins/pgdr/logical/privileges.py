@@ -394,6 +394,7 @@ class BackupNeeds:
 
     roles: set[str] = field(default_factory=set)
     tablespaces: set[str] = field(default_factory=set)  # where the source had tables and indexes (besides its default)
+    extensions: list[str] = field(default_factory=list)  # every extension the dump creates, in its order
     database_options: dict[str, str] = field(
         default_factory=dict
     )  # CREATE DATABASE option -> value, as the source had them
@@ -404,6 +405,7 @@ class BackupNeeds:
         return {
             "roles": sorted(self.roles),
             "tablespaces": sorted(self.tablespaces),
+            "extensions": self.extensions,
             "database_options": self.database_options,
             "superuser_objects": self.superuser_objects,
             "skipped_objects": self.skipped_objects,
@@ -418,6 +420,7 @@ def backup_needs(toc: DumpToc, workdir: Path, env=None) -> BackupNeeds:
         superuser_objects=toc.described(*SUPERUSER_ONLY),
         skipped_objects=toc.described(*NEVER_RESTORED),
         tablespaces=named_tablespaces(toc, workdir, env, plain=plain),
+        extensions=[extension.name for extension in dump_extensions(toc, workdir, env)],
     )
     for statement in owner_statements(toc, workdir, env, plain=plain):
         needs.roles |= roles_in(statements(statement)[0])
@@ -465,6 +468,20 @@ def create_options_sql(options: dict[str, str]):
 def server_roles(server: PgEndpoint) -> set[str]:
     with connect(server.with_dbname("postgres")) as conn:
         return {row[0] for row in conn.execute("SELECT rolname FROM pg_roles").fetchall()}
+
+
+def missing_extensions(needs: BackupNeeds, server: PgEndpoint) -> list[str]:
+    """Return the extensions the backup creates that ``server`` does not have installed (no control file), sorted."""
+    if not needs.extensions:
+        return []
+    with connect(server.with_dbname("postgres")) as conn:
+        available = {
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM pg_catalog.pg_available_extensions WHERE name = ANY(%s)", (needs.extensions,)
+            )
+        }
+    return sorted(set(needs.extensions) - available)
 
 
 def missing_roles(needs: BackupNeeds, server: PgEndpoint) -> list[str]:
