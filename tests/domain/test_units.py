@@ -547,3 +547,23 @@ def test_a_scan_reads_the_records_side_by_side_and_finds_what_a_scan_one_by_one_
     assert [d.backup_id for d in catalog.damaged] == sorted([broken, unreadable])
     assert [p.backup_id for p in partials] == [partial]
     assert 1 < SlowStore.most <= CATALOG_READERS
+
+
+def test_an_extension_the_server_has_not_installed_is_named_with_what_to_do():
+    """pg_restore's own words (PostgreSQL 18) for an extension without a control file on the target server."""
+    from pgdr.errors import PermanentFailure
+    from pgdr.logical.restore import RestoreFailed
+    from pgdr.postgres.client import PgEndpoint, tool_error
+
+    stderr = (
+        'pg_restore: error: could not execute query: ERROR:  extension "Ünknown" is not available\n'
+        "HINT:  The extension must first be installed on the system where PostgreSQL is running.\n"
+        'Command was: CREATE EXTENSION IF NOT EXISTS "Ünknown" WITH SCHEMA public;\n'
+    )
+    error = tool_error(
+        PgEndpoint("db1", 5432, "pgdr_restore", "shop", "s3cr3t"), "pg_restore into 'x'", stderr, RestoreFailed
+    )
+    assert isinstance(error, PermanentFailure)
+    text = str(error)
+    assert "needs the extension 'Ünknown', which the server at db1:5432 has not installed" in text
+    assert "Install its package there" in text and "Retrying cannot fix this." in text and "s3cr3t" not in text

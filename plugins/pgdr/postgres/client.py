@@ -51,6 +51,7 @@ _CONNECTION_LOST = (
     "connection to server was lost",
 )
 _SUPERUSER_EXTENSION = re.compile(r'permission denied to create extension "([^"]+)"', re.IGNORECASE)
+_UNAVAILABLE_EXTENSION = re.compile(r'extension "([^"]+)" is not available', re.IGNORECASE)
 _UNSUPPORTED_COMPRESSION = re.compile(r"does not support compression with (\w+)", re.IGNORECASE)
 
 
@@ -213,6 +214,14 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
             "'restore_as_superuser: true' for this database in the DR plan, only if you trust every owner of its "
             "schemas, because restored code then runs as a superuser (README, Security model). Retrying cannot fix "
             "this."
+        )
+    unavailable = _UNAVAILABLE_EXTENSION.search(detail)
+    if unavailable:
+        return PermanentFailure(
+            f"{what} failed: the backup needs the extension {unavailable.group(1)!r}, which the server at "
+            f"{endpoint.host}:{endpoint.port} has not installed ({detail}). Install its package there (the one the "
+            "source server has, for this PostgreSQL major version), or restore to a server that has it. Retrying "
+            "cannot fix this."
         )
     unsupported = _UNSUPPORTED_COMPRESSION.search(detail)
     if unsupported:
