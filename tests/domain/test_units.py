@@ -567,3 +567,20 @@ def test_an_extension_the_server_has_not_installed_is_named_with_what_to_do():
     text = str(error)
     assert "needs the extension 'Ünknown', which the server at db1:5432 has not installed" in text
     assert "Install its package there" in text and "Retrying cannot fix this." in text and "s3cr3t" not in text
+
+
+def test_a_foreign_server_the_restore_role_may_not_create_says_what_to_do():
+    """pg_restore's own words (PostgreSQL 18) for CREATE SERVER as a role without USAGE on the wrapper."""
+    from pgdr.errors import PermanentFailure
+    from pgdr.logical.restore import RestoreFailed
+    from pgdr.postgres.client import PgEndpoint, tool_error
+
+    stderr = (
+        "pg_restore: error: could not execute query: ERROR:  permission denied for foreign-data wrapper postgres_fdw\n"
+        "Command was: CREATE SERVER other FOREIGN DATA WRAPPER postgres_fdw OPTIONS (\n    host 'x'\n);\n"
+    )
+    endpoint = PgEndpoint("db1", 5432, "pgdr_restore", "shop", "s3cr3t")
+    text = str(tool_error(endpoint, "pg_restore into 'x'", stderr, RestoreFailed))
+    assert "foreign servers of the foreign-data wrapper 'postgres_fdw'" in text
+    assert "restore_as_superuser: true" in text and "Retrying cannot fix this." in text and "s3cr3t" not in text
+    assert isinstance(tool_error(endpoint, "x", stderr, RestoreFailed), PermanentFailure)

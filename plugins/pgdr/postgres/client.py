@@ -51,6 +51,7 @@ _CONNECTION_LOST = (
     "connection to server was lost",
 )
 _SUPERUSER_EXTENSION = re.compile(r'permission denied to create extension "([^"]+)"', re.IGNORECASE)
+_FDW_DENIED = re.compile(r'permission denied for foreign-data wrapper "?([^";]+?)"?(?:;|$)', re.IGNORECASE)
 _UNAVAILABLE_EXTENSION = re.compile(r'extension "([^"]+)" is not available', re.IGNORECASE)
 _UNSUPPORTED_COMPRESSION = re.compile(r"does not support compression with (\w+)", re.IGNORECASE)
 
@@ -214,6 +215,15 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
             "'restore_as_superuser: true' for this database in the DR plan, only if you trust every owner of its "
             "schemas, because restored code then runs as a superuser (README, Security model). Retrying cannot fix "
             "this."
+        )
+    fdw = _FDW_DENIED.search(detail)
+    if fdw:
+        return PermanentFailure(
+            f"{what} failed: the backup has foreign servers of the foreign-data wrapper {fdw.group(1)!r}, and pgdr "
+            f"restores as the role {endpoint.user!r}, which has no USAGE on it in a freshly made database ({detail}). "
+            "Such a backup restores only with 'restore_as_superuser: true' for this database in the DR plan; set it "
+            "only if you trust every owner of its schemas, because restored code then runs as a superuser (README, "
+            "Security model). Retrying cannot fix this."
         )
     unavailable = _UNAVAILABLE_EXTENSION.search(detail)
     if unavailable:
