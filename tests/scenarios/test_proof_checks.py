@@ -79,9 +79,11 @@ def _spin(stop) -> None:
         pass
 
 
-def _amcheck_left() -> list[str]:
+def _amcheck_left(cluster) -> list[str]:
+    """The pg_amcheck processes still running against this test's server: under xdist, the other worker's server has
+    a database of the same name, and its checks may be running right now."""
     found = subprocess.run(["pgrep", "-af", "pg_amcheck"], capture_output=True, text=True).stdout
-    return [line for line in found.splitlines() if DB in line]
+    return [line for line in found.splitlines() if DB in line and f"port='{cluster.server.port}'" in line]
 
 
 def test_many_runs_under_load_give_the_same_findings_and_leave_nothing_running(recovered, tmp_path):
@@ -102,7 +104,7 @@ def test_many_runs_under_load_give_the_same_findings_and_leave_nothing_running(r
         assert found["validation"]["failed"] == 0 and found["validation"]["expectations"] >= 3, found["validation"]
         assert set(found["integrity"]["seconds"]) == {"row_counts_and_sequences", "expectations", "amcheck"}
     assert not [t for t in threading.enumerate() if t.name.startswith("pgdr-amcheck")]
-    assert _amcheck_left() == []
+    assert _amcheck_left(recovered) == []
 
 
 def test_a_failing_suite_waits_for_pg_amcheck_and_leaves_nothing_running(recovered, tmp_path, monkeypatch):
@@ -136,4 +138,4 @@ def test_a_failing_suite_waits_for_pg_amcheck_and_leaves_nothing_running(recover
         _check(recovered, tmp_path / "failing")
     assert finished.is_set(), "the suite's error was raised while pg_amcheck was still running"
     assert not [t for t in threading.enumerate() if t.name.startswith("pgdr-amcheck")]
-    assert _amcheck_left() == []
+    assert _amcheck_left(recovered) == []
