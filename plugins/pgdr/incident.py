@@ -36,7 +36,7 @@ import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgdr.errors import BackupNotFound, PermanentFailure, PgdrError, StorageUnavailable
 from pgdr.identifiers import (
@@ -63,6 +63,9 @@ from pgdr.postgres.client import PgEndpoint, connect, identifier, passfile_env, 
 from pgdr.postgres.marker import mark, marked_by, marker, unmark
 from pgdr.records import achieved_rto, expected_restore_seconds, phase_seconds
 from pgdr.storage.layout import is_backup_id
+
+if TYPE_CHECKING:
+    from pgdr.logical.privileges import DumpExtension, DumpToc
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +295,9 @@ def restore_tables(
     jobs: int,
     workdir: Path,
     left_out: list[str],
-    toc,
+    toc: DumpToc,
     admin: PgEndpoint | None = None,
+    extensions: list[DumpExtension] | None = None,
 ) -> set[str]:
     """Restore the schema of the whole backup and the data of ``tables`` only; return the tables filled.
 
@@ -301,13 +305,14 @@ def restore_tables(
     :param left_out: the tablespaces to leave out (:func:`pgdr.logical.restore.tablespaces_to_leave_out`).
     :param toc: the dump's :class:`pgdr.logical.privileges.DumpToc`.
     :param admin: the target server's own connection (see :func:`pgdr.logical.restore.create_untrusted_extensions`).
+    :param extensions: the dump's extensions, when the caller read them already.
     """
     from pgdr.identifiers import parse_qualified_name
     from pgdr.logical.privileges import NEVER_RESTORED, SUPERUSER_ONLY
     from pgdr.logical.restore import create_untrusted_extensions, tablespace_options
 
     where = tablespace_options(left_out)
-    created = set(create_untrusted_extensions(admin, target, toc, workdir))
+    created = set(create_untrusted_extensions(admin, target, toc, workdir, extensions))
     schema_list = workdir / "table-schema.list"
     schema_list.write_text("".join(f"{line}\n" for line in toc.lines if line not in created))
     run_tool(
@@ -1181,10 +1186,12 @@ def restore_dump_dir(
         filled = None
         if plan["tables"]:
             filled = sorted(
-                restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir, left_out, toc, admin=server)
+                restore_tables(
+                    target, dump, plan["tables"], db.dump_jobs, workdir, left_out, toc, server, needs.extensions_in_dump
+                )
             )
         else:
-            restore_dump(target, dump, db.dump_jobs, workdir, left_out, toc, admin=server)
+            restore_dump(target, dump, db.dump_jobs, workdir, left_out, toc, server, needs.extensions_in_dump)
         restore_s = time.monotonic() - t0
     except BaseException:
         _drop_quietly(server, plan["target"], run_id)  # a half-restored database is garbage

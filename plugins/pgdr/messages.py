@@ -213,6 +213,12 @@ SUPERUSER_RESTORE_WARNING = (
 )
 
 
+RESTORE_AS_SUPERUSER_CAVEAT = (
+    "only if you trust every owner of its schemas, because restored code then runs as a superuser (README, Security "
+    "model). Retrying cannot fix this."
+)
+
+
 def duration_or_na(seconds: float | None) -> str:
     """Return ``seconds`` as a duration, ``n/a`` when unknown."""
     return format_duration(seconds) if seconds is not None else "n/a"

@@ -26,7 +26,7 @@ from pgdr.postgres.client import PgEndpoint, connect, connection_args, pg_tool, 
 from pgdr.storage.backends import BackupStore, sha256_stream
 
 if TYPE_CHECKING:
-    from pgdr.logical.privileges import DumpToc
+    from pgdr.logical.privileges import DumpExtension, DumpToc
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,13 @@ def _objects_beside_schemas(conn) -> list[str]:
     ]
 
 
-def create_untrusted_extensions(admin: PgEndpoint | None, target: PgEndpoint, toc: DumpToc, workdir: Path) -> list[str]:
+def create_untrusted_extensions(
+    admin: PgEndpoint | None,
+    target: PgEndpoint,
+    toc: DumpToc,
+    workdir: Path,
+    extensions: list[DumpExtension] | None = None,
+) -> list[str]:
     """Create, as ``admin`` (the server's own connection), the extensions of the dump that the restore role may not
     create (``pg_stat_statements``, ``postgres_fdw``…: not trusted), and those they require (``cube`` for
     ``earthdistance``); return the table-of-contents lines the restore role's ``pg_restore`` must then leave out.
@@ -354,6 +360,8 @@ def create_untrusted_extensions(admin: PgEndpoint | None, target: PgEndpoint, to
     no restored object can be looked up by its install script. Nothing is done when the restore role may create
     them itself, when ``admin`` is not a superuser (the restore then fails saying what to do), or when the server
     lacks the extension.
+
+    :param extensions: the dump's extensions, when the caller read them already (``BackupNeeds.extensions_in_dump``).
     """
     from psycopg import sql
 
@@ -361,7 +369,7 @@ def create_untrusted_extensions(admin: PgEndpoint | None, target: PgEndpoint, to
 
     if admin is None or admin.user == target.user:
         return []
-    extensions = [e for e in dump_extensions(toc, workdir) if e.entries]
+    extensions = [e for e in (dump_extensions(toc, workdir) if extensions is None else extensions) if e.entries]
     if not extensions:
         return []
     with connect(admin.with_dbname(target.dbname), application_name="pgdr-extensions") as conn:
@@ -429,6 +437,7 @@ def restore_dump(
     left_out: list[str] | None = None,
     toc: DumpToc | None = None,
     admin: PgEndpoint | None = None,
+    extensions: list[DumpExtension] | None = None,
 ) -> float:
     """Run ``pg_restore`` into ``target``; return the seconds it took.
 
@@ -439,6 +448,7 @@ def restore_dump(
     :param left_out: the caller's :func:`tablespaces_to_leave_out` of the dump; ``None``: decided here.
     :param toc: the dump's table of contents, when the caller read it already.
     :param admin: the target server's own connection.
+    :param extensions: the dump's extensions, when the caller read them already.
     """
     from pgdr.logical.privileges import data_restore_list, named_tablespaces, read_toc
 
@@ -447,7 +457,7 @@ def restore_dump(
     if left_out is None:
         left_out = tablespaces_to_leave_out(target, named_tablespaces(toc, workdir), f"The dump in {dump_dir}")
     where = tablespace_options(left_out)
-    created = set(create_untrusted_extensions(admin, target, toc, workdir))
+    created = set(create_untrusted_extensions(admin, target, toc, workdir, extensions))
     listing = workdir / "restore.list"
     listing.write_text("".join(f"{line}\n" for line in data_restore_list(toc).splitlines() if line not in created))
     run_tool(
@@ -520,7 +530,17 @@ def restore_into_scratch(
     created = create_roles(scratch.server, missing_roles(needs, scratch.server), roles_marker, globals_of(dump_dir))
     scratch.create(comment, needs.database_options)
     left_out = tablespaces_to_leave_out(scratch.endpoint, needs.tablespaces, what or f"The dump in {dump_dir}")
-    return restore_dump(scratch.endpoint, dump_dir, jobs, workdir, left_out, toc, admin=scratch.server), created
+    seconds = restore_dump(
+        scratch.endpoint,
+        dump_dir,
+        jobs,
+        workdir,
+        left_out,
+        toc,
+        admin=scratch.server,
+        extensions=needs.extensions_in_dump,
+    )
+    return seconds, created
 
 
 def drop_scratch(scratch, roles_marker: str) -> bool:

@@ -33,6 +33,7 @@ from pgdr.errors import (
     work_space_full,
 )
 from pgdr.identifiers import conninfo, sql_identifier, table_key
+from pgdr.messages import RESTORE_AS_SUPERUSER_CAVEAT
 from pgdr.postgres.binaries import PG_BIN_ENV_VAR, pg_tool
 
 # re-exported: the one identifier rule lives in pgdr.identifiers, the one binary lookup in pgdr.postgres.binaries
@@ -212,9 +213,7 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
             f"restores as the role {endpoint.user!r}, which is not one ({detail}). pgdr creates such an extension "
             "itself, as the target server's own Airflow connection, when that connection is a superuser; this one is "
             "not. Point that connection at a superuser (it also installs amcheck for the checks), or set "
-            "'restore_as_superuser: true' for this database in the DR plan, only if you trust every owner of its "
-            "schemas, because restored code then runs as a superuser (README, Security model). Retrying cannot fix "
-            "this."
+            f"'restore_as_superuser: true' for this database in the DR plan, {RESTORE_AS_SUPERUSER_CAVEAT}"
         )
     fdw = _FDW_DENIED.search(detail)
     if fdw:
@@ -222,8 +221,7 @@ def tool_error(endpoint: PgEndpoint, what: str, stderr: str, error: type[PgdrErr
             f"{what} failed: the backup has foreign servers of the foreign-data wrapper {fdw.group(1)!r}, and pgdr "
             f"restores as the role {endpoint.user!r}, which has no USAGE on it in a freshly made database ({detail}). "
             "Such a backup restores only with 'restore_as_superuser: true' for this database in the DR plan; set it "
-            "only if you trust every owner of its schemas, because restored code then runs as a superuser (README, "
-            "Security model). Retrying cannot fix this."
+            f"{RESTORE_AS_SUPERUSER_CAVEAT}"
         )
     unavailable = _UNAVAILABLE_EXTENSION.search(detail)
     if unavailable:
