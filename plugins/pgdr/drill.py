@@ -956,7 +956,8 @@ class PhaseClock:
 def restore_timed(db, manifest, store, data_key: bytes | None, restore_into, workdir: Path) -> dict[str, Any]:
     """Check the stored files, download and restore them into the drill's scratch database, each phase timed.
 
-    :param restore_into: restores a downloaded dump folder into the scratch database; returns ``(seconds, roles)``.
+    :param restore_into: restores a downloaded dump folder into the scratch database; returns its
+        :class:`pgdr.logical.restore.ScratchRestore`.
     """
     from pgdr.logical.restore import download_backup, verify_checksums
 
@@ -966,8 +967,8 @@ def restore_timed(db, manifest, store, data_key: bytes | None, restore_into, wor
     with clock("download"):
         download_backup(manifest, store, workdir / "dump", workers, data_key=data_key)
     with clock("restore"):
-        _, created = restore_into(workdir / "dump", workdir)
-    return {"phases": clock.phases, "roles_created": created}
+        outcome = restore_into(workdir / "dump", workdir)
+    return {"phases": clock.phases, **{k: v for k, v in outcome.details().items() if k != "restore_seconds"}}
 
 
 def check_timed(db, manifest, store, data_key: bytes | None, scratch, workdir) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import logging
 import re
 import subprocess
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,7 @@ from pgdr.records import achieved_rto, expected_restore_seconds, phase_seconds
 from pgdr.storage.layout import is_backup_id
 
 if TYPE_CHECKING:
-    from pgdr.logical.privileges import DumpExtension, DumpToc
+    from pgdr.logical.privileges import DumpToc
 
 log = logging.getLogger(__name__)
 
@@ -296,25 +297,22 @@ def restore_tables(
     workdir: Path,
     left_out: list[str],
     toc: DumpToc,
-    admin: PgEndpoint | None = None,
-    extensions: list[DumpExtension] | None = None,
+    done: Collection[str] = (),
 ) -> set[str]:
     """Restore the schema of the whole backup and the data of ``tables`` only; return the tables filled.
 
     :param tables: table keys (see :mod:`pgdr.identifiers`), such as ``"Sales Dept"."Customer Accounts"``.
     :param left_out: the tablespaces to leave out (:func:`pgdr.logical.restore.tablespaces_to_leave_out`).
     :param toc: the dump's :class:`pgdr.logical.privileges.DumpToc`.
-    :param admin: the target server's own connection (see :func:`pgdr.logical.restore.create_untrusted_extensions`).
-    :param extensions: the dump's extensions, when the caller read them already.
+    :param done: table-of-contents lines already restored (:func:`pgdr.logical.restore.create_untrusted_extensions`).
     """
     from pgdr.identifiers import parse_qualified_name
     from pgdr.logical.privileges import NEVER_RESTORED, SUPERUSER_ONLY
-    from pgdr.logical.restore import create_untrusted_extensions, tablespace_options
+    from pgdr.logical.restore import tablespace_options
 
     where = tablespace_options(left_out)
-    created = set(create_untrusted_extensions(admin, target, toc, workdir, extensions))
     schema_list = workdir / "table-schema.list"
-    schema_list.write_text("".join(f"{line}\n" for line in toc.lines if line not in created))
+    schema_list.write_text("".join(f"{line}\n" for line in toc.lines if line not in done))
     run_tool(
         target,
         workdir,
@@ -328,7 +326,7 @@ def restore_tables(
     listing = workdir / "table-restore.list"
     superuser_only = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED))  # created after the checks
     kept = table_restore_list("\n".join(toc.lines), data_ids).splitlines()
-    listing.write_text("".join(f"{line}\n" for line in kept if line not in superuser_only and line not in created))
+    listing.write_text("".join(f"{line}\n" for line in kept if line not in superuser_only and line not in done))
     run_tool(
         target,
         workdir,
@@ -1025,6 +1023,12 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
             f"{', '.join(printable(t) for t in report['tablespaces_left_out'])}. The tables and indexes that were in "
             "them are in the database's default tablespace; move them with ALTER TABLE … SET TABLESPACE if it matters."
         )
+    if report.get("extensions_created"):
+        lines.append(
+            "- Extensions created by the target server's own connection, as the restore role may not create them (not "
+            f"trusted): {', '.join(printable(e) for e in report['extensions_created'])}. Nothing else of the backup "
+            "ran as that connection."
+        )
     if not done:
         return lines + [
             "- Not completed (this phase failed or did not run; its alert says why): unless the phase's log says "
@@ -1161,7 +1165,7 @@ def restore_dump_dir(
     :param what: the dump in messages ("Backup 2026...", "The dump of shop as of ...").
     """
     from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, globals_of, missing_roles, read_toc
-    from pgdr.logical.restore import tablespaces_to_leave_out
+    from pgdr.logical.restore import create_untrusted_extensions, tablespaces_to_leave_out
 
     toc = read_toc(dump)
     needs = backup_needs(toc, workdir)
@@ -1183,15 +1187,14 @@ def restore_dump_dir(
     try:
         t0 = time.monotonic()
         left_out = tablespaces_to_leave_out(target, needs.tablespaces, what)
+        extensions = create_untrusted_extensions(server, target, toc, workdir, needs.extensions_in_dump)
         filled = None
         if plan["tables"]:
             filled = sorted(
-                restore_tables(
-                    target, dump, plan["tables"], db.dump_jobs, workdir, left_out, toc, server, needs.extensions_in_dump
-                )
+                restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir, left_out, toc, extensions.entries)
             )
         else:
-            restore_dump(target, dump, db.dump_jobs, workdir, left_out, toc, server, needs.extensions_in_dump)
+            restore_dump(target, dump, db.dump_jobs, workdir, left_out, toc, extensions.entries)
         restore_s = time.monotonic() - t0
     except BaseException:
         _drop_quietly(server, plan["target"], run_id)  # a half-restored database is garbage
@@ -1202,6 +1205,7 @@ def restore_dump_dir(
         "roles_created": created,
         "database_options": needs.database_options,
         "tablespaces_left_out": left_out,
+        "extensions_created": list(extensions.names),
     }
 
 
@@ -1286,6 +1290,7 @@ def restore_report(
         "privileges": phases["apply_privileges"],
         "roles_created": (phases["restore_backup"] or {}).get("roles_created", []),
         "tablespaces_left_out": (phases["restore_backup"] or {}).get("tablespaces_left_out", []),
+        "extensions_created": (phases["restore_backup"] or {}).get("extensions_created", []),
         "swap_steps": (phases["swap_into_place"] or {}).get("steps", []),
         "final_state": final_state,
         "written_at": run["written_at"],

@@ -27,7 +27,7 @@ from typing import Any
 STATUSES = ("verified", "failed")
 PITR_KIND = "point-in-time recovery"
 # Per phase of a verify-restore, what the record keeps beside the phase's start, end and seconds.
-_PHASE_DETAILS = ("download_seconds", "restore_seconds", "roles_created")
+_PHASE_DETAILS = ("download_seconds", "restore_seconds", "roles_created", "tablespaces_left_out", "extensions_created")
 _INTEGRITY = ("tables_checked", "rows_checked", "sequences_checked", "amcheck_ok", "large_objects")
 _PRIVILEGES = (
     "owners",

@@ -398,7 +398,9 @@ def test_tables_in_a_tablespace_are_verified_and_restored_into_it_where_the_targ
         catalog = BackupCatalog(store, layout, "spaced")
         entry = catalog.latest()
         _ok(run_dag("pgdr_verify_restore", run_conf={"database": "spaced", "backup_id": entry.backup_id}))
-        assert catalog.get(entry.backup_id).verification.status == "verified"
+        verification = catalog.get(entry.backup_id).verification
+        assert verification.status == "verified"
+        assert verification.phases["restore_backup"]["tablespaces_left_out"] == [TABLESPACE]  # evidence of the choice
 
         def restored(target: str, **conf) -> dict:
             _ok(run_dag("pgdr_restore", run_conf={"database": "spaced", "target_name": target, **conf}))

@@ -268,6 +268,8 @@ def test_untrusted_extensions_are_created_by_the_servers_connection_and_restore_
         root = p.databases[0].storage.path
         (record,) = [json.loads(f.read_text()) for f in root.glob("v1/needs/*/verification.json")]
         assert record["status"] == "verified" and not record.get("restored_as_superuser")
+        made = ["amcheck", "cube", "earthdistance", "pg_stat_statements"]  # cube: earthdistance requires it
+        assert sorted(record["phases"]["restore_backup"]["extensions_created"]) == made, record["phases"]
         dry = run_dag("pgdr_restore", run_conf={"database": "needs", "dry_run": True})
         assert dry.get_state() == "success", dry.states
         (line,) = [x for x in render_plan(xcom_of(dry, "plan_restore")).splitlines() if "extensions " in x]
@@ -275,6 +277,9 @@ def test_untrusted_extensions_are_created_by_the_servers_connection_and_restore_
         assert all(name in line for name in ("pg_stat_statements", "amcheck", "cube", "earthdistance")), line
         restore = run_dag("pgdr_restore", run_conf={"database": "needs", "target_name": "needs_copy"})
         assert restore.states["write_report"] == "success", restore.states
+        reports = [f.read_text() for f in root.glob("v1/needs/*/restores/*.md")]
+        said = [x for r in reports if "needs_copy" in r for x in r.splitlines() if "server's own connection" in x]
+        assert said and all(name in said[0] for name in made), said
         tables = run_dag(
             "pgdr_restore", run_conf={"database": "needs", "target_name": "needs_tables", "tables": ["public.t"]}
         )
@@ -330,7 +335,9 @@ def test_untrusted_extensions_are_created_by_the_servers_connection_and_restore_
         second = run_dag("pgdr_verify_restore", run_conf={"database": "needs"})
         assert second.states["verify.record_verification[0]"] == "success", second.states
         records = [json.loads(f.read_text()) for f in root.glob("v1/needs/*/verification.json")]
-        assert any(r["status"] == "verified" and r.get("restored_as_superuser") is True for r in records), records
+        (as_superuser,) = [r for r in records if r.get("restored_as_superuser")]
+        assert as_superuser["status"] == "verified", as_superuser
+        assert as_superuser["phases"]["restore_backup"]["extensions_created"] == []  # the restore role made them
         assert any("ran as a superuser" in (r.get("warning") or "") for r in records)
         assert any(
             "restore_as_superuser is set" in f.read_text() for f in root.glob("v1/needs/*/validation/report.html")
@@ -386,8 +393,9 @@ def test_an_extension_is_never_created_as_a_superuser_beside_objects_the_restore
 
         _sql(pg_server, "DROP FUNCTION public.pg_stat_statements_reset()", "ext_target")
         _sql(pg_server, 'DROP SCHEMA "Ext Ö"', "ext_target")
-        left_out = create_untrusted_extensions(admin, restorer, read_toc(tmp_path / "dump"), tmp_path)
-        assert len(left_out) == 3  # the schema, the extension, its comment
+        made = create_untrusted_extensions(admin, restorer, read_toc(tmp_path / "dump"), tmp_path)
+        assert made.names == ("pg_stat_statements",)
+        assert len(made.entries) == 3  # the schema, the extension, its comment
         assert _sql(
             pg_server,
             "SELECT n.nspname, pg_get_userbyid(n.nspowner) FROM pg_extension e JOIN pg_namespace n ON n.oid = "

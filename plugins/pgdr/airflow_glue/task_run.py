@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgdr.errors import PermanentFailure
 from pgdr.runtime import STOP_REQUESTED_ENV_VAR
+
+if TYPE_CHECKING:
+    from pgdr.logical.restore import ScratchRestore
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +135,7 @@ def drop_scratch_and_roles(scratch, purpose: str, context) -> bool:
     return drop_scratch(scratch, scratch_roles_marker(purpose, context))
 
 
-def restore_into_scratch(
-    scratch, dump_dir: Path, jobs: int, workdir: Path, purpose: str, context
-) -> tuple[float, list[str]]:
+def restore_into_scratch(scratch, dump_dir: Path, jobs: int, workdir: Path, purpose: str, context) -> ScratchRestore:
     """Restore a downloaded dump into this run's scratch database
     (:func:`pgdr.logical.restore.restore_into_scratch`)."""
     from pgdr.logical.restore import restore_into_scratch as restore

@@ -14,9 +14,10 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgdr.errors import ChecksumMismatch, PermanentFailure, work_space_full
 from pgdr.identifiers import printable
@@ -343,16 +344,24 @@ def _objects_beside_schemas(conn) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class ExtensionsCreated:
+    """What :func:`create_untrusted_extensions` did before the restore role's ``pg_restore``."""
+
+    names: tuple[str, ...] = ()  # the extensions the server's connection created, in the order it did
+    entries: frozenset[str] = frozenset()  # the table-of-contents lines done (those, and the dump's schemas)
+
+
 def create_untrusted_extensions(
     admin: PgEndpoint | None,
     target: PgEndpoint,
     toc: DumpToc,
     workdir: Path,
     extensions: list[DumpExtension] | None = None,
-) -> list[str]:
+) -> ExtensionsCreated:
     """Create, as ``admin`` (the server's own connection), the extensions of the dump that the restore role may not
     create (``pg_stat_statements``, ``postgres_fdw``…: not trusted), and those they require (``cube`` for
-    ``earthdistance``); return the table-of-contents lines the restore role's ``pg_restore`` must then leave out.
+    ``earthdistance``), before the restore role restores the rest (leaving out the entries this made).
 
     Only the extension itself runs as ``admin``, never anything the dump says: its name, schema and comment are
     read from the dump and passed as quoted identifiers and a literal. It is created in a database that holds
@@ -368,10 +377,10 @@ def create_untrusted_extensions(
     from pgdr.logical.privileges import dump_extensions, schema_entries
 
     if admin is None or admin.user == target.user:
-        return []
+        return ExtensionsCreated()
     extensions = [e for e in (dump_extensions(toc, workdir) if extensions is None else extensions) if e.entries]
     if not extensions:
-        return []
+        return ExtensionsCreated()
     with connect(admin.with_dbname(target.dbname), application_name="pgdr-extensions") as conn:
         conn.execute("SET search_path = pg_catalog, pg_temp")
         superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
@@ -386,7 +395,7 @@ def create_untrusted_extensions(
                 todo += requires.get(name, [])
         extensions = [e for e in extensions if e.name in wanted]
         if not extensions or not superuser or (restorer and restorer[0]):
-            return []
+            return ExtensionsCreated()
         schemas = schema_entries(toc)
         if schemas:  # the restore role makes the dump's schemas (empty), as it would have
             listing = workdir / "schemas.list"
@@ -426,7 +435,9 @@ def create_untrusted_extensions(
         admin.user,
         target.user,
     )
-    return [*schemas, *(line for e in extensions for line in e.entries)]
+    return ExtensionsCreated(
+        tuple(e.name for e in extensions), frozenset([*schemas, *(line for e in extensions for line in e.entries)])
+    )
 
 
 def restore_dump(
@@ -436,19 +447,16 @@ def restore_dump(
     workdir: Path,
     left_out: list[str] | None = None,
     toc: DumpToc | None = None,
-    admin: PgEndpoint | None = None,
-    extensions: list[DumpExtension] | None = None,
+    done: Collection[str] = (),
 ) -> float:
     """Run ``pg_restore`` into ``target``; return the seconds it took.
 
     Objects only a superuser can create (event triggers, publications) and subscriptions are left
     out: :func:`pgdr.logical.privileges.apply_privileges` creates the former after the checks.
-    Extensions only a superuser can create are created first by ``admin`` (:func:`create_untrusted_extensions`).
 
     :param left_out: the caller's :func:`tablespaces_to_leave_out` of the dump; ``None``: decided here.
     :param toc: the dump's table of contents, when the caller read it already.
-    :param admin: the target server's own connection.
-    :param extensions: the dump's extensions, when the caller read them already.
+    :param done: table-of-contents lines already restored (:attr:`ExtensionsCreated.entries`), left out.
     """
     from pgdr.logical.privileges import data_restore_list, named_tablespaces, read_toc
 
@@ -457,9 +465,8 @@ def restore_dump(
     if left_out is None:
         left_out = tablespaces_to_leave_out(target, named_tablespaces(toc, workdir), f"The dump in {dump_dir}")
     where = tablespace_options(left_out)
-    created = set(create_untrusted_extensions(admin, target, toc, workdir, extensions))
     listing = workdir / "restore.list"
-    listing.write_text("".join(f"{line}\n" for line in data_restore_list(toc).splitlines() if line not in created))
+    listing.write_text("".join(f"{line}\n" for line in data_restore_list(toc).splitlines() if line not in done))
     run_tool(
         target,
         workdir,
@@ -510,11 +517,28 @@ def give_back_privileges(
     return apply_privileges(admin, read_toc(workdir / "toc"), workdir, database_comment=not scratch, skip=skip)
 
 
+@dataclass(frozen=True)
+class ScratchRestore:
+    """What :func:`restore_into_scratch` did, as a verification record keeps it in its ``restore_backup`` phase."""
+
+    seconds: float
+    roles_created: list[str]  # for the scratch database, NOLOGIN (dropped with it)
+    tablespaces_left_out: list[str]  # their tables and indexes restored into the database's default tablespace
+    extensions_created: list[str]  # by the server's connection: the restore role may not create them
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "restore_seconds": self.seconds,
+            "roles_created": self.roles_created,
+            "tablespaces_left_out": self.tablespaces_left_out,
+            "extensions_created": self.extensions_created,
+        }
+
+
 def restore_into_scratch(
     scratch, dump_dir: Path, jobs: int, workdir: Path, comment: str, roles_marker: str, what: str | None = None
-) -> tuple[float, list[str]]:
-    """Restore a downloaded dump into a scratch database as an incident restore would; return ``(seconds, roles
-    created)``.
+) -> ScratchRestore:
+    """Restore a downloaded dump into a scratch database as an incident restore would.
 
     The scratch database is made again (empty, a failed try's half restore gone) with the backup's
     encoding and locale, marked with ``comment``; the roles the backup names that the server lacks
@@ -530,17 +554,10 @@ def restore_into_scratch(
     created = create_roles(scratch.server, missing_roles(needs, scratch.server), roles_marker, globals_of(dump_dir))
     scratch.create(comment, needs.database_options)
     left_out = tablespaces_to_leave_out(scratch.endpoint, needs.tablespaces, what or f"The dump in {dump_dir}")
-    seconds = restore_dump(
-        scratch.endpoint,
-        dump_dir,
-        jobs,
-        workdir,
-        left_out,
-        toc,
-        admin=scratch.server,
-        extensions=needs.extensions_in_dump,
-    )
-    return seconds, created
+    started = time.monotonic()
+    extensions = create_untrusted_extensions(scratch.server, scratch.endpoint, toc, workdir, needs.extensions_in_dump)
+    restore_dump(scratch.endpoint, dump_dir, jobs, workdir, left_out, toc, extensions.entries)
+    return ScratchRestore(time.monotonic() - started, created, left_out, list(extensions.names))
 
 
 def drop_scratch(scratch, roles_marker: str) -> bool:

@@ -149,18 +149,16 @@ def run_restore_and_check(target: dict[str, str], scratch_name: str, context) ->
                 download["seconds"],
             )
             with _phase(context, "restore_backup") as restored:
-                restore_s, created = restore_into_scratch(
+                outcome = restore_into_scratch(
                     scratch, workdir / "dump", objs.db.dump_jobs, workdir, objs.purpose, context
                 )
-                restored.update(
-                    {"download_seconds": download["seconds"], "restore_seconds": restore_s, "roles_created": created}
-                )
+                restored.update({"download_seconds": download["seconds"], **outcome.details()})
             log.info(
                 "Backup %s restored into %s: pg_restore -j%d %.1fs.",
                 manifest.backup_id,
                 scratch_name,
                 objs.db.dump_jobs,
-                restore_s,
+                outcome.seconds,
             )
             with _phase(context, "check_integrity") as integrity:
                 integrity.update(
