@@ -1026,8 +1026,8 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
     if report.get("extensions_created"):
         lines.append(
             "- Extensions created by the target server's own connection, as the restore role may not create them (not "
-            f"trusted): {', '.join(printable(e) for e in report['extensions_created'])}. Nothing else of the backup "
-            "ran as that connection."
+            f"trusted): {', '.join(printable(e) for e in report['extensions_created'])}, each by name in its schema; "
+            "the rest of the backup was restored as the restore role."
         )
     if not done:
         return lines + [
