@@ -1165,7 +1165,7 @@ def restore_dump_dir(
     :param what: the dump in messages ("Backup 2026...", "The dump of shop as of ...").
     """
     from pgdr.logical.privileges import MissingRoles, backup_needs, create_roles, globals_of, missing_roles, read_toc
-    from pgdr.logical.restore import create_untrusted_extensions, tablespaces_to_leave_out
+    from pgdr.logical.restore import prepare_target
 
     toc = read_toc(dump)
     needs = backup_needs(toc, workdir)
@@ -1186,15 +1186,13 @@ def restore_dump_dir(
     create_target(server, plan["target"], run_id, owner=target, options=needs.database_options)
     try:
         t0 = time.monotonic()
-        left_out = tablespaces_to_leave_out(target, needs.tablespaces, what)
-        extensions = create_untrusted_extensions(server, target, toc, workdir, needs.extensions_in_dump)
+        ready = prepare_target(server, target, toc, needs, workdir, what)
+        left_out, done = ready.tablespaces_left_out, ready.extensions.entries
         filled = None
         if plan["tables"]:
-            filled = sorted(
-                restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir, left_out, toc, extensions.entries)
-            )
+            filled = sorted(restore_tables(target, dump, plan["tables"], db.dump_jobs, workdir, left_out, toc, done))
         else:
-            restore_dump(target, dump, db.dump_jobs, workdir, left_out, toc, extensions.entries)
+            restore_dump(target, dump, db.dump_jobs, workdir, left_out, toc, done)
         restore_s = time.monotonic() - t0
     except BaseException:
         _drop_quietly(server, plan["target"], run_id)  # a half-restored database is garbage
@@ -1205,7 +1203,7 @@ def restore_dump_dir(
         "roles_created": created,
         "database_options": needs.database_options,
         "tablespaces_left_out": left_out,
-        "extensions_created": list(extensions.names),
+        "extensions_created": list(ready.extensions.names),
     }
 
 

@@ -361,7 +361,7 @@ def test_an_extension_is_never_created_as_a_superuser_beside_objects_the_restore
     import subprocess
 
     from pgdr.identifiers import conninfo
-    from pgdr.logical.privileges import read_toc
+    from pgdr.logical.privileges import dump_extensions, read_toc
     from pgdr.logical.restore import RestoreFailed, create_untrusted_extensions
     from pgdr.postgres.binaries import bundled_bin_dir
     from pgdr.postgres.client import PgEndpoint
@@ -385,15 +385,16 @@ def test_an_extension_is_never_created_as_a_superuser_beside_objects_the_restore
         ) as conn:
             conn.execute("CREATE FUNCTION public.pg_stat_statements_reset() RETURNS void LANGUAGE sql AS 'SELECT'")
         admin = PgEndpoint("127.0.0.1", pg_server.port, pg_server.superuser, "postgres", pg_server.password)
+        toc = read_toc(tmp_path / "dump")
         with pytest.raises(RestoreFailed, match=r"created more than schemas .*objects in pg_proc.*tampered with"):
-            create_untrusted_extensions(admin, restorer, read_toc(tmp_path / "dump"), tmp_path)
+            create_untrusted_extensions(admin, restorer, toc, tmp_path, dump_extensions(toc, tmp_path))
         assert _sql(
             pg_server, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_stat_statements'", "ext_target"
         ) == [(0,)]
 
         _sql(pg_server, "DROP FUNCTION public.pg_stat_statements_reset()", "ext_target")
         _sql(pg_server, 'DROP SCHEMA "Ext Ö"', "ext_target")
-        made = create_untrusted_extensions(admin, restorer, read_toc(tmp_path / "dump"), tmp_path)
+        made = create_untrusted_extensions(admin, restorer, toc, tmp_path, dump_extensions(toc, tmp_path))
         assert made.names == ("pg_stat_statements",)
         assert len(made.entries) == 3  # the schema, the extension, its comment
         assert _sql(
@@ -412,12 +413,15 @@ def test_a_backup_whose_extension_the_target_server_lacks_is_refused_before_anyt
     installed (no control file) stops the restore there, naming it and what to install, instead of after the
     download."""
     from pgdr.incident import InvalidRestoreRequest, check_extensions
-    from pgdr.logical.privileges import BackupNeeds, missing_extensions
+    from pgdr.logical.privileges import BackupNeeds, DumpExtension, missing_extensions
     from pgdr.postgres.client import PgEndpoint
 
+    def needing(*names: str) -> BackupNeeds:
+        return BackupNeeds(extensions_in_dump=[DumpExtension(name, "public", None, ()) for name in names])
+
     server = PgEndpoint("127.0.0.1", pg_server.port, pg_server.superuser, "postgres", pg_server.password)
-    needs = BackupNeeds(extensions=["citext", "Ünknown ext", "pg_stat_statements"])
+    needs = needing("citext", "Ünknown ext", "pg_stat_statements")
     assert missing_extensions(needs, server) == ["Ünknown ext"]
     with pytest.raises(InvalidRestoreRequest, match=r"does not have installed: Ünknown ext .*Install their packages"):
         check_extensions(needs, server, "20261207T000000Z-abcdef")
-    check_extensions(BackupNeeds(extensions=["citext"]), server, "20261207T000000Z-abcdef")  # all there: no error
+    check_extensions(needing("citext"), server, "20261207T000000Z-abcdef")  # all there: no error

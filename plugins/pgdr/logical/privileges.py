@@ -394,13 +394,17 @@ class BackupNeeds:
 
     roles: set[str] = field(default_factory=set)
     tablespaces: set[str] = field(default_factory=set)  # where the source had tables and indexes (besides its default)
-    extensions: list[str] = field(default_factory=list)  # every extension the dump creates, in its order
-    extensions_in_dump: list[DumpExtension] = field(default_factory=list)  # the same, with schema, comment, entries
+    extensions_in_dump: list[DumpExtension] = field(default_factory=list)  # in the dump's order
     database_options: dict[str, str] = field(
         default_factory=dict
     )  # CREATE DATABASE option -> value, as the source had them
     superuser_objects: list[str] = field(default_factory=list)
     skipped_objects: list[str] = field(default_factory=list)
+
+    @property
+    def extensions(self) -> list[str]:
+        """The names of every extension the dump creates, in its order."""
+        return [extension.name for extension in self.extensions_in_dump]
 
     def to_dict(self) -> dict:
         return {
@@ -417,13 +421,11 @@ def backup_needs(toc: DumpToc, workdir: Path, env=None) -> BackupNeeds:
     """Read what a backup needs of its target: roles, tablespaces, the database's encoding and locale, superuser
     objects."""
     plain = _plain_script(toc, _schema_entries(toc), workdir, env)  # what owners and tablespaces are both found against
-    extensions = dump_extensions(toc, workdir, env)
     needs = BackupNeeds(
         superuser_objects=toc.described(*SUPERUSER_ONLY),
         skipped_objects=toc.described(*NEVER_RESTORED),
         tablespaces=named_tablespaces(toc, workdir, env, plain=plain),
-        extensions=[extension.name for extension in extensions],
-        extensions_in_dump=extensions,
+        extensions_in_dump=dump_extensions(toc, workdir, env),
     )
     for statement in owner_statements(toc, workdir, env, plain=plain):
         needs.roles |= roles_in(statements(statement)[0])

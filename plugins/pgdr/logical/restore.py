@@ -27,7 +27,7 @@ from pgdr.postgres.client import PgEndpoint, connect, connection_args, pg_tool, 
 from pgdr.storage.backends import BackupStore, sha256_stream
 
 if TYPE_CHECKING:
-    from pgdr.logical.privileges import DumpExtension, DumpToc
+    from pgdr.logical.privileges import BackupNeeds, DumpExtension, DumpToc
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def create_untrusted_extensions(
     target: PgEndpoint,
     toc: DumpToc,
     workdir: Path,
-    extensions: list[DumpExtension] | None = None,
+    extensions: list[DumpExtension],
 ) -> ExtensionsCreated:
     """Create, as ``admin`` (the server's own connection), the extensions of the dump that the restore role may not
     create (``pg_stat_statements``, ``postgres_fdw``…: not trusted), and those they require (``cube`` for
@@ -370,15 +370,15 @@ def create_untrusted_extensions(
     them itself, when ``admin`` is not a superuser (the restore then fails saying what to do), or when the server
     lacks the extension.
 
-    :param extensions: the dump's extensions, when the caller read them already (``BackupNeeds.extensions_in_dump``).
+    :param extensions: the dump's extensions (``BackupNeeds.extensions_in_dump``).
     """
     from psycopg import sql
 
-    from pgdr.logical.privileges import dump_extensions, schema_entries
+    from pgdr.logical.privileges import schema_entries
 
     if admin is None or admin.user == target.user:
         return ExtensionsCreated()
-    extensions = [e for e in (dump_extensions(toc, workdir) if extensions is None else extensions) if e.entries]
+    extensions = [e for e in extensions if e.entries]
     if not extensions:
         return ExtensionsCreated()
     with connect(admin.with_dbname(target.dbname), application_name="pgdr-extensions") as conn:
@@ -438,6 +438,27 @@ def create_untrusted_extensions(
     return ExtensionsCreated(
         tuple(e.name for e in extensions), frozenset([*schemas, *(line for e in extensions for line in e.entries)])
     )
+
+
+@dataclass(frozen=True)
+class TargetPrepared:
+    """What :func:`prepare_target` chose and did before the restore role's ``pg_restore``."""
+
+    tablespaces_left_out: list[str]  # their tables and indexes go into the database's default tablespace
+    extensions: ExtensionsCreated
+
+
+def prepare_target(
+    admin: PgEndpoint | None, target: PgEndpoint, toc: DumpToc, needs: BackupNeeds, workdir: Path, what: str
+) -> TargetPrepared:
+    """Make an empty target database ready for the restore role's ``pg_restore``: leave out the tablespaces the
+    target server lacks (:func:`tablespaces_to_leave_out`), then create, as ``admin``, the extensions the restore role
+    may not create (:func:`create_untrusted_extensions`). Every restore does both, in this order.
+
+    :param what: the dump in messages ("Backup 2026...", "The dump in ...").
+    """
+    left_out = tablespaces_to_leave_out(target, needs.tablespaces, what)
+    return TargetPrepared(left_out, create_untrusted_extensions(admin, target, toc, workdir, needs.extensions_in_dump))
 
 
 def restore_dump(
@@ -526,13 +547,16 @@ class ScratchRestore:
     tablespaces_left_out: list[str]  # their tables and indexes restored into the database's default tablespace
     extensions_created: list[str]  # by the server's connection: the restore role may not create them
 
-    def details(self) -> dict[str, Any]:
+    def objects(self) -> dict[str, list[str]]:
+        """What the restore made or left out beside the dump's own objects (roles, tablespaces, extensions)."""
         return {
-            "restore_seconds": self.seconds,
             "roles_created": self.roles_created,
             "tablespaces_left_out": self.tablespaces_left_out,
             "extensions_created": self.extensions_created,
         }
+
+    def details(self) -> dict[str, Any]:
+        return {"restore_seconds": self.seconds, **self.objects()}
 
 
 def restore_into_scratch(
@@ -553,11 +577,10 @@ def restore_into_scratch(
     needs = backup_needs(toc, workdir)
     created = create_roles(scratch.server, missing_roles(needs, scratch.server), roles_marker, globals_of(dump_dir))
     scratch.create(comment, needs.database_options)
-    left_out = tablespaces_to_leave_out(scratch.endpoint, needs.tablespaces, what or f"The dump in {dump_dir}")
     started = time.monotonic()
-    extensions = create_untrusted_extensions(scratch.server, scratch.endpoint, toc, workdir, needs.extensions_in_dump)
-    restore_dump(scratch.endpoint, dump_dir, jobs, workdir, left_out, toc, extensions.entries)
-    return ScratchRestore(time.monotonic() - started, created, left_out, list(extensions.names))
+    ready = prepare_target(scratch.server, scratch.endpoint, toc, needs, workdir, what or f"The dump in {dump_dir}")
+    restore_dump(scratch.endpoint, dump_dir, jobs, workdir, ready.tablespaces_left_out, toc, ready.extensions.entries)
+    return ScratchRestore(time.monotonic() - started, created, ready.tablespaces_left_out, list(ready.extensions.names))
 
 
 def drop_scratch(scratch, roles_marker: str) -> bool:
