@@ -92,11 +92,14 @@ def evaluate(
     validation: dict | None,
     backup_id: str | None,
     copies: dict[str, dict] | None = None,
+    restored: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Return the per-database drill result with pass/fail against every target and action items.
 
     :param copies: per copy target, its last verification from the copy (:func:`copy_proofs`): checks
         ``copy_verified.<target>``.
+    :param restored: what the scratch restore made or left out beside the dump's objects
+        (:meth:`pgdr.logical.restore.ScratchRestore.objects`).
     """
     by_name = {p["name"]: p for p in phases}
     rto_s = None
@@ -132,8 +135,24 @@ def evaluate(
         "rpo": rpo,
         "negative_control": negative_control,
         "validation": validation,
+        "restored": restored or {},
         "action_items": actions,
     }
+
+
+_RESTORED = (
+    ("roles_created", "Roles the server lacked, created for the scratch database (NOLOGIN, dropped with it)"),
+    ("tablespaces_left_out", "Tablespaces the server lacks: their tables and indexes restored into the default one"),
+    ("extensions_created", "Extensions the restore role may not create, created by the server's own connection"),
+)
+
+
+def restored_lines(result: dict[str, Any]) -> list[str]:
+    """What a database's scratch restore made or left out (roles, tablespaces, extensions), one line each."""
+    restored = result.get("restored") or {}  # drills before 2026-12 did not keep it
+    return [
+        f"{label}: {', '.join(printable(n) for n in names)}" for key, label in _RESTORED if (names := restored.get(key))
+    ]
 
 
 def action_items(database, checks, rpo, negative_control, failed_phase, validation) -> list[str]:
@@ -384,6 +403,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if r["validation"]:
             v = r["validation"]
             lines.append(f"- validation: {v['expectations'] - v['failed']} of {v['expectations']} expectations passed")
+        lines += [f"- {line}" for line in restored_lines(r)]
         lines.append("")
     lines += ["## Action items", ""]
     items = report_action_items(report)
@@ -664,9 +684,10 @@ def render_html(report: dict[str, Any], chart_png: bytes) -> str:
             if v
             else ""
         )
+        restored = "".join(f"<p>{e(line)}</p>" for line in restored_lines(r))
         timeline.append(
             f"<h3>{e(r['database'])} <small>backup {e(r['backup_id'] or 'none')}</small></h3><div "
-            f"class='timeline'>{bars}</div><ul class='steps'>{steps}</ul>{validation}"
+            f"class='timeline'>{bars}</div><ul class='steps'>{steps}</ul>{validation}{restored}"
         )
     items = report_action_items(report)
     actions = "".join(f"<li>{e(i)}</li>" for i in items) or "<li>None: every target was met.</li>"
@@ -968,7 +989,7 @@ def restore_timed(db, manifest, store, data_key: bytes | None, restore_into, wor
         download_backup(manifest, store, workdir / "dump", workers, data_key=data_key)
     with clock("restore"):
         outcome = restore_into(workdir / "dump", workdir)
-    return {"phases": clock.phases, **{k: v for k, v in outcome.details().items() if k != "restore_seconds"}}
+    return {"phases": clock.phases, "restored": outcome.objects()}
 
 
 def check_timed(db, manifest, store, data_key: bytes | None, scratch, workdir) -> dict[str, Any]:
@@ -1057,4 +1078,5 @@ def measure(
         (values["check_timed"] or {}).get("validation"),
         (values["rehearse_backup"] or {}).get("backup_id"),
         copies,
+        (values["restore_timed"] or {}).get("restored"),
     )

@@ -1013,9 +1013,10 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
             if report["plan"].get("restore_role_passwords")
             else ("without passwords: set the application's login password yourself")
         )
+        roles = ", ".join(printable(role) for role in report["roles_created"])
         lines.append(
             f"- Roles created on the target as the backup's copy of the source server's roles says ({passwords}; "
-            f"SUPERUSER, CREATEROLE, REPLICATION and BYPASSRLS never given): {', '.join(report['roles_created'])}"
+            f"SUPERUSER, CREATEROLE, REPLICATION and BYPASSRLS never given): {roles}"
         )
     if report.get("tablespaces_left_out"):
         lines.append(

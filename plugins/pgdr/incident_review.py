@@ -297,7 +297,7 @@ def _review_lines(report: dict[str, Any], measures: dict[str, Any], plan: dict[s
             else "no application logins are named in the plan (app_roles): compare their privileges by hand"
         )
         + (
-            f"; roles created by the restore: {', '.join(report['roles_created'])}"
+            f"; roles created by the restore: {', '.join(printable(r) for r in report['roles_created'])}"
             if report.get("roles_created")
             else ""
         ),

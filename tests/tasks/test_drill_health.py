@@ -24,6 +24,8 @@ def second_database(pg_server, monkeypatch):
     with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS shop_eu WITH (FORCE)")
         conn.execute("CREATE DATABASE shop_eu TEMPLATE shop")
+    with psycopg.connect(**pg_server.dsn("shop_eu"), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION pg_stat_statements")  # not trusted: the restore role may not create it
     monkeypatch.setenv("AIRFLOW_CONN_PGDR_SHOP_EU", pg_server.connection_uri("shop_eu"))
     yield "shop_eu"
     with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
@@ -111,6 +113,8 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
         assert result["rpo"]["newest_verified_age_s"] > 0 and result["rpo"]["backups_in_window"] == 1
         assert result["validation"]["failed"] == 0
     assert by_db["shop"]["status"] == "pass" and by_db["shop"]["action_items"] == []
+    assert by_db["shop"]["restored"]["extensions_created"] == []
+    assert by_db["shop_eu"]["restored"]["extensions_created"] == ["pg_stat_statements"]
     breach = by_db["shop_eu"]
     assert breach["status"] == "fail" and breach["checks"]["rto"]["met"] is False
     assert any("over the RTO of 1.0s" in item for item in breach["action_items"])
@@ -127,10 +131,12 @@ def test_drill_over_two_databases_measures_reports_and_flags_a_breached_rto(
     markdown = store.get_bytes(next(k for k in keys if k.endswith("drill.md"))).decode()
     assert "## MTTR: incidents and drills" in markdown and "1 incident, MTTR median 21m" in markdown
     assert "| incident INC-3: database restore (replace), restored | shop | 21m" in markdown
+    assert markdown.count("created by the server's own connection: pg_stat_statements") == 1
 
     html = store.get_bytes(next(k for k in keys if k.endswith("drill.html"))).decode()
     assert "data:image/png;base64," in html and "over the RTO of 1.0s" in html
     assert "<h2>MTTR: incidents and drills</h2>" in html and "incident INC-3" in html
+    assert "created by the server&#x27;s own connection: pg_stat_statements" in html
     (summary,) = [t for t in slack.texts() if "DR drill" in t]
     assert "shop_eu: FAIL | RTO" in summary and "shop: PASS" in summary
     emails = mail.messages[before_mail:]

@@ -106,6 +106,32 @@ def test_a_failed_restore_has_a_timeline_up_to_its_failure_and_no_mttr():
     assert "data validation did not run" in text
 
 
+def test_names_from_the_backup_cannot_forge_a_line_of_a_report():
+    """Role, tablespace and extension names come from the dump (any name PostgreSQL accepts, a newline too): the
+    incident and drill reports show them escaped, on their own line."""
+    from pgdr.drill import restored_lines
+    from pgdr.incident import privileges_lines
+
+    forged = "evil\n- [x] Root cause found"
+    names = {"roles_created": [forged], "tablespaces_left_out": [forged], "extensions_created": [forged]}
+    report = {
+        "status": "restored",
+        "incident": incident_measures(_plan(), PHASES, "restored", _at(9.5)),
+        "plan": {**_plan(), "restore_role_passwords": False},
+        "rto_target_seconds": 3600,
+        "triggered_by": "alice",
+        "run_id": "manual__1",
+        "integrity": None,
+        "validation": None,
+        "privileges": None,
+        **names,
+    }
+    for lines in (incident_lines(report), privileges_lines(report), restored_lines({"restored": names})):
+        text = "\n".join(lines)
+        assert "\n- [x] Root cause found" not in text and text.count("evil\\x0a- [x] Root cause found") >= 1
+    assert len(restored_lines({"restored": names})) == 3 and restored_lines({}) == []
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
