@@ -113,6 +113,8 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     assert record.status == "verified", record
     assert record.validation["failed"] == 0 and len(record.validation["user_suites"]) == 2
     assert record.integrity["large_objects"] == 2 and record.integrity["amcheck_ok"]
+    roles = {"pgdr_hostile_owner", "Reporting Role", "Night\nShift"}  # a newline in a name: PostgreSQL accepts it
+    assert roles <= set(record.phases["restore_backup"]["roles_created"])
     page = store.get_bytes(layout.validation_key("hostile", entry.backup_id, "report.html")).decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)</script>" not in page
     assert slack.messages == []
@@ -134,6 +136,18 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
         )
     )
     assert fingerprint(pg_server_b.dsn("hostile elsewhere")) == hostile
+    with psycopg.connect(**pg_server_b.dsn("hostile elsewhere")) as conn:
+        assert conn.execute(
+            "SELECT has_table_privilege(%s, 'public.owned_elsewhere', 'SELECT'), "
+            "pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'public.owned_elsewhere'::regclass",
+            ("Night\nShift",),
+        ).fetchone() == (True, "pgdr_hostile_owner")
+    (elsewhere,) = [
+        store.get_bytes(o.key).decode()
+        for o in store.list(layout.backup_prefix("hostile", entry.backup_id))
+        if "/restores/" in o.key and o.key.endswith(".md") and "hostile elsewhere" in store.get_bytes(o.key).decode()
+    ]
+    assert "Night\\x0aShift" in elsewhere and "\nShift" not in elsewhere  # the name cannot start a line of its own
 
     # table-level: two quoted tables, one of the dotted pair, and a partitioned table with its partitions
     wanted = [ACCOUNTS, '"a.b".c', '"Sales Dept"."Events"']

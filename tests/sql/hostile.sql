@@ -1,6 +1,6 @@
 -- A database as unfriendly as real production schemas, for pgdr's round-trip tests.
 -- Loaded with psql -v ON_ERROR_STOP=1 into an empty database by a superuser. The roles
--- pgdr_hostile_owner and "Reporting Role" exist on this server only: the restore servers lack them.
+-- pgdr_hostile_owner, "Reporting Role" and "Night\nShift" exist on this server only: the restore servers lack them.
 CREATE EXTENSION citext;
 CREATE EXTENSION hstore;
 
@@ -113,10 +113,14 @@ SELECT lo_from_bytea(0, decode(repeat('00ff', 5000), 'hex'));
 DO $$ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgdr_hostile_owner') THEN CREATE ROLE pgdr_hostile_owner; END IF;
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'Reporting Role') THEN CREATE ROLE "Reporting Role"; END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = E'Night\nShift') THEN CREATE ROLE "Night
+Shift"; END IF;
 END $$;
 CREATE TABLE public.owned_elsewhere (id int PRIMARY KEY, note text);
 INSERT INTO public.owned_elsewhere SELECT g, 'n' FROM generate_series(1, 31) g;
 ALTER TABLE public.owned_elsewhere OWNER TO pgdr_hostile_owner;
 GRANT SELECT ON "Sales Dept"."Customer Accounts" TO "Reporting Role";
 GRANT USAGE ON SCHEMA "Sales Dept" TO "Reporting Role";
+GRANT SELECT ON public.owned_elsewhere TO "Night
+Shift";  -- a newline in a role's name: PostgreSQL accepts it
 ANALYZE;
