@@ -499,13 +499,13 @@ def render_plan(plan: dict[str, Any]) -> str:
         )
         lines.append(
             f"  owners, grants  : given back after the checks, as the server's connection ({len(needs['roles'])} "
-            f"roles named: {', '.join(needs['roles']) or 'none'})"
+            f"roles named: {', '.join(printable(r) for r in needs['roles']) or 'none'})"
         )
         if plan.get("roles_to_create"):
             passwords = "with" if plan.get("restore_role_passwords") else "without"
+            roles = ", ".join(printable(role) for role in plan["roles_to_create"])
             lines.append(
-                f"  roles created   : {', '.join(plan['roles_to_create'])} (missing on the target; as on the source "
-                f"server, {passwords} passwords)"
+                f"  roles created   : {roles} (missing on the target; as on the source server, {passwords} passwords)"
             )
         if needs.get("extensions"):
             lines.append(

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from conftest import source_row_counts
 from psycopg import sql
-from support import fingerprint, load_sql
+from support import fingerprint, load_sql, xcom_of
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +93,7 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     hostile_plan, hostile, run_dag, pg_server, pg_server_b, slack
 ):
     from pgdr.airflow_glue.connections import open_store
+    from pgdr.incident import render_plan
     from pgdr.logical.catalog import BackupCatalog
 
     _ok(run_dag("pgdr_backup"))
@@ -123,18 +124,19 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
     _ok(run_dag("pgdr_restore", run_conf={"database": "hostile", "target_name": "Hostile Copy ✓"}))
     assert fingerprint(pg_server.dsn("Hostile Copy ✓")) == hostile
 
-    # new-database onto another server of the plan, where the owning and granted roles do not exist
-    _ok(
-        run_dag(
-            "pgdr_restore",
-            run_conf={
-                "database": "hostile",
-                "target_conn_id": "pgdr_other",
-                "target_name": "hostile elsewhere",
-                "restore_roles": True,
-            },
-        )
-    )
+    # new-database onto another server of the plan, where the owning and granted roles do not exist: the restore
+    # plan names the roles it will create, a newline in a name shown escaped
+    elsewhere = {
+        "database": "hostile",
+        "target_conn_id": "pgdr_other",
+        "target_name": "hostile elsewhere",
+        "restore_roles": True,
+    }
+    dry = run_dag("pgdr_restore", run_conf={**elsewhere, "dry_run": True})
+    _ok(dry)
+    (line,) = [x for x in render_plan(xcom_of(dry, "plan_restore")).splitlines() if "roles created " in x]
+    assert "Night\\x0aShift" in line and "Reporting Role" in line, line
+    _ok(run_dag("pgdr_restore", run_conf=elsewhere))
     assert fingerprint(pg_server_b.dsn("hostile elsewhere")) == hostile
     with psycopg.connect(**pg_server_b.dsn("hostile elsewhere")) as conn:
         assert conn.execute(
@@ -142,12 +144,14 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
             "pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'public.owned_elsewhere'::regclass",
             ("Night\nShift",),
         ).fetchone() == (True, "pgdr_hostile_owner")
-    (elsewhere,) = [
-        store.get_bytes(o.key).decode()
+    (report,) = [
+        text
         for o in store.list(layout.backup_prefix("hostile", entry.backup_id))
-        if "/restores/" in o.key and o.key.endswith(".md") and "hostile elsewhere" in store.get_bytes(o.key).decode()
+        if "/restores/" in o.key
+        and o.key.endswith(".md")
+        and "Roles created on the target" in (text := store.get_bytes(o.key).decode())
     ]
-    assert "Night\\x0aShift" in elsewhere and "\nShift" not in elsewhere  # the name cannot start a line of its own
+    assert "Night\\x0aShift" in report and "\nShift" not in report  # the name cannot start a line of its own
 
     # table-level: two quoted tables, one of the dotted pair, and a partitioned table with its partitions
     wanted = [ACCOUNTS, '"a.b".c', '"Sales Dept"."Events"']
@@ -174,7 +178,7 @@ def test_hostile_database_round_trips_through_backup_verify_and_every_restore_mo
         for o in store.list(layout.backup_prefix("hostile", entry.backup_id))
         if "/restores/" in o.key and o.key.endswith(".json")
     ]
-    assert sorted(r["status"] for r in reports) == ["restored"] * 4
+    assert sorted(r["status"] for r in reports) == ["dry-run"] + ["restored"] * 4
 
 
 def test_a_backup_written_by_pgdr_0_2_still_verifies_and_restores(plan, run_dag, pg_server, slack):

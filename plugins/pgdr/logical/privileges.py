@@ -589,11 +589,11 @@ def create_roles(
         log.warning(
             "Created %d role(s) the backup needs: %s (%s). %s",
             len(created),
-            ", ".join(created),
+            ", ".join(printable(role) for role in created),
             "as on the source server, " + ("with" if with_passwords else "without") + " passwords"
             if globals_sql
             else "NOLOGIN: this backup holds no role definitions",
-            "; ".join(f"{r}: {', '.join(a)} not given" for r, a in withheld.items()),
+            "; ".join(f"{printable(r)}: {', '.join(a)} not given" for r, a in withheld.items()),
         )
     return created
 

@@ -590,5 +590,5 @@ def drop_scratch(scratch, roles_marker: str) -> bool:
     dropped = scratch.drop()
     gone = drop_created_roles(scratch.server, roles_marker)
     if gone:
-        log.info("Roles created for %s and dropped again: %s.", roles_marker, ", ".join(gone))
+        log.info("Roles created for %s and dropped again: %s.", roles_marker, ", ".join(map(printable, gone)))
     return dropped

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from pgdr.errors import PermanentFailure
+from pgdr.identifiers import printable
 from pgdr.incident_review import incident_record, store_incident_record
 from pgdr.messages import format_duration
 from pgdr.physical.archive import WAL_PREFETCH
@@ -800,7 +801,7 @@ def render_server_report(report: dict[str, Any]) -> str:
         "",
         f"- Heartbeats at or before the target: {proof['heartbeats_at_or_before_target']} (newest "
         f"{proof['newest_heartbeat'] or 'none'}); none after it",
-        f"- Databases on the server: {', '.join(proof['databases_found'])}",
+        f"- Databases on the server: {', '.join(printable(d) for d in proof['databases_found'])}",
     ]
     if isinstance(proof["databases"], str):
         lines.append(f"- Plan databases: {proof['databases']}")
