@@ -307,7 +307,7 @@ def restore_tables(
     :param done: table-of-contents lines already restored (:func:`pgdr.logical.restore.create_untrusted_extensions`).
     """
     from pgdr.identifiers import parse_qualified_name
-    from pgdr.logical.privileges import NEVER_RESTORED, SUPERUSER_ONLY
+    from pgdr.logical.privileges import AFTER_CHECKS, NEVER_RESTORED, SUPERUSER_ONLY
     from pgdr.logical.restore import tablespace_options
 
     where = tablespace_options(left_out)
@@ -324,9 +324,9 @@ def restore_tables(
     with passfile_env(target, workdir) as env:
         data_ids = set().union(*(table_data_ids(dump_dir, table, env) for table in filled))
     listing = workdir / "table-restore.list"
-    superuser_only = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED))  # created after the checks
+    after_checks = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED, *AFTER_CHECKS))  # done after the checks, or never
     kept = table_restore_list("\n".join(toc.lines), data_ids).splitlines()
-    listing.write_text("".join(f"{line}\n" for line in kept if line not in superuser_only and line not in done))
+    listing.write_text("".join(f"{line}\n" for line in kept if line not in after_checks and line not in done))
     run_tool(
         target,
         workdir,
@@ -1040,6 +1040,12 @@ def privileges_lines(report: dict[str, Any]) -> list[str]:
         f"{done['default_privileges']} default privileges, {done['database_properties']} database properties "
         "(settings, grants, comment, connection limit)",
     ]
+    if done.get("row_security"):
+        tables = f"{done['row_security']} table{'s' if done['row_security'] != 1 else ''}"
+        lines.append(
+            f"- Row-level security switched on again after the checks, on {tables} (the checks counted and validated "
+            "every row; the policies apply from now on)"
+        )
     for role, found in (done.get("app_roles") or {}).items():
         if isinstance(found, dict):
             lines.append(

@@ -31,6 +31,7 @@ _PHASE_DETAILS = ("download_seconds", "restore_seconds", "roles_created", "table
 _INTEGRITY = ("tables_checked", "rows_checked", "sequences_checked", "amcheck_ok", "large_objects")
 _PRIVILEGES = (
     "owners",
+    "row_security",
     "grants",
     "default_privileges",
     "database_properties",
@@ -210,7 +211,7 @@ def verify_restore_record(
         restored_as_superuser=True if superuser_warning else None,
         warning=superuser_warning,
         integrity={k: integrity[k] for k in _INTEGRITY} if integrity else None,
-        privileges={k: privileges[k] for k in _PRIVILEGES} if privileges else None,
+        privileges={k: privileges[k] for k in _PRIVILEGES if k in privileges} if privileges else None,
         validation={**validation["summary"], "report": validation["report"]} if validation else None,
         failed_phase=failed_phase,
         restore_seconds=achieved,

@@ -88,6 +88,42 @@ def test_the_source_encoding_and_locale_are_read_and_written_back_as_literals():
         create_options_sql({"LOCALE_PROVIDER": "libc; DROP DATABASE x"})
 
 
+@pytest.mark.parametrize(
+    ("text", "enables"),
+    [
+        ('ALTER TABLE ONLY "Sales Dept"."Ünvoices" ENABLE ROW LEVEL SECURITY;', True),
+        ("ALTER TABLE billing.invoices ENABLE ROW LEVEL SECURITY;", True),
+        ('ALTER TABLE "only" ENABLE ROW LEVEL SECURITY;', True),
+        ("ALTER TABLE t OWNER TO mallory, ENABLE ROW LEVEL SECURITY;", False),
+        ("ALTER TABLE t SET SCHEMA s ENABLE ROW LEVEL SECURITY;", False),
+        ("ALTER TABLE t DISABLE ROW LEVEL SECURITY;", False),
+        ("ALTER FUNCTION f ENABLE ROW LEVEL SECURITY;", False),
+        ("ALTER TABLE a.b.c ENABLE ROW LEVEL SECURITY;", False),
+    ],
+)
+def test_only_a_plain_enable_row_level_security_passes_for_a_row_security_entry(text, enables):
+    from pgdr.logical.privileges import _enables_row_security
+
+    (statement,) = statements(text)
+    assert _enables_row_security(statement) is enables
+
+
+def test_a_row_security_entry_holding_another_statement_is_refused(tmp_path, monkeypatch):
+    """Switched on after the checks as the server's connection: a forged entry never runs."""
+    from pgdr.logical import privileges
+    from pgdr.logical.privileges import DumpToc, apply_privileges
+    from pgdr.postgres.client import PgEndpoint
+
+    scripts = {"row-security": "ALTER TABLE ONLY t ENABLE ROW LEVEL SECURITY;\nALTER ROLE mallory SUPERUSER;\n"}
+    monkeypatch.setattr(privileges, "owner_statements", lambda toc, workdir, env=None: [])
+    monkeypatch.setattr(privileges, "_script", lambda toc, lines, workdir, name, *options, env=None: scripts[name])
+    monkeypatch.setattr(privileges, "_execute_all", lambda admin, work: pytest.fail(f"ran {work}"))
+    toc = DumpToc(tmp_path, ("7; 0 16384 ROW SECURITY public t postgres",), (), "app")
+    with pytest.raises(PrivilegesFailed, match="row-security entry of the backup holds another statement"):
+        apply_privileges(PgEndpoint("127.0.0.1", 1, "postgres", "app_restoring_1"), toc, tmp_path)
+    assert privileges.data_restore_list(toc) == "\n"  # left out of the restore role's pg_restore
+
+
 def test_a_database_statement_about_another_database_is_refused(tmp_path, monkeypatch):
     """However the backup was made, the privileges phase never changes a database but the restored copy."""
     from pgdr.logical import privileges

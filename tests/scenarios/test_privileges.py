@@ -182,6 +182,8 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(
     privileges = record.privileges
     assert privileges["owners"] == 11 and privileges["grants"] >= 12 and privileges["default_privileges"] == 2
     assert privileges["database_properties"] == 8  # the scratch database keeps pgdr's marker as its comment
+    # billing.invoices forces row-level security on its owner too: switched on after the checks, which counted all 40
+    assert privileges["row_security"] == 1 and record.integrity["rows_checked"] >= 90
     assert any("EVENT TRIGGER" in o for o in privileges["superuser_objects"])
     assert any("SUBSCRIPTION" in o for o in privileges["skipped_objects"])
     assert sorted(record.phases["restore_backup"]["roles_created"]) == sorted(ROLES)
@@ -269,6 +271,7 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(
     assert len(restored) == 3
     for report in restored:
         assert report["privileges"]["owners"] == 11 and report["privileges"]["database_properties"] == 9
+        assert report["privileges"]["row_security"] == 1
         if report["plan"]["target_conn_id"] == "pgdr_app":
             assert {
                 role: found["lost"] + found["gained"] for role, found in report["privileges"]["app_roles"].items()
@@ -280,6 +283,7 @@ def test_owners_grants_settings_and_roles_come_back_with_the_data(
         if "/restores/" in o.key and o.key.endswith(".md")
     ]
     assert any("**Not restored**" in text and "App Sub" in text for text in md)
+    assert any("Row-level security switched on again after the checks, on 1 table (" in text for text in md)
 
     # skip_objects: a copy without the event trigger and the publications, and the report says so.
     plan(

@@ -18,6 +18,7 @@ CREATE TABLE billing.invoices (id serial PRIMARY KEY, customer_id bigint, amount
 ALTER TABLE billing.invoices OWNER TO billing_owner;
 INSERT INTO billing.invoices (customer_id, amount, tenant) SELECT g % 50 + 1, g * 1.5, 'app_login' FROM generate_series(1, 40) g;
 ALTER TABLE billing.invoices ENABLE ROW LEVEL SECURITY;
+ALTER TABLE billing.invoices FORCE ROW LEVEL SECURITY;  -- its owner too sees only what a policy lets it
 CREATE POLICY tenant_rows ON billing.invoices TO app_login USING (tenant = current_user);
 CREATE VIEW billing.invoice_totals AS SELECT customer_id, sum(amount) AS total FROM billing.invoices GROUP BY customer_id;
 ALTER VIEW billing.invoice_totals OWNER TO billing_owner;

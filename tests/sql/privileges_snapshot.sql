@@ -1,5 +1,6 @@
 -- What an application can tell about a database besides its rows: owners and ACLs of every object
--- (as aclexplode rows), default privileges, policies, event triggers, publications, large objects.
+-- (as aclexplode rows), default privileges, policies and row-level security, event triggers, publications, large
+-- objects.
 SELECT kind, name, owner, acl FROM (
   SELECT 'relation' AS kind, format('%I.%I', n.nspname, c.relname) AS name, pg_get_userbyid(c.relowner) AS owner,
          (SELECT string_agg(format('%s>%s:%s%s', pg_get_userbyid(a.grantor), CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, CASE WHEN a.is_grantable THEN '*' ELSE '' END), ',' ORDER BY 1) FROM aclexplode(c.relacl) a) AS acl
@@ -28,6 +29,10 @@ SELECT kind, name, owner, acl FROM (
   SELECT 'policy', format('%s on %s', polname, polrelid::regclass), NULL,
          (SELECT string_agg(CASE r WHEN 0 THEN 'PUBLIC' ELSE pg_get_userbyid(r) END, ',' ORDER BY 1) FROM unnest(polroles) r)
   FROM pg_policy
+  UNION ALL
+  SELECT 'row security', format('%I.%I', n.nspname, c.relname), NULL,
+         format('enabled %s, forced %s', c.relrowsecurity, c.relforcerowsecurity)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relrowsecurity OR c.relforcerowsecurity
   UNION ALL
   SELECT 'event trigger', evtname, pg_get_userbyid(evtowner), evtevent || ' ' || evtenabled::text FROM pg_event_trigger
   UNION ALL

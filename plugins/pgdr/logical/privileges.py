@@ -9,12 +9,14 @@ of it: with the rows alone its first query gets ``permission denied``.
 pgdr restores in two steps, so that no restored code ever runs with more rights than the restore role:
 
 1. the data and schema, as the non-superuser restore role (``--no-owner --no-acl``), without the
-   superuser-only objects (:func:`data_restore_list`); every check runs on that copy;
-2. after the checks, :func:`apply_privileges`, as the server's own connection: the owners, the
-   grants and default privileges, the database's properties, then the superuser-only objects.
-   These are statements that run no restored code (``ALTER … OWNER TO``, ``GRANT``, ``REVOKE``,
-   ``ALTER DEFAULT PRIVILEGES``, ``ALTER DATABASE``); each is checked to be one of them before it
-   runs, and event triggers are created last, so none fires while pgdr works.
+   superuser-only objects and without row-level security switched on (:func:`data_restore_list`);
+   every check runs on that copy, so it counts and validates every row;
+2. after the checks, :func:`apply_privileges`, as the server's own connection: row-level security
+   switched on again, the owners, the grants and default privileges, the database's properties, then
+   the superuser-only objects. These are statements that run no restored code (``ALTER TABLE …
+   ENABLE ROW LEVEL SECURITY``, ``ALTER … OWNER TO``, ``GRANT``, ``REVOKE``, ``ALTER DEFAULT
+   PRIVILEGES``, ``ALTER DATABASE``); each is checked to be one of them before it runs, and event
+   triggers are created last, so none fires while pgdr works.
 
 Everything comes from the dump's table of contents (``toc.dat``), through ``pg_restore`` itself:
 the owner statements are exactly the lines ``pg_restore`` adds to its script when it is not told
@@ -42,6 +44,11 @@ log = logging.getLogger(__name__)
 SUPERUSER_ONLY = ("EVENT TRIGGER", "PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA")
 NEVER_RESTORED = ("SUBSCRIPTION", "SUBSCRIPTION TABLE")
 PRIVILEGE_ENTRIES = ("ACL", "DEFAULT ACL")
+# ALTER TABLE … ENABLE ROW LEVEL SECURITY: switched on after the checks. Before, a table with FORCE ROW LEVEL SECURITY
+# (kept with the table itself) would show its owner, the restore role, only the rows a policy lets it see: the exact
+# row counts would fail a good backup, and validation would read a part of the data. The policies are restored as
+# usual: they do nothing until it is switched on.
+AFTER_CHECKS = ("ROW SECURITY",)
 # What the plan's skip_objects may leave out of a restored copy (subscriptions are never restored anyway).
 SKIPPABLE = {
     "publications": ("PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA"),
@@ -51,7 +58,7 @@ SKIPPABLE = {
 
 # "<dump id>; <catalog oid> <oid> <desc> ...": the desc words are PostgreSQL's fixed set; longest first,
 # so "PUBLICATION TABLES IN SCHEMA" is not read as "PUBLICATION".
-_DESCS = sorted({*SUPERUSER_ONLY, *NEVER_RESTORED, *PRIVILEGE_ENTRIES}, key=len, reverse=True)
+_DESCS = sorted({*SUPERUSER_ONLY, *NEVER_RESTORED, *PRIVILEGE_ENTRIES, *AFTER_CHECKS}, key=len, reverse=True)
 _ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ (?P<desc>" + "|".join(re.escape(d) for d in _DESCS) + r") ")
 _ANY_ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ ")
 _EXTENSION_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:EXTENSION - |COMMENT - EXTENSION )")
@@ -107,8 +114,9 @@ def _run(args: list[str], env: dict[str, str] | None, what: str = "pg_restore") 
 
 
 def data_restore_list(toc: DumpToc) -> str:
-    """Return the ``--use-list`` for the restore as the restore role: everything but superuser-only objects."""
-    left_out = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED))
+    """Return the ``--use-list`` for the restore as the restore role: everything but superuser-only objects and what
+    is done after the checks (:data:`AFTER_CHECKS`)."""
+    left_out = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED, *AFTER_CHECKS))
     return "\n".join(line for line in toc.lines if line not in left_out) + "\n"
 
 
@@ -631,6 +639,7 @@ class PrivilegesReport:
     """What the privileges phase applied to a restored copy."""
 
     owners: int = 0
+    row_security: int = 0  # tables whose row-level security was switched on again
     grants: int = 0
     default_privileges: int = 0
     database_properties: int = 0
@@ -658,6 +667,19 @@ def _starts(statement: list[Token], words: tuple[str, ...]) -> bool:
     return len(statement) >= len(words) and all(
         t.is_word(w) for t, w in zip(statement[: len(words)], words, strict=True)
     )
+
+
+def _enables_row_security(statement: list[Token]) -> bool:
+    """Whether ``statement`` is ``ALTER TABLE [ONLY] [schema.]table ENABLE ROW LEVEL SECURITY`` and nothing more."""
+    tail = ("ENABLE", "ROW", "LEVEL", "SECURITY")
+    if not _starts(statement, ("ALTER", "TABLE")) or len(statement) < 7:
+        return False
+    if not all(t.is_word(w) for t, w in zip(statement[-4:], tail, strict=True)):
+        return False
+    name = statement[2:-4]
+    name = name[1:] if name and name[0].is_word("ONLY") else name
+    named = [t.kind in ("ident", "word") for t in name[::2]] + [t.kind == "punct" and t.text == "." for t in name[1::2]]
+    return len(name) in (1, 3) and all(named)
 
 
 def _database_statement(statement: list[Token], source: str, target: str) -> list[Token]:
@@ -720,16 +742,27 @@ def apply_privileges(
     from concurrent.futures import ThreadPoolExecutor
 
     grant_lines, database_lines = toc.entries(*PRIVILEGE_ENTRIES), list(toc.database_lines)
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="pgdr-toc") as pool:  # three pg_restore runs at once
+    secured_lines = toc.entries(*AFTER_CHECKS)
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="pgdr-toc") as pool:  # four pg_restore runs at once
         owners_f = pool.submit(owner_statements, toc, workdir)
         granted_f = pool.submit(_script, toc, grant_lines, workdir, "grants") if grant_lines else None
         database_f = (
             pool.submit(_script, toc, database_lines, workdir, "database", "--create") if database_lines else None
         )
+        secured_f = pool.submit(_script, toc, secured_lines, workdir, "row-security") if secured_lines else None
         owners = owners_f.result()
         granted = statements(granted_f.result()) if granted_f else []
         database = statements(database_f.result()) if database_f else []
+        secured = statements(secured_f.result()) if secured_f else []
     work: list[tuple[str, str]] = []  # (kind, SQL)
+    for statement in secured:  # first: the tables are still the restore role's, which the connection may alter
+        if _starts(statement, ("SET",)) or _starts(statement, ("SELECT",)):
+            continue
+        if not _enables_row_security(statement):
+            raise PrivilegesFailed(
+                f"A row-security entry of the backup holds another statement: {printable(render(statement))[:200]!r}."
+            )
+        work.append(("row_security", render(statement)))
     for text in owners:
         parsed = statements(text)
         if len(parsed) != 1 or not (_starts(parsed[0], ("ALTER",)) and parsed[0][-3].is_word("OWNER")):
@@ -772,6 +805,7 @@ def apply_privileges(
     _execute_all(admin, [text for _, text in work])
     for kind, _ in work:
         report.owners += kind == "owner"
+        report.row_security += kind == "row_security"
         report.grants += kind == "grant"
         report.default_privileges += kind == "default"
         report.database_properties += kind == "database"
@@ -804,9 +838,10 @@ def apply_privileges(
         report.superuser_objects = toc.described(*(d for d in SUPERUSER_ONLY if d not in skipped))
     report.seconds = time.monotonic() - started
     log.info(
-        "Privileges applied to %s: %d owners, %d grants, %d default privileges, %d database properties, %d "
-        "superuser-only objects%s (%.2fs).",
-        admin.dbname,
+        "Privileges applied to %s: row-level security on %d tables, %d owners, %d grants, %d default privileges, %d "
+        "database properties, %d superuser-only objects%s (%.2fs).",
+        printable(admin.dbname),
+        report.row_security,
         report.owners,
         report.grants,
         report.default_privileges,
