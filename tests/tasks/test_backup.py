@@ -615,3 +615,52 @@ def test_a_damaged_data_file_fails_the_backup_and_stores_nothing(pg_server, tmp_
     with pytest.raises(DumpFailed, match=r"database 'shop' is damaged: the data file of 1 table\(s\) \(sales\.\w+\)"):
         take_backup(db, endpoint, store, BackupLayout(), tmp_path / "work")
     assert not [p for p in store_root.rglob("*") if p.is_file()]
+
+
+def test_a_backup_role_subject_to_row_level_security_fails_at_once_saying_to_give_it_bypassrls(pg_server, tmp_path):
+    """pg_dump refuses to dump the part of a table a policy shows its role: pgdr says which role and table, and what
+    to grant, without a retry; nothing is stored. With BYPASSRLS the same role backs up every row."""
+    import psycopg
+    from pgdr.errors import PermanentFailure
+    from pgdr.logical.backup import RowSecurityInTheWay, take_backup
+    from pgdr.logical.catalog import BackupCatalog
+    from pgdr.postgres.client import PgEndpoint
+    from pgdr.storage.layout import BackupLayout
+    from psycopg import sql
+
+    role, password = "Backup Reader", "reader-secret-not-logged"
+    with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS rls_src WITH (FORCE)")
+        conn.execute('DROP ROLE IF EXISTS "Backup Reader"')
+        conn.execute("CREATE DATABASE rls_src")
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE pg_read_all_data").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+    try:
+        with psycopg.connect(**pg_server.dsn("rls_src"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE tenants_data (tenant text, n int)")
+            conn.execute("INSERT INTO tenants_data SELECT 't' || g % 3, g FROM generate_series(1, 30) g")
+            conn.execute("ALTER TABLE tenants_data ENABLE ROW LEVEL SECURITY")
+            conn.execute("CREATE POLICY own ON tenants_data USING (tenant = current_user)")
+        db, _, store = local_backup_setup(tmp_path, pg_server, "rls_src", store_root=tmp_path / "store")
+        endpoint = PgEndpoint("127.0.0.1", pg_server.port, role, "rls_src", password)
+        (tmp_path / "work").mkdir()
+        with pytest.raises(RowSecurityInTheWay) as refused:
+            take_backup(db, endpoint, store, BackupLayout(), tmp_path / "work")
+        message = str(refused.value)
+        assert isinstance(refused.value, PermanentFailure)  # no retry: it cannot help
+        assert "role 'Backup Reader' is subject to row-level security on table 'tenants_data'" in message
+        assert 'ALTER ROLE "Backup Reader" BYPASSRLS' in message and password not in message
+        assert BackupCatalog(store, BackupLayout(), "rls_src").backups() == []
+
+        with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
+            conn.execute('ALTER ROLE "Backup Reader" BYPASSRLS')
+        (tmp_path / "work2").mkdir()
+        taken = take_backup(db, endpoint, store, BackupLayout(), tmp_path / "work2")
+        assert taken.manifest.row_counts == {"public.tenants_data": 30}
+    finally:
+        with psycopg.connect(**pg_server.dsn("postgres"), autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS rls_src WITH (FORCE)")
+            conn.execute('DROP ROLE IF EXISTS "Backup Reader"')

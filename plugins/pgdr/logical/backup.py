@@ -34,7 +34,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pgdr.errors import DumpFailed, PgdrError
+from pgdr.errors import DumpFailed, PermanentFailure, PgdrError
+from pgdr.identifiers import printable, quote_ident
 from pgdr.logical.catalog import BackupCatalog, BackupFile, BackupManifest
 from pgdr.logical.dumpcount import count_table_data, readable_table_data
 from pgdr.logical.lockwatch import BlockingWatcher
@@ -409,6 +410,10 @@ def _dump_and_census(db: ProtectedDatabase, endpoint: PgEndpoint, snap, env, dum
             raise
 
 
+class RowSecurityInTheWay(DumpFailed, PermanentFailure):
+    """The backup's role is subject to row-level security: ``pg_dump`` refuses to dump a part of a table."""
+
+
 class LockWaitTimedOut(DumpFailed):
     """The backup gave up waiting for a table's lock (the plan's ``lock_wait_timeout``); a retry may find it free."""
 
@@ -416,6 +421,8 @@ class LockWaitTimedOut(DumpFailed):
 # pg_dump gives up with "canceling statement due to statement timeout ... Query was: LOCK TABLE ..." (it applies
 # --lock-wait-timeout as statement_timeout to its LOCK TABLE), its parallel workers with "could not obtain lock".
 _LOCK_WAIT = re.compile(r"lock timeout|could not obtain lock|Query was: LOCK TABLE", re.IGNORECASE)
+# pg_dump runs with row_security off: a role that row-level security applies to is refused rather than given a part.
+_ROW_SECURITY = re.compile(r'query would be affected by row-level security policy for table "(?P<table>[^"\n]*)"')
 
 
 def _dump_error(db: ProtectedDatabase, endpoint: PgEndpoint, stderr: str) -> PgdrError:
@@ -423,6 +430,16 @@ def _dump_error(db: ProtectedDatabase, endpoint: PgEndpoint, stderr: str) -> Pgd
     if _LOCK_WAIT.search(stderr):
         detail = "; ".join(_shorter(endpoint.scrub(line), 240) for line in stderr.strip().splitlines()[:2])
         return lock_wait_error(db, endpoint, detail)
+    secured = _ROW_SECURITY.search(stderr)
+    if secured:
+        return RowSecurityInTheWay(
+            f"pg_dump of database {db.name!r} failed: the backup's role {endpoint.user!r} is subject to row-level "
+            f"security on table {printable(secured.group('table'))!r}, so its dump would miss every row a policy "
+            "hides from it, and pg_dump refuses to write one. Give that role BYPASSRLS (as a superuser: ALTER ROLE "
+            f"{printable(quote_ident(endpoint.user))} BYPASSRLS), or point the database's Airflow connection at a "
+            "role that has it (a superuser, or the tables' owner when none of them forces row-level security). "
+            "Nothing was stored; a retry fails the same way until then."
+        )
     if "conflict with recovery" in stderr:  # a dump on a hot standby, cancelled by replay
         return tool_error(
             endpoint,
