@@ -141,7 +141,7 @@ def evaluate(
 
 
 _RESTORED = (
-    ("roles_created", "Roles the server lacked, created for the scratch database (NOLOGIN, dropped with it)"),
+    ("roles_created", "Roles the server lacked, created for the scratch database without passwords, then dropped"),
     ("tablespaces_left_out", "Tablespaces the server lacks: their tables and indexes restored into the default one"),
     ("extensions_created", "Extensions the restore role may not create, created by the server's own connection"),
 )

@@ -543,7 +543,7 @@ class ScratchRestore:
     """What :func:`restore_into_scratch` did, as a verification record keeps it in its ``restore_backup`` phase."""
 
     seconds: float
-    roles_created: list[str]  # for the scratch database, NOLOGIN (dropped with it)
+    roles_created: list[str]  # for the scratch database, as on the source without passwords (dropped with it)
     tablespaces_left_out: list[str]  # their tables and indexes restored into the database's default tablespace
     extensions_created: list[str]  # by the server's connection: the restore role may not create them
 
@@ -566,8 +566,8 @@ def restore_into_scratch(
 
     The scratch database is made again (empty, a failed try's half restore gone) with the backup's
     encoding and locale, marked with ``comment``; the roles the backup names that the server lacks
-    are created first (NOLOGIN, marked with ``roles_marker``: :func:`drop_scratch` drops them again
-    when nothing uses them).
+    are created first (as on the source server, without passwords; marked with ``roles_marker``:
+    :func:`drop_scratch` drops them again when nothing uses them).
 
     :param what: the dump in messages ("The backup restored for verify shop backup …").
     """
