@@ -307,7 +307,7 @@ def restore_tables(
     :param done: table-of-contents lines already restored (:func:`pgdr.logical.restore.create_untrusted_extensions`).
     """
     from pgdr.identifiers import parse_qualified_name
-    from pgdr.logical.privileges import AFTER_CHECKS, NEVER_RESTORED, SUPERUSER_ONLY
+    from pgdr.logical.privileges import NOT_BY_THE_RESTORE_ROLE
     from pgdr.logical.restore import tablespace_options
 
     where = tablespace_options(left_out)
@@ -324,7 +324,7 @@ def restore_tables(
     with passfile_env(target, workdir) as env:
         data_ids = set().union(*(table_data_ids(dump_dir, table, env) for table in filled))
     listing = workdir / "table-restore.list"
-    after_checks = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED, *AFTER_CHECKS))  # done after the checks, or never
+    after_checks = set(toc.entries(*NOT_BY_THE_RESTORE_ROLE))  # done after the checks, or never
     kept = table_restore_list("\n".join(toc.lines), data_ids).splitlines()
     listing.write_text("".join(f"{line}\n" for line in kept if line not in after_checks and line not in done))
     run_tool(

@@ -43,6 +43,22 @@ PHASES = {
 }
 
 
+def _report(status: str, measures: dict, plan: dict, **more) -> dict:
+    """An incident report as the restore writes it, with no checks recorded."""
+    return {
+        "status": status,
+        "incident": measures,
+        "plan": plan,
+        "rto_target_seconds": 3600,
+        "triggered_by": "alice",
+        "run_id": "manual__1",
+        "integrity": None,
+        "validation": None,
+        "privileges": None,
+        **more,
+    }
+
+
 def test_a_replace_declared_ten_minutes_before_the_trigger():
     measures = incident_measures(_plan("replace", declared=_at(-10)), PHASES, "restored", _at(9.5))
     assert measures["declared_at"] == _at(-10) and measures["declared_given"]
@@ -88,18 +104,7 @@ def test_a_failed_restore_has_a_timeline_up_to_its_failure_and_no_mttr():
     assert measures["restored_at"] == _at(6) and measures["checks_passed_at"] is None
     assert measures["served_at"] is None and measures["mttr_seconds"] is None
     assert measures["data_loss_window_seconds"] == 1800.0
-    report = {
-        "status": "failed",
-        "incident": measures,
-        "plan": plan,
-        "rto_target_seconds": 3600,
-        "triggered_by": "alice",
-        "run_id": "manual__1",
-        "integrity": None,
-        "validation": None,
-        "privileges": None,
-    }
-    text = "\n".join(incident_lines(report))
+    text = "\n".join(incident_lines(_report("failed", measures, plan)))
     assert "| served again (not reached) | not reached |" in text
     assert "**MTTR** (declared to served): n/a\n" in text
     assert "kept as `shop_pre_restore_20261122094000`" in text and "- [ ] Root cause" in text
@@ -114,18 +119,8 @@ def test_names_from_the_backup_cannot_forge_a_line_of_a_report():
 
     forged = "evil\n- [x] Root cause found"
     names = {"roles_created": [forged], "tablespaces_left_out": [forged], "extensions_created": [forged]}
-    report = {
-        "status": "restored",
-        "incident": incident_measures(_plan(), PHASES, "restored", _at(9.5)),
-        "plan": {**_plan(), "restore_role_passwords": False},
-        "rto_target_seconds": 3600,
-        "triggered_by": "alice",
-        "run_id": "manual__1",
-        "integrity": None,
-        "validation": None,
-        "privileges": None,
-        **names,
-    }
+    measures = incident_measures(_plan(), PHASES, "restored", _at(9.5))
+    report = _report("restored", measures, {**_plan(), "restore_role_passwords": False}, **names)
     for lines in (incident_lines(report), privileges_lines(report), restored_lines({"restored": names})):
         text = "\n".join(lines)
         assert "\n- [x] Root cause found" not in text and text.count("evil\\x0a- [x] Root cause found") >= 1

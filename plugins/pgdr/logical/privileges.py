@@ -49,6 +49,8 @@ PRIVILEGE_ENTRIES = ("ACL", "DEFAULT ACL")
 # row counts would fail a good backup, and validation would read a part of the data. The policies are restored as
 # usual: they do nothing until it is switched on.
 AFTER_CHECKS = ("ROW SECURITY",)
+# What the restore role's pg_restore leaves out: the superuser-only objects, what is never restored, what comes after.
+NOT_BY_THE_RESTORE_ROLE = (*SUPERUSER_ONLY, *NEVER_RESTORED, *AFTER_CHECKS)
 # What the plan's skip_objects may leave out of a restored copy (subscriptions are never restored anyway).
 SKIPPABLE = {
     "publications": ("PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA"),
@@ -116,7 +118,7 @@ def _run(args: list[str], env: dict[str, str] | None, what: str = "pg_restore") 
 def data_restore_list(toc: DumpToc) -> str:
     """Return the ``--use-list`` for the restore as the restore role: everything but superuser-only objects and what
     is done after the checks (:data:`AFTER_CHECKS`)."""
-    left_out = set(toc.entries(*SUPERUSER_ONLY, *NEVER_RESTORED, *AFTER_CHECKS))
+    left_out = set(toc.entries(*NOT_BY_THE_RESTORE_ROLE))
     return "\n".join(line for line in toc.lines if line not in left_out) + "\n"
 
 
@@ -660,13 +662,18 @@ _SAFE_STARTS = (
     ("COMMENT", "ON", "DATABASE"),
     ("SECURITY", "LABEL"),
 )
-_PREAMBLE = (("SET",), ("SELECT",), ("CREATE", "DATABASE"))
+_SETUP = (("SET",), ("SELECT",))  # the SET and set_config lines pg_restore writes before the statements
+_PREAMBLE = (*_SETUP, ("CREATE", "DATABASE"))
 
 
 def _starts(statement: list[Token], words: tuple[str, ...]) -> bool:
     return len(statement) >= len(words) and all(
         t.is_word(w) for t, w in zip(statement[: len(words)], words, strict=True)
     )
+
+
+def _starts_any(statement: list[Token], starts: tuple[tuple[str, ...], ...]) -> bool:
+    return any(_starts(statement, words) for words in starts)
 
 
 def _enables_row_security(statement: list[Token]) -> bool:
@@ -756,7 +763,7 @@ def apply_privileges(
         secured = statements(secured_f.result()) if secured_f else []
     work: list[tuple[str, str]] = []  # (kind, SQL)
     for statement in secured:  # first: the tables are still the restore role's, which the connection may alter
-        if _starts(statement, ("SET",)) or _starts(statement, ("SELECT",)):
+        if _starts_any(statement, _SETUP):
             continue
         if not _enables_row_security(statement):
             raise PrivilegesFailed(
@@ -769,9 +776,9 @@ def apply_privileges(
             raise PrivilegesFailed(f"An owner statement of the backup is not one: {printable(text)[:200]!r}.")
         work.append(("owner", text))
     for statement in granted:
-        if _starts(statement, ("SET",)) or _starts(statement, ("SELECT",)):
+        if _starts_any(statement, _SETUP):
             continue
-        if not any(_starts(statement, s) for s in _SAFE_STARTS[:3]):
+        if not _starts_any(statement, _SAFE_STARTS[:3]):
             raise PrivilegesFailed(
                 f"A privilege entry of the backup holds another statement: {printable(render(statement))[:200]!r}."
             )
@@ -781,9 +788,9 @@ def apply_privileges(
         (st[2].value for st in database if _starts(st, ("CREATE", "DATABASE")) and len(st) > 2), toc.source_dbname
     )
     for statement in database:
-        if any(_starts(statement, p) for p in _PREAMBLE):
+        if _starts_any(statement, _PREAMBLE):
             continue
-        if not any(_starts(statement, s) for s in _SAFE_STARTS):
+        if not _starts_any(statement, _SAFE_STARTS):
             raise PrivilegesFailed(
                 f"A database entry of the backup holds another statement: {printable(render(statement))[:200]!r}."
             )
