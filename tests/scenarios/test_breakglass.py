@@ -22,8 +22,14 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="session")
+def metadata_cache(tmp_path_factory):
+    """Where the break-glass runs of this session keep the empty Airflow metadata database they copy."""
+    return tmp_path_factory.mktemp("pgdr-cache")
+
+
 @pytest.fixture
-def breakglass(tmp_path, pg_server):
+def breakglass(tmp_path, pg_server, metadata_cache):
     """A plan with a verified backup of shop, a connections file, and a runner with no Airflow around it."""
     root = tmp_path / "backups"
     backup_id = backup_into_local_store(root, pg_server)
@@ -51,6 +57,7 @@ def breakglass(tmp_path, pg_server):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR"))}  # no Airflow, no plan
     env["PYTHONPATH"] = str(ROOT / "plugins")
+    env["PGDR_CACHE_DIR"] = str(metadata_cache)
 
     def command(*args: str) -> list[str]:
         return [sys.executable, "-m", "pgdr", "--plan", str(plan), "--connections", str(connections), *args]
@@ -85,8 +92,10 @@ def test_list_reads_the_store_without_airflow(breakglass):
     assert after.returncode == 0 and after.stdout == result.stdout, after.stdout + after.stderr
 
 
-def test_restore_new_database_and_replace_without_airflow_services(breakglass, pg_server):
+def test_restore_new_database_and_replace_without_airflow_services(breakglass, pg_server, tmp_path):
     run, root, backup_id = breakglass
+    run.env["PGDR_CACHE_DIR"] = str(tmp_path / "cache")  # none yet: the first run builds the metadata database
+    built = "the private metadata database was built from Airflow's models"
     try:
         declared = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
         result = run(
@@ -101,6 +110,7 @@ def test_restore_new_database_and_replace_without_airflow_services(breakglass, p
             declared.isoformat(),
         )
         assert result.returncode == 0, result.output[-4000:]
+        assert built in result.stdout and len(list((tmp_path / "cache").glob("airflow-metadata-*.sqlite"))) == 1
         assert "ok restore_backup success in" in result.stdout and "pgdr_restore success" in result.stdout
         assert "Restore plan:" in result.stdout and backup_id in result.stdout
         assert source_row_counts(pg_server, "shop_cli_copy") == source_row_counts(pg_server, "shop")
@@ -118,6 +128,7 @@ def test_restore_new_database_and_replace_without_airflow_services(breakglass, p
             "restore", "--database", "live", "--backup", "latest", "--mode", "replace", "--confirm", "shop_cli_live"
         )
         assert result.returncode == 0, result.output[-4000:]
+        assert built not in result.stdout  # it started from the copy the first run kept
         assert "ok swap_into_place success" in result.stdout
         kept = [
             r[0]

@@ -59,3 +59,56 @@ def test_a_streak_of_idle_polls_starts_again_after_a_task_ran(slept, monkeypatch
         monkeypatch.setattr(runner._BriskPolls, "last_end", time.monotonic() - 5)  # a task ran for 5 s since
         poll(2)
     assert slept == [runner.BRISK_POLL_S] * runner.BRISK_POLLS + [1] + [runner.BRISK_POLL_S] * 2
+
+
+def _empty_metadata_db(path) -> None:
+    """A stand-in for Airflow's empty metadata database: a revision and no DAG runs."""
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num text)")
+        conn.execute("INSERT INTO alembic_version VALUES ('29ce7909c52b')")
+        conn.execute("CREATE TABLE dag_run (id integer)")
+    conn.close()
+
+
+def test_the_kept_empty_metadata_database_is_copied_checked_and_a_damaged_one_is_rebuilt(tmp_path, caplog):
+    import sqlite3
+
+    built, home = tmp_path / "built.db", tmp_path / "home"
+    home.mkdir()
+    template = tmp_path / "cache" / "airflow-metadata-x.sqlite"
+    assert not runner._copy_template(template, home / "airflow.db")  # none kept yet: built from the models
+
+    _empty_metadata_db(built)
+    runner._keep_template(built, template)
+    assert template.is_file() and not list(template.parent.glob(".*"))  # written aside, then renamed
+    assert (template.parent.stat().st_mode & 0o777) == 0o700
+    assert runner._copy_template(template, home / "airflow.db")
+    with sqlite3.connect(home / "airflow.db") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("29ce7909c52b",)]
+    conn.close()
+
+    for damage in (b"not a database at all", None):
+        (home / "airflow.db").unlink(missing_ok=True)
+        if damage:
+            template.write_bytes(damage)
+        else:  # a database, but one that has been used: never start an incident's restore from old runs
+            _empty_metadata_db(built.with_name("used.db"))
+            with sqlite3.connect(built.with_name("used.db")) as conn:
+                conn.execute("INSERT INTO dag_run VALUES (1)")
+            conn.close()
+            template.write_bytes(built.with_name("used.db").read_bytes())
+        caplog.clear()
+        assert not runner._copy_template(template, home / "airflow.db")
+        assert not (home / "airflow.db").exists()  # Airflow builds its own afresh; nothing half-copied stays
+        assert "is not usable" in caplog.text and "building a new one" in caplog.text
+
+
+def test_the_kept_metadata_database_is_per_airflow_version_in_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("PGDR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = runner.metadata_db_template()
+    assert path.parent == tmp_path / "pgdr" and path.name.startswith("airflow-metadata-")
+    monkeypatch.setenv("PGDR_CACHE_DIR", str(tmp_path / "mine"))
+    assert runner.metadata_db_template() == tmp_path / "mine" / path.name  # the same key: the same Airflow

@@ -489,7 +489,7 @@ def _private_airflow() -> Path:
 
     This imports Airflow and all its models in the main thread, before any other thread starts.
     """
-    from pgdr.local.runner import local_airflow_env
+    from pgdr.local.runner import create_metadata_db, local_airflow_env
 
     home = Path(tempfile.mkdtemp(prefix="pgdr-breakglass-"))
     env = local_airflow_env(home)
@@ -498,11 +498,10 @@ def _private_airflow() -> Path:
     os.environ.update(env)  # before Airflow is imported: it reads its configuration once
     _print(
         f"pgdr: importing Airflow and preparing a private metadata database in {home} (the production Airflow is "
-        "not used; about 10 seconds)"
+        "not used)"
     )
-    from airflow.utils.db import initdb  # a fresh database: the tables from the models, stamped at the head revision
-
-    initdb()
+    if not create_metadata_db(home):
+        _print("pgdr: the private metadata database was built from Airflow's models; later runs start from a copy")
     return home
 
 

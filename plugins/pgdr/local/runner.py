@@ -44,6 +44,96 @@ def local_airflow_env(airflow_home: Path) -> dict[str, str]:
     }
 
 
+def metadata_db_template() -> Path:
+    """Where this user keeps an empty metadata database of the installed Airflow, for :func:`create_metadata_db`.
+
+    Keyed by the versions of Airflow and its providers (their tables), so an upgrade makes a new one. In
+    ``$PGDR_CACHE_DIR``, else ``$XDG_CACHE_HOME/pgdr``, else ``~/.cache/pgdr``.
+    """
+    import hashlib
+    from importlib import metadata
+
+    names = sorted(
+        f"{dist.metadata['Name']}=={dist.version}"
+        for dist in metadata.distributions()
+        if (dist.metadata["Name"] or "").lower().startswith("apache-airflow")
+    )
+    key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache = os.environ.get("PGDR_CACHE_DIR") or user_cache / "pgdr"
+    return Path(cache) / f"airflow-metadata-{key}.sqlite"
+
+
+def create_metadata_db(airflow_home: Path) -> bool:
+    """Create the empty SQLite metadata database of the private Airflow at ``airflow_home`` (its environment already
+    in force, see :func:`local_airflow_env`), and import Airflow's models in the calling thread.
+
+    Building it from Airflow's models (``initdb``) takes about 10 seconds: most of the start of a break-glass
+    command. The first run keeps a copy of the empty database (:func:`metadata_db_template`); later runs copy it in
+    milliseconds, after checking it, and build it afresh if the copy is missing, unreadable or not a metadata
+    database. Returns whether the copy was used.
+    """
+    template, db = metadata_db_template(), airflow_home / "airflow.db"
+    copied = _copy_template(template, db)  # before Airflow opens the file
+    from airflow.models import import_all_models
+    from sqlalchemy.orm import configure_mappers
+
+    import_all_models()  # in this thread, before any other starts (pgdr.local.cli's progress thread)
+    configure_mappers()
+    if copied:
+        return True
+    from airflow.utils.db import initdb
+
+    initdb()
+    _keep_template(db, template)
+    return False
+
+
+def _copy_template(template: Path, db: Path) -> bool:
+    import shutil
+    import sqlite3
+
+    if not template.is_file():
+        return False
+    try:
+        shutil.copyfile(template, db)
+        with sqlite3.connect(db) as conn:
+            checked = conn.execute("PRAGMA quick_check").fetchone()
+            revision = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            runs = conn.execute("SELECT count(*) FROM dag_run").fetchone()
+        conn.close()
+        if checked == ("ok",) and revision and runs == (0,):
+            return True
+        reason = f"quick_check {checked}, alembic revision {revision}, {runs} DAG runs"
+    except (OSError, sqlite3.Error) as err:
+        reason = f"{type(err).__name__}: {err}"
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "The cached empty Airflow metadata database %s is not usable (%s): building a new one.", template, reason
+    )
+    db.unlink(missing_ok=True)
+    return False
+
+
+def _keep_template(db: Path, template: Path) -> None:
+    """Keep an empty copy of ``db`` as ``template`` (written aside, then renamed: a parallel run never reads half)."""
+    import logging
+    import sqlite3
+
+    partial = template.with_name(f".{template.name}.{os.getpid()}")
+    try:
+        template.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with sqlite3.connect(db) as source, sqlite3.connect(partial) as copy:
+            source.backup(copy)  # consistent, write-ahead log included
+        source.close()
+        copy.close()
+        os.replace(partial, template)
+    except (OSError, sqlite3.Error) as err:
+        partial.unlink(missing_ok=True)
+        logging.getLogger(__name__).info("Could not keep a copy of the empty metadata database: %s", err)
+
+
 def migrate_metadata_db(env: dict[str, str]) -> None:
     """Create or upgrade the Airflow metadata database of ``env`` (``airflow db migrate``)."""
     airflow = Path(sys.executable).with_name("airflow")
