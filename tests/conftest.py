@@ -345,6 +345,25 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedDeploymentScheduling(config, log)
 
 
+_SECONDS_PER_FOLDER: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Add up each test's setup, call and teardown by its folder (on the xdist controller too)."""
+    folder = "/".join(report.nodeid.split("::")[0].split("/")[:2])
+    _SECONDS_PER_FOLDER[folder] = _SECONDS_PER_FOLDER.get(folder, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the test time per folder (the sum over every worker; CI's before/after of a change to the suite)."""
+    if not _SECONDS_PER_FOLDER:
+        return
+    terminalreporter.section("test seconds per folder (all workers)")
+    for folder, seconds in sorted(_SECONDS_PER_FOLDER.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:9.1f}  {folder}")
+    terminalreporter.write_line(f"{sum(_SECONDS_PER_FOLDER.values()):9.1f}  total")
+
+
 def pytest_collection_modifyitems(items):
     """Run the end-to-end tests last when the suite runs in one process (each kind shares one long-lived
     Airflow: Celery, then standalone); refuse a test of a shared deployment outside its files."""
