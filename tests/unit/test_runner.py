@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pgdr.local import runner
@@ -112,3 +113,7 @@ def test_the_kept_metadata_database_is_per_airflow_version_in_the_users_cache(mo
     assert path.parent == tmp_path / "pgdr" and path.name.startswith("airflow-metadata-")
     monkeypatch.setenv("PGDR_CACHE_DIR", str(tmp_path / "mine"))
     assert runner.metadata_db_template() == tmp_path / "mine" / path.name  # the same key: the same Airflow
+    for name in ("PGDR_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert runner.metadata_db_template() is None  # an account without a home builds it every time

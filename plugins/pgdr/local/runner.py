@@ -44,11 +44,12 @@ def local_airflow_env(airflow_home: Path) -> dict[str, str]:
     }
 
 
-def metadata_db_template() -> Path:
+def metadata_db_template() -> Path | None:
     """Where this user keeps an empty metadata database of the installed Airflow, for :func:`create_metadata_db`.
 
     Keyed by the versions of Airflow and its providers (their tables), so an upgrade makes a new one. In
-    ``$PGDR_CACHE_DIR``, else ``$XDG_CACHE_HOME/pgdr``, else ``~/.cache/pgdr``.
+    ``$PGDR_CACHE_DIR``, else ``$XDG_CACHE_HOME/pgdr``, else ``~/.cache/pgdr``; ``None`` for an account with no
+    home (never a directory other users could write into).
     """
     import hashlib
     from importlib import metadata
@@ -59,9 +60,16 @@ def metadata_db_template() -> Path:
         if (dist.metadata["Name"] or "").lower().startswith("apache-airflow")
     )
     key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    cache = os.environ.get("PGDR_CACHE_DIR") or user_cache / "pgdr"
-    return Path(cache) / f"airflow-metadata-{key}.sqlite"
+    if os.environ.get("PGDR_CACHE_DIR"):
+        cache = Path(os.environ["PGDR_CACHE_DIR"])
+    elif os.environ.get("XDG_CACHE_HOME"):
+        cache = Path(os.environ["XDG_CACHE_HOME"]) / "pgdr"
+    else:
+        try:
+            cache = Path.home() / ".cache" / "pgdr"
+        except (RuntimeError, KeyError):  # no $HOME and no entry in the password database
+            return None
+    return cache / f"airflow-metadata-{key}.sqlite"
 
 
 def create_metadata_db(airflow_home: Path) -> bool:
@@ -74,7 +82,7 @@ def create_metadata_db(airflow_home: Path) -> bool:
     database. Returns whether the copy was used.
     """
     template, db = metadata_db_template(), airflow_home / "airflow.db"
-    copied = _copy_template(template, db)  # before Airflow opens the file
+    copied = template is not None and _copy_template(template, db)  # before Airflow opens the file
     from airflow.models import import_all_models
     from sqlalchemy.orm import configure_mappers
 
@@ -85,7 +93,8 @@ def create_metadata_db(airflow_home: Path) -> bool:
     from airflow.utils.db import initdb
 
     initdb()
-    _keep_template(db, template)
+    if template is not None:
+        _keep_template(db, template)
     return False
 
 
