@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from support import aws_connection
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,18 +20,28 @@ def test_the_preload_imports_its_libraries_and_starts_no_thread():
         "import pgdr.airflow_glue.preload as p\n"
         "assert 'great_expectations' in sys.modules and p.SECONDS, p.SECONDS\n"
         "assert p.SUPERVISOR_WAITS_ON_EXIT  # pgdr.airflow_glue.task_exit, in the pool processes the worker forks\n"
-        "print(threading.active_count(), sorted(p.SECONDS))\n"
+        "print('threads', threading.active_count(), sorted(p.SECONDS))\n"
+        # A task forked after it makes its S3 client from botocore files the worker has already parsed.
+        "import botocore.loaders as L\n"
+        "read = []\n"
+        "original = L.JSONFileLoader.load_file\n"
+        "L.JSONFileLoader.load_file = lambda self, path: read.append(path) or original(self, path)\n"
+        "from airflow.providers.amazon.aws.hooks.s3 import S3Hook\n"
+        "from pgdr.airflow_glue.connections import s3_client\n"
+        "client = s3_client(S3Hook(aws_conn_id='pgdr_s3'))\n"
+        "assert client.meta.endpoint_url == 'http://127.0.0.1:9' and read == [], read\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT / "plugins")},
+        env={"PYTHONPATH": str(ROOT / "plugins"), "AIRFLOW_CONN_PGDR_S3": aws_connection(9)},
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
     ).stdout
-    assert out.splitlines()[-1].startswith("1 ["), out  # the main thread only
+    threads = [line for line in out.splitlines() if line.startswith("threads ")]
+    assert threads[0].startswith("threads 1 ["), out  # the main thread only, after the import
 
 
 def test_compose_points_the_workers_at_airflows_celery_config_plus_the_preload():
