@@ -41,6 +41,7 @@ from pgdr.airflow_glue.assets import BACKUP_ASSET
 from pgdr.airflow_glue.deadlines import dag_deadline
 from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.airflow_glue.parsing import builds
 from pgdr.airflow_glue.pools import databases_by_server, pool_name
 from pgdr.plan import load_plan
 from pgdr.tasks import call
@@ -83,4 +84,5 @@ def pgdr_backup():
         protect.expand(database=databases)
 
 
-pgdr_backup()
+if builds("pgdr_backup"):  # all of them, except under pgdr's dag.test() of another DAG
+    pgdr_backup()

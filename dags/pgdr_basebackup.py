@@ -43,6 +43,7 @@ from pgdr.airflow_glue.assets import BASE_BACKUP_ASSET
 from pgdr.airflow_glue.deadlines import dag_deadline
 from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.airflow_glue.parsing import builds
 from pgdr.plan import load_plan
 from pgdr.tasks import call
 
@@ -104,4 +105,5 @@ def pgdr_basebackup():
     prune_expired.expand(backup=backups, checked=check_stored.expand(backup=backups))
 
 
-pgdr_basebackup()
+if builds("pgdr_basebackup"):  # all of them, except under pgdr's dag.test() of another DAG
+    pgdr_basebackup()

@@ -35,6 +35,7 @@ from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from pgdr.airflow_glue.assets import BACKUP_ASSET, BASE_BACKUP_ASSET
 from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.airflow_glue.parsing import builds
 from pgdr.plan import load_plan
 from pgdr.tasks import call
 
@@ -69,4 +70,5 @@ def pgdr_copy():
     copy_server.expand(server=[s.name for s in PLAN.servers if s.pitr.copies])
 
 
-pgdr_copy()
+if builds("pgdr_copy"):  # all of them, except under pgdr's dag.test() of another DAG
+    pgdr_copy()

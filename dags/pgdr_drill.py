@@ -36,6 +36,7 @@ from airflow.sdk import Param, dag, setup, task, task_group, teardown
 from pgdr.airflow_glue.deadlines import dag_deadline
 from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.airflow_glue.parsing import builds
 from pgdr.plan import load_plan
 from pgdr.tasks import call
 
@@ -144,4 +145,5 @@ def pgdr_drill():
         rehearse_pitr.expand(server=PLAN.server_names) >> report
 
 
-pgdr_drill()
+if builds("pgdr_drill"):  # all of them, except under pgdr's dag.test() of another DAG
+    pgdr_drill()

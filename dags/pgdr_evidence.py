@@ -34,6 +34,7 @@ import pendulum
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.airflow_glue.parsing import builds
 from pgdr.plan import load_plan
 from pgdr.tasks import call
 
@@ -79,4 +80,5 @@ def pgdr_evidence():
     export_pack() >> prune_receipts()
 
 
-pgdr_evidence()
+if builds("pgdr_evidence"):  # all of them, except under pgdr's dag.test() of another DAG
+    pgdr_evidence()

@@ -35,6 +35,7 @@ import pendulum
 from airflow.sdk import dag, task
 from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.airflow_glue.parsing import builds
 from pgdr.plan import load_plan
 from pgdr.tasks import call
 
@@ -86,4 +87,5 @@ def pgdr_health():
     alert_on_changes(check_database.expand(database=PLAN.database_names), per_server, check_workers(), evidence)
 
 
-pgdr_health()
+if builds("pgdr_health"):  # all of them, except under pgdr's dag.test() of another DAG
+    pgdr_health()

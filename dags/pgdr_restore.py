@@ -55,6 +55,7 @@ from airflow.sdk import Param, dag, task
 from pgdr.airflow_glue.deadlines import dag_deadline
 from pgdr.airflow_glue.defaults import default_args, restore_timeout
 from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.airflow_glue.parsing import builds
 from pgdr.plan import load_plan
 from pgdr.tasks import call
 
@@ -269,4 +270,5 @@ def pgdr_restore():
     servers >> report
 
 
-pgdr_restore()
+if builds("pgdr_restore"):  # all of them, except under pgdr's dag.test() of another DAG
+    pgdr_restore()

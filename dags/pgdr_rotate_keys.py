@@ -27,6 +27,7 @@ import pendulum
 from airflow.sdk import dag, task
 from pgdr.airflow_glue.defaults import default_args
 from pgdr.airflow_glue.notify import run_callbacks
+from pgdr.airflow_glue.parsing import builds
 from pgdr.plan import load_plan
 from pgdr.tasks import call
 
@@ -59,4 +60,5 @@ def pgdr_rotate_keys():
     report(rewrap.expand(database=ENCRYPTED))
 
 
-pgdr_rotate_keys()
+if builds("pgdr_rotate_keys"):  # all of them, except under pgdr's dag.test() of another DAG
+    pgdr_rotate_keys()

@@ -166,8 +166,11 @@ def load_dag(dag_id: str):
 
 
 def dag_test(dag, **test_kwargs):
-    """Run ``dag`` with ``dag.test(**test_kwargs)``, its idle polls brisk (see :func:`brisk_dag_test_polls`)."""
-    with brisk_dag_test_polls():
+    """Run ``dag`` with ``dag.test(**test_kwargs)``, its idle polls brisk (see :func:`brisk_dag_test_polls`), and the
+    DAG files it parses building only ``dag`` (:mod:`pgdr.airflow_glue.parsing`)."""
+    from pgdr.airflow_glue.parsing import only_building
+
+    with brisk_dag_test_polls(), only_building(dag.dag_id):
         return dag.test(**test_kwargs)
 
 
