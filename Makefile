@@ -70,8 +70,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py $(ARGS)
 	$(BIN)/python bench/pitr.py $(ARGS)
 	$(BIN)/python bench/privileges.py $(filter --quick --rounds=%,$(ARGS))
-	$(BIN)/python bench/wal_codecs.py $(filter --quick --rounds=% --load-seconds=%,$(ARGS))
-	$(BIN)/python bench/copies.py $(filter --quick --rounds=% --load-seconds=%,$(ARGS))
+	$(BIN)/python bench/wal_codecs.py $(filter --quick --rounds=% --load-seconds=% --scale=%,$(ARGS))
+	$(BIN)/python bench/copies.py $(filter --quick --rounds=% --load-seconds=% --scale=%,$(ARGS))
 	$(BIN)/python bench/celery_fleet.py $(ARGS)
 
 # ruff check (line length, blind excepts and the rest, as pyproject.toml says) and ruff format, checked.
