@@ -53,3 +53,36 @@ def test_compose_points_the_workers_at_airflows_celery_config_plus_the_preload()
     assert setting == "pgdr.airflow_glue.celery_config.CELERY_CONFIG"
     assert {k: v for k, v in CELERY_CONFIG.items() if k != "imports"} == DEFAULT_CELERY_CONFIG
     assert CELERY_CONFIG["imports"] == ("pgdr.airflow_glue.preload",)
+
+
+def test_a_worker_with_an_unreadable_aws_config_still_starts_and_its_tasks_say_what_is_wrong(tmp_path):
+    """The read-ahead of botocore's files fails with the worker's AWS config file; the preload logs it and goes on,
+    and a task's client then fails with botocore's own message naming the file."""
+    config = tmp_path / "aws-config"
+    config.write_text("[default\nregion = x\n")  # no closing bracket
+    code = (
+        "import pgdr.airflow_glue.preload as p\n"
+        "assert p.BOTOCORE_LOADERS == {} and p.SUPERVISOR_WAITS_ON_EXIT\n"
+        "from airflow.providers.amazon.aws.hooks.s3 import S3Hook\n"
+        "from pgdr.airflow_glue.connections import s3_client\n"
+        "try:\n"
+        "    s3_client(S3Hook(aws_conn_id='pgdr_s3'))\n"
+        "except Exception as err:\n"
+        "    print('task:', err)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={
+            "PYTHONPATH": str(ROOT / "plugins"),
+            "AIRFLOW_CONN_PGDR_S3": aws_connection(9),
+            "AWS_CONFIG_FILE": str(config),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "pgdr preload: botocore's files not read ahead (Unable to parse config file" in output
+    assert f"task: Unable to parse config file: {config}" in output

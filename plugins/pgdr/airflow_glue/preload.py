@@ -30,23 +30,26 @@ MODULES = (
 
 def warm_botocore() -> dict:
     """Parse botocore's endpoint and S3 model files once, in the worker, so that the tasks it forks share them
-    (:func:`pgdr.airflow_glue.connections.s3_client`); return ``{data path: loader}`` ({} if boto3 is missing)."""
+    (:func:`pgdr.airflow_glue.connections.s3_client`); return ``{data path: loader}``, or ``{}`` if that fails (boto3
+    missing, an unreadable AWS config file): the worker starts all the same, and each task reads the files itself."""
     try:
         import boto3
-    except ImportError:
+
+        session = boto3.session.Session()  # boto3's session adds its own data path to the loader
+        # A client made and dropped reads every file a task's client needs; explicit keys and endpoint, so that no
+        # credential provider (an instance metadata service) is asked and nothing is connected to.
+        session.client(
+            "s3",
+            region_name="us-east-1",
+            endpoint_url="http://127.0.0.1:9",
+            aws_access_key_id="-",
+            aws_secret_access_key="-",
+        )
+        botocore_session = session._session
+        return {botocore_session.get_config_variable("data_path"): botocore_session.get_component("data_loader")}
+    except Exception as err:  # noqa: BLE001 - the tasks make their clients themselves, with their own errors
+        log.warning("pgdr preload: botocore's files not read ahead (%s); each task reads them.", err)
         return {}
-    session = boto3.session.Session()  # boto3's session adds its own data path to the loader
-    # A client made and dropped reads every file a task's client needs; explicit keys and endpoint, so that no
-    # credential provider (an instance metadata service) is asked and nothing is connected to.
-    session.client(
-        "s3",
-        region_name="us-east-1",
-        endpoint_url="http://127.0.0.1:9",
-        aws_access_key_id="-",
-        aws_secret_access_key="-",
-    )
-    botocore_session = session._session
-    return {botocore_session.get_config_variable("data_path"): botocore_session.get_component("data_loader")}
 
 
 def preload(modules: tuple[str, ...] = MODULES) -> dict[str, float]:
