@@ -62,10 +62,11 @@ def add_privileges(bench, db: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="scale 14 (about 200 MB) instead of 135 (about 2 GB)")
+    parser.add_argument("--scale", type=int, help="pgbench scale (overrides --quick)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, help="default: bench/results/latest.json (quick.json with --quick)")
     args = parser.parse_args(argv)
-    scale = 14 if args.quick else 135
+    scale = args.scale or (14 if args.quick else 135)
     output = args.output or ROOT / "bench" / "results" / ("quick.json" if args.quick else "latest.json")
 
     from pgdr.logical.privileges import apply_privileges, read_toc
