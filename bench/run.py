@@ -344,8 +344,8 @@ def dag_parse_times(warm: bool, repeats: int = 3) -> dict[str, float]:
             "airflow.sdk.definitions.decorators.setup_teardown\n"
         )
     code = preload + (
-        "import json, os, runpy, sys, time\n"
-        "repeats, took = int(sys.argv[1]), {}\n"
+        "import os, runpy, sys, time\n"
+        "repeats = int(sys.argv[1])\n"
         "for path in sys.argv[2:]:\n"
         "    for _ in range(repeats):\n"
         "        pid = os.fork()\n"

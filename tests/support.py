@@ -226,6 +226,20 @@ def aws_connection(port: int, access_key: str = "testing-key") -> str:
     )
 
 
+def botocore_read_recorder(read: list):
+    """Return a stand-in for botocore's ``JSONFileLoader.load_file`` that appends the path of each data file it parses
+    from disk to ``read``; the caller installs it (``monkeypatch.setattr``, or a plain assignment in a subprocess)."""
+    import botocore.loaders
+
+    original = botocore.loaders.JSONFileLoader.load_file
+
+    def load_file(self, path):
+        read.append(path)
+        return original(self, path)
+
+    return load_file
+
+
 def write_plan(path: Path, databases: list[dict], storage: dict, **sections) -> Path:
     """Write a DR plan for a test: ``databases`` entries, ``storage`` targets, other sections."""
     plan = {

@@ -9,6 +9,7 @@ import inspect
 import botocore.loaders
 import pytest
 from conftest import BUCKET
+from support import botocore_read_recorder
 
 
 def _target(prefix: str):
@@ -21,13 +22,7 @@ def _target(prefix: str):
 def files_read(monkeypatch):
     """The botocore data files read from disk while the test runs."""
     read = []
-    original = botocore.loaders.JSONFileLoader.load_file
-
-    def load_file(self, path):
-        read.append(path)
-        return original(self, path)
-
-    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", load_file)
+    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", botocore_read_recorder(read))
     return read
 
 

@@ -23,9 +23,9 @@ def test_the_preload_imports_its_libraries_and_starts_no_thread():
         "print('threads', threading.active_count(), sorted(p.SECONDS))\n"
         # A task forked after it makes its S3 client from botocore files the worker has already parsed.
         "import botocore.loaders as L\n"
+        "from support import botocore_read_recorder\n"
         "read = []\n"
-        "original = L.JSONFileLoader.load_file\n"
-        "L.JSONFileLoader.load_file = lambda self, path: read.append(path) or original(self, path)\n"
+        "L.JSONFileLoader.load_file = botocore_read_recorder(read)\n"
         "from airflow.providers.amazon.aws.hooks.s3 import S3Hook\n"
         "from pgdr.airflow_glue.connections import s3_client\n"
         "client = s3_client(S3Hook(aws_conn_id='pgdr_s3'))\n"
@@ -34,7 +34,7 @@ def test_the_preload_imports_its_libraries_and_starts_no_thread():
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT / "plugins"), "AIRFLOW_CONN_PGDR_S3": aws_connection(9)},
+        env={"PYTHONPATH": f"{ROOT / 'plugins'}:{ROOT / 'tests'}", "AIRFLOW_CONN_PGDR_S3": aws_connection(9)},
         capture_output=True,
         text=True,
         check=True,
