@@ -27,7 +27,8 @@ results are merged into the same JSON file as bench/run.py's.
 5. one database as of a moment (the incident restore's point-in-time path): the server recovered to the end
    of the archive, the database dumped from it and restored into another server, streamed from the worker's
    disk while the evidence copy is uploaded (``database_as_of_s``), against the path before, through the bucket
-   (``database_as_of_vs_bucket``, goal <= 0.6);
+   (``database_as_of_vs_bucket``, goal <= 0.6), and the least any logical path could take here, ``pg_dump |
+   pg_restore`` overlapped with nothing stored or checked (``database_as_of_floor_vs_bucket``, reported);
 6. under a steady pgbench write load (2 clients at full speed, the server's own limit): every
    5 s, the data a server loss would cost at that moment: now minus the last commit in the newest
    archived WAL segment (``rpo_achieved_s``, goal <= 60), and the time since the archiver last
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         as_of = measure_database_as_of(args.rounds, work, catalog, newest, store, archive, seed_pg, settle)
         runs["database_as_of"] = as_of["streamed_total"]
         runs["database_as_of_via_bucket"] = as_of["via_bucket_total"]
+        runs["database_as_of_floor"] = as_of["floor_total"]
 
         # The same 1 % of the rows spread over the table (every hundredth row: about every other page), each round on
         # the newest backup (after the recoveries above, so that they met the chain they always met).
@@ -301,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "database_as_of_s": round(med["database_as_of"], 2),
         "database_as_of_vs_bucket": round(med["database_as_of"] / med["database_as_of_via_bucket"], 3),
+        "database_as_of_floor_vs_bucket": round(med["database_as_of_floor"] / med["database_as_of_via_bucket"], 3),
         "rpo_achieved_s": round(statistics.median(rpo), 1),
         "wal_archive_lag_s": round(statistics.median(lag), 1),
         "pitr": {
@@ -328,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
             "database_as_of_includes": "recovery of the server to the end of the archive in a scratch cluster, then "
             "pg_dump -Fd -j 2 of the bench database and pg_restore -j 2 into another server; streamed: pg_restore "
             "reads the dump from the worker's disk while it is uploaded (SHA-256) as the evidence copy; via the "
-            "bucket (the path before): upload, SHA-256 check of the stored files, download, then pg_restore",
+            "bucket (the path before): upload, SHA-256 check of the stored files, download, then pg_restore; floor: "
+            "pg_dump -Fc --compress=none | pg_restore, overlapped, nothing stored or checked (the least of any logical "
+            "path)",
             "incremental_workload": "UPDATE of the newest 1 % of pgbench_accounts' rows (1 % of its pages)",
             "incremental_spread_workload": "UPDATE of every hundredth row of pgbench_accounts (1 % of its rows, "
             "about every other page), each round on the newest base backup: the chain one longer every round (an "
@@ -363,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         ("server_recovery_before_checks_vs_peer", "(reported)", True),
         ("database_as_of_s", "(reported)", True),
         ("database_as_of_vs_bucket", "<= 0.6", results["database_as_of_vs_bucket"] <= 0.6),
+        ("database_as_of_floor_vs_bucket", "(reported)", True),
     ]
     for name, target, ok in rows:
         print(f"{name:<40}{results[name]:>10}  {target}  {'ok' if ok else 'MISSED'}")
@@ -602,11 +608,14 @@ def measure_database_as_of(rounds: int, work: Path, catalog, newest, store, arch
     """Time a point-in-time restore of one database: the server recovered to the end of the archive in a scratch
     cluster, then the database dumped from it and restored into ``target``'s server, both ways, in alternating order
     on the same recovered cluster: streamed (``take_backup``'s ``beside_upload``, as ``dump_moment`` does now) and
-    through the bucket (stored, checked, downloaded, restored: the path before). Return the totals and phases."""
+    through the bucket (stored, checked, downloaded, restored: the path before). Return the totals and phases.
+
+    Beside them, last in each round, the floor of any logical path on this machine: ``pg_dump -Fc | pg_restore``, the
+    dump and the restore overlapped in one pipe, uncompressed, with nothing stored and nothing checked (``floor``)."""
     from pgdr.logical.backup import take_backup
     from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
     from pgdr.plan import parse_plan
-    from pgdr.postgres.client import connect, identifier
+    from pgdr.postgres.client import connect, connection_args, identifier, passfile_env
     from pgdr.storage.layout import BackupLayout
 
     config = work / "as-of-plan.yaml"
@@ -614,7 +623,7 @@ def measure_database_as_of(rounds: int, work: Path, catalog, newest, store, arch
         f"storage: {{s: {{type: local, path: {work}}}}}\ndatabases: [{{name: bench, conn_id: x, dump_jobs: 2}}]\n",
         config,
     ).databases[0]
-    out: dict = {"streamed_total": [], "via_bucket_total": [], "phases": []}
+    out: dict = {"streamed_total": [], "via_bucket_total": [], "floor_total": [], "phases": []}
 
     def fresh(name: str):
         with connect(target.with_dbname("postgres")) as conn:
@@ -653,19 +662,46 @@ def measure_database_as_of(rounds: int, work: Path, catalog, newest, store, arch
         shutil.rmtree(folder)
         return elapsed
 
+    def floor(source, r: int) -> float:
+        into = fresh("as_of_floor")
+        folder = work / f"as-of-floor-{r}"
+        bin_dir = bundled_bin_dir()
+        with passfile_env(source, folder / "dump") as dump_env, passfile_env(into, folder / "restore") as restore_env:
+            t = time.perf_counter()
+            dump = subprocess.Popen(
+                [str(bin_dir / "pg_dump"), *connection_args(source), "-Fc", "--compress=none"],
+                env=dump_env,
+                stdout=subprocess.PIPE,
+            )
+            restore = subprocess.run(
+                [str(bin_dir / "pg_restore"), *connection_args(into), "--exit-on-error"],
+                env=restore_env,
+                stdin=dump.stdout,
+                capture_output=True,
+                text=True,
+            )
+            dump.stdout.close()
+            if dump.wait() != 0 or restore.returncode != 0:
+                raise RuntimeError(f"pg_dump | pg_restore failed: {restore.stderr[-2000:]}")
+            elapsed = time.perf_counter() - t
+        shutil.rmtree(folder, ignore_errors=True)
+        return elapsed
+
     for r in range(rounds):
         settle()
         cluster, recover_s, _timings = recover_scratch(work / f"as-of-cluster-{r}", catalog, newest, store, archive)
         source = cluster.endpoint("bench")
         order = [("streamed", streamed), ("via_bucket", via_bucket)]
         timed = {name: run(source, r) for name, run in (order if r % 2 == 0 else order[::-1])}
+        timed["floor"] = floor(source, r)
         cluster.destroy()
         out["streamed_total"].append(recover_s + timed["streamed"])
         out["via_bucket_total"].append(recover_s + timed["via_bucket"])
+        out["floor_total"].append(recover_s + timed["floor"])
         out["phases"].append({"recover": round(recover_s, 2), **{k: round(v, 2) for k, v in timed.items()}})
         print(f"  round {r + 1}: {out['phases'][-1]}", flush=True)
     with connect(target.with_dbname("postgres")) as conn:
-        for name in ("as_of_via_bucket", "as_of_streamed"):
+        for name in ("as_of_via_bucket", "as_of_streamed", "as_of_floor"):
             conn.execute(f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)")
     return out
 
