@@ -27,7 +27,7 @@ results are merged into the same JSON file as bench/run.py's.
 5. one database as of a moment (the incident restore's point-in-time path): the server recovered to the end
    of the archive, the database dumped from it and restored into another server, streamed from the worker's
    disk while the evidence copy is uploaded (``database_as_of_s``), against the path before, through the bucket
-   (``database_as_of_vs_bucket``, goal <= 0.6), and the least any logical path could take here, ``pg_dump |
+   (``database_as_of_vs_bucket``, goal <= 0.6), and about the least any logical path could take here, ``pg_dump |
    pg_restore`` overlapped with nothing stored or checked (``database_as_of_floor_vs_bucket``, reported);
 6. under a steady pgbench write load (2 clients at full speed, the server's own limit): every
    5 s, the data a server loss would cost at that moment: now minus the last commit in the newest
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
             "pg_dump -Fd -j 2 of the bench database and pg_restore -j 2 into another server; streamed: pg_restore "
             "reads the dump from the worker's disk while it is uploaded (SHA-256) as the evidence copy; via the "
             "bucket (the path before): upload, SHA-256 check of the stored files, download, then pg_restore; floor: "
-            "pg_dump -Fc --compress=none | pg_restore, overlapped, nothing stored or checked (the least of any logical "
-            "path)",
+            "pg_dump -Fc --compress=none | pg_restore, overlapped, nothing stored or checked (about the least of any "
+            "logical path)",
             "incremental_workload": "UPDATE of the newest 1 % of pgbench_accounts' rows (1 % of its pages)",
             "incremental_spread_workload": "UPDATE of every hundredth row of pgbench_accounts (1 % of its rows, "
             "about every other page), each round on the newest base backup: the chain one longer every round (an "
@@ -610,8 +610,9 @@ def measure_database_as_of(rounds: int, work: Path, catalog, newest, store, arch
     on the same recovered cluster: streamed (``take_backup``'s ``beside_upload``, as ``dump_moment`` does now) and
     through the bucket (stored, checked, downloaded, restored: the path before). Return the totals and phases.
 
-    Beside them, last in each round, the floor of any logical path on this machine: ``pg_dump -Fc | pg_restore``, the
-    dump and the restore overlapped in one pipe, uncompressed, with nothing stored and nothing checked (``floor``)."""
+    Beside them, last in each round, about the floor of any logical path on this machine: ``pg_dump -Fc |
+    pg_restore``, the dump and the restore overlapped in one pipe, uncompressed, with nothing stored and nothing
+    checked (``floor``)."""
     from pgdr.logical.backup import take_backup
     from pgdr.logical.restore import download_backup, restore_dump, verify_checksums
     from pgdr.plan import parse_plan
