@@ -335,14 +335,33 @@ def test_under_pgdrs_dag_test_a_parse_builds_only_the_dags_being_tested(dagbag):
         assert bag.import_errors == {}
         return set(bag.dag_ids)
 
-    with only_building("pgdr_restore"):
-        assert built() == {"pgdr_restore"}
+    with only_building("pgdr_restore"):  # and the DAG its verify_evidence_copy triggers
+        assert built() == {"pgdr_restore", "pgdr_verify_restore"}
         with only_building("pgdr_backup"):  # another thread's dag.test() of another DAG, meanwhile
-            assert built() == {"pgdr_restore", "pgdr_backup"}
-        assert built() == {"pgdr_restore"}
+            assert built() == {"pgdr_restore", "pgdr_verify_restore", "pgdr_backup"}
+        with only_building("pgdr_verify_restore"):  # tested itself meanwhile: still built when that one ends
+            pass
+        assert built() == {"pgdr_restore", "pgdr_verify_restore"}
     with pytest.raises(RuntimeError), only_building("pgdr_health"):
         raise RuntimeError("a failed dag.test()")
     assert built() == set(dagbag.dag_ids)  # afterwards, all of them again
+
+
+def test_every_dag_a_task_triggers_is_built_beside_the_dag_that_triggers_it():
+    """A task that triggers a DAG (a ``trigger_dag_id`` in pgdr's code) fails under dag.test() unless the triggered
+    DAG was written to the metadata database with the one tested: parsing.TRIGGERS must name every such pair."""
+    import re
+
+    from pgdr.airflow_glue.parsing import TRIGGERS
+
+    triggered = set()
+    for path in (DAGS_FOLDER.parent / "plugins" / "pgdr").rglob("*.py"):
+        triggered |= set(re.findall(r"""["']trigger_dag_id["']\s*:\s*["'](\w+)["']""", path.read_text()))
+        triggered |= set(re.findall(r"""trigger_dag_id\s*=\s*["'](\w+)["']""", path.read_text()))
+    assert triggered == {"pgdr_verify_restore"}
+    assert triggered == {name for names in TRIGGERS.values() for name in names}
+    restore_dag = (DAGS_FOLDER / "pgdr_restore.py").read_text()
+    assert "trigger_evidence_verification" in restore_dag  # the task that triggers it is pgdr_restore's
 
 
 def test_the_dags_being_tested_stay_counted_right_under_many_threads():
