@@ -476,6 +476,15 @@ def render_plan(plan: dict[str, Any]) -> str:
             "archive",
             f"  recoverable     : {pitr['window']['oldest']} to {pitr['window']['newest']} UTC",
             f"  recovery time   : {pitr['expected_recovery']} (median of past PITR verifications)",
+            *(
+                [
+                    f"  worker disk     : about {pitr['recovery_disk_bytes'] / 1e9:.1f} GB free needed in the work "
+                    "directory (PGDR_WORK_DIR) of the worker that recovers, and the dump's size beside it; checked "
+                    "there before the recovery starts"
+                ]
+                if "recovery_disk_bytes" in pitr  # plans made before it was measured lack it
+                else []
+            ),
         ]
     needs = plan.get("needs")
     if plan.get("needs_unread"):

@@ -220,6 +220,40 @@ def test_a_retry_after_the_moment_was_stored_restores_it_from_the_bucket_without
         _sql(pitr_server, "DROP TABLE IF EXISTS public.resume_probe")
 
 
+def test_a_worker_disk_too_small_for_the_moment_is_said_in_the_plan_and_refused_before_anything_is_written(
+    pitr_plan, run_dag, pitr_server, s3_server, slack, monkeypatch
+):
+    """The restore plan says how much free disk the recovery of the moment needs; a worker whose work directory
+    has less refuses at once (no retry, no cluster, no target database), saying what is free, what is needed and
+    what to do, instead of failing hours later with the disk full."""
+    import pgdr.physical.recovery as recovery
+    from pgdr.incident import render_plan
+    from pgdr.workdir import work_dir_root
+
+    if not catalog_of(s3_server).backups():
+        assert run_dag("pgdr_basebackup", run_conf={"kind": "full"}).get_state() == "success"
+    dry = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest", "dry_run": True})
+    assert dry.get_state() == "success", dry.states
+    planned = xcom_of(dry, "plan_restore")
+    needed = planned["pitr"]["recovery_disk_bytes"]
+    size = _sql(pitr_server, "SELECT pg_database_size('shop')")[0][0]
+    assert needed > size  # the whole server's files, at least this database's, plus pg_wal's room
+    assert f"worker disk     : about {needed / 1e9:.1f} GB free needed" in render_plan(planned)
+
+    asked = []
+    monkeypatch.setattr(recovery, "free_bytes", lambda path: asked.append(path) or 300_000_000)
+    before = {p.name for p in work_dir_root().glob("pgdr-cluster-*")}
+    run = run_dag("pgdr_restore", run_conf={"database": "shop", "backup": "latest", "target_name": "shop_no_room"})
+    assert run.states["recover_to_moment"] == "failed" and run.tries["recover_to_moment"] == 1, run.states
+    assert asked == [work_dir_root()]
+    (alert,) = [m["text"] for m in slack.messages if "recover_to_moment" in m.get("text", "")]
+    assert f"{work_dir_root()} has 0.3 GB free, and recovering base backup" in alert
+    assert f"needs about {needed / 1e9:.1f} GB" in alert and "PGDR_WORK_DIR" in alert
+    assert "Nothing was recovered, and the live server was not touched." in alert
+    assert {p.name for p in work_dir_root().glob("pgdr-cluster-*")} == before
+    assert _sql(pitr_server, "SELECT count(*) FROM pg_database WHERE datname = 'shop_no_room'", "postgres") == [(0,)]
+
+
 def test_a_moment_outside_the_window_fails_in_plan_restore_with_the_range(pitr_plan, run_dag, slack, s3_server):
     if not catalog_of(s3_server).backups():  # alone on its xdist worker: the window needs a base backup
         assert run_dag("pgdr_basebackup", run_conf={"kind": "full"}).get_state() == "success"

@@ -275,9 +275,9 @@ def test_the_disk_a_chain_needs_counts_the_full_backup_twice_when_its_combine_co
     than let the recovery fill the disk half way."""
     import json
 
-    from pgdr.physical import server_recovery
+    from pgdr.physical import recovery
     from pgdr.physical.archive import WAL_PREFETCH
-    from pgdr.physical.server_recovery import WAL_HEADROOM, _disk_needed
+    from pgdr.physical.recovery import WAL_HEADROOM, disk_needed
 
     manifest = json.dumps({"Files": [{"Size": 1_000_000_000}, {"Size": 24}, "not a file entry"]}).encode()
     full = SimpleNamespace(
@@ -287,10 +287,10 @@ def test_the_disk_a_chain_needs_counts_the_full_backup_twice_when_its_combine_co
     )
     incremental = SimpleNamespace(record=SimpleNamespace(size=5_000_000))
     store = SimpleNamespace(get_bytes=lambda key: manifest)
-    monkeypatch.setattr(server_recovery, "combine_links", lambda: links)
+    monkeypatch.setattr(recovery, "combine_links", lambda: links)
     alone = 1_000_000_024 + WAL_HEADROOM + WAL_PREFETCH * (16 << 20)
-    assert _disk_needed([full], store) == alone  # one member is moved into place, never combined
-    assert _disk_needed([full, incremental], store) == alone + 10_000_000 + (0 if links else 1_000_000_024)
+    assert disk_needed([full], store) == alone  # one member is moved into place, never combined
+    assert disk_needed([full, incremental], store) == alone + 10_000_000 + (0 if links else 1_000_000_024)
 
 
 @pytest.mark.parametrize(

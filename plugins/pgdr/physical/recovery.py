@@ -9,8 +9,10 @@ one must be in the archive (a gap is reported with the window it costs before an
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,7 @@ from pgdr.errors import BackupNotFound, PermanentFailure
 from pgdr.messages import format_duration
 from pgdr.physical.archive import (
     DEFAULT_SEGMENT_SIZE,
+    WAL_PREFETCH,
     WalArchive,
     WalSegment,
     archiver_bin_dir,
@@ -35,6 +38,7 @@ from pgdr.physical.cluster import (
     ScratchCluster,
     check_streamed,
     combine_chain,
+    combine_links,
     download_chain,
     extract_base_backup,
     is_streamed,
@@ -45,6 +49,8 @@ from pgdr.records import expected_recovery_seconds
 from pgdr.storage.backends import BackupStore
 
 log = logging.getLogger(__name__)
+
+WAL_HEADROOM = 1 << 30  # pg_wal may hold up to max_wal_size (1 GB by default) while recovery runs
 
 
 class TargetOutsideWindow(PermanentFailure):
@@ -147,6 +153,48 @@ def choose_backup(window: RecoverableWindow, target: datetime | None) -> BaseBac
     return [e for e in window.backups if e.record.finished_at <= target][-1]
 
 
+class NotEnoughDisk(PermanentFailure):
+    """The worker's disk cannot hold the recovery; nothing was recovered."""
+
+
+def disk_needed(chain: list[BaseBackupEntry], store: BackupStore) -> int:
+    """Return the bytes a recovery of ``chain`` writes where it is placed: the full backup's files (its manifest), what
+    the incrementals add, the full backup's files once more when a chain is combined by copying (a pg_combinebackup
+    without ``--link``), pg_wal's room while recovery runs, and the segments fetched ahead of replay."""
+    full = chain[0].record
+    try:
+        manifest = json.loads(store.get_bytes(full.file("backup_manifest").key))
+        files = sum(int(f.get("Size", 0)) for f in manifest.get("Files", []) if isinstance(f, dict))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        # the manifest cannot be read (the recovery refuses it, saying why): the format's usual ratio on a database
+        ratio = 20 if any(f.name.endswith(".zst") for f in full.files) else 8
+        files = full.size * ratio
+    fetched_ahead = WAL_PREFETCH * full.wal_segment_size
+    copied = files if len(chain) > 1 and not combine_links() else 0  # the extracted members and their combined copy
+    return files + copied + sum(e.record.size for e in chain[1:]) * 2 + WAL_HEADROOM + fetched_ahead
+
+
+def free_bytes(path: Path) -> int:
+    """Return the free bytes of the filesystem that holds ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def check_room_for(chain: list[BaseBackupEntry], store: BackupStore, root: Path, purpose: str) -> None:
+    """Refuse, before anything is written, a scratch recovery of ``chain`` that the disk of ``root`` cannot hold.
+
+    :raises NotEnoughDisk: saying how much is free, how much is needed and what to do.
+    """
+    needed, free = disk_needed(chain, store), free_bytes(root)
+    if free < needed:
+        raise NotEnoughDisk(
+            f"The {purpose} cannot run on worker {socket.gethostname()}: {root} has {free / 1e9:.1f} GB free, and "
+            f"recovering base backup {chain[-1].backup_id} there needs about {needed / 1e9:.1f} GB (the chain "
+            "extracted, pg_wal's room while it replays, the WAL fetched ahead). Free space there, or point "
+            "PGDR_WORK_DIR at a larger disk on the workers and restart them, then trigger again. Nothing was "
+            "recovered, and the live server was not touched."
+        )
+
+
 @dataclass
 class PreparedChain:
     """A chain downloaded, verified and combined into a data directory, with what it took."""
@@ -166,9 +214,11 @@ def prepare_data_directory(
     data_dir: Path,
     archive: WalArchive,
     segments: list[WalSegment] | None = None,
+    chain: list[BaseBackupEntry] | None = None,
 ) -> PreparedChain:
-    """Check the WAL, then download, verify (``pg_verifybackup``) and combine ``entry``'s chain into ``data_dir``."""
-    chain = catalog.chain(entry)
+    """Check the WAL, then download, verify (``pg_verifybackup``) and combine ``entry``'s chain (``catalog.chain``
+    unless given) into ``data_dir``."""
+    chain = chain or catalog.chain(entry)
     timings: dict[str, float] = {}
     archive.check_continuous(
         segments if segments is not None else archive.segments(store),
@@ -298,6 +348,7 @@ def plan_point_in_time(server, res, moment: datetime | None, workdir: Path, sour
         "base_backup_ended": entry.record.finished_at.isoformat(),
         "wal_segments": len(needed),
         "wal_bytes": len(needed) * size,
+        "recovery_disk_bytes": disk_needed(chain, store),  # where the chain is placed: see disk_needed
         "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
         "size": f"base backup chain {', '.join(e.backup_id for e in chain)} "
         f"({sum(e.record.size for e in chain) / 1e6:.1f} MB stored), then up to {len(needed)} WAL segments "
@@ -340,10 +391,12 @@ def recover_in_scratch(
     cluster = ScratchCluster(root / cluster_dir_name(dag_id, run_id, key), entry.record.pg_version, login=login)
     remove_leftover_clusters(root, run_state, keep=cluster.root)
     cluster.destroy()
+    chain = catalog.chain(entry)
+    check_room_for(chain, store, root, purpose)  # the work files and the cluster share the root's disk
     cluster.write_marker(dag_id, run_id, purpose)
     try:
         workdir.chmod(0o755)  # the cluster's user reads the extracted files through it
-        prepared = prepare_data_directory(catalog, entry, store, workdir, cluster.data_dir, archive)
+        prepared = prepare_data_directory(catalog, entry, store, workdir, cluster.data_dir, archive, chain=chain)
         result = recover_cluster(cluster, archive, target, segment_size=entry.record.wal_segment_size)
     except BaseException:
         cluster.destroy()

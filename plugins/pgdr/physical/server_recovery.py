@@ -49,13 +49,11 @@ from pgdr.errors import PermanentFailure
 from pgdr.identifiers import printable
 from pgdr.incident_review import incident_record, store_incident_record
 from pgdr.messages import format_duration
-from pgdr.physical.archive import WAL_PREFETCH
 from pgdr.physical.cluster import (
     RecoveryFailed,
     RecoveryResult,
     ScratchCluster,
     chown_tree,
-    combine_links,
     conf_literal,
 )
 
@@ -69,7 +67,6 @@ RECOVERY_SETTINGS = (
     "recovery_target_timeline",
 )
 PAUSED_LINES = ("pausing at the end of recovery", "recovery has paused")
-WAL_HEADROOM = 1 << 30  # pg_wal may hold up to max_wal_size (1 GB by default) while recovery runs
 
 
 class ServerRecoveryRefused(PermanentFailure):
@@ -327,23 +324,6 @@ class RecoveredServer(ScratchCluster):
 # -- plan, recover, prove, hand over ------------------------------------------------------------
 
 
-def _disk_needed(chain, store) -> int:
-    """Return the bytes the data directory needs: the full backup's files (its manifest), what the incrementals add,
-    the full backup's files once more when a chain is combined by copying (a pg_combinebackup without ``--link``),
-    pg_wal's room while recovery runs, and the segments fetched ahead of replay."""
-    full = chain[0].record
-    try:
-        manifest = json.loads(store.get_bytes(full.file("backup_manifest").key))
-        files = sum(int(f.get("Size", 0)) for f in manifest.get("Files", []) if isinstance(f, dict))
-    except (KeyError, ValueError, TypeError, AttributeError):
-        # the manifest cannot be read (the recovery refuses it, saying why): the format's usual ratio on a database
-        ratio = 20 if any(f.name.endswith(".zst") for f in full.files) else 8
-        files = full.size * ratio
-    fetched_ahead = WAL_PREFETCH * full.wal_segment_size
-    copied = files if len(chain) > 1 and not combine_links() else 0  # the extracted members and their combined copy
-    return files + copied + sum(e.record.size for e in chain[1:]) * 2 + WAL_HEADROOM + fetched_ahead
-
-
 def plan_server_recovery(
     server,
     res,
@@ -374,9 +354,8 @@ def plan_server_recovery(
     state = check_data_directory(data_dir, delta)
     pitr = plan_point_in_time(server, res, target, workdir, source)
     store, layout, archive = res.archive(server, source)
-    catalog = BaseBackupCatalog(store, layout, server.name)
-    chain = [catalog.get(backup_id) for backup_id in pitr["chain"]]
-    needed = _disk_needed(chain, store) + pitr["wal_bytes"]
+    chain = [BaseBackupCatalog(store, layout, server.name).get(backup_id) for backup_id in pitr["chain"]]
+    needed = pitr["recovery_disk_bytes"] + pitr["wal_bytes"]  # the chain as placed (recovery.disk_needed), the WAL
     existing = data_dir if data_dir.exists() else data_dir.parent
     while not existing.exists():
         existing = existing.parent
