@@ -277,7 +277,7 @@ def test_the_disk_a_chain_needs_counts_the_full_backup_twice_when_its_combine_co
 
     from pgdr.physical import recovery
     from pgdr.physical.archive import WAL_PREFETCH
-    from pgdr.physical.recovery import WAL_HEADROOM, disk_needed
+    from pgdr.physical.recovery import SCRATCH_WAL_SEGMENTS, chain_disk_bytes, scratch_disk_bytes
 
     manifest = json.dumps({"Files": [{"Size": 1_000_000_000}, {"Size": 24}, "not a file entry"]}).encode()
     full = SimpleNamespace(
@@ -288,9 +288,10 @@ def test_the_disk_a_chain_needs_counts_the_full_backup_twice_when_its_combine_co
     incremental = SimpleNamespace(record=SimpleNamespace(size=5_000_000))
     store = SimpleNamespace(get_bytes=lambda key: manifest)
     monkeypatch.setattr(recovery, "combine_links", lambda: links)
-    alone = 1_000_000_024 + WAL_HEADROOM + WAL_PREFETCH * (16 << 20)
-    assert disk_needed([full], store) == alone  # one member is moved into place, never combined
-    assert disk_needed([full, incremental], store) == alone + 10_000_000 + (0 if links else 1_000_000_024)
+    alone = 1_000_000_024 + WAL_PREFETCH * (16 << 20)
+    assert chain_disk_bytes([full], store) == alone  # one member is moved into place, never combined
+    assert chain_disk_bytes([full, incremental], store) == alone + 10_000_000 + (0 if links else 1_000_000_024)
+    assert scratch_disk_bytes(alone, 16 << 20) == alone + SCRATCH_WAL_SEGMENTS * (16 << 20)
 
 
 @pytest.mark.parametrize(

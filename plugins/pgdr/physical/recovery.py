@@ -50,7 +50,10 @@ from pgdr.storage.backends import BackupStore
 
 log = logging.getLogger(__name__)
 
-WAL_HEADROOM = 1 << 30  # pg_wal may hold up to max_wal_size (1 GB by default) while recovery runs
+WAL_HEADROOM = 1 << 30  # a server that runs on where it was recovered: pg_wal may hold max_wal_size (1 GB by default)
+# A scratch cluster's pg_wal: archive recovery keeps none of the segments it replays; after promotion the new
+# timeline's first segments and those min_wal_size (80 MB by default) keeps for reuse.
+SCRATCH_WAL_SEGMENTS = 10
 
 
 class TargetOutsideWindow(PermanentFailure):
@@ -157,10 +160,10 @@ class NotEnoughDisk(PermanentFailure):
     """The worker's disk cannot hold the recovery; nothing was recovered."""
 
 
-def disk_needed(chain: list[BaseBackupEntry], store: BackupStore) -> int:
-    """Return the bytes a recovery of ``chain`` writes where it is placed: the full backup's files (its manifest), what
-    the incrementals add, the full backup's files once more when a chain is combined by copying (a pg_combinebackup
-    without ``--link``), pg_wal's room while recovery runs, and the segments fetched ahead of replay."""
+def chain_disk_bytes(chain: list[BaseBackupEntry], store: BackupStore) -> int:
+    """Return the bytes a recovery of ``chain`` writes where it is placed, pg_wal aside: the full backup's files (its
+    manifest), what the incrementals add, the full backup's files once more when a chain is combined by copying (a
+    pg_combinebackup without ``--link``), and the segments fetched ahead of replay."""
     full = chain[0].record
     try:
         manifest = json.loads(store.get_bytes(full.file("backup_manifest").key))
@@ -171,7 +174,12 @@ def disk_needed(chain: list[BaseBackupEntry], store: BackupStore) -> int:
         files = full.size * ratio
     fetched_ahead = WAL_PREFETCH * full.wal_segment_size
     copied = files if len(chain) > 1 and not combine_links() else 0  # the extracted members and their combined copy
-    return files + copied + sum(e.record.size for e in chain[1:]) * 2 + WAL_HEADROOM + fetched_ahead
+    return files + copied + sum(e.record.size for e in chain[1:]) * 2 + fetched_ahead
+
+
+def scratch_disk_bytes(chain_bytes: int, segment_size: int) -> int:
+    """Return the bytes a scratch recovery needs: its chain as placed (:func:`chain_disk_bytes`) and its pg_wal."""
+    return chain_bytes + SCRATCH_WAL_SEGMENTS * segment_size
 
 
 def free_bytes(path: Path) -> int:
@@ -184,7 +192,8 @@ def check_room_for(chain: list[BaseBackupEntry], store: BackupStore, root: Path,
 
     :raises NotEnoughDisk: saying how much is free, how much is needed and what to do.
     """
-    needed, free = disk_needed(chain, store), free_bytes(root)
+    needed = scratch_disk_bytes(chain_disk_bytes(chain, store), chain[-1].record.wal_segment_size)
+    free = free_bytes(root)
     if free < needed:
         raise NotEnoughDisk(
             f"The {purpose} cannot run on worker {socket.gethostname()}: {root} has {free / 1e9:.1f} GB free, and "
@@ -336,6 +345,7 @@ def plan_point_in_time(server, res, moment: datetime | None, workdir: Path, sour
             break
     expected = expected_recovery_seconds(e.verification for e in window.backups)
     behind = (datetime.now(UTC) - window.newest).total_seconds()
+    placed = chain_disk_bytes(chain, store)
     return {
         "server": server.name,
         "target": moment.isoformat() if moment is not None else "latest",
@@ -348,7 +358,8 @@ def plan_point_in_time(server, res, moment: datetime | None, workdir: Path, sour
         "base_backup_ended": entry.record.finished_at.isoformat(),
         "wal_segments": len(needed),
         "wal_bytes": len(needed) * size,
-        "recovery_disk_bytes": disk_needed(chain, store),  # where the chain is placed: see disk_needed
+        "chain_disk_bytes": placed,
+        "recovery_disk_bytes": scratch_disk_bytes(placed, size),  # in a scratch cluster
         "window": {"oldest": window.oldest.isoformat(), "newest": window.newest.isoformat()},
         "size": f"base backup chain {', '.join(e.backup_id for e in chain)} "
         f"({sum(e.record.size for e in chain) / 1e6:.1f} MB stored), then up to {len(needed)} WAL segments "

@@ -343,7 +343,7 @@ def plan_server_recovery(
         disk is too small. :raises TargetOutsideWindow: naming the recoverable window.
     """
     from pgdr.physical.catalog import BaseBackupCatalog
-    from pgdr.physical.recovery import plan_point_in_time
+    from pgdr.physical.recovery import WAL_HEADROOM, plan_point_in_time
 
     data_dir = data_dir.resolve()
     if pause and target is None:
@@ -355,7 +355,7 @@ def plan_server_recovery(
     pitr = plan_point_in_time(server, res, target, workdir, source)
     store, layout, archive = res.archive(server, source)
     chain = [BaseBackupCatalog(store, layout, server.name).get(backup_id) for backup_id in pitr["chain"]]
-    needed = pitr["recovery_disk_bytes"] + pitr["wal_bytes"]  # the chain as placed (recovery.disk_needed), the WAL
+    needed = pitr["chain_disk_bytes"] + WAL_HEADROOM + pitr["wal_bytes"]  # the server runs on there: its pg_wal
     existing = data_dir if data_dir.exists() else data_dir.parent
     while not existing.exists():
         existing = existing.parent
