@@ -372,16 +372,18 @@ def test_a_damaged_base_backup_record_is_refused():
 
 def test_leftover_scratch_clusters_are_removed_only_when_their_run_is_over(tmp_path):
     import json
+    import os
     import socket
+    import subprocess
 
     from pgdr.physical.cluster import MARKER, remove_leftover_clusters
+    from pgdr.workdir import process_identity
 
-    def leftover(name: str, run_id: str, host: str = socket.gethostname()) -> Path:
+    def leftover(name: str, run_id: str, host: str = socket.gethostname(), **more) -> Path:
         folder = tmp_path / f"pgdr-cluster-{name}"
         (folder / "data").mkdir(parents=True)
-        (folder / MARKER).write_text(
-            json.dumps({"dag_id": "pgdr_verify_pitr", "run_id": run_id, "host": host, "port": 1, "pg_version": 180006})
-        )
+        marker = {"dag_id": "pgdr_verify_pitr", "run_id": run_id, "host": host, "port": 1, "pg_version": 180006}
+        (folder / MARKER).write_text(json.dumps({**marker, **more}))
         return folder
 
     finished = leftover("a", "killed-run")
@@ -392,9 +394,18 @@ def test_leftover_scratch_clusters_are_removed_only_when_their_run_is_over(tmp_p
     unmarked = tmp_path / "pgdr-cluster-e"
     unmarked.mkdir()
     states = {"killed-run": "failed", "live-run": "running"}
-    removed = remove_leftover_clusters(tmp_path, lambda dag_id, run_id: states[run_id], keep=mine)
-    assert sorted(removed) == sorted([finished, gone]) and not finished.exists() and not gone.exists()
-    assert running.exists() and elsewhere.exists() and mine.exists() and unmarked.exists()
+    # The break-glass command's run is in a metadata database of its own: unknown here, but its process runs.
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            breakglass = leftover("g", "cli-run", owner=process_identity(other.pid))
+            gone_pid = 2**22 + 1  # above Linux's largest pid (PID_MAX_LIMIT): no process runs with it
+            ended = leftover("h", "cli-run", owner={"host": socket.gethostname(), "pid": gone_pid, "started": "1"})
+            ours = leftover("i", "killed-run", owner=process_identity(os.getpid()))  # an earlier run of this process
+            removed = remove_leftover_clusters(tmp_path, lambda dag_id, run_id: states[run_id], keep=mine)
+        finally:
+            other.kill()
+    assert sorted(removed) == sorted([finished, gone, ended, ours]) and not finished.exists() and not gone.exists()
+    assert running.exists() and elsewhere.exists() and mine.exists() and unmarked.exists() and breakglass.exists()
 
 
 def test_trend_axes_read_as_durations_whatever_the_spread():

@@ -39,7 +39,7 @@ from pgdr.physical.catalog import BaseBackupEntry
 from pgdr.postgres.binaries import UNPRIVILEGED_UID, free_port, major_of, pg_tool, server_bin_dir_for
 from pgdr.postgres.client import PgEndpoint, tool_version
 from pgdr.storage.backends import BackupStore
-from pgdr.workdir import run_is_over, state_of_run
+from pgdr.workdir import process_identity, run_is_over, state_of_run
 
 log = logging.getLogger(__name__)
 MARKER = "pgdr-cluster.json"
@@ -264,6 +264,7 @@ class ScratchCluster:
             "port": self.port,
             "pg_version": self.pg_version,
             "created": datetime.now(UTC).isoformat(),
+            "owner": process_identity(os.getpid()),  # the process that recovers it: see remove_leftover_clusters
         }
         (self.root / MARKER).write_text(json.dumps(info))
 
@@ -518,6 +519,10 @@ def remove_leftover_clusters(root: Path, run_state: Callable[[str, str], Any], k
     """Stop and remove scratch clusters on this host whose run is over (:func:`pgdr.workdir.run_is_over`); return
     their directories.
 
+    A cluster whose recovering process still runs, another than this one, is kept whatever ``run_state`` says: the
+    break-glass command (``python -m pgdr``) runs its DAG with a metadata database of its own, so an Airflow worker on
+    the same host knows nothing of its run, and must not take the on-call's recovery for a leftover.
+
     :param run_state: returns the Airflow state of the run ``(dag_id, run_id)`` (it may raise: no such run).
     :param keep: this run's own cluster directory, never removed here.
     """
@@ -532,6 +537,9 @@ def remove_leftover_clusters(root: Path, run_state: Callable[[str, str], Any], k
             continue
         if not isinstance(info, dict) or info.get("host") != socket.gethostname():
             continue
+        owner = info.get("owner")
+        if isinstance(owner, dict) and owner.get("pid") != os.getpid() and _still_runs(owner):
+            continue
         if not run_is_over(state_of_run(run_state, str(info.get("dag_id")), str(info.get("run_id")))):
             continue
         ScratchCluster(folder, int(info.get("pg_version") or 180000), port=int(info.get("port") or 1)).destroy()
@@ -540,6 +548,14 @@ def remove_leftover_clusters(root: Path, run_state: Callable[[str, str], Any], k
             "Removed the scratch cluster %s left by run %s of %s.", folder, info.get("run_id"), info.get("dag_id")
         )
     return removed
+
+
+def _still_runs(owner: dict[str, Any]) -> bool:
+    """Whether the process a cluster's marker names (:func:`pgdr.workdir.process_identity`) is the one running now."""
+    try:
+        return process_identity(int(owner.get("pid") or 0)) == owner
+    except (TypeError, ValueError):
+        return False
 
 
 def run_cluster(root: Path, recovery: dict[str, Any]) -> ScratchCluster:
