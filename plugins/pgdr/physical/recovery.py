@@ -199,8 +199,8 @@ def check_room_for(chain: list[BaseBackupEntry], store: BackupStore, root: Path,
             f"The {purpose} cannot run on worker {socket.gethostname()}: {root} has {free / 1e9:.1f} GB free, and "
             f"recovering base backup {chain[-1].backup_id} there needs about {needed / 1e9:.1f} GB (the chain "
             "extracted, pg_wal's room while it replays, the WAL fetched ahead). Free space there, or point "
-            "PGDR_WORK_DIR at a larger disk on the workers and restart them, then trigger again. Nothing was "
-            "recovered, and the live server was not touched."
+            "PGDR_WORK_DIR at a larger disk (in the workers' environment, then restart them; or in the environment "
+            "of python -m pgdr), then trigger again. Nothing was recovered, and the live server was not touched."
         )
 
 
