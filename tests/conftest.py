@@ -6,6 +6,7 @@ here, before any test module imports Airflow.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
@@ -18,6 +19,9 @@ from pgdr.local.runner import local_airflow_env
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="pgdr-tests-"))
 _SESSION_DIR.chmod(0o755)  # the embedded server runs as an unprivileged user when tests run as root
+# Every pytest process makes one: xdist's controller never runs the session_dir fixture that removes it, so each
+# process removes its own at exit (its own only: a child forked from it may run these handlers too).
+atexit.register(lambda pid=os.getpid(): os.getpid() == pid and shutil.rmtree(_SESSION_DIR, ignore_errors=True))
 os.environ.update(local_airflow_env(_SESSION_DIR / "airflow"))
 os.environ["PGDR_WORK_DIR"] = str(_SESSION_DIR / "work")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key")

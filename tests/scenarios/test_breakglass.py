@@ -58,6 +58,7 @@ def breakglass(tmp_path, pg_server, metadata_cache):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR"))}  # no Airflow, no plan
     env["PYTHONPATH"] = str(ROOT / "plugins")
     env["PGDR_CACHE_DIR"] = str(metadata_cache)
+    env["PGDR_LOG_DIR"] = str(tmp_path / "logs")  # not the temporary directory: each run writes a log file
 
     def command(*args: str) -> list[str]:
         return [sys.executable, "-m", "pgdr", "--plan", str(plan), "--connections", str(connections), *args]
@@ -179,6 +180,7 @@ def test_a_wrong_field_gets_the_forms_own_error(breakglass, pg_server, args, mes
     assert {r[0] for r in _sql(pg_server, "SELECT datname FROM pg_database")} == before
     # The process ends without the interpreter's teardown (pgdr.local.cli.exit_now): its log is whole all the same.
     log = Path(re.search(r"log records go to (\S+)", result.output).group(1))
+    assert log.parent == Path(run.env["PGDR_LOG_DIR"])  # $PGDR_LOG_DIR, made by the command, not the temporary dir
     assert message in log.read_text() and log.read_text().rstrip().endswith(f"the whole log is {log}")
 
 

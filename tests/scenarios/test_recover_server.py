@@ -151,6 +151,7 @@ def recover(lost_server, tmp_path, slack, s3_server):
     plan = _write_lost_plan(tmp_path / "plan.yaml", lost_server["prefix"], evidence=evidence)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PGDR"))}
     env["PYTHONPATH"] = str(ROOT / "plugins")
+    env["PGDR_LOG_DIR"] = str(tmp_path / "logs")  # not the temporary directory: each run writes a log file
     base = work_dir_root() / f"pgdr-recover-test-{uuid.uuid4().hex[:8]}"
     base.mkdir(parents=True)
     base.chmod(0o755)

@@ -387,7 +387,7 @@ def recover_server(args: argparse.Namespace) -> int:
         return 2
     declared = parse_timestamp(incident["declared_at"]) if incident["declared_at"] else None
     args.incident = incident["id"]
-    log_path = (args.log_file or default_log_path(Path(tempfile.gettempdir()), "pgdr-recover-server")).resolve()
+    log_path = (args.log_file or default_log_path(log_folder(), "pgdr-recover-server")).resolve()
     _print(f"pgdr: the log records go to {log_path}" + ("" if args.verbose else " (--verbose streams them)"))
     with Console(log_path, verbose=args.verbose):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -531,8 +531,20 @@ def _common_options(parser: argparse.ArgumentParser, on_subcommand: bool) -> Non
         "--log-file",
         type=Path,
         default=default,
-        help="where the log records go (default: pgdr-restore-<time>-<pid>.log in the temporary directory)",
+        help="where the log records go (default: pgdr-restore-<time>-<pid>.log, or pgdr-recover-server-..., in "
+        "$PGDR_LOG_DIR, else the temporary directory)",
     )
+
+
+def log_folder() -> Path:
+    """Return where a command's log file goes unless ``--log-file`` says: ``$PGDR_LOG_DIR`` (created if missing), else
+    the temporary directory."""
+    folder = os.environ.get("PGDR_LOG_DIR")
+    if not folder:
+        return Path(tempfile.gettempdir())
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -665,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.command == "recover-server":
         return recover_server(args)
-    log_path = (args.log_file or default_log_path(Path(tempfile.gettempdir()), "pgdr-restore")).resolve()
+    log_path = (args.log_file or default_log_path(log_folder(), "pgdr-restore")).resolve()
     _print(
         f"pgdr: restoring {args.database!r} from {args.backup!r} ({args.mode}) with the pgdr_restore DAG, in this "
         "process"
