@@ -22,8 +22,12 @@ results are merged into the same JSON file as bench/run.py's.
    --immediate-checkpoint -J 2`` (``basebackup_vs_barman``, goal <= 1.0), and its restore, ``barman-cloud-restore``
    then the same recovery step as pgdr's (``pitr_restore_vs_barman``, goal <= 1.0);
 4. whole-server recovery onto "this host" with ``recover-server``'s code (plan, place, replay to the
-   end of the archive, proof with ``pg_amcheck`` and expectations, hand-over restart): ``server_recovery_s``
-   (reported; the peer's counterpart is item 3's barman-cloud-restore and replay, without pgdr's proof);
+   end of the archive, proof, hand-over restart): ``server_recovery_s`` with the default proof (``quick``:
+   ``pg_amcheck --checkunique`` of every page, counts, sequences, the plan's suites), against the peer's
+   counterpart, item 3's barman-cloud-restore and replay, which proves nothing (``server_recovery_vs_peer``, goal
+   <= 1.2); in the same rounds (order alternated) with ``recovery_proof: thorough`` (``--heapallindexed`` and
+   pgdr's baseline expectations, as ``pgdr_verify_pitr`` proves each chain): ``server_recovery_thorough_vs_peer``
+   (reported);
 5. one database as of a moment (the incident restore's point-in-time path): the server recovered to the end
    of the archive, the database dumped from it and restored into another server, streamed from the worker's
    disk while the evidence copy is uploaded (``database_as_of_s``), against the path before, through the bucket
@@ -246,18 +250,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  an incremental chain: {chain_restore}", flush=True)
 
         print("Whole-server recovery onto this host (python -m pgdr recover-server's code)...", flush=True)
-        server_runs, server_phases, server_checks, before_checks = [], [], [], []
+        server_phases, server_checks = {"quick": [], "thorough": []}, {"quick": [], "thorough": []}
+        for key in ("server_recovery", "server_recovery_thorough", "server_recovery_before_checks"):
+            runs[key] = []
         for r in range(args.rounds):
-            settle()
-            elapsed, report = recover_whole_server(work / f"whole-{r}", store, layout, archive, pg)
-            server_runs.append(elapsed)
-            server_phases.append(report["phase_seconds"])
-            before_checks.append(elapsed - report["phase_seconds"]["checks"] - report["phase_seconds"]["hand_over"])
-            checked = report["proof"]["databases"]["bench"]["integrity"]["seconds"]
-            server_checks.append({k: round(v, 2) for k, v in checked.items()})
-            print(f"  round {r + 1}: {elapsed:.1f}s {report['phase_seconds']} checks {server_checks[-1]}", flush=True)
-        runs["server_recovery"] = server_runs
-        runs["server_recovery_before_checks"] = before_checks
+            for level in ("quick", "thorough") if r % 2 == 0 else ("thorough", "quick"):
+                settle()
+                elapsed, report = recover_whole_server(work / f"whole-{r}-{level}", store, layout, archive, pg, level)
+                runs["server_recovery" if level == "quick" else "server_recovery_thorough"].append(elapsed)
+                phase = report["phase_seconds"]
+                server_phases[level].append(phase)
+                runs["server_recovery_before_checks"].append(elapsed - phase["checks"] - phase["hand_over"])
+                checked = report["proof"]["databases"]["bench"]["integrity"]["seconds"]
+                server_checks[level].append({k: round(v, 2) for k, v in checked.items()})
+                print(
+                    f"  round {r + 1}, {level} proof: {elapsed:.1f}s {phase} checks {server_checks[level][-1]}",
+                    flush=True,
+                )
 
         print("A database as of a moment: restored beside the upload, against through the bucket...", flush=True)
         seed_pg = PgEndpoint("127.0.0.1", seed_server.port, "postgres", "postgres", seed_server.password)
@@ -298,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
         "server_recovery_s": round(med["server_recovery"], 2),
         # the issue's goal (#28): within 1.2x the peer's restore + replay; pgdr's also proves every database
         "server_recovery_vs_peer": round(med["server_recovery"] / med["barman_lz4_restore"], 3),
+        "server_recovery_thorough_s": round(med["server_recovery_thorough"], 2),
+        "server_recovery_thorough_vs_peer": round(med["server_recovery_thorough"] / med["barman_lz4_restore"], 3),
         "server_recovery_before_checks_vs_peer": round(
             med["server_recovery_before_checks"] / med["barman_lz4_restore"], 3
         ),
@@ -325,8 +336,11 @@ def main(argv: list[str] | None = None) -> None:
             "server_recovery_checks_s": server_checks,
             "server_recovery_includes": "plan, one pass of download + SHA-256 + zstd + extract with every file "
             "checked against PostgreSQL's manifest, move into the data "
-            "directory, replay to the end of the archive, heartbeat proof, pg_amcheck + sequences + expectations "
-            "of the bench database as a non-superuser, hand-over restart in its own configuration",
+            "directory, replay to the end of the archive, heartbeat proof, the proof of the bench database as a "
+            "non-superuser, hand-over restart in its own configuration. Proof quick (server_recovery, the default): "
+            "pg_amcheck --checkunique beside exact row counts and sequences (the bench plan has no suite); thorough "
+            "(server_recovery_thorough, as pgdr_verify_pitr): pg_amcheck --heapallindexed --checkunique beside the "
+            "counts, sequences and pgdr's baseline expectations. server_recovery_before_checks: both levels' rounds",
             "database_as_of_phases_s": as_of["phases"],
             "database_as_of_includes": "recovery of the server to the end of the archive in a scratch cluster, then "
             "pg_dump -Fd -j 2 of the bench database and pg_restore -j 2 into another server; streamed: pg_restore "
@@ -365,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         ("wal_archive_lag_s", "(reported)", True),
         ("server_recovery_s", "(reported)", True),
         ("server_recovery_vs_peer", "<= 1.2", results["server_recovery_vs_peer"] <= 1.2),
+        ("server_recovery_thorough_vs_peer", "(reported)", True),
         ("server_recovery_before_checks_vs_peer", "(reported)", True),
         ("database_as_of_s", "(reported)", True),
         ("database_as_of_vs_bucket", "<= 0.6", results["database_as_of_vs_bucket"] <= 0.6),
@@ -548,9 +563,10 @@ def archive_endpoint(name: str, bucket: str):
     return work, moto, s3, ArchiveAccess(endpoint_url, "us-east-1", "bench", "bench")
 
 
-def recover_whole_server(root: Path, store, layout, archive, pg) -> tuple[float, dict]:
+def recover_whole_server(root: Path, store, layout, archive, pg, proof: str = "quick") -> tuple[float, dict]:
     """Recover the bench server to the end of its archive into ``root/data`` with :class:`ServerRecovery`, as
-    ``recover-server`` does on a new host (proof included); stop it and remove it. Return the seconds and the report.
+    ``recover-server`` does on a new host (``proof`` included: a plan's ``recovery_proof``); stop it and remove it.
+    Return the seconds and the report.
     """
     from types import SimpleNamespace
 
@@ -561,7 +577,7 @@ def recover_whole_server(root: Path, store, layout, archive, pg) -> tuple[float,
     root.chmod(0o755)
     database = SimpleNamespace(name="bench", dbname="bench", dump_jobs=2, rto=timedelta(hours=1))
     plan = SimpleNamespace(database=lambda name: database)
-    server = SimpleNamespace(name=SERVER, databases=("bench",))
+    server = SimpleNamespace(name=SERVER, databases=("bench",), recovery_proof=proof)
     res = SimpleNamespace(
         plan=plan,
         archive=lambda _server, _target=None, _pruning=False: (store, layout, archive),

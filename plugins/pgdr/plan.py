@@ -244,6 +244,9 @@ class ProtectedServer:
     source_conn_id: str | None = None
     max_standby_lag: timedelta = timedelta(minutes=5)
     on_standby_lag: str = "primary"
+    # How recover-server (and the form's mode server) proves the server before it is handed over: "quick" (every page
+    # checked, not every row looked up in every index) or "thorough" (as pgdr_verify_pitr proves each chain)
+    recovery_proof: str = "quick"
 
 
 @dataclass(frozen=True)
@@ -462,7 +465,9 @@ def _closest(word: str, choices: set[str]) -> str | None:
 
 _TOP_KEYS = {"version", "backup", "defaults", "storage", "databases", "drill", "health", "servers", "evidence"}
 _EVIDENCE_KEYS = {"storage", "key_conn_id", "keep"}
-_SERVER_KEYS = {"conn_id", "pitr", "restore", "source_conn_id", "max_standby_lag", "on_standby_lag"}
+_SERVER_KEYS = {"conn_id", "pitr", "restore", "source_conn_id", "max_standby_lag", "on_standby_lag", "recovery_proof"}
+# How a whole-server recovery proves the server before handing it over (pgdr.physical.proof.RECOVERY_PROOFS)
+RECOVERY_PROOF_LEVELS = ("quick", "thorough")
 _SERVER_RESTORE_KEYS = {"queue", "data_dir", "port", "os_user"}
 _QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _OS_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -997,9 +1002,25 @@ def _parse_servers(
                 else None,
                 max_standby_lag=standby.max_standby_lag,
                 on_standby_lag=standby.on_standby_lag,
+                recovery_proof=_parse_recovery_proof(c, fields["recovery_proof"][1], f"{key}.recovery_proof")
+                if "recovery_proof" in fields
+                else "quick",
             )
         )
     return tuple(servers)
+
+
+def _parse_recovery_proof(c: _Checker, node: yaml.Node, key: str) -> str:
+    value = c.scalar(node, key)
+    if value not in RECOVERY_PROOF_LEVELS:
+        raise c.fail(
+            node,
+            key,
+            "expected quick (pg_amcheck of every page, unique keys, counts, sequences, your suites) or thorough "
+            "(also every row looked up in every index, and pgdr's baseline expectations: slower by about 5 s per GB "
+            f"on two cores); got {value!r}",
+        )
+    return value
 
 
 def _parse_server_restore(c: _Checker, node: yaml.Node, key: str) -> ServerRestoreTarget:

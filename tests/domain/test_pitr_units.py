@@ -39,6 +39,9 @@ def test_a_server_with_pitr_covers_every_database_on_it():
     assert graced.servers[0].restore is None
     assert server.source_conn_id is None and server.on_standby_lag == "primary"
     assert server.max_standby_lag == timedelta(minutes=5)
+    assert server.recovery_proof == "quick"  # an incident's recovery: every page; pgdr_verify_pitr's is thorough
+    proven = _plan("servers:\n  main_conn:\n    pitr: {storage: s3}\n    recovery_proof: thorough\n").servers[0]
+    assert proven.recovery_proof == "thorough"
     standby = _plan(
         "servers:\n  main_conn:\n    pitr: {storage: s3}\n    source_conn_id: main_standby\n    on_standby_lag: fail\n"
     ).servers[0]
@@ -107,6 +110,11 @@ def test_a_server_with_pitr_covers_every_database_on_it():
             "servers:\n  main_conn:\n    pitr: {storage: s3}\n    on_standby_lag: wait\n",
             "servers.main_conn.on_standby_lag: expected primary (back up from the primary, with a warning, when the "
             "standby lags more than max_standby_lag) or fail (fail the backup), got 'wait'",
+        ),
+        (
+            "servers:\n  main_conn:\n    pitr: {storage: s3}\n    recovery_proof: full\n",
+            "servers.main_conn.recovery_proof: expected quick (pg_amcheck of every page, unique keys, counts, "
+            "sequences, your suites) or thorough (also every row looked up in every index",
         ),
         (
             "servers:\n  main_conn:\n    pitr: {storage: s3}\n    source_conn_id: 'a b'\n",

@@ -208,6 +208,7 @@ def test_the_whole_server_comes_back_to_a_second_with_every_database_and_role(lo
     dry = recover("--to", stamp, "--data-dir", str(data_dir), "--dry-run")
     assert dry.returncode == 0, dry.output
     assert lost_server["full"].backup_id in dry.output and "never contacted" in dry.output
+    assert "proof           : quick: pg_amcheck of every table and B-tree index page" in dry.output, dry.output
     assert not data_dir.exists()
 
     done = recover("--to", stamp, "--data-dir", str(data_dir), "--port", str(port))
@@ -241,6 +242,7 @@ def test_the_whole_server_comes_back_to_a_second_with_every_database_and_role(lo
     assert "RECOVERED AND PROMOTED" in done.output
     assert "Heartbeats at or before the target" in done.output and "data-loss window" in done.output
     assert "`app`" in done.output and "`ledger`" in done.output
+    assert "- Proof: quick: " in done.output  # the plan says nothing: every page checked, rows not looked up
     # The incident's record for the drill's MTTR trend, where the drill reads every target's (it was never written:
     # the server's layout had no place for it)
     from pgdr.incident_review import incident_records
@@ -304,8 +306,10 @@ def test_pause_then_delta_finishes_a_damaged_directory_to_the_end_of_the_archive
     (data_dir / "global" / "pg_control").write_bytes(b"\0" * 8192)
     (data_dir / "stray file").write_text("not from the backup")
 
-    done = recover("--to", "latest", "--data-dir", str(data_dir), "--port", str(port), "--delta")
+    done = recover("--to", "latest", "--data-dir", str(data_dir), "--port", str(port), "--delta", "--proof", "thorough")
     assert done.returncode == 0, done.output
+    assert "- Proof: thorough: " in done.output and "--heapallindexed" in done.output
+    assert "no suite in the plan" not in done.output  # pgdr's baseline expectations ran
     assert "files kept" in done.output and "replaced" in done.output
     assert not (data_dir / "stray file").exists()
     admin = _dsn(port, "postgres", server.password, "app")

@@ -134,6 +134,7 @@ def _server_plan(**overrides):
         "delta": False,
         "disk_needed_bytes": 1_170_000_000,
         "disk_free_bytes": 76_500_000_000,
+        "proof": "quick",
     }
     return {**plan, **overrides}
 
@@ -145,6 +146,9 @@ def test_the_server_plan_says_what_an_on_call_engineer_needs():
     assert "the end of the archive (latest)" in text and "11.1s ago" in text
     assert "up to 2 segments (34 MB)" in text and "1.17 GB needed, 76.5 GB free" in text
     assert "/var/lib/postgresql/18/main on db-new (missing)" in text and "never contacted" in text
+    assert "proof           : quick: pg_amcheck of every table and B-tree index page" in text
+    assert "(--proof thorough adds every row looked up in every index)" in text
+    assert "--proof thorough adds" not in render_server_plan(_server_plan(proof="thorough"))
     delta = render_server_plan(_server_plan(target="2026-12-03T09:53:37+00:00", delta=True, data_dir_state="not empty"))
     assert "2026-12-03T09:53:37+00:00 UTC" in delta and "--delta: only differing files replaced" in delta
 
@@ -192,6 +196,11 @@ def test_the_server_report_names_the_recovery_point_the_loss_and_the_next_steps(
     assert text.startswith("# Recovery of server `main`: RECOVERED AND PROMOTED")
     assert "data-loss window 6m 23s" in text and "Achieved RTO (declared to handed over): 1m 35s" in text
     assert "`app`: 1 tables, 2 rows; pg_amcheck and sequences passed; expectations: 3 of 3 passed" in text
+    assert "- Proof: thorough: " in text  # a report stored before proofs had levels was proven thoroughly
+    report["proof"]["level"] = "quick"
+    report["proof"]["databases"]["app"]["validation"] = {"expectations": 0, "failed": 0}
+    quick = render_server_report(report)
+    assert "- Proof: quick: pg_amcheck of every table" in quick and "expectations: no suite in the plan" in quick
     assert "`archive_mode = off`" in text and "NEW prefix" in text and "main-2" in text
     paused = next_steps(True, Path("/srv/pg"), "main")
     assert paused[0].startswith("Look at the data") and "pg_ctl -D /srv/pg promote" in paused[0]

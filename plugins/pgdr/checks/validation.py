@@ -462,14 +462,22 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(kwargs, default=str))
 
 
-def validate_restored(target: PgEndpoint, manifest: BackupManifest, tables: set[str] | None = None) -> ValidationReport:
+def validate_restored(
+    target: PgEndpoint, manifest: BackupManifest, tables: set[str] | None = None, baseline: bool = True
+) -> ValidationReport:
     """Run the baseline and the user suites of ``manifest.database`` on the restored ``target``.
 
     :param tables: for a table-level restore, validate only these tables.
+    :param baseline: with ``False``, the user suites alone (none: nothing is run, GX is not even imported).
     """
-    with connect(target, application_name="pgdr-validation") as conn:
-        specs = baseline_specs(conn, manifest, tables)
+    specs = []
+    if baseline:
+        with connect(target, application_name="pgdr-validation") as conn:
+            specs = baseline_specs(conn, manifest, tables)
     specs += [s for s in load_user_suites(manifest.database, manifest) if tables is None or s.table in tables]
+    if not specs:
+        log.info("Great Expectations: no suite for database %s, nothing to validate.", printable(manifest.database))
+        return ValidationReport()
     report = run_validation(target, specs)
     log.info(
         "Great Expectations: %d expectations on %d tables, %d failed, in %.1fs.",

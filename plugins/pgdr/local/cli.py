@@ -424,7 +424,7 @@ def _recover_server(args: argparse.Namespace, target, declared) -> int:
         if args.dry_run:
             with tempfile.TemporaryDirectory(prefix="pgdr-recover-plan-") as work:
                 plan = plan_server_recovery(
-                    server, res, target, args.data_dir, Path(work), args.delta, args.pause, source
+                    server, res, target, args.data_dir, Path(work), args.delta, args.pause, source, args.proof
                 )
             _print("Recovery plan (dry run, nothing was changed):\n" + render_server_plan(plan))
             return 0
@@ -441,6 +441,7 @@ def _recover_server(args: argparse.Namespace, target, declared) -> int:
             incident_id=args.incident,
             triggered_by=actor,
             source=source,
+            proof=args.proof,
         )
         try:
             report = recovery.run(say=lambda text: _print(f"pgdr: {text}"))
@@ -625,6 +626,13 @@ def main(argv: list[str] | None = None) -> int:
         dest="restore_from",
         help="recover from this copy of the server's archive and base backups (the plan's pitr.copies), e.g. when "
         "its storage target is unreachable",
+    )
+    whole.add_argument(
+        "--proof",
+        choices=["quick", "thorough"],
+        help="how the server is proven before it is handed over (default: the plan's recovery_proof, else quick): "
+        "quick checks every page, unique keys, counts, sequences and your suites; thorough also looks every row up "
+        "in every index and runs pgdr's baseline expectations (about 5 s more per GB on two cores)",
     )
     whole.add_argument("--dry-run", action="store_true", help="print the recovery plan and stop")
     undelete = commands.add_parser(

@@ -20,7 +20,9 @@ each said in the terminal and in the report:
    the port, and the recovery settings. The server starts with no TCP listener on a private socket
    (trust there only), replays to the target and promotes (or pauses there with ``--pause``).
    Heartbeats prove the target; every plan database of the server gets ``pg_amcheck``, sequence
-   and Great Expectations checks as a role that is never a superuser.
+   and Great Expectations checks as a role that is never a superuser, to the depth the plan's
+   ``recovery_proof`` (or ``--proof``) asks: ``quick`` by default, ``thorough`` as
+   ``pgdr_verify_pitr`` proves each chain (:data:`pgdr.physical.proof.RECOVERY_PROOFS`).
 4. **Hand over**: the recovery settings are reset, the server is stopped and started in its own
    configuration (its port, its ``pg_hba.conf``), and the report (markdown and JSON, stored under
    the server's prefix, ``recoveries/``) says what was checked, the achieved recovery point, the
@@ -56,6 +58,7 @@ from pgdr.physical.cluster import (
     chown_tree,
     conf_literal,
 )
+from pgdr.physical.proof import RECOVERY_PROOFS
 
 log = logging.getLogger(__name__)
 
@@ -333,11 +336,13 @@ def plan_server_recovery(
     delta: bool = False,
     pause: bool = False,
     source=None,
+    proof: str | None = None,
 ) -> dict[str, Any]:
     """Return the recovery plan of ``server`` into ``data_dir`` (the dry run); refuse what cannot be done.
 
     ``source`` is one of the server's ``pitr.copies`` (:class:`~pgdr.plan.StorageTarget`) to recover from instead of
-    its archive (``--from``: the primary region or bucket is lost).
+    its archive (``--from``: the primary region or bucket is lost). ``proof`` overrides the plan's
+    ``recovery_proof``.
 
     :raises ServerRecoveryRefused: the data directory holds a running server, or files without ``delta``, or the
         disk is too small. :raises TargetOutsideWindow: naming the recoverable window.
@@ -377,6 +382,7 @@ def plan_server_recovery(
         "system_identifier": chain[-1].record.system_identifier,
         "pg_version": chain[-1].record.pg_version,
         "read_from": f"copy {source.name!r} ({archive.describe()})" if source is not None else archive.describe(),
+        "proof": proof or server.recovery_proof,
     }
 
 
@@ -404,6 +410,8 @@ def render_server_plan(plan: dict[str, Any]) -> str:
             + ")",
             f"  disk            : about {plan['disk_needed_bytes'] / 1e9:.2f} GB needed, "
             f"{plan['disk_free_bytes'] / 1e9:.1f} GB free",
+            f"  proof           : {plan['proof']}: {RECOVERY_PROOFS[plan['proof']]}, before any client connects"
+            + ("" if plan["proof"] == "thorough" else " (--proof thorough adds every row looked up in every index)"),
             "  old host        : never contacted",
         ]
     )
@@ -427,6 +435,7 @@ class ServerRecovery:
     timeout_s: float = 6 * 3600
     resume_key: str | None = None  # an Airflow run: its retry resumes its own earlier try's directory (as --delta)
     source: Any = None  # one of the server's pitr.copies (a StorageTarget) to recover from; None: its archive
+    proof: str | None = None  # quick or thorough (pgdr.physical.proof.RECOVERY_PROOFS); None: the plan's recovery_proof
     phases: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -458,6 +467,7 @@ class ServerRecovery:
             self.delta,
             self.pause,
             self.source,
+            self.proof,
         )
         self._phase("plan", t)
         say("Recovery plan:\n" + render_server_plan(plan))
@@ -502,7 +512,7 @@ class ServerRecovery:
         t = time.monotonic()
         try:
             achieved = result.achieved_point or _replayed_point(server)
-            proof = self.prove(server, plan, achieved)
+            proof = self.prove(server, plan, achieved, plan["proof"])
             if not self.pause:
                 server.reset_recovery_settings()
         except BaseException:
@@ -561,8 +571,11 @@ class ServerRecovery:
         self._phase("place", t)
         return delta_counts
 
-    def prove(self, server: RecoveredServer, plan: dict[str, Any], achieved: datetime | None) -> dict[str, Any]:
-        """Heartbeats prove the target; every plan database of the server is checked (not when paused: read-only)."""
+    def prove(
+        self, server: RecoveredServer, plan: dict[str, Any], achieved: datetime | None, level: str
+    ) -> dict[str, Any]:
+        """Heartbeats prove the target; every plan database of the server is checked to ``level`` (a key of
+        :data:`~pgdr.physical.proof.RECOVERY_PROOFS`; not when paused: read-only)."""
         from pgdr.physical.heartbeat import heartbeats
         from pgdr.physical.proof import check_recovered_databases
 
@@ -578,6 +591,8 @@ class ServerRecovery:
             "heartbeats_at_or_before_target": len(beats),
             "newest_heartbeat": beats[-1].isoformat() if beats else None,
             "databases_found": _databases(server),
+            "level": level,
+            "includes": RECOVERY_PROOFS[level],
         }
         if self.pause:
             proof["databases"] = "not checked: the server is paused in recovery (read-only); check after promotion"
@@ -595,6 +610,7 @@ class ServerRecovery:
                 lambda label: _work_folder(self.control / label),
                 # the new host serves nobody yet: the proof, most of a large server's recovery, gets every core
                 amcheck_jobs=max(2, os.cpu_count() or 2),
+                proof=level,
             )
         finally:
             _remove_checker(server, proof["databases_found"], had_amcheck)
@@ -781,17 +797,23 @@ def render_server_report(report: dict[str, Any]) -> str:
         f"- Heartbeats at or before the target: {proof['heartbeats_at_or_before_target']} (newest "
         f"{proof['newest_heartbeat'] or 'none'}); none after it",
         f"- Databases on the server: {', '.join(printable(d) for d in proof['databases_found'])}",
+        # reports stored before the proof had levels: thorough
+        f"- Proof: {proof.get('level', 'thorough')}: {RECOVERY_PROOFS[proof.get('level', 'thorough')]}",
     ]
     if isinstance(proof["databases"], str):
         lines.append(f"- Plan databases: {proof['databases']}")
     else:
         for name, facts in proof["databases"].items():
+            expectations = facts["validation"].get("expectations", 0)
             lines.append(
                 f"- `{name}`: {facts['tables']} tables, {facts['rows']} rows; pg_amcheck and sequences "
                 f"{'passed' if facts['integrity'].get('ok', True) else 'FAILED'}; expectations: "
-                f"{facts['validation'].get('expectations', 0) - facts['validation'].get('failed', 0)} of "
-                f"{facts['validation'].get('expectations', 0)} passed; checked as {facts['checked_as']} (never a "
-                "superuser)"
+                + (
+                    f"{expectations - facts['validation'].get('failed', 0)} of {expectations} passed"
+                    if expectations
+                    else "no suite in the plan"
+                )
+                + f"; checked as {facts['checked_as']} (never a superuser)"
             )
     if report["delta"]:
         d = report["delta"]
