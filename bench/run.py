@@ -357,16 +357,15 @@ def dag_parse_times(warm: bool, repeats: int = 3) -> dict[str, float]:
         "            sys.exit(f'parsing {path} failed (wait status {status})')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins"), "PGDR_PLAN": str(ROOT / "include" / "pgdr.yaml")}
-    paths = sorted((ROOT / "dags").glob("*.py"))
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(repeats), *map(str, paths)], env=env, capture_output=True, text=True
-    )
+    paths = [str(path) for path in sorted((ROOT / "dags").glob("*.py"))]
+    result = subprocess.run([sys.executable, "-c", code, str(repeats), *paths], env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"parsing the DAG files failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     runs: dict[str, list[float]] = {}
+    parsed = set(paths)
     for line in result.stdout.splitlines():
         path, _, seconds = line.rpartition(" ")
-        if path in map(str, paths):
+        if path in parsed:
             runs.setdefault(Path(path).name, []).append(float(seconds))
     return {name: round(statistics.median(times), 3) for name, times in runs.items()}
 

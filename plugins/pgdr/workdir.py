@@ -74,6 +74,15 @@ def process_identity(pid: int) -> dict[str, Any] | None:
     return {"host": socket.gethostname(), "pid": pid, "started": started}
 
 
+def still_runs(owner: Any) -> bool:
+    """Whether the process ``owner`` names (a :func:`process_identity` read back from a marker) is the one running
+    now: the same pid with the same start time, on this host. A malformed marker names no process."""
+    try:
+        return isinstance(owner, dict) and process_identity(int(owner.get("pid") or 0)) == owner
+    except (TypeError, ValueError):
+        return False
+
+
 def claim(path: Path) -> None:
     """Write this process's identity into work directory ``path``: it is a leftover once the process is gone."""
     (path / OWNER_FILE).write_text(json.dumps(process_identity(os.getpid())))
@@ -89,7 +98,7 @@ def remove_dead_workdirs(root: Path) -> list[Path]:
             continue  # being written right now, or not ours to judge
         if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
             continue
-        if process_identity(int(owner.get("pid", 0))) == owner:
+        if still_runs(owner):
             continue
         shutil.rmtree(owner_file.parent, ignore_errors=True)
         removed.append(owner_file.parent)

@@ -7,7 +7,15 @@ import os
 import socket
 
 import pytest
-from pgdr.workdir import OWNER_FILE, claim, remove_dead_workdirs, run_is_over, state_of_run
+from pgdr.workdir import (
+    OWNER_FILE,
+    claim,
+    process_identity,
+    remove_dead_workdirs,
+    run_is_over,
+    state_of_run,
+    still_runs,
+)
 
 
 @pytest.mark.parametrize(
@@ -47,3 +55,14 @@ def test_only_dead_processes_work_directories_on_this_host_are_removed(tmp_path)
     assert remove_dead_workdirs(tmp_path) == [dead]
     assert mine.exists() and elsewhere.exists() and not dead.exists()
     assert json.loads((mine / OWNER_FILE).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("pid", ["not a number", None, [1], 2**22 + 7])
+def test_a_marker_naming_no_running_process_is_a_leftover(tmp_path, pid):
+    assert still_runs(process_identity(os.getpid())) is True
+    assert still_runs({"host": socket.gethostname(), "pid": pid, "started": "1"}) is False
+    assert still_runs(["a list"]) is False
+    broken = tmp_path / "pgdr-broken-0-x"
+    broken.mkdir()
+    (broken / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": "1"}))
+    assert remove_dead_workdirs(tmp_path) == [broken]  # before: a pid that is not a number stopped the sweep

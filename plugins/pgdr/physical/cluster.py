@@ -39,7 +39,7 @@ from pgdr.physical.catalog import BaseBackupEntry
 from pgdr.postgres.binaries import UNPRIVILEGED_UID, free_port, major_of, pg_tool, server_bin_dir_for
 from pgdr.postgres.client import PgEndpoint, tool_version
 from pgdr.storage.backends import BackupStore
-from pgdr.workdir import process_identity, run_is_over, state_of_run
+from pgdr.workdir import process_identity, run_is_over, state_of_run, still_runs
 
 log = logging.getLogger(__name__)
 MARKER = "pgdr-cluster.json"
@@ -538,7 +538,7 @@ def remove_leftover_clusters(root: Path, run_state: Callable[[str, str], Any], k
         if not isinstance(info, dict) or info.get("host") != socket.gethostname():
             continue
         owner = info.get("owner")
-        if isinstance(owner, dict) and owner.get("pid") != os.getpid() and _still_runs(owner):
+        if isinstance(owner, dict) and owner.get("pid") != os.getpid() and still_runs(owner):
             continue
         if not run_is_over(state_of_run(run_state, str(info.get("dag_id")), str(info.get("run_id")))):
             continue
@@ -548,14 +548,6 @@ def remove_leftover_clusters(root: Path, run_state: Callable[[str, str], Any], k
             "Removed the scratch cluster %s left by run %s of %s.", folder, info.get("run_id"), info.get("dag_id")
         )
     return removed
-
-
-def _still_runs(owner: dict[str, Any]) -> bool:
-    """Whether the process a cluster's marker names (:func:`pgdr.workdir.process_identity`) is the one running now."""
-    try:
-        return process_identity(int(owner.get("pid") or 0)) == owner
-    except (TypeError, ValueError):
-        return False
 
 
 def run_cluster(root: Path, recovery: dict[str, Any]) -> ScratchCluster:

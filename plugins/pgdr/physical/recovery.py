@@ -356,6 +356,8 @@ def plan_point_in_time(server, res, moment: datetime | None, workdir: Path, sour
         "chain": [e.backup_id for e in chain],
         "base_backup_bytes": sum(e.record.size for e in chain),
         "base_backup_ended": entry.record.finished_at.isoformat(),
+        "system_identifier": entry.record.system_identifier,  # of the cluster the chain was taken from
+        "pg_version": entry.record.pg_version,
         "wal_segments": len(needed),
         "wal_bytes": len(needed) * size,
         "chain_disk_bytes": placed,

@@ -347,7 +347,6 @@ def plan_server_recovery(
     :raises ServerRecoveryRefused: the data directory holds a running server, or files without ``delta``, or the
         disk is too small. :raises TargetOutsideWindow: naming the recoverable window.
     """
-    from pgdr.physical.catalog import BaseBackupCatalog
     from pgdr.physical.recovery import WAL_HEADROOM, plan_point_in_time
 
     data_dir = data_dir.resolve()
@@ -358,8 +357,7 @@ def plan_server_recovery(
         )
     state = check_data_directory(data_dir, delta)
     pitr = plan_point_in_time(server, res, target, workdir, source)
-    store, layout, archive = res.archive(server, source)
-    chain = [BaseBackupCatalog(store, layout, server.name).get(backup_id) for backup_id in pitr["chain"]]
+    _store, _layout, archive = res.archive(server, source)
     needed = pitr["chain_disk_bytes"] + WAL_HEADROOM + pitr["wal_bytes"]  # the server runs on there: its pg_wal
     existing = data_dir if data_dir.exists() else data_dir.parent
     while not existing.exists():
@@ -379,8 +377,6 @@ def plan_server_recovery(
         "host": socket.gethostname(),
         "disk_needed_bytes": needed,
         "disk_free_bytes": free,
-        "system_identifier": chain[-1].record.system_identifier,
-        "pg_version": chain[-1].record.pg_version,
         "read_from": f"copy {source.name!r} ({archive.describe()})" if source is not None else archive.describe(),
         "proof": proof or server.recovery_proof,
     }
