@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         "includes": "one whole-server recovery per size with recover-server's code (restore: the one pass of "
         "download, SHA-256, zstd, extract and the manifest check; checks: the default proof, quick, pg_amcheck "
         "--checkunique beside the exact row counts and sequences; the bench plan has no suite); the peer: "
-        "barman-cloud-restore of its --lz4 -J 2 backup, then the same recovery step, no proof. Extrapolated with a least-squares line per phase: same data shape, same machine.",
+        "barman-cloud-restore of its --lz4 -J 2 backup, then the same recovery step, no proof. Extrapolated with a "
+        "least-squares line per phase: same data shape, same machine.",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     report = json.loads(args.output.read_text()) if args.output.exists() else {}
