@@ -1017,7 +1017,7 @@ def _parse_recovery_proof(c: _Checker, node: yaml.Node, key: str) -> str:
             node,
             key,
             "expected quick (pg_amcheck of every page, unique keys, counts, sequences, your suites) or thorough "
-            "(also every row looked up in every index, and pgdr's baseline expectations: slower by about 5 s per GB "
+            "(also every row looked up in every index, and pgdr's baseline expectations: slower by about 4 s per GB "
             f"on two cores); got {value!r}",
         )
     return value

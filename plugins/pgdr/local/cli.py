@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["quick", "thorough"],
         help="how the server is proven before it is handed over (default: the plan's recovery_proof, else quick): "
         "quick checks every page, unique keys, counts, sequences and your suites; thorough also looks every row up "
-        "in every index and runs pgdr's baseline expectations (about 5 s more per GB on two cores)",
+        "in every index and runs pgdr's baseline expectations (about 4 s more per GB on two cores)",
     )
     whole.add_argument("--dry-run", action="store_true", help="print the recovery plan and stop")
     undelete = commands.add_parser(
