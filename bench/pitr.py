@@ -724,15 +724,16 @@ def measure_database_as_of(rounds: int, work: Path, catalog, newest, store, arch
 
 
 def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float], list[float], float]:
-    """Run pgbench for ``seconds`` and sample, every 5 s, what a server loss at that moment would cost.
+    """Run pgbench for ``seconds`` and sample, every 5 s (every second on a short load), what a server loss
+    at that moment would cost.
 
     The data safe at moment X is what the archive holds at X: up to the last commit in the newest
-    archived segment (read with pg_waldump). RPO(X) = X minus that commit's time.
+    archived segment that has one (read with pg_waldump). RPO(X) = X minus that commit's time.
     """
     import psycopg
-    from pgdr.physical.archive import archived_segment, last_commit_time
 
     waldump = str(bundled_bin_dir() / "pg_waldump")
+    period = min(5.0, max(1.0, seconds / 10))
     load = subprocess.Popen(
         [str(bundled_bin_dir() / "pgbench"), "-c", "2", "-j", "2", "-T", str(seconds), "-n", "bench"],
         env=env,
@@ -749,21 +750,36 @@ def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float],
             last_wal, last_time = conn.execute(
                 "SELECT last_archived_wal, last_archived_time FROM pg_stat_archiver"
             ).fetchone()
-            segment = archived_segment(last_wal)
-            if segment and last_time:
-                objects = [s for s in archive.segments(store) if s.name == segment]
-                if objects:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        committed = last_commit_time(waldump, archive.fetch_segment(store, objects[0], Path(tmp)))
-                    if committed:
-                        rpo.append((now - committed).total_seconds())
-                        lag.append((now - last_time).total_seconds())
-            time.sleep(5)
+            committed = last_archived_commit(last_wal, waldump, archive, store)
+            if committed and last_time:
+                rpo.append((now - committed).total_seconds())
+                lag.append((now - last_time).total_seconds())
+            time.sleep(period)
     out, _ = load.communicate()
     tps = next((float(line.split("=")[1].split()[0]) for line in out.splitlines() if line.startswith("tps")), 0.0)
     if not rpo:
         raise RuntimeError(f"no RPO sample was taken during the load:\n{out[-2000:]}")
     return rpo, lag, tps
+
+
+def last_archived_commit(last_wal: str | None, waldump: str, archive, store, look_back: int = 8) -> datetime | None:
+    """Return the time of the newest commit the archive holds, up to ``last_wal`` (``pg_stat_archiver``'s).
+
+    The newest archived segment may hold no commit (a segment a backup switched away from), so up to
+    ``look_back`` segments before it on the same timeline are read, newest first.
+    """
+    from pgdr.physical.archive import archived_segment, last_commit_time
+
+    newest = archived_segment(last_wal)
+    if newest is None:
+        return None
+    candidates = [s for s in archive.segments(store) if s.name[:8] == newest[:8] and s.name <= newest]
+    for segment in reversed(candidates[-look_back:]):
+        with tempfile.TemporaryDirectory() as tmp:
+            committed = last_commit_time(waldump, archive.fetch_segment(store, segment, Path(tmp)))
+        if committed:
+            return committed
+    return None
 
 
 if __name__ == "__main__":
