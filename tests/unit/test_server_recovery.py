@@ -102,6 +102,27 @@ def test_the_pause_needs_a_moment(tmp_path):
         plan_server_recovery(SimpleNamespace(name="main"), None, None, tmp_path / "d", tmp_path, pause=True)
 
 
+def test_a_disk_too_small_for_the_chain_and_its_wal_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from pgdr.physical import recovery
+    from pgdr.physical.server_recovery import ServerRecoveryRefused, plan_server_recovery
+
+    pitr = {"chain_disk_bytes": 2_000_000_000, "wal_bytes": 500_000_000}
+    monkeypatch.setattr(recovery, "plan_point_in_time", lambda *args: pitr)
+    asked = []
+    monkeypatch.setattr(recovery, "free_bytes", lambda path: asked.append(path) or 1_500_000_000)
+    res = SimpleNamespace(archive=lambda server, source: (None, None, SimpleNamespace(describe=lambda: "s3://b/p")))
+    data_dir = tmp_path / "new" / "data"
+    with pytest.raises(ServerRecoveryRefused) as refused:
+        plan_server_recovery(SimpleNamespace(name="main"), res, None, data_dir, tmp_path / "work")
+    needed = (2_000_000_000 + recovery.WAL_HEADROOM + 500_000_000) / 1e9
+    assert asked == [tmp_path]  # the nearest folder that exists: the data directory is not made to ask
+    assert str(refused.value).startswith(
+        f"{tmp_path} has 1.5 GB free; recovering server 'main' needs about {needed:.1f}"
+    )
+    assert "choose another --data-dir. Nothing was changed." in str(refused.value)
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_window_never_spans_two_clusters():
     from pgdr.physical.recovery import of_newest_cluster
 

@@ -347,7 +347,7 @@ def plan_server_recovery(
     :raises ServerRecoveryRefused: the data directory holds a running server, or files without ``delta``, or the
         disk is too small. :raises TargetOutsideWindow: naming the recoverable window.
     """
-    from pgdr.physical.recovery import WAL_HEADROOM, plan_point_in_time
+    from pgdr.physical.recovery import WAL_HEADROOM, free_bytes, plan_point_in_time
 
     data_dir = data_dir.resolve()
     if pause and target is None:
@@ -362,7 +362,7 @@ def plan_server_recovery(
     existing = data_dir if data_dir.exists() else data_dir.parent
     while not existing.exists():
         existing = existing.parent
-    free = shutil.disk_usage(existing).free
+    free = free_bytes(existing)
     if free < needed:
         raise ServerRecoveryRefused(
             f"{existing} has {free / 1e9:.1f} GB free; recovering server {server.name!r} needs about "
