@@ -344,8 +344,8 @@ def main(argv: list[str] | None = None) -> None:
             "non-superuser, hand-over restart in its own configuration. Proof quick (server_recovery, the default): "
             "pg_amcheck --checkunique beside exact row counts and sequences (the bench plan has no suite); thorough "
             "(server_recovery_thorough, as pgdr_verify_pitr): pg_amcheck --heapallindexed --checkunique beside the "
-            "counts, sequences and pgdr's baseline expectations. server_recovery_before_checks and server_recovery_thorough_before_checks: "
-            "each depth's rounds up to its proof",
+            "counts, sequences and pgdr's baseline expectations. server_recovery_before_checks and "
+            "server_recovery_thorough_before_checks: each depth's rounds up to its proof",
             "database_as_of_phases_s": as_of["phases"],
             "database_as_of_includes": "recovery of the server to the end of the archive in a scratch cluster, then "
             "pg_dump -Fd -j 2 of the bench database and pg_restore -j 2 into another server; streamed: pg_restore "
