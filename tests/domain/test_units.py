@@ -584,3 +584,18 @@ def test_a_foreign_server_the_restore_role_may_not_create_says_what_to_do():
     assert "foreign servers of the foreign-data wrapper 'postgres_fdw'" in text
     assert "restore_as_superuser: true" in text and "Retrying cannot fix this." in text and "s3cr3t" not in text
     assert isinstance(tool_error(endpoint, "x", stderr, RestoreFailed), PermanentFailure)
+
+
+def test_an_expectation_that_errs_is_reported_by_its_errors_first_line():
+    from pgdr.checks.validation import _exception_message
+
+    sqlalchemy = (
+        '(psycopg2.errors.DataCorrupted) invalid page in block 1 of relation "base/1/2"\n\n'
+        '[SQL: SELECT min(id) AS "column.min" \nFROM (SELECT * FROM t) AS anon_1]\n'
+        "(Background on this error at: https://sqlalche.me/e/21/2j85)"
+    )
+    first = '(psycopg2.errors.DataCorrupted) invalid page in block 1 of relation "base/1/2"'
+    assert _exception_message({"column.min": {"exception_message": sqlalchemy}}) == first
+    assert _exception_message({"raised_exception": True, "exception_message": "\n" + sqlalchemy}) == first
+    assert _exception_message({"raised_exception": True, "exception_message": None}) == "error"
+    assert _exception_message({"raised_exception": False}) is None and _exception_message(None) is None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import psycopg
@@ -101,3 +103,37 @@ def test_each_depth_runs_its_checks_as_a_reader_and_a_damaged_page_fails_the_qui
     assert "its rows could not be read: invalid page in block 1" in str(failed.value), failed.value
     assert 'pg_amcheck found corruption: heap table "' in str(failed.value) and "ERROR:" in str(failed.value)
     assert "not to good data" in str(failed.value)
+
+
+def test_a_damaged_index_page_fails_the_thorough_proof_naming_the_index(recovered):
+    from pgdr.errors import PermanentFailure
+
+    index = f"{TABLE}_pkey"
+    # A suite of the plan whose query reads the key's first leaf page (min(id) walks the index from its left).
+    suites = Path(os.environ["PGDR_GX_SUITES"]) / recovered.dbname
+    (suites / "first.yaml").write_text(
+        f'table: public."{TABLE}"\nexpectations:\n  - type: expect_column_min_to_be_between\n'
+        "    kwargs: {column: id, min_value: 1, max_value: 1}\n"
+    )
+    assert recovered.prove("thorough")["validation"]["failed"] == 0
+    with psycopg.connect(**recovered.dsn, autocommit=True) as conn:
+        path = conn.execute(
+            "SELECT current_setting('data_directory') || '/' || pg_relation_filepath(%s::regclass)", (f'"{index}"',)
+        ).fetchone()[0]
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_buffercache")
+        conn.execute(
+            """SELECT pg_buffercache_evict(bufferid) FROM pg_buffercache
+               WHERE relfilenode = pg_relation_filenode(%s::regclass)""",
+            (f'"{index}"',),
+        )
+    with open(path, "r+b") as index_file:  # block 1: a leaf page of the key (block 0 is the metapage)
+        index_file.seek(8192 + 200)
+        index_file.write(b"\xde\xad\xbe\xef" * 256)
+    with pytest.raises(PermanentFailure) as failed:
+        recovered.prove("thorough")
+    message = str(failed.value)
+    # pg_amcheck names the index; the suite's query that met the page says what it met (not SQLAlchemy's footer).
+    assert f'pg_amcheck found corruption: btree index "{recovered.dbname}.public.{index}"' in message, message
+    assert "invalid page in block 1 of relation" in message.split("failed expectation: expect_column_min_")[1]
+    assert "sqlalche.me" not in message and "[SQL:" not in message
+    assert "not to good data" in message

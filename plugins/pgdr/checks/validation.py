@@ -335,15 +335,23 @@ def _build_expectation(spec: ExpectationSpec, tag: int):
 
 
 def _exception_message(info: Any) -> str | None:
-    """Return the first exception message in a GX ``exception_info`` (flat or keyed by metric)."""
+    """Return the first exception message in a GX ``exception_info`` (flat or keyed by metric), its first line.
+
+    A query's error from SQLAlchemy reads ``(psycopg2.errors.X) what failed``, then the SQL, then a line
+    pointing at SQLAlchemy's documentation: the first line is the one that says what went wrong.
+    """
     if not isinstance(info, dict):
         return None
     if info.get("raised_exception"):
-        return str(info.get("exception_message") or "error")
+        return _first_line(info.get("exception_message")) or "error"
     for value in info.values():
         if isinstance(value, dict) and value.get("exception_message"):
-            return str(value["exception_message"]).strip().splitlines()[-1]
+            return _first_line(value["exception_message"]) or "error"
     return None
+
+
+def _first_line(message: Any) -> str:
+    return next((line.strip() for line in str(message or "").splitlines() if line.strip()), "")
 
 
 def _observed(result: dict[str, Any]) -> Any:
