@@ -264,7 +264,10 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     runs["peer_as_server"].append(elapsed)
                     peer_server_phases.append(timings)
-                    print(f"  round {r + 1}, the peer restored and replayed as a server: {elapsed:.1f}s {timings}")
+                    print(
+                        f"  round {r + 1}, the peer restored and replayed as a server: {elapsed:.1f}s {timings}",
+                        flush=True,
+                    )
                     continue
                 elapsed, report = recover_whole_server(work / f"whole-{r}-{level}", store, layout, archive, pg, level)
                 runs["server_recovery" if level == "quick" else "server_recovery_thorough"].append(elapsed)
@@ -618,12 +621,12 @@ def peer_restore_as_server(bin_dir: Path, access, archive, name: str, root: Path
     t1 = time.perf_counter()
     try:
         server.recover(None, False, 3600)
-    finally:
+        replayed = time.perf_counter() - t1
+        elapsed = time.perf_counter() - t
+    finally:  # a failed replay leaves no server running behind the bench
         server.drop_spool()
-    replayed = time.perf_counter() - t1
-    elapsed = time.perf_counter() - t
-    server.stop()
-    shutil.rmtree(root, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
     return elapsed, {"barman_cloud_restore": round(restored, 2), "replay": round(replayed, 2)}
 
 
