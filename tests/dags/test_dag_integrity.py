@@ -387,3 +387,30 @@ def test_the_dags_being_tested_stay_counted_right_under_many_threads():
         thread.join()
     assert wrong == []
     assert parsing.builds("pgdr_drill") and not parsing._testing  # nothing left counted
+
+
+def test_a_dag_test_stores_the_dags_it_triggers_as_the_plan_in_force_builds_them_now(plan, tmp_path):
+    """dag.test() of pgdr_restore writes the folder's DAGs to the metadata database (Airflow's sync_bag_to_db, as here)
+    and its verify_evidence_copy then triggers pgdr_verify_restore as stored there. Airflow skips writing a DAG stored
+    less than [core] min_serialized_dag_update_interval ago (30 s by default): a restore run within 30 s of one under
+    another plan had its evidence verification refused ("'shop' is not one of [None, 'app']", found in a test run).
+    pgdr's private Airflow sets the interval to 0: the stored DAG is the plan in force's at once."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.utils.session import create_session
+    from pgdr.airflow_glue.parsing import only_building
+    from pgdr.local.runner import local_airflow_env
+
+    assert local_airflow_env(tmp_path / "airflow")["AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL"] == "0"
+    manager = DagBundlesManager()
+    with create_session() as session:
+        manager.sync_bundles_to_db(session=session)
+    (bundle,) = [b for b in manager.get_all_dag_bundles() if Path(b.path) == DAGS_FOLDER]
+    for name in ("app", "shop", "app"):  # one plan after another, seconds apart
+        plan(databases=[{"name": name, "conn_id": "pgdr_shop"}])
+        with only_building("pgdr_restore"):
+            bag = BundleDagBag(dag_folder=bundle.path, bundle_path=bundle.path, bundle_name=bundle.name)
+            sync_bag_to_db(bag, bundle.name, bundle.version)
+        stored = SerializedDagModel.get("pgdr_verify_restore").dag
+        assert stored.params.get_param("database").schema["enum"] == [None, name]

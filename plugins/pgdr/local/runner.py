@@ -40,6 +40,10 @@ def local_airflow_env(airflow_home: Path) -> dict[str, str]:
         "XDG_RUNTIME_DIR": str(runtime),
         # dag.test() cannot run DAGs with Deadline Alerts (see pgdr.airflow_glue.deadlines).
         "PGDR_DEADLINES": "off",
+        # dag.test() stores the DAGs of the folder before its run, among them those its tasks trigger (pgdr_restore's
+        # pgdr_verify_restore). By default Airflow skips a DAG stored less than 30 s before: under a plan changed
+        # meanwhile, the triggered DAG was the old plan's, and the trigger was refused (its database not a choice).
+        "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "0",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS_FOLDER), os.environ.get("PYTHONPATH")])),
     }
 
