@@ -203,7 +203,7 @@ def test_full_and_incremental_chain_recovers_exactly_to_the_target(
         assert prepared.verified == [full.backup_id, incremental.backup_id]
         one_filesystem = os.stat(tmp_path).st_dev == os.stat(cluster.data_dir).st_dev
         assert prepared.combined == ("linked" if links and one_filesystem else "copied")
-        result = recover_cluster(cluster, archive, target)
+        result = recover_cluster(cluster, archive, store, target)
         assert labels(cluster.endpoint(dbname), table) == [*earlier, "before-full", "after-full", "before-target"]
         assert result.achieved_point is not None and before - timedelta(seconds=1) < result.achieved_point <= target
         assert result.stopped_before is not None and result.stopped_before > target

@@ -516,7 +516,7 @@ def test_the_restore_command_fetches_ahead_into_the_recoverys_spool_and_takes_fr
     import shlex
     import subprocess
 
-    from pgdr.physical.archive import WAL_PREFETCH
+    from pgdr.physical.archive import DELIVERED, WAL_PREFETCH
 
     p = plan(storage=s3_storage, servers={"pgdr_shop": {"conn_id": "pgdr_shop", "pitr": {"storage": "s3"}}})
     from pgdr.airflow_glue.connections import open_archive
@@ -540,12 +540,20 @@ def test_the_restore_command_fetches_ahead_into_the_recoverys_spool_and_takes_fr
 
     run_barman(command(names[0]), archive)
     assert (restored / "RECOVERYXLOG").read_bytes() == written[names[0]]
-    assert sorted(f.name for f in spool.iterdir()) == names[1 : 1 + WAL_PREFETCH]  # the next ones, whole
+    spooled = sorted(f.name for f in spool.iterdir() if not f.name.startswith(DELIVERED))
+    assert spooled == names[1 : 1 + WAL_PREFETCH]  # the next ones, whole
 
     no_barman = tmp_path / "no-barman"  # a restore_command that would fail if it started barman-cloud-wal-restore
     run_barman(command(names[1], no_barman), archive)
     assert (restored / "RECOVERYXLOG").read_bytes() == written[names[1]]
     assert names[1] not in {f.name for f in spool.iterdir()}
+    # PostgreSQL renames what it was given to the segment's name, and asks for the last one again once redo is done
+    # (to re-read the last record): a copy of the one delivered last, without barman, whole.
+    (restored / "RECOVERYXLOG").rename(restored / names[1])
+    run_barman(command(names[1], no_barman), archive)
+    assert (restored / "RECOVERYXLOG").read_bytes() == written[names[1]]
+    assert (restored / names[1]).read_bytes() == written[names[1]]  # what pg_wal keeps is untouched
+    assert [f.name for f in spool.iterdir() if f.name.startswith(DELIVERED)] == [DELIVERED + names[1]]
 
     (spool / names[2]).write_bytes(written[names[2]][: 5 << 20])  # a prefetch cut short: fetched again, whole
     run_barman(command(names[2]), archive)
@@ -575,6 +583,69 @@ def test_the_restore_command_fetches_ahead_into_the_recoverys_spool_and_takes_fr
     with ThreadPoolExecutor(max_workers=4) as pool:
         problems = [p for found in pool.map(recovery, range(24)) for p in found]
     assert not problems, problems
+
+
+def test_the_restore_command_answers_not_archived_from_the_list_the_replay_began_with_and_asks_barman_otherwise(
+    plan, s3_storage, tmp_path, run_barman
+):
+    """A recovering server asks for files the archive does not hold: the next timeline's history file at the start and
+    at promotion, the segment after the end of the archive. barman-cloud-wal-restore takes ~0.4 s to say so; the
+    restore_command answers from the archive's names listed as the replay began (the recovery's spool), at once.
+    A listed file is always fetched, whatever its compression or a .partial suffix; a file listed but missing from
+    the archive is barman's to answer; without the list, or with one that cannot be read, barman answers every
+    request, never a wrong "not archived" (which would end a recovery early)."""
+    import os
+    import shlex
+    import subprocess
+
+    from pgdr.physical.archive import ARCHIVED_NAMES
+    from pgdr.physical.cluster import ScratchCluster
+
+    p = plan(storage=s3_storage, servers={"pgdr_shop": {"conn_id": "pgdr_shop", "pitr": {"storage": "s3"}}})
+    from pgdr.airflow_glue.connections import open_archive
+
+    store, _layout, archive = open_archive(p.servers[0], p)
+    name = "000000010000000000000041"
+    segment = tmp_path / name
+    segment.write_bytes(os.urandom(1 << 20) + bytes(15 << 20))
+    run_barman(archive.archive_command().replace("%p", shlex.quote(str(segment))), archive)
+    prefix = archive.layout.wal_segments_prefix(archive.server)
+    for key in (  # what else barman-cloud's layout may hold: a history file, a partial segment, a backup label, junk
+        "00000002.history.gz",
+        "0000000100000000/000000010000000000000042.partial.zst",
+        "0000000100000000/000000010000000000000041.00000028.backup.gz",
+        "0000000100000000/not-a-wal-file",
+    ):
+        store.put_bytes(prefix + key, b"x")
+    archived = archive.archived_names(store)
+    assert archived == ["000000010000000000000041", "000000010000000000000042", "00000002.history"]
+
+    cluster = ScratchCluster(tmp_path / "cluster", 180000)
+    cluster.new_spool(archived)
+    assert (cluster.spool_dir / ARCHIVED_NAMES).read_text().splitlines() == archived
+    wal = tmp_path / "pg_wal"
+    wal.mkdir()
+    environment = {**os.environ, **archive.access.environment()}
+    no_barman = tmp_path / "no-barman"  # a restore_command that fails with 127 if it starts barman-cloud-wal-restore
+
+    def ask(wanted: str, bin_dir=None) -> int:
+        line = archive.restore_command(cluster.spool_dir, bin_dir).replace("%f", wanted)
+        line = line.replace("%p", shlex.quote(str(wal / "RECOVERYXLOG")))
+        return subprocess.run(line, shell=True, env=environment, capture_output=True).returncode
+
+    for absent in ("00000003.history", "000000010000000000000043", "000000020000000000000041"):
+        assert ask(absent, no_barman) == 1, absent  # not archived, said without barman
+    assert ask(name, no_barman) == 127  # listed: barman's, even without a spooled copy
+    assert ask(name) == 0 and (wal / "RECOVERYXLOG").read_bytes() == segment.read_bytes()
+    (wal / "RECOVERYXLOG").unlink()
+    assert ask(name, no_barman) == 0 and (wal / "RECOVERYXLOG").read_bytes() == segment.read_bytes()  # asked again
+    assert ask("00000002.history") != 0  # listed, but what was stored is no gzip: barman's answer, not the list's
+
+    (cluster.spool_dir / ARCHIVED_NAMES).chmod(0)  # a list that cannot be read (as root, readable all the same)
+    if os.geteuid() != 0:
+        assert ask("000000010000000000000043", no_barman) == 127
+    (cluster.spool_dir / ARCHIVED_NAMES).unlink()
+    assert ask("000000010000000000000043", no_barman) == 127  # no list: barman answers
 
 
 def test_the_archive_command_ships_ready_segments_ahead_marks_them_and_trusts_only_its_own_marks(

@@ -27,14 +27,14 @@ import socket
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pgdr.errors import ChecksumMismatch, PermanentFailure
-from pgdr.physical.archive import lsn_to_int
+from pgdr.physical.archive import ARCHIVED_NAMES, lsn_to_int
 from pgdr.physical.catalog import BaseBackupEntry
 from pgdr.postgres.binaries import UNPRIVILEGED_UID, free_port, major_of, pg_tool, server_bin_dir_for
 from pgdr.postgres.client import PgEndpoint, tool_version
@@ -295,8 +295,11 @@ class ScratchCluster:
         return self.endpoint(dbname, READER_ROLE)
 
     # -- configuration ---------------------------------------------------------------------------
-    def configure(self, restore_command: str, target_time: datetime | None) -> None:
-        """Replace the restored server's configuration with a scratch cluster's and request recovery."""
+    def configure(self, restore_command: str, target_time: datetime | None, archived: Iterable[str]) -> None:
+        """Replace the restored server's configuration with a scratch cluster's and request recovery.
+
+        :param archived: the names of the files the archive holds now (:meth:`WalArchive.archived_names`).
+        """
         self._check_reachable()
         for name in ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf"):
             source = self.data_dir / name
@@ -336,13 +339,15 @@ class ScratchCluster:
         (self.data_dir / "pg_ident.conf").write_text("")
         (self.data_dir / "recovery.signal").write_text("")
         self.data_dir.chmod(0o700)
-        self.new_spool()
+        self.new_spool(archived)
         chown_tree(self.root)
 
-    def new_spool(self) -> None:
-        """Give this recovery an empty spool of its own (before its root is given to the server's OS user)."""
+    def new_spool(self, archived: Iterable[str]) -> None:
+        """Give this recovery an empty spool of its own (before its root is given to the server's OS user), with the
+        names of the files the archive holds as the replay begins (the restore_command's :data:`ARCHIVED_NAMES`)."""
         shutil.rmtree(self.spool_dir, ignore_errors=True)
         self.spool_dir.mkdir(mode=0o700, parents=True)
+        (self.spool_dir / ARCHIVED_NAMES).write_text("".join(f"{name}\n" for name in archived))
 
     def drop_spool(self) -> None:
         """Remove what the replay fetched ahead and did not need (past the target)."""

@@ -298,14 +298,16 @@ def prepare_data_directory(
 def recover_cluster(
     cluster: ScratchCluster,
     archive: WalArchive,
+    store: BackupStore,
     target: datetime | None,
     timeout_s: float = 6 * 3600,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
 ) -> RecoveryResult:
     """Configure the prepared ``cluster`` to recover to ``target`` (``None``: the end of the
-    archive), start it, wait."""
+    archive), start it, wait. ``store`` holds the archive (listed as the replay begins)."""
     cluster.environment = {**cluster.environment, **archive.access.environment()}
-    cluster.configure(archive.restore_command(cluster.spool_dir, archiver_bin_dir(), segment_size), target)
+    restore_command = archive.restore_command(cluster.spool_dir, archiver_bin_dir(), segment_size)
+    cluster.configure(restore_command, target, archive.archived_names(store))
     try:
         result = cluster.start(target, timeout_s)
     finally:
@@ -410,7 +412,7 @@ def recover_in_scratch(
     try:
         workdir.chmod(0o755)  # the cluster's user reads the extracted files through it
         prepared = prepare_data_directory(catalog, entry, store, workdir, cluster.data_dir, archive, chain=chain)
-        result = recover_cluster(cluster, archive, target, segment_size=entry.record.wal_segment_size)
+        result = recover_cluster(cluster, archive, store, target, segment_size=entry.record.wal_segment_size)
     except BaseException:
         cluster.destroy()
         raise

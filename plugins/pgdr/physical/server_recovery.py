@@ -41,6 +41,7 @@ import shlex
 import shutil
 import socket
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -239,8 +240,13 @@ class RecoveredServer(ScratchCluster):
         }
         return " ".join(f"-c {name}={shlex.quote(value)}" for name, value in values.items())
 
-    def prepare(self, restore_command: str, target: datetime | None, pause: bool, label: str) -> None:
-        """Keep the base backup's configuration; add the recovery's settings as ``ALTER SYSTEM`` would."""
+    def prepare(
+        self, restore_command: str, target: datetime | None, pause: bool, label: str, archived: Iterable[str]
+    ) -> None:
+        """Keep the base backup's configuration; add the recovery's settings as ``ALTER SYSTEM`` would.
+
+        :param archived: the names of the files the archive holds now (:meth:`WalArchive.archived_names`).
+        """
         for stale in ("postmaster.pid", "postmaster.opts", "standby.signal", "backup_manifest"):
             (self.data_dir / stale).unlink(missing_ok=True)
         settings = {"archive_mode": "off"}  # never into the old server's archive: a new prefix is the operator's
@@ -269,7 +275,7 @@ class RecoveredServer(ScratchCluster):
         (self.root / "pg_hba.private.conf").write_text("local all all trust\n")  # the socket directory is private
         (self.root / "pg_ident.private.conf").write_text("")
         self.data_dir.chmod(0o700)
-        self.new_spool()
+        self.new_spool(archived)
         chown_tree(self.data_dir, self.uid, self.gid)
         chown_tree(self.root, self.uid, self.gid)
 
@@ -491,6 +497,7 @@ class ServerRecovery:
             self.target,
             self.pause,
             label,
+            archive.archived_names(store),
         )
         t = time.monotonic()
         say(
