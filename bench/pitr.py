@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def peer_restore(r: int, name: str) -> tuple[float, dict]:
         settle()
-        return peer_restore_and_recover(bin_dir, access, archive, name, work / f"peer-cluster-{r}", newest)
+        return peer_restore_and_recover(bin_dir, access, archive, store, name, work / f"peer-cluster-{r}", newest)
 
     def pgdr_basebackup(parent=None) -> tuple[float, object]:
         folder = work / "pgdr-bb"
@@ -202,11 +202,19 @@ def main(argv: list[str] | None = None) -> None:
         psql("UPDATE pgbench_branches SET bbalance = bbalance + 1", "bench")  # a little WAL to replay after it
         phases: list[dict] = []
         peer_phases: list[dict] = []
+        peer_own_phases: list[dict] = []
+        runs["barman_lz4_restore_own_replay"] = []
         for r in range(args.rounds):
             if r % 2:
                 seconds, timings = peer_restore(r, f"peer-{args.rounds - 1}")
                 runs["barman_lz4_restore"].append(seconds)
                 peer_phases.append(timings)
+            settle()
+            seconds, timings = peer_restore_own_replay(
+                bin_dir, access, archive, f"peer-{args.rounds - 1}", work / f"peer-own-{r}", newest
+            )
+            runs["barman_lz4_restore_own_replay"].append(seconds)
+            peer_own_phases.append(timings)
             settle()
             cluster, seconds, timings = recover_scratch(work / f"cluster-{r}", catalog, newest, store, archive)
             runs["pitr_restore"].append(seconds)
@@ -233,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
             seed.unlink()
             print(
                 f"  round {r + 1}: PITR restore {runs['pitr_restore'][-1]:.1f}s {phases[-1]}, barman-cloud-restore "
-                f"and the same recovery {runs['barman_lz4_restore'][-1]:.1f}s {peer_phases[-1]}, seed restore "
-                f"{runs['seed_restore'][-1]:.1f}s",
+                f"and the same recovery {runs['barman_lz4_restore'][-1]:.1f}s {peer_phases[-1]}, with its own "
+                f"restore_command {runs['barman_lz4_restore_own_replay'][-1]:.1f}s {peer_own_phases[-1]}, seed "
+                f"restore {runs['seed_restore'][-1]:.1f}s",
                 flush=True,
             )
         psql("DROP DATABASE IF EXISTS seed_restored WITH (FORCE)", on=seed_env)
@@ -260,7 +269,14 @@ def main(argv: list[str] | None = None) -> None:
                 settle()
                 if level == "peer":
                     elapsed, timings = peer_restore_as_server(
-                        bin_dir, access, archive, f"peer-{args.rounds - 1}", work / f"peer-server-{r}", newest, pg
+                        bin_dir,
+                        access,
+                        archive,
+                        store,
+                        f"peer-{args.rounds - 1}",
+                        work / f"peer-server-{r}",
+                        newest,
+                        pg,
                     )
                     runs["peer_as_server"].append(elapsed)
                     peer_server_phases.append(timings)
@@ -321,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         # the issue's goal (#28): within 1.2x the peer's restore + replay; pgdr's also proves every database
         "server_recovery_vs_peer": round(med["server_recovery"] / med["barman_lz4_restore"], 3),
         "server_recovery_vs_peer_as_server": round(med["server_recovery"] / med["peer_as_server"], 3),
+        # the peer replaying with its own restore_command (barman-cloud-wal-restore --parallel --spool-dir)
+        "server_recovery_vs_peer_own_replay": round(med["server_recovery"] / med["barman_lz4_restore_own_replay"], 3),
         "server_recovery_thorough_s": round(med["server_recovery_thorough"], 2),
         "server_recovery_thorough_vs_peer": round(med["server_recovery_thorough"] / med["barman_lz4_restore"], 3),
         "server_recovery_before_checks_vs_peer": round(
@@ -344,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
             "full_base_backup_stored_mb": round(records[-1].size / 1e6, 1),
             "barman_lz4_backup_stored_mb": round(peer_stored_mb, 1),
             "barman_lz4_restore_phases_s": peer_phases,
+            "barman_lz4_restore_own_replay_phases_s": peer_own_phases,
+            "barman_peer_own_replay": "barman_lz4_restore_own_replay: the same barman-cloud-restore, then the replay "
+            "with the peer's own restore_command in its best configuration (barman-cloud-wal-restore --parallel 8 "
+            "--spool-dir, CloudNativePG's), started for every file PostgreSQL asks for",
             "barman_peer": "barman-cloud-backup --lz4 --immediate-checkpoint -J 2 (its best mode; its default is "
             "uncompressed), restored with barman-cloud-restore, then pgdr's recovery step (restore_command, replay to "
             "the end of the archive, promotion); no checksum check of the stored backup, unlike pgdr's",
@@ -402,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         ("server_recovery_before_checks_vs_peer", "(reported)", True),
         ("server_recovery_thorough_before_checks_vs_peer", "(reported)", True),
         ("server_recovery_vs_peer_as_server", "(reported)", True),
+        ("server_recovery_vs_peer_own_replay", "(reported)", True),
         ("database_as_of_s", "(reported)", True),
         ("database_as_of_vs_bucket", "<= 0.6", results["database_as_of_vs_bucket"] <= 0.6),
         ("database_as_of_floor_vs_bucket", "(reported)", True),
@@ -456,7 +479,9 @@ def peer_backup(bin_dir: Path, access, env: dict, port: int, name: str) -> float
     return time.perf_counter() - t
 
 
-def peer_restore_and_recover(bin_dir: Path, access, archive, name: str, directory: Path, newest) -> tuple[float, dict]:
+def peer_restore_and_recover(
+    bin_dir: Path, access, archive, store, name: str, directory: Path, newest
+) -> tuple[float, dict]:
     """barman-cloud-restore of the peer's backup ``name`` into a scratch cluster at ``directory``, then pgdr's
     recovery step (the same restore_command, replay to the end of the archive, promotion); return the seconds and
     each step's."""
@@ -465,17 +490,61 @@ def peer_restore_and_recover(bin_dir: Path, access, archive, name: str, director
 
     cluster = ScratchCluster(directory, newest.record.pg_version)
     t = time.perf_counter()
-    run_peer(
-        bin_dir / "barman-cloud-restore",
-        *peer_args(access),
-        *(PEER_URL, SERVER, name, str(cluster.data_dir)),
-        env={**os.environ, **access.environment()},
-    )
-    restored = time.perf_counter() - t
-    recovery = recover_cluster(cluster, archive, None)
+    restored = barman_restore(bin_dir, access, name, cluster.data_dir)
+    recovery = recover_cluster(cluster, archive, store, None)
     elapsed = time.perf_counter() - t
     cluster.destroy()
     return elapsed, {"barman_cloud_restore": round(restored, 2), "recover": round(recovery.replay_seconds, 2)}
+
+
+def peer_restore_own_replay(bin_dir: Path, access, archive, name: str, directory: Path, newest) -> tuple[float, dict]:
+    """barman-cloud-restore of the peer's backup ``name`` into a scratch cluster at ``directory``, then the replay with
+    the peer's own restore_command in its best configuration (CloudNativePG's: barman-cloud-wal-restore fetching ahead
+    into a spool, ``--parallel`` and ``--spool-dir``, started for every file PostgreSQL asks for, none known to be
+    absent); return the seconds and each step's. :func:`peer_restore_and_recover` gives the peer pgdr's restore_command
+    instead (the same replay as pgdr's, so that only the restores differ)."""
+    import shlex
+
+    from pgdr.physical.archive import WAL_PREFETCH
+    from pgdr.physical.cluster import ScratchCluster
+
+    cluster = ScratchCluster(directory, newest.record.pg_version)
+    t = time.perf_counter()
+    restored = barman_restore(bin_dir, access, name, cluster.data_dir)
+    cluster.environment = {**cluster.environment, **archive.access.environment()}
+    own = " ".join(
+        shlex.quote(str(part))
+        for part in (
+            bin_dir / "barman-cloud-wal-restore",
+            *peer_args(access),
+            "--parallel",
+            WAL_PREFETCH,
+            "--spool-dir",
+            cluster.spool_dir,
+            archive.url,
+            archive.server,
+        )
+    )
+    cluster.configure(f"{own} %f %p", None, ())  # the list pgdr's restore_command reads is not read by this one
+    try:
+        recovery = cluster.start(None, 3600)
+        elapsed = time.perf_counter() - t
+    finally:
+        cluster.drop_spool()
+        cluster.destroy()
+    return elapsed, {"barman_cloud_restore": round(restored, 2), "recover": round(recovery.replay_seconds, 2)}
+
+
+def barman_restore(bin_dir: Path, access, name: str, data_dir: Path) -> float:
+    """``barman-cloud-restore`` of the peer's backup ``name`` into ``data_dir``; return the seconds it took."""
+    t = time.perf_counter()
+    run_peer(
+        bin_dir / "barman-cloud-restore",
+        *peer_args(access),
+        *(PEER_URL, SERVER, name, str(data_dir)),
+        env={**os.environ, **access.environment()},
+    )
+    return time.perf_counter() - t
 
 
 def run_peer(tool: Path, *args: str, env: dict[str, str]) -> None:
@@ -584,7 +653,9 @@ def archive_endpoint(name: str, bucket: str):
     return work, moto, s3, ArchiveAccess(endpoint_url, "us-east-1", "bench", "bench")
 
 
-def peer_restore_as_server(bin_dir: Path, access, archive, name: str, root: Path, newest, pg) -> tuple[float, dict]:
+def peer_restore_as_server(
+    bin_dir: Path, access, archive, store, name: str, root: Path, newest, pg
+) -> tuple[float, dict]:
     """barman-cloud-restore of the peer's backup ``name`` into ``root/data``, then the replay a whole-server recovery
     runs there (:class:`RecoveredServer`: the backup's own configuration, so ``fsync`` on, as a server that will
     serve runs; the same restore_command, replay to the end of the archive, promotion); stop it and remove it.
@@ -601,13 +672,7 @@ def peer_restore_as_server(bin_dir: Path, access, archive, name: str, root: Path
     data_dir = root / "data"
     uid, gid = (65534, 65534) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
     t = time.perf_counter()
-    run_peer(
-        bin_dir / "barman-cloud-restore",
-        *peer_args(access),
-        *(PEER_URL, SERVER, name, str(data_dir)),
-        env={**os.environ, **access.environment()},
-    )
-    restored = time.perf_counter() - t
+    restored = barman_restore(bin_dir, access, name, data_dir)
     server = RecoveredServer(
         root / "control", newest.record.pg_version, login=pg.user, target_dir=data_dir, uid=uid, gid=gid
     )
@@ -617,6 +682,7 @@ def peer_restore_as_server(bin_dir: Path, access, archive, name: str, root: Path
         None,
         False,
         "the bench's peer, replayed as a whole-server recovery",
+        archive.archived_names(store),
     )
     t1 = time.perf_counter()
     try:
@@ -678,7 +744,7 @@ def recover_scratch(root: Path, catalog, entry, store, archive) -> tuple[object,
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
         Path(tmp).chmod(0o755)
         prepared = prepare_data_directory(catalog, entry, store, Path(tmp), cluster.data_dir, archive)
-        recovery = recover_cluster(cluster, archive, None)
+        recovery = recover_cluster(cluster, archive, store, None)
     seconds = time.perf_counter() - t
     return (
         cluster,

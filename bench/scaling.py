@@ -164,7 +164,7 @@ def measure(scale: int, bin_dir: Path) -> dict:
         newest = BaseBackupCatalog(store, layout, SERVER).backups()[-1]
         settle()
         peer_restore_s, peer_phases = peer_restore_and_recover(
-            bin_dir, access, archive, "peer", work / "peer-cluster", newest
+            bin_dir, access, archive, store, "peer", work / "peer-cluster", newest
         )
         print(f"  peer restore + recovery {peer_restore_s:.1f}s", flush=True)
         return {
