@@ -865,7 +865,6 @@ def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float],
     """
     import psycopg
 
-    waldump = str(bundled_bin_dir() / "pg_waldump")
     period = min(5.0, max(1.0, seconds / 10))
     load = subprocess.Popen(
         [str(bundled_bin_dir() / "pgbench"), "-c", "2", "-j", "2", "-T", str(seconds), "-n", "bench"],
@@ -883,7 +882,7 @@ def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float],
             last_wal, last_time = conn.execute(
                 "SELECT last_archived_wal, last_archived_time FROM pg_stat_archiver"
             ).fetchone()
-            committed = last_archived_commit(last_wal, waldump, archive, store)
+            committed = last_archived_commit(last_wal, archive, store)
             if committed and last_time:
                 rpo.append((now - committed).total_seconds())
                 lag.append((now - last_time).total_seconds())
@@ -895,24 +894,21 @@ def measure_rpo(server, env, archive, store, seconds: int) -> tuple[list[float],
     return rpo, lag, tps
 
 
-def last_archived_commit(last_wal: str | None, waldump: str, archive, store, look_back: int = 8) -> datetime | None:
+def last_archived_commit(last_wal: str | None, archive, store, look_back: int = 8) -> datetime | None:
     """Return the time of the newest commit the archive holds, up to ``last_wal`` (``pg_stat_archiver``'s).
 
     The newest archived segment may hold no commit (a segment a backup switched away from), so up to
-    ``look_back`` segments before it on the same timeline are read, newest first.
+    ``look_back`` segments before it on the same timeline are read, newest first, as the product's recoverable
+    window reads them (:func:`pgdr.physical.recovery.newest_commit`).
     """
-    from pgdr.physical.archive import archived_segment, last_commit_time
+    from pgdr.physical.archive import archived_segment
+    from pgdr.physical.recovery import newest_commit
 
     newest = archived_segment(last_wal)
     if newest is None:
         return None
     candidates = [s for s in archive.segments(store) if s.name[:8] == newest[:8] and s.name <= newest]
-    for segment in reversed(candidates[-look_back:]):
-        with tempfile.TemporaryDirectory() as tmp:
-            committed = last_commit_time(waldump, archive.fetch_segment(store, segment, Path(tmp)))
-        if committed:
-            return committed
-    return None
+    return newest_commit(archive, store, candidates[-look_back:])
 
 
 if __name__ == "__main__":

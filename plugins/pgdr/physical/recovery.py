@@ -15,6 +15,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -100,21 +101,41 @@ def recoverable_window(
             f"The WAL archive {archive.describe()} holds no segment for server {catalog.server!r}: the server's "
             "archive_command is not shipping WAL. Check pg_stat_archiver on the server."
         )
-    newest = None
-    waldump = pg_tool("pg_waldump")
     # The newest commit may lie several segments back: an idle server's checkpoints still fill segments that
     # archive_timeout then switches (one every checkpoint_timeout), none with a commit. Walk back to the newest base
     # backup's first segment (nothing older can end the window later than that backup did), newest first.
     since_backup = [s for s in on_timeline if s.name >= newest_backup.start_wal] or on_timeline[-1:]
-    for segment in reversed(since_backup):
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            path = archive.fetch_segment(store, segment, Path(tmp))
-            check_same_cluster(segment, segment_system_identifier(path), backups[-1], archive)
-            newest = last_commit_time(waldump, path)
-        if newest is not None:
-            break
+    newest = newest_commit(
+        archive,
+        store,
+        since_backup,
+        workdir,
+        check=lambda segment, path: check_same_cluster(segment, segment_system_identifier(path), backups[-1], archive),
+    )
     newest = max(newest or newest_backup.finished_at, newest_backup.finished_at)
     return RecoverableWindow(backups[0].record.finished_at, newest, on_timeline[-1], tuple(backups))
+
+
+def newest_commit(
+    archive: WalArchive,
+    store: BackupStore,
+    segments: list[WalSegment],
+    workdir: Path | None = None,
+    check: Callable[[WalSegment, Path], None] | None = None,
+) -> datetime | None:
+    """Return the time of the newest commit in ``segments`` (oldest first), reading them newest first until one
+    holds a commit; ``None`` when none does. Each segment read is fetched into ``workdir`` and given to ``check``
+    first (which may raise)."""
+    waldump = pg_tool("pg_waldump")
+    for segment in reversed(segments):
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            path = archive.fetch_segment(store, segment, Path(tmp))
+            if check is not None:
+                check(segment, path)
+            committed = last_commit_time(waldump, path)
+        if committed is not None:
+            return committed
+    return None
 
 
 class ArchiveOfAnotherCluster(PermanentFailure):
